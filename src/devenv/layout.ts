@@ -1,0 +1,128 @@
+/**
+ * Where the development stack keeps everything, and on which ports it listens. The defaults are
+ * the guide's (SPIRE_QUICKSTART): `.dev-env/` for logs and pids, `.spire-data/` for SPIRE data,
+ * `/tmp/spire-agent/agent.sock` for robot-001's Workload API socket.
+ *
+ * devenv, doctor, the agent and the server all read paths from here, so they always agree.
+ * Every value can be overridden (flags, env), which is how tests run a stack in a temp dir on
+ * free ports without touching a developer's running stack.
+ */
+import { join, resolve } from "node:path";
+
+export interface Ports {
+  spireServer: number; // 8081
+  mqttPlain: number; // 1883, loopback only, for the k8s4r server
+  mqttTls: number; // 8883, mTLS for robots
+  http: number; // 8090, the k8s4r server's HTTP API
+}
+
+export const DEFAULT_PORTS: Ports = {
+  spireServer: 8081,
+  mqttPlain: 1883,
+  mqttTls: 8883,
+  http: 8090,
+};
+
+export const TRUST_DOMAIN = "k8s4r.example.org";
+export const BROKER_SPIFFE_PATH = "/mqtt-broker";
+export const SERVER_MQTT_USERNAME = "k8s4r-server";
+
+export interface Layout {
+  /** The project directory (holds config/). */
+  root: string;
+  trustDomain: string;
+  ports: Ports;
+  /** `.dev-env/`: logs, pid files, generated secrets (0700). */
+  devEnvDir: string;
+  /** `.spire-data/`. */
+  spireDataDir: string;
+  spireServerDataDir: string;
+  /** Admin socket of the SPIRE server. */
+  spireServerSocket: string;
+  /** The committed SPIRE server config. */
+  spireServerConfig: string;
+  /** The committed agent config (the guide's plugins.yaml). */
+  agentPluginsYaml: string;
+  /** The exported trust bundle the broker uses as cafile, and agents bootstrap from. */
+  caBundleFile: string;
+  /** Generated mosquitto.conf, ACL, password file, broker cert and key. */
+  mosquittoDir: string;
+  /** `{username, password}` for the server's 1883 login, 0600. */
+  serverCredentialsFile: string;
+  /** The k8s4r server's registry and task store. */
+  serverDataDir: string;
+}
+
+export function defaultLayout(root: string, env: Record<string, string | undefined> = {}): Layout {
+  root = resolve(root);
+  const devEnvDir = join(root, ".dev-env");
+  const spireDataDir = join(root, ".spire-data");
+  const spireServerDataDir = join(spireDataDir, "server");
+  const num = (name: string, d: number) => {
+    const v = env[name];
+    return v !== undefined && /^\d+$/.test(v) ? Number(v) : d;
+  };
+  return {
+    root,
+    trustDomain: env["K8S4R_TRUST_DOMAIN"] ?? TRUST_DOMAIN,
+    ports: {
+      spireServer: num("K8S4R_SPIRE_SERVER_PORT", DEFAULT_PORTS.spireServer),
+      mqttPlain: num("K8S4R_MQTT_PORT", DEFAULT_PORTS.mqttPlain),
+      mqttTls: num("K8S4R_MQTT_TLS_PORT", DEFAULT_PORTS.mqttTls),
+      http: num("K8S4R_HTTP_PORT", DEFAULT_PORTS.http),
+    },
+    devEnvDir,
+    spireDataDir,
+    spireServerDataDir,
+    spireServerSocket: join(spireServerDataDir, "api.sock"),
+    spireServerConfig: join(root, "config", "spire", "server.conf"),
+    agentPluginsYaml: join(root, "config", "agent", "plugins.yaml"),
+    caBundleFile: join(root, "config", "mosquitto", "certs", "spire-ca.crt"),
+    mosquittoDir: join(devEnvDir, "mosquitto"),
+    serverCredentialsFile: join(devEnvDir, "server-mqtt.json"),
+    serverDataDir: join(devEnvDir, "server-data"),
+  };
+}
+
+/** Per-robot paths. robot-001 uses the guide's socket and data dir; others get their own. */
+export interface RobotLayout {
+  robotId: string;
+  spiffeId: string;
+  /** The node alias the robot's SPIRE agent attests as (parent of the workload entry). */
+  nodeSpiffeId: string;
+  agentSocket: string;
+  agentDataDir: string;
+  /** Join token file (0600), written by devenv, read by the agent on first attestation only. */
+  joinTokenFile: string;
+  logFile: string;
+  pidFile: string;
+}
+
+export function robotLayout(
+  layout: Layout,
+  robotId: string,
+  env: Record<string, string | undefined> = {},
+): RobotLayout {
+  const first = robotId === "robot-001";
+  const socketBase = env["K8S4R_AGENT_SOCKET_DIR"];
+  return {
+    robotId,
+    spiffeId: `spiffe://${layout.trustDomain}/robot/${robotId}`,
+    nodeSpiffeId: `spiffe://${layout.trustDomain}/k8s4r/node/${robotId}`,
+    agentSocket: socketBase
+      ? join(socketBase, robotId, "agent.sock")
+      : first
+      ? "/tmp/spire-agent/agent.sock"
+      : `/tmp/spire-agent/${robotId}/agent.sock`,
+    agentDataDir: first
+      ? join(layout.spireDataDir, "agent")
+      : join(layout.spireDataDir, `agent-${robotId}`),
+    joinTokenFile: join(layout.devEnvDir, "tokens", `${robotId}.token`),
+    logFile: join(layout.devEnvDir, first ? "agent.log" : `agent-${robotId}.log`),
+    pidFile: join(layout.devEnvDir, first ? "agent.pid" : `agent-${robotId}.pid`),
+  };
+}
+
+export function brokerSpiffeId(trustDomain: string): string {
+  return `spiffe://${trustDomain}${BROKER_SPIFFE_PATH}`;
+}

@@ -1,0 +1,453 @@
+/**
+ * The one process helper. Every external binary k8s4r drives (spire-server, spire-agent,
+ * mosquitto, openssl, docker, k8s4r itself) goes through a `ProcessRunner`:
+ *
+ * - `output()` runs a short command to completion and throws `ProcessError` (with its stderr)
+ *   when it fails;
+ * - `spawn()` starts a daemon with a log file, an optional pid file and a readiness probe;
+ * - `stopPidFile()` stops a daemon started earlier, and only if the pid in the file still
+ *   belongs to the very process k8s4r started.
+ *
+ * Tests inject a recording runner to assert exact argv without starting anything.
+ */
+import { CliError } from "../cli/errors.ts";
+
+export interface OutputOptions {
+  cwd?: string;
+  /** Extra environment variables, merged over the current environment. */
+  env?: Record<string, string>;
+  /** Written to the process's stdin, then stdin is closed. Keeps secrets off the argv. */
+  stdin?: string | Uint8Array;
+  /** Kill the process (SIGKILL) after this long. Default 60 s. */
+  timeoutMs?: number;
+  /** When false, a non-zero exit is returned instead of thrown. Default true. */
+  check?: boolean;
+  signal?: AbortSignal;
+}
+
+export interface OutputResult {
+  code: number;
+  success: boolean;
+  stdout: string;
+  stderr: string;
+}
+
+export interface DaemonSpec {
+  /** Component name, used in messages ("spire-server"). */
+  name: string;
+  cmd: string;
+  args: string[];
+  cwd?: string;
+  env?: Record<string, string>;
+  /** stdout and stderr are appended here. The directory is created. */
+  logFile: string;
+  /** When set, `{pid, startTime, cmd, args, startedAt}` is written here (mode 0600). */
+  pidFile?: string;
+  /**
+   * A new session, so that the daemon outlives the CLI that started it (devenv). Otherwise the
+   * daemon gets SIGTERM when its parent dies (PR_SET_PDEATHSIG via setpriv), so no orphan
+   * survives even a `kill -9` of the parent.
+   */
+  detached?: boolean;
+  /** Resolves true once the daemon serves. Polled until it does. */
+  ready?: () => Promise<boolean>;
+  readyTimeoutMs?: number;
+  /** Poll interval for `ready`. Default 50 ms. */
+  readyIntervalMs?: number;
+}
+
+export interface Daemon {
+  readonly name: string;
+  readonly pid: number;
+  /** Resolves with the exit code (128+n for a signal) when the daemon ends. */
+  readonly exited: Promise<number>;
+  /** SIGTERM, then SIGKILL after `graceMs` (default 5 s). Resolves when the process is gone. */
+  stop(graceMs?: number): Promise<void>;
+}
+
+export interface ProcessRunner {
+  output(cmd: string, args: string[], opts?: OutputOptions): Promise<OutputResult>;
+  spawn(spec: DaemonSpec): Promise<Daemon>;
+}
+
+/** A command that failed. The message names the command and its last stderr line. */
+export class ProcessError extends CliError {
+  constructor(
+    readonly cmd: string,
+    readonly args: string[],
+    readonly result: OutputResult,
+    what?: string,
+  ) {
+    const tail = lastLine(result.stderr) || lastLine(result.stdout) || "no output";
+    super(`${what ?? `${cmd} ${args[0] ?? ""}`.trim()} failed (exit ${result.code}): ${tail}`, 1);
+    this.name = "ProcessError";
+  }
+}
+
+function lastLine(text: string): string {
+  const lines = text.split("\n").map((l) => l.trim()).filter((l) => l.length > 0);
+  return lines[lines.length - 1] ?? "";
+}
+
+const decoder = new TextDecoder();
+
+/** Resolves when `probe` returns true; rejects after `timeoutMs` or when `signal` aborts. */
+export async function waitFor(
+  probe: () => Promise<boolean> | boolean,
+  opts: { timeoutMs: number; intervalMs?: number; signal?: AbortSignal; what?: string },
+): Promise<void> {
+  const deadline = Date.now() + opts.timeoutMs;
+  const interval = opts.intervalMs ?? 50;
+  while (true) {
+    opts.signal?.throwIfAborted();
+    let ok = false;
+    try {
+      ok = await probe();
+    } catch {
+      ok = false;
+    }
+    if (ok) return;
+    if (Date.now() >= deadline) {
+      throw new CliError(
+        `timed out after ${opts.timeoutMs} ms waiting for ${opts.what ?? "readiness"}`,
+      );
+    }
+    await delay(Math.min(interval, Math.max(0, deadline - Date.now())), opts.signal);
+  }
+}
+
+/** A cancellable timer. This is for poll intervals and backoff, never for "wait until ready". */
+export function delay(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason);
+    const t = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    const onAbort = () => {
+      clearTimeout(t);
+      reject(signal!.reason);
+    };
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/** What a pid file holds. `startTime` (from /proc/PID/stat) tells a reused pid apart. */
+export interface PidRecord {
+  pid: number;
+  startTime: number;
+  cmd: string;
+  args: string[];
+  startedAt: string;
+}
+
+/** The kernel's start time of a process in clock ticks since boot, or undefined if gone/zombie. */
+export function processStartTime(pid: number): number | undefined {
+  try {
+    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+    // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
+    const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    if (rest[0] === "Z" || rest[0] === "X") return undefined; // a zombie is as good as gone
+    return Number(rest[19]); // field 22 overall
+  } catch {
+    return undefined;
+  }
+}
+
+export function readPidFile(path: string): PidRecord | undefined {
+  try {
+    const rec = JSON.parse(Deno.readTextFileSync(path));
+    if (typeof rec?.pid === "number" && typeof rec?.startTime === "number") return rec;
+    return undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** True when the pid in the record is alive and is the same process that wrote the record. */
+export function isRecordAlive(rec: PidRecord | undefined): boolean {
+  if (!rec) return false;
+  const st = processStartTime(rec.pid);
+  return st !== undefined && st === rec.startTime;
+}
+
+/**
+ * Stops the process named by a pid file, only if it is still the process we started: SIGTERM,
+ * then SIGKILL after `graceMs`. Removes the pid file. Returns what it did.
+ */
+export async function stopPidFile(
+  path: string,
+  graceMs = 5000,
+): Promise<"stopped" | "killed" | "not-running"> {
+  const rec = readPidFile(path);
+  if (!rec || !isRecordAlive(rec)) {
+    await Deno.remove(path).catch(() => {});
+    return "not-running";
+  }
+  const how = await stopPid(rec.pid, rec.startTime, graceMs);
+  await Deno.remove(path).catch(() => {});
+  return how;
+}
+
+/** SIGTERM, then SIGKILL, on a pid whose start time we checked. */
+export async function stopPid(
+  pid: number,
+  startTime: number,
+  graceMs: number,
+): Promise<"stopped" | "killed" | "not-running"> {
+  const same = () => processStartTime(pid) === startTime;
+  if (!same()) return "not-running";
+  try {
+    Deno.kill(pid, "SIGTERM");
+  } catch {
+    return "not-running";
+  }
+  const deadline = Date.now() + graceMs;
+  while (Date.now() < deadline) {
+    if (!same()) return "stopped";
+    await delay(25);
+  }
+  if (same()) {
+    try {
+      Deno.kill(pid, "SIGKILL");
+    } catch { /* gone in between */ }
+    await waitFor(() => !same(), { timeoutMs: 5000, what: `pid ${pid} to exit` }).catch(() => {});
+    return "killed";
+  }
+  return "stopped";
+}
+
+/** Last `n` lines of a file, or "" when it does not exist. */
+export async function tailFile(path: string, n: number): Promise<string> {
+  try {
+    const text = await Deno.readTextFile(path);
+    const lines = text.split("\n");
+    if (lines[lines.length - 1] === "") lines.pop();
+    return lines.slice(-n).join("\n");
+  } catch {
+    return "";
+  }
+}
+
+async function writePrivate(path: string, text: string): Promise<void> {
+  const dir = path.slice(0, path.lastIndexOf("/"));
+  if (dir) await Deno.mkdir(dir, { recursive: true });
+  const tmp = `${path}.tmp-${Deno.pid}`;
+  await Deno.writeTextFile(tmp, text, { mode: 0o600 });
+  await Deno.chmod(tmp, 0o600);
+  await Deno.rename(tmp, path);
+}
+
+let setprivAvailable: boolean | undefined;
+function hasSetpriv(): boolean {
+  if (setprivAvailable === undefined) {
+    try {
+      setprivAvailable = Deno.statSync("/usr/bin/setpriv").isFile;
+    } catch {
+      setprivAvailable = false;
+    }
+  }
+  return setprivAvailable;
+}
+
+/** The runner that really starts processes. */
+export const realRunner: ProcessRunner = {
+  async output(cmd, args, opts = {}) {
+    let child: Deno.ChildProcess;
+    try {
+      child = new Deno.Command(cmd, {
+        args,
+        cwd: opts.cwd,
+        env: opts.env,
+        stdin: opts.stdin !== undefined ? "piped" : "null",
+        stdout: "piped",
+        stderr: "piped",
+        signal: opts.signal,
+      }).spawn();
+    } catch (err) {
+      if (err instanceof Deno.errors.NotFound) {
+        throw new CliError(`${cmd}: command not found`, 1);
+      }
+      throw err;
+    }
+    if (opts.stdin !== undefined) {
+      const w = child.stdin.getWriter();
+      await w.write(
+        typeof opts.stdin === "string" ? new TextEncoder().encode(opts.stdin) : opts.stdin,
+      )
+        .catch(() => {});
+      await w.close().catch(() => {});
+    }
+    const timer = setTimeout(() => {
+      try {
+        child.kill("SIGKILL");
+      } catch { /* already exited */ }
+    }, opts.timeoutMs ?? 60_000);
+    try {
+      const out = await child.output();
+      const result: OutputResult = {
+        code: out.code,
+        success: out.success,
+        stdout: decoder.decode(out.stdout),
+        stderr: decoder.decode(out.stderr),
+      };
+      if (!result.success && opts.check !== false) throw new ProcessError(cmd, args, result);
+      return result;
+    } finally {
+      clearTimeout(timer);
+    }
+  },
+
+  async spawn(spec) {
+    await Deno.mkdir(spec.logFile.slice(0, spec.logFile.lastIndexOf("/")) || ".", {
+      recursive: true,
+    });
+    // Deno.Command cannot hand a file descriptor to the child, and a detached daemon must keep
+    // logging after the CLI exits. So a tiny sh redirects and then execs the real binary: the
+    // pid we get is the daemon's own. No secret is ever in spec.args (tokens go through files).
+    const inner = !spec.detached && hasSetpriv()
+      ? ["setpriv", "--pdeathsig", "TERM", "--", spec.cmd, ...spec.args]
+      : [spec.cmd, ...spec.args];
+    const child = new Deno.Command("/bin/sh", {
+      args: ["-c", 'exec "$@" >>"$K8S4R_LOG_FILE" 2>&1 </dev/null', "k8s4r-daemon", ...inner],
+      cwd: spec.cwd,
+      env: { ...spec.env, K8S4R_LOG_FILE: spec.logFile },
+      stdin: "null",
+      stdout: "null",
+      stderr: "null",
+      detached: spec.detached ?? false,
+    }).spawn();
+    const pid = child.pid;
+    const exited = child.status.then((s) => s.signal ? 128 + signalNumber(s.signal) : s.code);
+    if (spec.detached) child.unref();
+    let startTime: number | undefined;
+    // The shell execs within microseconds; wait until /proc shows the real binary so the pid
+    // file records the daemon's own start time and command.
+    await waitFor(() => {
+      startTime = processStartTime(pid);
+      if (startTime === undefined) return true; // already exited; reported below
+      try {
+        const argv0 = Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0")[0];
+        return !argv0.endsWith("sh") && argv0 !== "setpriv";
+      } catch {
+        return true;
+      }
+    }, { timeoutMs: 5000, intervalMs: 2, what: `${spec.name} to exec` });
+    startTime = processStartTime(pid);
+    let done = false;
+    let exitCode = -1;
+    exited.then((c) => {
+      done = true;
+      exitCode = c;
+    });
+    if (spec.pidFile && startTime !== undefined) {
+      const rec: PidRecord = {
+        pid,
+        startTime,
+        cmd: spec.cmd,
+        args: spec.args,
+        startedAt: new Date().toISOString(),
+      };
+      await writePrivate(spec.pidFile, JSON.stringify(rec) + "\n");
+    }
+    const daemon: Daemon = {
+      name: spec.name,
+      pid,
+      exited,
+      async stop(graceMs = 5000) {
+        if (!done && startTime !== undefined) await stopPid(pid, startTime, graceMs);
+        if (!spec.detached) await exited.catch(() => {});
+        if (spec.pidFile) {
+          const rec = readPidFile(spec.pidFile);
+          if (rec?.pid === pid) await Deno.remove(spec.pidFile).catch(() => {});
+        }
+      },
+    };
+    if (spec.ready) {
+      const ready = spec.ready;
+      try {
+        await waitFor(async () => {
+          if (done) {
+            throw new CliError(
+              `${spec.name} exited with code ${exitCode} before it was ready; last log lines:\n${await tailFile(
+                spec.logFile,
+                5,
+              )}`,
+            );
+          }
+          return await ready();
+        }, {
+          timeoutMs: spec.readyTimeoutMs ?? 15_000,
+          intervalMs: spec.readyIntervalMs ?? 50,
+          what: `${spec.name} to become ready`,
+        }).catch(async (err) => {
+          if (done) {
+            throw new CliError(
+              `${spec.name} exited with code ${exitCode} before it was ready (log: ${spec.logFile}): ${
+                lastLine(await tailFile(spec.logFile, 5)) || "no output"
+              }`,
+            );
+          }
+          throw new CliError(`${err.message} (log: ${spec.logFile})`);
+        });
+      } catch (err) {
+        await daemon.stop(1000);
+        throw err;
+      }
+    }
+    return daemon;
+  },
+};
+
+function signalNumber(sig: Deno.Signal): number {
+  const table: Partial<Record<Deno.Signal, number>> = {
+    SIGHUP: 1,
+    SIGINT: 2,
+    SIGQUIT: 3,
+    SIGKILL: 9,
+    SIGTERM: 15,
+    SIGUSR1: 10,
+    SIGUSR2: 12,
+  };
+  return table[sig] ?? 0;
+}
+
+/** A runner that records every call and answers from a script. For unit tests. */
+export class RecordingRunner implements ProcessRunner {
+  readonly calls: { cmd: string; args: string[]; opts?: OutputOptions | DaemonSpec }[] = [];
+  constructor(
+    private readonly answer: (cmd: string, args: string[]) => Partial<OutputResult> | Error =
+      () => ({}),
+  ) {}
+
+  output(cmd: string, args: string[], opts?: OutputOptions): Promise<OutputResult> {
+    this.calls.push({ cmd, args, opts });
+    const a = this.answer(cmd, args);
+    if (a instanceof Error) return Promise.reject(a);
+    const result: OutputResult = {
+      code: a.code ?? 0,
+      success: (a.code ?? 0) === 0,
+      stdout: a.stdout ?? "",
+      stderr: a.stderr ?? "",
+    };
+    if (!result.success && opts?.check !== false) {
+      return Promise.reject(new ProcessError(cmd, args, result));
+    }
+    return Promise.resolve(result);
+  }
+
+  spawn(spec: DaemonSpec): Promise<Daemon> {
+    this.calls.push({ cmd: spec.cmd, args: spec.args, opts: spec });
+    let resolveExit!: (c: number) => void;
+    const exited = new Promise<number>((r) => (resolveExit = r));
+    return Promise.resolve({
+      name: spec.name,
+      pid: 0,
+      exited,
+      stop: () => {
+        resolveExit(143);
+        return Promise.resolve();
+      },
+    });
+  }
+}
