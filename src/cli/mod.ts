@@ -231,7 +231,7 @@ export function renderHelp(spec: CommandSpec, path: string[]): string {
   });
   const usage = [name];
   if (spec.subcommands?.length) usage.push("<command>");
-  if (spec.flags?.length || true) usage.push("[flags]");
+  usage.push("[flags]"); // every command has at least --help
   usage.push(...pos);
   if (spec.acceptsRest) usage.push("-- ARGS...");
   lines.push(`${spec.summary}`, "", `Usage: ${usage.join(" ")}`);
