@@ -1,0 +1,106 @@
+/**
+ * The MQTT topic tree of the k8s4r protocol (see docs/PROTOCOL.md):
+ *
+ *   k8s4r/robots/<robotId>/up/<kind>     robot -> server   (register, heartbeat, status, task)
+ *   k8s4r/robots/<robotId>/down/<kind>   server -> robot   (task, cancel)
+ *
+ * The broker ACL lets a robot (username = certificate CN = robot id) write only its own `up/#`
+ * and read only its own `down/#`, so the `<robotId>` segment of an up topic is authenticated.
+ */
+
+export const TOPIC_ROOT = "k8s4r/robots";
+
+/** Robot ids are DNS-label-like so that they fit a certificate CN, a topic level and a path. */
+export const ROBOT_ID_RE = /^[a-z0-9][a-z0-9-]{0,62}$/;
+
+export const UP_KINDS = ["register", "heartbeat", "status", "task"] as const;
+export const DOWN_KINDS = ["task", "cancel"] as const;
+export type UpKind = typeof UP_KINDS[number];
+export type DownKind = typeof DOWN_KINDS[number];
+export type Direction = "up" | "down";
+
+/** What the server subscribes to (QoS 1). */
+export const SERVER_SUBSCRIPTION = `${TOPIC_ROOT}/+/up/#`;
+/** The shared-subscription group name used with `--shared-subscription` (MQTT 5). */
+export const SHARED_GROUP = "k8s4r";
+export const SHARED_SERVER_SUBSCRIPTION = `$share/${SHARED_GROUP}/${SERVER_SUBSCRIPTION}`;
+
+export function isRobotId(id: unknown): id is string {
+  return typeof id === "string" && ROBOT_ID_RE.test(id);
+}
+
+/** Throws on an invalid robot id: a topic must never be built from unchecked input. */
+export function assertRobotId(id: string): void {
+  if (!isRobotId(id)) {
+    throw new Error(
+      `invalid robot id ${JSON.stringify(id)}: expected [a-z0-9][a-z0-9-]{0,62}`,
+    );
+  }
+}
+
+export function upTopic(robotId: string, kind: UpKind): string {
+  assertRobotId(robotId);
+  return `${TOPIC_ROOT}/${robotId}/up/${kind}`;
+}
+
+export function downTopic(robotId: string, kind: DownKind): string {
+  assertRobotId(robotId);
+  return `${TOPIC_ROOT}/${robotId}/down/${kind}`;
+}
+
+/** What a robot subscribes to (QoS 1). */
+export function robotSubscription(robotId: string): string {
+  assertRobotId(robotId);
+  return `${TOPIC_ROOT}/${robotId}/down/#`;
+}
+
+export type ParsedTopic =
+  | { ok: true; robotId: string; direction: "up"; kind: UpKind }
+  | { ok: true; robotId: string; direction: "down"; kind: DownKind }
+  | { ok: false; error: string };
+
+/** Splits a concrete topic (no wildcards) into robot id, direction and kind. */
+export function parseTopic(topic: string): ParsedTopic {
+  const parts = topic.split("/");
+  if (parts.length !== 5 || parts[0] !== "k8s4r" || parts[1] !== "robots") {
+    return {
+      ok: false,
+      error: `topic ${JSON.stringify(topic)}: expected k8s4r/robots/<id>/(up|down)/<kind>`,
+    };
+  }
+  const [, , robotId, direction, kind] = parts;
+  if (!isRobotId(robotId)) {
+    return {
+      ok: false,
+      error: `topic ${JSON.stringify(topic)}: invalid robot id ${JSON.stringify(robotId)}`,
+    };
+  }
+  if (direction === "up") {
+    if ((UP_KINDS as readonly string[]).includes(kind)) {
+      return { ok: true, robotId, direction, kind: kind as UpKind };
+    }
+    return {
+      ok: false,
+      error: `topic ${JSON.stringify(topic)}: unknown up kind ${JSON.stringify(kind)}, expected ${
+        UP_KINDS.join("|")
+      }`,
+    };
+  }
+  if (direction === "down") {
+    if ((DOWN_KINDS as readonly string[]).includes(kind)) {
+      return { ok: true, robotId, direction, kind: kind as DownKind };
+    }
+    return {
+      ok: false,
+      error: `topic ${JSON.stringify(topic)}: unknown down kind ${
+        JSON.stringify(kind)
+      }, expected ${DOWN_KINDS.join("|")}`,
+    };
+  }
+  return {
+    ok: false,
+    error: `topic ${JSON.stringify(topic)}: expected direction up or down, got ${
+      JSON.stringify(direction)
+    }`,
+  };
+}
