@@ -1,0 +1,351 @@
+/**
+ * The real environment behind `DoctorContext`: files, /proc, sockets, TLS, HTTP and SPIRE.
+ * Checks only see the interfaces in `check.ts`; tests replace all of this with fakes.
+ */
+import { Buffer } from "node:buffer";
+import { X509Certificate } from "node:crypto";
+import * as net from "node:net";
+import * as tls from "node:tls";
+import { delimiter, join } from "node:path";
+import * as grpc from "@grpc/grpc-js";
+import type { Io } from "../cli/io.ts";
+import { defaultLayout, robotLayout } from "../devenv/layout.ts";
+import { findSpireBinaries } from "../spire/binaries.ts";
+import { grpcHealthCheck, unixTarget } from "../spire/health.ts";
+import { X509Bundle } from "../spiffe/bundle.ts";
+import { verifyX509SvidChain } from "../spiffe/verify.ts";
+import {
+  type DoctorContext,
+  type DoctorFs,
+  type DoctorNet,
+  type DoctorOptions,
+  type DoctorSpire,
+  type FetchedSvid,
+  makeMemo,
+  type TlsProbeResult,
+} from "./check.ts";
+import { DISCONNECT, encodeConnect, parseConnack } from "./mqtt_wire.ts";
+import { findListeningOwner } from "./proc_net.ts";
+import { certFacts, splitDer } from "./pki.ts";
+
+export function realContext(io: Io, options: DoctorOptions): DoctorContext {
+  const layout = defaultLayout(io.cwd, io.env);
+  return {
+    io,
+    env: io.env,
+    layout,
+    robot: robotLayout(layout, options.robotId, io.env),
+    options,
+    fs: realFs(io.env),
+    net: realNet,
+    spire: realSpire(io),
+    runner: io.runner,
+    clock: { now: () => Date.now() },
+    memo: makeMemo(),
+  };
+}
+
+export function realFs(env: Record<string, string | undefined>): DoctorFs {
+  return {
+    readTextFile: (p) => Deno.readTextFile(p),
+    async stat(p) {
+      try {
+        const s = await Deno.lstat(p);
+        return {
+          isFile: s.isFile,
+          isDirectory: s.isDirectory,
+          isSocket: s.isSocket ?? false,
+          isSymlink: s.isSymlink,
+          mode: (s.mode ?? 0) & 0o7777,
+          size: s.size,
+          mtimeMs: s.mtime?.getTime(),
+        };
+      } catch (err) {
+        if (err instanceof Deno.errors.NotFound || err instanceof Deno.errors.NotADirectory) {
+          return undefined;
+        }
+        throw err;
+      }
+    },
+    async makeTempDir() {
+      const d = await Deno.makeTempDir({ prefix: "k8s4r-doctor-" });
+      await Deno.chmod(d, 0o700);
+      return d;
+    },
+    async writeFile(p, data, mode) {
+      await Deno.writeTextFile(p, data, { mode, createNew: true });
+      await Deno.chmod(p, mode);
+    },
+    removeAll: (p) => Deno.remove(p, { recursive: true }).catch(() => {}),
+    async which(name) {
+      for (const dir of (env["PATH"] ?? "").split(delimiter)) {
+        if (!dir.startsWith("/")) continue;
+        const p = join(dir, name);
+        try {
+          const s = await Deno.stat(p);
+          if (s.isFile && ((s.mode ?? 0o755) & 0o111)) return p;
+        } catch { /* not here */ }
+      }
+      return undefined;
+    },
+  };
+}
+
+export const realNet: DoctorNet = {
+  listeningOwner(port) {
+    return findListeningOwner(port, {
+      readText: (p) => Deno.readTextFile(p),
+      async readDir(p) {
+        const out: string[] = [];
+        for await (const e of Deno.readDir(p)) out.push(e.name);
+        return out;
+      },
+      readLink: (p) => Deno.readLink(p),
+    });
+  },
+
+  async httpGet(url, timeoutMs) {
+    try {
+      const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+      const body = await res.text();
+      return { status: res.status, body };
+    } catch (err) {
+      // fetch says only "fetch failed"; the reason (connection refused...) is in `cause`.
+      const cause = (err as { cause?: { message?: string } }).cause?.message;
+      throw new Error(cause ? cause.split("\n")[0] : (err as Error).message);
+    }
+  },
+
+  mqttConnect({ host, port, username, password, clientId, timeoutMs }) {
+    return new Promise((resolve, reject) => {
+      const sock = net.createConnection({ host, port });
+      let buf = Buffer.alloc(0);
+      const done = (err?: Error, code?: number) => {
+        clearTimeout(timer);
+        sock.removeAllListeners();
+        sock.on("error", () => {});
+        if (code === 0) sock.write(DISCONNECT);
+        sock.end();
+        sock.destroy();
+        if (err) reject(err);
+        else resolve({ returnCode: code! });
+      };
+      const timer = setTimeout(
+        () => done(new Error(`no CONNACK within ${timeoutMs} ms`)),
+        timeoutMs,
+      );
+      sock.on("connect", () => sock.write(encodeConnect({ clientId, username, password })));
+      sock.on("data", (d: Buffer) => {
+        buf = Buffer.concat([buf, d]);
+        try {
+          const code = parseConnack(buf);
+          if (code !== undefined) done(undefined, code);
+        } catch (err) {
+          done(err as Error);
+        }
+      });
+      sock.on("error", (err) => done(err));
+      sock.on("close", () => done(new Error("connection closed before CONNACK")));
+    });
+  },
+
+  tlsProbe(opts) {
+    return new Promise<TlsProbeResult>((resolve) => {
+      const result: TlsProbeResult = { handshake: false, authorized: false, peerChain: [] };
+      let buf = Buffer.alloc(0);
+      const sock = tls.connect({
+        host: opts.host,
+        port: opts.port,
+        servername: opts.servername,
+        ca: opts.ca,
+        cert: opts.cert,
+        key: opts.key,
+        // We verify ourselves (authorized / authorizationError) and report the reason.
+        rejectUnauthorized: false,
+        // The broker's certificate is an SVID: its identity is the SPIFFE ID, checked by the caller.
+        checkServerIdentity: () => undefined,
+      });
+      let finished = false;
+      const finish = (error?: string) => {
+        if (finished) return;
+        finished = true;
+        clearTimeout(timer);
+        if (error && !result.error) result.error = error;
+        sock.removeAllListeners();
+        sock.on("error", () => {});
+        if (result.connack === 0) sock.write(DISCONNECT);
+        sock.end();
+        sock.destroy();
+        resolve(result);
+      };
+      const timer = setTimeout(
+        () => finish(`timed out after ${opts.timeoutMs} ms`),
+        opts.timeoutMs,
+      );
+      sock.on("secureConnect", () => {
+        result.handshake = true;
+        result.authorized = sock.authorized;
+        if (!sock.authorized) result.authorizationError = String(sock.authorizationError);
+        let cert = sock.getPeerCertificate(true) as tls.DetailedPeerCertificate | undefined;
+        const seen = new Set<string>();
+        while (cert && cert.raw && !seen.has(cert.fingerprint256)) {
+          seen.add(cert.fingerprint256);
+          result.peerChain.push(new Uint8Array(cert.raw));
+          cert = cert.issuerCertificate;
+        }
+        if (opts.mqttClientId) sock.write(encodeConnect({ clientId: opts.mqttClientId }));
+        else finish();
+      });
+      sock.on("data", (d: Buffer) => {
+        buf = Buffer.concat([buf, d]);
+        try {
+          const code = parseConnack(buf);
+          if (code !== undefined) {
+            result.connack = code;
+            finish();
+          }
+        } catch (err) {
+          finish((err as Error).message);
+        }
+      });
+      sock.on("error", (err: Error) => finish(err.message));
+      sock.on("close", () => finish("connection closed by the broker"));
+    });
+  },
+};
+
+export function realSpire(io: Io): DoctorSpire {
+  return {
+    async findBinaries() {
+      const b = await findSpireBinaries(io);
+      return b
+        ? { server: b.server, agent: b.agent, source: b.source, version: b.version }
+        : undefined;
+    },
+    async health(socketPath, timeoutMs) {
+      return { status: await grpcHealthCheck(socketPath, timeoutMs) };
+    },
+    isAttested,
+    fetchX509Svids,
+    verifyChain(chain, bundle, nowMs) {
+      try {
+        const certs = chain.map((d) => new X509Certificate(Buffer.from(d)));
+        const uri = certFacts(chain[0]).uris.find((u) => u.startsWith("spiffe://"));
+        if (!uri) return { ok: false, error: "leaf certificate has no SPIFFE ID" };
+        const td = new URL(uri).host;
+        const b = new X509Bundle(td, bundle.map((d) => new X509Certificate(Buffer.from(d))));
+        verifyX509SvidChain(certs, b, new Date(nowMs));
+        return { ok: true };
+      } catch (err) {
+        return { ok: false, error: (err as Error).message };
+      }
+    },
+  };
+}
+
+/**
+ * Whether a SPIRE agent has attested before: it then keeps its SVID in its data dir
+ * (`agent-data.json` since SPIRE 1.x storage; older releases wrote `agent_svid.der`).
+ * TODO(integrator): replace with `isAttested` from src/spire/agent.ts once it lands.
+ */
+export async function isAttested(dataDir: string): Promise<boolean> {
+  for (const f of ["agent-data.json", "agent_svid.der"]) {
+    try {
+      if ((await Deno.stat(join(dataDir, f))).size > 0) return true;
+    } catch { /* absent */ }
+  }
+  return false;
+}
+
+// --- Workload API: one FetchX509SVID message, decoded by hand. -------------------------------
+// TODO(integrator): replace with src/spiffe's WorkloadApiClient once src/spiffe/workload lands;
+// the doctor needs only "first X509SVIDResponse, then cancel".
+
+function readVarint(b: Uint8Array, pos: number): [number, number] {
+  let v = 0, mul = 1;
+  for (let i = 0; i < 10; i++) {
+    if (pos >= b.length) throw new Error("truncated protobuf varint");
+    const x = b[pos++];
+    v += (x & 0x7f) * mul;
+    if (!(x & 0x80)) return [v, pos];
+    mul *= 128;
+  }
+  throw new Error("protobuf varint too long");
+}
+
+/** (field, bytes) pairs of the length-delimited fields of a message; other wire types skipped. */
+function lengthDelimited(b: Uint8Array): [number, Uint8Array][] {
+  const out: [number, Uint8Array][] = [];
+  let pos = 0;
+  while (pos < b.length) {
+    const [key, p] = readVarint(b, pos);
+    pos = p;
+    const wire = key & 7;
+    if (wire === 2) {
+      const [len, p2] = readVarint(b, pos);
+      if (p2 + len > b.length) throw new Error("truncated protobuf field");
+      out.push([Math.floor(key / 8), b.subarray(p2, p2 + len)]);
+      pos = p2 + len;
+    } else if (wire === 0) pos = readVarint(b, pos)[1];
+    else if (wire === 1) pos += 8;
+    else if (wire === 5) pos += 4;
+    else throw new Error(`unsupported protobuf wire type ${wire}`);
+  }
+  return out;
+}
+
+export function decodeX509SvidResponse(b: Uint8Array): FetchedSvid[] {
+  const dec = new TextDecoder();
+  return lengthDelimited(b).filter(([f]) => f === 1).map(([, m]) => {
+    const svid: FetchedSvid = { spiffeId: "", chain: [], key: new Uint8Array(), bundle: [] };
+    for (const [f, v] of lengthDelimited(m)) {
+      if (f === 1) svid.spiffeId = dec.decode(v);
+      else if (f === 2) svid.chain = splitDer(v);
+      else if (f === 3) svid.key = new Uint8Array(v);
+      else if (f === 4) svid.bundle = splitDer(v);
+    }
+    return svid;
+  });
+}
+
+export function fetchX509Svids(socketPath: string, timeoutMs: number): Promise<FetchedSvid[]> {
+  const client = new grpc.Client(unixTarget(socketPath), grpc.credentials.createInsecure());
+  const md = new grpc.Metadata();
+  md.set("workload.spiffe.io", "true");
+  return new Promise<FetchedSvid[]>((resolve, reject) => {
+    const call = client.makeServerStreamRequest<Uint8Array, Uint8Array>(
+      "/SpiffeWorkloadAPI/FetchX509SVID",
+      (x) => Buffer.from(x),
+      (x) => new Uint8Array(x),
+      new Uint8Array(0),
+      md,
+      { deadline: Date.now() + timeoutMs },
+    );
+    let settled = false;
+    call.on("data", (msg: Uint8Array) => {
+      if (settled) return;
+      settled = true;
+      try {
+        resolve(decodeX509SvidResponse(msg));
+      } catch (err) {
+        reject(err);
+      }
+      call.cancel();
+    });
+    call.on("error", (err: grpc.ServiceError) => {
+      if (settled) return;
+      settled = true;
+      const why = (err.details || err.message).replace(/\. Resolution note:.*$/, "").replace(
+        /^No connection established\. Last error: (Error: )?/,
+        "",
+      );
+      reject(new Error(`Workload API: ${grpc.status[err.code] ?? err.code}: ${why}`));
+    });
+    call.on("end", () => {
+      if (!settled) {
+        settled = true;
+        reject(new Error("Workload API closed the stream without an SVID"));
+      }
+    });
+  }).finally(() => client.close());
+}

@@ -1,0 +1,265 @@
+/**
+ * The doctor's vocabulary: a check, its result, and the context through which every check
+ * reaches the outside world (files, network, processes, SPIRE, clock). Checks never touch
+ * `Deno.*` directly, so each one is unit-tested with fakes (see `testing.ts`).
+ */
+import type { Io } from "../cli/io.ts";
+import type { Layout, RobotLayout } from "../devenv/layout.ts";
+import type { ProcessRunner } from "../process/mod.ts";
+
+export type Status = "ok" | "warn" | "fail" | "skip" | "crash";
+export const STATUSES: readonly Status[] = ["ok", "warn", "fail", "skip", "crash"];
+
+export interface CheckResult {
+  status: Status;
+  /** One line: what was found. */
+  detail: string;
+  /** One line: how to fix it (an exact command), for warn and fail. */
+  hint?: string;
+  /** Extra lines shown with --verbose (log tails, hardening notes, versions). */
+  info?: string[];
+}
+
+export type GroupId =
+  | "tools"
+  | "config"
+  | "spire-server"
+  | "spire-agent"
+  | "ca-bundle"
+  | "broker"
+  | "docker"
+  | "server";
+
+export const GROUPS: readonly GroupId[] = [
+  "tools",
+  "config",
+  "spire-server",
+  "spire-agent",
+  "ca-bundle",
+  "broker",
+  "docker",
+  "server",
+];
+
+export interface Check {
+  /** `group.name`, e.g. `tools.spire-server`. */
+  id: string;
+  group: GroupId;
+  title: string;
+  /** Ids of checks that must not have failed/skipped/crashed for this one to run. */
+  dependsOn?: string[];
+  /** Default: the run's default timeout (2000 ms). */
+  timeoutMs?: number;
+  run(ctx: CheckContext): Promise<CheckResult>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the environment looks like to a check.
+
+export interface FileInfo {
+  isFile: boolean;
+  isDirectory: boolean;
+  isSocket: boolean;
+  isSymlink: boolean;
+  /** Permission bits (mode & 0o7777). */
+  mode: number;
+  size: number;
+  mtimeMs?: number;
+}
+
+export interface DoctorFs {
+  readTextFile(path: string): Promise<string>;
+  /** lstat; undefined when the path does not exist. */
+  stat(path: string): Promise<FileInfo | undefined>;
+  /** A fresh private (0700) directory. */
+  makeTempDir(): Promise<string>;
+  writeFile(path: string, data: string, mode: number): Promise<void>;
+  removeAll(path: string): Promise<void>;
+  /** Absolute path of an executable found on PATH, or undefined. */
+  which(name: string): Promise<string | undefined>;
+}
+
+export interface PortOwner {
+  /** Local address as printed (`127.0.0.1`, `0.0.0.0`, `::`). */
+  address: string;
+  port: number;
+  pid?: number;
+  comm?: string;
+}
+
+export interface HttpResponse {
+  status: number;
+  body: string;
+}
+
+export interface MqttConnectResult {
+  /** CONNACK return code (0 accepted, 4 bad credentials, 5 not authorized). */
+  returnCode: number;
+}
+
+export interface TlsProbeOptions {
+  host: string;
+  port: number;
+  servername: string;
+  /** PEM. Omit both for a client without a certificate. */
+  cert?: string;
+  key?: string;
+  /** PEM CA certificates used to verify the server. */
+  ca: string;
+  timeoutMs: number;
+  /** After the handshake, send an MQTT CONNECT and wait for CONNACK. */
+  mqttClientId?: string;
+}
+
+export interface TlsProbeResult {
+  /** The handshake completed (from the client's point of view). */
+  handshake: boolean;
+  /** The server's certificate verified against `ca`. */
+  authorized: boolean;
+  authorizationError?: string;
+  /** Server chain, DER, leaf first. */
+  peerChain: Uint8Array[];
+  /** CONNACK code if an MQTT CONNECT was sent and answered. */
+  connack?: number;
+  /** Why the connection ended early (alert, reset, timeout). */
+  error?: string;
+}
+
+export interface DoctorNet {
+  /** Who listens on a TCP port (from /proc/net/tcp{,6} and /proc/PID/fd). */
+  listeningOwner(port: number): Promise<PortOwner | undefined>;
+  httpGet(url: string, timeoutMs: number): Promise<HttpResponse>;
+  mqttConnect(opts: {
+    host: string;
+    port: number;
+    username: string;
+    password: string;
+    clientId: string;
+    timeoutMs: number;
+  }): Promise<MqttConnectResult>;
+  tlsProbe(opts: TlsProbeOptions): Promise<TlsProbeResult>;
+}
+
+export interface SpireBinaries {
+  server: string;
+  agent: string;
+  /** Where they were found: "cache", "PATH", "env". */
+  source: string;
+  version?: string;
+}
+
+export interface HealthResult {
+  /** grpc.health.v1 status name: SERVING, NOT_SERVING, UNKNOWN, SERVICE_UNKNOWN. */
+  status: string;
+}
+
+export interface FetchedSvid {
+  spiffeId: string;
+  /** DER, leaf first. */
+  chain: Uint8Array[];
+  /** PKCS#8 DER. */
+  key: Uint8Array;
+  /** DER CA certificates of the SVID's trust domain. */
+  bundle: Uint8Array[];
+}
+
+export interface ChainVerification {
+  ok: boolean;
+  error?: string;
+}
+
+/** The SPIRE/SPIFFE pieces, behind one small interface (real: `adapters.ts`). */
+export interface DoctorSpire {
+  findBinaries(): Promise<SpireBinaries | undefined>;
+  /** grpc.health.v1.Health/Check over a unix socket. Throws when unreachable. */
+  health(socketPath: string, timeoutMs: number): Promise<HealthResult>;
+  isAttested(agentDataDir: string): Promise<boolean>;
+  /** First X509SVIDResponse of the Workload API. Throws on error (PermissionDenied...). */
+  fetchX509Svids(socketPath: string, timeoutMs: number): Promise<FetchedSvid[]>;
+  verifyChain(chain: Uint8Array[], bundle: Uint8Array[], nowMs: number): ChainVerification;
+}
+
+export type BrokerMode = "native" | "docker";
+
+export interface DoctorOptions {
+  robotId: string;
+  broker: BrokerMode;
+  /** Hardening findings are warnings (otherwise info lines). */
+  production: boolean;
+  /** Per-check default timeout. */
+  timeoutMs: number;
+  /** Docker container name of the broker in docker mode. */
+  container: string;
+}
+
+/** Everything a run shares. */
+export interface DoctorContext {
+  io: Io;
+  env: Record<string, string | undefined>;
+  layout: Layout;
+  robot: RobotLayout;
+  options: DoctorOptions;
+  fs: DoctorFs;
+  net: DoctorNet;
+  spire: DoctorSpire;
+  runner: ProcessRunner;
+  clock: { now(): number };
+  /**
+   * Work several checks need (the Workload API fetch, the mTLS handshake) runs once per run:
+   * the first caller starts it, the others await the same promise.
+   */
+  memo<T>(key: string, fn: () => Promise<T>): Promise<T>;
+}
+
+/** What one check receives: the shared context plus its own deadline. */
+export interface CheckContext extends DoctorContext {
+  /** Aborted when this check times out. */
+  signal: AbortSignal;
+  /** This check's time budget, for the calls it makes. */
+  timeoutMs: number;
+}
+
+export function ok(detail: string, info?: string[]): CheckResult {
+  return info?.length ? { status: "ok", detail, info } : { status: "ok", detail };
+}
+export function warn(detail: string, hint: string, info?: string[]): CheckResult {
+  return info?.length ? { status: "warn", detail, hint, info } : { status: "warn", detail, hint };
+}
+export function fail(detail: string, hint: string, info?: string[]): CheckResult {
+  return info?.length ? { status: "fail", detail, hint, info } : { status: "fail", detail, hint };
+}
+export function skip(detail: string): CheckResult {
+  return { status: "skip", detail };
+}
+
+/** A memo that runs each key once. */
+export function makeMemo(): <T>(key: string, fn: () => Promise<T>) => Promise<T> {
+  const cache = new Map<string, Promise<unknown>>();
+  return <T>(key: string, fn: () => Promise<T>): Promise<T> => {
+    let p = cache.get(key) as Promise<T> | undefined;
+    if (!p) {
+      p = fn();
+      // Nobody may be awaiting yet; keep an unawaited rejection from being "unhandled".
+      p.catch(() => {});
+      cache.set(key, p);
+    }
+    return p;
+  };
+}
+
+/** "52m", "3h 4m", "12s". */
+export function formatDuration(ms: number): string {
+  const s = Math.round(Math.abs(ms) / 1000);
+  if (s < 60) return `${s}s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m}m`;
+  const h = Math.floor(m / 60);
+  if (h < 48) return m % 60 ? `${h}h ${m % 60}m` : `${h}h`;
+  return `${Math.floor(h / 24)}d`;
+}
+
+/** Paths relative to the project root, for messages. */
+export function rel(ctx: DoctorContext, path: string): string {
+  const root = ctx.layout.root.endsWith("/") ? ctx.layout.root : ctx.layout.root + "/";
+  return path.startsWith(root) ? path.slice(root.length) : path;
+}

@@ -1,0 +1,407 @@
+/**
+ * config: the committed SPIRE server config, the agent's plugins.yaml and the generated
+ * mosquitto.conf parse, and agree with each other and with the layout.
+ *
+ * Hardening findings (insecure bootstrap, join_token attestation, sqlite datastore, anonymous
+ * listeners, a plain listener on a public address) are expected on a dev stack. They are `info`
+ * lines (shown with --verbose) by default, so a healthy `devenv` stack is all ✓; with
+ * `--production` they turn the check into a warning.
+ */
+import { isAbsolute, resolve } from "node:path";
+import { LineCounter, parseDocument } from "yaml";
+import { errorMessage } from "../../cli/errors.ts";
+import { brokerSpiffeId } from "../../devenv/layout.ts";
+import {
+  type Check,
+  type CheckContext,
+  type CheckResult,
+  type DoctorContext,
+  fail,
+  ok,
+  rel,
+  warn,
+} from "../check.ts";
+import { attrString, block, HclError, parseHcl } from "../hcl.ts";
+import {
+  isLoopback,
+  listenerOption,
+  type MosquittoConf,
+  MosquittoConfError,
+  parseMosquittoConf,
+} from "../mosquitto_conf.ts";
+import { hardeningVerdict } from "./common.ts";
+
+const PRODUCTION_HINT =
+  "see the guide's production checklist; run 'k8s4r doctor --production --verbose' for the list";
+
+function hardened(
+  ctx: DoctorContext,
+  detail: string,
+  notes: string[],
+  info: string[] = [],
+): CheckResult {
+  const lines = [...notes.map((n) => `hardening: ${n}`), ...info];
+  if (hardeningVerdict(ctx, notes) === "warn") {
+    return warn(`${detail}; ${notes.length} production hardening issue(s)`, PRODUCTION_HINT, lines);
+  }
+  return ok(
+    notes.length ? `${detail} (dev settings: ${notes.length} hardening notes)` : detail,
+    lines,
+  );
+}
+
+// --- SPIRE server config ----------------------------------------------------------------------
+
+export interface ServerConf {
+  trustDomain?: { value: string; line: number };
+  bindPort?: { value: string; line: number };
+  socketPath?: { value: string; line: number };
+  datastore?: string;
+  nodeAttestors: string[];
+}
+
+export async function readServerConf(ctx: DoctorContext): Promise<ServerConf> {
+  return await ctx.memo("server.conf", async () => {
+    const file = rel(ctx, ctx.layout.spireServerConfig);
+    let text: string;
+    try {
+      text = await ctx.fs.readTextFile(ctx.layout.spireServerConfig);
+    } catch {
+      throw new Error(`${file}: cannot read the file`);
+    }
+    let root;
+    try {
+      root = parseHcl(text);
+    } catch (err) {
+      if (err instanceof HclError) {
+        throw new Error(`${file}:${err.line}: ${err.message.replace(/^line \d+: /, "")}`);
+      }
+      throw err;
+    }
+    const server = block(root, "server");
+    if (!server) throw new Error(`${file}: expected a 'server { ... }' block`);
+    const plugins = block(root, "plugins");
+    const ds = plugins && block(plugins, "DataStore");
+    const dsData = ds && block(ds, "plugin_data");
+    const dbType = dsData && attrString(dsData, "database_type")?.value;
+    return {
+      trustDomain: attrString(server, "trust_domain"),
+      bindPort: attrString(server, "bind_port"),
+      socketPath: attrString(server, "socket_path"),
+      datastore: dbType,
+      nodeAttestors: plugins?.blocks.filter((b) =>
+        b.type === "NodeAttestor"
+      ).map((b) => b.labels[0] ?? "") ?? [],
+    };
+  });
+}
+
+const serverConfCheck: Check = {
+  id: "config.spire-server",
+  group: "config",
+  title: "SPIRE server config",
+  async run(ctx) {
+    const file = rel(ctx, ctx.layout.spireServerConfig);
+    let conf: ServerConf;
+    try {
+      conf = await readServerConf(ctx);
+    } catch (err) {
+      return fail(errorMessage(err), `fix ${file}, or restore it: git checkout -- ${file}`);
+    }
+    if (!conf.trustDomain) {
+      return fail(
+        `${file}: server.trust_domain is missing`,
+        `add trust_domain = "${ctx.layout.trustDomain}" to the server block of ${file}`,
+      );
+    }
+    const info = [
+      `trust_domain ${conf.trustDomain.value}, bind_port ${
+        conf.bindPort?.value ?? "(default 8081)"
+      }`,
+    ];
+    const notes: string[] = [];
+    if (conf.nodeAttestors.includes("join_token")) {
+      notes.push(
+        `${file}: NodeAttestor "join_token" (use x509pop, aws_iid or gcp_iit in production)`,
+      );
+    }
+    if (conf.datastore === "sqlite3") {
+      notes.push(`${file}: sqlite3 datastore (use PostgreSQL or MySQL for HA)`);
+    }
+    return hardened(ctx, `${file} parses (trust domain ${conf.trustDomain.value})`, notes, info);
+  },
+};
+
+// --- plugins.yaml -------------------------------------------------------------------------------
+
+export interface PluginsYaml {
+  socketPath?: { value: string; line: number };
+  trustDomain?: { value: string; line: number };
+  joinToken?: { raw: string; line: number };
+  trustBundlePath?: string;
+  insecureBootstrap?: boolean;
+  brokerSpiffeId?: { value: string; line: number };
+}
+
+/** `${VAR}` and `${VAR:-default}`, as the agent reads them. */
+export function interpolate(text: string, env: Record<string, string | undefined>): string {
+  return text.replace(/\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}/g, (_, name, def) => {
+    const v = env[name];
+    return v !== undefined && v !== "" ? v : def ?? "";
+  });
+}
+
+export async function readPluginsYaml(ctx: DoctorContext): Promise<PluginsYaml> {
+  return await ctx.memo("plugins.yaml", async () => {
+    const file = rel(ctx, ctx.layout.agentPluginsYaml);
+    let text: string;
+    try {
+      text = await ctx.fs.readTextFile(ctx.layout.agentPluginsYaml);
+    } catch {
+      throw new Error(`${file}: cannot read the file`);
+    }
+    const lc = new LineCounter();
+    const doc = parseDocument(text, { lineCounter: lc, prettyErrors: false });
+    if (doc.errors.length) {
+      const e = doc.errors[0];
+      const line = lc.linePos(e.pos[0]).line;
+      throw new Error(`${file}:${line}: ${e.message.split("\n")[0]}`);
+    }
+    const spire = doc.get("spire", true);
+    if (!spire || typeof spire !== "object" || !("get" in spire)) {
+      throw new Error(`${file}: expected a 'spire:' mapping`);
+    }
+    // deno-lint-ignore no-explicit-any -- yaml's node types are a wide union; we only read scalars.
+    const node = (path: string[]): any => doc.getIn(path, true);
+    const scalar = (path: string[]) => {
+      const n = node(path);
+      if (!n || typeof n.value !== "string" && typeof n.value !== "number") return undefined;
+      return { raw: String(n.value), line: n.range ? lc.linePos(n.range[0]).line : 0 };
+    };
+    const val = (path: string[]) => {
+      const s = scalar(path);
+      return s ? { value: interpolate(s.raw, ctx.env), line: s.line } : undefined;
+    };
+    const jt = scalar(["spire", "joinToken"]);
+    const ib = node(["spire", "insecureBootstrap"]);
+    return {
+      socketPath: val(["spire", "socketPath"]),
+      trustDomain: val(["spire", "trustDomain"]),
+      joinToken: jt,
+      trustBundlePath: val(["spire", "trustBundlePath"])?.value,
+      insecureBootstrap: ib?.value === true,
+      brokerSpiffeId: val(["mqtt", "brokerSpiffeId"]),
+    };
+  });
+}
+
+const pluginsCheck: Check = {
+  id: "config.agent-plugins",
+  group: "config",
+  title: "agent plugins.yaml",
+  async run(ctx) {
+    const file = rel(ctx, ctx.layout.agentPluginsYaml);
+    let y: PluginsYaml;
+    try {
+      y = await readPluginsYaml(ctx);
+    } catch (err) {
+      return fail(errorMessage(err), `fix ${file}, or restore it: git checkout -- ${file}`);
+    }
+    for (const key of ["socketPath", "trustDomain"] as const) {
+      if (!y[key]?.value) {
+        return fail(
+          `${file}: spire.${key} is missing`,
+          `add spire.${key} to ${file} (see the guide's example)`,
+        );
+      }
+    }
+    if (
+      y.joinToken && y.joinToken.raw.trim() !== "" &&
+      !/^\$\{[A-Za-z_][A-Za-z0-9_]*(:-)?\}$/.test(y.joinToken.raw.trim())
+    ) {
+      // A literal token in a committed file is a leaked secret, dev stack or not.
+      return warn(
+        `${file}:${y.joinToken.line}: spire.joinToken holds a literal token`,
+        `replace it with joinToken: "\${SPIRE_JOIN_TOKEN:-}" and pass the token through the environment or joinTokenFile`,
+      );
+    }
+    const notes: string[] = [];
+    if (y.insecureBootstrap) notes.push(`${file}: spire.insecureBootstrap is true`);
+    if (!y.trustBundlePath && !y.insecureBootstrap) {
+      notes.push(`${file}: no spire.trustBundlePath: the agent cannot bootstrap securely`);
+    }
+    return hardened(ctx, `${file} parses (socket ${y.socketPath!.value})`, notes);
+  },
+};
+
+// --- cross-file consistency ---------------------------------------------------------------------
+
+const consistencyCheck: Check = {
+  id: "config.consistency",
+  group: "config",
+  title: "trust domain and socket paths agree",
+  dependsOn: ["config.spire-server", "config.agent-plugins"],
+  async run(ctx) {
+    const conf = await readServerConf(ctx);
+    const y = await readPluginsYaml(ctx);
+    const sf = rel(ctx, ctx.layout.spireServerConfig);
+    const pf = rel(ctx, ctx.layout.agentPluginsYaml);
+    const td = ctx.layout.trustDomain;
+    const tds: [string, string | undefined][] = [
+      [`${sf}:${conf.trustDomain?.line}`, conf.trustDomain?.value],
+      [`${pf}:${y.trustDomain?.line}`, y.trustDomain?.value],
+    ];
+    const bad = tds.filter(([, v]) => v !== td);
+    if (bad.length) {
+      return fail(
+        `trust domain differs: layout ${td}, ${bad.map(([w, v]) => `${w} ${v}`).join(", ")}`,
+        `use "${td}" everywhere (or set K8S4R_TRUST_DOMAIN to the configured one)`,
+      );
+    }
+    if (y.brokerSpiffeId && y.brokerSpiffeId.value !== brokerSpiffeId(td)) {
+      return fail(
+        `${pf}:${y.brokerSpiffeId.line}: mqtt.brokerSpiffeId is ${y.brokerSpiffeId.value}, expected ${
+          brokerSpiffeId(td)
+        }`,
+        `set mqtt.brokerSpiffeId: "${brokerSpiffeId(td)}" in ${pf}`,
+      );
+    }
+    const info: string[] = [];
+    if (conf.socketPath) {
+      const p = isAbsolute(conf.socketPath.value)
+        ? conf.socketPath.value
+        : resolve(ctx.layout.root, conf.socketPath.value);
+      if (p !== ctx.layout.spireServerSocket) {
+        return warn(
+          `${sf}:${conf.socketPath.line}: socket_path ${conf.socketPath.value} is not ${
+            rel(ctx, ctx.layout.spireServerSocket)
+          }, where k8s4r looks`,
+          `set socket_path = "./${rel(ctx, ctx.layout.spireServerSocket)}" in ${sf}`,
+        );
+      }
+    }
+    // plugins.yaml describes robot-001's agent; other robots and K8S4R_AGENT_SOCKET_DIR override it.
+    const yamlSocket = y.socketPath!.value;
+    if (ctx.options.robotId === "robot-001" && !ctx.env["K8S4R_AGENT_SOCKET_DIR"]) {
+      if (yamlSocket !== ctx.robot.agentSocket) {
+        return warn(
+          `${pf}:${
+            y.socketPath!.line
+          }: spire.socketPath ${yamlSocket} is not ${ctx.robot.agentSocket}, where devenv starts robot-001's agent`,
+          `set spire.socketPath: "${ctx.robot.agentSocket}" in ${pf}`,
+        );
+      }
+    } else {
+      info.push(
+        `${ctx.options.robotId} uses ${ctx.robot.agentSocket} (plugins.yaml says ${yamlSocket})`,
+      );
+    }
+    return ok(
+      `trust domain ${td}; sockets ${
+        rel(ctx, ctx.layout.spireServerSocket)
+      }, ${ctx.robot.agentSocket}`,
+      info,
+    );
+  },
+};
+
+// --- generated mosquitto.conf -------------------------------------------------------------------
+
+export function mosquittoConfPath(ctx: DoctorContext): string {
+  return `${ctx.layout.mosquittoDir}/mosquitto.conf`;
+}
+
+export async function readMosquittoConf(ctx: DoctorContext): Promise<MosquittoConf> {
+  return await ctx.memo("mosquitto.conf", async () => {
+    const path = mosquittoConfPath(ctx);
+    let text: string;
+    try {
+      text = await ctx.fs.readTextFile(path);
+    } catch {
+      throw new Error(`${rel(ctx, path)}: not generated yet`);
+    }
+    try {
+      return parseMosquittoConf(text);
+    } catch (err) {
+      if (err instanceof MosquittoConfError) {
+        throw new Error(`${rel(ctx, path)}:${err.line}: ${err.message.replace(/^line \d+: /, "")}`);
+      }
+      throw err;
+    }
+  });
+}
+
+const mosquittoConfCheck: Check = {
+  id: "config.mosquitto",
+  group: "config",
+  title: "generated mosquitto.conf",
+  async run(ctx: CheckContext) {
+    const file = rel(ctx, mosquittoConfPath(ctx));
+    let conf: MosquittoConf;
+    try {
+      conf = await readMosquittoConf(ctx);
+    } catch (err) {
+      return fail(errorMessage(err), "k8s4r devenv start   # generates the broker config");
+    }
+    const { mqttTls, mqttPlain } = ctx.layout.ports;
+    const tlsL = conf.listeners.find((l) => l.port === mqttTls);
+    if (!tlsL) {
+      return fail(
+        `${file}: no listener on ${mqttTls}`,
+        "k8s4r devenv stop && k8s4r devenv start   # regenerates it",
+      );
+    }
+    const opt = (k: string) => listenerOption(conf, tlsL, k)?.value;
+    if (opt("require_certificate") !== "true") {
+      return fail(
+        `${file}:${tlsL.line}: listener ${mqttTls} does not set require_certificate true`,
+        "k8s4r devenv stop && k8s4r devenv start   # regenerates it",
+      );
+    }
+    const cafile = opt("cafile");
+    if (cafile && resolve(ctx.layout.root, cafile) !== ctx.layout.caBundleFile) {
+      return fail(
+        `${file}: cafile ${cafile} is not the exported bundle ${rel(ctx, ctx.layout.caBundleFile)}`,
+        "k8s4r devenv stop && k8s4r devenv start   # regenerates it",
+      );
+    }
+    for (const k of ["cafile", "certfile", "keyfile"]) {
+      if (!opt(k)) {
+        return fail(
+          `${file}: listener ${mqttTls} has no ${k}`,
+          "k8s4r devenv stop && k8s4r devenv start",
+        );
+      }
+    }
+    const notes: string[] = [];
+    for (const l of conf.listeners) {
+      if (listenerOption(conf, l, "allow_anonymous")?.value === "true") {
+        notes.push(`${file}:${l.line}: listener ${l.port} allows anonymous clients`);
+      }
+    }
+    const plain = conf.listeners.find((l) => l.port === mqttPlain);
+    if (plain && !isLoopback(plain.address ?? plain.options.get("bind_address")?.value)) {
+      notes.push(
+        `${file}:${plain.line}: plain listener ${mqttPlain} is bound to ${
+          plain.address ?? "all interfaces"
+        }, not loopback`,
+      );
+    }
+    const info = conf.listeners.map((l) =>
+      `listener ${l.port} ${l.address ?? "*"} (line ${l.line})`
+    );
+    return hardened(
+      ctx,
+      `${file} parses (${conf.listeners.length} listeners, ${mqttTls} requires a certificate)`,
+      notes,
+      info,
+    );
+  },
+};
+
+export const configChecks: Check[] = [
+  serverConfCheck,
+  pluginsCheck,
+  consistencyCheck,
+  mosquittoConfCheck,
+];

@@ -1,0 +1,148 @@
+import assert from "node:assert/strict";
+import { fakeContext, ROOT } from "../testing.ts";
+import { configChecks } from "./config.ts";
+
+const byId = (id: string) => configChecks.find((c) => c.id === id)!;
+const SERVER_CONF = `server {
+  bind_port = "8081"
+  socket_path = "./.spire-data/server/api.sock"
+  trust_domain = "k8s4r.example.org" # comment
+}
+plugins {
+  DataStore "sql" {
+    plugin_data {
+      database_type = "sqlite3"
+    }
+  }
+  NodeAttestor "join_token" {
+    plugin_data {}
+  }
+}
+`;
+const PLUGINS = `spire:
+  socketPath: "/tmp/spire-agent/agent.sock"
+  trustDomain: "k8s4r.example.org"
+  joinToken: "\${SPIRE_JOIN_TOKEN:-}"
+  trustBundlePath: "./config/mosquitto/certs/spire-ca.crt"
+mqtt:
+  brokerSpiffeId: "spiffe://k8s4r.example.org/mqtt-broker"
+`;
+const MOSQ = `per_listener_settings true
+log_dest file ${ROOT}/.dev-env/mosquitto/mosquitto.log
+listener 1883 127.0.0.1
+allow_anonymous false
+password_file /x/passwd
+listener 8883 127.0.0.1
+allow_anonymous false
+cafile ${ROOT}/config/mosquitto/certs/spire-ca.crt
+certfile ${ROOT}/.dev-env/mosquitto/broker.crt
+keyfile ${ROOT}/.dev-env/mosquitto/broker.key
+require_certificate true
+use_identity_as_username true
+`;
+const files = (over: Record<string, string> = {}) => ({
+  [`${ROOT}/config/spire/server.conf`]: SERVER_CONF,
+  [`${ROOT}/config/agent/plugins.yaml`]: PLUGINS,
+  [`${ROOT}/.dev-env/mosquitto/mosquitto.conf`]: MOSQ,
+  ...over,
+});
+
+Deno.test("config.spire-server: dev config is ✓ with hardening notes as info; --production warns", async () => {
+  const r = await byId("config.spire-server").run(fakeContext({ files: files() }));
+  assert.equal(r.status, "ok");
+  assert.match(r.detail, /dev settings: 2 hardening notes/);
+  assert.ok(r.info!.some((l) => l.includes('NodeAttestor "join_token"')));
+  const p = await byId("config.spire-server").run(
+    fakeContext({ files: files(), options: { production: true } }),
+  );
+  assert.equal(p.status, "warn");
+});
+
+Deno.test("config.spire-server: a syntax error names file and line", async () => {
+  const r = await byId("config.spire-server").run(
+    fakeContext({
+      files: files({
+        [`${ROOT}/config/spire/server.conf`]: 'server {\n  trust_domain = "x"\n  bind_port = \n}\n',
+      }),
+    }),
+  );
+  assert.equal(r.status, "fail");
+  assert.equal(r.detail, "config/spire/server.conf:3: expected a value, got end of line");
+});
+
+Deno.test("config.agent-plugins: parses; a literal join token warns without echoing it", async () => {
+  assert.equal(
+    (await byId("config.agent-plugins").run(fakeContext({ files: files() }))).status,
+    "ok",
+  );
+  const leaked = PLUGINS.replace('"${SPIRE_JOIN_TOKEN:-}"', '"abc-secret-123"');
+  const r = await byId("config.agent-plugins").run(
+    fakeContext({ files: files({ [`${ROOT}/config/agent/plugins.yaml`]: leaked }) }),
+  );
+  assert.equal(r.status, "warn");
+  assert.equal(r.detail, "config/agent/plugins.yaml:4: spire.joinToken holds a literal token");
+  assert.ok(!JSON.stringify(r).includes("abc-secret-123"));
+});
+
+Deno.test("config.agent-plugins: bad YAML fails with a line", async () => {
+  const r = await byId("config.agent-plugins").run(
+    fakeContext({
+      files: files({ [`${ROOT}/config/agent/plugins.yaml`]: "spire:\n  socketPath: [unclosed\n" }),
+    }),
+  );
+  assert.equal(r.status, "fail");
+  assert.match(r.detail, /^config\/agent\/plugins\.yaml:\d+: /);
+});
+
+Deno.test("config.consistency: agrees on the dev layout; a different trust domain fails", async () => {
+  assert.equal(
+    (await byId("config.consistency").run(fakeContext({ files: files() }))).status,
+    "ok",
+  );
+  const other = PLUGINS.replace('trustDomain: "k8s4r.example.org"', 'trustDomain: "other.org"');
+  const r = await byId("config.consistency").run(
+    fakeContext({ files: files({ [`${ROOT}/config/agent/plugins.yaml`]: other }) }),
+  );
+  assert.equal(r.status, "fail");
+  assert.match(
+    r.detail,
+    /trust domain differs: layout k8s4r\.example\.org, config\/agent\/plugins\.yaml:3 other\.org/,
+  );
+});
+
+Deno.test("config.consistency: a socket path that disagrees with the layout warns", async () => {
+  const other = PLUGINS.replace("/tmp/spire-agent/agent.sock", "/run/agent.sock");
+  const r = await byId("config.consistency").run(
+    fakeContext({ files: files({ [`${ROOT}/config/agent/plugins.yaml`]: other }) }),
+  );
+  assert.equal(r.status, "warn");
+  assert.match(r.hint!, /spire\.socketPath: "\/tmp\/spire-agent\/agent\.sock"/);
+});
+
+Deno.test("config.mosquitto: generated config is ✓; anonymous + public 1883 are hardening notes", async () => {
+  assert.equal((await byId("config.mosquitto").run(fakeContext({ files: files() }))).status, "ok");
+  const open = MOSQ.replace(
+    "listener 1883 127.0.0.1\nallow_anonymous false",
+    "listener 1883\nallow_anonymous true",
+  );
+  const ctx = {
+    files: files({ [`${ROOT}/.dev-env/mosquitto/mosquitto.conf`]: open }),
+    options: { production: true },
+  };
+  const r = await byId("config.mosquitto").run(fakeContext(ctx));
+  assert.equal(r.status, "warn");
+  assert.ok(r.info!.some((l) => l.includes("listener 1883 allows anonymous")));
+  assert.ok(r.info!.some((l) => l.includes("bound to all interfaces")));
+});
+
+Deno.test("config.mosquitto: missing, or 8883 without require_certificate, fails", async () => {
+  const missing = await byId("config.mosquitto").run(fakeContext({ files: {} }));
+  assert.equal(missing.status, "fail");
+  assert.match(missing.hint!, /k8s4r devenv start/);
+  const weak = MOSQ.replace("require_certificate true", "require_certificate false");
+  const r = await byId("config.mosquitto").run(
+    fakeContext({ files: files({ [`${ROOT}/.dev-env/mosquitto/mosquitto.conf`]: weak }) }),
+  );
+  assert.equal(r.status, "fail");
+  assert.match(r.detail, /listener 8883 does not set require_certificate true/);
+});

@@ -1,0 +1,263 @@
+// ca-bundle, broker, docker and server checks, with network, processes and files faked.
+import assert from "node:assert/strict";
+import { RecordingRunner } from "../../process/mod.ts";
+import { TestCa } from "../../spiffe/testing/test_ca.ts";
+import type { FetchedSvid, TlsProbeResult } from "../check.ts";
+import { splitDer } from "../pki.ts";
+import { fakeContext, ROOT } from "../testing.ts";
+import { brokerChecks } from "./broker.ts";
+import { caBundleChecks } from "./ca_bundle.ts";
+import { dockerChecks } from "./docker.ts";
+import { serverChecks } from "./server.ts";
+
+const all = [...caBundleChecks, ...brokerChecks, ...dockerChecks, ...serverChecks];
+const byId = (id: string) => all.find((c) => c.id === id)!;
+const TD = "k8s4r.example.org";
+const ca = TestCa.create({ trustDomain: TD });
+const robot = ca.issue({ spiffeId: `spiffe://${TD}/robot/robot-001`, dnsNames: ["robot-001"] });
+const broker = ca.issue({ spiffeId: `spiffe://${TD}/mqtt-broker`, dnsNames: ["localhost"] });
+const svid: FetchedSvid = {
+  spiffeId: robot.spiffeId!,
+  chain: splitDer(robot.chainDer),
+  key: robot.keyDer,
+  bundle: splitDer(robot.bundleDer),
+};
+const CA_FILE = `${ROOT}/config/mosquitto/certs/spire-ca.crt`;
+const fetchOk = { fetchX509Svids: () => Promise.resolve([svid]) };
+
+Deno.test("ca-bundle.file: a valid CA passes; garbage fails with the export command", async () => {
+  const ok = await byId("ca-bundle.file").run(
+    fakeContext({ now: Date.now(), files: { [CA_FILE]: ca.rootPem } }),
+  );
+  assert.equal(ok.status, "ok");
+  const bad = await byId("ca-bundle.file").run(fakeContext({ files: { [CA_FILE]: "hello" } }));
+  assert.equal(bad.status, "fail");
+  assert.match(
+    bad.hint!,
+    /spire-server bundle show -format pem -socketPath \/proj\/\.spire-data\/server\/api\.sock > config\/mosquitto\/certs\/spire-ca\.crt/,
+  );
+});
+
+Deno.test("ca-bundle.current: equal to the Workload API bundle passes; a stale export fails", async () => {
+  const ok = await byId("ca-bundle.current").run(
+    fakeContext({ files: { [CA_FILE]: ca.rootPem }, spire: fetchOk }),
+  );
+  assert.equal(
+    ok.detail,
+    "config/mosquitto/certs/spire-ca.crt matches the 1 CA(s) from the Workload API",
+  );
+  const stale = await byId("ca-bundle.current").run(
+    fakeContext({
+      files: { [CA_FILE]: TestCa.create({ trustDomain: TD }).rootPem },
+      spire: fetchOk,
+    }),
+  );
+  assert.equal(stale.status, "fail");
+  assert.match(stale.detail, /is stale: 1 CA\(s\) missing, 1 no longer in SPIRE's bundle/);
+  assert.match(stale.hint!, /k8s4r devenv start/);
+});
+
+Deno.test("ca-bundle.current: falls back to spire-server bundle show", async () => {
+  const runner = new RecordingRunner(() => ({ stdout: ca.rootPem }));
+  const r = await byId("ca-bundle.current").run(fakeContext({
+    runner,
+    files: { [CA_FILE]: ca.rootPem },
+    spire: { fetchX509Svids: () => Promise.reject(new Error("UNAVAILABLE")) },
+  }));
+  assert.equal(r.status, "ok");
+  assert.deepEqual(runner.calls[0].args, [
+    "bundle",
+    "show",
+    "-format",
+    "pem",
+    "-socketPath",
+    `${ROOT}/.spire-data/server/api.sock`,
+  ]);
+});
+
+const CREDS = `${ROOT}/.dev-env/server-mqtt.json`;
+Deno.test("broker.plain: logs in with the server credentials; a refused login fails", async () => {
+  const files = { [CREDS]: JSON.stringify({ username: "k8s4r-server", password: "pw" }) };
+  let seen: { username: string; password: string; port: number } | undefined;
+  const ok = await byId("broker.plain").run(fakeContext({
+    files,
+    net: { mqttConnect: (o) => (seen = o, Promise.resolve({ returnCode: 0 })) },
+  }));
+  assert.equal(ok.status, "ok");
+  assert.deepEqual([seen?.username, seen?.password, seen?.port], ["k8s4r-server", "pw", 1883]);
+  const bad = await byId("broker.plain").run(
+    fakeContext({ files, net: { mqttConnect: () => Promise.resolve({ returnCode: 5 }) } }),
+  );
+  assert.equal(bad.detail, "127.0.0.1:1883 refused k8s4r-server: CONNACK 5 (not authorized)");
+});
+
+const handshake = (over: Partial<TlsProbeResult>): TlsProbeResult => ({
+  handshake: true,
+  authorized: true,
+  peerChain: splitDer(broker.chainDer),
+  connack: 0,
+  ...over,
+});
+
+Deno.test("broker.mtls-native: CONNACK 0 passes; a dropped connection fails", async () => {
+  let opts: { cert?: string; port: number } | undefined;
+  const ok = await byId("broker.mtls-native").run(fakeContext({
+    spire: fetchOk,
+    net: { tlsProbe: (o) => (opts = o, Promise.resolve(handshake({}))) },
+  }));
+  assert.equal(ok.status, "ok");
+  assert.equal(opts?.port, 8883);
+  assert.match(opts!.cert!, /BEGIN CERTIFICATE/);
+  const dropped = await byId("broker.mtls-native").run(fakeContext({
+    spire: fetchOk,
+    net: {
+      tlsProbe: () =>
+        Promise.resolve(
+          handshake({ connack: undefined, error: "connection closed by the broker" }),
+        ),
+    },
+  }));
+  assert.equal(dropped.status, "fail");
+  assert.match(dropped.detail, /dropped the connection before CONNACK/);
+});
+
+Deno.test("broker.mtls-openssl: key material in a private temp dir, only paths on argv, dir removed", async () => {
+  const runner = new RecordingRunner(() => ({
+    stderr: "CONNECTION ESTABLISHED\nProtocol version: TLSv1.3\nVerification: OK\n",
+  }));
+  const ctx = fakeContext({ runner, spire: fetchOk });
+  const r = await byId("broker.mtls-openssl").run(ctx);
+  assert.equal(r.detail, "openssl s_client: TLSv1.3, server verified against the SVID bundle");
+  const argv = runner.calls[0].args;
+  assert.equal(runner.calls[0].cmd, "openssl");
+  assert.ok(argv.includes("/tmp/fake-doctor/svid.key"));
+  assert.ok(!argv.join(" ").includes("PRIVATE KEY"));
+  assert.equal(ctx.written.get("/tmp/fake-doctor/svid.key")?.mode, 0o600);
+  assert.deepEqual(ctx.removed, ["/tmp/fake-doctor"]);
+  const bad = await byId("broker.mtls-openssl").run(fakeContext({
+    spire: fetchOk,
+    runner: new RecordingRunner(() => ({
+      code: 1,
+      stderr: "error:0A000418:SSL routines::tlsv1 alert unknown ca\n",
+    })),
+  }));
+  assert.equal(bad.status, "fail");
+  assert.match(bad.detail, /alert unknown ca/);
+});
+
+Deno.test("broker.no-cert: refusal passes; a client let in without a certificate fails", async () => {
+  const refused = await byId("broker.no-cert").run(fakeContext({
+    net: {
+      tlsProbe: () =>
+        Promise.resolve({
+          handshake: false,
+          authorized: false,
+          peerChain: [],
+          error: "certificate required",
+        }),
+    },
+  }));
+  assert.deepEqual([refused.status, refused.detail], ["ok", "refused: certificate required"]);
+  const open = await byId("broker.no-cert").run(
+    fakeContext({ net: { tlsProbe: () => Promise.resolve(handshake({})) } }),
+  );
+  assert.equal(open.status, "fail");
+  assert.match(open.hint!, /require_certificate true/);
+});
+
+Deno.test("broker.certificate: SPIFFE ID, DNS SAN and issuer checked", async () => {
+  const ok = await byId("broker.certificate").run(
+    fakeContext({
+      now: Date.now(),
+      spire: fetchOk,
+      net: { tlsProbe: () => Promise.resolve(handshake({})) },
+    }),
+  );
+  assert.equal(ok.status, "ok");
+  assert.match(ok.detail, /^spiffe:\/\/k8s4r\.example\.org\/mqtt-broker, DNS localhost/);
+  const wrong = ca.issue({ spiffeId: `spiffe://${TD}/robot/robot-001`, dnsNames: ["robot-001"] });
+  const bad = await byId("broker.certificate").run(fakeContext({
+    now: Date.now(),
+    spire: fetchOk,
+    net: { tlsProbe: () => Promise.resolve(handshake({ peerChain: splitDer(wrong.chainDer) })) },
+  }));
+  assert.equal(bad.status, "fail");
+  assert.match(bad.detail, /expected spiffe:\/\/k8s4r\.example\.org\/mqtt-broker/);
+});
+
+Deno.test("docker.container: running passes; exited fails with its last log lines (argv recorded)", async () => {
+  const ok = await byId("docker.container").run(
+    fakeContext({ runner: new RecordingRunner(() => ({ stdout: "running 0\n" })) }),
+  );
+  assert.equal(ok.detail, "k8s4r-mosquitto-test is running");
+  const runner = new RecordingRunner((_c, args) =>
+    args[0] === "inspect"
+      ? { stdout: "exited 1\n" }
+      : { stderr: "Error: Unable to open config file\n" }
+  );
+  const bad = await byId("docker.container").run(fakeContext({ runner }));
+  assert.equal(
+    bad.detail,
+    "k8s4r-mosquitto-test is exited (exit code 1): Error: Unable to open config file",
+  );
+  assert.deepEqual(runner.calls.map((c) => c.args), [
+    ["inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", "k8s4r-mosquitto-test"],
+    ["logs", "--tail", "20", "k8s4r-mosquitto-test"],
+  ]);
+});
+
+Deno.test("docker.engine: unreachable engine fails", async () => {
+  const r = await byId("docker.engine").run(
+    fakeContext({
+      runner: new RecordingRunner(() => ({
+        code: 1,
+        stderr: "Cannot connect to the Docker daemon\n",
+      })),
+    }),
+  );
+  assert.equal(r.status, "fail");
+  assert.equal(
+    (await byId("docker.engine").run(
+      fakeContext({ runner: new RecordingRunner(() => ({ stdout: "27.0\n" })) }),
+    )).status,
+    "ok",
+  );
+});
+
+Deno.test("server.healthz and server.robot", async () => {
+  const urls: string[] = [];
+  const http = (status: number, body: unknown) => ({
+    httpGet: (u: string) => (urls.push(u), Promise.resolve({ status, body: JSON.stringify(body) })),
+  });
+  assert.equal(
+    (await byId("server.healthz").run(fakeContext({ net: http(200, { ok: true }) }))).status,
+    "ok",
+  );
+  const down = await byId("server.healthz").run(
+    fakeContext({ net: http(503, { mqtt: { connected: false } }) }),
+  );
+  assert.equal(
+    down.detail,
+    "GET http://127.0.0.1:8090/healthz answered 503: not connected to the broker",
+  );
+  assert.equal(
+    (await byId("server.robot").run(
+      fakeContext({ net: http(200, { id: "robot-001", online: true }) }),
+    )).detail,
+    "robot-001 is online",
+  );
+  assert.equal(urls.at(-1), "http://127.0.0.1:8090/api/robots/robot-001");
+  const off = await byId("server.robot").run(
+    fakeContext({
+      net: http(200, {
+        online: false,
+        offlineReason: "heartbeat timeout",
+        lastSeen: "2030-01-01T00:00:00Z",
+      }),
+    }),
+  );
+  assert.equal(
+    off.detail,
+    "robot-001 is offline (heartbeat timeout), last seen 2030-01-01T00:00:00Z",
+  );
+});

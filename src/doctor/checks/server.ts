@@ -1,0 +1,88 @@
+/** server: the k8s4r fleet server's HTTP API answers and sees the robot online. */
+import { errorMessage } from "../../cli/errors.ts";
+import { type Check, fail, ok, rel } from "../check.ts";
+import { files } from "./common.ts";
+
+const healthz: Check = {
+  id: "server.healthz",
+  group: "server",
+  title: "fleet server /healthz",
+  async run(ctx) {
+    const url = `http://127.0.0.1:${ctx.layout.ports.http}/healthz`;
+    const log = rel(ctx, files(ctx).serverLog);
+    let r;
+    try {
+      r = await ctx.net.httpGet(url, ctx.timeoutMs);
+    } catch (err) {
+      return fail(
+        `GET ${url}: ${errorMessage(err)}`,
+        `k8s4r devenv start   # then: tail -n 50 ${log}`,
+      );
+    }
+    if (r.status !== 200) {
+      let why = "";
+      try {
+        const b = JSON.parse(r.body);
+        if (b?.mqtt?.connected === false) why = ": not connected to the broker";
+      } catch { /* not JSON */ }
+      return fail(
+        `GET ${url} answered ${r.status}${why}`,
+        `tail -n 50 ${log}   # then: k8s4r doctor --only broker`,
+      );
+    }
+    return ok(`GET ${url} answered 200`);
+  },
+};
+
+const robotOnline: Check = {
+  id: "server.robot",
+  group: "server",
+  title: "robot online",
+  dependsOn: ["server.healthz"],
+  async run(ctx) {
+    const id = ctx.options.robotId;
+    const url = `http://127.0.0.1:${ctx.layout.ports.http}/api/robots/${encodeURIComponent(id)}`;
+    const agentLog = rel(ctx, ctx.robot.logFile);
+    let r;
+    try {
+      r = await ctx.net.httpGet(url, ctx.timeoutMs);
+    } catch (err) {
+      return fail(`GET ${url}: ${errorMessage(err)}`, "k8s4r devenv start");
+    }
+    if (r.status === 404) {
+      return fail(
+        `${id} has never registered with the server`,
+        `tail -n 50 ${agentLog}   # is ${id}'s agent running? k8s4r devenv start`,
+      );
+    }
+    if (r.status !== 200) {
+      return fail(
+        `GET ${url} answered ${r.status}`,
+        `tail -n 50 ${rel(ctx, files(ctx).serverLog)}`,
+      );
+    }
+    let robot: { online?: unknown; lastSeen?: unknown; offlineReason?: unknown };
+    try {
+      robot = JSON.parse(r.body);
+    } catch {
+      return fail(
+        `GET ${url}: the answer is not JSON`,
+        `tail -n 50 ${rel(ctx, files(ctx).serverLog)}`,
+      );
+    }
+    if (robot.online !== true) {
+      const why = typeof robot.offlineReason === "string" && robot.offlineReason
+        ? ` (${robot.offlineReason})`
+        : "";
+      return fail(
+        `${id} is offline${why}, last seen ${
+          typeof robot.lastSeen === "string" ? robot.lastSeen : "never"
+        }`,
+        `tail -n 50 ${agentLog}   # then: k8s4r doctor --only broker`,
+      );
+    }
+    return ok(`${id} is online`);
+  },
+};
+
+export const serverChecks: Check[] = [healthz, robotOnline];

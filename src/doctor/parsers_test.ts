@@ -1,0 +1,68 @@
+import assert from "node:assert/strict";
+import { createServer } from "node:net";
+import { realNet } from "./adapters.ts";
+import { parseHcl } from "./hcl.ts";
+import { encodeConnect, parseConnack } from "./mqtt_wire.ts";
+import { decodeAddress, parseProcNetTcp } from "./proc_net.ts";
+
+Deno.test("proc_net: parses LISTEN sockets and addresses", () => {
+  const text =
+    `  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F91 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0
+   1: 0100007F:1F91 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 999 1 0`;
+  assert.deepEqual(parseProcNetTcp(text), [{ address: "127.0.0.1", port: 8081, inode: 4242 }]);
+  assert.equal(decodeAddress("00000000000000000000000000000000"), "::");
+  assert.equal(decodeAddress("00000000000000000000000001000000"), "::1");
+});
+
+Deno.test("proc_net: finds this very process listening on a free port", async () => {
+  const srv = createServer();
+  await new Promise<void>((r) => srv.listen(0, "127.0.0.1", () => r()));
+  const port = (srv.address() as { port: number }).port;
+  try {
+    const owner = await realNet.listeningOwner(port);
+    assert.equal(owner?.pid, Deno.pid);
+    assert.equal(owner?.address, "127.0.0.1");
+  } finally {
+    await new Promise((r) => srv.close(r));
+  }
+});
+
+Deno.test("hcl: blocks, labels, lists, comments, line numbers", () => {
+  const b = parseHcl(
+    `# c\nserver {\n  a = "x" // c\n  n = 3\n  l = ["p", "q"]\n}\n/* x\n */\nplugins { NodeAttestor "join_token" { plugin_data {} } }\n`,
+  );
+  assert.equal(b.blocks[0].type, "server");
+  assert.deepEqual(b.blocks[0].attrs.get("l"), { value: ["p", "q"], line: 5 });
+  assert.equal(b.blocks[1].blocks[0].labels[0], "join_token");
+  assert.throws(() => parseHcl("server {\n a = 1\n"), /line 1: unclosed '\{'/);
+});
+
+Deno.test("mqtt_wire: CONNECT encoding and CONNACK decoding", () => {
+  const p = encodeConnect({ clientId: "c", username: "u", password: "p" });
+  assert.deepEqual([...p], [
+    0x10,
+    19,
+    0,
+    4,
+    77,
+    81,
+    84,
+    84,
+    4,
+    0xc2,
+    0,
+    10,
+    0,
+    1,
+    99,
+    0,
+    1,
+    117,
+    0,
+    1,
+    112,
+  ]);
+  assert.equal(parseConnack(new Uint8Array([0x20, 2, 0, 5])), 5);
+  assert.equal(parseConnack(new Uint8Array([0x20])), undefined);
+});

@@ -1,0 +1,105 @@
+/** Fakes for doctor tests: an in-memory file system, scripted network and SPIRE, fixed clock. */
+import { bufferIo } from "../cli/io.ts";
+import { defaultLayout, robotLayout } from "../devenv/layout.ts";
+import { type ProcessRunner, RecordingRunner } from "../process/mod.ts";
+import type { CheckContext, DoctorNet, DoctorOptions, DoctorSpire, FileInfo } from "./check.ts";
+import { makeMemo } from "./check.ts";
+
+export const ROOT = "/proj";
+export const NOW = Date.parse("2030-01-01T00:00:00Z");
+
+export interface FakeOptions {
+  files?: Record<string, string>;
+  /** Extra entries (sockets, dirs, modes); files in `files` are regular 0644 files. */
+  stats?: Record<string, Partial<FileInfo>>;
+  which?: Record<string, string>;
+  net?: Partial<DoctorNet>;
+  spire?: Partial<DoctorSpire>;
+  runner?: ProcessRunner;
+  options?: Partial<DoctorOptions>;
+  env?: Record<string, string | undefined>;
+  now?: number;
+}
+
+const fileInfo = (p: Partial<FileInfo>): FileInfo => ({
+  isFile: false,
+  isDirectory: false,
+  isSocket: false,
+  isSymlink: false,
+  mode: 0o644,
+  size: 0,
+  ...p,
+});
+
+export function fakeContext(
+  o: FakeOptions = {},
+): CheckContext & { written: Map<string, { data: string; mode: number }>; removed: string[] } {
+  const env = o.env ?? {};
+  const layout = defaultLayout(ROOT, env);
+  const options: DoctorOptions = {
+    robotId: "robot-001",
+    broker: "native",
+    production: false,
+    timeoutMs: 2000,
+    container: "k8s4r-mosquitto-test",
+    ...o.options,
+  };
+  const files = new Map(Object.entries(o.files ?? {}));
+  const written = new Map<string, { data: string; mode: number }>();
+  const removed: string[] = [];
+  const unreachable = (what: string) => () => Promise.reject(new Error(`${what}: not faked`));
+  return {
+    io: bufferIo({ cwd: ROOT, env }),
+    env,
+    layout,
+    robot: robotLayout(layout, options.robotId, env),
+    options,
+    fs: {
+      readTextFile(p) {
+        const f = files.get(p) ?? written.get(p)?.data;
+        return f !== undefined
+          ? Promise.resolve(f)
+          : Promise.reject(new Error(`No such file or directory: ${p}`));
+      },
+      stat(p) {
+        if (o.stats?.[p]) return Promise.resolve(fileInfo(o.stats[p]));
+        const f = files.get(p);
+        return Promise.resolve(
+          f !== undefined ? fileInfo({ isFile: true, size: f.length }) : undefined,
+        );
+      },
+      makeTempDir: () => Promise.resolve("/tmp/fake-doctor"),
+      writeFile(p, data, mode) {
+        written.set(p, { data, mode });
+        return Promise.resolve();
+      },
+      removeAll(p) {
+        removed.push(p);
+        return Promise.resolve();
+      },
+      which: (n) => Promise.resolve(o.which?.[n]),
+    },
+    net: {
+      listeningOwner: () => Promise.resolve(undefined),
+      httpGet: unreachable("httpGet"),
+      mqttConnect: unreachable("mqttConnect"),
+      tlsProbe: unreachable("tlsProbe"),
+      ...o.net,
+    },
+    spire: {
+      findBinaries: () => Promise.resolve(undefined),
+      health: unreachable("health"),
+      isAttested: () => Promise.resolve(false),
+      fetchX509Svids: unreachable("fetchX509Svids"),
+      verifyChain: () => ({ ok: true }),
+      ...o.spire,
+    },
+    runner: o.runner ?? new RecordingRunner(),
+    clock: { now: () => o.now ?? NOW },
+    memo: makeMemo(),
+    signal: new AbortController().signal,
+    timeoutMs: options.timeoutMs,
+    written,
+    removed,
+  };
+}
