@@ -1,0 +1,475 @@
+/**
+ * Running `spire-server` and driving it through its CLI over the admin socket.
+ *
+ * `config/spire/server.conf` is the guide's configuration, with paths relative to the project
+ * directory (the server runs with cwd = project root). `startSpireServer` uses the CLI override
+ * flags SPIRE v1.13.3 has (`-bindAddress -serverPort -socketPath -dataDir -trustDomain
+ * -logLevel`); values without a flag (datastore and key paths under another data dir, SVID and
+ * CA TTLs) are handled by rendering a complete config with `renderServerConfig` instead.
+ */
+import { isAbsolute, join, resolve } from "node:path";
+import { CliError } from "../cli/errors.ts";
+import type { Io } from "../cli/io.ts";
+import type { Daemon, ProcessRunner } from "../process/mod.ts";
+import { grpcHealthCheck } from "./health.ts";
+
+export interface ServerConfigValues {
+  trustDomain: string;
+  bindAddress: string;
+  port: number;
+  /** Relative paths resolve against the server's cwd. */
+  dataDir: string;
+  socketPath: string;
+  logLevel: "DEBUG" | "INFO" | "WARN" | "ERROR";
+  /** Go duration, e.g. "1h". */
+  defaultX509SvidTtl: string;
+  /** Go duration, e.g. "24h". */
+  caTtl: string;
+}
+
+/** The guide's values; `config/spire/server.conf` is exactly `renderServerConfig()` of these. */
+export const DEFAULT_SERVER_CONFIG: ServerConfigValues = {
+  trustDomain: "k8s4r.example.org",
+  bindAddress: "127.0.0.1",
+  port: 8081,
+  dataDir: "./.spire-data/server",
+  socketPath: "./.spire-data/server/api.sock",
+  logLevel: "INFO",
+  defaultX509SvidTtl: "1h",
+  caTtl: "24h",
+};
+
+function hclString(s: string): string {
+  return JSON.stringify(s); // HCL strings accept JSON escapes
+}
+
+function joinDataPath(dataDir: string, file: string): string {
+  return dataDir.endsWith("/") ? dataDir + file : `${dataDir}/${file}`;
+}
+
+/** The server config as HCL: join_token attestation, sqlite datastore, disk key manager. */
+export function renderServerConfig(values: Partial<ServerConfigValues> = {}): string {
+  const defined = Object.fromEntries(Object.entries(values).filter(([, x]) => x !== undefined));
+  const v: ServerConfigValues = { ...DEFAULT_SERVER_CONFIG, ...defined };
+  return `# SPIRE server configuration for k8s4r (SPIRE v1.13.3).
+# Paths are relative to the directory spire-server runs in (the project root).
+server {
+  bind_address = ${hclString(v.bindAddress)}
+  bind_port = "${v.port}"
+  socket_path = ${hclString(v.socketPath)}
+  trust_domain = ${hclString(v.trustDomain)}
+  data_dir = ${hclString(v.dataDir)}
+  log_level = ${hclString(v.logLevel)}
+  default_x509_svid_ttl = ${hclString(v.defaultX509SvidTtl)}
+  ca_ttl = ${hclString(v.caTtl)}
+}
+
+plugins {
+  DataStore "sql" {
+    plugin_data {
+      database_type = "sqlite3"
+      connection_string = ${hclString(joinDataPath(v.dataDir, "datastore.sqlite3"))}
+    }
+  }
+
+  NodeAttestor "join_token" {
+    plugin_data {}
+  }
+
+  KeyManager "disk" {
+    plugin_data {
+      keys_path = ${hclString(joinDataPath(v.dataDir, "keys.json"))}
+    }
+  }
+}
+`;
+}
+
+/** Reads one top-level string/number setting (`key = "value"`) from a SPIRE HCL config. */
+export function readConfigValue(text: string, key: string): string | undefined {
+  const m = text.match(new RegExp(`^\\s*${key}\\s*=\\s*(?:"((?:[^"\\\\]|\\\\.)*)"|(\\d+))`, "m"));
+  if (!m) return undefined;
+  return m[1] !== undefined ? JSON.parse(`"${m[1]}"`) : m[2];
+}
+
+export interface StartServerOptions {
+  bin: string;
+  configFile: string;
+  /** The server's working directory; relative config paths resolve against it. */
+  cwd: string;
+  dataDir?: string;
+  socketPath?: string;
+  bindAddress?: string;
+  port?: number;
+  trustDomain?: string;
+  logLevel?: ServerConfigValues["logLevel"];
+  defaultX509SvidTtl?: string;
+  caTtl?: string;
+  logFile: string;
+  pidFile?: string;
+  detached?: boolean;
+  readyTimeoutMs?: number;
+}
+
+export interface SpireServerDaemon extends Daemon {
+  /** Absolute path of the admin socket. */
+  readonly socketPath: string;
+  /** The config file the server actually runs with. */
+  readonly configFile: string;
+}
+
+/** The argv and the config file `startSpireServer` would use. Pure; exported for tests. */
+export async function planSpireServer(
+  opts: StartServerOptions,
+): Promise<{ args: string[]; configFile: string; socketPath: string; rendered?: string }> {
+  const cfgPath = isAbsolute(opts.configFile) ? opts.configFile : join(opts.cwd, opts.configFile);
+  let text: string;
+  try {
+    text = await Deno.readTextFile(cfgPath);
+  } catch (err) {
+    throw new CliError(
+      `${cfgPath}: cannot read the SPIRE server config (${(err as Error).message})`,
+      2,
+    );
+  }
+  const socketRel = opts.socketPath ?? readConfigValue(text, "socket_path");
+  if (!socketRel) {
+    throw new CliError(`${cfgPath}: server.socket_path: expected the admin socket path`, 2);
+  }
+  const socketPath = resolve(opts.cwd, socketRel);
+  let configFile = cfgPath;
+  let rendered: string | undefined;
+  // These have no CLI flag in v1.13.3 (or, for dataDir, the datastore and key paths follow it):
+  // run from a rendered config that holds every value.
+  if (opts.dataDir || opts.defaultX509SvidTtl || opts.caTtl) {
+    const dataDir = resolve(opts.cwd, opts.dataDir ?? readConfigValue(text, "data_dir") ?? ".");
+    const port = readConfigValue(text, "bind_port");
+    rendered = renderServerConfig({
+      trustDomain: opts.trustDomain ?? readConfigValue(text, "trust_domain"),
+      bindAddress: opts.bindAddress ?? readConfigValue(text, "bind_address"),
+      port: opts.port ?? (port ? Number(port) : undefined),
+      dataDir,
+      socketPath,
+      logLevel: opts.logLevel ??
+        (readConfigValue(text, "log_level")?.toUpperCase() as ServerConfigValues["logLevel"]),
+      defaultX509SvidTtl: opts.defaultX509SvidTtl ??
+        readConfigValue(text, "default_x509_svid_ttl"),
+      caTtl: opts.caTtl ?? readConfigValue(text, "ca_ttl"),
+    } as Partial<ServerConfigValues>); // undefined values fall back to the defaults
+    configFile = join(dataDir, "server.generated.conf");
+  }
+  const args = ["run", "-config", configFile];
+  if (opts.bindAddress) args.push("-bindAddress", opts.bindAddress);
+  if (opts.port !== undefined) args.push("-serverPort", String(opts.port));
+  args.push("-socketPath", socketPath);
+  if (opts.trustDomain) args.push("-trustDomain", opts.trustDomain);
+  if (opts.logLevel) args.push("-logLevel", opts.logLevel);
+  return { args, configFile, socketPath, rendered };
+}
+
+/** Starts spire-server; resolves once its admin socket's health check says SERVING. */
+export async function startSpireServer(
+  io: Io,
+  opts: StartServerOptions,
+): Promise<SpireServerDaemon> {
+  const plan = await planSpireServer(opts);
+  if (plan.rendered !== undefined) {
+    const dir = plan.configFile.slice(0, plan.configFile.lastIndexOf("/"));
+    await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
+    await Deno.writeTextFile(plan.configFile, plan.rendered, { mode: 0o600 });
+  }
+  // The admin socket grants full control of the server: keep its directory private.
+  const socketDir = plan.socketPath.slice(0, plan.socketPath.lastIndexOf("/"));
+  await Deno.mkdir(socketDir, { recursive: true, mode: 0o700 });
+  const daemon = await io.runner.spawn({
+    name: "spire-server",
+    cmd: opts.bin,
+    args: plan.args,
+    cwd: opts.cwd,
+    logFile: opts.logFile,
+    pidFile: opts.pidFile,
+    detached: opts.detached,
+    ready: async () => (await grpcHealthCheck(plan.socketPath, 1000)) === "SERVING",
+    readyTimeoutMs: opts.readyTimeoutMs ?? 30_000,
+    readyIntervalMs: 100,
+  });
+  return Object.assign(daemon, { socketPath: plan.socketPath, configFile: plan.configFile });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CLI wrapper.
+
+export interface JoinToken {
+  /** The secret. Never log it, never put it in an error message or on a command line. */
+  value: string;
+  expiresAt: Date;
+}
+
+export interface Entry {
+  id: string;
+  spiffeId: string;
+  parentId: string;
+  /** `type:value`, e.g. `unix:uid:1000`. */
+  selectors: string[];
+  dnsNames: string[];
+  /** 0 means "the server's default_x509_svid_ttl". */
+  x509SvidTtl: number;
+  hint: string;
+}
+
+export interface DesiredEntry {
+  spiffeId: string;
+  parentId: string;
+  selectors: string[];
+  dnsNames: string[];
+  x509SvidTtl?: number;
+}
+
+export interface EntryFilter {
+  spiffeId?: string;
+  parentId?: string;
+  selector?: string;
+}
+
+export interface MintedSvid {
+  /** Leaf first. */
+  certPem: string;
+  keyPem: string;
+  bundlePem: string;
+}
+
+type Json = Record<string, unknown>;
+
+function asObj(v: unknown): Json {
+  return v !== null && typeof v === "object" && !Array.isArray(v) ? v as Json : {};
+}
+
+function idString(v: unknown): string {
+  const o = asObj(v);
+  const td = typeof o.trust_domain === "string" ? o.trust_domain : "";
+  const path = typeof o.path === "string" ? o.path : "";
+  return td ? `spiffe://${td}${path}` : "";
+}
+
+/** One entry from SPIRE's protojson (`UseProtoNames`): `spiffe_id: {trust_domain, path}`... */
+export function parseEntryJson(v: unknown): Entry {
+  const o = asObj(v);
+  const selectors = Array.isArray(o.selectors)
+    ? o.selectors.map((s) => `${asObj(s).type}:${asObj(s).value}`)
+    : [];
+  return {
+    id: String(o.id ?? ""),
+    spiffeId: idString(o.spiffe_id),
+    parentId: idString(o.parent_id),
+    selectors,
+    dnsNames: Array.isArray(o.dns_names) ? o.dns_names.map(String) : [],
+    x509SvidTtl: Number(o.x509_svid_ttl ?? 0),
+    hint: String(o.hint ?? ""),
+  };
+}
+
+function parseJson(stdout: string, what: string): Json {
+  try {
+    return asObj(JSON.parse(stdout));
+  } catch {
+    // Never echo the output: for `token generate` it holds the secret.
+    throw new CliError(`spire-server ${what}: unexpected output (not JSON)`);
+  }
+}
+
+/** Checks the per-item `results[].status` of a batch answer; returns the results. */
+function batchResults(json: Json, what: string): Json[] {
+  const results = Array.isArray(json.results) ? json.results.map(asObj) : [];
+  if (results.length === 0) throw new CliError(`spire-server ${what}: empty answer`);
+  for (const r of results) {
+    const st = asObj(r.status);
+    const code = Number(st.code ?? 0);
+    if (code !== 0) {
+      throw new CliError(`spire-server ${what} failed: ${String(st.message ?? `code ${code}`)}`);
+    }
+  }
+  return results;
+}
+
+function sameSet(a: string[], b: string[]): boolean {
+  if (a.length !== b.length) return false;
+  const sa = [...a].sort();
+  const sb = [...b].sort();
+  return sa.every((x, i) => x === sb[i]);
+}
+
+function sameList(a: string[], b: string[]): boolean {
+  return a.length === b.length && a.every((x, i) => x === b[i]);
+}
+
+/** True when `e` already is what `d` asks for. DNS order matters: the first name is the CN. */
+export function entryMatches(e: Entry, d: DesiredEntry): boolean {
+  return e.spiffeId === d.spiffeId && e.parentId === d.parentId &&
+    sameSet(e.selectors, d.selectors) && sameList(e.dnsNames, d.dnsNames) &&
+    (d.x509SvidTtl === undefined || e.x509SvidTtl === d.x509SvidTtl);
+}
+
+/** `spire-server` subcommands against one server's admin socket. */
+export class SpireServerCli {
+  constructor(
+    private readonly runner: ProcessRunner,
+    readonly bin: string,
+    readonly socketPath: string,
+  ) {}
+
+  private async run(args: string[], what: string) {
+    return await this.runner.output(this.bin, [...args, "-socketPath", this.socketPath], {
+      timeoutMs: 30_000,
+    }).catch((err) => {
+      throw new CliError(`spire-server ${what} failed: ${(err as Error).message}`);
+    });
+  }
+
+  /** True when the admin socket's gRPC health check says SERVING. */
+  async healthy(): Promise<boolean> {
+    try {
+      return (await grpcHealthCheck(this.socketPath, 2000)) === "SERVING";
+    } catch {
+      return false;
+    }
+  }
+
+  /** The trust bundle (CA certificates) as PEM. */
+  async bundlePem(): Promise<string> {
+    const r = await this.run(["bundle", "show", "-format", "pem"], "bundle show");
+    if (!r.stdout.includes("-----BEGIN CERTIFICATE-----")) {
+      throw new CliError("spire-server bundle show: no certificate in the answer");
+    }
+    return r.stdout;
+  }
+
+  /**
+   * A single-use join token whose agent gets `spiffeId` as an alias. The value is a secret: it
+   * is only ever returned, never logged.
+   */
+  async generateJoinToken(spiffeId: string, ttlSeconds = 600): Promise<JoinToken> {
+    const r = await this.run([
+      "token",
+      "generate",
+      "-spiffeID",
+      spiffeId,
+      "-ttl",
+      String(ttlSeconds),
+      "-output",
+      "json",
+    ], "token generate");
+    const json = parseJson(r.stdout, "token generate");
+    if (typeof json.value !== "string" || json.value === "") {
+      throw new CliError("spire-server token generate: the answer holds no token");
+    }
+    // protojson prints int64 as a string.
+    const expires = Number(json.expires_at);
+    return {
+      value: json.value,
+      expiresAt: new Date(Number.isFinite(expires) ? expires * 1000 : NaN),
+    };
+  }
+
+  async listEntries(filter: EntryFilter = {}): Promise<Entry[]> {
+    const args = ["entry", "show", "-output", "json"];
+    if (filter.spiffeId) args.push("-spiffeID", filter.spiffeId);
+    if (filter.parentId) args.push("-parentID", filter.parentId);
+    if (filter.selector) args.push("-selector", filter.selector);
+    const json = parseJson((await this.run(args, "entry show")).stdout, "entry show");
+    return Array.isArray(json.entries) ? json.entries.map(parseEntryJson) : [];
+  }
+
+  private entryArgs(d: DesiredEntry): string[] {
+    const args = ["-parentID", d.parentId, "-spiffeID", d.spiffeId];
+    for (const s of d.selectors) args.push("-selector", s);
+    for (const n of d.dnsNames) args.push("-dns", n);
+    if (d.x509SvidTtl !== undefined) args.push("-x509SVIDTTL", String(d.x509SvidTtl));
+    return args;
+  }
+
+  async createEntry(d: DesiredEntry): Promise<Entry> {
+    if (d.selectors.length === 0) throw new CliError(`entry ${d.spiffeId}: no selector`, 2);
+    const r = await this.run(
+      ["entry", "create", ...this.entryArgs(d), "-output", "json"],
+      "entry create",
+    );
+    const [first] = batchResults(parseJson(r.stdout, "entry create"), "entry create");
+    return parseEntryJson(first.entry);
+  }
+
+  async updateEntry(id: string, d: DesiredEntry): Promise<Entry> {
+    if (d.selectors.length === 0) throw new CliError(`entry ${d.spiffeId}: no selector`, 2);
+    const r = await this.run(
+      ["entry", "update", "-entryID", id, ...this.entryArgs(d), "-output", "json"],
+      "entry update",
+    );
+    const [first] = batchResults(parseJson(r.stdout, "entry update"), "entry update");
+    return parseEntryJson(first.entry);
+  }
+
+  async deleteEntry(id: string): Promise<void> {
+    const r = await this.run(
+      ["entry", "delete", "-entryID", id, "-output", "json"],
+      "entry delete",
+    );
+    batchResults(parseJson(r.stdout, "entry delete"), "entry delete");
+  }
+
+  /**
+   * Makes exactly one entry for (spiffeId, parentId) look like `desired`. Idempotent across
+   * restarts: an existing entry is updated in place, extra duplicates are deleted.
+   */
+  async reconcileEntry(desired: DesiredEntry): Promise<"created" | "updated" | "unchanged"> {
+    const found = (await this.listEntries({
+      spiffeId: desired.spiffeId,
+      parentId: desired.parentId,
+    })).filter((e) => e.spiffeId === desired.spiffeId && e.parentId === desired.parentId);
+    if (found.length === 0) {
+      await this.createEntry(desired);
+      return "created";
+    }
+    const keep = found.find((e) => entryMatches(e, desired)) ?? found[0];
+    let changed = false;
+    for (const extra of found) {
+      if (extra.id === keep.id) continue;
+      await this.deleteEntry(extra.id);
+      changed = true;
+    }
+    if (!entryMatches(keep, desired)) {
+      // An unset TTL keeps whatever the entry has (update replaces every field).
+      const ttl = desired.x509SvidTtl ?? (keep.x509SvidTtl > 0 ? keep.x509SvidTtl : undefined);
+      await this.updateEntry(keep.id, { ...desired, x509SvidTtl: ttl });
+      changed = true;
+    }
+    return changed ? "updated" : "unchanged";
+  }
+
+  /** Mints an X509-SVID directly from the server (e.g. the broker's). */
+  async mintX509(opts: { spiffeId: string; dnsNames: string[]; ttlSeconds: number }): Promise<
+    MintedSvid
+  > {
+    // A private directory (0700): the key never lands anywhere others can read.
+    const dir = await Deno.makeTempDir({ prefix: "k8s4r-mint-" });
+    try {
+      await Deno.chmod(dir, 0o700);
+      const args = ["x509", "mint", "-spiffeID", opts.spiffeId];
+      for (const n of opts.dnsNames) args.push("-dns", n);
+      args.push("-ttl", `${opts.ttlSeconds}s`, "-write", dir);
+      await this.run(args, "x509 mint");
+      const read = async (f: string) => {
+        try {
+          return await Deno.readTextFile(join(dir, f));
+        } catch {
+          throw new CliError(`spire-server x509 mint: ${f} was not written`);
+        }
+      };
+      return {
+        certPem: await read("svid.pem"),
+        keyPem: await read("key.pem"),
+        bundlePem: await read("bundle.pem"),
+      };
+    } finally {
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  }
+}
