@@ -92,9 +92,9 @@ export function parseTopic(topic: string): ParsedTopic {
     }
     return {
       ok: false,
-      error: `topic ${JSON.stringify(topic)}: unknown down kind ${
-        JSON.stringify(kind)
-      }, expected ${DOWN_KINDS.join("|")}`,
+      error: `topic ${JSON.stringify(topic)}: unknown down kind ${JSON.stringify(kind)}, expected ${
+        DOWN_KINDS.join("|")
+      }`,
     };
   }
   return {

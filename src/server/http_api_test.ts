@@ -1,0 +1,337 @@
+import assert from "node:assert/strict";
+import { bufferIo } from "../cli/io.ts";
+import { runCli } from "../cli/mod.ts";
+import { decodeDown, type TaskMessage } from "../mqtt/messages.ts";
+import { FleetService, type Publisher } from "./fleet.ts";
+import { createHandler, MAX_BODY_BYTES, serveHttpApi } from "./http_api.ts";
+import { Registry } from "./registry.ts";
+import { robotsCommand, taskCommand } from "./command.ts";
+
+class FakePublisher implements Publisher {
+  sent: { topic: string; msg: TaskMessage }[] = [];
+  online = true;
+  onPublish?: (msg: TaskMessage) => void;
+  publish(topic: string, payload: Uint8Array): Promise<void> {
+    const d = decodeDown(topic, payload);
+    if (!d.ok) throw new Error(`server published an invalid message: ${d.error}`);
+    this.sent.push({ topic, msg: d.message as TaskMessage });
+    queueMicrotask(() => this.onPublish?.(d.message as TaskMessage));
+    return Promise.resolve();
+  }
+  connected() {
+    return this.online;
+  }
+}
+
+function setup(now = { t: Date.parse("2025-01-01T00:00:00Z") }) {
+  const registry = Registry.openFile(":memory:");
+  const pub = new FakePublisher();
+  let n = 0;
+  const fleet = new FleetService(registry, pub, {
+    now: () => new Date(now.t),
+    newId: () => `task-${++n}`,
+    heartbeatIntervalSeconds: 10,
+  });
+  const handler = createHandler({ fleet, mqttConnected: () => pub.online });
+  const call = async (method: string, path: string, body?: string) => {
+    const res = await handler(new Request(`http://x${path}`, { method, body }));
+    return { status: res.status, headers: res.headers, json: await res.json() };
+  };
+  return { registry, pub, fleet, call, now };
+}
+
+const up = (robotId: string, kind: string, msg: Record<string, unknown>, ts: string) => ({
+  topic: `k8s4r/robots/${robotId}/up/${kind}`,
+  payload: new TextEncoder().encode(JSON.stringify({ v: 1, robotId, ts, ...msg })),
+});
+
+function register(fleet: FleetService, robotId: string, ts = "2025-01-01T00:00:00.000Z") {
+  const m = up(robotId, "register", {
+    type: "register",
+    spiffeId: `spiffe://k8s4r.test/robot/${robotId}`,
+    agentVersion: "0.1.0",
+    heartbeatIntervalSeconds: 5,
+    svidExpiresAt: "2025-01-01T01:00:00.000Z",
+    device: {
+      hostname: "h",
+      os: "linux",
+      arch: "x86_64",
+      cpus: 1,
+      memoryBytes: 1,
+      load: [0, 0, 0],
+      uptimeSeconds: 1,
+    },
+  }, ts);
+  return fleet.handleMessage(m.topic, m.payload);
+}
+
+Deno.test("HTTP API: robots, tasks, precise errors", async () => {
+  const { call, fleet, pub, registry } = setup();
+  try {
+    assert.deepEqual((await call("GET", "/api/robots")).json, { robots: [] });
+    assert.ok(register(fleet, "robot-001").ok);
+    const robots = (await call("GET", "/api/robots")).json.robots;
+    assert.equal(robots.length, 1);
+    assert.equal(robots[0].id, "robot-001");
+    assert.equal(robots[0].online, true);
+    assert.equal((await call("GET", "/api/robots/robot-001")).json.agentVersion, "0.1.0");
+
+    const created = await call(
+      "POST",
+      "/api/robots/robot-001/tasks",
+      JSON.stringify({ command: ["uname", "-a"], timeoutSeconds: 30, env: {}, cwd: "/" }),
+    );
+    assert.equal(created.status, 201);
+    assert.equal(created.json.id, "task-1");
+    assert.equal(created.headers.get("location"), "/api/tasks/task-1");
+    await fleet.settled();
+    assert.equal(pub.sent.length, 1);
+    assert.equal(pub.sent[0].topic, "k8s4r/robots/robot-001/down/task");
+    assert.deepEqual(pub.sent[0].msg.command, ["uname", "-a"]);
+    assert.equal((await call("GET", "/api/tasks/task-1")).json.state, "dispatched");
+
+    const errors: [string, string, string | undefined, number, RegExp][] = [
+      ["GET", "/api/robots/robot-404", undefined, 404, /unknown robot "robot-404"/],
+      ["GET", "/api/tasks/nope", undefined, 404, /unknown task "nope"/],
+      ["GET", "/nowhere", undefined, 404, /no such endpoint/],
+      ["DELETE", "/api/robots", undefined, 405, /method DELETE not allowed/],
+      ["POST", "/api/robots/robot-404/tasks", '{"command":["x"]}', 404, /unknown robot/],
+      ["POST", "/api/robots/robot-001/tasks", "{", 400, /body: invalid JSON/],
+      ["POST", "/api/robots/robot-001/tasks", "", 400, /body: expected a JSON object, got nothing/],
+      ["POST", "/api/robots/robot-001/tasks", "[]", 400, /body: expected a JSON object/],
+      [
+        "POST",
+        "/api/robots/robot-001/tasks",
+        '{"command":"uname -a"}',
+        400,
+        /command: expected a non-empty array/,
+      ],
+      [
+        "POST",
+        "/api/robots/robot-001/tasks",
+        '{"command":["ls",3]}',
+        400,
+        /command\[1\]: expected a string, got number/,
+      ],
+      [
+        "POST",
+        "/api/robots/robot-001/tasks",
+        '{"command":["ls"],"timeoutSeconds":0}',
+        400,
+        /timeoutSeconds: expected an integer in \[1, 86400\], got 0/,
+      ],
+      [
+        "POST",
+        "/api/robots/robot-001/tasks",
+        '{"command":["ls"],"cwd":"tmp"}',
+        400,
+        /cwd: expected an absolute path, got "tmp"/,
+      ],
+      [
+        "POST",
+        "/api/robots/robot-001/tasks",
+        '{"command":["ls"],"env":{"A":1}}',
+        400,
+        /env.A: expected a string, got number/,
+      ],
+      [
+        "POST",
+        "/api/robots/robot-001/tasks",
+        '{"command":["ls"],"colour":"red"}',
+        400,
+        /colour: unknown field/,
+      ],
+      [
+        "POST",
+        "/api/robots/robot-001/tasks",
+        JSON.stringify({ command: ["x".repeat(MAX_BODY_BYTES)] }),
+        413,
+        /larger than 65536 bytes/,
+      ],
+    ];
+    for (const [method, path, body, status, re] of errors) {
+      const r = await call(method, path, body);
+      assert.equal(r.status, status, `${method} ${path} ${body?.slice(0, 40)}`);
+      assert.match(r.json.error, re, `${method} ${path}`);
+    }
+    assert.equal((await call("DELETE", "/api/robots")).headers.get("allow"), "GET, HEAD");
+    const health = await call("GET", "/healthz");
+    assert.equal(health.status, 200);
+    assert.equal(health.json.robots.online, 1);
+    pub.online = false;
+    assert.equal((await call("GET", "/healthz")).status, 503);
+  } finally {
+    registry.close();
+  }
+});
+
+Deno.test("fleet: offline robot gets its task when it returns; counters; sweeper", async () => {
+  const { call, fleet, pub, registry, now } = setup();
+  try {
+    register(fleet, "robot-001");
+    const off = up(
+      "robot-001",
+      "status",
+      { type: "status", status: "offline" },
+      "2025-01-01T00:00:01.000Z",
+    );
+    fleet.handleMessage(off.topic, off.payload);
+    assert.equal(registry.getRobot("robot-001")!.online, false);
+    const created = await call("POST", "/api/robots/robot-001/tasks", '{"command":["true"]}');
+    await fleet.settled();
+    assert.equal(pub.sent.length, 0, "no dispatch while offline");
+    assert.equal((await call("GET", `/api/tasks/${created.json.id}`)).json.state, "pending");
+    // A replayed (retained) older status is ignored.
+    fleet.handleMessage(off.topic, off.payload);
+    // The robot comes back.
+    const on = up(
+      "robot-001",
+      "status",
+      { type: "status", status: "online" },
+      "2025-01-01T00:00:02.000Z",
+    );
+    fleet.handleMessage(on.topic, on.payload);
+    await fleet.settled();
+    assert.equal(pub.sent.length, 1);
+    // Robot reports.
+    for (
+      const [state, extra] of [["accepted", {}], ["running", {}], ["done", {
+        exitCode: 3,
+        stdout: "out",
+        stderr: "err",
+      }]] as const
+    ) {
+      const m = up("robot-001", "task", {
+        type: "task-status",
+        taskId: created.json.id,
+        state,
+        ...extra,
+      }, "2025-01-01T00:00:03.000Z");
+      assert.ok(fleet.handleMessage(m.topic, m.payload).ok);
+    }
+    const t = (await call("GET", `/api/tasks/${created.json.id}`)).json;
+    assert.equal(t.state, "done");
+    assert.equal(t.exitCode, 3);
+    assert.equal(t.stdout, "out");
+    // Another robot cannot report on robot-001's task.
+    register(fleet, "robot-002");
+    const forged = up("robot-002", "task", {
+      type: "task-status",
+      taskId: created.json.id,
+      state: "failed",
+      error: "x",
+    }, "2025-01-01T00:00:04.000Z");
+    fleet.handleMessage(forged.topic, forged.payload);
+    assert.equal(registry.getTask(created.json.id)!.state, "done");
+    assert.equal(fleet.stats.unknownTaskReports, 1);
+    // Malformed and mismatched messages are counted per reason, never thrown.
+    fleet.handleMessage("k8s4r/robots/robot-001/up/heartbeat", new TextEncoder().encode("garbage"));
+    const mismatch = up("robot-002", "heartbeat", {
+      type: "heartbeat",
+      seq: 1,
+      svidExpiresAt: "2025-01-01T01:00:00.000Z",
+    }, "2025-01-01T00:00:05.000Z");
+    fleet.handleMessage("k8s4r/robots/robot-001/up/heartbeat", mismatch.payload);
+    assert.equal(fleet.stats.dropped["bad-json"], 1);
+    assert.equal(fleet.stats.dropped["robot-id-mismatch"], 1);
+    assert.equal(fleet.stats.droppedTotal, 2);
+    // Missed heartbeats: both announced 5 s; after 3 x 5 s of silence they are offline.
+    now.t += 16_000;
+    const swept = fleet.sweep();
+    assert.deepEqual(swept.offline, ["robot-001", "robot-002"]);
+    assert.equal(registry.getRobot("robot-002")!.offlineReason, "missed 3 heartbeats");
+    // TTL: a task for an offline robot expires.
+    const t2 = await call(
+      "POST",
+      "/api/robots/robot-002/tasks",
+      '{"command":["true"],"ttlSeconds":10}',
+    );
+    now.t += 11_000;
+    assert.deepEqual(fleet.sweep().expired, [t2.json.id]);
+    assert.equal((await call("GET", `/api/tasks/${t2.json.id}`)).json.state, "expired");
+  } finally {
+    registry.close();
+  }
+});
+
+Deno.test("k8s4r robots and task run against a served API", async () => {
+  const { fleet, pub, registry } = setup({ t: Date.now() });
+  const api = serveHttpApi({ fleet, mqttConnected: () => true }, {
+    hostname: "127.0.0.1",
+    port: 0,
+  });
+  try {
+    register(fleet, "robot-001", new Date().toISOString());
+    // A fake robot: answers every task with done + output.
+    pub.onPublish = (msg) => {
+      const code = msg.command[0] === "false" ? 1 : 0;
+      const m = up("robot-001", "task", {
+        type: "task-status",
+        taskId: msg.id,
+        state: msg.command[0] === "forbidden" ? "refused" : "done",
+        exitCode: code,
+        stdout: `ran ${msg.command.join(" ")}\n`,
+        stderr: code ? "boom\n" : "",
+        ...(msg.command[0] === "forbidden" ? { error: "command not allowed" } : {}),
+      }, new Date().toISOString());
+      fleet.handleMessage(m.topic, m.payload);
+    };
+    const io = bufferIo();
+    assert.equal(await runCli(robotsCommand, ["--server", api.url], io), 0);
+    const lines = io.out().trim().split("\n");
+    assert.match(lines[0], /^ID\s+ONLINE\s+LAST SEEN\s+SVID EXPIRES$/);
+    assert.match(
+      lines[1],
+      /^robot-001\s+yes\s+\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(\d+s ago\)\s+2025-01-01T01:00:00Z \(EXPIRED /,
+    );
+    const j = bufferIo();
+    assert.equal(await runCli(robotsCommand, ["--server", api.url, "--json"], j), 0);
+    assert.equal(JSON.parse(j.out())[0].id, "robot-001");
+
+    const run = bufferIo();
+    assert.equal(
+      await runCli(
+        taskCommand,
+        ["run", "robot-001", "--server", api.url, "--", "uname", "-a"],
+        run,
+      ),
+      0,
+    );
+    assert.equal(run.out(), "ran uname -a\n");
+    const fail = bufferIo();
+    assert.equal(
+      await runCli(taskCommand, ["run", "robot-001", "--server", api.url, "--", "false"], fail),
+      1,
+    );
+    assert.equal(fail.err(), "boom\n");
+    await assert.rejects(
+      () =>
+        runCli(
+          taskCommand,
+          ["run", "robot-001", "--server", api.url, "--", "forbidden"],
+          bufferIo(),
+        ),
+      /task task-\d+ was refused by robot-001: command not allowed/,
+    );
+    await assert.rejects(
+      () => runCli(taskCommand, ["run", "robot-404", "--server", api.url, "--", "ls"], bufferIo()),
+      /cannot create the task on robot-404: unknown robot "robot-404"/,
+    );
+    await assert.rejects(
+      () => runCli(taskCommand, ["run", "robot-001", "--server", api.url], bufferIo()),
+      /missing command/,
+    );
+    await assert.rejects(
+      () => runCli(taskCommand, ["run", "Bad_Id", "--", "ls"], bufferIo()),
+      /invalid robot id 'Bad_Id'/,
+    );
+  } finally {
+    await api.close();
+    await fleet.settled();
+    registry.close();
+  }
+  await assert.rejects(
+    () => runCli(robotsCommand, ["--server", api.url], bufferIo()),
+    /cannot reach the fleet server at http:\/\/127\.0\.0\.1:\d+/,
+  );
+});

@@ -1,0 +1,414 @@
+/**
+ * The fleet server's durable state: robots and tasks in an embedded SQLite database
+ * (`node:sqlite`) under the data dir. Schema changes are numbered migrations recorded in
+ * `PRAGMA user_version`; a database written by a newer k8s4r is refused rather than corrupted.
+ */
+import { DatabaseSync } from "node:sqlite";
+import { join } from "node:path";
+import type { DeviceInfo } from "../mqtt/messages.ts";
+import { isTaskState, type TaskEvent, type TaskState, transition } from "./tasks.ts";
+
+export const DB_FILE = "registry.sqlite";
+
+/** Each entry moves the schema from version i to i+1. Never edit one that has shipped. */
+const MIGRATIONS: string[] = [
+  `CREATE TABLE robots (
+     id TEXT PRIMARY KEY,
+     spiffe_id TEXT,
+     first_seen TEXT NOT NULL,
+     last_seen TEXT NOT NULL,
+     online INTEGER NOT NULL DEFAULT 0,
+     offline_reason TEXT,
+     last_status_ts TEXT,
+     device TEXT,
+     svid_expires_at TEXT,
+     agent_version TEXT,
+     heartbeat_interval_seconds INTEGER,
+     last_heartbeat_seq INTEGER
+   );
+   CREATE TABLE tasks (
+     id TEXT PRIMARY KEY,
+     robot_id TEXT NOT NULL,
+     command TEXT NOT NULL,
+     env TEXT NOT NULL,
+     cwd TEXT,
+     timeout_seconds INTEGER NOT NULL,
+     state TEXT NOT NULL,
+     exit_code INTEGER,
+     stdout TEXT,
+     stderr TEXT,
+     error TEXT,
+     dispatch_count INTEGER NOT NULL DEFAULT 0,
+     created_at TEXT NOT NULL,
+     expires_at TEXT NOT NULL,
+     dispatched_at TEXT,
+     accepted_at TEXT,
+     started_at TEXT,
+     finished_at TEXT,
+     updated_at TEXT NOT NULL
+   );
+   CREATE INDEX tasks_robot_state ON tasks (robot_id, state);
+   CREATE INDEX tasks_state ON tasks (state);`,
+];
+
+export const SCHEMA_VERSION = MIGRATIONS.length;
+
+export interface RobotRecord {
+  id: string;
+  spiffeId: string | null;
+  firstSeen: string;
+  lastSeen: string;
+  online: boolean;
+  offlineReason: string | null;
+  svidExpiresAt: string | null;
+  agentVersion: string | null;
+  heartbeatIntervalSeconds: number | null;
+  lastHeartbeatSeq: number | null;
+  device: DeviceInfo | null;
+}
+
+export interface TaskRecord {
+  id: string;
+  robotId: string;
+  command: string[];
+  env: Record<string, string>;
+  cwd: string | null;
+  timeoutSeconds: number;
+  state: TaskState;
+  exitCode: number | null;
+  stdout: string | null;
+  stderr: string | null;
+  error: string | null;
+  dispatchCount: number;
+  createdAt: string;
+  expiresAt: string;
+  dispatchedAt: string | null;
+  acceptedAt: string | null;
+  startedAt: string | null;
+  finishedAt: string | null;
+  updatedAt: string;
+}
+
+export interface NewTask {
+  id: string;
+  robotId: string;
+  command: string[];
+  env: Record<string, string>;
+  cwd?: string;
+  timeoutSeconds: number;
+  createdAt: string;
+  expiresAt: string;
+}
+
+export interface TaskUpdate {
+  exitCode?: number | null;
+  stdout?: string;
+  stderr?: string;
+  error?: string;
+}
+
+type Row = Record<string, unknown>;
+
+function str(v: unknown): string | null {
+  return typeof v === "string" ? v : null;
+}
+function num(v: unknown): number | null {
+  return typeof v === "number" ? v : typeof v === "bigint" ? Number(v) : null;
+}
+
+function robotFromRow(r: Row): RobotRecord {
+  let device: DeviceInfo | null = null;
+  if (typeof r.device === "string") {
+    try {
+      device = JSON.parse(r.device);
+    } catch {
+      device = null;
+    }
+  }
+  return {
+    id: String(r.id),
+    spiffeId: str(r.spiffe_id),
+    firstSeen: String(r.first_seen),
+    lastSeen: String(r.last_seen),
+    online: num(r.online) === 1,
+    offlineReason: str(r.offline_reason),
+    svidExpiresAt: str(r.svid_expires_at),
+    agentVersion: str(r.agent_version),
+    heartbeatIntervalSeconds: num(r.heartbeat_interval_seconds),
+    lastHeartbeatSeq: num(r.last_heartbeat_seq),
+    device,
+  };
+}
+
+function taskFromRow(r: Row): TaskRecord {
+  const state = String(r.state);
+  return {
+    id: String(r.id),
+    robotId: String(r.robot_id),
+    command: JSON.parse(String(r.command)),
+    env: JSON.parse(String(r.env)),
+    cwd: str(r.cwd),
+    timeoutSeconds: num(r.timeout_seconds) ?? 0,
+    state: isTaskState(state) ? state : "failed",
+    exitCode: num(r.exit_code),
+    stdout: str(r.stdout),
+    stderr: str(r.stderr),
+    error: str(r.error),
+    dispatchCount: num(r.dispatch_count) ?? 0,
+    createdAt: String(r.created_at),
+    expiresAt: String(r.expires_at),
+    dispatchedAt: str(r.dispatched_at),
+    acceptedAt: str(r.accepted_at),
+    startedAt: str(r.started_at),
+    finishedAt: str(r.finished_at),
+    updatedAt: String(r.updated_at),
+  };
+}
+
+export class Registry {
+  private constructor(private readonly db: DatabaseSync, readonly path: string) {}
+
+  /** Opens (creating if needed) `<dataDir>/registry.sqlite` and migrates it. */
+  static async open(dataDir: string): Promise<Registry> {
+    await Deno.mkdir(dataDir, { recursive: true, mode: 0o700 });
+    return Registry.openFile(join(dataDir, DB_FILE));
+  }
+
+  /** `:memory:` is accepted, for unit tests. */
+  static openFile(path: string): Registry {
+    const db = new DatabaseSync(path);
+    try {
+      db.exec(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+      );
+      migrate(db, path);
+    } catch (err) {
+      db.close();
+      throw err;
+    }
+    return new Registry(db, path);
+  }
+
+  close(): void {
+    if (this.db.isOpen) this.db.close();
+  }
+
+  schemaVersion(): number {
+    return userVersion(this.db);
+  }
+
+  // ---- robots ----
+
+  getRobot(id: string): RobotRecord | undefined {
+    const r = this.db.prepare("SELECT * FROM robots WHERE id = ?").get(id) as Row | undefined;
+    return r ? robotFromRow(r) : undefined;
+  }
+
+  listRobots(): RobotRecord[] {
+    return (this.db.prepare("SELECT * FROM robots ORDER BY id").all() as Row[]).map(robotFromRow);
+  }
+
+  /** Records that a robot was heard from at `at` (creating it on first contact). */
+  touchRobot(id: string, at: string): void {
+    this.db.prepare(
+      `INSERT INTO robots (id, first_seen, last_seen) VALUES (?, ?, ?)
+       ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen`,
+    ).run(id, at, at);
+  }
+
+  recordRegister(id: string, at: string, info: {
+    spiffeId: string;
+    agentVersion: string;
+    svidExpiresAt: string;
+    device: DeviceInfo;
+    heartbeatIntervalSeconds?: number;
+  }): void {
+    this.touchRobot(id, at);
+    this.db.prepare(
+      `UPDATE robots SET spiffe_id = ?, agent_version = ?, svid_expires_at = ?, device = ?,
+         heartbeat_interval_seconds = COALESCE(?, heartbeat_interval_seconds)
+       WHERE id = ?`,
+    ).run(
+      info.spiffeId,
+      info.agentVersion,
+      info.svidExpiresAt,
+      JSON.stringify(info.device),
+      info.heartbeatIntervalSeconds ?? null,
+      id,
+    );
+  }
+
+  recordHeartbeat(
+    id: string,
+    at: string,
+    hb: { seq: number; svidExpiresAt: string; load?: [number, number, number] },
+  ): void {
+    this.touchRobot(id, at);
+    this.db.prepare(
+      "UPDATE robots SET last_heartbeat_seq = ?, svid_expires_at = ? WHERE id = ?",
+    ).run(hb.seq, hb.svidExpiresAt, id);
+    if (hb.load) {
+      const robot = this.getRobot(id);
+      if (robot?.device) {
+        this.db.prepare("UPDATE robots SET device = ? WHERE id = ?")
+          .run(JSON.stringify({ ...robot.device, load: hb.load }), id);
+      }
+    }
+  }
+
+  /** Sets online/offline. Returns true when the value changed. */
+  setOnline(id: string, online: boolean, reason: string | null): boolean {
+    const before = this.getRobot(id);
+    this.db.prepare("UPDATE robots SET online = ?, offline_reason = ? WHERE id = ?")
+      .run(online ? 1 : 0, online ? null : reason, id);
+    return before !== undefined && before.online !== online;
+  }
+
+  /** The `ts` of the newest status message applied, to ignore replays of older ones. */
+  lastStatusTs(id: string): string | null {
+    const r = this.db.prepare("SELECT last_status_ts FROM robots WHERE id = ?").get(id) as
+      | Row
+      | undefined;
+    return r ? str(r.last_status_ts) : null;
+  }
+
+  setLastStatusTs(id: string, ts: string): void {
+    this.db.prepare("UPDATE robots SET last_status_ts = ? WHERE id = ?").run(ts, id);
+  }
+
+  onlineRobots(): RobotRecord[] {
+    return (this.db.prepare("SELECT * FROM robots WHERE online = 1 ORDER BY id").all() as Row[])
+      .map(robotFromRow);
+  }
+
+  // ---- tasks ----
+
+  createTask(t: NewTask): TaskRecord {
+    this.db.prepare(
+      `INSERT INTO tasks (id, robot_id, command, env, cwd, timeout_seconds, state, created_at,
+         expires_at, updated_at)
+       VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)`,
+    ).run(
+      t.id,
+      t.robotId,
+      JSON.stringify(t.command),
+      JSON.stringify(t.env),
+      t.cwd ?? null,
+      t.timeoutSeconds,
+      t.createdAt,
+      t.expiresAt,
+      t.createdAt,
+    );
+    return this.getTask(t.id)!;
+  }
+
+  getTask(id: string): TaskRecord | undefined {
+    const r = this.db.prepare("SELECT * FROM tasks WHERE id = ?").get(id) as Row | undefined;
+    return r ? taskFromRow(r) : undefined;
+  }
+
+  listTasks(robotId: string, limit = 100): TaskRecord[] {
+    return (this.db.prepare(
+      "SELECT * FROM tasks WHERE robot_id = ? ORDER BY created_at DESC, id LIMIT ?",
+    ).all(robotId, limit) as Row[]).map(taskFromRow);
+  }
+
+  tasksInStates(states: TaskState[], robotId?: string): TaskRecord[] {
+    const marks = states.map(() => "?").join(",");
+    const sql = `SELECT * FROM tasks WHERE state IN (${marks})${
+      robotId !== undefined ? " AND robot_id = ?" : ""
+    } ORDER BY created_at, id`;
+    const params = robotId !== undefined ? [...states, robotId] : states;
+    return (this.db.prepare(sql).all(...params) as Row[]).map(taskFromRow);
+  }
+
+  countTasksByState(): Record<string, number> {
+    const out: Record<string, number> = {};
+    for (
+      const r of this.db.prepare("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
+        .all() as Row[]
+    ) out[String(r.state)] = num(r.n) ?? 0;
+    return out;
+  }
+
+  /**
+   * Applies an event through the state machine, atomically. Results (exit code, output) are
+   * written only when the transition is accepted, so a stale report never overwrites a result.
+   */
+  applyTaskEvent(
+    id: string,
+    event: TaskEvent,
+    at: string,
+    update: TaskUpdate = {},
+  ): { task: TaskRecord; changed: boolean; ignored: boolean } | undefined {
+    this.db.exec("BEGIN IMMEDIATE");
+    try {
+      const task = this.getTask(id);
+      if (!task) {
+        this.db.exec("COMMIT");
+        return undefined;
+      }
+      const t = transition(task.state, event);
+      if (t.ignored) {
+        this.db.exec("COMMIT");
+        return { task, changed: false, ignored: true };
+      }
+      const sets: string[] = ["state = ?", "updated_at = ?"];
+      const params: (string | number | null)[] = [t.to, at];
+      const stamp = (col: string) => {
+        sets.push(`${col} = COALESCE(${col}, ?)`);
+        params.push(at);
+      };
+      if (event === "dispatch") {
+        sets.push("dispatch_count = dispatch_count + 1", "dispatched_at = ?");
+        params.push(at);
+      }
+      if (t.to === "accepted") stamp("accepted_at");
+      if (t.to === "running") stamp("started_at");
+      if (["done", "failed", "refused", "expired"].includes(t.to)) stamp("finished_at");
+      if (update.exitCode !== undefined) {
+        sets.push("exit_code = ?");
+        params.push(update.exitCode);
+      }
+      for (const k of ["stdout", "stderr", "error"] as const) {
+        if (update[k] !== undefined) {
+          sets.push(`${k} = ?`);
+          params.push(update[k]!);
+        }
+      }
+      params.push(id);
+      this.db.prepare(`UPDATE tasks SET ${sets.join(", ")} WHERE id = ?`).run(...params);
+      const after = this.getTask(id)!;
+      this.db.exec("COMMIT");
+      return { task: after, changed: t.changed, ignored: false };
+    } catch (err) {
+      if (this.db.isTransaction) this.db.exec("ROLLBACK");
+      throw err;
+    }
+  }
+}
+
+function userVersion(db: DatabaseSync): number {
+  const r = db.prepare("PRAGMA user_version").get() as Row;
+  return num(r.user_version) ?? 0;
+}
+
+function migrate(db: DatabaseSync, path: string): void {
+  const current = userVersion(db);
+  if (current > MIGRATIONS.length) {
+    throw new Error(
+      `${path}: registry schema version ${current} is newer than this k8s4r supports (${MIGRATIONS.length}); upgrade k8s4r`,
+    );
+  }
+  for (let v = current; v < MIGRATIONS.length; v++) {
+    db.exec("BEGIN IMMEDIATE");
+    try {
+      db.exec(MIGRATIONS[v]);
+      db.exec(`PRAGMA user_version = ${v + 1}`);
+      db.exec("COMMIT");
+    } catch (err) {
+      db.exec("ROLLBACK");
+      throw new Error(`${path}: migration ${v + 1} failed: ${(err as Error).message}`);
+    }
+  }
+}

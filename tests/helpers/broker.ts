@@ -1,0 +1,196 @@
+/**
+ * A REAL mosquitto for integration tests, with the configuration k8s4r generates
+ * (src/mqtt/broker_config.ts): an mTLS listener and a loopback password listener on free ports,
+ * in a temp dir, with certificates from a throwaway CA.
+ *
+ * Certificates come from the shared TestCa (src/spiffe/testing/test_ca.ts) and look like
+ * SPIRE's: CN = DNS name, a `spiffe://` URI SAN, EC P-256.
+ *
+ * Ready = a real MQTT CONNECT with the server's password succeeds on the plain port (a probe,
+ * never a sleep).
+ */
+import { join } from "node:path";
+import { type Daemon, type ProcessRunner, realRunner } from "../../src/process/mod.ts";
+import { type IssuedCert, type IssueOptions, TestCa } from "../../src/spiffe/testing/test_ca.ts";
+import {
+  type BrokerFiles,
+  generatePassword,
+  writeBrokerFiles,
+} from "../../src/mqtt/broker_config.ts";
+import { mqttConnectProbe } from "../../src/mqtt/probe.ts";
+
+export const TEST_TRUST_DOMAIN = "k8s4r.test";
+
+export interface PemCert {
+  cert: string;
+  key: string;
+  /** The CA bundle to trust (PEM). */
+  ca: string;
+  certFile: string;
+  keyFile: string;
+}
+
+export interface TestBroker {
+  dir: string;
+  tlsPort: number;
+  plainPort: number;
+  server: { username: string; password: string };
+  files: BrokerFiles;
+  caFile: string;
+  brokerSpiffeId: string;
+  plainUrl: string;
+  tlsUrl: string;
+  ca: FileCa;
+  /** Issues a client certificate with CN = `cn` and URI SAN `spiffe://k8s4r.test/robot/<cn>`. */
+  issueCert(cn: string, opts?: { spiffeId?: string }): Promise<PemCert & { issued: IssuedCert }>;
+  /** Stops (SIGTERM, so mosquitto saves its persistence) and starts again on the same ports. */
+  restart(): Promise<void>;
+  /** SIGKILL: nothing is saved beyond the last autosave. Start again with `start()`. */
+  kill9(): Promise<void>;
+  start(): Promise<void>;
+  stop(): Promise<void>;
+  running(): boolean;
+  logTail(): Promise<string>;
+}
+
+/** A free loopback port, from the OS. */
+export function freePort(): number {
+  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (l.addr as Deno.NetAddr).port;
+  l.close();
+  return port;
+}
+
+/**
+ * Writes certificates issued by the shared TestCa (src/spiffe/testing/test_ca.ts) to files, in
+ * the shapes SPIRE produces: CN = first DNS name, a `spiffe://` URI SAN, EC P-256.
+ */
+export class FileCa {
+  readonly ca: TestCa;
+  readonly caFile: string;
+  private constructor(readonly dir: string) {
+    this.ca = TestCa.create({ trustDomain: TEST_TRUST_DOMAIN });
+    this.caFile = join(dir, "bundle.crt");
+  }
+
+  static async create(dir: string): Promise<FileCa> {
+    await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
+    const ca = new FileCa(dir);
+    await Deno.writeTextFile(ca.caFile, ca.ca.rootPem);
+    return ca;
+  }
+
+  async issue(name: string, opts: IssueOptions): Promise<PemCert & { issued: IssuedCert }> {
+    const issued = this.ca.issue(opts);
+    const certFile = join(this.dir, `${name}.crt`);
+    const keyFile = join(this.dir, `${name}.key`);
+    await Deno.writeTextFile(certFile, issued.chainPem);
+    await Deno.writeTextFile(keyFile, issued.keyPem, { mode: 0o600 });
+    return {
+      cert: issued.chainPem,
+      key: issued.keyPem,
+      ca: issued.bundlePem,
+      certFile,
+      keyFile,
+      issued,
+    };
+  }
+}
+
+export async function startTestBroker(
+  opts: { runner?: ProcessRunner; tlsAdminUsers?: string[] } = {},
+): Promise<TestBroker> {
+  const runner = opts.runner ?? realRunner;
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-broker-" });
+  const ca = await FileCa.create(join(dir, "ca"));
+  const brokerSpiffeId = `spiffe://${TEST_TRUST_DOMAIN}/mqtt-broker`;
+  // Clients connect to 127.0.0.1 with servername "localhost" (the SAN SPIRE would give it).
+  const brokerCert = await ca.issue("broker", {
+    spiffeId: brokerSpiffeId,
+    dnsNames: ["localhost"],
+  });
+  const tlsPort = freePort();
+  const plainPort = freePort();
+  const server = { username: "k8s4r-server", password: generatePassword() };
+  const files = await writeBrokerFiles(join(dir, "mosquitto"), {
+    tlsPort,
+    plainPort,
+    cafile: ca.caFile,
+    certfile: brokerCert.certFile,
+    keyfile: brokerCert.keyFile,
+    server,
+    tlsAdminUsers: opts.tlsAdminUsers,
+  });
+  const stdoutLog = join(dir, "mosquitto.stdout.log");
+  let daemon: Daemon | undefined;
+  let exited = true;
+
+  const start = async () => {
+    if (daemon && !exited) throw new Error("test broker already running");
+    daemon = await runner.spawn({
+      name: "mosquitto",
+      cmd: "mosquitto",
+      args: ["-c", files.config],
+      logFile: stdoutLog,
+      pidFile: join(dir, "mosquitto.pid"),
+      ready: async () => (await mqttConnectProbe("127.0.0.1", plainPort, server, 1000)).ok,
+      readyTimeoutMs: 15_000,
+    });
+    exited = false;
+    daemon.exited.then(() => (exited = true));
+  };
+
+  const stop = async () => {
+    if (daemon && !exited) await daemon.stop(5000);
+    if (daemon) await daemon.exited;
+    exited = true;
+  };
+
+  const logTail = async () => {
+    try {
+      const t = await Deno.readTextFile(files.logFile);
+      return t.split("\n").slice(-30).join("\n");
+    } catch {
+      return "";
+    }
+  };
+
+  await start();
+
+  return {
+    dir,
+    tlsPort,
+    plainPort,
+    server,
+    files,
+    caFile: ca.caFile,
+    brokerSpiffeId,
+    plainUrl: `mqtt://127.0.0.1:${plainPort}`,
+    tlsUrl: `mqtts://127.0.0.1:${tlsPort}`,
+    ca,
+    issueCert: (cn, o = {}) =>
+      ca.issue(`client-${cn}-${crypto.randomUUID().slice(0, 6)}`, {
+        spiffeId: o.spiffeId ?? `spiffe://${TEST_TRUST_DOMAIN}/robot/${cn}`,
+        dnsNames: [cn],
+      }),
+    async restart() {
+      await stop();
+      await start();
+    },
+    async kill9() {
+      if (daemon && !exited) {
+        // Our own child, by the pid we spawned (never by name).
+        Deno.kill(daemon.pid, "SIGKILL");
+        await daemon.exited;
+      }
+      exited = true;
+    },
+    start,
+    async stop() {
+      await stop();
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    },
+    running: () => !exited,
+    logTail,
+  };
+}

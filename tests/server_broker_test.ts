@@ -1,0 +1,481 @@
+/**
+ * The fleet server against a REAL mosquitto with the generated config: mTLS listener with the
+ * robot ACL, loopback password listener for the server. Robots are plain mqtt.js clients with
+ * test-CA certificates (the real agent is tested elsewhere).
+ */
+import assert from "node:assert/strict";
+import mqtt from "mqtt";
+import type { MqttClient } from "mqtt";
+import { waitFor } from "../src/process/mod.ts";
+import { realRunner } from "../src/process/mod.ts";
+import { mqttConnectProbe } from "../src/mqtt/probe.ts";
+import { downTopic, robotSubscription, upTopic } from "../src/mqtt/topics.ts";
+import { FleetServer } from "../src/server/fleet_server.ts";
+import { svidTlsProvider } from "../src/server/svid_tls.ts";
+import { StaticX509Source } from "../src/spiffe/source.ts";
+import { parseX509SvidPem } from "../src/spiffe/svid.ts";
+import { X509Bundle, X509BundleSet } from "../src/spiffe/bundle.ts";
+import {
+  type PemCert,
+  startTestBroker,
+  TEST_TRUST_DOMAIN,
+  type TestBroker,
+} from "./helpers/broker.ts";
+
+// mqtt.js keeps internal timers a little past end(); every process and client is closed below.
+const opts = { sanitizeOps: false, sanitizeResources: false };
+
+const now = () => new Date().toISOString();
+const enc = (v: unknown) => JSON.stringify(v);
+
+async function robot(b: TestBroker, id: string, cert?: PemCert): Promise<{
+  client: MqttClient;
+  received: { topic: string; payload: string }[];
+}> {
+  const c = cert ?? await b.issueCert(id);
+  const client = await mqtt.connectAsync(b.tlsUrl, {
+    key: c.key,
+    cert: c.cert,
+    ca: c.ca,
+    servername: "localhost",
+    rejectUnauthorized: true,
+    clientId: `${id}-${crypto.randomUUID().slice(0, 6)}`,
+    protocolVersion: 5,
+    reconnectPeriod: 0,
+    connectTimeout: 5000,
+    will: {
+      topic: upTopic(id, "status"),
+      payload: Buffer.from(
+        enc({
+          v: 1,
+          type: "status",
+          robotId: id,
+          ts: now(),
+          status: "offline",
+          reason: "connection lost",
+        }),
+      ),
+      qos: 1,
+      retain: true,
+    },
+  });
+  const received: { topic: string; payload: string }[] = [];
+  client.on("message", (topic, payload) => received.push({ topic, payload: payload.toString() }));
+  return { client, received };
+}
+
+function registerMsg(id: string) {
+  return enc({
+    v: 1,
+    type: "register",
+    robotId: id,
+    ts: now(),
+    spiffeId: `spiffe://${TEST_TRUST_DOMAIN}/robot/${id}`,
+    agentVersion: "test",
+    heartbeatIntervalSeconds: 30,
+    svidExpiresAt: new Date(Date.now() + 3600_000).toISOString(),
+    device: {
+      hostname: id,
+      os: "linux",
+      arch: "x86_64",
+      cpus: 1,
+      memoryBytes: 1,
+      load: [0, 0, 0],
+      uptimeSeconds: 1,
+    },
+  });
+}
+
+async function startServer(b: TestBroker, dataDir: string, password = b.server.password) {
+  const fatal: Error[] = [];
+  const server = await FleetServer.start({
+    brokerUrl: b.plainUrl,
+    username: b.server.username,
+    password,
+    dataDir,
+    http: { hostname: "127.0.0.1", port: 0 },
+    sweepIntervalMs: 200,
+    reconnectPeriodMs: 200,
+    onFatal: (e) => fatal.push(e),
+  });
+  return { server, fatal, api: server.http!.url };
+}
+
+async function getJson(url: string) {
+  const r = await fetch(url);
+  return { status: r.status, body: await r.json() };
+}
+
+async function until(what: string, probe: () => boolean | Promise<boolean>, b: TestBroker) {
+  await waitFor(probe, { timeoutMs: 10_000, intervalMs: 50, what }).catch(async (err) => {
+    throw new Error(`${err.message}\nbroker log:\n${await b.logTail()}`);
+  });
+}
+
+Deno.test({
+  name: "broker: server logs in on the loopback password listener; wrong password refused",
+  ...opts,
+  async fn() {
+    const b = await startTestBroker();
+    const dataDir = await Deno.makeTempDir({ prefix: "k8s4r-srv-" });
+    try {
+      // The plain listener is bound to 127.0.0.1 only (checked in the kernel's socket table).
+      const tcp = await Deno.readTextFile("/proc/net/tcp");
+      const hexPort = b.plainPort.toString(16).toUpperCase().padStart(4, "0");
+      const listening = tcp.split("\n").filter((l) => / 0A /.test(l) && l.includes(`:${hexPort} `));
+      assert.equal(listening.length, 1, "one listening socket on the plain port");
+      assert.match(listening[0], new RegExp(`^\\s*\\d+: 0100007F:${hexPort} `));
+
+      assert.equal((await mqttConnectProbe("127.0.0.1", b.plainPort, b.server)).ok, true);
+      const wrong = await mqttConnectProbe("127.0.0.1", b.plainPort, {
+        ...b.server,
+        password: "nope",
+      });
+      assert.equal(wrong.ok, false);
+      assert.equal(wrong.returnCode, 5);
+      const anon = await mqttConnectProbe("127.0.0.1", b.plainPort);
+      assert.equal(anon.ok, false);
+
+      const bad = await startServer(b, dataDir, "wrong-password");
+      try {
+        await until("the login to be refused", () => bad.fatal.length > 0, b);
+        assert.match(bad.fatal[0].message, /Not authorized|Bad User Name or Password/i);
+        assert.equal(bad.server.connected(), false);
+      } finally {
+        await bad.server.close();
+      }
+      const good = await startServer(b, dataDir);
+      try {
+        await good.server.waitConnected(10_000);
+        const h = await getJson(`${good.api}/healthz`);
+        assert.equal(h.status, 200);
+        assert.equal(h.body.mqtt.connected, true);
+      } finally {
+        await good.server.close();
+      }
+    } finally {
+      await b.stop();
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "broker: TLS listener accepts TLS 1.2 and 1.3, refuses TLS 1.1",
+  ...opts,
+  async fn() {
+    const b = await startTestBroker();
+    try {
+      const c = await b.issueCert("robot-001");
+      const sClient = (flag: string) =>
+        realRunner.output("openssl", [
+          "s_client",
+          "-connect",
+          `127.0.0.1:${b.tlsPort}`,
+          "-CAfile",
+          b.caFile,
+          "-cert",
+          c.certFile,
+          "-key",
+          c.keyFile,
+          flag,
+          "-cipher",
+          "DEFAULT@SECLEVEL=0",
+          "-brief", // prints "Protocol version: ..." right after the handshake
+        ], { stdin: "", check: false, timeoutMs: 10_000 });
+      const v13 = await sClient("-tls1_3");
+      assert.match(v13.stdout + v13.stderr, /Protocol version: TLSv1\.3/);
+      const v12 = await sClient("-tls1_2");
+      assert.match(v12.stdout + v12.stderr, /Protocol version: TLSv1\.2/);
+      const v11 = await sClient("-tls1_1");
+      assert.equal(v11.success, false);
+      // Refused by the broker (a protocol_version alert), not merely unsupported by the client.
+      assert.match(v11.stdout + v11.stderr, /alert protocol version|unsupported protocol/i);
+      assert.doesNotMatch(v11.stdout + v11.stderr, /no protocols available/);
+    } finally {
+      await b.stop();
+    }
+  },
+});
+
+Deno.test({
+  name: "broker: ACL confines robots; malformed and mismatched payloads are counted and dropped",
+  ...opts,
+  async fn() {
+    const b = await startTestBroker();
+    const dataDir = await Deno.makeTempDir({ prefix: "k8s4r-srv-" });
+    const { server, api } = await startServer(b, dataDir);
+    const clients: MqttClient[] = [];
+    try {
+      await server.waitConnected(10_000);
+      const r1 = await robot(b, "robot-001");
+      const r2 = await robot(b, "robot-002");
+      clients.push(r1.client, r2.client);
+      const g1 = await r1.client.subscribeAsync(robotSubscription("robot-001"), { qos: 1 });
+      assert.equal(g1[0].qos, 1);
+      // robot-002 tries to read robot-001's tasks. mosquitto 2.0.11 grants the SUBSCRIBE itself
+      // (acl_file checks `read` per message on delivery), so the proof is that nothing arrives.
+      await r2.client.subscribeAsync(robotSubscription("robot-001"), { qos: 1 });
+      await r2.client.subscribeAsync("k8s4r/robots/+/down/#", { qos: 1 });
+
+      await r1.client.publishAsync(upTopic("robot-001", "register"), registerMsg("robot-001"), {
+        qos: 1,
+      });
+      await r2.client.publishAsync(upTopic("robot-002", "register"), registerMsg("robot-002"), {
+        qos: 1,
+      });
+      await until(
+        "both robots registered",
+        async () => (await getJson(`${api}/api/robots`)).body.robots.length === 2,
+        b,
+      );
+
+      // robot-002 publishing as robot-001: refused by the broker (PUBACK 0x87), never seen.
+      await assert.rejects(
+        () =>
+          r2.client.publishAsync(
+            upTopic("robot-001", "status"),
+            enc({ v: 1, type: "status", robotId: "robot-001", ts: now(), status: "offline" }),
+            { qos: 1 },
+          ),
+        /Not authorized/i,
+      );
+
+      // A task for robot-001 reaches robot-001 only.
+      const created = await fetch(`${api}/api/robots/robot-001/tasks`, {
+        method: "POST",
+        body: enc({ command: ["uname", "-a"], timeoutSeconds: 30 }),
+      });
+      assert.equal(created.status, 201);
+      const { id } = await created.json();
+      await until("robot-001 to receive its task", () => r1.received.length > 0, b);
+      assert.equal(r1.received[0].topic, downTopic("robot-001", "task"));
+      assert.equal(JSON.parse(r1.received[0].payload).id, id);
+
+      // Malformed payload and robotId mismatch (robot-002 on its own topic claiming robot-001).
+      await r2.client.publishAsync(upTopic("robot-002", "heartbeat"), "{not json", { qos: 1 });
+      await r2.client.publishAsync(
+        upTopic("robot-002", "heartbeat"),
+        enc({
+          v: 1,
+          type: "heartbeat",
+          robotId: "robot-001",
+          ts: now(),
+          seq: 1,
+          svidExpiresAt: now(),
+        }),
+        { qos: 1 },
+      );
+      // The robot reports the task result; a sync point for everything sent before it.
+      for (const state of ["accepted", "running", "done"]) {
+        await r1.client.publishAsync(
+          upTopic("robot-001", "task"),
+          enc({
+            v: 1,
+            type: "task-status",
+            robotId: "robot-001",
+            ts: now(),
+            taskId: id,
+            state,
+            exitCode: 0,
+            stdout: "Linux\n",
+          }),
+          { qos: 1 },
+        );
+      }
+      await until(
+        "task done",
+        async () => (await getJson(`${api}/api/tasks/${id}`)).body.state === "done",
+        b,
+      );
+      const task = (await getJson(`${api}/api/tasks/${id}`)).body;
+      assert.equal(task.stdout, "Linux\n");
+      assert.equal(task.exitCode, 0);
+      const stats = (await getJson(`${api}/api/stats`)).body;
+      assert.equal(stats.messages.dropped["bad-json"], 1);
+      assert.equal(stats.messages.dropped["robot-id-mismatch"], 1);
+      assert.equal(r2.received.length, 0, "robot-002 never saw robot-001's task");
+      const r1view = (await getJson(`${api}/api/robots/robot-001`)).body;
+      assert.equal(r1view.online, true, "robot-002's forged offline status never arrived");
+
+      // Last will: robot-001 dies without DISCONNECT; its retained offline status arrives.
+      r1.client.stream.destroy();
+      await until(
+        "robot-001 offline by last will",
+        async () => (await getJson(`${api}/api/robots/robot-001`)).body.online === false,
+        b,
+      );
+      assert.equal(
+        (await getJson(`${api}/api/robots/robot-001`)).body.offlineReason,
+        "connection lost",
+      );
+    } finally {
+      for (const c of clients) await c.endAsync(true).catch(() => {});
+      await server.close();
+      await b.stop();
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "broker: server restart keeps registry and pending tasks; persistent session survives",
+  ...opts,
+  async fn() {
+    const b = await startTestBroker();
+    const dataDir = await Deno.makeTempDir({ prefix: "k8s4r-srv-" });
+    const clients: MqttClient[] = [];
+    let current = await startServer(b, dataDir);
+    try {
+      await current.server.waitConnected(10_000);
+      const cert = await b.issueCert("robot-001");
+      let r1 = await robot(b, "robot-001", cert);
+      clients.push(r1.client);
+      await r1.client.publishAsync(upTopic("robot-001", "register"), registerMsg("robot-001"), {
+        qos: 1,
+      });
+      await until(
+        "registered",
+        async () => (await getJson(`${current.api}/api/robots/robot-001`)).status === 200,
+        b,
+      );
+      // Goes offline cleanly.
+      await r1.client.publishAsync(
+        upTopic("robot-001", "status"),
+        enc({
+          v: 1,
+          type: "status",
+          robotId: "robot-001",
+          ts: now(),
+          status: "offline",
+          reason: "shutdown",
+        }),
+        { qos: 1, retain: true },
+      );
+      await r1.client.endAsync();
+      await until(
+        "offline",
+        async () => (await getJson(`${current.api}/api/robots/robot-001`)).body.online === false,
+        b,
+      );
+      const created = await fetch(`${current.api}/api/robots/robot-001/tasks`, {
+        method: "POST",
+        body: enc({ command: ["true"] }),
+      });
+      const { id } = await created.json();
+      assert.equal((await getJson(`${current.api}/api/tasks/${id}`)).body.state, "pending");
+
+      // Server down. A message a robot sends meanwhile is queued in the server's session.
+      await current.server.close();
+      const r2 = await robot(b, "robot-002");
+      clients.push(r2.client);
+      await r2.client.publishAsync(upTopic("robot-002", "register"), registerMsg("robot-002"), {
+        qos: 1,
+      });
+
+      // The broker is killed -9 and restarted: its persistence (autosave 1 s) has the session.
+      await waitFor(async () => {
+        try {
+          const st = await Deno.stat(`${b.files.persistenceDir}/mosquitto.db`);
+          return st.isFile;
+        } catch {
+          return false;
+        }
+      }, { timeoutMs: 10_000, what: "mosquitto to save its persistence file" });
+      await r2.client.endAsync(true);
+      await b.kill9();
+      await b.start();
+
+      current = await startServer(b, dataDir);
+      await current.server.waitConnected(10_000);
+      // Registry and pending task survived the restart.
+      assert.equal(
+        (await getJson(`${current.api}/api/robots/robot-001`)).body.spiffeId,
+        `spiffe://${TEST_TRUST_DOMAIN}/robot/robot-001`,
+      );
+      assert.equal((await getJson(`${current.api}/api/tasks/${id}`)).body.state, "pending");
+      // The register robot-002 sent while the server was down is delivered from the session.
+      await until(
+        "robot-002's queued register",
+        async () => (await getJson(`${current.api}/api/robots/robot-002`)).status === 200,
+        b,
+      );
+
+      // robot-001 returns: the pending task is delivered.
+      r1 = await robot(b, "robot-001", cert);
+      clients.push(r1.client);
+      await r1.client.subscribeAsync(robotSubscription("robot-001"), { qos: 1 });
+      await r1.client.publishAsync(upTopic("robot-001", "register"), registerMsg("robot-001"), {
+        qos: 1,
+      });
+      await until(
+        "the pending task delivered",
+        () => r1.received.some((m) => JSON.parse(m.payload).id === id),
+        b,
+      );
+      await until(
+        "dispatched",
+        async () => (await getJson(`${current.api}/api/tasks/${id}`)).body.state === "dispatched",
+        b,
+      );
+    } finally {
+      for (const c of clients) await c.endAsync(true).catch(() => {});
+      await current.server.close();
+      await b.stop();
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "broker: server over mqtts:// with an SVID, broker authorized by SPIFFE ID",
+  ...opts,
+  async fn() {
+    const b = await startTestBroker({ tlsAdminUsers: ["k8s4r-server"] });
+    const dataDir = await Deno.makeTempDir({ prefix: "k8s4r-srv-" });
+    try {
+      const mk = async (brokerId: string) => {
+        const c = await b.issueCert("k8s4r-server", {
+          spiffeId: `spiffe://${TEST_TRUST_DOMAIN}/k8s4r-server`,
+        });
+        const source = new StaticX509Source(
+          parseX509SvidPem(c.cert, c.key),
+          new X509BundleSet([X509Bundle.fromPem(TEST_TRUST_DOMAIN, c.ca)]),
+        );
+        return await FleetServer.start({
+          brokerUrl: b.tlsUrl,
+          tls: svidTlsProvider(source, brokerId),
+          dataDir,
+          http: false,
+          reconnectPeriodMs: 200,
+        });
+      };
+      const wrong = await mk(`spiffe://${TEST_TRUST_DOMAIN}/not-the-broker`);
+      try {
+        await assert.rejects(() => wrong.waitConnected(1500), /not connected/);
+        assert.match(wrong.state.lastError ?? "", /spiffe:\/\/k8s4r\.test\/mqtt-broker/);
+      } finally {
+        await wrong.close();
+      }
+      const server = await mk(b.brokerSpiffeId);
+      try {
+        await server.waitConnected(10_000);
+        const r1 = await robot(b, "robot-001");
+        await r1.client.publishAsync(upTopic("robot-001", "register"), registerMsg("robot-001"), {
+          qos: 1,
+        });
+        await until(
+          "register over mqtts",
+          () => server.registry.getRobot("robot-001") !== undefined,
+          b,
+        );
+        await r1.client.endAsync(true);
+      } finally {
+        await server.close();
+      }
+    } finally {
+      await b.stop();
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  },
+});
