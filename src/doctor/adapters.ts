@@ -7,11 +7,12 @@ import { X509Certificate } from "node:crypto";
 import * as net from "node:net";
 import * as tls from "node:tls";
 import { delimiter, join } from "node:path";
-import * as grpc from "@grpc/grpc-js";
 import type { Io } from "../cli/io.ts";
 import { defaultLayout, robotLayout } from "../devenv/layout.ts";
 import { findSpireBinaries } from "../spire/binaries.ts";
-import { grpcHealthCheck, unixTarget } from "../spire/health.ts";
+import { grpcHealthCheck } from "../spire/health.ts";
+import { isAttested } from "../spire/agent.ts";
+import { WorkloadApiClient } from "../spiffe/mod.ts";
 import { X509Bundle } from "../spiffe/bundle.ts";
 import { verifyX509SvidChain } from "../spiffe/verify.ts";
 import {
@@ -26,7 +27,7 @@ import {
 } from "./check.ts";
 import { DISCONNECT, encodeConnect, parseConnack } from "./mqtt_wire.ts";
 import { findListeningOwner } from "./proc_net.ts";
-import { certFacts, splitDer } from "./pki.ts";
+import { certFacts } from "./pki.ts";
 
 export function realContext(io: Io, options: DoctorOptions): DoctorContext {
   const layout = defaultLayout(io.cwd, io.env);
@@ -243,109 +244,24 @@ export function realSpire(io: Io): DoctorSpire {
   };
 }
 
-/**
- * Whether a SPIRE agent has attested before: it then keeps its SVID in its data dir
- * (`agent-data.json` since SPIRE 1.x storage; older releases wrote `agent_svid.der`).
- * TODO(integrator): replace with `isAttested` from src/spire/agent.ts once it lands.
- */
-export async function isAttested(dataDir: string): Promise<boolean> {
-  for (const f of ["agent-data.json", "agent_svid.der"]) {
-    try {
-      if ((await Deno.stat(join(dataDir, f))).size > 0) return true;
-    } catch { /* absent */ }
+/** The first X509SVIDResponse of the Workload API, through src/spiffe's client. */
+export async function fetchX509Svids(
+  socketPath: string,
+  timeoutMs: number,
+): Promise<FetchedSvid[]> {
+  const client = new WorkloadApiClient({ address: `unix://${socketPath}` });
+  try {
+    const ctx = await client.fetchX509Context({ timeoutMs });
+    return ctx.svids.map((svid) => ({
+      spiffeId: svid.id.toString(),
+      chain: svid.certificates.map((c) => new Uint8Array(c.raw)),
+      key: svid.privateKeyDer(),
+      bundle: ctx.bundles.get(svid.id.trustDomain)?.authorities.map((c) => new Uint8Array(c.raw)) ??
+        [],
+    }));
+  } catch (err) {
+    throw new Error(`Workload API: ${(err as Error).message}`);
+  } finally {
+    client.close();
   }
-  return false;
-}
-
-// --- Workload API: one FetchX509SVID message, decoded by hand. -------------------------------
-// TODO(integrator): replace with src/spiffe's WorkloadApiClient once src/spiffe/workload lands;
-// the doctor needs only "first X509SVIDResponse, then cancel".
-
-function readVarint(b: Uint8Array, pos: number): [number, number] {
-  let v = 0, mul = 1;
-  for (let i = 0; i < 10; i++) {
-    if (pos >= b.length) throw new Error("truncated protobuf varint");
-    const x = b[pos++];
-    v += (x & 0x7f) * mul;
-    if (!(x & 0x80)) return [v, pos];
-    mul *= 128;
-  }
-  throw new Error("protobuf varint too long");
-}
-
-/** (field, bytes) pairs of the length-delimited fields of a message; other wire types skipped. */
-function lengthDelimited(b: Uint8Array): [number, Uint8Array][] {
-  const out: [number, Uint8Array][] = [];
-  let pos = 0;
-  while (pos < b.length) {
-    const [key, p] = readVarint(b, pos);
-    pos = p;
-    const wire = key & 7;
-    if (wire === 2) {
-      const [len, p2] = readVarint(b, pos);
-      if (p2 + len > b.length) throw new Error("truncated protobuf field");
-      out.push([Math.floor(key / 8), b.subarray(p2, p2 + len)]);
-      pos = p2 + len;
-    } else if (wire === 0) pos = readVarint(b, pos)[1];
-    else if (wire === 1) pos += 8;
-    else if (wire === 5) pos += 4;
-    else throw new Error(`unsupported protobuf wire type ${wire}`);
-  }
-  return out;
-}
-
-export function decodeX509SvidResponse(b: Uint8Array): FetchedSvid[] {
-  const dec = new TextDecoder();
-  return lengthDelimited(b).filter(([f]) => f === 1).map(([, m]) => {
-    const svid: FetchedSvid = { spiffeId: "", chain: [], key: new Uint8Array(), bundle: [] };
-    for (const [f, v] of lengthDelimited(m)) {
-      if (f === 1) svid.spiffeId = dec.decode(v);
-      else if (f === 2) svid.chain = splitDer(v);
-      else if (f === 3) svid.key = new Uint8Array(v);
-      else if (f === 4) svid.bundle = splitDer(v);
-    }
-    return svid;
-  });
-}
-
-export function fetchX509Svids(socketPath: string, timeoutMs: number): Promise<FetchedSvid[]> {
-  const client = new grpc.Client(unixTarget(socketPath), grpc.credentials.createInsecure());
-  const md = new grpc.Metadata();
-  md.set("workload.spiffe.io", "true");
-  return new Promise<FetchedSvid[]>((resolve, reject) => {
-    const call = client.makeServerStreamRequest<Uint8Array, Uint8Array>(
-      "/SpiffeWorkloadAPI/FetchX509SVID",
-      (x) => Buffer.from(x),
-      (x) => new Uint8Array(x),
-      new Uint8Array(0),
-      md,
-      { deadline: Date.now() + timeoutMs },
-    );
-    let settled = false;
-    call.on("data", (msg: Uint8Array) => {
-      if (settled) return;
-      settled = true;
-      try {
-        resolve(decodeX509SvidResponse(msg));
-      } catch (err) {
-        reject(err);
-      }
-      call.cancel();
-    });
-    call.on("error", (err: grpc.ServiceError) => {
-      if (settled) return;
-      settled = true;
-      const why = (err.details || err.message).replace(/\. Resolution note:.*$/, "").replace(
-        /^No connection established\. Last error: (Error: )?/,
-        "",
-      );
-      reject(new Error(`Workload API: ${grpc.status[err.code] ?? err.code}: ${why}`));
-    });
-    call.on("end", () => {
-      if (!settled) {
-        settled = true;
-        reject(new Error("Workload API closed the stream without an SVID"));
-      }
-    });
-  }).finally(() => client.close());
 }

@@ -1,6 +1,7 @@
 /**
  * `k8s4r server`, `k8s4r robots`, `k8s4r task run`.
  */
+import { X509Source } from "../spiffe/mod.ts";
 import type { Args, CommandSpec } from "../cli/mod.ts";
 import { CliError, errorMessage, UsageError } from "../cli/errors.ts";
 import type { Io } from "../cli/io.ts";
@@ -82,20 +83,9 @@ const SERVER_FLAG = {
 
 // ---------------------------------------------------------------- server
 
-/** Loads an X.509 SVID source from the Workload API (src/spiffe). */
-interface WorkloadSourceModule {
-  X509Source: {
-    create(
-      opts: { address: string; spiffeId?: string },
-    ): Promise<X509SvidSource & { close(): void | Promise<void> }>;
-  };
-}
-
-async function workloadSource(address: string, spiffeId?: string) {
-  // Resolved at run time: the Workload API client lives in src/spiffe/mod.ts.
-  const spec = "../spiffe/mod.ts";
-  const mod = await import(spec) as WorkloadSourceModule;
-  return await mod.X509Source.create({ address, spiffeId });
+/** An X.509 SVID source on the Workload API, for `--broker-url mqtts://...`. */
+function workloadSource(address: string, spiffeId?: string) {
+  return X509Source.create({ address, spiffeId });
 }
 
 async function runServer(args: Args, io: Io): Promise<number> {
