@@ -50,7 +50,10 @@ export interface RegisterMessage extends Envelope {
 
 export interface HeartbeatMessage extends Envelope {
   type: "heartbeat";
+  /** 1, 2, 3... per agent process; a gap means heartbeats were lost. */
   seq: number;
+  /** Identifies the agent process, so a restart (seq back to 1) is not counted as loss. */
+  bootId?: string;
   svidExpiresAt: string;
   load?: [number, number, number];
 }
@@ -333,6 +336,8 @@ export function validateHeartbeat(value: unknown): Result<HeartbeatMessage> {
       seq: c.int("seq", 0),
       svidExpiresAt: c.timestamp("svidExpiresAt"),
     };
+    const bootId = c.optString("bootId", { max: 64 });
+    if (bootId !== undefined) msg.bootId = bootId;
     if (c.has("load")) msg.load = c.load("load");
     return msg;
   });

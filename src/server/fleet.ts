@@ -315,6 +315,7 @@ export class FleetService {
       svidExpiresAt: r.svidExpiresAt,
       agentVersion: r.agentVersion,
       heartbeatIntervalSeconds: r.heartbeatIntervalSeconds ?? this.hbDefault,
+      heartbeats: { received: r.heartbeatsReceived, missing: r.heartbeatsMissing },
       device: r.device,
     };
   }

@@ -49,6 +49,10 @@ const MIGRATIONS: string[] = [
    );
    CREATE INDEX tasks_robot_state ON tasks (robot_id, state);
    CREATE INDEX tasks_state ON tasks (state);`,
+  // Heartbeat accounting: how many arrived, and how many were lost (gaps in seq per boot).
+  `ALTER TABLE robots ADD COLUMN heartbeat_boot_id TEXT;
+   ALTER TABLE robots ADD COLUMN heartbeats_received INTEGER NOT NULL DEFAULT 0;
+   ALTER TABLE robots ADD COLUMN heartbeats_missing INTEGER NOT NULL DEFAULT 0;`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -64,6 +68,10 @@ export interface RobotRecord {
   agentVersion: string | null;
   heartbeatIntervalSeconds: number | null;
   lastHeartbeatSeq: number | null;
+  /** Heartbeats received since the robot was first seen. */
+  heartbeatsReceived: number;
+  /** Heartbeats that never arrived: gaps in `seq` within one agent process (bootId). */
+  heartbeatsMissing: number;
   device: DeviceInfo | null;
 }
 
@@ -136,6 +144,8 @@ function robotFromRow(r: Row): RobotRecord {
     agentVersion: str(r.agent_version),
     heartbeatIntervalSeconds: num(r.heartbeat_interval_seconds),
     lastHeartbeatSeq: num(r.last_heartbeat_seq),
+    heartbeatsReceived: num(r.heartbeats_received) ?? 0,
+    heartbeatsMissing: num(r.heartbeats_missing) ?? 0,
     device,
   };
 }
@@ -241,12 +251,22 @@ export class Registry {
   recordHeartbeat(
     id: string,
     at: string,
-    hb: { seq: number; svidExpiresAt: string; load?: [number, number, number] },
+    hb: { seq: number; bootId?: string; svidExpiresAt: string; load?: [number, number, number] },
   ): void {
     this.touchRobot(id, at);
+    const prev = this.db.prepare(
+      "SELECT last_heartbeat_seq AS seq, heartbeat_boot_id AS boot FROM robots WHERE id = ?",
+    ).get(id) as { seq: number | null; boot: string | null } | undefined;
+    const sameBoot = hb.bootId !== undefined && prev?.boot === (hb.bootId ?? null) &&
+      prev?.seq !== null && prev?.seq !== undefined;
+    // QoS 1 may deliver a heartbeat twice: an old seq is a duplicate, not news.
+    if (sameBoot && hb.seq <= prev!.seq!) return;
+    const missing = sameBoot ? hb.seq - prev!.seq! - 1 : 0;
     this.db.prepare(
-      "UPDATE robots SET last_heartbeat_seq = ?, svid_expires_at = ? WHERE id = ?",
-    ).run(hb.seq, hb.svidExpiresAt, id);
+      `UPDATE robots SET last_heartbeat_seq = ?, heartbeat_boot_id = ?, svid_expires_at = ?,
+         heartbeats_received = heartbeats_received + 1,
+         heartbeats_missing = heartbeats_missing + ? WHERE id = ?`,
+    ).run(hb.seq, hb.bootId ?? null, hb.svidExpiresAt, missing, id);
     if (hb.load) {
       const robot = this.getRobot(id);
       if (robot?.device) {

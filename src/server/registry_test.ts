@@ -109,8 +109,44 @@ Deno.test("a database from a newer k8s4r is refused, not migrated down", async (
     db.close();
     await assert.rejects(
       () => Registry.open(dir),
-      /registry schema version 2 is newer than this k8s4r supports \(1\)/,
+      new RegExp(
+        `registry schema version ${
+          SCHEMA_VERSION + 1
+        } is newer than this k8s4r supports \\(${SCHEMA_VERSION}\\)`,
+      ),
     );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("registry counts heartbeats and the gaps in their seq, per agent boot", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-registry-" });
+  try {
+    const reg = await Registry.open(join(dir, "data"));
+    reg.recordRegister("robot-001", "2025-01-01T00:00:00.000Z", {
+      spiffeId: "spiffe://td/robot/robot-001",
+      agentVersion: "1.0",
+      svidExpiresAt: "2025-01-01T01:00:00.000Z",
+      device,
+    });
+    const hb = (seq: number, bootId: string) =>
+      reg.recordHeartbeat("robot-001", "2025-01-01T00:00:05.000Z", {
+        seq,
+        bootId,
+        svidExpiresAt: "2025-01-01T01:30:00.000Z",
+      });
+    hb(1, "a");
+    hb(2, "a");
+    hb(2, "a"); // a QoS 1 duplicate: ignored
+    hb(5, "a"); // 3 and 4 lost
+    hb(1, "b"); // the agent restarted: not a loss
+    hb(2, "b");
+    const r = reg.getRobot("robot-001")!;
+    assert.equal(r.heartbeatsReceived, 5);
+    assert.equal(r.heartbeatsMissing, 2);
+    assert.equal(r.lastHeartbeatSeq, 2);
+    reg.close();
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
