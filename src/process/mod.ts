@@ -49,6 +49,12 @@ export interface DaemonSpec {
    * survives even a `kill -9` of the parent.
    */
   detached?: boolean;
+  /**
+   * Rewrites each output line before it reaches the log file (e.g. to redact secrets that a
+   * third-party binary prints). The output then flows through this process, so it is only
+   * allowed for non-detached daemons: a detached one would lose its log when we exit.
+   */
+  logFilter?: (line: string) => string;
   /** Resolves true once the daemon serves. Polled until it does. */
   ready?: () => Promise<boolean>;
   readyTimeoutMs?: number;
@@ -94,12 +100,21 @@ const decoder = new TextDecoder();
 /** Resolves when `probe` returns true; rejects after `timeoutMs` or when `signal` aborts. */
 export async function waitFor(
   probe: () => Promise<boolean> | boolean,
-  opts: { timeoutMs: number; intervalMs?: number; signal?: AbortSignal; what?: string },
+  opts: {
+    timeoutMs: number;
+    intervalMs?: number;
+    signal?: AbortSignal;
+    what?: string;
+    /** Checked before each probe: an error returned here ends the wait at once. */
+    fatal?: () => Error | undefined;
+  },
 ): Promise<void> {
   const deadline = Date.now() + opts.timeoutMs;
   const interval = opts.intervalMs ?? 50;
   while (true) {
     opts.signal?.throwIfAborted();
+    const fatal = opts.fatal?.();
+    if (fatal) throw fatal;
     let ok = false;
     try {
       ok = await probe();
@@ -308,17 +323,32 @@ export const realRunner: ProcessRunner = {
     const inner = !spec.detached && hasSetpriv()
       ? ["setpriv", "--pdeathsig", "TERM", "--", spec.cmd, ...spec.args]
       : [spec.cmd, ...spec.args];
+    if (spec.logFilter && spec.detached) {
+      throw new CliError(`${spec.name}: a log filter needs a non-detached daemon`);
+    }
+    const filtered = spec.logFilter !== undefined;
     const child = new Deno.Command("/bin/sh", {
-      args: ["-c", 'exec "$@" >>"$K8S4R_LOG_FILE" 2>&1 </dev/null', "k8s4r-daemon", ...inner],
+      args: [
+        "-c",
+        filtered ? 'exec "$@" 2>&1 </dev/null' : 'exec "$@" >>"$K8S4R_LOG_FILE" 2>&1 </dev/null',
+        "k8s4r-daemon",
+        ...inner,
+      ],
       cwd: spec.cwd,
       env: { ...spec.env, K8S4R_LOG_FILE: spec.logFile },
       stdin: "null",
-      stdout: "null",
+      stdout: filtered ? "piped" : "null",
       stderr: "null",
       detached: spec.detached ?? false,
     }).spawn();
+    const logPumped = filtered
+      ? pumpFiltered(child.stdout, spec.logFile, spec.logFilter!)
+      : undefined;
     const pid = child.pid;
-    const exited = child.status.then((s) => s.signal ? 128 + signalNumber(s.signal) : s.code);
+    const exited = child.status.then(async (s) => {
+      await logPumped; // the last lines are in the log before anyone hears of the exit
+      return s.signal ? 128 + signalNumber(s.signal) : s.code;
+    });
     if (spec.detached) child.unref();
     let startTime: number | undefined;
     // The shell execs within microseconds; wait until /proc shows the real binary so the pid
@@ -366,17 +396,8 @@ export const realRunner: ProcessRunner = {
     if (spec.ready) {
       const ready = spec.ready;
       try {
-        await waitFor(async () => {
-          if (done) {
-            throw new CliError(
-              `${spec.name} exited with code ${exitCode} before it was ready; last log lines:\n${await tailFile(
-                spec.logFile,
-                5,
-              )}`,
-            );
-          }
-          return await ready();
-        }, {
+        await waitFor(ready, {
+          fatal: () => done ? new CliError(`${spec.name} exited`) : undefined,
           timeoutMs: spec.readyTimeoutMs ?? 15_000,
           intervalMs: spec.readyIntervalMs ?? 50,
           what: `${spec.name} to become ready`,
@@ -398,6 +419,34 @@ export const realRunner: ProcessRunner = {
     return daemon;
   },
 };
+
+async function writeAll(file: Deno.FsFile, bytes: Uint8Array): Promise<void> {
+  for (let off = 0; off < bytes.length;) off += await file.write(bytes.subarray(off));
+}
+
+/** Copies a child's output into its log file line by line, through `filter`. */
+async function pumpFiltered(
+  stream: ReadableStream<Uint8Array>,
+  logFile: string,
+  filter: (line: string) => string,
+): Promise<void> {
+  const file = await Deno.open(logFile, { append: true, create: true });
+  const enc = new TextEncoder();
+  let pending = "";
+  try {
+    for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+      pending += chunk;
+      const lines = pending.split("\n");
+      pending = lines.pop() ?? "";
+      if (lines.length) await writeAll(file, enc.encode(lines.map(filter).join("\n") + "\n"));
+    }
+    if (pending) await writeAll(file, enc.encode(filter(pending) + "\n"));
+  } catch {
+    // The child's output closed abruptly; what was written stays written.
+  } finally {
+    file.close();
+  }
+}
 
 function signalNumber(sig: Deno.Signal): number {
   const table: Partial<Record<Deno.Signal, number>> = {

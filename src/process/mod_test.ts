@@ -1,0 +1,176 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import {
+  isRecordAlive,
+  ProcessError,
+  processStartTime,
+  readPidFile,
+  realRunner,
+  RecordingRunner,
+  stopPidFile,
+  waitFor,
+} from "./mod.ts";
+
+Deno.test("output returns stdout and feeds stdin without touching argv", async () => {
+  const r = await realRunner.output("cat", [], { stdin: "secret-on-stdin" });
+  assert.equal(r.stdout, "secret-on-stdin");
+  assert.equal(r.code, 0);
+});
+
+Deno.test("output throws ProcessError naming the command and its last stderr line", async () => {
+  await assert.rejects(
+    () => realRunner.output("sh", ["-c", "echo first >&2; echo 'the real reason' >&2; exit 3"]),
+    (err: unknown) => {
+      assert.ok(err instanceof ProcessError);
+      assert.equal(err.result.code, 3);
+      assert.match(err.message, /^sh -c failed \(exit 3\): the real reason$/);
+      return true;
+    },
+  );
+  const r = await realRunner.output("sh", ["-c", "exit 4"], { check: false });
+  assert.equal(r.code, 4);
+  assert.equal(r.success, false);
+});
+
+Deno.test("output reports a missing binary in one line", async () => {
+  await assert.rejects(
+    () => realRunner.output("k8s4r-no-such-binary", []),
+    /k8s4r-no-such-binary: command not found/,
+  );
+});
+
+Deno.test("spawn writes a 0600 pid file, logs to the file, waits for readiness, stops", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
+  try {
+    const marker = join(dir, "ready");
+    const d = await realRunner.spawn({
+      name: "sleeper",
+      cmd: "sh",
+      args: ["-c", `echo hello; touch ${marker}; exec sleep 60`],
+      logFile: join(dir, "logs", "sleeper.log"),
+      pidFile: join(dir, "sleeper.pid"),
+      ready: async () => (await Deno.stat(marker).catch(() => null)) !== null,
+    });
+    const rec = readPidFile(join(dir, "sleeper.pid"));
+    assert.ok(rec);
+    assert.equal(rec.pid, d.pid);
+    assert.equal((await Deno.stat(join(dir, "sleeper.pid"))).mode! & 0o777, 0o600);
+    assert.ok(isRecordAlive(rec));
+    await waitFor(
+      async () => (await Deno.readTextFile(join(dir, "logs", "sleeper.log"))).includes("hello"),
+      {
+        timeoutMs: 5000,
+      },
+    );
+    await d.stop(2000);
+    assert.equal(processStartTime(d.pid), undefined);
+    assert.equal(readPidFile(join(dir, "sleeper.pid")), undefined, "pid file removed");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("spawn fails with the log's last line when the daemon dies before it is ready", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
+  try {
+    await assert.rejects(
+      () =>
+        realRunner.spawn({
+          name: "crasher",
+          cmd: "sh",
+          args: ["-c", "echo 'bind: address already in use'; exit 1"],
+          logFile: join(dir, "crasher.log"),
+          ready: () => Promise.resolve(false),
+        }),
+      /crasher exited with code 1 before it was ready .*bind: address already in use/,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a log filter rewrites every line before it reaches the log", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
+  try {
+    const log = join(dir, "f.log");
+    const d = await realRunner.spawn({
+      name: "talker",
+      cmd: "sh",
+      args: ["-c", "echo 'token=abc123 ok'; echo 'second abc123'"],
+      logFile: log,
+      logFilter: (l) => l.replaceAll("abc123", "<redacted>"),
+    });
+    assert.equal(await d.exited, 0);
+    assert.equal(await Deno.readTextFile(log), "token=<redacted> ok\nsecond <redacted>\n");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("stopPidFile leaves alone a pid that now belongs to another process", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
+  const other = new Deno.Command("sleep", { args: ["60"] }).spawn();
+  try {
+    const pidFile = join(dir, "x.pid");
+    // A record with our victim's pid but another start time: a reused pid, not ours.
+    await Deno.writeTextFile(
+      pidFile,
+      JSON.stringify({
+        pid: other.pid,
+        startTime: processStartTime(other.pid)! - 1,
+        cmd: "sleep",
+        args: ["60"],
+        startedAt: new Date().toISOString(),
+      }),
+    );
+    assert.equal(await stopPidFile(pidFile, 500), "not-running");
+    assert.ok(processStartTime(other.pid) !== undefined, "the other process still runs");
+  } finally {
+    other.kill("SIGKILL");
+    await other.status;
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a non-detached daemon dies with its parent, even on kill -9 (no orphan)", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
+  try {
+    const script = join(dir, "parent.ts");
+    const childPidFile = join(dir, "child.pid");
+    await Deno.writeTextFile(
+      script,
+      `import { realRunner } from ${JSON.stringify(new URL("./mod.ts", import.meta.url).href)};
+       await realRunner.spawn({ name: "c", cmd: "sleep", args: ["60"], logFile: ${
+        JSON.stringify(join(dir, "c.log"))
+      }, pidFile: ${JSON.stringify(childPidFile)} });
+       console.log("spawned");
+       await new Promise(() => {});`,
+    );
+    const parent = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", script],
+      stdout: "piped",
+      stderr: "null",
+    }).spawn();
+    const reader = parent.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    let out = "";
+    while (!out.includes("spawned")) out += (await reader.read()).value ?? "";
+    reader.releaseLock();
+    const rec = readPidFile(childPidFile)!;
+    assert.ok(isRecordAlive(rec));
+    parent.kill("SIGKILL");
+    await parent.status;
+    await parent.stdout.cancel().catch(() => {});
+    await waitFor(() => !isRecordAlive(rec), { timeoutMs: 5000, what: "the orphan to die" });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("RecordingRunner records argv and fails like the real runner", async () => {
+  const r = new RecordingRunner((cmd) =>
+    cmd === "bad" ? { code: 2, stderr: "nope" } : { stdout: "x" }
+  );
+  assert.equal((await r.output("good", ["a"])).stdout, "x");
+  await assert.rejects(() => r.output("bad", ["b"]), /bad b failed \(exit 2\): nope/);
+  assert.deepEqual(r.calls.map((c) => [c.cmd, ...c.args]), [["good", "a"], ["bad", "b"]]);
+});
