@@ -113,10 +113,15 @@ Deno.test({
       assert.equal(await agent.healthy(), true);
       assert.equal(await isAttested(`${tmp}/agent/data`), true);
       assert.deepEqual(events[0], { type: "starting", attempt: 0, withToken: true });
-      // The token never reaches a command line or k8s4r's events. (SPIRE itself names the agent
-      // spiffe://<td>/spire/agent/join_token/<token> in its log: by then the token is used up.)
+      // The token never reaches a command line, k8s4r's events, or the agent's log (SPIRE names
+      // the agent spiffe://<td>/spire/agent/join_token/<token>; the supervisor redacts it).
       assert.ok(!Deno.readTextFileSync(`/proc/${agent.pid}/cmdline`).includes(token.value));
       assert.ok(!JSON.stringify(events).includes(token.value));
+      const agentLog = await Deno.readTextFile(`${tmp}/spire-agent.log`);
+      assert.ok(agentLog.includes("join_token/<redacted>"), "the agent log names the redacted ID");
+      assert.ok(!agentLog.includes(token.value), "the join token is in the spire-agent log");
+      const serverLog = await Deno.readTextFile(`${tmp}/spire-server.log`);
+      assert.ok(!serverLog.includes(token.value), "the join token is in the spire-server log");
 
       await t.step("X509Source receives the workload's SVID", async () => {
         source = await X509Source.create({

@@ -7,6 +7,7 @@
  * (`-joinTokenFile`, SPIRE >= 1.13.3), only for the very first attestation: afterwards the agent
  * holds its own SVID in `<data_dir>/agent-data.json` and needs no token to restart.
  */
+import { redactJoinTokens } from "./redact.ts";
 import { dirname, join } from "node:path";
 import { CliError } from "../cli/errors.ts";
 import {
@@ -159,6 +160,7 @@ export async function attestationError(logFile: string, from = 0): Promise<strin
 export class SpireAgentSupervisor {
   #daemon: Daemon | undefined;
   #restarts = 0;
+  #knownTokens: string[] = [];
   #stopping = false;
   #abort = new AbortController();
   #loop: Promise<void> | undefined;
@@ -247,6 +249,9 @@ export class SpireAgentSupervisor {
       );
     }
     args.push("-joinTokenFile", o.joinTokenFile);
+    // SPIRE prints the agent ID, which embeds the token: remember it to redact it from the log.
+    const token = (await Deno.readTextFile(o.joinTokenFile).catch(() => "")).trim();
+    if (token && !this.#knownTokens.includes(token)) this.#knownTokens.push(token);
     return args;
   }
 
@@ -264,6 +269,7 @@ export class SpireAgentSupervisor {
       logFile: o.logFile,
       pidFile: o.pidFile,
       detached: false, // dies with its parent: no orphan agent
+      logFilter: (line) => redactJoinTokens(line, this.#knownTokens),
     });
     this.#daemon = d;
     let exitCode: number | undefined;

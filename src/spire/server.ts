@@ -7,6 +7,7 @@
  * -logLevel`); values without a flag (datastore and key paths under another data dir, SVID and
  * CA TTLs) are handled by rendering a complete config with `renderServerConfig` instead.
  */
+import { redactJoinTokens } from "./redact.ts";
 import { isAbsolute, join, resolve } from "node:path";
 import { CliError } from "../cli/errors.ts";
 import type { Io } from "../cli/io.ts";
@@ -189,6 +190,10 @@ export async function startSpireServer(
     logFile: opts.logFile,
     pidFile: opts.pidFile,
     detached: opts.detached,
+    // spire-server logs every join-token agent's ID, which embeds the token. Its output can only
+    // be redacted while it flows through us, so a detached server logs unredacted: run it under
+    // a long-lived k8s4r process (as devenv does) to keep tokens out of its log.
+    logFilter: opts.detached ? undefined : (line) => redactJoinTokens(line),
     ready: async () => (await grpcHealthCheck(plan.socketPath, 1000)) === "SERVING",
     readyTimeoutMs: opts.readyTimeoutMs ?? 30_000,
     readyIntervalMs: 100,
