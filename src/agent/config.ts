@@ -1,0 +1,576 @@
+/**
+ * The agent's configuration: `config/agent/plugins.yaml` (the guide's `spire:` section plus
+ * `mqtt:`, `tasks:` and `rotation:`), then environment variables, then flags. Flags override
+ * env, env overrides the file.
+ *
+ * Every error is one line naming the file, the line, the key and what was expected
+ * (`ConfigError`). `${VAR}` and `${VAR:-default}` are interpolated in string values; an unset
+ * variable without a default is an error that names it.
+ */
+import { isAbsolute, resolve } from "node:path";
+import { isMap, isScalar, isSeq, LineCounter, parseDocument, type Scalar } from "yaml";
+import type { Node, Pair, YAMLMap } from "yaml";
+import { ConfigError, UsageError } from "../cli/errors.ts";
+import { isRobotId } from "../mqtt/topics.ts";
+import { brokerSpiffeId } from "../devenv/layout.ts";
+
+export const SPIRE_LOG_LEVELS = ["DEBUG", "INFO", "WARN", "ERROR"] as const;
+export type SpireLogLevel = typeof SPIRE_LOG_LEVELS[number];
+
+export interface AgentSpireConfig {
+  socketPath: string;
+  trustDomain: string;
+  serverHost: string;
+  serverPort: number;
+  /** The join token itself (from `${SPIRE_JOIN_TOKEN}`). Never logged, never on argv. */
+  joinToken?: string;
+  /** A 0600 file holding the join token (alternative to `joinToken`). Absolute. */
+  joinTokenFile?: string;
+  /** Absolute. The SPIRE agent's data directory. */
+  dataDir: string;
+  logLevel: SpireLogLevel;
+  /** Absolute. The exported SPIRE bundle used for secure bootstrap. */
+  trustBundlePath: string;
+  /** Supervise our own spire-agent (true) or use one already running at socketPath. */
+  manage: boolean;
+}
+
+export interface AgentMqttConfig {
+  /** Normalised to `mqtts://host:port`. */
+  brokerUrl: string;
+  host: string;
+  port: number;
+  brokerSpiffeId: string;
+  heartbeatSeconds: number;
+  keepaliveSeconds: number;
+  /** MQTT 5 session expiry: how long the broker keeps our session while we are away. */
+  sessionExpirySeconds: number;
+}
+
+export interface AgentConfig {
+  /** The file that was read (absolute), or undefined when none existed and none was asked. */
+  file?: string;
+  robotId: string;
+  /** `spiffe://<td>/robot/<robotId>`. */
+  spiffeId: string;
+  spire: AgentSpireConfig;
+  mqtt: AgentMqttConfig;
+  tasks: {
+    /** `["*"]` allows every executable; otherwise exact names or absolute paths. */
+    allow: string[];
+    /** Grace between SIGTERM and SIGKILL when a task times out. */
+    killGraceSeconds: number;
+  };
+  rotation: {
+    /** Reconnect with a fresh SVID at the latest this long before the current one expires. */
+    marginSeconds: number;
+  };
+  /** Absolute. Where the k8s4r agent keeps its own state (task ids, transient token file). */
+  stateDir: string;
+}
+
+/** Command-line overrides (flags win over env and file). */
+export interface AgentFlags {
+  robotId?: string;
+  config?: string;
+  brokerUrl?: string;
+  socket?: string;
+  dataDir?: string;
+  joinTokenFile?: string;
+  heartbeatSeconds?: number;
+  noManageSpire?: boolean;
+}
+
+export const DEFAULT_CONFIG_PATH = "config/agent/plugins.yaml";
+
+// ---------------------------------------------------------------------------------------------
+// Broker URL
+
+export interface BrokerUrl {
+  url: string;
+  host: string;
+  port: number;
+}
+
+const TLS_SCHEMES = ["ssl", "mqtts", "tls"];
+const PLAIN_SCHEMES = ["mqtt", "tcp", "ws", "wss", "http", "https"];
+
+/**
+ * `ssl://`, `mqtts://` and `tls://` all mean MQTT over TLS; they are normalised to `mqtts://`.
+ * Anything else is refused: a robot never falls back to plaintext. Throws an Error whose
+ * message is what was expected (callers add where the URL came from).
+ */
+export function parseBrokerUrl(raw: string): BrokerUrl {
+  const m = /^([A-Za-z][A-Za-z0-9+.-]*):\/\/(.*)$/.exec(raw.trim());
+  if (!m) {
+    throw new Error(
+      `expected a broker URL like ssl://localhost:8883, got ${JSON.stringify(raw)}`,
+    );
+  }
+  const scheme = m[1].toLowerCase();
+  if (!TLS_SCHEMES.includes(scheme)) {
+    if (PLAIN_SCHEMES.includes(scheme)) {
+      throw new Error(
+        `${scheme}:// is refused: robots reach the broker only over mTLS; use ssl://, mqtts:// or tls:// (got ${
+          JSON.stringify(raw)
+        })`,
+      );
+    }
+    throw new Error(
+      `unknown scheme ${scheme}://: expected ssl://, mqtts:// or tls:// (got ${
+        JSON.stringify(raw)
+      })`,
+    );
+  }
+  let u: URL;
+  try {
+    // URL only parses host:port for "special" schemes; reuse https parsing for the authority.
+    u = new URL(`https://${m[2]}`);
+  } catch {
+    throw new Error(`expected host[:port] after ${scheme}://, got ${JSON.stringify(raw)}`);
+  }
+  if (!u.hostname || u.username || u.password || (u.pathname !== "/" && u.pathname !== "")) {
+    throw new Error(
+      `expected ${scheme}://host[:port] without user, password or path, got ${JSON.stringify(raw)}`,
+    );
+  }
+  if (u.search || u.hash) {
+    throw new Error(`expected ${scheme}://host[:port] without query, got ${JSON.stringify(raw)}`);
+  }
+  // new URL("https://h:443") drops the default port; read it from the text instead.
+  const portText = /:(\d+)\/?$/.exec(m[2])?.[1];
+  const port = portText !== undefined ? Number(portText) : 8883;
+  if (!Number.isInteger(port) || port < 1 || port > 65535) {
+    throw new Error(`expected a port in 1..65535, got ${JSON.stringify(raw)}`);
+  }
+  const host = u.hostname.replace(/^\[(.*)\]$/, "$1");
+  const hostPart = host.includes(":") ? `[${host}]` : host;
+  return { url: `mqtts://${hostPart}:${port}`, host, port };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interpolation
+
+const VAR_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
+
+/**
+ * Replaces `${VAR}` and `${VAR:-default}`. `$$` is a literal `$`. Throws an Error with what
+ * was expected; the caller turns it into a ConfigError with file, line and key.
+ */
+export function interpolate(text: string, env: Record<string, string | undefined>): string {
+  let out = "";
+  let i = 0;
+  while (i < text.length) {
+    const c = text[i];
+    if (c === "$" && text[i + 1] === "$") {
+      out += "$";
+      i += 2;
+      continue;
+    }
+    if (c === "$" && text[i + 1] === "{") {
+      const end = text.indexOf("}", i + 2);
+      if (end < 0) throw new Error(`unterminated \${ in ${JSON.stringify(text)}`);
+      const body = text.slice(i + 2, end);
+      const sep = body.indexOf(":-");
+      const name = sep >= 0 ? body.slice(0, sep) : body;
+      if (!VAR_NAME.test(name)) {
+        throw new Error(
+          `expected \${NAME} or \${NAME:-default} with NAME like SPIRE_JOIN_TOKEN, got \${${body}}`,
+        );
+      }
+      const value = env[name];
+      if (sep >= 0) {
+        out += value !== undefined && value !== "" ? value : body.slice(sep + 2);
+      } else {
+        if (value === undefined) {
+          throw new Error(
+            `environment variable ${name} is not set (use \${${name}:-default} for a default)`,
+          );
+        }
+        out += value;
+      }
+      i = end + 1;
+      continue;
+    }
+    out += c;
+    i++;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file
+
+type Kind =
+  | { t: "string"; nonEmpty?: boolean }
+  | { t: "bool" }
+  | { t: "int"; min: number; max: number }
+  | { t: "enum"; values: readonly string[] }
+  | { t: "list" };
+
+const SCHEMA: Record<string, Record<string, Kind>> = {
+  spire: {
+    socketPath: { t: "string", nonEmpty: true },
+    trustDomain: { t: "string", nonEmpty: true },
+    serverAddr: { t: "string", nonEmpty: true },
+    joinToken: { t: "string" },
+    joinTokenFile: { t: "string" },
+    dataDir: { t: "string", nonEmpty: true },
+    logLevel: { t: "enum", values: SPIRE_LOG_LEVELS },
+    trustBundlePath: { t: "string", nonEmpty: true },
+    manage: { t: "bool" },
+  },
+  mqtt: {
+    brokerUrl: { t: "string", nonEmpty: true },
+    brokerSpiffeId: { t: "string" },
+    heartbeatSeconds: { t: "int", min: 1, max: 3600 },
+    keepaliveSeconds: { t: "int", min: 5, max: 3600 },
+    sessionExpirySeconds: { t: "int", min: 0, max: 7 * 24 * 3600 },
+  },
+  tasks: {
+    allow: { t: "list" },
+    killGraceSeconds: { t: "int", min: 1, max: 600 },
+  },
+  rotation: {
+    marginSeconds: { t: "int", min: 1, max: 24 * 3600 },
+  },
+};
+
+type Value = string | boolean | number | string[];
+/** Values read from the file, by "section.key", with the line each came from. */
+type FileValues = Map<string, { value: Value; line: number }>;
+
+const TRUST_DOMAIN_RE = /^[a-z0-9._-]+$/;
+
+function describeNode(node: unknown): string {
+  if (isScalar(node)) {
+    const v = node.value;
+    if (v === null) return "nothing";
+    return typeof v === "string" ? JSON.stringify(v) : String(v);
+  }
+  if (isMap(node)) return "a mapping";
+  if (isSeq(node)) return "a list";
+  return "nothing";
+}
+
+/** Parses and type-checks the YAML text. Exported for tests. */
+export function parseAgentYaml(
+  text: string,
+  file: string,
+  env: Record<string, string | undefined>,
+): FileValues {
+  const lineCounter = new LineCounter();
+  const doc = parseDocument(text, { lineCounter, prettyErrors: false, uniqueKeys: true });
+  const lineOf = (node: Node | Pair | null | undefined): number | undefined => {
+    const range = (node as { range?: [number, number, number] } | null | undefined)?.range;
+    return range ? lineCounter.linePos(range[0]).line : undefined;
+  };
+  if (doc.errors.length > 0) {
+    const e = doc.errors[0];
+    const line = e.linePos?.[0]?.line ?? lineCounter.linePos(e.pos[0]).line;
+    throw new ConfigError(file, line, undefined, `invalid YAML: ${e.message.split("\n")[0]}`);
+  }
+  const out: FileValues = new Map();
+  const root = doc.contents;
+  if (root === null || (isScalar(root) && root.value === null)) return out; // empty file
+  if (!isMap(root)) {
+    throw new ConfigError(
+      file,
+      lineOf(root),
+      undefined,
+      `expected a mapping with sections ${Object.keys(SCHEMA).join(", ")}, got ${
+        describeNode(root)
+      }`,
+    );
+  }
+  for (const pair of (root as YAMLMap<unknown, unknown>).items) {
+    const keyNode = pair.key as Scalar | null;
+    const section = String(isScalar(keyNode) ? keyNode.value : keyNode);
+    const line = lineOf(keyNode as Node);
+    const spec = SCHEMA[section];
+    if (!spec) {
+      throw new ConfigError(
+        file,
+        line,
+        section,
+        `unknown section; expected one of ${Object.keys(SCHEMA).join(", ")}`,
+      );
+    }
+    const value = pair.value as Node | null;
+    if (value === null || (isScalar(value) && value.value === null)) continue; // "spire:" alone
+    if (!isMap(value)) {
+      throw new ConfigError(file, line, section, `expected a mapping, got ${describeNode(value)}`);
+    }
+    for (const item of (value as YAMLMap<unknown, unknown>).items) {
+      const kNode = item.key as Scalar | null;
+      const key = String(isScalar(kNode) ? kNode.value : kNode);
+      const kLine = lineOf(kNode as Node);
+      const full = `${section}.${key}`;
+      const kind = spec[key];
+      if (!kind) {
+        throw new ConfigError(
+          file,
+          kLine,
+          full,
+          `unknown key; expected one of ${Object.keys(spec).join(", ")}`,
+        );
+      }
+      const vNode = item.value as Node | null;
+      const vLine = lineOf(vNode) ?? kLine ?? 0;
+      out.set(full, {
+        value: checkValue(vNode, kind, file, vLine, full, env, (n) => lineOf(n) ?? vLine),
+        line: vLine,
+      });
+    }
+  }
+  return out;
+}
+
+function checkValue(
+  node: Node | null,
+  kind: Kind,
+  file: string,
+  line: number,
+  key: string,
+  env: Record<string, string | undefined>,
+  lineOf: (node: Node) => number,
+): Value {
+  const fail = (expected: string): never => {
+    throw new ConfigError(file, line, key, `expected ${expected}, got ${describeNode(node)}`);
+  };
+  const str = (n: unknown, what: string): string => {
+    if (!isScalar(n) || typeof n.value !== "string") return fail(what);
+    try {
+      return interpolate(n.value, env);
+    } catch (err) {
+      throw new ConfigError(file, line, key, (err as Error).message);
+    }
+  };
+  switch (kind.t) {
+    case "string": {
+      const s = str(node, "a string");
+      if (kind.nonEmpty && s === "") {
+        throw new ConfigError(file, line, key, 'expected a non-empty string, got ""');
+      }
+      return s;
+    }
+    case "bool": {
+      if (isScalar(node) && typeof node.value === "boolean") return node.value;
+      if (isScalar(node) && typeof node.value === "string") {
+        const s = str(node, "true or false");
+        if (s === "true" || s === "false") return s === "true";
+        throw new ConfigError(file, line, key, `expected true or false, got ${JSON.stringify(s)}`);
+      }
+      return fail("true or false");
+    }
+    case "int": {
+      let n: unknown = isScalar(node) ? node.value : undefined;
+      if (typeof n === "string") {
+        const s = str(node, "an integer");
+        n = /^-?\d+$/.test(s.trim()) ? Number(s) : s;
+      }
+      if (typeof n !== "number" || !Number.isInteger(n) || n < kind.min || n > kind.max) {
+        throw new ConfigError(
+          file,
+          line,
+          key,
+          `expected an integer in ${kind.min}..${kind.max}, got ${
+            typeof n === "string" ? JSON.stringify(n) : describeNode(node)
+          }`,
+        );
+      }
+      return n;
+    }
+    case "enum": {
+      const s = str(node, `one of ${kind.values.join(", ")}`);
+      if (!kind.values.includes(s)) {
+        throw new ConfigError(
+          file,
+          line,
+          key,
+          `expected one of ${kind.values.join(", ")}, got ${JSON.stringify(s)}`,
+        );
+      }
+      return s;
+    }
+    case "list": {
+      if (!isSeq(node)) return fail("a list of strings");
+      return node.items.map((item) => {
+        if (!isScalar(item) || typeof item.value !== "string" || item.value === "") {
+          throw new ConfigError(
+            file,
+            lineOf(item as Node),
+            key,
+            `expected a list of non-empty strings, got an item ${describeNode(item)}`,
+          );
+        }
+        return str(item, "a string");
+      });
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Putting file, env and flags together
+
+export interface LoadOptions {
+  cwd: string;
+  env: Record<string, string | undefined>;
+  flags: AgentFlags;
+}
+
+/** Reads the file (if present), applies env and flags, validates the result. */
+export async function loadAgentConfig(opts: LoadOptions): Promise<AgentConfig> {
+  const { cwd, env, flags } = opts;
+  const explicit = flags.config !== undefined;
+  const file = resolve(cwd, flags.config ?? DEFAULT_CONFIG_PATH);
+  const display = explicit ? flags.config! : DEFAULT_CONFIG_PATH;
+  let text: string | undefined;
+  try {
+    text = await Deno.readTextFile(file);
+  } catch (err) {
+    if (!(err instanceof Deno.errors.NotFound) || explicit) {
+      throw new ConfigError(
+        display,
+        undefined,
+        undefined,
+        err instanceof Deno.errors.NotFound
+          ? "file not found"
+          : `cannot read: ${(err as Error).message}`,
+      );
+    }
+  }
+  const values = text !== undefined ? parseAgentYaml(text, display, env) : new Map();
+  return buildConfig(values, {
+    cwd,
+    env,
+    flags,
+    file: text !== undefined ? file : undefined,
+    display,
+  });
+}
+
+function buildConfig(
+  values: FileValues,
+  o: LoadOptions & { file?: string; display: string },
+): AgentConfig {
+  const { env, flags, cwd, display } = o;
+  const get = <T extends Value>(key: string, d: T): T => (values.get(key)?.value as T) ?? d;
+  const lineOf = (key: string) => values.get(key)?.line;
+  const abs = (p: string) => (isAbsolute(p) ? p : resolve(cwd, p));
+
+  // Robot id: flag, then ROBOT_ID.
+  const robotId = flags.robotId ?? env["ROBOT_ID"];
+  if (robotId === undefined || robotId === "") {
+    throw new UsageError("agent: --robot-id ID (or ROBOT_ID) is required");
+  }
+  if (!isRobotId(robotId)) {
+    throw new UsageError(
+      `agent: robot id ${JSON.stringify(robotId)}: expected [a-z0-9][a-z0-9-]{0,62}`,
+    );
+  }
+
+  const trustDomain = get("spire.trustDomain", "k8s4r.example.org");
+  if (!TRUST_DOMAIN_RE.test(trustDomain)) {
+    throw new ConfigError(
+      display,
+      lineOf("spire.trustDomain"),
+      "spire.trustDomain",
+      `expected a trust domain of lowercase letters, digits, '.', '-', '_', got ${
+        JSON.stringify(trustDomain)
+      }`,
+    );
+  }
+  const serverAddr = get("spire.serverAddr", "localhost:8081");
+  const sa = /^(\[[^\]]+\]|[^:]+):(\d{1,5})$/.exec(serverAddr);
+  if (!sa || Number(sa[2]) < 1 || Number(sa[2]) > 65535) {
+    throw new ConfigError(
+      display,
+      lineOf("spire.serverAddr"),
+      "spire.serverAddr",
+      `expected host:port like localhost:8081, got ${JSON.stringify(serverAddr)}`,
+    );
+  }
+
+  // Broker URL: flag, then MQTT_BROKER_URL, then file (which usually interpolates the env).
+  let brokerRaw: string;
+  let brokerWhere: (msg: string) => Error;
+  if (flags.brokerUrl !== undefined) {
+    brokerRaw = flags.brokerUrl;
+    brokerWhere = (m) => new UsageError(`agent: --broker-url: ${m}`);
+  } else if (env["MQTT_BROKER_URL"]) {
+    brokerRaw = env["MQTT_BROKER_URL"]!;
+    brokerWhere = (m) => new UsageError(`agent: MQTT_BROKER_URL: ${m}`);
+  } else {
+    brokerRaw = get("mqtt.brokerUrl", "ssl://localhost:8883");
+    brokerWhere = (m) => new ConfigError(display, lineOf("mqtt.brokerUrl"), "mqtt.brokerUrl", m);
+  }
+  let broker: BrokerUrl;
+  try {
+    broker = parseBrokerUrl(brokerRaw);
+  } catch (err) {
+    throw brokerWhere((err as Error).message);
+  }
+
+  const brokerId = get("mqtt.brokerSpiffeId", "") || brokerSpiffeId(trustDomain);
+  if (!/^spiffe:\/\/[a-z0-9._-]+\/\S+$/.test(brokerId)) {
+    throw new ConfigError(
+      display,
+      lineOf("mqtt.brokerSpiffeId"),
+      "mqtt.brokerSpiffeId",
+      `expected a SPIFFE ID like spiffe://${trustDomain}/mqtt-broker, got ${
+        JSON.stringify(brokerId)
+      }`,
+    );
+  }
+
+  let heartbeatSeconds: number = get<number>("mqtt.heartbeatSeconds", 10);
+  if (flags.heartbeatSeconds !== undefined) {
+    const h = flags.heartbeatSeconds;
+    if (!Number.isInteger(h) || h < 1 || h > 3600) {
+      throw new UsageError(`agent: --heartbeat-seconds expects an integer in 1..3600, got ${h}`);
+    }
+    heartbeatSeconds = h;
+  }
+
+  const dataDir = abs(flags.dataDir ?? get("spire.dataDir", "./.spire-data/agent"));
+  // SPIRE_JOIN_TOKEN wins over the file's literal; the guide's file interpolates it anyway.
+  const joinToken = env["SPIRE_JOIN_TOKEN"] || get("spire.joinToken", "") || undefined;
+  const jtf = flags.joinTokenFile ?? (get("spire.joinTokenFile", "") || undefined);
+
+  return {
+    file: o.file,
+    robotId,
+    spiffeId: `spiffe://${trustDomain}/robot/${robotId}`,
+    spire: {
+      socketPath: abs(flags.socket ?? get("spire.socketPath", "/tmp/spire-agent/agent.sock")),
+      trustDomain,
+      serverHost: sa[1].replace(/^\[(.*)\]$/, "$1"),
+      serverPort: Number(sa[2]),
+      joinToken,
+      joinTokenFile: jtf !== undefined ? abs(jtf) : undefined,
+      dataDir,
+      logLevel: get("spire.logLevel", "INFO") as SpireLogLevel,
+      trustBundlePath: abs(
+        get("spire.trustBundlePath", "./config/mosquitto/certs/spire-ca.crt"),
+      ),
+      manage: flags.noManageSpire ? false : get("spire.manage", true),
+    },
+    mqtt: {
+      brokerUrl: broker.url,
+      host: broker.host,
+      port: broker.port,
+      brokerSpiffeId: brokerId,
+      heartbeatSeconds,
+      keepaliveSeconds: get("mqtt.keepaliveSeconds", 30),
+      sessionExpirySeconds: get("mqtt.sessionExpirySeconds", 3600),
+    },
+    tasks: {
+      // No allow-list: the agent runs no task at all (every task is refused).
+      allow: get("tasks.allow", [] as string[]),
+      killGraceSeconds: get("tasks.killGraceSeconds", 5),
+    },
+    rotation: { marginSeconds: get("rotation.marginSeconds", 300) },
+    stateDir: resolve(dataDir, "k8s4r-agent"),
+  };
+}

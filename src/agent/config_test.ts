@@ -1,0 +1,215 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { ConfigError, UsageError } from "../cli/errors.ts";
+import { type AgentFlags, interpolate, loadAgentConfig, parseBrokerUrl } from "./config.ts";
+
+async function withFile<T>(text: string, fn: (dir: string) => Promise<T>): Promise<T> {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-agent-config-" });
+  try {
+    await Deno.writeTextFile(join(dir, "p.yaml"), text);
+    return await fn(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+function load(
+  text: string,
+  env: Record<string, string> = {},
+  flags: AgentFlags = {},
+) {
+  return withFile(text, (dir) =>
+    loadAgentConfig({
+      cwd: dir,
+      env: { ROBOT_ID: "robot-001", ...env },
+      flags: { config: "p.yaml", ...flags },
+    }));
+}
+
+Deno.test("the committed plugins.yaml gives the guide's defaults", async () => {
+  const cwd = new URL("../../", import.meta.url).pathname;
+  const c = await loadAgentConfig({ cwd, env: { ROBOT_ID: "robot-001" }, flags: {} });
+  assert.equal(c.robotId, "robot-001");
+  assert.equal(c.spiffeId, "spiffe://k8s4r.example.org/robot/robot-001");
+  assert.equal(c.spire.socketPath, "/tmp/spire-agent/agent.sock");
+  assert.equal(c.spire.serverHost, "localhost");
+  assert.equal(c.spire.serverPort, 8081);
+  assert.equal(c.spire.dataDir, join(cwd, ".spire-data/agent"));
+  assert.equal(c.spire.trustBundlePath, join(cwd, "config/mosquitto/certs/spire-ca.crt"));
+  assert.equal(c.spire.logLevel, "DEBUG");
+  assert.equal(c.spire.manage, true);
+  assert.equal(c.spire.joinToken, undefined);
+  assert.equal(c.mqtt.brokerUrl, "mqtts://localhost:8883");
+  assert.equal(c.mqtt.brokerSpiffeId, "spiffe://k8s4r.example.org/mqtt-broker");
+  assert.equal(c.mqtt.heartbeatSeconds, 10);
+  assert.deepEqual(c.tasks.allow, ["*"]);
+});
+
+Deno.test("env overrides the file, flags override env", async () => {
+  const yaml = 'spire:\n  joinToken: "${SPIRE_JOIN_TOKEN:-}"\nmqtt:\n  brokerUrl: ssl://file:1\n' +
+    "  heartbeatSeconds: 7\n";
+  const fromFile = await load(yaml);
+  assert.equal(fromFile.mqtt.brokerUrl, "mqtts://file:1");
+  assert.equal(fromFile.mqtt.heartbeatSeconds, 7);
+  const fromEnv = await load(yaml, { MQTT_BROKER_URL: "tls://env:2", SPIRE_JOIN_TOKEN: "tok" });
+  assert.equal(fromEnv.mqtt.brokerUrl, "mqtts://env:2");
+  assert.equal(fromEnv.spire.joinToken, "tok");
+  const fromFlags = await load(yaml, { MQTT_BROKER_URL: "tls://env:2", ROBOT_ID: "robot-009" }, {
+    brokerUrl: "mqtts://flag:3",
+    robotId: "robot-002",
+    heartbeatSeconds: 3,
+    socket: "/tmp/x.sock",
+    dataDir: "data",
+    joinTokenFile: "tok.txt",
+    noManageSpire: true,
+  });
+  assert.equal(fromFlags.mqtt.brokerUrl, "mqtts://flag:3");
+  assert.equal(fromFlags.robotId, "robot-002");
+  assert.equal(fromFlags.mqtt.heartbeatSeconds, 3);
+  assert.equal(fromFlags.spire.socketPath, "/tmp/x.sock");
+  assert.ok(fromFlags.spire.dataDir.endsWith("/data"));
+  assert.ok(fromFlags.spire.joinTokenFile!.endsWith("/tok.txt"));
+  assert.equal(fromFlags.spire.manage, false);
+  const viaEnvId = await load(yaml, { ROBOT_ID: "robot-009" });
+  assert.equal(viaEnvId.robotId, "robot-009");
+});
+
+Deno.test("an absent default file is fine; an absent --config file is an error", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const c = await loadAgentConfig({ cwd: dir, env: { ROBOT_ID: "robot-001" }, flags: {} });
+    assert.equal(c.file, undefined);
+    assert.deepEqual(c.tasks.allow, []); // no allow-list: no task runs
+    await assert.rejects(
+      loadAgentConfig({ cwd: dir, env: { ROBOT_ID: "r1" }, flags: { config: "nope.yaml" } }),
+      (e: Error) => e instanceof ConfigError && e.message === "nope.yaml: file not found",
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+const BAD: [string, string][] = [
+  [
+    "spire:\n  sockPath: x\n",
+    "p.yaml:2: spire.sockPath: unknown key; expected one of socketPath, trustDomain, serverAddr, joinToken, joinTokenFile, dataDir, logLevel, trustBundlePath, manage",
+  ],
+  ["spire:\n  manage: yes\n", 'p.yaml:2: spire.manage: expected true or false, got "yes"'],
+  ["spire:\n  manage: 1\n", "p.yaml:2: spire.manage: expected true or false, got 1"],
+  [
+    "mqtt:\n  heartbeatSeconds: 0\n",
+    "p.yaml:2: mqtt.heartbeatSeconds: expected an integer in 1..3600, got 0",
+  ],
+  [
+    "mqtt:\n  heartbeatSeconds: ten\n",
+    'p.yaml:2: mqtt.heartbeatSeconds: expected an integer in 1..3600, got "ten"',
+  ],
+  [
+    "spire:\n  logLevel: LOUD\n",
+    'p.yaml:2: spire.logLevel: expected one of DEBUG, INFO, WARN, ERROR, got "LOUD"',
+  ],
+  [
+    'spire:\n  joinToken: "${SPIRE_TOKEN}"\n',
+    "p.yaml:2: spire.joinToken: environment variable SPIRE_TOKEN is not set (use ${SPIRE_TOKEN:-default} for a default)",
+  ],
+  [
+    'spire:\n  joinToken: "${1BAD}"\n',
+    "p.yaml:2: spire.joinToken: expected ${NAME} or ${NAME:-default} with NAME like SPIRE_JOIN_TOKEN, got ${1BAD}",
+  ],
+  ['spire:\n  joinToken: "${OPEN"\n', 'p.yaml:2: spire.joinToken: unterminated ${ in "${OPEN"'],
+  ["tasks:\n  allow: echo\n", 'p.yaml:2: tasks.allow: expected a list of strings, got "echo"'],
+  [
+    "tasks:\n  allow:\n    - echo\n    - 3\n",
+    "p.yaml:4: tasks.allow: expected a list of non-empty strings, got an item 3",
+  ],
+  ["foo: 1\n", "p.yaml:1: foo: unknown section; expected one of spire, mqtt, tasks, rotation"],
+  ["- a\n", "p.yaml:1: expected a mapping with sections spire, mqtt, tasks, rotation, got a list"],
+  ["spire: [1]\n", "p.yaml:1: spire: expected a mapping, got a list"],
+  ["spire:\n  socketPath: a\n  socketPath: b\n", "p.yaml:3: invalid YAML: Map keys must be unique"],
+  [
+    "mqtt:\n  brokerUrl: mqtt://localhost:1883\n",
+    'p.yaml:2: mqtt.brokerUrl: mqtt:// is refused: robots reach the broker only over mTLS; use ssl://, mqtts:// or tls:// (got "mqtt://localhost:1883")',
+  ],
+  [
+    "spire:\n  trustDomain: Bad_TD!\n",
+    "p.yaml:2: spire.trustDomain: expected a trust domain of lowercase letters, digits, '.', '-', '_', got \"Bad_TD!\"",
+  ],
+  [
+    "spire:\n  serverAddr: localhost\n",
+    'p.yaml:2: spire.serverAddr: expected host:port like localhost:8081, got "localhost"',
+  ],
+  ['\n\nspire:\n  dataDir: ""\n', 'p.yaml:4: spire.dataDir: expected a non-empty string, got ""'],
+  [
+    "mqtt:\n  brokerSpiffeId: mqtt-broker\n",
+    'p.yaml:2: mqtt.brokerSpiffeId: expected a SPIFFE ID like spiffe://k8s4r.example.org/mqtt-broker, got "mqtt-broker"',
+  ],
+];
+
+for (const [yaml, message] of BAD) {
+  Deno.test(`bad config: ${message.slice(0, 60)}`, async () => {
+    await assert.rejects(load(yaml), (e: Error) => {
+      assert.ok(e instanceof ConfigError, `${e.name}: ${e.message}`);
+      assert.equal(e.message, message);
+      assert.equal(e.exitCode, 2);
+      return true;
+    });
+  });
+}
+
+Deno.test("robot id and flag values are usage errors", async () => {
+  const cases: [Record<string, string>, AgentFlags, string][] = [
+    [{ ROBOT_ID: "" }, {}, "agent: --robot-id ID (or ROBOT_ID) is required"],
+    [{}, { robotId: "Robot_1" }, 'agent: robot id "Robot_1": expected [a-z0-9][a-z0-9-]{0,62}'],
+    [
+      {},
+      { heartbeatSeconds: 0.5 },
+      "agent: --heartbeat-seconds expects an integer in 1..3600, got 0.5",
+    ],
+    [
+      { MQTT_BROKER_URL: "tcp://h:1883" },
+      {},
+      'agent: MQTT_BROKER_URL: tcp:// is refused: robots reach the broker only over mTLS; use ssl://, mqtts:// or tls:// (got "tcp://h:1883")',
+    ],
+    [
+      {},
+      { brokerUrl: "localhost:8883" },
+      'agent: --broker-url: expected a broker URL like ssl://localhost:8883, got "localhost:8883"',
+    ],
+  ];
+  for (const [env, flags, message] of cases) {
+    await assert.rejects(load("", env, flags), (e: Error) => {
+      assert.ok(e instanceof UsageError, `${e.name}: ${e.message}`);
+      assert.equal(e.message, message);
+      return true;
+    });
+  }
+});
+
+Deno.test("broker URL schemes: TLS ones are normalised, plaintext is refused", () => {
+  assert.deepEqual(parseBrokerUrl("ssl://localhost:8883"), {
+    url: "mqtts://localhost:8883",
+    host: "localhost",
+    port: 8883,
+  });
+  assert.equal(parseBrokerUrl("tls://broker.example").url, "mqtts://broker.example:8883");
+  assert.equal(parseBrokerUrl("MQTTS://127.0.0.1:18883").url, "mqtts://127.0.0.1:18883");
+  assert.equal(parseBrokerUrl("ssl://[::1]:8883").url, "mqtts://[::1]:8883");
+  assert.equal(parseBrokerUrl("ssl://[::1]:8883").host, "::1");
+  for (const bad of ["mqtt://h:1883", "tcp://h", "ws://h", "wss://h"]) {
+    assert.throws(() => parseBrokerUrl(bad), /is refused: robots reach the broker only over mTLS/);
+  }
+  assert.throws(() => parseBrokerUrl("gopher://h"), /unknown scheme gopher:\/\//);
+  assert.throws(() => parseBrokerUrl("ssl://h:99999"), /expected a port in 1..65535|host\[:port\]/);
+  assert.throws(() => parseBrokerUrl("ssl://user:pw@h:1"), /without user, password or path/);
+  assert.throws(() => parseBrokerUrl("ssl://h:1/path"), /without user, password or path/);
+});
+
+Deno.test("interpolation: ${VAR}, ${VAR:-default}, $$", () => {
+  const env = { A: "a", EMPTY: "" };
+  assert.equal(interpolate("x${A}y", env), "xay");
+  assert.equal(interpolate("${B:-dflt}", env), "dflt");
+  assert.equal(interpolate("${EMPTY:-dflt}", env), "dflt");
+  assert.equal(interpolate("${EMPTY}", env), "");
+  assert.equal(interpolate("$${A} $5", env), "${A} $5");
+  assert.throws(() => interpolate("${B}", env), /environment variable B is not set/);
+});

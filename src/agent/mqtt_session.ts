@@ -1,0 +1,448 @@
+/**
+ * One robot's MQTT session over mTLS, with certificate rotation and no loss of QoS 1 messages.
+ *
+ * Protocol: MQTT 5, `clean: false` with a session expiry. Why 5 and not 3.1.1: Mosquitto drops
+ * a publish the ACL denies silently under 3.1.1, while MQTT 5 answers with PUBACK / SUBACK
+ * reason code 0x87 (Not authorized), which we count and log; and a 3.1.1 persistent session
+ * lives forever on the broker, while MQTT 5's `sessionExpiryInterval` bounds it.
+ *
+ * How mqtt.js 5.16 behaves (read in node_modules/.deno/mqtt@5.16.0, build/lib/client.js and
+ * connect/):
+ * - The stream builder reads `client.options` (host, port, key, cert, ca, checkServerIdentity)
+ *   on EVERY connection attempt: `connect()` calls `streamBuilder(this)` -> `tls.connect(opts)`
+ *   with the very same options object. So updating `client.options.key/cert/ca` takes effect
+ *   on the next (re)connect; the current TLS connection keeps its old certificate.
+ * - A QoS 1 publish is put in `outgoingStore` before it is written, and stays there until its
+ *   PUBACK. While disconnected, publishes also go to `outgoingStore`. On CONNACK, `_onConnect`
+ *   replays the whole store before emitting `connect`. So an automatic reconnect (after the
+ *   stream closes, `reconnectPeriod` later) re-sends every unacknowledged message.
+ * - `client.reconnect()` and `client.end()` are NOT usable for rotation: `end()` closes the
+ *   stores (Store.close drops its map) and `reconnect()` without arguments replaces both stores
+ *   with empty ones, losing in-flight messages. A new client per certificate would lose the
+ *   old client's in-flight messages the same way.
+ * - Publishes queued while the client replays its store (`_storeProcessingQueue`) are failed
+ *   with "Connection closed" if the connection drops meanwhile; they are NOT in the store.
+ *
+ * Hence: one client for the agent's life. Rotation = put the new key/cert/ca into
+ * `client.options`, then end the current connection with a normal MQTT DISCONNECT (so the
+ * broker discards the will) WITHOUT calling `client.end()`: mqtt.js sees the stream close and
+ * reconnects by itself with its stores intact, now presenting the new certificate. On top,
+ * this module keeps its own queue: messages published while not ready, and messages mqtt.js
+ * failed without a reason code, are (re)published after the next `connect`. A PUBACK with an
+ * error reason code (e.g. not authorized) is final: counted as denied, not retried.
+ */
+import mqtt from "mqtt";
+import type { IClientOptions, IPublishPacket, MqttClient } from "mqtt";
+import type { ConnectionOptions, PeerCertificate } from "node:tls";
+
+/** What the TLS layer gives us: a snapshot of key, chain, bundle and the peer check. */
+export interface TlsSnapshot {
+  key: string;
+  cert: string;
+  ca: string;
+  checkServerIdentity: (host: string, cert: PeerCertificate) => Error | undefined;
+  /** When the leaf in `cert` expires. */
+  notAfter: Date;
+  notBefore: Date;
+}
+
+export type Logger = (event: string, fields?: Record<string, unknown>) => void;
+
+export interface MqttSessionOptions {
+  /** `mqtts://host:port`. */
+  url: string;
+  clientId: string;
+  /** Current TLS material; called at start and after every `refreshTls()`. */
+  tls: () => TlsSnapshot;
+  keepaliveSeconds: number;
+  sessionExpirySeconds: number;
+  will: { topic: string; payload: Uint8Array; retain: boolean };
+  /** Subscribed (QoS 1) after every connect, whether or not the session was present. */
+  subscriptions: string[];
+  /** Reconnect backoff: first delay, doubling up to max, with +-20 % jitter. */
+  reconnectMinMs?: number;
+  reconnectMaxMs?: number;
+  /** Reconnect proactively when the connection's certificate gets this close to expiry. */
+  rotationMarginMs: number;
+  /** How often the expiry margin is checked (default: a tenth of the margin, 1..30 s). */
+  expiryCheckMs?: number;
+  connectTimeoutMs?: number;
+  log: Logger;
+  /** After every connect, once subscriptions are requested. */
+  onConnect?: (info: { sessionPresent: boolean; connects: number }) => void;
+  onMessage?: (topic: string, payload: Uint8Array) => void;
+}
+
+export interface SessionStats {
+  connects: number;
+  reconnects: number;
+  /** TLS material updates applied (SVID or bundle). */
+  rotations: number;
+  /** Connections ended on purpose to present a new certificate. */
+  rotationReconnects: number;
+  /** QoS 1 publishes requested. */
+  sent: number;
+  acked: number;
+  /** PUBACK with an error reason code (e.g. 0x87 not authorized). */
+  denied: number;
+  /** Publishes requested while not connected (held until a connection). */
+  buffered: number;
+  /** Publishes requested and not yet acknowledged or denied. */
+  pending: number;
+  /** Publishes re-queued by us after mqtt.js failed them without a broker answer. */
+  retried: number;
+  received: number;
+  subscribeDenied: number;
+  lastError?: string;
+  connected: boolean;
+}
+
+export type PublishOutcome = "acked" | "denied" | "abandoned";
+
+interface Pending {
+  topic: string;
+  payload: Uint8Array;
+  retain: boolean;
+  resolve: (o: PublishOutcome) => void;
+}
+
+/** MQTT DISCONNECT, reason "normal disconnection" (0): the broker then discards the will. */
+const DISCONNECT_NORMAL = Uint8Array.of(0xe0, 0x00);
+
+export class MqttSession {
+  private client?: MqttClient;
+  private readonly queue: Pending[] = [];
+  private readonly outstanding = new Set<Pending>();
+  private ready = false;
+  private cycling = false;
+  private closing = false;
+  private backoffMs: number;
+  private expiryTimer?: ReturnType<typeof setInterval>;
+  /** The certificate validity in `client.options` and on the live connection. */
+  private optionsCert?: TlsSnapshot;
+  private attemptCert?: TlsSnapshot;
+  private connectionCert?: TlsSnapshot;
+  private expiryWarned = false;
+  readonly stats: SessionStats = {
+    connects: 0,
+    reconnects: 0,
+    rotations: 0,
+    rotationReconnects: 0,
+    sent: 0,
+    acked: 0,
+    denied: 0,
+    buffered: 0,
+    pending: 0,
+    retried: 0,
+    received: 0,
+    subscribeDenied: 0,
+    connected: false,
+  };
+  private readonly minMs: number;
+  private readonly maxMs: number;
+  private connectWaiters: (() => void)[] = [];
+
+  constructor(private readonly o: MqttSessionOptions) {
+    this.minMs = o.reconnectMinMs ?? 1000;
+    this.maxMs = o.reconnectMaxMs ?? 30_000;
+    this.backoffMs = this.minMs;
+  }
+
+  get connected(): boolean {
+    return this.ready;
+  }
+
+  /** The certificate the live connection presented (undefined when offline). */
+  get connectionNotAfter(): Date | undefined {
+    return this.ready ? this.connectionCert?.notAfter : undefined;
+  }
+
+  /** Starts connecting (and keeps reconnecting). Returns at once. */
+  start(): void {
+    if (this.client) throw new Error("MqttSession already started");
+    const tls = this.o.tls();
+    this.optionsCert = tls;
+    this.attemptCert = tls;
+    // mqtt.js hands the whole options object to tls.connect, so node:tls options pass through.
+    const opts: IClientOptions & Pick<ConnectionOptions, "checkServerIdentity"> = {
+      clientId: this.o.clientId,
+      protocolVersion: 5,
+      clean: false,
+      keepalive: this.o.keepaliveSeconds,
+      properties: { sessionExpiryInterval: this.o.sessionExpirySeconds },
+      reconnectPeriod: this.jittered(this.minMs),
+      connectTimeout: this.o.connectTimeoutMs ?? 15_000,
+      // We re-subscribe ourselves after every connect (even when the session is present).
+      resubscribe: false,
+      queueQoSZero: true,
+      will: {
+        topic: this.o.will.topic,
+        payload: Buffer.from(this.o.will.payload),
+        qos: 1,
+        retain: this.o.will.retain,
+      },
+      key: tls.key,
+      cert: tls.cert,
+      ca: tls.ca,
+      rejectUnauthorized: true,
+      // The broker is authenticated by its SPIFFE ID (chain to the SPIRE bundle), not its name.
+      checkServerIdentity: tls.checkServerIdentity,
+    };
+    const client = mqtt.connect(this.o.url, opts);
+    this.client = client;
+    client.on("connect", (connack) => this.onConnect(connack.sessionPresent === true));
+    client.on("reconnect", () => {
+      this.stats.reconnects++;
+      this.attemptCert = this.optionsCert;
+      // mqtt.js schedules the next attempt with options.reconnectPeriod when this one fails.
+      this.backoffMs = Math.min(this.maxMs, this.backoffMs * 2);
+      client.options.reconnectPeriod = this.jittered(this.backoffMs);
+      this.o.log("mqtt.reconnecting", { attempt: this.stats.reconnects });
+    });
+    client.on("close", () => {
+      const was = this.ready;
+      this.ready = false;
+      this.stats.connected = false;
+      if (was && !this.closing) {
+        this.o.log("mqtt.disconnected", {
+          inFlight: this.outstanding.size,
+          nextAttemptMs: client.options.reconnectPeriod,
+          planned: this.cycling,
+        });
+      }
+    });
+    client.on("error", (err) => {
+      const msg = (err as Error).message;
+      if (msg !== this.stats.lastError) this.o.log("mqtt.error", { error: msg });
+      this.stats.lastError = msg;
+    });
+    client.on("message", (topic, payload) => {
+      this.stats.received++;
+      try {
+        this.o.onMessage?.(topic, new Uint8Array(payload));
+      } catch (err) {
+        this.o.log("mqtt.handler_error", { topic, error: (err as Error).message });
+      }
+    });
+    this.startExpiryCheck();
+  }
+
+  private jittered(ms: number): number {
+    return Math.max(10, Math.round(ms * (0.8 + Math.random() * 0.4)));
+  }
+
+  private onConnect(sessionPresent: boolean) {
+    const client = this.client!;
+    this.stats.connects++;
+    this.stats.connected = true;
+    this.ready = true;
+    this.cycling = false;
+    this.connectionCert = this.attemptCert;
+    this.backoffMs = this.minMs;
+    client.options.reconnectPeriod = this.jittered(this.minMs);
+    this.o.log("mqtt.connected", {
+      sessionPresent,
+      connects: this.stats.connects,
+      certExpires: this.connectionCert?.notAfter.toISOString(),
+    });
+    for (const topic of this.o.subscriptions) {
+      client.subscribe(topic, { qos: 1 }, (err, granted) => {
+        if (err) {
+          this.o.log("mqtt.subscribe_failed", { topic, error: err.message });
+          return;
+        }
+        for (const g of granted ?? []) {
+          if (g.qos >= 0x80) {
+            this.stats.subscribeDenied++;
+            this.o.log("mqtt.subscribe_denied", { topic: g.topic, reasonCode: g.qos });
+          }
+        }
+      });
+    }
+    // Messages held while we were offline or rotating, in order.
+    const held = this.queue.splice(0);
+    for (const p of held) this.hand(p);
+    for (const w of this.connectWaiters.splice(0)) w();
+    this.o.onConnect?.({ sessionPresent, connects: this.stats.connects });
+    // The connection came up with an older certificate than the newest one: cycle at once.
+    if (this.optionsCert !== this.connectionCert) {
+      this.cycle("newer certificate arrived during connect");
+    }
+  }
+
+  /**
+   * Publishes with QoS 1. Resolves when the broker acknowledged it ("acked"), refused it
+   * ("denied"), or when the session closed before it could be delivered ("abandoned").
+   * Never rejects.
+   */
+  publish(
+    topic: string,
+    payload: Uint8Array,
+    opts: { retain?: boolean } = {},
+  ): Promise<PublishOutcome> {
+    this.stats.sent++;
+    this.stats.pending++;
+    return new Promise((resolve) => {
+      const p: Pending = {
+        topic,
+        payload,
+        retain: opts.retain ?? false,
+        resolve: (o) => {
+          this.stats.pending--;
+          resolve(o);
+        },
+      };
+      if (this.closing && !this.client) return p.resolve("abandoned");
+      if (!this.ready || this.cycling) {
+        this.stats.buffered++;
+        this.queue.push(p);
+        return;
+      }
+      this.hand(p);
+    });
+  }
+
+  /** Gives a message to mqtt.js; from then on its store owns it until PUBACK. */
+  private hand(p: Pending) {
+    const client = this.client!;
+    this.outstanding.add(p);
+    client.publish(p.topic, Buffer.from(p.payload), { qos: 1, retain: p.retain }, (err, packet) => {
+      const reasonCode = (err as { code?: number } | undefined)?.code ??
+        (packet as IPublishPacket & { reasonCode?: number } | undefined)?.reasonCode;
+      if (!err) {
+        this.outstanding.delete(p);
+        this.stats.acked++;
+        p.resolve("acked");
+        return;
+      }
+      if (typeof reasonCode === "number" && reasonCode >= 0x80) {
+        this.outstanding.delete(p);
+        this.stats.denied++;
+        this.o.log("mqtt.publish_denied", { topic: p.topic, reasonCode, error: err.message });
+        p.resolve("denied");
+        return;
+      }
+      // Failed locally ("Connection closed", "client disconnecting"): not in mqtt.js's store.
+      this.outstanding.delete(p);
+      if (this.closing) {
+        p.resolve("abandoned");
+        return;
+      }
+      this.stats.retried++;
+      if (this.ready && !this.cycling) this.hand(p);
+      else this.queue.push(p);
+    });
+  }
+
+  /**
+   * New TLS material (SVID or bundle rotated): used for every later connection, and the live
+   * connection is replaced now so that it never outlives its certificate.
+   */
+  refreshTls(reason: string): void {
+    const client = this.client;
+    if (!client || this.closing) return;
+    let tls: TlsSnapshot;
+    try {
+      tls = this.o.tls();
+    } catch (err) {
+      this.o.log("mqtt.tls_refresh_failed", { reason, error: (err as Error).message });
+      return;
+    }
+    this.stats.rotations++;
+    this.optionsCert = tls;
+    this.expiryWarned = false;
+    Object.assign(client.options, {
+      key: tls.key,
+      cert: tls.cert,
+      ca: tls.ca,
+      checkServerIdentity: tls.checkServerIdentity,
+    });
+    this.o.log("mqtt.tls_updated", { reason, certExpires: tls.notAfter.toISOString() });
+    this.cycle(reason);
+  }
+
+  /** Ends the live connection cleanly; mqtt.js reconnects with `client.options` and its stores. */
+  private cycle(reason: string) {
+    const client = this.client;
+    if (!client || !this.ready || this.cycling || this.closing) return;
+    this.cycling = true;
+    this.stats.rotationReconnects++;
+    this.o.log("mqtt.rotating_connection", { reason, inFlight: this.outstanding.size });
+    // Reconnect quickly after a planned cycle (mqtt.js uses this for the next attempt).
+    client.options.reconnectPeriod = this.jittered(Math.min(this.minMs, 200));
+    try {
+      client.stream.end(DISCONNECT_NORMAL);
+    } catch (err) {
+      this.o.log("mqtt.rotate_error", { error: (err as Error).message });
+      client.stream.destroy();
+    }
+  }
+
+  private startExpiryCheck() {
+    const margin = this.o.rotationMarginMs;
+    const every = this.o.expiryCheckMs ?? Math.min(30_000, Math.max(1000, margin / 10));
+    this.expiryTimer = setInterval(() => this.checkExpiry(), every);
+  }
+
+  /** Called periodically; exported behaviour: proactive reconnect near expiry. */
+  checkExpiry(now = Date.now()): void {
+    const conn = this.connectionCert;
+    if (!this.ready || !conn) return;
+    const life = conn.notAfter.getTime() - conn.notBefore.getTime();
+    const margin = Math.min(this.o.rotationMarginMs, life / 3);
+    if (conn.notAfter.getTime() - now > margin) return;
+    const newest = this.optionsCert;
+    if (newest && newest.notAfter.getTime() > conn.notAfter.getTime()) {
+      this.cycle("connection certificate near expiry");
+    } else if (!this.expiryWarned) {
+      this.expiryWarned = true;
+      this.o.log("mqtt.svid_expiring", {
+        expires: conn.notAfter.toISOString(),
+        note: "no newer SVID from the SPIRE agent yet",
+      });
+    }
+  }
+
+  /** Resolves at the next connect (or at once when connected). */
+  whenConnected(signal?: AbortSignal): Promise<void> {
+    if (this.ready) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const onAbort = () => reject(signal!.reason);
+      signal?.addEventListener("abort", onAbort, { once: true });
+      this.connectWaiters.push(() => {
+        signal?.removeEventListener("abort", onAbort);
+        resolve();
+      });
+    });
+  }
+
+  /**
+   * Waits (bounded) for outstanding messages to be acknowledged, then disconnects cleanly.
+   * Messages still held are abandoned (counted in `pending` before this resolves).
+   */
+  async close(drainMs = 5000): Promise<void> {
+    const client = this.client;
+    if (!client) return;
+    if (this.expiryTimer) clearInterval(this.expiryTimer);
+    if (this.ready && (this.outstanding.size > 0 || this.queue.length > 0)) {
+      const deadline = Date.now() + drainMs;
+      while (
+        this.ready && (this.outstanding.size > 0 || this.queue.length > 0) && Date.now() < deadline
+      ) {
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+    this.closing = true;
+    const left = this.outstanding.size + this.queue.length;
+    if (left > 0) this.o.log("mqtt.abandoning", { messages: left });
+    await new Promise<void>((resolve) => {
+      // force=false sends DISCONNECT when connected; when offline it just stops reconnecting.
+      client.end(!this.ready || left > 0, {}, () => resolve());
+    });
+    for (const p of [...this.outstanding, ...this.queue.splice(0)]) p.resolve("abandoned");
+    this.outstanding.clear();
+    this.ready = false;
+    this.stats.connected = false;
+    this.client = undefined;
+  }
+}
