@@ -147,7 +147,7 @@ const heartbeats = (got: UpMessage[]) =>
 
 function assertAllSeqs(got: UpMessage[], n: number) {
   const seen = new Set(heartbeats(got));
-  const missing = [...Array(n).keys()].filter((i) => !seen.has(i));
+  const missing = [...Array(n).keys()].map((i) => i + 1).filter((s) => !seen.has(s)); // seq starts at 1
   assert.deepEqual(missing, [], `missing heartbeat seqs`);
 }
 

@@ -78,7 +78,9 @@ export class RobotAgent {
   readonly tasks: TaskRunner;
   private heartbeatTimer?: ReturnType<typeof setInterval>;
   private unsubscribe?: () => void;
-  private seq = 0;
+  private seq = 1;
+  /** Lets the server tell an agent restart (seq back to 1) from lost heartbeats. */
+  private readonly bootId = crypto.randomUUID();
   private readonly running = new Set<Promise<unknown>>();
   private readonly counters = {
     heartbeats: 0,
@@ -193,6 +195,7 @@ export class RobotAgent {
       robotId: this.cfg.robotId,
       ts: now(),
       seq: this.seq++,
+      bootId: this.bootId,
       svidExpiresAt: this.o.source.getX509Svid().notAfter.toISOString(),
       load: loadAverage(),
     };
