@@ -18,7 +18,6 @@ import {
 } from "./fleet_server.ts";
 import { parseHostPort } from "./http_api.ts";
 import { svidTlsProvider } from "./svid_tls.ts";
-import type { X509SvidSource } from "../spiffe/source.ts";
 
 function ioLogger(io: Io): Logger {
   const line = (level: string, msg: string) =>
