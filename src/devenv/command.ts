@@ -1,4 +1,34 @@
-import { type CommandSpec, notImplemented } from "../cli/mod.ts";
+import type { Args, CommandSpec } from "../cli/mod.ts";
+import { UsageError } from "../cli/errors.ts";
+import type { Io } from "../cli/io.ts";
+import { installCommand } from "../spire/install.ts";
+import { runBrokerIdentity } from "./broker_identity_run.ts";
+import {
+  type BrokerModeFlag,
+  type DevenvContext,
+  LAYOUT_FLAGS,
+  resolveContext,
+  robotIds,
+} from "./context.ts";
+import { devenvLogs } from "./logs.ts";
+import { devenvStart } from "./start.ts";
+import { devenvStatus } from "./status.ts";
+import { devenvClean, devenvStop } from "./stop.ts";
+
+function positiveSeconds(args: Args, flag: string): number | undefined {
+  if (!args.has(flag)) return undefined;
+  const n = args.number(flag)!;
+  if (!Number.isInteger(n) || n < 1) {
+    throw new UsageError(`devenv start: --${flag} expects whole seconds >= 1, got ${n}`);
+  }
+  return n;
+}
+
+function withContext(
+  fn: (ctx: DevenvContext, args: Args) => Promise<number>,
+): (args: Args, io: Io) => Promise<number> {
+  return (args, io) => fn(resolveContext(args, io), args);
+}
 
 export const devenvCommand: CommandSpec = {
   name: "devenv",
@@ -7,20 +37,114 @@ export const devenvCommand: CommandSpec = {
     {
       name: "install",
       summary: "Provision spire-server, spire-agent and mosquitto",
-      run: notImplemented("devenv install"),
+      run: (args, io) => installCommand(args, io),
     },
-    { name: "start", summary: "Start the whole stack", run: notImplemented("devenv start") },
+    {
+      name: "start",
+      summary: "Start the whole stack (idempotent: restarts only what is down)",
+      description:
+        "Starts the SPIRE server, creates join tokens and registration entries, exports the\n" +
+        "trust bundle, gives Mosquitto an X.509 SVID (broker-identity), starts Mosquitto, the\n" +
+        "k8s4r server and one k8s4r agent per robot, and returns once every robot is online.\n" +
+        "Env: ROBOT_ID (single robot id), MQTT_BROKER_URL (what agents connect to), and the\n" +
+        "K8S4R_* port variables below.",
+      flags: [
+        {
+          name: "robots",
+          type: "number",
+          valueName: "N",
+          description: "Run robot-001..robot-N (default: ROBOT_ID or robot-001)",
+        },
+        {
+          name: "broker",
+          type: "string",
+          valueName: "MODE",
+          description: "native, docker or auto (default auto: native mosquitto, then docker)",
+        },
+        ...LAYOUT_FLAGS,
+        {
+          name: "svid-ttl",
+          type: "number",
+          valueName: "SECONDS",
+          description: "X.509 SVID TTL of the robots' entries (default: server default)",
+        },
+        {
+          name: "broker-svid-ttl",
+          type: "number",
+          valueName: "SECONDS",
+          description: "X.509 SVID TTL of the broker's entry (default: server default)",
+        },
+        {
+          name: "timeout",
+          type: "number",
+          valueName: "SECONDS",
+          description: "How long to wait for the robots to come online (default 120)",
+        },
+      ],
+      run: withContext((ctx, args) => {
+        const mode = args.string("broker") ?? "auto";
+        if (!["native", "docker", "auto"].includes(mode)) {
+          throw new UsageError(
+            `devenv start: --broker expects native, docker or auto, got '${mode}'`,
+          );
+        }
+        const timeout = positiveSeconds(args, "timeout");
+        return devenvStart(ctx, {
+          robots: robotIds(args.number("robots"), ctx.env),
+          broker: mode as BrokerModeFlag,
+          svidTtl: positiveSeconds(args, "svid-ttl"),
+          brokerSvidTtl: positiveSeconds(args, "broker-svid-ttl"),
+          brokerUrl: ctx.env["MQTT_BROKER_URL"] || undefined,
+          onlineTimeoutMs: timeout !== undefined ? timeout * 1000 : undefined,
+        });
+      }),
+    },
     {
       name: "status",
-      summary: "Show each component's state",
-      run: notImplemented("devenv status"),
+      summary: "Show each component's state (exit 1 when something is down)",
+      flags: [
+        { name: "json", type: "boolean", description: 'Print JSON: {"components":[...]}' },
+        ...LAYOUT_FLAGS,
+      ],
+      run: withContext((ctx, args) => devenvStatus(ctx, args.bool("json"))),
     },
-    { name: "logs", summary: "Show component logs", run: notImplemented("devenv logs") },
-    { name: "stop", summary: "Stop everything devenv started", run: notImplemented("devenv stop") },
+    {
+      name: "logs",
+      summary: "Show component logs, prefixed like docker compose",
+      positionals: [{ name: "component", description: "Components to show", variadic: true }],
+      flags: [
+        { name: "follow", short: "f", type: "boolean", description: "Keep following" },
+        {
+          name: "lines",
+          short: "n",
+          type: "number",
+          valueName: "N",
+          description: "Lines per component from the end (default 100)",
+        },
+        ...LAYOUT_FLAGS,
+      ],
+      run: withContext((ctx, args) =>
+        devenvLogs(ctx, args.positionals, args.bool("follow"), args.number("lines") ?? 100)
+      ),
+    },
+    {
+      name: "stop",
+      summary: "Stop everything devenv started (SIGTERM, then SIGKILL)",
+      flags: [...LAYOUT_FLAGS],
+      run: withContext((ctx) => devenvStop(ctx)),
+    },
     {
       name: "clean",
-      summary: "Stop, then delete all devenv state",
-      run: notImplemented("devenv clean"),
+      summary: "Stop, then delete all devenv state (.dev-env, .spire-data, sockets, exported CA)",
+      flags: [...LAYOUT_FLAGS],
+      run: withContext((ctx) => devenvClean(ctx)),
+    },
+    {
+      name: "broker-identity",
+      summary: "Keep Mosquitto's certificate a current SPIRE X.509 SVID (run by start)",
+      hidden: true,
+      flags: [...LAYOUT_FLAGS],
+      run: withContext((ctx) => runBrokerIdentity(ctx)),
     },
   ],
 };

@@ -126,3 +126,59 @@ export function robotLayout(
 export function brokerSpiffeId(trustDomain: string): string {
   return `spiffe://${trustDomain}${BROKER_SPIFFE_PATH}`;
 }
+
+/** Every file devenv keeps per component (pid, log) plus its own state files. */
+export interface DevenvFiles {
+  spireServerPid: string;
+  spireServerLog: string;
+  brokerIdentityPid: string;
+  brokerIdentityLog: string;
+  /** `{serial, spiffeId, notAfter, lastRenewal, bundleFingerprint, ...}` written by broker-identity. */
+  brokerIdentityStatus: string;
+  /** The broker's own SPIRE agent (a child of broker-identity). */
+  brokerNodeSpiffeId: string;
+  brokerAgentSocket: string;
+  brokerAgentDataDir: string;
+  brokerAgentLog: string;
+  brokerJoinTokenFile: string;
+  mosquittoPid: string;
+  mosquittoLog: string;
+  /** The broker's X.509 SVID (leaf + intermediates) and key (0600), written by broker-identity. */
+  brokerCertFile: string;
+  brokerKeyFile: string;
+  /** `{mode, cmd, args}` of the running broker, so broker-identity can restart it the same way. */
+  brokerStateFile: string;
+  serverPid: string;
+  serverLog: string;
+  tokensDir: string;
+  timingsFile: string;
+}
+
+export function devenvFiles(
+  layout: Layout,
+  env: Record<string, string | undefined> = {},
+): DevenvFiles {
+  const d = layout.devEnvDir;
+  const socketBase = env["K8S4R_AGENT_SOCKET_DIR"] ?? "/tmp/spire-agent";
+  return {
+    spireServerPid: join(d, "spire-server.pid"),
+    spireServerLog: join(d, "spire-server.log"),
+    brokerIdentityPid: join(d, "broker-identity.pid"),
+    brokerIdentityLog: join(d, "broker-identity.log"),
+    brokerIdentityStatus: join(d, "broker-identity.json"),
+    brokerNodeSpiffeId: `spiffe://${layout.trustDomain}/k8s4r/node/broker`,
+    brokerAgentSocket: join(socketBase, "broker", "agent.sock"),
+    brokerAgentDataDir: join(layout.spireDataDir, "agent-broker"),
+    brokerAgentLog: join(d, "spire-agent-broker.log"),
+    brokerJoinTokenFile: join(d, "tokens", "broker.token"),
+    mosquittoPid: join(d, "mosquitto.pid"),
+    mosquittoLog: join(d, "mosquitto.log"),
+    brokerCertFile: join(layout.mosquittoDir, "broker.crt"),
+    brokerKeyFile: join(layout.mosquittoDir, "broker.key"),
+    brokerStateFile: join(d, "broker.json"),
+    serverPid: join(d, "server.pid"),
+    serverLog: join(d, "server.log"),
+    tokensDir: join(d, "tokens"),
+    timingsFile: join(d, "start-timings.json"),
+  };
+}

@@ -1,0 +1,192 @@
+/**
+ * The broker component: choosing the runtime (native mosquitto or docker), generating its files,
+ * starting it detached, probing it, and the two ways its identity changes reach it: SIGHUP for a
+ * renewed certificate, a restart for a new trust bundle (Mosquitto 2.0 does not reload `cafile`).
+ * `start` and the `broker-identity` component both use these, so the broker is always started
+ * the same way.
+ */
+import { dirname } from "node:path";
+import { CliError, errorMessage } from "../cli/errors.ts";
+import type { Io } from "../cli/io.ts";
+import { generatePassword, writeBrokerFiles } from "../mqtt/broker_config.ts";
+import { type Daemon, isRecordAlive, readPidFile, stopPidFile } from "../process/mod.ts";
+import { findMosquitto } from "../spire/binaries.ts";
+import {
+  type BrokerCommand,
+  type BrokerMode,
+  dockerBrokerCommand,
+  dockerSighupArgv,
+  nativeBrokerCommand,
+} from "./broker_argv.ts";
+import { type BrokerModeFlag, type DevenvContext, writeFileAtomic } from "./context.ts";
+import { SERVER_MQTT_USERNAME } from "./layout.ts";
+import { probeMqttPassword, probeMqttTls, type ProbeResult } from "./probes.ts";
+
+export interface BrokerRuntime {
+  mode: BrokerMode;
+  /** Native: the mosquitto binary. */
+  mosquittoPath?: string;
+  /** Human description: "mosquitto 2.0.11 (/usr/sbin/mosquitto)". */
+  description: string;
+}
+
+/** `auto` tries native mosquitto first, then a docker engine. */
+export async function resolveBrokerRuntime(io: Io, mode: BrokerModeFlag): Promise<BrokerRuntime> {
+  const problems: string[] = [];
+  if (mode === "native" || mode === "auto") {
+    try {
+      const m = await findMosquitto(io);
+      return {
+        mode: "native",
+        mosquittoPath: m.path,
+        description: `mosquitto ${m.version} (${m.path})`,
+      };
+    } catch (err) {
+      if (mode === "native") throw err;
+      problems.push(`native: ${errorMessage(err)}`);
+    }
+  }
+  try {
+    const r = await io.runner.output("docker", ["version", "--format", "{{.Server.Version}}"], {
+      check: false,
+      timeoutMs: 15_000,
+    });
+    if (r.success) return { mode: "docker", description: `docker engine ${r.stdout.trim()}` };
+    problems.push(`docker: ${r.stderr.trim().split("\n").pop() || `exit ${r.code}`}`);
+  } catch (err) {
+    problems.push(`docker: ${errorMessage(err)}`);
+  }
+  throw new CliError(
+    `no broker runtime: ${problems.join("; ")}`,
+    1,
+    "install mosquitto 2.x (apt-get install -y mosquitto) or start a docker engine",
+  );
+}
+
+export function brokerCommand(ctx: DevenvContext, rt: BrokerRuntime): BrokerCommand {
+  const input = {
+    configFile: `${ctx.layout.mosquittoDir}/mosquitto.conf`,
+    readOnlyDirs: [dirname(ctx.layout.caBundleFile)],
+    // .dev-env holds the generated files, the persistence directory and the log file.
+    writableDirs: [ctx.layout.devEnvDir],
+    projectRoot: ctx.layout.root,
+    uid: Deno.uid() ?? 0,
+    gid: Deno.gid() ?? 0,
+    mosquittoPath: rt.mosquittoPath,
+  };
+  return rt.mode === "native" ? nativeBrokerCommand(input) : dockerBrokerCommand(input);
+}
+
+export interface ServerCredentials {
+  username: string;
+  password: string;
+}
+
+/** The server's 1883 login: read it, or create it once (0600), so restarts keep it. */
+export async function ensureServerCredentials(ctx: DevenvContext): Promise<ServerCredentials> {
+  const file = ctx.layout.serverCredentialsFile;
+  try {
+    const c = JSON.parse(await Deno.readTextFile(file));
+    if (typeof c?.username === "string" && typeof c?.password === "string" && c.password) {
+      return { username: c.username, password: c.password };
+    }
+  } catch { /* create below */ }
+  const creds = { username: SERVER_MQTT_USERNAME, password: generatePassword() };
+  await writeFileAtomic(file, JSON.stringify(creds) + "\n", 0o600);
+  return creds;
+}
+
+/** Generates mosquitto.conf, ACLs and the password file (from the stored credentials). */
+export async function writeBrokerConfig(ctx: DevenvContext): Promise<void> {
+  const creds = await ensureServerCredentials(ctx);
+  await writeBrokerFiles(ctx.layout.mosquittoDir, {
+    tlsPort: ctx.layout.ports.mqttTls,
+    plainPort: ctx.layout.ports.mqttPlain,
+    cafile: ctx.layout.caBundleFile,
+    certfile: ctx.files.brokerCertFile,
+    keyfile: ctx.files.brokerKeyFile,
+    server: creds,
+    logFile: ctx.files.mosquittoLog,
+  });
+}
+
+/**
+ * Healthy = an MQTT session is accepted on both listeners: the server's password login on the
+ * loopback listener, and an mTLS session on the robot listener (client certificate: the
+ * broker's own SVID, which any SVID of the trust domain would equally prove).
+ */
+export async function probeBroker(ctx: DevenvContext): Promise<ProbeResult> {
+  let creds: ServerCredentials;
+  let ca: string, cert: string, key: string;
+  try {
+    creds = JSON.parse(await Deno.readTextFile(ctx.layout.serverCredentialsFile));
+    ca = await Deno.readTextFile(ctx.layout.caBundleFile);
+    cert = await Deno.readTextFile(ctx.files.brokerCertFile);
+    key = await Deno.readTextFile(ctx.files.brokerKeyFile);
+  } catch (err) {
+    return { ok: false, detail: `missing broker files: ${errorMessage(err)}` };
+  }
+  const [plain, tls] = await Promise.all([
+    probeMqttPassword(ctx.layout.ports.mqttPlain, creds.username, creds.password),
+    probeMqttTls({ port: ctx.layout.ports.mqttTls, ca, cert, key }),
+  ]);
+  if (!plain.ok) return plain;
+  if (!tls.ok) return tls;
+  return { ok: true, detail: "mTLS and password sessions accepted" };
+}
+
+/** Starts the broker detached with the given command; resolves once it is healthy. */
+export async function startBroker(ctx: DevenvContext, cmd: BrokerCommand): Promise<Daemon> {
+  return await ctx.io.runner.spawn({
+    name: "mosquitto",
+    cmd: cmd.cmd,
+    args: cmd.args,
+    cwd: ctx.layout.root,
+    logFile: ctx.files.mosquittoLog,
+    pidFile: ctx.files.mosquittoPid,
+    detached: true,
+    ready: async () => (await probeBroker(ctx)).ok,
+    readyTimeoutMs: cmd.mode === "docker" ? 120_000 : 20_000,
+    readyIntervalMs: 100,
+  });
+}
+
+/** The broker's command as `start` recorded it. */
+export function savedBrokerCommand(ctx: DevenvContext): BrokerCommand | undefined {
+  try {
+    const s = JSON.parse(Deno.readTextFileSync(ctx.files.brokerStateFile));
+    if (typeof s?.cmd === "string" && Array.isArray(s?.args)) return s as BrokerCommand;
+  } catch { /* none */ }
+  return undefined;
+}
+
+export async function saveBrokerCommand(ctx: DevenvContext, cmd: BrokerCommand): Promise<void> {
+  await writeFileAtomic(ctx.files.brokerStateFile, JSON.stringify(cmd, null, 2) + "\n", 0o600);
+}
+
+/**
+ * SIGHUP makes mosquitto reload its certificate and key. Only the process of our pid file,
+ * checked by start time; in docker mode, through the engine. Returns what it did.
+ */
+export async function reloadBroker(ctx: DevenvContext): Promise<string> {
+  const rec = readPidFile(ctx.files.mosquittoPid);
+  if (!rec || !isRecordAlive(rec)) return "broker not running";
+  const cmd = savedBrokerCommand(ctx);
+  if (cmd?.mode === "docker" && cmd.container) {
+    await ctx.io.runner.output(cmd.cmd, dockerSighupArgv(cmd.container), { timeoutMs: 15_000 });
+    return `SIGHUP sent to container ${cmd.container}`;
+  }
+  Deno.kill(rec.pid, "SIGHUP");
+  return `SIGHUP sent to mosquitto (pid ${rec.pid})`;
+}
+
+/** Stops the broker (pid file) and starts it again with its recorded command. */
+export async function restartBroker(ctx: DevenvContext): Promise<string> {
+  const rec = readPidFile(ctx.files.mosquittoPid);
+  if (!rec || !isRecordAlive(rec)) return "broker not running";
+  const cmd = savedBrokerCommand(ctx);
+  if (!cmd) return "broker command unknown; not restarted";
+  await stopPidFile(ctx.files.mosquittoPid, 10_000);
+  const d = await startBroker(ctx, cmd);
+  return `broker restarted (pid ${rec.pid} -> ${d.pid})`;
+}

@@ -1,0 +1,168 @@
+/**
+ * `broker-identity`: the long-running devenv component that gives Mosquitto a SPIFFE identity.
+ *
+ * It supervises its own spire-agent (node alias `spiffe://<td>/k8s4r/node/broker`), holds an
+ * X509 source on that agent's Workload API for `spiffe://<td>/mqtt-broker`, and on every update:
+ *  - writes the broker certificate chain and key (0600) atomically and sends Mosquitto SIGHUP
+ *    (it reloads certificate and key on SIGHUP, so a rotated SVID is served without a restart);
+ *  - when the trust bundle changed (CA rotation), rewrites the exported CA and restarts
+ *    Mosquitto, which does not reload `cafile` on SIGHUP;
+ *  - records what it did in `.dev-env/broker-identity.json` for `devenv status`.
+ *
+ * Why an agent and not `spire-server x509 mint`: the broker then gets its identity exactly as a
+ * production workload would (node attestation + workload attestation, renewal by the agent at
+ * half-life), and it needs no access to the server's admin socket.
+ */
+import { createHash, X509Certificate } from "node:crypto";
+import { errorMessage } from "../cli/errors.ts";
+import type { X509SvidSource } from "../spiffe/source.ts";
+import { writeFileAtomic } from "./context.ts";
+
+export interface BrokerIdentityStatus {
+  pid: number;
+  spiffeId: string;
+  serial: string;
+  notAfter: string;
+  /** When the current SVID was written. */
+  lastRenewal: string;
+  renewals: number;
+  bundleFingerprint: string;
+  bundleChanges: number;
+  updatedAt: string;
+  lastError?: string;
+}
+
+export interface BrokerIdentityPaths {
+  certFile: string;
+  keyFile: string;
+  caBundleFile: string;
+  statusFile: string;
+  trustDomain: string;
+}
+
+export interface BrokerControl {
+  /** SIGHUP: reload certificate and key. Returns what was done. */
+  reload(): Promise<string>;
+  /** Stop and start again (new cafile). Returns what was done. */
+  restart(): Promise<string>;
+}
+
+/** sha256 over the sorted DER of every CA certificate: independent of order and PEM layout. */
+export function bundleFingerprint(certs: readonly X509Certificate[]): string {
+  const ders = certs.map((c) => createHash("sha256").update(c.raw).digest("hex")).sort();
+  return createHash("sha256").update(ders.join(",")).digest("hex");
+}
+
+/** Splits concatenated PEM certificates; ignores anything else. */
+export function parsePemCerts(pem: string): X509Certificate[] {
+  const blocks = pem.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
+  return blocks.map((b) => new X509Certificate(b));
+}
+
+export function pemFingerprint(pem: string): string | undefined {
+  try {
+    const certs = parsePemCerts(pem);
+    return certs.length ? bundleFingerprint(certs) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+export async function readBrokerIdentityStatus(
+  file: string,
+): Promise<BrokerIdentityStatus | undefined> {
+  try {
+    const s = JSON.parse(await Deno.readTextFile(file));
+    return typeof s?.serial === "string" ? s as BrokerIdentityStatus : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Reacts to source updates, one at a time, in order. */
+export class BrokerIdentity {
+  private chain: Promise<void> = Promise.resolve();
+  private lastSerial: string | undefined;
+  private status: BrokerIdentityStatus | undefined;
+
+  constructor(
+    private readonly source: X509SvidSource,
+    private readonly paths: BrokerIdentityPaths,
+    private readonly broker: BrokerControl,
+    private readonly log: (line: string) => void,
+    private readonly now: () => Date = () => new Date(),
+  ) {}
+
+  /** Queues one update; the returned promise settles when it is handled (never rejects). */
+  update(): Promise<void> {
+    this.chain = this.chain.then(() => this.handle()).catch((err) => {
+      this.log(`update failed: ${errorMessage(err)}`);
+      if (this.status) {
+        this.status.lastError = errorMessage(err);
+        return this.writeStatus().catch(() => {});
+      }
+    });
+    return this.chain;
+  }
+
+  private async handle(): Promise<void> {
+    const svid = this.source.getX509Svid();
+    const serial = svid.serialNumber;
+    const now = this.now();
+    const renewed = serial !== this.lastSerial;
+    if (renewed) {
+      // Key first: a broker (re)started in between finds a key that matches the next cert.
+      await writeFileAtomic(this.paths.keyFile, svid.privateKeyPem(), 0o600);
+      await writeFileAtomic(this.paths.certFile, svid.certChainPem(), 0o600);
+      this.log(
+        `wrote SVID ${svid.id.toString()} serial ${serial}, expires ${svid.notAfter.toISOString()}`,
+      );
+    }
+    const bundle = this.source.getX509BundleForTrustDomain(this.paths.trustDomain);
+    let bundleChanged = false;
+    let fp = this.status?.bundleFingerprint ?? "";
+    if (bundle) {
+      fp = bundleFingerprint(bundle.authorities);
+      let current: string | undefined;
+      try {
+        current = pemFingerprint(await Deno.readTextFile(this.paths.caBundleFile));
+      } catch { /* missing: write it */ }
+      if (current !== fp) {
+        await writeFileAtomic(this.paths.caBundleFile, bundle.toPem(), 0o644, 0o755);
+        bundleChanged = true;
+        this.log(
+          `trust bundle changed (${bundle.authorities.length} CA(s)): exported CA rewritten`,
+        );
+      }
+    }
+    if (bundleChanged) {
+      this.log(await this.broker.restart());
+    } else if (renewed && this.lastSerial !== undefined) {
+      this.log(await this.broker.reload());
+    } else if (renewed) {
+      // First SVID of this process: the files may have changed under a running broker.
+      this.log(await this.broker.reload());
+    }
+    this.status = {
+      pid: Deno.pid,
+      spiffeId: svid.id.toString(),
+      serial,
+      notAfter: svid.notAfter.toISOString(),
+      lastRenewal: renewed ? now.toISOString() : this.status?.lastRenewal ?? now.toISOString(),
+      renewals: (this.status?.renewals ?? -1) + (renewed ? 1 : 0),
+      bundleFingerprint: fp,
+      bundleChanges: (this.status?.bundleChanges ?? 0) + (bundleChanged ? 1 : 0),
+      updatedAt: now.toISOString(),
+    };
+    this.lastSerial = serial;
+    await this.writeStatus();
+  }
+
+  private async writeStatus(): Promise<void> {
+    await writeFileAtomic(
+      this.paths.statusFile,
+      JSON.stringify(this.status, null, 2) + "\n",
+      0o644,
+    );
+  }
+}

@@ -1,0 +1,76 @@
+/**
+ * The process behind `k8s4r devenv broker-identity` (hidden; `devenv start` runs it detached).
+ * Wires the real pieces into `BrokerIdentity`: a supervised spire-agent for the broker's node,
+ * an X509Source on its Workload API, and the broker control of `broker.ts`.
+ */
+import { errorMessage } from "../cli/errors.ts";
+import { X509Source } from "../spiffe/mod.ts";
+import { SpireAgentSupervisor } from "../spire/agent.ts";
+import { ensureSpireBinaries } from "../spire/binaries.ts";
+import { reloadBroker, restartBroker } from "./broker.ts";
+import { BrokerIdentity } from "./broker_identity.ts";
+import type { DevenvContext } from "./context.ts";
+import { brokerSpiffeId } from "./layout.ts";
+
+export async function runBrokerIdentity(ctx: DevenvContext): Promise<number> {
+  const { io, layout, files } = ctx;
+  const log = (line: string) => io.stdout.write(`${new Date().toISOString()} ${line}\n`);
+  const bins = await ensureSpireBinaries(io);
+  const supervisor = new SpireAgentSupervisor({
+    runner: io.runner,
+    bin: bins.agent,
+    configPath: `${files.brokerAgentDataDir}/agent.conf`,
+    logFile: files.brokerAgentLog,
+    joinTokenFile: files.brokerJoinTokenFile,
+    trustDomain: layout.trustDomain,
+    serverAddress: "127.0.0.1",
+    serverPort: layout.ports.spireServer,
+    socketPath: files.brokerAgentSocket,
+    dataDir: files.brokerAgentDataDir,
+    trustBundlePath: layout.caBundleFile,
+    logLevel: "INFO",
+    readyTimeoutMs: 60_000,
+    onEvent: (e) => {
+      if (e.type !== "starting" || e.attempt > 0) log(`spire-agent: ${JSON.stringify(e)}`);
+    },
+  });
+  const spiffeId = brokerSpiffeId(layout.trustDomain);
+  let source: X509Source | undefined;
+  try {
+    log(`starting spire-agent for ${files.brokerNodeSpiffeId} on ${files.brokerAgentSocket}`);
+    await supervisor.start();
+    log(`spire-agent serving (pid ${supervisor.pid}); fetching ${spiffeId}`);
+    source = await X509Source.create({
+      address: `unix://${files.brokerAgentSocket}`,
+      spiffeId,
+      timeoutMs: 60_000,
+      signal: io.signal,
+    });
+    const bi = new BrokerIdentity(source, {
+      certFile: files.brokerCertFile,
+      keyFile: files.brokerKeyFile,
+      caBundleFile: layout.caBundleFile,
+      statusFile: files.brokerIdentityStatus,
+      trustDomain: layout.trustDomain,
+    }, {
+      reload: () => reloadBroker(ctx),
+      restart: () => restartBroker(ctx),
+    }, log);
+    source.onUpdate(() => void bi.update());
+    await bi.update();
+    log("ready; following SVID and bundle updates");
+    await new Promise<void>((resolve) => {
+      if (io.signal.aborted) return resolve();
+      io.signal.addEventListener("abort", () => resolve(), { once: true });
+    });
+    log("stopping");
+    return 0;
+  } catch (err) {
+    if (io.signal.aborted) return 0;
+    log(`failed: ${errorMessage(err)}`);
+    throw err;
+  } finally {
+    await Promise.resolve(source?.close()).catch(() => {});
+    await supervisor.stop();
+  }
+}

@@ -1,0 +1,117 @@
+import assert from "node:assert/strict";
+import { X509Bundle, X509BundleSet } from "../spiffe/bundle.ts";
+import { StaticX509Source } from "../spiffe/source.ts";
+import { parseX509SvidPem } from "../spiffe/svid.ts";
+import { TestCa } from "../spiffe/testing/test_ca.ts";
+import {
+  BrokerIdentity,
+  bundleFingerprint,
+  pemFingerprint,
+  readBrokerIdentityStatus,
+} from "./broker_identity.ts";
+
+const TD = "k8s4r.example.org";
+const ID = `spiffe://${TD}/mqtt-broker`;
+
+function svidFrom(ca: TestCa) {
+  const c = ca.issue({ spiffeId: ID, dnsNames: ["localhost"] });
+  return parseX509SvidPem(c.chainPem, c.keyPem);
+}
+
+Deno.test("broker-identity: writes files 0600, SIGHUPs on renewal, restarts on a new bundle", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const ca1 = TestCa.create({ trustDomain: TD });
+    const source = new StaticX509Source(
+      svidFrom(ca1),
+      new X509BundleSet([new X509Bundle(TD, [ca1.certificate])]),
+    );
+    const actions: string[] = [];
+    const paths = {
+      certFile: `${dir}/m/broker.crt`,
+      keyFile: `${dir}/m/broker.key`,
+      caBundleFile: `${dir}/certs/spire-ca.crt`,
+      statusFile: `${dir}/broker-identity.json`,
+      trustDomain: TD,
+    };
+    const bi = new BrokerIdentity(source, paths, {
+      reload: () => {
+        actions.push("reload");
+        return Promise.resolve("reloaded");
+      },
+      restart: () => {
+        actions.push("restart");
+        return Promise.resolve("restarted");
+      },
+    }, () => {});
+
+    // First update: files written, the missing CA export written -> restart (new cafile).
+    await bi.update();
+    assert.deepEqual(actions, ["restart"]);
+    assert.equal((await Deno.stat(paths.keyFile)).mode! & 0o777, 0o600);
+    assert.equal((await Deno.stat(paths.certFile)).mode! & 0o777, 0o600);
+    assert.equal(
+      pemFingerprint(await Deno.readTextFile(paths.caBundleFile)),
+      bundleFingerprint([ca1.certificate]),
+    );
+    const s1 = (await readBrokerIdentityStatus(paths.statusFile))!;
+    assert.equal(s1.spiffeId, ID);
+    assert.equal(s1.serial, source.getX509Svid().serialNumber);
+    assert.equal(s1.renewals, 0);
+
+    // Same SVID again: nothing to do.
+    await bi.update();
+    assert.deepEqual(actions, ["restart"]);
+
+    // Rotation with the same CA: new files and a SIGHUP, no restart.
+    source.set(svidFrom(ca1));
+    await bi.update();
+    assert.deepEqual(actions, ["restart", "reload"]);
+    const s2 = (await readBrokerIdentityStatus(paths.statusFile))!;
+    assert.notEqual(s2.serial, s1.serial);
+    assert.equal(s2.renewals, 1);
+    assert.ok((await Deno.readTextFile(paths.certFile)).includes("BEGIN CERTIFICATE"));
+
+    // CA rotation: the bundle gains a CA -> CA export rewritten and the broker restarted.
+    const ca2 = TestCa.create({ trustDomain: TD });
+    source.set(
+      svidFrom(ca2),
+      new X509BundleSet([new X509Bundle(TD, [ca1.certificate, ca2.certificate])]),
+    );
+    await bi.update();
+    assert.deepEqual(actions, ["restart", "reload", "restart"]);
+    assert.equal(
+      pemFingerprint(await Deno.readTextFile(paths.caBundleFile)),
+      bundleFingerprint([ca2.certificate, ca1.certificate]),
+    );
+    assert.equal((await readBrokerIdentityStatus(paths.statusFile))!.bundleChanges, 2);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("broker-identity: a failing broker action is recorded, not thrown", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const ca = TestCa.create({ trustDomain: TD });
+    const source = new StaticX509Source(
+      svidFrom(ca),
+      new X509BundleSet([new X509Bundle(TD, [ca.certificate])]),
+    );
+    const logs: string[] = [];
+    const bi = new BrokerIdentity(source, {
+      certFile: `${dir}/c`,
+      keyFile: `${dir}/k`,
+      caBundleFile: `${dir}/ca`,
+      statusFile: `${dir}/s.json`,
+      trustDomain: TD,
+    }, {
+      reload: () => Promise.reject(new Error("no such process")),
+      restart: () => Promise.reject(new Error("port in use")),
+    }, (l) => logs.push(l));
+    await bi.update(); // must not reject
+    assert.ok(logs.some((l) => l.includes("port in use")));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -1,0 +1,53 @@
+import assert from "node:assert/strict";
+import { Args } from "../cli/mod.ts";
+import { bufferIo } from "../cli/io.ts";
+import { UsageError } from "../cli/errors.ts";
+import { resolveContext, robotIds, selfCommand } from "./context.ts";
+
+function args(values: Record<string, string | number>): Args {
+  return new Args(["devenv", "start"], new Map(Object.entries(values)), [], []);
+}
+
+Deno.test("robot ids: --robots N, else ROBOT_ID, else robot-001", () => {
+  assert.deepEqual(robotIds(3, {}), ["robot-001", "robot-002", "robot-003"]);
+  assert.deepEqual(robotIds(undefined, { ROBOT_ID: "arm-7" }), ["arm-7"]);
+  assert.deepEqual(robotIds(2, { ROBOT_ID: "arm-7" }), ["robot-001", "robot-002"]);
+  assert.deepEqual(robotIds(undefined, {}), ["robot-001"]);
+  assert.throws(() => robotIds(0, {}), UsageError);
+  assert.throws(() => robotIds(undefined, { ROBOT_ID: "Bad Id" }), /ROBOT_ID/);
+});
+
+Deno.test("layout: flags override env, env overrides defaults; children get the result", () => {
+  const io = bufferIo({
+    cwd: "/proj",
+    env: { K8S4R_MQTT_PORT: "2883", K8S4R_HTTP_PORT: "9999", K8S4R_AGENT_SOCKET_DIR: "/tmp/s" },
+  });
+  const ctx = resolveContext(args({ "http-port": 18090, "project-dir": "sub" }), io);
+  assert.equal(ctx.layout.root, "/proj/sub");
+  assert.deepEqual(ctx.layout.ports, {
+    spireServer: 8081,
+    mqttPlain: 2883,
+    mqttTls: 8883,
+    http: 18090,
+  });
+  assert.equal(ctx.layoutEnv.K8S4R_HTTP_PORT, "18090");
+  assert.equal(ctx.layoutEnv.K8S4R_AGENT_SOCKET_DIR, "/tmp/s");
+  assert.equal(ctx.files.brokerAgentSocket, "/tmp/s/broker/agent.sock");
+  assert.equal(ctx.files.spireServerLog, "/proj/sub/.dev-env/spire-server.log");
+
+  const def = resolveContext(args({}), bufferIo({ cwd: "/p", env: {} }));
+  assert.equal(def.files.brokerAgentSocket, "/tmp/spire-agent/broker/agent.sock");
+  assert.equal(def.layoutEnv.K8S4R_AGENT_SOCKET_DIR, undefined);
+  assert.throws(
+    () => resolveContext(args({}), bufferIo({ env: { K8S4R_MQTT_TLS_PORT: "x" } })),
+    /K8S4R_MQTT_TLS_PORT/,
+  );
+  assert.throws(() => resolveContext(args({ "mqtt-port": 70000 }), bufferIo()), UsageError);
+});
+
+Deno.test("self command runs main.ts from source under deno", () => {
+  const s = selfCommand();
+  assert.equal(s.cmd, Deno.execPath());
+  assert.equal(s.args[0], "run");
+  assert.ok(s.args[s.args.length - 1].endsWith("/main.ts"));
+});
