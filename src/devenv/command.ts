@@ -3,6 +3,7 @@ import { UsageError } from "../cli/errors.ts";
 import type { Io } from "../cli/io.ts";
 import { installCommand } from "../spire/install.ts";
 import { runBrokerIdentity } from "./broker_identity_run.ts";
+import { runSpireServer } from "./spire_server_run.ts";
 import {
   type BrokerModeFlag,
   type DevenvContext,
@@ -138,6 +139,13 @@ export const devenvCommand: CommandSpec = {
       summary: "Stop, then delete all devenv state (.dev-env, .spire-data, sockets, exported CA)",
       flags: [...LAYOUT_FLAGS],
       run: withContext((ctx) => devenvClean(ctx)),
+    },
+    {
+      name: "spire-server",
+      summary: "Run spire-server with join tokens redacted from its log (run by start)",
+      hidden: true,
+      flags: [...LAYOUT_FLAGS],
+      run: withContext((ctx) => runSpireServer(ctx)),
     },
     {
       name: "broker-identity",

@@ -18,7 +18,7 @@ import {
 } from "../process/mod.ts";
 import { ensureSpireBinaries } from "../spire/binaries.ts";
 import { isAttested } from "../spire/agent.ts";
-import { SpireServerCli, startSpireServer } from "../spire/server.ts";
+import { SpireServerCli } from "../spire/server.ts";
 import {
   brokerCommand,
   probeBroker,
@@ -147,20 +147,20 @@ export async function devenvStart(ctx: DevenvContext, opts: StartOptions): Promi
         "spire-server",
         files.spireServerPid,
         async () => ({ ok: await cli.healthy(), detail: "gRPC health check" }),
+        // Detached through `devenv spire-server`, which redacts join tokens from SPIRE's log.
         () =>
-          startSpireServer(io, {
-            bin: bins.server,
-            configFile: layout.spireServerConfig,
+          io.runner.spawn({
+            name: "spire-server",
+            cmd: self.cmd,
+            args: [...self.args, "devenv", "spire-server", "--project-dir", layout.root],
             cwd: layout.root,
+            env: childEnv,
             logFile: files.spireServerLog,
             pidFile: files.spireServerPid,
             detached: true,
-            port: layout.ports.spireServer,
-            bindAddress: "127.0.0.1",
-            socketPath: layout.spireServerSocket,
-            dataDir: layout.spireServerDataDir,
-            trustDomain: layout.trustDomain,
+            ready: () => cli.healthy(),
             readyTimeoutMs: 60_000,
+            readyIntervalMs: 100,
           }),
       );
       return `${r.text}, 127.0.0.1:${layout.ports.spireServer}`;
