@@ -13,8 +13,8 @@
  */
 import { createHash } from "node:crypto";
 import { delimiter, dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { CliError } from "../cli/errors.ts";
+import { RELEASE_SHA256SUMS, TOOLS_GO_MOD, TOOLS_GO_SUM } from "./embedded_tools.ts";
 import type { Io } from "../cli/io.ts";
 import { SPIRE_VERSION } from "../version.ts";
 
@@ -31,10 +31,8 @@ export const MIN_GO_VERSION = "1.25.3";
 const SPIRE_MODULE = "github.com/spiffe/spire";
 const BINARY_NAMES = ["spire-server", "spire-agent"] as const;
 
-/** The tools module shipped with k8s4r (resolved next to this source file). */
-export const DEFAULT_TOOLS_DIR = fileURLToPath(
-  new URL("../../scripts/spire-tools/", import.meta.url),
-);
+/** Where the embedded tools module is documented and maintained (scripts/spire-tools). */
+const TOOLS_SOURCE = "scripts/spire-tools (embedded in src/spire/embedded_tools.ts)";
 
 /** `${XDG_CACHE_HOME:-$HOME/.cache}/k8s4r/spire/<version>/bin`. */
 export function spireCacheBinDir(
@@ -254,20 +252,29 @@ async function buildWithGo(
   progress: (line: string) => void,
   opts: EnsureOptions,
 ): Promise<void> {
-  const toolsDir = opts.toolsDir ?? DEFAULT_TOOLS_DIR;
+  const staging = await stagingDir(cacheBin);
+  // The tools module is embedded in k8s4r (a compiled binary has no source tree): write it out
+  // into the staging dir, where `go` can read it, unless a test points at its own.
+  let toolsDir = opts.toolsDir;
+  if (!toolsDir) {
+    toolsDir = join(staging, "tools");
+    await Deno.mkdir(toolsDir, { recursive: true });
+    await Deno.writeTextFile(join(toolsDir, "go.mod"), TOOLS_GO_MOD);
+    await Deno.writeTextFile(join(toolsDir, "go.sum"), TOOLS_GO_SUM);
+  }
   const hint =
     `check network access to the Go module proxy (GOPROXY) and that gcc is installed (cgo), ` +
     `or set K8S4R_SPIRE_BIN_DIR to a directory holding spire-server and spire-agent ${SPIRE_VERSION}`;
   try {
     await Deno.stat(join(toolsDir, "go.mod"));
   } catch {
+    await Deno.remove(staging, { recursive: true }).catch(() => {});
     throw new CliError(
       `SPIRE install failed: the Go tools module ${toolsDir} is missing (go.mod)`,
       1,
       hint,
     );
   }
-  const staging = await stagingDir(cacheBin);
   // GOTOOLCHAIN=local: never let go.mod's `go` line trigger a toolchain download.
   const env = {
     CGO_ENABLED: "1",
@@ -357,10 +364,12 @@ async function downloadRelease(
     );
   }
   const file = releaseTarballName(platform);
-  const sumsFile = opts.checksumsFile ?? join(opts.toolsDir ?? DEFAULT_TOOLS_DIR, "SHA256SUMS");
+  const sumsFile = opts.checksumsFile ?? `${TOOLS_SOURCE}/SHA256SUMS`;
   let sums = new Map<string, string>();
   try {
-    sums = parseSha256Sums(await Deno.readTextFile(sumsFile));
+    sums = parseSha256Sums(
+      opts.checksumsFile ? await Deno.readTextFile(opts.checksumsFile) : RELEASE_SHA256SUMS,
+    );
   } catch { /* treated as "no checksum" below */ }
   const expected = sums.get(file);
   if (!expected) {
