@@ -6,71 +6,24 @@
 import { Buffer } from "node:buffer";
 import * as net from "node:net";
 import * as tls from "node:tls";
+import { CONNACK_CODES, DISCONNECT, encodeConnect, parseConnack } from "../mqtt/wire.ts";
 
 export interface ProbeResult {
   ok: boolean;
   detail: string;
 }
 
-/** An MQTT 3.1.1 CONNECT packet (clean session). Credentials only ever travel in-process. */
-export function encodeConnect(
-  clientId: string,
-  username?: string,
-  password?: string,
-  keepAliveS = 10,
-): Uint8Array {
-  const str = (s: string) => {
-    const b = Buffer.from(s, "utf8");
-    const len = Buffer.alloc(2);
-    len.writeUInt16BE(b.length);
-    return Buffer.concat([len, b]);
-  };
-  let flags = 0x02;
-  if (username !== undefined) flags |= 0x80;
-  if (password !== undefined) flags |= 0x40;
-  const ka = Buffer.alloc(2);
-  ka.writeUInt16BE(keepAliveS);
-  const variable = Buffer.concat([str("MQTT"), Buffer.from([0x04, flags]), ka]);
-  const payload = Buffer.concat([
-    str(clientId),
-    ...(username !== undefined ? [str(username)] : []),
-    ...(password !== undefined ? [str(password)] : []),
-  ]);
-  const body = Buffer.concat([variable, payload]);
-  return Buffer.concat([Buffer.from([0x10]), encodeRemainingLength(body.length), body]);
-}
-
-export function encodeRemainingLength(n: number): Buffer {
-  const out: number[] = [];
-  do {
-    let b = n % 128;
-    n = Math.floor(n / 128);
-    if (n > 0) b |= 0x80;
-    out.push(b);
-  } while (n > 0);
-  return Buffer.from(out);
-}
-
-const CONNACK_CODES: Record<number, string> = {
-  0: "accepted",
-  1: "unacceptable protocol version",
-  2: "identifier rejected",
-  3: "server unavailable",
-  4: "bad user name or password",
-  5: "not authorized",
-};
-
 /** Parses a CONNACK: `{ok, detail}`, or undefined while fewer than 4 bytes have arrived. */
-export function parseConnack(buf: Uint8Array): ProbeResult | undefined {
-  if (buf.length < 4) return undefined;
-  if (buf[0] !== 0x20 || buf[1] !== 0x02) {
-    return { ok: false, detail: `expected CONNACK, got packet type 0x${buf[0].toString(16)}` };
+export function connackResult(buf: Uint8Array): ProbeResult | undefined {
+  let rc: number | undefined;
+  try {
+    rc = parseConnack(buf);
+  } catch (err) {
+    return { ok: false, detail: (err as Error).message };
   }
-  const rc = buf[3];
+  if (rc === undefined) return undefined;
   return { ok: rc === 0, detail: `CONNACK ${CONNACK_CODES[rc] ?? `code ${rc}`}` };
 }
-
-const DISCONNECT = new Uint8Array([0xe0, 0x00]);
 
 function mqttSession(
   socket: net.Socket,
@@ -101,7 +54,7 @@ function mqttSession(
     socket.once(connectEvent, () => socket.write(packet));
     socket.on("data", (d: Buffer) => {
       buf = Buffer.concat([buf, d]);
-      const r = parseConnack(buf);
+      const r = connackResult(buf);
       if (r) done({ ok: r.ok, detail: `${what}: ${r.detail}` });
     });
     socket.on("error", (e: Error) => done({ ok: false, detail: `${what}: ${e.message}` }));
@@ -123,7 +76,11 @@ export function probeMqttPassword(
   return mqttSession(
     socket,
     "connect",
-    encodeConnect(`k8s4r-probe-${crypto.randomUUID().slice(0, 8)}`, username, password),
+    encodeConnect({
+      clientId: `k8s4r-probe-${crypto.randomUUID().slice(0, 8)}`,
+      username,
+      password,
+    }),
     timeoutMs,
     `127.0.0.1:${port}`,
   );
@@ -158,7 +115,7 @@ export function probeMqttTls(o: MtlsProbeOptions): Promise<ProbeResult> {
   return mqttSession(
     socket,
     "secureConnect",
-    encodeConnect(`k8s4r-probe-${crypto.randomUUID().slice(0, 8)}`),
+    encodeConnect({ clientId: `k8s4r-probe-${crypto.randomUUID().slice(0, 8)}` }),
     o.timeoutMs ?? 3000,
     `127.0.0.1:${o.port} (mTLS)`,
   );

@@ -9,8 +9,9 @@ Deno.test("stopComponent stops the pid-file process and any child it left behind
     // A parent that leaves an orphan when it is terminated (no parent-death signal).
     const d = await realRunner.spawn({
       name: "parent",
-      cmd: "python3",
-      args: ["-c", "import subprocess,time; subprocess.Popen(['sleep','300']); time.sleep(300)"],
+      cmd: "sh",
+      // The background child exists before the parent execs: no race with the probe below.
+      args: ["-c", "sleep 300 & exec sleep 301"],
       logFile: `${dir}/c.log`,
       pidFile,
       detached: true,

@@ -25,7 +25,7 @@ import {
   makeMemo,
   type TlsProbeResult,
 } from "./check.ts";
-import { DISCONNECT, encodeConnect, parseConnack } from "./mqtt_wire.ts";
+import { DISCONNECT, encodeConnect, parseConnack } from "../mqtt/wire.ts";
 import { findListeningOwner } from "./proc_net.ts";
 import { certFacts } from "./pki.ts";
 

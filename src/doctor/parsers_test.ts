@@ -2,7 +2,6 @@ import assert from "node:assert/strict";
 import { createServer } from "node:net";
 import { realNet } from "./adapters.ts";
 import { parseHcl } from "./hcl.ts";
-import { encodeConnect, parseConnack } from "./mqtt_wire.ts";
 import { decodeAddress, parseProcNetTcp } from "./proc_net.ts";
 
 Deno.test("proc_net: parses LISTEN sockets and addresses", () => {
@@ -36,33 +35,4 @@ Deno.test("hcl: blocks, labels, lists, comments, line numbers", () => {
   assert.deepEqual(b.blocks[0].attrs.get("l"), { value: ["p", "q"], line: 5 });
   assert.equal(b.blocks[1].blocks[0].labels[0], "join_token");
   assert.throws(() => parseHcl("server {\n a = 1\n"), /line 1: unclosed '\{'/);
-});
-
-Deno.test("mqtt_wire: CONNECT encoding and CONNACK decoding", () => {
-  const p = encodeConnect({ clientId: "c", username: "u", password: "p" });
-  assert.deepEqual([...p], [
-    0x10,
-    19,
-    0,
-    4,
-    77,
-    81,
-    84,
-    84,
-    4,
-    0xc2,
-    0,
-    10,
-    0,
-    1,
-    99,
-    0,
-    1,
-    117,
-    0,
-    1,
-    112,
-  ]);
-  assert.equal(parseConnack(new Uint8Array([0x20, 2, 0, 5])), 5);
-  assert.equal(parseConnack(new Uint8Array([0x20])), undefined);
 });

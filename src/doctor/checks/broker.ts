@@ -12,7 +12,7 @@ import {
   rel,
   warn,
 } from "../check.ts";
-import { CONNACK_CODES } from "../mqtt_wire.ts";
+import { CONNACK_CODES } from "../../mqtt/wire.ts";
 import { certFacts } from "../pki.ts";
 import { files, robotMtls, robotSvid, svidPem, tail } from "./common.ts";
 import { mosquittoConfPath, readMosquittoConf } from "./config.ts";

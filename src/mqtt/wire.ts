@@ -1,6 +1,8 @@
 /**
  * Just enough MQTT 3.1.1 to ask a broker "would you let me in?": a CONNECT packet and the
- * CONNACK answer. A raw probe avoids mqtt.js's reconnect timers and opens exactly one socket.
+ * CONNACK answer. Readiness probes (devenv, doctor, tests) use it instead of mqtt.js, which
+ * would leave reconnect timers behind and may open more than one socket. Credentials only
+ * ever travel in-process.
  */
 import { Buffer } from "node:buffer";
 
@@ -11,7 +13,7 @@ function str(s: string): Buffer {
   return Buffer.concat([len, b]);
 }
 
-function remainingLength(n: number): Buffer {
+export function remainingLength(n: number): Buffer {
   const out: number[] = [];
   do {
     let byte = n % 128;
