@@ -1,0 +1,408 @@
+/**
+ * Shared benchmark plumbing: free ports, a throwaway dev stack in a temp project directory,
+ * CPU/RSS sampling from /proc, and a cleanup list that runs even when a benchmark fails.
+ *
+ * Every process is started through `realRunner` (pid-checked stop); a stack is torn down with
+ * `devenv clean`, then every pid file it left behind is stopped with `stopPidFile`.
+ */
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { agentArgs } from "../src/devenv/start.ts";
+import { defaultLayout, devenvFiles, type Layout, robotLayout } from "../src/devenv/layout.ts";
+import {
+  type Daemon,
+  type OutputResult,
+  readPidFile,
+  realRunner,
+  stopPidFile,
+  waitFor,
+} from "../src/process/mod.ts";
+
+export const REPO = dirname(dirname(fileURLToPath(import.meta.url)));
+export const MAIN_TS = join(REPO, "main.ts");
+
+export interface BenchOptions {
+  quick: boolean;
+  robots: number;
+  log: (msg: string) => void;
+}
+
+/** Ports the OS says are free right now (loopback). */
+export function freePorts(n: number): number[] {
+  const listeners = Array.from(
+    { length: n },
+    () => Deno.listen({ hostname: "127.0.0.1", port: 0 }),
+  );
+  const ports = listeners.map((l) => (l.addr as Deno.NetAddr).port);
+  for (const l of listeners) l.close();
+  return ports;
+}
+
+/** Things to undo, newest first; `run()` never throws and runs each once. */
+export class Cleanup {
+  private fns: { what: string; fn: () => Promise<unknown> | unknown }[] = [];
+  add(what: string, fn: () => Promise<unknown> | unknown): void {
+    this.fns.push({ what, fn });
+  }
+  async run(log?: (m: string) => void): Promise<void> {
+    while (this.fns.length) {
+      const { what, fn } = this.fns.pop()!;
+      try {
+        await fn();
+      } catch (err) {
+        log?.(`cleanup ${what} failed: ${(err as Error).message}`);
+      }
+    }
+  }
+}
+
+let clkTck: number | undefined;
+async function ticksPerSecond(): Promise<number> {
+  if (clkTck === undefined) {
+    const r = await realRunner.output("getconf", ["CLK_TCK"], { check: false }).catch(() =>
+      undefined
+    );
+    const n = Number(r?.stdout.trim());
+    clkTck = Number.isFinite(n) && n > 0 ? n : 100;
+  }
+  return clkTck;
+}
+
+/** CPU time (user + system, seconds) of a process, or undefined when it is gone. */
+export async function cpuSeconds(pid: number): Promise<number | undefined> {
+  try {
+    const stat = await Deno.readTextFile(`/proc/${pid}/stat`);
+    const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    // Fields 14 and 15 overall (utime, stime) are 11 and 12 after the state field.
+    return (Number(rest[11]) + Number(rest[12])) / await ticksPerSecond();
+  } catch {
+    return undefined;
+  }
+}
+
+/** Resident set size in MB (VmRSS), or undefined when the process is gone. */
+export async function rssMb(pid: number): Promise<number | undefined> {
+  try {
+    const status = await Deno.readTextFile(`/proc/${pid}/status`);
+    const m = /^VmRSS:\s+(\d+) kB/m.exec(status);
+    return m ? Number(m[1]) / 1024 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** CPU % (100 = one core) and RSS samples of a set of processes over a phase. */
+export class ProcSampler {
+  private timer?: ReturnType<typeof setInterval>;
+  private startCpu = new Map<number, number>();
+  private startT = 0;
+  readonly rss = new Map<number, number[]>();
+  private busy = false;
+
+  constructor(private readonly pids: Record<string, number>, private readonly everyMs = 500) {}
+
+  async start(): Promise<void> {
+    this.startT = performance.now();
+    for (const pid of Object.values(this.pids)) {
+      this.startCpu.set(pid, (await cpuSeconds(pid)) ?? 0);
+      this.rss.set(pid, []);
+    }
+    await this.sample();
+    this.timer = setInterval(() => void this.sample(), this.everyMs);
+  }
+
+  private async sample(): Promise<void> {
+    if (this.busy) return;
+    this.busy = true;
+    try {
+      for (const pid of Object.values(this.pids)) {
+        const r = await rssMb(pid);
+        if (r !== undefined) this.rss.get(pid)!.push(r);
+      }
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  /** Stops sampling; per name: average CPU % over the phase, RSS samples (MB). */
+  async stop(): Promise<Record<string, { cpuPct: number; rssMb: number[] }>> {
+    clearInterval(this.timer);
+    await this.sample();
+    const dt = (performance.now() - this.startT) / 1000;
+    const out: Record<string, { cpuPct: number; rssMb: number[] }> = {};
+    for (const [name, pid] of Object.entries(this.pids)) {
+      const end = (await cpuSeconds(pid)) ?? this.startCpu.get(pid)!;
+      out[name] = {
+        cpuPct: dt > 0 ? ((end - this.startCpu.get(pid)!) / dt) * 100 : 0,
+        rssMb: this.rss.get(pid) ?? [],
+      };
+    }
+    return out;
+  }
+}
+
+/** Reads the pid in a devenv pid file (only while that very process is alive). */
+export function livePid(pidFile: string): number | undefined {
+  return readPidFile(pidFile)?.pid;
+}
+
+/**
+ * A dev stack in its own temp project directory (a copy of config/) on free ports, driven through
+ * the real CLI (`deno run -A main.ts devenv ...`). It never touches the default ports or
+ * /tmp/spire-agent/.
+ */
+export class BenchStack {
+  readonly layout: Layout;
+  readonly files: ReturnType<typeof devenvFiles>;
+  readonly env: Record<string, string>;
+  private constructor(readonly dir: string, readonly ports: number[]) {
+    this.env = {
+      K8S4R_SPIRE_SERVER_PORT: String(ports[0]),
+      K8S4R_MQTT_PORT: String(ports[1]),
+      K8S4R_MQTT_TLS_PORT: String(ports[2]),
+      K8S4R_HTTP_PORT: String(ports[3]),
+      K8S4R_AGENT_SOCKET_DIR: join(dir, "s"),
+      K8S4R_PROJECT_DIR: dir,
+      NO_COLOR: "1",
+      // Agents connect to "localhost" and authenticate the broker by SPIFFE ID.
+      MQTT_BROKER_URL: `ssl://localhost:${ports[2]}`,
+    };
+    this.layout = defaultLayout(dir, this.env);
+    this.files = devenvFiles(this.layout, this.env);
+  }
+
+  static async create(prefix = "k8s4r-bench-"): Promise<BenchStack> {
+    // Short paths: Workload API socket paths must stay under 107 bytes.
+    const dir = await Deno.makeTempDir({ dir: "/tmp", prefix });
+    await copyDir(join(REPO, "config"), join(dir, "config"));
+    // The exported CA of a developer's own stack must not leak into the bench stack.
+    await Deno.remove(join(dir, "config", "mosquitto"), { recursive: true }).catch(() => {});
+    const stack = new BenchStack(dir, freePorts(4));
+    // The agent takes the SPIRE server address from plugins.yaml (serverAddr), not from
+    // K8S4R_SPIRE_SERVER_PORT: point this copy at the bench stack's port.
+    const yamlPath = join(dir, "config", "agent", "plugins.yaml");
+    const yaml = await Deno.readTextFile(yamlPath);
+    await Deno.writeTextFile(
+      yamlPath,
+      yaml.replace(
+        /^(\s*serverAddr:\s*).*$/m,
+        `$1"localhost:${stack.layout.ports.spireServer}"`,
+      ),
+    );
+    return stack;
+  }
+
+  get api(): string {
+    return `http://127.0.0.1:${this.ports[3]}`;
+  }
+
+  /** Runs `k8s4r <args>` in this stack's project dir. Never throws on a non-zero exit. */
+  async cli(args: string[], timeoutMs = 180_000): Promise<OutputResult & { ms: number }> {
+    const t0 = performance.now();
+    const r = await realRunner.output("deno", ["run", "-A", MAIN_TS, ...args], {
+      cwd: this.dir,
+      env: this.env,
+      timeoutMs,
+      check: false,
+    });
+    return { ...r, ms: performance.now() - t0 };
+  }
+
+  async start(extra: string[] = []): Promise<OutputResult & { ms: number }> {
+    return await this.cli(["devenv", "start", "--project-dir", this.dir, ...extra]);
+  }
+
+  /** Every pid file devenv may have written (components, agents). */
+  async pidFiles(): Promise<string[]> {
+    const out: string[] = [];
+    try {
+      for await (const e of Deno.readDir(this.layout.devEnvDir)) {
+        if (e.isFile && e.name.endsWith(".pid")) out.push(join(this.layout.devEnvDir, e.name));
+      }
+    } catch { /* no .dev-env */ }
+    return out;
+  }
+
+  /** `devenv stop`, then a pid-checked stop of anything still alive. Keeps the directory. */
+  async stop(): Promise<void> {
+    await this.cli(["devenv", "stop", "--project-dir", this.dir], 60_000).catch(() => {});
+    for (const f of await this.pidFiles()) await stopPidFile(f, 3000);
+  }
+
+  /** Stops everything and deletes all state (`devenv clean`), keeping config/. */
+  async clean(): Promise<void> {
+    const files = await this.pidFiles();
+    await this.cli(["devenv", "clean", "--project-dir", this.dir], 60_000).catch(() => {});
+    for (const f of files) await stopPidFile(f, 3000);
+  }
+
+  /** Stops everything and removes the whole temp directory. */
+  async destroy(): Promise<void> {
+    await this.clean();
+    await Deno.remove(this.dir, { recursive: true }).catch(() => {});
+  }
+
+  async serverStats(): Promise<ServerStats | undefined> {
+    try {
+      const r = await fetch(`${this.api}/api/stats`, { signal: AbortSignal.timeout(5000) });
+      if (!r.ok) {
+        await r.body?.cancel();
+        return undefined;
+      }
+      return await r.json() as ServerStats;
+    } catch {
+      return undefined;
+    }
+  }
+
+  async waitServer(timeoutMs = 30_000): Promise<void> {
+    await waitFor(async () => (await this.serverStats())?.mqtt.connected === true, {
+      timeoutMs,
+      intervalMs: 100,
+      what: "the k8s4r server's /api/stats",
+    });
+  }
+}
+
+export interface ServerStats {
+  mqtt: { connected: boolean };
+  messages: {
+    received: Record<string, number>;
+    droppedTotal: number;
+    dropped: Record<string, number>;
+  };
+  tasks: Record<string, number>;
+  robots: { total: number; online: number };
+}
+
+async function copyDir(from: string, to: string): Promise<void> {
+  await Deno.mkdir(to, { recursive: true });
+  for await (const e of Deno.readDir(from)) {
+    const a = join(from, e.name);
+    const b = join(to, e.name);
+    if (e.isDirectory) await copyDir(a, b);
+    else if (e.isFile) await Deno.copyFile(a, b);
+  }
+}
+
+/** One line of `ss -tin` for the TCP connection from a local port, with byte counters. */
+export async function tcpBytes(
+  localPort: number,
+): Promise<{ sent: number; received: number } | undefined> {
+  const r = await realRunner.output("ss", [
+    "-tinH",
+    "state",
+    "established",
+    `sport = :${localPort}`,
+  ], {
+    check: false,
+    timeoutMs: 5000,
+  }).catch(() => undefined);
+  if (!r?.success) return undefined;
+  const sent = /bytes_sent:(\d+)/.exec(r.stdout);
+  const recv = /bytes_received:(\d+)/.exec(r.stdout);
+  if (!sent || !recv) return undefined;
+  return { sent: Number(sent[1]), received: Number(recv[1]) };
+}
+
+/**
+ * A bare `mosquitto_sub` on the stack's loopback listener with the server's credentials, which
+ * it reads from `$XDG_CONFIG_HOME/mosquitto_sub` (a 0600 file in a 0700 temp dir): the password
+ * never appears on a command line. Its output (one line per message, `format`) goes to `out`.
+ */
+export async function spawnSubscriber(
+  stack: BenchStack,
+  cleanup: Cleanup,
+  topic: string,
+  format: string,
+): Promise<{ daemon: Daemon; out: string }> {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-bench-sub-" });
+  cleanup.add("subscriber dir", () => Deno.remove(dir, { recursive: true }));
+  await Deno.chmod(dir, 0o700);
+  const creds = JSON.parse(await Deno.readTextFile(stack.layout.serverCredentialsFile));
+  const conf = join(dir, "mosquitto_sub");
+  await Deno.writeTextFile(conf, `-u ${creds.username}\n-P ${creds.password}\n`, { mode: 0o600 });
+  await Deno.chmod(conf, 0o600);
+  const out = join(dir, "out");
+  const daemon = await realRunner.spawn({
+    name: "mosquitto_sub",
+    cmd: "mosquitto_sub",
+    args: [
+      "-h",
+      "127.0.0.1",
+      "-p",
+      String(stack.layout.ports.mqttPlain),
+      "-i",
+      `k8s4r-bench-sub-${crypto.randomUUID().slice(0, 8)}`,
+      "-q",
+      "1",
+      "-t",
+      topic,
+      "-F",
+      format,
+    ],
+    env: { XDG_CONFIG_HOME: dir },
+    logFile: out,
+  });
+  cleanup.add("mosquitto_sub", () => daemon.stop(2000));
+  return { daemon, out };
+}
+
+/**
+ * Replaces the agent devenv started for `robotId` with one started here with extra flags (e.g.
+ * `--heartbeat-seconds 1`). It uses the same pid file, so `devenv stop/clean` stop it too; it is
+ * not detached, so it also dies with this process.
+ */
+export async function restartAgent(
+  stack: BenchStack,
+  robotId: string,
+  extra: string[],
+): Promise<{ daemon: Daemon; logFile: string }> {
+  const r = robotLayout(stack.layout, robotId, stack.env);
+  await stopPidFile(r.pidFile, 10_000);
+  const logFile = join(stack.dir, `bench-agent-${robotId}.log`);
+  const daemon = await realRunner.spawn({
+    name: `agent ${robotId}`,
+    cmd: "deno",
+    args: [
+      ...agentArgs(
+        ["run", "-A", MAIN_TS],
+        r,
+        stack.layout.agentPluginsYaml,
+        stack.env.MQTT_BROKER_URL,
+      ),
+      ...extra,
+    ],
+    cwd: stack.dir,
+    env: stack.env,
+    logFile,
+    pidFile: r.pidFile,
+  });
+  await waitFor(
+    async () => (await Deno.readTextFile(logFile).catch(() => "")).includes("mqtt.connected"),
+    {
+      timeoutMs: 60_000,
+      intervalMs: 50,
+      what: `agent ${robotId} to connect (log: ${logFile})`,
+    },
+  );
+  return { daemon, logFile };
+}
+
+/** RSS split (MB): anonymous (private heap) vs file-backed (the shared executable), and PSS. */
+export async function memBreakdown(
+  pid: number,
+): Promise<{ rss: number; anon: number; file: number; pss?: number } | undefined> {
+  try {
+    const s = await Deno.readTextFile(`/proc/${pid}/status`);
+    const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+) kB`, "m").exec(s)?.[1] ?? NaN);
+    let pss: number | undefined;
+    try {
+      const r = await Deno.readTextFile(`/proc/${pid}/smaps_rollup`);
+      pss = Number(/^Pss:\s+(\d+) kB/m.exec(r)?.[1] ?? NaN) / 1024;
+    } catch { /* older kernels */ }
+    return { rss: kb("VmRSS") / 1024, anon: kb("RssAnon") / 1024, file: kb("RssFile") / 1024, pss };
+  } catch {
+    return undefined;
+  }
+}
