@@ -124,7 +124,7 @@ export class FleetService {
     }
     this.stats.received[d.message.type] = (this.stats.received[d.message.type] ?? 0) + 1;
     try {
-      this.apply(d.robotId, d.message);
+      this.registry.transaction(() => this.apply(d.robotId, d.message));
     } catch (err) {
       // A registry failure must not take the server down; the message is lost, and logged.
       this.log.warn(

@@ -200,7 +200,37 @@ export class Registry {
   }
 
   close(): void {
+    this.#stmts.clear();
     if (this.db.isOpen) this.db.close();
+  }
+
+  // Compiling SQL costs more than running it: every statement is prepared once and reused.
+  #stmts = new Map<string, ReturnType<DatabaseSync["prepare"]>>();
+  private stmt(sql: string): ReturnType<DatabaseSync["prepare"]> {
+    let st = this.#stmts.get(sql);
+    if (!st) {
+      st = this.db.prepare(sql);
+      this.#stmts.set(sql, st);
+    }
+    return st;
+  }
+
+  /**
+   * Runs `fn` in one transaction: the writes one message causes are committed together (one WAL
+   * commit instead of one per statement), and all or none of them land.
+   */
+  transaction<T>(fn: () => T): T {
+    if (this.db.isTransaction) return fn();
+    // IMMEDIATE takes the write lock up front, so a read-then-write cannot race another writer.
+    this.db.exec("BEGIN IMMEDIATE");
+    try {
+      const r = fn();
+      this.db.exec("COMMIT");
+      return r;
+    } catch (err) {
+      this.db.exec("ROLLBACK");
+      throw err;
+    }
   }
 
   schemaVersion(): number {
@@ -210,17 +240,17 @@ export class Registry {
   // ---- robots ----
 
   getRobot(id: string): RobotRecord | undefined {
-    const r = this.db.prepare("SELECT * FROM robots WHERE id = ?").get(id) as Row | undefined;
+    const r = this.stmt("SELECT * FROM robots WHERE id = ?").get(id) as Row | undefined;
     return r ? robotFromRow(r) : undefined;
   }
 
   listRobots(): RobotRecord[] {
-    return (this.db.prepare("SELECT * FROM robots ORDER BY id").all() as Row[]).map(robotFromRow);
+    return (this.stmt("SELECT * FROM robots ORDER BY id").all() as Row[]).map(robotFromRow);
   }
 
   /** Records that a robot was heard from at `at` (creating it on first contact). */
   touchRobot(id: string, at: string): void {
-    this.db.prepare(
+    this.stmt(
       `INSERT INTO robots (id, first_seen, last_seen) VALUES (?, ?, ?)
        ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen`,
     ).run(id, at, at);
@@ -234,7 +264,7 @@ export class Registry {
     heartbeatIntervalSeconds?: number;
   }): void {
     this.touchRobot(id, at);
-    this.db.prepare(
+    this.stmt(
       `UPDATE robots SET spiffe_id = ?, agent_version = ?, svid_expires_at = ?, device = ?,
          heartbeat_interval_seconds = COALESCE(?, heartbeat_interval_seconds)
        WHERE id = ?`,
@@ -254,7 +284,7 @@ export class Registry {
     hb: { seq: number; bootId?: string; svidExpiresAt: string; load?: [number, number, number] },
   ): void {
     this.touchRobot(id, at);
-    const prev = this.db.prepare(
+    const prev = this.stmt(
       "SELECT last_heartbeat_seq AS seq, heartbeat_boot_id AS boot FROM robots WHERE id = ?",
     ).get(id) as { seq: number | null; boot: string | null } | undefined;
     const sameBoot = hb.bootId !== undefined && prev?.boot === (hb.bootId ?? null) &&
@@ -262,7 +292,7 @@ export class Registry {
     // QoS 1 may deliver a heartbeat twice: an old seq is a duplicate, not news.
     if (sameBoot && hb.seq <= prev!.seq!) return;
     const missing = sameBoot ? hb.seq - prev!.seq! - 1 : 0;
-    this.db.prepare(
+    this.stmt(
       `UPDATE robots SET last_heartbeat_seq = ?, heartbeat_boot_id = ?, svid_expires_at = ?,
          heartbeats_received = heartbeats_received + 1,
          heartbeats_missing = heartbeats_missing + ? WHERE id = ?`,
@@ -270,7 +300,7 @@ export class Registry {
     if (hb.load) {
       const robot = this.getRobot(id);
       if (robot?.device) {
-        this.db.prepare("UPDATE robots SET device = ? WHERE id = ?")
+        this.stmt("UPDATE robots SET device = ? WHERE id = ?")
           .run(JSON.stringify({ ...robot.device, load: hb.load }), id);
       }
     }
@@ -279,32 +309,32 @@ export class Registry {
   /** Sets online/offline. Returns true when the value changed. */
   setOnline(id: string, online: boolean, reason: string | null): boolean {
     const before = this.getRobot(id);
-    this.db.prepare("UPDATE robots SET online = ?, offline_reason = ? WHERE id = ?")
+    this.stmt("UPDATE robots SET online = ?, offline_reason = ? WHERE id = ?")
       .run(online ? 1 : 0, online ? null : reason, id);
     return before !== undefined && before.online !== online;
   }
 
   /** The `ts` of the newest status message applied, to ignore replays of older ones. */
   lastStatusTs(id: string): string | null {
-    const r = this.db.prepare("SELECT last_status_ts FROM robots WHERE id = ?").get(id) as
+    const r = this.stmt("SELECT last_status_ts FROM robots WHERE id = ?").get(id) as
       | Row
       | undefined;
     return r ? str(r.last_status_ts) : null;
   }
 
   setLastStatusTs(id: string, ts: string): void {
-    this.db.prepare("UPDATE robots SET last_status_ts = ? WHERE id = ?").run(ts, id);
+    this.stmt("UPDATE robots SET last_status_ts = ? WHERE id = ?").run(ts, id);
   }
 
   onlineRobots(): RobotRecord[] {
-    return (this.db.prepare("SELECT * FROM robots WHERE online = 1 ORDER BY id").all() as Row[])
+    return (this.stmt("SELECT * FROM robots WHERE online = 1 ORDER BY id").all() as Row[])
       .map(robotFromRow);
   }
 
   // ---- tasks ----
 
   createTask(t: NewTask): TaskRecord {
-    this.db.prepare(
+    this.stmt(
       `INSERT INTO tasks (id, robot_id, command, env, cwd, timeout_seconds, state, created_at,
          expires_at, updated_at)
        VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)`,
@@ -323,12 +353,12 @@ export class Registry {
   }
 
   getTask(id: string): TaskRecord | undefined {
-    const r = this.db.prepare("SELECT * FROM tasks WHERE id = ?").get(id) as Row | undefined;
+    const r = this.stmt("SELECT * FROM tasks WHERE id = ?").get(id) as Row | undefined;
     return r ? taskFromRow(r) : undefined;
   }
 
   listTasks(robotId: string, limit = 100): TaskRecord[] {
-    return (this.db.prepare(
+    return (this.stmt(
       "SELECT * FROM tasks WHERE robot_id = ? ORDER BY created_at DESC, id LIMIT ?",
     ).all(robotId, limit) as Row[]).map(taskFromRow);
   }
@@ -339,13 +369,13 @@ export class Registry {
       robotId !== undefined ? " AND robot_id = ?" : ""
     } ORDER BY created_at, id`;
     const params = robotId !== undefined ? [...states, robotId] : states;
-    return (this.db.prepare(sql).all(...params) as Row[]).map(taskFromRow);
+    return (this.stmt(sql).all(...params) as Row[]).map(taskFromRow);
   }
 
   countTasksByState(): Record<string, number> {
     const out: Record<string, number> = {};
     for (
-      const r of this.db.prepare("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
+      const r of this.stmt("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
         .all() as Row[]
     ) out[String(r.state)] = num(r.n) ?? 0;
     return out;
@@ -361,18 +391,11 @@ export class Registry {
     at: string,
     update: TaskUpdate = {},
   ): { task: TaskRecord; changed: boolean; ignored: boolean } | undefined {
-    this.db.exec("BEGIN IMMEDIATE");
-    try {
+    return this.transaction(() => {
       const task = this.getTask(id);
-      if (!task) {
-        this.db.exec("COMMIT");
-        return undefined;
-      }
+      if (!task) return undefined;
       const t = transition(task.state, event);
-      if (t.ignored) {
-        this.db.exec("COMMIT");
-        return { task, changed: false, ignored: true };
-      }
+      if (t.ignored) return { task, changed: false, ignored: true };
       const sets: string[] = ["state = ?", "updated_at = ?"];
       const params: (string | number | null)[] = [t.to, at];
       const stamp = (col: string) => {
@@ -397,14 +420,9 @@ export class Registry {
         }
       }
       params.push(id);
-      this.db.prepare(`UPDATE tasks SET ${sets.join(", ")} WHERE id = ?`).run(...params);
-      const after = this.getTask(id)!;
-      this.db.exec("COMMIT");
-      return { task: after, changed: t.changed, ignored: false };
-    } catch (err) {
-      if (this.db.isTransaction) this.db.exec("ROLLBACK");
-      throw err;
-    }
+      this.stmt(`UPDATE tasks SET ${sets.join(", ")} WHERE id = ?`).run(...params);
+      return { task: this.getTask(id)!, changed: t.changed, ignored: false };
+    });
   }
 }
 
