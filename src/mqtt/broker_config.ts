@@ -178,7 +178,9 @@ export function renderMosquittoConf(
     `persistent_client_expiration ${opts.persistentClientExpiration ?? "30d"}`,
     `max_queued_messages ${opts.maxQueuedMessages ?? 100000}`,
     "max_queued_bytes 0",
-    "max_inflight_messages 20",
+    // QoS 1 messages in flight to one client. The server is a single subscriber for the whole
+    // fleet: Mosquitto's default of 20 would cap its ingest at 20 per round trip.
+    "max_inflight_messages 1000",
     // Must exceed messages.ts MAX_PAYLOAD_BYTES plus headers; larger packets are dropped early.
     "max_packet_size 1048576",
     "set_tcp_nodelay true",
@@ -186,8 +188,7 @@ export function renderMosquittoConf(
     `log_dest file ${files.logFile}`,
     "log_type error",
     "log_type warning",
-    "log_type notice",
-    "log_type information",
+    "log_type notice", // connections and disconnections (information is mostly autosave noise)
     "connection_messages true",
     "log_timestamp true",
     "log_timestamp_format %Y-%m-%dT%H:%M:%S",
