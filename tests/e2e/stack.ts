@@ -1,0 +1,648 @@
+/**
+ * Shared helpers of the end-to-end suite: one real stack (real SPIRE, real Mosquitto, the real
+ * CLI as `deno run -A main.ts ...`) per test file, in a temp project dir on free ports, with the
+ * Workload API sockets in a short temp dir.
+ *
+ * Cleanup is layered: the file's last test stops and cleans the stack and asserts that nothing
+ * survived; a module-level `unload` listener (synchronous) stops whatever is left by its pid
+ * files and SIGKILLs every process this run ever recorded, so a failing or crashing test never
+ * leaves processes or listening ports behind.
+ */
+import assert from "node:assert/strict";
+import { fileURLToPath } from "node:url";
+import mqtt from "mqtt";
+import {
+  defaultLayout,
+  type DevenvFiles,
+  devenvFiles,
+  type Layout,
+} from "../../src/devenv/layout.ts";
+import {
+  isRecordAlive,
+  type PidRecord,
+  processStartTime,
+  readPidFile,
+  realRunner,
+  waitFor,
+} from "../../src/process/mod.ts";
+import { SpireServerCli } from "../../src/spire/server.ts";
+import { freePort } from "../helpers/broker.ts";
+
+export const REPO = fileURLToPath(new URL("../..", import.meta.url));
+export const MAIN = `${REPO}main.ts`;
+export const SPIRE_BIN_DIR = `${Deno.env.get("HOME")}/.cache/k8s4r/spire/1.13.3/bin`;
+export const SPIRE_SERVER = `${SPIRE_BIN_DIR}/spire-server`;
+export const TRUST_DOMAIN = "k8s4r.example.org";
+export const ROBOTS = ["robot-001", "robot-002"];
+
+/** One measured value, in a greppable line the closing note can quote. */
+export function metric(name: string, value: number | string): void {
+  console.log(`E2E-METRIC ${name}=${value}`);
+}
+
+export interface CmdResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+export interface RobotView {
+  id: string;
+  online: boolean;
+  spiffeId: string;
+  firstSeen: string;
+  lastSeen: string;
+  offlineReason: string | null;
+  svidExpiresAt: string;
+  agentVersion: string;
+  heartbeatIntervalSeconds: number;
+  heartbeats: { received: number; missing: number };
+  device: Record<string, unknown>;
+}
+
+export interface TaskView {
+  id: string;
+  robotId: string;
+  state: string;
+  exitCode: number | null;
+  stdout: string;
+  stderr: string;
+  error?: string | null;
+}
+
+export interface Stats {
+  mqtt: { connected: boolean };
+  messages: {
+    received: Record<string, number>;
+    dropped: Record<string, number>;
+    droppedTotal: number;
+  };
+  robots: { total: number; online: number };
+}
+
+export interface Svid {
+  cert: string;
+  key: string;
+  ca: string;
+}
+
+const TERMINAL = new Set(["done", "failed", "refused", "expired", "cancelled", "timeout"]);
+
+/** Every pid ever recorded by any stack of this module, for the last-resort cleanup. */
+const everyStack = new Set<E2eStack>();
+globalThis.addEventListener("unload", () => {
+  for (const s of everyStack) s.emergencyStopSync();
+});
+
+/** Children of a process, from /proc/<pid>/task/<tid>/children (every thread). */
+export function childrenOf(pid: number): number[] {
+  const out: number[] = [];
+  let tasks: Deno.DirEntry[] = [];
+  try {
+    tasks = [...Deno.readDirSync(`/proc/${pid}/task`)];
+  } catch {
+    return out;
+  }
+  for (const t of tasks) {
+    try {
+      const text = Deno.readTextFileSync(`/proc/${pid}/task/${t.name}/children`).trim();
+      if (text) out.push(...text.split(/\s+/).map(Number));
+    } catch { /* thread gone */ }
+  }
+  return out;
+}
+
+/** A process and all its descendants, with start times (a reused pid is never confused). */
+export function processTree(pid: number): Map<number, number> {
+  const seen = new Map<number, number>();
+  const queue = [pid];
+  while (queue.length) {
+    const p = queue.shift()!;
+    if (seen.has(p)) continue;
+    const st = processStartTime(p);
+    if (st === undefined) continue;
+    seen.set(p, st);
+    queue.push(...childrenOf(p));
+  }
+  return seen;
+}
+
+/** Ports in LISTEN state, with the local address (hex, as the kernel prints it). */
+export function listeningSockets(): { port: number; addr: string; family: 4 | 6 }[] {
+  const out: { port: number; addr: string; family: 4 | 6 }[] = [];
+  for (const [f, family] of [["/proc/net/tcp", 4], ["/proc/net/tcp6", 6]] as const) {
+    let text = "";
+    try {
+      text = Deno.readTextFileSync(f);
+    } catch {
+      continue;
+    }
+    for (const line of text.split("\n").slice(1)) {
+      const cols = line.trim().split(/\s+/);
+      if (cols.length < 4 || cols[3] !== "0A") continue;
+      const [addr, port] = cols[1].split(":");
+      out.push({ port: parseInt(port, 16), addr, family });
+    }
+  }
+  return out;
+}
+
+/** 127.0.0.1 in /proc/net/tcp, ::1 or ::ffff:127.0.0.1 in tcp6. */
+export function isLoopbackHex(addr: string, family: 4 | 6): boolean {
+  if (family === 4) return addr === "0100007F";
+  return addr === "00000000000000000000000001000000" || addr === "0000000000000000FFFF00000100007F";
+}
+
+/** Connects with mqtt.js, no automatic reconnect; rejects on error or refusal. */
+export function mqttConnect(url: string, opts: mqtt.IClientOptions): Promise<mqtt.MqttClient> {
+  return new Promise((resolve, reject) => {
+    const c = mqtt.connect(url, { reconnectPeriod: 0, connectTimeout: 5000, ...opts });
+    let done = false;
+    const fail = (e: Error) => {
+      if (done) return;
+      done = true;
+      c.end(true);
+      reject(e);
+    };
+    c.once("connect", () => {
+      if (done) return;
+      done = true;
+      resolve(c);
+    });
+    c.once("error", fail);
+    c.once("close", () => fail(new Error("connection closed before CONNACK")));
+  });
+}
+
+/** Resolves true when a connection attempt is refused (error or close before CONNACK). */
+export async function refused(url: string, opts: mqtt.IClientOptions): Promise<string | false> {
+  try {
+    const c = await mqttConnect(url, opts);
+    await c.endAsync(true);
+    return false;
+  } catch (err) {
+    return (err as Error).message || String(err);
+  }
+}
+
+export class E2eStack {
+  readonly layout: Layout;
+  readonly files: DevenvFiles;
+  readonly env: Record<string, string>;
+  /** Every pid of ours seen during the run, with its start time. */
+  readonly seen = new Map<number, number>();
+  started = false;
+  /** Names of the cases that failed: their logs are kept for the post-mortem. */
+  readonly failures: string[] = [];
+  private torn = false;
+
+  private constructor(
+    readonly dir: string,
+    readonly sockDir: string,
+    readonly ports: { spire: number; plain: number; tls: number; http: number },
+  ) {
+    this.env = {
+      ...Deno.env.toObject(),
+      NO_COLOR: "1",
+      K8S4R_SPIRE_SERVER_PORT: String(ports.spire),
+      K8S4R_MQTT_PORT: String(ports.plain),
+      K8S4R_MQTT_TLS_PORT: String(ports.tls),
+      K8S4R_HTTP_PORT: String(ports.http),
+      K8S4R_AGENT_SOCKET_DIR: sockDir,
+    };
+    // Never let a caller's environment point a child at another stack or a real token.
+    delete this.env.SPIRE_JOIN_TOKEN;
+    delete this.env.ROBOT_ID;
+    delete this.env.MQTT_BROKER_URL;
+    delete this.env.K8S4R_PROJECT_DIR;
+    this.layout = defaultLayout(dir, this.env);
+    this.files = devenvFiles(this.layout, this.env);
+  }
+
+  /** A temp project with a copy of config/ (heartbeats every `heartbeatSeconds`), free ports. */
+  static async create(opts: { heartbeatSeconds?: number } = {}): Promise<E2eStack> {
+    // Short paths: unix socket paths are limited to 107 bytes.
+    const dir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8s4r-e2e-" });
+    const sockDir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8e" });
+    for (const sub of ["spire", "agent"]) {
+      await Deno.mkdir(`${dir}/config/${sub}`, { recursive: true });
+      for (const e of Deno.readDirSync(`${REPO}config/${sub}`)) {
+        if (e.isFile) {
+          await Deno.copyFile(`${REPO}config/${sub}/${e.name}`, `${dir}/config/${sub}/${e.name}`);
+        }
+      }
+    }
+    const yamlPath = `${dir}/config/agent/plugins.yaml`;
+    const yaml = await Deno.readTextFile(yamlPath);
+    const hb = opts.heartbeatSeconds ?? 1;
+    const patched = yaml.replace(/^(\s*heartbeatSeconds:\s*)\d+/m, `$1${hb}`);
+    assert.notEqual(patched, yaml, `${yamlPath}: no mqtt.heartbeatSeconds to set`);
+    await Deno.writeTextFile(yamlPath, patched);
+    const ports = { spire: freePort(), plain: freePort(), tls: freePort(), http: freePort() };
+    const s = new E2eStack(dir, sockDir, ports);
+    everyStack.add(s);
+    return s;
+  }
+
+  // ---- running the CLI
+
+  async k8s4r(args: string[], opts: { timeoutMs?: number } = {}): Promise<CmdResult> {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--quiet", "--config", `${REPO}deno.json`, MAIN, ...args],
+      cwd: this.dir,
+      env: this.env,
+      clearEnv: true,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+      signal: AbortSignal.timeout(opts.timeoutMs ?? 180_000),
+    }).output();
+    const d = new TextDecoder();
+    return { code: out.code, stdout: d.decode(out.stdout), stderr: d.decode(out.stderr) };
+  }
+
+  devenv(...args: string[]): Promise<CmdResult> {
+    return this.k8s4r(["devenv", ...args, "--project-dir", this.dir]);
+  }
+
+  async mustDevenv(...args: string[]): Promise<CmdResult> {
+    const r = await this.devenv(...args);
+    assert.equal(r.code, 0, `devenv ${args.join(" ")} exited ${r.code}:\n${r.stdout}\n${r.stderr}`);
+    return r;
+  }
+
+  /** `devenv start --robots 2 --broker native`; fails with devenv's own words when it cannot. */
+  async start(): Promise<CmdResult> {
+    const r = await this.devenv("start", "--robots", String(ROBOTS.length), "--broker", "native");
+    this.remember();
+    assert.equal(
+      r.code,
+      0,
+      `the stack did not come up (SPIRE binaries in ${SPIRE_BIN_DIR}, mosquitto on PATH?):\n` +
+        `${r.stdout}\n${r.stderr}`,
+    );
+    return r;
+  }
+
+  async doctor(): Promise<{ code: number; report: DoctorReport; raw: CmdResult }> {
+    const r = await this.k8s4r(["doctor", "--json", "--broker", "native"]);
+    let report: DoctorReport;
+    try {
+      report = JSON.parse(r.stdout);
+    } catch {
+      throw new Error(`doctor --json printed no JSON (exit ${r.code}):\n${r.stdout}\n${r.stderr}`);
+    }
+    return { code: r.code, report, raw: r };
+  }
+
+  requireStarted(): void {
+    assert.ok(this.started, "the stack did not start (see the first test's failure)");
+  }
+
+  // ---- HTTP API
+
+  get api(): string {
+    return `http://127.0.0.1:${this.ports.http}`;
+  }
+
+  async http<T>(path: string, init: RequestInit = {}): Promise<{ status: number; body: T }> {
+    const res = await fetch(`${this.api}${path}`, {
+      ...init,
+      signal: AbortSignal.timeout(5000),
+    });
+    const text = await res.text();
+    let body: T;
+    try {
+      body = JSON.parse(text);
+    } catch {
+      throw new Error(`${path}: ${res.status}, not JSON: ${text.slice(0, 200)}`);
+    }
+    return { status: res.status, body };
+  }
+
+  async robot(id: string): Promise<RobotView> {
+    const r = await this.http<RobotView>(`/api/robots/${id}`);
+    assert.equal(r.status, 200, `GET /api/robots/${id}: ${r.status} ${JSON.stringify(r.body)}`);
+    return r.body;
+  }
+
+  async robots(): Promise<RobotView[]> {
+    const r = await this.http<{ robots: RobotView[] }>(`/api/robots`);
+    assert.equal(r.status, 200);
+    return r.body.robots;
+  }
+
+  async stats(): Promise<Stats> {
+    const r = await this.http<Stats>(`/api/stats`);
+    assert.equal(r.status, 200);
+    return r.body;
+  }
+
+  async createTask(robotId: string, command: string[], timeoutSeconds = 30): Promise<string> {
+    const r = await this.http<{ id: string }>(`/api/robots/${robotId}/tasks`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ command, timeoutSeconds }),
+    });
+    assert.equal(r.status, 201, `POST task: ${r.status} ${JSON.stringify(r.body)}`);
+    assert.equal(typeof r.body.id, "string");
+    return r.body.id;
+  }
+
+  async task(id: string): Promise<TaskView> {
+    const r = await this.http<TaskView>(`/api/tasks/${id}`);
+    assert.equal(r.status, 200);
+    return r.body;
+  }
+
+  /** Polls until the task is in a terminal state; returns it. */
+  async waitTask(id: string, timeoutMs = 60_000): Promise<TaskView> {
+    let last: TaskView | undefined;
+    await waitFor(async () => {
+      last = await this.task(id);
+      return TERMINAL.has(last.state);
+    }, { timeoutMs, intervalMs: 200, what: `task ${id} to finish` }).catch((err) => {
+      throw new Error(`${(err as Error).message}; last: ${JSON.stringify(last)}`);
+    });
+    return last!;
+  }
+
+  /** Waits until every robot is online; returns how long that took (ms). */
+  async waitOnline(robots = ROBOTS, timeoutMs = 60_000): Promise<number> {
+    const t0 = Date.now();
+    await waitFor(async () => {
+      for (const id of robots) if (!(await this.robot(id)).online) return false;
+      return true;
+    }, { timeoutMs, intervalMs: 200, what: `${robots.join(", ")} online` });
+    return Date.now() - t0;
+  }
+
+  /** Waits until robot `id` has received `n` more heartbeats than now; returns the view. */
+  async waitHeartbeats(id: string, n: number, timeoutMs = 30_000): Promise<RobotView> {
+    const base = (await this.robot(id)).heartbeats.received;
+    let v: RobotView | undefined;
+    await waitFor(async () => {
+      v = await this.robot(id);
+      return v.heartbeats.received >= base + n;
+    }, { timeoutMs, intervalMs: 200, what: `${n} more heartbeats from ${id}` });
+    return v!;
+  }
+
+  /** Asserts `heartbeats.missing` is 0 for every robot; prints the metric. */
+  async assertNoLostHeartbeats(label: string): Promise<void> {
+    let lost = 0;
+    const detail: string[] = [];
+    for (const id of ROBOTS) {
+      const r = await this.robot(id);
+      lost += r.heartbeats.missing;
+      detail.push(`${id}: received ${r.heartbeats.received}, missing ${r.heartbeats.missing}`);
+    }
+    metric(`${label}.heartbeats_lost`, lost);
+    assert.equal(lost, 0, `lost heartbeats (${detail.join("; ")})`);
+  }
+
+  // ---- processes
+
+  pid(pidFile: string): PidRecord | undefined {
+    const rec = readPidFile(pidFile);
+    return rec && isRecordAlive(rec) ? rec : undefined;
+  }
+
+  agentPidFile(robotId: string): string {
+    return `${this.layout.devEnvDir}/${robotId === "robot-001" ? "agent" : `agent-${robotId}`}.pid`;
+  }
+
+  robotSocket(robotId: string): string {
+    return `${this.sockDir}/${robotId}/agent.sock`;
+  }
+
+  /** The spire-agent child of robot `id`'s k8s4r agent. */
+  spireAgentOf(robotId: string): { pid: number; startTime: number } | undefined {
+    const agent = this.pid(this.agentPidFile(robotId));
+    if (!agent) return undefined;
+    for (const [pid, st] of processTree(agent.pid)) {
+      if (pid === agent.pid) continue;
+      let cmdline = "";
+      try {
+        cmdline = Deno.readTextFileSync(`/proc/${pid}/cmdline`);
+      } catch {
+        continue;
+      }
+      if (cmdline.split("\0")[0].endsWith("spire-agent")) return { pid, startTime: st };
+    }
+    return undefined;
+  }
+
+  /** Records every live process named by a pid file, and its descendants. */
+  remember(): void {
+    let names: string[] = [];
+    try {
+      names = [...Deno.readDirSync(this.layout.devEnvDir)].map((e) => e.name)
+        .filter((n) => n.endsWith(".pid"));
+    } catch { /* nothing started yet */ }
+    for (const n of names) {
+      const rec = this.pid(`${this.layout.devEnvDir}/${n}`);
+      if (!rec) continue;
+      for (const [pid, st] of processTree(rec.pid)) this.seen.set(pid, st);
+    }
+  }
+
+  /** The seen processes that are still the same process. */
+  survivors(): number[] {
+    return [...this.seen].filter(([pid, st]) => processStartTime(pid) === st).map(([p]) => p);
+  }
+
+  spireCli(): SpireServerCli {
+    return new SpireServerCli(realRunner, SPIRE_SERVER, this.layout.spireServerSocket);
+  }
+
+  /** Runs spire-server's CLI against this stack's admin socket (never through a shell). */
+  async spireServer(...args: string[]): Promise<CmdResult> {
+    const out = await new Deno.Command(SPIRE_SERVER, {
+      args: [...args, "-socketPath", this.layout.spireServerSocket],
+      stdout: "piped",
+      stderr: "piped",
+      signal: AbortSignal.timeout(30_000),
+    }).output();
+    const d = new TextDecoder();
+    return { code: out.code, stdout: d.decode(out.stdout), stderr: d.decode(out.stderr) };
+  }
+
+  /** A robot's X.509 SVID from its Workload API socket, via `k8s4r identity fetch --write`. */
+  async fetchSvid(robotId: string): Promise<Svid & { serial: string; notAfter: string }> {
+    const dir = await Deno.makeTempDir({ prefix: "k8s4r-e2e-svid-" });
+    try {
+      const r = await this.k8s4r([
+        "identity",
+        "fetch",
+        "--socket",
+        this.robotSocket(robotId),
+        "--spiffe-id",
+        `spiffe://${TRUST_DOMAIN}/robot/${robotId}`,
+        "--write",
+        dir,
+        "--json",
+      ]);
+      assert.equal(r.code, 0, `identity fetch ${robotId}: ${r.stdout}\n${r.stderr}`);
+      const j = JSON.parse(r.stdout);
+      return {
+        cert: await Deno.readTextFile(`${dir}/svid.pem`),
+        key: await Deno.readTextFile(`${dir}/svid.key`),
+        ca: await Deno.readTextFile(`${dir}/bundle.pem`),
+        serial: j.svids[0].serialNumber,
+        notAfter: j.svids[0].notAfter,
+      };
+    } finally {
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  }
+
+  async serverCreds(): Promise<{ username: string; password: string }> {
+    return JSON.parse(await Deno.readTextFile(this.layout.serverCredentialsFile));
+  }
+
+  /** A client on the plain listener with the fleet server's own login. */
+  async serverClient(clientId: string): Promise<mqtt.MqttClient> {
+    const creds = await this.serverCreds();
+    return await mqttConnect(`mqtt://127.0.0.1:${this.ports.plain}`, {
+      username: creds.username,
+      password: creds.password,
+      clientId,
+      clean: true,
+    });
+  }
+
+  /** An mTLS client on the robot listener. */
+  tlsClient(svid: Svid, clientId: string): Promise<mqtt.MqttClient> {
+    return mqttConnect(`mqtts://127.0.0.1:${this.ports.tls}`, {
+      ca: svid.ca,
+      cert: svid.cert,
+      key: svid.key,
+      servername: "localhost",
+      clientId,
+      clean: true,
+      protocolVersion: 4,
+    });
+  }
+
+  // ---- teardown
+
+  /**
+   * After a failure: copies every log of the stack to a kept directory (the temp project is
+   * deleted) and prints its path and the agents' and server's last lines.
+   */
+  keepLogs(): void {
+    if (!this.failures.length) return;
+    try {
+      const keep = Deno.makeTempDirSync({ dir: "/tmp", prefix: "k8s4r-e2e-logs-" });
+      for (const root of [this.layout.devEnvDir, this.layout.spireDataDir]) {
+        for (const f of walkFiles(root, (n) => n.endsWith(".log"))) {
+          const name = f.slice(this.dir.length + 1).replaceAll("/", "__");
+          Deno.copyFileSync(f, `${keep}/${name}`);
+          if (/(agent[^/]*|server)\.log$/.test(f) && !f.includes("spire")) {
+            const tail = Deno.readTextFileSync(f).split("\n").slice(-25).join("\n");
+            console.log(`---- last lines of ${f}\n${tail}`);
+          }
+        }
+      }
+      console.log(`E2E logs of the failed cases (${this.failures.join("; ")}) kept in ${keep}`);
+    } catch (err) {
+      console.log(`could not keep the logs: ${(err as Error).message}`);
+    }
+  }
+
+  /** The last test: stop, clean, and nothing of ours left running or listening. */
+  async teardown(): Promise<void> {
+    this.remember();
+    const stop = await this.devenv("stop");
+    this.keepLogs();
+    const clean = await this.devenv("clean");
+    this.torn = true;
+    const alive = this.survivors();
+    const ports = new Set(listeningSockets().map((s) => s.port));
+    const stillListening = Object.values(this.ports).filter((p) => ports.has(p));
+    // Whatever the assertions say, nothing survives this test.
+    this.emergencyStopSync();
+    assert.equal(stop.code, 0, `devenv stop: ${stop.stdout}\n${stop.stderr}`);
+    assert.equal(clean.code, 0, `devenv clean: ${clean.stdout}\n${clean.stderr}`);
+    assert.ok(this.seen.size >= 8, `only ${this.seen.size} processes were ever recorded`);
+    metric("teardown.processes_recorded", this.seen.size);
+    assert.deepEqual(alive, [], `processes survived stop: ${alive.join(", ")}`);
+    assert.deepEqual(stillListening, [], `ports still listening: ${stillListening.join(", ")}`);
+    for (const p of [this.layout.devEnvDir, this.layout.spireDataDir]) {
+      assert.throws(() => Deno.statSync(p), Deno.errors.NotFound, `${p} left behind by clean`);
+    }
+  }
+
+  /**
+   * Synchronous last resort (unload, or after teardown): `devenv stop` by the pid files, then
+   * SIGKILL anything recorded that is still the same process, then remove the temp dirs.
+   */
+  emergencyStopSync(): void {
+    everyStack.delete(this);
+    if (!this.torn) {
+      this.torn = true;
+      try {
+        this.remember();
+        new Deno.Command(Deno.execPath(), {
+          args: ["run", "-A", "--quiet", MAIN, "devenv", "stop", "--project-dir", this.dir],
+          cwd: this.dir,
+          env: this.env,
+          clearEnv: true,
+          stdout: "null",
+          stderr: "null",
+        }).outputSync();
+      } catch { /* best effort */ }
+      this.keepLogs();
+    }
+    for (const pid of this.survivors()) {
+      try {
+        Deno.kill(pid, "SIGKILL");
+      } catch { /* gone */ }
+    }
+    for (const d of [this.dir, this.sockDir]) {
+      try {
+        Deno.removeSync(d, { recursive: true });
+      } catch { /* gone */ }
+    }
+  }
+}
+
+export interface DoctorReport {
+  checks: {
+    id: string;
+    group: string;
+    title: string;
+    status: string;
+    detail: string;
+    hint: string | null;
+  }[];
+  summary: { ok: number; warn: number; fail: number; skip: number; crash: number };
+}
+
+/** Every *.log file under dir, recursively. */
+export function* walkFiles(dir: string, pred: (name: string) => boolean): Generator<string> {
+  let entries: Deno.DirEntry[] = [];
+  try {
+    entries = [...Deno.readDirSync(dir)];
+  } catch {
+    return;
+  }
+  for (const e of entries) {
+    const p = `${dir}/${e.name}`;
+    if (e.isDirectory) yield* walkFiles(p, pred);
+    else if (e.isFile && pred(e.name)) yield p;
+  }
+}
+
+/** Polls `probe` and returns the elapsed ms once it holds. */
+export async function timeUntil(
+  probe: () => Promise<boolean> | boolean,
+  what: string,
+  timeoutMs = 60_000,
+  intervalMs = 100,
+): Promise<number> {
+  const t0 = Date.now();
+  await waitFor(probe, { timeoutMs, intervalMs, what });
+  return Date.now() - t0;
+}
