@@ -6,24 +6,18 @@
  * at most once, even across agent restarts (ids are kept in a small file).
  */
 import { isAbsolute, join } from "node:path";
-import { MAX_OUTPUT_TAIL, type TaskReportState } from "../mqtt/messages.ts";
+import {
+  type Envelope,
+  MAX_OUTPUT_TAIL,
+  type TaskMessage,
+  type TaskStatusMessage,
+} from "../mqtt/messages.ts";
 
-export interface TaskSpec {
-  id: string;
-  command: string[];
-  env: Record<string, string>;
-  cwd?: string;
-  timeoutSeconds: number;
-}
+/** What the runner needs of a task message. */
+export type TaskSpec = Pick<TaskMessage, "id" | "command" | "env" | "cwd" | "timeoutSeconds">;
 
-export interface TaskReport {
-  taskId: string;
-  state: TaskReportState;
-  exitCode?: number | null;
-  stdout?: string;
-  stderr?: string;
-  error?: string;
-}
+/** One status report: a task-status message without its envelope. */
+export type TaskReport = Omit<TaskStatusMessage, keyof Envelope | "type">;
 
 export interface TaskRunnerOptions {
   /** `["*"]` = everything; otherwise exact executable names or absolute paths. */
