@@ -3,6 +3,7 @@
  * devenv ...`) in a temp project dir, on free ports, with Workload API sockets in a short temp
  * dir. One stack is shared by the steps, because bringing it up is the expensive part.
  */
+import { listeningSockets } from "../src/doctor/proc_net.ts";
 import assert from "node:assert/strict";
 import { X509Certificate } from "node:crypto";
 import * as net from "node:net";
@@ -67,21 +68,7 @@ function pids(stack: Stack): Record<string, number> {
 
 /** Ports in LISTEN state, from /proc/net/tcp and tcp6. */
 function listeningPorts(): Set<number> {
-  const ports = new Set<number>();
-  for (const f of ["/proc/net/tcp", "/proc/net/tcp6"]) {
-    let text = "";
-    try {
-      text = Deno.readTextFileSync(f);
-    } catch {
-      continue;
-    }
-    for (const line of text.split("\n").slice(1)) {
-      const cols = line.trim().split(/\s+/);
-      if (cols.length < 4 || cols[3] !== "0A") continue;
-      ports.add(parseInt(cols[1].split(":")[1], 16));
-    }
-  }
-  return ports;
+  return new Set(listeningSockets().map((s) => s.port));
 }
 
 function peerCert(port: number, ca: string, cert: string, key: string): Promise<X509Certificate> {

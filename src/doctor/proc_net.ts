@@ -23,6 +23,22 @@ export function parseProcNetTcp(text: string): ListenSocket[] {
   return out;
 }
 
+/** Every listening TCP socket of the host (IPv4 and IPv6), read now. */
+export function listeningSockets(): ListenSocket[] {
+  const out: ListenSocket[] = [];
+  for (const f of ["/proc/net/tcp", "/proc/net/tcp6"]) {
+    try {
+      out.push(...parseProcNetTcp(Deno.readTextFileSync(f)));
+    } catch { /* no IPv6 on this host */ }
+  }
+  return out;
+}
+
+/** 127.0.0.0/8, ::1 and IPv4-mapped loopback. */
+export function isLoopbackAddress(address: string): boolean {
+  return address === "::1" || /^(::ffff:)?127\./.test(address);
+}
+
 /** The kernel prints each 32-bit word of the address in host (little-endian) byte order. */
 export function decodeAddress(hex: string): string {
   const words: number[][] = [];

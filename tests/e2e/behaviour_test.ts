@@ -21,7 +21,7 @@ import { TestCa } from "../../src/spiffe/testing/test_ca.ts";
 import { waitFor } from "../../src/process/mod.ts";
 import {
   E2eStack,
-  isLoopbackHex,
+  isLoopbackAddress,
   listeningSockets,
   metric,
   mqttConnect,
@@ -33,26 +33,7 @@ import {
 } from "./stack.ts";
 
 const stack = await E2eStack.create({ heartbeatSeconds: 1 });
-let first = true;
-
-function e2e(name: string, fn: () => Promise<void>): void {
-  const isFirst = first;
-  first = false;
-  Deno.test({
-    name: `e2e: ${name}`,
-    sanitizeOps: false,
-    sanitizeResources: false,
-    async fn() {
-      if (!isFirst) stack.requireStarted();
-      try {
-        await fn();
-      } catch (err) {
-        stack.failures.push(name);
-        throw err;
-      }
-    },
-  });
-}
+const e2e = stack.caseRegistrar("e2e: ");
 
 const nonce = () => crypto.randomUUID().slice(0, 8);
 
@@ -389,7 +370,7 @@ e2e("security: 1883 refuses a missing or wrong password and listens on loopback 
   await ok.endAsync(true);
   const socks = listeningSockets().filter((s) => s.port === stack.ports.plain);
   assert.ok(socks.length >= 1, `nothing listens on ${stack.ports.plain}`);
-  const exposed = socks.filter((s) => !isLoopbackHex(s.addr, s.family));
+  const exposed = socks.filter((s) => !isLoopbackAddress(s.address));
   assert.deepEqual(exposed, [], `port ${stack.ports.plain} listens beyond loopback`);
 });
 

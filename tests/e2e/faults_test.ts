@@ -14,26 +14,7 @@ import { processStartTime, stopPidFile, waitFor } from "../../src/process/mod.ts
 import { E2eStack, metric, ROBOTS, timeUntil, TRUST_DOMAIN } from "./stack.ts";
 
 const stack = await E2eStack.create({ heartbeatSeconds: 1 });
-let first = true;
-
-function e2e(name: string, fn: () => Promise<void>): void {
-  const isFirst = first;
-  first = false;
-  Deno.test({
-    name: `e2e faults: ${name}`,
-    sanitizeOps: false,
-    sanitizeResources: false,
-    async fn() {
-      if (!isFirst) stack.requireStarted();
-      try {
-        await fn();
-      } catch (err) {
-        stack.failures.push(name);
-        throw err;
-      }
-    },
-  });
-}
+const e2e = stack.caseRegistrar("e2e faults: ");
 
 /** Polls the robots' online flags in the background; counts every offline observation. */
 class OnlineWatch {

@@ -8,6 +8,7 @@
  * files and SIGKILLs every process this run ever recorded, so a failing or crashing test never
  * leaves processes or listening ports behind.
  */
+import { isLoopbackAddress, listeningSockets } from "../../src/doctor/proc_net.ts";
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import mqtt from "mqtt";
@@ -127,31 +128,7 @@ export function processTree(pid: number): Map<number, number> {
   return seen;
 }
 
-/** Ports in LISTEN state, with the local address (hex, as the kernel prints it). */
-export function listeningSockets(): { port: number; addr: string; family: 4 | 6 }[] {
-  const out: { port: number; addr: string; family: 4 | 6 }[] = [];
-  for (const [f, family] of [["/proc/net/tcp", 4], ["/proc/net/tcp6", 6]] as const) {
-    let text = "";
-    try {
-      text = Deno.readTextFileSync(f);
-    } catch {
-      continue;
-    }
-    for (const line of text.split("\n").slice(1)) {
-      const cols = line.trim().split(/\s+/);
-      if (cols.length < 4 || cols[3] !== "0A") continue;
-      const [addr, port] = cols[1].split(":");
-      out.push({ port: parseInt(port, 16), addr, family });
-    }
-  }
-  return out;
-}
-
-/** 127.0.0.1 in /proc/net/tcp, ::1 or ::ffff:127.0.0.1 in tcp6. */
-export function isLoopbackHex(addr: string, family: 4 | 6): boolean {
-  if (family === 4) return addr === "0100007F";
-  return addr === "00000000000000000000000001000000" || addr === "0000000000000000FFFF00000100007F";
-}
+export { isLoopbackAddress, listeningSockets };
 
 /** Connects with mqtt.js, no automatic reconnect; rejects on error or refusal. */
 export function mqttConnect(url: string, opts: mqtt.IClientOptions): Promise<mqtt.MqttClient> {
@@ -293,6 +270,34 @@ export class E2eStack {
       throw new Error(`doctor --json printed no JSON (exit ${r.code}):\n${r.stdout}\n${r.stderr}`);
     }
     return { code: r.code, report, raw: r };
+  }
+
+  /**
+   * Returns a function that declares one e2e case as its own Deno.test. Cases run in order; every
+   * case after the first requires the stack to be up, and a failing case is remembered so the
+   * teardown can keep its logs. The stack's processes outlive each case by design, so Deno's
+   * op/resource sanitizers are off; teardown checks that nothing of ours survives.
+   */
+  caseRegistrar(prefix: string): (name: string, fn: () => Promise<void>) => void {
+    let first = true;
+    return (name, fn) => {
+      const isFirst = first;
+      first = false;
+      Deno.test({
+        name: `${prefix}${name}`,
+        sanitizeOps: false,
+        sanitizeResources: false,
+        fn: async () => {
+          if (!isFirst) this.requireStarted();
+          try {
+            await fn();
+          } catch (err) {
+            this.failures.push(name);
+            throw err;
+          }
+        },
+      });
+    };
   }
 
   requireStarted(): void {
