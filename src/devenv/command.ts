@@ -25,6 +25,32 @@ function positiveSeconds(args: Args, flag: string): number | undefined {
   return n;
 }
 
+/** SPIRE checks its CA for rotation every 10 s; below this the CA could expire unrotated. */
+export const MIN_CA_TTL_SECONDS = 60;
+
+/** `--ca-ttl` over env `K8S4R_SPIRE_CA_TTL`; undefined = the config file's `ca_ttl`. */
+export function caTtlSeconds(
+  args: Args,
+  env: Record<string, string | undefined>,
+): number | undefined {
+  let n: number | undefined;
+  let from = "--ca-ttl";
+  if (args.has("ca-ttl")) n = args.number("ca-ttl")!;
+  else if (env["K8S4R_SPIRE_CA_TTL"]) {
+    from = "environment variable K8S4R_SPIRE_CA_TTL";
+    n = /^\d+$/.test(env["K8S4R_SPIRE_CA_TTL"]) ? Number(env["K8S4R_SPIRE_CA_TTL"]) : NaN;
+  }
+  if (n === undefined) return undefined;
+  if (!Number.isInteger(n) || n < MIN_CA_TTL_SECONDS) {
+    throw new UsageError(
+      `${from}: expected whole seconds >= ${MIN_CA_TTL_SECONDS}, got ${
+        from === "--ca-ttl" ? n : `'${env["K8S4R_SPIRE_CA_TTL"]}'`
+      }`,
+    );
+  }
+  return n;
+}
+
 function withContext(
   fn: (ctx: DevenvContext, args: Args) => Promise<number>,
 ): (args: Args, io: Io) => Promise<number> {
@@ -76,6 +102,14 @@ export const devenvCommand: CommandSpec = {
           description: "X.509 SVID TTL of the broker's entry (default: server default)",
         },
         {
+          name: "ca-ttl",
+          type: "number",
+          valueName: "SECONDS",
+          description: "SPIRE server ca_ttl (env K8S4R_SPIRE_CA_TTL; default: config/spire/" +
+            "server.conf). The next CA enters the bundle at 1/2 of it and signs from 5/6 on; " +
+            "applies when the server (re)starts",
+        },
+        {
           name: "timeout",
           type: "number",
           valueName: "SECONDS",
@@ -95,6 +129,7 @@ export const devenvCommand: CommandSpec = {
           broker: mode as BrokerModeFlag,
           svidTtl: positiveSeconds(args, "svid-ttl"),
           brokerSvidTtl: positiveSeconds(args, "broker-svid-ttl"),
+          caTtl: caTtlSeconds(args, ctx.env),
           brokerUrl: ctx.env["MQTT_BROKER_URL"] || undefined,
           onlineTimeoutMs: timeout !== undefined ? timeout * 1000 : undefined,
         });
@@ -144,8 +179,11 @@ export const devenvCommand: CommandSpec = {
       name: "spire-server",
       summary: "Run spire-server with join tokens redacted from its log (run by start)",
       hidden: true,
-      flags: [...LAYOUT_FLAGS],
-      run: withContext((ctx) => runSpireServer(ctx)),
+      flags: [
+        ...LAYOUT_FLAGS,
+        { name: "ca-ttl", type: "number", valueName: "SECONDS", description: "ca_ttl" },
+      ],
+      run: withContext((ctx, args) => runSpireServer(ctx, { caTtl: caTtlSeconds(args, {}) })),
     },
     {
       name: "broker-identity",

@@ -12,7 +12,15 @@ import { ensureSpireBinaries } from "../spire/binaries.ts";
 import { startSpireServer } from "../spire/server.ts";
 import type { DevenvContext } from "./context.ts";
 
-export async function runSpireServer(ctx: DevenvContext): Promise<number> {
+export interface SpireServerRunOptions {
+  /** ca_ttl in seconds; undefined = the config file's value. */
+  caTtl?: number;
+}
+
+export async function runSpireServer(
+  ctx: DevenvContext,
+  opts: SpireServerRunOptions = {},
+): Promise<number> {
   const { io, layout, files } = ctx;
   const bins = await ensureSpireBinaries(io);
   const server = await startSpireServer(io, {
@@ -26,6 +34,7 @@ export async function runSpireServer(ctx: DevenvContext): Promise<number> {
     socketPath: layout.spireServerSocket,
     dataDir: layout.spireServerDataDir,
     trustDomain: layout.trustDomain,
+    caTtl: opts.caTtl !== undefined ? `${opts.caTtl}s` : undefined,
     readyTimeoutMs: 60_000,
   });
   const stopped = new Promise<"stop">((resolve) => {

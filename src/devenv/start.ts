@@ -49,6 +49,8 @@ export interface StartOptions {
   /** Robot SVID TTL (seconds) on their registration entries; undefined = server default. */
   svidTtl?: number;
   brokerSvidTtl?: number;
+  /** SPIRE CA TTL (seconds) for a server this start launches; undefined = config file's. */
+  caTtl?: number;
   /** The URL agents connect to (MQTT_BROKER_URL); default `ssl://localhost:<tls port>`. */
   brokerUrl?: string;
   /** Join token lifetime. */
@@ -152,7 +154,14 @@ export async function devenvStart(ctx: DevenvContext, opts: StartOptions): Promi
           io.runner.spawn({
             name: "spire-server",
             cmd: self.cmd,
-            args: [...self.args, "devenv", "spire-server", "--project-dir", layout.root],
+            args: [
+              ...self.args,
+              "devenv",
+              "spire-server",
+              "--project-dir",
+              layout.root,
+              ...(opts.caTtl !== undefined ? ["--ca-ttl", String(opts.caTtl)] : []),
+            ],
             cwd: layout.root,
             env: childEnv,
             logFile: files.spireServerLog,
