@@ -180,13 +180,50 @@ export async function reloadBroker(ctx: DevenvContext): Promise<string> {
   return `SIGHUP sent to mosquitto (pid ${rec.pid})`;
 }
 
+/**
+ * Runs `fn` holding an exclusive lock on the broker's lifecycle, so that `devenv start` and the
+ * broker-identity watchdog never start two brokers on the same ports.
+ */
+export async function withBrokerLock<T>(ctx: DevenvContext, fn: () => Promise<T>): Promise<T> {
+  await Deno.mkdir(dirname(ctx.files.mosquittoPid), { recursive: true });
+  const lock = await Deno.open(`${ctx.files.mosquittoPid}.lock`, {
+    create: true,
+    write: true,
+    mode: 0o600,
+  });
+  try {
+    await lock.lock(true);
+    return await fn();
+  } finally {
+    lock.close(); // closing releases the lock
+  }
+}
+
 /** Stops the broker (pid file) and starts it again with its recorded command. */
-export async function restartBroker(ctx: DevenvContext): Promise<string> {
-  const rec = readPidFile(ctx.files.mosquittoPid);
-  if (!rec || !isRecordAlive(rec)) return "broker not running";
-  const cmd = savedBrokerCommand(ctx);
-  if (!cmd) return "broker command unknown; not restarted";
-  await stopPidFile(ctx.files.mosquittoPid, 10_000);
-  const d = await startBroker(ctx, cmd);
-  return `broker restarted (pid ${rec.pid} -> ${d.pid})`;
+export function restartBroker(ctx: DevenvContext): Promise<string> {
+  return withBrokerLock(ctx, async () => {
+    const rec = readPidFile(ctx.files.mosquittoPid);
+    if (!rec || !isRecordAlive(rec)) return "broker not running";
+    const cmd = savedBrokerCommand(ctx);
+    if (!cmd) return "broker command unknown; not restarted";
+    await stopPidFile(ctx.files.mosquittoPid, 10_000);
+    const d = await startBroker(ctx, cmd);
+    return `broker restarted (pid ${rec.pid} -> ${d.pid})`;
+  });
+}
+
+/**
+ * Starts the broker again if it died (crash, kill -9): its pid file names a process that is
+ * gone. A broker that `devenv stop` stopped has no pid file and stays stopped. Returns what it
+ * did, or undefined when nothing was needed.
+ */
+export function reviveBroker(ctx: DevenvContext): Promise<string | undefined> {
+  return withBrokerLock(ctx, async () => {
+    const rec = readPidFile(ctx.files.mosquittoPid);
+    if (!rec || isRecordAlive(rec)) return undefined;
+    const cmd = savedBrokerCommand(ctx);
+    if (!cmd) return undefined;
+    const d = await startBroker(ctx, cmd);
+    return `broker pid ${rec.pid} had died; restarted it (pid ${d.pid})`;
+  });
 }

@@ -7,7 +7,8 @@ import { errorMessage } from "../cli/errors.ts";
 import { X509Source } from "../spiffe/mod.ts";
 import { SpireAgentSupervisor } from "../spire/agent.ts";
 import { ensureSpireBinaries } from "../spire/binaries.ts";
-import { reloadBroker, restartBroker } from "./broker.ts";
+import { reloadBroker, restartBroker, reviveBroker } from "./broker.ts";
+import { isRecordAlive, readPidFile } from "../process/mod.ts";
 import { BrokerIdentity } from "./broker_identity.ts";
 import type { DevenvContext } from "./context.ts";
 import { brokerSpiffeId } from "./layout.ts";
@@ -59,10 +60,12 @@ export async function runBrokerIdentity(ctx: DevenvContext): Promise<number> {
     source.onUpdate(() => void bi.update());
     await bi.update();
     log("ready; following SVID and bundle updates");
+    const watchdog = brokerWatchdog(ctx, log);
     await new Promise<void>((resolve) => {
       if (io.signal.aborted) return resolve();
       io.signal.addEventListener("abort", () => resolve(), { once: true });
     });
+    clearInterval(watchdog);
     log("stopping");
     return 0;
   } catch (err) {
@@ -73,4 +76,40 @@ export async function runBrokerIdentity(ctx: DevenvContext): Promise<number> {
     await Promise.resolve(source?.close()).catch(() => {});
     await supervisor.stop();
   }
+}
+
+/**
+ * The broker's watchdog: a Mosquitto that died (a crash, a kill -9) is started again once it
+ * has been gone for a grace period (K8S4R_BROKER_REVIVE_AFTER_MS, default 5 s), so robots
+ * recover without anyone running `devenv start`. The grace leaves room for a deliberate restart;
+ * the broker lock keeps the watchdog and `devenv start` from starting it twice.
+ */
+function brokerWatchdog(
+  ctx: DevenvContext,
+  log: (line: string) => void,
+): ReturnType<typeof setInterval> {
+  const raw = ctx.io.env["K8S4R_BROKER_REVIVE_AFTER_MS"];
+  const graceMs = raw && /^\d+$/.test(raw) ? Number(raw) : 5000;
+  let deadSince: number | undefined;
+  let busy = false;
+  return setInterval(async () => {
+    if (busy) return;
+    const rec = readPidFile(ctx.files.mosquittoPid);
+    if (!rec || isRecordAlive(rec)) {
+      deadSince = undefined;
+      return;
+    }
+    deadSince ??= Date.now();
+    if (Date.now() - deadSince < graceMs) return;
+    busy = true;
+    try {
+      const what = await reviveBroker(ctx);
+      if (what) log(what);
+      deadSince = undefined;
+    } catch (err) {
+      log(`could not restart the broker: ${errorMessage(err)}`);
+    } finally {
+      busy = false;
+    }
+  }, 1000);
 }

@@ -26,6 +26,7 @@ import {
   saveBrokerCommand,
   savedBrokerCommand,
   startBroker,
+  withBrokerLock,
   writeBrokerConfig,
 } from "./broker.ts";
 import { pemFingerprint, readBrokerIdentityStatus } from "./broker_identity.ts";
@@ -267,21 +268,24 @@ export async function devenvStart(ctx: DevenvContext, opts: StartOptions): Promi
     // 6. Mosquitto.
     await progress.step("mosquitto", async () => {
       const cmd = brokerCommand(ctx, runtime);
-      const rec = readPidFile(files.mosquittoPid);
-      if (bundleChanged && rec && isRecordAlive(rec)) {
-        // A new cafile needs a restart (Mosquitto 2.0 does not reload it on SIGHUP).
-        await stopPidFile(files.mosquittoPid, 10_000);
-      }
-      const r = await ensureDaemon(
-        "mosquitto",
-        files.mosquittoPid,
-        () => probeBroker(ctx),
-        async () => {
-          await writeBrokerConfig(ctx);
-          await saveBrokerCommand(ctx, cmd);
-          return await startBroker(ctx, cmd);
-        },
-      );
+      // Under the broker lock: broker-identity's watchdog may be reviving a dead broker too.
+      const r = await withBrokerLock(ctx, async () => {
+        const rec = readPidFile(files.mosquittoPid);
+        if (bundleChanged && rec && isRecordAlive(rec)) {
+          // A new cafile needs a restart (Mosquitto 2.0 does not reload it on SIGHUP).
+          await stopPidFile(files.mosquittoPid, 10_000);
+        }
+        return await ensureDaemon(
+          "mosquitto",
+          files.mosquittoPid,
+          () => probeBroker(ctx),
+          async () => {
+            await writeBrokerConfig(ctx);
+            await saveBrokerCommand(ctx, cmd);
+            return await startBroker(ctx, cmd);
+          },
+        );
+      });
       const st = readState(ctx);
       if (st) await writeState(ctx, { ...st, broker: savedBrokerCommand(ctx) });
       return `${r.text}, ${

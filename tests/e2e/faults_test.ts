@@ -263,6 +263,44 @@ e2e(
   },
 );
 
+e2e(
+  "mosquitto crash: broker-identity's watchdog restarts it on its own; nothing is lost",
+  async () => {
+    const before = componentPids();
+    const mq = stack.pid(stack.files.mosquittoPid);
+    assert.ok(mq, "mosquitto is not running");
+    const hbBefore = await Promise.all(ROBOTS.map(async (r) => (await stack.robot(r)).heartbeats));
+    stack.remember();
+    await kill9(mq.pid, mq.startTime, "mosquitto");
+    const killedAt = Date.now();
+    // No `devenv start`: the broker must come back by itself (grace 5 s, then a restart).
+    await waitFor(() => {
+      const rec = stack.pid(stack.files.mosquittoPid);
+      return rec !== undefined && rec.pid !== mq.pid;
+    }, { timeoutMs: 30_000, intervalMs: 100, what: "the watchdog to restart mosquitto" });
+    metric("faults.mosquitto_crash.revived_after_ms", Date.now() - killedAt);
+    stack.remember();
+    const after = componentPids();
+    assert.deepEqual(
+      { ...after, mosquitto: 0 },
+      { ...before, mosquitto: 0 },
+      "more than mosquitto was restarted",
+    );
+    await waitFor(
+      async () => (await stack.http<{ ok: boolean }>("/healthz")).body.ok === true,
+      { timeoutMs: 60_000, intervalMs: 100, what: "the server to reconnect to the broker" },
+    );
+    await stack.waitOnline(ROBOTS, 60_000);
+    metric("faults.mosquitto_crash.recover_ms", Date.now() - killedAt);
+    await heartbeatsFlow(3);
+    const hbAfter = await Promise.all(ROBOTS.map(async (r) => (await stack.robot(r)).heartbeats));
+    ROBOTS.forEach((r, i) =>
+      assert.ok(hbAfter[i].received > hbBefore[i].received + 3, `${r}: heartbeats did not resume`)
+    );
+    await stack.assertNoLostHeartbeats("faults.mosquitto_crash");
+  },
+);
+
 e2e("k8s4r server kill -9: registry and a pending task survive the restart", async () => {
   const robotsBefore = (await stack.robots()).map((r) => ({ id: r.id, firstSeen: r.firstSeen }));
   // robot-002 goes away gracefully, so its task stays pending.
