@@ -31,6 +31,7 @@
  * failed without a reason code, are (re)published after the next `connect`. A PUBACK with an
  * error reason code (e.g. not authorized) is final: counted as denied, not retried.
  */
+import { waitFor } from "../process/mod.ts";
 import mqtt from "mqtt";
 import type { IClientOptions, IPublishPacket, MqttClient } from "mqtt";
 import type { ConnectionOptions, PeerCertificate } from "node:tls";
@@ -424,14 +425,11 @@ export class MqttSession {
     const client = this.client;
     if (!client) return;
     if (this.expiryTimer) clearInterval(this.expiryTimer);
-    if (this.ready && (this.outstanding.size > 0 || this.queue.length > 0)) {
-      const deadline = Date.now() + drainMs;
-      while (
-        this.ready && (this.outstanding.size > 0 || this.queue.length > 0) && Date.now() < deadline
-      ) {
-        await new Promise((r) => setTimeout(r, 20));
-      }
-    }
+    // Bounded drain: whatever is still unacknowledged after drainMs is abandoned below.
+    await waitFor(
+      () => !this.ready || (this.outstanding.size === 0 && this.queue.length === 0),
+      { timeoutMs: drainMs, intervalMs: 20, what: "outstanding messages to be acknowledged" },
+    ).catch(() => {});
     this.closing = true;
     const left = this.outstanding.size + this.queue.length;
     if (left > 0) this.o.log("mqtt.abandoning", { messages: left });
