@@ -369,8 +369,9 @@ export class MqttSession {
     this.cycling = true;
     this.stats.rotationReconnects++;
     this.o.log("mqtt.rotating_connection", { reason, inFlight: this.outstanding.size });
-    // Reconnect quickly after a planned cycle (mqtt.js uses this for the next attempt).
-    client.options.reconnectPeriod = this.jittered(Math.min(this.minMs, 200));
+    // Reconnect at once after a planned cycle (mqtt.js uses this for the next attempt; 0 would
+    // disable reconnecting altogether). The broker hands the session over to the new connection.
+    client.options.reconnectPeriod = Math.min(this.minMs, 20);
     try {
       client.stream.end(DISCONNECT_NORMAL);
     } catch (err) {
