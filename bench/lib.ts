@@ -8,7 +8,13 @@
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { agentArgs } from "../src/devenv/start.ts";
-import { defaultLayout, devenvFiles, type Layout, robotLayout } from "../src/devenv/layout.ts";
+import {
+  defaultLayout,
+  devenvFiles,
+  type Layout,
+  layoutEnv,
+  robotLayout,
+} from "../src/devenv/layout.ts";
 import {
   type Daemon,
   type OutputResult,
@@ -157,11 +163,10 @@ export class BenchStack {
   readonly env: Record<string, string>;
   private constructor(readonly dir: string, readonly ports: number[]) {
     this.env = {
-      K8S4R_SPIRE_SERVER_PORT: String(ports[0]),
-      K8S4R_MQTT_PORT: String(ports[1]),
-      K8S4R_MQTT_TLS_PORT: String(ports[2]),
-      K8S4R_HTTP_PORT: String(ports[3]),
-      K8S4R_AGENT_SOCKET_DIR: join(dir, "s"),
+      ...layoutEnv(
+        { spireServer: ports[0], mqttPlain: ports[1], mqttTls: ports[2], http: ports[3] },
+        { agentSocketDir: join(dir, "s") },
+      ),
       K8S4R_PROJECT_DIR: dir,
       NO_COLOR: "1",
       // Agents connect to "localhost" and authenticate the broker by SPIFFE ID.
@@ -177,19 +182,8 @@ export class BenchStack {
     await copyDir(join(REPO, "config"), join(dir, "config"));
     // The exported CA of a developer's own stack must not leak into the bench stack.
     await Deno.remove(join(dir, "config", "mosquitto"), { recursive: true }).catch(() => {});
-    const stack = new BenchStack(dir, freePorts(4));
-    // The agent takes the SPIRE server address from plugins.yaml (serverAddr), not from
-    // K8S4R_SPIRE_SERVER_PORT: point this copy at the bench stack's port.
-    const yamlPath = join(dir, "config", "agent", "plugins.yaml");
-    const yaml = await Deno.readTextFile(yamlPath);
-    await Deno.writeTextFile(
-      yamlPath,
-      yaml.replace(
-        /^(\s*serverAddr:\s*).*$/m,
-        `$1"localhost:${stack.layout.ports.spireServer}"`,
-      ),
-    );
-    return stack;
+    // plugins.yaml's serverAddr follows K8S4R_SPIRE_SERVER_PORT, which the stack's env sets.
+    return new BenchStack(dir, freePorts(4));
   }
 
   get api(): string {

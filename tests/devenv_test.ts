@@ -13,6 +13,7 @@ import mqtt from "mqtt";
 import { isRecordAlive, processStartTime, readPidFile, waitFor } from "../src/process/mod.ts";
 import { descendants } from "../src/devenv/stop.ts";
 import { probeMqttTls } from "../src/devenv/probes.ts";
+import { layoutEnv } from "../src/devenv/layout.ts";
 
 const REPO = fileURLToPath(new URL("..", import.meta.url));
 const MAIN = `${REPO}main.ts`;
@@ -141,11 +142,15 @@ Deno.test({
       env: {
         ...Deno.env.toObject(),
         NO_COLOR: "1",
-        K8S4R_SPIRE_SERVER_PORT: String(ports.spire),
-        K8S4R_MQTT_PORT: String(ports.plain),
-        K8S4R_MQTT_TLS_PORT: String(ports.tls),
-        K8S4R_HTTP_PORT: String(ports.http),
-        K8S4R_AGENT_SOCKET_DIR: sockDir,
+        ...layoutEnv(
+          {
+            spireServer: ports.spire,
+            mqttPlain: ports.plain,
+            mqttTls: ports.tls,
+            http: ports.http,
+          },
+          { agentSocketDir: sockDir },
+        ),
       },
     };
     const seen = new Map<number, number>(); // every pid we saw, with its start time

@@ -15,6 +15,7 @@ import {
   type DevenvFiles,
   devenvFiles,
   type Layout,
+  layoutEnv,
   type RobotLayout,
   robotLayout,
 } from "./layout.ts";
@@ -62,16 +63,6 @@ export const LAYOUT_FLAGS: FlagSpec[] = [
       "/tmp/spire-agent)",
   },
 ];
-
-/** Environment variables that carry the layout to child processes (none of them secret). */
-export const LAYOUT_ENV_KEYS = [
-  "K8S4R_SPIRE_SERVER_PORT",
-  "K8S4R_MQTT_PORT",
-  "K8S4R_MQTT_TLS_PORT",
-  "K8S4R_HTTP_PORT",
-  "K8S4R_AGENT_SOCKET_DIR",
-  "K8S4R_TRUST_DOMAIN",
-] as const;
 
 /** What `start` records in `.dev-env/devenv.json`. */
 export interface DevenvState {
@@ -129,21 +120,15 @@ export function resolveContext(args: Args, io: Io): DevenvContext {
   const env: Record<string, string | undefined> = { ...io.env };
   for (const [k, v] of Object.entries(overrides)) if (v !== undefined) env[k] = v;
   const layout = defaultLayout(root, env);
-  const layoutEnv: Record<string, string> = {
-    K8S4R_SPIRE_SERVER_PORT: String(layout.ports.spireServer),
-    K8S4R_MQTT_PORT: String(layout.ports.mqttPlain),
-    K8S4R_MQTT_TLS_PORT: String(layout.ports.mqttTls),
-    K8S4R_HTTP_PORT: String(layout.ports.http),
-    K8S4R_TRUST_DOMAIN: layout.trustDomain,
-  };
-  if (env["K8S4R_AGENT_SOCKET_DIR"]) {
-    layoutEnv.K8S4R_AGENT_SOCKET_DIR = env["K8S4R_AGENT_SOCKET_DIR"];
-  }
   return {
     io,
     layout,
     files: devenvFiles(layout, env),
-    layoutEnv,
+    // Layout env for children, none of it secret.
+    layoutEnv: layoutEnv(layout.ports, {
+      agentSocketDir: env["K8S4R_AGENT_SOCKET_DIR"],
+      trustDomain: layout.trustDomain,
+    }),
     env,
     stateFile: join(layout.devEnvDir, "devenv.json"),
   };

@@ -84,6 +84,26 @@ export function defaultLayout(root: string, env: Record<string, string | undefin
   };
 }
 
+/**
+ * The environment variables that move a stack's ports (and optionally its socket dir and trust
+ * domain): what `defaultLayout` reads. devenv hands it to every child; tests and benchmarks use
+ * it to run a stack on free ports.
+ */
+export function layoutEnv(
+  ports: Ports,
+  opts: { agentSocketDir?: string; trustDomain?: string } = {},
+): Record<string, string> {
+  const env: Record<string, string> = {
+    K8S4R_SPIRE_SERVER_PORT: String(ports.spireServer),
+    K8S4R_MQTT_PORT: String(ports.mqttPlain),
+    K8S4R_MQTT_TLS_PORT: String(ports.mqttTls),
+    K8S4R_HTTP_PORT: String(ports.http),
+  };
+  if (opts.trustDomain) env.K8S4R_TRUST_DOMAIN = opts.trustDomain;
+  if (opts.agentSocketDir) env.K8S4R_AGENT_SOCKET_DIR = opts.agentSocketDir;
+  return env;
+}
+
 /** Per-robot paths. robot-001 uses the guide's socket and data dir; others get their own. */
 export interface RobotLayout {
   robotId: string;

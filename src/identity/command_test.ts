@@ -32,14 +32,7 @@ function deps() {
   return { now: () => new Date("2030-01-01T00:10:00Z"), clock: () => (t += 12) - 12 };
 }
 
-async function withFake(fn: (fake: FakeWorkloadApi) => Promise<void>): Promise<void> {
-  const fake = await FakeWorkloadApi.start();
-  try {
-    await fn(fake);
-  } finally {
-    await fake.close();
-  }
-}
+const withFake = FakeWorkloadApi.using;
 
 Deno.test("identity fetch prints each SVID, the CA validity and the response time", async () => {
   await withFake(async (fake) => {

@@ -17,6 +17,7 @@ import {
   type DevenvFiles,
   devenvFiles,
   type Layout,
+  layoutEnv,
 } from "../../src/devenv/layout.ts";
 import {
   isRecordAlive,
@@ -181,11 +182,10 @@ export class E2eStack {
     this.env = {
       ...Deno.env.toObject(),
       NO_COLOR: "1",
-      K8S4R_SPIRE_SERVER_PORT: String(ports.spire),
-      K8S4R_MQTT_PORT: String(ports.plain),
-      K8S4R_MQTT_TLS_PORT: String(ports.tls),
-      K8S4R_HTTP_PORT: String(ports.http),
-      K8S4R_AGENT_SOCKET_DIR: sockDir,
+      ...layoutEnv(
+        { spireServer: ports.spire, mqttPlain: ports.plain, mqttTls: ports.tls, http: ports.http },
+        { agentSocketDir: sockDir },
+      ),
     };
     // Never let a caller's environment point a child at another stack or a real token.
     delete this.env.SPIRE_JOIN_TOKEN;

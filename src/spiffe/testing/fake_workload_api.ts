@@ -82,6 +82,16 @@ export class FakeWorkloadApi {
     this.socketPath = join(dir, "agent.sock");
   }
 
+  /** Runs `fn` against a fresh fake, and closes it afterwards whatever happens. */
+  static async using(fn: (fake: FakeWorkloadApi) => Promise<void>): Promise<void> {
+    const fake = await FakeWorkloadApi.start();
+    try {
+      await fn(fake);
+    } finally {
+      await fake.close();
+    }
+  }
+
   /** Starts a fake in a fresh 0700 temp dir (or `dir`). */
   static async start(opts: { dir?: string } = {}): Promise<FakeWorkloadApi> {
     const dir = opts.dir ?? await Deno.makeTempDir({ prefix: "k8s4r-fake-wlapi-" });

@@ -10,14 +10,7 @@ import { workloadServiceDefinition } from "./service.ts";
 
 const ca = TestCa.create({ trustDomain: "td" });
 
-async function withFake(fn: (fake: FakeWorkloadApi) => Promise<void>): Promise<void> {
-  const fake = await FakeWorkloadApi.start();
-  try {
-    await fn(fake);
-  } finally {
-    await fake.close();
-  }
-}
+const withFake = FakeWorkloadApi.using;
 
 async function rejectsKind(p: Promise<unknown>, kind: string, message?: RegExp): Promise<void> {
   await assert.rejects(p, (err: unknown) => {

@@ -6,14 +6,7 @@ import { X509Source } from "./x509_source.ts";
 
 const ca = TestCa.create({ trustDomain: "td" });
 
-async function withFake(fn: (fake: FakeWorkloadApi) => Promise<void>): Promise<void> {
-  const fake = await FakeWorkloadApi.start();
-  try {
-    await fn(fake);
-  } finally {
-    await fake.close();
-  }
-}
+const withFake = FakeWorkloadApi.using;
 
 /** Resolves when `cond()` holds, polling on a short timer (a readiness probe, not a sleep). */
 async function until(cond: () => boolean, what: string, timeoutMs = 10_000): Promise<void> {
