@@ -144,11 +144,13 @@ Deno.test({
         let updates = 0;
         const off = source!.onUpdate(() => updates++);
         try {
+          // Listeners fire after the source's coalescing window (25 ms), so the new SVID can be
+          // visible a moment before its update is emitted: wait for both.
           await waitFor(
             () =>
               (source!.getX509Svid().certificates[0] as X509Certificate).serialNumber !==
-                first.serialNumber,
-            { timeoutMs: 45_000, intervalMs: 200, what: "a rotated SVID" },
+                first.serialNumber && updates >= 1,
+            { timeoutMs: 45_000, intervalMs: 200, what: "a rotated SVID and its update event" },
           );
         } finally {
           off();
