@@ -8,6 +8,7 @@
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { agentArgs } from "../src/devenv/start.ts";
+import { agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
 import {
   defaultLayout,
   devenvFiles,
@@ -368,7 +369,8 @@ export async function restartAgent(
       ...extra,
     ],
     cwd: stack.dir,
-    env: stack.env,
+    // The same V8 memory flags as an agent that `devenv start` runs.
+    env: { ...stack.env, DENO_V8_FLAGS: agentV8FlagsEnv(Deno.env.get("DENO_V8_FLAGS")) },
     logFile,
     pidFile: r.pidFile,
   });

@@ -197,6 +197,12 @@ Deno.test({
             const cmdline = await Deno.readTextFile(`/proc/${pid}/cmdline`).catch(() => "");
             assert.ok(!cmdline.includes(token), `join token on the command line of pid ${pid}`);
           }
+          // The agent runs with V8's memory-saving flags; the server does not.
+          const v8Flags = (pid: number) =>
+            Deno.readTextFileSync(`/proc/${pid}/environ`).split("\0")
+              .find((kv) => kv.startsWith("DENO_V8_FLAGS="));
+          assert.match(v8Flags(first.agent) ?? "", /--max-semi-space-size=1,--lite-mode/);
+          assert.doesNotMatch(v8Flags(first.server) ?? "", /--lite-mode/);
         },
       );
 

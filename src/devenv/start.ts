@@ -43,6 +43,7 @@ import { brokerSpiffeId, type RobotLayout } from "./layout.ts";
 import { httpGetJson, type ProbeResult } from "./probes.ts";
 import { Progress, renderTable } from "./render.ts";
 import { collectStatus } from "./status.ts";
+import { agentV8FlagsEnv } from "../agent/runtime_flags.ts";
 
 export interface StartOptions {
   robots: string[];
@@ -345,7 +346,7 @@ export async function devenvStart(ctx: DevenvContext, opts: StartOptions): Promi
           cmd: self.cmd,
           args: agentArgs(self.args, r, layout.agentPluginsYaml, brokerUrl),
           cwd: layout.root,
-          env: childEnv,
+          env: { ...childEnv, DENO_V8_FLAGS: agentV8FlagsEnv(io.env.DENO_V8_FLAGS) },
           logFile: r.logFile,
           pidFile: r.pidFile,
           detached: true,
