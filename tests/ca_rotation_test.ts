@@ -218,11 +218,13 @@ Deno.test({
       assert.equal(task.exitCode, 0, JSON.stringify(task));
       assert.equal(task.stdout, "ok\n", JSON.stringify(task));
 
+      // SPIRE may prepare the next CA during these checks, and the broker restart that follows can
+      // briefly mark a robot offline: wait for them to be online again rather than sample once.
+      await stack.waitOnline(ROBOTS, 60_000);
       let lost = 0;
       const detail: string[] = [];
       for (const id of ROBOTS) {
         const r = await stack.robot(id);
-        assert.ok(r.online, `${id} is offline at the end (${r.offlineReason})`);
         lost += r.heartbeats.missing;
         detail.push(
           `${id}: received ${r.heartbeats.received - hb0.get(id)!} during the test, ` +

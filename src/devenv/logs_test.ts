@@ -57,19 +57,23 @@ Deno.test("logs -f: prints complete new lines until the signal fires", async () 
     await Deno.writeTextFile(file, "old\n");
     const ac = new AbortController();
     const { io, ctx } = ctxFor(dir, ac.signal);
-    const done = devenvLogs(ctx, ["mosquitto"], true, 0);
-    await Deno.writeTextFile(file, "new 1\nhalf", { append: true });
     const until = async (want: string) => {
-      for (let i = 0; i < 100 && !io.out().includes(want); i++) {
+      for (let i = 0; i < 200 && !io.out().includes(want); i++) {
         await new Promise((r) => setTimeout(r, 50));
       }
+      assert.ok(io.out().includes(want), `no "${want}" in: ${JSON.stringify(io.out())}`);
     };
+    const done = devenvLogs(ctx, ["mosquitto"], true, 1);
+    // The follow offset is recorded before the tail is printed: once "old" is out, an append is
+    // new content for the follower (appending earlier would race with that offset).
+    await until("old");
+    await Deno.writeTextFile(file, "new 1\nhalf", { append: true });
     await until("new 1");
     await Deno.writeTextFile(file, " line\n", { append: true });
     await until("half line");
     ac.abort();
     assert.equal(await done, 0);
-    assert.equal(io.out(), "mosquitto | new 1\nmosquitto | half line\n");
+    assert.equal(io.out(), "mosquitto | old\nmosquitto | new 1\nmosquitto | half line\n");
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

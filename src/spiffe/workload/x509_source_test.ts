@@ -113,13 +113,15 @@ Deno.test("X509Source rejects clearly when the wanted SPIFFE ID never arrives", 
       X509Source.create({
         address: fake.address,
         spiffeId: "spiffe://td/robot/robot-001",
-        timeoutMs: 300,
+        // Long enough for a loaded machine to connect and get the first answer, which the error
+        // names. The wanted ID never comes, so the test always waits out the whole timeout.
+        timeoutMs: 1500,
         onError: (e) => errors.push(e),
       }),
       {
         name: "WorkloadApiError",
         message:
-          "no X.509 SVID for spiffe://td/robot/robot-001 within 0.3 s (the Workload API returned: spiffe://td/a, spiffe://td/b)",
+          "no X.509 SVID for spiffe://td/robot/robot-001 within 1.5 s (the Workload API returned: spiffe://td/a, spiffe://td/b)",
       },
     );
     assert.match(errors[0].message, /^no X\.509 SVID for spiffe:\/\/td\/robot\/robot-001/);
@@ -135,14 +137,14 @@ Deno.test("X509Source times out naming the last error when there is no identity"
     await assert.rejects(
       X509Source.create({
         address: fake.address,
-        timeoutMs: 300,
+        timeoutMs: 1500,
         backoff: { initialMs: 50, stepMs: 50 },
       }),
       (err: unknown) => {
         assert.ok(err instanceof WorkloadApiError);
         assert.match(
           err.message,
-          /^no X\.509 SVID from the Workload API at unix:\/\/.*agent\.sock within 0\.3 s \(last error: the Workload API at .* issued no identity to this process \(PermissionDenied: no identity issued\)/,
+          /^no X\.509 SVID from the Workload API at unix:\/\/.*agent\.sock within 1\.5 s \(last error: the Workload API at .* issued no identity to this process \(PermissionDenied: no identity issued\)/,
         );
         return true;
       },
