@@ -13,7 +13,7 @@
  */
 import { join } from "node:path";
 import { bufferIo } from "../src/cli/io.ts";
-import { brokerSpiffeId } from "../src/devenv/layout.ts";
+import { brokerSpiffeId, robotSpiffeId } from "../src/devenv/layout.ts";
 import { readPidFile, realRunner, waitFor } from "../src/process/mod.ts";
 import { findSpireBinaries } from "../src/spire/binaries.ts";
 import { SpireServerCli } from "../src/spire/server.ts";
@@ -93,7 +93,7 @@ export async function benchFleet(opts: BenchOptions, result: BenchResult): Promi
     const ids = Array.from({ length: n }, (_, i) => `sim-${String(i + 1).padStart(5, "0")}`);
     const uid = Deno.uid() ?? 0;
     const entries: SimEntry[] = ids.map((id) => ({
-      spiffeId: `spiffe://${td}/robot/${id}`,
+      spiffeId: robotSpiffeId(td, id),
       parentId: node.nodeSpiffeId,
       dnsName: id,
       selectors: [`unix:uid:${uid}`],

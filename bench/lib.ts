@@ -7,6 +7,7 @@
  */
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { freePorts } from "../tests/helpers/ports.ts";
 import { agentArgs } from "../src/devenv/start.ts";
 import { agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
 import {
@@ -32,17 +33,6 @@ export interface BenchOptions {
   quick: boolean;
   robots: number;
   log: (msg: string) => void;
-}
-
-/** Ports the OS says are free right now (loopback). */
-export function freePorts(n: number): number[] {
-  const listeners = Array.from(
-    { length: n },
-    () => Deno.listen({ hostname: "127.0.0.1", port: 0 }),
-  );
-  const ports = listeners.map((l) => (l.addr as Deno.NetAddr).port);
-  for (const l of listeners) l.close();
-  return ports;
 }
 
 /** Things to undo, newest first; `run()` never throws and runs each once. */

@@ -12,7 +12,7 @@
 import { join } from "node:path";
 import mqtt from "mqtt";
 import { bufferIo } from "../src/cli/io.ts";
-import { brokerSpiffeId, TRUST_DOMAIN } from "../src/devenv/layout.ts";
+import { brokerSpiffeId, nodeSpiffeId, robotSpiffeId, TRUST_DOMAIN } from "../src/devenv/layout.ts";
 import { probeMqttPassword, probeMqttTls } from "../src/devenv/probes.ts";
 import { generatePassword, writeBrokerFiles } from "../src/mqtt/broker_config.ts";
 import { realRunner } from "../src/process/mod.ts";
@@ -22,7 +22,8 @@ import { grpcHealthCheck } from "../src/spire/health.ts";
 import { SpireServerCli, startSpireServer } from "../src/spire/server.ts";
 import { authorizeId, mtlsClientOptions } from "../src/spiffe/tls.ts";
 import { X509Source } from "../src/spiffe/workload/x509_source.ts";
-import { type BenchOptions, BenchStack, Cleanup, freePorts, MAIN_TS, REPO } from "./lib.ts";
+import { freePorts } from "../tests/helpers/ports.ts";
+import { type BenchOptions, BenchStack, Cleanup, MAIN_TS, REPO } from "./lib.ts";
 import { type BenchResult, figure } from "./report.ts";
 import { round } from "./stats.ts";
 
@@ -65,8 +66,8 @@ export async function componentTimes(): Promise<Record<ComponentId, number>> {
     // Preparation, as devenv does it (not timed): bundle, node alias token, robot entry.
     const bundleFile = join(dir, "bundle.pem");
     await Deno.writeTextFile(bundleFile, await cli.bundlePem());
-    const nodeId = `spiffe://${TRUST_DOMAIN}/k8s4r/node/robot-001`;
-    const robotId = `spiffe://${TRUST_DOMAIN}/robot/robot-001`;
+    const nodeId = nodeSpiffeId(TRUST_DOMAIN, "robot-001");
+    const robotId = robotSpiffeId(TRUST_DOMAIN, "robot-001");
     const token = await cli.generateJoinToken(nodeId, 600);
     const tokenFile = join(dir, "token");
     await Deno.writeTextFile(tokenFile, token.value + "\n", { mode: 0o600 });

@@ -6,9 +6,10 @@
 import { listeningSockets } from "../src/doctor/proc_net.ts";
 import assert from "node:assert/strict";
 import { X509Certificate } from "node:crypto";
-import * as net from "node:net";
 import * as tls from "node:tls";
 import { fileURLToPath } from "node:url";
+import { freePorts } from "./helpers/ports.ts";
+import { spireBinaries } from "./helpers/spire.ts";
 import mqtt from "mqtt";
 import { isRecordAlive, processStartTime, readPidFile, waitFor } from "../src/process/mod.ts";
 import { descendants } from "../src/devenv/stop.ts";
@@ -17,18 +18,6 @@ import { layoutEnv } from "../src/devenv/layout.ts";
 
 const REPO = fileURLToPath(new URL("..", import.meta.url));
 const MAIN = `${REPO}main.ts`;
-const SPIRE_AGENT = `${Deno.env.get("HOME")}/.cache/k8s4r/spire/1.13.3/bin/spire-agent`;
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const p = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(p));
-    });
-  });
-}
 
 interface Stack {
   dir: string;
@@ -87,7 +76,7 @@ function peerCert(port: number, ca: string, cert: string, key: string): Promise<
 async function fetchSvid(socket: string): Promise<{ cert: string; key: string; ca: string }> {
   const dir = await Deno.makeTempDir();
   try {
-    const out = await new Deno.Command(SPIRE_AGENT, {
+    const out = await new Deno.Command((await spireBinaries()).agent, {
       args: ["api", "fetch", "x509", "-socketPath", socket, "-write", dir],
       stdout: "piped",
       stderr: "piped",
@@ -129,12 +118,8 @@ Deno.test({
         await Deno.copyFile(`${REPO}config/${sub}/${e.name}`, `${dir}/config/${sub}/${e.name}`);
       }
     }
-    const ports = {
-      spire: await freePort(),
-      plain: await freePort(),
-      tls: await freePort(),
-      http: await freePort(),
-    };
+    const [spire, plain, tls, http] = freePorts(4);
+    const ports = { spire, plain, tls, http };
     const stack: Stack = {
       dir,
       sockDir,

@@ -1,32 +1,20 @@
 // Spawns the real CLI in an empty project dir (free ports, private socket dir): nothing runs
 // there, so doctor must report failures with hints and exit 1.
 import assert from "node:assert/strict";
-import { createServer } from "node:net";
 import { fileURLToPath as fromFileUrl } from "node:url";
+import { layoutEnv } from "../src/devenv/layout.ts";
+import { freePorts } from "./helpers/ports.ts";
 
 const MAIN = fromFileUrl(new URL("../main.ts", import.meta.url));
 const CONFIG = fromFileUrl(new URL("../deno.json", import.meta.url));
 
-async function freePort(): Promise<number> {
-  return await new Promise((resolve) => {
-    const s = createServer();
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
 async function doctor(args: string[]) {
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-doctor-cli-" });
   try {
+    const [spireServer, mqttPlain, mqttTls, http] = freePorts(4);
     const env: Record<string, string> = {
       NO_COLOR: "1",
-      K8S4R_AGENT_SOCKET_DIR: `${dir}/sockets`,
-      K8S4R_SPIRE_SERVER_PORT: String(await freePort()),
-      K8S4R_MQTT_PORT: String(await freePort()),
-      K8S4R_MQTT_TLS_PORT: String(await freePort()),
-      K8S4R_HTTP_PORT: String(await freePort()),
+      ...layoutEnv({ spireServer, mqttPlain, mqttTls, http }, { agentSocketDir: `${dir}/sockets` }),
     };
     const out = await new Deno.Command(Deno.execPath(), {
       args: ["run", "-A", "--config", CONFIG, MAIN, "doctor", ...args],

@@ -11,34 +11,17 @@
  */
 import assert from "node:assert/strict";
 import { X509Certificate } from "node:crypto";
+import { freePort } from "./helpers/ports.ts";
+import { spireBinaries } from "./helpers/spire.ts";
 import { bufferIo } from "../src/cli/io.ts";
 import { processStartTime, realRunner, waitFor } from "../src/process/mod.ts";
 import { X509Source } from "../src/spiffe/mod.ts";
 import { type AgentEvent, isAttested, SpireAgentSupervisor } from "../src/spire/agent.ts";
-import { findSpireBinaries } from "../src/spire/binaries.ts";
 import { grpcHealthCheck } from "../src/spire/health.ts";
 import { SpireServerCli, startSpireServer } from "../src/spire/server.ts";
 
 const TD = "k8s4r.example.org";
 const REPO = new URL("..", import.meta.url).pathname;
-
-function freePort(): number {
-  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (l.addr as Deno.NetAddr).port;
-  l.close();
-  return port;
-}
-
-async function spireBinaries() {
-  const io = bufferIo({ env: Deno.env.toObject(), runner: realRunner });
-  const bins = await findSpireBinaries(io);
-  if (!bins) {
-    throw new Error(
-      "SPIRE 1.13.3 binaries are not provisioned (K8S4R_SPIRE_BIN_DIR, ~/.cache/k8s4r/spire/1.13.3/bin, PATH): run `k8s4r devenv install`",
-    );
-  }
-  return bins;
-}
 
 Deno.test({
   name: "real SPIRE: join-token agent, X509Source SVID + rotation, supervisor restart and stop",

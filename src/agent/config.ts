@@ -12,7 +12,7 @@ import { isMap, isScalar, isSeq, LineCounter, parseDocument, type Scalar } from 
 import type { Node, Pair, YAMLMap } from "yaml";
 import { ConfigError, UsageError } from "../cli/errors.ts";
 import { isRobotId } from "../mqtt/topics.ts";
-import { brokerSpiffeId } from "../devenv/layout.ts";
+import { brokerSpiffeId, robotSpiffeId } from "../devenv/layout.ts";
 
 export const SPIRE_LOG_LEVELS = ["DEBUG", "INFO", "WARN", "ERROR"] as const;
 export type SpireLogLevel = typeof SPIRE_LOG_LEVELS[number];
@@ -541,7 +541,7 @@ function buildConfig(
   return {
     file: o.file,
     robotId,
-    spiffeId: `spiffe://${trustDomain}/robot/${robotId}`,
+    spiffeId: robotSpiffeId(trustDomain, robotId),
     spire: {
       socketPath: abs(flags.socket ?? get("spire.socketPath", "/tmp/spire-agent/agent.sock")),
       trustDomain,

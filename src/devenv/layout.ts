@@ -127,8 +127,8 @@ export function robotLayout(
   const socketBase = env["K8S4R_AGENT_SOCKET_DIR"];
   return {
     robotId,
-    spiffeId: `spiffe://${layout.trustDomain}/robot/${robotId}`,
-    nodeSpiffeId: `spiffe://${layout.trustDomain}/k8s4r/node/${robotId}`,
+    spiffeId: robotSpiffeId(layout.trustDomain, robotId),
+    nodeSpiffeId: nodeSpiffeId(layout.trustDomain, robotId),
     agentSocket: socketBase
       ? join(socketBase, robotId, "agent.sock")
       : first
@@ -145,6 +145,16 @@ export function robotLayout(
 
 export function brokerSpiffeId(trustDomain: string): string {
   return `spiffe://${trustDomain}${BROKER_SPIFFE_PATH}`;
+}
+
+/** A robot's workload ID: `spiffe://<td>/robot/<robotId>`. */
+export function robotSpiffeId(trustDomain: string, robotId: string): string {
+  return `spiffe://${trustDomain}/robot/${robotId}`;
+}
+
+/** The alias a k8s4r-managed SPIRE agent attests as: `spiffe://<td>/k8s4r/node/<name>`. */
+export function nodeSpiffeId(trustDomain: string, name: string): string {
+  return `spiffe://${trustDomain}/k8s4r/node/${name}`;
 }
 
 /** Every file devenv keeps per component (pid, log) plus its own state files. */
@@ -186,7 +196,7 @@ export function devenvFiles(
     brokerIdentityPid: join(d, "broker-identity.pid"),
     brokerIdentityLog: join(d, "broker-identity.log"),
     brokerIdentityStatus: join(d, "broker-identity.json"),
-    brokerNodeSpiffeId: `spiffe://${layout.trustDomain}/k8s4r/node/broker`,
+    brokerNodeSpiffeId: nodeSpiffeId(layout.trustDomain, "broker"),
     brokerAgentSocket: join(socketBase, "broker", "agent.sock"),
     brokerAgentDataDir: join(layout.spireDataDir, "agent-broker"),
     brokerAgentLog: join(d, "spire-agent-broker.log"),

@@ -10,6 +10,7 @@ import { defaultLayout, devenvFiles } from "../devenv/layout.ts";
 import { realContext, realFs } from "./adapters.ts";
 import { type BrokerMode, type Check, type DoctorContext, type DoctorFs, GROUPS } from "./check.ts";
 import { allChecks } from "./checks/mod.ts";
+import { locateMosquitto } from "./checks/tools.ts";
 import { renderHuman, renderJson } from "./render.ts";
 import { exitCode, runChecks } from "./runner.ts";
 
@@ -134,10 +135,7 @@ export async function detectBrokerMode(fs: DoctorFs, stateFile: string): Promise
     const state = JSON.parse(await fs.readTextFile(stateFile));
     if (state?.mode === "native" || state?.mode === "docker") return state.mode;
   } catch { /* no devenv state */ }
-  if (await fs.which("mosquitto")) return "native";
-  for (const p of ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]) {
-    if ((await fs.stat(p))?.isFile) return "native";
-  }
+  if (await locateMosquitto(fs)) return "native";
   if (await fs.which("docker")) return "docker";
   return "native";
 }

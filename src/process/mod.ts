@@ -217,11 +217,9 @@ export async function stopPid(
   } catch {
     return "not-running";
   }
-  const deadline = Date.now() + graceMs;
-  while (Date.now() < deadline) {
-    if (!same()) return "stopped";
-    await delay(25);
-  }
+  const exited = await waitFor(() => !same(), { timeoutMs: graceMs, intervalMs: 25 })
+    .then(() => true, () => false);
+  if (exited) return "stopped";
   if (same()) {
     try {
       Deno.kill(pid, "SIGKILL");

@@ -18,6 +18,7 @@ import {
 } from "./fleet_server.ts";
 import { parseHostPort } from "./http_api.ts";
 import { svidTlsProvider } from "./svid_tls.ts";
+import { FINAL_STATES } from "./tasks.ts";
 
 function ioLogger(io: Io): Logger {
   const line = (level: string, msg: string) =>
@@ -361,7 +362,7 @@ interface TaskView {
   error: string | null;
 }
 
-const FINAL = new Set(["done", "failed", "refused", "expired"]);
+const FINAL = new Set<string>(FINAL_STATES);
 
 async function runTask(args: Args, io: Io): Promise<number> {
   const robot = args.positionals[0];

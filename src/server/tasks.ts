@@ -30,25 +30,20 @@ export type TaskEvent = "dispatch" | TaskReportState | "expire" | "lost";
 /** States the server will never leave on its own (only robot reports may move `expired`). */
 export const FINAL_STATES: readonly TaskState[] = ["done", "failed", "refused", "expired"];
 
+/** A task not yet taken up by its robot: pending and dispatched move alike. */
+const QUEUED: Partial<Record<TaskEvent, TaskState>> = {
+  dispatch: "dispatched",
+  accepted: "accepted",
+  running: "running",
+  done: "done",
+  failed: "failed",
+  refused: "refused",
+  expire: "expired",
+};
+
 const TABLE: Record<TaskState, Partial<Record<TaskEvent, TaskState>>> = {
-  pending: {
-    dispatch: "dispatched",
-    accepted: "accepted",
-    running: "running",
-    done: "done",
-    failed: "failed",
-    refused: "refused",
-    expire: "expired",
-  },
-  dispatched: {
-    dispatch: "dispatched",
-    accepted: "accepted",
-    running: "running",
-    done: "done",
-    failed: "failed",
-    refused: "refused",
-    expire: "expired",
-  },
+  pending: QUEUED,
+  dispatched: QUEUED,
   accepted: {
     accepted: "accepted",
     running: "running",

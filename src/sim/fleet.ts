@@ -22,6 +22,8 @@ import {
 } from "../mqtt/messages.ts";
 import { robotSubscription, upTopic } from "../mqtt/topics.ts";
 import type { X509BundleSet } from "../spiffe/bundle.ts";
+import { parseSpiffeId } from "../spiffe/id.ts";
+import { robotSpiffeId } from "../devenv/layout.ts";
 import { StaticX509Source } from "../spiffe/source.ts";
 import type { X509Svid } from "../spiffe/svid.ts";
 import { authorizeId, mtlsClientOptions } from "../spiffe/tls.ts";
@@ -88,7 +90,12 @@ export class SimFleet {
   private hbTimers: ReturnType<typeof setTimeout>[] = [];
   private closed = false;
 
-  private constructor(private readonly o: SimFleetOptions) {}
+  /** The fleet's trust domain: the broker's. */
+  private readonly trustDomain: string;
+
+  private constructor(private readonly o: SimFleetOptions) {
+    this.trustDomain = parseSpiffeId(o.brokerSpiffeId).trustDomain.name;
+  }
 
   /** Connects every robot (bounded concurrency), subscribes to its down/#, sends register. */
   static async connect(o: SimFleetOptions): Promise<SimFleet> {
@@ -209,7 +216,7 @@ export class SimFleet {
       type: "register",
       robotId: robot.id,
       ts: now(),
-      spiffeId: `spiffe://${this.o.brokerSpiffeId.split("/")[2]}/robot/${robot.id}`,
+      spiffeId: robotSpiffeId(this.trustDomain, robot.id),
       agentVersion: "sim",
       heartbeatIntervalSeconds: this.o.heartbeatIntervalSeconds ?? 1,
       svidExpiresAt: robot.svidExpiresAt,

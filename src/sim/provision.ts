@@ -11,6 +11,7 @@
 import { join } from "node:path";
 import { CliError } from "../cli/errors.ts";
 import { type Daemon, type ProcessRunner, waitFor } from "../process/mod.ts";
+import { nodeSpiffeId } from "../devenv/layout.ts";
 import { grpcHealthCheck } from "../spire/health.ts";
 import type { SpireServerCli } from "../spire/server.ts";
 
@@ -83,7 +84,7 @@ plugins {
 
 /** Starts the simulator node's spire-agent; resolves once its Workload API serves. */
 export async function startSimNode(o: SimNodeOptions): Promise<SimNode> {
-  const nodeSpiffeId = o.nodeSpiffeId ?? `spiffe://${o.trustDomain}/k8s4r/node/sim`;
+  const nodeId = o.nodeSpiffeId ?? nodeSpiffeId(o.trustDomain, "sim");
   await Deno.mkdir(o.dir, { recursive: true, mode: 0o700 });
   const dataDir = join(o.dir, "agent-data");
   await Deno.mkdir(dataDir, { recursive: true, mode: 0o700 });
@@ -102,7 +103,7 @@ export async function startSimNode(o: SimNodeOptions): Promise<SimNode> {
       syncInterval: o.syncInterval ?? "1s",
     }),
   );
-  const token = await o.cli.generateJoinToken(nodeSpiffeId, 600);
+  const token = await o.cli.generateJoinToken(nodeId, 600);
   const tokenFile = join(o.dir, "join.token");
   // The token goes only into a 0600 file in a 0700 directory, never argv, env or a log.
   await Deno.writeTextFile(tokenFile, token.value + "\n", { mode: 0o600 });
@@ -118,7 +119,7 @@ export async function startSimNode(o: SimNodeOptions): Promise<SimNode> {
     readyIntervalMs: 50,
   });
   return {
-    nodeSpiffeId,
+    nodeSpiffeId: nodeId,
     socketPath: o.socketPath,
     daemon,
     stop: () => daemon.stop(5000),

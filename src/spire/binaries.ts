@@ -283,31 +283,28 @@ async function buildWithGo(
     GOFLAGS: "-mod=readonly",
   };
   const packages = BINARY_NAMES.map((n) => `${SPIRE_MODULE}/cmd/${n}`);
-  try {
-    await step(progress, "[1/3]", "download Go modules (go mod download)", async () => {
-      await io.runner.output("go", ["mod", "download"], {
-        cwd: toolsDir,
-        env,
-        timeoutMs: opts.buildTimeoutMs ?? 60 * 60_000,
-        signal: io.signal,
-      }).catch((e) => {
-        throw new CliError(e.message, 1, hint);
-      });
+  const go = async (args: string[]) => {
+    await io.runner.output("go", args, {
+      cwd: toolsDir,
+      env,
+      timeoutMs: opts.buildTimeoutMs ?? 60 * 60_000,
+      signal: io.signal,
+    }).catch((e) => {
+      throw new CliError(e.message, 1, hint);
     });
+  };
+  try {
+    await step(
+      progress,
+      "[1/3]",
+      "download Go modules (go mod download)",
+      () => go(["mod", "download"]),
+    );
     await step(
       progress,
       "[2/3]",
       "compile spire-server and spire-agent (go install, takes several minutes)",
-      async () => {
-        await io.runner.output("go", ["install", "-trimpath", ...packages], {
-          cwd: toolsDir,
-          env,
-          timeoutMs: opts.buildTimeoutMs ?? 60 * 60_000,
-          signal: io.signal,
-        }).catch((e) => {
-          throw new CliError(e.message, 1, hint);
-        });
-      },
+      () => go(["install", "-trimpath", ...packages]),
     );
     await step(progress, "[3/3]", `verify and install into ${cacheBin}`, async () => {
       const r = await checkDir(io, join(staging, "bin"));
@@ -427,13 +424,12 @@ export function parseMosquittoVersion(text: string): string | undefined {
 const MOSQUITTO_HINT = "install it: `apt-get install -y mosquitto mosquitto-clients` " +
   "(Debian/Ubuntu) or `brew install mosquitto` (macOS), or run the stack in docker mode";
 
-/** Finds `mosquitto` 2.x on PATH (also /usr/sbin, where Debian puts it). */
+/** Where packages put `mosquitto` outside a non-root PATH (Debian: /usr/sbin). */
+export const MOSQUITTO_SBIN_PATHS = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"] as const;
+
+/** Finds `mosquitto` 2.x on PATH or in MOSQUITTO_SBIN_PATHS. */
 export async function findMosquitto(io: Io): Promise<{ path: string; version: string }> {
-  const candidates = [
-    ...findOnPath(io.env, "mosquitto"),
-    "/usr/sbin/mosquitto",
-    "/usr/local/sbin/mosquitto",
-  ];
+  const candidates = [...findOnPath(io.env, "mosquitto"), ...MOSQUITTO_SBIN_PATHS];
   let wrong: string | undefined;
   for (const path of [...new Set(candidates)]) {
     if (!(await isExecutable(path))) continue;

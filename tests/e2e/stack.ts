@@ -28,7 +28,7 @@ import {
   waitFor,
 } from "../../src/process/mod.ts";
 import { SpireServerCli } from "../../src/spire/server.ts";
-import { freePort } from "../helpers/broker.ts";
+import { freePorts } from "../helpers/ports.ts";
 
 export const REPO = fileURLToPath(new URL("../..", import.meta.url));
 export const MAIN = `${REPO}main.ts`;
@@ -215,7 +215,8 @@ export class E2eStack {
     const patched = yaml.replace(/^(\s*heartbeatSeconds:\s*)\d+/m, `$1${hb}`);
     assert.notEqual(patched, yaml, `${yamlPath}: no mqtt.heartbeatSeconds to set`);
     await Deno.writeTextFile(yamlPath, patched);
-    const ports = { spire: freePort(), plain: freePort(), tls: freePort(), http: freePort() };
+    const [spire, plain, tls, http] = freePorts(4);
+    const ports = { spire, plain, tls, http };
     const s = new E2eStack(dir, sockDir, ports);
     everyStack.add(s);
     return s;

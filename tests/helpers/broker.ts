@@ -10,6 +10,7 @@
  * never a sleep).
  */
 import { join } from "node:path";
+import { freePorts } from "./ports.ts";
 import { type Daemon, type ProcessRunner, realRunner } from "../../src/process/mod.ts";
 import { type IssuedCert, type IssueOptions, TestCa } from "../../src/spiffe/testing/test_ca.ts";
 import {
@@ -51,14 +52,6 @@ export interface TestBroker {
   stop(): Promise<void>;
   running(): boolean;
   logTail(): Promise<string>;
-}
-
-/** A free loopback port, from the OS. */
-export function freePort(): number {
-  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (l.addr as Deno.NetAddr).port;
-  l.close();
-  return port;
 }
 
 /**
@@ -109,8 +102,7 @@ export async function startTestBroker(
     spiffeId: brokerSpiffeId,
     dnsNames: ["localhost"],
   });
-  const tlsPort = freePort();
-  const plainPort = freePort();
+  const [tlsPort, plainPort] = freePorts(2);
   const server = { username: "k8s4r-server", password: generatePassword() };
   const files = await writeBrokerFiles(join(dir, "mosquitto"), {
     tlsPort,

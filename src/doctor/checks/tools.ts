@@ -1,6 +1,14 @@
 /** tools: the binaries k8s4r drives, found and of the right version. */
 import { SPIRE_VERSION } from "../../version.ts";
-import { type Check, type CheckContext, type CheckResult, fail, ok } from "../check.ts";
+import {
+  type Check,
+  type CheckContext,
+  type CheckResult,
+  type DoctorFs,
+  fail,
+  ok,
+} from "../check.ts";
+import { MOSQUITTO_SBIN_PATHS } from "../../spire/binaries.ts";
 import { errorMessage } from "../../cli/errors.ts";
 import { K8S4R } from "./common.ts";
 
@@ -48,13 +56,12 @@ function spireCheck(which: "server" | "agent"): Check {
   };
 }
 
-/** mosquitto is often in /usr/sbin, which a non-root PATH lacks. */
-export async function findMosquitto(ctx: CheckContext): Promise<string | undefined> {
-  const p = await ctx.fs.which("mosquitto");
+/** The mosquitto binary: on PATH, or in /usr/sbin, which a non-root PATH lacks. */
+export async function locateMosquitto(fs: DoctorFs): Promise<string | undefined> {
+  const p = await fs.which("mosquitto");
   if (p) return p;
-  for (const c of ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]) {
-    const s = await ctx.fs.stat(c);
-    if (s?.isFile) return c;
+  for (const c of MOSQUITTO_SBIN_PATHS) {
+    if ((await fs.stat(c))?.isFile) return c;
   }
   return undefined;
 }
@@ -86,7 +93,7 @@ const mosquittoCheck: Check = {
       }
       return ok(`Docker engine ${r.stdout.trim()} (broker runs as eclipse-mosquitto:2.0)`);
     }
-    const bin = await findMosquitto(ctx);
+    const bin = await locateMosquitto(ctx.fs);
     if (!bin) {
       return fail(
         "mosquitto not found on PATH or in /usr/sbin",
