@@ -13,7 +13,7 @@
  */
 import { join } from "node:path";
 import { bufferIo } from "../src/cli/io.ts";
-import { brokerSpiffeId, robotSpiffeId } from "../src/devenv/layout.ts";
+import { brokerSpiffeId, robotSpiffeId } from "../src/fleet/mod.ts";
 import { readPidFile, realRunner, waitFor } from "../src/process/mod.ts";
 import { findSpireBinaries } from "../src/spire/binaries.ts";
 import { SpireServerCli } from "../src/spire/server.ts";

@@ -6,7 +6,7 @@
  * (`ss -tin` bytes_sent / bytes_received: TLS records, MQTT framing, PUBACKs, pings).
  */
 import { encode, type HeartbeatMessage, PROTOCOL_VERSION } from "../src/mqtt/messages.ts";
-import { upTopic } from "../src/mqtt/topics.ts";
+import { upTopic } from "../src/fleet/topics.ts";
 import { robotLayout } from "../src/devenv/layout.ts";
 import { readPidFile, realRunner } from "../src/process/mod.ts";
 import {

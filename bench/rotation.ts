@@ -8,7 +8,7 @@
  * - Reconnect gap: from the agent's `mqtt.rotating_connection` to its next `mqtt.connected`
  *   (timestamps of its own log, ms resolution).
  */
-import { upTopic } from "../src/mqtt/topics.ts";
+import { upTopic } from "../src/fleet/topics.ts";
 import { waitFor } from "../src/process/mod.ts";
 import { type BenchOptions, BenchStack, Cleanup, restartAgent, spawnSubscriber } from "./lib.ts";
 import { type BenchResult, figure } from "./report.ts";

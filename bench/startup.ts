@@ -12,7 +12,7 @@
 import { join } from "node:path";
 import mqtt from "mqtt";
 import { bufferIo } from "../src/cli/io.ts";
-import { brokerSpiffeId, nodeSpiffeId, robotSpiffeId, TRUST_DOMAIN } from "../src/devenv/layout.ts";
+import { brokerSpiffeId, nodeSpiffeId, robotSpiffeId, TRUST_DOMAIN } from "../src/fleet/mod.ts";
 import { probeMqttPassword, probeMqttTls } from "../src/devenv/probes.ts";
 import { generatePassword, writeBrokerFiles } from "../src/mqtt/broker_config.ts";
 import { realRunner } from "../src/process/mod.ts";

@@ -9,7 +9,7 @@ import type { MqttClient } from "mqtt";
 import { waitFor } from "../src/process/mod.ts";
 import { realRunner } from "../src/process/mod.ts";
 import { mqttConnectProbe } from "../src/mqtt/probe.ts";
-import { downTopic, robotSubscription, upTopic } from "../src/mqtt/topics.ts";
+import { downTopic, robotSubscription, upTopic } from "../src/fleet/topics.ts";
 import { FleetServer } from "../src/server/fleet_server.ts";
 import { svidTlsProvider } from "../src/server/svid_tls.ts";
 import { StaticX509Source } from "../src/spiffe/source.ts";

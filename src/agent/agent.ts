@@ -18,7 +18,7 @@ import {
   type StatusMessage,
   type TaskStatusMessage,
 } from "../mqtt/messages.ts";
-import { robotSubscription, upTopic } from "../mqtt/topics.ts";
+import { robotSubscription, upTopic } from "../fleet/topics.ts";
 import type { X509SvidSource } from "../spiffe/source.ts";
 import { authorizeId, mtlsClientOptions } from "../spiffe/tls.ts";
 import type { AgentConfig } from "./config.ts";

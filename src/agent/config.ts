@@ -11,8 +11,8 @@ import { isAbsolute, resolve } from "node:path";
 import { isMap, isScalar, isSeq, LineCounter, parseDocument, type Scalar } from "yaml";
 import type { Node, Pair, YAMLMap } from "yaml";
 import { ConfigError, UsageError } from "../cli/errors.ts";
-import { isRobotId } from "../mqtt/topics.ts";
-import { brokerSpiffeId, robotSpiffeId } from "../devenv/layout.ts";
+import { isRobotId } from "../fleet/topics.ts";
+import { brokerSpiffeId, robotSpiffeId } from "../fleet/mod.ts";
 
 export const SPIRE_LOG_LEVELS = ["DEBUG", "INFO", "WARN", "ERROR"] as const;
 export type SpireLogLevel = typeof SPIRE_LOG_LEVELS[number];

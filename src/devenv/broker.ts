@@ -19,7 +19,7 @@ import {
   nativeBrokerCommand,
 } from "./broker_argv.ts";
 import { type BrokerModeFlag, type DevenvContext, writeFileAtomic } from "./context.ts";
-import { SERVER_MQTT_USERNAME } from "./layout.ts";
+import { SERVER_MQTT_USERNAME } from "../fleet/mod.ts";
 import { probeMqttPassword, probeMqttTls, type ProbeResult } from "./probes.ts";
 
 export interface BrokerRuntime {

@@ -11,7 +11,7 @@ import { reloadBroker, restartBroker, reviveBroker } from "./broker.ts";
 import { isRecordAlive, readPidFile } from "../process/mod.ts";
 import { BrokerIdentity } from "./broker_identity.ts";
 import type { DevenvContext } from "./context.ts";
-import { brokerSpiffeId } from "./layout.ts";
+import { brokerSpiffeId } from "../fleet/mod.ts";
 
 export async function runBrokerIdentity(ctx: DevenvContext): Promise<number> {
   const { io, layout, files } = ctx;

@@ -9,7 +9,7 @@ import { fileURLToPath } from "node:url";
 import type { Args, FlagSpec } from "../cli/mod.ts";
 import { UsageError } from "../cli/errors.ts";
 import type { Io } from "../cli/io.ts";
-import { isRobotId } from "../mqtt/topics.ts";
+import { isRobotId } from "../fleet/topics.ts";
 import {
   defaultLayout,
   type DevenvFiles,

@@ -8,24 +8,15 @@
  * free ports without touching a developer's running stack.
  */
 import { join, resolve } from "node:path";
+import {
+  DEFAULT_PORTS,
+  nodeSpiffeId,
+  type Ports,
+  robotSpiffeId,
+  TRUST_DOMAIN,
+} from "../fleet/mod.ts";
 
-export interface Ports {
-  spireServer: number; // 8081
-  mqttPlain: number; // 1883, loopback only, for the k8s4r server
-  mqttTls: number; // 8883, mTLS for robots
-  http: number; // 8090, the k8s4r server's HTTP API
-}
-
-export const DEFAULT_PORTS: Ports = {
-  spireServer: 8081,
-  mqttPlain: 1883,
-  mqttTls: 8883,
-  http: 8090,
-};
-
-export const TRUST_DOMAIN = "k8s4r.example.org";
-export const BROKER_SPIFFE_PATH = "/mqtt-broker";
-export const SERVER_MQTT_USERNAME = "k8s4r-server";
+export type { Ports };
 
 export interface Layout {
   /** The project directory (holds config/). */
@@ -141,20 +132,6 @@ export function robotLayout(
     logFile: join(layout.devEnvDir, first ? "agent.log" : `agent-${robotId}.log`),
     pidFile: join(layout.devEnvDir, first ? "agent.pid" : `agent-${robotId}.pid`),
   };
-}
-
-export function brokerSpiffeId(trustDomain: string): string {
-  return `spiffe://${trustDomain}${BROKER_SPIFFE_PATH}`;
-}
-
-/** A robot's workload ID: `spiffe://<td>/robot/<robotId>`. */
-export function robotSpiffeId(trustDomain: string, robotId: string): string {
-  return `spiffe://${trustDomain}/robot/${robotId}`;
-}
-
-/** The alias a k8s4r-managed SPIRE agent attests as: `spiffe://<td>/k8s4r/node/<name>`. */
-export function nodeSpiffeId(trustDomain: string, name: string): string {
-  return `spiffe://${trustDomain}/k8s4r/node/${name}`;
 }
 
 /** Every file devenv keeps per component (pid, log) plus its own state files. */

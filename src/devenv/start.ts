@@ -39,7 +39,8 @@ import {
   writeFileAtomic,
   writeState,
 } from "./context.ts";
-import { brokerSpiffeId, type RobotLayout } from "./layout.ts";
+import { brokerSpiffeId } from "../fleet/mod.ts";
+import type { RobotLayout } from "./layout.ts";
 import { httpGetJson, type ProbeResult } from "./probes.ts";
 import { Progress, renderTable } from "./render.ts";
 import { collectStatus } from "./status.ts";

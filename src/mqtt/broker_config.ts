@@ -14,7 +14,7 @@
  */
 import { pbkdf2Sync, randomBytes, timingSafeEqual } from "node:crypto";
 import { join } from "node:path";
-import { TOPIC_ROOT } from "./topics.ts";
+import { TOPIC_ROOT } from "../fleet/topics.ts";
 
 /** mosquitto_passwd's defaults for `-H sha512-pbkdf2` (2.0.x): 12-byte salt, 101 iterations. */
 export const PBKDF2_ITERATIONS = 101;

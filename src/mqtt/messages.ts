@@ -9,7 +9,7 @@
  * - Validators never throw on bad input: they return the first precise error, as a path and what
  *   was expected (`heartbeat.load: expected array of 3 numbers, got "x"`).
  */
-import { type DownKind, isRobotId, parseTopic, type UpKind } from "./topics.ts";
+import { type DownKind, isRobotId, parseTopic, type UpKind } from "../fleet/topics.ts";
 
 export const PROTOCOL_VERSION = 1;
 /** Largest payload accepted on any topic. Task status carries bounded output tails. */

@@ -5,9 +5,10 @@ import { X509Source } from "../spiffe/mod.ts";
 import type { Args, CommandSpec } from "../cli/mod.ts";
 import { CliError, errorMessage, UsageError } from "../cli/errors.ts";
 import type { Io } from "../cli/io.ts";
-import { brokerSpiffeId, defaultLayout } from "../devenv/layout.ts";
+import { defaultLayout } from "../devenv/layout.ts";
+import { brokerSpiffeId } from "../fleet/mod.ts";
 import { delay } from "../process/mod.ts";
-import { isRobotId } from "../mqtt/topics.ts";
+import { isRobotId } from "../fleet/topics.ts";
 import { VERSION } from "../version.ts";
 import type { Logger } from "./fleet.ts";
 import {

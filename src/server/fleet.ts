@@ -11,7 +11,7 @@ import {
   type TaskMessage,
   type UpMessage,
 } from "../mqtt/messages.ts";
-import { downTopic, isRobotId } from "../mqtt/topics.ts";
+import { downTopic, isRobotId } from "../fleet/topics.ts";
 import type { Registry, RobotRecord, TaskRecord } from "./registry.ts";
 import { needsDispatch } from "./tasks.ts";
 

@@ -13,7 +13,7 @@
 import type { PeerCertificate } from "node:tls";
 import mqtt from "mqtt";
 import type { IClientOptions, MqttClient } from "mqtt";
-import { SERVER_SUBSCRIPTION, SHARED_SERVER_SUBSCRIPTION } from "../mqtt/topics.ts";
+import { SERVER_SUBSCRIPTION, SHARED_SERVER_SUBSCRIPTION } from "../fleet/topics.ts";
 import { type FleetOptions, FleetService, type Logger, silentLogger } from "./fleet.ts";
 import { type HttpApi, serveHttpApi } from "./http_api.ts";
 import { Registry } from "./registry.ts";

@@ -14,7 +14,7 @@
  * 413 (body over MAX_BODY_BYTES) or 500.
  */
 import { MAX_COMMAND_ARGS, MAX_TIMEOUT_SECONDS } from "../mqtt/messages.ts";
-import { isRobotId } from "../mqtt/topics.ts";
+import { isRobotId } from "../fleet/topics.ts";
 import { type FleetService, NotFoundError, type TaskRequest } from "./fleet.ts";
 import type { TaskRecord } from "./registry.ts";
 

@@ -20,10 +20,10 @@ import {
   type StatusMessage,
   type TaskStatusMessage,
 } from "../mqtt/messages.ts";
-import { robotSubscription, upTopic } from "../mqtt/topics.ts";
+import { robotSubscription, upTopic } from "../fleet/topics.ts";
 import type { X509BundleSet } from "../spiffe/bundle.ts";
 import { parseSpiffeId } from "../spiffe/id.ts";
-import { robotSpiffeId } from "../devenv/layout.ts";
+import { robotSpiffeId } from "../fleet/mod.ts";
 import { StaticX509Source } from "../spiffe/source.ts";
 import type { X509Svid } from "../spiffe/svid.ts";
 import { authorizeId, mtlsClientOptions } from "../spiffe/tls.ts";

@@ -11,7 +11,7 @@
 import { join } from "node:path";
 import { CliError } from "../cli/errors.ts";
 import { type Daemon, type ProcessRunner, waitFor } from "../process/mod.ts";
-import { nodeSpiffeId } from "../devenv/layout.ts";
+import { nodeSpiffeId } from "../fleet/mod.ts";
 import { grpcHealthCheck } from "../spire/health.ts";
 import type { SpireServerCli } from "../spire/server.ts";
 

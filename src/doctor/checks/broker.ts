@@ -1,7 +1,7 @@
 /** broker: the guide's "MQTT mTLS 连接失败" steps: plain login, mTLS (node and openssl), refusal. */
 import { join } from "node:path";
 import { errorMessage } from "../../cli/errors.ts";
-import { brokerSpiffeId } from "../../devenv/layout.ts";
+import { brokerSpiffeId } from "../../fleet/mod.ts";
 import {
   type Check,
   type CheckContext,

@@ -10,7 +10,7 @@
 import { isAbsolute, resolve } from "node:path";
 import { LineCounter, parseDocument } from "yaml";
 import { errorMessage } from "../../cli/errors.ts";
-import { brokerSpiffeId } from "../../devenv/layout.ts";
+import { brokerSpiffeId } from "../../fleet/mod.ts";
 import {
   type Check,
   type CheckContext,

@@ -1,0 +1,8 @@
+/**
+ * Fleet conventions, in one place: the SPIFFE ID scheme and CN rule (`ids.ts`), the MQTT topic
+ * layout (`topics.ts`) and the default ports (`ports.ts`). The agent, the server, devenv and the
+ * doctor all import them from here, so they always agree.
+ */
+export * from "./ids.ts";
+export * from "./ports.ts";
+export * from "./topics.ts";
