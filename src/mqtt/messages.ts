@@ -46,6 +46,10 @@ export interface RegisterMessage extends Envelope {
   heartbeatIntervalSeconds?: number;
   svidExpiresAt: string;
   device: DeviceInfo;
+  /** The agent process (same as the heartbeat's `bootId`). */
+  bootId?: string;
+  /** Connection number within the agent process: 1, 2, 3... (see `StatusMessage`). */
+  connection?: number;
 }
 
 export interface HeartbeatMessage extends Envelope {
@@ -60,10 +64,18 @@ export interface HeartbeatMessage extends Envelope {
 
 export type RobotStatus = "online" | "offline";
 
+/**
+ * Retained on `up/status`, and the MQTT last will. The will is set at every CONNECT with that
+ * connection's `bootId` and `connection`, so the server can order statuses without trusting
+ * clocks: within one boot, (connection, online < offline) is a total order; a status of another
+ * boot than the robot's current one (set by `register`) is stale.
+ */
 export interface StatusMessage extends Envelope {
   type: "status";
   status: RobotStatus;
   reason?: string;
+  bootId?: string;
+  connection?: number;
 }
 
 export const TASK_REPORT_STATES = ["accepted", "running", "done", "refused", "failed"] as const;
@@ -79,6 +91,9 @@ export interface TaskStatusMessage extends Envelope {
   /** Tails, at most MAX_OUTPUT_TAIL characters each. */
   stdout?: string;
   stderr?: string;
+  /** Bytes of output cut from the front of the tail (the output was longer). */
+  stdoutTruncatedBytes?: number;
+  stderrTruncatedBytes?: number;
   /** Required when state is "refused" or "failed". */
   error?: string;
 }
@@ -323,6 +338,7 @@ export function validateRegister(value: unknown): Result<RegisterMessage> {
     if (c.has("heartbeatIntervalSeconds")) {
       msg.heartbeatIntervalSeconds = c.int("heartbeatIntervalSeconds", 1, 3600);
     }
+    connectionFields(c, msg);
     return msg;
   });
 }
@@ -353,8 +369,16 @@ export function validateStatus(value: unknown): Result<StatusMessage> {
     };
     const reason = c.optString("reason", { max: 256 });
     if (reason !== undefined) msg.reason = reason;
+    connectionFields(c, msg);
     return msg;
   });
+}
+
+/** The optional `bootId` and `connection` of register and status. */
+function connectionFields(c: Check, msg: { bootId?: string; connection?: number }): void {
+  const bootId = c.optString("bootId", { min: 1, max: 64 });
+  if (bootId !== undefined) msg.bootId = bootId;
+  if (c.has("connection")) msg.connection = c.int("connection", 1);
 }
 
 export function validateTaskStatus(value: unknown): Result<TaskStatusMessage> {
@@ -382,6 +406,9 @@ export function validateTaskStatus(value: unknown): Result<TaskStatusMessage> {
     if (stdout !== undefined) msg.stdout = stdout;
     const stderr = c.optString("stderr", { max: MAX_OUTPUT_TAIL });
     if (stderr !== undefined) msg.stderr = stderr;
+    for (const k of ["stdoutTruncatedBytes", "stderrTruncatedBytes"] as const) {
+      if (c.has(k)) msg[k] = c.int(k, 0);
+    }
     const error = c.optString("error", { max: 4096 });
     if (error !== undefined) msg.error = error;
     if ((msg.state === "refused" || msg.state === "failed") && !msg.error) {
