@@ -1,7 +1,6 @@
 import assert from "node:assert/strict";
 import { createServer } from "node:net";
 import { realNet } from "./adapters.ts";
-import { parseHcl } from "./hcl.ts";
 import { decodeAddress, parseProcNetTcp } from "./proc_net.ts";
 
 Deno.test("proc_net: parses LISTEN sockets and addresses", () => {
@@ -25,14 +24,4 @@ Deno.test("proc_net: finds this very process listening on a free port", async ()
   } finally {
     await new Promise((r) => srv.close(r));
   }
-});
-
-Deno.test("hcl: blocks, labels, lists, comments, line numbers", () => {
-  const b = parseHcl(
-    `# c\nserver {\n  a = "x" // c\n  n = 3\n  l = ["p", "q"]\n}\n/* x\n */\nplugins { NodeAttestor "join_token" { plugin_data {} } }\n`,
-  );
-  assert.equal(b.blocks[0].type, "server");
-  assert.deepEqual(b.blocks[0].attrs.get("l"), { value: ["p", "q"], line: 5 });
-  assert.equal(b.blocks[1].blocks[0].labels[0], "join_token");
-  assert.throws(() => parseHcl("server {\n a = 1\n"), /line 1: unclosed '\{'/);
 });

@@ -21,14 +21,14 @@ import {
   rel,
   warn,
 } from "../check.ts";
-import { attrString, block, HclError, parseHcl } from "../hcl.ts";
+import { attrString, block, HclError, parseHcl } from "../../spire/hcl.ts";
 import {
   isLoopback,
   listenerOption,
   type MosquittoConf,
   MosquittoConfError,
   parseMosquittoConf,
-} from "../mosquitto_conf.ts";
+} from "../../mqtt/mosquitto_conf.ts";
 import { hardeningVerdict } from "./common.ts";
 
 const PRODUCTION_HINT =
