@@ -20,13 +20,15 @@ import {
   type DoctorFs,
   type DoctorNet,
   type DoctorOptions,
+  type DoctorProc,
   type DoctorSpire,
   type FetchedSvid,
   makeMemo,
   type TlsProbeResult,
 } from "./check.ts";
 import { DISCONNECT, encodeConnect, parseConnack } from "../mqtt/wire.ts";
-import { findListeningOwner } from "./proc_net.ts";
+import { parseProcStat } from "../process/mod.ts";
+import { findListeningOwner, findUnixSocketOwner, type ProcReader } from "./proc_net.ts";
 import { certFacts } from "./pki.ts";
 
 export function realContext(io: Io, options: DoctorOptions): DoctorContext {
@@ -39,6 +41,7 @@ export function realContext(io: Io, options: DoctorOptions): DoctorContext {
     options,
     fs: realFs(io.env),
     net: realNet,
+    proc: realProc,
     spire: realSpire(io),
     runner: io.runner,
     clock: { now: () => Date.now() },
@@ -92,18 +95,30 @@ export function realFs(env: Record<string, string | undefined>): DoctorFs {
   };
 }
 
-export const realNet: DoctorNet = {
-  listeningOwner(port) {
-    return findListeningOwner(port, {
-      readText: (p) => Deno.readTextFile(p),
-      async readDir(p) {
-        const out: string[] = [];
-        for await (const e of Deno.readDir(p)) out.push(e.name);
-        return out;
-      },
-      readLink: (p) => Deno.readLink(p),
-    });
+const procReader: ProcReader = {
+  readText: (p) => Deno.readTextFile(p),
+  async readDir(p) {
+    const out: string[] = [];
+    for await (const e of Deno.readDir(p)) out.push(e.name);
+    return out;
   },
+  readLink: (p) => Deno.readLink(p),
+};
+
+export const realProc: DoctorProc = {
+  unixSocketOwner: (path) => findUnixSocketOwner(path, procReader),
+  async stat(pid) {
+    try {
+      const st = parseProcStat(await Deno.readTextFile(`/proc/${pid}/stat`));
+      return st ? { pid, comm: st.comm, state: st.state } : undefined;
+    } catch {
+      return undefined;
+    }
+  },
+};
+
+export const realNet: DoctorNet = {
+  listeningOwner: (port) => findListeningOwner(port, procReader),
 
   async httpGet(url, timeoutMs) {
     try {

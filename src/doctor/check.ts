@@ -50,7 +50,28 @@ export interface Check {
   dependsOn?: string[];
   /** Default: the run's default timeout (2000 ms). */
   timeoutMs?: number;
+  /** What the runner reports when this check times out. Every check declares one. */
+  timeout: TimeoutSpec;
   run(ctx: CheckContext): Promise<CheckResult>;
+}
+
+/** The process a check talks to, so a hang can be pinned on it. */
+export type Peer =
+  | { name: string; unixSocket: string }
+  | { name: string; tcpPort: number };
+
+export interface TimeoutSpec {
+  /**
+   * One line for the hint of a timed-out check: what the hang means and what to run
+   * (`spire-agent accepted the connection on S but never answered: it is stopped or hung. ...`).
+   */
+  hint(ctx: DoctorContext): string;
+  /**
+   * Who should have answered. On a timeout the runner finds its pid (the socket's or the
+   * port's owner) and its state in /proc/PID/stat: a stopped process (`T`) is named in the
+   * detail, and the hint becomes `kill -CONT PID`.
+   */
+  peer?(ctx: DoctorContext): Peer;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -140,6 +161,22 @@ export interface DoctorNet {
   tlsProbe(opts: TlsProbeOptions): Promise<TlsProbeResult>;
 }
 
+/** A process as /proc/PID/stat shows it. */
+export interface ProcessInfo {
+  pid: number;
+  comm: string;
+  /** R running, S sleeping, D waiting on I/O, T stopped (SIGSTOP, Ctrl-Z), t traced, Z zombie. */
+  state: string;
+}
+
+/** Processes, read from /proc (real: `adapters.ts`). */
+export interface DoctorProc {
+  /** The pid serving the listening unix socket at `path` (/proc/net/unix + /proc/PID/fd). */
+  unixSocketOwner(path: string): Promise<number | undefined>;
+  /** /proc/PID/stat; undefined when the process is gone or not visible. */
+  stat(pid: number): Promise<ProcessInfo | undefined>;
+}
+
 export interface SpireBinaries {
   server: string;
   agent: string;
@@ -201,6 +238,7 @@ export interface DoctorContext {
   options: DoctorOptions;
   fs: DoctorFs;
   net: DoctorNet;
+  proc: DoctorProc;
   spire: DoctorSpire;
   runner: ProcessRunner;
   clock: { now(): number };
@@ -215,9 +253,17 @@ export interface DoctorContext {
 export interface CheckContext extends DoctorContext {
   /** Aborted when this check times out. */
   signal: AbortSignal;
-  /** This check's time budget, for the calls it makes. */
+  /**
+   * The deadline for the calls this check makes: its budget plus `CALL_GRACE_MS`, so that a
+   * hang always ends as the runner's timeout (which carries the timeout hint and the peer's
+   * state), never as a call's own "deadline exceeded" without them. `signal` ends the calls
+   * that take one at the budget.
+   */
   timeoutMs: number;
 }
+
+/** How much longer than its check a call may wait (see `CheckContext.timeoutMs`). */
+export const CALL_GRACE_MS = 250;
 
 export function ok(detail: string, info?: string[]): CheckResult {
   return info?.length ? { status: "ok", detail, info } : { status: "ok", detail };

@@ -14,10 +14,20 @@ import {
 } from "../check.ts";
 import { CONNACK_CODES } from "../../mqtt/wire.ts";
 import { certFacts } from "../pki.ts";
-import { files, robotMtls, robotSvid, svidPem, tail } from "./common.ts";
+import { brokerHangHint, files, robotMtls, robotSvid, svidPem, tail } from "./common.ts";
+import type { TimeoutSpec } from "../check.ts";
 import { mosquittoConfPath, readMosquittoConf } from "./config.ts";
 
 const RESTART = "k8s4r devenv stop && k8s4r devenv start";
+
+const plainTimeout: TimeoutSpec = {
+  hint: (ctx) => brokerHangHint(ctx, ctx.layout.ports.mqttPlain),
+  peer: (ctx) => ({ name: "mosquitto", tcpPort: ctx.layout.ports.mqttPlain }),
+};
+const tlsTimeout: TimeoutSpec = {
+  hint: (ctx) => brokerHangHint(ctx, ctx.layout.ports.mqttTls),
+  peer: (ctx) => ({ name: "mosquitto", tcpPort: ctx.layout.ports.mqttTls }),
+};
 
 /** Where the broker logs: `log_dest file X` in the generated config, else devenv's log. */
 async function brokerLogLines(ctx: CheckContext): Promise<string[]> {
@@ -42,6 +52,7 @@ const plain: Check = {
   id: "broker.plain",
   group: "broker",
   title: `MQTT login on the plain listener`,
+  timeout: plainTimeout,
   async run(ctx) {
     const port = ctx.layout.ports.mqttPlain;
     const credFile = ctx.layout.serverCredentialsFile;
@@ -99,6 +110,7 @@ const mtlsNative: Check = {
   id: "broker.mtls-native",
   group: "broker",
   title: "mTLS with the robot's SVID (node:tls)",
+  timeout: tlsTimeout,
   dependsOn: ["spire-agent.svid"],
   async run(ctx) {
     const port = ctx.layout.ports.mqttTls;
@@ -149,6 +161,7 @@ const mtlsOpenssl: Check = {
   id: "broker.mtls-openssl",
   group: "broker",
   title: "mTLS with the robot's SVID (openssl s_client)",
+  timeout: tlsTimeout,
   dependsOn: ["spire-agent.svid"],
   async run(ctx) {
     const port = ctx.layout.ports.mqttTls;
@@ -220,6 +233,7 @@ const noCert: Check = {
   id: "broker.no-cert",
   group: "broker",
   title: "a client without a certificate is refused",
+  timeout: tlsTimeout,
   async run(ctx) {
     const port = ctx.layout.ports.mqttTls;
     const ca = await ctx.fs.readTextFile(ctx.layout.caBundleFile).catch(() => "");
@@ -261,6 +275,7 @@ const brokerCert: Check = {
   id: "broker.certificate",
   group: "broker",
   title: "broker certificate",
+  timeout: tlsTimeout,
   dependsOn: ["broker.mtls-native"],
   async run(ctx): Promise<CheckResult> {
     const r = await robotMtls(ctx);

@@ -7,7 +7,7 @@
  * lines (shown with --verbose) by default, so a healthy `devenv` stack is all ✓; with
  * `--production` they turn the check into a warning.
  */
-import { isAbsolute, resolve } from "node:path";
+import { dirname, isAbsolute, resolve } from "node:path";
 import { type AgentConfig, agentConfigFromText } from "../../agent/config.ts";
 import { ConfigError, errorMessage } from "../../cli/errors.ts";
 import { brokerSpiffeId } from "../../fleet/mod.ts";
@@ -29,7 +29,7 @@ import {
   MosquittoConfError,
   parseMosquittoConf,
 } from "../../mqtt/mosquitto_conf.ts";
-import { hardeningVerdict } from "./common.ts";
+import { fsHangHint, hardeningVerdict } from "./common.ts";
 
 const PRODUCTION_HINT =
   "see the guide's production checklist; run 'k8s4r doctor --production --verbose' for the list";
@@ -100,6 +100,7 @@ const serverConfCheck: Check = {
   id: "config.spire-server",
   group: "config",
   title: "SPIRE server config",
+  timeout: { hint: (ctx) => fsHangHint(ctx, ctx.layout.spireServerConfig) },
   async run(ctx) {
     const file = rel(ctx, ctx.layout.spireServerConfig);
     let conf: ServerConf;
@@ -189,6 +190,7 @@ const pluginsCheck: Check = {
   id: "config.agent-plugins",
   group: "config",
   title: "agent plugins.yaml",
+  timeout: { hint: (ctx) => fsHangHint(ctx, ctx.layout.agentPluginsYaml) },
   async run(ctx) {
     const file = rel(ctx, ctx.layout.agentPluginsYaml);
     let y: PluginsYaml;
@@ -241,6 +243,7 @@ const consistencyCheck: Check = {
   id: "config.consistency",
   group: "config",
   title: "trust domain and socket paths agree",
+  timeout: { hint: (ctx) => fsHangHint(ctx, dirname(ctx.layout.agentPluginsYaml)) },
   dependsOn: ["config.spire-server", "config.agent-plugins"],
   async run(ctx) {
     const conf = await readServerConf(ctx);
@@ -337,6 +340,7 @@ const mosquittoConfCheck: Check = {
   id: "config.mosquitto",
   group: "config",
   title: "generated mosquitto.conf",
+  timeout: { hint: (ctx) => fsHangHint(ctx, mosquittoConfPath(ctx)) },
   async run(ctx: CheckContext) {
     const file = rel(ctx, mosquittoConfPath(ctx));
     let conf: MosquittoConf;
