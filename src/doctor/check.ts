@@ -5,6 +5,7 @@
  */
 import type { Io } from "../cli/io.ts";
 import type { Layout, RobotLayout } from "../devenv/layout.ts";
+import type { MqttProbeOptions, MqttProbeResult } from "../mqtt/probe.ts";
 import type { ProcessRunner } from "../process/mod.ts";
 
 export type Status = "ok" | "warn" | "fail" | "skip" | "crash";
@@ -113,52 +114,12 @@ export interface HttpResponse {
   body: string;
 }
 
-export interface MqttConnectResult {
-  /** CONNACK return code (0 accepted, 4 bad credentials, 5 not authorized). */
-  returnCode: number;
-}
-
-export interface TlsProbeOptions {
-  host: string;
-  port: number;
-  servername: string;
-  /** PEM. Omit both for a client without a certificate. */
-  cert?: string;
-  key?: string;
-  /** PEM CA certificates used to verify the server. */
-  ca: string;
-  timeoutMs: number;
-  /** After the handshake, send an MQTT CONNECT and wait for CONNACK. */
-  mqttClientId?: string;
-}
-
-export interface TlsProbeResult {
-  /** The handshake completed (from the client's point of view). */
-  handshake: boolean;
-  /** The server's certificate verified against `ca`. */
-  authorized: boolean;
-  authorizationError?: string;
-  /** Server chain, DER, leaf first. */
-  peerChain: Uint8Array[];
-  /** CONNACK code if an MQTT CONNECT was sent and answered. */
-  connack?: number;
-  /** Why the connection ended early (alert, reset, timeout). */
-  error?: string;
-}
-
 export interface DoctorNet {
   /** Who listens on a TCP port (from /proc/net/tcp{,6} and /proc/PID/fd). */
   listeningOwner(port: number): Promise<PortOwner | undefined>;
   httpGet(url: string, timeoutMs: number): Promise<HttpResponse>;
-  mqttConnect(opts: {
-    host: string;
-    port: number;
-    username: string;
-    password: string;
-    clientId: string;
-    timeoutMs: number;
-  }): Promise<MqttConnectResult>;
-  tlsProbe(opts: TlsProbeOptions): Promise<TlsProbeResult>;
+  /** An MQTT CONNECT over TCP or (m)TLS: real `probeMqtt` of src/mqtt/probe.ts. */
+  mqttProbe(opts: MqttProbeOptions): Promise<MqttProbeResult>;
 }
 
 /** A process as /proc/PID/stat shows it. */

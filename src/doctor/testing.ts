@@ -91,8 +91,7 @@ export function fakeContext(
     net: {
       listeningOwner: () => Promise.resolve(undefined),
       httpGet: unreachable("httpGet"),
-      mqttConnect: unreachable("mqttConnect"),
-      tlsProbe: unreachable("tlsProbe"),
+      mqttProbe: unreachable("mqttProbe"),
       ...o.net,
     },
     proc: {

@@ -1,7 +1,8 @@
 /** Helpers several checks share: the robot's SVID fetch, the mTLS handshake, log tails. */
 import { Buffer } from "node:buffer";
 import { devenvFiles } from "../../devenv/layout.ts";
-import type { CheckContext, DoctorContext, FetchedSvid, TlsProbeResult } from "../check.ts";
+import type { MqttProbeResult } from "../../mqtt/probe.ts";
+import type { CheckContext, DoctorContext, FetchedSvid } from "../check.ts";
 import { derToPem } from "../pki.ts";
 import { rel } from "../check.ts";
 
@@ -30,19 +31,16 @@ export function svidPem(svid: FetchedSvid): { cert: string; key: string; ca: str
 }
 
 /** One mTLS handshake with the robot's SVID + MQTT CONNECT, shared by the broker checks. */
-export function robotMtls(ctx: CheckContext): Promise<TlsProbeResult> {
+export function robotMtls(ctx: CheckContext): Promise<MqttProbeResult> {
   return ctx.memo("mtls", async () => {
     const svid = await robotSvid(ctx);
     const pem = svidPem(svid);
-    return ctx.net.tlsProbe({
-      host: "127.0.0.1",
+    return ctx.net.mqttProbe({
       port: ctx.layout.ports.mqttTls,
-      servername: "localhost",
-      cert: pem.cert,
-      key: pem.key,
-      ca: pem.ca,
+      clientId: `k8s4r-doctor-${ctx.options.robotId}-${Date.now().toString(36)}`,
       timeoutMs: ctx.timeoutMs,
-      mqttClientId: `k8s4r-doctor-${ctx.options.robotId}-${Date.now().toString(36)}`,
+      // The checks verify the broker themselves (bundle, SPIFFE ID, DNS name) and say which fails.
+      tls: { ca: pem.ca, cert: pem.cert, key: pem.key, servername: "localhost", verify: false },
     });
   });
 }
