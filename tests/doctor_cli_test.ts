@@ -198,9 +198,12 @@ Deno.test({
         for (const id of FROZEN) {
           const c = r.byId[id];
           assert.equal(c?.status, "fail", `${id}: ${r.text}`);
+          // The budget is 2000 ms, less what a slow dependency took on a busy machine.
+          const cut = c.detail.indexOf(": ");
+          assert.match(c.detail.slice(0, cut), /^timed out after \d+ ms$/, `${id}: ${c.detail}`);
           assert.equal(
-            c.detail,
-            `timed out after 2000 ms: spire-agent (pid ${pid}) serving ${robot.agentSocket} is stopped (state T in /proc/${pid}/stat)`,
+            c.detail.slice(cut + 2),
+            `spire-agent (pid ${pid}) serving ${robot.agentSocket} is stopped (state T in /proc/${pid}/stat)`,
             id,
           );
           assert.equal(

@@ -114,20 +114,36 @@ export function probeMqtt(o: MqttProbeOptions): Promise<MqttProbeResult> {
     let stage: Stage = "connect";
     let buf = Buffer.alloc(0);
     let settled = false;
-    const socket: net.Socket = o.tls
-      ? tls.connect({
-        host,
-        port: o.port,
-        ca: o.tls.ca,
-        cert: o.tls.cert,
-        key: o.tls.key,
-        servername,
-        minVersion: "TLSv1.2",
-        // Verified below, so that the reason is reported and the chain is seen either way.
-        rejectUnauthorized: false,
-        checkServerIdentity: () => undefined,
-      })
-      : net.connect({ host, port: o.port });
+    let socket: net.Socket;
+    try {
+      socket = open();
+    } catch (err) {
+      // Node checks PEM key material up front; a bad one is this probe's answer, not a throw.
+      const msg = (err as Error).message.split("\n")[0];
+      return resolve({
+        ok: false,
+        outcome: o.tls ? "tls-error" : "error",
+        detail: `${where}: ${o.tls ? "TLS: " : ""}${msg}`,
+        error: msg,
+        ...(tlsInfo ? { tls: tlsInfo } : {}),
+      });
+    }
+    function open(): net.Socket {
+      return o.tls
+        ? tls.connect({
+          host,
+          port: o.port,
+          ca: o.tls.ca,
+          cert: o.tls.cert,
+          key: o.tls.key,
+          servername,
+          minVersion: "TLSv1.2",
+          // Verified below, so that the reason is reported and the chain is seen either way.
+          rejectUnauthorized: false,
+          checkServerIdentity: () => undefined,
+        })
+        : net.connect({ host, port: o.port });
+    }
 
     const finish = (
       r: { outcome: MqttProbeOutcome; detail: string; returnCode?: number; err?: Error },
