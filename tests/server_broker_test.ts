@@ -8,7 +8,7 @@ import mqtt from "mqtt";
 import type { MqttClient } from "mqtt";
 import { waitFor } from "../src/process/mod.ts";
 import { realRunner } from "../src/process/mod.ts";
-import { mqttConnectProbe } from "../src/mqtt/probe.ts";
+import { probeMqtt } from "../src/mqtt/probe.ts";
 import { downTopic, robotSubscription, upTopic } from "../src/fleet/topics.ts";
 import { FleetServer } from "../src/server/fleet_server.ts";
 import { svidTlsProvider } from "../src/server/svid_tls.ts";
@@ -126,14 +126,11 @@ Deno.test({
       assert.equal(listening.length, 1, "one listening socket on the plain port");
       assert.match(listening[0], new RegExp(`^\\s*\\d+: 0100007F:${hexPort} `));
 
-      assert.equal((await mqttConnectProbe("127.0.0.1", b.plainPort, b.server)).ok, true);
-      const wrong = await mqttConnectProbe("127.0.0.1", b.plainPort, {
-        ...b.server,
-        password: "nope",
-      });
+      assert.equal((await probeMqtt({ port: b.plainPort, ...b.server })).ok, true);
+      const wrong = await probeMqtt({ port: b.plainPort, ...b.server, password: "nope" });
       assert.equal(wrong.ok, false);
       assert.equal(wrong.returnCode, 5);
-      const anon = await mqttConnectProbe("127.0.0.1", b.plainPort);
+      const anon = await probeMqtt({ port: b.plainPort });
       assert.equal(anon.ok, false);
 
       const bad = await startServer(b, dataDir, "wrong-password");

@@ -238,7 +238,7 @@ const SCHEMA: Record<string, Record<string, Kind>> = {
 
 type Value = string | boolean | number | string[];
 /** Values read from the file, by "section.key", with the line each came from. */
-type FileValues = Map<string, { value: Value; line: number }>;
+export type FileValues = Map<string, { value: Value; line: number }>;
 
 const TRUST_DOMAIN_RE = /^[a-z0-9._-]+$/;
 
@@ -440,14 +440,28 @@ export async function loadAgentConfig(opts: LoadOptions): Promise<AgentConfig> {
       );
     }
   }
-  const values = text !== undefined ? parseAgentYaml(text, display, env) : new Map();
-  return buildConfig(values, {
+  return agentConfigFromText(text, {
     cwd,
     env,
     flags,
     file: text !== undefined ? file : undefined,
     display,
-  });
+  }).config;
+}
+
+/**
+ * What `loadAgentConfig` does once the file is read (`text` undefined: no file): parse,
+ * type-check, apply env and flags. Pure, so `k8s4r doctor` judges a plugins.yaml exactly as
+ * the agent does. `values` are the file's own settings, with their lines.
+ */
+export function agentConfigFromText(
+  text: string | undefined,
+  opts: LoadOptions & { file?: string; display: string },
+): { config: AgentConfig; values: FileValues } {
+  const values: FileValues = text !== undefined
+    ? parseAgentYaml(text, opts.display, opts.env)
+    : new Map();
+  return { config: buildConfig(values, opts), values };
 }
 
 function buildConfig(

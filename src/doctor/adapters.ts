@@ -4,8 +4,6 @@
  */
 import { Buffer } from "node:buffer";
 import { X509Certificate } from "node:crypto";
-import * as net from "node:net";
-import * as tls from "node:tls";
 import { delimiter, join } from "node:path";
 import type { Io } from "../cli/io.ts";
 import { defaultLayout, robotLayout } from "../devenv/layout.ts";
@@ -20,13 +18,14 @@ import {
   type DoctorFs,
   type DoctorNet,
   type DoctorOptions,
+  type DoctorProc,
   type DoctorSpire,
   type FetchedSvid,
   makeMemo,
-  type TlsProbeResult,
 } from "./check.ts";
-import { DISCONNECT, encodeConnect, parseConnack } from "../mqtt/wire.ts";
-import { findListeningOwner } from "./proc_net.ts";
+import { probeMqtt } from "../mqtt/probe.ts";
+import { parseProcStat } from "../process/mod.ts";
+import { findListeningOwner, findUnixSocketOwner, type ProcReader } from "./proc_net.ts";
 import { certFacts } from "./pki.ts";
 
 export function realContext(io: Io, options: DoctorOptions): DoctorContext {
@@ -39,6 +38,7 @@ export function realContext(io: Io, options: DoctorOptions): DoctorContext {
     options,
     fs: realFs(io.env),
     net: realNet,
+    proc: realProc,
     spire: realSpire(io),
     runner: io.runner,
     clock: { now: () => Date.now() },
@@ -92,18 +92,30 @@ export function realFs(env: Record<string, string | undefined>): DoctorFs {
   };
 }
 
-export const realNet: DoctorNet = {
-  listeningOwner(port) {
-    return findListeningOwner(port, {
-      readText: (p) => Deno.readTextFile(p),
-      async readDir(p) {
-        const out: string[] = [];
-        for await (const e of Deno.readDir(p)) out.push(e.name);
-        return out;
-      },
-      readLink: (p) => Deno.readLink(p),
-    });
+const procReader: ProcReader = {
+  readText: (p) => Deno.readTextFile(p),
+  async readDir(p) {
+    const out: string[] = [];
+    for await (const e of Deno.readDir(p)) out.push(e.name);
+    return out;
   },
+  readLink: (p) => Deno.readLink(p),
+};
+
+export const realProc: DoctorProc = {
+  unixSocketOwner: (path) => findUnixSocketOwner(path, procReader),
+  async stat(pid) {
+    try {
+      const st = parseProcStat(await Deno.readTextFile(`/proc/${pid}/stat`));
+      return st ? { pid, comm: st.comm, state: st.state } : undefined;
+    } catch {
+      return undefined;
+    }
+  },
+};
+
+export const realNet: DoctorNet = {
+  listeningOwner: (port) => findListeningOwner(port, procReader),
 
   async httpGet(url, timeoutMs) {
     try {
@@ -117,102 +129,7 @@ export const realNet: DoctorNet = {
     }
   },
 
-  mqttConnect({ host, port, username, password, clientId, timeoutMs }) {
-    return new Promise((resolve, reject) => {
-      const sock = net.createConnection({ host, port });
-      let buf = Buffer.alloc(0);
-      const done = (err?: Error, code?: number) => {
-        clearTimeout(timer);
-        sock.removeAllListeners();
-        sock.on("error", () => {});
-        if (code === 0) sock.write(DISCONNECT);
-        sock.end();
-        sock.destroy();
-        if (err) reject(err);
-        else resolve({ returnCode: code! });
-      };
-      const timer = setTimeout(
-        () => done(new Error(`no CONNACK within ${timeoutMs} ms`)),
-        timeoutMs,
-      );
-      sock.on("connect", () => sock.write(encodeConnect({ clientId, username, password })));
-      sock.on("data", (d: Buffer) => {
-        buf = Buffer.concat([buf, d]);
-        try {
-          const code = parseConnack(buf);
-          if (code !== undefined) done(undefined, code);
-        } catch (err) {
-          done(err as Error);
-        }
-      });
-      sock.on("error", (err) => done(err));
-      sock.on("close", () => done(new Error("connection closed before CONNACK")));
-    });
-  },
-
-  tlsProbe(opts) {
-    return new Promise<TlsProbeResult>((resolve) => {
-      const result: TlsProbeResult = { handshake: false, authorized: false, peerChain: [] };
-      let buf = Buffer.alloc(0);
-      const sock = tls.connect({
-        host: opts.host,
-        port: opts.port,
-        servername: opts.servername,
-        ca: opts.ca,
-        cert: opts.cert,
-        key: opts.key,
-        // We verify ourselves (authorized / authorizationError) and report the reason.
-        rejectUnauthorized: false,
-        // The broker's certificate is an SVID: its identity is the SPIFFE ID, checked by the caller.
-        checkServerIdentity: () => undefined,
-      });
-      let finished = false;
-      const finish = (error?: string) => {
-        if (finished) return;
-        finished = true;
-        clearTimeout(timer);
-        if (error && !result.error) result.error = error;
-        sock.removeAllListeners();
-        sock.on("error", () => {});
-        if (result.connack === 0) sock.write(DISCONNECT);
-        sock.end();
-        sock.destroy();
-        resolve(result);
-      };
-      const timer = setTimeout(
-        () => finish(`timed out after ${opts.timeoutMs} ms`),
-        opts.timeoutMs,
-      );
-      sock.on("secureConnect", () => {
-        result.handshake = true;
-        result.authorized = sock.authorized;
-        if (!sock.authorized) result.authorizationError = String(sock.authorizationError);
-        let cert = sock.getPeerCertificate(true) as tls.DetailedPeerCertificate | undefined;
-        const seen = new Set<string>();
-        while (cert && cert.raw && !seen.has(cert.fingerprint256)) {
-          seen.add(cert.fingerprint256);
-          result.peerChain.push(new Uint8Array(cert.raw));
-          cert = cert.issuerCertificate;
-        }
-        if (opts.mqttClientId) sock.write(encodeConnect({ clientId: opts.mqttClientId }));
-        else finish();
-      });
-      sock.on("data", (d: Buffer) => {
-        buf = Buffer.concat([buf, d]);
-        try {
-          const code = parseConnack(buf);
-          if (code !== undefined) {
-            result.connack = code;
-            finish();
-          }
-        } catch (err) {
-          finish((err as Error).message);
-        }
-      });
-      sock.on("error", (err: Error) => finish(err.message));
-      sock.on("close", () => finish("connection closed by the broker"));
-    });
-  },
+  mqttProbe: probeMqtt,
 };
 
 export function realSpire(io: Io): DoctorSpire {

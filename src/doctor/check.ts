@@ -5,6 +5,7 @@
  */
 import type { Io } from "../cli/io.ts";
 import type { Layout, RobotLayout } from "../devenv/layout.ts";
+import type { MqttProbeOptions, MqttProbeResult } from "../mqtt/probe.ts";
 import type { ProcessRunner } from "../process/mod.ts";
 
 export type Status = "ok" | "warn" | "fail" | "skip" | "crash";
@@ -50,7 +51,28 @@ export interface Check {
   dependsOn?: string[];
   /** Default: the run's default timeout (2000 ms). */
   timeoutMs?: number;
+  /** What the runner reports when this check times out. Every check declares one. */
+  timeout: TimeoutSpec;
   run(ctx: CheckContext): Promise<CheckResult>;
+}
+
+/** The process a check talks to, so a hang can be pinned on it. */
+export type Peer =
+  | { name: string; unixSocket: string }
+  | { name: string; tcpPort: number };
+
+export interface TimeoutSpec {
+  /**
+   * One line for the hint of a timed-out check: what the hang means and what to run
+   * (`spire-agent accepted the connection on S but never answered: it is stopped or hung. ...`).
+   */
+  hint(ctx: DoctorContext): string;
+  /**
+   * Who should have answered. On a timeout the runner finds its pid (the socket's or the
+   * port's owner) and its state in /proc/PID/stat: a stopped process (`T`) is named in the
+   * detail, and the hint becomes `kill -CONT PID`.
+   */
+  peer?(ctx: DoctorContext): Peer;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -92,52 +114,28 @@ export interface HttpResponse {
   body: string;
 }
 
-export interface MqttConnectResult {
-  /** CONNACK return code (0 accepted, 4 bad credentials, 5 not authorized). */
-  returnCode: number;
-}
-
-export interface TlsProbeOptions {
-  host: string;
-  port: number;
-  servername: string;
-  /** PEM. Omit both for a client without a certificate. */
-  cert?: string;
-  key?: string;
-  /** PEM CA certificates used to verify the server. */
-  ca: string;
-  timeoutMs: number;
-  /** After the handshake, send an MQTT CONNECT and wait for CONNACK. */
-  mqttClientId?: string;
-}
-
-export interface TlsProbeResult {
-  /** The handshake completed (from the client's point of view). */
-  handshake: boolean;
-  /** The server's certificate verified against `ca`. */
-  authorized: boolean;
-  authorizationError?: string;
-  /** Server chain, DER, leaf first. */
-  peerChain: Uint8Array[];
-  /** CONNACK code if an MQTT CONNECT was sent and answered. */
-  connack?: number;
-  /** Why the connection ended early (alert, reset, timeout). */
-  error?: string;
-}
-
 export interface DoctorNet {
   /** Who listens on a TCP port (from /proc/net/tcp{,6} and /proc/PID/fd). */
   listeningOwner(port: number): Promise<PortOwner | undefined>;
   httpGet(url: string, timeoutMs: number): Promise<HttpResponse>;
-  mqttConnect(opts: {
-    host: string;
-    port: number;
-    username: string;
-    password: string;
-    clientId: string;
-    timeoutMs: number;
-  }): Promise<MqttConnectResult>;
-  tlsProbe(opts: TlsProbeOptions): Promise<TlsProbeResult>;
+  /** An MQTT CONNECT over TCP or (m)TLS: real `probeMqtt` of src/mqtt/probe.ts. */
+  mqttProbe(opts: MqttProbeOptions): Promise<MqttProbeResult>;
+}
+
+/** A process as /proc/PID/stat shows it. */
+export interface ProcessInfo {
+  pid: number;
+  comm: string;
+  /** R running, S sleeping, D waiting on I/O, T stopped (SIGSTOP, Ctrl-Z), t traced, Z zombie. */
+  state: string;
+}
+
+/** Processes, read from /proc (real: `adapters.ts`). */
+export interface DoctorProc {
+  /** The pid serving the listening unix socket at `path` (/proc/net/unix + /proc/PID/fd). */
+  unixSocketOwner(path: string): Promise<number | undefined>;
+  /** /proc/PID/stat; undefined when the process is gone or not visible. */
+  stat(pid: number): Promise<ProcessInfo | undefined>;
 }
 
 export interface SpireBinaries {
@@ -201,6 +199,7 @@ export interface DoctorContext {
   options: DoctorOptions;
   fs: DoctorFs;
   net: DoctorNet;
+  proc: DoctorProc;
   spire: DoctorSpire;
   runner: ProcessRunner;
   clock: { now(): number };
@@ -215,9 +214,17 @@ export interface DoctorContext {
 export interface CheckContext extends DoctorContext {
   /** Aborted when this check times out. */
   signal: AbortSignal;
-  /** This check's time budget, for the calls it makes. */
+  /**
+   * The deadline for the calls this check makes: its budget plus `CALL_GRACE_MS`, so that a
+   * hang always ends as the runner's timeout (which carries the timeout hint and the peer's
+   * state), never as a call's own "deadline exceeded" without them. `signal` ends the calls
+   * that take one at the budget.
+   */
   timeoutMs: number;
 }
+
+/** How much longer than its check a call may wait (see `CheckContext.timeoutMs`). */
+export const CALL_GRACE_MS = 250;
 
 export function ok(detail: string, info?: string[]): CheckResult {
   return info?.length ? { status: "ok", detail, info } : { status: "ok", detail };

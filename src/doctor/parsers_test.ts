@@ -1,8 +1,7 @@
 import assert from "node:assert/strict";
 import { createServer } from "node:net";
-import { realNet } from "./adapters.ts";
-import { parseHcl } from "./hcl.ts";
-import { decodeAddress, parseProcNetTcp } from "./proc_net.ts";
+import { realNet, realProc } from "./adapters.ts";
+import { decodeAddress, parseProcNetTcp, parseProcNetUnix } from "./proc_net.ts";
 
 Deno.test("proc_net: parses LISTEN sockets and addresses", () => {
   const text =
@@ -27,12 +26,30 @@ Deno.test("proc_net: finds this very process listening on a free port", async ()
   }
 });
 
-Deno.test("hcl: blocks, labels, lists, comments, line numbers", () => {
-  const b = parseHcl(
-    `# c\nserver {\n  a = "x" // c\n  n = 3\n  l = ["p", "q"]\n}\n/* x\n */\nplugins { NodeAttestor "join_token" { plugin_data {} } }\n`,
-  );
-  assert.equal(b.blocks[0].type, "server");
-  assert.deepEqual(b.blocks[0].attrs.get("l"), { value: ["p", "q"], line: 5 });
-  assert.equal(b.blocks[1].blocks[0].labels[0], "join_token");
-  assert.throws(() => parseHcl("server {\n a = 1\n"), /line 1: unclosed '\{'/);
+Deno.test("proc_net: parses listening unix sockets (paths with spaces; connected ones left out)", () => {
+  const text = `Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 31337 /tmp/spire-agent/agent.sock
+0000000000000000: 00000003 00000000 00000000 0001 03 31338 /tmp/spire-agent/agent.sock
+0000000000000000: 00000002 00000000 00010000 0001 01 99 /tmp/a b.sock
+0000000000000000: 00000002 00000000 00000000 0002 01 100`;
+  assert.deepEqual(parseProcNetUnix(text), [
+    { path: "/tmp/spire-agent/agent.sock", inode: 31337 },
+    { path: "/tmp/a b.sock", inode: 99 },
+  ]);
+});
+
+Deno.test("proc_net: finds this very process serving a unix socket", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-unix-" });
+  const path = `${dir}/s.sock`;
+  const l = Deno.listen({ transport: "unix", path });
+  try {
+    assert.equal(await realProc.unixSocketOwner(path), Deno.pid);
+    assert.equal(await realProc.unixSocketOwner(`${dir}/none.sock`), undefined);
+    const me = await realProc.stat(Deno.pid);
+    assert.equal(me?.pid, Deno.pid);
+    assert.match(me!.state, /^[RS]$/);
+  } finally {
+    l.close();
+    await Deno.remove(dir, { recursive: true });
+  }
 });

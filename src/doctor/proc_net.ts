@@ -1,6 +1,8 @@
 /**
- * "Who listens on port N?" without lsof: /proc/net/tcp{,6} lists sockets in LISTEN state (st 0A)
- * with their inode; /proc/PID/fd/* links read `socket:[INODE]`, which names the owning process.
+ * "Who listens on port N?" and "who serves this unix socket?" without lsof: /proc/net/tcp{,6}
+ * lists sockets in LISTEN state (st 0A) with their inode, /proc/net/unix lists unix sockets with
+ * their flags, inode and path; /proc/PID/fd/* links read `socket:[INODE]`, which names the
+ * owning process.
  */
 
 export interface ListenSocket {
@@ -77,6 +79,78 @@ export interface ProcReader {
   readLink(path: string): Promise<string>;
 }
 
+/** A listening unix socket of /proc/net/unix. */
+export interface UnixListenSocket {
+  path: string;
+  inode: number;
+}
+
+/** `__SO_ACCEPTCON` in the Flags column: the socket is listening. */
+const SO_ACCEPTCON = 0x10000;
+
+/** Parses /proc/net/unix text; returns only listening sockets that have a path. */
+export function parseProcNetUnix(text: string): UnixListenSocket[] {
+  const out: UnixListenSocket[] = [];
+  for (const line of text.split("\n").slice(1)) {
+    // Num RefCount Protocol Flags Type St Inode Path (the path may hold spaces).
+    const m = /^\s*\S+:\s+\S+\s+\S+\s+([0-9A-Fa-f]+)\s+\S+\s+\S+\s+(\d+)\s+(.+)$/.exec(line);
+    if (!m || !(parseInt(m[1], 16) & SO_ACCEPTCON)) continue;
+    out.push({ path: m[3], inode: Number(m[2]) });
+  }
+  return out;
+}
+
+/** The first process holding one of these socket inodes (concurrent scan of /proc/PID/fd). */
+async function findInodeOwner(
+  inodes: number[],
+  proc: ProcReader,
+): Promise<{ pid: number; inode: number } | undefined> {
+  const links = new Map(inodes.map((i) => [`socket:[${i}]`, i]));
+  let pids: string[] = [];
+  try {
+    pids = (await proc.readDir("/proc")).filter((n) => /^\d+$/.test(n));
+  } catch { /* no /proc */ }
+  return await new Promise((resolve) => {
+    let pending = pids.length;
+    if (!pending) return resolve(undefined);
+    let done = false;
+    for (const pid of pids) {
+      (async () => {
+        let fds: string[] = [];
+        try {
+          fds = await proc.readDir(`/proc/${pid}/fd`);
+        } catch { /* gone, or not ours */ }
+        for (const fd of fds) {
+          if (done) return;
+          try {
+            const inode = links.get(await proc.readLink(`/proc/${pid}/fd/${fd}`));
+            if (inode !== undefined) {
+              done = true;
+              return resolve({ pid: Number(pid), inode });
+            }
+          } catch { /* closed meanwhile */ }
+        }
+      })().finally(() => {
+        if (--pending === 0 && !done) resolve(undefined);
+      });
+    }
+  });
+}
+
+/** The pid serving the listening unix socket at `path`, if visible to this user. */
+export async function findUnixSocketOwner(
+  path: string,
+  proc: ProcReader,
+): Promise<number | undefined> {
+  let sockets: UnixListenSocket[] = [];
+  try {
+    sockets = parseProcNetUnix(await proc.readText("/proc/net/unix"));
+  } catch { /* no /proc */ }
+  const hits = sockets.filter((s) => s.path === path);
+  if (!hits.length) return undefined;
+  return (await findInodeOwner(hits.map((h) => h.inode), proc))?.pid;
+}
+
 /** Finds the listening socket for a port and, if permitted, the process holding it. */
 export async function findListeningOwner(
   port: number,
@@ -90,38 +164,8 @@ export async function findListeningOwner(
   }
   const hits = sockets.filter((s) => s.port === port);
   if (!hits.length) return undefined;
-  const inodes = new Set(hits.map((h) => `socket:[${h.inode}]`));
-  let pids: string[] = [];
-  try {
-    pids = (await proc.readDir("/proc")).filter((n) => /^\d+$/.test(n));
-  } catch { /* no /proc */ }
-  // Look at all processes concurrently; stop at the first match.
-  const found = await new Promise<{ pid: number; link: string } | undefined>((resolve) => {
-    let pending = pids.length;
-    if (!pending) return resolve(undefined);
-    let done = false;
-    for (const pid of pids) {
-      (async () => {
-        let fds: string[] = [];
-        try {
-          fds = await proc.readDir(`/proc/${pid}/fd`);
-        } catch { /* gone, or not ours */ }
-        for (const fd of fds) {
-          if (done) return;
-          try {
-            const link = await proc.readLink(`/proc/${pid}/fd/${fd}`);
-            if (inodes.has(link)) {
-              done = true;
-              return resolve({ pid: Number(pid), link });
-            }
-          } catch { /* closed meanwhile */ }
-        }
-      })().finally(() => {
-        if (--pending === 0 && !done) resolve(undefined);
-      });
-    }
-  });
-  const hit = found ? hits.find((h) => `socket:[${h.inode}]` === found.link)! : hits[0];
+  const found = await findInodeOwner(hits.map((h) => h.inode), proc);
+  const hit = found ? hits.find((h) => h.inode === found.inode)! : hits[0];
   if (!found) return { address: hit.address, port };
   let comm: string | undefined;
   try {

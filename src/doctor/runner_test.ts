@@ -4,7 +4,14 @@ import { exitCode, runChecks } from "./runner.ts";
 import { fakeContext } from "./testing.ts";
 
 function check(id: string, run: () => Promise<CheckResult>, extra: Partial<Check> = {}): Check {
-  return { id, group: "tools", title: id, run, ...extra };
+  return {
+    id,
+    group: "tools",
+    title: id,
+    timeout: { hint: () => `${id} hung: run ${id} --by-hand` },
+    run,
+    ...extra,
+  };
 }
 const okAfter = (ms: number, log?: string[], name?: string) => () =>
   new Promise<CheckResult>((r) =>
@@ -37,6 +44,96 @@ Deno.test("runner: a check that hangs fails with 'timed out after N ms'", async 
   assert.equal(report.checks[0].status, "fail");
   assert.equal(report.checks[0].detail, "timed out after 30 ms");
   assert.equal(exitCode(report), 1);
+});
+
+Deno.test("runner: a timeout carries the check's timeout hint (what the hang means, what to run)", async () => {
+  const hang = check("slow", () => new Promise(() => {}), {
+    timeoutMs: 30,
+    timeout: { hint: (ctx) => `spire-agent on ${ctx.robot.agentSocket} never answered: ps` },
+  });
+  const report = await runChecks([hang], fakeContext(), { timeoutMs: 2000 });
+  assert.equal(report.checks[0].status, "fail");
+  assert.equal(
+    report.checks[0].hint,
+    "spire-agent on /tmp/spire-agent/agent.sock never answered: ps",
+  );
+});
+
+Deno.test("runner: a timed-out check whose peer is stopped (T in /proc/PID/stat) names it and hints kill -CONT", async () => {
+  const asked: unknown[] = [];
+  const ctx = fakeContext({
+    proc: {
+      unixSocketOwner: (path) => (asked.push(path), Promise.resolve(4242)),
+      stat: (pid) => Promise.resolve({ pid, comm: "spire-agent", state: "T" }),
+    },
+  });
+  const hang = check("spire-agent.health", () => new Promise(() => {}), {
+    timeoutMs: 30,
+    timeout: {
+      hint: () => "spire-agent is stopped or hung: k8s4r devenv status",
+      peer: (c) => ({ name: "spire-agent", unixSocket: c.robot.agentSocket }),
+    },
+  });
+  const r = (await runChecks([hang], ctx, { timeoutMs: 2000 })).checks[0];
+  assert.deepEqual(asked, ["/tmp/spire-agent/agent.sock"]);
+  assert.equal(r.status, "fail");
+  assert.equal(
+    r.detail,
+    "timed out after 30 ms: spire-agent (pid 4242) serving /tmp/spire-agent/agent.sock is stopped (state T in /proc/4242/stat)",
+  );
+  assert.match(r.hint!, /^spire-agent \(pid 4242\) is stopped .*kill -CONT 4242/);
+
+  // Control: the same peer, running (state S): no kill -CONT, the check's own hint.
+  const running = fakeContext({
+    proc: {
+      unixSocketOwner: () => Promise.resolve(4242),
+      stat: (pid) => Promise.resolve({ pid, comm: "spire-agent", state: "S" }),
+    },
+  });
+  const s = (await runChecks([hang], running, { timeoutMs: 2000 })).checks[0];
+  assert.match(
+    s.detail,
+    /spire-agent \(pid 4242\) serving \S+ is running \(state S\) but did not answer/,
+  );
+  assert.doesNotMatch(s.hint!, /kill -CONT/);
+  assert.match(s.hint!, /k8s4r devenv status/);
+});
+
+Deno.test("runner: a TCP peer is looked up through the port's listener", async () => {
+  const ctx = fakeContext({
+    net: {
+      listeningOwner: (port) =>
+        Promise.resolve({ address: "127.0.0.1", port, pid: 77, comm: "mosquitto" }),
+    },
+    proc: { stat: (pid) => Promise.resolve({ pid, comm: "mosquitto", state: "T" }) },
+  });
+  const hang = check("broker.plain", () => new Promise(() => {}), {
+    timeoutMs: 30,
+    timeout: {
+      hint: () => "mosquitto hung: ps",
+      peer: () => ({ name: "mosquitto", tcpPort: 1883 }),
+    },
+  });
+  const r = (await runChecks([hang], ctx, { timeoutMs: 2000 })).checks[0];
+  assert.match(r.detail, /mosquitto \(pid 77\) listening on port 1883 is stopped \(state T/);
+  assert.match(r.hint!, /kill -CONT 77/);
+});
+
+Deno.test("runner: a crash, and a failure without a hint, still get a hint", async () => {
+  const report = await runChecks(
+    [
+      check("boom", () => Promise.reject(new Error("kaput"))),
+      check("bare", () => Promise.resolve({ status: "fail", detail: "no" })),
+      check("nothing", () => Promise.resolve(undefined as unknown as CheckResult)),
+    ],
+    fakeContext(),
+    { timeoutMs: 2000 },
+  );
+  for (const c of report.checks) {
+    assert.ok(c.status === "fail" || c.status === "crash", c.id);
+    assert.ok(c.hint && c.hint.length > 10, `${c.id} has no hint`);
+    assert.match(c.hint!, /k8s4r doctor --only tools --verbose/);
+  }
 });
 
 Deno.test("runner: a thrown error becomes crash with its message", async () => {

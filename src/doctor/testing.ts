@@ -2,7 +2,14 @@
 import { bufferIo } from "../cli/io.ts";
 import { defaultLayout, robotLayout } from "../devenv/layout.ts";
 import { type ProcessRunner, RecordingRunner } from "../process/mod.ts";
-import type { CheckContext, DoctorNet, DoctorOptions, DoctorSpire, FileInfo } from "./check.ts";
+import type {
+  CheckContext,
+  DoctorNet,
+  DoctorOptions,
+  DoctorProc,
+  DoctorSpire,
+  FileInfo,
+} from "./check.ts";
 import { makeMemo } from "./check.ts";
 
 export const ROOT = "/proj";
@@ -14,6 +21,8 @@ export interface FakeOptions {
   stats?: Record<string, Partial<FileInfo>>;
   which?: Record<string, string>;
   net?: Partial<DoctorNet>;
+  /** Default: no process is visible. */
+  proc?: Partial<DoctorProc>;
   spire?: Partial<DoctorSpire>;
   runner?: ProcessRunner;
   options?: Partial<DoctorOptions>;
@@ -82,9 +91,13 @@ export function fakeContext(
     net: {
       listeningOwner: () => Promise.resolve(undefined),
       httpGet: unreachable("httpGet"),
-      mqttConnect: unreachable("mqttConnect"),
-      tlsProbe: unreachable("tlsProbe"),
+      mqttProbe: unreachable("mqttProbe"),
       ...o.net,
+    },
+    proc: {
+      unixSocketOwner: () => Promise.resolve(undefined),
+      stat: () => Promise.resolve(undefined),
+      ...o.proc,
     },
     spire: {
       findBinaries: () => Promise.resolve(undefined),

@@ -1,70 +1,284 @@
 /**
- * A minimal MQTT 3.1.1 CONNECT probe over plain TCP: readiness checks (tests, devenv, doctor)
- * that must not leave mqtt.js timers or reconnect loops behind. It sends CONNECT, reads CONNACK,
- * sends DISCONNECT and closes.
+ * The one MQTT CONNECT probe of k8s4r: "would this broker let me in?", over plain TCP or TLS
+ * (mTLS with a client certificate). devenv's readiness checks, the doctor's broker checks and
+ * the tests all use it. It opens one socket, sends an MQTT 3.1.1 CONNECT (wire.ts), reads the
+ * CONNACK, says DISCONNECT and closes: no mqtt.js reconnect timers, never a second socket.
+ * Credentials only ever travel in-process.
+ *
+ * It never throws: it resolves within `timeoutMs` with what happened, precisely:
+ * - `accepted`, `refused`: a CONNACK arrived (`returnCode` 0, or 4 bad login, 5 not authorized);
+ * - `connection-refused`: nothing listens (ECONNREFUSED);
+ * - `tls-error`: the TLS handshake failed or an alert came (the broker refused our certificate
+ *   with TLS 1.3), or the broker's certificate did not verify (then no CONNECT is sent);
+ * - `closed`: the broker closed the connection before CONNACK;
+ * - `protocol-error`: the answer was no CONNACK;
+ * - `timeout` (which stage: TCP, TLS handshake, CONNACK), `aborted`, other `error`s.
  */
-
+import { Buffer } from "node:buffer";
+import * as net from "node:net";
+import * as tls from "node:tls";
 import { CONNACK_CODES, DISCONNECT, encodeConnect, parseConnack } from "./wire.ts";
 
-export interface ProbeResult {
-  /** True when the broker answered CONNACK with return code 0. */
+export type MqttProbeOutcome =
+  | "accepted"
+  | "refused"
+  | "connection-refused"
+  | "tls-error"
+  | "closed"
+  | "protocol-error"
+  | "timeout"
+  | "aborted"
+  | "error";
+
+export interface MqttProbeTls {
+  /** PEM CA certificates to verify the broker with (the SPIRE bundle). */
+  ca: string;
+  /** PEM client chain and key (mTLS). Omit both for a client without a certificate. */
+  cert?: string;
+  key?: string;
+  /** SNI and the name the broker's certificate must carry. Default `localhost`. */
+  servername?: string;
+  /**
+   * Default true: a broker whose certificate does not verify against `ca` or is not for
+   * `servername` ends the probe as `tls-error` before any CONNECT. false: the CONNECT is sent
+   * anyway and `tls.authorized` says whether it verified (the doctor checks the broker's SPIFFE
+   * ID itself, and asks whether a broker lets a client without a certificate in).
+   */
+  verify?: boolean;
+}
+
+export interface MqttProbeOptions {
+  /** Default 127.0.0.1. */
+  host?: string;
+  port: number;
+  /** Default `k8s4r-probe-<random>`. */
+  clientId?: string;
+  username?: string;
+  password?: string;
+  /** For the whole probe: connect, handshake, CONNACK. Default 3000. */
+  timeoutMs?: number;
+  signal?: AbortSignal;
+  /** Speak TLS (mTLS with `cert` and `key`). Plain TCP without it. */
+  tls?: MqttProbeTls;
+}
+
+export interface MqttProbeTlsResult {
+  /** The handshake completed (from the client's side). */
+  handshake: boolean;
+  /** The broker's certificate verified against `ca`. */
+  authorized: boolean;
+  authorizationError?: string;
+  /** `TLSv1.3`, `TLSv1.2`. */
+  protocol?: string;
+  /** The broker's chain, DER, leaf first. */
+  peerChain: Uint8Array[];
+}
+
+export interface MqttProbeResult {
+  /** A CONNACK with return code 0 arrived. */
   ok: boolean;
-  /** CONNACK return code (5 = not authorized, 4 = bad username or password), or -1. */
-  returnCode: number;
+  outcome: MqttProbeOutcome;
+  /** The CONNACK return code, when one arrived. */
+  returnCode?: number;
+  /** One line: `127.0.0.1:8883 (mTLS): CONNACK 5 (not authorized)`. */
+  detail: string;
+  /** The socket or TLS error's message, when there was one. */
   error?: string;
+  /** Its code (`ECONNREFUSED`, `ECONNRESET`, ...). */
+  code?: string;
+  /** With `tls`: what the handshake showed. */
+  tls?: MqttProbeTlsResult;
 }
 
-/** Builds an MQTT 3.1.1 CONNECT packet (clean session, keepalive 10 s). */
-export function connectPacket(
-  clientId: string,
-  creds?: { username: string; password: string },
-): Uint8Array {
-  return encodeConnect({ clientId, username: creds?.username, password: creds?.password });
-}
+type Stage = "connect" | "handshake" | "connack";
 
-export async function mqttConnectProbe(
-  host: string,
-  port: number,
-  creds?: { username: string; password: string },
-  timeoutMs = 3000,
-): Promise<ProbeResult> {
-  let conn: Deno.TcpConn | undefined;
-  const timer = setTimeout(() => {
+const TLS_ERROR = /ssl|tls|alert|certificate|handshake|wrong version|packet length/i;
+
+export function probeMqtt(o: MqttProbeOptions): Promise<MqttProbeResult> {
+  const host = o.host ?? "127.0.0.1";
+  const timeoutMs = o.timeoutMs ?? 3000;
+  const where = `${host.includes(":") ? `[${host}]` : host}:${o.port}${
+    o.tls ? (o.tls.cert ? " (mTLS)" : " (TLS)") : ""
+  }`;
+  const servername = o.tls?.servername ?? "localhost";
+  const packet = encodeConnect({
+    clientId: o.clientId ?? `k8s4r-probe-${crypto.randomUUID().slice(0, 8)}`,
+    username: o.username,
+    password: o.password,
+  });
+  const tlsInfo: MqttProbeTlsResult | undefined = o.tls
+    ? { handshake: false, authorized: false, peerChain: [] }
+    : undefined;
+
+  return new Promise((resolve) => {
+    let stage: Stage = "connect";
+    let buf = Buffer.alloc(0);
+    let settled = false;
+    let socket: net.Socket;
     try {
-      conn?.close();
-    } catch { /* closed */ }
-    conn = undefined;
-  }, timeoutMs);
-  try {
-    conn = await Deno.connect({ hostname: host, port });
-    const clientId = `k8s4r-probe-${crypto.randomUUID().slice(0, 8)}`;
-    await conn.write(connectPacket(clientId, creds));
-    const buf = new Uint8Array(4);
-    let got = 0;
-    while (got < 4) {
-      const n = await conn.read(buf.subarray(got));
-      if (n === null) {
-        return { ok: false, returnCode: -1, error: "connection closed before CONNACK" };
+      socket = open();
+    } catch (err) {
+      // Node checks PEM key material up front; a bad one is this probe's answer, not a throw.
+      const msg = (err as Error).message.split("\n")[0];
+      return resolve({
+        ok: false,
+        outcome: o.tls ? "tls-error" : "error",
+        detail: `${where}: ${o.tls ? "TLS: " : ""}${msg}`,
+        error: msg,
+        ...(tlsInfo ? { tls: tlsInfo } : {}),
+      });
+    }
+    function open(): net.Socket {
+      return o.tls
+        ? tls.connect({
+          host,
+          port: o.port,
+          ca: o.tls.ca,
+          cert: o.tls.cert,
+          key: o.tls.key,
+          servername,
+          minVersion: "TLSv1.2",
+          // Verified below, so that the reason is reported and the chain is seen either way.
+          rejectUnauthorized: false,
+          checkServerIdentity: () => undefined,
+        })
+        : net.connect({ host, port: o.port });
+    }
+
+    const finish = (
+      r: { outcome: MqttProbeOutcome; detail: string; returnCode?: number; err?: Error },
+    ) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      o.signal?.removeEventListener("abort", onAbort);
+      const code = (r.err as { code?: string } | undefined)?.code;
+      const result: MqttProbeResult = {
+        ok: r.outcome === "accepted",
+        outcome: r.outcome,
+        ...(r.returnCode !== undefined ? { returnCode: r.returnCode } : {}),
+        detail: `${where}: ${r.detail}`,
+        ...(r.err ? { error: r.err.message.split("\n")[0] } : {}),
+        ...(code ? { code } : {}),
+        ...(tlsInfo ? { tls: tlsInfo } : {}),
+      };
+      if (result.ok) {
+        // A clean goodbye (DISCONNECT, then TLS close_notify and FIN) keeps the broker's log
+        // quiet; resolve once the socket is closed, so nothing is left running.
+        const cap = setTimeout(() => socket.destroy(), 1000);
+        socket.once("close", () => {
+          clearTimeout(cap);
+          resolve(result);
+        });
+        socket.end(DISCONNECT);
+      } else {
+        socket.destroy();
+        resolve(result);
       }
-      got += n;
+    };
+
+    const timer = setTimeout(() => {
+      const what = stage === "connect"
+        ? "no TCP connection"
+        : stage === "handshake"
+        ? "no TLS handshake"
+        : "no CONNACK";
+      finish({ outcome: "timeout", detail: `${what} within ${timeoutMs} ms` });
+    }, timeoutMs);
+    const onAbort = () => finish({ outcome: "aborted", detail: "aborted" });
+    if (o.signal?.aborted) queueMicrotask(onAbort);
+    else o.signal?.addEventListener("abort", onAbort, { once: true });
+
+    const sendConnect = () => {
+      stage = "connack";
+      socket.write(packet);
+    };
+
+    socket.once("connect", () => {
+      if (o.tls) stage = "handshake";
+      else sendConnect();
+    });
+    if (o.tls) {
+      const t = socket as tls.TLSSocket;
+      t.once("secureConnect", () => {
+        const info = tlsInfo!;
+        info.handshake = true;
+        info.authorized = t.authorized;
+        if (!t.authorized) info.authorizationError = String(t.authorizationError);
+        info.protocol = t.getProtocol() ?? undefined;
+        let cert = t.getPeerCertificate(true) as tls.DetailedPeerCertificate | undefined;
+        const seen = new Set<string>();
+        while (cert?.raw && !seen.has(cert.fingerprint256)) {
+          seen.add(cert.fingerprint256);
+          info.peerChain.push(new Uint8Array(cert.raw));
+          cert = cert.issuerCertificate;
+        }
+        if (o.tls!.verify !== false) {
+          if (!t.authorized) {
+            return finish({
+              outcome: "tls-error",
+              detail: `TLS: the broker's certificate is not trusted: ${info.authorizationError}`,
+            });
+          }
+          const mismatch = tls.checkServerIdentity(servername, t.getPeerCertificate());
+          if (mismatch) {
+            return finish({
+              outcome: "tls-error",
+              detail: `TLS: the broker's certificate is not for ${servername}: ${mismatch.message}`,
+            });
+          }
+        }
+        sendConnect();
+      });
     }
-    let rc: number;
-    try {
-      rc = parseConnack(buf)!;
-    } catch {
-      return { ok: false, returnCode: -1, error: "unexpected answer (not a CONNACK)" };
-    }
-    if (rc === 0) {
-      await conn.write(DISCONNECT).catch(() => {});
-      return { ok: true, returnCode: 0 };
-    }
-    return { ok: false, returnCode: rc, error: `CONNACK ${rc}: ${CONNACK_CODES[rc] ?? "refused"}` };
-  } catch (err) {
-    return { ok: false, returnCode: -1, error: (err as Error).message };
-  } finally {
-    clearTimeout(timer);
-    try {
-      conn?.close();
-    } catch { /* closed */ }
-  }
+
+    socket.on("data", (d: Buffer) => {
+      if (stage !== "connack") return;
+      buf = Buffer.concat([buf, d]);
+      let rc: number | undefined;
+      try {
+        rc = parseConnack(buf);
+      } catch (err) {
+        return finish({ outcome: "protocol-error", detail: (err as Error).message });
+      }
+      if (rc === undefined) return;
+      finish({
+        outcome: rc === 0 ? "accepted" : "refused",
+        returnCode: rc,
+        detail: `CONNACK ${rc} (${CONNACK_CODES[rc] ?? "unknown code"})`,
+      });
+    });
+
+    socket.on("error", (err: Error & { code?: string }) => {
+      const msg = err.message.split("\n")[0];
+      if (err.code === "ECONNREFUSED") {
+        return finish({
+          outcome: "connection-refused",
+          detail: "connection refused (nothing listens)",
+          err,
+        });
+      }
+      if (o.tls && (stage === "handshake" || TLS_ERROR.test(msg))) {
+        // With TLS 1.3 a broker that refuses our certificate says so after our side of the
+        // handshake completed: an alert while we wait for CONNACK.
+        return finish({ outcome: "tls-error", detail: `TLS: ${msg}`, err });
+      }
+      if (stage === "connack" && (err.code === "ECONNRESET" || err.code === "EPIPE")) {
+        return finish({
+          outcome: "closed",
+          detail: `connection closed before CONNACK (${msg})`,
+          err,
+        });
+      }
+      finish({ outcome: "error", detail: msg, err });
+    });
+
+    socket.on("close", () => {
+      if (stage === "handshake") {
+        finish({ outcome: "tls-error", detail: "TLS: connection closed during the handshake" });
+      } else {
+        finish({ outcome: "closed", detail: "connection closed before CONNACK" });
+      }
+    });
+  });
 }

@@ -1,8 +1,8 @@
 /**
  * Just enough MQTT 3.1.1 to ask a broker "would you let me in?": a CONNECT packet and the
- * CONNACK answer. Readiness probes (devenv, doctor, tests) use it instead of mqtt.js, which
- * would leave reconnect timers behind and may open more than one socket. Credentials only
- * ever travel in-process.
+ * CONNACK answer, for the one MQTT CONNECT probe (probe.ts), which devenv, the doctor and the
+ * tests use instead of mqtt.js (that would leave reconnect timers behind and may open more than
+ * one socket). Credentials only ever travel in-process.
  */
 import { Buffer } from "node:buffer";
 

@@ -156,14 +156,34 @@ export interface PidRecord {
   startedAt: string;
 }
 
+/** The fields of /proc/PID/stat that k8s4r reads. */
+export interface ProcStat {
+  /** Field 2, without the parentheses (the kernel truncates it to 15 bytes). */
+  comm: string;
+  /** Field 3: R running, S sleeping, D disk wait, T stopped (SIGSTOP), t traced, Z zombie... */
+  state: string;
+  /** Field 22: start time in clock ticks since boot. */
+  startTime: number;
+}
+
+/** Parses /proc/PID/stat text; undefined when it is not one. */
+export function parseProcStat(text: string): ProcStat | undefined {
+  // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
+  const open = text.indexOf("(");
+  const close = text.lastIndexOf(")");
+  if (open < 0 || close < open) return undefined;
+  const rest = text.slice(close + 2).split(" ");
+  const startTime = Number(rest[19]);
+  if (!rest[0] || !Number.isFinite(startTime)) return undefined;
+  return { comm: text.slice(open + 1, close), state: rest[0], startTime };
+}
+
 /** The kernel's start time of a process in clock ticks since boot, or undefined if gone/zombie. */
 export function processStartTime(pid: number): number | undefined {
   try {
-    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-    // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
-    const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    if (rest[0] === "Z" || rest[0] === "X") return undefined; // a zombie is as good as gone
-    return Number(rest[19]); // field 22 overall
+    const st = parseProcStat(Deno.readTextFileSync(`/proc/${pid}/stat`));
+    if (!st || st.state === "Z" || st.state === "X") return undefined; // a zombie is as good as gone
+    return st.startTime;
   } catch {
     return undefined;
   }

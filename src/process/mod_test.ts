@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import {
   isRecordAlive,
+  parseProcStat,
   ProcessError,
   processStartTime,
   readPidFile,
@@ -173,4 +174,25 @@ Deno.test("RecordingRunner records argv and fails like the real runner", async (
   assert.equal((await r.output("good", ["a"])).stdout, "x");
   await assert.rejects(() => r.output("bad", ["b"]), /bad b failed \(exit 2\): nope/);
   assert.deepEqual(r.calls.map((c) => [c.cmd, ...c.args]), [["good", "a"], ["bad", "b"]]);
+});
+
+Deno.test("parseProcStat: a command name with spaces and parentheses; the T state of a SIGSTOPped child", async () => {
+  assert.deepEqual(
+    parseProcStat("42 (a (b) c) S 1 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 777 0 0"),
+    { comm: "a (b) c", state: "S", startTime: 777 },
+  );
+  assert.equal(parseProcStat("garbage"), undefined);
+  const child = new Deno.Command("sleep", { args: ["30"] }).spawn();
+  try {
+    const state = () => parseProcStat(Deno.readTextFileSync(`/proc/${child.pid}/stat`))?.state;
+    await waitFor(() => state() === "S", { timeoutMs: 5000, what: "sleep to run" });
+    Deno.kill(child.pid, "SIGSTOP");
+    await waitFor(() => state() === "T", { timeoutMs: 5000, what: "state T after SIGSTOP" });
+    Deno.kill(child.pid, "SIGCONT");
+    await waitFor(() => state() === "S", { timeoutMs: 5000, what: "state S after SIGCONT" });
+    assert.equal(parseProcStat(Deno.readTextFileSync(`/proc/${child.pid}/stat`))?.comm, "sleep");
+  } finally {
+    child.kill("SIGKILL");
+    await child.status;
+  }
 });

@@ -13,6 +13,7 @@ import { CliError } from "../cli/errors.ts";
 import type { Io } from "../cli/io.ts";
 import type { Daemon, ProcessRunner } from "../process/mod.ts";
 import { grpcHealthCheck } from "./health.ts";
+import { attrString, block, HclError, parseHcl } from "./hcl.ts";
 
 export interface ServerConfigValues {
   trustDomain: string;
@@ -86,11 +87,13 @@ plugins {
 `;
 }
 
-/** Reads one top-level string/number setting (`key = "value"`) from a SPIRE HCL config. */
+/**
+ * One setting of the `server { }` block of a SPIRE server config (strings, numbers and booleans
+ * as text), read with the HCL parser. Throws an HclError (`line N: ...`) on a malformed config.
+ */
 export function readConfigValue(text: string, key: string): string | undefined {
-  const m = text.match(new RegExp(`^\\s*${key}\\s*=\\s*(?:"((?:[^"\\\\]|\\\\.)*)"|(\\d+))`, "m"));
-  if (!m) return undefined;
-  return m[1] !== undefined ? JSON.parse(`"${m[1]}"`) : m[2];
+  const server = block(parseHcl(text), "server");
+  return server ? attrString(server, key)?.value : undefined;
 }
 
 export interface StartServerOptions {
@@ -132,6 +135,12 @@ export async function planSpireServer(
       `${cfgPath}: cannot read the SPIRE server config (${(err as Error).message})`,
       2,
     );
+  }
+  try {
+    parseHcl(text);
+  } catch (err) {
+    if (!(err instanceof HclError)) throw err;
+    throw new CliError(`${cfgPath}:${err.line}: ${err.message.replace(/^line \d+: /, "")}`, 2);
   }
   const socketRel = opts.socketPath ?? readConfigValue(text, "socket_path");
   if (!socketRel) {

@@ -338,3 +338,34 @@ Deno.test("bundlePem and mintX509 argv", async () => {
   ]);
   await assert.rejects(Deno.stat(dir), Deno.errors.NotFound); // removed afterwards
 });
+
+Deno.test("readConfigValue reads the server block through the HCL parser, not the first matching line", async () => {
+  // SPIRE's health_checks block has its own bind_port/bind_address; comments may hold old values.
+  const text = `/* old:
+  socket_path = "/old/api.sock"
+*/
+health_checks {
+  listener_enabled = true
+  bind_address = "0.0.0.0"
+  bind_port = "8080"
+}
+${renderServerConfig()}`;
+  assert.equal(readConfigValue(text, "bind_port"), "8081");
+  assert.equal(readConfigValue(text, "bind_address"), "127.0.0.1");
+  assert.equal(readConfigValue(text, "socket_path"), "./.spire-data/server/api.sock");
+  // A broken config is an error with its line, never a silent default.
+  assert.throws(
+    () => readConfigValue("server {\n  bind_port = \n}\n", "bind_port"),
+    /line 2: expected a value, got end of line/,
+  );
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-" });
+  try {
+    await Deno.writeTextFile(`${dir}/server.conf`, 'server {\n  socket_path = "./s.sock"\n');
+    await assert.rejects(
+      planSpireServer({ bin: BIN, configFile: "server.conf", cwd: dir, logFile: "l" }),
+      new RegExp(`${dir}/server.conf:1: unclosed '\\{'`),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

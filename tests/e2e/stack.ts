@@ -28,6 +28,7 @@ import {
   waitFor,
 } from "../../src/process/mod.ts";
 import { SpireServerCli } from "../../src/spire/server.ts";
+import { probeMqtt } from "../../src/mqtt/probe.ts";
 import { freePorts } from "../helpers/ports.ts";
 
 export const REPO = fileURLToPath(new URL("../..", import.meta.url));
@@ -152,15 +153,44 @@ export function mqttConnect(url: string, opts: mqtt.IClientOptions): Promise<mqt
   });
 }
 
-/** Resolves true when a connection attempt is refused (error or close before CONNACK). */
-export async function refused(url: string, opts: mqtt.IClientOptions): Promise<string | false> {
-  try {
-    const c = await mqttConnect(url, opts);
-    await c.endAsync(true);
-    return false;
-  } catch (err) {
-    return (err as Error).message || String(err);
+/**
+ * Why the broker refused one CONNECT (its CONNACK code, or its TLS alert to a client that did
+ * trust it), or false when it let the client in. Anything that says nothing about the broker's
+ * policy (nothing listens, a timeout, a client that did not trust the broker) throws, so that
+ * "refused" is never "broken". One attempt with the MQTT probe (src/mqtt/probe.ts).
+ */
+export async function refused(
+  url: string,
+  opts: {
+    ca?: string;
+    cert?: string;
+    key?: string;
+    servername?: string;
+    clientId?: string;
+    username?: string;
+    password?: string;
+  },
+): Promise<string | false> {
+  const u = new URL(url);
+  const secure = u.protocol === "mqtts:";
+  const r = await probeMqtt({
+    host: u.hostname,
+    port: Number(u.port),
+    clientId: opts.clientId,
+    username: opts.username,
+    password: opts.password,
+    timeoutMs: 5000,
+    tls: secure
+      ? { ca: opts.ca ?? "", cert: opts.cert, key: opts.key, servername: opts.servername }
+      : undefined,
+  });
+  if (r.ok) return false;
+  if (r.outcome === "refused") return r.detail;
+  if (secure && r.tls?.handshake && r.tls.authorized) {
+    if (r.outcome === "tls-error" || r.outcome === "closed") return r.detail;
   }
+  if (!secure && r.outcome === "closed") return r.detail;
+  throw new Error(`${url}: not a refusal by the broker: ${r.outcome}: ${r.detail}`);
 }
 
 export class E2eStack {

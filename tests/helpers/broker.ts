@@ -18,7 +18,7 @@ import {
   generatePassword,
   writeBrokerFiles,
 } from "../../src/mqtt/broker_config.ts";
-import { mqttConnectProbe } from "../../src/mqtt/probe.ts";
+import { probeMqtt } from "../../src/mqtt/probe.ts";
 
 export const TEST_TRUST_DOMAIN = "k8s4r.test";
 
@@ -125,7 +125,7 @@ export async function startTestBroker(
       args: ["-c", files.config],
       logFile: stdoutLog,
       pidFile: join(dir, "mosquitto.pid"),
-      ready: async () => (await mqttConnectProbe("127.0.0.1", plainPort, server, 1000)).ok,
+      ready: async () => (await probeMqtt({ port: plainPort, ...server, timeoutMs: 1000 })).ok,
       readyTimeoutMs: 15_000,
     });
     exited = false;

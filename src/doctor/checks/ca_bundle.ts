@@ -2,7 +2,8 @@
 import { errorMessage } from "../../cli/errors.ts";
 import { type Check, type CheckContext, fail, formatDuration, ok, rel } from "../check.ts";
 import { certFacts, fingerprint, pemCertificates } from "../pki.ts";
-import { fetchSvids } from "./common.ts";
+import { fetchSvids, fsHangHint } from "./common.ts";
+import { agentTimeout } from "./spire.ts";
 
 function exportCommand(ctx: CheckContext): string {
   return `spire-server bundle show -format pem -socketPath ${ctx.layout.spireServerSocket} > ${
@@ -23,6 +24,7 @@ const bundleFile: Check = {
   id: "ca-bundle.file",
   group: "ca-bundle",
   title: "exported CA bundle",
+  timeout: { hint: (ctx) => fsHangHint(ctx, ctx.layout.caBundleFile) },
   async run(ctx) {
     const file = rel(ctx, ctx.layout.caBundleFile);
     const st = await ctx.fs.stat(ctx.layout.caBundleFile);
@@ -87,6 +89,8 @@ const bundleCurrent: Check = {
   id: "ca-bundle.current",
   group: "ca-bundle",
   title: "exported bundle is SPIRE's current bundle",
+  // SPIRE's bundle comes from the robot's spire-agent (Workload API) first.
+  timeout: agentTimeout,
   dependsOn: ["ca-bundle.file"],
   async run(ctx) {
     const file = rel(ctx, ctx.layout.caBundleFile);

@@ -1,8 +1,10 @@
 /** Helpers several checks share: the robot's SVID fetch, the mTLS handshake, log tails. */
 import { Buffer } from "node:buffer";
 import { devenvFiles } from "../../devenv/layout.ts";
-import type { CheckContext, DoctorContext, FetchedSvid, TlsProbeResult } from "../check.ts";
+import type { MqttProbeResult } from "../../mqtt/probe.ts";
+import type { CheckContext, DoctorContext, FetchedSvid } from "../check.ts";
 import { derToPem } from "../pki.ts";
+import { rel } from "../check.ts";
 
 /** The Workload API answer for the doctor's own uid, fetched once per run. */
 export function fetchSvids(ctx: CheckContext): Promise<FetchedSvid[]> {
@@ -29,19 +31,16 @@ export function svidPem(svid: FetchedSvid): { cert: string; key: string; ca: str
 }
 
 /** One mTLS handshake with the robot's SVID + MQTT CONNECT, shared by the broker checks. */
-export function robotMtls(ctx: CheckContext): Promise<TlsProbeResult> {
+export function robotMtls(ctx: CheckContext): Promise<MqttProbeResult> {
   return ctx.memo("mtls", async () => {
     const svid = await robotSvid(ctx);
     const pem = svidPem(svid);
-    return ctx.net.tlsProbe({
-      host: "127.0.0.1",
+    return ctx.net.mqttProbe({
       port: ctx.layout.ports.mqttTls,
-      servername: "localhost",
-      cert: pem.cert,
-      key: pem.key,
-      ca: pem.ca,
+      clientId: `k8s4r-doctor-${ctx.options.robotId}-${Date.now().toString(36)}`,
       timeoutMs: ctx.timeoutMs,
-      mqttClientId: `k8s4r-doctor-${ctx.options.robotId}-${Date.now().toString(36)}`,
+      // The checks verify the broker themselves (bundle, SPIFFE ID, DNS name) and say which fails.
+      tls: { ca: pem.ca, cert: pem.cert, key: pem.key, servername: "localhost", verify: false },
     });
   });
 }
@@ -75,3 +74,35 @@ export function bytesEqual(a: Uint8Array, b: Uint8Array): boolean {
 
 /** `k8s4r` as the user typed it is unknown; hints use the task form that always works. */
 export const K8S4R = "k8s4r";
+
+// --- what a hang means, per kind of peer (the checks' timeout hints) ---------------------------
+
+const RESTART_STACK = "k8s4r devenv stop && k8s4r devenv start";
+
+/** A process that accepted the connection but never answered. */
+export function mutePeerHint(what: string, where: string, proc: string): string {
+  return `${what} accepted the connection on ${where} but never answered: it is stopped or hung. ` +
+    `Look: k8s4r devenv status; ps -o pid,stat,args -C ${proc}   # stat T = stopped: kill -CONT <pid>; ` +
+    `otherwise restart it: ${RESTART_STACK}`;
+}
+
+/** A file (or /proc) read that never finished. */
+export function fsHangHint(ctx: DoctorContext, path: string): string {
+  return `reading ${rel(ctx, path)} did not finish: the file system does not answer ` +
+    `(a stale network mount, a full or failing disk): ls -l ${path}; dmesg | tail`;
+}
+
+/** A command the check runs that never returned. */
+export function commandHangHint(command: string, why: string): string {
+  return `${command} did not return: ${why}. Run it by hand to see where it waits: ${command}`;
+}
+
+/** The mosquitto process (native) or container (docker) that should answer on `port`. */
+export function brokerHangHint(ctx: DoctorContext, port: number): string {
+  if (ctx.options.broker === "docker") {
+    return `the broker container accepted the connection on 127.0.0.1:${port} but never answered: ` +
+      `it is paused or hung. Look: docker ps -a --filter name=${ctx.options.container}; ` +
+      `docker logs --tail 50 ${ctx.options.container}; then: docker restart ${ctx.options.container}`;
+  }
+  return mutePeerHint("mosquitto", `127.0.0.1:${port}`, "mosquitto");
+}

@@ -7,9 +7,9 @@
  * lines (shown with --verbose) by default, so a healthy `devenv` stack is all ✓; with
  * `--production` they turn the check into a warning.
  */
-import { isAbsolute, resolve } from "node:path";
-import { LineCounter, parseDocument } from "yaml";
-import { errorMessage } from "../../cli/errors.ts";
+import { dirname, isAbsolute, resolve } from "node:path";
+import { type AgentConfig, agentConfigFromText } from "../../agent/config.ts";
+import { ConfigError, errorMessage } from "../../cli/errors.ts";
 import { brokerSpiffeId } from "../../fleet/mod.ts";
 import {
   type Check,
@@ -21,15 +21,15 @@ import {
   rel,
   warn,
 } from "../check.ts";
-import { attrString, block, HclError, parseHcl } from "../hcl.ts";
+import { attrString, block, HclError, parseHcl } from "../../spire/hcl.ts";
 import {
   isLoopback,
   listenerOption,
   type MosquittoConf,
   MosquittoConfError,
   parseMosquittoConf,
-} from "../mosquitto_conf.ts";
-import { hardeningVerdict } from "./common.ts";
+} from "../../mqtt/mosquitto_conf.ts";
+import { fsHangHint, hardeningVerdict } from "./common.ts";
 
 const PRODUCTION_HINT =
   "see the guide's production checklist; run 'k8s4r doctor --production --verbose' for the list";
@@ -100,6 +100,7 @@ const serverConfCheck: Check = {
   id: "config.spire-server",
   group: "config",
   title: "SPIRE server config",
+  timeout: { hint: (ctx) => fsHangHint(ctx, ctx.layout.spireServerConfig) },
   async run(ctx) {
     const file = rel(ctx, ctx.layout.spireServerConfig);
     let conf: ServerConf;
@@ -134,103 +135,105 @@ const serverConfCheck: Check = {
 
 // --- plugins.yaml -------------------------------------------------------------------------------
 
+/**
+ * plugins.yaml as `k8s4r agent` reads it: the agent's own loader (`agentConfigFromText` in
+ * src/agent/config.ts), with the file read through the doctor's fs and the flags devenv gives
+ * every agent (`--robot-id`, `--config`). Whatever the agent refuses, this throws with the
+ * agent's exact message (a ConfigError: `file:line: key: expected ...`).
+ */
 export interface PluginsYaml {
-  socketPath?: { value: string; line: number };
-  trustDomain?: { value: string; line: number };
-  joinToken?: { raw: string; line: number };
-  trustBundlePath?: string;
-  insecureBootstrap?: boolean;
-  brokerSpiffeId?: { value: string; line: number };
-}
-
-/** `${VAR}` and `${VAR:-default}`, as the agent reads them. */
-export function interpolate(text: string, env: Record<string, string | undefined>): string {
-  return text.replace(/\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}/g, (_, name, def) => {
-    const v = env[name];
-    return v !== undefined && v !== "" ? v : def ?? "";
-  });
+  config: AgentConfig;
+  /** The line of a key set in the file, undefined when the agent uses its default. */
+  line(key: string): number | undefined;
 }
 
 export async function readPluginsYaml(ctx: DoctorContext): Promise<PluginsYaml> {
   return await ctx.memo("plugins.yaml", async () => {
-    const file = rel(ctx, ctx.layout.agentPluginsYaml);
+    const display = rel(ctx, ctx.layout.agentPluginsYaml);
     let text: string;
     try {
       text = await ctx.fs.readTextFile(ctx.layout.agentPluginsYaml);
-    } catch {
-      throw new Error(`${file}: cannot read the file`);
+    } catch (err) {
+      // devenv starts every agent with --config: a missing file is the agent's "file not found".
+      const missing = !(await ctx.fs.stat(ctx.layout.agentPluginsYaml).catch(() => undefined));
+      throw new ConfigError(
+        display,
+        undefined,
+        undefined,
+        missing ? "file not found" : `cannot read: ${errorMessage(err)}`,
+      );
     }
-    const lc = new LineCounter();
-    const doc = parseDocument(text, { lineCounter: lc, prettyErrors: false });
-    if (doc.errors.length) {
-      const e = doc.errors[0];
-      const line = lc.linePos(e.pos[0]).line;
-      throw new Error(`${file}:${line}: ${e.message.split("\n")[0]}`);
-    }
-    const spire = doc.get("spire", true);
-    if (!spire || typeof spire !== "object" || !("get" in spire)) {
-      throw new Error(`${file}: expected a 'spire:' mapping`);
-    }
-    // deno-lint-ignore no-explicit-any -- yaml's node types are a wide union; we only read scalars.
-    const node = (path: string[]): any => doc.getIn(path, true);
-    const scalar = (path: string[]) => {
-      const n = node(path);
-      if (!n || typeof n.value !== "string" && typeof n.value !== "number") return undefined;
-      return { raw: String(n.value), line: n.range ? lc.linePos(n.range[0]).line : 0 };
-    };
-    const val = (path: string[]) => {
-      const s = scalar(path);
-      return s ? { value: interpolate(s.raw, ctx.env), line: s.line } : undefined;
-    };
-    const jt = scalar(["spire", "joinToken"]);
-    const ib = node(["spire", "insecureBootstrap"]);
-    return {
-      socketPath: val(["spire", "socketPath"]),
-      trustDomain: val(["spire", "trustDomain"]),
-      joinToken: jt,
-      trustBundlePath: val(["spire", "trustBundlePath"])?.value,
-      insecureBootstrap: ib?.value === true,
-      brokerSpiffeId: val(["mqtt", "brokerSpiffeId"]),
-    };
+    const { config, values } = agentConfigFromText(text, {
+      cwd: ctx.layout.root,
+      env: ctx.env,
+      flags: { robotId: ctx.options.robotId, config: display },
+      file: ctx.layout.agentPluginsYaml,
+      display,
+    });
+    return { config, line: (key) => values.get(key)?.line };
   });
+}
+
+/** The hint for a plugins.yaml the agent refuses. */
+function pluginsHint(file: string, message: string): string {
+  const unset = /environment variable ([A-Za-z_][A-Za-z0-9_]*) is not set/.exec(message)?.[1];
+  if (unset) {
+    return `export ${unset}=...   # in the agent's environment; or give it a default in ${file}: \${${unset}:-default}`;
+  }
+  if (/^agent: robot id/.test(message)) {
+    return "k8s4r doctor --robot-id robot-001   # robot ids are lowercase letters, digits and '-'";
+  }
+  return `fix ${file} (k8s4r agent refuses it the same way and exits 2), or restore it: git checkout -- ${file}`;
 }
 
 const pluginsCheck: Check = {
   id: "config.agent-plugins",
   group: "config",
   title: "agent plugins.yaml",
+  timeout: { hint: (ctx) => fsHangHint(ctx, ctx.layout.agentPluginsYaml) },
   async run(ctx) {
     const file = rel(ctx, ctx.layout.agentPluginsYaml);
     let y: PluginsYaml;
     try {
       y = await readPluginsYaml(ctx);
     } catch (err) {
-      return fail(errorMessage(err), `fix ${file}, or restore it: git checkout -- ${file}`);
+      const msg = errorMessage(err);
+      return fail(msg, pluginsHint(file, msg));
     }
-    for (const key of ["socketPath", "trustDomain"] as const) {
-      if (!y[key]?.value) {
-        return fail(
-          `${file}: spire.${key} is missing`,
-          `add spire.${key} to ${file} (see the guide's example)`,
-        );
-      }
-    }
+    const c = y.config;
+    // A literal token in a committed file is a leaked secret, dev stack or not. The agent takes
+    // the file's value as it reads it (after ${VAR} interpolation): a value that is no variable
+    // of the environment came from the file itself.
+    const token = c.spire.joinToken;
+    const tokenLine = y.line("spire.joinToken");
     if (
-      y.joinToken && y.joinToken.raw.trim() !== "" &&
-      !/^\$\{[A-Za-z_][A-Za-z0-9_]*(:-)?\}$/.test(y.joinToken.raw.trim())
+      tokenLine !== undefined && token && token !== ctx.env["SPIRE_JOIN_TOKEN"] &&
+      !Object.values(ctx.env).includes(token)
     ) {
-      // A literal token in a committed file is a leaked secret, dev stack or not.
       return warn(
-        `${file}:${y.joinToken.line}: spire.joinToken holds a literal token`,
+        `${file}:${tokenLine}: spire.joinToken holds a literal token`,
         `replace it with joinToken: "\${SPIRE_JOIN_TOKEN:-}" and pass the token through the environment or joinTokenFile`,
       );
     }
+    const info = [
+      `spire: socket ${c.spire.socketPath}, server ${c.spire.serverHost}:${c.spire.serverPort}, trust bundle ${
+        rel(ctx, c.spire.trustBundlePath)
+      }, manage ${c.spire.manage}`,
+      `mqtt: ${c.mqtt.brokerUrl}, broker ${c.mqtt.brokerSpiffeId}, heartbeat ${c.mqtt.heartbeatSeconds}s`,
+      `tasks.allow: ${
+        c.tasks.allow.length ? c.tasks.allow.join(", ") : "(none: every task is refused)"
+      }`,
+    ];
     const notes: string[] = [];
-    if (y.insecureBootstrap) notes.push(`${file}: spire.insecureBootstrap is true`);
-    if (!y.trustBundlePath && !y.insecureBootstrap) {
-      notes.push(`${file}: no spire.trustBundlePath: the agent cannot bootstrap securely`);
+    if (c.tasks.allow.includes("*")) {
+      notes.push(`${file}:${y.line("tasks.allow")}: tasks.allow ["*"] lets a task run any program`);
     }
-    return hardened(ctx, `${file} parses (socket ${y.socketPath!.value})`, notes);
+    return hardened(
+      ctx,
+      `${file} is accepted by the agent (socket ${c.spire.socketPath})`,
+      notes,
+      info,
+    );
   },
 };
 
@@ -240,6 +243,7 @@ const consistencyCheck: Check = {
   id: "config.consistency",
   group: "config",
   title: "trust domain and socket paths agree",
+  timeout: { hint: (ctx) => fsHangHint(ctx, dirname(ctx.layout.agentPluginsYaml)) },
   dependsOn: ["config.spire-server", "config.agent-plugins"],
   async run(ctx) {
     const conf = await readServerConf(ctx);
@@ -247,9 +251,10 @@ const consistencyCheck: Check = {
     const sf = rel(ctx, ctx.layout.spireServerConfig);
     const pf = rel(ctx, ctx.layout.agentPluginsYaml);
     const td = ctx.layout.trustDomain;
+    const where = (line: number | undefined) => `${pf}:${line ?? "(default)"}`;
     const tds: [string, string | undefined][] = [
       [`${sf}:${conf.trustDomain?.line}`, conf.trustDomain?.value],
-      [`${pf}:${y.trustDomain?.line}`, y.trustDomain?.value],
+      [where(y.line("spire.trustDomain")), y.config.spire.trustDomain],
     ];
     const bad = tds.filter(([, v]) => v !== td);
     if (bad.length) {
@@ -258,11 +263,11 @@ const consistencyCheck: Check = {
         `use "${td}" everywhere (or set K8S4R_TRUST_DOMAIN to the configured one)`,
       );
     }
-    if (y.brokerSpiffeId && y.brokerSpiffeId.value !== brokerSpiffeId(td)) {
+    if (y.config.mqtt.brokerSpiffeId !== brokerSpiffeId(td)) {
       return fail(
-        `${pf}:${y.brokerSpiffeId.line}: mqtt.brokerSpiffeId is ${y.brokerSpiffeId.value}, expected ${
-          brokerSpiffeId(td)
-        }`,
+        `${
+          where(y.line("mqtt.brokerSpiffeId"))
+        }: mqtt.brokerSpiffeId is ${y.config.mqtt.brokerSpiffeId}, expected ${brokerSpiffeId(td)}`,
         `set mqtt.brokerSpiffeId: "${brokerSpiffeId(td)}" in ${pf}`,
       );
     }
@@ -281,12 +286,12 @@ const consistencyCheck: Check = {
       }
     }
     // plugins.yaml describes robot-001's agent; other robots and K8S4R_AGENT_SOCKET_DIR override it.
-    const yamlSocket = y.socketPath!.value;
+    const yamlSocket = y.config.spire.socketPath;
     if (ctx.options.robotId === "robot-001" && !ctx.env["K8S4R_AGENT_SOCKET_DIR"]) {
       if (yamlSocket !== ctx.robot.agentSocket) {
         return warn(
-          `${pf}:${
-            y.socketPath!.line
+          `${
+            where(y.line("spire.socketPath"))
           }: spire.socketPath ${yamlSocket} is not ${ctx.robot.agentSocket}, where devenv starts robot-001's agent`,
           `set spire.socketPath: "${ctx.robot.agentSocket}" in ${pf}`,
         );
@@ -335,6 +340,7 @@ const mosquittoConfCheck: Check = {
   id: "config.mosquitto",
   group: "config",
   title: "generated mosquitto.conf",
+  timeout: { hint: (ctx) => fsHangHint(ctx, mosquittoConfPath(ctx)) },
   async run(ctx: CheckContext) {
     const file = rel(ctx, mosquittoConfPath(ctx));
     let conf: MosquittoConf;

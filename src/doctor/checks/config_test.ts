@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { agentConfigFromText } from "../../agent/config.ts";
 import { fakeContext, ROOT } from "../testing.ts";
 import { configChecks } from "./config.ts";
 
@@ -145,4 +146,89 @@ Deno.test("config.mosquitto: missing, or 8883 without require_certificate, fails
   );
   assert.equal(r.status, "fail");
   assert.match(r.detail, /listener 8883 does not set require_certificate true/);
+});
+
+// --- the doctor judges plugins.yaml with the agent's own loader (src/agent/config.ts) ---------
+
+const PF = `${ROOT}/config/agent/plugins.yaml`;
+
+/** What `k8s4r agent` says about this plugins.yaml (its own pure loader, no I/O). */
+function agentVerdict(text: string, env: Record<string, string | undefined> = {}): string {
+  try {
+    agentConfigFromText(text, {
+      cwd: ROOT,
+      env,
+      flags: { robotId: "robot-001", config: "config/agent/plugins.yaml" },
+      display: "config/agent/plugins.yaml",
+    });
+    return "accepted";
+  } catch (err) {
+    return (err as Error).message;
+  }
+}
+
+for (
+  const [name, text, expected] of [
+    [
+      "an unknown key",
+      PLUGINS.replace("  joinToken:", "  insecureBootstrap: true\n  joinToken:"),
+      "config/agent/plugins.yaml:4: spire.insecureBootstrap: unknown key; expected one of socketPath, trustDomain, serverAddr, joinToken, joinTokenFile, dataDir, logLevel, trustBundlePath, manage",
+    ],
+    [
+      "an unset ${VAR} without a default",
+      PLUGINS.replace('trustDomain: "k8s4r.example.org"', 'trustDomain: "${K8S4R_TD}"'),
+      "config/agent/plugins.yaml:3: spire.trustDomain: environment variable K8S4R_TD is not set (use ${K8S4R_TD:-default} for a default)",
+    ],
+    [
+      "a plaintext broker URL",
+      PLUGINS.replace("mqtt:\n", 'mqtt:\n  brokerUrl: "mqtt://localhost:1883"\n'),
+      'config/agent/plugins.yaml:7: mqtt.brokerUrl: mqtt:// is refused: robots reach the broker only over mTLS; use ssl://, mqtts:// or tls:// (got "mqtt://localhost:1883")',
+    ],
+    [
+      "a log level the agent does not know",
+      PLUGINS.replace("spire:\n", 'spire:\n  logLevel: "LOUD"\n'),
+      'config/agent/plugins.yaml:2: spire.logLevel: expected one of DEBUG, INFO, WARN, ERROR, got "LOUD"',
+    ],
+  ] as const
+) {
+  Deno.test(`config.agent-plugins: ${name} fails with the agent's own error and a hint`, async () => {
+    // The agent refuses this file; the doctor must say exactly what the agent says.
+    assert.equal(agentVerdict(text), expected);
+    const r = await byId("config.agent-plugins").run(fakeContext({ files: files({ [PF]: text }) }));
+    assert.equal(r.status, "fail");
+    assert.equal(r.detail, expected);
+    assert.ok(r.hint && r.hint.length > 0, "no hint");
+  });
+}
+
+Deno.test("config.agent-plugins: the unset variable's hint says how to set it or default it", async () => {
+  const text = PLUGINS.replace('trustDomain: "k8s4r.example.org"', 'trustDomain: "${K8S4R_TD}"');
+  const r = await byId("config.agent-plugins").run(fakeContext({ files: files({ [PF]: text }) }));
+  assert.match(r.hint!, /K8S4R_TD/);
+  assert.match(r.hint!, /\$\{K8S4R_TD:-/);
+  // Positive control: with the variable set, the same file passes, and the value is used.
+  const set = await byId("config.consistency").run(
+    fakeContext({ files: files({ [PF]: text }), env: { K8S4R_TD: "k8s4r.example.org" } }),
+  );
+  assert.equal(set.status, "ok", set.detail);
+});
+
+Deno.test("config.agent-plugins: the committed plugins.yaml passes the agent's loader and the doctor", async () => {
+  const committed = await Deno.readTextFile(
+    new URL("../../../config/agent/plugins.yaml", import.meta.url),
+  );
+  assert.equal(agentVerdict(committed), "accepted");
+  const r = await byId("config.agent-plugins").run(
+    fakeContext({ files: files({ [PF]: committed }) }),
+  );
+  assert.equal(r.status, "ok", r.detail);
+});
+
+Deno.test("config.agent-plugins: a missing file fails as the agent fails (it is started with --config)", async () => {
+  const f: Record<string, string> = files();
+  delete f[PF];
+  const r = await byId("config.agent-plugins").run(fakeContext({ files: f }));
+  assert.equal(r.status, "fail");
+  assert.equal(r.detail, "config/agent/plugins.yaml: file not found");
+  assert.match(r.hint!, /git checkout -- config\/agent\/plugins\.yaml/);
 });

@@ -1,5 +1,13 @@
 /** docker (only with --broker docker): the engine, and the broker container's state and log. */
-import { type Check, type CheckContext, fail, ok } from "../check.ts";
+import { type Check, type CheckContext, fail, ok, type TimeoutSpec } from "../check.ts";
+import { commandHangHint } from "./common.ts";
+
+const dockerTimeout: TimeoutSpec = {
+  hint: () =>
+    `${
+      commandHangHint("docker info", "the Docker daemon does not answer")
+    }; sudo systemctl status docker; sudo systemctl restart docker`,
+};
 
 function docker(ctx: CheckContext, args: string[]) {
   return ctx.runner.output("docker", args, {
@@ -13,6 +21,7 @@ const engine: Check = {
   id: "docker.engine",
   group: "docker",
   title: "Docker engine reachable",
+  timeout: dockerTimeout,
   async run(ctx) {
     let r;
     try {
@@ -35,6 +44,7 @@ const container: Check = {
   id: "docker.container",
   group: "docker",
   title: "broker container running",
+  timeout: dockerTimeout,
   dependsOn: ["docker.engine"],
   async run(ctx) {
     const name = ctx.options.container;

@@ -2,7 +2,8 @@
 import assert from "node:assert/strict";
 import { RecordingRunner } from "../../process/mod.ts";
 import { TestCa } from "../../spiffe/testing/test_ca.ts";
-import type { FetchedSvid, TlsProbeResult } from "../check.ts";
+import type { MqttProbeOptions, MqttProbeResult } from "../../mqtt/probe.ts";
+import type { FetchedSvid } from "../check.ts";
 import { splitDer } from "../pki.ts";
 import { fakeContext, ROOT } from "../testing.ts";
 import { brokerChecks } from "./broker.ts";
@@ -78,42 +79,84 @@ Deno.test("ca-bundle.current: falls back to spire-server bundle show", async () 
 const CREDS = `${ROOT}/.dev-env/server-mqtt.json`;
 Deno.test("broker.plain: logs in with the server credentials; a refused login fails", async () => {
   const files = { [CREDS]: JSON.stringify({ username: "k8s4r-server", password: "pw" }) };
-  let seen: { username: string; password: string; port: number } | undefined;
+  let seen: MqttProbeOptions | undefined;
   const ok = await byId("broker.plain").run(fakeContext({
     files,
-    net: { mqttConnect: (o) => (seen = o, Promise.resolve({ returnCode: 0 })) },
+    net: { mqttProbe: (o) => (seen = o, Promise.resolve(plainResult(0))) },
   }));
   assert.equal(ok.status, "ok");
-  assert.deepEqual([seen?.username, seen?.password, seen?.port], ["k8s4r-server", "pw", 1883]);
+  assert.deepEqual([seen?.username, seen?.password, seen?.port, seen?.tls], [
+    "k8s4r-server",
+    "pw",
+    1883,
+    undefined,
+  ]);
   const bad = await byId("broker.plain").run(
-    fakeContext({ files, net: { mqttConnect: () => Promise.resolve({ returnCode: 5 }) } }),
+    fakeContext({ files, net: { mqttProbe: () => Promise.resolve(plainResult(5)) } }),
   );
   assert.equal(bad.detail, "127.0.0.1:1883 refused k8s4r-server: CONNACK 5 (not authorized)");
+  const down = await byId("broker.plain").run(fakeContext({
+    files,
+    net: {
+      mqttProbe: () =>
+        Promise.resolve({
+          ok: false,
+          outcome: "connection-refused",
+          detail: "127.0.0.1:1883: connection refused (nothing listens)",
+          code: "ECONNREFUSED",
+        }),
+    },
+  }));
+  assert.equal(down.status, "fail");
+  assert.equal(down.detail, "127.0.0.1:1883: connection refused (nothing listens)");
+  assert.match(down.hint!, /k8s4r devenv stop && k8s4r devenv start/);
 });
 
-const handshake = (over: Partial<TlsProbeResult>): TlsProbeResult => ({
-  handshake: true,
-  authorized: true,
-  peerChain: splitDer(broker.chainDer),
-  connack: 0,
+const plainResult = (rc: number): MqttProbeResult => ({
+  ok: rc === 0,
+  outcome: rc === 0 ? "accepted" : "refused",
+  returnCode: rc,
+  detail: `127.0.0.1:1883: CONNACK ${rc}`,
+});
+
+/** What probeMqtt reports for a robot accepted over mTLS, with `over` changed. */
+const handshake = (
+  { peerChain, ...over }: Partial<MqttProbeResult> & { peerChain?: Uint8Array[] } = {},
+): MqttProbeResult => ({
+  ok: true,
+  outcome: "accepted",
+  returnCode: 0,
+  detail: "127.0.0.1:8883 (mTLS): CONNACK 0 (accepted)",
+  tls: {
+    handshake: true,
+    authorized: true,
+    protocol: "TLSv1.3",
+    peerChain: peerChain ?? splitDer(broker.chainDer),
+  },
   ...over,
 });
 
 Deno.test("broker.mtls-native: CONNACK 0 passes; a dropped connection fails", async () => {
-  let opts: { cert?: string; port: number } | undefined;
+  let opts: MqttProbeOptions | undefined;
   const ok = await byId("broker.mtls-native").run(fakeContext({
     spire: fetchOk,
-    net: { tlsProbe: (o) => (opts = o, Promise.resolve(handshake({}))) },
+    net: { mqttProbe: (o) => (opts = o, Promise.resolve(handshake())) },
   }));
   assert.equal(ok.status, "ok");
   assert.equal(opts?.port, 8883);
-  assert.match(opts!.cert!, /BEGIN CERTIFICATE/);
+  assert.match(opts!.tls!.cert!, /BEGIN CERTIFICATE/);
+  assert.equal(opts!.tls!.verify, false, "the check verifies the broker's SPIFFE ID itself");
   const dropped = await byId("broker.mtls-native").run(fakeContext({
     spire: fetchOk,
     net: {
-      tlsProbe: () =>
+      mqttProbe: () =>
         Promise.resolve(
-          handshake({ connack: undefined, error: "connection closed by the broker" }),
+          handshake({
+            ok: false,
+            outcome: "tls-error",
+            returnCode: undefined,
+            error: "received fatal alert: UnknownCA",
+          }),
         ),
     },
   }));
@@ -148,18 +191,22 @@ Deno.test("broker.mtls-openssl: key material in a private temp dir, only paths o
 Deno.test("broker.no-cert: refusal passes; a client let in without a certificate fails", async () => {
   const refused = await byId("broker.no-cert").run(fakeContext({
     net: {
-      tlsProbe: () =>
+      mqttProbe: () =>
         Promise.resolve({
-          handshake: false,
-          authorized: false,
-          peerChain: [],
-          error: "certificate required",
+          ok: false,
+          outcome: "tls-error",
+          detail: "127.0.0.1:8883 (TLS): TLS: received fatal alert: CertificateRequired",
+          error: "received fatal alert: CertificateRequired",
+          tls: { handshake: true, authorized: true, peerChain: [] },
         }),
     },
   }));
-  assert.deepEqual([refused.status, refused.detail], ["ok", "refused: certificate required"]);
+  assert.deepEqual([refused.status, refused.detail], [
+    "ok",
+    "refused: received fatal alert: CertificateRequired",
+  ]);
   const open = await byId("broker.no-cert").run(
-    fakeContext({ net: { tlsProbe: () => Promise.resolve(handshake({})) } }),
+    fakeContext({ net: { mqttProbe: () => Promise.resolve(handshake()) } }),
   );
   assert.equal(open.status, "fail");
   assert.match(open.hint!, /require_certificate true/);
@@ -170,7 +217,7 @@ Deno.test("broker.certificate: SPIFFE ID, DNS SAN and issuer checked", async () 
     fakeContext({
       now: Date.now(),
       spire: fetchOk,
-      net: { tlsProbe: () => Promise.resolve(handshake({})) },
+      net: { mqttProbe: () => Promise.resolve(handshake()) },
     }),
   );
   assert.equal(ok.status, "ok");
@@ -179,7 +226,9 @@ Deno.test("broker.certificate: SPIFFE ID, DNS SAN and issuer checked", async () 
   const bad = await byId("broker.certificate").run(fakeContext({
     now: Date.now(),
     spire: fetchOk,
-    net: { tlsProbe: () => Promise.resolve(handshake({ peerChain: splitDer(wrong.chainDer) })) },
+    net: {
+      mqttProbe: () => Promise.resolve(handshake({ peerChain: splitDer(wrong.chainDer) })),
+    },
   }));
   assert.equal(bad.status, "fail");
   assert.match(bad.detail, /expected spiffe:\/\/k8s4r\.example\.org\/mqtt-broker/);

@@ -1,12 +1,20 @@
 /** server: the k8s4r fleet server's HTTP API answers and sees the robot online. */
 import { errorMessage } from "../../cli/errors.ts";
 import { type Check, fail, ok, rel } from "../check.ts";
-import { files } from "./common.ts";
+import { files, mutePeerHint } from "./common.ts";
+import type { TimeoutSpec } from "../check.ts";
+
+const serverTimeout: TimeoutSpec = {
+  hint: (ctx) =>
+    mutePeerHint("the k8s4r server", `127.0.0.1:${ctx.layout.ports.http}`, "deno,k8s4r"),
+  peer: (ctx) => ({ name: "k8s4r server", tcpPort: ctx.layout.ports.http }),
+};
 
 const healthz: Check = {
   id: "server.healthz",
   group: "server",
   title: "fleet server /healthz",
+  timeout: serverTimeout,
   async run(ctx) {
     const url = `http://127.0.0.1:${ctx.layout.ports.http}/healthz`;
     const log = rel(ctx, files(ctx).serverLog);
@@ -38,6 +46,7 @@ const robotOnline: Check = {
   id: "server.robot",
   group: "server",
   title: "robot online",
+  timeout: serverTimeout,
   dependsOn: ["server.healthz"],
   async run(ctx) {
     const id = ctx.options.robotId;

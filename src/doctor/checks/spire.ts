@@ -1,9 +1,18 @@
 /** spire-server and spire-agent: the guide's "SPIRE Server 启动失败" and "Agent 未连接" steps. */
 import { dirname } from "node:path";
 import { errorMessage } from "../../cli/errors.ts";
-import { type Check, type CheckContext, fail, formatDuration, ok, rel, warn } from "../check.ts";
+import {
+  type Check,
+  type CheckContext,
+  fail,
+  formatDuration,
+  ok,
+  rel,
+  type TimeoutSpec,
+  warn,
+} from "../check.ts";
 import { certFacts } from "../pki.ts";
-import { files, robotSvid, tail } from "./common.ts";
+import { files, fsHangHint, mutePeerHint, robotSvid, tail } from "./common.ts";
 
 const START = "k8s4r devenv start";
 
@@ -11,6 +20,10 @@ const serverPort: Check = {
   id: "spire-server.port",
   group: "spire-server",
   title: "SPIRE server listens",
+  timeout: {
+    hint: (ctx) =>
+      `reading /proc to find who listens on port ${ctx.layout.ports.spireServer} did not finish: the host is overloaded: uptime; ss -ltnp 'sport = :${ctx.layout.ports.spireServer}'`,
+  },
   async run(ctx) {
     const port = ctx.layout.ports.spireServer;
     const owner = await ctx.net.listeningOwner(port);
@@ -50,6 +63,10 @@ const serverHealth: Check = {
   id: "spire-server.health",
   group: "spire-server",
   title: "SPIRE server healthy",
+  timeout: {
+    hint: (ctx) => mutePeerHint("spire-server", ctx.layout.spireServerSocket, "spire-server"),
+    peer: (ctx) => ({ name: "spire-server", unixSocket: ctx.layout.spireServerSocket }),
+  },
   run(ctx) {
     const log = rel(ctx, files(ctx).spireServerLog);
     return healthOf(
@@ -76,6 +93,7 @@ const serverLog: Check = {
   id: "spire-server.log",
   group: "spire-server",
   title: "SPIRE server log",
+  timeout: { hint: (ctx) => fsHangHint(ctx, files(ctx).spireServerLog) },
   async run(ctx) {
     const path = files(ctx).spireServerLog;
     const lines = await tail(ctx, path, 400);
@@ -118,10 +136,17 @@ function shortMsg(line: string): string {
 
 // --- agent ---------------------------------------------------------------------------------------
 
+/** The robot's spire-agent serves both the health check and the Workload API on its socket. */
+export const agentTimeout: TimeoutSpec = {
+  hint: (ctx) => mutePeerHint("spire-agent", ctx.robot.agentSocket, "spire-agent"),
+  peer: (ctx) => ({ name: "spire-agent", unixSocket: ctx.robot.agentSocket }),
+};
+
 const agentSocket: Check = {
   id: "spire-agent.socket",
   group: "spire-agent",
   title: "Workload API socket",
+  timeout: { hint: (ctx) => fsHangHint(ctx, ctx.robot.agentSocket) },
   async run(ctx) {
     const sock = ctx.robot.agentSocket;
     const dir = dirname(sock);
@@ -149,6 +174,7 @@ const agentHealth: Check = {
   id: "spire-agent.health",
   group: "spire-agent",
   title: "SPIRE agent healthy",
+  timeout: agentTimeout,
   dependsOn: ["spire-agent.socket"],
   run(ctx) {
     return healthOf(
@@ -164,6 +190,7 @@ const joinToken: Check = {
   id: "spire-agent.join-token",
   group: "spire-agent",
   title: "join token (first attestation)",
+  timeout: { hint: (ctx) => fsHangHint(ctx, ctx.robot.agentDataDir) },
   async run(ctx) {
     if (await ctx.spire.isAttested(ctx.robot.agentDataDir)) {
       return ok(`agent has attested before (${rel(ctx, ctx.robot.agentDataDir)}); no token needed`);
@@ -193,6 +220,7 @@ const agentSvid: Check = {
   id: "spire-agent.svid",
   group: "spire-agent",
   title: "X.509 SVID from the Workload API",
+  timeout: agentTimeout,
   dependsOn: ["spire-agent.socket"],
   async run(ctx) {
     const sock = ctx.robot.agentSocket;

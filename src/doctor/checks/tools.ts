@@ -10,7 +10,7 @@ import {
 } from "../check.ts";
 import { MOSQUITTO_SBIN_PATHS } from "../../spire/binaries.ts";
 import { errorMessage } from "../../cli/errors.ts";
-import { K8S4R } from "./common.ts";
+import { commandHangHint, K8S4R } from "./common.ts";
 
 async function versionOf(ctx: CheckContext, bin: string, args: string[]): Promise<string> {
   const r = await ctx.runner.output(bin, args, {
@@ -28,6 +28,12 @@ function spireCheck(which: "server" | "agent"): Check {
     group: "tools",
     title: `${name} ${SPIRE_VERSION}`,
     timeoutMs: 3000,
+    timeout: {
+      hint: () =>
+        `${
+          commandHangHint(`${name} --version`, `finding or asking ${name} hangs (a slow disk?)`)
+        }; or reinstall it: ${K8S4R} devenv install`,
+    },
     async run(ctx): Promise<CheckResult> {
       let found;
       try {
@@ -70,6 +76,14 @@ const mosquittoCheck: Check = {
   id: "tools.mosquitto",
   group: "tools",
   title: "mosquitto 2.x",
+  timeout: {
+    hint: (ctx) =>
+      ctx.options.broker === "docker"
+        ? `${
+          commandHangHint("docker info", "the Docker daemon does not answer")
+        }; sudo systemctl status docker`
+        : commandHangHint("mosquitto -h", "the mosquitto binary hangs (a slow disk?)"),
+  },
   async run(ctx) {
     if (ctx.options.broker === "docker") {
       const docker = await ctx.fs.which("docker");
@@ -118,6 +132,7 @@ const opensslCheck: Check = {
   id: "tools.openssl",
   group: "tools",
   title: "openssl",
+  timeout: { hint: () => commandHangHint("openssl version", "the openssl binary hangs") },
   async run(ctx) {
     const bin = await ctx.fs.which("openssl");
     if (!bin) return fail("openssl not found on PATH", "sudo apt-get install openssl");

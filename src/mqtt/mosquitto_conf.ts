@@ -1,4 +1,8 @@
 /**
+ * The one mosquitto.conf reader, beside its writer (`renderMosquittoConf` in broker_config.ts;
+ * mosquitto_conf_test.ts reads back what it writes). `k8s4r doctor` checks the generated config
+ * with it.
+ *
  * Reads a mosquitto.conf into listeners and their settings. Options that come before the first
  * `listener` line are global (with `per_listener_settings true`, mosquitto scopes
  * `allow_anonymous`, `password_file`, `acl_file` to each listener).

@@ -1,4 +1,8 @@
 /**
+ * The one HCL reader of k8s4r (SPIRE server and agent configs): `planSpireServer` reads the
+ * server's settings with it and `k8s4r doctor` checks the committed config with it; the
+ * renderers in server.ts and agent.ts write what it reads (round-trip tests in hcl_test.ts).
+ *
  * A small, tolerant reader for the subset of HCL that SPIRE configs use: blocks with optional
  * labels (`plugins { DataStore "sql" { plugin_data { ... } } }`), `key = value` attributes with
  * strings, numbers, booleans, bare identifiers, lists and `{ }` objects, and `#`, `//`, `/* *\/`
