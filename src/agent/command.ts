@@ -130,7 +130,7 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
     }
     log("svid.ready", { spiffeId: svid.id.toString(), expires: svid.notAfter.toISOString() });
     agent = new RobotAgent({ config, source, log, cwd: io.cwd });
-    agent.start();
+    await agent.start();
     if (!io.signal.aborted) {
       await new Promise<void>((resolve) =>
         io.signal.addEventListener("abort", () => resolve(), { once: true })

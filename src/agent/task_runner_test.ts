@@ -308,7 +308,7 @@ Deno.test("multi-byte UTF-8 and control characters: a whole-character tail that 
       `i=0; while [ $i -lt 11000 ]; do printf '${unit}' >&2; i=$((i+1)); done`;
     const rep = await run(r, task("mb", ["sh", "-c", script]));
     const done = rep[rep.length - 1];
-    assert.equal(done.state, "done", done.error);
+    assert.equal(done.state, "done", done.error ?? "");
     const m = assertFits(done);
     const full = unit.repeat(11000);
     assert.ok(m.stderr!.length > 1000);
