@@ -110,6 +110,7 @@ export class RobotAgent {
   private connection = 0;
   private outbox?: Outbox;
   private opening?: Promise<Outbox>;
+  private starting?: Promise<void>;
   private stopped = false;
   private readonly running = new Set<Promise<unknown>>();
   private readonly counters = {
@@ -182,7 +183,12 @@ export class RobotAgent {
    * Opens the outbound queue and sends again what a previous run left, stops and reports the
    * tasks a crash interrupted, then connects. Throws when the SVID carries another identity.
    */
-  async start(): Promise<void> {
+  start(): Promise<void> {
+    this.starting ??= this.doStart();
+    return this.starting;
+  }
+
+  private async doStart(): Promise<void> {
     const svid = this.o.source.getX509Svid();
     if (svid.id.toString() !== this.cfg.spiffeId) {
       throw new Error(
@@ -341,11 +347,16 @@ export class RobotAgent {
     this.track(p);
   }
 
-  /** Queues a task-status durably; resolves once it is on disk (sent in the background). */
-  private report(r: TaskReport): Promise<unknown> {
+  /**
+   * Queues a task-status durably; resolves once it is on disk (sent in the background): true,
+   * or false when it could not be queued (the agent is stopping).
+   */
+  private report(r: TaskReport): Promise<boolean> {
     this.o.log("task.report", { task: r.taskId, state: r.state, exit: r.exitCode, error: r.error });
     const payload = encodeTaskStatus(this.cfg.robotId, r);
-    return this.enqueue("result", upTopic(this.cfg.robotId, "task"), payload).queued;
+    return this.enqueue("result", upTopic(this.cfg.robotId, "task"), payload).queued.then(
+      (e) => e !== undefined,
+    );
   }
 
   /** Stops tasks (their results queued), says "offline", waits (bounded) for acks, disconnects. */
@@ -353,7 +364,8 @@ export class RobotAgent {
     this.stopped = true;
     if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
     this.unsubscribe?.();
-    await this.opening?.catch(() => {});
+    // A start still recovering interrupted tasks finishes first: their reports must be queued.
+    await this.starting?.catch(() => {});
     await this.tasks.stopAll();
     if (this.session.connected) {
       const offline = this.statusMessage("offline", reason, this.connection);

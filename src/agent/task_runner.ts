@@ -29,7 +29,8 @@ export type TaskSpec = Pick<
 /**
  * Receives every report. The runner waits for the promise of a FINAL report (done, failed,
  * refused) before it forgets the task, so a reporter that queues durably makes results survive
- * a crash.
+ * a crash. A reporter resolving `false` could not take the report: the task stays in the
+ * journal, and the next start reports it.
  */
 export type Reporter = (r: TaskReport) => unknown;
 
@@ -226,20 +227,25 @@ export class TaskRunner {
     return this.running.size;
   }
 
-  /** Sends a report; a final one is awaited (and a failing reporter is logged, never thrown). */
-  private async send(report: Reporter, r: TaskReport): Promise<void> {
+  /** Sends a report; false when the reporter refused it or threw (logged, never thrown). */
+  private async send(report: Reporter, r: TaskReport): Promise<boolean> {
     if (r.error !== undefined) r = { ...r, error: boundError(r.error) };
     try {
-      await report(r);
+      return (await report(r)) !== false;
     } catch (err) {
       this.opts.log?.("task.report_failed", { task: r.taskId, error: (err as Error).message });
+      return false;
     }
   }
 
-  /** The final report, then the task leaves the journal. */
+  /** The final report, then the task leaves the journal (unless the report was not taken). */
   private async finish(report: Reporter, r: TaskReport, journaled: boolean): Promise<void> {
-    await this.send(report, r);
+    const taken = await this.send(report, r);
     if (!journaled) return;
+    if (!taken) {
+      this.opts.log?.("task.report_kept_for_restart", { task: r.taskId, state: r.state });
+      return;
+    }
     await this.journal.end(r.taskId).catch((err) =>
       this.opts.log?.("running_task.remove_failed", {
         task: r.taskId,
