@@ -30,6 +30,7 @@ import {
 } from "../src/mqtt/messages.ts";
 import { downTopic } from "../src/fleet/topics.ts";
 import { Outbox, OUTBOX_FILE } from "../src/agent/outbox.ts";
+import { killInterrupted, TaskJournal } from "../src/agent/task_journal.ts";
 
 const ROBOT = "robot-001";
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
@@ -214,6 +215,11 @@ async function withStack(fn: (s: Stack) => Promise<void>) {
     );
     await fn({ broker, fake, dir, stateDir: join(dir, "data", "k8s4r-agent"), issue });
   } finally {
+    // Whatever a test got to, no task it started survives it (each checked by its start time).
+    const journal = new TaskJournal(join(dir, "data", "k8s4r-agent"));
+    for (const rec of await journal.interrupted().catch(() => [])) {
+      await killInterrupted(rec, 200).catch(() => {});
+    }
     await fake.close();
     await broker.stop();
     await Deno.remove(dir, { recursive: true }).catch(() => {});
