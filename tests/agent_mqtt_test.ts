@@ -18,6 +18,7 @@ import {
   decodeUp,
   type HeartbeatMessage,
   type RegisterMessage,
+  type StatusMessage,
   type UpMessage,
 } from "../src/mqtt/messages.ts";
 
@@ -173,8 +174,18 @@ Deno.test("agent connects over mTLS, registers, says online, heartbeats", opts, 
   } finally {
     await h.close();
   }
-  // A clean stop says offline (retained) before disconnecting.
-  assert.ok(h.got.some((m) => m.type === "status" && m.status === "offline"));
+  // A clean stop says offline (retained) before disconnecting, for the connection it ends:
+  // (bootId, connection) of the register and online, so the server ranks it after them.
+  const reg = h.got.find((m): m is RegisterMessage => m.type === "register")!;
+  assert.equal(reg.bootId, h.agent.bootId);
+  assert.equal(reg.connection, 1);
+  const statuses = h.got.filter((m): m is StatusMessage => m.type === "status");
+  const online = statuses.find((m) => m.status === "online")!;
+  const offline = statuses.find((m) => m.status === "offline");
+  assert.ok(offline, "offline on clean stop");
+  assert.equal(offline.reason, "agent stopped");
+  assert.deepEqual([online.bootId, online.connection], [h.agent.bootId, 1]);
+  assert.deepEqual([offline.bootId, offline.connection], [h.agent.bootId, 1]);
 });
 
 Deno.test("rotation: new SVID -> reconnect with the new cert, zero QoS 1 loss", opts, async () => {

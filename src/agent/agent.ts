@@ -1,6 +1,14 @@
 /**
  * The robot agent: its SVID from the SPIFFE Workload API, an mTLS MQTT session to the broker
- * (rotating with the SVID), register on every connect, heartbeats, and tasks.
+ * (rotating with the SVID), register then "online" on every connect, heartbeats, and tasks.
+ *
+ * - Every connection attempt gets its own last will, `offline` / `connection lost` with this
+ *   process's `bootId` and the attempt's `connection` number; the `register` and retained
+ *   `online` of that connection carry the same pair, so the server orders them without clocks
+ *   (docs/PROTOCOL.md, "Ordering statuses without clocks").
+ * - Results (task-status) and heartbeats go through the durable outbound queue (outbox.ts):
+ *   removed on PUBACK, sent again after a restart.
+ * - At start, tasks a crash interrupted are stopped and reported `failed: agent restarted`.
  *
  * `RobotAgent` is the MQTT/task part, given an `X509SvidSource`; `runAgent` is the whole life of
  * `k8s4r agent`: optional supervised spire-agent, the X509Source, the RobotAgent, and a clean
@@ -15,16 +23,28 @@ import {
   now,
   PROTOCOL_VERSION,
   type RegisterMessage,
+  type RobotStatus,
   type StatusMessage,
-  type TaskStatusMessage,
+  type TaskReportState,
 } from "../mqtt/messages.ts";
 import { robotSubscription, upTopic } from "../fleet/topics.ts";
 import type { X509SvidSource } from "../spiffe/source.ts";
 import { authorizeId, mtlsClientOptions } from "../spiffe/tls.ts";
 import type { AgentConfig } from "./config.ts";
 import { deviceInfo, loadAverage } from "./device_info.ts";
-import { type Logger, MqttSession, type SessionStats, type TlsSnapshot } from "./mqtt_session.ts";
+import {
+  type Logger,
+  MqttSession,
+  type PublishOutcome,
+  type SessionStats,
+  type TlsSnapshot,
+} from "./mqtt_session.ts";
+import { Outbox, type OutboxEntry, type OutboxKind, type OutboxStats } from "./outbox.ts";
 import { type TaskReport, TaskRunner } from "./task_runner.ts";
+import { encodeTaskStatus } from "./task_status.ts";
+
+/** Reports after which a task's outcome is known; nothing comes after them. */
+const FINAL_REPORTS: readonly TaskReportState[] = ["done", "failed", "refused"];
 
 /** One line per event on stderr: `<time> agent <event> key=value ...`. Never secrets. */
 export function lineLogger(out: Writer, robotId: string): Logger {
@@ -45,6 +65,8 @@ export interface AgentStats extends SessionStats {
   malformed: number;
   tasks: number;
   duplicateTasks: number;
+  /** The durable outbound queue (undefined before start). */
+  queue?: OutboxStats;
 }
 
 export interface RobotAgentOptions {
@@ -79,8 +101,17 @@ export class RobotAgent {
   private heartbeatTimer?: ReturnType<typeof setInterval>;
   private unsubscribe?: () => void;
   private seq = 1;
-  /** Lets the server tell an agent restart (seq back to 1) from lost heartbeats. */
-  private readonly bootId = crypto.randomUUID();
+  /**
+   * One per agent process: lets the server tell a restart (seq back to 1) from lost heartbeats,
+   * and a will of this process from one of a process that is gone.
+   */
+  readonly bootId: string = crypto.randomUUID();
+  /** The connection whose register and online were published last (0: none yet). */
+  private connection = 0;
+  private outbox?: Outbox;
+  private opening?: Promise<Outbox>;
+  private starting?: Promise<void>;
+  private stopped = false;
   private readonly running = new Set<Promise<unknown>>();
   private readonly counters = {
     heartbeats: 0,
@@ -100,44 +131,96 @@ export class RobotAgent {
       defaultCwd: o.cwd,
       killGraceMs: cfg.tasks.killGraceSeconds * 1000,
       log: o.log,
+      refuseReason: () => {
+        const q = this.outbox;
+        if (!q?.resultsFull) return undefined;
+        const s = q.stats;
+        return `outbound queue full: ${s.results} results (${s.bytes} bytes) wait for the broker (queue.maxMessages ${cfg.queue.maxMessages}, queue.maxBytes ${cfg.queue.maxBytes})`;
+      },
     });
-    const will: StatusMessage = {
-      v: PROTOCOL_VERSION,
-      type: "status",
-      robotId: id,
-      ts: now(),
-      status: "offline",
-      reason: "connection lost",
-    };
     this.session = new MqttSession({
       url: cfg.mqtt.brokerUrl,
       clientId: id,
       tls: () => tlsSnapshot(o.source, cfg.mqtt.brokerSpiffeId),
       keepaliveSeconds: cfg.mqtt.keepaliveSeconds,
       sessionExpirySeconds: cfg.mqtt.sessionExpirySeconds,
-      will: { topic: upTopic(id, "status"), payload: encode(will), retain: true },
+      // Rebuilt for every connection attempt (a will is fixed at CONNECT).
+      will: (connection) => ({
+        topic: upTopic(id, "status"),
+        payload: encode(this.statusMessage("offline", "connection lost", connection)),
+        retain: true,
+      }),
       subscriptions: [robotSubscription(id)],
       rotationMarginMs: cfg.rotation.marginSeconds * 1000,
       reconnectMinMs: o.reconnectMinMs,
       reconnectMaxMs: o.reconnectMaxMs,
       expiryCheckMs: o.expiryCheckMs,
       log: o.log,
-      onConnect: () => this.onConnect(),
+      onConnect: (info) => this.onConnect(info.connection),
       onMessage: (topic, payload) => this.onMessage(topic, payload),
     });
   }
 
   get stats(): AgentStats {
-    return { ...this.session.stats, ...this.counters };
+    return { ...this.session.stats, ...this.counters, queue: this.outbox?.stats };
   }
 
-  start(): void {
+  private statusMessage(status: RobotStatus, reason: string | undefined, connection: number) {
+    const m: StatusMessage = {
+      v: PROTOCOL_VERSION,
+      type: "status",
+      robotId: this.cfg.robotId,
+      ts: now(),
+      status,
+      bootId: this.bootId,
+      connection,
+    };
+    if (reason !== undefined) m.reason = reason;
+    return m;
+  }
+
+  /**
+   * Opens the outbound queue and sends again what a previous run left, stops and reports the
+   * tasks a crash interrupted, then connects. Throws when the SVID carries another identity.
+   */
+  start(): Promise<void> {
+    this.starting ??= this.doStart();
+    return this.starting;
+  }
+
+  private async doStart(): Promise<void> {
     const svid = this.o.source.getX509Svid();
     if (svid.id.toString() !== this.cfg.spiffeId) {
       throw new Error(
         `the SVID carries ${svid.id.toString()}, expected ${this.cfg.spiffeId}`,
       );
     }
+    this.opening = Outbox.open({
+      stateDir: this.cfg.stateDir,
+      robotId: this.cfg.robotId,
+      maxMessages: this.cfg.queue.maxMessages,
+      maxBytes: this.cfg.queue.maxBytes,
+      log: this.o.log,
+    });
+    const box = (this.outbox = await this.opening);
+    const finals = new Set<string>();
+    for (const e of box.recovered) {
+      const m = e.message;
+      if (m.type === "task-status" && FINAL_REPORTS.includes(m.state)) {
+        finals.add(m.taskId);
+      }
+    }
+    if (box.recovered.length > 0 || box.stats.corrupt > 0) {
+      this.o.log("outbox.recovered", {
+        results: box.recovered.filter((e) => e.kind === "result").length,
+        heartbeats: box.recovered.filter((e) => e.kind === "heartbeat").length,
+        corrupt: box.stats.corrupt,
+      });
+    }
+    // Sent again once connected, after register and online (the server deduplicates).
+    for (const e of box.recovered) this.send(e);
+    await this.tasks.recover((r) => this.report(r), (id) => finals.has(id));
+    if (this.stopped) return;
     this.unsubscribe = this.o.source.onUpdate(() => {
       const s = this.o.source.getX509Svid();
       if (s.id.toString() !== this.cfg.spiffeId) {
@@ -161,8 +244,35 @@ export class RobotAgent {
     return p;
   }
 
-  private onConnect() {
+  /** Publishes a queued entry; forgets it once the broker acknowledged (or refused) it. */
+  private send(e: OutboxEntry): Promise<PublishOutcome> {
+    return this.track(
+      this.session.publish(e.topic, e.payload, { signal: e.dropped }).then((outcome) => {
+        // "abandoned" (closing) and "cancelled" (dropped) stay as they are in the queue.
+        if (outcome === "acked" || outcome === "denied") this.outbox?.remove(e.seq);
+        return outcome;
+      }),
+    );
+  }
+
+  /**
+   * Queues durably, then publishes. `queued` resolves once the message is on disk; `sent` once
+   * the broker acknowledged it ("dropped": no room for a heartbeat, or the agent stopped).
+   */
+  private enqueue(kind: OutboxKind, topic: string, payload: Uint8Array) {
+    const box = this.outbox ? Promise.resolve(this.outbox) : this.opening;
+    if (!box) throw new Error("RobotAgent.start() was not called");
+    // Order is kept: add() calls run in call order, and so do their continuations.
+    const queued = box.then((b) => b.add(kind, topic, payload));
+    const sent = this.track(
+      queued.then((e) => (e ? this.send(e) : ("dropped" as const))),
+    );
+    return { queued, sent };
+  }
+
+  private onConnect(connection: number) {
     const id = this.cfg.robotId;
+    this.connection = connection;
     const svid = this.o.source.getX509Svid();
     const reg: RegisterMessage = {
       v: PROTOCOL_VERSION,
@@ -174,20 +284,18 @@ export class RobotAgent {
       heartbeatIntervalSeconds: this.cfg.mqtt.heartbeatSeconds,
       svidExpiresAt: svid.notAfter.toISOString(),
       device: deviceInfo(),
+      bootId: this.bootId,
+      connection,
     };
     this.counters.registers++;
+    // register first, then the retained online, both of this connection (not queued on disk:
+    // they are regenerated on every connect).
     this.track(this.session.publish(upTopic(id, "register"), encode(reg)));
-    const online: StatusMessage = {
-      v: PROTOCOL_VERSION,
-      type: "status",
-      robotId: id,
-      ts: now(),
-      status: "online",
-    };
+    const online = this.statusMessage("online", undefined, connection);
     this.track(this.session.publish(upTopic(id, "status"), encode(online), { retain: true }));
   }
 
-  /** Publishes one heartbeat (QoS 1; held while offline, so none is lost). */
+  /** Queues one heartbeat (durably) and publishes it; resolves when acknowledged. */
   heartbeat(): Promise<unknown> {
     const hb: HeartbeatMessage = {
       v: PROTOCOL_VERSION,
@@ -200,7 +308,7 @@ export class RobotAgent {
       load: loadAverage(),
     };
     this.counters.heartbeats++;
-    return this.track(this.session.publish(upTopic(this.cfg.robotId, "heartbeat"), encode(hb)));
+    return this.enqueue("heartbeat", upTopic(this.cfg.robotId, "heartbeat"), encode(hb)).sent;
   }
 
   private onMessage(topic: string, payload: Uint8Array) {
@@ -224,7 +332,14 @@ export class RobotAgent {
     this.counters.tasks++;
     this.o.log("task.received", { task: m.id, exe: m.command[0], timeout: m.timeoutSeconds });
     const p = this.tasks.handle(
-      { id: m.id, command: m.command, env: m.env, cwd: m.cwd, timeoutSeconds: m.timeoutSeconds },
+      {
+        id: m.id,
+        command: m.command,
+        env: m.env,
+        cwd: m.cwd,
+        timeoutSeconds: m.timeoutSeconds,
+        expiresAt: m.expiresAt,
+      },
       (r) => this.report(r),
     ).then((how) => {
       if (how === "duplicate") this.counters.duplicateTasks++;
@@ -232,37 +347,28 @@ export class RobotAgent {
     this.track(p);
   }
 
-  private report(r: TaskReport) {
-    const msg: TaskStatusMessage = {
-      v: PROTOCOL_VERSION,
-      type: "task-status",
-      robotId: this.cfg.robotId,
-      ts: now(),
-      taskId: r.taskId,
-      state: r.state,
-    };
-    if (r.exitCode !== undefined) msg.exitCode = r.exitCode;
-    if (r.stdout !== undefined) msg.stdout = r.stdout;
-    if (r.stderr !== undefined) msg.stderr = r.stderr;
-    if (r.error !== undefined) msg.error = r.error;
+  /**
+   * Queues a task-status durably; resolves once it is on disk (sent in the background): true,
+   * or false when it could not be queued (the agent is stopping).
+   */
+  private report(r: TaskReport): Promise<boolean> {
     this.o.log("task.report", { task: r.taskId, state: r.state, exit: r.exitCode, error: r.error });
-    this.track(this.session.publish(upTopic(this.cfg.robotId, "task"), encode(msg)));
+    const payload = encodeTaskStatus(this.cfg.robotId, r);
+    return this.enqueue("result", upTopic(this.cfg.robotId, "task"), payload).queued.then(
+      (e) => e !== undefined,
+    );
   }
 
-  /** Stops tasks, says "offline", waits (bounded) for acks, disconnects. */
+  /** Stops tasks (their results queued), says "offline", waits (bounded) for acks, disconnects. */
   async stop(reason = "agent stopped"): Promise<void> {
+    this.stopped = true;
     if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
     this.unsubscribe?.();
+    // A start still recovering interrupted tasks finishes first: their reports must be queued.
+    await this.starting?.catch(() => {});
     await this.tasks.stopAll();
-    const offline: StatusMessage = {
-      v: PROTOCOL_VERSION,
-      type: "status",
-      robotId: this.cfg.robotId,
-      ts: now(),
-      status: "offline",
-      reason,
-    };
     if (this.session.connected) {
+      const offline = this.statusMessage("offline", reason, this.connection);
       this.track(
         this.session.publish(upTopic(this.cfg.robotId, "status"), encode(offline), {
           retain: true,
@@ -271,6 +377,7 @@ export class RobotAgent {
     }
     await this.session.close(5000);
     await Promise.allSettled([...this.running]);
+    await this.outbox?.close();
     const s = this.stats;
     this.o.log("agent.stopped", {
       connects: s.connects,
@@ -281,6 +388,7 @@ export class RobotAgent {
       denied: s.denied,
       buffered: s.buffered,
       malformed: s.malformed,
+      queued: s.queue?.entries,
     });
   }
 }

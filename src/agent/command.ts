@@ -130,7 +130,15 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
     }
     log("svid.ready", { spiffeId: svid.id.toString(), expires: svid.notAfter.toISOString() });
     agent = new RobotAgent({ config, source, log, cwd: io.cwd });
-    agent.start();
+    try {
+      await agent.start();
+    } catch (err) {
+      throw new CliError(
+        `cannot start the agent: ${errorMessage(err)}`,
+        1,
+        `the agent keeps its task ids, running tasks and outbound queue in ${config.stateDir}: it must be a writable directory`,
+      );
+    }
     if (!io.signal.aborted) {
       await new Promise<void>((resolve) =>
         io.signal.addEventListener("abort", () => resolve(), { once: true })

@@ -65,7 +65,19 @@ export interface AgentConfig {
     /** Reconnect with a fresh SVID at the latest this long before the current one expires. */
     marginSeconds: number;
   };
-  /** Absolute. Where the k8s4r agent keeps its own state (task ids, transient token file). */
+  /**
+   * The durable outbound queue (results and heartbeats waiting for the broker's PUBACK, in
+   * `<stateDir>/outbox.log`). When full, the oldest heartbeats are dropped; results never are
+   * (when results alone fill it, new tasks are refused until it drains).
+   */
+  queue: {
+    maxMessages: number;
+    maxBytes: number;
+  };
+  /**
+   * Absolute. Where the k8s4r agent keeps its own state: task ids, running tasks, the outbound
+   * queue, a transient token file.
+   */
   stateDir: string;
 }
 
@@ -234,7 +246,15 @@ const SCHEMA: Record<string, Record<string, Kind>> = {
   rotation: {
     marginSeconds: { t: "int", min: 1, max: 24 * 3600 },
   },
+  queue: {
+    maxMessages: { t: "int", min: 10, max: 1_000_000 },
+    maxBytes: { t: "int", min: 1024 * 1024, max: 1024 * 1024 * 1024 },
+  },
 };
+
+/** Defaults of the outbound queue: ~27 h of heartbeats at 10 s, or 128 full-size results. */
+export const DEFAULT_QUEUE_MAX_MESSAGES = 10_000;
+export const DEFAULT_QUEUE_MAX_BYTES = 32 * 1024 * 1024;
 
 type Value = string | boolean | number | string[];
 /** Values read from the file, by "section.key", with the line each came from. */
@@ -585,6 +605,10 @@ function buildConfig(
       killGraceSeconds: get("tasks.killGraceSeconds", 5),
     },
     rotation: { marginSeconds: get("rotation.marginSeconds", 300) },
+    queue: {
+      maxMessages: get("queue.maxMessages", DEFAULT_QUEUE_MAX_MESSAGES),
+      maxBytes: get("queue.maxBytes", DEFAULT_QUEUE_MAX_BYTES),
+    },
     stateDir: resolve(dataDir, "k8s4r-agent"),
   };
 }

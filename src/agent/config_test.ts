@@ -122,8 +122,22 @@ const BAD: [string, string][] = [
     "tasks:\n  allow:\n    - echo\n    - 3\n",
     "p.yaml:4: tasks.allow: expected a list of non-empty strings, got an item 3",
   ],
-  ["foo: 1\n", "p.yaml:1: foo: unknown section; expected one of spire, mqtt, tasks, rotation"],
-  ["- a\n", "p.yaml:1: expected a mapping with sections spire, mqtt, tasks, rotation, got a list"],
+  [
+    "foo: 1\n",
+    "p.yaml:1: foo: unknown section; expected one of spire, mqtt, tasks, rotation, queue",
+  ],
+  [
+    "- a\n",
+    "p.yaml:1: expected a mapping with sections spire, mqtt, tasks, rotation, queue, got a list",
+  ],
+  [
+    "queue:\n  maxMessages: 5\n",
+    "p.yaml:2: queue.maxMessages: expected an integer in 10..1000000, got 5",
+  ],
+  [
+    "queue:\n  maxBytes: 1000\n",
+    "p.yaml:2: queue.maxBytes: expected an integer in 1048576..1073741824, got 1000",
+  ],
   ["spire: [1]\n", "p.yaml:1: spire: expected a mapping, got a list"],
   ["spire:\n  socketPath: a\n  socketPath: b\n", "p.yaml:3: invalid YAML: Map keys must be unique"],
   [

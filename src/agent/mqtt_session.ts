@@ -57,7 +57,12 @@ export interface MqttSessionOptions {
   tls: () => TlsSnapshot;
   keepaliveSeconds: number;
   sessionExpirySeconds: number;
-  will: { topic: string; payload: Uint8Array; retain: boolean };
+  /**
+   * The last will of connection attempt `connection` (1, 2, 3... for this session's life). A
+   * will is fixed at CONNECT, so it is rebuilt before every attempt: initial, reconnects after a
+   * drop, and rotation cycles.
+   */
+  will: (connection: number) => { topic: string; payload: Uint8Array; retain: boolean };
   /** Subscribed (QoS 1) after every connect, whether or not the session was present. */
   subscriptions: string[];
   /** Reconnect backoff: first delay, doubling up to max, with +-20 % jitter. */
@@ -69,8 +74,12 @@ export interface MqttSessionOptions {
   expiryCheckMs?: number;
   connectTimeoutMs?: number;
   log: Logger;
-  /** After every connect, once subscriptions are requested. */
-  onConnect?: (info: { sessionPresent: boolean; connects: number }) => void;
+  /**
+   * After every connect, once subscriptions are requested and BEFORE the messages held while
+   * offline are handed over: what it publishes goes first on the new connection. `connection`
+   * is the number of the attempt that connected (the one whose will the broker now holds).
+   */
+  onConnect?: (info: { sessionPresent: boolean; connects: number; connection: number }) => void;
   onMessage?: (topic: string, payload: Uint8Array) => void;
 }
 
@@ -98,12 +107,14 @@ export interface SessionStats {
   connected: boolean;
 }
 
-export type PublishOutcome = "acked" | "denied" | "abandoned";
+/** "cancelled": its signal aborted while it was still held here (never sent). */
+export type PublishOutcome = "acked" | "denied" | "abandoned" | "cancelled";
 
 interface Pending {
   topic: string;
   payload: Uint8Array;
   retain: boolean;
+  signal?: AbortSignal;
   resolve: (o: PublishOutcome) => void;
 }
 
@@ -142,6 +153,8 @@ export class MqttSession {
   private readonly minMs: number;
   private readonly maxMs: number;
   private connectWaiters: (() => void)[] = [];
+  /** Connection attempts so far; the current (or last) attempt's number. */
+  private attempt = 0;
 
   constructor(private readonly o: MqttSessionOptions) {
     this.minMs = o.reconnectMinMs ?? 1000;
@@ -151,6 +164,11 @@ export class MqttSession {
 
   get connected(): boolean {
     return this.ready;
+  }
+
+  /** The number of the current (or last) connection attempt: 1, 2, 3... */
+  get connection(): number {
+    return this.attempt;
   }
 
   /** The certificate the live connection presented (undefined when offline). */
@@ -164,6 +182,7 @@ export class MqttSession {
     const tls = this.o.tls();
     this.optionsCert = tls;
     this.attemptCert = tls;
+    this.attempt = 1;
     // mqtt.js hands the whole options object to tls.connect, so node:tls options pass through.
     const opts: IClientOptions & Pick<ConnectionOptions, "checkServerIdentity"> = {
       clientId: this.o.clientId,
@@ -176,12 +195,7 @@ export class MqttSession {
       // We re-subscribe ourselves after every connect (even when the session is present).
       resubscribe: false,
       queueQoSZero: true,
-      will: {
-        topic: this.o.will.topic,
-        payload: Buffer.from(this.o.will.payload),
-        qos: 1,
-        retain: this.o.will.retain,
-      },
+      will: this.willFor(1),
       key: tls.key,
       cert: tls.cert,
       ca: tls.ca,
@@ -193,6 +207,10 @@ export class MqttSession {
     this.client = client;
     client.on("connect", (connack) => this.onConnect(connack.sessionPresent === true));
     client.on("reconnect", () => {
+      // mqtt.js emits this synchronously right before connect() writes CONNECT from
+      // client.options (client.js `_reconnect`): the place to give this attempt its own will.
+      this.attempt++;
+      client.options.will = this.willFor(this.attempt);
       this.stats.reconnects++;
       this.attemptCert = this.optionsCert;
       // mqtt.js schedules the next attempt with options.reconnectPeriod when this one fails.
@@ -228,6 +246,11 @@ export class MqttSession {
     this.startExpiryCheck();
   }
 
+  private willFor(connection: number): NonNullable<IClientOptions["will"]> {
+    const w = this.o.will(connection);
+    return { topic: w.topic, payload: Buffer.from(w.payload), qos: 1, retain: w.retain };
+  }
+
   private jittered(ms: number): number {
     return Math.max(10, Math.round(ms * (0.8 + Math.random() * 0.4)));
   }
@@ -260,11 +283,12 @@ export class MqttSession {
         }
       });
     }
-    // Messages held while we were offline or rotating, in order.
+    // First what the connection announces (register, online), then the messages held while we
+    // were offline or rotating, in order.
+    this.o.onConnect?.({ sessionPresent, connects: this.stats.connects, connection: this.attempt });
     const held = this.queue.splice(0);
     for (const p of held) this.hand(p);
     for (const w of this.connectWaiters.splice(0)) w();
-    this.o.onConnect?.({ sessionPresent, connects: this.stats.connects });
     // The connection came up with an older certificate than the newest one: cycle at once.
     if (this.optionsCert !== this.connectionCert) {
       this.cycle("newer certificate arrived during connect");
@@ -279,7 +303,7 @@ export class MqttSession {
   publish(
     topic: string,
     payload: Uint8Array,
-    opts: { retain?: boolean } = {},
+    opts: { retain?: boolean; signal?: AbortSignal } = {},
   ): Promise<PublishOutcome> {
     this.stats.sent++;
     this.stats.pending++;
@@ -288,15 +312,25 @@ export class MqttSession {
         topic,
         payload,
         retain: opts.retain ?? false,
+        signal: opts.signal,
         resolve: (o) => {
           this.stats.pending--;
           resolve(o);
         },
       };
       if (this.closing && !this.client) return p.resolve("abandoned");
+      if (opts.signal?.aborted) return p.resolve("cancelled");
       if (!this.ready || this.cycling) {
         this.stats.buffered++;
         this.queue.push(p);
+        // Cancelled while held: taken out of the queue. Once handed to mqtt.js it goes anyway.
+        opts.signal?.addEventListener("abort", () => {
+          const i = this.queue.indexOf(p);
+          if (i >= 0) {
+            this.queue.splice(i, 1);
+            p.resolve("cancelled");
+          }
+        }, { once: true });
         return;
       }
       this.hand(p);
@@ -306,6 +340,7 @@ export class MqttSession {
   /** Gives a message to mqtt.js; from then on its store owns it until PUBACK. */
   private hand(p: Pending) {
     const client = this.client!;
+    if (p.signal?.aborted) return p.resolve("cancelled");
     this.outstanding.add(p);
     client.publish(p.topic, Buffer.from(p.payload), { qos: 1, retain: p.retain }, (err, packet) => {
       const reasonCode = (err as { code?: number } | undefined)?.code ??

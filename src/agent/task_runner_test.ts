@@ -175,3 +175,169 @@ Deno.test("stopAll cancels running tasks and reports them", async () => {
     assert.equal(r.runningCount, 0);
   });
 });
+
+// ---------------------------------------------------------------------------------------------
+// At most once: the id store (issue 10, item 2)
+
+import { TaskIdStore } from "./task_runner.ts";
+
+Deno.test("TaskIdStore: after a restart, [B, A] claimed at once refuses A, which ran", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-ids-" });
+  try {
+    const file = join(dir, "task-ids.json");
+    assert.equal(await new TaskIdStore(file).claim("A"), true);
+    // A restarted agent: dispatchFor re-sends B and A at once on register.
+    const restarted = new TaskIdStore(file);
+    assert.deepEqual(await Promise.all([restarted.claim("B"), restarted.claim("A")]), [
+      true,
+      false,
+    ]);
+    const again = new TaskIdStore(file);
+    assert.deepEqual(await Promise.all([again.claim("A"), again.claim("B")]), [false, false]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("TaskIdStore: parallel claims all succeed, are all durable, leave no temp file", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-ids-" });
+  try {
+    const file = join(dir, "task-ids.json");
+    const store = new TaskIdStore(file);
+    const ids = ["a", "b", "c", ...Array.from({ length: 20 }, (_, i) => `t${i}`)];
+    assert.deepEqual(await Promise.all(ids.map((id) => store.claim(id))), ids.map(() => true));
+    const saved = JSON.parse(await Deno.readTextFile(file));
+    assert.deepEqual([...saved.ids].sort(), [...ids].sort());
+    const fresh = new TaskIdStore(file);
+    assert.deepEqual(await Promise.all(ids.map((id) => fresh.claim(id))), ids.map(() => false));
+    const names = [];
+    for await (const e of Deno.readDir(dir)) names.push(e.name);
+    assert.deepEqual(names, ["task-ids.json"]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a task id that cannot be recorded is refused and never run", async () => {
+  await withRunner(["*"], async (r, dir) => {
+    // Positive control: the same runner records and runs a task.
+    const ok = await run(r, task("ok", ["touch", join(dir, "ran-ok")]));
+    assert.deepEqual(ok.map((x) => x.state), ["accepted", "running", "done"]);
+    await Deno.stat(join(dir, "ran-ok"));
+    // Now the id file cannot be replaced (a directory took its place).
+    const file = join(dir, "state", "task-ids.json");
+    await Deno.remove(file);
+    await Deno.mkdir(file);
+    const rep = await run(r, task("t2", ["touch", join(dir, "ran-t2")]));
+    assert.equal(rep.length, 1);
+    assert.equal(rep[0].state, "refused");
+    assert.match(rep[0].error!, /^cannot record task id: /);
+    await assert.rejects(Deno.stat(join(dir, "ran-t2")), Deno.errors.NotFound);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Results bounded by their encoded size (issue 10, item 3)
+
+import {
+  decodeUp,
+  encode,
+  MAX_PAYLOAD_BYTES,
+  now,
+  PROTOCOL_VERSION,
+  type TaskStatusMessage,
+} from "../mqtt/messages.ts";
+
+/** The longest robot id: the worst case for the envelope. */
+const LONG_ROBOT = "r".repeat(63);
+
+function asMessage(r: TaskReport): Uint8Array {
+  const msg = {
+    v: PROTOCOL_VERSION,
+    type: "task-status",
+    robotId: LONG_ROBOT,
+    ts: now(),
+    ...r,
+  } as TaskStatusMessage;
+  return encode(msg);
+}
+
+function assertFits(r: TaskReport): TaskStatusMessage {
+  const bytes = asMessage(r);
+  assert.ok(bytes.byteLength <= MAX_PAYLOAD_BYTES, `${bytes.byteLength} bytes`);
+  const d = decodeUp(`k8s4r/robots/${LONG_ROBOT}/up/task`, bytes);
+  assert.ok(d.ok, d.ok ? "" : `${d.reason}: ${d.error}`);
+  return d.message as TaskStatusMessage;
+}
+
+const utf8Bytes = (s: string) => new TextEncoder().encode(s).byteLength;
+
+Deno.test("70000 NUL bytes: the result fits 256 KiB encoded, tail kept, cut marked", async () => {
+  await withRunner(["*"], async (r) => {
+    const rep = await run(r, task("nul", ["head", "-c", "70000", "/dev/zero"]));
+    const done = rep[rep.length - 1];
+    assert.equal(done.state, "done");
+    const m = assertFits(done);
+    assert.ok(m.stdout!.length > 1000, `kept ${m.stdout!.length}`);
+    assert.match(m.stdout!, /^\0+$/);
+    assert.equal(m.stdoutTruncatedBytes! + utf8Bytes(m.stdout!), 70000);
+    assert.equal(m.stderrTruncatedBytes, undefined);
+  });
+});
+
+Deno.test("both streams at their limit: each bounded, the sum fits", async () => {
+  await withRunner(["*"], async (r) => {
+    const rep = await run(
+      r,
+      task("both", ["sh", "-c", "head -c 70000 /dev/zero; head -c 70000 /dev/zero >&2"]),
+    );
+    const m = assertFits(rep[rep.length - 1]);
+    assert.equal(m.stdoutTruncatedBytes! + utf8Bytes(m.stdout!), 70000);
+    assert.equal(m.stderrTruncatedBytes! + utf8Bytes(m.stderr!), 70000);
+    // Split fairly: neither stream is starved.
+    assert.ok(m.stdout!.length > 10_000 && m.stderr!.length > 10_000);
+  });
+});
+
+Deno.test("multi-byte UTF-8 and control characters: a whole-character tail that fits", async () => {
+  await withRunner(["*"], async (r) => {
+    // stdout: 70000 control bytes (6 bytes each in JSON); stderr: 2-, 3-, 4-byte characters
+    // with a control byte between them, 110000 bytes in all.
+    const unit = "\u0001é€😀"; // 1 + 2 + 3 + 4 bytes
+    const script = `head -c 70000 /dev/zero | tr '\\000' '\\001'; ` +
+      `i=0; while [ $i -lt 11000 ]; do printf '${unit}' >&2; i=$((i+1)); done`;
+    const rep = await run(r, task("mb", ["sh", "-c", script]));
+    const done = rep[rep.length - 1];
+    assert.equal(done.state, "done", done.error ?? "");
+    const m = assertFits(done);
+    const full = unit.repeat(11000);
+    assert.ok(m.stderr!.length > 1000);
+    assert.ok(full.endsWith(m.stderr!), "stderr is a tail of the output");
+    assert.ok(!m.stderr!.includes("\ufffd"), "no character cut in half");
+    assert.equal(m.stderrTruncatedBytes! + utf8Bytes(m.stderr!), utf8Bytes(full));
+    assert.equal(m.stdoutTruncatedBytes! + utf8Bytes(m.stdout!), 70000);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// expiresAt (issue 10, item 4)
+
+Deno.test("a task arriving after its expiresAt is refused and never run", async () => {
+  await withRunner(["*"], async (r, dir) => {
+    const late = await run(r, {
+      ...task("late", ["touch", join(dir, "ran-late")]),
+      expiresAt: new Date(Date.now() - 1000).toISOString(),
+    } as TaskSpec);
+    assert.equal(late.length, 1);
+    assert.equal(late[0].state, "refused");
+    assert.match(late[0].error!, /^expired: /);
+    await assert.rejects(Deno.stat(join(dir, "ran-late")), Deno.errors.NotFound);
+    // Positive control: one that is still valid runs.
+    const inTime = await run(r, {
+      ...task("in-time", ["touch", join(dir, "ran-in-time")]),
+      expiresAt: new Date(Date.now() + 60_000).toISOString(),
+    } as TaskSpec);
+    assert.deepEqual(inTime.map((x) => x.state), ["accepted", "running", "done"]);
+    await Deno.stat(join(dir, "ran-in-time"));
+  });
+});
