@@ -9,7 +9,7 @@
  * started (its start time in /proc), so a reused pid is never signalled.
  */
 import { join } from "node:path";
-import { processStartTime, waitFor } from "../process/mod.ts";
+import { parseProcStat, processStartTime, waitFor } from "../process/mod.ts";
 import { isDurableTemp, removeDurable, writeFileDurable } from "./durable.ts";
 
 export interface RunningTask {
@@ -79,11 +79,9 @@ export function procStat(
   pid: number,
 ): { pgrp: number; session: number; startTime: number } | undefined {
   try {
-    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    if (f[0] === "Z" || f[0] === "X") return undefined;
-    return { pgrp: Number(f[2]), session: Number(f[3]), startTime: Number(f[19]) };
+    const st = parseProcStat(Deno.readTextFileSync(`/proc/${pid}/stat`));
+    if (!st || st.state === "Z" || st.state === "X") return undefined;
+    return { pgrp: st.pgrp, session: st.session, startTime: st.startTime };
   } catch {
     return undefined;
   }

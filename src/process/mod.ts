@@ -162,6 +162,10 @@ export interface ProcStat {
   comm: string;
   /** Field 3: R running, S sleeping, D disk wait, T stopped (SIGSTOP), t traced, Z zombie... */
   state: string;
+  /** Field 5: process group id. */
+  pgrp: number;
+  /** Field 6: session id. */
+  session: number;
   /** Field 22: start time in clock ticks since boot. */
   startTime: number;
 }
@@ -175,7 +179,13 @@ export function parseProcStat(text: string): ProcStat | undefined {
   const rest = text.slice(close + 2).split(" ");
   const startTime = Number(rest[19]);
   if (!rest[0] || !Number.isFinite(startTime)) return undefined;
-  return { comm: text.slice(open + 1, close), state: rest[0], startTime };
+  return {
+    comm: text.slice(open + 1, close),
+    state: rest[0],
+    pgrp: Number(rest[2]),
+    session: Number(rest[3]),
+    startTime,
+  };
 }
 
 /** The kernel's start time of a process in clock ticks since boot, or undefined if gone/zombie. */
