@@ -78,6 +78,8 @@ export interface FleetStats {
   staleRegisters: number;
   /** Messages whose registry write failed: not acknowledged, so the broker delivers them again. */
   applyErrors: number;
+  /** Registry commits for received messages (messages / batches = messages per fsync). */
+  batches: number;
 }
 
 /** One received MQTT message. */
@@ -132,6 +134,7 @@ export class FleetService {
     staleStatuses: 0,
     staleRegisters: 0,
     applyErrors: 0,
+    batches: 0,
   };
   private readonly hbDefault: number;
   private readonly missed: number;
@@ -209,6 +212,8 @@ export class FleetService {
    * commit. Never throws.
    */
   handleBatch(items: Incoming[]): BatchResult {
+    if (items.length === 0) return { acked: 0, results: [] };
+    this.stats.batches++;
     const decoded = items.map((m) => decodeUp(m.topic, m.payload));
     const effects: Effect[][] = decoded.map(() => []);
     let r: { applied: number; error?: Error };
