@@ -168,16 +168,22 @@ export class FleetServer {
     const items = this.batch;
     if (items.length === 0) return;
     this.batch = [];
-    const r = this.fleet.handleBatch(items);
-    for (let i = 0; i < r.acked; i++) {
-      const m = items[i];
-      if (m.qos === 0 || m.messageId === undefined) continue;
-      // The connection it came on is gone: the broker will deliver it again (applying a
-      // message twice is harmless, see docs/PROTOCOL.md).
-      if (m.stream !== this.client.stream || !this.client.connected || this.cycling) continue;
-      this.sendPuback(m.messageId);
+    try {
+      const r = this.fleet.handleBatch(items);
+      for (let i = 0; i < r.acked; i++) {
+        const m = items[i];
+        if (m.qos === 0 || m.messageId === undefined) continue;
+        // The connection it came on is gone: the broker will deliver it again (applying a
+        // message twice is harmless, see docs/PROTOCOL.md).
+        if (m.stream !== this.client.stream || !this.client.connected || this.cycling) continue;
+        this.sendPuback(m.messageId);
+      }
+      if (r.error !== undefined) this.cycle(r.error);
+    } catch (err) {
+      // Runs from a timer: never let it take the server down. What was not acked is redelivered.
+      this.log.warn(`ingest failed: ${(err as Error).message}`);
+      this.cycle((err as Error).message);
     }
-    if (r.error !== undefined) this.cycle(r.error);
   }
 
   /**
