@@ -6,11 +6,12 @@
 import assert from "node:assert/strict";
 import mqtt from "mqtt";
 import type { MqttClient } from "mqtt";
-import { waitFor } from "../src/process/mod.ts";
-import { realRunner } from "../src/process/mod.ts";
+import { join } from "node:path";
+import { isRecordAlive, readPidFile, realRunner, waitFor } from "../src/process/mod.ts";
 import { probeMqtt } from "../src/mqtt/probe.ts";
 import { downTopic, robotSubscription, upTopic } from "../src/fleet/topics.ts";
 import { FleetServer } from "../src/server/fleet_server.ts";
+import { Registry } from "../src/server/registry.ts";
 import { svidTlsProvider } from "../src/server/svid_tls.ts";
 import { StaticX509Source } from "../src/spiffe/source.ts";
 import { parseX509SvidPem } from "../src/spiffe/svid.ts";
@@ -482,6 +483,447 @@ Deno.test({
         await server.close();
       }
     } finally {
+      await b.stop();
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  },
+});
+
+// ---------------------------------------------------------------------------------------------
+// Issue 10: last will, broker outage, bounded close, unacknowledged registry errors.
+
+/**
+ * A robot that speaks the protocol as docs/PROTOCOL.md says the agent does: one `bootId` per
+ * process, a `connection` number per connection attempt, the will rebuilt for every attempt,
+ * and on every connect `register` first, then the retained `online`. Heartbeats are published
+ * on a timer; while disconnected mqtt.js keeps them (QoS 1) and sends them on reconnect.
+ */
+class ProtoRobot {
+  readonly bootId = crypto.randomUUID();
+  connection = 0;
+  connects = 0;
+  seq = 0;
+  readonly client: MqttClient;
+  private hbTimer?: ReturnType<typeof setInterval>;
+
+  constructor(
+    readonly b: TestBroker,
+    readonly id: string,
+    cert: PemCert,
+    readonly opts: { reconnectPeriodMs: number; heartbeatIntervalSeconds: number },
+  ) {
+    this.client = mqtt.connect(this.b.tlsUrl, {
+      key: cert.key,
+      cert: cert.cert,
+      ca: cert.ca,
+      servername: "localhost",
+      rejectUnauthorized: true,
+      clientId: id,
+      protocolVersion: 5,
+      reconnectPeriod: opts.reconnectPeriodMs,
+      connectTimeout: 5000,
+      manualConnect: true,
+    });
+    this.nextWill();
+    // The will is fixed at CONNECT: prepare the next attempt's as soon as a connection ends.
+    this.client.on("close", () => this.nextWill());
+    this.client.on("connect", () => {
+      this.connects++;
+      this.client.publish(upTopic(id, "register"), this.register(), { qos: 1 });
+      this.client.publish(upTopic(id, "status"), this.status("online"), { qos: 1, retain: true });
+    });
+    this.client.on("error", () => {});
+  }
+
+  static async start(
+    b: TestBroker,
+    id: string,
+    opts: { reconnectPeriodMs?: number; heartbeatIntervalSeconds?: number } = {},
+  ): Promise<ProtoRobot> {
+    const r = new ProtoRobot(b, id, await b.issueCert(id), {
+      reconnectPeriodMs: opts.reconnectPeriodMs ?? 0,
+      heartbeatIntervalSeconds: opts.heartbeatIntervalSeconds ?? 30,
+    });
+    r.client.connect();
+    await waitFor(() => r.connects > 0, { timeoutMs: 10_000, what: `${id} connected` });
+    return r;
+  }
+
+  private nextWill() {
+    this.connection++;
+    this.client.options.will = {
+      topic: upTopic(this.id, "status"),
+      payload: Buffer.from(this.status("offline", "connection lost")),
+      qos: 1,
+      retain: true,
+    };
+  }
+
+  register(): string {
+    return enc({
+      ...JSON.parse(registerMsg(this.id)),
+      heartbeatIntervalSeconds: this.opts.heartbeatIntervalSeconds,
+      bootId: this.bootId,
+      connection: this.connection,
+    });
+  }
+
+  status(status: "online" | "offline", reason?: string): string {
+    return enc({
+      v: 1,
+      type: "status",
+      robotId: this.id,
+      ts: now(),
+      status,
+      ...(reason ? { reason } : {}),
+      bootId: this.bootId,
+      connection: this.connection,
+    });
+  }
+
+  /** Publishes a heartbeat every interval, connected or not (mqtt.js queues QoS 1). */
+  startHeartbeats() {
+    this.hbTimer = setInterval(() => {
+      this.seq++;
+      this.client.publish(
+        upTopic(this.id, "heartbeat"),
+        enc({
+          v: 1,
+          type: "heartbeat",
+          robotId: this.id,
+          ts: now(),
+          seq: this.seq,
+          bootId: this.bootId,
+          svidExpiresAt: new Date(Date.now() + 3600_000).toISOString(),
+        }),
+        { qos: 1 },
+        () => {},
+      );
+    }, this.opts.heartbeatIntervalSeconds * 1000);
+  }
+
+  /** The process dies: the socket is destroyed without DISCONNECT, nothing reconnects. */
+  crash() {
+    clearInterval(this.hbTimer);
+    this.client.end(true);
+  }
+
+  async close() {
+    clearInterval(this.hbTimer);
+    await this.client.endAsync(true).catch(() => {});
+  }
+}
+
+/** Log lines of a server, with the time each was written. */
+function captureLog() {
+  const lines: { at: number; msg: string }[] = [];
+  return {
+    lines,
+    logger: {
+      info: (msg: string) => lines.push({ at: Date.now(), msg }),
+      warn: (msg: string) => lines.push({ at: Date.now(), msg }),
+    },
+  };
+}
+
+async function startLoggedServer(
+  b: TestBroker,
+  dataDir: string,
+  extra: { sweepIntervalMs?: number; fleet?: Record<string, unknown> } = {},
+) {
+  const log = captureLog();
+  const server = await FleetServer.start({
+    brokerUrl: b.plainUrl,
+    username: b.server.username,
+    password: b.server.password,
+    dataDir,
+    http: { hostname: "127.0.0.1", port: 0 },
+    sweepIntervalMs: extra.sweepIntervalMs ?? 100,
+    reconnectPeriodMs: 200,
+    logger: log.logger,
+    fleet: extra.fleet,
+  });
+  await server.waitConnected(10_000);
+  return { server, api: server.http!.url, log };
+}
+
+Deno.test({
+  name: "broker: the last will of the current connection marks a crashed robot offline at once",
+  ...opts,
+  async fn() {
+    const b = await startTestBroker();
+    const dataDir = await Deno.makeTempDir({ prefix: "k8s4r-srv-" });
+    let s = await startLoggedServer(b, dataDir);
+    const robots: ProtoRobot[] = [];
+    const view = async (id: string) => (await getJson(`${s.api}/api/robots/${id}`)).body;
+    try {
+      // Heartbeats every 30 s: the fallback (3 missed = 90 s) cannot be what marks it offline.
+      const crashing = await ProtoRobot.start(b, "robot-001");
+      const flaky = await ProtoRobot.start(b, "robot-002", { reconnectPeriodMs: 100 });
+      robots.push(crashing, flaky);
+      await until("both online", async () => {
+        const a = await view("robot-001");
+        const c = await view("robot-002");
+        return a.online === true && c.online === true;
+      }, b);
+
+      // kill -9 of the agent: the broker publishes the will of connection 1, which is newer
+      // than the retained online of connection 1 (the will's ts is older: set at CONNECT).
+      crashing.crash();
+      await until("robot-001 offline by its last will", async () => {
+        const v = await view("robot-001");
+        return v.online === false;
+      }, b);
+      const dead = await view("robot-001");
+      assert.equal(dead.offlineReason, "connection lost");
+      assert.equal(dead.state, "offline");
+
+      // Positive control: robot-002 loses its socket and reconnects at once. The will of
+      // connection 1 arrives around the register of connection 2; connection 2 wins.
+      flaky.client.stream.destroy();
+      await until("robot-002 reconnected", () => flaky.connects >= 2, b);
+      await until("robot-002 online on its new connection", async () => {
+        const v = await view("robot-002");
+        return v.online === true && v.connection === flaky.connection && v.connection >= 2;
+      }, b);
+      const back = await view("robot-002");
+      assert.equal(back.state, "online");
+      assert.equal(back.offlineReason, null);
+
+      // Retained replays (every subscribe) change nothing, and do not refresh lastSeen.
+      const before = (await getJson(`${s.api}/api/robots`)).body.robots;
+      await s.server.close();
+      s = await startLoggedServer(b, dataDir);
+      await until(
+        "the retained statuses replayed",
+        async () => (await getJson(`${s.api}/api/stats`)).body.messages.received.status >= 2,
+        b,
+      );
+      const after = (await getJson(`${s.api}/api/robots`)).body.robots;
+      assert.deepEqual(
+        after.map((r: Record<string, unknown>) => [r.id, r.online, r.lastSeen, r.offlineReason]),
+        before.map((r: Record<string, unknown>) => [r.id, r.online, r.lastSeen, r.offlineReason]),
+      );
+      const stats = (await getJson(`${s.api}/api/stats`)).body.messages;
+      assert.equal(stats.statusReplays, 2, "both retained statuses counted as replays");
+    } finally {
+      for (const r of robots) await r.close();
+      await s.server.close();
+      await b.stop();
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "broker: an outage of the broker marks no robot offline; state is unknown, then re-derived",
+  ...opts,
+  async fn() {
+    const b = await startTestBroker();
+    const dataDir = await Deno.makeTempDir({ prefix: "k8s4r-srv-" });
+    const s = await startLoggedServer(b, dataDir);
+    const robots: ProtoRobot[] = [];
+    const view = async (id: string) => (await getJson(`${s.api}/api/robots/${id}`)).body;
+    try {
+      // 1 s heartbeats: offline after 3 s of silence.
+      const alive = await ProtoRobot.start(b, "robot-001", {
+        reconnectPeriodMs: 200,
+        heartbeatIntervalSeconds: 1,
+      });
+      const dying = await ProtoRobot.start(b, "robot-002", {
+        reconnectPeriodMs: 200,
+        heartbeatIntervalSeconds: 1,
+      });
+      robots.push(alive, dying);
+      alive.startHeartbeats();
+      dying.startHeartbeats();
+      await until("heartbeats from both", async () => {
+        const a = await view("robot-001");
+        const d = await view("robot-002");
+        return a.heartbeats.received >= 1 && d.heartbeats.received >= 1;
+      }, b);
+
+      await b.kill9();
+      const seqAtKill = alive.seq;
+      // robot-002 dies during the outage (no will: the broker is down); robot-001 keeps going.
+      dying.crash();
+      // Longer than 3 heartbeat intervals: robot-001 buffered 5 heartbeats meanwhile.
+      await waitFor(() => alive.seq >= seqAtKill + 5, {
+        timeoutMs: 15_000,
+        what: "5 heartbeats buffered by robot-001 during the outage",
+      });
+      for (const id of ["robot-001", "robot-002"]) {
+        const v = await view(id);
+        assert.equal(v.online, true, `${id} was marked offline during the outage`);
+        assert.equal(v.state, "unknown", `${id}: state during the outage`);
+        assert.ok(Date.parse(v.unknownSince) > 0, `${id}: unknownSince ${v.unknownSince}`);
+      }
+      const health = (await getJson(`${s.api}/healthz`)).body;
+      assert.equal(health.mqtt.connected, false);
+      assert.equal(health.robots.unknown, 2);
+
+      await b.start();
+      await s.server.waitConnected(10_000);
+      const upSince = Date.parse((await getJson(`${s.api}/healthz`)).body.mqtt.since);
+      assert.ok(upSince > 0);
+      // Re-derived: robot-001 is back on a new connection, and its buffered heartbeats arrive.
+      await until("robot-001 back on a new connection", async () => {
+        const v = await view("robot-001");
+        return v.state === "online" && v.connection === alive.connection &&
+          v.connection > 1 && v.heartbeats.received >= seqAtKill + 5;
+      }, b).catch(async (err) => {
+        throw new Error(`${err.message}\n${JSON.stringify(await view("robot-001"))}`);
+      });
+      // robot-002 never returns: the heartbeat fallback marks it offline, with a full grace
+      // (3 x 1 s) counted from the reconnect, not from its last heartbeat.
+      await until("robot-002 offline by missed heartbeats", async () => {
+        const v = await view("robot-002");
+        return v.state === "offline";
+      }, b);
+      assert.equal((await view("robot-002")).offlineReason, "missed 3 heartbeats");
+      const marked = s.log.lines.filter((l) => /robot robot-002 is offline/.test(l.msg));
+      assert.equal(marked.length, 1, JSON.stringify(s.log.lines));
+      assert.ok(
+        marked[0].at - upSince >= 3000,
+        `robot-002 marked offline ${marked[0].at - upSince} ms after the reconnect`,
+      );
+      assert.deepEqual(
+        s.log.lines.filter((l) => /robot robot-001 is offline/.test(l.msg)),
+        [],
+        "robot-001 was never marked offline",
+      );
+      assert.equal((await view("robot-001")).state, "online");
+    } finally {
+      for (const r of robots) await r.close();
+      await s.server.close();
+      await b.stop();
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  },
+});
+
+/** SIGSTOP/SIGCONT of the test broker, by the pid (and start time) in its own pid file. */
+function signalBroker(b: TestBroker, sig: Deno.Signal) {
+  const rec = readPidFile(join(b.dir, "mosquitto.pid"));
+  if (!rec || !isRecordAlive(rec)) throw new Error("the test broker is not running");
+  Deno.kill(rec.pid, sig);
+}
+
+Deno.test({
+  name: "broker: close() returns while a QoS 1 dispatch is in flight to a frozen broker",
+  ...opts,
+  async fn() {
+    const b = await startTestBroker();
+    const dataDir = await Deno.makeTempDir({ prefix: "k8s4r-srv-" });
+    const s = await startLoggedServer(b, dataDir);
+    const robot = await ProtoRobot.start(b, "robot-001");
+    let frozen = false;
+    let closing: Promise<void> | undefined;
+    try {
+      await robot.client.subscribeAsync(robotSubscription("robot-001"), { qos: 1 });
+      await until(
+        "robot online",
+        async () => (await getJson(`${s.api}/api/robots/robot-001`)).body.online === true,
+        b,
+      );
+      signalBroker(b, "SIGSTOP");
+      frozen = true;
+      const created = await fetch(`${s.api}/api/robots/robot-001/tasks`, {
+        method: "POST",
+        body: enc({ command: ["true"] }),
+      });
+      assert.equal(created.status, 201);
+      const { id } = await created.json();
+      // The PUBLISH is written; its PUBACK will not come while the broker is stopped.
+      await waitFor(() => Object.keys(s.server.client.outgoing).length > 0, {
+        timeoutMs: 5000,
+        what: "the task's PUBLISH in flight",
+      });
+      let closed = false;
+      closing = s.server.close().then(() => {
+        closed = true;
+      });
+      await waitFor(() => closed, { timeoutMs: 15_000, what: "close() to return" });
+      signalBroker(b, "SIGCONT");
+      frozen = false;
+      // Nothing was lost: the task is still pending in the registry, and a new server sends it.
+      const reg = await Registry.open(dataDir);
+      try {
+        assert.equal(reg.getTask(id)?.state, "pending");
+      } finally {
+        reg.close();
+      }
+      const again = await startLoggedServer(b, dataDir);
+      try {
+        await until("the task dispatched after restart", async () => {
+          return (await getJson(`${again.api}/api/tasks/${id}`)).body.state === "dispatched";
+        }, b);
+      } finally {
+        await again.server.close();
+      }
+    } finally {
+      if (frozen) signalBroker(b, "SIGCONT");
+      await closing;
+      await robot.close();
+      await s.server.close();
+      await b.stop();
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "broker: a registry write error is not acknowledged; the broker redelivers it",
+  ...opts,
+  async fn() {
+    const b = await startTestBroker();
+    const dataDir = await Deno.makeTempDir({ prefix: "k8s4r-srv-" });
+    const s = await startLoggedServer(b, dataDir);
+    const robot = await ProtoRobot.start(b, "robot-001");
+    const view = async () => (await getJson(`${s.api}/api/robots/robot-001`)).body;
+    try {
+      await until("registered", async () => (await view()).online === true, b);
+      // The registry fails the next 3 heartbeat writes, after writing (so they are rolled back).
+      const reg = s.server.registry;
+      const orig = reg.recordHeartbeat.bind(reg);
+      let failures = 3;
+      reg.recordHeartbeat = (...args) => {
+        orig(...args);
+        if (failures > 0) {
+          failures--;
+          throw new Error("disk I/O error (injected)");
+        }
+      };
+      // Heartbeats without bootId are not deduplicated: each one applied twice counts twice.
+      const hb = (seq: number) =>
+        robot.client.publishAsync(
+          upTopic("robot-001", "heartbeat"),
+          enc({
+            v: 1,
+            type: "heartbeat",
+            robotId: "robot-001",
+            ts: now(),
+            seq,
+            svidExpiresAt: now(),
+          }),
+          { qos: 1 },
+        );
+      await hb(1);
+      await hb(2);
+      await until("both heartbeats in the registry", async () => {
+        return (await view()).heartbeats.received === 2;
+      }, b);
+      assert.equal(failures, 0);
+      // A sync point: anything redelivered again would arrive before it.
+      await hb(3);
+      await until("the third heartbeat", async () => (await view()).heartbeats.received >= 3, b);
+      assert.equal((await view()).heartbeats.received, 3, "each heartbeat applied exactly once");
+      const stats = (await getJson(`${s.api}/api/stats`)).body.messages;
+      assert.equal(stats.applyErrors, 3);
+      assert.ok(s.server.state.connects >= 2, "the connection was cycled for redelivery");
+    } finally {
+      await robot.close();
+      await s.server.close();
       await b.stop();
       await Deno.remove(dataDir, { recursive: true });
     }

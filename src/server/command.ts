@@ -279,8 +279,11 @@ K8S4R_MQTT_PASSWORD_FILE. With mqtts:// the server uses an X.509 SVID from the W
 
 // ---------------------------------------------------------------- robots
 
-interface RobotView {
+export interface RobotView {
   id: string;
+  /** Absent from servers that predate it. */
+  state?: "online" | "offline" | "unknown";
+  unknownSince?: string | null;
   online: boolean;
   lastSeen: string;
   svidExpiresAt: string | null;
@@ -303,14 +306,28 @@ export function humanDuration(ms: number): string {
   return ms < 0 ? `${txt} ago` : `in ${txt}`;
 }
 
+/** "online", "offline (connection lost)", "unknown since 12:00:00Z (5s ago), last online". */
+export function robotStateText(r: RobotView, now = Date.now()): string {
+  const state = r.state ?? (r.online ? "online" : "offline");
+  if (state === "unknown") {
+    const since = r.unknownSince ? Date.parse(r.unknownSince) : NaN;
+    return `unknown${
+      Number.isFinite(since)
+        ? ` since ${r.unknownSince!.replace(/\.\d+Z$/, "Z")} (${humanDuration(since - now)})`
+        : ""
+    }, last ${r.online ? "online" : "offline"}`;
+  }
+  return state === "offline" && r.offlineReason ? `offline (${r.offlineReason})` : state;
+}
+
 export function renderRobotsTable(robots: RobotView[], now = Date.now()): string {
-  const rows = [["ID", "ONLINE", "LAST SEEN", "SVID EXPIRES"]];
+  const rows = [["ID", "STATE", "LAST SEEN", "SVID EXPIRES"]];
   for (const r of robots) {
     const seen = Date.parse(r.lastSeen);
     const exp = r.svidExpiresAt ? Date.parse(r.svidExpiresAt) : NaN;
     rows.push([
       r.id,
-      r.online ? "yes" : "no",
+      robotStateText(r, now),
       Number.isFinite(seen)
         ? `${r.lastSeen.replace(/\.\d+Z$/, "Z")} (${humanDuration(seen - now)})`
         : "-",

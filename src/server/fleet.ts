@@ -8,11 +8,18 @@ import {
   type DropReason,
   encode,
   PROTOCOL_VERSION,
+  type StatusMessage,
   type TaskMessage,
   type UpMessage,
 } from "../mqtt/messages.ts";
 import { downTopic, isRobotId } from "../fleet/topics.ts";
-import type { Registry, RobotRecord, TaskRecord } from "./registry.ts";
+import {
+  compareStatusOrder,
+  type Registry,
+  type RobotRecord,
+  type StatusOrder,
+  type TaskRecord,
+} from "./registry.ts";
 import { needsDispatch } from "./tasks.ts";
 
 /** What the fleet needs from an MQTT client. */
@@ -41,6 +48,8 @@ export interface FleetOptions {
   now?: () => Date;
   logger?: Logger;
   newId?: () => string;
+  /** Start with the broker link down (`FleetServer`: robots are unknown until subscribed). */
+  startDisconnected?: boolean;
 }
 
 export interface TaskRequest {
@@ -61,7 +70,49 @@ export interface FleetStats {
   publishErrors: number;
   staleTaskReports: number;
   unknownTaskReports: number;
+  /** Retained statuses replayed on subscribe (equal to the last one applied): no-ops. */
+  statusReplays: number;
+  /** Statuses older than the last one applied, or of another boot (a will of a gone process). */
+  staleStatuses: number;
+  /** Registers of an older connection of the current boot (redelivered late): not applied. */
+  staleRegisters: number;
+  /** Messages whose registry write failed: not acknowledged, so the broker delivers them again. */
+  applyErrors: number;
+  /** Registry commits for received messages (messages / batches = messages per fsync). */
+  batches: number;
 }
+
+/** One received MQTT message. */
+export interface Incoming {
+  topic: string;
+  payload: Uint8Array;
+}
+
+export type Outcome = { ok: true } | { ok: false; reason: DropReason };
+
+export interface BatchResult {
+  /**
+   * The first `acked` messages are settled (applied and committed, or malformed and dropped):
+   * they may be acknowledged. The others were not applied and must NOT be acknowledged.
+   */
+  acked: number;
+  /** Outcome of each settled message. */
+  results: Outcome[];
+  /** Why message `acked` could not be applied (a registry error). */
+  error?: string;
+}
+
+/** The broker link as the robots' state depends on it. */
+export interface LinkState {
+  connected: boolean;
+  /** Since when connected (subscribed), or since when disconnected. */
+  since: string;
+}
+
+/** What the server can say about a robot: `unknown` while it cannot hear from the fleet. */
+export type RobotState = "online" | "offline" | "unknown";
+
+type Effect = () => void;
 
 export class FleetService {
   readonly stats: FleetStats = {
@@ -79,6 +130,11 @@ export class FleetService {
     publishErrors: 0,
     staleTaskReports: 0,
     unknownTaskReports: 0,
+    statusReplays: 0,
+    staleStatuses: 0,
+    staleRegisters: 0,
+    applyErrors: 0,
+    batches: 0,
   };
   private readonly hbDefault: number;
   private readonly missed: number;
@@ -90,6 +146,8 @@ export class FleetService {
   /** Dispatches in flight, so that a burst of triggers publishes each task once. */
   private readonly inFlight = new Set<string>();
   private readonly pending = new Set<Promise<void>>();
+  /** Up by default (unit tests); `FleetServer` sets it down until it is subscribed. */
+  private link: { up: boolean; since: number };
 
   constructor(
     readonly registry: Registry,
@@ -103,6 +161,7 @@ export class FleetService {
     this.now = opts.now ?? (() => new Date());
     this.log = opts.logger ?? silentLogger;
     this.newId = opts.newId ?? (() => crypto.randomUUID());
+    this.link = { up: !opts.startDisconnected, since: this.now().getTime() };
   }
 
   private nowIso(): string {
@@ -110,63 +169,180 @@ export class FleetService {
   }
 
   /**
-   * Handles one received MQTT message. Never throws: a bad message is counted per reason and
-   * dropped. Synchronous registry writes happen before this returns, so the caller's PUBACK
-   * follows a durable write.
+   * The broker connection is lost (or not made yet): from now on no robot's state is known,
+   * and the sweeper marks nobody offline for missed heartbeats.
    */
-  handleMessage(topic: string, payload: Uint8Array): { ok: boolean; reason?: DropReason } {
-    const d = decodeUp(topic, payload);
-    if (!d.ok) {
-      this.stats.dropped[d.reason]++;
-      this.stats.droppedTotal++;
-      this.log.warn(`dropped message on ${topic}: ${d.reason}: ${d.error}`);
-      return { ok: false, reason: d.reason };
-    }
-    this.stats.received[d.message.type] = (this.stats.received[d.message.type] ?? 0) + 1;
-    try {
-      this.registry.transaction(() => this.apply(d.robotId, d.message));
-    } catch (err) {
-      // A registry failure must not take the server down; the message is lost, and logged.
-      this.log.warn(
-        `failed to apply ${d.message.type} from ${d.robotId}: ${(err as Error).message}`,
-      );
-    }
-    return { ok: true };
+  linkDown(): void {
+    if (!this.link.up) return;
+    this.link = { up: false, since: this.now().getTime() };
+    this.log.warn(`robot states unknown from ${this.nowIso()} (not connected to the broker)`);
   }
 
-  private apply(robotId: string, msg: UpMessage): void {
+  /**
+   * Connected and subscribed again: queued messages and retained statuses are applied as they
+   * arrive, and heartbeat-based offline detection restarts with a full grace from now.
+   */
+  linkUp(): void {
+    this.link = { up: true, since: this.now().getTime() };
+  }
+
+  linkState(): LinkState {
+    return { connected: this.link.up, since: new Date(this.link.since).toISOString() };
+  }
+
+  /**
+   * Handles one received MQTT message in its own transaction. Never throws: a bad message is
+   * counted per reason and dropped (`{ok: false, reason}`); a registry error returns
+   * `{ok: false, error}` and nothing of the message is written.
+   */
+  handleMessage(
+    topic: string,
+    payload: Uint8Array,
+  ): { ok: boolean; reason?: DropReason; error?: string } {
+    const r = this.handleBatch([{ topic, payload }]);
+    if (r.acked === 0) return { ok: false, error: r.error };
+    return r.results[0];
+  }
+
+  /**
+   * Handles messages in arrival order, all in ONE registry transaction (one commit, one
+   * fsync). Stops at the first message whose write fails: it and the ones after it are not
+   * applied, so the caller must not acknowledge them (the broker will deliver them again).
+   * Side effects (dispatches, logs, counters) run only for committed messages, after the
+   * commit. Never throws.
+   */
+  handleBatch(items: Incoming[]): BatchResult {
+    if (items.length === 0) return { acked: 0, results: [] };
+    this.stats.batches++;
+    const decoded = items.map((m) => decodeUp(m.topic, m.payload));
+    const effects: Effect[][] = decoded.map(() => []);
+    let r: { applied: number; error?: Error };
+    try {
+      r = this.registry.batch(decoded.map((d, i) => () => {
+        if (d.ok) this.apply(d.robotId, d.message, effects[i]);
+      }));
+    } catch (err) {
+      r = { applied: 0, error: err as Error };
+    }
+    const results: Outcome[] = [];
+    for (let i = 0; i < r.applied; i++) {
+      const d = decoded[i];
+      if (!d.ok) {
+        this.stats.dropped[d.reason]++;
+        this.stats.droppedTotal++;
+        this.log.warn(`dropped message on ${items[i].topic}: ${d.reason}: ${d.error}`);
+        results.push({ ok: false, reason: d.reason });
+        continue;
+      }
+      this.stats.received[d.message.type] = (this.stats.received[d.message.type] ?? 0) + 1;
+      for (const fx of effects[i]) {
+        try {
+          fx();
+        } catch (err) {
+          this.log.warn(`after ${d.message.type} from ${d.robotId}: ${(err as Error).message}`);
+        }
+      }
+      results.push({ ok: true });
+    }
+    if (r.error) {
+      this.stats.applyErrors++;
+      const d = decoded[r.applied];
+      const what = d?.ok
+        ? `${d.message.type} from ${d.robotId}`
+        : `message on ${items[r.applied]?.topic}`;
+      this.log.warn(
+        `failed to apply ${what}: ${r.error.message}; not acknowledged (the broker will redeliver it)`,
+      );
+      return { acked: r.applied, results, error: r.error.message };
+    }
+    return { acked: r.applied, results };
+  }
+
+  private apply(robotId: string, msg: UpMessage, fx: Effect[]): void {
     const at = this.nowIso();
     const reg = this.registry;
     switch (msg.type) {
       case "register": {
+        const prev = reg.getRobot(robotId);
+        const order: StatusOrder | null = msg.connection !== undefined
+          ? { connection: msg.connection, rank: 0 }
+          : null;
         reg.recordRegister(robotId, at, msg);
+        if (
+          prev?.bootId != null && prev.bootId === msg.bootId && order && prev.statusOrder &&
+          compareStatusOrder(order, prev.statusOrder) < 0
+        ) {
+          // A register of an older connection of this boot (redelivered late): that
+          // connection is over, so it says nothing about being online now.
+          fx.push(() => this.stats.staleRegisters++);
+          return;
+        }
+        // A register counts as the online of its connection: the will of an older connection
+        // arriving after it is stale.
+        reg.setStatusOrder(robotId, msg.bootId ?? null, order);
         reg.setOnline(robotId, true, null);
-        this.log.info(`robot ${robotId} registered (agent ${msg.agentVersion})`);
-        // The agent (re)started: anything not yet accepted is sent again (it dedupes by id).
-        this.dispatchFor(robotId);
+        fx.push(() => {
+          this.log.info(`robot ${robotId} registered (agent ${msg.agentVersion})`);
+          // The agent (re)started: anything not yet accepted is sent again (it dedupes by id).
+          this.dispatchFor(robotId);
+        });
         return;
       }
       case "heartbeat": {
+        const prev = reg.getRobot(robotId);
         reg.recordHeartbeat(robotId, at, msg);
-        if (reg.setOnline(robotId, true, null)) {
-          this.log.info(`robot ${robotId} is back (heartbeat)`);
-          this.dispatchFor(robotId);
+        // A heartbeat of another boot than the registered one does not revive the robot.
+        const sameBoot = msg.bootId === undefined || prev?.bootId == null ||
+          prev.bootId === msg.bootId;
+        if (sameBoot && reg.setOnline(robotId, true, null)) {
+          fx.push(() => {
+            this.log.info(`robot ${robotId} is back (heartbeat)`);
+            this.dispatchFor(robotId);
+          });
         }
         return;
       }
       case "status": {
+        const prev = reg.getRobot(robotId);
+        const verdict = prev ? statusVerdict(prev, reg.lastStatusTs(robotId), msg) : "apply";
+        if (verdict === "replay") {
+          // Retained statuses are replayed on every subscribe: nothing new, and not a sign of
+          // life (lastSeen stays).
+          fx.push(() => this.stats.statusReplays++);
+          return;
+        }
+        if (verdict === "stale") {
+          fx.push(() => {
+            this.stats.staleStatuses++;
+            this.log.info(
+              `robot ${robotId}: ignored a stale ${msg.status} status${
+                msg.bootId ? ` (boot ${msg.bootId}, connection ${msg.connection ?? "?"})` : ""
+              }`,
+            );
+          });
+          return;
+        }
         reg.touchRobot(robotId, at);
-        const last = reg.lastStatusTs(robotId);
-        // Retained status messages are replayed on every subscribe: apply only newer ones.
-        if (last !== null && Date.parse(msg.ts) <= Date.parse(last)) return;
         reg.setLastStatusTs(robotId, msg.ts);
+        if (msg.bootId !== undefined && msg.connection !== undefined) {
+          reg.setStatusOrder(robotId, msg.bootId, {
+            connection: msg.connection,
+            rank: msg.status === "online" ? 0 : 1,
+          });
+        }
         const changed = reg.setOnline(
           robotId,
           msg.status === "online",
           msg.reason ?? (msg.status === "offline" ? "status offline" : null),
         );
-        if (changed) this.log.info(`robot ${robotId} is ${msg.status}`);
-        if (msg.status === "online") this.dispatchFor(robotId);
+        fx.push(() => {
+          if (changed) {
+            this.log.info(
+              `robot ${robotId} is ${msg.status}${msg.reason ? ` (${msg.reason})` : ""}`,
+            );
+          }
+          if (msg.status === "online") this.dispatchFor(robotId);
+        });
         return;
       }
       case "task-status": {
@@ -174,8 +350,10 @@ export class FleetService {
         const task = reg.getTask(msg.taskId);
         if (!task || task.robotId !== robotId) {
           // Unknown, or another robot's task id: a robot may only report on its own tasks.
-          this.stats.unknownTaskReports++;
-          this.log.warn(`robot ${robotId} reported on unknown task ${msg.taskId}`);
+          fx.push(() => {
+            this.stats.unknownTaskReports++;
+            this.log.warn(`robot ${robotId} reported on unknown task ${msg.taskId}`);
+          });
           return;
         }
         const r = reg.applyTaskEvent(msg.taskId, msg.state, at, {
@@ -184,7 +362,7 @@ export class FleetService {
           stderr: msg.stderr,
           error: msg.error,
         });
-        if (r?.ignored) this.stats.staleTaskReports++;
+        if (r?.ignored) fx.push(() => this.stats.staleTaskReports++);
         return;
       }
     }
@@ -268,17 +446,26 @@ export class FleetService {
    * Periodic housekeeping: robots silent for `missed` heartbeat intervals go offline; tasks
    * never delivered before their TTL expire; accepted/running tasks with no result long after
    * their timeout fail.
+   *
+   * While the broker link is down nothing is heard from anyone, so silence proves nothing: no
+   * robot is marked offline and no running task is declared lost. Once the link is back, both
+   * clocks restart from the reconnect (a full grace), so the queued messages and retained
+   * statuses can arrive first.
    */
   sweep(): { offline: string[]; expired: string[]; lost: string[] } {
     const now = this.now().getTime();
     const at = this.nowIso();
+    const link = this.link;
     const offline: string[] = [];
-    for (const r of this.registry.onlineRobots()) {
-      const interval = r.heartbeatIntervalSeconds ?? this.hbDefault;
-      if (now - Date.parse(r.lastSeen) > this.missed * interval * 1000) {
-        if (this.registry.setOnline(r.id, false, `missed ${this.missed} heartbeats`)) {
-          offline.push(r.id);
-          this.log.info(`robot ${r.id} is offline (missed ${this.missed} heartbeats)`);
+    if (link.up) {
+      for (const r of this.registry.onlineRobots()) {
+        const interval = r.heartbeatIntervalSeconds ?? this.hbDefault;
+        const heard = Math.max(Date.parse(r.lastSeen), link.since);
+        if (now - heard > this.missed * interval * 1000) {
+          if (this.registry.setOnline(r.id, false, `missed ${this.missed} heartbeats`)) {
+            offline.push(r.id);
+            this.log.info(`robot ${r.id} is offline (missed ${this.missed} heartbeats)`);
+          }
         }
       }
     }
@@ -292,21 +479,33 @@ export class FleetService {
       }
     }
     const lost: string[] = [];
-    for (const t of this.registry.tasksInStates(["accepted", "running"])) {
-      const since = Date.parse(t.startedAt ?? t.acceptedAt ?? t.updatedAt);
-      if (now - since > (t.timeoutSeconds + this.grace) * 1000) {
-        const r = this.registry.applyTaskEvent(t.id, "lost", at, {
-          error: `no result from robot ${t.robotId} within timeout + ${this.grace}s`,
-        });
-        if (r?.changed) lost.push(t.id);
+    if (link.up && now - link.since > this.grace * 1000) {
+      for (const t of this.registry.tasksInStates(["accepted", "running"])) {
+        const since = Date.parse(t.startedAt ?? t.acceptedAt ?? t.updatedAt);
+        if (now - since > (t.timeoutSeconds + this.grace) * 1000) {
+          const r = this.registry.applyTaskEvent(t.id, "lost", at, {
+            error: `no result from robot ${t.robotId} within timeout + ${this.grace}s`,
+          });
+          if (r?.changed) lost.push(t.id);
+        }
       }
     }
     return { offline, expired, lost };
   }
 
+  /** online/offline from the registry, or `unknown` while the broker link is down. */
+  robotState(r: RobotRecord): { state: RobotState; unknownSince: string | null } {
+    if (!this.link.up) {
+      return { state: "unknown", unknownSince: new Date(this.link.since).toISOString() };
+    }
+    return { state: r.online ? "online" : "offline", unknownSince: null };
+  }
+
   robotView(r: RobotRecord) {
     return {
       id: r.id,
+      ...this.robotState(r),
+      /** The last known state (kept for clients that predate `state`). */
       online: r.online,
       spiffeId: r.spiffeId,
       firstSeen: r.firstSeen,
@@ -317,6 +516,35 @@ export class FleetService {
       heartbeatIntervalSeconds: r.heartbeatIntervalSeconds ?? this.hbDefault,
       heartbeats: { received: r.heartbeatsReceived, missing: r.heartbeatsMissing },
       device: r.device,
+      bootId: r.bootId,
+      connection: r.statusOrder?.connection ?? null,
     };
   }
+}
+
+/**
+ * Whether a status is news (docs/PROTOCOL.md, "Ordering statuses without clocks"). With
+ * `bootId` and `connection`: a status of the robot's current boot is applied when its
+ * `(connection, rank)` is after the last one applied; a status of another boot is stale.
+ * Without them (older agents): compared by `ts`.
+ */
+export function statusVerdict(
+  robot: RobotRecord,
+  lastStatusTs: string | null,
+  msg: StatusMessage,
+): "apply" | "replay" | "stale" {
+  if (msg.bootId !== undefined && msg.connection !== undefined) {
+    // No register with a bootId yet: the first boot we hear of becomes the current one.
+    if (robot.bootId === null) return "apply";
+    if (msg.bootId !== robot.bootId) return "stale";
+    if (!robot.statusOrder) return "apply";
+    const c = compareStatusOrder(
+      { connection: msg.connection, rank: msg.status === "online" ? 0 : 1 },
+      robot.statusOrder,
+    );
+    return c > 0 ? "apply" : c === 0 ? "replay" : "stale";
+  }
+  if (lastStatusTs === null) return "apply";
+  const d = Date.parse(msg.ts) - Date.parse(lastStatusTs);
+  return d > 0 ? "apply" : d === 0 ? "replay" : "stale";
 }

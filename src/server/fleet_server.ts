@@ -8,13 +8,28 @@
  *   QoS 1 messages robots publish while the server is down are queued by the broker.
  * - Subscribes QoS 1 to `k8s4r/robots/+/up/#` (or `$share/k8s4r/...` with shared
  *   subscriptions) on EVERY connect, not only the first.
- * - A message is processed (registry write) before mqtt.js sends its PUBACK.
+ * - A message is acknowledged (PUBACK) only after its registry write is committed (SQLite WAL,
+ *   synchronous=FULL). Messages are applied in batches: whatever arrived in one turn of the
+ *   event loop shares one commit, then their PUBACKs go out in order. A message whose write
+ *   fails is never acknowledged: the connection is cycled, and the broker delivers it again
+ *   from the persistent session (it was never acknowledged).
+ * - While disconnected, robots' states are "unknown" and the sweeper marks nobody offline
+ *   (FleetService.linkDown/linkUp).
+ * - close() is bounded: dispatches still waiting for their PUBACK get `closeDrainMs`, then the
+ *   connection is dropped (the tasks stay pending/dispatched in the registry and are sent
+ *   again by the next start).
  */
 import type { PeerCertificate } from "node:tls";
 import mqtt from "mqtt";
-import type { IClientOptions, MqttClient } from "mqtt";
+import type { IClientOptions, IPublishPacket, MqttClient } from "mqtt";
 import { SERVER_SUBSCRIPTION, SHARED_SERVER_SUBSCRIPTION } from "../fleet/topics.ts";
-import { type FleetOptions, FleetService, type Logger, silentLogger } from "./fleet.ts";
+import {
+  type FleetOptions,
+  FleetService,
+  type Incoming,
+  type Logger,
+  silentLogger,
+} from "./fleet.ts";
 import { type HttpApi, serveHttpApi } from "./http_api.ts";
 import { Registry } from "./registry.ts";
 
@@ -55,6 +70,8 @@ export interface FleetServerOptions {
   version?: string;
   /** Called when the broker refuses our login: retrying cannot help. */
   onFatal?: (err: Error) => void;
+  /** How long close() waits for dispatches in flight and for the DISCONNECT. Default 2000 ms. */
+  closeDrainMs?: number;
 }
 
 export interface FleetServerState {
@@ -66,12 +83,48 @@ export interface FleetServerState {
 /** CONNACK codes that mean "your credentials are wrong", in MQTT 3.1.1 and 5. */
 const AUTH_CODES = new Set([4, 5, 134, 135]);
 
+/** Messages applied per commit at most (a batch is otherwise what one event-loop turn got). */
+const MAX_BATCH = 1000;
+
+/**
+ * Passed to mqtt.js's `handleMessage` callback so that it does NOT send the PUBACK itself (it
+ * sends one only on a callback without an error, and then goes on with the next packet). We send
+ * it after the commit instead. Checked against mqtt@5.16.0 (src/lib/handlers/publish.ts).
+ */
+const ACK_LATER = new Error("acknowledged after the registry commit");
+
+interface Received extends Incoming {
+  qos: number;
+  messageId?: number;
+  /** The connection it came on: a PUBACK on another connection would ack another message. */
+  stream: unknown;
+}
+
+/**
+ * mqtt.js has no public "acknowledge this message now" call: its PUBACK goes out when
+ * `handleMessage` calls back, which also holds the next packet until then (one commit per
+ * message). `_sendPacket` is what mqtt.js itself uses for that PUBACK.
+ */
+function pubackSender(client: MqttClient): (messageId: number) => void {
+  const c = client as unknown as { _sendPacket?: (packet: object) => void };
+  if (typeof c._sendPacket !== "function") {
+    throw new Error("mqtt.js: MqttClient._sendPacket is missing (mqtt is pinned to 5.16.0)");
+  }
+  return (messageId) => c._sendPacket!({ cmd: "puback", messageId, reasonCode: 0 });
+}
+
 export class FleetServer {
   readonly state: FleetServerState = { connected: false, connects: 0 };
   private sweepTimer?: ReturnType<typeof setInterval>;
   private unsubscribeTls?: () => void;
   private closed = false;
   private connectWaiters: (() => void)[] = [];
+  /** Received, not yet committed. */
+  private batch: Received[] = [];
+  private flushScheduled = false;
+  /** A write failed: this connection is being dropped; nothing more is applied or acked on it. */
+  private cycling = false;
+  private sendPuback: (messageId: number) => void;
 
   private constructor(
     readonly registry: Registry,
@@ -79,7 +132,79 @@ export class FleetServer {
     readonly client: MqttClient,
     readonly http: HttpApi | undefined,
     private readonly log: Logger,
-  ) {}
+    private readonly closeDrainMs: number,
+  ) {
+    this.sendPuback = pubackSender(client);
+  }
+
+  /** mqtt.js calls this for every PUBLISH, one at a time, before it would send the PUBACK. */
+  private receive(packet: IPublishPacket, callback: (err?: Error) => void): void {
+    if (this.cycling || this.closed) {
+      // Not applied and not acknowledged: the broker delivers it again on the next connection.
+      callback(ACK_LATER);
+      return;
+    }
+    // The broker sends no topic aliases: we advertise no topicAliasMaximum.
+    this.batch.push({
+      topic: packet.topic,
+      payload: packet.payload as Uint8Array,
+      qos: packet.qos,
+      messageId: packet.messageId,
+      stream: this.client.stream,
+    });
+    if (this.batch.length >= MAX_BATCH) {
+      this.flush();
+    } else if (!this.flushScheduled) {
+      this.flushScheduled = true;
+      // After the packets already parsed from the socket have been queued: one commit for all.
+      setImmediate(() => this.flush());
+    }
+    callback(packet.qos > 0 ? ACK_LATER : undefined);
+  }
+
+  /** Commits what was received, then acknowledges it, in order. */
+  flush(): void {
+    this.flushScheduled = false;
+    const items = this.batch;
+    if (items.length === 0) return;
+    this.batch = [];
+    try {
+      const r = this.fleet.handleBatch(items);
+      for (let i = 0; i < r.acked; i++) {
+        const m = items[i];
+        if (m.qos === 0 || m.messageId === undefined) continue;
+        // The connection it came on is gone: the broker will deliver it again (applying a
+        // message twice is harmless, see docs/PROTOCOL.md).
+        if (m.stream !== this.client.stream || !this.client.connected || this.cycling) continue;
+        this.sendPuback(m.messageId);
+      }
+      if (r.error !== undefined) this.cycle(r.error);
+    } catch (err) {
+      // Runs from a timer: never let it take the server down. What was not acked is redelivered.
+      this.log.warn(`ingest failed: ${(err as Error).message}`);
+      this.cycle((err as Error).message);
+    }
+  }
+
+  /**
+   * Drops the connection without acknowledging the message that failed (nor anything after
+   * it). The session is persistent, so on reconnect the broker sends every unacknowledged
+   * message again, in order.
+   */
+  private cycle(why: string): void {
+    if (this.cycling) return;
+    this.cycling = true;
+    this.batch = [];
+    this.state.lastError = `registry write failed: ${why}`;
+    this.log.warn(`reconnecting to the broker so that it redelivers what was not written`);
+    const stream = this.client.stream;
+    // end() first so the PUBACKs already written reach the broker; destroy() ends the wait.
+    const t = setTimeout(() => stream.destroy(), 1000);
+    stream.end(() => {
+      clearTimeout(t);
+      stream.destroy();
+    });
+  }
 
   static async start(opts: FleetServerOptions): Promise<FleetServer> {
     const log = opts.logger ?? silentLogger;
@@ -116,13 +241,17 @@ export class FleetServer {
       },
       connected: () => client.connected,
     };
-    const fleet = new FleetService(registry, publisher, { logger: log, ...opts.fleet });
+    const fleet = new FleetService(registry, publisher, {
+      logger: log,
+      ...opts.fleet,
+      startDisconnected: true,
+    });
     let http: HttpApi | undefined;
     try {
       if (opts.http) {
         http = serveHttpApi({
           fleet,
-          mqttConnected: () => client.connected,
+          mqttConnected: () => fleet.linkState().connected && client.connected,
           version: opts.version,
         }, opts.http);
       }
@@ -131,11 +260,20 @@ export class FleetServer {
       client.end(true);
       throw err;
     }
-    const s = new FleetServer(registry, fleet, client, http, log);
+    let s: FleetServer;
+    try {
+      s = new FleetServer(registry, fleet, client, http, log, opts.closeDrainMs ?? 2000);
+    } catch (err) {
+      await http?.close();
+      registry.close();
+      client.end(true);
+      throw err;
+    }
     const topic = shared ? SHARED_SERVER_SUBSCRIPTION : SERVER_SUBSCRIPTION;
 
     client.on("connect", (connack) => {
       s.state.connects++;
+      s.cycling = false;
       log.info(
         `connected to ${opts.brokerUrl} as ${clientOpts.clientId} (session present: ${connack.sessionPresent})`,
       );
@@ -147,6 +285,7 @@ export class FleetServer {
           return;
         }
         s.state.connected = true;
+        fleet.linkUp();
         fleet.dispatchAllOnline();
         const waiters = s.connectWaiters;
         s.connectWaiters = [];
@@ -156,12 +295,16 @@ export class FleetServer {
         log.warn(s.state.lastError);
       });
     });
-    client.on("message", (t, payload) => {
-      fleet.handleMessage(t, payload);
-    });
+    client.handleMessage = (packet, callback) => s.receive(packet, callback);
     client.on("close", () => {
-      if (s.state.connected) log.warn("disconnected from the broker; reconnecting");
+      // Received on the lost connection and not committed yet: dropped, not applied. They were
+      // not acknowledged, so the broker delivers them again on the next connection.
+      s.batch = [];
+      const was = s.state.connected;
       s.state.connected = false;
+      if (s.closed) return;
+      if (was) log.warn("disconnected from the broker; reconnecting");
+      fleet.linkDown();
     });
     client.on("error", (err: Error & { code?: number }) => {
       s.state.lastError = err.message;
@@ -181,6 +324,7 @@ export class FleetServer {
     }
     s.sweepTimer = setInterval(() => {
       try {
+        s.flush(); // what arrived is applied before silence is judged
         fleet.sweep();
       } catch (err) {
         log.warn(`sweep failed: ${(err as Error).message}`);
@@ -216,19 +360,49 @@ export class FleetServer {
     });
   }
 
-  /** Disconnects cleanly (the persistent session stays on the broker) and closes everything. */
+  /**
+   * Disconnects (the persistent session stays on the broker) and closes everything, in bounded
+   * time: dispatches waiting for a PUBACK get `closeDrainMs`, the DISCONNECT as long again, then
+   * the socket is destroyed. A task whose PUBACK never came stays pending/dispatched in the
+   * registry and is sent again by the next start (robots dedupe by task id).
+   */
   async close(): Promise<void> {
     if (this.closed) return;
+    this.flush();
     this.closed = true;
     clearInterval(this.sweepTimer);
     this.unsubscribeTls?.();
     await this.http?.close();
-    await this.fleet.settled().catch(() => {});
+    const drained = await within(this.fleet.settled(), this.closeDrainMs);
+    if (!drained) {
+      this.log.warn(`close: dispatches still unacknowledged after ${this.closeDrainMs} ms`);
+    }
     await new Promise<void>((resolve) => {
-      // force when not connected: there is nothing to flush, and end() would wait forever.
-      this.client.end(!this.client.connected, {}, () => resolve());
+      const client = this.client;
+      // The broker may not answer (stopped, or the network is gone): destroy the socket.
+      const t = setTimeout(() => {
+        client.stream?.destroy();
+        resolve();
+      }, this.closeDrainMs);
+      // Forced (no DISCONNECT wait) when not connected or when publishes are stuck: a clean
+      // end() would wait for their PUBACKs forever.
+      client.end(!client.connected || !drained, {}, () => {
+        clearTimeout(t);
+        resolve();
+      });
     });
     this.registry.close();
+  }
+}
+
+/** True when `p` settled within `ms`. */
+async function within(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let t: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<false>((resolve) => (t = setTimeout(() => resolve(false), ms)));
+  try {
+    return await Promise.race([p.then(() => true, () => true), timeout]);
+  } finally {
+    clearTimeout(t);
   }
 }
 

@@ -4,7 +4,9 @@
  *   GET  /healthz                      200 when MQTT is connected, else 503; counters
  *   GET  /api/stats                    counters
  *   GET  /api/robots                   {robots: [...]}
- *   GET  /api/robots/{id}              robot
+ *   GET  /api/robots/{id}              robot: state online|offline|unknown (+ unknownSince while
+ *                                      the server is not connected to the broker), online (the
+ *                                      last known value), lastSeen, offlineReason, ...
  *   GET  /api/robots/{id}/tasks        {tasks: [...]} newest first
  *   POST /api/robots/{id}/tasks        {"command":[...],"timeoutSeconds":30,"env":{},"cwd":"/"}
  *                                      -> 201 {"id": "...", "state": "..."}
@@ -176,15 +178,22 @@ export function createHandler(ctx: ApiContext): (req: Request) => Promise<Respon
     if (!r) throw new HttpError(404, `unknown robot ${JSON.stringify(id)}`);
     return r;
   };
-  const stats = () => ({
-    mqtt: { connected: ctx.mqttConnected() },
-    messages: fleet.stats,
-    tasks: fleet.registry.countTasksByState(),
-    robots: (() => {
-      const all = fleet.registry.listRobots();
-      return { total: all.length, online: all.filter((r) => r.online).length };
-    })(),
-  });
+  const stats = () => {
+    const link = fleet.linkState();
+    const all = fleet.registry.listRobots();
+    return {
+      // since: when the link went up (subscribed) or down; robots are unknown while it is down.
+      mqtt: { connected: ctx.mqttConnected(), since: link.since },
+      messages: fleet.stats,
+      tasks: fleet.registry.countTasksByState(),
+      robots: {
+        total: all.length,
+        /** Last known: while the link is down these are also counted as unknown. */
+        online: all.filter((r) => r.online).length,
+        unknown: link.connected ? 0 : all.length,
+      },
+    };
+  };
 
   return async (req: Request): Promise<Response> => {
     try {

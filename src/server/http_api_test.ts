@@ -279,10 +279,10 @@ Deno.test("k8s4r robots and task run against a served API", async () => {
     const io = bufferIo();
     assert.equal(await runCli(robotsCommand, ["--server", api.url], io), 0);
     const lines = io.out().trim().split("\n");
-    assert.match(lines[0], /^ID\s+ONLINE\s+LAST SEEN\s+SVID EXPIRES$/);
+    assert.match(lines[0], /^ID\s+STATE\s+LAST SEEN\s+SVID EXPIRES$/);
     assert.match(
       lines[1],
-      /^robot-001\s+yes\s+\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(\d+s ago\)\s+2025-01-01T01:00:00Z \(EXPIRED /,
+      /^robot-001\s+online\s+\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(\d+s ago\)\s+2025-01-01T01:00:00Z \(EXPIRED /,
     );
     const j = bufferIo();
     assert.equal(await runCli(robotsCommand, ["--server", api.url, "--json"], j), 0);

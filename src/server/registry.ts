@@ -53,6 +53,11 @@ const MIGRATIONS: string[] = [
   `ALTER TABLE robots ADD COLUMN heartbeat_boot_id TEXT;
    ALTER TABLE robots ADD COLUMN heartbeats_received INTEGER NOT NULL DEFAULT 0;
    ALTER TABLE robots ADD COLUMN heartbeats_missing INTEGER NOT NULL DEFAULT 0;`,
+  // Status ordering without clocks (docs/PROTOCOL.md): the boot of the last register, and the
+  // (connection, rank) of the last status applied (rank 0 online, 1 offline).
+  `ALTER TABLE robots ADD COLUMN boot_id TEXT;
+   ALTER TABLE robots ADD COLUMN status_connection INTEGER;
+   ALTER TABLE robots ADD COLUMN status_rank INTEGER;`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -73,6 +78,21 @@ export interface RobotRecord {
   /** Heartbeats that never arrived: gaps in `seq` within one agent process (bootId). */
   heartbeatsMissing: number;
   device: DeviceInfo | null;
+  /** The agent process of the last `register` (null: none yet, or an agent without bootId). */
+  bootId: string | null;
+  /** `(connection, rank)` of the last status applied for `bootId`; null when unknown. */
+  statusOrder: StatusOrder | null;
+}
+
+/** Orders the statuses of one boot: rank 0 = online, 1 = offline (the will comes last). */
+export interface StatusOrder {
+  connection: number;
+  rank: 0 | 1;
+}
+
+/** Negative, zero or positive as `a` is before, equal to or after `b`. */
+export function compareStatusOrder(a: StatusOrder, b: StatusOrder): number {
+  return a.connection !== b.connection ? a.connection - b.connection : a.rank - b.rank;
 }
 
 export interface TaskRecord {
@@ -147,6 +167,10 @@ function robotFromRow(r: Row): RobotRecord {
     heartbeatsReceived: num(r.heartbeats_received) ?? 0,
     heartbeatsMissing: num(r.heartbeats_missing) ?? 0,
     device,
+    bootId: str(r.boot_id),
+    statusOrder: num(r.status_connection) !== null
+      ? { connection: num(r.status_connection)!, rank: num(r.status_rank) === 1 ? 1 : 0 }
+      : null,
   };
 }
 
@@ -188,8 +212,13 @@ export class Registry {
   static openFile(path: string): Registry {
     const db = new DatabaseSync(path);
     try {
+      // The server acknowledges a message (PUBACK) only after its write is committed, and the
+      // broker then forgets it: the commit must survive a power loss, not only a crash of this
+      // process. In WAL mode NORMAL syncs only at checkpoints (a commit can be lost); FULL syncs
+      // the WAL on every commit. The server batches messages per commit (fleet_server.ts), so
+      // this costs one fsync per batch, not per message.
       db.exec(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
       );
       migrate(db, path);
     } catch (err) {
@@ -228,13 +257,55 @@ export class Registry {
       this.db.exec("COMMIT");
       return r;
     } catch (err) {
-      this.db.exec("ROLLBACK");
+      // A failed COMMIT may already have rolled back (SQLITE_FULL, SQLITE_IOERR).
+      if (this.db.isTransaction) this.db.exec("ROLLBACK");
       throw err;
     }
   }
 
+  /**
+   * Runs each step in one transaction, each in its own savepoint, in order, and stops at the
+   * first step that throws: that step's writes are rolled back, the earlier ones are committed.
+   * `applied` counts the committed steps; when COMMIT itself fails nothing is committed
+   * (`applied` 0). One commit (one fsync) for the whole batch.
+   */
+  batch(steps: (() => void)[]): { applied: number; error?: Error } {
+    if (steps.length === 0) return { applied: 0 };
+    if (this.db.isTransaction) throw new Error("registry: batch() inside a transaction");
+    this.db.exec("BEGIN IMMEDIATE");
+    let applied = 0;
+    let error: Error | undefined;
+    try {
+      for (const step of steps) {
+        this.db.exec("SAVEPOINT step");
+        try {
+          step();
+          this.db.exec("RELEASE step");
+        } catch (err) {
+          this.db.exec("ROLLBACK TO step");
+          this.db.exec("RELEASE step");
+          error = err instanceof Error ? err : new Error(String(err));
+          break;
+        }
+        applied++;
+      }
+      this.db.exec("COMMIT");
+    } catch (err) {
+      if (this.db.isTransaction) this.db.exec("ROLLBACK");
+      return { applied: 0, error: err instanceof Error ? err : new Error(String(err)) };
+    }
+    return error ? { applied, error } : { applied };
+  }
+
   schemaVersion(): number {
     return userVersion(this.db);
+  }
+
+  /** The journal mode and sync level in force (what "written before PUBACK" rests on). */
+  durability(): { journalMode: string; synchronous: number } {
+    const j = this.db.prepare("PRAGMA journal_mode").get() as Row;
+    const s = this.db.prepare("PRAGMA synchronous").get() as Row;
+    return { journalMode: String(j.journal_mode), synchronous: num(s.synchronous) ?? -1 };
   }
 
   // ---- robots ----
@@ -324,6 +395,13 @@ export class Registry {
 
   setLastStatusTs(id: string, ts: string): void {
     this.stmt("UPDATE robots SET last_status_ts = ? WHERE id = ?").run(ts, id);
+  }
+
+  /** Sets the robot's current boot (from a register) and the order of its last status. */
+  setStatusOrder(id: string, bootId: string | null, order: StatusOrder | null): void {
+    this.stmt(
+      "UPDATE robots SET boot_id = ?, status_connection = ?, status_rank = ? WHERE id = ?",
+    ).run(bootId, order?.connection ?? null, order?.rank ?? null, id);
   }
 
   onlineRobots(): RobotRecord[] {

@@ -151,3 +151,43 @@ Deno.test("registry counts heartbeats and the gaps in their seq, per agent boot"
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("registry commits are durable: WAL with synchronous=FULL (fsync on every commit)", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-registry-" });
+  try {
+    const reg = await Registry.open(dir);
+    try {
+      // 2 = FULL. NORMAL (1) in WAL mode syncs only at checkpoints: a commit acknowledged to the
+      // broker could be lost on power failure.
+      assert.deepEqual(reg.durability(), { journalMode: "wal", synchronous: 2 });
+    } finally {
+      reg.close();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("registry batch: one commit, each step in a savepoint, stops at the first failure", () => {
+  const reg = Registry.openFile(":memory:");
+  try {
+    const at = "2025-01-01T00:00:00.000Z";
+    const r = reg.batch([
+      () => reg.touchRobot("robot-001", at),
+      () => {
+        reg.touchRobot("robot-002", at);
+        throw new Error("boom");
+      },
+      () => reg.touchRobot("robot-003", at),
+    ]);
+    assert.equal(r.applied, 1);
+    assert.match(r.error!.message, /boom/);
+    assert.deepEqual(reg.listRobots().map((x) => x.id), ["robot-001"]);
+    assert.deepEqual(reg.batch([]), { applied: 0 });
+    // Usable afterwards: no transaction left open.
+    assert.equal(reg.batch([() => reg.touchRobot("robot-004", at)]).applied, 1);
+    assert.deepEqual(reg.listRobots().map((x) => x.id), ["robot-001", "robot-004"]);
+  } finally {
+    reg.close();
+  }
+});
