@@ -61,3 +61,15 @@ export async function prometheusTargets(base: string): Promise<TargetHealth[]> {
 export async function prometheusAlerts(base: string): Promise<Alert[]> {
   return (await api<{ alerts: Alert[] }>(base, "/api/v1/alerts")).alerts;
 }
+
+export interface RuleGroup {
+  name: string;
+  /** RFC 3339; "0001-01-01T00:00:00Z" before the first evaluation. */
+  lastEvaluation: string;
+  rules: { name: string; health: string; lastError?: string; state?: string }[];
+}
+
+/** The loaded rule groups, with when each was last evaluated. */
+export async function prometheusRuleGroups(base: string): Promise<RuleGroup[]> {
+  return (await api<{ groups: RuleGroup[] }>(base, "/api/v1/rules")).groups;
+}
