@@ -1,0 +1,123 @@
+/**
+ * What the campaign reads back from the stack, as pure parsers:
+ * - the run files the chaos task appends to (`start <token> <ms> <pid>`, `end <token> <ms>`);
+ * - the agents' logs (`<iso> agent[<id>] <event> k=v ...`): boots, MQTT connects and
+ *   disconnects, task reports;
+ * - the server's log (`<iso> INFO robot <id> is offline (missed 3 heartbeats)`): its own
+ *   timestamps of robot state changes.
+ * Lines that do not parse are counted, never fatal.
+ */
+
+export interface RunLine {
+  robot: string;
+  token: string;
+  phase: "start" | "end";
+  /** Epoch ms, from the task's own clock (`date +%s%3N`). */
+  at: number;
+}
+
+export interface Parsed<T> {
+  items: T[];
+  /** Lines that did not parse (a run file must have none). */
+  bad: string[];
+}
+
+/** The chaos task's run file of one robot. */
+export function parseRunFile(robot: string, text: string): Parsed<RunLine> {
+  const items: RunLine[] = [];
+  const bad: string[] = [];
+  for (const line of text.split("\n")) {
+    if (line === "") continue;
+    const m = /^(start|end) ([A-Za-z0-9_-]+) (\d{13})(?: \d+)?$/.exec(line);
+    if (!m) {
+      bad.push(line);
+      continue;
+    }
+    items.push({ robot, token: m[2], phase: m[1] as "start" | "end", at: Number(m[3]) });
+  }
+  return { items, bad };
+}
+
+export type AgentEventKind = "boot" | "connected" | "disconnected" | "stopped" | "report";
+
+export interface AgentEvent {
+  robot: string;
+  at: number;
+  kind: AgentEventKind;
+  /** For `report`: the server's task id and the state reported. */
+  taskId?: string;
+  state?: string;
+}
+
+/** `k=v k2="quoted value"` as written by the agent's line logger. */
+export function parseFields(rest: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  const re = /(?:^|\s)([A-Za-z_][\w.]*)=("(?:[^"\\]|\\.)*"|\S*)/g;
+  for (const m of rest.matchAll(re)) {
+    let v = m[2];
+    if (v.startsWith('"')) {
+      try {
+        v = JSON.parse(v);
+      } catch { /* keep raw */ }
+    }
+    out[m[1]] = v;
+  }
+  return out;
+}
+
+const AGENT_LINE = /^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z) agent\[([a-z0-9-]+)\] (\S+)(.*)$/;
+const AGENT_EVENTS: Record<string, AgentEventKind> = {
+  "agent.starting": "boot",
+  "mqtt.connected": "connected",
+  "mqtt.disconnected": "disconnected",
+  "agent.stopped": "stopped",
+  "task.report": "report",
+};
+
+/** The events of one agent log that the invariants need; other lines are skipped. */
+export function parseAgentLog(text: string): AgentEvent[] {
+  const out: AgentEvent[] = [];
+  for (const line of text.split("\n")) {
+    const m = AGENT_LINE.exec(line);
+    if (!m) continue;
+    const kind = AGENT_EVENTS[m[3]];
+    if (!kind) continue;
+    const e: AgentEvent = { robot: m[2], at: Date.parse(m[1]), kind };
+    if (kind === "report") {
+      const f = parseFields(m[4]);
+      e.taskId = f.task;
+      e.state = f.state;
+    }
+    out.push(e);
+  }
+  return out;
+}
+
+export interface Transition {
+  robot: string;
+  at: number;
+  online: boolean;
+  reason: string | null;
+  source: "api" | "server-log";
+}
+
+const SERVER_LINE =
+  /^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z) \w+ robot ([a-z0-9-]+) (?:is (online|offline|back)\b(?: \((.*)\))?|(registered)\b)/;
+
+/** The robot state changes the server logged, with its own timestamps. */
+export function parseServerLog(text: string): Transition[] {
+  const out: Transition[] = [];
+  for (const line of text.split("\n")) {
+    const m = SERVER_LINE.exec(line);
+    if (!m) continue;
+    const online = m[3] !== "offline";
+    out.push({
+      robot: m[2],
+      at: Date.parse(m[1]),
+      online,
+      reason: online ? null : m[4] ?? "status offline",
+      source: "server-log",
+    });
+  }
+  return out;
+}
