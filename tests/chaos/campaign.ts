@@ -554,7 +554,13 @@ export class Campaign {
       if (t.id) {
         try {
           const v = await this.stack.task(t.id);
-          o.final = { state: v.state, exitCode: v.exitCode, stdout: v.stdout, error: v.error };
+          o.final = {
+            state: v.state,
+            exitCode: v.exitCode,
+            stdout: v.stdout,
+            error: v.error,
+            finishedAt: v.finishedAt ? Date.parse(v.finishedAt) : undefined,
+          };
         } catch { /* left without a final view: reported */ }
       }
       tasks.push(o);
@@ -647,6 +653,13 @@ export async function runCampaign(
   } finally {
     await c.abort();
   }
+}
+
+/** Writes the whole report (schedule, observations, results) as JSON; returns its path. */
+export async function saveReport(report: CampaignReport): Promise<string> {
+  const file = `/tmp/k8s4r-chaos-${report.schedule.seed}-${Date.now()}.json`;
+  await Deno.writeTextFile(file, JSON.stringify(report, null, 1));
+  return file;
 }
 
 /** The fault records as a timeline (campaign-relative times), for the failure report. */

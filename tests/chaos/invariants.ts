@@ -15,7 +15,9 @@
  *    harness did);
  * 5. heartbeats lost (the server's `heartbeats.missing`, counted per boot) only inside the
  *    windows of a broker or agent outage;
- * 6. (liveness) every task created reached a final state by the end of the campaign.
+ * 6. (liveness) every task created reached a final state by the end of the campaign, and a task
+ *    that never ran failed only because its agent crashed while holding it (received, then
+ *    killed before the failure was recorded), never by the server's "no result" fallback.
  */
 import type { AgentEvent, RunLine, Transition } from "./observe.ts";
 import type { Fault } from "./schedule.ts";
@@ -46,7 +48,14 @@ export interface TaskObs {
   id?: string;
   createdAt: number;
   /** The registry's view at the end (GET /api/tasks/{id}). */
-  final?: { state: string; exitCode: number | null; stdout: string; error?: string | null };
+  final?: {
+    state: string;
+    exitCode: number | null;
+    stdout: string;
+    error?: string | null;
+    /** When the registry recorded the final state (epoch ms). */
+    finishedAt?: number;
+  };
 }
 
 /** A change of a robot's `heartbeats.missing` (or `.received`) seen by the poller. */
@@ -204,7 +213,9 @@ export function serverOutages(obs: Observations): Window[] {
  */
 export function notConnected(obs: Observations, robot: string): Window[] {
   const out: Window[] = [];
-  const evs = obs.agentEvents.filter((e) => e.robot === robot && e.kind !== "report")
+  const evs = obs.agentEvents.filter((e) =>
+    e.robot === robot && e.kind !== "report" && e.kind !== "received"
+  )
     .sort((a, b) => a.at - b.at);
   let downSince: number | undefined = obs.startedAt - 3_600_000;
   for (const e of evs) {
@@ -505,23 +516,62 @@ export function checkLiveness(obs: Observations): InvariantResult {
   const states = new Map<string, number>();
   const violations: string[] = [];
   const starts = new Set(obs.runs.filter((l) => l.phase === "start").map((l) => l.token));
+  const received = new Map<string, number>();
+  for (const e of obs.agentEvents) {
+    if (e.kind === "received" && e.taskId && !received.has(e.taskId)) received.set(e.taskId, e.at);
+  }
+  let crashFailed = 0;
   for (const t of obs.tasks) {
     const s = t.final?.state ?? (t.id ? "unknown" : "not created");
     states.set(s, (states.get(s) ?? 0) + 1);
-    if (!t.id) continue; // the POST failed and no task carries the token: nothing to wait for
-    if (!FINAL.has(s) && !starts.has(t.token)) {
+    if (!t.id || starts.has(t.token)) continue; // not created, or checked by `results`
+    const where = `${t.token} (${t.robot}, created ${rel(obs, t.createdAt)}) never ran`;
+    if (!FINAL.has(s)) {
+      violations.push(`${where} and is still ${s}; ${around(obs, t.createdAt, t.createdAt)}`);
+      continue;
+    }
+    if (s !== "failed") continue;
+    const f = t.final!;
+    const got = received.get(t.id);
+    const until = f.finishedAt ?? obs.endedAt;
+    const crash = got !== undefined &&
+      agentKills(obs, t.robot).some((k) => k.at >= got && k.at <= until);
+    if (NO_RESULT_ERROR.test(f.error ?? "")) {
       violations.push(
-        `${t.token} (${t.robot}, created ${rel(obs, t.createdAt)}) never ran and is still ${s}; ${
-          around(obs, t.createdAt, t.createdAt)
+        `${where}: result lost, the server gave up (${f.error}); ${
+          around(obs, got ?? t.createdAt, until)
         }`,
       );
+    } else if (!crash) {
+      violations.push(
+        `${where} and failed (${f.error}) ${
+          got === undefined
+            ? "without reaching its agent"
+            : `at ${rel(obs, until)}, its agent got it at ${
+              rel(obs, got)
+            } and did not crash meanwhile`
+        }; ${around(obs, got ?? t.createdAt, until)}`,
+      );
+    } else {
+      crashFailed++;
     }
   }
+  // Why tasks failed, paths and ids blanked out (e.g. `cannot record task id: ... rename '…'`).
+  const errors = new Map<string, number>();
+  for (const t of obs.tasks) {
+    if (t.final?.state !== "failed") continue;
+    const e = (t.final.error ?? "?").replace(/'[^']*'/g, "'…'").replace(/robot-\d+/g, "robot-N")
+      .slice(0, 80);
+    errors.set(e, (errors.get(e) ?? 0) + 1);
+  }
+  const why = [...errors].sort((a, b) => b[1] - a[1]).map(([e, n]) => `${JSON.stringify(e)} x${n}`);
   return {
     id: "liveness",
-    title: "every task created reached a final state",
+    title: "every task reached a final state; one that never ran failed only by a crash",
     ok: violations.length === 0,
-    figures: [...states].sort().map(([k, v]) => `${k} ${v}`).join(", ") || "no tasks",
+    figures: ([...states].sort().map(([k, v]) => `${k} ${v}`).join(", ") || "no tasks") +
+      `; ${crashFailed} never ran because their agent crashed holding them` +
+      (why.length ? `; failed because: ${why.join(", ")}` : ""),
     violations,
   };
 }
@@ -535,6 +585,17 @@ export function checkAll(obs: Observations): InvariantResult[] {
     checkHeartbeats(obs),
     checkLiveness(obs),
   ];
+}
+
+/** How many faults of each kind ran, e.g. `kill agent x5, pause server x2`. */
+export function faultSummary(obs: Pick<Observations, "faults">): string {
+  const n = new Map<string, number>();
+  for (const r of obs.faults) {
+    if (!ran(r)) continue;
+    const k = `${r.fault.action} ${r.fault.component}`;
+    n.set(k, (n.get(k) ?? 0) + 1);
+  }
+  return [...n].map(([k, v]) => `${k} x${v}`).join(", ") || "none";
 }
 
 /** The report: one block per invariant, violations listed (the first `maxEach`). */

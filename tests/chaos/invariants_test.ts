@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import {
   checkAll,
   type FaultRecord,
+  faultSummary,
   formatResults,
   type InvariantResult,
   notConnected,
@@ -149,6 +150,7 @@ Deno.test("invariants: a clean campaign passes all six, with figures", () => {
   assert.match(text, /reasons: connection lost x1/);
   assert.match(text, /2 offline marks, 2 while the robot was disconnected/);
   assert.match(text, /1 lost during the campaign, 1 inside an outage/);
+  assert.equal(faultSummary(clean()), "kill agent x1, kill mosquitto x1");
 });
 
 Deno.test("at-most-once: a task id appended twice by hand is caught", () => {
@@ -376,10 +378,53 @@ Deno.test("liveness: a task that never ran and never ended is caught", () => {
     r.violations[0],
     /c7-4 \(robot-002, created \+10\.0s\) never ran and is still dispatched/,
   );
-  assert.match(r.figures, /dispatched 1, done 2, failed 1/);
+  assert.match(r.figures, /dispatched 1, done 2, failed 1; 0 never ran because/);
+  assert.match(r.figures, /failed because: "agent restarted" x1/);
   // A POST that failed (no task carries the token) is not waited for.
   obs.tasks[3] = { token: "c7-4", robot: R2, createdAt: T0 + 10_000 };
   assert.ok(checkAll(obs).every((x) => x.ok));
+});
+
+Deno.test("liveness: a task that never ran may fail only because its agent crashed holding it", () => {
+  const failedAt = (o: Observations, error: string, finishedAt: number) => {
+    o.tasks.push({
+      token: "c7-5",
+      robot: R1,
+      id: "id-5",
+      createdAt: T0 + 9000,
+      final: { state: "failed", exitCode: null, stdout: "", error, finishedAt },
+    });
+  };
+  // Received at +9.5s, its agent killed at +10s, reported after the restart: explained.
+  const held = clean();
+  held.agentEvents.push({ robot: R1, at: T0 + 9500, kind: "received", taskId: "id-5" });
+  failedAt(held, "agent restarted", T0 + 13_200);
+  const ok = checkAll(held).find((x) => x.id === "liveness")!;
+  assert.ok(ok.ok, ok.violations.join("\n"));
+  assert.match(ok.figures, /1 never ran because their agent crashed holding them/);
+
+  // Received after the restart and failed at once by the agent (no crash while it held it).
+  const spurious = clean();
+  spurious.agentEvents.push({ robot: R1, at: T0 + 13_100, kind: "received", taskId: "id-5" });
+  failedAt(spurious, "cannot record task id: ENOENT", T0 + 13_150);
+  assert.match(
+    only(checkAll(spurious), "liveness").violations[0],
+    /c7-5 \(robot-001, created \+9\.0s\) never ran and failed \(cannot record task id: ENOENT\) at \+13\.2s, its agent got it at \+13\.1s and did not crash meanwhile/,
+  );
+
+  // Never reached an agent, yet failed.
+  const never = clean();
+  failedAt(never, "x", T0 + 13_150);
+  assert.match(only(checkAll(never), "liveness").violations[0], /without reaching its agent/);
+
+  // The server's fallback is a lost result, crash or not.
+  const lost = clean();
+  lost.agentEvents.push({ robot: R1, at: T0 + 9500, kind: "received", taskId: "id-5" });
+  failedAt(lost, "no result from robot robot-001 within timeout + 60s", T0 + 80_000);
+  assert.match(
+    only(checkAll(lost), "liveness").violations[0],
+    /never ran: result lost, the server gave up/,
+  );
 });
 
 Deno.test("formatResults: PASS/FAIL lines, violations capped", () => {

@@ -10,8 +10,8 @@
  */
 import { parseArgs } from "node:util";
 import { E2eStack } from "../e2e/stack.ts";
-import { formatTimeline, HEARTBEAT_SECONDS, runCampaign } from "./campaign.ts";
-import { checkAll, formatResults } from "./invariants.ts";
+import { formatTimeline, HEARTBEAT_SECONDS, runCampaign, saveReport } from "./campaign.ts";
+import { checkAll, faultSummary, formatResults } from "./invariants.ts";
 import { buildSchedule, checkParams, formatSchedule, replayCommand } from "./schedule.ts";
 
 const USAGE =
@@ -93,7 +93,9 @@ export async function main(argv: string[]): Promise<number> {
         (report.ms.faults / 1000).toFixed(0)
       }s (stack start ${(report.ms.start / 1000).toFixed(0)}s, quiesce ${
         (report.ms.quiesce / 1000).toFixed(0)
-      }s); ${obs.tasks.length} tasks created, ${ran} ran`,
+      }s); ${obs.tasks.length} tasks created, ${ran} ran\nchaos: faults that ran: ${
+        faultSummary(obs)
+      }`,
     );
     console.log(formatResults(report.results));
     if (control === "duplicate-run") {
@@ -109,8 +111,7 @@ export async function main(argv: string[]): Promise<number> {
       code = report.ok ? 0 : 1;
     }
     if (!report.ok || code !== 0) {
-      const file = `/tmp/k8s4r-chaos-${seed}-${Date.now()}.json`;
-      await Deno.writeTextFile(file, JSON.stringify(report, null, 1));
+      const file = await saveReport(report);
       stack.failures.push(`chaos seed ${seed}`);
       console.log(
         `\nchaos: FAILED (seed ${seed}): ${

@@ -38,13 +38,19 @@ export function parseRunFile(robot: string, text: string): Parsed<RunLine> {
   return { items, bad };
 }
 
-export type AgentEventKind = "boot" | "connected" | "disconnected" | "stopped" | "report";
+export type AgentEventKind =
+  | "boot"
+  | "connected"
+  | "disconnected"
+  | "stopped"
+  | "received"
+  | "report";
 
 export interface AgentEvent {
   robot: string;
   at: number;
   kind: AgentEventKind;
-  /** For `report`: the server's task id and the state reported. */
+  /** For `received` and `report`: the server's task id; for `report`, the state reported. */
   taskId?: string;
   state?: string;
 }
@@ -71,6 +77,7 @@ const AGENT_EVENTS: Record<string, AgentEventKind> = {
   "mqtt.connected": "connected",
   "mqtt.disconnected": "disconnected",
   "agent.stopped": "stopped",
+  "task.received": "received",
   "task.report": "report",
 };
 
@@ -83,10 +90,10 @@ export function parseAgentLog(text: string): AgentEvent[] {
     const kind = AGENT_EVENTS[m[3]];
     if (!kind) continue;
     const e: AgentEvent = { robot: m[2], at: Date.parse(m[1]), kind };
-    if (kind === "report") {
+    if (kind === "report" || kind === "received") {
       const f = parseFields(m[4]);
       e.taskId = f.task;
-      e.state = f.state;
+      if (kind === "report") e.state = f.state;
     }
     out.push(e);
   }

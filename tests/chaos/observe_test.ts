@@ -40,6 +40,7 @@ Deno.test("parseAgentLog: boots, connects, disconnects, reports; other lines ski
   assert.deepEqual(parseAgentLog(log), [
     { robot: "robot-001", at: t0, kind: "boot" },
     { robot: "robot-001", at: t0 + 1500, kind: "connected" },
+    { robot: "robot-001", at: t0 + 2000, kind: "received", taskId: "t-1" },
     { robot: "robot-001", at: t0 + 2100, kind: "report", taskId: "t-1", state: "accepted" },
     { robot: "robot-001", at: t0 + 3000, kind: "disconnected" },
     { robot: "robot-001", at: t0 + 4000, kind: "stopped" },

@@ -137,3 +137,18 @@ Deno.test("taskStream: seeded, independent of the fault stream, within bounds", 
   }
   for (const r of ROBOTS) assert.ok(draws.some((d) => d.robot === r), `${r} never drawn`);
 });
+
+Deno.test("buildSchedule: a seed keeps meaning the same faults (golden)", () => {
+  // If this changes, every seed quoted in a report or a doc replays something else.
+  const s = buildSchedule({ seed: 1, faults: 4, minutes: 1, robots: ["robot-001", "robot-002"] });
+  assert.equal(
+    formatSchedule(s),
+    [
+      "seed 1, 4 faults over 1 min, robots robot-001,robot-002",
+      "#01 +11.8s SIGSTOP server for 6.0s mid-task; SIGCONT",
+      "#02 +8.4s kill -9 agent robot-001 mid-task; devenv start 1.3s later",
+      "#03 +5.8s kill -9 mosquitto mid-task; broker-identity restarts it",
+      "#04 +3.5s kill -9 mosquitto, then kill -9 agent robot-001 once a result of it is queued; devenv start 2.3s later",
+    ].join("\n"),
+  );
+});

@@ -71,6 +71,7 @@ export interface TaskView {
   stdout: string;
   stderr: string;
   error?: string | null;
+  finishedAt?: string | null;
 }
 
 export interface Stats {
