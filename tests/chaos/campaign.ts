@@ -78,6 +78,8 @@ export class Campaign {
     { at: number; online: boolean; missing: number; received: number }
   >();
   private polls = { count: 0, errors: 0 };
+  /** Robot views that said `state: "unknown"`. */
+  private unknownPolls = 0;
   private stopPolling = false;
   private stopTasks = false;
   private poller?: Promise<void>;
@@ -150,9 +152,18 @@ export class Campaign {
   private sample(v: RobotView, at: number): void {
     if (!this.robots.includes(v.id)) return;
     const prev = this.last.get(v.id);
+    // A server that knows it cannot hear the fleet says `state: "unknown"` (broker link down):
+    // neither online nor offline, so it changes nothing here. Older servers have only `online`.
+    const state = (v as RobotView & { state?: string }).state;
+    if (state === "unknown") this.unknownPolls++;
+    const online = state === "unknown"
+      ? prev?.online ?? true
+      : state !== undefined
+      ? state === "online"
+      : v.online === true;
     const now = {
       at,
-      online: v.online === true,
+      online,
       missing: v.heartbeats?.missing ?? 0,
       received: v.heartbeats?.received ?? 0,
     };
@@ -585,7 +596,7 @@ export class Campaign {
       transitions: [...this.transitions.filter((t) => t.at >= this.startedAt), ...logged],
       counterSteps: [...this.counterSteps],
       finalHeartbeats,
-      polls: { ...this.polls },
+      polls: { ...this.polls, unknown: this.unknownPolls },
     };
   }
 

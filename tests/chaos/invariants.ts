@@ -84,7 +84,8 @@ export interface Observations {
   transitions: (Transition & { prevAt?: number })[];
   counterSteps: CounterStep[];
   finalHeartbeats: Record<string, { received: number; missing: number }>;
-  polls: { count: number; errors: number };
+  /** API polls; `unknown`: robot views that said `state: "unknown"` (broker link down). */
+  polls: { count: number; errors: number; unknown?: number };
 }
 
 export interface InvariantResult {
@@ -458,7 +459,9 @@ export function checkNoFalseOffline(obs: Observations): InvariantResult {
     title: "no robot was marked offline while it stayed connected",
     ok: violations.length === 0,
     figures: `${marks.length} offline marks, ${legit} while the robot was disconnected, dead or ` +
-      `frozen; ${obs.polls.count} API polls (${obs.polls.errors} failed)`,
+      `frozen; ${obs.polls.count} API polls (${obs.polls.errors} failed${
+        obs.polls.unknown ? `, ${obs.polls.unknown} robot views "unknown"` : ""
+      })`,
     violations,
   };
 }
