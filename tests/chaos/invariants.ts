@@ -244,6 +244,11 @@ function around(obs: Observations, a: number, b: number): string {
     : "no fault near";
 }
 
+/** An error for a one-line violation: quoted absolute paths cut to their file name. */
+export function brief(error: string | null | undefined): string {
+  return (error ?? "?").replace(/'\/[^']*\/([^'/]*)'/g, "'…/$1'");
+}
+
 function pct(xs: number[], p: number): number {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.min(s.length - 1, Math.floor(p * s.length))];
@@ -346,7 +351,7 @@ export function checkResults(obs: Observations): InvariantResult {
       if (f.state !== "done" || f.exitCode !== 0 || !f.stdout.includes(t.token)) {
         violations.push(
           `${where}: finished on the robot, but the registry says ${f.state} exit ${f.exitCode}${
-            f.error ? ` (${f.error})` : ""
+            f.error ? ` (${brief(f.error)})` : ""
           }; ${ctx()}`,
         );
         continue;
@@ -547,7 +552,7 @@ export function checkLiveness(obs: Observations): InvariantResult {
       );
     } else if (!crash) {
       violations.push(
-        `${where} and failed (${f.error}) ${
+        `${where} and failed (${brief(f.error)}) ${
           got === undefined
             ? "without reaching its agent"
             : `at ${rel(obs, until)}, its agent got it at ${

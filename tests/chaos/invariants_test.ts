@@ -6,6 +6,7 @@
  */
 import assert from "node:assert/strict";
 import {
+  brief,
   checkAll,
   type FaultRecord,
   faultSummary,
@@ -425,6 +426,14 @@ Deno.test("liveness: a task that never ran may fail only because its agent crash
     only(checkAll(lost), "liveness").violations[0],
     /never ran: result lost, the server gave up/,
   );
+});
+
+Deno.test("brief: quoted absolute paths are cut to their file name", () => {
+  assert.equal(
+    brief("cannot record task id: ENOENT: rename '/tmp/a b/x/ids.json.tmp' -> '/tmp/x/ids.json'"),
+    "cannot record task id: ENOENT: rename '…/ids.json.tmp' -> '…/ids.json'",
+  );
+  assert.equal(brief(undefined), "?");
 });
 
 Deno.test("formatResults: PASS/FAIL lines, violations capped", () => {
