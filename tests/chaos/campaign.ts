@@ -28,9 +28,11 @@ import {
 } from "./invariants.ts";
 import {
   type AgentEvent,
+  nextSample,
   parseAgentLog,
   parseRunFile,
   parseServerLog,
+  type RobotSample,
   type RunLine,
   type Transition,
 } from "./observe.ts";
@@ -73,10 +75,7 @@ export class Campaign {
   private readonly uncertain = new Set<string>();
   private readonly transitions: (Transition & { prevAt?: number })[] = [];
   private readonly counterSteps: CounterStep[] = [];
-  private readonly last = new Map<
-    string,
-    { at: number; online: boolean; missing: number; received: number }
-  >();
+  private readonly last = new Map<string, RobotSample>();
   private polls = { count: 0, errors: 0 };
   /** Robot views that said `state: "unknown"`. */
   private unknownPolls = 0;
@@ -151,43 +150,11 @@ export class Campaign {
 
   private sample(v: RobotView, at: number): void {
     if (!this.robots.includes(v.id)) return;
-    const prev = this.last.get(v.id);
-    // A server that knows it cannot hear the fleet says `state: "unknown"` (broker link down):
-    // neither online nor offline, so it changes nothing here. Older servers have only `online`.
-    const state = (v as RobotView & { state?: string }).state;
-    if (state === "unknown") this.unknownPolls++;
-    const online = state === "unknown"
-      ? prev?.online ?? true
-      : state !== undefined
-      ? state === "online"
-      : v.online === true;
-    const now = {
-      at,
-      online,
-      missing: v.heartbeats?.missing ?? 0,
-      received: v.heartbeats?.received ?? 0,
-    };
-    if (prev && prev.online !== now.online) {
-      this.transitions.push({
-        robot: v.id,
-        at,
-        prevAt: prev.at,
-        online: now.online,
-        reason: v.offlineReason ?? null,
-        source: "api",
-      });
-    }
-    // A gap counted, or counters that went back (a registry that lost acknowledged writes).
-    if (prev && (prev.missing !== now.missing || now.received < prev.received)) {
-      this.counterSteps.push({
-        robot: v.id,
-        prevAt: prev.at,
-        at,
-        missing: [prev.missing, now.missing],
-        received: [prev.received, now.received],
-      });
-    }
-    this.last.set(v.id, now);
+    const r = nextSample(this.last.get(v.id), v, at);
+    if (r.unknown) this.unknownPolls++;
+    if (r.transition) this.transitions.push(r.transition);
+    if (r.step) this.counterSteps.push(r.step);
+    this.last.set(v.id, r.sample);
   }
 
   online(robot: string): boolean | undefined {

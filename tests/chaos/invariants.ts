@@ -19,7 +19,7 @@
  *    that never ran failed only because its agent crashed while holding it (received, then
  *    killed before the failure was recorded), never by the server's "no result" fallback.
  */
-import type { AgentEvent, RunLine, Transition } from "./observe.ts";
+import type { AgentEvent, CounterStep, RunLine, Transition } from "./observe.ts";
 import type { Fault } from "./schedule.ts";
 
 export interface FaultRecord {
@@ -58,15 +58,7 @@ export interface TaskObs {
   };
 }
 
-/** A change of a robot's `heartbeats.missing` (or `.received`) seen by the poller. */
-export interface CounterStep {
-  robot: string;
-  /** The last poll that saw the old values, and the first that saw the new ones. */
-  prevAt: number;
-  at: number;
-  missing: [number, number];
-  received: [number, number];
-}
+export type { CounterStep };
 
 export interface Observations {
   seed: number;

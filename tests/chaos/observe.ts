@@ -4,7 +4,8 @@
  * - the agents' logs (`<iso> agent[<id>] <event> k=v ...`): boots, MQTT connects and
  *   disconnects, task reports;
  * - the server's log (`<iso> INFO robot <id> is offline (missed 3 heartbeats)`): its own
- *   timestamps of robot state changes.
+ *   timestamps of robot state changes;
+ * - each poll of `GET /api/robots`: online/offline changes and heartbeat counter steps.
  * Lines that do not parse are counted, never fatal.
  */
 
@@ -125,6 +126,86 @@ export function parseServerLog(text: string): Transition[] {
       reason: online ? null : m[4] ?? "status offline",
       source: "server-log",
     });
+  }
+  return out;
+}
+
+/** A change of a robot's `heartbeats.missing` (or a fall of `.received`) seen by the poller. */
+export interface CounterStep {
+  robot: string;
+  /** The last poll that saw the old values, and the first that saw the new ones. */
+  prevAt: number;
+  at: number;
+  missing: [number, number];
+  received: [number, number];
+}
+
+/** What the poller keeps per robot between polls. */
+export interface RobotSample {
+  at: number;
+  online: boolean;
+  missing: number;
+  received: number;
+}
+
+/** The fields of a `GET /api/robots` view the poller reads. */
+export interface RobotViewLike {
+  id: string;
+  online?: boolean;
+  /** `online` | `offline` | `unknown` (a server that knows it cannot hear the fleet). */
+  state?: string;
+  offlineReason?: string | null;
+  heartbeats?: { received: number; missing: number };
+}
+
+/**
+ * One poll of one robot against the previous one: the new sample, the online/offline change
+ * (if any), and the counter step (if `missing` changed or `received` went back, which only a
+ * registry that lost acknowledged writes does). `state: "unknown"` is neither online nor
+ * offline: it keeps the previous value. Servers without `state` are read by `online`.
+ */
+export function nextSample(
+  prev: RobotSample | undefined,
+  v: RobotViewLike,
+  at: number,
+): {
+  sample: RobotSample;
+  unknown: boolean;
+  transition?: Transition & { prevAt: number };
+  step?: CounterStep;
+} {
+  const unknown = v.state === "unknown";
+  const online = unknown
+    ? prev?.online ?? true
+    : v.state !== undefined
+    ? v.state === "online"
+    : v.online === true;
+  const sample: RobotSample = {
+    at,
+    online,
+    missing: v.heartbeats?.missing ?? 0,
+    received: v.heartbeats?.received ?? 0,
+  };
+  const out: ReturnType<typeof nextSample> = { sample, unknown };
+  if (!prev) return out;
+  if (prev.online !== online) {
+    out.transition = {
+      robot: v.id,
+      at,
+      prevAt: prev.at,
+      online,
+      reason: online ? null : v.offlineReason ?? null,
+      source: "api",
+    };
+  }
+  if (prev.missing !== sample.missing || sample.received < prev.received) {
+    out.step = {
+      robot: v.id,
+      prevAt: prev.at,
+      at,
+      missing: [prev.missing, sample.missing],
+      received: [prev.received, sample.received],
+    };
   }
   return out;
 }

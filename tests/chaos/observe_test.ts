@@ -1,5 +1,12 @@
 import assert from "node:assert/strict";
-import { parseAgentLog, parseFields, parseRunFile, parseServerLog } from "./observe.ts";
+import {
+  nextSample,
+  parseAgentLog,
+  parseFields,
+  parseRunFile,
+  parseServerLog,
+  type RobotSample,
+} from "./observe.ts";
 
 Deno.test("parseRunFile: start and end records; anything else is bad", () => {
   const r = parseRunFile(
@@ -66,4 +73,57 @@ Deno.test("parseServerLog: offline with reason, online, back, registered", () =>
     ["robot-002", 7000, false, "status offline"],
     ["robot-002", 8000, true, null],
   ]);
+});
+
+Deno.test("nextSample: online/offline changes and counter steps between two polls", () => {
+  const hb = (received: number, missing: number) => ({ received, missing });
+  const first = nextSample(undefined, { id: "r", online: true, heartbeats: hb(5, 0) }, 1000);
+  assert.deepEqual(first, {
+    sample: { at: 1000, online: true, missing: 0, received: 5 },
+    unknown: false,
+  });
+  // Nothing changed but the received count: no transition, no step.
+  const same = nextSample(first.sample, { id: "r", online: true, heartbeats: hb(6, 0) }, 1050);
+  assert.equal(same.transition, undefined);
+  assert.equal(same.step, undefined);
+  // Offline, with its reason; a gap counted.
+  const off = nextSample(same.sample, {
+    id: "r",
+    online: false,
+    offlineReason: "connection lost",
+    heartbeats: hb(7, 2),
+  }, 1100);
+  assert.deepEqual(off.transition, {
+    robot: "r",
+    at: 1100,
+    prevAt: 1050,
+    online: false,
+    reason: "connection lost",
+    source: "api",
+  });
+  assert.deepEqual(off.step, {
+    robot: "r",
+    prevAt: 1050,
+    at: 1100,
+    missing: [0, 2],
+    received: [6, 7],
+  });
+  // Counters that go back are a step too (a registry that lost acknowledged writes).
+  const back = nextSample(off.sample, { id: "r", online: false, heartbeats: hb(3, 2) }, 1150);
+  assert.deepEqual(back.step?.received, [7, 3]);
+});
+
+Deno.test("nextSample: `state` wins over `online`; `unknown` keeps the previous value", () => {
+  const prev: RobotSample = { at: 0, online: true, missing: 0, received: 1 };
+  // A server that knows it cannot hear the fleet: not an offline mark, whatever `online` says.
+  const u = nextSample(prev, { id: "r", state: "unknown", online: false }, 50);
+  assert.equal(u.unknown, true);
+  assert.equal(u.sample.online, true);
+  assert.equal(u.transition, undefined);
+  const off = nextSample(u.sample, { id: "r", state: "offline", online: true }, 100);
+  assert.equal(off.transition?.online, false);
+  const back = nextSample(off.sample, { id: "r", state: "unknown" }, 150);
+  assert.equal(back.sample.online, false);
+  assert.equal(back.transition, undefined);
+  assert.equal(nextSample(back.sample, { id: "r", state: "online" }, 200).transition?.online, true);
 });
