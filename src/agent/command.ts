@@ -62,6 +62,12 @@ file, never put on a command line or in a log). Logs one line per event to stder
       type: "boolean",
       description: "Use an already running SPIRE agent at the socket",
     },
+    {
+      name: "spire-sync-interval",
+      type: "string",
+      valueName: "DURATION",
+      description: "The managed spire-agent's sync_interval (default: SPIRE's, 5s)",
+    },
   ],
   run: (args, io) => runAgentCommand(args, io),
 };
@@ -79,6 +85,7 @@ async function runAgentCommand(args: Args, io: Io): Promise<number> {
       joinTokenFile: args.string("join-token-file"),
       heartbeatSeconds: args.number("heartbeat-seconds"),
       noManageSpire: args.bool("no-manage-spire"),
+      spireSyncInterval: args.string("spire-sync-interval"),
     },
   });
   // The token must not reach the environment of anything we start (spire-agent, tasks):
@@ -186,6 +193,7 @@ async function startSpire(
     serverAddress: s.serverHost,
     serverPort: s.serverPort,
     logLevel: s.logLevel,
+    syncInterval: s.syncInterval,
     onEvent: (e: AgentEvent) => {
       const { type, ...rest } = e;
       log(`spire_agent.${type}`, rest);

@@ -213,3 +213,13 @@ Deno.test("interpolation: ${VAR}, ${VAR:-default}, $$", () => {
   assert.equal(interpolate("$${A} $5", env), "${A} $5");
   assert.throws(() => interpolate("${B}", env), /environment variable B is not set/);
 });
+
+Deno.test("--spire-sync-interval: a Go duration for the managed spire-agent, SPIRE's default without", async () => {
+  assert.equal((await load("")).spire.syncInterval, undefined);
+  assert.equal((await load("", {}, { spireSyncInterval: "500ms" })).spire.syncInterval, "500ms");
+  await assert.rejects(
+    load("", {}, { spireSyncInterval: "fast" }),
+    (e: unknown) =>
+      e instanceof UsageError && /--spire-sync-interval expects a Go duration/.test(e.message),
+  );
+});
