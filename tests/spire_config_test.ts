@@ -24,10 +24,18 @@ async function validate(bin: string, hcl: string): Promise<{ code: number; out: 
   }
 }
 
-Deno.test("real spire-server validates the rendered config, with and without cache_reload_interval", async () => {
+Deno.test("real spire-server validates the rendered config, with and without the dev settings", async () => {
   const { server } = await spireBinaries();
-  for (const cacheReloadInterval of [undefined, "500ms"]) {
-    const r = await validate(server, renderServerConfig({ dataDir: "/DIR", cacheReloadInterval }));
+  for (
+    const [cacheReloadInterval, attestationRateLimit] of [
+      [undefined, undefined],
+      ["100ms", false],
+    ] as const
+  ) {
+    const r = await validate(
+      server,
+      renderServerConfig({ dataDir: "/DIR", cacheReloadInterval, attestationRateLimit }),
+    );
     assert.equal(r.code, 0, r.out);
     assert.match(r.out, /configuration file is valid/);
   }

@@ -79,6 +79,11 @@ const HIDDEN_SPIRE_FLAGS: FlagSpec[] = [
     valueName: "DURATION",
     description: "agent experimental.sync_interval",
   },
+  {
+    name: "no-attestation-rate-limit",
+    type: "boolean",
+    description: "server ratelimit.attestation = false",
+  },
 ];
 
 function goDuration(args: Args, flag: string): string | undefined {
@@ -156,9 +161,11 @@ export const devenvCommand: CommandSpec = {
         {
           name: "spire-defaults",
           type: "boolean",
-          description: `Run SPIRE with its own sync and cache-reload intervals (5s) instead of ` +
-            `devenv's (agent sync ${DEV_SPIRE_TIMING.agentSyncInterval}, server cache reload ` +
-            `${DEV_SPIRE_TIMING.serverCacheReloadInterval}); applies to what this start launches`,
+          description: `Run SPIRE with its own sync and cache-reload intervals (5s) and ` +
+            `attestation rate limit instead of devenv's (agent sync ` +
+            `${DEV_SPIRE_TIMING.agentSyncInterval}, server cache reload ` +
+            `${DEV_SPIRE_TIMING.serverCacheReloadInterval}, no attestation limit); applies to ` +
+            "what this start launches",
         },
       ],
       run: withContext((ctx, args) => {
@@ -235,6 +242,7 @@ export const devenvCommand: CommandSpec = {
           caTtl: caTtlSeconds(args, {}),
           bin: args.string("spire-server-bin"),
           cacheReloadInterval: goDuration(args, "cache-reload-interval"),
+          attestationRateLimit: args.bool("no-attestation-rate-limit") ? false : undefined,
         })
       ),
     },

@@ -52,15 +52,21 @@ import { httpGetJson, type ProbeResult } from "./probes.ts";
 import type { ComponentStatus } from "./render.ts";
 
 /**
- * SPIRE's timing in the dev stack. SPIRE's defaults (5 s each) make a newly attested agent wait
- * ~5 s for its first SVID: the server answers agents from an entry cache it reloads every
- * `cache_reload_interval`, and the agent asks every `sync_interval`. On a laptop stack with a
- * handful of entries a short reload costs nothing; production keeps SPIRE's defaults.
- * `devenv start --spire-defaults` runs the stack with SPIRE's own values instead.
+ * SPIRE's timing in the dev stack; production keeps SPIRE's defaults, and
+ * `devenv start --spire-defaults` runs the dev stack with them too.
+ *
+ * - With the defaults (5 s each) a newly attested agent waits ~5 s for its first SVID: the
+ *   server answers agents from an entry cache it reloads every `cache_reload_interval`, and the
+ *   agent asks every `sync_interval`. On a stack with a handful of entries a reload is cheap.
+ * - SPIRE admits one node attestation per second per client IP (`ratelimit.attestation`): on
+ *   one host every agent comes from 127.0.0.1, so the broker's and N robots' agents attesting
+ *   at once would take N + 1 seconds.
  */
 export const DEV_SPIRE_TIMING = {
   /** spire-server `experimental.cache_reload_interval`. */
   serverCacheReloadInterval: "100ms",
+  /** spire-server `ratelimit.attestation`. */
+  serverAttestationRateLimit: false,
   /** spire-agent `experimental.sync_interval` (the broker's and every robot's). */
   agentSyncInterval: "500ms",
 } as const;
@@ -175,10 +181,15 @@ export class StartRun extends StackView {
     return this.opts.brokerUrl ?? `ssl://localhost:${this.ctx.layout.ports.mqttTls}`;
   }
 
-  /** The SPIRE intervals this start gives the components it launches (undefined = SPIRE's). */
-  get timing(): { cacheReloadInterval?: string; syncInterval?: string } {
+  /** The SPIRE settings this start gives the components it launches (undefined = SPIRE's). */
+  get timing(): {
+    cacheReloadInterval?: string;
+    attestationRateLimit?: boolean;
+    syncInterval?: string;
+  } {
     return this.opts.spireDefaults ? {} : {
       cacheReloadInterval: DEV_SPIRE_TIMING.serverCacheReloadInterval,
+      attestationRateLimit: DEV_SPIRE_TIMING.serverAttestationRateLimit,
       syncInterval: DEV_SPIRE_TIMING.agentSyncInterval,
     };
   }
@@ -362,7 +373,7 @@ function spireServerComponent(view: StackView): Component {
     async spawn(run) {
       const cli = await run.requireCli();
       const { caTtl } = run.opts;
-      const interval = run.timing.cacheReloadInterval;
+      const { cacheReloadInterval: interval, attestationRateLimit } = run.timing;
       // Detached through `devenv spire-server`, which redacts join tokens from SPIRE's log.
       return await run.ctx.io.runner.spawn({
         name: "spire-server",
@@ -378,6 +389,7 @@ function spireServerComponent(view: StackView): Component {
           run.spire!.server,
           ...(caTtl !== undefined ? ["--ca-ttl", String(caTtl)] : []),
           ...(interval ? ["--cache-reload-interval", interval] : []),
+          ...(attestationRateLimit === false ? ["--no-attestation-rate-limit"] : []),
         ],
         cwd: layout.root,
         env: run.childEnv,

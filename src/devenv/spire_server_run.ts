@@ -19,6 +19,8 @@ export interface SpireServerRunOptions {
   bin?: string;
   /** `experimental.cache_reload_interval`; undefined = the config file's, else SPIRE's. */
   cacheReloadInterval?: string;
+  /** `ratelimit.attestation`; undefined = the config file's, else SPIRE's (on). */
+  attestationRateLimit?: boolean;
 }
 
 export async function runSpireServer(
@@ -40,6 +42,7 @@ export async function runSpireServer(
     trustDomain: layout.trustDomain,
     caTtl: opts.caTtl !== undefined ? `${opts.caTtl}s` : undefined,
     cacheReloadInterval: opts.cacheReloadInterval,
+    attestationRateLimit: opts.attestationRateLimit,
     readyTimeoutMs: 60_000,
   });
   const stopped = new Promise<"stop">((resolve) => {

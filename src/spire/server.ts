@@ -32,6 +32,13 @@ export interface ServerConfigValues {
    * (5 s), which production keeps; the dev stack sets it lower (see README, "Run the stack").
    */
   cacheReloadInterval?: string;
+  /**
+   * `server.ratelimit.attestation`. SPIRE's default (true) admits one node attestation per
+   * second per client IP: right for a fleet, where every agent has its own address, but on one
+   * host every agent shares 127.0.0.1, so N agents attesting at once take N seconds. Unset =
+   * SPIRE's default.
+   */
+  attestationRateLimit?: boolean;
 }
 
 /** The guide's values; `config/spire/server.conf` is exactly `renderServerConfig()` of these. */
@@ -69,6 +76,14 @@ server {
   log_level = ${hclString(v.logLevel)}
   default_x509_svid_ttl = ${hclString(v.defaultX509SvidTtl)}
   ca_ttl = ${hclString(v.caTtl)}${
+    v.attestationRateLimit !== undefined
+      ? `
+
+  ratelimit {
+    attestation = ${v.attestationRateLimit}
+  }`
+      : ""
+  }${
     v.cacheReloadInterval !== undefined
       ? `
 
@@ -107,6 +122,12 @@ export function readConfigValue(text: string, key: string): string | undefined {
   return m[1] !== undefined ? JSON.parse(`"${m[1]}"`) : m[2];
 }
 
+/** Reads one `key = true|false` setting from a SPIRE HCL config. */
+export function readConfigBool(text: string, key: string): boolean | undefined {
+  const m = text.match(new RegExp(`^\\s*${key}\\s*=\\s*(true|false)\\b`, "m"));
+  return m ? m[1] === "true" : undefined;
+}
+
 export interface StartServerOptions {
   bin: string;
   configFile: string;
@@ -122,6 +143,8 @@ export interface StartServerOptions {
   caTtl?: string;
   /** `experimental.cache_reload_interval`; undefined = the config file's, else SPIRE's default. */
   cacheReloadInterval?: string;
+  /** `ratelimit.attestation`; undefined = the config file's, else SPIRE's default (true). */
+  attestationRateLimit?: boolean;
   logFile: string;
   pidFile?: string;
   detached?: boolean;
@@ -158,7 +181,10 @@ export async function planSpireServer(
   let rendered: string | undefined;
   // These have no CLI flag in v1.13.3 (or, for dataDir, the datastore and key paths follow it):
   // run from a rendered config that holds every value.
-  if (opts.dataDir || opts.defaultX509SvidTtl || opts.caTtl || opts.cacheReloadInterval) {
+  if (
+    opts.dataDir || opts.defaultX509SvidTtl || opts.caTtl || opts.cacheReloadInterval ||
+    opts.attestationRateLimit !== undefined
+  ) {
     const dataDir = resolve(opts.cwd, opts.dataDir ?? readConfigValue(text, "data_dir") ?? ".");
     const port = readConfigValue(text, "bind_port");
     rendered = renderServerConfig({
@@ -174,6 +200,7 @@ export async function planSpireServer(
       caTtl: opts.caTtl ?? readConfigValue(text, "ca_ttl"),
       cacheReloadInterval: opts.cacheReloadInterval ??
         readConfigValue(text, "cache_reload_interval"),
+      attestationRateLimit: opts.attestationRateLimit ?? readConfigBool(text, "attestation"),
     } as Partial<ServerConfigValues>); // undefined values fall back to the defaults
     configFile = join(dataDir, "server.generated.conf");
   }

@@ -5,6 +5,7 @@ import {
   entryMatches,
   parseEntryJson,
   planSpireServer,
+  readConfigBool,
   readConfigValue,
   renderServerConfig,
   SpireServerCli,
@@ -388,6 +389,36 @@ Deno.test("cache_reload_interval: rendered only when asked, and kept from the co
       cacheReloadInterval: "200ms",
     });
     assert.equal(readConfigValue(asked.rendered!, "cache_reload_interval"), "200ms");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("ratelimit.attestation: rendered only when set, and kept from the config file", async () => {
+  assert.doesNotMatch(renderServerConfig(), /ratelimit/);
+  const hcl = renderServerConfig({ attestationRateLimit: false });
+  assert.ok(hcl.includes("\n  ratelimit {\n    attestation = false\n  }\n"));
+  assert.equal(readConfigBool(hcl, "attestation"), false);
+  assert.equal(readConfigBool(renderServerConfig(), "attestation"), undefined);
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-" });
+  try {
+    await Deno.writeTextFile(`${dir}/server.conf`, hcl);
+    const plan = await planSpireServer({
+      bin: BIN,
+      configFile: "server.conf",
+      cwd: dir,
+      logFile: `${dir}/log`,
+      dataDir: "d",
+    });
+    assert.equal(readConfigBool(plan.rendered!, "attestation"), false);
+    const on = await planSpireServer({
+      bin: BIN,
+      configFile: "server.conf",
+      cwd: dir,
+      logFile: `${dir}/log`,
+      attestationRateLimit: true,
+    });
+    assert.equal(readConfigBool(on.rendered!, "attestation"), true);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
