@@ -36,6 +36,8 @@ export interface AgentSpireConfig {
   manage: boolean;
   /** The managed spire-agent's `experimental.sync_interval`; undefined = SPIRE's default (5 s). */
   syncInterval?: string;
+  /** Absolute. The spire-agent binary to run; undefined = look it up (and check its version). */
+  agentBin?: string;
 }
 
 export interface AgentMqttConfig {
@@ -84,6 +86,8 @@ export interface AgentFlags {
   noManageSpire?: boolean;
   /** `--spire-sync-interval`: a Go duration (the dev stack passes a short one). */
   spireSyncInterval?: string;
+  /** `--spire-agent-bin`: the spire-agent to run (the dev stack passes the one it checked). */
+  spireAgentBin?: string;
 }
 
 export const DEFAULT_CONFIG_PATH = "config/agent/plugins.yaml";
@@ -567,6 +571,7 @@ function buildConfig(
       ),
       manage: flags.noManageSpire ? false : get("spire.manage", true),
       syncInterval: flags.spireSyncInterval,
+      agentBin: flags.spireAgentBin !== undefined ? abs(flags.spireAgentBin) : undefined,
     },
     mqtt: {
       brokerUrl: broker.url,

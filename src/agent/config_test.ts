@@ -214,8 +214,11 @@ Deno.test("interpolation: ${VAR}, ${VAR:-default}, $$", () => {
   assert.throws(() => interpolate("${B}", env), /environment variable B is not set/);
 });
 
-Deno.test("--spire-sync-interval: a Go duration for the managed spire-agent, SPIRE's default without", async () => {
+Deno.test("--spire-sync-interval and --spire-agent-bin: what devenv hands the managed spire-agent", async () => {
   assert.equal((await load("")).spire.syncInterval, undefined);
+  assert.equal((await load("")).spire.agentBin, undefined);
+  assert.ok((await load("", {}, { spireAgentBin: "bin/spire-agent" })).spire.agentBin!
+    .endsWith("/bin/spire-agent"));
   assert.equal((await load("", {}, { spireSyncInterval: "500ms" })).spire.syncInterval, "500ms");
   await assert.rejects(
     load("", {}, { spireSyncInterval: "fast" }),
