@@ -355,7 +355,7 @@ export async function restartAgent(
         r,
         stack.layout.agentPluginsYaml,
         stack.env.MQTT_BROKER_URL,
-        DEV_SPIRE_TIMING.agentSyncInterval, // as devenv runs it
+        { syncInterval: DEV_SPIRE_TIMING.agentSyncInterval }, // as devenv runs it
       ),
       ...extra,
     ],

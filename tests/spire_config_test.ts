@@ -27,14 +27,19 @@ async function validate(bin: string, hcl: string): Promise<{ code: number; out: 
 Deno.test("real spire-server validates the rendered config, with and without the dev settings", async () => {
   const { server } = await spireBinaries();
   for (
-    const [cacheReloadInterval, attestationRateLimit] of [
-      [undefined, undefined],
-      ["100ms", false],
+    const [cacheReloadInterval, attestationRateLimit, eventsBasedCache] of [
+      [undefined, undefined, undefined],
+      ["100ms", false, true],
     ] as const
   ) {
     const r = await validate(
       server,
-      renderServerConfig({ dataDir: "/DIR", cacheReloadInterval, attestationRateLimit }),
+      renderServerConfig({
+        dataDir: "/DIR",
+        cacheReloadInterval,
+        attestationRateLimit,
+        eventsBasedCache,
+      }),
     );
     assert.equal(r.code, 0, r.out);
     assert.match(r.out, /configuration file is valid/);

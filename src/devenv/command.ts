@@ -84,6 +84,11 @@ const HIDDEN_SPIRE_FLAGS: FlagSpec[] = [
     type: "boolean",
     description: "server ratelimit.attestation = false",
   },
+  {
+    name: "events-based-cache",
+    type: "boolean",
+    description: "server experimental.events_based_cache = true",
+  },
 ];
 
 function goDuration(args: Args, flag: string): string | undefined {
@@ -243,6 +248,7 @@ export const devenvCommand: CommandSpec = {
           bin: args.string("spire-server-bin"),
           cacheReloadInterval: goDuration(args, "cache-reload-interval"),
           attestationRateLimit: args.bool("no-attestation-rate-limit") ? false : undefined,
+          eventsBasedCache: args.bool("events-based-cache") ? true : undefined,
         })
       ),
     },

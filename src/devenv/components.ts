@@ -65,6 +65,8 @@ import type { ComponentStatus } from "./render.ts";
 export const DEV_SPIRE_TIMING = {
   /** spire-server `experimental.cache_reload_interval`. */
   serverCacheReloadInterval: "100ms",
+  /** spire-server `experimental.events_based_cache`. */
+  serverEventsBasedCache: true,
   /** spire-server `ratelimit.attestation`. */
   serverAttestationRateLimit: false,
   /** spire-agent `experimental.sync_interval` (the broker's and every robot's). */
@@ -184,11 +186,13 @@ export class StartRun extends StackView {
   /** The SPIRE settings this start gives the components it launches (undefined = SPIRE's). */
   get timing(): {
     cacheReloadInterval?: string;
+    eventsBasedCache?: boolean;
     attestationRateLimit?: boolean;
     syncInterval?: string;
   } {
     return this.opts.spireDefaults ? {} : {
       cacheReloadInterval: DEV_SPIRE_TIMING.serverCacheReloadInterval,
+      eventsBasedCache: DEV_SPIRE_TIMING.serverEventsBasedCache,
       attestationRateLimit: DEV_SPIRE_TIMING.serverAttestationRateLimit,
       syncInterval: DEV_SPIRE_TIMING.agentSyncInterval,
     };
@@ -373,7 +377,7 @@ function spireServerComponent(view: StackView): Component {
     async spawn(run) {
       const cli = await run.requireCli();
       const { caTtl } = run.opts;
-      const { cacheReloadInterval: interval, attestationRateLimit } = run.timing;
+      const { cacheReloadInterval: interval, attestationRateLimit, eventsBasedCache } = run.timing;
       // Detached through `devenv spire-server`, which redacts join tokens from SPIRE's log.
       return await run.ctx.io.runner.spawn({
         name: "spire-server",
@@ -390,6 +394,7 @@ function spireServerComponent(view: StackView): Component {
           ...(caTtl !== undefined ? ["--ca-ttl", String(caTtl)] : []),
           ...(interval ? ["--cache-reload-interval", interval] : []),
           ...(attestationRateLimit === false ? ["--no-attestation-rate-limit"] : []),
+          ...(eventsBasedCache ? ["--events-based-cache"] : []),
         ],
         cwd: layout.root,
         env: run.childEnv,
@@ -759,7 +764,7 @@ export function agentArgs(
   r: RobotLayout,
   pluginsYaml: string,
   brokerUrl: string,
-  spireSyncInterval?: string,
+  spire: { syncInterval?: string; agentBin?: string } = {},
 ): string[] {
   return [
     ...selfArgs,
@@ -776,7 +781,8 @@ export function agentArgs(
     r.joinTokenFile,
     "--broker-url",
     brokerUrl,
-    ...(spireSyncInterval ? ["--spire-sync-interval", spireSyncInterval] : []),
+    ...(spire.syncInterval ? ["--spire-sync-interval", spire.syncInterval] : []),
+    ...(spire.agentBin ? ["--spire-agent-bin", spire.agentBin] : []),
   ];
 }
 
@@ -845,6 +851,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
     // is reconciled meanwhile, and a change reaches it at its next sync). Either way its
     // register must reach a subscribed server.
     needs: [
+      "spire-binaries",
       "spire-server",
       { on: "identities", unless: attested },
       { on: "ca-bundle", unless: attested },
@@ -871,7 +878,8 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
           r,
           layout.agentPluginsYaml,
           run.brokerUrl,
-          run.timing.syncInterval,
+          // The binary the spire-binaries step checked: the agent need not look it up again.
+          { syncInterval: run.timing.syncInterval, agentBin: run.spire!.agent },
         ),
         cwd: layout.root,
         env: {

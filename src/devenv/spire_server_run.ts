@@ -21,6 +21,8 @@ export interface SpireServerRunOptions {
   cacheReloadInterval?: string;
   /** `ratelimit.attestation`; undefined = the config file's, else SPIRE's (on). */
   attestationRateLimit?: boolean;
+  /** `experimental.events_based_cache`; undefined = the config file's, else SPIRE's (off). */
+  eventsBasedCache?: boolean;
 }
 
 export async function runSpireServer(
@@ -43,6 +45,7 @@ export async function runSpireServer(
     caTtl: opts.caTtl !== undefined ? `${opts.caTtl}s` : undefined,
     cacheReloadInterval: opts.cacheReloadInterval,
     attestationRateLimit: opts.attestationRateLimit,
+    eventsBasedCache: opts.eventsBasedCache,
     readyTimeoutMs: 60_000,
   });
   const stopped = new Promise<"stop">((resolve) => {

@@ -33,6 +33,12 @@ export interface ServerConfigValues {
    */
   cacheReloadInterval?: string;
   /**
+   * `server.experimental.events_based_cache`: the entry cache follows the datastore's change
+   * events every `cache_reload_interval` instead of reloading every entry, so a short interval
+   * stays cheap with many entries. Unset = SPIRE's default (full reloads).
+   */
+  eventsBasedCache?: boolean;
+  /**
    * `server.ratelimit.attestation`. SPIRE's default (true) admits one node attestation per
    * second per client IP: right for a fleet, where every agent has its own address, but on one
    * host every agent shares 127.0.0.1, so N agents attesting at once take N seconds. Unset =
@@ -84,11 +90,20 @@ server {
   }`
       : ""
   }${
-    v.cacheReloadInterval !== undefined
+    v.cacheReloadInterval !== undefined || v.eventsBasedCache !== undefined
       ? `
 
-  experimental {
-    cache_reload_interval = ${hclString(v.cacheReloadInterval)}
+  experimental {${
+        v.cacheReloadInterval !== undefined
+          ? `
+    cache_reload_interval = ${hclString(v.cacheReloadInterval)}`
+          : ""
+      }${
+        v.eventsBasedCache !== undefined
+          ? `
+    events_based_cache = ${v.eventsBasedCache}`
+          : ""
+      }
   }`
       : ""
   }
@@ -145,6 +160,8 @@ export interface StartServerOptions {
   cacheReloadInterval?: string;
   /** `ratelimit.attestation`; undefined = the config file's, else SPIRE's default (true). */
   attestationRateLimit?: boolean;
+  /** `experimental.events_based_cache`; undefined = the config file's, else SPIRE's (false). */
+  eventsBasedCache?: boolean;
   logFile: string;
   pidFile?: string;
   detached?: boolean;
@@ -183,7 +200,7 @@ export async function planSpireServer(
   // run from a rendered config that holds every value.
   if (
     opts.dataDir || opts.defaultX509SvidTtl || opts.caTtl || opts.cacheReloadInterval ||
-    opts.attestationRateLimit !== undefined
+    opts.attestationRateLimit !== undefined || opts.eventsBasedCache !== undefined
   ) {
     const dataDir = resolve(opts.cwd, opts.dataDir ?? readConfigValue(text, "data_dir") ?? ".");
     const port = readConfigValue(text, "bind_port");
@@ -201,6 +218,7 @@ export async function planSpireServer(
       cacheReloadInterval: opts.cacheReloadInterval ??
         readConfigValue(text, "cache_reload_interval"),
       attestationRateLimit: opts.attestationRateLimit ?? readConfigBool(text, "attestation"),
+      eventsBasedCache: opts.eventsBasedCache ?? readConfigBool(text, "events_based_cache"),
     } as Partial<ServerConfigValues>); // undefined values fall back to the defaults
     configFile = join(dataDir, "server.generated.conf");
   }

@@ -370,6 +370,13 @@ Deno.test("cache_reload_interval: rendered only when asked, and kept from the co
   const hcl = renderServerConfig({ cacheReloadInterval: "500ms" });
   assert.ok(hcl.includes('\n  experimental {\n    cache_reload_interval = "500ms"\n  }\n}\n'));
   assert.equal(readConfigValue(hcl, "cache_reload_interval"), "500ms");
+  const events = renderServerConfig({ cacheReloadInterval: "100ms", eventsBasedCache: true });
+  assert.ok(
+    events.includes(
+      '  experimental {\n    cache_reload_interval = "100ms"\n    events_based_cache = true\n  }',
+    ),
+  );
+  assert.equal(readConfigBool(events, "events_based_cache"), true);
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-" });
   try {
     await Deno.writeTextFile(`${dir}/server.conf`, hcl);
