@@ -304,7 +304,8 @@ export class SpireAgentSupervisor {
         },
         {
           timeoutMs,
-          intervalMs: 100,
+          // A local gRPC health check and a log read: cheap enough to see readiness within 20 ms.
+          intervalMs: 20,
           signal: this.#abort.signal,
           what: `spire-agent to serve on ${o.socketPath}`,
         },
