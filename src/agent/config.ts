@@ -13,6 +13,14 @@ import type { Node, Pair, YAMLMap } from "yaml";
 import { ConfigError, UsageError } from "../cli/errors.ts";
 import { isRobotId } from "../fleet/topics.ts";
 import { brokerSpiffeId, robotSpiffeId } from "../fleet/mod.ts";
+import {
+  type BrokerUrl,
+  type HostPort,
+  parseBrokerUrl,
+  parseHostPort,
+} from "../fleet/addresses.ts";
+
+export { type BrokerUrl, parseBrokerUrl };
 
 export const SPIRE_LOG_LEVELS = ["DEBUG", "INFO", "WARN", "ERROR"] as const;
 export type SpireLogLevel = typeof SPIRE_LOG_LEVELS[number];
@@ -82,71 +90,6 @@ export interface AgentFlags {
 }
 
 export const DEFAULT_CONFIG_PATH = "config/agent/plugins.yaml";
-
-// ---------------------------------------------------------------------------------------------
-// Broker URL
-
-export interface BrokerUrl {
-  url: string;
-  host: string;
-  port: number;
-}
-
-const TLS_SCHEMES = ["ssl", "mqtts", "tls"];
-const PLAIN_SCHEMES = ["mqtt", "tcp", "ws", "wss", "http", "https"];
-
-/**
- * `ssl://`, `mqtts://` and `tls://` all mean MQTT over TLS; they are normalised to `mqtts://`.
- * Anything else is refused: a robot never falls back to plaintext. Throws an Error whose
- * message is what was expected (callers add where the URL came from).
- */
-export function parseBrokerUrl(raw: string): BrokerUrl {
-  const m = /^([A-Za-z][A-Za-z0-9+.-]*):\/\/(.*)$/.exec(raw.trim());
-  if (!m) {
-    throw new Error(
-      `expected a broker URL like ssl://localhost:8883, got ${JSON.stringify(raw)}`,
-    );
-  }
-  const scheme = m[1].toLowerCase();
-  if (!TLS_SCHEMES.includes(scheme)) {
-    if (PLAIN_SCHEMES.includes(scheme)) {
-      throw new Error(
-        `${scheme}:// is refused: robots reach the broker only over mTLS; use ssl://, mqtts:// or tls:// (got ${
-          JSON.stringify(raw)
-        })`,
-      );
-    }
-    throw new Error(
-      `unknown scheme ${scheme}://: expected ssl://, mqtts:// or tls:// (got ${
-        JSON.stringify(raw)
-      })`,
-    );
-  }
-  let u: URL;
-  try {
-    // URL only parses host:port for "special" schemes; reuse https parsing for the authority.
-    u = new URL(`https://${m[2]}`);
-  } catch {
-    throw new Error(`expected host[:port] after ${scheme}://, got ${JSON.stringify(raw)}`);
-  }
-  if (!u.hostname || u.username || u.password || (u.pathname !== "/" && u.pathname !== "")) {
-    throw new Error(
-      `expected ${scheme}://host[:port] without user, password or path, got ${JSON.stringify(raw)}`,
-    );
-  }
-  if (u.search || u.hash) {
-    throw new Error(`expected ${scheme}://host[:port] without query, got ${JSON.stringify(raw)}`);
-  }
-  // new URL("https://h:443") drops the default port; read it from the text instead.
-  const portText = /:(\d+)\/?$/.exec(m[2])?.[1];
-  const port = portText !== undefined ? Number(portText) : 8883;
-  if (!Number.isInteger(port) || port < 1 || port > 65535) {
-    throw new Error(`expected a port in 1..65535, got ${JSON.stringify(raw)}`);
-  }
-  const host = u.hostname.replace(/^\[(.*)\]$/, "$1");
-  const hostPart = host.includes(":") ? `[${host}]` : host;
-  return { url: `mqtts://${hostPart}:${port}`, host, port };
-}
 
 // ---------------------------------------------------------------------------------------------
 // Interpolation
@@ -496,13 +439,15 @@ function buildConfig(
     );
   }
   const serverAddr = get("spire.serverAddr", "localhost:8081");
-  const sa = /^(\[[^\]]+\]|[^:]+):(\d{1,5})$/.exec(serverAddr);
-  if (!sa || Number(sa[2]) < 1 || Number(sa[2]) > 65535) {
+  let sa: HostPort;
+  try {
+    sa = parseHostPort(serverAddr);
+  } catch (err) {
     throw new ConfigError(
       display,
       lineOf("spire.serverAddr"),
       "spire.serverAddr",
-      `expected host:port like localhost:8081, got ${JSON.stringify(serverAddr)}`,
+      (err as Error).message,
     );
   }
 
@@ -559,8 +504,8 @@ function buildConfig(
     spire: {
       socketPath: abs(flags.socket ?? get("spire.socketPath", "/tmp/spire-agent/agent.sock")),
       trustDomain,
-      serverHost: sa[1].replace(/^\[(.*)\]$/, "$1"),
-      serverPort: Number(sa[2]),
+      serverHost: sa.host,
+      serverPort: sa.port,
       joinToken,
       joinTokenFile: jtf !== undefined ? abs(jtf) : undefined,
       dataDir,

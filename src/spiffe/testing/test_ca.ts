@@ -36,7 +36,7 @@ import {
   time,
   uint,
   utf8,
-} from "./der_writer.ts";
+} from "../der_writer.ts";
 
 const ECDSA_SHA256 = seq(oid("1.2.840.10045.4.3.2"));
 const EKU_SERVER_AUTH = "1.3.6.1.5.5.7.3.1";
