@@ -1,7 +1,11 @@
 /**
  * The agent's configuration: `config/agent/plugins.yaml` (the guide's `spire:` section plus
- * `mqtt:`, `tasks:` and `rotation:`), then environment variables, then flags. Flags override
- * env, env overrides the file.
+ * `robot:`, `mqtt:`, `tasks:` and `rotation:`), then environment variables, then flags. Flags
+ * override env, env overrides the file.
+ *
+ * Which file: `--config FILE`; else `DIR/agent.yaml` of `--data-dir DIR` (what
+ * `k8s4r agent --enroll` wrote); else the project's `config/agent/plugins.yaml`; else the
+ * production `/etc/k8s4r/agent.yaml` (src/fleet/paths.ts); else none (the guide's defaults).
  *
  * Every error is one line naming the file, the line, the key and what was expected
  * (`ConfigError`). `${VAR}` and `${VAR:-default}` are interpolated in string values; an unset
@@ -13,6 +17,8 @@ import type { Node, Pair, YAMLMap } from "yaml";
 import { ConfigError, UsageError } from "../cli/errors.ts";
 import { isRobotId } from "../fleet/topics.ts";
 import { brokerSpiffeId, robotSpiffeId } from "../fleet/mod.ts";
+import { PRODUCTION_AGENT_CONFIG } from "../fleet/paths.ts";
+import type { NodeAttestorConfig } from "../spire/node_attestor.ts";
 import {
   type BrokerUrl,
   type HostPort,
@@ -23,6 +29,7 @@ import {
 export { type BrokerUrl, parseBrokerUrl };
 
 export const SPIRE_LOG_LEVELS = ["DEBUG", "INFO", "WARN", "ERROR"] as const;
+export const NODE_ATTESTORS = ["join_token", "x509pop"] as const;
 export type SpireLogLevel = typeof SPIRE_LOG_LEVELS[number];
 
 export interface AgentSpireConfig {
@@ -41,6 +48,8 @@ export interface AgentSpireConfig {
   trustBundlePath: string;
   /** Supervise our own spire-agent (true) or use one already running at socketPath. */
   manage: boolean;
+  /** How the node attests: a join token (default) or x509pop with a key and certificate. */
+  nodeAttestor: NodeAttestorConfig;
 }
 
 export interface AgentMqttConfig {
@@ -162,6 +171,9 @@ const SCHEMA: Record<string, Record<string, Kind>> = {
     logLevel: { t: "enum", values: SPIRE_LOG_LEVELS },
     trustBundlePath: { t: "string", nonEmpty: true },
     manage: { t: "bool" },
+    nodeAttestor: { t: "enum", values: NODE_ATTESTORS },
+    x509popKeyPath: { t: "string", nonEmpty: true },
+    x509popCertPath: { t: "string", nonEmpty: true },
   },
   mqtt: {
     brokerUrl: { t: "string", nonEmpty: true },
@@ -176,6 +188,9 @@ const SCHEMA: Record<string, Record<string, Kind>> = {
   },
   rotation: {
     marginSeconds: { t: "int", min: 1, max: 24 * 3600 },
+  },
+  robot: {
+    id: { t: "string", nonEmpty: true },
   },
 };
 
@@ -360,14 +375,43 @@ export interface LoadOptions {
   cwd: string;
   env: Record<string, string | undefined>;
   flags: AgentFlags;
+  /** The production config looked for last. Default `/etc/k8s4r/agent.yaml`; tests move it. */
+  productionConfig?: string;
+}
+
+/**
+ * The config file to read when no `--config` is given, in order: `DIR/agent.yaml` of
+ * `--data-dir DIR`, the project's `config/agent/plugins.yaml`, the production config. Undefined
+ * when none exists.
+ */
+export async function findAgentConfigFile(
+  opts: LoadOptions,
+): Promise<{ file: string; display: string } | undefined> {
+  const candidates: { file: string; display: string }[] = [];
+  if (opts.flags.dataDir !== undefined) {
+    const f = resolve(opts.cwd, opts.flags.dataDir, "agent.yaml");
+    candidates.push({ file: f, display: f });
+  }
+  candidates.push({ file: resolve(opts.cwd, DEFAULT_CONFIG_PATH), display: DEFAULT_CONFIG_PATH });
+  const prod = opts.productionConfig ?? PRODUCTION_AGENT_CONFIG;
+  candidates.push({ file: prod, display: prod });
+  for (const c of candidates) {
+    try {
+      if ((await Deno.stat(c.file)).isFile) return c;
+    } catch { /* not there */ }
+  }
+  return undefined;
 }
 
 /** Reads the file (if present), applies env and flags, validates the result. */
 export async function loadAgentConfig(opts: LoadOptions): Promise<AgentConfig> {
   const { cwd, env, flags } = opts;
   const explicit = flags.config !== undefined;
-  const file = resolve(cwd, flags.config ?? DEFAULT_CONFIG_PATH);
-  const display = explicit ? flags.config! : DEFAULT_CONFIG_PATH;
+  const found = explicit ? undefined : await findAgentConfigFile(opts);
+  const file = explicit
+    ? resolve(cwd, flags.config!)
+    : found?.file ?? resolve(cwd, DEFAULT_CONFIG_PATH);
+  const display = explicit ? flags.config! : found?.display ?? DEFAULT_CONFIG_PATH;
   let text: string | undefined;
   try {
     text = await Deno.readTextFile(file);
@@ -416,10 +460,21 @@ function buildConfig(
   const lineOf = (key: string) => values.get(key)?.line;
   const abs = (p: string) => (isAbsolute(p) ? p : resolve(cwd, p));
 
-  // Robot id: flag, then ROBOT_ID.
-  const robotId = flags.robotId ?? env["ROBOT_ID"];
+  // Robot id: flag, then ROBOT_ID, then the file's robot.id (what --enroll wrote).
+  const robotId = flags.robotId ?? (env["ROBOT_ID"] || undefined) ?? get("robot.id", "");
   if (robotId === undefined || robotId === "") {
-    throw new UsageError("agent: --robot-id ID (or ROBOT_ID) is required");
+    throw new UsageError(
+      "agent: --robot-id ID (or ROBOT_ID) is required",
+      "on a robot host, enroll first: k8s4r agent --enroll FILE (it writes robot.id to agent.yaml)",
+    );
+  }
+  if (!flags.robotId && !env["ROBOT_ID"] && !isRobotId(robotId)) {
+    throw new ConfigError(
+      display,
+      lineOf("robot.id"),
+      "robot.id",
+      `expected [a-z0-9][a-z0-9-]{0,62}, got ${JSON.stringify(robotId)}`,
+    );
   }
   if (!isRobotId(robotId)) {
     throw new UsageError(
@@ -496,6 +551,23 @@ function buildConfig(
   // SPIRE_JOIN_TOKEN wins over the file's literal; the guide's file interpolates it anyway.
   const joinToken = env["SPIRE_JOIN_TOKEN"] || get("spire.joinToken", "") || undefined;
   const jtf = flags.joinTokenFile ?? (get("spire.joinTokenFile", "") || undefined);
+  const attestor = get("spire.nodeAttestor", "join_token") as typeof NODE_ATTESTORS[number];
+  let nodeAttestor: NodeAttestorConfig = { type: "join_token" };
+  if (attestor === "x509pop") {
+    const key = get("spire.x509popKeyPath", "");
+    const cert = get("spire.x509popCertPath", "");
+    for (const [k, v] of [["spire.x509popKeyPath", key], ["spire.x509popCertPath", cert]]) {
+      if (!v) {
+        throw new ConfigError(
+          display,
+          lineOf("spire.nodeAttestor"),
+          k,
+          "expected a path: spire.nodeAttestor x509pop needs x509popKeyPath and x509popCertPath",
+        );
+      }
+    }
+    nodeAttestor = { type: "x509pop", privateKeyPath: abs(key), certificatePath: abs(cert) };
+  }
 
   return {
     file: o.file,
@@ -514,6 +586,7 @@ function buildConfig(
         get("spire.trustBundlePath", "./config/mosquitto/certs/spire-ca.crt"),
       ),
       manage: flags.noManageSpire ? false : get("spire.manage", true),
+      nodeAttestor,
     },
     mqtt: {
       brokerUrl: broker.url,

@@ -442,14 +442,10 @@ export async function writeEnrollmentFile(path: string, e: Enrollment): Promise<
   await Deno.chmod(path, 0o600);
 }
 
-/** Reads and parses an enrollment file. A missing or unreadable file is an EnrollmentError too. */
-export async function readEnrollmentFile(
-  path: string,
-  opts: ParseOptions = {},
-): Promise<Enrollment> {
-  let text: string;
+/** The text of an enrollment file; a missing or unreadable file is an EnrollmentError. */
+export async function readEnrollmentText(path: string): Promise<string> {
   try {
-    text = await Deno.readTextFile(path);
+    return await Deno.readTextFile(path);
   } catch (err) {
     throw new EnrollmentError(
       path,
@@ -460,7 +456,14 @@ export async function readEnrollmentFile(
         : `cannot read: ${(err as Error).message.split("\n")[0]}`,
     );
   }
-  return parseEnrollment(text, path, opts);
+}
+
+/** Reads and parses an enrollment file. A missing or unreadable file is an EnrollmentError too. */
+export async function readEnrollmentFile(
+  path: string,
+  opts: ParseOptions = {},
+): Promise<Enrollment> {
+  return parseEnrollment(await readEnrollmentText(path), path, opts);
 }
 
 /**
@@ -500,4 +503,28 @@ export function checkEnrollmentUsable(
       a.type,
     );
   }
+}
+
+/** What to run to enroll a robot again: on the control host, then on the robot. */
+export function reenrollHint(robotId: string, type?: AttestationType, dataDir?: string): string {
+  return `on the control host run: ${robotAddCommand(robotId, type)}; then on this robot: ${
+    enrollCommand(robotId, dataDir)
+  }`;
+}
+
+/**
+ * A join-token robot whose agent SVID expired: the one sentence the agent and the doctor say.
+ * Its token was used up by the first attestation, so it cannot come back by itself.
+ */
+export function lockedOutMessage(robotId: string, notAfter: Date, now: number): string {
+  return `the agent SVID of ${robotId} expired at ${notAfter.toISOString()} (${
+    formatDuration(now - notAfter.getTime())
+  } ago): the robot was off longer than the SVID's lifetime, and a join-token robot cannot attest again with its used token`;
+}
+
+/** An x509pop robot whose agent SVID expired: it proves possession of its key again. */
+export function reattestsMessage(robotId: string, notAfter: Date, now: number): string {
+  return `the agent SVID of ${robotId} expired at ${notAfter.toISOString()} (${
+    formatDuration(now - notAfter.getTime())
+  } ago); x509pop re-attests on its own with the robot's key and certificate when spire-agent starts`;
 }
