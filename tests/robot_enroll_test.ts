@@ -81,6 +81,26 @@ Deno.test({
         pids.push(agent.pid);
         try {
           await ch.waitForRegister(ROBOT, 2);
+          // The doctor on the robot host, against the real thing: all green.
+          const doc = startCli(["doctor", "--data-dir", dir, "--json"]);
+          assert.equal(await doc.exited, 0, doc.stdout() + doc.stderr());
+          const report = JSON.parse(doc.stdout());
+          const byId = Object.fromEntries(
+            report.checks.map((c: { id: string }) => [c.id, c]),
+          ) as Record<string, { status: string; detail: string }>;
+          for (const [id, c] of Object.entries(byId)) {
+            assert.ok(["ok", "skip"].includes(c.status), `${id}: ${c.status}: ${c.detail}`);
+          }
+          assert.match(byId["reachability.broker-tls"].detail, /logged in \(CONNACK 0\)/);
+          assert.match(
+            byId["reachability.spire-server-tls"].detail,
+            /TLS verified, spiffe:\/\/k8s4r\.example\.org\/spire\/server/,
+          );
+          assert.match(byId["identity.agent"].detail, /SERVING/);
+          assert.equal(
+            byId["enrollment.join-token"].detail,
+            "used by the first attestation: a join token works once",
+          );
         } finally {
           assert.equal(await agent.stop(), 0, `agent exit:\n${agent.stderr()}`);
         }
@@ -122,6 +142,15 @@ Deno.test({
           );
           assert.ok(none.stderr().includes(hint), none.stderr());
           assert.doesNotMatch(none.stderr(), /spire_agent\.starting/);
+          // The doctor says the same, with the same command to run.
+          const doc = startCli(["doctor", "--data-dir", dir, "--json", "--only", "identity"]);
+          assert.equal(await doc.exited, 1);
+          const svid = JSON.parse(doc.stdout()).checks.find((c: { id: string }) =>
+            c.id === "identity.agent-svid"
+          );
+          assert.equal(svid.status, "fail");
+          assert.match(svid.detail, /a join-token robot cannot attest again with its used token$/);
+          assert.equal(`hint: ${svid.hint}`, hint);
         },
       );
 
