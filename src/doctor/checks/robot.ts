@@ -30,6 +30,7 @@ import { PRODUCTION_CONFIG_DIR } from "../../fleet/paths.ts";
 import { samePublicKey } from "../../spiffe/csr.ts";
 import { judgeAgentSvid } from "../../spire/agent_state.ts";
 import {
+  CALL_GRACE_MS,
   type Check,
   type CheckContext,
   type CheckResult,
@@ -79,6 +80,9 @@ function reenroll(
     }`;
 }
 
+/** The loaded robot, for the (synchronous) timeout hints: by the run's robot-host context. */
+const loaded = new WeakMap<object, Robot>();
+
 /** agent.yaml (the agent's loader) and enrollment.json, read once per run. */
 function loadRobot(ctx: CheckContext): Promise<Robot> {
   return ctx.memo("robot", async () => {
@@ -103,6 +107,7 @@ function loadRobot(ctx: CheckContext): Promise<Robot> {
     } catch (err) {
       robot.recordError = errorMessage(err);
     }
+    loaded.set(ctx.robotHost!, robot);
     return robot;
   });
 }
@@ -297,13 +302,21 @@ function tcpCheck(
     title,
     dependsOn: ["enrollment.config"],
     timeout: {
-      hint: () =>
-        `the TCP connect did not finish: packets are dropped (cable, route, firewall): ip route; ping -c 3 <the control host>`,
+      hint: (ctx) => {
+        const r = ctx.robotHost && loaded.get(ctx.robotHost);
+        if (!r) {
+          return "the TCP connect did not finish: packets are dropped (cable, route, firewall): ip route";
+        }
+        const t = target(r.config);
+        return dropHint(t.host, t.port);
+      },
     },
     async run(ctx) {
       const t = target((await loadRobot(ctx)).config);
       const where = formatHostPort(t.host, t.port);
-      const r = await ctx.net.tcpConnect(t.host, t.port, ctx.timeoutMs);
+      // A dropped SYN is this check's answer (with the address), not the runner's timeout.
+      const budget = Math.max(100, ctx.timeoutMs - CALL_GRACE_MS - 300);
+      const r = await ctx.net.tcpConnect(t.host, t.port, budget);
       if (r.ok) return ok(`${t.what} at ${where} accepts TCP connections`);
       if (r.code === "ECONNREFUSED") {
         return fail(
