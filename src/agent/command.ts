@@ -244,7 +244,20 @@ async function runAgentCommand(args: Args, io: Io): Promise<number> {
     Deno.env.delete("SPIRE_JOIN_TOKEN");
   }
   const log = lineLogger(io.stderr, config.robotId);
-  await runAgent(config, io, log);
+  try {
+    await runAgent(config, io, log);
+  } catch (err) {
+    // An enrollment whose token was already used (the file enrolled another host, or this one
+    // before): only the control host can help.
+    if (enroll !== undefined && err instanceof CliError && /join token/.test(err.message)) {
+      throw new CliError(
+        `${err.message}: the enrollment file's join token was already used or revoked`,
+        1,
+        reenrollHint(config.robotId, "join_token", args.string("data-dir")),
+      );
+    }
+    throw err;
+  }
   return 0;
 }
 
