@@ -16,7 +16,7 @@
  * KillMode=mixed: systemd sends SIGTERM to the agent only; the agent says offline, disconnects and
  * stops its spire-agent itself, and whatever is left gets SIGKILL after TimeoutStopSec.
  */
-import { basename, isAbsolute } from "node:path";
+import { basename, dirname, isAbsolute, join } from "node:path";
 import { agentV8FlagsEnv } from "./runtime_flags.ts";
 import {
   AGENT_UNIT_NAME,
@@ -45,7 +45,13 @@ export function selfExec(): string[] {
     const main = Deno.mainModule.startsWith("file://")
       ? decodeURIComponent(new URL(Deno.mainModule).pathname)
       : Deno.mainModule;
-    return [exe, "run", "-A", main];
+    // systemd starts it in /, where no deno.json is found: name the project's (import map).
+    const config = join(dirname(main), "deno.json");
+    let hasConfig = false;
+    try {
+      hasConfig = Deno.statSync(config).isFile;
+    } catch { /* a main.ts without one */ }
+    return [exe, "run", "-A", ...(hasConfig ? ["--config", config] : []), main];
   }
   return [exe];
 }
