@@ -39,7 +39,10 @@ Deno.test("agent service: the hardened unit passes systemd-analyze verify; --ins
         "KillMode=mixed",
       ]
     ) assert.ok(unit.split("\n").includes(line), `missing ${line}:\n${unit}`);
-    assert.match(unit, /^ExecStart=\/\S+ run -A --config \/\S+\/deno\.json \/\S+\/main\.ts agent$/m);
+    assert.match(
+      unit,
+      /^ExecStart=\/\S+ run -A --config \/\S+\/deno\.json \/\S+\/main\.ts agent$/m,
+    );
     // V8 writes and runs machine code: W^X would kill the agent.
     assert.doesNotMatch(unit, /MemoryDenyWriteExecute/);
 
