@@ -4,7 +4,8 @@ import { VERSION } from "../version.ts";
 import { robotsCommand, serverCommand, taskCommand } from "../server/command.ts";
 import { agentCommand } from "../agent/command.ts";
 import { devenvCommand } from "../devenv/command.ts";
-import { doctorCommand } from "../doctor/command.ts";
+import { makeDoctorCommand } from "../doctor/command.ts";
+import { devStackPaths } from "./doctor_paths.ts";
 import { identityCommand } from "../identity/command.ts";
 
 export const rootCommand: CommandSpec = {
@@ -15,7 +16,7 @@ export const rootCommand: CommandSpec = {
     serverCommand,
     agentCommand,
     devenvCommand,
-    doctorCommand,
+    makeDoctorCommand(devStackPaths),
     identityCommand,
     robotsCommand,
     taskCommand,
