@@ -7,6 +7,7 @@ import { devenvCommand } from "../devenv/command.ts";
 import { makeDoctorCommand } from "../doctor/command.ts";
 import { devStackPaths } from "./doctor_paths.ts";
 import { identityCommand } from "../identity/command.ts";
+import { caCommand } from "../ca/command.ts";
 
 export const rootCommand: CommandSpec = {
   name: "k8s4r",
@@ -20,6 +21,7 @@ export const rootCommand: CommandSpec = {
     identityCommand,
     robotsCommand,
     taskCommand,
+    caCommand,
   ],
   run(args, io) {
     if (args.bool("version")) {
