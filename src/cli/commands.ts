@@ -5,7 +5,7 @@ import { robotsCommand, serverCommand, taskCommand } from "../server/command.ts"
 import { agentCommand } from "../agent/command.ts";
 import { devenvCommand } from "../devenv/command.ts";
 import { makeDoctorCommand } from "../doctor/command.ts";
-import { devStackPaths } from "./doctor_paths.ts";
+import { devStackComponents, devStackPaths } from "./doctor_paths.ts";
 import { identityCommand } from "../identity/command.ts";
 import { caCommand } from "../ca/command.ts";
 
@@ -17,7 +17,7 @@ export const rootCommand: CommandSpec = {
     serverCommand,
     agentCommand,
     devenvCommand,
-    makeDoctorCommand(devStackPaths),
+    makeDoctorCommand(devStackPaths, devStackComponents),
     identityCommand,
     robotsCommand,
     taskCommand,

@@ -42,6 +42,43 @@ export interface Layout {
   serverCredentialsFile: string;
   /** The k8s4r server's registry and task store. */
   serverDataDir: string;
+  /** The root CA and SPIRE's upstream CA (`k8s4r ca init`; `devenv start --root-ca`). */
+  caDir: string;
+  /** What `devenv start --ha` adds. */
+  ha: HaLayout;
+}
+
+/**
+ * `devenv start --ha`: PostgreSQL as SPIRE's shared datastore, two SPIRE servers on their own
+ * ports, and haproxy on the SPIRE port everyone dials (`ports.spireServer`), in front of both.
+ */
+export interface HaLayout {
+  /** `.dev-env/postgres/` (0700): the cluster, its log, the password files. */
+  postgresDir: string;
+  postgresDataDir: string;
+  postgresPort: number;
+  /** The superuser's password (0600), generated at initdb. */
+  postgresAdminPasswordFile: string;
+  /** The SPIRE servers' role's password (0600); it also goes into their 0600 configs. */
+  spirePasswordFile: string;
+  /** libpq's password file for the admin tools (0600). */
+  pgpassFile: string;
+  /** The two SPIRE servers' own ports (haproxy's backends). */
+  spireServerPorts: [number, number];
+  spireServer2DataDir: string;
+  spireServer2Socket: string;
+  haproxyDir: string;
+}
+
+/** The PostgreSQL role and database of SPIRE's datastore on the HA stack. */
+export const SPIRE_DB = { role: "spire", database: "spire" } as const;
+/** The PostgreSQL superuser devenv's initdb creates. */
+export const PG_SUPERUSER = "k8s4r_admin";
+
+/** `"8181,8182"` -> [8181, 8182]; the defaults when unset or malformed. */
+function portPair(v: string | undefined, d: [number, number]): [number, number] {
+  const m = v !== undefined ? /^(\d+),(\d+)$/.exec(v) : null;
+  return m ? [Number(m[1]), Number(m[2])] : d;
 }
 
 export function defaultLayout(root: string, env: Record<string, string | undefined> = {}): Layout {
@@ -72,6 +109,19 @@ export function defaultLayout(root: string, env: Record<string, string | undefin
     mosquittoDir: join(devEnvDir, "mosquitto"),
     serverCredentialsFile: join(devEnvDir, "server-mqtt.json"),
     serverDataDir: join(devEnvDir, "server-data"),
+    caDir: join(spireDataDir, "ca"),
+    ha: {
+      postgresDir: join(devEnvDir, "postgres"),
+      postgresDataDir: join(devEnvDir, "postgres", "data"),
+      postgresPort: num("K8S4R_POSTGRES_PORT", 55432),
+      postgresAdminPasswordFile: join(devEnvDir, "postgres", "admin.password"),
+      spirePasswordFile: join(devEnvDir, "postgres", "spire.password"),
+      pgpassFile: join(devEnvDir, "postgres", "pgpass"),
+      spireServerPorts: portPair(env["K8S4R_SPIRE_SERVER_PORTS"], [8181, 8182]),
+      spireServer2DataDir: join(spireDataDir, "server-2"),
+      spireServer2Socket: join(spireDataDir, "server-2", "api.sock"),
+      haproxyDir: join(devEnvDir, "haproxy"),
+    },
   };
 }
 
@@ -82,7 +132,12 @@ export function defaultLayout(root: string, env: Record<string, string | undefin
  */
 export function layoutEnv(
   ports: Ports,
-  opts: { agentSocketDir?: string; trustDomain?: string } = {},
+  opts: {
+    agentSocketDir?: string;
+    trustDomain?: string;
+    /** The `--ha` stack's ports. */
+    ha?: Pick<HaLayout, "postgresPort" | "spireServerPorts">;
+  } = {},
 ): Record<string, string> {
   const env: Record<string, string> = {
     K8S4R_SPIRE_SERVER_PORT: String(ports.spireServer),
@@ -92,6 +147,10 @@ export function layoutEnv(
   };
   if (opts.trustDomain) env.K8S4R_TRUST_DOMAIN = opts.trustDomain;
   if (opts.agentSocketDir) env.K8S4R_AGENT_SOCKET_DIR = opts.agentSocketDir;
+  if (opts.ha) {
+    env.K8S4R_POSTGRES_PORT = String(opts.ha.postgresPort);
+    env.K8S4R_SPIRE_SERVER_PORTS = opts.ha.spireServerPorts.join(",");
+  }
   return env;
 }
 
@@ -161,6 +220,16 @@ export interface DevenvFiles {
   timingsFile: string;
   /** The SPIRE binaries `start` checked last, with their file stamps. */
   spireBinariesFile: string;
+  /** `--ha`: PostgreSQL, the second SPIRE server, haproxy. */
+  postgresPid: string;
+  postgresLog: string;
+  spireServer2Pid: string;
+  spireServer2Log: string;
+  haproxyPid: string;
+  haproxyLog: string;
+  haproxyConfig: string;
+  /** haproxy's admin socket (`show stat`): which SPIRE servers it sees up. */
+  haproxyStatsSocket: string;
 }
 
 export function devenvFiles(
@@ -190,5 +259,13 @@ export function devenvFiles(
     tokensDir: join(d, "tokens"),
     timingsFile: join(d, "start-timings.json"),
     spireBinariesFile: join(d, "spire-binaries.json"),
+    postgresPid: join(d, "postgres.pid"),
+    postgresLog: join(d, "postgres.log"),
+    spireServer2Pid: join(d, "spire-server-2.pid"),
+    spireServer2Log: join(d, "spire-server-2.log"),
+    haproxyPid: join(d, "haproxy.pid"),
+    haproxyLog: join(d, "haproxy.log"),
+    haproxyConfig: join(layout.ha.haproxyDir, "haproxy.cfg"),
+    haproxyStatsSocket: join(layout.ha.haproxyDir, "stats.sock"),
   };
 }
