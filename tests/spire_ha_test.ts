@@ -12,7 +12,6 @@
  */
 import assert from "node:assert/strict";
 import { X509Certificate } from "node:crypto";
-import { join } from "node:path";
 import { bufferIo } from "../src/cli/io.ts";
 import { keywordValue } from "../src/postgres/local_cluster.ts";
 import { realRunner } from "../src/process/mod.ts";
@@ -23,47 +22,10 @@ import { parsePemCerts } from "../src/devenv/broker_identity.ts";
 import { startTestPg, type TestPg } from "./helpers/pg_cluster.ts";
 import { freePorts } from "./helpers/ports.ts";
 import { spireBinaries } from "./helpers/spire.ts";
+import { cmdlinesContaining, filesContaining } from "./helpers/secrets.ts";
 
 const TD = "k8s4r.example.org";
 const REPO = new URL("..", import.meta.url).pathname;
-
-/** Every file under `dir` (recursively) whose content contains `needle`. */
-function filesContaining(dir: string, needle: string): string[] {
-  const out: string[] = [];
-  const walk = (d: string) => {
-    let entries: Deno.DirEntry[] = [];
-    try {
-      entries = [...Deno.readDirSync(d)];
-    } catch {
-      return;
-    }
-    for (const e of entries) {
-      const p = join(d, e.name);
-      if (e.isDirectory) walk(p);
-      else if (e.isFile) {
-        try {
-          if (Deno.readTextFileSync(p).includes(needle)) out.push(p);
-        } catch { /* unreadable or binary */ }
-      }
-    }
-  };
-  walk(dir);
-  return out;
-}
-
-/** Every process whose argv contains `needle`. */
-function cmdlinesContaining(needle: string): number[] {
-  const pids: number[] = [];
-  for (const e of Deno.readDirSync("/proc")) {
-    if (!/^\d+$/.test(e.name)) continue;
-    try {
-      if (Deno.readTextFileSync(`/proc/${e.name}/cmdline`).includes(needle)) {
-        pids.push(Number(e.name));
-      }
-    } catch { /* gone */ }
-  }
-  return pids;
-}
 
 Deno.test({
   name: "SPIRE HA: two servers on one PostgreSQL share tokens, entries and the bundle",

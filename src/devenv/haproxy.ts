@@ -49,21 +49,35 @@ ${v.backends.map((b) => `  server ${b.name} ${b.address}:${b.port} check`).join(
 `;
 }
 
-/** `show stat` rows of the SPIRE backend's servers: name and status (UP, DOWN, MAINT...). */
-export function parseShowStat(csv: string, backend = "spire_servers"): Map<string, string> {
+/** One server of the SPIRE backend in `show stat`: its state and current sessions. */
+export interface BackendServer {
+  /** UP, DOWN, MAINT, "UP 1/2" (going down)... */
+  status: string;
+  /** Sessions open to it now (`scur`): the agents it serves. */
+  sessions: number;
+}
+
+/** `show stat` rows of the SPIRE backend's servers. */
+export function parseShowStatRows(
+  csv: string,
+  backend = "spire_servers",
+): Map<string, BackendServer> {
   const lines = csv.split("\n").filter((l) => l.trim() !== "");
-  const out = new Map<string, string>();
+  const out = new Map<string, BackendServer>();
   const head = lines[0]?.replace(/^# /, "").split(",") ?? [];
-  const px = head.indexOf("pxname");
-  const sv = head.indexOf("svname");
-  const st = head.indexOf("status");
+  const [px, sv, st, cur] = ["pxname", "svname", "status", "scur"].map((k) => head.indexOf(k));
   if (px < 0 || sv < 0 || st < 0) return out;
   for (const l of lines.slice(1)) {
     const f = l.split(",");
     if (f[px] !== backend || f[sv] === "FRONTEND" || f[sv] === "BACKEND") continue;
-    out.set(f[sv], f[st]);
+    out.set(f[sv], { status: f[st], sessions: cur >= 0 ? Number(f[cur]) || 0 : 0 });
   }
   return out;
+}
+
+/** `show stat` rows of the SPIRE backend's servers: name and status (UP, DOWN, MAINT...). */
+export function parseShowStat(csv: string, backend = "spire_servers"): Map<string, string> {
+  return new Map([...parseShowStatRows(csv, backend)].map(([n, r]) => [n, r.status]));
 }
 
 /** Asks haproxy's admin socket; rejects when nothing answers within `timeoutMs`. */
@@ -88,6 +102,17 @@ export function haproxyCommand(socket: string, command: string, timeoutMs = 1000
       reject(err);
     });
   });
+}
+
+/** The SPIRE backend's servers with their sessions; undefined when haproxy does not answer. */
+export async function haproxyServers(
+  socket: string,
+): Promise<Map<string, BackendServer> | undefined> {
+  try {
+    return parseShowStatRows(await haproxyCommand(socket, "show stat"));
+  } catch {
+    return undefined;
+  }
 }
 
 /** Which SPIRE servers haproxy sees up; undefined when haproxy does not answer. */

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { findHaproxy, parseShowStat, renderHaproxyConfig } from "./haproxy.ts";
+import { findHaproxy, parseShowStat, parseShowStatRows, renderHaproxyConfig } from "./haproxy.ts";
 
 const CONFIG = {
   frontend: { address: "127.0.0.1", port: 8081 },
@@ -55,4 +55,5 @@ Deno.test("parseShowStat: the SPIRE backend's servers and their state", () => {
     [["spire-server", "DOWN"], ["spire-server-2", "UP"]],
   );
   assert.equal(parseShowStat("garbage").size, 0);
+  assert.deepEqual(parseShowStatRows(csv).get("spire-server-2"), { status: "UP", sessions: 1 });
 });
