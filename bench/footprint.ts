@@ -292,7 +292,7 @@ export async function benchFootprint(opts: BenchOptions, result: BenchResult): P
       load: [0.12, 0.34, 0.56],
     };
     const topicLen = upTopic("robot-001", "heartbeat").length;
-    const payload = sizes.length ? median(sizes) : encode(sample).length;
+    const payload = Math.round(sizes.length ? median(sizes) : encode(sample).length);
     // MQTT 5 PUBLISH QoS 1: fixed header 1 + remaining length 2 (>127) + topic 2+len + packet
     // id 2 + property length 1; PUBACK 4 bytes. TLS 1.3 AES-GCM record: 5 + 1 + 16 = 22 bytes.
     const mqttUp = payload + 1 + 2 + 2 + topicLen + 2 + 1;

@@ -2,8 +2,9 @@
  * The k8s4r command tree. Each area owns its command spec; this file only assembles them.
  *
  * Subcommands are lazy (`load`): `k8s4r agent` imports the agent's modules and not the server's,
- * devenv's or doctor's (with their npm dependencies), which keeps the long-running agent
- * small (docs/BENCHMARKS.md, agent memory). Help for the root loads them all.
+ * devenv's or doctor's, so each process loads only the command it runs (a little less memory
+ * for the long-running agent and a faster CLI start; docs/BENCHMARKS.md, agent memory). Help
+ * for the root loads them all.
  */
 import type { CommandSpec } from "./mod.ts";
 import { VERSION } from "../version.ts";
