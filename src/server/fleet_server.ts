@@ -248,6 +248,22 @@ export class FleetServer {
         : { kind: "sqlite", dataDir: opts.dataDir },
       { onError: (m) => log.warn(m) },
     );
+    if (registry.dialect === "postgres") {
+      // What "committed before PUBACK" rests on is the server's: say so when it is not durable.
+      try {
+        const d = await registry.durability();
+        for (const [k, bad] of [["synchronous_commit", "off"], ["fsync", "off"]]) {
+          if (d[k] === bad) {
+            log.warn(
+              `${registry.location}: ${k}=${bad}: an acknowledged message can be lost if PostgreSQL crashes`,
+            );
+          }
+        }
+      } catch (err) {
+        await registry.close();
+        throw err;
+      }
+    }
     const shared = opts.sharedSubscription ?? false;
     const clientOpts: IClientOptions = {
       clientId: opts.clientId ?? SERVER_CLIENT_ID,

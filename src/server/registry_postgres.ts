@@ -64,9 +64,13 @@ export function parseDatabaseUrl(raw: string, defaultUser: string): PostgresConf
   const bad = (why: string): never => {
     throw new Error(`--database: ${why} (got '${shown}')`);
   };
+  // `postgres://user@/db?host=/dir` (libpq's socket form) has no host, which URL refuses
+  // together with a user name: parse it with a stand-in host.
+  const NO_HOST = "k8s4r-no-host.invalid";
+  const hostless = /^(postgres(?:ql)?:\/\/(?:[^/?#@]*@)?)(?=[/?#]|$)/i;
   let u: URL;
   try {
-    u = new URL(raw);
+    u = new URL(raw.replace(hostless, `$1${NO_HOST}`));
   } catch {
     return bad(USAGE);
   }
@@ -88,7 +92,7 @@ export function parseDatabaseUrl(raw: string, defaultUser: string): PostgresConf
       return bad(`${what}: invalid percent-encoding`);
     }
   };
-  let host = dec(u.hostname, "host").replace(/^\[(.*)\]$/, "$1");
+  let host = u.hostname === NO_HOST ? "" : dec(u.hostname, "host").replace(/^\[(.*)\]$/, "$1");
   const qHost = u.searchParams.get("host");
   if (qHost !== null) {
     if (host !== "") bad("give the host either before the path or as ?host=, not both");
