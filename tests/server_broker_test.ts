@@ -23,7 +23,7 @@ import {
   TEST_TRUST_DOMAIN,
   type TestBroker,
 } from "./helpers/broker.ts";
-import { startTestPostgres } from "./helpers/postgres.ts";
+import { startTestPostgres, type TestPostgres } from "./helpers/postgres.ts";
 
 // mqtt.js keeps internal timers a little past end(); every process and client is closed below.
 const opts = { sanitizeOps: false, sanitizeResources: false };
@@ -94,6 +94,7 @@ interface Store {
   kind: "sqlite" | "postgres";
   dataDir: string;
   postgres?: PostgresConfig;
+  pgs?: TestPostgres;
   cleanup(): Promise<void>;
 }
 
@@ -107,6 +108,7 @@ async function makeStore(kind: Store["kind"]): Promise<Store> {
     kind,
     dataDir,
     postgres: pgs.config(db),
+    pgs,
     cleanup: async () => {
       await pgs.destroy();
       await rm();
@@ -972,3 +974,62 @@ for (const kind of ["sqlite", "postgres"] as const) {
     },
   });
 }
+
+Deno.test({
+  name: "broker [postgres]: PostgreSQL stopped: nothing is acknowledged; once back, all is written",
+  ...opts,
+  async fn() {
+    const b = await startTestBroker();
+    const store = await makeStore("postgres");
+    const s = await startLoggedServer(b, store.dataDir, { postgres: store.postgres });
+    const robot = await ProtoRobot.start(b, "robot-001");
+    const view = async () => (await getJson(`${s.api}/api/robots/robot-001`)).body;
+    try {
+      await until("registered", async () => (await view()).online === true, b);
+      const hb = (seq: number) =>
+        robot.client.publishAsync(
+          upTopic("robot-001", "heartbeat"),
+          enc({
+            v: 1,
+            type: "heartbeat",
+            robotId: "robot-001",
+            ts: now(),
+            seq,
+            svidExpiresAt: now(),
+          }),
+          { qos: 1 },
+        );
+      await hb(1);
+      await until("the first heartbeat", async () => (await view()).heartbeats.received === 1, b);
+      await store.pgs!.cluster.stop();
+      // The broker takes them (PUBACK to the robot); the server cannot commit them.
+      for (const seq of [2, 3, 4]) await hb(seq);
+      await until(
+        "a failed commit (not acknowledged)",
+        () => s.log.lines.some((l) => /failed to apply heartbeat .*not acknowledged/.test(l.msg)),
+        b,
+      );
+      const errorsDown = s.server.fleet.stats.applyErrors;
+      assert.ok(errorsDown >= 1);
+      await store.pgs!.cluster.start();
+      await until("the queued heartbeats", async () => {
+        const r = await fetch(`${s.api}/api/robots/robot-001`);
+        if (r.status !== 200) {
+          await r.body?.cancel();
+          return false;
+        }
+        return (await r.json()).heartbeats.received >= 4;
+      }, b);
+      // Each one written once: a sync point after them shows nothing more comes.
+      await hb(5);
+      await until("the fifth heartbeat", async () => (await view()).heartbeats.received >= 5, b);
+      assert.equal((await view()).heartbeats.received, 5);
+      assert.ok(s.server.state.connects >= 2, "the connection was cycled for redelivery");
+    } finally {
+      await robot.close();
+      await s.server.close();
+      await b.stop();
+      await store.cleanup();
+    }
+  },
+});

@@ -296,11 +296,9 @@ export class FleetService {
         return;
       }
       case "heartbeat": {
-        const prev = await reg.getRobot(robotId);
-        await reg.recordHeartbeat(robotId, at, msg);
+        const { bootId } = await reg.recordHeartbeat(robotId, at, msg);
         // A heartbeat of another boot than the registered one does not revive the robot.
-        const sameBoot = msg.bootId === undefined || prev?.bootId == null ||
-          prev.bootId === msg.bootId;
+        const sameBoot = msg.bootId === undefined || bootId === null || bootId === msg.bootId;
         if (sameBoot && await reg.setOnline(robotId, true, null)) {
           fx.push(() => {
             this.log.info(`robot ${robotId} is back (heartbeat)`);

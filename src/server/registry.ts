@@ -374,43 +374,62 @@ export class RegistryTx {
     );
   }
 
-  async recordHeartbeat(id: string, at: string, hb: HeartbeatInfo): Promise<void> {
-    await this.touchRobot(id, at);
+  /**
+   * Counts a heartbeat (creating the robot on first contact) and returns the boot of the
+   * robot's last register. Two statements: this runs for every heartbeat of the fleet.
+   */
+  async recordHeartbeat(
+    id: string,
+    at: string,
+    hb: HeartbeatInfo,
+  ): Promise<{ bootId: string | null }> {
     const prev = await this.get(
-      "SELECT last_heartbeat_seq AS seq, heartbeat_boot_id AS boot FROM robots WHERE id = ?",
-      [id],
+      `INSERT INTO robots (id, first_seen, last_seen) VALUES (?, ?, ?)
+       ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen
+       RETURNING last_heartbeat_seq AS seq, heartbeat_boot_id AS boot, device, boot_id`,
+      [id, at, at],
     );
+    const bootId = str(prev?.boot_id);
     const prevSeq = num(prev?.seq);
     const sameBoot = hb.bootId !== undefined && str(prev?.boot) === hb.bootId && prevSeq !== null;
     // QoS 1 may deliver a heartbeat twice: an old seq is a duplicate, not news.
-    if (sameBoot && hb.seq <= prevSeq!) return;
+    if (sameBoot && hb.seq <= prevSeq!) return { bootId };
     const missing = sameBoot ? hb.seq - prevSeq! - 1 : 0;
+    let device: string | null = null;
+    if (hb.load && typeof prev?.device === "string") {
+      try {
+        const d = JSON.parse(prev.device);
+        if (d && typeof d === "object") device = JSON.stringify({ ...d, load: hb.load });
+      } catch { /* an unreadable device is left as it is */ }
+    }
     await this.run(
       `UPDATE robots SET last_heartbeat_seq = ?, heartbeat_boot_id = ?, svid_expires_at = ?,
          heartbeats_received = heartbeats_received + 1,
-         heartbeats_missing = heartbeats_missing + ? WHERE id = ?`,
-      [hb.seq, hb.bootId ?? null, hb.svidExpiresAt, missing, id],
+         heartbeats_missing = heartbeats_missing + ?, device = COALESCE(?, device) WHERE id = ?`,
+      [hb.seq, hb.bootId ?? null, hb.svidExpiresAt, missing, device, id],
     );
-    if (hb.load) {
-      const robot = await this.getRobot(id);
-      if (robot?.device) {
-        await this.run("UPDATE robots SET device = ? WHERE id = ?", [
-          JSON.stringify({ ...robot.device, load: hb.load }),
-          id,
-        ]);
-      }
-    }
+    return { bootId };
   }
 
-  /** Sets online/offline. Returns true when the value changed. */
+  /**
+   * Sets online/offline. Returns true when the value changed. (An online robot has no offline
+   * reason: only this method writes either.)
+   */
   async setOnline(id: string, online: boolean, reason: string | null): Promise<boolean> {
-    const before = await this.getRobot(id);
-    await this.run("UPDATE robots SET online = ?, offline_reason = ? WHERE id = ?", [
-      online ? 1 : 0,
-      online ? null : reason,
-      id,
-    ]);
-    return before !== undefined && before.online !== online;
+    const v = online ? 1 : 0;
+    const flipped = await this.run(
+      "UPDATE robots SET online = ?, offline_reason = ? WHERE id = ? AND online <> ?",
+      [v, online ? null : reason, id, v],
+    );
+    if (flipped > 0) return true;
+    if (!online) {
+      await this.run("UPDATE robots SET offline_reason = ? WHERE id = ? AND online = ?", [
+        reason,
+        id,
+        0,
+      ]);
+    }
+    return false;
   }
 
   /** The `ts` of the newest status message applied, to ignore replays of older ones. */
@@ -656,7 +675,7 @@ export class Registry {
   recordRegister(id: string, at: string, info: RegisterInfo): Promise<void> {
     return this.transaction((tx) => tx.recordRegister(id, at, info));
   }
-  recordHeartbeat(id: string, at: string, hb: HeartbeatInfo): Promise<void> {
+  recordHeartbeat(id: string, at: string, hb: HeartbeatInfo): Promise<{ bootId: string | null }> {
     return this.transaction((tx) => tx.recordHeartbeat(id, at, hb));
   }
   setOnline(id: string, online: boolean, reason: string | null): Promise<boolean> {

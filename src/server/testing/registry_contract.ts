@@ -252,6 +252,31 @@ export const registryCases: ContractCase[] = [
       }),
   },
   {
+    name: "setOnline: true only when the value flips; the offline reason follows the last call",
+    fn: (f) =>
+      withRegistry(f, async (reg) => {
+        assert.equal(await reg.setOnline("robot-404", true, null), false, "no such robot");
+        assert.equal(await reg.getRobot("robot-404"), undefined);
+        await reg.touchRobot("robot-001", "2025-01-01T00:00:00.000Z");
+        const r = async () => (await reg.getRobot("robot-001"))!;
+        assert.equal((await r()).online, false, "a new robot is offline");
+        assert.equal(await reg.setOnline("robot-001", false, "first"), false);
+        assert.equal((await r()).offlineReason, "first");
+        assert.equal(await reg.setOnline("robot-001", true, "ignored"), true);
+        assert.deepEqual([(await r()).online, (await r()).offlineReason], [true, null]);
+        assert.equal(await reg.setOnline("robot-001", true, null), false);
+        assert.equal(await reg.setOnline("robot-001", false, "connection lost"), true);
+        assert.equal(await reg.setOnline("robot-001", false, "missed 3 heartbeats"), false);
+        assert.deepEqual(
+          [(await r()).online, (await r()).offlineReason],
+          [false, "missed 3 heartbeats"],
+        );
+        assert.deepEqual((await reg.onlineRobots()).map((x) => x.id), []);
+        await reg.setOnline("robot-001", true, null);
+        assert.deepEqual((await reg.onlineRobots()).map((x) => x.id), ["robot-001"]);
+      }),
+  },
+  {
     name: "batch: one commit, each step in a savepoint, stops at the first failure",
     fn: (f) =>
       withRegistry(f, async (reg) => {
