@@ -135,7 +135,7 @@ export class FleetServer {
   private flushing?: Promise<void>;
   private sweeping?: Promise<void>;
   /** A write failed: this connection is being dropped; nothing more is applied or acked on it. */
-  private cycling = false;
+  private cyclingStream?: unknown;
   private sendPuback: (messageId: number) => void;
 
   private constructor(
@@ -147,6 +147,16 @@ export class FleetServer {
     private readonly closeDrainMs: number,
   ) {
     this.sendPuback = pubackSender(client);
+  }
+
+  /**
+   * A write failed: the connection it came on is being dropped, and nothing more is applied or
+   * acknowledged on it. Tied to that connection's stream, not to the 'connect' event: mqtt.js
+   * emits 'connect' only after flushing its outgoing store, and the broker's redeliveries on the
+   * new connection may be handled before that.
+   */
+  private get cycling(): boolean {
+    return this.cyclingStream !== undefined && this.cyclingStream === this.client.stream;
   }
 
   /** mqtt.js calls this for every PUBLISH, one at a time, before it would send the PUBACK. */
@@ -227,7 +237,7 @@ export class FleetServer {
    */
   private cycle(why: string): void {
     if (this.cycling) return;
-    this.cycling = true;
+    this.cyclingStream = this.client.stream;
     this.batch = [];
     this.state.lastError = `registry write failed: ${why}`;
     this.log.warn(`reconnecting to the broker so that it redelivers what was not written`);
@@ -328,7 +338,6 @@ export class FleetServer {
 
     client.on("connect", (connack) => {
       s.state.connects++;
-      s.cycling = false;
       log.info(
         `connected to ${opts.brokerUrl} as ${clientOpts.clientId} (session present: ${connack.sessionPresent})`,
       );
