@@ -54,6 +54,8 @@ import {
   writeState,
 } from "./context.ts";
 import {
+  fleetDatabaseStep,
+  fleetTarget,
   haproxyComponent,
   postgresComponent,
   probePostgres,
@@ -122,7 +124,7 @@ export function stackMode(ctx: DevenvContext): StackMode {
   const saved = readState(ctx)?.mode;
   if (saved) return saved;
   const f = ctx.files;
-  const ha = [f.postgresPid, f.spireServer2Pid, f.haproxyPid].some((p) => {
+  const ha = [f.postgresPid, f.spireServer2Pid, f.haproxyPid, f.server2Pid].some((p) => {
     try {
       return Deno.statSync(p).isFile;
     } catch {
@@ -326,18 +328,16 @@ export function devenvComponents(view: StackView): Component[] {
   return [
     spireBinariesStep(),
     brokerRuntimeStep(view),
-    ...(ha ? [postgresComponent(view), spireDatabaseStep(view)] : []),
+    ...(ha ? [postgresComponent(view), spireDatabaseStep(view), fleetDatabaseStep(view)] : []),
     ...(rootCa ? [rootCaStep(view)] : []),
     spireServerComponent(view, 1),
     ...(ha ? [spireServerComponent(view, 2), haproxyComponent(view)] : []),
-    // TODO(issue 13, item 2): `--ha` is to run three fleet servers on the shared PostgreSQL.
-    // That needs the fleet server's PostgreSQL storage (branch i13-storage), which has not
-    // landed: until it has, the HA stack runs the one `server` row below, on SQLite.
     identitiesStep(view),
     caBundleStep(view),
     brokerIdentityComponent(view),
     mosquittoComponent(view),
-    serverComponent(view),
+    serverComponent(view, 1),
+    ...(ha ? [serverComponent(view, 2), serverComponent(view, 3)] : []),
     ...agents,
     {
       name: "robots online",
@@ -828,20 +828,57 @@ export async function probeServer(api: string): Promise<ProbeResult> {
   return { ok: r.ok, detail: `GET /healthz: ${r.detail}` };
 }
 
-function serverComponent(view: StackView): Component {
+/** Fleet server `n`'s name, pid, log, data dir and API (2 and 3 only on the HA stack). */
+export function fleetServerPlace(view: StackView, n: 1 | 2 | 3) {
   const { layout, files } = view.ctx;
-  const api = view.api;
+  if (n === 1) {
+    return {
+      name: "server",
+      pid: files.serverPid,
+      log: files.serverLog,
+      dataDir: layout.serverDataDir,
+      port: layout.ports.http,
+      clientId: "k8s4r-server",
+    };
+  }
   return {
-    name: "server",
+    name: `server-${n}`,
+    pid: n === 2 ? files.server2Pid : files.server3Pid,
+    log: n === 2 ? files.server2Log : files.server3Log,
+    dataDir: `${layout.serverDataDir}-${n}`,
+    port: layout.ha.httpPorts[n - 2],
+    clientId: `k8s4r-server-${n}`,
+  };
+}
+
+/**
+ * Fleet server `n`. On the HA stack three of them share the PostgreSQL registry (`--database`,
+ * its password in a 0600 file) and split the robots' messages with a shared subscription
+ * (`$share/k8s4r/...`), each with its own MQTT session and HTTP API. What replicas still lack
+ * (issue 13, item 2: online status from the shared state, each task dispatched by exactly one
+ * replica, retained statuses under shared subscriptions) is the fleet server's, not devenv's.
+ */
+function serverComponent(view: StackView, n: 1 | 2 | 3 = 1): Component {
+  const { layout } = view.ctx;
+  const { ha } = view.mode;
+  const place = fleetServerPlace(view, n);
+  const api = `http://127.0.0.1:${place.port}`;
+  return {
+    name: place.name,
     kind: "daemon",
-    needs: ["mosquitto"],
+    needs: ["mosquitto", ...(ha ? ["fleet-database"] : [])],
     stopRank: 20,
-    pidFile: files.serverPid,
-    logs: [{ name: "server", file: files.serverLog }],
+    pidFile: place.pid,
+    logs: [{ name: place.name, file: place.log }],
     probe: () => probeServer(api),
+    hint: (v) =>
+      ha && !probePostgres(v).ok
+        ? "PostgreSQL, the fleet servers' registry, is down: `k8s4r devenv start` starts it again"
+        : `see \`k8s4r devenv logs ${place.name}\`; \`k8s4r devenv start\` restarts it`,
     spawn(run) {
+      const db = fleetTarget(layout);
       return run.ctx.io.runner.spawn({
-        name: "server",
+        name: place.name,
         cmd: run.self.cmd,
         args: [
           ...run.self.args,
@@ -849,28 +886,39 @@ function serverComponent(view: StackView): Component {
           "--mqtt-credentials",
           layout.serverCredentialsFile,
           "--http-addr",
-          `127.0.0.1:${layout.ports.http}`,
-          "--data-dir",
-          layout.serverDataDir,
+          `127.0.0.1:${place.port}`,
+          // The SQLite registry's directory; on the HA stack the registry is PostgreSQL.
+          ...(ha ? [] : ["--data-dir", place.dataDir]),
           "--broker-url",
           `mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
+          ...(ha
+            ? [
+              "--database",
+              `postgres://${db.user}@${db.host}:${db.port}/${db.database}`,
+              "--database-password-file",
+              layout.ha.fleetPasswordFile,
+              "--shared-subscription",
+              "--client-id",
+              place.clientId,
+            ]
+            : []),
         ],
         cwd: layout.root,
         env: run.childEnv,
-        logFile: files.serverLog,
-        pidFile: files.serverPid,
+        logFile: place.log,
+        pidFile: place.pid,
         detached: true,
         ready: async () => (await probeServer(api)).ok,
         readyTimeoutMs: 60_000,
         readyIntervalMs: PROBE_INTERVAL_MS,
       });
     },
-    summary: () => api,
+    summary: () => api + (ha ? ` (PostgreSQL registry, ${place.clientId})` : ""),
     async status() {
-      const p = pidInfo(files.serverPid);
+      const p = pidInfo(place.pid);
       const probe = p.running ? await probeServer(api) : { ok: false, detail: "" };
       return {
-        name: "server",
+        name: place.name,
         ...p,
         healthy: p.running && probe.ok,
         endpoint: api,

@@ -32,7 +32,7 @@ import { isRecordAlive, readPidFile } from "../process/mod.ts";
 import type { Component, StackView, StartRun } from "./components.ts";
 import { PROBE_INTERVAL_MS, writeFileAtomic } from "./context.ts";
 import { findHaproxy, haproxyBackends, renderHaproxyConfig } from "./haproxy.ts";
-import { type Layout, PG_SUPERUSER, SPIRE_DB } from "./layout.ts";
+import { FLEET_DB, type Layout, PG_SUPERUSER, SPIRE_DB } from "./layout.ts";
 import { type ProbeResult, tcpOpen } from "./probes.ts";
 import type { ComponentStatus } from "./render.ts";
 
@@ -60,13 +60,23 @@ export function spireTarget(layout: Layout): PgTarget {
   };
 }
 
-/** The pgpass file (0600) from the password files that exist: admin, then spire. */
+export function fleetTarget(layout: Layout): PgTarget {
+  return {
+    host: "127.0.0.1",
+    port: layout.ha.postgresPort,
+    user: FLEET_DB.role,
+    database: FLEET_DB.database,
+  };
+}
+
+/** The pgpass file (0600) from the password files that exist: admin, spire, k8s4r. */
 export async function writePgpass(layout: Layout): Promise<void> {
   const lines: string[] = [];
   for (
     const [file, target] of [
       [layout.ha.postgresAdminPasswordFile, adminTarget(layout)],
       [layout.ha.spirePasswordFile, spireTarget(layout)],
+      [layout.ha.fleetPasswordFile, fleetTarget(layout)],
     ] as const
   ) {
     if (fileMode(file) === undefined) continue;
@@ -158,31 +168,60 @@ export function postgresComponent(view: StackView): Component {
   };
 }
 
-/** The `spire` role and database; their password is generated once (0600). */
-export function spireDatabaseStep(view: StackView): Component {
+/** A role owning its database; the role's password is generated once (0600). */
+function databaseStep(
+  view: StackView,
+  name: string,
+  target: PgTarget,
+  passwordFile: string,
+): Component {
   const { layout } = view.ctx;
   return {
-    name: "spire-database",
+    name,
     kind: "step",
     needs: ["postgres"],
     async run(run: StartRun) {
       const { io } = run.ctx;
-      if (fileMode(layout.ha.spirePasswordFile) === undefined) {
-        await writeSecretFile(layout.ha.spirePasswordFile, randomPassword() + "\n");
+      if (fileMode(passwordFile) === undefined) {
+        await writeSecretFile(passwordFile, randomPassword() + "\n");
       }
       await writePgpass(layout);
-      const password = await readPasswordFile(layout.ha.spirePasswordFile);
+      const password = await readPasswordFile(passwordFile);
       const bins = await run.once("pg binaries", () => findPgBinaries(io.runner, io.env));
-      await psql(
-        io.runner,
-        bins,
-        adminTarget(layout),
-        layout.ha.pgpassFile,
-        ensureRoleAndDatabaseSql(SPIRE_DB.role, password, SPIRE_DB.database),
-      );
-      return `${describeTarget(spireTarget(layout))} (password in ${layout.ha.spirePasswordFile})`;
+      // One role at a time: CREATE ROLE/DATABASE of two steps at once could race.
+      await run.once(`db ${target.database}`, () =>
+        withPgAdminLock(() =>
+          psql(
+            io.runner,
+            bins,
+            adminTarget(layout),
+            layout.ha.pgpassFile,
+            ensureRoleAndDatabaseSql(target.user, password, target.database),
+          )
+        ));
+      return `${describeTarget(target)} (password in ${passwordFile})`;
     },
   };
+}
+
+let adminChain: Promise<unknown> = Promise.resolve();
+/** Serialises the admin statements of one start. */
+function withPgAdminLock<T>(fn: () => Promise<T>): Promise<T> {
+  const p = adminChain.then(fn, fn);
+  adminChain = p.catch(() => {});
+  return p;
+}
+
+/** SPIRE's datastore: the `spire` role and database. */
+export function spireDatabaseStep(view: StackView): Component {
+  const { layout } = view.ctx;
+  return databaseStep(view, "spire-database", spireTarget(layout), layout.ha.spirePasswordFile);
+}
+
+/** The fleet servers' registry: the `k8s4r` role and database. */
+export function fleetDatabaseStep(view: StackView): Component {
+  const { layout } = view.ctx;
+  return databaseStep(view, "fleet-database", fleetTarget(layout), layout.ha.fleetPasswordFile);
 }
 
 /** The root CA SPIRE's upstream authority uses; created on first use. */

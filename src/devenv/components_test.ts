@@ -194,12 +194,17 @@ Deno.test("HA table: postgres, spire-database, root-ca, two SPIRE servers and ha
     "broker-identity",
     "mosquitto",
     "server",
+    "server-2",
+    "server-3",
     "agent",
   ]);
+  for (const s of ["server", "server-2", "server-3"]) {
+    assert.ok(closure(rows, s).has("fleet-database"), `${s} does not wait for its registry`);
+  }
   for (const c of rows.filter((c) => c.kind === "daemon")) {
     assert.ok(c.pidFile && c.spawn && c.probe && c.stopRank !== undefined, c.name);
   }
-  for (const n of ["postgres", "spire-server", "spire-server-2", "haproxy"]) {
+  for (const n of ["postgres", "spire-server", "spire-server-2", "haproxy", "server-3"]) {
     assert.match(rows.find((c) => c.name === n)!.hint!(new StackView(ctx, [])), /devenv start/);
   }
   // Both servers need the database and the root CA; the second waits for the first's schema.

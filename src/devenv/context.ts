@@ -137,7 +137,7 @@ export function resolveContext(args: Args, io: Io): DevenvContext {
       throw new UsageError(`environment variable ${k}: expected a port number, got '${v}'`);
     }
   }
-  for (const k of ["K8S4R_SPIRE_SERVER_PORTS"]) {
+  for (const k of ["K8S4R_SPIRE_SERVER_PORTS", "K8S4R_HTTP_PORTS"]) {
     const v = io.env[k];
     if (v !== undefined && v !== "" && !/^\d+,\d+$/.test(v)) {
       throw new UsageError(

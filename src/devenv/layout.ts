@@ -65,6 +65,10 @@ export interface HaLayout {
   pgpassFile: string;
   /** The two SPIRE servers' own ports (haproxy's backends). */
   spireServerPorts: [number, number];
+  /** The fleet servers' registry role's password (0600), for `k8s4r server --database`. */
+  fleetPasswordFile: string;
+  /** HTTP API ports of fleet servers 2 and 3 (server 1 has `ports.http`). */
+  httpPorts: [number, number];
   spireServer2DataDir: string;
   spireServer2Socket: string;
   haproxyDir: string;
@@ -72,6 +76,8 @@ export interface HaLayout {
 
 /** The PostgreSQL role and database of SPIRE's datastore on the HA stack. */
 export const SPIRE_DB = { role: "spire", database: "spire" } as const;
+/** The fleet servers' registry on the HA stack. */
+export const FLEET_DB = { role: "k8s4r", database: "k8s4r" } as const;
 /** The PostgreSQL superuser devenv's initdb creates. */
 export const PG_SUPERUSER = "k8s4r_admin";
 
@@ -118,6 +124,8 @@ export function defaultLayout(root: string, env: Record<string, string | undefin
       spirePasswordFile: join(devEnvDir, "postgres", "spire.password"),
       pgpassFile: join(devEnvDir, "postgres", "pgpass"),
       spireServerPorts: portPair(env["K8S4R_SPIRE_SERVER_PORTS"], [8181, 8182]),
+      fleetPasswordFile: join(devEnvDir, "postgres", "k8s4r.password"),
+      httpPorts: portPair(env["K8S4R_HTTP_PORTS"], [8091, 8092]),
       spireServer2DataDir: join(spireDataDir, "server-2"),
       spireServer2Socket: join(spireDataDir, "server-2", "api.sock"),
       haproxyDir: join(devEnvDir, "haproxy"),
@@ -136,7 +144,7 @@ export function layoutEnv(
     agentSocketDir?: string;
     trustDomain?: string;
     /** The `--ha` stack's ports. */
-    ha?: Pick<HaLayout, "postgresPort" | "spireServerPorts">;
+    ha?: Pick<HaLayout, "postgresPort" | "spireServerPorts"> & Partial<Pick<HaLayout, "httpPorts">>;
   } = {},
 ): Record<string, string> {
   const env: Record<string, string> = {
@@ -150,6 +158,7 @@ export function layoutEnv(
   if (opts.ha) {
     env.K8S4R_POSTGRES_PORT = String(opts.ha.postgresPort);
     env.K8S4R_SPIRE_SERVER_PORTS = opts.ha.spireServerPorts.join(",");
+    if (opts.ha.httpPorts) env.K8S4R_HTTP_PORTS = opts.ha.httpPorts.join(",");
   }
   return env;
 }
@@ -230,6 +239,11 @@ export interface DevenvFiles {
   haproxyConfig: string;
   /** haproxy's admin socket (`show stat`): which SPIRE servers it sees up. */
   haproxyStatsSocket: string;
+  /** Fleet servers 2 and 3 of the HA stack. */
+  server2Pid: string;
+  server2Log: string;
+  server3Pid: string;
+  server3Log: string;
 }
 
 export function devenvFiles(
@@ -267,5 +281,9 @@ export function devenvFiles(
     haproxyLog: join(d, "haproxy.log"),
     haproxyConfig: join(layout.ha.haproxyDir, "haproxy.cfg"),
     haproxyStatsSocket: join(layout.ha.haproxyDir, "stats.sock"),
+    server2Pid: join(d, "server-2.pid"),
+    server2Log: join(d, "server-2.log"),
+    server3Pid: join(d, "server-3.pid"),
+    server3Log: join(d, "server-3.log"),
   };
 }

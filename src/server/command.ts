@@ -18,12 +18,20 @@ import {
   SERVER_CLIENT_ID,
 } from "./fleet_server.ts";
 import { parseHostPort } from "./http_api.ts";
+import {
+  describePostgres,
+  loadDatabasePassword,
+  parseDatabaseUrl,
+  type PostgresConfig,
+  redactSecrets,
+} from "./registry_postgres.ts";
 import { svidTlsProvider } from "./svid_tls.ts";
 import { FINAL_STATES } from "./tasks.ts";
 
-function ioLogger(io: Io): Logger {
+/** Log lines on stderr. A connection string's password never reaches one (`redactSecrets`). */
+function ioLogger(io: Io, secrets: () => (string | undefined)[] = () => []): Logger {
   const line = (level: string, msg: string) =>
-    io.stderr.write(`${new Date().toISOString()} ${level} ${msg}\n`);
+    io.stderr.write(`${new Date().toISOString()} ${level} ${redactSecrets(msg, secrets())}\n`);
   return { info: (m) => line("INFO", m), warn: (m) => line("WARN", m) };
 }
 
@@ -89,9 +97,42 @@ function workloadSource(address: string, spiffeId?: string) {
   return X509Source.create({ address, spiffeId });
 }
 
+/**
+ * `--database` and its password: undefined for the SQLite default. The password comes from
+ * `--database-password-file` (0600) or the environment, never from the URL or argv.
+ */
+async function databaseConfig(args: Args, io: Io): Promise<PostgresConfig | undefined> {
+  const raw = args.string("database");
+  const pwFile = args.string("database-password-file");
+  if (raw === undefined) {
+    if (pwFile !== undefined) {
+      throw new UsageError("--database-password-file: only with --database postgres://...");
+    }
+    return undefined;
+  }
+  if (args.string("data-dir") !== undefined) {
+    throw new UsageError(
+      "--data-dir: the SQLite registry's directory; with --database the registry is in PostgreSQL",
+    );
+  }
+  let config: PostgresConfig;
+  try {
+    config = parseDatabaseUrl(raw, io.env["USER"] || io.env["LOGNAME"] || "postgres");
+  } catch (err) {
+    throw new UsageError(errorMessage(err));
+  }
+  try {
+    config.password = await loadDatabasePassword(pwFile, io.env);
+  } catch (err) {
+    throw new CliError(errorMessage(err), 1);
+  }
+  return config;
+}
+
 async function runServer(args: Args, io: Io): Promise<number> {
   const layout = defaultLayout(io.cwd, io.env);
-  const log = ioLogger(io);
+  const postgres = await databaseConfig(args, io);
+  const log = ioLogger(io, () => [postgres?.password]);
   const brokerUrl = args.string("broker-url") ?? `mqtt://127.0.0.1:${layout.ports.mqttPlain}`;
   let url: URL;
   try {
@@ -169,6 +210,7 @@ async function runServer(args: Args, io: Io): Promise<number> {
           : SERVER_CLIENT_ID),
       sharedSubscription: args.bool("shared-subscription"),
       dataDir,
+      postgres,
       http,
       fleet: { heartbeatIntervalSeconds: hb },
       logger: log,
@@ -185,9 +227,12 @@ async function runServer(args: Args, io: Io): Promise<number> {
   } catch (err) {
     await closeSource?.();
     if (err instanceof CliError) throw err;
-    throw new CliError(`cannot start the fleet server: ${errorMessage(err)}`);
+    throw new CliError(
+      `cannot start the fleet server: ${redactSecrets(errorMessage(err), [postgres?.password])}`,
+    );
   }
-  log.info(`HTTP API on ${server.http!.url}, data in ${dataDir}, broker ${brokerUrl}`);
+  const where = postgres ? `registry ${describePostgres(postgres)}` : `data in ${dataDir}`;
+  log.info(`HTTP API on ${server.http!.url}, ${where}, broker ${brokerUrl}`);
   const stopped = new Promise<void>((resolve) => {
     if (io.signal.aborted) resolve();
     io.signal.addEventListener("abort", () => resolve(), { once: true });
@@ -205,9 +250,14 @@ async function runServer(args: Args, io: Io): Promise<number> {
 export const serverCommand: CommandSpec = {
   name: "server",
   summary: "Run the fleet server (MQTT on 127.0.0.1:1883, HTTP API on 127.0.0.1:8090)",
-  description: `Tracks robots (register, heartbeats, online/offline) in a SQLite registry and sends
-them tasks over MQTT. Runs until SIGINT/SIGTERM, then disconnects cleanly; its persistent MQTT
+  description: `Tracks robots (register, heartbeats, online/offline) in a registry and sends them
+tasks over MQTT. Runs until SIGINT/SIGTERM, then disconnects cleanly; its persistent MQTT
 session keeps messages robots send meanwhile.
+
+The registry is SQLite in --data-dir by default, or PostgreSQL with --database
+postgres://USER@HOST:PORT/DB (unix socket: postgres://USER@/DB?host=/run/postgresql). The
+database password is never part of the URL: --database-password-file FILE (mode 0600), or
+K8S4R_DATABASE_PASSWORD, or PGPASSWORD.
 
 MQTT credentials for mqtt:// come from --mqtt-credentials FILE (JSON {"username","password"},
 mode 0600; default .dev-env/server-mqtt.json), or K8S4R_MQTT_USERNAME plus
@@ -236,6 +286,19 @@ K8S4R_MQTT_PASSWORD_FILE. With mqtts:// the server uses an X.509 SVID from the W
       type: "string",
       valueName: "DIR",
       description: "Registry directory (default .dev-env/server-data)",
+    },
+    {
+      name: "database",
+      type: "string",
+      valueName: "URL",
+      description:
+        "PostgreSQL registry, postgres://USER@HOST:PORT/DB (default: SQLite in --data-dir)",
+    },
+    {
+      name: "database-password-file",
+      type: "string",
+      valueName: "FILE",
+      description: "The PostgreSQL password, mode 0600 (or K8S4R_DATABASE_PASSWORD, PGPASSWORD)",
     },
     {
       name: "shared-subscription",

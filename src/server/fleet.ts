@@ -16,6 +16,7 @@ import { downTopic, isRobotId } from "../fleet/topics.ts";
 import {
   compareStatusOrder,
   type Registry,
+  type RegistryTx,
   type RobotRecord,
   type StatusOrder,
   type TaskRecord,
@@ -124,6 +125,7 @@ export interface LinkState {
 /** What the server can say about a robot: `unknown` while it cannot hear from the fleet. */
 export type RobotState = "online" | "offline" | "unknown";
 
+/** Runs after the commit: logs, counters, dispatches (which track themselves). */
 type Effect = () => void;
 
 /** A decoded item that is the server's own probe echo, not a robot's message. */
@@ -249,11 +251,11 @@ export class FleetService {
    * counted per reason and dropped (`{ok: false, reason}`); a registry error returns
    * `{ok: false, error}` and nothing of the message is written.
    */
-  handleMessage(
+  async handleMessage(
     topic: string,
     payload: Uint8Array,
-  ): { ok: boolean; reason?: DropReason; error?: string } {
-    const r = this.handleBatch([{ topic, payload }]);
+  ): Promise<{ ok: boolean; reason?: DropReason; error?: string }> {
+    const r = await this.handleBatch([{ topic, payload }]);
     if (r.acked === 0) return { ok: false, error: r.error };
     return r.results[0];
   }
@@ -265,7 +267,7 @@ export class FleetService {
    * Side effects (dispatches, logs, counters) run only for committed messages, after the
    * commit. Never throws.
    */
-  handleBatch(items: Incoming[]): BatchResult {
+  async handleBatch(items: Incoming[]): Promise<BatchResult> {
     if (items.length === 0) return { acked: 0, results: [] };
     this.stats.batches++;
     const decoded = items.map((m) =>
@@ -274,8 +276,8 @@ export class FleetService {
     const effects: Effect[][] = decoded.map(() => []);
     let r: { applied: number; error?: Error };
     try {
-      r = this.registry.batch(decoded.map((d, i) => () => {
-        if (d !== PROBE && d.ok) this.apply(d.robotId, d.message, effects[i]);
+      r = await this.registry.batch(decoded.map((d, i) => async (tx) => {
+        if (d !== PROBE && d.ok) await this.apply(tx, d.robotId, d.message, effects[i]);
       }));
     } catch (err) {
       r = { applied: 0, error: err as Error };
@@ -320,16 +322,21 @@ export class FleetService {
     return { acked: r.applied, results };
   }
 
-  private apply(robotId: string, msg: UpMessage, fx: Effect[]): void {
+  /** Applies one message in the batch's transaction (`reg`); what follows the commit goes to `fx`. */
+  private async apply(
+    reg: RegistryTx,
+    robotId: string,
+    msg: UpMessage,
+    fx: Effect[],
+  ): Promise<void> {
     const at = this.nowIso();
-    const reg = this.registry;
     switch (msg.type) {
       case "register": {
-        const prev = reg.getRobot(robotId);
+        const prev = await reg.getRobot(robotId);
         const order: StatusOrder | null = msg.connection !== undefined
           ? { connection: msg.connection, rank: 0 }
           : null;
-        reg.recordRegister(robotId, at, msg);
+        await reg.recordRegister(robotId, at, msg);
         if (
           prev?.bootId != null && prev.bootId === msg.bootId && order && prev.statusOrder &&
           compareStatusOrder(order, prev.statusOrder) < 0
@@ -341,8 +348,8 @@ export class FleetService {
         }
         // A register counts as the online of its connection: the will of an older connection
         // arriving after it is stale.
-        reg.setStatusOrder(robotId, msg.bootId ?? null, order);
-        reg.setOnline(robotId, true, null);
+        await reg.setStatusOrder(robotId, msg.bootId ?? null, order);
+        await reg.setOnline(robotId, true, null);
         fx.push(() => {
           this.log.info(`robot ${robotId} registered (agent ${msg.agentVersion})`);
           // The agent (re)started: anything not yet accepted is sent again (it dedupes by id).
@@ -351,12 +358,10 @@ export class FleetService {
         return;
       }
       case "heartbeat": {
-        const prev = reg.getRobot(robotId);
-        reg.recordHeartbeat(robotId, at, msg);
+        const { bootId } = await reg.recordHeartbeat(robotId, at, msg);
         // A heartbeat of another boot than the registered one does not revive the robot.
-        const sameBoot = msg.bootId === undefined || prev?.bootId == null ||
-          prev.bootId === msg.bootId;
-        if (sameBoot && reg.setOnline(robotId, true, null)) {
+        const sameBoot = msg.bootId === undefined || bootId === null || bootId === msg.bootId;
+        if (sameBoot && await reg.setOnline(robotId, true, null)) {
           fx.push(() => {
             this.log.info(`robot ${robotId} is back (heartbeat)`);
             this.dispatchFor(robotId);
@@ -365,8 +370,8 @@ export class FleetService {
         return;
       }
       case "status": {
-        const prev = reg.getRobot(robotId);
-        const verdict = prev ? statusVerdict(prev, reg.lastStatusTs(robotId), msg) : "apply";
+        const prev = await reg.getRobot(robotId);
+        const verdict = prev ? statusVerdict(prev, await reg.lastStatusTs(robotId), msg) : "apply";
         if (verdict === "replay") {
           // Retained statuses are replayed on every subscribe: nothing new, and not a sign of
           // life (lastSeen stays).
@@ -384,15 +389,15 @@ export class FleetService {
           });
           return;
         }
-        reg.touchRobot(robotId, at);
-        reg.setLastStatusTs(robotId, msg.ts);
+        await reg.touchRobot(robotId, at);
+        await reg.setLastStatusTs(robotId, msg.ts);
         if (msg.bootId !== undefined && msg.connection !== undefined) {
-          reg.setStatusOrder(robotId, msg.bootId, {
+          await reg.setStatusOrder(robotId, msg.bootId, {
             connection: msg.connection,
             rank: msg.status === "online" ? 0 : 1,
           });
         }
-        const changed = reg.setOnline(
+        const changed = await reg.setOnline(
           robotId,
           msg.status === "online",
           msg.reason ?? (msg.status === "offline" ? "status offline" : null),
@@ -408,8 +413,8 @@ export class FleetService {
         return;
       }
       case "task-status": {
-        reg.touchRobot(robotId, at);
-        const task = reg.getTask(msg.taskId);
+        await reg.touchRobot(robotId, at);
+        const task = await reg.getTask(msg.taskId);
         if (!task || task.robotId !== robotId) {
           // Unknown, or another robot's task id: a robot may only report on its own tasks.
           fx.push(() => {
@@ -418,7 +423,7 @@ export class FleetService {
           });
           return;
         }
-        const r = reg.applyTaskEvent(msg.taskId, msg.state, at, {
+        const r = await reg.applyTaskEvent(msg.taskId, msg.state, at, {
           exitCode: msg.exitCode,
           stdout: msg.stdout,
           stderr: msg.stderr,
@@ -431,13 +436,13 @@ export class FleetService {
   }
 
   /** Validates and stores a new task; dispatches it at once if the robot is online. */
-  createTask(robotId: string, req: TaskRequest): TaskRecord {
+  async createTask(robotId: string, req: TaskRequest): Promise<TaskRecord> {
     if (!isRobotId(robotId)) throw new NotFoundError(`unknown robot ${robotId}`);
-    const robot = this.registry.getRobot(robotId);
+    const robot = await this.registry.getRobot(robotId);
     if (!robot) throw new NotFoundError(`unknown robot ${robotId}`);
     const now = this.now();
     const ttl = req.ttlSeconds ?? this.ttlDefault;
-    const task = this.registry.createTask({
+    const task = await this.registry.createTask({
       id: this.newId(),
       robotId,
       command: req.command,
@@ -451,16 +456,29 @@ export class FleetService {
     return task;
   }
 
-  /** Sends every undelivered task of one robot. */
-  dispatchFor(robotId: string): void {
-    for (const t of this.registry.tasksInStates(["pending", "dispatched"], robotId)) {
-      this.dispatchTask(t);
-    }
+  /** Sends every undelivered task of one robot (`settled()` waits for it). Never rejects. */
+  dispatchFor(robotId: string): Promise<void> {
+    return this.track(async () => {
+      for (const t of await this.registry.tasksInStates(["pending", "dispatched"], robotId)) {
+        this.dispatchTask(t);
+      }
+    }, `dispatch to ${robotId}`);
   }
 
-  /** After (re)connecting to the broker: send what online robots are owed. */
-  dispatchAllOnline(): void {
-    for (const r of this.registry.onlineRobots()) this.dispatchFor(r.id);
+  /** After (re)connecting to the broker: send what online robots are owed. Never rejects. */
+  dispatchAllOnline(): Promise<void> {
+    return this.track(async () => {
+      for (const r of await this.registry.onlineRobots()) await this.dispatchFor(r.id);
+    }, "dispatch to online robots");
+  }
+
+  /** Runs `job` as part of what `settled()` waits for; a failure is logged, not thrown. */
+  private track(job: () => Promise<void>, what: string): Promise<void> {
+    const p: Promise<void> = job().catch((err) => {
+      this.log.warn(`${what}: ${(err as Error).message}`);
+    }).finally(() => this.pending.delete(p));
+    this.pending.add(p);
+    return p;
   }
 
   private dispatchTask(task: TaskRecord): void {
@@ -482,9 +500,9 @@ export class FleetService {
     if (task.cwd) msg.cwd = task.cwd;
     this.inFlight.add(task.id);
     const p = this.publisher.publish(downTopic(task.robotId, "task"), encode(msg)).then(
-      () => {
+      async () => {
         this.stats.tasksDispatched++;
-        this.registry.applyTaskEvent(task.id, "dispatch", this.nowIso());
+        await this.registry.applyTaskEvent(task.id, "dispatch", this.nowIso());
       },
       (err) => {
         this.stats.publishErrors++;
@@ -514,46 +532,53 @@ export class FleetService {
    * clocks restart from the reconnect (a full grace), so the queued messages and retained
    * statuses can arrive first.
    */
-  sweep(): { offline: string[]; expired: string[]; lost: string[] } {
+  async sweep(): Promise<{ offline: string[]; expired: string[]; lost: string[] }> {
     const now = this.now().getTime();
     const at = this.nowIso();
     const link = this.link;
-    const offline: string[] = [];
+    // One transaction: what is judged silent is marked offline before any message of this
+    // process can be applied in between (a heartbeat that arrives meanwhile waits its turn).
     const until = this.heardUntil(now);
-    if (link.up) {
-      for (const r of this.registry.onlineRobots()) {
-        const interval = r.heartbeatIntervalSeconds ?? this.hbDefault;
-        const heard = Math.max(Date.parse(r.lastSeen), link.since);
-        if (until - heard > this.missed * interval * 1000) {
-          if (this.registry.setOnline(r.id, false, `missed ${this.missed} heartbeats`)) {
-            offline.push(r.id);
-            this.log.info(`robot ${r.id} is offline (missed ${this.missed} heartbeats)`);
+    const out = await this.registry.transaction(async (tx) => {
+      const offline: string[] = [];
+      if (link.up) {
+        for (const r of await tx.onlineRobots()) {
+          const interval = r.heartbeatIntervalSeconds ?? this.hbDefault;
+          const heard = Math.max(Date.parse(r.lastSeen), link.since);
+          if (until - heard > this.missed * interval * 1000) {
+            if (await tx.setOnline(r.id, false, `missed ${this.missed} heartbeats`)) {
+              offline.push(r.id);
+            }
           }
         }
       }
-    }
-    const expired: string[] = [];
-    for (const t of this.registry.tasksInStates(["pending", "dispatched"])) {
-      if (Date.parse(t.expiresAt) <= now && !this.inFlight.has(t.id)) {
-        const r = this.registry.applyTaskEvent(t.id, "expire", at, {
-          error: "not delivered to the robot before its TTL",
-        });
-        if (r?.changed) expired.push(t.id);
-      }
-    }
-    const lost: string[] = [];
-    if (link.up && !this.stalled(now) && now - link.since > this.grace * 1000) {
-      for (const t of this.registry.tasksInStates(["accepted", "running"])) {
-        const since = Date.parse(t.startedAt ?? t.acceptedAt ?? t.updatedAt);
-        if (now - since > (t.timeoutSeconds + this.grace) * 1000) {
-          const r = this.registry.applyTaskEvent(t.id, "lost", at, {
-            error: `no result from robot ${t.robotId} within timeout + ${this.grace}s`,
+      const expired: string[] = [];
+      for (const t of await tx.tasksInStates(["pending", "dispatched"])) {
+        if (Date.parse(t.expiresAt) <= now && !this.inFlight.has(t.id)) {
+          const r = await tx.applyTaskEvent(t.id, "expire", at, {
+            error: "not delivered to the robot before its TTL",
           });
-          if (r?.changed) lost.push(t.id);
+          if (r?.changed) expired.push(t.id);
         }
       }
+      const lost: string[] = [];
+      if (link.up && !this.stalled(now) && now - link.since > this.grace * 1000) {
+        for (const t of await tx.tasksInStates(["accepted", "running"])) {
+          const since = Date.parse(t.startedAt ?? t.acceptedAt ?? t.updatedAt);
+          if (now - since > (t.timeoutSeconds + this.grace) * 1000) {
+            const r = await tx.applyTaskEvent(t.id, "lost", at, {
+              error: `no result from robot ${t.robotId} within timeout + ${this.grace}s`,
+            });
+            if (r?.changed) lost.push(t.id);
+          }
+        }
+      }
+      return { offline, expired, lost };
+    });
+    for (const id of out.offline) {
+      this.log.info(`robot ${id} is offline (missed ${this.missed} heartbeats)`);
     }
-    return { offline, expired, lost };
+    return out;
   }
 
   /** online/offline from the registry, or `unknown` while the broker link is down. */

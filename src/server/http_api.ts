@@ -173,14 +173,15 @@ export function createHandler(ctx: ApiContext): (req: Request) => Promise<Respon
       );
     }
   };
-  const robotOr404 = (id: string) => {
-    const r = isRobotId(id) ? fleet.registry.getRobot(id) : undefined;
+  const robotOr404 = async (id: string) => {
+    const r = isRobotId(id) ? await fleet.registry.getRobot(id) : undefined;
     if (!r) throw new HttpError(404, `unknown robot ${JSON.stringify(id)}`);
     return r;
   };
-  const stats = () => {
+  const stats = async () => {
     const link = fleet.linkState();
-    const all = fleet.registry.listRobots();
+    const all = await fleet.registry.listRobots();
+    const tasks = await fleet.registry.countTasksByState();
     return {
       // since: when the link went up (subscribed) or down; robots are unknown while it is down.
       // delivering: the broker echoed the server's probe lately (false while it is frozen).
@@ -191,7 +192,7 @@ export function createHandler(ctx: ApiContext): (req: Request) => Promise<Respon
         confirmedAt: link.confirmedAt,
       },
       messages: fleet.stats,
-      tasks: fleet.registry.countTasksByState(),
+      tasks,
       robots: {
         total: all.length,
         /** Last known: while the link is down these are also counted as unknown. */
@@ -207,7 +208,7 @@ export function createHandler(ctx: ApiContext): (req: Request) => Promise<Respon
       const parts = url.pathname.split("/").filter((p) => p !== "").map(decodeURIComponent);
       if (url.pathname === "/healthz") {
         methods(req, ["GET", "HEAD"]);
-        const s = stats();
+        const s = await stats();
         return json(s.mqtt.connected ? 200 : 503, {
           ok: s.mqtt.connected,
           version: ctx.version,
@@ -217,33 +218,34 @@ export function createHandler(ctx: ApiContext): (req: Request) => Promise<Respon
       if (parts[0] !== "api") throw new HttpError(404, `no such endpoint ${url.pathname}`);
       if (parts.length === 2 && parts[1] === "stats") {
         methods(req, ["GET", "HEAD"]);
-        return json(200, stats());
+        return json(200, await stats());
       }
       if (parts[1] === "robots") {
         if (parts.length === 2) {
           methods(req, ["GET", "HEAD"]);
-          return json(200, { robots: fleet.registry.listRobots().map((r) => fleet.robotView(r)) });
+          const robots = await fleet.registry.listRobots();
+          return json(200, { robots: robots.map((r) => fleet.robotView(r)) });
         }
         if (parts.length === 3) {
           methods(req, ["GET", "HEAD"]);
-          return json(200, fleet.robotView(robotOr404(parts[2])));
+          return json(200, fleet.robotView(await robotOr404(parts[2])));
         }
         if (parts.length === 4 && parts[3] === "tasks") {
           methods(req, ["GET", "HEAD", "POST"]);
-          const robot = robotOr404(parts[2]);
+          const robot = await robotOr404(parts[2]);
           if (req.method === "POST") {
             const body = parseTaskRequest(await readBody(req));
-            const task = fleet.createTask(robot.id, body);
+            const task = await fleet.createTask(robot.id, body);
             return json(201, { id: task.id, state: task.state }, {
               location: `/api/tasks/${task.id}`,
             });
           }
-          return json(200, { tasks: fleet.registry.listTasks(robot.id).map(taskView) });
+          return json(200, { tasks: (await fleet.registry.listTasks(robot.id)).map(taskView) });
         }
       }
       if (parts[1] === "tasks" && parts.length === 3) {
         methods(req, ["GET", "HEAD"]);
-        const t = fleet.registry.getTask(parts[2]);
+        const t = await fleet.registry.getTask(parts[2]);
         if (!t) throw new HttpError(404, `unknown task ${JSON.stringify(parts[2])}`);
         return json(200, taskView(t));
       }

@@ -4,7 +4,7 @@ import { runCli } from "../cli/mod.ts";
 import { decodeDown, type TaskMessage } from "../mqtt/messages.ts";
 import { FleetService, type Publisher } from "./fleet.ts";
 import { createHandler, MAX_BODY_BYTES, serveHttpApi } from "./http_api.ts";
-import { Registry } from "./registry.ts";
+import { openSqliteFile } from "./registry_sqlite.ts";
 import { robotsCommand, taskCommand } from "./command.ts";
 
 class FakePublisher implements Publisher {
@@ -24,7 +24,7 @@ class FakePublisher implements Publisher {
 }
 
 function setup(now = { t: Date.parse("2025-01-01T00:00:00Z") }) {
-  const registry = Registry.openFile(":memory:");
+  const registry = openSqliteFile(":memory:");
   const pub = new FakePublisher();
   let n = 0;
   const fleet = new FleetService(registry, pub, {
@@ -69,7 +69,7 @@ Deno.test("HTTP API: robots, tasks, precise errors", async () => {
   const { call, fleet, pub, registry } = setup();
   try {
     assert.deepEqual((await call("GET", "/api/robots")).json, { robots: [] });
-    assert.ok(register(fleet, "robot-001").ok);
+    assert.ok((await register(fleet, "robot-001")).ok);
     const robots = (await call("GET", "/api/robots")).json.robots;
     assert.equal(robots.length, 1);
     assert.equal(robots[0].id, "robot-001");
@@ -161,28 +161,28 @@ Deno.test("HTTP API: robots, tasks, precise errors", async () => {
     pub.online = false;
     assert.equal((await call("GET", "/healthz")).status, 503);
   } finally {
-    registry.close();
+    await registry.close();
   }
 });
 
 Deno.test("fleet: offline robot gets its task when it returns; counters; sweeper", async () => {
   const { call, fleet, pub, registry, now } = setup();
   try {
-    register(fleet, "robot-001");
+    await register(fleet, "robot-001");
     const off = up(
       "robot-001",
       "status",
       { type: "status", status: "offline" },
       "2025-01-01T00:00:01.000Z",
     );
-    fleet.handleMessage(off.topic, off.payload);
-    assert.equal(registry.getRobot("robot-001")!.online, false);
+    await fleet.handleMessage(off.topic, off.payload);
+    assert.equal((await registry.getRobot("robot-001"))!.online, false);
     const created = await call("POST", "/api/robots/robot-001/tasks", '{"command":["true"]}');
     await fleet.settled();
     assert.equal(pub.sent.length, 0, "no dispatch while offline");
     assert.equal((await call("GET", `/api/tasks/${created.json.id}`)).json.state, "pending");
     // A replayed (retained) older status is ignored.
-    fleet.handleMessage(off.topic, off.payload);
+    await fleet.handleMessage(off.topic, off.payload);
     // The robot comes back.
     const on = up(
       "robot-001",
@@ -190,7 +190,7 @@ Deno.test("fleet: offline robot gets its task when it returns; counters; sweeper
       { type: "status", status: "online" },
       "2025-01-01T00:00:02.000Z",
     );
-    fleet.handleMessage(on.topic, on.payload);
+    await fleet.handleMessage(on.topic, on.payload);
     await fleet.settled();
     assert.equal(pub.sent.length, 1);
     // Robot reports.
@@ -207,39 +207,42 @@ Deno.test("fleet: offline robot gets its task when it returns; counters; sweeper
         state,
         ...extra,
       }, "2025-01-01T00:00:03.000Z");
-      assert.ok(fleet.handleMessage(m.topic, m.payload).ok);
+      assert.ok((await fleet.handleMessage(m.topic, m.payload)).ok);
     }
     const t = (await call("GET", `/api/tasks/${created.json.id}`)).json;
     assert.equal(t.state, "done");
     assert.equal(t.exitCode, 3);
     assert.equal(t.stdout, "out");
     // Another robot cannot report on robot-001's task.
-    register(fleet, "robot-002");
+    await register(fleet, "robot-002");
     const forged = up("robot-002", "task", {
       type: "task-status",
       taskId: created.json.id,
       state: "failed",
       error: "x",
     }, "2025-01-01T00:00:04.000Z");
-    fleet.handleMessage(forged.topic, forged.payload);
-    assert.equal(registry.getTask(created.json.id)!.state, "done");
+    await fleet.handleMessage(forged.topic, forged.payload);
+    assert.equal((await registry.getTask(created.json.id))!.state, "done");
     assert.equal(fleet.stats.unknownTaskReports, 1);
     // Malformed and mismatched messages are counted per reason, never thrown.
-    fleet.handleMessage("k8s4r/robots/robot-001/up/heartbeat", new TextEncoder().encode("garbage"));
+    await fleet.handleMessage(
+      "k8s4r/robots/robot-001/up/heartbeat",
+      new TextEncoder().encode("garbage"),
+    );
     const mismatch = up("robot-002", "heartbeat", {
       type: "heartbeat",
       seq: 1,
       svidExpiresAt: "2025-01-01T01:00:00.000Z",
     }, "2025-01-01T00:00:05.000Z");
-    fleet.handleMessage("k8s4r/robots/robot-001/up/heartbeat", mismatch.payload);
+    await fleet.handleMessage("k8s4r/robots/robot-001/up/heartbeat", mismatch.payload);
     assert.equal(fleet.stats.dropped["bad-json"], 1);
     assert.equal(fleet.stats.dropped["robot-id-mismatch"], 1);
     assert.equal(fleet.stats.droppedTotal, 2);
     // Missed heartbeats: both announced 5 s; after 3 x 5 s of silence they are offline.
     now.t += 16_000;
-    const swept = fleet.sweep();
+    const swept = await fleet.sweep();
     assert.deepEqual(swept.offline, ["robot-001", "robot-002"]);
-    assert.equal(registry.getRobot("robot-002")!.offlineReason, "missed 3 heartbeats");
+    assert.equal((await registry.getRobot("robot-002"))!.offlineReason, "missed 3 heartbeats");
     // TTL: a task for an offline robot expires.
     const t2 = await call(
       "POST",
@@ -247,10 +250,10 @@ Deno.test("fleet: offline robot gets its task when it returns; counters; sweeper
       '{"command":["true"],"ttlSeconds":10}',
     );
     now.t += 11_000;
-    assert.deepEqual(fleet.sweep().expired, [t2.json.id]);
+    assert.deepEqual((await fleet.sweep()).expired, [t2.json.id]);
     assert.equal((await call("GET", `/api/tasks/${t2.json.id}`)).json.state, "expired");
   } finally {
-    registry.close();
+    await registry.close();
   }
 });
 
@@ -261,7 +264,7 @@ Deno.test("k8s4r robots and task run against a served API", async () => {
     port: 0,
   });
   try {
-    register(fleet, "robot-001", new Date().toISOString());
+    await register(fleet, "robot-001", new Date().toISOString());
     // A fake robot: answers every task with done + output.
     pub.onPublish = (msg) => {
       const code = msg.command[0] === "false" ? 1 : 0;
@@ -274,7 +277,7 @@ Deno.test("k8s4r robots and task run against a served API", async () => {
         stderr: code ? "boom\n" : "",
         ...(msg.command[0] === "forbidden" ? { error: "command not allowed" } : {}),
       }, new Date().toISOString());
-      fleet.handleMessage(m.topic, m.payload);
+      void fleet.handleMessage(m.topic, m.payload);
     };
     const io = bufferIo();
     assert.equal(await runCli(robotsCommand, ["--server", api.url], io), 0);
@@ -328,7 +331,7 @@ Deno.test("k8s4r robots and task run against a served API", async () => {
   } finally {
     await api.close();
     await fleet.settled();
-    registry.close();
+    await registry.close();
   }
   await assert.rejects(
     () => runCli(robotsCommand, ["--server", api.url], bufferIo()),

@@ -218,6 +218,8 @@ export class E2eStack {
       postgres?: number;
       spire1?: number;
       spire2?: number;
+      http2?: number;
+      http3?: number;
     },
     /** The robots `start()` runs (`devenv start --robots N`). */
     readonly robotIds: string[] = ROBOTS,
@@ -232,7 +234,11 @@ export class E2eStack {
         {
           agentSocketDir: sockDir,
           ha: ha
-            ? { postgresPort: ports.postgres!, spireServerPorts: [ports.spire1!, ports.spire2!] }
+            ? {
+              postgresPort: ports.postgres!,
+              spireServerPorts: [ports.spire1!, ports.spire2!],
+              httpPorts: [ports.http2!, ports.http3!],
+            }
             : undefined,
         },
       ),
@@ -270,9 +276,9 @@ export class E2eStack {
     const patched = yaml.replace(/^(\s*heartbeatSeconds:\s*)\d+/m, `$1${hb}`);
     assert.notEqual(patched, yaml, `${yamlPath}: no mqtt.heartbeatSeconds to set`);
     await Deno.writeTextFile(yamlPath, patched);
-    const [spire, plain, tls, http, postgres, spire1, spire2] = freePorts(7);
+    const [spire, plain, tls, http, postgres, spire1, spire2, http2, http3] = freePorts(9);
     const ports = opts.ha
-      ? { spire, plain, tls, http, postgres, spire1, spire2 }
+      ? { spire, plain, tls, http, postgres, spire1, spire2, http2, http3 }
       : { spire, plain, tls, http };
     const n = opts.robots ?? ROBOTS.length;
     const ids = Array.from({ length: n }, (_, i) => `robot-${String(i + 1).padStart(3, "0")}`);

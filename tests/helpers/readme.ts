@@ -12,7 +12,9 @@ export function readmeCommands(text: string, name: string): string[][] {
   const marker = `<!-- e2e: ${name} -->`;
   const at = text.indexOf(marker);
   if (at < 0) throw new Error(`README.md: no '${marker}' block`);
+  // `deno fmt` puts a blank line between the marker and the block.
   const lines = text.slice(at + marker.length).split("\n").slice(1);
+  while (lines.length && lines[0].trim() === "") lines.shift();
   if (!lines[0]?.startsWith("```sh")) {
     throw new Error(`README.md: '${marker}' is not followed by a \`\`\`sh block`);
   }
