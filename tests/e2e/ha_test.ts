@@ -34,7 +34,7 @@ import { isRecordAlive, processStartTime, realRunner, waitFor } from "../../src/
 import { X509Source } from "../../src/spiffe/mod.ts";
 import { readAgentData } from "../../src/spire/agent_state.ts";
 import { SpireServerCli } from "../../src/spire/server.ts";
-import { README, readmeCommands } from "../helpers/readme.ts";
+import { readmeSteps } from "../helpers/readme_commands.ts";
 import { cmdlinesContaining, exposedIn } from "../helpers/secrets.ts";
 import {
   E2eStack,
@@ -182,15 +182,22 @@ async function statusRows(): Promise<
 }
 
 test("the README's scale-out commands bring up PostgreSQL, two SPIRE servers, haproxy and the robots", async () => {
-  const cmds = readmeCommands(await Deno.readTextFile(README), "scale-out");
-  assert.ok(cmds.some((c) => c[0] === "devenv" && c[1] === "start" && c.includes("--ha")));
-  for (const args of cmds) {
+  const steps = readmeSteps("scale-out");
+  assert.ok(steps.some((c) => c.text.startsWith("k8s4r devenv start --ha")));
+  for (const step of steps) {
+    assert.equal(step.host, "control host", `README.md:${step.line}`);
+    const args = step.argv.slice(1);
     const full = args[0] === "devenv" && args[1] === "start" ? [...args, ...START_EXTRA] : args;
     const r = await stack.k8s4r(full, { timeoutMs: 300_000 });
     stack.remember();
-    assert.equal(r.code, 0, `k8s4r ${full.join(" ")} exited ${r.code}:\n${r.stdout}\n${r.stderr}`);
+    assert.equal(
+      r.code,
+      0,
+      `README.md:${step.line}: k8s4r ${full.join(" ")} exited ${r.code}:\n${r.stdout}\n${r.stderr}`,
+    );
     if (full[1] === "start") stack.started = true;
   }
+  console.log("  every README step ran");
   const rows = await statusRows();
   for (const n of ["postgres", "root-ca", "spire-server", "spire-server-2", "haproxy"]) {
     const row = rows.find((x) => x.name === n);
