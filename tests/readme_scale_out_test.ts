@@ -11,6 +11,7 @@ import { readmeSteps } from "./helpers/readme_commands.ts";
 for (
   const [block, e2e, wants] of [
     ["scale-out", "ha_test.ts", [/ca init/, /devenv start --ha/, /devenv status/, /doctor/]],
+    ["backup", "backup_restore_test.ts", [/backup create/, /backup restore/, /devenv start/]],
   ] as const
 ) {
   Deno.test(`README: every command of the ${block} block parses with the CLI`, async () => {

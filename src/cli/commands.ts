@@ -31,6 +31,10 @@ export const rootCommand: CommandSpec = {
     lazy("robots", async () => (await import("../server/command.ts")).robotsCommand),
     lazy("task", async () => (await import("../server/command.ts")).taskCommand),
     lazy("ca", async () => (await import("../ca/command.ts")).caCommand),
+    lazy("backup", async () =>
+      (await import("../backup/command.ts")).makeBackupCommand(
+        (await import("./backup_paths.ts")).devStackBackupSources,
+      )),
   ],
   run(args, io) {
     if (args.bool("version")) {

@@ -10,6 +10,7 @@
  * - `haproxy`: the one SPIRE address agents dial, in front of `spire-server` and
  *   `spire-server-2` (the second server is `spireServerComponent(view, 2)` of components.ts).
  */
+import { join } from "node:path";
 import { CliError } from "../cli/errors.ts";
 import { caFiles, initCa, readCa } from "../ca/mod.ts";
 import { fileMode } from "../fs/atomic.ts";
@@ -19,6 +20,7 @@ import {
   ensureRoleAndDatabaseSql,
   findPgBinaries,
   initCluster,
+  pgEnv,
   pgpassLine,
   type PgTarget,
   postgresArgv,
@@ -168,6 +170,11 @@ export function postgresComponent(view: StackView): Component {
   };
 }
 
+/** Where `k8s4r backup restore` leaves a database's dump for the next start. */
+export function pendingRestore(layout: Layout, database: string): string {
+  return join(layout.ha.postgresDir, "restore", `${database}.dump`);
+}
+
 /** A role owning its database; the role's password is generated once (0600). */
 function databaseStep(
   view: StackView,
@@ -199,6 +206,41 @@ function databaseStep(
             ensureRoleAndDatabaseSql(target.user, password, target.database),
           )
         ));
+      // A restored backup (`k8s4r backup restore`) left a dump for this database: load it
+      // into the new, empty database before anything uses it, then drop the file.
+      const pending = pendingRestore(layout, target.database);
+      if (fileMode(pending) !== undefined) {
+        const tables = await psql(
+          io.runner,
+          bins,
+          target,
+          layout.ha.pgpassFile,
+          "SELECT count(*) FROM pg_tables WHERE schemaname = 'public';",
+        );
+        if (Number(tables.trim()) > 0) {
+          throw new CliError(
+            `${pending}: a backup to restore, but database ${target.database} has tables`,
+            1,
+            "restore onto a clean control host (k8s4r devenv clean first), or remove the file",
+          );
+        }
+        await io.runner.output(bins.pgRestore, [
+          "--no-owner",
+          "--no-privileges",
+          "--exit-on-error",
+          "-h",
+          target.host,
+          "-p",
+          String(target.port),
+          "-U",
+          target.user,
+          "-d",
+          target.database,
+          pending,
+        ], { env: pgEnv(layout.ha.pgpassFile), timeoutMs: 300_000 });
+        await Deno.remove(pending);
+        return `${describeTarget(target)}, restored from the backup`;
+      }
       return `${describeTarget(target)} (password in ${passwordFile})`;
     },
   };

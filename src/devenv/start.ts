@@ -6,7 +6,8 @@
  * started detached (its own session), with a pid file and a log in `.dev-env/`, so closing the
  * terminal does not stop the stack.
  */
-import { dirname } from "node:path";
+import { dirname, join } from "node:path";
+import { caFiles } from "../ca/mod.ts";
 import { CliError, UsageError } from "../cli/errors.ts";
 import { colorEnabled } from "../cli/io.ts";
 import { isRecordAlive, readPidFile, stopPidFile, waitFor } from "../process/mod.ts";
@@ -75,14 +76,26 @@ async function ensure(c: Component, run: StartRun): Promise<string> {
   return extra ? `${text}, ${extra}` : text;
 }
 
-/** True when this stack has SPIRE data already (its datastore and CA exist). */
-function hasSpireState(ctx: DevenvContext): boolean {
-  for (const p of [ctx.layout.spireServerDataDir, ctx.layout.ha.postgresDataDir]) {
+/**
+ * The mode of a stack without a state file, from its SPIRE data (an older devenv, or a
+ * restored backup): a SQLite datastore is a one-server stack, under the root CA when that is
+ * there; PostgreSQL's cluster is an HA stack. Undefined when there is no SPIRE data yet.
+ */
+function modeFromData(ctx: DevenvContext): StackMode | undefined {
+  const exists = (p: string) => {
     try {
-      if ([...Deno.readDirSync(p)].length > 0) return true;
-    } catch { /* none */ }
+      Deno.statSync(p);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  const rootCa = exists(caFiles(ctx.layout.caDir).upstreamCert);
+  if (exists(join(ctx.layout.ha.postgresDataDir, "PG_VERSION"))) return { ha: true, rootCa };
+  if (exists(join(ctx.layout.spireServerDataDir, "datastore.sqlite3"))) {
+    return { ha: false, rootCa };
   }
-  return false;
+  return undefined;
 }
 
 /**
@@ -95,7 +108,7 @@ export function resolveMode(
   prev: DevenvState | undefined,
   opts: Pick<StartOptions, "ha" | "rootCa">,
 ): StackMode {
-  const saved = prev?.mode ?? (hasSpireState(ctx) ? { ha: false, rootCa: false } : undefined);
+  const saved = prev?.mode ?? modeFromData(ctx);
   const want: StackMode = {
     ha: opts.ha === true || saved?.ha === true,
     rootCa: opts.rootCa === true || opts.ha === true || saved?.rootCa === true,

@@ -33,7 +33,13 @@ Deno.test("resolveMode: --ha implies --root-ca; a saved mode is kept; switching 
     await Deno.mkdir(`${dir}/.spire-data/server`, { recursive: true });
     await Deno.writeTextFile(`${dir}/.spire-data/server/datastore.sqlite3`, "");
     assert.throws(() => resolveMode(ctx, undefined, { rootCa: true }), /--root-ca/);
+    assert.throws(() => resolveMode(ctx, undefined, { ha: true }), /--ha/);
     assert.deepEqual(resolveMode(ctx, undefined, {}), { ha: false, rootCa: false });
+    // ... under the root CA when its upstream CA is there (a restored backup of such a stack).
+    await Deno.mkdir(`${dir}/.spire-data/ca`, { recursive: true });
+    await Deno.writeTextFile(`${dir}/.spire-data/ca/upstream.crt`, "");
+    assert.deepEqual(resolveMode(ctx, undefined, {}), { ha: false, rootCa: true });
+    assert.deepEqual(resolveMode(ctx, undefined, { rootCa: true }), { ha: false, rootCa: true });
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
