@@ -19,7 +19,7 @@ import { X509Source } from "../src/spiffe/mod.ts";
 import { SpireAgentSupervisor } from "../src/spire/agent.ts";
 import { SpireServerCli, type SpireServerDaemon, startSpireServer } from "../src/spire/server.ts";
 import { parsePemCerts } from "../src/devenv/broker_identity.ts";
-import { startTestPg, type TestPg } from "./helpers/pg_cluster.ts";
+import { startTestPostgres, type TestPostgres } from "./helpers/postgres.ts";
 import { freePorts } from "./helpers/ports.ts";
 import { spireBinaries } from "./helpers/spire.ts";
 import { cmdlinesContaining, filesContaining } from "./helpers/secrets.ts";
@@ -35,13 +35,20 @@ Deno.test({
     const bins = await spireBinaries();
     const tmp = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8s4r-ha-" });
     const io = bufferIo({ env: Deno.env.toObject(), runner: realRunner, cwd: tmp });
-    let pg: TestPg | undefined;
+    let pg: TestPostgres | undefined;
     const servers: SpireServerDaemon[] = [];
     let agent: SpireAgentSupervisor | undefined;
     let source: X509Source | undefined;
     try {
-      pg = await startTestPg();
-      const { target, password } = await pg.roleWithDatabase("spire", "spire");
+      // The registry suite's PostgreSQL 15 harness: its app role owns a new database for SPIRE.
+      pg = await startTestPostgres();
+      const target = {
+        host: "127.0.0.1",
+        port: pg.port,
+        user: pg.user,
+        database: await pg.createDatabase("spire"),
+      };
+      const password = pg.password;
       const conn = keywordValue(target, password);
       const [portA, portB] = freePorts(2);
       const start = (name: string, port: number) =>
@@ -156,7 +163,7 @@ Deno.test({
         assert.equal(mode, 0, `${f} holds the password and is readable by others`);
       }
       assert.ok(
-        !(await Deno.readTextFile(pg.logFile)).includes(password),
+        !(await Deno.readTextFile(pg.cluster.logFile)).includes(password),
         "the password is in PostgreSQL's log",
       );
     } finally {

@@ -1,6 +1,6 @@
 /**
- * A private PostgreSQL cluster in a directory, for the development stack (`devenv start --ha`)
- * and the tests that need a real PostgreSQL: `initdb`, the `postgres` daemon's argv (started
+ * A private PostgreSQL cluster in a directory, for the development stack (`devenv start --ha`):
+ * `initdb`, the `postgres` daemon's argv (started
  * through the one process helper, with a pid file like every other daemon), its readiness (the
  * status line PostgreSQL writes into `postmaster.pid`), SQL through `psql` over loopback TCP,
  * and dumps through `pg_dump`/`pg_restore`. A production PostgreSQL is the operator's: k8s4r
@@ -16,8 +16,9 @@
  *   unprivileged user, and its files stay those of the user who started devenv, under a 0700
  *   directory, like every other devenv file. Run as anyone else, they run as that user.
  *
- * (The fleet server's storage work, branch i13-storage, has its own cluster class for its
- * tests, `src/postgres/cluster.ts`; the two are meant to be unified once both have landed.)
+ * `cluster.ts` beside it is the tests' cluster (pg_ctl, `runuser`, tests/helpers/postgres.ts),
+ * written at the same time for the registry; devenv needs a daemon under the process helper
+ * (pid file, `devenv stop`) in a 0700 `.dev-env`, which `runuser` cannot reach. To be unified.
  */
 import { Buffer } from "node:buffer";
 import { createHash, createHmac, pbkdf2Sync, randomBytes } from "node:crypto";
