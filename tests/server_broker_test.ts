@@ -16,6 +16,7 @@ import { svidTlsProvider } from "../src/server/svid_tls.ts";
 import { StaticX509Source } from "../src/spiffe/source.ts";
 import { parseX509SvidPem } from "../src/spiffe/svid.ts";
 import { X509Bundle, X509BundleSet } from "../src/spiffe/bundle.ts";
+import { TestHttps } from "../src/server/testing.ts";
 import {
   type PemCert,
   startTestBroker,
@@ -25,6 +26,9 @@ import {
 
 // mqtt.js keeps internal timers a little past end(); every process and client is closed below.
 const opts = { sanitizeOps: false, sanitizeResources: false };
+
+/** The HTTPS API's certificates (a test CA) and an operator client for it. */
+const web = new TestHttps(TEST_TRUST_DOMAIN);
 
 const now = () => new Date().toISOString();
 const enc = (v: unknown) => JSON.stringify(v);
@@ -94,7 +98,7 @@ async function startServer(b: TestBroker, dataDir: string, password = b.server.p
     username: b.server.username,
     password,
     dataDir,
-    http: { hostname: "127.0.0.1", port: 0 },
+    http: web.options(),
     sweepIntervalMs: 200,
     reconnectPeriodMs: 200,
     onFatal: (e) => fatal.push(e),
@@ -103,8 +107,7 @@ async function startServer(b: TestBroker, dataDir: string, password = b.server.p
 }
 
 async function getJson(url: string) {
-  const r = await fetch(url);
-  return { status: r.status, body: await r.json() };
+  return await web.json(url);
 }
 
 async function until(what: string, probe: () => boolean | Promise<boolean>, b: TestBroker) {
@@ -240,7 +243,7 @@ Deno.test({
       );
 
       // A task for robot-001 reaches robot-001 only.
-      const created = await fetch(`${api}/api/robots/robot-001/tasks`, {
+      const created = await web.fetch(`${api}/api/robots/robot-001/tasks`, {
         method: "POST",
         body: enc({ command: ["uname", "-a"], timeoutSeconds: 30 }),
       });
@@ -356,7 +359,7 @@ Deno.test({
         async () => (await getJson(`${current.api}/api/robots/robot-001`)).body.online === false,
         b,
       );
-      const created = await fetch(`${current.api}/api/robots/robot-001/tasks`, {
+      const created = await web.fetch(`${current.api}/api/robots/robot-001/tasks`, {
         method: "POST",
         body: enc({ command: ["true"] }),
       });
@@ -637,7 +640,7 @@ async function startLoggedServer(
     username: b.server.username,
     password: b.server.password,
     dataDir,
-    http: { hostname: "127.0.0.1", port: 0 },
+    http: web.options(),
     sweepIntervalMs: extra.sweepIntervalMs ?? 100,
     reconnectPeriodMs: 200,
     logger: log.logger,
@@ -828,7 +831,7 @@ Deno.test({
       );
       signalBroker(b, "SIGSTOP");
       frozen = true;
-      const created = await fetch(`${s.api}/api/robots/robot-001/tasks`, {
+      const created = await web.fetch(`${s.api}/api/robots/robot-001/tasks`, {
         method: "POST",
         body: enc({ command: ["true"] }),
       });

@@ -1,7 +1,8 @@
 /** The k8s4r command tree. Each area owns its command spec; this file only assembles them. */
 import type { CommandSpec } from "./mod.ts";
 import { VERSION } from "../version.ts";
-import { robotsCommand, serverCommand, taskCommand } from "../server/command.ts";
+import { robotsCommand, serverCommand, taskCommand, tasksCommand } from "../server/command.ts";
+import { operatorCommand } from "../operator/command.ts";
 import { agentCommand } from "../agent/command.ts";
 import { devenvCommand } from "../devenv/command.ts";
 import { doctorCommand } from "../doctor/command.ts";
@@ -17,7 +18,9 @@ export const rootCommand: CommandSpec = {
     devenvCommand,
     doctorCommand,
     identityCommand,
+    operatorCommand,
     robotsCommand,
+    tasksCommand,
     taskCommand,
   ],
   run(args, io) {

@@ -4,7 +4,9 @@
  * (fleet_server.ts) wires it to MQTT and HTTP; tests drive it directly with a fake publisher.
  */
 import {
+  type CancelMessage,
   decodeUp,
+  type DownMessage,
   type DropReason,
   encode,
   PROTOCOL_VERSION,
@@ -20,7 +22,19 @@ import {
   type StatusOrder,
   type TaskRecord,
 } from "./registry.ts";
-import { needsDispatch } from "./tasks.ts";
+import { isFinal, needsCancel, needsDispatch } from "./tasks.ts";
+
+/**
+ * Turns a server -> robot message into the exact MQTT payload. The fleet server signs tasks and
+ * cancels with its own X.509 SVID (docs/PROTOCOL.md, "Signed tasks and cancels"); `sign` may
+ * throw (no SVID, a payload over the limit), and the message is then not sent.
+ */
+export interface DownSigner {
+  sign(msg: DownMessage): Uint8Array;
+}
+
+/** Plain JSON, no signature: unit tests, and robots that do not require signatures. */
+export const UNSIGNED: DownSigner = { sign: (msg) => encode(msg) };
 
 /** What the fleet needs from an MQTT client. */
 export interface Publisher {
@@ -50,6 +64,8 @@ export interface FleetOptions {
   newId?: () => string;
   /** Start with the broker link down (`FleetServer`: robots are unknown until subscribed). */
   startDisconnected?: boolean;
+  /** Signs every task and cancel. Default UNSIGNED. */
+  signer?: DownSigner;
 }
 
 export interface TaskRequest {
@@ -62,11 +78,28 @@ export interface TaskRequest {
 
 export class NotFoundError extends Error {}
 
+/** The request conflicts with the task's state (e.g. cancelling a finished task). */
+export class ConflictError extends Error {}
+
+export interface CancelResult {
+  task: TaskRecord;
+  /**
+   * `withdrawn`: it was pending and nobody was publishing it: cancelled at once, never sent.
+   * `cancelling`: the robot may have it: a signed cancel went out, and the robot's report ends it.
+   * `already`: a cancel was requested before; it is sent again.
+   */
+  outcome: "withdrawn" | "cancelling" | "already";
+}
+
 export interface FleetStats {
   received: Record<string, number>;
   dropped: Record<DropReason, number>;
   droppedTotal: number;
   tasksDispatched: number;
+  /** Cancels acknowledged by the broker (a task's cancel may be sent more than once). */
+  cancelsSent: number;
+  /** Tasks or cancels that could not be signed, hence not sent. */
+  signErrors: number;
   publishErrors: number;
   staleTaskReports: number;
   unknownTaskReports: number;
@@ -127,6 +160,8 @@ export class FleetService {
     },
     droppedTotal: 0,
     tasksDispatched: 0,
+    cancelsSent: 0,
+    signErrors: 0,
     publishErrors: 0,
     staleTaskReports: 0,
     unknownTaskReports: 0,
@@ -145,6 +180,9 @@ export class FleetService {
   private readonly newId: () => string;
   /** Dispatches in flight, so that a burst of triggers publishes each task once. */
   private readonly inFlight = new Set<string>();
+  /** Cancels in flight, likewise. */
+  private readonly cancelsInFlight = new Set<string>();
+  private readonly signer: DownSigner;
   private readonly pending = new Set<Promise<void>>();
   /** Up by default (unit tests); `FleetServer` sets it down until it is subscribed. */
   private link: { up: boolean; since: number };
@@ -162,6 +200,7 @@ export class FleetService {
     this.log = opts.logger ?? silentLogger;
     this.newId = opts.newId ?? (() => crypto.randomUUID());
     this.link = { up: !opts.startDisconnected, since: this.now().getTime() };
+    this.signer = opts.signer ?? UNSIGNED;
   }
 
   private nowIso(): string {
@@ -368,8 +407,11 @@ export class FleetService {
     }
   }
 
-  /** Validates and stores a new task; dispatches it at once if the robot is online. */
-  createTask(robotId: string, req: TaskRequest): TaskRecord {
+  /**
+   * Validates and stores a new task; dispatches it at once if the robot is online. `createdBy`
+   * is the SPIFFE ID of the operator who asked for it.
+   */
+  createTask(robotId: string, req: TaskRequest, createdBy?: string): TaskRecord {
     if (!isRobotId(robotId)) throw new NotFoundError(`unknown robot ${robotId}`);
     const robot = this.registry.getRobot(robotId);
     if (!robot) throw new NotFoundError(`unknown robot ${robotId}`);
@@ -384,16 +426,86 @@ export class FleetService {
       timeoutSeconds: req.timeoutSeconds,
       createdAt: now.toISOString(),
       expiresAt: new Date(now.getTime() + ttl * 1000).toISOString(),
+      createdBy,
     });
     if (robot.online) this.dispatchTask(task);
     return task;
   }
 
-  /** Sends every undelivered task of one robot. */
+  /**
+   * An operator's cancel (`by` is its SPIFFE ID). A pending task nobody is publishing is
+   * cancelled at once and never sent; any other unfinished task becomes `cancelling` and its
+   * robot gets a signed `cancel` (now if it is online, else when it comes back); the robot's
+   * `cancelled` report ends it. Throws NotFoundError, or ConflictError for a finished task.
+   */
+  cancelTask(id: string, by: string): CancelResult {
+    const task = this.registry.getTask(id);
+    if (!task) throw new NotFoundError(`unknown task ${JSON.stringify(id)}`);
+    if (isFinal(task.state)) {
+      throw new ConflictError(`task ${id} is already ${task.state}: nothing to cancel`);
+    }
+    const at = this.nowIso();
+    if (task.state === "cancelling") {
+      this.sendCancel(task);
+      return { task, outcome: "already" };
+    }
+    const withdraw = task.state === "pending" && !this.inFlight.has(id);
+    const r = this.registry.applyTaskEvent(id, withdraw ? "withdraw" : "cancel", at, {
+      cancelRequestedBy: by,
+      ...(withdraw ? { error: `cancelled by ${by} before it was sent` } : {}),
+    });
+    if (!r || r.ignored) {
+      throw new ConflictError(`task ${id} is ${r?.task.state ?? "gone"}: cannot cancel it`);
+    }
+    this.log.info(`task ${id} on ${task.robotId}: cancel requested by ${by} (${r.task.state})`);
+    // Withdrawn: never sent by this process. A publish of an earlier process whose PUBACK was
+    // lost may still have reached the broker, so the robot is told too (it ignores cancels of
+    // tasks it does not know).
+    this.sendCancel(r.task);
+    return { task: r.task, outcome: withdraw ? "withdrawn" : "cancelling" };
+  }
+
+  /** Sends every undelivered task of one robot, and the cancels it is owed. */
   dispatchFor(robotId: string): void {
     for (const t of this.registry.tasksInStates(["pending", "dispatched"], robotId)) {
       this.dispatchTask(t);
     }
+    for (const t of this.registry.tasksInStates(["cancelling"], robotId)) this.sendCancel(t);
+  }
+
+  private sendCancel(task: TaskRecord): void {
+    if (!needsCancel(task.state) && task.state !== "cancelled") return;
+    if (this.cancelsInFlight.has(task.id) || !this.publisher.connected()) return;
+    const robot = this.registry.getRobot(task.robotId);
+    if (!robot?.online && task.state === "cancelling") return; // sent when it comes back
+    const msg: CancelMessage = {
+      v: PROTOCOL_VERSION,
+      type: "cancel",
+      robotId: task.robotId,
+      ts: this.nowIso(),
+      taskId: task.id,
+    };
+    if (task.cancelRequestedBy) msg.reason = `cancelled by ${task.cancelRequestedBy}`.slice(0, 256);
+    let payload: Uint8Array;
+    try {
+      payload = this.signer.sign(msg);
+    } catch (err) {
+      this.stats.signErrors++;
+      this.log.warn(`cannot sign the cancel of task ${task.id}: ${(err as Error).message}`);
+      return;
+    }
+    this.cancelsInFlight.add(task.id);
+    const p = this.publisher.publish(downTopic(task.robotId, "cancel"), payload).then(
+      () => void this.stats.cancelsSent++,
+      (err) => {
+        this.stats.publishErrors++;
+        this.log.warn(`could not publish the cancel of task ${task.id}: ${(err as Error).message}`);
+      },
+    ).finally(() => {
+      this.cancelsInFlight.delete(task.id);
+      this.pending.delete(p);
+    });
+    this.pending.add(p);
   }
 
   /** After (re)connecting to the broker: send what online robots are owed. */
@@ -418,8 +530,17 @@ export class FleetService {
       expiresAt: task.expiresAt,
     };
     if (task.cwd) msg.cwd = task.cwd;
+    let payload: Uint8Array;
+    try {
+      payload = this.signer.sign(msg);
+    } catch (err) {
+      // Left pending: tried again on the next trigger, expired by the sweeper at its TTL.
+      this.stats.signErrors++;
+      this.log.warn(`cannot sign task ${task.id}: ${(err as Error).message}`);
+      return;
+    }
     this.inFlight.add(task.id);
-    const p = this.publisher.publish(downTopic(task.robotId, "task"), encode(msg)).then(
+    const p = this.publisher.publish(downTopic(task.robotId, "task"), payload).then(
       () => {
         this.stats.tasksDispatched++;
         this.registry.applyTaskEvent(task.id, "dispatch", this.nowIso());
@@ -478,9 +599,21 @@ export class FleetService {
         if (r?.changed) expired.push(t.id);
       }
     }
+    // Cancelled before the robot took it up, and now past its expiresAt: the robot refuses it
+    // if it ever arrives, so the cancel is complete.
+    for (const t of this.registry.tasksInStates(["cancelling"])) {
+      if (t.acceptedAt !== null || t.startedAt !== null) continue;
+      if (Date.parse(t.expiresAt) <= now && !this.inFlight.has(t.id)) {
+        const r = this.registry.applyTaskEvent(t.id, "expire", at, {
+          error: "cancelled before the robot took it up (expired since)",
+        });
+        if (r?.changed) expired.push(t.id);
+      }
+    }
     const lost: string[] = [];
     if (link.up && now - link.since > this.grace * 1000) {
-      for (const t of this.registry.tasksInStates(["accepted", "running"])) {
+      for (const t of this.registry.tasksInStates(["accepted", "running", "cancelling"])) {
+        if (t.state === "cancelling" && t.acceptedAt === null && t.startedAt === null) continue;
         const since = Date.parse(t.startedAt ?? t.acceptedAt ?? t.updatedAt);
         if (now - since > (t.timeoutSeconds + this.grace) * 1000) {
           const r = this.registry.applyTaskEvent(t.id, "lost", at, {

@@ -6,7 +6,7 @@
 import { DatabaseSync } from "node:sqlite";
 import { join } from "node:path";
 import type { DeviceInfo } from "../mqtt/messages.ts";
-import { isTaskState, type TaskEvent, type TaskState, transition } from "./tasks.ts";
+import { isFinal, isTaskState, type TaskEvent, type TaskState, transition } from "./tasks.ts";
 
 export const DB_FILE = "registry.sqlite";
 
@@ -58,6 +58,14 @@ const MIGRATIONS: string[] = [
   `ALTER TABLE robots ADD COLUMN boot_id TEXT;
    ALTER TABLE robots ADD COLUMN status_connection INTEGER;
    ALTER TABLE robots ADD COLUMN status_rank INTEGER;`,
+  // Operators (issue 11): who created a task (the SPIFFE ID of its operator), who asked to
+  // cancel it and when; indexes for the cursor-paged task list (newest first).
+  `ALTER TABLE tasks ADD COLUMN created_by TEXT;
+   ALTER TABLE tasks ADD COLUMN cancel_requested_at TEXT;
+   ALTER TABLE tasks ADD COLUMN cancel_requested_by TEXT;
+   CREATE INDEX tasks_created ON tasks (created_at, id);
+   CREATE INDEX tasks_robot_created ON tasks (robot_id, created_at, id);
+   CREATE INDEX tasks_state_created ON tasks (state, created_at, id);`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -115,6 +123,26 @@ export interface TaskRecord {
   startedAt: string | null;
   finishedAt: string | null;
   updatedAt: string;
+  /** The SPIFFE ID of the operator who created it (null: created before operators existed). */
+  createdBy: string | null;
+  cancelRequestedAt: string | null;
+  /** The SPIFFE ID of the operator who asked to cancel it. */
+  cancelRequestedBy: string | null;
+}
+
+/** Where a page of the task list starts: after this task (newest first). */
+export interface TaskCursor {
+  createdAt: string;
+  id: string;
+}
+
+export interface TaskQuery {
+  robotId?: string;
+  state?: TaskState;
+  /** Rows per page (the caller bounds it). */
+  limit: number;
+  /** Only tasks after this one in the order (created_at DESC, id DESC). */
+  after?: TaskCursor;
 }
 
 export interface NewTask {
@@ -126,6 +154,7 @@ export interface NewTask {
   timeoutSeconds: number;
   createdAt: string;
   expiresAt: string;
+  createdBy?: string;
 }
 
 export interface TaskUpdate {
@@ -133,6 +162,8 @@ export interface TaskUpdate {
   stdout?: string;
   stderr?: string;
   error?: string;
+  /** With `cancel` and `withdraw`: who asked (recorded once, with the time). */
+  cancelRequestedBy?: string;
 }
 
 type Row = Record<string, unknown>;
@@ -196,6 +227,9 @@ function taskFromRow(r: Row): TaskRecord {
     startedAt: str(r.started_at),
     finishedAt: str(r.finished_at),
     updatedAt: String(r.updated_at),
+    createdBy: str(r.created_by),
+    cancelRequestedAt: str(r.cancel_requested_at),
+    cancelRequestedBy: str(r.cancel_requested_by),
   };
 }
 
@@ -414,8 +448,8 @@ export class Registry {
   createTask(t: NewTask): TaskRecord {
     this.stmt(
       `INSERT INTO tasks (id, robot_id, command, env, cwd, timeout_seconds, state, created_at,
-         expires_at, updated_at)
-       VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)`,
+         expires_at, updated_at, created_by)
+       VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)`,
     ).run(
       t.id,
       t.robotId,
@@ -426,6 +460,7 @@ export class Registry {
       t.createdAt,
       t.expiresAt,
       t.createdAt,
+      t.createdBy ?? null,
     );
     return this.getTask(t.id)!;
   }
@@ -439,6 +474,32 @@ export class Registry {
     return (this.stmt(
       "SELECT * FROM tasks WHERE robot_id = ? ORDER BY created_at DESC, id LIMIT ?",
     ).all(robotId, limit) as Row[]).map(taskFromRow);
+  }
+
+  /**
+   * One page of tasks, newest first (created_at DESC, id DESC), optionally of one robot and in
+   * one state. Keyset paging: a page starts strictly after `after`, so tasks created meanwhile
+   * (newer than any cursor) never shift a page, and no task is repeated or skipped.
+   */
+  listTasksPage(q: TaskQuery): TaskRecord[] {
+    const where: string[] = [];
+    const params: (string | number)[] = [];
+    if (q.robotId !== undefined) {
+      where.push("robot_id = ?");
+      params.push(q.robotId);
+    }
+    if (q.state !== undefined) {
+      where.push("state = ?");
+      params.push(q.state);
+    }
+    if (q.after) {
+      where.push("(created_at < ? OR (created_at = ? AND id < ?))");
+      params.push(q.after.createdAt, q.after.createdAt, q.after.id);
+    }
+    params.push(q.limit);
+    const sql = `SELECT * FROM tasks${where.length ? ` WHERE ${where.join(" AND ")}` : ""}
+      ORDER BY created_at DESC, id DESC LIMIT ?`;
+    return (this.stmt(sql).all(...params) as Row[]).map(taskFromRow);
   }
 
   tasksInStates(states: TaskState[], robotId?: string): TaskRecord[] {
@@ -484,9 +545,16 @@ export class Registry {
         sets.push("dispatch_count = dispatch_count + 1", "dispatched_at = ?");
         params.push(at);
       }
-      if (t.to === "accepted") stamp("accepted_at");
-      if (t.to === "running") stamp("started_at");
-      if (["done", "failed", "refused", "expired"].includes(t.to)) stamp("finished_at");
+      if (t.to === "accepted" || event === "accepted") stamp("accepted_at");
+      if (t.to === "running" || event === "running") stamp("started_at");
+      if (isFinal(t.to)) stamp("finished_at");
+      if ((event === "cancel" || event === "withdraw") && update.cancelRequestedBy !== undefined) {
+        sets.push(
+          "cancel_requested_at = COALESCE(cancel_requested_at, ?)",
+          "cancel_requested_by = COALESCE(cancel_requested_by, ?)",
+        );
+        params.push(at, update.cancelRequestedBy);
+      }
       if (update.exitCode !== undefined) {
         sets.push("exit_code = ?");
         params.push(update.exitCode);

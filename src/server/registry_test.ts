@@ -191,3 +191,92 @@ Deno.test("registry batch: one commit, each step in a savepoint, stops at the fi
     reg.close();
   }
 });
+
+Deno.test("listTasksPage: keyset pages, newest first, stable under inserts, filters", () => {
+  const reg = Registry.openFile(":memory:");
+  try {
+    reg.touchRobot("r1", "2025-01-01T00:00:00.000Z");
+    reg.touchRobot("r2", "2025-01-01T00:00:00.000Z");
+    const mk = (id: string, robotId: string, sec: number, createdBy?: string) =>
+      reg.createTask({
+        id,
+        robotId,
+        command: ["true"],
+        env: {},
+        timeoutSeconds: 5,
+        createdAt: new Date(Date.UTC(2025, 0, 1, 0, 0, sec)).toISOString(),
+        expiresAt: "2025-01-02T00:00:00.000Z",
+        createdBy,
+      });
+    // 250 tasks (more than the old 100-row cap), two robots, and ties on created_at.
+    for (let i = 0; i < 250; i++) {
+      mk(`t${String(i).padStart(3, "0")}`, i % 2 ? "r2" : "r1", Math.floor(i / 3));
+    }
+    const all: string[] = [];
+    let after: { createdAt: string; id: string } | undefined;
+    let pages = 0;
+    while (true) {
+      const page = reg.listTasksPage({ limit: 40, after });
+      if (page.length === 0) break;
+      pages++;
+      all.push(...page.map((t) => t.id));
+      const last = page[page.length - 1];
+      after = { createdAt: last.createdAt, id: last.id };
+      // Inserted while paging: newer than every cursor, so never in a later page.
+      if (pages === 2) mk(`new-${pages}`, "r1", 999);
+    }
+    assert.equal(pages, 7);
+    assert.equal(all.length, 250, "every task exactly once");
+    assert.equal(new Set(all).size, 250);
+    assert.ok(!all.some((id) => id.startsWith("new-")), "an insert shifted a page");
+    assert.deepEqual(all.slice(0, 3), ["t249", "t248", "t247"]);
+    assert.equal(all[all.length - 1], "t000");
+    // Filters: one robot, one state.
+    const r2 = reg.listTasksPage({ robotId: "r2", limit: 1000 });
+    assert.equal(r2.length, 125);
+    assert.ok(r2.every((t) => t.robotId === "r2"));
+    reg.applyTaskEvent("t010", "dispatch", "2025-01-01T01:00:00.000Z");
+    assert.deepEqual(reg.listTasksPage({ state: "dispatched", limit: 10 }).map((t) => t.id), [
+      "t010",
+    ]);
+    mk("who", "r1", 1000, "spiffe://td/operator/alice");
+    assert.equal(reg.getTask("who")!.createdBy, "spiffe://td/operator/alice");
+    assert.equal(reg.getTask("t000")!.createdBy, null);
+  } finally {
+    reg.close();
+  }
+});
+
+Deno.test("cancel columns: who asked and when, recorded once", () => {
+  const reg = Registry.openFile(":memory:");
+  try {
+    reg.touchRobot("r1", "2025-01-01T00:00:00.000Z");
+    reg.createTask({
+      id: "t1",
+      robotId: "r1",
+      command: ["sleep", "9"],
+      env: {},
+      timeoutSeconds: 30,
+      createdAt: "2025-01-01T00:00:00.000Z",
+      expiresAt: "2025-01-01T01:00:00.000Z",
+    });
+    reg.applyTaskEvent("t1", "dispatch", "2025-01-01T00:00:01.000Z");
+    const a = reg.applyTaskEvent("t1", "cancel", "2025-01-01T00:00:02.000Z", {
+      cancelRequestedBy: "spiffe://td/operator/a",
+    })!;
+    assert.equal(a.task.state, "cancelling");
+    reg.applyTaskEvent("t1", "cancel", "2025-01-01T00:00:03.000Z", {
+      cancelRequestedBy: "spiffe://td/operator/b",
+    });
+    const r = reg.applyTaskEvent("t1", "cancelled", "2025-01-01T00:00:04.000Z", {
+      error: "cancelled",
+    })!;
+    assert.equal(r.task.state, "cancelled");
+    assert.equal(r.task.cancelRequestedAt, "2025-01-01T00:00:02.000Z");
+    assert.equal(r.task.cancelRequestedBy, "spiffe://td/operator/a");
+    assert.equal(r.task.finishedAt, "2025-01-01T00:00:04.000Z");
+    assert.deepEqual(reg.countTasksByState(), { cancelled: 1 });
+  } finally {
+    reg.close();
+  }
+});
