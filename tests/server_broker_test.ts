@@ -605,6 +605,11 @@ class ProtoRobot {
     }, this.opts.heartbeatIntervalSeconds * 1000);
   }
 
+  /** Stays connected but falls silent (a hung agent, a network that drops only its data). */
+  stopHeartbeats() {
+    clearInterval(this.hbTimer);
+  }
+
   /** The process dies: the socket is destroyed without DISCONNECT, nothing reconnects. */
   crash() {
     clearInterval(this.hbTimer);
@@ -811,6 +816,75 @@ function signalBroker(b: TestBroker, sig: Deno.Signal) {
   if (!rec || !isRecordAlive(rec)) throw new Error("the test broker is not running");
   Deno.kill(rec.pid, sig);
 }
+
+Deno.test({
+  name:
+    "broker: a frozen broker (SIGSTOP 5 s) marks nobody offline; silence before it still counts",
+  ...opts,
+  async fn() {
+    const b = await startTestBroker();
+    const dataDir = await Deno.makeTempDir({ prefix: "k8s4r-srv-" });
+    const s = await startLoggedServer(b, dataDir);
+    const robots: ProtoRobot[] = [];
+    const view = async (id: string) => (await getJson(`${s.api}/api/robots/${id}`)).body;
+    let frozen = false;
+    try {
+      const alive = await ProtoRobot.start(b, "robot-001", { heartbeatIntervalSeconds: 1 });
+      const silent = await ProtoRobot.start(b, "robot-002", { heartbeatIntervalSeconds: 1 });
+      robots.push(alive, silent);
+      alive.startHeartbeats();
+      silent.startHeartbeats();
+      await until("heartbeats from both, probes echoed", async () => {
+        const h = (await getJson(`${s.api}/healthz`)).body;
+        return h.mqtt.delivering === true &&
+          (await view("robot-001")).heartbeats.received >= 1 &&
+          (await view("robot-002")).heartbeats.received >= 1;
+      }, b);
+      // Positive control: robot-002 stays connected but says nothing from now on.
+      silent.stopHeartbeats();
+      const silentSince = Date.now();
+      signalBroker(b, "SIGSTOP");
+      frozen = true;
+      const frozenAt = Date.now();
+      // Longer than 3 heartbeat intervals: every robot is silent as seen from the server.
+      await until("state unknown while the broker is frozen", async () => {
+        const v = await view("robot-001");
+        return v.state === "unknown" && Date.now() - frozenAt > 5000;
+      }, b);
+      const health = (await getJson(`${s.api}/healthz`)).body;
+      assert.equal(health.mqtt.connected, true, "the TCP connection stays up");
+      assert.equal(health.mqtt.delivering, false);
+      for (const id of ["robot-001", "robot-002"]) {
+        assert.equal((await view(id)).online, true, `${id} was marked offline while frozen`);
+      }
+      signalBroker(b, "SIGCONT");
+      frozen = false;
+      await until(
+        "robot-002 offline by missed heartbeats after the freeze",
+        async () => (await view("robot-002")).state === "offline",
+        b,
+      );
+      assert.equal((await view("robot-002")).offlineReason, "missed 3 heartbeats");
+      assert.ok(Date.now() - silentSince >= 3000);
+      await until("robot-001 online, its queued heartbeats in", async () => {
+        const v = await view("robot-001");
+        return v.state === "online" && v.heartbeats.received >= alive.seq - 1;
+      }, b);
+      assert.deepEqual(
+        s.log.lines.filter((l) => /robot robot-001 is offline/.test(l.msg)),
+        [],
+        "robot-001 was never marked offline",
+      );
+      assert.equal((await view("robot-001")).heartbeats.missing, 0);
+    } finally {
+      if (frozen) signalBroker(b, "SIGCONT");
+      for (const r of robots) await r.close();
+      await s.server.close();
+      await b.stop();
+      await Deno.remove(dataDir, { recursive: true });
+    }
+  },
+});
 
 Deno.test({
   name: "broker: close() returns while a QoS 1 dispatch is in flight to a frozen broker",

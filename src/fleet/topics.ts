@@ -25,6 +25,15 @@ export const SERVER_SUBSCRIPTION = `${TOPIC_ROOT}/+/up/#`;
 export const SHARED_GROUP = "k8s4r";
 export const SHARED_SERVER_SUBSCRIPTION = `$share/${SHARED_GROUP}/${SERVER_SUBSCRIPTION}`;
 
+/**
+ * The fleet server's liveness probe: it publishes its clock there and subscribes to it, so each
+ * echo proves the broker delivered everything queued for the server before it. Only the server
+ * may write under `k8s4r/server/` (robots' ACL grants their own subtree only).
+ */
+export function serverProbeTopic(clientId: string): string {
+  return `k8s4r/server/${clientId.replace(/[^A-Za-z0-9._-]/g, "_")}/probe`;
+}
+
 export function isRobotId(id: unknown): id is string {
   return typeof id === "string" && ROBOT_ID_RE.test(id);
 }

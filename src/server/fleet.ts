@@ -66,6 +66,14 @@ export interface FleetOptions {
   startDisconnected?: boolean;
   /** Signs every task and cancel. Default UNSIGNED. */
   signer?: DownSigner;
+  /**
+   * The server's own probe topic (`serverProbeTopic`): `FleetServer` publishes the time to it
+   * every half second and subscribes to it, so each echo proves that the broker delivered
+   * everything queued before it. Without it (unit tests) the wall clock is trusted.
+   */
+  probeTopic?: string;
+  /** No echo for this long: the broker is not delivering (frozen, overloaded). Default 2000. */
+  probeStallMs?: number;
 }
 
 export interface TaskRequest {
@@ -140,12 +148,19 @@ export interface LinkState {
   connected: boolean;
   /** Since when connected (subscribed), or since when disconnected. */
   since: string;
+  /** Connected and the broker echoed a probe within `probeStallMs`. */
+  delivering: boolean;
+  /** Everything the broker queued for us before this time has been received. */
+  confirmedAt: string;
 }
 
 /** What the server can say about a robot: `unknown` while it cannot hear from the fleet. */
 export type RobotState = "online" | "offline" | "unknown";
 
 type Effect = () => void;
+
+/** A decoded item that is the server's own probe echo, not a robot's message. */
+const PROBE = Symbol("probe");
 
 export class FleetService {
   readonly stats: FleetStats = {
@@ -186,6 +201,10 @@ export class FleetService {
   private readonly pending = new Set<Promise<void>>();
   /** Up by default (unit tests); `FleetServer` sets it down until it is subscribed. */
   private link: { up: boolean; since: number };
+  private readonly probeTopic?: string;
+  private readonly probeStallMs: number;
+  /** The send time of the newest probe echoed by the broker (see `FleetOptions.probeTopic`). */
+  private confirmed: number;
 
   constructor(
     readonly registry: Registry,
@@ -201,6 +220,33 @@ export class FleetService {
     this.newId = opts.newId ?? (() => crypto.randomUUID());
     this.link = { up: !opts.startDisconnected, since: this.now().getTime() };
     this.signer = opts.signer ?? UNSIGNED;
+    this.probeTopic = opts.probeTopic;
+    this.probeStallMs = opts.probeStallMs ?? 2000;
+    this.confirmed = this.link.since;
+  }
+
+  /**
+   * The time up to which the fleet has been heard: with probes, the send time of the newest
+   * echo (a heartbeat sent before it would have been delivered before it), else now. A frozen
+   * broker or a server that was itself frozen (SIGSTOP, a stalled event loop) therefore never
+   * turns its own silence into "missed heartbeats".
+   */
+  private heardUntil(now: number): number {
+    return this.probeTopic === undefined ? now : Math.min(now, this.confirmed);
+  }
+
+  /** Connected, but no probe came back for `probeStallMs`: the broker is not delivering. */
+  private stalled(now: number): boolean {
+    return this.probeTopic !== undefined && this.link.up &&
+      now - Math.max(this.confirmed, this.link.since) > this.probeStallMs;
+  }
+
+  /** A probe came back: `payload` is the decimal milliseconds it was sent at. */
+  private probeEchoed(payload: Uint8Array): void {
+    const sent = Number(new TextDecoder().decode(payload));
+    // Ours (only the server may write under k8s4r/server/); never trust a time in the future.
+    if (!Number.isFinite(sent) || sent > this.now().getTime()) return;
+    if (sent > this.confirmed) this.confirmed = sent;
   }
 
   private nowIso(): string {
@@ -226,7 +272,15 @@ export class FleetService {
   }
 
   linkState(): LinkState {
-    return { connected: this.link.up, since: new Date(this.link.since).toISOString() };
+    const now = this.now().getTime();
+    return {
+      connected: this.link.up,
+      since: new Date(this.link.since).toISOString(),
+      delivering: this.link.up && !this.stalled(now),
+      confirmedAt: new Date(
+        this.probeTopic === undefined ? (this.link.up ? now : this.link.since) : this.confirmed,
+      ).toISOString(),
+    };
   }
 
   /**
@@ -253,12 +307,14 @@ export class FleetService {
   handleBatch(items: Incoming[]): BatchResult {
     if (items.length === 0) return { acked: 0, results: [] };
     this.stats.batches++;
-    const decoded = items.map((m) => decodeUp(m.topic, m.payload));
+    const decoded = items.map((m) =>
+      m.topic === this.probeTopic ? PROBE : decodeUp(m.topic, m.payload)
+    );
     const effects: Effect[][] = decoded.map(() => []);
     let r: { applied: number; error?: Error };
     try {
       r = this.registry.batch(decoded.map((d, i) => () => {
-        if (d.ok) this.apply(d.robotId, d.message, effects[i]);
+        if (d !== PROBE && d.ok) this.apply(d.robotId, d.message, effects[i]);
       }));
     } catch (err) {
       r = { applied: 0, error: err as Error };
@@ -266,6 +322,12 @@ export class FleetService {
     const results: Outcome[] = [];
     for (let i = 0; i < r.applied; i++) {
       const d = decoded[i];
+      if (d === PROBE) {
+        // After the commit of everything received before it, in order.
+        this.probeEchoed(items[i].payload);
+        results.push({ ok: true });
+        continue;
+      }
       if (!d.ok) {
         this.stats.dropped[d.reason]++;
         this.stats.droppedTotal++;
@@ -286,7 +348,7 @@ export class FleetService {
     if (r.error) {
       this.stats.applyErrors++;
       const d = decoded[r.applied];
-      const what = d?.ok
+      const what = d !== PROBE && d?.ok
         ? `${d.message.type} from ${d.robotId}`
         : `message on ${items[r.applied]?.topic}`;
       this.log.warn(
@@ -578,11 +640,12 @@ export class FleetService {
     const at = this.nowIso();
     const link = this.link;
     const offline: string[] = [];
+    const until = this.heardUntil(now);
     if (link.up) {
       for (const r of this.registry.onlineRobots()) {
         const interval = r.heartbeatIntervalSeconds ?? this.hbDefault;
         const heard = Math.max(Date.parse(r.lastSeen), link.since);
-        if (now - heard > this.missed * interval * 1000) {
+        if (until - heard > this.missed * interval * 1000) {
           if (this.registry.setOnline(r.id, false, `missed ${this.missed} heartbeats`)) {
             offline.push(r.id);
             this.log.info(`robot ${r.id} is offline (missed ${this.missed} heartbeats)`);
@@ -611,7 +674,7 @@ export class FleetService {
       }
     }
     const lost: string[] = [];
-    if (link.up && now - link.since > this.grace * 1000) {
+    if (link.up && !this.stalled(now) && now - link.since > this.grace * 1000) {
       for (const t of this.registry.tasksInStates(["accepted", "running", "cancelling"])) {
         if (t.state === "cancelling" && t.acceptedAt === null && t.startedAt === null) continue;
         const since = Date.parse(t.startedAt ?? t.acceptedAt ?? t.updatedAt);
@@ -630,6 +693,9 @@ export class FleetService {
   robotState(r: RobotRecord): { state: RobotState; unknownSince: string | null } {
     if (!this.link.up) {
       return { state: "unknown", unknownSince: new Date(this.link.since).toISOString() };
+    }
+    if (this.stalled(this.now().getTime())) {
+      return { state: "unknown", unknownSince: new Date(this.confirmed).toISOString() };
     }
     return { state: r.online ? "online" : "offline", unknownSince: null };
   }

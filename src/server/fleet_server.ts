@@ -22,7 +22,11 @@
 import type { PeerCertificate } from "node:tls";
 import mqtt from "mqtt";
 import type { IClientOptions, IPublishPacket, MqttClient } from "mqtt";
-import { SERVER_SUBSCRIPTION, SHARED_SERVER_SUBSCRIPTION } from "../fleet/topics.ts";
+import {
+  SERVER_SUBSCRIPTION,
+  serverProbeTopic,
+  SHARED_SERVER_SUBSCRIPTION,
+} from "../fleet/topics.ts";
 import {
   type FleetOptions,
   FleetService,
@@ -85,6 +89,8 @@ export interface FleetServerOptions {
   fleet?: FleetOptions;
   /** Default 1000 ms. */
   sweepIntervalMs?: number;
+  /** How often the server probes the broker's delivery through its own topic. Default 500 ms. */
+  probeIntervalMs?: number;
   /** Default 1000 ms. */
   reconnectPeriodMs?: number;
   logger?: Logger;
@@ -137,6 +143,7 @@ function pubackSender(client: MqttClient): (messageId: number) => void {
 export class FleetServer {
   readonly state: FleetServerState = { connected: false, connects: 0 };
   private sweepTimer?: ReturnType<typeof setInterval>;
+  private probeTimer?: ReturnType<typeof setInterval>;
   private unsubscribeTls?: () => void;
   private closed = false;
   private connectWaiters: (() => void)[] = [];
@@ -262,8 +269,10 @@ export class FleetServer {
       },
       connected: () => client.connected,
     };
+    const probeTopic = serverProbeTopic(clientOpts.clientId!);
     const fleet = new FleetService(registry, publisher, {
       logger: log,
+      probeTopic,
       ...opts.fleet,
       startDisconnected: true,
     });
@@ -316,10 +325,10 @@ export class FleetServer {
       log.info(
         `connected to ${opts.brokerUrl} as ${clientOpts.clientId} (session present: ${connack.sessionPresent})`,
       );
-      client.subscribeAsync(topic, { qos: 1 }).then((grants) => {
+      client.subscribeAsync([topic, probeTopic], { qos: 1 }).then((grants) => {
         const bad = grants.find((g) => g.qos !== 1 && g.qos !== 0);
         if (bad) {
-          s.state.lastError = `subscription to ${topic} refused (code ${bad.qos})`;
+          s.state.lastError = `subscription to ${bad.topic} refused (code ${bad.qos})`;
           log.warn(s.state.lastError);
           return;
         }
@@ -361,6 +370,12 @@ export class FleetServer {
         Object.assign(client.options, tlsOptions(tls.current()))
       );
     }
+    // QoS 1, like the robots' messages, so it queues behind them in the broker (see fleet.ts).
+    s.probeTimer = setInterval(() => {
+      if (s.state.connected && client.connected && !s.cycling) {
+        client.publish(probeTopic, String(Date.now()), { qos: 1 }, () => {});
+      }
+    }, opts.probeIntervalMs ?? 500);
     s.sweepTimer = setInterval(() => {
       try {
         s.flush(); // what arrived is applied before silence is judged
@@ -410,6 +425,7 @@ export class FleetServer {
     this.flush();
     this.closed = true;
     clearInterval(this.sweepTimer);
+    clearInterval(this.probeTimer);
     this.unsubscribeTls?.();
     await this.http?.close();
     const drained = await within(this.fleet.settled(), this.closeDrainMs);

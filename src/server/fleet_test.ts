@@ -22,7 +22,9 @@ class FakePublisher implements Publisher {
 
 const T0 = Date.parse("2025-01-01T00:00:00Z");
 
-function setup() {
+const PROBE = "k8s4r/server/k8s4r-server/probe";
+
+function setup(opts: { probe?: boolean } = {}) {
   const clock = { t: T0 };
   const registry = Registry.openFile(":memory:");
   const pub = new FakePublisher();
@@ -31,6 +33,7 @@ function setup() {
     now: () => new Date(clock.t),
     heartbeatIntervalSeconds: 10,
     logger: { info: (m) => logs.push(m), warn: (m) => logs.push(m) },
+    ...(opts.probe ? { probeTopic: PROBE, probeStallMs: 2000 } : {}),
   });
   return { clock, registry, pub, fleet, logs };
 }
@@ -207,7 +210,12 @@ Deno.test("broker link down: nobody goes offline, state unknown since T; full gr
     clock.t = T0 + 1000;
     fleet.linkDown();
     const down = fleet.linkState();
-    assert.deepEqual(down, { connected: false, since: iso(T0 + 1000) });
+    assert.deepEqual(down, {
+      connected: false,
+      since: iso(T0 + 1000),
+      delivering: false,
+      confirmedAt: iso(T0 + 1000),
+    });
     clock.t = T0 + 600_000; // ten minutes without a word from anyone
     const swept = fleet.sweep();
     assert.deepEqual(swept.offline, []);
@@ -240,6 +248,63 @@ Deno.test("broker link down: nobody goes offline, state unknown since T; full gr
     assert.deepEqual(fleet.sweep().lost, []);
     clock.t += 45_000;
     assert.deepEqual(fleet.sweep().lost, ["t1"]);
+  } finally {
+    registry.close();
+  }
+});
+
+/** The server's own probe, echoed by the broker: it was published at `sentAt`. */
+function probe(sentAt: number) {
+  return { topic: PROBE, payload: new TextEncoder().encode(String(sentAt)) };
+}
+
+Deno.test("a frozen broker (no probe echo) marks nobody offline: unknown, then re-derived", () => {
+  const { fleet, registry, clock } = setup({ probe: true });
+  try {
+    for (const id of ["robot-001", "robot-002"]) {
+      const r = register(id, T0, `boot-${id}`, 1);
+      fleet.handleMessage(r.topic, r.payload);
+    }
+    // Positive control: with echoes flowing, a silent robot goes offline after 3 x 5 s.
+    fleet.handleBatch([probe(T0)]);
+    assert.equal(fleet.linkState().delivering, true);
+    // The broker freezes at T0 + 1 s: the connection stays up, nothing is delivered any more.
+    clock.t = T0 + 1000;
+    fleet.handleBatch([probe(T0 + 1000)]);
+    // An echo claiming a time ahead of our clock is ignored.
+    fleet.handleBatch([probe(T0 + 50_000)]);
+    clock.t = T0 + 60_000;
+    assert.deepEqual(fleet.sweep().offline, [], "silence through a frozen broker proves nothing");
+    const v = fleet.robotView(registry.getRobot("robot-001")!);
+    assert.equal(v.state, "unknown");
+    assert.equal(v.unknownSince, iso(T0 + 1000));
+    assert.equal(fleet.linkState().delivering, false);
+    // It resumes: what was queued arrives in order (robot-001's heartbeat), then a fresh echo.
+    const hb = heartbeat("robot-001", T0 + 2000, 1, "boot-robot-001");
+    fleet.handleBatch([hb, probe(T0 + 59_500)]);
+    assert.equal(fleet.robotView(registry.getRobot("robot-001")!).state, "online");
+    assert.deepEqual(fleet.sweep().offline, ["robot-002"], "robot-002 said nothing since T0");
+    assert.equal(registry.getRobot("robot-001")!.online, true);
+  } finally {
+    registry.close();
+  }
+});
+
+Deno.test("a frozen server: the first sweep after SIGCONT runs before the queued heartbeats", () => {
+  const { fleet, registry, clock } = setup({ probe: true });
+  try {
+    const r = register("robot-001", T0, "boot-1", 1);
+    fleet.handleMessage(r.topic, r.payload);
+    fleet.handleBatch([probe(T0)]);
+    // SIGSTOP at T0 + 1 s, SIGCONT at T0 + 30 s: the sweep timer fires before any socket read.
+    clock.t = T0 + 30_000;
+    assert.deepEqual(fleet.sweep().offline, []);
+    // Then the heartbeats robot-001 sent meanwhile, and an echo of a probe sent after SIGCONT.
+    const hb = heartbeat("robot-001", T0 + 29_000, 5, "boot-1");
+    fleet.handleBatch([hb, probe(T0 + 30_001)]);
+    clock.t = T0 + 31_000;
+    assert.deepEqual(fleet.sweep().offline, []);
+    assert.equal(registry.getRobot("robot-001")!.online, true);
   } finally {
     registry.close();
   }

@@ -322,14 +322,20 @@ export function createHandler(
     const all = fleet.registry.listRobots();
     return {
       // since: when the link went up (subscribed) or down; robots are unknown while it is down.
-      mqtt: { connected: ctx.mqttConnected(), since: link.since },
+      // delivering: the broker echoed the server's probe lately (false while it is frozen).
+      mqtt: {
+        connected: ctx.mqttConnected(),
+        since: link.since,
+        delivering: link.delivering,
+        confirmedAt: link.confirmedAt,
+      },
       messages: fleet.stats,
       tasks: fleet.registry.countTasksByState(),
       robots: {
         total: all.length,
         /** Last known: while the link is down these are also counted as unknown. */
         online: all.filter((r) => r.online).length,
-        unknown: link.connected ? 0 : all.length,
+        unknown: link.delivering ? 0 : all.length,
       },
       http: { refused: refusals },
     };

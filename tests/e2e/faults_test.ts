@@ -1,7 +1,8 @@
 /**
  * End to end, part 2: faults. One real stack (`devenv start --robots 2`, heartbeats every 1 s)
  * survives, in order: kill -9 of robot-001's spire-agent, SVID rotation with a 20 s TTL, kill -9
- * of Mosquitto, kill -9 of the k8s4r server, and the SPIRE server stopped for 60 s. Each case
+ * of Mosquitto, kill -9 of robot-001's agent (its last will: offline within 2 s), kill -9 of
+ * the k8s4r server, and the SPIRE server stopped for 60 s. Each case
  * asserts that no message is lost (`heartbeats.missing` stays 0 for every robot, every task result
  * arrives) and that the system recovers, and prints its recovery time as an `E2E-METRIC` line.
  *
@@ -298,6 +299,40 @@ e2e(
       assert.ok(hbAfter[i].received > hbBefore[i].received + 3, `${r}: heartbeats did not resume`)
     );
     await stack.assertNoLostHeartbeats("faults.mosquitto_crash");
+  },
+);
+
+e2e(
+  "agent kill -9: the last will shows the robot offline within 2 s (connection lost)",
+  async () => {
+    const rec = stack.pid(stack.agentPidFile("robot-001"));
+    assert.ok(rec, "robot-001's agent is not running");
+    assert.equal((await stack.robot("robot-001")).online, true, "robot-001 must start online");
+    stack.remember();
+    Deno.kill(rec.pid, "SIGKILL");
+    const killedAt = Date.now();
+    let seen: { online: boolean; offlineReason: string | null } | undefined;
+    await waitFor(async () => {
+      const r = await stack.robot("robot-001");
+      if (!r.online) seen = r;
+      return !r.online;
+    }, { timeoutMs: 15_000, intervalMs: 20, what: "robot-001 offline after kill -9 of its agent" });
+    const ms = Date.now() - killedAt;
+    metric("faults.agent_kill.offline_ms", ms);
+    assert.equal(seen?.offlineReason, "connection lost", "not the last will's reason");
+    assert.ok(ms <= 2000, `offline seen ${ms} ms after kill -9 (the promise is 2 s)`);
+    // robot-002 never noticed.
+    assert.equal((await stack.robot("robot-002")).online, true);
+    const t0 = Date.now();
+    await stack.mustDevenv("start", "--robots", "2", "--broker", "native");
+    stack.remember();
+    await stack.waitOnline(ROBOTS, 60_000);
+    metric("faults.agent_kill.recover_ms", Date.now() - t0);
+    const id = await stack.createTask("robot-001", ["echo", "after-kill"]);
+    const t = await stack.waitTask(id, 30_000);
+    assert.equal(t.state, "done", JSON.stringify(t));
+    await heartbeatsFlow(2);
+    await stack.assertNoLostHeartbeats("faults.agent_kill");
   },
 );
 

@@ -18,6 +18,7 @@ import {
   devenvFiles,
   type Layout,
   layoutEnv,
+  robotLayout,
 } from "../../src/devenv/layout.ts";
 import {
   isRecordAlive,
@@ -71,6 +72,7 @@ export interface TaskView {
   stdout: string;
   stderr: string;
   error?: string | null;
+  finishedAt?: string | null;
 }
 
 export interface Stats {
@@ -208,6 +210,8 @@ export class E2eStack {
     readonly dir: string,
     readonly sockDir: string,
     readonly ports: { spire: number; plain: number; tls: number; http: number },
+    /** The robots `start()` runs (`devenv start --robots N`). */
+    readonly robotIds: string[] = ROBOTS,
   ) {
     this.env = {
       ...Deno.env.toObject(),
@@ -226,8 +230,13 @@ export class E2eStack {
     this.files = devenvFiles(this.layout, this.env);
   }
 
-  /** A temp project with a copy of config/ (heartbeats every `heartbeatSeconds`), free ports. */
-  static async create(opts: { heartbeatSeconds?: number } = {}): Promise<E2eStack> {
+  /**
+   * A temp project with a copy of config/ (heartbeats every `heartbeatSeconds`), free ports;
+   * `robots` robots (default 2: robot-001, robot-002).
+   */
+  static async create(
+    opts: { heartbeatSeconds?: number; robots?: number } = {},
+  ): Promise<E2eStack> {
     // Short paths: unix socket paths are limited to 107 bytes.
     const dir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8s4r-e2e-" });
     const sockDir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8e" });
@@ -247,7 +256,9 @@ export class E2eStack {
     await Deno.writeTextFile(yamlPath, patched);
     const [spire, plain, tls, http] = freePorts(4);
     const ports = { spire, plain, tls, http };
-    const s = new E2eStack(dir, sockDir, ports);
+    const n = opts.robots ?? ROBOTS.length;
+    const ids = Array.from({ length: n }, (_, i) => `robot-${String(i + 1).padStart(3, "0")}`);
+    const s = new E2eStack(dir, sockDir, ports, ids);
     everyStack.add(s);
     return s;
   }
@@ -279,9 +290,21 @@ export class E2eStack {
     return r;
   }
 
-  /** `devenv start --robots 2 --broker native`; fails with devenv's own words when it cannot. */
+  /**
+   * Replaces the agents' `tasks.allow` list (before `start`): e.g. only the absolute path of a
+   * test's own task script instead of `["*"]`.
+   */
+  async setTaskAllow(allow: string[]): Promise<void> {
+    const yamlPath = this.layout.agentPluginsYaml;
+    const yaml = await Deno.readTextFile(yamlPath);
+    const patched = yaml.replace(/^(\s*allow:\s*).*$/m, `$1${JSON.stringify(allow)}`);
+    assert.notEqual(patched, yaml, `${yamlPath}: no tasks.allow to set`);
+    await Deno.writeTextFile(yamlPath, patched);
+  }
+
+  /** `devenv start --robots N --broker native`; fails with devenv's own words when it cannot. */
   async start(): Promise<CmdResult> {
-    const r = await this.devenv("start", "--robots", String(ROBOTS.length), "--broker", "native");
+    const r = await this.devenv(...this.startArgs());
     this.remember();
     assert.equal(
       r.code,
@@ -290,6 +313,11 @@ export class E2eStack {
         `${r.stdout}\n${r.stderr}`,
     );
     return r;
+  }
+
+  /** The arguments of `devenv start` for this stack (restarts only what is dead). */
+  startArgs(): string[] {
+    return ["start", "--robots", String(this.robotIds.length), "--broker", "native"];
   }
 
   async doctor(): Promise<{ code: number; report: DoctorReport; raw: CmdResult }> {
@@ -344,7 +372,7 @@ export class E2eStack {
   async http<T>(path: string, init: RequestInit = {}): Promise<{ status: number; body: T }> {
     const res = await fetch(`${this.api}${path}`, {
       ...init,
-      signal: AbortSignal.timeout(5000),
+      signal: init.signal ?? AbortSignal.timeout(5000),
     });
     const text = await res.text();
     let body: T;
@@ -404,7 +432,7 @@ export class E2eStack {
   }
 
   /** Waits until every robot is online; returns how long that took (ms). */
-  async waitOnline(robots = ROBOTS, timeoutMs = 60_000): Promise<number> {
+  async waitOnline(robots = this.robotIds, timeoutMs = 60_000): Promise<number> {
     const t0 = Date.now();
     await waitFor(async () => {
       for (const id of robots) if (!(await this.robot(id)).online) return false;
@@ -445,7 +473,11 @@ export class E2eStack {
   }
 
   agentPidFile(robotId: string): string {
-    return `${this.layout.devEnvDir}/${robotId === "robot-001" ? "agent" : `agent-${robotId}`}.pid`;
+    return robotLayout(this.layout, robotId, this.env).pidFile;
+  }
+
+  agentLogFile(robotId: string): string {
+    return robotLayout(this.layout, robotId, this.env).logFile;
   }
 
   robotSocket(robotId: string): string {
