@@ -26,7 +26,7 @@ Deno.test("parseTtl: durations, bounds, precise errors", () => {
 });
 
 /** A control host whose `spire-server x509 mint` is played by a test CA writing the files. */
-async function control(dir: string, lifetimeSeconds = 3600) {
+function control(dir: string, lifetimeSeconds = 3600) {
   const ca = TestCa.create({ trustDomain: TD });
   const runner = new RecordingRunner((_cmd, args) => {
     if (args[0] !== "x509" || args[1] !== "mint") return new Error(`unexpected ${args}`);
@@ -57,7 +57,7 @@ async function control(dir: string, lifetimeSeconds = 3600) {
 Deno.test("operator add/login/remove: argv carries no key, files 0600, roles edited", async () => {
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-op-" });
   try {
-    const { runner, env, ctl } = await control(dir);
+    const { runner, env, ctl } = control(dir);
     const r = await addOperator(ctl, "alice", "viewer", 7200);
     assert.equal(r.meta.spiffeId, `spiffe://${TD}/operator/alice`);
     const args = runner.calls[0].args;
