@@ -24,6 +24,7 @@ import {
   makeMemo,
 } from "./check.ts";
 import { probeMqtt } from "../mqtt/probe.ts";
+import { apiClient } from "../operator/client.ts";
 import { parseProcStat } from "../process/mod.ts";
 import { findListeningOwner, findUnixSocketOwner, type ProcReader } from "./proc_net.ts";
 import { certFacts } from "./pki.ts";
@@ -37,7 +38,7 @@ export function realContext(io: Io, options: DoctorOptions): DoctorContext {
     robot: robotLayout(layout, options.robotId, io.env),
     options,
     fs: realFs(io.env),
-    net: realNet,
+    net: realNet(io.env),
     proc: realProc,
     spire: realSpire(io),
     runner: io.runner,
@@ -114,23 +115,42 @@ export const realProc: DoctorProc = {
   },
 };
 
-export const realNet: DoctorNet = {
-  listeningOwner: (port) => findListeningOwner(port, procReader),
+/**
+ * The real network. `httpGet` of an https:// URL is a request to the fleet server's API as the
+ * CLI's operator (its credentials, found as `k8s4r robots` finds them): the server is
+ * authorized by its SPIFFE ID, and every endpoint but /healthz needs the operator's certificate.
+ */
+export function realNet(env: Record<string, string | undefined>): DoctorNet {
+  return {
+    listeningOwner: (port) => findListeningOwner(port, procReader),
 
-  async httpGet(url, timeoutMs) {
-    try {
-      const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
-      const body = await res.text();
-      return { status: res.status, body };
-    } catch (err) {
-      // fetch says only "fetch failed"; the reason (connection refused...) is in `cause`.
-      const cause = (err as { cause?: { message?: string } }).cause?.message;
-      throw new Error(cause ? cause.split("\n")[0] : (err as Error).message);
-    }
-  },
+    async httpGet(url, timeoutMs) {
+      if (url.startsWith("https:")) {
+        const u = new URL(url);
+        const api = await apiClient({ env }, { server: u.origin });
+        try {
+          const r = await api.request<unknown>("GET", `${u.pathname}${u.search}`, {
+            signal: AbortSignal.timeout(timeoutMs),
+          });
+          return { status: r.status, body: JSON.stringify(r.body) };
+        } finally {
+          api.close();
+        }
+      }
+      try {
+        const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+        const body = await res.text();
+        return { status: res.status, body };
+      } catch (err) {
+        // fetch says only "fetch failed"; the reason (connection refused...) is in `cause`.
+        const cause = (err as { cause?: { message?: string } }).cause?.message;
+        throw new Error(cause ? cause.split("\n")[0] : (err as Error).message);
+      }
+    },
 
-  mqttProbe: probeMqtt,
-};
+    mqttProbe: probeMqtt,
+  };
+}
 
 export function realSpire(io: Io): DoctorSpire {
   return {
