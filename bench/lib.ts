@@ -8,7 +8,7 @@
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { freePorts } from "../tests/helpers/ports.ts";
-import { agentArgs } from "../src/devenv/start.ts";
+import { agentArgs, DEV_SPIRE_TIMING } from "../src/devenv/components.ts";
 import { agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
 import {
   defaultLayout,
@@ -355,6 +355,7 @@ export async function restartAgent(
         r,
         stack.layout.agentPluginsYaml,
         stack.env.MQTT_BROKER_URL,
+        { syncInterval: DEV_SPIRE_TIMING.agentSyncInterval }, // as devenv runs it
       ),
       ...extra,
     ],

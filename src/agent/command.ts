@@ -62,6 +62,18 @@ file, never put on a command line or in a log). Logs one line per event to stder
       type: "boolean",
       description: "Use an already running SPIRE agent at the socket",
     },
+    {
+      name: "spire-agent-bin",
+      type: "string",
+      valueName: "PATH",
+      description: "The spire-agent to run (default: found and version-checked like devenv's)",
+    },
+    {
+      name: "spire-sync-interval",
+      type: "string",
+      valueName: "DURATION",
+      description: "The managed spire-agent's sync_interval (default: SPIRE's, 5s)",
+    },
   ],
   run: (args, io) => runAgentCommand(args, io),
 };
@@ -79,6 +91,8 @@ async function runAgentCommand(args: Args, io: Io): Promise<number> {
       joinTokenFile: args.string("join-token-file"),
       heartbeatSeconds: args.number("heartbeat-seconds"),
       noManageSpire: args.bool("no-manage-spire"),
+      spireSyncInterval: args.string("spire-sync-interval"),
+      spireAgentBin: args.string("spire-agent-bin"),
     },
   });
   // The token must not reach the environment of anything we start (spire-agent, tasks):
@@ -162,15 +176,15 @@ async function startSpire(
   io: Io,
   log: Logger,
 ): Promise<SpireAgentSupervisor> {
-  const bins = await findSpireBinaries(io);
-  if (!bins) {
+  const s = config.spire;
+  const bin = s.agentBin ?? (await findSpireBinaries(io))?.agent;
+  if (!bin) {
     throw new CliError(
       "spire-agent binary not found",
       1,
       "run 'k8s4r devenv install', or use --no-manage-spire with a running SPIRE agent",
     );
   }
-  const s = config.spire;
   // A token from the environment goes to a 0600 file (never argv), deleted after attestation.
   let tokenFile = s.joinTokenFile;
   let ownTokenFile: string | undefined;
@@ -183,7 +197,7 @@ async function startSpire(
   }
   const sup = new SpireAgentSupervisor({
     runner: io.runner,
-    bin: bins.agent,
+    bin,
     configPath: join(config.stateDir, "spire-agent.conf"),
     dataDir: s.dataDir,
     socketPath: s.socketPath,
@@ -194,6 +208,7 @@ async function startSpire(
     serverAddress: s.serverHost,
     serverPort: s.serverPort,
     logLevel: s.logLevel,
+    syncInterval: s.syncInterval,
     onEvent: (e: AgentEvent) => {
       const { type, ...rest } = e;
       log(`spire_agent.${type}`, rest);

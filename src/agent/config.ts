@@ -13,6 +13,7 @@ import type { Node, Pair, YAMLMap } from "yaml";
 import { ConfigError, UsageError } from "../cli/errors.ts";
 import { isRobotId } from "../fleet/topics.ts";
 import { brokerSpiffeId, robotSpiffeId } from "../fleet/mod.ts";
+import { GO_DURATION } from "../spire/agent.ts";
 
 export const SPIRE_LOG_LEVELS = ["DEBUG", "INFO", "WARN", "ERROR"] as const;
 export type SpireLogLevel = typeof SPIRE_LOG_LEVELS[number];
@@ -33,6 +34,10 @@ export interface AgentSpireConfig {
   trustBundlePath: string;
   /** Supervise our own spire-agent (true) or use one already running at socketPath. */
   manage: boolean;
+  /** The managed spire-agent's `experimental.sync_interval`; undefined = SPIRE's default (5 s). */
+  syncInterval?: string;
+  /** Absolute. The spire-agent binary to run; undefined = look it up (and check its version). */
+  agentBin?: string;
 }
 
 export interface AgentMqttConfig {
@@ -91,6 +96,10 @@ export interface AgentFlags {
   joinTokenFile?: string;
   heartbeatSeconds?: number;
   noManageSpire?: boolean;
+  /** `--spire-sync-interval`: a Go duration (the dev stack passes a short one). */
+  spireSyncInterval?: string;
+  /** `--spire-agent-bin`: the spire-agent to run (the dev stack passes the one it checked). */
+  spireAgentBin?: string;
 }
 
 export const DEFAULT_CONFIG_PATH = "config/agent/plugins.yaml";
@@ -567,6 +576,12 @@ function buildConfig(
     heartbeatSeconds = h;
   }
 
+  if (flags.spireSyncInterval !== undefined && !GO_DURATION.test(flags.spireSyncInterval)) {
+    throw new UsageError(
+      `agent: --spire-sync-interval expects a Go duration like 500ms or 5s, got '${flags.spireSyncInterval}'`,
+    );
+  }
+
   const dataDir = abs(flags.dataDir ?? get("spire.dataDir", "./.spire-data/agent"));
   // SPIRE_JOIN_TOKEN wins over the file's literal; the guide's file interpolates it anyway.
   const joinToken = env["SPIRE_JOIN_TOKEN"] || get("spire.joinToken", "") || undefined;
@@ -589,6 +604,8 @@ function buildConfig(
         get("spire.trustBundlePath", "./config/mosquitto/certs/spire-ca.crt"),
       ),
       manage: flags.noManageSpire ? false : get("spire.manage", true),
+      syncInterval: flags.spireSyncInterval,
+      agentBin: flags.spireAgentBin !== undefined ? abs(flags.spireAgentBin) : undefined,
     },
     mqtt: {
       brokerUrl: broker.url,

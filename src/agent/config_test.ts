@@ -227,3 +227,16 @@ Deno.test("interpolation: ${VAR}, ${VAR:-default}, $$", () => {
   assert.equal(interpolate("$${A} $5", env), "${A} $5");
   assert.throws(() => interpolate("${B}", env), /environment variable B is not set/);
 });
+
+Deno.test("--spire-sync-interval and --spire-agent-bin: what devenv hands the managed spire-agent", async () => {
+  assert.equal((await load("")).spire.syncInterval, undefined);
+  assert.equal((await load("")).spire.agentBin, undefined);
+  assert.ok((await load("", {}, { spireAgentBin: "bin/spire-agent" })).spire.agentBin!
+    .endsWith("/bin/spire-agent"));
+  assert.equal((await load("", {}, { spireSyncInterval: "500ms" })).spire.syncInterval, "500ms");
+  await assert.rejects(
+    load("", {}, { spireSyncInterval: "fast" }),
+    (e: unknown) =>
+      e instanceof UsageError && /--spire-sync-interval expects a Go duration/.test(e.message),
+  );
+});

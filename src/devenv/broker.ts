@@ -5,6 +5,7 @@
  * `start` and the `broker-identity` component both use these, so the broker is always started
  * the same way.
  */
+import { createPrivateKey } from "node:crypto";
 import { dirname } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
 import type { Io } from "../cli/io.ts";
@@ -18,9 +19,15 @@ import {
   dockerSighupArgv,
   nativeBrokerCommand,
 } from "./broker_argv.ts";
-import { type BrokerModeFlag, type DevenvContext, writeFileAtomic } from "./context.ts";
+import {
+  type BrokerModeFlag,
+  type DevenvContext,
+  PROBE_INTERVAL_MS,
+  writeFileAtomic,
+} from "./context.ts";
 import { SERVER_MQTT_USERNAME } from "../fleet/mod.ts";
 import { probeMqttPassword, probeMqttTls, type ProbeResult } from "./probes.ts";
+import { parsePemCerts } from "./broker_identity.ts";
 
 export interface BrokerRuntime {
   mode: BrokerMode;
@@ -135,6 +142,41 @@ export async function probeBroker(ctx: DevenvContext): Promise<ProbeResult> {
   return { ok: true, detail: "mTLS and password sessions accepted" };
 }
 
+/**
+ * Whether the broker's certificate files on disk can serve right now: a key that matches the
+ * certificate, a chain that links up to a CA of the exported bundle, and at least a minute of
+ * validity left. After a `stop` this lets the broker start again at once, before SPIRE and
+ * broker-identity are back (broker-identity then writes a fresh SVID and sends SIGHUP).
+ */
+export async function brokerFilesUsable(
+  ctx: DevenvContext,
+  now = Date.now(),
+): Promise<ProbeResult> {
+  try {
+    const chain = parsePemCerts(await Deno.readTextFile(ctx.files.brokerCertFile));
+    const cas = parsePemCerts(await Deno.readTextFile(ctx.layout.caBundleFile));
+    const key = createPrivateKey(await Deno.readTextFile(ctx.files.brokerKeyFile));
+    if (chain.length === 0) return { ok: false, detail: "no certificate in the cert file" };
+    const leaf = chain[0];
+    if (!leaf.checkPrivateKey(key)) return { ok: false, detail: "key does not match the cert" };
+    if (Date.parse(leaf.validTo) - now < 60_000) {
+      return { ok: false, detail: `certificate expires ${leaf.validTo}` };
+    }
+    for (let i = 0; i + 1 < chain.length; i++) {
+      if (!chain[i].checkIssued(chain[i + 1]) || !chain[i].verify(chain[i + 1].publicKey)) {
+        return { ok: false, detail: "the certificate chain does not link up" };
+      }
+    }
+    const top = chain[chain.length - 1];
+    if (!cas.some((ca) => top.checkIssued(ca) && top.verify(ca.publicKey))) {
+      return { ok: false, detail: "the certificate is not issued by the exported bundle" };
+    }
+    return { ok: true, detail: `certificate valid until ${leaf.validTo}` };
+  } catch (err) {
+    return { ok: false, detail: errorMessage(err) };
+  }
+}
+
 /** Starts the broker detached with the given command; resolves once it is healthy. */
 export async function startBroker(ctx: DevenvContext, cmd: BrokerCommand): Promise<Daemon> {
   return await ctx.io.runner.spawn({
@@ -147,7 +189,7 @@ export async function startBroker(ctx: DevenvContext, cmd: BrokerCommand): Promi
     detached: true,
     ready: async () => (await probeBroker(ctx)).ok,
     readyTimeoutMs: cmd.mode === "docker" ? 120_000 : 20_000,
-    readyIntervalMs: 100,
+    readyIntervalMs: PROBE_INTERVAL_MS,
   });
 }
 

@@ -13,13 +13,23 @@ import { BrokerIdentity } from "./broker_identity.ts";
 import type { DevenvContext } from "./context.ts";
 import { brokerSpiffeId } from "../fleet/mod.ts";
 
-export async function runBrokerIdentity(ctx: DevenvContext): Promise<number> {
+export interface BrokerIdentityRunOptions {
+  /** spire-agent, as `start` found and checked it; undefined = look it up. */
+  bin?: string;
+  /** The spire-agent's `experimental.sync_interval`; undefined = SPIRE's default. */
+  syncInterval?: string;
+}
+
+export async function runBrokerIdentity(
+  ctx: DevenvContext,
+  opts: BrokerIdentityRunOptions = {},
+): Promise<number> {
   const { io, layout, files } = ctx;
   const log = (line: string) => io.stdout.write(`${new Date().toISOString()} ${line}\n`);
-  const bins = await ensureSpireBinaries(io);
+  const bin = opts.bin ?? (await ensureSpireBinaries(io)).agent;
   const supervisor = new SpireAgentSupervisor({
     runner: io.runner,
-    bin: bins.agent,
+    bin,
     configPath: `${files.brokerAgentDataDir}/agent.conf`,
     logFile: files.brokerAgentLog,
     joinTokenFile: files.brokerJoinTokenFile,
@@ -30,6 +40,7 @@ export async function runBrokerIdentity(ctx: DevenvContext): Promise<number> {
     dataDir: files.brokerAgentDataDir,
     trustBundlePath: layout.caBundleFile,
     logLevel: "INFO",
+    syncInterval: opts.syncInterval,
     readyTimeoutMs: 60_000,
     onEvent: (e) => {
       if (e.type !== "starting" || e.attempt > 0) log(`spire-agent: ${JSON.stringify(e)}`);

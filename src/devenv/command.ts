@@ -1,7 +1,9 @@
-import type { Args, CommandSpec } from "../cli/mod.ts";
+import type { Args, CommandSpec, FlagSpec } from "../cli/mod.ts";
 import { UsageError } from "../cli/errors.ts";
 import type { Io } from "../cli/io.ts";
+import { GO_DURATION } from "../spire/agent.ts";
 import { installCommand } from "../spire/install.ts";
+import { DEV_SPIRE_TIMING } from "./components.ts";
 import { runBrokerIdentity } from "./broker_identity_run.ts";
 import { runSpireServer } from "./spire_server_run.ts";
 import {
@@ -49,6 +51,52 @@ export function caTtlSeconds(
     );
   }
   return n;
+}
+
+/** What `start` hands to its hidden `spire-server` and `broker-identity` children. */
+const HIDDEN_SPIRE_FLAGS: FlagSpec[] = [
+  {
+    name: "spire-server-bin",
+    type: "string",
+    valueName: "PATH",
+    description: "spire-server, already checked by start",
+  },
+  {
+    name: "spire-agent-bin",
+    type: "string",
+    valueName: "PATH",
+    description: "spire-agent, already checked by start",
+  },
+  {
+    name: "cache-reload-interval",
+    type: "string",
+    valueName: "DURATION",
+    description: "server experimental.cache_reload_interval",
+  },
+  {
+    name: "spire-sync-interval",
+    type: "string",
+    valueName: "DURATION",
+    description: "agent experimental.sync_interval",
+  },
+  {
+    name: "no-attestation-rate-limit",
+    type: "boolean",
+    description: "server ratelimit.attestation = false",
+  },
+  {
+    name: "events-based-cache",
+    type: "boolean",
+    description: "server experimental.events_based_cache = true",
+  },
+];
+
+function goDuration(args: Args, flag: string): string | undefined {
+  const v = args.string(flag);
+  if (v !== undefined && !GO_DURATION.test(v)) {
+    throw new UsageError(`--${flag}: expected a Go duration like 500ms or 5s, got '${v}'`);
+  }
+  return v;
 }
 
 function withContext(
@@ -115,6 +163,15 @@ export const devenvCommand: CommandSpec = {
           valueName: "SECONDS",
           description: "How long to wait for the robots to come online (default 120)",
         },
+        {
+          name: "spire-defaults",
+          type: "boolean",
+          description: `Run SPIRE with its own sync and cache-reload intervals (5s) and ` +
+            `attestation rate limit instead of devenv's (agent sync ` +
+            `${DEV_SPIRE_TIMING.agentSyncInterval}, server cache reload ` +
+            `${DEV_SPIRE_TIMING.serverCacheReloadInterval}, no attestation limit); applies to ` +
+            "what this start launches",
+        },
       ],
       run: withContext((ctx, args) => {
         const mode = args.string("broker") ?? "auto";
@@ -132,6 +189,7 @@ export const devenvCommand: CommandSpec = {
           caTtl: caTtlSeconds(args, ctx.env),
           brokerUrl: ctx.env["MQTT_BROKER_URL"] || undefined,
           onlineTimeoutMs: timeout !== undefined ? timeout * 1000 : undefined,
+          spireDefaults: args.bool("spire-defaults"),
         });
       }),
     },
@@ -182,15 +240,29 @@ export const devenvCommand: CommandSpec = {
       flags: [
         ...LAYOUT_FLAGS,
         { name: "ca-ttl", type: "number", valueName: "SECONDS", description: "ca_ttl" },
+        ...HIDDEN_SPIRE_FLAGS,
       ],
-      run: withContext((ctx, args) => runSpireServer(ctx, { caTtl: caTtlSeconds(args, {}) })),
+      run: withContext((ctx, args) =>
+        runSpireServer(ctx, {
+          caTtl: caTtlSeconds(args, {}),
+          bin: args.string("spire-server-bin"),
+          cacheReloadInterval: goDuration(args, "cache-reload-interval"),
+          attestationRateLimit: args.bool("no-attestation-rate-limit") ? false : undefined,
+          eventsBasedCache: args.bool("events-based-cache") ? true : undefined,
+        })
+      ),
     },
     {
       name: "broker-identity",
       summary: "Keep Mosquitto's certificate a current SPIRE X.509 SVID (run by start)",
       hidden: true,
-      flags: [...LAYOUT_FLAGS],
-      run: withContext((ctx) => runBrokerIdentity(ctx)),
+      flags: [...LAYOUT_FLAGS, ...HIDDEN_SPIRE_FLAGS],
+      run: withContext((ctx, args) =>
+        runBrokerIdentity(ctx, {
+          bin: args.string("spire-agent-bin"),
+          syncInterval: goDuration(args, "spire-sync-interval"),
+        })
+      ),
     },
   ],
 };

@@ -23,6 +23,13 @@ import type { BrokerCommand } from "./broker_argv.ts";
 
 export type BrokerModeFlag = "native" | "docker" | "auto";
 
+/**
+ * How often devenv polls a readiness probe. Each one is a local, cheap call (a gRPC health
+ * check on a unix socket, an HTTP GET or an MQTT CONNECT on loopback, a file read), so a fine
+ * interval costs little and a component is seen ready within 20 ms of being ready.
+ */
+export const PROBE_INTERVAL_MS = 20;
+
 /** Flags every devenv subcommand accepts: where the stack lives and on which ports. */
 export const LAYOUT_FLAGS: FlagSpec[] = [
   {

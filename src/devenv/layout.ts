@@ -159,6 +159,8 @@ export interface DevenvFiles {
   serverLog: string;
   tokensDir: string;
   timingsFile: string;
+  /** The SPIRE binaries `start` checked last, with their file stamps. */
+  spireBinariesFile: string;
 }
 
 export function devenvFiles(
@@ -187,5 +189,6 @@ export function devenvFiles(
     serverLog: join(d, "server.log"),
     tokensDir: join(d, "tokens"),
     timingsFile: join(d, "start-timings.json"),
+    spireBinariesFile: join(d, "spire-binaries.json"),
   };
 }

@@ -4,32 +4,19 @@
  * TTY without NO_COLOR. `-f` keeps following (growth of each file, polled) until the command's
  * signal fires.
  */
-import { basename } from "node:path";
 import { UsageError } from "../cli/errors.ts";
 import { colorEnabled } from "../cli/io.ts";
 import { delay, tailFile } from "../process/mod.ts";
 import { closest } from "../cli/mod.ts";
-import { type DevenvContext, knownRobots, robotLayouts } from "./context.ts";
+import { devenvComponents, type LogSource, stackView } from "./components.ts";
+import type { DevenvContext } from "./context.ts";
 import { logPrefix, prefixLines } from "./render.ts";
 
-export interface LogSource {
-  name: string;
-  file: string;
-}
+export type { LogSource };
 
+/** Every log of the component table, in table order. */
 export function logSources(ctx: DevenvContext): LogSource[] {
-  const f = ctx.files;
-  const list: LogSource[] = [
-    { name: "spire-server", file: f.spireServerLog },
-    { name: "broker-identity", file: f.brokerIdentityLog },
-    { name: "spire-agent-broker", file: f.brokerAgentLog },
-    { name: "mosquitto", file: f.mosquittoLog },
-    { name: "server", file: f.serverLog },
-  ];
-  for (const r of robotLayouts(ctx, knownRobots(ctx))) {
-    list.push({ name: basename(r.logFile, ".log"), file: r.logFile });
-  }
-  return list;
+  return devenvComponents(stackView(ctx)).flatMap((c) => c.logs ?? []);
 }
 
 /** Picks the requested components (all by default); unknown names are a usage error. */

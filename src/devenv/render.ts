@@ -90,6 +90,8 @@ export function renderJson(rows: ComponentStatus[]): string {
 
 export interface StepRecord {
   name: string;
+  /** When the step began, from the start of the whole run. */
+  atMs: number;
   ms: number;
   /** What the step did: "started", "already running", "restarted", "created 2", ... */
   result: string;
@@ -97,12 +99,15 @@ export interface StepRecord {
 }
 
 /**
- * Step lines with elapsed time. On a TTY the running step shows a live timer on one line that
- * the result then replaces; piped, each step prints one plain line when it ends.
+ * Step lines with elapsed time; steps may run concurrently. On a TTY one live line shows the
+ * steps under way with their timers, and each finished step prints its line above it; piped,
+ * each step prints one plain line when it ends.
  */
 export class Progress {
   readonly steps: StepRecord[] = [];
   private readonly t0: number;
+  private readonly running = new Map<string, number>();
+  private timer: ReturnType<typeof setInterval> | undefined;
   constructor(
     private readonly out: Writer,
     private readonly live: boolean,
@@ -116,22 +121,25 @@ export class Progress {
     return this.now() - this.t0;
   }
 
+  private clock(): string {
+    return paint("90", `[${formatSeconds(this.elapsedMs()).padStart(6)}]`, this.color);
+  }
+
+  private draw(): void {
+    if (!this.live || this.running.size === 0) return;
+    const parts = [...this.running].map(([name, start]) =>
+      `${name} ${paint("90", formatSeconds(this.now() - start), this.color)}`
+    );
+    this.out.write(`\r\x1b[K${this.clock()} ${paint("36", "…", this.color)} ${parts.join(", ")}`);
+  }
+
   /** Runs one step; its return value is the result text. Failures are recorded and rethrown. */
   async step(name: string, fn: () => Promise<string>): Promise<string> {
     const start = this.now();
-    let timer: ReturnType<typeof setInterval> | undefined;
+    this.running.set(name, start);
     if (this.live) {
-      const draw = () =>
-        this.out.write(
-          `\r\x1b[K${
-            paint("90", `[${formatSeconds(this.elapsedMs()).padStart(6)}]`, this.color)
-          } ` +
-            `${paint("36", "…", this.color)} ${name} ${
-              paint("90", formatSeconds(this.now() - start), this.color)
-            }`,
-        );
-      draw();
-      timer = setInterval(draw, 100);
+      this.draw();
+      this.timer ??= setInterval(() => this.draw(), 100);
     }
     try {
       const result = await fn();
@@ -145,19 +153,23 @@ export class Progress {
         false,
       );
       throw err;
-    } finally {
-      if (timer !== undefined) clearInterval(timer);
     }
   }
 
   private finish(name: string, start: number, result: string, ok: boolean): void {
+    this.running.delete(name);
+    if (this.running.size === 0 && this.timer !== undefined) {
+      clearInterval(this.timer);
+      this.timer = undefined;
+    }
     const ms = this.now() - start;
-    this.steps.push({ name, ms, result, ok });
+    this.steps.push({ name, atMs: start - this.t0, ms, result, ok });
     const mark = ok ? paint("32", "✓", this.color) : paint("31", "✗", this.color);
     this.out.write(
-      `${this.live ? "\r\x1b[K" : ""}${
-        paint("90", `[${formatSeconds(this.elapsedMs()).padStart(6)}]`, this.color)
-      } ${mark} ${name}: ${result} (${formatSeconds(ms)})\n`,
+      `${this.live ? "\r\x1b[K" : ""}${this.clock()} ${mark} ${name}: ${result} (${
+        formatSeconds(ms)
+      })\n`,
     );
+    this.draw();
   }
 }

@@ -84,3 +84,28 @@ Deno.test("progress: plain lines when piped, with step and total elapsed time", 
     ["mosquitto", 250, false],
   ]);
 });
+
+Deno.test("progress: concurrent steps each print their line when they end, with start offsets", async () => {
+  let out = "";
+  let t = 0;
+  const p = new Progress({ write: (s) => void (out += s) }, false, false, () => t);
+  let finishA!: () => void;
+  const a = p.step("spire-server", () => new Promise<string>((r) => (finishA = () => r("a"))));
+  t = 100;
+  const b = p.step("mosquitto", () => {
+    t = 300;
+    return Promise.resolve("b");
+  });
+  await b;
+  finishA();
+  await a;
+  assert.equal(
+    out,
+    "[  0.3s] ✓ mosquitto: b (0.2s)\n" +
+      "[  0.3s] ✓ spire-server: a (0.3s)\n",
+  );
+  assert.deepEqual(p.steps.map((s) => [s.name, s.atMs, s.ms]), [
+    ["mosquitto", 100, 200],
+    ["spire-server", 0, 300],
+  ]);
+});

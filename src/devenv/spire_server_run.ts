@@ -15,6 +15,14 @@ import type { DevenvContext } from "./context.ts";
 export interface SpireServerRunOptions {
   /** ca_ttl in seconds; undefined = the config file's value. */
   caTtl?: number;
+  /** spire-server, as `start` found and checked it; undefined = look it up. */
+  bin?: string;
+  /** `experimental.cache_reload_interval`; undefined = the config file's, else SPIRE's. */
+  cacheReloadInterval?: string;
+  /** `ratelimit.attestation`; undefined = the config file's, else SPIRE's (on). */
+  attestationRateLimit?: boolean;
+  /** `experimental.events_based_cache`; undefined = the config file's, else SPIRE's (off). */
+  eventsBasedCache?: boolean;
 }
 
 export async function runSpireServer(
@@ -22,9 +30,9 @@ export async function runSpireServer(
   opts: SpireServerRunOptions = {},
 ): Promise<number> {
   const { io, layout, files } = ctx;
-  const bins = await ensureSpireBinaries(io);
+  const bin = opts.bin ?? (await ensureSpireBinaries(io)).server;
   const server = await startSpireServer(io, {
-    bin: bins.server,
+    bin,
     configFile: layout.spireServerConfig,
     cwd: layout.root,
     logFile: files.spireServerLog,
@@ -35,6 +43,9 @@ export async function runSpireServer(
     dataDir: layout.spireServerDataDir,
     trustDomain: layout.trustDomain,
     caTtl: opts.caTtl !== undefined ? `${opts.caTtl}s` : undefined,
+    cacheReloadInterval: opts.cacheReloadInterval,
+    attestationRateLimit: opts.attestationRateLimit,
+    eventsBasedCache: opts.eventsBasedCache,
     readyTimeoutMs: 60_000,
   });
   const stopped = new Promise<"stop">((resolve) => {

@@ -1,6 +1,7 @@
 /**
  * `devenv stop` and `devenv clean`. Stop acts only on pids from devenv's own pid files, checked to
- * still be the process devenv started (`stopPidFile`), in reverse dependency order. The SPIRE
+ * still be the process devenv started (`stopPidFile`), in the stop order of the component table
+ * (each row's `stopRank`; equal ranks, e.g. the agents, stop together). The SPIRE
  * agents are children of the k8s4r agents and of broker-identity (non-detached, with a parent
  * death signal); stop records each component's descendants before stopping it and verifies that
  * they are gone afterwards, ending any survivor whose start time it recorded.
@@ -17,8 +18,8 @@ import {
 } from "../process/mod.ts";
 import { dockerRemoveArgv } from "./broker_argv.ts";
 import { savedBrokerCommand } from "./broker.ts";
+import { devenvComponents, stackView } from "./components.ts";
 import { type DevenvContext, knownRobots, readState, robotLayouts } from "./context.ts";
-import { agentComponentName } from "./status.ts";
 
 export interface ProcInfo {
   pid: number;
@@ -61,25 +62,27 @@ export function descendants(pid: number): ProcInfo[] {
 export interface StopTarget {
   name: string;
   pidFile: string;
+  stopRank: number;
 }
 
-/** Reverse dependency order. broker-identity goes before mosquitto so it cannot restart it. */
+/** Every daemon of the table, in stop order (lowest rank first; the table's order within). */
 export function stopOrder(ctx: DevenvContext): StopTarget[] {
-  const agents = robotLayouts(ctx, knownRobots(ctx)).map((r) => ({
-    name: agentComponentName(r.robotId),
-    pidFile: r.pidFile,
-  }));
-  return [
-    ...agents,
-    { name: "server", pidFile: ctx.files.serverPid },
-    { name: "broker-identity", pidFile: ctx.files.brokerIdentityPid },
-    { name: "mosquitto", pidFile: ctx.files.mosquittoPid },
-    { name: "spire-server", pidFile: ctx.files.spireServerPid },
-  ];
+  return devenvComponents(stackView(ctx))
+    .flatMap((c) =>
+      c.kind === "daemon" && c.pidFile
+        ? [{ name: c.name, pidFile: c.pidFile, stopRank: c.stopRank ?? 0 }]
+        : []
+    )
+    .map((t, i) => ({ t, i }))
+    .sort((a, b) => a.t.stopRank - b.t.stopRank || a.i - b.i)
+    .map(({ t }) => t);
 }
 
 /** Stops one component and verifies its children died with it. Returns a one-line report. */
-export async function stopComponent(t: StopTarget, graceMs = 10_000): Promise<string> {
+export async function stopComponent(
+  t: Pick<StopTarget, "name" | "pidFile">,
+  graceMs = 10_000,
+): Promise<string> {
   const rec = readPidFile(t.pidFile);
   const kids = rec && isRecordAlive(rec) ? descendants(rec.pid) : [];
   const how = await stopPidFile(t.pidFile, graceMs);
@@ -110,16 +113,16 @@ export async function devenvStop(ctx: DevenvContext): Promise<number> {
       w.write(line + "\n");
     } catch { /* nobody is reading */ }
   };
-  for (const t of stopOrder(ctx)) {
-    let line: string;
-    try {
-      line = await stopComponent(t);
-    } catch (err) {
+  const order = stopOrder(ctx);
+  const ranks = [...new Set(order.map((t) => t.stopRank))];
+  for (const rank of ranks) {
+    const group = order.filter((t) => t.stopRank === rank);
+    const results = await Promise.allSettled(group.map((t) => stopComponent(t)));
+    results.forEach((r, i) => {
+      if (r.status === "fulfilled") return report(io.stdout, r.value);
       failures++;
-      report(io.stderr, `${t.name}: ${errorMessage(err)}`);
-      continue;
-    }
-    report(io.stdout, line);
+      report(io.stderr, `${group[i].name}: ${errorMessage(r.reason)}`);
+    });
   }
   // Docker mode: the container goes with its `docker run` client (--rm); make sure of it.
   const cmd = savedBrokerCommand(ctx);

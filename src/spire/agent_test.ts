@@ -4,6 +4,7 @@ import { RecordingRunner } from "../process/mod.ts";
 import {
   type AgentConfigValues,
   attestationError,
+  GO_DURATION,
   isAttested,
   prepareSocketDir,
   renderAgentConfig,
@@ -37,6 +38,18 @@ Deno.test("renderAgentConfig: secure bootstrap, join_token, unix attestor, disk 
   assert.doesNotMatch(hcl, /join_token\s*=/);
   // Quoting survives odd characters.
   assert.match(renderAgentConfig({ ...VALUES, dataDir: '/a "b"' }), /data_dir = "\/a \\"b\\""/);
+  // SPIRE's own sync interval unless one is asked for.
+  assert.doesNotMatch(hcl, /experimental|sync_interval/);
+  assert.ok(
+    renderAgentConfig({ ...VALUES, syncInterval: "500ms" }).includes(
+      'log_level = "DEBUG"\n\n  experimental {\n    sync_interval = "500ms"\n  }\n}\n',
+    ),
+  );
+});
+
+Deno.test("GO_DURATION accepts what SPIRE's time.ParseDuration does, nothing else", () => {
+  for (const ok of ["500ms", "5s", "1m30s", "1.5s", "100us"]) assert.match(ok, GO_DURATION);
+  for (const bad of ["", "5", "5 s", "-1s", "5sec", "s"]) assert.doesNotMatch(bad, GO_DURATION);
 });
 
 Deno.test("isAttested reads agent-data.json's svid, as SPIRE v1.13.3 writes it", async () => {

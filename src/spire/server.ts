@@ -13,7 +13,7 @@ import { CliError } from "../cli/errors.ts";
 import type { Io } from "../cli/io.ts";
 import type { Daemon, ProcessRunner } from "../process/mod.ts";
 import { grpcHealthCheck } from "./health.ts";
-import { attrString, block, HclError, parseHcl } from "./hcl.ts";
+import { attrString, block, type HclBody, HclError, parseHcl } from "./hcl.ts";
 
 export interface ServerConfigValues {
   trustDomain: string;
@@ -27,6 +27,25 @@ export interface ServerConfigValues {
   defaultX509SvidTtl: string;
   /** Go duration, e.g. "24h". */
   caTtl: string;
+  /**
+   * `server.experimental.cache_reload_interval` (Go duration): how often the server reloads its
+   * in-memory entry cache, which is what agents' syncs are answered from. Unset = SPIRE's default
+   * (5 s), which production keeps; the dev stack sets it lower (see README, "Run the stack").
+   */
+  cacheReloadInterval?: string;
+  /**
+   * `server.experimental.events_based_cache`: the entry cache follows the datastore's change
+   * events every `cache_reload_interval` instead of reloading every entry, so a short interval
+   * stays cheap with many entries. Unset = SPIRE's default (full reloads).
+   */
+  eventsBasedCache?: boolean;
+  /**
+   * `server.ratelimit.attestation`. SPIRE's default (true) admits one node attestation per
+   * second per client IP: right for a fleet, where every agent has its own address, but on one
+   * host every agent shares 127.0.0.1, so N agents attesting at once take N seconds. Unset =
+   * SPIRE's default.
+   */
+  attestationRateLimit?: boolean;
 }
 
 /** The guide's values; `config/spire/server.conf` is exactly `renderServerConfig()` of these. */
@@ -63,7 +82,32 @@ server {
   data_dir = ${hclString(v.dataDir)}
   log_level = ${hclString(v.logLevel)}
   default_x509_svid_ttl = ${hclString(v.defaultX509SvidTtl)}
-  ca_ttl = ${hclString(v.caTtl)}
+  ca_ttl = ${hclString(v.caTtl)}${
+    v.attestationRateLimit !== undefined
+      ? `
+
+  ratelimit {
+    attestation = ${v.attestationRateLimit}
+  }`
+      : ""
+  }${
+    v.cacheReloadInterval !== undefined || v.eventsBasedCache !== undefined
+      ? `
+
+  experimental {${
+        v.cacheReloadInterval !== undefined
+          ? `
+    cache_reload_interval = ${hclString(v.cacheReloadInterval)}`
+          : ""
+      }${
+        v.eventsBasedCache !== undefined
+          ? `
+    events_based_cache = ${v.eventsBasedCache}`
+          : ""
+      }
+  }`
+      : ""
+  }
 }
 
 plugins {
@@ -91,9 +135,18 @@ plugins {
  * One setting of the `server { }` block of a SPIRE server config (strings, numbers and booleans
  * as text), read with the HCL parser. Throws an HclError (`line N: ...`) on a malformed config.
  */
-export function readConfigValue(text: string, key: string): string | undefined {
-  const server = block(parseHcl(text), "server");
-  return server ? attrString(server, key)?.value : undefined;
+export function readConfigValue(text: string, path: string): string | undefined {
+  // `experimental.cache_reload_interval`: nested blocks of the server block, then the key.
+  const keys = path.split(".");
+  let body: HclBody | undefined = block(parseHcl(text), "server");
+  for (const k of keys.slice(0, -1)) body = body ? block(body, k) : undefined;
+  return body ? attrString(body, keys[keys.length - 1])?.value : undefined;
+}
+
+/** Reads one `key = true|false` setting of the server block (a dotted path, as above). */
+export function readConfigBool(text: string, path: string): boolean | undefined {
+  const v = readConfigValue(text, path);
+  return v === "true" ? true : v === "false" ? false : undefined;
 }
 
 export interface StartServerOptions {
@@ -109,6 +162,12 @@ export interface StartServerOptions {
   logLevel?: ServerConfigValues["logLevel"];
   defaultX509SvidTtl?: string;
   caTtl?: string;
+  /** `experimental.cache_reload_interval`; undefined = the config file's, else SPIRE's default. */
+  cacheReloadInterval?: string;
+  /** `ratelimit.attestation`; undefined = the config file's, else SPIRE's default (true). */
+  attestationRateLimit?: boolean;
+  /** `experimental.events_based_cache`; undefined = the config file's, else SPIRE's (false). */
+  eventsBasedCache?: boolean;
   logFile: string;
   pidFile?: string;
   detached?: boolean;
@@ -151,7 +210,10 @@ export async function planSpireServer(
   let rendered: string | undefined;
   // These have no CLI flag in v1.13.3 (or, for dataDir, the datastore and key paths follow it):
   // run from a rendered config that holds every value.
-  if (opts.dataDir || opts.defaultX509SvidTtl || opts.caTtl) {
+  if (
+    opts.dataDir || opts.defaultX509SvidTtl || opts.caTtl || opts.cacheReloadInterval ||
+    opts.attestationRateLimit !== undefined || opts.eventsBasedCache !== undefined
+  ) {
     const dataDir = resolve(opts.cwd, opts.dataDir ?? readConfigValue(text, "data_dir") ?? ".");
     const port = readConfigValue(text, "bind_port");
     rendered = renderServerConfig({
@@ -165,6 +227,12 @@ export async function planSpireServer(
       defaultX509SvidTtl: opts.defaultX509SvidTtl ??
         readConfigValue(text, "default_x509_svid_ttl"),
       caTtl: opts.caTtl ?? readConfigValue(text, "ca_ttl"),
+      cacheReloadInterval: opts.cacheReloadInterval ??
+        readConfigValue(text, "experimental.cache_reload_interval"),
+      attestationRateLimit: opts.attestationRateLimit ??
+        readConfigBool(text, "ratelimit.attestation"),
+      eventsBasedCache: opts.eventsBasedCache ??
+        readConfigBool(text, "experimental.events_based_cache"),
     } as Partial<ServerConfigValues>); // undefined values fall back to the defaults
     configFile = join(dataDir, "server.generated.conf");
   }
@@ -238,6 +306,8 @@ export interface DesiredEntry {
   dnsNames: string[];
   x509SvidTtl?: number;
 }
+
+export type ReconcileResult = "created" | "updated" | "unchanged";
 
 export interface EntryFilter {
   spiffeId?: string;
@@ -433,11 +503,28 @@ export class SpireServerCli {
    * Makes exactly one entry for (spiffeId, parentId) look like `desired`. Idempotent across
    * restarts: an existing entry is updated in place, extra duplicates are deleted.
    */
-  async reconcileEntry(desired: DesiredEntry): Promise<"created" | "updated" | "unchanged"> {
-    const found = (await this.listEntries({
+  async reconcileEntry(desired: DesiredEntry): Promise<ReconcileResult> {
+    const found = await this.listEntries({
       spiffeId: desired.spiffeId,
       parentId: desired.parentId,
-    })).filter((e) => e.spiffeId === desired.spiffeId && e.parentId === desired.parentId);
+    });
+    return await this.#reconcile(desired, found);
+  }
+
+  /**
+   * `reconcileEntry` for several entries with one `entry show` (every entry of the server) and
+   * the needed writes run concurrently: each spire-server call is a process start (~30 ms).
+   */
+  async reconcileEntries(desired: DesiredEntry[]): Promise<ReconcileResult[]> {
+    if (desired.length === 0) return [];
+    const all = await this.listEntries();
+    return await Promise.all(desired.map((d) => this.#reconcile(d, all)));
+  }
+
+  async #reconcile(desired: DesiredEntry, entries: Entry[]): Promise<ReconcileResult> {
+    const found = entries.filter((e) =>
+      e.spiffeId === desired.spiffeId && e.parentId === desired.parentId
+    );
     if (found.length === 0) {
       await this.createEntry(desired);
       return "created";

@@ -5,6 +5,7 @@ import {
   entryMatches,
   parseEntryJson,
   planSpireServer,
+  readConfigBool,
   readConfigValue,
   renderServerConfig,
   SpireServerCli,
@@ -365,6 +366,97 @@ ${renderServerConfig()}`;
       planSpireServer({ bin: BIN, configFile: "server.conf", cwd: dir, logFile: "l" }),
       new RegExp(`${dir}/server.conf:1: unclosed '\\{'`),
     );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("reconcileEntries: one entry show for all, then only the writes that are needed", async () => {
+  const { runner, entries, cli } = fakeServer([ENTRY("b", 0, ["robot-001"], 600)]);
+  const other = "spiffe://k8s4r.example.org/mqtt-broker";
+  const r = await cli.reconcileEntries([
+    {
+      spiffeId: ROBOT,
+      parentId: NODE,
+      selectors: ["unix:uid:0"],
+      dnsNames: ["robot-001"],
+      x509SvidTtl: 600,
+    },
+    { spiffeId: other, parentId: NODE, selectors: ["unix:uid:0"], dnsNames: ["localhost"] },
+  ]);
+  assert.deepEqual(r, ["unchanged", "created"]);
+  assert.deepEqual(runner.calls.map((c) => `${c.args[0]} ${c.args[1]}`), [
+    "entry show",
+    "entry create",
+  ]);
+  // Unfiltered: every entry of the server, matched here.
+  assert.deepEqual(runner.calls[0].args, ["entry", "show", "-output", "json", "-socketPath", SOCK]);
+  assert.equal(entries.length, 2);
+  assert.deepEqual(await cli.reconcileEntries([]), []);
+  assert.equal(runner.calls.length, 2);
+});
+
+Deno.test("cache_reload_interval: rendered only when asked, and kept from the config file", async () => {
+  assert.doesNotMatch(renderServerConfig(), /experimental|cache_reload_interval/);
+  const hcl = renderServerConfig({ cacheReloadInterval: "500ms" });
+  assert.ok(hcl.includes('\n  experimental {\n    cache_reload_interval = "500ms"\n  }\n}\n'));
+  assert.equal(readConfigValue(hcl, "experimental.cache_reload_interval"), "500ms");
+  const events = renderServerConfig({ cacheReloadInterval: "100ms", eventsBasedCache: true });
+  assert.ok(
+    events.includes(
+      '  experimental {\n    cache_reload_interval = "100ms"\n    events_based_cache = true\n  }',
+    ),
+  );
+  assert.equal(readConfigBool(events, "experimental.events_based_cache"), true);
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-" });
+  try {
+    await Deno.writeTextFile(`${dir}/server.conf`, hcl);
+    const plan = await planSpireServer({
+      bin: BIN,
+      configFile: "server.conf",
+      cwd: dir,
+      logFile: `${dir}/log`,
+      dataDir: "d",
+    });
+    assert.equal(readConfigValue(plan.rendered!, "experimental.cache_reload_interval"), "500ms");
+    const asked = await planSpireServer({
+      bin: BIN,
+      configFile: "server.conf",
+      cwd: dir,
+      logFile: `${dir}/log`,
+      cacheReloadInterval: "200ms",
+    });
+    assert.equal(readConfigValue(asked.rendered!, "experimental.cache_reload_interval"), "200ms");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("ratelimit.attestation: rendered only when set, and kept from the config file", async () => {
+  assert.doesNotMatch(renderServerConfig(), /ratelimit/);
+  const hcl = renderServerConfig({ attestationRateLimit: false });
+  assert.ok(hcl.includes("\n  ratelimit {\n    attestation = false\n  }\n"));
+  assert.equal(readConfigBool(hcl, "ratelimit.attestation"), false);
+  assert.equal(readConfigBool(renderServerConfig(), "ratelimit.attestation"), undefined);
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-" });
+  try {
+    await Deno.writeTextFile(`${dir}/server.conf`, hcl);
+    const plan = await planSpireServer({
+      bin: BIN,
+      configFile: "server.conf",
+      cwd: dir,
+      logFile: `${dir}/log`,
+      dataDir: "d",
+    });
+    assert.equal(readConfigBool(plan.rendered!, "ratelimit.attestation"), false);
+    const on = await planSpireServer({
+      bin: BIN,
+      configFile: "server.conf",
+      cwd: dir,
+      logFile: `${dir}/log`,
+      attestationRateLimit: true,
+    });
+    assert.equal(readConfigBool(on.rendered!, "ratelimit.attestation"), true);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

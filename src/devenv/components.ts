@@ -1,0 +1,931 @@
+/**
+ * The dev stack as one declarative table: every component with its pid file, how it is
+ * spawned, its readiness probe, what it needs first, its stop order, its logs and its `status`
+ * row. `start` runs the table as a dependency graph (independent components in parallel),
+ * `status`, `stop` and `logs` iterate it, and so can `doctor`. A new component (a PostgreSQL,
+ * more SPIRE or fleet servers, a Prometheus) is one more row: nothing that iterates changes.
+ *
+ * Two kinds of rows:
+ * - a **daemon** is a process devenv starts detached, with a pid file (pid + start time). `start`
+ *   leaves a healthy one alone, restarts a dead or unhealthy one, and waits on its probe;
+ * - a **step** is work `start` itself does (find the binaries, create identities, export the
+ *   bundle); it has no process.
+ */
+import { X509Certificate } from "node:crypto";
+import { hostname } from "node:os";
+import { basename, join } from "node:path";
+import { CliError, errorMessage } from "../cli/errors.ts";
+import { agentV8FlagsEnv } from "../agent/runtime_flags.ts";
+import { brokerSpiffeId } from "../fleet/mod.ts";
+import { type Daemon, isRecordAlive, readPidFile, tailFile, waitFor } from "../process/mod.ts";
+import { X509Source } from "../spiffe/mod.ts";
+import { isAttested } from "../spire/agent.ts";
+import {
+  ensureSpireBinaries,
+  findSpireBinaries,
+  type SpireBinaries,
+  spireCacheBinDir,
+} from "../spire/binaries.ts";
+import { type DesiredEntry, SpireServerCli } from "../spire/server.ts";
+import {
+  brokerCommand,
+  brokerFilesUsable,
+  type BrokerRuntime,
+  probeBroker,
+  resolveBrokerRuntime,
+  restartBroker,
+  saveBrokerCommand,
+  savedBrokerCommand,
+  startBroker,
+  withBrokerLock,
+  writeBrokerConfig,
+} from "./broker.ts";
+import { pemFingerprint, readBrokerIdentityStatus } from "./broker_identity.ts";
+import {
+  type BrokerModeFlag,
+  type DevenvContext,
+  knownRobots,
+  PROBE_INTERVAL_MS,
+  readState,
+  robotLayouts,
+  selfCommand,
+  writeFileAtomic,
+  writeState,
+} from "./context.ts";
+import type { RobotLayout } from "./layout.ts";
+import { httpGetJson, type ProbeResult } from "./probes.ts";
+import type { ComponentStatus } from "./render.ts";
+
+/**
+ * SPIRE's timing in the dev stack; production keeps SPIRE's defaults, and
+ * `devenv start --spire-defaults` runs the dev stack with them too.
+ *
+ * - With the defaults (5 s each) a newly attested agent waits 5-10 s for its first SVID: the
+ *   server answers agents from an entry cache it refreshes every `cache_reload_interval`, and
+ *   the agent asks every `sync_interval`. The events-based cache refreshes from the datastore's
+ *   change events instead of reloading every entry, so 100 ms stays cheap with 1000s of entries.
+ * - SPIRE admits one node attestation per second per client IP (`ratelimit.attestation`): on
+ *   one host every agent comes from 127.0.0.1, so the broker's and N robots' agents attesting
+ *   at once would take N + 1 seconds.
+ */
+export const DEV_SPIRE_TIMING = {
+  /** spire-server `experimental.cache_reload_interval`. */
+  serverCacheReloadInterval: "100ms",
+  /** spire-server `experimental.events_based_cache`. */
+  serverEventsBasedCache: true,
+  /** spire-server `ratelimit.attestation`. */
+  serverAttestationRateLimit: false,
+  /** spire-agent `experimental.sync_interval` (the broker's and every robot's). */
+  agentSyncInterval: "500ms",
+} as const;
+
+export interface StartOptions {
+  robots: string[];
+  broker: BrokerModeFlag;
+  /** Robot SVID TTL (seconds) on their registration entries; undefined = server default. */
+  svidTtl?: number;
+  brokerSvidTtl?: number;
+  /** SPIRE CA TTL (seconds) for a server this start launches; undefined = config file's. */
+  caTtl?: number;
+  /** The URL agents connect to (MQTT_BROKER_URL); default `ssl://localhost:<tls port>`. */
+  brokerUrl?: string;
+  /** Join token lifetime. */
+  tokenTtlSeconds?: number;
+  /** How long to wait for each robot to be online. */
+  onlineTimeoutMs?: number;
+  /** Run SPIRE with its own default intervals instead of `DEV_SPIRE_TIMING`. */
+  spireDefaults?: boolean;
+}
+
+/**
+ * What the rows read: the context, the robots of this table, and things several rows need,
+ * each looked up at most once (the binaries, the SPIRE server's health and bundle).
+ */
+export class StackView {
+  readonly api: string;
+  #memo: {
+    bins?: Promise<SpireBinaries | undefined>;
+    spireHealthy?: Promise<boolean>;
+    bundle?: Promise<string>;
+  } = {};
+
+  constructor(readonly ctx: DevenvContext, readonly robots: readonly RobotLayout[]) {
+    this.api = `http://127.0.0.1:${ctx.layout.ports.http}`;
+  }
+
+  /** The same stack with other robots; what was looked up already is shared. */
+  withRobots(robots: readonly RobotLayout[]): StackView {
+    const v = new StackView(this.ctx, robots);
+    v.#memo = this.#memo;
+    return v;
+  }
+
+  bins(): Promise<SpireBinaries | undefined> {
+    return this.#memo.bins ??= findSpireBinaries(this.ctx.io).catch(() => undefined);
+  }
+
+  setBins(bins: SpireBinaries): void {
+    this.#memo.bins = Promise.resolve(bins);
+  }
+
+  async cli(): Promise<SpireServerCli | undefined> {
+    const bins = await this.bins();
+    return bins
+      ? new SpireServerCli(this.ctx.io.runner, bins.server, this.ctx.layout.spireServerSocket)
+      : undefined;
+  }
+
+  /** The SPIRE server runs (our pid file) and its health check says SERVING. */
+  spireHealthy(): Promise<boolean> {
+    return this.#memo.spireHealthy ??= (async () => {
+      if (!isRecordAlive(readPidFile(this.ctx.files.spireServerPid))) return false;
+      return await (await this.cli())?.healthy() ?? false;
+    })();
+  }
+
+  /** SPIRE's current trust bundle (one `bundle show` per view). */
+  bundlePem(): Promise<string> {
+    return this.#memo.bundle ??= (async () => {
+      const cli = await this.cli();
+      if (!cli) throw new CliError("SPIRE binaries not found");
+      return await cli.bundlePem();
+    })();
+  }
+
+  /** Forgets the SPIRE server's health: the next call asks again. */
+  refresh(): void {
+    this.#memo.spireHealthy = undefined;
+  }
+}
+
+/** The view `status`, `stop` and `logs` use: every robot this stack knows. */
+export function stackView(ctx: DevenvContext): StackView {
+  return new StackView(ctx, robotLayouts(ctx, knownRobots(ctx)));
+}
+
+/** One `start`: the view plus what steps hand to later rows. */
+export class StartRun extends StackView {
+  readonly self = selfCommand();
+  /** The environment of every child: the layout (ports, paths) and no colour. */
+  readonly childEnv: Record<string, string>;
+  readonly uid = Deno.uid() ?? 0;
+  /** Set by the `spire-binaries` step. */
+  spire: SpireBinaries | undefined;
+  /** Set by the `broker-runtime` step. */
+  brokerRuntime: BrokerRuntime | undefined;
+  #memo = new Map<string, Promise<unknown>>();
+
+  constructor(
+    ctx: DevenvContext,
+    robots: readonly RobotLayout[],
+    readonly opts: StartOptions,
+  ) {
+    super(ctx, robots);
+    this.childEnv = { ...ctx.layoutEnv, NO_COLOR: "1" };
+  }
+
+  get brokerUrl(): string {
+    return this.opts.brokerUrl ?? `ssl://localhost:${this.ctx.layout.ports.mqttTls}`;
+  }
+
+  /** The SPIRE settings this start gives the components it launches (undefined = SPIRE's). */
+  get timing(): {
+    cacheReloadInterval?: string;
+    eventsBasedCache?: boolean;
+    attestationRateLimit?: boolean;
+    syncInterval?: string;
+  } {
+    return this.opts.spireDefaults ? {} : {
+      cacheReloadInterval: DEV_SPIRE_TIMING.serverCacheReloadInterval,
+      eventsBasedCache: DEV_SPIRE_TIMING.serverEventsBasedCache,
+      attestationRateLimit: DEV_SPIRE_TIMING.serverAttestationRateLimit,
+      syncInterval: DEV_SPIRE_TIMING.agentSyncInterval,
+    };
+  }
+
+  /** Runs `fn` once per start for `key`; later calls get the same promise. */
+  once<T>(key: string, fn: () => Promise<T>): Promise<T> {
+    if (!this.#memo.has(key)) this.#memo.set(key, fn());
+    return this.#memo.get(key) as Promise<T>;
+  }
+
+  async requireCli(): Promise<SpireServerCli> {
+    const cli = await this.cli();
+    if (!cli) throw new CliError("SPIRE binaries not found (run `k8s4r devenv install`)");
+    return cli;
+  }
+}
+
+/** A dependency that is skipped when `unless` says it is not needed this time. */
+export interface Need {
+  on: string;
+  /** Asked when the component is about to start; true = do not wait for `on`. */
+  unless: (run: StartRun) => Promise<boolean>;
+}
+
+export interface LogSource {
+  name: string;
+  file: string;
+}
+
+export interface Component {
+  /** The name in `start`, `status`, `stop` and `logs` output. */
+  name: string;
+  kind: "daemon" | "step";
+  /** What must be ready before this one is (re)started. */
+  needs: readonly (string | Need)[];
+  /** Daemons: `stop` goes by increasing rank; equal ranks stop together. */
+  stopRank?: number;
+  /** Daemons: `{pid, startTime, ...}` of the process devenv started. */
+  pidFile?: string;
+  logs?: readonly LogSource[];
+  /** Daemons: starts it and resolves once its readiness probe passes. */
+  spawn?: (run: StartRun) => Promise<Daemon>;
+  /** Daemons: health, used for a component that is already running and by `status`. */
+  probe?: (view: StackView) => Promise<ProbeResult>;
+  /**
+   * Daemons that are never replaced while they run (the agents): `start` waits on this instead
+   * of restarting an unhealthy one.
+   */
+  awaitRunning?: (run: StartRun) => Promise<string>;
+  /** Steps: the work; returns what it did. */
+  run?: (run: StartRun) => Promise<string>;
+  /** Daemons: text appended to the start line (endpoint, mode, SVID...). */
+  summary?: (run: StartRun) => Promise<string> | string;
+  /** Daemons: wraps the check-and-start (the broker's lock). */
+  exclusive?: <T>(run: StartRun, fn: () => Promise<T>) => Promise<T>;
+  /** The `status` row; none for steps that have nothing to show. */
+  status?: (view: StackView) => Promise<ComponentStatus>;
+}
+
+/** The table for `view.robots`. Order is the order of `status` and `logs`. */
+export function devenvComponents(view: StackView): Component[] {
+  const agents = view.robots.map((r) => agentComponent(view, r));
+  return [
+    spireBinariesStep(),
+    brokerRuntimeStep(view),
+    spireServerComponent(view),
+    identitiesStep(view),
+    caBundleStep(view),
+    brokerIdentityComponent(view),
+    mosquittoComponent(view),
+    serverComponent(view),
+    ...agents,
+    {
+      name: "robots online",
+      kind: "step",
+      needs: agents.map((a) => a.name),
+      run: () => Promise.resolve(`${agents.length} online`),
+    },
+  ];
+}
+
+export function needName(n: string | Need): string {
+  return typeof n === "string" ? n : n.on;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows
+
+/** What identifies a binary on disk: a replaced or rebuilt file differs in one of these. */
+async function fileStamp(path: string): Promise<string> {
+  const st = await Deno.stat(path);
+  return `${st.ino}:${st.size}:${st.mtime?.getTime()}`;
+}
+
+/**
+ * The inputs of the binary lookup: another value of any of these may find other binaries (the
+ * cache directory wins over PATH, so whether it holds a spire-server counts too).
+ */
+async function lookupKey(env: Record<string, string | undefined>): Promise<string> {
+  let cached = false;
+  try {
+    cached = (await Deno.stat(join(spireCacheBinDir(env), "spire-server"))).isFile;
+  } catch { /* no cache (or no HOME) */ }
+  return JSON.stringify([
+    ...["K8S4R_SPIRE_BIN_DIR", "XDG_CACHE_HOME", "HOME", "PATH"].map((k) => env[k] ?? ""),
+    cached,
+  ]);
+}
+
+/**
+ * The SPIRE binaries, version-checked by `ensureSpireBinaries` (two `--version` runs, ~55 ms)
+ * only when they changed since the last start: `.dev-env/spire-binaries.json` remembers what
+ * was checked, with each file's inode, size and mtime.
+ */
+async function spireBinaries(run: StartRun): Promise<SpireBinaries> {
+  const { io, files } = run.ctx;
+  const key = await lookupKey(io.env);
+  try {
+    const c = JSON.parse(await Deno.readTextFile(files.spireBinariesFile));
+    if (
+      c?.key === key && typeof c.server === "string" && typeof c.agent === "string" &&
+      c.stamps?.server === await fileStamp(c.server) &&
+      c.stamps?.agent === await fileStamp(c.agent)
+    ) {
+      return c.bins as SpireBinaries;
+    }
+  } catch { /* not checked yet, or the files changed */ }
+  const bins = await ensureSpireBinaries(io, (l) => io.stderr.write(`  ${l}\n`));
+  const record = {
+    key,
+    server: bins.server,
+    agent: bins.agent,
+    stamps: { server: await fileStamp(bins.server), agent: await fileStamp(bins.agent) },
+    bins,
+  };
+  await writeFileAtomic(files.spireBinariesFile, JSON.stringify(record, null, 2) + "\n", 0o600);
+  return bins;
+}
+
+function spireBinariesStep(): Component {
+  return {
+    name: "spire-binaries",
+    kind: "step",
+    needs: [],
+    async run(run) {
+      run.spire = await spireBinaries(run);
+      run.setBins(run.spire);
+      return `${run.spire.server} (${run.spire.source})`;
+    },
+  };
+}
+
+function brokerRuntimeStep(view: StackView): Component {
+  const { files } = view.ctx;
+  return {
+    name: "broker-runtime",
+    kind: "step",
+    needs: [],
+    async run(run) {
+      const saved = savedBrokerCommand(run.ctx);
+      // A running broker keeps its mode; otherwise resolve --broker now.
+      const alive = isRecordAlive(readPidFile(files.mosquittoPid));
+      const mode: BrokerModeFlag = alive && saved ? saved.mode : run.opts.broker;
+      run.brokerRuntime = await resolveBrokerRuntime(run.ctx.io, mode);
+      return run.brokerRuntime.description;
+    },
+  };
+}
+
+function pidInfo(file: string): { running: boolean; pid: number | null } {
+  const rec = readPidFile(file);
+  const running = isRecordAlive(rec);
+  return { running, pid: running ? rec!.pid : null };
+}
+
+function spireServerComponent(view: StackView): Component {
+  const { layout, files } = view.ctx;
+  const endpoint = `127.0.0.1:${layout.ports.spireServer}`;
+  return {
+    name: "spire-server",
+    kind: "daemon",
+    needs: ["spire-binaries"],
+    stopRank: 90,
+    pidFile: files.spireServerPid,
+    logs: [{ name: "spire-server", file: files.spireServerLog }],
+    async probe(v) {
+      return { ok: await (await v.cli())?.healthy() ?? false, detail: "gRPC health check" };
+    },
+    async spawn(run) {
+      const cli = await run.requireCli();
+      const { caTtl } = run.opts;
+      const { cacheReloadInterval: interval, attestationRateLimit, eventsBasedCache } = run.timing;
+      // Detached through `devenv spire-server`, which redacts join tokens from SPIRE's log.
+      return await run.ctx.io.runner.spawn({
+        name: "spire-server",
+        cmd: run.self.cmd,
+        args: [
+          ...run.self.args,
+          "devenv",
+          "spire-server",
+          "--project-dir",
+          layout.root,
+          // Checked by the spire-binaries step a moment ago: the child need not check again.
+          "--spire-server-bin",
+          run.spire!.server,
+          ...(caTtl !== undefined ? ["--ca-ttl", String(caTtl)] : []),
+          ...(interval ? ["--cache-reload-interval", interval] : []),
+          ...(attestationRateLimit === false ? ["--no-attestation-rate-limit"] : []),
+          ...(eventsBasedCache ? ["--events-based-cache"] : []),
+        ],
+        cwd: layout.root,
+        env: run.childEnv,
+        logFile: files.spireServerLog,
+        pidFile: files.spireServerPid,
+        detached: true,
+        ready: () => cli.healthy(),
+        readyTimeoutMs: 60_000,
+        readyIntervalMs: PROBE_INTERVAL_MS,
+      });
+    },
+    summary: () => endpoint,
+    async status(v) {
+      const p = pidInfo(files.spireServerPid);
+      const healthy = p.running && await v.spireHealthy();
+      return {
+        name: "spire-server",
+        ...p,
+        healthy,
+        endpoint,
+        detail: p.running ? (healthy ? "gRPC health SERVING" : "health check fails") : "",
+      };
+    },
+  };
+}
+
+/** Join tokens for nodes that never attested, and every registration entry, before any agent. */
+function identitiesStep(view: StackView): Component {
+  const { layout, files } = view.ctx;
+  return {
+    name: "identities",
+    kind: "step",
+    needs: ["spire-server"],
+    async run(run) {
+      const cli = await run.requireCli();
+      const tokenTtl = run.opts.tokenTtlSeconds ?? 600;
+      const nodes = [
+        ...run.robots.map((r) => ({
+          nodeId: r.nodeSpiffeId,
+          dataDir: r.agentDataDir,
+          tokenFile: r.joinTokenFile,
+        })),
+        {
+          nodeId: files.brokerNodeSpiffeId,
+          dataDir: files.brokerAgentDataDir,
+          tokenFile: files.brokerJoinTokenFile,
+        },
+      ];
+      const selectors = [`unix:uid:${run.uid}`];
+      const dns = ["localhost", hostname()].filter((v, i, a) => v && a.indexOf(v) === i);
+      const desired: DesiredEntry[] = [
+        ...run.robots.map((r) => ({
+          spiffeId: r.spiffeId,
+          parentId: r.nodeSpiffeId,
+          selectors,
+          dnsNames: [r.robotId],
+          x509SvidTtl: run.opts.svidTtl,
+        })),
+        {
+          spiffeId: brokerSpiffeId(layout.trustDomain),
+          parentId: files.brokerNodeSpiffeId,
+          selectors,
+          dnsNames: dns,
+          x509SvidTtl: run.opts.brokerSvidTtl,
+        },
+      ];
+      // Tokens and entries are independent spire-server calls: run them all at once.
+      const [tokens, results] = await Promise.all([
+        Promise.all(nodes.map(async (n) => {
+          if (await isAttested(n.dataDir)) return 0;
+          const t = await cli.generateJoinToken(n.nodeId, tokenTtl);
+          // The token goes only into this 0600 file (dir 0700); never argv, env or a log.
+          await writeFileAtomic(n.tokenFile, t.value + "\n", 0o600, 0o700);
+          return 1;
+        })),
+        cli.reconcileEntries(desired),
+      ]);
+      const count = (k: string) => results.filter((r) => r === k).length;
+      return `${tokens.reduce((a: number, b) => a + b, 0)} join token(s); entries: ${
+        count("created")
+      } created, ${count("updated")} updated, ${count("unchanged")} unchanged`;
+    },
+  };
+}
+
+/** The exported trust bundle: what the broker uses as cafile and agents bootstrap from. */
+function caBundleStep(view: StackView): Component {
+  const { layout } = view.ctx;
+  return {
+    name: "ca-bundle",
+    kind: "step",
+    needs: ["spire-server"],
+    async run(run) {
+      const pem = await run.bundlePem();
+      let current: string | undefined;
+      try {
+        current = await Deno.readTextFile(layout.caBundleFile);
+      } catch { /* first export */ }
+      if (current !== undefined && pemFingerprint(current) === pemFingerprint(pem)) {
+        return `unchanged (${layout.caBundleFile})`;
+      }
+      await writeFileAtomic(layout.caBundleFile, pem, 0o644, 0o755);
+      if (current === undefined) return `exported to ${layout.caBundleFile}`;
+      // A new cafile needs a broker restart (Mosquitto 2.0 does not reload it on SIGHUP).
+      const broker = await restartBroker(run.ctx);
+      return `changed, exported to ${layout.caBundleFile}; ${broker}`;
+    },
+    async status(v) {
+      const row: ComponentStatus = {
+        name: "ca-bundle",
+        running: false,
+        pid: null,
+        healthy: false,
+        endpoint: layout.caBundleFile,
+        detail: "not exported",
+      };
+      try {
+        const exported = pemFingerprint(await Deno.readTextFile(layout.caBundleFile));
+        row.running = exported !== undefined;
+        row.detail = "exported";
+        if (await v.spireHealthy()) {
+          const current = pemFingerprint(await v.bundlePem());
+          row.healthy = exported !== undefined && exported === current;
+          row.detail = row.healthy
+            ? "fresh (equals SPIRE's bundle)"
+            : "STALE: differs from SPIRE's bundle";
+        } else {
+          row.detail = "freshness unknown: SPIRE server down";
+        }
+      } catch (err) {
+        if (!(err instanceof Deno.errors.NotFound)) row.detail = errorMessage(err);
+      }
+      return row;
+    },
+  };
+}
+
+/** "2025-01-01T00:00:00.000Z (in 42m)". */
+export function expiryText(notAfter: Date, now = Date.now()): string {
+  const s = Math.round((notAfter.getTime() - now) / 1000);
+  const rel = s <= 0
+    ? "expired"
+    : s < 120
+    ? `in ${s}s`
+    : s < 7200
+    ? `in ${Math.round(s / 60)}m`
+    : `in ${Math.round(s / 3600)}h`;
+  return `${notAfter.toISOString()} (${rel})`;
+}
+
+/** Healthy = its status file names an unexpired SVID that is the one in the cert file. */
+export async function probeBrokerIdentity(ctx: DevenvContext): Promise<ProbeResult> {
+  const s = await readBrokerIdentityStatus(ctx.files.brokerIdentityStatus);
+  if (!s) return { ok: false, detail: "no status yet" };
+  const rec = readPidFile(ctx.files.brokerIdentityPid);
+  if (!rec || rec.pid !== s.pid) {
+    return { ok: false, detail: "status was written by another process" };
+  }
+  if (Date.parse(s.notAfter) <= Date.now()) {
+    return { ok: false, detail: `SVID expired ${s.notAfter}` };
+  }
+  try {
+    const cert = new X509Certificate(await Deno.readTextFile(ctx.files.brokerCertFile));
+    if (
+      cert.serialNumber.toLowerCase().replace(/^0+/, "") !==
+        s.serial.toLowerCase().replace(/^0+/, "")
+    ) {
+      return { ok: false, detail: "certificate file does not match the status" };
+    }
+  } catch (err) {
+    return { ok: false, detail: `certificate file: ${errorMessage(err)}` };
+  }
+  return { ok: true, detail: `serial ${s.serial}, expires ${s.notAfter}` };
+}
+
+function brokerIdentityComponent(view: StackView): Component {
+  const { ctx } = view;
+  const { layout, files } = ctx;
+  return {
+    name: "broker-identity",
+    kind: "daemon",
+    needs: ["spire-binaries", "identities", "ca-bundle"],
+    // Before mosquitto, so that it cannot start the broker again while it is being stopped.
+    stopRank: 30,
+    pidFile: files.brokerIdentityPid,
+    logs: [
+      { name: "broker-identity", file: files.brokerIdentityLog },
+      { name: "spire-agent-broker", file: files.brokerAgentLog },
+    ],
+    probe: () => probeBrokerIdentity(ctx),
+    spawn(run) {
+      const interval = run.timing.syncInterval;
+      return run.ctx.io.runner.spawn({
+        name: "broker-identity",
+        cmd: run.self.cmd,
+        args: [
+          ...run.self.args,
+          "devenv",
+          "broker-identity",
+          "--project-dir",
+          layout.root,
+          "--spire-agent-bin",
+          run.spire!.agent,
+          ...(interval ? ["--spire-sync-interval", interval] : []),
+        ],
+        cwd: layout.root,
+        env: run.childEnv,
+        logFile: files.brokerIdentityLog,
+        pidFile: files.brokerIdentityPid,
+        detached: true,
+        ready: async () => (await probeBrokerIdentity(ctx)).ok,
+        readyTimeoutMs: 60_000,
+        readyIntervalMs: PROBE_INTERVAL_MS,
+      });
+    },
+    async summary() {
+      const s = await readBrokerIdentityStatus(files.brokerIdentityStatus);
+      return `SVID serial ${s?.serial ?? "?"} until ${s?.notAfter ?? "?"}`;
+    },
+    async status() {
+      const p = pidInfo(files.brokerIdentityPid);
+      const probe = p.running ? await probeBrokerIdentity(ctx) : { ok: false, detail: "" };
+      const s = await readBrokerIdentityStatus(files.brokerIdentityStatus);
+      return {
+        name: "broker-identity",
+        ...p,
+        healthy: p.running && probe.ok,
+        endpoint: files.brokerAgentSocket,
+        detail: p.running
+          ? s
+            ? `SVID ${s.spiffeId} expires ${
+              expiryText(new Date(s.notAfter))
+            }, last renewal ${s.lastRenewal} (renewals: ${s.renewals})${
+              s.lastError ? `; last error: ${s.lastError}` : ""
+            }`
+            : probe.detail
+          : "",
+      };
+    },
+  };
+}
+
+function mosquittoComponent(view: StackView): Component {
+  const { ctx } = view;
+  const { layout, files } = ctx;
+  // A restart finds the broker's certificate of the last run on disk: while it is valid, the
+  // broker needs neither broker-identity (which renews it and sends SIGHUP once it runs) nor
+  // the bundle export (which restarts the broker if the bundle really changed).
+  const certOnDisk = (run: StartRun) =>
+    run.once("broker files usable", async () => (await brokerFilesUsable(ctx)).ok);
+  return {
+    name: "mosquitto",
+    kind: "daemon",
+    needs: [
+      "broker-runtime",
+      { on: "broker-identity", unless: certOnDisk },
+      { on: "ca-bundle", unless: certOnDisk },
+    ],
+    stopRank: 40,
+    pidFile: files.mosquittoPid,
+    logs: [{ name: "mosquitto", file: files.mosquittoLog }],
+    // Under the broker lock: broker-identity's watchdog may be reviving a dead broker too.
+    exclusive: (_run, fn) => withBrokerLock(ctx, fn),
+    probe: () => probeBroker(ctx),
+    async spawn(run) {
+      const cmd = brokerCommand(ctx, run.brokerRuntime!);
+      await writeBrokerConfig(ctx);
+      await saveBrokerCommand(ctx, cmd);
+      return await startBroker(ctx, cmd);
+    },
+    async summary(run) {
+      const st = readState(ctx);
+      const saved = savedBrokerCommand(ctx);
+      if (st) await writeState(ctx, { ...st, broker: saved });
+      return `${
+        saved?.mode ?? run.brokerRuntime?.mode
+      }, mTLS 127.0.0.1:${layout.ports.mqttTls}, password 127.0.0.1:${layout.ports.mqttPlain}`;
+    },
+    async status() {
+      const p = pidInfo(files.mosquittoPid);
+      const probe = p.running ? await probeBroker(ctx) : { ok: false, detail: "" };
+      let certDetail = "";
+      try {
+        const cert = new X509Certificate(await Deno.readTextFile(files.brokerCertFile));
+        certDetail = `cert serial ${cert.serialNumber} expires ${
+          expiryText(new Date(cert.validTo))
+        }`;
+      } catch { /* no cert yet */ }
+      return {
+        name: "mosquitto",
+        ...p,
+        healthy: p.running && probe.ok,
+        endpoint:
+          `mqtts://127.0.0.1:${layout.ports.mqttTls} mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
+        detail: p.running
+          ? [savedBrokerCommand(ctx)?.mode ?? "", probe.ok ? "" : probe.detail, certDetail]
+            .filter(Boolean).join("; ")
+          : "",
+      };
+    },
+  };
+}
+
+export async function probeServer(api: string): Promise<ProbeResult> {
+  const r = await httpGetJson(`${api}/healthz`);
+  return { ok: r.ok, detail: `GET /healthz: ${r.detail}` };
+}
+
+function serverComponent(view: StackView): Component {
+  const { layout, files } = view.ctx;
+  const api = view.api;
+  return {
+    name: "server",
+    kind: "daemon",
+    needs: ["mosquitto"],
+    stopRank: 20,
+    pidFile: files.serverPid,
+    logs: [{ name: "server", file: files.serverLog }],
+    probe: () => probeServer(api),
+    spawn(run) {
+      return run.ctx.io.runner.spawn({
+        name: "server",
+        cmd: run.self.cmd,
+        args: [
+          ...run.self.args,
+          "server",
+          "--mqtt-credentials",
+          layout.serverCredentialsFile,
+          "--http-addr",
+          `127.0.0.1:${layout.ports.http}`,
+          "--data-dir",
+          layout.serverDataDir,
+          "--broker-url",
+          `mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
+        ],
+        cwd: layout.root,
+        env: run.childEnv,
+        logFile: files.serverLog,
+        pidFile: files.serverPid,
+        detached: true,
+        ready: async () => (await probeServer(api)).ok,
+        readyTimeoutMs: 60_000,
+        readyIntervalMs: PROBE_INTERVAL_MS,
+      });
+    },
+    summary: () => api,
+    async status() {
+      const p = pidInfo(files.serverPid);
+      const probe = p.running ? await probeServer(api) : { ok: false, detail: "" };
+      return {
+        name: "server",
+        ...p,
+        healthy: p.running && probe.ok,
+        endpoint: api,
+        detail: p.running && !probe.ok ? probe.detail : "",
+      };
+    },
+  };
+}
+
+export function agentComponentName(robotId: string): string {
+  return robotId === "robot-001" ? "agent" : `agent-${robotId}`;
+}
+
+export function agentArgs(
+  selfArgs: string[],
+  r: RobotLayout,
+  pluginsYaml: string,
+  brokerUrl: string,
+  spire: { syncInterval?: string; agentBin?: string } = {},
+): string[] {
+  return [
+    ...selfArgs,
+    "agent",
+    "--robot-id",
+    r.robotId,
+    "--config",
+    pluginsYaml,
+    "--socket",
+    r.agentSocket,
+    "--data-dir",
+    r.agentDataDir,
+    "--join-token-file",
+    r.joinTokenFile,
+    "--broker-url",
+    brokerUrl,
+    ...(spire.syncInterval ? ["--spire-sync-interval", spire.syncInterval] : []),
+    ...(spire.agentBin ? ["--spire-agent-bin", spire.agentBin] : []),
+  ];
+}
+
+export async function robotOnline(api: string, robotId: string): Promise<boolean> {
+  const r = await httpGetJson(`${api}/api/robots/${encodeURIComponent(robotId)}`);
+  return r.ok && (r.body as { online?: unknown } | undefined)?.online === true;
+}
+
+function lastLogLine(text: string): string {
+  return text.split("\n").filter((l) => l.trim()).pop() ?? "no output";
+}
+
+/** Waits until the server reports the robot online; fails at once when its agent dies. */
+async function awaitOnline(run: StartRun, r: RobotLayout): Promise<void> {
+  let dead = false;
+  try {
+    await waitFor(() => robotOnline(run.api, r.robotId), {
+      timeoutMs: run.opts.onlineTimeoutMs ?? 120_000,
+      intervalMs: PROBE_INTERVAL_MS,
+      signal: run.ctx.io.signal,
+      what: `${r.robotId} online at the server`,
+      fatal: () => {
+        dead = !isRecordAlive(readPidFile(r.pidFile));
+        return dead ? new CliError(`agent ${r.robotId} exited`) : undefined;
+      },
+    });
+  } catch (err) {
+    const tail = lastLogLine(await tailFile(r.logFile, 5));
+    if (dead) throw new CliError(`agent ${r.robotId} exited (log: ${r.logFile}): ${tail}`);
+    throw new CliError(
+      `${errorMessage(err)}: still offline: ${r.robotId} (log: ${r.logFile}: ${tail})`,
+    );
+  }
+}
+
+async function agentSvidExpiry(socket: string, spiffeId: string): Promise<string> {
+  const ac = new AbortController();
+  let source: X509Source | undefined;
+  try {
+    source = await X509Source.create({
+      address: `unix://${socket}`,
+      spiffeId,
+      timeoutMs: 3000,
+      signal: ac.signal,
+    });
+    return `SVID expires ${expiryText(source.getX509Svid().notAfter)}`;
+  } catch (err) {
+    return `SVID unavailable: ${errorMessage(err)}`;
+  } finally {
+    ac.abort();
+    await Promise.resolve(source?.close()).catch(() => {});
+  }
+}
+
+/** One robot's agent; it supervises its own spire-agent (which dies with it). */
+function agentComponent(view: StackView, r: RobotLayout): Component {
+  const { layout } = view.ctx;
+  const name = agentComponentName(r.robotId);
+  const attested = (run: StartRun) =>
+    run.once(`${r.robotId} attested`, () => isAttested(r.agentDataDir));
+  return {
+    name,
+    kind: "daemon",
+    // A new robot's spire-agent bootstraps from the bundle, attests with its token and must
+    // find its entry (identities); an attested one needs only a running SPIRE server (its entry
+    // is reconciled meanwhile, and a change reaches it at its next sync). Either way its
+    // register must reach a subscribed server.
+    needs: [
+      "spire-binaries",
+      "spire-server",
+      { on: "identities", unless: attested },
+      { on: "ca-bundle", unless: attested },
+      "server",
+    ],
+    stopRank: 10,
+    pidFile: r.pidFile,
+    logs: [{ name: basename(r.logFile, ".log"), file: r.logFile }],
+    async probe(v) {
+      const online = await robotOnline(v.api, r.robotId);
+      return { ok: online, detail: online ? "online" : "offline at the server" };
+    },
+    // A running agent is left alone (it reconnects by itself); start waits for it to be online.
+    async awaitRunning(run) {
+      await awaitOnline(run, r);
+      return "online";
+    },
+    async spawn(run) {
+      const d = await run.ctx.io.runner.spawn({
+        name: `agent ${r.robotId}`,
+        cmd: run.self.cmd,
+        args: agentArgs(
+          run.self.args,
+          r,
+          layout.agentPluginsYaml,
+          run.brokerUrl,
+          // The binary the spire-binaries step checked: the agent need not look it up again.
+          { syncInterval: run.timing.syncInterval, agentBin: run.spire!.agent },
+        ),
+        cwd: layout.root,
+        env: {
+          ...run.childEnv,
+          DENO_V8_FLAGS: agentV8FlagsEnv(run.ctx.io.env.DENO_V8_FLAGS),
+        },
+        logFile: r.logFile,
+        pidFile: r.pidFile,
+        detached: true,
+      });
+      await awaitOnline(run, r);
+      return d;
+    },
+    summary: () => "online",
+    async status(v) {
+      const p = pidInfo(r.pidFile);
+      let online = false;
+      let detail = "";
+      if (p.running) {
+        const [res, svid] = await Promise.all([
+          httpGetJson(`${v.api}/api/robots/${encodeURIComponent(r.robotId)}`),
+          agentSvidExpiry(r.agentSocket, r.spiffeId),
+        ]);
+        online = res.ok && (res.body as { online?: unknown } | undefined)?.online === true;
+        detail = [online ? "online" : `offline at the server (${res.detail})`, svid].join("; ");
+      }
+      return {
+        name,
+        ...p,
+        healthy: p.running && online,
+        endpoint: r.agentSocket,
+        detail,
+      };
+    },
+  };
+}

@@ -1,0 +1,179 @@
+import assert from "node:assert/strict";
+import { Args } from "../cli/mod.ts";
+import { bufferIo } from "../cli/io.ts";
+import { RecordingRunner } from "../process/mod.ts";
+import { TestCa } from "../spiffe/testing/test_ca.ts";
+import { brokerFilesUsable } from "./broker.ts";
+import { type Component, devenvComponents, needName, StackView, StartRun } from "./components.ts";
+import { resolveContext, robotLayouts, writeFileAtomic } from "./context.ts";
+import { checkGraph } from "./graph.ts";
+import { logSources } from "./logs.ts";
+import { stopOrder } from "./stop.ts";
+
+function ctxFor(dir: string, env: Record<string, string> = {}, runner?: RecordingRunner) {
+  const io = bufferIo({ cwd: dir, env, runner });
+  return resolveContext(new Args(["devenv", "status"], new Map(), [], []), io);
+}
+
+function table(dir: string, robots = ["robot-001", "robot-002"]): Component[] {
+  const ctx = ctxFor(dir);
+  return devenvComponents(new StackView(ctx, robotLayouts(ctx, robots)));
+}
+
+/** Every component `name` waits for, directly or not. */
+function closure(rows: Component[], name: string): Set<string> {
+  const by = new Map(rows.map((c) => [c.name, c]));
+  const out = new Set<string>();
+  const walk = (n: string) => {
+    for (const d of by.get(n)!.needs.map(needName)) {
+      if (!out.has(d)) {
+        out.add(d);
+        walk(d);
+      }
+    }
+  };
+  walk(name);
+  return out;
+}
+
+Deno.test("component table: a well-formed graph; every daemon has a pid file, spawn, probe and stop rank", () => {
+  const rows = table("/p");
+  checkGraph(rows.map((c) => ({ name: c.name, needs: c.needs.map(needName) })));
+  for (const c of rows) {
+    if (c.kind === "daemon") {
+      assert.ok(c.pidFile && c.spawn && c.probe && c.stopRank !== undefined, c.name);
+      assert.ok(c.status, `${c.name} has no status row`);
+    } else {
+      assert.ok(c.run && !c.pidFile && !c.spawn, c.name);
+    }
+  }
+  // Status shows exactly these, in this order (status --json is an interface).
+  assert.deepEqual(rows.filter((c) => c.status).map((c) => c.name), [
+    "spire-server",
+    "ca-bundle",
+    "broker-identity",
+    "mosquitto",
+    "server",
+    "agent",
+    "agent-robot-002",
+  ]);
+});
+
+Deno.test("component table: entries and tokens are made before any SPIRE agent starts", () => {
+  const rows = table("/p");
+  for (const name of ["broker-identity", "agent", "agent-robot-002"]) {
+    const before = closure(rows, name);
+    assert.ok(before.has("spire-server"), `${name} may start before the SPIRE server`);
+    assert.ok(before.has("identities"), `${name} may start before its token and entry exist`);
+  }
+  // Every robot's agent comes up only once the server is subscribed (its register must land).
+  assert.ok(closure(rows, "agent").has("server"));
+  assert.ok(closure(rows, "robots online").has("agent-robot-002"));
+  // Independent of each other: the broker path and the SPIRE server start side by side.
+  assert.ok(!closure(rows, "spire-server").has("broker-runtime"));
+  assert.ok(!closure(rows, "broker-runtime").has("spire-server"));
+});
+
+Deno.test("stop order: agents together first, then server, broker-identity, mosquitto, spire-server", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.mkdir(`${dir}/.dev-env`);
+    await Deno.writeTextFile(`${dir}/.dev-env/agent-robot-007.pid`, "{}");
+    const order = stopOrder(ctxFor(dir));
+    assert.deepEqual(order.map((t) => [t.name, t.stopRank]), [
+      ["agent-robot-007", 10],
+      ["server", 20],
+      ["broker-identity", 30],
+      ["mosquitto", 40],
+      ["spire-server", 90],
+    ]);
+    assert.ok(order.every((t) => t.pidFile.startsWith(`${dir}/.dev-env/`)));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("logs come from the table, in table order", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.mkdir(`${dir}/.dev-env`);
+    await Deno.writeTextFile(`${dir}/.dev-env/agent-robot-002.pid`, "{}");
+    assert.deepEqual(logSources(ctxFor(dir)).map((s) => s.name), [
+      "spire-server",
+      "broker-identity",
+      "spire-agent-broker",
+      "mosquitto",
+      "server",
+      "agent-robot-002",
+    ]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("brokerFilesUsable: a valid chain to the bundle passes; expiry, wrong key, other CA do not", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const ctx = ctxFor(dir);
+    const { files, layout } = ctx;
+    const root = TestCa.create({ trustDomain: "k8s4r.example.org" });
+    const ca = root.intermediate();
+    const put = async (cert: string, key: string, bundle: string) => {
+      await writeFileAtomic(files.brokerCertFile, cert, 0o600);
+      await writeFileAtomic(files.brokerKeyFile, key, 0o600);
+      await writeFileAtomic(layout.caBundleFile, bundle, 0o644);
+    };
+    const good = ca.issue({
+      spiffeId: "spiffe://k8s4r.example.org/mqtt-broker",
+      dnsNames: ["localhost"],
+    });
+    assert.match((await brokerFilesUsable(ctx)).detail, /No such file|not found|ENOENT/i);
+    await put(good.chainPem, good.keyPem, root.rootPem);
+    const ok = await brokerFilesUsable(ctx);
+    assert.equal(ok.ok, true, ok.detail);
+
+    const other = TestCa.create({ trustDomain: "k8s4r.example.org" });
+    await put(good.chainPem, good.keyPem, other.rootPem);
+    assert.match((await brokerFilesUsable(ctx)).detail, /not issued by the exported bundle/);
+
+    const stranger = ca.issue({ spiffeId: "spiffe://k8s4r.example.org/mqtt-broker" });
+    await put(good.chainPem, stranger.keyPem, root.rootPem);
+    assert.match((await brokerFilesUsable(ctx)).detail, /key does not match/);
+
+    const expiring = ca.issue({
+      spiffeId: "spiffe://k8s4r.example.org/mqtt-broker",
+      ttlSeconds: 30,
+    });
+    await put(expiring.chainPem, expiring.keyPem, root.rootPem);
+    assert.match((await brokerFilesUsable(ctx)).detail, /certificate expires/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("spire-binaries: version-checked once, again only when a binary changed", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const bin = `${dir}/bin`;
+    await Deno.mkdir(bin);
+    for (const b of ["spire-server", "spire-agent"]) {
+      await Deno.writeTextFile(`${bin}/${b}`, "#!/bin/sh\n", { mode: 0o755 });
+    }
+    const runner = new RecordingRunner(() => ({ stdout: "1.13.3\n" }));
+    const ctx = ctxFor(dir, { K8S4R_SPIRE_BIN_DIR: bin }, runner);
+    await Deno.mkdir(ctx.layout.devEnvDir);
+    const step = () => {
+      const run = new StartRun(ctx, [], { robots: [], broker: "native" });
+      return devenvComponents(run).find((c) => c.name === "spire-binaries")!.run!(run);
+    };
+    assert.match(await step(), new RegExp(`${bin}/spire-server \\(env\\)`));
+    assert.equal(runner.calls.length, 2); // spire-server --version, spire-agent --version
+    await step();
+    assert.equal(runner.calls.length, 2, "checked again although nothing changed");
+    await Deno.writeTextFile(`${bin}/spire-agent`, "#!/bin/sh\n# rebuilt\n");
+    await step();
+    assert.equal(runner.calls.length, 4, "a changed binary was not checked again");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
