@@ -24,6 +24,8 @@ import {
 import type { ProcessRunner } from "../process/mod.ts";
 import { findSpireBinaries } from "../spire/binaries.ts";
 import { SpireServerCli } from "../spire/server.ts";
+import { X509Bundle, X509BundleSet } from "../spiffe/bundle.ts";
+import { verifyX509SvidChain } from "../spiffe/verify.ts";
 import {
   isRole,
   readRolesFile,
@@ -41,6 +43,7 @@ import {
   KEY_FILE,
   listCredentialNames,
   loadCredentials,
+  type LoadedCredentials,
   META_FILE,
   type OperatorMeta,
   resolveOperatorName,
@@ -201,30 +204,59 @@ export async function loginOperator(
   const now = opts.now ?? new Date();
   let why = "no credentials here";
   let ttl = opts.ttlSeconds;
+  // What the SPIRE server trusts now: credentials of an older CA (a rotation, a new dev stack)
+  // are renewed even when they have not expired.
+  const cli = new SpireServerCli(ctl.runner, ctl.spireServerBin, ctl.spireSocket);
+  const current = X509Bundle.fromPem(ctl.trustDomain, await cli.bundlePem());
   try {
     const c = await loadCredentials(ctl.env, name, now);
+    const stale = staleness(c, current, now);
     const life = c.svid.notAfter.getTime() - c.svid.notBefore.getTime();
     ttl ??= Math.min(
       MAX_OPERATOR_TTL_SECONDS,
       Math.max(60, Math.round(life / 1000) - 10),
     );
     const left = c.svid.notAfter.getTime() - now.getTime();
-    if (!opts.force && !c.expired && left > life / 3 && c.meta.serverUrl === ctl.serverUrl) {
+    if (
+      !opts.force && !c.expired && left > life / 3 && c.meta.serverUrl === ctl.serverUrl &&
+      !stale
+    ) {
       return { renewed: false, meta: c.meta, role, why: `valid until ${c.meta.expiresAt}` };
     }
     why = c.expired
       ? `expired at ${c.svid.notAfter.toISOString()}`
       : opts.force
       ? "renewal forced"
+      : stale
+      ? stale
       : left <= life / 3
       ? `less than a third of its lifetime left (until ${c.svid.notAfter.toISOString()})`
       : `server URL changed to ${ctl.serverUrl}`;
   } catch (err) {
     if (!(err instanceof CliError)) throw err;
     why = errorMessage(err);
+    try {
+      await Deno.stat(credentialPaths(ctl.env, name).dir);
+    } catch {
+      why = "there were none";
+    }
   }
   const meta = await mintCredentials(ctl, name, role, ttl ?? DEFAULT_OPERATOR_TTL_SECONDS);
   return { renewed: true, meta, role, why };
+}
+
+/** Why credentials no longer match the SPIRE server's bundle, or undefined when they do. */
+function staleness(c: LoadedCredentials, current: X509Bundle, now: Date): string | undefined {
+  try {
+    verifyX509SvidChain(c.svid.certificates, new X509BundleSet([current]), now);
+  } catch (err) {
+    if (c.expired) return undefined; // said as "expired"
+    return `not issued under the SPIRE server's current bundle (${errorMessage(err)})`;
+  }
+  const key = (b: X509Bundle) => b.authorities.map((a) => a.fingerprint256).sort().join(",");
+  const mine = c.bundles.getX509BundleForTrustDomain(current.trustDomain);
+  if (!mine || key(mine) !== key(current)) return "the trust bundle changed";
+  return undefined;
 }
 
 /** `operator remove`: delete the credentials here and the role on the server. */

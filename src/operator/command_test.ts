@@ -27,8 +27,10 @@ Deno.test("parseTtl: durations, bounds, precise errors", () => {
 
 /** A control host whose `spire-server x509 mint` is played by a test CA writing the files. */
 function control(dir: string, lifetimeSeconds = 3600) {
-  const ca = TestCa.create({ trustDomain: TD });
+  const spire = { ca: TestCa.create({ trustDomain: TD }) };
   const runner = new RecordingRunner((_cmd, args) => {
+    const ca = spire.ca;
+    if (args[0] === "bundle" && args[1] === "show") return { stdout: ca.rootPem };
     if (args[0] !== "x509" || args[1] !== "mint") return new Error(`unexpected ${args}`);
     const out = args[args.indexOf("-write") + 1];
     assert.equal(Deno.statSync(out).mode! & 0o777, 0o700, "mint writes into a private dir");
@@ -51,16 +53,16 @@ function control(dir: string, lifetimeSeconds = 3600) {
     trustDomain: TD,
     serverUrl: "https://localhost:8090",
   };
-  return { ca, runner, env, ctl };
+  return { spire, runner, env, ctl };
 }
 
 Deno.test("operator add/login/remove: argv carries no key, files 0600, roles edited", async () => {
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-op-" });
   try {
-    const { runner, env, ctl } = control(dir);
+    const { runner, env, ctl, spire } = control(dir);
     const r = await addOperator(ctl, "alice", "viewer", 7200);
     assert.equal(r.meta.spiffeId, `spiffe://${TD}/operator/alice`);
-    const args = runner.calls[0].args;
+    const args = runner.calls.find((c) => c.args[0] === "x509")!.args;
     assert.deepEqual(args.slice(0, 4), [
       "x509",
       "mint",
@@ -83,6 +85,12 @@ Deno.test("operator add/login/remove: argv carries no key, files 0600, roles edi
     });
     assert.equal(late.renewed, true);
     assert.match(late.why, /less than a third of its lifetime left/);
+    // A new SPIRE CA (a rotation, a cleaned dev stack): valid but stale credentials renewed.
+    spire.ca = TestCa.create({ trustDomain: TD });
+    const moved = await loginOperator(ctl, "alice");
+    assert.equal(moved.renewed, true);
+    assert.match(moved.why, /not issued under the SPIRE server's current bundle/);
+    assert.equal((await loginOperator(ctl, "alice")).renewed, false);
     // No role, no login.
     await assert.rejects(() => loginOperator(ctl, "bob"), /operator bob has no role in/);
     // ensureOperator (devenv): creates, then leaves alone.

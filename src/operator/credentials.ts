@@ -185,3 +185,16 @@ export function certValidity(pem: string): { notBefore: Date; notAfter: Date } {
   const c = new X509Certificate(pem);
   return { notBefore: new Date(c.validFrom), notAfter: new Date(c.validTo) };
 }
+
+/**
+ * A fetch client that presents the operator's certificate and trusts its bundle (for scripts
+ * and probes using fetch; fetch checks the server's DNS name, so use https://localhost:PORT).
+ * Close it when done.
+ */
+export function fetchClient(creds: LoadedCredentials): Deno.HttpClient {
+  return Deno.createHttpClient({
+    cert: creds.svid.certChainPem(),
+    key: creds.svid.privateKeyPem(),
+    caCerts: creds.bundles.bundles().map((b) => b.toPem()),
+  });
+}
