@@ -15,6 +15,7 @@
 import assert from "node:assert/strict";
 import tls from "node:tls";
 import { TestCa } from "../../src/spiffe/testing/test_ca.ts";
+import { stopPidFile, waitFor } from "../../src/process/mod.ts";
 import { E2eStack, metric, type Svid, TRUST_DOMAIN } from "./stack.ts";
 
 const stack = await E2eStack.create({ heartbeatSeconds: 1, robots: 1 });
@@ -271,6 +272,43 @@ e2e(
     assert.ok(stats.body.http.refused["unsupported-media-type"] >= 1);
   },
 );
+
+e2e("task cancel of a task never delivered: cancelled at once, never sent", async () => {
+  // robot-001 goes away cleanly, so a new task stays pending.
+  assert.equal(await stopPidFile(stack.agentPidFile("robot-001"), 15_000), "stopped");
+  await waitFor(async () => !(await stack.robot("robot-001")).online, {
+    timeoutMs: 15_000,
+    intervalMs: 100,
+    what: "robot-001 offline at the server",
+  });
+  const id = await stack.createTask("robot-001", ["echo", "never"], 30);
+  const keep = await stack.createTask("robot-001", ["echo", "kept"], 30);
+  assert.equal((await stack.task(id)).state, "pending");
+  const r = await stack.k8s4r(["task", "cancel", id]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /cancelled \(it had not been sent to its robot\)/);
+  const again = await stack.k8s4r(["task", "cancel", id]);
+  assert.equal(again.code, 1);
+  assert.match(again.stderr, /already cancelled/);
+  const t0 = Date.now();
+  await stack.mustDevenv(...stack.startArgs());
+  stack.remember();
+  await stack.waitOnline(stack.robotIds);
+  // Positive control: the other pending task is delivered and runs once the robot is back.
+  const kept = await stack.waitTask(keep, 30_000);
+  metric("operators.pending_task_after_restart_ms", Date.now() - t0);
+  assert.equal(kept.state, "done");
+  assert.equal(kept.stdout, "kept\n");
+  const t = await stack.http<{ state: string; dispatchCount: number; cancelRequestedBy: string }>(
+    `/api/tasks/${id}`,
+  );
+  assert.equal(t.body.state, "cancelled");
+  assert.equal(t.body.dispatchCount, 0, "the cancelled task was sent");
+  assert.equal(t.body.cancelRequestedBy, `spiffe://${TRUST_DOMAIN}/operator/admin`);
+  const log = await Deno.readTextFile(stack.agentLogFile("robot-001"));
+  assert.ok(!log.includes(`task.received task=${id}`), "the agent received the cancelled task");
+  assert.ok(log.includes(`task.received task=${keep}`), "the agent log names no task at all");
+});
 
 e2e("curl with `operator creds` works; without --cert it gets 401", async () => {
   const run = (args: string[]) =>
