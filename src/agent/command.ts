@@ -1,10 +1,15 @@
 /**
  * `k8s4r agent --robot-id ID`: runs the robot agent until the signal aborts (SIGINT/SIGTERM),
  * then says offline, disconnects, stops its spire-agent, and exits 0.
+ *
+ * On a robot host: `k8s4r agent --enroll FILE [--data-dir DIR]` once (enroll.ts), then
+ * `k8s4r agent [--data-dir DIR]`; `k8s4r agent csr` makes the x509pop key and CSR, and
+ * `k8s4r agent service [--install]` the systemd unit.
  */
-import { join } from "node:path";
+import { X509Certificate } from "node:crypto";
+import { join, resolve } from "node:path";
 import type { Args, CommandSpec } from "../cli/mod.ts";
-import { CliError, errorMessage } from "../cli/errors.ts";
+import { CliError, errorMessage, UsageError } from "../cli/errors.ts";
 import type { Io } from "../cli/io.ts";
 import { X509Source } from "../spiffe/mod.ts";
 import { type AgentEvent, SpireAgentSupervisor } from "../spire/agent.ts";
@@ -12,14 +17,130 @@ import { findSpireBinaries } from "../spire/binaries.ts";
 import { type AgentConfig, loadAgentConfig } from "./config.ts";
 import { lineLogger, RobotAgent } from "./agent.ts";
 import type { Logger } from "./mqtt_session.ts";
+import { enrollRobot } from "./enroll.ts";
+import { robotCsr } from "./x509pop.ts";
+import { renderAgentUnit, selfExec } from "./service.ts";
+import { judgeAgentSvid, readAgentData } from "../spire/agent_state.ts";
+import {
+  lockedOutMessage,
+  reattestsMessage,
+  reenrollHint,
+  robotAddCommand,
+} from "../fleet/enrollment.ts";
+import { AGENT_UNIT_PATH, robotHostPaths } from "../fleet/paths.ts";
+import { isRobotId } from "../fleet/topics.ts";
+import { decodePem } from "../spiffe/pem.ts";
+import { formatDuration } from "../fleet/duration.ts";
+
+const csrCommand: CommandSpec = {
+  name: "csr",
+  summary: "Make this robot's x509pop key (once) and print a CSR for the control host",
+  description:
+    `Creates an EC P-256 key in DIR/x509pop/agent.key (0600; default /var/lib/k8s4r), which
+never leaves this host, and prints a PKCS#10 CSR with CN = the robot id. Run again, it prints a CSR
+for the same key. Give the CSR to the control host:
+  ${robotAddCommand("ROBOT_ID", "x509pop")}`,
+  flags: [
+    { name: "robot-id", type: "string", valueName: "ID", description: "The robot's id (the CN)" },
+    {
+      name: "data-dir",
+      type: "string",
+      valueName: "DIR",
+      description: "The robot's data dir (default /var/lib/k8s4r)",
+    },
+    { name: "out", type: "string", valueName: "FILE", description: "Write the CSR here too" },
+  ],
+  async run(args, io) {
+    const id = args.string("robot-id");
+    if (!id) throw new UsageError("agent csr: --robot-id ID is required");
+    if (!isRobotId(id)) {
+      throw new UsageError(`agent csr: --robot-id: expected [a-z0-9][a-z0-9-]{0,62}, got '${id}'`);
+    }
+    const dd = args.string("data-dir");
+    const paths = robotHostPaths(dd !== undefined ? resolve(io.cwd, dd) : undefined);
+    const r = await robotCsr(id, paths);
+    const out = args.string("out");
+    if (out) await Deno.writeTextFile(resolve(io.cwd, out), r.csrPem);
+    io.stdout.write(r.csrPem);
+    io.stderr.write(
+      `${
+        r.created ? "created" : "kept"
+      } the x509pop key ${r.keyPath} (0600, it never leaves this host); on the control host run: ${
+        robotAddCommand(id, "x509pop")
+      }\n`,
+    );
+    return 0;
+  },
+};
+
+const serviceCommand: CommandSpec = {
+  name: "service",
+  summary: "Print (or --install) the hardened systemd unit that runs this robot",
+  description: `Prints the unit; --install writes it to ${AGENT_UNIT_PATH}. Then:
+  systemctl daemon-reload && systemctl enable --now k8s4r-agent`,
+  flags: [
+    { name: "install", type: "boolean", description: `Write it to ${AGENT_UNIT_PATH}` },
+    {
+      name: "data-dir",
+      type: "string",
+      valueName: "DIR",
+      description: "Run with --data-dir DIR instead of the production directories",
+    },
+    {
+      name: "exec",
+      type: "string",
+      valueName: "PATH",
+      description: "The k8s4r executable the unit runs (default: this one)",
+    },
+    {
+      name: "unit-file",
+      type: "string",
+      valueName: "FILE",
+      description: `Where --install writes (default ${AGENT_UNIT_PATH})`,
+    },
+  ],
+  async run(args, io) {
+    const exec = args.string("exec");
+    const dd = args.string("data-dir");
+    const unit = renderAgentUnit({
+      exec: exec ? [resolve(io.cwd, exec)] : selfExec(),
+      dataDir: dd !== undefined ? resolve(io.cwd, dd) : undefined,
+    });
+    if (!args.bool("install")) {
+      io.stdout.write(unit);
+      return 0;
+    }
+    const file = resolve(io.cwd, args.string("unit-file") ?? AGENT_UNIT_PATH);
+    await Deno.writeTextFile(file, unit, { mode: 0o644 });
+    await Deno.chmod(file, 0o644);
+    io.stdout.write(
+      `wrote ${file}; now run: systemctl daemon-reload && systemctl enable --now k8s4r-agent\n`,
+    );
+    return 0;
+  },
+};
 
 export const agentCommand: CommandSpec = {
   name: "agent",
   summary: "Run the robot agent: SPIRE agent, SVID, and MQTT over mTLS",
-  description: `Reads config/agent/plugins.yaml (flags override env, env overrides the file).
-Env: ROBOT_ID, MQTT_BROKER_URL, SPIRE_JOIN_TOKEN (first attestation only; written to a 0600
-file, never put on a command line or in a log). Logs one line per event to stderr.`,
+  description:
+    `Reads --config FILE, else DIR/agent.yaml of --data-dir DIR, else config/agent/plugins.yaml,
+else /etc/k8s4r/agent.yaml (flags override env, env overrides the file). Env: ROBOT_ID,
+MQTT_BROKER_URL, SPIRE_JOIN_TOKEN (first attestation only; written to a 0600 file, never put on
+a command line or in a log). Logs one line per event to stderr.
+
+On a robot host: 'k8s4r agent --enroll FILE [--data-dir DIR]' validates the enrollment file from
+the control host, writes agent.yaml and the state (default /etc/k8s4r, /var/lib/k8s4r,
+/run/k8s4r; everything under DIR with --data-dir), attests and connects. Afterwards
+'k8s4r agent [--data-dir DIR]' alone runs the robot.`,
+  subcommands: [csrCommand, serviceCommand],
   flags: [
+    {
+      name: "enroll",
+      type: "string",
+      valueName: "FILE",
+      description: "Enroll this robot host with an enrollment file, then run",
+    },
     { name: "robot-id", type: "string", valueName: "ID", description: "Robot id (env ROBOT_ID)" },
     {
       name: "config",
@@ -43,7 +164,7 @@ file, never put on a command line or in a log). Logs one line per event to stder
       name: "data-dir",
       type: "string",
       valueName: "DIR",
-      description: "SPIRE agent data directory (spire.dataDir)",
+      description: "The agent's data dir (spire.dataDir); without --config, DIR/agent.yaml",
     },
     {
       name: "join-token-file",
@@ -79,12 +200,48 @@ file, never put on a command line or in a log). Logs one line per event to stder
 };
 
 async function runAgentCommand(args: Args, io: Io): Promise<number> {
+  const enroll = args.string("enroll");
+  let configFlag = args.string("config");
+  if (enroll !== undefined) {
+    for (
+      const f of [
+        "config",
+        "robot-id",
+        "broker-url",
+        "socket",
+        "join-token-file",
+        "no-manage-spire",
+      ]
+    ) {
+      if (args.has(f)) {
+        throw new UsageError(
+          `agent: --enroll takes everything from the enrollment file; --${f} cannot be given with it`,
+        );
+      }
+    }
+    const dd = args.string("data-dir");
+    const r = await enrollRobot({
+      file: resolve(io.cwd, enroll),
+      paths: robotHostPaths(dd !== undefined ? resolve(io.cwd, dd) : undefined),
+      cwd: io.cwd,
+    });
+    io.stderr.write(
+      `enrolled ${r.enrollment.robotId} (${r.enrollment.attestation.type}): ${
+        r.updatedConfig ? "updated" : "wrote"
+      } ${r.paths.agentConfig}; state in ${r.paths.dataDir}; from now on run: k8s4r agent${
+        dd !== undefined ? ` --data-dir ${dd}` : ""
+      }\n`,
+    );
+    configFlag = r.paths.agentConfig;
+  }
   const config = await loadAgentConfig({
     cwd: io.cwd,
-    env: io.env,
+    env: enroll !== undefined
+      ? { ...io.env, ROBOT_ID: undefined, MQTT_BROKER_URL: undefined }
+      : io.env,
     flags: {
       robotId: args.string("robot-id"),
-      config: args.string("config"),
+      config: configFlag,
       brokerUrl: args.string("broker-url"),
       socket: args.string("socket"),
       dataDir: args.string("data-dir"),
@@ -101,7 +258,20 @@ async function runAgentCommand(args: Args, io: Io): Promise<number> {
     Deno.env.delete("SPIRE_JOIN_TOKEN");
   }
   const log = lineLogger(io.stderr, config.robotId);
-  await runAgent(config, io, log);
+  try {
+    await runAgent(config, io, log);
+  } catch (err) {
+    // An enrollment whose token was already used (the file enrolled another host, or this one
+    // before): only the control host can help.
+    if (enroll !== undefined && err instanceof CliError && /join token/.test(err.message)) {
+      throw new CliError(
+        `${err.message}: the enrollment file's join token was already used or revoked`,
+        1,
+        reenrollHint(config.robotId, "join_token", args.string("data-dir")),
+      );
+    }
+    throw err;
+  }
   return 0;
 }
 
@@ -185,6 +355,35 @@ async function startSpire(
       "run 'k8s4r devenv install', or use --no-manage-spire with a running SPIRE agent",
     );
   }
+  const now = Date.now();
+  const type = s.nodeAttestor.type;
+  if (s.nodeAttestor.type === "x509pop") {
+    await checkX509popCertificate(config, s.nodeAttestor.certificatePath, now);
+  }
+  // The agent SVID SPIRE left in the data dir, judged against the re-attestation rules.
+  const verdict = judgeAgentSvid(
+    await readAgentData(s.dataDir).catch(() => undefined),
+    now,
+    type,
+  );
+  const lockedOut = verdict.kind === "expired" && !verdict.reattestable;
+  if (verdict.kind === "expired") {
+    log("spire_agent.svid_expired", {
+      notAfter: verdict.notAfter.toISOString(),
+      reattest: verdict.reattestable ? "x509pop" : "join token needed",
+    });
+    if (verdict.reattestable) {
+      log("spire_agent.reattesting", {
+        message: reattestsMessage(config.robotId, verdict.notAfter, now),
+      });
+    } else if (!s.joinToken && !(s.joinTokenFile && await exists(s.joinTokenFile))) {
+      throw new CliError(
+        lockedOutMessage(config.robotId, verdict.notAfter, now),
+        1,
+        reenrollHint(config.robotId, "join_token", dataDirArg(config)),
+      );
+    }
+  }
   // A token from the environment goes to a 0600 file (never argv), deleted after attestation.
   let tokenFile = s.joinTokenFile;
   let ownTokenFile: string | undefined;
@@ -209,6 +408,7 @@ async function startSpire(
     serverPort: s.serverPort,
     logLevel: s.logLevel,
     syncInterval: s.syncInterval,
+    nodeAttestor: s.nodeAttestor,
     onEvent: (e: AgentEvent) => {
       const { type, ...rest } = e;
       log(`spire_agent.${type}`, rest);
@@ -216,8 +416,53 @@ async function startSpire(
   });
   try {
     await sup.start();
+  } catch (err) {
+    // The token it tried was the used one: say what really happened, and what to run.
+    if (lockedOut && verdict.kind === "expired" && /join token/i.test(errorMessage(err))) {
+      throw new CliError(
+        `${lockedOutMessage(config.robotId, verdict.notAfter, now)} (${errorMessage(err)})`,
+        1,
+        reenrollHint(config.robotId, "join_token", dataDirArg(config)),
+      );
+    }
+    throw err;
   } finally {
     if (ownTokenFile) await Deno.remove(ownTokenFile).catch(() => {});
   }
   return sup;
+}
+
+async function exists(path: string): Promise<boolean> {
+  return await Deno.stat(path).then(() => true, () => false);
+}
+
+/** `--data-dir DIR` for hints, when the robot runs from an enrolled data dir. */
+function dataDirArg(config: AgentConfig): string | undefined {
+  return config.file && config.file === join(config.spire.dataDir, "agent.yaml")
+    ? config.spire.dataDir
+    : undefined;
+}
+
+/** An x509pop robot whose certificate expired cannot attest: say so before spire-agent tries. */
+async function checkX509popCertificate(config: AgentConfig, path: string, now: number) {
+  let cert: X509Certificate;
+  try {
+    cert = new X509Certificate(decodePem(await Deno.readTextFile(path))[0].der);
+  } catch (err) {
+    throw new CliError(
+      `the x509pop certificate ${path} cannot be read: ${errorMessage(err)}`,
+      1,
+      reenrollHint(config.robotId, "x509pop", dataDirArg(config)),
+    );
+  }
+  const notAfter = new Date(cert.validTo);
+  if (notAfter.getTime() <= now) {
+    throw new CliError(
+      `the x509pop certificate of ${config.robotId} (${path}) expired at ${notAfter.toISOString()} (${
+        formatDuration(now - notAfter.getTime())
+      } ago): SPIRE refuses it`,
+      1,
+      reenrollHint(config.robotId, "x509pop", dataDirArg(config)),
+    );
+  }
 }

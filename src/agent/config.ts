@@ -1,7 +1,11 @@
 /**
  * The agent's configuration: `config/agent/plugins.yaml` (the guide's `spire:` section plus
- * `mqtt:`, `tasks:` and `rotation:`), then environment variables, then flags. Flags override
- * env, env overrides the file.
+ * `robot:`, `mqtt:`, `tasks:` and `rotation:`), then environment variables, then flags. Flags
+ * override env, env overrides the file.
+ *
+ * Which file: `--config FILE`; else `DIR/agent.yaml` of `--data-dir DIR` (what
+ * `k8s4r agent --enroll` wrote); else the project's `config/agent/plugins.yaml`; else the
+ * production `/etc/k8s4r/agent.yaml` (src/fleet/paths.ts); else none (the guide's defaults).
  *
  * Every error is one line naming the file, the line, the key and what was expected
  * (`ConfigError`). `${VAR}` and `${VAR:-default}` are interpolated in string values; an unset
@@ -14,8 +18,19 @@ import { ConfigError, UsageError } from "../cli/errors.ts";
 import { isRobotId } from "../fleet/topics.ts";
 import { brokerSpiffeId, robotSpiffeId } from "../fleet/mod.ts";
 import { GO_DURATION } from "../spire/agent.ts";
+import { PRODUCTION_AGENT_CONFIG } from "../fleet/paths.ts";
+import type { NodeAttestorConfig } from "../spire/node_attestor.ts";
+import {
+  type BrokerUrl,
+  type HostPort,
+  parseBrokerUrl,
+  parseHostPort,
+} from "../fleet/addresses.ts";
+
+export { type BrokerUrl, parseBrokerUrl };
 
 export const SPIRE_LOG_LEVELS = ["DEBUG", "INFO", "WARN", "ERROR"] as const;
+export const NODE_ATTESTORS = ["join_token", "x509pop"] as const;
 export type SpireLogLevel = typeof SPIRE_LOG_LEVELS[number];
 
 export interface AgentSpireConfig {
@@ -38,6 +53,8 @@ export interface AgentSpireConfig {
   syncInterval?: string;
   /** Absolute. The spire-agent binary to run; undefined = look it up (and check its version). */
   agentBin?: string;
+  /** How the node attests: a join token (default) or x509pop with a key and certificate. */
+  nodeAttestor: NodeAttestorConfig;
 }
 
 export interface AgentMqttConfig {
@@ -103,71 +120,6 @@ export interface AgentFlags {
 }
 
 export const DEFAULT_CONFIG_PATH = "config/agent/plugins.yaml";
-
-// ---------------------------------------------------------------------------------------------
-// Broker URL
-
-export interface BrokerUrl {
-  url: string;
-  host: string;
-  port: number;
-}
-
-const TLS_SCHEMES = ["ssl", "mqtts", "tls"];
-const PLAIN_SCHEMES = ["mqtt", "tcp", "ws", "wss", "http", "https"];
-
-/**
- * `ssl://`, `mqtts://` and `tls://` all mean MQTT over TLS; they are normalised to `mqtts://`.
- * Anything else is refused: a robot never falls back to plaintext. Throws an Error whose
- * message is what was expected (callers add where the URL came from).
- */
-export function parseBrokerUrl(raw: string): BrokerUrl {
-  const m = /^([A-Za-z][A-Za-z0-9+.-]*):\/\/(.*)$/.exec(raw.trim());
-  if (!m) {
-    throw new Error(
-      `expected a broker URL like ssl://localhost:8883, got ${JSON.stringify(raw)}`,
-    );
-  }
-  const scheme = m[1].toLowerCase();
-  if (!TLS_SCHEMES.includes(scheme)) {
-    if (PLAIN_SCHEMES.includes(scheme)) {
-      throw new Error(
-        `${scheme}:// is refused: robots reach the broker only over mTLS; use ssl://, mqtts:// or tls:// (got ${
-          JSON.stringify(raw)
-        })`,
-      );
-    }
-    throw new Error(
-      `unknown scheme ${scheme}://: expected ssl://, mqtts:// or tls:// (got ${
-        JSON.stringify(raw)
-      })`,
-    );
-  }
-  let u: URL;
-  try {
-    // URL only parses host:port for "special" schemes; reuse https parsing for the authority.
-    u = new URL(`https://${m[2]}`);
-  } catch {
-    throw new Error(`expected host[:port] after ${scheme}://, got ${JSON.stringify(raw)}`);
-  }
-  if (!u.hostname || u.username || u.password || (u.pathname !== "/" && u.pathname !== "")) {
-    throw new Error(
-      `expected ${scheme}://host[:port] without user, password or path, got ${JSON.stringify(raw)}`,
-    );
-  }
-  if (u.search || u.hash) {
-    throw new Error(`expected ${scheme}://host[:port] without query, got ${JSON.stringify(raw)}`);
-  }
-  // new URL("https://h:443") drops the default port; read it from the text instead.
-  const portText = /:(\d+)\/?$/.exec(m[2])?.[1];
-  const port = portText !== undefined ? Number(portText) : 8883;
-  if (!Number.isInteger(port) || port < 1 || port > 65535) {
-    throw new Error(`expected a port in 1..65535, got ${JSON.stringify(raw)}`);
-  }
-  const host = u.hostname.replace(/^\[(.*)\]$/, "$1");
-  const hostPart = host.includes(":") ? `[${host}]` : host;
-  return { url: `mqtts://${hostPart}:${port}`, host, port };
-}
 
 // ---------------------------------------------------------------------------------------------
 // Interpolation
@@ -240,6 +192,9 @@ const SCHEMA: Record<string, Record<string, Kind>> = {
     logLevel: { t: "enum", values: SPIRE_LOG_LEVELS },
     trustBundlePath: { t: "string", nonEmpty: true },
     manage: { t: "bool" },
+    nodeAttestor: { t: "enum", values: NODE_ATTESTORS },
+    x509popKeyPath: { t: "string", nonEmpty: true },
+    x509popCertPath: { t: "string", nonEmpty: true },
   },
   mqtt: {
     brokerUrl: { t: "string", nonEmpty: true },
@@ -258,6 +213,9 @@ const SCHEMA: Record<string, Record<string, Kind>> = {
   queue: {
     maxMessages: { t: "int", min: 10, max: 1_000_000 },
     maxBytes: { t: "int", min: 1024 * 1024, max: 1024 * 1024 * 1024 },
+  },
+  robot: {
+    id: { t: "string", nonEmpty: true },
   },
 };
 
@@ -446,14 +404,43 @@ export interface LoadOptions {
   cwd: string;
   env: Record<string, string | undefined>;
   flags: AgentFlags;
+  /** The production config looked for last. Default `/etc/k8s4r/agent.yaml`; tests move it. */
+  productionConfig?: string;
+}
+
+/**
+ * The config file to read when no `--config` is given, in order: `DIR/agent.yaml` of
+ * `--data-dir DIR`, the project's `config/agent/plugins.yaml`, the production config. Undefined
+ * when none exists.
+ */
+export async function findAgentConfigFile(
+  opts: LoadOptions,
+): Promise<{ file: string; display: string } | undefined> {
+  const candidates: { file: string; display: string }[] = [];
+  if (opts.flags.dataDir !== undefined) {
+    const f = resolve(opts.cwd, opts.flags.dataDir, "agent.yaml");
+    candidates.push({ file: f, display: f });
+  }
+  candidates.push({ file: resolve(opts.cwd, DEFAULT_CONFIG_PATH), display: DEFAULT_CONFIG_PATH });
+  const prod = opts.productionConfig ?? PRODUCTION_AGENT_CONFIG;
+  candidates.push({ file: prod, display: prod });
+  for (const c of candidates) {
+    try {
+      if ((await Deno.stat(c.file)).isFile) return c;
+    } catch { /* not there */ }
+  }
+  return undefined;
 }
 
 /** Reads the file (if present), applies env and flags, validates the result. */
 export async function loadAgentConfig(opts: LoadOptions): Promise<AgentConfig> {
   const { cwd, env, flags } = opts;
   const explicit = flags.config !== undefined;
-  const file = resolve(cwd, flags.config ?? DEFAULT_CONFIG_PATH);
-  const display = explicit ? flags.config! : DEFAULT_CONFIG_PATH;
+  const found = explicit ? undefined : await findAgentConfigFile(opts);
+  const file = explicit
+    ? resolve(cwd, flags.config!)
+    : found?.file ?? resolve(cwd, DEFAULT_CONFIG_PATH);
+  const display = explicit ? flags.config! : found?.display ?? DEFAULT_CONFIG_PATH;
   let text: string | undefined;
   try {
     text = await Deno.readTextFile(file);
@@ -502,10 +489,21 @@ function buildConfig(
   const lineOf = (key: string) => values.get(key)?.line;
   const abs = (p: string) => (isAbsolute(p) ? p : resolve(cwd, p));
 
-  // Robot id: flag, then ROBOT_ID.
-  const robotId = flags.robotId ?? env["ROBOT_ID"];
+  // Robot id: flag, then ROBOT_ID, then the file's robot.id (what --enroll wrote).
+  const robotId = flags.robotId ?? (env["ROBOT_ID"] || undefined) ?? get("robot.id", "");
   if (robotId === undefined || robotId === "") {
-    throw new UsageError("agent: --robot-id ID (or ROBOT_ID) is required");
+    throw new UsageError(
+      "agent: --robot-id ID (or ROBOT_ID) is required",
+      "on a robot host, enroll first: k8s4r agent --enroll FILE (it writes robot.id to agent.yaml)",
+    );
+  }
+  if (!flags.robotId && !env["ROBOT_ID"] && !isRobotId(robotId)) {
+    throw new ConfigError(
+      display,
+      lineOf("robot.id"),
+      "robot.id",
+      `expected [a-z0-9][a-z0-9-]{0,62}, got ${JSON.stringify(robotId)}`,
+    );
   }
   if (!isRobotId(robotId)) {
     throw new UsageError(
@@ -525,13 +523,15 @@ function buildConfig(
     );
   }
   const serverAddr = get("spire.serverAddr", "localhost:8081");
-  const sa = /^(\[[^\]]+\]|[^:]+):(\d{1,5})$/.exec(serverAddr);
-  if (!sa || Number(sa[2]) < 1 || Number(sa[2]) > 65535) {
+  let sa: HostPort;
+  try {
+    sa = parseHostPort(serverAddr);
+  } catch (err) {
     throw new ConfigError(
       display,
       lineOf("spire.serverAddr"),
       "spire.serverAddr",
-      `expected host:port like localhost:8081, got ${JSON.stringify(serverAddr)}`,
+      (err as Error).message,
     );
   }
 
@@ -586,6 +586,23 @@ function buildConfig(
   // SPIRE_JOIN_TOKEN wins over the file's literal; the guide's file interpolates it anyway.
   const joinToken = env["SPIRE_JOIN_TOKEN"] || get("spire.joinToken", "") || undefined;
   const jtf = flags.joinTokenFile ?? (get("spire.joinTokenFile", "") || undefined);
+  const attestor = get("spire.nodeAttestor", "join_token") as typeof NODE_ATTESTORS[number];
+  let nodeAttestor: NodeAttestorConfig = { type: "join_token" };
+  if (attestor === "x509pop") {
+    const key = get("spire.x509popKeyPath", "");
+    const cert = get("spire.x509popCertPath", "");
+    for (const [k, v] of [["spire.x509popKeyPath", key], ["spire.x509popCertPath", cert]]) {
+      if (!v) {
+        throw new ConfigError(
+          display,
+          lineOf("spire.nodeAttestor"),
+          k,
+          "expected a path: spire.nodeAttestor x509pop needs x509popKeyPath and x509popCertPath",
+        );
+      }
+    }
+    nodeAttestor = { type: "x509pop", privateKeyPath: abs(key), certificatePath: abs(cert) };
+  }
 
   return {
     file: o.file,
@@ -594,8 +611,8 @@ function buildConfig(
     spire: {
       socketPath: abs(flags.socket ?? get("spire.socketPath", "/tmp/spire-agent/agent.sock")),
       trustDomain,
-      serverHost: sa[1].replace(/^\[(.*)\]$/, "$1"),
-      serverPort: Number(sa[2]),
+      serverHost: sa.host,
+      serverPort: sa.port,
       joinToken,
       joinTokenFile: jtf !== undefined ? abs(jtf) : undefined,
       dataDir,
@@ -606,6 +623,7 @@ function buildConfig(
       manage: flags.noManageSpire ? false : get("spire.manage", true),
       syncInterval: flags.spireSyncInterval,
       agentBin: flags.spireAgentBin !== undefined ? abs(flags.spireAgentBin) : undefined,
+      nodeAttestor,
     },
     mqtt: {
       brokerUrl: broker.url,

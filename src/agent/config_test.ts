@@ -92,7 +92,7 @@ Deno.test("an absent default file is fine; an absent --config file is an error",
 const BAD: [string, string][] = [
   [
     "spire:\n  sockPath: x\n",
-    "p.yaml:2: spire.sockPath: unknown key; expected one of socketPath, trustDomain, serverAddr, joinToken, joinTokenFile, dataDir, logLevel, trustBundlePath, manage",
+    "p.yaml:2: spire.sockPath: unknown key; expected one of socketPath, trustDomain, serverAddr, joinToken, joinTokenFile, dataDir, logLevel, trustBundlePath, manage, nodeAttestor, x509popKeyPath, x509popCertPath",
   ],
   ["spire:\n  manage: yes\n", 'p.yaml:2: spire.manage: expected true or false, got "yes"'],
   ["spire:\n  manage: 1\n", "p.yaml:2: spire.manage: expected true or false, got 1"],
@@ -124,11 +124,11 @@ const BAD: [string, string][] = [
   ],
   [
     "foo: 1\n",
-    "p.yaml:1: foo: unknown section; expected one of spire, mqtt, tasks, rotation, queue",
+    "p.yaml:1: foo: unknown section; expected one of spire, mqtt, tasks, rotation, queue, robot",
   ],
   [
     "- a\n",
-    "p.yaml:1: expected a mapping with sections spire, mqtt, tasks, rotation, queue, got a list",
+    "p.yaml:1: expected a mapping with sections spire, mqtt, tasks, rotation, queue, robot, got a list",
   ],
   [
     "queue:\n  maxMessages: 5\n",
@@ -239,4 +239,89 @@ Deno.test("--spire-sync-interval and --spire-agent-bin: what devenv hands the ma
     (e: unknown) =>
       e instanceof UsageError && /--spire-sync-interval expects a Go duration/.test(e.message),
   );
+});
+
+Deno.test("robot.id and the x509pop node attestor come from the file; flags and env still win", async () => {
+  const yaml = [
+    "robot:",
+    "  id: robot-042",
+    "spire:",
+    "  nodeAttestor: x509pop",
+    "  x509popKeyPath: x509pop/agent.key",
+    "  x509popCertPath: /abs/agent.crt",
+    "",
+  ].join("\n");
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.writeTextFile(`${dir}/p.yaml`, yaml);
+    const c = await loadAgentConfig({ cwd: dir, env: {}, flags: { config: "p.yaml" } });
+    assert.equal(c.robotId, "robot-042");
+    assert.deepEqual(c.spire.nodeAttestor, {
+      type: "x509pop",
+      privateKeyPath: join(dir, "x509pop/agent.key"),
+      certificatePath: "/abs/agent.crt",
+    });
+    const e = await loadAgentConfig({
+      cwd: dir,
+      env: { ROBOT_ID: "robot-1" },
+      flags: { config: "p.yaml" },
+    });
+    assert.equal(e.robotId, "robot-1");
+    await Deno.writeTextFile(`${dir}/p.yaml`, "robot:\n  id: Robot_1\n");
+    await assert.rejects(
+      loadAgentConfig({ cwd: dir, env: {}, flags: { config: "p.yaml" } }),
+      (err: Error) =>
+        err.message === 'p.yaml:2: robot.id: expected [a-z0-9][a-z0-9-]{0,62}, got "Robot_1"',
+    );
+    await Deno.writeTextFile(`${dir}/p.yaml`, "spire:\n  nodeAttestor: x509pop\n");
+    await assert.rejects(
+      loadAgentConfig({ cwd: dir, env: { ROBOT_ID: "r" }, flags: { config: "p.yaml" } }),
+      /p\.yaml:2: spire\.x509popKeyPath: expected a path: spire\.nodeAttestor x509pop needs/,
+    );
+    const d = await loadAgentConfig({ cwd: dir, env: { ROBOT_ID: "r" }, flags: {} });
+    assert.deepEqual(d.spire.nodeAttestor, { type: "join_token" });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("config lookup: --data-dir's agent.yaml, then the project's plugins.yaml, then production", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const prod = `${dir}/etc/agent.yaml`;
+    const opts = (flags: AgentFlags) => ({
+      cwd: `${dir}/proj`,
+      env: {},
+      flags,
+      productionConfig: prod,
+    });
+    await Deno.mkdir(`${dir}/etc`);
+    await Deno.mkdir(`${dir}/proj/config/agent`, { recursive: true });
+    await Deno.mkdir(`${dir}/robot`);
+    await assert.rejects(loadAgentConfig(opts({})), /--robot-id ID \(or ROBOT_ID\) is required/);
+    await Deno.writeTextFile(prod, "robot:\n  id: from-production\n");
+    assert.equal((await loadAgentConfig(opts({}))).robotId, "from-production");
+    assert.equal((await loadAgentConfig(opts({}))).file, prod);
+    await Deno.writeTextFile(
+      `${dir}/proj/config/agent/plugins.yaml`,
+      "robot:\n  id: from-project\n",
+    );
+    assert.equal((await loadAgentConfig(opts({}))).robotId, "from-project");
+    // --data-dir DIR without DIR/agent.yaml: the project's file, with DIR as spire.dataDir.
+    const noYaml = await loadAgentConfig(opts({ dataDir: `${dir}/robot` }));
+    assert.equal(noYaml.robotId, "from-project");
+    assert.equal(noYaml.spire.dataDir, `${dir}/robot`);
+    await Deno.writeTextFile(`${dir}/robot/agent.yaml`, "robot:\n  id: from-data-dir\n");
+    const enrolled = await loadAgentConfig(opts({ dataDir: `${dir}/robot` }));
+    assert.equal(enrolled.robotId, "from-data-dir");
+    assert.equal(enrolled.file, `${dir}/robot/agent.yaml`);
+    // --config wins over all of them.
+    await Deno.writeTextFile(`${dir}/proj/x.yaml`, "robot:\n  id: from-flag\n");
+    assert.equal(
+      (await loadAgentConfig(opts({ config: "x.yaml", dataDir: `${dir}/robot` }))).robotId,
+      "from-flag",
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

@@ -5,7 +5,8 @@ import { robotsCommand, serverCommand, taskCommand, tasksCommand } from "../serv
 import { operatorCommand } from "../operator/command.ts";
 import { agentCommand } from "../agent/command.ts";
 import { devenvCommand } from "../devenv/command.ts";
-import { doctorCommand } from "../doctor/command.ts";
+import { makeDoctorCommand } from "../doctor/command.ts";
+import { devStackPaths } from "./doctor_paths.ts";
 import { identityCommand } from "../identity/command.ts";
 
 export const rootCommand: CommandSpec = {
@@ -16,7 +17,7 @@ export const rootCommand: CommandSpec = {
     serverCommand,
     agentCommand,
     devenvCommand,
-    doctorCommand,
+    makeDoctorCommand(devStackPaths),
     identityCommand,
     operatorCommand,
     robotsCommand,

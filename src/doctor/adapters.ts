@@ -6,14 +6,17 @@ import { Buffer } from "node:buffer";
 import { X509Certificate } from "node:crypto";
 import { delimiter, join } from "node:path";
 import type { Io } from "../cli/io.ts";
-import { defaultLayout, robotLayout } from "../devenv/layout.ts";
 import { findSpireBinaries } from "../spire/binaries.ts";
 import { grpcHealthCheck } from "../spire/health.ts";
 import { isAttested } from "../spire/agent.ts";
+import { readAgentData } from "../spire/agent_state.ts";
+import * as net from "node:net";
+import * as tls from "node:tls";
 import { WorkloadApiClient } from "../spiffe/mod.ts";
 import { X509Bundle } from "../spiffe/bundle.ts";
 import { verifyX509SvidChain } from "../spiffe/verify.ts";
 import {
+  type ControlHostPaths,
   type DoctorContext,
   type DoctorFs,
   type DoctorNet,
@@ -22,6 +25,10 @@ import {
   type DoctorSpire,
   type FetchedSvid,
   makeMemo,
+  type RobotHostContext,
+  type RobotPaths,
+  type TcpResult,
+  type TlsHandshakeResult,
 } from "./check.ts";
 import { probeMqtt } from "../mqtt/probe.ts";
 import { apiClient } from "../operator/client.ts";
@@ -29,13 +36,18 @@ import { parseProcStat } from "../process/mod.ts";
 import { findListeningOwner, findUnixSocketOwner, type ProcReader } from "./proc_net.ts";
 import { certFacts } from "./pki.ts";
 
-export function realContext(io: Io, options: DoctorOptions): DoctorContext {
-  const layout = defaultLayout(io.cwd, io.env);
+export function realContext(
+  io: Io,
+  options: DoctorOptions,
+  paths: { layout: ControlHostPaths; robot: RobotPaths },
+  robotHost?: RobotHostContext,
+): DoctorContext {
   return {
     io,
     env: io.env,
-    layout,
-    robot: robotLayout(layout, options.robotId, io.env),
+    layout: paths.layout,
+    robot: paths.robot,
+    ...(robotHost ? { robotHost } : {}),
     options,
     fs: realFs(io.env),
     net: realNet(io.env),
@@ -43,6 +55,7 @@ export function realContext(io: Io, options: DoctorOptions): DoctorContext {
     spire: realSpire(io),
     runner: io.runner,
     clock: { now: () => Date.now() },
+    uid: Deno.uid() ?? 0,
     memo: makeMemo(),
   };
 }
@@ -61,6 +74,7 @@ export function realFs(env: Record<string, string | undefined>): DoctorFs {
           mode: (s.mode ?? 0) & 0o7777,
           size: s.size,
           mtimeMs: s.mtime?.getTime(),
+          uid: s.uid ?? undefined,
         };
       } catch (err) {
         if (err instanceof Deno.errors.NotFound || err instanceof Deno.errors.NotADirectory) {
@@ -149,6 +163,79 @@ export function realNet(env: Record<string, string | undefined>): DoctorNet {
     },
 
     mqttProbe: probeMqtt,
+
+    tcpConnect(host, port, timeoutMs) {
+      return new Promise((resolve) => {
+        const sock = net.connect({ host, port });
+        const done = (r: TcpResult) => {
+          clearTimeout(timer);
+          sock.destroy();
+          resolve(r);
+        };
+        const timer = setTimeout(
+          () => done({ ok: false, code: "ETIMEDOUT", error: `no answer in ${timeoutMs} ms` }),
+          timeoutMs,
+        );
+        sock.once("connect", () => done({ ok: true }));
+        sock.once(
+          "error",
+          (e: NodeJS.ErrnoException) =>
+            done({ ok: false, code: e.code, error: e.message.split("\n")[0] }),
+        );
+      });
+    },
+
+    tlsHandshake(o) {
+      return new Promise((resolve) => {
+        let sock: tls.TLSSocket;
+        const result: TlsHandshakeResult = { handshake: false, authorized: false, peerChain: [] };
+        const done = (extra: Partial<TlsHandshakeResult> = {}) => {
+          clearTimeout(timer);
+          sock?.destroy();
+          resolve({ ...result, ...extra });
+        };
+        const timer = setTimeout(
+          () => done({ code: "ETIMEDOUT", error: `no TLS handshake in ${o.timeoutMs} ms` }),
+          o.timeoutMs,
+        );
+        try {
+          sock = tls.connect({
+            host: o.host,
+            port: o.port,
+            ca: o.ca,
+            ALPNProtocols: ["h2"],
+            rejectUnauthorized: false,
+            // The caller checks the server's SPIFFE ID; a SPIRE server has no DNS name to match.
+            checkServerIdentity: () => undefined,
+            ...(net.isIP(o.host) ? {} : { servername: o.host }),
+          });
+        } catch (err) {
+          return done({ error: (err as Error).message.split("\n")[0] });
+        }
+        sock.once("secureConnect", () => {
+          result.handshake = true;
+          result.authorized = sock.authorized;
+          if (!sock.authorized && sock.authorizationError) {
+            result.authorizationError = String(
+              (sock.authorizationError as unknown as { code?: string }).code ??
+                sock.authorizationError,
+            );
+          }
+          let c = sock.getPeerCertificate(true) as tls.DetailedPeerCertificate | undefined;
+          const seen = new Set<string>();
+          while (c && c.raw && !seen.has(c.fingerprint256)) {
+            seen.add(c.fingerprint256);
+            result.peerChain.push(new Uint8Array(c.raw));
+            c = c.issuerCertificate;
+          }
+          done();
+        });
+        sock.once(
+          "error",
+          (e: NodeJS.ErrnoException) => done({ code: e.code, error: e.message.split("\n")[0] }),
+        );
+      });
+    },
   };
 }
 
@@ -163,7 +250,8 @@ export function realSpire(io: Io): DoctorSpire {
     async health(socketPath, timeoutMs) {
       return { status: await grpcHealthCheck(socketPath, timeoutMs) };
     },
-    isAttested,
+    isAttested: (dir) => isAttested(dir),
+    agentData: readAgentData,
     fetchX509Svids,
     verifyChain(chain, bundle, nowMs) {
       try {

@@ -4,7 +4,9 @@
  * `Deno.*` directly, so each one is unit-tested with fakes (see `testing.ts`).
  */
 import type { Io } from "../cli/io.ts";
-import type { Layout, RobotLayout } from "../devenv/layout.ts";
+import type { Ports } from "../fleet/ports.ts";
+import type { RobotHostPaths } from "../fleet/paths.ts";
+import type { AgentDataState } from "../spire/agent_state.ts";
 import type { MqttProbeOptions, MqttProbeResult } from "../mqtt/probe.ts";
 import type { ProcessRunner } from "../process/mod.ts";
 
@@ -21,7 +23,17 @@ export interface CheckResult {
   info?: string[];
 }
 
+/** A robot host's view: its paths and what its config says (`k8s4r doctor --robot`). */
+export interface RobotHostContext {
+  paths: RobotHostPaths;
+  /** Why the doctor thinks it runs on a robot: "--robot", "--data-dir DIR", "/etc/k8s4r/...". */
+  reason: string;
+}
+
 export type GroupId =
+  | "enrollment"
+  | "reachability"
+  | "identity"
   | "tools"
   | "config"
   | "spire-server"
@@ -41,6 +53,9 @@ export const GROUPS: readonly GroupId[] = [
   "docker",
   "server",
 ];
+
+/** The groups of a robot host's checks (`checks/robot.ts`). */
+export const ROBOT_GROUPS: readonly GroupId[] = ["enrollment", "reachability", "identity"];
 
 export interface Check {
   /** `group.name`, e.g. `tools.spire-server`. */
@@ -87,6 +102,8 @@ export interface FileInfo {
   mode: number;
   size: number;
   mtimeMs?: number;
+  /** Owner's uid. */
+  uid?: number;
 }
 
 export interface DoctorFs {
@@ -120,6 +137,40 @@ export interface DoctorNet {
   httpGet(url: string, timeoutMs: number): Promise<HttpResponse>;
   /** An MQTT CONNECT over TCP or (m)TLS: real `probeMqtt` of src/mqtt/probe.ts. */
   mqttProbe(opts: MqttProbeOptions): Promise<MqttProbeResult>;
+  /** A TCP connect, then close. Resolves with the error's code and message instead of throwing. */
+  tcpConnect(host: string, port: number, timeoutMs: number): Promise<TcpResult>;
+  /**
+   * A TLS handshake (ALPN `h2`, as gRPC speaks), then close: whether the server's chain verified
+   * against `ca`, and the chain. The server's name is not checked: the caller checks its
+   * SPIFFE ID.
+   */
+  tlsHandshake(opts: TlsHandshakeOptions): Promise<TlsHandshakeResult>;
+}
+
+export interface TcpResult {
+  ok: boolean;
+  /** `ECONNREFUSED`, `EHOSTUNREACH`, `ETIMEDOUT`, ... */
+  code?: string;
+  error?: string;
+}
+
+export interface TlsHandshakeOptions {
+  host: string;
+  port: number;
+  /** PEM CA certificates. */
+  ca: string;
+  timeoutMs: number;
+}
+
+export interface TlsHandshakeResult {
+  handshake: boolean;
+  authorized: boolean;
+  /** OpenSSL's code: `CERT_NOT_YET_VALID`, `CERT_HAS_EXPIRED`, `UNABLE_TO_VERIFY_LEAF_SIGNATURE`. */
+  authorizationError?: string;
+  /** DER, leaf first. */
+  peerChain: Uint8Array[];
+  code?: string;
+  error?: string;
 }
 
 /** A process as /proc/PID/stat shows it. */
@@ -175,6 +226,8 @@ export interface DoctorSpire {
   /** First X509SVIDResponse of the Workload API. Throws on error (PermissionDenied...). */
   fetchX509Svids(socketPath: string, timeoutMs: number): Promise<FetchedSvid[]>;
   verifyChain(chain: Uint8Array[], bundle: Uint8Array[], nowMs: number): ChainVerification;
+  /** What a SPIRE agent left in its data dir (src/spire/agent_state.ts). */
+  agentData(dataDir: string): Promise<AgentDataState | undefined>;
 }
 
 export type BrokerMode = "native" | "docker";
@@ -190,12 +243,59 @@ export interface DoctorOptions {
   container: string;
 }
 
+/**
+ * The control host's paths the checks read: the dev stack's layout, handed in by the CLI
+ * composition (src/cli/doctor_paths.ts), so the doctor never imports devenv.
+ */
+export interface ControlHostPaths {
+  /** The project directory (holds config/). */
+  root: string;
+  trustDomain: string;
+  ports: Ports;
+  spireServerSocket: string;
+  spireServerConfig: string;
+  agentPluginsYaml: string;
+  caBundleFile: string;
+  mosquittoDir: string;
+  serverCredentialsFile: string;
+  files: {
+    spireServerLog: string;
+    serverLog: string;
+    mosquittoLog: string;
+    brokerIdentityLog: string;
+    /** `{mode, cmd, args}` of the running broker. */
+    brokerStateFile: string;
+  };
+  /** The broker's container name in docker mode. */
+  brokerContainer: string;
+}
+
+/** One robot's paths on the control host (a dev-stack robot). */
+export interface RobotPaths {
+  robotId: string;
+  spiffeId: string;
+  nodeSpiffeId: string;
+  agentSocket: string;
+  agentDataDir: string;
+  joinTokenFile: string;
+  logFile: string;
+}
+
+/** How the CLI composition maps a project directory to those paths. */
+export type StackPaths = (
+  cwd: string,
+  env: Record<string, string | undefined>,
+  robotId: string,
+) => { layout: ControlHostPaths; robot: RobotPaths };
+
 /** Everything a run shares. */
 export interface DoctorContext {
   io: Io;
   env: Record<string, string | undefined>;
-  layout: Layout;
-  robot: RobotLayout;
+  layout: ControlHostPaths;
+  robot: RobotPaths;
+  /** On a robot host: what the robot's own files say (see robot_host.ts). */
+  robotHost?: RobotHostContext;
   options: DoctorOptions;
   fs: DoctorFs;
   net: DoctorNet;
@@ -203,6 +303,8 @@ export interface DoctorContext {
   spire: DoctorSpire;
   runner: ProcessRunner;
   clock: { now(): number };
+  /** The doctor's own uid (files of a robot's data dir must be its). */
+  uid: number;
   /**
    * Work several checks need (the Workload API fetch, the mTLS handshake) runs once per run:
    * the first caller starts it, the others await the same promise.
@@ -254,16 +356,7 @@ export function makeMemo(): <T>(key: string, fn: () => Promise<T>) => Promise<T>
   };
 }
 
-/** "52m", "3h 4m", "12s". */
-export function formatDuration(ms: number): string {
-  const s = Math.round(Math.abs(ms) / 1000);
-  if (s < 60) return `${s}s`;
-  const m = Math.floor(s / 60);
-  if (m < 60) return `${m}m`;
-  const h = Math.floor(m / 60);
-  if (h < 48) return m % 60 ? `${h}h ${m % 60}m` : `${h}h`;
-  return `${Math.floor(h / 24)}d`;
-}
+export { formatDuration } from "../fleet/duration.ts";
 
 /** Paths relative to the project root, for messages. */
 export function rel(ctx: DoctorContext, path: string): string {

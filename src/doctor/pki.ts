@@ -39,7 +39,7 @@ export interface CertFacts {
 export function certFacts(der: Uint8Array): CertFacts {
   const info = parseCertDer(der);
   return {
-    subject: new X509Certificate(der).subject.replace(/\n/g, ", "),
+    subject: (new X509Certificate(der).subject ?? "").replace(/\n/g, ", "),
     uris: info.uris,
     dnsNames: info.dnsNames,
     notBefore: info.notBefore.getTime(),

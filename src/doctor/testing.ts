@@ -1,18 +1,40 @@
 /** Fakes for doctor tests: an in-memory file system, scripted network and SPIRE, fixed clock. */
 import { bufferIo } from "../cli/io.ts";
-import { defaultLayout, robotLayout } from "../devenv/layout.ts";
 import { type ProcessRunner, RecordingRunner } from "../process/mod.ts";
 import type {
   CheckContext,
+  ControlHostPaths,
   DoctorNet,
   DoctorOptions,
   DoctorProc,
   DoctorSpire,
   FileInfo,
+  RobotHostContext,
 } from "./check.ts";
 import { makeMemo } from "./check.ts";
 
 export const ROOT = "/proj";
+
+/** The dev stack's default layout for a project in ROOT (what src/cli/doctor_paths.ts gives). */
+export const LAYOUT: ControlHostPaths = {
+  root: ROOT,
+  trustDomain: "k8s4r.example.org",
+  ports: { spireServer: 8081, mqttPlain: 1883, mqttTls: 8883, http: 8090 },
+  spireServerSocket: `${ROOT}/.spire-data/server/api.sock`,
+  spireServerConfig: `${ROOT}/config/spire/server.conf`,
+  agentPluginsYaml: `${ROOT}/config/agent/plugins.yaml`,
+  caBundleFile: `${ROOT}/config/mosquitto/certs/spire-ca.crt`,
+  mosquittoDir: `${ROOT}/.dev-env/mosquitto`,
+  serverCredentialsFile: `${ROOT}/.dev-env/server-mqtt.json`,
+  files: {
+    spireServerLog: `${ROOT}/.dev-env/spire-server.log`,
+    serverLog: `${ROOT}/.dev-env/server.log`,
+    mosquittoLog: `${ROOT}/.dev-env/mosquitto.log`,
+    brokerIdentityLog: `${ROOT}/.dev-env/broker-identity.log`,
+    brokerStateFile: `${ROOT}/.dev-env/broker.json`,
+  },
+  brokerContainer: "k8s4r-mosquitto-test",
+};
 export const NOW = Date.parse("2030-01-01T00:00:00Z");
 
 export interface FakeOptions {
@@ -28,6 +50,8 @@ export interface FakeOptions {
   options?: Partial<DoctorOptions>;
   env?: Record<string, string | undefined>;
   now?: number;
+  /** Run as a robot host with these paths. */
+  robotHost?: RobotHostContext;
 }
 
 const fileInfo = (p: Partial<FileInfo>): FileInfo => ({
@@ -44,7 +68,7 @@ export function fakeContext(
   o: FakeOptions = {},
 ): CheckContext & { written: Map<string, { data: string; mode: number }>; removed: string[] } {
   const env = o.env ?? {};
-  const layout = defaultLayout(ROOT, env);
+  const layout = LAYOUT;
   const options: DoctorOptions = {
     robotId: "robot-001",
     broker: "native",
@@ -61,8 +85,17 @@ export function fakeContext(
     io: bufferIo({ cwd: ROOT, env }),
     env,
     layout,
-    robot: robotLayout(layout, options.robotId, env),
+    robot: {
+      robotId: "robot-001",
+      spiffeId: "spiffe://k8s4r.example.org/robot/robot-001",
+      nodeSpiffeId: "spiffe://k8s4r.example.org/k8s4r/node/robot-001",
+      agentSocket: "/tmp/spire-agent/agent.sock",
+      agentDataDir: `${ROOT}/.spire-data/agent`,
+      joinTokenFile: `${ROOT}/.dev-env/tokens/robot-001.token`,
+      logFile: `${ROOT}/.dev-env/agent.log`,
+    },
     options,
+    ...(o.robotHost ? { robotHost: o.robotHost } : {}),
     fs: {
       readTextFile(p) {
         const f = files.get(p) ?? written.get(p)?.data;
@@ -92,6 +125,8 @@ export function fakeContext(
       listeningOwner: () => Promise.resolve(undefined),
       httpGet: unreachable("httpGet"),
       mqttProbe: unreachable("mqttProbe"),
+      tcpConnect: unreachable("tcpConnect"),
+      tlsHandshake: unreachable("tlsHandshake"),
       ...o.net,
     },
     proc: {
@@ -105,10 +140,12 @@ export function fakeContext(
       isAttested: () => Promise.resolve(false),
       fetchX509Svids: unreachable("fetchX509Svids"),
       verifyChain: () => ({ ok: true }),
+      agentData: () => Promise.resolve(undefined),
       ...o.spire,
     },
     runner: o.runner ?? new RecordingRunner(),
     clock: { now: () => o.now ?? NOW },
+    uid: 0,
     memo: makeMemo(),
     signal: new AbortController().signal,
     timeoutMs: options.timeoutMs,

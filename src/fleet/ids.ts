@@ -76,3 +76,17 @@ export function fleetServerDnsNames(): string[] {
 export function robotDnsNames(robotId: string): string[] {
   return [robotId];
 }
+
+/**
+ * Robot ids the fleet keeps for itself. The CN rule makes a robot's id its MQTT username, so a
+ * robot must never be called like the fleet server's broker login (`k8s4r-server`); with
+ * global auth settings (Mosquitto 2.0.21) a certificate CN equal to it would skip password
+ * auth. `broker` is the node alias of the broker's own SPIRE agent (`nodeSpiffeId(td, "broker")`).
+ * Every id starting with `k8s4r-` is reserved, for names like these to come.
+ */
+export const RESERVED_ROBOT_ID_PREFIX = "k8s4r-";
+export const RESERVED_ROBOT_IDS: readonly string[] = [SERVER_MQTT_USERNAME, "broker"];
+
+export function isReservedRobotId(id: string): boolean {
+  return id.startsWith(RESERVED_ROBOT_ID_PREFIX) || RESERVED_ROBOT_IDS.includes(id);
+}

@@ -1,13 +1,85 @@
 /**
- * Production defaults of the control host (the fleet server's machine). devenv passes its own
- * paths instead (flags), so a developer's stack never touches these.
+ * Where a robot host keeps k8s4r: the production defaults and the layout of a robot's data
+ * directory. `k8s4r agent --enroll` writes these files, `k8s4r agent` runs from them, the systemd
+ * unit creates their directories, and `k8s4r doctor` checks them.
+ *
+ * Production (the systemd unit's ConfigurationDirectory, StateDirectory, RuntimeDirectory):
+ *
+ *   /etc/k8s4r/agent.yaml           the agent's config (the plugins.yaml format)
+ *   /etc/k8s4r/enrollment.json      the enrollment as received, less its join token (0600)
+ *   /var/lib/k8s4r/                 the SPIRE agent's data_dir (agent-data.json, keys.json)
+ *   /var/lib/k8s4r/trust-bundle.pem the SPIRE bundle the agent bootstraps from
+ *   /var/lib/k8s4r/join-token       the join token (0600), first attestation only
+ *   /var/lib/k8s4r/x509pop/         the robot's x509pop key (0600, made on the robot) and cert
+ *   /var/lib/k8s4r/k8s4r-agent/     the k8s4r agent's own state (spire-agent.conf, its log)
+ *   /run/k8s4r/agent.sock           the Workload API socket
+ *
+ * With `--data-dir DIR` everything lives under DIR: DIR/agent.yaml, DIR/enrollment.json, DIR as
+ * the SPIRE data_dir, and DIR/run/agent.sock.
  */
+import { join } from "node:path";
+
+export const PRODUCTION_CONFIG_DIR = "/etc/k8s4r";
+export const PRODUCTION_STATE_DIR = "/var/lib/k8s4r";
+export const PRODUCTION_RUNTIME_DIR = "/run/k8s4r";
+export const PRODUCTION_AGENT_CONFIG = join(PRODUCTION_CONFIG_DIR, "agent.yaml");
+/** The systemd unit `k8s4r agent service --install` writes. */
+export const AGENT_UNIT_NAME = "k8s4r-agent.service";
+export const AGENT_UNIT_PATH = `/etc/systemd/system/${AGENT_UNIT_NAME}`;
+
+export interface RobotHostPaths {
+  /** Holds agent.yaml and enrollment.json. */
+  configDir: string;
+  /** The agent's config, in the plugins.yaml format. */
+  agentConfig: string;
+  /** The enrollment as received, without its secret (0600). */
+  enrollmentRecord: string;
+  /** The SPIRE agent's data_dir (spire.dataDir) and the root of k8s4r's state. */
+  dataDir: string;
+  /** The k8s4r agent's own state (`<dataDir>/k8s4r-agent`, as the agent config derives it). */
+  agentStateDir: string;
+  /** The trust bundle from the enrollment: spire-agent's trust_bundle_path. */
+  trustBundle: string;
+  /** The join token (0600), read by spire-agent only for the first attestation. */
+  joinTokenFile: string;
+  /** The x509pop private key (0600), created on the robot by `k8s4r agent csr`. */
+  x509popKey: string;
+  /** The x509pop certificate chain (leaf first) from the enrollment. */
+  x509popCert: string;
+  /** The Workload API socket's directory (0755) and the socket. */
+  runtimeDir: string;
+  socketPath: string;
+}
+
+/** The robot host's files: production defaults, or everything under `dataDir`. */
+export function robotHostPaths(dataDir?: string): RobotHostPaths {
+  const configDir = dataDir ?? PRODUCTION_CONFIG_DIR;
+  const data = dataDir ?? PRODUCTION_STATE_DIR;
+  const runtimeDir = dataDir ? join(dataDir, "run") : PRODUCTION_RUNTIME_DIR;
+  return {
+    configDir,
+    agentConfig: join(configDir, "agent.yaml"),
+    enrollmentRecord: join(configDir, "enrollment.json"),
+    dataDir: data,
+    agentStateDir: join(data, "k8s4r-agent"),
+    trustBundle: join(data, "trust-bundle.pem"),
+    joinTokenFile: join(data, "join-token"),
+    x509popKey: join(data, "x509pop", "agent.key"),
+    x509popCert: join(data, "x509pop", "agent.crt"),
+    runtimeDir,
+    socketPath: join(runtimeDir, "agent.sock"),
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The control host (the fleet server's machine). devenv passes its own paths instead (flags),
+// so a developer's stack never touches these.
 
 /** The Workload API socket of the SPIRE agent on the control host (the server's own SVID). */
-export const CONTROL_AGENT_SOCKET = "/run/k8s4r/control-agent/agent.sock";
+export const CONTROL_AGENT_SOCKET = join(PRODUCTION_RUNTIME_DIR, "control-agent", "agent.sock");
 
 /** The fleet server's roles config: which operator may do what (deny by default). */
-export const DEFAULT_ROLES_FILE = "/etc/k8s4r/roles.yaml";
+export const DEFAULT_ROLES_FILE = join(PRODUCTION_CONFIG_DIR, "roles.yaml");
 
 /** SPIRE's own default admin socket of `spire-server` (what `operator add` mints through). */
 export const DEFAULT_SPIRE_SERVER_SOCKET = "/tmp/spire-server/private/api.sock";

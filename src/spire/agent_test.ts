@@ -1,6 +1,8 @@
 import assert from "node:assert/strict";
 import { CliError } from "../cli/errors.ts";
 import { RecordingRunner } from "../process/mod.ts";
+import { TestCa } from "../spiffe/testing/test_ca.ts";
+import { writeAgentData } from "./testing.ts";
 import {
   type AgentConfigValues,
   attestationError,
@@ -52,22 +54,70 @@ Deno.test("GO_DURATION accepts what SPIRE's time.ParseDuration does, nothing els
   for (const bad of ["", "5", "5 s", "-1s", "5sec", "s"]) assert.doesNotMatch(bad, GO_DURATION);
 });
 
-Deno.test("isAttested reads agent-data.json's svid, as SPIRE v1.13.3 writes it", async () => {
+Deno.test("isAttested reads agent-data.json's svid, as SPIRE v1.13.3 writes it, and its expiry", async () => {
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-" });
+  const ca = TestCa.create({ trustDomain: "k8s4r.example.org" });
+  const agentId = "spiffe://k8s4r.example.org/spire/agent/join_token/abc";
   try {
     assert.equal(await isAttested(dir), false);
     await Deno.writeTextFile(`${dir}/agent-data.json`, JSON.stringify({ svid: [], bundle: [] }));
     await Deno.writeTextFile(`${dir}/keys.json`, "{}");
     assert.equal(await isAttested(dir), false);
-    await Deno.writeTextFile(
-      `${dir}/agent-data.json`,
-      JSON.stringify({ svid: ["LS0tLS1CRUdJTi..."], bundle: ["x"], reattestable: false }),
-    );
+    await writeAgentData(dir, ca.issue({ spiffeId: agentId, ttlSeconds: 3600 }), ca, false);
     assert.equal(await isAttested(dir), true);
+    // An expired agent SVID: spire-agent attests again, so the agent is not attested any more.
+    assert.equal(await isAttested(dir, Date.now() + 3600_000), false);
+    await writeAgentData(dir, ca.issueExpired({ spiffeId: agentId }), ca, false);
+    assert.equal(await isAttested(dir), false);
+    await writeAgentData(dir, ca.issue({ spiffeId: agentId }), ca, false);
     await Deno.remove(`${dir}/keys.json`);
     assert.equal(await isAttested(dir), false);
+    await Deno.writeTextFile(`${dir}/keys.json`, "{}");
     await Deno.writeTextFile(`${dir}/agent-data.json`, "{not json");
     assert.equal(await isAttested(dir), false);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("renderAgentConfig: the x509pop NodeAttestor with the robot's key and certificate", () => {
+  const hcl = renderAgentConfig({
+    ...VALUES,
+    nodeAttestor: {
+      type: "x509pop",
+      privateKeyPath: "/var/lib/k8s4r/x509pop/agent.key",
+      certificatePath: "/var/lib/k8s4r/x509pop/agent.crt",
+    },
+  });
+  assert.match(
+    hcl,
+    /NodeAttestor "x509pop" \{\n\s+plugin_data \{\n\s+private_key_path = "\/var\/lib\/k8s4r\/x509pop\/agent\.key"\n\s+certificate_path = "\/var\/lib\/k8s4r\/x509pop\/agent\.crt"\n/,
+  );
+  assert.doesNotMatch(hcl, /join_token/);
+  assert.match(renderAgentConfig(VALUES), /NodeAttestor "join_token"/);
+});
+
+Deno.test("supervisor: an x509pop agent starts without a join token", async () => {
+  const dir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8s4r-" });
+  const runner = new RecordingRunner();
+  try {
+    const sup = new SpireAgentSupervisor({
+      ...VALUES,
+      dataDir: `${dir}/data`,
+      socketPath: `${dir}/s/agent.sock`,
+      runner,
+      bin: "/bin/false",
+      configPath: `${dir}/agent.conf`,
+      logFile: `${dir}/agent.log`,
+      nodeAttestor: { type: "x509pop", privateKeyPath: `${dir}/k`, certificatePath: `${dir}/c` },
+      readyTimeoutMs: 200,
+    });
+    // The recording runner's daemon never serves: the start times out, but after the spawn.
+    await assert.rejects(sup.start());
+    await sup.stop();
+    assert.equal(runner.calls.length >= 1, true);
+    assert.deepEqual(runner.calls[0].args, ["run", "-config", `${dir}/agent.conf`]);
+    assert.match(await Deno.readTextFile(`${dir}/agent.conf`), /NodeAttestor "x509pop"/);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

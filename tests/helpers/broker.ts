@@ -90,28 +90,45 @@ export class FileCa {
   }
 }
 
+/** A broker certificate from elsewhere (a real SPIRE server's `x509 mint`) and the CA to trust. */
+export interface BrokerPki {
+  /** The bundle clients are checked against (mosquitto's cafile). */
+  caFile: string;
+  certFile: string;
+  keyFile: string;
+  brokerSpiffeId: string;
+}
+
 export async function startTestBroker(
-  opts: { runner?: ProcessRunner; tlsAdminUsers?: string[] } = {},
+  opts: {
+    runner?: ProcessRunner;
+    tlsAdminUsers?: string[];
+    /** Use this PKI instead of the throwaway TestCa (the client helpers then do not apply). */
+    pki?: BrokerPki;
+    /** Bind the mTLS listener here (default 127.0.0.1), e.g. a test network's address. */
+    tlsBind?: string;
+  } = {},
 ): Promise<TestBroker> {
   const runner = opts.runner ?? realRunner;
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-broker-" });
   const ca = await FileCa.create(join(dir, "ca"));
-  const brokerSpiffeId = `spiffe://${TEST_TRUST_DOMAIN}/mqtt-broker`;
+  const brokerSpiffeId = opts.pki?.brokerSpiffeId ?? `spiffe://${TEST_TRUST_DOMAIN}/mqtt-broker`;
   // Clients connect to 127.0.0.1 with servername "localhost" (the SAN SPIRE would give it).
-  const brokerCert = await ca.issue("broker", {
-    spiffeId: brokerSpiffeId,
-    dnsNames: ["localhost"],
-  });
+  const brokerCert = opts.pki
+    ? { certFile: opts.pki.certFile, keyFile: opts.pki.keyFile }
+    : await ca.issue("broker", { spiffeId: brokerSpiffeId, dnsNames: ["localhost"] });
+  const caFile = opts.pki?.caFile ?? ca.caFile;
   const [tlsPort, plainPort] = freePorts(2);
   const server = { username: "k8s4r-server", password: generatePassword() };
   const files = await writeBrokerFiles(join(dir, "mosquitto"), {
     tlsPort,
     plainPort,
-    cafile: ca.caFile,
+    cafile: caFile,
     certfile: brokerCert.certFile,
     keyfile: brokerCert.keyFile,
     server,
     tlsAdminUsers: opts.tlsAdminUsers,
+    tlsBind: opts.tlsBind,
   });
   const stdoutLog = join(dir, "mosquitto.stdout.log");
   let daemon: Daemon | undefined;
@@ -155,10 +172,10 @@ export async function startTestBroker(
     plainPort,
     server,
     files,
-    caFile: ca.caFile,
+    caFile,
     brokerSpiffeId,
     plainUrl: `mqtt://127.0.0.1:${plainPort}`,
-    tlsUrl: `mqtts://127.0.0.1:${tlsPort}`,
+    tlsUrl: `mqtts://${opts.tlsBind ?? "127.0.0.1"}:${tlsPort}`,
     ca,
     issueCert: (cn, o = {}) =>
       ca.issue(`client-${cn}-${crypto.randomUUID().slice(0, 6)}`, {

@@ -1,6 +1,5 @@
 /** Helpers several checks share: the robot's SVID fetch, the mTLS handshake, log tails. */
 import { Buffer } from "node:buffer";
-import { devenvFiles } from "../../devenv/layout.ts";
 import type { MqttProbeResult } from "../../mqtt/probe.ts";
 import type { CheckContext, DoctorContext, FetchedSvid } from "../check.ts";
 import { derToPem } from "../pki.ts";
@@ -46,7 +45,7 @@ export function robotMtls(ctx: CheckContext): Promise<MqttProbeResult> {
 }
 
 export function files(ctx: DoctorContext) {
-  return devenvFiles(ctx.layout, ctx.env);
+  return ctx.layout.files;
 }
 
 /** Last `n` non-empty lines of a text file, or undefined when it cannot be read. */

@@ -172,7 +172,7 @@ for (
     [
       "an unknown key",
       PLUGINS.replace("  joinToken:", "  insecureBootstrap: true\n  joinToken:"),
-      "config/agent/plugins.yaml:4: spire.insecureBootstrap: unknown key; expected one of socketPath, trustDomain, serverAddr, joinToken, joinTokenFile, dataDir, logLevel, trustBundlePath, manage",
+      "config/agent/plugins.yaml:4: spire.insecureBootstrap: unknown key; expected one of socketPath, trustDomain, serverAddr, joinToken, joinTokenFile, dataDir, logLevel, trustBundlePath, manage, nodeAttestor, x509popKeyPath, x509popCertPath",
     ],
     [
       "an unset ${VAR} without a default",

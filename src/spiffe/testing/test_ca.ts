@@ -36,7 +36,7 @@ import {
   time,
   uint,
   utf8,
-} from "./der_writer.ts";
+} from "../der_writer.ts";
 
 const ECDSA_SHA256 = seq(oid("1.2.840.10045.4.3.2"));
 const EKU_SERVER_AUTH = "1.3.6.1.5.5.7.3.1";
@@ -84,15 +84,17 @@ function keyId(spki: Uint8Array): Uint8Array {
   return new Uint8Array(createHash("sha1").update(spki).digest());
 }
 
-/** Builds and signs one certificate. `issuer` undefined means self-signed. */
+/**
+ * Builds and signs one certificate. `issuer` undefined means self-signed. `subjectKey` may be a
+ * public key when there is an issuer.
+ */
 export function buildCertificate(
   params: CertParams,
   subjectKey: KeyObject,
   issuer?: { cert: X509Certificate; key: KeyObject; subjectName: Uint8Array; spki: Uint8Array },
 ): { der: Uint8Array; subjectName: Uint8Array; spki: Uint8Array } {
-  const spki = new Uint8Array(
-    createPublicKey(subjectKey).export({ format: "der", type: "spki" }),
-  );
+  const pub = subjectKey.type === "public" ? subjectKey : createPublicKey(subjectKey);
+  const spki = new Uint8Array(pub.export({ format: "der", type: "spki" }));
   const subjectName = name(params.commonName, params.organization);
   const isCa = params.isCa ?? false;
   const exts: Uint8Array[] = [
@@ -313,6 +315,38 @@ export class TestCa {
       keyPem: key.export({ format: "pem", type: "pkcs8" }).toString(),
       bundleDer: this.rootDer,
       bundlePem: this.rootPem,
+    };
+  }
+
+  /**
+   * A certificate for a key this CA never sees (a CSR's public key), as a factory CA signs a
+   * node's x509pop certificate. The result has no private key.
+   */
+  issueForPublicKey(
+    publicKey: KeyObject,
+    opts: Omit<IssueOptions, "key" | "isCa"> = {},
+  ): { certificate: X509Certificate; chainPem: string; certPem: string } {
+    const now = Date.now();
+    const built = buildCertificate(
+      {
+        commonName: opts.commonName ?? opts.dnsNames?.[0],
+        organization: opts.organization,
+        uris: opts.uris ?? (opts.spiffeId !== undefined ? [opts.spiffeId] : []),
+        dnsNames: opts.dnsNames,
+        keyUsage: opts.keyUsage,
+        extKeyUsage: opts.extKeyUsage,
+        notBefore: opts.notBefore ?? new Date(now - 10_000),
+        notAfter: opts.notAfter ?? new Date(now + (opts.ttlSeconds ?? 3600) * 1000),
+      },
+      publicKey,
+      this.issuerInfo(),
+    );
+    const leaf = new X509Certificate(Buffer.from(built.der));
+    const ders = [leaf, ...this.chainToRoot].map((c) => new Uint8Array(c.raw));
+    return {
+      certificate: leaf,
+      chainPem: ders.map((d) => encodePem("CERTIFICATE", d)).join(""),
+      certPem: encodePem("CERTIFICATE", ders[0]),
     };
   }
 

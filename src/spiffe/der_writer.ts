@@ -1,6 +1,6 @@
 /**
- * A tiny DER writer, enough to build X.509 certificates in tests. Test support only: the
- * production code never creates certificates (SPIRE does).
+ * A tiny DER writer, the inverse of `der.ts`: enough to build X.509 certificates (the test CA,
+ * `testing/test_ca.ts`) and PKCS#10 certificate signing requests (a robot's x509pop CSR).
  */
 
 function lengthBytes(n: number): number[] {

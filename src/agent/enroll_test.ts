@@ -1,0 +1,78 @@
+import assert from "node:assert/strict";
+import type { Enrollment } from "../fleet/enrollment.ts";
+import { robotHostPaths } from "../fleet/paths.ts";
+import { TestCa } from "../spiffe/testing/test_ca.ts";
+import { agentConfigFromText } from "./config.ts";
+import { renderAgentYaml } from "./enroll.ts";
+
+const TD = "k8s4r.example.org";
+const P = robotHostPaths("/srv/robot");
+const ca = TestCa.create({ trustDomain: TD });
+
+function enrollment(type: "join_token" | "x509pop"): Enrollment {
+  return {
+    version: 1,
+    robotId: "robot-007",
+    trustDomain: TD,
+    spireServerAddress: "10.203.0.1:8081",
+    brokerUrl: "ssl://10.203.0.1:8883",
+    brokerSpiffeId: `spiffe://${TD}/mqtt-broker`,
+    fleetServerSpiffeId: `spiffe://${TD}/fleet-server`,
+    trustBundle: ca.rootPem,
+    createdAt: new Date(),
+    attestation: type === "join_token"
+      ? { type, token: "the-token-0001", expiresAt: new Date(Date.now() + 600_000) }
+      : { type, certificate: "x", expiresAt: new Date(Date.now() + 600_000) },
+  };
+}
+
+const load = (yaml: string) =>
+  agentConfigFromText(yaml, {
+    cwd: "/",
+    env: {},
+    flags: {},
+    file: P.agentConfig,
+    display: P.agentConfig,
+  })
+    .config;
+
+Deno.test("renderAgentYaml: a new agent.yaml the agent reads back exactly; no token in it", () => {
+  const yaml = renderAgentYaml(undefined, enrollment("join_token"), P);
+  assert.ok(!yaml.includes("the-token-0001"));
+  const c = load(yaml);
+  assert.equal(c.robotId, "robot-007");
+  assert.equal(c.spire.serverHost, "10.203.0.1");
+  assert.equal(c.spire.serverPort, 8081);
+  assert.equal(c.spire.socketPath, "/srv/robot/run/agent.sock");
+  assert.equal(c.spire.dataDir, "/srv/robot");
+  assert.equal(c.spire.trustBundlePath, "/srv/robot/trust-bundle.pem");
+  assert.equal(c.spire.joinTokenFile, "/srv/robot/join-token");
+  assert.deepEqual(c.spire.nodeAttestor, { type: "join_token" });
+  assert.equal(c.mqtt.brokerUrl, "mqtts://10.203.0.1:8883");
+  assert.deepEqual(c.tasks.allow, []);
+  assert.match(yaml, /# Executables the fleet server may run here/);
+});
+
+Deno.test("renderAgentYaml: enrolling again keeps the operator's keys and comments, switches attestation", () => {
+  const first = renderAgentYaml(undefined, enrollment("join_token"), P);
+  const edited = first.replace("allow: []", 'allow: ["echo", "/usr/bin/uptime"]') +
+    "rotation:\n  marginSeconds: 120 # mine\n";
+  const again = renderAgentYaml(edited, enrollment("x509pop"), P);
+  assert.match(again, /# mine/);
+  const c = load(again);
+  assert.deepEqual(c.tasks.allow, ["echo", "/usr/bin/uptime"]);
+  assert.equal(c.rotation.marginSeconds, 120);
+  assert.deepEqual(c.spire.nodeAttestor, {
+    type: "x509pop",
+    privateKeyPath: "/srv/robot/x509pop/agent.key",
+    certificatePath: "/srv/robot/x509pop/agent.crt",
+  });
+  assert.equal(c.spire.joinTokenFile, undefined);
+  // A literal token someone put in the file is removed.
+  const withToken = again.replace("spire:\n", "spire:\n  joinToken: leaked\n");
+  assert.ok(!renderAgentYaml(withToken, enrollment("join_token"), P).includes("leaked"));
+  assert.throws(
+    () => renderAgentYaml("- a list\n", enrollment("join_token"), P),
+    /expected the agent's YAML config to update/,
+  );
+});

@@ -1,0 +1,38 @@
+/**
+ * The spire-agent's NodeAttestor block: how a node proves who it is to the SPIRE server.
+ *
+ * - `join_token`: a single-use, short-lived secret handed over once (`-joinTokenFile`). After
+ *   the first attestation the agent lives on its agent SVID; when that expires (the robot was off
+ *   longer than its lifetime) the used token cannot bring it back.
+ * - `x509pop` (SPIRE's built-in "proof of possession"): a certificate from a factory CA and the
+ *   private key that only this node holds. The server checks the chain against the factory CA
+ *   bundle and has the agent sign a challenge; the agent can do so again whenever its SVID
+ *   expires. The key is a PEM file here; a TPM-held key needs SPIRE's `tpm_devid` attestor.
+ */
+
+export type NodeAttestorConfig =
+  | { type: "join_token" }
+  | {
+    type: "x509pop";
+    /** PEM private key (PKCS#8 or PKCS#1), 0600, made on the node. */
+    privateKeyPath: string;
+    /** PEM chain, leaf first, issued by the factory CA. */
+    certificatePath: string;
+  };
+
+const q = (s: string) => JSON.stringify(s);
+
+/** The `NodeAttestor "..." {...}` block, indented for the `plugins` section. */
+export function renderNodeAttestor(a: NodeAttestorConfig = { type: "join_token" }): string {
+  if (a.type === "x509pop") {
+    return `  NodeAttestor "x509pop" {
+    plugin_data {
+      private_key_path = ${q(a.privateKeyPath)}
+      certificate_path = ${q(a.certificatePath)}
+    }
+  }`;
+  }
+  return `  NodeAttestor "join_token" {
+    plugin_data {}
+  }`;
+}
