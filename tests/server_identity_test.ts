@@ -228,6 +228,22 @@ Deno.test({
           `${tmp}/data0`,
         ]);
         assert.equal(other.code, 1);
+        // A broken roles file stops the server at start, naming file, line and key (exit 2).
+        await Deno.writeTextFile(`${tmp}/bad-roles.yaml`, "operators:\n  admin: root\n");
+        const bad = await k8s4r([
+          "server",
+          "--roles",
+          `${tmp}/bad-roles.yaml`,
+          "--socket-path",
+          sock,
+          "--mqtt-credentials",
+          `${tmp}/mqtt.json`,
+        ]);
+        assert.equal(bad.code, 2, bad.stderr);
+        assert.match(
+          bad.stderr,
+          /bad-roles\.yaml:2: operators\.admin: expected a role, one of viewer, operator, got "root"/,
+        );
         assert.match(
           other.stderr,
           /no X\.509 SVID for spiffe:\/\/k8s4r\.example\.org\/not-registered/,

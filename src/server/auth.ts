@@ -21,6 +21,7 @@
 import type { X509Certificate } from "node:crypto";
 import type { X509BundleSource } from "../spiffe/bundle.ts";
 import { verifyX509SvidChain } from "../spiffe/verify.ts";
+import { certInfo } from "../spiffe/x509.ts";
 import { operatorNameOf } from "../fleet/ids.ts";
 import { allows, type Permission, type Role, type RolesSource } from "./roles.ts";
 
@@ -63,10 +64,21 @@ const refuse = (status: number, code: RefusalCode, error: string): Refusal => ({
   error,
 });
 
+/**
+ * A TLS connection's verified client chain, reused by its next requests: the chain of a TLS
+ * session never changes, so while the bundle is the same object (the source replaces it on
+ * every rotation) and now is inside the chain's validity, the answer would be the same. One
+ * ECDSA verification costs ~0.44 ms in Deno 2.9; a keep-alive client pays it once.
+ */
+export interface VerifiedConnection {
+  verified?: { bundle: unknown; spiffeId: string; from: number; until: number };
+}
+
 /** Who the client certificate says the caller is, verified against the bundle. */
 export function identify(
   chain: X509Certificate[] | undefined,
   policy: AuthPolicy,
+  conn?: VerifiedConnection,
 ): { ok: true; spiffeId: string; operator: string } | { ok: false; refusal: Refusal } {
   if (!chain || chain.length === 0) {
     return {
@@ -79,8 +91,26 @@ export function identify(
     };
   }
   let spiffeId: string;
+  const now = policy.now?.() ?? new Date();
+  const td = policy.trustDomain;
+  const bundle = policy.bundles.getX509BundleForTrustDomain(td);
+  const v = conn?.verified;
   try {
-    spiffeId = verifyX509SvidChain(chain, policy.bundles, policy.now?.()).id.toString();
+    if (v && v.bundle === bundle && now.getTime() >= v.from && now.getTime() <= v.until) {
+      spiffeId = v.spiffeId;
+    } else {
+      const r = verifyX509SvidChain(chain, policy.bundles, now);
+      spiffeId = r.id.toString();
+      if (conn && r.id.trustDomain.name === td) {
+        const infos = r.chain.map((c) => certInfo(c));
+        conn.verified = {
+          bundle,
+          spiffeId,
+          from: Math.max(...infos.map((i) => i.notBefore.getTime())),
+          until: Math.min(...infos.map((i) => i.notAfter.getTime())),
+        };
+      }
+    }
   } catch (err) {
     return {
       ok: false,

@@ -8,7 +8,7 @@ import type { X509Certificate } from "node:crypto";
 import { decodeDown } from "../mqtt/messages.ts";
 import { TestCa } from "../spiffe/testing/test_ca.ts";
 import { FleetService, type Publisher } from "./fleet.ts";
-import { allowedHostNames, parseAuthority } from "./auth.ts";
+import { allowedHostNames, identify, parseAuthority } from "./auth.ts";
 import { createHandler, decodeCursor, encodeCursor } from "./http_api.ts";
 import { Registry } from "./registry.ts";
 import { type Role, type RolesSource, type RolesState, staticRoles } from "./roles.ts";
@@ -336,4 +336,36 @@ Deno.test("--http-addr warning: silent on loopback, names what is exposed otherw
   assert.match(w, /\/healthz/);
   assert.match(w, /task creation/);
   assert.match(exposureWarning({ hostname: "10.0.0.5", port: 9 })!, /exposed on 10\.0\.0\.5:9/);
+});
+
+Deno.test("a connection's verification is reused only while the bundle and validity hold", () => {
+  const web = new TestHttps();
+  const roles = staticRoles({ admin: "operator" });
+  let now = new Date();
+  const policy = {
+    trustDomain: web.trustDomain,
+    bundles: web.source,
+    roles,
+    now: () => now,
+  };
+  const short = web.operator("admin", { ttlSeconds: 60 });
+  const conn: { verified?: { bundle: unknown; spiffeId: string; from: number; until: number } } =
+    {};
+  const first = identify(short.certificates, policy, conn);
+  assert.ok(first.ok);
+  assert.ok(conn.verified, "nothing kept for the connection");
+  assert.equal(conn.verified.until, short.certificate.validToDate.getTime());
+  assert.ok(identify(short.certificates, policy, conn).ok, "reused");
+  // Past the certificate's notAfter: verified again, and refused.
+  now = new Date(Date.now() + 120_000);
+  const late = identify(short.certificates, policy, conn);
+  assert.ok(!late.ok && late.refusal.status === 401 && /expired at/.test(late.refusal.error));
+  // A new bundle (CA rotation that drops the old CA): the same connection is verified again.
+  now = new Date();
+  const conn2: typeof conn = {};
+  assert.ok(identify(short.certificates, policy, conn2).ok);
+  web.rotateCa(TestCa.create({ trustDomain: web.trustDomain }));
+  const after = identify(short.certificates, policy, conn2);
+  assert.ok(!after.ok && after.refusal.code === "untrusted-certificate");
+  web.close();
 });

@@ -46,6 +46,7 @@ import {
   identify,
   type Refusal,
   type RefusalCode,
+  type VerifiedConnection,
 } from "./auth.ts";
 import {
   ConflictError,
@@ -270,8 +271,11 @@ export function parseTaskQuery(params: URLSearchParams, robotId?: string): TaskQ
   return q;
 }
 
-/** The connection a request came on: the client's certificate chain (leaf first), if any. */
-export interface ConnInfo {
+/**
+ * The connection a request came on: the client's certificate chain (leaf first), if any, and
+ * the connection's verification, kept for its next requests (auth.ts `VerifiedConnection`).
+ */
+export interface ConnInfo extends VerifiedConnection {
   peerChain?: X509Certificate[];
 }
 
@@ -460,7 +464,7 @@ export function createHandler(
         });
       }
       // 3. Who is calling: an operator, by a certificate that chains to the bundle.
-      const who = identify(conn.peerChain, ctx.auth);
+      const who = identify(conn.peerChain, ctx.auth, conn);
       if (!who.ok) return refused(who.refusal, req, url);
       const r = route(req, url, parts);
       if (!r) throw new HttpError(404, `no such endpoint ${url.pathname}`);

@@ -105,6 +105,7 @@ export async function serveHttps(
   opts: { hostname: string; port: number; tls: ServerTlsProvider; urlHost?: string },
 ): Promise<HttpsApi> {
   const stats: HttpsApi["stats"] = { contextUpdates: 0, tlsErrors: 0 };
+  const connections = new WeakMap<TLSSocket, ConnInfo>();
   const server = https.createServer({
     ...opts.tls.current(),
     requestCert: true,
@@ -116,11 +117,16 @@ export async function serveHttps(
       res.end(JSON.stringify({ error: "request target: expected an absolute path" }) + "\n");
       return;
     }
-    let conn: ConnInfo;
-    try {
-      conn = { peerChain: clientChain(req.socket as TLSSocket) };
-    } catch {
-      conn = {};
+    // One ConnInfo per TLS connection: its chain is fixed, and its verification is reused.
+    const socket = req.socket as TLSSocket;
+    let conn = connections.get(socket);
+    if (!conn) {
+      try {
+        conn = { peerChain: clientChain(socket) };
+      } catch {
+        conn = {};
+      }
+      connections.set(socket, conn);
     }
     handler(toRequest(req), conn).then((r) => respond(res, r)).catch((err) => {
       if (!res.headersSent) {
