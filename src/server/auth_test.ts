@@ -369,3 +369,30 @@ Deno.test("a connection's verification is reused only while the bundle and valid
   assert.ok(!after.ok && after.refusal.code === "untrusted-certificate");
   web.close();
 });
+
+Deno.test("refusals are logged once per reason per 10 s, and all counted", async () => {
+  const registry = Registry.openFile(":memory:");
+  const fleet = new FleetService(registry, new Pub());
+  const web = new TestHttps();
+  const lines: string[] = [];
+  const handler = createHandler({
+    fleet,
+    mqttConnected: () => true,
+    auth: { trustDomain: web.trustDomain, bundles: web.source, roles: staticRoles({}) },
+    hosts: { port: 8090, names: () => new Set(["localhost"]) },
+    logger: { info: () => {}, warn: (m) => lines.push(m) },
+  });
+  for (let i = 0; i < 50; i++) {
+    const r = await handler(
+      new Request("https://localhost:8090/api/robots", { headers: { host: "localhost:8090" } }),
+      {},
+    );
+    assert.equal(r.status, 401);
+    await r.body?.cancel();
+  }
+  assert.equal(handler.refusals["no-certificate"], 50);
+  assert.equal(lines.length, 1, lines.join("\n"));
+  assert.match(lines[0], /refused GET \/api\/robots: no-certificate/);
+  registry.close();
+  web.close();
+});

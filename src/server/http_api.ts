@@ -430,11 +430,22 @@ export function createHandler(
     return undefined;
   };
 
+  // Anyone who can connect can be refused: one log line per reason per 10 s, the rest counted.
+  const lastLogged = new Map<RefusalCode, { at: number; suppressed: number }>();
   const refused = (r: Refusal, req: Request, url: URL, who?: string): Response => {
     refusals[r.code]++;
-    log.warn(
-      `refused ${req.method} ${url.pathname}${who ? ` from ${who}` : ""}: ${r.code}: ${r.error}`,
-    );
+    const now = Date.now();
+    const l = lastLogged.get(r.code);
+    if (!l || now - l.at >= 10_000) {
+      log.warn(
+        `refused ${req.method} ${url.pathname}${who ? ` from ${who}` : ""}: ${r.code}: ${r.error}${
+          l?.suppressed ? ` (and ${l.suppressed} more ${r.code} since the last line)` : ""
+        }`,
+      );
+      lastLogged.set(r.code, { at: now, suppressed: 0 });
+    } else {
+      l.suppressed++;
+    }
     return json(r.status, { error: r.error, code: r.code });
   };
 
