@@ -2,7 +2,7 @@
  * k8s4r entry point. It parses the command line, runs one command, and is the only place
  * that exits the process.
  */
-import { renderHelp, runCli } from "./src/cli/mod.ts";
+import { loadCommandPath, renderHelp, runCli } from "./src/cli/mod.ts";
 import { rootCommand } from "./src/cli/commands.ts";
 import { CliError, errorMessage } from "./src/cli/errors.ts";
 import { realIo } from "./src/cli/io.ts";
@@ -16,7 +16,7 @@ async function main(argv: string[]): Promise<number> {
   try {
     const code = await runCli(rootCommand, argv, io);
     if (code === -1) {
-      io.stdout.write(renderHelp(rootCommand, ["k8s4r"]));
+      io.stdout.write(renderHelp(await loadCommandPath(rootCommand, []), ["k8s4r"]));
       return 0;
     }
     return code;

@@ -1,26 +1,66 @@
 /**
- * Agent footprint: the real `k8s4r agent` (started by `devenv start`) at idle (default 10 s
- * heartbeats) and with `--heartbeat-seconds 1`: RSS and CPU from /proc, its own process and its
- * supervised spire-agent apart. Bytes per heartbeat: the payload size as the broker delivers it
- * (`mosquitto_sub -F %l`), plus what the agent's TCP connection to the broker really carried
- * (`ss -tin` bytes_sent / bytes_received: TLS records, MQTT framing, PUBACKs, pings).
+ * Agent footprint: the real `k8s4r agent` of a `devenv start` stack (real SPIRE, real broker),
+ * restarted here at idle (default 10 s heartbeats) and with `--heartbeat-seconds 1`, with the V8
+ * flags devenv gives it (`src/agent/runtime_flags.ts`).
+ *
+ * Memory, side by side, from `/proc/PID/smaps_rollup` sampled every 500 ms over each phase:
+ * - RSS: every resident page, the shared Deno executable included;
+ * - PSS: shared pages split between the processes that map them (noisy on a shared machine:
+ *   it falls when other Deno processes run);
+ * - USS: private pages only (Private_Clean + Private_Dirty), what the agent alone costs.
+ * Each run is a fresh agent; a figure holds one value per run (the phase's peak). Runs
+ * alternate between modes (and trees, below), so machine noise hits them alike.
+ *
+ * Before/after in one run: `K8S4R_BENCH_BASELINE=/path/to/other/checkout/main.ts` measures that
+ * tree's agent too, interleaved with this one, against the same stack ("baseline" figures).
+ *
+ * Bytes per heartbeat: the payload size as the broker delivers it (`mosquitto_sub -F %l`), plus
+ * what the agent's TCP connection to the broker really carried (`ss -tin` bytes_sent /
+ * bytes_received: TLS records, MQTT framing, PUBACKs, pings). CPU from /proc/PID/stat.
  */
+import { join } from "node:path";
 import { encode, type HeartbeatMessage, PROTOCOL_VERSION } from "../src/mqtt/messages.ts";
 import { upTopic } from "../src/fleet/topics.ts";
 import { robotLayout } from "../src/devenv/layout.ts";
-import { readPidFile, realRunner } from "../src/process/mod.ts";
+import { agentArgs } from "../src/devenv/components.ts";
+import { agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
+import { type Daemon, realRunner, stopPidFile, waitFor } from "../src/process/mod.ts";
 import {
   type BenchOptions,
   BenchStack,
   Cleanup,
-  memBreakdown,
-  ProcSampler,
-  restartAgent,
+  cpuSeconds,
+  MAIN_TS,
   spawnSubscriber,
   tcpBytes,
 } from "./lib.ts";
 import { type BenchResult, figure } from "./report.ts";
 import { median, round } from "./stats.ts";
+
+/** MB, from smaps_rollup. */
+export interface MemSample {
+  rss: number;
+  pss: number;
+  uss: number;
+  /** Anonymous memory (heaps); USS minus this is private file-backed pages. */
+  anon: number;
+}
+
+/** RSS, PSS, USS and anonymous memory of a process, or undefined when it is gone. */
+export async function memSample(pid: number): Promise<MemSample | undefined> {
+  try {
+    const r = await Deno.readTextFile(`/proc/${pid}/smaps_rollup`);
+    const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+) kB`, "m").exec(r)?.[1] ?? NaN);
+    return {
+      rss: kb("Rss") / 1024,
+      pss: kb("Pss") / 1024,
+      uss: (kb("Private_Clean") + kb("Private_Dirty")) / 1024,
+      anon: kb("Anonymous") / 1024,
+    };
+  } catch {
+    return undefined;
+  }
+}
 
 /** Child pids of a process (e.g. the agent's spire-agent). */
 async function children(pid: number): Promise<number[]> {
@@ -49,8 +89,89 @@ async function agentLocalPort(agentPid: number, brokerPort: number): Promise<num
   return undefined;
 }
 
+/**
+ * Replaces robot-001's agent with `deno run -A MAIN agent ...` (this tree's or a baseline's),
+ * with the agent's V8 flags, on the same pid file (so `devenv clean` stops it too).
+ */
+async function startAgent(
+  stack: BenchStack,
+  main: string,
+  extra: string[],
+): Promise<{ daemon: Daemon; logFile: string }> {
+  const r = robotLayout(stack.layout, "robot-001", stack.env);
+  await stopPidFile(r.pidFile, 10_000);
+  const logFile = join(stack.dir, `bench-agent-${crypto.randomUUID().slice(0, 8)}.log`);
+  const daemon = await realRunner.spawn({
+    name: "agent robot-001",
+    cmd: "deno",
+    args: [
+      ...agentArgs(
+        ["run", "-A", main],
+        r,
+        stack.layout.agentPluginsYaml,
+        stack.env.MQTT_BROKER_URL,
+      ),
+      ...extra,
+    ],
+    cwd: stack.dir,
+    env: { ...stack.env, DENO_V8_FLAGS: agentV8FlagsEnv(Deno.env.get("DENO_V8_FLAGS")) },
+    logFile,
+    pidFile: r.pidFile,
+  });
+  await waitFor(
+    async () => (await Deno.readTextFile(logFile).catch(() => "")).includes("mqtt.connected"),
+    { timeoutMs: 60_000, intervalMs: 50, what: `agent robot-001 to connect (log: ${logFile})` },
+  );
+  return { daemon, logFile };
+}
+
+interface Phase {
+  /** Peak over the phase, per measure. */
+  peak: MemSample;
+  cpuPct: number;
+  spireRss?: number;
+}
+
+/** Samples a running agent for `ms`: memory every 500 ms, CPU over the whole phase. */
+async function samplePhase(pid: number, ms: number): Promise<Phase> {
+  const spire = (await children(pid))[0];
+  const c0 = await cpuSeconds(pid);
+  const t0 = performance.now();
+  const samples: MemSample[] = [];
+  let spireRss: number | undefined;
+  while (performance.now() - t0 < ms) {
+    const s = await memSample(pid);
+    if (s) samples.push(s);
+    await new Promise((res) => setTimeout(res, 500));
+  }
+  if (spire) spireRss = (await memSample(spire))?.rss;
+  const c1 = await cpuSeconds(pid);
+  const secs = (performance.now() - t0) / 1000;
+  if (!samples.length) throw new Error(`agent ${pid} exited during the phase`);
+  const peak = (k: keyof MemSample) => Math.max(...samples.map((s) => s[k]));
+  return {
+    peak: { rss: peak("rss"), pss: peak("pss"), uss: peak("uss"), anon: peak("anon") },
+    cpuPct: c0 !== undefined && c1 !== undefined ? ((c1 - c0) / secs) * 100 : 0,
+    spireRss,
+  };
+}
+
+const MODES = [
+  { key: "idle", label: "idle (10 s heartbeats)", args: [] as string[] },
+  { key: "hb", label: "1 heartbeat/s", args: ["--heartbeat-seconds", "1"] },
+];
+
+/** The targets of issue 15 (with the V8 flags): RSS ≤ 64 MB, USS ≤ 25 MB, on every run. */
+const TARGET_RSS_MB = 64;
+const TARGET_USS_MB = 25;
+
 export async function benchFootprint(opts: BenchOptions, result: BenchResult): Promise<void> {
-  const phaseMs = opts.quick ? 6_000 : 15_000;
+  const phaseMs = opts.quick ? 6_000 : 12_000;
+  const settleMs = 3_000;
+  const runs = opts.quick ? 2 : 3;
+  const baseline = Deno.env.get("K8S4R_BENCH_BASELINE");
+  const trees = [{ name: "", main: MAIN_TS }];
+  if (baseline) trees.push({ name: "baseline", main: baseline });
   const cleanup = new Cleanup();
   try {
     const stack = await BenchStack.create("k8s4r-bp-");
@@ -59,95 +180,101 @@ export async function benchFootprint(opts: BenchOptions, result: BenchResult): P
     if (st.code !== 0) {
       throw new Error(`devenv start exited ${st.code}: ${st.stderr.trim().split("\n").pop()}`);
     }
-    const r = robotLayout(stack.layout, "robot-001", stack.env);
-    const agentPid = readPidFile(r.pidFile)?.pid;
-    if (!agentPid) throw new Error("agent pid file missing");
-    const spirePid = (await children(agentPid))[0];
-    await new Promise((res) => setTimeout(res, 2000)); // settle after start
-    const idle = new ProcSampler(
-      spirePid ? { agent: agentPid, spireAgent: spirePid } : { agent: agentPid },
-    );
-    await idle.start();
-    await new Promise((res) => setTimeout(res, phaseMs));
-    const idleP = await idle.stop();
-    const idleMem = await memBreakdown(agentPid);
+    // One unmeasured start per tree, so each measured run finds Deno's caches warm.
+    for (const t of trees) await startAgent(stack, t.main, []);
 
-    // Heartbeats every second: a new agent with --heartbeat-seconds 1 (its spire-agent has
-    // attested already, so no token is needed).
-    const { daemon } = await restartAgent(stack, "robot-001", ["--heartbeat-seconds", "1"]);
-    const hbPid = daemon.pid;
-    const hbSpire = (await children(hbPid))[0];
+    const phases = new Map<string, Phase[]>(); // `${tree}/${mode}`
+    let wire:
+      | { up: number; down: number; hbCount: number; secs: number; port?: number }
+      | undefined;
+    let sizes: number[] = [];
     const sub = await spawnSubscriber(stack, cleanup, upTopic("robot-001", "heartbeat"), "%l");
-    await new Promise((res) => setTimeout(res, 2000));
-    const port = await agentLocalPort(hbPid, stack.layout.ports.mqttTls);
-    const b0 = port ? await tcpBytes(port) : undefined;
-    const lines0 = (await Deno.readTextFile(sub.out).catch(() => "")).split("\n").filter(Boolean)
-      .length;
-    const busy = new ProcSampler(
-      hbSpire ? { agent: hbPid, spireAgent: hbSpire } : { agent: hbPid },
-    );
-    await busy.start();
-    const t0 = performance.now();
-    await new Promise((res) => setTimeout(res, phaseMs));
-    const busyP = await busy.stop();
-    const busyMem = await memBreakdown(hbPid);
-    const b1 = port ? await tcpBytes(port) : undefined;
-    const secs = (performance.now() - t0) / 1000;
-    const lines = (await Deno.readTextFile(sub.out).catch(() => "")).split("\n").filter(Boolean);
-    const sizes = lines.map(Number).filter((n) => Number.isFinite(n) && n > 0);
-    const hbCount = lines.length - lines0;
-
-    result.figures.push(
-      figure("footprint.idle.rss", "agent RSS, idle (10 s heartbeats)", "MB", idleP.agent.rssMb, {
-        runs: 1,
-        target: { op: "<=", value: 80, on: "max" },
-      }),
-      figure("footprint.idle.cpu", "agent CPU, idle", "%", [idleP.agent.cpuPct]),
-      figure("footprint.hb.rss", "agent RSS, 1 heartbeat/s", "MB", busyP.agent.rssMb, {
-        runs: 1,
-        target: { op: "<=", value: 80, on: "max" },
-      }),
-      figure("footprint.hb.cpu", "agent CPU, 1 heartbeat/s", "%", [busyP.agent.cpuPct]),
-    );
-    const mems = [idleMem, busyMem].filter((m) => m !== undefined);
-    if (mems.length) {
-      result.figures.push(
-        figure(
-          "footprint.anon",
-          "agent private memory (RssAnon), idle and 1 hb/s",
-          "MB",
-          mems.map((m) => m.anon),
-          { runs: 1 },
-        ),
-        figure(
-          "footprint.file",
-          "agent file-backed RSS (the shared deno executable)",
-          "MB",
-          mems.map((m) => m.file),
-          { runs: 1 },
-        ),
-      );
-      const pss = mems.map((m) => m.pss).filter((v): v is number =>
-        v !== undefined && !Number.isNaN(v)
-      );
-      if (pss.length) {
-        result.figures.push(
-          figure(
-            "footprint.pss",
-            "agent PSS (shared pages split between deno processes)",
-            "MB",
-            pss,
-            { runs: 1 },
-          ),
-        );
+    for (let run = 0; run < runs; run++) {
+      for (const t of trees) {
+        for (const mode of MODES) {
+          opts.log(`footprint: run ${run + 1}/${runs} ${t.name || "this tree"} ${mode.key}`);
+          const { daemon } = await startAgent(stack, t.main, mode.args);
+          await new Promise((res) => setTimeout(res, settleMs));
+          const measureWire = run === 0 && t.name === "" && mode.key === "hb";
+          const port = measureWire
+            ? await agentLocalPort(daemon.pid, stack.layout.ports.mqttTls)
+            : undefined;
+          const b0 = port ? await tcpBytes(port) : undefined;
+          const lines0 = measureWire ? (await readLines(sub.out)).length : 0;
+          const t0 = performance.now();
+          const phase = await samplePhase(daemon.pid, phaseMs);
+          if (measureWire) {
+            const b1 = port ? await tcpBytes(port) : undefined;
+            const lines = await readLines(sub.out);
+            const hbCount = lines.length - lines0;
+            sizes = lines.slice(lines0).map(Number).filter((n) => Number.isFinite(n) && n > 0);
+            const secs = (performance.now() - t0) / 1000;
+            if (b0 && b1 && hbCount > 0) {
+              wire = {
+                up: (b1.sent - b0.sent) / hbCount,
+                down: (b1.received - b0.received) / hbCount,
+                hbCount,
+                secs,
+                port,
+              };
+            } else wire = { up: NaN, down: NaN, hbCount, secs, port };
+          }
+          const key = `${t.name}/${mode.key}`;
+          phases.set(key, [...(phases.get(key) ?? []), phase]);
+        }
       }
     }
-    if (idleP.spireAgent) {
+
+    for (const t of trees) {
+      const pre = t.name ? `footprint.${t.name}.` : "footprint.";
+      const who = t.name ? `${t.name} agent` : "agent";
+      for (const mode of MODES) {
+        const ps = phases.get(`${t.name}/${mode.key}`) ?? [];
+        const mine = t.name === "";
+        result.figures.push(
+          figure(
+            `${pre}${mode.key}.rss`,
+            `${who} RSS, ${mode.label}`,
+            "MB",
+            ps.map((p) => p.peak.rss),
+            {
+              target: mine ? { op: "<=", value: TARGET_RSS_MB, on: "max" } : undefined,
+            },
+          ),
+          figure(
+            `${pre}${mode.key}.pss`,
+            `${who} PSS, ${mode.label}`,
+            "MB",
+            ps.map((p) => p.peak.pss),
+          ),
+          figure(
+            `${pre}${mode.key}.uss`,
+            `${who} USS (private), ${mode.label}`,
+            "MB",
+            ps.map((p) => p.peak.uss),
+            {
+              target: mine ? { op: "<=", value: TARGET_USS_MB, on: "max" } : undefined,
+            },
+          ),
+        );
+        if (mine) {
+          result.figures.push(
+            figure(
+              `${pre}${mode.key}.cpu`,
+              `${who} CPU, ${mode.label}`,
+              "%",
+              ps.map((p) => p.cpuPct),
+            ),
+          );
+        }
+      }
+    }
+    const spire = [...phases.values()].flat().map((p) => p.spireRss).filter((v): v is number =>
+      v !== undefined
+    );
+    if (spire.length) {
       result.figures.push(
-        figure("footprint.spire.rss", "its spire-agent RSS (separate process)", "MB", [
-          ...idleP.spireAgent.rssMb,
-          ...(busyP.spireAgent?.rssMb ?? []),
-        ], { runs: 2 }),
+        figure("footprint.spire.rss", "its spire-agent RSS (separate process)", "MB", spire),
       );
     }
     if (sizes.length) {
@@ -165,50 +292,53 @@ export async function benchFootprint(opts: BenchOptions, result: BenchResult): P
       load: [0.12, 0.34, 0.56],
     };
     const topicLen = upTopic("robot-001", "heartbeat").length;
-    const payload = sizes.length ? median(sizes) : encode(sample).length;
+    const payload = Math.round(sizes.length ? median(sizes) : encode(sample).length);
     // MQTT 5 PUBLISH QoS 1: fixed header 1 + remaining length 2 (>127) + topic 2+len + packet
     // id 2 + property length 1; PUBACK 4 bytes. TLS 1.3 AES-GCM record: 5 + 1 + 16 = 22 bytes.
     const mqttUp = payload + 1 + 2 + 2 + topicLen + 2 + 1;
     const computedUp = mqttUp + 22;
     const computedDown = 4 + 22;
-    if (b0 && b1 && hbCount > 0) {
-      const up = (b1.sent - b0.sent) / hbCount;
-      const down = (b1.received - b0.received) / hbCount;
+    if (wire && Number.isFinite(wire.up)) {
       result.figures.push(
         figure(
           "footprint.hb.wire_up",
           "TCP payload bytes per heartbeat, robot → broker (ss)",
           "B",
-          [up],
+          [wire.up],
         ),
         figure(
           "footprint.hb.wire_down",
           "TCP payload bytes per heartbeat, broker → robot (ss)",
           "B",
-          [down],
+          [wire.down],
         ),
       );
     }
     result.notes.push(
+      `Memory: ${runs} fresh agents per mode${
+        baseline ? ` and per tree (baseline: ${baseline})` : ""
+      }, each sampled every 500 ms for ${phaseMs / 1000} s after a ${
+        settleMs / 1000
+      } s settle; each value is one run's peak. V8 flags: DENO_V8_FLAGS=${
+        agentV8FlagsEnv(Deno.env.get("DENO_V8_FLAGS"))
+      }.`,
       `Heartbeat: ${
         round(payload)
       } B of JSON; computed MQTT 5 PUBLISH ${mqttUp} B, in one TLS 1.3 record ` +
         `${computedUp} B up and ${computedDown} B (PUBACK) down, plus TCP/IP headers (2 × 52 B on loopback). ` +
-        `${hbCount} heartbeats in ${round(secs)} s measured on the wire (local port ${
-          port ?? "not found"
-        }).`,
+        `${wire?.hbCount ?? 0} heartbeats in ${
+          round(wire?.secs ?? 0)
+        } s measured on the wire (local port ${wire?.port ?? "not found"}).`,
       `The agent's spire-agent is a separate process (RSS ${
-        round(median(idleP.spireAgent?.rssMb ?? [0]))
-      } MB); the 80 MB target applies to the k8s4r agent process.`,
+        round(median(spire.length ? spire : [0]))
+      } MB); the targets apply to the k8s4r agent process.`,
     );
-    result.details = {
-      idleMem,
-      busyMem,
-      idle: idleP,
-      heartbeat: busyP,
-      bytes: { b0, b1, hbCount, secs },
-    };
+    result.details = { phases: Object.fromEntries(phases), wire };
   } finally {
     await cleanup.run(opts.log);
   }
+}
+
+async function readLines(file: string): Promise<string[]> {
+  return (await Deno.readTextFile(file).catch(() => "")).split("\n").filter(Boolean);
 }

@@ -391,21 +391,3 @@ export async function restartAgent(
   );
   return { daemon, logFile };
 }
-
-/** RSS split (MB): anonymous (private heap) vs file-backed (the shared executable), and PSS. */
-export async function memBreakdown(
-  pid: number,
-): Promise<{ rss: number; anon: number; file: number; pss?: number } | undefined> {
-  try {
-    const s = await Deno.readTextFile(`/proc/${pid}/status`);
-    const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+) kB`, "m").exec(s)?.[1] ?? NaN);
-    let pss: number | undefined;
-    try {
-      const r = await Deno.readTextFile(`/proc/${pid}/smaps_rollup`);
-      pss = Number(/^Pss:\s+(\d+) kB/m.exec(r)?.[1] ?? NaN) / 1024;
-    } catch { /* older kernels */ }
-    return { rss: kb("VmRSS") / 1024, anon: kb("RssAnon") / 1024, file: kb("RssFile") / 1024, pss };
-  } catch {
-    return undefined;
-  }
-}

@@ -1,28 +1,36 @@
-/** The k8s4r command tree. Each area owns its command spec; this file only assembles them. */
+/**
+ * The k8s4r command tree. Each area owns its command spec; this file only assembles them.
+ *
+ * Subcommands are lazy (`load`): `k8s4r agent` imports the agent's modules and not the server's,
+ * devenv's or doctor's, so each process loads only the command it runs (a little less memory
+ * for the long-running agent and a faster CLI start; docs/BENCHMARKS.md, agent memory). Help
+ * for the root loads them all.
+ */
 import type { CommandSpec } from "./mod.ts";
 import { VERSION } from "../version.ts";
-import { robotsCommand, serverCommand, taskCommand, tasksCommand } from "../server/command.ts";
-import { operatorCommand } from "../operator/command.ts";
-import { agentCommand } from "../agent/command.ts";
-import { devenvCommand } from "../devenv/command.ts";
-import { makeDoctorCommand } from "../doctor/command.ts";
-import { devStackPaths } from "./doctor_paths.ts";
-import { identityCommand } from "../identity/command.ts";
+
+/** A subcommand known by name only until it runs; its summary comes with its module. */
+function lazy(name: string, load: () => Promise<CommandSpec>): CommandSpec {
+  return { name, summary: "", load };
+}
 
 export const rootCommand: CommandSpec = {
   name: "k8s4r",
   summary: "k8s4r: zero-trust connection layer for robot fleets (SPIFFE/SPIRE + MQTT mTLS)",
   flags: [{ name: "version", short: "V", type: "boolean", description: "Print the version" }],
   subcommands: [
-    serverCommand,
-    agentCommand,
-    devenvCommand,
-    makeDoctorCommand(devStackPaths),
-    identityCommand,
-    operatorCommand,
-    robotsCommand,
-    tasksCommand,
-    taskCommand,
+    lazy("server", async () => (await import("../server/command.ts")).serverCommand),
+    lazy("agent", async () => (await import("../agent/command.ts")).agentCommand),
+    lazy("devenv", async () => (await import("../devenv/command.ts")).devenvCommand),
+    lazy("doctor", async () =>
+      (await import("../doctor/command.ts")).makeDoctorCommand(
+        (await import("./doctor_paths.ts")).devStackPaths,
+      )),
+    lazy("identity", async () => (await import("../identity/command.ts")).identityCommand),
+    lazy("operator", async () => (await import("../operator/command.ts")).operatorCommand),
+    lazy("robots", async () => (await import("../server/command.ts")).robotsCommand),
+    lazy("tasks", async () => (await import("../server/command.ts")).tasksCommand),
+    lazy("task", async () => (await import("../server/command.ts")).taskCommand),
   ],
   run(args, io) {
     if (args.bool("version")) {

@@ -37,6 +37,11 @@ export interface CommandSpec {
   acceptsRest?: boolean;
   subcommands?: CommandSpec[];
   hidden?: boolean;
+  /**
+   * A lazy command: only `name` is given here and `load` imports the module that defines the
+   * whole spec, so a process loads only the command it runs (see `loadCommandPath`).
+   */
+  load?: () => Promise<CommandSpec>;
   /** Returns the exit code (default 0) or throws a CliError. */
   run?: (args: Args, io: Io) => Promise<number | void>;
 }
@@ -258,9 +263,38 @@ export function renderHelp(spec: CommandSpec, path: string[]): string {
   return lines.join("\n") + "\n";
 }
 
+async function loaded(spec: CommandSpec): Promise<CommandSpec> {
+  if (!spec.load) return spec;
+  const real = await spec.load();
+  if (real.name !== spec.name || real.load) {
+    throw new Error(`lazy command '${spec.name}' loaded a spec named '${real.name}'`);
+  }
+  return real;
+}
+
+/**
+ * A copy of the tree in which the lazy commands on argv's path are loaded. Where the walk stops
+ * at a command with subcommands (its help, or an unknown name with suggestions), all of them
+ * are loaded, so help can show their summaries.
+ */
+export async function loadCommandPath(root: CommandSpec, argv: string[]): Promise<CommandSpec> {
+  const top = await loaded(root);
+  if (!top.subcommands) return top;
+  const name = argv[0];
+  const hit = name !== undefined && !name.startsWith("-")
+    ? top.subcommands.find((c) => c.name === name)
+    : undefined;
+  const subcommands = hit
+    ? await Promise.all(
+      top.subcommands.map((c) => (c === hit ? loadCommandPath(c, argv.slice(1)) : c)),
+    )
+    : await Promise.all(top.subcommands.map(loaded));
+  return { ...top, subcommands };
+}
+
 /** Parses argv and runs the command it names. Returns the exit code. */
 export async function runCli(root: CommandSpec, argv: string[], io: Io): Promise<number> {
-  const r = resolve(root, argv);
+  const r = resolve(await loadCommandPath(root, argv), argv);
   if (r.help) {
     io.stdout.write(renderHelp(r.spec, r.path));
     return 0;

@@ -14,9 +14,15 @@
 import { createHash } from "node:crypto";
 import { delimiter, dirname, join } from "node:path";
 import { CliError } from "../cli/errors.ts";
-import { RELEASE_SHA256SUMS, TOOLS_GO_MOD, TOOLS_GO_SUM } from "./embedded_tools.ts";
 import type { Io } from "../cli/io.ts";
 import { SPIRE_VERSION } from "../version.ts";
+
+/**
+ * The embedded tools module and release checksums (~0.5 MB of strings), loaded only when SPIRE
+ * is provisioned: `k8s4r agent` imports this file for `findSpireBinaries` and keeps them out
+ * of its memory (docs/BENCHMARKS.md, agent memory).
+ */
+const embeddedTools = () => import("./embedded_tools.ts");
 
 export interface SpireBinaries {
   server: string;
@@ -259,6 +265,7 @@ async function buildWithGo(
   if (!toolsDir) {
     toolsDir = join(staging, "tools");
     await Deno.mkdir(toolsDir, { recursive: true });
+    const { TOOLS_GO_MOD, TOOLS_GO_SUM } = await embeddedTools();
     await Deno.writeTextFile(join(toolsDir, "go.mod"), TOOLS_GO_MOD);
     await Deno.writeTextFile(join(toolsDir, "go.sum"), TOOLS_GO_SUM);
   }
@@ -365,7 +372,9 @@ async function downloadRelease(
   let sums = new Map<string, string>();
   try {
     sums = parseSha256Sums(
-      opts.checksumsFile ? await Deno.readTextFile(opts.checksumsFile) : RELEASE_SHA256SUMS,
+      opts.checksumsFile
+        ? await Deno.readTextFile(opts.checksumsFile)
+        : (await embeddedTools()).RELEASE_SHA256SUMS,
     );
   } catch { /* treated as "no checksum" below */ }
   const expected = sums.get(file);

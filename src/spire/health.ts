@@ -10,9 +10,8 @@
  *   HealthCheckResponse { ServingStatus status = 1; }   // 0 UNKNOWN, 1 SERVING, 2 NOT_SERVING,
  *                                                        // 3 SERVICE_UNKNOWN
  */
-import { Buffer } from "node:buffer";
-import * as grpc from "@grpc/grpc-js";
 import { CliError } from "../cli/errors.ts";
+import { GrpcChannel, GrpcError } from "../spiffe/workload/grpc.ts";
 
 export type HealthStatus = "SERVING" | "NOT_SERVING" | "UNKNOWN" | "SERVICE_UNKNOWN";
 
@@ -89,7 +88,7 @@ function readVarint(buf: Uint8Array, pos: number): [number, number] {
   throw new Error("malformed HealthCheckResponse: varint too long");
 }
 
-/** `unix:///abs/path`, `unix:/abs/path` or a bare path, as a grpc-js target. */
+/** `unix:///abs/path`, `unix:/abs/path` or a bare path, as a `unix://` target. */
 export function unixTarget(address: string): string {
   if (address.startsWith("unix://")) return address;
   if (address.startsWith("unix:")) return `unix://${address.slice("unix:".length)}`;
@@ -100,26 +99,16 @@ export function unixTarget(address: string): string {
  * Asks the server at `address` whether it serves. Resolves with the status it reports; rejects
  * (with a one-line CliError) when nothing answers within `timeoutMs` or the RPC fails.
  */
-export function grpcHealthCheck(address: string, timeoutMs = 1000): Promise<HealthStatus> {
+export async function grpcHealthCheck(address: string, timeoutMs = 1000): Promise<HealthStatus> {
   const target = unixTarget(address);
-  const client = new grpc.Client(target, grpc.credentials.createInsecure());
-  return new Promise<HealthStatus>((resolve, reject) => {
-    client.makeUnaryRequest<Uint8Array, HealthStatus>(
-      CHECK_PATH,
-      (req) => Buffer.from(req),
-      (buf) => decodeHealthCheckResponse(new Uint8Array(buf)),
-      encodeHealthCheckRequest(),
-      new grpc.Metadata(),
-      { deadline: Date.now() + timeoutMs },
-      (err, value) => {
-        if (err) {
-          reject(
-            new CliError(`health check of ${target} failed: ${err.details || err.message}`),
-          );
-        } else {
-          resolve(value ?? "UNKNOWN");
-        }
-      },
-    );
-  }).finally(() => client.close());
+  const channel = new GrpcChannel({ kind: "unix", path: target.slice("unix://".length) });
+  try {
+    const res = await channel.unary(CHECK_PATH, encodeHealthCheckRequest(), {}, { timeoutMs });
+    return decodeHealthCheckResponse(res);
+  } catch (err) {
+    const why = err instanceof GrpcError ? err.details : (err as Error).message;
+    throw new CliError(`health check of ${target} failed: ${why}`);
+  } finally {
+    channel.close();
+  }
 }

@@ -23,7 +23,7 @@ import {
   type JsonObject,
   type X509SvidResponse,
 } from "../workload/proto.ts";
-import { SECURITY_HEADER, workloadServiceDefinition } from "../workload/service.ts";
+import { SECURITY_HEADER, workloadServiceDefinition } from "./workload_service.ts";
 
 /** One SVID the fake hands out. `IssuedCert` from TestCa fits. */
 export interface FakeSvid {

@@ -1,5 +1,6 @@
 /**
- * A SPIFFE Workload API client over @grpc/grpc-js (go-spiffe's `workloadapi.Client`).
+ * A SPIFFE Workload API client (go-spiffe's `workloadapi.Client`) over the small gRPC client in
+ * `grpc.ts` (node:http2; see there why not @grpc/grpc-js).
  *
  * - Address: the `address` option, else `SPIFFE_ENDPOINT_SOCKET` from the `env` option (the
  *   environment is passed in, never read globally).
@@ -9,14 +10,16 @@
  *   InvalidArgument (and return its error) or when the signal aborts / the client closes.
  *   A message that cannot be decoded or validated is reported and skipped.
  * - `fetch*` methods make one attempt and throw a `WorkloadApiError` naming the cause.
+ * - Responses arrive as raw bytes and are decoded here, so that one undecodable message in a
+ *   stream is reported and skipped instead of ending the stream.
  */
-import * as grpc from "@grpc/grpc-js";
 import { X509Bundle, X509BundleSet } from "../bundle.ts";
 import { parseSpiffeId, parseTrustDomain, type SpiffeId } from "../id.ts";
 import { JwtBundle, type JwtSvid, parseJwtSvidInsecure } from "../jwt.ts";
 import { parseX509Svid, type X509Svid } from "../svid.ts";
 import { resolveWorkloadAddress, type WorkloadAddress } from "./address.ts";
 import { mapGrpcError, socketMissing, socketPermission, WorkloadApiError } from "./errors.ts";
+import { GrpcChannel } from "./grpc.ts";
 import {
   decodeJwtBundlesResponse,
   decodeJwtSvidResponse,
@@ -29,7 +32,12 @@ import {
   type JsonObject,
   type X509SvidResponse,
 } from "./proto.ts";
-import { SECURITY_HEADER, workloadServiceDefinition } from "./service.ts";
+
+/** The metadata every Workload API call must carry, with value "true". */
+export const SECURITY_HEADER = "workload.spiffe.io";
+
+/** The proto has no package, so the paths are `/SpiffeWorkloadAPI/<Method>`. */
+const SERVICE = "/SpiffeWorkloadAPI/";
 
 /** The SVIDs and bundles of one X509SVIDResponse. */
 export interface X509Context {
@@ -76,6 +84,8 @@ export interface WorkloadApiClientOptions {
   /** Where `SPIFFE_ENDPOINT_SOCKET` is looked up when `address` is not given. */
   env?: Record<string, string | undefined>;
   backoff?: BackoffOptions;
+  /** Largest response message accepted. Default 4 MiB (as go-spiffe's gRPC). */
+  maxMessageBytes?: number;
 }
 
 export interface CallOptions {
@@ -83,42 +93,6 @@ export interface CallOptions {
   /** Deadline for a one-shot call. */
   timeoutMs?: number;
 }
-
-// grpc-js's generic client has dynamically named methods; this is the shape we use.
-type RawClient = grpc.Client & {
-  FetchX509SVID(
-    req: Uint8Array,
-    md: grpc.Metadata,
-    opts?: grpc.CallOptions,
-  ): grpc.ClientReadableStream<Uint8Array>;
-  FetchX509Bundles(
-    req: Uint8Array,
-    md: grpc.Metadata,
-    opts?: grpc.CallOptions,
-  ): grpc.ClientReadableStream<Uint8Array>;
-  FetchJWTBundles(
-    req: Uint8Array,
-    md: grpc.Metadata,
-    opts?: grpc.CallOptions,
-  ): grpc.ClientReadableStream<Uint8Array>;
-  FetchJWTSVID(
-    req: Uint8Array,
-    md: grpc.Metadata,
-    opts: grpc.CallOptions,
-    cb: (err: grpc.ServiceError | null, res?: Uint8Array) => void,
-  ): grpc.ClientUnaryCall;
-  ValidateJWTSVID(
-    req: Uint8Array,
-    md: grpc.Metadata,
-    opts: grpc.CallOptions,
-    cb: (err: grpc.ServiceError | null, res?: Uint8Array) => void,
-  ): grpc.ClientUnaryCall;
-};
-
-const ClientCtor = grpc.makeGenericClientConstructor(
-  workloadServiceDefinition,
-  "SpiffeWorkloadAPI",
-);
 
 type StreamMethod = "FetchX509SVID" | "FetchX509Bundles" | "FetchJWTBundles";
 
@@ -185,7 +159,7 @@ function badResponse(err: unknown, what: string): WorkloadApiError {
 
 export class WorkloadApiClient {
   readonly address: WorkloadAddress;
-  readonly #client: RawClient;
+  readonly #channel: GrpcChannel;
   readonly #backoff: Required<BackoffOptions>;
   readonly #closer = new AbortController();
 
@@ -196,20 +170,21 @@ export class WorkloadApiClient {
       stepMs: opts.backoff?.stepMs ?? 1000,
       maxMs: opts.backoff?.maxMs ?? 30_000,
     };
-    this.#client = new ClientCtor(this.address.grpcTarget, grpc.credentials.createInsecure(), {
-      // The agent is local; do not let grpc-js hold the process open with its own retries.
-      "grpc.enable_retries": 0,
-    }) as unknown as RawClient;
+    const a = this.address;
+    this.#channel = new GrpcChannel(
+      a.kind === "unix"
+        ? { kind: "unix", path: a.path }
+        : { kind: "tcp", host: a.host, port: a.port },
+      { maxMessageBytes: opts.maxMessageBytes },
+    );
   }
 
   get closed(): boolean {
     return this.#closer.signal.aborted;
   }
 
-  #metadata(): grpc.Metadata {
-    const md = new grpc.Metadata();
-    md.set(SECURITY_HEADER, "true");
-    return md;
+  #metadata(): Record<string, string> {
+    return { [SECURITY_HEADER]: "true" };
   }
 
   /** Refines an UNAVAILABLE error by looking at the socket (missing, not accessible). */
@@ -244,37 +219,21 @@ export class WorkloadApiClient {
   ): Promise<WorkloadApiError | undefined> {
     return new Promise((resolve) => {
       if (signal.aborted) return resolve(undefined);
-      const call = this.#client[method](encodeEmpty(), this.#metadata());
-      let done = false;
-      const finish = (err: WorkloadApiError | Promise<WorkloadApiError> | undefined) => {
-        if (done) return;
-        done = true;
-        signal.removeEventListener("abort", onAbort);
-        call.removeAllListeners("data");
-        Promise.resolve(err).then(resolve);
-      };
-      const onAbort = () => {
-        finish(undefined);
-        call.cancel();
-      };
-      signal.addEventListener("abort", onAbort);
-      call.on("data", (bytes: Uint8Array) => {
-        if (!done) onMessage(bytes);
-      });
-      call.on("error", (err: grpc.ServiceError) => {
-        finish(signal.aborted ? undefined : this.#explain(err));
-      });
-      call.on("end", () => {
-        // 'end' without 'error' means the server finished the stream with OK.
-        queueMicrotask(() =>
-          finish(
-            signal.aborted ? undefined : new WorkloadApiError(
+      this.#channel.call(SERVICE + method, encodeEmpty(), this.#metadata(), {
+        onMessage: (bytes) => {
+          if (!signal.aborted) onMessage(bytes);
+        },
+        onEnd: (err) => {
+          if (signal.aborted) return resolve(undefined);
+          // The end of a stream with status OK: the server finished it.
+          resolve(
+            err ? this.#explain(err) : new WorkloadApiError(
               "unavailable",
               `the Workload API at ${this.address.original} ended the ${method} stream`,
             ),
-          )
-        );
-      });
+          );
+        },
+      }, { signal });
     });
   }
 
@@ -418,26 +377,22 @@ export class WorkloadApiClient {
     );
   }
 
-  #unary(
+  async #unary(
     method: "FetchJWTSVID" | "ValidateJWTSVID",
     req: Uint8Array,
     opts: CallOptions,
   ): Promise<Uint8Array> {
     this.#checkOpen();
-    return new Promise((resolve, reject) => {
-      const callOpts: grpc.CallOptions = {};
-      if (opts.timeoutMs !== undefined) callOpts.deadline = Date.now() + opts.timeoutMs;
-      const signals = [this.#closer.signal];
-      if (opts.signal) signals.push(opts.signal);
-      const signal = AbortSignal.any(signals);
-      const onAbort = () => call.cancel();
-      const call = this.#client[method](req, this.#metadata(), callOpts, (err, res) => {
-        signal.removeEventListener("abort", onAbort);
-        if (err) this.#explain(err).then(reject);
-        else resolve(res ?? new Uint8Array());
+    const signals = [this.#closer.signal];
+    if (opts.signal) signals.push(opts.signal);
+    try {
+      return await this.#channel.unary(SERVICE + method, req, this.#metadata(), {
+        signal: AbortSignal.any(signals),
+        timeoutMs: opts.timeoutMs,
       });
-      signal.addEventListener("abort", onAbort);
-    });
+    } catch (err) {
+      throw await this.#explain(err);
+    }
   }
 
   /** Fetches JWT-SVIDs for the audience; all of them (or only `spiffeId`'s). */
@@ -495,7 +450,7 @@ export class WorkloadApiClient {
   close(): void {
     if (this.closed) return;
     this.#closer.abort();
-    this.#client.close();
+    this.#channel.close();
   }
 }
 

@@ -3,10 +3,11 @@ import * as grpc from "@grpc/grpc-js";
 import { Buffer } from "node:buffer";
 import { FakeWorkloadApi } from "../testing/fake_workload_api.ts";
 import { TestCa } from "../testing/test_ca.ts";
-import { WorkloadApiClient, type X509Context } from "./client.ts";
+import { SECURITY_HEADER, WorkloadApiClient, type X509Context } from "./client.ts";
+import { GrpcChannel } from "./grpc.ts";
 import { WorkloadApiError } from "./errors.ts";
 import { encodeEmpty } from "./proto.ts";
-import { workloadServiceDefinition } from "./service.ts";
+import { workloadServiceDefinition } from "../testing/workload_service.ts";
 
 const ca = TestCa.create({ trustDomain: "td" });
 
@@ -146,11 +147,11 @@ Deno.test("watchX509Context stops for good on InvalidArgument", async () => {
     fake.setX509Svids([ca.issue({ spiffeId: "spiffe://td/a" })], { td: ca.rootDer });
     const client = new WorkloadApiClient({ address: fake.address });
     const errors: WorkloadApiError[] = [];
-    const md = grpc.Metadata.prototype.set;
-    // Drop the header for this client's calls only (restored below).
-    grpc.Metadata.prototype.set = function (this: grpc.Metadata, k: string, v: grpc.MetadataValue) {
-      if (k === "workload.spiffe.io") return;
-      return md.call(this, k, v);
+    const call = GrpcChannel.prototype.call;
+    // Drop the header for this test's calls only (restored below).
+    GrpcChannel.prototype.call = function (this: GrpcChannel, path, req, md, handlers, opts) {
+      const { [SECURITY_HEADER]: _dropped, ...rest } = md;
+      return call.call(this, path, req, rest, handlers, opts);
     };
     try {
       await rejectsKind(
@@ -159,7 +160,7 @@ Deno.test("watchX509Context stops for good on InvalidArgument", async () => {
         /security header missing from request \(InvalidArgument\)/,
       );
     } finally {
-      grpc.Metadata.prototype.set = md;
+      GrpcChannel.prototype.call = call;
       client.close();
     }
     assert.equal(errors.length, 1);

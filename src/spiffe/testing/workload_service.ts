@@ -1,16 +1,13 @@
 /**
- * The SpiffeWorkloadAPI gRPC service definition for @grpc/grpc-js, with the embedded codec.
- * The proto has no package, so the paths are `/SpiffeWorkloadAPI/<Method>`.
- *
- * Responses are (de)serialized as raw bytes on the client side and decoded by the caller, so
- * that one undecodable message in a stream is reported and skipped instead of killing the
- * stream (grpc-js ends a call when its deserializer throws).
+ * Test only: the SpiffeWorkloadAPI gRPC service definition for @grpc/grpc-js, which the fake
+ * Workload API serves (and tests use as an independent client). Production code speaks gRPC
+ * with `../workload/grpc.ts`. The proto has no package, so the paths are
+ * `/SpiffeWorkloadAPI/<Method>`. Messages are raw bytes; encode/decode with `proto.ts`.
  */
 import { Buffer } from "node:buffer";
 import type { ServiceDefinition } from "@grpc/grpc-js";
 
-/** The metadata key every Workload API call must carry, with value "true". */
-export const SECURITY_HEADER = "workload.spiffe.io";
+export { SECURITY_HEADER } from "../workload/client.ts";
 
 const raw = {
   serialize: (b: Uint8Array) => Buffer.from(b.buffer, b.byteOffset, b.byteLength),
