@@ -27,7 +27,9 @@ export const rootCommand: CommandSpec = {
         (await import("./doctor_paths.ts")).devStackPaths,
       )),
     lazy("identity", async () => (await import("../identity/command.ts")).identityCommand),
+    lazy("operator", async () => (await import("../operator/command.ts")).operatorCommand),
     lazy("robots", async () => (await import("../server/command.ts")).robotsCommand),
+    lazy("tasks", async () => (await import("../server/command.ts")).tasksCommand),
     lazy("task", async () => (await import("../server/command.ts")).taskCommand),
   ],
   run(args, io) {

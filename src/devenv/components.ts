@@ -16,7 +16,14 @@ import { hostname } from "node:os";
 import { basename, join } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
 import { agentV8FlagsEnv } from "../agent/runtime_flags.ts";
-import { brokerSpiffeId } from "../fleet/mod.ts";
+import {
+  brokerSpiffeId,
+  defaultServerUrl,
+  fleetServerDnsNames,
+  fleetServerSpiffeId,
+} from "../fleet/mod.ts";
+import { ensureOperator } from "../operator/command.ts";
+import { fetchClient, loadCredentials } from "../operator/credentials.ts";
 import { type Daemon, isRecordAlive, readPidFile, tailFile, waitFor } from "../process/mod.ts";
 import { X509Source } from "../spiffe/mod.ts";
 import { isAttested } from "../spire/agent.ts";
@@ -85,6 +92,8 @@ export interface StartOptions {
   /** Robot SVID TTL (seconds) on their registration entries; undefined = server default. */
   svidTtl?: number;
   brokerSvidTtl?: number;
+  /** The fleet server's SVID TTL (seconds) on its entry; undefined = server default. */
+  serverSvidTtl?: number;
   /** SPIRE CA TTL (seconds) for a server this start launches; undefined = config file's. */
   caTtl?: number;
   /** The URL agents connect to (MQTT_BROKER_URL); default `ssl://localhost:<tls port>`. */
@@ -110,7 +119,40 @@ export class StackView {
   } = {};
 
   constructor(readonly ctx: DevenvContext, readonly robots: readonly RobotLayout[]) {
-    this.api = `http://127.0.0.1:${ctx.layout.ports.http}`;
+    // `localhost`: the name the server's certificate carries (it listens on 127.0.0.1).
+    this.api = defaultServerUrl(ctx.layout.ports.http);
+  }
+
+  /** GET on the fleet server's API as devenv's `admin` operator (its credentials). */
+  async apiGet(path: string, timeoutMs = 2000): ReturnType<typeof httpGetJson> {
+    let client: Deno.HttpClient;
+    try {
+      client = fetchClient(await loadCredentials(this.ctx.io.env, DEVENV_OPERATOR));
+    } catch (err) {
+      return { ok: false, status: 0, body: undefined, detail: errorMessage(err) };
+    }
+    try {
+      return await httpGetJson(`${this.api}${path}`, timeoutMs, client);
+    } finally {
+      client.close();
+    }
+  }
+
+  /** GET /healthz (no client certificate), trusting the exported bundle. */
+  async healthz(timeoutMs = 2000): ReturnType<typeof httpGetJson> {
+    let client: Deno.HttpClient;
+    try {
+      client = Deno.createHttpClient({
+        caCerts: [await Deno.readTextFile(this.ctx.layout.caBundleFile)],
+      });
+    } catch (err) {
+      return { ok: false, status: 0, body: undefined, detail: errorMessage(err) };
+    }
+    try {
+      return await httpGetJson(`${this.api}/healthz`, timeoutMs, client);
+    } finally {
+      client.close();
+    }
   }
 
   /** The same stack with other robots; what was looked up already is shared. */
@@ -157,6 +199,9 @@ export class StackView {
     this.#memo.spireHealthy = undefined;
   }
 }
+
+/** The operator `devenv start` creates, so that `k8s4r robots` and `task run` just work. */
+export const DEVENV_OPERATOR = "admin";
 
 /** The view `status`, `stop` and `logs` use: every robot this stack knows. */
 export function stackView(ctx: DevenvContext): StackView {
@@ -269,6 +314,7 @@ export function devenvComponents(view: StackView): Component[] {
     caBundleStep(view),
     brokerIdentityComponent(view),
     mosquittoComponent(view),
+    operatorsStep(view),
     serverComponent(view),
     ...agents,
     {
@@ -472,6 +518,14 @@ function identitiesStep(view: StackView): Component {
           selectors,
           dnsNames: dns,
           x509SvidTtl: run.opts.brokerSvidTtl,
+        },
+        // The fleet server's own SVID, from the control host's agent (broker-identity's).
+        {
+          spiffeId: fleetServerSpiffeId(layout.trustDomain),
+          parentId: files.brokerNodeSpiffeId,
+          selectors,
+          dnsNames: fleetServerDnsNames(),
+          x509SvidTtl: run.opts.serverSvidTtl,
         },
       ];
       // Tokens and entries are independent spire-server calls: run them all at once.
@@ -711,9 +765,38 @@ function mosquittoComponent(view: StackView): Component {
   };
 }
 
-export async function probeServer(api: string): Promise<ProbeResult> {
-  const r = await httpGetJson(`${api}/healthz`);
+export async function probeServer(view: StackView): Promise<ProbeResult> {
+  const r = await view.healthz();
   return { ok: r.ok, detail: `GET /healthz: ${r.detail}` };
+}
+
+/**
+ * devenv's `admin` operator: credentials (minted through the SPIRE server's admin socket) and
+ * the `operator` role in the server's roles file. Renewed when expired or issued by another CA
+ * (a cleaned stack), left alone otherwise.
+ */
+function operatorsStep(view: StackView): Component {
+  const { layout } = view.ctx;
+  return {
+    name: "operators",
+    kind: "step",
+    needs: ["spire-binaries", "spire-server"],
+    async run(run) {
+      return await ensureOperator(
+        {
+          env: run.ctx.io.env,
+          runner: run.ctx.io.runner,
+          spireServerBin: run.spire!.server,
+          spireSocket: layout.spireServerSocket,
+          rolesFile: layout.serverRolesFile,
+          trustDomain: layout.trustDomain,
+          serverUrl: run.api,
+        },
+        DEVENV_OPERATOR,
+        "operator",
+      );
+    },
+  };
 }
 
 function serverComponent(view: StackView): Component {
@@ -722,11 +805,12 @@ function serverComponent(view: StackView): Component {
   return {
     name: "server",
     kind: "daemon",
-    needs: ["mosquitto"],
+    // Its own SVID comes from the control host's agent, which broker-identity runs.
+    needs: ["mosquitto", "broker-identity", "operators"],
     stopRank: 20,
     pidFile: files.serverPid,
     logs: [{ name: "server", file: files.serverLog }],
-    probe: () => probeServer(api),
+    probe: (v) => probeServer(v),
     spawn(run) {
       return run.ctx.io.runner.spawn({
         name: "server",
@@ -742,21 +826,25 @@ function serverComponent(view: StackView): Component {
           layout.serverDataDir,
           "--broker-url",
           `mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
+          "--socket-path",
+          files.brokerAgentSocket,
+          "--roles",
+          layout.serverRolesFile,
         ],
         cwd: layout.root,
         env: run.childEnv,
         logFile: files.serverLog,
         pidFile: files.serverPid,
         detached: true,
-        ready: async () => (await probeServer(api)).ok,
+        ready: async () => (await probeServer(run)).ok,
         readyTimeoutMs: 60_000,
         readyIntervalMs: PROBE_INTERVAL_MS,
       });
     },
-    summary: () => api,
-    async status() {
+    summary: () => `${api} (operator ${DEVENV_OPERATOR}: k8s4r operator creds)`,
+    async status(v) {
       const p = pidInfo(files.serverPid);
-      const probe = p.running ? await probeServer(api) : { ok: false, detail: "" };
+      const probe = p.running ? await probeServer(v) : { ok: false, detail: "" };
       return {
         name: "server",
         ...p,
@@ -799,8 +887,8 @@ export function agentArgs(
   ];
 }
 
-export async function robotOnline(api: string, robotId: string): Promise<boolean> {
-  const r = await httpGetJson(`${api}/api/robots/${encodeURIComponent(robotId)}`);
+export async function robotOnline(view: StackView, robotId: string): Promise<boolean> {
+  const r = await view.apiGet(`/api/robots/${encodeURIComponent(robotId)}`);
   return r.ok && (r.body as { online?: unknown } | undefined)?.online === true;
 }
 
@@ -812,7 +900,7 @@ function lastLogLine(text: string): string {
 async function awaitOnline(run: StartRun, r: RobotLayout): Promise<void> {
   let dead = false;
   try {
-    await waitFor(() => robotOnline(run.api, r.robotId), {
+    await waitFor(() => robotOnline(run, r.robotId), {
       timeoutMs: run.opts.onlineTimeoutMs ?? 120_000,
       intervalMs: PROBE_INTERVAL_MS,
       signal: run.ctx.io.signal,
@@ -874,7 +962,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
     pidFile: r.pidFile,
     logs: [{ name: basename(r.logFile, ".log"), file: r.logFile }],
     async probe(v) {
-      const online = await robotOnline(v.api, r.robotId);
+      const online = await robotOnline(v, r.robotId);
       return { ok: online, detail: online ? "online" : "offline at the server" };
     },
     // A running agent is left alone (it reconnects by itself); start waits for it to be online.
@@ -913,7 +1001,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
       let detail = "";
       if (p.running) {
         const [res, svid] = await Promise.all([
-          httpGetJson(`${v.api}/api/robots/${encodeURIComponent(r.robotId)}`),
+          v.apiGet(`/api/robots/${encodeURIComponent(r.robotId)}`),
           agentSvidExpiry(r.agentSocket, r.spiffeId),
         ]);
         online = res.ok && (res.body as { online?: unknown } | undefined)?.online === true;

@@ -42,6 +42,8 @@ export interface Layout {
   serverCredentialsFile: string;
   /** The k8s4r server's registry and task store. */
   serverDataDir: string;
+  /** The k8s4r server's roles config (`server --roles`; production: /etc/k8s4r/roles.yaml). */
+  serverRolesFile: string;
 }
 
 export function defaultLayout(root: string, env: Record<string, string | undefined> = {}): Layout {
@@ -72,6 +74,7 @@ export function defaultLayout(root: string, env: Record<string, string | undefin
     mosquittoDir: join(devEnvDir, "mosquitto"),
     serverCredentialsFile: join(devEnvDir, "server-mqtt.json"),
     serverDataDir: join(devEnvDir, "server-data"),
+    serverRolesFile: join(devEnvDir, "roles.yaml"),
   };
 }
 
