@@ -17,6 +17,7 @@ import { svidTlsProvider } from "../src/server/svid_tls.ts";
 import { StaticX509Source } from "../src/spiffe/source.ts";
 import { parseX509SvidPem } from "../src/spiffe/svid.ts";
 import { X509Bundle, X509BundleSet } from "../src/spiffe/bundle.ts";
+import { TestHttps } from "../src/server/testing.ts";
 import {
   type PemCert,
   startTestBroker,
@@ -27,6 +28,9 @@ import { startTestPostgres, type TestPostgres } from "./helpers/postgres.ts";
 
 // mqtt.js keeps internal timers a little past end(); every process and client is closed below.
 const opts = { sanitizeOps: false, sanitizeResources: false };
+
+/** The HTTPS API's certificates (a test CA) and an operator client for it. */
+const web = new TestHttps(TEST_TRUST_DOMAIN);
 
 const now = () => new Date().toISOString();
 const enc = (v: unknown) => JSON.stringify(v);
@@ -129,7 +133,7 @@ async function startServer(
     password,
     dataDir,
     postgres,
-    http: { hostname: "127.0.0.1", port: 0 },
+    http: web.options(),
     sweepIntervalMs: 200,
     reconnectPeriodMs: 200,
     onFatal: (e) => fatal.push(e),
@@ -138,8 +142,7 @@ async function startServer(
 }
 
 async function getJson(url: string) {
-  const r = await fetch(url);
-  return { status: r.status, body: await r.json() };
+  return await web.json(url);
 }
 
 async function until(
@@ -285,7 +288,7 @@ Deno.test({
       );
 
       // A task for robot-001 reaches robot-001 only.
-      const created = await fetch(`${api}/api/robots/robot-001/tasks`, {
+      const created = await web.fetch(`${api}/api/robots/robot-001/tasks`, {
         method: "POST",
         body: enc({ command: ["uname", "-a"], timeoutSeconds: 30 }),
       });
@@ -404,7 +407,7 @@ for (const kind of ["sqlite", "postgres"] as const) {
           async () => (await getJson(`${current.api}/api/robots/robot-001`)).body.online === false,
           b,
         );
-        const created = await fetch(`${current.api}/api/robots/robot-001/tasks`, {
+        const created = await web.fetch(`${current.api}/api/robots/robot-001/tasks`, {
           method: "POST",
           body: enc({ command: ["true"] }),
         });
@@ -696,7 +699,7 @@ async function startLoggedServer(
     password: b.server.password,
     dataDir,
     postgres: extra.postgres,
-    http: { hostname: "127.0.0.1", port: 0 },
+    http: web.options(),
     sweepIntervalMs: extra.sweepIntervalMs ?? 100,
     reconnectPeriodMs: 200,
     logger: log.logger,
@@ -956,7 +959,7 @@ Deno.test({
       );
       signalBroker(b, "SIGSTOP");
       frozen = true;
-      const created = await fetch(`${s.api}/api/robots/robot-001/tasks`, {
+      const created = await web.fetch(`${s.api}/api/robots/robot-001/tasks`, {
         method: "POST",
         body: enc({ command: ["true"] }),
       });
@@ -1106,7 +1109,7 @@ Deno.test({
       assert.ok(errorsDown >= 1);
       await store.pgs!.cluster.start();
       await until("the queued heartbeats", async () => {
-        const r = await fetch(`${s.api}/api/robots/robot-001`);
+        const r = await web.fetch(`${s.api}/api/robots/robot-001`);
         if (r.status !== 200) {
           await r.body?.cancel();
           return false;

@@ -3,10 +3,19 @@
  * and a real PostgreSQL 15. The password reaches the server through a 0600 file or the
  * environment, never argv, and appears in no log line; a URL with a password and a file that
  * others can read are refused before anything starts.
+ *
+ * The server's own identity (the HTTPS API's certificate) comes from a Workload API: here the
+ * test's FakeWorkloadApi (a real gRPC server on a unix socket, as SPIRE's agent answers it),
+ * handing out spiffe://k8s4r.test/fleet-server from a test CA; the API is called over HTTPS as
+ * an admin operator of that CA. The same identity from a real SPIRE agent, and its rotation,
+ * is tests/server_identity_test.ts.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { waitFor } from "../src/process/mod.ts";
+import { fleetServerSpiffeId } from "../src/fleet/ids.ts";
+import { FakeWorkloadApi } from "../src/spiffe/testing/fake_workload_api.ts";
+import { TEST_TD, TestHttps } from "../src/server/testing.ts";
 import { startTestBroker, type TestBroker } from "./helpers/broker.ts";
 import { freePort } from "./helpers/ports.ts";
 import { startTestPostgres, type TestPostgres } from "./helpers/postgres.ts";
@@ -66,7 +75,8 @@ class ServerProcess {
   private readonly pumped: Promise<void>;
 
   constructor(args: string[], env: Record<string, string>, httpPort: number) {
-    this.api = `http://127.0.0.1:${httpPort}`;
+    // The server's certificate names localhost (as SPIRE's entry -dns localhost does).
+    this.api = `https://localhost:${httpPort}`;
     this.child = new Deno.Command(Deno.execPath(), {
       args: ["run", "-A", MAIN, "server", ...args, "--http-addr", `127.0.0.1:${httpPort}`],
       env,
@@ -98,6 +108,40 @@ class ServerProcess {
   }
 }
 
+/**
+ * The fleet server's identity from a Workload API (`--socket-path`) and a roles file that
+ * makes `web.admin` an operator: what `k8s4r server` needs to serve its HTTPS API.
+ */
+async function serverIdentity(dir: string) {
+  const web = new TestHttps(TEST_TD);
+  const fake = await FakeWorkloadApi.start();
+  const svid = web.ca.issue({
+    spiffeId: fleetServerSpiffeId(TEST_TD),
+    dnsNames: ["localhost"],
+    ttlSeconds: 3600,
+  });
+  fake.setX509Svids([svid], { [TEST_TD]: svid.bundleDer });
+  const roles = join(dir, "roles.yaml");
+  await Deno.writeTextFile(roles, "operators:\n  admin: operator\n");
+  return {
+    web,
+    args: [
+      "--socket-path",
+      fake.socketPath,
+      "--spiffe-id",
+      fleetServerSpiffeId(TEST_TD),
+      "--roles",
+      roles,
+      "--svid-timeout",
+      "20",
+    ],
+    async close() {
+      web.close();
+      await fake.close();
+    },
+  };
+}
+
 async function mqttCredentials(b: TestBroker, dir: string): Promise<string> {
   const f = join(dir, "server-mqtt.json");
   await Deno.writeTextFile(
@@ -117,11 +161,13 @@ Deno.test({
     let pgs: TestPostgres | undefined;
     const dir = await Deno.makeTempDir({ prefix: "k8s4r-pgcli-" });
     const running: ServerProcess[] = [];
+    const id = await serverIdentity(dir);
+    const { web } = id;
     try {
       pgs = await startTestPostgres();
       const db = await pgs.createDatabase("cli");
       const creds = await mqttCredentials(b, dir);
-      const base = ["--broker-url", b.plainUrl, "--mqtt-credentials", creds];
+      const base = ["--broker-url", b.plainUrl, "--mqtt-credentials", creds, ...id.args];
       // A database whose commits are not durable: the server says so.
       const lax = await pgs.createDatabase("lax");
       await pgs.admin(`ALTER DATABASE ${lax} SET synchronous_commit = off`);
@@ -158,7 +204,7 @@ Deno.test({
         const s = new ServerProcess([...base, ...c.args], c.env, freePort());
         running.push(s);
         await waitFor(async () => {
-          const r = await fetch(`${s.api}/healthz`).catch(() => undefined);
+          const r = await web.fetch(`${s.api}/healthz`).catch(() => undefined);
           await r?.body?.cancel();
           return r?.status === 200;
         }, {
@@ -171,8 +217,8 @@ Deno.test({
         // The registry is in PostgreSQL: a task created through the API is a row there.
         const rows = await pgs.admin("SELECT count(*)::int AS n FROM robots", [], c.db);
         assert.equal(rows[0].n, 0);
-        const robots = await (await fetch(`${s.api}/api/robots`)).json();
-        assert.deepEqual(robots, { robots: [] });
+        const robots = await web.json(`${s.api}/api/robots`);
+        assert.deepEqual(robots, { status: 200, body: { robots: [] } });
         const cmdline = await Deno.readTextFile(`/proc/${s.child.pid}/cmdline`);
         assert.ok(!cmdline.includes(pgs.password), `${c.what}: the password is in argv`);
         assert.equal(await s.stop(), 0, s.log.join("\n"));
@@ -206,6 +252,7 @@ Deno.test({
       assert.ok(!r.stderr.includes(wrong));
     } finally {
       for (const s of running) await s.stop();
+      await id.close();
       await pgs?.destroy();
       await b.stop();
       await Deno.remove(dir, { recursive: true });

@@ -156,6 +156,12 @@ export const devenvCommand: CommandSpec = {
           description: "X.509 SVID TTL of the broker's entry (default: server default)",
         },
         {
+          name: "server-svid-ttl",
+          type: "number",
+          valueName: "SECONDS",
+          description: "X.509 SVID TTL of the fleet server's entry (default: server default)",
+        },
+        {
           name: "ca-ttl",
           type: "number",
           valueName: "SECONDS",
@@ -212,6 +218,7 @@ export const devenvCommand: CommandSpec = {
           broker: mode as BrokerModeFlag,
           svidTtl: positiveSeconds(args, "svid-ttl"),
           brokerSvidTtl: positiveSeconds(args, "broker-svid-ttl"),
+          serverSvidTtl: positiveSeconds(args, "server-svid-ttl"),
           caTtl: caTtlSeconds(args, ctx.env),
           brokerUrl: ctx.env["MQTT_BROKER_URL"] || undefined,
           onlineTimeoutMs: timeout !== undefined ? timeout * 1000 : undefined,

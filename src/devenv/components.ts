@@ -16,7 +16,14 @@ import { hostname } from "node:os";
 import { basename, join } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
 import { agentV8FlagsEnv } from "../agent/runtime_flags.ts";
-import { brokerSpiffeId } from "../fleet/mod.ts";
+import {
+  brokerSpiffeId,
+  defaultServerUrl,
+  fleetServerDnsNames,
+  fleetServerSpiffeId,
+} from "../fleet/mod.ts";
+import { ensureOperator } from "../operator/command.ts";
+import { fetchClient, loadCredentials } from "../operator/credentials.ts";
 import { type Daemon, isRecordAlive, readPidFile, tailFile, waitFor } from "../process/mod.ts";
 import { X509Source } from "../spiffe/mod.ts";
 import { isAttested } from "../spire/agent.ts";
@@ -96,6 +103,8 @@ export interface StartOptions {
   /** Robot SVID TTL (seconds) on their registration entries; undefined = server default. */
   svidTtl?: number;
   brokerSvidTtl?: number;
+  /** The fleet server's SVID TTL (seconds) on its entry; undefined = server default. */
+  serverSvidTtl?: number;
   /** SPIRE CA TTL (seconds) for a server this start launches; undefined = config file's. */
   caTtl?: number;
   /** The URL agents connect to (MQTT_BROKER_URL); default `ssl://localhost:<tls port>`. */
@@ -154,8 +163,47 @@ export class StackView {
     readonly robots: readonly RobotLayout[],
     mode?: StackMode,
   ) {
-    this.api = `http://127.0.0.1:${ctx.layout.ports.http}`;
+    // `localhost`: the name the server's certificate carries (it listens on 127.0.0.1).
+    this.api = defaultServerUrl(ctx.layout.ports.http);
     this.mode = mode ?? stackMode(ctx);
+  }
+
+  /** GET on the fleet server's API as devenv's `admin` operator (its credentials). */
+  async apiGet(path: string, timeoutMs = 2000): ReturnType<typeof httpGetJson> {
+    let client: Deno.HttpClient;
+    try {
+      client = fetchClient(await loadCredentials(this.ctx.io.env, DEVENV_OPERATOR));
+    } catch (err) {
+      return { ok: false, status: 0, body: undefined, detail: errorMessage(err) };
+    }
+    try {
+      return await httpGetJson(`${this.api}${path}`, timeoutMs, client);
+    } finally {
+      client.close();
+    }
+  }
+
+  /**
+   * GET /healthz (no client certificate), trusting the exported bundle, of the fleet server on
+   * `port` (default the first; the HA stack's replicas have their own).
+   */
+  async healthz(
+    timeoutMs = 2000,
+    port = this.ctx.layout.ports.http,
+  ): ReturnType<typeof httpGetJson> {
+    let client: Deno.HttpClient;
+    try {
+      client = Deno.createHttpClient({
+        caCerts: [await Deno.readTextFile(this.ctx.layout.caBundleFile)],
+      });
+    } catch (err) {
+      return { ok: false, status: 0, body: undefined, detail: errorMessage(err) };
+    }
+    try {
+      return await httpGetJson(`${defaultServerUrl(port)}/healthz`, timeoutMs, client);
+    } finally {
+      client.close();
+    }
   }
 
   /** The same stack with other robots; what was looked up already is shared. */
@@ -216,6 +264,9 @@ export class StackView {
     this.#memo.liveSocket = undefined;
   }
 }
+
+/** The operator `devenv start` creates, so that `k8s4r robots` and `task run` just work. */
+export const DEVENV_OPERATOR = "admin";
 
 /** The view `status`, `stop` and `logs` use: every robot this stack knows. */
 export function stackView(ctx: DevenvContext): StackView {
@@ -336,6 +387,7 @@ export function devenvComponents(view: StackView): Component[] {
     caBundleStep(view),
     brokerIdentityComponent(view),
     mosquittoComponent(view),
+    operatorsStep(view),
     serverComponent(view, 1),
     ...(ha ? [serverComponent(view, 2), serverComponent(view, 3)] : []),
     ...agents,
@@ -582,6 +634,14 @@ function identitiesStep(view: StackView): Component {
           dnsNames: dns,
           x509SvidTtl: run.opts.brokerSvidTtl,
         },
+        // The fleet server's own SVID, from the control host's agent (broker-identity's).
+        {
+          spiffeId: fleetServerSpiffeId(layout.trustDomain),
+          parentId: files.brokerNodeSpiffeId,
+          selectors,
+          dnsNames: fleetServerDnsNames(),
+          x509SvidTtl: run.opts.serverSvidTtl,
+        },
       ];
       // Tokens and entries are independent spire-server calls: run them all at once.
       const [tokens, results] = await Promise.all([
@@ -823,9 +883,38 @@ function mosquittoComponent(view: StackView): Component {
   };
 }
 
-export async function probeServer(api: string): Promise<ProbeResult> {
-  const r = await httpGetJson(`${api}/healthz`);
+export async function probeServer(view: StackView, port?: number): Promise<ProbeResult> {
+  const r = await view.healthz(2000, port);
   return { ok: r.ok, detail: `GET /healthz: ${r.detail}` };
+}
+
+/**
+ * devenv's `admin` operator: credentials (minted through the SPIRE server's admin socket) and
+ * the `operator` role in the server's roles file. Renewed when expired or issued by another CA
+ * (a cleaned stack), left alone otherwise.
+ */
+function operatorsStep(view: StackView): Component {
+  const { layout } = view.ctx;
+  return {
+    name: "operators",
+    kind: "step",
+    needs: ["spire-binaries", "spire-server"],
+    async run(run) {
+      return await ensureOperator(
+        {
+          env: run.ctx.io.env,
+          runner: run.ctx.io.runner,
+          spireServerBin: run.spire!.server,
+          spireSocket: layout.spireServerSocket,
+          rolesFile: layout.serverRolesFile,
+          trustDomain: layout.trustDomain,
+          serverUrl: run.api,
+        },
+        DEVENV_OPERATOR,
+        "operator",
+      );
+    },
+  };
 }
 
 /** Fleet server `n`'s name, pid, log, data dir and API (2 and 3 only on the HA stack). */
@@ -859,18 +948,19 @@ export function fleetServerPlace(view: StackView, n: 1 | 2 | 3) {
  * replica, retained statuses under shared subscriptions) is the fleet server's, not devenv's.
  */
 function serverComponent(view: StackView, n: 1 | 2 | 3 = 1): Component {
-  const { layout } = view.ctx;
+  const { layout, files } = view.ctx;
   const { ha } = view.mode;
   const place = fleetServerPlace(view, n);
-  const api = `http://127.0.0.1:${place.port}`;
+  const api = defaultServerUrl(place.port);
   return {
     name: place.name,
     kind: "daemon",
-    needs: ["mosquitto", ...(ha ? ["fleet-database"] : [])],
+    // Its own SVID comes from the control host's agent, which broker-identity runs.
+    needs: ["mosquitto", "broker-identity", "operators", ...(ha ? ["fleet-database"] : [])],
     stopRank: 20,
     pidFile: place.pid,
     logs: [{ name: place.name, file: place.log }],
-    probe: () => probeServer(api),
+    probe: (v) => probeServer(v, place.port),
     hint: (v) =>
       ha && !probePostgres(v).ok
         ? "PostgreSQL, the fleet servers' registry, is down: `k8s4r devenv start` starts it again"
@@ -891,6 +981,10 @@ function serverComponent(view: StackView, n: 1 | 2 | 3 = 1): Component {
           ...(ha ? [] : ["--data-dir", place.dataDir]),
           "--broker-url",
           `mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
+          "--socket-path",
+          files.brokerAgentSocket,
+          "--roles",
+          layout.serverRolesFile,
           ...(ha
             ? [
               "--database",
@@ -908,15 +1002,18 @@ function serverComponent(view: StackView, n: 1 | 2 | 3 = 1): Component {
         logFile: place.log,
         pidFile: place.pid,
         detached: true,
-        ready: async () => (await probeServer(api)).ok,
+        ready: async () => (await probeServer(run, place.port)).ok,
         readyTimeoutMs: 60_000,
         readyIntervalMs: PROBE_INTERVAL_MS,
       });
     },
-    summary: () => api + (ha ? ` (PostgreSQL registry, ${place.clientId})` : ""),
-    async status() {
+    summary: () =>
+      `${api} (operator ${DEVENV_OPERATOR}: k8s4r operator creds${
+        ha ? `; PostgreSQL registry, ${place.clientId}` : ""
+      })`,
+    async status(v) {
       const p = pidInfo(place.pid);
-      const probe = p.running ? await probeServer(api) : { ok: false, detail: "" };
+      const probe = p.running ? await probeServer(v, place.port) : { ok: false, detail: "" };
       return {
         name: place.name,
         ...p,
@@ -959,8 +1056,8 @@ export function agentArgs(
   ];
 }
 
-export async function robotOnline(api: string, robotId: string): Promise<boolean> {
-  const r = await httpGetJson(`${api}/api/robots/${encodeURIComponent(robotId)}`);
+export async function robotOnline(view: StackView, robotId: string): Promise<boolean> {
+  const r = await view.apiGet(`/api/robots/${encodeURIComponent(robotId)}`);
   return r.ok && (r.body as { online?: unknown } | undefined)?.online === true;
 }
 
@@ -972,7 +1069,7 @@ function lastLogLine(text: string): string {
 async function awaitOnline(run: StartRun, r: RobotLayout): Promise<void> {
   let dead = false;
   try {
-    await waitFor(() => robotOnline(run.api, r.robotId), {
+    await waitFor(() => robotOnline(run, r.robotId), {
       timeoutMs: run.opts.onlineTimeoutMs ?? 120_000,
       intervalMs: PROBE_INTERVAL_MS,
       signal: run.ctx.io.signal,
@@ -1035,7 +1132,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
     pidFile: r.pidFile,
     logs: [{ name: basename(r.logFile, ".log"), file: r.logFile }],
     async probe(v) {
-      const online = await robotOnline(v.api, r.robotId);
+      const online = await robotOnline(v, r.robotId);
       return { ok: online, detail: online ? "online" : "offline at the server" };
     },
     // A running agent is left alone (it reconnects by itself); start waits for it to be online.
@@ -1074,7 +1171,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
       let detail = "";
       if (p.running) {
         const [res, svid] = await Promise.all([
-          httpGetJson(`${v.api}/api/robots/${encodeURIComponent(r.robotId)}`),
+          v.apiGet(`/api/robots/${encodeURIComponent(r.robotId)}`),
           agentSvidExpiry(r.agentSocket, r.spiffeId),
         ]);
         online = res.ok && (res.body as { online?: unknown } | undefined)?.online === true;

@@ -42,6 +42,8 @@ export interface Layout {
   serverCredentialsFile: string;
   /** The k8s4r server's registry and task store. */
   serverDataDir: string;
+  /** The k8s4r server's roles config (`server --roles`; production: /etc/k8s4r/roles.yaml). */
+  serverRolesFile: string;
   /** The root CA and SPIRE's upstream CA (`k8s4r ca init`; `devenv start --root-ca`). */
   caDir: string;
   /** What `devenv start --ha` adds. */
@@ -115,6 +117,7 @@ export function defaultLayout(root: string, env: Record<string, string | undefin
     mosquittoDir: join(devEnvDir, "mosquitto"),
     serverCredentialsFile: join(devEnvDir, "server-mqtt.json"),
     serverDataDir: join(devEnvDir, "server-data"),
+    serverRolesFile: join(devEnvDir, "roles.yaml"),
     caDir: join(spireDataDir, "ca"),
     ha: {
       postgresDir: join(devEnvDir, "postgres"),

@@ -50,13 +50,17 @@ export async function probeMqttTls(o: MtlsProbeOptions): Promise<ProbeResult> {
   return { ok: r.ok, detail: r.detail };
 }
 
-/** GET a URL; ok on 2xx. Returns the parsed JSON body when there is one. */
+/**
+ * GET a URL; ok on 2xx. Returns the parsed JSON body when there is one. `client`: TLS settings
+ * (the CA to trust, a client certificate) for the fleet server's HTTPS API.
+ */
 export async function httpGetJson(
   url: string,
   timeoutMs = 2000,
+  client?: Deno.HttpClient,
 ): Promise<{ ok: boolean; status: number; body: unknown; detail: string }> {
   try {
-    const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+    const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs), client });
     const text = await res.text();
     let body: unknown = undefined;
     try {

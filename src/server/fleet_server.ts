@@ -1,6 +1,6 @@
 /**
  * The fleet server process: an MQTT client (mqtt.js) with a persistent session, the registry,
- * the sweeper and the HTTP API, wired around `FleetService`.
+ * the sweeper and the HTTPS API (https.ts, http_api.ts), wired around `FleetService`.
  *
  * - Plain `mqtt://127.0.0.1:1883` with a username/password (the loopback listener), or
  *   `mqtts://` with an X.509 SVID (an `MqttTlsProvider`, e.g. built from an `X509Source`).
@@ -35,9 +35,13 @@ import {
   type Logger,
   silentLogger,
 } from "./fleet.ts";
-import { type HttpApi, serveHttpApi } from "./http_api.ts";
+import type { X509BundleSource } from "../spiffe/bundle.ts";
+import { allowedHostNames } from "./auth.ts";
+import { createHandler } from "./http_api.ts";
+import { type HttpsApi, serveHttps, type ServerTlsProvider } from "./https.ts";
 import type { Registry } from "./registry.ts";
 import type { PostgresConfig } from "./registry_postgres.ts";
+import type { RolesSource } from "./roles.ts";
 import { openRegistry } from "./storage.ts";
 
 export const SERVER_CLIENT_ID = "k8s4r-server";
@@ -58,6 +62,23 @@ export interface MqttTlsProvider {
   onUpdate?(cb: () => void): () => void;
 }
 
+/** The HTTPS API: where it listens, its certificate, and who may use it. */
+export interface HttpsOptions {
+  hostname: string;
+  port: number;
+  /** The server's SVID and the bundle (follows rotation). */
+  tls: ServerTlsProvider;
+  /** What client certificates must chain to (the server's X509Source). */
+  bundles: X509BundleSource;
+  roles: RolesSource;
+  /** Operators are `spiffe://<trustDomain>/operator/<name>`. */
+  trustDomain: string;
+  /** The DNS names of the server's current certificate (allowed in Host and Origin). */
+  dnsNames: () => readonly string[];
+  /** Every address of this machine (allowed in Host when bound to all of them). */
+  interfaceAddresses?: readonly string[];
+}
+
 export interface FleetServerOptions {
   brokerUrl: string;
   username?: string;
@@ -70,7 +91,7 @@ export interface FleetServerOptions {
   /** Keep the registry in PostgreSQL instead of SQLite. */
   postgres?: PostgresConfig;
   /** false: no HTTP API (tests of the MQTT side). */
-  http: { hostname: string; port: number } | false;
+  http: HttpsOptions | false;
   fleet?: FleetOptions;
   /** Default 1000 ms. */
   sweepIntervalMs?: number;
@@ -149,7 +170,7 @@ export class FleetServer {
     readonly registry: Registry,
     readonly fleet: FleetService,
     readonly client: MqttClient,
-    readonly http: HttpApi | undefined,
+    readonly http: HttpsApi | undefined,
     private readonly log: Logger,
     private readonly closeDrainMs: number,
   ) {
@@ -320,14 +341,32 @@ export class FleetServer {
       ...opts.fleet,
       startDisconnected: true,
     });
-    let http: HttpApi | undefined;
+    let http: HttpsApi | undefined;
     try {
       if (opts.http) {
-        http = serveHttpApi({
+        const h = opts.http;
+        // The port is known once bound (port 0 in tests): Host checks read it then.
+        let port = h.port;
+        const handler = createHandler({
           fleet,
           mqttConnected: () => fleet.linkState().connected && client.connected,
           version: opts.version,
-        }, opts.http);
+          auth: { trustDomain: h.trustDomain, bundles: h.bundles, roles: h.roles },
+          hosts: {
+            get port() {
+              return port;
+            },
+            names: () => allowedHostNames(h.hostname, h.dnsNames(), h.interfaceAddresses ?? []),
+          },
+          logger: log,
+        });
+        http = await serveHttps(handler, {
+          hostname: h.hostname,
+          port: h.port,
+          tls: h.tls,
+          urlHost: h.dnsNames()[0],
+        });
+        port = http.addr.port;
       }
     } catch (err) {
       await registry.close();

@@ -1,7 +1,8 @@
 /**
  * FleetService without a network: status ordering (bootId/connection, the last will), the
- * broker link (unknown state, no offline during an outage), and batches whose registry write
- * fails (nothing acknowledged past the failure). The cases are in testing/registry_contract.ts
+ * broker link (unknown state, no offline during an outage), batches whose registry write fails
+ * (nothing acknowledged past the failure), and operators' cancels (withdrawn, cancelling, settled
+ * by the sweeper; every task and cancel signed). The cases are in testing/registry_contract.ts
  * (run here on SQLite, on PostgreSQL by tests/registry_postgres_test.ts).
  */
 import assert from "node:assert/strict";

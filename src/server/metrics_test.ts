@@ -163,7 +163,8 @@ Deno.test("fleet metrics: realistic data renders every catalogue series and pass
 
   assert.equal(sample(text, 'k8s4r_tasks{state="done"}'), 5);
   assert.equal(sample(text, 'k8s4r_tasks{state="expired"}'), 0, "every state has a series");
-  assert.equal(lines(text, "k8s4r_tasks").length, 8);
+  assert.equal(sample(text, 'k8s4r_tasks{state="cancelled"}'), 0, "cancel states too");
+  assert.equal(lines(text, "k8s4r_tasks").length, 10);
   assert.equal(sample(text, "k8s4r_tasks_dispatched_total"), 4);
   assert.equal(sample(text, "k8s4r_task_publish_errors_total"), 1);
   assert.equal(sample(text, 'k8s4r_task_latency_seconds_count{state="done"}'), 1);

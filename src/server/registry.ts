@@ -20,7 +20,7 @@
  * writes are never interleaved with another transaction of this process.
  */
 import type { DeviceInfo } from "../mqtt/messages.ts";
-import { isTaskState, type TaskEvent, type TaskState, transition } from "./tasks.ts";
+import { isFinal, isTaskState, type TaskEvent, type TaskState, transition } from "./tasks.ts";
 
 export { SCHEMA_VERSION } from "./schema.ts";
 
@@ -124,6 +124,26 @@ export interface TaskRecord {
   startedAt: string | null;
   finishedAt: string | null;
   updatedAt: string;
+  /** The SPIFFE ID of the operator who created it (null: created before operators existed). */
+  createdBy: string | null;
+  cancelRequestedAt: string | null;
+  /** The SPIFFE ID of the operator who asked to cancel it. */
+  cancelRequestedBy: string | null;
+}
+
+/** Where a page of the task list starts: after this task (newest first). */
+export interface TaskCursor {
+  createdAt: string;
+  id: string;
+}
+
+export interface TaskQuery {
+  robotId?: string;
+  state?: TaskState;
+  /** Rows per page (the caller bounds it). */
+  limit: number;
+  /** Only tasks after this one in the order (created_at DESC, id DESC). */
+  after?: TaskCursor;
 }
 
 export interface NewTask {
@@ -135,6 +155,7 @@ export interface NewTask {
   timeoutSeconds: number;
   createdAt: string;
   expiresAt: string;
+  createdBy?: string;
 }
 
 export interface TaskUpdate {
@@ -142,6 +163,8 @@ export interface TaskUpdate {
   stdout?: string;
   stderr?: string;
   error?: string;
+  /** With `cancel` and `withdraw`: who asked (recorded once, with the time). */
+  cancelRequestedBy?: string;
 }
 
 export interface RegisterInfo {
@@ -216,6 +239,9 @@ const TASK_COLUMNS = [
   "started_at",
   "finished_at",
   "updated_at",
+  "created_by",
+  "cancel_requested_at",
+  "cancel_requested_by",
 ].join(", ");
 
 function str(v: unknown): string | null {
@@ -283,6 +309,9 @@ function taskFromRow(r: Row): TaskRecord {
     startedAt: str(r.started_at),
     finishedAt: str(r.finished_at),
     updatedAt: String(r.updated_at),
+    createdBy: str(r.created_by),
+    cancelRequestedAt: str(r.cancel_requested_at),
+    cancelRequestedBy: str(r.cancel_requested_by),
   };
 }
 
@@ -464,8 +493,8 @@ export class RegistryTx {
   async createTask(t: NewTask): Promise<TaskRecord> {
     await this.run(
       `INSERT INTO tasks (id, robot_id, command, env, cwd, timeout_seconds, state, created_at,
-         expires_at, updated_at)
-       VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)`,
+         expires_at, updated_at, created_by)
+       VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)`,
       [
         t.id,
         t.robotId,
@@ -476,6 +505,7 @@ export class RegistryTx {
         t.createdAt,
         t.expiresAt,
         t.createdAt,
+        t.createdBy ?? null,
       ],
     );
     return (await this.getTask(t.id))!;
@@ -491,6 +521,35 @@ export class RegistryTx {
       `SELECT ${TASK_COLUMNS} FROM tasks WHERE robot_id = ? ORDER BY created_at DESC, id LIMIT ?`,
       [robotId, limit],
     )).map(taskFromRow);
+  }
+
+  /**
+   * One page of tasks, newest first (created_at DESC, id DESC), optionally of one robot and in
+   * one state. Keyset paging: a page starts strictly after `after`, so tasks created meanwhile
+   * (newer than any cursor) never shift a page, and no task is repeated or skipped. The same
+   * order on both backends: created_at is an ISO string (SQLite) or a TIMESTAMPTZ (PostgreSQL,
+   * the cursor's string parsed as one), ids compare bytewise (COLLATE "C" on PostgreSQL).
+   */
+  async listTasksPage(q: TaskQuery): Promise<TaskRecord[]> {
+    const where: string[] = [];
+    const params: SqlValue[] = [];
+    if (q.robotId !== undefined) {
+      where.push("robot_id = ?");
+      params.push(q.robotId);
+    }
+    if (q.state !== undefined) {
+      where.push("state = ?");
+      params.push(q.state);
+    }
+    if (q.after) {
+      where.push("(created_at < ? OR (created_at = ? AND id < ?))");
+      params.push(q.after.createdAt, q.after.createdAt, q.after.id);
+    }
+    params.push(q.limit);
+    const sql = `SELECT ${TASK_COLUMNS} FROM tasks${
+      where.length ? ` WHERE ${where.join(" AND ")}` : ""
+    } ORDER BY created_at DESC, id DESC LIMIT ?`;
+    return (await this.all(sql, params)).map(taskFromRow);
   }
 
   async tasksInStates(states: TaskState[], robotId?: string): Promise<TaskRecord[]> {
@@ -541,9 +600,17 @@ export class RegistryTx {
       sets.push("dispatch_count = dispatch_count + 1", "dispatched_at = ?");
       params.push(at);
     }
-    if (t.to === "accepted") stamp("accepted_at");
-    if (t.to === "running") stamp("started_at");
-    if (["done", "failed", "refused", "expired"].includes(t.to)) stamp("finished_at");
+    // While cancelling, progress reports keep the state but their times are recorded.
+    if (t.to === "accepted" || event === "accepted") stamp("accepted_at");
+    if (t.to === "running" || event === "running") stamp("started_at");
+    if (isFinal(t.to)) stamp("finished_at");
+    if ((event === "cancel" || event === "withdraw") && update.cancelRequestedBy !== undefined) {
+      sets.push(
+        "cancel_requested_at = COALESCE(cancel_requested_at, ?)",
+        "cancel_requested_by = COALESCE(cancel_requested_by, ?)",
+      );
+      params.push(at, update.cancelRequestedBy);
+    }
     if (update.exitCode !== undefined) {
       sets.push("exit_code = ?");
       params.push(update.exitCode);
@@ -662,6 +729,9 @@ export class Registry {
   }
   listTasks(robotId: string, limit?: number): Promise<TaskRecord[]> {
     return this.read((tx) => tx.listTasks(robotId, limit));
+  }
+  listTasksPage(q: TaskQuery): Promise<TaskRecord[]> {
+    return this.read((tx) => tx.listTasksPage(q));
   }
   tasksInStates(states: TaskState[], robotId?: string): Promise<TaskRecord[]> {
     return this.read((tx) => tx.tasksInStates(states, robotId));

@@ -42,6 +42,12 @@ Deno.test("registry [sqlite]: a database of an older k8s4r is migrated in place"
     db.exec(
       "INSERT INTO robots (id, first_seen, last_seen, online) VALUES ('robot-001', 'a', 'b', 1)",
     );
+    db.exec(
+      `INSERT INTO tasks (id, robot_id, command, env, timeout_seconds, state, created_at,
+         expires_at, updated_at)
+       VALUES ('t1', 'robot-001', '["true"]', '{}', 5, 'pending', '2025-01-01T00:00:00.000Z',
+         '2025-01-01T01:00:00.000Z', '2025-01-01T00:00:00.000Z')`,
+    );
     db.exec("PRAGMA user_version = 1");
     db.close();
     const reg = await openSqliteRegistry(dir);
@@ -51,6 +57,13 @@ Deno.test("registry [sqlite]: a database of an older k8s4r is migrated in place"
       assert.equal(r.online, true);
       assert.equal(r.heartbeatsReceived, 0);
       assert.equal(r.statusOrder, null);
+      // Migration 4 (operators): a task of before has no creator and no cancel request.
+      const t = (await reg.getTask("t1"))!;
+      assert.deepEqual([t.createdBy, t.cancelRequestedAt, t.cancelRequestedBy], [null, null, null]);
+      assert.deepEqual(
+        (await reg.listTasksPage({ robotId: "robot-001", limit: 10 })).map((x) => x.id),
+        ["t1"],
+      );
     } finally {
       await reg.close();
     }

@@ -122,6 +122,23 @@ export const MIGRATIONS: Migration[] = [
      ALTER TABLE robots ADD COLUMN status_connection BIGINT;
      ALTER TABLE robots ADD COLUMN status_rank SMALLINT;`,
   },
+  // 4: operators (issue 11): who created a task (the SPIFFE ID of its operator), who asked to
+  // cancel it and when; indexes for the cursor-paged task list (newest first, keyset on
+  // (created_at, id), per robot and per state).
+  {
+    sqlite: `ALTER TABLE tasks ADD COLUMN created_by TEXT;
+     ALTER TABLE tasks ADD COLUMN cancel_requested_at TEXT;
+     ALTER TABLE tasks ADD COLUMN cancel_requested_by TEXT;
+     CREATE INDEX tasks_created ON tasks (created_at, id);
+     CREATE INDEX tasks_robot_created ON tasks (robot_id, created_at, id);
+     CREATE INDEX tasks_state_created ON tasks (state, created_at, id);`,
+    postgres: `ALTER TABLE tasks ADD COLUMN created_by TEXT;
+     ALTER TABLE tasks ADD COLUMN cancel_requested_at TIMESTAMPTZ;
+     ALTER TABLE tasks ADD COLUMN cancel_requested_by TEXT;
+     CREATE INDEX tasks_created ON tasks (created_at, id);
+     CREATE INDEX tasks_robot_created ON tasks (robot_id, created_at, id);
+     CREATE INDEX tasks_state_created ON tasks (state, created_at, id);`,
+  },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

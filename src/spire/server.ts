@@ -646,6 +646,35 @@ export class SpireServerCli {
     return Array.isArray(json.agents) ? json.agents.map((a) => idString(asObj(a).id)) : [];
   }
 
+  /**
+   * Mints an X509-SVID directly from the server into `dir` (which must exist, mode 0700): the
+   * key never passes through argv, a pipe or a log. Returns the paths SPIRE wrote.
+   */
+  async mintX509Files(opts: {
+    spiffeId: string;
+    dnsNames: string[];
+    ttlSeconds: number;
+    dir: string;
+  }): Promise<{ certFile: string; keyFile: string; bundleFile: string }> {
+    const args = ["x509", "mint", "-spiffeID", opts.spiffeId];
+    for (const n of opts.dnsNames) args.push("-dns", n);
+    args.push("-ttl", `${opts.ttlSeconds}s`, "-write", opts.dir);
+    await this.run(args, "x509 mint");
+    const files = {
+      certFile: join(opts.dir, "svid.pem"),
+      keyFile: join(opts.dir, "key.pem"),
+      bundleFile: join(opts.dir, "bundle.pem"),
+    };
+    for (const f of Object.values(files)) {
+      try {
+        await Deno.stat(f);
+      } catch {
+        throw new CliError(`spire-server x509 mint: ${f} was not written`);
+      }
+    }
+    return files;
+  }
+
   /** Mints an X509-SVID directly from the server (e.g. the broker's). */
   async mintX509(opts: { spiffeId: string; dnsNames: string[]; ttlSeconds: number }): Promise<
     MintedSvid
@@ -654,21 +683,11 @@ export class SpireServerCli {
     const dir = await Deno.makeTempDir({ prefix: "k8s4r-mint-" });
     try {
       await Deno.chmod(dir, 0o700);
-      const args = ["x509", "mint", "-spiffeID", opts.spiffeId];
-      for (const n of opts.dnsNames) args.push("-dns", n);
-      args.push("-ttl", `${opts.ttlSeconds}s`, "-write", dir);
-      await this.run(args, "x509 mint");
-      const read = async (f: string) => {
-        try {
-          return await Deno.readTextFile(join(dir, f));
-        } catch {
-          throw new CliError(`spire-server x509 mint: ${f} was not written`);
-        }
-      };
+      const f = await this.mintX509Files({ ...opts, dir });
       return {
-        certPem: await read("svid.pem"),
-        keyPem: await read("key.pem"),
-        bundlePem: await read("bundle.pem"),
+        certPem: await Deno.readTextFile(f.certFile),
+        keyPem: await Deno.readTextFile(f.keyFile),
+        bundlePem: await Deno.readTextFile(f.bundleFile),
       };
     } finally {
       await Deno.remove(dir, { recursive: true }).catch(() => {});

@@ -390,7 +390,10 @@ test("PostgreSQL stopped for 30 s: SPIRE degrades visibly, robots stay connected
   assert.match(check("stack.spire-server")?.hint ?? "", /PostgreSQL/);
   // The fleet servers degrade visibly too: /healthz fails and names the registry's error.
   for (const port of [stack.ports.http, stack.ports.http2!, stack.ports.http3!]) {
-    const h = await fetch(`http://127.0.0.1:${port}/healthz`, { signal: AbortSignal.timeout(5000) })
+    const h = await fetch(`https://localhost:${port}/healthz`, {
+      client: await stack.operatorClient(),
+      signal: AbortSignal.timeout(5000),
+    })
       .then(async (res) => ({ status: res.status, body: await res.text() }))
       .catch((e) => ({ status: 0, body: (e as Error).message }));
     console.log(`  during the outage, fleet server :${port} /healthz: ${h.status} ${h.body}`);

@@ -29,6 +29,7 @@ import {
   waitFor,
 } from "../../src/process/mod.ts";
 import { SpireServerCli } from "../../src/spire/server.ts";
+import { fetchClient, loadCredentials } from "../../src/operator/credentials.ts";
 import { probeMqtt } from "../../src/mqtt/probe.ts";
 import { freePorts } from "../helpers/ports.ts";
 
@@ -248,6 +249,12 @@ export class E2eStack {
     delete this.env.ROBOT_ID;
     delete this.env.MQTT_BROKER_URL;
     delete this.env.K8S4R_PROJECT_DIR;
+    delete this.env.K8S4R_OPERATOR;
+    delete this.env.K8S4R_SERVER_URL;
+    delete this.env.K8S4R_ROLES_FILE;
+    delete this.env.K8S4R_SPIRE_SERVER_SOCKET;
+    // devenv's admin operator lands here, never in the developer's own ~/.config.
+    this.env.XDG_CONFIG_HOME = `${dir}/xdg`;
     this.layout = defaultLayout(dir, this.env);
     this.files = devenvFiles(this.layout, this.env);
   }
@@ -396,13 +403,42 @@ export class E2eStack {
 
   // ---- HTTP API
 
+  /** `localhost`: the name the server's certificate carries (it listens on 127.0.0.1). */
   get api(): string {
-    return `http://127.0.0.1:${this.ports.http}`;
+    return `https://localhost:${this.ports.http}`;
   }
 
-  async http<T>(path: string, init: RequestInit = {}): Promise<{ status: number; body: T }> {
+  #clients = new Map<string, Deno.HttpClient>();
+
+  /** A fetch client as operator `name` (devenv's admin by default), trusting its bundle. */
+  async operatorClient(name = "admin"): Promise<Deno.HttpClient> {
+    let c = this.#clients.get(name);
+    if (!c) {
+      c = fetchClient(await loadCredentials(this.env, name));
+      this.#clients.set(name, c);
+    }
+    return c;
+  }
+
+  /** Drops cached clients (after `operator login` replaced a certificate). */
+  closeClients(): void {
+    for (const c of this.#clients.values()) c.close();
+    this.#clients.clear();
+  }
+
+  /** A request to the API as devenv's admin operator (JSON content type when there is a body). */
+  async http<T>(
+    path: string,
+    init: RequestInit & { operator?: string } = {},
+  ): Promise<{ status: number; body: T }> {
+    const headers = new Headers(init.headers);
+    if (init.body !== undefined && !headers.has("content-type")) {
+      headers.set("content-type", "application/json");
+    }
     const res = await fetch(`${this.api}${path}`, {
       ...init,
+      headers,
+      client: await this.operatorClient(init.operator),
       signal: init.signal ?? AbortSignal.timeout(5000),
     });
     const text = await res.text();
@@ -652,6 +688,7 @@ export class E2eStack {
 
   /** The last test: stop, clean, and nothing of ours left running or listening. */
   async teardown(): Promise<void> {
+    this.closeClients();
     this.remember();
     const stop = await this.devenv("stop");
     this.keepLogs();

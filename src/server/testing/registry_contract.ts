@@ -9,7 +9,14 @@
  * pass every case unchanged.
  */
 import assert from "node:assert/strict";
-import { FleetService, type Publisher } from "../fleet.ts";
+import { decodeDown, type DownMessage, encode } from "../../mqtt/messages.ts";
+import {
+  ConflictError,
+  type DownSigner,
+  FleetService,
+  NotFoundError,
+  type Publisher,
+} from "../fleet.ts";
 import { type Dialect, type Registry, SCHEMA_VERSION } from "../registry.ts";
 import { renderRobotsTable, robotStateText } from "../command.ts";
 
@@ -400,6 +407,92 @@ export const registryCases: ContractCase[] = [
         assert.deepEqual((await reg.listTasks("robot1", 1)).map((x) => x.id), ["t-1"]);
       }),
   },
+  {
+    name: "listTasksPage: keyset pages, newest first, stable under inserts, filters",
+    fn: (f) =>
+      withRegistry(f, async (reg) => {
+        await reg.touchRobot("r1", "2025-01-01T00:00:00.000Z");
+        await reg.touchRobot("r2", "2025-01-01T00:00:00.000Z");
+        const mk = (id: string, robotId: string, sec: number, createdBy?: string) =>
+          reg.createTask({
+            id,
+            robotId,
+            command: ["true"],
+            env: {},
+            timeoutSeconds: 5,
+            createdAt: new Date(Date.UTC(2025, 0, 1, 0, 0, sec)).toISOString(),
+            expiresAt: "2025-01-02T00:00:00.000Z",
+            createdBy,
+          });
+        // 250 tasks (more than the old 100-row cap), two robots, and ties on created_at.
+        for (let i = 0; i < 250; i++) {
+          await mk(`t${String(i).padStart(3, "0")}`, i % 2 ? "r2" : "r1", Math.floor(i / 3));
+        }
+        const all: string[] = [];
+        let after: { createdAt: string; id: string } | undefined;
+        let pages = 0;
+        while (true) {
+          const page = await reg.listTasksPage({ limit: 40, after });
+          if (page.length === 0) break;
+          pages++;
+          all.push(...page.map((t) => t.id));
+          const last = page[page.length - 1];
+          after = { createdAt: last.createdAt, id: last.id };
+          // Inserted while paging: newer than every cursor, so never in a later page.
+          if (pages === 2) await mk(`new-${pages}`, "r1", 999);
+        }
+        assert.equal(pages, 7);
+        assert.equal(all.length, 250, "every task exactly once");
+        assert.equal(new Set(all).size, 250);
+        assert.ok(!all.some((id) => id.startsWith("new-")), "an insert shifted a page");
+        assert.deepEqual(all.slice(0, 3), ["t249", "t248", "t247"]);
+        assert.equal(all[all.length - 1], "t000");
+        // Filters: one robot, one state.
+        const r2 = await reg.listTasksPage({ robotId: "r2", limit: 1000 });
+        assert.equal(r2.length, 125);
+        assert.ok(r2.every((t) => t.robotId === "r2"));
+        await reg.applyTaskEvent("t010", "dispatch", "2025-01-01T01:00:00.000Z");
+        assert.deepEqual(
+          (await reg.listTasksPage({ state: "dispatched", limit: 10 })).map((t) => t.id),
+          ["t010"],
+        );
+        await mk("who", "r1", 1000, "spiffe://td/operator/alice");
+        assert.equal((await reg.getTask("who"))!.createdBy, "spiffe://td/operator/alice");
+        assert.equal((await reg.getTask("t000"))!.createdBy, null);
+      }),
+  },
+  {
+    name: "cancel columns: who asked and when, recorded once",
+    fn: (f) =>
+      withRegistry(f, async (reg) => {
+        await reg.touchRobot("r1", "2025-01-01T00:00:00.000Z");
+        await reg.createTask({
+          id: "t1",
+          robotId: "r1",
+          command: ["sleep", "9"],
+          env: {},
+          timeoutSeconds: 30,
+          createdAt: "2025-01-01T00:00:00.000Z",
+          expiresAt: "2025-01-01T01:00:00.000Z",
+        });
+        await reg.applyTaskEvent("t1", "dispatch", "2025-01-01T00:00:01.000Z");
+        const a = (await reg.applyTaskEvent("t1", "cancel", "2025-01-01T00:00:02.000Z", {
+          cancelRequestedBy: "spiffe://td/operator/a",
+        }))!;
+        assert.equal(a.task.state, "cancelling");
+        await reg.applyTaskEvent("t1", "cancel", "2025-01-01T00:00:03.000Z", {
+          cancelRequestedBy: "spiffe://td/operator/b",
+        });
+        const r = (await reg.applyTaskEvent("t1", "cancelled", "2025-01-01T00:00:04.000Z", {
+          error: "cancelled",
+        }))!;
+        assert.equal(r.task.state, "cancelled");
+        assert.equal(r.task.cancelRequestedAt, "2025-01-01T00:00:02.000Z");
+        assert.equal(r.task.cancelRequestedBy, "spiffe://td/operator/a");
+        assert.equal(r.task.finishedAt, "2025-01-01T00:00:04.000Z");
+        assert.deepEqual(await reg.countTasksByState(), { cancelled: 1 });
+      }),
+  },
 ];
 
 // ---------------------------------------------------------------------------------- fleet
@@ -502,6 +595,348 @@ function heartbeat(id: string, ts: number, seq: number, bootId?: string) {
 
 /** The statement that counts a heartbeat (RegistryTx.recordHeartbeat). */
 const HEARTBEAT_UPDATE = /heartbeats_received = heartbeats_received \+ 1/;
+
+// ---------------------------------------------------------------------------------- cancel
+
+const ADMIN = "spiffe://k8s4r.test/operator/admin";
+
+/** A publisher whose PUBACKs the test releases by hand (`ack()`), to hold a publish in flight. */
+class HeldPublisher implements Publisher {
+  sent: { topic: string; msg: DownMessage }[] = [];
+  held: (() => void)[] = [];
+  hold = false;
+  online = true;
+  #waiters: { n: number; resolve: () => void }[] = [];
+  publish(topic: string, payload: Uint8Array): Promise<void> {
+    const d = decodeDown(topic, payload);
+    if (!d.ok) throw new Error(`server published an invalid message: ${d.error}`);
+    this.sent.push({ topic, msg: d.message });
+    for (const w of this.#waiters.filter((w) => w.n <= this.sent.length)) w.resolve();
+    this.#waiters = this.#waiters.filter((w) => w.n > this.sent.length);
+    if (!this.hold) return Promise.resolve();
+    return new Promise((resolve) => this.held.push(resolve));
+  }
+  /** Resolves once `n` messages have been published (no timer: on the publish itself). */
+  sentCount(n: number): Promise<void> {
+    if (this.sent.length >= n) return Promise.resolve();
+    return new Promise((resolve) => this.#waiters.push({ n, resolve }));
+  }
+  ack(): void {
+    for (const r of this.held.splice(0)) r();
+  }
+  connected() {
+    return this.online;
+  }
+}
+
+/** Records what it signed; the payload stays plain JSON so the fake publisher can decode it. */
+class RecordingSigner implements DownSigner {
+  signed: DownMessage[] = [];
+  fail = false;
+  sign(msg: DownMessage): Uint8Array {
+    if (this.fail) throw new Error("no SVID yet");
+    this.signed.push(msg);
+    return encode(msg);
+  }
+}
+
+interface CancelFleet {
+  clock: { t: number };
+  registry: Registry;
+  pub: HeldPublisher;
+  signer: RecordingSigner;
+  fleet: FleetService;
+  online(id: string, on: boolean): Promise<void>;
+  report(robotId: string, taskId: string, state: string, extra?: object): Promise<void>;
+}
+
+/**
+ * Cancel through FleetService: a pending task nobody is publishing is withdrawn (cancelled at
+ * once, never sent); anything that may have reached the robot becomes `cancelling`, gets a
+ * signed cancel (now, or when the robot comes back) and ends with the robot's report; the
+ * sweeper settles what the robot never took up. Every task and cancel goes through the signer.
+ */
+function withCancelFleet(
+  f: RegistryFixture,
+  fn: (s: CancelFleet) => Promise<void>,
+): Promise<void> {
+  return withRegistry(f, async (registry) => {
+    const clock = { t: T0 };
+    const pub = new HeldPublisher();
+    const signer = new RecordingSigner();
+    let n = 0;
+    const fleet = new FleetService(registry, pub, {
+      now: () => new Date(clock.t),
+      newId: () => `t${++n}`,
+      heartbeatIntervalSeconds: 10,
+      resultGraceSeconds: 60,
+      signer,
+    });
+    const online = async (id: string, on: boolean) => {
+      await registry.touchRobot(id, iso(clock.t));
+      await registry.setOnline(id, on, on ? null : "test");
+    };
+    const report = async (robotId: string, taskId: string, state: string, extra = {}) => {
+      const body = {
+        v: 1,
+        type: "task-status",
+        robotId,
+        ts: iso(clock.t),
+        taskId,
+        state,
+        ...extra,
+      };
+      const r = await fleet.handleMessage(
+        `k8s4r/robots/${robotId}/up/task`,
+        new TextEncoder().encode(JSON.stringify(body)),
+      );
+      assert.ok(r.ok, `report ${state}: ${JSON.stringify(r)}`);
+    };
+    try {
+      await fn({ clock, registry, pub, signer, fleet, online, report });
+    } finally {
+      pub.hold = false;
+      pub.ack();
+      await fleet.settled();
+    }
+  });
+}
+
+const cancels = (pub: HeldPublisher) => pub.sent.filter((s) => s.msg.type === "cancel");
+const tasksSent = (pub: HeldPublisher) => pub.sent.filter((s) => s.msg.type === "task");
+
+const cancelCases: ContractCase[] = [
+  {
+    name: "cancel: a pending task of an offline robot is cancelled at once and never sent",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online }) => {
+        await online("robot-001", false);
+        const t = await fleet.createTask("robot-001", {
+          command: ["sleep", "600"],
+          env: {},
+          timeoutSeconds: 600,
+        }, ADMIN);
+        assert.equal(t.state, "pending");
+        assert.equal(t.createdBy, ADMIN);
+        const r = await fleet.cancelTask(t.id, ADMIN);
+        assert.equal(r.outcome, "withdrawn");
+        assert.equal(r.task.state, "cancelled");
+        assert.equal(r.task.cancelRequestedBy, ADMIN);
+        assert.ok(r.task.finishedAt);
+        assert.match(r.task.error ?? "", /before it was sent/);
+        // The robot comes back: the task is not sent.
+        await online("robot-001", true);
+        await fleet.dispatchFor("robot-001");
+        await fleet.settled();
+        assert.equal(tasksSent(pub).length, 0, "a withdrawn task was sent");
+        assert.equal((await registry.getTask(t.id))!.state, "cancelled");
+        // Cancelling it again is a conflict, not a second cancel.
+        await assert.rejects(() => fleet.cancelTask(t.id, ADMIN), ConflictError);
+        await assert.rejects(() => fleet.cancelTask("nope", ADMIN), NotFoundError);
+      }),
+  },
+  {
+    name:
+      "cancel: a dispatched task becomes cancelling, the robot gets a signed cancel, its report ends it",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, signer, online, report }) => {
+        await online("robot-001", true);
+        const t = await fleet.createTask("robot-001", {
+          command: ["sleep", "600"],
+          env: {},
+          timeoutSeconds: 600,
+        }, ADMIN);
+        await fleet.settled();
+        assert.equal((await registry.getTask(t.id))!.state, "dispatched");
+        await report("robot-001", t.id, "running");
+        const r = await fleet.cancelTask(t.id, ADMIN);
+        assert.equal(r.outcome, "cancelling");
+        assert.equal(r.task.state, "cancelling");
+        await fleet.settled();
+        const c = cancels(pub);
+        assert.equal(c.length, 1);
+        assert.equal(c[0].topic, "k8s4r/robots/robot-001/down/cancel");
+        assert.equal(c[0].msg.type === "cancel" && c[0].msg.taskId, t.id);
+        assert.deepEqual(
+          signer.signed.map((m) => m.type),
+          ["task", "cancel"],
+          "both went through the signer",
+        );
+        assert.equal(fleet.stats.cancelsSent, 1);
+        // A second request re-sends the cancel; the state does not move.
+        assert.equal((await fleet.cancelTask(t.id, ADMIN)).outcome, "already");
+        await fleet.settled();
+        assert.equal(cancels(pub).length, 2);
+        // A progress report while cancelling keeps it cancelling; the robot's cancelled ends it.
+        await report("robot-001", t.id, "running");
+        assert.equal((await registry.getTask(t.id))!.state, "cancelling");
+        await report("robot-001", t.id, "cancelled", { error: "killed: cancelled" });
+        const done = (await registry.getTask(t.id))!;
+        assert.equal(done.state, "cancelled");
+        assert.ok(done.finishedAt);
+        // Re-dispatch never resends a cancelling or cancelled task.
+        await fleet.dispatchFor("robot-001");
+        await fleet.settled();
+        assert.equal(tasksSent(pub).length, 1);
+      }),
+  },
+  {
+    name: "cancel: a task being published (no PUBACK yet) is not withdrawn: it may reach the robot",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online, report }) => {
+        await online("robot-001", true);
+        pub.hold = true;
+        const t = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 5,
+        }, ADMIN);
+        assert.equal((await registry.getTask(t.id))!.state, "pending");
+        await pub.sentCount(1); // the task is on its way; its PUBACK is held
+        const r = await fleet.cancelTask(t.id, ADMIN);
+        assert.equal(r.outcome, "cancelling", "a task in flight must be cancelled on the robot");
+        // The task's PUBACK comes after the cancel was recorded (then the cancel's own).
+        pub.hold = false;
+        pub.ack();
+        await fleet.settled();
+        assert.equal(
+          (await registry.getTask(t.id))!.state,
+          "cancelling",
+          "the late PUBACK does not undo it",
+        );
+        assert.equal((await registry.getTask(t.id))!.dispatchCount, 1);
+        assert.equal(cancels(pub).length, 1);
+        // The robot ran it to completion before the cancel arrived: its report wins.
+        await report("robot-001", t.id, "done", { exitCode: 0 });
+        assert.equal((await registry.getTask(t.id))!.state, "done");
+        await assert.rejects(() => fleet.cancelTask(t.id, ADMIN), /already done/);
+      }),
+  },
+  {
+    name: "cancel: a dispatch working from a read made before the withdraw does not send it",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online }) => {
+        // The robot comes back and a dispatch reads its pending tasks; the operator's withdraw
+        // commits before that read's answer is acted on (another connection, on PostgreSQL).
+        await online("robot-001", false);
+        const mk = () =>
+          fleet.createTask("robot-001", { command: ["true"], env: {}, timeoutSeconds: 5 }, ADMIN);
+        const t = await mk();
+        await online("robot-001", true);
+        const read = registry.tasksInStates.bind(registry);
+        let release = () => {};
+        const gate = new Promise<void>((r) => (release = r));
+        registry.tasksInStates = async (...a) => {
+          const rows = await read(...a);
+          await gate;
+          return rows;
+        };
+        try {
+          const dispatching = fleet.dispatchFor("robot-001");
+          const r = await fleet.cancelTask(t.id, ADMIN);
+          assert.equal(r.outcome, "withdrawn");
+          release();
+          await dispatching;
+          await fleet.settled();
+          assert.equal(tasksSent(pub).length, 0, "a withdrawn task was published");
+          assert.equal((await registry.getTask(t.id))!.state, "cancelled");
+          // Positive control: the same late answer without a cancel sends the task.
+          await online("robot-001", false);
+          const u = await mk();
+          await online("robot-001", true);
+          await fleet.dispatchFor("robot-001");
+          await fleet.settled();
+          assert.deepEqual(tasksSent(pub).map((s) => s.msg.type === "task" && s.msg.id), [u.id]);
+          assert.equal((await registry.getTask(u.id))!.state, "dispatched");
+        } finally {
+          release();
+          registry.tasksInStates = read;
+        }
+      }),
+  },
+  {
+    name: "cancel: the robot is offline: the cancel goes out when it comes back",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online }) => {
+        await online("robot-001", true);
+        const t = await fleet.createTask(
+          "robot-001",
+          { command: ["sleep", "9"], env: {}, timeoutSeconds: 30 },
+          ADMIN,
+        );
+        await fleet.settled();
+        await online("robot-001", false);
+        await fleet.cancelTask(t.id, ADMIN);
+        await fleet.settled();
+        assert.equal(cancels(pub).length, 0, "nothing is sent to an offline robot");
+        await online("robot-001", true);
+        await fleet.dispatchFor("robot-001");
+        await fleet.settled();
+        assert.equal(cancels(pub).length, 1);
+        assert.equal(tasksSent(pub).length, 1, "the task is not re-sent");
+        assert.equal((await registry.getTask(t.id))!.state, "cancelling");
+      }),
+  },
+  {
+    name: "cancel: the sweeper settles cancels the robot never answers",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, clock, online, report }) => {
+        await online("robot-001", true);
+        const never = await fleet.createTask("robot-001", {
+          command: ["x"],
+          env: {},
+          timeoutSeconds: 10,
+          ttlSeconds: 30,
+        }, ADMIN);
+        const ran = await fleet.createTask("robot-001", {
+          command: ["y"],
+          env: {},
+          timeoutSeconds: 10,
+        }, ADMIN);
+        await fleet.settled();
+        await report("robot-001", ran.id, "running");
+        await fleet.cancelTask(never.id, ADMIN);
+        await fleet.cancelTask(ran.id, ADMIN);
+        await fleet.settled();
+        clock.t += 31_000; // past never's expiresAt: a robot would refuse it now
+        await online("robot-001", true);
+        let s = await fleet.sweep();
+        assert.deepEqual(s.expired, [never.id]);
+        assert.equal((await registry.getTask(never.id))!.state, "cancelled");
+        assert.equal(
+          (await registry.getTask(ran.id))!.state,
+          "cancelling",
+          "it ran: only its report or loss ends it",
+        );
+        clock.t += 10_000 + 61_000; // past timeout + grace with no report
+        await registry.touchRobot("robot-001", iso(clock.t));
+        s = await fleet.sweep();
+        assert.deepEqual(s.lost, [ran.id]);
+        assert.equal((await registry.getTask(ran.id))!.state, "failed");
+      }),
+  },
+  {
+    name: "signing: a task that cannot be signed is not sent, counted, and stays pending",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, signer, online }) => {
+        await online("robot-001", true);
+        signer.fail = true;
+        const t = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 5,
+        }, ADMIN);
+        await fleet.settled();
+        assert.equal(pub.sent.length, 0);
+        assert.equal(fleet.stats.signErrors, 1);
+        assert.equal((await registry.getTask(t.id))!.state, "pending");
+        signer.fail = false;
+        await fleet.dispatchFor("robot-001");
+        await fleet.settled();
+        assert.equal((await registry.getTask(t.id))!.state, "dispatched");
+      }),
+  },
+];
 
 export const fleetCases: ContractCase[] = [
   {
@@ -762,4 +1197,5 @@ export const fleetCases: ContractCase[] = [
         assert.ok(pub.sent.length > before, "the applied register dispatched the pending task");
       }),
   },
+  ...cancelCases,
 ];
