@@ -67,6 +67,9 @@ export function devStackBackupSources(io: Io, projectDir: string): BackupSources
         restoreTo: pendingDump(fleetTarget(L).database),
       }
       : { kind: "sqlite", name: "fleet-registry", path: join(L.serverDataDir, "registry.sqlite") },
+    // Who may do what on the fleet server's API (operators' roles); the operators' own
+    // credentials live with each operator (~/.config/k8s4r/operators), not on the host.
+    { kind: "file", name: "server-roles.yaml", path: L.serverRolesFile },
     { kind: "file", name: "server-mqtt.json", path: L.serverCredentialsFile, required: true },
     { kind: "file", name: "mosquitto-passwd", path: join(L.mosquittoDir, "passwd") },
   ];
