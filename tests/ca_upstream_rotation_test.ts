@@ -163,7 +163,17 @@ Deno.test({
         0,
         `broker-identity saw a bundle change: ${JSON.stringify(bi)}`,
       );
-      assert.deepEqual([...offline], [], "robots went offline");
+      if (offline.size) {
+        // What the broker said about them (e.g. Mosquitto 2.0.11's "Expiring client ... due to
+        // timeout" right after an SVID rotation's reconnect, seen under load: not the CA).
+        const broker = (await Deno.readTextFile(stack.files.mosquittoLog)).split("\n")
+          .filter((l) =>
+            [...offline].some((id) => l.includes(id)) && /Expiring|timeout|error/i.test(l)
+          );
+        assert.fail(
+          `robots went offline: ${[...offline]}; broker: ${broker.join(" | ")}\n${seen.join("\n")}`,
+        );
+      }
       assert.equal(lost, 0, "heartbeats were lost");
       assert.equal(readPidFile(stack.files.mosquittoPid)?.pid, mosq0.pid);
     } catch (err) {
