@@ -20,6 +20,8 @@ Deno.test("only the command on argv's path is loaded", async () => {
     "robots",
     "tasks",
     "task",
+    "ca",
+    "backup",
   ]);
   assert.equal(resolve(tree, ["agent", "--robot-id", "r1"]).args.string("robot-id"), "r1");
   // Nested: `identity fetch` loads identity only.

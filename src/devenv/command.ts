@@ -99,6 +99,12 @@ function goDuration(args: Args, flag: string): string | undefined {
   return v;
 }
 
+function serverIndex(args: Args): 1 | 2 {
+  const n = args.number("server") ?? 1;
+  if (n !== 1 && n !== 2) throw new UsageError(`--server: expected 1 or 2, got ${n}`);
+  return n;
+}
+
 function withContext(
   fn: (ctx: DevenvContext, args: Args) => Promise<number>,
 ): (args: Args, io: Io) => Promise<number> {
@@ -170,6 +176,26 @@ export const devenvCommand: CommandSpec = {
           description: "How long to wait for the robots to come online (default 120)",
         },
         {
+          name: "ha",
+          type: "boolean",
+          description: "Scale-out stack: PostgreSQL (under .dev-env), two SPIRE servers sharing " +
+            "it behind haproxy on the SPIRE port, under the root CA (implies --root-ca). Kept " +
+            "by later starts",
+        },
+        {
+          name: "root-ca",
+          type: "boolean",
+          description: "SPIRE's CA signed by the root CA in .spire-data/ca (`k8s4r ca init`, " +
+            "made if missing): SPIRE's CA rotations keep the trust bundle. Kept by later starts",
+        },
+        {
+          name: "agent-ttl",
+          type: "number",
+          valueName: "SECONDS",
+          description: "SPIRE agents' SVID lifetime (server agent_ttl; default SPIRE's); " +
+            "applies when the servers (re)start",
+        },
+        {
           name: "spire-defaults",
           type: "boolean",
           description: `Run SPIRE with its own sync and cache-reload intervals (5s) and ` +
@@ -197,6 +223,9 @@ export const devenvCommand: CommandSpec = {
           brokerUrl: ctx.env["MQTT_BROKER_URL"] || undefined,
           onlineTimeoutMs: timeout !== undefined ? timeout * 1000 : undefined,
           spireDefaults: args.bool("spire-defaults"),
+          ha: args.bool("ha"),
+          rootCa: args.bool("root-ca"),
+          agentTtl: positiveSeconds(args, "agent-ttl"),
         });
       }),
     },
@@ -248,9 +277,17 @@ export const devenvCommand: CommandSpec = {
         ...LAYOUT_FLAGS,
         { name: "ca-ttl", type: "number", valueName: "SECONDS", description: "ca_ttl" },
         ...HIDDEN_SPIRE_FLAGS,
+        { name: "server", type: "number", valueName: "N", description: "1 or 2 (--ha)" },
+        { name: "ha", type: "boolean", description: "PostgreSQL datastore, own port" },
+        { name: "root-ca", type: "boolean", description: "UpstreamAuthority disk" },
+        { name: "agent-ttl", type: "string", valueName: "DURATION", description: "agent_ttl" },
       ],
       run: withContext((ctx, args) =>
         runSpireServer(ctx, {
+          server: serverIndex(args),
+          ha: args.bool("ha"),
+          rootCa: args.bool("root-ca"),
+          agentTtl: goDuration(args, "agent-ttl"),
           caTtl: caTtlSeconds(args, {}),
           bin: args.string("spire-server-bin"),
           cacheReloadInterval: goDuration(args, "cache-reload-interval"),

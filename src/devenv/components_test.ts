@@ -177,3 +177,63 @@ Deno.test("spire-binaries: version-checked once, again only when a binary change
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("HA table: postgres, spire-database, root-ca, two SPIRE servers and haproxy; the rest waits for them", () => {
+  const ctx = ctxFor("/p");
+  const rows = devenvComponents(
+    new StackView(ctx, robotLayouts(ctx, ["robot-001"]), { ha: true, rootCa: true }),
+  );
+  checkGraph(rows.map((c) => ({ name: c.name, needs: c.needs.map(needName) })));
+  assert.deepEqual(rows.filter((c) => c.status).map((c) => c.name), [
+    "postgres",
+    "root-ca",
+    "spire-server",
+    "spire-server-2",
+    "haproxy",
+    "ca-bundle",
+    "broker-identity",
+    "mosquitto",
+    "server",
+    "server-2",
+    "server-3",
+    "agent",
+  ]);
+  for (const s of ["server", "server-2", "server-3"]) {
+    assert.ok(closure(rows, s).has("fleet-database"), `${s} does not wait for its registry`);
+  }
+  for (const c of rows.filter((c) => c.kind === "daemon")) {
+    assert.ok(c.pidFile && c.spawn && c.probe && c.stopRank !== undefined, c.name);
+  }
+  for (const n of ["postgres", "spire-server", "spire-server-2", "haproxy", "server-3"]) {
+    assert.match(rows.find((c) => c.name === n)!.hint!(new StackView(ctx, [])), /devenv start/);
+  }
+  // Both servers need the database and the root CA; the second waits for the first's schema.
+  for (const s of ["spire-server", "spire-server-2"]) {
+    const before = closure(rows, s);
+    assert.ok(before.has("spire-database") && before.has("postgres") && before.has("root-ca"), s);
+  }
+  assert.ok(closure(rows, "spire-server-2").has("spire-server"));
+  // The bundle is exported once both servers added their CA; agents dial through haproxy.
+  assert.ok(closure(rows, "ca-bundle").has("spire-server-2"));
+  for (const a of ["agent", "broker-identity"]) assert.ok(closure(rows, a).has("haproxy"), a);
+  // Stop: haproxy after the agents, the SPIRE servers after haproxy, PostgreSQL last, by SIGINT.
+  const rank = (n: string) => rows.find((c) => c.name === n)!.stopRank!;
+  assert.ok(rank("agent") < rank("haproxy") && rank("haproxy") < rank("spire-server"));
+  assert.ok(rank("spire-server-2") < rank("postgres"));
+  assert.equal(rows.find((c) => c.name === "postgres")!.stopSignal, "SIGINT");
+  // Logs of every new component.
+  const view = new StackView(ctx, [], { ha: true, rootCa: true });
+  const names = devenvComponents(view).flatMap((c) => c.logs ?? []).map((l) => l.name);
+  for (const n of ["postgres", "spire-server-2", "haproxy"]) assert.ok(names.includes(n), n);
+});
+
+Deno.test("root-ca alone (no --ha): one SPIRE server on SQLite under the root CA", () => {
+  const ctx = ctxFor("/p");
+  const rows = devenvComponents(
+    new StackView(ctx, robotLayouts(ctx, ["robot-001"]), { ha: false, rootCa: true }),
+  );
+  const names = rows.map((c) => c.name);
+  assert.ok(names.includes("root-ca") && !names.includes("postgres"), names.join());
+  assert.ok(!names.includes("spire-server-2") && !names.includes("haproxy"));
+  assert.ok(closure(rows, "spire-server").has("root-ca"));
+});

@@ -71,9 +71,21 @@ export const LAYOUT_FLAGS: FlagSpec[] = [
   },
 ];
 
+/**
+ * How the stack runs; chosen at its first `start` and kept (a later `start` without the flags
+ * resumes it; switching needs `devenv clean`, since the SPIRE datastore and CA differ).
+ */
+export interface StackMode {
+  /** `--ha`: PostgreSQL, two SPIRE servers behind haproxy. */
+  ha: boolean;
+  /** `--root-ca` (implied by `--ha`): SPIRE's CA is signed by the root CA in `caDir`. */
+  rootCa: boolean;
+}
+
 /** What `start` records in `.dev-env/devenv.json`. */
 export interface DevenvState {
   robots: string[];
+  mode?: StackMode;
   broker?: BrokerCommand;
   /** Socket directories devenv created (and so may delete on `clean`). */
   createdSocketDirs: string[];
@@ -117,11 +129,20 @@ export function resolveContext(args: Args, io: Io): DevenvContext {
       "K8S4R_MQTT_PORT",
       "K8S4R_MQTT_TLS_PORT",
       "K8S4R_HTTP_PORT",
+      "K8S4R_POSTGRES_PORT",
     ]
   ) {
     const v = io.env[k];
     if (overrides[k] === undefined && v !== undefined && v !== "" && !/^\d+$/.test(v)) {
       throw new UsageError(`environment variable ${k}: expected a port number, got '${v}'`);
+    }
+  }
+  for (const k of ["K8S4R_SPIRE_SERVER_PORTS", "K8S4R_HTTP_PORTS"]) {
+    const v = io.env[k];
+    if (v !== undefined && v !== "" && !/^\d+,\d+$/.test(v)) {
+      throw new UsageError(
+        `environment variable ${k}: expected two ports like 8181,8182, got '${v}'`,
+      );
     }
   }
   const env: Record<string, string | undefined> = { ...io.env };
@@ -135,6 +156,7 @@ export function resolveContext(args: Args, io: Io): DevenvContext {
     layoutEnv: layoutEnv(layout.ports, {
       agentSocketDir: env["K8S4R_AGENT_SOCKET_DIR"],
       trustDomain: layout.trustDomain,
+      ha: layout.ha,
     }),
     env,
     stateFile: join(layout.devEnvDir, "devenv.json"),
@@ -171,6 +193,9 @@ export function readState(ctx: DevenvContext): DevenvState | undefined {
     if (!Array.isArray(s?.robots)) return undefined;
     return {
       robots: s.robots.filter(isRobotId),
+      mode: s.mode && typeof s.mode === "object"
+        ? { ha: s.mode.ha === true, rootCa: s.mode.rootCa === true }
+        : undefined,
       broker: s.broker,
       createdSocketDirs: Array.isArray(s.createdSocketDirs) ? s.createdSocketDirs : [],
       env: s.env ?? {},

@@ -15,8 +15,10 @@ import {
   type DoctorFs,
   GROUPS,
   ROBOT_GROUPS,
+  type StackComponents,
   type StackPaths,
 } from "./check.ts";
+import { stackChecks } from "./checks/stack.ts";
 import { allChecks } from "./checks/mod.ts";
 import { robotChecks } from "./checks/robot.ts";
 import { locateMosquitto } from "./checks/tools.ts";
@@ -47,8 +49,14 @@ export async function detectHost(
   return { kind: "control-host", reason: `no ${dir}/agent.yaml or enrollment.json` };
 }
 
-/** `k8s4r doctor`, with the dev stack's paths handed in by the CLI composition. */
-export function makeDoctorCommand(stackPaths: StackPaths): CommandSpec {
+/**
+ * `k8s4r doctor`, with the dev stack's paths and its component table handed in by the CLI
+ * composition.
+ */
+export function makeDoctorCommand(
+  stackPaths: StackPaths,
+  stackComponents: StackComponents = () => [],
+): CommandSpec {
   return {
     name: "doctor",
     summary: "Diagnose the stack: tools, config, SPIRE, CA bundle, broker, server",
@@ -178,7 +186,8 @@ shown as info lines with --verbose, and become warnings with --production.`,
         timeoutMs,
         container: paths.layout.brokerContainer,
       }, paths);
-      return await runDoctor(ctx, selectChecks(allChecks(broker), only, broker), out);
+      const checks = [...allChecks(broker), ...stackChecks(stackComponents(io))];
+      return await runDoctor(ctx, selectChecks(checks, only, broker), out);
     },
   };
 }

@@ -46,6 +46,38 @@ export interface ServerConfigValues {
    * SPIRE's default.
    */
   attestationRateLimit?: boolean;
+  /** The sql DataStore. Unset = sqlite3 in `<dataDir>/datastore.sqlite3` (the guide's). */
+  datastore?: ServerDatastore;
+  /**
+   * `UpstreamAuthority "disk"`: SPIRE's CA is signed by this CA (`k8s4r ca init`), and the
+   * trust bundle carries `bundleFile` (the root) instead of SPIRE's own rotating CA.
+   */
+  upstreamAuthority?: DiskUpstreamAuthority;
+  /** `agent_ttl` (Go duration): the agents' SVID lifetime. Unset = SPIRE's (the SVID TTL). */
+  agentTtl?: string;
+  /**
+   * The `health_checks` HTTP listener (`/live`, `/ready`): its `/ready` body says WHY the
+   * server is not ready (e.g. the datastore's error), which the gRPC health check does not.
+   */
+  healthChecks?: { bindAddress: string; port: number };
+}
+
+/**
+ * SPIRE's sql DataStore. `postgres` uses SPIRE's pure-Go driver (no cgo needed). Its
+ * `connectionString` holds the password: it only ever goes into a 0600 config file (never argv,
+ * env or a log; `startSpireServer` also redacts it from SPIRE's output).
+ */
+export type ServerDatastore =
+  | { type: "sqlite3"; path?: string }
+  | { type: "postgres"; connectionString: string };
+
+export interface DiskUpstreamAuthority {
+  /** The CA SPIRE's own CA is signed by (PEM; an intermediate of the root, or the root). */
+  certFile: string;
+  /** Its key (PEM, 0600). */
+  keyFile: string;
+  /** The root(s) the bundle carries; required when `certFile` is not self-signed. */
+  bundleFile?: string;
 }
 
 /** The guide's values; `config/spire/server.conf` is exactly `renderServerConfig()` of these. */
@@ -83,6 +115,8 @@ server {
   log_level = ${hclString(v.logLevel)}
   default_x509_svid_ttl = ${hclString(v.defaultX509SvidTtl)}
   ca_ttl = ${hclString(v.caTtl)}${
+    v.agentTtl !== undefined ? `\n  agent_ttl = ${hclString(v.agentTtl)}` : ""
+  }${
     v.attestationRateLimit !== undefined
       ? `
 
@@ -113,8 +147,7 @@ server {
 plugins {
   DataStore "sql" {
     plugin_data {
-      database_type = "sqlite3"
-      connection_string = ${hclString(joinDataPath(v.dataDir, "datastore.sqlite3"))}
+${renderDatastore(v)}
     }
   }
 
@@ -126,7 +159,43 @@ plugins {
     plugin_data {
       keys_path = ${hclString(joinDataPath(v.dataDir, "keys.json"))}
     }
+  }${renderUpstreamAuthority(v.upstreamAuthority)}
+}
+${renderHealthChecks(v.healthChecks)}`;
+}
+
+function renderDatastore(v: ServerConfigValues): string {
+  const ds = v.datastore ?? { type: "sqlite3" };
+  const conn = ds.type === "postgres"
+    ? ds.connectionString
+    : ds.path ?? joinDataPath(v.dataDir, "datastore.sqlite3");
+  return `      database_type = ${hclString(ds.type)}
+      connection_string = ${hclString(conn)}`;
+}
+
+function renderUpstreamAuthority(u: DiskUpstreamAuthority | undefined): string {
+  if (!u) return "";
+  return `
+
+  UpstreamAuthority "disk" {
+    plugin_data {
+      cert_file_path = ${hclString(u.certFile)}
+      key_file_path = ${hclString(u.keyFile)}${
+    u.bundleFile !== undefined ? `\n      bundle_file_path = ${hclString(u.bundleFile)}` : ""
   }
+    }
+  }`;
+}
+
+function renderHealthChecks(h: ServerConfigValues["healthChecks"]): string {
+  if (!h) return "";
+  return `
+health_checks {
+  listener_enabled = true
+  bind_address = ${hclString(h.bindAddress)}
+  bind_port = "${h.port}"
+  live_path = "/live"
+  ready_path = "/ready"
 }
 `;
 }
@@ -168,6 +237,19 @@ export interface StartServerOptions {
   attestationRateLimit?: boolean;
   /** `experimental.events_based_cache`; undefined = the config file's, else SPIRE's (false). */
   eventsBasedCache?: boolean;
+  /** The sql DataStore; undefined = sqlite3 under the data dir. */
+  datastore?: ServerDatastore;
+  /** `UpstreamAuthority "disk"`; undefined = SPIRE's own self-signed CA. */
+  upstreamAuthority?: DiskUpstreamAuthority;
+  /** `agent_ttl`; undefined = the config file's, else SPIRE's. */
+  agentTtl?: string;
+  /** The `health_checks` listener; undefined = none. */
+  healthChecks?: { bindAddress: string; port: number };
+  /**
+   * Secret values (the datastore password) that must never reach the log: redacted from
+   * SPIRE's output (non-detached servers only, like join tokens).
+   */
+  secrets?: string[];
   logFile: string;
   pidFile?: string;
   detached?: boolean;
@@ -212,7 +294,8 @@ export async function planSpireServer(
   // run from a rendered config that holds every value.
   if (
     opts.dataDir || opts.defaultX509SvidTtl || opts.caTtl || opts.cacheReloadInterval ||
-    opts.attestationRateLimit !== undefined || opts.eventsBasedCache !== undefined
+    opts.attestationRateLimit !== undefined || opts.eventsBasedCache !== undefined ||
+    opts.datastore || opts.upstreamAuthority || opts.agentTtl || opts.healthChecks
   ) {
     const dataDir = resolve(opts.cwd, opts.dataDir ?? readConfigValue(text, "data_dir") ?? ".");
     const port = readConfigValue(text, "bind_port");
@@ -233,6 +316,10 @@ export async function planSpireServer(
         readConfigBool(text, "ratelimit.attestation"),
       eventsBasedCache: opts.eventsBasedCache ??
         readConfigBool(text, "experimental.events_based_cache"),
+      datastore: opts.datastore,
+      upstreamAuthority: opts.upstreamAuthority,
+      agentTtl: opts.agentTtl ?? readConfigValue(text, "agent_ttl"),
+      healthChecks: opts.healthChecks,
     } as Partial<ServerConfigValues>); // undefined values fall back to the defaults
     configFile = join(dataDir, "server.generated.conf");
   }
@@ -254,7 +341,12 @@ export async function startSpireServer(
   if (plan.rendered !== undefined) {
     const dir = plan.configFile.slice(0, plan.configFile.lastIndexOf("/"));
     await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
-    await Deno.writeTextFile(plan.configFile, plan.rendered, { mode: 0o600 });
+    // 0600 even when the file exists already (writeTextFile's mode applies only on create): it
+    // may hold the datastore password. Written to a temp file, then renamed into place.
+    const tmp = `${plan.configFile}.tmp-${Deno.pid}`;
+    await Deno.writeTextFile(tmp, plan.rendered, { mode: 0o600 });
+    await Deno.chmod(tmp, 0o600);
+    await Deno.rename(tmp, plan.configFile);
   }
   // The admin socket grants full control of the server: keep its directory private.
   const socketDir = plan.socketPath.slice(0, plan.socketPath.lastIndexOf("/"));
@@ -270,7 +362,7 @@ export async function startSpireServer(
     // spire-server logs every join-token agent's ID, which embeds the token. Its output can only
     // be redacted while it flows through us, so a detached server logs unredacted: run it under
     // a long-lived k8s4r process (as devenv does) to keep tokens out of its log.
-    logFilter: opts.detached ? undefined : (line) => redactJoinTokens(line),
+    logFilter: opts.detached ? undefined : (line) => redactJoinTokens(line, opts.secrets),
     ready: async () => (await grpcHealthCheck(plan.socketPath, 1000)) === "SERVING",
     readyTimeoutMs: opts.readyTimeoutMs ?? 30_000,
     readyIntervalMs: 100,
@@ -543,6 +635,15 @@ export class SpireServerCli {
       changed = true;
     }
     return changed ? "updated" : "unchanged";
+  }
+
+  /** The SPIFFE IDs of the attested agents (`agent list`). */
+  async listAgents(): Promise<string[]> {
+    const json = parseJson(
+      (await this.run(["agent", "list", "-output", "json"], "agent list")).stdout,
+      "agent list",
+    );
+    return Array.isArray(json.agents) ? json.agents.map((a) => idString(asObj(a).id)) : [];
   }
 
   /**

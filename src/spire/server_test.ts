@@ -461,3 +461,52 @@ Deno.test("ratelimit.attestation: rendered only when set, and kept from the conf
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("postgres datastore, UpstreamAuthority disk, agent_ttl, health_checks: rendered when asked", async () => {
+  const plain = renderServerConfig();
+  assert.doesNotMatch(plain, /UpstreamAuthority|health_checks|agent_ttl|postgres/);
+  const hcl = renderServerConfig({
+    dataDir: "/d",
+    datastore: { type: "postgres", connectionString: "host='127.0.0.1' password='s3cret'" },
+    upstreamAuthority: {
+      certFile: "/ca/up.crt",
+      keyFile: "/ca/up.key",
+      bundleFile: "/ca/root.crt",
+    },
+    agentTtl: "30s",
+    healthChecks: { bindAddress: "127.0.0.1", port: 8099 },
+  });
+  assert.ok(hcl.includes('database_type = "postgres"'), hcl);
+  assert.ok(hcl.includes(`connection_string = "host='127.0.0.1' password='s3cret'"`), hcl);
+  assert.ok(hcl.includes('\n  agent_ttl = "30s"\n'), hcl);
+  assert.ok(
+    hcl.includes(
+      '  UpstreamAuthority "disk" {\n    plugin_data {\n      cert_file_path = "/ca/up.crt"\n' +
+        '      key_file_path = "/ca/up.key"\n      bundle_file_path = "/ca/root.crt"\n',
+    ),
+    hcl,
+  );
+  assert.ok(
+    hcl.includes(
+      'health_checks {\n  listener_enabled = true\n  bind_address = "127.0.0.1"\n  bind_port = "8099"',
+    ),
+    hcl,
+  );
+  assert.equal(readConfigValue(hcl, "agent_ttl"), "30s");
+  // A rendered config that holds a password is 0600, also when the file existed before.
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-" });
+  try {
+    await Deno.writeTextFile(`${dir}/server.conf`, plain);
+    const plan = await planSpireServer({
+      bin: BIN,
+      configFile: "server.conf",
+      cwd: dir,
+      logFile: `${dir}/log`,
+      datastore: { type: "postgres", connectionString: "x" },
+    });
+    assert.equal(plan.configFile, `${dir}/.spire-data/server/server.generated.conf`);
+    assert.match(plan.rendered!, /database_type = "postgres"/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
