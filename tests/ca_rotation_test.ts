@@ -20,7 +20,7 @@
  */
 import assert from "node:assert/strict";
 import { X509Certificate } from "node:crypto";
-import { bundleFingerprint, parsePemCerts } from "../src/devenv/broker_identity.ts";
+import { bundleFingerprint, parsePemCerts } from "../src/broker/identity.ts";
 import { isRecordAlive, readPidFile, waitFor } from "../src/process/mod.ts";
 import { E2eStack, ROBOTS } from "./e2e/stack.ts";
 

@@ -5,7 +5,9 @@ import { robotsCommand, serverCommand, taskCommand } from "../server/command.ts"
 import { agentCommand } from "../agent/command.ts";
 import { devenvCommand } from "../devenv/command.ts";
 import { makeDoctorCommand } from "../doctor/command.ts";
-import { devStackPaths } from "./doctor_paths.ts";
+import { devControlConfig, devStackPaths } from "./doctor_paths.ts";
+import { makeRobotCommand } from "../control/command.ts";
+import { brokerCommand } from "../broker/command.ts";
 import { identityCommand } from "../identity/command.ts";
 
 export const rootCommand: CommandSpec = {
@@ -19,6 +21,8 @@ export const rootCommand: CommandSpec = {
     makeDoctorCommand(devStackPaths),
     identityCommand,
     robotsCommand,
+    makeRobotCommand(devControlConfig),
+    brokerCommand,
     taskCommand,
   ],
   run(args, io) {

@@ -31,6 +31,7 @@ import {
   brokerCommand,
   brokerFilesUsable,
   type BrokerRuntime,
+  ensureAdminCredentials,
   probeBroker,
   resolveBrokerRuntime,
   restartBroker,
@@ -40,7 +41,7 @@ import {
   withBrokerLock,
   writeBrokerConfig,
 } from "./broker.ts";
-import { pemFingerprint, readBrokerIdentityStatus } from "./broker_identity.ts";
+import { pemFingerprint, readBrokerIdentityStatus } from "../broker/identity.ts";
 import {
   type BrokerModeFlag,
   type DevenvContext,
@@ -52,7 +53,9 @@ import {
   writeFileAtomic,
   writeState,
 } from "./context.ts";
-import type { RobotLayout } from "./layout.ts";
+import { brokerTlsBinds, type RobotLayout, spireServerHost } from "./layout.ts";
+import { ensureFactoryCa, factoryCaFiles } from "../control/factory_ca.ts";
+import { renderControlConfig } from "../control/config.ts";
 import { httpGetJson, type ProbeResult } from "./probes.ts";
 import type { ComponentStatus } from "./render.ts";
 
@@ -95,6 +98,12 @@ export interface StartOptions {
   onlineTimeoutMs?: number;
   /** Run SPIRE with its own default intervals instead of `DEV_SPIRE_TIMING`. */
   spireDefaults?: boolean;
+  /** `--advertise ADDR` (also in ctx.layout.advertise). */
+  advertise?: string;
+  /** What the stack's state says the running stack was started with. */
+  previousAdvertise?: string;
+  /** `--attestation x509pop`: a factory CA and SPIRE's x509pop NodeAttestor. */
+  x509pop?: boolean;
 }
 
 /**
@@ -264,11 +273,13 @@ export function devenvComponents(view: StackView): Component[] {
   return [
     spireBinariesStep(),
     brokerRuntimeStep(view),
+    factoryCaStep(view),
     spireServerComponent(view),
     identitiesStep(view),
     caBundleStep(view),
     brokerIdentityComponent(view),
     mosquittoComponent(view),
+    controlHostStep(view),
     serverComponent(view),
     ...agents,
     {
@@ -376,11 +387,11 @@ function pidInfo(file: string): { running: boolean; pid: number | null } {
 
 function spireServerComponent(view: StackView): Component {
   const { layout, files } = view.ctx;
-  const endpoint = `127.0.0.1:${layout.ports.spireServer}`;
+  const endpoint = `${spireServerHost(layout)}:${layout.ports.spireServer}`;
   return {
     name: "spire-server",
     kind: "daemon",
-    needs: ["spire-binaries"],
+    needs: ["spire-binaries", "factory-ca"],
     stopRank: 90,
     pidFile: files.spireServerPid,
     logs: [{ name: "spire-server", file: files.spireServerLog }],
@@ -408,6 +419,7 @@ function spireServerComponent(view: StackView): Component {
           ...(interval ? ["--cache-reload-interval", interval] : []),
           ...(attestationRateLimit === false ? ["--no-attestation-rate-limit"] : []),
           ...(eventsBasedCache ? ["--events-based-cache"] : []),
+          ...(run.opts.x509pop ? ["--x509pop-ca", factoryCaFiles(layout.factoryCaDir).cert] : []),
         ],
         cwd: layout.root,
         env: run.childEnv,
@@ -457,7 +469,11 @@ function identitiesStep(view: StackView): Component {
         },
       ];
       const selectors = [`unix:uid:${run.uid}`];
-      const dns = ["localhost", hostname()].filter((v, i, a) => v && a.indexOf(v) === i);
+      // The broker's names; an advertised address too. SPIRE writes every one as a DNS-type
+      // SAN, an IP address included (DNS:10.0.0.1, not IP:10.0.0.1): robots check the broker by
+      // its SPIFFE ID, not its name, so they do not care (docs/CONTROL_HOST.md).
+      const dns = ["localhost", hostname(), ...(layout.advertise ? [layout.advertise] : [])]
+        .filter((v, i, a) => v && a.indexOf(v) === i);
       const desired: DesiredEntry[] = [
         ...run.robots.map((r) => ({
           spiffeId: r.spiffeId,
@@ -674,7 +690,7 @@ function mosquittoComponent(view: StackView): Component {
     probe: () => probeBroker(ctx),
     async spawn(run) {
       const cmd = brokerCommand(ctx, run.brokerRuntime!);
-      await writeBrokerConfig(ctx);
+      await writeBrokerConfig(ctx, run.brokerRuntime!);
       await saveBrokerCommand(ctx, cmd);
       return await startBroker(ctx, cmd);
     },
@@ -682,9 +698,9 @@ function mosquittoComponent(view: StackView): Component {
       const st = readState(ctx);
       const saved = savedBrokerCommand(ctx);
       if (st) await writeState(ctx, { ...st, broker: saved });
-      return `${
-        saved?.mode ?? run.brokerRuntime?.mode
-      }, mTLS 127.0.0.1:${layout.ports.mqttTls}, password 127.0.0.1:${layout.ports.mqttPlain}`;
+      return `${saved?.mode ?? run.brokerRuntime?.mode}, mTLS ${
+        brokerTlsBinds(layout).map((b) => `${b}:${layout.ports.mqttTls}`).join(" ")
+      }, password 127.0.0.1:${layout.ports.mqttPlain}`;
     },
     async status() {
       const p = pidInfo(files.mosquittoPid);
@@ -700,13 +716,70 @@ function mosquittoComponent(view: StackView): Component {
         name: "mosquitto",
         ...p,
         healthy: p.running && probe.ok,
-        endpoint:
-          `mqtts://127.0.0.1:${layout.ports.mqttTls} mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
+        endpoint: `${
+          brokerTlsBinds(layout).map((b) => `mqtts://${b}:${layout.ports.mqttTls}`).join(" ")
+        } mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
         detail: p.running
           ? [savedBrokerCommand(ctx)?.mode ?? "", probe.ok ? "" : probe.detail, certDetail]
             .filter(Boolean).join("; ")
           : "",
       };
+    },
+  };
+}
+
+/** `--attestation x509pop`: devenv plays the factory CA (key 0600 under .dev-env/factory-ca/). */
+function factoryCaStep(view: StackView): Component {
+  const { layout } = view.ctx;
+  return {
+    name: "factory-ca",
+    kind: "step",
+    needs: [],
+    async run(run) {
+      if (!run.opts.x509pop) return "not used (join tokens only)";
+      const files = factoryCaFiles(layout.factoryCaDir);
+      const r = await ensureFactoryCa(files, "k8s4r dev factory CA");
+      return `${r} ${files.cert} (key 0600); SPIRE's x509pop attestor trusts it`;
+    },
+  };
+}
+
+/**
+ * `.dev-env/control-host.json`: what `k8s4r robot add|list|remove` need (the SPIRE admin socket,
+ * the addresses robots dial, the broker's admin login, the factory CA).
+ */
+function controlHostStep(view: StackView): Component {
+  const { layout } = view.ctx;
+  return {
+    name: "control-host",
+    kind: "step",
+    needs: ["spire-binaries", "mosquitto"],
+    async run(run) {
+      await ensureAdminCredentials(run.ctx);
+      const spire = `${spireServerHost(layout)}:${layout.ports.spireServer}`;
+      const broker = `ssl://${layout.advertise ?? "localhost"}:${layout.ports.mqttTls}`;
+      await writeFileAtomic(
+        layout.controlHostConfig,
+        renderControlConfig({
+          trustDomain: layout.trustDomain,
+          spireServer: {
+            adminSocket: layout.spireServerSocket,
+            address: spire,
+            bin: run.spire!.server,
+          },
+          broker: {
+            url: broker,
+            adminAddress: `127.0.0.1:${layout.ports.mqttPlain}`,
+            adminCredentials: layout.brokerAdminCredentialsFile,
+          },
+          // A robot host's agent runs as root (the systemd unit of `k8s4r agent service`).
+          robotSelectors: ["unix:uid:0"],
+          factoryCa: run.opts.x509pop ? factoryCaFiles(layout.factoryCaDir) : undefined,
+          records: layout.robotRecords,
+        }),
+        0o600,
+      );
+      return `${layout.controlHostConfig}: robots dial SPIRE at ${spire} and the broker at ${broker}`;
     },
   };
 }

@@ -11,6 +11,7 @@ import { CliError } from "../cli/errors.ts";
 import { ensureSpireBinaries } from "../spire/binaries.ts";
 import { startSpireServer } from "../spire/server.ts";
 import type { DevenvContext } from "./context.ts";
+import { spireServerHost } from "./layout.ts";
 
 export interface SpireServerRunOptions {
   /** ca_ttl in seconds; undefined = the config file's value. */
@@ -23,6 +24,8 @@ export interface SpireServerRunOptions {
   attestationRateLimit?: boolean;
   /** `experimental.events_based_cache`; undefined = the config file's, else SPIRE's (off). */
   eventsBasedCache?: boolean;
+  /** The x509pop NodeAttestor's factory CA bundle (`start --attestation x509pop`). */
+  x509popCaBundle?: string;
 }
 
 export async function runSpireServer(
@@ -38,7 +41,9 @@ export async function runSpireServer(
     logFile: files.spireServerLog,
     detached: false,
     port: layout.ports.spireServer,
-    bindAddress: "127.0.0.1",
+    // `start --advertise ADDR`: the agent port is where remote robots reach it; the admin
+    // socket stays a local unix socket.
+    bindAddress: spireServerHost(layout),
     socketPath: layout.spireServerSocket,
     dataDir: layout.spireServerDataDir,
     trustDomain: layout.trustDomain,
@@ -46,6 +51,7 @@ export async function runSpireServer(
     cacheReloadInterval: opts.cacheReloadInterval,
     attestationRateLimit: opts.attestationRateLimit,
     eventsBasedCache: opts.eventsBasedCache,
+    x509popCaBundle: opts.x509popCaBundle,
     readyTimeoutMs: 60_000,
   });
   const stopped = new Promise<"stop">((resolve) => {

@@ -78,8 +78,32 @@ export async function devenvStart(ctx: DevenvContext, opts: StartOptions): Promi
   const color = colorEnabled(io);
   const progress = new Progress(io.stdout, color, color);
   const say = (s: string) => io.stdout.write(s + "\n");
+  const prevState = readState(ctx);
+  // The SPIRE server's bind address and the broker's listeners are fixed while they run.
+  const running = isRecordAlive(readPidFile(files.spireServerPid)) ||
+    isRecordAlive(readPidFile(files.mosquittoPid));
+  if (running && prevState && (prevState.advertise ?? "") !== (opts.advertise ?? "")) {
+    throw new CliError(
+      `the stack runs ${
+        prevState.advertise ? `with --advertise ${prevState.advertise}` : "on loopback only"
+      }; a different --advertise needs a restart of SPIRE and the broker`,
+      1,
+      `k8s4r devenv stop && k8s4r devenv start${
+        opts.advertise ? ` --advertise ${opts.advertise}` : ""
+      }`,
+    );
+  }
+  if (running && prevState && !prevState.attestation && opts.x509pop) {
+    throw new CliError(
+      "the SPIRE server runs without the x509pop attestor",
+      1,
+      "k8s4r devenv stop && k8s4r devenv start --attestation x509pop",
+    );
+  }
   say(
-    `Starting the k8s4r dev stack in ${layout.root} (robots: ${opts.robots.join(", ")})`,
+    `Starting the k8s4r dev stack in ${layout.root} (robots: ${opts.robots.join(", ") || "none"}${
+      opts.advertise ? `; serving robots on other hosts at ${opts.advertise}` : ""
+    }${opts.x509pop ? "; x509pop attestation with a dev factory CA" : ""})`,
   );
   await Deno.mkdir(layout.devEnvDir, { recursive: true, mode: 0o700 });
   await Deno.chmod(layout.devEnvDir, 0o700);
@@ -101,6 +125,8 @@ export async function devenvStart(ctx: DevenvContext, opts: StartOptions): Promi
   const allRobots = [...new Set([...(prev?.robots ?? []), ...opts.robots])];
   await writeState(ctx, {
     robots: allRobots,
+    advertise: opts.advertise,
+    attestation: opts.x509pop ? "x509pop" : undefined,
     broker: prev?.broker,
     createdSocketDirs: [...createdSocketDirs],
     env: ctx.layoutEnv,

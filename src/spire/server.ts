@@ -46,6 +46,12 @@ export interface ServerConfigValues {
    * SPIRE's default.
    */
   attestationRateLimit?: boolean;
+  /**
+   * Also run the `x509pop` NodeAttestor, trusting the factory CA(s) in this PEM file: a node
+   * proves possession of the key of a certificate they issued (`k8s4r robot add --attestation
+   * x509pop`). Unset = join tokens only.
+   */
+  x509popCaBundlePath?: string;
 }
 
 /** The guide's values; `config/spire/server.conf` is exactly `renderServerConfig()` of these. */
@@ -121,7 +127,17 @@ plugins {
   NodeAttestor "join_token" {
     plugin_data {}
   }
-
+${
+    v.x509popCaBundlePath !== undefined
+      ? `
+  NodeAttestor "x509pop" {
+    plugin_data {
+      ca_bundle_path = ${hclString(v.x509popCaBundlePath)}
+    }
+  }
+`
+      : ""
+  }
   KeyManager "disk" {
     plugin_data {
       keys_path = ${hclString(joinDataPath(v.dataDir, "keys.json"))}
@@ -168,6 +184,8 @@ export interface StartServerOptions {
   attestationRateLimit?: boolean;
   /** `experimental.events_based_cache`; undefined = the config file's, else SPIRE's (false). */
   eventsBasedCache?: boolean;
+  /** Adds the x509pop NodeAttestor with this factory CA bundle (see ServerConfigValues). */
+  x509popCaBundle?: string;
   logFile: string;
   pidFile?: string;
   detached?: boolean;
@@ -212,7 +230,8 @@ export async function planSpireServer(
   // run from a rendered config that holds every value.
   if (
     opts.dataDir || opts.defaultX509SvidTtl || opts.caTtl || opts.cacheReloadInterval ||
-    opts.attestationRateLimit !== undefined || opts.eventsBasedCache !== undefined
+    opts.attestationRateLimit !== undefined || opts.eventsBasedCache !== undefined ||
+    opts.x509popCaBundle !== undefined
   ) {
     const dataDir = resolve(opts.cwd, opts.dataDir ?? readConfigValue(text, "data_dir") ?? ".");
     const port = readConfigValue(text, "bind_port");
@@ -233,6 +252,7 @@ export async function planSpireServer(
         readConfigBool(text, "ratelimit.attestation"),
       eventsBasedCache: opts.eventsBasedCache ??
         readConfigBool(text, "experimental.events_based_cache"),
+      x509popCaBundlePath: opts.x509popCaBundle,
     } as Partial<ServerConfigValues>); // undefined values fall back to the defaults
     configFile = join(dataDir, "server.generated.conf");
   }
@@ -305,6 +325,35 @@ export interface DesiredEntry {
   selectors: string[];
   dnsNames: string[];
   x509SvidTtl?: number;
+  /** A node entry (`entry create -node`): its parent is the server, its selectors an agent's. */
+  node?: boolean;
+}
+
+/** An attested agent, from `spire-server agent list -output json`. */
+export interface AgentRecord {
+  /** `spiffe://<td>/spire/agent/<attestor>/...` (a join-token agent's ID holds its token). */
+  id: string;
+  attestationType: string;
+  banned: boolean;
+  canReattest: boolean;
+  selectors: string[];
+  /** The agent SVID's notAfter. */
+  expiresAt: Date;
+}
+
+/** One agent from SPIRE's protojson. */
+export function parseAgentJson(v: unknown): AgentRecord {
+  const o = asObj(v);
+  return {
+    id: idString(o.id),
+    attestationType: String(o.attestation_type ?? ""),
+    banned: o.banned === true,
+    canReattest: o.can_reattest === true,
+    selectors: Array.isArray(o.selectors)
+      ? o.selectors.map((s) => `${asObj(s).type}:${asObj(s).value}`)
+      : [],
+    expiresAt: new Date(Number(o.x509svid_expires_at ?? 0) * 1000),
+  };
 }
 
 export type ReconcileResult = "created" | "updated" | "unchanged";
@@ -464,7 +513,12 @@ export class SpireServerCli {
   }
 
   private entryArgs(d: DesiredEntry): string[] {
-    const args = ["-parentID", d.parentId, "-spiffeID", d.spiffeId];
+    const args = d.node ? ["-node", "-spiffeID", d.spiffeId] : [
+      "-parentID",
+      d.parentId,
+      "-spiffeID",
+      d.spiffeId,
+    ];
     for (const s of d.selectors) args.push("-selector", s);
     for (const n of d.dnsNames) args.push("-dns", n);
     if (d.x509SvidTtl !== undefined) args.push("-x509SVIDTTL", String(d.x509SvidTtl));
@@ -489,6 +543,37 @@ export class SpireServerCli {
     );
     const [first] = batchResults(parseJson(r.stdout, "entry update"), "entry update");
     return parseEntryJson(first.entry);
+  }
+
+  /** Every attested agent (banned ones too). */
+  async listAgents(): Promise<AgentRecord[]> {
+    const json = parseJson(
+      (await this.run(["agent", "list", "-output", "json"], "agent list")).stdout,
+      "agent list",
+    );
+    return Array.isArray(json.agents) ? json.agents.map(parseAgentJson) : [];
+  }
+
+  /**
+   * `agent evict`: deletes the agent's record, so its agent SVID is no longer honoured; it may
+   * attest again if its attestor allows (x509pop does, a used join token does not). `agent ban`
+   * also refuses any later attestation of that agent ID. A missing agent is not an error.
+   */
+  async evictAgent(spiffeId: string, ban = false): Promise<"done" | "not found"> {
+    const what = ban ? "agent ban" : "agent evict";
+    const r = await this.runner.output(
+      this.bin,
+      ["agent", ban ? "ban" : "evict", "-spiffeID", spiffeId, "-socketPath", this.socketPath],
+      { timeoutMs: 30_000, check: false },
+    ).catch((err) => {
+      throw new CliError(`spire-server ${what} failed: ${(err as Error).message}`);
+    });
+    if (r.success) return "done";
+    if (/NotFound/.test(r.stderr)) return "not found";
+    // The agent's ID of a join-token agent holds the token: never echo it.
+    throw new CliError(
+      `spire-server ${what} failed: ${redactJoinTokens(r.stderr.trim().split("\n").pop() ?? "")}`,
+    );
   }
 
   async deleteEntry(id: string): Promise<void> {
