@@ -371,7 +371,8 @@ e2e(
     } finally {
       await net!.plugCable(r8.host);
     }
-    await stack.waitOnline(["robot-008"], 60_000);
+    // Back: its heartbeats flow again (the server may not even have marked it offline).
+    await stack.waitHeartbeats("robot-008", 2, 60_000);
     assert.deepEqual(notGreen(await doctorIn(r8)), []);
   },
 );
