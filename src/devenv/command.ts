@@ -152,7 +152,8 @@ export const devenvCommand: CommandSpec = {
           valueName: "ADDR",
           description: "Serve robots on other hosts at ADDR (env K8S4R_ADVERTISE): the SPIRE " +
             "server's agent port binds ADDR and the broker gets an mTLS listener on it; 1883, " +
-            "the HTTP API and admin sockets stay on loopback. Kept by later starts",
+            "the HTTP API and admin sockets stay on loopback. Kept by later starts " +
+            "(--advertise 127.0.0.1: loopback only again)",
         },
         {
           name: "attestation",
@@ -202,7 +203,12 @@ export const devenvCommand: CommandSpec = {
       run: withContext((ctx0, args) => {
         const prev = readState(ctx0);
         const flag = args.string("advertise") ?? (ctx0.env["K8S4R_ADVERTISE"] || undefined);
-        const advertise = flag !== undefined ? checkAdvertise(flag) : prev?.advertise;
+        // --advertise 127.0.0.1 (or localhost): back to loopback only.
+        const advertise = flag === undefined
+          ? prev?.advertise
+          : ["127.0.0.1", "localhost", "::1"].includes(flag)
+          ? undefined
+          : checkAdvertise(flag);
         const att = args.string("attestation");
         if (att !== undefined && att !== "x509pop" && att !== "join-token") {
           throw new UsageError(

@@ -216,7 +216,11 @@ export class DynsecAdmin {
         const t = setTimeout(() => {
           this.#pending.delete(id);
           reject(
-            new CliError(`the broker did not answer ${c.command} within ${this.timeoutMs} ms`),
+            new CliError(
+              `the broker's dynamic-security plugin did not answer ${c.command} within ${this.timeoutMs} ms`,
+              1,
+              "is the plugin loaded? mosquitto.conf needs `plugin .../mosquitto_dynamic_security.so` (k8s4r writes it when it finds the plugin; K8S4R_MOSQUITTO_DYNSEC names it)",
+            ),
           );
         }, this.timeoutMs);
         this.#pending.set(id, (r) => {

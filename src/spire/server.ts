@@ -560,6 +560,8 @@ export class SpireServerCli {
    * also refuses any later attestation of that agent ID. A missing agent is not an error.
    */
   async evictAgent(spiffeId: string, ban = false): Promise<"done" | "not found"> {
+    // A join-token agent's ID holds its token, so it is on spire-server's command line here: a
+    // token an agent attested with is used up (single use) and no longer a secret.
     const what = ban ? "agent ban" : "agent evict";
     const r = await this.runner.output(
       this.bin,
