@@ -234,7 +234,6 @@ export const devenvCommand: CommandSpec = {
           onlineTimeoutMs: timeout !== undefined ? timeout * 1000 : undefined,
           spireDefaults: args.bool("spire-defaults"),
           advertise,
-          previousAdvertise: prev?.advertise,
           x509pop,
         });
       }),

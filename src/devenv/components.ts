@@ -100,8 +100,6 @@ export interface StartOptions {
   spireDefaults?: boolean;
   /** `--advertise ADDR` (also in ctx.layout.advertise). */
   advertise?: string;
-  /** What the stack's state says the running stack was started with. */
-  previousAdvertise?: string;
   /** `--attestation x509pop`: a factory CA and SPIRE's x509pop NodeAttestor. */
   x509pop?: boolean;
 }
