@@ -8,8 +8,9 @@
  *    and sends Mosquitto SIGHUP (it reloads certificate and key on SIGHUP, so a rotated SVID is
  *    served without a restart). Nothing else sends SIGHUP: the same SVID again, a restart of
  *    this process with the files already current and the broker already told (the status
- *    file's `reloadedSerial`), or a bundle-only update change nothing. Mosquitto 2.0.11 crashed
- *    under frequent SIGHUPs (tests/ca_rotation_test.ts);
+ *    file's `reloadedSerial`), or a bundle-only update change nothing. Mosquitto 2.0.11 and
+ *    2.0.21 both crashed under a SIGHUP every few seconds (tests/ca_rotation_test.ts with
+ *    K8S4R_TEST_BROKER_SVID_TTL=20);
  *  - when the trust bundle changed (CA rotation), rewrites the exported CA and restarts
  *    Mosquitto, which does not reload `cafile` on SIGHUP;
  *  - records what it did in its status file (`devenv status` shows it).
