@@ -4,15 +4,17 @@
  * (tests/e2e/remote_robots_test.ts) reads this very block.
  */
 import assert from "node:assert/strict";
-import { resolve } from "../src/cli/mod.ts";
+import { loadCommandPath, resolve } from "../src/cli/mod.ts";
 import { rootCommand } from "../src/cli/commands.ts";
-import { readmeSteps } from "./helpers/readme_commands.ts";
+import { README, readmeSteps } from "./helpers/readme_commands.ts";
 
-Deno.test("README: every command of the remote-robots block parses with the CLI", () => {
+Deno.test("README: every command of the remote-robots block parses with the CLI", async () => {
   const steps = readmeSteps("remote-robots");
   assert.ok(steps.length >= 10, `only ${steps.length} steps`);
   for (const s of steps) {
-    const r = resolve(rootCommand, s.argv.slice(1));
+    // Subcommands are lazy: load the path's specs first, as main.ts does.
+    const tree = await loadCommandPath(rootCommand, s.argv.slice(1));
+    const r = resolve(tree, s.argv.slice(1));
     assert.ok(r.spec.run, `README.md:${s.line}: '${s.text}' is not a runnable command`);
     assert.equal(r.help, false);
   }
@@ -33,6 +35,25 @@ Deno.test("README: every command of the remote-robots block parses with the CLI"
       /doctor/,
     ]
   ) assert.match(texts, want);
+});
+
+Deno.test("README: every e2e block (remote robots, scale out, backup) parses with the one CLI", async () => {
+  const readme = await Deno.readTextFile(README);
+  const blocks = [...readme.matchAll(/^<!-- e2e:([a-z0-9-]+) -->$/gm)].map((m) => m[1]);
+  for (const want of ["remote-robots", "scale-out", "backup"]) {
+    assert.ok(blocks.includes(want), `no e2e:${want} block: ${blocks.join(", ")}`);
+  }
+  for (const name of blocks) {
+    const steps = readmeSteps(name, readme);
+    assert.ok(steps.length > 0, `e2e:${name} has no step`);
+    for (const s of steps) {
+      // Subcommands are lazy: load the path's specs first, as main.ts does.
+    const tree = await loadCommandPath(rootCommand, s.argv.slice(1));
+    const r = resolve(tree, s.argv.slice(1));
+      assert.ok(r.spec.run, `README.md:${s.line}: '${s.text}' is not a runnable command`);
+      assert.equal(r.help, false, `README.md:${s.line}`);
+    }
+  }
 });
 
 Deno.test("README: the e2e suite runs the block it documents", async () => {
