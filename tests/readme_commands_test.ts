@@ -48,8 +48,8 @@ Deno.test("README: every e2e block (remote robots, scale out, backup) parses wit
     assert.ok(steps.length > 0, `e2e:${name} has no step`);
     for (const s of steps) {
       // Subcommands are lazy: load the path's specs first, as main.ts does.
-    const tree = await loadCommandPath(rootCommand, s.argv.slice(1));
-    const r = resolve(tree, s.argv.slice(1));
+      const tree = await loadCommandPath(rootCommand, s.argv.slice(1));
+      const r = resolve(tree, s.argv.slice(1));
       assert.ok(r.spec.run, `README.md:${s.line}: '${s.text}' is not a runnable command`);
       assert.equal(r.help, false, `README.md:${s.line}`);
     }
