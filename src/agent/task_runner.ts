@@ -10,7 +10,7 @@
  * Before anything runs (task_sandbox.ts): the executable is resolved with the AGENT's PATH and
  * checked against `tasks.allow`; the task's environment may not set PATH, LD_* or other loader
  * and interpreter hooks; at most `maxConcurrent` tasks run at once (more are refused). A task
- * starts under `prlimit` (CPU time, address space, open files, processes) and `setpriv` (the
+ * starts under `prlimit` (CPU time, data memory, open files, processes) and `setpriv` (the
  * task user when configured, no groups, no capabilities, no_new_privs).
  *
  * Tasks do not outlive the agent: each task leads its own process group, its process gets

@@ -384,7 +384,7 @@ Deno.test("maxConcurrent: tasks beyond it are refused busy; a slot frees when on
   }, { maxConcurrent: 1 });
 });
 
-Deno.test("rlimits: open files, address space and CPU time are set; CPU time is enforced", async () => {
+Deno.test("rlimits: open files, data memory and CPU time are set; memory and CPU are enforced", async () => {
   const limits = { cpuSeconds: 1, memoryBytes: 256 * 1024 * 1024, openFiles: 64 };
   await withRunner(["*"], async (r) => {
     const rep = await run(
@@ -392,10 +392,17 @@ Deno.test("rlimits: open files, address space and CPU time are set; CPU time is 
       task("l1", [
         "sh",
         "-c",
-        "ulimit -n; ulimit -v; ulimit -t; grep NoNewPrivs /proc/self/status",
+        "ulimit -n; ulimit -d; ulimit -t; grep NoNewPrivs /proc/self/status",
       ]),
     );
     assert.equal(rep[2].stdout, `64\n${256 * 1024}\n1\nNoNewPrivs:\t1\n`);
+    // Memory: doubling a string to 128 MiB fits in 256 MiB (control), to 512 MiB does not.
+    const grow = (n: number) => `BEGIN{s="x"; while (length(s) < ${n}) s = s s; print length(s)}`;
+    const fits = await run(r, task("m1", ["awk", grow(100_000_000)]));
+    assert.equal(fits[2].stdout, "134217728\n", fits[2].stderr ?? "");
+    const big = await run(r, task("m2", ["awk", grow(400_000_000)]));
+    assert.notEqual(big[2].exitCode, 0);
+    assert.match(big[2].stderr!, /out of memory/);
     // A busy loop is stopped by the kernel after 1 s of CPU time (SIGXCPU).
     const spin = await run(
       r,

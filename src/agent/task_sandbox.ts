@@ -214,7 +214,11 @@ export function describeAllowList(allow: readonly string[], path: string): strin
 export interface TaskLimits {
   /** RLIMIT_CPU, seconds of CPU time: SIGXCPU at this, SIGKILL 5 s later. */
   cpuSeconds: number;
-  /** RLIMIT_AS, bytes of address space. */
+  /**
+   * RLIMIT_DATA, bytes: heap and private writable mappings, i.e. memory the task allocates.
+   * Not RLIMIT_AS: Go, JVM and V8 programs reserve far more address space than they use, and
+   * SPIRE's own Go client failed to start under a 1 GiB RLIMIT_AS (tests/task_identity_test.ts).
+   */
   memoryBytes: number;
   /** RLIMIT_NOFILE. */
   openFiles: number;
@@ -244,7 +248,7 @@ export function sandboxArgv(o: {
   const l = o.limits;
   const limits = [
     `--cpu=${l.cpuSeconds}:${l.cpuSeconds + 5}`,
-    `--as=${l.memoryBytes}`,
+    `--data=${l.memoryBytes}`,
     `--nofile=${l.openFiles}`,
     "--core=0",
   ];

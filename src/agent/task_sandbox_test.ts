@@ -124,7 +124,7 @@ Deno.test("sandbox argv: prlimit then setpriv, the user, no caps, no_new_privs, 
       cmd: PRLIMIT,
       args: [
         "--cpu=60:65",
-        "--as=1073741824",
+        "--data=1073741824",
         "--nofile=1024",
         "--core=0",
         "--nproc=256",

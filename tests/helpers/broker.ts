@@ -91,7 +91,14 @@ export class FileCa {
 }
 
 export async function startTestBroker(
-  opts: { runner?: ProcessRunner; tlsAdminUsers?: string[] } = {},
+  opts: {
+    runner?: ProcessRunner;
+    tlsAdminUsers?: string[];
+    maxQueuedBytes?: number;
+    maxQueuedMessages?: number;
+    /** Lines appended to the generated mosquitto.conf (to test options k8s4r does not write). */
+    extraConfig?: string[];
+  } = {},
 ): Promise<TestBroker> {
   const runner = opts.runner ?? realRunner;
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-broker-" });
@@ -112,7 +119,12 @@ export async function startTestBroker(
     keyfile: brokerCert.keyFile,
     server,
     tlsAdminUsers: opts.tlsAdminUsers,
+    maxQueuedBytes: opts.maxQueuedBytes,
+    maxQueuedMessages: opts.maxQueuedMessages,
   });
+  if (opts.extraConfig?.length) {
+    await Deno.writeTextFile(files.config, opts.extraConfig.join("\n") + "\n", { append: true });
+  }
   const stdoutLog = join(dir, "mosquitto.stdout.log");
   let daemon: Daemon | undefined;
   let exited = true;
