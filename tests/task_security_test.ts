@@ -461,3 +461,30 @@ Deno.test(
     }
   },
 );
+
+Deno.test(
+  "a flood of forged tasks: refusal reports are rate limited and the rest counted; the queue stays empty",
+  opts,
+  async () => {
+    await withRig([], async (r) => {
+      const N = 60;
+      for (let i = 0; i < N; i++) {
+        await r.fleet.publish("task", encode(task(`flood-${i}`, append(r, `flood-${i}`))));
+      }
+      // A signed task after the flood: by its final report, every forged one was handled and
+      // every refusal report published before it has arrived (one connection, in order).
+      await r.fleet.publish("task", r.server.sign(task("after-flood", append(r, "after-flood"))));
+      assert.equal((await r.fleet.waitFinal("after-flood", r.agent)).state, "done");
+      const reports = r.fleet.got.filter((m) => m.taskId.startsWith("flood-"));
+      console.log(`${N} forged tasks: ${reports.length} refusal reports`);
+      assert.ok(reports.length >= 20 && reports.length < N, `${reports.length} reports`);
+      assert.ok(reports.every((m) => m.state === "refused" && m.reason === "bad-signature"));
+      assert.deepEqual(await r.ran(), ["after-flood"]);
+      await r.agent.stop();
+      const stopped = r.agent.log.split("\n").find((l) => l.includes("agent.stopped"))!;
+      assert.match(stopped, new RegExp(`refusalReports=${reports.length} `));
+      assert.match(stopped, new RegExp(`refusalReportsSuppressed=${N - reports.length} `));
+      assert.match(stopped, / queued=0/, "nothing of the flood went to the durable queue");
+    });
+  },
+);

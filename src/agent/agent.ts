@@ -534,6 +534,8 @@ export class RobotAgent {
       malformed: s.malformed,
       refused: s.refused,
       refusedCancels: s.refusedCancels,
+      refusalReports: s.refusalReportsSent,
+      refusalReportsSuppressed: s.refusalReportsSuppressed,
       queued: s.queue?.entries,
     });
   }

@@ -22,7 +22,11 @@
  * runner (src/mqtt/signed.ts `checkDown`, in agent.ts).
  */
 import type { TaskMessage } from "../mqtt/messages.ts";
-import { replayWindowEnd } from "../mqtt/signed.ts";
+import {
+  DEFAULT_CLOCK_SKEW_SECONDS,
+  MAX_TASK_TTL_SECONDS,
+  replayWindowEnd,
+} from "../mqtt/signed.ts";
 import { processStartTime } from "../process/mod.ts";
 import { killInterrupted, TaskJournal } from "./task_journal.ts";
 import { DEFAULT_MAX_TASK_IDS, TaskIdStore } from "./task_ids.ts";
@@ -174,7 +178,9 @@ export class TaskRunner {
   constructor(private readonly opts: TaskRunnerOptions) {
     this.ids = new TaskIdStore({
       stateDir: opts.stateDir,
-      legacyKeepMs: replayWindowEnd({ ts: new Date(0).toISOString() }, opts.window ?? {}),
+      // A legacy id (no time known) is kept for a whole window from the import.
+      legacyKeepMs: ((opts.window?.maxAgeSeconds ?? MAX_TASK_TTL_SECONDS) +
+        (opts.window?.clockSkewSeconds ?? DEFAULT_CLOCK_SKEW_SECONDS)) * 1000,
       maxIds: opts.maxRememberedIds ?? DEFAULT_MAX_TASK_IDS,
       log: opts.log,
     });
