@@ -144,7 +144,7 @@ Deno.test({
       for (const r of runners) await r.ids.close().catch(() => {});
       await agent?.stop().catch(() => {});
       await server?.stop().catch(() => {});
-      await removeTaskUser(realRunner, userName).catch(() => {});
+      await removeTaskUser(realRunner, userName); // fails the test if the user stays
       for (const pid of pids) {
         assert.equal(processStartTime(pid), undefined, `process ${pid} survived the test`);
       }

@@ -11,7 +11,7 @@
  *   `useradd --system` when it does not exist yet. Idempotent. `removeTaskUser` undoes it.
  */
 import { CliError } from "../cli/errors.ts";
-import type { ProcessRunner } from "../process/mod.ts";
+import { type ProcessRunner, waitFor } from "../process/mod.ts";
 
 export interface TaskUser {
   name: string;
@@ -187,10 +187,26 @@ export async function ensureTaskUser(
   return { ...made, created: true };
 }
 
-/** Removes the user (and its group) `ensureTaskUser` created. A missing user is fine. */
-export async function removeTaskUser(runner: ProcessRunner, name: string): Promise<void> {
+/**
+ * Removes the user (and its group) `ensureTaskUser` created. A missing user is fine. userdel
+ * refuses (exit 8) while a process of the user exists, zombies included, and PID 1 may take a
+ * moment to reap a task that just ended: retried for up to `timeoutMs`.
+ */
+export async function removeTaskUser(
+  runner: ProcessRunner,
+  name: string,
+  timeoutMs = 10_000,
+): Promise<void> {
   if (!(await lookupUser(runner, name))) return;
-  await runner.output("userdel", [name], { timeoutMs: 30_000 });
+  let last = "";
+  await waitFor(async () => {
+    const r = await runner.output("userdel", [name], { check: false, timeoutMs: 30_000 });
+    if (r.success) return true;
+    last = `userdel ${name} failed (exit ${r.code}): ${r.stderr.trim()}`;
+    return false;
+  }, { timeoutMs, intervalMs: 100, what: `userdel ${name}` }).catch((err) => {
+    throw new Error(last || (err as Error).message);
+  });
   if ((await lookupGroup(runner, name)) !== undefined) {
     await runner.output("groupdel", [name], { check: false, timeoutMs: 30_000 });
   }
