@@ -25,6 +25,7 @@ import {
 import type { X509BundleSource } from "../spiffe/bundle.ts";
 import type { X509Svid } from "../spiffe/svid.ts";
 import { type DownKind, parseTopic } from "../fleet/topics.ts";
+import { DEFAULT_CLOCK_SKEW_SECONDS, MAX_TASK_TTL_SECONDS } from "../fleet/task_limits.ts";
 import {
   type CancelMessage,
   DOWN_TYPE,
@@ -48,10 +49,8 @@ export const SIGNED_TYP: Record<DownKind, string> = {
   cancel: "k8s4r-cancel",
 };
 
-/** The longest TTL the fleet server gives a task (its API's bound): 7 days. */
-export const MAX_TASK_TTL_SECONDS = 7 * 24 * 3600;
-/** How far a robot's clock may be behind or ahead of the server's by default. */
-export const DEFAULT_CLOCK_SKEW_SECONDS = 300;
+// The window and the server's TTL bound are one fleet convention (src/fleet/task_limits.ts).
+export { DEFAULT_CLOCK_SKEW_SECONDS, MAX_TASK_TTL_SECONDS };
 
 const enc = new TextEncoder();
 
@@ -65,7 +64,10 @@ export interface SvidProvider {
  * the provider, so a rotation takes effect on the next message.
  */
 export class TaskSigner {
-  constructor(private readonly source: SvidProvider) {}
+  constructor(
+    private readonly source: SvidProvider,
+    private readonly now: () => Date = () => new Date(),
+  ) {}
 
   /** The SPIFFE ID messages are signed with now. */
   get signerId(): string {
@@ -83,7 +85,15 @@ export class TaskSigner {
 
   /** Signs already-encoded message bytes of `kind` (they are sent exactly as given). */
   signBytes(kind: DownKind, bytes: Uint8Array): Uint8Array {
-    const jws = signJws(bytes, this.source.getX509Svid(), { typ: SIGNED_TYP[kind] });
+    const svid = this.source.getX509Svid();
+    // Robots would refuse it (bad-signature): better not sent, and sent once a new SVID came.
+    const now = this.now();
+    if (now >= svid.notAfter || now < svid.notBefore) {
+      throw new Error(
+        `the signing SVID ${svid.id} is not valid now (${now.toISOString()}; valid ${svid.notBefore.toISOString()} to ${svid.notAfter.toISOString()}): waiting for a new one from the Workload API`,
+      );
+    }
+    const jws = signJws(bytes, svid, { typ: SIGNED_TYP[kind] });
     const out = enc.encode(JSON.stringify(jws));
     if (out.byteLength > MAX_PAYLOAD_BYTES) {
       throw new Error(

@@ -19,6 +19,7 @@ import { type ApiClient, apiClient } from "../operator/client.ts";
 import { VERSION } from "../version.ts";
 import { isLoopbackHost, isWildcardHost } from "./auth.ts";
 import type { DownSigner, Logger } from "./fleet.ts";
+import { TaskSigner } from "../mqtt/signed.ts";
 import {
   FleetServer,
   loadMqttCredentials,
@@ -128,11 +129,13 @@ function machineAddresses(): string[] {
 }
 
 /**
- * Signs tasks and cancels with the server's SVID. JOIN (i11-robot): return
- * `new TaskSigner(source)` from src/mqtt/signed.ts; its `sign(msg)` is this interface.
+ * Signs tasks and cancels with the server's SVID: at every publish, with the SVID current then
+ * (a task may wait up to 7 days; an SVID lives about an hour). The server has no unsigned mode:
+ * without an SVID it does not start (`serverIdentity`), and while its SVID is expired nothing is
+ * sent (tasks stay pending, counted in `signErrors`, and go out once a new SVID arrives).
  */
-function serverSigner(_source: X509Source): DownSigner | undefined {
-  return undefined;
+function serverSigner(source: X509Source): DownSigner {
+  return new TaskSigner(source);
 }
 
 /**
@@ -257,11 +260,19 @@ async function runServer(args: Args, io: Io): Promise<number> {
   const spiffeId = args.string("spiffe-id") ?? fleetServerSpiffeId(layout.trustDomain);
   const source = await serverIdentity(io, address, spiffeId, svidTimeout * 1000);
   const closeSource = () => source.close();
+  let server: FleetServer | undefined;
+  let signErrorsSeen = 0;
   source.onUpdate(() => {
     const s = source.getX509Svid();
     log.info(
       `SVID ${s.id} rotated: serial ${s.serialNumber}, valid until ${s.notAfter.toISOString()}`,
     );
+    // Something could not be signed with the old one (it had expired): send it now.
+    const errors = server?.fleet.stats.signErrors ?? 0;
+    if (server && errors > signErrorsSeen) {
+      signErrorsSeen = errors;
+      void server.fleet.dispatchAllOnline();
+    }
   });
   if (url.protocol === "mqtts:") {
     tls = svidTlsProvider(
@@ -278,7 +289,6 @@ async function runServer(args: Args, io: Io): Promise<number> {
   let fatal: ((err: Error) => void) | undefined;
   const fatalP = new Promise<never>((_, reject) => (fatal = reject));
   fatalP.catch(() => {});
-  let server: FleetServer;
   try {
     server = await FleetServer.start({
       brokerUrl,

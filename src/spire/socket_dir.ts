@@ -38,6 +38,20 @@ function prefixes(dir: string): string[] {
   return out;
 }
 
+/** What the check reads of a path (an lstat): the doctor passes its own file system here. */
+export interface SocketDirStat {
+  uid?: number | null;
+  isDirectory: boolean;
+  isSymlink: boolean;
+  mode?: number | null;
+}
+
+export interface SocketDirFs {
+  /** lstat; undefined when the path does not exist. */
+  lstat(path: string): Promise<SocketDirStat | undefined>;
+  realPath(path: string): Promise<string>;
+}
+
 async function lstat(p: string): Promise<Deno.FileInfo | undefined> {
   try {
     return await Deno.lstat(p);
@@ -46,6 +60,8 @@ async function lstat(p: string): Promise<Deno.FileInfo | undefined> {
     throw err;
   }
 }
+
+const denoFs: SocketDirFs = { lstat, realPath: (p) => Deno.realPath(p) };
 
 async function createDirs(dir: string): Promise<void> {
   for (const p of prefixes(dir)) {
@@ -68,8 +84,10 @@ async function createDirs(dir: string): Promise<void> {
  */
 export async function secureSocketDir(
   socketPath: string,
-  opts: { create: boolean; what?: string; uid?: number },
+  opts: { create: boolean; what?: string; uid?: number; fs?: SocketDirFs },
 ): Promise<void> {
+  const fs = opts.fs ?? denoFs;
+  if (opts.create && opts.fs) throw new Error("secureSocketDir: create works on the real fs only");
   const what = opts.what ?? "SPIRE agent socket";
   const uid = opts.uid ?? Deno.uid() ?? 0;
   if (new TextEncoder().encode(socketPath).length > MAX_SOCKET_PATH) {
@@ -95,16 +113,22 @@ export async function secureSocketDir(
       );
     }
   }
-  await checkDirChain(dir, uid, what, new Set());
+  await checkDirChain(fs, dir, uid, what, new Set());
 }
 
-async function checkDirChain(dir: string, uid: number, what: string, seen: Set<string>) {
+async function checkDirChain(
+  fs: SocketDirFs,
+  dir: string,
+  uid: number,
+  what: string,
+  seen: Set<string>,
+) {
   if (seen.has(dir)) return;
   seen.add(dir);
-  const trusted = (owner: number | null) => owner === uid || owner === 0;
+  const trusted = (owner: number | null | undefined) => owner === uid || owner === 0;
   const all = prefixes(dir);
   for (const p of all) {
-    const st = await lstat(p);
+    const st = await fs.lstat(p);
     const isLast = p === all[all.length - 1];
     if (!st) {
       throw new SocketDirError(
@@ -121,9 +145,9 @@ async function checkDirChain(dir: string, uid: number, what: string, seen: Set<s
       );
     }
     if (st.isSymlink) {
-      const target = await Deno.realPath(p);
+      const target = await fs.realPath(p);
       const rest = dir.slice(p.length);
-      await checkDirChain(rest ? join(target, rest) : target, uid, what, seen);
+      await checkDirChain(fs, rest ? join(target, rest) : target, uid, what, seen);
       return;
     }
     if (!st.isDirectory) {
