@@ -82,8 +82,6 @@ export interface AgentStats extends SessionStats {
   refused: Record<RefusalReason, number>;
   /** Cancels refused, by reason (nothing was cancelled). */
   refusedCancels: Record<RefusalReason, number>;
-  /** Unsigned tasks accepted (only with tasks.requireSignature false). */
-  unsignedAccepted: number;
   cancels: number;
   /** Cancels of a task seen and finished: nothing to do. */
   cancelNotRunning: number;
@@ -148,7 +146,6 @@ export class RobotAgent {
     duplicateTasks: 0,
     refused: zeroReasons(),
     refusedCancels: zeroReasons(),
-    unsignedAccepted: 0,
     cancels: 0,
     cancelNotRunning: 0,
     refusalReportsSent: 0,
@@ -263,12 +260,6 @@ export class RobotAgent {
           } (rlimits, user switch, no_new_privs, death signal): install util-linux, or set no tasks.allow`,
         );
       }
-    }
-    if (!this.cfg.tasks.requireSignature) {
-      this.o.log("tasks.unsigned_allowed", {
-        warning:
-          "tasks.requireSignature is false: unsigned tasks from anyone with the broker's server password run here",
-      });
     }
     // The id store first: its high-water clock guards every age check from the first message.
     await this.tasks.ids.load();
@@ -394,7 +385,6 @@ export class RobotAgent {
       robotId: this.cfg.robotId,
       bundles: this.o.source,
       signerId: t.signerSpiffeId,
-      requireSignature: t.requireSignature,
       now: new Date(),
       ageNow: new Date(this.tasks.ids.highWater),
       clockSkewSeconds: t.clockSkewSeconds,
@@ -418,10 +408,6 @@ export class RobotAgent {
       return;
     }
     const m = v.message;
-    if (!v.signed) {
-      this.counters.unsignedAccepted++;
-      this.o.log("task.unsigned", { type: m.type, task: m.type === "task" ? m.id : m.taskId });
-    }
     if (m.type === "cancel") {
       this.counters.cancels++;
       const why = `cancelled by the fleet server${m.reason ? `: ${m.reason}` : ""}`;

@@ -116,8 +116,6 @@ export interface AgentTasksConfig {
   user?: string;
   /** Their group (default: the user's primary group). */
   group?: string;
-  /** Refuse tasks and cancels that are not signed by `signerSpiffeId` (default true). */
-  requireSignature: boolean;
   /** The fleet server's SPIFFE ID: the only signer accepted. */
   signerSpiffeId: string;
   /** Allowed difference between the robot's and the server's clocks. */
@@ -239,7 +237,6 @@ const SCHEMA: Record<string, Record<string, Kind>> = {
     killGraceSeconds: { t: "int", min: 1, max: 600 },
     user: { t: "string" },
     group: { t: "string" },
-    requireSignature: { t: "bool" },
     signerSpiffeId: { t: "string" },
     clockSkewSeconds: { t: "int", min: 0, max: 3600 },
     maxAgeSeconds: { t: "int", min: 60, max: 30 * 24 * 3600 },
@@ -575,7 +572,6 @@ function tasksConfig(
     killGraceSeconds: get("tasks.killGraceSeconds", 5),
     user,
     group,
-    requireSignature: get("tasks.requireSignature", true),
     signerSpiffeId: signer,
     clockSkewSeconds: get("tasks.clockSkewSeconds", DEFAULT_CLOCK_SKEW_SECONDS),
     maxAgeSeconds: get("tasks.maxAgeSeconds", MAX_TASK_TTL_SECONDS),

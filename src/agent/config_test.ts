@@ -55,7 +55,6 @@ Deno.test("task defaults: signatures required, the fleet server signs, the windo
       killGraceSeconds: 5,
       user: undefined,
       group: undefined,
-      requireSignature: true,
       signerSpiffeId: "spiffe://k8s4r.example.org/fleet-server",
       clockSkewSeconds: 300,
       maxAgeSeconds: 7 * 24 * 3600,
@@ -70,11 +69,10 @@ Deno.test("task defaults: signatures required, the fleet server signs, the windo
   }
   const set = await load(
     "spire:\n  trustDomain: td.test\ntasks:\n  user: k8s4r-task\n  group: k8s4r-task\n" +
-      "  requireSignature: false\n  maxConcurrent: 2\n  openFiles: 64\n",
+      "  maxConcurrent: 2\n  openFiles: 64\n",
   );
   assert.equal(set.tasks.user, "k8s4r-task");
   assert.equal(set.tasks.group, "k8s4r-task");
-  assert.equal(set.tasks.requireSignature, false);
   assert.equal(set.tasks.signerSpiffeId, "spiffe://td.test/fleet-server");
   assert.equal(set.tasks.maxConcurrent, 2);
   assert.equal(set.tasks.openFiles, 64);

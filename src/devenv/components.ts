@@ -16,6 +16,7 @@ import { hostname } from "node:os";
 import { basename, join } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
 import { agentV8FlagsEnv } from "../agent/runtime_flags.ts";
+import { DEFAULT_TASK_USER, ensureTaskUser, switchUserMissing } from "../agent/task_user.ts";
 import {
   brokerSpiffeId,
   defaultServerUrl,
@@ -218,6 +219,8 @@ export class StartRun extends StackView {
   spire: SpireBinaries | undefined;
   /** Set by the `broker-runtime` step. */
   brokerRuntime: BrokerRuntime | undefined;
+  /** Set by the `task-user` step: the user the robots' tasks run as (`tasks.user`), if any. */
+  taskUser: string | undefined;
   #memo = new Map<string, Promise<unknown>>();
 
   constructor(
@@ -316,6 +319,7 @@ export function devenvComponents(view: StackView): Component[] {
     mosquittoComponent(view),
     operatorsStep(view),
     serverComponent(view),
+    taskUserStep(),
     ...agents,
     {
       name: "robots online",
@@ -410,6 +414,37 @@ function brokerRuntimeStep(view: StackView): Component {
       const mode: BrokerModeFlag = alive && saved ? saved.mode : run.opts.broker;
       run.brokerRuntime = await resolveBrokerRuntime(run.ctx.io, mode);
       return run.brokerRuntime.description;
+    },
+  };
+}
+
+/**
+ * The user the robots' tasks run as (`tasks.user`, through K8S4R_TASK_USER in plugins.yaml): a
+ * system user whose uid no registration entry selects, so a task asking the Workload API for an
+ * identity gets PermissionDenied. Created when missing (`useradd --system`, idempotent); kept by
+ * `stop` and `clean` (other stacks on this host may use it). Needs root: without it, tasks run as
+ * the agent's own uid, which the robots' entries select, and the step says so.
+ */
+function taskUserStep(): Component {
+  return {
+    name: "task-user",
+    kind: "step",
+    needs: [],
+    async run(run) {
+      const missing = switchUserMissing();
+      if (run.uid !== 0 || missing.length > 0) {
+        run.taskUser = undefined;
+        const why = run.uid !== 0 ? `not root (uid ${run.uid})` : `lacks ${missing.join(", ")}`;
+        const text =
+          `${why}: tasks run as uid ${run.uid}, the agents' own, which the robots' registration entries select: a task can fetch its robot's SVID and private key from the Workload API. Run devenv start as root for a separate task user (${DEFAULT_TASK_USER})`;
+        run.ctx.io.stderr.write(`warning: task-user: ${text}\n`);
+        return text;
+      }
+      const u = await ensureTaskUser(run.ctx.io.runner, DEFAULT_TASK_USER);
+      run.taskUser = u.name;
+      return `${u.name} (uid ${u.uid}${
+        u.created ? ", created" : ""
+      }): tasks run as it; no entry selects it, so the Workload API refuses it`;
     },
   };
 }
@@ -957,6 +992,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
       { on: "identities", unless: attested },
       { on: "ca-bundle", unless: attested },
       "server",
+      "task-user",
     ],
     stopRank: 10,
     pidFile: r.pidFile,
@@ -986,6 +1022,8 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
         env: {
           ...run.childEnv,
           DENO_V8_FLAGS: agentV8FlagsEnv(run.ctx.io.env.DENO_V8_FLAGS),
+          // plugins.yaml: tasks.user "${K8S4R_TASK_USER:-}" (empty: tasks run as the agent).
+          K8S4R_TASK_USER: run.taskUser ?? "",
         },
         logFile: r.logFile,
         pidFile: r.pidFile,

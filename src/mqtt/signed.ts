@@ -111,8 +111,6 @@ export interface DownCheckOptions {
   bundles: X509BundleSource;
   /** The only SPIFFE ID whose signature is accepted (the fleet server's). */
   signerId: string;
-  /** When false, unsigned v1 messages are accepted too (signed ones are still verified). */
-  requireSignature?: boolean;
   /** The robot's clock. */
   now?: Date;
   /**
@@ -131,9 +129,8 @@ export type DownVerdict =
   | {
     ok: true;
     message: DownMessage;
-    /** False only for an unsigned message accepted because `requireSignature` is false. */
-    signed: boolean;
-    signer?: string;
+    /** The SPIFFE ID that signed it (the fleet server's). */
+    signer: string;
   }
   /** Not a message at all (wrong topic, too large, not JSON, not valid): counted and dropped. */
   | { ok: false; kind: "malformed"; reason: DropReason; error: string }
@@ -313,18 +310,17 @@ export function checkDown(topic: string, payload: Uint8Array, opts: DownCheckOpt
     }
     inner = j.value;
   } else {
-    inner = outer.value;
-    if (opts.requireSignature ?? true) {
-      const kind = typeof inner === "object" && inner !== null &&
-          typeof (inner as Record<string, unknown>).type === "string"
-        ? (inner as Record<string, unknown>).type
-        : type;
-      return refused(
-        "bad-signature",
-        `bad-signature: unsigned ${kind}: this robot runs only what the fleet server ${opts.signerId} signed`,
-        taskIdOf(inner),
-      );
-    }
+    // Unsigned: whoever holds the broker's password could have sent it. Never acted on.
+    const value = outer.value;
+    const kind = typeof value === "object" && value !== null &&
+        typeof (value as Record<string, unknown>).type === "string"
+      ? (value as Record<string, unknown>).type
+      : type;
+    return refused(
+      "bad-signature",
+      `bad-signature: unsigned ${kind}: this robot runs only what the fleet server ${opts.signerId} signed`,
+      taskIdOf(value),
+    );
   }
 
   const r = VALIDATORS[t.kind](inner);
@@ -345,5 +341,5 @@ export function checkDown(topic: string, payload: Uint8Array, opts: DownCheckOpt
   }
   const time = checkTime(msg, opts);
   if (time) return refused(time.reason, time.error, id);
-  return { ok: true, message: msg, signed: signer !== undefined, signer };
+  return { ok: true, message: msg, signer: signer! };
 }

@@ -86,7 +86,6 @@ Deno.test("signed: a task signed by the fleet server for this robot is accepted 
   const v = checkDown(TOPIC, signer.sign(t), opts());
   assert.ok(v.ok, JSON.stringify(v));
   assert.deepEqual(v.message, t);
-  assert.equal(v.signed, true);
   assert.equal(v.signer, SERVER_ID);
   // The payload is a JWS whose payload is exactly encode(task).
   const jws = JSON.parse(new TextDecoder().decode(signer.sign(t)));
@@ -107,16 +106,9 @@ Deno.test("signed: an unsigned task (forged with the broker password) is bad-sig
     r.error,
     /^bad-signature: unsigned task: this robot runs only what the fleet server/,
   );
-  // Accepted only when the robot is configured to (tasks.requireSignature false).
-  const v = checkDown(TOPIC, encode(t), opts({ requireSignature: false }));
-  assert.ok(v.ok && v.signed === false);
-  // ... and a signed one is still verified then: a bad signature stays refused.
-  const robot2 = svidOf(ca.issue({ spiffeId: robotSpiffeId(TD, "robot-002") }));
-  const bad = new TaskSigner(new StaticX509Source(robot2, bundles)).sign(t);
-  assert.equal(
-    refusal(checkDown(TOPIC, bad, opts({ requireSignature: false }))).reason,
-    "bad-signature",
-  );
+  // Positive control: the same task signed by the fleet server is accepted.
+  const v = checkDown(TOPIC, signer.sign(t), opts());
+  assert.ok(v.ok && v.signer === SERVER_ID);
 });
 
 Deno.test("signed: a task signed by robot-002's SVID is bad-signature", () => {
@@ -324,4 +316,18 @@ Deno.test("TaskSigner and checkDown follow rotation through the Workload API (fa
     await server.close();
     await robot.close();
   }
+});
+
+Deno.test("TaskSigner: refuses to sign with an SVID that is not valid now (robots would refuse it)", () => {
+  const src = new StaticX509Source(serverSvid, bundles);
+  const at = (ms: number) => new TaskSigner(src, () => new Date(ms));
+  const t = task();
+  // Control: now, inside the SVID's validity, it signs and a robot accepts it.
+  const ok = at(Date.now()).sign(t);
+  assert.equal(checkDown(TOPIC, ok, opts()).ok, true);
+  assert.throws(
+    () => at(serverSvid.notAfter.getTime() + 1000).sign(t),
+    /the signing SVID spiffe:\/\/k8s4r\.test\/fleet-server is not valid now .*waiting for a new one/,
+  );
+  assert.throws(() => at(serverSvid.notBefore.getTime() - 1000).sign(t), /is not valid now/);
 });

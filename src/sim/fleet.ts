@@ -15,6 +15,7 @@
 import mqtt from "mqtt";
 import type { IClientOptions, MqttClient } from "mqtt";
 import {
+  decodeDown,
   encode,
   type HeartbeatMessage,
   PROTOCOL_VERSION,
@@ -50,10 +51,11 @@ export interface SimFleetOptions {
   /** The only signer accepted. Default spiffe://<the broker's trust domain>/fleet-server. */
   signerSpiffeId?: string;
   /**
-   * false: also accept unsigned tasks (signed ones are still verified), for the benchmark's
-   * side-by-side run against a server that does not sign. Default true, as on a robot.
+   * The benchmark's baseline only (bench/fleet.ts, against a server it starts without a
+   * signer): decode tasks as unsigned JSON (`decodeDown`, the path before signing). Robots have
+   * no such mode: they run only what `checkDown` accepts.
    */
-  requireSignature?: boolean;
+  unsignedBaseline?: boolean;
 }
 
 export interface SimFleetStats {
@@ -265,18 +267,20 @@ export class SimFleet {
   }
 
   private onMessage(robot: SimRobot, topic: string, payload: Uint8Array) {
-    const d = checkDown(topic, new Uint8Array(payload), {
-      robotId: robot.id,
-      bundles: this.o.bundles,
-      signerId: this.o.signerSpiffeId ?? fleetServerSpiffeId(this.trustDomain),
-      requireSignature: this.o.requireSignature ?? true,
-      cache: robot.chains,
-    });
+    const d = this.o.unsignedBaseline
+      ? decodeDown(topic, new Uint8Array(payload))
+      : checkDown(topic, new Uint8Array(payload), {
+        robotId: robot.id,
+        bundles: this.o.bundles,
+        signerId: this.o.signerSpiffeId ?? fleetServerSpiffeId(this.trustDomain),
+        cache: robot.chains,
+      });
     if (!d.ok || d.message.type !== "task") {
-      if (!d.ok && d.kind === "malformed") this.stats.malformed++;
-      if (!d.ok && d.kind === "refused") {
-        this.stats.refused++;
-        this.stats.lastRefusal = d.error;
+      if (!d.ok) {
+        const refusal = "kind" in d && (d as { kind: string }).kind === "refused";
+        if (refusal) this.stats.refused++;
+        else this.stats.malformed++;
+        if (refusal) this.stats.lastRefusal = d.error;
       }
       return;
     }
