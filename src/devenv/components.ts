@@ -60,7 +60,7 @@ import {
   writeFileAtomic,
   writeState,
 } from "./context.ts";
-import type { RobotLayout } from "./layout.ts";
+import type { DevenvFiles, Layout, RobotLayout } from "./layout.ts";
 import { httpGetJson, type ProbeResult } from "./probes.ts";
 import type { ComponentStatus } from "./render.ts";
 
@@ -850,22 +850,7 @@ function serverComponent(view: StackView): Component {
       return run.ctx.io.runner.spawn({
         name: "server",
         cmd: run.self.cmd,
-        args: [
-          ...run.self.args,
-          "server",
-          "--mqtt-credentials",
-          layout.serverCredentialsFile,
-          "--http-addr",
-          `127.0.0.1:${layout.ports.http}`,
-          "--data-dir",
-          layout.serverDataDir,
-          "--broker-url",
-          `mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
-          "--socket-path",
-          files.brokerAgentSocket,
-          "--roles",
-          layout.serverRolesFile,
-        ],
+        args: [...run.self.args, "server", ...serverArgs(layout, files)],
         cwd: layout.root,
         env: run.childEnv,
         logFile: files.serverLog,
@@ -889,6 +874,24 @@ function serverComponent(view: StackView): Component {
       };
     },
   };
+}
+
+/** The flags of the dev stack's `k8s4r server` (after `server`). */
+export function serverArgs(layout: Layout, files: DevenvFiles): string[] {
+  return [
+    "--mqtt-credentials",
+    layout.serverCredentialsFile,
+    "--http-addr",
+    `127.0.0.1:${layout.ports.http}`,
+    "--data-dir",
+    layout.serverDataDir,
+    "--broker-url",
+    `mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
+    "--socket-path",
+    files.brokerAgentSocket,
+    "--roles",
+    layout.serverRolesFile,
+  ];
 }
 
 export function agentComponentName(robotId: string): string {

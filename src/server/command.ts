@@ -170,7 +170,16 @@ async function databaseConfig(args: Args, io: Io): Promise<PostgresConfig | unde
   return config;
 }
 
-async function runServer(args: Args, io: Io): Promise<number> {
+/**
+ * `k8s4r server`. `makeSigner` is a parameter only so that the benchmark can measure the path
+ * before signing side by side (bench/unsigned_server.ts); the CLI always signs with the SVID
+ * (`serverSigner`), and no flag, setting or environment variable selects anything else.
+ */
+export async function runServer(
+  args: Args,
+  io: Io,
+  makeSigner: (source: X509Source) => DownSigner = serverSigner,
+): Promise<number> {
   const layout = defaultLayout(io.cwd, io.env);
   const postgres = await databaseConfig(args, io);
   const log = ioLogger(io, () => [postgres?.password]);
@@ -311,7 +320,7 @@ async function runServer(args: Args, io: Io): Promise<number> {
         dnsNames: () => source.getX509Svid().dnsNames,
         interfaceAddresses: isWildcardHost(http.hostname) ? machineAddresses() : [],
       },
-      fleet: { heartbeatIntervalSeconds: hb, signer: serverSigner(source) },
+      fleet: { heartbeatIntervalSeconds: hb, signer: makeSigner(source) },
       logger: log,
       version: VERSION,
       onFatal: (err) =>
@@ -459,7 +468,7 @@ operator SVID; roles from --roles, re-read on change), and signs every task and 
       description: "How long to wait for the server's SVID at start (default 30)",
     },
   ],
-  run: runServer,
+  run: (args, io) => runServer(args, io),
 };
 
 // ---------------------------------------------------------------- robots

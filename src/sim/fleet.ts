@@ -50,12 +50,6 @@ export interface SimFleetOptions {
   connectTimeoutMs?: number;
   /** The only signer accepted. Default spiffe://<the broker's trust domain>/fleet-server. */
   signerSpiffeId?: string;
-  /**
-   * The benchmark's baseline only (bench/fleet.ts, against a server it starts without a
-   * signer): decode tasks as unsigned JSON (`decodeDown`, the path before signing). Robots have
-   * no such mode: they run only what `checkDown` accepts.
-   */
-  unsignedBaseline?: boolean;
 }
 
 export interface SimFleetStats {
@@ -106,6 +100,12 @@ export class SimFleet {
     refused: 0,
     connectMs: [],
   };
+  /**
+   * The benchmark's baseline only (bench/fleet.ts, against bench/unsigned_server.ts): decode
+   * tasks as unsigned JSON (`decodeDown`, the path before signing). Robots have no such mode:
+   * they run only what `checkDown` accepts. Default false.
+   */
+  unsignedBaseline = false;
   private hbTimers: ReturnType<typeof setTimeout>[] = [];
   private closed = false;
 
@@ -267,7 +267,7 @@ export class SimFleet {
   }
 
   private onMessage(robot: SimRobot, topic: string, payload: Uint8Array) {
-    const d = this.o.unsignedBaseline
+    const d = this.unsignedBaseline
       ? decodeDown(topic, new Uint8Array(payload))
       : checkDown(topic, new Uint8Array(payload), {
         robotId: robot.id,
