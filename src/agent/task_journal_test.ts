@@ -69,13 +69,18 @@ Deno.test("recover: a group whose leader died is still found and stopped", async
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-journal-" });
   let orphan: number | undefined;
   try {
-    // The leader starts a grandchild in its group, prints its pid and exits.
+    // The leader starts a grandchild in its group, prints its pid and exits once its stdin
+    // closes: its start time is read while it surely runs (a leader that had exited already
+    // had none, and the journal record then named no process: the test failed now and then).
     const leader = new Deno.Command("sh", {
-      args: ["-c", "sleep 600 >/dev/null 2>&1 & echo $!"],
+      args: ["-c", "sleep 600 >/dev/null 2>&1 & echo $!; read _"],
       detached: true,
+      stdin: "piped",
       stdout: "piped",
     }).spawn();
-    const leaderStart = processStartTime(leader.pid)!;
+    const leaderStart = processStartTime(leader.pid);
+    assert.ok(leaderStart !== undefined, "the leader's start time, read while it runs");
+    await leader.stdin.close();
     const out = await leader.output();
     orphan = Number(new TextDecoder().decode(out.stdout).trim());
     const orphanStart = processStartTime(orphan)!;

@@ -250,6 +250,9 @@ export class E2eStack {
   ): Promise<E2eStack> {
     // Short paths: unix socket paths are limited to 107 bytes.
     const dir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8s4r-e2e-" });
+    // As a checkout: the task user (devenv's k8s4r-task) may pass through to what a test hands
+    // it; devenv's own state (.dev-env, .spire-data, xdg) is 0700 below it.
+    await Deno.chmod(dir, 0o755);
     const sockDir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8e" });
     // As devenv's /tmp/spire-agent: other users (the task user) reach the sockets, and get
     // PermissionDenied from the Workload API, but cannot replace them.
