@@ -18,7 +18,12 @@ import {
   type Publisher,
 } from "../fleet.ts";
 import { type Dialect, type Registry, SCHEMA_VERSION } from "../registry.ts";
-import { UNSIGNED } from "../testing.ts";
+import { TestHttps, UNSIGNED } from "../testing.ts";
+import { checkDown, TaskSigner } from "../../mqtt/signed.ts";
+import { parseJws } from "../../spiffe/jws.ts";
+import { fleetServerSpiffeId } from "../../fleet/ids.ts";
+import { Buffer } from "node:buffer";
+import { X509Certificate } from "node:crypto";
 import { renderRobotsTable, robotStateText } from "../command.ts";
 
 export interface RegistryStore {
@@ -936,6 +941,59 @@ const cancelCases: ContractCase[] = [
         await fleet.dispatchFor("robot-001");
         await fleet.settled();
         assert.equal((await registry.getTask(t.id))!.state, "dispatched");
+      }),
+  },
+  {
+    name:
+      "signing: every publish is signed afresh with the SVID current then (a re-dispatch after a rotation carries the new one)",
+    fn: (f) =>
+      withRegistry(f, async (registry) => {
+        const web = new TestHttps("k8s4r.test");
+        const raw: { topic: string; payload: Uint8Array }[] = [];
+        const pub: Publisher = {
+          publish: (topic, payload) => {
+            raw.push({ topic, payload });
+            return Promise.resolve();
+          },
+          connected: () => true,
+        };
+        const fleet = new FleetService(registry, pub, { signer: new TaskSigner(web.source) });
+        try {
+          await registry.touchRobot("robot-001", new Date().toISOString());
+          await registry.setOnline("robot-001", true, null);
+          const t = await fleet.createTask("robot-001", {
+            command: ["true"],
+            env: {},
+            timeoutSeconds: 5,
+          }, ADMIN);
+          await fleet.settled();
+          const first = web.source.getX509Svid().serialNumber;
+          web.rotate(); // SPIRE renewed the server's SVID; the task was not acknowledged yet
+          const second = web.source.getX509Svid().serialNumber;
+          assert.notEqual(first, second);
+          await fleet.dispatchFor("robot-001"); // e.g. the robot registered again
+          await fleet.cancelTask(t.id, ADMIN);
+          await fleet.settled();
+          const check = (p: { topic: string; payload: Uint8Array }) => {
+            const v = checkDown(p.topic, p.payload, {
+              robotId: "robot-001",
+              bundles: web.source,
+              signerId: fleetServerSpiffeId("k8s4r.test"),
+            });
+            assert.ok(v.ok, JSON.stringify(v));
+            const jws = parseJws(JSON.parse(new TextDecoder().decode(p.payload)));
+            return new X509Certificate(Buffer.from(jws.header.x5c[0], "base64")).serialNumber;
+          };
+          assert.deepEqual(raw.map((p) => p.topic), [
+            "k8s4r/robots/robot-001/down/task",
+            "k8s4r/robots/robot-001/down/task",
+            "k8s4r/robots/robot-001/down/cancel",
+          ]);
+          assert.deepEqual(raw.map(check), [first, second, second]);
+        } finally {
+          await fleet.settled();
+          web.close();
+        }
       }),
   },
   {
