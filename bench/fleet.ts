@@ -9,9 +9,10 @@
  * 3. burst: every robot publishes QoS 1 back to back; server ingest rate vs a bare
  *    `mosquitto_sub` on the same topics in the same run;
  * 4. tasks: M tasks over the fleet (heartbeats continue); the simulated robots answer `done` at
- *    once; round trip = the server's createdAt -> finishedAt of each task. Twice: the unsigned
- *    baseline (bench/unsigned_server.ts, the simulator decoding plain JSON), then the real
- *    server signing every task and the simulator verifying each with checkDown.
+ *    once; round trip = the server's createdAt -> finishedAt of each task. In 3 alternating
+ *    rounds (1 with --quick): the unsigned baseline (bench/unsigned_server.ts, the simulator
+ *    decoding plain JSON), then the real server signing every task and the simulator verifying
+ *    each with checkDown.
  */
 import { join } from "node:path";
 import { bufferIo } from "../src/cli/io.ts";
@@ -395,11 +396,11 @@ export async function benchFleet(opts: BenchOptions, result: BenchResult): Promi
     }
     details.bursts = burstRuns;
 
-    // 4. Tasks, with 1/s heartbeats going on, twice in the same run: first against the path
-    // before signing (bench/unsigned_server.ts in place of the dev stack's server, the simulator
-    // decoding plain JSON), then against the real server, which signs every task with its SVID,
-    // the simulator verifying each with checkDown (chain, signer, robot, expiry, window) with one
-    // chain cache per robot, as in one agent process. The baseline goes first: the signed phase
+    // 4. Tasks, with 1/s heartbeats going on, on both paths in the same run: the path before
+    // signing (bench/unsigned_server.ts in place of the dev stack's server, the simulator decoding
+    // plain JSON), and the real server, which signs every task with its SVID, the simulator
+    // verifying each with checkDown (chain, signer, robot, expiry, window) with one chain cache
+    // per robot, as in one agent process. In each round the baseline goes first: the signed phase
     // then runs on the larger registry, so any bias is against signing.
     const client = await stack.client();
     const robotsUp = fleet.robots.map((r) => r.id);
@@ -478,57 +479,74 @@ export async function benchFleet(opts: BenchOptions, result: BenchResult): Promi
       return { rtt, delivery, posted: posted.length, postErrors, notDone, refused, proc };
     };
 
-    // 4a. The baseline: the same server code without a signer, on the same registry and port.
-    log("fleet: tasks, unsigned baseline (bench/unsigned_server.ts)");
-    await stopPidFile(stack.files.serverPid, 15_000);
-    const baseline = await realRunner.spawn({
-      name: "unsigned baseline server",
-      cmd: Deno.execPath(),
-      args: [
-        "run",
-        "-A",
-        join(REPO, "bench", "unsigned_server.ts"),
-        ...serverArgs(stack.layout, stack.files),
-      ],
-      cwd: stack.dir,
-      env: stack.env,
-      logFile: stack.files.serverLog,
-      pidFile: stack.files.serverPid,
-      detached: true,
-      ready: async () => (await stack.serverStats())?.mqtt.connected === true,
-      readyTimeoutMs: 60_000,
-      readyIntervalMs: 100,
-    });
-    cleanup.add("unsigned baseline server", () => stopPidFile(stack.files.serverPid, 15_000));
-    fleet.unsignedBaseline = true;
-    const unsigned = await taskPhase("unsigned baseline");
-    fleet.unsignedBaseline = false;
-    log(
-      `fleet: baseline server (pid ${baseline.pid}): ${await stopPidFile(
-        stack.files.serverPid,
-        15_000,
-      )}`,
-    );
-    // 4b. The real server again (devenv restarts what is down): it signs every task.
-    log("fleet: tasks, signed by the server's SVID, verified by the simulated robots");
-    const restart = await stack.start();
-    if (restart.code !== 0 && restart.code !== 1) {
-      throw new Error(`devenv start (server restart) exited ${restart.code}: ${restart.stderr}`);
+    // The two paths alternate, round by round (the dev stack's signing server swapped for the
+    // baseline and back, same registry, same port), so that drift in the machine's load (other
+    // processes on its 2 cores) falls on both alike.
+    const rounds = quick ? 1 : 3;
+    type Phase = Awaited<ReturnType<typeof taskPhase>>;
+    const phases: Record<"unsigned" | "signed", Phase[]> = { unsigned: [], signed: [] };
+    const serverUp = () =>
+      waitFor(async () => (await stack.serverStats())?.mqtt.connected === true, {
+        timeoutMs: 30_000,
+        what: "the server subscribed",
+      });
+    for (let round = 1; round <= rounds; round++) {
+      // The baseline: the same server code without a signer (bench/unsigned_server.ts).
+      log(`fleet: tasks round ${round}/${rounds}: unsigned baseline (bench/unsigned_server.ts)`);
+      await stopPidFile(stack.files.serverPid, 15_000);
+      const baseline = await realRunner.spawn({
+        name: "unsigned baseline server",
+        cmd: Deno.execPath(),
+        args: [
+          "run",
+          "-A",
+          join(REPO, "bench", "unsigned_server.ts"),
+          ...serverArgs(stack.layout, stack.files),
+        ],
+        cwd: stack.dir,
+        env: stack.env,
+        logFile: stack.files.serverLog,
+        pidFile: stack.files.serverPid,
+        detached: true,
+        ready: async () => (await stack.serverStats())?.mqtt.connected === true,
+        readyTimeoutMs: 60_000,
+        readyIntervalMs: 100,
+      });
+      if (round === 1) {
+        cleanup.add("unsigned baseline server", () => stopPidFile(stack.files.serverPid, 15_000));
+      }
+      fleet.unsignedBaseline = true;
+      phases.unsigned.push(await taskPhase(`unsigned baseline, round ${round}/${rounds}`));
+      fleet.unsignedBaseline = false;
+      await stopPidFile(stack.files.serverPid, 15_000);
+      log(`fleet: baseline server (pid ${baseline.pid}) stopped`);
+      // The real server again (devenv restarts what is down): it signs every task.
+      log(
+        `fleet: tasks round ${round}/${rounds}: signed by the server's SVID, verified by checkDown`,
+      );
+      const restart = await stack.start();
+      if (restart.code !== 0 && restart.code !== 1) {
+        throw new Error(`devenv start (server restart) exited ${restart.code}: ${restart.stderr}`);
+      }
+      await serverUp();
+      phases.signed.push(await taskPhase(`signed, round ${round}/${rounds}`));
     }
-    await stack.waitServer(30_000);
-    await waitFor(async () => (await stack.serverStats())?.mqtt.connected === true, {
-      timeoutMs: 30_000,
-      what: "the signing server subscribed",
+    const pooled = (ps: Phase[]) => ({
+      rtt: ps.flatMap((p) => p.rtt),
+      delivery: ps.flatMap((p) => p.delivery),
+      posted: ps.reduce((n, p) => n + p.posted, 0),
+      cpu: ps.map((p) => p.proc.server.cpuPct),
+      p99: ps.map((p) => round(percentile(p.rtt, 99))),
     });
-    const signed = await taskPhase("signed");
-
+    const unsigned = pooled(phases.unsigned);
+    const signed = pooled(phases.signed);
     const rttFigure = (id: string, what: string, r: typeof signed, target?: boolean) =>
       figure(
         id,
-        `task round trip (server createdAt → done), ${r.posted} tasks at ${taskRate}/s, ${what}`,
+        `task round trip (server createdAt → done), ${tasksN} tasks at ${taskRate}/s × ${rounds}, ${what}`,
         "ms",
         r.rtt,
-        { runs: 1, ...(target ? { target: { op: "<=", value: 15, on: "p99" } } : {}) },
+        { runs: rounds, ...(target ? { target: { op: "<=", value: 15, on: "p99" } } : {}) },
       );
     if (unsigned.rtt.length) {
       result.figures.push(
@@ -538,13 +556,13 @@ export async function benchFleet(opts: BenchOptions, result: BenchResult): Promi
           "POST sent → task at the simulated robot, unsigned baseline",
           "ms",
           unsigned.delivery,
-          { runs: 1 },
+          { runs: rounds },
         ),
         figure(
           "fleet.task.server_cpu_unsigned",
-          "server CPU during the task phase, unsigned baseline",
+          "server CPU during a task phase, unsigned baseline",
           "%",
-          [unsigned.proc.server.cpuPct],
+          unsigned.cpu,
         ),
       );
     }
@@ -556,16 +574,21 @@ export async function benchFleet(opts: BenchOptions, result: BenchResult): Promi
           "POST sent → task at the simulated robot, signed and verified",
           "ms",
           signed.delivery,
-          { runs: 1 },
+          { runs: rounds },
         ),
         figure(
           "fleet.task.server_cpu",
-          "server CPU during the task phase, signed",
+          "server CPU during a task phase, signed",
           "%",
-          [signed.proc.server.cpuPct],
+          signed.cpu,
         ),
       );
     }
+    notes.push(
+      `Task round trip p99 per round (ms): unsigned ${unsigned.p99.join(", ")}; signed ${
+        signed.p99.join(", ")
+      } (rounds alternate, baseline first).`,
+    );
     notes.push(
       "Round trip uses the server's own timestamps (ms resolution): createdAt (POST handled) → " +
         "finishedAt (the robot's done report applied), through the broker both ways; " +
@@ -573,10 +596,7 @@ export async function benchFleet(opts: BenchOptions, result: BenchResult): Promi
         "signs each task with its SVID at dispatch (TaskSigner), each simulated robot verifies it " +
         "with checkDown before answering (the first task of a robot verifies the whole chain).",
     );
-    details.tasks = {
-      unsigned: { ...unsigned, rttMs: unsigned.rtt, deliveryMs: unsigned.delivery },
-      signed: { ...signed, rttMs: signed.rtt, deliveryMs: signed.delivery },
-    };
+    details.tasks = { unsigned: phases.unsigned, signed: phases.signed };
     details.fleetStats = { ...fleet.stats, connectMs: undefined };
     if (fleet.stats.denied > 0 || fleet.stats.disconnects > 0) {
       notes.push(
