@@ -14,11 +14,11 @@ import { join } from "node:path";
 import mqtt from "mqtt";
 import type { MqttClient } from "mqtt";
 import { startTestBroker, TEST_TRUST_DOMAIN, type TestBroker } from "./helpers/broker.ts";
+import { AgentProcess } from "./helpers/agent_process.ts";
 import { FakeWorkloadApi } from "../src/spiffe/testing/fake_workload_api.ts";
 import { processStartTime, waitFor } from "../src/process/mod.ts";
 import {
   decodeUp,
-  encode,
   type HeartbeatMessage,
   now,
   PROTOCOL_VERSION,
@@ -29,84 +29,29 @@ import {
   type UpMessage,
 } from "../src/mqtt/messages.ts";
 import { downTopic } from "../src/fleet/topics.ts";
+import { fleetServerSpiffeId } from "../src/fleet/ids.ts";
+import { TaskSigner } from "../src/mqtt/signed.ts";
+import { StaticX509Source } from "../src/spiffe/source.ts";
+import { parseX509SvidPem } from "../src/spiffe/svid.ts";
+import { X509BundleSet } from "../src/spiffe/bundle.ts";
 import { Outbox, OUTBOX_FILE } from "../src/agent/outbox.ts";
 import { killInterrupted, TaskJournal } from "../src/agent/task_journal.ts";
 
 const ROBOT = "robot-001";
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const opts = { sanitizeOps: false, sanitizeResources: false };
 
-/** One `k8s4r agent` process; its stderr is collected in `log`. */
-class AgentProcess {
-  log = "";
-  readonly exited: Promise<Deno.CommandStatus>;
-  private constructor(readonly child: Deno.ChildProcess) {
-    const pump = (async () => {
-      const dec = new TextDecoder();
-      for await (const chunk of child.stderr) this.log += dec.decode(chunk, { stream: true });
-    })();
-    this.exited = child.status.then(async (s) => {
-      await pump.catch(() => {});
-      return s;
-    });
-  }
-
-  static spawn(dir: string, broker: TestBroker, fake: FakeWorkloadApi): AgentProcess {
-    const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "-A",
-        MAIN,
-        "agent",
-        "--robot-id",
-        ROBOT,
-        "--config",
-        "plugins.yaml",
-        "--socket",
-        fake.socketPath,
-        "--no-manage-spire",
-        "--broker-url",
-        `tls://127.0.0.1:${broker.tlsPort}`,
-        "--heartbeat-seconds",
-        "1",
-      ],
-      cwd: dir,
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
-    return new AgentProcess(child);
-  }
-
-  get pid() {
-    return this.child.pid;
-  }
-
-  async kill9() {
-    try {
-      Deno.kill(this.child.pid, "SIGKILL"); // our own child, by the pid we spawned
-    } catch { /* already gone */ }
-    await this.exited;
-  }
-
-  async stop(): Promise<number> {
-    try {
-      Deno.kill(this.child.pid, "SIGTERM");
-    } catch { /* already gone */ }
-    return (await this.exited).code;
-  }
-
-  async waitLog(re: RegExp, what: string, timeoutMs = 30_000) {
-    await waitFor(() => re.test(this.log), { timeoutMs, what }).catch((err) => {
-      throw new Error(`${err.message}; agent log:\n${this.log}`);
-    });
-  }
-}
-
-/** The fleet server's stand-in: records every message on the robot's up topics, in order. */
+/**
+ * The fleet server's stand-in: records every message on the robot's up topics, in order, and
+ * sends tasks signed with a fleet-server SVID of the test CA (robots run only signed tasks).
+ */
 class Server {
   readonly got: { at: number; m: UpMessage }[] = [];
-  private constructor(readonly client: MqttClient) {}
+  private readonly signer: TaskSigner;
+  private constructor(readonly client: MqttClient, broker: TestBroker) {
+    const c = broker.ca.ca.issue({ spiffeId: fleetServerSpiffeId(TEST_TRUST_DOMAIN) });
+    const svid = parseX509SvidPem(c.chainPem, c.keyPem);
+    this.signer = new TaskSigner(new StaticX509Source(svid, new X509BundleSet()));
+  }
 
   static async connect(broker: TestBroker): Promise<Server> {
     const client = mqtt.connect(broker.plainUrl, {
@@ -116,7 +61,7 @@ class Server {
       protocolVersion: 5,
       reconnectPeriod: 100,
     });
-    const s = new Server(client);
+    const s = new Server(client, broker);
     client.on("message", (topic, payload) => {
       const d = decodeUp(topic, new Uint8Array(payload));
       // Every message the agent sends must pass the server's own validator.
@@ -171,7 +116,9 @@ class Server {
       timeoutSeconds: 600,
       createdAt: now(),
     };
-    await this.client.publishAsync(downTopic(ROBOT, "task"), Buffer.from(encode(t)), { qos: 1 });
+    await this.client.publishAsync(downTopic(ROBOT, "task"), Buffer.from(this.signer.sign(t)), {
+      qos: 1,
+    });
   }
 
   async close() {
@@ -243,7 +190,7 @@ Deno.test(
       let server = await Server.connect(broker);
       let agent: AgentProcess | undefined;
       try {
-        agent = AgentProcess.spawn(dir, broker, fake);
+        agent = AgentProcess.spawn(dir, broker, fake.socketPath);
         const first = () => server.lastOnline();
         await waitFor(() => first() !== undefined, { timeoutMs: 30_000, what: "online" })
           .catch((e) => {
@@ -320,7 +267,7 @@ Deno.test(
       let grandchild: { pid: number; startTime: number } | undefined;
       const pidFile = join(dir, "grandchild.pid");
       try {
-        agent = AgentProcess.spawn(dir, broker, fake);
+        agent = AgentProcess.spawn(dir, broker, fake.socketPath);
         await waitFor(() => server.lastOnline() !== undefined, {
           timeoutMs: 30_000,
           what: "online",
@@ -353,7 +300,7 @@ Deno.test(
         // Positive control for the restart: the grandchild is still there.
         assert.equal(processStartTime(grandchild.pid), grandchild.startTime);
 
-        agent = AgentProcess.spawn(dir, broker, fake);
+        agent = AgentProcess.spawn(dir, broker, fake.socketPath);
         for (const id of ["t-sleep", "t-tree"]) {
           await waitFor(
             () => server.reports(id).some((r) => r.state === "failed"),
@@ -367,9 +314,15 @@ Deno.test(
         // The restarted agent stopped what the crash left (after checking its start time).
         assert.notEqual(processStartTime(grandchild.pid), grandchild.startTime);
         assert.match(agent.log, /task\.interrupted task=t-tree/);
-        // At most once: a re-delivery of an interrupted task does not run it again.
+        // At most once: a re-delivery of an interrupted task does not run it again; it is
+        // answered `refused` / `replay`, after its final report (the server keeps `failed`).
         await server.sendTask("t-sleep", ["sleep", "600"]);
-        await agent.waitLog(/task\.duplicate task=t-sleep/, "duplicate");
+        await waitFor(() => server.reports("t-sleep").some((r) => r.reason === "replay"), {
+          timeoutMs: 30_000,
+          what: "the redelivery answered replay",
+        });
+        const states = server.reports("t-sleep").map((r) => r.state);
+        assert.deepEqual(states.slice(-2), ["failed", "refused"]);
         assert.equal(server.reports("t-sleep").filter((r) => r.state === "accepted").length, 1);
         assert.equal(await agent.stop(), 0);
       } finally {
@@ -390,7 +343,7 @@ Deno.test(
       let server = await Server.connect(broker);
       let agent: AgentProcess | undefined;
       try {
-        agent = AgentProcess.spawn(dir, broker, fake);
+        agent = AgentProcess.spawn(dir, broker, fake.socketPath);
         await waitFor(() => server.lastOnline() !== undefined, {
           timeoutMs: 30_000,
           what: "online",
@@ -417,7 +370,7 @@ Deno.test(
         const outbox = () => Deno.readTextFile(join(stateDir, OUTBOX_FILE)).catch(() => "");
         assert.match(await outbox(), /result-42/);
         // Restart 2, broker still down: this boot queues heartbeats, then is killed.
-        agent = AgentProcess.spawn(dir, broker, fake);
+        agent = AgentProcess.spawn(dir, broker, fake.socketPath);
         await agent.waitLog(/outbox\.recovered/, "the queue read back");
         await waitFor(
           async () =>
@@ -430,7 +383,7 @@ Deno.test(
         // Broker back; restart 3 delivers what the two earlier runs left.
         await broker.start();
         server = await Server.connect(broker);
-        agent = AgentProcess.spawn(dir, broker, fake);
+        agent = AgentProcess.spawn(dir, broker, fake.socketPath);
         await waitFor(() => server.reports("t-late").some((r) => r.state === "done"), {
           timeoutMs: 30_000,
           what: "the queued result",

@@ -18,6 +18,9 @@ import { StaticX509Source } from "../src/spiffe/source.ts";
 import { parseX509SvidPem } from "../src/spiffe/svid.ts";
 import { X509Bundle, X509BundleSet } from "../src/spiffe/bundle.ts";
 import { TestHttps } from "../src/server/testing.ts";
+import { TaskSigner } from "../src/mqtt/signed.ts";
+import { parseJws, verifyJws } from "../src/spiffe/jws.ts";
+import { fleetServerSpiffeId } from "../src/fleet/ids.ts";
 import {
   type PemCert,
   startTestBroker,
@@ -134,11 +137,19 @@ async function startServer(
     dataDir,
     postgres,
     http: web.options(),
+    // The server's SVID (TestHttps': spiffe://<td>/fleet-server) signs, as in production.
+    fleet: { signer: new TaskSigner(web.source) },
     sweepIntervalMs: 200,
     reconnectPeriodMs: 200,
     onFatal: (e) => fatal.push(e),
   });
   return { server, fatal, api: server.http!.url };
+}
+
+/** The id of a signed task (the JWS payload, verified against the server's bundle). */
+function signedTaskId(payload: string): string {
+  const v = verifyJws(parseJws(JSON.parse(payload)), web.source);
+  return JSON.parse(new TextDecoder().decode(v.payload)).id;
 }
 
 async function getJson(url: string) {
@@ -296,7 +307,10 @@ Deno.test({
       const { id } = await created.json();
       await until("robot-001 to receive its task", () => r1.received.length > 0, b);
       assert.equal(r1.received[0].topic, downTopic("robot-001", "task"));
-      assert.equal(JSON.parse(r1.received[0].payload).id, id);
+      // Signed with the server's SVID over the exact message bytes (a JWS, not the bare JSON).
+      const verified = verifyJws(parseJws(JSON.parse(r1.received[0].payload)), web.source);
+      assert.equal(verified.signer.toString(), fleetServerSpiffeId(TEST_TRUST_DOMAIN));
+      assert.equal(signedTaskId(r1.received[0].payload), id);
 
       // Malformed payload and robotId mismatch (robot-002 on its own topic claiming robot-001).
       await r2.client.publishAsync(upTopic("robot-002", "heartbeat"), "{not json", { qos: 1 });
@@ -462,7 +476,7 @@ for (const kind of ["sqlite", "postgres"] as const) {
         });
         await until(
           "the pending task delivered",
-          () => r1.received.some((m) => JSON.parse(m.payload).id === id),
+          () => r1.received.some((m) => signedTaskId(m.payload) === id),
           b,
         );
         await until(
@@ -500,6 +514,7 @@ Deno.test({
           tls: svidTlsProvider(source, brokerId),
           dataDir,
           http: false,
+          fleet: { signer: new TaskSigner(source) },
           reconnectPeriodMs: 200,
         });
       };
@@ -703,7 +718,7 @@ async function startLoggedServer(
     sweepIntervalMs: extra.sweepIntervalMs ?? 100,
     reconnectPeriodMs: 200,
     logger: log.logger,
-    fleet: extra.fleet,
+    fleet: { signer: new TaskSigner(web.source), ...extra.fleet },
   });
   await server.waitConnected(10_000);
   return { server, api: server.http!.url, log };

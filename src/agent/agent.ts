@@ -9,6 +9,12 @@
  * - Results (task-status) and heartbeats go through the durable outbound queue (outbox.ts):
  *   removed on PUBACK, sent again after a restart.
  * - At start, tasks a crash interrupted are stopped and reported `failed: agent restarted`.
+ * - Every task and cancel is checked by `checkDown` (src/mqtt/signed.ts) before anything acts on
+ *   it: signed by the configured fleet server, chain under this robot's bundle, addressed to this
+ *   robot, not expired, `createdAt` inside the window; then its id must be new (the durable id
+ *   store). Refusals of tasks are counted and reported best-effort (`refused` with a `reason`),
+ *   rate-limited and outside the durable queue, so a flood of forged or replayed messages can
+ *   neither fill the queue nor make the robot flood the broker.
  *
  * `RobotAgent` is the MQTT/task part, given an `X509SvidSource`; `runAgent` is the whole life of
  * `k8s4r agent`: optional supervised spire-agent, the X509Source, the RobotAgent, and a clean
@@ -17,16 +23,18 @@
 import type { Writer } from "../cli/io.ts";
 import { VERSION } from "../version.ts";
 import {
-  decodeDown,
   encode,
   type HeartbeatMessage,
   now,
   PROTOCOL_VERSION,
+  REFUSAL_REASONS,
+  type RefusalReason,
   type RegisterMessage,
   type RobotStatus,
   type StatusMessage,
   type TaskReportState,
 } from "../mqtt/messages.ts";
+import { checkDown, replayWindowEnd, X5cChainCache } from "../mqtt/signed.ts";
 import { robotSubscription, upTopic } from "../fleet/topics.ts";
 import type { X509SvidSource } from "../spiffe/source.ts";
 import { authorizeId, mtlsClientOptions } from "../spiffe/tls.ts";
@@ -40,11 +48,16 @@ import {
   type TlsSnapshot,
 } from "./mqtt_session.ts";
 import { Outbox, type OutboxEntry, type OutboxKind, type OutboxStats } from "./outbox.ts";
-import { type TaskReport, TaskRunner } from "./task_runner.ts";
+import { sandboxToolsMissing, type TaskReport, TaskRunner } from "./task_runner.ts";
+import type { TaskUser } from "./task_user.ts";
 import { encodeTaskStatus } from "./task_status.ts";
 
 /** Reports after which a task's outcome is known; nothing comes after them. */
-const FINAL_REPORTS: readonly TaskReportState[] = ["done", "failed", "refused"];
+const FINAL_REPORTS: readonly TaskReportState[] = ["done", "failed", "refused", "cancelled"];
+
+/** Best-effort refusal reports: a burst of this many, then one per REFILL_MS. */
+const REPORT_BURST = 20;
+const REPORT_REFILL_MS = 3000;
 
 /** One line per event on stderr: `<time> agent <event> key=value ...`. Never secrets. */
 export function lineLogger(out: Writer, robotId: string): Logger {
@@ -65,6 +78,16 @@ export interface AgentStats extends SessionStats {
   malformed: number;
   tasks: number;
   duplicateTasks: number;
+  /** Tasks refused because they could not be trusted, by reason (none of them ran). */
+  refused: Record<RefusalReason, number>;
+  /** Cancels refused, by reason (nothing was cancelled). */
+  refusedCancels: Record<RefusalReason, number>;
+  cancels: number;
+  /** Cancels of a task seen and finished: nothing to do. */
+  cancelNotRunning: number;
+  /** Refusal reports published / not published (rate limit, or not connected). */
+  refusalReportsSent: number;
+  refusalReportsSuppressed: number;
   /** The durable outbound queue (undefined before start). */
   queue?: OutboxStats;
 }
@@ -73,8 +96,10 @@ export interface RobotAgentOptions {
   config: AgentConfig;
   source: X509SvidSource;
   log: Logger;
-  /** Working directory for tasks that name none. */
+  /** Working directory for tasks that name none (with a task user: its home, or /). */
   cwd: string;
+  /** The resolved `tasks.user` (`resolveTaskUser`); required when the config sets one. */
+  taskUser?: TaskUser;
   /** Test knobs. */
   reconnectMinMs?: number;
   reconnectMaxMs?: number;
@@ -119,17 +144,41 @@ export class RobotAgent {
     malformed: 0,
     tasks: 0,
     duplicateTasks: 0,
+    refused: zeroReasons(),
+    refusedCancels: zeroReasons(),
+    cancels: 0,
+    cancelNotRunning: 0,
+    refusalReportsSent: 0,
+    refusalReportsSuppressed: 0,
   };
   private readonly cfg: AgentConfig;
+  private readonly chains = new X5cChainCache();
+  private reportTokens = REPORT_BURST;
+  private reportRefilledAt = Date.now();
 
   constructor(private readonly o: RobotAgentOptions) {
     const cfg = (this.cfg = o.config);
     const id = cfg.robotId;
+    const t = cfg.tasks;
+    if (t.user !== undefined && o.taskUser === undefined) {
+      throw new Error(
+        `tasks.user is ${JSON.stringify(t.user)}: resolve it (resolveTaskUser) and pass taskUser`,
+      );
+    }
     this.tasks = new TaskRunner({
-      allow: cfg.tasks.allow,
+      allow: t.allow,
       stateDir: cfg.stateDir,
-      defaultCwd: o.cwd,
-      killGraceMs: cfg.tasks.killGraceSeconds * 1000,
+      defaultCwd: o.taskUser ? taskUserCwd(o.taskUser) : o.cwd,
+      killGraceMs: t.killGraceSeconds * 1000,
+      window: { clockSkewSeconds: t.clockSkewSeconds, maxAgeSeconds: t.maxAgeSeconds },
+      user: o.taskUser,
+      limits: {
+        cpuSeconds: t.cpuSeconds,
+        memoryBytes: t.memoryBytes,
+        openFiles: t.openFiles,
+        processes: t.maxProcesses,
+      },
+      maxConcurrent: t.maxConcurrent,
       log: o.log,
       refuseReason: () => {
         const q = this.outbox;
@@ -162,7 +211,14 @@ export class RobotAgent {
   }
 
   get stats(): AgentStats {
-    return { ...this.session.stats, ...this.counters, queue: this.outbox?.stats };
+    const c = this.counters;
+    return {
+      ...this.session.stats,
+      ...c,
+      refused: { ...c.refused },
+      refusedCancels: { ...c.refusedCancels },
+      queue: this.outbox?.stats,
+    };
   }
 
   private statusMessage(status: RobotStatus, reason: string | undefined, connection: number) {
@@ -195,6 +251,18 @@ export class RobotAgent {
         `the SVID carries ${svid.id.toString()}, expected ${this.cfg.spiffeId}`,
       );
     }
+    if (this.cfg.tasks.allow.length > 0) {
+      const missing = sandboxToolsMissing();
+      if (missing.length > 0) {
+        throw new Error(
+          `tasks need util-linux ${
+            missing.join(" and ")
+          } (rlimits, user switch, no_new_privs, death signal): install util-linux, or set no tasks.allow`,
+        );
+      }
+    }
+    // The id store first: its high-water clock guards every age check from the first message.
+    await this.tasks.ids.load();
     this.opening = Outbox.open({
       stateDir: this.cfg.stateDir,
       robotId: this.cfg.robotId,
@@ -312,21 +380,50 @@ export class RobotAgent {
   }
 
   private onMessage(topic: string, payload: Uint8Array) {
-    const d = decodeDown(topic, payload);
-    if (!d.ok) {
+    const t = this.cfg.tasks;
+    const v = checkDown(topic, payload, {
+      robotId: this.cfg.robotId,
+      bundles: this.o.source,
+      signerId: t.signerSpiffeId,
+      now: new Date(),
+      ageNow: new Date(this.tasks.ids.highWater),
+      clockSkewSeconds: t.clockSkewSeconds,
+      maxAgeSeconds: t.maxAgeSeconds,
+      cache: this.chains,
+    });
+    if (!v.ok && v.kind === "malformed") {
       this.counters.malformed++;
-      this.o.log("mqtt.malformed", { topic, reason: d.reason, error: d.error });
+      this.o.log("mqtt.malformed", { topic, reason: v.reason, error: v.error });
       return;
     }
-    if (d.robotId !== this.cfg.robotId) {
-      this.counters.malformed++;
-      this.o.log("mqtt.malformed", { topic, reason: "robot-id-mismatch" });
+    if (!v.ok) {
+      if (v.type === "cancel") {
+        this.counters.refusedCancels[v.reason]++;
+        this.o.log("cancel.refused", { task: v.taskId, reason: v.reason, error: v.error });
+        return;
+      }
+      this.counters.refused[v.reason]++;
+      this.o.log("task.refused", { task: v.taskId, reason: v.reason, error: v.error });
+      if (v.taskId !== undefined) this.refusalReport(v.taskId, v.reason, v.error);
       return;
     }
-    const m = d.message;
+    const m = v.message;
     if (m.type === "cancel") {
-      const ok = this.tasks.cancel(m.taskId, m.reason ? `cancelled: ${m.reason}` : "cancelled");
-      this.o.log("task.cancel", { task: m.taskId, running: ok });
+      this.counters.cancels++;
+      const why = `cancelled by the fleet server${m.reason ? `: ${m.reason}` : ""}`;
+      const p = this.tasks.cancel(
+        m.taskId,
+        why,
+        (r) => this.report(r),
+        replayWindowEnd(m, {
+          clockSkewSeconds: t.clockSkewSeconds,
+          maxAgeSeconds: t.maxAgeSeconds,
+        }),
+      ).then((outcome) => {
+        if (outcome === "not-running") this.counters.cancelNotRunning++;
+        this.o.log("task.cancel", { task: m.taskId, outcome });
+      });
+      this.track(p);
       return;
     }
     this.counters.tasks++;
@@ -338,13 +435,45 @@ export class RobotAgent {
         env: m.env,
         cwd: m.cwd,
         timeoutSeconds: m.timeoutSeconds,
-        expiresAt: m.expiresAt,
+        createdAt: m.createdAt,
       },
       (r) => this.report(r),
     ).then((how) => {
       if (how === "duplicate") this.counters.duplicateTasks++;
+      if (how === "replay") {
+        this.counters.refused.replay++;
+        const error = "replay: task id seen before; it never runs twice";
+        this.o.log("task.refused", { task: m.id, reason: "replay", error });
+        this.refusalReport(m.id, "replay", error);
+      }
     });
     this.track(p);
+  }
+
+  /**
+   * A refusal of a task that could not be trusted: published once (QoS 1) when connected and
+   * within the rate limit, never queued on disk; otherwise only counted.
+   */
+  private refusalReport(taskId: string, reason: RefusalReason, error: string): void {
+    const nowMs = Date.now();
+    const refill = Math.floor((nowMs - this.reportRefilledAt) / REPORT_REFILL_MS);
+    if (refill > 0) {
+      this.reportTokens = Math.min(REPORT_BURST, this.reportTokens + refill);
+      this.reportRefilledAt += refill * REPORT_REFILL_MS;
+    }
+    if (this.reportTokens < 1 || !this.session.connected) {
+      this.counters.refusalReportsSuppressed++;
+      return;
+    }
+    this.reportTokens--;
+    this.counters.refusalReportsSent++;
+    const payload = encodeTaskStatus(this.cfg.robotId, {
+      taskId,
+      state: "refused",
+      reason,
+      error,
+    });
+    this.track(this.session.publish(upTopic(this.cfg.robotId, "task"), payload));
   }
 
   /**
@@ -378,6 +507,7 @@ export class RobotAgent {
     await this.session.close(5000);
     await Promise.allSettled([...this.running]);
     await this.outbox?.close();
+    await this.tasks.ids.close().catch(() => {});
     const s = this.stats;
     this.o.log("agent.stopped", {
       connects: s.connects,
@@ -388,7 +518,23 @@ export class RobotAgent {
       denied: s.denied,
       buffered: s.buffered,
       malformed: s.malformed,
+      refused: s.refused,
+      refusedCancels: s.refusedCancels,
+      refusalReports: s.refusalReportsSent,
+      refusalReportsSuppressed: s.refusalReportsSuppressed,
       queued: s.queue?.entries,
     });
   }
+}
+
+function zeroReasons(): Record<RefusalReason, number> {
+  return Object.fromEntries(REFUSAL_REASONS.map((r) => [r, 0])) as Record<RefusalReason, number>;
+}
+
+/** Where tasks of the task user run when they name no cwd: its home when it exists, else /. */
+function taskUserCwd(u: TaskUser): string {
+  try {
+    if (u.home && Deno.statSync(u.home).isDirectory) return u.home;
+  } catch { /* no home */ }
+  return "/";
 }

@@ -17,6 +17,8 @@ import { findSpireBinaries } from "../spire/binaries.ts";
 import { type AgentConfig, loadAgentConfig } from "./config.ts";
 import { lineLogger, RobotAgent } from "./agent.ts";
 import type { Logger } from "./mqtt_session.ts";
+import { resolveTaskUser, type TaskUser } from "./task_user.ts";
+import { secureSocketDir } from "../spire/socket_dir.ts";
 import { enrollRobot } from "./enroll.ts";
 import { robotCsr } from "./x509pop.ts";
 import { renderAgentUnit, selfExec } from "./service.ts";
@@ -289,8 +291,16 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
   let spire: SpireAgentSupervisor | undefined;
   let source: X509Source | undefined;
   let agent: RobotAgent | undefined;
+  // With tasks.user set, the agent must be able to start tasks as that user, or not start.
+  let taskUser: TaskUser | undefined;
+  if (config.tasks.user !== undefined) {
+    taskUser = await resolveTaskUser(io.runner, config.tasks.user, config.tasks.group);
+    log("tasks.user", { user: taskUser.name, uid: taskUser.uid, gid: taskUser.gid });
+  }
   try {
     if (config.spire.manage) spire = await startSpire(config, io, log);
+    // Someone else's SPIRE agent: its socket directory must still be its user's (or root's).
+    else await secureSocketDir(config.spire.socketPath, { create: false });
     try {
       source = await X509Source.create({
         address: `unix://${config.spire.socketPath}`,
@@ -314,7 +324,7 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
       throw new CliError(`the SPIRE agent gave ${svid.id}, expected ${config.spiffeId}`);
     }
     log("svid.ready", { spiffeId: svid.id.toString(), expires: svid.notAfter.toISOString() });
-    agent = new RobotAgent({ config, source, log, cwd: io.cwd });
+    agent = new RobotAgent({ config, source, log, cwd: io.cwd, taskUser });
     try {
       await agent.start();
     } catch (err) {

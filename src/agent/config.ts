@@ -16,7 +16,12 @@ import { isMap, isScalar, isSeq, LineCounter, parseDocument, type Scalar } from 
 import type { Node, Pair, YAMLMap } from "yaml";
 import { ConfigError, UsageError } from "../cli/errors.ts";
 import { isRobotId } from "../fleet/topics.ts";
-import { brokerSpiffeId, robotSpiffeId } from "../fleet/mod.ts";
+import {
+  brokerSpiffeId,
+  DEFAULT_AGENT_SOCKET,
+  fleetServerSpiffeId,
+  robotSpiffeId,
+} from "../fleet/mod.ts";
 import { GO_DURATION } from "../spire/agent.ts";
 import { PRODUCTION_AGENT_CONFIG } from "../fleet/paths.ts";
 import type { NodeAttestorConfig } from "../spire/node_attestor.ts";
@@ -26,6 +31,7 @@ import {
   parseBrokerUrl,
   parseHostPort,
 } from "../fleet/addresses.ts";
+import { DEFAULT_CLOCK_SKEW_SECONDS, MAX_TASK_TTL_SECONDS } from "../mqtt/signed.ts";
 
 export { type BrokerUrl, parseBrokerUrl };
 
@@ -77,12 +83,7 @@ export interface AgentConfig {
   spiffeId: string;
   spire: AgentSpireConfig;
   mqtt: AgentMqttConfig;
-  tasks: {
-    /** `["*"]` allows every executable; otherwise exact names or absolute paths. */
-    allow: string[];
-    /** Grace between SIGTERM and SIGKILL when a task times out. */
-    killGraceSeconds: number;
-  };
+  tasks: AgentTasksConfig;
   rotation: {
     /** Reconnect with a fresh SVID at the latest this long before the current one expires. */
     marginSeconds: number;
@@ -101,6 +102,34 @@ export interface AgentConfig {
    * queue, a transient token file.
    */
   stateDir: string;
+}
+
+export interface AgentTasksConfig {
+  /**
+   * `["*"]` allows every executable; otherwise names (allowing the file the name resolves to
+   * with the agent's PATH) or absolute paths.
+   */
+  allow: string[];
+  /** Grace between SIGTERM and SIGKILL when a task times out or is cancelled. */
+  killGraceSeconds: number;
+  /** Run tasks as this unprivileged user (name or uid); unset: as the agent's own uid. */
+  user?: string;
+  /** Their group (default: the user's primary group). */
+  group?: string;
+  /** The fleet server's SPIFFE ID: the only signer accepted. */
+  signerSpiffeId: string;
+  /** Allowed difference between the robot's and the server's clocks. */
+  clockSkewSeconds: number;
+  /** Tasks created longer ago than this (plus the skew) are refused as replays. */
+  maxAgeSeconds: number;
+  /** Tasks running at once; more are refused (`busy`). */
+  maxConcurrent: number;
+  /** rlimits of each task. */
+  cpuSeconds: number;
+  memoryBytes: number;
+  openFiles: number;
+  /** RLIMIT_NPROC of the task user (only with `user`). */
+  maxProcesses: number;
 }
 
 /** Command-line overrides (flags win over env and file). */
@@ -206,6 +235,16 @@ const SCHEMA: Record<string, Record<string, Kind>> = {
   tasks: {
     allow: { t: "list" },
     killGraceSeconds: { t: "int", min: 1, max: 600 },
+    user: { t: "string" },
+    group: { t: "string" },
+    signerSpiffeId: { t: "string" },
+    clockSkewSeconds: { t: "int", min: 0, max: 3600 },
+    maxAgeSeconds: { t: "int", min: 60, max: 30 * 24 * 3600 },
+    maxConcurrent: { t: "int", min: 1, max: 256 },
+    cpuSeconds: { t: "int", min: 1, max: 7 * 24 * 3600 },
+    memoryBytes: { t: "int", min: 16 * 1024 * 1024, max: 2 ** 50 },
+    openFiles: { t: "int", min: 16, max: 1 << 20 },
+    maxProcesses: { t: "int", min: 1, max: 1 << 22 },
   },
   rotation: {
     marginSeconds: { t: "int", min: 1, max: 24 * 3600 },
@@ -218,6 +257,15 @@ const SCHEMA: Record<string, Record<string, Kind>> = {
     id: { t: "string", nonEmpty: true },
   },
 };
+
+/** Defaults of the task sandbox (docs/PROTOCOL.md, "Task sandbox"). */
+export const DEFAULT_TASK_LIMITS = {
+  maxConcurrent: 4,
+  cpuSeconds: 3600,
+  memoryBytes: 1024 * 1024 * 1024,
+  openFiles: 1024,
+  maxProcesses: 256,
+} as const;
 
 /** Defaults of the outbound queue: ~27 h of heartbeats at 10 s, or 128 full-size results. */
 export const DEFAULT_QUEUE_MAX_MESSAGES = 10_000;
@@ -480,6 +528,61 @@ export function agentConfigFromText(
   return { config: buildConfig(values, opts), values };
 }
 
+function tasksConfig(
+  get: <T extends Value>(key: string, d: T) => T,
+  lineOf: (key: string) => number | undefined,
+  display: string,
+  trustDomain: string,
+): AgentTasksConfig {
+  // No allow-list: the agent runs no task at all (every task is refused).
+  const allow = get("tasks.allow", [] as string[]);
+  for (const e of allow) {
+    if (e !== "*" && e.includes("/") && !isAbsolute(e)) {
+      throw new ConfigError(
+        display,
+        lineOf("tasks.allow"),
+        "tasks.allow",
+        `expected "*", program names or absolute paths, got ${JSON.stringify(e)}`,
+      );
+    }
+  }
+  const signer = get("tasks.signerSpiffeId", "") || fleetServerSpiffeId(trustDomain);
+  if (!/^spiffe:\/\/[a-z0-9._-]+\/\S+$/.test(signer)) {
+    throw new ConfigError(
+      display,
+      lineOf("tasks.signerSpiffeId"),
+      "tasks.signerSpiffeId",
+      `expected a SPIFFE ID like ${fleetServerSpiffeId(trustDomain)}, got ${
+        JSON.stringify(signer)
+      }`,
+    );
+  }
+  const user = get("tasks.user", "") || undefined;
+  const group = get("tasks.group", "") || undefined;
+  if (group !== undefined && user === undefined) {
+    throw new ConfigError(
+      display,
+      lineOf("tasks.group"),
+      "tasks.group",
+      "expected tasks.user too (the group of the user tasks run as)",
+    );
+  }
+  return {
+    allow,
+    killGraceSeconds: get("tasks.killGraceSeconds", 5),
+    user,
+    group,
+    signerSpiffeId: signer,
+    clockSkewSeconds: get("tasks.clockSkewSeconds", DEFAULT_CLOCK_SKEW_SECONDS),
+    maxAgeSeconds: get("tasks.maxAgeSeconds", MAX_TASK_TTL_SECONDS),
+    maxConcurrent: get("tasks.maxConcurrent", DEFAULT_TASK_LIMITS.maxConcurrent),
+    cpuSeconds: get("tasks.cpuSeconds", DEFAULT_TASK_LIMITS.cpuSeconds),
+    memoryBytes: get("tasks.memoryBytes", DEFAULT_TASK_LIMITS.memoryBytes),
+    openFiles: get("tasks.openFiles", DEFAULT_TASK_LIMITS.openFiles),
+    maxProcesses: get("tasks.maxProcesses", DEFAULT_TASK_LIMITS.maxProcesses),
+  };
+}
+
 function buildConfig(
   values: FileValues,
   o: LoadOptions & { file?: string; display: string },
@@ -609,7 +712,7 @@ function buildConfig(
     robotId,
     spiffeId: robotSpiffeId(trustDomain, robotId),
     spire: {
-      socketPath: abs(flags.socket ?? get("spire.socketPath", "/tmp/spire-agent/agent.sock")),
+      socketPath: abs(flags.socket ?? get("spire.socketPath", DEFAULT_AGENT_SOCKET)),
       trustDomain,
       serverHost: sa.host,
       serverPort: sa.port,
@@ -634,11 +737,7 @@ function buildConfig(
       keepaliveSeconds: get("mqtt.keepaliveSeconds", 30),
       sessionExpirySeconds: get("mqtt.sessionExpirySeconds", 3600),
     },
-    tasks: {
-      // No allow-list: the agent runs no task at all (every task is refused).
-      allow: get("tasks.allow", [] as string[]),
-      killGraceSeconds: get("tasks.killGraceSeconds", 5),
-    },
+    tasks: tasksConfig(get, lineOf, display, trustDomain),
     rotation: { marginSeconds: get("rotation.marginSeconds", 300) },
     queue: {
       maxMessages: get("queue.maxMessages", DEFAULT_QUEUE_MAX_MESSAGES),

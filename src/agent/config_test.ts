@@ -45,6 +45,39 @@ Deno.test("the committed plugins.yaml gives the guide's defaults", async () => {
   assert.deepEqual(c.tasks.allow, ["*"]);
 });
 
+Deno.test("task defaults: signatures required, the fleet server signs, the window, the limits", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const c = await loadAgentConfig({ cwd: dir, env: { ROBOT_ID: "robot-001" }, flags: {} });
+    assert.equal(c.spire.socketPath, "/run/k8s4r/agent.sock");
+    assert.deepEqual(c.tasks, {
+      allow: [],
+      killGraceSeconds: 5,
+      user: undefined,
+      group: undefined,
+      signerSpiffeId: "spiffe://k8s4r.example.org/fleet-server",
+      clockSkewSeconds: 300,
+      maxAgeSeconds: 7 * 24 * 3600,
+      maxConcurrent: 4,
+      cpuSeconds: 3600,
+      memoryBytes: 1024 ** 3,
+      openFiles: 1024,
+      maxProcesses: 256,
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+  const set = await load(
+    "spire:\n  trustDomain: td.test\ntasks:\n  user: k8s4r-task\n  group: k8s4r-task\n" +
+      "  maxConcurrent: 2\n  openFiles: 64\n",
+  );
+  assert.equal(set.tasks.user, "k8s4r-task");
+  assert.equal(set.tasks.group, "k8s4r-task");
+  assert.equal(set.tasks.signerSpiffeId, "spiffe://td.test/fleet-server");
+  assert.equal(set.tasks.maxConcurrent, 2);
+  assert.equal(set.tasks.openFiles, 64);
+});
+
 Deno.test("env overrides the file, flags override env", async () => {
   const yaml = 'spire:\n  joinToken: "${SPIRE_JOIN_TOKEN:-}"\nmqtt:\n  brokerUrl: ssl://file:1\n' +
     "  heartbeatSeconds: 7\n";
@@ -156,6 +189,22 @@ const BAD: [string, string][] = [
   [
     "mqtt:\n  brokerSpiffeId: mqtt-broker\n",
     'p.yaml:2: mqtt.brokerSpiffeId: expected a SPIFFE ID like spiffe://k8s4r.example.org/mqtt-broker, got "mqtt-broker"',
+  ],
+  [
+    "tasks:\n  allow: [./run.sh]\n",
+    'p.yaml:2: tasks.allow: expected "*", program names or absolute paths, got "./run.sh"',
+  ],
+  [
+    "tasks:\n  group: g\n",
+    "p.yaml:2: tasks.group: expected tasks.user too (the group of the user tasks run as)",
+  ],
+  [
+    "tasks:\n  signerSpiffeId: fleet-server\n",
+    'p.yaml:2: tasks.signerSpiffeId: expected a SPIFFE ID like spiffe://k8s4r.example.org/fleet-server, got "fleet-server"',
+  ],
+  [
+    "tasks:\n  maxConcurrent: 0\n",
+    "p.yaml:2: tasks.maxConcurrent: expected an integer in 1..256, got 0",
   ],
 ];
 

@@ -67,8 +67,8 @@ export function renderAgentYaml(
   } else {
     doc = new Document({});
     doc.commentBefore = ` The k8s4r agent of ${e.robotId}, written by \`k8s4r agent --enroll\`.\n` +
-      " Enrolling again rewrites robot.id, spire.* and mqtt.brokerUrl/brokerSpiffeId; keep your\n" +
-      " own settings (tasks, rotation, heartbeats) in the other keys.";
+      " Enrolling again rewrites robot.id, spire.*, mqtt.brokerUrl/brokerSpiffeId and\n" +
+      " tasks.signerSpiffeId; keep your own settings (tasks, rotation, heartbeats) in the other keys.";
   }
   const set = (path: string[], v: unknown) => doc.setIn(path, v);
   set(["robot", "id"], e.robotId);
@@ -90,6 +90,8 @@ export function renderAgentYaml(
   }
   set(["mqtt", "brokerUrl"], e.brokerUrl);
   set(["mqtt", "brokerSpiffeId"], e.brokerSpiffeId);
+  // The only signer whose tasks and cancels this robot acts on.
+  set(["tasks", "signerSpiffeId"], e.fleetServerSpiffeId);
   if (!doc.hasIn(["tasks", "allow"])) {
     set(["tasks", "allow"], []);
     const tasks = doc.getIn(["tasks"], true) as { commentBefore?: string } | undefined;

@@ -50,6 +50,7 @@ Deno.test("renderAgentYaml: a new agent.yaml the agent reads back exactly; no to
   assert.deepEqual(c.spire.nodeAttestor, { type: "join_token" });
   assert.equal(c.mqtt.brokerUrl, "mqtts://10.203.0.1:8883");
   assert.deepEqual(c.tasks.allow, []);
+  assert.equal(c.tasks.signerSpiffeId, `spiffe://${TD}/fleet-server`, "the enrollment's signer");
   assert.match(yaml, /# Executables the fleet server may run here/);
 });
 

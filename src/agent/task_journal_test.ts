@@ -69,13 +69,18 @@ Deno.test("recover: a group whose leader died is still found and stopped", async
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-journal-" });
   let orphan: number | undefined;
   try {
-    // The leader starts a grandchild in its group, prints its pid and exits.
+    // The leader starts a grandchild in its group, prints its pid and exits once its stdin
+    // closes: its start time is read while it surely runs (a leader that had exited already
+    // had none, and the journal record then named no process: the test failed now and then).
     const leader = new Deno.Command("sh", {
-      args: ["-c", "sleep 600 >/dev/null 2>&1 & echo $!"],
+      args: ["-c", "sleep 600 >/dev/null 2>&1 & echo $!; read _"],
       detached: true,
+      stdin: "piped",
       stdout: "piped",
     }).spawn();
-    const leaderStart = processStartTime(leader.pid)!;
+    const leaderStart = processStartTime(leader.pid);
+    assert.ok(leaderStart !== undefined, "the leader's start time, read while it runs");
+    await leader.stdin.close();
     const out = await leader.output();
     orphan = Number(new TextDecoder().decode(out.stdout).trim());
     const orphanStart = processStartTime(orphan)!;
@@ -135,7 +140,7 @@ Deno.test("a running task is journaled with its process, and forgotten after its
     assert.equal(rec.startTime, processStartTime(rec.pid!));
     assert.equal(rec.pgid, rec.pid);
     // setpriv (PR_SET_PDEATHSIG) exec'd the task itself: the pid is the task's own.
-    assert.match(Deno.readTextFileSync(`/proc/${rec.pid}/cmdline`), /^sleep\0/);
+    assert.match(Deno.readTextFileSync(`/proc/${rec.pid}/cmdline`), /^\/\S*\/sleep\0/); // the resolved path
     await r.stopAll();
     await p;
     assert.deepEqual(await r.journal.interrupted(), []);

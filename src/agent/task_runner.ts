@@ -1,43 +1,77 @@
 /**
  * Runs tasks sent by the fleet server. A task is an argv, never a shell line: `["echo",
  * "$HOME"]` prints `$HOME`. The runner reports every step through `report` (accepted, running,
- * then done / failed / refused), keeps only the last bytes of stdout and stderr (bounded so the
- * final report always fits a message, see task_status.ts), enforces the timeout (SIGTERM to the
- * task's process group, SIGKILL after a grace), and runs each task id at most once, even across
- * agent restarts (ids are kept in a small file, durable before the task starts).
+ * then done / failed / refused / cancelled), keeps only the last bytes of stdout and stderr
+ * (bounded so the final report always fits a message, see task_status.ts), enforces the timeout
+ * (SIGTERM to the task's process group, SIGKILL after a grace), and runs each task id at most
+ * once, even across agent restarts (task_ids.ts: the id is durable before the task starts, and
+ * kept for the whole replay window).
+ *
+ * Before anything runs (task_sandbox.ts): the executable is resolved with the AGENT's PATH and
+ * checked against `tasks.allow`; the task's environment may not set PATH, LD_* or other loader
+ * and interpreter hooks; at most `maxConcurrent` tasks run at once (more are refused). A task
+ * starts under `prlimit` (CPU time, data memory, open files, processes) and `setpriv` (the
+ * task user when configured, no groups, no capabilities, no_new_privs).
  *
  * Tasks do not outlive the agent: each task leads its own process group, its process gets
- * SIGKILL when the agent dies (PR_SET_PDEATHSIG, through util-linux `setpriv`), and the
- * running tasks are kept in a durable journal (task_journal.ts) so the next start stops what a
- * crash left and reports those tasks `failed: agent restarted`.
+ * SIGKILL when the agent dies (PR_SET_PDEATHSIG, set by `setpriv`), and the running tasks are
+ * kept in a durable journal (task_journal.ts) so the next start stops what a crash left and
+ * reports those tasks `failed: agent restarted`.
+ *
+ * Authenticity (signature, signer, robot, expiry, window) is checked before a task reaches the
+ * runner (src/mqtt/signed.ts `checkDown`, in agent.ts).
  */
-import { isAbsolute, join, resolve } from "node:path";
 import type { TaskMessage } from "../mqtt/messages.ts";
+import {
+  DEFAULT_CLOCK_SKEW_SECONDS,
+  MAX_TASK_TTL_SECONDS,
+  replayWindowEnd,
+} from "../mqtt/signed.ts";
 import { processStartTime } from "../process/mod.ts";
-import { writeFileDurable } from "./durable.ts";
 import { killInterrupted, TaskJournal } from "./task_journal.ts";
+import { DEFAULT_MAX_TASK_IDS, TaskIdStore } from "./task_ids.ts";
+import {
+  agentPath,
+  checkTaskEnv,
+  describeAllowList,
+  isAllowed,
+  minimalEnv,
+  PRLIMIT,
+  resolveExecutable,
+  sandboxArgv,
+  SETPRIV,
+  type TaskLimits,
+} from "./task_sandbox.ts";
+import type { TaskUser } from "./task_user.ts";
 import { boundError, type RawOutput, type TaskReport, withOutput } from "./task_status.ts";
 
 export type { TaskReport } from "./task_status.ts";
 
 /** What the runner needs of a task message. */
-export type TaskSpec = Pick<
-  TaskMessage,
-  "id" | "command" | "env" | "cwd" | "timeoutSeconds" | "expiresAt"
->;
+export type TaskSpec =
+  & Pick<TaskMessage, "id" | "command" | "env" | "cwd" | "timeoutSeconds">
+  & Partial<Pick<TaskMessage, "createdAt">>;
 
 /**
  * Receives every report. The runner waits for the promise of a FINAL report (done, failed,
- * refused) before it forgets the task, so a reporter that queues durably makes results survive
- * a crash. A reporter resolving `false` could not take the report: the task stays in the
- * journal, and the next start reports it.
+ * refused, cancelled) before it forgets the task, so a reporter that queues durably makes
+ * results survive a crash. A reporter resolving `false` could not take the report: the task
+ * stays in the journal, and the next start reports it.
  */
 export type Reporter = (r: TaskReport) => unknown;
 
+/** Limits when none are configured (the agent passes its config's). */
+export const DEFAULT_LIMITS: TaskLimits = {
+  cpuSeconds: 3600,
+  memoryBytes: 1024 * 1024 * 1024,
+  openFiles: 1024,
+  processes: 256,
+};
+
 export interface TaskRunnerOptions {
-  /** `["*"]` = everything; otherwise exact executable names or absolute paths. */
+  /** `["*"]` = everything; otherwise names (resolved with the agent's PATH) or absolute paths. */
   allow: string[];
-  /** Where `task-ids.json` and the `running/` journal are kept. */
+  /** Where `task-ids.log` and the `running/` journal are kept. */
   stateDir: string;
   /** Working directory when a task names none. */
   defaultCwd: string;
@@ -45,19 +79,49 @@ export interface TaskRunnerOptions {
   killGraceMs: number;
   /** Bytes of stdout / stderr kept (the tail; the report may keep less, see task_status.ts). */
   maxOutputBytes?: number;
-  /** How many task ids are remembered. */
+  /** Bound on task ids remembered within the window (claims beyond it are refused). */
   maxRememberedIds?: number;
-  /** Environment every task starts from (the agent's own env is NOT inherited). */
+  /** The replay window ids are kept for (see `replayWindowEnd`). */
+  window?: { clockSkewSeconds?: number; maxAgeSeconds?: number };
+  /** Environment every task starts from (default `minimalEnv`; the agent's is NOT inherited). */
   baseEnv?: Record<string, string>;
+  /** The PATH executables are resolved with (default: the agent's own, `agentPath()`). */
+  path?: string;
+  /** Run tasks as this user (resolved by `resolveTaskUser`); unset: as the agent. */
+  user?: TaskUser;
+  limits?: TaskLimits;
+  /** Tasks at once; more are refused. Default 4. */
+  maxConcurrent?: number;
   /** When it returns a reason, new tasks are refused with it (e.g. the outbound queue is full). */
   refuseReason?: () => string | undefined;
   log?: (event: string, fields: Record<string, unknown>) => void;
 }
 
-/** Decides whether argv[0] may run. */
-export function isAllowed(allow: string[], executable: string): boolean {
-  if (allow.includes("*")) return true;
-  return allow.includes(executable);
+/**
+ * The outcome of `handle`: ran (or was refused or failed: a report was made), a copy of a task
+ * this runner is handling right now (nothing reported), or an id seen before (nothing run,
+ * nothing reported: the caller answers).
+ */
+export type HandleOutcome = "run" | "duplicate" | "replay";
+
+/** What `cancel` found. */
+export type CancelOutcome =
+  /** Running (stopped now) or about to start (will not): a `cancelled` report follows. */
+  | "cancelling"
+  /** Never seen: the id is claimed, so the task will not run if it comes; reported `cancelled`. */
+  | "cancelled-before-arrival"
+  /** Seen and finished (or already cancelled): nothing to do, nothing reported. */
+  | "not-running";
+
+/** True when util-linux `setpriv` and `prlimit` are where the runner runs them. */
+export function sandboxToolsMissing(): string[] {
+  return [SETPRIV, PRLIMIT].filter((p) => {
+    try {
+      return !Deno.statSync(p).isFile;
+    } catch {
+      return true;
+    }
+  });
 }
 
 /** The last `max` bytes of a stream, and how many bytes it carried. */
@@ -86,145 +150,48 @@ class TailBuffer {
   }
 }
 
-/**
- * Remembers task ids already claimed (bounded). A claim resolves only once the id is on disk
- * (see `writeFileDurable`), so a task never starts before its id would survive a crash. Claims
- * made together share one write; writes never overlap.
- */
-export class TaskIdStore {
-  private ids: string[] = [];
-  private set = new Set<string>();
-  private loading?: Promise<void>;
-  private writing: Promise<void> = Promise.resolve();
-  /** Bumped by every claim; `written` is the version last on disk. */
-  private version = 0;
-  private written = 0;
-  constructor(
-    private readonly file: string,
-    private readonly max = 1000,
-    private readonly log?: (event: string, fields: Record<string, unknown>) => void,
-  ) {}
-
-  /** Reads the file once; every claim waits for the same read. A failed read is retried. */
-  private load(): Promise<void> {
-    this.loading ??= this.read().catch((err) => {
-      this.loading = undefined;
-      throw err;
-    });
-    return this.loading;
-  }
-
-  private async read() {
-    let text: string;
-    try {
-      text = await Deno.readTextFile(this.file);
-    } catch (err) {
-      if (err instanceof Deno.errors.NotFound) return;
-      // Unreadable is not empty: refuse tasks rather than risk running one again.
-      throw new Error(`cannot read ${this.file}: ${(err as Error).message}`);
-    }
-    try {
-      const parsed = JSON.parse(text);
-      if (!Array.isArray(parsed?.ids)) throw new Error("no ids array");
-      this.ids = parsed.ids.filter((x: unknown) => typeof x === "string").slice(-this.max);
-      this.set = new Set(this.ids);
-    } catch (err) {
-      // Only disk damage can do this (writes are atomic): say so, and start afresh.
-      this.log?.("task_ids.corrupt", { file: this.file, error: (err as Error).message });
-    }
-  }
-
-  /** True the first time an id is seen; false for a repeat. Resolves once it is durable. */
-  async claim(id: string): Promise<boolean> {
-    await this.load();
-    if (this.set.has(id)) return false;
-    // Kept in memory even when the write below fails: this process never runs it either way.
-    this.ids.push(id);
-    this.set.add(id);
-    while (this.ids.length > this.max) this.set.delete(this.ids.shift()!);
-    await this.persist(++this.version);
-    return true;
-  }
-
-  private persist(version: number): Promise<void> {
-    const p = this.writing.then(async () => {
-      if (this.written >= version) return; // an earlier write already covered this claim
-      const snapshot = this.version;
-      await writeFileDurable(this.file, JSON.stringify({ ids: this.ids }) + "\n");
-      this.written = snapshot;
-    });
-    this.writing = p.catch(() => {});
-    return p;
-  }
+interface Active {
+  /** Set by a cancel (or a stop) that came before the process was started. */
+  pending?: { why: string; cancelled: boolean };
+  /** Once started: stops the task (SIGTERM, then SIGKILL). */
+  stop?: (why: string, cancelled: boolean) => void;
+  /** The whole handling, claim to final report. */
+  handling?: Promise<unknown>;
 }
 
-function defaultBaseEnv(): Record<string, string> {
-  const env: Record<string, string> = {};
-  for (const k of ["PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME"]) {
-    const v = Deno.env.get(k);
-    if (v !== undefined) env[k] = v;
-  }
-  env["PATH"] ??= "/usr/local/bin:/usr/bin:/bin";
-  return env;
-}
-
-const SETPRIV = "/usr/bin/setpriv";
-let setprivAvailable: boolean | undefined;
-function hasSetpriv(): boolean {
-  if (setprivAvailable === undefined) {
-    try {
-      setprivAvailable = Deno.statSync(SETPRIV).isFile;
-    } catch {
-      setprivAvailable = false;
-    }
-  }
-  return setprivAvailable;
-}
-
-/**
- * Finds the executable the way execvp will (PATH of the task's environment, or a path relative
- * to its cwd), for a precise error before spawning: with `setpriv` in front, a missing program
- * would otherwise only show as setpriv's exit code.
- */
-function findExecutable(exe: string, cwd: string, path: string): string | undefined {
-  const notFound = `executable not found: ${exe}${isAbsolute(exe) ? "" : " (searched PATH)"}`;
-  const candidates = exe.includes("/")
-    ? [resolve(cwd, exe)]
-    : path.split(":").map((d) => join(resolve(cwd, d || "."), exe));
-  let denied = false;
-  for (const c of candidates) {
-    try {
-      const st = Deno.statSync(c);
-      if (st.isFile && ((st.mode ?? 0o755) & 0o111) !== 0) return undefined;
-      denied = true;
-    } catch (err) {
-      if (err instanceof Deno.errors.PermissionDenied) denied = true;
-    }
-  }
-  return denied ? `executable not runnable (permission denied): ${exe}` : notFound;
+function stopActive(a: Active, why: string, cancelled: boolean): void {
+  if (a.stop) a.stop(why, cancelled);
+  else a.pending ??= { why, cancelled };
 }
 
 export class TaskRunner {
-  private readonly ids: TaskIdStore;
+  readonly ids: TaskIdStore;
   readonly journal: TaskJournal;
-  private readonly running = new Map<
-    string,
-    { cancel: (why: string) => void; done: Promise<void> }
-  >();
+  /** Every task this runner is handling: claimed, checked, running, reporting. */
+  private readonly active = new Map<string, Active>();
+  /** Tasks past every check (accepted) and not finished: what maxConcurrent bounds. */
+  private started = 0;
   private readonly maxOut: number;
+  private readonly path: string;
+  private readonly limits: TaskLimits;
 
   constructor(private readonly opts: TaskRunnerOptions) {
-    this.ids = new TaskIdStore(
-      join(opts.stateDir, "task-ids.json"),
-      opts.maxRememberedIds,
-      opts.log,
-    );
+    this.ids = new TaskIdStore({
+      stateDir: opts.stateDir,
+      // A legacy id (no time known) is kept for a whole window from the import.
+      legacyKeepMs: ((opts.window?.maxAgeSeconds ?? MAX_TASK_TTL_SECONDS) +
+        (opts.window?.clockSkewSeconds ?? DEFAULT_CLOCK_SKEW_SECONDS)) * 1000,
+      maxIds: opts.maxRememberedIds ?? DEFAULT_MAX_TASK_IDS,
+      log: opts.log,
+    });
     this.journal = new TaskJournal(opts.stateDir, opts.log);
     this.maxOut = opts.maxOutputBytes ?? 64 * 1024;
+    this.path = opts.path ?? agentPath();
+    this.limits = opts.limits ?? DEFAULT_LIMITS;
   }
 
   get runningCount(): number {
-    return this.running.size;
+    return this.started;
   }
 
   /** Sends a report; false when the reporter refused it or threw (logged, never thrown). */
@@ -254,14 +221,37 @@ export class TaskRunner {
     );
   }
 
+  /** When the id of `task` may be forgotten: the end of its replay window. */
+  private forgetAfter(task: TaskSpec): number {
+    const at = task.createdAt ?? new Date().toISOString();
+    return replayWindowEnd({ createdAt: at }, this.opts.window ?? {});
+  }
+
   /**
-   * Handles one delivered task. Resolves when the task has finished (or was refused, or was a
-   * duplicate) and its final report was handed over. Never throws: every failure is a report.
+   * Handles one delivered (and already authenticated) task. Resolves when the task has finished
+   * (or was refused) and its final report was handed over, or at once for a duplicate or a
+   * replay. Never throws: every failure is a report.
    */
-  async handle(task: TaskSpec, report: Reporter): Promise<"run" | "duplicate"> {
+  async handle(task: TaskSpec, report: Reporter): Promise<HandleOutcome> {
+    if (this.active.has(task.id)) {
+      this.opts.log?.("task.duplicate", { task: task.id });
+      return "duplicate";
+    }
+    const me: Active = {};
+    this.active.set(task.id, me);
+    const p = this.claimAndRun(task, report, me);
+    me.handling = p.catch(() => {});
+    try {
+      return await p;
+    } finally {
+      this.active.delete(task.id);
+    }
+  }
+
+  private async claimAndRun(task: TaskSpec, report: Reporter, me: Active): Promise<HandleOutcome> {
     let first: boolean;
     try {
-      first = await this.ids.claim(task.id);
+      first = await this.ids.claim(task.id, this.forgetAfter(task));
     } catch (err) {
       // Without the id on disk we cannot promise at-most-once: refuse rather than risk a rerun.
       await this.finish(report, {
@@ -272,25 +262,39 @@ export class TaskRunner {
       return "run";
     }
     if (!first) {
-      this.opts.log?.("task.duplicate", { task: task.id });
-      return "duplicate";
+      this.opts.log?.("task.seen_before", { task: task.id });
+      return "replay";
     }
     const refuse = (error: string) =>
       this.finish(report, { taskId: task.id, state: "refused", error }, false);
-    if (task.expiresAt !== undefined) {
-      const at = new Date().toISOString();
-      if (Date.parse(at) > Date.parse(task.expiresAt)) {
-        await refuse(`expired: arrived at ${at}, after its expiresAt ${task.expiresAt}`);
-        return "run";
-      }
-    }
     const exe = task.command[0];
-    if (!isAllowed(this.opts.allow, exe)) {
+    if (this.opts.allow.length === 0) {
+      await refuse("no task may run: tasks.allow is empty in the agent config");
+      return "run";
+    }
+    const resolved = resolveExecutable(exe, this.path);
+    if (!resolved.ok) {
+      await refuse(resolved.error);
+      return "run";
+    }
+    if (!isAllowed(this.opts.allow, resolved.path, this.path)) {
       await refuse(
-        this.opts.allow.length === 0
-          ? `no task may run: tasks.allow is empty in the agent config`
-          : `executable ${JSON.stringify(exe)} is not in tasks.allow`,
+        `executable ${
+          JSON.stringify(exe)
+        } is ${resolved.path}, which tasks.allow does not permit (${
+          describeAllowList(this.opts.allow, this.path)
+        })`,
       );
+      return "run";
+    }
+    const envError = checkTaskEnv(task.env);
+    if (envError) {
+      await refuse(envError);
+      return "run";
+    }
+    const max = this.opts.maxConcurrent ?? 4;
+    if (this.started >= max) {
+      await refuse(`busy: ${this.started} tasks running (tasks.maxConcurrent ${max})`);
       return "run";
     }
     const busy = this.opts.refuseReason?.();
@@ -298,38 +302,82 @@ export class TaskRunner {
       await refuse(busy);
       return "run";
     }
-    try {
-      await this.journal.write({ taskId: task.id, claimedAt: new Date().toISOString() });
-    } catch (err) {
-      await refuse(`cannot record the running task: ${(err as Error).message}`);
+    if (me.pending) {
+      const { why, cancelled } = me.pending;
+      await this.finish(
+        report,
+        cancelled
+          ? { taskId: task.id, state: "cancelled", error: `${why} (before it started)` }
+          : { taskId: task.id, state: "failed", error: `${why} (before it started)` },
+        false,
+      );
       return "run";
     }
-    this.send(report, { taskId: task.id, state: "accepted" });
-    let cancel!: (why: string) => void;
-    const cancelled = new Promise<string>((r) => (cancel = r));
-    const done = this.execute(task, report, cancelled);
-    this.running.set(task.id, { cancel, done });
+    this.started++;
     try {
-      await done;
+      try {
+        await this.journal.write({ taskId: task.id, claimedAt: new Date().toISOString() });
+      } catch (err) {
+        await refuse(`cannot record the running task: ${(err as Error).message}`);
+        return "run";
+      }
+      this.send(report, { taskId: task.id, state: "accepted" });
+      await this.execute(task, resolved.path, report, me);
     } finally {
-      this.running.delete(task.id);
+      this.started--;
     }
     return "run";
   }
 
-  /** Cancels a running task (SIGTERM, then SIGKILL). False when it is not running. */
-  cancel(taskId: string, why = "cancelled"): boolean {
-    const r = this.running.get(taskId);
-    if (!r) return false;
-    r.cancel(why);
-    return true;
+  /**
+   * Cancels a task: a running one is stopped (SIGTERM to its group, SIGKILL after the grace)
+   * and reported `cancelled`; one not started yet will not start. A task never seen has its id
+   * claimed (marked cancelled) so that it will not run if it arrives later, and is reported
+   * `cancelled` now. A task seen and finished is left alone.
+   */
+  async cancel(
+    taskId: string,
+    why: string,
+    report: Reporter,
+    claimUntil: number,
+  ): Promise<CancelOutcome> {
+    const a = this.active.get(taskId);
+    if (a) {
+      stopActive(a, why, true);
+      return "cancelling";
+    }
+    let first: boolean;
+    try {
+      first = await this.ids.claim(taskId, claimUntil, { cancelled: true });
+    } catch (err) {
+      this.opts.log?.("task.cancel_unrecorded", {
+        task: taskId,
+        error: (err as Error).message,
+      });
+      return "not-running";
+    }
+    if (!first) {
+      // It may have arrived while the claim was written: then it is active now.
+      const again = this.active.get(taskId);
+      if (again) {
+        stopActive(again, why, true);
+        return "cancelling";
+      }
+      return "not-running";
+    }
+    await this.finish(
+      report,
+      { taskId, state: "cancelled", error: `${why} (before the task arrived; it will not run)` },
+      false,
+    );
+    return "cancelled-before-arrival";
   }
 
   /** Stops every running task and waits for their final reports. */
   async stopAll(why = "agent stopping"): Promise<void> {
-    const all = [...this.running.values()];
-    for (const r of all) r.cancel(why);
-    await Promise.all(all.map((r) => r.done.catch(() => {})));
+    const all = [...this.active.values()];
+    for (const a of all) stopActive(a, why, false);
+    await Promise.all(all.map((a) => a.handling));
   }
 
   /**
@@ -368,10 +416,11 @@ export class TaskRunner {
 
   private async execute(
     task: TaskSpec,
+    exe: string,
     report: Reporter,
-    cancelled: Promise<string>,
+    me: Active,
   ): Promise<void> {
-    const [exe, ...args] = task.command;
+    const args = task.command.slice(1);
     const fail = (error: string) =>
       this.finish(report, { taskId: task.id, state: "failed", error }, true);
     const cwd = task.cwd ?? this.opts.defaultCwd;
@@ -385,36 +434,38 @@ export class TaskRunner {
       );
       return;
     }
-    const env = { ...(this.opts.baseEnv ?? defaultBaseEnv()), ...task.env };
-    const wrap = hasSetpriv();
-    if (wrap) {
-      const missing = findExecutable(exe, cwd, env["PATH"] ?? "");
-      if (missing) {
-        await fail(missing);
-        return;
-      }
-    }
+    const user = this.opts.user;
+    const env = {
+      ...(this.opts.baseEnv ?? minimalEnv({ path: this.path, user })),
+      ...task.env,
+    };
+    const argv = sandboxArgv({
+      exe,
+      args,
+      limits: this.limits,
+      user,
+      dropBoundingSet: user?.dropBoundingSet,
+    });
     let child: Deno.ChildProcess;
     try {
-      // setpriv sets PR_SET_PDEATHSIG and execs the task (same pid): the task gets SIGKILL if
-      // the agent dies, even by kill -9. Without setpriv, the journal still cleans up at start.
-      child = new Deno.Command(wrap ? SETPRIV : exe, {
-        args: wrap ? ["--pdeathsig", "KILL", "--", exe, ...args] : args,
+      // prlimit sets the rlimits and execs setpriv, which switches user, drops capabilities,
+      // sets no_new_privs and PR_SET_PDEATHSIG, and execs the task: one pid all along, so the
+      // task gets SIGKILL if the agent dies, even by kill -9.
+      child = new Deno.Command(argv.cmd, {
+        args: argv.args,
         cwd,
         clearEnv: true,
         env,
         stdin: "null",
         stdout: "piped",
         stderr: "piped",
-        // Its own process group (and session), so a timeout also stops what the task started.
+        // Its own process group (and session), so a stop also reaches what the task started.
         detached: true,
       }).spawn();
     } catch (err) {
       await fail(
         err instanceof Deno.errors.NotFound
-          ? `executable not found: ${exe}${isAbsolute(exe) ? "" : " (searched PATH)"}`
-          : err instanceof Deno.errors.PermissionDenied
-          ? `executable not runnable (permission denied): ${exe}`
+          ? `cannot start ${exe}: ${argv.cmd} not found (util-linux)`
           : `cannot start ${exe}: ${(err as Error).message}`,
       );
       return;
@@ -435,7 +486,7 @@ export class TaskRunner {
         })
       );
     }
-    this.opts.log?.("task.running", { task: task.id, pid, exe });
+    this.opts.log?.("task.running", { task: task.id, pid, exe, uid: user?.uid });
     this.send(report, { taskId: task.id, state: "running" });
 
     const out = new TailBuffer(this.maxOut);
@@ -448,6 +499,7 @@ export class TaskRunner {
     const pumps = Promise.all([pump(child.stdout, out), pump(child.stderr, err)]);
 
     let stopReason: string | undefined;
+    let cancelled = false;
     const signalGroup = (sig: Deno.Signal) => {
       try {
         Deno.kill(-pid, sig); // the whole process group
@@ -458,23 +510,22 @@ export class TaskRunner {
       }
     };
     let killTimer: ReturnType<typeof setTimeout> | undefined;
-    const stop = (why: string) => {
-      if (stopReason !== undefined) return;
+    let settled = false;
+    const stop = (why: string, byCancel: boolean) => {
+      if (settled || stopReason !== undefined) return;
       stopReason = why;
-      this.opts.log?.("task.stop", { task: task.id, why });
+      cancelled = byCancel;
+      this.opts.log?.("task.stop", { task: task.id, why, cancel: byCancel });
       signalGroup("SIGTERM");
       killTimer = setTimeout(() => signalGroup("SIGKILL"), this.opts.killGraceMs);
     };
+    me.stop = stop;
+    if (me.pending) stop(me.pending.why, me.pending.cancelled); // came while it was starting
     const timeoutTimer = setTimeout(
-      () => stop(`timed out after ${task.timeoutSeconds}s`),
+      () => stop(`timed out after ${task.timeoutSeconds}s`, false),
       task.timeoutSeconds * 1000,
     );
-    const status = child.status;
-    let settled = false;
-    cancelled.then((why) => {
-      if (!settled) stop(why);
-    });
-    const st = await status;
+    const st = await child.status;
     settled = true;
     clearTimeout(timeoutTimer);
     // Leftover processes in the group would keep the pipes open: stop them too.
@@ -483,15 +534,23 @@ export class TaskRunner {
     await pumps;
 
     const exitCode = st.signal ? null : st.code;
+    const how = `stopped with ${st.signal ?? `exit ${st.code}`}${
+      st.signal === "SIGKILL" ? ` (SIGTERM was ignored for ${this.opts.killGraceMs} ms)` : ""
+    }`;
+    const errTail = new TextDecoder().decode(err.raw().bytes.subarray(-512));
+    const execFailed = !st.signal && (st.code === 126 || st.code === 127) &&
+      /^setpriv: failed to execute .*$/m.exec(errTail)?.[0];
     let base: TaskReport;
-    if (stopReason !== undefined) {
+    if (stopReason !== undefined && cancelled) {
+      base = { taskId: task.id, state: "cancelled", exitCode, error: `${stopReason}; ${how}` };
+    } else if (stopReason !== undefined) {
+      base = { taskId: task.id, state: "failed", exitCode, error: `${stopReason}; ${how}` };
+    } else if (execFailed) {
       base = {
         taskId: task.id,
         state: "failed",
         exitCode,
-        error: `${stopReason}; stopped with ${st.signal ?? `exit ${st.code}`}${
-          st.signal === "SIGKILL" ? ` (SIGTERM was ignored for ${this.opts.killGraceMs} ms)` : ""
-        }`,
+        error: `cannot start ${exe}: ${execFailed}`,
       };
     } else if (st.signal) {
       base = { taskId: task.id, state: "failed", exitCode: null, error: `killed by ${st.signal}` };
@@ -500,6 +559,7 @@ export class TaskRunner {
     }
     this.opts.log?.("task.finished", {
       task: task.id,
+      state: base.state,
       exit: st.signal ?? st.code,
       stdoutBytes: out.total,
       stderrBytes: err.total,

@@ -16,6 +16,7 @@ import { hostname } from "node:os";
 import { basename, join } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
 import { agentV8FlagsEnv } from "../agent/runtime_flags.ts";
+import { DEFAULT_TASK_USER, ensureTaskUser, switchUserMissing } from "../agent/task_user.ts";
 import {
   brokerSpiffeId,
   defaultServerUrl,
@@ -72,7 +73,13 @@ import {
   spireDatabaseStep,
 } from "./components_ha.ts";
 import { spireServerPlace } from "./spire_server_run.ts";
-import { brokerTlsBinds, type RobotLayout, spireServerHost } from "./layout.ts";
+import {
+  brokerTlsBinds,
+  type DevenvFiles,
+  type Layout,
+  type RobotLayout,
+  spireServerHost,
+} from "./layout.ts";
 import { ensureFactoryCa, factoryCaFiles } from "../control/factory_ca.ts";
 import { renderControlConfig } from "../control/config.ts";
 import { httpGetJson, type ProbeResult } from "./probes.ts";
@@ -297,6 +304,8 @@ export class StartRun extends StackView {
   spire: SpireBinaries | undefined;
   /** Set by the `broker-runtime` step. */
   brokerRuntime: BrokerRuntime | undefined;
+  /** Set by the `task-user` step: the user the robots' tasks run as (`tasks.user`), if any. */
+  taskUser: string | undefined;
   #memo = new Map<string, Promise<unknown>>();
 
   constructor(
@@ -406,6 +415,7 @@ export function devenvComponents(view: StackView): Component[] {
     controlHostStep(view),
     serverComponent(view, 1),
     ...(ha ? [serverComponent(view, 2), serverComponent(view, 3)] : []),
+    taskUserStep(),
     ...agents,
     {
       name: "robots online",
@@ -500,6 +510,37 @@ function brokerRuntimeStep(view: StackView): Component {
       const mode: BrokerModeFlag = alive && saved ? saved.mode : run.opts.broker;
       run.brokerRuntime = await resolveBrokerRuntime(run.ctx.io, mode);
       return run.brokerRuntime.description;
+    },
+  };
+}
+
+/**
+ * The user the robots' tasks run as (`tasks.user`, through K8S4R_TASK_USER in plugins.yaml): a
+ * system user whose uid no registration entry selects, so a task asking the Workload API for an
+ * identity gets PermissionDenied. Created when missing (`useradd --system`, idempotent); kept by
+ * `stop` and `clean` (other stacks on this host may use it). Needs root: without it, tasks run as
+ * the agent's own uid, which the robots' entries select, and the step says so.
+ */
+function taskUserStep(): Component {
+  return {
+    name: "task-user",
+    kind: "step",
+    needs: [],
+    async run(run) {
+      const missing = switchUserMissing();
+      if (run.uid !== 0 || missing.length > 0) {
+        run.taskUser = undefined;
+        const why = run.uid !== 0 ? `not root (uid ${run.uid})` : `lacks ${missing.join(", ")}`;
+        const text =
+          `${why}: tasks run as uid ${run.uid}, the agents' own, which the robots' registration entries select: a task can fetch its robot's SVID and private key from the Workload API. Run devenv start as root for a separate task user (${DEFAULT_TASK_USER})`;
+        run.ctx.io.stderr.write(`warning: task-user: ${text}\n`);
+        return text;
+      }
+      const u = await ensureTaskUser(run.ctx.io.runner, DEFAULT_TASK_USER);
+      run.taskUser = u.name;
+      return `${u.name} (uid ${u.uid}${
+        u.created ? ", created" : ""
+      }): tasks run as it; no entry selects it, so the Workload API refuses it`;
     },
   };
 }
@@ -1047,36 +1088,18 @@ function serverComponent(view: StackView, n: 1 | 2 | 3 = 1): Component {
         ? "PostgreSQL, the fleet servers' registry, is down: `k8s4r devenv start` starts it again"
         : `see \`k8s4r devenv logs ${place.name}\`; \`k8s4r devenv start\` restarts it`,
     spawn(run) {
-      const db = fleetTarget(layout);
       return run.ctx.io.runner.spawn({
         name: place.name,
         cmd: run.self.cmd,
         args: [
           ...run.self.args,
           "server",
-          "--mqtt-credentials",
-          layout.serverCredentialsFile,
-          "--http-addr",
-          `127.0.0.1:${place.port}`,
-          // The SQLite registry's directory; on the HA stack the registry is PostgreSQL.
-          ...(ha ? [] : ["--data-dir", place.dataDir]),
-          "--broker-url",
-          `mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
-          "--socket-path",
-          files.brokerAgentSocket,
-          "--roles",
-          layout.serverRolesFile,
-          ...(ha
-            ? [
-              "--database",
-              `postgres://${db.user}@${db.host}:${db.port}/${db.database}`,
-              "--database-password-file",
-              layout.ha.fleetPasswordFile,
-              "--shared-subscription",
-              "--client-id",
-              place.clientId,
-            ]
-            : []),
+          ...serverArgs(layout, files, {
+            ha,
+            port: place.port,
+            dataDir: place.dataDir,
+            clientId: place.clientId,
+          }),
         ],
         cwd: layout.root,
         env: run.childEnv,
@@ -1104,6 +1127,43 @@ function serverComponent(view: StackView, n: 1 | 2 | 3 = 1): Component {
       };
     },
   };
+}
+
+/**
+ * The flags of the dev stack's `k8s4r server` (after `server`): fleet server 1 by default; on the
+ * HA stack each replica's port, client id and the PostgreSQL registry (see `serverComponent`).
+ */
+export function serverArgs(
+  layout: Layout,
+  files: DevenvFiles,
+  opts: { ha?: boolean; port?: number; dataDir?: string; clientId?: string } = {},
+): string[] {
+  const db = fleetTarget(layout);
+  return [
+    "--mqtt-credentials",
+    layout.serverCredentialsFile,
+    "--http-addr",
+    `127.0.0.1:${opts.port ?? layout.ports.http}`,
+    // The SQLite registry's directory; on the HA stack the registry is PostgreSQL.
+    ...(opts.ha ? [] : ["--data-dir", opts.dataDir ?? layout.serverDataDir]),
+    "--broker-url",
+    `mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
+    "--socket-path",
+    files.brokerAgentSocket,
+    "--roles",
+    layout.serverRolesFile,
+    ...(opts.ha
+      ? [
+        "--database",
+        `postgres://${db.user}@${db.host}:${db.port}/${db.database}`,
+        "--database-password-file",
+        layout.ha.fleetPasswordFile,
+        "--shared-subscription",
+        "--client-id",
+        opts.clientId ?? "k8s4r-server",
+      ]
+      : []),
+  ];
 }
 
 export function agentComponentName(robotId: string): string {
@@ -1208,6 +1268,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
       { on: "identities", unless: attested },
       { on: "ca-bundle", unless: attested },
       "server",
+      "task-user",
     ],
     stopRank: 10,
     pidFile: r.pidFile,
@@ -1237,6 +1298,8 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
         env: {
           ...run.childEnv,
           DENO_V8_FLAGS: agentV8FlagsEnv(run.ctx.io.env.DENO_V8_FLAGS),
+          // plugins.yaml: tasks.user "${K8S4R_TASK_USER:-}" (empty: tasks run as the agent).
+          K8S4R_TASK_USER: run.taskUser ?? "",
         },
         logFile: r.logFile,
         pidFile: r.pidFile,

@@ -118,6 +118,8 @@ export interface DoctorFs {
   removeAll(path: string): Promise<void>;
   /** Absolute path of an executable found on PATH, or undefined. */
   which(name: string): Promise<string | undefined>;
+  /** The path with every symbolic link resolved. */
+  realPath(path: string): Promise<string>;
 }
 
 export interface PortOwner {

@@ -88,6 +88,19 @@ export const TASK_REPORT_STATES = [
 ] as const;
 export type TaskReportState = typeof TASK_REPORT_STATES[number];
 
+/**
+ * Why a robot refused a task it could not trust (`task-status.reason`, state `refused`):
+ * - `bad-signature`: unsigned, malformed JWS, chain not under the robot's bundle, or signed by
+ *   anyone but the configured fleet server;
+ * - `wrong-robot`: correctly signed, but addressed to another robot;
+ * - `expired`: correctly signed, arrived after its `expiresAt`;
+ * - `replay`: correctly signed, but its id was seen before or its `createdAt` is outside the
+ *   robot's window.
+ * A task refused for an ordinary reason (allow-list, environment, limits) carries no `reason`.
+ */
+export const REFUSAL_REASONS = ["bad-signature", "wrong-robot", "expired", "replay"] as const;
+export type RefusalReason = typeof REFUSAL_REASONS[number];
+
 /** Robot -> server, on `up/task`. */
 export interface TaskStatusMessage extends Envelope {
   type: "task-status";
@@ -103,6 +116,8 @@ export interface TaskStatusMessage extends Envelope {
   stderrTruncatedBytes?: number;
   /** Required when state is "refused" or "failed". */
   error?: string;
+  /** Only with state "refused": the task could not be trusted (see REFUSAL_REASONS). */
+  reason?: RefusalReason;
 }
 
 /** Server -> robot, on `down/task`. */
@@ -418,6 +433,14 @@ export function validateTaskStatus(value: unknown): Result<TaskStatusMessage> {
     }
     const error = c.optString("error", { max: 4096 });
     if (error !== undefined) msg.error = error;
+    if (c.has("reason")) {
+      msg.reason = c.oneOf("reason", REFUSAL_REASONS);
+      if (msg.state !== "refused") {
+        throw new Invalid(
+          `task-status.reason: expected only with state "refused", got state "${msg.state}"`,
+        );
+      }
+    }
     if ((msg.state === "refused" || msg.state === "failed") && !msg.error) {
       throw new Invalid(
         `task-status.error: expected non-empty string when state is "${msg.state}", got ${

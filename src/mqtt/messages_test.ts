@@ -66,6 +66,15 @@ Deno.test("valid messages pass, and unknown extra fields are tolerated", () => {
   assert.ok(validateTaskStatus({ ...goodTaskStatus, ...extra }).ok);
   assert.ok(validateTask({ ...goodTask, ...extra }).ok);
   assert.ok(validateCancel({ ...goodCancel, ...extra }).ok);
+  const cancelled = validateTaskStatus({ ...goodTaskStatus, state: "cancelled", exitCode: null });
+  assert.ok(cancelled.ok);
+  const replay = validateTaskStatus({
+    ...goodTaskStatus,
+    state: "refused",
+    error: "replay: task id seen before",
+    reason: "replay",
+  });
+  assert.ok(replay.ok && replay.value.reason === "replay");
   const hb = validateHeartbeat({ ...goodHeartbeat, load: undefined });
   assert.ok(hb.ok);
   if (hb.ok) assert.equal(hb.value.load, undefined);
@@ -195,6 +204,18 @@ const BAD: [string, V, unknown, string][] = [
     validateTaskStatus as V,
     { ...goodTaskStatus, state: "finished" },
     'task-status.state: expected one of accepted|running|done|refused|failed|cancelled, got "finished"',
+  ],
+  [
+    "refusal reason unknown",
+    validateTaskStatus as V,
+    { ...goodTaskStatus, state: "refused", error: "x", reason: "nope" },
+    'task-status.reason: expected one of bad-signature|wrong-robot|expired|replay, got "nope"',
+  ],
+  [
+    "refusal reason on another state",
+    validateTaskStatus as V,
+    { ...goodTaskStatus, reason: "replay" },
+    'task-status.reason: expected only with state "refused", got state "done"',
   ],
   [
     "done without exit code",

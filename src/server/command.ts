@@ -19,6 +19,7 @@ import { type ApiClient, apiClient } from "../operator/client.ts";
 import { VERSION } from "../version.ts";
 import { isLoopbackHost, isWildcardHost } from "./auth.ts";
 import type { DownSigner, Logger } from "./fleet.ts";
+import { TaskSigner } from "../mqtt/signed.ts";
 import {
   FleetServer,
   loadMqttCredentials,
@@ -128,11 +129,13 @@ function machineAddresses(): string[] {
 }
 
 /**
- * Signs tasks and cancels with the server's SVID. JOIN (i11-robot): return
- * `new TaskSigner(source)` from src/mqtt/signed.ts; its `sign(msg)` is this interface.
+ * Signs tasks and cancels with the server's SVID: at every publish, with the SVID current then
+ * (a task may wait up to 7 days; an SVID lives about an hour). The server has no unsigned mode:
+ * without an SVID it does not start (`serverIdentity`), and while its SVID is expired nothing is
+ * sent (tasks stay pending, counted in `signErrors`, and go out once a new SVID arrives).
  */
-function serverSigner(_source: X509Source): DownSigner | undefined {
-  return undefined;
+function serverSigner(source: X509Source): DownSigner {
+  return new TaskSigner(source);
 }
 
 /**
@@ -167,7 +170,16 @@ async function databaseConfig(args: Args, io: Io): Promise<PostgresConfig | unde
   return config;
 }
 
-async function runServer(args: Args, io: Io): Promise<number> {
+/**
+ * `k8s4r server`. `makeSigner` is a parameter only so that the benchmark can measure the path
+ * before signing side by side (bench/unsigned_server.ts); the CLI always signs with the SVID
+ * (`serverSigner`), and no flag, setting or environment variable selects anything else.
+ */
+export async function runServer(
+  args: Args,
+  io: Io,
+  makeSigner: (source: X509Source) => DownSigner = serverSigner,
+): Promise<number> {
   const layout = defaultLayout(io.cwd, io.env);
   const postgres = await databaseConfig(args, io);
   const log = ioLogger(io, () => [postgres?.password]);
@@ -257,11 +269,19 @@ async function runServer(args: Args, io: Io): Promise<number> {
   const spiffeId = args.string("spiffe-id") ?? fleetServerSpiffeId(layout.trustDomain);
   const source = await serverIdentity(io, address, spiffeId, svidTimeout * 1000);
   const closeSource = () => source.close();
+  let server: FleetServer | undefined;
+  let signErrorsSeen = 0;
   source.onUpdate(() => {
     const s = source.getX509Svid();
     log.info(
       `SVID ${s.id} rotated: serial ${s.serialNumber}, valid until ${s.notAfter.toISOString()}`,
     );
+    // Something could not be signed with the old one (it had expired): send it now.
+    const errors = server?.fleet.stats.signErrors ?? 0;
+    if (server && errors > signErrorsSeen) {
+      signErrorsSeen = errors;
+      void server.fleet.dispatchAllOnline();
+    }
   });
   if (url.protocol === "mqtts:") {
     tls = svidTlsProvider(
@@ -278,7 +298,6 @@ async function runServer(args: Args, io: Io): Promise<number> {
   let fatal: ((err: Error) => void) | undefined;
   const fatalP = new Promise<never>((_, reject) => (fatal = reject));
   fatalP.catch(() => {});
-  let server: FleetServer;
   try {
     server = await FleetServer.start({
       brokerUrl,
@@ -301,7 +320,7 @@ async function runServer(args: Args, io: Io): Promise<number> {
         dnsNames: () => source.getX509Svid().dnsNames,
         interfaceAddresses: isWildcardHost(http.hostname) ? machineAddresses() : [],
       },
-      fleet: { heartbeatIntervalSeconds: hb, signer: serverSigner(source) },
+      fleet: { heartbeatIntervalSeconds: hb, signer: makeSigner(source) },
       logger: log,
       version: VERSION,
       onFatal: (err) =>
@@ -449,7 +468,7 @@ operator SVID; roles from --roles, re-read on change), and signs every task and 
       description: "How long to wait for the server's SVID at start (default 30)",
     },
   ],
-  run: runServer,
+  run: (args, io) => runServer(args, io),
 };
 
 // ---------------------------------------------------------------- robots

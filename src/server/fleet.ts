@@ -8,8 +8,9 @@ import {
   decodeUp,
   type DownMessage,
   type DropReason,
-  encode,
   PROTOCOL_VERSION,
+  REFUSAL_REASONS,
+  type RefusalReason,
   type StatusMessage,
   type TaskMessage,
   type UpMessage,
@@ -23,19 +24,22 @@ import {
   type StatusOrder,
   type TaskRecord,
 } from "./registry.ts";
-import { isFinal, needsCancel, needsDispatch } from "./tasks.ts";
+import { isFinal, needsCancel, needsDispatch, reportEvent, UNTRUSTED_REFUSALS } from "./tasks.ts";
 
 /**
  * Turns a server -> robot message into the exact MQTT payload. The fleet server signs tasks and
- * cancels with its own X.509 SVID (docs/PROTOCOL.md, "Signed tasks and cancels"); `sign` may
- * throw (no SVID, a payload over the limit), and the message is then not sent.
+ * cancels with its own X.509 SVID (`TaskSigner`, src/mqtt/signed.ts; docs/PROTOCOL.md, "Signed
+ * tasks and cancels"), once per publish, so every copy carries a signature of the SVID current
+ * then. `sign` may throw (the SVID expired, a payload over the limit): the message is then not
+ * sent, the task stays where it was and is sent when it next can be (its TTL still applies).
+ * There is no unsigned signer in production code: a server without an SVID does not start.
  */
 export interface DownSigner {
   sign(msg: DownMessage): Uint8Array;
 }
 
-/** Plain JSON, no signature: unit tests, and robots that do not require signatures. */
-export const UNSIGNED: DownSigner = { sign: (msg) => encode(msg) };
+/** Refusal reports by reason; `task` counts ordinary refusals (no reason: allow-list, env...). */
+export type RefusalCount = RefusalReason | "task";
 
 /** What the fleet needs from an MQTT client. */
 export interface Publisher {
@@ -65,8 +69,8 @@ export interface FleetOptions {
   newId?: () => string;
   /** Start with the broker link down (`FleetServer`: robots are unknown until subscribed). */
   startDisconnected?: boolean;
-  /** Signs every task and cancel. Default UNSIGNED. */
-  signer?: DownSigner;
+  /** Signs every task and cancel (required: nothing is ever sent unsigned). */
+  signer: DownSigner;
   /**
    * The server's own probe topic (`serverProbeTopic`): `FleetServer` publishes the time to it
    * every half second and subscribes to it, so each echo proves that the broker delivered
@@ -109,6 +113,11 @@ export interface FleetStats {
   cancelsSent: number;
   /** Tasks or cancels that could not be signed, hence not sent. */
   signErrors: number;
+  /**
+   * `refused` task reports by reason. `bad-signature`, `wrong-robot` and `replay` never change
+   * a task (docs/PROTOCOL.md, "Refusals"); `expired` and `task` (no reason) are answers.
+   */
+  refusals: Record<RefusalCount, number>;
   publishErrors: number;
   staleTaskReports: number;
   unknownTaskReports: number;
@@ -179,6 +188,10 @@ export class FleetService {
     tasksDispatched: 0,
     cancelsSent: 0,
     signErrors: 0,
+    refusals: {
+      ...Object.fromEntries(REFUSAL_REASONS.map((r) => [r, 0])) as Record<RefusalReason, number>,
+      task: 0,
+    },
     publishErrors: 0,
     staleTaskReports: 0,
     unknownTaskReports: 0,
@@ -214,7 +227,7 @@ export class FleetService {
   constructor(
     readonly registry: Registry,
     private readonly publisher: Publisher,
-    opts: FleetOptions = {},
+    opts: FleetOptions,
   ) {
     this.hbDefault = opts.heartbeatIntervalSeconds ?? 10;
     this.missed = opts.missedHeartbeats ?? 3;
@@ -224,7 +237,7 @@ export class FleetService {
     this.log = opts.logger ?? silentLogger;
     this.newId = opts.newId ?? (() => crypto.randomUUID());
     this.link = { up: !opts.startDisconnected, since: this.now().getTime() };
-    this.signer = opts.signer ?? UNSIGNED;
+    this.signer = opts.signer;
     this.probeTopic = opts.probeTopic;
     this.probeStallMs = opts.probeStallMs ?? 2000;
     this.confirmed = this.link.since;
@@ -456,6 +469,20 @@ export class FleetService {
       }
       case "task-status": {
         await reg.touchRobot(robotId, at);
+        if (msg.state === "refused") {
+          const why: RefusalCount = msg.reason ?? "task";
+          fx.push(() => this.stats.refusals[why]++);
+          if (msg.reason !== undefined && UNTRUSTED_REFUSALS.includes(msg.reason)) {
+            // The robot could not trust that message: its task id may be forged, or it was a
+            // copy of a task the robot runs or ran. Counted; the task is never touched.
+            fx.push(() =>
+              this.log.info(
+                `robot ${robotId} refused a task message (${msg.reason}): ${msg.error ?? ""}`,
+              )
+            );
+            return;
+          }
+        }
         const task = await reg.getTask(msg.taskId);
         if (!task || task.robotId !== robotId) {
           // Unknown, or another robot's task id: a robot may only report on its own tasks.
@@ -465,7 +492,13 @@ export class FleetService {
           });
           return;
         }
-        const r = await reg.applyTaskEvent(msg.taskId, msg.state, at, {
+        const event = reportEvent(msg, task);
+        if (event === undefined) {
+          // An `expired` refusal of a late copy of a task the robot took up: not about it.
+          fx.push(() => this.stats.staleTaskReports++);
+          return;
+        }
+        const r = await reg.applyTaskEvent(msg.taskId, event, at, {
           exitCode: msg.exitCode,
           stdout: msg.stdout,
           stderr: msg.stderr,

@@ -92,7 +92,8 @@ export interface FleetServerOptions {
   postgres?: PostgresConfig;
   /** false: no HTTP API (tests of the MQTT side). */
   http: HttpsOptions | false;
-  fleet?: FleetOptions;
+  /** Its `signer` signs every task and cancel (the server's SVID: `TaskSigner`). */
+  fleet: FleetOptions;
   /** Default 1000 ms. */
   sweepIntervalMs?: number;
   /** How often the server probes the broker's delivery through its own topic. Default 500 ms. */

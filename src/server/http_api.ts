@@ -59,9 +59,11 @@ import {
 import type { TaskCursor, TaskQuery, TaskRecord } from "./registry.ts";
 import type { Permission } from "./roles.ts";
 import { isTaskState, TASK_STATES } from "./tasks.ts";
+import { MAX_TASK_TTL_SECONDS } from "../fleet/task_limits.ts";
 
 export const MAX_BODY_BYTES = 64 * 1024;
-export const MAX_TTL_SECONDS = 7 * 24 * 3600;
+/** The robots' replay window is as long (src/fleet/task_limits.ts): a task never outlives it. */
+export const MAX_TTL_SECONDS = MAX_TASK_TTL_SECONDS;
 
 class HttpError extends Error {
   constructor(readonly status: number, message: string, readonly headers: HeadersInit = {}) {

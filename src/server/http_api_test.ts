@@ -8,7 +8,7 @@ import { serveHttps, svidServerTls } from "./https.ts";
 import { openSqliteFile } from "./registry_sqlite.ts";
 import { staticRoles } from "./roles.ts";
 import { robotsCommand, taskCommand, tasksCommand } from "./command.ts";
-import { TestHttps, writeTestCredentials } from "./testing.ts";
+import { TestHttps, UNSIGNED, writeTestCredentials } from "./testing.ts";
 
 class FakePublisher implements Publisher {
   sent: { topic: string; msg: TaskMessage }[] = [];
@@ -34,6 +34,7 @@ function setup(now = { t: Date.parse("2025-01-01T00:00:00Z") }) {
     now: () => new Date(now.t),
     newId: () => `task-${++n}`,
     heartbeatIntervalSeconds: 10,
+    signer: UNSIGNED,
   });
   const web = new TestHttps();
   const roles = staticRoles({ admin: "operator" });

@@ -12,13 +12,13 @@ import { createHandler } from "./http_api.ts";
 import { serveHttps, svidServerTls } from "./https.ts";
 import { openSqliteFile } from "./registry_sqlite.ts";
 import { staticRoles } from "./roles.ts";
-import { TestHttps } from "./testing.ts";
+import { TestHttps, UNSIGNED } from "./testing.ts";
 
 const pub: Publisher = { publish: () => Promise.resolve(), connected: () => true };
 
 async function serve(web: TestHttps) {
   const registry = openSqliteFile(":memory:");
-  const fleet = new FleetService(registry, pub);
+  const fleet = new FleetService(registry, pub, { signer: UNSIGNED });
   let port = 0;
   const handler = createHandler({
     fleet,

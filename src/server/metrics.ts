@@ -58,6 +58,10 @@ export interface MessageStats {
   staleTaskReports?: number;
   /** Task reports for a task that is not this robot's. */
   unknownTaskReports?: number;
+  /** `refused` task reports by reason (`task`: no reason, an ordinary refusal). */
+  refusals?: Readonly<Record<string, number>>;
+  /** Tasks or cancels that could not be signed (the server's SVID), hence not sent. */
+  signErrors?: number;
 }
 
 export interface MqttState {
@@ -102,6 +106,15 @@ export const DROP_REASONS = [
   "robot-id-mismatch",
   "unknown-task",
   "stale-task-report",
+] as const;
+
+/** Every reason a robot gives for refusing a task (`task`: none, an ordinary refusal). */
+export const REFUSAL_LABELS = [
+  "bad-signature",
+  "wrong-robot",
+  "expired",
+  "replay",
+  "task",
 ] as const;
 
 export const MESSAGE_TYPES = ["register", "heartbeat", "status", "task-status"] as const;
@@ -360,6 +373,28 @@ export class FleetMetrics implements MetricsRenderer {
       collect() {
         this.reset();
         this.inc(src.stats().publishErrors);
+      },
+    });
+    new Counter({
+      name: "k8s4r_task_refusals_total",
+      help:
+        "Task reports of state refused, by reason; bad-signature, wrong-robot and replay never change a task.",
+      labelNames: ["reason"],
+      registers,
+      collect() {
+        this.reset();
+        const counts = src.stats().refusals ?? {};
+        const reasons = new Set<string>([...REFUSAL_LABELS, ...Object.keys(counts)]);
+        for (const r of reasons) this.inc({ reason: r }, counts[r] ?? 0);
+      },
+    });
+    new Counter({
+      name: "k8s4r_task_sign_errors_total",
+      help: "Tasks and cancels that could not be signed with the server's SVID, hence not sent.",
+      registers,
+      collect() {
+        this.reset();
+        this.inc(src.stats().signErrors ?? 0);
       },
     });
     this.#taskLatency = new Histogram({

@@ -82,6 +82,10 @@ export interface Stats {
     received: Record<string, number>;
     dropped: Record<string, number>;
     droppedTotal: number;
+    /** `refused` task reports by reason (`task`: no reason). */
+    refusals: Record<string, number>;
+    staleTaskReports: number;
+    unknownTaskReports: number;
   };
   robots: { total: number; online: number };
 }
@@ -270,7 +274,13 @@ export class E2eStack {
   ): Promise<E2eStack> {
     // Short paths: unix socket paths are limited to 107 bytes.
     const dir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8s4r-e2e-" });
+    // As a checkout: the task user (devenv's k8s4r-task) may pass through to what a test hands
+    // it; devenv's own state (.dev-env, .spire-data, xdg) is 0700 below it.
+    await Deno.chmod(dir, 0o755);
     const sockDir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8e" });
+    // As devenv's /tmp/spire-agent: other users (the task user) reach the sockets, and get
+    // PermissionDenied from the Workload API, but cannot replace them.
+    await Deno.chmod(sockDir, 0o755);
     for (const sub of ["spire", "agent"]) {
       await Deno.mkdir(`${dir}/config/${sub}`, { recursive: true });
       for (const e of Deno.readDirSync(`${REPO}config/${sub}`)) {
@@ -472,11 +482,16 @@ export class E2eStack {
     return r.body;
   }
 
-  async createTask(robotId: string, command: string[], timeoutSeconds = 30): Promise<string> {
+  async createTask(
+    robotId: string,
+    command: string[],
+    timeoutSeconds = 30,
+    more: { env?: Record<string, string>; ttlSeconds?: number } = {},
+  ): Promise<string> {
     const r = await this.http<{ id: string }>(`/api/robots/${robotId}/tasks`, {
       method: "POST",
       headers: { "content-type": "application/json" },
-      body: JSON.stringify({ command, timeoutSeconds }),
+      body: JSON.stringify({ command, timeoutSeconds, ...more }),
     });
     assert.equal(r.status, 201, `POST task: ${r.status} ${JSON.stringify(r.body)}`);
     assert.equal(typeof r.body.id, "string");

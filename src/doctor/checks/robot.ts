@@ -43,7 +43,7 @@ import {
   warn,
 } from "../check.ts";
 import { certFacts, derToPem, pemCertificates } from "../pki.ts";
-import { svidPem } from "./common.ts";
+import { socketDirProblem, svidPem } from "./common.ts";
 
 /** A clock this far behind a certificate's notBefore is "behind" (SPIRE backdates by 10 s). */
 const CLOCK_TOLERANCE_MS = 60_000;
@@ -223,11 +223,14 @@ const dataDir: Check = {
         fixes.push(`chown ${ctx.uid} ${f}`);
       }
     }
-    const sockDir = p.runtimeDir;
-    const sd = await ctx.fs.stat(sockDir);
-    if (sd && (sd.mode & 0o002)) {
-      problems.push(`socket dir ${sockDir} is world-writable (mode ${sd.mode.toString(8)})`);
-      fixes.push(`chmod 755 ${sockDir}`);
+    // The socket directory (made by the service manager when the agent runs), by the rule the
+    // agent applies itself.
+    if (await ctx.fs.stat(p.runtimeDir)) {
+      const bad = await socketDirProblem(ctx, p.socketPath);
+      if (bad) {
+        problems.push(bad.detail);
+        fixes.push(bad.hint);
+      }
     }
     if (problems.length) return fail(problems.join("; "), fixes.join("; "));
     return ok(`${dir} (0700, uid ${st.uid ?? "?"}), secrets 0600`);

@@ -6,7 +6,7 @@ import { TestCa } from "../../spiffe/testing/test_ca.ts";
 import type { AgentDataState } from "../../spire/agent_state.ts";
 import type { CheckResult, FileInfo, TcpResult, TlsHandshakeResult } from "../check.ts";
 import { runChecks } from "../runner.ts";
-import { fakeContext, type FakeOptions, NOW } from "../testing.ts";
+import { dirChain, fakeContext, type FakeOptions, NOW } from "../testing.ts";
 import { detectHost } from "../command.ts";
 import { formatSkew, robotChecks } from "./robot.ts";
 
@@ -71,9 +71,9 @@ function robot(o: FakeOptions & { e?: Enrollment; state?: AgentDataState } = {})
     ...o,
     files,
     stats: {
+      ...dirChain(P.runtimeDir),
       [DIR]: { isDirectory: true, mode: 0o700, uid: 0 },
       [P.enrollmentRecord]: secret(),
-      [P.runtimeDir]: { isDirectory: true, mode: 0o755 },
       ...o.stats,
     },
     spire: { agentData: () => Promise.resolve(o.state), ...o.spire },
@@ -305,6 +305,17 @@ Deno.test("robot doctor: join token unused, expired before use, missing; data di
     `chmod 700 ${DIR}; chmod 600 ${P.joinTokenFile}; chown 0 ${P.joinTokenFile}`,
   );
   assert.equal((await byId("enrollment.data-dir").run(robot({}))).status, "ok");
+  // The socket directory by the agent's own rule: another user's (squatted) or group-writable.
+  const squat = await byId("enrollment.data-dir").run(
+    robot({ stats: { [P.runtimeDir]: { isDirectory: true, mode: 0o755, uid: 1000 } } }),
+  );
+  assert.equal(squat.status, "fail");
+  assert.match(squat.detail, /directory \/srv\/robot\/run belongs to uid 1000, not to this user/);
+  const gw = await byId("enrollment.data-dir").run(
+    robot({ stats: { [P.runtimeDir]: { isDirectory: true, mode: 0o775, uid: 0 } } }),
+  );
+  assert.match(gw.detail, /\/srv\/robot\/run is writable by its group \(mode 0775\)/);
+  assert.equal(gw.hint, "chmod go-w /srv/robot/run");
 });
 
 Deno.test("robot doctor: the control host unreachable, refused, or not who it says", async () => {

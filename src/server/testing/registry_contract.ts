@@ -18,6 +18,12 @@ import {
   type Publisher,
 } from "../fleet.ts";
 import { type Dialect, type Registry, SCHEMA_VERSION } from "../registry.ts";
+import { TestHttps, UNSIGNED } from "../testing.ts";
+import { checkDown, TaskSigner } from "../../mqtt/signed.ts";
+import { parseJws } from "../../spiffe/jws.ts";
+import { fleetServerSpiffeId } from "../../fleet/ids.ts";
+import { Buffer } from "node:buffer";
+import { X509Certificate } from "node:crypto";
 import { renderRobotsTable, robotStateText } from "../command.ts";
 
 export interface RegistryStore {
@@ -537,6 +543,7 @@ async function withFleet(
       now: () => new Date(clock.t),
       heartbeatIntervalSeconds: 10,
       logger: { info: (m) => logs.push(m), warn: (m) => logs.push(m) },
+      signer: UNSIGNED,
       ...(opts.probe ? { probeTopic: PROBE_TOPIC, probeStallMs: 2000 } : {}),
     });
     try {
@@ -934,6 +941,155 @@ const cancelCases: ContractCase[] = [
         await fleet.dispatchFor("robot-001");
         await fleet.settled();
         assert.equal((await registry.getTask(t.id))!.state, "dispatched");
+      }),
+  },
+  {
+    name:
+      "signing: every publish is signed afresh with the SVID current then (a re-dispatch after a rotation carries the new one)",
+    fn: (f) =>
+      withRegistry(f, async (registry) => {
+        const web = new TestHttps("k8s4r.test");
+        const raw: { topic: string; payload: Uint8Array }[] = [];
+        const pub: Publisher = {
+          publish: (topic, payload) => {
+            raw.push({ topic, payload });
+            return Promise.resolve();
+          },
+          connected: () => true,
+        };
+        const fleet = new FleetService(registry, pub, { signer: new TaskSigner(web.source) });
+        try {
+          await registry.touchRobot("robot-001", new Date().toISOString());
+          await registry.setOnline("robot-001", true, null);
+          const t = await fleet.createTask("robot-001", {
+            command: ["true"],
+            env: {},
+            timeoutSeconds: 5,
+          }, ADMIN);
+          await fleet.settled();
+          const first = web.source.getX509Svid().serialNumber;
+          web.rotate(); // SPIRE renewed the server's SVID; the task was not acknowledged yet
+          const second = web.source.getX509Svid().serialNumber;
+          assert.notEqual(first, second);
+          await fleet.dispatchFor("robot-001"); // e.g. the robot registered again
+          await fleet.cancelTask(t.id, ADMIN);
+          await fleet.settled();
+          const check = (p: { topic: string; payload: Uint8Array }) => {
+            const v = checkDown(p.topic, p.payload, {
+              robotId: "robot-001",
+              bundles: web.source,
+              signerId: fleetServerSpiffeId("k8s4r.test"),
+            });
+            assert.ok(v.ok, JSON.stringify(v));
+            const jws = parseJws(JSON.parse(new TextDecoder().decode(p.payload)));
+            return new X509Certificate(Buffer.from(jws.header.x5c[0], "base64")).serialNumber;
+          };
+          assert.deepEqual(raw.map((p) => p.topic), [
+            "k8s4r/robots/robot-001/down/task",
+            "k8s4r/robots/robot-001/down/task",
+            "k8s4r/robots/robot-001/down/cancel",
+          ]);
+          assert.deepEqual(raw.map(check), [first, second, second]);
+        } finally {
+          await fleet.settled();
+          web.close();
+        }
+      }),
+  },
+  {
+    name:
+      "refusal reasons: bad-signature, wrong-robot and replay never change a task, and are counted",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, online, report }) => {
+        await online("robot-001", true);
+        const mk = () =>
+          fleet.createTask("robot-001", { command: ["true"], env: {}, timeoutSeconds: 30 }, ADMIN);
+        const dispatched = await mk();
+        const running = await mk();
+        const done = await mk();
+        await fleet.settled();
+        await report("robot-001", running.id, "running");
+        await report("robot-001", done.id, "done", { exitCode: 0 });
+        const states = () =>
+          Promise.all(
+            [dispatched, running, done].map(async (t) => (await registry.getTask(t.id))!.state),
+          );
+        const before = await states();
+        assert.deepEqual(before, ["dispatched", "running", "done"]);
+        const unknown = fleet.stats.unknownTaskReports;
+        for (const reason of ["bad-signature", "wrong-robot", "replay"]) {
+          for (const id of [dispatched.id, running.id, done.id, "forged-id"]) {
+            await report("robot-001", id, "refused", { reason, error: `${reason}: test` });
+          }
+        }
+        assert.deepEqual(await states(), before, "an untrusted refusal moved a task");
+        assert.equal(fleet.stats.unknownTaskReports, unknown, "a forged id was looked up");
+        assert.equal(fleet.stats.refusals["bad-signature"], 4);
+        assert.equal(fleet.stats.refusals["wrong-robot"], 4);
+        assert.equal(fleet.stats.refusals.replay, 4);
+        // expired: an answer about a task the robot did not take up; a late copy of a running one
+        // is not.
+        await report("robot-001", running.id, "refused", {
+          reason: "expired",
+          error: "expired: x",
+        });
+        assert.equal((await registry.getTask(running.id))!.state, "running");
+        await report("robot-001", dispatched.id, "refused", {
+          reason: "expired",
+          error: "expired: arrived after its expiresAt",
+        });
+        const exp = (await registry.getTask(dispatched.id))!;
+        assert.equal(exp.state, "expired");
+        assert.match(exp.error ?? "", /arrived after its expiresAt/);
+        assert.equal(fleet.stats.refusals.expired, 2);
+        // Positive control: an ordinary refusal (no reason) is the robot's answer.
+        const plain = await mk();
+        await fleet.settled();
+        await report("robot-001", plain.id, "refused", { error: "not in tasks.allow" });
+        assert.equal((await registry.getTask(plain.id))!.state, "refused");
+        assert.equal(fleet.stats.refusals.task, 1);
+      }),
+  },
+  {
+    name:
+      "cancel with the robot's half: a cancel before the task arrived ends cancelled, the late copy's replay refusal changes nothing",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online, report }) => {
+        await online("robot-001", true);
+        pub.hold = true;
+        const t = await fleet.createTask("robot-001", {
+          command: ["sleep", "600"],
+          env: {},
+          timeoutSeconds: 600,
+        }, ADMIN);
+        await pub.sentCount(1); // in flight: the cancel cannot withdraw it
+        assert.equal((await fleet.cancelTask(t.id, ADMIN)).outcome, "cancelling");
+        pub.hold = false;
+        pub.ack();
+        await fleet.settled();
+        // The cancel reached the robot first: it claims the id and reports cancelled.
+        await report("robot-001", t.id, "cancelled", {
+          error: "cancelled by the fleet server (before the task arrived; it will not run)",
+        });
+        assert.equal((await registry.getTask(t.id))!.state, "cancelled");
+        // The task's copy arrives after: refused as a replay, which is not about the task.
+        await report("robot-001", t.id, "refused", { reason: "replay", error: "replay: seen" });
+        const after = (await registry.getTask(t.id))!;
+        assert.equal(after.state, "cancelled");
+        assert.match(after.error ?? "", /before the task arrived/);
+        // A cancel of a never-delivered task the robot then refuses as expired: cancelled.
+        await online("robot-001", false);
+        const late = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 5,
+        }, ADMIN);
+        await online("robot-001", true);
+        await fleet.dispatchFor("robot-001");
+        await fleet.settled();
+        assert.equal((await fleet.cancelTask(late.id, ADMIN)).outcome, "cancelling");
+        await report("robot-001", late.id, "refused", { reason: "expired", error: "expired: y" });
+        assert.equal((await registry.getTask(late.id))!.state, "cancelled");
       }),
   },
 ];

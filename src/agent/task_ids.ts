@@ -1,0 +1,260 @@
+/**
+ * The task ids this robot has seen, each kept for as long as a message carrying it could still
+ * pass the time rules (`replayWindowEnd` in src/mqtt/signed.ts: its `createdAt` + the window +
+ * the clock-skew allowance). A replay after an id was forgotten is therefore refused by age, and
+ * one before by this store: there is no count after which an id drops out early.
+ *
+ * `<stateDir>/task-ids.log`, one record per line, appended and fdatasync'd before a claim
+ * resolves (claims that arrive together share one write; writes never overlap):
+ *
+ *   <id> <forgetAfterMs> <seenAtMs>[ c]     c: claimed by a cancel before the task arrived
+ *   @hw <ms>                                 the latest wall-clock time seen (after compaction)
+ *
+ * The store also keeps the latest wall-clock time it has seen (`highWater`): the age checks use
+ * it instead of the clock, so setting the robot's clock back does not bring forgotten ids back
+ * into the window. Expired records are dropped when the file is compacted (rewritten atomically,
+ * at start and when the dead records outnumber the live ones). A torn last line (a crash while
+ * appending) belongs to a claim that never resolved, so no task of it ran: it is skipped.
+ *
+ * The former `task-ids.json` (the last 1000 ids, no times) is imported once: each of its ids is
+ * kept for a whole window from the import.
+ */
+import { join } from "node:path";
+import { removeDurable, syncDir, writeFileDurable } from "./durable.ts";
+
+export const TASK_IDS_FILE = "task-ids.log";
+const LEGACY_FILE = "task-ids.json";
+/** Default bound on ids within the window (~60 bytes each on disk). */
+export const DEFAULT_MAX_TASK_IDS = 1_000_000;
+
+export interface TaskIdRecord {
+  forgetAfter: number;
+  seenAt: number;
+  /** Claimed by a cancel that arrived before its task. */
+  cancelled: boolean;
+}
+
+export interface TaskIdStoreOptions {
+  stateDir: string;
+  /** How long an imported legacy id is kept (the window + skew, in ms). */
+  legacyKeepMs: number;
+  /** Claims beyond this many live ids are refused (with an error). */
+  maxIds?: number;
+  log?: (event: string, fields: Record<string, unknown>) => void;
+  /** Wall clock in ms (tests). */
+  clock?: () => number;
+}
+
+const ID_RE = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
+
+export class TaskIdStore {
+  readonly file: string;
+  private readonly legacy: string;
+  private readonly ids = new Map<string, TaskIdRecord>();
+  private hw = 0;
+  private loading?: Promise<void>;
+  private writing: Promise<void> = Promise.resolve();
+  private pending: string[] = [];
+  private handle?: Deno.FsFile;
+  /** Records in the file that are not live entries (expired, duplicate, corrupt). */
+  private dead = 0;
+  private readonly clock: () => number;
+  private readonly max: number;
+  corrupt = 0;
+
+  constructor(private readonly o: TaskIdStoreOptions) {
+    this.file = join(o.stateDir, TASK_IDS_FILE);
+    this.legacy = join(o.stateDir, LEGACY_FILE);
+    this.clock = o.clock ?? Date.now;
+    this.max = o.maxIds ?? DEFAULT_MAX_TASK_IDS;
+  }
+
+  /** The latest wall-clock time (ms) this store has seen, persisted across restarts. */
+  get highWater(): number {
+    return Math.max(this.hw, this.clock());
+  }
+
+  get size(): number {
+    return this.ids.size;
+  }
+
+  /** Reads the file once; every call waits for the same read. A failed read is retried. */
+  load(): Promise<void> {
+    this.loading ??= this.read().catch((err) => {
+      this.loading = undefined;
+      throw err;
+    });
+    return this.loading;
+  }
+
+  private async readText(path: string): Promise<string | undefined> {
+    try {
+      return await Deno.readTextFile(path);
+    } catch (err) {
+      if (err instanceof Deno.errors.NotFound) return undefined;
+      // Unreadable is not empty: refuse tasks rather than risk running one again.
+      throw new Error(`cannot read ${path}: ${(err as Error).message}`);
+    }
+  }
+
+  private async read(): Promise<void> {
+    const text = await this.readText(this.file);
+    let records = 0;
+    for (const line of (text ?? "").split("\n")) {
+      if (line === "") continue;
+      records++;
+      const hw = /^@hw (\d+)$/.exec(line);
+      if (hw) {
+        this.hw = Math.max(this.hw, Number(hw[1]));
+        continue;
+      }
+      const m = /^(\S+) (\d+) (\d+)( c)?$/.exec(line);
+      if (!m || !ID_RE.test(m[1])) {
+        this.corrupt++;
+        continue;
+      }
+      const rec = { forgetAfter: Number(m[2]), seenAt: Number(m[3]), cancelled: m[4] === " c" };
+      this.hw = Math.max(this.hw, rec.seenAt);
+      const old = this.ids.get(m[1]);
+      if (!old || old.forgetAfter < rec.forgetAfter) this.ids.set(m[1], rec);
+    }
+    if (this.corrupt > 0) {
+      this.o.log?.("task_ids.corrupt", { file: this.file, lines: this.corrupt });
+    }
+    const imported = await this.importLegacy();
+    const now = this.highWater;
+    for (const [id, r] of this.ids) if (r.forgetAfter < now) this.ids.delete(id);
+    this.dead = records - this.ids.size;
+    // At start the rewrite is cheap next to what it saves: compact once a third is dead.
+    if (imported || this.dead * 2 > this.ids.size || this.corrupt > 0) await this.compact();
+    if (imported) await removeDurable(this.legacy);
+  }
+
+  private async importLegacy(): Promise<boolean> {
+    const text = await this.readText(this.legacy);
+    if (text === undefined) return false;
+    const now = this.highWater;
+    let n = 0;
+    try {
+      const parsed = JSON.parse(text);
+      if (!Array.isArray(parsed?.ids)) throw new Error("no ids array");
+      for (const id of parsed.ids) {
+        if (typeof id !== "string" || !ID_RE.test(id) || this.ids.has(id)) continue;
+        this.ids.set(id, { forgetAfter: now + this.o.legacyKeepMs, seenAt: now, cancelled: false });
+        n++;
+      }
+    } catch (err) {
+      this.o.log?.("task_ids.legacy_corrupt", {
+        file: this.legacy,
+        error: (err as Error).message,
+      });
+    }
+    this.o.log?.("task_ids.imported", { file: this.legacy, ids: n });
+    return true;
+  }
+
+  /** The record of an id still remembered, if any. */
+  async lookup(id: string): Promise<TaskIdRecord | undefined> {
+    await this.load();
+    return this.ids.get(id);
+  }
+
+  /**
+   * Claims `id` until `forgetAfter` (ms). True the first time; false when it was seen before.
+   * Resolves once the claim is on disk. Throws when it cannot be recorded (unreadable or
+   * unwritable state, or `maxIds` live ids): the caller must then not run the task.
+   */
+  async claim(
+    id: string,
+    forgetAfter: number,
+    opts: { cancelled?: boolean } = {},
+  ): Promise<boolean> {
+    await this.load();
+    if (this.ids.has(id)) return false;
+    if (this.ids.size >= this.max) this.prune();
+    if (this.ids.size >= this.max) {
+      throw new Error(
+        `${this.ids.size} task ids are within the replay window (limit ${this.max}); refusing new tasks until some expire`,
+      );
+    }
+    const seenAt = this.highWater;
+    this.hw = seenAt;
+    const rec = { forgetAfter, seenAt, cancelled: opts.cancelled ?? false };
+    // Kept in memory even when the write below fails: this process never runs it either way.
+    this.ids.set(id, rec);
+    this.pending.push(`${id} ${forgetAfter} ${seenAt}${rec.cancelled ? " c" : ""}\n`);
+    await this.flush();
+    return true;
+  }
+
+  private prune(): void {
+    const now = this.highWater;
+    for (const [id, r] of this.ids) {
+      if (r.forgetAfter < now) {
+        this.ids.delete(id);
+        this.dead++;
+      }
+    }
+  }
+
+  /** Appends what is pending (one write, one fdatasync); compacts when dead records dominate. */
+  private flush(): Promise<void> {
+    const p = this.writing.then(async () => {
+      if (this.pending.length === 0) return; // an earlier flush already wrote this claim
+      const lines = this.pending.join("");
+      this.pending = [];
+      try {
+        if (!this.handle) await this.open();
+        const bytes = new TextEncoder().encode(lines);
+        let off = 0;
+        while (off < bytes.byteLength) off += await this.handle!.write(bytes.subarray(off));
+        await this.handle!.syncData();
+      } catch (err) {
+        // The handle may be half-written: reopen next time (a torn line is skipped at load).
+        this.handle?.close();
+        this.handle = undefined;
+        throw err;
+      }
+      this.prune();
+      if (this.dead > 1024 && this.dead > this.ids.size) await this.compact();
+    });
+    this.writing = p.catch(() => {});
+    return p;
+  }
+
+  private async open(): Promise<void> {
+    await Deno.mkdir(this.o.stateDir, { recursive: true, mode: 0o700 });
+    let existed = true;
+    try {
+      await Deno.stat(this.file);
+    } catch {
+      existed = false;
+    }
+    this.handle = await Deno.open(this.file, {
+      append: true,
+      create: true,
+      mode: 0o600,
+    });
+    if (!existed) await syncDir(this.o.stateDir);
+  }
+
+  /** Rewrites the file with the live records only (atomic, durable). */
+  private async compact(): Promise<void> {
+    this.handle?.close();
+    this.handle = undefined;
+    const lines = [`@hw ${this.highWater}\n`];
+    for (const [id, r] of this.ids) {
+      lines.push(`${id} ${r.forgetAfter} ${r.seenAt}${r.cancelled ? " c" : ""}\n`);
+    }
+    await writeFileDurable(this.file, lines.join(""));
+    this.dead = 0;
+    this.o.log?.("task_ids.compacted", { live: this.ids.size });
+  }
+
+  /** Waits for the last write and closes the file. */
+  async close(): Promise<void> {
+    await this.writing;
+    this.handle?.close();
+    this.handle = undefined;
+  }
+}

@@ -1,0 +1,158 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { TASK_IDS_FILE, TaskIdStore } from "./task_ids.ts";
+
+const DAY = 86_400_000;
+const WINDOW = 7 * DAY + 300_000;
+
+async function withDir(fn: (dir: string) => Promise<void>) {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-ids-" });
+  try {
+    await fn(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+function store(dir: string, clock: () => number, more: { maxIds?: number } = {}) {
+  return new TaskIdStore({ stateDir: dir, legacyKeepMs: WINDOW, clock, ...more });
+}
+
+Deno.test("task ids: a claimed id is seen again, also after a restart; the file is 0600", async () => {
+  await withDir(async (dir) => {
+    const t0 = Date.parse("2026-01-01T00:00:00Z");
+    const s = store(dir, () => t0);
+    assert.equal(await s.claim("A", t0 + WINDOW), true);
+    assert.equal(await s.claim("A", t0 + WINDOW), false);
+    await s.close();
+    const again = store(dir, () => t0 + 1000);
+    assert.equal(await again.claim("A", t0 + WINDOW), false);
+    assert.equal(await again.claim("B", t0 + WINDOW), true);
+    await again.close();
+    const mode = (await Deno.stat(join(dir, TASK_IDS_FILE))).mode! & 0o777;
+    assert.equal(mode, 0o600);
+  });
+});
+
+Deno.test("task ids: no count bound: 5000 ids in the window are all remembered", async () => {
+  await withDir(async (dir) => {
+    const t0 = Date.now();
+    const s = store(dir, () => t0);
+    const ids = Array.from({ length: 5000 }, (_, i) => `id-${i}`);
+    // Claimed together: they share writes, every claim resolves once it is durable.
+    assert.deepEqual(
+      new Set(await Promise.all(ids.map((id) => s.claim(id, t0 + WINDOW)))),
+      new Set([true]),
+    );
+    await s.close();
+    const again = store(dir, () => t0 + 6 * DAY);
+    for (const id of [ids[0], ids[999], ids[4999]]) {
+      assert.equal(await again.claim(id, t0 + WINDOW), false, id);
+    }
+    assert.equal(again.size, 5000);
+    await again.close();
+  });
+});
+
+Deno.test("task ids: kept until their window ends, then compacted away", async () => {
+  await withDir(async (dir) => {
+    const t0 = Date.now();
+    let now = t0;
+    const s = store(dir, () => now);
+    await s.claim("old", t0 + 1000);
+    await s.claim("young", t0 + WINDOW);
+    await s.close();
+    now = t0 + 2000;
+    const later = store(dir, () => now);
+    assert.equal(await later.lookup("old"), undefined);
+    assert.ok(await later.lookup("young"));
+    await later.close();
+    const text = await Deno.readTextFile(join(dir, TASK_IDS_FILE));
+    assert.doesNotMatch(text, /^old /m, "the expired record is gone from the file");
+    assert.match(text, /^young /m);
+  });
+});
+
+Deno.test("task ids: the high-water mark survives restarts (the clock set back does not help)", async () => {
+  await withDir(async (dir) => {
+    const t0 = Date.now();
+    const s = store(dir, () => t0 + 10 * DAY);
+    await s.claim("A", t0 + 20 * DAY);
+    await s.close();
+    const back = store(dir, () => t0);
+    await back.load();
+    assert.equal(back.highWater, t0 + 10 * DAY);
+    await back.close();
+  });
+});
+
+Deno.test("task ids: a torn last line is skipped and counted; the rest is kept", async () => {
+  await withDir(async (dir) => {
+    const t0 = Date.now();
+    const s = store(dir, () => t0);
+    await s.claim("A", t0 + WINDOW);
+    await s.close();
+    await Deno.writeTextFile(join(dir, TASK_IDS_FILE), "B 12", { append: true });
+    const logs: string[] = [];
+    const again = new TaskIdStore({
+      stateDir: dir,
+      legacyKeepMs: WINDOW,
+      clock: () => t0,
+      log: (e) => logs.push(e),
+    });
+    assert.equal(await again.claim("A", t0 + WINDOW), false);
+    assert.equal(again.corrupt, 1);
+    assert.ok(logs.includes("task_ids.corrupt"));
+    assert.equal(await again.claim("B", t0 + WINDOW), true, "B never resolved, so it never ran");
+    await again.close();
+  });
+});
+
+Deno.test("task ids: the former task-ids.json is imported once, for a whole window", async () => {
+  await withDir(async (dir) => {
+    const t0 = Date.now();
+    await Deno.writeTextFile(join(dir, "task-ids.json"), JSON.stringify({ ids: ["L1", "L2"] }));
+    const s = store(dir, () => t0);
+    assert.equal(await s.claim("L1", t0 + 1), false);
+    assert.equal((await s.lookup("L2"))?.forgetAfter, t0 + WINDOW);
+    await s.close();
+    await assert.rejects(Deno.stat(join(dir, "task-ids.json")), Deno.errors.NotFound);
+    const again = store(dir, () => t0 + DAY);
+    assert.equal(await again.claim("L2", t0 + 1), false);
+    await again.close();
+  });
+});
+
+Deno.test("task ids: beyond maxIds live ids a claim throws; expired ones make room", async () => {
+  await withDir(async (dir) => {
+    const t0 = Date.now();
+    let now = t0;
+    const s = store(dir, () => now, { maxIds: 3 });
+    await s.claim("a", t0 + 1000);
+    await s.claim("b", t0 + WINDOW);
+    await s.claim("c", t0 + WINDOW);
+    await assert.rejects(
+      s.claim("d", t0 + WINDOW),
+      /3 task ids are within the replay window \(limit 3\)/,
+    );
+    now = t0 + 2000; // "a" is past its window now
+    assert.equal(await s.claim("d", t0 + WINDOW), true);
+    await s.close();
+  });
+});
+
+Deno.test("task ids: cancels claim ids with a mark; an unreadable file refuses claims", async () => {
+  await withDir(async (dir) => {
+    const t0 = Date.now();
+    const s = store(dir, () => t0);
+    await s.claim("X", t0 + WINDOW, { cancelled: true });
+    await s.close();
+    assert.equal((await store(dir, () => t0).lookup("X"))?.cancelled, true);
+    const bad = join(dir, "bad");
+    await Deno.mkdir(join(bad, TASK_IDS_FILE), { recursive: true }); // a directory: EISDIR
+    await assert.rejects(
+      store(bad, () => t0).claim("Y", t0 + WINDOW),
+      /cannot read .*task-ids\.log/,
+    );
+  });
+});
