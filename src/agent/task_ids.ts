@@ -14,7 +14,9 @@
  * it instead of the clock, so setting the robot's clock back does not bring forgotten ids back
  * into the window. Expired records are dropped when the file is compacted (rewritten atomically,
  * at start and when the dead records outnumber the live ones). A torn last line (a crash while
- * appending) belongs to a claim that never resolved, so no task of it ran: it is skipped.
+ * appending) belongs to a claim that never resolved, so no task of it ran: it is skipped. A
+ * failed append (a full disk writes short, then fails) is cut off again, so the next record
+ * starts on a line of its own; when the cut fails too, the next append ends the torn line first.
  *
  * The former `task-ids.json` (the last 1000 ids, no times) is imported once: each of its ids is
  * kept for a whole window from the import.
@@ -56,6 +58,10 @@ export class TaskIdStore {
   private writing: Promise<void> = Promise.resolve();
   private pending: string[] = [];
   private handle?: Deno.FsFile;
+  /** Bytes of the open file that hold whole records (what a failed append is cut back to). */
+  private fileSize = 0;
+  /** "\n" when the file ends with a torn line: written before the next record. */
+  private tail = "";
   /** Records in the file that are not live entries (expired, duplicate, corrupt). */
   private dead = 0;
   private readonly clock: () => number;
@@ -205,14 +211,20 @@ export class TaskIdStore {
       this.pending = [];
       try {
         if (!this.handle) await this.open();
-        const bytes = new TextEncoder().encode(lines);
+        const bytes = new TextEncoder().encode(this.tail + lines);
         let off = 0;
         while (off < bytes.byteLength) off += await this.handle!.write(bytes.subarray(off));
         await this.handle!.syncData();
+        this.tail = "";
+        this.fileSize += bytes.byteLength;
       } catch (err) {
-        // The handle may be half-written: reopen next time (a torn line is skipped at load).
-        this.handle?.close();
+        // A full disk writes short, then fails: cut the torn line off again, or the next record
+        // would be appended to it and lost with it at load. When even that fails, the next open
+        // ends the torn line first (see open).
+        const h = this.handle;
         this.handle = undefined;
+        await h?.truncate(this.fileSize).catch(() => {});
+        h?.close();
         throw err;
       }
       this.prune();
@@ -230,12 +242,23 @@ export class TaskIdStore {
     } catch {
       existed = false;
     }
-    this.handle = await Deno.open(this.file, {
-      append: true,
-      create: true,
-      mode: 0o600,
-    });
-    if (!existed) await syncDir(this.o.stateDir);
+    const h = await Deno.open(this.file, { read: true, append: true, create: true, mode: 0o600 });
+    try {
+      // A file that does not end with a newline ends with a torn line (a crash or a failed cut
+      // while appending): the next record starts on a line of its own.
+      this.fileSize = (await h.stat()).size;
+      this.tail = "";
+      if (this.fileSize > 0) {
+        const last = new Uint8Array(1);
+        await h.seek(this.fileSize - 1, Deno.SeekMode.Start);
+        if ((await h.read(last)) !== 1 || last[0] !== 0x0a) this.tail = "\n";
+      }
+      if (!existed) await syncDir(this.o.stateDir);
+    } catch (err) {
+      h.close();
+      throw err;
+    }
+    this.handle = h;
   }
 
   /** Rewrites the file with the live records only (atomic, durable). */

@@ -156,3 +156,65 @@ Deno.test("task ids: cancels claim ids with a mark; an unreadable file refuses c
     );
   });
 });
+
+// ---------------------------------------------------------------------------------------------
+// Fault injection: a full disk (a real tmpfs)
+
+import { fillDisk, PAGE, withTmpfs } from "./testing/tmpfs.ts";
+
+Deno.test("task ids: after a failed append (full disk, torn line) the next claim survives a restart", async () => {
+  await withTmpfs(8 * PAGE, async (mnt) => {
+    const dir = join(mnt, "state");
+    const t0 = Date.now();
+    const s = store(dir, () => t0);
+    assert.equal(await s.claim("first", t0 + WINDOW), true); // the file now has its page
+    const disk = await fillDisk(mnt);
+    assert.ok(disk.bytes > 0, "the filler took the rest of the tmpfs");
+    // Claims fill what is left of the file's page; the one that crosses it fails.
+    const file = join(dir, TASK_IDS_FILE);
+    let failed: string | undefined;
+    let error = "";
+    let before = 0;
+    for (let i = 0; i < 500 && !failed; i++) {
+      const id = `task-${String(i).padStart(4, "0")}`;
+      before = (await Deno.stat(file)).size;
+      await s.claim(id, t0 + WINDOW).catch((err) => {
+        failed = id;
+        error = String(err);
+      });
+    }
+    // Control: the fault really happened, and its write was short (it began in the free rest
+    // of the file's page and crossed into a page the disk did not have): a torn line.
+    assert.ok(failed, "a claim failed on the full disk");
+    assert.match(error, /No space left|os error 28/);
+    const record = `${failed} ${t0 + WINDOW} ${t0}\n`.length;
+    assert.ok(before % PAGE !== 0 && before % PAGE + record > PAGE, `${before} + ${record}`);
+    // The torn line is cut off again.
+    assert.equal((await Deno.readFile(file)).at(-1), 0x0a, "the file ends with a whole line");
+    await disk.free();
+    assert.equal(await s.claim("after-disk-freed", t0 + WINDOW), true);
+    await s.close();
+    const again = store(dir, () => t0 + 1000);
+    assert.ok(await again.lookup("after-disk-freed"), "a claim that resolved is remembered");
+    assert.ok(await again.lookup("first"));
+    assert.equal(await again.lookup(failed!), undefined, "the failed claim never resolved");
+    await again.close();
+  });
+});
+
+Deno.test("task ids: a torn tail the cut could not remove is ended before the next record", async () => {
+  await withDir(async (dir) => {
+    const t0 = Date.now();
+    const s = store(dir, () => t0);
+    await s.load();
+    // As if a failed append could not be cut back: a torn line, and no handle open.
+    await Deno.writeTextFile(join(dir, TASK_IDS_FILE), `A ${t0 + WINDOW} ${t0}\nB 12`);
+    assert.equal(await s.claim("C", t0 + WINDOW), true);
+    await s.close();
+    const again = store(dir, () => t0);
+    assert.ok(await again.lookup("C"));
+    assert.ok(await again.lookup("A"));
+    assert.equal(again.corrupt, 1, "the torn line is a line of its own, skipped");
+    await again.close();
+  });
+});
