@@ -47,7 +47,13 @@ import {
   type SessionStats,
   type TlsSnapshot,
 } from "./mqtt_session.ts";
-import { Outbox, type OutboxEntry, type OutboxKind, type OutboxStats } from "./outbox.ts";
+import {
+  Outbox,
+  type OutboxEntry,
+  type OutboxKind,
+  type OutboxStats,
+  resultTaken,
+} from "./outbox.ts";
 import { sandboxToolsMissing, type TaskReport, TaskRunner } from "./task_runner.ts";
 import type { TaskUser } from "./task_user.ts";
 import { encodeTaskStatus } from "./task_status.ts";
@@ -477,14 +483,16 @@ export class RobotAgent {
   }
 
   /**
-   * Queues a task-status durably; resolves once it is on disk (sent in the background): true,
-   * or false when it could not be queued (the agent is stopping).
+   * Queues a task-status durably; resolves once it is on disk (sent in the background): true;
+   * `{ durable }` when its write failed (kept in memory, sent, written again: the runner keeps
+   * the task in its journal until it is on disk); false when it could not be queued (the agent
+   * is stopping). See `Reporter` in task_runner.ts.
    */
-  private report(r: TaskReport): Promise<boolean> {
+  private report(r: TaskReport): Promise<ReturnType<typeof resultTaken>> {
     this.o.log("task.report", { task: r.taskId, state: r.state, exit: r.exitCode, error: r.error });
     const payload = encodeTaskStatus(this.cfg.robotId, r);
     return this.enqueue("result", upTopic(this.cfg.robotId, "task"), payload).queued.then(
-      (e) => e !== undefined,
+      resultTaken,
     );
   }
 
@@ -523,6 +531,7 @@ export class RobotAgent {
       refusalReports: s.refusalReportsSent,
       refusalReportsSuppressed: s.refusalReportsSuppressed,
       queued: s.queue?.entries,
+      unwritten: s.queue?.unwritten,
     });
   }
 }

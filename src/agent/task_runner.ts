@@ -55,10 +55,17 @@ export type TaskSpec =
 /**
  * Receives every report. The runner waits for the promise of a FINAL report (done, failed,
  * refused, cancelled) before it forgets the task, so a reporter that queues durably makes
- * results survive a crash. A reporter resolving `false` could not take the report: the task
- * stays in the journal, and the next start reports it.
+ * results survive a crash. What it resolves to:
+ * - `false` (or a throw): the report was not taken: the task stays in the journal, and the next
+ *   start reports it (`failed: agent restarted`);
+ * - `{ durable: Promise<boolean> }`: taken, but not durable yet (its write failed and is being
+ *   retried): the task stays in the journal until `durable` resolves true;
+ * - anything else: taken durably: the task leaves the journal.
  */
 export type Reporter = (r: TaskReport) => unknown;
+
+/** How a reporter took a report (see `Reporter`). */
+type Taken = boolean | { durable: Promise<boolean> };
 
 /** Limits when none are configured (the agent passes its config's). */
 export const DEFAULT_LIMITS: TaskLimits = {
@@ -194,28 +201,53 @@ export class TaskRunner {
     return this.started;
   }
 
-  /** Sends a report; false when the reporter refused it or threw (logged, never thrown). */
-  private async send(report: Reporter, r: TaskReport): Promise<boolean> {
+  /**
+   * Sends a report: true when taken durably, false when the reporter refused it or threw
+   * (logged, never thrown), `{ durable }` when it was taken but is not durable yet.
+   */
+  private async send(report: Reporter, r: TaskReport): Promise<Taken> {
     if (r.error !== undefined) r = { ...r, error: boundError(r.error) };
     try {
-      return (await report(r)) !== false;
+      const answer = await report(r);
+      if (answer === false) return false;
+      const later = (answer as { durable?: unknown } | undefined)?.durable;
+      if (!(later instanceof Promise)) return true;
+      return { durable: later.then((ok) => ok === true, () => false) };
     } catch (err) {
       this.opts.log?.("task.report_failed", { task: r.taskId, error: (err as Error).message });
       return false;
     }
   }
 
-  /** The final report, then the task leaves the journal (unless the report was not taken). */
+  /** The final report, then the task leaves the journal once the report is durable. */
   private async finish(report: Reporter, r: TaskReport, journaled: boolean): Promise<void> {
     const taken = await this.send(report, r);
     if (!journaled) return;
-    if (!taken) {
+    if (taken === false) {
       this.opts.log?.("task.report_kept_for_restart", { task: r.taskId, state: r.state });
       return;
     }
-    await this.journal.end(r.taskId).catch((err) =>
-      this.opts.log?.("running_task.remove_failed", {
+    if (taken !== true) {
+      // Not on disk yet: until it is, a crash must still report the task at the next start.
+      this.opts.log?.("task.report_not_durable", {
         task: r.taskId,
+        state: r.state,
+        note:
+          "kept in memory, sent, and written again; the task stays in the running journal until its report is on disk",
+      });
+      taken.durable.then((ok) => {
+        if (ok) return this.endJournal(r.taskId);
+        this.opts.log?.("task.report_kept_for_restart", { task: r.taskId, state: r.state });
+      });
+      return;
+    }
+    await this.endJournal(r.taskId);
+  }
+
+  private endJournal(taskId: string): Promise<void> {
+    return this.journal.end(taskId).catch((err) =>
+      this.opts.log?.("running_task.remove_failed", {
+        task: taskId,
         error: (err as Error).message,
       })
     );
