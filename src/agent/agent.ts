@@ -34,7 +34,7 @@ import {
   type StatusMessage,
   type TaskReportState,
 } from "../mqtt/messages.ts";
-import { checkDown, replayWindowEnd, X5cChainCache } from "../mqtt/signed.ts";
+import { checkDown, X5cChainCache } from "../mqtt/signed.ts";
 import { robotSubscription, upTopic } from "../fleet/topics.ts";
 import type { X509SvidSource } from "../spiffe/source.ts";
 import { authorizeId, mtlsClientOptions } from "../spiffe/tls.ts";
@@ -421,10 +421,7 @@ export class RobotAgent {
         m.taskId,
         why,
         (r) => this.report(r),
-        replayWindowEnd(m, {
-          clockSkewSeconds: t.clockSkewSeconds,
-          maxAgeSeconds: t.maxAgeSeconds,
-        }),
+        m.ts,
       ).then((outcome) => {
         if (outcome === "not-running") this.counters.cancelNotRunning++;
         this.o.log("task.cancel", { task: m.taskId, outcome });

@@ -40,6 +40,9 @@ if (crash === "after-claim") {
     Deno.exit(9); // the id is on disk; nothing after it happened
   };
 }
+if (crash === "in-claim") {
+  TaskIdStore.prototype.claim = () => Deno.exit(9); // the journal is written; the id is not
+}
 if (crash === "in-journal-write") {
   TaskJournal.prototype.write = () => Deno.exit(9);
 }
@@ -53,7 +56,8 @@ const report = async (r) => {
   // What the agent does (agent.ts, report): queue it durably, answer the runner.
   return resultTaken(await box.add("result", upTopic("${ROBOT}", "task"), encodeTaskStatus("${ROBOT}", r)));
 };
-await runner.handle(spec.task, report);
+if (spec.cancel) await runner.cancel(spec.task.id, "cancelled by the fleet server", report, new Date().toISOString());
+else await runner.handle(spec.task, report);
 if (crash === "after-handle" || crash === "disk-full-at-result") Deno.exit(9); // no close(): a crash
 await box.close();
 await runner.ids.close();
@@ -67,10 +71,17 @@ interface Task {
   timeoutSeconds: number;
 }
 
-async function child(state: string, dir: string, crash: string, task: Task, allow = ["*"]) {
+async function child(
+  state: string,
+  dir: string,
+  crash: string,
+  task: Task,
+  allow = ["*"],
+  cancel = false,
+) {
   const out = await realRunner.output(
     Deno.execPath(),
-    ["eval", CHILD, state, dir, crash, JSON.stringify({ task, allow })],
+    ["eval", CHILD, state, dir, crash, JSON.stringify({ task, allow, cancel })],
     { check: false, timeoutMs: 60_000 },
   );
   return out;
@@ -204,4 +215,109 @@ Deno.test("a result whose write failed is kept, retried, and the task leaves the
     assert.ok(states.includes("done"), JSON.stringify(states));
     await again.close();
   });
+});
+
+Deno.test("crash right after the claim: the next start reports the task failed: agent restarted", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-crash-" });
+  try {
+    const state = join(dir, "state");
+    const t: Task = { id: "t-claimed", command: ["true"], env: {}, timeoutSeconds: 30 };
+    const c = await child(state, dir, "after-claim", t);
+    assert.equal(c.code, 9, `the child crashed where told: ${c.stderr}`);
+    const after = await restart(state, dir);
+    // Control: the claim was durable (so a re-sent copy is a replay and never runs).
+    assert.ok(await after.runner.ids.lookup("t-claimed"), "the id was claimed before the crash");
+    assert.deepEqual(after.recovered, ["t-claimed"]);
+    assert.deepEqual(
+      after.reports.map((r) => `${r.taskId}:${r.state}:${r.error}`),
+      ["t-claimed:failed:agent restarted"],
+    );
+    await after.runner.ids.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("crash before a refusal after the claim was queued: the next start reports the task", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-crash-" });
+  try {
+    const state = join(dir, "state");
+    // Refused by the allow-list, after the claim; the process dies before the report is queued.
+    const t: Task = { id: "t-refused", command: ["true"], env: {}, timeoutSeconds: 30 };
+    const c = await child(state, dir, "before-final-report", t, ["echo"]);
+    assert.equal(c.code, 9, `the child crashed where told: ${c.stderr}`);
+    const after = await restart(state, dir);
+    assert.ok(await after.runner.ids.lookup("t-refused"));
+    assert.deepEqual(after.recovered, ["t-refused"]);
+    assert.equal(after.reports[0]?.error, "agent restarted");
+    await after.runner.ids.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("crash before anything was recorded: nothing is reported, and the re-sent task runs once", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-crash-" });
+  try {
+    const state = join(dir, "state");
+    const t: Task = { id: "t-early", command: ["true"], env: {}, timeoutSeconds: 30 };
+    // Control for the two above: a run without a crash leaves nothing to recover.
+    const clean = await child(join(dir, "clean"), dir, "none", { ...t, id: "t-clean" });
+    assert.equal(clean.code, 0, clean.stderr);
+    const none = await restart(join(dir, "clean"), dir);
+    assert.deepEqual(none.recovered, []);
+    assert.ok(none.finals.has("t-clean"));
+    await none.runner.ids.close();
+    // The crash comes in the running journal's first write: nothing is claimed or reported
+    // (the task ran nowhere), so the server's re-sent copy runs, once.
+    const c = await child(state, dir, "in-journal-write", t);
+    assert.equal(c.code, 9, c.stderr);
+    const after = await restart(state, dir);
+    assert.deepEqual(after.recovered, []);
+    const reports: TaskReport[] = [];
+    await after.runner.handle(t, (r) => reports.push(r));
+    assert.deepEqual(reports.map((r) => r.state), ["accepted", "running", "done"]);
+    assert.equal(await after.runner.handle(t, () => {}), "replay");
+    await after.runner.ids.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("crash while the id is being claimed: reported, and the id is claimed at the next start", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-crash-" });
+  try {
+    const state = join(dir, "state");
+    const t: Task = { id: "t-in-claim", command: ["true"], env: {}, timeoutSeconds: 30 };
+    const c = await child(state, dir, "in-claim", t);
+    assert.equal(c.code, 9, c.stderr);
+    const after = await restart(state, dir);
+    assert.deepEqual(after.recovered, ["t-in-claim"]);
+    assert.equal(after.reports[0]?.error, "agent restarted");
+    // It was reported failed: the copy the server may still send never runs.
+    assert.equal(await after.runner.handle(t, () => {}), "replay");
+    await after.runner.ids.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("crash between a cancel's claim and its report: the next start reports it cancelled", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-crash-" });
+  try {
+    const state = join(dir, "state");
+    const t: Task = { id: "t-cancelled", command: ["true"], env: {}, timeoutSeconds: 30 };
+    const c = await child(state, dir, "before-final-report", t, ["*"], true);
+    assert.equal(c.code, 9, c.stderr);
+    const after = await restart(state, dir);
+    assert.equal((await after.runner.ids.lookup("t-cancelled"))?.cancelled, true);
+    assert.deepEqual(
+      after.reports.map((r) => `${r.state}:${r.error}`),
+      ["cancelled:cancelled by the fleet server (before the task arrived; it will not run)"],
+    );
+    assert.equal(await after.runner.handle(t, () => {}), "replay", "the late task never runs");
+    await after.runner.ids.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

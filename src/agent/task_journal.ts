@@ -1,8 +1,10 @@
 /**
  * The durable record of the tasks this agent is running, so that a crash of the agent leaves
- * no task behind: `<stateDir>/running/<taskId>.json`, written when a task is claimed, updated
- * with the process (pid, kernel start time, process group) once it is spawned, and removed once
- * its final report is in the durable outbound queue.
+ * no task behind, and no claimed task without a report: `<stateDir>/running/<taskId>.json`,
+ * written BEFORE a task's id is claimed (task_ids.ts), updated with the process (pid, kernel start
+ * time, process group) once it is spawned, and removed once its final report (a refusal too) is
+ * on disk in the durable outbound queue. A cancel that comes before its task is journaled the
+ * same way (`cancel`).
  *
  * On the next start, `interrupted()` lists what a crash left. `killInterrupted` stops each
  * record's process group, but only after checking that the pid still is the process that was
@@ -15,6 +17,10 @@ import { isDurableTemp, removeDurable, writeFileDurable } from "./durable.ts";
 export interface RunningTask {
   taskId: string;
   claimedAt: string;
+  /** The task's `createdAt` (a cancel's `ts`): its id is claimed again from it by `recover`. */
+  createdAt?: string;
+  /** Set for a cancel that came before its task: `recover` reports it `cancelled` with this. */
+  cancel?: string;
   /** Set once spawned. The task leads its own process group and session: pgid = pid. */
   pid?: number;
   /** Clock ticks since boot (field 22 of /proc/PID/stat). */

@@ -28,7 +28,7 @@ import {
   replayWindowEnd,
 } from "../mqtt/signed.ts";
 import { processStartTime } from "../process/mod.ts";
-import { killInterrupted, TaskJournal } from "./task_journal.ts";
+import { killInterrupted, type RunningTask, TaskJournal } from "./task_journal.ts";
 import { DEFAULT_MAX_TASK_IDS, TaskIdStore } from "./task_ids.ts";
 import {
   agentPath,
@@ -166,6 +166,10 @@ interface Active {
   handling?: Promise<unknown>;
 }
 
+function cancelledBeforeArrival(taskId: string, why: string): TaskReport {
+  return { taskId, state: "cancelled", error: `${why} (before the task arrived; it will not run)` };
+}
+
 function stopActive(a: Active, why: string, cancelled: boolean): void {
   if (a.stop) a.stop(why, cancelled);
   else a.pending ??= { why, cancelled };
@@ -176,6 +180,8 @@ export class TaskRunner {
   readonly journal: TaskJournal;
   /** Every task this runner is handling: claimed, checked, running, reporting. */
   private readonly active = new Map<string, Active>();
+  /** The latest claim of each id being claimed now (claims of one id take turns). */
+  private readonly claiming = new Map<string, Promise<void>>();
   /** Tasks past every check (accepted) and not finished: what maxConcurrent bounds. */
   private started = 0;
   private readonly maxOut: number;
@@ -254,7 +260,7 @@ export class TaskRunner {
   }
 
   /** When the id of `task` may be forgotten: the end of its replay window. */
-  private forgetAfter(task: TaskSpec): number {
+  private forgetAfter(task: Pick<TaskSpec, "createdAt">): number {
     const at = task.createdAt ?? new Date().toISOString();
     return replayWindowEnd({ createdAt: at }, this.opts.window ?? {});
   }
@@ -280,25 +286,75 @@ export class TaskRunner {
     }
   }
 
-  private async claimAndRun(task: TaskSpec, report: Reporter, me: Active): Promise<HandleOutcome> {
+  /**
+   * Claims the id of a task (or of a cancel that came first), journal first: the running record
+   * is written before the id, so a crash at any point after the claim leaves a record, and the
+   * next start (`recover`) reports the task. An id remembered already is answered at once (no
+   * write: a flood of copies costs nothing). Returns whether the id was claimed now, or the
+   * error that kept it from being recorded (nothing is claimed, nothing may run). Claims of one
+   * id (a task and its cancel) take turns, so each journal record belongs to one claim.
+   */
+  private claim(
+    taskId: string,
+    createdAt: string | undefined,
+    cancel?: string,
+  ): Promise<"claimed" | "seen" | { error: string }> {
+    const before = this.claiming.get(taskId) ?? Promise.resolve();
+    const p = before.then(() => this.claimNow(taskId, createdAt, cancel));
+    const turn = p.then(() => {}, () => {});
+    this.claiming.set(taskId, turn);
+    turn.then(() => {
+      if (this.claiming.get(taskId) === turn) this.claiming.delete(taskId);
+    });
+    return p;
+  }
+
+  private async claimNow(
+    taskId: string,
+    createdAt: string | undefined,
+    cancel?: string,
+  ): Promise<"claimed" | "seen" | { error: string }> {
+    try {
+      if (await this.ids.lookup(taskId)) return "seen";
+    } catch (err) {
+      return { error: `cannot record task id: ${(err as Error).message}` };
+    }
+    const rec: RunningTask = { taskId, claimedAt: new Date().toISOString() };
+    if (createdAt !== undefined) rec.createdAt = createdAt;
+    if (cancel !== undefined) rec.cancel = cancel;
+    try {
+      await this.journal.write(rec);
+    } catch (err) {
+      return { error: `cannot record the running task: ${(err as Error).message}` };
+    }
     let first: boolean;
     try {
-      first = await this.ids.claim(task.id, this.forgetAfter(task));
+      first = await this.ids.claim(taskId, this.forgetAfter({ createdAt }), {
+        cancelled: cancel !== undefined,
+      });
     } catch (err) {
       // Without the id on disk we cannot promise at-most-once: refuse rather than risk a rerun.
-      await this.finish(report, {
-        taskId: task.id,
-        state: "refused",
-        error: `cannot record task id: ${(err as Error).message}`,
-      }, false);
+      await this.endJournal(taskId);
+      return { error: `cannot record task id: ${(err as Error).message}` };
+    }
+    if (first) return "claimed";
+    await this.endJournal(taskId); // claimed meanwhile, outside the turns (the record is ours)
+    return "seen";
+  }
+
+  private async claimAndRun(task: TaskSpec, report: Reporter, me: Active): Promise<HandleOutcome> {
+    const claimed = await this.claim(task.id, task.createdAt);
+    if (typeof claimed === "object") {
+      await this.finish(report, { taskId: task.id, state: "refused", error: claimed.error }, false);
       return "run";
     }
-    if (!first) {
+    if (claimed === "seen") {
       this.opts.log?.("task.seen_before", { task: task.id });
       return "replay";
     }
+    // From here on the task is in the journal: every final report below ends it.
     const refuse = (error: string) =>
-      this.finish(report, { taskId: task.id, state: "refused", error }, false);
+      this.finish(report, { taskId: task.id, state: "refused", error }, true);
     const exe = task.command[0];
     if (this.opts.allow.length === 0) {
       await refuse("no task may run: tasks.allow is empty in the agent config");
@@ -341,18 +397,12 @@ export class TaskRunner {
         cancelled
           ? { taskId: task.id, state: "cancelled", error: `${why} (before it started)` }
           : { taskId: task.id, state: "failed", error: `${why} (before it started)` },
-        false,
+        true,
       );
       return "run";
     }
     this.started++;
     try {
-      try {
-        await this.journal.write({ taskId: task.id, claimedAt: new Date().toISOString() });
-      } catch (err) {
-        await refuse(`cannot record the running task: ${(err as Error).message}`);
-        return "run";
-      }
       this.send(report, { taskId: task.id, state: "accepted" });
       await this.execute(task, resolved.path, report, me);
     } finally {
@@ -371,24 +421,20 @@ export class TaskRunner {
     taskId: string,
     why: string,
     report: Reporter,
-    claimUntil: number,
+    /** The cancel's `ts`: its id is claimed for the window measured from it. */
+    cancelTs: string,
   ): Promise<CancelOutcome> {
     const a = this.active.get(taskId);
     if (a) {
       stopActive(a, why, true);
       return "cancelling";
     }
-    let first: boolean;
-    try {
-      first = await this.ids.claim(taskId, claimUntil, { cancelled: true });
-    } catch (err) {
-      this.opts.log?.("task.cancel_unrecorded", {
-        task: taskId,
-        error: (err as Error).message,
-      });
+    const claimed = await this.claim(taskId, cancelTs, why);
+    if (typeof claimed === "object") {
+      this.opts.log?.("task.cancel_unrecorded", { task: taskId, error: claimed.error });
       return "not-running";
     }
-    if (!first) {
+    if (claimed === "seen") {
       // It may have arrived while the claim was written: then it is active now.
       const again = this.active.get(taskId);
       if (again) {
@@ -397,11 +443,7 @@ export class TaskRunner {
       }
       return "not-running";
     }
-    await this.finish(
-      report,
-      { taskId, state: "cancelled", error: `${why} (before the task arrived; it will not run)` },
-      false,
-    );
+    await this.finish(report, cancelledBeforeArrival(taskId, why), true);
     return "cancelled-before-arrival";
   }
 
@@ -414,12 +456,22 @@ export class TaskRunner {
 
   /**
    * After a crash: stops what is left of each task the journal still lists (checking each pid's
-   * start time first), reports it `failed: agent restarted` (unless `hasFinal` says its final
-   * report is already queued), and clears the journal. Returns the task ids.
+   * start time first), reports it `failed: agent restarted` (a cancel that came first:
+   * `cancelled`), unless `hasFinal` says its final report is already queued, and clears the
+   * journal. Every listed id is claimed (it may not have been when the crash came), so a copy
+   * the server sends again is a replay and never runs. Returns the task ids.
    */
   async recover(report: Reporter, hasFinal: (taskId: string) => boolean = () => false) {
     const recs = await this.journal.interrupted();
     await Promise.all(recs.map(async (rec) => {
+      await this.ids.claim(rec.taskId, this.forgetAfter({ createdAt: rec.createdAt }), {
+        cancelled: rec.cancel !== undefined,
+      }).catch((err) =>
+        this.opts.log?.("task.interrupted_unclaimed", {
+          task: rec.taskId,
+          error: (err as Error).message,
+        })
+      );
       const killed = await killInterrupted(rec, this.opts.killGraceMs).catch((err) => {
         this.opts.log?.("task.interrupted_kill_failed", {
           task: rec.taskId,
@@ -438,7 +490,9 @@ export class TaskRunner {
       else {
         await this.finish(
           report,
-          { taskId: rec.taskId, state: "failed", error: "agent restarted" },
+          rec.cancel !== undefined
+            ? cancelledBeforeArrival(rec.taskId, rec.cancel)
+            : { taskId: rec.taskId, state: "failed", error: "agent restarted" },
           true,
         );
       }
@@ -508,6 +562,7 @@ export class TaskRunner {
       await this.journal.write({
         taskId: task.id,
         claimedAt: new Date().toISOString(),
+        ...(task.createdAt !== undefined ? { createdAt: task.createdAt } : {}),
         pid,
         startTime,
         pgid: pid,

@@ -423,7 +423,7 @@ Deno.test("cancel: a running task is stopped and reported cancelled", async () =
     );
     await waitFor(() => reports.some((x) => x.state === "running"), { timeoutMs: 10_000 });
     assert.equal(
-      await r.cancel("k1", "cancelled by the fleet server", () => {}, Date.now() + 1e9),
+      await r.cancel("k1", "cancelled by the fleet server", () => {}, new Date().toISOString()),
       "cancelling",
     );
     await p;
@@ -434,7 +434,7 @@ Deno.test("cancel: a running task is stopped and reported cancelled", async () =
     // Finished: a second cancel finds nothing to do and reports nothing.
     const more: TaskReport[] = [];
     assert.equal(
-      await r.cancel("k1", "again", (x) => more.push(x), Date.now() + 1e9),
+      await r.cancel("k1", "again", (x) => more.push(x), new Date().toISOString()),
       "not-running",
     );
     assert.deepEqual(more, []);
@@ -448,7 +448,7 @@ Deno.test("cancel before arrival: reported cancelled at once, the task never run
       "early",
       "cancelled by the fleet server",
       (x) => reports.push(x),
-      Date.now() + 1e9,
+      new Date().toISOString(),
     );
     assert.equal(outcome, "cancelled-before-arrival");
     assert.deepEqual(reports.map((x) => x.state), ["cancelled"]);
