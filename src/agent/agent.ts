@@ -267,7 +267,7 @@ export class RobotAgent {
         );
       }
     }
-    // The id store first: its high-water clock guards every age check from the first message.
+    // The id store first: what it has forgotten bounds every message's age from the first one.
     await this.tasks.ids.load();
     this.opening = Outbox.open({
       stateDir: this.cfg.stateDir,
@@ -391,10 +391,8 @@ export class RobotAgent {
       robotId: this.cfg.robotId,
       bundles: this.o.source,
       signerId: t.signerSpiffeId,
-      now: new Date(),
-      ageNow: new Date(this.tasks.ids.highWater),
-      clockSkewSeconds: t.clockSkewSeconds,
-      maxAgeSeconds: t.maxAgeSeconds,
+      // The clock, the window, and what the id store can vouch for.
+      ...this.tasks.timeRules(),
       cache: this.chains,
     });
     if (!v.ok && v.kind === "malformed") {

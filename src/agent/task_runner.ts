@@ -24,8 +24,8 @@
 import type { TaskMessage } from "../mqtt/messages.ts";
 import {
   DEFAULT_CLOCK_SKEW_SECONDS,
+  type DownCheckOptions,
   MAX_TASK_TTL_SECONDS,
-  replayWindowEnd,
 } from "../mqtt/signed.ts";
 import { processStartTime } from "../process/mod.ts";
 import { killInterrupted, type RunningTask, TaskJournal } from "./task_journal.ts";
@@ -88,7 +88,10 @@ export interface TaskRunnerOptions {
   maxOutputBytes?: number;
   /** Bound on task ids remembered within the window (claims beyond it are refused). */
   maxRememberedIds?: number;
-  /** The replay window ids are kept for (see `replayWindowEnd`). */
+  /**
+   * The replay window (see `replayWindowEnd`): ids are kept for the one in force, measured from
+   * their own createdAt, also those claimed under a shorter one.
+   */
   window?: { clockSkewSeconds?: number; maxAgeSeconds?: number };
   /** Environment every task starts from (default `minimalEnv`; the agent's is NOT inherited). */
   baseEnv?: Record<string, string>;
@@ -101,6 +104,8 @@ export interface TaskRunnerOptions {
   maxConcurrent?: number;
   /** When it returns a reason, new tasks are refused with it (e.g. the outbound queue is full). */
   refuseReason?: () => string | undefined;
+  /** Wall clock in ms (tests). */
+  clock?: () => number;
   log?: (event: string, fields: Record<string, unknown>) => void;
 }
 
@@ -191,11 +196,12 @@ export class TaskRunner {
   constructor(private readonly opts: TaskRunnerOptions) {
     this.ids = new TaskIdStore({
       stateDir: opts.stateDir,
-      // A legacy id (no time known) is kept for a whole window from the import.
-      legacyKeepMs: ((opts.window?.maxAgeSeconds ?? MAX_TASK_TTL_SECONDS) +
+      // The window in force now: ids are kept for it, measured from their own createdAt.
+      windowMs: ((opts.window?.maxAgeSeconds ?? MAX_TASK_TTL_SECONDS) +
         (opts.window?.clockSkewSeconds ?? DEFAULT_CLOCK_SKEW_SECONDS)) * 1000,
       maxIds: opts.maxRememberedIds ?? DEFAULT_MAX_TASK_IDS,
       log: opts.log,
+      clock: opts.clock,
     });
     this.journal = new TaskJournal(opts.stateDir, opts.log);
     this.maxOut = opts.maxOutputBytes ?? 64 * 1024;
@@ -205,6 +211,23 @@ export class TaskRunner {
 
   get runningCount(): number {
     return this.started;
+  }
+
+  /**
+   * The time rules of `checkDown` for a message arriving now: the clock, the window, and what
+   * the id store can vouch for (a message created no later than the newest window start it has
+   * forgotten is refused as a replay).
+   */
+  timeRules(): Pick<
+    DownCheckOptions,
+    "now" | "forgottenUpTo" | "clockSkewSeconds" | "maxAgeSeconds"
+  > {
+    return {
+      now: new Date((this.opts.clock ?? Date.now)()),
+      forgottenUpTo: this.ids.forgotten,
+      clockSkewSeconds: this.opts.window?.clockSkewSeconds,
+      maxAgeSeconds: this.opts.window?.maxAgeSeconds,
+    };
   }
 
   /**
@@ -259,10 +282,10 @@ export class TaskRunner {
     );
   }
 
-  /** When the id of `task` may be forgotten: the end of its replay window. */
-  private forgetAfter(task: Pick<TaskSpec, "createdAt">): number {
-    const at = task.createdAt ?? new Date().toISOString();
-    return replayWindowEnd({ createdAt: at }, this.opts.window ?? {});
+  /** Where the replay window of `task`'s id starts: its createdAt (a cancel's ts), in ms. */
+  private windowStart(task: Pick<TaskSpec, "createdAt">): number {
+    const at = task.createdAt === undefined ? NaN : Date.parse(task.createdAt);
+    return Number.isFinite(at) ? at : (this.opts.clock ?? Date.now)();
   }
 
   /**
@@ -329,7 +352,7 @@ export class TaskRunner {
     }
     let first: boolean;
     try {
-      first = await this.ids.claim(taskId, this.forgetAfter({ createdAt }), {
+      first = await this.ids.claim(taskId, this.windowStart({ createdAt }), {
         cancelled: cancel !== undefined,
       });
     } catch (err) {
@@ -464,7 +487,7 @@ export class TaskRunner {
   async recover(report: Reporter, hasFinal: (taskId: string) => boolean = () => false) {
     const recs = await this.journal.interrupted();
     await Promise.all(recs.map(async (rec) => {
-      await this.ids.claim(rec.taskId, this.forgetAfter({ createdAt: rec.createdAt }), {
+      await this.ids.claim(rec.taskId, this.windowStart({ createdAt: rec.createdAt }), {
         cancelled: rec.cancel !== undefined,
       }).catch((err) =>
         this.opts.log?.("task.interrupted_unclaimed", {
