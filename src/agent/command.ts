@@ -31,6 +31,8 @@ import { AGENT_UNIT_PATH, robotHostPaths } from "../fleet/paths.ts";
 import { isRobotId } from "../fleet/topics.ts";
 import { decodePem } from "../spiffe/pem.ts";
 import { formatDuration } from "../fleet/duration.ts";
+import { formatHostPort } from "../fleet/addresses.ts";
+import { type MetricsServer, serveMetrics } from "../metrics/mod.ts";
 
 const csrCommand: CommandSpec = {
   name: "csr",
@@ -195,6 +197,18 @@ the control host, writes agent.yaml and the state (default /etc/k8s4r, /var/lib/
       valueName: "DURATION",
       description: "The managed spire-agent's sync_interval (default: SPIRE's, 5s)",
     },
+    {
+      name: "metrics-listen",
+      type: "string",
+      valueName: "HOST:PORT",
+      description: "Serve Prometheus metrics on this loopback address (metrics.listen)",
+    },
+    {
+      name: "spire-telemetry",
+      type: "string",
+      valueName: "HOST:PORT",
+      description: "The managed spire-agent's Prometheus telemetry, on loopback (default: none)",
+    },
   ],
   run: (args, io) => runAgentCommand(args, io),
 };
@@ -250,6 +264,8 @@ async function runAgentCommand(args: Args, io: Io): Promise<number> {
       noManageSpire: args.bool("no-manage-spire"),
       spireSyncInterval: args.string("spire-sync-interval"),
       spireAgentBin: args.string("spire-agent-bin"),
+      metricsListen: args.string("metrics-listen"),
+      spireTelemetry: args.string("spire-telemetry"),
     },
   });
   // The token must not reach the environment of anything we start (spire-agent, tasks):
@@ -288,6 +304,7 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
   let spire: SpireAgentSupervisor | undefined;
   let source: X509Source | undefined;
   let agent: RobotAgent | undefined;
+  let metrics: MetricsServer | undefined;
   try {
     if (config.spire.manage) spire = await startSpire(config, io, log);
     try {
@@ -323,6 +340,19 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
         `the agent keeps its task ids, running tasks and outbound queue in ${config.stateDir}: it must be a writable directory`,
       );
     }
+    const ml = config.metrics.listen;
+    if (ml) {
+      try {
+        metrics = serveMetrics(agent.metrics, ml);
+      } catch (err) {
+        throw new CliError(
+          `cannot serve metrics on ${formatHostPort(ml.hostname, ml.port)}: ${errorMessage(err)}`,
+          1,
+          "choose a free loopback port (metrics.listen in plugins.yaml, or --metrics-listen)",
+        );
+      }
+      log("metrics.listening", { url: metrics.url });
+    }
     if (!io.signal.aborted) {
       await new Promise<void>((resolve) =>
         io.signal.addEventListener("abort", () => resolve(), { once: true })
@@ -330,6 +360,7 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
     }
     log("agent.stopping", { reason: "signal" });
   } finally {
+    await metrics?.close().catch(() => {});
     await agent?.stop("agent stopped").catch((err) =>
       log("agent.stop_error", { error: errorMessage(err) })
     );
@@ -408,6 +439,7 @@ async function startSpire(
     serverPort: s.serverPort,
     logLevel: s.logLevel,
     syncInterval: s.syncInterval,
+    telemetry: s.telemetry,
     nodeAttestor: s.nodeAttestor,
     onEvent: (e: AgentEvent) => {
       const { type, ...rest } = e;

@@ -31,6 +31,7 @@ export const rootCommand: CommandSpec = {
     lazy("robots", async () => (await import("../server/command.ts")).robotsCommand),
     lazy("tasks", async () => (await import("../server/command.ts")).tasksCommand),
     lazy("task", async () => (await import("../server/command.ts")).taskCommand),
+    lazy("dashboard", async () => (await import("../server/command.ts")).dashboardCommand),
   ],
   run(args, io) {
     if (args.bool("version")) {

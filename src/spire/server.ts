@@ -7,6 +7,7 @@
  * -logLevel`); values without a flag (datastore and key paths under another data dir, SVID and
  * CA TTLs) are handled by rendering a complete config with `renderServerConfig` instead.
  */
+import { renderSpireTelemetry, type SpireTelemetry } from "./telemetry.ts";
 import { redactJoinTokens } from "./redact.ts";
 import { isAbsolute, join, resolve } from "node:path";
 import { CliError } from "../cli/errors.ts";
@@ -168,6 +169,8 @@ export interface StartServerOptions {
   attestationRateLimit?: boolean;
   /** `experimental.events_based_cache`; undefined = the config file's, else SPIRE's (false). */
   eventsBasedCache?: boolean;
+  /** Serve SPIRE's Prometheus telemetry on this loopback address (`renderSpireTelemetry`). */
+  telemetry?: SpireTelemetry;
   logFile: string;
   pidFile?: string;
   detached?: boolean;
@@ -212,7 +215,8 @@ export async function planSpireServer(
   // run from a rendered config that holds every value.
   if (
     opts.dataDir || opts.defaultX509SvidTtl || opts.caTtl || opts.cacheReloadInterval ||
-    opts.attestationRateLimit !== undefined || opts.eventsBasedCache !== undefined
+    opts.attestationRateLimit !== undefined || opts.eventsBasedCache !== undefined ||
+    opts.telemetry !== undefined
   ) {
     const dataDir = resolve(opts.cwd, opts.dataDir ?? readConfigValue(text, "data_dir") ?? ".");
     const port = readConfigValue(text, "bind_port");
@@ -234,6 +238,7 @@ export async function planSpireServer(
       eventsBasedCache: opts.eventsBasedCache ??
         readConfigBool(text, "experimental.events_based_cache"),
     } as Partial<ServerConfigValues>); // undefined values fall back to the defaults
+    if (opts.telemetry) rendered += renderSpireTelemetry(opts.telemetry);
     configFile = join(dataDir, "server.generated.conf");
   }
   const args = ["run", "-config", configFile];
