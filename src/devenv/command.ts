@@ -15,6 +15,8 @@ import {
 } from "./context.ts";
 import { devenvLogs } from "./logs.ts";
 import { devenvStart } from "./start.ts";
+import { runPrometheus } from "./monitoring.ts";
+import { TELEMETRY_PORT_SPAN } from "../fleet/ports.ts";
 import { devenvStatus } from "./status.ts";
 import { devenvClean, devenvStop } from "./stop.ts";
 
@@ -99,6 +101,18 @@ function goDuration(args: Args, flag: string): string | undefined {
   return v;
 }
 
+/** The telemetry ports (SPIRE exporters, agents' /metrics) must fit below 65536. */
+function checkTelemetryPorts(ctx: DevenvContext): void {
+  const base = ctx.layout.ports.telemetry;
+  if (base < 1 || base + TELEMETRY_PORT_SPAN > 65535) {
+    throw new UsageError(
+      `telemetry port ${base}: expected a port in [1, ${
+        65535 - TELEMETRY_PORT_SPAN
+      }] (it and the ${TELEMETRY_PORT_SPAN} above it are the stack's telemetry ports)`,
+    );
+  }
+}
+
 function withContext(
   fn: (ctx: DevenvContext, args: Args) => Promise<number>,
 ): (args: Args, io: Io) => Promise<number> {
@@ -170,6 +184,12 @@ export const devenvCommand: CommandSpec = {
           description: "How long to wait for the robots to come online (default 120)",
         },
         {
+          name: "monitoring",
+          type: "boolean",
+          description: "Also run Prometheus (Debian's) on 127.0.0.1:9090 (--prometheus-port), " +
+            "scraping the fleet server, SPIRE and every agent with config/prometheus/alerts.yaml",
+        },
+        {
           name: "spire-defaults",
           type: "boolean",
           description: `Run SPIRE with its own sync and cache-reload intervals (5s) and ` +
@@ -181,6 +201,7 @@ export const devenvCommand: CommandSpec = {
       ],
       run: withContext((ctx, args) => {
         const mode = args.string("broker") ?? "auto";
+        checkTelemetryPorts(ctx);
         if (!["native", "docker", "auto"].includes(mode)) {
           throw new UsageError(
             `devenv start: --broker expects native, docker or auto, got '${mode}'`,
@@ -197,6 +218,7 @@ export const devenvCommand: CommandSpec = {
           brokerUrl: ctx.env["MQTT_BROKER_URL"] || undefined,
           onlineTimeoutMs: timeout !== undefined ? timeout * 1000 : undefined,
           spireDefaults: args.bool("spire-defaults"),
+          monitoring: args.bool("monitoring"),
         });
       }),
     },
@@ -257,6 +279,15 @@ export const devenvCommand: CommandSpec = {
           attestationRateLimit: args.bool("no-attestation-rate-limit") ? false : undefined,
           eventsBasedCache: args.bool("events-based-cache") ? true : undefined,
         })
+      ),
+    },
+    {
+      name: "prometheus",
+      summary: "Run Prometheus and keep its scrape credential fresh (run by start --monitoring)",
+      hidden: true,
+      flags: [...LAYOUT_FLAGS, ...HIDDEN_SPIRE_FLAGS],
+      run: withContext((ctx, args) =>
+        runPrometheus(ctx, { spireServerBin: args.string("spire-server-bin") })
       ),
     },
     {

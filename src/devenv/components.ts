@@ -62,6 +62,15 @@ import {
 import type { RobotLayout } from "./layout.ts";
 import { httpGetJson, type ProbeResult } from "./probes.ts";
 import type { ComponentStatus } from "./render.ts";
+import {
+  awaitPrometheusRules,
+  monitoringOn,
+  probePrometheus,
+  PROMETHEUS_OPERATOR,
+  prometheusSummary,
+  prometheusUrl,
+  writePrometheusConfig,
+} from "./monitoring.ts";
 
 /**
  * SPIRE's timing in the dev stack; production keeps SPIRE's defaults, and
@@ -104,6 +113,8 @@ export interface StartOptions {
   onlineTimeoutMs?: number;
   /** Run SPIRE with its own default intervals instead of `DEV_SPIRE_TIMING`. */
   spireDefaults?: boolean;
+  /** Also run Prometheus (monitoring.ts), scraping everything with the alert rules. */
+  monitoring?: boolean;
 }
 
 /**
@@ -118,7 +129,12 @@ export class StackView {
     bundle?: Promise<string>;
   } = {};
 
-  constructor(readonly ctx: DevenvContext, readonly robots: readonly RobotLayout[]) {
+  constructor(
+    readonly ctx: DevenvContext,
+    readonly robots: readonly RobotLayout[],
+    /** Prometheus is a row of this table (`--monitoring`, or the last start had it). */
+    readonly monitoring: boolean = monitoringOn(ctx),
+  ) {
     // `localhost`: the name the server's certificate carries (it listens on 127.0.0.1).
     this.api = defaultServerUrl(ctx.layout.ports.http);
   }
@@ -157,7 +173,7 @@ export class StackView {
 
   /** The same stack with other robots; what was looked up already is shared. */
   withRobots(robots: readonly RobotLayout[]): StackView {
-    const v = new StackView(this.ctx, robots);
+    const v = new StackView(this.ctx, robots, this.monitoring);
     v.#memo = this.#memo;
     return v;
   }
@@ -225,7 +241,7 @@ export class StartRun extends StackView {
     robots: readonly RobotLayout[],
     readonly opts: StartOptions,
   ) {
-    super(ctx, robots);
+    super(ctx, robots, opts.monitoring ?? false);
     this.childEnv = { ...ctx.layoutEnv, NO_COLOR: "1" };
   }
 
@@ -323,6 +339,7 @@ export function devenvComponents(view: StackView): Component[] {
       needs: agents.map((a) => a.name),
       run: () => Promise.resolve(`${agents.length} online`),
     },
+    ...(view.monitoring ? [prometheusComponent(view)] : []),
   ];
 }
 
@@ -782,19 +799,19 @@ function operatorsStep(view: StackView): Component {
     kind: "step",
     needs: ["spire-binaries", "spire-server"],
     async run(run) {
-      return await ensureOperator(
-        {
-          env: run.ctx.io.env,
-          runner: run.ctx.io.runner,
-          spireServerBin: run.spire!.server,
-          spireSocket: layout.spireServerSocket,
-          rolesFile: layout.serverRolesFile,
-          trustDomain: layout.trustDomain,
-          serverUrl: run.api,
-        },
-        DEVENV_OPERATOR,
-        "operator",
-      );
+      const ctl = {
+        env: run.ctx.io.env,
+        runner: run.ctx.io.runner,
+        spireServerBin: run.spire!.server,
+        spireSocket: layout.spireServerSocket,
+        rolesFile: layout.serverRolesFile,
+        trustDomain: layout.trustDomain,
+        serverUrl: run.api,
+      };
+      const admin = await ensureOperator(ctl, DEVENV_OPERATOR, "operator");
+      // Prometheus scrapes /metrics as a viewer (the API's own authorization).
+      if (!run.monitoring) return admin;
+      return `${admin}; ${await ensureOperator(ctl, PROMETHEUS_OPERATOR, "viewer")}`;
     },
   };
 }
@@ -884,6 +901,11 @@ export function agentArgs(
     brokerUrl,
     ...(spire.syncInterval ? ["--spire-sync-interval", spire.syncInterval] : []),
     ...(spire.agentBin ? ["--spire-agent-bin", spire.agentBin] : []),
+    // Loopback telemetry: the agent's own /metrics and its spire-agent's exporter.
+    "--metrics-listen",
+    `127.0.0.1:${r.metricsPort}`,
+    "--spire-telemetry",
+    `127.0.0.1:${r.spireTelemetryPort}`,
   ];
 }
 
@@ -1013,6 +1035,63 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
         healthy: p.running && online,
         endpoint: r.agentSocket,
         detail,
+      };
+    },
+  };
+}
+
+/** `--monitoring`: Prometheus, scraping every endpoint with the alert rules (monitoring.ts). */
+function prometheusComponent(view: StackView): Component {
+  const { ctx } = view;
+  const { layout, files } = ctx;
+  const url = prometheusUrl(ctx);
+  return {
+    name: "prometheus",
+    kind: "daemon",
+    // Its scrape credential (operators) and the exported bundle (ca-bundle) must exist; its
+    // targets may come up later (Prometheus says so in `up`).
+    needs: ["spire-binaries", "operators", "ca-bundle", "server"],
+    // First to stop: no alert about the rest of the stack going down on purpose.
+    stopRank: 5,
+    pidFile: files.prometheusPid,
+    logs: [{ name: "prometheus", file: files.prometheusLog }],
+    probe: () => probePrometheus(ctx),
+    async spawn(run) {
+      await writePrometheusConfig(ctx);
+      const d = await run.ctx.io.runner.spawn({
+        name: "prometheus",
+        cmd: run.self.cmd,
+        args: [
+          ...run.self.args,
+          "devenv",
+          "prometheus",
+          "--project-dir",
+          layout.root,
+          "--spire-server-bin",
+          run.spire!.server,
+        ],
+        cwd: layout.root,
+        env: run.childEnv,
+        logFile: files.prometheusLog,
+        pidFile: files.prometheusPid,
+        detached: true,
+        ready: async () => (await probePrometheus(ctx)).ok,
+        readyTimeoutMs: 60_000,
+        readyIntervalMs: PROBE_INTERVAL_MS * 5,
+      });
+      await awaitPrometheusRules(ctx);
+      return d;
+    },
+    summary: async () => `${url} (${await prometheusSummary(ctx)})`,
+    async status() {
+      const p = pidInfo(files.prometheusPid);
+      const probe = p.running ? await probePrometheus(ctx) : { ok: false, detail: "" };
+      return {
+        name: "prometheus",
+        ...p,
+        healthy: p.running && probe.ok,
+        endpoint: url,
+        detail: p.running ? (probe.ok ? await prometheusSummary(ctx) : probe.detail) : "",
       };
     },
   };

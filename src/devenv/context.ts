@@ -63,6 +63,19 @@ export const LAYOUT_FLAGS: FlagSpec[] = [
     description: "k8s4r server HTTP API (env K8S4R_HTTP_PORT, default 8090)",
   },
   {
+    name: "telemetry-port",
+    type: "number",
+    valueName: "PORT",
+    description:
+      "First loopback telemetry port: SPIRE and agent metrics (env K8S4R_TELEMETRY_PORT, default 9800)",
+  },
+  {
+    name: "prometheus-port",
+    type: "number",
+    valueName: "PORT",
+    description: "Prometheus of --monitoring, loopback (env K8S4R_PROMETHEUS_PORT, default 9090)",
+  },
+  {
     name: "agent-socket-dir",
     type: "string",
     valueName: "DIR",
@@ -74,6 +87,8 @@ export const LAYOUT_FLAGS: FlagSpec[] = [
 /** What `start` records in `.dev-env/devenv.json`. */
 export interface DevenvState {
   robots: string[];
+  /** The last start had `--monitoring` (status, logs and stop then cover Prometheus). */
+  monitoring?: boolean;
   broker?: BrokerCommand;
   /** Socket directories devenv created (and so may delete on `clean`). */
   createdSocketDirs: string[];
@@ -107,6 +122,8 @@ export function resolveContext(args: Args, io: Io): DevenvContext {
     K8S4R_MQTT_PORT: portFlag(args, "mqtt-port"),
     K8S4R_MQTT_TLS_PORT: portFlag(args, "mqtt-tls-port"),
     K8S4R_HTTP_PORT: portFlag(args, "http-port"),
+    K8S4R_TELEMETRY_PORT: portFlag(args, "telemetry-port"),
+    K8S4R_PROMETHEUS_PORT: portFlag(args, "prometheus-port"),
     K8S4R_AGENT_SOCKET_DIR: args.string("agent-socket-dir") !== undefined
       ? resolve(io.cwd, args.string("agent-socket-dir")!)
       : undefined,
@@ -117,6 +134,8 @@ export function resolveContext(args: Args, io: Io): DevenvContext {
       "K8S4R_MQTT_PORT",
       "K8S4R_MQTT_TLS_PORT",
       "K8S4R_HTTP_PORT",
+      "K8S4R_TELEMETRY_PORT",
+      "K8S4R_PROMETHEUS_PORT",
     ]
   ) {
     const v = io.env[k];
@@ -171,6 +190,7 @@ export function readState(ctx: DevenvContext): DevenvState | undefined {
     if (!Array.isArray(s?.robots)) return undefined;
     return {
       robots: s.robots.filter(isRobotId),
+      monitoring: s.monitoring === true,
       broker: s.broker,
       createdSocketDirs: Array.isArray(s.createdSocketDirs) ? s.createdSocketDirs : [],
       env: s.env ?? {},

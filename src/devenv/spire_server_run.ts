@@ -46,6 +46,8 @@ export async function runSpireServer(
     cacheReloadInterval: opts.cacheReloadInterval,
     attestationRateLimit: opts.attestationRateLimit,
     eventsBasedCache: opts.eventsBasedCache,
+    // Prometheus telemetry on loopback (scraped by `devenv start --monitoring`).
+    telemetry: { host: "127.0.0.1", port: files.spireServerTelemetryPort },
     readyTimeoutMs: 60_000,
   });
   const stopped = new Promise<"stop">((resolve) => {

@@ -101,6 +101,9 @@ export async function devenvStart(ctx: DevenvContext, opts: StartOptions): Promi
   const allRobots = [...new Set([...(prev?.robots ?? []), ...opts.robots])];
   await writeState(ctx, {
     robots: allRobots,
+    // Prometheus stays part of the stack (status, logs, stop) while it runs.
+    monitoring: opts.monitoring === true ||
+      (prev?.monitoring === true && isRecordAlive(readPidFile(files.prometheusPid))),
     broker: prev?.broker,
     createdSocketDirs: [...createdSocketDirs],
     env: ctx.layoutEnv,

@@ -35,8 +35,16 @@ export interface PrometheusConfigInput {
   scrapeIntervalSeconds?: number;
   /** Default: the scrape interval. */
   evaluationIntervalSeconds?: number;
-  /** `host:port` of the fleet server's HTTP API (it serves `/metrics`). */
+  /** `host:port` of the fleet server's HTTPS API (it serves `/metrics`). */
   fleetServer?: string;
+  /**
+   * How Prometheus authenticates to the fleet server's `/metrics` (the API's own rules: an
+   * operator certificate with a role that reads): a viewer operator's certificate and key, the
+   * SPIRE bundle the server's certificate chains to, and the name it carries (`localhost`).
+   * Prometheus reads the files again when they change (the credential is renewed). Without it
+   * the job scrapes plain HTTP (tests with a bare metrics server).
+   */
+  fleetServerTls?: { caFile: string; certFile: string; keyFile: string; serverName: string };
   /** `host:port` of the SPIRE server's telemetry exporter. */
   spireServer?: string;
   /** SPIRE agents' telemetry exporters (label `node`). */
@@ -75,11 +83,16 @@ export function renderPrometheusConfig(c: PrometheusConfigInput): string {
     if (!f.startsWith("/")) throw new Error(`ruleFiles: expected an absolute path, got ${f}`);
   }
   const jobs: Record<string, unknown>[] = [];
-  const job = (name: string, targets: { address: string; labels?: Record<string, string> }[]) => {
+  const job = (
+    name: string,
+    targets: { address: string; labels?: Record<string, string> }[],
+    extra: Record<string, unknown> = {},
+  ) => {
     if (targets.length === 0) return;
     jobs.push({
       job_name: name,
       metrics_path: "/metrics",
+      ...extra,
       static_configs: targets.map((t) => ({
         targets: [t.address],
         ...(t.labels ? { labels: t.labels } : {}),
@@ -88,7 +101,29 @@ export function renderPrometheusConfig(c: PrometheusConfigInput): string {
   };
   if (c.fleetServer !== undefined) {
     checkLoopbackAddress(c.fleetServer, "fleetServer");
-    job(JOBS.server, [{ address: c.fleetServer }]);
+    const tls = c.fleetServerTls;
+    if (tls) {
+      for (const [k, v] of Object.entries({ ...tls, serverName: undefined })) {
+        if (v !== undefined && !v.startsWith("/")) {
+          throw new Error(`fleetServerTls.${k}: expected an absolute path, got ${v}`);
+        }
+      }
+    }
+    job(
+      JOBS.server,
+      [{ address: c.fleetServer }],
+      tls
+        ? {
+          scheme: "https",
+          tls_config: {
+            ca_file: tls.caFile,
+            cert_file: tls.certFile,
+            key_file: tls.keyFile,
+            server_name: tls.serverName,
+          },
+        }
+        : {},
+    );
   }
   if (c.spireServer !== undefined) {
     checkLoopbackAddress(c.spireServer, "spireServer");

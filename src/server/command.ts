@@ -199,6 +199,13 @@ async function runServer(args: Args, io: Io): Promise<number> {
       `--svid-timeout: expected a positive number of seconds, got ${svidTimeout}`,
     );
   }
+  const loginTtlRaw = args.number("dashboard-login-ttl") ??
+    (io.env["K8S4R_DASHBOARD_LOGIN_TTL"] ? Number(io.env["K8S4R_DASHBOARD_LOGIN_TTL"]) : 120);
+  if (!Number.isInteger(loginTtlRaw) || loginTtlRaw < 1 || loginTtlRaw > 900) {
+    throw new UsageError(
+      `--dashboard-login-ttl: expected whole seconds in [1, 900], got ${loginTtlRaw}`,
+    );
+  }
   const rolesPath = args.string("roles") ?? io.env["K8S4R_ROLES_FILE"] ?? DEFAULT_ROLES_FILE;
   const roles = new RolesFile(rolesPath);
   const first = roles.current();
@@ -310,6 +317,7 @@ async function runServer(args: Args, io: Io): Promise<number> {
         })),
       logger: log,
       version: VERSION,
+      dashboard: { loginTtlMs: loginTtlRaw * 1000 },
       onFatal: (err) =>
         fatal?.(
           new CliError(
@@ -453,6 +461,13 @@ operator SVID; roles from --roles, re-read on change), and signs every task and 
       type: "number",
       valueName: "S",
       description: "How long to wait for the server's SVID at start (default 30)",
+    },
+    {
+      name: "dashboard-login-ttl",
+      type: "number",
+      valueName: "S",
+      description:
+        "How long a one-time dashboard login URL stays valid (default 120, env K8S4R_DASHBOARD_LOGIN_TTL)",
     },
   ],
   run: runServer,

@@ -74,7 +74,7 @@ export function observeFleet(fleet: FleetService, opts: ObserveOptions): FleetOb
       events.push({
         kind: "broker",
         text: l.delivering
-          ? "the fleet server hears the broker again: robot states are re-derived"
+          ? "the fleet server hears the broker: robot states are known again"
           : l.connected
           ? "the broker stopped delivering (no probe echo): robot states unknown"
           : "the fleet server lost the broker: robot states unknown",

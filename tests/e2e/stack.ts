@@ -31,7 +31,7 @@ import {
 import { SpireServerCli } from "../../src/spire/server.ts";
 import { fetchClient, loadCredentials } from "../../src/operator/credentials.ts";
 import { probeMqtt } from "../../src/mqtt/probe.ts";
-import { freePorts } from "../helpers/ports.ts";
+import { freeMonitoringPorts, freePorts } from "../helpers/ports.ts";
 
 export const REPO = fileURLToPath(new URL("../..", import.meta.url));
 export const MAIN = `${REPO}main.ts`;
@@ -210,7 +210,15 @@ export class E2eStack {
   private constructor(
     readonly dir: string,
     readonly sockDir: string,
-    readonly ports: { spire: number; plain: number; tls: number; http: number },
+    readonly ports: {
+      spire: number;
+      plain: number;
+      tls: number;
+      http: number;
+      /** The first telemetry port (SPIRE exporters, agents' /metrics) and Prometheus'. */
+      telemetry: number;
+      prometheus: number;
+    },
     /** The robots `start()` runs (`devenv start --robots N`). */
     readonly robotIds: string[] = ROBOTS,
   ) {
@@ -218,7 +226,14 @@ export class E2eStack {
       ...Deno.env.toObject(),
       NO_COLOR: "1",
       ...layoutEnv(
-        { spireServer: ports.spire, mqttPlain: ports.plain, mqttTls: ports.tls, http: ports.http },
+        {
+          spireServer: ports.spire,
+          mqttPlain: ports.plain,
+          mqttTls: ports.tls,
+          http: ports.http,
+          telemetry: ports.telemetry,
+          prometheus: ports.prometheus,
+        },
         { agentSocketDir: sockDir },
       ),
     };
@@ -247,7 +262,7 @@ export class E2eStack {
     // Short paths: unix socket paths are limited to 107 bytes.
     const dir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8s4r-e2e-" });
     const sockDir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8e" });
-    for (const sub of ["spire", "agent"]) {
+    for (const sub of ["spire", "agent", "prometheus"]) {
       await Deno.mkdir(`${dir}/config/${sub}`, { recursive: true });
       for (const e of Deno.readDirSync(`${REPO}config/${sub}`)) {
         if (e.isFile) {
@@ -262,8 +277,8 @@ export class E2eStack {
     assert.notEqual(patched, yaml, `${yamlPath}: no mqtt.heartbeatSeconds to set`);
     await Deno.writeTextFile(yamlPath, patched);
     const [spire, plain, tls, http] = freePorts(4);
-    const ports = { spire, plain, tls, http };
     const n = opts.robots ?? ROBOTS.length;
+    const ports = { spire, plain, tls, http, ...freeMonitoringPorts(n) };
     const ids = Array.from({ length: n }, (_, i) => `robot-${String(i + 1).padStart(3, "0")}`);
     const s = new E2eStack(dir, sockDir, ports, ids);
     everyStack.add(s);

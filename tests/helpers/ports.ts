@@ -15,3 +15,33 @@ export function freePorts(n: number): number[] {
 export function freePort(): number {
   return freePorts(1)[0];
 }
+
+/**
+ * `n` consecutive free loopback ports (all bound at once, then released), e.g. a dev stack's
+ * telemetry ports (`Ports.telemetry`: the control host's 2, then 2 per robot-NNN).
+ */
+export function freePortBlock(n: number): number {
+  for (let attempt = 0; attempt < 200; attempt++) {
+    const base = 20_000 + Math.floor(Math.random() * (40_000 - n));
+    const held: Deno.Listener[] = [];
+    try {
+      for (let i = 0; i < n; i++) held.push(Deno.listen({ hostname: "127.0.0.1", port: base + i }));
+      return base;
+    } catch {
+      // one of them is taken: another base
+    } finally {
+      for (const l of held) l.close();
+    }
+  }
+  throw new Error(`no ${n} consecutive free loopback ports found`);
+}
+
+/** A dev stack's monitoring ports for robots robot-001..robot-`robots`: free, on loopback. */
+export function freeMonitoringPorts(robots: number): { telemetry: number; prometheus: number } {
+  const telemetry = freePortBlock(2 + 2 * robots);
+  let prometheus = freePort();
+  while (prometheus >= telemetry && prometheus < telemetry + 2 + 2 * robots) {
+    prometheus = freePort();
+  }
+  return { telemetry, prometheus };
+}
