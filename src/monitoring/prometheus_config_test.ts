@@ -120,3 +120,46 @@ Deno.test("prometheus argv: loopback listen address, data dir, config file", () 
     /listen: expected a loopback address/,
   );
 });
+
+Deno.test("prometheus.yml: the fleet server over HTTPS with an operator certificate (tls_config)", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const tls = {
+      caFile: `${dir}/ca.pem`,
+      certFile: `${dir}/cert.pem`,
+      keyFile: `${dir}/key.pem`,
+      serverName: "localhost",
+    };
+    const text = renderPrometheusConfig({ ...input, fleetServerTls: tls });
+    const job = parse(text).scrape_configs.find((j: { job_name: string }) =>
+      j.job_name === JOBS.server
+    );
+    assert.equal(job.scheme, "https");
+    assert.deepEqual(job.tls_config, {
+      ca_file: tls.caFile,
+      cert_file: tls.certFile,
+      key_file: tls.keyFile,
+      server_name: "localhost",
+    });
+    // The other jobs stay plain HTTP on loopback.
+    const spire = parse(text).scrape_configs.find((j: { job_name: string }) =>
+      j.job_name === JOBS.spireServer
+    );
+    assert.equal(spire.scheme, undefined);
+    // promtool accepts it (it checks that the files exist).
+    for (const f of [tls.caFile, tls.certFile, tls.keyFile]) await Deno.writeTextFile(f, "");
+    await Deno.writeTextFile(`${dir}/prometheus.yml`, text);
+    const r = await checkConfig(
+      realRunner,
+      `${dir}/prometheus.yml`,
+      promtoolBin(Deno.env.toObject()),
+    );
+    assert.ok(r.ok, r.output);
+    assert.throws(
+      () => renderPrometheusConfig({ ...input, fleetServerTls: { ...tls, certFile: "cert.pem" } }),
+      /fleetServerTls\.certFile: expected an absolute path, got cert\.pem/,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

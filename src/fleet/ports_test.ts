@@ -1,0 +1,26 @@
+import assert from "node:assert/strict";
+import { TELEMETRY_PORT_SPAN, telemetryPorts, telemetrySlot } from "./ports.ts";
+
+Deno.test("telemetry ports: control host 0, robot-NNN N, other ids 1000..1999; two ports each", () => {
+  assert.equal(telemetrySlot(undefined), 0);
+  assert.equal(telemetrySlot("robot-001"), 1);
+  assert.equal(telemetrySlot("robot-999"), 999);
+  for (const id of ["robot-000", "robot-1000", "forklift-7", "a"]) {
+    const s = telemetrySlot(id);
+    assert.ok(s >= 1000 && s < 2000, `${id}: ${s}`);
+    assert.equal(telemetrySlot(id), s, "stable");
+  }
+  assert.deepEqual(telemetryPorts(9800), { spire: 9800, k8s4r: 9801 });
+  assert.deepEqual(telemetryPorts(9800, "robot-001"), { spire: 9802, k8s4r: 9803 });
+  assert.deepEqual(telemetryPorts(9800, "robot-002"), { spire: 9804, k8s4r: 9805 });
+  // Every port of every slot stays inside the span, and no two nodes share one.
+  const seen = new Set<number>();
+  for (let n = 1; n <= 999; n++) {
+    const p = telemetryPorts(0, `robot-${String(n).padStart(3, "0")}`);
+    for (const v of [p.spire, p.k8s4r]) {
+      assert.ok(v < TELEMETRY_PORT_SPAN && !seen.has(v));
+      seen.add(v);
+    }
+  }
+  assert.ok(telemetryPorts(0, "zz-top").k8s4r < TELEMETRY_PORT_SPAN);
+});
