@@ -435,6 +435,25 @@ Deno.test("events: online/offline and rotations from commits, live through SSE t
     }
     assert.equal(dropped.length, 1);
     assert.deepEqual(dropped[0].detail, { reason: "bad-json", count: 5 });
+    // A refused task is an event, with the robot's reason.
+    const task = await t.fleet.createTask("robot-001", {
+      command: ["rm", "-rf", "/"],
+      env: {},
+      timeoutSeconds: 5,
+    });
+    const refusal = new TextEncoder().encode(JSON.stringify({
+      v: 1,
+      type: "task-status",
+      robotId: "robot-001",
+      ts: new Date(NOW).toISOString(),
+      taskId: task.id,
+      state: "refused",
+      error: "rm is not in tasks.allow",
+    }));
+    assert.ok((await t.fleet.handleMessage("k8s4r/robots/robot-001/up/task", refusal)).ok);
+    const refused = t.obs.events.recent().filter((e) => e.kind === "task-refused");
+    assert.equal(refused.length, 1);
+    assert.equal(refused[0].text, `robot-001 refused task ${task.id}: rm is not in tasks.allow`);
     // Without a session or certificate: no stream.
     assert.equal((await t.call("GET", "/api/events/stream")).status, 401);
   } finally {

@@ -22,7 +22,8 @@ export function freePort(): number {
  */
 export function freePortBlock(n: number): number {
   for (let attempt = 0; attempt < 200; attempt++) {
-    const base = 20_000 + Math.floor(Math.random() * (40_000 - n));
+    // Below the kernel's ephemeral range (32768-60999): no outgoing connection takes one meanwhile.
+    const base = 10_000 + Math.floor(Math.random() * (22_000 - n));
     const held: Deno.Listener[] = [];
     try {
       for (let i = 0; i < n; i++) held.push(Deno.listen({ hostname: "127.0.0.1", port: base + i }));
