@@ -20,6 +20,7 @@ Deno.test("only the command on argv's path is loaded", async () => {
     "robots",
     "tasks",
     "task",
+    "dashboard",
   ]);
   assert.equal(resolve(tree, ["agent", "--robot-id", "r1"]).args.string("robot-id"), "r1");
   // Nested: `identity fetch` loads identity only.

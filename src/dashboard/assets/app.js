@@ -153,7 +153,8 @@ class App extends HTMLElement {
       return;
     }
     this.stream();
-    setInterval(() => store.refresh().catch(() => {}), 5000);
+    // A session that ended (logout elsewhere, expiry, a server restart): back to the notice.
+    setInterval(() => store.refresh().catch((e) => e.status === 401 && location.reload()), 5000);
     setInterval(() => tick(), 1000);
     addEventListener("hashchange", () => this.route());
     this.route();
