@@ -17,10 +17,14 @@ Deno.test("only the command on argv's path is loaded", async () => {
     "doctor",
     "identity",
     "operator",
+    "robot",
+    "broker",
     "robots",
     "tasks",
     "task",
     "dashboard",
+    "ca",
+    "backup",
   ]);
   assert.equal(resolve(tree, ["agent", "--robot-id", "r1"]).args.string("robot-id"), "r1");
   // Nested: `identity fetch` loads identity only.

@@ -7,7 +7,9 @@
  *   `viewer`: the API's own authorization, no second way in), trusting the exported SPIRE
  *   bundle and the server's name `localhost`;
  * - the SPIRE server's and every SPIRE agent's telemetry exporter (`devenv start` always
- *   enables them, on loopback telemetry ports), and every k8s4r agent's loopback `/metrics`.
+ *   enables them, on loopback telemetry ports), and every k8s4r agent's loopback `/metrics`;
+ * - on the HA stack (`--ha`), both SPIRE servers and all three fleet servers (each on its own
+ *   API port; they trust the same bundle and carry the same name).
  *
  * The row's process is `k8s4r devenv prometheus` (hidden), which runs Prometheus as its child
  * (the child dies with it, even on kill -9) and keeps the `prometheus` operator's credential
@@ -39,8 +41,8 @@ import {
   PROBE_INTERVAL_MS,
   readState,
   robotLayouts,
-  writeFileAtomic,
 } from "./context.ts";
+import { writeFileAtomic } from "../fs/atomic.ts";
 import type { ProbeResult } from "./probes.ts";
 import type { RobotLayout } from "./layout.ts";
 
@@ -58,8 +60,12 @@ export function prometheusUrl(ctx: DevenvContext): string {
   return `http://127.0.0.1:${ctx.layout.ports.prometheus}`;
 }
 
-/** The dev stack's prometheus.yml for these robots. */
-export function devenvPrometheusConfig(ctx: DevenvContext, robots: readonly RobotLayout[]): string {
+/** The dev stack's prometheus.yml for these robots (`ha`: the `--ha` stack's servers too). */
+export function devenvPrometheusConfig(
+  ctx: DevenvContext,
+  robots: readonly RobotLayout[],
+  ha = false,
+): string {
   const { layout, files } = ctx;
   const creds = credentialPaths(ctx.io.env, PROMETHEUS_OPERATOR);
   const lo = (port: number) => `127.0.0.1:${port}`;
@@ -67,14 +73,17 @@ export function devenvPrometheusConfig(ctx: DevenvContext, robots: readonly Robo
     ruleFiles: [join(layout.root, ALERTS_FILE)],
     scrapeIntervalSeconds: DEV_SCRAPE_SECONDS,
     evaluationIntervalSeconds: DEV_SCRAPE_SECONDS,
-    fleetServer: lo(layout.ports.http),
+    fleetServers: [layout.ports.http, ...(ha ? layout.ha.httpPorts : [])].map(lo),
     fleetServerTls: {
       caFile: layout.caBundleFile,
       certFile: creds.cert,
       keyFile: creds.key,
       serverName: "localhost",
     },
-    spireServer: lo(files.spireServerTelemetryPort),
+    spireServers: [
+      files.spireServerTelemetryPort,
+      ...(ha ? [files.spireServer2TelemetryPort] : []),
+    ].map(lo),
     spireAgents: [
       { node: "control", address: lo(files.brokerAgentTelemetryPort) },
       ...robots.map((r) => ({ node: r.robotId, address: lo(r.spireTelemetryPort) })),
@@ -84,12 +93,12 @@ export function devenvPrometheusConfig(ctx: DevenvContext, robots: readonly Robo
 }
 
 /** The config for every robot this stack knows (what a running Prometheus should have). */
-export function currentPrometheusConfig(ctx: DevenvContext): string {
-  return devenvPrometheusConfig(ctx, robotLayouts(ctx, knownRobots(ctx)));
+export function currentPrometheusConfig(ctx: DevenvContext, ha: boolean): string {
+  return devenvPrometheusConfig(ctx, robotLayouts(ctx, knownRobots(ctx)), ha);
 }
 
 /** Writes prometheus.yml (0600: it names credential files) and checks the rules exist. */
-export async function writePrometheusConfig(ctx: DevenvContext): Promise<void> {
+export async function writePrometheusConfig(ctx: DevenvContext, ha: boolean): Promise<void> {
   const rules = join(ctx.layout.root, ALERTS_FILE);
   try {
     await Deno.stat(rules);
@@ -100,18 +109,18 @@ export async function writePrometheusConfig(ctx: DevenvContext): Promise<void> {
       "devenv --monitoring loads config/prometheus/alerts.yaml of the project directory",
     );
   }
-  await writeFileAtomic(ctx.files.prometheusConfig, currentPrometheusConfig(ctx), 0o600);
+  await writeFileAtomic(ctx.files.prometheusConfig, currentPrometheusConfig(ctx, ha), 0o600);
 }
 
 /** Ready, and running the config this stack needs now (its robots). */
-export async function probePrometheus(ctx: DevenvContext): Promise<ProbeResult> {
+export async function probePrometheus(ctx: DevenvContext, ha: boolean): Promise<ProbeResult> {
   const base = prometheusUrl(ctx);
   if (!(await prometheusReady(base))) return { ok: false, detail: `${base}/-/ready: not ready` };
   let onDisk = "";
   try {
     onDisk = await Deno.readTextFile(ctx.files.prometheusConfig);
   } catch { /* none */ }
-  if (onDisk !== currentPrometheusConfig(ctx)) {
+  if (onDisk !== currentPrometheusConfig(ctx, ha)) {
     return { ok: false, detail: "its prometheus.yml is not this stack's (robots changed)" };
   }
   return { ok: true, detail: "ready" };

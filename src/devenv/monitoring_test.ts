@@ -18,9 +18,9 @@ Deno.test("--monitoring: a prometheus row (needs its credential and the server),
   try {
     const ctx = ctxFor(dir);
     const robots = robotLayouts(ctx, ["robot-001"]);
-    const off = devenvComponents(new StackView(ctx, robots, false));
+    const off = devenvComponents(new StackView(ctx, robots, undefined, false));
     assert.equal(off.find((c) => c.name === "prometheus"), undefined);
-    const on = devenvComponents(new StackView(ctx, robots, true));
+    const on = devenvComponents(new StackView(ctx, robots, undefined, true));
     checkGraph(
       on.map((c) => ({
         name: c.name,
@@ -76,4 +76,31 @@ Deno.test("the dev stack's prometheus.yml: every endpoint on its telemetry port,
   ]);
   assert.deepEqual(doc.rule_files, ["/p/config/prometheus/alerts.yaml"]);
   assert.equal(doc.global.evaluation_interval, "5s");
+});
+
+Deno.test("the --ha stack's prometheus.yml: both SPIRE servers and all three fleet servers", () => {
+  const ctx = ctxFor("/p", {
+    K8S4R_TELEMETRY_PORT: "20000",
+    K8S4R_HTTP_PORT: "18090",
+    K8S4R_HTTP_PORTS: "18091,18092",
+  });
+  const robots = robotLayouts(ctx, ["robot-001"]);
+  const doc = parse(devenvPrometheusConfig(ctx, robots, true));
+  const targets = (name: string) =>
+    doc.scrape_configs.find((j: { job_name: string }) => j.job_name === name).static_configs
+      .map((s: { targets: string[] }) => s.targets[0]);
+  assert.deepEqual(targets("k8s4r-server"), [
+    "127.0.0.1:18090",
+    "127.0.0.1:18091",
+    "127.0.0.1:18092",
+  ]);
+  assert.deepEqual(targets("spire-server"), ["127.0.0.1:20000", "127.0.0.1:24000"]);
+  assert.equal(ctx.files.spireServer2TelemetryPort, 24000);
+  // Control: without --ha, one of each.
+  const plain = parse(devenvPrometheusConfig(ctx, robots, false));
+  assert.equal(
+    plain.scrape_configs.find((j: { job_name: string }) => j.job_name === "spire-server")
+      .static_configs.length,
+    1,
+  );
 });

@@ -35,8 +35,14 @@ export function telemetrySlot(robotId: string | undefined): number {
   return 1000 + (h % 1000);
 }
 
+/**
+ * The slot after every robot's: the HA stack's second SPIRE server (`devenv start --ha`) has
+ * its exporter at `base + 2 * HA_TELEMETRY_SLOT` (the slot's second port is unused).
+ */
+export const HA_TELEMETRY_SLOT = 2000;
+
 /** Most telemetry ports a stack may use above `Ports.telemetry`: 2 per slot. */
-export const TELEMETRY_PORT_SPAN = 2 * 2000;
+export const TELEMETRY_PORT_SPAN = 2 * (HA_TELEMETRY_SLOT + 1);
 
 /**
  * The dev stack's telemetry ports of a node (undefined: the control host): the SPIRE
@@ -47,4 +53,9 @@ export const TELEMETRY_PORT_SPAN = 2 * 2000;
 export function telemetryPorts(base: number, robotId?: string): { spire: number; k8s4r: number } {
   const s = telemetrySlot(robotId);
   return { spire: base + 2 * s, k8s4r: base + 2 * s + 1 };
+}
+
+/** The telemetry port of the HA stack's second SPIRE server. */
+export function spireServer2TelemetryPort(base: number): number {
+  return base + 2 * HA_TELEMETRY_SLOT;
 }

@@ -1,5 +1,10 @@
 import assert from "node:assert/strict";
-import { TELEMETRY_PORT_SPAN, telemetryPorts, telemetrySlot } from "./ports.ts";
+import {
+  spireServer2TelemetryPort,
+  TELEMETRY_PORT_SPAN,
+  telemetryPorts,
+  telemetrySlot,
+} from "./ports.ts";
 
 Deno.test("telemetry ports: control host 0, robot-NNN N, other ids 1000..1999; two ports each", () => {
   assert.equal(telemetrySlot(undefined), 0);
@@ -23,4 +28,11 @@ Deno.test("telemetry ports: control host 0, robot-NNN N, other ids 1000..1999; t
     }
   }
   assert.ok(telemetryPorts(0, "zz-top").k8s4r < TELEMETRY_PORT_SPAN);
+  // The HA stack's second SPIRE server: inside the span, above every robot's (hashed ids too).
+  const ha = spireServer2TelemetryPort(0);
+  assert.ok(ha < TELEMETRY_PORT_SPAN && !seen.has(ha) && ha > telemetryPorts(0).k8s4r);
+  for (const id of ["robot-000", "forklift-7", "a", "zz-top"]) {
+    assert.ok(telemetryPorts(0, id).k8s4r < ha, id);
+  }
+  assert.equal(spireServer2TelemetryPort(9800), 13800);
 });

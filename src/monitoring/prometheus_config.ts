@@ -1,6 +1,6 @@
 /**
  * The Prometheus configuration for `devenv start --monitoring`: a prometheus.yml that scrapes
- * the fleet server's `/metrics`, the SPIRE server's and SPIRE agents' telemetry exporters
+ * the fleet servers' `/metrics`, the SPIRE servers' and SPIRE agents' telemetry exporters
  * (`renderSpireTelemetry`, src/spire/telemetry.ts) and, optionally, the k8s4r agents' loopback
  * `/metrics`, with the alert rules of config/prometheus/alerts.yaml. Every target is on
  * loopback, and so is Prometheus (`prometheusArgs`).
@@ -35,8 +35,8 @@ export interface PrometheusConfigInput {
   scrapeIntervalSeconds?: number;
   /** Default: the scrape interval. */
   evaluationIntervalSeconds?: number;
-  /** `host:port` of the fleet server's HTTPS API (it serves `/metrics`). */
-  fleetServer?: string;
+  /** `host:port` of each fleet server's HTTPS API (it serves `/metrics`); the HA stack has 3. */
+  fleetServers?: string[];
   /**
    * How Prometheus authenticates to the fleet server's `/metrics` (the API's own rules: an
    * operator certificate with a role that reads): a viewer operator's certificate and key, the
@@ -45,8 +45,8 @@ export interface PrometheusConfigInput {
    * the job scrapes plain HTTP (tests with a bare metrics server).
    */
   fleetServerTls?: { caFile: string; certFile: string; keyFile: string; serverName: string };
-  /** `host:port` of the SPIRE server's telemetry exporter. */
-  spireServer?: string;
+  /** `host:port` of each SPIRE server's telemetry exporter; the HA stack has 2. */
+  spireServers?: string[];
   /** SPIRE agents' telemetry exporters (label `node`). */
   spireAgents?: NodeTarget[];
   /** k8s4r agents' loopback `/metrics` (label `robot`). */
@@ -99,8 +99,13 @@ export function renderPrometheusConfig(c: PrometheusConfigInput): string {
       })),
     });
   };
-  if (c.fleetServer !== undefined) {
-    checkLoopbackAddress(c.fleetServer, "fleetServer");
+  const addresses = (list: string[] | undefined, key: string) =>
+    (list ?? []).map((address, i) => {
+      checkLoopbackAddress(address, `${key}[${i}]`);
+      return { address };
+    });
+  const fleet = addresses(c.fleetServers, "fleetServers");
+  if (fleet.length > 0) {
     const tls = c.fleetServerTls;
     if (tls) {
       for (const [k, v] of Object.entries({ ...tls, serverName: undefined })) {
@@ -111,7 +116,7 @@ export function renderPrometheusConfig(c: PrometheusConfigInput): string {
     }
     job(
       JOBS.server,
-      [{ address: c.fleetServer }],
+      fleet,
       tls
         ? {
           scheme: "https",
@@ -125,10 +130,7 @@ export function renderPrometheusConfig(c: PrometheusConfigInput): string {
         : {},
     );
   }
-  if (c.spireServer !== undefined) {
-    checkLoopbackAddress(c.spireServer, "spireServer");
-    job(JOBS.spireServer, [{ address: c.spireServer }]);
-  }
+  job(JOBS.spireServer, addresses(c.spireServers, "spireServers"));
   const nodes = (list: NodeTarget[] | undefined, key: string, label: string) =>
     (list ?? []).map((t, i) => {
       checkLoopbackAddress(t.address, `${key}[${i}].address`);

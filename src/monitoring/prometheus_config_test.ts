@@ -15,8 +15,8 @@ const ROOT = new URL("../../", import.meta.url).pathname;
 const input = {
   ruleFiles: [`${ROOT}${ALERTS_FILE}`],
   scrapeIntervalSeconds: 5,
-  fleetServer: "127.0.0.1:8090",
-  spireServer: "127.0.0.1:9988",
+  fleetServers: ["127.0.0.1:8090"],
+  spireServers: ["127.0.0.1:9988"],
   spireAgents: [{ node: "broker", address: "127.0.0.1:9989" }, {
     node: "robot-001",
     address: "127.0.0.1:9990",
@@ -63,7 +63,7 @@ Deno.test("prometheus.yml: every job on loopback, the rules file, accepted by pr
 });
 
 Deno.test("prometheus.yml: empty jobs are left out; the scrape timeout never exceeds the interval", () => {
-  const doc = parse(renderPrometheusConfig({ ruleFiles: [], fleetServer: "127.0.0.1:1" }));
+  const doc = parse(renderPrometheusConfig({ ruleFiles: [], fleetServers: ["127.0.0.1:1"] }));
   assert.deepEqual(doc.scrape_configs.map((j: { job_name: string }) => j.job_name), [
     "k8s4r-server",
   ]);
@@ -73,8 +73,8 @@ Deno.test("prometheus.yml: empty jobs are left out; the scrape timeout never exc
 
 Deno.test("prometheus.yml: refuses non-loopback targets and bad values, naming the key", () => {
   assert.throws(
-    () => renderPrometheusConfig({ ...input, fleetServer: "10.0.0.5:8090" }),
-    /^Error: fleetServer: expected a loopback address .*got "10\.0\.0\.5:8090"$/,
+    () => renderPrometheusConfig({ ...input, fleetServers: ["127.0.0.1:8090", "10.0.0.5:8090"] }),
+    /^Error: fleetServers\[1\]: expected a loopback address .*got "10\.0\.0\.5:8090"$/,
   );
   assert.throws(
     () =>
