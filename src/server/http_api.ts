@@ -40,6 +40,7 @@
  * request that is not application/json), 503 (roles config unusable) or 500.
  */
 import type { X509Certificate } from "node:crypto";
+import { FailedChainCache } from "../spiffe/verify.ts";
 import {
   isTimestamp,
   MAX_COMMAND_ARGS,
@@ -337,6 +338,8 @@ export function createHandler(
 ): ((req: Request, conn?: ConnInfo) => Promise<Response>) & { refusals: RefusalCounters } {
   const { fleet } = ctx;
   const log = ctx.logger ?? silentLogger;
+  // Refused client chains are remembered across connections (a connection keeps its success).
+  const authPolicy: AuthPolicy = { failures: new FailedChainCache(), ...ctx.auth };
   const refusals: RefusalCounters = {
     "bad-host": 0,
     "bad-origin": 0,
@@ -637,7 +640,7 @@ export function createHandler(
       // 3. Who is calling: an operator, by a certificate that chains to the bundle, or by the
       // session cookie of a dashboard login (a browser has no certificate).
       let via: AuthMethod = "certificate";
-      let who = identify(conn.peerChain, ctx.auth, conn);
+      let who = identify(conn.peerChain, authPolicy, conn);
       let until = conn.verified?.until;
       if (!who.ok && who.refusal.code === "no-certificate" && ctx.sessions) {
         const s = ctx.sessions.lookup(sessionCookie(req));
