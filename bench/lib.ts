@@ -7,7 +7,7 @@
  */
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { freePorts } from "../tests/helpers/ports.ts";
+import { freeMonitoringPorts, freePorts } from "../tests/helpers/ports.ts";
 import { fetchClient, loadCredentials } from "../src/operator/credentials.ts";
 import { agentArgs, DEV_SPIRE_TIMING } from "../src/devenv/components.ts";
 import { agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
@@ -156,7 +156,14 @@ export class BenchStack {
   private constructor(readonly dir: string, readonly ports: number[]) {
     this.env = {
       ...layoutEnv(
-        { spireServer: ports[0], mqttPlain: ports[1], mqttTls: ports[2], http: ports[3] },
+        {
+          spireServer: ports[0],
+          mqttPlain: ports[1],
+          mqttTls: ports[2],
+          http: ports[3],
+          // Room for robot-001..robot-100's telemetry ports.
+          ...freeMonitoringPorts(100),
+        },
         { agentSocketDir: join(dir, "s") },
       ),
       K8S4R_PROJECT_DIR: dir,

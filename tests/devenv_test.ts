@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { X509Certificate } from "node:crypto";
 import * as tls from "node:tls";
 import { fileURLToPath } from "node:url";
-import { freePorts } from "./helpers/ports.ts";
+import { freeMonitoringPorts, freePorts } from "./helpers/ports.ts";
 import { spireBinaries } from "./helpers/spire.ts";
 import mqtt from "mqtt";
 import { isRecordAlive, processStartTime, readPidFile, waitFor } from "../src/process/mod.ts";
@@ -135,6 +135,7 @@ Deno.test({
             mqttPlain: ports.plain,
             mqttTls: ports.tls,
             http: ports.http,
+            ...freeMonitoringPorts(3),
           },
           { agentSocketDir: sockDir },
         ),

@@ -57,6 +57,7 @@ import {
 import { sandboxToolsMissing, type TaskReport, TaskRunner } from "./task_runner.ts";
 import type { TaskUser } from "./task_user.ts";
 import { encodeTaskStatus } from "./task_status.ts";
+import { AgentMetrics } from "./metrics.ts";
 
 /** Reports after which a task's outcome is known; nothing comes after them. */
 const FINAL_REPORTS: readonly TaskReportState[] = ["done", "failed", "refused", "cancelled"];
@@ -110,6 +111,11 @@ export interface RobotAgentOptions {
   reconnectMinMs?: number;
   reconnectMaxMs?: number;
   expiryCheckMs?: number;
+  /**
+   * True while the Workload API stream is healthy. Default: the source has no `lastError`
+   * (`X509Source` sets it on a stream failure and clears it on the next update).
+   */
+  workloadApiUp?: () => boolean;
 }
 
 /** Builds a TLS snapshot from the source: our SVID, the bundle, the broker's SPIFFE ID check. */
@@ -161,6 +167,8 @@ export class RobotAgent {
   private readonly chains = new X5cChainCache();
   private reportTokens = REPORT_BURST;
   private reportRefilledAt = Date.now();
+  /** Its gauges: the loopback `/metrics` page and the heartbeat's telemetry fields. */
+  readonly metrics: AgentMetrics;
 
   constructor(private readonly o: RobotAgentOptions) {
     const cfg = (this.cfg = o.config);
@@ -171,6 +179,32 @@ export class RobotAgent {
         `tasks.user is ${JSON.stringify(t.user)}: resolve it (resolveTaskUser) and pass taskUser`,
       );
     }
+    const workloadApiUp = o.workloadApiUp ??
+      (() => (o.source as { lastError?: unknown }).lastError === undefined);
+    this.metrics = new AgentMetrics({
+      robotId: id,
+      version: VERSION,
+      svid: () => {
+        const s = o.source.getX509Svid();
+        return { notBefore: s.notBefore, notAfter: s.notAfter, serial: s.serialNumber };
+      },
+      trustBundle: () => {
+        const b = o.source.getX509BundleForTrustDomain(cfg.spire.trustDomain);
+        return b?.authorities.map((c) => ({
+          notBefore: new Date(c.validFrom),
+          notAfter: new Date(c.validTo),
+        }));
+      },
+      workloadApiUp,
+      broker: () => ({ connected: this.session.connected, connects: this.session.stats.connects }),
+      outboundQueueDepth: () => this.outbox?.stats.entries ?? 0,
+      counters: () => ({
+        heartbeats: this.counters.heartbeats,
+        tasks: this.counters.tasks,
+        malformed: this.counters.malformed,
+        denied: this.session.stats.denied,
+      }),
+    });
     this.tasks = new TaskRunner({
       allow: t.allow,
       stateDir: cfg.stateDir,
@@ -303,8 +337,10 @@ export class RobotAgent {
         return;
       }
       this.o.log("svid.updated", { expires: s.notAfter.toISOString() });
+      this.metrics.observeSvid();
       this.session.refreshTls("SVID or bundle update");
     });
+    this.metrics.observeSvid();
     this.session.start();
     this.heartbeatTimer = setInterval(
       () => this.heartbeat(),
@@ -357,6 +393,7 @@ export class RobotAgent {
       agentVersion: VERSION,
       heartbeatIntervalSeconds: this.cfg.mqtt.heartbeatSeconds,
       svidExpiresAt: svid.notAfter.toISOString(),
+      svidIssuedAt: svid.notBefore.toISOString(),
       device: deviceInfo(),
       bootId: this.bootId,
       connection,
@@ -371,6 +408,7 @@ export class RobotAgent {
 
   /** Queues one heartbeat (durably) and publishes it; resolves when acknowledged. */
   heartbeat(): Promise<unknown> {
+    const t = this.metrics.heartbeatFields();
     const hb: HeartbeatMessage = {
       v: PROTOCOL_VERSION,
       type: "heartbeat",
@@ -380,6 +418,10 @@ export class RobotAgent {
       bootId: this.bootId,
       svidExpiresAt: this.o.source.getX509Svid().notAfter.toISOString(),
       load: loadAverage(),
+      // Telemetry (optional fields, docs/PROTOCOL.md): what the fleet's alerts need.
+      ...(t.svidIssuedAt ? { svidIssuedAt: t.svidIssuedAt } : {}),
+      workloadApi: t.workloadApi,
+      outboundQueueDepth: t.outboundQueueDepth,
     };
     this.counters.heartbeats++;
     return this.enqueue("heartbeat", upTopic(this.cfg.robotId, "heartbeat"), encode(hb)).sent;

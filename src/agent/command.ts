@@ -33,6 +33,8 @@ import { AGENT_UNIT_PATH, dataDirFromEnv, robotHostPaths } from "../fleet/paths.
 import { isRobotId } from "../fleet/topics.ts";
 import { decodePem } from "../spiffe/pem.ts";
 import { formatDuration } from "../fleet/duration.ts";
+import { formatHostPort } from "../fleet/addresses.ts";
+import { type MetricsServer, serveMetrics } from "../metrics/mod.ts";
 
 const csrCommand: CommandSpec = {
   name: "csr",
@@ -198,6 +200,18 @@ the control host, writes agent.yaml and the state (default /etc/k8s4r, /var/lib/
       valueName: "DURATION",
       description: "The managed spire-agent's sync_interval (default: SPIRE's, 5s)",
     },
+    {
+      name: "metrics-listen",
+      type: "string",
+      valueName: "HOST:PORT",
+      description: "Serve Prometheus metrics on this loopback address (metrics.listen)",
+    },
+    {
+      name: "spire-telemetry",
+      type: "string",
+      valueName: "HOST:PORT",
+      description: "The managed spire-agent's Prometheus telemetry, on loopback (default: none)",
+    },
   ],
   run: (args, io) => runAgentCommand(args, io),
 };
@@ -253,6 +267,8 @@ async function runAgentCommand(args: Args, io: Io): Promise<number> {
       noManageSpire: args.bool("no-manage-spire"),
       spireSyncInterval: args.string("spire-sync-interval"),
       spireAgentBin: args.string("spire-agent-bin"),
+      metricsListen: args.string("metrics-listen"),
+      spireTelemetry: args.string("spire-telemetry"),
     },
   });
   // The token must not reach the environment of anything we start (spire-agent, tasks):
@@ -297,6 +313,7 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
     taskUser = await resolveTaskUser(io.runner, config.tasks.user, config.tasks.group);
     log("tasks.user", { user: taskUser.name, uid: taskUser.uid, gid: taskUser.gid });
   }
+  let metrics: MetricsServer | undefined;
   try {
     if (config.spire.manage) spire = await startSpire(config, io, log);
     // Someone else's SPIRE agent: its socket directory must still be its user's (or root's).
@@ -334,6 +351,19 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
         `the agent keeps its task ids, running tasks and outbound queue in ${config.stateDir}: it must be a writable directory`,
       );
     }
+    const ml = config.metrics.listen;
+    if (ml) {
+      try {
+        metrics = serveMetrics(agent.metrics, ml);
+      } catch (err) {
+        throw new CliError(
+          `cannot serve metrics on ${formatHostPort(ml.hostname, ml.port)}: ${errorMessage(err)}`,
+          1,
+          "choose a free loopback port (metrics.listen in plugins.yaml, or --metrics-listen)",
+        );
+      }
+      log("metrics.listening", { url: metrics.url });
+    }
     if (!io.signal.aborted) {
       await new Promise<void>((resolve) =>
         io.signal.addEventListener("abort", () => resolve(), { once: true })
@@ -341,6 +371,7 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
     }
     log("agent.stopping", { reason: "signal" });
   } finally {
+    await metrics?.close().catch(() => {});
     await agent?.stop("agent stopped").catch((err) =>
       log("agent.stop_error", { error: errorMessage(err) })
     );
@@ -419,6 +450,7 @@ async function startSpire(
     serverPort: s.serverPort,
     logLevel: s.logLevel,
     syncInterval: s.syncInterval,
+    telemetry: s.telemetry,
     nodeAttestor: s.nodeAttestor,
     onEvent: (e: AgentEvent) => {
       const { type, ...rest } = e;

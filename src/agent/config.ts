@@ -23,6 +23,7 @@ import {
   robotSpiffeId,
 } from "../fleet/mod.ts";
 import { GO_DURATION } from "../spire/agent.ts";
+import { isLoopbackHost } from "../metrics/mod.ts";
 import { PRODUCTION_AGENT_CONFIG } from "../fleet/paths.ts";
 import type { NodeAttestorConfig } from "../spire/node_attestor.ts";
 import {
@@ -61,6 +62,8 @@ export interface AgentSpireConfig {
   agentBin?: string;
   /** How the node attests: a join token (default) or x509pop with a key and certificate. */
   nodeAttestor: NodeAttestorConfig;
+  /** The managed spire-agent's Prometheus telemetry exporter (loopback); undefined = none. */
+  telemetry?: { host: string; port: number };
 }
 
 export interface AgentMqttConfig {
@@ -102,6 +105,11 @@ export interface AgentConfig {
    * queue, a transient token file.
    */
   stateDir: string;
+  /**
+   * The agent's own Prometheus page (docs/METRICS.md): `metrics.listen` (or `--metrics-listen`),
+   * a loopback `HOST:PORT`; undefined = not served (the heartbeat still carries the telemetry).
+   */
+  metrics: { listen?: { hostname: string; port: number } };
 }
 
 export interface AgentTasksConfig {
@@ -146,6 +154,10 @@ export interface AgentFlags {
   spireSyncInterval?: string;
   /** `--spire-agent-bin`: the spire-agent to run (the dev stack passes the one it checked). */
   spireAgentBin?: string;
+  /** `--metrics-listen HOST:PORT` (loopback), or "" to serve no metrics page. */
+  metricsListen?: string;
+  /** `--spire-telemetry HOST:PORT`: the managed spire-agent's Prometheus exporter (loopback). */
+  spireTelemetry?: string;
 }
 
 export const DEFAULT_CONFIG_PATH = "config/agent/plugins.yaml";
@@ -255,6 +267,9 @@ const SCHEMA: Record<string, Record<string, Kind>> = {
   },
   robot: {
     id: { t: "string", nonEmpty: true },
+  },
+  metrics: {
+    listen: { t: "string" },
   },
 };
 
@@ -707,6 +722,45 @@ function buildConfig(
     nodeAttestor = { type: "x509pop", privateKeyPath: abs(key), certificatePath: abs(cert) };
   }
 
+  // The loopback metrics page: flag, then the file. Only a loopback address: robots must not open
+  // a port to their network (the fleet sees the same values through the heartbeat).
+  let metricsListen: { hostname: string; port: number } | undefined;
+  const ml = flags.metricsListen ?? get("metrics.listen", "");
+  if (ml !== "") {
+    const where = flags.metricsListen !== undefined
+      ? (m: string) => new UsageError(`agent: --metrics-listen: ${m}`)
+      : (m: string) => new ConfigError(display, lineOf("metrics.listen"), "metrics.listen", m);
+    let hp: HostPort;
+    try {
+      hp = parseHostPort(ml, "127.0.0.1:9803");
+    } catch (err) {
+      throw where((err as Error).message);
+    }
+    if (!isLoopbackHost(hp.host)) {
+      throw where(
+        `expected a loopback address (127.0.0.1, [::1], localhost), got ${JSON.stringify(ml)}`,
+      );
+    }
+    metricsListen = { hostname: hp.host, port: hp.port };
+  }
+  let telemetry: { host: string; port: number } | undefined;
+  if (flags.spireTelemetry !== undefined && flags.spireTelemetry !== "") {
+    let hp: HostPort;
+    try {
+      hp = parseHostPort(flags.spireTelemetry, "127.0.0.1:9802");
+    } catch (err) {
+      throw new UsageError(`agent: --spire-telemetry: ${(err as Error).message}`);
+    }
+    if (!isLoopbackHost(hp.host)) {
+      throw new UsageError(
+        `agent: --spire-telemetry: expected a loopback address, got ${
+          JSON.stringify(flags.spireTelemetry)
+        }`,
+      );
+    }
+    telemetry = hp;
+  }
+
   return {
     file: o.file,
     robotId,
@@ -727,6 +781,7 @@ function buildConfig(
       syncInterval: flags.spireSyncInterval,
       agentBin: flags.spireAgentBin !== undefined ? abs(flags.spireAgentBin) : undefined,
       nodeAttestor,
+      telemetry,
     },
     mqtt: {
       brokerUrl: broker.url,
@@ -744,5 +799,6 @@ function buildConfig(
       maxBytes: get("queue.maxBytes", DEFAULT_QUEUE_MAX_BYTES),
     },
     stateDir: resolve(dataDir, "k8s4r-agent"),
+    metrics: { listen: metricsListen },
   };
 }

@@ -157,11 +157,11 @@ const BAD: [string, string][] = [
   ],
   [
     "foo: 1\n",
-    "p.yaml:1: foo: unknown section; expected one of spire, mqtt, tasks, rotation, queue, robot",
+    "p.yaml:1: foo: unknown section; expected one of spire, mqtt, tasks, rotation, queue, robot, metrics",
   ],
   [
     "- a\n",
-    "p.yaml:1: expected a mapping with sections spire, mqtt, tasks, rotation, queue, robot, got a list",
+    "p.yaml:1: expected a mapping with sections spire, mqtt, tasks, rotation, queue, robot, metrics, got a list",
   ],
   [
     "queue:\n  maxMessages: 5\n",
@@ -369,6 +369,46 @@ Deno.test("config lookup: --data-dir's agent.yaml, then the project's plugins.ya
     assert.equal(
       (await loadAgentConfig(opts({ config: "x.yaml", dataDir: `${dir}/robot` }))).robotId,
       "from-flag",
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("metrics.listen: a loopback HOST:PORT (file or flag); anything else names the key", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = `${dir}/p.yaml`;
+    const load = (text: string, flags: Record<string, string> = {}) =>
+      Deno.writeTextFile(file, text).then(() =>
+        loadAgentConfig({
+          cwd: dir,
+          env: {},
+          flags: { robotId: "robot-001", config: file, ...flags },
+        })
+      );
+    assert.deepEqual((await load("metrics:\n  listen: 127.0.0.1:9803\n")).metrics, {
+      listen: { hostname: "127.0.0.1", port: 9803 },
+    });
+    assert.deepEqual((await load("mqtt:\n  heartbeatSeconds: 5\n")).metrics, { listen: undefined });
+    await assert.rejects(
+      () => load("metrics:\n  listen: 0.0.0.0:9803\n"),
+      (e: Error) =>
+        e.message ===
+          `${file}:2: metrics.listen: expected a loopback address (127.0.0.1, [::1], localhost), got "0.0.0.0:9803"`,
+    );
+    await assert.rejects(
+      () => load("metrics:\n  listen: nine\n"),
+      /p\.yaml:2: metrics\.listen: expected host:port like 127\.0\.0\.1:9803, got "nine"/,
+    );
+    // The flag wins over the file.
+    assert.deepEqual(
+      (await load("metrics:\n  listen: 127.0.0.1:9803\n", { metricsListen: "[::1]:9900" })).metrics,
+      { listen: { hostname: "::1", port: 9900 } },
+    );
+    await assert.rejects(
+      () => load("", { metricsListen: "10.0.0.1:9900" }),
+      /--metrics-listen: expected a loopback address/,
     );
   } finally {
     await Deno.remove(dir, { recursive: true });

@@ -37,6 +37,7 @@ export const rootCommand: CommandSpec = {
     lazy("robots", async () => (await import("../server/command.ts")).robotsCommand),
     lazy("tasks", async () => (await import("../server/command.ts")).tasksCommand),
     lazy("task", async () => (await import("../server/command.ts")).taskCommand),
+    lazy("dashboard", async () => (await import("../server/command.ts")).dashboardCommand),
     lazy("ca", async () => (await import("../ca/command.ts")).caCommand),
     lazy("backup", async () =>
       (await import("../backup/command.ts")).makeBackupCommand(

@@ -84,6 +84,15 @@ import { ensureFactoryCa, factoryCaFiles } from "../control/factory_ca.ts";
 import { renderControlConfig } from "../control/config.ts";
 import { httpGetJson, type ProbeResult } from "./probes.ts";
 import type { ComponentStatus } from "./render.ts";
+import {
+  awaitPrometheusRules,
+  monitoringOn,
+  probePrometheus,
+  PROMETHEUS_OPERATOR,
+  prometheusSummary,
+  prometheusUrl,
+  writePrometheusConfig,
+} from "./monitoring.ts";
 
 /**
  * SPIRE's timing in the dev stack; production keeps SPIRE's defaults, and
@@ -126,6 +135,8 @@ export interface StartOptions {
   onlineTimeoutMs?: number;
   /** Run SPIRE with its own default intervals instead of `DEV_SPIRE_TIMING`. */
   spireDefaults?: boolean;
+  /** Also run Prometheus (monitoring.ts), scraping everything with the alert rules. */
+  monitoring?: boolean;
   /** `--ha`: PostgreSQL, two SPIRE servers behind haproxy (implies `rootCa`). */
   ha?: boolean;
   /** `--root-ca`: SPIRE's CA under the root CA of `.spire-data/ca` (made if missing). */
@@ -177,6 +188,8 @@ export class StackView {
     readonly ctx: DevenvContext,
     readonly robots: readonly RobotLayout[],
     mode?: StackMode,
+    /** Prometheus is a row of this table (`--monitoring`, or the last start had it). */
+    readonly monitoring: boolean = monitoringOn(ctx),
   ) {
     // `localhost`: the name the server's certificate carries (it listens on 127.0.0.1).
     this.api = defaultServerUrl(ctx.layout.ports.http);
@@ -223,7 +236,7 @@ export class StackView {
 
   /** The same stack with other robots; what was looked up already is shared. */
   withRobots(robots: readonly RobotLayout[]): StackView {
-    const v = new StackView(this.ctx, robots, this.mode);
+    const v = new StackView(this.ctx, robots, this.mode, this.monitoring);
     v.#memo = this.#memo;
     return v;
   }
@@ -313,7 +326,7 @@ export class StartRun extends StackView {
     robots: readonly RobotLayout[],
     readonly opts: StartOptions,
   ) {
-    super(ctx, robots, opts.mode);
+    super(ctx, robots, opts.mode, opts.monitoring ?? false);
     this.childEnv = { ...ctx.layoutEnv, NO_COLOR: "1" };
   }
 
@@ -423,6 +436,7 @@ export function devenvComponents(view: StackView): Component[] {
       needs: agents.map((a) => a.name),
       run: () => Promise.resolve(`${agents.length} online`),
     },
+    ...(view.monitoring ? [prometheusComponent(view)] : []),
   ];
 }
 
@@ -1022,19 +1036,19 @@ function operatorsStep(view: StackView): Component {
     kind: "step",
     needs: ["spire-binaries", "spire-server"],
     async run(run) {
-      return await ensureOperator(
-        {
-          env: run.ctx.io.env,
-          runner: run.ctx.io.runner,
-          spireServerBin: run.spire!.server,
-          spireSocket: layout.spireServerSocket,
-          rolesFile: layout.serverRolesFile,
-          trustDomain: layout.trustDomain,
-          serverUrl: run.api,
-        },
-        DEVENV_OPERATOR,
-        "operator",
-      );
+      const ctl = {
+        env: run.ctx.io.env,
+        runner: run.ctx.io.runner,
+        spireServerBin: run.spire!.server,
+        spireSocket: layout.spireServerSocket,
+        rolesFile: layout.serverRolesFile,
+        trustDomain: layout.trustDomain,
+        serverUrl: run.api,
+      };
+      const admin = await ensureOperator(ctl, DEVENV_OPERATOR, "operator");
+      // Prometheus scrapes /metrics as a viewer (the API's own authorization).
+      if (!run.monitoring) return admin;
+      return `${admin}; ${await ensureOperator(ctl, PROMETHEUS_OPERATOR, "viewer")}`;
     },
   };
 }
@@ -1194,6 +1208,11 @@ export function agentArgs(
     brokerUrl,
     ...(spire.syncInterval ? ["--spire-sync-interval", spire.syncInterval] : []),
     ...(spire.agentBin ? ["--spire-agent-bin", spire.agentBin] : []),
+    // Loopback telemetry: the agent's own /metrics and its spire-agent's exporter.
+    "--metrics-listen",
+    `127.0.0.1:${r.metricsPort}`,
+    "--spire-telemetry",
+    `127.0.0.1:${r.spireTelemetryPort}`,
   ];
 }
 
@@ -1327,6 +1346,64 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
         healthy: p.running && online,
         endpoint: r.agentSocket,
         detail,
+      };
+    },
+  };
+}
+
+/** `--monitoring`: Prometheus, scraping every endpoint with the alert rules (monitoring.ts). */
+function prometheusComponent(view: StackView): Component {
+  const { ctx } = view;
+  const { ha } = view.mode;
+  const { layout, files } = ctx;
+  const url = prometheusUrl(ctx);
+  return {
+    name: "prometheus",
+    kind: "daemon",
+    // Its scrape credential (operators) and the exported bundle (ca-bundle) must exist; its
+    // targets may come up later (Prometheus says so in `up`).
+    needs: ["spire-binaries", "operators", "ca-bundle", "server"],
+    // First to stop: no alert about the rest of the stack going down on purpose.
+    stopRank: 5,
+    pidFile: files.prometheusPid,
+    logs: [{ name: "prometheus", file: files.prometheusLog }],
+    probe: () => probePrometheus(ctx, ha),
+    async spawn(run) {
+      await writePrometheusConfig(ctx, ha);
+      const d = await run.ctx.io.runner.spawn({
+        name: "prometheus",
+        cmd: run.self.cmd,
+        args: [
+          ...run.self.args,
+          "devenv",
+          "prometheus",
+          "--project-dir",
+          layout.root,
+          "--spire-server-bin",
+          run.spire!.server,
+        ],
+        cwd: layout.root,
+        env: run.childEnv,
+        logFile: files.prometheusLog,
+        pidFile: files.prometheusPid,
+        detached: true,
+        ready: async () => (await probePrometheus(ctx, ha)).ok,
+        readyTimeoutMs: 60_000,
+        readyIntervalMs: PROBE_INTERVAL_MS * 5,
+      });
+      await awaitPrometheusRules(ctx);
+      return d;
+    },
+    summary: async () => `${url} (${await prometheusSummary(ctx)})`,
+    async status() {
+      const p = pidInfo(files.prometheusPid);
+      const probe = p.running ? await probePrometheus(ctx, ha) : { ok: false, detail: "" };
+      return {
+        name: "prometheus",
+        ...p,
+        healthy: p.running && probe.ok,
+        endpoint: url,
+        detail: p.running ? (probe.ok ? await prometheusSummary(ctx) : probe.detail) : "",
       };
     },
   };

@@ -339,7 +339,14 @@ Deno.test("--ha with --advertise and --attestation x509pop: haproxy binds ADDR, 
     assert.equal(o2.port, ctx.layout.ha.spireServerPorts[1]);
     assert.equal(o2.x509popCaBundle, "/f/ca.crt");
     assert.equal(o2.datastore?.type, "postgres");
+    // Each server has its own loopback telemetry port (what --monitoring scrapes).
+    assert.deepEqual(o2.telemetry, {
+      host: "127.0.0.1",
+      port: ctx.files.spireServer2TelemetryPort,
+    });
     const o1 = await spireServerOptions(ctx, "/b/spire-server", { x509popCaBundle: "/f/ca.crt" });
+    assert.deepEqual(o1.telemetry, { host: "127.0.0.1", port: ctx.files.spireServerTelemetryPort });
+    assert.notEqual(o1.telemetry?.port, o2.telemetry?.port);
     assert.equal(o1.bindAddress, addr);
     assert.equal(o1.port, ctx.layout.ports.spireServer);
     assert.equal(o1.x509popCaBundle, "/f/ca.crt");

@@ -19,7 +19,14 @@ export const ROOT = "/proj";
 export const LAYOUT: ControlHostPaths = {
   root: ROOT,
   trustDomain: "k8s4r.example.org",
-  ports: { spireServer: 8081, mqttPlain: 1883, mqttTls: 8883, http: 8090 },
+  ports: {
+    spireServer: 8081,
+    mqttPlain: 1883,
+    mqttTls: 8883,
+    http: 8090,
+    telemetry: 9800,
+    prometheus: 9090,
+  },
   spireServerSocket: `${ROOT}/.spire-data/server/api.sock`,
   spireServerConfig: `${ROOT}/config/spire/server.conf`,
   agentPluginsYaml: `${ROOT}/config/agent/plugins.yaml`,

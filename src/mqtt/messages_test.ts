@@ -373,3 +373,72 @@ Deno.test("tail keeps the end of the output", () => {
   assert.equal(tail("abcdef", 3), "def");
   assert.equal(tail("ab", 3), "ab");
 });
+
+Deno.test("heartbeat and register telemetry fields (optional, additive): valid ones are kept", () => {
+  const issued = "2025-01-31T11:00:00.000Z";
+  const hb = validateHeartbeat({
+    ...goodHeartbeat,
+    svidIssuedAt: issued,
+    workloadApi: "down",
+    outboundQueueDepth: 12,
+  });
+  assert.ok(hb.ok);
+  if (hb.ok) {
+    assert.equal(hb.value.svidIssuedAt, issued);
+    assert.equal(hb.value.workloadApi, "down");
+    assert.equal(hb.value.outboundQueueDepth, 12);
+  }
+  const reg = validateRegister({ ...goodRegister, svidIssuedAt: issued });
+  assert.ok(reg.ok);
+  if (reg.ok) assert.equal(reg.value.svidIssuedAt, issued);
+  // Without them (older agents): nothing is made up.
+  const old = validateHeartbeat(goodHeartbeat);
+  assert.ok(old.ok);
+  if (old.ok) {
+    assert.equal(old.value.svidIssuedAt, undefined);
+    assert.equal(old.value.workloadApi, undefined);
+    assert.equal(old.value.outboundQueueDepth, undefined);
+  }
+});
+
+Deno.test("heartbeat and register telemetry fields: bad values are bad-schema naming the field", () => {
+  const cases: [V, unknown, string][] = [
+    [
+      validateHeartbeat as V,
+      { ...goodHeartbeat, workloadApi: "maybe" },
+      'heartbeat.workloadApi: expected one of up|down, got "maybe"',
+    ],
+    [
+      validateHeartbeat as V,
+      { ...goodHeartbeat, outboundQueueDepth: -1 },
+      "heartbeat.outboundQueueDepth: expected integer in [0, 10000000], got -1",
+    ],
+    [
+      validateHeartbeat as V,
+      { ...goodHeartbeat, outboundQueueDepth: 1.5 },
+      "heartbeat.outboundQueueDepth: expected integer in [0, 10000000], got 1.5",
+    ],
+    [
+      validateHeartbeat as V,
+      { ...goodHeartbeat, svidIssuedAt: "2025-01-31T13:00:00.000Z" },
+      `heartbeat.svidIssuedAt: expected a time not after svidExpiresAt (${TS}), got "2025-01-31T13:00:00.000Z"`,
+    ],
+    [
+      validateRegister as V,
+      { ...goodRegister, svidIssuedAt: 5 },
+      "register.svidIssuedAt: expected RFC 3339 UTC timestamp like 2025-01-31T12:00:00.000Z, got 5",
+    ],
+  ];
+  for (const [fn, input, msg] of cases) {
+    const r = fn(input);
+    assert.equal(r.ok, false, msg);
+    assert.equal(r.error, msg);
+  }
+  // Through the decoder: counted as bad-schema.
+  const d = decodeUp(
+    "k8s4r/robots/robot-001/up/heartbeat",
+    new TextEncoder().encode(JSON.stringify({ ...goodHeartbeat, workloadApi: "maybe" })),
+  );
+  assert.equal(d.ok, false);
+  if (!d.ok) assert.equal(d.reason, "bad-schema");
+});

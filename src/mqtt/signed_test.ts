@@ -4,7 +4,7 @@ import { X509Bundle, X509BundleSet } from "../spiffe/bundle.ts";
 import { StaticX509Source } from "../spiffe/source.ts";
 import { parseX509SvidPem } from "../spiffe/svid.ts";
 import { FakeWorkloadApi } from "../spiffe/testing/fake_workload_api.ts";
-import { TestCa } from "../spiffe/testing/test_ca.ts";
+import { countSignatureChecks, mutuallyIssuingChain, TestCa } from "../spiffe/testing/test_ca.ts";
 import { X509Source } from "../spiffe/workload/x509_source.ts";
 import { waitFor } from "../process/mod.ts";
 import { downTopic } from "../fleet/topics.ts";
@@ -334,4 +334,21 @@ Deno.test("TaskSigner: refuses to sign with an SVID that is not valid now (robot
     /the signing SVID spiffe:\/\/k8s4r\.test\/fleet-server is not valid now .*waiting for a new one/,
   );
   assert.throws(() => at(serverSvid.notBefore.getTime() - 1000).sign(t), /is not valid now/);
+});
+
+Deno.test("checkDown: a task signed under 7 CAs that all issue each other is refused within 64 signature checks, again in none", () => {
+  const hostile = mutuallyIssuingChain({ spiffeId: SERVER_ID, count: 7 });
+  const forger = new TaskSigner(
+    new StaticX509Source(parseX509SvidPem(hostile.chainPem, hostile.keyPem), bundles),
+  );
+  const payload = forger.sign(task());
+  const cache = new X5cChainCache();
+  const first = countSignatureChecks(() => checkDown(TOPIC, payload, opts({ cache })));
+  assert.equal(refusal(first.result!).reason, "bad-signature");
+  assert.ok(first.checks <= 64, `${first.checks} signature checks`);
+  const again = countSignatureChecks(() => checkDown(TOPIC, payload, opts({ cache })));
+  assert.equal(refusal(again.result!).reason, "bad-signature");
+  assert.equal(again.checks, 0);
+  // Control: the real server's task, same cache.
+  assert.ok(checkDown(TOPIC, signer.sign(task()), opts({ cache })).ok);
 });

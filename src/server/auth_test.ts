@@ -158,6 +158,7 @@ Deno.test("auth: a viewer reads but cannot create or cancel; an operator can", a
     spiffeId: `spiffe://${web.trustDomain}/operator/vera`,
     operator: "vera",
     role: "viewer",
+    via: "certificate",
   });
   const create = await req("POST", CREATE, { chain: vera.certificates });
   assert.equal(create.status, 403);

@@ -211,6 +211,13 @@ export async function runServer(
       `--svid-timeout: expected a positive number of seconds, got ${svidTimeout}`,
     );
   }
+  const loginTtlRaw = args.number("dashboard-login-ttl") ??
+    (io.env["K8S4R_DASHBOARD_LOGIN_TTL"] ? Number(io.env["K8S4R_DASHBOARD_LOGIN_TTL"]) : 120);
+  if (!Number.isInteger(loginTtlRaw) || loginTtlRaw < 1 || loginTtlRaw > 900) {
+    throw new UsageError(
+      `--dashboard-login-ttl: expected whole seconds in [1, 900], got ${loginTtlRaw}`,
+    );
+  }
   const rolesPath = args.string("roles") ?? io.env["K8S4R_ROLES_FILE"] ?? DEFAULT_ROLES_FILE;
   const roles = new RolesFile(rolesPath);
   const first = roles.current();
@@ -321,8 +328,15 @@ export async function runServer(
         interfaceAddresses: isWildcardHost(http.hostname) ? machineAddresses() : [],
       },
       fleet: { heartbeatIntervalSeconds: hb, signer: makeSigner(source) },
+      // The CAs of the server's own trust domain (the metrics' trust bundle series).
+      trustBundle: () =>
+        source.getX509BundleForTrustDomain(svid.id.trustDomain)?.authorities.map((c) => ({
+          notBefore: new Date(c.validFrom),
+          notAfter: new Date(c.validTo),
+        })),
       logger: log,
       version: VERSION,
+      dashboard: { loginTtlMs: loginTtlRaw * 1000 },
       onFatal: (err) =>
         fatal?.(
           new CliError(
@@ -466,6 +480,13 @@ operator SVID; roles from --roles, re-read on change), and signs every task and 
       type: "number",
       valueName: "S",
       description: "How long to wait for the server's SVID at start (default 30)",
+    },
+    {
+      name: "dashboard-login-ttl",
+      type: "number",
+      valueName: "S",
+      description:
+        "How long a one-time dashboard login URL stays valid (default 120, env K8S4R_DASHBOARD_LOGIN_TTL)",
     },
   ],
   run: (args, io) => runServer(args, io),
@@ -859,4 +880,66 @@ Example: k8s4r task cancel 6f1c...   (ids: k8s4r tasks)`,
     ],
     run: runCancel,
   }],
+};
+
+// ---------------------------------------------------------------- dashboard
+
+/** True when a desktop session can show a browser (X11 or Wayland). */
+export function hasDisplay(env: Record<string, string | undefined>): boolean {
+  return !!(env["DISPLAY"] || env["WAYLAND_DISPLAY"]);
+}
+
+async function runDashboard(args: Args, io: Io): Promise<number> {
+  return await withApi(args, io, async (api) => {
+    const r = await api.request<
+      { path: string; expiresAt: string; operator: string; role: string }
+    >(
+      "POST",
+      "/api/dashboard/login",
+      { body: {}, signal: io.signal },
+    );
+    if (r.status !== 201) throw apiError("POST /api/dashboard/login", r);
+    const url = `${api.baseUrl}${r.body.path}`;
+    io.stdout.write(`${url}\n`);
+    const left = Math.round((Date.parse(r.body.expiresAt) - Date.now()) / 1000);
+    io.stderr.write(
+      `k8s4r: a one-time login for ${r.body.operator} (${r.body.role}): it works once, within ${left}s; the browser then keeps a session cookie\n`,
+    );
+    if (args.bool("print-url")) return 0;
+    if (!hasDisplay(io.env)) {
+      io.stderr.write("k8s4r: no display (DISPLAY, WAYLAND_DISPLAY): open the URL in a browser\n");
+      return 0;
+    }
+    // The URL (its token works once and expires within minutes) is on xdg-open's command line
+    // for the moment it runs; a browser that takes it uses it up.
+    const opened = await io.runner.output("xdg-open", [url], { check: false, timeoutMs: 15_000 })
+      .catch((err) => ({ code: -1, stdout: "", stderr: errorMessage(err) }));
+    if (opened.code !== 0) {
+      io.stderr.write(
+        `k8s4r: could not open a browser (xdg-open: ${
+          opened.stderr.trim().split("\n").pop() || `exit ${opened.code}`
+        }): open the URL yourself\n`,
+      );
+    }
+    return 0;
+  });
+}
+
+export const dashboardCommand: CommandSpec = {
+  name: "dashboard",
+  summary: "Open the fleet dashboard in a browser (a one-time login URL)",
+  description: `Asks the fleet server, over this operator's client certificate, for a one-time
+login URL, prints it, and opens it with xdg-open when a display exists. The URL works once and
+expires within minutes; the browser then holds a session cookie (HttpOnly, Secure,
+SameSite=Strict) that acts as this operator, with the role the server's roles config gives it.
+The server's certificate is a SPIRE SVID: a browser trusts it once the fleet's CA is imported
+(README, "Dashboard").
+
+Example: k8s4r dashboard --print-url`,
+  flags: [
+    { name: "print-url", type: "boolean", description: "Only print the URL, do not open it" },
+    SERVER_FLAG,
+    OPERATOR_FLAG,
+  ],
+  run: runDashboard,
 };

@@ -785,7 +785,7 @@ export class FleetService {
         }
       }
       return { offline, expired, lost };
-    });
+    }, "sweep");
     for (const id of out.offline) {
       this.log.info(`robot ${id} is offline (missed ${this.missed} heartbeats)`);
     }

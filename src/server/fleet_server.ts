@@ -43,6 +43,9 @@ import type { Registry } from "./registry.ts";
 import type { PostgresConfig } from "./registry_postgres.ts";
 import type { RolesSource } from "./roles.ts";
 import { openRegistry } from "./storage.ts";
+import type { CaValidity } from "./metrics.ts";
+import { type FleetObservers, observeFleet } from "./observe.ts";
+import { DashboardSessions, type SessionsOptions } from "./sessions.ts";
 
 export const SERVER_CLIENT_ID = "k8s4r-server";
 export const SESSION_EXPIRY_SECONDS = 7 * 24 * 3600;
@@ -106,6 +109,10 @@ export interface FleetServerOptions {
   onFatal?: (err: Error) => void;
   /** How long close() waits for dispatches in flight and for the DISCONNECT. Default 2000 ms. */
   closeDrainMs?: number;
+  /** The CAs the fleet trusts, for the trust-bundle metrics (the server's X509Source). */
+  trustBundle?: () => readonly CaValidity[] | undefined;
+  /** Dashboard login and session lifetimes (sessions.ts). */
+  dashboard?: SessionsOptions;
 }
 
 export interface FleetServerState {
@@ -174,6 +181,9 @@ export class FleetServer {
     readonly http: HttpsApi | undefined,
     private readonly log: Logger,
     private readonly closeDrainMs: number,
+    /** Its Prometheus metrics and the dashboard's events (observe.ts). */
+    readonly observers: FleetObservers,
+    readonly sessions: DashboardSessions,
   ) {
     this.sendPuback = pubackSender(client);
   }
@@ -343,6 +353,16 @@ export class FleetServer {
       startDisconnected: true,
     });
     let http: HttpsApi | undefined;
+    let self: FleetServer | undefined;
+    const observers = observeFleet(fleet, {
+      version: opts.version,
+      mqtt: () => ({
+        connected: self?.connected() ?? false,
+        connects: self?.state.connects ?? 0,
+      }),
+      trustBundle: opts.trustBundle,
+    });
+    const sessions = new DashboardSessions(opts.dashboard);
     try {
       if (opts.http) {
         const h = opts.http;
@@ -360,6 +380,9 @@ export class FleetServer {
             names: () => allowedHostNames(h.hostname, h.dnsNames(), h.interfaceAddresses ?? []),
           },
           logger: log,
+          metrics: observers.metrics,
+          events: observers.events,
+          sessions,
         });
         http = await serveHttps(handler, {
           hostname: h.hostname,
@@ -370,14 +393,26 @@ export class FleetServer {
         port = http.addr.port;
       }
     } catch (err) {
+      observers.close();
       await registry.close();
       client.end(true);
       throw err;
     }
     let s: FleetServer;
     try {
-      s = new FleetServer(registry, fleet, client, http, log, opts.closeDrainMs ?? 2000);
+      s = new FleetServer(
+        registry,
+        fleet,
+        client,
+        http,
+        log,
+        opts.closeDrainMs ?? 2000,
+        observers,
+        sessions,
+      );
+      self = s;
     } catch (err) {
+      observers.close();
       await http?.close();
       await registry.close();
       client.end(true);
@@ -496,6 +531,7 @@ export class FleetServer {
     this.closed = true;
     clearInterval(this.sweepTimer);
     clearInterval(this.probeTimer);
+    this.observers.close();
     if (this.sweeping) await within(this.sweeping, this.closeDrainMs);
     this.unsubscribeTls?.();
     await this.http?.close();

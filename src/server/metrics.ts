@@ -77,11 +77,13 @@ export interface CaValidity {
   notAfter: Date;
 }
 
+type MaybePromise<T> = T | Promise<T>;
+
 export interface FleetMetricsSources {
-  robots(): Iterable<RobotSample>;
+  robots(): MaybePromise<Iterable<RobotSample>>;
   stats(): MessageStats;
   /** Tasks by state (`Registry.countTasksByState`). */
-  taskCounts(): Readonly<Record<string, number>>;
+  taskCounts(): MaybePromise<Readonly<Record<string, number>>>;
   mqtt(): MqttState;
   /** The CAs the fleet trusts; omit when the server does not know the bundle. */
   trustBundle?(): readonly CaValidity[] | undefined;
@@ -90,10 +92,18 @@ export interface FleetMetricsSources {
 export interface FleetMetricsOptions {
   version?: string;
   now?: () => Date;
+  /**
+   * Time the scrape's own source reads as `op="read"` (default true). False when the sources
+   * are a registry whose timer (`Registry.setTimer`) times every read already.
+   */
+  timeSourceReads?: boolean;
+  /** A scrape waits this long for its source reads; then those series are absent. Default 5000. */
+  readTimeoutMs?: number;
 }
 
 /** What a registry operation was for; a closed set, so the label stays bounded. */
-export type StorageOp = "message" | "task" | "sweep" | "read";
+export type { StorageOp } from "./registry.ts";
+import type { StorageOp } from "./registry.ts";
 export const STORAGE_OPS: readonly StorageOp[] = ["message", "task", "sweep", "read"];
 
 /** Every reason a message is dropped, initialized to 0 so each series exists from the start. */
@@ -170,6 +180,7 @@ export interface RobotTelemetry {
 
 interface Snapshot {
   robots: RobotSample[] | undefined;
+  taskCounts: Readonly<Record<string, number>> | undefined;
 }
 
 export class FleetMetrics implements MetricsRenderer {
@@ -180,14 +191,18 @@ export class FleetMetrics implements MetricsRenderer {
   readonly #serial = new Serial();
   readonly #telemetry = new Map<string, RobotTelemetry>();
   readonly #taskLatency: Histogram<"state">;
+  readonly #timeReads: boolean;
+  readonly #readTimeoutMs: number;
   #snap: Snapshot | undefined;
+  #reading: Promise<Snapshot> | undefined;
 
   constructor(private readonly src: FleetMetricsSources, opts: FleetMetricsOptions = {}) {
     this.#now = opts.now ?? (() => new Date());
+    this.#timeReads = opts.timeSourceReads ?? true;
+    this.#readTimeoutMs = opts.readTimeoutMs ?? 5000;
     const registers = [this.registry];
     // collect() runs with `this` bound to the metric: reach this object through closures.
-    const storage = () => this.storage;
-    const snap = () => this.#snapshot();
+    const snap = () => this.#snap ?? { robots: undefined, taskCounts: undefined };
 
     new Gauge({
       name: "k8s4r_server_info",
@@ -347,12 +362,8 @@ export class FleetMetrics implements MetricsRenderer {
       registers,
       collect() {
         this.reset();
-        let counts: Readonly<Record<string, number>>;
-        try {
-          counts = storage().time("read", () => src.taskCounts());
-        } catch {
-          return; // counted in k8s4r_storage_errors_total{op="read"}
-        }
+        const counts = snap().taskCounts;
+        if (!counts) return; // a failed read: counted in k8s4r_storage_errors_total{op="read"}
         const states = new Set<string>([...TASK_STATES, ...Object.keys(counts)]);
         for (const s of states) this.set({ state: s }, counts[s] ?? 0);
       },
@@ -494,7 +505,7 @@ export class FleetMetrics implements MetricsRenderer {
   /** The text format, from one snapshot of the sources. */
   render(): Promise<string> {
     return this.#serial.run(async () => {
-      this.#snap = this.#take();
+      this.#snap = await this.#take();
       try {
         return await this.registry.metrics();
       } finally {
@@ -503,18 +514,34 @@ export class FleetMetrics implements MetricsRenderer {
     });
   }
 
-  #snapshot(): Snapshot {
-    return this.#snap ?? this.#take();
+  /** One read of the sources, bounded; a read still running from a timed-out scrape is reused. */
+  async #take(): Promise<Snapshot> {
+    this.#reading ??= this.#read().finally(() => (this.#reading = undefined));
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<Snapshot>((resolve) => {
+      timer = setTimeout(
+        () => resolve({ robots: undefined, taskCounts: undefined }),
+        this.#readTimeoutMs,
+      );
+    });
+    try {
+      return await Promise.race([this.#reading, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
-  #take(): Snapshot {
-    let robots: RobotSample[] | undefined;
-    try {
-      robots = this.storage.time("read", () => Array.from(this.src.robots()));
-    } catch {
-      robots = undefined; // counted in k8s4r_storage_errors_total{op="read"}
-    }
-    return { robots };
+  async #read(): Promise<Snapshot> {
+    const one = async <T>(fn: () => MaybePromise<T>): Promise<T | undefined> => {
+      try {
+        return this.#timeReads ? await this.storage.timeAsync("read", fn) : await fn();
+      } catch {
+        return undefined; // counted in k8s4r_storage_errors_total{op="read"}
+      }
+    };
+    const robots = await one(async () => Array.from(await this.src.robots()));
+    const taskCounts = await one(() => this.src.taskCounts());
+    return { robots, taskCounts };
   }
 }
 
@@ -543,6 +570,19 @@ export class StorageTimer {
     let failed = true;
     try {
       const r = fn();
+      failed = false;
+      return r;
+    } finally {
+      this.observe(op, (performance.now() - t0) / 1000, failed);
+    }
+  }
+
+  /** Like `time`, for an async operation (or one that may be). */
+  async timeAsync<T>(op: StorageOp, fn: () => T | Promise<T>): Promise<T> {
+    const t0 = performance.now();
+    let failed = true;
+    try {
+      const r = await fn();
       failed = false;
       return r;
     } finally {

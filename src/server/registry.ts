@@ -173,6 +173,8 @@ export interface RegisterInfo {
   svidExpiresAt: string;
   device: DeviceInfo;
   heartbeatIntervalSeconds?: number;
+  /** Telemetry (optional register field): reported to `onCommit` listeners, not stored. */
+  svidIssuedAt?: string;
 }
 
 export interface HeartbeatInfo {
@@ -180,7 +182,36 @@ export interface HeartbeatInfo {
   bootId?: string;
   svidExpiresAt: string;
   load?: [number, number, number];
+  /** Telemetry (optional heartbeat fields): reported to `onCommit` listeners, not stored. */
+  svidIssuedAt?: string;
+  workloadApi?: "up" | "down";
+  outboundQueueDepth?: number;
 }
+
+/**
+ * What a committed transaction changed, for observers (metrics, the dashboard's events): given
+ * to `Registry.onCommit` listeners after the COMMIT, never for what was rolled back.
+ */
+export type RegistryChange =
+  | { kind: "online"; robotId: string; online: boolean; reason: string | null; at: string }
+  | {
+    kind: "heartbeat";
+    robotId: string;
+    at: string;
+    seq: number;
+    bootId: string | null;
+    /** Heartbeats missing before this one (a gap in seq of the same boot). */
+    missing: number;
+    info: HeartbeatInfo;
+  }
+  | { kind: "register"; robotId: string; at: string; info: RegisterInfo }
+  | { kind: "task"; task: TaskRecord; from: TaskState };
+
+/** What a registry operation was for (the storage metrics' `op` label). */
+export type StorageOp = "message" | "task" | "sweep" | "read";
+
+/** Times each registry operation: its purpose, seconds, and whether it failed. */
+export type StorageTimer = (op: StorageOp, seconds: number, failed: boolean) => void;
 
 export interface TaskEventResult {
   task: TaskRecord;
@@ -344,7 +375,12 @@ export type StatementHook = (sql: string) => void;
  * auto-committed reads. Written once, for both dialects.
  */
 export class RegistryTx {
-  constructor(private readonly c: SqlConn, private readonly hook?: StatementHook) {}
+  constructor(
+    private readonly c: SqlConn,
+    private readonly hook?: StatementHook,
+    /** Where writes note what they changed (for `Registry.onCommit`); none on reads. */
+    readonly changes?: RegistryChange[],
+  ) {}
 
   get dialect(): Dialect {
     return this.c.dialect;
@@ -387,6 +423,7 @@ export class RegistryTx {
   }
 
   async recordRegister(id: string, at: string, info: RegisterInfo): Promise<void> {
+    this.changes?.push({ kind: "register", robotId: id, at, info });
     await this.touchRobot(id, at);
     await this.run(
       `UPDATE robots SET spiffe_id = ?, agent_version = ?, svid_expires_at = ?, device = ?,
@@ -437,6 +474,15 @@ export class RegistryTx {
          heartbeats_missing = heartbeats_missing + ?, device = COALESCE(?, device) WHERE id = ?`,
       [hb.seq, hb.bootId ?? null, hb.svidExpiresAt, missing, device, id],
     );
+    this.changes?.push({
+      kind: "heartbeat",
+      robotId: id,
+      at,
+      seq: hb.seq,
+      bootId: hb.bootId ?? null,
+      missing,
+      info: hb,
+    });
     return { bootId };
   }
 
@@ -450,7 +496,16 @@ export class RegistryTx {
       "UPDATE robots SET online = ?, offline_reason = ? WHERE id = ? AND online <> ?",
       [v, online ? null : reason, id, v],
     );
-    if (flipped > 0) return true;
+    if (flipped > 0) {
+      this.changes?.push({
+        kind: "online",
+        robotId: id,
+        online,
+        reason: online ? null : reason,
+        at: new Date().toISOString(),
+      });
+      return true;
+    }
     if (!online) {
       await this.run("UPDATE robots SET offline_reason = ? WHERE id = ? AND online = ?", [
         reason,
@@ -623,15 +678,62 @@ export class RegistryTx {
     }
     params.push(id);
     await this.run(`UPDATE tasks SET ${sets.join(", ")} WHERE id = ?`, params);
-    return { task: (await this.getTask(id))!, changed: t.changed, ignored: false };
+    const after = (await this.getTask(id))!;
+    if (t.changed) this.changes?.push({ kind: "task", task: after, from: task.state });
+    return { task: after, changed: t.changed, ignored: false };
   }
 }
 
 /** The registry handle the server holds. */
 export class Registry {
   #hook?: StatementHook;
+  #timer?: StorageTimer;
+  readonly #listeners = new Set<(changes: readonly RegistryChange[]) => void>();
 
   constructor(private readonly backend: SqlBackend) {}
+
+  /**
+   * Times every operation (`read`, `transaction` by its `op`, `batch` as `message`); the
+   * storage metrics. The timer must not throw.
+   */
+  setTimer(timer: StorageTimer | undefined): void {
+    this.#timer = timer;
+  }
+
+  /**
+   * Calls `listener` after each COMMIT with what it changed (robots online/offline, heartbeats,
+   * registers, task transitions). Nothing of a rolled-back transaction or savepoint is reported.
+   * Listeners run synchronously and must not throw (a throw is swallowed). Returns unsubscribe.
+   */
+  onCommit(listener: (changes: readonly RegistryChange[]) => void): () => void {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+
+  #committed(changes: RegistryChange[]): void {
+    if (changes.length === 0) return;
+    for (const l of this.#listeners) {
+      try {
+        l(changes);
+      } catch { /* an observer never breaks a write */ }
+    }
+  }
+
+  async #timed<T>(op: StorageOp, fn: () => Promise<T>, failedIf?: (r: T) => boolean): Promise<T> {
+    const timer = this.#timer;
+    if (!timer) return await fn();
+    const t0 = performance.now();
+    let failed = true;
+    try {
+      const r = await fn();
+      failed = failedIf?.(r) ?? false;
+      return r;
+    } finally {
+      try {
+        timer(op, (performance.now() - t0) / 1000, failed);
+      } catch { /* metrics never break a write */ }
+    }
+  }
 
   get dialect(): Dialect {
     return this.backend.dialect;
@@ -650,18 +752,29 @@ export class Registry {
     this.#hook = hook;
   }
 
-  private tx(c: SqlConn, hooked: boolean): RegistryTx {
-    return new RegistryTx(c, hooked ? this.#hook : undefined);
+  private tx(c: SqlConn, hooked: boolean, changes?: RegistryChange[]): RegistryTx {
+    return new RegistryTx(c, hooked ? this.#hook : undefined, changes);
   }
 
   /** Reads, outside a transaction. */
   read<T>(fn: (tx: RegistryTx) => Promise<T>): Promise<T> {
-    return this.backend.read((c) => fn(this.tx(c, false)));
+    return this.#timed("read", () => this.backend.read((c) => fn(this.tx(c, false))));
   }
 
-  /** One transaction: all of `fn`'s writes or none. */
-  transaction<T>(fn: (tx: RegistryTx) => Promise<T>): Promise<T> {
-    return this.backend.transaction((c) => fn(this.tx(c, true)));
+  /**
+   * One transaction: all of `fn`'s writes or none. `op` is what it is for, in the storage
+   * metrics (default `task`; the sweeper's is `sweep`).
+   */
+  transaction<T>(fn: (tx: RegistryTx) => Promise<T>, op: StorageOp = "task"): Promise<T> {
+    return this.#timed(op, async () => {
+      let changes: RegistryChange[] = [];
+      const r = await this.backend.transaction((c) => {
+        changes = []; // a backend that retries the transaction starts it afresh
+        return fn(this.tx(c, true, changes));
+      });
+      this.#committed(changes);
+      return r;
+    });
   }
 
   /**
@@ -670,19 +783,27 @@ export class Registry {
    * `applied` counts the committed steps; when COMMIT itself fails nothing is committed
    * (`applied` 0). One commit (one fsync) for the whole batch.
    */
-  async batch(steps: ((tx: RegistryTx) => Promise<void>)[]): Promise<BatchOutcome> {
-    if (steps.length === 0) return { applied: 0 };
+  batch(steps: ((tx: RegistryTx) => Promise<void>)[]): Promise<BatchOutcome> {
+    if (steps.length === 0) return Promise.resolve({ applied: 0 });
+    return this.#timed("message", () => this.#batch(steps), (r) => r.error !== undefined);
+  }
+
+  async #batch(steps: ((tx: RegistryTx) => Promise<void>)[]): Promise<BatchOutcome> {
     let applied = 0;
     let error: Error | undefined;
+    let changes: RegistryChange[] = [];
     try {
       await this.backend.transaction(async (c) => {
-        const tx = this.tx(c, true);
+        changes = [];
+        const tx = this.tx(c, true, changes);
         for (const step of steps) {
           await c.exec("SAVEPOINT step");
+          const mark = changes.length;
           try {
             await step(tx);
             await c.exec("RELEASE step");
           } catch (err) {
+            changes.length = mark; // rolled back: never reported
             await c.exec("ROLLBACK TO step");
             await c.exec("RELEASE step");
             error = err instanceof Error ? err : new Error(String(err));
@@ -694,6 +815,7 @@ export class Registry {
     } catch (err) {
       return { applied: 0, error: err instanceof Error ? err : new Error(String(err)) };
     }
+    this.#committed(changes);
     return error ? { applied, error } : { applied };
   }
 

@@ -20,14 +20,14 @@ import { type KeyObject, sign, verify, X509Certificate } from "node:crypto";
 import type { X509Bundle, X509BundleSource } from "./bundle.ts";
 import type { SpiffeId } from "./id.ts";
 import type { X509Svid } from "./svid.ts";
-import { verifyX509SvidChain } from "./verify.ts";
+import { FailedChainCache, MAX_CHAIN_CERTS, verifyX509SvidChain } from "./verify.ts";
 import { certInfo } from "./x509.ts";
 
 export const JWS_ALGORITHMS = ["ES256", "ES384"] as const;
 export type JwsAlgorithm = typeof JWS_ALGORITHMS[number];
 
-/** Chains longer than this (leaf included) are refused before any parsing. */
-export const MAX_X5C_CERTS = 8;
+/** Chains longer than this (leaf included) are refused before any parsing: the verifier's cap. */
+export const MAX_X5C_CERTS = MAX_CHAIN_CERTS;
 
 const CURVES: Record<string, { alg: JwsAlgorithm; hash: string; size: number }> = {
   prime256v1: { alg: "ES256", hash: "sha256", size: 64 },
@@ -221,11 +221,15 @@ interface CachedChain {
  * Remembers verified chains by their exact `x5c`. A hit is used only while the source still
  * hands out the very bundle object the chain was verified against (a bundle update, e.g. a CA
  * rotation, brings a new object) and every certificate of the verified path is valid; otherwise
- * the chain is verified afresh. Bounded: the oldest entry goes first.
+ * the chain is verified afresh. Bounded: the oldest entry goes first. Chains that failed are
+ * remembered too (`failures`), so a refused chain sent again costs no signature check.
  */
 export class X5cChainCache {
   readonly #m = new Map<string, CachedChain>();
-  constructor(readonly max = 64) {}
+  readonly failures: FailedChainCache;
+  constructor(readonly max = 64) {
+    this.failures = new FailedChainCache(4 * max);
+  }
 
   get size(): number {
     return this.#m.size;
@@ -277,7 +281,7 @@ export function verifyJws(
     const certs = parseX5c(jws.header.x5c);
     let verified;
     try {
-      verified = verifyX509SvidChain(certs, bundles, now);
+      verified = verifyX509SvidChain(certs, bundles, now, { failures: opts.cache?.failures });
     } catch (err) {
       // VerificationError, or a DerError from a certificate too odd to read: refused alike.
       throw new JwsError(`the signer's chain does not verify: ${(err as Error).message}`);

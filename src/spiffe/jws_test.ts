@@ -12,7 +12,7 @@ import {
   X5cChainCache,
 } from "./jws.ts";
 import { parseX509SvidPem } from "./svid.ts";
-import { TestCa } from "./testing/test_ca.ts";
+import { countSignatureChecks, mutuallyIssuingChain, TestCa } from "./testing/test_ca.ts";
 
 const TD = "example.org";
 const ID = `spiffe://${TD}/fleet-server`;
@@ -218,4 +218,31 @@ Deno.test("jws: the chain cache follows the bundle (CA rotation) and validity", 
     () => verifyJws(jws, source, { cache, now: new Date(Date.now() + 2 * 3600_000) }),
     /expired/,
   );
+});
+
+Deno.test("jws: an x5c of 7 CAs that all issue each other is refused within 64 signature checks, then from the cache", () => {
+  const { bundles, svid } = setup();
+  const hostile = mutuallyIssuingChain({ spiffeId: ID, count: 7 });
+  const signer = parseX509SvidPem(hostile.chainPem, hostile.keyPem);
+  assert.equal(signer.certificates.length, 8);
+  const jws = parseJws(signJws(bytes("task"), signer));
+  const cache = new X5cChainCache();
+  const first = countSignatureChecks(() => verifyJws(jws, bundles, { cache }));
+  assert.ok(first.error instanceof JwsError, `not refused: ${String(first.error ?? first.result)}`);
+  assert.match(
+    first.error.message,
+    /^the signer's chain does not verify: leaf certificate spiffe:\/\/example\.org\/fleet-server \(issuer "O=SPIFFE, CN=mutual issuer"\) is not issued under the X\.509 bundle/,
+  );
+  assert.ok(first.checks <= 64, `${first.checks} signature checks`);
+  // Sent again (a flood of the same message): the same refusal, no signature check.
+  const again = countSignatureChecks(() => verifyJws(jws, bundles, { cache }));
+  assert.ok(again.error instanceof JwsError);
+  assert.equal(again.error.message, first.error.message);
+  assert.equal(again.checks, 0);
+  assert.equal(cache.size, 0, "a refused chain is not cached as verified");
+  // Control: the real signer's JWS with the same cache verifies.
+  const ok = countSignatureChecks(() =>
+    verifyJws(parseJws(signJws(bytes("task"), svid)), bundles, { cache })
+  );
+  assert.equal(ok.result?.signer.toString(), ID, String(ok.error));
 });

@@ -8,6 +8,7 @@
  * holds its own SVID in `<data_dir>/agent-data.json` and needs no token to restart.
  */
 import { redactJoinTokens } from "./redact.ts";
+import { renderSpireTelemetry, type SpireTelemetry } from "./telemetry.ts";
 import { dirname } from "node:path";
 import { CliError } from "../cli/errors.ts";
 import {
@@ -44,6 +45,8 @@ export interface AgentConfigValues {
   syncInterval?: string;
   /** How the agent proves its node identity. Default: a join token (`joinTokenFile`). */
   nodeAttestor?: NodeAttestorConfig;
+  /** Serve SPIRE's Prometheus telemetry on this loopback address (`renderSpireTelemetry`). */
+  telemetry?: SpireTelemetry;
 }
 
 /** A Go duration as SPIRE parses it: "500ms", "5s", "1m30s". */
@@ -88,7 +91,7 @@ ${renderNodeAttestor(v.nodeAttestor)}
     plugin_data {}
   }
 }
-`;
+${v.telemetry ? renderSpireTelemetry(v.telemetry) : ""}`;
 }
 
 /**

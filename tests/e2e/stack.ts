@@ -31,7 +31,7 @@ import {
 import { SpireServerCli } from "../../src/spire/server.ts";
 import { fetchClient, loadCredentials } from "../../src/operator/credentials.ts";
 import { probeMqtt } from "../../src/mqtt/probe.ts";
-import { freePorts } from "../helpers/ports.ts";
+import { freeMonitoringPorts, freePorts } from "../helpers/ports.ts";
 
 export const REPO = fileURLToPath(new URL("../..", import.meta.url));
 export const MAIN = `${REPO}main.ts`;
@@ -219,6 +219,9 @@ export class E2eStack {
       plain: number;
       tls: number;
       http: number;
+      /** The first telemetry port (SPIRE exporters, agents' /metrics) and Prometheus'. */
+      telemetry: number;
+      prometheus: number;
       /** `--ha`: PostgreSQL and the two SPIRE servers' own ports. */
       postgres?: number;
       spire1?: number;
@@ -237,7 +240,14 @@ export class E2eStack {
       ...Deno.env.toObject(),
       NO_COLOR: "1",
       ...layoutEnv(
-        { spireServer: ports.spire, mqttPlain: ports.plain, mqttTls: ports.tls, http: ports.http },
+        {
+          spireServer: ports.spire,
+          mqttPlain: ports.plain,
+          mqttTls: ports.tls,
+          http: ports.http,
+          telemetry: ports.telemetry,
+          prometheus: ports.prometheus,
+        },
         {
           agentSocketDir: sockDir,
           ha: ha
@@ -281,7 +291,7 @@ export class E2eStack {
     // As devenv's /tmp/spire-agent: other users (the task user) reach the sockets, and get
     // PermissionDenied from the Workload API, but cannot replace them.
     await Deno.chmod(sockDir, 0o755);
-    for (const sub of ["spire", "agent"]) {
+    for (const sub of ["spire", "agent", "prometheus"]) {
       await Deno.mkdir(`${dir}/config/${sub}`, { recursive: true });
       for (const e of Deno.readDirSync(`${REPO}config/${sub}`)) {
         if (e.isFile) {
@@ -296,10 +306,11 @@ export class E2eStack {
     assert.notEqual(patched, yaml, `${yamlPath}: no mqtt.heartbeatSeconds to set`);
     await Deno.writeTextFile(yamlPath, patched);
     const [spire, plain, tls, http, postgres, spire1, spire2, http2, http3] = freePorts(9);
-    const ports = opts.ha
-      ? { spire, plain, tls, http, postgres, spire1, spire2, http2, http3 }
-      : { spire, plain, tls, http };
     const n = opts.robots ?? ROBOTS.length;
+    const monitoring = freeMonitoringPorts(n, opts.ha ?? false);
+    const ports = opts.ha
+      ? { spire, plain, tls, http, postgres, spire1, spire2, http2, http3, ...monitoring }
+      : { spire, plain, tls, http, ...monitoring };
     const ids = Array.from({ length: n }, (_, i) => `robot-${String(i + 1).padStart(3, "0")}`);
     const s = new E2eStack(dir, sockDir, ports, ids, opts.ha ?? false, opts.startArgs);
     everyStack.add(s);
