@@ -21,6 +21,8 @@ export type Direction = "up" | "down";
 
 /** What the server subscribes to (QoS 1). */
 export const SERVER_SUBSCRIPTION = `${TOPIC_ROOT}/+/up/#`;
+/** Every robot's retained status (what a new subscriber of the plain filter is sent first). */
+export const ROBOT_STATUS_FILTER = `${TOPIC_ROOT}/+/up/status`;
 /** The shared-subscription group name used with `--shared-subscription` (MQTT 5). */
 export const SHARED_GROUP = "k8s4r";
 export const SHARED_SERVER_SUBSCRIPTION = `$share/${SHARED_GROUP}/${SERVER_SUBSCRIPTION}`;

@@ -285,6 +285,8 @@ export type RefusalCounters = Record<RefusalCode, number>;
 export interface ApiContext {
   fleet: FleetService;
   mqttConnected: () => boolean;
+  /** Replicas (PostgreSQL, shared subscription): their shared state, for /api/stats. */
+  replicas?: () => unknown;
   version?: string;
   /** Who the caller is and what it may do (auth.ts). */
   auth: AuthPolicy;
@@ -340,9 +342,10 @@ export function createHandler(
         total: all.length,
         /** Last known: while the link is down these are also counted as unknown. */
         online: all.filter((r) => r.online).length,
-        unknown: link.delivering ? 0 : all.length,
+        unknown: fleet.fleetDelivering() ? 0 : all.length,
       },
       http: { refused: refusals },
+      ...(ctx.replicas ? { replicas: ctx.replicas() } : {}),
     };
   };
   const page = async (q: TaskQuery) => {

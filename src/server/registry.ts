@@ -702,6 +702,20 @@ export class RegistryTx {
     );
   }
 
+  /**
+   * Ends the claims of every instance whose name starts with `prefix` but `except`: earlier
+   * processes of this client id (one process per client id: they are dead), and this one's
+   * own on a clean stop.
+   */
+  async releaseClaimsOf(prefix: string, except?: string): Promise<number> {
+    return await this.run(
+      `UPDATE tasks SET dispatch_owner = NULL, dispatch_lease_until = NULL
+       WHERE dispatch_owner IS NOT NULL AND substr(dispatch_owner, 1, ?) = ?
+         AND dispatch_owner <> ?`,
+      [prefix.length, prefix, except ?? ""],
+    );
+  }
+
   // ---- replicas (PostgreSQL only: `--shared-subscription`) ----
 
   private pgOnly(what: string): void {
@@ -750,13 +764,14 @@ export class RegistryTx {
     clientId: string,
     instance: string,
     leaseMs: number,
-    confirmedAt: string,
+    confirmedAt: string | null,
     linkUp: boolean,
   ): Promise<{ ok: boolean; dbNow: string }> {
     this.pgOnly("replicaRenew");
     const r = await this.get(
       `UPDATE replicas SET lease_until = now() + CAST(? AS INTEGER) * interval '1 millisecond',
-         confirmed_at = GREATEST(confirmed_at, ?), link_up = ?, updated_at = now()
+         confirmed_at = GREATEST(confirmed_at, COALESCE(?, confirmed_at)), link_up = ?,
+         updated_at = now()
        WHERE client_id = ? AND instance = ? RETURNING now() AS db_now`,
       [leaseMs, confirmedAt, linkUp ? 1 : 0, clientId, instance],
     );
@@ -765,19 +780,21 @@ export class RegistryTx {
     return { ok: false, dbNow: String(now!.db_now) };
   }
 
-  /** Records an adopted session's probe clock; false when the adoption is over. */
+  /**
+   * Records an adopted session's probe clock (its `link_up` stays the owner's); false when the
+   * adoption is over (the owner joined again).
+   */
   async replicaAdoptedTick(
     clientId: string,
     adopter: string,
     confirmedAt: string | null,
-    linkUp: boolean,
   ): Promise<boolean> {
     this.pgOnly("replicaAdoptedTick");
     return await this.run(
       `UPDATE replicas SET confirmed_at = GREATEST(confirmed_at, COALESCE(?, confirmed_at)),
-         link_up = ?, updated_at = now()
-       WHERE client_id = ? AND adopted_by = ? AND lease_until < now()`,
-      [confirmedAt, linkUp ? 1 : 0, clientId, adopter],
+         updated_at = now()
+       WHERE client_id = ? AND adopted_by = ?`,
+      [confirmedAt, clientId, adopter],
     ) > 0;
   }
 
@@ -794,19 +811,32 @@ export class RegistryTx {
   }
 
   /**
-   * `adopter` takes over the broker session of `clientId`, whose owner has not renewed its
-   * lease for `minExpiredMs`, unless another live instance adopted it already.
+   * `adopter` takes over the broker session of `clientId`, unless another live instance
+   * adopted it already: its owner has not renewed its lease for `expiredForMs`, or (with
+   * `stalledForMs`) its owner is cut from the broker and its clock has not moved for that long.
    */
-  async replicaAdopt(clientId: string, adopter: string, minExpiredMs: number): Promise<boolean> {
+  async replicaAdopt(
+    clientId: string,
+    adopter: string,
+    why: { expiredForMs: number } | { stalledForMs: number },
+  ): Promise<boolean> {
     this.pgOnly("replicaAdopt");
+    const cond = "expiredForMs" in why
+      ? "lease_until < now() - CAST(? AS INTEGER) * interval '1 millisecond'"
+      : "link_up = FALSE AND confirmed_at < now() - CAST(? AS INTEGER) * interval '1 millisecond'";
     return await this.run(
       `UPDATE replicas SET adopted_by = ?, updated_at = now()
-       WHERE client_id = ?
-         AND lease_until < now() - CAST(? AS INTEGER) * interval '1 millisecond'
+       WHERE client_id = ? AND instance <> ? AND ${cond}
          AND (adopted_by IS NULL OR adopted_by = ? OR NOT EXISTS (
            SELECT 1 FROM replicas a WHERE a.instance = replicas.adopted_by
              AND a.lease_until >= now()))`,
-      [adopter, clientId, minExpiredMs, adopter],
+      [
+        adopter,
+        clientId,
+        adopter,
+        "expiredForMs" in why ? why.expiredForMs : why.stalledForMs,
+        adopter,
+      ],
     ) > 0;
   }
 

@@ -266,7 +266,10 @@ class PostgresBackend implements SqlBackend {
   readonly #statements = new Map<string, Prepared>();
   readonly #secrets: (string | undefined)[];
 
+  private readonly onError?: (message: string) => void;
+
   constructor(config: PostgresConfig, opts: PostgresOptions) {
+    this.onError = opts.onError;
     this.location = describePostgres(config);
     this.#config = config;
     this.#secrets = [config.password];
@@ -314,9 +317,22 @@ class PostgresBackend implements SqlBackend {
     );
   }
 
+  /**
+   * A pooled client for a transaction. While it is checked out the pool does not listen for
+   * its errors: a connection that drops between two statements (the server stopped) would
+   * throw an uncaught 'error'; it is logged here, and the next statement fails with it.
+   */
   async connect(): Promise<pg.PoolClient> {
     try {
-      return await this.#pool.connect();
+      const client = await this.#pool.connect();
+      const onError = (err: Error) => this.onError?.(`${this.location}: ${this.wrap(err).message}`);
+      client.on("error", onError);
+      const release = client.release.bind(client);
+      client.release = (e?: Error | boolean) => {
+        client.off("error", onError);
+        return release(e);
+      };
+      return client;
     } catch (err) {
       const w = this.wrap(err);
       throw new PostgresError(
