@@ -104,6 +104,17 @@ export interface BrokerSessionOptions {
   /** Applies a batch in arrival order (FleetService.handleBatch). Never rejects. */
   apply: (items: Incoming[]) => Promise<BatchResult>;
   log: Logger;
+  /** The connection's last will (a replica's `serverGoneTopic`), QoS 1, not retained. */
+  will?: { topic: string; payload: string };
+  /**
+   * Messages between servers: `filters` are subscribed too, and a message whose topic
+   * `match`es is given to `handle` on arrival, then acknowledged in order like the others.
+   */
+  control?: {
+    filters: string[];
+    match: (topic: string) => boolean;
+    handle: (topic: string, payload: Uint8Array) => void;
+  };
   /** Connected and subscribed. */
   onUp?: (connack: IConnackPacket) => void;
   onDown?: () => void;
@@ -149,6 +160,14 @@ export class BrokerSession {
     };
     if (o.username !== undefined) clientOpts.username = o.username;
     if (o.password !== undefined) clientOpts.password = o.password;
+    if (o.will) {
+      clientOpts.will = {
+        topic: o.will.topic,
+        payload: Buffer.from(o.will.payload),
+        qos: 1,
+        retain: false,
+      };
+    }
     const url = new URL(o.brokerUrl);
     if (url.protocol === "mqtts:") {
       if (!o.tls) throw new Error(`${o.brokerUrl}: mqtts:// needs an X.509 SVID source`);
@@ -181,7 +200,7 @@ export class BrokerSession {
 
   private wire(): void {
     const { client, o } = this;
-    const topics = [...o.subscriptions, o.probeTopic];
+    const topics = [...o.subscriptions, ...(o.control?.filters ?? []), o.probeTopic];
     client.on("connect", (connack) => {
       this.state.connects++;
       this.log.info(
@@ -264,10 +283,19 @@ export class BrokerSession {
       return;
     }
     // The broker sends no topic aliases: we advertise no topicAliasMaximum.
+    const control = this.o.control?.match(packet.topic) === true;
+    if (control) {
+      try {
+        this.o.control!.handle(packet.topic, packet.payload as Uint8Array);
+      } catch (err) {
+        this.log.warn(`on ${packet.topic}: ${(err as Error).message}`);
+      }
+    }
     this.batch.push({
       topic: packet.topic,
       payload: packet.payload as Uint8Array,
       probe: packet.topic === this.o.probeTopic || undefined,
+      control: control || undefined,
       qos: packet.qos,
       messageId: packet.messageId,
       stream: this.client.stream,
@@ -348,6 +376,12 @@ export class BrokerSession {
     this.state.lastError = `registry write failed: ${why}`;
     this.log.warn(`reconnecting to the broker so that it redelivers what was not written`);
     const stream = this.client.stream;
+    // A normal DISCONNECT first: the session (and what it holds unacknowledged) stays, and the
+    // broker drops this connection's will (we are not gone, only reconnecting).
+    (this.client as unknown as { _sendPacket(p: object): void })._sendPacket({
+      cmd: "disconnect",
+      reasonCode: 0,
+    });
     // end() first so the PUBACKs already written reach the broker; destroy() ends the wait.
     const t = setTimeout(() => stream.destroy(), 1000);
     stream.end(() => {

@@ -149,8 +149,6 @@ export interface FleetStats {
   batches: number;
   /** Batches tried again after losing a race with another replica (deadlock, serialization). */
   conflictRetries: number;
-  /** Task claims that found the task already claimed or delivered (another replica has it). */
-  claimMisses: number;
 }
 
 /** One received MQTT message. */
@@ -159,6 +157,8 @@ export interface Incoming {
   payload: Uint8Array;
   /** A server's own probe echo (of this session's probe topic), not a robot's message. */
   probe?: boolean;
+  /** A message between servers (a replica's last will), handled on arrival: nothing to write. */
+  control?: boolean;
 }
 
 export type Outcome = { ok: true } | { ok: false; reason: DropReason };
@@ -219,7 +219,6 @@ export class FleetService {
     applyErrors: 0,
     batches: 0,
     conflictRetries: 0,
-    claimMisses: 0,
   };
   private readonly hbDefault: number;
   private readonly missed: number;
@@ -369,7 +368,7 @@ export class FleetService {
   async handleBatch(items: Incoming[]): Promise<BatchResult> {
     if (items.length === 0) return { acked: 0, results: [] };
     const decoded = items.map((m) =>
-      m.probe || m.topic === this.probeTopic ? PROBE : decodeUp(m.topic, m.payload)
+      m.probe || m.control || m.topic === this.probeTopic ? PROBE : decodeUp(m.topic, m.payload)
     );
     const results: Outcome[] = [];
     let done = 0;
@@ -491,7 +490,7 @@ export class FleetService {
         fx.push(() => {
           this.log.info(`robot ${robotId} registered (agent ${msg.agentVersion})`);
           // The agent (re)started: anything not yet accepted is sent again (it dedupes by id).
-          this.dispatchFor(robotId);
+          this.dispatchFor(robotId, { resend: true });
         });
         return;
       }
@@ -661,12 +660,16 @@ export class FleetService {
   }
 
   /**
-   * Sends every undelivered task of one robot (those no other server holds a claim on), and
-   * the cancels it is owed (`settled()` waits for it). Never rejects.
+   * Sends the pending tasks of one robot (those no other server holds a claim on), with
+   * `resend` also the dispatched ones it has not taken up (its agent restarted: a `register`),
+   * and the cancels it is owed (`settled()` waits for it). Never rejects.
    */
-  dispatchFor(robotId: string): Promise<void> {
+  dispatchFor(robotId: string, opts: { resend?: boolean } = {}): Promise<void> {
     return this.track(async () => {
-      await this.claimAndPublish({ robotId });
+      await this.claimAndPublish({
+        robotId,
+        states: opts.resend ? ["pending", "dispatched"] : ["pending"],
+      });
       for (const t of await this.registry.tasksInStates(["cancelling"], robotId)) {
         this.sendCancel(t);
       }
@@ -674,7 +677,9 @@ export class FleetService {
   }
 
   /** Claims tasks (pages of 200) and publishes each; resolves when all are claimed. */
-  private async claimAndPublish(q: { robotId?: string; onlineOnly?: boolean }): Promise<void> {
+  private async claimAndPublish(
+    q: { robotId?: string; onlineOnly?: boolean; states?: ("pending" | "dispatched")[] },
+  ): Promise<void> {
     if (!this.publisher.connected()) return; // sent again on reconnect
     for (;;) {
       const now = this.now().getTime();
@@ -734,10 +739,13 @@ export class FleetService {
     }, `cancel of task ${task.id}`);
   }
 
-  /** After (re)connecting to the broker: send what online robots are owed. Never rejects. */
+  /**
+   * After (re)connecting to the broker: send what online robots are owed (pending tasks: a
+   * dispatched one reached the broker, which delivers it). Never rejects.
+   */
   dispatchAllOnline(): Promise<void> {
     return this.track(async () => {
-      await this.claimAndPublish({ onlineOnly: true });
+      await this.claimAndPublish({ onlineOnly: true, states: ["pending"] });
       const online = new Set((await this.registry.onlineRobots()).map((r) => r.id));
       for (const t of await this.registry.tasksInStates(["cancelling"])) {
         if (online.has(t.robotId)) this.sendCancel(t);
@@ -926,10 +934,14 @@ export class FleetService {
         if (ok) lost.push(t.id);
       }
     }
-    // Undelivered tasks of online robots nobody is publishing (a publish that failed, a
-    // replica that died holding a claim): claimed and sent.
+    // Pending tasks of online robots nobody is publishing (a publish that failed, a replica
+    // that died holding a claim): claimed and sent. Dispatched ones wait for their robot (and
+    // are sent again when it registers).
     if (this.publisher.connected()) {
-      await this.track(() => this.claimAndPublish({ onlineOnly: true }), "re-dispatch");
+      await this.track(
+        () => this.claimAndPublish({ onlineOnly: true, states: ["pending"] }),
+        "re-dispatch",
+      );
     }
     for (const id of offline) {
       this.log.info(`robot ${id} is offline (missed ${this.missed} heartbeats)`);

@@ -20,7 +20,9 @@
 import mqtt from "mqtt";
 import {
   ROBOT_STATUS_FILTER,
+  SERVER_GONE_FILTER,
   SERVER_SUBSCRIPTION,
+  serverGoneTopic,
   serverProbeTopic,
   SHARED_SERVER_SUBSCRIPTION,
 } from "../fleet/topics.ts";
@@ -42,7 +44,7 @@ import {
 } from "./broker_session.ts";
 import { createHandler } from "./http_api.ts";
 import { type HttpsApi, serveHttps, type ServerTlsProvider } from "./https.ts";
-import type { Registry } from "./registry.ts";
+import type { Registry, ReplicaRow } from "./registry.ts";
 import type { PostgresConfig } from "./registry_postgres.ts";
 import { ReplicaSet } from "./replicas.ts";
 import type { RolesSource } from "./roles.ts";
@@ -127,6 +129,9 @@ export class FleetServer {
   private retained?: Promise<void>;
   private retainedRetry?: ReturnType<typeof setTimeout>;
   private wasLeader = false;
+  private disconnectedSince?: number;
+  /** Last wills received: dead processes (instance -> when), adopted by the sweeper. */
+  private readonly gone = new Map<string, number>();
 
   private constructor(
     readonly registry: Registry,
@@ -255,6 +260,22 @@ export class FleetServer {
         },
         onDown: () => fleet.linkDown(),
         onTakenOver: shared ? () => srv.mainTakenOver() : undefined,
+        ...(shared
+          ? {
+            will: { topic: serverGoneTopic(clientId), payload: instance },
+            control: {
+              filters: [SERVER_GONE_FILTER],
+              match: (t: string) => /^k8s4r\/server\/[^/]+\/gone$/.test(t),
+              handle: (_t: string, payload: Uint8Array) => {
+                const dead = new TextDecoder().decode(payload);
+                if (dead !== instance && dead.length <= 200) {
+                  log.info(`the broker published the last will of ${dead}`);
+                  srv.gone.set(dead, Date.now());
+                }
+              },
+            },
+          }
+          : {}),
       });
     } catch (err) {
       await http?.close();
@@ -270,7 +291,12 @@ export class FleetServer {
   /** A broker session of `clientId` (ours, or an adopted replica's) feeding this fleet. */
   private session(
     clientId: string,
-    hooks: { onUp?: () => void; onDown?: () => void; onTakenOver?: () => void },
+    hooks:
+      & Pick<
+        ConstructorParameters<typeof BrokerSession>[0],
+        "onUp" | "onDown" | "onTakenOver" | "will" | "control"
+      >
+      & { reconnectPeriodMs?: number },
   ): BrokerSession {
     const o = this.opts;
     return new BrokerSession({
@@ -282,7 +308,7 @@ export class FleetServer {
       subscriptions: [o.sharedSubscription ? SHARED_SERVER_SUBSCRIPTION : SERVER_SUBSCRIPTION],
       probeTopic: serverProbeTopic(clientId),
       probeIntervalMs: o.probeIntervalMs ?? 500,
-      reconnectPeriodMs: o.reconnectPeriodMs ?? 1000,
+      reconnectPeriodMs: hooks.reconnectPeriodMs ?? o.reconnectPeriodMs ?? 1000,
       now: () => this.fleet.now().getTime(),
       apply: (items) => this.fleet.handleBatch(items),
       log: this.log,
@@ -300,6 +326,16 @@ export class FleetServer {
         await this.main.flush();
         for (const a of this.adoptions.values()) await a.flush();
         if (this.replicas) {
+          // Cut from the broker: another replica should sweep (and adopt our session).
+          if (!this.main.connected()) {
+            this.disconnectedSince ??= Date.now();
+            if (Date.now() - this.disconnectedSince > 2000) {
+              await this.replicas.resign("not connected to the broker");
+            }
+            this.wasLeader = false;
+            return;
+          }
+          this.disconnectedSince = undefined;
           const leader = await this.replicas.lead();
           if (!leader) {
             this.wasLeader = false;
@@ -348,6 +384,7 @@ export class FleetServer {
       return;
     }
     for (const id of r.revoked) await this.dropAdoption(id, "its owner is back");
+    for (const [dead, at] of this.gone) if (Date.now() - at > 300_000) this.gone.delete(dead);
     if (replicas.leaseLost()) {
       if (!this.main.paused) {
         this.log.warn(
@@ -384,24 +421,53 @@ export class FleetServer {
     })().catch((err) => this.log.warn(`taking the session back: ${(err as Error).message}`));
   }
 
-  /** The sweeper connects as each replica that died (or lost the broker) and serves its share. */
+  /**
+   * The sweeper connects as each replica that died (or lost the broker) and serves its share:
+   * at once for a process whose last will the broker published, else once its lease has been
+   * expired for ADOPT_AFTER_MS (or its link down and its clock stalled for ADOPT_STALLED_MS).
+   */
   private async adoptSessions(): Promise<void> {
     const replicas = this.replicas!;
     if (this.closed || replicas.leaseLost() || !this.main.connected()) return;
-    const mine = new Set(this.adoptions.keys());
-    for (const row of replicas.adoptable(ADOPT_AFTER_MS, ADOPT_STALLED_MS, mine)) {
-      if (!(await replicas.adopt(row, ADOPT_AFTER_MS, ADOPT_STALLED_MS))) continue;
+    const todo: { row: ReplicaRow; why: Parameters<ReplicaSet["adopt"]>[1]; what: string }[] = [];
+    const mine = () => new Set(this.adoptions.keys());
+    for (const [dead, at] of [...this.gone]) {
+      // Handled once; a will older than a few minutes is no news.
+      this.gone.delete(dead);
+      if (Date.now() - at > 300_000) continue;
+      for (const row of replicas.orphansOf(dead, mine())) {
+        todo.push({ row, why: { deadInstance: dead }, what: `its last will (${dead})` });
+      }
+    }
+    for (const row of replicas.adoptable(ADOPT_AFTER_MS, ADOPT_STALLED_MS, mine())) {
+      if (todo.some((t) => t.row.clientId === row.clientId)) continue;
+      todo.push({
+        row,
+        why: row.expired ? { expiredForMs: ADOPT_AFTER_MS } : { stalledForMs: ADOPT_STALLED_MS },
+        what: row.expired ? `lease expired ${row.expiredForMs} ms ago` : "cut from the broker",
+      });
+    }
+    for (const { row, why, what } of todo) {
+      if (this.adoptions.has(row.clientId)) continue;
+      if (!(await replicas.adopt(row, why))) continue;
       this.log.info(
-        `adopting the broker session of replica ${row.clientId} (${
-          row.expired ? `lease expired ${row.expiredForMs} ms ago` : "cut from the broker"
-        }): its queued and in-flight messages are applied here until it comes back`,
+        `adopting the broker session of replica ${row.clientId} (${what}): its queued and ` +
+          "in-flight messages are applied here until it comes back",
       );
       const id = row.clientId;
       const a = this.session(id, {
         onTakenOver: () => void this.dropAdoption(id, "its owner took the session back"),
+        // Slower than an owner's: a live owner that connects again wins (and ends the adoption
+        // in the registry) before this one is back.
+        reconnectPeriodMs: 3 * (this.opts.replicaTickMs ?? 500),
       });
       this.adoptions.set(id, a);
       a.start();
+      // Its task claims go with it: what it was publishing is sent again by the sweep (a robot
+      // that got it already runs it once: it remembers task ids).
+      const freed = await this.registry.transaction((tx) => tx.releaseClaimsOf(row.instance))
+        .catch(() => 0);
+      if (freed > 0) this.log.info(`released ${freed} task claim(s) of ${row.instance}`);
     }
   }
 

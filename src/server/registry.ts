@@ -167,6 +167,8 @@ export interface ClaimQuery {
   taskId?: string;
   /** Only tasks of robots that are online. */
   onlineOnly?: boolean;
+  /** Default both: a dispatched task is sent again on a trigger (the robot registered again). */
+  states?: ("pending" | "dispatched")[];
   limit: number;
 }
 
@@ -667,7 +669,10 @@ export class RegistryTx {
    */
   async claimTasks(q: ClaimQuery): Promise<TaskRecord[]> {
     const free = "(dispatch_lease_until IS NULL OR dispatch_lease_until < ?)";
-    const where = [`state IN ('pending', 'dispatched')`, free, "expires_at > ?"];
+    const states = (q.states ?? ["pending", "dispatched"]).map((x) =>
+      x === "pending" ? "'pending'" : "'dispatched'"
+    ).join(", ");
+    const where = [`state IN (${states})`, free, "expires_at > ?"];
     const params: SqlValue[] = [q.now, q.now];
     if (q.robotId !== undefined) {
       where.push("robot_id = ?");
@@ -685,7 +690,7 @@ export class RegistryTx {
       `UPDATE tasks SET dispatch_owner = ?, dispatch_lease_until = ?
        WHERE id IN (SELECT id FROM tasks WHERE ${where.join(" AND ")}
                     ORDER BY created_at, id LIMIT ?${forUpdate(this.dialect, { skipLocked: true })})
-         AND state IN ('pending', 'dispatched') AND ${free}
+         AND state IN (${states}) AND ${free}
        RETURNING ${TASK_COLUMNS}`,
       [q.owner, q.leaseUntil, ...params, q.limit, q.now],
     );
@@ -812,31 +817,47 @@ export class RegistryTx {
 
   /**
    * `adopter` takes over the broker session of `clientId`, unless another live instance
-   * adopted it already: its owner has not renewed its lease for `expiredForMs`, or (with
-   * `stalledForMs`) its owner is cut from the broker and its clock has not moved for that long.
+   * adopted it already: its owner has not renewed its lease for `expiredForMs`; or (with
+   * `stalledForMs`) its owner is cut from the broker and its clock has not moved for that long;
+   * or (with `deadInstance`) the broker published the last will of that process, which owned
+   * the session or had adopted it.
    */
   async replicaAdopt(
     clientId: string,
     adopter: string,
-    why: { expiredForMs: number } | { stalledForMs: number },
+    why: { expiredForMs: number } | { stalledForMs: number } | { deadInstance: string },
   ): Promise<boolean> {
     this.pgOnly("replicaAdopt");
-    const cond = "expiredForMs" in why
-      ? "lease_until < now() - CAST(? AS INTEGER) * interval '1 millisecond'"
-      : "link_up = FALSE AND confirmed_at < now() - CAST(? AS INTEGER) * interval '1 millisecond'";
+    let cond: string;
+    let arg: SqlValue[];
+    if ("expiredForMs" in why) {
+      cond = "lease_until < now() - CAST(? AS INTEGER) * interval '1 millisecond'";
+      arg = [why.expiredForMs];
+    } else if ("stalledForMs" in why) {
+      cond =
+        "link_up = FALSE AND confirmed_at < now() - CAST(? AS INTEGER) * interval '1 millisecond'";
+      arg = [why.stalledForMs];
+    } else {
+      cond = "(instance = ? OR adopted_by = ?)";
+      arg = [why.deadInstance, why.deadInstance];
+    }
+    const dead = "deadInstance" in why ? why.deadInstance : "";
     return await this.run(
       `UPDATE replicas SET adopted_by = ?, updated_at = now()
        WHERE client_id = ? AND instance <> ? AND ${cond}
-         AND (adopted_by IS NULL OR adopted_by = ? OR NOT EXISTS (
+         AND (adopted_by IS NULL OR adopted_by = ? OR adopted_by = ? OR NOT EXISTS (
            SELECT 1 FROM replicas a WHERE a.instance = replicas.adopted_by
              AND a.lease_until >= now()))`,
-      [
-        adopter,
-        clientId,
-        adopter,
-        "expiredForMs" in why ? why.expiredForMs : why.stalledForMs,
-        adopter,
-      ],
+      [adopter, clientId, adopter, ...arg, adopter, dead],
+    ) > 0;
+  }
+
+  /** The owner, alive, ends an adoption of its session (it connects again: the broker's). */
+  async replicaReclaim(clientId: string, instance: string): Promise<boolean> {
+    this.pgOnly("replicaReclaim");
+    return await this.run(
+      "UPDATE replicas SET adopted_by = NULL WHERE client_id = ? AND instance = ? AND adopted_by IS NOT NULL",
+      [clientId, instance],
     ) > 0;
   }
 

@@ -147,6 +147,12 @@ export class ReplicaSet implements SharedClock {
       this.failingSince = undefined;
       this.lastError = undefined;
       await this.refresh();
+      // Alive with a lease, yet marked adopted (its connection was cut for a moment and the
+      // sweeper took the session): the adoption ends, the adopter lets go at its next tick.
+      if (this.rows.find((x) => x.clientId === this.clientId)?.adoptedBy) {
+        await this.registry.transaction((tx) => tx.replicaReclaim(this.clientId, this.instance));
+        this.o.log.info(`replica ${this.clientId}: took its session back from its adopter`);
+      }
       return { own: true, revoked };
     } catch (err) {
       this.failingSince ??= Date.now();
@@ -162,6 +168,15 @@ export class ReplicaSet implements SharedClock {
   /** This process holds no valid lease (renewals have failed for a lease's length). */
   leaseLost(): boolean {
     return this.failingSince !== undefined && Date.now() - this.lastRenewOk > this.leaseMs;
+  }
+
+  /** Gives the sweeper lock up (this process cannot hear the broker: another should sweep). */
+  async resign(why: string): Promise<void> {
+    if (!this.lock) return;
+    this.o.log.warn(`replica ${this.clientId}: no longer the fleet's sweeper (${why})`);
+    await this.lock.release().catch(() => {});
+    this.lock = undefined;
+    this.leaderSince = undefined;
   }
 
   /** Tries to become (or checks it still is) the sweeper. */
@@ -205,14 +220,24 @@ export class ReplicaSet implements SharedClock {
     );
   }
 
+  /**
+   * Sessions of a process whose last will the broker published (`deadInstance`): its own, and
+   * the ones it had adopted. No waiting: the broker saw its connection die.
+   */
+  orphansOf(deadInstance: string, adoptedByMe: Set<string>): ReplicaRow[] {
+    return this.rows.filter((r) =>
+      r.clientId !== this.clientId && !adoptedByMe.has(r.clientId) &&
+      (r.instance === deadInstance || r.adoptedBy === deadInstance)
+    );
+  }
+
   /** Records the adoption (false: someone else has it, or the owner is back). */
-  async adopt(row: ReplicaRow, adoptAfterMs: number, stalledMs: number): Promise<boolean> {
+  async adopt(
+    row: ReplicaRow,
+    why: { expiredForMs: number } | { stalledForMs: number } | { deadInstance: string },
+  ): Promise<boolean> {
     return await this.registry.transaction((tx) =>
-      tx.replicaAdopt(
-        row.clientId,
-        this.instance,
-        row.expired ? { expiredForMs: adoptAfterMs } : { stalledForMs: stalledMs },
-      )
+      tx.replicaAdopt(row.clientId, this.instance, why)
     );
   }
 
