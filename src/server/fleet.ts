@@ -483,14 +483,16 @@ export class FleetService {
           fx.push(() => this.stats.staleRegisters++);
           return;
         }
+        const resend = opensConnection(prev, msg.bootId, order);
         // A register counts as the online of its connection: the will of an older connection
         // arriving after it is stale.
         await reg.setStatusOrder(robotId, msg.bootId ?? null, order);
         await reg.setOnline(robotId, true, null);
         fx.push(() => {
           this.log.info(`robot ${robotId} registered (agent ${msg.agentVersion})`);
-          // The agent (re)started: anything not yet accepted is sent again (it dedupes by id).
-          this.dispatchFor(robotId, { resend: true });
+          // A new connection (its session may be gone): anything not yet accepted is sent again
+          // (the robot dedupes by id). A repeated register of the same connection is a replay.
+          this.dispatchFor(robotId, { resend });
         });
         return;
       }
@@ -528,6 +530,13 @@ export class FleetService {
         }
         await reg.touchRobot(robotId, at);
         await reg.setLastStatusTs(robotId, msg.ts);
+        // The online of a new connection applied before its register (another replica has it).
+        const resend = msg.status === "online" &&
+          opensConnection(
+            prev,
+            msg.bootId,
+            msg.connection !== undefined ? { connection: msg.connection, rank: 0 } : null,
+          );
         if (msg.bootId !== undefined && msg.connection !== undefined) {
           await reg.setStatusOrder(robotId, msg.bootId, {
             connection: msg.connection,
@@ -545,7 +554,7 @@ export class FleetService {
               `robot ${robotId} is ${msg.status}${msg.reason ? ` (${msg.reason})` : ""}`,
             );
           }
-          if (msg.status === "online") this.dispatchFor(robotId);
+          if (msg.status === "online") this.dispatchFor(robotId, { resend });
         });
         return;
       }
@@ -661,7 +670,7 @@ export class FleetService {
 
   /**
    * Sends the pending tasks of one robot (those no other server holds a claim on), with
-   * `resend` also the dispatched ones it has not taken up (its agent restarted: a `register`),
+   * `resend` also the dispatched ones it has not taken up (a new connection of the robot),
    * and the cancels it is owed (`settled()` waits for it). Never rejects.
    */
   dispatchFor(robotId: string, opts: { resend?: boolean } = {}): Promise<void> {
@@ -1025,4 +1034,20 @@ export function statusVerdict(
   if (lastStatusTs === null) return "apply";
   const d = Date.parse(msg.ts) - Date.parse(lastStatusTs);
   return d > 0 ? "apply" : d === 0 ? "replay" : "stale";
+}
+
+/**
+ * Whether a register (or the online of `order`) opens a connection the server has not seen yet
+ * (another boot, or a later connection of this one): the robot's session may be gone, so what
+ * was dispatched and not taken up is sent again. Without `bootId` and `connection` (older
+ * agents): always.
+ */
+export function opensConnection(
+  prev: RobotRecord | undefined | null,
+  bootId: string | undefined,
+  order: StatusOrder | null,
+): boolean {
+  if (!prev || bootId === undefined || order === null) return true;
+  if (prev.bootId !== bootId || !prev.statusOrder) return true;
+  return order.connection > prev.statusOrder.connection;
 }

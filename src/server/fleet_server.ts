@@ -37,6 +37,7 @@ import type { X509BundleSource } from "../spiffe/bundle.ts";
 import { allowedHostNames } from "./auth.ts";
 import {
   BrokerSession,
+  type BrokerSessionOptions,
   type MqttTlsProvider,
   type SessionState,
   tlsOptions,
@@ -132,6 +133,8 @@ export class FleetServer {
   private disconnectedSince?: number;
   /** Last wills received: dead processes (instance -> when), adopted by the sweeper. */
   private readonly gone = new Map<string, number>();
+  /** Replicas: the last wills of the others, on every session of this process. */
+  private control?: BrokerSessionOptions["control"];
 
   private constructor(
     readonly registry: Registry,
@@ -252,6 +255,21 @@ export class FleetServer {
       }
       s = new FleetServer(registry, fleet, http, log, opts, clientId, replicas);
       const srv = s;
+      if (shared) {
+        // Every session of this process (an adopted one too: the dead replica's session holds
+        // the wills queued for it) hands the replicas' last wills to the sweeper.
+        srv.control = {
+          filters: [SERVER_GONE_FILTER],
+          match: (t: string) => /^k8s4r\/server\/[^/]+\/gone$/.test(t),
+          handle: (_t: string, payload: Uint8Array) => {
+            const dead = new TextDecoder().decode(payload);
+            if (dead !== instance && dead.length <= 200 && !srv.gone.has(dead)) {
+              log.info(`the broker published the last will of ${dead}`);
+              srv.gone.set(dead, Date.now());
+            }
+          },
+        };
+      }
       main = srv.main = srv.session(clientId, {
         onUp: () => {
           fleet.linkUp();
@@ -260,22 +278,7 @@ export class FleetServer {
         },
         onDown: () => fleet.linkDown(),
         onTakenOver: shared ? () => srv.mainTakenOver() : undefined,
-        ...(shared
-          ? {
-            will: { topic: serverGoneTopic(clientId), payload: instance },
-            control: {
-              filters: [SERVER_GONE_FILTER],
-              match: (t: string) => /^k8s4r\/server\/[^/]+\/gone$/.test(t),
-              handle: (_t: string, payload: Uint8Array) => {
-                const dead = new TextDecoder().decode(payload);
-                if (dead !== instance && dead.length <= 200) {
-                  log.info(`the broker published the last will of ${dead}`);
-                  srv.gone.set(dead, Date.now());
-                }
-              },
-            },
-          }
-          : {}),
+        ...(shared ? { will: { topic: serverGoneTopic(clientId), payload: instance } } : {}),
       });
     } catch (err) {
       await http?.close();
@@ -294,7 +297,7 @@ export class FleetServer {
     hooks:
       & Pick<
         ConstructorParameters<typeof BrokerSession>[0],
-        "onUp" | "onDown" | "onTakenOver" | "will" | "control"
+        "onUp" | "onDown" | "onTakenOver" | "will"
       >
       & { reconnectPeriodMs?: number },
   ): BrokerSession {
@@ -313,6 +316,7 @@ export class FleetServer {
       apply: (items) => this.fleet.handleBatch(items),
       log: this.log,
       onFatal: o.onFatal,
+      ...(this.control ? { control: this.control } : {}),
       ...hooks,
     });
   }

@@ -955,6 +955,46 @@ const cancelCases: ContractCase[] = [
       }),
   },
   {
+    name:
+      "dispatched tasks are sent again once per new connection (register or online first), never on a replay",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, pub }) => {
+        const h = async (m: { topic: string; payload: Uint8Array }) => {
+          const r = await fleet.handleMessage(m.topic, m.payload);
+          assert.equal(r.ok, true, JSON.stringify(r));
+          await fleet.settled();
+        };
+        const sent = () => tasksSent(pub).length;
+        await h(register("robot-001", T0, "boot-a", 1));
+        const t = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 5,
+        }, ADMIN);
+        await fleet.settled();
+        assert.equal(sent(), 1, "the task is dispatched");
+        // The same connection's register again (a redelivery, another replica's copy): a
+        // replay, the broker holds the task for the robot's session.
+        await h(register("robot-001", T0 + 1, "boot-a", 1));
+        await h(status("robot-001", "online", T0 + 2, "boot-a", 1));
+        assert.equal(sent(), 1, "sent again on a replay of the same connection");
+        // Connection 2 (its session may be gone): sent again, once.
+        await h(register("robot-001", T0 + 3, "boot-a", 2));
+        assert.equal(sent(), 2);
+        await h(status("robot-001", "online", T0 + 4, "boot-a", 2));
+        await h(register("robot-001", T0 + 5, "boot-a", 2));
+        assert.equal(sent(), 2, "one connection, one resend");
+        // Connection 3's online applied before its register (two replicas): once as well.
+        await h(status("robot-001", "online", T0 + 6, "boot-a", 3));
+        await h(register("robot-001", T0 + 7, "boot-a", 3));
+        assert.equal(sent(), 3);
+        // A new boot (the agent restarted): sent again.
+        await h(register("robot-001", T0 + 8, "boot-b", 1));
+        assert.equal(sent(), 4);
+        assert.ok(tasksSent(pub).every((s) => s.msg.type === "task" && s.msg.id === t.id));
+      }),
+  },
+  {
     name: "cancel: the robot is offline: the cancel goes out when it comes back",
     fn: (f) =>
       withCancelFleet(f, async ({ fleet, registry, pub, online }) => {
