@@ -235,6 +235,7 @@ export class FleetServer {
           fleet,
           mqttConnected: () => fleet.linkState().connected && (main?.connected() ?? false),
           replicas: replicas ? () => s?.replicaView() : undefined,
+          registryProblem: replicas ? () => s?.registryProblem() : undefined,
           version: opts.version,
           auth: { trustDomain: h.trustDomain, bundles: h.bundles, roles: h.roles },
           hosts: {
@@ -571,6 +572,17 @@ export class FleetServer {
         adoptedBy: x.adoptedBy,
       })),
     };
+  }
+
+  /** Replicas: why the lease cannot be renewed (and what the replica does meanwhile). */
+  registryProblem(): string | undefined {
+    const r = this.replicas;
+    if (!r || r.failingSince === undefined) return undefined;
+    return `${r.lastError ?? "failing"} (since ${new Date(r.failingSince).toISOString()}${
+      r.leaseLost()
+        ? "; lease lost: off the broker until the registry answers, the broker keeps the messages"
+        : ""
+    })`;
   }
 
   connected(): boolean {
