@@ -5,7 +5,7 @@
  *
  *   deno task bench [--only NAME]... [--quick] [--robots N]
  *
- * Names: startup, fleet, footprint, rotation, doctor, storage.
+ * Names: startup, fleet, footprint, rotation, doctor, storage, replicas.
  */
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -23,6 +23,7 @@ import {
   writeReport,
 } from "./report.ts";
 import { benchRotation } from "./rotation.ts";
+import { benchReplicas } from "./replicas.ts";
 import { benchStartup } from "./startup.ts";
 import { benchStorage } from "./storage.ts";
 
@@ -35,6 +36,7 @@ export const BENCHMARKS: Record<string, Bench> = {
   rotation: benchRotation,
   fleet: benchFleet,
   storage: benchStorage,
+  replicas: benchReplicas,
 };
 
 async function machine(): Promise<Machine> {

@@ -574,15 +574,13 @@ export class FleetServer {
     };
   }
 
-  /** Replicas: why the lease cannot be renewed (and what the replica does meanwhile). */
+  /** Replicas: the lease could not be renewed, and what the replica does meanwhile. */
   registryProblem(): string | undefined {
     const r = this.replicas;
-    if (!r || r.failingSince === undefined) return undefined;
-    return `${r.lastError ?? "failing"} (since ${new Date(r.failingSince).toISOString()}${
-      r.leaseLost()
-        ? "; lease lost: off the broker until the registry answers, the broker keeps the messages"
-        : ""
-    })`;
+    if (!r || r.failingSince === undefined || !r.leaseLost()) return undefined;
+    return `no replica lease since ${new Date(r.failingSince).toISOString()} (${
+      r.lastError ?? "failing"
+    }): off the broker until the registry answers; the broker keeps the messages`;
   }
 
   connected(): boolean {

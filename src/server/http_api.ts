@@ -385,7 +385,7 @@ export function createHandler(
       clearTimeout(timer);
     }
     const rp = ctx.registryProblem?.();
-    if (rp && !problems.some((p) => p.includes(rp))) problems.push(`registry: ${rp}`);
+    if (rp) problems.push(`registry: ${rp}`);
     const mqtt = s?.mqtt ?? mqttView();
     if (!mqtt.connected) problems.push("mqtt: not connected to the broker");
     const ok = problems.length === 0;
