@@ -35,7 +35,14 @@ import { startTestBroker, TEST_TRUST_DOMAIN, type TestBroker } from "../tests/he
 import { freePort } from "../tests/helpers/ports.ts";
 import { startTestPostgres, type TestPostgres } from "../tests/helpers/postgres.ts";
 import { type BenchResult, figure } from "./report.ts";
-import { type BenchOptions, Cleanup, MAIN_TS, ProcSampler, spawnSubscriberAt } from "./lib.ts";
+import {
+  type BenchOptions,
+  Cleanup,
+  cpuSeconds,
+  MAIN_TS,
+  ProcSampler,
+  spawnSubscriberAt,
+} from "./lib.ts";
 import { percentile, round } from "./stats.ts";
 
 interface Config {
@@ -160,6 +167,18 @@ async function serverHeartbeats(web: TestHttps, servers: Server[]): Promise<numb
   return sum;
 }
 
+/** CPU seconds of a process and its children (PostgreSQL: the postmaster and its backends). */
+async function treeCpuSeconds(pid: number): Promise<number> {
+  let sum = (await cpuSeconds(pid)) ?? 0;
+  let kids: number[] = [];
+  try {
+    kids = (await Deno.readTextFile(`/proc/${pid}/task/${pid}/children`)).trim().split(/\s+/)
+      .filter(Boolean).map(Number);
+  } catch { /* gone */ }
+  for (const k of kids) sum += (await cpuSeconds(k)) ?? 0;
+  return sum;
+}
+
 /** File-size counter of a `mosquitto_sub -F x` output: one "x\n" per message. */
 function subCounter(out: string) {
   return async () => {
@@ -257,7 +276,12 @@ export async function benchReplicas(opts: BenchOptions, result: BenchResult): Pr
       }, { timeoutMs: 60_000, intervalMs: 250, what: `${c.label}: every robot registered` });
       const brokerPid = b.pid();
       if (brokerPid === undefined) throw new Error("the broker is not running");
-      const pids: Record<string, number> = { broker: brokerPid, sub: sub.pid };
+      const pids: Record<string, number> = {
+        broker: brokerPid,
+        sub: sub.pid,
+        simulator: Deno.pid,
+      };
+      const pgPid = c.postgres ? pgRef.cluster.pid : undefined;
       for (const s of servers) pids[`server${s.n}`] = s.daemon.pid;
 
       // 1. Burst.
@@ -265,6 +289,7 @@ export async function benchReplicas(opts: BenchOptions, result: BenchResult): Pr
       const srvBase = await serverHeartbeats(id.web, servers);
       const sampler = new ProcSampler(pids);
       await sampler.start();
+      const pgCpu0 = pgPid ? await treeCpuSeconds(pgPid) : 0;
       const t0 = performance.now();
       const burst = await fleet.burst(burstMs, 1);
       const brokerRate = burst.acked / (burst.ms / 1000);
@@ -282,6 +307,10 @@ export async function benchReplicas(opts: BenchOptions, result: BenchResult): Pr
       }, { timeoutMs: 120_000, intervalMs: 100, what: `${c.label}: the burst written` })
         .catch(() => {});
       const proc = await sampler.stop();
+      // Backends that ended meanwhile are not counted: a lower bound.
+      const pgCpuPct = pgPid
+        ? ((await treeCpuSeconds(pgPid)) - pgCpu0) / ((performance.now() - t0) / 1000) * 100
+        : NaN;
       const subRate = subT ? burst.acked / ((subT - t0) / 1000) : NaN;
       const srvRate = srvT ? burst.acked / ((srvT - t0) / 1000) : NaN;
       const serverCpu = servers.map((s) => round(proc[`server${s.n}`].cpuPct));
@@ -291,7 +320,9 @@ export async function benchReplicas(opts: BenchOptions, result: BenchResult): Pr
             serverCpu.join(
               "+",
             )
-          }%, mosquitto ${round(proc.broker.cpuPct)}%)`,
+          }%, mosquitto ${round(proc.broker.cpuPct)}%, simulator ${
+            round(proc.simulator.cpuPct)
+          }%, PostgreSQL ${round(pgCpuPct)}%)`,
       );
       result.figures.push(
         figure(
@@ -432,16 +463,18 @@ export async function benchReplicas(opts: BenchOptions, result: BenchResult): Pr
           `server(s) ${round(srvRate)}/s (${round(srvRate / subRate)}× mosquitto_sub), server CPU ${
             serverCpu.join(" + ")
           }%, ` +
-          `mosquitto ${
-            round(proc.broker.cpuPct)
-          }%; tasks: ${posted.length} posted (${postErrors.length} POST errors${
+          `mosquitto ${round(proc.broker.cpuPct)}%, the simulated robots ${
+            round(proc.simulator.cpuPct)
+          }%${
+            c.postgres ? `, PostgreSQL ≥ ${round(pgCpuPct)}%` : ""
+          } (100% = one core); tasks: ${posted.length} posted (${postErrors.length} POST errors${
             postErrors[0] ? `, e.g. ${postErrors[0]}` : ""
           }), ${rtt.length} done, ${notDone.length} not done, ${twice} delivered twice.`,
       );
       details[c.id] = {
         connected: fleet.stats.connected,
         connectMs,
-        burst: { ...burst, brokerRate, subRate, srvRate, proc },
+        burst: { ...burst, brokerRate, subRate, srvRate, proc, pgCpuPct },
         steady: sp,
         tasks: { posted: posted.length, postErrors, notDone, twice },
       };

@@ -20,7 +20,10 @@
  *   down with its clock stalled, the sweeper connects AS that client id: the broker hands it
  *   the session, redelivers what was in flight, and it applies that share of the traffic until
  *   the owner comes back (the owner's CONNECT takes the session back: MQTT 5 "session taken
- *   over", and the adopter lets go).
+ *   over", and the adopter lets go). Each replica's connection carries a last will naming its
+ *   process (`serverGoneTopic`): when it dies without a DISCONNECT (`kill -9`) the broker
+ *   publishes it and the sweeper adopts that process's sessions at once, without waiting for
+ *   the lease; its task claims are released, so what it was publishing is sent again.
  * - Time: each replica measures the offset of its clock to PostgreSQL's `now()` at every tick
  *   and stamps everything (last seen, probes, claims) with the database's time, so replicas on
  *   different hosts compare times from one clock (within a round trip).
