@@ -1021,7 +1021,9 @@ function controlHostStep(view: StackView): Component {
 
 export async function probeServer(view: StackView, port?: number): Promise<ProbeResult> {
   const r = await view.healthz(2000, port);
-  return { ok: r.ok, detail: `GET /healthz: ${r.detail}` };
+  const problems = (r.body as { problems?: unknown } | undefined)?.problems;
+  const why = Array.isArray(problems) && problems.length ? `: ${problems.join("; ")}` : "";
+  return { ok: r.ok, detail: `GET /healthz: ${r.detail}${why}` };
 }
 
 /**

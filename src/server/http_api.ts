@@ -4,7 +4,8 @@
  * server's, every endpoint but /healthz needs an operator X.509 SVID with a role that allows
  * it (viewer: read; operator: also create and cancel), and mutating requests must be JSON.
  *
- *   GET  /healthz                      200 when MQTT is connected, else 503; counters (no auth)
+ *   GET  /healthz                      200 when MQTT is connected and the registry answers, else
+ *                                      503 with `problems` (why); counters (no auth)
  *   GET  /api/whoami                   {spiffeId, operator, role} of the caller
  *   GET  /api/stats                    counters
  *   GET  /api/robots                   {robots: [...]}
@@ -299,12 +300,22 @@ export interface ConnInfo extends VerifiedConnection {
   peerChain?: X509Certificate[];
 }
 
+/** How long /healthz waits for the registry's counts before it says the registry is down. */
+export const HEALTH_REGISTRY_TIMEOUT_MS = 1500;
+
 /** Refusals by rule since the start, for /api/stats (attacks are counted, not only refused). */
 export type RefusalCounters = Record<RefusalCode, number>;
 
 export interface ApiContext {
   fleet: FleetService;
   mqttConnected: () => boolean;
+  /** Replicas (PostgreSQL, shared subscription): their shared state, for /api/stats. */
+  replicas?: () => unknown;
+  /**
+   * Why the registry is not usable (a replica that cannot renew its lease), for /healthz;
+   * undefined while it is fine. /healthz also reads the registry itself, bounded.
+   */
+  registryProblem?: () => string | undefined;
   version?: string;
   /** Who the caller is and what it may do (auth.ts). */
   auth: AuthPolicy;
@@ -356,29 +367,69 @@ export function createHandler(
     if (!r) throw new HttpError(404, `unknown robot ${JSON.stringify(id)}`);
     return r;
   };
-  const stats = async () => {
+  // since: when the link went up (subscribed) or down; robots are unknown while it is down.
+  // delivering: the broker echoed the server's probe lately (false while it is frozen).
+  const mqttView = () => {
     const link = fleet.linkState();
+    return {
+      connected: ctx.mqttConnected(),
+      since: link.since,
+      delivering: link.delivering,
+      confirmedAt: link.confirmedAt,
+    };
+  };
+  const stats = async () => {
     const all = await fleet.registry.listRobots();
     const tasks = await fleet.registry.countTasksByState();
     return {
-      // since: when the link went up (subscribed) or down; robots are unknown while it is down.
-      // delivering: the broker echoed the server's probe lately (false while it is frozen).
-      mqtt: {
-        connected: ctx.mqttConnected(),
-        since: link.since,
-        delivering: link.delivering,
-        confirmedAt: link.confirmedAt,
-      },
+      mqtt: mqttView(),
       messages: fleet.stats,
       tasks,
       robots: {
         total: all.length,
         /** Last known: while the link is down these are also counted as unknown. */
         online: all.filter((r) => r.online).length,
-        unknown: link.delivering ? 0 : all.length,
+        unknown: fleet.fleetDelivering() ? 0 : all.length,
       },
       http: { refused: refusals },
+      ...(ctx.replicas ? { replicas: ctx.replicas() } : {}),
     };
+  };
+  /**
+   * /healthz: 200 only when the broker link is up and the registry answers (within
+   * HEALTH_REGISTRY_TIMEOUT_MS: a probe never waits on a database that does not answer); else
+   * 503 with `problems`, one line each, saying why.
+   */
+  const health = async (): Promise<[number, Record<string, unknown>]> => {
+    const problems: string[] = [];
+    let s: Awaited<ReturnType<typeof stats>> | undefined;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    try {
+      s = await Promise.race([
+        stats(),
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(
+            () => reject(new Error(`no answer within ${HEALTH_REGISTRY_TIMEOUT_MS / 1000} s`)),
+            HEALTH_REGISTRY_TIMEOUT_MS,
+          );
+        }),
+      ]);
+    } catch (err) {
+      problems.push(`registry: ${(err as Error).message}`);
+    } finally {
+      clearTimeout(timer);
+    }
+    const rp = ctx.registryProblem?.();
+    if (rp) problems.push(`registry: ${rp}`);
+    const mqtt = s?.mqtt ?? mqttView();
+    if (!mqtt.connected) problems.push("mqtt: not connected to the broker");
+    const ok = problems.length === 0;
+    return [ok ? 200 : 503, {
+      ok,
+      version: ctx.version,
+      ...(ok ? {} : { problems }),
+      ...(s ?? { mqtt, messages: fleet.stats }),
+    }];
   };
   const page = async (q: TaskQuery) => {
     const rows = await fleet.registry.listTasksPage({ ...q, limit: q.limit + 1 });
@@ -626,12 +677,7 @@ export function createHandler(
             allow: "GET, HEAD",
           });
         }
-        const s = await stats();
-        return json(s.mqtt.connected ? 200 : 503, {
-          ok: s.mqtt.connected,
-          version: ctx.version,
-          ...s,
-        });
+        return json(...(await health()));
       }
       // The dashboard's pages and its one-time login (the token is the credential).
       if (parts[0] === "dashboard") {
