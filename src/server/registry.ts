@@ -594,8 +594,9 @@ export class RegistryTx {
       at,
       seq: hb.seq,
       bootId: hb.bootId ?? null,
-      // Newly missing with this one (a late heartbeat that fills a gap counts 0 here).
-      missing: Math.max(0, next.lost - lost),
+      // The gap just before this one (seqs skipped since the newest of its boot); a late one
+      // that fills a gap counts 0 here.
+      missing: sameBoot && hb.seq > prevSeq! ? hb.seq - prevSeq! - 1 : 0,
       info: hb,
     });
     return { bootId };

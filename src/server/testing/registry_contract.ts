@@ -1113,7 +1113,7 @@ const cancelCases: ContractCase[] = [
           web.rotate(); // SPIRE renewed the server's SVID; the task was not acknowledged yet
           const second = web.source.getX509Svid().serialNumber;
           assert.notEqual(first, second);
-          await fleet.dispatchFor("robot-001"); // e.g. the robot registered again
+          await fleet.dispatchFor("robot-001", { resend: true }); // the robot's new connection
           await fleet.cancelTask(t.id, ADMIN);
           await fleet.settled();
           const check = (p: { topic: string; payload: Uint8Array }) => {
