@@ -545,6 +545,21 @@ async function apiAt<T>(port: number, path: string, init: RequestInit = {}) {
  * A stream of tasks, one every 150 ms through the given servers' APIs in turn, each appending
  * its number to `runs` on its robot (the robots run on this host): a line per run.
  */
+/**
+ * A file every task appends its number to. Tasks run as the task user (k8s4r-task), not as the
+ * test: the file is made writable for it, in a directory of its own that it can reach (the stack's
+ * directory is the test's, 0700).
+ */
+async function runsLog(name: string): Promise<string> {
+  const dir = `${stack.dir}.runs`;
+  await Deno.mkdir(dir, { recursive: true });
+  await Deno.chmod(dir, 0o755);
+  const path = `${dir}/${name}`;
+  await Deno.writeTextFile(path, "");
+  await Deno.chmod(path, 0o666);
+  return path;
+}
+
 function taskStream(runs: string, via: () => number[]) {
   const created: { k: number; id: string; robot: string }[] = [];
   let stop = false;
@@ -558,7 +573,7 @@ function taskStream(runs: string, via: () => number[]) {
       const r = await apiAt<{ id: string }>(port, `/api/robots/${robot}/tasks`, {
         method: "POST",
         body: JSON.stringify({
-          command: ["sh", "-c", `echo ${n} >> ${runs}; echo ${n}`],
+          command: ["sh", "-c", `echo ${n} >> ${runs} && echo ${n}`],
           timeoutSeconds: 30,
         }),
       }).catch(() => undefined);
@@ -631,7 +646,7 @@ test("kill -9 of one fleet server during a task stream: no task lost or run twic
     );
   }
   // Control: the same stream through all three, no kill: every task runs exactly once.
-  const controlRuns = `${stack.dir}/runs-control.log`;
+  const controlRuns = await runsLog("runs-control.log");
   const control = taskStream(controlRuns, () => servers.map((x) => x.port));
   await waitFor(() => control.created.length >= 12, {
     timeoutMs: 30_000,
@@ -641,7 +656,7 @@ test("kill -9 of one fleet server during a task stream: no task lost or run twic
   const c = await checkRuns(controlRuns, control.created, survivors[0].port, "control");
   console.log(`  control: ${c.tasks} tasks through the 3 servers, ${c.runs} runs`);
   // The stream again; the sweeper is killed after 6 tasks.
-  const runs = `${stack.dir}/runs-kill.log`;
+  const runs = await runsLog("runs-kill.log");
   let dead = false;
   const stream = taskStream(
     runs,
@@ -785,4 +800,5 @@ test("backup of the running HA stack, restored onto a clean control host: the sa
 test("teardown: stop and clean leave no process (PostgreSQL, haproxy, both SPIRE servers) and no port", async () => {
   for (const w of watches.values()) w.close();
   await stack.teardown();
+  await Deno.remove(`${stack.dir}.runs`, { recursive: true }).catch(() => {});
 });
