@@ -195,6 +195,13 @@ export class MqttSession {
       // We re-subscribe ourselves after every connect (even when the session is present).
       resubscribe: false,
       queueQoSZero: true,
+      // mqtt-packet otherwise builds, on the first packet, a cache of all 65,536 two-byte
+      // numbers (one Buffer each, ~5 MB of the agent's heap) to save one 2-byte allocation per
+      // packet id, topic length and keepalive: pointless at a few packets per second. The bytes
+      // on the wire are the same (mqtt_session_test.ts). The switch is process-wide in
+      // mqtt-packet (`writeToStream.cacheNumbers`), set by mqtt.js when a client has
+      // `writeCache: false`; nothing else in mqtt.js reads it.
+      writeCache: false,
       will: this.willFor(1),
       key: tls.key,
       cert: tls.cert,
