@@ -9,7 +9,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { freePorts } from "../tests/helpers/ports.ts";
 import { agentArgs, DEV_SPIRE_TIMING } from "../src/devenv/components.ts";
-import { agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
+import { agentRunArgs, agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
 import {
   defaultLayout,
   devenvFiles,
@@ -351,7 +351,7 @@ export async function restartAgent(
     cmd: "deno",
     args: [
       ...agentArgs(
-        ["run", "-A", MAIN_TS],
+        agentRunArgs(["run", "-A", MAIN_TS]),
         r,
         stack.layout.agentPluginsYaml,
         stack.env.MQTT_BROKER_URL,

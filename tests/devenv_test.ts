@@ -188,6 +188,10 @@ Deno.test({
               .find((kv) => kv.startsWith("DENO_V8_FLAGS="));
           assert.match(v8Flags(first.agent) ?? "", /--max-semi-space-size=1,--lite-mode/);
           assert.doesNotMatch(v8Flags(first.server) ?? "", /--lite-mode/);
+          // ... and, run from source, without Deno's code cache (runtime_flags.ts).
+          const argv = (pid: number) => Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0");
+          assert.ok(argv(first.agent).includes("--no-code-cache"), argv(first.agent).join(" "));
+          assert.ok(!argv(first.server).includes("--no-code-cache"), argv(first.server).join(" "));
         },
       );
 

@@ -15,7 +15,7 @@ import { X509Certificate } from "node:crypto";
 import { hostname } from "node:os";
 import { basename, join } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
-import { agentV8FlagsEnv } from "../agent/runtime_flags.ts";
+import { agentRunArgs, agentV8FlagsEnv } from "../agent/runtime_flags.ts";
 import { brokerSpiffeId } from "../fleet/mod.ts";
 import { type Daemon, isRecordAlive, readPidFile, tailFile, waitFor } from "../process/mod.ts";
 import { X509Source } from "../spiffe/mod.ts";
@@ -887,7 +887,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
         name: `agent ${r.robotId}`,
         cmd: run.self.cmd,
         args: agentArgs(
-          run.self.args,
+          agentRunArgs(run.self.args),
           r,
           layout.agentPluginsYaml,
           run.brokerUrl,
