@@ -24,9 +24,16 @@ export function agentV8FlagsEnv(existing: string | undefined): string {
  * - `--no-code-cache`: Deno otherwise loads V8's code cache of every module (its SQLite cache in
  *   DENO_DIR) into the process, and keeps it: ~2.5 MB of private memory, for ~25 ms more to
  *   compile the agent's modules at start.
- * A compiled k8s4r (production) takes no `deno run` flags; these do not apply to it.
+ * - `--node-modules-dir=manual`: use the project's node_modules as it is (`deno install
+ *   --frozen` made it; devenv's other components and CI run that). With deno.json's `auto`,
+ *   every start re-checks it against the npm registry metadata in DENO_DIR (it reads and keeps
+ *   the metadata of mqtt and yaml, all their versions): ~1 MB of RSS, 0.6 MB private. A missing
+ *   package is then Deno's error naming it and `deno install`, instead of a download.
+ * A compiled k8s4r (production) takes no `deno run` flags: it embeds its modules and has no
+ * node_modules or DENO_DIR to check, and its own code cache (Deno writes one on the first run)
+ * covers only the modules imported statically at start, not the lazily imported subcommands.
  */
-export const AGENT_DENO_RUN_FLAGS = ["--no-code-cache"] as const;
+export const AGENT_DENO_RUN_FLAGS = ["--no-code-cache", "--node-modules-dir=manual"] as const;
 
 /**
  * The arguments that start the agent, given how k8s4r starts itself: `["run", ...rest]` (deno

@@ -10,10 +10,19 @@ Deno.test("agentV8FlagsEnv: memory flags first, the user's DENO_V8_FLAGS after t
   );
 });
 
-Deno.test("agentRunArgs: deno run gets --no-code-cache right after run; a compiled k8s4r nothing", () => {
+Deno.test("agentRunArgs: deno run gets the agent's flags right after run; a compiled k8s4r nothing", () => {
   assert.deepEqual(
     agentRunArgs(["run", "-A", "--quiet", "--config", "/p/deno.json", "/p/main.ts"]),
-    ["run", "--no-code-cache", "-A", "--quiet", "--config", "/p/deno.json", "/p/main.ts"],
+    [
+      "run",
+      "--no-code-cache",
+      "--node-modules-dir=manual",
+      "-A",
+      "--quiet",
+      "--config",
+      "/p/deno.json",
+      "/p/main.ts",
+    ],
   );
   assert.deepEqual(agentRunArgs([]), []);
   // Not `deno run` (e.g. a compiled k8s4r given extra arguments): left alone.
