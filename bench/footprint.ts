@@ -7,7 +7,10 @@
  * - RSS: every resident page, the shared Deno executable included;
  * - PSS: shared pages split between the processes that map them (noisy on a shared machine:
  *   it falls when other Deno processes run);
- * - USS: private pages only (Private_Clean + Private_Dirty), what the agent alone costs.
+ * - USS: private pages only (Private_Clean + Private_Dirty), what the agent alone costs;
+ * - of which anonymous (heaps): USS without the executable's pages that no other process maps
+ *   at that moment. Those count as private too, and vary by a few MB with what else runs (a test
+ *   suite touching the same code makes them shared), so the anonymous part is the steadier one.
  * Each run is a fresh agent; a figure holds one value per run (the phase's peak). Runs
  * alternate between modes (and trees, below), so machine noise hits them alike.
  *
@@ -278,6 +281,12 @@ export async function benchFootprint(opts: BenchOptions, result: BenchResult): P
             {
               target: mine ? { op: "<=", value: TARGET_USS_MB, on: "max" } : undefined,
             },
+          ),
+          figure(
+            `${pre}${mode.key}.anon`,
+            `${who} USS: anonymous (heaps), ${mode.label}`,
+            "MB",
+            ps.map((p) => p.peak.anon),
           ),
         );
         if (mine) {
