@@ -392,6 +392,7 @@ export async function benchFleet(opts: BenchOptions, result: BenchResult): Promi
     const postErrors: string[] = [];
     const tTasks = performance.now();
     const inflight = new Set<Promise<void>>();
+    const client = await stack.client();
     for (let i = 0; i < tasksN; i++) {
       const due = tTasks + (i * 1000) / taskRate;
       const wait = due - performance.now();
@@ -402,6 +403,7 @@ export async function benchFleet(opts: BenchOptions, result: BenchResult): Promi
         method: "POST",
         headers: { "content-type": "application/json" },
         body: JSON.stringify({ command: ["true"], timeoutSeconds: 30 }),
+        client,
       }).then(async (r) => {
         const body = await r.json();
         if (r.status !== 201) postErrors.push(`${r.status} ${JSON.stringify(body)}`);
@@ -429,7 +431,7 @@ export async function benchFleet(opts: BenchOptions, result: BenchResult): Promi
     await Promise.all(Array.from({ length: 10 }, async () => {
       while (q.length) {
         const p = q.shift()!;
-        const r = await fetch(`${stack.api}/api/tasks/${p.id}`);
+        const r = await fetch(`${stack.api}/api/tasks/${p.id}`, { client });
         const t = await r.json() as {
           state: string;
           createdAt: string;

@@ -8,6 +8,7 @@
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { freePorts } from "../tests/helpers/ports.ts";
+import { fetchClient, loadCredentials } from "../src/operator/credentials.ts";
 import { agentArgs, DEV_SPIRE_TIMING } from "../src/devenv/components.ts";
 import { agentRunArgs, agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
 import {
@@ -162,6 +163,8 @@ export class BenchStack {
       NO_COLOR: "1",
       // Agents connect to "localhost" and authenticate the broker by SPIFFE ID.
       MQTT_BROKER_URL: `ssl://localhost:${ports[2]}`,
+      // devenv's admin operator lands here, never in the developer's own ~/.config.
+      XDG_CONFIG_HOME: join(dir, "xdg"),
     };
     this.layout = defaultLayout(dir, this.env);
     this.files = devenvFiles(this.layout, this.env);
@@ -177,8 +180,16 @@ export class BenchStack {
     return new BenchStack(dir, freePorts(4));
   }
 
+  /** `localhost`: the name the server's certificate carries (it listens on 127.0.0.1). */
   get api(): string {
-    return `http://127.0.0.1:${this.ports[3]}`;
+    return `https://localhost:${this.ports[3]}`;
+  }
+
+  #client: Deno.HttpClient | undefined;
+
+  /** A fetch client as devenv's admin operator (the API needs an operator certificate). */
+  async client(): Promise<Deno.HttpClient> {
+    return this.#client ??= fetchClient(await loadCredentials(this.env, "admin"));
   }
 
   /** Runs `k8s4r <args>` in this stack's project dir. Never throws on a non-zero exit. */
@@ -223,13 +234,18 @@ export class BenchStack {
 
   /** Stops everything and removes the whole temp directory. */
   async destroy(): Promise<void> {
+    this.#client?.close();
+    this.#client = undefined;
     await this.clean();
     await Deno.remove(this.dir, { recursive: true }).catch(() => {});
   }
 
   async serverStats(): Promise<ServerStats | undefined> {
     try {
-      const r = await fetch(`${this.api}/api/stats`, { signal: AbortSignal.timeout(5000) });
+      const r = await fetch(`${this.api}/api/stats`, {
+        signal: AbortSignal.timeout(5000),
+        client: await this.client(),
+      });
       if (!r.ok) {
         await r.body?.cancel();
         return undefined;

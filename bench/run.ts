@@ -5,7 +5,7 @@
  *
  *   deno task bench [--only NAME]... [--quick] [--robots N]
  *
- * Names: startup, fleet, footprint, rotation, doctor.
+ * Names: startup, fleet, footprint, rotation, doctor, storage.
  */
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -24,6 +24,7 @@ import {
 } from "./report.ts";
 import { benchRotation } from "./rotation.ts";
 import { benchStartup } from "./startup.ts";
+import { benchStorage } from "./storage.ts";
 
 type Bench = (opts: BenchOptions, result: BenchResult) => Promise<void>;
 
@@ -33,6 +34,7 @@ export const BENCHMARKS: Record<string, Bench> = {
   footprint: benchFootprint,
   rotation: benchRotation,
   fleet: benchFleet,
+  storage: benchStorage,
 };
 
 async function machine(): Promise<Machine> {

@@ -16,6 +16,7 @@ import type { MqttClient } from "mqtt";
 import { startTestBroker, TEST_TRUST_DOMAIN, type TestBroker } from "./helpers/broker.ts";
 import { FakeWorkloadApi } from "../src/spiffe/testing/fake_workload_api.ts";
 import { processStartTime, waitFor } from "../src/process/mod.ts";
+import { agentRunArgs, agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
 import {
   decodeUp,
   encode,
@@ -52,11 +53,10 @@ class AgentProcess {
   }
 
   static spawn(dir: string, broker: TestBroker, fake: FakeWorkloadApi): AgentProcess {
+    // The agent's runtime flags, as devenv and the unit of `agent service` run it.
     const child = new Deno.Command(Deno.execPath(), {
       args: [
-        "run",
-        "-A",
-        MAIN,
+        ...agentRunArgs(["run", "-A", MAIN]),
         "agent",
         "--robot-id",
         ROBOT,
@@ -71,6 +71,7 @@ class AgentProcess {
         "1",
       ],
       cwd: dir,
+      env: { DENO_V8_FLAGS: agentV8FlagsEnv(Deno.env.get("DENO_V8_FLAGS")) },
       stdin: "null",
       stdout: "null",
       stderr: "piped",

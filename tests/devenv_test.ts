@@ -128,6 +128,8 @@ Deno.test({
       env: {
         ...Deno.env.toObject(),
         NO_COLOR: "1",
+        // devenv's admin operator lands here, never in the developer's own ~/.config.
+        XDG_CONFIG_HOME: `${dir}/xdg`,
         ...layoutEnv(
           {
             spireServer: ports.spire,
@@ -166,6 +168,12 @@ Deno.test({
           const timings = JSON.parse(await Deno.readTextFile(`${dir}/.dev-env/start-timings.json`));
           assert.equal(timings.ok, true);
           assert.ok(timings.steps.some((s: { name: string }) => s.name === "spire-server"));
+          // devenv's admin operator: 0600 credentials, and the operator role on this server.
+          const admin = `${dir}/xdg/k8s4r/operators/admin`;
+          assert.equal((await Deno.stat(admin)).mode! & 0o777, 0o700);
+          assert.equal((await Deno.stat(`${admin}/key.pem`)).mode! & 0o777, 0o600);
+          assert.match(await Deno.readTextFile(`${dir}/.dev-env/roles.yaml`), /admin: operator/);
+          assert.match(r.stdout, /server: started .*https:\/\/localhost:\d+/);
           const tok = await Deno.stat(`${dir}/.dev-env/tokens/robot-001.token`);
           assert.equal(tok.mode! & 0o777, 0o600);
           assert.equal((await Deno.stat(`${dir}/.dev-env/tokens`)).mode! & 0o777, 0o700);
@@ -313,7 +321,8 @@ Deno.test({
         const r = await mustRun(stack, "start");
         assert.deepEqual(pids(stack), first);
         assert.match(r.stdout, /spire-server: already running/);
-        assert.match(r.stdout, /entries: 0 created, 0 updated, 2 unchanged/);
+        // Robot, broker and fleet-server entries.
+        assert.match(r.stdout, /entries: 0 created, 0 updated, 3 unchanged/);
       });
 
       await t.step("a killed agent is restarted alone; its spire-agent died with it", async () => {

@@ -72,3 +72,28 @@ Deno.test("real spire-agent validates the rendered config, with and without sync
   assert.notEqual(bad.code, 0);
   assert.match(bad.out, /sync/i);
 });
+
+Deno.test("real spire-server validates the HA config: postgres datastore, UpstreamAuthority disk, health_checks, agent_ttl", async () => {
+  const { server } = await spireBinaries();
+  const r = await validate(
+    server,
+    renderServerConfig({
+      dataDir: "/DIR",
+      datastore: {
+        type: "postgres",
+        connectionString: "host='127.0.0.1' port=5 user='spire' password='x' dbname='spire'",
+      },
+      upstreamAuthority: {
+        certFile: "/DIR/up.crt",
+        keyFile: "/DIR/up.key",
+        bundleFile: "/DIR/root.crt",
+      },
+      healthChecks: { bindAddress: "127.0.0.1", port: 8099 },
+      agentTtl: "1m",
+    }),
+  );
+  assert.equal(r.code, 0, r.out);
+  assert.match(r.out, /configuration file is valid/);
+  const bad = await validate(server, renderServerConfig({ dataDir: "/DIR", agentTtl: "soon" }));
+  assert.notEqual(bad.code, 0, "an unparsable agent_ttl was accepted: validate reads nothing");
+});

@@ -1,6 +1,7 @@
 /**
  * Runtime flags for a process that runs `k8s4r agent`: the one place they are decided. devenv's
- * agent row, the systemd unit (`k8s4r agent service`) and the benchmarks take them from here.
+ * agent row, the systemd unit (`k8s4r agent service`), the benchmarks and the tests that start
+ * the agent CLI (tests/helpers/cli.ts, on robot hosts too) take them from here.
  *
  * The agent does little JavaScript work (a heartbeat every few seconds, a reconnect per SVID
  * rotation), so it trades V8's speed for memory (figures in docs/BENCHMARKS.md, agent memory):

@@ -25,10 +25,23 @@ export const rootCommand: CommandSpec = {
     lazy("doctor", async () =>
       (await import("../doctor/command.ts")).makeDoctorCommand(
         (await import("./doctor_paths.ts")).devStackPaths,
+        (await import("./doctor_paths.ts")).devStackComponents,
       )),
     lazy("identity", async () => (await import("../identity/command.ts")).identityCommand),
+    lazy("operator", async () => (await import("../operator/command.ts")).operatorCommand),
+    lazy("robot", async () =>
+      (await import("../control/command.ts")).makeRobotCommand(
+        (await import("./doctor_paths.ts")).devControlConfig,
+      )),
+    lazy("broker", async () => (await import("../broker/command.ts")).brokerCommand),
     lazy("robots", async () => (await import("../server/command.ts")).robotsCommand),
+    lazy("tasks", async () => (await import("../server/command.ts")).tasksCommand),
     lazy("task", async () => (await import("../server/command.ts")).taskCommand),
+    lazy("ca", async () => (await import("../ca/command.ts")).caCommand),
+    lazy("backup", async () =>
+      (await import("../backup/command.ts")).makeBackupCommand(
+        (await import("./backup_paths.ts")).devStackBackupSources,
+      )),
   ],
   run(args, io) {
     if (args.bool("version")) {

@@ -11,7 +11,20 @@ Deno.test("only the command on argv's path is loaded", async () => {
   assert.equal(agent.load, undefined, "agent is loaded");
   assert.ok(agent.flags?.some((f) => f.name === "robot-id"));
   const lazy = tree.subcommands!.filter((c) => c.load).map((c) => c.name);
-  assert.deepEqual(lazy, ["server", "devenv", "doctor", "identity", "robots", "task"]);
+  assert.deepEqual(lazy, [
+    "server",
+    "devenv",
+    "doctor",
+    "identity",
+    "operator",
+    "robot",
+    "broker",
+    "robots",
+    "tasks",
+    "task",
+    "ca",
+    "backup",
+  ]);
   assert.equal(resolve(tree, ["agent", "--robot-id", "r1"]).args.string("robot-id"), "r1");
   // Nested: `identity fetch` loads identity only.
   const t2 = await loadCommandPath(rootCommand, ["identity", "fetch", "--json"]);

@@ -8,10 +8,13 @@ import { runBrokerIdentity } from "./broker_identity_run.ts";
 import { runSpireServer } from "./spire_server_run.ts";
 import {
   type BrokerModeFlag,
+  checkAdvertise,
   type DevenvContext,
   LAYOUT_FLAGS,
+  readState,
   resolveContext,
   robotIds,
+  withAdvertise,
 } from "./context.ts";
 import { devenvLogs } from "./logs.ts";
 import { devenvStart } from "./start.ts";
@@ -89,6 +92,12 @@ const HIDDEN_SPIRE_FLAGS: FlagSpec[] = [
     type: "boolean",
     description: "server experimental.events_based_cache = true",
   },
+  {
+    name: "x509pop-ca",
+    type: "string",
+    valueName: "FILE",
+    description: "server NodeAttestor x509pop with this factory CA bundle",
+  },
 ];
 
 function goDuration(args: Args, flag: string): string | undefined {
@@ -97,6 +106,12 @@ function goDuration(args: Args, flag: string): string | undefined {
     throw new UsageError(`--${flag}: expected a Go duration like 500ms or 5s, got '${v}'`);
   }
   return v;
+}
+
+function serverIndex(args: Args): 1 | 2 {
+  const n = args.number("server") ?? 1;
+  if (n !== 1 && n !== 2) throw new UsageError(`--server: expected 1 or 2, got ${n}`);
+  return n;
 }
 
 function withContext(
@@ -128,13 +143,31 @@ export const devenvCommand: CommandSpec = {
           name: "robots",
           type: "number",
           valueName: "N",
-          description: "Run robot-001..robot-N (default: ROBOT_ID or robot-001)",
+          description:
+            "Run robot-001..robot-N on this host (default: ROBOT_ID or robot-001; 0: none, a control host only)",
         },
         {
           name: "broker",
           type: "string",
           valueName: "MODE",
           description: "native, docker or auto (default auto: native mosquitto, then docker)",
+        },
+        {
+          name: "advertise",
+          type: "string",
+          valueName: "ADDR",
+          description: "Serve robots on other hosts at ADDR (env K8S4R_ADVERTISE): the SPIRE " +
+            "server's agent port binds ADDR and the broker gets an mTLS listener on it; 1883, " +
+            "the HTTP API and admin sockets stay on loopback. Kept by later starts " +
+            "(--advertise 127.0.0.1: loopback only again)",
+        },
+        {
+          name: "attestation",
+          type: "string",
+          valueName: "TYPE",
+          description: "x509pop: also run SPIRE's x509pop NodeAttestor, with a factory CA " +
+            "(.dev-env/factory-ca/, key 0600) that robot add --attestation x509pop signs " +
+            "with; local robots keep join tokens. Kept by later starts",
         },
         ...LAYOUT_FLAGS,
         {
@@ -148,6 +181,12 @@ export const devenvCommand: CommandSpec = {
           type: "number",
           valueName: "SECONDS",
           description: "X.509 SVID TTL of the broker's entry (default: server default)",
+        },
+        {
+          name: "server-svid-ttl",
+          type: "number",
+          valueName: "SECONDS",
+          description: "X.509 SVID TTL of the fleet server's entry (default: server default)",
         },
         {
           name: "ca-ttl",
@@ -164,6 +203,26 @@ export const devenvCommand: CommandSpec = {
           description: "How long to wait for the robots to come online (default 120)",
         },
         {
+          name: "ha",
+          type: "boolean",
+          description: "Scale-out stack: PostgreSQL (under .dev-env), two SPIRE servers sharing " +
+            "it behind haproxy on the SPIRE port, under the root CA (implies --root-ca). Kept " +
+            "by later starts",
+        },
+        {
+          name: "root-ca",
+          type: "boolean",
+          description: "SPIRE's CA signed by the root CA in .spire-data/ca (`k8s4r ca init`, " +
+            "made if missing): SPIRE's CA rotations keep the trust bundle. Kept by later starts",
+        },
+        {
+          name: "agent-ttl",
+          type: "number",
+          valueName: "SECONDS",
+          description: "SPIRE agents' SVID lifetime (server agent_ttl; default SPIRE's); " +
+            "applies when the servers (re)start",
+        },
+        {
           name: "spire-defaults",
           type: "boolean",
           description: `Run SPIRE with its own sync and cache-reload intervals (5s) and ` +
@@ -173,7 +232,23 @@ export const devenvCommand: CommandSpec = {
             "what this start launches",
         },
       ],
-      run: withContext((ctx, args) => {
+      run: withContext((ctx0, args) => {
+        const prev = readState(ctx0);
+        const flag = args.string("advertise") ?? (ctx0.env["K8S4R_ADVERTISE"] || undefined);
+        // --advertise 127.0.0.1 (or localhost): back to loopback only.
+        const advertise = flag === undefined
+          ? prev?.advertise
+          : ["127.0.0.1", "localhost", "::1"].includes(flag)
+          ? undefined
+          : checkAdvertise(flag);
+        const att = args.string("attestation");
+        if (att !== undefined && att !== "x509pop" && att !== "join-token") {
+          throw new UsageError(
+            `devenv start: --attestation expects x509pop or join-token, got '${att}'`,
+          );
+        }
+        const x509pop = att === "x509pop" || (att === undefined && prev?.attestation === "x509pop");
+        const ctx = withAdvertise(ctx0, advertise);
         const mode = args.string("broker") ?? "auto";
         if (!["native", "docker", "auto"].includes(mode)) {
           throw new UsageError(
@@ -186,10 +261,16 @@ export const devenvCommand: CommandSpec = {
           broker: mode as BrokerModeFlag,
           svidTtl: positiveSeconds(args, "svid-ttl"),
           brokerSvidTtl: positiveSeconds(args, "broker-svid-ttl"),
+          serverSvidTtl: positiveSeconds(args, "server-svid-ttl"),
           caTtl: caTtlSeconds(args, ctx.env),
           brokerUrl: ctx.env["MQTT_BROKER_URL"] || undefined,
           onlineTimeoutMs: timeout !== undefined ? timeout * 1000 : undefined,
           spireDefaults: args.bool("spire-defaults"),
+          ha: args.bool("ha"),
+          rootCa: args.bool("root-ca"),
+          agentTtl: positiveSeconds(args, "agent-ttl"),
+          advertise,
+          x509pop,
         });
       }),
     },
@@ -241,14 +322,23 @@ export const devenvCommand: CommandSpec = {
         ...LAYOUT_FLAGS,
         { name: "ca-ttl", type: "number", valueName: "SECONDS", description: "ca_ttl" },
         ...HIDDEN_SPIRE_FLAGS,
+        { name: "server", type: "number", valueName: "N", description: "1 or 2 (--ha)" },
+        { name: "ha", type: "boolean", description: "PostgreSQL datastore, own port" },
+        { name: "root-ca", type: "boolean", description: "UpstreamAuthority disk" },
+        { name: "agent-ttl", type: "string", valueName: "DURATION", description: "agent_ttl" },
       ],
       run: withContext((ctx, args) =>
         runSpireServer(ctx, {
+          server: serverIndex(args),
+          ha: args.bool("ha"),
+          rootCa: args.bool("root-ca"),
+          agentTtl: goDuration(args, "agent-ttl"),
           caTtl: caTtlSeconds(args, {}),
           bin: args.string("spire-server-bin"),
           cacheReloadInterval: goDuration(args, "cache-reload-interval"),
           attestationRateLimit: args.bool("no-attestation-rate-limit") ? false : undefined,
           eventsBasedCache: args.bool("events-based-cache") ? true : undefined,
+          x509popCaBundle: args.string("x509pop-ca"),
         })
       ),
     },

@@ -16,7 +16,14 @@ import { hostname } from "node:os";
 import { basename, join } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
 import { agentRunArgs, agentV8FlagsEnv } from "../agent/runtime_flags.ts";
-import { brokerSpiffeId } from "../fleet/mod.ts";
+import {
+  brokerSpiffeId,
+  defaultServerUrl,
+  fleetServerDnsNames,
+  fleetServerSpiffeId,
+} from "../fleet/mod.ts";
+import { ensureOperator } from "../operator/command.ts";
+import { fetchClient, loadCredentials } from "../operator/credentials.ts";
 import { type Daemon, isRecordAlive, readPidFile, tailFile, waitFor } from "../process/mod.ts";
 import { X509Source } from "../spiffe/mod.ts";
 import { isAttested } from "../spire/agent.ts";
@@ -31,6 +38,7 @@ import {
   brokerCommand,
   brokerFilesUsable,
   type BrokerRuntime,
+  ensureAdminCredentials,
   probeBroker,
   resolveBrokerRuntime,
   restartBroker,
@@ -40,7 +48,7 @@ import {
   withBrokerLock,
   writeBrokerConfig,
 } from "./broker.ts";
-import { pemFingerprint, readBrokerIdentityStatus } from "./broker_identity.ts";
+import { pemFingerprint, readBrokerIdentityStatus } from "../broker/identity.ts";
 import {
   type BrokerModeFlag,
   type DevenvContext,
@@ -49,10 +57,24 @@ import {
   readState,
   robotLayouts,
   selfCommand,
-  writeFileAtomic,
+  type StackMode,
+  withAdvertise,
   writeState,
 } from "./context.ts";
-import type { RobotLayout } from "./layout.ts";
+import { writeFileAtomic } from "../fs/atomic.ts";
+import {
+  fleetDatabaseStep,
+  fleetTarget,
+  haproxyComponent,
+  postgresComponent,
+  probePostgres,
+  rootCaStep,
+  spireDatabaseStep,
+} from "./components_ha.ts";
+import { spireServerPlace } from "./spire_server_run.ts";
+import { brokerTlsBinds, type RobotLayout, spireServerHost } from "./layout.ts";
+import { ensureFactoryCa, factoryCaFiles } from "../control/factory_ca.ts";
+import { renderControlConfig } from "../control/config.ts";
 import { httpGetJson, type ProbeResult } from "./probes.ts";
 import type { ComponentStatus } from "./render.ts";
 
@@ -85,6 +107,8 @@ export interface StartOptions {
   /** Robot SVID TTL (seconds) on their registration entries; undefined = server default. */
   svidTtl?: number;
   brokerSvidTtl?: number;
+  /** The fleet server's SVID TTL (seconds) on its entry; undefined = server default. */
+  serverSvidTtl?: number;
   /** SPIRE CA TTL (seconds) for a server this start launches; undefined = config file's. */
   caTtl?: number;
   /** The URL agents connect to (MQTT_BROKER_URL); default `ssl://localhost:<tls port>`. */
@@ -95,6 +119,36 @@ export interface StartOptions {
   onlineTimeoutMs?: number;
   /** Run SPIRE with its own default intervals instead of `DEV_SPIRE_TIMING`. */
   spireDefaults?: boolean;
+  /** `--ha`: PostgreSQL, two SPIRE servers behind haproxy (implies `rootCa`). */
+  ha?: boolean;
+  /** `--root-ca`: SPIRE's CA under the root CA of `.spire-data/ca` (made if missing). */
+  rootCa?: boolean;
+  /** The stack's mode, resolved by `start` (flags and the saved state). */
+  mode?: StackMode;
+  /** The SPIRE servers' `agent_ttl` in seconds (applies when they (re)start). */
+  agentTtl?: number;
+  /** `--advertise ADDR` (also in ctx.layout.advertise). */
+  advertise?: string;
+  /** `--attestation x509pop`: a factory CA and SPIRE's x509pop NodeAttestor. */
+  x509pop?: boolean;
+}
+
+/**
+ * The mode of an existing stack: the one its state file records, else what its pid files
+ * show (a stack whose state file was lost still stops completely).
+ */
+export function stackMode(ctx: DevenvContext): StackMode {
+  const saved = readState(ctx)?.mode;
+  if (saved) return saved;
+  const f = ctx.files;
+  const ha = [f.postgresPid, f.spireServer2Pid, f.haproxyPid, f.server2Pid].some((p) => {
+    try {
+      return Deno.statSync(p).isFile;
+    } catch {
+      return false;
+    }
+  });
+  return { ha, rootCa: ha };
 }
 
 /**
@@ -106,16 +160,63 @@ export class StackView {
   #memo: {
     bins?: Promise<SpireBinaries | undefined>;
     spireHealthy?: Promise<boolean>;
+    liveSocket?: Promise<string | undefined>;
     bundle?: Promise<string>;
   } = {};
 
-  constructor(readonly ctx: DevenvContext, readonly robots: readonly RobotLayout[]) {
-    this.api = `http://127.0.0.1:${ctx.layout.ports.http}`;
+  readonly mode: StackMode;
+
+  constructor(
+    readonly ctx: DevenvContext,
+    readonly robots: readonly RobotLayout[],
+    mode?: StackMode,
+  ) {
+    // `localhost`: the name the server's certificate carries (it listens on 127.0.0.1).
+    this.api = defaultServerUrl(ctx.layout.ports.http);
+    this.mode = mode ?? stackMode(ctx);
+  }
+
+  /** GET on the fleet server's API as devenv's `admin` operator (its credentials). */
+  async apiGet(path: string, timeoutMs = 2000): ReturnType<typeof httpGetJson> {
+    let client: Deno.HttpClient;
+    try {
+      client = fetchClient(await loadCredentials(this.ctx.io.env, DEVENV_OPERATOR));
+    } catch (err) {
+      return { ok: false, status: 0, body: undefined, detail: errorMessage(err) };
+    }
+    try {
+      return await httpGetJson(`${this.api}${path}`, timeoutMs, client);
+    } finally {
+      client.close();
+    }
+  }
+
+  /**
+   * GET /healthz (no client certificate), trusting the exported bundle, of the fleet server on
+   * `port` (default the first; the HA stack's replicas have their own).
+   */
+  async healthz(
+    timeoutMs = 2000,
+    port = this.ctx.layout.ports.http,
+  ): ReturnType<typeof httpGetJson> {
+    let client: Deno.HttpClient;
+    try {
+      client = Deno.createHttpClient({
+        caCerts: [await Deno.readTextFile(this.ctx.layout.caBundleFile)],
+      });
+    } catch (err) {
+      return { ok: false, status: 0, body: undefined, detail: errorMessage(err) };
+    }
+    try {
+      return await httpGetJson(`${defaultServerUrl(port)}/healthz`, timeoutMs, client);
+    } finally {
+      client.close();
+    }
   }
 
   /** The same stack with other robots; what was looked up already is shared. */
   withRobots(robots: readonly RobotLayout[]): StackView {
-    const v = new StackView(this.ctx, robots);
+    const v = new StackView(this.ctx, robots, this.mode);
     v.#memo = this.#memo;
     return v;
   }
@@ -128,25 +229,38 @@ export class StackView {
     this.#memo.bins = Promise.resolve(bins);
   }
 
-  async cli(): Promise<SpireServerCli | undefined> {
+  async cli(socket?: string): Promise<SpireServerCli | undefined> {
+    socket ??= this.ctx.layout.spireServerSocket;
     const bins = await this.bins();
-    return bins
-      ? new SpireServerCli(this.ctx.io.runner, bins.server, this.ctx.layout.spireServerSocket)
-      : undefined;
+    return bins ? new SpireServerCli(this.ctx.io.runner, bins.server, socket) : undefined;
   }
 
-  /** The SPIRE server runs (our pid file) and its health check says SERVING. */
-  spireHealthy(): Promise<boolean> {
-    return this.#memo.spireHealthy ??= (async () => {
-      if (!isRecordAlive(readPidFile(this.ctx.files.spireServerPid))) return false;
-      return await (await this.cli())?.healthy() ?? false;
+  /**
+   * The admin socket of a SPIRE server that runs (our pid file) and whose health check says
+   * SERVING: the first of the HA stack's two that does; undefined when none does.
+   */
+  liveSpireSocket(): Promise<string | undefined> {
+    return this.#memo.liveSocket ??= (async () => {
+      const { files, layout } = this.ctx;
+      const servers: [string, string][] = [[files.spireServerPid, layout.spireServerSocket]];
+      if (this.mode.ha) servers.push([files.spireServer2Pid, layout.ha.spireServer2Socket]);
+      for (const [pid, socket] of servers) {
+        if (!isRecordAlive(readPidFile(pid))) continue;
+        if (await (await this.cli(socket))?.healthy()) return socket;
+      }
+      return undefined;
     })();
+  }
+
+  /** A SPIRE server runs and serves (either one on the HA stack: they share everything). */
+  spireHealthy(): Promise<boolean> {
+    return this.#memo.spireHealthy ??= this.liveSpireSocket().then((s) => s !== undefined);
   }
 
   /** SPIRE's current trust bundle (one `bundle show` per view). */
   bundlePem(): Promise<string> {
     return this.#memo.bundle ??= (async () => {
-      const cli = await this.cli();
+      const cli = await this.cli(await this.liveSpireSocket());
       if (!cli) throw new CliError("SPIRE binaries not found");
       return await cli.bundlePem();
     })();
@@ -155,12 +269,22 @@ export class StackView {
   /** Forgets the SPIRE server's health: the next call asks again. */
   refresh(): void {
     this.#memo.spireHealthy = undefined;
+    this.#memo.liveSocket = undefined;
   }
 }
 
-/** The view `status`, `stop` and `logs` use: every robot this stack knows. */
+/** The operator `devenv start` creates, so that `k8s4r robots` and `task run` just work. */
+export const DEVENV_OPERATOR = "admin";
+
+/**
+ * The view `status`, `stop` and `logs` use: every robot this stack knows, at the address the
+ * stack was started to advertise (sticky, like its mode: haproxy's frontend and the SPIRE
+ * server listen there, not on loopback).
+ */
 export function stackView(ctx: DevenvContext): StackView {
-  return new StackView(ctx, robotLayouts(ctx, knownRobots(ctx)));
+  const advertise = readState(ctx)?.advertise;
+  const c = advertise && !ctx.layout.advertise ? withAdvertise(ctx, advertise) : ctx;
+  return new StackView(c, robotLayouts(c, knownRobots(c)));
 }
 
 /** One `start`: the view plus what steps hand to later rows. */
@@ -180,7 +304,7 @@ export class StartRun extends StackView {
     robots: readonly RobotLayout[],
     readonly opts: StartOptions,
   ) {
-    super(ctx, robots);
+    super(ctx, robots, opts.mode);
     this.childEnv = { ...ctx.layoutEnv, NO_COLOR: "1" };
   }
 
@@ -210,7 +334,7 @@ export class StartRun extends StackView {
   }
 
   async requireCli(): Promise<SpireServerCli> {
-    const cli = await this.cli();
+    const cli = await this.cli(await this.liveSpireSocket());
     if (!cli) throw new CliError("SPIRE binaries not found (run `k8s4r devenv install`)");
     return cli;
   }
@@ -256,20 +380,32 @@ export interface Component {
   exclusive?: <T>(run: StartRun, fn: () => Promise<T>) => Promise<T>;
   /** The `status` row; none for steps that have nothing to show. */
   status?: (view: StackView) => Promise<ComponentStatus>;
+  /** Daemons: what `stop` sends first (default SIGTERM; SIGKILL follows after the grace). */
+  stopSignal?: Deno.Signal;
+  /** What the doctor says to do when this component is down or unhealthy. */
+  hint?: (view: StackView) => string;
 }
 
 /** The table for `view.robots`. Order is the order of `status` and `logs`. */
 export function devenvComponents(view: StackView): Component[] {
   const agents = view.robots.map((r) => agentComponent(view, r));
+  const { ha, rootCa } = view.mode;
   return [
     spireBinariesStep(),
     brokerRuntimeStep(view),
-    spireServerComponent(view),
+    ...(ha ? [postgresComponent(view), spireDatabaseStep(view), fleetDatabaseStep(view)] : []),
+    ...(rootCa ? [rootCaStep(view)] : []),
+    factoryCaStep(view),
+    spireServerComponent(view, 1),
+    ...(ha ? [spireServerComponent(view, 2), haproxyComponent(view)] : []),
     identitiesStep(view),
     caBundleStep(view),
     brokerIdentityComponent(view),
     mosquittoComponent(view),
-    serverComponent(view),
+    operatorsStep(view),
+    controlHostStep(view),
+    serverComponent(view, 1),
+    ...(ha ? [serverComponent(view, 2), serverComponent(view, 3)] : []),
     ...agents,
     {
       name: "robots online",
@@ -374,26 +510,62 @@ function pidInfo(file: string): { running: boolean; pid: number | null } {
   return { running, pid: running ? rec!.pid : null };
 }
 
-function spireServerComponent(view: StackView): Component {
-  const { layout, files } = view.ctx;
-  const endpoint = `127.0.0.1:${layout.ports.spireServer}`;
+/**
+ * Why a SPIRE server does not serve, in its own words: the last error it logged (e.g.
+ * `datastore-sql: dial tcp 127.0.0.1:55432: connect: connection refused`). SPIRE's `/ready`
+ * endpoint is refreshed only once a minute, so it would lag behind by that much.
+ */
+export async function lastSpireError(logFile: string): Promise<string | undefined> {
+  const lines = (await tailFile(logFile, 40)).split("\n").reverse();
+  const line = lines.find((l) => /level=error/.test(l));
+  if (!line) return undefined;
+  const m = /error="((?:[^"\\]|\\.)*)"/.exec(line) ?? /msg="((?:[^"\\]|\\.)*)"/.exec(line);
+  const text = (m?.[1] ?? line).split("\\n")[0].replaceAll('\\"', '"');
+  return text.length > 200 ? text.slice(0, 200) + "..." : text;
+}
+
+/** SPIRE server `n` (2 only on the HA stack, where both share the PostgreSQL datastore). */
+export function spireServerComponent(view: StackView, n: 1 | 2 = 1): Component {
+  const { ctx } = view;
+  const { layout } = ctx;
+  const { ha, rootCa } = view.mode;
+  const place = spireServerPlace(ctx, n, ha);
+  const name = n === 1 ? "spire-server" : "spire-server-2";
+  // `--advertise ADDR`: the one server of a plain stack binds it; on the HA stack haproxy does
+  // (its frontend is the SPIRE port) and the servers behind it stay on loopback.
+  const endpoint = `${ha ? "127.0.0.1" : spireServerHost(layout)}:${place.port}`;
+  const healthy = async (v: StackView) => await (await v.cli(place.socket))?.healthy() ?? false;
   return {
-    name: "spire-server",
+    name,
     kind: "daemon",
-    needs: ["spire-binaries"],
+    needs: [
+      "spire-binaries",
+      "factory-ca",
+      ...(ha ? ["spire-database"] : []),
+      ...(rootCa ? ["root-ca"] : []),
+      // The first server of a new datastore creates SPIRE's schema: the second waits for it.
+      ...(n === 2 ? ["spire-server"] : []),
+    ],
     stopRank: 90,
-    pidFile: files.spireServerPid,
-    logs: [{ name: "spire-server", file: files.spireServerLog }],
+    pidFile: place.pid,
+    logs: [{ name, file: place.log }],
     async probe(v) {
-      return { ok: await (await v.cli())?.healthy() ?? false, detail: "gRPC health check" };
+      return { ok: await healthy(v), detail: "gRPC health check" };
     },
+    hint: (v) =>
+      ha && !probePostgres(v).ok
+        ? `PostgreSQL, the SPIRE servers' datastore, is down: \`k8s4r devenv start\` starts it ` +
+          "again; the servers serve again as soon as it is back (see `k8s4r devenv logs postgres`)"
+        : `${name} does not serve: see \`k8s4r devenv logs ${name}\`; \`k8s4r devenv start\` ` +
+          "restarts it",
     async spawn(run) {
-      const cli = await run.requireCli();
-      const { caTtl } = run.opts;
+      const cli = await run.cli(place.socket);
+      if (!cli) throw new CliError("SPIRE binaries not found (run `k8s4r devenv install`)");
+      const { caTtl, agentTtl } = run.opts;
       const { cacheReloadInterval: interval, attestationRateLimit, eventsBasedCache } = run.timing;
       // Detached through `devenv spire-server`, which redacts join tokens from SPIRE's log.
       return await run.ctx.io.runner.spawn({
-        name: "spire-server",
+        name,
         cmd: run.self.cmd,
         args: [
           ...run.self.args,
@@ -404,31 +576,40 @@ function spireServerComponent(view: StackView): Component {
           // Checked by the spire-binaries step a moment ago: the child need not check again.
           "--spire-server-bin",
           run.spire!.server,
+          ...(n === 2 ? ["--server", "2"] : []),
+          ...(ha ? ["--ha"] : []),
+          ...(rootCa ? ["--root-ca"] : []),
           ...(caTtl !== undefined ? ["--ca-ttl", String(caTtl)] : []),
+          ...(agentTtl !== undefined ? ["--agent-ttl", `${agentTtl}s`] : []),
           ...(interval ? ["--cache-reload-interval", interval] : []),
           ...(attestationRateLimit === false ? ["--no-attestation-rate-limit"] : []),
           ...(eventsBasedCache ? ["--events-based-cache"] : []),
+          ...(run.opts.x509pop ? ["--x509pop-ca", factoryCaFiles(layout.factoryCaDir).cert] : []),
         ],
         cwd: layout.root,
         env: run.childEnv,
-        logFile: files.spireServerLog,
-        pidFile: files.spireServerPid,
+        logFile: place.log,
+        pidFile: place.pid,
         detached: true,
         ready: () => cli.healthy(),
         readyTimeoutMs: 60_000,
         readyIntervalMs: PROBE_INTERVAL_MS,
       });
     },
-    summary: () => endpoint,
+    summary: () => endpoint + (ha ? " (PostgreSQL datastore)" : ""),
     async status(v) {
-      const p = pidInfo(files.spireServerPid);
-      const healthy = p.running && await v.spireHealthy();
+      const p = pidInfo(place.pid);
+      const ok = p.running && await healthy(v);
+      const err = p.running && !ok ? await lastSpireError(place.log) : undefined;
+      const why = err ? `last error: ${err}` : "";
       return {
-        name: "spire-server",
+        name,
         ...p,
-        healthy,
+        healthy: ok,
         endpoint,
-        detail: p.running ? (healthy ? "gRPC health SERVING" : "health check fails") : "",
+        detail: p.running
+          ? (ok ? "gRPC health SERVING" : ["health check fails", why].filter(Boolean).join("; "))
+          : "",
       };
     },
   };
@@ -457,7 +638,11 @@ function identitiesStep(view: StackView): Component {
         },
       ];
       const selectors = [`unix:uid:${run.uid}`];
-      const dns = ["localhost", hostname()].filter((v, i, a) => v && a.indexOf(v) === i);
+      // The broker's names; an advertised address too. SPIRE writes every one as a DNS-type
+      // SAN, an IP address included (DNS:10.0.0.1, not IP:10.0.0.1): robots check the broker by
+      // its SPIFFE ID, not its name, so they do not care (docs/CONTROL_HOST.md).
+      const dns = ["localhost", hostname(), ...(layout.advertise ? [layout.advertise] : [])]
+        .filter((v, i, a) => v && a.indexOf(v) === i);
       const desired: DesiredEntry[] = [
         ...run.robots.map((r) => ({
           spiffeId: r.spiffeId,
@@ -472,6 +657,14 @@ function identitiesStep(view: StackView): Component {
           selectors,
           dnsNames: dns,
           x509SvidTtl: run.opts.brokerSvidTtl,
+        },
+        // The fleet server's own SVID, from the control host's agent (broker-identity's).
+        {
+          spiffeId: fleetServerSpiffeId(layout.trustDomain),
+          parentId: files.brokerNodeSpiffeId,
+          selectors,
+          dnsNames: fleetServerDnsNames(),
+          x509SvidTtl: run.opts.serverSvidTtl,
         },
       ];
       // Tokens and entries are independent spire-server calls: run them all at once.
@@ -499,7 +692,9 @@ function caBundleStep(view: StackView): Component {
   return {
     name: "ca-bundle",
     kind: "step",
-    needs: ["spire-server"],
+    // On the HA stack each server adds its own CA to the shared bundle when it starts (without
+    // a root CA the bundle holds both): export once both are up.
+    needs: ["spire-server", ...(view.mode.ha ? ["spire-server-2"] : [])],
     async run(run) {
       const pem = await run.bundlePem();
       let current: string | undefined;
@@ -589,7 +784,8 @@ function brokerIdentityComponent(view: StackView): Component {
   return {
     name: "broker-identity",
     kind: "daemon",
-    needs: ["spire-binaries", "identities", "ca-bundle"],
+    // Its spire-agent dials the SPIRE port: haproxy's on the HA stack.
+    needs: ["spire-binaries", "identities", "ca-bundle", ...(view.mode.ha ? ["haproxy"] : [])],
     // Before mosquitto, so that it cannot start the broker again while it is being stopped.
     stopRank: 30,
     pidFile: files.brokerIdentityPid,
@@ -674,7 +870,7 @@ function mosquittoComponent(view: StackView): Component {
     probe: () => probeBroker(ctx),
     async spawn(run) {
       const cmd = brokerCommand(ctx, run.brokerRuntime!);
-      await writeBrokerConfig(ctx);
+      await writeBrokerConfig(ctx, run.brokerRuntime!);
       await saveBrokerCommand(ctx, cmd);
       return await startBroker(ctx, cmd);
     },
@@ -682,9 +878,9 @@ function mosquittoComponent(view: StackView): Component {
       const st = readState(ctx);
       const saved = savedBrokerCommand(ctx);
       if (st) await writeState(ctx, { ...st, broker: saved });
-      return `${
-        saved?.mode ?? run.brokerRuntime?.mode
-      }, mTLS 127.0.0.1:${layout.ports.mqttTls}, password 127.0.0.1:${layout.ports.mqttPlain}`;
+      return `${saved?.mode ?? run.brokerRuntime?.mode}, mTLS ${
+        brokerTlsBinds(layout).map((b) => `${b}:${layout.ports.mqttTls}`).join(" ")
+      }, password 127.0.0.1:${layout.ports.mqttPlain}`;
     },
     async status() {
       const p = pidInfo(files.mosquittoPid);
@@ -700,8 +896,9 @@ function mosquittoComponent(view: StackView): Component {
         name: "mosquitto",
         ...p,
         healthy: p.running && probe.ok,
-        endpoint:
-          `mqtts://127.0.0.1:${layout.ports.mqttTls} mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
+        endpoint: `${
+          brokerTlsBinds(layout).map((b) => `mqtts://${b}:${layout.ports.mqttTls}`).join(" ")
+        } mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
         detail: p.running
           ? [savedBrokerCommand(ctx)?.mode ?? "", probe.ok ? "" : probe.detail, certDetail]
             .filter(Boolean).join("; ")
@@ -711,25 +908,148 @@ function mosquittoComponent(view: StackView): Component {
   };
 }
 
-export async function probeServer(api: string): Promise<ProbeResult> {
-  const r = await httpGetJson(`${api}/healthz`);
+/** `--attestation x509pop`: devenv plays the factory CA (key 0600 under .dev-env/factory-ca/). */
+function factoryCaStep(view: StackView): Component {
+  const { layout } = view.ctx;
+  return {
+    name: "factory-ca",
+    kind: "step",
+    needs: [],
+    async run(run) {
+      if (!run.opts.x509pop) return "not used (join tokens only)";
+      const files = factoryCaFiles(layout.factoryCaDir);
+      const r = await ensureFactoryCa(files, "k8s4r dev factory CA");
+      return `${r} ${files.cert} (key 0600); SPIRE's x509pop attestor trusts it`;
+    },
+  };
+}
+
+/**
+ * `.dev-env/control-host.json`: what `k8s4r robot add|list|remove` need (the SPIRE admin socket,
+ * the addresses robots dial, the broker's admin login, the factory CA).
+ */
+function controlHostStep(view: StackView): Component {
+  const { layout } = view.ctx;
+  return {
+    name: "control-host",
+    kind: "step",
+    needs: ["spire-binaries", "mosquitto"],
+    async run(run) {
+      await ensureAdminCredentials(run.ctx);
+      const spire = `${spireServerHost(layout)}:${layout.ports.spireServer}`;
+      const broker = `ssl://${layout.advertise ?? "localhost"}:${layout.ports.mqttTls}`;
+      await writeFileAtomic(
+        layout.controlHostConfig,
+        renderControlConfig({
+          trustDomain: layout.trustDomain,
+          spireServer: {
+            adminSocket: layout.spireServerSocket,
+            address: spire,
+            bin: run.spire!.server,
+          },
+          broker: {
+            url: broker,
+            adminAddress: `127.0.0.1:${layout.ports.mqttPlain}`,
+            adminCredentials: layout.brokerAdminCredentialsFile,
+          },
+          // A robot host's agent runs as root (the systemd unit of `k8s4r agent service`).
+          robotSelectors: ["unix:uid:0"],
+          factoryCa: run.opts.x509pop ? factoryCaFiles(layout.factoryCaDir) : undefined,
+          records: layout.robotRecords,
+        }),
+        0o600,
+      );
+      return `${layout.controlHostConfig}: robots dial SPIRE at ${spire} and the broker at ${broker}`;
+    },
+  };
+}
+
+export async function probeServer(view: StackView, port?: number): Promise<ProbeResult> {
+  const r = await view.healthz(2000, port);
   return { ok: r.ok, detail: `GET /healthz: ${r.detail}` };
 }
 
-function serverComponent(view: StackView): Component {
-  const { layout, files } = view.ctx;
-  const api = view.api;
+/**
+ * devenv's `admin` operator: credentials (minted through the SPIRE server's admin socket) and
+ * the `operator` role in the server's roles file. Renewed when expired or issued by another CA
+ * (a cleaned stack), left alone otherwise.
+ */
+function operatorsStep(view: StackView): Component {
+  const { layout } = view.ctx;
   return {
-    name: "server",
+    name: "operators",
+    kind: "step",
+    needs: ["spire-binaries", "spire-server"],
+    async run(run) {
+      return await ensureOperator(
+        {
+          env: run.ctx.io.env,
+          runner: run.ctx.io.runner,
+          spireServerBin: run.spire!.server,
+          spireSocket: layout.spireServerSocket,
+          rolesFile: layout.serverRolesFile,
+          trustDomain: layout.trustDomain,
+          serverUrl: run.api,
+        },
+        DEVENV_OPERATOR,
+        "operator",
+      );
+    },
+  };
+}
+
+/** Fleet server `n`'s name, pid, log, data dir and API (2 and 3 only on the HA stack). */
+export function fleetServerPlace(view: StackView, n: 1 | 2 | 3) {
+  const { layout, files } = view.ctx;
+  if (n === 1) {
+    return {
+      name: "server",
+      pid: files.serverPid,
+      log: files.serverLog,
+      dataDir: layout.serverDataDir,
+      port: layout.ports.http,
+      clientId: "k8s4r-server",
+    };
+  }
+  return {
+    name: `server-${n}`,
+    pid: n === 2 ? files.server2Pid : files.server3Pid,
+    log: n === 2 ? files.server2Log : files.server3Log,
+    dataDir: `${layout.serverDataDir}-${n}`,
+    port: layout.ha.httpPorts[n - 2],
+    clientId: `k8s4r-server-${n}`,
+  };
+}
+
+/**
+ * Fleet server `n`. On the HA stack three of them share the PostgreSQL registry (`--database`,
+ * its password in a 0600 file) and split the robots' messages with a shared subscription
+ * (`$share/k8s4r/...`), each with its own MQTT session and HTTP API. What replicas still lack
+ * (issue 13, item 2: online status from the shared state, each task dispatched by exactly one
+ * replica, retained statuses under shared subscriptions) is the fleet server's, not devenv's.
+ */
+function serverComponent(view: StackView, n: 1 | 2 | 3 = 1): Component {
+  const { layout, files } = view.ctx;
+  const { ha } = view.mode;
+  const place = fleetServerPlace(view, n);
+  const api = defaultServerUrl(place.port);
+  return {
+    name: place.name,
     kind: "daemon",
-    needs: ["mosquitto"],
+    // Its own SVID comes from the control host's agent, which broker-identity runs.
+    needs: ["mosquitto", "broker-identity", "operators", ...(ha ? ["fleet-database"] : [])],
     stopRank: 20,
-    pidFile: files.serverPid,
-    logs: [{ name: "server", file: files.serverLog }],
-    probe: () => probeServer(api),
+    pidFile: place.pid,
+    logs: [{ name: place.name, file: place.log }],
+    probe: (v) => probeServer(v, place.port),
+    hint: (v) =>
+      ha && !probePostgres(v).ok
+        ? "PostgreSQL, the fleet servers' registry, is down: `k8s4r devenv start` starts it again"
+        : `see \`k8s4r devenv logs ${place.name}\`; \`k8s4r devenv start\` restarts it`,
     spawn(run) {
+      const db = fleetTarget(layout);
       return run.ctx.io.runner.spawn({
-        name: "server",
+        name: place.name,
         cmd: run.self.cmd,
         args: [
           ...run.self.args,
@@ -737,28 +1057,46 @@ function serverComponent(view: StackView): Component {
           "--mqtt-credentials",
           layout.serverCredentialsFile,
           "--http-addr",
-          `127.0.0.1:${layout.ports.http}`,
-          "--data-dir",
-          layout.serverDataDir,
+          `127.0.0.1:${place.port}`,
+          // The SQLite registry's directory; on the HA stack the registry is PostgreSQL.
+          ...(ha ? [] : ["--data-dir", place.dataDir]),
           "--broker-url",
           `mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
+          "--socket-path",
+          files.brokerAgentSocket,
+          "--roles",
+          layout.serverRolesFile,
+          ...(ha
+            ? [
+              "--database",
+              `postgres://${db.user}@${db.host}:${db.port}/${db.database}`,
+              "--database-password-file",
+              layout.ha.fleetPasswordFile,
+              "--shared-subscription",
+              "--client-id",
+              place.clientId,
+            ]
+            : []),
         ],
         cwd: layout.root,
         env: run.childEnv,
-        logFile: files.serverLog,
-        pidFile: files.serverPid,
+        logFile: place.log,
+        pidFile: place.pid,
         detached: true,
-        ready: async () => (await probeServer(api)).ok,
+        ready: async () => (await probeServer(run, place.port)).ok,
         readyTimeoutMs: 60_000,
         readyIntervalMs: PROBE_INTERVAL_MS,
       });
     },
-    summary: () => api,
-    async status() {
-      const p = pidInfo(files.serverPid);
-      const probe = p.running ? await probeServer(api) : { ok: false, detail: "" };
+    summary: () =>
+      `${api} (operator ${DEVENV_OPERATOR}: k8s4r operator creds${
+        ha ? `; PostgreSQL registry, ${place.clientId}` : ""
+      })`,
+    async status(v) {
+      const p = pidInfo(place.pid);
+      const probe = p.running ? await probeServer(v, place.port) : { ok: false, detail: "" };
       return {
-        name: "server",
+        name: place.name,
         ...p,
         healthy: p.running && probe.ok,
         endpoint: api,
@@ -799,8 +1137,8 @@ export function agentArgs(
   ];
 }
 
-export async function robotOnline(api: string, robotId: string): Promise<boolean> {
-  const r = await httpGetJson(`${api}/api/robots/${encodeURIComponent(robotId)}`);
+export async function robotOnline(view: StackView, robotId: string): Promise<boolean> {
+  const r = await view.apiGet(`/api/robots/${encodeURIComponent(robotId)}`);
   return r.ok && (r.body as { online?: unknown } | undefined)?.online === true;
 }
 
@@ -812,7 +1150,7 @@ function lastLogLine(text: string): string {
 async function awaitOnline(run: StartRun, r: RobotLayout): Promise<void> {
   let dead = false;
   try {
-    await waitFor(() => robotOnline(run.api, r.robotId), {
+    await waitFor(() => robotOnline(run, r.robotId), {
       timeoutMs: run.opts.onlineTimeoutMs ?? 120_000,
       intervalMs: PROBE_INTERVAL_MS,
       signal: run.ctx.io.signal,
@@ -866,6 +1204,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
     needs: [
       "spire-binaries",
       "spire-server",
+      ...(view.mode.ha ? ["haproxy"] : []),
       { on: "identities", unless: attested },
       { on: "ca-bundle", unless: attested },
       "server",
@@ -874,7 +1213,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
     pidFile: r.pidFile,
     logs: [{ name: basename(r.logFile, ".log"), file: r.logFile }],
     async probe(v) {
-      const online = await robotOnline(v.api, r.robotId);
+      const online = await robotOnline(v, r.robotId);
       return { ok: online, detail: online ? "online" : "offline at the server" };
     },
     // A running agent is left alone (it reconnects by itself); start waits for it to be online.
@@ -913,7 +1252,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
       let detail = "";
       if (p.running) {
         const [res, svid] = await Promise.all([
-          httpGetJson(`${v.api}/api/robots/${encodeURIComponent(r.robotId)}`),
+          v.apiGet(`/api/robots/${encodeURIComponent(r.robotId)}`),
           agentSvidExpiry(r.agentSocket, r.spiffeId),
         ]);
         online = res.ok && (res.body as { online?: unknown } | undefined)?.online === true;

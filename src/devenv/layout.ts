@@ -23,6 +23,12 @@ export interface Layout {
   root: string;
   trustDomain: string;
   ports: Ports;
+  /**
+   * `--advertise ADDR` (env K8S4R_ADVERTISE): the address robots on other hosts dial. The SPIRE
+   * server's agent port binds it (instead of 127.0.0.1) and the broker gets a second mTLS
+   * listener on it; 1883, the HTTP API and the admin sockets stay on loopback.
+   */
+  advertise?: string;
   /** `.dev-env/`: logs, pid files, generated secrets (0700). */
   devEnvDir: string;
   /** `.spire-data/`. */
@@ -42,6 +48,59 @@ export interface Layout {
   serverCredentialsFile: string;
   /** The k8s4r server's registry and task store. */
   serverDataDir: string;
+  /** The k8s4r server's roles config (`server --roles`; production: /etc/k8s4r/roles.yaml). */
+  serverRolesFile: string;
+  /** The root CA and SPIRE's upstream CA (`k8s4r ca init`; `devenv start --root-ca`). */
+  caDir: string;
+  /** `{username, password}` of the broker's dynamic-security admin (robot remove), 0600. */
+  brokerAdminCredentialsFile: string;
+  /** What `k8s4r robot add|list|remove` read: this stack's control-host config. */
+  controlHostConfig: string;
+  /** The factory CA (`--attestation x509pop`): ca.crt, ca.key (0600). */
+  factoryCaDir: string;
+  /** k8s4r's records of what robot add issued. */
+  robotRecords: string;
+  /** What `devenv start --ha` adds. */
+  ha: HaLayout;
+}
+
+/**
+ * `devenv start --ha`: PostgreSQL as SPIRE's shared datastore, two SPIRE servers on their own
+ * ports, and haproxy on the SPIRE port everyone dials (`ports.spireServer`), in front of both.
+ */
+export interface HaLayout {
+  /** `.dev-env/postgres/` (0700): the cluster, its log, the password files. */
+  postgresDir: string;
+  postgresDataDir: string;
+  postgresPort: number;
+  /** The superuser's password (0600), generated at initdb. */
+  postgresAdminPasswordFile: string;
+  /** The SPIRE servers' role's password (0600); it also goes into their 0600 configs. */
+  spirePasswordFile: string;
+  /** libpq's password file for the admin tools (0600). */
+  pgpassFile: string;
+  /** The two SPIRE servers' own ports (haproxy's backends). */
+  spireServerPorts: [number, number];
+  /** The fleet servers' registry role's password (0600), for `k8s4r server --database`. */
+  fleetPasswordFile: string;
+  /** HTTP API ports of fleet servers 2 and 3 (server 1 has `ports.http`). */
+  httpPorts: [number, number];
+  spireServer2DataDir: string;
+  spireServer2Socket: string;
+  haproxyDir: string;
+}
+
+/** The PostgreSQL role and database of SPIRE's datastore on the HA stack. */
+export const SPIRE_DB = { role: "spire", database: "spire" } as const;
+/** The fleet servers' registry on the HA stack. */
+export const FLEET_DB = { role: "k8s4r", database: "k8s4r" } as const;
+/** The PostgreSQL superuser devenv's initdb creates. */
+export const PG_SUPERUSER = "k8s4r_admin";
+
+/** `"8181,8182"` -> [8181, 8182]; the defaults when unset or malformed. */
+function portPair(v: string | undefined, d: [number, number]): [number, number] {
+  const m = v !== undefined ? /^(\d+),(\d+)$/.exec(v) : null;
+  return m ? [Number(m[1]), Number(m[2])] : d;
 }
 
 export function defaultLayout(root: string, env: Record<string, string | undefined> = {}): Layout {
@@ -56,6 +115,7 @@ export function defaultLayout(root: string, env: Record<string, string | undefin
   return {
     root,
     trustDomain: env["K8S4R_TRUST_DOMAIN"] ?? TRUST_DOMAIN,
+    advertise: env["K8S4R_ADVERTISE"] || undefined,
     ports: {
       spireServer: num("K8S4R_SPIRE_SERVER_PORT", DEFAULT_PORTS.spireServer),
       mqttPlain: num("K8S4R_MQTT_PORT", DEFAULT_PORTS.mqttPlain),
@@ -72,6 +132,26 @@ export function defaultLayout(root: string, env: Record<string, string | undefin
     mosquittoDir: join(devEnvDir, "mosquitto"),
     serverCredentialsFile: join(devEnvDir, "server-mqtt.json"),
     serverDataDir: join(devEnvDir, "server-data"),
+    brokerAdminCredentialsFile: join(devEnvDir, "broker-admin.json"),
+    controlHostConfig: join(devEnvDir, "control-host.json"),
+    factoryCaDir: join(devEnvDir, "factory-ca"),
+    robotRecords: join(devEnvDir, "robots.json"),
+    serverRolesFile: join(devEnvDir, "roles.yaml"),
+    caDir: join(spireDataDir, "ca"),
+    ha: {
+      postgresDir: join(devEnvDir, "postgres"),
+      postgresDataDir: join(devEnvDir, "postgres", "data"),
+      postgresPort: num("K8S4R_POSTGRES_PORT", 55432),
+      postgresAdminPasswordFile: join(devEnvDir, "postgres", "admin.password"),
+      spirePasswordFile: join(devEnvDir, "postgres", "spire.password"),
+      pgpassFile: join(devEnvDir, "postgres", "pgpass"),
+      spireServerPorts: portPair(env["K8S4R_SPIRE_SERVER_PORTS"], [8181, 8182]),
+      fleetPasswordFile: join(devEnvDir, "postgres", "k8s4r.password"),
+      httpPorts: portPair(env["K8S4R_HTTP_PORTS"], [8091, 8092]),
+      spireServer2DataDir: join(spireDataDir, "server-2"),
+      spireServer2Socket: join(spireDataDir, "server-2", "api.sock"),
+      haproxyDir: join(devEnvDir, "haproxy"),
+    },
   };
 }
 
@@ -82,7 +162,14 @@ export function defaultLayout(root: string, env: Record<string, string | undefin
  */
 export function layoutEnv(
   ports: Ports,
-  opts: { agentSocketDir?: string; trustDomain?: string } = {},
+  opts: {
+    agentSocketDir?: string;
+    trustDomain?: string;
+    /** `start --advertise ADDR`: where robots on other hosts reach SPIRE and the broker. */
+    advertise?: string;
+    /** The `--ha` stack's ports. */
+    ha?: Pick<HaLayout, "postgresPort" | "spireServerPorts"> & Partial<Pick<HaLayout, "httpPorts">>;
+  } = {},
 ): Record<string, string> {
   const env: Record<string, string> = {
     K8S4R_SPIRE_SERVER_PORT: String(ports.spireServer),
@@ -91,7 +178,17 @@ export function layoutEnv(
     K8S4R_HTTP_PORT: String(ports.http),
   };
   if (opts.trustDomain) env.K8S4R_TRUST_DOMAIN = opts.trustDomain;
+  if (opts.advertise) {
+    env.K8S4R_ADVERTISE = opts.advertise;
+    // config/agent/plugins.yaml's spire.serverAddr: the SPIRE server no longer binds loopback.
+    env.K8S4R_SPIRE_SERVER_HOST = opts.advertise;
+  }
   if (opts.agentSocketDir) env.K8S4R_AGENT_SOCKET_DIR = opts.agentSocketDir;
+  if (opts.ha) {
+    env.K8S4R_POSTGRES_PORT = String(opts.ha.postgresPort);
+    env.K8S4R_SPIRE_SERVER_PORTS = opts.ha.spireServerPorts.join(",");
+    if (opts.ha.httpPorts) env.K8S4R_HTTP_PORTS = opts.ha.httpPorts.join(",");
+  }
   return env;
 }
 
@@ -161,6 +258,21 @@ export interface DevenvFiles {
   timingsFile: string;
   /** The SPIRE binaries `start` checked last, with their file stamps. */
   spireBinariesFile: string;
+  /** `--ha`: PostgreSQL, the second SPIRE server, haproxy. */
+  postgresPid: string;
+  postgresLog: string;
+  spireServer2Pid: string;
+  spireServer2Log: string;
+  haproxyPid: string;
+  haproxyLog: string;
+  haproxyConfig: string;
+  /** haproxy's admin socket (`show stat`): which SPIRE servers it sees up. */
+  haproxyStatsSocket: string;
+  /** Fleet servers 2 and 3 of the HA stack. */
+  server2Pid: string;
+  server2Log: string;
+  server3Pid: string;
+  server3Log: string;
 }
 
 export function devenvFiles(
@@ -190,5 +302,27 @@ export function devenvFiles(
     tokensDir: join(d, "tokens"),
     timingsFile: join(d, "start-timings.json"),
     spireBinariesFile: join(d, "spire-binaries.json"),
+    postgresPid: join(d, "postgres.pid"),
+    postgresLog: join(d, "postgres.log"),
+    spireServer2Pid: join(d, "spire-server-2.pid"),
+    spireServer2Log: join(d, "spire-server-2.log"),
+    haproxyPid: join(d, "haproxy.pid"),
+    haproxyLog: join(d, "haproxy.log"),
+    haproxyConfig: join(layout.ha.haproxyDir, "haproxy.cfg"),
+    haproxyStatsSocket: join(layout.ha.haproxyDir, "stats.sock"),
+    server2Pid: join(d, "server-2.pid"),
+    server2Log: join(d, "server-2.log"),
+    server3Pid: join(d, "server-3.pid"),
+    server3Log: join(d, "server-3.log"),
   };
+}
+
+/** The address agents on this host dial for the SPIRE server: its bind address. */
+export function spireServerHost(layout: Layout): string {
+  return layout.advertise ?? "127.0.0.1";
+}
+
+/** The addresses of the broker's mTLS listeners: loopback, and the advertised one. */
+export function brokerTlsBinds(layout: Layout): string[] {
+  return layout.advertise ? ["127.0.0.1", layout.advertise] : ["127.0.0.1"];
 }

@@ -50,13 +50,17 @@ export async function probeMqttTls(o: MtlsProbeOptions): Promise<ProbeResult> {
   return { ok: r.ok, detail: r.detail };
 }
 
-/** GET a URL; ok on 2xx. Returns the parsed JSON body when there is one. */
+/**
+ * GET a URL; ok on 2xx. Returns the parsed JSON body when there is one. `client`: TLS settings
+ * (the CA to trust, a client certificate) for the fleet server's HTTPS API.
+ */
 export async function httpGetJson(
   url: string,
   timeoutMs = 2000,
+  client?: Deno.HttpClient,
 ): Promise<{ ok: boolean; status: number; body: unknown; detail: string }> {
   try {
-    const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+    const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs), client });
     const text = await res.text();
     let body: unknown = undefined;
     try {
@@ -74,9 +78,9 @@ export async function httpGetJson(
 }
 
 /** True when something accepts TCP connections on 127.0.0.1:port. */
-export function tcpOpen(port: number, timeoutMs = 1000): Promise<boolean> {
+export function tcpOpen(port: number, timeoutMs = 1000, host = "127.0.0.1"): Promise<boolean> {
   return new Promise((resolve) => {
-    const s = net.connect({ host: "127.0.0.1", port });
+    const s = net.connect({ host, port });
     const t = setTimeout(() => {
       s.destroy();
       resolve(false);

@@ -6,8 +6,9 @@
  * started detached (its own session), with a pid file and a log in `.dev-env/`, so closing the
  * terminal does not stop the stack.
  */
-import { dirname } from "node:path";
-import { CliError } from "../cli/errors.ts";
+import { dirname, join } from "node:path";
+import { caFiles } from "../ca/mod.ts";
+import { CliError, UsageError } from "../cli/errors.ts";
 import { colorEnabled } from "../cli/io.ts";
 import { isRecordAlive, readPidFile, stopPidFile, waitFor } from "../process/mod.ts";
 import {
@@ -19,13 +20,15 @@ import {
 } from "./components.ts";
 import {
   type DevenvContext,
+  type DevenvState,
   knownRobots,
   PROBE_INTERVAL_MS,
   readState,
   robotLayouts,
-  writeFileAtomic,
+  type StackMode,
   writeState,
 } from "./context.ts";
+import { writeFileAtomic } from "../fs/atomic.ts";
 import { runGraph, SkippedError } from "./graph.ts";
 import type { ProbeResult } from "./probes.ts";
 import { Progress, renderTable } from "./render.ts";
@@ -56,7 +59,7 @@ async function ensureDaemon(c: Component, run: StartRun): Promise<string> {
     } catch {
       if (run.ctx.io.signal.aborted) throw run.ctx.io.signal.reason;
       why = `unhealthy (${last.detail}), `;
-      await stopPidFile(pidFile, 10_000);
+      await stopPidFile(pidFile, 10_000, c.stopSignal);
     }
   } else if (rec) {
     why = `pid ${rec.pid} was gone, `;
@@ -73,20 +76,97 @@ async function ensure(c: Component, run: StartRun): Promise<string> {
   return extra ? `${text}, ${extra}` : text;
 }
 
+/**
+ * The mode of a stack without a state file, from its SPIRE data (an older devenv, or a
+ * restored backup): a SQLite datastore is a one-server stack, under the root CA when that is
+ * there; PostgreSQL's cluster is an HA stack. Undefined when there is no SPIRE data yet.
+ */
+function modeFromData(ctx: DevenvContext): StackMode | undefined {
+  const exists = (p: string) => {
+    try {
+      Deno.statSync(p);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  const rootCa = exists(caFiles(ctx.layout.caDir).upstreamCert);
+  if (exists(join(ctx.layout.ha.postgresDataDir, "PG_VERSION"))) return { ha: true, rootCa };
+  if (exists(join(ctx.layout.spireServerDataDir, "datastore.sqlite3"))) {
+    return { ha: false, rootCa };
+  }
+  return undefined;
+}
+
+/**
+ * The stack's mode: the saved one, plus what the flags ask for. `--ha` implies `--root-ca`
+ * (two servers with one stable bundle). A stack with SPIRE data keeps its datastore and CA:
+ * asking for another mode is a usage error that says how to start over.
+ */
+export function resolveMode(
+  ctx: DevenvContext,
+  prev: DevenvState | undefined,
+  opts: Pick<StartOptions, "ha" | "rootCa">,
+): StackMode {
+  const saved = prev?.mode ?? modeFromData(ctx);
+  const want: StackMode = {
+    ha: opts.ha === true || saved?.ha === true,
+    rootCa: opts.rootCa === true || opts.ha === true || saved?.rootCa === true,
+  };
+  if (saved && (want.ha !== saved.ha || want.rootCa !== saved.rootCa)) {
+    const flag = want.ha !== saved.ha ? "--ha" : "--root-ca";
+    throw new UsageError(
+      `devenv start ${flag}: this stack in ${ctx.layout.root} runs without it (its SPIRE ` +
+        `datastore and CA exist)`,
+      "start over with `k8s4r devenv clean` (deletes all dev state), then start again",
+    );
+  }
+  return want;
+}
+
 export async function devenvStart(ctx: DevenvContext, opts: StartOptions): Promise<number> {
   const { io, layout, files } = ctx;
   const color = colorEnabled(io);
   const progress = new Progress(io.stdout, color, color);
   const say = (s: string) => io.stdout.write(s + "\n");
-  say(
-    `Starting the k8s4r dev stack in ${layout.root} (robots: ${opts.robots.join(", ")})`,
+  const prev = readState(ctx);
+  // The SPIRE server's bind address and the broker's listeners are fixed while they run.
+  // (On the HA stack: haproxy's frontend; its SPIRE servers stay on loopback.)
+  const running = [files.spireServerPid, files.haproxyPid, files.mosquittoPid].some((p) =>
+    isRecordAlive(readPidFile(p))
   );
+  if (running && prev && (prev.advertise ?? "") !== (opts.advertise ?? "")) {
+    throw new CliError(
+      `the stack runs ${
+        prev.advertise ? `with --advertise ${prev.advertise}` : "on loopback only"
+      }; a different --advertise needs a restart of SPIRE and the broker`,
+      1,
+      `k8s4r devenv stop && k8s4r devenv start${
+        opts.advertise ? ` --advertise ${opts.advertise}` : ""
+      }`,
+    );
+  }
+  if (running && prev && !prev.attestation && opts.x509pop) {
+    throw new CliError(
+      "the SPIRE server runs without the x509pop attestor",
+      1,
+      "k8s4r devenv stop && k8s4r devenv start --attestation x509pop",
+    );
+  }
   await Deno.mkdir(layout.devEnvDir, { recursive: true, mode: 0o700 });
   await Deno.chmod(layout.devEnvDir, 0o700);
   await Deno.mkdir(files.tokensDir, { recursive: true, mode: 0o700 });
   await Deno.chmod(files.tokensDir, 0o700);
 
-  const prev = readState(ctx);
+  const mode = resolveMode(ctx, prev, opts);
+  opts = { ...opts, mode };
+  say(
+    `Starting the k8s4r dev stack in ${layout.root} (robots: ${opts.robots.join(", ") || "none"}${
+      mode.ha ? "; HA: PostgreSQL, 2 SPIRE servers behind haproxy" : ""
+    }${mode.rootCa ? "; SPIRE's CA under the root CA" : ""}${
+      opts.advertise ? `; serving robots on other hosts at ${opts.advertise}` : ""
+    }${opts.x509pop ? "; x509pop attestation with a dev factory CA" : ""})`,
+  );
   const robots = robotLayouts(ctx, opts.robots);
   const createdSocketDirs = new Set(prev?.createdSocketDirs ?? []);
   for (const sock of [...robots.map((r) => r.agentSocket), files.brokerAgentSocket]) {
@@ -101,6 +181,9 @@ export async function devenvStart(ctx: DevenvContext, opts: StartOptions): Promi
   const allRobots = [...new Set([...(prev?.robots ?? []), ...opts.robots])];
   await writeState(ctx, {
     robots: allRobots,
+    mode,
+    advertise: opts.advertise,
+    attestation: opts.x509pop ? "x509pop" : undefined,
     broker: prev?.broker,
     createdSocketDirs: [...createdSocketDirs],
     env: ctx.layoutEnv,

@@ -63,6 +63,8 @@ export interface StopTarget {
   name: string;
   pidFile: string;
   stopRank: number;
+  /** The first signal (default SIGTERM). */
+  signal?: Deno.Signal;
 }
 
 /** Every daemon of the table, in stop order (lowest rank first; the table's order within). */
@@ -70,7 +72,7 @@ export function stopOrder(ctx: DevenvContext): StopTarget[] {
   return devenvComponents(stackView(ctx))
     .flatMap((c) =>
       c.kind === "daemon" && c.pidFile
-        ? [{ name: c.name, pidFile: c.pidFile, stopRank: c.stopRank ?? 0 }]
+        ? [{ name: c.name, pidFile: c.pidFile, stopRank: c.stopRank ?? 0, signal: c.stopSignal }]
         : []
     )
     .map((t, i) => ({ t, i }))
@@ -80,12 +82,12 @@ export function stopOrder(ctx: DevenvContext): StopTarget[] {
 
 /** Stops one component and verifies its children died with it. Returns a one-line report. */
 export async function stopComponent(
-  t: Pick<StopTarget, "name" | "pidFile">,
+  t: Pick<StopTarget, "name" | "pidFile" | "signal">,
   graceMs = 10_000,
 ): Promise<string> {
   const rec = readPidFile(t.pidFile);
   const kids = rec && isRecordAlive(rec) ? descendants(rec.pid) : [];
-  const how = await stopPidFile(t.pidFile, graceMs);
+  const how = await stopPidFile(t.pidFile, graceMs, t.signal);
   const alive = (k: ProcInfo) => processStartTime(k.pid) === k.startTime;
   let orphans = 0;
   if (kids.length) {

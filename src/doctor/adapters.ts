@@ -31,6 +31,7 @@ import {
   type TlsHandshakeResult,
 } from "./check.ts";
 import { probeMqtt } from "../mqtt/probe.ts";
+import { apiClient } from "../operator/client.ts";
 import { parseProcStat } from "../process/mod.ts";
 import { findListeningOwner, findUnixSocketOwner, type ProcReader } from "./proc_net.ts";
 import { certFacts } from "./pki.ts";
@@ -49,7 +50,7 @@ export function realContext(
     ...(robotHost ? { robotHost } : {}),
     options,
     fs: realFs(io.env),
-    net: realNet,
+    net: realNet(io.env),
     proc: realProc,
     spire: realSpire(io),
     runner: io.runner,
@@ -128,96 +129,115 @@ export const realProc: DoctorProc = {
   },
 };
 
-export const realNet: DoctorNet = {
-  listeningOwner: (port) => findListeningOwner(port, procReader),
+/**
+ * The real network. `httpGet` of an https:// URL is a request to the fleet server's API as the
+ * CLI's operator (its credentials, found as `k8s4r robots` finds them): the server is
+ * authorized by its SPIFFE ID, and every endpoint but /healthz needs the operator's certificate.
+ */
+export function realNet(env: Record<string, string | undefined>): DoctorNet {
+  return {
+    listeningOwner: (port) => findListeningOwner(port, procReader),
 
-  async httpGet(url, timeoutMs) {
-    try {
-      const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
-      const body = await res.text();
-      return { status: res.status, body };
-    } catch (err) {
-      // fetch says only "fetch failed"; the reason (connection refused...) is in `cause`.
-      const cause = (err as { cause?: { message?: string } }).cause?.message;
-      throw new Error(cause ? cause.split("\n")[0] : (err as Error).message);
-    }
-  },
-
-  mqttProbe: probeMqtt,
-
-  tcpConnect(host, port, timeoutMs) {
-    return new Promise((resolve) => {
-      const sock = net.connect({ host, port });
-      const done = (r: TcpResult) => {
-        clearTimeout(timer);
-        sock.destroy();
-        resolve(r);
-      };
-      const timer = setTimeout(
-        () => done({ ok: false, code: "ETIMEDOUT", error: `no answer in ${timeoutMs} ms` }),
-        timeoutMs,
-      );
-      sock.once("connect", () => done({ ok: true }));
-      sock.once(
-        "error",
-        (e: NodeJS.ErrnoException) =>
-          done({ ok: false, code: e.code, error: e.message.split("\n")[0] }),
-      );
-    });
-  },
-
-  tlsHandshake(o) {
-    return new Promise((resolve) => {
-      let sock: tls.TLSSocket;
-      const result: TlsHandshakeResult = { handshake: false, authorized: false, peerChain: [] };
-      const done = (extra: Partial<TlsHandshakeResult> = {}) => {
-        clearTimeout(timer);
-        sock?.destroy();
-        resolve({ ...result, ...extra });
-      };
-      const timer = setTimeout(
-        () => done({ code: "ETIMEDOUT", error: `no TLS handshake in ${o.timeoutMs} ms` }),
-        o.timeoutMs,
-      );
-      try {
-        sock = tls.connect({
-          host: o.host,
-          port: o.port,
-          ca: o.ca,
-          ALPNProtocols: ["h2"],
-          rejectUnauthorized: false,
-          // The caller checks the server's SPIFFE ID; a SPIRE server has no DNS name to match.
-          checkServerIdentity: () => undefined,
-          ...(net.isIP(o.host) ? {} : { servername: o.host }),
-        });
-      } catch (err) {
-        return done({ error: (err as Error).message.split("\n")[0] });
+    async httpGet(url, timeoutMs) {
+      if (url.startsWith("https:")) {
+        const u = new URL(url);
+        const api = await apiClient({ env }, { server: u.origin });
+        try {
+          const r = await api.request<unknown>("GET", `${u.pathname}${u.search}`, {
+            signal: AbortSignal.timeout(timeoutMs),
+          });
+          return { status: r.status, body: JSON.stringify(r.body) };
+        } finally {
+          api.close();
+        }
       }
-      sock.once("secureConnect", () => {
-        result.handshake = true;
-        result.authorized = sock.authorized;
-        if (!sock.authorized && sock.authorizationError) {
-          result.authorizationError = String(
-            (sock.authorizationError as unknown as { code?: string }).code ??
-              sock.authorizationError,
-          );
-        }
-        let c = sock.getPeerCertificate(true) as tls.DetailedPeerCertificate | undefined;
-        const seen = new Set<string>();
-        while (c && c.raw && !seen.has(c.fingerprint256)) {
-          seen.add(c.fingerprint256);
-          result.peerChain.push(new Uint8Array(c.raw));
-          c = c.issuerCertificate;
-        }
-        done();
+      try {
+        const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+        const body = await res.text();
+        return { status: res.status, body };
+      } catch (err) {
+        // fetch says only "fetch failed"; the reason (connection refused...) is in `cause`.
+        const cause = (err as { cause?: { message?: string } }).cause?.message;
+        throw new Error(cause ? cause.split("\n")[0] : (err as Error).message);
+      }
+    },
+
+    mqttProbe: probeMqtt,
+
+    tcpConnect(host, port, timeoutMs) {
+      return new Promise((resolve) => {
+        const sock = net.connect({ host, port });
+        const done = (r: TcpResult) => {
+          clearTimeout(timer);
+          sock.destroy();
+          resolve(r);
+        };
+        const timer = setTimeout(
+          () => done({ ok: false, code: "ETIMEDOUT", error: `no answer in ${timeoutMs} ms` }),
+          timeoutMs,
+        );
+        sock.once("connect", () => done({ ok: true }));
+        sock.once(
+          "error",
+          (e: NodeJS.ErrnoException) =>
+            done({ ok: false, code: e.code, error: e.message.split("\n")[0] }),
+        );
       });
-      sock.once(
-        "error",
-        (e: NodeJS.ErrnoException) => done({ code: e.code, error: e.message.split("\n")[0] }),
-      );
-    });
-  },
-};
+    },
+
+    tlsHandshake(o) {
+      return new Promise((resolve) => {
+        let sock: tls.TLSSocket;
+        const result: TlsHandshakeResult = { handshake: false, authorized: false, peerChain: [] };
+        const done = (extra: Partial<TlsHandshakeResult> = {}) => {
+          clearTimeout(timer);
+          sock?.destroy();
+          resolve({ ...result, ...extra });
+        };
+        const timer = setTimeout(
+          () => done({ code: "ETIMEDOUT", error: `no TLS handshake in ${o.timeoutMs} ms` }),
+          o.timeoutMs,
+        );
+        try {
+          sock = tls.connect({
+            host: o.host,
+            port: o.port,
+            ca: o.ca,
+            ALPNProtocols: ["h2"],
+            rejectUnauthorized: false,
+            // The caller checks the server's SPIFFE ID; a SPIRE server has no DNS name to match.
+            checkServerIdentity: () => undefined,
+            ...(net.isIP(o.host) ? {} : { servername: o.host }),
+          });
+        } catch (err) {
+          return done({ error: (err as Error).message.split("\n")[0] });
+        }
+        sock.once("secureConnect", () => {
+          result.handshake = true;
+          result.authorized = sock.authorized;
+          if (!sock.authorized && sock.authorizationError) {
+            result.authorizationError = String(
+              (sock.authorizationError as unknown as { code?: string }).code ??
+                sock.authorizationError,
+            );
+          }
+          let c = sock.getPeerCertificate(true) as tls.DetailedPeerCertificate | undefined;
+          const seen = new Set<string>();
+          while (c && c.raw && !seen.has(c.fingerprint256)) {
+            seen.add(c.fingerprint256);
+            result.peerChain.push(new Uint8Array(c.raw));
+            c = c.issuerCertificate;
+          }
+          done();
+        });
+        sock.once(
+          "error",
+          (e: NodeJS.ErrnoException) => done({ code: e.code, error: e.message.split("\n")[0] }),
+        );
+      });
+    },
+  };
+}
 
 export function realSpire(io: Io): DoctorSpire {
   return {

@@ -41,7 +41,8 @@ export type GroupId =
   | "ca-bundle"
   | "broker"
   | "docker"
-  | "server";
+  | "server"
+  | "stack";
 
 export const GROUPS: readonly GroupId[] = [
   "tools",
@@ -52,6 +53,7 @@ export const GROUPS: readonly GroupId[] = [
   "broker",
   "docker",
   "server",
+  "stack",
 ];
 
 /** The groups of a robot host's checks (`checks/robot.ts`). */
@@ -280,6 +282,27 @@ export interface RobotPaths {
   joinTokenFile: string;
   logFile: string;
 }
+
+/**
+ * One component of the dev stack's component table, as the doctor sees it: the CLI
+ * composition (src/cli/doctor_paths.ts) hands these in, so the doctor iterates the very table
+ * `devenv start`, `status` and `stop` iterate, without importing devenv.
+ */
+export interface StackComponentCheck {
+  name: string;
+  status(): Promise<{
+    running: boolean;
+    healthy: boolean;
+    pid: number | null;
+    endpoint: string;
+    detail: string;
+  }>;
+  /** What to do when it is down or unhealthy (one line). */
+  hint(): string;
+}
+
+/** The dev stack's components for a project directory ([] when there is no dev stack). */
+export type StackComponents = (io: Io) => StackComponentCheck[];
 
 /** How the CLI composition maps a project directory to those paths. */
 export type StackPaths = (

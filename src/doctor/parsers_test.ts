@@ -18,7 +18,7 @@ Deno.test("proc_net: finds this very process listening on a free port", async ()
   await new Promise<void>((r) => srv.listen(0, "127.0.0.1", () => r()));
   const port = (srv.address() as { port: number }).port;
   try {
-    const owner = await realNet.listeningOwner(port);
+    const owner = await realNet({}).listeningOwner(port);
     assert.equal(owner?.pid, Deno.pid);
     assert.equal(owner?.address, "127.0.0.1");
   } finally {

@@ -33,9 +33,43 @@ export function nodeSpiffeId(trustDomain: string, name: string): string {
   return `spiffe://${trustDomain}/k8s4r/node/${name}`;
 }
 
+/** Operator names: a SPIFFE path segment, a directory name and a YAML key at once. */
+export const OPERATOR_NAME_RE = /^[a-z0-9][a-z0-9._-]{0,62}$/;
+export const OPERATOR_SPIFFE_PREFIX = "/operator/";
+
+export function isOperatorName(name: unknown): name is string {
+  return typeof name === "string" && OPERATOR_NAME_RE.test(name) && !name.includes("..");
+}
+
 /** An operator's identity: `spiffe://<td>/operator/<name>`. */
 export function operatorSpiffeId(trustDomain: string, name: string): string {
-  return `spiffe://${trustDomain}/operator/${name}`;
+  if (!isOperatorName(name)) {
+    throw new Error(
+      `invalid operator name ${JSON.stringify(name)}: expected [a-z0-9][a-z0-9._-]{0,62}`,
+    );
+  }
+  return `spiffe://${trustDomain}${OPERATOR_SPIFFE_PREFIX}${name}`;
+}
+
+/**
+ * The operator name in `spiffe://<trustDomain>/operator/<name>`, or undefined for any other ID
+ * (another trust domain, a robot, the broker, a deeper path).
+ */
+export function operatorNameOf(spiffeId: string, trustDomain: string): string | undefined {
+  const prefix = `spiffe://${trustDomain}${OPERATOR_SPIFFE_PREFIX}`;
+  if (!spiffeId.startsWith(prefix)) return undefined;
+  const name = spiffeId.slice(prefix.length);
+  return isOperatorName(name) ? name : undefined;
+}
+
+/**
+ * The DNS names of the fleet server's registration entry; the first is its certificate's CN.
+ * Only DNS names: SPIRE v1.13.3 writes an entry's `-dns 127.0.0.1` as a dNSName SAN, not an
+ * iPAddress SAN, and TLS clients (curl, rustls) do not match an IP address against it. So the
+ * server's URL is `https://localhost:8090` (it listens on 127.0.0.1:8090).
+ */
+export function fleetServerDnsNames(): string[] {
+  return ["localhost"];
 }
 
 /** The DNS names a robot's registration entry must carry; the first becomes the CN. */

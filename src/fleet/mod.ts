@@ -1,8 +1,10 @@
 /**
  * Fleet conventions, in one place: the SPIFFE ID scheme and CN rule (`ids.ts`), the MQTT topic
- * layout (`topics.ts`) and the default ports (`ports.ts`). The agent, the server, devenv and the
- * doctor all import them from here, so they always agree.
+ * layout (`topics.ts`), the default ports (`ports.ts`) and the control host's production paths
+ * (`paths.ts`). The agent, the server, devenv and the doctor all import them from here, so they
+ * always agree.
  */
 export * from "./ids.ts";
+export * from "./paths.ts";
 export * from "./ports.ts";
 export * from "./topics.ts";

@@ -70,3 +70,39 @@ export function robotHostPaths(dataDir?: string): RobotHostPaths {
     socketPath: join(runtimeDir, "agent.sock"),
   };
 }
+
+/** The environment variable that stands for `--data-dir DIR` on every robot-host command. */
+export const DATA_DIR_ENV = "K8S4R_DATA_DIR";
+
+/** `--data-dir DIR`, else env K8S4R_DATA_DIR, else undefined (the production directories). */
+export function dataDirFromEnv(
+  flag: string | undefined,
+  env: Record<string, string | undefined>,
+): string | undefined {
+  return flag ?? (env[DATA_DIR_ENV] || undefined);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The control host (the fleet server's machine). devenv passes its own paths instead (flags),
+// so a developer's stack never touches these.
+
+/** The Workload API socket of the SPIRE agent on the control host (the server's own SVID). */
+export const CONTROL_AGENT_SOCKET = join(PRODUCTION_RUNTIME_DIR, "control-agent", "agent.sock");
+
+/** The fleet server's roles config: which operator may do what (deny by default). */
+export const DEFAULT_ROLES_FILE = join(PRODUCTION_CONFIG_DIR, "roles.yaml");
+
+/** SPIRE's own default admin socket of `spire-server` (what `operator add` mints through). */
+export const DEFAULT_SPIRE_SERVER_SOCKET = "/tmp/spire-server/private/api.sock";
+
+/** Where operators' credentials live: `${XDG_CONFIG_HOME:-~/.config}/k8s4r/operators/`. */
+export function operatorsDir(env: Record<string, string | undefined>): string {
+  const xdg = env["XDG_CONFIG_HOME"];
+  const base = xdg && xdg.startsWith("/") ? xdg : `${env["HOME"] ?? "/root"}/.config`;
+  return `${base}/k8s4r/operators`;
+}
+
+/** The fleet server's URL for a port: `localhost`, the name its certificate carries. */
+export function defaultServerUrl(port: number): string {
+  return `https://localhost:${port}`;
+}

@@ -78,7 +78,14 @@ export interface StatusMessage extends Envelope {
   connection?: number;
 }
 
-export const TASK_REPORT_STATES = ["accepted", "running", "done", "refused", "failed"] as const;
+export const TASK_REPORT_STATES = [
+  "accepted",
+  "running",
+  "done",
+  "refused",
+  "failed",
+  "cancelled",
+] as const;
 export type TaskReportState = typeof TASK_REPORT_STATES[number];
 
 /** Robot -> server, on `up/task`. */

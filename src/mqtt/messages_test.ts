@@ -194,7 +194,7 @@ const BAD: [string, V, unknown, string][] = [
     "task state",
     validateTaskStatus as V,
     { ...goodTaskStatus, state: "finished" },
-    'task-status.state: expected one of accepted|running|done|refused|failed, got "finished"',
+    'task-status.state: expected one of accepted|running|done|refused|failed|cancelled, got "finished"',
   ],
   [
     "done without exit code",

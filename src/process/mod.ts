@@ -223,27 +223,29 @@ export function isRecordAlive(rec: PidRecord | undefined): boolean {
 export async function stopPidFile(
   path: string,
   graceMs = 5000,
+  signal: Deno.Signal = "SIGTERM",
 ): Promise<"stopped" | "killed" | "not-running"> {
   const rec = readPidFile(path);
   if (!rec || !isRecordAlive(rec)) {
     await Deno.remove(path).catch(() => {});
     return "not-running";
   }
-  const how = await stopPid(rec.pid, rec.startTime, graceMs);
+  const how = await stopPid(rec.pid, rec.startTime, graceMs, signal);
   await Deno.remove(path).catch(() => {});
   return how;
 }
 
-/** SIGTERM, then SIGKILL, on a pid whose start time we checked. */
+/** SIGTERM (or `signal`), then SIGKILL, on a pid whose start time we checked. */
 export async function stopPid(
   pid: number,
   startTime: number,
   graceMs: number,
+  signal: Deno.Signal = "SIGTERM",
 ): Promise<"stopped" | "killed" | "not-running"> {
   const same = () => processStartTime(pid) === startTime;
   if (!same()) return "not-running";
   try {
-    Deno.kill(pid, "SIGTERM");
+    Deno.kill(pid, signal);
   } catch {
     return "not-running";
   }

@@ -1,16 +1,24 @@
 /**
- * `k8s4r server`, `k8s4r robots`, `k8s4r task run`.
+ * `k8s4r server`, `k8s4r robots`, `k8s4r tasks`, `k8s4r task run|cancel`.
  */
+import { networkInterfaces } from "node:os";
 import { X509Source } from "../spiffe/mod.ts";
 import type { Args, CommandSpec } from "../cli/mod.ts";
-import { CliError, errorMessage, UsageError } from "../cli/errors.ts";
+import { CliError, ConfigError, errorMessage, UsageError } from "../cli/errors.ts";
 import type { Io } from "../cli/io.ts";
 import { defaultLayout } from "../devenv/layout.ts";
-import { brokerSpiffeId } from "../fleet/mod.ts";
+import {
+  brokerSpiffeId,
+  CONTROL_AGENT_SOCKET,
+  DEFAULT_ROLES_FILE,
+  fleetServerSpiffeId,
+} from "../fleet/mod.ts";
 import { delay } from "../process/mod.ts";
 import { isRobotId } from "../fleet/topics.ts";
+import { type ApiClient, apiClient } from "../operator/client.ts";
 import { VERSION } from "../version.ts";
-import type { Logger } from "./fleet.ts";
+import { isLoopbackHost, isWildcardHost } from "./auth.ts";
+import type { DownSigner, Logger } from "./fleet.ts";
 import {
   FleetServer,
   loadMqttCredentials,
@@ -18,80 +26,151 @@ import {
   SERVER_CLIENT_ID,
 } from "./fleet_server.ts";
 import { parseHostPort } from "./http_api.ts";
+import { svidServerTls } from "./https.ts";
+import {
+  describePostgres,
+  loadDatabasePassword,
+  parseDatabaseUrl,
+  type PostgresConfig,
+  redactSecrets,
+} from "./registry_postgres.ts";
+import { RolesFile } from "./roles.ts";
 import { svidTlsProvider } from "./svid_tls.ts";
-import { FINAL_STATES } from "./tasks.ts";
+import { FINAL_STATES, isTaskState, TASK_STATES } from "./tasks.ts";
 
-function ioLogger(io: Io): Logger {
+/** Log lines on stderr. A connection string's password never reaches one (`redactSecrets`). */
+function ioLogger(io: Io, secrets: () => (string | undefined)[] = () => []): Logger {
   const line = (level: string, msg: string) =>
-    io.stderr.write(`${new Date().toISOString()} ${level} ${msg}\n`);
+    io.stderr.write(`${new Date().toISOString()} ${level} ${redactSecrets(msg, secrets())}\n`);
   return { info: (m) => line("INFO", m), warn: (m) => line("WARN", m) };
-}
-
-/** Where `robots` and `task run` find the server: --server, K8S4R_SERVER_URL, or the default. */
-function serverUrl(args: Args, io: Io): string {
-  const layout = defaultLayout(io.cwd, io.env);
-  const raw = args.string("server") ?? io.env["K8S4R_SERVER_URL"] ??
-    `http://127.0.0.1:${layout.ports.http}`;
-  let u: URL;
-  try {
-    u = new URL(raw);
-  } catch {
-    throw new UsageError(`--server: expected a URL like http://127.0.0.1:8090, got '${raw}'`);
-  }
-  if (u.protocol !== "http:" && u.protocol !== "https:") {
-    throw new UsageError(`--server: expected an http:// or https:// URL, got '${raw}'`);
-  }
-  return raw.replace(/\/+$/, "");
-}
-
-async function api<T>(
-  base: string,
-  path: string,
-  init: RequestInit & { signal?: AbortSignal } = {},
-): Promise<{ status: number; body: T & { error?: string } }> {
-  let res: Response;
-  try {
-    res = await fetch(`${base}${path}`, {
-      ...init,
-      headers: { "content-type": "application/json", ...init.headers },
-    });
-  } catch (err) {
-    if (init.signal?.aborted) throw err;
-    throw new CliError(
-      `cannot reach the fleet server at ${base}: ${errorMessage(err)}`,
-      1,
-      "is 'k8s4r server' running? (or pass --server URL)",
-    );
-  }
-  const text = await res.text();
-  try {
-    return { status: res.status, body: JSON.parse(text) };
-  } catch {
-    throw new CliError(
-      `${base}${path}: expected JSON from the fleet server, got HTTP ${res.status}: ${
-        text.slice(0, 80)
-      }`,
-    );
-  }
 }
 
 const SERVER_FLAG = {
   name: "server",
   type: "string" as const,
   valueName: "URL",
-  description: "Fleet server HTTP API (default http://127.0.0.1:8090, env K8S4R_SERVER_URL)",
+  description:
+    "Fleet server API (default: the URL of the operator's credentials, env K8S4R_SERVER_URL)",
 };
+
+const OPERATOR_FLAG = {
+  name: "operator",
+  type: "string" as const,
+  valueName: "NAME",
+  description: "Act as this operator (default: admin, or the only one; env K8S4R_OPERATOR)",
+};
+
+/** The API client of a command, closed when the command ends. */
+async function withApi<T>(args: Args, io: Io, fn: (api: ApiClient) => Promise<T>): Promise<T> {
+  const api = await apiClient(io, {
+    server: args.string("server"),
+    operator: args.string("operator"),
+  });
+  try {
+    return await fn(api);
+  } finally {
+    api.close();
+  }
+}
+
+/** A non-2xx answer as a one-line error (the API's JSON `error`). */
+function apiError(what: string, r: { status: number; body: { error?: string } }): CliError {
+  const hint = r.status === 401
+    ? "the server does not accept this certificate: renew it with 'k8s4r operator login'"
+    : r.status === 403
+    ? "ask for a role on the control host: k8s4r operator add NAME --role operator"
+    : undefined;
+  return new CliError(`${what}: HTTP ${r.status}: ${r.body.error ?? "no detail"}`, 1, hint);
+}
 
 // ---------------------------------------------------------------- server
 
-/** An X.509 SVID source on the Workload API, for `--broker-url mqtts://...`. */
-function workloadSource(address: string, spiffeId?: string) {
-  return X509Source.create({ address, spiffeId });
+/**
+ * The fleet server's own identity from the control host's SPIRE agent. Fails with what to do
+ * when no SVID arrives.
+ */
+async function serverIdentity(io: Io, address: string, spiffeId: string, timeoutMs: number) {
+  try {
+    return await X509Source.create({
+      address: address.startsWith("unix:") ? address : `unix://${address}`,
+      spiffeId,
+      timeoutMs,
+      signal: io.signal,
+    });
+  } catch (err) {
+    throw new CliError(
+      `no X.509 SVID for ${spiffeId} from the Workload API at ${address} within ${
+        Math.round(timeoutMs / 1000)
+      } s: ${errorMessage(err)}`,
+      1,
+      `is the control host's SPIRE agent running there (--socket-path)? Does an entry give ${spiffeId} to this process? e.g. spire-server entry create -parentID <control host node ID> -spiffeID ${spiffeId} -selector unix:uid:${
+        Deno.uid() ?? 0
+      } -dns localhost`,
+    );
+  }
+}
+
+/** The warning for a non-loopback --http-addr: what becomes reachable from the network. */
+export function exposureWarning(addr: { hostname: string; port: number }): string | undefined {
+  if (isLoopbackHost(addr.hostname)) return undefined;
+  const where = isWildcardHost(addr.hostname)
+    ? `every address of this machine (${addr.hostname || "*"}:${addr.port})`
+    : `${addr.hostname}:${addr.port}`;
+  return `--http-addr ${addr.hostname}:${addr.port} is not a loopback address: the fleet server's HTTPS API is exposed on ${where}: /healthz (server version and fleet counters) to anyone who can connect, and robots, tasks, task creation (commands run on robots) and cancel to every holder of an operator certificate of this trust domain that has a role. Bind to 127.0.0.1 unless remote operators need it.`;
+}
+
+function machineAddresses(): string[] {
+  const out: string[] = [];
+  for (const list of Object.values(networkInterfaces())) {
+    for (const a of list ?? []) out.push(a.address);
+  }
+  return out;
+}
+
+/**
+ * Signs tasks and cancels with the server's SVID. JOIN (i11-robot): return
+ * `new TaskSigner(source)` from src/mqtt/signed.ts; its `sign(msg)` is this interface.
+ */
+function serverSigner(_source: X509Source): DownSigner | undefined {
+  return undefined;
+}
+
+/**
+ * `--database` and its password: undefined for the SQLite default. The password comes from
+ * `--database-password-file` (0600) or the environment, never from the URL or argv.
+ */
+async function databaseConfig(args: Args, io: Io): Promise<PostgresConfig | undefined> {
+  const raw = args.string("database");
+  const pwFile = args.string("database-password-file");
+  if (raw === undefined) {
+    if (pwFile !== undefined) {
+      throw new UsageError("--database-password-file: only with --database postgres://...");
+    }
+    return undefined;
+  }
+  if (args.string("data-dir") !== undefined) {
+    throw new UsageError(
+      "--data-dir: the SQLite registry's directory; with --database the registry is in PostgreSQL",
+    );
+  }
+  let config: PostgresConfig;
+  try {
+    config = parseDatabaseUrl(raw, io.env["USER"] || io.env["LOGNAME"] || "postgres");
+  } catch (err) {
+    throw new UsageError(errorMessage(err));
+  }
+  try {
+    config.password = await loadDatabasePassword(pwFile, io.env);
+  } catch (err) {
+    throw new CliError(errorMessage(err), 1);
+  }
+  return config;
 }
 
 async function runServer(args: Args, io: Io): Promise<number> {
   const layout = defaultLayout(io.cwd, io.env);
-  const log = ioLogger(io);
+  const postgres = await databaseConfig(args, io);
+  const log = ioLogger(io, () => [postgres?.password]);
   const brokerUrl = args.string("broker-url") ?? `mqtt://127.0.0.1:${layout.ports.mqttPlain}`;
   let url: URL;
   try {
@@ -114,11 +193,44 @@ async function runServer(args: Args, io: Io): Promise<number> {
   if (hb !== undefined && (!Number.isInteger(hb) || hb < 1)) {
     throw new UsageError(`--heartbeat-interval: expected a positive integer, got ${hb}`);
   }
+  const svidTimeout = args.number("svid-timeout") ?? 30;
+  if (!(svidTimeout > 0)) {
+    throw new UsageError(
+      `--svid-timeout: expected a positive number of seconds, got ${svidTimeout}`,
+    );
+  }
+  const rolesPath = args.string("roles") ?? io.env["K8S4R_ROLES_FILE"] ?? DEFAULT_ROLES_FILE;
+  const roles = new RolesFile(rolesPath);
+  const first = roles.current();
+  if (!first.ok) {
+    throw new ConfigError(
+      rolesPath,
+      undefined,
+      undefined,
+      first.error.replace(`${rolesPath}: `, ""),
+    );
+  }
+  if (first.missing) {
+    log.warn(
+      `${rolesPath} does not exist: every API request is refused (403) until 'k8s4r operator add' writes it`,
+    );
+  }
+  roles.onChange = (s) =>
+    s.ok
+      ? log.info(
+        `roles: ${
+          s.missing
+            ? `${rolesPath} is gone, nobody has a role`
+            : `${s.config.operators.size} operator(s) from ${rolesPath}`
+        }`,
+      )
+      : log.warn(`roles: ${s.error}; every API request is refused until it is fixed`);
+  const warning = exposureWarning(http);
+  if (warning) log.warn(warning);
 
   let username: string | undefined;
   let password: string | undefined;
   let tls: MqttTlsProvider | undefined;
-  let closeSource: (() => void | Promise<void>) | undefined;
   if (url.protocol === "mqtt:") {
     const credFile = args.string("mqtt-credentials");
     const envUser = io.env["K8S4R_MQTT_USERNAME"];
@@ -136,21 +248,31 @@ async function runServer(args: Args, io: Io): Promise<number> {
     } catch (err) {
       throw new CliError(errorMessage(err), 1);
     }
-  } else {
-    const address = args.string("socket-path") ?? io.env["SPIFFE_ENDPOINT_SOCKET"] ??
-      "unix:///tmp/spire-agent/agent.sock";
-    const source = await workloadSource(
-      address.startsWith("unix:") ? address : `unix://${address}`,
-      args.string("spiffe-id"),
-    ).catch((err) => {
-      throw new CliError(`cannot get an X.509 SVID from ${address}: ${errorMessage(err)}`);
-    });
-    closeSource = () => source.close();
+  }
+
+  // The server's own identity: it serves HTTPS, signs tasks and cancels, and (mqtts://) logs
+  // in to the broker with it.
+  const address = args.string("socket-path") ?? io.env["SPIFFE_ENDPOINT_SOCKET"] ??
+    CONTROL_AGENT_SOCKET;
+  const spiffeId = args.string("spiffe-id") ?? fleetServerSpiffeId(layout.trustDomain);
+  const source = await serverIdentity(io, address, spiffeId, svidTimeout * 1000);
+  const closeSource = () => source.close();
+  source.onUpdate(() => {
+    const s = source.getX509Svid();
+    log.info(
+      `SVID ${s.id} rotated: serial ${s.serialNumber}, valid until ${s.notAfter.toISOString()}`,
+    );
+  });
+  if (url.protocol === "mqtts:") {
     tls = svidTlsProvider(
       source,
       args.string("broker-spiffe-id") ?? brokerSpiffeId(layout.trustDomain),
     );
   }
+  const svid = source.getX509Svid();
+  log.info(
+    `identity ${svid.id} (serial ${svid.serialNumber}, valid until ${svid.notAfter.toISOString()}) from ${address}`,
+  );
 
   const dataDir = args.string("data-dir") ?? layout.serverDataDir;
   let fatal: ((err: Error) => void) | undefined;
@@ -169,8 +291,17 @@ async function runServer(args: Args, io: Io): Promise<number> {
           : SERVER_CLIENT_ID),
       sharedSubscription: args.bool("shared-subscription"),
       dataDir,
-      http,
-      fleet: { heartbeatIntervalSeconds: hb },
+      postgres,
+      http: {
+        ...http,
+        tls: svidServerTls(source),
+        bundles: source,
+        roles,
+        trustDomain: svid.id.trustDomain.name,
+        dnsNames: () => source.getX509Svid().dnsNames,
+        interfaceAddresses: isWildcardHost(http.hostname) ? machineAddresses() : [],
+      },
+      fleet: { heartbeatIntervalSeconds: hb, signer: serverSigner(source) },
       logger: log,
       version: VERSION,
       onFatal: (err) =>
@@ -183,11 +314,18 @@ async function runServer(args: Args, io: Io): Promise<number> {
         ),
     });
   } catch (err) {
-    await closeSource?.();
+    await closeSource();
     if (err instanceof CliError) throw err;
-    throw new CliError(`cannot start the fleet server: ${errorMessage(err)}`);
+    throw new CliError(
+      `cannot start the fleet server: ${redactSecrets(errorMessage(err), [postgres?.password])}`,
+    );
   }
-  log.info(`HTTP API on ${server.http!.url}, data in ${dataDir}, broker ${brokerUrl}`);
+  const where = postgres ? `registry ${describePostgres(postgres)}` : `data in ${dataDir}`;
+  log.info(
+    `HTTPS API on ${server.http!.url} (listening on ${server.http!.addr.hostname}:${
+      server.http!.addr.port
+    }), roles ${rolesPath}, ${where}, broker ${brokerUrl}`,
+  );
   const stopped = new Promise<void>((resolve) => {
     if (io.signal.aborted) resolve();
     io.signal.addEventListener("abort", () => resolve(), { once: true });
@@ -196,7 +334,7 @@ async function runServer(args: Args, io: Io): Promise<number> {
     await Promise.race([stopped, fatalP]);
   } finally {
     await server.close();
-    await closeSource?.();
+    await closeSource();
     log.info("fleet server stopped");
   }
   return 0;
@@ -204,14 +342,23 @@ async function runServer(args: Args, io: Io): Promise<number> {
 
 export const serverCommand: CommandSpec = {
   name: "server",
-  summary: "Run the fleet server (MQTT on 127.0.0.1:1883, HTTP API on 127.0.0.1:8090)",
-  description: `Tracks robots (register, heartbeats, online/offline) in a SQLite registry and sends
-them tasks over MQTT. Runs until SIGINT/SIGTERM, then disconnects cleanly; its persistent MQTT
+  summary: "Run the fleet server (MQTT on 127.0.0.1:1883, HTTPS API on https://localhost:8090)",
+  description: `Tracks robots (register, heartbeats, online/offline) in a registry and sends them
+tasks over MQTT. Runs until SIGINT/SIGTERM, then disconnects cleanly; its persistent MQTT
 session keeps messages robots send meanwhile.
+
+The registry is SQLite in --data-dir by default, or PostgreSQL with --database
+postgres://USER@HOST:PORT/DB (unix socket: postgres://USER@/DB?host=/run/postgresql). The
+database password is never part of the URL: --database-password-file FILE (mode 0600), or
+K8S4R_DATABASE_PASSWORD, or PGPASSWORD.
 
 MQTT credentials for mqtt:// come from --mqtt-credentials FILE (JSON {"username","password"},
 mode 0600; default .dev-env/server-mqtt.json), or K8S4R_MQTT_USERNAME plus
-K8S4R_MQTT_PASSWORD_FILE. With mqtts:// the server uses an X.509 SVID from the Workload API.`,
+K8S4R_MQTT_PASSWORD_FILE. With mqtts:// the server logs in with its own SVID.
+
+Its identity: the X.509 SVID spiffe://<td>/fleet-server from the control host's SPIRE agent
+(--socket-path), followed across rotations. It serves the HTTPS API (clients must present an
+operator SVID; roles from --roles, re-read on change), and signs every task and cancel.`,
   flags: [
     {
       name: "broker-url",
@@ -229,13 +376,27 @@ K8S4R_MQTT_PASSWORD_FILE. With mqtts:// the server uses an X.509 SVID from the W
       name: "http-addr",
       type: "string",
       valueName: "HOST:PORT",
-      description: "HTTP API address (default 127.0.0.1:8090)",
+      description:
+        "HTTPS API address (default 127.0.0.1:8090; anything but loopback prints a warning)",
     },
     {
       name: "data-dir",
       type: "string",
       valueName: "DIR",
       description: "Registry directory (default .dev-env/server-data)",
+    },
+    {
+      name: "database",
+      type: "string",
+      valueName: "URL",
+      description:
+        "PostgreSQL registry, postgres://USER@HOST:PORT/DB (default: SQLite in --data-dir)",
+    },
+    {
+      name: "database-password-file",
+      type: "string",
+      valueName: "FILE",
+      description: "The PostgreSQL password, mode 0600 (or K8S4R_DATABASE_PASSWORD, PGPASSWORD)",
     },
     {
       name: "shared-subscription",
@@ -258,13 +419,14 @@ K8S4R_MQTT_PASSWORD_FILE. With mqtts:// the server uses an X.509 SVID from the W
       name: "socket-path",
       type: "string",
       valueName: "PATH",
-      description: "Workload API socket for mqtts:// (default /tmp/spire-agent/agent.sock)",
+      description:
+        `Workload API of the control host's SPIRE agent: the server's SVID (default ${CONTROL_AGENT_SOCKET}, env SPIFFE_ENDPOINT_SOCKET)`,
     },
     {
       name: "spiffe-id",
       type: "string",
       valueName: "ID",
-      description: "Which SVID to use for mqtts:// when several match",
+      description: "The server's SPIFFE ID (default spiffe://<td>/fleet-server)",
     },
     {
       name: "broker-spiffe-id",
@@ -272,6 +434,19 @@ K8S4R_MQTT_PASSWORD_FILE. With mqtts:// the server uses an X.509 SVID from the W
       valueName: "ID",
       description:
         "The broker's expected SPIFFE ID for mqtts:// (default spiffe://<td>/mqtt-broker)",
+    },
+    {
+      name: "roles",
+      type: "string",
+      valueName: "FILE",
+      description:
+        `Roles config, re-read on change (default ${DEFAULT_ROLES_FILE}, env K8S4R_ROLES_FILE)`,
+    },
+    {
+      name: "svid-timeout",
+      type: "number",
+      valueName: "S",
+      description: "How long to wait for the server's SVID at start (default 30)",
     },
   ],
   run: runServer,
@@ -346,26 +521,140 @@ export function renderRobotsTable(robots: RobotView[], now = Date.now()): string
 export const robotsCommand: CommandSpec = {
   name: "robots",
   summary: "List robots known to the fleet server",
-  flags: [SERVER_FLAG, { name: "json", type: "boolean", description: "Print JSON" }],
-  async run(args, io) {
-    const base = serverUrl(args, io);
-    const { status, body } = await api<{ robots: RobotView[] }>(base, "/api/robots", {
-      signal: io.signal,
-    });
-    if (status !== 200) {
-      throw new CliError(`fleet server answered HTTP ${status}: ${body.error ?? "no detail"}`);
-    }
+  flags: [SERVER_FLAG, OPERATOR_FLAG, { name: "json", type: "boolean", description: "Print JSON" }],
+  run: (args, io) =>
+    withApi(args, io, async (api) => {
+      const r = await api.request<{ robots: RobotView[] }>("GET", "/api/robots", {
+        signal: io.signal,
+      });
+      if (r.status !== 200) throw apiError("GET /api/robots", r);
+      if (args.bool("json")) {
+        io.stdout.write(JSON.stringify(r.body.robots, null, 2) + "\n");
+        return 0;
+      }
+      if (r.body.robots.length === 0) {
+        io.stdout.write("no robots have registered yet\n");
+        return 0;
+      }
+      io.stdout.write(renderRobotsTable(r.body.robots));
+      return 0;
+    }),
+};
+
+// ---------------------------------------------------------------- tasks
+
+export interface TaskListView {
+  id: string;
+  robotId: string;
+  state: string;
+  command: string[];
+  createdAt: string;
+  createdBy: string | null;
+  exitCode: number | null;
+}
+
+/** The operator's name for `spiffe://<td>/operator/<name>`, else the whole ID. */
+function shortId(id: string | null): string {
+  if (!id) return "-";
+  const m = /^spiffe:\/\/[^/]+\/operator\/([^/]+)$/.exec(id);
+  return m ? m[1] : id;
+}
+
+export function renderTasksTable(tasks: TaskListView[]): string {
+  const rows = [["ID", "ROBOT", "STATE", "CREATED", "CREATED BY", "COMMAND"]];
+  for (const t of tasks) {
+    const state = t.state === "done" && t.exitCode !== null && t.exitCode !== 0
+      ? `done (exit ${t.exitCode})`
+      : t.state;
+    const cmd = t.command.map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : JSON.stringify(a))).join(
+      " ",
+    );
+    rows.push([
+      t.id,
+      t.robotId,
+      state,
+      t.createdAt.replace(/\.\d+Z$/, "Z"),
+      shortId(t.createdBy),
+      cmd.length > 60 ? cmd.slice(0, 57) + "..." : cmd,
+    ]);
+  }
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  return rows.map((r) => r.map((c, i) => i === r.length - 1 ? c : c.padEnd(widths[i])).join("  "))
+    .join("\n") + "\n";
+}
+
+export const MAX_TASKS_LIMIT = 100_000;
+
+async function runTasks(args: Args, io: Io): Promise<number> {
+  const robot = args.string("robot");
+  if (robot !== undefined && !isRobotId(robot)) {
+    throw new UsageError(`tasks: --robot expects a robot id like robot-001, got '${robot}'`);
+  }
+  const state = args.string("state");
+  if (state !== undefined && !isTaskState(state)) {
+    throw new UsageError(`tasks: --state expects one of ${TASK_STATES.join(", ")}, got '${state}'`);
+  }
+  const limit = args.number("limit") ?? 50;
+  if (!Number.isInteger(limit) || limit < 1 || limit > MAX_TASKS_LIMIT) {
+    throw new UsageError(
+      `tasks: --limit expects an integer in 1..${MAX_TASKS_LIMIT}, got ${limit}`,
+    );
+  }
+  return await withApi(args, io, async (api) => {
+    const tasks: TaskListView[] = [];
+    let cursor: string | null = null;
+    let more = false;
+    do {
+      const q = new URLSearchParams();
+      if (robot) q.set("robot", robot);
+      if (state) q.set("state", state);
+      q.set("limit", String(Math.min(1000, limit - tasks.length + 1)));
+      if (cursor) q.set("cursor", cursor);
+      const r: {
+        status: number;
+        body: { tasks: TaskListView[]; nextCursor: string | null; error?: string };
+      } = await api.request("GET", `/api/tasks?${q}`, { signal: io.signal });
+      if (r.status !== 200) throw apiError("GET /api/tasks", r);
+      tasks.push(...r.body.tasks);
+      cursor = r.body.nextCursor;
+      more = cursor !== null || tasks.length > limit;
+    } while (cursor !== null && tasks.length < limit);
+    const shown = tasks.slice(0, limit);
     if (args.bool("json")) {
-      io.stdout.write(JSON.stringify(body.robots, null, 2) + "\n");
+      io.stdout.write(JSON.stringify(shown, null, 2) + "\n");
       return 0;
     }
-    if (body.robots.length === 0) {
-      io.stdout.write("no robots have registered yet\n");
+    if (shown.length === 0) {
+      io.stdout.write("no tasks\n");
       return 0;
     }
-    io.stdout.write(renderRobotsTable(body.robots));
+    io.stdout.write(renderTasksTable(shown));
+    if (more) io.stderr.write(`k8s4r: showing the newest ${limit}; more with --limit N\n`);
     return 0;
-  },
+  });
+}
+
+export const tasksCommand: CommandSpec = {
+  name: "tasks",
+  summary: "List tasks, newest first (paged through the API)",
+  description: `Shows who created each task (the operator's SPIFFE ID, by name). Pages through the
+API's task list (cursor-based) until --limit tasks are shown.
+
+Example: k8s4r tasks --robot robot-001 --state running`,
+  flags: [
+    { name: "robot", type: "string", valueName: "ID", description: "Only this robot's tasks" },
+    {
+      name: "state",
+      type: "string",
+      valueName: "STATE",
+      description: `Only tasks in this state (${TASK_STATES.join(", ")})`,
+    },
+    { name: "limit", type: "number", valueName: "N", description: "Show at most N (default 50)" },
+    { name: "json", type: "boolean", description: "Print JSON" },
+    SERVER_FLAG,
+    OPERATOR_FLAG,
+  ],
+  run: runTasks,
 };
 
 // ---------------------------------------------------------------- task run
@@ -402,60 +691,105 @@ async function runTask(args: Args, io: Io): Promise<number> {
   if (!Number.isInteger(ttl) || ttl < 1) {
     throw new UsageError(`task run: --ttl expects a positive integer of seconds, got ${ttl}`);
   }
-  const base = serverUrl(args, io);
-  const created = await api<{ id: string }>(base, `/api/robots/${robot}/tasks`, {
-    method: "POST",
-    body: JSON.stringify({ command: args.rest, timeoutSeconds: timeout, ttlSeconds: ttl }),
-    signal: io.signal,
-  });
-  if (created.status !== 201) {
-    throw new CliError(
-      `cannot create the task on ${robot}: ${created.body.error ?? `HTTP ${created.status}`}`,
-    );
-  }
-  const id = created.body.id;
-  let task: TaskView | undefined;
-  let warned = false;
-  const startedWaiting = Date.now();
-  while (true) {
-    const r = await api<TaskView>(base, `/api/tasks/${id}`, { signal: io.signal });
-    if (r.status !== 200) {
-      throw new CliError(`task ${id}: fleet server answered HTTP ${r.status}: ${r.body.error}`);
-    }
-    task = r.body;
-    if (FINAL.has(task.state)) break;
-    if (!warned && task.state === "pending" && Date.now() - startedWaiting > 3000) {
-      warned = true;
-      io.stderr.write(
-        `k8s4r: task ${id} is waiting for ${robot} to come online (expires in ${ttl}s)\n`,
-      );
-    }
-    await delay(200, io.signal);
-  }
-  if (task.stdout) io.stdout.write(task.stdout);
-  if (task.stderr) io.stderr.write(task.stderr);
-  switch (task.state) {
-    case "done": {
-      const code = task.exitCode;
-      if (code === null) return 1;
-      return code < 0 ? 128 + Math.min(-code, 127) : Math.min(code, 255);
-    }
-    case "refused":
-      throw new CliError(`task ${id} was refused by ${robot}: ${task.error ?? "no reason given"}`);
-    case "failed":
-      throw new CliError(`task ${id} failed on ${robot}: ${task.error ?? "no reason given"}`);
-    default:
+  return await withApi(args, io, async (api) => {
+    const created = await api.request<{ id: string }>("POST", `/api/robots/${robot}/tasks`, {
+      body: { command: args.rest, timeoutSeconds: timeout, ttlSeconds: ttl },
+      signal: io.signal,
+    });
+    if (created.status !== 201) {
+      const e = apiError(`cannot create the task on ${robot}`, created);
       throw new CliError(
-        `task ${id} expired: ${robot} did not receive it within ${ttl}s`,
+        `cannot create the task on ${robot}: ${created.body.error ?? `HTTP ${created.status}`}`,
         1,
-        `is ${robot} online? see 'k8s4r robots'`,
+        e.hint,
       );
+    }
+    const id = created.body.id;
+    let task: TaskView | undefined;
+    let warned = false;
+    const startedWaiting = Date.now();
+    while (true) {
+      const r = await api.request<TaskView>("GET", `/api/tasks/${id}`, { signal: io.signal });
+      if (r.status !== 200) throw apiError(`task ${id}`, r);
+      task = r.body;
+      if (FINAL.has(task.state)) break;
+      if (!warned && task.state === "pending" && Date.now() - startedWaiting > 3000) {
+        warned = true;
+        io.stderr.write(
+          `k8s4r: task ${id} is waiting for ${robot} to come online (expires in ${ttl}s)\n`,
+        );
+      }
+      await delay(200, io.signal);
+    }
+    if (task.stdout) io.stdout.write(task.stdout);
+    if (task.stderr) io.stderr.write(task.stderr);
+    switch (task.state) {
+      case "done": {
+        const code = task.exitCode;
+        if (code === null) return 1;
+        return code < 0 ? 128 + Math.min(-code, 127) : Math.min(code, 255);
+      }
+      case "refused":
+        throw new CliError(
+          `task ${id} was refused by ${robot}: ${task.error ?? "no reason given"}`,
+        );
+      case "failed":
+        throw new CliError(`task ${id} failed on ${robot}: ${task.error ?? "no reason given"}`);
+      case "cancelled":
+        throw new CliError(`task ${id} was cancelled: ${task.error ?? "no reason given"}`);
+      default:
+        throw new CliError(
+          `task ${id} expired: ${robot} did not receive it within ${ttl}s`,
+          1,
+          `is ${robot} online? see 'k8s4r robots'`,
+        );
+    }
+  });
+}
+
+async function runCancel(args: Args, io: Io): Promise<number> {
+  const id = args.positionals[0];
+  if (!id || !/^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/.test(id)) {
+    throw new UsageError(`task cancel: invalid task id '${id ?? ""}' (see 'k8s4r tasks')`);
   }
+  return await withApi(args, io, async (api) => {
+    const r = await api.request<{ id: string; state: string; outcome: string }>(
+      "POST",
+      `/api/tasks/${id}/cancel`,
+      { body: {}, signal: io.signal },
+    );
+    if (r.status !== 202) throw apiError(`cannot cancel task ${id}`, r);
+    if (r.body.outcome === "withdrawn") {
+      io.stdout.write(`task ${id} cancelled (it had not been sent to its robot)\n`);
+      return 0;
+    }
+    if (!args.bool("wait")) {
+      io.stdout.write(`task ${id}: cancel sent to its robot (state ${r.body.state})\n`);
+      return 0;
+    }
+    const deadline = Date.now() + (args.number("wait-timeout") ?? 30) * 1000;
+    while (true) {
+      const t = await api.request<TaskView>("GET", `/api/tasks/${id}`, { signal: io.signal });
+      if (t.status !== 200) throw apiError(`task ${id}`, t);
+      if (FINAL.has(t.body.state)) {
+        io.stdout.write(`task ${id}: ${t.body.state}${t.body.error ? ` (${t.body.error})` : ""}\n`);
+        return t.body.state === "cancelled" ? 0 : 1;
+      }
+      if (Date.now() > deadline) {
+        throw new CliError(
+          `task ${id} is still ${t.body.state}: its robot has not reported the cancel`,
+          1,
+          "is the robot online? see 'k8s4r robots'; the cancel is sent again when it comes back",
+        );
+      }
+      await delay(200, io.signal);
+    }
+  });
 }
 
 export const taskCommand: CommandSpec = {
   name: "task",
-  summary: "Run tasks on robots",
+  summary: "Run and cancel tasks on robots",
   subcommands: [{
     name: "run",
     summary: "Run a command on a robot and wait for its result",
@@ -480,7 +814,30 @@ Example: k8s4r task run robot-001 -- uname -a`,
         description: "Seconds the task may wait for an offline robot (default 300)",
       },
       SERVER_FLAG,
+      OPERATOR_FLAG,
     ],
     run: runTask,
+  }, {
+    name: "cancel",
+    summary: "Cancel a task: never sent if still pending, else its robot kills it",
+    description:
+      `A pending task that was not sent yet is cancelled at once and never sent. Otherwise
+the server sends its robot a signed cancel (now, or when the robot comes back); the robot kills
+the task's process group and reports it cancelled. Needs the operator role.
+
+Example: k8s4r task cancel 6f1c...   (ids: k8s4r tasks)`,
+    positionals: [{ name: "id", description: "Task id" }],
+    flags: [
+      { name: "wait", type: "boolean", description: "Wait until the robot reports the task's end" },
+      {
+        name: "wait-timeout",
+        type: "number",
+        valueName: "S",
+        description: "With --wait: give up after S seconds (default 30)",
+      },
+      SERVER_FLAG,
+      OPERATOR_FLAG,
+    ],
+    run: runCancel,
   }],
 };

@@ -4,7 +4,9 @@
  * (fleet_server.ts) wires it to MQTT and HTTP; tests drive it directly with a fake publisher.
  */
 import {
+  type CancelMessage,
   decodeUp,
+  type DownMessage,
   type DropReason,
   encode,
   PROTOCOL_VERSION,
@@ -16,11 +18,24 @@ import { downTopic, isRobotId } from "../fleet/topics.ts";
 import {
   compareStatusOrder,
   type Registry,
+  type RegistryTx,
   type RobotRecord,
   type StatusOrder,
   type TaskRecord,
 } from "./registry.ts";
-import { needsDispatch } from "./tasks.ts";
+import { isFinal, needsCancel, needsDispatch } from "./tasks.ts";
+
+/**
+ * Turns a server -> robot message into the exact MQTT payload. The fleet server signs tasks and
+ * cancels with its own X.509 SVID (docs/PROTOCOL.md, "Signed tasks and cancels"); `sign` may
+ * throw (no SVID, a payload over the limit), and the message is then not sent.
+ */
+export interface DownSigner {
+  sign(msg: DownMessage): Uint8Array;
+}
+
+/** Plain JSON, no signature: unit tests, and robots that do not require signatures. */
+export const UNSIGNED: DownSigner = { sign: (msg) => encode(msg) };
 
 /** What the fleet needs from an MQTT client. */
 export interface Publisher {
@@ -50,6 +65,8 @@ export interface FleetOptions {
   newId?: () => string;
   /** Start with the broker link down (`FleetServer`: robots are unknown until subscribed). */
   startDisconnected?: boolean;
+  /** Signs every task and cancel. Default UNSIGNED. */
+  signer?: DownSigner;
   /**
    * The server's own probe topic (`serverProbeTopic`): `FleetServer` publishes the time to it
    * every half second and subscribes to it, so each echo proves that the broker delivered
@@ -70,11 +87,28 @@ export interface TaskRequest {
 
 export class NotFoundError extends Error {}
 
+/** The request conflicts with the task's state (e.g. cancelling a finished task). */
+export class ConflictError extends Error {}
+
+export interface CancelResult {
+  task: TaskRecord;
+  /**
+   * `withdrawn`: it was pending and nobody was publishing it: cancelled at once, never sent.
+   * `cancelling`: the robot may have it: a signed cancel went out, and the robot's report ends it.
+   * `already`: a cancel was requested before; it is sent again.
+   */
+  outcome: "withdrawn" | "cancelling" | "already";
+}
+
 export interface FleetStats {
   received: Record<string, number>;
   dropped: Record<DropReason, number>;
   droppedTotal: number;
   tasksDispatched: number;
+  /** Cancels acknowledged by the broker (a task's cancel may be sent more than once). */
+  cancelsSent: number;
+  /** Tasks or cancels that could not be signed, hence not sent. */
+  signErrors: number;
   publishErrors: number;
   staleTaskReports: number;
   unknownTaskReports: number;
@@ -124,6 +158,7 @@ export interface LinkState {
 /** What the server can say about a robot: `unknown` while it cannot hear from the fleet. */
 export type RobotState = "online" | "offline" | "unknown";
 
+/** Runs after the commit: logs, counters, dispatches (which track themselves). */
 type Effect = () => void;
 
 /** A decoded item that is the server's own probe echo, not a robot's message. */
@@ -142,6 +177,8 @@ export class FleetService {
     },
     droppedTotal: 0,
     tasksDispatched: 0,
+    cancelsSent: 0,
+    signErrors: 0,
     publishErrors: 0,
     staleTaskReports: 0,
     unknownTaskReports: 0,
@@ -158,8 +195,14 @@ export class FleetService {
   private readonly now: () => Date;
   private readonly log: Logger;
   private readonly newId: () => string;
-  /** Dispatches in flight, so that a burst of triggers publishes each task once. */
+  /**
+   * Dispatches in flight, so that a burst of triggers publishes each task once; also held by a
+   * withdraw while it is written, so that no publish of that task starts meanwhile.
+   */
   private readonly inFlight = new Set<string>();
+  /** Cancels in flight, likewise. */
+  private readonly cancelsInFlight = new Set<string>();
+  private readonly signer: DownSigner;
   private readonly pending = new Set<Promise<void>>();
   /** Up by default (unit tests); `FleetServer` sets it down until it is subscribed. */
   private link: { up: boolean; since: number };
@@ -181,6 +224,7 @@ export class FleetService {
     this.log = opts.logger ?? silentLogger;
     this.newId = opts.newId ?? (() => crypto.randomUUID());
     this.link = { up: !opts.startDisconnected, since: this.now().getTime() };
+    this.signer = opts.signer ?? UNSIGNED;
     this.probeTopic = opts.probeTopic;
     this.probeStallMs = opts.probeStallMs ?? 2000;
     this.confirmed = this.link.since;
@@ -249,11 +293,11 @@ export class FleetService {
    * counted per reason and dropped (`{ok: false, reason}`); a registry error returns
    * `{ok: false, error}` and nothing of the message is written.
    */
-  handleMessage(
+  async handleMessage(
     topic: string,
     payload: Uint8Array,
-  ): { ok: boolean; reason?: DropReason; error?: string } {
-    const r = this.handleBatch([{ topic, payload }]);
+  ): Promise<{ ok: boolean; reason?: DropReason; error?: string }> {
+    const r = await this.handleBatch([{ topic, payload }]);
     if (r.acked === 0) return { ok: false, error: r.error };
     return r.results[0];
   }
@@ -265,7 +309,7 @@ export class FleetService {
    * Side effects (dispatches, logs, counters) run only for committed messages, after the
    * commit. Never throws.
    */
-  handleBatch(items: Incoming[]): BatchResult {
+  async handleBatch(items: Incoming[]): Promise<BatchResult> {
     if (items.length === 0) return { acked: 0, results: [] };
     this.stats.batches++;
     const decoded = items.map((m) =>
@@ -274,8 +318,8 @@ export class FleetService {
     const effects: Effect[][] = decoded.map(() => []);
     let r: { applied: number; error?: Error };
     try {
-      r = this.registry.batch(decoded.map((d, i) => () => {
-        if (d !== PROBE && d.ok) this.apply(d.robotId, d.message, effects[i]);
+      r = await this.registry.batch(decoded.map((d, i) => async (tx) => {
+        if (d !== PROBE && d.ok) await this.apply(tx, d.robotId, d.message, effects[i]);
       }));
     } catch (err) {
       r = { applied: 0, error: err as Error };
@@ -320,16 +364,21 @@ export class FleetService {
     return { acked: r.applied, results };
   }
 
-  private apply(robotId: string, msg: UpMessage, fx: Effect[]): void {
+  /** Applies one message in the batch's transaction (`reg`); what follows the commit goes to `fx`. */
+  private async apply(
+    reg: RegistryTx,
+    robotId: string,
+    msg: UpMessage,
+    fx: Effect[],
+  ): Promise<void> {
     const at = this.nowIso();
-    const reg = this.registry;
     switch (msg.type) {
       case "register": {
-        const prev = reg.getRobot(robotId);
+        const prev = await reg.getRobot(robotId);
         const order: StatusOrder | null = msg.connection !== undefined
           ? { connection: msg.connection, rank: 0 }
           : null;
-        reg.recordRegister(robotId, at, msg);
+        await reg.recordRegister(robotId, at, msg);
         if (
           prev?.bootId != null && prev.bootId === msg.bootId && order && prev.statusOrder &&
           compareStatusOrder(order, prev.statusOrder) < 0
@@ -341,8 +390,8 @@ export class FleetService {
         }
         // A register counts as the online of its connection: the will of an older connection
         // arriving after it is stale.
-        reg.setStatusOrder(robotId, msg.bootId ?? null, order);
-        reg.setOnline(robotId, true, null);
+        await reg.setStatusOrder(robotId, msg.bootId ?? null, order);
+        await reg.setOnline(robotId, true, null);
         fx.push(() => {
           this.log.info(`robot ${robotId} registered (agent ${msg.agentVersion})`);
           // The agent (re)started: anything not yet accepted is sent again (it dedupes by id).
@@ -351,12 +400,10 @@ export class FleetService {
         return;
       }
       case "heartbeat": {
-        const prev = reg.getRobot(robotId);
-        reg.recordHeartbeat(robotId, at, msg);
+        const { bootId } = await reg.recordHeartbeat(robotId, at, msg);
         // A heartbeat of another boot than the registered one does not revive the robot.
-        const sameBoot = msg.bootId === undefined || prev?.bootId == null ||
-          prev.bootId === msg.bootId;
-        if (sameBoot && reg.setOnline(robotId, true, null)) {
+        const sameBoot = msg.bootId === undefined || bootId === null || bootId === msg.bootId;
+        if (sameBoot && await reg.setOnline(robotId, true, null)) {
           fx.push(() => {
             this.log.info(`robot ${robotId} is back (heartbeat)`);
             this.dispatchFor(robotId);
@@ -365,8 +412,8 @@ export class FleetService {
         return;
       }
       case "status": {
-        const prev = reg.getRobot(robotId);
-        const verdict = prev ? statusVerdict(prev, reg.lastStatusTs(robotId), msg) : "apply";
+        const prev = await reg.getRobot(robotId);
+        const verdict = prev ? statusVerdict(prev, await reg.lastStatusTs(robotId), msg) : "apply";
         if (verdict === "replay") {
           // Retained statuses are replayed on every subscribe: nothing new, and not a sign of
           // life (lastSeen stays).
@@ -384,15 +431,15 @@ export class FleetService {
           });
           return;
         }
-        reg.touchRobot(robotId, at);
-        reg.setLastStatusTs(robotId, msg.ts);
+        await reg.touchRobot(robotId, at);
+        await reg.setLastStatusTs(robotId, msg.ts);
         if (msg.bootId !== undefined && msg.connection !== undefined) {
-          reg.setStatusOrder(robotId, msg.bootId, {
+          await reg.setStatusOrder(robotId, msg.bootId, {
             connection: msg.connection,
             rank: msg.status === "online" ? 0 : 1,
           });
         }
-        const changed = reg.setOnline(
+        const changed = await reg.setOnline(
           robotId,
           msg.status === "online",
           msg.reason ?? (msg.status === "offline" ? "status offline" : null),
@@ -408,8 +455,8 @@ export class FleetService {
         return;
       }
       case "task-status": {
-        reg.touchRobot(robotId, at);
-        const task = reg.getTask(msg.taskId);
+        await reg.touchRobot(robotId, at);
+        const task = await reg.getTask(msg.taskId);
         if (!task || task.robotId !== robotId) {
           // Unknown, or another robot's task id: a robot may only report on its own tasks.
           fx.push(() => {
@@ -418,7 +465,7 @@ export class FleetService {
           });
           return;
         }
-        const r = reg.applyTaskEvent(msg.taskId, msg.state, at, {
+        const r = await reg.applyTaskEvent(msg.taskId, msg.state, at, {
           exitCode: msg.exitCode,
           stdout: msg.stdout,
           stderr: msg.stderr,
@@ -430,14 +477,17 @@ export class FleetService {
     }
   }
 
-  /** Validates and stores a new task; dispatches it at once if the robot is online. */
-  createTask(robotId: string, req: TaskRequest): TaskRecord {
+  /**
+   * Validates and stores a new task; dispatches it at once if the robot is online. `createdBy`
+   * is the SPIFFE ID of the operator who asked for it.
+   */
+  async createTask(robotId: string, req: TaskRequest, createdBy?: string): Promise<TaskRecord> {
     if (!isRobotId(robotId)) throw new NotFoundError(`unknown robot ${robotId}`);
-    const robot = this.registry.getRobot(robotId);
+    const robot = await this.registry.getRobot(robotId);
     if (!robot) throw new NotFoundError(`unknown robot ${robotId}`);
     const now = this.now();
     const ttl = req.ttlSeconds ?? this.ttlDefault;
-    const task = this.registry.createTask({
+    const task = await this.registry.createTask({
       id: this.newId(),
       robotId,
       command: req.command,
@@ -446,51 +496,185 @@ export class FleetService {
       timeoutSeconds: req.timeoutSeconds,
       createdAt: now.toISOString(),
       expiresAt: new Date(now.getTime() + ttl * 1000).toISOString(),
+      createdBy,
     });
     if (robot.online) this.dispatchTask(task);
     return task;
   }
 
-  /** Sends every undelivered task of one robot. */
-  dispatchFor(robotId: string): void {
-    for (const t of this.registry.tasksInStates(["pending", "dispatched"], robotId)) {
-      this.dispatchTask(t);
+  /**
+   * An operator's cancel (`by` is its SPIFFE ID). A pending task nobody is publishing is
+   * cancelled at once and never sent; any other unfinished task becomes `cancelling` and its
+   * robot gets a signed `cancel` (now if it is online, else when it comes back); the robot's
+   * `cancelled` report ends it. Throws NotFoundError, or ConflictError for a finished task.
+   *
+   * "Nobody is publishing it" is decided in this process, across awaits: a withdraw holds the
+   * task's `inFlight` slot while it is written, and a dispatch holds it from before it reads
+   * the task's current state until its PUBACK is recorded, so either the dispatch sees the
+   * withdraw committed (and sends nothing) or the cancel sees the dispatch (and cancels).
+   */
+  async cancelTask(id: string, by: string): Promise<CancelResult> {
+    const task = await this.registry.getTask(id);
+    if (!task) throw new NotFoundError(`unknown task ${JSON.stringify(id)}`);
+    if (isFinal(task.state)) {
+      throw new ConflictError(`task ${id} is already ${task.state}: nothing to cancel`);
     }
+    if (task.state === "cancelling") {
+      this.sendCancel(task);
+      return { task, outcome: "already" };
+    }
+    const cancel = (event: "withdraw" | "cancel") =>
+      this.registry.applyTaskEvent(id, event, this.nowIso(), {
+        cancelRequestedBy: by,
+        ...(event === "withdraw" ? { error: `cancelled by ${by} before it was sent` } : {}),
+      });
+    let withdrawn = false;
+    let r: Awaited<ReturnType<typeof cancel>>;
+    if (task.state === "pending" && !this.inFlight.has(id)) {
+      this.inFlight.add(id);
+      try {
+        r = await cancel("withdraw");
+      } finally {
+        this.inFlight.delete(id);
+      }
+      withdrawn = r !== undefined && !r.ignored;
+      // No longer pending (dispatched since it was read): it may have reached the robot.
+      if (r && r.ignored && !isFinal(r.task.state)) r = await cancel("cancel");
+    } else {
+      r = await cancel("cancel");
+    }
+    if (!r || r.ignored) {
+      if (r && isFinal(r.task.state)) {
+        throw new ConflictError(`task ${id} is already ${r.task.state}: nothing to cancel`);
+      }
+      throw new ConflictError(`task ${id} is ${r?.task.state ?? "gone"}: cannot cancel it`);
+    }
+    this.log.info(`task ${id} on ${task.robotId}: cancel requested by ${by} (${r.task.state})`);
+    // Withdrawn: never sent by this process. A publish of an earlier process whose PUBACK was
+    // lost may still have reached the broker, so the robot is told too (it ignores cancels of
+    // tasks it does not know).
+    this.sendCancel(r.task);
+    return { task: r.task, outcome: withdrawn ? "withdrawn" : "cancelling" };
   }
 
-  /** After (re)connecting to the broker: send what online robots are owed. */
-  dispatchAllOnline(): void {
-    for (const r of this.registry.onlineRobots()) this.dispatchFor(r.id);
+  /**
+   * Sends every undelivered task of one robot, and the cancels it is owed (`settled()` waits
+   * for it). Never rejects.
+   */
+  dispatchFor(robotId: string): Promise<void> {
+    return this.track(async () => {
+      for (const t of await this.registry.tasksInStates(["pending", "dispatched"], robotId)) {
+        this.dispatchTask(t);
+      }
+      for (const t of await this.registry.tasksInStates(["cancelling"], robotId)) {
+        this.sendCancel(t);
+      }
+    }, `dispatch to ${robotId}`);
   }
 
+  /** Publishes a signed cancel of `task` (cancelling, or withdrawn) to its robot if online. */
+  private sendCancel(task: TaskRecord): void {
+    if (!needsCancel(task.state) && task.state !== "cancelled") return;
+    if (this.cancelsInFlight.has(task.id) || !this.publisher.connected()) return;
+    this.cancelsInFlight.add(task.id);
+    this.track(async () => {
+      try {
+        const robot = await this.registry.getRobot(task.robotId);
+        if (!robot?.online && task.state === "cancelling") return; // sent when it comes back
+        const msg: CancelMessage = {
+          v: PROTOCOL_VERSION,
+          type: "cancel",
+          robotId: task.robotId,
+          ts: this.nowIso(),
+          taskId: task.id,
+        };
+        if (task.cancelRequestedBy) {
+          msg.reason = `cancelled by ${task.cancelRequestedBy}`.slice(0, 256);
+        }
+        let payload: Uint8Array;
+        try {
+          payload = this.signer.sign(msg);
+        } catch (err) {
+          this.stats.signErrors++;
+          this.log.warn(`cannot sign the cancel of task ${task.id}: ${(err as Error).message}`);
+          return;
+        }
+        try {
+          await this.publisher.publish(downTopic(task.robotId, "cancel"), payload);
+          this.stats.cancelsSent++;
+        } catch (err) {
+          this.stats.publishErrors++;
+          this.log.warn(
+            `could not publish the cancel of task ${task.id}: ${(err as Error).message}`,
+          );
+        }
+      } finally {
+        this.cancelsInFlight.delete(task.id);
+      }
+    }, `cancel of task ${task.id}`);
+  }
+
+  /** After (re)connecting to the broker: send what online robots are owed. Never rejects. */
+  dispatchAllOnline(): Promise<void> {
+    return this.track(async () => {
+      for (const r of await this.registry.onlineRobots()) await this.dispatchFor(r.id);
+    }, "dispatch to online robots");
+  }
+
+  /** Runs `job` as part of what `settled()` waits for; a failure is logged, not thrown. */
+  private track(job: () => Promise<void>, what: string): Promise<void> {
+    const p: Promise<void> = job().catch((err) => {
+      this.log.warn(`${what}: ${(err as Error).message}`);
+    }).finally(() => this.pending.delete(p));
+    this.pending.add(p);
+    return p;
+  }
+
+  /**
+   * Publishes `task` unless it is in flight already. `task` may be stale (read before an
+   * await): its current state is read again, with the task's `inFlight` slot held, so that a
+   * task withdrawn meanwhile is never sent.
+   */
   private dispatchTask(task: TaskRecord): void {
     if (!needsDispatch(task.state) || this.inFlight.has(task.id)) return;
     if (Date.parse(task.expiresAt) <= this.now().getTime()) return; // the sweeper expires it
     if (!this.publisher.connected()) return; // sent again on reconnect
-    const msg: TaskMessage = {
-      v: PROTOCOL_VERSION,
-      type: "task",
-      robotId: task.robotId,
-      ts: this.nowIso(),
-      id: task.id,
-      command: task.command,
-      env: task.env,
-      timeoutSeconds: task.timeoutSeconds,
-      createdAt: task.createdAt,
-      expiresAt: task.expiresAt,
-    };
-    if (task.cwd) msg.cwd = task.cwd;
     this.inFlight.add(task.id);
-    const p = this.publisher.publish(downTopic(task.robotId, "task"), encode(msg)).then(
-      () => {
-        this.stats.tasksDispatched++;
-        this.registry.applyTaskEvent(task.id, "dispatch", this.nowIso());
-      },
-      (err) => {
+    const p: Promise<void> = (async () => {
+      const current = await this.registry.getTask(task.id);
+      if (!current || !needsDispatch(current.state)) return; // withdrawn or cancelled meanwhile
+      const msg: TaskMessage = {
+        v: PROTOCOL_VERSION,
+        type: "task",
+        robotId: current.robotId,
+        ts: this.nowIso(),
+        id: current.id,
+        command: current.command,
+        env: current.env,
+        timeoutSeconds: current.timeoutSeconds,
+        createdAt: current.createdAt,
+        expiresAt: current.expiresAt,
+      };
+      if (current.cwd) msg.cwd = current.cwd;
+      let payload: Uint8Array;
+      try {
+        payload = this.signer.sign(msg);
+      } catch (err) {
+        // Left pending: tried again on the next trigger, expired by the sweeper at its TTL.
+        this.stats.signErrors++;
+        this.log.warn(`cannot sign task ${task.id}: ${(err as Error).message}`);
+        return;
+      }
+      try {
+        await this.publisher.publish(downTopic(current.robotId, "task"), payload);
+      } catch (err) {
         this.stats.publishErrors++;
         this.log.warn(`could not publish task ${task.id}: ${(err as Error).message}`);
-      },
-    ).catch((err) => {
+        return;
+      }
+      this.stats.tasksDispatched++;
+      await this.registry.applyTaskEvent(task.id, "dispatch", this.nowIso());
+    })().catch((err) => {
       this.log.warn(`task ${task.id}: ${(err as Error).message}`);
     }).finally(() => {
       this.inFlight.delete(task.id);
@@ -514,46 +698,65 @@ export class FleetService {
    * clocks restart from the reconnect (a full grace), so the queued messages and retained
    * statuses can arrive first.
    */
-  sweep(): { offline: string[]; expired: string[]; lost: string[] } {
+  async sweep(): Promise<{ offline: string[]; expired: string[]; lost: string[] }> {
     const now = this.now().getTime();
     const at = this.nowIso();
     const link = this.link;
-    const offline: string[] = [];
+    // One transaction: what is judged silent is marked offline before any message of this
+    // process can be applied in between (a heartbeat that arrives meanwhile waits its turn).
     const until = this.heardUntil(now);
-    if (link.up) {
-      for (const r of this.registry.onlineRobots()) {
-        const interval = r.heartbeatIntervalSeconds ?? this.hbDefault;
-        const heard = Math.max(Date.parse(r.lastSeen), link.since);
-        if (until - heard > this.missed * interval * 1000) {
-          if (this.registry.setOnline(r.id, false, `missed ${this.missed} heartbeats`)) {
-            offline.push(r.id);
-            this.log.info(`robot ${r.id} is offline (missed ${this.missed} heartbeats)`);
+    const out = await this.registry.transaction(async (tx) => {
+      const offline: string[] = [];
+      if (link.up) {
+        for (const r of await tx.onlineRobots()) {
+          const interval = r.heartbeatIntervalSeconds ?? this.hbDefault;
+          const heard = Math.max(Date.parse(r.lastSeen), link.since);
+          if (until - heard > this.missed * interval * 1000) {
+            if (await tx.setOnline(r.id, false, `missed ${this.missed} heartbeats`)) {
+              offline.push(r.id);
+            }
           }
         }
       }
-    }
-    const expired: string[] = [];
-    for (const t of this.registry.tasksInStates(["pending", "dispatched"])) {
-      if (Date.parse(t.expiresAt) <= now && !this.inFlight.has(t.id)) {
-        const r = this.registry.applyTaskEvent(t.id, "expire", at, {
-          error: "not delivered to the robot before its TTL",
-        });
-        if (r?.changed) expired.push(t.id);
-      }
-    }
-    const lost: string[] = [];
-    if (link.up && !this.stalled(now) && now - link.since > this.grace * 1000) {
-      for (const t of this.registry.tasksInStates(["accepted", "running"])) {
-        const since = Date.parse(t.startedAt ?? t.acceptedAt ?? t.updatedAt);
-        if (now - since > (t.timeoutSeconds + this.grace) * 1000) {
-          const r = this.registry.applyTaskEvent(t.id, "lost", at, {
-            error: `no result from robot ${t.robotId} within timeout + ${this.grace}s`,
+      const expired: string[] = [];
+      for (const t of await tx.tasksInStates(["pending", "dispatched"])) {
+        if (Date.parse(t.expiresAt) <= now && !this.inFlight.has(t.id)) {
+          const r = await tx.applyTaskEvent(t.id, "expire", at, {
+            error: "not delivered to the robot before its TTL",
           });
-          if (r?.changed) lost.push(t.id);
+          if (r?.changed) expired.push(t.id);
         }
       }
+      // Cancelled before the robot took it up, and now past its expiresAt: the robot refuses it
+      // if it ever arrives, so the cancel is complete.
+      for (const t of await tx.tasksInStates(["cancelling"])) {
+        if (t.acceptedAt !== null || t.startedAt !== null) continue;
+        if (Date.parse(t.expiresAt) <= now && !this.inFlight.has(t.id)) {
+          const r = await tx.applyTaskEvent(t.id, "expire", at, {
+            error: "cancelled before the robot took it up (expired since)",
+          });
+          if (r?.changed) expired.push(t.id);
+        }
+      }
+      const lost: string[] = [];
+      if (link.up && !this.stalled(now) && now - link.since > this.grace * 1000) {
+        for (const t of await tx.tasksInStates(["accepted", "running", "cancelling"])) {
+          if (t.state === "cancelling" && t.acceptedAt === null && t.startedAt === null) continue;
+          const since = Date.parse(t.startedAt ?? t.acceptedAt ?? t.updatedAt);
+          if (now - since > (t.timeoutSeconds + this.grace) * 1000) {
+            const r = await tx.applyTaskEvent(t.id, "lost", at, {
+              error: `no result from robot ${t.robotId} within timeout + ${this.grace}s`,
+            });
+            if (r?.changed) lost.push(t.id);
+          }
+        }
+      }
+      return { offline, expired, lost };
+    });
+    for (const id of out.offline) {
+      this.log.info(`robot ${id} is offline (missed ${this.missed} heartbeats)`);
     }
-    return { offline, expired, lost };
+    return out;
   }
 
   /** online/offline from the registry, or `unknown` while the broker link is down. */

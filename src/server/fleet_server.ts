@@ -1,6 +1,6 @@
 /**
  * The fleet server process: an MQTT client (mqtt.js) with a persistent session, the registry,
- * the sweeper and the HTTP API, wired around `FleetService`.
+ * the sweeper and the HTTPS API (https.ts, http_api.ts), wired around `FleetService`.
  *
  * - Plain `mqtt://127.0.0.1:1883` with a username/password (the loopback listener), or
  *   `mqtts://` with an X.509 SVID (an `MqttTlsProvider`, e.g. built from an `X509Source`).
@@ -9,10 +9,11 @@
  * - Subscribes QoS 1 to `k8s4r/robots/+/up/#` (or `$share/k8s4r/...` with shared
  *   subscriptions) on EVERY connect, not only the first.
  * - A message is acknowledged (PUBACK) only after its registry write is committed (SQLite WAL,
- *   synchronous=FULL). Messages are applied in batches: whatever arrived in one turn of the
- *   event loop shares one commit, then their PUBACKs go out in order. A message whose write
- *   fails is never acknowledged: the connection is cycled, and the broker delivers it again
- *   from the persistent session (it was never acknowledged).
+ *   synchronous=FULL; or a PostgreSQL COMMIT). Messages are applied in batches: whatever
+ *   arrived in one turn of the event loop, or while the previous batch was being committed,
+ *   shares one commit, then their PUBACKs go out in order. One batch is committed at a time.
+ *   A message whose write fails is never acknowledged: the connection is cycled, and the
+ *   broker delivers it again from the persistent session (it was never acknowledged).
  * - While disconnected, robots' states are "unknown" and the sweeper marks nobody offline
  *   (FleetService.linkDown/linkUp).
  * - close() is bounded: dispatches still waiting for their PUBACK get `closeDrainMs`, then the
@@ -34,8 +35,14 @@ import {
   type Logger,
   silentLogger,
 } from "./fleet.ts";
-import { type HttpApi, serveHttpApi } from "./http_api.ts";
-import { Registry } from "./registry.ts";
+import type { X509BundleSource } from "../spiffe/bundle.ts";
+import { allowedHostNames } from "./auth.ts";
+import { createHandler } from "./http_api.ts";
+import { type HttpsApi, serveHttps, type ServerTlsProvider } from "./https.ts";
+import type { Registry } from "./registry.ts";
+import type { PostgresConfig } from "./registry_postgres.ts";
+import type { RolesSource } from "./roles.ts";
+import { openRegistry } from "./storage.ts";
 
 export const SERVER_CLIENT_ID = "k8s4r-server";
 export const SESSION_EXPIRY_SECONDS = 7 * 24 * 3600;
@@ -55,6 +62,23 @@ export interface MqttTlsProvider {
   onUpdate?(cb: () => void): () => void;
 }
 
+/** The HTTPS API: where it listens, its certificate, and who may use it. */
+export interface HttpsOptions {
+  hostname: string;
+  port: number;
+  /** The server's SVID and the bundle (follows rotation). */
+  tls: ServerTlsProvider;
+  /** What client certificates must chain to (the server's X509Source). */
+  bundles: X509BundleSource;
+  roles: RolesSource;
+  /** Operators are `spiffe://<trustDomain>/operator/<name>`. */
+  trustDomain: string;
+  /** The DNS names of the server's current certificate (allowed in Host and Origin). */
+  dnsNames: () => readonly string[];
+  /** Every address of this machine (allowed in Host when bound to all of them). */
+  interfaceAddresses?: readonly string[];
+}
+
 export interface FleetServerOptions {
   brokerUrl: string;
   username?: string;
@@ -62,9 +86,12 @@ export interface FleetServerOptions {
   tls?: MqttTlsProvider;
   clientId?: string;
   sharedSubscription?: boolean;
+  /** The SQLite registry's directory (unused with `postgres`). */
   dataDir: string;
+  /** Keep the registry in PostgreSQL instead of SQLite. */
+  postgres?: PostgresConfig;
   /** false: no HTTP API (tests of the MQTT side). */
-  http: { hostname: string; port: number } | false;
+  http: HttpsOptions | false;
   fleet?: FleetOptions;
   /** Default 1000 ms. */
   sweepIntervalMs?: number;
@@ -89,7 +116,10 @@ export interface FleetServerState {
 /** CONNACK codes that mean "your credentials are wrong", in MQTT 3.1.1 and 5. */
 const AUTH_CODES = new Set([4, 5, 134, 135]);
 
-/** Messages applied per commit at most (a batch is otherwise what one event-loop turn got). */
+/**
+ * Messages applied per commit at most (a batch is otherwise what arrived since the last one).
+ * While that many wait, mqtt.js is not given the next packet (backpressure).
+ */
 const MAX_BATCH = 1000;
 
 /**
@@ -129,19 +159,32 @@ export class FleetServer {
   /** Received, not yet committed. */
   private batch: Received[] = [];
   private flushScheduled = false;
+  /** The commit-then-ack loop, while it runs (one batch at a time). */
+  private flushing?: Promise<void>;
+  private sweeping?: Promise<void>;
   /** A write failed: this connection is being dropped; nothing more is applied or acked on it. */
-  private cycling = false;
+  private cyclingStream?: unknown;
   private sendPuback: (messageId: number) => void;
 
   private constructor(
     readonly registry: Registry,
     readonly fleet: FleetService,
     readonly client: MqttClient,
-    readonly http: HttpApi | undefined,
+    readonly http: HttpsApi | undefined,
     private readonly log: Logger,
     private readonly closeDrainMs: number,
   ) {
     this.sendPuback = pubackSender(client);
+  }
+
+  /**
+   * A write failed: the connection it came on is being dropped, and nothing more is applied or
+   * acknowledged on it. Tied to that connection's stream, not to the 'connect' event: mqtt.js
+   * emits 'connect' only after flushing its outgoing store, and the broker's redeliveries on the
+   * new connection may be handled before that.
+   */
+  private get cycling(): boolean {
+    return this.cyclingStream !== undefined && this.cyclingStream === this.client.stream;
   }
 
   /** mqtt.js calls this for every PUBLISH, one at a time, before it would send the PUBACK. */
@@ -159,37 +202,59 @@ export class FleetServer {
       messageId: packet.messageId,
       stream: this.client.stream,
     });
+    const ack = packet.qos > 0 ? ACK_LATER : undefined;
     if (this.batch.length >= MAX_BATCH) {
-      this.flush();
-    } else if (!this.flushScheduled) {
+      // Hold mqtt.js's parser (it waits for this callback) until this much is committed.
+      void this.flush().then(() => callback(ack));
+      return;
+    }
+    if (!this.flushScheduled) {
       this.flushScheduled = true;
       // After the packets already parsed from the socket have been queued: one commit for all.
-      setImmediate(() => this.flush());
+      setImmediate(() => void this.flush());
     }
-    callback(packet.qos > 0 ? ACK_LATER : undefined);
+    callback(ack);
   }
 
-  /** Commits what was received, then acknowledges it, in order. */
-  flush(): void {
+  /**
+   * Commits what was received, then acknowledges it, in order; resolves when nothing received
+   * before the call is left uncommitted. One batch is committed at a time: what arrives
+   * meanwhile is the next batch. Never rejects.
+   */
+  flush(): Promise<void> {
     this.flushScheduled = false;
-    const items = this.batch;
-    if (items.length === 0) return;
-    this.batch = [];
-    try {
-      const r = this.fleet.handleBatch(items);
-      for (let i = 0; i < r.acked; i++) {
-        const m = items[i];
-        if (m.qos === 0 || m.messageId === undefined) continue;
-        // The connection it came on is gone: the broker will deliver it again (applying a
-        // message twice is harmless, see docs/PROTOCOL.md).
-        if (m.stream !== this.client.stream || !this.client.connected || this.cycling) continue;
-        this.sendPuback(m.messageId);
+    if (!this.flushing) {
+      this.flushing = this.drain().finally(() => {
+        this.flushing = undefined;
+        // Arrived between the last turn of the loop and now: the next batch.
+        if (this.batch.length > 0 && !this.flushScheduled) {
+          this.flushScheduled = true;
+          setImmediate(() => void this.flush());
+        }
+      });
+    }
+    return this.flushing;
+  }
+
+  private async drain(): Promise<void> {
+    while (this.batch.length > 0 && !this.cycling) {
+      const items = this.batch.splice(0, MAX_BATCH);
+      try {
+        const r = await this.fleet.handleBatch(items);
+        for (let i = 0; i < r.acked; i++) {
+          const m = items[i];
+          if (m.qos === 0 || m.messageId === undefined) continue;
+          // The connection it came on is gone: the broker will deliver it again (applying a
+          // message twice is harmless, see docs/PROTOCOL.md).
+          if (m.stream !== this.client.stream || !this.client.connected || this.cycling) continue;
+          this.sendPuback(m.messageId);
+        }
+        if (r.error !== undefined) this.cycle(r.error);
+      } catch (err) {
+        // Never let ingest take the server down. What was not acked is redelivered.
+        this.log.warn(`ingest failed: ${(err as Error).message}`);
+        this.cycle((err as Error).message);
       }
-      if (r.error !== undefined) this.cycle(r.error);
-    } catch (err) {
-      // Runs from a timer: never let it take the server down. What was not acked is redelivered.
-      this.log.warn(`ingest failed: ${(err as Error).message}`);
-      this.cycle((err as Error).message);
     }
   }
 
@@ -200,7 +265,7 @@ export class FleetServer {
    */
   private cycle(why: string): void {
     if (this.cycling) return;
-    this.cycling = true;
+    this.cyclingStream = this.client.stream;
     this.batch = [];
     this.state.lastError = `registry write failed: ${why}`;
     this.log.warn(`reconnecting to the broker so that it redelivers what was not written`);
@@ -215,7 +280,28 @@ export class FleetServer {
 
   static async start(opts: FleetServerOptions): Promise<FleetServer> {
     const log = opts.logger ?? silentLogger;
-    const registry = await Registry.open(opts.dataDir);
+    const registry = await openRegistry(
+      opts.postgres
+        ? { kind: "postgres", config: opts.postgres }
+        : { kind: "sqlite", dataDir: opts.dataDir },
+      { onError: (m) => log.warn(m) },
+    );
+    if (registry.dialect === "postgres") {
+      // What "committed before PUBACK" rests on is the server's: say so when it is not durable.
+      try {
+        const d = await registry.durability();
+        for (const [k, bad] of [["synchronous_commit", "off"], ["fsync", "off"]]) {
+          if (d[k] === bad) {
+            log.warn(
+              `${registry.location}: ${k}=${bad}: an acknowledged message can be lost if PostgreSQL crashes`,
+            );
+          }
+        }
+      } catch (err) {
+        await registry.close();
+        throw err;
+      }
+    }
     const shared = opts.sharedSubscription ?? false;
     const clientOpts: IClientOptions = {
       clientId: opts.clientId ?? SERVER_CLIENT_ID,
@@ -255,17 +341,35 @@ export class FleetServer {
       ...opts.fleet,
       startDisconnected: true,
     });
-    let http: HttpApi | undefined;
+    let http: HttpsApi | undefined;
     try {
       if (opts.http) {
-        http = serveHttpApi({
+        const h = opts.http;
+        // The port is known once bound (port 0 in tests): Host checks read it then.
+        let port = h.port;
+        const handler = createHandler({
           fleet,
           mqttConnected: () => fleet.linkState().connected && client.connected,
           version: opts.version,
-        }, opts.http);
+          auth: { trustDomain: h.trustDomain, bundles: h.bundles, roles: h.roles },
+          hosts: {
+            get port() {
+              return port;
+            },
+            names: () => allowedHostNames(h.hostname, h.dnsNames(), h.interfaceAddresses ?? []),
+          },
+          logger: log,
+        });
+        http = await serveHttps(handler, {
+          hostname: h.hostname,
+          port: h.port,
+          tls: h.tls,
+          urlHost: h.dnsNames()[0],
+        });
+        port = http.addr.port;
       }
     } catch (err) {
-      registry.close();
+      await registry.close();
       client.end(true);
       throw err;
     }
@@ -274,7 +378,7 @@ export class FleetServer {
       s = new FleetServer(registry, fleet, client, http, log, opts.closeDrainMs ?? 2000);
     } catch (err) {
       await http?.close();
-      registry.close();
+      await registry.close();
       client.end(true);
       throw err;
     }
@@ -282,7 +386,6 @@ export class FleetServer {
 
     client.on("connect", (connack) => {
       s.state.connects++;
-      s.cycling = false;
       log.info(
         `connected to ${opts.brokerUrl} as ${clientOpts.clientId} (session present: ${connack.sessionPresent})`,
       );
@@ -295,7 +398,7 @@ export class FleetServer {
         }
         s.state.connected = true;
         fleet.linkUp();
-        fleet.dispatchAllOnline();
+        void fleet.dispatchAllOnline();
         const waiters = s.connectWaiters;
         s.connectWaiters = [];
         for (const w of waiters) w();
@@ -338,12 +441,13 @@ export class FleetServer {
       }
     }, opts.probeIntervalMs ?? 500);
     s.sweepTimer = setInterval(() => {
-      try {
-        s.flush(); // what arrived is applied before silence is judged
-        fleet.sweep();
-      } catch (err) {
+      if (s.sweeping || s.closed) return; // the last one is still running
+      s.sweeping = (async () => {
+        await s.flush(); // what arrived is applied before silence is judged
+        await fleet.sweep();
+      })().catch((err) => {
         log.warn(`sweep failed: ${(err as Error).message}`);
-      }
+      }).finally(() => (s.sweeping = undefined));
     }, opts.sweepIntervalMs ?? 1000);
     client.connect();
     return s;
@@ -383,10 +487,15 @@ export class FleetServer {
    */
   async close(): Promise<void> {
     if (this.closed) return;
-    this.flush();
+    // What was received is committed and acknowledged first (bounded: a database that does not
+    // answer must not hold the shutdown; what is not acknowledged is delivered again).
+    if (!await within(this.flush(), this.closeDrainMs)) {
+      this.log.warn(`close: registry commit still pending after ${this.closeDrainMs} ms`);
+    }
     this.closed = true;
     clearInterval(this.sweepTimer);
     clearInterval(this.probeTimer);
+    if (this.sweeping) await within(this.sweeping, this.closeDrainMs);
     this.unsubscribeTls?.();
     await this.http?.close();
     const drained = await within(this.fleet.settled(), this.closeDrainMs);
@@ -407,7 +516,9 @@ export class FleetServer {
         resolve();
       });
     });
-    this.registry.close();
+    if (!await within(this.registry.close(), this.closeDrainMs)) {
+      this.log.warn(`close: the registry did not close within ${this.closeDrainMs} ms`);
+    }
   }
 }
 

@@ -1,24 +1,64 @@
 /**
- * The fleet server's HTTP API (JSON only), served with `Deno.serve` on loopback by default.
+ * The fleet server's HTTP API (JSON only). It is served over HTTPS with client certificates
+ * (https.ts); every request passes the rules of auth.ts first: Host and Origin must be this
+ * server's, every endpoint but /healthz needs an operator X.509 SVID with a role that allows
+ * it (viewer: read; operator: also create and cancel), and mutating requests must be JSON.
  *
- *   GET  /healthz                      200 when MQTT is connected, else 503; counters
+ *   GET  /healthz                      200 when MQTT is connected, else 503; counters (no auth)
+ *   GET  /api/whoami                   {spiffeId, operator, role} of the caller
  *   GET  /api/stats                    counters
  *   GET  /api/robots                   {robots: [...]}
  *   GET  /api/robots/{id}              robot: state online|offline|unknown (+ unknownSince while
  *                                      the server is not connected to the broker), online (the
  *                                      last known value), lastSeen, offlineReason, ...
- *   GET  /api/robots/{id}/tasks        {tasks: [...]} newest first
+ *   GET  /api/robots/{id}/tasks        {tasks: [...], nextCursor} newest first (paged as below)
  *   POST /api/robots/{id}/tasks        {"command":[...],"timeoutSeconds":30,"env":{},"cwd":"/"}
- *                                      -> 201 {"id": "...", "state": "..."}
- *   GET  /api/tasks/{id}               task with state, exitCode, stdout, stderr
+ *                                      -> 201 {"id": "...", "state": "...", "createdBy": "..."}
+ *   GET  /api/tasks                    ?robot=R&state=S&limit=N&cursor=C -> {tasks, nextCursor}
+ *   GET  /api/tasks/{id}               task with state, exitCode, stdout, stderr, createdBy
+ *   POST /api/tasks/{id}/cancel        {} -> 202 {"id", "state", "outcome"} (409 if finished)
  *
- * Errors are `{"error": "..."}` with 400 (bad input, precise message), 404, 405 (with Allow),
- * 413 (body over MAX_BODY_BYTES) or 500.
+ * Paging: newest first; `limit` 1..1000 (default 100); `nextCursor` (null on the last page) is
+ * passed back as `cursor`. Cursors are keyset positions, so a page never repeats or skips a
+ * task when tasks are created meanwhile.
+ *
+ * Errors are `{"error": "...", "code"?: "..."}` with 400 (bad input, precise message), 401 (no
+ * or untrusted client certificate), 403 (not an operator, no or insufficient role, foreign
+ * Host or Origin), 404, 405 (with Allow), 409, 413 (body over MAX_BODY_BYTES), 415 (mutating
+ * request that is not application/json), 503 (roles config unusable) or 500.
  */
-import { MAX_COMMAND_ARGS, MAX_TIMEOUT_SECONDS } from "../mqtt/messages.ts";
+import type { X509Certificate } from "node:crypto";
+import {
+  isTimestamp,
+  MAX_COMMAND_ARGS,
+  MAX_TIMEOUT_SECONDS,
+  TASK_ID_RE,
+} from "../mqtt/messages.ts";
 import { isRobotId } from "../fleet/topics.ts";
-import { type FleetService, NotFoundError, type TaskRequest } from "./fleet.ts";
-import type { TaskRecord } from "./registry.ts";
+import {
+  authorize,
+  type AuthPolicy,
+  type Caller,
+  checkContentType,
+  checkHost,
+  checkOrigin,
+  type HostPolicy,
+  identify,
+  type Refusal,
+  type RefusalCode,
+  type VerifiedConnection,
+} from "./auth.ts";
+import {
+  ConflictError,
+  type FleetService,
+  type Logger,
+  NotFoundError,
+  silentLogger,
+  type TaskRequest,
+} from "./fleet.ts";
+import type { TaskCursor, TaskQuery, TaskRecord } from "./registry.ts";
+import type { Permission } from "./roles.ts";
+import { isTaskState, TASK_STATES } from "./tasks.ts";
 
 export const MAX_BODY_BYTES = 64 * 1024;
 export const MAX_TTL_SECONDS = 7 * 24 * 3600;
@@ -94,7 +134,7 @@ export function parseTaskRequest(body: unknown): TaskRequest {
   return req;
 }
 
-async function readBody(req: Request): Promise<unknown> {
+async function readBody(req: Request, opts: { allowEmpty?: boolean } = {}): Promise<unknown> {
   const len = req.headers.get("content-length");
   if (len !== null && Number(len) > MAX_BODY_BYTES) {
     throw new HttpError(413, `body: larger than ${MAX_BODY_BYTES} bytes`);
@@ -121,7 +161,10 @@ async function readBody(req: Request): Promise<unknown> {
     off += c.byteLength;
   }
   const text = new TextDecoder().decode(buf);
-  if (text.trim() === "") throw new HttpError(400, "body: expected a JSON object, got nothing");
+  if (text.trim() === "") {
+    if (opts.allowEmpty) return undefined;
+    throw new HttpError(400, "body: expected a JSON object, got nothing");
+  }
   try {
     return JSON.parse(text);
   } catch (err) {
@@ -150,37 +193,138 @@ export function taskView(t: TaskRecord) {
     finishedAt: t.finishedAt,
     updatedAt: t.updatedAt,
     dispatchCount: t.dispatchCount,
+    createdBy: t.createdBy,
+    cancelRequestedAt: t.cancelRequestedAt,
+    cancelRequestedBy: t.cancelRequestedBy,
   };
 }
+
+/** A cursor is the (createdAt, id) of the last task of a page, opaque to clients. */
+export function encodeCursor(c: TaskCursor): string {
+  return btoa(JSON.stringify([c.createdAt, c.id])).replace(/\+/g, "-").replace(/\//g, "_")
+    .replace(/=+$/, "");
+}
+
+export function decodeCursor(s: string): TaskCursor {
+  try {
+    const v = JSON.parse(atob(s.replace(/-/g, "+").replace(/_/g, "/")));
+    if (
+      Array.isArray(v) && v.length === 2 && typeof v[0] === "string" && isTimestamp(v[0]) &&
+      typeof v[1] === "string" && TASK_ID_RE.test(v[1])
+    ) return { createdAt: v[0], id: v[1] };
+  } catch { /* below */ }
+  throw new HttpError(
+    400,
+    `cursor: expected a nextCursor from a previous page, got ${JSON.stringify(s.slice(0, 80))}`,
+  );
+}
+
+export const MAX_PAGE = 1000;
+export const DEFAULT_PAGE = 100;
+
+/** Reads the paging and filter parameters of a task list. */
+export function parseTaskQuery(params: URLSearchParams, robotId?: string): TaskQuery {
+  const known = new Set(["robot", "state", "limit", "cursor"]);
+  for (const k of params.keys()) {
+    if (!known.has(k)) {
+      throw new HttpError(400, `${k}: unknown query parameter (expected ${[...known].join(", ")})`);
+    }
+  }
+  const q: TaskQuery = { limit: DEFAULT_PAGE };
+  const robot = params.get("robot");
+  if (robot !== null) {
+    if (!isRobotId(robot)) {
+      throw new HttpError(
+        400,
+        `robot: expected a robot id like robot-001, got ${JSON.stringify(robot)}`,
+      );
+    }
+    if (robotId !== undefined && robot !== robotId) {
+      throw new HttpError(400, `robot: ${robot} differs from the robot of the path (${robotId})`);
+    }
+    q.robotId = robot;
+  }
+  if (robotId !== undefined) q.robotId = robotId;
+  const state = params.get("state");
+  if (state !== null) {
+    if (!isTaskState(state)) {
+      throw new HttpError(
+        400,
+        `state: expected one of ${TASK_STATES.join(", ")}, got ${JSON.stringify(state)}`,
+      );
+    }
+    q.state = state;
+  }
+  const limit = params.get("limit");
+  if (limit !== null) {
+    const n = /^\d{1,7}$/.test(limit) ? Number(limit) : NaN;
+    if (!(n >= 1 && n <= MAX_PAGE)) {
+      throw new HttpError(
+        400,
+        `limit: expected an integer in [1, ${MAX_PAGE}], got ${JSON.stringify(limit)}`,
+      );
+    }
+    q.limit = n;
+  }
+  const cursor = params.get("cursor");
+  if (cursor !== null && cursor !== "") q.after = decodeCursor(cursor);
+  return q;
+}
+
+/**
+ * The connection a request came on: the client's certificate chain (leaf first), if any, and
+ * the connection's verification, kept for its next requests (auth.ts `VerifiedConnection`).
+ */
+export interface ConnInfo extends VerifiedConnection {
+  peerChain?: X509Certificate[];
+}
+
+/** Refusals by rule since the start, for /api/stats (attacks are counted, not only refused). */
+export type RefusalCounters = Record<RefusalCode, number>;
 
 export interface ApiContext {
   fleet: FleetService;
   mqttConnected: () => boolean;
   version?: string;
+  /** Who the caller is and what it may do (auth.ts). */
+  auth: AuthPolicy;
+  /** Which Host and Origin are this server's. */
+  hosts: HostPolicy;
+  logger?: Logger;
+}
+
+interface Route {
+  perm: Permission;
+  allowed: string[];
+  run: (caller: Caller) => Promise<Response> | Response;
 }
 
 /** The request handler, separate from the listener so tests can call it directly. */
-export function createHandler(ctx: ApiContext): (req: Request) => Promise<Response> {
+export function createHandler(
+  ctx: ApiContext,
+): ((req: Request, conn?: ConnInfo) => Promise<Response>) & { refusals: RefusalCounters } {
   const { fleet } = ctx;
-  const methods = (req: Request, allowed: string[]) => {
-    if (!allowed.includes(req.method)) {
-      throw new HttpError(
-        405,
-        `method ${req.method} not allowed (allowed: ${allowed.join(", ")})`,
-        {
-          allow: allowed.join(", "),
-        },
-      );
-    }
+  const log = ctx.logger ?? silentLogger;
+  const refusals: RefusalCounters = {
+    "bad-host": 0,
+    "bad-origin": 0,
+    "no-certificate": 0,
+    "untrusted-certificate": 0,
+    "not-an-operator": 0,
+    "no-role": 0,
+    "forbidden": 0,
+    "roles-unavailable": 0,
+    "unsupported-media-type": 0,
   };
-  const robotOr404 = (id: string) => {
-    const r = isRobotId(id) ? fleet.registry.getRobot(id) : undefined;
+  const robotOr404 = async (id: string) => {
+    const r = isRobotId(id) ? await fleet.registry.getRobot(id) : undefined;
     if (!r) throw new HttpError(404, `unknown robot ${JSON.stringify(id)}`);
     return r;
   };
-  const stats = () => {
+  const stats = async () => {
     const link = fleet.linkState();
-    const all = fleet.registry.listRobots();
+    const all = await fleet.registry.listRobots();
+    const tasks = await fleet.registry.countTasksByState();
     return {
       // since: when the link went up (subscribed) or down; robots are unknown while it is down.
       // delivering: the broker echoed the server's probe lately (false while it is frozen).
@@ -191,77 +335,177 @@ export function createHandler(ctx: ApiContext): (req: Request) => Promise<Respon
         confirmedAt: link.confirmedAt,
       },
       messages: fleet.stats,
-      tasks: fleet.registry.countTasksByState(),
+      tasks,
       robots: {
         total: all.length,
         /** Last known: while the link is down these are also counted as unknown. */
         online: all.filter((r) => r.online).length,
         unknown: link.delivering ? 0 : all.length,
       },
+      http: { refused: refusals },
     };
   };
+  const page = async (q: TaskQuery) => {
+    const rows = await fleet.registry.listTasksPage({ ...q, limit: q.limit + 1 });
+    const more = rows.length > q.limit;
+    const tasks = more ? rows.slice(0, q.limit) : rows;
+    const last = tasks[tasks.length - 1];
+    return {
+      tasks: tasks.map(taskView),
+      nextCursor: more && last ? encodeCursor({ createdAt: last.createdAt, id: last.id }) : null,
+    };
+  };
+  const read = (run: () => Promise<unknown>): Route => ({
+    perm: "read",
+    allowed: ["GET", "HEAD"],
+    run: async () => json(200, await run()),
+  });
 
-  return async (req: Request): Promise<Response> => {
+  /** Which endpoint, what it needs, and what it does; undefined = 404. */
+  const route = (req: Request, url: URL, parts: string[]): Route | undefined => {
+    if (parts[0] !== "api") return undefined;
+    if (parts.length === 2 && parts[1] === "whoami") {
+      return { perm: "read", allowed: ["GET", "HEAD"], run: (c) => json(200, c) };
+    }
+    if (parts.length === 2 && parts[1] === "stats") return read(stats);
+    if (parts[1] === "robots") {
+      if (parts.length === 2) {
+        return read(async () => ({
+          robots: (await fleet.registry.listRobots()).map((r) => fleet.robotView(r)),
+        }));
+      }
+      if (parts.length === 3) return read(async () => fleet.robotView(await robotOr404(parts[2])));
+      if (parts.length === 4 && parts[3] === "tasks") {
+        if (req.method === "POST") {
+          return {
+            perm: "write",
+            allowed: ["GET", "HEAD", "POST"],
+            run: async (caller) => {
+              const robot = await robotOr404(parts[2]);
+              const body = parseTaskRequest(await readBody(req));
+              const task = await fleet.createTask(robot.id, body, caller.spiffeId);
+              log.info(`task ${task.id} created on ${robot.id} by ${caller.spiffeId}`);
+              return json(201, { id: task.id, state: task.state, createdBy: task.createdBy }, {
+                location: `/api/tasks/${task.id}`,
+              });
+            },
+          };
+        }
+        return {
+          ...read(async () => {
+            const robot = await robotOr404(parts[2]);
+            return await page(parseTaskQuery(url.searchParams, robot.id));
+          }),
+          allowed: ["GET", "HEAD", "POST"],
+        };
+      }
+      return undefined;
+    }
+    if (parts[1] === "tasks") {
+      if (parts.length === 2) return read(() => page(parseTaskQuery(url.searchParams)));
+      if (parts.length === 3) {
+        return read(async () => {
+          const t = await fleet.registry.getTask(parts[2]);
+          if (!t) throw new HttpError(404, `unknown task ${JSON.stringify(parts[2])}`);
+          return taskView(t);
+        });
+      }
+      if (parts.length === 4 && parts[3] === "cancel") {
+        return {
+          perm: "write",
+          allowed: ["POST"],
+          run: async (caller) => {
+            const body = await readBody(req, { allowEmpty: true });
+            if (body !== undefined) {
+              if (typeof body !== "object" || body === null || Array.isArray(body)) {
+                throw new HttpError(400, "body: expected a JSON object ({}) or nothing");
+              }
+              const extra = Object.keys(body);
+              if (extra.length) {
+                throw new HttpError(400, `${extra[0]}: unknown field (expected none)`);
+              }
+            }
+            const r = await fleet.cancelTask(parts[2], caller.spiffeId);
+            return json(202, { id: r.task.id, state: r.task.state, outcome: r.outcome });
+          },
+        };
+      }
+    }
+    return undefined;
+  };
+
+  // Anyone who can connect can be refused: one log line per reason per 10 s, the rest counted.
+  const lastLogged = new Map<RefusalCode, { at: number; suppressed: number }>();
+  const refused = (r: Refusal, req: Request, url: URL, who?: string): Response => {
+    refusals[r.code]++;
+    const now = Date.now();
+    const l = lastLogged.get(r.code);
+    if (!l || now - l.at >= 10_000) {
+      log.warn(
+        `refused ${req.method} ${url.pathname}${who ? ` from ${who}` : ""}: ${r.code}: ${r.error}${
+          l?.suppressed ? ` (and ${l.suppressed} more ${r.code} since the last line)` : ""
+        }`,
+      );
+      lastLogged.set(r.code, { at: now, suppressed: 0 });
+    } else {
+      l.suppressed++;
+    }
+    return json(r.status, { error: r.error, code: r.code });
+  };
+
+  const handler = async (req: Request, conn: ConnInfo = {}): Promise<Response> => {
+    let url: URL;
     try {
-      const url = new URL(req.url);
+      url = new URL(req.url);
+    } catch {
+      return json(400, { error: "request URL: malformed" });
+    }
+    try {
+      // 1-2. Only requests meant for this server, from this server's origin (or no browser).
+      const where = checkHost(req, ctx.hosts) ?? checkOrigin(req, ctx.hosts);
+      if (where) return refused(where, req, url);
       const parts = url.pathname.split("/").filter((p) => p !== "").map(decodeURIComponent);
       if (url.pathname === "/healthz") {
-        methods(req, ["GET", "HEAD"]);
-        const s = stats();
+        if (!["GET", "HEAD"].includes(req.method)) {
+          throw new HttpError(405, `method ${req.method} not allowed (allowed: GET, HEAD)`, {
+            allow: "GET, HEAD",
+          });
+        }
+        const s = await stats();
         return json(s.mqtt.connected ? 200 : 503, {
           ok: s.mqtt.connected,
           version: ctx.version,
           ...s,
         });
       }
-      if (parts[0] !== "api") throw new HttpError(404, `no such endpoint ${url.pathname}`);
-      if (parts.length === 2 && parts[1] === "stats") {
-        methods(req, ["GET", "HEAD"]);
-        return json(200, stats());
+      // 3. Who is calling: an operator, by a certificate that chains to the bundle.
+      const who = identify(conn.peerChain, ctx.auth, conn);
+      if (!who.ok) return refused(who.refusal, req, url);
+      const r = route(req, url, parts);
+      if (!r) throw new HttpError(404, `no such endpoint ${url.pathname}`);
+      if (!r.allowed.includes(req.method)) {
+        throw new HttpError(
+          405,
+          `method ${req.method} not allowed (allowed: ${r.allowed.join(", ")})`,
+          { allow: r.allowed.join(", ") },
+        );
       }
-      if (parts[1] === "robots") {
-        if (parts.length === 2) {
-          methods(req, ["GET", "HEAD"]);
-          return json(200, { robots: fleet.registry.listRobots().map((r) => fleet.robotView(r)) });
-        }
-        if (parts.length === 3) {
-          methods(req, ["GET", "HEAD"]);
-          return json(200, fleet.robotView(robotOr404(parts[2])));
-        }
-        if (parts.length === 4 && parts[3] === "tasks") {
-          methods(req, ["GET", "HEAD", "POST"]);
-          const robot = robotOr404(parts[2]);
-          if (req.method === "POST") {
-            const body = parseTaskRequest(await readBody(req));
-            const task = fleet.createTask(robot.id, body);
-            return json(201, { id: task.id, state: task.state }, {
-              location: `/api/tasks/${task.id}`,
-            });
-          }
-          return json(200, { tasks: fleet.registry.listTasks(robot.id).map(taskView) });
-        }
-      }
-      if (parts[1] === "tasks" && parts.length === 3) {
-        methods(req, ["GET", "HEAD"]);
-        const t = fleet.registry.getTask(parts[2]);
-        if (!t) throw new HttpError(404, `unknown task ${JSON.stringify(parts[2])}`);
-        return json(200, taskView(t));
-      }
-      throw new HttpError(404, `no such endpoint ${url.pathname}`);
+      // 4. Whether its role allows this endpoint (deny by default).
+      const auth = authorize(who, r.perm, ctx.auth.roles);
+      if (!auth.ok) return refused(auth.refusal, req, url, who.spiffeId);
+      // 5. Mutating requests carry JSON, nothing a cross-origin form can send.
+      const ct = checkContentType(req);
+      if (ct) return refused(ct, req, url, who.spiffeId);
+      return await r.run(auth.caller);
     } catch (err) {
       if (err instanceof HttpError) return json(err.status, { error: err.message }, err.headers);
       if (err instanceof NotFoundError) return json(404, { error: err.message });
+      if (err instanceof ConflictError) return json(409, { error: err.message });
       if (err instanceof URIError) return json(400, { error: "path: invalid percent-encoding" });
       return json(500, { error: `internal error: ${(err as Error).message}` });
     }
   };
-}
-
-export interface HttpApi {
-  /** The address actually bound (port 0 resolves to a free port). */
-  addr: { hostname: string; port: number };
-  url: string;
-  close(): Promise<void>;
+  return Object.assign(handler, { refusals });
 }
 
 /** Parses `host:port` (`127.0.0.1:8090`, `[::1]:8090`, `:0`). */
@@ -276,27 +520,4 @@ export function parseHostPort(addr: string, label = "--http-addr"): {
     );
   }
   return { hostname: m[1] ?? (m[2] || "127.0.0.1"), port: Number(m[3]) };
-}
-
-export function serveHttpApi(
-  ctx: ApiContext,
-  opts: { hostname: string; port: number },
-): HttpApi {
-  const ac = new AbortController();
-  const server = Deno.serve({
-    hostname: opts.hostname,
-    port: opts.port,
-    signal: ac.signal,
-    onListen: () => {},
-  }, createHandler(ctx));
-  const a = server.addr as Deno.NetAddr;
-  const host = a.hostname.includes(":") ? `[${a.hostname}]` : a.hostname;
-  return {
-    addr: { hostname: a.hostname, port: a.port },
-    url: `http://${host}:${a.port}`,
-    async close() {
-      ac.abort();
-      await server.finished;
-    },
-  };
 }

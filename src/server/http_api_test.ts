@@ -3,9 +3,12 @@ import { bufferIo } from "../cli/io.ts";
 import { runCli } from "../cli/mod.ts";
 import { decodeDown, type TaskMessage } from "../mqtt/messages.ts";
 import { FleetService, type Publisher } from "./fleet.ts";
-import { createHandler, MAX_BODY_BYTES, serveHttpApi } from "./http_api.ts";
-import { Registry } from "./registry.ts";
-import { robotsCommand, taskCommand } from "./command.ts";
+import { createHandler, MAX_BODY_BYTES } from "./http_api.ts";
+import { serveHttps, svidServerTls } from "./https.ts";
+import { openSqliteFile } from "./registry_sqlite.ts";
+import { staticRoles } from "./roles.ts";
+import { robotsCommand, taskCommand, tasksCommand } from "./command.ts";
+import { TestHttps, writeTestCredentials } from "./testing.ts";
 
 class FakePublisher implements Publisher {
   sent: { topic: string; msg: TaskMessage }[] = [];
@@ -24,7 +27,7 @@ class FakePublisher implements Publisher {
 }
 
 function setup(now = { t: Date.parse("2025-01-01T00:00:00Z") }) {
-  const registry = Registry.openFile(":memory:");
+  const registry = openSqliteFile(":memory:");
   const pub = new FakePublisher();
   let n = 0;
   const fleet = new FleetService(registry, pub, {
@@ -32,12 +35,24 @@ function setup(now = { t: Date.parse("2025-01-01T00:00:00Z") }) {
     newId: () => `task-${++n}`,
     heartbeatIntervalSeconds: 10,
   });
-  const handler = createHandler({ fleet, mqttConnected: () => pub.online });
+  const web = new TestHttps();
+  const roles = staticRoles({ admin: "operator" });
+  const handler = createHandler({
+    fleet,
+    mqttConnected: () => pub.online,
+    auth: { trustDomain: web.trustDomain, bundles: web.source, roles },
+    hosts: { port: 443, names: () => new Set(["localhost"]) },
+  });
+  /** As the admin operator, with this server's Host and a JSON content type for bodies. */
   const call = async (method: string, path: string, body?: string) => {
-    const res = await handler(new Request(`http://x${path}`, { method, body }));
+    const headers: Record<string, string> = { host: "localhost" };
+    if (body !== undefined) headers["content-type"] = "application/json";
+    const res = await handler(new Request(`https://localhost${path}`, { method, body, headers }), {
+      peerChain: web.admin.certificates,
+    });
     return { status: res.status, headers: res.headers, json: await res.json() };
   };
-  return { registry, pub, fleet, call, now };
+  return { registry, pub, fleet, call, now, web, roles, handler };
 }
 
 const up = (robotId: string, kind: string, msg: Record<string, unknown>, ts: string) => ({
@@ -69,7 +84,7 @@ Deno.test("HTTP API: robots, tasks, precise errors", async () => {
   const { call, fleet, pub, registry } = setup();
   try {
     assert.deepEqual((await call("GET", "/api/robots")).json, { robots: [] });
-    assert.ok(register(fleet, "robot-001").ok);
+    assert.ok((await register(fleet, "robot-001")).ok);
     const robots = (await call("GET", "/api/robots")).json.robots;
     assert.equal(robots.length, 1);
     assert.equal(robots[0].id, "robot-001");
@@ -161,28 +176,28 @@ Deno.test("HTTP API: robots, tasks, precise errors", async () => {
     pub.online = false;
     assert.equal((await call("GET", "/healthz")).status, 503);
   } finally {
-    registry.close();
+    await registry.close();
   }
 });
 
 Deno.test("fleet: offline robot gets its task when it returns; counters; sweeper", async () => {
   const { call, fleet, pub, registry, now } = setup();
   try {
-    register(fleet, "robot-001");
+    await register(fleet, "robot-001");
     const off = up(
       "robot-001",
       "status",
       { type: "status", status: "offline" },
       "2025-01-01T00:00:01.000Z",
     );
-    fleet.handleMessage(off.topic, off.payload);
-    assert.equal(registry.getRobot("robot-001")!.online, false);
+    await fleet.handleMessage(off.topic, off.payload);
+    assert.equal((await registry.getRobot("robot-001"))!.online, false);
     const created = await call("POST", "/api/robots/robot-001/tasks", '{"command":["true"]}');
     await fleet.settled();
     assert.equal(pub.sent.length, 0, "no dispatch while offline");
     assert.equal((await call("GET", `/api/tasks/${created.json.id}`)).json.state, "pending");
     // A replayed (retained) older status is ignored.
-    fleet.handleMessage(off.topic, off.payload);
+    await fleet.handleMessage(off.topic, off.payload);
     // The robot comes back.
     const on = up(
       "robot-001",
@@ -190,7 +205,7 @@ Deno.test("fleet: offline robot gets its task when it returns; counters; sweeper
       { type: "status", status: "online" },
       "2025-01-01T00:00:02.000Z",
     );
-    fleet.handleMessage(on.topic, on.payload);
+    await fleet.handleMessage(on.topic, on.payload);
     await fleet.settled();
     assert.equal(pub.sent.length, 1);
     // Robot reports.
@@ -207,39 +222,42 @@ Deno.test("fleet: offline robot gets its task when it returns; counters; sweeper
         state,
         ...extra,
       }, "2025-01-01T00:00:03.000Z");
-      assert.ok(fleet.handleMessage(m.topic, m.payload).ok);
+      assert.ok((await fleet.handleMessage(m.topic, m.payload)).ok);
     }
     const t = (await call("GET", `/api/tasks/${created.json.id}`)).json;
     assert.equal(t.state, "done");
     assert.equal(t.exitCode, 3);
     assert.equal(t.stdout, "out");
     // Another robot cannot report on robot-001's task.
-    register(fleet, "robot-002");
+    await register(fleet, "robot-002");
     const forged = up("robot-002", "task", {
       type: "task-status",
       taskId: created.json.id,
       state: "failed",
       error: "x",
     }, "2025-01-01T00:00:04.000Z");
-    fleet.handleMessage(forged.topic, forged.payload);
-    assert.equal(registry.getTask(created.json.id)!.state, "done");
+    await fleet.handleMessage(forged.topic, forged.payload);
+    assert.equal((await registry.getTask(created.json.id))!.state, "done");
     assert.equal(fleet.stats.unknownTaskReports, 1);
     // Malformed and mismatched messages are counted per reason, never thrown.
-    fleet.handleMessage("k8s4r/robots/robot-001/up/heartbeat", new TextEncoder().encode("garbage"));
+    await fleet.handleMessage(
+      "k8s4r/robots/robot-001/up/heartbeat",
+      new TextEncoder().encode("garbage"),
+    );
     const mismatch = up("robot-002", "heartbeat", {
       type: "heartbeat",
       seq: 1,
       svidExpiresAt: "2025-01-01T01:00:00.000Z",
     }, "2025-01-01T00:00:05.000Z");
-    fleet.handleMessage("k8s4r/robots/robot-001/up/heartbeat", mismatch.payload);
+    await fleet.handleMessage("k8s4r/robots/robot-001/up/heartbeat", mismatch.payload);
     assert.equal(fleet.stats.dropped["bad-json"], 1);
     assert.equal(fleet.stats.dropped["robot-id-mismatch"], 1);
     assert.equal(fleet.stats.droppedTotal, 2);
     // Missed heartbeats: both announced 5 s; after 3 x 5 s of silence they are offline.
     now.t += 16_000;
-    const swept = fleet.sweep();
+    const swept = await fleet.sweep();
     assert.deepEqual(swept.offline, ["robot-001", "robot-002"]);
-    assert.equal(registry.getRobot("robot-002")!.offlineReason, "missed 3 heartbeats");
+    assert.equal((await registry.getRobot("robot-002"))!.offlineReason, "missed 3 heartbeats");
     // TTL: a task for an offline robot expires.
     const t2 = await call(
       "POST",
@@ -247,21 +265,44 @@ Deno.test("fleet: offline robot gets its task when it returns; counters; sweeper
       '{"command":["true"],"ttlSeconds":10}',
     );
     now.t += 11_000;
-    assert.deepEqual(fleet.sweep().expired, [t2.json.id]);
+    assert.deepEqual((await fleet.sweep()).expired, [t2.json.id]);
     assert.equal((await call("GET", `/api/tasks/${t2.json.id}`)).json.state, "expired");
   } finally {
-    registry.close();
+    await registry.close();
   }
 });
 
-Deno.test("k8s4r robots and task run against a served API", async () => {
-  const { fleet, pub, registry } = setup({ t: Date.now() });
-  const api = serveHttpApi({ fleet, mqttConnected: () => true }, {
+Deno.test("k8s4r robots, tasks and task run against a served HTTPS API", async () => {
+  const { fleet, pub, registry, web } = setup({ t: Date.now() });
+  let port = 0;
+  const handler = createHandler({
+    fleet,
+    mqttConnected: () => true,
+    auth: {
+      trustDomain: web.trustDomain,
+      bundles: web.source,
+      roles: staticRoles({ admin: "operator" }),
+    },
+    hosts: {
+      get port() {
+        return port;
+      },
+      names: () => new Set(["localhost", "127.0.0.1"]),
+    },
+  });
+  const api = await serveHttps(handler, {
     hostname: "127.0.0.1",
     port: 0,
+    tls: svidServerTls(web.source),
+    urlHost: "localhost",
   });
+  port = api.addr.port;
+  const home = await Deno.makeTempDir({ prefix: "k8s4r-cli-" });
+  const env = { XDG_CONFIG_HOME: home, HOME: home };
+  await writeTestCredentials(env, "admin", web.admin, web.ca.rootPem, api.url);
+  const cli = () => bufferIo({ env });
   try {
-    register(fleet, "robot-001", new Date().toISOString());
+    await register(fleet, "robot-001", new Date().toISOString());
     // A fake robot: answers every task with done + output.
     pub.onPublish = (msg) => {
       const code = msg.command[0] === "false" ? 1 : 0;
@@ -274,64 +315,83 @@ Deno.test("k8s4r robots and task run against a served API", async () => {
         stderr: code ? "boom\n" : "",
         ...(msg.command[0] === "forbidden" ? { error: "command not allowed" } : {}),
       }, new Date().toISOString());
-      fleet.handleMessage(m.topic, m.payload);
+      void fleet.handleMessage(m.topic, m.payload);
     };
-    const io = bufferIo();
-    assert.equal(await runCli(robotsCommand, ["--server", api.url], io), 0);
+    // The server URL comes from the credentials; no --server needed.
+    const io = cli();
+    assert.equal(await runCli(robotsCommand, [], io), 0);
     const lines = io.out().trim().split("\n");
     assert.match(lines[0], /^ID\s+STATE\s+LAST SEEN\s+SVID EXPIRES$/);
     assert.match(
       lines[1],
       /^robot-001\s+online\s+\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(\d+s ago\)\s+2025-01-01T01:00:00Z \(EXPIRED /,
     );
-    const j = bufferIo();
-    assert.equal(await runCli(robotsCommand, ["--server", api.url, "--json"], j), 0);
+    const j = cli();
+    assert.equal(await runCli(robotsCommand, ["--json"], j), 0);
     assert.equal(JSON.parse(j.out())[0].id, "robot-001");
-
-    const run = bufferIo();
+    // By SPIFFE ID, not by name: 127.0.0.1 (not in the certificate) works for the CLI.
+    const byIp = cli();
     assert.equal(
-      await runCli(
-        taskCommand,
-        ["run", "robot-001", "--server", api.url, "--", "uname", "-a"],
-        run,
-      ),
+      await runCli(robotsCommand, ["--server", `https://127.0.0.1:${port}`, "--json"], byIp),
       0,
     );
+
+    const run = cli();
+    assert.equal(await runCli(taskCommand, ["run", "robot-001", "--", "uname", "-a"], run), 0);
     assert.equal(run.out(), "ran uname -a\n");
-    const fail = bufferIo();
-    assert.equal(
-      await runCli(taskCommand, ["run", "robot-001", "--server", api.url, "--", "false"], fail),
-      1,
-    );
+    const fail = cli();
+    assert.equal(await runCli(taskCommand, ["run", "robot-001", "--", "false"], fail), 1);
     assert.equal(fail.err(), "boom\n");
     await assert.rejects(
-      () =>
-        runCli(
-          taskCommand,
-          ["run", "robot-001", "--server", api.url, "--", "forbidden"],
-          bufferIo(),
-        ),
+      () => runCli(taskCommand, ["run", "robot-001", "--", "forbidden"], cli()),
       /task task-\d+ was refused by robot-001: command not allowed/,
     );
     await assert.rejects(
-      () => runCli(taskCommand, ["run", "robot-404", "--server", api.url, "--", "ls"], bufferIo()),
+      () => runCli(taskCommand, ["run", "robot-404", "--", "ls"], cli()),
       /cannot create the task on robot-404: unknown robot "robot-404"/,
     );
     await assert.rejects(
-      () => runCli(taskCommand, ["run", "robot-001", "--server", api.url], bufferIo()),
+      () => runCli(taskCommand, ["run", "robot-001"], cli()),
       /missing command/,
     );
     await assert.rejects(
-      () => runCli(taskCommand, ["run", "Bad_Id", "--", "ls"], bufferIo()),
+      () => runCli(taskCommand, ["run", "Bad_Id", "--", "ls"], cli()),
       /invalid robot id 'Bad_Id'/,
     );
+    // tasks: newest first, who created them.
+    const t = cli();
+    assert.equal(await runCli(tasksCommand, ["--limit", "2"], t), 0);
+    const rows = t.out().trim().split("\n");
+    assert.match(rows[0], /^ID\s+ROBOT\s+STATE\s+CREATED\s+CREATED BY\s+COMMAND$/);
+    assert.equal(rows.length, 3);
+    assert.match(rows[1], /^task-3\s+robot-001\s+refused\s+\S+\s+admin\s+forbidden$/);
+    assert.match(rows[2], /^task-2\s+robot-001\s+done \(exit 1\)\s+\S+\s+admin\s+false$/);
+    assert.match(t.err(), /showing the newest 2/);
+    // http:// is refused: the server speaks HTTPS only.
+    await assert.rejects(
+      () => runCli(robotsCommand, ["--server", `http://127.0.0.1:${port}`], cli()),
+      /speaks HTTPS only/,
+    );
+    // No credentials at all: the error says what to run.
+    const empty = await Deno.makeTempDir({ prefix: "k8s4r-cli-" });
+    await assert.rejects(
+      () => runCli(robotsCommand, [], bufferIo({ env: { XDG_CONFIG_HOME: empty } })),
+      (err: Error & { hint?: string }) => {
+        assert.match(err.message, /no operator credentials in .*k8s4r\/operators/);
+        assert.match(err.hint ?? "", /k8s4r operator add admin --role operator/);
+        return true;
+      },
+    );
+    await Deno.remove(empty, { recursive: true });
   } finally {
     await api.close();
     await fleet.settled();
-    registry.close();
+    await registry.close();
+    web.close();
   }
   await assert.rejects(
-    () => runCli(robotsCommand, ["--server", api.url], bufferIo()),
-    /cannot reach the fleet server at http:\/\/127\.0\.0\.1:\d+/,
+    () => runCli(robotsCommand, [], cli()),
+    /cannot reach the fleet server at https:\/\/localhost:\d+/,
   );
+  await Deno.remove(home, { recursive: true });
 });

@@ -11,6 +11,7 @@
  * Per-robot series carry one label, `robot` (8 series per robot, see docs/METRICS.md for the
  * cardinality at 10,000 robots).
  */
+import { FINAL_STATES, TASK_STATES as ALL_TASK_STATES } from "./tasks.ts";
 import { decodePemOfType } from "../spiffe/pem.ts";
 import { parseCertDer } from "../spiffe/x509.ts";
 import {
@@ -105,19 +106,11 @@ export const DROP_REASONS = [
 
 export const MESSAGE_TYPES = ["register", "heartbeat", "status", "task-status"] as const;
 
-export const TASK_STATES = [
-  "pending",
-  "dispatched",
-  "accepted",
-  "running",
-  "done",
-  "failed",
-  "refused",
-  "expired",
-] as const;
+/** Every task state (tasks.ts is the state machine). */
+export const TASK_STATES = ALL_TASK_STATES;
 
 /** States that end a task (the task-latency histogram's `state` label). */
-export const FINAL_TASK_STATES = ["done", "failed", "refused", "expired"] as const;
+export const FINAL_TASK_STATES = FINAL_STATES;
 
 /** From 50 ms to 1 h: a task runs a command on a robot behind MQTT. */
 export const TASK_LATENCY_BUCKETS = [

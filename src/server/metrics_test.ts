@@ -9,7 +9,7 @@ import {
   type RobotSample,
   trustBundleFile,
 } from "./metrics.ts";
-import { Registry } from "./registry.ts";
+import { openSqliteFile } from "./registry_sqlite.ts";
 
 const NOW = Date.parse("2026-12-01T12:00:00.000Z");
 const iso = (offsetS: number) => new Date(NOW + offsetS * 1000).toISOString();
@@ -163,7 +163,8 @@ Deno.test("fleet metrics: realistic data renders every catalogue series and pass
 
   assert.equal(sample(text, 'k8s4r_tasks{state="done"}'), 5);
   assert.equal(sample(text, 'k8s4r_tasks{state="expired"}'), 0, "every state has a series");
-  assert.equal(lines(text, "k8s4r_tasks").length, 8);
+  assert.equal(sample(text, 'k8s4r_tasks{state="cancelled"}'), 0, "cancel states too");
+  assert.equal(lines(text, "k8s4r_tasks").length, 10);
   assert.equal(sample(text, "k8s4r_tasks_dispatched_total"), 4);
   assert.equal(sample(text, "k8s4r_task_publish_errors_total"), 1);
   assert.equal(sample(text, 'k8s4r_task_latency_seconds_count{state="done"}'), 1);
@@ -283,13 +284,13 @@ Deno.test("fleet metrics: trust bundle file is re-read when it changes; a bad fi
 
 Deno.test("fleet metrics: a scrape of 10,000 robots from a real registry is correct", async () => {
   const N = 10_000;
-  const reg = Registry.openFile(":memory:");
+  const reg = openSqliteFile(":memory:");
   try {
     const at = new Date(NOW).toISOString();
-    reg.transaction(() => {
+    await reg.transaction(async (tx) => {
       for (let i = 0; i < N; i++) {
         const id = `robot-${String(i).padStart(5, "0")}`;
-        reg.recordRegister(id, at, {
+        await tx.recordRegister(id, at, {
           spiffeId: `spiffe://k8s4r.example.org/robot/${id}`,
           agentVersion: "0.1.0",
           svidExpiresAt: iso(3600),
@@ -304,15 +305,20 @@ Deno.test("fleet metrics: a scrape of 10,000 robots from a real registry is corr
             uptimeSeconds: 100,
           },
         });
-        reg.recordHeartbeat(id, at, { seq: 1, bootId: "b", svidExpiresAt: iso(3600) });
-        reg.recordHeartbeat(id, at, { seq: 4, bootId: "b", svidExpiresAt: iso(3600) });
-        reg.setOnline(id, i % 10 !== 0, i % 10 === 0 ? "missed 3 heartbeats" : null);
+        await tx.recordHeartbeat(id, at, { seq: 1, bootId: "b", svidExpiresAt: iso(3600) });
+        await tx.recordHeartbeat(id, at, { seq: 4, bootId: "b", svidExpiresAt: iso(3600) });
+        await tx.setOnline(id, i % 10 !== 0, i % 10 === 0 ? "missed 3 heartbeats" : null);
       }
     });
+    // The sources are synchronous (phase 2 wiring reads the registry before each scrape).
+    const t0read = performance.now();
+    const robots = await reg.listRobots();
+    const readMs = performance.now() - t0read;
+    const taskCounts = await reg.countTasksByState();
     const m = new FleetMetrics({
-      robots: () => reg.listRobots(),
+      robots: () => robots,
       stats,
-      taskCounts: () => reg.countTasksByState(),
+      taskCounts: () => taskCounts,
       mqtt: () => ({ connected: true, connects: 1 }),
     });
     for (let i = 0; i < N; i++) {
@@ -326,11 +332,6 @@ Deno.test("fleet metrics: a scrape of 10,000 robots from a real registry is corr
     const t0 = performance.now();
     const text = await m.render();
     const ms = performance.now() - t0;
-    const readMs = (() => {
-      const t = performance.now();
-      reg.listRobots();
-      return performance.now() - t;
-    })();
     const series = text.split("\n").filter((l) => l !== "" && !l.startsWith("#")).length;
     console.log(
       `scrape of ${N} robots: ${ms.toFixed(0)} ms (registry listRobots ${
@@ -348,6 +349,6 @@ Deno.test("fleet metrics: a scrape of 10,000 robots from a real registry is corr
     assert.ok(series >= 8 * N && series < 8 * N + 200, `${series} series`);
     await assertPromtoolClean(text, `the metrics of ${N} robots`);
   } finally {
-    reg.close();
+    await reg.close();
   }
 });

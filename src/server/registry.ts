@@ -1,66 +1,75 @@
 /**
- * The fleet server's durable state: robots and tasks in an embedded SQLite database
- * (`node:sqlite`) under the data dir. Schema changes are numbered migrations recorded in
- * `PRAGMA user_version`; a database written by a newer k8s4r is refused rather than corrupted.
+ * The fleet server's durable state: robots and tasks. One storage interface, two backends:
+ *
+ * - SQLite (`node:sqlite`, registry_sqlite.ts): the embedded default, a file in the data dir;
+ * - PostgreSQL (`pg`, registry_postgres.ts): `k8s4r server --database postgres://...`.
+ *
+ * Layers:
+ * - `SqlBackend` / `SqlConn` (this file): what a backend provides: statements on one
+ *   connection (`?` placeholders), transactions, its schema version. Each backend migrates its
+ *   schema from the one numbered list in schema.ts.
+ * - `RegistryTx`: every query of the registry, written ONCE for both dialects, on one
+ *   connection. Adding a query = a method here; adding a column = an entry in schema.ts (both
+ *   dialects side by side), its name in ROBOT_COLUMNS/TASK_COLUMNS and its line in
+ *   `robotFromRow`/`taskFromRow`.
+ * - `Registry`: the handle the server holds: `read()`, `transaction()`, `batch()` (one
+ *   transaction, a savepoint per message) and one-call shortcuts.
+ *
+ * Everything is async (the PostgreSQL driver is). Within one process, write transactions are
+ * serialized (SQLite: one connection, everything serialized), so a transaction's reads and
+ * writes are never interleaved with another transaction of this process.
  */
-import { DatabaseSync } from "node:sqlite";
-import { join } from "node:path";
 import type { DeviceInfo } from "../mqtt/messages.ts";
-import { isTaskState, type TaskEvent, type TaskState, transition } from "./tasks.ts";
+import { isFinal, isTaskState, type TaskEvent, type TaskState, transition } from "./tasks.ts";
 
-export const DB_FILE = "registry.sqlite";
+export { SCHEMA_VERSION } from "./schema.ts";
 
-/** Each entry moves the schema from version i to i+1. Never edit one that has shipped. */
-const MIGRATIONS: string[] = [
-  `CREATE TABLE robots (
-     id TEXT PRIMARY KEY,
-     spiffe_id TEXT,
-     first_seen TEXT NOT NULL,
-     last_seen TEXT NOT NULL,
-     online INTEGER NOT NULL DEFAULT 0,
-     offline_reason TEXT,
-     last_status_ts TEXT,
-     device TEXT,
-     svid_expires_at TEXT,
-     agent_version TEXT,
-     heartbeat_interval_seconds INTEGER,
-     last_heartbeat_seq INTEGER
-   );
-   CREATE TABLE tasks (
-     id TEXT PRIMARY KEY,
-     robot_id TEXT NOT NULL,
-     command TEXT NOT NULL,
-     env TEXT NOT NULL,
-     cwd TEXT,
-     timeout_seconds INTEGER NOT NULL,
-     state TEXT NOT NULL,
-     exit_code INTEGER,
-     stdout TEXT,
-     stderr TEXT,
-     error TEXT,
-     dispatch_count INTEGER NOT NULL DEFAULT 0,
-     created_at TEXT NOT NULL,
-     expires_at TEXT NOT NULL,
-     dispatched_at TEXT,
-     accepted_at TEXT,
-     started_at TEXT,
-     finished_at TEXT,
-     updated_at TEXT NOT NULL
-   );
-   CREATE INDEX tasks_robot_state ON tasks (robot_id, state);
-   CREATE INDEX tasks_state ON tasks (state);`,
-  // Heartbeat accounting: how many arrived, and how many were lost (gaps in seq per boot).
-  `ALTER TABLE robots ADD COLUMN heartbeat_boot_id TEXT;
-   ALTER TABLE robots ADD COLUMN heartbeats_received INTEGER NOT NULL DEFAULT 0;
-   ALTER TABLE robots ADD COLUMN heartbeats_missing INTEGER NOT NULL DEFAULT 0;`,
-  // Status ordering without clocks (docs/PROTOCOL.md): the boot of the last register, and the
-  // (connection, rank) of the last status applied (rank 0 online, 1 offline).
-  `ALTER TABLE robots ADD COLUMN boot_id TEXT;
-   ALTER TABLE robots ADD COLUMN status_connection INTEGER;
-   ALTER TABLE robots ADD COLUMN status_rank INTEGER;`,
-];
+export type Dialect = "sqlite" | "postgres";
+export type SqlValue = string | number | null;
+export type Row = Record<string, unknown>;
 
-export const SCHEMA_VERSION = MIGRATIONS.length;
+/**
+ * Statements on one connection. SQL uses `?` placeholders (the PostgreSQL backend numbers them)
+ * and the common subset of both dialects; `dialect` is there for the few clauses that differ
+ * (e.g. `FOR UPDATE SKIP LOCKED`, PostgreSQL only; see `forUpdate()`).
+ */
+export interface SqlConn {
+  readonly dialect: Dialect;
+  all(sql: string, params?: SqlValue[]): Promise<Row[]>;
+  get(sql: string, params?: SqlValue[]): Promise<Row | undefined>;
+  /** Resolves with the number of rows changed. */
+  run(sql: string, params?: SqlValue[]): Promise<number>;
+  /** Statements without parameters (SAVEPOINT ...). */
+  exec(sql: string): Promise<void>;
+}
+
+export interface SqlBackend {
+  readonly dialect: Dialect;
+  /** Where the data lives, for logs and errors. Never contains a secret. */
+  readonly location: string;
+  /** Statements outside a transaction, each committed on its own (reads). */
+  read<T>(fn: (c: SqlConn) => Promise<T>): Promise<T>;
+  /**
+   * BEGIN ... COMMIT on one connection, ROLLBACK when `fn` throws (or COMMIT fails, then
+   * nothing is committed). Write transactions of one process run one at a time.
+   */
+  transaction<T>(fn: (c: SqlConn) => Promise<T>): Promise<T>;
+  schemaVersion(): Promise<number>;
+  /** The settings that "committed before PUBACK" rests on, by name. */
+  durability(): Promise<Record<string, string>>;
+  close(): Promise<void>;
+}
+
+/**
+ * A row lock for the rows a SELECT returns, until the transaction ends: `FOR UPDATE` on
+ * PostgreSQL (with `SKIP LOCKED`: rows another transaction holds are left out, which is how
+ * replicas split work); nothing on SQLite, where a write transaction already excludes every
+ * other writer (BEGIN IMMEDIATE).
+ */
+export function forUpdate(dialect: Dialect, opts: { skipLocked?: boolean } = {}): string {
+  if (dialect !== "postgres") return "";
+  return opts.skipLocked ? " FOR UPDATE SKIP LOCKED" : " FOR UPDATE";
+}
 
 export interface RobotRecord {
   id: string;
@@ -115,6 +124,26 @@ export interface TaskRecord {
   startedAt: string | null;
   finishedAt: string | null;
   updatedAt: string;
+  /** The SPIFFE ID of the operator who created it (null: created before operators existed). */
+  createdBy: string | null;
+  cancelRequestedAt: string | null;
+  /** The SPIFFE ID of the operator who asked to cancel it. */
+  cancelRequestedBy: string | null;
+}
+
+/** Where a page of the task list starts: after this task (newest first). */
+export interface TaskCursor {
+  createdAt: string;
+  id: string;
+}
+
+export interface TaskQuery {
+  robotId?: string;
+  state?: TaskState;
+  /** Rows per page (the caller bounds it). */
+  limit: number;
+  /** Only tasks after this one in the order (created_at DESC, id DESC). */
+  after?: TaskCursor;
 }
 
 export interface NewTask {
@@ -126,6 +155,7 @@ export interface NewTask {
   timeoutSeconds: number;
   createdAt: string;
   expiresAt: string;
+  createdBy?: string;
 }
 
 export interface TaskUpdate {
@@ -133,15 +163,98 @@ export interface TaskUpdate {
   stdout?: string;
   stderr?: string;
   error?: string;
+  /** With `cancel` and `withdraw`: who asked (recorded once, with the time). */
+  cancelRequestedBy?: string;
 }
 
-type Row = Record<string, unknown>;
+export interface RegisterInfo {
+  spiffeId: string;
+  agentVersion: string;
+  svidExpiresAt: string;
+  device: DeviceInfo;
+  heartbeatIntervalSeconds?: number;
+}
+
+export interface HeartbeatInfo {
+  seq: number;
+  bootId?: string;
+  svidExpiresAt: string;
+  load?: [number, number, number];
+}
+
+export interface TaskEventResult {
+  task: TaskRecord;
+  changed: boolean;
+  ignored: boolean;
+}
+
+export interface BatchOutcome {
+  /** Steps committed, in order. */
+  applied: number;
+  /** Why step `applied` failed (or why nothing was committed). */
+  error?: Error;
+}
+
+/**
+ * The columns read back, named rather than `*`: a PostgreSQL connection caches the plan of each
+ * prepared statement, and `SELECT *` on a table that a newer replica has just altered fails
+ * there ("cached plan must not change result type"). A new column goes here too.
+ */
+const ROBOT_COLUMNS = [
+  "id",
+  "spiffe_id",
+  "first_seen",
+  "last_seen",
+  "online",
+  "offline_reason",
+  "svid_expires_at",
+  "agent_version",
+  "heartbeat_interval_seconds",
+  "last_heartbeat_seq",
+  "heartbeats_received",
+  "heartbeats_missing",
+  "device",
+  "boot_id",
+  "status_connection",
+  "status_rank",
+].join(", ");
+
+const TASK_COLUMNS = [
+  "id",
+  "robot_id",
+  "command",
+  "env",
+  "cwd",
+  "timeout_seconds",
+  "state",
+  "exit_code",
+  "stdout",
+  "stderr",
+  "error",
+  "dispatch_count",
+  "created_at",
+  "expires_at",
+  "dispatched_at",
+  "accepted_at",
+  "started_at",
+  "finished_at",
+  "updated_at",
+  "created_by",
+  "cancel_requested_at",
+  "cancel_requested_by",
+].join(", ");
 
 function str(v: unknown): string | null {
   return typeof v === "string" ? v : null;
 }
 function num(v: unknown): number | null {
   return typeof v === "number" ? v : typeof v === "bigint" ? Number(v) : null;
+}
+function bool(v: unknown): boolean {
+  return v === true || v === 1 || v === 1n;
+}
+function json(v: unknown): unknown {
+  return typeof v === "string" ? JSON.parse(v) : v;
 }
 
 function robotFromRow(r: Row): RobotRecord {
@@ -158,7 +271,7 @@ function robotFromRow(r: Row): RobotRecord {
     spiffeId: str(r.spiffe_id),
     firstSeen: String(r.first_seen),
     lastSeen: String(r.last_seen),
-    online: num(r.online) === 1,
+    online: bool(r.online),
     offlineReason: str(r.offline_reason),
     svidExpiresAt: str(r.svid_expires_at),
     agentVersion: str(r.agent_version),
@@ -179,8 +292,8 @@ function taskFromRow(r: Row): TaskRecord {
   return {
     id: String(r.id),
     robotId: String(r.robot_id),
-    command: JSON.parse(String(r.command)),
-    env: JSON.parse(String(r.env)),
+    command: json(r.command) as string[],
+    env: json(r.env) as Record<string, string>,
     cwd: str(r.cwd),
     timeoutSeconds: num(r.timeout_seconds) ?? 0,
     state: isTaskState(state) ? state : "failed",
@@ -196,335 +309,457 @@ function taskFromRow(r: Row): TaskRecord {
     startedAt: str(r.started_at),
     finishedAt: str(r.finished_at),
     updatedAt: String(r.updated_at),
+    createdBy: str(r.created_by),
+    cancelRequestedAt: str(r.cancel_requested_at),
+    cancelRequestedBy: str(r.cancel_requested_by),
   };
 }
 
-export class Registry {
-  private constructor(private readonly db: DatabaseSync, readonly path: string) {}
-
-  /** Opens (creating if needed) `<dataDir>/registry.sqlite` and migrates it. */
-  static async open(dataDir: string): Promise<Registry> {
-    await Deno.mkdir(dataDir, { recursive: true, mode: 0o700 });
-    return Registry.openFile(join(dataDir, DB_FILE));
-  }
-
-  /** `:memory:` is accepted, for unit tests. */
-  static openFile(path: string): Registry {
-    const db = new DatabaseSync(path);
-    try {
-      // The server acknowledges a message (PUBACK) only after its write is committed, and the
-      // broker then forgets it: the commit must survive a power loss, not only a crash of this
-      // process. In WAL mode NORMAL syncs only at checkpoints (a commit can be lost); FULL syncs
-      // the WAL on every commit. The server batches messages per commit (fleet_server.ts), so
-      // this costs one fsync per batch, not per message.
-      db.exec(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
-      );
-      migrate(db, path);
-    } catch (err) {
-      db.close();
-      throw err;
-    }
-    return new Registry(db, path);
-  }
-
-  close(): void {
-    this.#stmts.clear();
-    if (this.db.isOpen) this.db.close();
-  }
-
-  // Compiling SQL costs more than running it: every statement is prepared once and reused.
-  #stmts = new Map<string, ReturnType<DatabaseSync["prepare"]>>();
-  private stmt(sql: string): ReturnType<DatabaseSync["prepare"]> {
-    let st = this.#stmts.get(sql);
-    if (!st) {
-      st = this.db.prepare(sql);
-      this.#stmts.set(sql, st);
-    }
-    return st;
-  }
-
-  /**
-   * Runs `fn` in one transaction: the writes one message causes are committed together (one WAL
-   * commit instead of one per statement), and all or none of them land.
-   */
-  transaction<T>(fn: () => T): T {
-    if (this.db.isTransaction) return fn();
-    // IMMEDIATE takes the write lock up front, so a read-then-write cannot race another writer.
-    this.db.exec("BEGIN IMMEDIATE");
-    try {
-      const r = fn();
-      this.db.exec("COMMIT");
-      return r;
-    } catch (err) {
-      // A failed COMMIT may already have rolled back (SQLITE_FULL, SQLITE_IOERR).
-      if (this.db.isTransaction) this.db.exec("ROLLBACK");
-      throw err;
-    }
-  }
-
-  /**
-   * Runs each step in one transaction, each in its own savepoint, in order, and stops at the
-   * first step that throws: that step's writes are rolled back, the earlier ones are committed.
-   * `applied` counts the committed steps; when COMMIT itself fails nothing is committed
-   * (`applied` 0). One commit (one fsync) for the whole batch.
-   */
-  batch(steps: (() => void)[]): { applied: number; error?: Error } {
-    if (steps.length === 0) return { applied: 0 };
-    if (this.db.isTransaction) throw new Error("registry: batch() inside a transaction");
-    this.db.exec("BEGIN IMMEDIATE");
-    let applied = 0;
-    let error: Error | undefined;
-    try {
-      for (const step of steps) {
-        this.db.exec("SAVEPOINT step");
-        try {
-          step();
-          this.db.exec("RELEASE step");
-        } catch (err) {
-          this.db.exec("ROLLBACK TO step");
-          this.db.exec("RELEASE step");
-          error = err instanceof Error ? err : new Error(String(err));
-          break;
-        }
-        applied++;
+/**
+ * Text without NUL: SQLite (node:sqlite) cuts a string at its first NUL, and PostgreSQL refuses
+ * one in text (a write that fails is never acknowledged, so the message would come back
+ * forever). A robot's output may well contain one: it becomes U+FFFD in both.
+ */
+function clean(params: SqlValue[]): SqlValue[] {
+  for (let i = 0; i < params.length; i++) {
+    const v = params[i];
+    if (typeof v === "string" && v.includes("\0")) {
+      const out = params.slice();
+      for (let j = i; j < out.length; j++) {
+        const w = out[j];
+        if (typeof w === "string") out[j] = w.replaceAll("\0", "\uFFFD");
       }
-      this.db.exec("COMMIT");
-    } catch (err) {
-      if (this.db.isTransaction) this.db.exec("ROLLBACK");
-      return { applied: 0, error: err instanceof Error ? err : new Error(String(err)) };
+      return out;
     }
-    return error ? { applied, error } : { applied };
+  }
+  return params;
+}
+
+/** Runs after each statement of a transaction, with its SQL (fault injection in tests). */
+export type StatementHook = (sql: string) => void;
+
+/**
+ * The registry's queries on one connection: inside a transaction (`Registry.transaction`,
+ * `Registry.batch`) they are that transaction's statements; from `Registry.read` they are
+ * auto-committed reads. Written once, for both dialects.
+ */
+export class RegistryTx {
+  constructor(private readonly c: SqlConn, private readonly hook?: StatementHook) {}
+
+  get dialect(): Dialect {
+    return this.c.dialect;
   }
 
-  schemaVersion(): number {
-    return userVersion(this.db);
+  private async all(sql: string, params: SqlValue[] = []): Promise<Row[]> {
+    const r = await this.c.all(sql, clean(params));
+    this.hook?.(sql);
+    return r;
   }
-
-  /** The journal mode and sync level in force (what "written before PUBACK" rests on). */
-  durability(): { journalMode: string; synchronous: number } {
-    const j = this.db.prepare("PRAGMA journal_mode").get() as Row;
-    const s = this.db.prepare("PRAGMA synchronous").get() as Row;
-    return { journalMode: String(j.journal_mode), synchronous: num(s.synchronous) ?? -1 };
+  private async get(sql: string, params: SqlValue[] = []): Promise<Row | undefined> {
+    const r = await this.c.get(sql, clean(params));
+    this.hook?.(sql);
+    return r;
+  }
+  private async run(sql: string, params: SqlValue[] = []): Promise<number> {
+    const r = await this.c.run(sql, clean(params));
+    this.hook?.(sql);
+    return r;
   }
 
   // ---- robots ----
 
-  getRobot(id: string): RobotRecord | undefined {
-    const r = this.stmt("SELECT * FROM robots WHERE id = ?").get(id) as Row | undefined;
+  async getRobot(id: string): Promise<RobotRecord | undefined> {
+    const r = await this.get(`SELECT ${ROBOT_COLUMNS} FROM robots WHERE id = ?`, [id]);
     return r ? robotFromRow(r) : undefined;
   }
 
-  listRobots(): RobotRecord[] {
-    return (this.stmt("SELECT * FROM robots ORDER BY id").all() as Row[]).map(robotFromRow);
+  async listRobots(): Promise<RobotRecord[]> {
+    return (await this.all(`SELECT ${ROBOT_COLUMNS} FROM robots ORDER BY id`)).map(robotFromRow);
   }
 
   /** Records that a robot was heard from at `at` (creating it on first contact). */
-  touchRobot(id: string, at: string): void {
-    this.stmt(
+  async touchRobot(id: string, at: string): Promise<void> {
+    await this.run(
       `INSERT INTO robots (id, first_seen, last_seen) VALUES (?, ?, ?)
        ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen`,
-    ).run(id, at, at);
-  }
-
-  recordRegister(id: string, at: string, info: {
-    spiffeId: string;
-    agentVersion: string;
-    svidExpiresAt: string;
-    device: DeviceInfo;
-    heartbeatIntervalSeconds?: number;
-  }): void {
-    this.touchRobot(id, at);
-    this.stmt(
-      `UPDATE robots SET spiffe_id = ?, agent_version = ?, svid_expires_at = ?, device = ?,
-         heartbeat_interval_seconds = COALESCE(?, heartbeat_interval_seconds)
-       WHERE id = ?`,
-    ).run(
-      info.spiffeId,
-      info.agentVersion,
-      info.svidExpiresAt,
-      JSON.stringify(info.device),
-      info.heartbeatIntervalSeconds ?? null,
-      id,
+      [id, at, at],
     );
   }
 
-  recordHeartbeat(
-    id: string,
-    at: string,
-    hb: { seq: number; bootId?: string; svidExpiresAt: string; load?: [number, number, number] },
-  ): void {
-    this.touchRobot(id, at);
-    const prev = this.stmt(
-      "SELECT last_heartbeat_seq AS seq, heartbeat_boot_id AS boot FROM robots WHERE id = ?",
-    ).get(id) as { seq: number | null; boot: string | null } | undefined;
-    const sameBoot = hb.bootId !== undefined && prev?.boot === (hb.bootId ?? null) &&
-      prev?.seq !== null && prev?.seq !== undefined;
-    // QoS 1 may deliver a heartbeat twice: an old seq is a duplicate, not news.
-    if (sameBoot && hb.seq <= prev!.seq!) return;
-    const missing = sameBoot ? hb.seq - prev!.seq! - 1 : 0;
-    this.stmt(
-      `UPDATE robots SET last_heartbeat_seq = ?, heartbeat_boot_id = ?, svid_expires_at = ?,
-         heartbeats_received = heartbeats_received + 1,
-         heartbeats_missing = heartbeats_missing + ? WHERE id = ?`,
-    ).run(hb.seq, hb.bootId ?? null, hb.svidExpiresAt, missing, id);
-    if (hb.load) {
-      const robot = this.getRobot(id);
-      if (robot?.device) {
-        this.stmt("UPDATE robots SET device = ? WHERE id = ?")
-          .run(JSON.stringify({ ...robot.device, load: hb.load }), id);
-      }
-    }
+  async recordRegister(id: string, at: string, info: RegisterInfo): Promise<void> {
+    await this.touchRobot(id, at);
+    await this.run(
+      `UPDATE robots SET spiffe_id = ?, agent_version = ?, svid_expires_at = ?, device = ?,
+         heartbeat_interval_seconds = COALESCE(?, heartbeat_interval_seconds)
+       WHERE id = ?`,
+      [
+        info.spiffeId,
+        info.agentVersion,
+        info.svidExpiresAt,
+        JSON.stringify(info.device),
+        info.heartbeatIntervalSeconds ?? null,
+        id,
+      ],
+    );
   }
 
-  /** Sets online/offline. Returns true when the value changed. */
-  setOnline(id: string, online: boolean, reason: string | null): boolean {
-    const before = this.getRobot(id);
-    this.stmt("UPDATE robots SET online = ?, offline_reason = ? WHERE id = ?")
-      .run(online ? 1 : 0, online ? null : reason, id);
-    return before !== undefined && before.online !== online;
+  /**
+   * Counts a heartbeat (creating the robot on first contact) and returns the boot of the
+   * robot's last register. Two statements: this runs for every heartbeat of the fleet.
+   */
+  async recordHeartbeat(
+    id: string,
+    at: string,
+    hb: HeartbeatInfo,
+  ): Promise<{ bootId: string | null }> {
+    const prev = await this.get(
+      `INSERT INTO robots (id, first_seen, last_seen) VALUES (?, ?, ?)
+       ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen
+       RETURNING last_heartbeat_seq AS seq, heartbeat_boot_id AS boot, device, boot_id`,
+      [id, at, at],
+    );
+    const bootId = str(prev?.boot_id);
+    const prevSeq = num(prev?.seq);
+    const sameBoot = hb.bootId !== undefined && str(prev?.boot) === hb.bootId && prevSeq !== null;
+    // QoS 1 may deliver a heartbeat twice: an old seq is a duplicate, not news.
+    if (sameBoot && hb.seq <= prevSeq!) return { bootId };
+    const missing = sameBoot ? hb.seq - prevSeq! - 1 : 0;
+    let device: string | null = null;
+    if (hb.load && typeof prev?.device === "string") {
+      try {
+        const d = JSON.parse(prev.device);
+        if (d && typeof d === "object") device = JSON.stringify({ ...d, load: hb.load });
+      } catch { /* an unreadable device is left as it is */ }
+    }
+    await this.run(
+      `UPDATE robots SET last_heartbeat_seq = ?, heartbeat_boot_id = ?, svid_expires_at = ?,
+         heartbeats_received = heartbeats_received + 1,
+         heartbeats_missing = heartbeats_missing + ?, device = COALESCE(?, device) WHERE id = ?`,
+      [hb.seq, hb.bootId ?? null, hb.svidExpiresAt, missing, device, id],
+    );
+    return { bootId };
+  }
+
+  /**
+   * Sets online/offline. Returns true when the value changed. (An online robot has no offline
+   * reason: only this method writes either.)
+   */
+  async setOnline(id: string, online: boolean, reason: string | null): Promise<boolean> {
+    const v = online ? 1 : 0;
+    const flipped = await this.run(
+      "UPDATE robots SET online = ?, offline_reason = ? WHERE id = ? AND online <> ?",
+      [v, online ? null : reason, id, v],
+    );
+    if (flipped > 0) return true;
+    if (!online) {
+      await this.run("UPDATE robots SET offline_reason = ? WHERE id = ? AND online = ?", [
+        reason,
+        id,
+        0,
+      ]);
+    }
+    return false;
   }
 
   /** The `ts` of the newest status message applied, to ignore replays of older ones. */
-  lastStatusTs(id: string): string | null {
-    const r = this.stmt("SELECT last_status_ts FROM robots WHERE id = ?").get(id) as
-      | Row
-      | undefined;
+  async lastStatusTs(id: string): Promise<string | null> {
+    const r = await this.get("SELECT last_status_ts FROM robots WHERE id = ?", [id]);
     return r ? str(r.last_status_ts) : null;
   }
 
-  setLastStatusTs(id: string, ts: string): void {
-    this.stmt("UPDATE robots SET last_status_ts = ? WHERE id = ?").run(ts, id);
+  async setLastStatusTs(id: string, ts: string): Promise<void> {
+    await this.run("UPDATE robots SET last_status_ts = ? WHERE id = ?", [ts, id]);
   }
 
   /** Sets the robot's current boot (from a register) and the order of its last status. */
-  setStatusOrder(id: string, bootId: string | null, order: StatusOrder | null): void {
-    this.stmt(
+  async setStatusOrder(
+    id: string,
+    bootId: string | null,
+    order: StatusOrder | null,
+  ): Promise<void> {
+    await this.run(
       "UPDATE robots SET boot_id = ?, status_connection = ?, status_rank = ? WHERE id = ?",
-    ).run(bootId, order?.connection ?? null, order?.rank ?? null, id);
+      [bootId, order?.connection ?? null, order?.rank ?? null, id],
+    );
   }
 
-  onlineRobots(): RobotRecord[] {
-    return (this.stmt("SELECT * FROM robots WHERE online = 1 ORDER BY id").all() as Row[])
+  async onlineRobots(): Promise<RobotRecord[]> {
+    return (await this.all(`SELECT ${ROBOT_COLUMNS} FROM robots WHERE online = ? ORDER BY id`, [1]))
       .map(robotFromRow);
   }
 
   // ---- tasks ----
 
-  createTask(t: NewTask): TaskRecord {
-    this.stmt(
+  async createTask(t: NewTask): Promise<TaskRecord> {
+    await this.run(
       `INSERT INTO tasks (id, robot_id, command, env, cwd, timeout_seconds, state, created_at,
-         expires_at, updated_at)
-       VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)`,
-    ).run(
-      t.id,
-      t.robotId,
-      JSON.stringify(t.command),
-      JSON.stringify(t.env),
-      t.cwd ?? null,
-      t.timeoutSeconds,
-      t.createdAt,
-      t.expiresAt,
-      t.createdAt,
+         expires_at, updated_at, created_by)
+       VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)`,
+      [
+        t.id,
+        t.robotId,
+        JSON.stringify(t.command),
+        JSON.stringify(t.env),
+        t.cwd ?? null,
+        t.timeoutSeconds,
+        t.createdAt,
+        t.expiresAt,
+        t.createdAt,
+        t.createdBy ?? null,
+      ],
     );
-    return this.getTask(t.id)!;
+    return (await this.getTask(t.id))!;
   }
 
-  getTask(id: string): TaskRecord | undefined {
-    const r = this.stmt("SELECT * FROM tasks WHERE id = ?").get(id) as Row | undefined;
+  async getTask(id: string): Promise<TaskRecord | undefined> {
+    const r = await this.get(`SELECT ${TASK_COLUMNS} FROM tasks WHERE id = ?`, [id]);
     return r ? taskFromRow(r) : undefined;
   }
 
-  listTasks(robotId: string, limit = 100): TaskRecord[] {
-    return (this.stmt(
-      "SELECT * FROM tasks WHERE robot_id = ? ORDER BY created_at DESC, id LIMIT ?",
-    ).all(robotId, limit) as Row[]).map(taskFromRow);
+  async listTasks(robotId: string, limit = 100): Promise<TaskRecord[]> {
+    return (await this.all(
+      `SELECT ${TASK_COLUMNS} FROM tasks WHERE robot_id = ? ORDER BY created_at DESC, id LIMIT ?`,
+      [robotId, limit],
+    )).map(taskFromRow);
   }
 
-  tasksInStates(states: TaskState[], robotId?: string): TaskRecord[] {
+  /**
+   * One page of tasks, newest first (created_at DESC, id DESC), optionally of one robot and in
+   * one state. Keyset paging: a page starts strictly after `after`, so tasks created meanwhile
+   * (newer than any cursor) never shift a page, and no task is repeated or skipped. The same
+   * order on both backends: created_at is an ISO string (SQLite) or a TIMESTAMPTZ (PostgreSQL,
+   * the cursor's string parsed as one), ids compare bytewise (COLLATE "C" on PostgreSQL).
+   */
+  async listTasksPage(q: TaskQuery): Promise<TaskRecord[]> {
+    const where: string[] = [];
+    const params: SqlValue[] = [];
+    if (q.robotId !== undefined) {
+      where.push("robot_id = ?");
+      params.push(q.robotId);
+    }
+    if (q.state !== undefined) {
+      where.push("state = ?");
+      params.push(q.state);
+    }
+    if (q.after) {
+      where.push("(created_at < ? OR (created_at = ? AND id < ?))");
+      params.push(q.after.createdAt, q.after.createdAt, q.after.id);
+    }
+    params.push(q.limit);
+    const sql = `SELECT ${TASK_COLUMNS} FROM tasks${
+      where.length ? ` WHERE ${where.join(" AND ")}` : ""
+    } ORDER BY created_at DESC, id DESC LIMIT ?`;
+    return (await this.all(sql, params)).map(taskFromRow);
+  }
+
+  async tasksInStates(states: TaskState[], robotId?: string): Promise<TaskRecord[]> {
     const marks = states.map(() => "?").join(",");
-    const sql = `SELECT * FROM tasks WHERE state IN (${marks})${
+    const sql = `SELECT ${TASK_COLUMNS} FROM tasks WHERE state IN (${marks})${
       robotId !== undefined ? " AND robot_id = ?" : ""
     } ORDER BY created_at, id`;
     const params = robotId !== undefined ? [...states, robotId] : states;
-    return (this.stmt(sql).all(...params) as Row[]).map(taskFromRow);
+    return (await this.all(sql, params)).map(taskFromRow);
   }
 
-  countTasksByState(): Record<string, number> {
+  async countTasksByState(): Promise<Record<string, number>> {
     const out: Record<string, number> = {};
     for (
-      const r of this.stmt("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
-        .all() as Row[]
+      const r of await this.all(
+        "SELECT state, CAST(COUNT(*) AS INTEGER) AS n FROM tasks GROUP BY state",
+      )
     ) out[String(r.state)] = num(r.n) ?? 0;
     return out;
   }
 
   /**
-   * Applies an event through the state machine, atomically. Results (exit code, output) are
-   * written only when the transition is accepted, so a stale report never overwrites a result.
+   * Applies an event through the state machine, in the caller's transaction. Results (exit
+   * code, output) are written only when the transition is accepted, so a stale report never
+   * overwrites a result.
    */
-  applyTaskEvent(
+  async applyTaskEvent(
     id: string,
     event: TaskEvent,
     at: string,
     update: TaskUpdate = {},
-  ): { task: TaskRecord; changed: boolean; ignored: boolean } | undefined {
-    return this.transaction(() => {
-      const task = this.getTask(id);
-      if (!task) return undefined;
-      const t = transition(task.state, event);
-      if (t.ignored) return { task, changed: false, ignored: true };
-      const sets: string[] = ["state = ?", "updated_at = ?"];
-      const params: (string | number | null)[] = [t.to, at];
-      const stamp = (col: string) => {
-        sets.push(`${col} = COALESCE(${col}, ?)`);
-        params.push(at);
-      };
-      if (event === "dispatch") {
-        sets.push("dispatch_count = dispatch_count + 1", "dispatched_at = ?");
-        params.push(at);
-      }
-      if (t.to === "accepted") stamp("accepted_at");
-      if (t.to === "running") stamp("started_at");
-      if (["done", "failed", "refused", "expired"].includes(t.to)) stamp("finished_at");
-      if (update.exitCode !== undefined) {
-        sets.push("exit_code = ?");
-        params.push(update.exitCode);
-      }
-      for (const k of ["stdout", "stderr", "error"] as const) {
-        if (update[k] !== undefined) {
-          sets.push(`${k} = ?`);
-          params.push(update[k]!);
-        }
-      }
-      params.push(id);
-      this.stmt(`UPDATE tasks SET ${sets.join(", ")} WHERE id = ?`).run(...params);
-      return { task: this.getTask(id)!, changed: t.changed, ignored: false };
-    });
-  }
-}
-
-function userVersion(db: DatabaseSync): number {
-  const r = db.prepare("PRAGMA user_version").get() as Row;
-  return num(r.user_version) ?? 0;
-}
-
-function migrate(db: DatabaseSync, path: string): void {
-  const current = userVersion(db);
-  if (current > MIGRATIONS.length) {
-    throw new Error(
-      `${path}: registry schema version ${current} is newer than this k8s4r supports (${MIGRATIONS.length}); upgrade k8s4r`,
+  ): Promise<TaskEventResult | undefined> {
+    const row = await this.get(
+      `SELECT ${TASK_COLUMNS} FROM tasks WHERE id = ?${forUpdate(this.dialect)}`,
+      [id],
     );
-  }
-  for (let v = current; v < MIGRATIONS.length; v++) {
-    db.exec("BEGIN IMMEDIATE");
-    try {
-      db.exec(MIGRATIONS[v]);
-      db.exec(`PRAGMA user_version = ${v + 1}`);
-      db.exec("COMMIT");
-    } catch (err) {
-      db.exec("ROLLBACK");
-      throw new Error(`${path}: migration ${v + 1} failed: ${(err as Error).message}`);
+    if (!row) return undefined;
+    const task = taskFromRow(row);
+    const t = transition(task.state, event);
+    if (t.ignored) return { task, changed: false, ignored: true };
+    const sets: string[] = ["state = ?", "updated_at = ?"];
+    const params: SqlValue[] = [t.to, at];
+    const stamp = (col: string) => {
+      sets.push(`${col} = COALESCE(${col}, ?)`);
+      params.push(at);
+    };
+    if (event === "dispatch") {
+      sets.push("dispatch_count = dispatch_count + 1", "dispatched_at = ?");
+      params.push(at);
     }
+    // While cancelling, progress reports keep the state but their times are recorded.
+    if (t.to === "accepted" || event === "accepted") stamp("accepted_at");
+    if (t.to === "running" || event === "running") stamp("started_at");
+    if (isFinal(t.to)) stamp("finished_at");
+    if ((event === "cancel" || event === "withdraw") && update.cancelRequestedBy !== undefined) {
+      sets.push(
+        "cancel_requested_at = COALESCE(cancel_requested_at, ?)",
+        "cancel_requested_by = COALESCE(cancel_requested_by, ?)",
+      );
+      params.push(at, update.cancelRequestedBy);
+    }
+    if (update.exitCode !== undefined) {
+      sets.push("exit_code = ?");
+      params.push(update.exitCode);
+    }
+    for (const k of ["stdout", "stderr", "error"] as const) {
+      if (update[k] !== undefined) {
+        sets.push(`${k} = ?`);
+        params.push(update[k]!);
+      }
+    }
+    params.push(id);
+    await this.run(`UPDATE tasks SET ${sets.join(", ")} WHERE id = ?`, params);
+    return { task: (await this.getTask(id))!, changed: t.changed, ignored: false };
+  }
+}
+
+/** The registry handle the server holds. */
+export class Registry {
+  #hook?: StatementHook;
+
+  constructor(private readonly backend: SqlBackend) {}
+
+  get dialect(): Dialect {
+    return this.backend.dialect;
+  }
+
+  /** Where the data lives (a path, or a PostgreSQL URL without secrets). */
+  get location(): string {
+    return this.backend.location;
+  }
+
+  /**
+   * Fault injection for tests: `hook` runs after every statement of a transaction or batch
+   * (with its SQL); a throw from it fails that statement after it ran, as a failing disk would.
+   */
+  setStatementHook(hook: StatementHook | undefined): void {
+    this.#hook = hook;
+  }
+
+  private tx(c: SqlConn, hooked: boolean): RegistryTx {
+    return new RegistryTx(c, hooked ? this.#hook : undefined);
+  }
+
+  /** Reads, outside a transaction. */
+  read<T>(fn: (tx: RegistryTx) => Promise<T>): Promise<T> {
+    return this.backend.read((c) => fn(this.tx(c, false)));
+  }
+
+  /** One transaction: all of `fn`'s writes or none. */
+  transaction<T>(fn: (tx: RegistryTx) => Promise<T>): Promise<T> {
+    return this.backend.transaction((c) => fn(this.tx(c, true)));
+  }
+
+  /**
+   * Runs each step in ONE transaction, each in its own savepoint, in order, and stops at the
+   * first step that throws: that step's writes are rolled back, the earlier ones are committed.
+   * `applied` counts the committed steps; when COMMIT itself fails nothing is committed
+   * (`applied` 0). One commit (one fsync) for the whole batch.
+   */
+  async batch(steps: ((tx: RegistryTx) => Promise<void>)[]): Promise<BatchOutcome> {
+    if (steps.length === 0) return { applied: 0 };
+    let applied = 0;
+    let error: Error | undefined;
+    try {
+      await this.backend.transaction(async (c) => {
+        const tx = this.tx(c, true);
+        for (const step of steps) {
+          await c.exec("SAVEPOINT step");
+          try {
+            await step(tx);
+            await c.exec("RELEASE step");
+          } catch (err) {
+            await c.exec("ROLLBACK TO step");
+            await c.exec("RELEASE step");
+            error = err instanceof Error ? err : new Error(String(err));
+            break;
+          }
+          applied++;
+        }
+      });
+    } catch (err) {
+      return { applied: 0, error: err instanceof Error ? err : new Error(String(err)) };
+    }
+    return error ? { applied, error } : { applied };
+  }
+
+  schemaVersion(): Promise<number> {
+    return this.backend.schemaVersion();
+  }
+
+  /** The settings "written before PUBACK" rests on (journal mode, sync level...). */
+  durability(): Promise<Record<string, string>> {
+    return this.backend.durability();
+  }
+
+  close(): Promise<void> {
+    return this.backend.close();
+  }
+
+  // ---- one-call shortcuts: reads outside a transaction, each write its own transaction ----
+
+  getRobot(id: string): Promise<RobotRecord | undefined> {
+    return this.read((tx) => tx.getRobot(id));
+  }
+  listRobots(): Promise<RobotRecord[]> {
+    return this.read((tx) => tx.listRobots());
+  }
+  onlineRobots(): Promise<RobotRecord[]> {
+    return this.read((tx) => tx.onlineRobots());
+  }
+  lastStatusTs(id: string): Promise<string | null> {
+    return this.read((tx) => tx.lastStatusTs(id));
+  }
+  getTask(id: string): Promise<TaskRecord | undefined> {
+    return this.read((tx) => tx.getTask(id));
+  }
+  listTasks(robotId: string, limit?: number): Promise<TaskRecord[]> {
+    return this.read((tx) => tx.listTasks(robotId, limit));
+  }
+  listTasksPage(q: TaskQuery): Promise<TaskRecord[]> {
+    return this.read((tx) => tx.listTasksPage(q));
+  }
+  tasksInStates(states: TaskState[], robotId?: string): Promise<TaskRecord[]> {
+    return this.read((tx) => tx.tasksInStates(states, robotId));
+  }
+  countTasksByState(): Promise<Record<string, number>> {
+    return this.read((tx) => tx.countTasksByState());
+  }
+  touchRobot(id: string, at: string): Promise<void> {
+    return this.transaction((tx) => tx.touchRobot(id, at));
+  }
+  recordRegister(id: string, at: string, info: RegisterInfo): Promise<void> {
+    return this.transaction((tx) => tx.recordRegister(id, at, info));
+  }
+  recordHeartbeat(id: string, at: string, hb: HeartbeatInfo): Promise<{ bootId: string | null }> {
+    return this.transaction((tx) => tx.recordHeartbeat(id, at, hb));
+  }
+  setOnline(id: string, online: boolean, reason: string | null): Promise<boolean> {
+    return this.transaction((tx) => tx.setOnline(id, online, reason));
+  }
+  createTask(t: NewTask): Promise<TaskRecord> {
+    return this.transaction((tx) => tx.createTask(t));
+  }
+  applyTaskEvent(
+    id: string,
+    event: TaskEvent,
+    at: string,
+    update?: TaskUpdate,
+  ): Promise<TaskEventResult | undefined> {
+    return this.transaction((tx) => tx.applyTaskEvent(id, event, at, update));
   }
 }

@@ -1,12 +1,26 @@
 /**
  * The task life cycle as a table-driven state machine. Every input (the server dispatching, a
- * robot's report, the TTL sweeper) is an event; a (state, event) pair missing from the table is
- * ignored, so duplicate and out-of-order MQTT deliveries (QoS 1 is at-least-once) are harmless.
+ * robot's report, the TTL sweeper, an operator's cancel) is an event; a (state, event) pair
+ * missing from the table is ignored, so duplicate and out-of-order MQTT deliveries (QoS 1 is
+ * at-least-once) are harmless.
  *
  *   pending --dispatch--> dispatched --accepted--> accepted --running--> running --done--> done
  *      \________________________\__________________\__________________\--failed--> failed
  *   pending/dispatched --refused--> refused        pending/dispatched --expire--> expired
  *   accepted/running --lost--> failed (no result within timeout + grace)
+ *
+ * Cancel (an operator's request, `k8s4r task cancel ID`):
+ *
+ *   pending --withdraw--> cancelled     never sent: cancelled at once, and never sent afterwards
+ *   pending/dispatched/accepted/running --cancel--> cancelling --cancelled--> cancelled
+ *   cancelling --done|failed|refused--> done|failed|refused  (the robot finished first)
+ *   cancelling --expire--> cancelled    never taken up before its expiresAt: robots refuse it
+ *   cancelling --lost--> failed         no report within timeout + grace
+ *
+ * `withdraw` is for a pending task that is not being published: it cannot have reached the
+ * robot from this process. `cancel` is for everything else: the server sends a signed `cancel`
+ * and the task stays `cancelling` until the robot reports (or the sweeper decides). While
+ * `cancelling` the task is never sent again; the cancel is, whenever the robot comes back.
  *
  * `expired` only means "not delivered in time": a robot that ran the task anyway (it arrived
  * late) may still report, and its report wins, because it is what really happened.
@@ -18,17 +32,25 @@ export const TASK_STATES = [
   "dispatched",
   "accepted",
   "running",
+  "cancelling",
   "done",
   "failed",
   "refused",
   "expired",
+  "cancelled",
 ] as const;
 export type TaskState = typeof TASK_STATES[number];
 
-export type TaskEvent = "dispatch" | TaskReportState | "expire" | "lost";
+export type TaskEvent = "dispatch" | TaskReportState | "expire" | "lost" | "cancel" | "withdraw";
 
 /** States the server will never leave on its own (only robot reports may move `expired`). */
-export const FINAL_STATES: readonly TaskState[] = ["done", "failed", "refused", "expired"];
+export const FINAL_STATES: readonly TaskState[] = [
+  "done",
+  "failed",
+  "refused",
+  "expired",
+  "cancelled",
+];
 
 /** A task not yet taken up by its robot: pending and dispatched move alike. */
 const QUEUED: Partial<Record<TaskEvent, TaskState>> = {
@@ -38,28 +60,49 @@ const QUEUED: Partial<Record<TaskEvent, TaskState>> = {
   done: "done",
   failed: "failed",
   refused: "refused",
+  cancelled: "cancelled",
   expire: "expired",
+  cancel: "cancelling",
 };
 
 const TABLE: Record<TaskState, Partial<Record<TaskEvent, TaskState>>> = {
-  pending: QUEUED,
+  pending: { ...QUEUED, withdraw: "cancelled" },
   dispatched: QUEUED,
   accepted: {
     accepted: "accepted",
     running: "running",
     done: "done",
     failed: "failed",
+    cancelled: "cancelled",
     lost: "failed",
+    cancel: "cancelling",
   },
   running: {
     running: "running",
     done: "done",
     failed: "failed",
+    cancelled: "cancelled",
     lost: "failed",
+    cancel: "cancelling",
+  },
+  cancelling: {
+    // A publish in flight when the cancel came acknowledged late; reports of progress: the
+    // task stays cancelling (their times are still recorded).
+    dispatch: "cancelling",
+    accepted: "cancelling",
+    running: "cancelling",
+    cancel: "cancelling",
+    cancelled: "cancelled",
+    done: "done",
+    failed: "failed",
+    refused: "refused",
+    lost: "failed",
+    expire: "cancelled",
   },
   done: { done: "done" },
   failed: { failed: "failed" },
   refused: { refused: "refused" },
+  cancelled: { cancelled: "cancelled" },
   expired: {
     expire: "expired",
     accepted: "accepted",
@@ -67,6 +110,7 @@ const TABLE: Record<TaskState, Partial<Record<TaskEvent, TaskState>>> = {
     done: "done",
     failed: "failed",
     refused: "refused",
+    cancelled: "cancelled",
   },
 };
 
@@ -88,6 +132,15 @@ export function transition(from: TaskState, event: TaskEvent): Transition {
 /** Tasks in these states are (re)sent to their robot when it is online. */
 export function needsDispatch(state: TaskState): boolean {
   return state === "pending" || state === "dispatched";
+}
+
+/** Tasks in this state get their `cancel` (re)sent when the robot is online. */
+export function needsCancel(state: TaskState): boolean {
+  return state === "cancelling";
+}
+
+export function isFinal(state: TaskState): boolean {
+  return FINAL_STATES.includes(state);
 }
 
 export function isTaskState(s: string): s is TaskState {

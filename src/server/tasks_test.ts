@@ -1,5 +1,14 @@
 import assert from "node:assert/strict";
-import { needsDispatch, type TaskEvent, type TaskState, transition } from "./tasks.ts";
+import {
+  FINAL_STATES,
+  isFinal,
+  needsCancel,
+  needsDispatch,
+  TASK_STATES,
+  type TaskEvent,
+  type TaskState,
+  transition,
+} from "./tasks.ts";
 
 // [from, event, expected to | "ignored"]
 const TABLE: [TaskState, TaskEvent, TaskState | "ignored"][] = [
@@ -26,6 +35,36 @@ const TABLE: [TaskState, TaskEvent, TaskState | "ignored"][] = [
   ["expired", "done", "done"], // it arrived late and ran: the report wins
   ["expired", "dispatch", "ignored"],
   ["accepted", "refused", "ignored"],
+  // Cancel: a pending task nobody is publishing is withdrawn, never sent.
+  ["pending", "withdraw", "cancelled"],
+  ["dispatched", "withdraw", "ignored"], // it may have reached the robot: cancel, not withdraw
+  ["running", "withdraw", "ignored"],
+  ["pending", "cancel", "cancelling"], // being published when the cancel came
+  ["dispatched", "cancel", "cancelling"],
+  ["accepted", "cancel", "cancelling"],
+  ["running", "cancel", "cancelling"],
+  ["cancelling", "cancel", "cancelling"], // a second cancel changes nothing
+  ["cancelling", "dispatch", "cancelling"], // the late PUBACK of that publish
+  ["cancelling", "accepted", "cancelling"],
+  ["cancelling", "running", "cancelling"],
+  ["cancelling", "cancelled", "cancelled"], // the robot killed it
+  ["cancelling", "done", "done"], // it finished first
+  ["cancelling", "failed", "failed"],
+  ["cancelling", "refused", "refused"],
+  ["cancelling", "lost", "failed"],
+  ["cancelling", "expire", "cancelled"], // never taken up: robots refuse it past expiresAt
+  ["running", "cancelled", "cancelled"], // the robot's report is what happened
+  ["dispatched", "cancelled", "cancelled"],
+  ["expired", "cancelled", "cancelled"],
+  ["cancelled", "cancelled", "cancelled"], // duplicate delivery
+  ["cancelled", "running", "ignored"], // final: a late report does not revive it
+  ["cancelled", "done", "ignored"],
+  ["cancelled", "dispatch", "ignored"], // a withdrawn task is never sent
+  ["cancelled", "cancel", "ignored"],
+  ["done", "cancel", "ignored"],
+  ["failed", "cancel", "ignored"],
+  ["refused", "cancel", "ignored"],
+  ["expired", "cancel", "ignored"],
 ];
 
 Deno.test("task state machine: table of transitions", () => {
@@ -52,4 +91,33 @@ Deno.test("transitions are idempotent: applying an event twice changes nothing m
     assert.equal(twice.changed, false, e);
   }
   assert.ok(needsDispatch("pending") && needsDispatch("dispatched") && !needsDispatch("accepted"));
+});
+
+Deno.test("final states: only the robot's own report of that state is accepted", () => {
+  const events: TaskEvent[] = [
+    "dispatch",
+    "accepted",
+    "running",
+    "done",
+    "failed",
+    "refused",
+    "cancelled",
+    "expire",
+    "lost",
+    "cancel",
+    "withdraw",
+  ];
+  for (const s of FINAL_STATES) {
+    assert.ok(isFinal(s));
+    if (s === "expired") continue; // "not delivered in time": a late report still wins
+    for (const e of events) {
+      const t = transition(s, e);
+      assert.ok(t.ignored || (!t.changed && e === s), `${s} --${e}--> ${t.to}`);
+    }
+  }
+  for (const s of TASK_STATES) {
+    assert.equal(needsCancel(s), s === "cancelling", s);
+    if (needsDispatch(s) || needsCancel(s)) assert.ok(!isFinal(s), s);
+  }
+  assert.ok(!isFinal("cancelling"), "a cancel is not done until the robot reports");
 });

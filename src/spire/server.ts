@@ -46,6 +46,44 @@ export interface ServerConfigValues {
    * SPIRE's default.
    */
   attestationRateLimit?: boolean;
+  /** The sql DataStore. Unset = sqlite3 in `<dataDir>/datastore.sqlite3` (the guide's). */
+  datastore?: ServerDatastore;
+  /**
+   * `UpstreamAuthority "disk"`: SPIRE's CA is signed by this CA (`k8s4r ca init`), and the
+   * trust bundle carries `bundleFile` (the root) instead of SPIRE's own rotating CA.
+   */
+  upstreamAuthority?: DiskUpstreamAuthority;
+  /** `agent_ttl` (Go duration): the agents' SVID lifetime. Unset = SPIRE's (the SVID TTL). */
+  agentTtl?: string;
+  /**
+   * The `health_checks` HTTP listener (`/live`, `/ready`): its `/ready` body says WHY the
+   * server is not ready (e.g. the datastore's error), which the gRPC health check does not.
+   */
+  healthChecks?: { bindAddress: string; port: number };
+  /**
+   * Also run the `x509pop` NodeAttestor, trusting the factory CA(s) in this PEM file: a node
+   * proves possession of the key of a certificate they issued (`k8s4r robot add --attestation
+   * x509pop`). Unset = join tokens only.
+   */
+  x509popCaBundlePath?: string;
+}
+
+/**
+ * SPIRE's sql DataStore. `postgres` uses SPIRE's pure-Go driver (no cgo needed). Its
+ * `connectionString` holds the password: it only ever goes into a 0600 config file (never argv,
+ * env or a log; `startSpireServer` also redacts it from SPIRE's output).
+ */
+export type ServerDatastore =
+  | { type: "sqlite3"; path?: string }
+  | { type: "postgres"; connectionString: string };
+
+export interface DiskUpstreamAuthority {
+  /** The CA SPIRE's own CA is signed by (PEM; an intermediate of the root, or the root). */
+  certFile: string;
+  /** Its key (PEM, 0600). */
+  keyFile: string;
+  /** The root(s) the bundle carries; required when `certFile` is not self-signed. */
+  bundleFile?: string;
 }
 
 /** The guide's values; `config/spire/server.conf` is exactly `renderServerConfig()` of these. */
@@ -83,6 +121,8 @@ server {
   log_level = ${hclString(v.logLevel)}
   default_x509_svid_ttl = ${hclString(v.defaultX509SvidTtl)}
   ca_ttl = ${hclString(v.caTtl)}${
+    v.agentTtl !== undefined ? `\n  agent_ttl = ${hclString(v.agentTtl)}` : ""
+  }${
     v.attestationRateLimit !== undefined
       ? `
 
@@ -113,20 +153,65 @@ server {
 plugins {
   DataStore "sql" {
     plugin_data {
-      database_type = "sqlite3"
-      connection_string = ${hclString(joinDataPath(v.dataDir, "datastore.sqlite3"))}
+${renderDatastore(v)}
     }
   }
 
   NodeAttestor "join_token" {
     plugin_data {}
   }
-
+${
+    v.x509popCaBundlePath !== undefined
+      ? `
+  NodeAttestor "x509pop" {
+    plugin_data {
+      ca_bundle_path = ${hclString(v.x509popCaBundlePath)}
+    }
+  }
+`
+      : ""
+  }
   KeyManager "disk" {
     plugin_data {
       keys_path = ${hclString(joinDataPath(v.dataDir, "keys.json"))}
     }
+  }${renderUpstreamAuthority(v.upstreamAuthority)}
+}
+${renderHealthChecks(v.healthChecks)}`;
+}
+
+function renderDatastore(v: ServerConfigValues): string {
+  const ds = v.datastore ?? { type: "sqlite3" };
+  const conn = ds.type === "postgres"
+    ? ds.connectionString
+    : ds.path ?? joinDataPath(v.dataDir, "datastore.sqlite3");
+  return `      database_type = ${hclString(ds.type)}
+      connection_string = ${hclString(conn)}`;
+}
+
+function renderUpstreamAuthority(u: DiskUpstreamAuthority | undefined): string {
+  if (!u) return "";
+  return `
+
+  UpstreamAuthority "disk" {
+    plugin_data {
+      cert_file_path = ${hclString(u.certFile)}
+      key_file_path = ${hclString(u.keyFile)}${
+    u.bundleFile !== undefined ? `\n      bundle_file_path = ${hclString(u.bundleFile)}` : ""
   }
+    }
+  }`;
+}
+
+function renderHealthChecks(h: ServerConfigValues["healthChecks"]): string {
+  if (!h) return "";
+  return `
+health_checks {
+  listener_enabled = true
+  bind_address = ${hclString(h.bindAddress)}
+  bind_port = "${h.port}"
+  live_path = "/live"
+  ready_path = "/ready"
 }
 `;
 }
@@ -168,6 +253,21 @@ export interface StartServerOptions {
   attestationRateLimit?: boolean;
   /** `experimental.events_based_cache`; undefined = the config file's, else SPIRE's (false). */
   eventsBasedCache?: boolean;
+  /** The sql DataStore; undefined = sqlite3 under the data dir. */
+  datastore?: ServerDatastore;
+  /** `UpstreamAuthority "disk"`; undefined = SPIRE's own self-signed CA. */
+  upstreamAuthority?: DiskUpstreamAuthority;
+  /** `agent_ttl`; undefined = the config file's, else SPIRE's. */
+  agentTtl?: string;
+  /** The `health_checks` listener; undefined = none. */
+  healthChecks?: { bindAddress: string; port: number };
+  /**
+   * Secret values (the datastore password) that must never reach the log: redacted from
+   * SPIRE's output (non-detached servers only, like join tokens).
+   */
+  secrets?: string[];
+  /** Adds the x509pop NodeAttestor with this factory CA bundle (see ServerConfigValues). */
+  x509popCaBundle?: string;
   logFile: string;
   pidFile?: string;
   detached?: boolean;
@@ -212,7 +312,9 @@ export async function planSpireServer(
   // run from a rendered config that holds every value.
   if (
     opts.dataDir || opts.defaultX509SvidTtl || opts.caTtl || opts.cacheReloadInterval ||
-    opts.attestationRateLimit !== undefined || opts.eventsBasedCache !== undefined
+    opts.attestationRateLimit !== undefined || opts.eventsBasedCache !== undefined ||
+    opts.datastore || opts.upstreamAuthority || opts.agentTtl || opts.healthChecks ||
+    opts.x509popCaBundle !== undefined
   ) {
     const dataDir = resolve(opts.cwd, opts.dataDir ?? readConfigValue(text, "data_dir") ?? ".");
     const port = readConfigValue(text, "bind_port");
@@ -233,6 +335,11 @@ export async function planSpireServer(
         readConfigBool(text, "ratelimit.attestation"),
       eventsBasedCache: opts.eventsBasedCache ??
         readConfigBool(text, "experimental.events_based_cache"),
+      datastore: opts.datastore,
+      upstreamAuthority: opts.upstreamAuthority,
+      agentTtl: opts.agentTtl ?? readConfigValue(text, "agent_ttl"),
+      healthChecks: opts.healthChecks,
+      x509popCaBundlePath: opts.x509popCaBundle,
     } as Partial<ServerConfigValues>); // undefined values fall back to the defaults
     configFile = join(dataDir, "server.generated.conf");
   }
@@ -254,7 +361,12 @@ export async function startSpireServer(
   if (plan.rendered !== undefined) {
     const dir = plan.configFile.slice(0, plan.configFile.lastIndexOf("/"));
     await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
-    await Deno.writeTextFile(plan.configFile, plan.rendered, { mode: 0o600 });
+    // 0600 even when the file exists already (writeTextFile's mode applies only on create): it
+    // may hold the datastore password. Written to a temp file, then renamed into place.
+    const tmp = `${plan.configFile}.tmp-${Deno.pid}`;
+    await Deno.writeTextFile(tmp, plan.rendered, { mode: 0o600 });
+    await Deno.chmod(tmp, 0o600);
+    await Deno.rename(tmp, plan.configFile);
   }
   // The admin socket grants full control of the server: keep its directory private.
   const socketDir = plan.socketPath.slice(0, plan.socketPath.lastIndexOf("/"));
@@ -270,7 +382,7 @@ export async function startSpireServer(
     // spire-server logs every join-token agent's ID, which embeds the token. Its output can only
     // be redacted while it flows through us, so a detached server logs unredacted: run it under
     // a long-lived k8s4r process (as devenv does) to keep tokens out of its log.
-    logFilter: opts.detached ? undefined : (line) => redactJoinTokens(line),
+    logFilter: opts.detached ? undefined : (line) => redactJoinTokens(line, opts.secrets),
     ready: async () => (await grpcHealthCheck(plan.socketPath, 1000)) === "SERVING",
     readyTimeoutMs: opts.readyTimeoutMs ?? 30_000,
     readyIntervalMs: 100,
@@ -305,6 +417,35 @@ export interface DesiredEntry {
   selectors: string[];
   dnsNames: string[];
   x509SvidTtl?: number;
+  /** A node entry (`entry create -node`): its parent is the server, its selectors an agent's. */
+  node?: boolean;
+}
+
+/** An attested agent, from `spire-server agent list -output json`. */
+export interface AgentRecord {
+  /** `spiffe://<td>/spire/agent/<attestor>/...` (a join-token agent's ID holds its token). */
+  id: string;
+  attestationType: string;
+  banned: boolean;
+  canReattest: boolean;
+  selectors: string[];
+  /** The agent SVID's notAfter. */
+  expiresAt: Date;
+}
+
+/** One agent from SPIRE's protojson. */
+export function parseAgentJson(v: unknown): AgentRecord {
+  const o = asObj(v);
+  return {
+    id: idString(o.id),
+    attestationType: String(o.attestation_type ?? ""),
+    banned: o.banned === true,
+    canReattest: o.can_reattest === true,
+    selectors: Array.isArray(o.selectors)
+      ? o.selectors.map((s) => `${asObj(s).type}:${asObj(s).value}`)
+      : [],
+    expiresAt: new Date(Number(o.x509svid_expires_at ?? 0) * 1000),
+  };
 }
 
 export type ReconcileResult = "created" | "updated" | "unchanged";
@@ -464,7 +605,12 @@ export class SpireServerCli {
   }
 
   private entryArgs(d: DesiredEntry): string[] {
-    const args = ["-parentID", d.parentId, "-spiffeID", d.spiffeId];
+    const args = d.node ? ["-node", "-spiffeID", d.spiffeId] : [
+      "-parentID",
+      d.parentId,
+      "-spiffeID",
+      d.spiffeId,
+    ];
     for (const s of d.selectors) args.push("-selector", s);
     for (const n of d.dnsNames) args.push("-dns", n);
     if (d.x509SvidTtl !== undefined) args.push("-x509SVIDTTL", String(d.x509SvidTtl));
@@ -489,6 +635,39 @@ export class SpireServerCli {
     );
     const [first] = batchResults(parseJson(r.stdout, "entry update"), "entry update");
     return parseEntryJson(first.entry);
+  }
+
+  /** Every attested agent (banned ones too): `agent list`. */
+  async listAgents(): Promise<AgentRecord[]> {
+    const json = parseJson(
+      (await this.run(["agent", "list", "-output", "json"], "agent list")).stdout,
+      "agent list",
+    );
+    return Array.isArray(json.agents) ? json.agents.map(parseAgentJson) : [];
+  }
+
+  /**
+   * `agent evict`: deletes the agent's record, so its agent SVID is no longer honoured; it may
+   * attest again if its attestor allows (x509pop does, a used join token does not). `agent ban`
+   * also refuses any later attestation of that agent ID. A missing agent is not an error.
+   */
+  async evictAgent(spiffeId: string, ban = false): Promise<"done" | "not found"> {
+    // A join-token agent's ID holds its token, so it is on spire-server's command line here: a
+    // token an agent attested with is used up (single use) and no longer a secret.
+    const what = ban ? "agent ban" : "agent evict";
+    const r = await this.runner.output(
+      this.bin,
+      ["agent", ban ? "ban" : "evict", "-spiffeID", spiffeId, "-socketPath", this.socketPath],
+      { timeoutMs: 30_000, check: false },
+    ).catch((err) => {
+      throw new CliError(`spire-server ${what} failed: ${(err as Error).message}`);
+    });
+    if (r.success) return "done";
+    if (/NotFound/.test(r.stderr)) return "not found";
+    // The agent's ID of a join-token agent holds the token: never echo it.
+    throw new CliError(
+      `spire-server ${what} failed: ${redactJoinTokens(r.stderr.trim().split("\n").pop() ?? "")}`,
+    );
   }
 
   async deleteEntry(id: string): Promise<void> {
@@ -545,6 +724,35 @@ export class SpireServerCli {
     return changed ? "updated" : "unchanged";
   }
 
+  /**
+   * Mints an X509-SVID directly from the server into `dir` (which must exist, mode 0700): the
+   * key never passes through argv, a pipe or a log. Returns the paths SPIRE wrote.
+   */
+  async mintX509Files(opts: {
+    spiffeId: string;
+    dnsNames: string[];
+    ttlSeconds: number;
+    dir: string;
+  }): Promise<{ certFile: string; keyFile: string; bundleFile: string }> {
+    const args = ["x509", "mint", "-spiffeID", opts.spiffeId];
+    for (const n of opts.dnsNames) args.push("-dns", n);
+    args.push("-ttl", `${opts.ttlSeconds}s`, "-write", opts.dir);
+    await this.run(args, "x509 mint");
+    const files = {
+      certFile: join(opts.dir, "svid.pem"),
+      keyFile: join(opts.dir, "key.pem"),
+      bundleFile: join(opts.dir, "bundle.pem"),
+    };
+    for (const f of Object.values(files)) {
+      try {
+        await Deno.stat(f);
+      } catch {
+        throw new CliError(`spire-server x509 mint: ${f} was not written`);
+      }
+    }
+    return files;
+  }
+
   /** Mints an X509-SVID directly from the server (e.g. the broker's). */
   async mintX509(opts: { spiffeId: string; dnsNames: string[]; ttlSeconds: number }): Promise<
     MintedSvid
@@ -553,21 +761,11 @@ export class SpireServerCli {
     const dir = await Deno.makeTempDir({ prefix: "k8s4r-mint-" });
     try {
       await Deno.chmod(dir, 0o700);
-      const args = ["x509", "mint", "-spiffeID", opts.spiffeId];
-      for (const n of opts.dnsNames) args.push("-dns", n);
-      args.push("-ttl", `${opts.ttlSeconds}s`, "-write", dir);
-      await this.run(args, "x509 mint");
-      const read = async (f: string) => {
-        try {
-          return await Deno.readTextFile(join(dir, f));
-        } catch {
-          throw new CliError(`spire-server x509 mint: ${f} was not written`);
-        }
-      };
+      const f = await this.mintX509Files({ ...opts, dir });
       return {
-        certPem: await read("svid.pem"),
-        keyPem: await read("key.pem"),
-        bundlePem: await read("bundle.pem"),
+        certPem: await Deno.readTextFile(f.certFile),
+        keyPem: await Deno.readTextFile(f.keyFile),
+        bundlePem: await Deno.readTextFile(f.bundleFile),
       };
     } finally {
       await Deno.remove(dir, { recursive: true }).catch(() => {});

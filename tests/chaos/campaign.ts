@@ -191,13 +191,13 @@ export class Campaign {
     }
   }
 
-  /** Finds the tasks of failed POSTs in the robots' listings (the newest 100 each). */
+  /** Finds the tasks of failed POSTs in the robots' listings (the newest 1000 each). */
   async resolveUncertain(): Promise<void> {
     if (this.uncertain.size === 0) return;
     for (const robot of this.robots) {
       try {
         const r = await this.stack.http<{ tasks: (TaskView & { command: string[] })[] }>(
-          `/api/robots/${robot}/tasks`,
+          `/api/robots/${robot}/tasks?limit=1000`,
         );
         for (const v of r.body.tasks ?? []) {
           const token = v.command?.[1];

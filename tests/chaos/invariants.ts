@@ -105,6 +105,9 @@ export interface Window {
   what: string;
 }
 
+/** How long after a task's last line its agent may still be recording its result. */
+export const RESULT_RECORDING_MS = 250;
+
 function overlaps(a0: number, a1: number, w: Window): boolean {
   return a0 <= w.end && w.start <= a1;
 }
@@ -316,8 +319,11 @@ export function checkResults(obs: Observations): InvariantResult {
       continue;
     }
     counts.ran++;
+    // A kill just after the task's last line still interrupts it: the agent has yet to reap
+    // it and write its result to the durable queue (an fsync), so its exit status dies with
+    // the agent, which then reports `failed: agent restarted`.
     const crashed = agentKills(obs, t.robot).some((k) =>
-      k.at >= start && k.at <= (end ?? obs.endedAt)
+      k.at >= start && k.at <= (end !== undefined ? end + RESULT_RECORDING_MS : obs.endedAt)
     );
     if (crashed) counts.interrupted++;
     const where = `${t.token} (${t.robot}, ran ${rel(obs, start)}${

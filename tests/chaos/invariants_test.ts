@@ -235,6 +235,16 @@ Deno.test("results: a result queued when its agent crashed after the task must s
   assert.match(r.violations[0], /c7-3 .*: finished on the robot, but the registry says failed/);
 });
 
+Deno.test("results: a kill within RESULT_RECORDING_MS of the task's end interrupted it", () => {
+  // The task printed its last line at +9.9s, the agent was killed at +10s: the agent had not
+  // reaped it and written its result yet, so `failed: agent restarted` is the honest answer.
+  const obs = clean();
+  obs.runs.push({ robot: R1, token: "c7-3", phase: "end", at: T0 + 10_000 - 100 });
+  const r = checkAll(obs).find((x) => x.id === "results")!;
+  assert.equal(r.ok, true, r.violations.join("\n"));
+  assert.match(r.figures, /1 overlapped a crash of their agent/);
+});
+
 Deno.test("crash-detection: late, never, and excluded crashes", () => {
   const late = clean();
   late.transitions[0].at = T0 + 13_200;

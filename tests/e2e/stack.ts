@@ -29,6 +29,7 @@ import {
   waitFor,
 } from "../../src/process/mod.ts";
 import { SpireServerCli } from "../../src/spire/server.ts";
+import { fetchClient, loadCredentials } from "../../src/operator/credentials.ts";
 import { probeMqtt } from "../../src/mqtt/probe.ts";
 import { freePorts } from "../helpers/ports.ts";
 
@@ -209,16 +210,40 @@ export class E2eStack {
   private constructor(
     readonly dir: string,
     readonly sockDir: string,
-    readonly ports: { spire: number; plain: number; tls: number; http: number },
+    readonly ports: {
+      spire: number;
+      plain: number;
+      tls: number;
+      http: number;
+      /** `--ha`: PostgreSQL and the two SPIRE servers' own ports. */
+      postgres?: number;
+      spire1?: number;
+      spire2?: number;
+      http2?: number;
+      http3?: number;
+    },
     /** The robots `start()` runs (`devenv start --robots N`). */
     readonly robotIds: string[] = ROBOTS,
+    /** `devenv start --ha`. */
+    readonly ha = false,
+    /** More `devenv start` flags (`--advertise ADDR`, `--attestation x509pop`). */
+    readonly extraStartArgs: string[] = [],
   ) {
     this.env = {
       ...Deno.env.toObject(),
       NO_COLOR: "1",
       ...layoutEnv(
         { spireServer: ports.spire, mqttPlain: ports.plain, mqttTls: ports.tls, http: ports.http },
-        { agentSocketDir: sockDir },
+        {
+          agentSocketDir: sockDir,
+          ha: ha
+            ? {
+              postgresPort: ports.postgres!,
+              spireServerPorts: [ports.spire1!, ports.spire2!],
+              httpPorts: [ports.http2!, ports.http3!],
+            }
+            : undefined,
+        },
       ),
     };
     // Never let a caller's environment point a child at another stack or a real token.
@@ -226,6 +251,12 @@ export class E2eStack {
     delete this.env.ROBOT_ID;
     delete this.env.MQTT_BROKER_URL;
     delete this.env.K8S4R_PROJECT_DIR;
+    delete this.env.K8S4R_OPERATOR;
+    delete this.env.K8S4R_SERVER_URL;
+    delete this.env.K8S4R_ROLES_FILE;
+    delete this.env.K8S4R_SPIRE_SERVER_SOCKET;
+    // devenv's admin operator lands here, never in the developer's own ~/.config.
+    this.env.XDG_CONFIG_HOME = `${dir}/xdg`;
     this.layout = defaultLayout(dir, this.env);
     this.files = devenvFiles(this.layout, this.env);
   }
@@ -235,7 +266,7 @@ export class E2eStack {
    * `robots` robots (default 2: robot-001, robot-002).
    */
   static async create(
-    opts: { heartbeatSeconds?: number; robots?: number } = {},
+    opts: { heartbeatSeconds?: number; robots?: number; ha?: boolean; startArgs?: string[] } = {},
   ): Promise<E2eStack> {
     // Short paths: unix socket paths are limited to 107 bytes.
     const dir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8s4r-e2e-" });
@@ -254,11 +285,13 @@ export class E2eStack {
     const patched = yaml.replace(/^(\s*heartbeatSeconds:\s*)\d+/m, `$1${hb}`);
     assert.notEqual(patched, yaml, `${yamlPath}: no mqtt.heartbeatSeconds to set`);
     await Deno.writeTextFile(yamlPath, patched);
-    const [spire, plain, tls, http] = freePorts(4);
-    const ports = { spire, plain, tls, http };
+    const [spire, plain, tls, http, postgres, spire1, spire2, http2, http3] = freePorts(9);
+    const ports = opts.ha
+      ? { spire, plain, tls, http, postgres, spire1, spire2, http2, http3 }
+      : { spire, plain, tls, http };
     const n = opts.robots ?? ROBOTS.length;
     const ids = Array.from({ length: n }, (_, i) => `robot-${String(i + 1).padStart(3, "0")}`);
-    const s = new E2eStack(dir, sockDir, ports, ids);
+    const s = new E2eStack(dir, sockDir, ports, ids, opts.ha ?? false, opts.startArgs);
     everyStack.add(s);
     return s;
   }
@@ -317,7 +350,15 @@ export class E2eStack {
 
   /** The arguments of `devenv start` for this stack (restarts only what is dead). */
   startArgs(): string[] {
-    return ["start", "--robots", String(this.robotIds.length), "--broker", "native"];
+    return [
+      "start",
+      "--robots",
+      String(this.robotIds.length),
+      "--broker",
+      "native",
+      ...(this.ha ? ["--ha"] : []),
+      ...this.extraStartArgs,
+    ];
   }
 
   async doctor(): Promise<{ code: number; report: DoctorReport; raw: CmdResult }> {
@@ -365,13 +406,42 @@ export class E2eStack {
 
   // ---- HTTP API
 
+  /** `localhost`: the name the server's certificate carries (it listens on 127.0.0.1). */
   get api(): string {
-    return `http://127.0.0.1:${this.ports.http}`;
+    return `https://localhost:${this.ports.http}`;
   }
 
-  async http<T>(path: string, init: RequestInit = {}): Promise<{ status: number; body: T }> {
+  #clients = new Map<string, Deno.HttpClient>();
+
+  /** A fetch client as operator `name` (devenv's admin by default), trusting its bundle. */
+  async operatorClient(name = "admin"): Promise<Deno.HttpClient> {
+    let c = this.#clients.get(name);
+    if (!c) {
+      c = fetchClient(await loadCredentials(this.env, name));
+      this.#clients.set(name, c);
+    }
+    return c;
+  }
+
+  /** Drops cached clients (after `operator login` replaced a certificate). */
+  closeClients(): void {
+    for (const c of this.#clients.values()) c.close();
+    this.#clients.clear();
+  }
+
+  /** A request to the API as devenv's admin operator (JSON content type when there is a body). */
+  async http<T>(
+    path: string,
+    init: RequestInit & { operator?: string } = {},
+  ): Promise<{ status: number; body: T }> {
+    const headers = new Headers(init.headers);
+    if (init.body !== undefined && !headers.has("content-type")) {
+      headers.set("content-type", "application/json");
+    }
     const res = await fetch(`${this.api}${path}`, {
       ...init,
+      headers,
+      client: await this.operatorClient(init.operator),
       signal: init.signal ?? AbortSignal.timeout(5000),
     });
     const text = await res.text();
@@ -621,6 +691,7 @@ export class E2eStack {
 
   /** The last test: stop, clean, and nothing of ours left running or listening. */
   async teardown(): Promise<void> {
+    this.closeClients();
     this.remember();
     const stop = await this.devenv("stop");
     this.keepLogs();
@@ -633,7 +704,7 @@ export class E2eStack {
     this.emergencyStopSync();
     assert.equal(stop.code, 0, `devenv stop: ${stop.stdout}\n${stop.stderr}`);
     assert.equal(clean.code, 0, `devenv clean: ${clean.stdout}\n${clean.stderr}`);
-    assert.ok(this.seen.size >= 8, `only ${this.seen.size} processes were ever recorded`);
+    assert.ok(this.seen.size >= 6, `only ${this.seen.size} processes were ever recorded`);
     metric("teardown.processes_recorded", this.seen.size);
     assert.deepEqual(alive, [], `processes survived stop: ${alive.join(", ")}`);
     assert.deepEqual(stillListening, [], `ports still listening: ${stillListening.join(", ")}`);

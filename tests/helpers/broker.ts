@@ -19,6 +19,7 @@ import {
   writeBrokerFiles,
 } from "../../src/mqtt/broker_config.ts";
 import { probeMqtt } from "../../src/mqtt/probe.ts";
+import { BROKER_ADMIN_USERNAME, findDynsecPlugin } from "../../src/mqtt/dynsec.ts";
 
 export const TEST_TRUST_DOMAIN = "k8s4r.test";
 
@@ -36,6 +37,8 @@ export interface TestBroker {
   tlsPort: number;
   plainPort: number;
   server: { username: string; password: string };
+  /** The dynamic-security admin login (`k8s4r robot remove` uses it). */
+  admin: { username: string; password: string };
   files: BrokerFiles;
   caFile: string;
   brokerSpiffeId: string;
@@ -106,7 +109,7 @@ export async function startTestBroker(
     /** Use this PKI instead of the throwaway TestCa (the client helpers then do not apply). */
     pki?: BrokerPki;
     /** Bind the mTLS listener here (default 127.0.0.1), e.g. a test network's address. */
-    tlsBind?: string;
+    tlsBind?: string | string[];
   } = {},
 ): Promise<TestBroker> {
   const runner = opts.runner ?? realRunner;
@@ -120,6 +123,13 @@ export async function startTestBroker(
   const caFile = opts.pki?.caFile ?? ca.caFile;
   const [tlsPort, plainPort] = freePorts(2);
   const server = { username: "k8s4r-server", password: generatePassword() };
+  const admin = { username: BROKER_ADMIN_USERNAME, password: generatePassword() };
+  const dynsecPlugin = await findDynsecPlugin(Deno.env.toObject());
+  if (!dynsecPlugin) {
+    throw new Error(
+      "mosquitto_dynamic_security.so not found (Debian's mosquitto package ships it): install mosquitto, or set K8S4R_MOSQUITTO_DYNSEC",
+    );
+  }
   const files = await writeBrokerFiles(join(dir, "mosquitto"), {
     tlsPort,
     plainPort,
@@ -127,6 +137,8 @@ export async function startTestBroker(
     certfile: brokerCert.certFile,
     keyfile: brokerCert.keyFile,
     server,
+    admin,
+    dynsecPlugin,
     tlsAdminUsers: opts.tlsAdminUsers,
     tlsBind: opts.tlsBind,
   });
@@ -171,11 +183,12 @@ export async function startTestBroker(
     tlsPort,
     plainPort,
     server,
+    admin,
     files,
     caFile,
     brokerSpiffeId,
     plainUrl: `mqtt://127.0.0.1:${plainPort}`,
-    tlsUrl: `mqtts://${opts.tlsBind ?? "127.0.0.1"}:${tlsPort}`,
+    tlsUrl: `mqtts://${[opts.tlsBind ?? "127.0.0.1"].flat()[0]}:${tlsPort}`,
     ca,
     issueCert: (cn, o = {}) =>
       ca.issue(`client-${cn}-${crypto.randomUUID().slice(0, 6)}`, {

@@ -287,7 +287,7 @@ Deno.test("server.healthz and server.robot", async () => {
   );
   assert.equal(
     down.detail,
-    "GET http://127.0.0.1:8090/healthz answered 503: not connected to the broker",
+    "GET https://localhost:8090/healthz answered 503: not connected to the broker",
   );
   assert.equal(
     (await byId("server.robot").run(
@@ -295,7 +295,13 @@ Deno.test("server.healthz and server.robot", async () => {
     )).detail,
     "robot-001 is online",
   );
-  assert.equal(urls.at(-1), "http://127.0.0.1:8090/api/robots/robot-001");
+  assert.equal(urls.at(-1), "https://localhost:8090/api/robots/robot-001");
+  const forbidden = await byId("server.robot").run(
+    fakeContext({ net: http(403, { error: "operator vera is a viewer" }) }),
+  );
+  assert.equal(forbidden.status, "fail");
+  assert.match(forbidden.detail, /answered 403: operator vera is a viewer/);
+  assert.match(forbidden.hint ?? "", /operator login/);
   const off = await byId("server.robot").run(
     fakeContext({
       net: http(200, {

@@ -1,8 +1,17 @@
-/** server: the k8s4r fleet server's HTTP API answers and sees the robot online. */
+/**
+ * server: the k8s4r fleet server's HTTPS API answers and sees the robot online. Requests go as
+ * the CLI's operator (its credentials, see `k8s4r operator creds`).
+ */
 import { errorMessage } from "../../cli/errors.ts";
 import { type Check, fail, ok, rel } from "../check.ts";
 import { files, mutePeerHint } from "./common.ts";
 import type { TimeoutSpec } from "../check.ts";
+import { defaultServerUrl } from "../../fleet/paths.ts";
+
+/** The server's URL: `localhost`, the name its certificate carries (it listens on 127.0.0.1). */
+function apiBase(ctx: { layout: { ports: { http: number } } }): string {
+  return defaultServerUrl(ctx.layout.ports.http);
+}
 
 const serverTimeout: TimeoutSpec = {
   hint: (ctx) =>
@@ -16,7 +25,7 @@ const healthz: Check = {
   title: "fleet server /healthz",
   timeout: serverTimeout,
   async run(ctx) {
-    const url = `http://127.0.0.1:${ctx.layout.ports.http}/healthz`;
+    const url = `${apiBase(ctx)}/healthz`;
     const log = rel(ctx, files(ctx).serverLog);
     let r;
     try {
@@ -24,7 +33,7 @@ const healthz: Check = {
     } catch (err) {
       return fail(
         `GET ${url}: ${errorMessage(err)}`,
-        `k8s4r devenv start   # then: tail -n 50 ${log}`,
+        (err as { hint?: string }).hint ?? `k8s4r devenv start   # then: tail -n 50 ${log}`,
       );
     }
     if (r.status !== 200) {
@@ -50,13 +59,26 @@ const robotOnline: Check = {
   dependsOn: ["server.healthz"],
   async run(ctx) {
     const id = ctx.options.robotId;
-    const url = `http://127.0.0.1:${ctx.layout.ports.http}/api/robots/${encodeURIComponent(id)}`;
+    const url = `${apiBase(ctx)}/api/robots/${encodeURIComponent(id)}`;
     const agentLog = rel(ctx, ctx.robot.logFile);
     let r;
     try {
       r = await ctx.net.httpGet(url, ctx.timeoutMs);
     } catch (err) {
-      return fail(`GET ${url}: ${errorMessage(err)}`, "k8s4r devenv start");
+      return fail(
+        `GET ${url}: ${errorMessage(err)}`,
+        (err as { hint?: string }).hint ?? "k8s4r devenv start",
+      );
+    }
+    if (r.status === 401 || r.status === 403) {
+      let why = "";
+      try {
+        why = `: ${JSON.parse(r.body).error}`;
+      } catch { /* not JSON */ }
+      return fail(
+        `GET ${url} answered ${r.status}${why}`,
+        "k8s4r operator login   # or, on the control host: k8s4r operator add admin --role operator",
+      );
     }
     if (r.status === 404) {
       return fail(

@@ -5,7 +5,8 @@
  *
  * Why not `openssl` through a subprocess: node:crypto can sign but has no certificate builder,
  * and a subprocess per certificate would make every unit test slower, depend on a binary and
- * need temp files. Building DER is ~100 lines and keeps tests in-process and deterministic.
+ * need temp files. Building DER is ~100 lines (`../cert_builder.ts`, shared with `k8s4r ca` and
+ * the factory CA) and keeps tests in-process and deterministic.
  *
  * Certificates look like SPIRE's: CAs carry `URI:spiffe://<td>`, basicConstraints cA,
  * keyCertSign+cRLSign; leaves carry exactly one SPIFFE ID URI SAN, digitalSignature +
@@ -13,144 +14,12 @@
  * default, as SPIRE does).
  */
 import { Buffer } from "node:buffer";
-import {
-  createHash,
-  createPublicKey,
-  generateKeyPairSync,
-  type KeyObject,
-  randomBytes,
-  sign,
-  X509Certificate,
-} from "node:crypto";
+import { generateKeyPairSync, type KeyObject, X509Certificate } from "node:crypto";
 import { encodePem } from "../pem.ts";
-import {
-  bitString,
-  bool,
-  cat,
-  explicit,
-  implicit,
-  octets,
-  oid,
-  seq,
-  set,
-  time,
-  uint,
-  utf8,
-} from "../der_writer.ts";
+import { cat } from "../der_writer.ts";
+import { buildCertificate, type CertIssuer, type CertParams } from "../cert_builder.ts";
 
-const ECDSA_SHA256 = seq(oid("1.2.840.10045.4.3.2"));
-const EKU_SERVER_AUTH = "1.3.6.1.5.5.7.3.1";
-const EKU_CLIENT_AUTH = "1.3.6.1.5.5.7.3.2";
-
-export interface CertParams {
-  /** Subject CN. */
-  commonName?: string;
-  /** Subject O. */
-  organization?: string;
-  /** URI SANs (SPIFFE IDs or anything, to test bad input). */
-  uris?: string[];
-  dnsNames?: string[];
-  isCa?: boolean;
-  /** Key usage bits; default CA: keyCertSign+cRLSign+digitalSignature, leaf: digitalSignature+keyEncipherment. */
-  keyUsage?: Array<"digitalSignature" | "keyEncipherment" | "keyCertSign" | "cRLSign">;
-  /** Extended key usage; default for leaves serverAuth+clientAuth, none for CAs. */
-  extKeyUsage?: Array<"serverAuth" | "clientAuth">;
-  notBefore: Date;
-  notAfter: Date;
-}
-
-const KU_BITS = { digitalSignature: 0, keyEncipherment: 2, keyCertSign: 5, cRLSign: 6 } as const;
-
-function keyUsageExt(names: NonNullable<CertParams["keyUsage"]>): Uint8Array {
-  let byte = 0;
-  for (const n of names) byte |= 0x80 >> KU_BITS[n];
-  let unused = 0;
-  while (unused < 8 && byte !== 0 && (byte & (1 << unused)) === 0) unused++;
-  return bitString(new Uint8Array([byte]), byte === 0 ? 0 : unused);
-}
-
-function ext(id: string, critical: boolean, value: Uint8Array): Uint8Array {
-  return critical ? seq(oid(id), bool(true), octets(value)) : seq(oid(id), octets(value));
-}
-
-function name(cn?: string, o?: string): Uint8Array {
-  const rdns: Uint8Array[] = [];
-  if (o) rdns.push(set(seq(oid("2.5.4.10"), utf8(o))));
-  if (cn) rdns.push(set(seq(oid("2.5.4.3"), utf8(cn))));
-  return seq(...rdns);
-}
-
-function keyId(spki: Uint8Array): Uint8Array {
-  return new Uint8Array(createHash("sha1").update(spki).digest());
-}
-
-/**
- * Builds and signs one certificate. `issuer` undefined means self-signed. `subjectKey` may be a
- * public key when there is an issuer.
- */
-export function buildCertificate(
-  params: CertParams,
-  subjectKey: KeyObject,
-  issuer?: { cert: X509Certificate; key: KeyObject; subjectName: Uint8Array; spki: Uint8Array },
-): { der: Uint8Array; subjectName: Uint8Array; spki: Uint8Array } {
-  const pub = subjectKey.type === "public" ? subjectKey : createPublicKey(subjectKey);
-  const spki = new Uint8Array(pub.export({ format: "der", type: "spki" }));
-  const subjectName = name(params.commonName, params.organization);
-  const isCa = params.isCa ?? false;
-  const exts: Uint8Array[] = [
-    ext("2.5.29.19", true, isCa ? seq(bool(true)) : seq()),
-    ext(
-      "2.5.29.15",
-      true,
-      keyUsageExt(
-        params.keyUsage ??
-          (isCa ? ["digitalSignature", "keyCertSign", "cRLSign"] : [
-            "digitalSignature",
-            "keyEncipherment",
-          ]),
-      ),
-    ),
-  ];
-  const eku = params.extKeyUsage ?? (isCa ? [] : ["serverAuth", "clientAuth"]);
-  if (eku.length) {
-    exts.push(
-      ext(
-        "2.5.29.37",
-        false,
-        seq(...eku.map((e) => oid(e === "serverAuth" ? EKU_SERVER_AUTH : EKU_CLIENT_AUTH))),
-      ),
-    );
-  }
-  exts.push(ext("2.5.29.14", false, octets(keyId(spki))));
-  exts.push(
-    ext("2.5.29.35", false, seq(implicit(0, keyId(issuer ? issuer.spki : spki)))),
-  );
-  const enc = new TextEncoder();
-  const sans = [
-    ...(params.dnsNames ?? []).map((d) => implicit(2, enc.encode(d))),
-    ...(params.uris ?? []).map((u) => implicit(6, enc.encode(u))),
-  ];
-  if (sans.length) exts.push(ext("2.5.29.17", false, seq(...sans)));
-
-  const serial = randomBytes(16);
-  serial[0] &= 0x7f;
-  const tbs = seq(
-    explicit(0, uint(new Uint8Array([2]))),
-    uint(new Uint8Array(serial)),
-    ECDSA_SHA256,
-    issuer ? issuer.subjectName : subjectName,
-    seq(time(params.notBefore), time(params.notAfter)),
-    subjectName,
-    spki,
-    explicit(3, seq(...exts)),
-  );
-  const signature = sign("sha256", tbs, {
-    key: issuer ? issuer.key : subjectKey,
-    dsaEncoding: "der",
-  });
-  const der = seq(tbs, ECDSA_SHA256, bitString(new Uint8Array(signature)));
-  return { der, subjectName, spki };
-}
+export { buildCertificate, type CertParams };
 
 function newKey(): { privateKey: KeyObject; publicKey: KeyObject } {
   return generateKeyPairSync("ec", { namedCurve: "P-256" });
@@ -263,9 +132,8 @@ export class TestCa {
     );
   }
 
-  private issuerInfo() {
+  private issuerInfo(): CertIssuer {
     return {
-      cert: this.certificate,
       key: this.key,
       subjectName: this.subjectName,
       spki: this.spki,

@@ -1,0 +1,162 @@
+/**
+ * The HTTPS listener over real TLS (node:https in Deno, a test CA standing in for SPIRE):
+ * client certificates reach the API as a verified chain or not at all, and the server's
+ * certificate and the trusted bundle follow rotation without a restart.
+ */
+import assert from "node:assert/strict";
+import tls from "node:tls";
+import { TestCa } from "../spiffe/testing/test_ca.ts";
+import { FleetService, type Publisher } from "./fleet.ts";
+import { allowedHostNames } from "./auth.ts";
+import { createHandler } from "./http_api.ts";
+import { serveHttps, svidServerTls } from "./https.ts";
+import { openSqliteFile } from "./registry_sqlite.ts";
+import { staticRoles } from "./roles.ts";
+import { TestHttps } from "./testing.ts";
+
+const pub: Publisher = { publish: () => Promise.resolve(), connected: () => true };
+
+async function serve(web: TestHttps) {
+  const registry = openSqliteFile(":memory:");
+  const fleet = new FleetService(registry, pub);
+  let port = 0;
+  const handler = createHandler({
+    fleet,
+    mqttConnected: () => true,
+    auth: {
+      trustDomain: web.trustDomain,
+      bundles: web.source,
+      roles: staticRoles({ admin: "operator" }),
+    },
+    hosts: {
+      get port() {
+        return port;
+      },
+      names: () => allowedHostNames("127.0.0.1", web.source.getX509Svid().dnsNames),
+    },
+  });
+  const api = await serveHttps(handler, {
+    hostname: "127.0.0.1",
+    port: 0,
+    tls: svidServerTls(web.source),
+    urlHost: "localhost",
+  });
+  port = api.addr.port;
+  return {
+    api,
+    async close() {
+      await api.close();
+      await registry.close();
+      web.close();
+    },
+  };
+}
+
+/** The serial of the certificate a fresh TLS connection gets. */
+function servedSerial(port: number, ca: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const c = tls.connect({ host: "127.0.0.1", port, servername: "localhost", ca }, () => {
+      const s = c.getPeerCertificate().serialNumber;
+      c.end();
+      resolve(s);
+    });
+    c.on("error", reject);
+  });
+}
+
+Deno.test("HTTPS: an operator certificate gets 200; none or a foreign CA gets 401 JSON", async () => {
+  const web = new TestHttps();
+  const s = await serve(web);
+  try {
+    const ok = await web.json(`${s.api.url}/api/whoami`);
+    assert.equal(ok.status, 200);
+    assert.equal(ok.body.operator, "admin");
+    const none = await web.json(`${s.api.url}/api/robots`, {}, null);
+    assert.equal(none.status, 401);
+    assert.equal(none.body.code, "no-certificate");
+    const foreign = TestCa.create({ trustDomain: web.trustDomain }).issue({
+      spiffeId: `spiffe://${web.trustDomain}/operator/admin`,
+    });
+    const f = await web.json(`${s.api.url}/api/robots`, {}, foreign);
+    assert.equal(f.status, 401);
+    assert.equal(f.body.code, "untrusted-certificate");
+    // /healthz is for everyone (load balancers, probes).
+    assert.equal((await web.json(`${s.api.url}/healthz`, {}, null)).status, 200);
+    // The URL's name is in the certificate: TLS clients verify it as usual.
+    assert.match(s.api.url, /^https:\/\/localhost:\d+$/);
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("HTTPS: the server's SVID and the bundle rotate without a restart", async () => {
+  const web = new TestHttps();
+  const s = await serve(web);
+  try {
+    const port = s.api.addr.port;
+    const first = await servedSerial(port, web.ca.rootPem);
+    assert.equal(
+      first.replace(/^0+/, ""),
+      web.source.getX509Svid().serialNumber.toUpperCase().replace(/^0+/, ""),
+    );
+    // A keep-alive connection opened before the rotation.
+    const before = web.client();
+    assert.equal((await fetch(`${s.api.url}/api/whoami`, { client: before })).status, 200);
+
+    web.rotate();
+    const second = await servedSerial(port, web.ca.rootPem);
+    assert.notEqual(second, first, "the new SVID is not served");
+    assert.equal(
+      second.replace(/^0+/, ""),
+      web.source.getX509Svid().serialNumber.toUpperCase().replace(/^0+/, ""),
+    );
+    assert.equal(s.api.stats.contextUpdates, 1);
+    // The API still answers, on old and new connections.
+    assert.equal((await fetch(`${s.api.url}/api/whoami`, { client: before })).status, 200);
+    assert.equal((await web.json(`${s.api.url}/api/whoami`)).status, 200);
+
+    // CA rotation: the new bundle is trusted for clients at once, the old CA no longer.
+    const oldAdmin = web.admin;
+    const newCa = TestCa.create({ trustDomain: web.trustDomain });
+    web.rotateCa(newCa);
+    const third = await servedSerial(port, newCa.rootPem);
+    assert.notEqual(third, second);
+    const fresh = web.operator("admin");
+    assert.equal((await web.json(`${s.api.url}/api/whoami`, {}, fresh)).status, 200);
+    const stale = await web.json(`${s.api.url}/api/whoami`, {}, oldAdmin);
+    assert.equal(stale.status, 401, "a certificate of the dropped CA still works");
+    assert.equal(s.api.stats.contextUpdates, 2);
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("HTTPS: a request with a foreign Host over TLS is refused (DNS rebinding)", async () => {
+  const web = new TestHttps();
+  const s = await serve(web);
+  try {
+    const port = s.api.addr.port;
+    // Raw TLS so the Host header can be anything.
+    const ask = (host: string) =>
+      new Promise<string>((resolve, reject) => {
+        const c = tls.connect({
+          host: "127.0.0.1",
+          port,
+          servername: "localhost",
+          ca: web.ca.rootPem,
+          cert: web.admin.chainPem,
+          key: web.admin.keyPem,
+        }, () => c.write(`GET /api/robots HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`));
+        let out = "";
+        c.on("data", (d) => (out += d));
+        c.on("end", () => resolve(out));
+        c.on("error", reject);
+      });
+    assert.match(await ask(`localhost:${port}`), /^HTTP\/1\.1 200/);
+    const evil = await ask(`evil.example:${port}`);
+    assert.match(evil, /^HTTP\/1\.1 403/);
+    assert.match(evil, /"code": "bad-host"/);
+  } finally {
+    await s.close();
+  }
+});

@@ -1,0 +1,432 @@
+/**
+ * The PostgreSQL registry backend: `k8s4r server --database postgres://USER@HOST:PORT/DB` (or
+ * `postgres://USER@/DB?host=/socket/dir` for a unix socket). The schema is the one numbered
+ * list of schema.ts, applied under an advisory lock so that replicas starting at once migrate
+ * once; `k8s4r_schema_migrations` records each version applied.
+ *
+ * Driver: `pg` (node-postgres) 8.23.1, pinned in deno.json. Checked under Deno 2.9.6 with
+ * `npm:`: unix sockets and TCP, SCRAM-SHA-256, transactions and savepoints, named prepared
+ * statements, its pool, SQLSTATE codes on errors (`err.code`). Chosen over `postgres`
+ * (porsager) 3.4.9, which also runs here and has fewer round trips, because:
+ * - pg sends parameters as untyped text and lets the server parse them by column type, which
+ *   is what queries shared with SQLite need (1/0 into a BOOLEAN column). postgres.js serializes
+ *   by the type it infers, and in our check it stored the number 1 into a BOOLEAN column as
+ *   `false`, silently;
+ * - an explicit client per transaction (`pool.connect()`, BEGIN, SAVEPOINT ..., COMMIT) maps one
+ *   to one onto the batch of savepoints that acknowledgements rest on; no tagged-template API
+ *   to route every query through;
+ * - it is the most used PostgreSQL client for Node (what SQL tooling and examples assume).
+ *
+ * Secrets: the password comes from `--database-password-file` (0600) or the environment
+ * (K8S4R_DATABASE_PASSWORD, PGPASSWORD), never from the URL (refused) or argv. The pool gets
+ * it as a field, never inside a connection string; every message this module produces is
+ * passed through `redactSecrets`.
+ */
+// @ts-types="@types/pg"
+import pg from "pg";
+import { Registry, type Row, type SqlBackend, type SqlConn, type SqlValue } from "./registry.ts";
+import { MIGRATIONS, newerSchemaError } from "./schema.ts";
+import { Turns } from "./turns.ts";
+import { VERSION } from "../version.ts";
+
+export interface PostgresConfig {
+  /** A host name or address, or the directory of the server's unix socket (absolute path). */
+  host: string;
+  port: number;
+  user: string;
+  database: string;
+  password?: string;
+}
+
+export const DEFAULT_PG_PORT = 5432;
+
+/** Any advisory-lock key, as long as every k8s4r uses the same one ('k8s4rmig'). */
+const MIGRATION_LOCK_KEY = "7725019788023474535";
+
+/** Replaces passwords in connection strings, and the given secrets, by `***`. */
+export function redactSecrets(text: string, secrets: (string | undefined)[] = []): string {
+  let out = text
+    .replace(/(postgres(?:ql)?:\/\/[^\s:/@]*):[^\s@/]*@/gi, "$1:***@")
+    .replace(/([?&]password=)[^&\s]*/gi, "$1***");
+  for (const s of secrets) if (s) out = out.split(s).join("***");
+  return out;
+}
+
+const USAGE =
+  "expected postgres://USER@HOST:PORT/DATABASE or postgres://USER@/DATABASE?host=/socket/dir";
+
+/**
+ * Parses `--database`. Refuses a URL that carries a password: it would be in `ps`, in shell
+ * history and in logs. Errors are one line and show the URL redacted.
+ */
+export function parseDatabaseUrl(raw: string, defaultUser: string): PostgresConfig {
+  const shown = redactSecrets(raw);
+  const bad = (why: string): never => {
+    throw new Error(`--database: ${why} (got '${shown}')`);
+  };
+  // `postgres://user@/db?host=/dir` (libpq's socket form) has no host, which URL refuses
+  // together with a user name: parse it with a stand-in host.
+  const NO_HOST = "k8s4r-no-host.invalid";
+  const hostless = /^(postgres(?:ql)?:\/\/(?:[^/?#@]*@)?)(?=[/?#]|$)/i;
+  let u: URL;
+  try {
+    u = new URL(raw.replace(hostless, `$1${NO_HOST}`));
+  } catch {
+    return bad(USAGE);
+  }
+  if (u.protocol !== "postgres:" && u.protocol !== "postgresql:") bad(USAGE);
+  if (u.password !== "" || u.searchParams.has("password")) {
+    throw new Error(
+      `--database: the URL contains a password ('${shown}'); remove it and give the password in a 0600 file with --database-password-file FILE, or in K8S4R_DATABASE_PASSWORD or PGPASSWORD`,
+    );
+  }
+  for (const k of u.searchParams.keys()) {
+    if (k !== "host" && k !== "port") {
+      bad(`unsupported parameter '${k}' (supported: host, port)`);
+    }
+  }
+  const dec = (s: string, what: string) => {
+    try {
+      return decodeURIComponent(s);
+    } catch {
+      return bad(`${what}: invalid percent-encoding`);
+    }
+  };
+  let host = u.hostname === NO_HOST ? "" : dec(u.hostname, "host").replace(/^\[(.*)\]$/, "$1");
+  const qHost = u.searchParams.get("host");
+  if (qHost !== null) {
+    if (host !== "") bad("give the host either before the path or as ?host=, not both");
+    host = qHost;
+  }
+  if (host === "") bad(`no host: ${USAGE}`);
+  if (host.includes("/") && !host.startsWith("/")) {
+    bad(`host: a unix socket directory must be an absolute path, got '${host}'`);
+  }
+  const portText = u.port || u.searchParams.get("port") || String(DEFAULT_PG_PORT);
+  const port = Number(portText);
+  if (!/^\d{1,5}$/.test(portText) || port < 1 || port > 65535) {
+    bad(`port: expected 1-65535, got '${portText}'`);
+  }
+  const database = dec(u.pathname.replace(/^\//, ""), "database");
+  if (database === "" || database.includes("/")) bad(`no database name: ${USAGE}`);
+  const user = dec(u.username, "user") || defaultUser;
+  return { host, port, user, database };
+}
+
+/** The URL of a config, without its password: what logs and errors show. */
+export function describePostgres(c: PostgresConfig): string {
+  const user = encodeURIComponent(c.user);
+  const db = encodeURIComponent(c.database);
+  if (c.host.startsWith("/")) {
+    return `postgres://${user}@/${db}?host=${c.host}${
+      c.port !== DEFAULT_PG_PORT ? `&port=${c.port}` : ""
+    }`;
+  }
+  const host = c.host.includes(":") ? `[${c.host}]` : c.host;
+  return `postgres://${user}@${host}:${c.port}/${db}`;
+}
+
+/**
+ * The database password: `--database-password-file` (must not be readable by group or
+ * others), else K8S4R_DATABASE_PASSWORD, else PGPASSWORD; undefined when none is set (peer or
+ * trust authentication, or ~/.pgpass).
+ */
+export async function loadDatabasePassword(
+  file: string | undefined,
+  env: Record<string, string | undefined>,
+): Promise<string | undefined> {
+  if (file === undefined) {
+    return env["K8S4R_DATABASE_PASSWORD"] || env["PGPASSWORD"] || undefined;
+  }
+  let st: Deno.FileInfo;
+  try {
+    st = await Deno.stat(file);
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) {
+      throw new Error(`${file}: database password file not found`);
+    }
+    throw new Error(`${file}: cannot read the database password file: ${(err as Error).message}`);
+  }
+  if (!st.isFile) throw new Error(`${file}: database password file is not a regular file`);
+  if (st.mode !== null && (st.mode & 0o077) !== 0) {
+    throw new Error(
+      `${file}: database password file is readable by group or others (mode ${
+        (st.mode & 0o777).toString(8).padStart(3, "0")
+      }, expected 600); run chmod 600 ${file}`,
+    );
+  }
+  const text = (await Deno.readTextFile(file)).replace(/\r?\n$/, "");
+  if (text === "") throw new Error(`${file}: database password file is empty`);
+  return text;
+}
+
+/** A PostgreSQL error, redacted, with its SQLSTATE (`code`) kept for callers that retry. */
+export class PostgresError extends Error {
+  constructor(message: string, readonly code?: string) {
+    super(message);
+    this.name = "PostgresError";
+  }
+}
+
+const INT8 = 20;
+const TIMESTAMPTZ = 1184;
+const parseTimestamptz = pg.types.getTypeParser(TIMESTAMPTZ, "text") as (s: string) => Date;
+
+/**
+ * Values as the shared queries expect them: BIGINT as a number (every one we store is a safe
+ * integer), TIMESTAMPTZ as the ISO 8601 string it was written as (`Date#toISOString`).
+ */
+const TYPES = {
+  getTypeParser: ((oid: number, format?: string) => {
+    if (oid === INT8) return (s: string) => Number(s);
+    if (oid === TIMESTAMPTZ) return (s: string) => parseTimestamptz(s).toISOString();
+    return pg.types.getTypeParser(oid, format as "text");
+  }) as typeof pg.types.getTypeParser,
+};
+
+/** `?` placeholders to `$1, $2...`, outside quoted strings and identifiers. */
+export function numberPlaceholders(sql: string): string {
+  let out = "";
+  let n = 0;
+  let quote: string | null = null;
+  for (const ch of sql) {
+    if (quote) {
+      if (ch === quote) quote = null;
+      out += ch;
+    } else if (ch === "'" || ch === '"') {
+      quote = ch;
+      out += ch;
+    } else if (ch === "?") {
+      out += `$${++n}`;
+    } else {
+      out += ch;
+    }
+  }
+  return out;
+}
+
+interface Prepared {
+  name: string;
+  text: string;
+}
+
+type Queryable = pg.Pool | pg.PoolClient;
+
+class PgConn implements SqlConn {
+  readonly dialect = "postgres" as const;
+  constructor(private readonly q: Queryable, private readonly b: PostgresBackend) {}
+
+  private async query(sql: string, params: SqlValue[]): Promise<pg.QueryResult<Row>> {
+    const p = this.b.prepared(sql);
+    try {
+      return await this.q.query<Row>({ name: p.name, text: p.text, values: params });
+    } catch (err) {
+      throw this.b.wrap(err);
+    }
+  }
+  async all(sql: string, params: SqlValue[] = []): Promise<Row[]> {
+    return (await this.query(sql, params)).rows;
+  }
+  async get(sql: string, params: SqlValue[] = []): Promise<Row | undefined> {
+    return (await this.query(sql, params)).rows[0];
+  }
+  async run(sql: string, params: SqlValue[] = []): Promise<number> {
+    return (await this.query(sql, params)).rowCount ?? 0;
+  }
+  async exec(sql: string): Promise<void> {
+    try {
+      await this.q.query(sql);
+    } catch (err) {
+      throw this.b.wrap(err);
+    }
+  }
+}
+
+export interface PostgresOptions {
+  /** Idle connections that fail (the server went away) are reported here. */
+  onError?: (message: string) => void;
+  /** Connections in the pool. Default 4: the ingest writer, HTTP reads, dispatch writes. */
+  maxConnections?: number;
+}
+
+class PostgresBackend implements SqlBackend {
+  readonly dialect = "postgres" as const;
+  readonly location: string;
+  readonly #pool: pg.Pool;
+  readonly #writes = new Turns();
+  readonly #statements = new Map<string, Prepared>();
+  readonly #secrets: (string | undefined)[];
+
+  constructor(config: PostgresConfig, opts: PostgresOptions) {
+    this.location = describePostgres(config);
+    this.#secrets = [config.password];
+    this.#pool = new pg.Pool({
+      host: config.host,
+      port: config.port,
+      user: config.user,
+      database: config.database,
+      password: config.password,
+      // Explicit: pg would otherwise read PGSSLMODE from the environment.
+      ssl: false,
+      max: opts.maxConnections ?? 4,
+      connectionTimeoutMillis: 10_000,
+      idleTimeoutMillis: 30_000,
+      keepAlive: true,
+      application_name: "k8s4r-server",
+      // Server-side bounds: a stuck statement or a forgotten transaction cannot hold locks
+      // forever (the batch fails, is not acknowledged, and is delivered again).
+      options: "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000",
+      types: TYPES,
+    });
+    this.#pool.on("error", (err) => {
+      opts.onError?.(`${this.location}: idle connection failed: ${this.wrap(err).message}`);
+    });
+  }
+
+  /** One name per SQL text: each pooled connection prepares it on first use, then reuses it. */
+  prepared(sql: string): Prepared {
+    let p = this.#statements.get(sql);
+    if (!p) {
+      p = { name: `k8s4r_${this.#statements.size + 1}`, text: numberPlaceholders(sql) };
+      this.#statements.set(sql, p);
+    }
+    return p;
+  }
+
+  wrap(err: unknown): PostgresError {
+    if (err instanceof PostgresError) return err;
+    const e = err as Error & { code?: string };
+    const code = typeof e?.code === "string" && /^[0-9A-Z]{5}$/.test(e.code) ? e.code : undefined;
+    const msg = redactSecrets(e?.message ?? String(err), this.#secrets);
+    return new PostgresError(
+      `${this.location}: ${msg}${code ? ` (SQLSTATE ${code})` : ""}`,
+      e?.code,
+    );
+  }
+
+  async connect(): Promise<pg.PoolClient> {
+    try {
+      return await this.#pool.connect();
+    } catch (err) {
+      const w = this.wrap(err);
+      throw new PostgresError(
+        w.message.replace(`${this.location}: `, `${this.location}: cannot connect: `),
+        w.code,
+      );
+    }
+  }
+
+  read<T>(fn: (c: SqlConn) => Promise<T>): Promise<T> {
+    return fn(new PgConn(this.#pool, this));
+  }
+
+  transaction<T>(fn: (c: SqlConn) => Promise<T>): Promise<T> {
+    return this.#writes.run(() => this.inTransaction(fn));
+  }
+
+  private async inTransaction<T>(fn: (c: SqlConn) => Promise<T>): Promise<T> {
+    const client = await this.connect();
+    let broken: Error | undefined;
+    try {
+      await client.query("BEGIN");
+      const r = await fn(new PgConn(client, this));
+      await client.query("COMMIT");
+      return r;
+    } catch (err) {
+      try {
+        await client.query("ROLLBACK");
+      } catch (e) {
+        broken = e as Error; // the connection is gone: the pool must not reuse it
+      }
+      throw this.wrap(err);
+    } finally {
+      client.release(broken);
+    }
+  }
+
+  async migrate(): Promise<void> {
+    const client = await this.connect();
+    let broken: Error | undefined;
+    let refused: Error | undefined;
+    let v = 0;
+    try {
+      await client.query("BEGIN");
+      // Replicas starting at once: the first migrates, the others wait here and find nothing
+      // to do. The lock ends with the transaction.
+      await client.query("SELECT pg_advisory_xact_lock($1::bigint)", [MIGRATION_LOCK_KEY]);
+      await client.query(
+        `CREATE TABLE IF NOT EXISTS k8s4r_schema_migrations (
+           version INTEGER PRIMARY KEY,
+           applied_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+           k8s4r_version TEXT
+         )`,
+      );
+      const r = await client.query<{ v: number }>(
+        "SELECT CAST(COALESCE(MAX(version), 0) AS INTEGER) AS v FROM k8s4r_schema_migrations",
+      );
+      const current = r.rows[0].v;
+      if (current > MIGRATIONS.length) {
+        refused = newerSchemaError(this.location, current);
+        throw refused;
+      }
+      for (v = current; v < MIGRATIONS.length; v++) {
+        await client.query(MIGRATIONS[v].postgres);
+        await client.query(
+          "INSERT INTO k8s4r_schema_migrations (version, k8s4r_version) VALUES ($1, $2)",
+          [v + 1, VERSION],
+        );
+      }
+      await client.query("COMMIT");
+    } catch (err) {
+      try {
+        await client.query("ROLLBACK");
+      } catch (e) {
+        broken = e as Error;
+      }
+      if (err === refused) throw err;
+      const w = this.wrap(err);
+      throw new PostgresError(
+        w.message.replace(`${this.location}: `, `${this.location}: migration ${v + 1} failed: `),
+        w.code,
+      );
+    } finally {
+      client.release(broken);
+    }
+  }
+
+  async schemaVersion(): Promise<number> {
+    const r = await new PgConn(this.#pool, this).get(
+      "SELECT CAST(COALESCE(MAX(version), 0) AS INTEGER) AS v FROM k8s4r_schema_migrations",
+    );
+    return Number(r?.v ?? 0);
+  }
+
+  async durability(): Promise<Record<string, string>> {
+    const c = new PgConn(this.#pool, this);
+    const out: Record<string, string> = {};
+    for (const k of ["server_version", "synchronous_commit", "fsync"]) {
+      const r = await c.get(`SELECT current_setting('${k}') AS v`);
+      out[k] = String(r?.v);
+    }
+    return out;
+  }
+
+  async close(): Promise<void> {
+    await this.#pool.end();
+  }
+}
+
+/** Connects, migrates, and returns the registry. Errors name the redacted URL. */
+export async function openPostgresRegistry(
+  config: PostgresConfig,
+  opts: PostgresOptions = {},
+): Promise<Registry> {
+  const backend = new PostgresBackend(config, opts);
+  try {
+    await backend.migrate();
+  } catch (err) {
+    await backend.close().catch(() => {});
+    throw err;
+  }
+  return new Registry(backend);
+}
