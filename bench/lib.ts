@@ -10,7 +10,7 @@ import { fileURLToPath } from "node:url";
 import { freeMonitoringPorts, freePorts } from "../tests/helpers/ports.ts";
 import { fetchClient, loadCredentials } from "../src/operator/credentials.ts";
 import { agentArgs, DEV_SPIRE_TIMING } from "../src/devenv/components.ts";
-import { agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
+import { agentRunArgs, agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
 import {
   defaultLayout,
   devenvFiles,
@@ -385,7 +385,7 @@ export async function restartAgent(
     cmd: "deno",
     args: [
       ...agentArgs(
-        ["run", "-A", MAIN_TS],
+        agentRunArgs(["run", "-A", MAIN_TS]),
         r,
         stack.layout.agentPluginsYaml,
         stack.env.MQTT_BROKER_URL,

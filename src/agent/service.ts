@@ -17,7 +17,7 @@
  * stops its spire-agent itself, and whatever is left gets SIGKILL after TimeoutStopSec.
  */
 import { basename, dirname, isAbsolute, join } from "node:path";
-import { agentV8FlagsEnv } from "./runtime_flags.ts";
+import { agentRunArgs, agentV8FlagsEnv } from "./runtime_flags.ts";
 import {
   AGENT_UNIT_NAME,
   PRODUCTION_CONFIG_DIR,
@@ -63,7 +63,9 @@ export function renderAgentUnit(o: UnitOptions): string {
   const fromSource = o.exec.length > 1;
   // Running from a source tree in /root or /home: the tree must stay readable.
   const underHome = o.exec.some((a) => /^\/(root|home)(\/|$)/.test(a));
-  const args = [...o.exec, "agent", ...(o.dataDir ? ["--data-dir", o.dataDir] : [])];
+  // From source, the agent's own `deno run` flags (runtime_flags.ts) go after `run`.
+  const exec = [o.exec[0], ...agentRunArgs(o.exec.slice(1))];
+  const args = [...exec, "agent", ...(o.dataDir ? ["--data-dir", o.dataDir] : [])];
   const lines = [
     "# Written by `k8s4r agent service`. Runs the robot enrolled with `k8s4r agent --enroll`.",
     "[Unit]",

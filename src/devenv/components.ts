@@ -15,7 +15,7 @@ import { X509Certificate } from "node:crypto";
 import { hostname } from "node:os";
 import { basename, join } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
-import { agentV8FlagsEnv } from "../agent/runtime_flags.ts";
+import { agentRunArgs, agentV8FlagsEnv } from "../agent/runtime_flags.ts";
 import { DEFAULT_TASK_USER, ensureTaskUser, switchUserMissing } from "../agent/task_user.ts";
 import {
   brokerSpiffeId,
@@ -1308,7 +1308,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
         name: `agent ${r.robotId}`,
         cmd: run.self.cmd,
         args: agentArgs(
-          run.self.args,
+          agentRunArgs(run.self.args),
           r,
           layout.agentPluginsYaml,
           run.brokerUrl,
