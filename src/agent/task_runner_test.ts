@@ -487,3 +487,126 @@ Deno.test("task user: a task runs with the user's uid and gid, no groups (root o
     limits: { cpuSeconds: 10, memoryBytes: 1 << 30, openFiles: 64, processes: 64 },
   });
 });
+
+// ---------------------------------------------------------------------------------------------
+// Containment: nothing a task starts outlives it (security review, finding A)
+
+/** The pids of live processes whose argv carries `marker` (a /proc scan; zombies are gone). */
+function processesWith(marker: string): number[] {
+  const found: number[] = [];
+  for (const e of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(e.name)) continue;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${e.name}/stat`);
+      if (/\) [ZX] /.test(stat)) continue;
+      if (Deno.readTextFileSync(`/proc/${e.name}/cmdline`).includes(marker)) {
+        found.push(Number(e.name));
+      }
+    } catch { /* gone */ }
+  }
+  return found;
+}
+
+/**
+ * Runs `fn` with a fresh argv marker; afterwards kills whatever still carries it (only this
+ * test's own processes carry it), so a failing test leaves nothing behind.
+ */
+async function withMarker(fn: (marker: string) => Promise<void>) {
+  const marker = `k8s4r-marker-${crypto.randomUUID()}`;
+  try {
+    await fn(marker);
+  } finally {
+    for (const pid of processesWith(marker)) {
+      try {
+        Deno.kill(pid, "SIGKILL");
+      } catch { /* gone */ }
+    }
+  }
+}
+
+/** handle(), bounded: a task that never ends fails the test instead of hanging it. */
+async function runBounded(r: TaskRunner, t: TaskSpec, boundMs = 20_000): Promise<TaskReport[]> {
+  const reports: TaskReport[] = [];
+  let ended = false;
+  const p = r.handle(t, (x) => reports.push(x)).finally(() => ended = true);
+  await waitFor(() => ended, {
+    timeoutMs: boundMs,
+    what: `handle() of ${t.id} to resolve`,
+  });
+  await p;
+  return reports;
+}
+
+const ROOT_ONLY = "containment needs root here (cgroup v2); run the unit tests as root (CI does)";
+
+Deno.test("containment: a setsid daemon a finished task left is killed with it (root)", async () => {
+  assert.equal(Deno.uid(), 0, ROOT_ONLY);
+  await withRunner(["*"], async (r) => {
+    await withMarker(async (marker) => {
+      const rep = await runBounded(
+        r,
+        task("daemon", [
+          "sh",
+          "-c",
+          `setsid sh -c 'sleep 4242; :' ${marker} </dev/null >/dev/null 2>&1 & echo started`,
+        ]),
+      );
+      const last = rep[rep.length - 1];
+      assert.equal(last.state, "done", last.error);
+      assert.equal(last.stdout, "started\n");
+      assert.deepEqual(processesWith(marker), [], "nothing the task started outlives it");
+    });
+  });
+});
+
+Deno.test("containment: a setsid descendant holding the output pipes ends with the timeout (root)", async () => {
+  assert.equal(Deno.uid(), 0, ROOT_ONLY);
+  await withRunner(["*"], async (r) => {
+    await withMarker(async (marker) => {
+      const rep = await runBounded(
+        r,
+        task("holder", [
+          "sh",
+          "-c",
+          `setsid sh -c 'sleep 4343; echo late' ${marker} & echo started`,
+        ], { timeoutSeconds: 1 }),
+      );
+      const last = rep[rep.length - 1];
+      assert.equal(last.state, "failed");
+      assert.match(last.error!, /^timed out after 1s; /);
+      assert.equal(last.stdout, "started\n");
+      assert.deepEqual(processesWith(marker), [], "nothing the task started outlives it");
+      assert.equal(r.runningCount, 0, "the slot is free again");
+    });
+  });
+});
+
+Deno.test("containment: cancel and stopAll reach setsid descendants (root)", async () => {
+  assert.equal(Deno.uid(), 0, ROOT_ONLY);
+  await withRunner(["*"], async (r) => {
+    for (const how of ["cancel", "stopAll"] as const) {
+      await withMarker(async (marker) => {
+        const reports: TaskReport[] = [];
+        const p = r.handle(
+          task(`tree-${how}`, [
+            "sh",
+            "-c",
+            `setsid sh -c 'sleep 4444; :' ${marker} </dev/null >/dev/null 2>&1 & exec sleep 600`,
+          ], { timeoutSeconds: 900 }),
+          (x) => reports.push(x),
+        );
+        await waitFor(() => processesWith(marker).length > 0, {
+          timeoutMs: 10_000,
+          what: "the descendant to start",
+        });
+        if (how === "cancel") await r.cancel(`tree-${how}`, "cancelled", () => {}, Date.now() + 1e9);
+        else await r.stopAll();
+        await p;
+        const last = reports[reports.length - 1];
+        assert.equal(last.state, how === "cancel" ? "cancelled" : "failed", how);
+        assert.match(last.error!, /stopped with SIGTERM$/, how);
+        assert.deepEqual(processesWith(marker), [], `${how}: nothing the task started outlives it`);
+      });
+    }
+  });
+});
