@@ -167,6 +167,7 @@ export class RobotAgent {
     }
     this.tasks = new TaskRunner({
       allow: t.allow,
+      allowEnv: t.allowEnv,
       stateDir: cfg.stateDir,
       defaultCwd: o.taskUser ? taskUserCwd(o.taskUser) : o.cwd,
       killGraceMs: t.killGraceSeconds * 1000,

@@ -65,7 +65,7 @@ Deno.test("no shell: $HOME is passed literally, env comes from the task", async 
       task("t2", ["sh", "-c", 'echo "$FOO:$HOME"'], { env: { FOO: "bar" } }),
     );
     assert.equal(env[2].stdout, "bar:/home/nobody-test\n");
-  });
+  }, { allowEnv: ["FOO"] });
 });
 
 Deno.test("a refused executable is reported, not dropped; empty list refuses all", async () => {
@@ -320,20 +320,75 @@ Deno.test("env: PATH, LD_PRELOAD and other hooks are refused and never run; othe
         "NODE_OPTIONS",
         "GLIBC_TUNABLES",
         "IFS",
+        "HOME",
+        "XDG_CONFIG_HOME",
+        "GOFLAGS",
+        "MAKEFLAGS",
+        "npm_config_script_shell",
+        "GST_PLUGIN_PATH",
+        "QT_PLUGIN_PATH",
+        "AMENT_PREFIX_PATH",
+        "VK_LAYER_PATH",
+        "LIBGL_DRIVERS_PATH",
       ].entries()
     ) {
       const marker = join(dir, `ran-${i}`);
       const rep = await run(r, task(`env-${i}`, ["touch", marker], { env: { [name]: "/tmp/x" } }));
       assert.deepEqual(rep.map((x) => x.state), ["refused"], name);
-      assert.match(rep[0].error!, new RegExp(`^environment variable ${name}: `), name);
+      assert.match(rep[0].error!, new RegExp(`^environment variable ${name}[: ]`), name);
       await assert.rejects(Deno.stat(marker), Deno.errors.NotFound, `${name}: it ran`);
     }
-    // Positive control: an ordinary variable reaches the task.
+    // Positive control: an allowed variable reaches the task.
     const ok = await run(
       r,
       task("env-ok", ["sh", "-c", 'echo "$GREETING"'], { env: { GREETING: "hi" } }),
     );
     assert.equal(ok[2].stdout, "hi\n");
+  }, { allowEnv: ["GREETING", "LANG", "LC_*", "TZ"] });
+});
+
+Deno.test("env: TAR_OPTIONS on an allowed fixed script is refused; the script runs without it", async () => {
+  await withRunner([], async (_r, dir) => {
+    const script = join(dir, "archive.sh");
+    await Deno.writeTextFile(script, "#!/bin/sh\nexec tar cf /dev/null /etc/hostname\n");
+    await Deno.chmod(script, 0o755);
+    const pwned = join(dir, "pwned");
+    const attack = {
+      TAR_OPTIONS: `--checkpoint=1 --checkpoint-action=exec=/usr/bin/touch\\ ${pwned}`,
+    };
+    const runner = (allowEnv?: string[]) =>
+      new TaskRunner({
+        allow: [script],
+        stateDir: join(dir, `state-${allowEnv?.length ?? "default"}`),
+        defaultCwd: dir,
+        killGraceMs: 200,
+        path: PATH,
+        baseEnv: { PATH },
+        ...(allowEnv ? { allowEnv } : {}),
+      });
+    const r = runner();
+    try {
+      // The default allow-list (locale and time zone) does not name it: refused, never run.
+      const rep = await run(r, task("tar-1", [script], { env: attack }));
+      assert.deepEqual(rep.map((x) => x.state), ["refused"]);
+      assert.match(rep[0].error!, /^environment variable TAR_OPTIONS is not in tasks\.allowEnv /);
+      await assert.rejects(Deno.stat(pwned), Deno.errors.NotFound, "TAR_OPTIONS ran its command");
+      // Positive control: the same script runs without it, and with a default-allowed LANG.
+      const ok = await run(r, task("tar-2", [script], { env: { LANG: "C.UTF-8" } }));
+      assert.equal(ok[ok.length - 1].state, "done", ok[ok.length - 1].stderr ?? "");
+      assert.equal(ok[ok.length - 1].exitCode, 0);
+    } finally {
+      await r.ids.close();
+    }
+    // The attack is real: an operator who allows TAR_OPTIONS lets a task run any command.
+    const lax = runner(["TAR_OPTIONS"]);
+    try {
+      const rep = await run(lax, task("tar-3", [script], { env: attack }));
+      assert.equal(rep[rep.length - 1].state, "done", rep[rep.length - 1].stderr ?? "");
+      await Deno.stat(pwned);
+    } finally {
+      await lax.ids.close();
+    }
   });
 });
 
@@ -552,7 +607,7 @@ Deno.test("containment: a setsid daemon a finished task left is killed with it (
         ]),
       );
       const last = rep[rep.length - 1];
-      assert.equal(last.state, "done", last.error);
+      assert.equal(last.state, "done", last.error ?? "");
       assert.equal(last.stdout, "started\n");
       assert.deepEqual(processesWith(marker), [], "nothing the task started outlives it");
     });
@@ -599,8 +654,9 @@ Deno.test("containment: cancel and stopAll reach setsid descendants (root)", asy
           timeoutMs: 10_000,
           what: "the descendant to start",
         });
-        if (how === "cancel") await r.cancel(`tree-${how}`, "cancelled", () => {}, Date.now() + 1e9);
-        else await r.stopAll();
+        if (how === "cancel") {
+          await r.cancel(`tree-${how}`, "cancelled", () => {}, Date.now() + 1e9);
+        } else await r.stopAll();
         await p;
         const last = reports[reports.length - 1];
         assert.equal(last.state, how === "cancel" ? "cancelled" : "failed", how);

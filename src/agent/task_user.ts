@@ -75,6 +75,14 @@ const CAP_SETPCAP = 8n;
 const has = (set: bigint, cap: bigint) => (set >> cap & 1n) === 1n;
 
 /**
+ * Whether this process may empty the capability bounding set of what it starts (CAP_SETPCAP):
+ * then a task has no capability even when it runs as root.
+ */
+export function canDropBoundingSet(caps = capabilities()): boolean {
+  return has(caps.effective, CAP_SETPCAP);
+}
+
+/**
  * Whether this process can start tasks as another user: as root with CAP_SETUID, CAP_SETGID and
  * CAP_KILL effective; otherwise it needs CAP_KILL effective (to signal the tasks) and CAP_SETUID
  * and CAP_SETGID as AMBIENT capabilities (those survive the exec of prlimit and setpriv; e.g.
@@ -151,7 +159,7 @@ export async function resolveTaskUser(
     uid: e.uid,
     gid,
     home: e.home,
-    dropBoundingSet: has(self.caps.effective, CAP_SETPCAP),
+    dropBoundingSet: canDropBoundingSet(self.caps),
   };
 }
 
