@@ -492,6 +492,8 @@ export class RobotAgent {
   /** Stops tasks (their results queued), says "offline", waits (bounded) for acks, disconnects. */
   async stop(reason = "agent stopped"): Promise<void> {
     this.stopped = true;
+    // From now on a delivered task is refused (and its id claimed), never started.
+    this.tasks.refuseNew("agent stopping");
     if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
     this.unsubscribe?.();
     // A start still recovering interrupted tasks finishes first: their reports must be queued.

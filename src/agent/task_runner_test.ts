@@ -579,6 +579,14 @@ async function withMarker(fn: (marker: string) => Promise<void>) {
   }
 }
 
+/**
+ * Shell text that expands to `marker` when it runs, without carrying it literally: the task's
+ * own argv does not match, only the processes it starts with it do.
+ */
+function atRuntime(marker: string): string {
+  return `"$(echo ${marker.replaceAll("-", "_")} | tr _ -)"`;
+}
+
 /** handle(), bounded: a task that never ends fails the test instead of hanging it. */
 async function runBounded(r: TaskRunner, t: TaskSpec, boundMs = 20_000): Promise<TaskReport[]> {
   const reports: TaskReport[] = [];
@@ -596,14 +604,19 @@ const ROOT_ONLY = "containment needs root here (cgroup v2); run the unit tests a
 
 Deno.test("containment: a setsid daemon a finished task left is killed with it (root)", async () => {
   assert.equal(Deno.uid(), 0, ROOT_ONLY);
-  await withRunner(["*"], async (r) => {
+  await withRunner(["*"], async (r, dir) => {
     await withMarker(async (marker) => {
+      // The task ends only once its daemon runs in a session of its own (it touches a file).
+      const up = join(dir, "daemon-up");
       const rep = await runBounded(
         r,
         task("daemon", [
           "sh",
           "-c",
-          `setsid sh -c 'sleep 4242; :' ${marker} </dev/null >/dev/null 2>&1 & echo started`,
+          `setsid sh -c 'touch "$1"; sleep 4242; :' ${
+            atRuntime(marker)
+          } ${up} </dev/null >/dev/null 2>&1 & ` +
+          `while [ ! -e ${up} ]; do sleep 0.01; done; echo started`,
         ]),
       );
       const last = rep[rep.length - 1];
@@ -616,14 +629,16 @@ Deno.test("containment: a setsid daemon a finished task left is killed with it (
 
 Deno.test("containment: a setsid descendant holding the output pipes ends with the timeout (root)", async () => {
   assert.equal(Deno.uid(), 0, ROOT_ONLY);
-  await withRunner(["*"], async (r) => {
+  await withRunner(["*"], async (r, dir) => {
     await withMarker(async (marker) => {
+      const up = join(dir, "holder-up");
       const rep = await runBounded(
         r,
         task("holder", [
           "sh",
           "-c",
-          `setsid sh -c 'sleep 4343; echo late' ${marker} & echo started`,
+          `setsid sh -c 'touch "$1"; sleep 4343; echo late' ${atRuntime(marker)} ${up} & ` +
+          `while [ ! -e ${up} ]; do sleep 0.01; done; echo started`,
         ], { timeoutSeconds: 1 }),
       );
       const last = rep[rep.length - 1];
@@ -646,7 +661,9 @@ Deno.test("containment: cancel and stopAll reach setsid descendants (root)", asy
           task(`tree-${how}`, [
             "sh",
             "-c",
-            `setsid sh -c 'sleep 4444; :' ${marker} </dev/null >/dev/null 2>&1 & exec sleep 600`,
+            `setsid sh -c 'sleep 4444; :' ${
+              atRuntime(marker)
+            } </dev/null >/dev/null 2>&1 & exec sleep 600`,
           ], { timeoutSeconds: 900 }),
           (x) => reports.push(x),
         );
@@ -664,5 +681,55 @@ Deno.test("containment: cancel and stopAll reach setsid descendants (root)", asy
         assert.deepEqual(processesWith(marker), [], `${how}: nothing the task started outlives it`);
       });
     }
+  });
+});
+
+Deno.test("no task user, agent as root: the task still has no capability (CapEff 0, empty bounding set)", async () => {
+  assert.equal(Deno.uid(), 0, "this test needs a root agent: run it as root (CI does)");
+  await withRunner(["*"], async (r) => {
+    const rep = await run(
+      r,
+      task("caps", [
+        "sh",
+        "-c",
+        "id -u; grep -E '^(CapPrm|CapEff|CapBnd|CapAmb):' /proc/self/status",
+      ]),
+    );
+    const done = rep[rep.length - 1];
+    assert.equal(done.state, "done", done.error ?? done.stderr ?? "");
+    assert.equal(
+      done.stdout,
+      "0\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\nCapBnd:\t0000000000000000\nCapAmb:\t0000000000000000\n",
+    );
+  });
+});
+
+Deno.test("stopping: a task that comes after stopAll began is refused and never runs; the running one is stopped", async () => {
+  await withRunner(["*"], async (r, dir) => {
+    const reports: TaskReport[] = [];
+    const running = r.handle(
+      task("before", ["sleep", "600"], { timeoutSeconds: 900 }),
+      (x) => reports.push(x),
+    );
+    await waitFor(() => reports.some((x) => x.state === "running"), { timeoutMs: 10_000 });
+    const stopping = r.stopAll();
+    const late = await run(r, task("late", ["touch", join(dir, "ran-late")]));
+    assert.deepEqual(late, [{
+      taskId: "late",
+      state: "refused",
+      error: "agent stopping: no new task starts",
+    }]);
+    await stopping;
+    await running;
+    await assert.rejects(Deno.stat(join(dir, "ran-late")), Deno.errors.NotFound);
+    // Positive control: the task already running was stopped and reported.
+    const last = reports[reports.length - 1];
+    assert.equal(last.state, "failed");
+    assert.equal(last.error, "agent stopping; stopped with SIGTERM");
+    // The late id was claimed: it does not run after a restart either.
+    assert.equal(
+      await r.handle(task("late", ["touch", join(dir, "ran-late")]), () => {}),
+      "replay",
+    );
   });
 });
