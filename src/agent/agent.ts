@@ -98,7 +98,10 @@ export interface RobotAgentOptions {
   log: Logger;
   /** Working directory for tasks that name none (with a task user: its home, or /). */
   cwd: string;
-  /** The resolved `tasks.user` (`resolveTaskUser`); required when the config sets one. */
+  /**
+   * The resolved `tasks.user` (`resolveTaskUser`); required when the config sets one and
+   * allows tasks.
+   */
   taskUser?: TaskUser;
   /** Test knobs. */
   reconnectMinMs?: number;
@@ -160,7 +163,7 @@ export class RobotAgent {
     const cfg = (this.cfg = o.config);
     const id = cfg.robotId;
     const t = cfg.tasks;
-    if (t.user !== undefined && o.taskUser === undefined) {
+    if (t.user !== undefined && t.allow.length > 0 && o.taskUser === undefined) {
       throw new Error(
         `tasks.user is ${JSON.stringify(t.user)}: resolve it (resolveTaskUser) and pass taskUser`,
       );
@@ -260,6 +263,14 @@ export class RobotAgent {
             missing.join(" and ")
           } (rlimits, user switch, no_new_privs, death signal): install util-linux, or set no tasks.allow`,
         );
+      }
+    }
+    if (this.cfg.tasks.allow.length > 0) {
+      const c = this.tasks.containment;
+      if (c.kind === "cgroup") this.o.log("tasks.containment", { cgroup: c.parent });
+      else {
+        // Said, not hidden: what a task moves out of its process group may outlive it.
+        this.o.log("tasks.uncontained", { reason: c.reason, hint: c.hint });
       }
     }
     // The id store first: its high-water clock guards every age check from the first message.

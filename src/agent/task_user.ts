@@ -164,6 +164,25 @@ export async function resolveTaskUser(
 }
 
 /**
+ * An agent running as root that may run tasks (a non-empty `tasks.allow`) must run them as
+ * `tasks.user`: otherwise every task runs as root, reading and writing every file (even with
+ * no capability, uid 0 owns them). Throws a one-line CliError naming the file and `tasks.user`.
+ */
+export function requireTaskUser(
+  tasks: { allow: readonly string[]; user?: string },
+  file: string | undefined,
+  uid = Deno.uid(),
+): void {
+  if (uid !== 0 || tasks.allow.length === 0 || tasks.user !== undefined) return;
+  const where = file ?? "the agent's config";
+  throw new CliError(
+    `${where}: tasks.user: not set, but tasks.allow lets tasks run and the agent runs as root: they would run as root; set tasks.user to an unprivileged user`,
+    1,
+    `add "  user: ${DEFAULT_TASK_USER}" under tasks: in ${where} (create the user as root: useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin --user-group ${DEFAULT_TASK_USER}), or empty tasks.allow`,
+  );
+}
+
+/**
  * Creates the system user `name` (and its group) when it does not exist; returns it either way.
  * Needs root. `useradd --system`: no home, no login shell, a uid from the system range that no
  * SPIRE entry selects unless someone registers it.
