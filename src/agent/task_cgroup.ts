@@ -26,7 +26,7 @@ export type Containment =
   | { kind: "cgroup"; parent: string }
   | { kind: "none"; reason: string; hint: string };
 
-const HINT_SYSTEMD =
+export const HINT_SYSTEMD =
   "run the agent from the unit of `k8s4r agent service` (root, Delegate=yes), or as root";
 
 /** The first cgroup2 mount of a /proc/PID/mountinfo text. */
@@ -57,6 +57,45 @@ export function cgroup2Path(procCgroup: string): string | undefined {
   return line === undefined ? undefined : line.slice(3);
 }
 
+/** Where the agent's cgroup v2 directory is, from its mountinfo and /proc/self/cgroup. */
+export type CgroupLocation =
+  | { ok: true; parent: string; own: string; readOnly: boolean }
+  | { ok: false; reason: string; hint: string };
+
+export function locateCgroup(mountinfo: string, procCgroup: string): CgroupLocation {
+  const m = cgroup2Mount(mountinfo);
+  if (!m) {
+    return {
+      ok: false,
+      reason: "no cgroup v2 hierarchy is mounted (cgroup v1 only)",
+      hint:
+        "boot with cgroup v2 (systemd.unified_cgroup_hierarchy=1; the default since Debian 11 and Ubuntu 21.10)",
+    };
+  }
+  const own = cgroup2Path(procCgroup);
+  if (own === undefined) {
+    return {
+      ok: false,
+      reason: "this process is in no cgroup v2 (/proc/self/cgroup has no 0:: line)",
+      hint: HINT_SYSTEMD,
+    };
+  }
+  const rootPrefix = m.root === "/" ? "" : m.root;
+  if (rootPrefix && own !== rootPrefix && !own.startsWith(rootPrefix + "/")) {
+    return {
+      ok: false,
+      reason: `the agent's cgroup ${own} is outside the cgroup2 mount at ${m.mountPoint}`,
+      hint: HINT_SYSTEMD,
+    };
+  }
+  return {
+    ok: true,
+    parent: join(m.mountPoint, own.slice(rootPrefix.length)).replace(/(.)\/+$/, "$1"),
+    own,
+    readOnly: m.readOnly,
+  };
+}
+
 /** What the containment judgement needs to know of the host. */
 export interface ContainmentFacts {
   uid: number;
@@ -67,62 +106,41 @@ export interface ContainmentFacts {
 }
 
 /**
- * Whether tasks can each get a cgroup (the directory they will be created in), or why not and
- * what to do. Pure, given the facts; `detectContainment` adds a real mkdir/rmdir probe.
+ * Whether tasks can each get a cgroup in a located cgroup directory, or why not and what to do.
+ * `parentOwner`: owner uid of the directory (undefined: not there); `hasKill`: whether it has
+ * `cgroup.kill` (the root cgroup never has: then the probe of `detectContainment` tells).
  */
-export function judgeContainment(f: ContainmentFacts): Containment {
-  const m = cgroup2Mount(f.mountinfo);
-  if (!m) {
+export function judgeCgroup(
+  loc: CgroupLocation,
+  uid: number,
+  parentOwner: number | undefined,
+  hasKill: boolean,
+): Containment {
+  if (!loc.ok) return { kind: "none", reason: loc.reason, hint: loc.hint };
+  const { parent } = loc;
+  if (loc.readOnly) {
     return {
       kind: "none",
-      reason: "no cgroup v2 hierarchy is mounted (cgroup v1 only)",
-      hint:
-        "boot with cgroup v2 (systemd.unified_cgroup_hierarchy=1; the default since Debian 11 and Ubuntu 21.10)",
-    };
-  }
-  const own = cgroup2Path(f.procCgroup);
-  if (own === undefined) {
-    return {
-      kind: "none",
-      reason: "this process is in no cgroup v2 (/proc/self/cgroup has no 0:: line)",
-      hint: HINT_SYSTEMD,
-    };
-  }
-  const rootPrefix = m.root === "/" ? "" : m.root;
-  if (rootPrefix && own !== rootPrefix && !own.startsWith(rootPrefix + "/")) {
-    return {
-      kind: "none",
-      reason: `the agent's cgroup ${own} is outside the cgroup2 mount at ${m.mountPoint}`,
-      hint: HINT_SYSTEMD,
-    };
-  }
-  const parent = join(m.mountPoint, own.slice(rootPrefix.length));
-  if (m.readOnly) {
-    return {
-      kind: "none",
-      reason: `cgroup2 is mounted read-only at ${m.mountPoint}`,
+      reason: `cgroup2 is mounted read-only (${parent})`,
       hint: `${HINT_SYSTEMD}; in a container, give it a writable cgroup namespace`,
     };
   }
-  const owner = f.owner(parent);
-  if (owner === undefined) {
+  if (parentOwner === undefined) {
     return {
       kind: "none",
       reason: `the agent's cgroup ${parent} is not there`,
       hint: HINT_SYSTEMD,
     };
   }
-  if (f.uid !== 0 && owner !== f.uid) {
+  if (uid !== 0 && parentOwner !== uid) {
     return {
       kind: "none",
       reason:
-        `the agent's cgroup ${parent} belongs to uid ${owner}, not to the agent (uid ${f.uid})`,
+        `the agent's cgroup ${parent} belongs to uid ${parentOwner}, not to the agent (uid ${uid})`,
       hint: `${HINT_SYSTEMD}; or delegate it (systemd: Delegate=yes)`,
     };
   }
-  // cgroup.kill is in every non-root cgroup; in the root cgroup, check the kernel by a child.
-  const kernelHasKill = f.owner(join(parent, "cgroup.kill")) !== undefined || own === "/";
-  if (!kernelHasKill) {
+  if (!hasKill && loc.own !== "/") {
     return {
       kind: "none",
       reason: `no cgroup.kill in ${parent}: the kernel is older than Linux 5.14`,
@@ -130,6 +148,18 @@ export function judgeContainment(f: ContainmentFacts): Containment {
     };
   }
   return { kind: "cgroup", parent };
+}
+
+/** `locateCgroup` + `judgeCgroup` on the facts (synchronous). */
+export function judgeContainment(f: ContainmentFacts): Containment {
+  const loc = locateCgroup(f.mountinfo, f.procCgroup);
+  if (!loc.ok) return judgeCgroup(loc, f.uid, undefined, false);
+  return judgeCgroup(
+    loc,
+    f.uid,
+    f.owner(loc.parent),
+    f.owner(join(loc.parent, "cgroup.kill")) !== undefined,
+  );
 }
 
 function ownerOf(path: string): number | undefined {
@@ -185,7 +215,7 @@ export function detectContainment(facts = hostContainmentFacts()): Containment {
   } finally {
     try {
       Deno.removeSync(probe);
-    } catch { /* an empty cgroup we made: removed below by the next probe's owner, or reboot */ }
+    } catch { /* an empty cgroup (no process ever entered it): harmless */ }
   }
   return j;
 }
