@@ -3,20 +3,26 @@
  * "$HOME"]` prints `$HOME`. The runner reports every step through `report` (accepted, running,
  * then done / failed / refused / cancelled), keeps only the last bytes of stdout and stderr
  * (bounded so the final report always fits a message, see task_status.ts), enforces the timeout
- * (SIGTERM to the task's process group, SIGKILL after a grace), and runs each task id at most
- * once, even across agent restarts (task_ids.ts: the id is durable before the task starts, and
- * kept for the whole replay window).
+ * (SIGTERM to the task's process group, then SIGKILL to all of it after a grace), and runs each
+ * task id at most once, even across agent restarts (task_ids.ts: the id is durable before the
+ * task starts, and kept for the whole replay window).
  *
  * Before anything runs (task_sandbox.ts): the executable is resolved with the AGENT's PATH and
- * checked against `tasks.allow`; the task's environment may not set PATH, LD_* or other loader
- * and interpreter hooks; at most `maxConcurrent` tasks run at once (more are refused). A task
- * starts under `prlimit` (CPU time, data memory, open files, processes) and `setpriv` (the
- * task user when configured, no groups, no capabilities, no_new_privs).
+ * checked against `tasks.allow`; the task's environment may set only the names of
+ * `tasks.allowEnv`; at most `maxConcurrent` tasks run at once (more are refused); once `stopAll`
+ * (or `refuseNew`) began, every new task is refused. A task starts under `prlimit` (CPU time,
+ * data memory, open files, processes) and `setpriv` (the task user when configured, no groups,
+ * no capabilities, no_new_privs).
  *
- * Tasks do not outlive the agent: each task leads its own process group, its process gets
- * SIGKILL when the agent dies (PR_SET_PDEATHSIG, set by `setpriv`), and the running tasks are
- * kept in a durable journal (task_journal.ts) so the next start stops what a crash left and
- * reports those tasks `failed: agent restarted`.
+ * Nothing a task starts outlives it (task_cgroup.ts): each task runs in a cgroup v2 of its own
+ * when the agent can make one, entered before the task runs. The task ends when its process has
+ * exited and its output is closed, or at its timeout (a process it started that holds the output
+ * holds the task only that long); then everything left in the cgroup is killed (`cgroup.kill`)
+ * and the cgroup removed. Its process gets SIGKILL when the agent dies (PR_SET_PDEATHSIG, set by
+ * `setpriv`), and the running tasks (with their cgroups) are kept in a durable journal
+ * (task_journal.ts) so the next start kills what a crash left and reports those tasks `failed:
+ * agent restarted`. Without containment (see `detectContainment`: the agent logs why), stops
+ * reach the task's process group only.
  *
  * Authenticity (signature, signer, robot, expiry, window) is checked before a task reaches the
  * runner (src/mqtt/signed.ts `checkDown`, in agent.ts).
