@@ -733,3 +733,26 @@ Deno.test("stopping: a task that comes after stopAll began is refused and never 
     );
   });
 });
+
+Deno.test("uncontained (no cgroup): a pipe holder cannot hold the task past its timeout; what left the group survives, as documented", async () => {
+  await withRunner(["*"], async (r, dir) => {
+    await withMarker(async (marker) => {
+      const up = join(dir, "up");
+      const rep = await runBounded(
+        r,
+        task("nocg", [
+          "sh",
+          "-c",
+          `setsid sh -c 'touch "$1"; sleep 4646; echo late' ${atRuntime(marker)} ${up} & ` +
+          `while [ ! -e ${up} ]; do sleep 0.01; done; echo started`,
+        ], { timeoutSeconds: 1 }),
+      );
+      const last = rep[rep.length - 1];
+      assert.equal(last.state, "failed");
+      assert.match(last.error!, /^timed out after 1s; the task had exited with 0, but processes/);
+      assert.equal(r.runningCount, 0, "the slot is free again");
+      // The limit said in README and the doctor: without a cgroup, a session of its own escapes.
+      assert.equal(processesWith(marker).length, 1, "the setsid'd process outlived its task");
+    });
+  }, { containment: { kind: "none", reason: "test", hint: "test" } });
+});
