@@ -157,15 +157,30 @@ Deno.test("recover: a crash's task is killed with its whole cgroup, setsid'd des
   assert.equal(c.kind, "cgroup", c.kind === "none" ? `${c.reason}; ${c.hint}` : "");
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-journal-" });
   const marker = `k8s4r-marker-${crypto.randomUUID()}`;
-  const withMarker = () =>
-    [...Deno.readDirSync("/proc")].filter((e) => /^\d+$/.test(e.name)).filter((e) => {
+  /** Live processes whose argv carries the marker, and their descendants. */
+  const withMarker = () => {
+    const parent = new Map<number, number>();
+    const found = new Set<number>();
+    for (const e of Deno.readDirSync("/proc")) {
+      if (!/^\d+$/.test(e.name)) continue;
       try {
-        return !/\) [ZX] /.test(Deno.readTextFileSync(`/proc/${e.name}/stat`)) &&
-          Deno.readTextFileSync(`/proc/${e.name}/cmdline`).includes(marker);
-      } catch {
-        return false;
+        const stat = Deno.readTextFileSync(`/proc/${e.name}/stat`);
+        const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+        if (rest[0] === "Z" || rest[0] === "X") continue;
+        parent.set(Number(e.name), Number(rest[1]));
+        if (Deno.readTextFileSync(`/proc/${e.name}/cmdline`).includes(marker)) {
+          found.add(Number(e.name));
+        }
+      } catch { /* gone */ }
+    }
+    for (let grew = true; grew;) {
+      grew = false;
+      for (const [pid, ppid] of parent) {
+        if (!found.has(pid) && found.has(ppid)) grew = found.add(pid) !== undefined;
       }
-    }).map((e) => Number(e.name));
+    }
+    return [...found];
+  };
   const atRuntime = (m: string) => `"$(echo ${m.replaceAll("-", "_")} | tr _ -)"`;
   const cg = await TaskCgroup.create(
     TaskCgroup.pathFor(c.kind === "cgroup" ? c.parent : "", "crashed"),
