@@ -209,7 +209,11 @@ export class TaskRunner {
     this.maxOut = opts.maxOutputBytes ?? 64 * 1024;
     this.path = opts.path ?? agentPath();
     this.limits = opts.limits ?? DEFAULT_LIMITS;
-    this.containment = opts.containment ?? detectContainment();
+    // Probed only when tasks may run (the probe makes and removes a cgroup).
+    this.containment = opts.containment ??
+      (opts.allow.length > 0
+        ? detectContainment()
+        : { kind: "none", reason: "tasks.allow is empty: no task runs", hint: "" });
     this.dropBoundingSet = opts.dropBoundingSet ?? canDropBoundingSet();
   }
 
