@@ -105,7 +105,10 @@ export interface RobotAgentOptions {
   log: Logger;
   /** Working directory for tasks that name none (with a task user: its home, or /). */
   cwd: string;
-  /** The resolved `tasks.user` (`resolveTaskUser`); required when the config sets one. */
+  /**
+   * The resolved `tasks.user` (`resolveTaskUser`); required when the config sets one and
+   * allows tasks.
+   */
   taskUser?: TaskUser;
   /** Test knobs. */
   reconnectMinMs?: number;
@@ -174,7 +177,7 @@ export class RobotAgent {
     const cfg = (this.cfg = o.config);
     const id = cfg.robotId;
     const t = cfg.tasks;
-    if (t.user !== undefined && o.taskUser === undefined) {
+    if (t.user !== undefined && t.allow.length > 0 && o.taskUser === undefined) {
       throw new Error(
         `tasks.user is ${JSON.stringify(t.user)}: resolve it (resolveTaskUser) and pass taskUser`,
       );
@@ -207,6 +210,7 @@ export class RobotAgent {
     });
     this.tasks = new TaskRunner({
       allow: t.allow,
+      allowEnv: t.allowEnv,
       stateDir: cfg.stateDir,
       defaultCwd: o.taskUser ? taskUserCwd(o.taskUser) : o.cwd,
       killGraceMs: t.killGraceSeconds * 1000,
@@ -299,6 +303,14 @@ export class RobotAgent {
             missing.join(" and ")
           } (rlimits, user switch, no_new_privs, death signal): install util-linux, or set no tasks.allow`,
         );
+      }
+    }
+    if (this.cfg.tasks.allow.length > 0) {
+      const c = this.tasks.containment;
+      if (c.kind === "cgroup") this.o.log("tasks.containment", { cgroup: c.parent });
+      else {
+        // Said, not hidden: what a task moves out of its process group may outlive it.
+        this.o.log("tasks.uncontained", { reason: c.reason, hint: c.hint });
       }
     }
     // The id store first: what it has forgotten bounds every message's age from the first one.
@@ -536,6 +548,8 @@ export class RobotAgent {
   /** Stops tasks (their results queued), says "offline", waits (bounded) for acks, disconnects. */
   async stop(reason = "agent stopped"): Promise<void> {
     this.stopped = true;
+    // From now on a delivered task is refused (and its id claimed), never started.
+    this.tasks.refuseNew("agent stopping");
     if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
     this.unsubscribe?.();
     // A start still recovering interrupted tasks finishes first: their reports must be queued.

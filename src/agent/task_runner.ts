@@ -3,20 +3,26 @@
  * "$HOME"]` prints `$HOME`. The runner reports every step through `report` (accepted, running,
  * then done / failed / refused / cancelled), keeps only the last bytes of stdout and stderr
  * (bounded so the final report always fits a message, see task_status.ts), enforces the timeout
- * (SIGTERM to the task's process group, SIGKILL after a grace), and runs each task id at most
- * once, even across agent restarts (task_ids.ts: the id is durable before the task starts, and
- * kept for the whole replay window).
+ * (SIGTERM to the task's process group, then SIGKILL to all of it after a grace), and runs each
+ * task id at most once, even across agent restarts (task_ids.ts: the id is durable before the
+ * task starts, and kept for the whole replay window).
  *
  * Before anything runs (task_sandbox.ts): the executable is resolved with the AGENT's PATH and
- * checked against `tasks.allow`; the task's environment may not set PATH, LD_* or other loader
- * and interpreter hooks; at most `maxConcurrent` tasks run at once (more are refused). A task
- * starts under `prlimit` (CPU time, data memory, open files, processes) and `setpriv` (the
- * task user when configured, no groups, no capabilities, no_new_privs).
+ * checked against `tasks.allow`; the task's environment may set only the names of
+ * `tasks.allowEnv`; at most `maxConcurrent` tasks run at once (more are refused); once `stopAll`
+ * (or `refuseNew`) began, every new task is refused. A task starts under `prlimit` (CPU time,
+ * data memory, open files, processes) and `setpriv` (the task user when configured, no groups,
+ * no capabilities, no_new_privs).
  *
- * Tasks do not outlive the agent: each task leads its own process group, its process gets
- * SIGKILL when the agent dies (PR_SET_PDEATHSIG, set by `setpriv`), and the running tasks are
- * kept in a durable journal (task_journal.ts) so the next start stops what a crash left and
- * reports those tasks `failed: agent restarted`.
+ * Nothing a task starts outlives it (task_cgroup.ts): each task runs in a cgroup v2 of its own
+ * when the agent can make one, entered before the task runs. The task ends when its process has
+ * exited and its output is closed, or at its timeout (a process it started that holds the output
+ * holds the task only that long); then everything left in the cgroup is killed (`cgroup.kill`)
+ * and the cgroup removed. Its process gets SIGKILL when the agent dies (PR_SET_PDEATHSIG, set by
+ * `setpriv`), and the running tasks (with their cgroups) are kept in a durable journal
+ * (task_journal.ts) so the next start kills what a crash left and reports those tasks `failed:
+ * agent restarted`. Without containment (see `detectContainment`: the agent logs why), stops
+ * reach the task's process group only.
  *
  * Authenticity (signature, signer, robot, expiry, window) is checked before a task reaches the
  * runner (src/mqtt/signed.ts `checkDown`, in agent.ts).
@@ -32,7 +38,10 @@ import { killInterrupted, type RunningTask, TaskJournal } from "./task_journal.t
 import { DEFAULT_MAX_TASK_IDS, TaskIdStore } from "./task_ids.ts";
 import {
   agentPath,
+  CGROUP_EXIT,
+  CGROUP_STEP_ERROR,
   checkTaskEnv,
+  DEFAULT_ALLOW_ENV,
   describeAllowList,
   isAllowed,
   minimalEnv,
@@ -40,9 +49,11 @@ import {
   resolveExecutable,
   sandboxArgv,
   SETPRIV,
+  SH,
   type TaskLimits,
 } from "./task_sandbox.ts";
-import type { TaskUser } from "./task_user.ts";
+import { type Containment, detectContainment, TaskCgroup } from "./task_cgroup.ts";
+import { canDropBoundingSet, type TaskUser } from "./task_user.ts";
 import { boundError, type RawOutput, type TaskReport, withOutput } from "./task_status.ts";
 
 export type { TaskReport } from "./task_status.ts";
@@ -99,6 +110,12 @@ export interface TaskRunnerOptions {
   path?: string;
   /** Run tasks as this user (resolved by `resolveTaskUser`); unset: as the agent. */
   user?: TaskUser;
+  /** Variables a task may set (`tasks.allowEnv`; default `DEFAULT_ALLOW_ENV`). */
+  allowEnv?: readonly string[];
+  /** How tasks are contained (default: `detectContainment()`, a cgroup each when possible). */
+  containment?: Containment;
+  /** Empty the tasks' bounding set (default: when the agent holds CAP_SETPCAP). */
+  dropBoundingSet?: boolean;
   limits?: TaskLimits;
   /** Tasks at once; more are refused. Default 4. */
   maxConcurrent?: number;
@@ -125,9 +142,9 @@ export type CancelOutcome =
   /** Seen and finished (or already cancelled): nothing to do, nothing reported. */
   | "not-running";
 
-/** True when util-linux `setpriv` and `prlimit` are where the runner runs them. */
+/** True when util-linux `setpriv` and `prlimit` (and /bin/sh) are where the runner runs them. */
 export function sandboxToolsMissing(): string[] {
-  return [SETPRIV, PRLIMIT].filter((p) => {
+  return [SETPRIV, PRLIMIT, SH].filter((p) => {
     try {
       return !Deno.statSync(p).isFile;
     } catch {
@@ -192,6 +209,10 @@ export class TaskRunner {
   private readonly maxOut: number;
   private readonly path: string;
   private readonly limits: TaskLimits;
+  readonly containment: Containment;
+  private readonly dropBoundingSet: boolean;
+  /** Set by `stopAll`: every task that comes after it is refused. */
+  private stopping?: string;
 
   constructor(private readonly opts: TaskRunnerOptions) {
     this.ids = new TaskIdStore({
@@ -207,6 +228,12 @@ export class TaskRunner {
     this.maxOut = opts.maxOutputBytes ?? 64 * 1024;
     this.path = opts.path ?? agentPath();
     this.limits = opts.limits ?? DEFAULT_LIMITS;
+    // Probed only when tasks may run (the probe makes and removes a cgroup).
+    this.containment = opts.containment ??
+      (opts.allow.length > 0
+        ? detectContainment()
+        : { kind: "none", reason: "tasks.allow is empty: no task runs", hint: "" });
+    this.dropBoundingSet = opts.dropBoundingSet ?? canDropBoundingSet();
   }
 
   get runningCount(): number {
@@ -378,6 +405,10 @@ export class TaskRunner {
     // From here on the task is in the journal: every final report below ends it.
     const refuse = (error: string) =>
       this.finish(report, { taskId: task.id, state: "refused", error }, true);
+    if (this.stopping !== undefined) {
+      await refuse(`${this.stopping}: no new task starts`);
+      return "run";
+    }
     const exe = task.command[0];
     if (this.opts.allow.length === 0) {
       await refuse("no task may run: tasks.allow is empty in the agent config");
@@ -398,7 +429,7 @@ export class TaskRunner {
       );
       return "run";
     }
-    const envError = checkTaskEnv(task.env);
+    const envError = checkTaskEnv(task.env, this.opts.allowEnv ?? DEFAULT_ALLOW_ENV);
     if (envError) {
       await refuse(envError);
       return "run";
@@ -470,8 +501,17 @@ export class TaskRunner {
     return "cancelled-before-arrival";
   }
 
-  /** Stops every running task and waits for their final reports. */
+  /**
+   * From now on, every task that arrives is refused with `why` (its id claimed, so it never
+   * runs later either). `stopAll` calls it; the agent calls it first thing when it stops.
+   */
+  refuseNew(why = "agent stopping"): void {
+    this.stopping ??= why;
+  }
+
+  /** Refuses new tasks, stops every running task and waits for their final reports. */
   async stopAll(why = "agent stopping"): Promise<void> {
+    this.refuseNew(why);
     const all = [...this.active.values()];
     for (const a of all) stopActive(a, why, false);
     await Promise.all(all.map((a) => a.handling));
@@ -548,18 +588,38 @@ export class TaskRunner {
       ...(this.opts.baseEnv ?? minimalEnv({ path: this.path, user })),
       ...task.env,
     };
+    const deadline = Date.now() + task.timeoutSeconds * 1000;
+    // Its cgroup: journaled first (a crash right after leaves a name that is not there, or an
+    // empty cgroup the next start removes), then made.
+    let cg: TaskCgroup | undefined;
+    if (this.containment.kind === "cgroup") {
+      const path = TaskCgroup.pathFor(this.containment.parent, task.id);
+      try {
+        await this.journal.write({
+          taskId: task.id,
+          claimedAt: new Date().toISOString(),
+          cgroup: path,
+        });
+        cg = await TaskCgroup.create(path);
+      } catch (err) {
+        await fail(`cannot contain the task: cgroup ${path}: ${(err as Error).message}`);
+        return;
+      }
+    }
     const argv = sandboxArgv({
       exe,
       args,
       limits: this.limits,
       user,
-      dropBoundingSet: user?.dropBoundingSet,
+      dropBoundingSet: this.dropBoundingSet,
+      cgroupProcs: cg?.procsFile,
     });
     let child: Deno.ChildProcess;
     try {
-      // prlimit sets the rlimits and execs setpriv, which switches user, drops capabilities,
-      // sets no_new_privs and PR_SET_PDEATHSIG, and execs the task: one pid all along, so the
-      // task gets SIGKILL if the agent dies, even by kill -9.
+      // (sh moves itself into the cgroup and execs) prlimit, which sets the rlimits and execs
+      // setpriv, which switches user, drops capabilities, sets no_new_privs and
+      // PR_SET_PDEATHSIG, and execs the task: one pid all along, so the task gets SIGKILL if
+      // the agent dies, even by kill -9.
       child = new Deno.Command(argv.cmd, {
         args: argv.args,
         cwd,
@@ -572,6 +632,7 @@ export class TaskRunner {
         detached: true,
       }).spawn();
     } catch (err) {
+      await this.removeCgroup(task.id, cg);
       await fail(
         err instanceof Deno.errors.NotFound
           ? `cannot start ${exe}: ${argv.cmd} not found (util-linux)`
@@ -589,6 +650,7 @@ export class TaskRunner {
         pid,
         startTime,
         pgid: pid,
+        ...(cg ? { cgroup: cg.path } : {}),
       }).catch((err) =>
         this.opts.log?.("running_task.write_failed", {
           task: task.id,
@@ -596,71 +658,133 @@ export class TaskRunner {
         })
       );
     }
-    this.opts.log?.("task.running", { task: task.id, pid, exe, uid: user?.uid });
+    this.opts.log?.("task.running", {
+      task: task.id,
+      pid,
+      exe,
+      uid: user?.uid,
+      contained: cg !== undefined,
+    });
     this.send(report, { taskId: task.id, state: "running" });
 
     const out = new TailBuffer(this.maxOut);
     const err = new TailBuffer(this.maxOut);
+    const readers: ReadableStreamDefaultReader<Uint8Array>[] = [];
     const pump = async (s: ReadableStream<Uint8Array>, b: TailBuffer) => {
+      const reader = s.getReader();
+      readers.push(reader);
       try {
-        for await (const chunk of s) b.push(chunk);
+        for (;;) {
+          const { done, value } = await reader.read();
+          if (done) break;
+          b.push(value);
+        }
       } catch { /* stream cancelled */ }
     };
     const pumps = Promise.all([pump(child.stdout, out), pump(child.stderr, err)]);
 
     let stopReason: string | undefined;
     let cancelled = false;
+    /** The task's own process had ended when the stop came. */
+    let stoppedAfterExit = false;
+    let leaderDone = false;
     const signalGroup = (sig: Deno.Signal) => {
       try {
         Deno.kill(-pid, sig); // the whole process group
       } catch {
+        if (leaderDone) return; // the pid is no longer ours to signal
         try {
           child.kill(sig);
         } catch { /* already gone */ }
       }
     };
+    /** SIGKILL to everything of the task: its cgroup (all of it), else its process group. */
+    const killAll = () => {
+      if (cg) {
+        cg.kill().catch((e) =>
+          this.opts.log?.("task.cgroup_kill_failed", { task: task.id, error: e.message })
+        );
+      }
+      signalGroup("SIGKILL");
+    };
+    let wake = () => {};
+    const woken = new Promise<void>((resolve) => wake = resolve);
     let killTimer: ReturnType<typeof setTimeout> | undefined;
-    let settled = false;
     const stop = (why: string, byCancel: boolean) => {
-      if (settled || stopReason !== undefined) return;
+      if (stopReason !== undefined) return;
       stopReason = why;
       cancelled = byCancel;
+      stoppedAfterExit = leaderDone;
       this.opts.log?.("task.stop", { task: task.id, why, cancel: byCancel });
-      signalGroup("SIGTERM");
-      killTimer = setTimeout(() => signalGroup("SIGKILL"), this.opts.killGraceMs);
+      if (leaderDone) {
+        // The task is gone; what it left holds its output: no grace for it.
+        killAll();
+      } else {
+        signalGroup("SIGTERM");
+        killTimer = setTimeout(killAll, this.opts.killGraceMs);
+      }
+      wake();
     };
     me.stop = stop;
     if (me.pending) stop(me.pending.why, me.pending.cancelled); // came while it was starting
     const timeoutTimer = setTimeout(
       () => stop(`timed out after ${task.timeoutSeconds}s`, false),
-      task.timeoutSeconds * 1000,
+      Math.max(0, deadline - Date.now()),
     );
     const st = await child.status;
-    settled = true;
-    clearTimeout(timeoutTimer);
-    // Leftover processes in the group would keep the pipes open: stop them too.
-    signalGroup("SIGKILL");
+    leaderDone = true;
     clearTimeout(killTimer);
-    await pumps;
+    // Stopped: what is left of it goes at once. Otherwise its output may still be open (a
+    // process it started writes to it): wait for that, up to the timeout (or a cancel).
+    if (stopReason !== undefined) killAll();
+    const drained = await Promise.race([pumps.then(() => true), woken.then(() => false)]);
+    clearTimeout(timeoutTimer);
+    if (!drained) {
+      // killAll ran (stop). A process outside the task's reach (no cgroup: it left the
+      // process group) may keep the pipes open: stop reading after the grace.
+      const closed = await Promise.race([
+        pumps.then(() => true),
+        new Promise<boolean>((r) => setTimeout(() => r(false), this.opts.killGraceMs)),
+      ]);
+      if (!closed) {
+        this.opts.log?.("task.output_abandoned", {
+          task: task.id,
+          why: "a process the task started, outside its process group, holds its output",
+        });
+        for (const r of readers) r.cancel().catch(() => {});
+        await pumps;
+      }
+    }
+    // Nothing of the task outlives it: whatever is left (e.g. a daemon with its output closed).
+    const leftovers = await this.removeCgroup(task.id, cg);
+    if (!cg) signalGroup("SIGKILL");
+    if (leftovers > 0) {
+      this.opts.log?.("task.leftovers_killed", { task: task.id, processes: leftovers });
+    }
 
     const exitCode = st.signal ? null : st.code;
-    const how = `stopped with ${st.signal ?? `exit ${st.code}`}${
-      st.signal === "SIGKILL" ? ` (SIGTERM was ignored for ${this.opts.killGraceMs} ms)` : ""
-    }`;
+    const ended = st.signal ? `killed by ${st.signal}` : `exited with ${st.code}`;
+    const how = stoppedAfterExit
+      ? `the task had ${ended}, but processes it started kept its output open; they were killed`
+      : `stopped with ${st.signal ?? `exit ${st.code}`}${
+        st.signal === "SIGKILL" ? ` (SIGTERM was ignored for ${this.opts.killGraceMs} ms)` : ""
+      }`;
     const errTail = new TextDecoder().decode(err.raw().bytes.subarray(-512));
     const execFailed = !st.signal && (st.code === 126 || st.code === 127) &&
       /^setpriv: failed to execute .*$/m.exec(errTail)?.[0];
+    const cgroupFailed = cg !== undefined && !st.signal && st.code === CGROUP_EXIT &&
+      CGROUP_STEP_ERROR.exec(errTail)?.[0];
     let base: TaskReport;
     if (stopReason !== undefined && cancelled) {
       base = { taskId: task.id, state: "cancelled", exitCode, error: `${stopReason}; ${how}` };
     } else if (stopReason !== undefined) {
       base = { taskId: task.id, state: "failed", exitCode, error: `${stopReason}; ${how}` };
-    } else if (execFailed) {
+    } else if (execFailed || cgroupFailed) {
       base = {
         taskId: task.id,
         state: "failed",
         exitCode,
-        error: `cannot start ${exe}: ${execFailed}`,
+        error: `cannot start ${exe}: ${execFailed || cgroupFailed}`,
       };
     } else if (st.signal) {
       base = { taskId: task.id, state: "failed", exitCode: null, error: `killed by ${st.signal}` };
@@ -675,5 +799,20 @@ export class TaskRunner {
       stderrBytes: err.total,
     });
     await this.finish(report, withOutput(base, out.raw(), err.raw()), true);
+  }
+
+  /** Kills what is left in a task's cgroup and removes it; how many processes it held. */
+  private async removeCgroup(taskId: string, cg: TaskCgroup | undefined): Promise<number> {
+    if (!cg) return 0;
+    try {
+      return await cg.destroy();
+    } catch (err) {
+      this.opts.log?.("task.cgroup_remove_failed", {
+        task: taskId,
+        cgroup: cg.path,
+        error: (err as Error).message,
+      });
+      return 0;
+    }
   }
 }
