@@ -22,7 +22,8 @@
 import { join } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
 import { credentialPaths } from "../operator/credentials.ts";
-import { ensureOperator } from "../operator/command.ts";
+import { loginOperator, type OperatorControl } from "../operator/command.ts";
+import { readRolesFile } from "../server/roles.ts";
 import { waitFor } from "../process/mod.ts";
 import {
   ALERTS_FILE,
@@ -157,24 +158,42 @@ export function monitoringOn(ctx: DevenvContext): boolean {
   }
 }
 
-/** Renews the `prometheus` operator's credential when 1/3 of its life is left (or expired). */
-async function renewScrapeCredential(
-  ctx: DevenvContext,
-  spireServerBin: string,
+/** How the renewal reaches the control host (the SPIRE server's admin socket, the roles). */
+export function scrapeControl(ctx: DevenvContext, spireServerBin: string): OperatorControl {
+  return {
+    env: ctx.io.env,
+    runner: ctx.io.runner,
+    spireServerBin,
+    spireSocket: ctx.layout.spireServerSocket,
+    rolesFile: ctx.layout.serverRolesFile,
+    trustDomain: ctx.layout.trustDomain,
+    serverUrl: `https://localhost:${ctx.layout.ports.http}`,
+  };
+}
+
+/**
+ * Renews the `prometheus` operator's credential when 1/3 of its life is left (or expired). Only
+ * renews: `devenv start` creates the operator, and an admin who removed it (`operator remove`)
+ * or changed its role meant it, so neither is undone here; the renewal fails, and says why.
+ */
+export async function renewScrapeCredential(
+  ctl: OperatorControl,
+  now?: Date,
 ): Promise<string> {
-  return await ensureOperator(
-    {
-      env: ctx.io.env,
-      runner: ctx.io.runner,
-      spireServerBin,
-      spireSocket: ctx.layout.spireServerSocket,
-      rolesFile: ctx.layout.serverRolesFile,
-      trustDomain: ctx.layout.trustDomain,
-      serverUrl: `https://localhost:${ctx.layout.ports.http}`,
-    },
-    PROMETHEUS_OPERATOR,
-    "viewer",
-  );
+  const role = (await readRolesFile(ctl.rolesFile)).operators.get(PROMETHEUS_OPERATOR);
+  if (role !== "viewer") {
+    throw new CliError(
+      role === undefined
+        ? `operator ${PROMETHEUS_OPERATOR} has no role in ${ctl.rolesFile}: not renewing its scrape credential`
+        : `operator ${PROMETHEUS_OPERATOR} has the role ${role}, not viewer: not renewing its scrape credential`,
+      1,
+      "k8s4r devenv start --monitoring creates it again",
+    );
+  }
+  const r = await loginOperator(ctl, PROMETHEUS_OPERATOR, { now });
+  return r.renewed
+    ? `operator ${PROMETHEUS_OPERATOR}: credentials written, valid until ${r.meta.expiresAt} (${r.why})`
+    : `operator ${PROMETHEUS_OPERATOR}: credentials ${r.why}`;
 }
 
 /**
@@ -221,7 +240,7 @@ export async function runPrometheus(
   }
   log(`prometheus serving on ${base} (pid ${prom.pid})`);
   const renew = setInterval(() => {
-    renewScrapeCredential(ctx, spireServer).then(
+    renewScrapeCredential(scrapeControl(ctx, spireServer)).then(
       (what) => /written/.test(what) && log(what),
       (err) => log(`renewing the scrape credential failed: ${errorMessage(err)}`),
     );
