@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { FleetService, type Publisher } from "./fleet.ts";
-import { createHandler } from "./http_api.ts";
+import { type ApiContext, createHandler } from "./http_api.ts";
 import { openSqliteFile } from "./registry_sqlite.ts";
 import type { RolesSource } from "./roles.ts";
 import { TestHttps, UNSIGNED } from "./testing.ts";
@@ -35,7 +35,7 @@ function mutableRoles(entries: Record<string, Role>) {
   return { src, ops };
 }
 
-function setup() {
+function setup(api: Partial<ApiContext> = {}) {
   const clock = { t: NOW };
   const registry = openSqliteFile(":memory:");
   const fleet = new FleetService(registry, new Pub(), {
@@ -55,6 +55,7 @@ function setup() {
     metrics: obs.metrics,
     events: obs.events,
     sessions,
+    ...api,
   });
   const call = async (
     method: string,
@@ -78,17 +79,29 @@ function setup() {
     );
     return res;
   };
+  /** The login page's button: POSTs the token of a login path (as the page's form does). */
+  const confirm = (path: string, headers: Record<string, string> = {}) =>
+    call("POST", "/dashboard/login", {
+      body: `token=${new URL(path, "https://localhost").searchParams.get("token")}`,
+      headers: {
+        origin: "https://localhost",
+        "content-type": "application/x-www-form-urlencoded",
+        ...headers,
+      },
+    });
   /** Logs in as `cert` through the one-time URL; returns the session id of the cookie. */
   const login = async (cert: IssuedCert) => {
     const r = await call("POST", "/api/dashboard/login", { cert, body: "{}" });
     assert.equal(r.status, 201);
     const { path } = await r.json();
-    const open = await call("GET", path);
+    const look = await call("GET", path);
+    assert.equal(look.status, 200);
+    const open = await confirm(path);
     assert.equal(open.status, 303);
     const m = new RegExp(`${SESSION_COOKIE}=([^;]+)`).exec(open.headers.get("set-cookie")!);
     return { id: m![1], path };
   };
-  return { clock, registry, fleet, web, viewer, roles, obs, sessions, call, login };
+  return { clock, registry, fleet, web, viewer, roles, obs, sessions, call, confirm, login };
 }
 
 async function register(fleet: FleetService, robotId: string) {
@@ -126,7 +139,13 @@ Deno.test("dashboard: a one-time login URL becomes a Secure, HttpOnly, SameSite=
     assert.equal(body.operator, "admin");
     assert.equal(Date.parse(body.expiresAt) - NOW, 120_000, "valid for 2 minutes");
 
-    const open = await t.call("GET", body.path);
+    // Opening the URL shows who it logs in as; only its button uses the token.
+    const look = await t.call("GET", body.path);
+    assert.equal(look.status, 200);
+    assert.equal(look.headers.get("set-cookie"), null);
+    assert.equal(look.headers.get("cache-control"), "no-store");
+    assert.match(await look.text(), /<button type="submit" id="login">Log in as admin<\/button>/);
+    const open = await t.confirm(body.path);
     assert.equal(open.status, 303);
     assert.equal(open.headers.get("location"), "/dashboard/");
     assert.equal(open.headers.get("referrer-policy"), "no-referrer");
@@ -134,7 +153,10 @@ Deno.test("dashboard: a one-time login URL becomes a Secure, HttpOnly, SameSite=
     for (const attr of ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"]) {
       assert.ok(cookie.split("; ").includes(attr), `${attr} in ${cookie}`);
     }
-    const id = /k8s4r_session=([^;]+)/.exec(cookie)![1];
+    // __Host-: no Domain, Secure, Path=/; no other origin of this host can plant or shadow it.
+    assert.match(cookie, /^__Host-k8s4r_session=/);
+    assert.doesNotMatch(cookie, /Domain=/i);
+    const id = /__Host-k8s4r_session=([^;]+)/.exec(cookie)![1];
     assert.doesNotMatch(cookie, new RegExp(body.path.split("=")[1]), "not the login token");
 
     // The session acts as admin, with admin's role.
@@ -147,11 +169,14 @@ Deno.test("dashboard: a one-time login URL becomes a Secure, HttpOnly, SameSite=
       via: "session",
     });
 
-    // The URL works once.
+    // The URL works once: its page says so, and its button too.
     const again = await t.call("GET", body.path);
     assert.equal(again.status, 401);
     assert.match(await again.text(), /used already/);
-    assert.equal(again.headers.get("set-cookie"), null);
+    const twice = await t.confirm(body.path);
+    assert.equal(twice.status, 401);
+    assert.match(await twice.text(), /used already/);
+    assert.equal(twice.headers.get("set-cookie"), null);
 
     // And not after it expired (positive control first: a fresh one works at 119 s).
     const a =
@@ -161,11 +186,12 @@ Deno.test("dashboard: a one-time login URL becomes a Secure, HttpOnly, SameSite=
       await (await t.call("POST", "/api/dashboard/login", { cert: t.web.admin, body: "{}" }))
         .json();
     t.clock.t += 119_000;
-    assert.equal((await t.call("GET", a.path)).status, 303);
+    assert.equal((await t.confirm(a.path)).status, 303);
     t.clock.t += 2_000;
     const late = await t.call("GET", b.path);
     assert.equal(late.status, 401);
     assert.match(await late.text(), /expired/);
+    assert.equal((await t.confirm(b.path)).status, 401);
     // A made-up token.
     const fake = await t.call("GET", `/dashboard/login?token=${"A".repeat(43)}`);
     assert.equal(fake.status, 401);
@@ -459,6 +485,51 @@ Deno.test("events: online/offline and rotations from commits, live through SSE t
     assert.equal(refused[0].text, `robot-001 refused task ${task.id}: rm is not in tasks.allow`);
     // Without a session or certificate: no stream.
     assert.equal((await t.call("GET", "/api/events/stream")).status, 401);
+  } finally {
+    t.obs.close();
+    await t.registry.close();
+  }
+});
+
+Deno.test("dashboard: a link preview of the login URL gets nothing; racing its button gives one session", async () => {
+  const t = setup();
+  try {
+    const r = await t.call("POST", "/api/dashboard/login", { cert: t.web.admin, body: "{}" });
+    const { path, id } = await r.json();
+    const state = async (cert = t.web.admin) =>
+      (await (await t.call("GET", `/api/dashboard/logins/${id}`, { cert })).json()).state;
+    assert.equal(await state(), "pending");
+    // A preview bot or a prefetch fetches the URL, as often as it likes: no cookie, still unused.
+    for (let i = 0; i < 3; i++) {
+      const look = await t.call("GET", path);
+      assert.equal(look.status, 200);
+      assert.equal(look.headers.get("set-cookie"), null);
+    }
+    assert.equal(await state(), "pending");
+    // The button's POST without an Origin (not from a browser's form) is refused.
+    const noOrigin = await t.call("POST", "/dashboard/login", {
+      body: `token=${new URL(path, "https://localhost").searchParams.get("token")}`,
+      headers: { "content-type": "application/x-www-form-urlencoded" },
+    });
+    assert.equal(noOrigin.status, 403);
+    const foreign = await t.confirm(path, { origin: "https://evil.example" });
+    assert.equal(foreign.status, 403);
+    assert.equal(await state(), "pending");
+    // Twenty browsers race with the one token: exactly one session.
+    const all = await Promise.all(Array.from({ length: 20 }, () => t.confirm(path)));
+    const won = all.filter((x) => x.status === 303);
+    assert.equal(won.length, 1, all.map((x) => x.status).join(","));
+    assert.deepEqual(
+      [...new Set(all.filter((x) => x.status !== 303).map((x) => x.status))],
+      [401],
+    );
+    assert.equal(t.sessions.size.sessions, 1);
+    assert.equal(await state(), "used");
+    // The state is the asking certificate's only, and never for a browser session.
+    assert.equal(await state(t.viewer), "unknown");
+    const s = /__Host-k8s4r_session=([^;]+)/.exec(won[0].headers.get("set-cookie")!)![1];
+    const bySession = await t.call("GET", `/api/dashboard/logins/${id}`, { cookie: s });
+    assert.equal(bySession.status, 403);
   } finally {
     t.obs.close();
     await t.registry.close();

@@ -20,8 +20,10 @@
  *   GET  /api/robots/{id}/heartbeats   {received, missing, recent: [{at, seq, missing}]}
  *   GET  /api/events                   {events: [...]} the newest fleet events (events.ts)
  *   GET  /api/events/stream            the same, live: Server-Sent Events (Last-Event-ID resumes)
- *   POST /api/dashboard/login          {} -> 201 {path, expiresAt}: a one-time dashboard login
+ *   POST /api/dashboard/login          {} -> 201 {path, id, expiresAt}: a one-time dashboard login
  *                                      (client certificate only, not a browser session)
+ *   GET  /api/dashboard/logins/{id}    {state: pending|used|expired|unknown} of a login this
+ *                                      certificate asked for (the CLI removes its copy once used)
  *   GET  /metrics                      Prometheus text format (read permission: viewer, operator)
  *   GET  /dashboard/...                the dashboard (dashboard.ts): its assets need no identity,
  *                                      its data comes from the API above
@@ -501,11 +503,22 @@ export function createHandler(
           );
           return json(201, {
             path: `/dashboard/login?token=${t.token}`,
+            id: t.id,
             expiresAt: new Date(t.expiresAt).toISOString(),
             operator: caller.operator,
             role: caller.role,
           }, { "cache-control": "no-store" });
         },
+      };
+    }
+    if (parts[1] === "dashboard" && parts.length === 4 && parts[2] === "logins") {
+      const sessions = ctx.sessions;
+      if (!sessions) return undefined;
+      return {
+        perm: "read",
+        allowed: ["GET", "HEAD"],
+        certificateOnly: true,
+        run: (caller) => json(200, { state: sessions.loginState(parts[3], caller.spiffeId) }),
       };
     }
     if (parts[1] === "robots") {

@@ -5,7 +5,8 @@
  * browser.ts), never by ignoring certificate errors.
  *
  * - a browser WITHOUT the CA refuses the server (positive control of the trust setup);
- * - log in through the one-time URL of `k8s4r dashboard --print-url`; see robot-001 online;
+ * - log in through the one-time URL of `k8s4r dashboard --print-url` (its page names the
+ *   operator; its button logs in); see robot-001 online;
  * - the URL fails a second time, and after it expired (the stack's logins live 8 s here:
  *   K8S4R_DASHBOARD_LOGIN_TTL; the default is 120 s);
  * - run `echo hi` from the robot page and see `hi`, and the task list names its operator;
@@ -55,6 +56,15 @@ async function loginUrl(operator = "admin"): Promise<string> {
   return url;
 }
 
+/** Opens a login URL and presses its button, as a person does; the answer of the button. */
+async function logIn(p: Page, url: string, operator = "admin") {
+  const look = await p.goto(url);
+  assert.equal(look?.status(), 200);
+  assert.equal(await p.$eval("#login", (e) => e.textContent), `Log in as ${operator}`);
+  const [res] = await Promise.all([p.waitForNavigation(), p.click("#login")]);
+  return res;
+}
+
 async function shot(p: Page, name: string): Promise<void> {
   await p.screenshot({ path: `${artifacts}/${name}.png`, fullPage: true });
 }
@@ -82,7 +92,7 @@ e2e("the stack starts; a browser without the fleet's CA refuses the server", asy
     trustBundlePem: await Deno.readTextFile(stack.layout.caBundleFile),
   });
   page = await newPage(browser.browser);
-  const res = await page.goto(url);
+  const res = await logIn(page, url);
   assert.equal(res?.status(), 200);
   assert.equal(new URL(page.url()).pathname, "/dashboard/", "redirected, the token left behind");
 });
@@ -94,7 +104,7 @@ e2e("log in through the one-time URL and see robot-001 online", async () => {
   assert.equal(await p.$eval("#count-online .n", (e) => e.textContent), "1");
   // The cookie is HttpOnly, Secure and SameSite=Strict, and invisible to the page's scripts.
   const cookies = await p.cookies();
-  const c = cookies.find((x) => x.name === "k8s4r_session");
+  const c = cookies.find((x) => x.name === "__Host-k8s4r_session");
   assert.ok(c, JSON.stringify(cookies));
   assert.equal(c.httpOnly, true);
   assert.equal(c.secure, true);
@@ -111,7 +121,7 @@ e2e("the login URL fails a second time and after it expired", async () => {
   const p = await newPage(browser!.browser);
   try {
     // A second browser context would keep the first session apart; the point is the token.
-    assert.equal((await p.goto(url))?.status(), 200);
+    assert.equal((await logIn(p, url))?.status(), 200);
     const second = await p.goto(url);
     assert.equal(second?.status(), 401);
     assert.match(await p.content(), /used already/);
@@ -164,7 +174,7 @@ e2e("a viewer gets no run button, and the API refuses its session anyway", async
   try {
     const p = await ctx.newPage();
     await p.setViewport({ width: 1100, height: 700 });
-    await p.goto(await loginUrl("vera"));
+    await logIn(p, await loginUrl("vera"), "vera");
     await p.waitForSelector('tr[data-robot="robot-001"]', { timeout: 15_000 });
     assert.equal(await p.$eval("#me", (e) => e.textContent), "vera (viewer)");
     await p.goto(`${stack.api}/dashboard/#/robots/robot-001`);
