@@ -491,6 +491,42 @@ Deno.test("events: online/offline and rotations from commits, live through SSE t
   }
 });
 
+/** Reads an SSE body until `until(text)` or its end; `done` says whether it ended. */
+async function readStream(res: Response, until: (text: string) => boolean = () => false) {
+  const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+  let text = "";
+  let done = false;
+  let error: unknown;
+  try {
+    while (!until(text)) {
+      const r = await reader.read();
+      if (r.done) {
+        done = true;
+        break;
+      }
+      text += r.value;
+    }
+  } catch (err) {
+    done = true;
+    error = err;
+  }
+  return { text, done, error, cancel: () => reader.cancel().catch(() => {}) };
+}
+
+function online(fleet: FleetService, robotId: string, status: "online" | "offline", ts: number) {
+  return fleet.handleMessage(
+    `k8s4r/robots/${robotId}/up/status`,
+    new TextEncoder().encode(JSON.stringify({
+      v: 1,
+      type: "status",
+      robotId,
+      ts: new Date(ts).toISOString(),
+      status,
+      ...(status === "offline" ? { reason: "x".repeat(200) } : {}),
+    })),
+  );
+}
+
 Deno.test("dashboard: a link preview of the login URL gets nothing; racing its button gives one session", async () => {
   const t = setup();
   try {
@@ -530,6 +566,163 @@ Deno.test("dashboard: a link preview of the login URL gets nothing; racing its b
     const s = /__Host-k8s4r_session=([^;]+)/.exec(won[0].headers.get("set-cookie")!)![1];
     const bySession = await t.call("GET", `/api/dashboard/logins/${id}`, { cookie: s });
     assert.equal(bySession.status, 403);
+  } finally {
+    t.obs.close();
+    await t.registry.close();
+  }
+});
+
+Deno.test("events: an open stream ends at logout, at the session's end, and when the role goes", async () => {
+  const t = setup({ streamRecheckMs: 10 });
+  try {
+    const open = async (o: { cookie?: string; cert?: IssuedCert }) => {
+      const res = await t.call("GET", "/api/events/stream", o);
+      assert.equal(res.status, 200);
+      return res;
+    };
+    // Positive control: a stream whose certificate and role stay fine stays open throughout.
+    const kept = await open({ cert: t.web.admin });
+    // A stream that should end but does not would hang the test: fail it after 20 s instead
+    // (a bound on a hang, not on speed: the recheck runs every 10 ms here).
+    const ended = async (res: Response) => {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const read = readStream(res);
+      const r = await Promise.race([
+        read,
+        new Promise<{ done: false; text: string; cancel: () => Promise<void> }>((resolve) => {
+          timer = setTimeout(
+            () => resolve({ done: false, text: "", cancel: () => Promise.resolve() }),
+            20_000,
+          );
+        }),
+      ]);
+      clearTimeout(timer);
+      if (!r.done) await res.body?.cancel().catch(() => {});
+      return r;
+    };
+
+    const a = await t.login(t.viewer);
+    const aStream = ended(await open({ cookie: a.id }));
+    const out = await t.call("POST", "/dashboard/logout", {
+      cookie: a.id,
+      headers: { origin: "https://localhost" },
+    });
+    assert.equal(out.status, 204);
+    assert.equal((await aStream).done, true, "logout ends the stream");
+
+    const b = await t.login(t.viewer);
+    const bStream = ended(await open({ cookie: b.id }));
+    t.roles.ops.delete("vera");
+    assert.equal((await bStream).done, true, "operator remove ends the stream");
+    t.roles.ops.set("vera", "viewer");
+
+    const c = await t.login(t.viewer);
+    const cStream = ended(await open({ cookie: c.id }));
+    t.clock.t += 8 * 3600_000 + 1;
+    assert.equal((await cStream).done, true, "the session's end ends the stream");
+    t.clock.t = NOW;
+
+    // A certificate's stream: its role removed, it ends too.
+    const d = ended(await open({ cert: t.viewer }));
+    t.roles.ops.delete("vera");
+    assert.equal((await d).done, true, "a certificate stream ends with its role");
+
+    // The control: the admin's stream lived through all of it, and still gets events.
+    await register(t.fleet, "robot-001");
+    const k = await readStream(kept, (x) => x.includes('"kind":"online"'));
+    assert.equal(k.done, false, k.text);
+    await k.cancel();
+  } finally {
+    t.obs.close();
+    await t.registry.close();
+  }
+});
+
+Deno.test("events: a reader that does not keep up is cut off, not buffered without bound", async () => {
+  const t = setup({ maxStreamBufferBytes: 16 * 1024, maxStreams: 2 });
+  try {
+    await register(t.fleet, "robot-001");
+    const s = await t.login(t.viewer);
+    // Positive control: a reader that reads gets every event of the same flood.
+    const reading = await t.call("GET", "/api/events/stream", { cookie: s.id });
+    assert.equal(reading.status, 200);
+    const got = readStream(reading, (x) => (x.match(/"kind":"offline"/g) ?? []).length >= 100);
+    // The slow one never reads.
+    const slow = await t.call("GET", "/api/events/stream", { cookie: s.id });
+    assert.equal(slow.status, 200);
+    assert.equal(t.obs.events.subscribers, 2);
+    for (let i = 0; i < 100; i++) {
+      assert.ok((await online(t.fleet, "robot-001", "online", NOW + 2 * i + 1)).ok);
+      assert.ok((await online(t.fleet, "robot-001", "offline", NOW + 2 * i + 2)).ok);
+    }
+    const fast = await got;
+    assert.equal(fast.done, false, "the reading client is still connected");
+    await fast.cancel();
+    // ~200 frames of ~450 bytes: far over 16 KiB unread. The slow stream was dropped, its
+    // subscription and its slot given back (a new stream opens with maxStreams 2).
+    assert.equal(t.obs.events.subscribers, 0);
+    const cut = await readStream(slow);
+    assert.equal(cut.done, true);
+    assert.ok(cut.text.length <= 16 * 1024 + 1024, `${cut.text.length} bytes were held`);
+    const again = await t.call("GET", "/api/events/stream", { cookie: s.id });
+    assert.equal(again.status, 200);
+    await again.body!.cancel();
+  } finally {
+    t.obs.close();
+    await t.registry.close();
+  }
+});
+
+Deno.test("events: one operator cannot hold every stream", async () => {
+  const t = setup({ maxStreamsPerOperator: 2, maxStreams: 3 });
+  try {
+    const v = await t.login(t.viewer);
+    const a = await t.login(t.web.admin);
+    const get = (cookie: string) => t.call("GET", "/api/events/stream", { cookie });
+    const one = await get(v.id);
+    const two = await get(v.id);
+    assert.equal(one.status, 200);
+    assert.equal(two.status, 200);
+    const three = await get(v.id);
+    assert.equal(three.status, 503);
+    assert.match((await three.json()).error, /too many event streams open for vera \(2\)/);
+    // Another operator still gets one (the control), and vera again once she closed one.
+    const admin = await get(a.id);
+    assert.equal(admin.status, 200);
+    await one.body!.cancel();
+    const four = await get(v.id);
+    assert.equal(four.status, 200);
+    for (const r of [two, admin, four]) await r.body!.cancel();
+  } finally {
+    t.obs.close();
+    await t.registry.close();
+  }
+});
+
+Deno.test("API answers are never cached: JSON, errors, /metrics, the event stream", async () => {
+  const t = setup();
+  try {
+    await register(t.fleet, "robot-001");
+    const s = await t.login(t.web.admin);
+    for (
+      const [path, o, status] of [
+        ["/api/robots", { cookie: s.id }, 200],
+        ["/api/robots/robot-001", { cert: t.web.admin }, 200],
+        ["/api/tasks", { cookie: s.id }, 200],
+        ["/api/robots/robot-404", { cookie: s.id }, 404],
+        ["/api/robots", {}, 401],
+        ["/metrics", { cert: t.viewer }, 200],
+      ] as const
+    ) {
+      const r = await t.call("GET", path, o);
+      assert.equal(r.status, status, path);
+      assert.equal(r.headers.get("cache-control"), "no-store", path);
+      assert.equal(r.headers.get("x-content-type-options"), "nosniff", path);
+      await r.body?.cancel();
+    }
+    const es = await t.call("GET", "/api/events/stream", { cookie: s.id });
+    assert.equal(es.headers.get("cache-control"), "no-store");
+    await es.body!.cancel();
   } finally {
     t.obs.close();
     await t.registry.close();

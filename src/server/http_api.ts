@@ -36,6 +36,15 @@
  * passed back as `cursor`. Cursors are keyset positions, so a page never repeats or skips a
  * task when tasks are created meanwhile.
  *
+ * Every answer of the API is `Cache-Control: no-store` (task env and output, robot details:
+ * nothing a browser or a proxy should keep) and `X-Content-Type-Options: nosniff`.
+ *
+ * An event stream lives only as long as what opened it: its session or certificate and its
+ * role are checked again every `streamRecheckMs` (1 s), and the stream ends when they no longer
+ * allow it (logout, expiry, `operator remove`). A client that reads slower than events come is
+ * cut off once `maxStreamBufferBytes` (256 KiB) wait for it (it resumes with Last-Event-ID);
+ * one operator holds at most `maxStreamsPerOperator` (8) of the `maxStreams` (64).
+ *
  * Errors are `{"error": "...", "code"?: "..."}` with 400 (bad input, precise message), 401 (no
  * or untrusted client certificate), 403 (not an operator, no or insufficient role, foreign
  * Host or Origin), 404, 405 (with Allow), 409, 413 (body over MAX_BODY_BYTES), 415 (mutating
@@ -90,10 +99,16 @@ class HttpError extends Error {
   }
 }
 
+/** Headers of every API answer: nothing to keep in a cache, nothing to sniff as HTML. */
+export const API_HEADERS: Readonly<Record<string, string>> = {
+  "cache-control": "no-store",
+  "x-content-type-options": "nosniff",
+};
+
 function json(status: number, body: unknown, headers: HeadersInit = {}): Response {
   return new Response(JSON.stringify(body, null, 2) + "\n", {
     status,
-    headers: { "content-type": "application/json; charset=utf-8", ...headers },
+    headers: { "content-type": "application/json; charset=utf-8", ...API_HEADERS, ...headers },
   });
 }
 
@@ -320,6 +335,12 @@ export interface ApiContext {
   sessions?: DashboardSessions;
   /** Most SSE streams open at once (each holds a connection). Default 64. */
   maxStreams?: number;
+  /** Most SSE streams one operator holds at once. Default 8. */
+  maxStreamsPerOperator?: number;
+  /** Bytes an SSE stream may hold for a slow reader before it is cut off. Default 256 KiB. */
+  maxStreamBufferBytes?: number;
+  /** How often an open SSE stream checks its session or certificate and role. Default 1000. */
+  streamRecheckMs?: number;
 }
 
 /** How the caller proved who it is. */
@@ -330,8 +351,11 @@ interface Route {
   allowed: string[];
   /** Only with a client certificate (minting a dashboard login). */
   certificateOnly?: boolean;
-  run: (caller: Caller & { via: AuthMethod; until?: number }) => Promise<Response> | Response;
+  run: (caller: StreamCaller) => Promise<Response> | Response;
 }
+
+/** The caller of a route, and whether what authenticated it still allows the route now. */
+type StreamCaller = Caller & { via: AuthMethod; until?: number; stillAllowed: () => boolean };
 
 /** The request handler, separate from the listener so tests can call it directly. */
 export function createHandler(
@@ -395,36 +419,74 @@ export function createHandler(
     run: async () => json(200, await run()),
   });
   let streams = 0;
+  const streamsOf = new Map<string, number>();
   const maxStreams = ctx.maxStreams ?? 64;
-  /** Server-Sent Events: what happened since Last-Event-ID, then live, with a ping every 15 s. */
-  const eventStream = (req: Request, url: URL): Response => {
+  const maxPerOperator = ctx.maxStreamsPerOperator ?? 8;
+  const maxBuffer = ctx.maxStreamBufferBytes ?? 256 * 1024;
+  const recheckMs = ctx.streamRecheckMs ?? 1000;
+  /**
+   * Server-Sent Events: what happened since Last-Event-ID, then live, with a ping every 15 s,
+   * while the caller is still allowed, and while it keeps up.
+   */
+  const eventStream = (req: Request, url: URL, caller: StreamCaller): Response => {
     const events = ctx.events;
     if (!events) throw new HttpError(404, "no event stream on this server");
     if (streams >= maxStreams) {
       throw new HttpError(503, `too many event streams open (${maxStreams}); try again later`);
     }
+    const who = caller.spiffeId;
+    if ((streamsOf.get(who) ?? 0) >= maxPerOperator) {
+      throw new HttpError(
+        503,
+        `too many event streams open for ${caller.operator} (${maxPerOperator}); close one`,
+      );
+    }
     const last = Number(req.headers.get("last-event-id") ?? url.searchParams.get("since") ?? "");
     const enc = new TextEncoder();
     let unsubscribe = () => {};
     let ping: ReturnType<typeof setInterval> | undefined;
-    const stop = () => {
-      unsubscribe();
-      clearInterval(ping);
-    };
+    let recheck: ReturnType<typeof setInterval> | undefined;
     streams++;
+    streamsOf.set(who, (streamsOf.get(who) ?? 0) + 1);
     let counted = true;
     const release = () => {
-      if (counted) streams--;
+      if (counted) {
+        streams--;
+        const n = (streamsOf.get(who) ?? 1) - 1;
+        if (n > 0) streamsOf.set(who, n);
+        else streamsOf.delete(who);
+      }
       counted = false;
-      stop();
+      unsubscribe();
+      clearInterval(ping);
+      clearInterval(recheck);
     };
     const body = new ReadableStream<Uint8Array>({
       start(controller) {
+        const end = (why: string, err?: Error) => {
+          if (!counted) return;
+          release();
+          log.info(`event stream of ${who} ended: ${why}`);
+          try {
+            if (err) controller.error(err);
+            else controller.close();
+          } catch { /* already closed */ }
+        };
         const send = (text: string) => {
+          if (!counted) return;
           try {
             controller.enqueue(enc.encode(text));
           } catch {
             release();
+            return;
+          }
+          // The queue holds what the client has not read yet: a reader that does not keep up
+          // is cut off (its EventSource reconnects with Last-Event-ID), not buffered forever.
+          if ((controller.desiredSize ?? 0) < 0) {
+            end(
+              `more than ${maxBuffer} bytes unread`,
+              new Error("event stream reader too slow"),
+            );
           }
         };
         send(`retry: 2000\n: k8s4r events\n\n`);
@@ -432,17 +494,25 @@ export function createHandler(
         for (const e of backlog) send(sseFrame(e));
         unsubscribe = events.subscribe((e) => send(sseFrame(e)));
         ping = setInterval(() => send(`: ping\n\n`), 15_000);
+        // Logout, the session's or the certificate's end, a role removed: the stream ends too.
+        recheck = setInterval(() => {
+          let ok = false;
+          try {
+            ok = caller.stillAllowed();
+          } catch { /* not allowed */ }
+          if (!ok) end("no longer allowed (logout, expiry or role)");
+        }, recheckMs);
       },
       cancel() {
         release();
       },
-    });
+    }, { highWaterMark: maxBuffer, size: (chunk) => chunk.byteLength });
     req.signal?.addEventListener("abort", release, { once: true });
     return new Response(body, {
       status: 200,
       headers: {
         "content-type": "text/event-stream; charset=utf-8",
-        "cache-control": "no-store",
+        ...API_HEADERS,
         "x-accel-buffering": "no",
       },
     });
@@ -475,7 +545,7 @@ export function createHandler(
         });
       }
       if (parts.length === 3 && parts[2] === "stream") {
-        return { perm: "read", allowed: ["GET"], run: () => eventStream(req, url) };
+        return { perm: "read", allowed: ["GET"], run: (c) => eventStream(req, url, c) };
       }
       return undefined;
     }
@@ -652,8 +722,9 @@ export function createHandler(
       let via: AuthMethod = "certificate";
       let who = identify(conn.peerChain, ctx.auth, conn);
       let until = conn.verified?.until;
+      const cookie = sessionCookie(req);
       if (!who.ok && who.refusal.code === "no-certificate" && ctx.sessions) {
-        const s = ctx.sessions.lookup(sessionCookie(req));
+        const s = ctx.sessions.lookup(cookie);
         if (s) {
           who = { ok: true, spiffeId: s.spiffeId, operator: s.operator };
           via = "session";
@@ -703,7 +774,22 @@ export function createHandler(
       // 5. Mutating requests carry JSON, nothing a cross-origin form can send.
       const ct = checkContentType(req);
       if (ct) return refused(ct, req, url, who.spiffeId);
-      return await r.run({ ...auth.caller, via, until });
+      const id = who.spiffeId;
+      const perm = r.perm;
+      // For what outlives this request (an event stream): the same checks, again, later.
+      const stillAllowed = () => {
+        const again = via === "session"
+          ? (ctx.sessions?.lookup(cookie)?.spiffeId === id ? who : undefined)
+          : identify(conn.peerChain, ctx.auth, conn);
+        return !!again?.ok && again.spiffeId === id &&
+          authorize(again, perm, ctx.auth.roles).ok;
+      };
+      const res = await r.run({ ...auth.caller, via, until, stillAllowed });
+      // Every API answer (the metrics page too) is kept by no cache.
+      for (const [k, v] of Object.entries(API_HEADERS)) {
+        if (!res.headers.has(k)) res.headers.set(k, v);
+      }
+      return res;
     } catch (err) {
       if (err instanceof HttpError) return json(err.status, { error: err.message }, err.headers);
       if (err instanceof NotFoundError) return json(404, { error: err.message });
