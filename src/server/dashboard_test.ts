@@ -11,6 +11,7 @@ import type { RolesSource } from "./roles.ts";
 import { TestHttps, UNSIGNED } from "./testing.ts";
 import { DashboardSessions, SESSION_COOKIE } from "./sessions.ts";
 import { observeFleet } from "./observe.ts";
+import { FleetEvents } from "./events.ts";
 import { assertPromtoolClean } from "../monitoring/testing.ts";
 import { DASHBOARD_CSP } from "./dashboard.ts";
 import type { Role } from "./roles.ts";
@@ -35,7 +36,7 @@ function mutableRoles(entries: Record<string, Role>) {
   return { src, ops };
 }
 
-function setup(api: Partial<ApiContext> = {}) {
+function setup(api: Partial<ApiContext> = {}, events?: FleetEvents) {
   const clock = { t: NOW };
   const registry = openSqliteFile(":memory:");
   const fleet = new FleetService(registry, new Pub(), {
@@ -45,7 +46,11 @@ function setup(api: Partial<ApiContext> = {}) {
   const web = new TestHttps();
   const viewer = web.operator("vera");
   const roles = mutableRoles({ admin: "operator", vera: "viewer" });
-  const obs = observeFleet(fleet, { mqtt: () => ({ connected: true, connects: 1 }), pollMs: 50 });
+  const obs = observeFleet(fleet, {
+    mqtt: () => ({ connected: true, connects: 1 }),
+    pollMs: 50,
+    events,
+  });
   const sessions = new DashboardSessions({ now: () => clock.t });
   const handler = createHandler({
     fleet,
@@ -639,7 +644,11 @@ Deno.test("events: an open stream ends at logout, at the session's end, and when
 });
 
 Deno.test("events: a reader that does not keep up is cut off, not buffered without bound", async () => {
-  const t = setup({ maxStreamBufferBytes: 16 * 1024, maxStreams: 2 });
+  // (A robot's own events are rate-limited, events_test.ts: not this test's subject.)
+  const t = setup(
+    { maxStreamBufferBytes: 16 * 1024, maxStreams: 2 },
+    new FleetEvents({ robotBurst: 1_000 }),
+  );
   try {
     await register(t.fleet, "robot-001");
     const s = await t.login(t.viewer);
