@@ -4,7 +4,8 @@
  * endpoint of the stack with the alert rules of `config/prometheus/alerts.yaml`:
  *
  * - the fleet server's `/metrics` on its HTTPS API, as the operator `prometheus` (role
- *   `viewer`: the API's own authorization, no second way in), trusting the exported SPIRE
+ *   `metrics`: the API's own authorization, no second way in, and nothing but /metrics: its
+ *   key sits in Prometheus' config, and reads no task's env or output), trusting the exported SPIRE
  *   bundle and the server's name `localhost`;
  * - the SPIRE server's and every SPIRE agent's telemetry exporter (`devenv start` always
  *   enables them, on loopback telemetry ports), and every k8s4r agent's loopback `/metrics`;
@@ -47,8 +48,10 @@ import { writeFileAtomic } from "../fs/atomic.ts";
 import type { ProbeResult } from "./probes.ts";
 import type { RobotLayout } from "./layout.ts";
 
-/** The viewer operator Prometheus scrapes the fleet server as. */
+/** The operator Prometheus scrapes the fleet server as. */
 export const PROMETHEUS_OPERATOR = "prometheus";
+/** Its role: /metrics only, none of the tasks' env or output (roles.ts). */
+export const SCRAPE_ROLE = "metrics";
 
 /** Scrape and rule evaluation interval of the dev stack's Prometheus. */
 export const DEV_SCRAPE_SECONDS = 5;
@@ -181,11 +184,11 @@ export async function renewScrapeCredential(
   now?: Date,
 ): Promise<string> {
   const role = (await readRolesFile(ctl.rolesFile)).operators.get(PROMETHEUS_OPERATOR);
-  if (role !== "viewer") {
+  if (role !== SCRAPE_ROLE) {
     throw new CliError(
       role === undefined
         ? `operator ${PROMETHEUS_OPERATOR} has no role in ${ctl.rolesFile}: not renewing its scrape credential`
-        : `operator ${PROMETHEUS_OPERATOR} has the role ${role}, not viewer: not renewing its scrape credential`,
+        : `operator ${PROMETHEUS_OPERATOR} has the role ${role}, not ${SCRAPE_ROLE}: not renewing its scrape credential`,
       1,
       "k8s4r devenv start --monitoring creates it again",
     );

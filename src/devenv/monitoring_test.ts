@@ -10,6 +10,7 @@ import {
   monitoringOn,
   PROMETHEUS_OPERATOR,
   renewScrapeCredential,
+  SCRAPE_ROLE,
 } from "./monitoring.ts";
 import { ensureOperator, removeOperator } from "../operator/command.ts";
 import { fakeControl } from "../operator/testing.ts";
@@ -117,8 +118,11 @@ Deno.test("--monitoring: the scrape credential's renewal never brings back a rem
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-prom-" });
   try {
     const { ctl } = fakeControl(dir, 90);
-    // devenv start: the prometheus viewer exists, with credentials.
-    assert.match(await ensureOperator(ctl, PROMETHEUS_OPERATOR, "viewer"), /credentials written/);
+    // devenv start: the prometheus operator exists (role metrics), with credentials.
+    assert.match(
+      await ensureOperator(ctl, PROMETHEUS_OPERATOR, SCRAPE_ROLE),
+      /credentials written/,
+    );
     // Positive control: the renewal renews them once a third of their life is left.
     const later = await renewScrapeCredential(ctl, new Date(Date.now() + 70_000));
     assert.match(later, /credentials written/);
@@ -130,10 +134,10 @@ Deno.test("--monitoring: the scrape credential's renewal never brings back a rem
     );
     assert.equal((await readRolesFile(ctl.rolesFile)).operators.has(PROMETHEUS_OPERATOR), false);
     await assert.rejects(() => Deno.stat(`${dir}/xdg/k8s4r/operators/prometheus`));
-    // Nor turn a role an admin changed back into viewer.
-    await ensureOperator(ctl, PROMETHEUS_OPERATOR, "viewer");
+    // Nor turn a role an admin changed back into metrics.
+    await ensureOperator(ctl, PROMETHEUS_OPERATOR, SCRAPE_ROLE);
     await setOperatorRole(ctl.rolesFile, PROMETHEUS_OPERATOR, "operator");
-    await assert.rejects(() => renewScrapeCredential(ctl), /has the role operator, not viewer/);
+    await assert.rejects(() => renewScrapeCredential(ctl), /has the role operator, not metrics/);
     assert.equal(
       (await readRolesFile(ctl.rolesFile)).operators.get(PROMETHEUS_OPERATOR),
       "operator",

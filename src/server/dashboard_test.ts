@@ -737,3 +737,45 @@ Deno.test("API answers are never cached: JSON, errors, /metrics, the event strea
     await t.registry.close();
   }
 });
+
+Deno.test("/metrics: the scrape role reads the metrics page and nothing else (no task env, no output)", async () => {
+  const t = setup();
+  try {
+    await register(t.fleet, "robot-001");
+    const task = await t.fleet.createTask("robot-001", {
+      command: ["deploy"],
+      env: { API_TOKEN: "s3cret" },
+      timeoutSeconds: 5,
+    });
+    t.roles.ops.set("prometheus", "metrics");
+    const prom = t.web.operator("prometheus");
+    const metrics = await t.call("GET", "/metrics", { cert: prom });
+    assert.equal(metrics.status, 200);
+    assert.doesNotMatch(await metrics.text(), /s3cret/);
+    for (
+      const path of [
+        "/api/tasks",
+        `/api/tasks/${task.id}`,
+        "/api/robots",
+        "/api/robots/robot-001/tasks",
+        "/api/events",
+        "/api/events/stream",
+      ]
+    ) {
+      const r = await t.call("GET", path, { cert: prom });
+      assert.equal(r.status, 403, path);
+      const body = await r.text();
+      assert.doesNotMatch(body, /s3cret/, path);
+      assert.equal(JSON.parse(body).code, "forbidden", path);
+    }
+    const login = await t.call("POST", "/api/dashboard/login", { cert: prom, body: "{}" });
+    assert.equal(login.status, 403, "no dashboard session for the scrape credential");
+    // The control: a viewer reads the same task, env included (reading is what it is for).
+    const v = await t.call("GET", `/api/tasks/${task.id}`, { cert: t.viewer });
+    assert.equal(v.status, 200);
+    assert.equal((await v.json()).env.API_TOKEN, "s3cret");
+  } finally {
+    t.obs.close();
+    await t.registry.close();
+  }
+});

@@ -2,7 +2,7 @@
  * The fleet server's HTTP API (JSON only). It is served over HTTPS with client certificates
  * (https.ts); every request passes the rules of auth.ts first: Host and Origin must be this
  * server's, every endpoint but /healthz needs an operator X.509 SVID with a role that allows
- * it (viewer: read; operator: also create and cancel), and mutating requests must be JSON.
+ * it (metrics: only /metrics; viewer: read; operator: also create and cancel), and mutating requests must be JSON.
  *
  *   GET  /healthz                      200 when MQTT is connected, else 503; counters (no auth)
  *   GET  /api/whoami                   {spiffeId, operator, role} of the caller
@@ -24,7 +24,7 @@
  *                                      (client certificate only, not a browser session)
  *   GET  /api/dashboard/logins/{id}    {state: pending|used|expired|unknown} of a login this
  *                                      certificate asked for (the CLI removes its copy once used)
- *   GET  /metrics                      Prometheus text format (read permission: viewer, operator)
+ *   GET  /metrics                      Prometheus text format (roles metrics, viewer, operator)
  *   GET  /dashboard/...                the dashboard (dashboard.ts): its assets need no identity,
  *                                      its data comes from the API above
  *
@@ -522,7 +522,7 @@ export function createHandler(
   const route = (req: Request, url: URL, parts: string[]): Route | undefined => {
     if (url.pathname === "/metrics" && ctx.metrics) {
       const m = ctx.metrics;
-      return { perm: "read", allowed: ["GET", "HEAD"], run: () => metricsResponse(req, m) };
+      return { perm: "metrics", allowed: ["GET", "HEAD"], run: () => metricsResponse(req, m) };
     }
     if (parts[0] !== "api") return undefined;
     if (parts.length === 2 && parts[1] === "whoami") {
