@@ -17,7 +17,8 @@
  * nothing is built at run time. They hold no data: the page reads the API with its cookie, and
  * every answer there is authorized as for a certificate. Every response here carries a strict
  * Content-Security-Policy (scripts and styles from this origin only, no inline code, no
- * framing) and `Referrer-Policy: no-referrer`, so the login URL never leaks through a Referer.
+ * framing) and `Referrer-Policy: no-referrer` (the login page: `same-origin`, so that its form's
+ * POST carries our Origin), so the login URL never leaks through a Referer to anyone else.
  */
 import { DASHBOARD_ASSETS } from "../dashboard/embedded_assets.ts";
 import type { Logger } from "./fleet.ts";
@@ -161,7 +162,9 @@ export async function dashboardRoute(
         200,
         "Log in to the k8s4r dashboard",
         `This one-time link logs this browser in as the operator ${p.operator}.`,
-        {},
+        // With no-referrer, Chromium sends the form's POST with `Origin: null` (refused above):
+        // same-origin still never sends this URL (with its token) to anyone but this server.
+        { "referrer-policy": "same-origin" },
         `<form method="post" action="/dashboard/login"><input type="hidden" name="token" ` +
           `value="${esc(url.searchParams.get("token") ?? "")}"><button type="submit" ` +
           `id="login">Log in as ${esc(p.operator)}</button></form>`,

@@ -149,6 +149,8 @@ Deno.test("dashboard: a one-time login URL becomes a Secure, HttpOnly, SameSite=
     assert.equal(look.status, 200);
     assert.equal(look.headers.get("set-cookie"), null);
     assert.equal(look.headers.get("cache-control"), "no-store");
+    // (no-referrer would make Chromium POST the form with Origin: null, which is refused)
+    assert.equal(look.headers.get("referrer-policy"), "same-origin");
     assert.match(await look.text(), /<button type="submit" id="login">Log in as admin<\/button>/);
     const open = await t.confirm(body.path);
     assert.equal(open.status, 303);
