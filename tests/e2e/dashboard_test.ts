@@ -10,6 +10,8 @@
  * - the URL fails a second time, and after it expired (the stack's logins live 8 s here:
  *   K8S4R_DASHBOARD_LOGIN_TTL; the default is 120 s);
  * - run `echo hi` from the robot page and see `hi`, and the task list names its operator;
+ * - a task whose output and command are `<img src=x onerror=alert(1)>`, and a program of that
+ *   name the robot refuses: shown as text in the rows and the timeline, no element, no alert;
  * - a viewer gets no run button, and the API refuses its session's POST anyway;
  * - `kill -9` the agent and see the robot turn offline in the page within 3 s (measured).
  *
@@ -165,6 +167,63 @@ e2e("run `echo hi` from the robot page and see hi; the task list names its opera
   }));
   assert.deepEqual(row, { by: "admin", cmd: "echo hi", out: "hi\n" });
   await shot(p, "tasks");
+});
+
+e2e("task output, command and a robot's refusal are shown as text, never as HTML", async () => {
+  const p = page!;
+  // An alert would be the injection running (the CSP blocks inline handlers as a second
+  // layer, so the DOM is checked too: an <img> in a row means the escaping failed).
+  const dialogs: string[] = [];
+  const onDialog = (d: { message(): string; dismiss(): Promise<void> }) => {
+    dialogs.push(d.message());
+    d.dismiss().catch(() => {});
+  };
+  p.on("dialog", onDialog);
+  try {
+    const xss = "<img src=x onerror=alert(1)>";
+    await p.goto(`${stack.api}/dashboard/#/robots/robot-001`);
+    await p.waitForSelector("#run", { timeout: 10_000 });
+    await p.type("#command", `echo '${xss}'`);
+    await p.click("#run");
+    await p.waitForFunction(
+      `[...document.querySelectorAll("tr[data-state='done'] pre.output")]
+         .some((e) => e.textContent === ${JSON.stringify(`${xss}\n`)})`,
+      { timeout: 30_000 },
+    );
+    // A program named like HTML: the robot refuses it, its error names it (row and timeline).
+    await p.type("#command", `'${xss}'`);
+    await p.click("#run");
+    await p.waitForFunction(
+      `[...document.querySelectorAll("tr[data-state='refused'] .error")]
+         .some((e) => e.textContent.includes(${JSON.stringify(xss)}))`,
+      { timeout: 30_000 },
+    );
+    const noImg = async (where: string) =>
+      assert.equal(
+        await p.$$eval("main img", (l) => l.length),
+        0,
+        `an element from a value: ${where}`,
+      );
+    await noImg("robot page");
+    await p.goto(`${stack.api}/dashboard/#/`);
+    await p.waitForFunction(
+      `[...document.querySelectorAll("#timeline li[data-kind='task-refused']")]
+         .some((e) => e.textContent.includes(${JSON.stringify(xss)}))`,
+      { timeout: 10_000 },
+    );
+    await noImg("fleet page and timeline");
+    await p.goto(`${stack.api}/dashboard/#/tasks`);
+    await p.waitForFunction(
+      `[...document.querySelectorAll("table.tasks code")]
+         .some((e) => e.textContent === ${JSON.stringify(`echo ${xss}`)})`,
+      { timeout: 10_000 },
+    );
+    await noImg("task list");
+    assert.deepEqual(dialogs, []);
+    await shot(p, "escaped");
+  } finally {
+    p.off("dialog", onDialog);
+  }
 });
 
 e2e("a viewer gets no run button, and the API refuses its session anyway", async () => {
