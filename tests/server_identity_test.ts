@@ -242,7 +242,7 @@ Deno.test({
         assert.equal(bad.code, 2, bad.stderr);
         assert.match(
           bad.stderr,
-          /bad-roles\.yaml:2: operators\.admin: expected a role, one of viewer, operator, got "root"/,
+          /bad-roles\.yaml:2: operators\.admin: expected a role, one of metrics, viewer, operator, got "root"/,
         );
         assert.match(
           other.stderr,

@@ -91,6 +91,7 @@ import {
   PROMETHEUS_OPERATOR,
   prometheusSummary,
   prometheusUrl,
+  SCRAPE_ROLE,
   writePrometheusConfig,
 } from "./monitoring.ts";
 
@@ -1048,9 +1049,10 @@ function operatorsStep(view: StackView): Component {
         serverUrl: run.api,
       };
       const admin = await ensureOperator(ctl, DEVENV_OPERATOR, "operator");
-      // Prometheus scrapes /metrics as a viewer (the API's own authorization).
+      // Prometheus scrapes /metrics with the role metrics (the API's own authorization, and
+      // nothing else: no task env or output for a key that sits in a monitoring config).
       if (!run.monitoring) return admin;
-      return `${admin}; ${await ensureOperator(ctl, PROMETHEUS_OPERATOR, "viewer")}`;
+      return `${admin}; ${await ensureOperator(ctl, PROMETHEUS_OPERATOR, SCRAPE_ROLE)}`;
     },
   };
 }

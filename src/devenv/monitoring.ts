@@ -4,7 +4,8 @@
  * endpoint of the stack with the alert rules of `config/prometheus/alerts.yaml`:
  *
  * - the fleet server's `/metrics` on its HTTPS API, as the operator `prometheus` (role
- *   `viewer`: the API's own authorization, no second way in), trusting the exported SPIRE
+ *   `metrics`: the API's own authorization, no second way in, and nothing but /metrics: its
+ *   key sits in Prometheus' config, and reads no task's env or output), trusting the exported SPIRE
  *   bundle and the server's name `localhost`;
  * - the SPIRE server's and every SPIRE agent's telemetry exporter (`devenv start` always
  *   enables them, on loopback telemetry ports), and every k8s4r agent's loopback `/metrics`;
@@ -22,7 +23,8 @@
 import { join } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
 import { credentialPaths } from "../operator/credentials.ts";
-import { ensureOperator } from "../operator/command.ts";
+import { loginOperator, type OperatorControl } from "../operator/command.ts";
+import { readRolesFile } from "../server/roles.ts";
 import { waitFor } from "../process/mod.ts";
 import {
   ALERTS_FILE,
@@ -46,8 +48,10 @@ import { writeFileAtomic } from "../fs/atomic.ts";
 import type { ProbeResult } from "./probes.ts";
 import type { RobotLayout } from "./layout.ts";
 
-/** The viewer operator Prometheus scrapes the fleet server as. */
+/** The operator Prometheus scrapes the fleet server as. */
 export const PROMETHEUS_OPERATOR = "prometheus";
+/** Its role: /metrics only, none of the tasks' env or output (roles.ts). */
+export const SCRAPE_ROLE = "metrics";
 
 /** Scrape and rule evaluation interval of the dev stack's Prometheus. */
 export const DEV_SCRAPE_SECONDS = 5;
@@ -157,24 +161,42 @@ export function monitoringOn(ctx: DevenvContext): boolean {
   }
 }
 
-/** Renews the `prometheus` operator's credential when 1/3 of its life is left (or expired). */
-async function renewScrapeCredential(
-  ctx: DevenvContext,
-  spireServerBin: string,
+/** How the renewal reaches the control host (the SPIRE server's admin socket, the roles). */
+export function scrapeControl(ctx: DevenvContext, spireServerBin: string): OperatorControl {
+  return {
+    env: ctx.io.env,
+    runner: ctx.io.runner,
+    spireServerBin,
+    spireSocket: ctx.layout.spireServerSocket,
+    rolesFile: ctx.layout.serverRolesFile,
+    trustDomain: ctx.layout.trustDomain,
+    serverUrl: `https://localhost:${ctx.layout.ports.http}`,
+  };
+}
+
+/**
+ * Renews the `prometheus` operator's credential when 1/3 of its life is left (or expired). Only
+ * renews: `devenv start` creates the operator, and an admin who removed it (`operator remove`)
+ * or changed its role meant it, so neither is undone here; the renewal fails, and says why.
+ */
+export async function renewScrapeCredential(
+  ctl: OperatorControl,
+  now?: Date,
 ): Promise<string> {
-  return await ensureOperator(
-    {
-      env: ctx.io.env,
-      runner: ctx.io.runner,
-      spireServerBin,
-      spireSocket: ctx.layout.spireServerSocket,
-      rolesFile: ctx.layout.serverRolesFile,
-      trustDomain: ctx.layout.trustDomain,
-      serverUrl: `https://localhost:${ctx.layout.ports.http}`,
-    },
-    PROMETHEUS_OPERATOR,
-    "viewer",
-  );
+  const role = (await readRolesFile(ctl.rolesFile)).operators.get(PROMETHEUS_OPERATOR);
+  if (role !== SCRAPE_ROLE) {
+    throw new CliError(
+      role === undefined
+        ? `operator ${PROMETHEUS_OPERATOR} has no role in ${ctl.rolesFile}: not renewing its scrape credential`
+        : `operator ${PROMETHEUS_OPERATOR} has the role ${role}, not ${SCRAPE_ROLE}: not renewing its scrape credential`,
+      1,
+      "k8s4r devenv start --monitoring creates it again",
+    );
+  }
+  const r = await loginOperator(ctl, PROMETHEUS_OPERATOR, { now });
+  return r.renewed
+    ? `operator ${PROMETHEUS_OPERATOR}: credentials written, valid until ${r.meta.expiresAt} (${r.why})`
+    : `operator ${PROMETHEUS_OPERATOR}: credentials ${r.why}`;
 }
 
 /**
@@ -221,7 +243,7 @@ export async function runPrometheus(
   }
   log(`prometheus serving on ${base} (pid ${prom.pid})`);
   const renew = setInterval(() => {
-    renewScrapeCredential(ctx, spireServer).then(
+    renewScrapeCredential(scrapeControl(ctx, spireServer)).then(
       (what) => /written/.test(what) && log(what),
       (err) => log(`renewing the scrape credential failed: ${errorMessage(err)}`),
     );

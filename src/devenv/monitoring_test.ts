@@ -5,7 +5,16 @@ import { bufferIo } from "../cli/io.ts";
 import { devenvComponents, StackView } from "./components.ts";
 import { resolveContext, robotLayouts, writeState } from "./context.ts";
 import { checkGraph } from "./graph.ts";
-import { devenvPrometheusConfig, monitoringOn } from "./monitoring.ts";
+import {
+  devenvPrometheusConfig,
+  monitoringOn,
+  PROMETHEUS_OPERATOR,
+  renewScrapeCredential,
+  SCRAPE_ROLE,
+} from "./monitoring.ts";
+import { ensureOperator, removeOperator } from "../operator/command.ts";
+import { fakeControl } from "../operator/testing.ts";
+import { readRolesFile, setOperatorRole } from "../server/roles.ts";
 import { stopOrder } from "./stop.ts";
 
 function ctxFor(dir: string, env: Record<string, string> = {}) {
@@ -103,4 +112,37 @@ Deno.test("the --ha stack's prometheus.yml: both SPIRE servers and all three fle
       .static_configs.length,
     1,
   );
+});
+
+Deno.test("--monitoring: the scrape credential's renewal never brings back a removed operator", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-prom-" });
+  try {
+    const { ctl } = fakeControl(dir, 90);
+    // devenv start: the prometheus operator exists (role metrics), with credentials.
+    assert.match(
+      await ensureOperator(ctl, PROMETHEUS_OPERATOR, SCRAPE_ROLE),
+      /credentials written/,
+    );
+    // Positive control: the renewal renews them once a third of their life is left.
+    const later = await renewScrapeCredential(ctl, new Date(Date.now() + 70_000));
+    assert.match(later, /credentials written/);
+    // An admin removes the operator (roles and credentials): the renewal must not undo it.
+    await removeOperator(ctl, PROMETHEUS_OPERATOR);
+    await assert.rejects(
+      () => renewScrapeCredential(ctl),
+      /operator prometheus has no role in .*: not renewing its scrape credential/,
+    );
+    assert.equal((await readRolesFile(ctl.rolesFile)).operators.has(PROMETHEUS_OPERATOR), false);
+    await assert.rejects(() => Deno.stat(`${dir}/xdg/k8s4r/operators/prometheus`));
+    // Nor turn a role an admin changed back into metrics.
+    await ensureOperator(ctl, PROMETHEUS_OPERATOR, SCRAPE_ROLE);
+    await setOperatorRole(ctl.rolesFile, PROMETHEUS_OPERATOR, "operator");
+    await assert.rejects(() => renewScrapeCredential(ctl), /has the role operator, not metrics/);
+    assert.equal(
+      (await readRolesFile(ctl.rolesFile)).operators.get(PROMETHEUS_OPERATOR),
+      "operator",
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

@@ -39,7 +39,7 @@ export interface PrometheusConfigInput {
   fleetServers?: string[];
   /**
    * How Prometheus authenticates to the fleet server's `/metrics` (the API's own rules: an
-   * operator certificate with a role that reads): a viewer operator's certificate and key, the
+   * operator certificate whose role grants /metrics): a `metrics` operator's certificate and key, the
    * SPIRE bundle the server's certificate chains to, and the name it carries (`localhost`).
    * Prometheus reads the files again when they change (the credential is renewed). Without it
    * the job scrapes plain HTTP (tests with a bare metrics server).

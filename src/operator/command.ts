@@ -198,7 +198,7 @@ export async function loginOperator(
     throw new CliError(
       `operator ${name} has no role in ${ctl.rolesFile}`,
       1,
-      `add it: k8s4r operator add ${name} --role viewer|operator`,
+      `add it: k8s4r operator add ${name} --role metrics|viewer|operator`,
     );
   }
   const now = opts.now ?? new Date();
@@ -391,12 +391,13 @@ never passes through argv or a log), writes cert.pem, key.pem, bundle.pem and op
 (0600) to \${XDG_CONFIG_HOME:-~/.config}/k8s4r/operators/NAME/, and records the role in the
 fleet server's roles config, which the server re-reads on change.
 
-Roles: viewer (read robots and tasks), operator (also create and cancel tasks).
+Roles: metrics (only /metrics: for a Prometheus), viewer (read robots and tasks), operator (also
+create and cancel tasks).
 
 Example: k8s4r operator add alice --role viewer --ttl 8h`,
   positionals: [{ name: "name", description: "Operator name, e.g. alice" }],
   flags: [
-    { name: "role", type: "string", valueName: "ROLE", description: "viewer or operator" },
+    { name: "role", type: "string", valueName: "ROLE", description: "metrics, viewer or operator" },
     {
       name: "ttl",
       type: "string",

@@ -138,8 +138,22 @@ export function identify(
 }
 
 const WHAT: Record<Permission, string> = {
+  metrics: "reading /metrics",
   read: "reading robots and tasks",
   write: "creating and cancelling tasks",
+};
+
+const NOUN: Record<Role, string> = {
+  metrics: "metrics scraper",
+  viewer: "viewer",
+  operator: "operator",
+};
+
+/** The roles that grant each permission (for the refusal's message). */
+const NEEDS: Record<Permission, string> = {
+  metrics: "the metrics, viewer or operator role",
+  read: "the viewer or operator role",
+  write: "the operator role",
 };
 
 /** The operator's role, if it grants `perm`. Deny by default. */
@@ -178,7 +192,7 @@ export function authorize(
       refusal: refuse(
         403,
         "forbidden",
-        `operator ${who.operator} is a ${role}: ${WHAT[perm]} needs the operator role`,
+        `operator ${who.operator} is a ${NOUN[role]}: ${WHAT[perm]} needs ${NEEDS[perm]}`,
       ),
     };
   }

@@ -28,6 +28,7 @@ import {
 } from "./fleet_server.ts";
 import { parseHostPort } from "./http_api.ts";
 import { svidServerTls } from "./https.ts";
+import { type LoginState, openLogin } from "./dashboard_open.ts";
 import {
   describePostgres,
   loadDatabasePassword,
@@ -899,7 +900,7 @@ export function hasDisplay(env: Record<string, string | undefined>): boolean {
 async function runDashboard(args: Args, io: Io): Promise<number> {
   return await withApi(args, io, async (api) => {
     const r = await api.request<
-      { path: string; expiresAt: string; operator: string; role: string }
+      { path: string; id: string; expiresAt: string; operator: string; role: string }
     >(
       "POST",
       "/api/dashboard/login",
@@ -908,7 +909,8 @@ async function runDashboard(args: Args, io: Io): Promise<number> {
     if (r.status !== 201) throw apiError("POST /api/dashboard/login", r);
     const url = `${api.baseUrl}${r.body.path}`;
     io.stdout.write(`${url}\n`);
-    const left = Math.round((Date.parse(r.body.expiresAt) - Date.now()) / 1000);
+    const expiresAt = Date.parse(r.body.expiresAt);
+    const left = Math.round((expiresAt - Date.now()) / 1000);
     io.stderr.write(
       `k8s4r: a one-time login for ${r.body.operator} (${r.body.role}): it works once, within ${left}s; the browser then keeps a session cookie\n`,
     );
@@ -917,17 +919,18 @@ async function runDashboard(args: Args, io: Io): Promise<number> {
       io.stderr.write("k8s4r: no display (DISPLAY, WAYLAND_DISPLAY): open the URL in a browser\n");
       return 0;
     }
-    // The URL (its token works once and expires within minutes) is on xdg-open's command line
-    // for the moment it runs; a browser that takes it uses it up.
-    const opened = await io.runner.output("xdg-open", [url], { check: false, timeoutMs: 15_000 })
-      .catch((err) => ({ code: -1, stdout: "", stderr: errorMessage(err) }));
-    if (opened.code !== 0) {
-      io.stderr.write(
-        `k8s4r: could not open a browser (xdg-open: ${
-          opened.stderr.trim().split("\n").pop() || `exit ${opened.code}`
-        }): open the URL yourself\n`,
-      );
-    }
+    // Never on xdg-open's command line (any local user reads argv): a private page leads there.
+    await openLogin(url, io, {
+      expiresAt,
+      state: async () => {
+        const s = await api.request<{ state: LoginState }>(
+          "GET",
+          `/api/dashboard/logins/${encodeURIComponent(r.body.id)}`,
+          { signal: io.signal },
+        );
+        return s.status === 200 ? s.body.state : "pending";
+      },
+    });
     return 0;
   });
 }
@@ -936,9 +939,11 @@ export const dashboardCommand: CommandSpec = {
   name: "dashboard",
   summary: "Open the fleet dashboard in a browser (a one-time login URL)",
   description: `Asks the fleet server, over this operator's client certificate, for a one-time
-login URL, prints it, and opens it with xdg-open when a display exists. The URL works once and
-expires within minutes; the browser then holds a session cookie (HttpOnly, Secure,
-SameSite=Strict) that acts as this operator, with the role the server's roles config gives it.
+login URL and prints it. When a display exists it also opens it in the desktop's browser,
+through a private page (0600, removed once the browser used the login) so the URL is never on
+a command line, and waits for the browser to log in. The URL works once and expires within
+minutes; its page asks to confirm (a link preview gets nothing); the browser then holds a
+session cookie (HttpOnly, Secure, SameSite=Strict) that acts as this operator, with the role the server's roles config gives it.
 The server's certificate is a SPIRE SVID: a browser trusts it once the fleet's CA is imported
 (README, "Dashboard").
 

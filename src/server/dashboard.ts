@@ -3,9 +3,13 @@
  *
  *   GET  /dashboard/                   the single page (src/dashboard/assets/index.html)
  *   GET  /dashboard/assets/NAME        its script and style sheet
- *   GET  /dashboard/login?token=T      redeems a one-time login (sessions.ts): sets the session
- *                                      cookie and redirects to /dashboard/ (303); a used,
+ *   GET  /dashboard/login?token=T      the one-time login's page (sessions.ts): names the operator
+ *                                      and asks to confirm; it does not use the token, so a link
+ *                                      preview or a prefetch of the URL gets nothing; a used,
  *                                      expired or unknown token is a 401 page saying which
+ *   POST /dashboard/login              its button (form field `token`, needs our Origin): redeems
+ *                                      the token, sets the session cookie and redirects to
+ *                                      /dashboard/ (303)
  *   POST /dashboard/logout             ends the session, clears the cookie (needs an Origin)
  *
  * The assets are embedded in the program (src/dashboard/embedded_assets.ts, generated from
@@ -13,7 +17,8 @@
  * nothing is built at run time. They hold no data: the page reads the API with its cookie, and
  * every answer there is authorized as for a certificate. Every response here carries a strict
  * Content-Security-Policy (scripts and styles from this origin only, no inline code, no
- * framing) and `Referrer-Policy: no-referrer`, so the login URL never leaks through a Referer.
+ * framing) and `Referrer-Policy: no-referrer` (the login page: `same-origin`, so that its form's
+ * POST carries our Origin), so the login URL never leaks through a Referer to anyone else.
  */
 import { DASHBOARD_ASSETS } from "../dashboard/embedded_assets.ts";
 import type { Logger } from "./fleet.ts";
@@ -65,12 +70,20 @@ function asset(name: string): Response | undefined {
   });
 }
 
-function page(status: number, title: string, text: string, headers: HeadersInit = {}): Response {
-  const esc = (s: string) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+const esc = (s: string) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+
+function page(
+  status: number,
+  title: string,
+  text: string,
+  headers: HeadersInit = {},
+  /** Trusted HTML after the text (already escaped). */
+  more = "",
+): Response {
   return new Response(
     `<!doctype html><html lang="en"><head><meta charset="utf-8"><title>${esc(title)}</title>` +
       `<link rel="stylesheet" href="/dashboard/assets/style.css"></head><body class="notice">` +
-      `<main><h1>${esc(title)}</h1><p>${esc(text)}</p></main></body></html>\n`,
+      `<main><h1>${esc(title)}</h1><p>${esc(text)}</p>${more}</main></body></html>\n`,
     {
       status,
       headers: {
@@ -89,35 +102,85 @@ const WHY: Record<"unknown" | "used" | "expired", string> = {
   unknown: "This login link is not valid (or the fleet server restarted since it was made).",
 };
 
+/** The `token` field of the login form (urlencoded, a few hundred bytes at most). */
+async function formToken(req: Request): Promise<string> {
+  const type = (req.headers.get("content-type") ?? "").split(";")[0].trim().toLowerCase();
+  if (type !== "application/x-www-form-urlencoded") return "";
+  const reader = req.body?.getReader();
+  if (!reader) return "";
+  const chunks: Uint8Array[] = [];
+  let total = 0;
+  while (true) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    total += value.byteLength;
+    if (total > 1024) {
+      await reader.cancel().catch(() => {});
+      return "";
+    }
+    chunks.push(value);
+  }
+  const text = new TextDecoder().decode(
+    chunks.reduce((a, c) => {
+      const b = new Uint8Array(a.length + c.length);
+      b.set(a);
+      b.set(c, a.length);
+      return b;
+    }, new Uint8Array()),
+  );
+  return new URLSearchParams(text).get("token") ?? "";
+}
+
 /** Handles `/dashboard/...` (Host and Origin were checked by the API's handler). */
-export function dashboardRoute(
+export async function dashboardRoute(
   req: Request,
   url: URL,
   opts: { sessions?: DashboardSessions; logger: Logger },
-): Response | Promise<Response> {
+): Promise<Response> {
   const path = url.pathname;
   if (path === "/dashboard") {
     return new Response(null, { status: 308, headers: { location: "/dashboard/" } });
   }
   if (path === "/dashboard/login") {
-    if (req.method !== "GET") {
-      return page(405, "Method not allowed", "Open the login link in a browser.", {
-        allow: "GET",
-      });
-    }
     const sessions = opts.sessions;
     if (!sessions) return page(404, "No dashboard logins", "This server has no dashboard.");
-    const r = sessions.redeem(url.searchParams.get("token") ?? "");
-    if (!r.ok) {
-      opts.logger.warn(`dashboard login refused: ${r.reason} token`);
+    const refused = (reason: keyof typeof WHY) => {
+      opts.logger.warn(`dashboard login refused: ${reason} token`);
       return page(
         401,
         "Login link refused",
         `${
-          WHY[r.reason]
+          WHY[reason]
         } Ask for a new one on a host with your operator credentials: k8s4r dashboard`,
       );
+    };
+    if (req.method === "GET" || req.method === "HEAD") {
+      // Only a look: the token is used by the button's POST, which a link preview never sends.
+      const p = sessions.peek(url.searchParams.get("token") ?? "");
+      if (!p.ok) return refused(p.reason);
+      return page(
+        200,
+        "Log in to the k8s4r dashboard",
+        `This one-time link logs this browser in as the operator ${p.operator}.`,
+        // With no-referrer, Chromium sends the form's POST with `Origin: null` (refused above):
+        // same-origin still never sends this URL (with its token) to anyone but this server.
+        { "referrer-policy": "same-origin" },
+        `<form method="post" action="/dashboard/login"><input type="hidden" name="token" ` +
+          `value="${esc(url.searchParams.get("token") ?? "")}"><button type="submit" ` +
+          `id="login">Log in as ${esc(p.operator)}</button></form>`,
+      );
     }
+    if (req.method !== "POST") {
+      return page(405, "Method not allowed", "Open the login link in a browser.", {
+        allow: "GET, HEAD, POST",
+      });
+    }
+    // The form of our own page: a browser sends our Origin (a foreign one was refused before).
+    if (!req.headers.get("origin")) {
+      return page(403, "Refused", "A login must come from the login page's own button.");
+    }
+    const r = sessions.redeem(await formToken(req));
+    if (!r.ok) return refused(r.reason);
     opts.logger.info(`dashboard session opened for ${r.session.spiffeId}`);
     return new Response(null, {
       status: 303,

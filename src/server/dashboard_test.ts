@@ -5,12 +5,13 @@
  */
 import assert from "node:assert/strict";
 import { FleetService, type Publisher } from "./fleet.ts";
-import { createHandler } from "./http_api.ts";
+import { type ApiContext, createHandler } from "./http_api.ts";
 import { openSqliteFile } from "./registry_sqlite.ts";
 import type { RolesSource } from "./roles.ts";
 import { TestHttps, UNSIGNED } from "./testing.ts";
 import { DashboardSessions, SESSION_COOKIE } from "./sessions.ts";
 import { observeFleet } from "./observe.ts";
+import { FleetEvents } from "./events.ts";
 import { assertPromtoolClean } from "../monitoring/testing.ts";
 import { DASHBOARD_CSP } from "./dashboard.ts";
 import type { Role } from "./roles.ts";
@@ -35,7 +36,7 @@ function mutableRoles(entries: Record<string, Role>) {
   return { src, ops };
 }
 
-function setup() {
+function setup(api: Partial<ApiContext> = {}, events?: FleetEvents) {
   const clock = { t: NOW };
   const registry = openSqliteFile(":memory:");
   const fleet = new FleetService(registry, new Pub(), {
@@ -45,7 +46,11 @@ function setup() {
   const web = new TestHttps();
   const viewer = web.operator("vera");
   const roles = mutableRoles({ admin: "operator", vera: "viewer" });
-  const obs = observeFleet(fleet, { mqtt: () => ({ connected: true, connects: 1 }), pollMs: 50 });
+  const obs = observeFleet(fleet, {
+    mqtt: () => ({ connected: true, connects: 1 }),
+    pollMs: 50,
+    events,
+  });
   const sessions = new DashboardSessions({ now: () => clock.t });
   const handler = createHandler({
     fleet,
@@ -55,6 +60,7 @@ function setup() {
     metrics: obs.metrics,
     events: obs.events,
     sessions,
+    ...api,
   });
   const call = async (
     method: string,
@@ -78,17 +84,29 @@ function setup() {
     );
     return res;
   };
+  /** The login page's button: POSTs the token of a login path (as the page's form does). */
+  const confirm = (path: string, headers: Record<string, string> = {}) =>
+    call("POST", "/dashboard/login", {
+      body: `token=${new URL(path, "https://localhost").searchParams.get("token")}`,
+      headers: {
+        origin: "https://localhost",
+        "content-type": "application/x-www-form-urlencoded",
+        ...headers,
+      },
+    });
   /** Logs in as `cert` through the one-time URL; returns the session id of the cookie. */
   const login = async (cert: IssuedCert) => {
     const r = await call("POST", "/api/dashboard/login", { cert, body: "{}" });
     assert.equal(r.status, 201);
     const { path } = await r.json();
-    const open = await call("GET", path);
+    const look = await call("GET", path);
+    assert.equal(look.status, 200);
+    const open = await confirm(path);
     assert.equal(open.status, 303);
     const m = new RegExp(`${SESSION_COOKIE}=([^;]+)`).exec(open.headers.get("set-cookie")!);
     return { id: m![1], path };
   };
-  return { clock, registry, fleet, web, viewer, roles, obs, sessions, call, login };
+  return { clock, registry, fleet, web, viewer, roles, obs, sessions, call, confirm, login };
 }
 
 async function register(fleet: FleetService, robotId: string) {
@@ -126,7 +144,15 @@ Deno.test("dashboard: a one-time login URL becomes a Secure, HttpOnly, SameSite=
     assert.equal(body.operator, "admin");
     assert.equal(Date.parse(body.expiresAt) - NOW, 120_000, "valid for 2 minutes");
 
-    const open = await t.call("GET", body.path);
+    // Opening the URL shows who it logs in as; only its button uses the token.
+    const look = await t.call("GET", body.path);
+    assert.equal(look.status, 200);
+    assert.equal(look.headers.get("set-cookie"), null);
+    assert.equal(look.headers.get("cache-control"), "no-store");
+    // (no-referrer would make Chromium POST the form with Origin: null, which is refused)
+    assert.equal(look.headers.get("referrer-policy"), "same-origin");
+    assert.match(await look.text(), /<button type="submit" id="login">Log in as admin<\/button>/);
+    const open = await t.confirm(body.path);
     assert.equal(open.status, 303);
     assert.equal(open.headers.get("location"), "/dashboard/");
     assert.equal(open.headers.get("referrer-policy"), "no-referrer");
@@ -134,7 +160,10 @@ Deno.test("dashboard: a one-time login URL becomes a Secure, HttpOnly, SameSite=
     for (const attr of ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"]) {
       assert.ok(cookie.split("; ").includes(attr), `${attr} in ${cookie}`);
     }
-    const id = /k8s4r_session=([^;]+)/.exec(cookie)![1];
+    // __Host-: no Domain, Secure, Path=/; no other origin of this host can plant or shadow it.
+    assert.match(cookie, /^__Host-k8s4r_session=/);
+    assert.doesNotMatch(cookie, /Domain=/i);
+    const id = /__Host-k8s4r_session=([^;]+)/.exec(cookie)![1];
     assert.doesNotMatch(cookie, new RegExp(body.path.split("=")[1]), "not the login token");
 
     // The session acts as admin, with admin's role.
@@ -147,11 +176,14 @@ Deno.test("dashboard: a one-time login URL becomes a Secure, HttpOnly, SameSite=
       via: "session",
     });
 
-    // The URL works once.
+    // The URL works once: its page says so, and its button too.
     const again = await t.call("GET", body.path);
     assert.equal(again.status, 401);
     assert.match(await again.text(), /used already/);
-    assert.equal(again.headers.get("set-cookie"), null);
+    const twice = await t.confirm(body.path);
+    assert.equal(twice.status, 401);
+    assert.match(await twice.text(), /used already/);
+    assert.equal(twice.headers.get("set-cookie"), null);
 
     // And not after it expired (positive control first: a fresh one works at 119 s).
     const a =
@@ -161,11 +193,12 @@ Deno.test("dashboard: a one-time login URL becomes a Secure, HttpOnly, SameSite=
       await (await t.call("POST", "/api/dashboard/login", { cert: t.web.admin, body: "{}" }))
         .json();
     t.clock.t += 119_000;
-    assert.equal((await t.call("GET", a.path)).status, 303);
+    assert.equal((await t.confirm(a.path)).status, 303);
     t.clock.t += 2_000;
     const late = await t.call("GET", b.path);
     assert.equal(late.status, 401);
     assert.match(await late.text(), /expired/);
+    assert.equal((await t.confirm(b.path)).status, 401);
     // A made-up token.
     const fake = await t.call("GET", `/dashboard/login?token=${"A".repeat(43)}`);
     assert.equal(fake.status, 401);
@@ -459,6 +492,290 @@ Deno.test("events: online/offline and rotations from commits, live through SSE t
     assert.equal(refused[0].text, `robot-001 refused task ${task.id}: rm is not in tasks.allow`);
     // Without a session or certificate: no stream.
     assert.equal((await t.call("GET", "/api/events/stream")).status, 401);
+  } finally {
+    t.obs.close();
+    await t.registry.close();
+  }
+});
+
+/** Reads an SSE body until `until(text)` or its end; `done` says whether it ended. */
+async function readStream(res: Response, until: (text: string) => boolean = () => false) {
+  const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+  let text = "";
+  let done = false;
+  let error: unknown;
+  try {
+    while (!until(text)) {
+      const r = await reader.read();
+      if (r.done) {
+        done = true;
+        break;
+      }
+      text += r.value;
+    }
+  } catch (err) {
+    done = true;
+    error = err;
+  }
+  return { text, done, error, cancel: () => reader.cancel().catch(() => {}) };
+}
+
+function online(fleet: FleetService, robotId: string, status: "online" | "offline", ts: number) {
+  return fleet.handleMessage(
+    `k8s4r/robots/${robotId}/up/status`,
+    new TextEncoder().encode(JSON.stringify({
+      v: 1,
+      type: "status",
+      robotId,
+      ts: new Date(ts).toISOString(),
+      status,
+      ...(status === "offline" ? { reason: "x".repeat(200) } : {}),
+    })),
+  );
+}
+
+Deno.test("dashboard: a link preview of the login URL gets nothing; racing its button gives one session", async () => {
+  const t = setup();
+  try {
+    const r = await t.call("POST", "/api/dashboard/login", { cert: t.web.admin, body: "{}" });
+    const { path, id } = await r.json();
+    const state = async (cert = t.web.admin) =>
+      (await (await t.call("GET", `/api/dashboard/logins/${id}`, { cert })).json()).state;
+    assert.equal(await state(), "pending");
+    // A preview bot or a prefetch fetches the URL, as often as it likes: no cookie, still unused.
+    for (let i = 0; i < 3; i++) {
+      const look = await t.call("GET", path);
+      assert.equal(look.status, 200);
+      assert.equal(look.headers.get("set-cookie"), null);
+    }
+    assert.equal(await state(), "pending");
+    // The button's POST without an Origin (not from a browser's form) is refused.
+    const noOrigin = await t.call("POST", "/dashboard/login", {
+      body: `token=${new URL(path, "https://localhost").searchParams.get("token")}`,
+      headers: { "content-type": "application/x-www-form-urlencoded" },
+    });
+    assert.equal(noOrigin.status, 403);
+    const foreign = await t.confirm(path, { origin: "https://evil.example" });
+    assert.equal(foreign.status, 403);
+    assert.equal(await state(), "pending");
+    // Twenty browsers race with the one token: exactly one session.
+    const all = await Promise.all(Array.from({ length: 20 }, () => t.confirm(path)));
+    const won = all.filter((x) => x.status === 303);
+    assert.equal(won.length, 1, all.map((x) => x.status).join(","));
+    assert.deepEqual(
+      [...new Set(all.filter((x) => x.status !== 303).map((x) => x.status))],
+      [401],
+    );
+    assert.equal(t.sessions.size.sessions, 1);
+    assert.equal(await state(), "used");
+    // The state is the asking certificate's only, and never for a browser session.
+    assert.equal(await state(t.viewer), "unknown");
+    const s = /__Host-k8s4r_session=([^;]+)/.exec(won[0].headers.get("set-cookie")!)![1];
+    const bySession = await t.call("GET", `/api/dashboard/logins/${id}`, { cookie: s });
+    assert.equal(bySession.status, 403);
+  } finally {
+    t.obs.close();
+    await t.registry.close();
+  }
+});
+
+Deno.test("events: an open stream ends at logout, at the session's end, and when the role goes", async () => {
+  const t = setup({ streamRecheckMs: 10 });
+  try {
+    const open = async (o: { cookie?: string; cert?: IssuedCert }) => {
+      const res = await t.call("GET", "/api/events/stream", o);
+      assert.equal(res.status, 200);
+      return res;
+    };
+    // Positive control: a stream whose certificate and role stay fine stays open throughout.
+    const kept = await open({ cert: t.web.admin });
+    // A stream that should end but does not would hang the test: fail it after 20 s instead
+    // (a bound on a hang, not on speed: the recheck runs every 10 ms here).
+    const ended = async (res: Response) => {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const read = readStream(res);
+      const r = await Promise.race([
+        read,
+        new Promise<{ done: false; text: string; cancel: () => Promise<void> }>((resolve) => {
+          timer = setTimeout(
+            () => resolve({ done: false, text: "", cancel: () => Promise.resolve() }),
+            20_000,
+          );
+        }),
+      ]);
+      clearTimeout(timer);
+      if (!r.done) await res.body?.cancel().catch(() => {});
+      return r;
+    };
+
+    const a = await t.login(t.viewer);
+    const aStream = ended(await open({ cookie: a.id }));
+    const out = await t.call("POST", "/dashboard/logout", {
+      cookie: a.id,
+      headers: { origin: "https://localhost" },
+    });
+    assert.equal(out.status, 204);
+    assert.equal((await aStream).done, true, "logout ends the stream");
+
+    const b = await t.login(t.viewer);
+    const bStream = ended(await open({ cookie: b.id }));
+    t.roles.ops.delete("vera");
+    assert.equal((await bStream).done, true, "operator remove ends the stream");
+    t.roles.ops.set("vera", "viewer");
+
+    const c = await t.login(t.viewer);
+    const cStream = ended(await open({ cookie: c.id }));
+    t.clock.t += 8 * 3600_000 + 1;
+    assert.equal((await cStream).done, true, "the session's end ends the stream");
+    t.clock.t = NOW;
+
+    // A certificate's stream: its role removed, it ends too.
+    const d = ended(await open({ cert: t.viewer }));
+    t.roles.ops.delete("vera");
+    assert.equal((await d).done, true, "a certificate stream ends with its role");
+
+    // The control: the admin's stream lived through all of it, and still gets events.
+    await register(t.fleet, "robot-001");
+    const k = await readStream(kept, (x) => x.includes('"kind":"online"'));
+    assert.equal(k.done, false, k.text);
+    await k.cancel();
+  } finally {
+    t.obs.close();
+    await t.registry.close();
+  }
+});
+
+Deno.test("events: a reader that does not keep up is cut off, not buffered without bound", async () => {
+  // (A robot's own events are rate-limited, events_test.ts: not this test's subject.)
+  const t = setup(
+    { maxStreamBufferBytes: 16 * 1024, maxStreams: 2 },
+    new FleetEvents({ robotBurst: 1_000 }),
+  );
+  try {
+    await register(t.fleet, "robot-001");
+    const s = await t.login(t.viewer);
+    // Positive control: a reader that reads gets every event of the same flood.
+    const reading = await t.call("GET", "/api/events/stream", { cookie: s.id });
+    assert.equal(reading.status, 200);
+    const got = readStream(reading, (x) => (x.match(/"kind":"offline"/g) ?? []).length >= 100);
+    // The slow one never reads.
+    const slow = await t.call("GET", "/api/events/stream", { cookie: s.id });
+    assert.equal(slow.status, 200);
+    assert.equal(t.obs.events.subscribers, 2);
+    for (let i = 0; i < 100; i++) {
+      assert.ok((await online(t.fleet, "robot-001", "online", NOW + 2 * i + 1)).ok);
+      assert.ok((await online(t.fleet, "robot-001", "offline", NOW + 2 * i + 2)).ok);
+    }
+    const fast = await got;
+    assert.equal(fast.done, false, "the reading client is still connected");
+    await fast.cancel();
+    // ~200 frames of ~450 bytes: far over 16 KiB unread. The slow stream was dropped, its
+    // subscription and its slot given back (a new stream opens with maxStreams 2).
+    assert.equal(t.obs.events.subscribers, 0);
+    const cut = await readStream(slow);
+    assert.equal(cut.done, true);
+    assert.ok(cut.text.length <= 16 * 1024 + 1024, `${cut.text.length} bytes were held`);
+    const again = await t.call("GET", "/api/events/stream", { cookie: s.id });
+    assert.equal(again.status, 200);
+    await again.body!.cancel();
+  } finally {
+    t.obs.close();
+    await t.registry.close();
+  }
+});
+
+Deno.test("events: one operator cannot hold every stream", async () => {
+  const t = setup({ maxStreamsPerOperator: 2, maxStreams: 3 });
+  try {
+    const v = await t.login(t.viewer);
+    const a = await t.login(t.web.admin);
+    const get = (cookie: string) => t.call("GET", "/api/events/stream", { cookie });
+    const one = await get(v.id);
+    const two = await get(v.id);
+    assert.equal(one.status, 200);
+    assert.equal(two.status, 200);
+    const three = await get(v.id);
+    assert.equal(three.status, 503);
+    assert.match((await three.json()).error, /too many event streams open for vera \(2\)/);
+    // Another operator still gets one (the control), and vera again once she closed one.
+    const admin = await get(a.id);
+    assert.equal(admin.status, 200);
+    await one.body!.cancel();
+    const four = await get(v.id);
+    assert.equal(four.status, 200);
+    for (const r of [two, admin, four]) await r.body!.cancel();
+  } finally {
+    t.obs.close();
+    await t.registry.close();
+  }
+});
+
+Deno.test("API answers are never cached: JSON, errors, /metrics, the event stream", async () => {
+  const t = setup();
+  try {
+    await register(t.fleet, "robot-001");
+    const s = await t.login(t.web.admin);
+    for (
+      const [path, o, status] of [
+        ["/api/robots", { cookie: s.id }, 200],
+        ["/api/robots/robot-001", { cert: t.web.admin }, 200],
+        ["/api/tasks", { cookie: s.id }, 200],
+        ["/api/robots/robot-404", { cookie: s.id }, 404],
+        ["/api/robots", {}, 401],
+        ["/metrics", { cert: t.viewer }, 200],
+      ] as const
+    ) {
+      const r = await t.call("GET", path, o);
+      assert.equal(r.status, status, path);
+      assert.equal(r.headers.get("cache-control"), "no-store", path);
+      assert.equal(r.headers.get("x-content-type-options"), "nosniff", path);
+      await r.body?.cancel();
+    }
+    const es = await t.call("GET", "/api/events/stream", { cookie: s.id });
+    assert.equal(es.headers.get("cache-control"), "no-store");
+    await es.body!.cancel();
+  } finally {
+    t.obs.close();
+    await t.registry.close();
+  }
+});
+
+Deno.test("/metrics: the scrape role reads the metrics page and nothing else (no task env, no output)", async () => {
+  const t = setup();
+  try {
+    await register(t.fleet, "robot-001");
+    const task = await t.fleet.createTask("robot-001", {
+      command: ["deploy"],
+      env: { API_TOKEN: "s3cret" },
+      timeoutSeconds: 5,
+    });
+    t.roles.ops.set("prometheus", "metrics");
+    const prom = t.web.operator("prometheus");
+    const metrics = await t.call("GET", "/metrics", { cert: prom });
+    assert.equal(metrics.status, 200);
+    assert.doesNotMatch(await metrics.text(), /s3cret/);
+    for (
+      const path of [
+        "/api/tasks",
+        `/api/tasks/${task.id}`,
+        "/api/robots",
+        "/api/robots/robot-001/tasks",
+        "/api/events",
+        "/api/events/stream",
+      ]
+    ) {
+      const r = await t.call("GET", path, { cert: prom });
+      assert.equal(r.status, 403, path);
+      const body = await r.text();
+      assert.doesNotMatch(body, /s3cret/, path);
+      assert.equal(JSON.parse(body).code, "forbidden", path);
+    }
+    const login = await t.call("POST", "/api/dashboard/login", { cert: prom, body: "{}" });
+    assert.equal(login.status, 403, "no dashboard session for the scrape credential");
+    // The control: a viewer reads the same task, env included (reading is what it is for).
+    const v = await t.call("GET", `/api/tasks/${task.id}`, { cert: t.viewer });
+    assert.equal(v.status, 200);
+    assert.equal((await v.json()).env.API_TOKEN, "s3cret");
   } finally {
     t.obs.close();
     await t.registry.close();

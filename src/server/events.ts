@@ -11,6 +11,12 @@
  *
  * In memory and bounded: the newest `capacity` events (ids increase, so a stream resumes with
  * `Last-Event-ID`), and `heartbeatHistory` heartbeats per robot. A restart starts empty.
+ *
+ * A robot decides how often it sends (a new SVID expiry in every heartbeat is a rotation each
+ * time, a connection can flap): each robot gets at most `robotBurst` events per `robotWindowMs`
+ * (20 a minute), so one robot cannot flush every other robot's events out of the timeline or
+ * flood the streams. Past it, one `suppressed` event says so, the rest are counted, and the count
+ * is told when the window ends (at the robot's next event).
  */
 
 export type FleetEventKind =
@@ -19,7 +25,8 @@ export type FleetEventKind =
   | "rotation"
   | "task-refused"
   | "dropped"
-  | "broker";
+  | "broker"
+  | "suppressed";
 
 export interface FleetEvent {
   /** 1, 2, 3... within this server process. */
@@ -44,6 +51,9 @@ export interface HeartbeatSample {
 export interface FleetEventsOptions {
   capacity?: number;
   heartbeatHistory?: number;
+  /** Events one robot may cause per `robotWindowMs`. Default 20. */
+  robotBurst?: number;
+  robotWindowMs?: number;
   now?: () => Date;
 }
 
@@ -56,16 +66,66 @@ export class FleetEvents {
   readonly #heartbeats = new Map<string, HeartbeatSample[]>();
   /** The last SVID expiry each robot reported, to tell a rotation. */
   readonly #svid = new Map<string, string>();
+  readonly #burst: number;
+  readonly #windowMs: number;
+  /** Each robot's events in its current window, and those held back. */
+  readonly #budget = new Map<string, { since: number; count: number; held: number }>();
   #nextId = 1;
 
   constructor(opts: FleetEventsOptions = {}) {
     this.#capacity = opts.capacity ?? 500;
     this.#hbHistory = opts.heartbeatHistory ?? 60;
+    this.#burst = opts.robotBurst ?? 20;
+    this.#windowMs = opts.robotWindowMs ?? 60_000;
     this.#now = opts.now ?? (() => new Date());
   }
 
-  /** Records an event and tells every subscriber. */
-  push(e: Omit<FleetEvent, "id" | "at"> & { at?: string }): FleetEvent {
+  /**
+   * Records an event and tells every subscriber; undefined when its robot is over its budget
+   * (counted, told later).
+   */
+  push(e: Omit<FleetEvent, "id" | "at"> & { at?: string }): FleetEvent | undefined {
+    if (e.robotId !== undefined && !this.#withinBudget(e.robotId)) return undefined;
+    return this.#record(e);
+  }
+
+  #withinBudget(robotId: string): boolean {
+    const now = this.#now().getTime();
+    let b = this.#budget.get(robotId);
+    if (!b || now - b.since >= this.#windowMs) {
+      if (b && b.held > 0) {
+        this.#record({
+          kind: "suppressed",
+          robotId,
+          text: `${robotId}: ${b.held} more events were not recorded (more than ${this.#burst} in ${
+            this.#windowMs / 1000
+          } s)`,
+          detail: { count: b.held, since: new Date(b.since).toISOString() },
+        });
+      }
+      b = { since: now, count: 0, held: 0 };
+      this.#budget.set(robotId, b);
+    }
+    if (b.count < this.#burst) {
+      b.count++;
+      return true;
+    }
+    if (b.held++ === 0) {
+      this.#record({
+        kind: "suppressed",
+        robotId,
+        text: `${robotId} sends events too fast (more than ${this.#burst} in ${
+          this.#windowMs / 1000
+        } s): the next are counted, not recorded, until ${
+          new Date(b.since + this.#windowMs).toISOString()
+        }`,
+        detail: { until: new Date(b.since + this.#windowMs).toISOString() },
+      });
+    }
+    return false;
+  }
+
+  #record(e: Omit<FleetEvent, "id" | "at"> & { at?: string }): FleetEvent {
     const ev: FleetEvent = { ...e, id: this.#nextId++, at: e.at ?? this.#now().toISOString() };
     this.#events.push(ev);
     if (this.#events.length > this.#capacity) {

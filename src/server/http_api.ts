@@ -2,7 +2,7 @@
  * The fleet server's HTTP API (JSON only). It is served over HTTPS with client certificates
  * (https.ts); every request passes the rules of auth.ts first: Host and Origin must be this
  * server's, every endpoint but /healthz needs an operator X.509 SVID with a role that allows
- * it (viewer: read; operator: also create and cancel), and mutating requests must be JSON.
+ * it (metrics: only /metrics; viewer: read; operator: also create and cancel), and mutating requests must be JSON.
  *
  *   GET  /healthz                      200 when MQTT is connected and the registry answers, else
  *                                      503 with `problems` (why); counters (no auth)
@@ -21,9 +21,11 @@
  *   GET  /api/robots/{id}/heartbeats   {received, missing, recent: [{at, seq, missing}]}
  *   GET  /api/events                   {events: [...]} the newest fleet events (events.ts)
  *   GET  /api/events/stream            the same, live: Server-Sent Events (Last-Event-ID resumes)
- *   POST /api/dashboard/login          {} -> 201 {path, expiresAt}: a one-time dashboard login
+ *   POST /api/dashboard/login          {} -> 201 {path, id, expiresAt}: a one-time dashboard login
  *                                      (client certificate only, not a browser session)
- *   GET  /metrics                      Prometheus text format (read permission: viewer, operator)
+ *   GET  /api/dashboard/logins/{id}    {state: pending|used|expired|unknown} of a login this
+ *                                      certificate asked for (the CLI removes its copy once used)
+ *   GET  /metrics                      Prometheus text format (roles metrics, viewer, operator)
  *   GET  /dashboard/...                the dashboard (dashboard.ts): its assets need no identity,
  *                                      its data comes from the API above
  *
@@ -34,6 +36,15 @@
  * Paging: newest first; `limit` 1..1000 (default 100); `nextCursor` (null on the last page) is
  * passed back as `cursor`. Cursors are keyset positions, so a page never repeats or skips a
  * task when tasks are created meanwhile.
+ *
+ * Every answer of the API is `Cache-Control: no-store` (task env and output, robot details:
+ * nothing a browser or a proxy should keep) and `X-Content-Type-Options: nosniff`.
+ *
+ * An event stream lives only as long as what opened it: its session or certificate and its
+ * role are checked again every `streamRecheckMs` (1 s), and the stream ends when they no longer
+ * allow it (logout, expiry, `operator remove`). A client that reads slower than events come is
+ * cut off once `maxStreamBufferBytes` (256 KiB) wait for it (it resumes with Last-Event-ID);
+ * one operator holds at most `maxStreamsPerOperator` (8) of the `maxStreams` (64).
  *
  * Errors are `{"error": "...", "code"?: "..."}` with 400 (bad input, precise message), 401 (no
  * or untrusted client certificate), 403 (not an operator, no or insufficient role, foreign
@@ -90,10 +101,16 @@ class HttpError extends Error {
   }
 }
 
+/** Headers of every API answer: nothing to keep in a cache, nothing to sniff as HTML. */
+export const API_HEADERS: Readonly<Record<string, string>> = {
+  "cache-control": "no-store",
+  "x-content-type-options": "nosniff",
+};
+
 function json(status: number, body: unknown, headers: HeadersInit = {}): Response {
   return new Response(JSON.stringify(body, null, 2) + "\n", {
     status,
-    headers: { "content-type": "application/json; charset=utf-8", ...headers },
+    headers: { "content-type": "application/json; charset=utf-8", ...API_HEADERS, ...headers },
   });
 }
 
@@ -330,6 +347,12 @@ export interface ApiContext {
   sessions?: DashboardSessions;
   /** Most SSE streams open at once (each holds a connection). Default 64. */
   maxStreams?: number;
+  /** Most SSE streams one operator holds at once. Default 8. */
+  maxStreamsPerOperator?: number;
+  /** Bytes an SSE stream may hold for a slow reader before it is cut off. Default 256 KiB. */
+  maxStreamBufferBytes?: number;
+  /** How often an open SSE stream checks its session or certificate and role. Default 1000. */
+  streamRecheckMs?: number;
 }
 
 /** How the caller proved who it is. */
@@ -340,8 +363,11 @@ interface Route {
   allowed: string[];
   /** Only with a client certificate (minting a dashboard login). */
   certificateOnly?: boolean;
-  run: (caller: Caller & { via: AuthMethod; until?: number }) => Promise<Response> | Response;
+  run: (caller: StreamCaller) => Promise<Response> | Response;
 }
+
+/** The caller of a route, and whether what authenticated it still allows the route now. */
+type StreamCaller = Caller & { via: AuthMethod; until?: number; stillAllowed: () => boolean };
 
 /** The request handler, separate from the listener so tests can call it directly. */
 export function createHandler(
@@ -447,36 +473,74 @@ export function createHandler(
     run: async () => json(200, await run()),
   });
   let streams = 0;
+  const streamsOf = new Map<string, number>();
   const maxStreams = ctx.maxStreams ?? 64;
-  /** Server-Sent Events: what happened since Last-Event-ID, then live, with a ping every 15 s. */
-  const eventStream = (req: Request, url: URL): Response => {
+  const maxPerOperator = ctx.maxStreamsPerOperator ?? 8;
+  const maxBuffer = ctx.maxStreamBufferBytes ?? 256 * 1024;
+  const recheckMs = ctx.streamRecheckMs ?? 1000;
+  /**
+   * Server-Sent Events: what happened since Last-Event-ID, then live, with a ping every 15 s,
+   * while the caller is still allowed, and while it keeps up.
+   */
+  const eventStream = (req: Request, url: URL, caller: StreamCaller): Response => {
     const events = ctx.events;
     if (!events) throw new HttpError(404, "no event stream on this server");
     if (streams >= maxStreams) {
       throw new HttpError(503, `too many event streams open (${maxStreams}); try again later`);
     }
+    const who = caller.spiffeId;
+    if ((streamsOf.get(who) ?? 0) >= maxPerOperator) {
+      throw new HttpError(
+        503,
+        `too many event streams open for ${caller.operator} (${maxPerOperator}); close one`,
+      );
+    }
     const last = Number(req.headers.get("last-event-id") ?? url.searchParams.get("since") ?? "");
     const enc = new TextEncoder();
     let unsubscribe = () => {};
     let ping: ReturnType<typeof setInterval> | undefined;
-    const stop = () => {
-      unsubscribe();
-      clearInterval(ping);
-    };
+    let recheck: ReturnType<typeof setInterval> | undefined;
     streams++;
+    streamsOf.set(who, (streamsOf.get(who) ?? 0) + 1);
     let counted = true;
     const release = () => {
-      if (counted) streams--;
+      if (counted) {
+        streams--;
+        const n = (streamsOf.get(who) ?? 1) - 1;
+        if (n > 0) streamsOf.set(who, n);
+        else streamsOf.delete(who);
+      }
       counted = false;
-      stop();
+      unsubscribe();
+      clearInterval(ping);
+      clearInterval(recheck);
     };
     const body = new ReadableStream<Uint8Array>({
       start(controller) {
+        const end = (why: string, err?: Error) => {
+          if (!counted) return;
+          release();
+          log.info(`event stream of ${who} ended: ${why}`);
+          try {
+            if (err) controller.error(err);
+            else controller.close();
+          } catch { /* already closed */ }
+        };
         const send = (text: string) => {
+          if (!counted) return;
           try {
             controller.enqueue(enc.encode(text));
           } catch {
             release();
+            return;
+          }
+          // The queue holds what the client has not read yet: a reader that does not keep up
+          // is cut off (its EventSource reconnects with Last-Event-ID), not buffered forever.
+          if ((controller.desiredSize ?? 0) < 0) {
+            end(
+              `more than ${maxBuffer} bytes unread`,
+              new Error("event stream reader too slow"),
+            );
           }
         };
         send(`retry: 2000\n: k8s4r events\n\n`);
@@ -484,17 +548,25 @@ export function createHandler(
         for (const e of backlog) send(sseFrame(e));
         unsubscribe = events.subscribe((e) => send(sseFrame(e)));
         ping = setInterval(() => send(`: ping\n\n`), 15_000);
+        // Logout, the session's or the certificate's end, a role removed: the stream ends too.
+        recheck = setInterval(() => {
+          let ok = false;
+          try {
+            ok = caller.stillAllowed();
+          } catch { /* not allowed */ }
+          if (!ok) end("no longer allowed (logout, expiry or role)");
+        }, recheckMs);
       },
       cancel() {
         release();
       },
-    });
+    }, { highWaterMark: maxBuffer, size: (chunk) => chunk.byteLength });
     req.signal?.addEventListener("abort", release, { once: true });
     return new Response(body, {
       status: 200,
       headers: {
         "content-type": "text/event-stream; charset=utf-8",
-        "cache-control": "no-store",
+        ...API_HEADERS,
         "x-accel-buffering": "no",
       },
     });
@@ -504,7 +576,7 @@ export function createHandler(
   const route = (req: Request, url: URL, parts: string[]): Route | undefined => {
     if (url.pathname === "/metrics" && ctx.metrics) {
       const m = ctx.metrics;
-      return { perm: "read", allowed: ["GET", "HEAD"], run: () => metricsResponse(req, m) };
+      return { perm: "metrics", allowed: ["GET", "HEAD"], run: () => metricsResponse(req, m) };
     }
     if (parts[0] !== "api") return undefined;
     if (parts.length === 2 && parts[1] === "whoami") {
@@ -527,7 +599,7 @@ export function createHandler(
         });
       }
       if (parts.length === 3 && parts[2] === "stream") {
-        return { perm: "read", allowed: ["GET"], run: () => eventStream(req, url) };
+        return { perm: "read", allowed: ["GET"], run: (c) => eventStream(req, url, c) };
       }
       return undefined;
     }
@@ -555,11 +627,22 @@ export function createHandler(
           );
           return json(201, {
             path: `/dashboard/login?token=${t.token}`,
+            id: t.id,
             expiresAt: new Date(t.expiresAt).toISOString(),
             operator: caller.operator,
             role: caller.role,
           }, { "cache-control": "no-store" });
         },
+      };
+    }
+    if (parts[1] === "dashboard" && parts.length === 4 && parts[2] === "logins") {
+      const sessions = ctx.sessions;
+      if (!sessions) return undefined;
+      return {
+        perm: "read",
+        allowed: ["GET", "HEAD"],
+        certificateOnly: true,
+        run: (caller) => json(200, { state: sessions.loginState(parts[3], caller.spiffeId) }),
       };
     }
     if (parts[1] === "robots") {
@@ -688,8 +771,9 @@ export function createHandler(
       let via: AuthMethod = "certificate";
       let who = identify(conn.peerChain, authPolicy, conn);
       let until = conn.verified?.until;
+      const cookie = sessionCookie(req);
       if (!who.ok && who.refusal.code === "no-certificate" && ctx.sessions) {
-        const s = ctx.sessions.lookup(sessionCookie(req));
+        const s = ctx.sessions.lookup(cookie);
         if (s) {
           who = { ok: true, spiffeId: s.spiffeId, operator: s.operator };
           via = "session";
@@ -739,7 +823,22 @@ export function createHandler(
       // 5. Mutating requests carry JSON, nothing a cross-origin form can send.
       const ct = checkContentType(req);
       if (ct) return refused(ct, req, url, who.spiffeId);
-      return await r.run({ ...auth.caller, via, until });
+      const id = who.spiffeId;
+      const perm = r.perm;
+      // For what outlives this request (an event stream): the same checks, again, later.
+      const stillAllowed = () => {
+        const again = via === "session"
+          ? (ctx.sessions?.lookup(cookie)?.spiffeId === id ? who : undefined)
+          : identify(conn.peerChain, ctx.auth, conn);
+        return !!again?.ok && again.spiffeId === id &&
+          authorize(again, perm, ctx.auth.roles).ok;
+      };
+      const res = await r.run({ ...auth.caller, via, until, stillAllowed });
+      // Every API answer (the metrics page too) is kept by no cache.
+      for (const [k, v] of Object.entries(API_HEADERS)) {
+        if (!res.headers.has(k)) res.headers.set(k, v);
+      }
+      return res;
     } catch (err) {
       if (err instanceof HttpError) return json(err.status, { error: err.message }, err.headers);
       if (err instanceof NotFoundError) return json(404, { error: err.message });

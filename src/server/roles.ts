@@ -3,10 +3,11 @@
  *
  * The file (YAML, default /etc/k8s4r/roles.yaml; devenv passes its own with `--roles`):
  *
- *   # viewer: read robots and tasks. operator: also create and cancel tasks.
+ *   # metrics: only /metrics. viewer: read robots and tasks. operator: also create and cancel.
  *   operators:
  *     admin: operator
  *     alice: viewer
+ *     prometheus: metrics
  *
  * Keys are operator names: the caller `spiffe://<td>/operator/<name>` has the role listed under
  * its name. An operator that is not listed, any other SPIFFE ID (a robot, the broker), and
@@ -23,15 +24,20 @@ import type { Document, Node } from "yaml";
 import { ConfigError } from "../cli/errors.ts";
 import { isOperatorName } from "../fleet/ids.ts";
 
-export const ROLES = ["viewer", "operator"] as const;
+/**
+ * `metrics` is for a scraper (Prometheus): its key sits in a monitoring system's config, so it
+ * reads `/metrics` (counts, states, timings) and nothing of the tasks (their env, their output).
+ */
+export const ROLES = ["metrics", "viewer", "operator"] as const;
 export type Role = typeof ROLES[number];
 
-/** What a request needs: `read` (GET, HEAD) or `write` (create, cancel). */
-export type Permission = "read" | "write";
+/** What a request needs: `metrics` (/metrics), `read` (GET, HEAD) or `write` (create, cancel). */
+export type Permission = "metrics" | "read" | "write";
 
 const GRANTS: Record<Role, readonly Permission[]> = {
-  viewer: ["read"],
-  operator: ["read", "write"],
+  metrics: ["metrics"],
+  viewer: ["metrics", "read"],
+  operator: ["metrics", "read", "write"],
 };
 
 export function isRole(s: unknown): s is Role {
@@ -40,12 +46,13 @@ export function isRole(s: unknown): s is Role {
 
 /** True when `role` grants `perm`. */
 export function allows(role: Role, perm: Permission): boolean {
-  return GRANTS[role].includes(perm);
+  return GRANTS[role]?.includes(perm) ?? false;
 }
 
 export const ROLES_FILE_HEADER =
   `# Roles of the k8s4r fleet server's operators (deny by default: an operator not listed
-# here is refused). viewer: read robots and tasks. operator: also create and cancel tasks.
+# here is refused). metrics: only /metrics (a scraper). viewer: read robots and tasks.
+# operator: also create and cancel tasks.
 # Edited by 'k8s4r operator add|remove'; the server re-reads it on change, no restart needed.
 `;
 

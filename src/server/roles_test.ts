@@ -9,7 +9,13 @@ import {
   setOperatorRole,
 } from "./roles.ts";
 
-Deno.test("roles: viewer reads, operator also writes, nothing else exists", () => {
+Deno.test("roles: metrics only scrapes, viewer reads, operator also writes, nothing else exists", () => {
+  assert.equal(allows("metrics", "metrics"), true);
+  assert.equal(allows("metrics", "read"), false);
+  assert.equal(allows("metrics", "write"), false);
+  assert.equal(allows("viewer", "metrics"), true);
+  assert.equal(allows("operator", "metrics"), true);
+  assert.equal(allows("root" as never, "read"), false);
   assert.equal(allows("viewer", "read"), true);
   assert.equal(allows("viewer", "write"), false);
   assert.equal(allows("operator", "read"), true);
@@ -24,11 +30,11 @@ Deno.test("roles YAML: valid files, and errors that name file:line: key", () => 
   const cases: [string, string][] = [
     [
       "operators:\n  admin: root\n",
-      'r.yaml:2: operators.admin: expected a role, one of viewer, operator, got "root"',
+      'r.yaml:2: operators.admin: expected a role, one of metrics, viewer, operator, got "root"',
     ],
     [
       "operators:\n  admin:\n",
-      "r.yaml:2: operators.admin: expected a role, one of viewer, operator, got nothing",
+      "r.yaml:2: operators.admin: expected a role, one of metrics, viewer, operator, got nothing",
     ],
     [
       "operators:\n  Admin: viewer\n",

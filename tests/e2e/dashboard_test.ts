@@ -5,10 +5,13 @@
  * browser.ts), never by ignoring certificate errors.
  *
  * - a browser WITHOUT the CA refuses the server (positive control of the trust setup);
- * - log in through the one-time URL of `k8s4r dashboard --print-url`; see robot-001 online;
+ * - log in through the one-time URL of `k8s4r dashboard --print-url` (its page names the
+ *   operator; its button logs in); see robot-001 online;
  * - the URL fails a second time, and after it expired (the stack's logins live 8 s here:
  *   K8S4R_DASHBOARD_LOGIN_TTL; the default is 120 s);
  * - run `echo hi` from the robot page and see `hi`, and the task list names its operator;
+ * - a task whose output and command are `<img src=x onerror=alert(1)>`, and a program of that
+ *   name the robot refuses: shown as text in the rows and the timeline, no element, no alert;
  * - a viewer gets no run button, and the API refuses its session's POST anyway;
  * - `kill -9` the agent and see the robot turn offline in the page within 3 s (measured).
  *
@@ -55,6 +58,15 @@ async function loginUrl(operator = "admin"): Promise<string> {
   return url;
 }
 
+/** Opens a login URL and presses its button, as a person does; the answer of the button. */
+async function logIn(p: Page, url: string, operator = "admin") {
+  const look = await p.goto(url);
+  assert.equal(look?.status(), 200);
+  assert.equal(await p.$eval("#login", (e) => e.textContent), `Log in as ${operator}`);
+  const [res] = await Promise.all([p.waitForNavigation(), p.click("#login")]);
+  return res;
+}
+
 async function shot(p: Page, name: string): Promise<void> {
   await p.screenshot({ path: `${artifacts}/${name}.png`, fullPage: true });
 }
@@ -82,7 +94,7 @@ e2e("the stack starts; a browser without the fleet's CA refuses the server", asy
     trustBundlePem: await Deno.readTextFile(stack.layout.caBundleFile),
   });
   page = await newPage(browser.browser);
-  const res = await page.goto(url);
+  const res = await logIn(page, url);
   assert.equal(res?.status(), 200);
   assert.equal(new URL(page.url()).pathname, "/dashboard/", "redirected, the token left behind");
 });
@@ -94,7 +106,7 @@ e2e("log in through the one-time URL and see robot-001 online", async () => {
   assert.equal(await p.$eval("#count-online .n", (e) => e.textContent), "1");
   // The cookie is HttpOnly, Secure and SameSite=Strict, and invisible to the page's scripts.
   const cookies = await p.cookies();
-  const c = cookies.find((x) => x.name === "k8s4r_session");
+  const c = cookies.find((x) => x.name === "__Host-k8s4r_session");
   assert.ok(c, JSON.stringify(cookies));
   assert.equal(c.httpOnly, true);
   assert.equal(c.secure, true);
@@ -111,7 +123,7 @@ e2e("the login URL fails a second time and after it expired", async () => {
   const p = await newPage(browser!.browser);
   try {
     // A second browser context would keep the first session apart; the point is the token.
-    assert.equal((await p.goto(url))?.status(), 200);
+    assert.equal((await logIn(p, url))?.status(), 200);
     const second = await p.goto(url);
     assert.equal(second?.status(), 401);
     assert.match(await p.content(), /used already/);
@@ -157,6 +169,63 @@ e2e("run `echo hi` from the robot page and see hi; the task list names its opera
   await shot(p, "tasks");
 });
 
+e2e("task output, command and a robot's refusal are shown as text, never as HTML", async () => {
+  const p = page!;
+  // An alert would be the injection running (the CSP blocks inline handlers as a second
+  // layer, so the DOM is checked too: an <img> in a row means the escaping failed).
+  const dialogs: string[] = [];
+  const onDialog = (d: { message(): string; dismiss(): Promise<void> }) => {
+    dialogs.push(d.message());
+    d.dismiss().catch(() => {});
+  };
+  p.on("dialog", onDialog);
+  try {
+    const xss = "<img src=x onerror=alert(1)>";
+    await p.goto(`${stack.api}/dashboard/#/robots/robot-001`);
+    await p.waitForSelector("#run", { timeout: 10_000 });
+    await p.type("#command", `echo '${xss}'`);
+    await p.click("#run");
+    await p.waitForFunction(
+      `[...document.querySelectorAll("tr[data-state='done'] pre.output")]
+         .some((e) => e.textContent === ${JSON.stringify(`${xss}\n`)})`,
+      { timeout: 30_000 },
+    );
+    // A program named like HTML: the robot refuses it, its error names it (row and timeline).
+    await p.type("#command", `'${xss}'`);
+    await p.click("#run");
+    await p.waitForFunction(
+      `[...document.querySelectorAll("tr[data-state='refused'] .error")]
+         .some((e) => e.textContent.includes(${JSON.stringify(xss)}))`,
+      { timeout: 30_000 },
+    );
+    const noImg = async (where: string) =>
+      assert.equal(
+        await p.$$eval("main img", (l) => l.length),
+        0,
+        `an element from a value: ${where}`,
+      );
+    await noImg("robot page");
+    await p.goto(`${stack.api}/dashboard/#/`);
+    await p.waitForFunction(
+      `[...document.querySelectorAll("#timeline li[data-kind='task-refused']")]
+         .some((e) => e.textContent.includes(${JSON.stringify(xss)}))`,
+      { timeout: 10_000 },
+    );
+    await noImg("fleet page and timeline");
+    await p.goto(`${stack.api}/dashboard/#/tasks`);
+    await p.waitForFunction(
+      `[...document.querySelectorAll("table.tasks code")]
+         .some((e) => e.textContent === ${JSON.stringify(`echo ${xss}`)})`,
+      { timeout: 10_000 },
+    );
+    await noImg("task list");
+    assert.deepEqual(dialogs, []);
+    await shot(p, "escaped");
+  } finally {
+    p.off("dialog", onDialog);
+  }
+});
+
 e2e("a viewer gets no run button, and the API refuses its session anyway", async () => {
   const add = await cli(["operator", "add", "vera", "--role", "viewer"], control);
   assert.equal(add.code, 0, `operator add: ${add.stdout}\n${add.stderr}`);
@@ -164,7 +233,7 @@ e2e("a viewer gets no run button, and the API refuses its session anyway", async
   try {
     const p = await ctx.newPage();
     await p.setViewport({ width: 1100, height: 700 });
-    await p.goto(await loginUrl("vera"));
+    await logIn(p, await loginUrl("vera"), "vera");
     await p.waitForSelector('tr[data-robot="robot-001"]', { timeout: 15_000 });
     assert.equal(await p.$eval("#me", (e) => e.textContent), "vera (viewer)");
     await p.goto(`${stack.api}/dashboard/#/robots/robot-001`);

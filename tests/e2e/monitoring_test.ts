@@ -1,9 +1,10 @@
 /**
  * `devenv start --monitoring` against a real stack: a real Prometheus (Debian's) scrapes the
- * fleet server (over mTLS, as the viewer operator `prometheus`), the SPIRE server, every SPIRE
- * agent and every k8s4r agent, with config/prometheus/alerts.yaml.
+ * fleet server (over mTLS, as the operator `prometheus`, role `metrics`), the SPIRE server, every
+ * SPIRE agent and every k8s4r agent, with config/prometheus/alerts.yaml.
  *
  * - every target is up;
+ * - the scrape credential reads /metrics and nothing else (no task, no robot, no event);
  * - `promtool check metrics` on every real endpoint: the k8s4r pages (fleet server, agents)
  *   have no problem at all; SPIRE's own pages parse, and every lint problem promtool reports
  *   there is one of SPIRE's naming choices (listed below, about a `spire_*` name), which we do
@@ -65,6 +66,20 @@ e2e("devenv start --monitoring: Prometheus runs and every target is up", async (
   assert.deepEqual(by("k8s4r-agent").map((t) => t.labels.robot).sort(), ["robot-001", "robot-002"]);
   // The fleet server is scraped over HTTPS, as an operator.
   assert.match(by("k8s4r-server")[0].labels.instance, /^127\.0\.0\.1:\d+$/);
+});
+
+e2e("the scrape credential reads /metrics and nothing else", async () => {
+  const client = await stack.operatorClient("prometheus");
+  const get = async (path: string) => {
+    const res = await fetch(`${stack.api}${path}`, { client });
+    return { status: res.status, body: await res.text() };
+  };
+  assert.equal((await get("/metrics")).status, 200, "the control: it scrapes");
+  for (const path of ["/api/tasks", "/api/robots", "/api/events", "/api/whoami"]) {
+    const r = await get(path);
+    assert.equal(r.status, 403, `${path}: ${r.body}`);
+    assert.match(r.body, /prometheus is a metrics scraper/);
+  }
 });
 
 e2e("promtool check metrics on every real endpoint of the stack", async () => {
