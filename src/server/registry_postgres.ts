@@ -20,7 +20,9 @@
  * Secrets: the password comes from `--database-password-file` (0600) or the environment
  * (K8S4R_DATABASE_PASSWORD, PGPASSWORD), never from the URL (refused) or argv. The pool gets
  * it as a field, never inside a connection string; every message this module produces is
- * passed through `redactSecrets`.
+ * passed through `redactSecrets`. It is answered only in a form a stranger cannot use: SCRAM,
+ * or cleartext/MD5 over TLS with `?sslmode=verify-full` (postgres_connect.ts); a server that
+ * asks for it in cleartext on a plain connection is refused (it may be whoever took the port).
  */
 // @ts-types="@types/pg"
 import pg from "pg";
@@ -28,15 +30,14 @@ import { Registry, type Row, type SqlBackend, type SqlConn, type SqlValue } from
 import { MIGRATIONS, newerSchemaError } from "./schema.ts";
 import { Turns } from "./turns.ts";
 import { VERSION } from "../version.ts";
+import { type PgEndpoint, poolConfig, SSL_MODES, type SslMode } from "./postgres_connect.ts";
 
-export interface PostgresConfig {
-  /** A host name or address, or the directory of the server's unix socket (absolute path). */
-  host: string;
-  port: number;
-  user: string;
-  database: string;
-  password?: string;
-}
+/**
+ * Where the registry lives (postgres_connect.ts `PgEndpoint`): host (or socket directory),
+ * port, user, database, the password, and `sslmode` (`disable` or `verify-full`) with its
+ * `sslrootcert`.
+ */
+export type PostgresConfig = PgEndpoint;
 
 export const DEFAULT_PG_PORT = 5432;
 
@@ -53,7 +54,8 @@ export function redactSecrets(text: string, secrets: (string | undefined)[] = []
 }
 
 const USAGE =
-  "expected postgres://USER@HOST:PORT/DATABASE or postgres://USER@/DATABASE?host=/socket/dir";
+  "expected postgres://USER@HOST:PORT/DATABASE[?sslmode=verify-full&sslrootcert=CA.pem] or postgres://USER@/DATABASE?host=/socket/dir";
+const PARAMS = ["host", "port", "sslmode", "sslrootcert"];
 
 /**
  * Parses `--database`. Refuses a URL that carries a password: it would be in `ps`, in shell
@@ -81,9 +83,7 @@ export function parseDatabaseUrl(raw: string, defaultUser: string): PostgresConf
     );
   }
   for (const k of u.searchParams.keys()) {
-    if (k !== "host" && k !== "port") {
-      bad(`unsupported parameter '${k}' (supported: host, port)`);
-    }
+    if (!PARAMS.includes(k)) bad(`unsupported parameter '${k}' (supported: ${PARAMS.join(", ")})`);
   }
   const dec = (s: string, what: string) => {
     try {
@@ -110,7 +110,28 @@ export function parseDatabaseUrl(raw: string, defaultUser: string): PostgresConf
   const database = dec(u.pathname.replace(/^\//, ""), "database");
   if (database === "" || database.includes("/")) bad(`no database name: ${USAGE}`);
   const user = dec(u.username, "user") || defaultUser;
-  return { host, port, user, database };
+  const config: PostgresConfig = { host, port, user, database };
+  const mode = u.searchParams.get("sslmode");
+  if (mode !== null) {
+    if (!SSL_MODES.includes(mode as SslMode)) {
+      bad(
+        `sslmode: expected ${
+          SSL_MODES.join(" or ")
+        }, got '${mode}' (require and verify-ca do not check who answers)`,
+      );
+    }
+    if (mode === "verify-full" && host.startsWith("/")) {
+      bad("sslmode=verify-full: PostgreSQL has no TLS on a unix socket; use a host name");
+    }
+    if (mode === "verify-full") config.sslmode = mode; // disable: the default, not stored
+  }
+  const rootCert = u.searchParams.get("sslrootcert");
+  if (rootCert !== null) {
+    if (config.sslmode !== "verify-full") bad("sslrootcert: only with sslmode=verify-full");
+    if (!rootCert.startsWith("/")) bad(`sslrootcert: expected an absolute path, got '${rootCert}'`);
+    config.sslrootcert = rootCert;
+  }
+  return config;
 }
 
 /** The URL of a config, without its password: what logs and errors show. */
@@ -123,7 +144,10 @@ export function describePostgres(c: PostgresConfig): string {
     }`;
   }
   const host = c.host.includes(":") ? `[${c.host}]` : c.host;
-  return `postgres://${user}@${host}:${c.port}/${db}`;
+  const tls = c.sslmode === "verify-full"
+    ? `?sslmode=verify-full${c.sslrootcert ? `&sslrootcert=${c.sslrootcert}` : ""}`
+    : "";
+  return `postgres://${user}@${host}:${c.port}/${db}${tls}`;
 }
 
 /**
@@ -260,14 +284,9 @@ class PostgresBackend implements SqlBackend {
   constructor(config: PostgresConfig, opts: PostgresOptions) {
     this.location = describePostgres(config);
     this.#secrets = [config.password];
-    this.#pool = new pg.Pool({
-      host: config.host,
-      port: config.port,
-      user: config.user,
-      database: config.database,
-      password: config.password,
-      // Explicit: pg would otherwise read PGSSLMODE from the environment.
-      ssl: false,
+    // Refuses to give the password away (cleartext/MD5 without verified TLS), TLS as
+    // configured: postgres_connect.ts.
+    this.#pool = new pg.Pool(poolConfig(config, {
       max: opts.maxConnections ?? 4,
       connectionTimeoutMillis: 10_000,
       idleTimeoutMillis: 30_000,
@@ -277,7 +296,7 @@ class PostgresBackend implements SqlBackend {
       // forever (the batch fails, is not acknowledged, and is delivered again).
       options: "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000",
       types: TYPES,
-    });
+    }));
     this.#pool.on("error", (err) => {
       opts.onError?.(`${this.location}: idle connection failed: ${this.wrap(err).message}`);
     });
