@@ -42,8 +42,9 @@ Deno.test({
     try {
       // The registry suite's PostgreSQL 15 harness: its app role owns a new database for SPIRE.
       pg = await startTestPostgres();
+      // On its unix socket, as `devenv start --ha` connects SPIRE (pgx reads host=/dir).
       const target = {
-        host: "127.0.0.1",
+        host: pg.socketDir,
         port: pg.port,
         user: pg.user,
         database: await pg.createDatabase("spire"),
