@@ -25,6 +25,7 @@ import {
   type TaskRecord,
 } from "./registry.ts";
 import { isFinal, needsCancel, needsDispatch, reportEvent, UNTRUSTED_REFUSALS } from "./tasks.ts";
+import { isPermanentWriteError, writeErrorCode } from "./write_errors.ts";
 
 /**
  * Turns a server -> robot message into the exact MQTT payload. The fleet server signs tasks and
@@ -129,6 +130,11 @@ export interface FleetStats {
   staleRegisters: number;
   /** Messages whose registry write failed: not acknowledged, so the broker delivers them again. */
   applyErrors: number;
+  /**
+   * Messages the database refused for what they hold (write_errors.ts: a value out of range, a
+   * constraint): they could never be written, so they are dropped like a malformed payload.
+   */
+  registryRefused: number;
   /** Registry commits for received messages (messages / batches = messages per fsync). */
   batches: number;
 }
@@ -139,7 +145,10 @@ export interface Incoming {
   payload: Uint8Array;
 }
 
-export type Outcome = { ok: true } | { ok: false; reason: DropReason };
+/** Why a settled message was not applied: malformed, or refused by the database. */
+export type DropCause = DropReason | "registry-refused";
+
+export type Outcome = { ok: true } | { ok: false; reason: DropCause };
 
 export interface BatchResult {
   /**
@@ -199,6 +208,7 @@ export class FleetService {
     staleStatuses: 0,
     staleRegisters: 0,
     applyErrors: 0,
+    registryRefused: 0,
     batches: 0,
   };
   private readonly hbDefault: number;
@@ -309,7 +319,7 @@ export class FleetService {
   async handleMessage(
     topic: string,
     payload: Uint8Array,
-  ): Promise<{ ok: boolean; reason?: DropReason; error?: string }> {
+  ): Promise<{ ok: boolean; reason?: DropCause; error?: string }> {
     const r = await this.handleBatch([{ topic, payload }]);
     if (r.acked === 0) return { ok: false, error: r.error };
     return r.results[0];
@@ -330,9 +340,16 @@ export class FleetService {
     );
     const effects: Effect[][] = decoded.map(() => []);
     let r: { applied: number; error?: Error };
+    // The error a step threw (rolled back to its savepoint), to tell it from a failed COMMIT.
+    let stepError: unknown;
     try {
       r = await this.registry.batch(decoded.map((d, i) => async (tx) => {
-        if (d !== PROBE && d.ok) await this.apply(tx, d.robotId, d.message, effects[i]);
+        try {
+          if (d !== PROBE && d.ok) await this.apply(tx, d.robotId, d.message, effects[i]);
+        } catch (err) {
+          stepError = err;
+          throw err;
+        }
       }));
     } catch (err) {
       r = { applied: 0, error: err as Error };
@@ -362,6 +379,28 @@ export class FleetService {
         }
       }
       results.push({ ok: true });
+    }
+    if (r.error && r.error === stepError && isPermanentWriteError(r.error)) {
+      // The database refused this message for what it holds: it would be refused on every
+      // redelivery, and hold up every message behind it. The ones before it are committed;
+      // it is dropped (counted, logged, acknowledged) and the rest go on in a new batch.
+      const d = decoded[r.applied];
+      const what = d !== PROBE && d?.ok
+        ? `${d.message.type} from ${d.robotId}`
+        : `message on ${items[r.applied]?.topic}`;
+      this.stats.registryRefused++;
+      this.log.warn(
+        `dropped ${what}: the registry refused it (${
+          writeErrorCode(r.error)
+        }): ${r.error.message}; acknowledged, not applied`,
+      );
+      results.push({ ok: false, reason: "registry-refused" });
+      const rest = await this.handleBatch(items.slice(r.applied + 1));
+      return {
+        acked: r.applied + 1 + rest.acked,
+        results: [...results, ...rest.results],
+        ...(rest.error !== undefined ? { error: rest.error } : {}),
+      };
     }
     if (r.error) {
       this.stats.applyErrors++;

@@ -21,6 +21,7 @@
  */
 import type { DeviceInfo } from "../mqtt/messages.ts";
 import { isFinal, isTaskState, type TaskEvent, type TaskState, transition } from "./tasks.ts";
+import { boundedGap, boundedIncrement } from "./heartbeat_bounds.ts";
 
 export { SCHEMA_VERSION } from "./schema.ts";
 
@@ -460,7 +461,9 @@ export class RegistryTx {
     const sameBoot = hb.bootId !== undefined && str(prev?.boot) === hb.bootId && prevSeq !== null;
     // QoS 1 may deliver a heartbeat twice: an old seq is a duplicate, not news.
     if (sameBoot && hb.seq <= prevSeq!) return { bootId };
-    const missing = sameBoot ? hb.seq - prevSeq! - 1 : 0;
+    // Bounded (heartbeat_bounds.ts): a robot's seq jumps must not overflow the counter.
+    const missing = sameBoot ? boundedGap(hb.seq - prevSeq! - 1) : 0;
+    const addMissing = boundedIncrement("heartbeats_missing", missing);
     let device: string | null = null;
     if (hb.load && typeof prev?.device === "string") {
       try {
@@ -471,8 +474,8 @@ export class RegistryTx {
     await this.run(
       `UPDATE robots SET last_heartbeat_seq = ?, heartbeat_boot_id = ?, svid_expires_at = ?,
          heartbeats_received = heartbeats_received + 1,
-         heartbeats_missing = heartbeats_missing + ?, device = COALESCE(?, device) WHERE id = ?`,
-      [hb.seq, hb.bootId ?? null, hb.svidExpiresAt, missing, device, id],
+         heartbeats_missing = ${addMissing.sql}, device = COALESCE(?, device) WHERE id = ?`,
+      [hb.seq, hb.bootId ?? null, hb.svidExpiresAt, ...addMissing.params, device, id],
     );
     this.changes?.push({
       kind: "heartbeat",

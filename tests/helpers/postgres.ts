@@ -190,6 +190,9 @@ export function postgresFixture(pgs: TestPostgres): RegistryFixture {
             db,
           );
         },
+        async exec(sql) {
+          await pgs.admin(sql, [], db);
+        },
         dispose: () => pgs.dropDatabase(db),
       };
     },
