@@ -4,7 +4,9 @@
  * server's, every endpoint but /healthz needs an operator X.509 SVID with a role that allows
  * it (viewer: read; operator: also create and cancel), and mutating requests must be JSON.
  *
- *   GET  /healthz                      200 when MQTT is connected, else 503; counters (no auth)
+ *   GET  /healthz                      200 when MQTT is connected and the registry answers, else
+ *                                      503 with `problems`; counters (no auth; the registry's are
+ *                                      at most 1 s old, health.ts)
  *   GET  /api/whoami                   {spiffeId, operator, role} of the caller
  *   GET  /api/stats                    counters
  *   GET  /api/robots                   {robots: [...]}
@@ -78,6 +80,7 @@ import { type MetricsRenderer, metricsResponse } from "../metrics/mod.ts";
 import { type FleetEvents, sseFrame } from "./events.ts";
 import { type DashboardSessions, sessionCookie } from "./sessions.ts";
 import { dashboardRoute } from "./dashboard.ts";
+import { HealthView } from "./health.ts";
 
 export const MAX_BODY_BYTES = 64 * 1024;
 /** The robots' replay window is as long (src/fleet/task_limits.ts): a task never outlives it. */
@@ -356,6 +359,13 @@ export function createHandler(
     if (!r) throw new HttpError(404, `unknown robot ${JSON.stringify(id)}`);
     return r;
   };
+  // /healthz: cached counters, never a database read per call (health.ts).
+  const health = new HealthView({
+    fleet,
+    mqttConnected: ctx.mqttConnected,
+    version: ctx.version,
+    extra: () => ({ http: { refused: refusals } }),
+  });
   const stats = async () => {
     const link = fleet.linkState();
     const all = await fleet.registry.listRobots();
@@ -626,12 +636,7 @@ export function createHandler(
             allow: "GET, HEAD",
           });
         }
-        const s = await stats();
-        return json(s.mqtt.connected ? 200 : 503, {
-          ok: s.mqtt.connected,
-          version: ctx.version,
-          ...s,
-        });
+        return json(...(await health.answer()));
       }
       // The dashboard's pages and its one-time login (the token is the credential).
       if (parts[0] === "dashboard") {

@@ -269,14 +269,21 @@ class PgConn implements SqlConn {
 export interface PostgresOptions {
   /** Idle connections that fail (the server went away) are reported here. */
   onError?: (message: string) => void;
-  /** Connections in the pool. Default 4: the ingest writer, HTTP reads, dispatch writes. */
+  /**
+   * Connections in all. Default 4: one is the writer's alone (every write transaction of this
+   * process, one at a time: the ingest batches, task writes, the sweeper), the others are
+   * shared by reads (the HTTP API, dispatch). Reads can therefore never starve the writer.
+   */
   maxConnections?: number;
 }
 
 class PostgresBackend implements SqlBackend {
   readonly dialect = "postgres" as const;
   readonly location: string;
+  /** Reads. */
   readonly #pool: pg.Pool;
+  /** The writer's own connection (write transactions run one at a time: `#writes`). */
+  readonly #writer: pg.Pool;
   readonly #writes = new Turns();
   readonly #statements = new Map<string, Prepared>();
   readonly #secrets: (string | undefined)[];
@@ -286,20 +293,30 @@ class PostgresBackend implements SqlBackend {
     this.#secrets = [config.password];
     // Refuses to give the password away (cleartext/MD5 without verified TLS), TLS as
     // configured: postgres_connect.ts.
-    this.#pool = new pg.Pool(poolConfig(config, {
-      max: opts.maxConnections ?? 4,
-      connectionTimeoutMillis: 10_000,
-      idleTimeoutMillis: 30_000,
-      keepAlive: true,
-      application_name: "k8s4r-server",
-      // Server-side bounds: a stuck statement or a forgotten transaction cannot hold locks
-      // forever (the batch fails, is not acknowledged, and is delivered again).
-      options: "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000",
-      types: TYPES,
-    }));
-    this.#pool.on("error", (err) => {
-      opts.onError?.(`${this.location}: idle connection failed: ${this.wrap(err).message}`);
-    });
+    const pool = (max: number, role: string) => {
+      const p = new pg.Pool(poolConfig(config, {
+        max,
+        connectionTimeoutMillis: 10_000,
+        idleTimeoutMillis: 30_000,
+        keepAlive: true,
+        application_name: "k8s4r-server",
+        // Server-side bounds: a stuck statement or a forgotten transaction cannot hold locks
+        // forever (the batch fails, is not acknowledged, and is delivered again).
+        options: "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000",
+        types: TYPES,
+      }));
+      p.on("error", (err) => {
+        opts.onError?.(
+          `${this.location}: idle ${role} connection failed: ${this.wrap(err).message}`,
+        );
+      });
+      return p;
+    };
+    // A flood of reads (600 concurrent /healthz over 3000 robots did) used to take every
+    // connection of one shared pool, and the ingest write then failed after 10 s waiting for
+    // one ("timeout exceeded when trying to connect"): the writer has a pool of its own.
+    this.#writer = pool(1, "writer");
+    this.#pool = pool(Math.max(1, (opts.maxConnections ?? 4) - 1), "read");
   }
 
   /** One name per SQL text: each pooled connection prepares it on first use, then reuses it. */
@@ -325,7 +342,7 @@ class PostgresBackend implements SqlBackend {
 
   async connect(): Promise<pg.PoolClient> {
     try {
-      return await this.#pool.connect();
+      return await this.#writer.connect();
     } catch (err) {
       const w = this.wrap(err);
       throw new PostgresError(
@@ -431,7 +448,7 @@ class PostgresBackend implements SqlBackend {
   }
 
   async close(): Promise<void> {
-    await this.#pool.end();
+    await Promise.all([this.#pool.end(), this.#writer.end()]);
   }
 }
 

@@ -51,6 +51,8 @@ export interface TestPostgres {
   dropDatabase(name: string): Promise<void>;
   /** A statement as the superuser. */
   admin(sql: string, params?: unknown[], database?: string): Promise<Record<string, unknown>[]>;
+  /** A session of its own as the superuser (to hold a transaction open); end() it. */
+  adminSession(database: string): Promise<pg.Client>;
   logTail(n?: number): Promise<string>;
   destroy(): Promise<void>;
 }
@@ -166,6 +168,19 @@ export async function startTestPostgres(): Promise<TestPostgres> {
     },
     async admin(sql, params = [], database = "postgres") {
       return (await adminPool(database).query(sql, params)).rows;
+    },
+    async adminSession(database) {
+      const client = new pg.Client({
+        host: dir,
+        port,
+        user: ADMIN,
+        password: adminPassword,
+        database,
+        ssl: false,
+      });
+      client.on("error", () => {}); // the server stopping under it
+      await client.connect();
+      return client;
     },
     logTail: (lines) => c.logTail(lines),
     async destroy() {

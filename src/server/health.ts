@@ -1,0 +1,140 @@
+/**
+ * What `GET /healthz` answers: cheap for the server and honest about the registry.
+ *
+ * - Anyone may call /healthz (no client certificate), so it must not cost the database
+ *   anything per call: the registry's counters (robots, tasks) are read at most once per
+ *   `refreshMs` (1 s), by one read that every caller in the meantime shares, bounded by
+ *   `readTimeoutMs` (a database that does not answer makes /healthz say so, never hang). The
+ *   counters shown are those of the last read that answered (`registry.countedAt`).
+ *   600 concurrent calls over 3000 robots used to take every connection of the pool the ingest
+ *   writer shares (registry_postgres.ts keeps the writer a connection of its own, too).
+ * - 200 only when the broker link is up and the registry answers reads; else 503 with
+ *   `problems`, one line each (`registry: ...`, `mqtt: ...`).
+ */
+import type { FleetService } from "./fleet.ts";
+import { writeErrorCode } from "./write_errors.ts";
+
+export interface HealthOptions {
+  fleet: FleetService;
+  mqttConnected: () => boolean;
+  version?: string;
+  /** More for the body (the HTTP refusal counters). */
+  extra?: () => Record<string, unknown>;
+  /** More problems (one line each, e.g. a replica's lease); none by default. */
+  problems?: () => string[];
+  /** Registry counters are read at most this often. Default 1000 ms. */
+  refreshMs?: number;
+  /** A counters read that takes longer is given up: the registry does not answer. Default 1500. */
+  readTimeoutMs?: number;
+  now?: () => number;
+}
+
+interface Counts {
+  at: number;
+  total: number;
+  online: number;
+  tasks: Record<string, number>;
+}
+
+/** Reads `p`, or rejects after `ms` (the read itself goes on and is dropped). */
+function within<T>(p: Promise<T>, ms: number): Promise<T> {
+  let t: ReturnType<typeof setTimeout> | undefined;
+  return Promise.race([
+    p,
+    new Promise<never>((_, reject) => {
+      t = setTimeout(() => reject(new Error(`no answer within ${ms / 1000} s`)), ms);
+    }),
+  ]).finally(() => clearTimeout(t));
+}
+
+export class HealthView {
+  #counts?: Counts;
+  #readError?: { at: number; message: string; code?: string };
+  #reading?: Promise<void>;
+  private readonly refreshMs: number;
+  private readonly readTimeoutMs: number;
+  private readonly now: () => number;
+
+  constructor(private readonly o: HealthOptions) {
+    this.refreshMs = o.refreshMs ?? 1000;
+    this.readTimeoutMs = o.readTimeoutMs ?? 1500;
+    this.now = o.now ?? Date.now;
+  }
+
+  /** One read for everyone who asks within `refreshMs` (and while it runs). */
+  private refresh(): Promise<void> {
+    const last = Math.max(this.#counts?.at ?? -Infinity, this.#readError?.at ?? -Infinity);
+    if (this.now() - last < this.refreshMs) return Promise.resolve();
+    if (!this.#reading) {
+      const reg = this.o.fleet.registry;
+      this.#reading = within(
+        reg.read(async (tx) => ({
+          robots: await tx.listRobots(),
+          tasks: await tx.countTasksByState(),
+        })),
+        this.readTimeoutMs,
+      ).then(
+        (r) => {
+          this.#counts = {
+            at: this.now(),
+            total: r.robots.length,
+            online: r.robots.filter((x) => x.online).length,
+            tasks: r.tasks,
+          };
+          this.#readError = undefined;
+        },
+        (err) => {
+          this.#readError = {
+            at: this.now(),
+            message: (err as Error).message,
+            code: writeErrorCode(err),
+          };
+        },
+      ).finally(() => (this.#reading = undefined));
+    }
+    return this.#reading;
+  }
+
+  /** `[status, body]` of /healthz. */
+  async answer(): Promise<[number, Record<string, unknown>]> {
+    await this.refresh();
+    const { fleet } = this.o;
+    const link = fleet.linkState();
+    const problems: string[] = [];
+    const re = this.#readError;
+    if (re) {
+      problems.push(`registry: reads fail: ${re.message}`);
+    }
+    const connected = this.o.mqttConnected();
+    if (!connected) problems.push("mqtt: not connected to the broker");
+    problems.push(...(this.o.problems?.() ?? []));
+    const c = this.#counts;
+    const ok = problems.length === 0;
+    return [ok ? 200 : 503, {
+      ok,
+      version: this.o.version,
+      ...(ok ? {} : { problems }),
+      // since: when the link went up (subscribed) or down; robots are unknown while it is down.
+      // delivering: the broker echoed the server's probe lately (false while it is frozen).
+      mqtt: {
+        connected,
+        since: link.since,
+        delivering: link.delivering,
+        confirmedAt: link.confirmedAt,
+      },
+      messages: fleet.stats,
+      tasks: c?.tasks ?? {},
+      robots: {
+        total: c?.total ?? 0,
+        /** Last known: while the link is down these are also counted as unknown. */
+        online: c?.online ?? 0,
+        unknown: link.delivering ? 0 : (c?.total ?? 0),
+      },
+      registry: {
+        reads: re ? { ok: false, at: new Date(re.at).toISOString() } : { ok: true },
+        countedAt: c ? new Date(c.at).toISOString() : null,
+      },
+      ...(this.o.extra?.() ?? {}),
+    }];
+  }
+}

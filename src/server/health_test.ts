@@ -1,0 +1,97 @@
+import assert from "node:assert/strict";
+import { FleetService, type Publisher } from "./fleet.ts";
+import { HealthView } from "./health.ts";
+import { openSqliteFile } from "./registry_sqlite.ts";
+import { UNSIGNED } from "./testing.ts";
+import type { Registry } from "./registry.ts";
+
+const pub: Publisher = { publish: () => Promise.resolve(), connected: () => true };
+const enc = new TextEncoder();
+
+function heartbeat(robotId: string, seq: number) {
+  return {
+    topic: `k8s4r/robots/${robotId}/up/heartbeat`,
+    payload: enc.encode(JSON.stringify({
+      v: 1,
+      type: "heartbeat",
+      robotId,
+      ts: "2025-01-01T00:00:00.000Z",
+      seq,
+      bootId: "b",
+      svidExpiresAt: "2025-01-01T01:00:00.000Z",
+    })),
+  };
+}
+
+function setup() {
+  const registry = openSqliteFile(":memory:");
+  const fleet = new FleetService(registry, pub, { signer: UNSIGNED });
+  const clock = { t: 1_000_000 };
+  const reads = { n: 0 };
+  registry.setTimer((op) => {
+    if (op === "read") reads.n++;
+  });
+  const health = new HealthView({ fleet, mqttConnected: () => true, now: () => clock.t });
+  return { registry, fleet, clock, reads, health };
+}
+
+Deno.test("/healthz: concurrent calls share one registry read, at most one per second", async () => {
+  const { registry, fleet, clock, reads, health } = setup();
+  try {
+    for (let i = 0; i < 30; i++) await fleet.handleBatch([heartbeat(`robot-${i}`, 1)]);
+    await fleet.settled(); // the dispatches the heartbeats triggered read the registry too
+    reads.n = 0;
+    const answers = await Promise.all(Array.from({ length: 600 }, () => health.answer()));
+    assert.ok(answers.every(([status]) => status === 200));
+    assert.equal((answers[0][1].robots as { total: number }).total, 30);
+    assert.equal(reads.n, 1, "one read for 600 concurrent calls");
+    // Within the second: no read, the counters as they were.
+    await fleet.handleBatch([heartbeat("robot-new", 1)]);
+    await fleet.settled();
+    reads.n = 1;
+    clock.t += 999;
+    assert.equal(((await health.answer())[1].robots as { total: number }).total, 30);
+    assert.equal(reads.n, 1);
+    // Control: a second later the counters are read again and show the new robot.
+    clock.t += 1;
+    assert.equal(((await health.answer())[1].robots as { total: number }).total, 31);
+    assert.equal(reads.n, 2);
+  } finally {
+    await registry.close();
+  }
+});
+
+Deno.test("/healthz: a registry that does not answer is a 503 within the deadline", async () => {
+  const { registry, fleet } = setup();
+  try {
+    let hang = true;
+    const stuck = {
+      read: <T>(_fn: (tx: unknown) => Promise<T>) =>
+        hang
+          ? new Promise<T>(() => {})
+          : Promise.reject(new Error("postgres://k8s4r@db.internal:5432/k8s4r: cannot connect")),
+    } as unknown as Registry;
+    // The fleet as HealthView sees it, on a registry that never answers (then fails).
+    const on = (registry: Registry) =>
+      ({
+        registry,
+        linkState: () => fleet.linkState(),
+        stats: fleet.stats,
+      }) as unknown as FleetService;
+    const view = new HealthView({
+      fleet: on(stuck),
+      mqttConnected: () => true,
+      readTimeoutMs: 200,
+    });
+    const [status, body] = await view.answer();
+    assert.equal(status, 503);
+    assert.deepEqual(body.problems, ["registry: reads fail: no answer within 0.2 s"]);
+    // The database's own error.
+    hang = false;
+    const later = new HealthView({ fleet: on(stuck), mqttConnected: () => true });
+    const problems = (await later.answer())[1].problems as string[];
+    assert.match(problems[0], /^registry: reads fail: postgres:\/\/k8s4r@db\.internal:5432/);
+  } finally {
+    await registry.close();
+  }
+});
