@@ -41,6 +41,21 @@ export type PostgresConfig = PgEndpoint;
 
 export const DEFAULT_PG_PORT = 5432;
 
+/**
+ * The server ends a statement after this (`statement_timeout`); the client gives up on an
+ * answer a little later (`query_timeout`), so a PostgreSQL that does not answer at all (frozen,
+ * SIGSTOP; a network that drops everything) fails the query instead of hanging the server: the
+ * kernel completes TCP (and unix socket) handshakes and acknowledges keepalives for a stopped
+ * process, so neither the connect nor TCP keepalive would ever notice.
+ */
+export const STATEMENT_TIMEOUT_MS = 30_000;
+export const QUERY_TIMEOUT_MS = STATEMENT_TIMEOUT_MS + 5_000;
+
+/** pg's error when `query_timeout` passed: that connection may still get the late answer. */
+function queryTimedOut(err: unknown): boolean {
+  return /Query read timeout/.test((err as Error | undefined)?.message ?? "");
+}
+
 /** Any advisory-lock key, as long as every k8s4r uses the same one ('k8s4rmig'). */
 const MIGRATION_LOCK_KEY = "7725019788023474535";
 
@@ -298,11 +313,17 @@ class PostgresBackend implements SqlBackend {
         max,
         connectionTimeoutMillis: 10_000,
         idleTimeoutMillis: 30_000,
+        // A connection whose peer vanished (a host gone, a cable pulled) is found out by TCP
+        // keepalive in about 10 s + 9 probes, not the kernel's default of 2 hours.
         keepAlive: true,
+        keepAliveInitialDelayMillis: 10_000,
+        // Client-side bound on every query (see QUERY_TIMEOUT_MS).
+        query_timeout: QUERY_TIMEOUT_MS,
         application_name: "k8s4r-server",
         // Server-side bounds: a stuck statement or a forgotten transaction cannot hold locks
         // forever (the batch fails, is not acknowledged, and is delivered again).
-        options: "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000",
+        options:
+          `-c statement_timeout=${STATEMENT_TIMEOUT_MS} -c idle_in_transaction_session_timeout=60000`,
         types: TYPES,
       }));
       p.on("error", (err) => {
@@ -369,10 +390,16 @@ class PostgresBackend implements SqlBackend {
       await client.query("COMMIT");
       return r;
     } catch (err) {
-      try {
-        await client.query("ROLLBACK");
-      } catch (e) {
-        broken = e as Error; // the connection is gone: the pool must not reuse it
+      if (queryTimedOut(err)) {
+        // No answer: the connection may still get it later, so it is never used again (and a
+        // ROLLBACK on it would wait as long).
+        broken = err as Error;
+      } else {
+        try {
+          await client.query("ROLLBACK");
+        } catch (e) {
+          broken = e as Error; // the connection is gone: the pool must not reuse it
+        }
       }
       throw this.wrap(err);
     } finally {
@@ -414,10 +441,14 @@ class PostgresBackend implements SqlBackend {
       }
       await client.query("COMMIT");
     } catch (err) {
-      try {
-        await client.query("ROLLBACK");
-      } catch (e) {
-        broken = e as Error;
+      if (queryTimedOut(err)) {
+        broken = err as Error;
+      } else {
+        try {
+          await client.query("ROLLBACK");
+        } catch (e) {
+          broken = e as Error;
+        }
       }
       if (err === refused) throw err;
       const w = this.wrap(err);

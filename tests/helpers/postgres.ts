@@ -54,6 +54,13 @@ export interface TestPostgres {
   /** A session of its own as the superuser (to hold a transaction open); end() it. */
   adminSession(database: string): Promise<pg.Client>;
   logTail(n?: number): Promise<string>;
+  /**
+   * SIGSTOP to the server and every process it forked (backends, checkpointer...): a frozen
+   * PostgreSQL, whose sockets the kernel still accepts and acknowledges. Returns the pids.
+   */
+  freeze(): number[];
+  /** SIGCONT to what `freeze` stopped. */
+  thaw(): void;
   destroy(): Promise<void>;
 }
 
@@ -132,6 +139,15 @@ export async function startTestPostgres(): Promise<TestPostgres> {
   const tlsCaFile = join(dir, "tls-ca.pem");
   await Deno.writeTextFile(tlsCaFile, ca.rootPem);
   let n = 0;
+  let frozen: number[] = [];
+  const thaw = () => {
+    for (const pid of frozen) {
+      try {
+        Deno.kill(pid, "SIGCONT");
+      } catch { /* gone */ }
+    }
+    frozen = [];
+  };
   const c = cluster;
   const config = (database: string, via: Via = "socket"): PostgresConfig => ({
     host: via === "socket" ? dir : via === "tls" ? "localhost" : "127.0.0.1",
@@ -183,11 +199,35 @@ export async function startTestPostgres(): Promise<TestPostgres> {
       return client;
     },
     logTail: (lines) => c.logTail(lines),
+    freeze() {
+      const root = c.pid;
+      if (root === undefined) throw new Error("freeze: the test PostgreSQL is not running");
+      frozen = [root, ...childrenOf(root)];
+      for (const pid of frozen) Deno.kill(pid, "SIGSTOP");
+      return frozen;
+    },
+    thaw,
     async destroy() {
+      thaw();
       await closeAdmin();
       await c.destroy();
     },
   };
+}
+
+/** The processes whose parent is `pid` (from /proc; PostgreSQL's backends and workers). */
+function childrenOf(pid: number): number[] {
+  const out: number[] = [];
+  for (const e of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(e.name)) continue;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${e.name}/stat`);
+      // pid (comm) state ppid ...: comm may hold spaces, so read after the last ')'.
+      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      if (ppid === pid) out.push(Number(e.name));
+    } catch { /* gone */ }
+  }
+  return out;
 }
 
 /** The registry contract's PostgreSQL store: a new database per case. */
