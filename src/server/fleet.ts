@@ -25,7 +25,7 @@ import {
   type TaskRecord,
 } from "./registry.ts";
 import { isFinal, needsCancel, needsDispatch, reportEvent, UNTRUSTED_REFUSALS } from "./tasks.ts";
-import { isPermanentWriteError, writeErrorCode } from "./write_errors.ts";
+import { isPermanentWriteError, writeErrorCode, WriteHealth } from "./write_errors.ts";
 
 /**
  * Turns a server -> robot message into the exact MQTT payload. The fleet server signs tasks and
@@ -211,6 +211,8 @@ export class FleetService {
     registryRefused: 0,
     batches: 0,
   };
+  /** Whether the last batch of messages was committed (for /healthz and the doctor). */
+  readonly writes: WriteHealth;
   private readonly hbDefault: number;
   private readonly missed: number;
   private readonly ttlDefault: number;
@@ -244,6 +246,7 @@ export class FleetService {
     this.ttlDefault = opts.defaultTaskTtlSeconds ?? 3600;
     this.grace = opts.resultGraceSeconds ?? 60;
     this.now = opts.now ?? (() => new Date());
+    this.writes = new WriteHealth(() => this.now().getTime());
     this.log = opts.logger ?? silentLogger;
     this.newId = opts.newId ?? (() => crypto.randomUUID());
     this.link = { up: !opts.startDisconnected, since: this.now().getTime() };
@@ -379,6 +382,11 @@ export class FleetService {
         }
       }
       results.push({ ok: true });
+    }
+    if (r.error === undefined || r.error === stepError && isPermanentWriteError(r.error)) {
+      this.writes.succeeded();
+    } else {
+      this.writes.failed(r.error);
     }
     if (r.error && r.error === stepError && isPermanentWriteError(r.error)) {
       // The database refused this message for what it holds: it would be refused on every

@@ -8,8 +8,10 @@
  *   counters shown are those of the last read that answered (`registry.countedAt`).
  *   600 concurrent calls over 3000 robots used to take every connection of the pool the ingest
  *   writer shares (registry_postgres.ts keeps the writer a connection of its own, too).
- * - 200 only when the broker link is up and the registry answers reads; else 503 with
- *   `problems`, one line each (`registry: ...`, `mqtt: ...`).
+ * - 200 only when the broker link is up, the registry answers reads, and its writes succeed
+ *   (`WriteHealth`, write_errors.ts: the last batch of messages committed). Else 503 with
+ *   `problems`, one line each (`registry: ...`, `mqtt: ...`), so that a registry that fails
+ *   every write (a full disk, a read-only standby: 25006) no longer hides behind a 200.
  */
 import type { FleetService } from "./fleet.ts";
 import { writeErrorCode } from "./write_errors.ts";
@@ -105,6 +107,8 @@ export class HealthView {
     if (re) {
       problems.push(`registry: reads fail: ${re.message}`);
     }
+    const w = fleet.writes.state();
+    if (!w.ok) problems.push(`registry: writes failing since ${w.failingSince}: ${w.lastError}`);
     const connected = this.o.mqttConnected();
     if (!connected) problems.push("mqtt: not connected to the broker");
     problems.push(...(this.o.problems?.() ?? []));
@@ -132,6 +136,7 @@ export class HealthView {
       },
       registry: {
         reads: re ? { ok: false, at: new Date(re.at).toISOString() } : { ok: true },
+        writes: w,
         countedAt: c ? new Date(c.at).toISOString() : null,
       },
       ...(this.o.extra?.() ?? {}),

@@ -77,6 +77,7 @@ Deno.test("/healthz: a registry that does not answer is a 503 within the deadlin
         registry,
         linkState: () => fleet.linkState(),
         stats: fleet.stats,
+        writes: fleet.writes,
       }) as unknown as FleetService;
     const view = new HealthView({
       fleet: on(stuck),

@@ -181,6 +181,45 @@ Deno.test("HTTP API: robots, tasks, precise errors", async () => {
   }
 });
 
+Deno.test("/healthz: a registry that fails every write is a 503 that names it; 200 before and after", async () => {
+  const { registry, fleet, call } = setup();
+  try {
+    const hb = (seq: number) =>
+      up("robot-001", "heartbeat", {
+        type: "heartbeat",
+        seq,
+        bootId: "b",
+        svidExpiresAt: "2025-01-01T01:00:00.000Z",
+      }, "2025-01-01T00:00:00.000Z");
+    // Control: the writes succeed.
+    assert.equal((await fleet.handleBatch([hb(1)])).acked, 1);
+    const before = await call("GET", "/healthz");
+    assert.equal(before.status, 200, JSON.stringify(before.json));
+    assert.equal(before.json.registry.writes.ok, true);
+    // A read-only standby refuses every write (SQLSTATE 25006), as a full disk would.
+    registry.setStatementHook(() => {
+      throw Object.assign(new Error("cannot execute UPDATE in a read-only transaction"), {
+        code: "25006",
+      });
+    });
+    assert.equal((await fleet.handleBatch([hb(2)])).acked, 0);
+    const during = await call("GET", "/healthz");
+    assert.equal(during.status, 503);
+    assert.equal(during.json.ok, false);
+    assert.equal(during.json.registry.writes.ok, false);
+    assert.match(
+      during.json.problems.join("\n"),
+      /^registry: writes failing since \S+: cannot execute UPDATE in a read-only transaction$/m,
+    );
+    // Recovered by the next batch that commits.
+    registry.setStatementHook(undefined);
+    assert.equal((await fleet.handleBatch([hb(2)])).acked, 1);
+    assert.equal((await call("GET", "/healthz")).status, 200);
+  } finally {
+    await registry.close();
+  }
+});
+
 Deno.test("fleet: offline robot gets its task when it returns; counters; sweeper", async () => {
   const { call, fleet, pub, registry, now } = setup();
   try {

@@ -50,3 +50,49 @@ export function writeErrorCode(err: unknown): string | undefined {
   const lite = sqliteCode(err);
   return lite !== undefined ? `SQLite ${lite}` : undefined;
 }
+
+/** The state of the registry's writes: failing since when, with which error. */
+export interface WriteState {
+  ok: boolean;
+  /** When the current run of failures began (ISO), while failing. */
+  failingSince?: string;
+  /** The last failure (detailed view only). */
+  lastError?: string;
+  /** Its SQLSTATE or SQLite code, when it has one. */
+  code?: string;
+}
+
+/**
+ * Remembers whether the registry's writes succeed. `FleetService` reports each batch of
+ * messages; a batch is written every half second at least (the server's own probes), so this
+ * follows the database within a second.
+ */
+export class WriteHealth {
+  #since?: number;
+  #error?: string;
+  #code?: string;
+
+  constructor(private readonly now: () => number = Date.now) {}
+
+  failed(err: unknown): void {
+    if (this.#since === undefined) this.#since = this.now();
+    this.#error = err instanceof Error ? err.message : String(err);
+    this.#code = writeErrorCode(err);
+  }
+
+  succeeded(): void {
+    this.#since = undefined;
+    this.#error = undefined;
+    this.#code = undefined;
+  }
+
+  state(): WriteState {
+    if (this.#since === undefined) return { ok: true };
+    return {
+      ok: false,
+      failingSince: new Date(this.#since).toISOString(),
+      lastError: this.#error,
+      ...(this.#code ? { code: this.#code } : {}),
+    };
+  }
+}
