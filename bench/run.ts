@@ -5,7 +5,7 @@
  *
  *   deno task bench [--only NAME]... [--quick] [--robots N]
  *
- * Names: signing, startup, fleet, footprint, rotation, doctor, storage.
+ * Names: signing, startup, fleet, footprint, rotation, doctor, storage, replicas.
  */
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -23,6 +23,7 @@ import {
   writeReport,
 } from "./report.ts";
 import { benchRotation } from "./rotation.ts";
+import { benchReplicas } from "./replicas.ts";
 import { benchSigning } from "./signing.ts";
 import { benchStartup } from "./startup.ts";
 import { benchStorage } from "./storage.ts";
@@ -37,6 +38,7 @@ export const BENCHMARKS: Record<string, Bench> = {
   rotation: benchRotation,
   fleet: benchFleet,
   storage: benchStorage,
+  replicas: benchReplicas,
 };
 
 async function machine(): Promise<Machine> {

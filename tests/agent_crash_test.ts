@@ -16,7 +16,7 @@ import type { MqttClient } from "mqtt";
 import { startTestBroker, TEST_TRUST_DOMAIN, type TestBroker } from "./helpers/broker.ts";
 import { AgentProcess } from "./helpers/agent_process.ts";
 import { FakeWorkloadApi } from "../src/spiffe/testing/fake_workload_api.ts";
-import { processStartTime, waitFor } from "../src/process/mod.ts";
+import { processStartTime, realRunner, waitFor } from "../src/process/mod.ts";
 import {
   decodeUp,
   type HeartbeatMessage,
@@ -36,6 +36,7 @@ import { parseX509SvidPem } from "../src/spiffe/svid.ts";
 import { X509BundleSet } from "../src/spiffe/bundle.ts";
 import { Outbox, OUTBOX_FILE } from "../src/agent/outbox.ts";
 import { killInterrupted, TaskJournal } from "../src/agent/task_journal.ts";
+import { DEFAULT_TASK_USER, ensureTaskUser } from "../src/agent/task_user.ts";
 
 const ROBOT = "robot-001";
 const opts = { sanitizeOps: false, sanitizeResources: false };
@@ -135,9 +136,12 @@ interface Stack {
 }
 
 async function withStack(fn: (s: Stack) => Promise<void>) {
+  assert.equal(Deno.uid(), 0, "the agent runs tasks as a task user here: run it as root (CI does)");
+  await ensureTaskUser(realRunner, DEFAULT_TASK_USER); // kept, as devenv keeps it
   const broker = await startTestBroker();
   const fake = await FakeWorkloadApi.start();
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-agent-crash-" });
+  await Deno.chmod(dir, 0o755); // the task user writes pid files here
   try {
     const issue = (ttlSeconds: number) => {
       const c = broker.ca.ca.issue({
@@ -157,6 +161,7 @@ async function withStack(fn: (s: Stack) => Promise<void>) {
         "tasks:",
         '  allow: ["sleep", "sh"]',
         "  killGraceSeconds: 1",
+        `  user: ${DEFAULT_TASK_USER}`,
         "",
       ].join("\n"),
     );
@@ -265,7 +270,13 @@ Deno.test(
       let agent: AgentProcess | undefined;
       let direct: { pid: number; startTime: number } | undefined;
       let grandchild: { pid: number; startTime: number } | undefined;
+      let escaped: { pid: number; startTime: number } | undefined;
       const pidFile = join(dir, "grandchild.pid");
+      const escapedFile = join(dir, "escaped.pid");
+      for (const f of [pidFile, escapedFile]) {
+        await Deno.writeTextFile(f, "");
+        await Deno.chmod(f, 0o666);
+      }
       try {
         agent = AgentProcess.spawn(dir, broker, fake.socketPath);
         await waitFor(() => server.lastOnline() !== undefined, {
@@ -273,8 +284,14 @@ Deno.test(
           what: "online",
         });
         await server.sendTask("t-sleep", ["sleep", "600"]);
-        // A task whose own child is not its direct process: PDEATHSIG does not reach it.
-        await server.sendTask("t-tree", ["sh", "-c", `sleep 600 & echo $! > ${pidFile}; wait`]);
+        // A task whose own child is not its direct process: PDEATHSIG does not reach it; and
+        // one it moved to a session of its own (setsid): no process group reaches it.
+        await server.sendTask("t-tree", [
+          "sh",
+          "-c",
+          `sleep 600 & echo $! > ${pidFile}; ` +
+          `setsid sh -c 'echo $$ > ${escapedFile}; exec sleep 600' & wait`,
+        ]);
         for (const id of ["t-sleep", "t-tree"]) {
           await waitFor(() => server.reports(id).some((r) => r.state === "running"), {
             timeoutMs: 20_000,
@@ -290,6 +307,18 @@ Deno.test(
         });
         const gpid = Number((await Deno.readTextFile(pidFile)).trim());
         grandchild = { pid: gpid, startTime: processStartTime(gpid)! };
+        await waitFor(async () => (await Deno.readTextFile(escapedFile).catch(() => "")) !== "", {
+          timeoutMs: 10_000,
+          what: "the setsid'd grandchild's pid",
+        });
+        const epid = Number((await Deno.readTextFile(escapedFile)).trim());
+        escaped = { pid: epid, startTime: processStartTime(epid)! };
+        const tree = JSON.parse(await Deno.readTextFile(join(stateDir, "running", "t-tree.json")));
+        assert.notEqual(
+          Deno.readTextFileSync(`/proc/${epid}/stat`).split(") ")[1].split(" ")[3],
+          String(tree.pid),
+          "it left the task's session",
+        );
 
         await agent.kill9();
         // The task's process dies with the agent (PR_SET_PDEATHSIG), at once.
@@ -297,8 +326,9 @@ Deno.test(
           timeoutMs: 5000,
           what: "the sleep task to die with its agent",
         });
-        // Positive control for the restart: the grandchild is still there.
+        // Positive control for the restart: the grandchildren are still there.
         assert.equal(processStartTime(grandchild.pid), grandchild.startTime);
+        assert.equal(processStartTime(escaped.pid), escaped.startTime);
 
         agent = AgentProcess.spawn(dir, broker, fake.socketPath);
         for (const id of ["t-sleep", "t-tree"]) {
@@ -311,8 +341,10 @@ Deno.test(
           const f = server.reports(id).find((r) => r.state === "failed")!;
           assert.equal(f.error, "agent restarted");
         }
-        // The restarted agent stopped what the crash left (after checking its start time).
+        // The restarted agent stopped what the crash left (its cgroup: all of it, the setsid'd
+        // one too).
         assert.notEqual(processStartTime(grandchild.pid), grandchild.startTime);
+        assert.notEqual(processStartTime(escaped.pid), escaped.startTime);
         assert.match(agent.log, /task\.interrupted task=t-tree/);
         // At most once: a re-delivery of an interrupted task does not run it again; it is
         // answered `refused` / `replay`, after its final report (the server keeps `failed`).
@@ -329,6 +361,7 @@ Deno.test(
         await agent?.kill9();
         killIfOurs(direct?.pid, direct?.startTime);
         killIfOurs(grandchild?.pid, grandchild?.startTime);
+        killIfOurs(escaped?.pid, escaped?.startTime);
         await server.close();
       }
     });

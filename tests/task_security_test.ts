@@ -33,7 +33,7 @@ import {
 } from "../src/mqtt/messages.ts";
 import { TaskSigner } from "../src/mqtt/signed.ts";
 import { killInterrupted, TaskJournal } from "../src/agent/task_journal.ts";
-import { ensureTaskUser, removeTaskUser } from "../src/agent/task_user.ts";
+import { DEFAULT_TASK_USER, ensureTaskUser, removeTaskUser } from "../src/agent/task_user.ts";
 
 const ROBOT = "robot-001";
 const opts = { sanitizeOps: false, sanitizeResources: false };
@@ -142,11 +142,21 @@ function signer(broker: TestBroker, spiffeId: string, dns?: string): TaskSigner 
   );
 }
 
+/**
+ * The agent CLI with its `tasks:` keys: allow sh, sleep, id, touch; FOO may be set; tasks run as
+ * k8s4r-task (created when missing, kept like devenv keeps it) unless `tasksYaml` names a user
+ * or `o.noUser` (a root agent then refuses to start).
+ */
 async function withRig(
   tasksYaml: string[],
   fn: (r: Rig) => Promise<void>,
-  o: { waitStart?: boolean } = {},
+  o: { waitStart?: boolean; noUser?: boolean } = {},
 ) {
+  assert.equal(Deno.uid(), 0, "the agent runs tasks as a task user here: run it as root (CI does)");
+  if (!o.noUser && !tasksYaml.some((l) => /^\s*user:/.test(l))) {
+    await ensureTaskUser(realRunner, DEFAULT_TASK_USER);
+    tasksYaml = [...tasksYaml, `  user: ${DEFAULT_TASK_USER}`];
+  }
   const broker = await startTestBroker();
   const fake = await FakeWorkloadApi.start();
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-tasksec-" });
@@ -168,11 +178,15 @@ async function withRig(
         `  dataDir: ${join(dir, "data")}`,
         "tasks:",
         '  allow: ["sh", "sleep", "id", "touch"]',
+        '  allowEnv: ["FOO", "LANG"]',
         "  killGraceSeconds: 1",
         ...tasksYaml,
         "",
       ].join("\n"),
     );
+    // Tasks append to it as the task user.
+    await Deno.writeTextFile(join(dir, "ran.log"), "");
+    await Deno.chmod(join(dir, "ran.log"), 0o666);
     fleet = await Fleet.connect(broker);
     agent = AgentProcess.spawn(dir, broker, fake.socketPath);
     if (o.waitStart ?? true) await agent.waitLog(/mqtt\.connected/, "the agent's MQTT session");
@@ -298,11 +312,13 @@ Deno.test(
       });
 
       await t.step(
-        "PATH or LD_PRELOAD in a signed task's env: refused, not run; FOO runs",
+        "PATH, LD_PRELOAD or TAR_OPTIONS in a signed task's env: refused, not run; FOO runs",
         async () => {
           for (
             const [id, env] of [["env-path", { PATH: r.dir }], ["env-preload", {
               LD_PRELOAD: join(r.dir, "x.so"),
+            }], ["env-tar", {
+              TAR_OPTIONS: `--checkpoint=1 --checkpoint-action=exec=touch\\ ${r.dir}/pwned`,
             }]] as const
           ) {
             await r.fleet.publish("task", r.server.sign(task(id, append(r, id), { env })));
@@ -313,7 +329,7 @@ Deno.test(
               undefined,
               "an authentic task refused by policy carries no reason",
             );
-            assert.match(f.error!, new RegExp(`^environment variable ${Object.keys(env)[0]}: `));
+            assert.match(f.error!, new RegExp(`^environment variable ${Object.keys(env)[0]}[: ]`));
           }
           await r.fleet.publish(
             "task",
@@ -327,6 +343,7 @@ Deno.test(
 
       await t.step("only the two controls ran; the refusals are counted", async () => {
         assert.deepEqual(await r.ran(), ["ok-1", "env-ok"]);
+        await assert.rejects(Deno.stat(join(r.dir, "pwned")), Deno.errors.NotFound);
         await r.agent.stop();
         const stopped = r.agent.log.split("\n").find((l) => l.includes("agent.stopped"));
         assert.ok(stopped, r.agent.log);
@@ -449,6 +466,16 @@ Deno.test(
           "the task user logged",
         );
       });
+      // No tasks.user at all, as root with tasks allowed: the agent refuses to start, naming it.
+      await withRig([], async (r) => {
+        const st = await r.agent.exited;
+        assert.equal(st.code, 1, r.agent.log);
+        assert.match(
+          r.agent.log,
+          /plugins\.yaml: tasks\.user: not set, but tasks\.allow lets tasks run/,
+        );
+        assert.doesNotMatch(r.agent.log, /mqtt\.connected/);
+      }, { waitStart: false, noUser: true });
       // Positive control above; now a user that does not exist: the agent refuses to start.
       await withRig([`  user: ${name}-missing`], async (r) => {
         const st = await r.agent.exited;

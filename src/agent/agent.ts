@@ -34,7 +34,7 @@ import {
   type StatusMessage,
   type TaskReportState,
 } from "../mqtt/messages.ts";
-import { checkDown, replayWindowEnd, X5cChainCache } from "../mqtt/signed.ts";
+import { checkDown, X5cChainCache } from "../mqtt/signed.ts";
 import { robotSubscription, upTopic } from "../fleet/topics.ts";
 import type { X509SvidSource } from "../spiffe/source.ts";
 import { authorizeId, mtlsClientOptions } from "../spiffe/tls.ts";
@@ -47,7 +47,13 @@ import {
   type SessionStats,
   type TlsSnapshot,
 } from "./mqtt_session.ts";
-import { Outbox, type OutboxEntry, type OutboxKind, type OutboxStats } from "./outbox.ts";
+import {
+  Outbox,
+  type OutboxEntry,
+  type OutboxKind,
+  type OutboxStats,
+  resultTaken,
+} from "./outbox.ts";
 import { sandboxToolsMissing, type TaskReport, TaskRunner } from "./task_runner.ts";
 import type { TaskUser } from "./task_user.ts";
 import { encodeTaskStatus } from "./task_status.ts";
@@ -99,7 +105,10 @@ export interface RobotAgentOptions {
   log: Logger;
   /** Working directory for tasks that name none (with a task user: its home, or /). */
   cwd: string;
-  /** The resolved `tasks.user` (`resolveTaskUser`); required when the config sets one. */
+  /**
+   * The resolved `tasks.user` (`resolveTaskUser`); required when the config sets one and
+   * allows tasks.
+   */
   taskUser?: TaskUser;
   /** Test knobs. */
   reconnectMinMs?: number;
@@ -168,7 +177,7 @@ export class RobotAgent {
     const cfg = (this.cfg = o.config);
     const id = cfg.robotId;
     const t = cfg.tasks;
-    if (t.user !== undefined && o.taskUser === undefined) {
+    if (t.user !== undefined && t.allow.length > 0 && o.taskUser === undefined) {
       throw new Error(
         `tasks.user is ${JSON.stringify(t.user)}: resolve it (resolveTaskUser) and pass taskUser`,
       );
@@ -201,6 +210,7 @@ export class RobotAgent {
     });
     this.tasks = new TaskRunner({
       allow: t.allow,
+      allowEnv: t.allowEnv,
       stateDir: cfg.stateDir,
       defaultCwd: o.taskUser ? taskUserCwd(o.taskUser) : o.cwd,
       killGraceMs: t.killGraceSeconds * 1000,
@@ -295,7 +305,15 @@ export class RobotAgent {
         );
       }
     }
-    // The id store first: its high-water clock guards every age check from the first message.
+    if (this.cfg.tasks.allow.length > 0) {
+      const c = this.tasks.containment;
+      if (c.kind === "cgroup") this.o.log("tasks.containment", { cgroup: c.parent });
+      else {
+        // Said, not hidden: what a task moves out of its process group may outlive it.
+        this.o.log("tasks.uncontained", { reason: c.reason, hint: c.hint });
+      }
+    }
+    // The id store first: what it has forgotten bounds every message's age from the first one.
     await this.tasks.ids.load();
     this.opening = Outbox.open({
       stateDir: this.cfg.stateDir,
@@ -427,10 +445,8 @@ export class RobotAgent {
       robotId: this.cfg.robotId,
       bundles: this.o.source,
       signerId: t.signerSpiffeId,
-      now: new Date(),
-      ageNow: new Date(this.tasks.ids.highWater),
-      clockSkewSeconds: t.clockSkewSeconds,
-      maxAgeSeconds: t.maxAgeSeconds,
+      // The clock, the window, and what the id store can vouch for.
+      ...this.tasks.timeRules(),
       cache: this.chains,
     });
     if (!v.ok && v.kind === "malformed") {
@@ -457,10 +473,7 @@ export class RobotAgent {
         m.taskId,
         why,
         (r) => this.report(r),
-        replayWindowEnd(m, {
-          clockSkewSeconds: t.clockSkewSeconds,
-          maxAgeSeconds: t.maxAgeSeconds,
-        }),
+        m.ts,
       ).then((outcome) => {
         if (outcome === "not-running") this.counters.cancelNotRunning++;
         this.o.log("task.cancel", { task: m.taskId, outcome });
@@ -519,20 +532,24 @@ export class RobotAgent {
   }
 
   /**
-   * Queues a task-status durably; resolves once it is on disk (sent in the background): true,
-   * or false when it could not be queued (the agent is stopping).
+   * Queues a task-status durably; resolves once it is on disk (sent in the background): true;
+   * `{ durable }` when its write failed (kept in memory, sent, written again: the runner keeps
+   * the task in its journal until it is on disk); false when it could not be queued (the agent
+   * is stopping). See `Reporter` in task_runner.ts.
    */
-  private report(r: TaskReport): Promise<boolean> {
+  private report(r: TaskReport): Promise<ReturnType<typeof resultTaken>> {
     this.o.log("task.report", { task: r.taskId, state: r.state, exit: r.exitCode, error: r.error });
     const payload = encodeTaskStatus(this.cfg.robotId, r);
     return this.enqueue("result", upTopic(this.cfg.robotId, "task"), payload).queued.then(
-      (e) => e !== undefined,
+      resultTaken,
     );
   }
 
   /** Stops tasks (their results queued), says "offline", waits (bounded) for acks, disconnects. */
   async stop(reason = "agent stopped"): Promise<void> {
     this.stopped = true;
+    // From now on a delivered task is refused (and its id claimed), never started.
+    this.tasks.refuseNew("agent stopping");
     if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
     this.unsubscribe?.();
     // A start still recovering interrupted tasks finishes first: their reports must be queued.
@@ -565,6 +582,7 @@ export class RobotAgent {
       refusalReports: s.refusalReportsSent,
       refusalReportsSuppressed: s.refusalReportsSuppressed,
       queued: s.queue?.entries,
+      unwritten: s.queue?.unwritten,
     });
   }
 }

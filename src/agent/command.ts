@@ -17,7 +17,13 @@ import { findSpireBinaries } from "../spire/binaries.ts";
 import { type AgentConfig, loadAgentConfig } from "./config.ts";
 import { lineLogger, RobotAgent } from "./agent.ts";
 import type { Logger } from "./mqtt_session.ts";
-import { resolveTaskUser, type TaskUser } from "./task_user.ts";
+import {
+  DEFAULT_TASK_USER,
+  ensureTaskUser,
+  requireTaskUser,
+  resolveTaskUser,
+  type TaskUser,
+} from "./task_user.ts";
 import { secureSocketDir } from "../spire/socket_dir.ts";
 import { enrollRobot } from "./enroll.ts";
 import { robotCsr } from "./x509pop.ts";
@@ -237,11 +243,28 @@ async function runAgentCommand(args: Args, io: Io): Promise<number> {
       }
     }
     const dd = dataDirFromEnv(args.string("data-dir"), io.env);
+    // As root, tasks run as k8s4r-task (the agent refuses to run them as root): named in
+    // agent.yaml and created now, so that allowing a task later is all it takes.
+    const root = Deno.uid() === 0;
     const r = await enrollRobot({
       file: resolve(io.cwd, enroll),
       paths: robotHostPaths(dd !== undefined ? resolve(io.cwd, dd) : undefined),
       cwd: io.cwd,
+      taskUser: root ? DEFAULT_TASK_USER : undefined,
     });
+    if (root) {
+      const written = (await loadAgentConfig({
+        cwd: io.cwd,
+        env: {},
+        flags: { config: r.paths.agentConfig },
+      }).catch(() => undefined))?.tasks.user;
+      if (written === DEFAULT_TASK_USER) {
+        const u = await ensureTaskUser(io.runner, DEFAULT_TASK_USER);
+        io.stderr.write(
+          `task user ${u.name} (uid ${u.uid}${u.created ? ", created" : ""}): tasks run as it\n`,
+        );
+      }
+    }
     io.stderr.write(
       `enrolled ${r.enrollment.robotId} (${r.enrollment.attestation.type}): ${
         r.updatedConfig ? "updated" : "wrote"
@@ -307,11 +330,16 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
   let spire: SpireAgentSupervisor | undefined;
   let source: X509Source | undefined;
   let agent: RobotAgent | undefined;
-  // With tasks.user set, the agent must be able to start tasks as that user, or not start.
+  // As root with tasks to run: only as tasks.user. With tasks.user set, the agent must be able
+  // to start tasks as that user, or not start; with no task allowed it is not needed (an
+  // enrolled robot's agent.yaml names k8s4r-task before anyone creates it).
+  requireTaskUser(config.tasks, config.file);
   let taskUser: TaskUser | undefined;
-  if (config.tasks.user !== undefined) {
+  if (config.tasks.user !== undefined && config.tasks.allow.length > 0) {
     taskUser = await resolveTaskUser(io.runner, config.tasks.user, config.tasks.group);
     log("tasks.user", { user: taskUser.name, uid: taskUser.uid, gid: taskUser.gid });
+  } else if (config.tasks.user !== undefined) {
+    log("tasks.user", { user: config.tasks.user, checked: false, why: "tasks.allow is empty" });
   }
   let metrics: MetricsServer | undefined;
   try {

@@ -33,6 +33,7 @@ import {
   parseHostPort,
 } from "../fleet/addresses.ts";
 import { DEFAULT_CLOCK_SKEW_SECONDS, MAX_TASK_TTL_SECONDS } from "../mqtt/signed.ts";
+import { allowEnvEntryError, DEFAULT_ALLOW_ENV } from "./task_sandbox.ts";
 
 export { type BrokerUrl, parseBrokerUrl };
 
@@ -118,6 +119,11 @@ export interface AgentTasksConfig {
    * with the agent's PATH) or absolute paths.
    */
   allow: string[];
+  /**
+   * Environment variables a task may set: names, or prefixes ending in `*` (default
+   * `DEFAULT_ALLOW_ENV`: LANG, LANGUAGE, LC_*, TZ). A task setting any other is refused.
+   */
+  allowEnv: string[];
   /** Grace between SIGTERM and SIGKILL when a task times out or is cancelled. */
   killGraceSeconds: number;
   /** Run tasks as this unprivileged user (name or uid); unset: as the agent's own uid. */
@@ -246,6 +252,7 @@ const SCHEMA: Record<string, Record<string, Kind>> = {
   },
   tasks: {
     allow: { t: "list" },
+    allowEnv: { t: "list" },
     killGraceSeconds: { t: "int", min: 1, max: 600 },
     user: { t: "string" },
     group: { t: "string" },
@@ -561,6 +568,11 @@ function tasksConfig(
       );
     }
   }
+  const allowEnv = get("tasks.allowEnv", [...DEFAULT_ALLOW_ENV] as string[]);
+  for (const e of allowEnv) {
+    const error = allowEnvEntryError(e);
+    if (error) throw new ConfigError(display, lineOf("tasks.allowEnv"), "tasks.allowEnv", error);
+  }
   const signer = get("tasks.signerSpiffeId", "") || fleetServerSpiffeId(trustDomain);
   if (!/^spiffe:\/\/[a-z0-9._-]+\/\S+$/.test(signer)) {
     throw new ConfigError(
@@ -584,6 +596,7 @@ function tasksConfig(
   }
   return {
     allow,
+    allowEnv,
     killGraceSeconds: get("tasks.killGraceSeconds", 5),
     user,
     group,

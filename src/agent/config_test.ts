@@ -52,6 +52,7 @@ Deno.test("task defaults: signatures required, the fleet server signs, the windo
     assert.equal(c.spire.socketPath, "/run/k8s4r/agent.sock");
     assert.deepEqual(c.tasks, {
       allow: [],
+      allowEnv: ["LANG", "LANGUAGE", "LC_*", "TZ"],
       killGraceSeconds: 5,
       user: undefined,
       group: undefined,
@@ -193,6 +194,18 @@ const BAD: [string, string][] = [
   [
     "tasks:\n  allow: [./run.sh]\n",
     'p.yaml:2: tasks.allow: expected "*", program names or absolute paths, got "./run.sh"',
+  ],
+  [
+    "tasks:\n  allowEnv: [LANG, LD_PRELOAD]\n",
+    'p.yaml:2: tasks.allowEnv: "LD_PRELOAD" can never be allowed (LD_PRELOAD: LD_* variables are loader or shell hooks of the start chain)',
+  ],
+  [
+    'tasks:\n  allowEnv: ["*"]\n',
+    'p.yaml:2: tasks.allowEnv: "*" would allow PATH, which can never be allowed (PATH: the agent resolves the executable with its own PATH and gives tasks that one)',
+  ],
+  [
+    "tasks:\n  allowEnv: [my-var]\n",
+    'p.yaml:2: tasks.allowEnv: expected variable names or prefixes ending in * (LC_*), got "my-var"',
   ],
   [
     "tasks:\n  group: g\n",

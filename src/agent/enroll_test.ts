@@ -77,3 +77,15 @@ Deno.test("renderAgentYaml: enrolling again keeps the operator's keys and commen
     /expected the agent's YAML config to update/,
   );
 });
+
+Deno.test("renderAgentYaml: enrolling as root names the task user; an operator's own is kept", () => {
+  const yaml = renderAgentYaml(undefined, enrollment("join_token"), P, P.agentConfig, "k8s4r-task");
+  assert.equal(load(yaml).tasks.user, "k8s4r-task");
+  assert.match(yaml, /# Tasks run as this user/);
+  assert.match(yaml, /An allowed program takes any argv/);
+  const mine = yaml.replace("user: k8s4r-task", "user: robot-tasks");
+  const again = renderAgentYaml(mine, enrollment("x509pop"), P, P.agentConfig, "k8s4r-task");
+  assert.equal(load(again).tasks.user, "robot-tasks");
+  // Not as root: no user written (a non-root agent cannot switch to one).
+  assert.equal(load(renderAgentYaml(undefined, enrollment("join_token"), P)).tasks.user, undefined);
+});

@@ -65,7 +65,7 @@ Deno.test("no shell: $HOME is passed literally, env comes from the task", async 
       task("t2", ["sh", "-c", 'echo "$FOO:$HOME"'], { env: { FOO: "bar" } }),
     );
     assert.equal(env[2].stdout, "bar:/home/nobody-test\n");
-  });
+  }, { allowEnv: ["FOO"] });
 });
 
 Deno.test("a refused executable is reported, not dropped; empty list refuses all", async () => {
@@ -320,20 +320,75 @@ Deno.test("env: PATH, LD_PRELOAD and other hooks are refused and never run; othe
         "NODE_OPTIONS",
         "GLIBC_TUNABLES",
         "IFS",
+        "HOME",
+        "XDG_CONFIG_HOME",
+        "GOFLAGS",
+        "MAKEFLAGS",
+        "npm_config_script_shell",
+        "GST_PLUGIN_PATH",
+        "QT_PLUGIN_PATH",
+        "AMENT_PREFIX_PATH",
+        "VK_LAYER_PATH",
+        "LIBGL_DRIVERS_PATH",
       ].entries()
     ) {
       const marker = join(dir, `ran-${i}`);
       const rep = await run(r, task(`env-${i}`, ["touch", marker], { env: { [name]: "/tmp/x" } }));
       assert.deepEqual(rep.map((x) => x.state), ["refused"], name);
-      assert.match(rep[0].error!, new RegExp(`^environment variable ${name}: `), name);
+      assert.match(rep[0].error!, new RegExp(`^environment variable ${name}[: ]`), name);
       await assert.rejects(Deno.stat(marker), Deno.errors.NotFound, `${name}: it ran`);
     }
-    // Positive control: an ordinary variable reaches the task.
+    // Positive control: an allowed variable reaches the task.
     const ok = await run(
       r,
       task("env-ok", ["sh", "-c", 'echo "$GREETING"'], { env: { GREETING: "hi" } }),
     );
     assert.equal(ok[2].stdout, "hi\n");
+  }, { allowEnv: ["GREETING", "LANG", "LC_*", "TZ"] });
+});
+
+Deno.test("env: TAR_OPTIONS on an allowed fixed script is refused; the script runs without it", async () => {
+  await withRunner([], async (_r, dir) => {
+    const script = join(dir, "archive.sh");
+    await Deno.writeTextFile(script, "#!/bin/sh\nexec tar cf /dev/null /etc/hostname\n");
+    await Deno.chmod(script, 0o755);
+    const pwned = join(dir, "pwned");
+    const attack = {
+      TAR_OPTIONS: `--checkpoint=1 --checkpoint-action=exec=/usr/bin/touch\\ ${pwned}`,
+    };
+    const runner = (allowEnv?: string[]) =>
+      new TaskRunner({
+        allow: [script],
+        stateDir: join(dir, `state-${allowEnv?.length ?? "default"}`),
+        defaultCwd: dir,
+        killGraceMs: 200,
+        path: PATH,
+        baseEnv: { PATH },
+        ...(allowEnv ? { allowEnv } : {}),
+      });
+    const r = runner();
+    try {
+      // The default allow-list (locale and time zone) does not name it: refused, never run.
+      const rep = await run(r, task("tar-1", [script], { env: attack }));
+      assert.deepEqual(rep.map((x) => x.state), ["refused"]);
+      assert.match(rep[0].error!, /^environment variable TAR_OPTIONS is not in tasks\.allowEnv /);
+      await assert.rejects(Deno.stat(pwned), Deno.errors.NotFound, "TAR_OPTIONS ran its command");
+      // Positive control: the same script runs without it, and with a default-allowed LANG.
+      const ok = await run(r, task("tar-2", [script], { env: { LANG: "C.UTF-8" } }));
+      assert.equal(ok[ok.length - 1].state, "done", ok[ok.length - 1].stderr ?? "");
+      assert.equal(ok[ok.length - 1].exitCode, 0);
+    } finally {
+      await r.ids.close();
+    }
+    // The attack is real: an operator who allows TAR_OPTIONS lets a task run any command.
+    const lax = runner(["TAR_OPTIONS"]);
+    try {
+      const rep = await run(lax, task("tar-3", [script], { env: attack }));
+      assert.equal(rep[rep.length - 1].state, "done", rep[rep.length - 1].stderr ?? "");
+      await Deno.stat(pwned);
+    } finally {
+      await lax.ids.close();
+    }
   });
 });
 
@@ -423,7 +478,7 @@ Deno.test("cancel: a running task is stopped and reported cancelled", async () =
     );
     await waitFor(() => reports.some((x) => x.state === "running"), { timeoutMs: 10_000 });
     assert.equal(
-      await r.cancel("k1", "cancelled by the fleet server", () => {}, Date.now() + 1e9),
+      await r.cancel("k1", "cancelled by the fleet server", () => {}, new Date().toISOString()),
       "cancelling",
     );
     await p;
@@ -434,7 +489,7 @@ Deno.test("cancel: a running task is stopped and reported cancelled", async () =
     // Finished: a second cancel finds nothing to do and reports nothing.
     const more: TaskReport[] = [];
     assert.equal(
-      await r.cancel("k1", "again", (x) => more.push(x), Date.now() + 1e9),
+      await r.cancel("k1", "again", (x) => more.push(x), new Date().toISOString()),
       "not-running",
     );
     assert.deepEqual(more, []);
@@ -448,7 +503,7 @@ Deno.test("cancel before arrival: reported cancelled at once, the task never run
       "early",
       "cancelled by the fleet server",
       (x) => reports.push(x),
-      Date.now() + 1e9,
+      new Date().toISOString(),
     );
     assert.equal(outcome, "cancelled-before-arrival");
     assert.deepEqual(reports.map((x) => x.state), ["cancelled"]);
@@ -486,4 +541,235 @@ Deno.test("task user: a task runs with the user's uid and gid, no groups (root o
     user: nobody,
     limits: { cpuSeconds: 10, memoryBytes: 1 << 30, openFiles: 64, processes: 64 },
   });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Containment: nothing a task starts outlives it (security review, finding A)
+
+/**
+ * The pids of live processes whose argv carries `marker`, and of all their descendants (a
+ * /proc scan; zombies are gone).
+ */
+function processesWith(marker: string): number[] {
+  const parent = new Map<number, number>();
+  const marked: number[] = [];
+  for (const e of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(e.name)) continue;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${e.name}/stat`);
+      const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      if (rest[0] === "Z" || rest[0] === "X") continue;
+      parent.set(Number(e.name), Number(rest[1]));
+      if (Deno.readTextFileSync(`/proc/${e.name}/cmdline`).includes(marker)) {
+        marked.push(Number(e.name));
+      }
+    } catch { /* gone */ }
+  }
+  const found = new Set(marked);
+  for (let grew = true; grew;) {
+    grew = false;
+    for (const [pid, ppid] of parent) {
+      if (!found.has(pid) && found.has(ppid)) {
+        found.add(pid);
+        grew = true;
+      }
+    }
+  }
+  return [...found].sort((a, b) => a - b);
+}
+
+/**
+ * Runs `fn` with a fresh argv marker; afterwards kills whatever still carries it (only this
+ * test's own processes carry it), so a failing test leaves nothing behind.
+ */
+async function withMarker(fn: (marker: string) => Promise<void>) {
+  const marker = `k8s4r-marker-${crypto.randomUUID()}`;
+  try {
+    await fn(marker);
+  } finally {
+    for (const pid of processesWith(marker)) {
+      try {
+        Deno.kill(pid, "SIGKILL");
+      } catch { /* gone */ }
+    }
+  }
+}
+
+/**
+ * Shell text that expands to `marker` when it runs, without carrying it literally: the task's
+ * own argv does not match, only the processes it starts with it do.
+ */
+function atRuntime(marker: string): string {
+  return `"$(echo ${marker.replaceAll("-", "_")} | tr _ -)"`;
+}
+
+/** handle(), bounded: a task that never ends fails the test instead of hanging it. */
+async function runBounded(r: TaskRunner, t: TaskSpec, boundMs = 20_000): Promise<TaskReport[]> {
+  const reports: TaskReport[] = [];
+  let ended = false;
+  const p = r.handle(t, (x) => reports.push(x)).finally(() => ended = true);
+  await waitFor(() => ended, {
+    timeoutMs: boundMs,
+    what: `handle() of ${t.id} to resolve`,
+  });
+  await p;
+  return reports;
+}
+
+const ROOT_ONLY = "containment needs root here (cgroup v2); run the unit tests as root (CI does)";
+
+Deno.test("containment: a setsid daemon a finished task left is killed with it (root)", async () => {
+  assert.equal(Deno.uid(), 0, ROOT_ONLY);
+  await withRunner(["*"], async (r, dir) => {
+    await withMarker(async (marker) => {
+      // The task ends only once its daemon runs in a session of its own (it touches a file).
+      const up = join(dir, "daemon-up");
+      const rep = await runBounded(
+        r,
+        task("daemon", [
+          "sh",
+          "-c",
+          `setsid sh -c 'touch "$1"; sleep 4242; :' ${
+            atRuntime(marker)
+          } ${up} </dev/null >/dev/null 2>&1 & ` +
+          `while [ ! -e ${up} ]; do sleep 0.01; done; echo started`,
+        ]),
+      );
+      const last = rep[rep.length - 1];
+      assert.equal(last.state, "done", last.error ?? "");
+      assert.equal(last.stdout, "started\n");
+      assert.deepEqual(processesWith(marker), [], "nothing the task started outlives it");
+    });
+  });
+});
+
+Deno.test("containment: a setsid descendant holding the output pipes ends with the timeout (root)", async () => {
+  assert.equal(Deno.uid(), 0, ROOT_ONLY);
+  await withRunner(["*"], async (r, dir) => {
+    await withMarker(async (marker) => {
+      const up = join(dir, "holder-up");
+      const rep = await runBounded(
+        r,
+        task("holder", [
+          "sh",
+          "-c",
+          `setsid sh -c 'touch "$1"; sleep 4343; echo late' ${atRuntime(marker)} ${up} & ` +
+          `while [ ! -e ${up} ]; do sleep 0.01; done; echo started`,
+        ], { timeoutSeconds: 1 }),
+      );
+      const last = rep[rep.length - 1];
+      assert.equal(last.state, "failed");
+      assert.match(last.error!, /^timed out after 1s; /);
+      assert.equal(last.stdout, "started\n");
+      assert.deepEqual(processesWith(marker), [], "nothing the task started outlives it");
+      assert.equal(r.runningCount, 0, "the slot is free again");
+    });
+  });
+});
+
+Deno.test("containment: cancel and stopAll reach setsid descendants (root)", async () => {
+  assert.equal(Deno.uid(), 0, ROOT_ONLY);
+  await withRunner(["*"], async (r) => {
+    for (const how of ["cancel", "stopAll"] as const) {
+      await withMarker(async (marker) => {
+        const reports: TaskReport[] = [];
+        const p = r.handle(
+          task(`tree-${how}`, [
+            "sh",
+            "-c",
+            `setsid sh -c 'sleep 4444; :' ${
+              atRuntime(marker)
+            } </dev/null >/dev/null 2>&1 & exec sleep 600`,
+          ], { timeoutSeconds: 900 }),
+          (x) => reports.push(x),
+        );
+        await waitFor(() => processesWith(marker).length > 0, {
+          timeoutMs: 10_000,
+          what: "the descendant to start",
+        });
+        if (how === "cancel") {
+          await r.cancel(`tree-${how}`, "cancelled", () => {}, new Date().toISOString());
+        } else await r.stopAll();
+        await p;
+        const last = reports[reports.length - 1];
+        assert.equal(last.state, how === "cancel" ? "cancelled" : "failed", how);
+        assert.match(last.error!, /stopped with SIGTERM$/, how);
+        assert.deepEqual(processesWith(marker), [], `${how}: nothing the task started outlives it`);
+      });
+    }
+  });
+});
+
+Deno.test("no task user, agent as root: the task still has no capability (CapEff 0, empty bounding set)", async () => {
+  assert.equal(Deno.uid(), 0, "this test needs a root agent: run it as root (CI does)");
+  await withRunner(["*"], async (r) => {
+    const rep = await run(
+      r,
+      task("caps", [
+        "sh",
+        "-c",
+        "id -u; grep -E '^(CapPrm|CapEff|CapBnd|CapAmb):' /proc/self/status",
+      ]),
+    );
+    const done = rep[rep.length - 1];
+    assert.equal(done.state, "done", done.error ?? done.stderr ?? "");
+    assert.equal(
+      done.stdout,
+      "0\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\nCapBnd:\t0000000000000000\nCapAmb:\t0000000000000000\n",
+    );
+  });
+});
+
+Deno.test("stopping: a task that comes after stopAll began is refused and never runs; the running one is stopped", async () => {
+  await withRunner(["*"], async (r, dir) => {
+    const reports: TaskReport[] = [];
+    const running = r.handle(
+      task("before", ["sleep", "600"], { timeoutSeconds: 900 }),
+      (x) => reports.push(x),
+    );
+    await waitFor(() => reports.some((x) => x.state === "running"), { timeoutMs: 10_000 });
+    const stopping = r.stopAll();
+    const late = await run(r, task("late", ["touch", join(dir, "ran-late")]));
+    assert.deepEqual(late, [{
+      taskId: "late",
+      state: "refused",
+      error: "agent stopping: no new task starts",
+    }]);
+    await stopping;
+    await running;
+    await assert.rejects(Deno.stat(join(dir, "ran-late")), Deno.errors.NotFound);
+    // Positive control: the task already running was stopped and reported.
+    const last = reports[reports.length - 1];
+    assert.equal(last.state, "failed");
+    assert.equal(last.error, "agent stopping; stopped with SIGTERM");
+    // The late id was claimed: it does not run after a restart either.
+    assert.equal(
+      await r.handle(task("late", ["touch", join(dir, "ran-late")]), () => {}),
+      "replay",
+    );
+  });
+});
+
+Deno.test("uncontained (no cgroup): a pipe holder cannot hold the task past its timeout; what left the group survives, as documented", async () => {
+  await withRunner(["*"], async (r, dir) => {
+    await withMarker(async (marker) => {
+      const up = join(dir, "up");
+      const rep = await runBounded(
+        r,
+        task("nocg", [
+          "sh",
+          "-c",
+          `setsid sh -c 'touch "$1"; sleep 4646; echo late' ${atRuntime(marker)} ${up} & ` +
+          `while [ ! -e ${up} ]; do sleep 0.01; done; echo started`,
+        ], { timeoutSeconds: 1 }),
+      );
+      const last = rep[rep.length - 1];
+      assert.equal(last.state, "failed");
+      assert.match(last.error!, /^timed out after 1s; the task had exited with 0, but processes/);
+      assert.equal(r.runningCount, 0, "the slot is free again");
+      // The limit said in README and the doctor: without a cgroup, a session of its own escapes
+      // (its sh and the sleep it runs).
+      assert.equal(processesWith(marker).length, 2, "the setsid'd process outlived its task");
+    });
+  }, { containment: { kind: "none", reason: "test", hint: "test" } });
 });

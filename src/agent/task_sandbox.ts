@@ -1,9 +1,13 @@
 /**
  * What a task may be and how it is started: the executable resolved with the AGENT's PATH before
- * the allow-list is consulted, a minimal environment with a deny list of loader, shell and
- * interpreter hooks, and the command line that starts it under util-linux `prlimit` (rlimits)
- * and `setpriv` (another uid and gid, no supplementary groups, no capabilities,
- * no_new_privs, SIGKILL when the agent dies). Pure functions, except for `stat` calls.
+ * the allow-list is consulted, a minimal environment plus only the variables `tasks.allowEnv`
+ * names, and the command line that starts it in its cgroup (task_cgroup.ts), under util-linux
+ * `prlimit` (rlimits) and `setpriv` (another uid and gid, no supplementary groups, no
+ * capabilities, no_new_privs, SIGKILL when the agent dies). Pure functions, except for `stat`
+ * calls.
+ *
+ * An allowed executable takes ANY argv: allowing `tar`, `find`, `git`, `env`, `awk`, `sed`,
+ * `sh`, an interpreter or a package manager allows running anything. Allow fixed scripts.
  */
 import { isAbsolute, join, normalize } from "node:path";
 
@@ -14,13 +18,24 @@ export const PRLIMIT = "/usr/bin/prlimit";
 export const DEFAULT_TASK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /**
- * Variables a task may not set: each makes a program load code, run a command or read its
- * configuration from where the task says. Exact names:
+ * The variables a task may set when `tasks.allowEnv` is not configured: locale and time zone.
+ * glibc reads only data for them (locale archives under /usr/lib/locale, zoneinfo files), never
+ * code. Any other name is refused: which variables make which program run code is open-ended
+ * (TAR_OPTIONS, GIT_*, PYTHON*, HOME and XDG_CONFIG_HOME for git's fsmonitor, GOFLAGS,
+ * MAKEFLAGS, npm_config_*, GST_PLUGIN_PATH, QT_PLUGIN_PATH, AMENT_PREFIX_PATH, VK_LAYER_PATH,
+ * ...), so a deny list is never complete.
  */
-export const DENIED_ENV_NAMES: readonly string[] = [
-  // the search path: the agent resolved the executable with its own; so does everything after
+export const DEFAULT_ALLOW_ENV: readonly string[] = ["LANG", "LANGUAGE", "LC_*", "TZ"];
+
+/**
+ * Names `tasks.allowEnv` may never cover. A task's environment is the environment of its whole
+ * start chain: /bin/sh (the cgroup step), prlimit and setpriv run as the AGENT before setpriv
+ * switches to the task user, so a loader or shell hook would run code as the agent (root). And
+ * PATH: the agent resolved the executable with its own.
+ */
+export const NEVER_ALLOWED_ENV_NAMES: readonly string[] = [
   "PATH",
-  // shells: startup files, word splitting, traces that run code, exported functions' paths
+  // shells (/bin/sh is bash on some systems): startup files, traces that run code, options
   "IFS",
   "ENV",
   "BASH_ENV",
@@ -28,10 +43,7 @@ export const DENIED_ENV_NAMES: readonly string[] = [
   "BASHOPTS",
   "PS4",
   "PROMPT_COMMAND",
-  "CDPATH",
-  "GLOBIGNORE",
-  "ZDOTDIR",
-  // glibc's "unsecure" variables (ld.so drops them for setuid programs; we refuse them always)
+  // glibc's "unsecure" variables (ld.so drops them for setuid programs; never allowed here)
   "GCONV_PATH",
   "GETCONF_DIR",
   "HOSTALIASES",
@@ -43,67 +55,74 @@ export const DENIED_ENV_NAMES: readonly string[] = [
   "RES_OPTIONS",
   "TMPDIR",
   "TZDIR",
-  // interpreters and runtimes that load code from a variable
-  "JDK_JAVA_OPTIONS",
-  "CLASSPATH",
-  "GEM_HOME",
-  "GEM_PATH",
-  "TCLLIBPATH",
-  "PHPRC",
-  "PHP_INI_SCAN_DIR",
-  "R_PROFILE",
-  "R_PROFILE_USER",
-  "R_ENVIRON",
-  "OPENSSL_CONF",
-  "OPENSSL_ENGINES",
-  // commands other programs run on the task's behalf
-  "EDITOR",
-  "VISUAL",
-  "PAGER",
-  "MANPAGER",
-  "LESSOPEN",
-  "LESSCLOSE",
-  "BROWSER",
-  "SSH_ASKPASS",
-  "SUDO_ASKPASS",
 ];
 
 /** ... and every name starting with one of these. */
-export const DENIED_ENV_PREFIXES: readonly string[] = [
+export const NEVER_ALLOWED_ENV_PREFIXES: readonly string[] = [
   "LD_", // the dynamic loader: LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT, ...
   "DYLD_",
   "GLIBC_", // GLIBC_TUNABLES
   "MALLOC_", // MALLOC_TRACE, MALLOC_CHECK_, ...
-  "BASH_FUNC_",
-  "PYTHON", // PYTHONPATH, PYTHONSTARTUP, PYTHONHOME, ...
-  "PERL", // PERL5LIB, PERL5OPT, PERLLIB, PERLIO, ...
-  "RUBY", // RUBYOPT, RUBYLIB
-  "NODE_", // NODE_OPTIONS, NODE_PATH
-  "DENO_",
-  "LUA_",
-  "JAVA_", // JAVA_TOOL_OPTIONS
-  "_JAVA_",
-  "GIT_", // GIT_SSH_COMMAND, GIT_EXEC_PATH, GIT_CONFIG_*, GIT_ASKPASS
+  "BASH_FUNC_", // exported shell functions
 ];
 
-const DENIED = new Set(DENIED_ENV_NAMES);
+const NEVER = new Set(NEVER_ALLOWED_ENV_NAMES);
+const ENTRY_RE = /^(?:[A-Za-z_][A-Za-z0-9_]*\*?|\*)$/;
 
-/** Why a task may not set `name`, or undefined when it may. */
-export function deniedEnvName(name: string): string | undefined {
-  if (DENIED.has(name)) {
+/** Why `name` can never be allowed, or undefined. */
+function neverAllowed(name: string): string | undefined {
+  if (NEVER.has(name)) {
     return name === "PATH"
       ? "PATH: the agent resolves the executable with its own PATH and gives tasks that one"
-      : `${name}: a loader, shell or interpreter hook`;
+      : `${name}: a loader or shell hook of the start chain, which runs as the agent`;
   }
-  const p = DENIED_ENV_PREFIXES.find((x) => name.startsWith(x));
-  return p ? `${name}: ${p}* variables are loader or interpreter hooks` : undefined;
+  const p = NEVER_ALLOWED_ENV_PREFIXES.find((x) => name.startsWith(x));
+  return p ? `${name}: ${p}* variables are loader or shell hooks of the start chain` : undefined;
 }
 
-/** The first environment variable of a task that is denied, as a refusal message. */
-export function checkTaskEnv(env: Record<string, string>): string | undefined {
+/**
+ * What is wrong with a `tasks.allowEnv` entry (the config's "expected ..." text), or undefined.
+ * An entry is a variable name, or a prefix ending in `*` (`LC_*`); it may cover no name of
+ * `NEVER_ALLOWED_ENV_NAMES` and no prefix of `NEVER_ALLOWED_ENV_PREFIXES`.
+ */
+export function allowEnvEntryError(entry: string): string | undefined {
+  if (!ENTRY_RE.test(entry)) {
+    return `expected variable names or prefixes ending in * (LC_*), got ${JSON.stringify(entry)}`;
+  }
+  if (!entry.endsWith("*")) {
+    const why = neverAllowed(entry);
+    return why ? `${JSON.stringify(entry)} can never be allowed (${why})` : undefined;
+  }
+  const prefix = entry.slice(0, -1);
+  const name = NEVER_ALLOWED_ENV_NAMES.find((n) => n.startsWith(prefix));
+  const pre = NEVER_ALLOWED_ENV_PREFIXES.find((p) => p.startsWith(prefix) || prefix.startsWith(p));
+  if (name || pre) {
+    return `${JSON.stringify(entry)} would allow ${
+      name ?? `${pre}*`
+    }, which can never be allowed (${neverAllowed(name ?? pre!)})`;
+  }
+  return undefined;
+}
+
+/** Whether `allow` (entries checked by `allowEnvEntryError`) lets a task set `name`. */
+export function envAllowed(allow: readonly string[], name: string): boolean {
+  if (neverAllowed(name)) return false; // belt and braces: entries were checked at load
+  return allow.some((e) => e.endsWith("*") ? name.startsWith(e.slice(0, -1)) : e === name);
+}
+
+/** The first variable of a task's environment that `allow` does not permit, as a refusal. */
+export function checkTaskEnv(
+  env: Record<string, string>,
+  allow: readonly string[] = DEFAULT_ALLOW_ENV,
+): string | undefined {
   for (const name of Object.keys(env)) {
-    const why = deniedEnvName(name);
-    if (why) return `environment variable ${why} (see docs/PROTOCOL.md, "Task sandbox")`;
+    if (envAllowed(allow, name)) continue;
+    const never = neverAllowed(name);
+    return never
+      ? `environment variable ${never} (see docs/PROTOCOL.md, "Task sandbox")`
+      : `environment variable ${name} is not in tasks.allowEnv (${
+        allow.length ? allow.join(", ") : "empty: a task may set no variable"
+      }; see docs/PROTOCOL.md, "Task sandbox")`;
   }
   return undefined;
 }
@@ -231,10 +250,25 @@ export interface SandboxUser {
   gid: number;
 }
 
+/** The shell that moves the task's first process into its cgroup before anything runs. */
+export const SH = "/bin/sh";
+
 /**
- * The argv that starts `exe` sandboxed: `prlimit` sets the rlimits and execs `setpriv`, which
- * switches to the task user (when given), clears supplementary groups, inheritable and ambient
- * capabilities (and the bounding set when the agent may), sets no_new_privs and
+ * The cgroup step: the process writes itself into the task's `cgroup.procs` (its `$0`), then
+ * execs the rest. When it cannot, it says so on stderr and exits `CGROUP_EXIT` before the task
+ * runs.
+ */
+const CGROUP_STEP =
+  '{ echo 0 >"$0"; } 2>/dev/null || { echo "k8s4r: cannot move the task into its cgroup ($0)" >&2; exit 125; }; exec "$@"';
+export const CGROUP_EXIT = 125;
+export const CGROUP_STEP_ERROR = /^k8s4r: cannot move the task into its cgroup .*$/m;
+
+/**
+ * The argv that starts `exe` sandboxed: with a cgroup, `/bin/sh` first moves the process into
+ * it (`cgroupProcs`, the cgroup's `cgroup.procs`); `prlimit` sets the rlimits and execs
+ * `setpriv`, which switches to the task user (when given), clears supplementary groups,
+ * inheritable and ambient capabilities and the bounding set (when the agent holds CAP_SETPCAP:
+ * then even a task running as root has no capability), sets no_new_privs and
  * PR_SET_PDEATHSIG=SIGKILL, and execs the task. Same pid all along: the task leads its process
  * group, and the agent signals it directly.
  */
@@ -244,6 +278,7 @@ export function sandboxArgv(o: {
   limits: TaskLimits;
   user?: SandboxUser;
   dropBoundingSet?: boolean;
+  cgroupProcs?: string;
 }): { cmd: string; args: string[] } {
   const l = o.limits;
   const limits = [
@@ -259,8 +294,9 @@ export function sandboxArgv(o: {
   }
   if (o.dropBoundingSet) priv.push("--bounding-set=-all");
   priv.push("--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs", "--pdeathsig=KILL");
-  return {
-    cmd: PRLIMIT,
-    args: [...limits, "--", SETPRIV, ...priv, "--", o.exe, ...o.args],
-  };
+  const rest = [...limits, "--", SETPRIV, ...priv, "--", o.exe, ...o.args];
+  if (o.cgroupProcs !== undefined) {
+    return { cmd: SH, args: ["-c", CGROUP_STEP, o.cgroupProcs, PRLIMIT, ...rest] };
+  }
+  return { cmd: PRLIMIT, args: rest };
 }

@@ -1,58 +1,65 @@
 import assert from "node:assert/strict";
+import { join } from "node:path";
 import {
   agentPath,
+  allowEnvEntryError,
+  CGROUP_EXIT,
+  CGROUP_STEP_ERROR,
   checkTaskEnv,
+  DEFAULT_ALLOW_ENV,
   DEFAULT_TASK_PATH,
-  deniedEnvName,
+  envAllowed,
   minimalEnv,
   PRLIMIT,
   resolveExecutable,
   sandboxArgv,
   SETPRIV,
+  SH,
 } from "./task_sandbox.ts";
 
-Deno.test("deny list: loader, shell and interpreter hooks; ordinary names pass", () => {
-  for (
-    const name of [
-      "PATH",
-      "LD_PRELOAD",
-      "LD_LIBRARY_PATH",
-      "LD_AUDIT",
-      "GCONV_PATH",
-      "GLIBC_TUNABLES",
-      "MALLOC_CHECK_",
-      "PYTHONPATH",
-      "PYTHONSTARTUP",
-      "PERL5LIB",
-      "PERL5OPT",
-      "RUBYOPT",
-      "NODE_OPTIONS",
-      "DENO_DIR",
-      "JAVA_TOOL_OPTIONS",
-      "_JAVA_OPTIONS",
-      "BASH_ENV",
-      "ENV",
-      "IFS",
-      "PS4",
-      "SHELLOPTS",
-      "LESSOPEN",
-      "GIT_SSH_COMMAND",
-      "OPENSSL_CONF",
-      "TMPDIR",
-    ]
-  ) {
-    assert.ok(deniedEnvName(name), name);
+Deno.test("allowEnv: only the names listed pass; hooks of the start chain can never be listed", () => {
+  // The default: locale and time zone, nothing else.
+  assert.deepEqual(DEFAULT_ALLOW_ENV, ["LANG", "LANGUAGE", "LC_*", "TZ"]);
+  for (const name of ["LANG", "LC_ALL", "LC_TIME", "TZ"]) {
+    assert.equal(envAllowed(DEFAULT_ALLOW_ENV, name), true, name);
   }
   for (
-    const name of ["HOME", "LANG", "TZ", "FOO", "path", "MY_LD_THING", "SPIFFE_ENDPOINT_SOCKET"]
+    const name of ["TAR_OPTIONS", "HOME", "XDG_CONFIG_HOME", "GOFLAGS", "PYTHONPATH", "FOO", "lang"]
   ) {
-    assert.equal(deniedEnvName(name), undefined, name);
+    assert.equal(envAllowed(DEFAULT_ALLOW_ENV, name), false, name);
   }
   assert.equal(
-    checkTaskEnv({ A: "1", LD_PRELOAD: "/x.so" }),
-    'environment variable LD_PRELOAD: LD_* variables are loader or interpreter hooks (see docs/PROTOCOL.md, "Task sandbox")',
+    checkTaskEnv({ LANG: "C", TAR_OPTIONS: "--x" }),
+    'environment variable TAR_OPTIONS is not in tasks.allowEnv (LANG, LANGUAGE, LC_*, TZ; see docs/PROTOCOL.md, "Task sandbox")',
   );
-  assert.equal(checkTaskEnv({ A: "1" }), undefined);
+  assert.equal(
+    checkTaskEnv({ A: "1" }, []),
+    'environment variable A is not in tasks.allowEnv (empty: a task may set no variable; see docs/PROTOCOL.md, "Task sandbox")',
+  );
+  assert.equal(checkTaskEnv({ LANG: "C", LC_ALL: "C" }), undefined);
+  assert.equal(checkTaskEnv({ MYAPP_MODE: "x" }, ["MYAPP_*"]), undefined);
+  // Entries: names and prefixes; nothing that would let a loader or shell hook through, since
+  // the start chain (sh, prlimit, setpriv) runs as the agent with the task's environment.
+  for (const ok of ["FOO", "LC_*", "MYAPP_*", "_X"]) {
+    assert.equal(allowEnvEntryError(ok), undefined);
+  }
+  for (
+    const [bad, why] of [
+      ["PATH", /"PATH" can never be allowed \(PATH: the agent resolves/],
+      ["LD_PRELOAD", /"LD_PRELOAD" can never be allowed \(LD_PRELOAD: LD_\* variables/],
+      ["LD_*", /"LD_\*" would allow LD_\*/],
+      ["L*", /"L\*" would allow LOCALDOMAIN/],
+      ["*", /"\*" would allow PATH/],
+      ["BASH_FUNC_x%%", /expected variable names or prefixes ending in \* \(LC_\*\)/],
+      ["SHELLOPTS", /can never be allowed/],
+      ["A-B", /expected variable names/],
+    ] as const
+  ) {
+    assert.match(allowEnvEntryError(bad) ?? "(accepted)", why, bad);
+  }
+  // Even a list that names them (it cannot come from a config) lets no hook through.
+  assert.equal(envAllowed(["LD_PRELOAD", "PATH"], "LD_PRELOAD"), false);
+  assert.equal(envAllowed(["LD_PRELOAD", "PATH"], "PATH"), false);
 });
 
 Deno.test("minimal environment: PATH, HOME, USER, LOGNAME, LANG, TZ; nothing else leaks", () => {
@@ -148,4 +155,37 @@ Deno.test("sandbox argv: prlimit then setpriv, the user, no caps, no_new_privs, 
   const plain = sandboxArgv({ exe: "/bin/true", args: [], limits });
   assert.ok(!plain.args.some((a) => a.startsWith("--reuid") || a.startsWith("--nproc")));
   assert.ok(plain.args.includes("--no-new-privs"));
+  // ... but the bounding set is emptied all the same when the agent may (no capability).
+  const root = sandboxArgv({ exe: "/bin/true", args: [], limits, dropBoundingSet: true });
+  assert.ok(root.args.includes("--bounding-set=-all"));
+  // With a cgroup: /bin/sh moves itself into it, then execs prlimit with the same argv.
+  const procs = "/sys/fs/cgroup/k8s4r-task-1-t1/cgroup.procs";
+  const contained = sandboxArgv({ exe: "/bin/true", args: [], limits, cgroupProcs: procs });
+  assert.equal(contained.cmd, SH);
+  assert.equal(contained.args[0], "-c");
+  assert.deepEqual(contained.args.slice(2), [procs, PRLIMIT, ...plain.args]);
+});
+
+Deno.test("the cgroup step: moves itself into cgroup.procs, then execs; refuses to go on if it cannot", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-cgstep-" });
+  try {
+    const limits = { cpuSeconds: 60, memoryBytes: 1 << 30, openFiles: 1024 };
+    const procs = join(dir, "cgroup.procs");
+    await Deno.writeTextFile(procs, "");
+    const step = (p: string) => {
+      const a = sandboxArgv({ exe: "/bin/echo", args: ["ran"], limits, cgroupProcs: p });
+      return new Deno.Command(a.cmd, { args: a.args, stdout: "piped", stderr: "piped" }).output();
+    };
+    // A plain file stands in for cgroup.procs: "0" is written to it, then the task runs.
+    const ok = await step(procs);
+    assert.equal(new TextDecoder().decode(ok.stdout), "ran\n");
+    assert.equal(await Deno.readTextFile(procs), "0\n");
+    // It cannot be written: exit 125 with the step's message, and the task never ran.
+    const bad = await step(join(dir, "missing", "cgroup.procs"));
+    assert.equal(bad.code, CGROUP_EXIT);
+    assert.equal(new TextDecoder().decode(bad.stdout), "");
+    assert.match(new TextDecoder().decode(bad.stderr), CGROUP_STEP_ERROR);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

@@ -75,6 +75,14 @@ const CAP_SETPCAP = 8n;
 const has = (set: bigint, cap: bigint) => (set >> cap & 1n) === 1n;
 
 /**
+ * Whether this process may empty the capability bounding set of what it starts (CAP_SETPCAP):
+ * then a task has no capability even when it runs as root.
+ */
+export function canDropBoundingSet(caps = capabilities()): boolean {
+  return has(caps.effective, CAP_SETPCAP);
+}
+
+/**
  * Whether this process can start tasks as another user: as root with CAP_SETUID, CAP_SETGID and
  * CAP_KILL effective; otherwise it needs CAP_KILL effective (to signal the tasks) and CAP_SETUID
  * and CAP_SETGID as AMBIENT capabilities (those survive the exec of prlimit and setpriv; e.g.
@@ -151,8 +159,27 @@ export async function resolveTaskUser(
     uid: e.uid,
     gid,
     home: e.home,
-    dropBoundingSet: has(self.caps.effective, CAP_SETPCAP),
+    dropBoundingSet: canDropBoundingSet(self.caps),
   };
+}
+
+/**
+ * An agent running as root that may run tasks (a non-empty `tasks.allow`) must run them as
+ * `tasks.user`: otherwise every task runs as root, reading and writing every file (even with
+ * no capability, uid 0 owns them). Throws a one-line CliError naming the file and `tasks.user`.
+ */
+export function requireTaskUser(
+  tasks: { allow: readonly string[]; user?: string },
+  file: string | undefined,
+  uid = Deno.uid(),
+): void {
+  if (uid !== 0 || tasks.allow.length === 0 || tasks.user !== undefined) return;
+  const where = file ?? "the agent's config";
+  throw new CliError(
+    `${where}: tasks.user: not set, but tasks.allow lets tasks run and the agent runs as root: they would run as root; set tasks.user to an unprivileged user`,
+    1,
+    `add "  user: ${DEFAULT_TASK_USER}" under tasks: in ${where} (create the user as root: useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin --user-group ${DEFAULT_TASK_USER}), or empty tasks.allow`,
+  );
 }
 
 /**

@@ -15,7 +15,7 @@ import { X509Certificate } from "node:crypto";
 import { hostname } from "node:os";
 import { basename, join } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
-import { agentV8FlagsEnv } from "../agent/runtime_flags.ts";
+import { agentRunArgs, agentV8FlagsEnv } from "../agent/runtime_flags.ts";
 import { DEFAULT_TASK_USER, ensureTaskUser, switchUserMissing } from "../agent/task_user.ts";
 import {
   brokerSpiffeId,
@@ -1022,7 +1022,9 @@ function controlHostStep(view: StackView): Component {
 
 export async function probeServer(view: StackView, port?: number): Promise<ProbeResult> {
   const r = await view.healthz(2000, port);
-  return { ok: r.ok, detail: `GET /healthz: ${r.detail}` };
+  const problems = (r.body as { problems?: unknown } | undefined)?.problems;
+  const why = Array.isArray(problems) && problems.length ? `: ${problems.join("; ")}` : "";
+  return { ok: r.ok, detail: `GET /healthz: ${r.detail}${why}` };
 }
 
 /**
@@ -1307,7 +1309,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
         name: `agent ${r.robotId}`,
         cmd: run.self.cmd,
         args: agentArgs(
-          run.self.args,
+          agentRunArgs(run.self.args),
           r,
           layout.agentPluginsYaml,
           run.brokerUrl,

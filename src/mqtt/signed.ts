@@ -11,8 +11,9 @@
  * - `checkDown` (robot): the one place that decides whether a delivered message may be acted on:
  *   structure, chain against the robot's bundle, signer = the configured fleet-server ID, the
  *   message kind matches the topic, addressed to this robot, not expired, `createdAt` inside the
- *   window. It does not know which ids were seen: that is the robot's durable id store, which
- *   must remember each id until `replayWindowEnd(message)`.
+ *   window, and not created before what the robot's id store can vouch for (`forgottenUpTo`).
+ *   It does not know which ids were seen: that is the robot's durable id store, which must
+ *   remember each id until `replayWindowEnd(message)` (with the window in force).
  */
 import {
   isFlattenedJws,
@@ -114,11 +115,12 @@ export interface DownCheckOptions {
   /** The robot's clock. */
   now?: Date;
   /**
-   * The clock the "too old" and "expired" checks use: the latest time the robot's clock has
-   * shown (its id store's high-water mark), so that turning the clock back does not reopen the
-   * window of ids already forgotten. Default `now`.
+   * The newest `createdAt` (a cancel's `ts`), in ms, of an id the robot's id store has forgotten:
+   * a message created at or before it may carry an id already seen, so it is refused
+   * (`replay`). This, not the clock, is what keeps a replay of a forgotten id out after the
+   * clock was set back or the window raised.
    */
-  ageNow?: Date;
+  forgottenUpTo?: number;
   clockSkewSeconds?: number;
   /** The window: how old a `createdAt` may be. Default MAX_TASK_TTL_SECONDS. */
   maxAgeSeconds?: number;
@@ -181,17 +183,14 @@ export function replayWindowEnd(
 /** The time rules: `expired` (after expiresAt) and `replay` (createdAt outside the window). */
 export function checkTime(
   msg: DownMessage,
-  opts: Pick<DownCheckOptions, "now" | "ageNow" | "clockSkewSeconds" | "maxAgeSeconds">,
+  opts: Pick<DownCheckOptions, "now" | "forgottenUpTo" | "clockSkewSeconds" | "maxAgeSeconds">,
 ): { reason: RefusalReason; error: string } | undefined {
   const now = opts.now ?? new Date();
-  const ageNow = opts.ageNow && opts.ageNow > now ? opts.ageNow : now;
   const skew = opts.clockSkewSeconds ?? DEFAULT_CLOCK_SKEW_SECONDS;
   const age = opts.maxAgeSeconds ?? MAX_TASK_TTL_SECONDS;
-  const clock = ageNow.getTime() === now.getTime()
-    ? `robot clock ${now.toISOString()}`
-    : `robot clock ${now.toISOString()}, latest seen ${ageNow.toISOString()}`;
+  const clock = `robot clock ${now.toISOString()}`;
   if (msg.type === "task" && msg.expiresAt !== undefined) {
-    if (ageNow.getTime() > Date.parse(msg.expiresAt)) {
+    if (now.getTime() > Date.parse(msg.expiresAt)) {
       return {
         reason: "expired",
         error: `expired: arrived at ${now.toISOString()}, after its expiresAt ${msg.expiresAt}`,
@@ -207,10 +206,18 @@ export function checkTime(
       error: `replay: ${field} ${at} is in the future (${clock}; clock skew allowed: ${skew} s)`,
     };
   }
-  if (t < ageNow.getTime() - (age + skew) * 1000) {
+  if (t < now.getTime() - (age + skew) * 1000) {
     return {
       reason: "replay",
       error: `replay: ${field} ${at} is older than the window of ${age} s + ${skew} s (${clock})`,
+    };
+  }
+  if (opts.forgottenUpTo !== undefined && opts.forgottenUpTo > 0 && t <= opts.forgottenUpTo) {
+    return {
+      reason: "replay",
+      error: `replay: ${field} ${at} is not after ${
+        new Date(opts.forgottenUpTo).toISOString()
+      }, up to which this robot has forgotten the ids it saw: it cannot tell whether this one ran`,
     };
   }
   return undefined;

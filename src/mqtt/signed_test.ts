@@ -185,19 +185,23 @@ Deno.test("signed: expired, future and too-old tasks are refused; the skew allow
   const tooOld = refusal(checkDown(TOPIC, signer.sign(old), opts()));
   assert.equal(tooOld.reason, "replay");
   assert.match(tooOld.error, /is older than the window of 604800 s \+ 300 s/);
-  // Inside the window by the wall clock, but the clock went back: the high-water mark decides.
+  // Inside the window by the clock, but created no later than what the id store has forgotten
+  // (the clock went back, or the window was raised): it cannot vouch for the id.
   const recent = task({ createdAt: iso(now - 3600_000) });
   delete recent.expiresAt;
   assert.ok(checkDown(TOPIC, signer.sign(recent), opts()).ok);
+  assert.ok(
+    checkDown(TOPIC, signer.sign(recent), opts({ forgottenUpTo: now - 3600_001 })).ok,
+    "created after the bound (control)",
+  );
   const back = refusal(
-    checkDown(
-      TOPIC,
-      signer.sign(recent),
-      opts({ ageNow: new Date(now + MAX_TASK_TTL_SECONDS * 1000) }),
-    ),
+    checkDown(TOPIC, signer.sign(recent), opts({ forgottenUpTo: now - 3600_000 })),
   );
   assert.equal(back.reason, "replay");
-  assert.match(back.error, /latest seen/);
+  assert.match(back.error, /up to which this robot has forgotten the ids it saw/);
+  // The expiry is the clock's: `expired: arrived at <now>` is after the expiresAt it names.
+  const m = /arrived at (\S+), after its expiresAt (\S+)$/.exec(exp.error);
+  assert.ok(m && Date.parse(m[1]) > Date.parse(m[2]), exp.error);
   // The window the id store must keep ids for.
   assert.equal(
     replayWindowEnd(recent),

@@ -182,6 +182,12 @@ export async function runServer(
 ): Promise<number> {
   const layout = defaultLayout(io.cwd, io.env);
   const postgres = await databaseConfig(args, io);
+  if (args.bool("shared-subscription") && !postgres) {
+    throw new UsageError(
+      "--shared-subscription: replicas share one registry, which needs --database postgres://...; " +
+        "on SQLite each server would keep its own and mark the others' robots offline (run one server)",
+    );
+  }
   const log = ioLogger(io, () => [postgres?.password]);
   const brokerUrl = args.string("broker-url") ?? `mqtt://127.0.0.1:${layout.ports.mqttPlain}`;
   let url: URL;
@@ -434,7 +440,8 @@ operator SVID; roles from --roles, re-read on change), and signs every task and 
     {
       name: "shared-subscription",
       type: "boolean",
-      description: "Subscribe via $share/k8s4r/... so several servers split the load (MQTT 5)",
+      description:
+        "Run as one of several replicas on the --database registry: split the robots' messages via $share/k8s4r/... (MQTT 5)",
     },
     {
       name: "client-id",

@@ -59,6 +59,7 @@ export class HealthView {
 
   constructor(private readonly o: HealthOptions) {
     this.refreshMs = o.refreshMs ?? 1000;
+    // (Two reads per refresh: the robots, the tasks by state.)
     this.readTimeoutMs = o.readTimeoutMs ?? 1500;
     this.now = o.now ?? Date.now;
   }
@@ -70,10 +71,10 @@ export class HealthView {
     if (!this.#reading) {
       const reg = this.o.fleet.registry;
       this.#reading = within(
-        reg.read(async (tx) => ({
-          robots: await tx.listRobots(),
-          tasks: await tx.countTasksByState(),
-        })),
+        (async () => ({
+          robots: await reg.listRobots(),
+          tasks: await reg.countTasksByState(),
+        }))(),
         this.readTimeoutMs,
       ).then(
         (r) => {
@@ -132,7 +133,7 @@ export class HealthView {
         total: c?.total ?? 0,
         /** Last known: while the link is down these are also counted as unknown. */
         online: c?.online ?? 0,
-        unknown: link.delivering ? 0 : (c?.total ?? 0),
+        unknown: fleet.fleetDelivering() ? 0 : (c?.total ?? 0),
       },
       registry: {
         reads: re ? { ok: false, at: new Date(re.at).toISOString() } : { ok: true },

@@ -44,18 +44,18 @@ Deno.test("/healthz: concurrent calls share one registry read, at most one per s
     const answers = await Promise.all(Array.from({ length: 600 }, () => health.answer()));
     assert.ok(answers.every(([status]) => status === 200));
     assert.equal((answers[0][1].robots as { total: number }).total, 30);
-    assert.equal(reads.n, 1, "one read for 600 concurrent calls");
+    assert.equal(reads.n, 2, "one refresh (robots, tasks) for 600 concurrent calls");
     // Within the second: no read, the counters as they were.
     await fleet.handleBatch([heartbeat("robot-new", 1)]);
     await fleet.settled();
-    reads.n = 1;
+    reads.n = 2;
     clock.t += 999;
     assert.equal(((await health.answer())[1].robots as { total: number }).total, 30);
-    assert.equal(reads.n, 1);
+    assert.equal(reads.n, 2);
     // Control: a second later the counters are read again and show the new robot.
     clock.t += 1;
     assert.equal(((await health.answer())[1].robots as { total: number }).total, 31);
-    assert.equal(reads.n, 2);
+    assert.equal(reads.n, 4);
   } finally {
     await registry.close();
   }
@@ -65,17 +65,17 @@ Deno.test("/healthz: a registry that does not answer is a 503 within the deadlin
   const { registry, fleet } = setup();
   try {
     let hang = true;
-    const stuck = {
-      read: <T>(_fn: (tx: unknown) => Promise<T>) =>
-        hang
-          ? new Promise<T>(() => {})
-          : Promise.reject(new Error("postgres://k8s4r@db.internal:5432/k8s4r: cannot connect")),
-    } as unknown as Registry;
+    const answer = () =>
+      hang
+        ? new Promise<never>(() => {})
+        : Promise.reject(new Error("postgres://k8s4r@db.internal:5432/k8s4r: cannot connect"));
+    const stuck = { listRobots: answer, countTasksByState: answer } as unknown as Registry;
     // The fleet as HealthView sees it, on a registry that never answers (then fails).
     const on = (registry: Registry) =>
       ({
         registry,
         linkState: () => fleet.linkState(),
+        fleetDelivering: () => fleet.fleetDelivering(),
         stats: fleet.stats,
         writes: fleet.writes,
       }) as unknown as FleetService;

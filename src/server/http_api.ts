@@ -4,9 +4,9 @@
  * server's, every endpoint but /healthz needs an operator X.509 SVID with a role that allows
  * it (viewer: read; operator: also create and cancel), and mutating requests must be JSON.
  *
- *   GET  /healthz                      200 when MQTT is connected and the registry answers, else
- *                                      503 with `problems`; counters (no auth; the registry's are
- *                                      at most 1 s old, health.ts)
+ *   GET  /healthz                      200 when MQTT is connected and the registry reads and
+ *                                      writes, else 503 with `problems` (why); counters (no auth;
+ *                                      the registry's are at most 1 s old, health.ts)
  *   GET  /api/whoami                   {spiffeId, operator, role} of the caller
  *   GET  /api/stats                    counters
  *   GET  /api/robots                   {robots: [...]}
@@ -302,12 +302,24 @@ export interface ConnInfo extends VerifiedConnection {
   peerChain?: X509Certificate[];
 }
 
+/** How long /healthz waits for the registry's counts before it says the registry is down. */
+export const HEALTH_REGISTRY_TIMEOUT_MS = 1500;
+
 /** Refusals by rule since the start, for /api/stats (attacks are counted, not only refused). */
 export type RefusalCounters = Record<RefusalCode, number>;
 
 export interface ApiContext {
   fleet: FleetService;
   mqttConnected: () => boolean;
+  /** Replicas (PostgreSQL, shared subscription): their shared state, for /api/stats. */
+  replicas?: () => unknown;
+  /**
+   * Why the registry is not usable (a replica that cannot renew its lease), for /healthz;
+   * undefined while it is fine. /healthz also reads the registry itself, bounded.
+   */
+  registryProblem?: () => string | undefined;
+  /** /healthz reads the registry's counters at most this often (health.ts). Default 1000 ms. */
+  healthRefreshMs?: number;
   version?: string;
   /** Who the caller is and what it may do (auth.ts). */
   auth: AuthPolicy;
@@ -364,30 +376,43 @@ export function createHandler(
     fleet,
     mqttConnected: ctx.mqttConnected,
     version: ctx.version,
-    extra: () => ({ http: { refused: refusals } }),
+    extra: () => ({
+      http: { refused: refusals },
+      ...(ctx.replicas ? { replicas: ctx.replicas() } : {}),
+    }),
+    problems: () => {
+      const rp = ctx.registryProblem?.();
+      return rp ? [`registry: ${rp}`] : [];
+    },
+    readTimeoutMs: HEALTH_REGISTRY_TIMEOUT_MS,
+    refreshMs: ctx.healthRefreshMs,
   });
-  const stats = async () => {
+  // since: when the link went up (subscribed) or down; robots are unknown while it is down.
+  // delivering: the broker echoed the server's probe lately (false while it is frozen).
+  const mqttView = () => {
     const link = fleet.linkState();
+    return {
+      connected: ctx.mqttConnected(),
+      since: link.since,
+      delivering: link.delivering,
+      confirmedAt: link.confirmedAt,
+    };
+  };
+  const stats = async () => {
     const all = await fleet.registry.listRobots();
     const tasks = await fleet.registry.countTasksByState();
     return {
-      // since: when the link went up (subscribed) or down; robots are unknown while it is down.
-      // delivering: the broker echoed the server's probe lately (false while it is frozen).
-      mqtt: {
-        connected: ctx.mqttConnected(),
-        since: link.since,
-        delivering: link.delivering,
-        confirmedAt: link.confirmedAt,
-      },
+      mqtt: mqttView(),
       messages: fleet.stats,
       tasks,
       robots: {
         total: all.length,
         /** Last known: while the link is down these are also counted as unknown. */
         online: all.filter((r) => r.online).length,
-        unknown: link.delivering ? 0 : all.length,
+        unknown: fleet.fleetDelivering() ? 0 : all.length,
       },
       http: { refused: refusals },
+      ...(ctx.replicas ? { replicas: ctx.replicas() } : {}),
     };
   };
   const page = async (q: TaskQuery) => {

@@ -43,6 +43,8 @@ function setup(now = { t: Date.parse("2025-01-01T00:00:00Z") }) {
     mqttConnected: () => pub.online,
     auth: { trustDomain: web.trustDomain, bundles: web.source, roles },
     hosts: { port: 443, names: () => new Set(["localhost"]) },
+    // Every /healthz reads the registry (its 1 s cache is health_test.ts's).
+    healthRefreshMs: 0,
   });
   /** As the admin operator, with this server's Host and a JSON content type for bodies. */
   const call = async (method: string, path: string, body?: string) => {
@@ -434,4 +436,32 @@ Deno.test("k8s4r robots, tasks and task run against a served HTTPS API", async (
     /cannot reach the fleet server at https:\/\/localhost:\d+/,
   );
   await Deno.remove(home, { recursive: true });
+});
+
+Deno.test("/healthz: 503 with the registry's error when it fails or does not answer; 200 again after", async () => {
+  const { call, registry } = setup();
+  try {
+    // Control: a healthy server.
+    const ok = await call("GET", "/healthz");
+    assert.equal(ok.status, 200);
+    assert.equal(ok.json.problems, undefined);
+    const real = registry.listRobots.bind(registry);
+    registry.listRobots = () => Promise.reject(new Error("connect ECONNREFUSED 127.0.0.1:5432"));
+    const down = await call("GET", "/healthz");
+    assert.equal(down.status, 503);
+    assert.equal(down.json.ok, false);
+    assert.deepEqual(down.json.problems, [
+      "registry: reads fail: connect ECONNREFUSED 127.0.0.1:5432",
+    ]);
+    assert.equal(down.json.mqtt.connected, true, "the link is reported without the registry");
+    // A registry that does not answer at all: /healthz answers anyway, bounded.
+    registry.listRobots = () => new Promise(() => {});
+    const hung = await call("GET", "/healthz");
+    assert.equal(hung.status, 503);
+    assert.match(hung.json.problems[0], /^registry: reads fail: no answer within 1\.5 s$/);
+    registry.listRobots = real;
+    assert.equal((await call("GET", "/healthz")).status, 200);
+  } finally {
+    await registry.close();
+  }
 });

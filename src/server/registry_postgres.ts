@@ -26,11 +26,24 @@
  */
 // @ts-types="@types/pg"
 import pg from "pg";
-import { Registry, type Row, type SqlBackend, type SqlConn, type SqlValue } from "./registry.ts";
+import {
+  Registry,
+  type Row,
+  type SessionLock,
+  type SqlBackend,
+  type SqlConn,
+  type SqlValue,
+} from "./registry.ts";
 import { MIGRATIONS, newerSchemaError } from "./schema.ts";
 import { Turns } from "./turns.ts";
 import { VERSION } from "../version.ts";
-import { type PgEndpoint, poolConfig, SSL_MODES, type SslMode } from "./postgres_connect.ts";
+import {
+  newClient,
+  type PgEndpoint,
+  poolConfig,
+  SSL_MODES,
+  type SslMode,
+} from "./postgres_connect.ts";
 
 /**
  * Where the registry lives (postgres_connect.ts `PgEndpoint`): host (or socket directory),
@@ -295,6 +308,8 @@ export interface PostgresOptions {
 class PostgresBackend implements SqlBackend {
   readonly dialect = "postgres" as const;
   readonly location: string;
+  readonly #config: PostgresConfig;
+  readonly #locks = new Set<pg.Client>();
   /** Reads. */
   readonly #pool: pg.Pool;
   /** The writer's own connection (write transactions run one at a time: `#writes`). */
@@ -303,8 +318,12 @@ class PostgresBackend implements SqlBackend {
   readonly #statements = new Map<string, Prepared>();
   readonly #secrets: (string | undefined)[];
 
+  private readonly onError?: (message: string) => void;
+
   constructor(config: PostgresConfig, opts: PostgresOptions) {
+    this.onError = opts.onError;
     this.location = describePostgres(config);
+    this.#config = config;
     this.#secrets = [config.password];
     // Refuses to give the password away (cleartext/MD5 without verified TLS), TLS as
     // configured: postgres_connect.ts.
@@ -361,9 +380,22 @@ class PostgresBackend implements SqlBackend {
     );
   }
 
+  /**
+   * A pooled client for a transaction. While it is checked out the pool does not listen for
+   * its errors: a connection that drops between two statements (the server stopped) would
+   * throw an uncaught 'error'; it is logged here, and the next statement fails with it.
+   */
   async connect(): Promise<pg.PoolClient> {
     try {
-      return await this.#writer.connect();
+      const client = await this.#writer.connect();
+      const onError = (err: Error) => this.onError?.(`${this.location}: ${this.wrap(err).message}`);
+      client.on("error", onError);
+      const release = client.release.bind(client);
+      client.release = (e?: Error | boolean) => {
+        client.off("error", onError);
+        return release(e);
+      };
+      return client;
     } catch (err) {
       const w = this.wrap(err);
       throw new PostgresError(
@@ -384,10 +416,19 @@ class PostgresBackend implements SqlBackend {
   private async inTransaction<T>(fn: (c: SqlConn) => Promise<T>): Promise<T> {
     const client = await this.connect();
     let broken: Error | undefined;
+    // The driver's own errors (BEGIN, COMMIT) are wrapped here; statements are wrapped by
+    // PgConn; anything else `fn` throws (ConflictError...) is the caller's and passes as is.
+    const q = async (sql: string) => {
+      try {
+        await client.query(sql);
+      } catch (err) {
+        throw this.wrap(err);
+      }
+    };
     try {
-      await client.query("BEGIN");
+      await q("BEGIN");
       const r = await fn(new PgConn(client, this));
-      await client.query("COMMIT");
+      await q("COMMIT");
       return r;
     } catch (err) {
       if (queryTimedOut(err)) {
@@ -401,7 +442,7 @@ class PostgresBackend implements SqlBackend {
           broken = e as Error; // the connection is gone: the pool must not reuse it
         }
       }
-      throw this.wrap(err);
+      throw err;
     } finally {
       client.release(broken);
     }
@@ -478,7 +519,52 @@ class PostgresBackend implements SqlBackend {
     return out;
   }
 
+  /**
+   * `pg_try_advisory_lock(key)` on a connection of its own, outside the pool: the lock lives as
+   * long as that session, so a process that dies (or loses the database) loses it, and another
+   * process can take it at once. Undefined when another session holds it.
+   */
+  async tryLock(key: string): Promise<SessionLock | undefined> {
+    // The pools' rules (postgres_connect.ts: no password in cleartext, TLS as configured).
+    const client = newClient(this.#config, {
+      connectionTimeoutMillis: 5_000,
+      keepAlive: true,
+      keepAliveInitialDelayMillis: 10_000,
+      query_timeout: QUERY_TIMEOUT_MS,
+      application_name: "k8s4r-server-lock",
+      types: TYPES,
+    });
+    let alive = true;
+    client.on("error", () => (alive = false));
+    client.on("end", () => (alive = false));
+    try {
+      await client.connect();
+      const r = await client.query<{ ok: boolean }>(
+        "SELECT pg_try_advisory_lock($1::bigint) AS ok",
+        [key],
+      );
+      if (r.rows[0]?.ok !== true) {
+        await client.end().catch(() => {});
+        return undefined;
+      }
+    } catch (err) {
+      await client.end().catch(() => {});
+      throw this.wrap(err);
+    }
+    this.#locks.add(client);
+    return {
+      held: () => alive,
+      release: async () => {
+        alive = false;
+        this.#locks.delete(client);
+        await client.end().catch(() => {});
+      },
+    };
+  }
+
   async close(): Promise<void> {
+    for (const c of this.#locks) await c.end().catch(() => {});
+    this.#locks.clear();
     await Promise.all([this.#pool.end(), this.#writer.end()]);
   }
 }

@@ -63,9 +63,10 @@ export interface WriteState {
 }
 
 /**
- * Remembers whether the registry's writes succeed. `FleetService` reports each batch of
- * messages; a batch is written every half second at least (the server's own probes), so this
- * follows the database within a second.
+ * Remembers whether the registry's writes succeed. `FleetService` reports each batch of robot
+ * messages it writes: a failure stays until a batch commits again (the failed message is
+ * redelivered after every reconnect, about once a second, so a recovered database is seen at
+ * its next attempt).
  */
 export class WriteHealth {
   #since?: number;

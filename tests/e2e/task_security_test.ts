@@ -10,8 +10,8 @@
  * - a task signed by robot-002's real SVID: refused (bad-signature);
  * - a real signed task replayed byte for byte: refused (replay); the same bytes after their
  *   expiresAt: refused (expired); it ran once;
- * - `PATH` or `LD_PRELOAD` in a task's env: refused, nothing runs (a fake `echo` on that PATH
- *   never runs); an ordinary variable works;
+ * - `PATH`, `LD_PRELOAD`, `TAR_OPTIONS` or `HOME` in a task's env: refused, nothing runs (a fake
+ *   `echo` on that PATH never runs); TZ (in the default tasks.allowEnv) works;
  * - a task calling the Workload API: PermissionDenied (the test itself, the agents' uid, gets
  *   robot-001's SVID with the same command);
  * - `k8s4r task cancel` of a running `sleep 600`: gone within 2 s, the task ends `cancelled`;
@@ -227,7 +227,7 @@ e2e("the same signed bytes after their expiresAt are refused (expired)", async (
 });
 
 e2e(
-  "PATH or LD_PRELOAD in a task's env: refused, nothing runs; an ordinary variable works",
+  "PATH, LD_PRELOAD, TAR_OPTIONS or HOME in a task's env: refused, nothing runs; TZ works",
   async () => {
     // A fake echo on the PATH the task asks for: it must never run.
     const evil = `${work}/evil`;
@@ -235,7 +235,14 @@ e2e(
     await Deno.writeTextFile(`${evil}/echo`, `#!/bin/sh\ntouch ${marks}/evil\n`);
     await Deno.chmod(evil, 0o755);
     await Deno.chmod(`${evil}/echo`, 0o755);
-    const envs: Record<string, string>[] = [{ PATH: evil }, { LD_PRELOAD: `${evil}/x.so` }];
+    // PATH and LD_PRELOAD can never be allowed; TAR_OPTIONS and HOME (git's fsmonitor) are not in
+    // the default tasks.allowEnv (locale and time zone only).
+    const envs: Record<string, string>[] = [
+      { PATH: evil },
+      { LD_PRELOAD: `${evil}/x.so` },
+      { TAR_OPTIONS: `--checkpoint=1 --checkpoint-action=exec=touch\\ ${marks}/evil` },
+      { HOME: evil },
+    ];
     for (const env of envs) {
       const name = Object.keys(env)[0];
       const id = await stack.createTask(ROBOT, ["echo", "hi"], 30, { env });
@@ -244,12 +251,12 @@ e2e(
       assert.match(t.error ?? "", new RegExp(name));
     }
     assert.ok(!exists(`${marks}/evil`), "the fake echo ran");
-    const ok = await stack.createTask(ROBOT, ["sh", "-c", 'echo "$FOO"'], 30, {
-      env: { FOO: "bar" },
+    const ok = await stack.createTask(ROBOT, ["sh", "-c", 'echo "$TZ"'], 30, {
+      env: { TZ: "UTC0" },
     });
     const t = await stack.waitTask(ok);
     assert.equal(t.state, "done", JSON.stringify(t));
-    assert.equal(t.stdout, "bar\n");
+    assert.equal(t.stdout, "UTC0\n");
   },
 );
 

@@ -5,6 +5,7 @@
  */
 import type { TestBroker } from "./broker.ts";
 import { waitFor } from "../../src/process/mod.ts";
+import { agentRunArgs, agentV8FlagsEnv } from "../../src/agent/runtime_flags.ts";
 
 const MAIN = new URL("../../main.ts", import.meta.url).pathname;
 
@@ -28,11 +29,10 @@ export class AgentProcess {
     socketPath: string,
     opts: { robotId?: string; config?: string } = {},
   ): AgentProcess {
+    // The agent's runtime flags, as devenv and the unit of `agent service` run it.
     const child = new Deno.Command(Deno.execPath(), {
       args: [
-        "run",
-        "-A",
-        MAIN,
+        ...agentRunArgs(["run", "-A", MAIN]),
         "agent",
         "--robot-id",
         opts.robotId ?? "robot-001",
@@ -47,6 +47,7 @@ export class AgentProcess {
         "1",
       ],
       cwd: dir,
+      env: { DENO_V8_FLAGS: agentV8FlagsEnv(Deno.env.get("DENO_V8_FLAGS")) },
       stdin: "null",
       stdout: "null",
       stderr: "piped",

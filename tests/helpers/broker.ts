@@ -54,6 +54,8 @@ export interface TestBroker {
   start(): Promise<void>;
   stop(): Promise<void>;
   running(): boolean;
+  /** The running mosquitto's pid (benchmarks sample its CPU), undefined while stopped. */
+  pid(): number | undefined;
   logTail(): Promise<string>;
 }
 
@@ -222,6 +224,7 @@ export async function startTestBroker(
       await Deno.remove(dir, { recursive: true }).catch(() => {});
     },
     running: () => !exited,
+    pid: () => (daemon && !exited ? daemon.pid : undefined),
     logTail,
   };
 }

@@ -26,7 +26,9 @@ import {
   robotAddCommand,
 } from "../../fleet/enrollment.ts";
 import { formatHostPort } from "../../fleet/addresses.ts";
-import { PRODUCTION_CONFIG_DIR } from "../../fleet/paths.ts";
+import { AGENT_UNIT_PATH, PRODUCTION_CONFIG_DIR } from "../../fleet/paths.ts";
+import { DEFAULT_TASK_USER } from "../../agent/task_user.ts";
+import { robotTaskChecks } from "./tasks.ts";
 import { samePublicKey } from "../../spiffe/csr.ts";
 import { judgeAgentSvid } from "../../spire/agent_state.ts";
 import {
@@ -740,6 +742,35 @@ const agentRunning: Check = {
   },
 };
 
+const taskUser: Check = {
+  id: "enrollment.task-user",
+  group: "enrollment",
+  title: "tasks never run as root",
+  dependsOn: ["enrollment.config"],
+  timeout: fsTimeout((ctx) => paths(ctx).agentConfig),
+  async run(ctx): Promise<CheckResult> {
+    const c = (await loadRobot(ctx)).config;
+    const file = paths(ctx).agentConfig;
+    if (c.tasks.allow.length === 0) return ok("tasks.allow is empty: no task runs");
+    // The unit runs the agent as root; so does root running it by hand.
+    const asRoot = ctx.uid === 0 || (await ctx.fs.stat(AGENT_UNIT_PATH)) !== undefined;
+    if (c.tasks.user === undefined) {
+      return asRoot
+        ? fail(
+          `${file}: tasks.allow is set and tasks.user is not: the agent (root) refuses to start`,
+          `add "  user: ${DEFAULT_TASK_USER}" under tasks: in ${file} (as root: useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin --user-group ${DEFAULT_TASK_USER})`,
+        )
+        : warn(
+          `${file}: tasks run as the agent's own uid ${ctx.uid}, which the robot's registration entry selects: a task can fetch its SVID`,
+          `run the agent as root with tasks.user: ${DEFAULT_TASK_USER}`,
+        );
+    }
+    return ok(
+      `tasks run as ${c.tasks.user}, with no capability (tasks.allow: ${c.tasks.allow.join(", ")})`,
+    );
+  },
+};
+
 export const robotChecks: Check[] = [
   config,
   record,
@@ -753,4 +784,6 @@ export const robotChecks: Check[] = [
   agentSvid,
   x509pop,
   agentRunning,
+  taskUser,
+  ...robotTaskChecks,
 ];

@@ -369,3 +369,31 @@ Deno.test("robot doctor: not enrolled says what to run on both hosts", async () 
     ["skip"],
   );
 });
+
+Deno.test("robot doctor: tasks allowed without tasks.user as root fail (the agent refuses to start)", async () => {
+  const yaml = renderAgentYaml(undefined, enrollment(), P);
+  const run = (text: string, uid = 0) =>
+    byId("enrollment.task-user").run({ ...robot({ files: { [P.agentConfig]: text } }), uid });
+  const none = await run(yaml);
+  assert.equal(none.status, "ok");
+  assert.equal(none.detail, "tasks.allow is empty: no task runs");
+  const allowed = yaml.replace("allow: []", 'allow: ["echo"]');
+  const bad = await run(allowed);
+  assert.equal(bad.status, "fail");
+  assert.equal(
+    bad.detail,
+    `${P.agentConfig}: tasks.allow is set and tasks.user is not: the agent (root) refuses to start`,
+  );
+  assert.match(bad.hint!, /user: k8s4r-task/);
+  // Positive control: with the user enroll writes as root.
+  const good = await run(
+    renderAgentYaml(undefined, enrollment(), P, P.agentConfig, "k8s4r-task")
+      .replace("allow: []", 'allow: ["echo"]'),
+  );
+  assert.equal(good.status, "ok", good.detail);
+  assert.equal(good.detail, "tasks run as k8s4r-task, with no capability (tasks.allow: echo)");
+  // Not root and no unit: tasks run as the agent's own uid, said as a warning.
+  const user = await run(allowed, 1000);
+  assert.equal(user.status, "warn");
+  assert.match(user.detail, /tasks run as the agent's own uid 1000/);
+});
