@@ -8,6 +8,10 @@
  *   counters shown are those of the last read that answered (`registry.countedAt`).
  *   600 concurrent calls over 3000 robots used to take every connection of the pool the ingest
  *   writer shares (registry_postgres.ts keeps the writer a connection of its own, too).
+ * - Details (the database's error, hence its address or file) only for a caller that presented
+ *   an operator certificate with a role (the doctor does); anyone else gets the same problems in
+ *   general words and the SQLSTATE: enough to know where to look (the server's log), nothing
+ *   about where the database is.
  * - 200 only when the broker link is up, the registry answers reads, and its writes succeed
  *   (`WriteHealth`, write_errors.ts: the last batch of messages committed). Else 503 with
  *   `problems`, one line each (`registry: ...`, `mqtt: ...`), so that a registry that fails
@@ -20,10 +24,10 @@ export interface HealthOptions {
   fleet: FleetService;
   mqttConnected: () => boolean;
   version?: string;
-  /** More for the body (the HTTP refusal counters). */
-  extra?: () => Record<string, unknown>;
+  /** More for the body (the HTTP refusal counters); `detailed` for an operator. */
+  extra?: (detailed: boolean) => Record<string, unknown>;
   /** More problems (one line each, e.g. a replica's lease); none by default. */
-  problems?: () => string[];
+  problems?: (detailed: boolean) => string[];
   /** Registry counters are read at most this often. Default 1000 ms. */
   refreshMs?: number;
   /** A counters read that takes longer is given up: the registry does not answer. Default 1500. */
@@ -98,21 +102,38 @@ export class HealthView {
     return this.#reading;
   }
 
-  /** `[status, body]` of /healthz. */
-  async answer(): Promise<[number, Record<string, unknown>]> {
+  /**
+   * `[status, body]` of /healthz. `detailed` for an operator: the errors as they are (they name
+   * the database: its address, its file); otherwise their kind and code only.
+   */
+  async answer(detailed = false): Promise<[number, Record<string, unknown>]> {
     await this.refresh();
     const { fleet } = this.o;
     const link = fleet.linkState();
     const problems: string[] = [];
+    const seeLog = "see the server's log";
     const re = this.#readError;
     if (re) {
-      problems.push(`registry: reads fail: ${re.message}`);
+      problems.push(
+        detailed
+          ? `registry: reads fail: ${re.message}`
+          : `registry: reads fail${re.code ? ` (${re.code})` : ""}; ${seeLog}`,
+      );
     }
-    const w = fleet.writes.state();
-    if (!w.ok) problems.push(`registry: writes failing since ${w.failingSince}: ${w.lastError}`);
+    const state = fleet.writes.state();
+    if (!state.ok) {
+      problems.push(
+        detailed
+          ? `registry: writes failing since ${state.failingSince}: ${state.lastError}`
+          : `registry: writes failing since ${state.failingSince}${
+            state.code ? ` (${state.code})` : ""
+          }; ${seeLog}`,
+      );
+    }
+    const w = detailed ? state : { ...state, lastError: undefined };
     const connected = this.o.mqttConnected();
     if (!connected) problems.push("mqtt: not connected to the broker");
-    problems.push(...(this.o.problems?.() ?? []));
+    problems.push(...(this.o.problems?.(detailed) ?? []));
     const c = this.#counts;
     const ok = problems.length === 0;
     return [ok ? 200 : 503, {
@@ -137,10 +158,10 @@ export class HealthView {
       },
       registry: {
         reads: re ? { ok: false, at: new Date(re.at).toISOString() } : { ok: true },
-        writes: w,
+        writes: JSON.parse(JSON.stringify(w)),
         countedAt: c ? new Date(c.at).toISOString() : null,
       },
-      ...(this.o.extra?.() ?? {}),
+      ...(this.o.extra?.(detailed) ?? {}),
     }];
   }
 }

@@ -5,7 +5,8 @@
  * it (viewer: read; operator: also create and cancel), and mutating requests must be JSON.
  *
  *   GET  /healthz                      200 when MQTT is connected and the registry reads and
- *                                      writes, else 503 with `problems` (why); counters (no auth;
+ *                                      writes, else 503 with `problems` (why; the errors in full
+ *                                      only for an operator's certificate); counters (no auth;
  *                                      the registry's are at most 1 s old, health.ts)
  *   GET  /api/whoami                   {spiffeId, operator, role} of the caller
  *   GET  /api/stats                    counters
@@ -376,17 +377,29 @@ export function createHandler(
     fleet,
     mqttConnected: ctx.mqttConnected,
     version: ctx.version,
-    extra: () => ({
+    // The replicas' view names their errors (the database): for operators (and /api/stats).
+    extra: (detailed) => ({
       http: { refused: refusals },
-      ...(ctx.replicas ? { replicas: ctx.replicas() } : {}),
+      ...(ctx.replicas && detailed ? { replicas: ctx.replicas() } : {}),
     }),
-    problems: () => {
+    problems: (detailed) => {
       const rp = ctx.registryProblem?.();
-      return rp ? [`registry: ${rp}`] : [];
+      if (!rp) return [];
+      return [
+        detailed
+          ? `registry: ${rp}`
+          : "registry: this replica lost its lease: off the broker until the registry answers; see the server's log",
+      ];
     },
     readTimeoutMs: HEALTH_REGISTRY_TIMEOUT_MS,
     refreshMs: ctx.healthRefreshMs,
   });
+  /** An operator with a role may see the details of /healthz's problems (nothing is refused). */
+  const operatorCalling = (conn: ConnInfo): boolean => {
+    if (!conn.peerChain?.length) return false;
+    const who = identify(conn.peerChain, authPolicy, conn);
+    return who.ok && authorize(who, "read", ctx.auth.roles).ok;
+  };
   // since: when the link went up (subscribed) or down; robots are unknown while it is down.
   // delivering: the broker echoed the server's probe lately (false while it is frozen).
   const mqttView = () => {
@@ -661,7 +674,7 @@ export function createHandler(
             allow: "GET, HEAD",
           });
         }
-        return json(...(await health.answer()));
+        return json(...(await health.answer(operatorCalling(conn))));
       }
       // The dashboard's pages and its one-time login (the token is the credential).
       if (parts[0] === "dashboard") {

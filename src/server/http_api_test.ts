@@ -465,3 +465,57 @@ Deno.test("/healthz: 503 with the registry's error when it fails or does not ans
     await registry.close();
   }
 });
+
+Deno.test("/healthz: the database's address and error only for an operator; anyone else gets what kind of problem", async () => {
+  const { registry, fleet, handler, call } = setup();
+  try {
+    const anonymous = async () => {
+      const res = await handler(
+        new Request("https://localhost/healthz", { headers: { host: "localhost" } }),
+      );
+      return { status: res.status, text: await res.text() };
+    };
+    // Control: healthy, the same answer for both.
+    assert.equal((await anonymous()).status, 200);
+    const where = "postgres://k8s4r@db.internal.example:5432/fleet";
+    registry.listRobots = () =>
+      Promise.reject(
+        Object.assign(new Error(`${where}: cannot connect: connect ECONNREFUSED 10.1.2.3:5432`), {
+          code: "08006",
+        }),
+      );
+    registry.setStatementHook(() => {
+      throw Object.assign(new Error(`${where}: cannot execute UPDATE in a read-only transaction`), {
+        code: "25006",
+      });
+    });
+    const hb = up("robot-001", "heartbeat", {
+      type: "heartbeat",
+      seq: 1,
+      svidExpiresAt: "2025-01-01T01:00:00.000Z",
+    }, "2025-01-01T00:00:00.000Z");
+    assert.equal((await fleet.handleBatch([hb])).acked, 0);
+    const anon = await anonymous();
+    assert.equal(anon.status, 503);
+    for (const secret of ["db.internal", "10.1.2.3", "5432", "postgres://", "read-only"]) {
+      assert.ok(!anon.text.includes(secret), `${secret} shown to anyone: ${anon.text}`);
+    }
+    assert.deepEqual(JSON.parse(anon.text).problems, [
+      "registry: reads fail (SQLSTATE 08006); see the server's log",
+      `registry: writes failing since ${
+        JSON.parse(anon.text).registry.writes.failingSince
+      } (SQLSTATE 25006); see the server's log`,
+    ]);
+    // The operator (the doctor calls as one) sees what failed and where.
+    const op = await call("GET", "/healthz");
+    assert.equal(op.status, 503);
+    assert.match(
+      op.json.problems[0],
+      /^registry: reads fail: .*db\.internal\.example.*ECONNREFUSED/,
+    );
+    assert.match(op.json.problems[1], /read-only transaction$/);
+  } finally {
+    registry.setStatementHook(undefined);
+    await registry.close();
+  }
+});
