@@ -1,12 +1,14 @@
 /**
  * The registry and fleet suite (src/server/testing/registry_contract.ts) on a REAL
  * PostgreSQL 15 started by the test (tests/helpers/postgres.ts), and what only PostgreSQL has:
- * the migration lock and log, SCRAM over the unix socket and TCP, errors without secrets.
+ * the migration lock and log, SCRAM over the unix socket and TCP, TLS (sslmode=verify-full),
+ * errors without secrets.
  */
 import assert from "node:assert/strict";
 import { SCHEMA_VERSION } from "../src/server/registry.ts";
 import { openPostgresRegistry } from "../src/server/registry_postgres.ts";
 import { fleetCases, registryCases } from "../src/server/testing/registry_contract.ts";
+import { TestCa } from "../src/spiffe/testing/test_ca.ts";
 import { postgresFixture, startTestPostgres } from "./helpers/postgres.ts";
 
 Deno.test("registry on PostgreSQL: the contract suite, migrations, auth, errors", async (t) => {
@@ -88,6 +90,42 @@ Deno.test("registry on PostgreSQL: the contract suite, migrations, auth, errors"
         await pgs.dropDatabase(db);
       }
     });
+
+    await t.step(
+      "sslmode=verify-full: TLS to the named host, its certificate checked",
+      async () => {
+        const db = await pgs.createDatabase("tls");
+        try {
+          const reg = await openPostgresRegistry(pgs.config(db, "tls"));
+          try {
+            assert.match(reg.location, /\?sslmode=verify-full&sslrootcert=\//);
+            // The pool keeps its connection: PostgreSQL says it is TLS.
+            const rows = await pgs.admin(
+              `SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.datname = $1 AND a.application_name = 'k8s4r-server'`,
+              [db],
+            );
+            assert.ok(rows.length > 0 && rows.every((r) => r.ssl === true), JSON.stringify(rows));
+          } finally {
+            await reg.close();
+          }
+          // Another CA: refused. The right CA but another name (the address, not in the
+          // certificate): refused. Neither sends the password (SCRAM never does anyway).
+          const other = await Deno.makeTempFile({ dir: pgs.dir, suffix: ".pem" });
+          await Deno.writeTextFile(other, TestCa.create().rootPem);
+          await assert.rejects(
+            () => openPostgresRegistry({ ...pgs.config(db, "tls"), sslrootcert: other }),
+            /cannot connect: unable to verify the first certificate/,
+          );
+          await assert.rejects(
+            () => openPostgresRegistry({ ...pgs.config(db, "tls"), host: "127.0.0.1" }),
+            /cannot connect: Hostname\/IP does not match certificate's altnames: IP: 127\.0\.0\.1/,
+          );
+        } finally {
+          await pgs.dropDatabase(db);
+        }
+      },
+    );
 
     await t.step("errors name the database and the SQLSTATE, never the password", async () => {
       const db = await pgs.createDatabase("errors");

@@ -14,7 +14,8 @@ import assert from "node:assert/strict";
 import { X509Certificate } from "node:crypto";
 import { bufferIo } from "../src/cli/io.ts";
 import { keywordValue } from "../src/postgres/local_cluster.ts";
-import { realRunner } from "../src/process/mod.ts";
+import { type Daemon, realRunner, waitFor } from "../src/process/mod.ts";
+import { findHaproxy, haproxyServers, renderHaproxyConfig } from "../src/devenv/haproxy.ts";
 import { X509Source } from "../src/spiffe/mod.ts";
 import { SpireAgentSupervisor } from "../src/spire/agent.ts";
 import { SpireServerCli, type SpireServerDaemon, startSpireServer } from "../src/spire/server.ts";
@@ -42,8 +43,9 @@ Deno.test({
     try {
       // The registry suite's PostgreSQL 15 harness: its app role owns a new database for SPIRE.
       pg = await startTestPostgres();
+      // On its unix socket, as `devenv start --ha` connects SPIRE (pgx reads host=/dir).
       const target = {
-        host: "127.0.0.1",
+        host: pg.socketDir,
         port: pg.port,
         user: pg.user,
         database: await pg.createDatabase("spire"),
@@ -169,6 +171,184 @@ Deno.test({
     } finally {
       source?.close();
       await agent?.stop().catch(() => {});
+      for (const s of servers.reverse()) await s.stop(5000).catch(() => {});
+      await pg?.destroy().catch(() => {});
+      await Deno.remove(tmp, { recursive: true }).catch(() => {});
+    }
+  },
+});
+
+/**
+ * haproxy in front of the two servers, as `devenv start --ha` renders it: a SIGSTOPped
+ * spire-server (frozen: the kernel still completes TCP handshakes for it) is marked DOWN, its
+ * agent's session is cut, and the agent keeps renewing through the other server. Control: both
+ * are UP before, and the agent renews while both run.
+ */
+Deno.test({
+  name:
+    "SPIRE HA: haproxy marks a frozen (SIGSTOP) spire-server DOWN; the agent renews through the other",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  fn: async () => {
+    const bins = await spireBinaries();
+    const haproxy = findHaproxy(Deno.env.toObject());
+    assert.ok(haproxy, "haproxy is not installed (apt-get install -y haproxy)");
+    const tmp = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8s4r-hap-" });
+    const io = bufferIo({ env: Deno.env.toObject(), runner: realRunner, cwd: tmp });
+    let pg: TestPostgres | undefined;
+    const servers: SpireServerDaemon[] = [];
+    let proxy: Daemon | undefined;
+    let agent: SpireAgentSupervisor | undefined;
+    let source: X509Source | undefined;
+    let stopped: number | undefined;
+    try {
+      pg = await startTestPostgres();
+      const conn = keywordValue({
+        host: pg.socketDir,
+        port: pg.port,
+        user: pg.user,
+        database: await pg.createDatabase("spire"),
+      }, pg.password);
+      const [portA, portB, front] = freePorts(3);
+      const start = (name: string, port: number) =>
+        startSpireServer(io, {
+          bin: bins.server,
+          configFile: `${REPO}config/spire/server.conf`,
+          cwd: tmp,
+          port,
+          dataDir: `${tmp}/${name}`,
+          socketPath: `${tmp}/${name}/api.sock`,
+          logFile: `${tmp}/${name}.log`,
+          datastore: { type: "postgres", connectionString: conn },
+          secrets: [pg!.password],
+          cacheReloadInterval: "200ms",
+          eventsBasedCache: true,
+          readyTimeoutMs: 60_000,
+        });
+      servers.push(await start("a", portA));
+      servers.push(await start("b", portB));
+      const names = ["spire-server", "spire-server-2"];
+      const stats = `${tmp}/haproxy.sock`;
+      await Deno.writeTextFile(
+        `${tmp}/haproxy.cfg`,
+        renderHaproxyConfig({
+          frontend: { address: "127.0.0.1", port: front },
+          backends: [
+            { name: names[0], address: "127.0.0.1", port: portA },
+            { name: names[1], address: "127.0.0.1", port: portB },
+          ],
+          statsSocket: stats,
+        }),
+      );
+      const state = async () => await haproxyServers(stats);
+      proxy = await realRunner.spawn({
+        name: "haproxy",
+        cmd: haproxy,
+        args: ["-f", `${tmp}/haproxy.cfg`, "-db"],
+        logFile: `${tmp}/haproxy.log`,
+        pidFile: `${tmp}/haproxy.pid`,
+        ready: async () => (await state()) !== undefined,
+        readyTimeoutMs: 20_000,
+      });
+      // Control: both servers UP behind it.
+      await waitFor(async () => {
+        const st = await state();
+        return names.every((n) => st?.get(n)?.status === "UP");
+      }, {
+        timeoutMs: 20_000,
+        what: "both SPIRE servers UP in haproxy",
+      });
+
+      const [a, b] = servers.map((s) => new SpireServerCli(realRunner, bins.server, s.socketPath));
+      await Deno.writeTextFile(`${tmp}/bundle.pem`, await a.bundlePem());
+      const nodeId = `spiffe://${TD}/k8s4r/node/hap-robot`;
+      const workloadId = `spiffe://${TD}/robot/hap-robot`;
+      const token = await a.generateJoinToken(nodeId, 600);
+      await Deno.writeTextFile(`${tmp}/join.token`, token.value, { mode: 0o600 });
+      await a.createEntry({
+        spiffeId: workloadId,
+        parentId: nodeId,
+        selectors: [`unix:uid:${Deno.uid()}`],
+        dnsNames: ["hap-robot"],
+        x509SvidTtl: 12,
+      });
+      const socketPath = `${tmp}/ag/agent.sock`;
+      agent = new SpireAgentSupervisor({
+        runner: realRunner,
+        bin: bins.agent,
+        configPath: `${tmp}/agent/agent.conf`,
+        dataDir: `${tmp}/agent/data`,
+        socketPath,
+        logFile: `${tmp}/spire-agent.log`,
+        trustBundlePath: `${tmp}/bundle.pem`,
+        joinTokenFile: `${tmp}/join.token`,
+        trustDomain: TD,
+        serverAddress: "127.0.0.1",
+        serverPort: front, // through haproxy
+        logLevel: "INFO",
+        syncInterval: "500ms",
+      });
+      await agent.start();
+      source = await X509Source.create({
+        address: `unix://${socketPath}`,
+        spiffeId: workloadId,
+        timeoutMs: 30_000,
+      });
+      const serial = () => (source!.getX509Svid().certificates[0] as X509Certificate).serialNumber;
+      // Control: it renews while both servers run.
+      const first = serial();
+      await waitFor(() => serial() !== first, { timeoutMs: 30_000, what: "an SVID renewal" });
+
+      // The server the agent's session goes to: freeze it.
+      let busy = -1;
+      await waitFor(async () => {
+        const st = (await state())!;
+        busy = names.findIndex((n) => (st.get(n)?.sessions ?? 0) > 0);
+        return busy >= 0;
+      }, { timeoutMs: 20_000, what: "the agent's session in haproxy" });
+      const other = 1 - busy;
+      // The surviving server's CA (the issuer of an SVID it mints).
+      const minted = await [a, b][other].mintX509({
+        spiffeId: `spiffe://${TD}/probe`,
+        dnsNames: ["probe"],
+        ttlSeconds: 60,
+      });
+      const bundle = parsePemCerts(await a.bundlePem());
+      const caOther = bundle.find((c) => new X509Certificate(minted.certPem).checkIssued(c));
+      assert.ok(caOther, "the surviving server's CA is not in the bundle");
+      stopped = servers[busy].pid;
+      const t0 = Date.now();
+      Deno.kill(stopped, "SIGSTOP");
+      await waitFor(async () => (await state())!.get(names[busy])?.status === "DOWN", {
+        timeoutMs: 30_000,
+        what: `haproxy to mark the frozen ${names[busy]} DOWN`,
+      }).catch(async (err) => {
+        throw new Error(`${(err as Error).message}: ${JSON.stringify([...(await state())!])}`);
+      });
+      const downMs = Date.now() - t0;
+      assert.equal((await state())!.get(names[other])?.status, "UP");
+      // The agent renews through the other server: a new SVID, signed by the survivor's CA.
+      const before = serial();
+      await waitFor(() => serial() !== before, {
+        timeoutMs: 60_000,
+        what: "an SVID renewal through the surviving server",
+      });
+      const leaf = source.getX509Svid().certificates[0] as X509Certificate;
+      assert.ok(leaf.checkIssued(caOther), "the renewed SVID is not from the surviving server");
+      console.log(
+        `  ${names[busy]} frozen: DOWN in haproxy after ${downMs} ms, the agent's next SVID (from ${
+          names[other]
+        }) ${Date.now() - t0} ms after the SIGSTOP`,
+      );
+    } finally {
+      if (stopped !== undefined) {
+        try {
+          Deno.kill(stopped, "SIGCONT");
+        } catch { /* gone */ }
+      }
+      source?.close();
+      await agent?.stop().catch(() => {});
+      await proxy?.stop().catch(() => {});
       for (const s of servers.reverse()) await s.stop(5000).catch(() => {});
       await pg?.destroy().catch(() => {});
       await Deno.remove(tmp, { recursive: true }).catch(() => {});

@@ -30,7 +30,7 @@ import { dirname, join, relative } from "node:path";
 import { CliError } from "../cli/errors.ts";
 import type { ProcessRunner } from "../process/mod.ts";
 import { fileMode, writeFileAtomic } from "../fs/atomic.ts";
-import { findPgBinaries, pgEnv, type PgTarget } from "../postgres/local_cluster.ts";
+import { describeTarget, findPgBinaries, pgEnv, type PgTarget } from "../postgres/local_cluster.ts";
 import { VERSION } from "../version.ts";
 
 export const MANIFEST = "manifest.json";
@@ -212,8 +212,7 @@ export async function createBackup(
       sha256: sha256(bytes),
       ...(s.kind === "postgres"
         ? {
-          database:
-            `postgres://${s.target.user}@${s.target.host}:${s.target.port}/${s.target.database}`,
+          database: describeTarget(s.target),
         }
         : {}),
     });

@@ -63,6 +63,7 @@ import {
   writeState,
 } from "./context.ts";
 import { writeFileAtomic } from "../fs/atomic.ts";
+import { describeTarget } from "../postgres/local_cluster.ts";
 import {
   fleetDatabaseStep,
   fleetTarget,
@@ -568,7 +569,7 @@ function pidInfo(file: string): { running: boolean; pid: number | null } {
 
 /**
  * Why a SPIRE server does not serve, in its own words: the last error it logged (e.g.
- * `datastore-sql: dial tcp 127.0.0.1:55432: connect: connection refused`). SPIRE's `/ready`
+ * `datastore-sql: dial unix .dev-env/postgres/.s.PGSQL.55432: connect: no such file or directory`). SPIRE's `/ready`
  * endpoint is refreshed only once a minute, so it would lag behind by that much.
  */
 export async function lastSpireError(logFile: string): Promise<string | undefined> {
@@ -1173,7 +1174,7 @@ export function serverArgs(
     ...(opts.ha
       ? [
         "--database",
-        `postgres://${db.user}@${db.host}:${db.port}/${db.database}`,
+        describeTarget(db), // its unix socket: postgres://k8s4r@/k8s4r?host=/.../postgres&port=N
         "--database-password-file",
         layout.ha.fleetPasswordFile,
         "--shared-subscription",

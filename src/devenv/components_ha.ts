@@ -1,8 +1,9 @@
 /**
  * The rows `devenv start --ha` and `--root-ca` add to the component table (components.ts):
  *
- * - `postgres`: a private PostgreSQL 15 cluster under `.dev-env/postgres` (loopback TCP only,
- *   scram-sha-256, a generated superuser password in a 0600 file), SPIRE's shared datastore;
+ * - `postgres`: a private PostgreSQL 15 cluster under `.dev-env/postgres` (a unix socket in
+ *   that 0700 directory, no TCP; scram-sha-256, a generated superuser password in a 0600 file),
+ *   SPIRE's shared datastore and the fleet servers' registry;
  * - `spire-database`: the `spire` role (its own generated password, 0600) owning database
  *   `spire`;
  * - `root-ca`: the root CA and SPIRE's upstream CA in `.spire-data/ca` (`k8s4r ca init`
@@ -20,6 +21,7 @@ import {
   ensureRoleAndDatabaseSql,
   findPgBinaries,
   initCluster,
+  MAX_SOCKET_PATH,
   pgEnv,
   pgpassLine,
   type PgTarget,
@@ -28,6 +30,7 @@ import {
   psql,
   randomPassword,
   readPasswordFile,
+  socketPath,
   writeSecretFile,
 } from "../postgres/local_cluster.ts";
 import { isRecordAlive, readPidFile } from "../process/mod.ts";
@@ -44,9 +47,13 @@ function pidInfo(file: string): { running: boolean; pid: number | null } {
   return { running, pid: running ? rec!.pid : null };
 }
 
+/**
+ * Every client reaches our PostgreSQL on its unix socket, in `.dev-env/postgres` (0700): no
+ * other user can reach it, or answer in its place (local_cluster.ts).
+ */
 export function adminTarget(layout: Layout): PgTarget {
   return {
-    host: "127.0.0.1",
+    host: layout.ha.postgresDir,
     port: layout.ha.postgresPort,
     user: PG_SUPERUSER,
     database: "postgres",
@@ -55,7 +62,7 @@ export function adminTarget(layout: Layout): PgTarget {
 
 export function spireTarget(layout: Layout): PgTarget {
   return {
-    host: "127.0.0.1",
+    host: layout.ha.postgresDir,
     port: layout.ha.postgresPort,
     user: SPIRE_DB.role,
     database: SPIRE_DB.database,
@@ -64,7 +71,7 @@ export function spireTarget(layout: Layout): PgTarget {
 
 export function fleetTarget(layout: Layout): PgTarget {
   return {
-    host: "127.0.0.1",
+    host: layout.ha.postgresDir,
     port: layout.ha.postgresPort,
     user: FLEET_DB.role,
     database: FLEET_DB.database,
@@ -118,7 +125,8 @@ export function probePostgres(view: StackView): ProbeResult {
 export function postgresComponent(view: StackView): Component {
   const { layout, files } = view.ctx;
   const ha = layout.ha;
-  const endpoint = `127.0.0.1:${ha.postgresPort}`;
+  const socket = socketPath(ha.postgresDir, ha.postgresPort);
+  const endpoint = `unix socket ${socket}`;
   return {
     name: "postgres",
     kind: "daemon",
@@ -136,8 +144,16 @@ export function postgresComponent(view: StackView): Component {
       "`k8s4r devenv start`; its log: `k8s4r devenv logs postgres`",
     async spawn(run) {
       const { io } = run.ctx;
+      if (socket.length > MAX_SOCKET_PATH) {
+        throw new CliError(
+          `${socket}: ${socket.length} bytes, longer than a unix socket path can be (${MAX_SOCKET_PATH})`,
+          1,
+          "run devenv from a project directory with a shorter path",
+        );
+      }
       const bins = await run.once("pg binaries", () => findPgBinaries(io.runner, io.env));
       await Deno.mkdir(ha.postgresDir, { recursive: true, mode: 0o700 });
+      // The socket's directory: ours alone (an existing one may have been made wider).
       await Deno.chmod(ha.postgresDir, 0o700);
       if (!clusterExists(ha.postgresDataDir)) {
         // A data dir that initdb left half-made is not a cluster: start over.
@@ -152,6 +168,7 @@ export function postgresComponent(view: StackView): Component {
       await writePgpass(layout);
       const [cmd, args] = postgresArgv(bins, {
         dataDir: ha.postgresDataDir,
+        socketDir: ha.postgresDir,
         port: ha.postgresPort,
       });
       return await io.runner.spawn({

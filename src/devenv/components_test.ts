@@ -14,6 +14,10 @@ import {
 } from "./components.ts";
 import { resolveContext, robotLayouts, withAdvertise, writeState } from "./context.ts";
 import { spireServerOptions } from "./spire_server_run.ts";
+import { adminTarget, fleetTarget, spireTarget, writePgpass } from "./components_ha.ts";
+import { serverArgs } from "./components.ts";
+import { parseDatabaseUrl } from "../server/registry_postgres.ts";
+import { join } from "node:path";
 import type { SpireBinaries } from "../spire/binaries.ts";
 import { writeFileAtomic } from "../fs/atomic.ts";
 import { checkGraph } from "./graph.ts";
@@ -356,6 +360,87 @@ Deno.test("--ha with --advertise and --attestation x509pop: haproxy binds ADDR, 
     assert.equal(stackView(ctxFor(dir)).ctx.layout.advertise, addr);
     await writeState(ctx, { robots: [], mode, createdSocketDirs: [], env: {} });
     assert.equal(stackView(ctxFor(dir)).ctx.layout.advertise, undefined);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("--ha: PostgreSQL listens on a unix socket in the 0700 .dev-env/postgres only; every client names that directory", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    // initdb is only looked for (the runner records every call instead of running it).
+    const bin = join(dir, "pgbin");
+    await Deno.mkdir(bin);
+    await Deno.writeTextFile(join(bin, "initdb"), "");
+    const runner = new RecordingRunner();
+    const ctx = ctxFor(dir, { K8S4R_PG_BINDIR: bin }, runner);
+    const { layout } = ctx;
+    const sockDir = layout.ha.postgresDir;
+    assert.equal(sockDir, join(dir, ".dev-env", "postgres"));
+    const run = new StartRun(ctx, [], {
+      robots: [],
+      broker: "native",
+      mode: { ha: true, rootCa: false },
+    });
+    const rows = devenvComponents(run);
+    await rows.find((c) => c.name === "postgres")!.spawn!(run);
+    const spawned = runner.calls.find((c) => c.opts && "pidFile" in c.opts)!;
+    const argv = spawned.args;
+    const setting = (k: string) => {
+      const i = argv.findIndex((a) => a.startsWith(`${k}=`));
+      return i > 0 && argv[i - 1] === "-c" ? argv[i].slice(k.length + 1) : undefined;
+    };
+    assert.equal(setting("listen_addresses"), "", `TCP in ${argv.join(" ")}`);
+    assert.equal(setting("unix_socket_directories"), sockDir);
+    assert.equal(setting("unix_socket_permissions"), "0700");
+    assert.equal((await Deno.stat(sockDir)).mode! & 0o777, 0o700);
+
+    // SPIRE's datastore (pgx): host= the socket directory, no address.
+    await writeFileAtomic(layout.ha.spirePasswordFile, "pw\n", 0o600);
+    const o = await spireServerOptions(ctx, "/b/spire-server", { server: 2, ha: true });
+    assert.equal(o.datastore?.type, "postgres");
+    const conn = o.datastore?.type === "postgres" ? o.datastore.connectionString : "";
+    assert.match(conn, new RegExp(`^host='${sockDir}' port=${layout.ha.postgresPort} `));
+    assert.doesNotMatch(conn, /127\.0\.0\.1|localhost/);
+    // The fleet servers' --database: the same socket.
+    const args = serverArgs(layout, ctx.files, { ha: true });
+    const db = parseDatabaseUrl(args[args.indexOf("--database") + 1], "x");
+    assert.deepEqual([db.host, db.port, db.user], [sockDir, layout.ha.postgresPort, "k8s4r"]);
+    // psql, pg_dump and pg_restore (-h) and their pgpass lines: the socket directory.
+    for (const t of [adminTarget(layout), spireTarget(layout), fleetTarget(layout)]) {
+      assert.equal(t.host, sockDir);
+    }
+    await writeFileAtomic(layout.ha.postgresAdminPasswordFile, "apw\n", 0o600);
+    await writePgpass(layout);
+    const lines = (await Deno.readTextFile(layout.ha.pgpassFile)).trim().split("\n");
+    assert.equal(lines.length, 2);
+    for (const l of lines) assert.ok(l.startsWith(`${sockDir}:${layout.ha.postgresPort}:`), l);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("--ha: a project path too long for a unix socket is refused with what to do", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const deep = join(dir, "x".repeat(90));
+    await Deno.mkdir(deep);
+    const bin = join(dir, "pgbin");
+    await Deno.mkdir(bin);
+    await Deno.writeTextFile(join(bin, "initdb"), "");
+    const runner = new RecordingRunner();
+    const ctx = ctxFor(deep, { K8S4R_PG_BINDIR: bin }, runner);
+    const run = new StartRun(ctx, [], {
+      robots: [],
+      broker: "native",
+      mode: { ha: true, rootCa: false },
+    });
+    const pg = devenvComponents(run).find((c) => c.name === "postgres")!;
+    await assert.rejects(
+      () => pg.spawn!(run),
+      /\.s\.PGSQL\.\d+: \d+ bytes, longer than a unix socket path can be \(107\)/,
+    );
+    assert.equal(runner.calls.length, 0, "nothing was run");
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

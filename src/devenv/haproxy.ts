@@ -2,14 +2,18 @@
  * haproxy in front of the HA stack's two SPIRE servers: one address (the SPIRE port everyone
  * dials) that reaches whichever server is up. TCP mode, so the agents' TLS goes through
  * untouched (they authenticate the server by its SPIFFE ID, not by a name haproxy could
- * present). A server is checked with a TCP connect every second and taken out after two
- * misses; `on-marked-down shutdown-sessions` closes the sessions still pinned to it, so its
- * agents reconnect (to the other one) at once instead of waiting for a timeout. The
- * sessions are long-lived gRPC streams: client and server timeouts are an hour.
+ * present). A server is checked every second with a TLS handshake on its agent port
+ * (`check-ssl`, ALPN h2 as gRPC speaks it; the certificate is not checked, the agents do that)
+ * and taken out after two misses; `on-marked-down shutdown-sessions` closes the sessions still
+ * pinned to it, so its agents reconnect (to the other one) at once instead of waiting for a
+ * timeout. The sessions are long-lived gRPC streams: client and server timeouts are an hour.
  *
- * Why a TCP connect check and not SPIRE's `/ready`: when the shared datastore is down, both
- * servers are "not ready", and a balancer that took both out would cut every agent off,
- * although the servers still answer from their caches. With a TCP check they stay reachable.
+ * Why a TLS handshake: a bare TCP connect is completed by the kernel, so a spire-server that is
+ * frozen (SIGSTOP), wedged or swapped out stayed UP and kept its agents; the handshake needs
+ * the process itself (measured: DOWN about 4 s after SIGSTOP, tests/spire_ha_test.ts). Why not
+ * SPIRE's `/ready` or `/live`: both report the datastore (`ListBundles`), so when the shared
+ * PostgreSQL is down both servers would be taken out and every agent cut off, although the
+ * servers still answer from their caches; the handshake does not depend on the datastore.
  */
 import { connect } from "node:net";
 
@@ -45,7 +49,11 @@ frontend spire
 backend spire_servers
   balance leastconn
   default-server inter 1s fall 2 rise 1 on-marked-down shutdown-sessions
-${v.backends.map((b) => `  server ${b.name} ${b.address}:${b.port} check`).join("\n")}
+${
+    v.backends.map((b) =>
+      `  server ${b.name} ${b.address}:${b.port} check check-ssl verify none check-alpn h2`
+    ).join("\n")
+  }
 `;
 }
 

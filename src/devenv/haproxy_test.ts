@@ -10,12 +10,16 @@ const CONFIG = {
   statsSocket: "/p/.dev-env/haproxy/stats.sock",
 };
 
-Deno.test("haproxy config: TCP passthrough to both servers, 1 s checks, sessions cut when one is down", () => {
+Deno.test("haproxy config: TCP passthrough to both servers, 1 s TLS checks, sessions cut when one is down", () => {
   const cfg = renderHaproxyConfig(CONFIG);
   assert.ok(cfg.includes("\n  mode tcp\n"));
   assert.ok(cfg.includes("\n  bind 127.0.0.1:8081\n"));
-  assert.match(cfg, /server spire-server 127\.0\.0\.1:8181 check\n/);
-  assert.match(cfg, /server spire-server-2 127\.0\.0\.1:8182 check\n/);
+  // A TLS handshake, not a bare connect (which the kernel completes for a frozen process).
+  const check = "check check-ssl verify none check-alpn h2\n";
+  assert.ok(cfg.includes(`server spire-server 127.0.0.1:8181 ${check}`), cfg);
+  assert.ok(cfg.includes(`server spire-server-2 127.0.0.1:8182 ${check}`), cfg);
+  // The agents' traffic itself is passed through: haproxy never terminates their TLS.
+  assert.doesNotMatch(cfg, / ssl( |$)/m);
   assert.match(cfg, /inter 1s fall 2 rise 1 on-marked-down shutdown-sessions/);
   assert.match(cfg, /stats socket \/p\/\.dev-env\/haproxy\/stats\.sock mode 600/);
   assert.doesNotMatch(cfg, /httpchk/, "a /ready check would drop both servers in a DB outage");

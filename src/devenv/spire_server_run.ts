@@ -107,8 +107,9 @@ export async function spireServerOptions(
     const password = await readPasswordFile(layout.ha.spirePasswordFile);
     o.datastore = {
       type: "postgres",
+      // The unix socket in .dev-env/postgres (pgx: `host=/dir`), as every client of it.
       connectionString: keywordValue({
-        host: "127.0.0.1",
+        host: layout.ha.postgresDir,
         port: layout.ha.postgresPort,
         user: SPIRE_DB.role,
         database: SPIRE_DB.database,

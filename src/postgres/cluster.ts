@@ -7,7 +7,8 @@
  * - Run as root, every PostgreSQL binary runs as the `postgres` user (`runuser -u postgres
  *   --`): the server refuses to run as root. The directory then belongs to postgres.
  * - Listens on a unix socket in the directory and on 127.0.0.1:PORT, with SCRAM-SHA-256 for
- *   both; the superuser's password goes to initdb through a 0600 file, never argv.
+ *   both (and TLS on TCP when given a certificate); the superuser's password goes to initdb
+ *   through a 0600 file, never argv.
  * - `owner` records who started it (pid + start time): `reapOrphans()` stops the clusters of
  *   owners that died without stopping theirs (a test runner killed with SIGKILL).
  */
@@ -77,6 +78,8 @@ export interface ClusterOptions {
   superuserPassword: string;
   /** Extra `-c name=value` server settings. */
   settings?: Record<string, string>;
+  /** TLS on TCP (`ssl = on`) with this certificate and key (PEM); plain connections stay allowed. */
+  tls?: { certPem: string; keyPem: string };
 }
 
 /** Who runs the PostgreSQL binaries: ourselves, or `postgres` when we are root. */
@@ -131,6 +134,13 @@ export class PostgresCluster {
       { mode: 0o600 },
     );
     if (c.user.uid !== undefined) await Deno.chown(o.dir, c.user.uid, c.user.gid!);
+    if (o.tls) {
+      // PostgreSQL refuses a key that others may read, or that is not its user's.
+      for (const [name, pem] of [["server.crt", o.tls.certPem], ["server.key", o.tls.keyPem]]) {
+        await Deno.writeTextFile(join(o.dir, name), pem, { mode: 0o600 });
+        if (c.user.uid !== undefined) await Deno.chown(join(o.dir, name), c.user.uid, c.user.gid!);
+      }
+    }
     const pwFile = join(o.dir, "initdb.pw");
     await Deno.writeTextFile(pwFile, o.superuserPassword + "\n", { mode: 0o600 });
     if (c.user.uid !== undefined) await Deno.chown(pwFile, c.user.uid, c.user.gid!);
@@ -160,6 +170,13 @@ export class PostgresCluster {
     const settings: Record<string, string> = {
       listen_addresses: "127.0.0.1",
       shared_buffers: "32MB",
+      ...(this.o.tls
+        ? {
+          ssl: "on",
+          ssl_cert_file: join(this.o.dir, "server.crt"),
+          ssl_key_file: join(this.o.dir, "server.key"),
+        }
+        : {}),
       ...this.o.settings,
     };
     const opts = [

@@ -2,11 +2,15 @@
  * A private PostgreSQL cluster in a directory, for the development stack (`devenv start --ha`):
  * `initdb`, the `postgres` daemon's argv (started
  * through the one process helper, with a pid file like every other daemon), its readiness (the
- * status line PostgreSQL writes into `postmaster.pid`), SQL through `psql` over loopback TCP,
+ * status line PostgreSQL writes into `postmaster.pid`), SQL through `psql` on its unix socket,
  * and dumps through `pg_dump`/`pg_restore`. A production PostgreSQL is the operator's: k8s4r
  * only connects to it.
  *
- * - Listens on 127.0.0.1 only, no unix socket; `scram-sha-256` for every connection.
+ * - Listens on a unix socket only (`listen_addresses = ''`), in a directory of its own that
+ *   only the user who started devenv can enter (0700, `.dev-env/postgres`), and the socket
+ *   itself is 0700: no other local user can connect, and none can stand in for the server while
+ *   it is down (a TCP port is anyone's to take then, and a client that retries every second
+ *   would hand its password to whoever did). `scram-sha-256` for every connection anyway.
  * - Passwords never reach argv, the environment of a daemon, or a log: initdb reads the
  *   superuser's from a 0600 file, the tools find theirs in a 0600 pgpass file (`PGPASSFILE`),
  *   and roles are created with a SCRAM verifier (`scramVerifier`), so even a statement that
@@ -121,12 +125,24 @@ export function scramVerifier(password: string, salt = randomBytes(16), iteratio
   return `SCRAM-SHA-256$${iterations}:${b64(salt)}$${b64(storedKey)}:${b64(serverKey)}`;
 }
 
-/** Where and as whom to connect (TCP); the password is never in here, only in files. */
+/**
+ * Where and as whom to connect; the password is never in here, only in files. `host` is the
+ * directory of the server's unix socket (an absolute path; the socket is `.s.PGSQL.<port>` in
+ * it), or a host name for a remote server.
+ */
 export interface PgTarget {
   host: string;
   port: number;
   user: string;
   database: string;
+}
+
+/** The longest unix socket path Linux takes (`sun_path`, less its NUL). */
+export const MAX_SOCKET_PATH = 107;
+
+/** The path of the socket a server on `port` makes in `dir`. */
+export function socketPath(dir: string, port: number): string {
+  return join(dir, `.s.PGSQL.${port}`);
 }
 
 /** One line of a pgpass file (`host:port:db:user:password`, `:` and `\` escaped). */
@@ -135,7 +151,12 @@ export function pgpassLine(t: PgTarget, password: string): string {
   return `${esc(t.host)}:${t.port}:*:${esc(t.user)}:${esc(password)}\n`;
 }
 
-/** A libpq keyword/value connection string (what SPIRE's `connection_string` takes). */
+/**
+ * A libpq keyword/value connection string (what SPIRE's `connection_string` takes; SPIRE's pgx
+ * reads `host=/dir` as the socket directory, as libpq does). On a unix socket there is no TLS
+ * (libpq and pgx ignore sslmode there); to a host name it is `sslmode=verify-full`, never a
+ * plain connection that whoever answers at the address could read.
+ */
 export function keywordValue(t: PgTarget, password?: string): string {
   const q = (s: string) => `'${s.replaceAll("\\", "\\\\").replaceAll("'", "\\'")}'`;
   return [
@@ -144,13 +165,23 @@ export function keywordValue(t: PgTarget, password?: string): string {
     `user=${q(t.user)}`,
     ...(password !== undefined ? [`password=${q(password)}`] : []),
     `dbname=${q(t.database)}`,
-    "sslmode=disable", // loopback only; a remote PostgreSQL should use TLS (sslmode=verify-full)
+    t.host.startsWith("/") ? "sslmode=disable" : "sslmode=verify-full",
   ].join(" ");
 }
 
-/** `postgres://user@host:port/db` for messages: never a password. */
+/**
+ * The `k8s4r server --database` URL of a target (never a password): `postgres://user@host:port/db`,
+ * or `postgres://user@/db?host=/dir&port=N` for a socket directory.
+ */
 export function describeTarget(t: PgTarget): string {
-  return `postgres://${t.user}@${t.host}:${t.port}/${t.database}`;
+  const user = encodeURIComponent(t.user);
+  const db = encodeURIComponent(t.database);
+  if (t.host.startsWith("/")) {
+    return `postgres://${user}@/${db}?host=${
+      encodeURIComponent(t.host).replaceAll("%2F", "/")
+    }&port=${t.port}`;
+  }
+  return `postgres://${user}@${t.host}:${t.port}/${db}`;
 }
 
 /** Writes a 0600 file (temp + rename, so it is never readable by others, even briefly). */
@@ -206,15 +237,19 @@ export async function initCluster(
   await runner.output(cmd, args, { timeoutMs: 120_000 });
 }
 
-/** The daemon's argv: loopback TCP on `port`, no unix socket, logs to stderr. */
+/**
+ * The daemon's argv: a unix socket in `socketDir` (named by `port`), no TCP at all, logs to
+ * stderr. `socketDir` must be a directory only its user can enter.
+ */
 export function postgresArgv(
   bins: PgBinaries,
-  o: { dataDir: string; port: number; settings?: Record<string, string> },
+  o: { dataDir: string; socketDir: string; port: number; settings?: Record<string, string> },
   uid = Deno.uid(),
 ): [string, string[]] {
   const settings: Record<string, string> = {
-    listen_addresses: "127.0.0.1",
-    unix_socket_directories: "",
+    listen_addresses: "",
+    unix_socket_directories: o.socketDir,
+    unix_socket_permissions: "0700",
     shared_buffers: "32MB",
     max_connections: "100",
     ...o.settings,

@@ -430,7 +430,7 @@ operator SVID; roles from --roles, re-read on change), and signs every task and 
       type: "string",
       valueName: "URL",
       description:
-        "PostgreSQL registry, postgres://USER@HOST:PORT/DB (default: SQLite in --data-dir)",
+        "PostgreSQL registry, postgres://USER@HOST:PORT/DB[?sslmode=verify-full&sslrootcert=CA.pem] or postgres://USER@/DB?host=/socket/dir (default: SQLite in --data-dir)",
     },
     {
       name: "database-password-file",

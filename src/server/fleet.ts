@@ -26,6 +26,7 @@ import {
   type TaskRecord,
 } from "./registry.ts";
 import { isFinal, needsCancel, needsDispatch, reportEvent, UNTRUSTED_REFUSALS } from "./tasks.ts";
+import { isPermanentWriteError, writeErrorCode, WriteHealth } from "./write_errors.ts";
 
 /**
  * Turns a server -> robot message into the exact MQTT payload. The fleet server signs tasks and
@@ -154,6 +155,11 @@ export interface FleetStats {
   staleRegisters: number;
   /** Messages whose registry write failed: not acknowledged, so the broker delivers them again. */
   applyErrors: number;
+  /**
+   * Messages the database refused for what they hold (write_errors.ts: a value out of range, a
+   * constraint): they could never be written, so they are dropped like a malformed payload.
+   */
+  registryRefused: number;
   /** Registry commits for received messages (messages / batches = messages per fsync). */
   batches: number;
   /** Batches tried again after losing a race with another replica (deadlock, serialization). */
@@ -170,7 +176,10 @@ export interface Incoming {
   control?: boolean;
 }
 
-export type Outcome = { ok: true } | { ok: false; reason: DropReason };
+/** Why a settled message was not applied: malformed, or refused by the database. */
+export type DropCause = DropReason | "registry-refused";
+
+export type Outcome = { ok: true } | { ok: false; reason: DropCause };
 
 export interface BatchResult {
   /**
@@ -230,9 +239,12 @@ export class FleetService {
     staleStatuses: 0,
     staleRegisters: 0,
     applyErrors: 0,
+    registryRefused: 0,
     batches: 0,
     conflictRetries: 0,
   };
+  /** Whether the last batch of messages was committed (for /healthz and the doctor). */
+  readonly writes: WriteHealth;
   private readonly hbDefault: number;
   private readonly missed: number;
   private readonly ttlDefault: number;
@@ -270,6 +282,7 @@ export class FleetService {
     this.ttlDefault = opts.defaultTaskTtlSeconds ?? 3600;
     this.grace = opts.resultGraceSeconds ?? 60;
     this.now = opts.now ?? (() => new Date());
+    this.writes = new WriteHealth(() => this.now().getTime());
     this.log = opts.logger ?? silentLogger;
     this.newId = opts.newId ?? (() => crypto.randomUUID());
     this.link = { up: !opts.startDisconnected, since: this.now().getTime() };
@@ -365,7 +378,7 @@ export class FleetService {
   async handleMessage(
     topic: string,
     payload: Uint8Array,
-  ): Promise<{ ok: boolean; reason?: DropReason; error?: string }> {
+  ): Promise<{ ok: boolean; reason?: DropCause; error?: string }> {
     const r = await this.handleBatch([{ topic, payload }]);
     if (r.acked === 0) return { ok: false, error: r.error };
     return r.results[0];
@@ -389,6 +402,12 @@ export class FleetService {
       const r = await this.applyBatch(items.slice(done), decoded.slice(done));
       results.push(...r.results);
       done += r.acked;
+      // Stopped at a message the database refused for what it holds (settled, dropped): the
+      // messages after it go on in a new batch.
+      if (r.refused && done < items.length) {
+        attempt = -1;
+        continue;
+      }
       if (r.error === undefined) return { acked: done, results };
       // Lost a race with another replica (PostgreSQL deadlock or serialization failure): what
       // was committed stays, the rest is tried again. Ordered row locks make this rare.
@@ -398,6 +417,7 @@ export class FleetService {
         continue;
       }
       this.stats.applyErrors++;
+      this.writes.failed(r.cause ?? r.error);
       const d = decoded[done];
       const what = d !== PROBE && d?.ok
         ? `${d.message.type} from ${d.robotId}`
@@ -413,11 +433,22 @@ export class FleetService {
   private async applyBatch(
     items: Incoming[],
     decoded: (typeof PROBE | ReturnType<typeof decodeUp>)[],
-  ): Promise<{ acked: number; results: Outcome[]; error?: string; conflict?: boolean }> {
+  ): Promise<
+    {
+      acked: number;
+      results: Outcome[];
+      error?: string;
+      cause?: Error;
+      conflict?: boolean;
+      refused?: boolean;
+    }
+  > {
     this.stats.batches++;
     const effects: Effect[][] = decoded.map(() => []);
     const robots = decoded.flatMap((d) => d !== PROBE && d.ok ? [d.robotId] : []);
     let r: { applied: number; error?: Error };
+    // The error a step threw (rolled back to its savepoint), to tell it from a failed COMMIT.
+    let stepError: unknown;
     if (robots.length === 0) {
       // Only probe echoes and malformed messages: nothing to write. A probe then proves what it
       // proves (everything before it is committed) without the database: the broker's delivery
@@ -427,7 +458,12 @@ export class FleetService {
       try {
         r = await this.registry.batch(
           decoded.map((d, i) => async (tx) => {
-            if (d !== PROBE && d.ok) await this.apply(tx, d.robotId, d.message, effects[i]);
+            try {
+              if (d !== PROBE && d.ok) await this.apply(tx, d.robotId, d.message, effects[i]);
+            } catch (err) {
+              stepError = err;
+              throw err;
+            }
           }),
           (tx) => tx.lockRobots(robots, this.nowIso()),
         );
@@ -435,6 +471,11 @@ export class FleetService {
         r = { applied: 0, error: err as Error };
       }
     }
+    // The database refused this message for what it holds (write_errors.ts): it would be
+    // refused on every redelivery, and hold up every message behind it.
+    const refused = r.error !== undefined && r.error === stepError &&
+      isPermanentWriteError(r.error);
+    if (robots.length > 0 && (r.error === undefined || refused)) this.writes.succeeded();
     const results: Outcome[] = [];
     for (let i = 0; i < r.applied; i++) {
       const d = decoded[i];
@@ -461,11 +502,27 @@ export class FleetService {
       }
       results.push({ ok: true });
     }
+    if (r.error && refused) {
+      // The ones before it are committed; it is dropped (counted, logged, acknowledged).
+      const d = decoded[r.applied];
+      const what = d !== PROBE && d?.ok
+        ? `${d.message.type} from ${d.robotId}`
+        : `message on ${items[r.applied]?.topic}`;
+      this.stats.registryRefused++;
+      this.log.warn(
+        `dropped ${what}: the registry refused it (${
+          writeErrorCode(r.error)
+        }): ${r.error.message}; acknowledged, not applied`,
+      );
+      results.push({ ok: false, reason: "registry-refused" });
+      return { acked: r.applied + 1, results, refused: true };
+    }
     if (r.error) {
       return {
         acked: r.applied,
         results,
         error: r.error.message,
+        cause: r.error,
         conflict: isTransientConflict(r.error),
       };
     }

@@ -4,8 +4,10 @@
  * server's, every endpoint but /healthz needs an operator X.509 SVID with a role that allows
  * it (metrics: only /metrics; viewer: read; operator: also create and cancel), and mutating requests must be JSON.
  *
- *   GET  /healthz                      200 when MQTT is connected and the registry answers, else
- *                                      503 with `problems` (why); counters (no auth)
+ *   GET  /healthz                      200 when MQTT is connected and the registry reads and
+ *                                      writes, else 503 with `problems` (why; the errors in full
+ *                                      only for an operator's certificate); counters (no auth;
+ *                                      the registry's are at most 1 s old, health.ts)
  *   GET  /api/whoami                   {spiffeId, operator, role} of the caller
  *   GET  /api/stats                    counters
  *   GET  /api/robots                   {robots: [...]}
@@ -90,6 +92,7 @@ import { type MetricsRenderer, metricsResponse } from "../metrics/mod.ts";
 import { type FleetEvents, sseFrame } from "./events.ts";
 import { type DashboardSessions, sessionCookie } from "./sessions.ts";
 import { dashboardRoute } from "./dashboard.ts";
+import { HealthView } from "./health.ts";
 
 export const MAX_BODY_BYTES = 64 * 1024;
 /** The robots' replay window is as long (src/fleet/task_limits.ts): a task never outlives it. */
@@ -333,6 +336,8 @@ export interface ApiContext {
    * undefined while it is fine. /healthz also reads the registry itself, bounded.
    */
   registryProblem?: () => string | undefined;
+  /** /healthz reads the registry's counters at most this often (health.ts). Default 1000 ms. */
+  healthRefreshMs?: number;
   version?: string;
   /** Who the caller is and what it may do (auth.ts). */
   auth: AuthPolicy;
@@ -393,6 +398,34 @@ export function createHandler(
     if (!r) throw new HttpError(404, `unknown robot ${JSON.stringify(id)}`);
     return r;
   };
+  // /healthz: cached counters, never a database read per call (health.ts).
+  const health = new HealthView({
+    fleet,
+    mqttConnected: ctx.mqttConnected,
+    version: ctx.version,
+    // The replicas' view names their errors (the database): for operators (and /api/stats).
+    extra: (detailed) => ({
+      http: { refused: refusals },
+      ...(ctx.replicas && detailed ? { replicas: ctx.replicas() } : {}),
+    }),
+    problems: (detailed) => {
+      const rp = ctx.registryProblem?.();
+      if (!rp) return [];
+      return [
+        detailed
+          ? `registry: ${rp}`
+          : "registry: this replica lost its lease: off the broker until the registry answers; see the server's log",
+      ];
+    },
+    readTimeoutMs: HEALTH_REGISTRY_TIMEOUT_MS,
+    refreshMs: ctx.healthRefreshMs,
+  });
+  /** An operator with a role may see the details of /healthz's problems (nothing is refused). */
+  const operatorCalling = (conn: ConnInfo): boolean => {
+    if (!conn.peerChain?.length) return false;
+    const who = identify(conn.peerChain, authPolicy, conn);
+    return who.ok && authorize(who, "read", ctx.auth.roles).ok;
+  };
   // since: when the link went up (subscribed) or down; robots are unknown while it is down.
   // delivering: the broker echoed the server's probe lately (false while it is frozen).
   const mqttView = () => {
@@ -420,42 +453,6 @@ export function createHandler(
       http: { refused: refusals },
       ...(ctx.replicas ? { replicas: ctx.replicas() } : {}),
     };
-  };
-  /**
-   * /healthz: 200 only when the broker link is up and the registry answers (within
-   * HEALTH_REGISTRY_TIMEOUT_MS: a probe never waits on a database that does not answer); else
-   * 503 with `problems`, one line each, saying why.
-   */
-  const health = async (): Promise<[number, Record<string, unknown>]> => {
-    const problems: string[] = [];
-    let s: Awaited<ReturnType<typeof stats>> | undefined;
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    try {
-      s = await Promise.race([
-        stats(),
-        new Promise<never>((_, reject) => {
-          timer = setTimeout(
-            () => reject(new Error(`no answer within ${HEALTH_REGISTRY_TIMEOUT_MS / 1000} s`)),
-            HEALTH_REGISTRY_TIMEOUT_MS,
-          );
-        }),
-      ]);
-    } catch (err) {
-      problems.push(`registry: ${(err as Error).message}`);
-    } finally {
-      clearTimeout(timer);
-    }
-    const rp = ctx.registryProblem?.();
-    if (rp) problems.push(`registry: ${rp}`);
-    const mqtt = s?.mqtt ?? mqttView();
-    if (!mqtt.connected) problems.push("mqtt: not connected to the broker");
-    const ok = problems.length === 0;
-    return [ok ? 200 : 503, {
-      ok,
-      version: ctx.version,
-      ...(ok ? {} : { problems }),
-      ...(s ?? { mqtt, messages: fleet.stats }),
-    }];
   };
   const page = async (q: TaskQuery) => {
     const rows = await fleet.registry.listTasksPage({ ...q, limit: q.limit + 1 });
@@ -760,7 +757,7 @@ export function createHandler(
             allow: "GET, HEAD",
           });
         }
-        return json(...(await health()));
+        return json(...(await health.answer(operatorCalling(conn))));
       }
       // The dashboard's pages and its one-time login (the token is the credential).
       if (parts[0] === "dashboard") {

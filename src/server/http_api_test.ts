@@ -43,6 +43,8 @@ function setup(now = { t: Date.parse("2025-01-01T00:00:00Z") }) {
     mqttConnected: () => pub.online,
     auth: { trustDomain: web.trustDomain, bundles: web.source, roles },
     hosts: { port: 443, names: () => new Set(["localhost"]) },
+    // Every /healthz reads the registry (its 1 s cache is health_test.ts's).
+    healthRefreshMs: 0,
   });
   /** As the admin operator, with this server's Host and a JSON content type for bodies. */
   const call = async (method: string, path: string, body?: string) => {
@@ -176,6 +178,45 @@ Deno.test("HTTP API: robots, tasks, precise errors", async () => {
     assert.equal(health.json.robots.online, 1);
     pub.online = false;
     assert.equal((await call("GET", "/healthz")).status, 503);
+  } finally {
+    await registry.close();
+  }
+});
+
+Deno.test("/healthz: a registry that fails every write is a 503 that names it; 200 before and after", async () => {
+  const { registry, fleet, call } = setup();
+  try {
+    const hb = (seq: number) =>
+      up("robot-001", "heartbeat", {
+        type: "heartbeat",
+        seq,
+        bootId: "b",
+        svidExpiresAt: "2025-01-01T01:00:00.000Z",
+      }, "2025-01-01T00:00:00.000Z");
+    // Control: the writes succeed.
+    assert.equal((await fleet.handleBatch([hb(1)])).acked, 1);
+    const before = await call("GET", "/healthz");
+    assert.equal(before.status, 200, JSON.stringify(before.json));
+    assert.equal(before.json.registry.writes.ok, true);
+    // A read-only standby refuses every write (SQLSTATE 25006), as a full disk would.
+    registry.setStatementHook(() => {
+      throw Object.assign(new Error("cannot execute UPDATE in a read-only transaction"), {
+        code: "25006",
+      });
+    });
+    assert.equal((await fleet.handleBatch([hb(2)])).acked, 0);
+    const during = await call("GET", "/healthz");
+    assert.equal(during.status, 503);
+    assert.equal(during.json.ok, false);
+    assert.equal(during.json.registry.writes.ok, false);
+    assert.match(
+      during.json.problems.join("\n"),
+      /^registry: writes failing since \S+: cannot execute UPDATE in a read-only transaction$/m,
+    );
+    // Recovered by the next batch that commits.
+    registry.setStatementHook(undefined);
+    assert.equal((await fleet.handleBatch([hb(2)])).acked, 1);
+    assert.equal((await call("GET", "/healthz")).status, 200);
   } finally {
     await registry.close();
   }
@@ -409,16 +450,72 @@ Deno.test("/healthz: 503 with the registry's error when it fails or does not ans
     const down = await call("GET", "/healthz");
     assert.equal(down.status, 503);
     assert.equal(down.json.ok, false);
-    assert.deepEqual(down.json.problems, ["registry: connect ECONNREFUSED 127.0.0.1:5432"]);
+    assert.deepEqual(down.json.problems, [
+      "registry: reads fail: connect ECONNREFUSED 127.0.0.1:5432",
+    ]);
     assert.equal(down.json.mqtt.connected, true, "the link is reported without the registry");
     // A registry that does not answer at all: /healthz answers anyway, bounded.
     registry.listRobots = () => new Promise(() => {});
     const hung = await call("GET", "/healthz");
     assert.equal(hung.status, 503);
-    assert.match(hung.json.problems[0], /^registry: no answer within 1\.5 s$/);
+    assert.match(hung.json.problems[0], /^registry: reads fail: no answer within 1\.5 s$/);
     registry.listRobots = real;
     assert.equal((await call("GET", "/healthz")).status, 200);
   } finally {
+    await registry.close();
+  }
+});
+
+Deno.test("/healthz: the database's address and error only for an operator; anyone else gets what kind of problem", async () => {
+  const { registry, fleet, handler, call } = setup();
+  try {
+    const anonymous = async () => {
+      const res = await handler(
+        new Request("https://localhost/healthz", { headers: { host: "localhost" } }),
+      );
+      return { status: res.status, text: await res.text() };
+    };
+    // Control: healthy, the same answer for both.
+    assert.equal((await anonymous()).status, 200);
+    const where = "postgres://k8s4r@db.internal.example:5432/fleet";
+    registry.listRobots = () =>
+      Promise.reject(
+        Object.assign(new Error(`${where}: cannot connect: connect ECONNREFUSED 10.1.2.3:5432`), {
+          code: "08006",
+        }),
+      );
+    registry.setStatementHook(() => {
+      throw Object.assign(new Error(`${where}: cannot execute UPDATE in a read-only transaction`), {
+        code: "25006",
+      });
+    });
+    const hb = up("robot-001", "heartbeat", {
+      type: "heartbeat",
+      seq: 1,
+      svidExpiresAt: "2025-01-01T01:00:00.000Z",
+    }, "2025-01-01T00:00:00.000Z");
+    assert.equal((await fleet.handleBatch([hb])).acked, 0);
+    const anon = await anonymous();
+    assert.equal(anon.status, 503);
+    for (const secret of ["db.internal", "10.1.2.3", "5432", "postgres://", "read-only"]) {
+      assert.ok(!anon.text.includes(secret), `${secret} shown to anyone: ${anon.text}`);
+    }
+    assert.deepEqual(JSON.parse(anon.text).problems, [
+      "registry: reads fail (SQLSTATE 08006); see the server's log",
+      `registry: writes failing since ${
+        JSON.parse(anon.text).registry.writes.failingSince
+      } (SQLSTATE 25006); see the server's log`,
+    ]);
+    // The operator (the doctor calls as one) sees what failed and where.
+    const op = await call("GET", "/healthz");
+    assert.equal(op.status, 503);
+    assert.match(
+      op.json.problems[0],
+      /^registry: reads fail: .*db\.internal\.example.*ECONNREFUSED/,
+    );
+    assert.match(op.json.problems[1], /read-only transaction$/);
+  } finally {
+    registry.setStatementHook(undefined);
     await registry.close();
   }
 });

@@ -58,6 +58,8 @@ export interface MessageStats {
   staleTaskReports?: number;
   /** Task reports for a task that is not this robot's. */
   unknownTaskReports?: number;
+  /** Messages the database refused for what they hold: dropped (`registry-refused`). */
+  registryRefused?: number;
   /** `refused` task reports by reason (`task`: no reason, an ordinary refusal). */
   refusals?: Readonly<Record<string, number>>;
   /** Tasks or cancels that could not be signed (the server's SVID), hence not sent. */
@@ -116,6 +118,7 @@ export const DROP_REASONS = [
   "robot-id-mismatch",
   "unknown-task",
   "stale-task-report",
+  "registry-refused",
 ] as const;
 
 /** Every reason a robot gives for refusing a task (`task`: none, an ordinary refusal). */
@@ -349,6 +352,8 @@ export class FleetMetrics implements MetricsRenderer {
         counts["unknown-task"] = (counts["unknown-task"] ?? 0) + (s.unknownTaskReports ?? 0);
         counts["stale-task-report"] = (counts["stale-task-report"] ?? 0) +
           (s.staleTaskReports ?? 0);
+        counts["registry-refused"] = (counts["registry-refused"] ?? 0) +
+          (s.registryRefused ?? 0);
         const reasons = new Set<string>([...DROP_REASONS, ...Object.keys(counts)]);
         for (const r of reasons) this.inc({ reason: r }, counts[r] ?? 0);
       },

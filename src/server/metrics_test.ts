@@ -165,7 +165,7 @@ Deno.test("fleet metrics: realistic data renders every catalogue series and pass
   assert.equal(sample(text, 'k8s4r_task_refusals_total{reason="task"}'), 3);
   assert.equal(sample(text, "k8s4r_task_sign_errors_total"), 1);
   assert.equal(sample(text, 'k8s4r_messages_dropped_total{reason="stale-task-report"}'), 2);
-  assert.equal(lines(text, "k8s4r_messages_dropped_total").length, 8);
+  assert.equal(lines(text, "k8s4r_messages_dropped_total").length, 9);
 
   assert.equal(sample(text, 'k8s4r_tasks{state="done"}'), 5);
   assert.equal(sample(text, 'k8s4r_tasks{state="expired"}'), 0, "every state has a series");

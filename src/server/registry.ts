@@ -22,6 +22,7 @@
 import type { DeviceInfo } from "../mqtt/messages.ts";
 import { applyHeartbeat, firstHeartbeat, openGaps } from "./heartbeat_window.ts";
 import { isFinal, isTaskState, type TaskEvent, type TaskState, transition } from "./tasks.ts";
+import { addBounded, boundedGap } from "./heartbeat_bounds.ts";
 
 export { SCHEMA_VERSION } from "./schema.ts";
 
@@ -370,10 +371,12 @@ function robotFromRow(r: Row): RobotRecord {
     heartbeatIntervalSeconds: num(r.heartbeat_interval_seconds),
     lastHeartbeatSeq: num(r.last_heartbeat_seq),
     heartbeatsReceived: num(r.heartbeats_received) ?? 0,
-    heartbeatsMissing: (num(r.heartbeats_missing) ?? 0) +
-      (num(r.last_heartbeat_seq) !== null
+    heartbeatsMissing: addBounded(
+      num(r.heartbeats_missing) ?? 0,
+      num(r.last_heartbeat_seq) !== null
         ? openGaps(num(r.last_heartbeat_seq)!, str(r.heartbeat_window), num(r.heartbeat_low_seq))
-        : 0),
+        : 0,
+    ),
     device,
     bootId: str(r.boot_id),
     statusOrder: num(r.status_connection) !== null
@@ -566,6 +569,9 @@ export class RegistryTx {
         : 0;
       next = { ...firstHeartbeat(hb.seq), lost: lost + closed };
     }
+    // Bounded (heartbeat_bounds.ts): a robot chooses its seq and boot, and its jumps must not
+    // overflow the counter (seq 0 then 2^53-1 on 1025 boots passed 2^63).
+    next.lost = addBounded(lost, boundedGap(next.lost - lost));
     let device: string | null = null;
     if (hb.load && typeof prev?.device === "string") {
       try {
@@ -596,7 +602,7 @@ export class RegistryTx {
       bootId: hb.bootId ?? null,
       // The gap just before this one (seqs skipped since the newest of its boot); a late one
       // that fills a gap counts 0 here.
-      missing: sameBoot && hb.seq > prevSeq! ? hb.seq - prevSeq! - 1 : 0,
+      missing: sameBoot && hb.seq > prevSeq! ? boundedGap(hb.seq - prevSeq! - 1) : 0,
       info: hb,
     });
     return { bootId };

@@ -20,7 +20,9 @@
  * Secrets: the password comes from `--database-password-file` (0600) or the environment
  * (K8S4R_DATABASE_PASSWORD, PGPASSWORD), never from the URL (refused) or argv. The pool gets
  * it as a field, never inside a connection string; every message this module produces is
- * passed through `redactSecrets`.
+ * passed through `redactSecrets`. It is answered only in a form a stranger cannot use: SCRAM,
+ * or cleartext/MD5 over TLS with `?sslmode=verify-full` (postgres_connect.ts); a server that
+ * asks for it in cleartext on a plain connection is refused (it may be whoever took the port).
  */
 // @ts-types="@types/pg"
 import pg from "pg";
@@ -35,17 +37,37 @@ import {
 import { MIGRATIONS, newerSchemaError } from "./schema.ts";
 import { Turns } from "./turns.ts";
 import { VERSION } from "../version.ts";
+import {
+  newClient,
+  type PgEndpoint,
+  poolConfig,
+  SSL_MODES,
+  type SslMode,
+} from "./postgres_connect.ts";
 
-export interface PostgresConfig {
-  /** A host name or address, or the directory of the server's unix socket (absolute path). */
-  host: string;
-  port: number;
-  user: string;
-  database: string;
-  password?: string;
-}
+/**
+ * Where the registry lives (postgres_connect.ts `PgEndpoint`): host (or socket directory),
+ * port, user, database, the password, and `sslmode` (`disable` or `verify-full`) with its
+ * `sslrootcert`.
+ */
+export type PostgresConfig = PgEndpoint;
 
 export const DEFAULT_PG_PORT = 5432;
+
+/**
+ * The server ends a statement after this (`statement_timeout`); the client gives up on an
+ * answer a little later (`query_timeout`), so a PostgreSQL that does not answer at all (frozen,
+ * SIGSTOP; a network that drops everything) fails the query instead of hanging the server: the
+ * kernel completes TCP (and unix socket) handshakes and acknowledges keepalives for a stopped
+ * process, so neither the connect nor TCP keepalive would ever notice.
+ */
+export const STATEMENT_TIMEOUT_MS = 30_000;
+export const QUERY_TIMEOUT_MS = STATEMENT_TIMEOUT_MS + 5_000;
+
+/** pg's error when `query_timeout` passed: that connection may still get the late answer. */
+function queryTimedOut(err: unknown): boolean {
+  return /Query read timeout/.test((err as Error | undefined)?.message ?? "");
+}
 
 /** Any advisory-lock key, as long as every k8s4r uses the same one ('k8s4rmig'). */
 const MIGRATION_LOCK_KEY = "7725019788023474535";
@@ -60,7 +82,8 @@ export function redactSecrets(text: string, secrets: (string | undefined)[] = []
 }
 
 const USAGE =
-  "expected postgres://USER@HOST:PORT/DATABASE or postgres://USER@/DATABASE?host=/socket/dir";
+  "expected postgres://USER@HOST:PORT/DATABASE[?sslmode=verify-full&sslrootcert=CA.pem] or postgres://USER@/DATABASE?host=/socket/dir";
+const PARAMS = ["host", "port", "sslmode", "sslrootcert"];
 
 /**
  * Parses `--database`. Refuses a URL that carries a password: it would be in `ps`, in shell
@@ -88,9 +111,7 @@ export function parseDatabaseUrl(raw: string, defaultUser: string): PostgresConf
     );
   }
   for (const k of u.searchParams.keys()) {
-    if (k !== "host" && k !== "port") {
-      bad(`unsupported parameter '${k}' (supported: host, port)`);
-    }
+    if (!PARAMS.includes(k)) bad(`unsupported parameter '${k}' (supported: ${PARAMS.join(", ")})`);
   }
   const dec = (s: string, what: string) => {
     try {
@@ -117,7 +138,28 @@ export function parseDatabaseUrl(raw: string, defaultUser: string): PostgresConf
   const database = dec(u.pathname.replace(/^\//, ""), "database");
   if (database === "" || database.includes("/")) bad(`no database name: ${USAGE}`);
   const user = dec(u.username, "user") || defaultUser;
-  return { host, port, user, database };
+  const config: PostgresConfig = { host, port, user, database };
+  const mode = u.searchParams.get("sslmode");
+  if (mode !== null) {
+    if (!SSL_MODES.includes(mode as SslMode)) {
+      bad(
+        `sslmode: expected ${
+          SSL_MODES.join(" or ")
+        }, got '${mode}' (require and verify-ca do not check who answers)`,
+      );
+    }
+    if (mode === "verify-full" && host.startsWith("/")) {
+      bad("sslmode=verify-full: PostgreSQL has no TLS on a unix socket; use a host name");
+    }
+    if (mode === "verify-full") config.sslmode = mode; // disable: the default, not stored
+  }
+  const rootCert = u.searchParams.get("sslrootcert");
+  if (rootCert !== null) {
+    if (config.sslmode !== "verify-full") bad("sslrootcert: only with sslmode=verify-full");
+    if (!rootCert.startsWith("/")) bad(`sslrootcert: expected an absolute path, got '${rootCert}'`);
+    config.sslrootcert = rootCert;
+  }
+  return config;
 }
 
 /** The URL of a config, without its password: what logs and errors show. */
@@ -130,7 +172,10 @@ export function describePostgres(c: PostgresConfig): string {
     }`;
   }
   const host = c.host.includes(":") ? `[${c.host}]` : c.host;
-  return `postgres://${user}@${host}:${c.port}/${db}`;
+  const tls = c.sslmode === "verify-full"
+    ? `?sslmode=verify-full${c.sslrootcert ? `&sslrootcert=${c.sslrootcert}` : ""}`
+    : "";
+  return `postgres://${user}@${host}:${c.port}/${db}${tls}`;
 }
 
 /**
@@ -252,7 +297,11 @@ class PgConn implements SqlConn {
 export interface PostgresOptions {
   /** Idle connections that fail (the server went away) are reported here. */
   onError?: (message: string) => void;
-  /** Connections in the pool. Default 4: the ingest writer, HTTP reads, dispatch writes. */
+  /**
+   * Connections in all. Default 4: one is the writer's alone (every write transaction of this
+   * process, one at a time: the ingest batches, task writes, the sweeper), the others are
+   * shared by reads (the HTTP API, dispatch). Reads can therefore never starve the writer.
+   */
   maxConnections?: number;
 }
 
@@ -261,7 +310,10 @@ class PostgresBackend implements SqlBackend {
   readonly location: string;
   readonly #config: PostgresConfig;
   readonly #locks = new Set<pg.Client>();
+  /** Reads. */
   readonly #pool: pg.Pool;
+  /** The writer's own connection (write transactions run one at a time: `#writes`). */
+  readonly #writer: pg.Pool;
   readonly #writes = new Turns();
   readonly #statements = new Map<string, Prepared>();
   readonly #secrets: (string | undefined)[];
@@ -273,27 +325,38 @@ class PostgresBackend implements SqlBackend {
     this.location = describePostgres(config);
     this.#config = config;
     this.#secrets = [config.password];
-    this.#pool = new pg.Pool({
-      host: config.host,
-      port: config.port,
-      user: config.user,
-      database: config.database,
-      password: config.password,
-      // Explicit: pg would otherwise read PGSSLMODE from the environment.
-      ssl: false,
-      max: opts.maxConnections ?? 4,
-      connectionTimeoutMillis: 10_000,
-      idleTimeoutMillis: 30_000,
-      keepAlive: true,
-      application_name: "k8s4r-server",
-      // Server-side bounds: a stuck statement or a forgotten transaction cannot hold locks
-      // forever (the batch fails, is not acknowledged, and is delivered again).
-      options: "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000",
-      types: TYPES,
-    });
-    this.#pool.on("error", (err) => {
-      opts.onError?.(`${this.location}: idle connection failed: ${this.wrap(err).message}`);
-    });
+    // Refuses to give the password away (cleartext/MD5 without verified TLS), TLS as
+    // configured: postgres_connect.ts.
+    const pool = (max: number, role: string) => {
+      const p = new pg.Pool(poolConfig(config, {
+        max,
+        connectionTimeoutMillis: 10_000,
+        idleTimeoutMillis: 30_000,
+        // A connection whose peer vanished (a host gone, a cable pulled) is found out by TCP
+        // keepalive in about 10 s + 9 probes, not the kernel's default of 2 hours.
+        keepAlive: true,
+        keepAliveInitialDelayMillis: 10_000,
+        // Client-side bound on every query (see QUERY_TIMEOUT_MS).
+        query_timeout: QUERY_TIMEOUT_MS,
+        application_name: "k8s4r-server",
+        // Server-side bounds: a stuck statement or a forgotten transaction cannot hold locks
+        // forever (the batch fails, is not acknowledged, and is delivered again).
+        options:
+          `-c statement_timeout=${STATEMENT_TIMEOUT_MS} -c idle_in_transaction_session_timeout=60000`,
+        types: TYPES,
+      }));
+      p.on("error", (err) => {
+        opts.onError?.(
+          `${this.location}: idle ${role} connection failed: ${this.wrap(err).message}`,
+        );
+      });
+      return p;
+    };
+    // A flood of reads (600 concurrent /healthz over 3000 robots did) used to take every
+    // connection of one shared pool, and the ingest write then failed after 10 s waiting for
+    // one ("timeout exceeded when trying to connect"): the writer has a pool of its own.
+    this.#writer = pool(1, "writer");
+    this.#pool = pool(Math.max(1, (opts.maxConnections ?? 4) - 1), "read");
   }
 
   /** One name per SQL text: each pooled connection prepares it on first use, then reuses it. */
@@ -324,7 +387,7 @@ class PostgresBackend implements SqlBackend {
    */
   async connect(): Promise<pg.PoolClient> {
     try {
-      const client = await this.#pool.connect();
+      const client = await this.#writer.connect();
       const onError = (err: Error) => this.onError?.(`${this.location}: ${this.wrap(err).message}`);
       client.on("error", onError);
       const release = client.release.bind(client);
@@ -368,10 +431,16 @@ class PostgresBackend implements SqlBackend {
       await q("COMMIT");
       return r;
     } catch (err) {
-      try {
-        await client.query("ROLLBACK");
-      } catch (e) {
-        broken = e as Error; // the connection is gone: the pool must not reuse it
+      if (queryTimedOut(err)) {
+        // No answer: the connection may still get it later, so it is never used again (and a
+        // ROLLBACK on it would wait as long).
+        broken = err as Error;
+      } else {
+        try {
+          await client.query("ROLLBACK");
+        } catch (e) {
+          broken = e as Error; // the connection is gone: the pool must not reuse it
+        }
       }
       throw err;
     } finally {
@@ -413,10 +482,14 @@ class PostgresBackend implements SqlBackend {
       }
       await client.query("COMMIT");
     } catch (err) {
-      try {
-        await client.query("ROLLBACK");
-      } catch (e) {
-        broken = e as Error;
+      if (queryTimedOut(err)) {
+        broken = err as Error;
+      } else {
+        try {
+          await client.query("ROLLBACK");
+        } catch (e) {
+          broken = e as Error;
+        }
       }
       if (err === refused) throw err;
       const w = this.wrap(err);
@@ -452,16 +525,12 @@ class PostgresBackend implements SqlBackend {
    * process can take it at once. Undefined when another session holds it.
    */
   async tryLock(key: string): Promise<SessionLock | undefined> {
-    const c = this.#config;
-    const client = new pg.Client({
-      host: c.host,
-      port: c.port,
-      user: c.user,
-      database: c.database,
-      password: c.password,
-      ssl: false,
+    // The pools' rules (postgres_connect.ts: no password in cleartext, TLS as configured).
+    const client = newClient(this.#config, {
       connectionTimeoutMillis: 5_000,
       keepAlive: true,
+      keepAliveInitialDelayMillis: 10_000,
+      query_timeout: QUERY_TIMEOUT_MS,
       application_name: "k8s4r-server-lock",
       types: TYPES,
     });
@@ -496,7 +565,7 @@ class PostgresBackend implements SqlBackend {
   async close(): Promise<void> {
     for (const c of this.#locks) await c.end().catch(() => {});
     this.#locks.clear();
-    await this.#pool.end();
+    await Promise.all([this.#pool.end(), this.#writer.end()]);
   }
 }
 

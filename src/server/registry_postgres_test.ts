@@ -44,6 +44,23 @@ Deno.test("--database: TCP, unix socket and IPv6 forms; the URL shown is the URL
       { host: "/tmp/s", port: 6000, user: "me", database: "fleet" },
       "postgres://me@/fleet?host=/tmp/s&port=6000",
     ],
+    [
+      "postgres://k8s4r@db.example/fleet?sslmode=verify-full&sslrootcert=/etc/k8s4r/pg-ca.pem",
+      {
+        host: "db.example",
+        port: 5432,
+        user: "k8s4r",
+        database: "fleet",
+        sslmode: "verify-full",
+        sslrootcert: "/etc/k8s4r/pg-ca.pem",
+      },
+      "postgres://k8s4r@db.example:5432/fleet?sslmode=verify-full&sslrootcert=/etc/k8s4r/pg-ca.pem",
+    ],
+    [
+      "postgres://k8s4r@db.example/fleet?sslmode=disable",
+      { host: "db.example", port: 5432, user: "k8s4r", database: "fleet" },
+      "postgres://k8s4r@db.example:5432/fleet",
+    ],
   ];
   for (const [raw, want, shown] of cases) {
     const c = parseDatabaseUrl(raw, "me");
@@ -81,9 +98,17 @@ Deno.test("--database: precise errors for what is not a PostgreSQL URL", () => {
     ["postgres://u@h:99999/db", /expected postgres|port: expected 1-65535/],
     ["postgres://u@/db", /no host/],
     [
-      "postgres://u@h/db?sslmode=require",
-      /unsupported parameter 'sslmode' \(supported: host, port\)/,
+      "postgres://u@h/db?sslcert=/x",
+      /unsupported parameter 'sslcert' \(supported: host, port, sslmode, sslrootcert\)/,
     ],
+    [
+      "postgres://u@h/db?sslmode=require",
+      /sslmode: expected disable or verify-full, got 'require'/,
+    ],
+    ["postgres://u@h/db?sslmode=prefer", /sslmode: expected disable or verify-full/],
+    ["postgres://u@/db?host=/s&sslmode=verify-full", /no TLS on a unix socket/],
+    ["postgres://u@h/db?sslrootcert=/ca.pem", /sslrootcert: only with sslmode=verify-full/],
+    ["postgres://u@h/db?sslmode=verify-full&sslrootcert=ca.pem", /expected an absolute path/],
     ["postgres://u@h/db?host=/x", /either before the path or as \?host=/],
     ["postgres:///db?host=relative/dir", /must be an absolute path/],
   ];

@@ -15,10 +15,35 @@ import { Turns } from "./turns.ts";
 
 export const DB_FILE = "registry.sqlite";
 
-/** Opens (creating if needed) `<dataDir>/registry.sqlite` and migrates it. */
+/**
+ * Opens (creating if needed) `<dataDir>/registry.sqlite` and migrates it. The registry holds
+ * the fleet's robots and tasks (their commands, output and environment): the file and its
+ * `-wal`/`-shm` are the owner's alone (0600), whatever the umask or the mode of an existing data
+ * dir (SQLite gives `-wal`/`-shm` the database file's mode). A data dir that group or others
+ * may write to is refused: they could replace the files.
+ */
 export async function openSqliteRegistry(dataDir: string): Promise<Registry> {
   await Deno.mkdir(dataDir, { recursive: true, mode: 0o700 });
-  return openSqliteFile(join(dataDir, DB_FILE));
+  const st = await Deno.stat(dataDir);
+  if (st.mode !== null && (st.mode & 0o022) !== 0) {
+    throw new Error(
+      `${dataDir}: the registry's data dir is writable by group or others (mode ${
+        (st.mode & 0o7777).toString(8)
+      }); run chmod go-w ${dataDir}`,
+    );
+  }
+  const path = join(dataDir, DB_FILE);
+  // Created 0600 before SQLite opens it (SQLite would create it 0644 under the usual umask).
+  (await Deno.open(path, { create: true, write: true, mode: 0o600 })).close();
+  for (const f of [path, `${path}-wal`, `${path}-shm`]) {
+    try {
+      const m = (await Deno.stat(f)).mode;
+      if (m !== null && (m & 0o077) !== 0) await Deno.chmod(f, m & 0o700);
+    } catch (err) {
+      if (!(err instanceof Deno.errors.NotFound)) throw err;
+    }
+  }
+  return openSqliteFile(path);
 }
 
 /** `:memory:` is accepted, for unit tests. */

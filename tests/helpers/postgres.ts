@@ -1,6 +1,7 @@
 /**
  * A REAL PostgreSQL for tests (src/postgres/cluster.ts): initdb + pg_ctl in a temp dir, a unix
- * socket in that dir and a free loopback port, SCRAM-SHA-256 for both. The application role
+ * socket in that dir and a free loopback port, SCRAM-SHA-256 for both, TLS on the port (a
+ * certificate for `localhost` from a throwaway CA, for sslmode=verify-full). The application role
  * `k8s4r` (no superuser) owns the databases tests create; its password is in a 0600 file, as
  * `k8s4r server --database-password-file` wants it.
  *
@@ -20,6 +21,7 @@ import {
   type PostgresConfig,
 } from "../../src/server/registry_postgres.ts";
 import type { RegistryFixture } from "../../src/server/testing/registry_contract.ts";
+import { TestCa } from "../../src/spiffe/testing/test_ca.ts";
 
 const PREFIX = "k8s4r-pg-";
 export const APP_USER = "k8s4r";
@@ -35,18 +37,34 @@ export interface TestPostgres {
   /** The app role's password, mode 0600. */
   passwordFile: string;
   cluster: PostgresCluster;
-  /** How the server connects: unix socket (default) or TCP on 127.0.0.1, with the password. */
-  config(database: string, via?: "socket" | "tcp"): PostgresConfig;
+  /** The CA (PEM file) of the server's TLS certificate, issued for `localhost`. */
+  tlsCaFile: string;
+  /**
+   * How the server connects: unix socket (default), TCP on 127.0.0.1, or TLS on TCP to
+   * `localhost` (sslmode=verify-full against `tlsCaFile`); with the password.
+   */
+  config(database: string, via?: Via): PostgresConfig;
   /** The same, as the `--database` URL (never with a password). */
-  url(database: string, via?: "socket" | "tcp"): string;
+  url(database: string, via?: Via): string;
   /** A new empty database owned by the app role. */
   createDatabase(prefix?: string): Promise<string>;
   dropDatabase(name: string): Promise<void>;
   /** A statement as the superuser. */
   admin(sql: string, params?: unknown[], database?: string): Promise<Record<string, unknown>[]>;
+  /** A session of its own as the superuser (to hold a transaction open); end() it. */
+  adminSession(database: string): Promise<pg.Client>;
   logTail(n?: number): Promise<string>;
+  /**
+   * SIGSTOP to the server and every process it forked (backends, checkpointer...): a frozen
+   * PostgreSQL, whose sockets the kernel still accepts and acknowledges. Returns the pids.
+   */
+  freeze(): number[];
+  /** SIGCONT to what `freeze` stopped. */
+  thaw(): void;
   destroy(): Promise<void>;
 }
+
+export type Via = "socket" | "tcp" | "tls";
 
 function secret(): string {
   return Array.from(crypto.getRandomValues(new Uint8Array(18)))
@@ -66,6 +84,9 @@ export async function startTestPostgres(): Promise<TestPostgres> {
   const adminPassword = secret();
   const password = secret();
   const port = freePort();
+  // TLS on TCP, for sslmode=verify-full: a throwaway CA and a certificate for localhost.
+  const ca = TestCa.create({ commonName: "k8s4r test PostgreSQL CA" });
+  const serverCert = ca.issue({ dnsNames: ["localhost"], ttlSeconds: 24 * 3600 });
   let cluster: PostgresCluster | undefined;
   const pools = new Map<string, pg.Pool>();
   const adminPool = (database: string) => {
@@ -97,6 +118,7 @@ export async function startTestPostgres(): Promise<TestPostgres> {
       port,
       superuser: ADMIN,
       superuserPassword: adminPassword,
+      tls: { certPem: serverCert.certPem, keyPem: serverCert.keyPem },
     });
     await cluster.start();
     // The password is a random hex string: nothing in it needs quoting.
@@ -114,14 +136,26 @@ export async function startTestPostgres(): Promise<TestPostgres> {
   // The client side's file: readable by us only (the dir itself belongs to postgres).
   const passwordFile = join(dir, "k8s4r.pw");
   await Deno.writeTextFile(passwordFile, password + "\n", { mode: 0o600 });
+  const tlsCaFile = join(dir, "tls-ca.pem");
+  await Deno.writeTextFile(tlsCaFile, ca.rootPem);
   let n = 0;
+  let frozen: number[] = [];
+  const thaw = () => {
+    for (const pid of frozen) {
+      try {
+        Deno.kill(pid, "SIGCONT");
+      } catch { /* gone */ }
+    }
+    frozen = [];
+  };
   const c = cluster;
-  const config = (database: string, via: "socket" | "tcp" = "socket"): PostgresConfig => ({
-    host: via === "socket" ? dir : "127.0.0.1",
+  const config = (database: string, via: Via = "socket"): PostgresConfig => ({
+    host: via === "socket" ? dir : via === "tls" ? "localhost" : "127.0.0.1",
     port,
     user: APP_USER,
     database,
     password,
+    ...(via === "tls" ? { sslmode: "verify-full" as const, sslrootcert: tlsCaFile } : {}),
   });
   return {
     dir,
@@ -131,6 +165,7 @@ export async function startTestPostgres(): Promise<TestPostgres> {
     user: APP_USER,
     password,
     passwordFile,
+    tlsCaFile,
     cluster: c,
     config,
     url: (database, via) => describePostgres(config(database, via)),
@@ -150,12 +185,49 @@ export async function startTestPostgres(): Promise<TestPostgres> {
     async admin(sql, params = [], database = "postgres") {
       return (await adminPool(database).query(sql, params)).rows;
     },
+    async adminSession(database) {
+      const client = new pg.Client({
+        host: dir,
+        port,
+        user: ADMIN,
+        password: adminPassword,
+        database,
+        ssl: false,
+      });
+      client.on("error", () => {}); // the server stopping under it
+      await client.connect();
+      return client;
+    },
     logTail: (lines) => c.logTail(lines),
+    freeze() {
+      const root = c.pid;
+      if (root === undefined) throw new Error("freeze: the test PostgreSQL is not running");
+      frozen = [root, ...childrenOf(root)];
+      for (const pid of frozen) Deno.kill(pid, "SIGSTOP");
+      return frozen;
+    },
+    thaw,
     async destroy() {
+      thaw();
       await closeAdmin();
       await c.destroy();
     },
   };
+}
+
+/** The processes whose parent is `pid` (from /proc; PostgreSQL's backends and workers). */
+function childrenOf(pid: number): number[] {
+  const out: number[] = [];
+  for (const e of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(e.name)) continue;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${e.name}/stat`);
+      // pid (comm) state ppid ...: comm may hold spaces, so read after the last ')'.
+      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      if (ppid === pid) out.push(Number(e.name));
+    } catch { /* gone */ }
+  }
+  return out;
 }
 
 /** The registry contract's PostgreSQL store: a new database per case. */
@@ -172,6 +244,9 @@ export function postgresFixture(pgs: TestPostgres): RegistryFixture {
             [v],
             db,
           );
+        },
+        async exec(sql) {
+          await pgs.admin(sql, [], db);
         },
         dispose: () => pgs.dropDatabase(db),
       };

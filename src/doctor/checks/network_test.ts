@@ -289,6 +289,27 @@ Deno.test("server.healthz and server.robot", async () => {
     down.detail,
     "GET https://localhost:8090/healthz answered 503: not connected to the broker",
   );
+  // The registry refuses every write: the doctor fails and says where to look.
+  const writes = await byId("server.healthz").run(
+    fakeContext({
+      net: http(503, {
+        ok: false,
+        problems: [
+          "registry: writes failing since 2030-01-01T00:00:00.000Z: database or disk is full",
+        ],
+        mqtt: { connected: true },
+      }),
+    }),
+  );
+  assert.equal(writes.status, "fail");
+  assert.match(writes.detail, /answered 503: registry: writes failing since .*disk is full/);
+  assert.match(writes.hint ?? "", /registry refuses writes.*df -h.*read-only standby/);
+  const reads = await byId("server.healthz").run(
+    fakeContext({
+      net: http(503, { ok: false, problems: ["registry: reads fail: no answer within 1.5 s"] }),
+    }),
+  );
+  assert.match(reads.hint ?? "", /registry does not answer: start its database/);
   const noRegistry = await byId("server.healthz").run(
     fakeContext({
       net: http(503, {

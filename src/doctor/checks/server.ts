@@ -38,18 +38,24 @@ const healthz: Check = {
     }
     if (r.status !== 200) {
       let why = "";
-      let registry = false;
+      let registry: "reads" | "writes" | undefined;
       try {
         const b = JSON.parse(r.body);
         const problems: unknown = b?.problems;
         if (Array.isArray(problems) && problems.length) {
           why = `: ${problems.join("; ")}`;
-          registry = problems.some((p) => String(p).startsWith("registry:"));
+          const p = problems.map(String);
+          if (p.some((x) => x.startsWith("registry: writes"))) registry = "writes";
+          else if (p.some((x) => x.startsWith("registry:"))) registry = "reads";
         } else if (b?.mqtt?.connected === false) why = ": not connected to the broker";
       } catch { /* not JSON */ }
       return fail(
         `GET ${url} answered ${r.status}${why}`,
-        registry
+        registry === "writes"
+          ? "the fleet server's registry refuses writes: no message is acknowledged until it " +
+            "takes them (a full disk: df -h on its data dir; PostgreSQL: a read-only standby, " +
+            `see its log); the server's log: tail -n 50 ${log}`
+          : registry === "reads"
           ? "the fleet server's registry does not answer: start its database (PostgreSQL: " +
             `\`k8s4r devenv status\`, then \`k8s4r devenv start\`); its log: tail -n 50 ${log}`
           : `tail -n 50 ${log}   # then: k8s4r doctor --only broker`,

@@ -18,6 +18,7 @@ import {
   type Publisher,
 } from "../fleet.ts";
 import { type Dialect, type Registry, SCHEMA_VERSION } from "../registry.ts";
+import { MAX_HEARTBEAT_GAP } from "../heartbeat_bounds.ts";
 import { TestHttps, UNSIGNED } from "../testing.ts";
 import { checkDown, TaskSigner } from "../../mqtt/signed.ts";
 import { parseJws } from "../../spiffe/jws.ts";
@@ -31,6 +32,8 @@ export interface RegistryStore {
   open(): Promise<Registry>;
   /** Marks the store as written by a k8s4r whose schema is version `v`. */
   forgeSchemaVersion(v: number): Promise<void>;
+  /** Runs statements on the store as its administrator, beside the registry (sabotage). */
+  exec(sql: string): Promise<void>;
   /** Deletes the store. */
   dispose(): Promise<void>;
 }
@@ -572,10 +575,10 @@ async function withFleet(
     pub: FakePublisher;
     fleet: FleetService;
     logs: string[];
-  }) => Promise<void>,
+  }, store: RegistryStore) => Promise<void>,
   opts: { probe?: boolean } = {},
 ): Promise<void> {
-  await withRegistry(f, async (registry) => {
+  await withRegistry(f, async (registry, store) => {
     const clock = { t: T0 };
     const pub = new FakePublisher();
     const logs: string[] = [];
@@ -587,7 +590,7 @@ async function withFleet(
       ...(opts.probe ? { probeTopic: PROBE_TOPIC, probeStallMs: 2000 } : {}),
     });
     try {
-      await fn({ clock, registry, pub, fleet, logs });
+      await fn({ clock, registry, pub, fleet, logs }, store);
     } finally {
       await fleet.settled();
     }
@@ -1493,6 +1496,106 @@ export const fleetCases: ContractCase[] = [
         // The task the register of connection 2 owed the robot was sent after its commit.
         await fleet.settled();
         assert.ok(pub.sent.length > before, "the applied register dispatched the pending task");
+      }),
+  },
+  {
+    name: "a robot cannot wedge ingest with heartbeat gaps: each gap and the counter are bounded",
+    fn: (f) =>
+      withFleet(f, async ({ fleet, registry }, store) => {
+        // Control: an ordinary gap counts as missing.
+        const ok = await fleet.handleBatch([
+          heartbeat("robot-ok", T0, 1, "ok"),
+          heartbeat("robot-ok", T0 + 1, 4, "ok"),
+        ]);
+        assert.equal(ok.acked, 2);
+        assert.equal((await registry.getRobot("robot-ok"))!.heartbeatsMissing, 2);
+        // The poison: seq 0 then the largest seq, on a new boot each time. 1025 such pairs
+        // add more than 2^63 (PostgreSQL's BIGINT: 22003, refused forever; SQLite: a float).
+        const big = Number.MAX_SAFE_INTEGER;
+        const poison: { topic: string; payload: Uint8Array }[] = [];
+        for (let i = 0; i < 1025; i++) {
+          poison.push(heartbeat("robot-evil", T0 + 2, 0, `b${i}`));
+          poison.push(heartbeat("robot-evil", T0 + 2, big, `b${i}`));
+        }
+        let seq = 4;
+        for (let i = 0; i < poison.length; i += 500) {
+          // Another robot's heartbeat behind the poison, in the same batch.
+          const items = [...poison.slice(i, i + 500), heartbeat("robot-ok", T0 + 3, ++seq, "ok")];
+          const r = await fleet.handleBatch(items);
+          assert.equal(r.error, undefined, String(r.error));
+          assert.equal(r.acked, items.length);
+        }
+        const evil = (await registry.getRobot("robot-evil"))!;
+        assert.ok(Number.isSafeInteger(evil.heartbeatsMissing), String(evil.heartbeatsMissing));
+        assert.ok(
+          evil.heartbeatsMissing <= MAX_HEARTBEAT_GAP * poison.length,
+          "no heartbeat counts more than MAX_HEARTBEAT_GAP missing",
+        );
+        assert.ok(evil.heartbeatsMissing > 0, "the gaps still count, bounded");
+        assert.equal(evil.heartbeatsReceived, poison.length);
+        const good = (await registry.getRobot("robot-ok"))!;
+        assert.equal(good.lastHeartbeatSeq, seq);
+        assert.equal(good.heartbeatsMissing, 2, "the other robot's accounting is untouched");
+        assert.equal(fleet.stats.applyErrors, 0);
+        // The counter itself stops at the ceiling (a value an older k8s4r let grow).
+        await store.exec(
+          `UPDATE robots SET heartbeats_missing = ${big - 1} WHERE id = 'robot-ok'`,
+        );
+        const top = await fleet.handleBatch([heartbeat("robot-ok", T0 + 4, seq + 10, "ok")]);
+        assert.equal(top.acked, 1, String(top.error));
+        assert.equal((await registry.getRobot("robot-ok"))!.heartbeatsMissing, big);
+      }),
+  },
+  {
+    name:
+      "a message the database refuses for what it holds is dropped and counted, the rest applied",
+    fn: (f) =>
+      withFleet(f, async ({ fleet, registry, logs }, store) => {
+        // A real refusal by the database (not a throw of ours): a constraint on one seq.
+        await store.exec(
+          f.name === "postgres"
+            ? "ALTER TABLE robots ADD CONSTRAINT poison CHECK (last_heartbeat_seq IS DISTINCT FROM 666)"
+            : `CREATE TRIGGER poison BEFORE UPDATE OF last_heartbeat_seq ON robots
+               WHEN NEW.last_heartbeat_seq = 666 BEGIN SELECT RAISE(ABORT, 'poison'); END`,
+        );
+        const items = [
+          heartbeat("robot-001", T0, 1, "a"),
+          heartbeat("robot-002", T0, 666, "a"), // refused by the database
+          heartbeat("robot-003", T0, 1, "a"),
+          heartbeat("robot-002", T0 + 1, 667, "a"),
+        ];
+        const r = await fleet.handleBatch(items);
+        assert.equal(r.error, undefined, String(r.error));
+        assert.equal(r.acked, 4, "the refused message and the ones after it are settled");
+        assert.deepEqual(r.results, [
+          { ok: true },
+          { ok: false, reason: "registry-refused" },
+          { ok: true },
+          { ok: true },
+        ]);
+        assert.equal(fleet.stats.registryRefused, 1);
+        assert.equal(fleet.stats.applyErrors, 0);
+        assert.equal(fleet.stats.received.heartbeat, 3);
+        assert.equal((await registry.getRobot("robot-003"))!.heartbeatsReceived, 1);
+        const two = (await registry.getRobot("robot-002"))!;
+        assert.deepEqual([two.heartbeatsReceived, two.lastHeartbeatSeq], [1, 667]);
+        assert.ok(
+          logs.some((l) =>
+            /dropped heartbeat from robot-002: the registry refused it .*\((SQLSTATE 23514|SQLite)/
+              .test(l)
+          ),
+          logs.join("\n"),
+        );
+        // Control: an error that is not about the message (the disk, the connection) is not
+        // dropped: not acknowledged, delivered again (see the case above).
+        registry.setStatementHook((sql) => {
+          if (HEARTBEAT_UPDATE.test(sql)) throw injected();
+        });
+        const again = await fleet.handleBatch([heartbeat("robot-003", T0 + 2, 2, "a")]);
+        assert.equal(again.acked, 0);
+        assert.equal(fleet.stats.applyErrors, 1);
+        assert.equal(fleet.stats.registryRefused, 1);
+        registry.setStatementHook(undefined);
       }),
   },
   ...cancelCases,

@@ -17,6 +17,16 @@ export const sqliteFixture: RegistryFixture = {
         db.exec(`PRAGMA user_version = ${v}`);
         db.close();
       },
+      exec(sql) {
+        const db = new DatabaseSync(join(dataDir, DB_FILE));
+        try {
+          db.exec("PRAGMA busy_timeout = 10000");
+          db.exec(sql);
+        } finally {
+          db.close();
+        }
+        return Promise.resolve();
+      },
       dispose: () => Deno.remove(dir, { recursive: true }),
     };
   },
