@@ -65,7 +65,13 @@ export interface AgentMqttConfig {
   brokerSpiffeId: string;
   heartbeatSeconds: number;
   keepaliveSeconds: number;
-  /** MQTT 5 session expiry: how long the broker keeps our session while we are away. */
+  /**
+   * MQTT 5 session expiry: how long the broker keeps our session while we are away. Default 0
+   * (none): Mosquitto 2.0.11-2.0.21 corrupts its session-expiry list when it reloads (SIGHUP, a
+   * renewed broker certificate) while a client's session is away, and then kills another
+   * client's live session (docs/PROTOCOL.md, "Robot side"). The protocol does not need one: the
+   * agent subscribes on every connect and the server sends tasks and cancels on every register.
+   */
   sessionExpirySeconds: number;
 }
 
@@ -632,7 +638,7 @@ function buildConfig(
       brokerSpiffeId: brokerId,
       heartbeatSeconds,
       keepaliveSeconds: get("mqtt.keepaliveSeconds", 30),
-      sessionExpirySeconds: get("mqtt.sessionExpirySeconds", 3600),
+      sessionExpirySeconds: get("mqtt.sessionExpirySeconds", 0),
     },
     tasks: {
       // No allow-list: the agent runs no task at all (every task is refused).

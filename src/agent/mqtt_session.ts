@@ -1,10 +1,12 @@
 /**
  * One robot's MQTT session over mTLS, with certificate rotation and no loss of QoS 1 messages.
  *
- * Protocol: MQTT 5, `clean: false` with a session expiry. Why 5 and not 3.1.1: Mosquitto drops
- * a publish the ACL denies silently under 3.1.1, while MQTT 5 answers with PUBACK / SUBACK
- * reason code 0x87 (Not authorized), which we count and log; and a 3.1.1 persistent session
- * lives forever on the broker, while MQTT 5's `sessionExpiryInterval` bounds it.
+ * Protocol: MQTT 5, `clean: false` with a session expiry (`mqtt.sessionExpirySeconds`; the
+ * agent's default is 0, no session kept while away: see `AgentMqttConfig`). Why 5 and not 3.1.1:
+ * Mosquitto drops a publish the ACL denies silently under 3.1.1, while MQTT 5 answers with
+ * PUBACK / SUBACK reason code 0x87 (Not authorized), which we count and log; and a 3.1.1
+ * persistent session lives forever on the broker, while MQTT 5's `sessionExpiryInterval` bounds
+ * it (or, at 0, ends it with the connection).
  *
  * How mqtt.js 5.16 behaves (read in node_modules/.deno/mqtt@5.16.0, build/lib/client.js and
  * connect/):
