@@ -916,6 +916,68 @@ const cancelCases: ContractCase[] = [
       }),
   },
   {
+    // A robot whose broker session was lost (or that keeps none) misses what was published to
+    // it before it subscribed again; its register asks for everything again. A publish still
+    // waiting for its PUBACK at that moment may be one the broker dropped: it goes out again.
+    name: "dispatch: a register while a task's publish is in flight sends it again after it",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online }) => {
+        await online("robot-001", true);
+        pub.hold = true;
+        const t = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 60,
+        }, ADMIN);
+        await pub.sentCount(1); // on its way, PUBACK held
+        // The robot reconnects and registers meanwhile (its new subscription came after the
+        // publish): what a register asks for, awaited so that its reads are done.
+        await fleet.dispatchFor("robot-001");
+        pub.hold = false;
+        pub.ack();
+        await fleet.settled();
+        assert.deepEqual(tasksSent(pub).map((s) => s.msg.type === "task" && s.msg.id), [
+          t.id,
+          t.id,
+        ]);
+        assert.equal((await registry.getTask(t.id))!.state, "dispatched");
+        // Control: a publish nobody asked again for goes out once.
+        const u = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 60,
+        }, ADMIN);
+        await fleet.settled();
+        assert.equal(
+          tasksSent(pub).filter((s) => s.msg.type === "task" && s.msg.id === u.id).length,
+          1,
+        );
+      }),
+  },
+  {
+    name: "cancel: a register while the cancel's publish is in flight sends it again after it",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online }) => {
+        await online("robot-001", true);
+        const t = await fleet.createTask("robot-001", {
+          command: ["sleep", "600"],
+          env: {},
+          timeoutSeconds: 600,
+        }, ADMIN);
+        await fleet.settled();
+        pub.hold = true;
+        await fleet.cancelTask(t.id, ADMIN);
+        await pub.sentCount(2); // the cancel is on its way, PUBACK held
+        // The robot registers meanwhile: what a register asks for (awaited: its reads are done).
+        await fleet.dispatchFor("robot-001");
+        pub.hold = false;
+        pub.ack();
+        await fleet.settled();
+        assert.equal(cancels(pub).length, 2);
+        assert.equal((await registry.getTask(t.id))!.state, "cancelling");
+      }),
+  },
+  {
     name: "signing: a task that cannot be signed is not sent, counted, and stays pending",
     fn: (f) =>
       withCancelFleet(f, async ({ fleet, registry, pub, signer, online }) => {
