@@ -202,6 +202,14 @@ export class FleetService {
   private readonly inFlight = new Set<string>();
   /** Cancels in flight, likewise. */
   private readonly cancelsInFlight = new Set<string>();
+  /**
+   * Tasks (and cancels) asked for again while in flight: sent once more when the slot is freed.
+   * The robot may have subscribed after that publish reached the broker (no session kept while
+   * away, or a session the broker lost), so the broker acknowledged it to us and delivered it
+   * to nobody; the robot's register is what asks again. It dedupes by task id.
+   */
+  private readonly againTasks = new Set<string>();
+  private readonly againCancels = new Set<string>();
   private readonly signer: DownSigner;
   private readonly pending = new Set<Promise<void>>();
   /** Up by default (unit tests); `FleetServer` sets it down until it is subscribed. */
@@ -535,7 +543,7 @@ export class FleetService {
       try {
         r = await cancel("withdraw");
       } finally {
-        this.inFlight.delete(id);
+        this.releaseTask(id);
       }
       withdrawn = r !== undefined && !r.ignored;
       // No longer pending (dispatched since it was read): it may have reached the robot.
@@ -575,7 +583,11 @@ export class FleetService {
   /** Publishes a signed cancel of `task` (cancelling, or withdrawn) to its robot if online. */
   private sendCancel(task: TaskRecord): void {
     if (!needsCancel(task.state) && task.state !== "cancelled") return;
-    if (this.cancelsInFlight.has(task.id) || !this.publisher.connected()) return;
+    if (!this.publisher.connected()) return;
+    if (this.cancelsInFlight.has(task.id)) {
+      this.againCancels.add(task.id);
+      return;
+    }
     this.cancelsInFlight.add(task.id);
     this.track(async () => {
       try {
@@ -610,6 +622,10 @@ export class FleetService {
         }
       } finally {
         this.cancelsInFlight.delete(task.id);
+        if (this.againCancels.delete(task.id)) {
+          const current = await this.registry.getTask(task.id);
+          if (current) this.sendCancel(current);
+        }
       }
     }, `cancel of task ${task.id}`);
   }
@@ -636,9 +652,13 @@ export class FleetService {
    * task withdrawn meanwhile is never sent.
    */
   private dispatchTask(task: TaskRecord): void {
-    if (!needsDispatch(task.state) || this.inFlight.has(task.id)) return;
+    if (!needsDispatch(task.state)) return;
     if (Date.parse(task.expiresAt) <= this.now().getTime()) return; // the sweeper expires it
     if (!this.publisher.connected()) return; // sent again on reconnect
+    if (this.inFlight.has(task.id)) {
+      this.againTasks.add(task.id);
+      return;
+    }
     this.inFlight.add(task.id);
     const p: Promise<void> = (async () => {
       const current = await this.registry.getTask(task.id);
@@ -677,10 +697,20 @@ export class FleetService {
     })().catch((err) => {
       this.log.warn(`task ${task.id}: ${(err as Error).message}`);
     }).finally(() => {
-      this.inFlight.delete(task.id);
+      this.releaseTask(task.id);
       this.pending.delete(p);
     });
     this.pending.add(p);
+  }
+
+  /** Frees a task's slot; sends it again when that was asked for meanwhile (re-reads it). */
+  private releaseTask(id: string): void {
+    this.inFlight.delete(id);
+    if (!this.againTasks.delete(id)) return;
+    this.track(async () => {
+      const current = await this.registry.getTask(id);
+      if (current) this.dispatchTask(current);
+    }, `dispatch of task ${id} again`);
   }
 
   /** Resolves when all dispatches in flight have settled (tests, shutdown). */
