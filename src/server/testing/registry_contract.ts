@@ -978,6 +978,49 @@ const cancelCases: ContractCase[] = [
       }),
   },
   {
+    // Withdrawn: never sent by this process, but an earlier process's publish (its PUBACK lost
+    // in a crash) may have reached the robot, so the robot is told once. A robot without a
+    // broker session misses that cancel when it is away at that moment; its report on the
+    // task is then the sign it runs a task that is cancelled: it is told again.
+    name: "cancel: a robot reporting on a withdrawn task (accepted, running) gets the cancel again",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online, report }) => {
+        await online("robot-001", false);
+        const t = await fleet.createTask("robot-001", {
+          command: ["sleep", "600"],
+          env: {},
+          timeoutSeconds: 600,
+        }, ADMIN);
+        assert.equal((await fleet.cancelTask(t.id, ADMIN)).outcome, "withdrawn");
+        await fleet.settled();
+        assert.equal(cancels(pub).length, 1);
+        await online("robot-001", true);
+        await report("robot-001", t.id, "accepted");
+        await fleet.settled();
+        assert.equal(cancels(pub).length, 2, "the accepted report of a withdrawn task");
+        await report("robot-001", t.id, "running");
+        await fleet.settled();
+        assert.equal(cancels(pub).length, 3, "the running report of a withdrawn task");
+        const c = cancels(pub)[2];
+        assert.equal(c.topic, "k8s4r/robots/robot-001/down/cancel");
+        assert.equal(c.msg.type === "cancel" && c.msg.taskId, t.id);
+        assert.equal((await registry.getTask(t.id))!.state, "cancelled");
+        // Control: its final report needs no cancel; nor does a task that simply ended.
+        await report("robot-001", t.id, "cancelled", { error: "killed: cancelled" });
+        const u = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 60,
+        }, ADMIN);
+        await fleet.settled();
+        await report("robot-001", u.id, "accepted");
+        await report("robot-001", u.id, "done", { exitCode: 0 });
+        await report("robot-001", u.id, "running"); // a late duplicate
+        await fleet.settled();
+        assert.equal(cancels(pub).length, 3);
+      }),
+  },
+  {
     name: "signing: a task that cannot be signed is not sent, counted, and stays pending",
     fn: (f) =>
       withCancelFleet(f, async ({ fleet, registry, pub, signer, online }) => {
