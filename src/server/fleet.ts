@@ -480,6 +480,15 @@ export class FleetService {
           error: msg.error,
         });
         if (r?.ignored) fx.push(() => this.stats.staleTaskReports++);
+        // The robot runs a task that is cancelled (withdrawn: told once, and a robot with no
+        // broker session misses what is published while it is away): tell it again.
+        if (
+          r?.ignored && r.task.state === "cancelled" &&
+          (msg.state === "accepted" || msg.state === "running")
+        ) {
+          const cancelled = r.task;
+          fx.push(() => this.sendCancel(cancelled));
+        }
         return;
       }
     }
