@@ -15,7 +15,7 @@
  */
 import assert from "node:assert/strict";
 import { X509Certificate } from "node:crypto";
-import { parsePemCerts } from "../src/devenv/broker_identity.ts";
+import { parsePemCerts } from "../src/broker/identity.ts";
 import { isRecordAlive, readPidFile, waitFor } from "../src/process/mod.ts";
 import { E2eStack, metric, ROBOTS } from "./e2e/stack.ts";
 

@@ -18,7 +18,7 @@ import { realRunner } from "../src/process/mod.ts";
 import { X509Source } from "../src/spiffe/mod.ts";
 import { SpireAgentSupervisor } from "../src/spire/agent.ts";
 import { SpireServerCli, type SpireServerDaemon, startSpireServer } from "../src/spire/server.ts";
-import { parsePemCerts } from "../src/devenv/broker_identity.ts";
+import { parsePemCerts } from "../src/broker/identity.ts";
 import { startTestPostgres, type TestPostgres } from "./helpers/postgres.ts";
 import { freePorts } from "./helpers/ports.ts";
 import { spireBinaries } from "./helpers/spire.ts";
@@ -125,8 +125,8 @@ Deno.test({
       assert.equal(await agent.healthy(), true, "the agent did not attest through B");
       const agents = await b.listAgents();
       assert.ok(
-        agents.some((id) => id.includes("/spire/agent/join_token/")),
-        `B lists no join-token agent: ${agents.join(", ")}`,
+        agents.some((a) => a.id.includes("/spire/agent/join_token/")),
+        `B lists no join-token agent: ${agents.map((a) => a.id).join(", ")}`,
       );
 
       // Control: no entry yet, so no SVID for the workload.

@@ -27,7 +27,7 @@ import {
   reenrollHint,
   robotAddCommand,
 } from "../fleet/enrollment.ts";
-import { AGENT_UNIT_PATH, robotHostPaths } from "../fleet/paths.ts";
+import { AGENT_UNIT_PATH, dataDirFromEnv, robotHostPaths } from "../fleet/paths.ts";
 import { isRobotId } from "../fleet/topics.ts";
 import { decodePem } from "../spiffe/pem.ts";
 import { formatDuration } from "../fleet/duration.ts";
@@ -56,7 +56,7 @@ for the same key. Give the CSR to the control host:
     if (!isRobotId(id)) {
       throw new UsageError(`agent csr: --robot-id: expected [a-z0-9][a-z0-9-]{0,62}, got '${id}'`);
     }
-    const dd = args.string("data-dir");
+    const dd = dataDirFromEnv(args.string("data-dir"), io.env);
     const paths = robotHostPaths(dd !== undefined ? resolve(io.cwd, dd) : undefined);
     const r = await robotCsr(id, paths);
     const out = args.string("out");
@@ -101,7 +101,7 @@ const serviceCommand: CommandSpec = {
   ],
   async run(args, io) {
     const exec = args.string("exec");
-    const dd = args.string("data-dir");
+    const dd = dataDirFromEnv(args.string("data-dir"), io.env);
     const unit = renderAgentUnit({
       exec: exec ? [resolve(io.cwd, exec)] : selfExec(),
       dataDir: dd !== undefined ? resolve(io.cwd, dd) : undefined,
@@ -164,7 +164,8 @@ the control host, writes agent.yaml and the state (default /etc/k8s4r, /var/lib/
       name: "data-dir",
       type: "string",
       valueName: "DIR",
-      description: "The agent's data dir (spire.dataDir); without --config, DIR/agent.yaml",
+      description:
+        "The agent's data dir (spire.dataDir; env K8S4R_DATA_DIR); without --config, DIR/agent.yaml",
     },
     {
       name: "join-token-file",
@@ -219,7 +220,7 @@ async function runAgentCommand(args: Args, io: Io): Promise<number> {
         );
       }
     }
-    const dd = args.string("data-dir");
+    const dd = dataDirFromEnv(args.string("data-dir"), io.env);
     const r = await enrollRobot({
       file: resolve(io.cwd, enroll),
       paths: robotHostPaths(dd !== undefined ? resolve(io.cwd, dd) : undefined),
@@ -244,7 +245,7 @@ async function runAgentCommand(args: Args, io: Io): Promise<number> {
       config: configFlag,
       brokerUrl: args.string("broker-url"),
       socket: args.string("socket"),
-      dataDir: args.string("data-dir"),
+      dataDir: dataDirFromEnv(args.string("data-dir"), io.env),
       joinTokenFile: args.string("join-token-file"),
       heartbeatSeconds: args.number("heartbeat-seconds"),
       noManageSpire: args.bool("no-manage-spire"),
@@ -267,7 +268,7 @@ async function runAgentCommand(args: Args, io: Io): Promise<number> {
       throw new CliError(
         `${err.message}: the enrollment file's join token was already used or revoked`,
         1,
-        reenrollHint(config.robotId, "join_token", args.string("data-dir")),
+        reenrollHint(config.robotId, "join_token", dataDirFromEnv(args.string("data-dir"), io.env)),
       );
     }
     throw err;

@@ -29,6 +29,11 @@ export const rootCommand: CommandSpec = {
       )),
     lazy("identity", async () => (await import("../identity/command.ts")).identityCommand),
     lazy("operator", async () => (await import("../operator/command.ts")).operatorCommand),
+    lazy("robot", async () =>
+      (await import("../control/command.ts")).makeRobotCommand(
+        (await import("./doctor_paths.ts")).devControlConfig,
+      )),
+    lazy("broker", async () => (await import("../broker/command.ts")).brokerCommand),
     lazy("robots", async () => (await import("../server/command.ts")).robotsCommand),
     lazy("tasks", async () => (await import("../server/command.ts")).tasksCommand),
     lazy("task", async () => (await import("../server/command.ts")).taskCommand),

@@ -17,6 +17,8 @@ Deno.test("only the command on argv's path is loaded", async () => {
     "doctor",
     "identity",
     "operator",
+    "robot",
+    "broker",
     "robots",
     "tasks",
     "task",

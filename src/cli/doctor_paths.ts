@@ -1,5 +1,5 @@
 /**
- * The dev stack's paths, as the doctor sees them. The CLI composition is the one place that
+ * The dev stack's paths, as the doctor and `k8s4r robot` see them. The CLI composition is the one place that
  * joins the two: the doctor is production code and never imports devenv; devenv owns its layout.
  */
 import { existsSync } from "node:fs";
@@ -9,6 +9,10 @@ import { resolveContext } from "../devenv/context.ts";
 import { defaultLayout, devenvFiles, robotLayout } from "../devenv/layout.ts";
 import type { StackComponents, StackPaths } from "../doctor/check.ts";
 import { Args } from "./mod.ts";
+
+/** Where a dev stack in `cwd` keeps its control-host config (`k8s4r robot ...` reads it). */
+export const devControlConfig = (cwd: string, env: Record<string, string | undefined>): string =>
+  defaultLayout(cwd, env).controlHostConfig;
 
 export const devStackPaths: StackPaths = (cwd, env, robotId) => {
   const layout = defaultLayout(cwd, env);

@@ -19,15 +19,13 @@ import {
   dockerSighupArgv,
   nativeBrokerCommand,
 } from "./broker_argv.ts";
-import {
-  type BrokerModeFlag,
-  type DevenvContext,
-  PROBE_INTERVAL_MS,
-  writeFileAtomic,
-} from "./context.ts";
+import { type BrokerModeFlag, type DevenvContext, PROBE_INTERVAL_MS } from "./context.ts";
+import { writeFileAtomic } from "../fs/atomic.ts";
 import { SERVER_MQTT_USERNAME } from "../fleet/mod.ts";
+import { BROKER_ADMIN_USERNAME, DOCKER_DYNSEC_PLUGIN, findDynsecPlugin } from "../mqtt/dynsec.ts";
+import { brokerTlsBinds } from "./layout.ts";
 import { probeMqttPassword, probeMqttTls, type ProbeResult } from "./probes.ts";
-import { parsePemCerts } from "./broker_identity.ts";
+import { parsePemCerts } from "../broker/identity.ts";
 
 export interface BrokerRuntime {
   mode: BrokerMode;
@@ -103,16 +101,48 @@ export async function ensureServerCredentials(ctx: DevenvContext): Promise<Serve
   return creds;
 }
 
-/** Generates mosquitto.conf, ACLs and the password file (from the stored credentials). */
-export async function writeBrokerConfig(ctx: DevenvContext): Promise<void> {
-  const creds = await ensureServerCredentials(ctx);
+/**
+ * The broker's dynamic-security admin login (`k8s4r robot remove` cuts robots off with it):
+ * read it, or create it once (0600).
+ */
+export async function ensureAdminCredentials(ctx: DevenvContext): Promise<ServerCredentials> {
+  const file = ctx.layout.brokerAdminCredentialsFile;
+  try {
+    const c = JSON.parse(await Deno.readTextFile(file));
+    if (typeof c?.username === "string" && typeof c?.password === "string" && c.password) {
+      return { username: c.username, password: c.password };
+    }
+  } catch { /* create below */ }
+  const creds = { username: BROKER_ADMIN_USERNAME, password: generatePassword() };
+  await writeFileAtomic(file, JSON.stringify(creds) + "\n", 0o600);
+  return creds;
+}
+
+/**
+ * Generates mosquitto.conf, the ACL and the password file (from the stored credentials), and
+ * the dynamic-security plugin's state if it is missing. Native: the plugin next to the
+ * installed mosquitto; docker: the image's.
+ */
+export async function writeBrokerConfig(ctx: DevenvContext, rt: BrokerRuntime): Promise<void> {
+  const [creds, admin] = [await ensureServerCredentials(ctx), await ensureAdminCredentials(ctx)];
+  const dynsecPlugin = rt.mode === "docker"
+    ? DOCKER_DYNSEC_PLUGIN
+    : await findDynsecPlugin(ctx.env, rt.mosquittoPath);
+  if (!dynsecPlugin) {
+    ctx.io.stderr.write(
+      "  warning: mosquitto_dynamic_security.so not found: `k8s4r robot remove` cannot cut robots off the broker (set K8S4R_MOSQUITTO_DYNSEC)\n",
+    );
+  }
   await writeBrokerFiles(ctx.layout.mosquittoDir, {
     tlsPort: ctx.layout.ports.mqttTls,
+    tlsBind: brokerTlsBinds(ctx.layout),
     plainPort: ctx.layout.ports.mqttPlain,
     cafile: ctx.layout.caBundleFile,
     certfile: ctx.files.brokerCertFile,
     keyfile: ctx.files.brokerKeyFile,
     server: creds,
+    admin,
+    dynsecPlugin,
     logFile: ctx.files.mosquittoLog,
   });
 }

@@ -1,16 +1,17 @@
 /**
- * The process behind `k8s4r devenv broker-identity` (hidden; `devenv start` runs it detached).
- * Wires the real pieces into `BrokerIdentity`: a supervised spire-agent for the broker's node,
- * an X509Source on its Workload API, and the broker control of `broker.ts`.
+ * The process behind `k8s4r devenv broker-identity` (hidden; `devenv start` runs it detached):
+ * `k8s4r broker identity`'s loop (src/broker/follow.ts) with devenv's own pieces: a supervised
+ * spire-agent for the broker's node, the broker control of `broker.ts` (its pid file, its
+ * recorded command), and a watchdog that starts a dead broker again.
  */
 import { errorMessage } from "../cli/errors.ts";
-import { X509Source } from "../spiffe/mod.ts";
 import { SpireAgentSupervisor } from "../spire/agent.ts";
 import { ensureSpireBinaries } from "../spire/binaries.ts";
 import { reloadBroker, restartBroker, reviveBroker } from "./broker.ts";
 import { isRecordAlive, readPidFile } from "../process/mod.ts";
-import { BrokerIdentity } from "./broker_identity.ts";
+import { followBrokerIdentity } from "../broker/follow.ts";
 import type { DevenvContext } from "./context.ts";
+import { spireServerHost } from "./layout.ts";
 import { brokerSpiffeId } from "../fleet/mod.ts";
 
 export interface BrokerIdentityRunOptions {
@@ -34,7 +35,7 @@ export async function runBrokerIdentity(
     logFile: files.brokerAgentLog,
     joinTokenFile: files.brokerJoinTokenFile,
     trustDomain: layout.trustDomain,
-    serverAddress: "127.0.0.1",
+    serverAddress: spireServerHost(layout),
     serverPort: layout.ports.spireServer,
     socketPath: files.brokerAgentSocket,
     dataDir: files.brokerAgentDataDir,
@@ -47,36 +48,26 @@ export async function runBrokerIdentity(
     },
   });
   const spiffeId = brokerSpiffeId(layout.trustDomain);
-  let source: X509Source | undefined;
+  let watchdog: ReturnType<typeof setInterval> | undefined;
   try {
     log(`starting spire-agent for ${files.brokerNodeSpiffeId} on ${files.brokerAgentSocket}`);
     await supervisor.start();
     log(`spire-agent serving (pid ${supervisor.pid}); fetching ${spiffeId}`);
-    source = await X509Source.create({
-      address: `unix://${files.brokerAgentSocket}`,
+    await followBrokerIdentity({
+      socket: files.brokerAgentSocket,
       spiffeId,
-      timeoutMs: 60_000,
+      paths: {
+        certFile: files.brokerCertFile,
+        keyFile: files.brokerKeyFile,
+        caBundleFile: layout.caBundleFile,
+        statusFile: files.brokerIdentityStatus,
+        trustDomain: layout.trustDomain,
+      },
+      control: { reload: () => reloadBroker(ctx), restart: () => restartBroker(ctx) },
+      log,
       signal: io.signal,
+      onReady: () => (watchdog = brokerWatchdog(ctx, log)),
     });
-    const bi = new BrokerIdentity(source, {
-      certFile: files.brokerCertFile,
-      keyFile: files.brokerKeyFile,
-      caBundleFile: layout.caBundleFile,
-      statusFile: files.brokerIdentityStatus,
-      trustDomain: layout.trustDomain,
-    }, {
-      reload: () => reloadBroker(ctx),
-      restart: () => restartBroker(ctx),
-    }, log);
-    source.onUpdate(() => void bi.update());
-    await bi.update();
-    log("ready; following SVID and bundle updates");
-    const watchdog = brokerWatchdog(ctx, log);
-    await new Promise<void>((resolve) => {
-      if (io.signal.aborted) return resolve();
-      io.signal.addEventListener("abort", () => resolve(), { once: true });
-    });
-    clearInterval(watchdog);
     log("stopping");
     return 0;
   } catch (err) {
@@ -84,7 +75,7 @@ export async function runBrokerIdentity(
     log(`failed: ${errorMessage(err)}`);
     throw err;
   } finally {
-    await Promise.resolve(source?.close()).catch(() => {});
+    if (watchdog !== undefined) clearInterval(watchdog);
     await supervisor.stop();
   }
 }

@@ -8,10 +8,13 @@ import { runBrokerIdentity } from "./broker_identity_run.ts";
 import { runSpireServer } from "./spire_server_run.ts";
 import {
   type BrokerModeFlag,
+  checkAdvertise,
   type DevenvContext,
   LAYOUT_FLAGS,
+  readState,
   resolveContext,
   robotIds,
+  withAdvertise,
 } from "./context.ts";
 import { devenvLogs } from "./logs.ts";
 import { devenvStart } from "./start.ts";
@@ -89,6 +92,12 @@ const HIDDEN_SPIRE_FLAGS: FlagSpec[] = [
     type: "boolean",
     description: "server experimental.events_based_cache = true",
   },
+  {
+    name: "x509pop-ca",
+    type: "string",
+    valueName: "FILE",
+    description: "server NodeAttestor x509pop with this factory CA bundle",
+  },
 ];
 
 function goDuration(args: Args, flag: string): string | undefined {
@@ -134,13 +143,31 @@ export const devenvCommand: CommandSpec = {
           name: "robots",
           type: "number",
           valueName: "N",
-          description: "Run robot-001..robot-N (default: ROBOT_ID or robot-001)",
+          description:
+            "Run robot-001..robot-N on this host (default: ROBOT_ID or robot-001; 0: none, a control host only)",
         },
         {
           name: "broker",
           type: "string",
           valueName: "MODE",
           description: "native, docker or auto (default auto: native mosquitto, then docker)",
+        },
+        {
+          name: "advertise",
+          type: "string",
+          valueName: "ADDR",
+          description: "Serve robots on other hosts at ADDR (env K8S4R_ADVERTISE): the SPIRE " +
+            "server's agent port binds ADDR and the broker gets an mTLS listener on it; 1883, " +
+            "the HTTP API and admin sockets stay on loopback. Kept by later starts " +
+            "(--advertise 127.0.0.1: loopback only again)",
+        },
+        {
+          name: "attestation",
+          type: "string",
+          valueName: "TYPE",
+          description: "x509pop: also run SPIRE's x509pop NodeAttestor, with a factory CA " +
+            "(.dev-env/factory-ca/, key 0600) that robot add --attestation x509pop signs " +
+            "with; local robots keep join tokens. Kept by later starts",
         },
         ...LAYOUT_FLAGS,
         {
@@ -205,7 +232,23 @@ export const devenvCommand: CommandSpec = {
             "what this start launches",
         },
       ],
-      run: withContext((ctx, args) => {
+      run: withContext((ctx0, args) => {
+        const prev = readState(ctx0);
+        const flag = args.string("advertise") ?? (ctx0.env["K8S4R_ADVERTISE"] || undefined);
+        // --advertise 127.0.0.1 (or localhost): back to loopback only.
+        const advertise = flag === undefined
+          ? prev?.advertise
+          : ["127.0.0.1", "localhost", "::1"].includes(flag)
+          ? undefined
+          : checkAdvertise(flag);
+        const att = args.string("attestation");
+        if (att !== undefined && att !== "x509pop" && att !== "join-token") {
+          throw new UsageError(
+            `devenv start: --attestation expects x509pop or join-token, got '${att}'`,
+          );
+        }
+        const x509pop = att === "x509pop" || (att === undefined && prev?.attestation === "x509pop");
+        const ctx = withAdvertise(ctx0, advertise);
         const mode = args.string("broker") ?? "auto";
         if (!["native", "docker", "auto"].includes(mode)) {
           throw new UsageError(
@@ -226,6 +269,8 @@ export const devenvCommand: CommandSpec = {
           ha: args.bool("ha"),
           rootCa: args.bool("root-ca"),
           agentTtl: positiveSeconds(args, "agent-ttl"),
+          advertise,
+          x509pop,
         });
       }),
     },
@@ -293,6 +338,7 @@ export const devenvCommand: CommandSpec = {
           cacheReloadInterval: goDuration(args, "cache-reload-interval"),
           attestationRateLimit: args.bool("no-attestation-rate-limit") ? false : undefined,
           eventsBasedCache: args.bool("events-based-cache") ? true : undefined,
+          x509popCaBundle: args.string("x509pop-ca"),
         })
       ),
     },

@@ -38,6 +38,7 @@ import {
   brokerCommand,
   brokerFilesUsable,
   type BrokerRuntime,
+  ensureAdminCredentials,
   probeBroker,
   resolveBrokerRuntime,
   restartBroker,
@@ -47,7 +48,7 @@ import {
   withBrokerLock,
   writeBrokerConfig,
 } from "./broker.ts";
-import { pemFingerprint, readBrokerIdentityStatus } from "./broker_identity.ts";
+import { pemFingerprint, readBrokerIdentityStatus } from "../broker/identity.ts";
 import {
   type BrokerModeFlag,
   type DevenvContext,
@@ -57,9 +58,10 @@ import {
   robotLayouts,
   selfCommand,
   type StackMode,
-  writeFileAtomic,
+  withAdvertise,
   writeState,
 } from "./context.ts";
+import { writeFileAtomic } from "../fs/atomic.ts";
 import {
   fleetDatabaseStep,
   fleetTarget,
@@ -70,7 +72,9 @@ import {
   spireDatabaseStep,
 } from "./components_ha.ts";
 import { spireServerPlace } from "./spire_server_run.ts";
-import type { RobotLayout } from "./layout.ts";
+import { brokerTlsBinds, type RobotLayout, spireServerHost } from "./layout.ts";
+import { ensureFactoryCa, factoryCaFiles } from "../control/factory_ca.ts";
+import { renderControlConfig } from "../control/config.ts";
 import { httpGetJson, type ProbeResult } from "./probes.ts";
 import type { ComponentStatus } from "./render.ts";
 
@@ -123,6 +127,10 @@ export interface StartOptions {
   mode?: StackMode;
   /** The SPIRE servers' `agent_ttl` in seconds (applies when they (re)start). */
   agentTtl?: number;
+  /** `--advertise ADDR` (also in ctx.layout.advertise). */
+  advertise?: string;
+  /** `--attestation x509pop`: a factory CA and SPIRE's x509pop NodeAttestor. */
+  x509pop?: boolean;
 }
 
 /**
@@ -268,9 +276,15 @@ export class StackView {
 /** The operator `devenv start` creates, so that `k8s4r robots` and `task run` just work. */
 export const DEVENV_OPERATOR = "admin";
 
-/** The view `status`, `stop` and `logs` use: every robot this stack knows. */
+/**
+ * The view `status`, `stop` and `logs` use: every robot this stack knows, at the address the
+ * stack was started to advertise (sticky, like its mode: haproxy's frontend and the SPIRE
+ * server listen there, not on loopback).
+ */
 export function stackView(ctx: DevenvContext): StackView {
-  return new StackView(ctx, robotLayouts(ctx, knownRobots(ctx)));
+  const advertise = readState(ctx)?.advertise;
+  const c = advertise && !ctx.layout.advertise ? withAdvertise(ctx, advertise) : ctx;
+  return new StackView(c, robotLayouts(c, knownRobots(c)));
 }
 
 /** One `start`: the view plus what steps hand to later rows. */
@@ -381,6 +395,7 @@ export function devenvComponents(view: StackView): Component[] {
     brokerRuntimeStep(view),
     ...(ha ? [postgresComponent(view), spireDatabaseStep(view), fleetDatabaseStep(view)] : []),
     ...(rootCa ? [rootCaStep(view)] : []),
+    factoryCaStep(view),
     spireServerComponent(view, 1),
     ...(ha ? [spireServerComponent(view, 2), haproxyComponent(view)] : []),
     identitiesStep(view),
@@ -388,6 +403,7 @@ export function devenvComponents(view: StackView): Component[] {
     brokerIdentityComponent(view),
     mosquittoComponent(view),
     operatorsStep(view),
+    controlHostStep(view),
     serverComponent(view, 1),
     ...(ha ? [serverComponent(view, 2), serverComponent(view, 3)] : []),
     ...agents,
@@ -515,13 +531,16 @@ export function spireServerComponent(view: StackView, n: 1 | 2 = 1): Component {
   const { ha, rootCa } = view.mode;
   const place = spireServerPlace(ctx, n, ha);
   const name = n === 1 ? "spire-server" : "spire-server-2";
-  const endpoint = `127.0.0.1:${place.port}`;
+  // `--advertise ADDR`: the one server of a plain stack binds it; on the HA stack haproxy does
+  // (its frontend is the SPIRE port) and the servers behind it stay on loopback.
+  const endpoint = `${ha ? "127.0.0.1" : spireServerHost(layout)}:${place.port}`;
   const healthy = async (v: StackView) => await (await v.cli(place.socket))?.healthy() ?? false;
   return {
     name,
     kind: "daemon",
     needs: [
       "spire-binaries",
+      "factory-ca",
       ...(ha ? ["spire-database"] : []),
       ...(rootCa ? ["root-ca"] : []),
       // The first server of a new datastore creates SPIRE's schema: the second waits for it.
@@ -565,6 +584,7 @@ export function spireServerComponent(view: StackView, n: 1 | 2 = 1): Component {
           ...(interval ? ["--cache-reload-interval", interval] : []),
           ...(attestationRateLimit === false ? ["--no-attestation-rate-limit"] : []),
           ...(eventsBasedCache ? ["--events-based-cache"] : []),
+          ...(run.opts.x509pop ? ["--x509pop-ca", factoryCaFiles(layout.factoryCaDir).cert] : []),
         ],
         cwd: layout.root,
         env: run.childEnv,
@@ -618,7 +638,11 @@ function identitiesStep(view: StackView): Component {
         },
       ];
       const selectors = [`unix:uid:${run.uid}`];
-      const dns = ["localhost", hostname()].filter((v, i, a) => v && a.indexOf(v) === i);
+      // The broker's names; an advertised address too. SPIRE writes every one as a DNS-type
+      // SAN, an IP address included (DNS:10.0.0.1, not IP:10.0.0.1): robots check the broker by
+      // its SPIFFE ID, not its name, so they do not care (docs/CONTROL_HOST.md).
+      const dns = ["localhost", hostname(), ...(layout.advertise ? [layout.advertise] : [])]
+        .filter((v, i, a) => v && a.indexOf(v) === i);
       const desired: DesiredEntry[] = [
         ...run.robots.map((r) => ({
           spiffeId: r.spiffeId,
@@ -846,7 +870,7 @@ function mosquittoComponent(view: StackView): Component {
     probe: () => probeBroker(ctx),
     async spawn(run) {
       const cmd = brokerCommand(ctx, run.brokerRuntime!);
-      await writeBrokerConfig(ctx);
+      await writeBrokerConfig(ctx, run.brokerRuntime!);
       await saveBrokerCommand(ctx, cmd);
       return await startBroker(ctx, cmd);
     },
@@ -854,9 +878,9 @@ function mosquittoComponent(view: StackView): Component {
       const st = readState(ctx);
       const saved = savedBrokerCommand(ctx);
       if (st) await writeState(ctx, { ...st, broker: saved });
-      return `${
-        saved?.mode ?? run.brokerRuntime?.mode
-      }, mTLS 127.0.0.1:${layout.ports.mqttTls}, password 127.0.0.1:${layout.ports.mqttPlain}`;
+      return `${saved?.mode ?? run.brokerRuntime?.mode}, mTLS ${
+        brokerTlsBinds(layout).map((b) => `${b}:${layout.ports.mqttTls}`).join(" ")
+      }, password 127.0.0.1:${layout.ports.mqttPlain}`;
     },
     async status() {
       const p = pidInfo(files.mosquittoPid);
@@ -872,13 +896,70 @@ function mosquittoComponent(view: StackView): Component {
         name: "mosquitto",
         ...p,
         healthy: p.running && probe.ok,
-        endpoint:
-          `mqtts://127.0.0.1:${layout.ports.mqttTls} mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
+        endpoint: `${
+          brokerTlsBinds(layout).map((b) => `mqtts://${b}:${layout.ports.mqttTls}`).join(" ")
+        } mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
         detail: p.running
           ? [savedBrokerCommand(ctx)?.mode ?? "", probe.ok ? "" : probe.detail, certDetail]
             .filter(Boolean).join("; ")
           : "",
       };
+    },
+  };
+}
+
+/** `--attestation x509pop`: devenv plays the factory CA (key 0600 under .dev-env/factory-ca/). */
+function factoryCaStep(view: StackView): Component {
+  const { layout } = view.ctx;
+  return {
+    name: "factory-ca",
+    kind: "step",
+    needs: [],
+    async run(run) {
+      if (!run.opts.x509pop) return "not used (join tokens only)";
+      const files = factoryCaFiles(layout.factoryCaDir);
+      const r = await ensureFactoryCa(files, "k8s4r dev factory CA");
+      return `${r} ${files.cert} (key 0600); SPIRE's x509pop attestor trusts it`;
+    },
+  };
+}
+
+/**
+ * `.dev-env/control-host.json`: what `k8s4r robot add|list|remove` need (the SPIRE admin socket,
+ * the addresses robots dial, the broker's admin login, the factory CA).
+ */
+function controlHostStep(view: StackView): Component {
+  const { layout } = view.ctx;
+  return {
+    name: "control-host",
+    kind: "step",
+    needs: ["spire-binaries", "mosquitto"],
+    async run(run) {
+      await ensureAdminCredentials(run.ctx);
+      const spire = `${spireServerHost(layout)}:${layout.ports.spireServer}`;
+      const broker = `ssl://${layout.advertise ?? "localhost"}:${layout.ports.mqttTls}`;
+      await writeFileAtomic(
+        layout.controlHostConfig,
+        renderControlConfig({
+          trustDomain: layout.trustDomain,
+          spireServer: {
+            adminSocket: layout.spireServerSocket,
+            address: spire,
+            bin: run.spire!.server,
+          },
+          broker: {
+            url: broker,
+            adminAddress: `127.0.0.1:${layout.ports.mqttPlain}`,
+            adminCredentials: layout.brokerAdminCredentialsFile,
+          },
+          // A robot host's agent runs as root (the systemd unit of `k8s4r agent service`).
+          robotSelectors: ["unix:uid:0"],
+          factoryCa: run.opts.x509pop ? factoryCaFiles(layout.factoryCaDir) : undefined,
+          records: layout.robotRecords,
+        }),
+        0o600,
+      );
+      return `${layout.controlHostConfig}: robots dial SPIRE at ${spire} and the broker at ${broker}`;
     },
   };
 }

@@ -13,7 +13,7 @@
 import { join } from "node:path";
 import { CliError } from "../cli/errors.ts";
 import { caFiles, initCa, readCa } from "../ca/mod.ts";
-import { fileMode } from "../fs/atomic.ts";
+import { fileMode, writeFileAtomic } from "../fs/atomic.ts";
 import {
   clusterExists,
   describeTarget,
@@ -32,9 +32,9 @@ import {
 } from "../postgres/local_cluster.ts";
 import { isRecordAlive, readPidFile } from "../process/mod.ts";
 import type { Component, StackView, StartRun } from "./components.ts";
-import { PROBE_INTERVAL_MS, writeFileAtomic } from "./context.ts";
+import { PROBE_INTERVAL_MS } from "./context.ts";
 import { findHaproxy, haproxyBackends, renderHaproxyConfig } from "./haproxy.ts";
-import { FLEET_DB, type Layout, PG_SUPERUSER, SPIRE_DB } from "./layout.ts";
+import { FLEET_DB, type Layout, PG_SUPERUSER, SPIRE_DB, spireServerHost } from "./layout.ts";
 import { type ProbeResult, tcpOpen } from "./probes.ts";
 import type { ComponentStatus } from "./render.ts";
 
@@ -321,15 +321,21 @@ async function probeHaproxy(view: StackView): Promise<ProbeResult> {
   const { layout, files } = view.ctx;
   const backends = await haproxyBackends(files.haproxyStatsSocket);
   if (!backends) return { ok: false, detail: "its stats socket does not answer" };
-  if (!(await tcpOpen(layout.ports.spireServer))) {
-    return { ok: false, detail: `nothing accepts on 127.0.0.1:${layout.ports.spireServer}` };
+  const host = spireServerHost(layout);
+  if (!(await tcpOpen(layout.ports.spireServer, 1000, host))) {
+    return { ok: false, detail: `nothing accepts on ${host}:${layout.ports.spireServer}` };
   }
   return { ok: true, detail: [...backends].map(([n, s]) => `${n} ${s}`).join(", ") };
 }
 
+/**
+ * haproxy on the SPIRE port everyone dials: on loopback, or on the `--advertise` address (where
+ * robots on other hosts and this host's agents reach SPIRE; the servers behind it stay on
+ * loopback, each on its own port).
+ */
 export function haproxyComponent(view: StackView): Component {
   const { layout, files } = view.ctx;
-  const endpoint = `127.0.0.1:${layout.ports.spireServer}`;
+  const endpoint = `${spireServerHost(layout)}:${layout.ports.spireServer}`;
   const backends = () => [
     { name: "spire-server", address: "127.0.0.1", port: layout.ha.spireServerPorts[0] },
     { name: "spire-server-2", address: "127.0.0.1", port: layout.ha.spireServerPorts[1] },
@@ -358,7 +364,7 @@ export function haproxyComponent(view: StackView): Component {
       await writeFileAtomic(
         files.haproxyConfig,
         renderHaproxyConfig({
-          frontend: { address: "127.0.0.1", port: layout.ports.spireServer },
+          frontend: { address: spireServerHost(layout), port: layout.ports.spireServer },
           backends: backends(),
           statsSocket: files.haproxyStatsSocket,
         }),

@@ -4,8 +4,18 @@ import { bufferIo } from "../cli/io.ts";
 import { RecordingRunner } from "../process/mod.ts";
 import { TestCa } from "../spiffe/testing/test_ca.ts";
 import { brokerFilesUsable } from "./broker.ts";
-import { type Component, devenvComponents, needName, StackView, StartRun } from "./components.ts";
-import { resolveContext, robotLayouts, writeFileAtomic } from "./context.ts";
+import {
+  type Component,
+  devenvComponents,
+  needName,
+  StackView,
+  stackView,
+  StartRun,
+} from "./components.ts";
+import { resolveContext, robotLayouts, withAdvertise, writeState } from "./context.ts";
+import { spireServerOptions } from "./spire_server_run.ts";
+import type { SpireBinaries } from "../spire/binaries.ts";
+import { writeFileAtomic } from "../fs/atomic.ts";
 import { checkGraph } from "./graph.ts";
 import { logSources } from "./logs.ts";
 import { stopOrder } from "./stop.ts";
@@ -236,4 +246,75 @@ Deno.test("root-ca alone (no --ha): one SPIRE server on SQLite under the root CA
   assert.ok(names.includes("root-ca") && !names.includes("postgres"), names.join());
   assert.ok(!names.includes("spire-server-2") && !names.includes("haproxy"));
   assert.ok(closure(rows, "spire-server").has("root-ca"));
+});
+
+Deno.test("--ha with --advertise and --attestation x509pop: haproxy binds ADDR, both SPIRE servers run the x509pop attestor behind it on loopback", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const addr = "10.203.9.1";
+    const runner = new RecordingRunner();
+    const ctx = withAdvertise(ctxFor(dir, {}, runner), addr);
+    // The children get both: the HA ports and the advertised address.
+    assert.equal(ctx.layoutEnv.K8S4R_ADVERTISE, addr);
+    assert.equal(ctx.layoutEnv.K8S4R_SPIRE_SERVER_HOST, addr);
+    assert.equal(ctx.layoutEnv.K8S4R_SPIRE_SERVER_PORTS, ctx.layout.ha.spireServerPorts.join(","));
+    assert.equal(ctx.layoutEnv.K8S4R_POSTGRES_PORT, String(ctx.layout.ha.postgresPort));
+    const mode = { ha: true, rootCa: true };
+    const run = new StartRun(ctx, [], {
+      robots: [],
+      broker: "native",
+      mode,
+      advertise: addr,
+      x509pop: true,
+    });
+    const bins = { server: "/b/spire-server", agent: "/b/spire-agent", source: "env", version: "" };
+    run.setBins(bins as SpireBinaries);
+    run.spire = bins as SpireBinaries;
+    const rows = devenvComponents(run);
+    const names = rows.map((c) => c.name);
+    for (const n of ["factory-ca", "control-host", "postgres", "haproxy", "spire-server-2"]) {
+      assert.ok(names.includes(n), `${n} is not in the table: ${names.join(", ")}`);
+    }
+    for (const s of ["spire-server", "spire-server-2"]) {
+      assert.ok(closure(rows, s).has("factory-ca"), `${s} starts before its factory CA`);
+      await rows.find((c) => c.name === s)!.spawn!(run);
+      const args = runner.calls[runner.calls.length - 1].args;
+      const ca = args.indexOf("--x509pop-ca");
+      assert.ok(ca > 0, `${s}: no --x509pop-ca in ${args.join(" ")}`);
+      assert.equal(args[ca + 1], `${ctx.layout.factoryCaDir}/ca.crt`);
+      assert.ok(args.includes("--ha"), s);
+    }
+    // haproxy's frontend (the SPIRE port everyone dials) is the advertised address; the two
+    // servers behind it stay on loopback.
+    await rows.find((c) => c.name === "haproxy")!.spawn!(run);
+    const cfg = await Deno.readTextFile(ctx.files.haproxyConfig);
+    assert.match(cfg, new RegExp(`\\n  bind ${addr}:${ctx.layout.ports.spireServer}\\n`));
+    for (const p of ctx.layout.ha.spireServerPorts) {
+      assert.match(cfg, new RegExp(`server spire-server(-2)? 127\\.0\\.0\\.1:${p} check`));
+    }
+    // What `devenv spire-server` gives SPIRE: loopback on --ha, the address without it.
+    await writeFileAtomic(ctx.layout.ha.spirePasswordFile, "pw\n", 0o600);
+    const o2 = await spireServerOptions(ctx, "/b/spire-server", {
+      server: 2,
+      ha: true,
+      rootCa: true,
+      x509popCaBundle: "/f/ca.crt",
+    });
+    assert.equal(o2.bindAddress, "127.0.0.1");
+    assert.equal(o2.port, ctx.layout.ha.spireServerPorts[1]);
+    assert.equal(o2.x509popCaBundle, "/f/ca.crt");
+    assert.equal(o2.datastore?.type, "postgres");
+    const o1 = await spireServerOptions(ctx, "/b/spire-server", { x509popCaBundle: "/f/ca.crt" });
+    assert.equal(o1.bindAddress, addr);
+    assert.equal(o1.port, ctx.layout.ports.spireServer);
+    assert.equal(o1.x509popCaBundle, "/f/ca.crt");
+    assert.equal(o1.datastore, undefined);
+    // status, stop and the doctor see the stack at the address it was started with.
+    await writeState(ctx, { robots: [], mode, advertise: addr, createdSocketDirs: [], env: {} });
+    assert.equal(stackView(ctxFor(dir)).ctx.layout.advertise, addr);
+    await writeState(ctx, { robots: [], mode, createdSocketDirs: [], env: {} });
+    assert.equal(stackView(ctxFor(dir)).ctx.layout.advertise, undefined);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

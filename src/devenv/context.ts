@@ -20,6 +20,7 @@ import {
   robotLayout,
 } from "./layout.ts";
 import type { BrokerCommand } from "./broker_argv.ts";
+import { writeFileAtomic } from "../fs/atomic.ts";
 
 export type BrokerModeFlag = "native" | "docker" | "auto";
 
@@ -86,6 +87,10 @@ export interface StackMode {
 export interface DevenvState {
   robots: string[];
   mode?: StackMode;
+  /** `--advertise ADDR` of the start that launched the stack (sticky: later starts keep it). */
+  advertise?: string;
+  /** `--attestation x509pop`: the factory CA and SPIRE's x509pop attestor (sticky). */
+  attestation?: "x509pop";
   broker?: BrokerCommand;
   /** Socket directories devenv created (and so may delete on `clean`). */
   createdSocketDirs: string[];
@@ -152,15 +157,50 @@ export function resolveContext(args: Args, io: Io): DevenvContext {
     io,
     layout,
     files: devenvFiles(layout, env),
-    // Layout env for children, none of it secret.
-    layoutEnv: layoutEnv(layout.ports, {
-      agentSocketDir: env["K8S4R_AGENT_SOCKET_DIR"],
-      trustDomain: layout.trustDomain,
-      ha: layout.ha,
-    }),
+    layoutEnv: childLayoutEnv(layout, env),
     env,
     stateFile: join(layout.devEnvDir, "devenv.json"),
   };
+}
+
+/**
+ * The same context with another advertised address (`start --advertise`, or the one the running
+ * stack was started with). `undefined` = loopback only.
+ */
+export function withAdvertise(ctx: DevenvContext, advertise: string | undefined): DevenvContext {
+  const env: Record<string, string | undefined> = { ...ctx.env, K8S4R_ADVERTISE: advertise };
+  if (!advertise) delete env.K8S4R_ADVERTISE;
+  const layout = defaultLayout(ctx.layout.root, env);
+  return {
+    ...ctx,
+    layout,
+    files: devenvFiles(layout, env),
+    layoutEnv: childLayoutEnv(layout, env),
+    env,
+  };
+}
+
+/** The layout env for children (none of it secret): ports, trust domain, --ha, --advertise. */
+function childLayoutEnv(
+  layout: Layout,
+  env: Record<string, string | undefined>,
+): Record<string, string> {
+  return layoutEnv(layout.ports, {
+    agentSocketDir: env["K8S4R_AGENT_SOCKET_DIR"],
+    trustDomain: layout.trustDomain,
+    ha: layout.ha,
+    advertise: layout.advertise,
+  });
+}
+
+/** `--advertise ADDR`: an IPv4/IPv6 address or a host name, not a wildcard. */
+export function checkAdvertise(v: string): string {
+  if (!/^[0-9A-Za-z.:-]{1,253}$/.test(v) || v === "0.0.0.0" || v === "::" || v.startsWith("-")) {
+    throw new UsageError(
+      `--advertise: expected the address robots dial (an IP address of this host, or a name), got '${v}'`,
+    );
+  }
+  return v;
 }
 
 export function robotLayouts(ctx: DevenvContext, robots: string[]): RobotLayout[] {
@@ -170,8 +210,8 @@ export function robotLayouts(ctx: DevenvContext, robots: string[]): RobotLayout[
 /** `--robots N` gives robot-001..robot-N; otherwise `ROBOT_ID` or robot-001. */
 export function robotIds(n: number | undefined, env: Record<string, string | undefined>): string[] {
   if (n !== undefined) {
-    if (!Number.isInteger(n) || n < 1 || n > 999) {
-      throw new UsageError(`--robots: expected a whole number in [1, 999], got ${n}`);
+    if (!Number.isInteger(n) || n < 0 || n > 999) {
+      throw new UsageError(`--robots: expected a whole number in [0, 999], got ${n}`);
     }
     return Array.from({ length: n }, (_, i) => `robot-${String(i + 1).padStart(3, "0")}`);
   }
@@ -196,6 +236,8 @@ export function readState(ctx: DevenvContext): DevenvState | undefined {
       mode: s.mode && typeof s.mode === "object"
         ? { ha: s.mode.ha === true, rootCa: s.mode.rootCa === true }
         : undefined,
+      advertise: typeof s.advertise === "string" ? s.advertise : undefined,
+      attestation: s.attestation === "x509pop" ? "x509pop" : undefined,
       broker: s.broker,
       createdSocketDirs: Array.isArray(s.createdSocketDirs) ? s.createdSocketDirs : [],
       env: s.env ?? {},
@@ -220,26 +262,6 @@ export function knownRobots(ctx: DevenvContext): string[] {
     }
   } catch { /* no .dev-env yet */ }
   return [...robots].sort();
-}
-
-/** Writes a file atomically (temp file + rename) with the given mode; creates the directory. */
-export async function writeFileAtomic(
-  path: string,
-  data: string | Uint8Array,
-  mode: number,
-  dirMode = 0o700,
-): Promise<void> {
-  await Deno.mkdir(dirname(path), { recursive: true, mode: dirMode });
-  const tmp = `${path}.tmp-${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
-  try {
-    if (typeof data === "string") await Deno.writeTextFile(tmp, data, { mode });
-    else await Deno.writeFile(tmp, data, { mode });
-    await Deno.chmod(tmp, mode);
-    await Deno.rename(tmp, path);
-  } catch (err) {
-    await Deno.remove(tmp).catch(() => {});
-    throw err;
-  }
 }
 
 /**

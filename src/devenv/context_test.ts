@@ -2,18 +2,20 @@ import assert from "node:assert/strict";
 import { Args } from "../cli/mod.ts";
 import { bufferIo } from "../cli/io.ts";
 import { UsageError } from "../cli/errors.ts";
-import { resolveContext, robotIds, selfCommand } from "./context.ts";
+import { checkAdvertise, resolveContext, robotIds, selfCommand, withAdvertise } from "./context.ts";
 
 function args(values: Record<string, string | number>): Args {
   return new Args(["devenv", "start"], new Map(Object.entries(values)), [], []);
 }
 
-Deno.test("robot ids: --robots N, else ROBOT_ID, else robot-001", () => {
+Deno.test("robot ids: --robots N (0: a control host only), else ROBOT_ID, else robot-001", () => {
   assert.deepEqual(robotIds(3, {}), ["robot-001", "robot-002", "robot-003"]);
   assert.deepEqual(robotIds(undefined, { ROBOT_ID: "arm-7" }), ["arm-7"]);
   assert.deepEqual(robotIds(2, { ROBOT_ID: "arm-7" }), ["robot-001", "robot-002"]);
   assert.deepEqual(robotIds(undefined, {}), ["robot-001"]);
-  assert.throws(() => robotIds(0, {}), UsageError);
+  assert.deepEqual(robotIds(0, { ROBOT_ID: "arm-7" }), []);
+  assert.throws(() => robotIds(-1, {}), UsageError);
+  assert.throws(() => robotIds(1000, {}), /\[0, 999\]/);
   assert.throws(() => robotIds(undefined, { ROBOT_ID: "Bad Id" }), /ROBOT_ID/);
 });
 
@@ -50,4 +52,19 @@ Deno.test("self command runs main.ts from source under deno", () => {
   assert.equal(s.cmd, Deno.execPath());
   assert.equal(s.args[0], "run");
   assert.ok(s.args[s.args.length - 1].endsWith("/main.ts"));
+});
+
+Deno.test("--advertise: the SPIRE bind host and a second broker listener; children know it", () => {
+  const ctx = withAdvertise(resolveContext(args({}), bufferIo({ cwd: "/proj" })), "10.203.4.1");
+  assert.equal(ctx.layout.advertise, "10.203.4.1");
+  assert.equal(ctx.layoutEnv.K8S4R_ADVERTISE, "10.203.4.1");
+  // config/agent/plugins.yaml's spire.serverAddr host: local agents dial the bound address.
+  assert.equal(ctx.layoutEnv.K8S4R_SPIRE_SERVER_HOST, "10.203.4.1");
+  const back = withAdvertise(ctx, undefined);
+  assert.equal(back.layout.advertise, undefined);
+  assert.equal(back.layoutEnv.K8S4R_ADVERTISE, undefined);
+  for (const bad of ["0.0.0.0", "::", "a b", "-x"]) {
+    assert.throws(() => checkAdvertise(bad), /--advertise: expected the address robots dial/);
+  }
+  assert.equal(checkAdvertise("10.0.0.1"), "10.0.0.1");
 });

@@ -23,6 +23,12 @@ export interface Layout {
   root: string;
   trustDomain: string;
   ports: Ports;
+  /**
+   * `--advertise ADDR` (env K8S4R_ADVERTISE): the address robots on other hosts dial. The SPIRE
+   * server's agent port binds it (instead of 127.0.0.1) and the broker gets a second mTLS
+   * listener on it; 1883, the HTTP API and the admin sockets stay on loopback.
+   */
+  advertise?: string;
   /** `.dev-env/`: logs, pid files, generated secrets (0700). */
   devEnvDir: string;
   /** `.spire-data/`. */
@@ -46,6 +52,14 @@ export interface Layout {
   serverRolesFile: string;
   /** The root CA and SPIRE's upstream CA (`k8s4r ca init`; `devenv start --root-ca`). */
   caDir: string;
+  /** `{username, password}` of the broker's dynamic-security admin (robot remove), 0600. */
+  brokerAdminCredentialsFile: string;
+  /** What `k8s4r robot add|list|remove` read: this stack's control-host config. */
+  controlHostConfig: string;
+  /** The factory CA (`--attestation x509pop`): ca.crt, ca.key (0600). */
+  factoryCaDir: string;
+  /** k8s4r's records of what robot add issued. */
+  robotRecords: string;
   /** What `devenv start --ha` adds. */
   ha: HaLayout;
 }
@@ -101,6 +115,7 @@ export function defaultLayout(root: string, env: Record<string, string | undefin
   return {
     root,
     trustDomain: env["K8S4R_TRUST_DOMAIN"] ?? TRUST_DOMAIN,
+    advertise: env["K8S4R_ADVERTISE"] || undefined,
     ports: {
       spireServer: num("K8S4R_SPIRE_SERVER_PORT", DEFAULT_PORTS.spireServer),
       mqttPlain: num("K8S4R_MQTT_PORT", DEFAULT_PORTS.mqttPlain),
@@ -117,6 +132,10 @@ export function defaultLayout(root: string, env: Record<string, string | undefin
     mosquittoDir: join(devEnvDir, "mosquitto"),
     serverCredentialsFile: join(devEnvDir, "server-mqtt.json"),
     serverDataDir: join(devEnvDir, "server-data"),
+    brokerAdminCredentialsFile: join(devEnvDir, "broker-admin.json"),
+    controlHostConfig: join(devEnvDir, "control-host.json"),
+    factoryCaDir: join(devEnvDir, "factory-ca"),
+    robotRecords: join(devEnvDir, "robots.json"),
     serverRolesFile: join(devEnvDir, "roles.yaml"),
     caDir: join(spireDataDir, "ca"),
     ha: {
@@ -146,6 +165,8 @@ export function layoutEnv(
   opts: {
     agentSocketDir?: string;
     trustDomain?: string;
+    /** `start --advertise ADDR`: where robots on other hosts reach SPIRE and the broker. */
+    advertise?: string;
     /** The `--ha` stack's ports. */
     ha?: Pick<HaLayout, "postgresPort" | "spireServerPorts"> & Partial<Pick<HaLayout, "httpPorts">>;
   } = {},
@@ -157,6 +178,11 @@ export function layoutEnv(
     K8S4R_HTTP_PORT: String(ports.http),
   };
   if (opts.trustDomain) env.K8S4R_TRUST_DOMAIN = opts.trustDomain;
+  if (opts.advertise) {
+    env.K8S4R_ADVERTISE = opts.advertise;
+    // config/agent/plugins.yaml's spire.serverAddr: the SPIRE server no longer binds loopback.
+    env.K8S4R_SPIRE_SERVER_HOST = opts.advertise;
+  }
   if (opts.agentSocketDir) env.K8S4R_AGENT_SOCKET_DIR = opts.agentSocketDir;
   if (opts.ha) {
     env.K8S4R_POSTGRES_PORT = String(opts.ha.postgresPort);
@@ -289,4 +315,14 @@ export function devenvFiles(
     server3Pid: join(d, "server-3.pid"),
     server3Log: join(d, "server-3.log"),
   };
+}
+
+/** The address agents on this host dial for the SPIRE server: its bind address. */
+export function spireServerHost(layout: Layout): string {
+  return layout.advertise ?? "127.0.0.1";
+}
+
+/** The addresses of the broker's mTLS listeners: loopback, and the advertised one. */
+export function brokerTlsBinds(layout: Layout): string[] {
+  return layout.advertise ? ["127.0.0.1", layout.advertise] : ["127.0.0.1"];
 }

@@ -78,9 +78,9 @@ export async function httpGetJson(
 }
 
 /** True when something accepts TCP connections on 127.0.0.1:port. */
-export function tcpOpen(port: number, timeoutMs = 1000): Promise<boolean> {
+export function tcpOpen(port: number, timeoutMs = 1000, host = "127.0.0.1"): Promise<boolean> {
   return new Promise((resolve) => {
-    const s = net.connect({ host: "127.0.0.1", port });
+    const s = net.connect({ host, port });
     const t = setTimeout(() => {
       s.destroy();
       resolve(false);

@@ -19,7 +19,7 @@ import { keywordValue, readPasswordFile } from "../postgres/local_cluster.ts";
 import { ensureSpireBinaries } from "../spire/binaries.ts";
 import { type StartServerOptions, startSpireServer } from "../spire/server.ts";
 import type { DevenvContext } from "./context.ts";
-import { SPIRE_DB } from "./layout.ts";
+import { SPIRE_DB, spireServerHost } from "./layout.ts";
 
 export interface SpireServerRunOptions {
   /** ca_ttl in seconds; undefined = the config file's value. */
@@ -40,6 +40,8 @@ export interface SpireServerRunOptions {
   rootCa?: boolean;
   /** `agent_ttl` (Go duration); undefined = SPIRE's. */
   agentTtl?: string;
+  /** The x509pop NodeAttestor's factory CA bundle (`start --attestation x509pop`). */
+  x509popCaBundle?: string;
 }
 
 /** Where server `n` of this stack keeps its socket, data and log, and on which port it serves. */
@@ -79,7 +81,10 @@ export async function spireServerOptions(
     logFile: place.log,
     detached: false,
     port: place.port,
-    bindAddress: "127.0.0.1",
+    // `start --advertise ADDR`: the agent port is where remote robots reach it; the admin
+    // socket stays a local unix socket. On the HA stack haproxy's frontend is that port and
+    // the servers behind it stay on loopback.
+    bindAddress: opts.ha ? "127.0.0.1" : spireServerHost(layout),
     socketPath: place.socket,
     dataDir: place.dataDir,
     trustDomain: layout.trustDomain,
@@ -88,6 +93,7 @@ export async function spireServerOptions(
     attestationRateLimit: opts.attestationRateLimit,
     eventsBasedCache: opts.eventsBasedCache,
     agentTtl: opts.agentTtl,
+    x509popCaBundle: opts.x509popCaBundle,
     readyTimeoutMs: 60_000,
   };
   if (opts.ha) {

@@ -26,9 +26,9 @@ import {
   readState,
   robotLayouts,
   type StackMode,
-  writeFileAtomic,
   writeState,
 } from "./context.ts";
+import { writeFileAtomic } from "../fs/atomic.ts";
 import { runGraph, SkippedError } from "./graph.ts";
 import type { ProbeResult } from "./probes.ts";
 import { Progress, renderTable } from "./render.ts";
@@ -129,18 +129,43 @@ export async function devenvStart(ctx: DevenvContext, opts: StartOptions): Promi
   const color = colorEnabled(io);
   const progress = new Progress(io.stdout, color, color);
   const say = (s: string) => io.stdout.write(s + "\n");
+  const prev = readState(ctx);
+  // The SPIRE server's bind address and the broker's listeners are fixed while they run.
+  // (On the HA stack: haproxy's frontend; its SPIRE servers stay on loopback.)
+  const running = [files.spireServerPid, files.haproxyPid, files.mosquittoPid].some((p) =>
+    isRecordAlive(readPidFile(p))
+  );
+  if (running && prev && (prev.advertise ?? "") !== (opts.advertise ?? "")) {
+    throw new CliError(
+      `the stack runs ${
+        prev.advertise ? `with --advertise ${prev.advertise}` : "on loopback only"
+      }; a different --advertise needs a restart of SPIRE and the broker`,
+      1,
+      `k8s4r devenv stop && k8s4r devenv start${
+        opts.advertise ? ` --advertise ${opts.advertise}` : ""
+      }`,
+    );
+  }
+  if (running && prev && !prev.attestation && opts.x509pop) {
+    throw new CliError(
+      "the SPIRE server runs without the x509pop attestor",
+      1,
+      "k8s4r devenv stop && k8s4r devenv start --attestation x509pop",
+    );
+  }
   await Deno.mkdir(layout.devEnvDir, { recursive: true, mode: 0o700 });
   await Deno.chmod(layout.devEnvDir, 0o700);
   await Deno.mkdir(files.tokensDir, { recursive: true, mode: 0o700 });
   await Deno.chmod(files.tokensDir, 0o700);
 
-  const prev = readState(ctx);
   const mode = resolveMode(ctx, prev, opts);
   opts = { ...opts, mode };
   say(
-    `Starting the k8s4r dev stack in ${layout.root} (robots: ${opts.robots.join(", ")}${
+    `Starting the k8s4r dev stack in ${layout.root} (robots: ${opts.robots.join(", ") || "none"}${
       mode.ha ? "; HA: PostgreSQL, 2 SPIRE servers behind haproxy" : ""
-    }${mode.rootCa ? "; SPIRE's CA under the root CA" : ""})`,
+    }${mode.rootCa ? "; SPIRE's CA under the root CA" : ""}${
+      opts.advertise ? `; serving robots on other hosts at ${opts.advertise}` : ""
+    }${opts.x509pop ? "; x509pop attestation with a dev factory CA" : ""})`,
   );
   const robots = robotLayouts(ctx, opts.robots);
   const createdSocketDirs = new Set(prev?.createdSocketDirs ?? []);
@@ -157,6 +182,8 @@ export async function devenvStart(ctx: DevenvContext, opts: StartOptions): Promi
   await writeState(ctx, {
     robots: allRobots,
     mode,
+    advertise: opts.advertise,
+    attestation: opts.x509pop ? "x509pop" : undefined,
     broker: prev?.broker,
     createdSocketDirs: [...createdSocketDirs],
     env: ctx.layoutEnv,

@@ -2,6 +2,7 @@
  * `k8s4r doctor`: every troubleshooting step of the guide, as concurrent checks (modelled on
  * `flutter doctor`). Exit 0 when nothing failed or crashed, 1 otherwise.
  */
+import { dataDirFromEnv } from "../fleet/paths.ts";
 import { resolve } from "node:path";
 import { closest, type CommandSpec } from "../cli/mod.ts";
 import { UsageError } from "../cli/errors.ts";
@@ -111,7 +112,8 @@ shown as info lines with --verbose, and become warnings with --production.`,
         name: "data-dir",
         type: "string",
         valueName: "DIR",
-        description: "The robot's data dir (as for 'k8s4r agent --data-dir'); implies --robot",
+        description:
+          "The robot's data dir (as for 'k8s4r agent --data-dir'; env K8S4R_DATA_DIR); implies --robot",
       },
     ],
     async run(args, io) {
@@ -121,7 +123,9 @@ shown as info lines with --verbose, and become warnings with --production.`,
       if (args.bool("control-host") && args.has("data-dir")) {
         throw new UsageError("doctor: --data-dir is a robot's; it cannot go with --control-host");
       }
-      const dd = args.string("data-dir");
+      const dd = args.bool("control-host")
+        ? args.string("data-dir")
+        : dataDirFromEnv(args.string("data-dir"), io.env);
       const dataDir = dd !== undefined ? resolve(io.cwd, dd) : undefined;
       const host = await detectHost(realFs(io.env), {
         robot: args.bool("robot"),

@@ -71,6 +71,17 @@ export function robotHostPaths(dataDir?: string): RobotHostPaths {
   };
 }
 
+/** The environment variable that stands for `--data-dir DIR` on every robot-host command. */
+export const DATA_DIR_ENV = "K8S4R_DATA_DIR";
+
+/** `--data-dir DIR`, else env K8S4R_DATA_DIR, else undefined (the production directories). */
+export function dataDirFromEnv(
+  flag: string | undefined,
+  env: Record<string, string | undefined>,
+): string | undefined {
+  return flag ?? (env[DATA_DIR_ENV] || undefined);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The control host (the fleet server's machine). devenv passes its own paths instead (flags),
 // so a developer's stack never touches these.

@@ -1,8 +1,8 @@
 /**
  * Writing a file so that nobody ever sees it half-written or with a wider mode than asked for:
  * a temp file in the same directory with the final mode, then a rename. For secrets (keys,
- * passwords: 0600) and for files other processes read while they change (certificates).
- * (`src/devenv/context.ts` has the same for the dev stack; production code uses this one.)
+ * passwords: 0600) and for files other processes read while they change (certificates). The
+ * one such helper: production code and devenv both use it.
  */
 import { dirname } from "node:path";
 

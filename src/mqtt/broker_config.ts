@@ -4,17 +4,33 @@
  * fleet server. Also writes the password file in mosquitto's own `$7$` PBKDF2-SHA512 format, so
  * that no password ever appears on a command line (`mosquitto_passwd -b` would put it in `ps`).
  *
- * Checked against mosquitto 2.0.11 (Debian 12):
+ * Global auth settings (no `per_listener_settings`), checked against mosquitto 2.0.11 (Debian 12)
+ * and 2.0.21 (bookworm-backports):
+ * - Why global: with `per_listener_settings true`, 2.0.21 loses the QoS 1 messages queued for an
+ *   offline persistent client (the fleet server) across a kill -9 ("Failed to associate persisted
+ *   user ... with ACLs"); tests/broker_persistence_test.ts runs that repro against the installed
+ *   broker. So one `password_file`, one `acl_file` and one `plugin` serve both listeners.
+ * - The guarantees stay: 1883 listens on 127.0.0.1 only and wants a password (`allow_anonymous
+ *   false`; only the fleet server and the control host's admin are in the password file); 8883
+ *   wants a client certificate from the SPIRE bundle and takes its CN as the username
+ *   (`use_identity_as_username`: Mosquitto then skips password auth for it, handle_connect.c
+ *   "Authentication assumed to be cleared"); the ACL patterns confine each CN to its own subtree.
+ *   Because a certificate CN becomes a username without a password, the ACL's `user` names
+ *   (`k8s4r-server`, `k8s4r-admin`) must never be a CN: robot ids starting with `k8s4r-` are
+ *   reserved (src/fleet/ids.ts) and `k8s4r robot add` refuses them.
+ * - The dynamic-security plugin (src/mqtt/dynsec.ts) runs before the ACL file: it defers on
+ *   every username it does not know, and answers "denied" for a removed robot (`k8s4r robot
+ *   remove`), which it also disconnects at once.
  * - `tls_version tlsv1.2` sets the MINIMUM protocol version of a listener (1.2 and 1.3 accepted);
  *   tests/server_broker_test.ts asserts that a TLS 1.1 handshake is refused.
- * - With `per_listener_settings true`, `allow_anonymous`, `password_file` and `acl_file` are
- *   scoped to the listener block they follow.
  * - A `read` ACL grants both SUBSCRIBE and receiving; mosquitto checks it again on delivery, so a
  *   wildcard subscription never leaks another robot's messages.
  */
 import { pbkdf2Sync, randomBytes, timingSafeEqual } from "node:crypto";
 import { join } from "node:path";
 import { TOPIC_ROOT } from "../fleet/topics.ts";
+import { writeFileAtomic } from "../fs/atomic.ts";
+import { DYNSEC_CONTROL_TOPICS, ensureDynsecFile } from "./dynsec.ts";
 
 /** mosquitto_passwd's defaults for `-H sha512-pbkdf2` (2.0.x): 12-byte salt, 101 iterations. */
 export const PBKDF2_ITERATIONS = 101;
@@ -58,8 +74,11 @@ export function generatePassword(): string {
 export interface BrokerConfigOptions {
   /** mTLS listener for robots. */
   tlsPort: number;
-  /** Address of the mTLS listener. Default 127.0.0.1; a real fleet binds a reachable address. */
-  tlsBind?: string;
+  /**
+   * Address(es) of the mTLS listener, one listener each on `tlsPort`. Default 127.0.0.1; a
+   * control host that serves remote robots adds the address it advertises (`--advertise`).
+   */
+  tlsBind?: string | string[];
   /** Password listener for the fleet server, always bound to 127.0.0.1. */
   plainPort: number;
   /** The SPIRE trust bundle (PEM): the CAs robot certificates must chain to. */
@@ -69,6 +88,16 @@ export interface BrokerConfigOptions {
   keyfile: string;
   /** The fleet server's login on the plain listener. */
   server: { username: string; password: string };
+  /**
+   * The control host's login on the plain listener for the dynamic-security plugin's
+   * `$CONTROL/dynamic-security/#` topics (`k8s4r robot remove`); nothing else.
+   */
+  admin?: { username: string; password: string };
+  /**
+   * `mosquitto_dynamic_security.so` (`findDynsecPlugin`), loaded for both listeners. Without it
+   * a removed robot cannot be cut off the broker before its SVID expires.
+   */
+  dynsecPlugin?: string;
   /**
    * Certificate CNs on the TLS listener that get `readwrite k8s4r/#` (a fleet server connecting
    * with its own SVID via `--broker-url mqtts://`). Empty by default: robots only.
@@ -94,38 +123,57 @@ export interface BrokerConfigOptions {
 
 export interface BrokerFiles {
   config: string;
-  tlsAcl: string;
-  plainAcl: string;
+  /** The one ACL file of both listeners. */
+  aclFile: string;
   passwordFile: string;
+  /** The dynamic-security plugin's state (removed robots); the plugin rewrites it. */
+  dynsecFile: string;
   persistenceDir: string;
   logFile: string;
 }
 
-/** The ACL of the robot (mTLS) listener. `%u` is the certificate CN, i.e. the robot id. */
-export function renderTlsAcl(adminUsers: string[] = []): string {
-  const lines = [
-    "# k8s4r robot listener ACL (generated; do not edit).",
-    "# Username = certificate CN = robot id (use_identity_as_username).",
-    "# A robot may publish only under its own up/ subtree and read only its own down/ subtree.",
-    `pattern write ${TOPIC_ROOT}/%u/up/#`,
-    `pattern read ${TOPIC_ROOT}/%u/down/#`,
-  ];
-  for (const u of adminUsers) {
-    assertAclUser(u);
-    lines.push("", `user ${u}`, `topic readwrite k8s4r/#`);
-  }
-  return lines.join("\n") + "\n";
+export interface AclUsers {
+  /** The fleet server's username (password login): all of k8s4r/. */
+  server: string;
+  /** The control host's dynamic-security admin: `$CONTROL/dynamic-security/#` only. */
+  admin?: string;
+  /** Certificate CNs that get all of k8s4r/ (a fleet server on the TLS listener). */
+  tlsAdminUsers?: string[];
 }
 
-/** The ACL of the loopback password listener: the server user may touch all of k8s4r/. */
-export function renderPlainAcl(serverUsername: string): string {
-  assertAclUser(serverUsername);
-  return [
-    "# k8s4r server listener ACL (generated; do not edit).",
-    `user ${serverUsername}`,
+/**
+ * The ACL of both listeners. On the mTLS listener the username is the certificate CN, i.e. the
+ * robot id (`%u`): a robot may publish only under its own up/ subtree and read only its own
+ * down/ subtree. The `user` blocks name logins a robot can never have (reserved ids).
+ */
+export function renderAcl(users: AclUsers): string {
+  assertAclUser(users.server);
+  const lines = [
+    "# k8s4r broker ACL (generated; do not edit): one file for both listeners.",
+    "# The fleet server (password login on the loopback listener).",
+    `user ${users.server}`,
     "topic readwrite k8s4r/#",
+  ];
+  if (users.admin) {
+    assertAclUser(users.admin);
+    lines.push(
+      "",
+      "# The control host's admin: the dynamic-security plugin's control topics only.",
+      `user ${users.admin}`,
+      `topic readwrite ${DYNSEC_CONTROL_TOPICS}`,
+    );
+  }
+  for (const u of users.tlsAdminUsers ?? []) {
+    assertAclUser(u);
+    lines.push("", `user ${u}`, "topic readwrite k8s4r/#");
+  }
+  lines.push(
     "",
-  ].join("\n");
+    "# Robots: username = certificate CN = robot id (use_identity_as_username).",
+    `pattern write ${TOPIC_ROOT}/%u/up/#`,
+    `pattern read ${TOPIC_ROOT}/%u/down/#`,
+  );
+  return lines.join("\n") + "\n";
 }
 
 function assertAclUser(u: string): void {
@@ -159,12 +207,17 @@ export function renderMosquittoConf(
     }
     return n;
   };
-  const bind = opts.tlsBind ?? "127.0.0.1";
-  if (!/^[0-9A-Za-z.:-]+$/.test(bind)) throw new Error(`tlsBind: invalid address ${bind}`);
+  const binds = [opts.tlsBind ?? "127.0.0.1"].flat();
+  for (const b of binds) {
+    if (!/^[0-9A-Za-z.:-]+$/.test(b)) throw new Error(`tlsBind: invalid address ${b}`);
+  }
+  if (binds.length === 0 || new Set(binds).size !== binds.length) {
+    throw new Error(`tlsBind: expected distinct addresses, got ${JSON.stringify(binds)}`);
+  }
+  if (opts.dynsecPlugin !== undefined) assertPath("dynsecPlugin", opts.dynsecPlugin);
   const user = opts.runAsUser ?? defaultRunAsUser();
   return [
     "# k8s4r Mosquitto 2.0 configuration (generated by k8s4r; do not edit).",
-    "per_listener_settings true",
     ...(user ? [`user ${user}`] : []),
     "",
     "# Persistence: the server's persistent session and its queued QoS 1 messages survive a",
@@ -193,25 +246,34 @@ export function renderMosquittoConf(
     "log_timestamp true",
     "log_timestamp_format %Y-%m-%dT%H:%M:%S",
     "",
-    "# Robots: mutual TLS; the certificate CN (the robot id) is the username.",
-    `listener ${port("tlsPort", opts.tlsPort)} ${bind}`,
-    "protocol mqtt",
-    "allow_anonymous false",
-    `cafile ${opts.cafile}`,
-    `certfile ${opts.certfile}`,
-    `keyfile ${opts.keyfile}`,
-    "require_certificate true",
-    "use_identity_as_username true",
-    "# Minimum TLS version (1.2 and 1.3 are accepted).",
-    "tls_version tlsv1.2",
-    `acl_file ${files.tlsAcl}`,
-    "",
-    "# The fleet server: password login, loopback only.",
-    `listener ${port("plainPort", opts.plainPort)} 127.0.0.1`,
-    "protocol mqtt",
+    "# Authentication and ACLs, global: both listeners (no per_listener_settings, see above).",
     "allow_anonymous false",
     `password_file ${files.passwordFile}`,
-    `acl_file ${files.plainAcl}`,
+    `acl_file ${files.aclFile}`,
+    ...(opts.dynsecPlugin
+      ? [
+        "# Removed robots: denied everything and disconnected (k8s4r robot remove).",
+        `plugin ${opts.dynsecPlugin}`,
+        `plugin_opt_config_file ${files.dynsecFile}`,
+      ]
+      : []),
+    "",
+    ...binds.flatMap((bind) => [
+      "# Robots: mutual TLS; the certificate CN (the robot id) is the username.",
+      `listener ${port("tlsPort", opts.tlsPort)} ${bind}`,
+      "protocol mqtt",
+      `cafile ${opts.cafile}`,
+      `certfile ${opts.certfile}`,
+      `keyfile ${opts.keyfile}`,
+      "require_certificate true",
+      "use_identity_as_username true",
+      "# Minimum TLS version (1.2 and 1.3 are accepted).",
+      "tls_version tlsv1.2",
+      "",
+    ]),
+    "# The fleet server and the control host's admin: password login, loopback only.",
+    `listener ${port("plainPort", opts.plainPort)} 127.0.0.1`,
+    "protocol mqtt",
     "",
   ].join("\n");
 }
@@ -224,42 +286,59 @@ function defaultRunAsUser(): string | undefined {
   }
 }
 
-async function writeFileMode(path: string, text: string, mode: number): Promise<void> {
-  const tmp = `${path}.tmp-${Deno.pid}`;
-  await Deno.writeTextFile(tmp, text, { mode });
-  await Deno.chmod(tmp, mode);
-  await Deno.rename(tmp, path);
+/** Where `writeBrokerFiles(dir, opts)` puts each file (a backup reads them from here too). */
+export function brokerFiles(
+  dir: string,
+  opts: Pick<BrokerConfigOptions, "persistenceDir" | "logFile"> = {},
+): BrokerFiles {
+  return {
+    config: join(dir, "mosquitto.conf"),
+    aclFile: join(dir, "acl"),
+    passwordFile: join(dir, "passwd"),
+    dynsecFile: join(dir, "dynamic-security.json"),
+    persistenceDir: opts.persistenceDir ?? join(dir, "data"),
+    logFile: opts.logFile ?? join(dir, "mosquitto.log"),
+  };
 }
 
 /**
- * Writes mosquitto.conf, both ACL files and the password file (0600) into `dir` (created 0700),
- * and creates the persistence directory. Existing files are replaced atomically.
+ * Writes mosquitto.conf, the ACL file and the password file (0600) into `dir` (created 0700),
+ * creates the persistence directory, and (with the plugin) the dynamic-security state if it is
+ * missing. Existing generated files are replaced atomically.
  */
 export async function writeBrokerFiles(
   dir: string,
   opts: BrokerConfigOptions,
 ): Promise<BrokerFiles> {
   await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
-  const files: BrokerFiles = {
-    config: join(dir, "mosquitto.conf"),
-    tlsAcl: join(dir, "acl-robots"),
-    plainAcl: join(dir, "acl-server"),
-    passwordFile: join(dir, "passwd"),
-    persistenceDir: opts.persistenceDir ?? join(dir, "data"),
-    logFile: opts.logFile ?? join(dir, "mosquitto.log"),
-  };
+  const files = brokerFiles(dir, opts);
   await Deno.mkdir(files.persistenceDir, { recursive: true, mode: 0o700 });
-  assertAclUser(opts.server.username);
-  if (opts.server.password.includes("\n") || opts.server.password === "") {
-    throw new Error("server password must be a non-empty single line");
+  const logins = [opts.server, ...(opts.admin ? [opts.admin] : [])];
+  for (const l of logins) {
+    assertAclUser(l.username);
+    if (l.password.includes("\n") || l.password === "") {
+      throw new Error(`the password of ${l.username} must be a non-empty single line`);
+    }
   }
-  await writeFileMode(
+  if (opts.admin && opts.admin.username === opts.server.username) {
+    throw new Error(`the admin login must differ from the server's (${opts.server.username})`);
+  }
+  await writeFileAtomic(
     files.passwordFile,
-    `${opts.server.username}:${hashPassword(opts.server.password)}\n`,
+    logins.map((l) => `${l.username}:${hashPassword(l.password)}\n`).join(""),
     0o600,
   );
-  await writeFileMode(files.tlsAcl, renderTlsAcl(opts.tlsAdminUsers), 0o644);
-  await writeFileMode(files.plainAcl, renderPlainAcl(opts.server.username), 0o644);
-  await writeFileMode(files.config, renderMosquittoConf(opts, files), 0o644);
+  await writeFileAtomic(
+    files.aclFile,
+    renderAcl({
+      server: opts.server.username,
+      admin: opts.admin?.username,
+      tlsAdminUsers: opts.tlsAdminUsers,
+    }),
+    0o600,
+  );
+  // Kept across restarts: it holds the removed robots (the plugin itself rewrites it).
+  if (opts.dynsecPlugin) await ensureDynsecFile(files.dynsecFile);
+  await writeFileAtomic(files.config, renderMosquittoConf(opts, files), 0o644);
   return files;
 }

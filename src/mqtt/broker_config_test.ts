@@ -3,11 +3,12 @@ import { join } from "node:path";
 import { realRunner } from "../process/mod.ts";
 import {
   hashPassword,
-  renderPlainAcl,
-  renderTlsAcl,
+  renderAcl,
+  renderMosquittoConf,
   verifyPassword,
   writeBrokerFiles,
 } from "./broker_config.ts";
+import { REMOVED_ROLE } from "./dynsec.ts";
 
 Deno.test("hashPassword writes mosquitto's $7$ PBKDF2-SHA512 format", () => {
   const h = hashPassword("s3cret");
@@ -41,17 +42,76 @@ Deno.test("verifyPassword accepts a hash written by the real mosquitto_passwd", 
   }
 });
 
-Deno.test("ACLs confine each robot to its own subtree", () => {
-  const acl = renderTlsAcl();
-  assert.match(acl, /^pattern write k8s4r\/robots\/%u\/up\/#$/m);
-  assert.match(acl, /^pattern read k8s4r\/robots\/%u\/down\/#$/m);
-  assert.doesNotMatch(acl, /readwrite/);
-  assert.match(renderTlsAcl(["k8s4r-server"]), /^user k8s4r-server\ntopic readwrite k8s4r\/#$/m);
-  assert.equal(
-    renderPlainAcl("k8s4r-server").split("\n").filter((l) => !l.startsWith("#")).join("\n"),
-    "user k8s4r-server\ntopic readwrite k8s4r/#\n",
+Deno.test("ACL: robots confined to their own subtree; the server and the admin by name", () => {
+  const acl = renderAcl({ server: "k8s4r-server", admin: "k8s4r-admin" });
+  const lines = acl.split("\n").filter((l) => l && !l.startsWith("#"));
+  assert.deepEqual(lines, [
+    "user k8s4r-server",
+    "topic readwrite k8s4r/#",
+    "user k8s4r-admin",
+    "topic readwrite $CONTROL/dynamic-security/#",
+    "pattern write k8s4r/robots/%u/up/#",
+    "pattern read k8s4r/robots/%u/down/#",
+  ]);
+  assert.match(
+    renderAcl({ server: "k8s4r-server", tlsAdminUsers: ["fleet-a"] }),
+    /^user fleet-a\ntopic readwrite k8s4r\/#$/m,
   );
-  assert.throws(() => renderPlainAcl("bad user\ntopic readwrite #"), /invalid MQTT username/);
+  assert.throws(
+    () => renderAcl({ server: "bad user\ntopic readwrite #" }),
+    /invalid MQTT username/,
+  );
+});
+
+Deno.test("mosquitto.conf: global auth (no per_listener_settings), one TLS listener per address", () => {
+  const files = {
+    aclFile: "/p/acl",
+    passwordFile: "/p/passwd",
+    dynsecFile: "/p/dynamic-security.json",
+    persistenceDir: "/p/data",
+    logFile: "/p/log",
+  };
+  const base = {
+    tlsPort: 18883,
+    plainPort: 11883,
+    cafile: "/ca.pem",
+    certfile: "/broker.pem",
+    keyfile: "/broker.key",
+    server: { username: "k8s4r-server", password: "pw" },
+  };
+  const conf = renderMosquittoConf({
+    ...base,
+    tlsBind: ["127.0.0.1", "10.203.7.1"],
+    dynsecPlugin: "/usr/lib/dynsec.so",
+  }, files);
+  const lines = conf.split("\n");
+  assert.ok(!/^per_listener_settings/m.test(conf), "2.0.21 loses queued messages with it");
+  // Auth settings come before the first listener: global.
+  const firstListener = lines.findIndex((l) => l.startsWith("listener "));
+  for (
+    const l of [
+      "allow_anonymous false",
+      "password_file /p/passwd",
+      "acl_file /p/acl",
+      "plugin /usr/lib/dynsec.so",
+      "plugin_opt_config_file /p/dynamic-security.json",
+    ]
+  ) {
+    const at = lines.indexOf(l);
+    assert.ok(at >= 0 && at < firstListener, `${l} is not global`);
+  }
+  assert.deepEqual(lines.filter((l) => l.startsWith("listener ")), [
+    "listener 18883 127.0.0.1",
+    "listener 18883 10.203.7.1",
+    "listener 11883 127.0.0.1",
+  ]);
+  assert.equal(lines.filter((l) => l === "require_certificate true").length, 2);
+  assert.equal(lines.filter((l) => l === "use_identity_as_username true").length, 2);
+  assert.doesNotMatch(renderMosquittoConf(base, files), /^plugin/m);
+  assert.throws(
+    () => renderMosquittoConf({ ...base, tlsBind: ["127.0.0.1", "127.0.0.1"] }, files),
+    /tlsBind: expected distinct addresses/,
+  );
 });
 
 Deno.test("writeBrokerFiles: config, 0600 password file, loopback plain listener", async () => {
@@ -64,12 +124,13 @@ Deno.test("writeBrokerFiles: config, 0600 password file, loopback plain listener
       certfile: "/broker.pem",
       keyfile: "/broker.key",
       server: { username: "k8s4r-server", password: "pw-123" },
+      admin: { username: "k8s4r-admin", password: "adm-456" },
+      dynsecPlugin: "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
       runAsUser: "nobody",
     });
     const conf = await Deno.readTextFile(files.config);
     for (
       const line of [
-        "per_listener_settings true",
         "user nobody",
         "persistence true",
         `persistence_location ${files.persistenceDir}/`,
@@ -81,19 +142,39 @@ Deno.test("writeBrokerFiles: config, 0600 password file, loopback plain listener
         "require_certificate true",
         "use_identity_as_username true",
         "tls_version tlsv1.2",
-        `acl_file ${files.tlsAcl}`,
+        `acl_file ${files.aclFile}`,
         "listener 11883 127.0.0.1",
         `password_file ${files.passwordFile}`,
-        `acl_file ${files.plainAcl}`,
+        `plugin_opt_config_file ${files.dynsecFile}`,
       ]
     ) assert.ok(conf.split("\n").includes(line), `missing line: ${line}`);
-    assert.equal(conf.split("\n").filter((l) => l === "allow_anonymous false").length, 2);
-    // The plaintext password is nowhere but in the caller's memory.
-    assert.ok(!conf.includes("pw-123"));
-    const pw = await Deno.readTextFile(files.passwordFile);
-    assert.ok(!pw.includes("pw-123"));
-    assert.ok(verifyPassword("pw-123", pw.trim().slice("k8s4r-server:".length)));
+    assert.equal(conf.split("\n").filter((l) => l === "allow_anonymous false").length, 1);
+    // The plaintext passwords are nowhere but in the caller's memory.
+    assert.ok(!conf.includes("pw-123") && !conf.includes("adm-456"));
+    const pw = (await Deno.readTextFile(files.passwordFile)).trim().split("\n");
+    assert.ok(!pw.join("").includes("pw-123") && !pw.join("").includes("adm-456"));
+    assert.ok(verifyPassword("pw-123", pw[0].slice("k8s4r-server:".length)));
+    assert.ok(verifyPassword("adm-456", pw[1].slice("k8s4r-admin:".length)));
     assert.equal((await Deno.stat(files.passwordFile)).mode! & 0o777, 0o600);
+    // The plugin's state is created once, then kept (it holds the removed robots).
+    const dyn = JSON.parse(await Deno.readTextFile(files.dynsecFile));
+    assert.equal(dyn.roles[0].rolename, REMOVED_ROLE);
+    assert.ok(dyn.roles[0].acls.every((a: { allow: boolean }) => a.allow === false));
+    dyn.clients.push({ username: "robot-009", roles: [{ rolename: REMOVED_ROLE }] });
+    await Deno.writeTextFile(files.dynsecFile, JSON.stringify(dyn));
+    await writeBrokerFiles(join(dir, "m"), {
+      tlsPort: 18883,
+      plainPort: 11883,
+      cafile: "/ca.pem",
+      certfile: "/broker.pem",
+      keyfile: "/broker.key",
+      server: { username: "k8s4r-server", password: "pw-123" },
+      dynsecPlugin: "/x.so",
+    });
+    assert.equal(
+      JSON.parse(await Deno.readTextFile(files.dynsecFile)).clients[0].username,
+      "robot-009",
+    );
     await assert.rejects(
       () =>
         writeBrokerFiles(join(dir, "m2"), {

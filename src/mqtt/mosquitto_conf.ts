@@ -4,7 +4,7 @@
  * with it.
  *
  * Reads a mosquitto.conf into listeners and their settings. Options that come before the first
- * `listener` line are global (with `per_listener_settings true`, mosquitto scopes
+ * `listener` line are global (k8s4r writes its auth settings there; with `per_listener_settings true`, mosquitto would scope
  * `allow_anonymous`, `password_file`, `acl_file` to each listener).
  */
 

@@ -14,15 +14,16 @@ Deno.test("mosquitto_conf: reads back the listeners and settings renderMosquitto
       runAsUser: "mosq",
     },
     {
-      tlsAcl: "/p/acl-robots",
-      plainAcl: "/p/acl-server",
+      aclFile: "/p/acl",
       passwordFile: "/p/passwd",
+      dynsecFile: "/p/dynamic-security.json",
       persistenceDir: "/p/data",
       logFile: "/p/mosquitto.log",
     },
   );
   const conf = parseMosquittoConf(text);
-  assert.equal(conf.global.get("per_listener_settings")?.value, "true");
+  assert.equal(conf.global.get("per_listener_settings"), undefined);
+  assert.equal(conf.global.get("acl_file")?.value, "/p/acl");
   assert.equal(conf.global.get("log_dest")?.value, "file /p/mosquitto.log");
   assert.equal(conf.global.get("persistence_location")?.value, "/p/data/");
   assert.deepEqual(conf.listeners.map((l) => [l.port, l.address]), [
@@ -34,7 +35,7 @@ Deno.test("mosquitto_conf: reads back the listeners and settings renderMosquitto
   assert.equal(opt(tls, "require_certificate"), "true");
   assert.equal(opt(tls, "use_identity_as_username"), "true");
   assert.equal(opt(tls, "cafile"), "/p/ca.crt");
-  assert.equal(opt(tls, "acl_file"), "/p/acl-robots");
+  assert.equal(opt(tls, "acl_file"), "/p/acl");
   assert.equal(opt(tls, "allow_anonymous"), "false");
   assert.equal(opt(plain, "password_file"), "/p/passwd");
   assert.equal(opt(plain, "allow_anonymous"), "false");

@@ -1,8 +1,14 @@
 /**
- * Builds and signs X.509 certificates with node:crypto keys and the tiny DER writer
- * (`der_writer.ts`): node:crypto can sign but has no certificate builder. Used by `k8s4r ca`
- * (a root CA and the CA SPIRE's UpstreamAuthority signs with) and by the test CA
- * (`testing/test_ca.ts`). EC keys only (ECDSA with SHA-256).
+ * The one X.509 certificate builder: EC P-256 / RSA subject keys, signed with ECDSA P-256 +
+ * SHA-256 by the issuer's key, DER built with the tiny DER writer (`der_writer.ts`). Used by
+ * `k8s4r ca` (a root CA and the CA SPIRE's UpstreamAuthority signs with), by the factory CA
+ * (`src/control/factory_ca.ts`: it signs a robot's x509pop certificate for its CSR) and by the
+ * test CA (`testing/test_ca.ts`).
+ *
+ * Why not `openssl` through a subprocess or an npm library: node:crypto can sign but has no
+ * certificate builder; a subprocess needs temp files for keys, and the maintained WebCrypto X.509
+ * builder (@peculiar/x509) pulls in 17 packages and a global polyfill. The certificate is one
+ * signed SEQUENCE of a few fields (~120 lines).
  *
  * CAs carry basicConstraints cA (critical), keyCertSign+cRLSign(+digitalSignature) and no
  * extended key usage (which Go's verifier would otherwise apply to every leaf below them).
@@ -28,6 +34,8 @@ const EKU_SERVER_AUTH = "1.3.6.1.5.5.7.3.1";
 const EKU_CLIENT_AUTH = "1.3.6.1.5.5.7.3.2";
 
 export interface CertParams {
+  /** Serial number bytes (positive); default 16 random bytes. */
+  serial?: Uint8Array;
   /** Subject CN. */
   commonName?: string;
   /** Subject O. */
@@ -117,11 +125,11 @@ export function buildCertificate(
   ];
   if (sans.length) exts.push(ext("2.5.29.17", false, seq(...sans)));
 
-  const serial = randomBytes(16);
+  const serial = new Uint8Array(params.serial ?? randomBytes(16));
   serial[0] &= 0x7f;
   const tbs = seq(
     explicit(0, uint(new Uint8Array([2]))),
-    uint(new Uint8Array(serial)),
+    uint(serial),
     ECDSA_SHA256,
     issuer ? issuer.subjectName : subjectName,
     seq(time(params.notBefore), time(params.notAfter)),
@@ -144,7 +152,11 @@ export interface CertIssuer {
   spki: Uint8Array;
 }
 
-/** The issuer of certificates signed by `certDer` with `key` (subject and SPKI read from it). */
+/**
+ * The issuer of certificates signed by the CA certificate `certDer` (DER) with `key`: its subject
+ * Name and SubjectPublicKeyInfo exactly as encoded in the certificate, so issued certificates
+ * chain to it.
+ */
 export function issuerFromCert(certDer: Uint8Array, key: KeyObject): CertIssuer {
   const certT = readTlv(certDer, 0);
   if (certT.tag !== TAG.SEQUENCE) throw new DerError("certificate is not a SEQUENCE");

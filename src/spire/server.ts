@@ -60,6 +60,12 @@ export interface ServerConfigValues {
    * server is not ready (e.g. the datastore's error), which the gRPC health check does not.
    */
   healthChecks?: { bindAddress: string; port: number };
+  /**
+   * Also run the `x509pop` NodeAttestor, trusting the factory CA(s) in this PEM file: a node
+   * proves possession of the key of a certificate they issued (`k8s4r robot add --attestation
+   * x509pop`). Unset = join tokens only.
+   */
+  x509popCaBundlePath?: string;
 }
 
 /**
@@ -154,7 +160,17 @@ ${renderDatastore(v)}
   NodeAttestor "join_token" {
     plugin_data {}
   }
-
+${
+    v.x509popCaBundlePath !== undefined
+      ? `
+  NodeAttestor "x509pop" {
+    plugin_data {
+      ca_bundle_path = ${hclString(v.x509popCaBundlePath)}
+    }
+  }
+`
+      : ""
+  }
   KeyManager "disk" {
     plugin_data {
       keys_path = ${hclString(joinDataPath(v.dataDir, "keys.json"))}
@@ -250,6 +266,8 @@ export interface StartServerOptions {
    * SPIRE's output (non-detached servers only, like join tokens).
    */
   secrets?: string[];
+  /** Adds the x509pop NodeAttestor with this factory CA bundle (see ServerConfigValues). */
+  x509popCaBundle?: string;
   logFile: string;
   pidFile?: string;
   detached?: boolean;
@@ -295,7 +313,8 @@ export async function planSpireServer(
   if (
     opts.dataDir || opts.defaultX509SvidTtl || opts.caTtl || opts.cacheReloadInterval ||
     opts.attestationRateLimit !== undefined || opts.eventsBasedCache !== undefined ||
-    opts.datastore || opts.upstreamAuthority || opts.agentTtl || opts.healthChecks
+    opts.datastore || opts.upstreamAuthority || opts.agentTtl || opts.healthChecks ||
+    opts.x509popCaBundle !== undefined
   ) {
     const dataDir = resolve(opts.cwd, opts.dataDir ?? readConfigValue(text, "data_dir") ?? ".");
     const port = readConfigValue(text, "bind_port");
@@ -320,6 +339,7 @@ export async function planSpireServer(
       upstreamAuthority: opts.upstreamAuthority,
       agentTtl: opts.agentTtl ?? readConfigValue(text, "agent_ttl"),
       healthChecks: opts.healthChecks,
+      x509popCaBundlePath: opts.x509popCaBundle,
     } as Partial<ServerConfigValues>); // undefined values fall back to the defaults
     configFile = join(dataDir, "server.generated.conf");
   }
@@ -397,6 +417,35 @@ export interface DesiredEntry {
   selectors: string[];
   dnsNames: string[];
   x509SvidTtl?: number;
+  /** A node entry (`entry create -node`): its parent is the server, its selectors an agent's. */
+  node?: boolean;
+}
+
+/** An attested agent, from `spire-server agent list -output json`. */
+export interface AgentRecord {
+  /** `spiffe://<td>/spire/agent/<attestor>/...` (a join-token agent's ID holds its token). */
+  id: string;
+  attestationType: string;
+  banned: boolean;
+  canReattest: boolean;
+  selectors: string[];
+  /** The agent SVID's notAfter. */
+  expiresAt: Date;
+}
+
+/** One agent from SPIRE's protojson. */
+export function parseAgentJson(v: unknown): AgentRecord {
+  const o = asObj(v);
+  return {
+    id: idString(o.id),
+    attestationType: String(o.attestation_type ?? ""),
+    banned: o.banned === true,
+    canReattest: o.can_reattest === true,
+    selectors: Array.isArray(o.selectors)
+      ? o.selectors.map((s) => `${asObj(s).type}:${asObj(s).value}`)
+      : [],
+    expiresAt: new Date(Number(o.x509svid_expires_at ?? 0) * 1000),
+  };
 }
 
 export type ReconcileResult = "created" | "updated" | "unchanged";
@@ -556,7 +605,12 @@ export class SpireServerCli {
   }
 
   private entryArgs(d: DesiredEntry): string[] {
-    const args = ["-parentID", d.parentId, "-spiffeID", d.spiffeId];
+    const args = d.node ? ["-node", "-spiffeID", d.spiffeId] : [
+      "-parentID",
+      d.parentId,
+      "-spiffeID",
+      d.spiffeId,
+    ];
     for (const s of d.selectors) args.push("-selector", s);
     for (const n of d.dnsNames) args.push("-dns", n);
     if (d.x509SvidTtl !== undefined) args.push("-x509SVIDTTL", String(d.x509SvidTtl));
@@ -581,6 +635,39 @@ export class SpireServerCli {
     );
     const [first] = batchResults(parseJson(r.stdout, "entry update"), "entry update");
     return parseEntryJson(first.entry);
+  }
+
+  /** Every attested agent (banned ones too): `agent list`. */
+  async listAgents(): Promise<AgentRecord[]> {
+    const json = parseJson(
+      (await this.run(["agent", "list", "-output", "json"], "agent list")).stdout,
+      "agent list",
+    );
+    return Array.isArray(json.agents) ? json.agents.map(parseAgentJson) : [];
+  }
+
+  /**
+   * `agent evict`: deletes the agent's record, so its agent SVID is no longer honoured; it may
+   * attest again if its attestor allows (x509pop does, a used join token does not). `agent ban`
+   * also refuses any later attestation of that agent ID. A missing agent is not an error.
+   */
+  async evictAgent(spiffeId: string, ban = false): Promise<"done" | "not found"> {
+    // A join-token agent's ID holds its token, so it is on spire-server's command line here: a
+    // token an agent attested with is used up (single use) and no longer a secret.
+    const what = ban ? "agent ban" : "agent evict";
+    const r = await this.runner.output(
+      this.bin,
+      ["agent", ban ? "ban" : "evict", "-spiffeID", spiffeId, "-socketPath", this.socketPath],
+      { timeoutMs: 30_000, check: false },
+    ).catch((err) => {
+      throw new CliError(`spire-server ${what} failed: ${(err as Error).message}`);
+    });
+    if (r.success) return "done";
+    if (/NotFound/.test(r.stderr)) return "not found";
+    // The agent's ID of a join-token agent holds the token: never echo it.
+    throw new CliError(
+      `spire-server ${what} failed: ${redactJoinTokens(r.stderr.trim().split("\n").pop() ?? "")}`,
+    );
   }
 
   async deleteEntry(id: string): Promise<void> {
@@ -635,15 +722,6 @@ export class SpireServerCli {
       changed = true;
     }
     return changed ? "updated" : "unchanged";
-  }
-
-  /** The SPIFFE IDs of the attested agents (`agent list`). */
-  async listAgents(): Promise<string[]> {
-    const json = parseJson(
-      (await this.run(["agent", "list", "-output", "json"], "agent list")).stdout,
-      "agent list",
-    );
-    return Array.isArray(json.agents) ? json.agents.map((a) => idString(asObj(a).id)) : [];
   }
 
   /**

@@ -510,3 +510,68 @@ Deno.test("postgres datastore, UpstreamAuthority disk, agent_ttl, health_checks:
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("x509pop NodeAttestor: rendered next to join_token only when a factory CA is given", async () => {
+  const text = renderServerConfig({ x509popCaBundlePath: "/dev-env/factory-ca/ca.crt" });
+  assert.match(
+    text,
+    /NodeAttestor "join_token" \{\n {4}plugin_data \{\}\n {2}\}\n\n {2}NodeAttestor "x509pop" \{\n {4}plugin_data \{\n {6}ca_bundle_path = "\/dev-env\/factory-ca\/ca\.crt"\n/,
+  );
+  assert.doesNotMatch(renderServerConfig(), /x509pop/);
+  // planSpireServer renders a config for it (SPIRE has no flag), with the bind address flag.
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.mkdir(`${dir}/config/spire`, { recursive: true });
+    await Deno.writeTextFile(`${dir}/config/spire/server.conf`, renderServerConfig());
+    const plan = await planSpireServer({
+      bin: BIN,
+      configFile: "config/spire/server.conf",
+      cwd: dir,
+      logFile: `${dir}/log`,
+      bindAddress: "10.203.5.1",
+      x509popCaBundle: `${dir}/ca.crt`,
+    });
+    assert.match(plan.rendered!, new RegExp(`ca_bundle_path = "${dir}/ca\\.crt"`));
+    assert.match(plan.rendered!, /bind_address = "10\.203\.5\.1"/);
+    assert.deepEqual(
+      plan.args.slice(plan.args.indexOf("-bindAddress"), plan.args.indexOf("-bindAddress") + 2),
+      ["-bindAddress", "10.203.5.1"],
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("listAgents, evictAgent and ban: argv, parsing, a missing agent is not an error", async () => {
+  const agents = {
+    agents: [{
+      attestation_type: "x509pop",
+      banned: false,
+      can_reattest: true,
+      id: { path: "/spire/agent/x509pop/ab", trust_domain: "k8s4r.example.org" },
+      selectors: [{ type: "x509pop", value: "subject:cn:robot-008" }],
+      x509svid_expires_at: "1796120488",
+    }],
+  };
+  const runner = new RecordingRunner((_cmd, args) => {
+    if (args[1] === "list") return { stdout: JSON.stringify(agents) };
+    if (args.includes("spiffe://k8s4r.example.org/spire/agent/gone")) {
+      return { code: 1, stderr: "Error: rpc error: code = NotFound desc = agent not found\n" };
+    }
+    return { code: 0, stdout: "" };
+  });
+  const cli = new SpireServerCli(runner, BIN, SOCK);
+  const [a] = await cli.listAgents();
+  assert.deepEqual(a, {
+    id: "spiffe://k8s4r.example.org/spire/agent/x509pop/ab",
+    attestationType: "x509pop",
+    banned: false,
+    canReattest: true,
+    selectors: ["x509pop:subject:cn:robot-008"],
+    expiresAt: new Date(1796120488_000),
+  });
+  assert.equal(await cli.evictAgent(a.id, true), "done");
+  assert.deepEqual(runner.calls[1].args.slice(0, 4), ["agent", "ban", "-spiffeID", a.id]);
+  assert.equal(await cli.evictAgent("spiffe://k8s4r.example.org/spire/agent/gone"), "not found");
+  assert.equal(runner.calls[2].args[1], "evict");
+});

@@ -16,7 +16,7 @@
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { X509Certificate } from "node:crypto";
-import { parsePemCerts } from "../../src/devenv/broker_identity.ts";
+import { parsePemCerts } from "../../src/broker/identity.ts";
 import { robotLayout } from "../../src/devenv/layout.ts";
 import { readmeSteps } from "../helpers/readme_commands.ts";
 import { E2eStack, metric, ROBOTS } from "./stack.ts";
@@ -46,7 +46,7 @@ test("a running stack: two attested robots and a finished task", async () => {
   await stack.waitOnline(ROBOTS, 60_000);
   before.task = await stack.createTask("robot-001", ["echo", "before the backup"]);
   assert.equal((await stack.waitTask(before.task)).state, "done");
-  before.agents = (await stack.spireCli().listAgents()).sort();
+  before.agents = (await stack.spireCli().listAgents()).map((a) => a.id).sort();
   assert.ok(before.agents.length >= 3, `agents: ${before.agents.join(", ")}`);
   for (const id of ROBOTS) before.serials.set(id, await agentSvidSerial(id));
   before.bundle = parsePemCerts(await stack.spireCli().bundlePem()).map((c) => c.fingerprint256)
@@ -111,7 +111,7 @@ test("the README's backup commands: backed up running, restored onto a clean con
   await stack.waitOnline(ROBOTS, 60_000);
   // The same agents: SPIRE knows exactly the robots' agents of before (plus the broker's new
   // node), and each robot's SPIRE agent holds the agent SVID it had.
-  const after = (await stack.spireCli().listAgents()).sort();
+  const after = (await stack.spireCli().listAgents()).map((a) => a.id).sort();
   const robotAgents = before.agents.filter((a) => after.includes(a));
   assert.ok(robotAgents.length >= ROBOTS.length, `agents before ${before.agents}, after ${after}`);
   assert.equal(after.length, before.agents.length + 1, `agents after: ${after.join(", ")}`);

@@ -28,7 +28,7 @@ import assert from "node:assert/strict";
 import type mqtt from "mqtt";
 import { X509Certificate } from "node:crypto";
 import { haproxyServers } from "../../src/devenv/haproxy.ts";
-import { parsePemCerts } from "../../src/devenv/broker_identity.ts";
+import { parsePemCerts } from "../../src/broker/identity.ts";
 import { robotLayout } from "../../src/devenv/layout.ts";
 import { isRecordAlive, processStartTime, realRunner, waitFor } from "../../src/process/mod.ts";
 import { X509Source } from "../../src/spiffe/mod.ts";

@@ -20,6 +20,7 @@ import {
 } from "../../src/mqtt/broker_config.ts";
 import { probeMqtt } from "../../src/mqtt/probe.ts";
 import { waitFor } from "../../src/process/mod.ts";
+import { BROKER_ADMIN_USERNAME, findDynsecPlugin } from "../../src/mqtt/dynsec.ts";
 
 export const TEST_TRUST_DOMAIN = "k8s4r.test";
 
@@ -37,6 +38,8 @@ export interface TestBroker {
   tlsPort: number;
   plainPort: number;
   server: { username: string; password: string };
+  /** The dynamic-security admin login (`k8s4r robot remove` uses it). */
+  admin: { username: string; password: string };
   files: BrokerFiles;
   caFile: string;
   brokerSpiffeId: string;
@@ -114,7 +117,7 @@ export async function startTestBroker(
     /** Use this PKI instead of the throwaway TestCa (the client helpers then do not apply). */
     pki?: BrokerPki;
     /** Bind the mTLS listener here (default 127.0.0.1), e.g. a test network's address. */
-    tlsBind?: string;
+    tlsBind?: string | string[];
   } = {},
 ): Promise<TestBroker> {
   const runner = opts.runner ?? realRunner;
@@ -128,6 +131,13 @@ export async function startTestBroker(
   const caFile = opts.pki?.caFile ?? ca.caFile;
   const [tlsPort, plainPort] = freePorts(2);
   const server = { username: "k8s4r-server", password: generatePassword() };
+  const admin = { username: BROKER_ADMIN_USERNAME, password: generatePassword() };
+  const dynsecPlugin = await findDynsecPlugin(Deno.env.toObject());
+  if (!dynsecPlugin) {
+    throw new Error(
+      "mosquitto_dynamic_security.so not found (Debian's mosquitto package ships it): install mosquitto, or set K8S4R_MOSQUITTO_DYNSEC",
+    );
+  }
   const files = await writeBrokerFiles(join(dir, "mosquitto"), {
     tlsPort,
     plainPort,
@@ -135,6 +145,8 @@ export async function startTestBroker(
     certfile: brokerCert.certFile,
     keyfile: brokerCert.keyFile,
     server,
+    admin,
+    dynsecPlugin,
     tlsAdminUsers: opts.tlsAdminUsers,
     tlsBind: opts.tlsBind,
   });
@@ -181,6 +193,7 @@ export async function startTestBroker(
     const want = new Uint8Array(next.issued.certificate.raw);
     await waitFor(async () => {
       const r = await probeMqtt({
+        host: [opts.tlsBind ?? "127.0.0.1"].flat()[0],
         port: tlsPort,
         tls: { ca: ca.ca.rootPem, cert: probe.cert, key: probe.key },
         timeoutMs: 2000,
@@ -207,11 +220,12 @@ export async function startTestBroker(
     tlsPort,
     plainPort,
     server,
+    admin,
     files,
     caFile,
     brokerSpiffeId,
     plainUrl: `mqtt://127.0.0.1:${plainPort}`,
-    tlsUrl: `mqtts://${opts.tlsBind ?? "127.0.0.1"}:${tlsPort}`,
+    tlsUrl: `mqtts://${[opts.tlsBind ?? "127.0.0.1"].flat()[0]}:${tlsPort}`,
     ca,
     issueCert: (cn, o = {}) =>
       ca.issue(`client-${cn}-${crypto.randomUUID().slice(0, 6)}`, {

@@ -12,6 +12,13 @@
  * listener does the same, synchronously, for anything a failed test left, and `sweepRun()`
  * removes whatever carries this run's prefix.
  *
+ * A control host that serves several robot hosts at ONE address (`devenv start --advertise
+ * ADDR`) gets it from `addControlAddress()`: a /32 on an interface of the root namespace (one end
+ * of a veth pair whose both ends stay there: the kernel here has no `dummy` module),
+ * which each robot host reaches over its own link (a host route through its veth; the root
+ * namespace answers ARP for any of its addresses). Pulling one robot's cable then cuts that robot
+ * only.
+ *
  * Needs root (`ip netns` works as root on our machines and in CI). Nothing here listens.
  */
 import { realRunner, waitFor } from "../../src/process/mod.ts";
@@ -98,6 +105,8 @@ async function usedSubnets(): Promise<Set<number>> {
 
 export class TestNetwork {
   readonly hosts: RobotHost[] = [];
+  /** The shared control address (`addControlAddress`), if any. */
+  shared: { address: string; link: string } | undefined;
   private closed = false;
 
   private constructor() {
@@ -112,6 +121,26 @@ export class TestNetwork {
       throw new Error(`ip netns does not work here: ${(err as Error).message}`);
     });
     return new TestNetwork();
+  }
+
+  /**
+   * One address of the control host that every robot host added after this reaches over its
+   * own link: `10.203.N.1/32` on a veth pair of its own in the root namespace.
+   */
+  async addControlAddress(): Promise<string> {
+    if (this.shared) return this.shared.address;
+    const used = await usedSubnets();
+    const free = Array.from({ length: 254 }, (_, k) => k + 1).filter((n) => !used.has(n));
+    if (!free.length) throw new Error(`no free /24 left in ${TEST_RANGE}`);
+    const n = free[Math.floor(Math.random() * free.length)];
+    const link = `${LINK_PREFIX}c`;
+    const address = `10.203.${n}.1`;
+    this.shared = { address, link };
+    await ip(["link", "add", link, "type", "veth", "peer", "name", `${LINK_PREFIX}d`]);
+    await ip(["addr", "add", `${address}/32`, "dev", link]);
+    await ip(["link", "set", link, "up"]);
+    await ip(["link", "set", `${LINK_PREFIX}d`, "up"]);
+    return address;
   }
 
   /** A new robot host, linked and addressed, its loopback up. */
@@ -142,6 +171,9 @@ export class TestNetwork {
     await ip(["-n", ns, "addr", "add", `${host.address}/24`, "dev", nsLink]);
     await ip(["-n", ns, "link", "set", nsLink, "up"]);
     await ip(["-n", ns, "link", "set", "lo", "up"]);
+    if (this.shared) {
+      await ip(["-n", ns, "route", "add", `${this.shared.address}/32`, "dev", nsLink]);
+    }
     await this.waitCarrier(host, true);
     return host;
   }
@@ -182,6 +214,7 @@ export class TestNetwork {
       await ip(["netns", "del", h.ns]).catch(() => {});
       await ip(["link", "del", h.hostLink]).catch(() => {}); // gone with the namespace, usually
     }
+    if (this.shared) await ip(["link", "del", this.shared.link]).catch(() => {});
     live.delete(this);
   }
 

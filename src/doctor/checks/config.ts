@@ -385,6 +385,17 @@ const mosquittoConfCheck: Check = {
         notes.push(`${file}:${l.line}: listener ${l.port} allows anonymous clients`);
       }
     }
+    if (!conf.global.get("plugin") && !conf.global.get("auth_plugin")) {
+      notes.push(
+        `${file}: no dynamic-security plugin: k8s4r robot remove cannot cut a robot off the broker before its SVID expires`,
+      );
+    }
+    const pls = conf.global.get("per_listener_settings");
+    if (pls?.value === "true") {
+      notes.push(
+        `${file}:${pls.line}: per_listener_settings true: Mosquitto 2.0.21 drops the messages queued for an offline persistent session (the fleet server's) with it`,
+      );
+    }
     const plain = conf.listeners.find((l) => l.port === mqttPlain);
     if (plain && !isLoopback(plain.address ?? plain.options.get("bind_address")?.value)) {
       notes.push(

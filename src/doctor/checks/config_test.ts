@@ -28,13 +28,14 @@ const PLUGINS = `spire:
 mqtt:
   brokerSpiffeId: "spiffe://k8s4r.example.org/mqtt-broker"
 `;
-const MOSQ = `per_listener_settings true
-log_dest file ${ROOT}/.dev-env/mosquitto/mosquitto.log
-listener 1883 127.0.0.1
+const MOSQ = `log_dest file ${ROOT}/.dev-env/mosquitto/mosquitto.log
 allow_anonymous false
 password_file /x/passwd
+acl_file /x/acl
+plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so
+plugin_opt_config_file /x/dynamic-security.json
+listener 1883 127.0.0.1
 listener 8883 127.0.0.1
-allow_anonymous false
 cafile ${ROOT}/config/mosquitto/certs/spire-ca.crt
 certfile ${ROOT}/.dev-env/mosquitto/broker.crt
 keyfile ${ROOT}/.dev-env/mosquitto/broker.key
@@ -122,9 +123,9 @@ Deno.test("config.consistency: a socket path that disagrees with the layout warn
 
 Deno.test("config.mosquitto: generated config is ✓; anonymous + public 1883 are hardening notes", async () => {
   assert.equal((await byId("config.mosquitto").run(fakeContext({ files: files() }))).status, "ok");
-  const open = MOSQ.replace(
-    "listener 1883 127.0.0.1\nallow_anonymous false",
-    "listener 1883\nallow_anonymous true",
+  const open = MOSQ.replace("listener 1883 127.0.0.1", "listener 1883").replace(
+    "allow_anonymous false",
+    "allow_anonymous true",
   );
   const ctx = {
     files: files({ [`${ROOT}/.dev-env/mosquitto/mosquitto.conf`]: open }),
@@ -134,6 +135,22 @@ Deno.test("config.mosquitto: generated config is ✓; anonymous + public 1883 ar
   assert.equal(r.status, "warn");
   assert.ok(r.info!.some((l) => l.includes("listener 1883 allows anonymous")));
   assert.ok(r.info!.some((l) => l.includes("bound to all interfaces")));
+});
+
+Deno.test("config.mosquitto: per_listener_settings and a missing plugin are hardening notes", async () => {
+  const old = `per_listener_settings true\n${
+    MOSQ.replace(/^plugin.*\n/gm, "").replace("listener 1883 127.0.0.1", "")
+  }`;
+  const r = await byId("config.mosquitto").run(
+    fakeContext({ files: files({ [`${ROOT}/.dev-env/mosquitto/mosquitto.conf`]: old }) }),
+  );
+  assert.equal(r.status, "ok");
+  assert.ok(r.info!.some((l) => /no dynamic-security plugin: k8s4r robot remove cannot/.test(l)));
+  assert.ok(
+    r.info!.some((l) => /:1: per_listener_settings true: Mosquitto 2\.0\.21 drops/.test(l)),
+  );
+  const good = await byId("config.mosquitto").run(fakeContext({ files: files() }));
+  assert.ok(!(good.info ?? []).some((l) => /plugin|per_listener/.test(l)), String(good.info));
 });
 
 Deno.test("config.mosquitto: missing, or 8883 without require_certificate, fails", async () => {

@@ -7,6 +7,7 @@ import {
   type DoctorFs,
   fail,
   ok,
+  warn,
 } from "../check.ts";
 import { MOSQUITTO_SBIN_PATHS } from "../../spire/binaries.ts";
 import { errorMessage } from "../../cli/errors.ts";
@@ -122,6 +123,13 @@ const mosquittoCheck: Check = {
       return fail(
         `${bin} is version ${version}, k8s4r needs 2.x`,
         "sudo apt-get install mosquitto   # Debian 12 ships 2.0.11",
+      );
+    }
+    if (Number(v[2]) === 0 && Number(v[3]) < 21) {
+      // Only 2.0.11 and 2.0.21 were tested; 2.0.21 is the one k8s4r is tested with.
+      return warn(
+        `${bin} is ${version}, older than 2.0.21 (bookworm-backports), the version k8s4r is tested with; 2.0.11 crashed in our tests under frequent SIGHUPs (a SIGHUP every few seconds; 2.0.21 did too; k8s4r sends one only when the broker's certificate changed)`,
+        "apt-get install -y -t bookworm-backports mosquitto mosquitto-clients   # 2.0.21 (README: Prerequisites)",
       );
     }
     return ok(`${bin} (${version})`);

@@ -32,16 +32,22 @@ Deno.test("tools.spire-agent: a wrong version on PATH fails with the install hin
   ]]]);
 });
 
-Deno.test("tools.mosquitto: 2.x passes, 1.6 fails", async () => {
+Deno.test("tools.mosquitto: 2.0.21 passes, 2.0.11 is a warning (SIGHUP crash), 1.6 fails", async () => {
   const ctx = (v: string) =>
     fakeContext({
       which: { mosquitto: "/usr/sbin/mosquitto" },
       runner: new RecordingRunner(() => ({ code: 3, stdout: `mosquitto version ${v}\n` })),
     });
-  assert.equal(
-    (await byId("tools.mosquitto").run(ctx("2.0.11"))).detail,
-    "/usr/sbin/mosquitto (2.0.11)",
+  const good = await byId("tools.mosquitto").run(ctx("2.0.21"));
+  assert.equal(good.status, "ok");
+  assert.equal(good.detail, "/usr/sbin/mosquitto (2.0.21)");
+  const old = await byId("tools.mosquitto").run(ctx("2.0.11"));
+  assert.equal(old.status, "warn");
+  assert.match(
+    old.detail,
+    /older than 2\.0\.21 .*2\.0\.11 crashed in our tests under frequent SIGHUPs/,
   );
+  assert.match(old.hint!, /apt-get install -y -t bookworm-backports mosquitto mosquitto-clients/);
   const bad = await byId("tools.mosquitto").run(ctx("1.6.9"));
   assert.equal(bad.status, "fail");
   assert.match(bad.detail, /version 1\.6\.9, k8s4r needs 2\.x/);

@@ -5,8 +5,8 @@
  *
  * Why not `openssl` through a subprocess: node:crypto can sign but has no certificate builder,
  * and a subprocess per certificate would make every unit test slower, depend on a binary and
- * need temp files. Building DER is ~100 lines (`../cert_builder.ts`, shared with `k8s4r ca`)
- * and keeps tests in-process and deterministic.
+ * need temp files. Building DER is ~100 lines (`../cert_builder.ts`, shared with `k8s4r ca` and
+ * the factory CA) and keeps tests in-process and deterministic.
  *
  * Certificates look like SPIRE's: CAs carry `URI:spiffe://<td>`, basicConstraints cA,
  * keyCertSign+cRLSign; leaves carry exactly one SPIFFE ID URI SAN, digitalSignature +
@@ -17,7 +17,7 @@ import { Buffer } from "node:buffer";
 import { generateKeyPairSync, type KeyObject, X509Certificate } from "node:crypto";
 import { encodePem } from "../pem.ts";
 import { cat } from "../der_writer.ts";
-import { buildCertificate, type CertParams } from "../cert_builder.ts";
+import { buildCertificate, type CertIssuer, type CertParams } from "../cert_builder.ts";
 
 export { buildCertificate, type CertParams };
 
@@ -132,9 +132,8 @@ export class TestCa {
     );
   }
 
-  private issuerInfo() {
+  private issuerInfo(): CertIssuer {
     return {
-      cert: this.certificate,
       key: this.key,
       subjectName: this.subjectName,
       spki: this.spki,

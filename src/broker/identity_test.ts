@@ -8,7 +8,7 @@ import {
   bundleFingerprint,
   pemFingerprint,
   readBrokerIdentityStatus,
-} from "./broker_identity.ts";
+} from "./identity.ts";
 
 const TD = "k8s4r.example.org";
 const ID = `spiffe://${TD}/mqtt-broker`;
@@ -85,6 +85,54 @@ Deno.test("broker-identity: writes files 0600, SIGHUPs on renewal, restarts on a
       bundleFingerprint([ca2.certificate, ca1.certificate]),
     );
     assert.equal((await readBrokerIdentityStatus(paths.statusFile))!.bundleChanges, 2);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("broker-identity: SIGHUP only when the certificate really changed, across restarts", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const ca = TestCa.create({ trustDomain: TD });
+    const bundles = new X509BundleSet([new X509Bundle(TD, [ca.certificate])]);
+    const source = new StaticX509Source(svidFrom(ca), bundles);
+    const actions: string[] = [];
+    const paths = {
+      certFile: `${dir}/m/broker.crt`,
+      keyFile: `${dir}/m/broker.key`,
+      caBundleFile: `${dir}/certs/spire-ca.crt`,
+      statusFile: `${dir}/broker-identity.json`,
+      trustDomain: TD,
+    };
+    await Deno.mkdir(`${dir}/certs`);
+    await Deno.writeTextFile(paths.caBundleFile, bundles.get(TD)!.toPem());
+    const control = {
+      reload: () => (actions.push("reload"), Promise.resolve("reloaded")),
+      restart: () => (actions.push("restart"), Promise.resolve("restarted")),
+    };
+    const first = new BrokerIdentity(source, paths, control, () => {});
+    await first.update();
+    assert.deepEqual(actions, ["reload"], "new files: one SIGHUP");
+    await first.update();
+    await first.update();
+    assert.deepEqual(actions, ["reload"], "the same SVID again: nothing");
+
+    // A new process (broker-identity restarted) finds the files current and the broker told.
+    const second = new BrokerIdentity(source, paths, control, () => {});
+    await second.update();
+    assert.deepEqual(actions, ["reload"], "restart with current files: no SIGHUP");
+
+    // Files written by a process that stopped before its SIGHUP: the next one sends it.
+    const next = svidFrom(ca);
+    await Deno.writeTextFile(paths.keyFile, next.privateKeyPem());
+    await Deno.writeTextFile(paths.certFile, next.certChainPem());
+    source.set(next, bundles);
+    const third = new BrokerIdentity(source, paths, control, () => {});
+    await third.update();
+    assert.deepEqual(actions, ["reload", "reload"], "written but never announced: SIGHUP");
+    const s = (await readBrokerIdentityStatus(paths.statusFile))!;
+    assert.equal(s.reloadedSerial, next.serialNumber);
+    assert.equal(s.reloads, 2);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -1,13 +1,19 @@
 /**
- * `broker-identity`: the long-running devenv component that gives Mosquitto a SPIFFE identity.
+ * The broker's SPIFFE identity: Mosquitto's certificate kept a current X.509 SVID of
+ * `spiffe://<td>/mqtt-broker`, from a SPIRE agent's Workload API (`k8s4r broker identity` on a
+ * broker host; devenv's broker-identity component runs the same code with its own agent).
  *
- * It supervises its own spire-agent (node alias `spiffe://<td>/k8s4r/node/broker`), holds an
- * X509 source on that agent's Workload API for `spiffe://<td>/mqtt-broker`, and on every update:
- *  - writes the broker certificate chain and key (0600) atomically and sends Mosquitto SIGHUP
- *    (it reloads certificate and key on SIGHUP, so a rotated SVID is served without a restart);
+ * On every update of the X509 source:
+ *  - when the SVID differs from the certificate and key on disk, writes them (0600) atomically
+ *    and sends Mosquitto SIGHUP (it reloads certificate and key on SIGHUP, so a rotated SVID is
+ *    served without a restart). Nothing else sends SIGHUP: the same SVID again, a restart of
+ *    this process with the files already current and the broker already told (the status
+ *    file's `reloadedSerial`), or a bundle-only update change nothing. Mosquitto 2.0.11 and
+ *    2.0.21 both crashed under a SIGHUP every few seconds (tests/ca_rotation_test.ts with
+ *    K8S4R_TEST_BROKER_SVID_TTL=20);
  *  - when the trust bundle changed (CA rotation), rewrites the exported CA and restarts
  *    Mosquitto, which does not reload `cafile` on SIGHUP;
- *  - records what it did in `.dev-env/broker-identity.json` for `devenv status`.
+ *  - records what it did in its status file (`devenv status` shows it).
  *
  * Why an agent and not `spire-server x509 mint`: the broker then gets its identity exactly as a
  * production workload would (node attestation + workload attestation, renewal by the agent at
@@ -16,7 +22,7 @@
 import { createHash, X509Certificate } from "node:crypto";
 import { errorMessage } from "../cli/errors.ts";
 import type { X509SvidSource } from "../spiffe/source.ts";
-import { writeFileAtomic } from "./context.ts";
+import { writeFileAtomic } from "../fs/atomic.ts";
 
 export interface BrokerIdentityStatus {
   pid: number;
@@ -28,6 +34,10 @@ export interface BrokerIdentityStatus {
   renewals: number;
   bundleFingerprint: string;
   bundleChanges: number;
+  /** The serial the broker was last told to serve (SIGHUP, restart, or it was not running). */
+  reloadedSerial?: string;
+  /** SIGHUPs sent by this process. */
+  reloads?: number;
   updatedAt: string;
   lastError?: string;
 }
@@ -82,7 +92,6 @@ export async function readBrokerIdentityStatus(
 /** Reacts to source updates, one at a time, in order. */
 export class BrokerIdentity {
   private chain: Promise<void> = Promise.resolve();
-  private lastSerial: string | undefined;
   private status: BrokerIdentityStatus | undefined;
 
   constructor(
@@ -109,11 +118,18 @@ export class BrokerIdentity {
     const svid = this.source.getX509Svid();
     const serial = svid.serialNumber;
     const now = this.now();
-    const renewed = serial !== this.lastSerial;
-    if (renewed) {
+    this.status ??= await readBrokerIdentityStatus(this.paths.statusFile);
+    const certPem = svid.certChainPem();
+    const keyPem = svid.privateKeyPem();
+    const [diskCert, diskKey] = await Promise.all([
+      Deno.readTextFile(this.paths.certFile).catch(() => undefined),
+      Deno.readTextFile(this.paths.keyFile).catch(() => undefined),
+    ]);
+    const written = diskCert !== certPem || diskKey !== keyPem;
+    if (written) {
       // Key first: a broker (re)started in between finds a key that matches the next cert.
-      await writeFileAtomic(this.paths.keyFile, svid.privateKeyPem(), 0o600);
-      await writeFileAtomic(this.paths.certFile, svid.certChainPem(), 0o600);
+      await writeFileAtomic(this.paths.keyFile, keyPem, 0o600);
+      await writeFileAtomic(this.paths.certFile, certPem, 0o600);
       this.log(
         `wrote SVID ${svid.id.toString()} serial ${serial}, expires ${svid.notAfter.toISOString()}`,
       );
@@ -135,26 +151,32 @@ export class BrokerIdentity {
         );
       }
     }
+    let reloads = this.status?.reloads ?? 0;
+    // The certificate the broker serves changed only if we wrote new files, or the last ones
+    // written were never announced (a previous process stopped in between).
+    const tell = written || this.status?.reloadedSerial !== serial;
     if (bundleChanged) {
       this.log(await this.broker.restart());
-    } else if (renewed && this.lastSerial !== undefined) {
+    } else if (tell) {
       this.log(await this.broker.reload());
-    } else if (renewed) {
-      // First SVID of this process: the files may have changed under a running broker.
-      this.log(await this.broker.reload());
+      reloads++;
     }
     this.status = {
       pid: Deno.pid,
       spiffeId: svid.id.toString(),
       serial,
       notAfter: svid.notAfter.toISOString(),
-      lastRenewal: renewed ? now.toISOString() : this.status?.lastRenewal ?? now.toISOString(),
-      renewals: (this.status?.renewals ?? -1) + (renewed ? 1 : 0),
+      lastRenewal: written || !this.status?.lastRenewal
+        ? now.toISOString()
+        : this.status.lastRenewal,
+      // SVIDs written (a renewal each, the first one excepted), across restarts of this process.
+      renewals: written ? (this.status?.renewals ?? -1) + 1 : (this.status?.renewals ?? 0),
       bundleFingerprint: fp,
       bundleChanges: (this.status?.bundleChanges ?? 0) + (bundleChanged ? 1 : 0),
+      reloadedSerial: serial,
+      reloads,
       updatedAt: now.toISOString(),
     };
-    this.lastSerial = serial;
     await this.writeStatus();
   }
 
