@@ -6,7 +6,9 @@
 import { join } from "node:path";
 import mqtt from "mqtt";
 import type { MqttClient } from "mqtt";
-import { startTestBroker, TEST_TRUST_DOMAIN, type TestBroker } from "./broker.ts";
+import { BrokerDied, startTestBroker, TEST_TRUST_DOMAIN, type TestBroker } from "./broker.ts";
+
+export { BrokerDied };
 import { StaticX509Source } from "../../src/spiffe/source.ts";
 import { parseX509SvidPem } from "../../src/spiffe/svid.ts";
 import { X509Bundle, X509BundleSet } from "../../src/spiffe/bundle.ts";
@@ -126,8 +128,17 @@ export class AgentFleet {
     const r: Robot = { id, dir, source, agent, logs };
     this.robots.set(id, r);
     await agent.start();
-    if (o.connect !== false) await agent.session.whenConnected();
+    if (o.connect !== false) await this.connected(r, "to connect");
     return r;
+  }
+
+  /** Waits for `r` to be connected; throws `BrokerDied` at once when the broker dies meanwhile. */
+  private async connected(r: Robot, what: string, done = () => r.agent.session.connected) {
+    await waitFor(done, {
+      timeoutMs: 15_000,
+      what: `${r.id} ${what} (logs: ${r.logs.slice(-5).join(" | ")})`,
+      fatal: () => this.broker.running() ? undefined : new BrokerDied(this.broker.exitCode()),
+    });
   }
 
   /** A new SVID: the agent reconnects with it (a new broker session object each time). */
@@ -135,10 +146,11 @@ export class AgentFleet {
     const before = r.agent.stats.connects;
     const next = robotSvid(this.broker, r.id);
     r.source.set(next.svid, next.bundles);
-    await waitFor(() => r.agent.stats.connects > before && r.agent.session.connected, {
-      timeoutMs: 15_000,
-      what: `${r.id} to reconnect after its rotation (logs: ${r.logs.slice(-5).join(" | ")})`,
-    });
+    await this.connected(
+      r,
+      "to reconnect after its rotation",
+      () => r.agent.stats.connects > before && r.agent.session.connected,
+    );
   }
 
   brokerLog(): string {

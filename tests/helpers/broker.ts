@@ -24,6 +24,13 @@ import { BROKER_ADMIN_USERNAME, findDynsecPlugin } from "../../src/mqtt/dynsec.t
 
 export const TEST_TRUST_DOMAIN = "k8s4r.test";
 
+/** The broker exited while a test waited on it (`code`: 128+n for a signal, e.g. 139 SIGSEGV). */
+export class BrokerDied extends Error {
+  constructor(readonly code: number | undefined) {
+    super(`mosquitto exited (${code})`);
+  }
+}
+
 export interface PemCert {
   cert: string;
   key: string;
@@ -201,7 +208,12 @@ export async function startTestBroker(
       const leaf = r.tls?.peerChain[0];
       return leaf !== undefined && leaf.length === want.length &&
         leaf.every((b, i) => b === want[i]);
-    }, { timeoutMs: 10_000, intervalMs: 50, what: "mosquitto to serve its new certificate" });
+    }, {
+      timeoutMs: 10_000,
+      intervalMs: 50,
+      what: "mosquitto to serve its new certificate",
+      fatal: () => exited ? new BrokerDied(exitCode) : undefined,
+    });
   };
 
   const logTail = async () => {
