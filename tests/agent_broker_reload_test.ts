@@ -2,15 +2,17 @@
  * Robots and a broker reload (SIGHUP), against a REAL Mosquitto: what broker-identity does every
  * time the broker's SVID renews (tests/helpers/broker.ts `reloadCertificate`).
  *
- * The Mosquitto bug (read in 2.0.11 and 2.0.20 src/security_default.c, src/context.c,
- * src/session_expiry.c, lib/net_mosq.c; no 2.0.21 change touches them, and 2.0.21 shows it here):
- * on SIGHUP, `mosquitto_security_apply_default` walks every client with a session, connected or
- * not. A client that is away has no listener any more (`net__socket_close` cleared it), so it
- * goes through the username/password check: with `per_listener_settings true` that fails for
- * every away client (no listener), with global settings for every away client without a valid
- * password, that is every robot (its username is its certificate's CN, it has no password). Such
- * a client is "disconnected" again: its state is set to `disconnecting` (so neither
- * `do_disconnect` nor `context__disconnect` sees it is already gone), the broker logs
+ * The Mosquitto bug (read in 2.0.11's and 2.0.20's src/security_default.c, src/context.c,
+ * src/session_expiry.c, lib/net_mosq.c; 2.0.21's changes do not touch them, and it reproduces on
+ * 2.0.21): on SIGHUP, `mosquitto_security_apply_default` checks every client with a session again,
+ * connected or not. An away client has no TLS connection any more, and since 2.0.12 no listener
+ * either (`net__socket_close` clears it). In 2.0.11 it still has its listener, so an away client
+ * of a `use_identity_as_username` listener fails "must have a valid certificate"; from 2.0.12 it
+ * goes through the username/password check instead, which fails for every away client with
+ * `per_listener_settings true` (no listener) and, with global settings, for every away client
+ * without a valid password: every robot (its username is its certificate's CN). Such a client is
+ * "disconnected" again: its state is set to `disconnecting` (so neither `do_disconnect` nor
+ * `context__disconnect` sees it is already gone), the broker logs
  * "Client X disconnected." a second time, and `session_expiry__add` puts its session into the
  * session-expiry list a SECOND time (a new list item; the context remembers only the newest).
  * When the client comes back, the takeover removes that newest item and frees the old session;

@@ -9,7 +9,8 @@
  * is away during every restart. On the password listener its away session keeps its username and
  * password, which pass the check with global auth settings (one password file for the broker, as
  * k8s4r writes it): the reload leaves it alone. With `per_listener_settings true` an away client
- * has no listener and fails the check: the server's session was double-booked too.
+ * has no listener (since Mosquitto 2.0.12) and fails the check: the server's session was
+ * double-booked too (this test failed on that configuration).
  *
  * Positive control, in the same reload: a second server logging in over `mqtts://` with an SVID
  * (its username is its certificate's CN, it has no password) is away too, and the reload does
