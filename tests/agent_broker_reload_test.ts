@@ -20,7 +20,7 @@
  * the next client to connect) is "expired" at the next second: `Expiring client X due to
  * timeout`, its will is published, its session (subscriptions, queued QoS 1 messages) is gone:
  * `sessionPresent=false` on its next connect. Or Mosquitto crashes on the freed memory (2.0.21
- * does in the control below: SIGSEGV, or SIGABRT on an assertion).
+ * does in the control below: SIGSEGV, or SIGABRT from glibc's `free()`).
  *
  * That is what tests/ca_upstream_rotation_test.ts saw: broker-identity's SIGHUP at 10:08:36.230
  * fell in robot-002's rotation gap (DISCONNECT at .247, reconnect at .268; the broker logged
