@@ -22,6 +22,7 @@ import mqtt from "mqtt";
 import { waitFor } from "../src/process/mod.ts";
 import { probeMqtt } from "../src/mqtt/probe.ts";
 import { upTopic } from "../src/fleet/topics.ts";
+import { TaskSigner } from "../src/mqtt/signed.ts";
 import { FleetServer } from "../src/server/fleet_server.ts";
 import { svidTlsProvider } from "../src/server/svid_tls.ts";
 import { StaticX509Source } from "../src/spiffe/source.ts";
@@ -118,34 +119,36 @@ Deno.test(
       info: (m: string) => lines.push(m),
       warn: (m: string) => lines.push(m),
     };
-    const start = () =>
-      FleetServer.start({
-        brokerUrl: b.plainUrl,
-        username: b.server.username,
-        password: b.server.password,
-        dataDir,
-        http: false,
-        reconnectPeriodMs: 200,
-        logger,
-      });
     const clients: mqtt.MqttClient[] = [];
     let server: FleetServer | undefined;
     try {
       const c = await b.issueCert(TLS_SERVER, {
         spiffeId: `spiffe://${TEST_TRUST_DOMAIN}/${TLS_SERVER}`,
       });
+      const source = new StaticX509Source(
+        parseX509SvidPem(c.cert, c.key),
+        new X509BundleSet([X509Bundle.fromPem(TEST_TRUST_DOMAIN, c.ca)]),
+      );
+      // Both sign with this SVID (they send no task here; a server always has a signer).
+      const fleet = { signer: new TaskSigner(source) };
+      const start = () =>
+        FleetServer.start({
+          brokerUrl: b.plainUrl,
+          username: b.server.username,
+          password: b.server.password,
+          dataDir,
+          http: false,
+          fleet,
+          reconnectPeriodMs: 200,
+          logger,
+        });
       const tlsServer = await FleetServer.start({
         brokerUrl: b.tlsUrl,
         clientId: TLS_SERVER,
-        tls: svidTlsProvider(
-          new StaticX509Source(
-            parseX509SvidPem(c.cert, c.key),
-            new X509BundleSet([X509Bundle.fromPem(TEST_TRUST_DOMAIN, c.ca)]),
-          ),
-          b.brokerSpiffeId,
-        ),
+        tls: svidTlsProvider(source, b.brokerSpiffeId),
         dataDir: tlsDataDir,
         http: false,
+        fleet,
         reconnectPeriodMs: 200,
       });
       server = await start();

@@ -71,8 +71,21 @@ export function fleetTarget(layout: Layout): PgTarget {
   };
 }
 
-/** The pgpass file (0600) from the password files that exist: admin, spire, k8s4r. */
-export async function writePgpass(layout: Layout): Promise<void> {
+let pgpassChain: Promise<unknown> = Promise.resolve();
+
+/**
+ * The pgpass file (0600) from the password files that exist: admin, spire, k8s4r. The database
+ * steps run at once and each writes it after creating its password file: the writes take turns,
+ * each reading the files when its turn comes, so the last one holds every password (two writes
+ * interleaved could leave out the other step's line, and its psql found no password).
+ */
+export function writePgpass(layout: Layout): Promise<void> {
+  const p = pgpassChain.then(() => writePgpassNow(layout));
+  pgpassChain = p.catch(() => {});
+  return p;
+}
+
+async function writePgpassNow(layout: Layout): Promise<void> {
   const lines: string[] = [];
   for (
     const [file, target] of [

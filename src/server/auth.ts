@@ -20,7 +20,7 @@
  */
 import type { X509Certificate } from "node:crypto";
 import type { X509BundleSource } from "../spiffe/bundle.ts";
-import { verifyX509SvidChain } from "../spiffe/verify.ts";
+import { type FailedChainCache, verifyX509SvidChain } from "../spiffe/verify.ts";
 import { certInfo } from "../spiffe/x509.ts";
 import { operatorNameOf } from "../fleet/ids.ts";
 import { allows, type Permission, type Role, type RolesSource } from "./roles.ts";
@@ -56,6 +56,8 @@ export interface AuthPolicy {
   bundles: X509BundleSource;
   roles: RolesSource;
   now?: () => Date;
+  /** Client chains that failed verification, answered again without a signature check. */
+  failures?: FailedChainCache;
 }
 
 const refuse = (status: number, code: RefusalCode, error: string): Refusal => ({
@@ -99,7 +101,7 @@ export function identify(
     if (v && v.bundle === bundle && now.getTime() >= v.from && now.getTime() <= v.until) {
       spiffeId = v.spiffeId;
     } else {
-      const r = verifyX509SvidChain(chain, policy.bundles, now);
+      const r = verifyX509SvidChain(chain, policy.bundles, now, { failures: policy.failures });
       spiffeId = r.id.toString();
       if (conn && r.id.trustDomain.name === td) {
         const infos = r.chain.map((c) => certInfo(c));

@@ -69,6 +69,8 @@ export interface TestBroker {
   running(): boolean;
   /** How the last run ended (exit code, 128+n for a signal); undefined while running. */
   exitCode(): number | undefined;
+  /** The running mosquitto's pid (benchmarks sample its CPU), undefined while stopped. */
+  pid(): number | undefined;
   logTail(): Promise<string>;
 }
 
@@ -125,6 +127,10 @@ export async function startTestBroker(
     pki?: BrokerPki;
     /** Bind the mTLS listener here (default 127.0.0.1), e.g. a test network's address. */
     tlsBind?: string | string[];
+    maxQueuedBytes?: number;
+    maxQueuedMessages?: number;
+    /** Lines appended to the generated mosquitto.conf (to test options k8s4r does not write). */
+    extraConfig?: string[];
   } = {},
 ): Promise<TestBroker> {
   const runner = opts.runner ?? realRunner;
@@ -156,7 +162,12 @@ export async function startTestBroker(
     dynsecPlugin,
     tlsAdminUsers: opts.tlsAdminUsers,
     tlsBind: opts.tlsBind,
+    maxQueuedBytes: opts.maxQueuedBytes,
+    maxQueuedMessages: opts.maxQueuedMessages,
   });
+  if (opts.extraConfig?.length) {
+    await Deno.writeTextFile(files.config, opts.extraConfig.join("\n") + "\n", { append: true });
+  }
   const stdoutLog = join(dir, "mosquitto.stdout.log");
   let daemon: Daemon | undefined;
   let exited = true;
@@ -264,6 +275,7 @@ export async function startTestBroker(
     },
     running: () => !exited,
     exitCode: () => exitCode,
+    pid: () => (daemon && !exited ? daemon.pid : undefined),
     logTail,
   };
 }
