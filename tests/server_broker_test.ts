@@ -18,7 +18,7 @@ import { StaticX509Source } from "../src/spiffe/source.ts";
 import { parseX509SvidPem } from "../src/spiffe/svid.ts";
 import { X509Bundle, X509BundleSet } from "../src/spiffe/bundle.ts";
 import { TestHttps } from "../src/server/testing.ts";
-import { TaskSigner } from "../src/mqtt/signed.ts";
+import { checkDown, TaskSigner } from "../src/mqtt/signed.ts";
 import { parseJws, verifyJws } from "../src/spiffe/jws.ts";
 import { fleetServerSpiffeId } from "../src/fleet/ids.ts";
 import {
@@ -1067,7 +1067,10 @@ Deno.test({
  * DISCONNECT (no will), so the server still counts the robot online.
  */
 class SessionlessRobot {
-  readonly received: { topic: string; msg: Record<string, unknown> }[] = [];
+  /** What arrived: tasks and cancels verified as the agent does, and the test's markers. */
+  readonly received: { topic: string; id: string }[] = [];
+  /** Down messages that failed the agent's checks (none expected). */
+  readonly refused: string[] = [];
   client?: MqttClient;
   constructor(readonly b: TestBroker, readonly id: string, readonly cert: PemCert) {}
 
@@ -1088,7 +1091,29 @@ class SessionlessRobot {
     });
     assert.equal(client.connected, true);
     client.on("message", (topic, payload) => {
-      this.received.push({ topic, msg: JSON.parse(payload.toString()) });
+      const bytes = new Uint8Array(payload);
+      let marker: unknown;
+      try {
+        marker = JSON.parse(new TextDecoder().decode(bytes))?.marker;
+      } catch {
+        marker = undefined;
+      }
+      if (marker !== undefined) {
+        this.received.push({ topic, id: `marker-${marker}` });
+        return;
+      }
+      // Signed by the server's SVID (TestHttps'), verified as the agent does.
+      const d = checkDown(topic, bytes, {
+        robotId: this.id,
+        bundles: web.source,
+        signerId: fleetServerSpiffeId(TEST_TRUST_DOMAIN),
+      });
+      if (!d.ok) {
+        this.refused.push(`${topic}: ${d.error}`);
+        return;
+      }
+      const m = d.message;
+      this.received.push({ topic, id: m.type === "task" ? m.id : m.taskId });
     });
     await client.subscribeAsync(robotSubscription(this.id), { qos: 1 });
     this.client = client;
@@ -1107,9 +1132,8 @@ class SessionlessRobot {
 
   /** What arrived on `down/<kind>` about `taskId` (a task's `id`, a cancel's `taskId`). */
   got(kind: "task" | "cancel", taskId: string): number {
-    return this.received.filter((r) =>
-      r.topic === downTopic(this.id, kind) && (r.msg.id ?? r.msg.taskId) === taskId
-    ).length;
+    return this.received.filter((r) => r.topic === downTopic(this.id, kind) && r.id === taskId)
+      .length;
   }
 }
 
@@ -1186,6 +1210,7 @@ Deno.test({
       await robot.register();
       await until("the cancel after the register", () => robot.got("cancel", id) === 1, b, s.log);
       assert.equal((await task(id)).state, "cancelling");
+      assert.deepEqual(robot.refused, [], "every task and cancel passed the agent's checks");
     } finally {
       await robot.away().catch(() => {});
       await s.server.close();
