@@ -10,6 +10,7 @@ import { openPostgresRegistry } from "../src/server/registry_postgres.ts";
 import { fleetCases, registryCases } from "../src/server/testing/registry_contract.ts";
 import { TestCa } from "../src/spiffe/testing/test_ca.ts";
 import { postgresFixture, startTestPostgres } from "./helpers/postgres.ts";
+import { waitFor } from "../src/process/mod.ts";
 
 Deno.test("registry on PostgreSQL: the contract suite, migrations, auth, errors", async (t) => {
   const pgs = await startTestPostgres();
@@ -23,6 +24,115 @@ Deno.test("registry on PostgreSQL: the contract suite, migrations, auth, errors"
     for (const c of fleetCases) {
       await t.step(`fleet [postgres]: ${c.name}`, () => c.fn(fixture));
     }
+
+    await t.step(
+      "resend mark against a PUBACK being recorded on another connection: waited for, never skipped",
+      async () => {
+        const db = await pgs.createDatabase("resend");
+        const a = await openPostgresRegistry(pgs.config(db)); // the claim holder (replica A)
+        const b = await openPostgresRegistry(pgs.config(db)); // the register's replica (B)
+        const now = "2025-01-01T00:00:00.000Z";
+        const lease = "2025-01-01T00:00:30.000Z";
+        const claim = (reg: typeof a, owner: string) =>
+          reg.transaction((tx) =>
+            tx.claimTasks({ robotId: "robot-001", owner, now, leaseUntil: lease, limit: 10 })
+          );
+        // B's register of a new connection: the mark, then its own claim, in one transaction.
+        const register = (tx: Parameters<Parameters<typeof b.transaction>[0]>[0]) =>
+          tx.requestResend("robot-001", now).then(async (marked) => ({
+            marked,
+            claimed: (await tx.claimTasks({
+              robotId: "robot-001",
+              owner: "B",
+              now,
+              leaseUntil: lease,
+              limit: 10,
+            })).map((x) => x.id),
+          }));
+        const lockWaits = async () =>
+          Number(
+            (await pgs.admin(
+              "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+              [db],
+            ))[0].n,
+          );
+        const gate = () => {
+          let open!: () => void;
+          const p = new Promise<void>((r) => open = r);
+          return { p, open };
+        };
+        const task = (id: string) => ({
+          id,
+          robotId: "robot-001",
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 5,
+          createdAt: now,
+          expiresAt: "2025-01-01T01:00:00.000Z",
+        });
+        try {
+          await a.touchRobot("robot-001", now);
+          await a.setOnline("robot-001", true, null);
+          await a.transaction((tx) => tx.createTask(task("t1"), { owner: "A", leaseUntil: lease }));
+          // 1. A records t1's PUBACK (dispatched, claim released), its transaction still open.
+          const held = gate();
+          const locked = gate();
+          const puback = a.transaction(async (tx) => {
+            await tx.applyTaskEvent("t1", "dispatch", now);
+            await tx.releaseClaim("t1", "A");
+            locked.open();
+            await held.p;
+          });
+          await locked.p;
+          // Control: a claim alone (SKIP LOCKED) skips the row being recorded: it would miss
+          // the task, which is why the mark waits for the row instead.
+          assert.deepEqual(await claim(b, "B"), [], "SKIP LOCKED skipped the locked row");
+          const reg1 = b.transaction(register);
+          await waitFor(async () => await lockWaits() >= 1, {
+            timeoutMs: 10_000,
+            what: "the register's mark waiting on t1's row",
+          });
+          held.open();
+          await puback;
+          assert.deepEqual(
+            await reg1,
+            { marked: 0, claimed: ["t1"] },
+            "the claim was released meanwhile: not marked, claimed by the register and re-sent",
+          );
+          await b.transaction((tx) => tx.releaseClaim("t1", "B"));
+          // 2. The register marks first (A holds t2's claim, publishing); A's PUBACK then
+          // waits for it and reads the mark.
+          await a.transaction((tx) => tx.createTask(task("t2"), { owner: "A", leaseUntil: lease }));
+          const held2 = gate();
+          const marked = gate();
+          const reg2 = b.transaction(async (tx) => {
+            const r = await register(tx);
+            marked.open();
+            await held2.p;
+            return r;
+          });
+          await marked.p;
+          const puback2 = a.transaction(async (tx) => {
+            const r = await tx.applyTaskEvent("t2", "dispatch", now);
+            await tx.releaseClaim("t2", "A");
+            return r;
+          });
+          await waitFor(async () => await lockWaits() >= 1, {
+            timeoutMs: 10_000,
+            what: "A's PUBACK waiting on t2's row",
+          });
+          held2.open();
+          assert.deepEqual(await reg2, { marked: 1, claimed: ["t1"] });
+          const r = await puback2;
+          assert.equal(r?.task.state, "dispatched");
+          assert.ok(r?.task.resendRequestedAt, "the PUBACK read the register's mark");
+        } finally {
+          await a.close();
+          await b.close();
+          await pgs.dropDatabase(db);
+        }
+      },
+    );
 
     await t.step(
       "replicas starting at once: each migration applied once, under the lock",

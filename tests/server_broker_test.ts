@@ -18,7 +18,7 @@ import { StaticX509Source } from "../src/spiffe/source.ts";
 import { parseX509SvidPem } from "../src/spiffe/svid.ts";
 import { X509Bundle, X509BundleSet } from "../src/spiffe/bundle.ts";
 import { TestHttps } from "../src/server/testing.ts";
-import { TaskSigner } from "../src/mqtt/signed.ts";
+import { checkDown, TaskSigner } from "../src/mqtt/signed.ts";
 import { parseJws, verifyJws } from "../src/spiffe/jws.ts";
 import { fleetServerSpiffeId } from "../src/fleet/ids.ts";
 import {
@@ -1052,6 +1052,170 @@ Deno.test({
       await s.server.close();
       await b.stop();
       await store.cleanup();
+    }
+  },
+});
+
+// ---------------------------------------------------------------------------------------------
+// Robots keep no broker session while away (docs/PROTOCOL.md, "Robot side"): what the server
+// publishes to a robot that is away is dropped by the broker, and the robot's register gets it
+// sent again.
+
+/**
+ * A robot connection as the agent makes it: MQTT 5, session expiry 0, subscribed to its own
+ * `down/#` before it publishes `register`. `away()` is a rotation's gap or a clean reconnect: a
+ * DISCONNECT (no will), so the server still counts the robot online.
+ */
+class SessionlessRobot {
+  /** What arrived: tasks and cancels verified as the agent does, and the test's markers. */
+  readonly received: { topic: string; id: string }[] = [];
+  /** Down messages that failed the agent's checks (none expected). */
+  readonly refused: string[] = [];
+  client?: MqttClient;
+  constructor(readonly b: TestBroker, readonly id: string, readonly cert: PemCert) {}
+
+  /** Connects and subscribes; `register` only when asked (the test orders what comes first). */
+  async connect(): Promise<void> {
+    const client = await mqtt.connectAsync(this.b.tlsUrl, {
+      key: this.cert.key,
+      cert: this.cert.cert,
+      ca: this.cert.ca,
+      servername: "localhost",
+      rejectUnauthorized: true,
+      clientId: this.id,
+      protocolVersion: 5,
+      clean: false,
+      properties: { sessionExpiryInterval: 0 },
+      reconnectPeriod: 0,
+      connectTimeout: 5000,
+    });
+    assert.equal(client.connected, true);
+    client.on("message", (topic, payload) => {
+      const bytes = new Uint8Array(payload);
+      let marker: unknown;
+      try {
+        marker = JSON.parse(new TextDecoder().decode(bytes))?.marker;
+      } catch {
+        marker = undefined;
+      }
+      if (marker !== undefined) {
+        this.received.push({ topic, id: `marker-${marker}` });
+        return;
+      }
+      // Signed by the server's SVID (TestHttps'), verified as the agent does.
+      const d = checkDown(topic, bytes, {
+        robotId: this.id,
+        bundles: web.source,
+        signerId: fleetServerSpiffeId(TEST_TRUST_DOMAIN),
+      });
+      if (!d.ok) {
+        this.refused.push(`${topic}: ${d.error}`);
+        return;
+      }
+      const m = d.message;
+      this.received.push({ topic, id: m.type === "task" ? m.id : m.taskId });
+    });
+    await client.subscribeAsync(robotSubscription(this.id), { qos: 1 });
+    this.client = client;
+  }
+
+  async register(): Promise<void> {
+    await this.client!.publishAsync(upTopic(this.id, "register"), registerMsg(this.id), {
+      qos: 1,
+    });
+  }
+
+  async away(): Promise<void> {
+    await this.client?.endAsync();
+    this.client = undefined;
+  }
+
+  /** What arrived on `down/<kind>` about `taskId` (a task's `id`, a cancel's `taskId`). */
+  got(kind: "task" | "cancel", taskId: string): number {
+    return this.received.filter((r) => r.topic === downTopic(this.id, kind) && r.id === taskId)
+      .length;
+  }
+}
+
+Deno.test({
+  name: "broker: a task and a cancel published while a robot is away (no session) are dropped by " +
+    "the broker and sent again on its register",
+  ...opts,
+  async fn() {
+    const b = await startTestBroker();
+    const dataDir = await Deno.makeTempDir({ prefix: "k8s4r-srv-" });
+    const s = await startLoggedServer(b, dataDir);
+    const robot = new SessionlessRobot(b, "robot-001", await b.issueCert("robot-001"));
+    const task = async (id: string) => (await getJson(`${s.api}/api/tasks/${id}`)).body;
+    // A marker the server's login publishes to the robot's down/task: the broker delivers one
+    // subscription's messages in order, so a marker that arrives with nothing before it shows
+    // that the broker held nothing for the robot.
+    const marker = async (n: number) => {
+      await s.server.client.publishAsync(
+        downTopic("robot-001", "task"),
+        enc({ marker: n, id: `marker-${n}` }),
+        { qos: 1 },
+      );
+      await until(`marker ${n}`, () => robot.got("task", `marker-${n}`) === 1, b, s.log);
+    };
+    try {
+      await robot.connect();
+      await robot.register();
+      await until("robot online", async () =>
+        (await getJson(`${s.api}/api/robots/robot-001`)).body
+          .online === true, b);
+      await robot.away();
+      const created = await web.fetch(`${s.api}/api/robots/robot-001/tasks`, {
+        method: "POST",
+        body: enc({ command: ["sleep", "600"], timeoutSeconds: 600 }),
+      });
+      assert.equal(created.status, 201);
+      const { id } = await created.json();
+      // The broker acknowledged it to the server and delivered it to nobody.
+      await until("the task dispatched", async () => (await task(id)).state === "dispatched", b);
+      await robot.connect();
+      await marker(1);
+      assert.equal(robot.got("task", id), 0, "the broker kept the task for a sessionless robot");
+      // The register gets it sent again.
+      await robot.register();
+      await until("the task after the register", () => robot.got("task", id) === 1, b, s.log);
+
+      // The robot runs it, is away when the operator cancels, and comes back.
+      await robot.client!.publishAsync(
+        upTopic("robot-001", "task"),
+        enc({
+          v: 1,
+          type: "task-status",
+          robotId: "robot-001",
+          ts: now(),
+          taskId: id,
+          state: "running",
+        }),
+        { qos: 1 },
+      );
+      await until("running", async () => (await task(id)).state === "running", b);
+      await robot.away();
+      const sent = s.server.fleet.stats.cancelsSent;
+      const c = await web.fetch(`${s.api}/api/tasks/${id}/cancel`, { method: "POST", body: "{}" });
+      assert.equal(c.status, 202);
+      await c.body?.cancel();
+      await until("the cancel published", () => s.server.fleet.stats.cancelsSent > sent, b);
+      await robot.connect();
+      await marker(2);
+      assert.equal(
+        robot.got("cancel", id),
+        0,
+        "the broker kept the cancel for a sessionless robot",
+      );
+      await robot.register();
+      await until("the cancel after the register", () => robot.got("cancel", id) === 1, b, s.log);
+      assert.equal((await task(id)).state, "cancelling");
+      assert.deepEqual(robot.refused, [], "every task and cancel passed the agent's checks");
+    } finally {
+      await robot.away().catch(() => {});
+      await s.server.close();
+      await b.stop();
+      await Deno.remove(dataDir, { recursive: true });
     }
   },
 });

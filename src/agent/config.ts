@@ -75,7 +75,14 @@ export interface AgentMqttConfig {
   brokerSpiffeId: string;
   heartbeatSeconds: number;
   keepaliveSeconds: number;
-  /** MQTT 5 session expiry: how long the broker keeps our session while we are away. */
+  /**
+   * MQTT 5 session expiry: how long the broker keeps our session while we are away. Default 0
+   * (none): Mosquitto 2.0.11-2.0.21 corrupts its session-expiry list when it reloads (SIGHUP, a
+   * renewed broker certificate) while a robot's session is away, and then expires another
+   * client's live session or crashes (docs/PROTOCOL.md, "Robot side"). The protocol does not
+   * need one: the agent subscribes on every connect and the server sends tasks and cancels on
+   * every register.
+   */
   sessionExpirySeconds: number;
 }
 
@@ -803,7 +810,7 @@ function buildConfig(
       brokerSpiffeId: brokerId,
       heartbeatSeconds,
       keepaliveSeconds: get("mqtt.keepaliveSeconds", 30),
-      sessionExpirySeconds: get("mqtt.sessionExpirySeconds", 3600),
+      sessionExpirySeconds: get("mqtt.sessionExpirySeconds", 0),
     },
     tasks: tasksConfig(get, lineOf, display, trustDomain),
     rotation: { marginSeconds: get("rotation.marginSeconds", 300) },

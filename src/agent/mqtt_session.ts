@@ -1,10 +1,12 @@
 /**
  * One robot's MQTT session over mTLS, with certificate rotation and no loss of QoS 1 messages.
  *
- * Protocol: MQTT 5, `clean: false` with a session expiry. Why 5 and not 3.1.1: Mosquitto drops
- * a publish the ACL denies silently under 3.1.1, while MQTT 5 answers with PUBACK / SUBACK
- * reason code 0x87 (Not authorized), which we count and log; and a 3.1.1 persistent session
- * lives forever on the broker, while MQTT 5's `sessionExpiryInterval` bounds it.
+ * Protocol: MQTT 5, `clean: false` with a session expiry (`mqtt.sessionExpirySeconds`; the
+ * agent's default is 0, no session kept while away: see `AgentMqttConfig`). Why 5 and not 3.1.1:
+ * Mosquitto drops a publish the ACL denies silently under 3.1.1, while MQTT 5 answers with
+ * PUBACK / SUBACK reason code 0x87 (Not authorized), which we count and log; and a 3.1.1
+ * persistent session lives forever on the broker, while MQTT 5's `sessionExpiryInterval` bounds
+ * it (or, at 0, ends it with the connection).
  *
  * How mqtt.js 5.16 behaves (read in node_modules/.deno/mqtt@5.16.0, build/lib/client.js and
  * connect/):
@@ -116,6 +118,12 @@ export interface SessionStats {
   retried: number;
   received: number;
   subscribeDenied: number;
+  /**
+   * Reconnects that came back without the session the broker should still have held
+   * (`sessionPresent=false` within `sessionExpirySeconds` of the drop; only counted when that
+   * is above 0).
+   */
+  sessionsLost: number;
   lastError?: string;
   connected: boolean;
 }
@@ -190,6 +198,7 @@ export class MqttSession {
     retried: 0,
     received: 0,
     subscribeDenied: 0,
+    sessionsLost: 0,
     connected: false,
   };
   private readonly minMs: number;
@@ -197,6 +206,8 @@ export class MqttSession {
   private connectWaiters: (() => void)[] = [];
   /** Connection attempts so far; the current (or last) attempt's number. */
   private attempt = 0;
+  /** When the last live connection ended (ms), for telling a lost session from an expired one. */
+  private downAt?: number;
 
   constructor(private readonly o: MqttSessionOptions) {
     this.minMs = o.reconnectMinMs ?? 1000;
@@ -270,6 +281,7 @@ export class MqttSession {
     });
     client.on("close", () => {
       const was = this.ready;
+      if (was) this.downAt = Date.now();
       this.ready = false;
       this.stats.connected = false;
       if (was && !this.closing) {
@@ -307,6 +319,22 @@ export class MqttSession {
 
   private onConnect(sessionPresent: boolean) {
     const client = this.client!;
+    // A session the broker should still hold (we were away for less than its expiry) and does
+    // not: Mosquitto lost it (see docs/PROTOCOL.md, "Robot side"). What it held for us (queued
+    // QoS 1 messages) is gone; subscriptions are renewed below, and the server sends tasks and
+    // cancels again when it sees our register.
+    const expiryMs = this.o.sessionExpirySeconds * 1000;
+    if (
+      !sessionPresent && expiryMs > 0 && this.downAt !== undefined &&
+      Date.now() - this.downAt < expiryMs
+    ) {
+      this.stats.sessionsLost++;
+      this.o.log("mqtt.session_lost", {
+        awayMs: Date.now() - this.downAt,
+        sessionExpirySeconds: this.o.sessionExpirySeconds,
+        note: "the broker forgot our session: subscribing again; what it held for us is gone",
+      });
+    }
     this.stats.connects++;
     this.stats.connected = true;
     this.ready = true;

@@ -479,14 +479,26 @@ async function pumpFiltered(
 }
 
 function signalNumber(sig: Deno.Signal): number {
+  // Linux numbers (signal(7)). A crash (SIGSEGV, SIGABRT) must read as one: 139, 134.
   const table: Partial<Record<Deno.Signal, number>> = {
     SIGHUP: 1,
     SIGINT: 2,
     SIGQUIT: 3,
+    SIGILL: 4,
+    SIGTRAP: 5,
+    SIGABRT: 6,
+    SIGBUS: 7,
+    SIGFPE: 8,
     SIGKILL: 9,
-    SIGTERM: 15,
     SIGUSR1: 10,
+    SIGSEGV: 11,
     SIGUSR2: 12,
+    SIGPIPE: 13,
+    SIGALRM: 14,
+    SIGTERM: 15,
+    SIGXCPU: 24,
+    SIGXFSZ: 25,
+    SIGSYS: 31,
   };
   return table[sig] ?? 0;
 }

@@ -108,6 +108,26 @@ Deno.test("a log filter rewrites every line before it reaches the log", async ()
   }
 });
 
+Deno.test("a daemon killed by a signal exits with 128+n, also for a crash (SIGSEGV, SIGABRT)", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
+  try {
+    const codes: Record<string, number> = {};
+    for (const [sig, n] of [["TERM", 15], ["SEGV", 11], ["ABRT", 6], ["BUS", 7]] as const) {
+      const d = await realRunner.spawn({
+        name: `crash-${sig}`,
+        cmd: "sh",
+        // The shell execs sh, which signals itself: the daemon's own process dies of it.
+        args: ["-c", `kill -${sig} $$`],
+        logFile: join(dir, `${sig}.log`),
+      });
+      codes[sig] = await d.exited;
+      assert.equal(codes[sig], 128 + n, `SIG${sig}: ${JSON.stringify(codes)}`);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("stopPidFile leaves alone a pid that now belongs to another process", async () => {
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
   const other = new Deno.Command("sleep", { args: ["60"] }).spawn();

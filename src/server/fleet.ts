@@ -263,6 +263,13 @@ export class FleetService {
   private sharedGraceFrom?: number;
   /** Cancels in flight, so that a burst of triggers publishes each cancel once. */
   private readonly cancelsInFlight = new Set<string>();
+  /**
+   * Cancels asked for again while in flight: sent once more when the slot is freed. The robot
+   * may have subscribed after that publish reached the broker (it keeps no session while away),
+   * so the broker acknowledged it to us and delivered it to nobody; the robot's register is what
+   * asks again. It dedupes. (Tasks: the registry's `resend_requested_at`, see `claimAndPublish`.)
+   */
+  private readonly againCancels = new Set<string>();
   private readonly signer: DownSigner;
   private readonly pending = new Set<Promise<void>>();
   /** Up by default (unit tests); `FleetServer` sets it down until it is subscribed. */
@@ -560,8 +567,10 @@ export class FleetService {
         await reg.setOnline(robotId, true, null);
         fx.push(() => {
           this.log.info(`robot ${robotId} registered (agent ${msg.agentVersion})`);
-          // A new connection (its session may be gone): anything not yet accepted is sent again
-          // (the robot dedupes by id). A repeated register of the same connection is a replay.
+          // A new connection (the robot keeps no broker session while away): anything not yet
+          // accepted is sent again (the robot dedupes by id), and what is on its way now is
+          // marked to go out again after its PUBACK. A repeated register of the same connection
+          // is a replay.
           this.dispatchFor(robotId, { resend });
         });
         return;
@@ -666,6 +675,15 @@ export class FleetService {
           error: msg.error,
         });
         if (r?.ignored) fx.push(() => this.stats.staleTaskReports++);
+        // The robot runs a task that is cancelled (withdrawn: told once, and a robot with no
+        // broker session misses what is published while it is away): tell it again.
+        if (
+          r?.ignored && r.task.state === "cancelled" &&
+          (msg.state === "accepted" || msg.state === "running")
+        ) {
+          const cancelled = r.task;
+          fx.push(() => this.sendCancel(cancelled));
+        }
         return;
       }
     }
@@ -768,29 +786,46 @@ export class FleetService {
       await this.claimAndPublish({
         robotId,
         states: opts.resend ? ["pending", "dispatched"] : ["pending"],
-      });
+      }, opts.resend);
       for (const t of await this.registry.tasksInStates(["cancelling"], robotId)) {
         this.sendCancel(t);
       }
     }, `dispatch to ${robotId}`);
   }
 
-  /** Claims tasks (pages of 200) and publishes each; resolves when all are claimed. */
+  /**
+   * Claims tasks (pages of 200) and publishes each; resolves when all are claimed. With
+   * `resend` (a new connection of `q.robotId`), the robot's tasks another server, or this one,
+   * holds a claim on are first marked in the same transaction (`requestResend`): that publish
+   * may have reached the broker before the robot subscribed (it keeps no session while away),
+   * so the broker acknowledged it and delivered it to nobody; its holder publishes it again
+   * after the PUBACK (`publishClaimed`).
+   */
   private async claimAndPublish(
-    q: { robotId?: string; onlineOnly?: boolean; states?: ("pending" | "dispatched")[] },
+    q: {
+      robotId?: string;
+      onlineOnly?: boolean;
+      states?: ("pending" | "dispatched")[];
+      resendRequested?: boolean;
+    },
+    resend = false,
   ): Promise<void> {
     if (!this.publisher.connected()) return; // sent again on reconnect
-    for (;;) {
+    for (let page = 0;; page++) {
       const now = this.now().getTime();
-      const claimed = await this.registry.transaction((tx) =>
-        tx.claimTasks({
+      const at = new Date(now).toISOString();
+      const claimed = await this.registry.transaction(async (tx) => {
+        if (resend && page === 0 && q.robotId !== undefined) {
+          await tx.requestResend(q.robotId, at);
+        }
+        return await tx.claimTasks({
           ...q,
           owner: this.instance,
-          now: new Date(now).toISOString(),
+          now: at,
           leaseUntil: this.claimFor(now).leaseUntil,
           limit: 200,
-        })
-      );
+        });
+      });
       for (const t of claimed) this.publishClaimed(t);
       if (claimed.length < 200) return;
     }
@@ -799,7 +834,11 @@ export class FleetService {
   /** Publishes a signed cancel of `task` (cancelling, or withdrawn) to its robot if online. */
   private sendCancel(task: TaskRecord): void {
     if (!needsCancel(task.state) && task.state !== "cancelled") return;
-    if (this.cancelsInFlight.has(task.id) || !this.publisher.connected()) return;
+    if (!this.publisher.connected()) return;
+    if (this.cancelsInFlight.has(task.id)) {
+      this.againCancels.add(task.id);
+      return;
+    }
     this.cancelsInFlight.add(task.id);
     this.track(async () => {
       try {
@@ -834,17 +873,25 @@ export class FleetService {
         }
       } finally {
         this.cancelsInFlight.delete(task.id);
+        if (this.againCancels.delete(task.id)) {
+          const current = await this.registry.getTask(task.id);
+          if (current) this.sendCancel(current);
+        }
       }
     }, `cancel of task ${task.id}`);
   }
 
   /**
-   * After (re)connecting to the broker: send what online robots are owed (pending tasks: a
-   * dispatched one reached the broker, which delivers it). Never rejects.
+   * After (re)connecting to the broker: send what online robots are owed: pending tasks, and
+   * dispatched ones a resend was asked for that nobody took up. Not the other dispatched ones:
+   * each reached the broker, which delivered it if the robot was subscribed; a robot that was
+   * not (it keeps no session while away) asks for it again with the register of its new
+   * connection, and a register queued for this server's session while it was away arrives
+   * now. Never rejects.
    */
   dispatchAllOnline(): Promise<void> {
     return this.track(async () => {
-      await this.claimAndPublish({ onlineOnly: true, states: ["pending"] });
+      await this.claimAndPublish({ onlineOnly: true, states: ["pending"], resendRequested: true });
       const online = new Set((await this.registry.onlineRobots()).map((r) => r.id));
       for (const t of await this.registry.tasksInStates(["cancelling"])) {
         if (online.has(t.robotId)) this.sendCancel(t);
@@ -867,7 +914,8 @@ export class FleetService {
    * claim released in one transaction; on failure the claim is released (tried again on the
    * next trigger, or by the sweeper). A task cancelled while it was on its way gets its cancel
    * again after the task's PUBACK, so the robot hears of it after the task whichever replica
-   * sent the first cancel.
+   * sent the first cancel. A task a robot's new connection asked for while it was on its way
+   * (`requestResend`) is claimed again in the PUBACK's transaction and published once more.
    */
   private publishClaimed(task: TaskRecord): void {
     this.track(async () => {
@@ -904,12 +952,26 @@ export class FleetService {
         }
         published = true;
         this.stats.tasksDispatched++;
-        const r = await this.registry.transaction(async (tx) => {
+        const { r, again } = await this.registry.transaction(async (tx) => {
           const r = await tx.applyTaskEvent(task.id, "dispatch", this.nowIso());
           await tx.releaseClaim(task.id, this.instance);
-          return r;
+          // The robot's new connection asked for it while it was on its way (the mark is
+          // newer than this claim, which cleared it): claimed again at once, published again.
+          const now = this.now().getTime();
+          const again = r?.task.resendRequestedAt != null
+            ? await tx.claimTasks({
+              taskId: task.id,
+              states: ["dispatched"],
+              owner: this.instance,
+              now: new Date(now).toISOString(),
+              leaseUntil: this.claimFor(now).leaseUntil,
+              limit: 1,
+            })
+            : [];
+          return { r, again };
         });
         if (r?.task.state === "cancelling") this.sendCancel(r.task);
+        for (const t of again) this.publishClaimed(t);
       } finally {
         if (!published) {
           await this.registry.transaction((tx) => tx.releaseClaim(task.id, this.instance));
@@ -1034,11 +1096,13 @@ export class FleetService {
       }
     }
     // Pending tasks of online robots nobody is publishing (a publish that failed, a replica
-    // that died holding a claim): claimed and sent. Dispatched ones wait for their robot (and
-    // are sent again when it registers).
+    // that died holding a claim): claimed and sent; so are dispatched ones a resend was asked
+    // for while such a claim held them. Other dispatched ones wait for their robot (and are
+    // sent again when it registers).
     if (this.publisher.connected()) {
       await this.track(
-        () => this.claimAndPublish({ onlineOnly: true, states: ["pending"] }),
+        () =>
+          this.claimAndPublish({ onlineOnly: true, states: ["pending"], resendRequested: true }),
         "re-dispatch",
       );
     }
@@ -1128,8 +1192,8 @@ export function statusVerdict(
 
 /**
  * Whether a register (or the online of `order`) opens a connection the server has not seen yet
- * (another boot, or a later connection of this one): the robot's session may be gone, so what
- * was dispatched and not taken up is sent again. Without `bootId` and `connection` (older
+ * (another boot, or a later connection of this one): the robot keeps no broker session while
+ * away, so what was dispatched and not taken up is sent again. Without `bootId` and `connection` (older
  * agents): always.
  */
 export function opensConnection(

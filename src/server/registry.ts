@@ -156,6 +156,11 @@ export interface TaskRecord {
   /** Who is publishing it (a server instance), until `dispatchLeaseUntil`; null when nobody. */
   dispatchOwner: string | null;
   dispatchLeaseUntil: string | null;
+  /**
+   * When the robot's new connection asked for it again while it was claimed (its publish may
+   * have reached the broker before the robot subscribed); null once a claim took it up.
+   */
+  resendRequestedAt: string | null;
 }
 
 /** Claims tasks to publish: each task is claimed by one server at a time, until the lease ends. */
@@ -170,6 +175,8 @@ export interface ClaimQuery {
   onlineOnly?: boolean;
   /** Default both: a dispatched task is sent again on a trigger (the robot registered again). */
   states?: ("pending" | "dispatched")[];
+  /** Also dispatched tasks a resend was asked for (`requestResend`) that nobody took up. */
+  resendRequested?: boolean;
   limit: number;
 }
 
@@ -335,6 +342,7 @@ const TASK_COLUMNS = [
   "cancel_requested_by",
   "dispatch_owner",
   "dispatch_lease_until",
+  "resend_requested_at",
 ].join(", ");
 
 function str(v: unknown): string | null {
@@ -412,6 +420,7 @@ function taskFromRow(r: Row): TaskRecord {
     cancelRequestedBy: str(r.cancel_requested_by),
     dispatchOwner: str(r.dispatch_owner),
     dispatchLeaseUntil: str(r.dispatch_lease_until),
+    resendRequestedAt: str(r.resend_requested_at),
   };
 }
 
@@ -732,10 +741,13 @@ export class RegistryTx {
    */
   async claimTasks(q: ClaimQuery): Promise<TaskRecord[]> {
     const free = "(dispatch_lease_until IS NULL OR dispatch_lease_until < ?)";
-    const states = (q.states ?? ["pending", "dispatched"]).map((x) =>
+    const list = (q.states ?? ["pending", "dispatched"]).map((x) =>
       x === "pending" ? "'pending'" : "'dispatched'"
     ).join(", ");
-    const where = [`state IN (${states})`, free, "expires_at > ?"];
+    const states = q.resendRequested
+      ? `(state IN (${list}) OR (state = 'dispatched' AND resend_requested_at IS NOT NULL))`
+      : `state IN (${list})`;
+    const where = [states, free, "expires_at > ?"];
     const params: SqlValue[] = [q.now, q.now];
     if (q.robotId !== undefined) {
       where.push("robot_id = ?");
@@ -750,15 +762,35 @@ export class RegistryTx {
       params.push(1);
     }
     const rows = await this.all(
-      `UPDATE tasks SET dispatch_owner = ?, dispatch_lease_until = ?
+      `UPDATE tasks SET dispatch_owner = ?, dispatch_lease_until = ?, resend_requested_at = NULL
        WHERE id IN (SELECT id FROM tasks WHERE ${where.join(" AND ")}
                     ORDER BY created_at, id LIMIT ?${forUpdate(this.dialect, { skipLocked: true })})
-         AND state IN (${states}) AND ${free}
+         AND ${states} AND ${free}
        RETURNING ${TASK_COLUMNS}`,
       [q.owner, q.leaseUntil, ...params, q.limit, q.now],
     );
     return rows.map(taskFromRow).sort((a, b) =>
       a.createdAt < b.createdAt ? -1 : a.createdAt > b.createdAt ? 1 : a.id < b.id ? -1 : 1
+    );
+  }
+
+  /**
+   * A new connection of `robotId` asks for its undelivered tasks again: marks those a server
+   * holds a claim on (publishing them now; `claimTasks` takes the others), so that the holder
+   * publishes again after its PUBACK, or the sweep if it never does. Not SKIP LOCKED: a row
+   * another transaction holds (a PUBACK being recorded) is waited for and checked again, so a
+   * claim released meanwhile is left to the caller's `claimTasks`, which comes after this in
+   * the same transaction. The robot's row is locked first: batches lock it before its tasks, so
+   * the task rows are never waited for in another order (PostgreSQL; SQLite serializes anyway).
+   * Returns how many were marked.
+   */
+  async requestResend(robotId: string, now: string): Promise<number> {
+    await this.get(`SELECT id FROM robots WHERE id = ?${forUpdate(this.dialect)}`, [robotId]);
+    return await this.run(
+      `UPDATE tasks SET resend_requested_at = ?
+       WHERE robot_id = ? AND state IN ('pending', 'dispatched') AND expires_at > ?
+         AND dispatch_owner IS NOT NULL AND dispatch_lease_until >= ?`,
+      [now, robotId, now, now],
     );
   }
 

@@ -175,6 +175,14 @@ export const MIGRATIONS: Migration[] = [
        updated_at TIMESTAMPTZ NOT NULL
      );`,
   },
+  // 6: robots keep no broker session while away (docs/PROTOCOL.md, "Robot side"): a robot's new
+  // connection asks for its undelivered tasks again; one whose publish is in flight under a
+  // claim (that publish may have reached the broker before the robot subscribed) is marked, and
+  // its claim holder publishes it again after the PUBACK (a claim clears the mark).
+  {
+    sqlite: `ALTER TABLE tasks ADD COLUMN resend_requested_at TEXT;`,
+    postgres: `ALTER TABLE tasks ADD COLUMN resend_requested_at TIMESTAMPTZ;`,
+  },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

@@ -19,9 +19,17 @@ import {
   writeBrokerFiles,
 } from "../../src/mqtt/broker_config.ts";
 import { probeMqtt } from "../../src/mqtt/probe.ts";
+import { waitFor } from "../../src/process/mod.ts";
 import { BROKER_ADMIN_USERNAME, findDynsecPlugin } from "../../src/mqtt/dynsec.ts";
 
 export const TEST_TRUST_DOMAIN = "k8s4r.test";
+
+/** The broker exited while a test waited on it (`code`: 128+n for a signal, e.g. 139 SIGSEGV). */
+export class BrokerDied extends Error {
+  constructor(readonly code: number | undefined) {
+    super(`mosquitto exited (${code})`);
+  }
+}
 
 export interface PemCert {
   cert: string;
@@ -49,11 +57,18 @@ export interface TestBroker {
   issueCert(cn: string, opts?: { spiffeId?: string }): Promise<PemCert & { issued: IssuedCert }>;
   /** Stops (SIGTERM, so mosquitto saves its persistence) and starts again on the same ports. */
   restart(): Promise<void>;
+  /**
+   * What broker-identity does when the broker's SVID renews: a new certificate and key in place,
+   * then SIGHUP. Resolves once a TLS handshake shows the new certificate (the reload happened).
+   */
+  reloadCertificate(): Promise<void>;
   /** SIGKILL: nothing is saved beyond the last autosave. Start again with `start()`. */
   kill9(): Promise<void>;
   start(): Promise<void>;
   stop(): Promise<void>;
   running(): boolean;
+  /** How the last run ended (exit code, 128+n for a signal); undefined while running. */
+  exitCode(): number | undefined;
   /** The running mosquitto's pid (benchmarks sample its CPU), undefined while stopped. */
   pid(): number | undefined;
   logTail(): Promise<string>;
@@ -156,6 +171,7 @@ export async function startTestBroker(
   const stdoutLog = join(dir, "mosquitto.stdout.log");
   let daemon: Daemon | undefined;
   let exited = true;
+  let exitCode: number | undefined;
 
   const start = async () => {
     if (daemon && !exited) throw new Error("test broker already running");
@@ -169,13 +185,46 @@ export async function startTestBroker(
       readyTimeoutMs: 15_000,
     });
     exited = false;
-    daemon.exited.then(() => (exited = true));
+    exitCode = undefined;
+    daemon.exited.then((code) => {
+      exited = true;
+      exitCode = code;
+    });
   };
 
   const stop = async () => {
     if (daemon && !exited) await daemon.stop(5000);
     if (daemon) await daemon.exited;
     exited = true;
+  };
+
+  const reloadCertificate = async () => {
+    if (opts.pki) throw new Error("reloadCertificate: the broker's PKI is not the test CA");
+    if (!daemon || exited) throw new Error("reloadCertificate: the test broker is not running");
+    const next = await ca.issue("broker", { spiffeId: brokerSpiffeId, dnsNames: ["localhost"] });
+    const probe = await ca.issue("reload-probe", {
+      spiffeId: `spiffe://${TEST_TRUST_DOMAIN}/reload-probe`,
+      dnsNames: ["reload-probe"],
+    });
+    // Our own child, by the pid we spawned.
+    Deno.kill(daemon.pid, "SIGHUP");
+    const want = new Uint8Array(next.issued.certificate.raw);
+    await waitFor(async () => {
+      const r = await probeMqtt({
+        host: [opts.tlsBind ?? "127.0.0.1"].flat()[0],
+        port: tlsPort,
+        tls: { ca: ca.ca.rootPem, cert: probe.cert, key: probe.key },
+        timeoutMs: 2000,
+      });
+      const leaf = r.tls?.peerChain[0];
+      return leaf !== undefined && leaf.length === want.length &&
+        leaf.every((b, i) => b === want[i]);
+    }, {
+      timeoutMs: 10_000,
+      intervalMs: 50,
+      what: "mosquitto to serve its new certificate",
+      fatal: () => exited ? new BrokerDied(exitCode) : undefined,
+    });
   };
 
   const logTail = async () => {
@@ -210,6 +259,7 @@ export async function startTestBroker(
       await stop();
       await start();
     },
+    reloadCertificate,
     async kill9() {
       if (daemon && !exited) {
         // Our own child, by the pid we spawned (never by name).
@@ -224,6 +274,7 @@ export async function startTestBroker(
       await Deno.remove(dir, { recursive: true }).catch(() => {});
     },
     running: () => !exited,
+    exitCode: () => exitCode,
     pid: () => (daemon && !exited ? daemon.pid : undefined),
     logTail,
   };

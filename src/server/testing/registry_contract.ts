@@ -986,7 +986,7 @@ const cancelCases: ContractCase[] = [
         await fleet.settled();
         assert.equal(sent(), 1, "the task is dispatched");
         // The same connection's register again (a redelivery, another replica's copy): a
-        // replay, the broker holds the task for the robot's session.
+        // replay, the robot was subscribed when the task went out.
         await h(register("robot-001", T0 + 1, "boot-a", 1));
         await h(status("robot-001", "online", T0 + 2, "boot-a", 1));
         assert.equal(sent(), 1, "sent again on a replay of the same connection");
@@ -1065,6 +1065,203 @@ const cancelCases: ContractCase[] = [
         s = await fleet.sweep();
         assert.deepEqual(s.lost, [ran.id]);
         assert.equal((await registry.getTask(ran.id))!.state, "failed");
+      }),
+  },
+  {
+    // A robot keeps no broker session while away: it misses what was published to it before it
+    // subscribed again, and the register of its new connection asks for everything again. A
+    // publish still waiting for its PUBACK at that moment may be one the broker dropped: it goes
+    // out again after that PUBACK, whichever server holds its claim.
+    name:
+      "dispatch: a new connection's register while a task's publish is in flight (this server's claim or another's) sends it again after the PUBACK",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online, clock }) => {
+        const sentOf = (id: string) =>
+          tasksSent(pub).filter((s) => s.msg.type === "task" && s.msg.id === id).length;
+        await online("robot-001", true);
+        // 1. This server's claim.
+        pub.hold = true;
+        const t = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 60,
+        }, ADMIN);
+        await pub.sentCount(1); // on its way, PUBACK held
+        // The robot's new connection registers meanwhile (its subscription came after the
+        // publish): what that register asks for, awaited so that its transaction is done.
+        await fleet.dispatchFor("robot-001", { resend: true });
+        assert.ok((await registry.getTask(t.id))!.resendRequestedAt, "marked while claimed");
+        assert.equal(sentOf(t.id), 1, "not sent twice at once");
+        pub.hold = false;
+        pub.ack();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 2);
+        let after = (await registry.getTask(t.id))!;
+        assert.equal(after.state, "dispatched");
+        assert.equal(after.dispatchCount, 2);
+        assert.equal(after.dispatchOwner, null, "the claim is released after the second PUBACK");
+        assert.equal(after.resendRequestedAt, null, "the claim took the mark up");
+        // 2. Another replica (same registry) holds the claim: it publishes again.
+        await online("robot-001", false);
+        const v = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 60,
+        }, ADMIN);
+        await online("robot-001", true);
+        const other = new FleetService(registry, pub, {
+          now: () => new Date(clock.t),
+          instance: "other-replica",
+          signer: UNSIGNED,
+        });
+        pub.hold = true;
+        const before = pub.sent.length;
+        await other.dispatchFor("robot-001");
+        await pub.sentCount(before + 1);
+        assert.equal((await registry.getTask(v.id))!.dispatchOwner, "other-replica");
+        // Control: a register that opens no new connection (a redelivery) asks for nothing.
+        await fleet.dispatchFor("robot-001");
+        assert.equal((await registry.getTask(v.id))!.resendRequestedAt, null);
+        await fleet.dispatchFor("robot-001", { resend: true });
+        assert.ok((await registry.getTask(v.id))!.resendRequestedAt, "marked under its claim");
+        assert.equal(sentOf(v.id), 1, "this server does not publish what another one holds");
+        pub.hold = false;
+        pub.ack();
+        await other.settled();
+        await fleet.settled();
+        assert.equal(sentOf(v.id), 2, "the claim holder published it again after its PUBACK");
+        after = (await registry.getTask(v.id))!;
+        assert.equal(after.dispatchCount, 2);
+        assert.equal(after.dispatchOwner, null);
+        assert.equal(after.resendRequestedAt, null);
+        // Control: a publish nobody asked again for goes out once.
+        const u = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 60,
+        }, ADMIN);
+        await fleet.settled();
+        assert.equal(sentOf(u.id), 1);
+        // The second register re-sent the dispatched `t` too (free: claimed and sent at once).
+        assert.equal(sentOf(t.id), 3);
+      }),
+  },
+  {
+    // The holder of a claim died (or its publish failed) after the robot's new connection asked
+    // for the task again: nobody publishes it after a PUBACK, so the sweep does, once the claim
+    // is free. A dispatched task nobody asked again for waits for its robot.
+    name:
+      "dispatch claims: a resend asked while a dead replica held the claim is sent by the sweep after the lease",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online, clock }) => {
+        const sentOf = (id: string) =>
+          tasksSent(pub).filter((s) => s.msg.type === "task" && s.msg.id === id).length;
+        await online("robot-001", true);
+        const mk = () =>
+          fleet.createTask("robot-001", { command: ["true"], env: {}, timeoutSeconds: 60 }, ADMIN);
+        const t = await mk();
+        await fleet.settled();
+        assert.equal((await registry.getTask(t.id))!.state, "dispatched");
+        // A replica claimed it to send it again and died before publishing.
+        const at = iso(clock.t);
+        const taken = await registry.transaction((tx) =>
+          tx.claimTasks({
+            owner: "dead-replica",
+            now: at,
+            leaseUntil: iso(clock.t + 30_000),
+            taskId: t.id,
+            limit: 1,
+          })
+        );
+        assert.equal(taken.length, 1);
+        await fleet.dispatchFor("robot-001", { resend: true });
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 1, "sent while another server held its claim");
+        assert.ok((await registry.getTask(t.id))!.resendRequestedAt);
+        const x = await mk(); // dispatched after that register: nothing asked again for it
+        await fleet.settled();
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 1, "the sweep took a claim that holds");
+        clock.t += 31_000;
+        await online("robot-001", true); // heard from meanwhile
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 2, "the sweep sends what was asked for once the claim is free");
+        const done = (await registry.getTask(t.id))!;
+        assert.equal(done.dispatchOwner, null);
+        assert.equal(done.resendRequestedAt, null);
+        assert.equal(sentOf(x.id), 1, "the sweep does not re-send a dispatched task unasked");
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 2, "sent again once");
+      }),
+  },
+  {
+    name: "cancel: a register while the cancel's publish is in flight sends it again after it",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online }) => {
+        await online("robot-001", true);
+        const t = await fleet.createTask("robot-001", {
+          command: ["sleep", "600"],
+          env: {},
+          timeoutSeconds: 600,
+        }, ADMIN);
+        await fleet.settled();
+        pub.hold = true;
+        await fleet.cancelTask(t.id, ADMIN);
+        await pub.sentCount(2); // the cancel is on its way, PUBACK held
+        // The robot's new connection registers meanwhile: what that register asks for
+        // (awaited: its reads are done).
+        await fleet.dispatchFor("robot-001", { resend: true });
+        pub.hold = false;
+        pub.ack();
+        await fleet.settled();
+        assert.equal(cancels(pub).length, 2);
+        assert.equal((await registry.getTask(t.id))!.state, "cancelling");
+      }),
+  },
+  {
+    // Withdrawn: never sent by this process, but an earlier process's publish (its PUBACK lost
+    // in a crash) may have reached the robot, so the robot is told once. A robot without a
+    // broker session misses that cancel when it is away at that moment; its report on the
+    // task is then the sign it runs a task that is cancelled: it is told again.
+    name: "cancel: a robot reporting on a withdrawn task (accepted, running) gets the cancel again",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online, report }) => {
+        await online("robot-001", false);
+        const t = await fleet.createTask("robot-001", {
+          command: ["sleep", "600"],
+          env: {},
+          timeoutSeconds: 600,
+        }, ADMIN);
+        assert.equal((await fleet.cancelTask(t.id, ADMIN)).outcome, "withdrawn");
+        await fleet.settled();
+        assert.equal(cancels(pub).length, 1);
+        await online("robot-001", true);
+        await report("robot-001", t.id, "accepted");
+        await fleet.settled();
+        assert.equal(cancels(pub).length, 2, "the accepted report of a withdrawn task");
+        await report("robot-001", t.id, "running");
+        await fleet.settled();
+        assert.equal(cancels(pub).length, 3, "the running report of a withdrawn task");
+        const c = cancels(pub)[2];
+        assert.equal(c.topic, "k8s4r/robots/robot-001/down/cancel");
+        assert.equal(c.msg.type === "cancel" && c.msg.taskId, t.id);
+        assert.equal((await registry.getTask(t.id))!.state, "cancelled");
+        // Control: its final report needs no cancel; nor does a task that simply ended.
+        await report("robot-001", t.id, "cancelled", { error: "killed: cancelled" });
+        const u = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 60,
+        }, ADMIN);
+        await fleet.settled();
+        await report("robot-001", u.id, "accepted");
+        await report("robot-001", u.id, "done", { exitCode: 0 });
+        await report("robot-001", u.id, "running"); // a late duplicate
+        await fleet.settled();
+        assert.equal(cancels(pub).length, 3);
       }),
   },
   {
