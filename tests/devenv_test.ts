@@ -11,10 +11,17 @@ import { fileURLToPath } from "node:url";
 import { freePorts } from "./helpers/ports.ts";
 import { spireBinaries } from "./helpers/spire.ts";
 import mqtt from "mqtt";
-import { isRecordAlive, processStartTime, readPidFile, waitFor } from "../src/process/mod.ts";
+import {
+  isRecordAlive,
+  processStartTime,
+  readPidFile,
+  realRunner,
+  waitFor,
+} from "../src/process/mod.ts";
 import { descendants } from "../src/devenv/stop.ts";
 import { probeMqttTls } from "../src/devenv/probes.ts";
 import { layoutEnv } from "../src/devenv/layout.ts";
+import { SpireServerCli } from "../src/spire/server.ts";
 
 const REPO = fileURLToPath(new URL("..", import.meta.url));
 const MAIN = `${REPO}main.ts`;
@@ -252,12 +259,24 @@ Deno.test({
           password: creds.password,
           clientId: "devenv-test-server",
         });
+        // A robot certificate of the stack's SPIRE for an id no agent runs as: the broker makes
+        // a certificate's CN its client id, so robot-001's own SVID would take the running
+        // agent's session over.
+        const spare = await new SpireServerCli(
+          realRunner,
+          (await spireBinaries()).server,
+          `${dir}/.spire-data/server/api.sock`,
+        ).mintX509({
+          spiffeId: "spiffe://k8s4r.example.org/robot/robot-099",
+          dnsNames: ["robot-099"],
+          ttlSeconds: 600,
+        });
         const r1 = await connect(`mqtts://127.0.0.1:${ports.tls}`, {
           ca: robot.ca,
-          cert: robot.cert,
-          key: robot.key,
+          cert: spare.certPem,
+          key: spare.keyPem,
           servername: "localhost",
-          clientId: "devenv-test-robot-001",
+          clientId: "devenv-test-robot-099",
         });
         try {
           const robotGot: string[] = [];
@@ -265,17 +284,17 @@ Deno.test({
           r1.on("message", (topic) => robotGot.push(topic));
           server.on("message", (topic) => serverGot.push(topic));
           await server.subscribeAsync("k8s4r/robots/+/up/#", { qos: 1 });
-          await r1.subscribeAsync("k8s4r/robots/robot-001/down/#", { qos: 1 }).catch(() => {});
+          await r1.subscribeAsync("k8s4r/robots/robot-099/down/#", { qos: 1 }).catch(() => {});
           await r1.subscribeAsync("k8s4r/robots/robot-002/down/#", { qos: 1 }).catch(() => {});
           await server.publishAsync("k8s4r/robots/robot-002/down/task", "x", { qos: 1 });
           await r1.publishAsync("k8s4r/robots/robot-002/up/status", "spoof", { qos: 1 });
           // Positive controls, sent last: once they arrive, the denied ones would have too.
-          await server.publishAsync("k8s4r/robots/robot-001/down/task", "ok", { qos: 1 });
-          await r1.publishAsync("k8s4r/robots/robot-001/up/x-devenv-test", "ok", { qos: 1 });
+          await server.publishAsync("k8s4r/robots/robot-099/down/task", "ok", { qos: 1 });
+          await r1.publishAsync("k8s4r/robots/robot-099/up/heartbeat", "ok", { qos: 1 });
           await waitFor(
             () =>
-              robotGot.includes("k8s4r/robots/robot-001/down/task") &&
-              serverGot.includes("k8s4r/robots/robot-001/up/x-devenv-test"),
+              robotGot.includes("k8s4r/robots/robot-099/down/task") &&
+              serverGot.includes("k8s4r/robots/robot-099/up/heartbeat"),
             { timeoutMs: 10_000, what: "the allowed messages" },
           );
           assert.ok(

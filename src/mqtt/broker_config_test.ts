@@ -9,6 +9,7 @@ import {
   writeBrokerFiles,
 } from "./broker_config.ts";
 import { REMOVED_ROLE } from "./dynsec.ts";
+import { parseMosquittoConf } from "./mosquitto_conf.ts";
 
 Deno.test("hashPassword writes mosquitto's $7$ PBKDF2-SHA512 format", () => {
   const h = hashPassword("s3cret");
@@ -107,6 +108,14 @@ Deno.test("mosquitto.conf: global auth (no per_listener_settings), one TLS liste
   ]);
   assert.equal(lines.filter((l) => l === "require_certificate true").length, 2);
   assert.equal(lines.filter((l) => l === "use_identity_as_username true").length, 2);
+  // The client id is the CN, set in each TLS listener block (globally it has no effect).
+  const parsed = parseMosquittoConf(conf);
+  const tls = parsed.listeners.filter((l) => l.port === 18883);
+  assert.equal(tls.length, 2);
+  for (const l of tls) assert.equal(l.options.get("use_username_as_clientid")?.value, "true");
+  assert.equal(parsed.global.get("use_username_as_clientid"), undefined);
+  const plain = parsed.listeners.find((l) => l.port === 11883)!;
+  assert.equal(plain.options.get("use_username_as_clientid"), undefined, "the server keeps its id");
   assert.doesNotMatch(renderMosquittoConf(base, files), /^plugin/m);
   assert.throws(
     () => renderMosquittoConf({ ...base, tlsBind: ["127.0.0.1", "127.0.0.1"] }, files),

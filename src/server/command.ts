@@ -407,7 +407,8 @@ operator SVID; roles from --roles, re-read on change), and signs every task and 
       name: "client-id",
       type: "string",
       valueName: "ID",
-      description: "MQTT client id of the persistent session (default k8s4r-server)",
+      description:
+        "MQTT client id of the persistent session (default k8s4r-server; over mqtts:// the broker uses the SVID's CN)",
     },
     {
       name: "heartbeat-interval",
