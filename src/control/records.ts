@@ -5,7 +5,8 @@
  * the token.
  *
  *   { "robots": { "robot-007": { "attestation": "join_token", "addedAt": "...",
- *                                "expiresAt": "...", "removedAt": "..." } } }
+ *                                "expiresAt": "...", "removedAt": "...",
+ *                                "svidsValidUntil": "..." } } }
  */
 import { dirname } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
@@ -22,6 +23,12 @@ export interface RobotRecord {
   certSerial?: string;
   /** Set by `robot remove`; cleared by the next `robot add`. */
   removedAt?: string;
+  /**
+   * Set by `robot remove`: until when an SVID the robot got before its removal can still be
+   * valid (removal + the longest X.509 SVID lifetime + a margin). The broker tells those from a
+   * new SVID by nothing but the CN, so `robot add` keeps the robot cut off until then.
+   */
+  svidsValidUntil?: string;
 }
 
 export type Records = Record<string, RobotRecord>;
