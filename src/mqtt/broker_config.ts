@@ -36,7 +36,7 @@
  */
 import { pbkdf2Sync, randomBytes, timingSafeEqual } from "node:crypto";
 import { join } from "node:path";
-import { TOPIC_ROOT } from "../fleet/topics.ts";
+import { TOPIC_ROOT, UP_KINDS } from "../fleet/topics.ts";
 import { writeFileAtomic } from "../fs/atomic.ts";
 import { DYNSEC_CONTROL_TOPICS, ensureDynsecFile } from "./dynsec.ts";
 
@@ -177,8 +177,10 @@ export function renderAcl(users: AclUsers): string {
   }
   lines.push(
     "",
-    "# Robots: username = certificate CN = robot id (use_identity_as_username).",
-    `pattern write ${TOPIC_ROOT}/%u/up/#`,
+    "# Robots: username = certificate CN = robot id (use_identity_as_username). One write",
+    "# pattern per up kind of the protocol: with up/# a robot could retain any number of",
+    "# made-up sub-topics, each replayed to the fleet server on every subscribe.",
+    ...UP_KINDS.map((kind) => `pattern write ${TOPIC_ROOT}/%u/up/${kind}`),
     `pattern read ${TOPIC_ROOT}/%u/down/#`,
   );
   return lines.join("\n") + "\n";

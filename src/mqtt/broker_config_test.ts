@@ -51,9 +51,17 @@ Deno.test("ACL: robots confined to their own subtree; the server and the admin b
     "topic readwrite k8s4r/#",
     "user k8s4r-admin",
     "topic readwrite $CONTROL/dynamic-security/#",
-    "pattern write k8s4r/robots/%u/up/#",
+    // One pattern per up kind: `up/#` let a robot retain any number of made-up sub-topics.
+    "pattern write k8s4r/robots/%u/up/register",
+    "pattern write k8s4r/robots/%u/up/heartbeat",
+    "pattern write k8s4r/robots/%u/up/status",
+    "pattern write k8s4r/robots/%u/up/task",
     "pattern read k8s4r/robots/%u/down/#",
   ]);
+  assert.ok(
+    !lines.some((l) => l.startsWith("pattern write") && /[#+]/.test(l)),
+    "a wildcard in a robot's write pattern",
+  );
   assert.match(
     renderAcl({ server: "k8s4r-server", tlsAdminUsers: ["fleet-a"] }),
     /^user fleet-a\ntopic readwrite k8s4r\/#$/m,

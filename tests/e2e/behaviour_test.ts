@@ -440,12 +440,14 @@ e2e(
           what: `the server to count a ${key} drop`,
         },
       );
-      // A later message on the same connection (a bad topic) proves the first was fully handled.
-      await r1.publishAsync("k8s4r/robots/robot-001/up/x-e2e-sync", `sync-${n}`, { qos: 1 });
+      // A later message on the same connection (not JSON) proves the first was fully handled.
+      // (A made-up topic would not do: the broker's ACL refuses every up kind but the
+      // protocol's, so the server would never see it.)
+      await r1.publishAsync(`k8s4r/robots/${R}/up/heartbeat`, `sync-${n}`, { qos: 1 });
       await waitFor(
         async () =>
-          (await stack.stats()).messages.dropped["bad-topic"] >
-            before.messages.dropped["bad-topic"],
+          ((await stack.stats()).messages.dropped["bad-json"] ?? 0) >
+            (before.messages.dropped["bad-json"] ?? 0),
         { timeoutMs: 10_000, intervalMs: 100, what: "the sync message to be counted" },
       );
       const after = await stack.stats();
