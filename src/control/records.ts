@@ -8,9 +8,9 @@
  *                                "expiresAt": "...", "removedAt": "...",
  *                                "svidsValidUntil": "..." } } }
  */
-import { dirname } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
 import { writeFileAtomic } from "../fs/atomic.ts";
+import { withFileLock } from "../fs/lock.ts";
 import type { AttestationType } from "../fleet/enrollment.ts";
 
 export interface RobotRecord {
@@ -54,14 +54,9 @@ export async function readRecords(file: string): Promise<Records> {
 
 /** Read-modify-write under an exclusive lock (concurrent `robot add`s); written atomically. */
 export async function updateRecords(file: string, fn: (r: Records) => void): Promise<void> {
-  await Deno.mkdir(dirname(file), { recursive: true, mode: 0o700 });
-  const lock = await Deno.open(`${file}.lock`, { create: true, write: true, mode: 0o600 });
-  try {
-    await lock.lock(true);
+  await withFileLock(file, async () => {
     const records = await readRecords(file);
     fn(records);
     await writeFileAtomic(file, JSON.stringify({ robots: records }, null, 2) + "\n", 0o600);
-  } finally {
-    lock.close();
-  }
+  });
 }

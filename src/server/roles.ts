@@ -22,6 +22,7 @@ import { isMap, isScalar, LineCounter, parseDocument, type Scalar, type YAMLMap 
 import type { Document, Node } from "yaml";
 import { ConfigError } from "../cli/errors.ts";
 import { isOperatorName } from "../fleet/ids.ts";
+import { withFileLock } from "../fs/lock.ts";
 
 export const ROLES = ["viewer", "operator"] as const;
 export type Role = typeof ROLES[number];
@@ -265,34 +266,46 @@ async function replaceFile(path: string, text: string, mode = 0o644): Promise<vo
  */
 export async function setOperatorRole(path: string, name: string, role: Role): Promise<void> {
   if (!isOperatorName(name)) throw new Error(`invalid operator name ${JSON.stringify(name)}`);
-  const { text, mode } = await readOrEmpty(path);
-  let { doc } = parse(text, path);
-  if (doc.contents === null || (isScalar(doc.contents) && doc.contents.value === null)) {
-    // Empty, or comments only: keep them, add the key.
-    doc = parse(`${text}${text === "" || text.endsWith("\n") ? "" : "\n"}operators:\n`, path).doc;
-  }
-  if (isMap(doc.get("operators"))) doc.setIn(["operators", name], role);
-  else doc.set("operators", doc.createNode({ [name]: role }));
-  await replaceFile(path, String(doc), mode);
+  // Read, edit and replace under one lock: two operators' commands at once lose nothing.
+  await withFileLock(path, async () => {
+    const { text, mode } = await readOrEmpty(path);
+    let { doc } = parse(text, path);
+    if (doc.contents === null || (isScalar(doc.contents) && doc.contents.value === null)) {
+      // Empty, or comments only: keep them, add the key.
+      doc = parse(`${text}${text === "" || text.endsWith("\n") ? "" : "\n"}operators:\n`, path)
+        .doc;
+    }
+    if (isMap(doc.get("operators"))) doc.setIn(["operators", name], role);
+    else doc.set("operators", doc.createNode({ [name]: role }));
+    await replaceFile(path, String(doc), mode);
+  }, { dirMode: 0o755 });
 }
 
 /** Removes `name` from the roles file. Returns false when it was not listed (or no file). */
 export async function removeOperatorRole(path: string, name: string): Promise<boolean> {
-  let text: string;
-  let mode: number | undefined;
   try {
-    text = await Deno.readTextFile(path);
-    const st = await Deno.stat(path);
-    mode = st.mode !== null ? st.mode & 0o777 : undefined;
+    await Deno.stat(path);
   } catch (err) {
     if (err instanceof Deno.errors.NotFound) return false;
     throw new ConfigError(path, undefined, undefined, `cannot read: ${(err as Error).message}`);
   }
-  const { doc, config } = parse(text, path);
-  if (!config.operators.has(name)) return false;
-  doc.deleteIn(["operators", name]);
-  await replaceFile(path, String(doc), mode);
-  return true;
+  return await withFileLock(path, async () => {
+    let text: string;
+    let mode: number | undefined;
+    try {
+      text = await Deno.readTextFile(path);
+      const st = await Deno.stat(path);
+      mode = st.mode !== null ? st.mode & 0o777 : undefined;
+    } catch (err) {
+      if (err instanceof Deno.errors.NotFound) return false;
+      throw new ConfigError(path, undefined, undefined, `cannot read: ${(err as Error).message}`);
+    }
+    const { doc, config } = parse(text, path);
+    if (!config.operators.has(name)) return false;
+    doc.deleteIn(["operators", name]);
+    await replaceFile(path, String(doc), mode);
+    return true;
+  }, { dirMode: 0o755 });
 }
 
 /** The roles of the file, for `operator list` (empty when there is no file). */

@@ -105,3 +105,33 @@ Deno.test("RolesFile: missing, then edited (no restart), invalid = nobody, fixed
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("roles file edits do not lose updates: remove bob and add carolN at once, 20 rounds", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-roles-race-" });
+  try {
+    const path = `${dir}/roles.yaml`;
+    await setOperatorRole(path, "admin", "operator");
+    const lost: string[] = [];
+    for (let i = 0; i < 20; i++) {
+      await setOperatorRole(path, "bob", "operator");
+      // Two operators' commands at the same moment: `operator remove bob`, `operator add carolN`.
+      await Promise.all([
+        removeOperatorRole(path, "bob"),
+        setOperatorRole(path, `carol${i}`, "viewer"),
+      ]);
+      const ops = (await readRolesFile(path)).operators;
+      if (ops.has("bob")) lost.push(`round ${i}: bob's removal was undone`);
+      for (let j = 0; j <= i; j++) {
+        if (!ops.has(`carol${j}`)) lost.push(`round ${i}: carol${j} is missing`);
+      }
+    }
+    assert.deepEqual(lost, [], "an edit of roles.yaml was lost");
+    // The control: the edits themselves work (sequentially they always did).
+    const ops = (await readRolesFile(path)).operators;
+    assert.equal(ops.get("admin"), "operator");
+    assert.equal(ops.get("carol19"), "viewer");
+    assert.equal(ops.size, 21);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
