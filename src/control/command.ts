@@ -12,7 +12,7 @@ import { formatDuration, parseDuration } from "../fleet/duration.ts";
 import { parseHostPort } from "../fleet/addresses.ts";
 import { DynsecAdmin } from "../mqtt/dynsec.ts";
 import { findSpireBinaries } from "../spire/binaries.ts";
-import { SpireServerCli } from "../spire/server.ts";
+import { spireAdminCli } from "../spire/server.ts";
 import {
   type ControlHostConfig,
   findControlConfig,
@@ -54,7 +54,7 @@ async function deps(args: Args, io: Io, dev: DevControlConfig): Promise<ControlD
   }
   return {
     config,
-    spire: new SpireServerCli(io.runner, bin, config.spireServer.adminSocket),
+    spire: await spireAdminCli(io.runner, bin, config.spireServer.adminSocket),
     broker: () => brokerAdmin(config),
   };
 }

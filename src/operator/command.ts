@@ -23,7 +23,7 @@ import {
 } from "../fleet/mod.ts";
 import type { ProcessRunner } from "../process/mod.ts";
 import { findSpireBinaries } from "../spire/binaries.ts";
-import { SpireServerCli } from "../spire/server.ts";
+import { spireAdminCli } from "../spire/server.ts";
 import { X509Bundle, X509BundleSet } from "../spiffe/bundle.ts";
 import { verifyX509SvidChain } from "../spiffe/verify.ts";
 import {
@@ -106,7 +106,7 @@ async function mintCredentials(
   try {
     await Deno.chmod(stage, 0o700);
     const spiffeId = operatorSpiffeId(ctl.trustDomain, name);
-    const cli = new SpireServerCli(ctl.runner, ctl.spireServerBin, ctl.spireSocket);
+    const cli = await spireAdminCli(ctl.runner, ctl.spireServerBin, ctl.spireSocket);
     const files = await cli.mintX509Files({ spiffeId, dnsNames: [], ttlSeconds, dir: stage });
     // SPIRE writes the certificates 0644: every file of the directory is 0600.
     await Deno.rename(files.certFile, join(stage, CERT_FILE));
@@ -206,7 +206,7 @@ export async function loginOperator(
   let ttl = opts.ttlSeconds;
   // What the SPIRE server trusts now: credentials of an older CA (a rotation, a new dev stack)
   // are renewed even when they have not expired.
-  const cli = new SpireServerCli(ctl.runner, ctl.spireServerBin, ctl.spireSocket);
+  const cli = await spireAdminCli(ctl.runner, ctl.spireServerBin, ctl.spireSocket);
   const current = X509Bundle.fromPem(ctl.trustDomain, await cli.bundlePem());
   try {
     const c = await loadCredentials(ctl.env, name, now);

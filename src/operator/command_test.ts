@@ -150,3 +150,23 @@ Deno.test("which operator: --operator, K8S4R_OPERATOR, admin, the only one; else
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("operator add: an admin socket in a directory someone else owns is refused; nothing minted", async () => {
+  if (Deno.uid() !== 0) throw new Error("chowns a directory to another user: run as root");
+  const dir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8s4r-op-" });
+  try {
+    const { runner, ctl } = control(dir);
+    await Deno.mkdir(`${dir}/spire`, { mode: 0o700 });
+    await Deno.chown(`${dir}/spire`, 65534, 65534);
+    await assert.rejects(
+      addOperator({ ...ctl, spireSocket: `${dir}/spire/api.sock` }, "mallory", "viewer", 3600),
+      /SPIRE server admin socket directory .*belongs to uid 65534/,
+    );
+    assert.deepEqual(runner.calls, [], "spire-server was asked through a squatted socket");
+    assert.equal((await readRolesFile(ctl.rolesFile)).operators.has("mallory"), false);
+    // The control: the same add through the test's own socket directory.
+    assert.equal((await addOperator(ctl, "mallory", "viewer", 3600)).meta.name, "mallory");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
