@@ -37,6 +37,7 @@ import {
 import { RolesFile } from "./roles.ts";
 import { svidTlsProvider } from "./svid_tls.ts";
 import { FINAL_STATES, isTaskState, TASK_STATES } from "./tasks.ts";
+import { readSecretFile } from "../fs/secret.ts";
 
 /** Log lines on stderr. A connection string's password never reaches one (`redactSecrets`). */
 function ioLogger(io: Io, secrets: () => (string | undefined)[] = () => []): Logger {
@@ -238,8 +239,8 @@ async function runServer(args: Args, io: Io): Promise<number> {
     try {
       if (!credFile && envUser && envPwFile) {
         username = envUser;
-        password = (await Deno.readTextFile(envPwFile)).replace(/\r?\n$/, "");
-        if (!password) throw new Error(`${envPwFile}: password file is empty`);
+        password = (await readSecretFile(envPwFile, "MQTT password file")).replace(/\r?\n$/, "");
+        if (!password) throw new Error(`${envPwFile}: MQTT password file is empty`);
       } else {
         const c = await loadMqttCredentials(credFile ?? layout.serverCredentialsFile);
         username = c.username;
@@ -354,7 +355,8 @@ K8S4R_DATABASE_PASSWORD, or PGPASSWORD.
 
 MQTT credentials for mqtt:// come from --mqtt-credentials FILE (JSON {"username","password"},
 mode 0600; default .dev-env/server-mqtt.json), or K8S4R_MQTT_USERNAME plus
-K8S4R_MQTT_PASSWORD_FILE. With mqtts:// the server logs in with its own SVID.
+K8S4R_MQTT_PASSWORD_FILE (mode 0600). Each secret file must be this user's (or root's) and
+readable by nobody else. With mqtts:// the server logs in with its own SVID.
 
 Its identity: the X.509 SVID spiffe://<td>/fleet-server from the control host's SPIRE agent
 (--socket-path), followed across rotations. It serves the HTTPS API (clients must present an

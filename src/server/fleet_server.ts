@@ -43,6 +43,7 @@ import type { Registry } from "./registry.ts";
 import type { PostgresConfig } from "./registry_postgres.ts";
 import type { RolesSource } from "./roles.ts";
 import { openRegistry } from "./storage.ts";
+import { readSecretFile } from "../fs/secret.ts";
 
 export const SERVER_CLIENT_ID = "k8s4r-server";
 export const SESSION_EXPIRY_SECONDS = 7 * 24 * 3600;
@@ -545,20 +546,12 @@ export async function loadMqttCredentials(
 ): Promise<{ username: string; password: string }> {
   let text: string;
   try {
-    text = await Deno.readTextFile(path);
+    text = await readSecretFile(path, "MQTT credentials file");
   } catch (err) {
-    if (err instanceof Deno.errors.NotFound) {
+    if ((err as Error).message === `${path}: MQTT credentials file not found`) {
       throw new Error(`${path}: MQTT credentials file not found (run 'k8s4r devenv start' first)`);
     }
-    throw new Error(`${path}: cannot read MQTT credentials: ${(err as Error).message}`);
-  }
-  const st = await Deno.stat(path);
-  if (st.mode !== null && (st.mode & 0o077) !== 0) {
-    throw new Error(
-      `${path}: MQTT credentials file must not be readable by others (mode ${
-        (st.mode & 0o777).toString(8)
-      }, expected 600)`,
-    );
+    throw err;
   }
   let v: unknown;
   try {
