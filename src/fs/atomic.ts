@@ -1,8 +1,10 @@
 /**
- * Writing a file so that nobody ever sees it half-written or with a wider mode than asked for:
- * a temp file in the same directory with the final mode, then a rename. For secrets (keys,
- * passwords: 0600) and for files other processes read while they change (certificates). The
- * one such helper: production code and devenv both use it.
+ * Writing a file so that nobody ever sees it half-written or with a wider mode than asked for,
+ * and a crash or power loss leaves the old file or the new one: a new temp file in the same
+ * directory (created exclusively, with the final mode), written and fsynced, renamed over the
+ * path, then the directory fsynced (the rename itself is durable). For secrets (keys,
+ * passwords: 0600) and for files other processes read while they change (certificates, the
+ * roles file). The one such helper: production code and devenv both use it.
  */
 import { basename, dirname, join } from "node:path";
 
@@ -12,16 +14,34 @@ export async function writeFileAtomic(
   mode: number,
   dirMode = 0o700,
 ): Promise<void> {
-  await Deno.mkdir(dirname(path), { recursive: true, mode: dirMode });
+  const dir = dirname(path);
+  await Deno.mkdir(dir, { recursive: true, mode: dirMode });
   const tmp = `${path}.tmp-${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
   try {
-    if (typeof data === "string") await Deno.writeTextFile(tmp, data, { mode });
-    else await Deno.writeFile(tmp, data, { mode });
-    await Deno.chmod(tmp, mode); // the umask may have narrowed it; never widened
+    const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
+    const f = await Deno.open(tmp, { write: true, createNew: true, mode });
+    try {
+      for (let off = 0; off < bytes.byteLength;) off += await f.write(bytes.subarray(off));
+      await Deno.chmod(tmp, mode); // the umask may have narrowed it; never widened
+      await f.sync();
+    } finally {
+      f.close();
+    }
     await Deno.rename(tmp, path);
   } catch (err) {
     await Deno.remove(tmp).catch(() => {});
     throw err;
+  }
+  await syncDir(dir);
+}
+
+/** fsync of a directory: what makes a rename or a new entry in it survive a power loss. */
+export async function syncDir(dir: string): Promise<void> {
+  const d = await Deno.open(dir, { read: true });
+  try {
+    await d.sync();
+  } finally {
+    d.close();
   }
 }
 
@@ -128,6 +148,7 @@ export async function writeFilePairAtomic(
     // Each path, in turn, becomes a link to the same content it had: consistent at every step.
     await linkAtomic(join(`.${nameA}.pair`, "current", nameA), a.path);
     await linkAtomic(join(`.${nameA}.pair`, "current", nameB), b.path);
+    await syncDir(dir);
   }
 
   const previous = await Deno.readLink(current).catch(() => undefined);
@@ -136,6 +157,7 @@ export async function writeFilePairAtomic(
     { name: nameB, data: b.data, mode: b.mode },
   ]);
   await linkAtomic(v, current); // the switch: both files at once
+  await syncDir(store);
   for await (const e of Deno.readDir(store)) {
     // The previous version stays until the next switch: a reader that resolved `current`
     // just before this one may still be opening its second file.

@@ -74,3 +74,43 @@ Deno.test("writeFilePairAtomic: the first write over two regular files never sho
     }
   });
 });
+
+Deno.test("writeFileAtomic: the new file is fsynced before the rename, and its directory after it", async () => {
+  await withDir(async (dir) => {
+    const path = join(dir, "sub", "f.json");
+    // A spy on the Deno calls the writer makes (the real ones run underneath): which file each
+    // sync() was for, and where the rename falls.
+    const events: string[] = [];
+    const open = Deno.open;
+    const rename = Deno.rename;
+    // deno-lint-ignore no-explicit-any
+    const D = Deno as any;
+    D.open = async (p: string | URL, o?: Deno.OpenOptions) => {
+      const f = await open(p, o);
+      const sync = f.sync.bind(f);
+      f.sync = async () => {
+        await sync();
+        events.push(`sync ${String(p).replace(/\.tmp-.*$/, ".tmp")}`);
+      };
+      return f;
+    };
+    D.rename = async (a: string | URL, b: string | URL) => {
+      await rename(a, b);
+      events.push(`rename ${String(a).replace(/\.tmp-.*$/, ".tmp")} -> ${b}`);
+    };
+    try {
+      await writeFileAtomic(path, '{"v":1}\n', 0o600);
+    } finally {
+      D.open = open;
+      D.rename = rename;
+    }
+    assert.deepEqual(events, [
+      `sync ${path}.tmp`,
+      `rename ${path}.tmp -> ${path}`,
+      `sync ${join(dir, "sub")}`,
+    ]);
+    // The control: the file is there, whole, with its mode.
+    assert.equal(await Deno.readTextFile(path), '{"v":1}\n');
+    assert.equal(Deno.statSync(path).mode! & 0o777, 0o600);
+  });
+});

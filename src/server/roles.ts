@@ -17,11 +17,11 @@
  * a restart. Errors name `file:line: key: what was expected`. `k8s4r operator add|remove` edit it
  * through the same YAML library (comments and order are kept) and replace it atomically.
  */
-import { dirname } from "node:path";
 import { isMap, isScalar, LineCounter, parseDocument, type Scalar, type YAMLMap } from "yaml";
 import type { Document, Node } from "yaml";
 import { ConfigError } from "../cli/errors.ts";
 import { isOperatorName } from "../fleet/ids.ts";
+import { writeFileAtomic } from "../fs/atomic.ts";
 import { withFileLock } from "../fs/lock.ts";
 
 export const ROLES = ["viewer", "operator"] as const;
@@ -235,29 +235,9 @@ async function readOrEmpty(path: string): Promise<{ text: string; mode?: number 
   }
 }
 
-let tmpCounter = 0;
-
-/** Replaces `path` atomically (temp file, fsync, rename), keeping `mode` (default 0644). */
-async function replaceFile(path: string, text: string, mode = 0o644): Promise<void> {
-  const dir = dirname(path);
-  await Deno.mkdir(dir, { recursive: true, mode: 0o755 });
-  const tmp = `${path}.tmp-${Deno.pid}-${++tmpCounter}`;
-  try {
-    const f = await Deno.open(tmp, { write: true, createNew: true, mode });
-    try {
-      const bytes = new TextEncoder().encode(text);
-      let off = 0;
-      while (off < bytes.byteLength) off += await f.write(bytes.subarray(off));
-      await f.sync();
-    } finally {
-      f.close();
-    }
-    await Deno.chmod(tmp, mode);
-    await Deno.rename(tmp, path);
-  } catch (err) {
-    await Deno.remove(tmp).catch(() => {});
-    throw err;
-  }
+/** Replaces `path` atomically (the project's writer: fsync, rename, fsync of the directory). */
+function replaceFile(path: string, text: string, mode = 0o644): Promise<void> {
+  return writeFileAtomic(path, text, mode, 0o755);
 }
 
 /**
