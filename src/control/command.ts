@@ -100,7 +100,7 @@ once everything else succeeded, and only after every SVID it got before its remo
 (robot remove records until when: the removal plus the longest SVID lifetime,
 spireServer.defaultX509SvidTtl or 1h, plus a minute): the broker tells an old SVID from a new one
 by nothing but the CN. Before then robot add refuses, unless --force.`,
-    positionals: [{ name: "ID", description: "The robot id (not k8s4r-*, not broker)" }],
+    positionals: [{ name: "ID", description: "The robot id (not k8s4r-*, broker or localhost)" }],
     flags: [
       {
         name: "attestation",

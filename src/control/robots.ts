@@ -86,7 +86,7 @@ export function checkRobotIdArg(id: string | undefined, cmd: string): string {
   }
   if (isReservedRobotId(id)) {
     throw new UsageError(
-      `robot ${cmd}: '${id}' is reserved (k8s4r-* and broker are the fleet's own names; a robot's id is its MQTT username)`,
+      `robot ${cmd}: '${id}' is reserved (k8s4r-*, broker and localhost are the fleet's own names; a robot's id is its MQTT username and client id)`,
     );
   }
   return id;

@@ -139,7 +139,8 @@ Deno.test("robot list: each state from SPIRE's entries and agents plus k8s4r's r
 });
 
 Deno.test("robot add/remove: reserved and malformed ids are usage errors", () => {
-  for (const id of ["k8s4r-server", "k8s4r-admin", "k8s4r-anything", "broker"]) {
+  // localhost: the CN of the fleet server's and the broker's own SVIDs (their -dns localhost).
+  for (const id of ["k8s4r-server", "k8s4r-admin", "k8s4r-anything", "broker", "localhost"]) {
     assert.throws(() => checkRobotIdArg(id, "add"), (e: Error & { exitCode?: number }) => {
       assert.equal(e.exitCode, 2);
       assert.match(e.message, /is reserved/);

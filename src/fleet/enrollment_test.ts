@@ -299,3 +299,8 @@ Deno.test("enrollment: the robot's record has no token and parses as a record", 
   );
   assert.throws(() => parseEnrollment(text, "f.json"), /enrolledAt: unknown key/);
 });
+
+Deno.test("enrollment: a robot id the fleet reserves (localhost, the CN of its own SVIDs) is refused", () => {
+  const text = edited(joinToken(), (o) => (o.robotId = "localhost"));
+  assert.throws(() => parseEnrollment(text, "e.json"), /robotId.*reserved/);
+});
