@@ -26,7 +26,7 @@ import {
   SERVER_CLIENT_ID,
 } from "./fleet_server.ts";
 import { parseHostPort } from "./http_api.ts";
-import { svidServerTls } from "./https.ts";
+import { DEFAULT_MAX_CONNECTIONS, svidServerTls } from "./https.ts";
 import {
   describePostgres,
   loadDatabasePassword,
@@ -190,6 +190,12 @@ async function runServer(args: Args, io: Io): Promise<number> {
   } catch (err) {
     throw new UsageError(errorMessage(err));
   }
+  const maxConnections = args.number("http-max-connections");
+  if (maxConnections !== undefined && (!Number.isInteger(maxConnections) || maxConnections < 1)) {
+    throw new UsageError(
+      `--http-max-connections: expected a positive integer, got ${maxConnections}`,
+    );
+  }
   const hb = args.number("heartbeat-interval");
   if (hb !== undefined && (!Number.isInteger(hb) || hb < 1)) {
     throw new UsageError(`--heartbeat-interval: expected a positive integer, got ${hb}`);
@@ -301,6 +307,7 @@ async function runServer(args: Args, io: Io): Promise<number> {
         trustDomain: svid.id.trustDomain.name,
         dnsNames: () => source.getX509Svid().dnsNames,
         interfaceAddresses: isWildcardHost(http.hostname) ? machineAddresses() : [],
+        maxConnections,
       },
       fleet: { heartbeatIntervalSeconds: hb, signer: serverSigner(source) },
       logger: log,
@@ -380,6 +387,13 @@ operator SVID; roles from --roles, re-read on change), and signs every task and 
       valueName: "HOST:PORT",
       description:
         "HTTPS API address (default 127.0.0.1:8090; anything but loopback prints a warning)",
+    },
+    {
+      name: "http-max-connections",
+      type: "number",
+      valueName: "N",
+      description:
+        `Open HTTPS connections at most; one more is closed at once (default ${DEFAULT_MAX_CONNECTIONS})`,
     },
     {
       name: "data-dir",

@@ -78,6 +78,8 @@ export interface HttpsOptions {
   dnsNames: () => readonly string[];
   /** Every address of this machine (allowed in Host when bound to all of them). */
   interfaceAddresses?: readonly string[];
+  /** Open connections at most (default DEFAULT_MAX_CONNECTIONS of https.ts). */
+  maxConnections?: number;
 }
 
 export interface FleetServerOptions {
@@ -366,6 +368,7 @@ export class FleetServer {
           port: h.port,
           tls: h.tls,
           urlHost: h.dnsNames()[0],
+          maxConnections: h.maxConnections,
         });
         port = http.addr.port;
       }

@@ -4,19 +4,21 @@
  * certificate and the trusted bundle follow rotation without a restart.
  */
 import assert from "node:assert/strict";
+import net from "node:net";
 import tls from "node:tls";
 import { TestCa } from "../spiffe/testing/test_ca.ts";
 import { FleetService, type Publisher } from "./fleet.ts";
 import { allowedHostNames } from "./auth.ts";
 import { createHandler } from "./http_api.ts";
-import { serveHttps, svidServerTls } from "./https.ts";
+import { DEFAULT_MAX_CONNECTIONS, serveHttps, svidServerTls } from "./https.ts";
+import { waitFor } from "../process/mod.ts";
 import { openSqliteFile } from "./registry_sqlite.ts";
 import { staticRoles } from "./roles.ts";
 import { TestHttps } from "./testing.ts";
 
 const pub: Publisher = { publish: () => Promise.resolve(), connected: () => true };
 
-async function serve(web: TestHttps) {
+async function serve(web: TestHttps, extra: { maxConnections?: number } = {}) {
   const registry = openSqliteFile(":memory:");
   const fleet = new FleetService(registry, pub);
   let port = 0;
@@ -40,6 +42,7 @@ async function serve(web: TestHttps) {
     port: 0,
     tls: svidServerTls(web.source),
     urlHost: "localhost",
+    ...extra,
   });
   port = api.addr.port;
   return {
@@ -157,6 +160,37 @@ Deno.test("HTTPS: a request with a foreign Host over TLS is refused (DNS rebindi
     assert.match(evil, /^HTTP\/1\.1 403/);
     assert.match(evil, /"code": "bad-host"/);
   } finally {
+    await s.close();
+  }
+});
+
+Deno.test("HTTPS: connections are capped (idle TCP connections cannot exhaust the server); below the cap it serves (control)", async () => {
+  assert.equal(DEFAULT_MAX_CONNECTIONS, 512);
+  const web = new TestHttps();
+  const s = await serve(web, { maxConnections: 3 });
+  const idle: net.Socket[] = [];
+  try {
+    const closed = new Set<number>();
+    // Connections that never even start TLS (a slow or hostile client), up to the cap and one more.
+    for (let i = 0; i < 4; i++) {
+      const c = net.connect(s.api.addr.port, "127.0.0.1");
+      c.on("error", () => {});
+      c.on("close", () => closed.add(i));
+      await new Promise((r) => c.once("connect", r));
+      idle.push(c);
+    }
+    await waitFor(() => closed.size > 0, {
+      timeoutMs: 5000,
+      intervalMs: 10,
+      what: "the server to close the connection over its cap",
+    });
+    assert.deepEqual([...closed], [3], "not the one over the cap was closed");
+    // The control: once one of them goes, a real request gets through.
+    idle[0].destroy();
+    await waitFor(() => closed.has(0), { timeoutMs: 5000, intervalMs: 10, what: "close" });
+    assert.equal((await web.json(`${s.api.url}/healthz`, {}, null)).status, 200);
+  } finally {
+    for (const c of idle) c.destroy();
     await s.close();
   }
 });
