@@ -178,7 +178,10 @@ Deno.test({
           const admin = `${dir}/xdg/k8s4r/operators/admin`;
           assert.equal((await Deno.stat(admin)).mode! & 0o777, 0o700);
           assert.equal((await Deno.stat(`${admin}/key.pem`)).mode! & 0o777, 0o600);
-          assert.match(await Deno.readTextFile(`${dir}/.dev-env/roles.yaml`), /admin: operator/);
+          assert.match(
+            await Deno.readTextFile(`${dir}/.dev-env/roles.yaml`),
+            /admin:\n\s+role: operator\n\s+issuedAfter: /,
+          );
           assert.match(r.stdout, /server: started .*https:\/\/localhost:\d+/);
           const tok = await Deno.stat(`${dir}/.dev-env/tokens/robot-001.token`);
           assert.equal(tok.mode! & 0o777, 0o600);

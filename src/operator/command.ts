@@ -32,6 +32,7 @@ import {
   removeOperatorRole,
   type Role,
   ROLES,
+  setOperatorIssuedAfter,
   setOperatorRole,
 } from "../server/roles.ts";
 import {
@@ -178,7 +179,8 @@ export async function addOperator(
   await readRolesFile(ctl.rolesFile);
   const meta = await mintCredentials(ctl, name, role, ttlSeconds);
   try {
-    await setOperatorRole(ctl.rolesFile, name, role);
+    // Certificates of `name` issued before this one are refused from now on (revoked).
+    await setOperatorRole(ctl.rolesFile, name, role, { issuedAfter: new Date(meta.issuedAt) });
   } catch (err) {
     await Deno.remove(paths.dir, { recursive: true }).catch(() => {});
     throw err;
@@ -242,6 +244,8 @@ export async function loginOperator(
     }
   }
   const meta = await mintCredentials(ctl, name, role, ttl ?? DEFAULT_OPERATOR_TTL_SECONDS);
+  // The older certificates of `name` stop working (a leaked one too): only this one and later.
+  await setOperatorIssuedAfter(ctl.rolesFile, name, new Date(meta.issuedAt));
   return { renewed: true, meta, role, why };
 }
 
@@ -439,7 +443,12 @@ const loginCommand: CommandSpec = {
       valueName: "DUR",
       description: "New lifetime (default: as before)",
     },
-    { name: "force", type: "boolean", description: "Renew even if still valid" },
+    {
+      name: "force",
+      type: "boolean",
+      description:
+        "Renew even if still valid (older certificates of the operator are refused from then on)",
+    },
     ...CONTROL_FLAGS,
   ],
   async run(args, io) {

@@ -77,6 +77,10 @@ Deno.test("operator add/login/remove: argv carries no key, files 0600, roles edi
     assert.equal((await readRolesFile(ctl.rolesFile)).operators.get("alice"), "viewer");
     const c = await loadCredentials(env, "alice");
     assert.equal(c.expired, false);
+    // The roles file revokes every older certificate of alice: issuedAfter = this one's notBefore.
+    const issuedAfter = async () =>
+      (await readRolesFile(ctl.rolesFile)).issuedAfter.get("alice")?.toISOString();
+    assert.equal(await issuedAfter(), c.svid.notBefore.toISOString());
     // A valid certificate is left alone; one with less than a third of its life is renewed.
     const same = await loginOperator(ctl, "alice");
     assert.equal(same.renewed, false);
@@ -85,6 +89,10 @@ Deno.test("operator add/login/remove: argv carries no key, files 0600, roles edi
     });
     assert.equal(late.renewed, true);
     assert.match(late.why, /less than a third of its lifetime left/);
+    // A renewal moves issuedAfter to the new certificate (the old one is refused from now on);
+    // a login that renews nothing leaves it.
+    assert.equal(await issuedAfter(), late.meta.issuedAt);
+    assert.equal((await readRolesFile(ctl.rolesFile)).operators.get("alice"), "viewer");
     // A new SPIRE CA (a rotation, a cleaned dev stack): valid but stale credentials renewed.
     spire.ca = TestCa.create({ trustDomain: TD });
     const moved = await loginOperator(ctl, "alice");

@@ -34,6 +34,7 @@ export type RefusalCode =
   | "no-role"
   | "forbidden"
   | "roles-unavailable"
+  | "superseded-certificate"
   | "unsupported-media-type";
 
 export interface Refusal {
@@ -71,7 +72,14 @@ const refuse = (status: number, code: RefusalCode, error: string): Refusal => ({
  * ECDSA verification costs ~0.44 ms in Deno 2.9; a keep-alive client pays it once.
  */
 export interface VerifiedConnection {
-  verified?: { bundle: unknown; spiffeId: string; from: number; until: number };
+  verified?: {
+    bundle: unknown;
+    spiffeId: string;
+    from: number;
+    until: number;
+    /** The leaf's notBefore (ms). */
+    issuedAt: number;
+  };
 }
 
 /** Who the client certificate says the caller is, verified against the bundle. */
@@ -79,7 +87,9 @@ export function identify(
   chain: X509Certificate[] | undefined,
   policy: AuthPolicy,
   conn?: VerifiedConnection,
-): { ok: true; spiffeId: string; operator: string } | { ok: false; refusal: Refusal } {
+):
+  | { ok: true; spiffeId: string; operator: string; issuedAt: Date }
+  | { ok: false; refusal: Refusal } {
   if (!chain || chain.length === 0) {
     return {
       ok: false,
@@ -91,6 +101,7 @@ export function identify(
     };
   }
   let spiffeId: string;
+  let issuedAt: number;
   const now = policy.now?.() ?? new Date();
   const td = policy.trustDomain;
   const bundle = policy.bundles.getX509BundleForTrustDomain(td);
@@ -98,16 +109,19 @@ export function identify(
   try {
     if (v && v.bundle === bundle && now.getTime() >= v.from && now.getTime() <= v.until) {
       spiffeId = v.spiffeId;
+      issuedAt = v.issuedAt;
     } else {
       const r = verifyX509SvidChain(chain, policy.bundles, now);
       spiffeId = r.id.toString();
+      const infos = r.chain.map((c) => certInfo(c));
+      issuedAt = infos[0].notBefore.getTime();
       if (conn && r.id.trustDomain.name === td) {
-        const infos = r.chain.map((c) => certInfo(c));
         conn.verified = {
           bundle,
           spiffeId,
           from: Math.max(...infos.map((i) => i.notBefore.getTime())),
           until: Math.min(...infos.map((i) => i.notAfter.getTime())),
+          issuedAt,
         };
       }
     }
@@ -132,7 +146,7 @@ export function identify(
       ),
     };
   }
-  return { ok: true, spiffeId, operator };
+  return { ok: true, spiffeId, operator, issuedAt: new Date(issuedAt) };
 }
 
 const WHAT: Record<Permission, string> = {
@@ -140,9 +154,12 @@ const WHAT: Record<Permission, string> = {
   write: "creating and cancelling tasks",
 };
 
-/** The operator's role, if it grants `perm`. Deny by default. */
+/**
+ * The operator's role, if it grants `perm`, for a certificate not older than the operator's
+ * `issuedAfter` (its last `operator add|login`). Deny by default.
+ */
 export function authorize(
-  who: { spiffeId: string; operator: string },
+  who: { spiffeId: string; operator: string; issuedAt?: Date },
   perm: Permission,
   roles: RolesSource,
 ): { ok: true; caller: Caller } | { ok: false; refusal: Refusal } {
@@ -167,6 +184,19 @@ export function authorize(
         `operator ${who.operator} has no role on this server (${state.config.file}${
           state.missing ? " does not exist" : ""
         })`,
+      ),
+    };
+  }
+  const after = state.config.issuedAfter?.get(who.operator);
+  if (after && (who.issuedAt === undefined || who.issuedAt.getTime() < after.getTime())) {
+    return {
+      ok: false,
+      refusal: refuse(
+        403,
+        "superseded-certificate",
+        `operator ${who.operator}'s certificate was issued at ${
+          who.issuedAt?.toISOString() ?? "an unknown time"
+        }, before ${after.toISOString()} (issuedAfter in ${state.config.file}): use the credentials of the last 'k8s4r operator add|login ${who.operator}'`,
       ),
     };
   }

@@ -310,6 +310,7 @@ export function createHandler(
     "bad-origin": 0,
     "no-certificate": 0,
     "untrusted-certificate": 0,
+    "superseded-certificate": 0,
     "not-an-operator": 0,
     "no-role": 0,
     "forbidden": 0,

@@ -13,12 +13,15 @@ import { createHandler } from "./http_api.ts";
 import { DEFAULT_MAX_CONNECTIONS, serveHttps, svidServerTls } from "./https.ts";
 import { waitFor } from "../process/mod.ts";
 import { openSqliteFile } from "./registry_sqlite.ts";
-import { staticRoles } from "./roles.ts";
+import { RolesFile, type RolesSource, setOperatorRole, staticRoles } from "./roles.ts";
 import { TestHttps } from "./testing.ts";
 
 const pub: Publisher = { publish: () => Promise.resolve(), connected: () => true };
 
-async function serve(web: TestHttps, extra: { maxConnections?: number } = {}) {
+async function serve(
+  web: TestHttps,
+  extra: { maxConnections?: number; roles?: RolesSource } = {},
+) {
   const registry = openSqliteFile(":memory:");
   const fleet = new FleetService(registry, pub);
   let port = 0;
@@ -28,7 +31,7 @@ async function serve(web: TestHttps, extra: { maxConnections?: number } = {}) {
     auth: {
       trustDomain: web.trustDomain,
       bundles: web.source,
-      roles: staticRoles({ admin: "operator" }),
+      roles: extra.roles ?? staticRoles({ admin: "operator" }),
     },
     hosts: {
       get port() {
@@ -42,7 +45,7 @@ async function serve(web: TestHttps, extra: { maxConnections?: number } = {}) {
     port: 0,
     tls: svidServerTls(web.source),
     urlHost: "localhost",
-    ...extra,
+    maxConnections: extra.maxConnections,
   });
   port = api.addr.port;
   return {
@@ -192,5 +195,45 @@ Deno.test("HTTPS: connections are capped (idle TCP connections cannot exhaust th
   } finally {
     for (const c of idle) c.destroy();
     await s.close();
+  }
+});
+
+Deno.test("HTTPS: an operator's certificate issued before the one of its last add/login (issuedAfter) is refused (403); the new one works", async () => {
+  const web = new TestHttps();
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-issued-after-" });
+  const rolesFile = `${dir}/roles.yaml`;
+  const s = await serve(web, { roles: new RolesFile(rolesFile) });
+  try {
+    const now = Date.now();
+    const old = web.ca.issue({
+      spiffeId: `spiffe://${web.trustDomain}/operator/alice`,
+      notBefore: new Date(now - 3_600_000),
+      notAfter: new Date(now + 3_600_000),
+    });
+    await setOperatorRole(rolesFile, "alice", "viewer");
+    // The control: without an issuedAfter, the old certificate is alice's.
+    assert.equal((await web.json(`${s.api.url}/api/robots`, {}, old)).status, 200);
+    // `operator login alice` re-issued her SVID (say, the old key leaked): from now on only
+    // certificates issued at or after the new one's notBefore are hers.
+    const fresh = web.ca.issue({
+      spiffeId: `spiffe://${web.trustDomain}/operator/alice`,
+      notBefore: new Date(now - 1000),
+      notAfter: new Date(now + 3_600_000),
+    });
+    await setOperatorRole(rolesFile, "alice", "viewer", {
+      issuedAfter: new Date(fresh.certificate.validFromDate),
+    });
+    assert.match(await Deno.readTextFile(rolesFile), /alice:\n\s+role: viewer\n\s+issuedAfter: /);
+    const refused = await web.json(`${s.api.url}/api/robots`, {}, old);
+    assert.equal(refused.status, 403);
+    assert.equal(refused.body.code, "superseded-certificate");
+    assert.match(
+      refused.body.error,
+      /alice's certificate was issued at .*, before .*: use the credentials of the last 'k8s4r operator add\|login alice'/,
+    );
+    assert.equal((await web.json(`${s.api.url}/api/robots`, {}, fresh)).status, 200);
+  } finally {
+    await s.close();
+    await Deno.remove(dir, { recursive: true });
   }
 });

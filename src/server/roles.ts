@@ -6,7 +6,15 @@
  *   # viewer: read robots and tasks. operator: also create and cancel tasks.
  *   operators:
  *     admin: operator
- *     alice: viewer
+ *     alice:
+ *       role: viewer
+ *       issuedAfter: 2026-12-01T10:00:00.000Z
+ *
+ * `issuedAfter` (written by `k8s4r operator add|login`: the notBefore of the certificate they
+ * minted) is how an operator's older certificates are revoked: a certificate of alice issued
+ * before it is refused (403 `superseded-certificate`), although it chains to the bundle and
+ * has not expired. (Certificates carry whole seconds: one minted in the same second as the
+ * new one is not told apart.)
  *
  * Keys are operator names: the caller `spiffe://<td>/operator/<name>` has the role listed under
  * its name. An operator that is not listed, any other SPIFFE ID (a robot, the broker), and
@@ -25,6 +33,8 @@ import { writeFileAtomic } from "../fs/atomic.ts";
 import { withFileLock } from "../fs/lock.ts";
 
 export const ROLES = ["viewer", "operator"] as const;
+
+const RFC3339 = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$/;
 export type Role = typeof ROLES[number];
 
 /** What a request needs: `read` (GET, HEAD) or `write` (create, cancel). */
@@ -53,6 +63,8 @@ export const ROLES_FILE_HEADER =
 export interface RolesConfig {
   file: string;
   operators: Map<string, Role>;
+  /** Certificates of an operator issued (notBefore) before this are refused. */
+  issuedAfter: Map<string, Date>;
 }
 
 function describeNode(node: unknown): string {
@@ -78,7 +90,8 @@ function parse(text: string, file: string): { doc: Document; config: RolesConfig
     throw new ConfigError(file, line, undefined, `invalid YAML: ${e.message.split("\n")[0]}`);
   }
   const operators = new Map<string, Role>();
-  const config = { file, operators };
+  const issuedAfter = new Map<string, Date>();
+  const config = { file, operators, issuedAfter };
   const root = doc.contents;
   if (root === null || (isScalar(root) && root.value === null)) return { doc, config };
   if (!isMap(root)) {
@@ -119,7 +132,41 @@ function parse(text: string, file: string): { doc: Document; config: RolesConfig
           "expected an operator name matching [a-z0-9][a-z0-9._-]{0,62}",
         );
       }
-      const v = item.value as Node | null;
+      let v = item.value as Node | null;
+      if (isMap(v)) {
+        // The long form: { role, issuedAfter }.
+        let roleNode: Node | null = null;
+        for (const f of (v as YAMLMap<unknown, unknown>).items) {
+          const fk = f.key as Scalar | null;
+          const field = String(isScalar(fk) ? fk.value : fk);
+          const fv = f.value as Node | null;
+          if (field === "role") roleNode = fv;
+          else if (field === "issuedAfter") {
+            const t = isScalar(fv) ? fv.value : undefined;
+            const ms = typeof t === "string" && RFC3339.test(t) ? Date.parse(t) : NaN;
+            if (!Number.isFinite(ms)) {
+              throw new ConfigError(
+                file,
+                lineOf(fv) ?? lineOf(fk),
+                `operators.${name}.issuedAfter`,
+                `expected an RFC 3339 time like 2026-12-01T10:00:00Z, got ${describeNode(fv)}`,
+              );
+            }
+            issuedAfter.set(name, new Date(ms));
+          } else {
+            throw new ConfigError(
+              file,
+              lineOf(fk),
+              `operators.${name}.${field}`,
+              "unknown key; expected role, issuedAfter",
+            );
+          }
+        }
+        if (roleNode === null) {
+          throw new ConfigError(file, lineOf(v) ?? line, `operators.${name}.role`, "missing");
+        }
+        v = roleNode;
+      }
       const role = isScalar(v) ? v.value : undefined;
       if (!isRole(role)) {
         throw new ConfigError(
@@ -152,7 +199,11 @@ export interface RolesSource {
 
 /** A fixed set of roles (tests, and `--roles` of nothing). */
 export function staticRoles(entries: Record<string, Role>): RolesSource {
-  const config: RolesConfig = { file: "<static>", operators: new Map(Object.entries(entries)) };
+  const config: RolesConfig = {
+    file: "<static>",
+    operators: new Map(Object.entries(entries)),
+    issuedAfter: new Map(),
+  };
   return { current: () => ({ ok: true, config, missing: false }) };
 }
 
@@ -188,7 +239,7 @@ export class RolesFile implements RolesSource {
     if (stamp === "missing") {
       return this.set(stamp, {
         ok: true,
-        config: { file: this.path, operators: new Map() },
+        config: { file: this.path, operators: new Map(), issuedAfter: new Map() },
         missing: true,
       });
     }
@@ -241,23 +292,55 @@ function replaceFile(path: string, text: string, mode = 0o644): Promise<void> {
 }
 
 /**
- * Sets `name`'s role in the roles file (creating it with a header when missing). A file that
- * does not parse is left alone: the ConfigError says where it is broken.
+ * Sets `name`'s role in the roles file (creating it with a header when missing), and with
+ * `issuedAfter` the time before which its certificates are refused (an existing one is kept
+ * when none is given). A file that does not parse is left alone: the ConfigError says where it
+ * is broken.
  */
-export async function setOperatorRole(path: string, name: string, role: Role): Promise<void> {
+export async function setOperatorRole(
+  path: string,
+  name: string,
+  role: Role,
+  opts: { issuedAfter?: Date } = {},
+): Promise<void> {
   if (!isOperatorName(name)) throw new Error(`invalid operator name ${JSON.stringify(name)}`);
   // Read, edit and replace under one lock: two operators' commands at once lose nothing.
   await withFileLock(path, async () => {
     const { text, mode } = await readOrEmpty(path);
-    let { doc } = parse(text, path);
+    let { doc, config } = parse(text, path);
     if (doc.contents === null || (isScalar(doc.contents) && doc.contents.value === null)) {
       // Empty, or comments only: keep them, add the key.
       doc = parse(`${text}${text === "" || text.endsWith("\n") ? "" : "\n"}operators:\n`, path)
         .doc;
     }
-    if (isMap(doc.get("operators"))) doc.setIn(["operators", name], role);
-    else doc.set("operators", doc.createNode({ [name]: role }));
+    const after = opts.issuedAfter ?? config.issuedAfter.get(name);
+    const value = after ? { role, issuedAfter: after.toISOString() } : role;
+    if (isMap(doc.get("operators"))) doc.setIn(["operators", name], doc.createNode(value));
+    else doc.set("operators", doc.createNode({ [name]: value }));
     await replaceFile(path, String(doc), mode);
+  }, { dirMode: 0o755 });
+}
+
+/**
+ * Sets the time before which `name`'s certificates are refused (`operator login` after it
+ * minted a new one), keeping its role. Returns false when it is not listed (or no file).
+ */
+export async function setOperatorIssuedAfter(
+  path: string,
+  name: string,
+  issuedAfter: Date,
+): Promise<boolean> {
+  return await withFileLock(path, async () => {
+    const { text, mode } = await readOrEmpty(path);
+    const { doc, config } = parse(text, path);
+    const role = config.operators.get(name);
+    if (!role) return false;
+    doc.setIn(
+      ["operators", name],
+      doc.createNode({ role, issuedAfter: issuedAfter.toISOString() }),
+    );
+    await replaceFile(path, String(doc), mode);
+    return true;
   }, { dirMode: 0o755 });
 }
 
@@ -293,7 +376,9 @@ export async function readRolesFile(path: string): Promise<RolesConfig> {
   try {
     return parseRolesYaml(await Deno.readTextFile(path), path);
   } catch (err) {
-    if (err instanceof Deno.errors.NotFound) return { file: path, operators: new Map() };
+    if (err instanceof Deno.errors.NotFound) {
+      return { file: path, operators: new Map(), issuedAfter: new Map() };
+    }
     if (err instanceof ConfigError) throw err;
     throw new ConfigError(path, undefined, undefined, `cannot read: ${(err as Error).message}`);
   }

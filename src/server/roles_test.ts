@@ -21,7 +21,27 @@ Deno.test("roles YAML: valid files, and errors that name file:line: key", () => 
   assert.deepEqual([...ok.operators], [["admin", "operator"], ["alice", "viewer"]]);
   assert.equal(parseRolesYaml("", "r.yaml").operators.size, 0);
   assert.equal(parseRolesYaml("operators:\n", "r.yaml").operators.size, 0);
+  // The long form, with the time before which the operator's certificates are refused.
+  const long = parseRolesYaml(
+    "operators:\n  alice:\n    role: viewer\n    issuedAfter: 2026-12-01T10:00:00.000Z\n",
+    "r.yaml",
+  );
+  assert.equal(long.operators.get("alice"), "viewer");
+  assert.equal(long.issuedAfter.get("alice")?.toISOString(), "2026-12-01T10:00:00.000Z");
+  assert.equal(ok.issuedAfter.size, 0);
   const cases: [string, string][] = [
+    [
+      "operators:\n  alice:\n    role: viewer\n    issuedAfter: yesterday\n",
+      'r.yaml:4: operators.alice.issuedAfter: expected an RFC 3339 time like 2026-12-01T10:00:00Z, got "yesterday"',
+    ],
+    [
+      "operators:\n  alice:\n    issuedAfter: 2026-12-01T10:00:00Z\n",
+      "r.yaml:3: operators.alice.role: missing",
+    ],
+    [
+      "operators:\n  alice:\n    role: viewer\n    until: 2026-12-01T10:00:00Z\n",
+      "r.yaml:4: operators.alice.until: unknown key; expected role, issuedAfter",
+    ],
     [
       "operators:\n  admin: root\n",
       'r.yaml:2: operators.admin: expected a role, one of viewer, operator, got "root"',
