@@ -9,18 +9,29 @@
  * 3. burst: every robot publishes QoS 1 back to back; server ingest rate vs a bare
  *    `mosquitto_sub` on the same topics in the same run;
  * 4. tasks: M tasks over the fleet (heartbeats continue); the simulated robots answer `done` at
- *    once; round trip = the server's createdAt -> finishedAt of each task.
+ *    once; round trip = the server's createdAt -> finishedAt of each task. In 3 alternating
+ *    rounds (1 with --quick): the unsigned baseline (bench/unsigned_server.ts, the simulator
+ *    decoding plain JSON), then the real server signing every task and the simulator verifying
+ *    each with checkDown.
  */
 import { join } from "node:path";
 import { bufferIo } from "../src/cli/io.ts";
 import { brokerSpiffeId, robotSpiffeId } from "../src/fleet/mod.ts";
-import { readPidFile, realRunner, waitFor } from "../src/process/mod.ts";
+import { readPidFile, realRunner, stopPidFile, waitFor } from "../src/process/mod.ts";
+import { serverArgs } from "../src/devenv/components.ts";
 import { findSpireBinaries } from "../src/spire/binaries.ts";
 import { SpireServerCli } from "../src/spire/server.ts";
 import { X509Source } from "../src/spiffe/workload/x509_source.ts";
 import { createEntriesBatch, type SimEntry, SimFleet, startSimNode } from "../src/sim/mod.ts";
 import { type BenchResult, figure } from "./report.ts";
-import { type BenchOptions, BenchStack, Cleanup, ProcSampler, spawnSubscriber } from "./lib.ts";
+import {
+  type BenchOptions,
+  BenchStack,
+  Cleanup,
+  ProcSampler,
+  REPO,
+  spawnSubscriber,
+} from "./lib.ts";
 import { percentile, round } from "./stats.ts";
 
 interface Sample {
@@ -385,99 +396,207 @@ export async function benchFleet(opts: BenchOptions, result: BenchResult): Promi
     }
     details.bursts = burstRuns;
 
-    // 4. Tasks, with 1/s heartbeats going on.
-    fleet.startHeartbeats(1000);
-    const robotsUp = fleet.robots.map((r) => r.id);
-    const posted: { id: string; robot: string; t: number }[] = [];
-    const postErrors: string[] = [];
-    const tTasks = performance.now();
-    const inflight = new Set<Promise<void>>();
+    // 4. Tasks, with 1/s heartbeats going on, on both paths in the same run: the path before
+    // signing (bench/unsigned_server.ts in place of the dev stack's server, the simulator decoding
+    // plain JSON), and the real server, which signs every task with its SVID, the simulator
+    // verifying each with checkDown (chain, signer, robot, expiry, window) with one chain cache
+    // per robot, as in one agent process. In each round the baseline goes first: the signed phase
+    // then runs on the larger registry, so any bias is against signing.
     const client = await stack.client();
-    for (let i = 0; i < tasksN; i++) {
-      const due = tTasks + (i * 1000) / taskRate;
-      const wait = due - performance.now();
-      if (wait > 0) await new Promise((r) => setTimeout(r, wait));
-      const robot = robotsUp[i % robotsUp.length];
-      const t = performance.now();
-      const p = fetch(`${stack.api}/api/robots/${robot}/tasks`, {
-        method: "POST",
-        headers: { "content-type": "application/json" },
-        body: JSON.stringify({ command: ["true"], timeoutSeconds: 30 }),
-        client,
-      }).then(async (r) => {
-        const body = await r.json();
-        if (r.status !== 201) postErrors.push(`${r.status} ${JSON.stringify(body)}`);
-        else posted.push({ id: body.id, robot, t });
-      }).catch((err) => void postErrors.push((err as Error).message));
-      inflight.add(p);
-      p.finally(() => inflight.delete(p));
-    }
-    await Promise.all([...inflight]);
-    await waitFor(() => posted.every((p) => taskDone.has(p.id)), {
-      timeoutMs: 60_000,
-      intervalMs: 200,
-      what: "every task answered",
-    }).catch(() => {});
-    await waitFor(async () => ((await stack.serverStats())?.tasks.done ?? 0) >= posted.length, {
-      timeoutMs: 30_000,
-      intervalMs: 200,
-      what: "every task done at the server",
-    }).catch(() => {});
-    fleet.stopHeartbeats();
-    const rtt: number[] = [];
-    const delivery: number[] = [];
-    const notDone: string[] = [];
-    const q = [...posted];
-    await Promise.all(Array.from({ length: 10 }, async () => {
-      while (q.length) {
-        const p = q.shift()!;
-        const r = await fetch(`${stack.api}/api/tasks/${p.id}`, { client });
-        const t = await r.json() as {
-          state: string;
-          createdAt: string;
-          finishedAt?: string | null;
-        };
-        if (t.state === "done" && t.finishedAt) {
-          rtt.push(Date.parse(t.finishedAt) - Date.parse(t.createdAt));
-        } else notDone.push(`${p.id}: ${t.state}`);
-        const seen = taskSeen.get(p.id);
-        if (seen !== undefined) delivery.push(seen - p.t);
+    const robotsUp = fleet.robots.map((r) => r.id);
+    const taskPhase = async (label: string) => {
+      taskSeen.clear();
+      taskDone.clear();
+      const refusedBefore = fleet.stats.refused;
+      const serverPid = readPidFile(stack.files.serverPid)?.pid;
+      if (!serverPid) throw new Error(`${label}: no server pid`);
+      const sampler = new ProcSampler({ server: serverPid, simulator: Deno.pid });
+      await sampler.start();
+      fleet.startHeartbeats(1000);
+      const posted: { id: string; robot: string; t: number }[] = [];
+      const postErrors: string[] = [];
+      const tTasks = performance.now();
+      const inflight = new Set<Promise<void>>();
+      for (let i = 0; i < tasksN; i++) {
+        const due = tTasks + (i * 1000) / taskRate;
+        const wait = due - performance.now();
+        if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+        const robot = robotsUp[i % robotsUp.length];
+        const t = performance.now();
+        const p = fetch(`${stack.api}/api/robots/${robot}/tasks`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ command: ["true"], timeoutSeconds: 30 }),
+          client,
+        }).then(async (r) => {
+          const body = await r.json();
+          if (r.status !== 201) postErrors.push(`${r.status} ${JSON.stringify(body)}`);
+          else posted.push({ id: body.id, robot, t });
+        }).catch((err) => void postErrors.push((err as Error).message));
+        inflight.add(p);
+        p.finally(() => inflight.delete(p));
       }
-    }));
-    if (rtt.length) {
+      await Promise.all([...inflight]);
+      await waitFor(() => posted.every((p) => taskDone.has(p.id)), {
+        timeoutMs: 60_000,
+        intervalMs: 200,
+        what: "every task answered",
+      }).catch(() => {});
+      const proc = await sampler.stop();
+      fleet.stopHeartbeats();
+      const rtt: number[] = [];
+      const delivery: number[] = [];
+      const notDone: string[] = [];
+      const q = [...posted];
+      await Promise.all(Array.from({ length: 10 }, async () => {
+        while (q.length) {
+          const p = q.shift()!;
+          const r = await fetch(`${stack.api}/api/tasks/${p.id}`, { client });
+          const t = await r.json() as {
+            state: string;
+            createdAt: string;
+            finishedAt?: string | null;
+          };
+          if (t.state === "done" && t.finishedAt) {
+            rtt.push(Date.parse(t.finishedAt) - Date.parse(t.createdAt));
+          } else notDone.push(`${p.id}: ${t.state}`);
+          const seen = taskSeen.get(p.id);
+          if (seen !== undefined) delivery.push(seen - p.t);
+        }
+      }));
+      const refused = fleet.stats.refused - refusedBefore;
+      notes.push(
+        `Tasks (${label}): ${posted.length} posted (${postErrors.length} POST errors${
+          postErrors[0] ? `, e.g. ${postErrors[0]}` : ""
+        }), ${rtt.length} done, ${notDone.length} not done${
+          notDone[0] ? ` (e.g. ${notDone[0]})` : ""
+        }, ${refused} refused by the simulated robots${
+          refused && fleet.stats.lastRefusal ? ` (e.g. ${fleet.stats.lastRefusal})` : ""
+        }; server CPU ${round(proc.server.cpuPct)}%, simulator ${
+          round(proc.simulator.cpuPct)
+        }% over the phase.`,
+      );
+      return { rtt, delivery, posted: posted.length, postErrors, notDone, refused, proc };
+    };
+
+    // The two paths alternate, round by round (the dev stack's signing server swapped for the
+    // baseline and back, same registry, same port), so that drift in the machine's load (other
+    // processes on its 2 cores) falls on both alike.
+    const rounds = quick ? 1 : 3;
+    type Phase = Awaited<ReturnType<typeof taskPhase>>;
+    const phases: Record<"unsigned" | "signed", Phase[]> = { unsigned: [], signed: [] };
+    const serverUp = () =>
+      waitFor(async () => (await stack.serverStats())?.mqtt.connected === true, {
+        timeoutMs: 30_000,
+        what: "the server subscribed",
+      });
+    for (let round = 1; round <= rounds; round++) {
+      // The baseline: the same server code without a signer (bench/unsigned_server.ts).
+      log(`fleet: tasks round ${round}/${rounds}: unsigned baseline (bench/unsigned_server.ts)`);
+      await stopPidFile(stack.files.serverPid, 15_000);
+      const baseline = await realRunner.spawn({
+        name: "unsigned baseline server",
+        cmd: Deno.execPath(),
+        args: [
+          "run",
+          "-A",
+          join(REPO, "bench", "unsigned_server.ts"),
+          ...serverArgs(stack.layout, stack.files),
+        ],
+        cwd: stack.dir,
+        env: stack.env,
+        logFile: stack.files.serverLog,
+        pidFile: stack.files.serverPid,
+        detached: true,
+        ready: async () => (await stack.serverStats())?.mqtt.connected === true,
+        readyTimeoutMs: 60_000,
+        readyIntervalMs: 100,
+      });
+      if (round === 1) {
+        cleanup.add("unsigned baseline server", () => stopPidFile(stack.files.serverPid, 15_000));
+      }
+      fleet.unsignedBaseline = true;
+      phases.unsigned.push(await taskPhase(`unsigned baseline, round ${round}/${rounds}`));
+      fleet.unsignedBaseline = false;
+      await stopPidFile(stack.files.serverPid, 15_000);
+      log(`fleet: baseline server (pid ${baseline.pid}) stopped`);
+      // The real server again (devenv restarts what is down): it signs every task.
+      log(
+        `fleet: tasks round ${round}/${rounds}: signed by the server's SVID, verified by checkDown`,
+      );
+      const restart = await stack.start();
+      if (restart.code !== 0 && restart.code !== 1) {
+        throw new Error(`devenv start (server restart) exited ${restart.code}: ${restart.stderr}`);
+      }
+      await serverUp();
+      phases.signed.push(await taskPhase(`signed, round ${round}/${rounds}`));
+    }
+    const pooled = (ps: Phase[]) => ({
+      rtt: ps.flatMap((p) => p.rtt),
+      delivery: ps.flatMap((p) => p.delivery),
+      posted: ps.reduce((n, p) => n + p.posted, 0),
+      cpu: ps.map((p) => p.proc.server.cpuPct),
+      p99: ps.map((p) => round(percentile(p.rtt, 99))),
+    });
+    const unsigned = pooled(phases.unsigned);
+    const signed = pooled(phases.signed);
+    const rttFigure = (id: string, what: string, r: typeof signed, target?: boolean) =>
+      figure(
+        id,
+        `task round trip (server createdAt → done), ${tasksN} tasks at ${taskRate}/s × ${rounds}, ${what}`,
+        "ms",
+        r.rtt,
+        { runs: rounds, ...(target ? { target: { op: "<=", value: 15, on: "p99" } } : {}) },
+      );
+    if (unsigned.rtt.length) {
       result.figures.push(
+        rttFigure("fleet.task.rtt_unsigned", "unsigned baseline (before signing)", unsigned),
         figure(
-          "fleet.task.rtt",
-          `task round trip (server createdAt → done), ${posted.length} tasks at ${taskRate}/s`,
+          "fleet.task.delivery_unsigned",
+          "POST sent → task at the simulated robot, unsigned baseline",
           "ms",
-          rtt,
-          {
-            runs: 1,
-            target: { op: "<=", value: 50, on: "p99" },
-          },
+          unsigned.delivery,
+          { runs: rounds },
         ),
-        figure("fleet.task.delivery", "POST sent → task at the simulated robot", "ms", delivery, {
-          runs: 1,
-        }),
+        figure(
+          "fleet.task.server_cpu_unsigned",
+          "server CPU during a task phase, unsigned baseline",
+          "%",
+          unsigned.cpu,
+        ),
+      );
+    }
+    if (signed.rtt.length) {
+      result.figures.push(
+        rttFigure("fleet.task.rtt", "signed (server SVID) and verified (checkDown)", signed, true),
+        figure(
+          "fleet.task.delivery",
+          "POST sent → task at the simulated robot, signed and verified",
+          "ms",
+          signed.delivery,
+          { runs: rounds },
+        ),
+        figure(
+          "fleet.task.server_cpu",
+          "server CPU during a task phase, signed",
+          "%",
+          signed.cpu,
+        ),
       );
     }
     notes.push(
-      `Tasks: ${posted.length} posted (${postErrors.length} POST errors${
-        postErrors[0] ? `, e.g. ${postErrors[0]}` : ""
-      }), ${rtt.length} done, ${notDone.length} not done${
-        notDone[0] ? ` (e.g. ${notDone[0]})` : ""
-      }. ` +
-        "Round trip uses the server's own timestamps (ms resolution): createdAt (POST handled) → " +
-        "finishedAt (the robot's done report applied), through the broker both ways; " +
-        "simulated robots answer done at once without running the command.",
+      `Task round trip p99 per round (ms): unsigned ${unsigned.p99.join(", ")}; signed ${
+        signed.p99.join(", ")
+      } (rounds alternate, baseline first).`,
     );
-    details.tasks = {
-      posted: posted.length,
-      postErrors,
-      notDone,
-      rttMs: rtt,
-      deliveryMs: delivery,
-    };
+    notes.push(
+      "Round trip uses the server's own timestamps (ms resolution): createdAt (POST handled) → " +
+        "finishedAt (the robot's done report applied), through the broker both ways; " +
+        "simulated robots answer done at once without running the command. Signed: the server " +
+        "signs each task with its SVID at dispatch (TaskSigner), each simulated robot verifies it " +
+        "with checkDown before answering (the first task of a robot verifies the whole chain).",
+    );
+    details.tasks = { unsigned: phases.unsigned, signed: phases.signed };
     details.fleetStats = { ...fleet.stats, connectMs: undefined };
     if (fleet.stats.denied > 0 || fleet.stats.disconnects > 0) {
       notes.push(

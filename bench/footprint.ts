@@ -7,7 +7,10 @@
  * - RSS: every resident page, the shared Deno executable included;
  * - PSS: shared pages split between the processes that map them (noisy on a shared machine:
  *   it falls when other Deno processes run);
- * - USS: private pages only (Private_Clean + Private_Dirty), what the agent alone costs.
+ * - USS: private pages only (Private_Clean + Private_Dirty), what the agent alone costs;
+ * - of which anonymous (heaps): USS without the executable's pages that no other process maps
+ *   at that moment. Those count as private too, and vary by a few MB with what else runs (a test
+ *   suite touching the same code makes them shared), so the anonymous part is the steadier one.
  * Each run is a fresh agent; a figure holds one value per run (the phase's peak). Runs
  * alternate between modes (and trees, below), so machine noise hits them alike.
  *
@@ -18,12 +21,13 @@
  * what the agent's TCP connection to the broker really carried (`ss -tin` bytes_sent /
  * bytes_received: TLS records, MQTT framing, PUBACKs, pings). CPU from /proc/PID/stat.
  */
-import { join } from "node:path";
+import { dirname, join } from "node:path";
+import { pathToFileURL } from "node:url";
 import { encode, type HeartbeatMessage, PROTOCOL_VERSION } from "../src/mqtt/messages.ts";
 import { upTopic } from "../src/fleet/topics.ts";
 import { robotLayout } from "../src/devenv/layout.ts";
 import { agentArgs } from "../src/devenv/components.ts";
-import { agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
+import { agentRunArgs, agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
 import { type Daemon, realRunner, stopPidFile, waitFor } from "../src/process/mod.ts";
 import {
   type BenchOptions,
@@ -89,13 +93,40 @@ async function agentLocalPort(agentPid: number, brokerPort: number): Promise<num
   return undefined;
 }
 
+/** How a tree runs its agent: its own `deno run` flags and V8 flags (its runtime_flags.ts). */
+interface AgentRuntime {
+  runArgs: string[];
+  v8Flags: string;
+}
+
 /**
- * Replaces robot-001's agent with `deno run -A MAIN agent ...` (this tree's or a baseline's),
- * with the agent's V8 flags, on the same pid file (so `devenv clean` stops it too).
+ * The runtime flags of the tree whose entry point is `main`, from that tree's
+ * src/agent/runtime_flags.ts, so that a baseline runs as its own devenv would run it (a tree
+ * from before `agentRunArgs` has no `deno run` flags).
+ */
+async function treeRuntime(main: string): Promise<AgentRuntime> {
+  const base = ["run", "-A", main];
+  if (main === MAIN_TS) {
+    return { runArgs: agentRunArgs(base), v8Flags: agentV8FlagsEnv(Deno.env.get("DENO_V8_FLAGS")) };
+  }
+  const rf = await import(pathToFileURL(join(dirname(main), "src/agent/runtime_flags.ts")).href)
+    .catch(() => ({})) as {
+      agentRunArgs?: (a: string[]) => string[];
+      agentV8FlagsEnv?: (e: string | undefined) => string;
+    };
+  return {
+    runArgs: rf.agentRunArgs ? rf.agentRunArgs(base) : base,
+    v8Flags: (rf.agentV8FlagsEnv ?? agentV8FlagsEnv)(Deno.env.get("DENO_V8_FLAGS")),
+  };
+}
+
+/**
+ * Replaces robot-001's agent with `deno run ... MAIN agent ...` (this tree's or a baseline's),
+ * with that tree's runtime flags, on the same pid file (so `devenv clean` stops it too).
  */
 async function startAgent(
   stack: BenchStack,
-  main: string,
+  rt: AgentRuntime,
   extra: string[],
 ): Promise<{ daemon: Daemon; logFile: string }> {
   const r = robotLayout(stack.layout, "robot-001", stack.env);
@@ -105,16 +136,11 @@ async function startAgent(
     name: "agent robot-001",
     cmd: "deno",
     args: [
-      ...agentArgs(
-        ["run", "-A", main],
-        r,
-        stack.layout.agentPluginsYaml,
-        stack.env.MQTT_BROKER_URL,
-      ),
+      ...agentArgs(rt.runArgs, r, stack.layout.agentPluginsYaml, stack.env.MQTT_BROKER_URL),
       ...extra,
     ],
     cwd: stack.dir,
-    env: { ...stack.env, DENO_V8_FLAGS: agentV8FlagsEnv(Deno.env.get("DENO_V8_FLAGS")) },
+    env: { ...stack.env, DENO_V8_FLAGS: rt.v8Flags },
     logFile,
     pidFile: r.pidFile,
   });
@@ -170,8 +196,8 @@ export async function benchFootprint(opts: BenchOptions, result: BenchResult): P
   const settleMs = 3_000;
   const runs = opts.quick ? 2 : 3;
   const baseline = Deno.env.get("K8S4R_BENCH_BASELINE");
-  const trees = [{ name: "", main: MAIN_TS }];
-  if (baseline) trees.push({ name: "baseline", main: baseline });
+  const trees = [{ name: "", main: MAIN_TS, rt: await treeRuntime(MAIN_TS) }];
+  if (baseline) trees.push({ name: "baseline", main: baseline, rt: await treeRuntime(baseline) });
   const cleanup = new Cleanup();
   try {
     const stack = await BenchStack.create("k8s4r-bp-");
@@ -181,7 +207,7 @@ export async function benchFootprint(opts: BenchOptions, result: BenchResult): P
       throw new Error(`devenv start exited ${st.code}: ${st.stderr.trim().split("\n").pop()}`);
     }
     // One unmeasured start per tree, so each measured run finds Deno's caches warm.
-    for (const t of trees) await startAgent(stack, t.main, []);
+    for (const t of trees) await startAgent(stack, t.rt, []);
 
     const phases = new Map<string, Phase[]>(); // `${tree}/${mode}`
     let wire:
@@ -193,7 +219,7 @@ export async function benchFootprint(opts: BenchOptions, result: BenchResult): P
       for (const t of trees) {
         for (const mode of MODES) {
           opts.log(`footprint: run ${run + 1}/${runs} ${t.name || "this tree"} ${mode.key}`);
-          const { daemon } = await startAgent(stack, t.main, mode.args);
+          const { daemon } = await startAgent(stack, t.rt, mode.args);
           await new Promise((res) => setTimeout(res, settleMs));
           const measureWire = run === 0 && t.name === "" && mode.key === "hb";
           const port = measureWire
@@ -255,6 +281,12 @@ export async function benchFootprint(opts: BenchOptions, result: BenchResult): P
             {
               target: mine ? { op: "<=", value: TARGET_USS_MB, on: "max" } : undefined,
             },
+          ),
+          figure(
+            `${pre}${mode.key}.anon`,
+            `${who} USS: anonymous (heaps), ${mode.label}`,
+            "MB",
+            ps.map((p) => p.peak.anon),
           ),
         );
         if (mine) {
@@ -319,8 +351,12 @@ export async function benchFootprint(opts: BenchOptions, result: BenchResult): P
         baseline ? ` and per tree (baseline: ${baseline})` : ""
       }, each sampled every 500 ms for ${phaseMs / 1000} s after a ${
         settleMs / 1000
-      } s settle; each value is one run's peak. V8 flags: DENO_V8_FLAGS=${
-        agentV8FlagsEnv(Deno.env.get("DENO_V8_FLAGS"))
+      } s settle; each value is one run's peak. ${
+        trees.map((t) =>
+          `${t.name || "This tree"}: \`deno ${
+            t.rt.runArgs.slice(0, -1).join(" ")
+          }\`, DENO_V8_FLAGS=${t.rt.v8Flags}`
+        ).join("; ")
       }.`,
       `Heartbeat: ${
         round(payload)

@@ -7,10 +7,10 @@
  */
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { freePorts } from "../tests/helpers/ports.ts";
+import { freeMonitoringPorts, freePorts } from "../tests/helpers/ports.ts";
 import { fetchClient, loadCredentials } from "../src/operator/credentials.ts";
 import { agentArgs, DEV_SPIRE_TIMING } from "../src/devenv/components.ts";
-import { agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
+import { agentRunArgs, agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
 import {
   defaultLayout,
   devenvFiles,
@@ -156,7 +156,14 @@ export class BenchStack {
   private constructor(readonly dir: string, readonly ports: number[]) {
     this.env = {
       ...layoutEnv(
-        { spireServer: ports[0], mqttPlain: ports[1], mqttTls: ports[2], http: ports[3] },
+        {
+          spireServer: ports[0],
+          mqttPlain: ports[1],
+          mqttTls: ports[2],
+          http: ports[3],
+          // Room for robot-001..robot-100's telemetry ports.
+          ...freeMonitoringPorts(100),
+        },
         { agentSocketDir: join(dir, "s") },
       ),
       K8S4R_PROJECT_DIR: dir,
@@ -317,10 +324,21 @@ export async function spawnSubscriber(
   topic: string,
   format: string,
 ): Promise<{ daemon: Daemon; out: string }> {
+  const creds = JSON.parse(await Deno.readTextFile(stack.layout.serverCredentialsFile));
+  return await spawnSubscriberAt(stack.layout.ports.mqttPlain, creds, cleanup, topic, format);
+}
+
+/** The same, on any broker's loopback password listener. */
+export async function spawnSubscriberAt(
+  plainPort: number,
+  creds: { username: string; password: string },
+  cleanup: Cleanup,
+  topic: string,
+  format: string,
+): Promise<{ daemon: Daemon; out: string }> {
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-bench-sub-" });
   cleanup.add("subscriber dir", () => Deno.remove(dir, { recursive: true }));
   await Deno.chmod(dir, 0o700);
-  const creds = JSON.parse(await Deno.readTextFile(stack.layout.serverCredentialsFile));
   const conf = join(dir, "mosquitto_sub");
   await Deno.writeTextFile(conf, `-u ${creds.username}\n-P ${creds.password}\n`, { mode: 0o600 });
   await Deno.chmod(conf, 0o600);
@@ -332,7 +350,7 @@ export async function spawnSubscriber(
       "-h",
       "127.0.0.1",
       "-p",
-      String(stack.layout.ports.mqttPlain),
+      String(plainPort),
       "-i",
       `k8s4r-bench-sub-${crypto.randomUUID().slice(0, 8)}`,
       "-q",
@@ -367,7 +385,7 @@ export async function restartAgent(
     cmd: "deno",
     args: [
       ...agentArgs(
-        ["run", "-A", MAIN_TS],
+        agentRunArgs(["run", "-A", MAIN_TS]),
         r,
         stack.layout.agentPluginsYaml,
         stack.env.MQTT_BROKER_URL,

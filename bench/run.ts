@@ -5,7 +5,7 @@
  *
  *   deno task bench [--only NAME]... [--quick] [--robots N]
  *
- * Names: startup, fleet, footprint, rotation, doctor, storage.
+ * Names: signing, startup, fleet, footprint, rotation, doctor, storage, replicas.
  */
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -23,18 +23,22 @@ import {
   writeReport,
 } from "./report.ts";
 import { benchRotation } from "./rotation.ts";
+import { benchReplicas } from "./replicas.ts";
+import { benchSigning } from "./signing.ts";
 import { benchStartup } from "./startup.ts";
 import { benchStorage } from "./storage.ts";
 
 type Bench = (opts: BenchOptions, result: BenchResult) => Promise<void>;
 
 export const BENCHMARKS: Record<string, Bench> = {
+  signing: benchSigning,
   startup: benchStartup,
   doctor: benchDoctor,
   footprint: benchFootprint,
   rotation: benchRotation,
   fleet: benchFleet,
   storage: benchStorage,
+  replicas: benchReplicas,
 };
 
 async function machine(): Promise<Machine> {

@@ -10,6 +10,7 @@
  */
 import { join } from "node:path";
 import { FleetService } from "../src/server/fleet.ts";
+import { UNSIGNED } from "../src/server/testing.ts";
 import type { Registry } from "../src/server/registry.ts";
 import { openSqliteRegistry } from "../src/server/registry_sqlite.ts";
 import { openPostgresRegistry } from "../src/server/registry_postgres.ts";
@@ -66,7 +67,10 @@ function register(robotId: string) {
 
 /** msg/s of `rounds` runs of `batches` batches of `size` heartbeats each. */
 async function measure(reg: Registry, size: number, batches: number, rounds: number) {
-  const fleet = new FleetService(reg, { publish: () => Promise.resolve(), connected: () => true });
+  // Nothing is published here (no task): the signer is never called.
+  const fleet = new FleetService(reg, { publish: () => Promise.resolve(), connected: () => true }, {
+    signer: UNSIGNED,
+  });
   const ids = Array.from({ length: ROBOTS }, (_, i) => `bench-${String(i).padStart(4, "0")}`);
   const r = await fleet.handleBatch(ids.map(register));
   if (r.error) throw new Error(`register: ${r.error}`);

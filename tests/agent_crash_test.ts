@@ -14,11 +14,11 @@ import { join } from "node:path";
 import mqtt from "mqtt";
 import type { MqttClient } from "mqtt";
 import { startTestBroker, TEST_TRUST_DOMAIN, type TestBroker } from "./helpers/broker.ts";
+import { AgentProcess } from "./helpers/agent_process.ts";
 import { FakeWorkloadApi } from "../src/spiffe/testing/fake_workload_api.ts";
-import { processStartTime, waitFor } from "../src/process/mod.ts";
+import { processStartTime, realRunner, waitFor } from "../src/process/mod.ts";
 import {
   decodeUp,
-  encode,
   type HeartbeatMessage,
   now,
   PROTOCOL_VERSION,
@@ -29,84 +29,30 @@ import {
   type UpMessage,
 } from "../src/mqtt/messages.ts";
 import { downTopic } from "../src/fleet/topics.ts";
+import { fleetServerSpiffeId } from "../src/fleet/ids.ts";
+import { TaskSigner } from "../src/mqtt/signed.ts";
+import { StaticX509Source } from "../src/spiffe/source.ts";
+import { parseX509SvidPem } from "../src/spiffe/svid.ts";
+import { X509BundleSet } from "../src/spiffe/bundle.ts";
 import { Outbox, OUTBOX_FILE } from "../src/agent/outbox.ts";
 import { killInterrupted, TaskJournal } from "../src/agent/task_journal.ts";
+import { DEFAULT_TASK_USER, ensureTaskUser } from "../src/agent/task_user.ts";
 
 const ROBOT = "robot-001";
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const opts = { sanitizeOps: false, sanitizeResources: false };
 
-/** One `k8s4r agent` process; its stderr is collected in `log`. */
-class AgentProcess {
-  log = "";
-  readonly exited: Promise<Deno.CommandStatus>;
-  private constructor(readonly child: Deno.ChildProcess) {
-    const pump = (async () => {
-      const dec = new TextDecoder();
-      for await (const chunk of child.stderr) this.log += dec.decode(chunk, { stream: true });
-    })();
-    this.exited = child.status.then(async (s) => {
-      await pump.catch(() => {});
-      return s;
-    });
-  }
-
-  static spawn(dir: string, broker: TestBroker, fake: FakeWorkloadApi): AgentProcess {
-    const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "-A",
-        MAIN,
-        "agent",
-        "--robot-id",
-        ROBOT,
-        "--config",
-        "plugins.yaml",
-        "--socket",
-        fake.socketPath,
-        "--no-manage-spire",
-        "--broker-url",
-        `tls://127.0.0.1:${broker.tlsPort}`,
-        "--heartbeat-seconds",
-        "1",
-      ],
-      cwd: dir,
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
-    return new AgentProcess(child);
-  }
-
-  get pid() {
-    return this.child.pid;
-  }
-
-  async kill9() {
-    try {
-      Deno.kill(this.child.pid, "SIGKILL"); // our own child, by the pid we spawned
-    } catch { /* already gone */ }
-    await this.exited;
-  }
-
-  async stop(): Promise<number> {
-    try {
-      Deno.kill(this.child.pid, "SIGTERM");
-    } catch { /* already gone */ }
-    return (await this.exited).code;
-  }
-
-  async waitLog(re: RegExp, what: string, timeoutMs = 30_000) {
-    await waitFor(() => re.test(this.log), { timeoutMs, what }).catch((err) => {
-      throw new Error(`${err.message}; agent log:\n${this.log}`);
-    });
-  }
-}
-
-/** The fleet server's stand-in: records every message on the robot's up topics, in order. */
+/**
+ * The fleet server's stand-in: records every message on the robot's up topics, in order, and
+ * sends tasks signed with a fleet-server SVID of the test CA (robots run only signed tasks).
+ */
 class Server {
   readonly got: { at: number; m: UpMessage }[] = [];
-  private constructor(readonly client: MqttClient) {}
+  private readonly signer: TaskSigner;
+  private constructor(readonly client: MqttClient, broker: TestBroker) {
+    const c = broker.ca.ca.issue({ spiffeId: fleetServerSpiffeId(TEST_TRUST_DOMAIN) });
+    const svid = parseX509SvidPem(c.chainPem, c.keyPem);
+    this.signer = new TaskSigner(new StaticX509Source(svid, new X509BundleSet()));
+  }
 
   static async connect(broker: TestBroker): Promise<Server> {
     const client = mqtt.connect(broker.plainUrl, {
@@ -116,7 +62,7 @@ class Server {
       protocolVersion: 5,
       reconnectPeriod: 100,
     });
-    const s = new Server(client);
+    const s = new Server(client, broker);
     client.on("message", (topic, payload) => {
       const d = decodeUp(topic, new Uint8Array(payload));
       // Every message the agent sends must pass the server's own validator.
@@ -171,7 +117,9 @@ class Server {
       timeoutSeconds: 600,
       createdAt: now(),
     };
-    await this.client.publishAsync(downTopic(ROBOT, "task"), Buffer.from(encode(t)), { qos: 1 });
+    await this.client.publishAsync(downTopic(ROBOT, "task"), Buffer.from(this.signer.sign(t)), {
+      qos: 1,
+    });
   }
 
   async close() {
@@ -188,9 +136,12 @@ interface Stack {
 }
 
 async function withStack(fn: (s: Stack) => Promise<void>) {
+  assert.equal(Deno.uid(), 0, "the agent runs tasks as a task user here: run it as root (CI does)");
+  await ensureTaskUser(realRunner, DEFAULT_TASK_USER); // kept, as devenv keeps it
   const broker = await startTestBroker();
   const fake = await FakeWorkloadApi.start();
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-agent-crash-" });
+  await Deno.chmod(dir, 0o755); // the task user writes pid files here
   try {
     const issue = (ttlSeconds: number) => {
       const c = broker.ca.ca.issue({
@@ -210,6 +161,7 @@ async function withStack(fn: (s: Stack) => Promise<void>) {
         "tasks:",
         '  allow: ["sleep", "sh"]',
         "  killGraceSeconds: 1",
+        `  user: ${DEFAULT_TASK_USER}`,
         "",
       ].join("\n"),
     );
@@ -243,7 +195,7 @@ Deno.test(
       let server = await Server.connect(broker);
       let agent: AgentProcess | undefined;
       try {
-        agent = AgentProcess.spawn(dir, broker, fake);
+        agent = AgentProcess.spawn(dir, broker, fake.socketPath);
         const first = () => server.lastOnline();
         await waitFor(() => first() !== undefined, { timeoutMs: 30_000, what: "online" })
           .catch((e) => {
@@ -318,16 +270,28 @@ Deno.test(
       let agent: AgentProcess | undefined;
       let direct: { pid: number; startTime: number } | undefined;
       let grandchild: { pid: number; startTime: number } | undefined;
+      let escaped: { pid: number; startTime: number } | undefined;
       const pidFile = join(dir, "grandchild.pid");
+      const escapedFile = join(dir, "escaped.pid");
+      for (const f of [pidFile, escapedFile]) {
+        await Deno.writeTextFile(f, "");
+        await Deno.chmod(f, 0o666);
+      }
       try {
-        agent = AgentProcess.spawn(dir, broker, fake);
+        agent = AgentProcess.spawn(dir, broker, fake.socketPath);
         await waitFor(() => server.lastOnline() !== undefined, {
           timeoutMs: 30_000,
           what: "online",
         });
         await server.sendTask("t-sleep", ["sleep", "600"]);
-        // A task whose own child is not its direct process: PDEATHSIG does not reach it.
-        await server.sendTask("t-tree", ["sh", "-c", `sleep 600 & echo $! > ${pidFile}; wait`]);
+        // A task whose own child is not its direct process: PDEATHSIG does not reach it; and
+        // one it moved to a session of its own (setsid): no process group reaches it.
+        await server.sendTask("t-tree", [
+          "sh",
+          "-c",
+          `sleep 600 & echo $! > ${pidFile}; ` +
+          `setsid sh -c 'echo $$ > ${escapedFile}; exec sleep 600' & wait`,
+        ]);
         for (const id of ["t-sleep", "t-tree"]) {
           await waitFor(() => server.reports(id).some((r) => r.state === "running"), {
             timeoutMs: 20_000,
@@ -343,6 +307,18 @@ Deno.test(
         });
         const gpid = Number((await Deno.readTextFile(pidFile)).trim());
         grandchild = { pid: gpid, startTime: processStartTime(gpid)! };
+        await waitFor(async () => (await Deno.readTextFile(escapedFile).catch(() => "")) !== "", {
+          timeoutMs: 10_000,
+          what: "the setsid'd grandchild's pid",
+        });
+        const epid = Number((await Deno.readTextFile(escapedFile)).trim());
+        escaped = { pid: epid, startTime: processStartTime(epid)! };
+        const tree = JSON.parse(await Deno.readTextFile(join(stateDir, "running", "t-tree.json")));
+        assert.notEqual(
+          Deno.readTextFileSync(`/proc/${epid}/stat`).split(") ")[1].split(" ")[3],
+          String(tree.pid),
+          "it left the task's session",
+        );
 
         await agent.kill9();
         // The task's process dies with the agent (PR_SET_PDEATHSIG), at once.
@@ -350,10 +326,11 @@ Deno.test(
           timeoutMs: 5000,
           what: "the sleep task to die with its agent",
         });
-        // Positive control for the restart: the grandchild is still there.
+        // Positive control for the restart: the grandchildren are still there.
         assert.equal(processStartTime(grandchild.pid), grandchild.startTime);
+        assert.equal(processStartTime(escaped.pid), escaped.startTime);
 
-        agent = AgentProcess.spawn(dir, broker, fake);
+        agent = AgentProcess.spawn(dir, broker, fake.socketPath);
         for (const id of ["t-sleep", "t-tree"]) {
           await waitFor(
             () => server.reports(id).some((r) => r.state === "failed"),
@@ -364,18 +341,27 @@ Deno.test(
           const f = server.reports(id).find((r) => r.state === "failed")!;
           assert.equal(f.error, "agent restarted");
         }
-        // The restarted agent stopped what the crash left (after checking its start time).
+        // The restarted agent stopped what the crash left (its cgroup: all of it, the setsid'd
+        // one too).
         assert.notEqual(processStartTime(grandchild.pid), grandchild.startTime);
+        assert.notEqual(processStartTime(escaped.pid), escaped.startTime);
         assert.match(agent.log, /task\.interrupted task=t-tree/);
-        // At most once: a re-delivery of an interrupted task does not run it again.
+        // At most once: a re-delivery of an interrupted task does not run it again; it is
+        // answered `refused` / `replay`, after its final report (the server keeps `failed`).
         await server.sendTask("t-sleep", ["sleep", "600"]);
-        await agent.waitLog(/task\.duplicate task=t-sleep/, "duplicate");
+        await waitFor(() => server.reports("t-sleep").some((r) => r.reason === "replay"), {
+          timeoutMs: 30_000,
+          what: "the redelivery answered replay",
+        });
+        const states = server.reports("t-sleep").map((r) => r.state);
+        assert.deepEqual(states.slice(-2), ["failed", "refused"]);
         assert.equal(server.reports("t-sleep").filter((r) => r.state === "accepted").length, 1);
         assert.equal(await agent.stop(), 0);
       } finally {
         await agent?.kill9();
         killIfOurs(direct?.pid, direct?.startTime);
         killIfOurs(grandchild?.pid, grandchild?.startTime);
+        killIfOurs(escaped?.pid, escaped?.startTime);
         await server.close();
       }
     });
@@ -390,7 +376,7 @@ Deno.test(
       let server = await Server.connect(broker);
       let agent: AgentProcess | undefined;
       try {
-        agent = AgentProcess.spawn(dir, broker, fake);
+        agent = AgentProcess.spawn(dir, broker, fake.socketPath);
         await waitFor(() => server.lastOnline() !== undefined, {
           timeoutMs: 30_000,
           what: "online",
@@ -417,7 +403,7 @@ Deno.test(
         const outbox = () => Deno.readTextFile(join(stateDir, OUTBOX_FILE)).catch(() => "");
         assert.match(await outbox(), /result-42/);
         // Restart 2, broker still down: this boot queues heartbeats, then is killed.
-        agent = AgentProcess.spawn(dir, broker, fake);
+        agent = AgentProcess.spawn(dir, broker, fake.socketPath);
         await agent.waitLog(/outbox\.recovered/, "the queue read back");
         await waitFor(
           async () =>
@@ -430,7 +416,7 @@ Deno.test(
         // Broker back; restart 3 delivers what the two earlier runs left.
         await broker.start();
         server = await Server.connect(broker);
-        agent = AgentProcess.spawn(dir, broker, fake);
+        agent = AgentProcess.spawn(dir, broker, fake.socketPath);
         await waitFor(() => server.reports("t-late").some((r) => r.state === "done"), {
           timeoutMs: 30_000,
           what: "the queued result",

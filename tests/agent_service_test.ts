@@ -41,7 +41,7 @@ Deno.test("agent service: the hardened unit passes systemd-analyze verify; --ins
     ) assert.ok(unit.split("\n").includes(line), `missing ${line}:\n${unit}`);
     assert.match(
       unit,
-      /^ExecStart=\/\S+ run -A --config \/\S+\/deno\.json \/\S+\/main\.ts agent$/m,
+      /^ExecStart=\/\S+ run --no-code-cache --node-modules-dir=manual -A --config \/\S+\/deno\.json \/\S+\/main\.ts agent$/m,
     );
     // V8 writes and runs machine code: W^X would kill the agent.
     assert.doesNotMatch(unit, /MemoryDenyWriteExecute/);

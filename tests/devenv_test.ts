@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { X509Certificate } from "node:crypto";
 import * as tls from "node:tls";
 import { fileURLToPath } from "node:url";
-import { freePorts } from "./helpers/ports.ts";
+import { freeMonitoringPorts, freePorts } from "./helpers/ports.ts";
 import { spireBinaries } from "./helpers/spire.ts";
 import mqtt from "mqtt";
 import {
@@ -19,6 +19,7 @@ import {
   waitFor,
 } from "../src/process/mod.ts";
 import { descendants } from "../src/devenv/stop.ts";
+import { AGENT_DENO_RUN_FLAGS } from "../src/agent/runtime_flags.ts";
 import { probeMqttTls } from "../src/devenv/probes.ts";
 import { layoutEnv } from "../src/devenv/layout.ts";
 import { SpireServerCli } from "../src/spire/server.ts";
@@ -142,6 +143,7 @@ Deno.test({
             mqttPlain: ports.plain,
             mqttTls: ports.tls,
             http: ports.http,
+            ...freeMonitoringPorts(3),
           },
           { agentSocketDir: sockDir },
         ),
@@ -206,6 +208,12 @@ Deno.test({
               .find((kv) => kv.startsWith("DENO_V8_FLAGS="));
           assert.match(v8Flags(first.agent) ?? "", /--max-semi-space-size=1,--lite-mode/);
           assert.doesNotMatch(v8Flags(first.server) ?? "", /--lite-mode/);
+          // ... and, run from source, with the agent's `deno run` flags (runtime_flags.ts).
+          const argv = (pid: number) => Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0");
+          for (const f of AGENT_DENO_RUN_FLAGS) {
+            assert.ok(argv(first.agent).includes(f), `${f}: ${argv(first.agent).join(" ")}`);
+            assert.ok(!argv(first.server).includes(f), `${f}: ${argv(first.server).join(" ")}`);
+          }
         },
       );
 

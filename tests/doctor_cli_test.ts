@@ -8,7 +8,7 @@ import { fetchX509Svids } from "../src/doctor/adapters.ts";
 import { processStartTime, realRunner, waitFor } from "../src/process/mod.ts";
 import { SpireAgentSupervisor } from "../src/spire/agent.ts";
 import { SpireServerCli, startSpireServer } from "../src/spire/server.ts";
-import { freePorts } from "./helpers/ports.ts";
+import { freeMonitoringPorts, freePorts } from "./helpers/ports.ts";
 import { spireBinaries } from "./helpers/spire.ts";
 
 const MAIN = fromFileUrl(new URL("../main.ts", import.meta.url));
@@ -20,7 +20,10 @@ async function doctor(args: string[]) {
     const [spireServer, mqttPlain, mqttTls, http] = freePorts(4);
     const env: Record<string, string> = {
       NO_COLOR: "1",
-      ...layoutEnv({ spireServer, mqttPlain, mqttTls, http }, { agentSocketDir: `${dir}/sockets` }),
+      ...layoutEnv(
+        { spireServer, mqttPlain, mqttTls, http, ...freeMonitoringPorts(1) },
+        { agentSocketDir: `${dir}/sockets` },
+      ),
     };
     const out = await new Deno.Command(Deno.execPath(), {
       args: ["run", "-A", "--config", CONFIG, MAIN, "doctor", ...args],
@@ -95,7 +98,10 @@ Deno.test({
       NO_COLOR: "1",
       PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
       HOME: Deno.env.get("HOME") ?? tmp,
-      ...layoutEnv({ spireServer, mqttPlain, mqttTls, http }, { agentSocketDir: `${tmp}/s` }),
+      ...layoutEnv(
+        { spireServer, mqttPlain, mqttTls, http, ...freeMonitoringPorts(1) },
+        { agentSocketDir: `${tmp}/s` },
+      ),
     };
     const layout = defaultLayout(tmp, env);
     const robot = robotLayout(layout, "robot-001", env);

@@ -47,6 +47,14 @@ Deno.test("netns: the control host's address is reached from a robot host; a pul
     );
     assert.match(addrs, new RegExp(`inet ${h.address.replace(/\./g, "\\.")}/24`));
     assert.match(addrs, /inet 127\.0\.0\.1\/8/);
+    // Like a real host, it has cgroup2 at /sys/fs/cgroup (agents there contain their tasks).
+    const mounts = new TextDecoder().decode(
+      (await new Deno.Command(h.exec[0], {
+        args: [...h.exec.slice(1), "cat", "/proc/self/mountinfo"],
+        stdout: "piped",
+      }).output()).stdout,
+    );
+    assert.match(mounts, / \/sys\/fs\/cgroup rw[^ ]* - cgroup2 /);
 
     assert.equal(
       await reach(h.exec, h.controlAddress, port),

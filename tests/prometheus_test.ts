@@ -81,7 +81,7 @@ Deno.test({
           ruleFiles: [`${ROOT}${ALERTS_FILE}`],
           scrapeIntervalSeconds: 1,
           evaluationIntervalSeconds: 1,
-          fleetServer: `127.0.0.1:${metricsPort}`,
+          fleetServers: [`127.0.0.1:${metricsPort}`],
         }),
       );
       prom = await realRunner.spawn({

@@ -48,6 +48,7 @@ Deno.test("registry on PostgreSQL: the contract suite, migrations, auth, errors"
           );
           assert.deepEqual(owners.map((o) => `${o.tablename}:${o.tableowner}`), [
             "k8s4r_schema_migrations:k8s4r",
+            "replicas:k8s4r",
             "robots:k8s4r",
             "tasks:k8s4r",
           ]);

@@ -17,6 +17,7 @@ import { startCli } from "./helpers/cli.ts";
 import { processStartTime, waitFor } from "../src/process/mod.ts";
 import { isAttested } from "../src/spire/agent.ts";
 import { readAgentData } from "../src/spire/agent_state.ts";
+import { AGENT_DENO_RUN_FLAGS, agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
 
 const ROBOT = "robot-077";
 const opts = { sanitizeOps: false, sanitizeResources: false };
@@ -51,6 +52,14 @@ Deno.test({
             const cmd = await Deno.readTextFile(`/proc/${pid}/cmdline`).catch(() => "");
             assert.ok(!cmd.includes(token), `pid ${pid} has the token on its command line`);
           }
+          // The agent runs with its runtime flags (src/agent/runtime_flags.ts), as the unit of
+          // `agent service` and devenv run it.
+          const argv = (await Deno.readTextFile(`/proc/${agent.pid}/cmdline`)).split("\0");
+          for (const f of AGENT_DENO_RUN_FLAGS) assert.ok(argv.includes(f), `no ${f}: ${argv}`);
+          const environ = (await Deno.readTextFile(`/proc/${agent.pid}/environ`)).split("\0");
+          assert.ok(
+            environ.includes(`DENO_V8_FLAGS=${agentV8FlagsEnv(Deno.env.get("DENO_V8_FLAGS"))}`),
+          );
           // The files the robot keeps, with their modes.
           const mode = async (p: string) => (await Deno.stat(join(dir, p))).mode! & 0o777;
           assert.equal(await mode("."), 0o700);

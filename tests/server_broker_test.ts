@@ -18,6 +18,9 @@ import { StaticX509Source } from "../src/spiffe/source.ts";
 import { parseX509SvidPem } from "../src/spiffe/svid.ts";
 import { X509Bundle, X509BundleSet } from "../src/spiffe/bundle.ts";
 import { TestHttps } from "../src/server/testing.ts";
+import { TaskSigner } from "../src/mqtt/signed.ts";
+import { parseJws, verifyJws } from "../src/spiffe/jws.ts";
+import { fleetServerSpiffeId } from "../src/fleet/ids.ts";
 import {
   type PemCert,
   startTestBroker,
@@ -25,6 +28,7 @@ import {
   type TestBroker,
 } from "./helpers/broker.ts";
 import { startTestPostgres, type TestPostgres } from "./helpers/postgres.ts";
+import { captureLog, ProtoRobot, registerMsg } from "./helpers/proto_robot.ts";
 
 // mqtt.js keeps internal timers a little past end(); every process and client is closed below.
 const opts = { sanitizeOps: false, sanitizeResources: false };
@@ -71,28 +75,6 @@ async function robot(b: TestBroker, id: string, cert?: PemCert): Promise<{
   return { client, received };
 }
 
-function registerMsg(id: string) {
-  return enc({
-    v: 1,
-    type: "register",
-    robotId: id,
-    ts: now(),
-    spiffeId: `spiffe://${TEST_TRUST_DOMAIN}/robot/${id}`,
-    agentVersion: "test",
-    heartbeatIntervalSeconds: 30,
-    svidExpiresAt: new Date(Date.now() + 3600_000).toISOString(),
-    device: {
-      hostname: id,
-      os: "linux",
-      arch: "x86_64",
-      cpus: 1,
-      memoryBytes: 1,
-      load: [0, 0, 0],
-      uptimeSeconds: 1,
-    },
-  });
-}
-
 /** Where a test server keeps its registry: SQLite in a temp dir, or a real PostgreSQL. */
 interface Store {
   kind: "sqlite" | "postgres";
@@ -134,11 +116,19 @@ async function startServer(
     dataDir,
     postgres,
     http: web.options(),
+    // The server's SVID (TestHttps': spiffe://<td>/fleet-server) signs, as in production.
+    fleet: { signer: new TaskSigner(web.source) },
     sweepIntervalMs: 200,
     reconnectPeriodMs: 200,
     onFatal: (e) => fatal.push(e),
   });
   return { server, fatal, api: server.http!.url };
+}
+
+/** The id of a signed task (the JWS payload, verified against the server's bundle). */
+function signedTaskId(payload: string): string {
+  const v = verifyJws(parseJws(JSON.parse(payload)), web.source);
+  return JSON.parse(new TextDecoder().decode(v.payload)).id;
 }
 
 async function getJson(url: string) {
@@ -296,7 +286,10 @@ Deno.test({
       const { id } = await created.json();
       await until("robot-001 to receive its task", () => r1.received.length > 0, b);
       assert.equal(r1.received[0].topic, downTopic("robot-001", "task"));
-      assert.equal(JSON.parse(r1.received[0].payload).id, id);
+      // Signed with the server's SVID over the exact message bytes (a JWS, not the bare JSON).
+      const verified = verifyJws(parseJws(JSON.parse(r1.received[0].payload)), web.source);
+      assert.equal(verified.signer.toString(), fleetServerSpiffeId(TEST_TRUST_DOMAIN));
+      assert.equal(signedTaskId(r1.received[0].payload), id);
 
       // Malformed payload and robotId mismatch (robot-002 on its own topic claiming robot-001).
       await r2.client.publishAsync(upTopic("robot-002", "heartbeat"), "{not json", { qos: 1 });
@@ -462,7 +455,7 @@ for (const kind of ["sqlite", "postgres"] as const) {
         });
         await until(
           "the pending task delivered",
-          () => r1.received.some((m) => JSON.parse(m.payload).id === id),
+          () => r1.received.some((m) => signedTaskId(m.payload) === id),
           b,
         );
         await until(
@@ -500,6 +493,7 @@ Deno.test({
           tls: svidTlsProvider(source, brokerId),
           dataDir,
           http: false,
+          fleet: { signer: new TaskSigner(source) },
           reconnectPeriodMs: 200,
         });
       };
@@ -544,145 +538,6 @@ Deno.test({
 // ---------------------------------------------------------------------------------------------
 // Issue 10: last will, broker outage, bounded close, unacknowledged registry errors.
 
-/**
- * A robot that speaks the protocol as docs/PROTOCOL.md says the agent does: one `bootId` per
- * process, a `connection` number per connection attempt, the will rebuilt for every attempt,
- * and on every connect `register` first, then the retained `online`. Heartbeats are published
- * on a timer; while disconnected mqtt.js keeps them (QoS 1) and sends them on reconnect.
- */
-class ProtoRobot {
-  readonly bootId = crypto.randomUUID();
-  connection = 0;
-  connects = 0;
-  seq = 0;
-  readonly client: MqttClient;
-  private hbTimer?: ReturnType<typeof setInterval>;
-
-  constructor(
-    readonly b: TestBroker,
-    readonly id: string,
-    cert: PemCert,
-    readonly opts: { reconnectPeriodMs: number; heartbeatIntervalSeconds: number },
-  ) {
-    this.client = mqtt.connect(this.b.tlsUrl, {
-      key: cert.key,
-      cert: cert.cert,
-      ca: cert.ca,
-      servername: "localhost",
-      rejectUnauthorized: true,
-      clientId: id,
-      protocolVersion: 5,
-      reconnectPeriod: opts.reconnectPeriodMs,
-      connectTimeout: 5000,
-      manualConnect: true,
-    });
-    this.nextWill();
-    // The will is fixed at CONNECT: prepare the next attempt's as soon as a connection ends.
-    this.client.on("close", () => this.nextWill());
-    this.client.on("connect", () => {
-      this.connects++;
-      this.client.publish(upTopic(id, "register"), this.register(), { qos: 1 });
-      this.client.publish(upTopic(id, "status"), this.status("online"), { qos: 1, retain: true });
-    });
-    this.client.on("error", () => {});
-  }
-
-  static async start(
-    b: TestBroker,
-    id: string,
-    opts: { reconnectPeriodMs?: number; heartbeatIntervalSeconds?: number } = {},
-  ): Promise<ProtoRobot> {
-    const r = new ProtoRobot(b, id, await b.issueCert(id), {
-      reconnectPeriodMs: opts.reconnectPeriodMs ?? 0,
-      heartbeatIntervalSeconds: opts.heartbeatIntervalSeconds ?? 30,
-    });
-    r.client.connect();
-    await waitFor(() => r.connects > 0, { timeoutMs: 10_000, what: `${id} connected` });
-    return r;
-  }
-
-  private nextWill() {
-    this.connection++;
-    this.client.options.will = {
-      topic: upTopic(this.id, "status"),
-      payload: Buffer.from(this.status("offline", "connection lost")),
-      qos: 1,
-      retain: true,
-    };
-  }
-
-  register(): string {
-    return enc({
-      ...JSON.parse(registerMsg(this.id)),
-      heartbeatIntervalSeconds: this.opts.heartbeatIntervalSeconds,
-      bootId: this.bootId,
-      connection: this.connection,
-    });
-  }
-
-  status(status: "online" | "offline", reason?: string): string {
-    return enc({
-      v: 1,
-      type: "status",
-      robotId: this.id,
-      ts: now(),
-      status,
-      ...(reason ? { reason } : {}),
-      bootId: this.bootId,
-      connection: this.connection,
-    });
-  }
-
-  /** Publishes a heartbeat every interval, connected or not (mqtt.js queues QoS 1). */
-  startHeartbeats() {
-    this.hbTimer = setInterval(() => {
-      this.seq++;
-      this.client.publish(
-        upTopic(this.id, "heartbeat"),
-        enc({
-          v: 1,
-          type: "heartbeat",
-          robotId: this.id,
-          ts: now(),
-          seq: this.seq,
-          bootId: this.bootId,
-          svidExpiresAt: new Date(Date.now() + 3600_000).toISOString(),
-        }),
-        { qos: 1 },
-        () => {},
-      );
-    }, this.opts.heartbeatIntervalSeconds * 1000);
-  }
-
-  /** Stays connected but falls silent (a hung agent, a network that drops only its data). */
-  stopHeartbeats() {
-    clearInterval(this.hbTimer);
-  }
-
-  /** The process dies: the socket is destroyed without DISCONNECT, nothing reconnects. */
-  crash() {
-    clearInterval(this.hbTimer);
-    this.client.end(true);
-  }
-
-  async close() {
-    clearInterval(this.hbTimer);
-    await this.client.endAsync(true).catch(() => {});
-  }
-}
-
-/** Log lines of a server, with the time each was written. */
-function captureLog() {
-  const lines: { at: number; msg: string }[] = [];
-  return {
-    lines,
-    logger: {
-      info: (msg: string) => lines.push({ at: Date.now(), msg }),
-      warn: (msg: string) => lines.push({ at: Date.now(), msg }),
-    },
-  };
-}
-
 async function startLoggedServer(
   b: TestBroker,
   dataDir: string,
@@ -703,7 +558,7 @@ async function startLoggedServer(
     sweepIntervalMs: extra.sweepIntervalMs ?? 100,
     reconnectPeriodMs: 200,
     logger: log.logger,
-    fleet: extra.fleet,
+    fleet: { signer: new TaskSigner(web.source), ...extra.fleet },
   });
   await server.waitConnected(10_000);
   return { server, api: server.http!.url, log };

@@ -127,7 +127,7 @@ Deno.test({
         renderPrometheusConfig({
           ruleFiles: [`${ROOT}${ALERTS_FILE}`],
           scrapeIntervalSeconds: 1,
-          spireServer: `127.0.0.1:${serverTel}`,
+          spireServers: [`127.0.0.1:${serverTel}`],
           spireAgents: [{ node: "tel-robot", address: `127.0.0.1:${agentTel}` }],
         }),
       );

@@ -9,6 +9,12 @@
  * - Results (task-status) and heartbeats go through the durable outbound queue (outbox.ts):
  *   removed on PUBACK, sent again after a restart.
  * - At start, tasks a crash interrupted are stopped and reported `failed: agent restarted`.
+ * - Every task and cancel is checked by `checkDown` (src/mqtt/signed.ts) before anything acts on
+ *   it: signed by the configured fleet server, chain under this robot's bundle, addressed to this
+ *   robot, not expired, `createdAt` inside the window; then its id must be new (the durable id
+ *   store). Refusals of tasks are counted and reported best-effort (`refused` with a `reason`),
+ *   rate-limited and outside the durable queue, so a flood of forged or replayed messages can
+ *   neither fill the queue nor make the robot flood the broker.
  *
  * `RobotAgent` is the MQTT/task part, given an `X509SvidSource`; `runAgent` is the whole life of
  * `k8s4r agent`: optional supervised spire-agent, the X509Source, the RobotAgent, and a clean
@@ -17,16 +23,18 @@
 import type { Writer } from "../cli/io.ts";
 import { VERSION } from "../version.ts";
 import {
-  decodeDown,
   encode,
   type HeartbeatMessage,
   now,
   PROTOCOL_VERSION,
+  REFUSAL_REASONS,
+  type RefusalReason,
   type RegisterMessage,
   type RobotStatus,
   type StatusMessage,
   type TaskReportState,
 } from "../mqtt/messages.ts";
+import { checkDown, X5cChainCache } from "../mqtt/signed.ts";
 import { robotSubscription, upTopic } from "../fleet/topics.ts";
 import type { X509SvidSource } from "../spiffe/source.ts";
 import { authorizeId, mtlsClientOptions } from "../spiffe/tls.ts";
@@ -39,12 +47,24 @@ import {
   type SessionStats,
   type TlsSnapshot,
 } from "./mqtt_session.ts";
-import { Outbox, type OutboxEntry, type OutboxKind, type OutboxStats } from "./outbox.ts";
-import { type TaskReport, TaskRunner } from "./task_runner.ts";
+import {
+  Outbox,
+  type OutboxEntry,
+  type OutboxKind,
+  type OutboxStats,
+  resultTaken,
+} from "./outbox.ts";
+import { sandboxToolsMissing, type TaskReport, TaskRunner } from "./task_runner.ts";
+import type { TaskUser } from "./task_user.ts";
 import { encodeTaskStatus } from "./task_status.ts";
+import { AgentMetrics } from "./metrics.ts";
 
 /** Reports after which a task's outcome is known; nothing comes after them. */
-const FINAL_REPORTS: readonly TaskReportState[] = ["done", "failed", "refused"];
+const FINAL_REPORTS: readonly TaskReportState[] = ["done", "failed", "refused", "cancelled"];
+
+/** Best-effort refusal reports: a burst of this many, then one per REFILL_MS. */
+const REPORT_BURST = 20;
+const REPORT_REFILL_MS = 3000;
 
 /** One line per event on stderr: `<time> agent <event> key=value ...`. Never secrets. */
 export function lineLogger(out: Writer, robotId: string): Logger {
@@ -65,6 +85,16 @@ export interface AgentStats extends SessionStats {
   malformed: number;
   tasks: number;
   duplicateTasks: number;
+  /** Tasks refused because they could not be trusted, by reason (none of them ran). */
+  refused: Record<RefusalReason, number>;
+  /** Cancels refused, by reason (nothing was cancelled). */
+  refusedCancels: Record<RefusalReason, number>;
+  cancels: number;
+  /** Cancels of a task seen and finished: nothing to do. */
+  cancelNotRunning: number;
+  /** Refusal reports published / not published (rate limit, or not connected). */
+  refusalReportsSent: number;
+  refusalReportsSuppressed: number;
   /** The durable outbound queue (undefined before start). */
   queue?: OutboxStats;
 }
@@ -73,12 +103,22 @@ export interface RobotAgentOptions {
   config: AgentConfig;
   source: X509SvidSource;
   log: Logger;
-  /** Working directory for tasks that name none. */
+  /** Working directory for tasks that name none (with a task user: its home, or /). */
   cwd: string;
+  /**
+   * The resolved `tasks.user` (`resolveTaskUser`); required when the config sets one and
+   * allows tasks.
+   */
+  taskUser?: TaskUser;
   /** Test knobs. */
   reconnectMinMs?: number;
   reconnectMaxMs?: number;
   expiryCheckMs?: number;
+  /**
+   * True while the Workload API stream is healthy. Default: the source has no `lastError`
+   * (`X509Source` sets it on a stream failure and clears it on the next update).
+   */
+  workloadApiUp?: () => boolean;
 }
 
 /** Builds a TLS snapshot from the source: our SVID, the bundle, the broker's SPIFFE ID check. */
@@ -119,17 +159,70 @@ export class RobotAgent {
     malformed: 0,
     tasks: 0,
     duplicateTasks: 0,
+    refused: zeroReasons(),
+    refusedCancels: zeroReasons(),
+    cancels: 0,
+    cancelNotRunning: 0,
+    refusalReportsSent: 0,
+    refusalReportsSuppressed: 0,
   };
   private readonly cfg: AgentConfig;
+  private readonly chains = new X5cChainCache();
+  private reportTokens = REPORT_BURST;
+  private reportRefilledAt = Date.now();
+  /** Its gauges: the loopback `/metrics` page and the heartbeat's telemetry fields. */
+  readonly metrics: AgentMetrics;
 
   constructor(private readonly o: RobotAgentOptions) {
     const cfg = (this.cfg = o.config);
     const id = cfg.robotId;
+    const t = cfg.tasks;
+    if (t.user !== undefined && t.allow.length > 0 && o.taskUser === undefined) {
+      throw new Error(
+        `tasks.user is ${JSON.stringify(t.user)}: resolve it (resolveTaskUser) and pass taskUser`,
+      );
+    }
+    const workloadApiUp = o.workloadApiUp ??
+      (() => (o.source as { lastError?: unknown }).lastError === undefined);
+    this.metrics = new AgentMetrics({
+      robotId: id,
+      version: VERSION,
+      svid: () => {
+        const s = o.source.getX509Svid();
+        return { notBefore: s.notBefore, notAfter: s.notAfter, serial: s.serialNumber };
+      },
+      trustBundle: () => {
+        const b = o.source.getX509BundleForTrustDomain(cfg.spire.trustDomain);
+        return b?.authorities.map((c) => ({
+          notBefore: new Date(c.validFrom),
+          notAfter: new Date(c.validTo),
+        }));
+      },
+      workloadApiUp,
+      broker: () => ({ connected: this.session.connected, connects: this.session.stats.connects }),
+      outboundQueueDepth: () => this.outbox?.stats.entries ?? 0,
+      counters: () => ({
+        heartbeats: this.counters.heartbeats,
+        tasks: this.counters.tasks,
+        malformed: this.counters.malformed,
+        denied: this.session.stats.denied,
+      }),
+    });
     this.tasks = new TaskRunner({
-      allow: cfg.tasks.allow,
+      allow: t.allow,
+      allowEnv: t.allowEnv,
       stateDir: cfg.stateDir,
-      defaultCwd: o.cwd,
-      killGraceMs: cfg.tasks.killGraceSeconds * 1000,
+      defaultCwd: o.taskUser ? taskUserCwd(o.taskUser) : o.cwd,
+      killGraceMs: t.killGraceSeconds * 1000,
+      window: { clockSkewSeconds: t.clockSkewSeconds, maxAgeSeconds: t.maxAgeSeconds },
+      user: o.taskUser,
+      limits: {
+        cpuSeconds: t.cpuSeconds,
+        memoryBytes: t.memoryBytes,
+        openFiles: t.openFiles,
+        processes: t.maxProcesses,
+      },
+      maxConcurrent: t.maxConcurrent,
       log: o.log,
       refuseReason: () => {
         const q = this.outbox;
@@ -162,7 +255,14 @@ export class RobotAgent {
   }
 
   get stats(): AgentStats {
-    return { ...this.session.stats, ...this.counters, queue: this.outbox?.stats };
+    const c = this.counters;
+    return {
+      ...this.session.stats,
+      ...c,
+      refused: { ...c.refused },
+      refusedCancels: { ...c.refusedCancels },
+      queue: this.outbox?.stats,
+    };
   }
 
   private statusMessage(status: RobotStatus, reason: string | undefined, connection: number) {
@@ -195,6 +295,26 @@ export class RobotAgent {
         `the SVID carries ${svid.id.toString()}, expected ${this.cfg.spiffeId}`,
       );
     }
+    if (this.cfg.tasks.allow.length > 0) {
+      const missing = sandboxToolsMissing();
+      if (missing.length > 0) {
+        throw new Error(
+          `tasks need util-linux ${
+            missing.join(" and ")
+          } (rlimits, user switch, no_new_privs, death signal): install util-linux, or set no tasks.allow`,
+        );
+      }
+    }
+    if (this.cfg.tasks.allow.length > 0) {
+      const c = this.tasks.containment;
+      if (c.kind === "cgroup") this.o.log("tasks.containment", { cgroup: c.parent });
+      else {
+        // Said, not hidden: what a task moves out of its process group may outlive it.
+        this.o.log("tasks.uncontained", { reason: c.reason, hint: c.hint });
+      }
+    }
+    // The id store first: what it has forgotten bounds every message's age from the first one.
+    await this.tasks.ids.load();
     this.opening = Outbox.open({
       stateDir: this.cfg.stateDir,
       robotId: this.cfg.robotId,
@@ -229,8 +349,10 @@ export class RobotAgent {
         return;
       }
       this.o.log("svid.updated", { expires: s.notAfter.toISOString() });
+      this.metrics.observeSvid();
       this.session.refreshTls("SVID or bundle update");
     });
+    this.metrics.observeSvid();
     this.session.start();
     this.heartbeatTimer = setInterval(
       () => this.heartbeat(),
@@ -283,6 +405,7 @@ export class RobotAgent {
       agentVersion: VERSION,
       heartbeatIntervalSeconds: this.cfg.mqtt.heartbeatSeconds,
       svidExpiresAt: svid.notAfter.toISOString(),
+      svidIssuedAt: svid.notBefore.toISOString(),
       device: deviceInfo(),
       bootId: this.bootId,
       connection,
@@ -297,6 +420,7 @@ export class RobotAgent {
 
   /** Queues one heartbeat (durably) and publishes it; resolves when acknowledged. */
   heartbeat(): Promise<unknown> {
+    const t = this.metrics.heartbeatFields();
     const hb: HeartbeatMessage = {
       v: PROTOCOL_VERSION,
       type: "heartbeat",
@@ -306,27 +430,55 @@ export class RobotAgent {
       bootId: this.bootId,
       svidExpiresAt: this.o.source.getX509Svid().notAfter.toISOString(),
       load: loadAverage(),
+      // Telemetry (optional fields, docs/PROTOCOL.md): what the fleet's alerts need.
+      ...(t.svidIssuedAt ? { svidIssuedAt: t.svidIssuedAt } : {}),
+      workloadApi: t.workloadApi,
+      outboundQueueDepth: t.outboundQueueDepth,
     };
     this.counters.heartbeats++;
     return this.enqueue("heartbeat", upTopic(this.cfg.robotId, "heartbeat"), encode(hb)).sent;
   }
 
   private onMessage(topic: string, payload: Uint8Array) {
-    const d = decodeDown(topic, payload);
-    if (!d.ok) {
+    const t = this.cfg.tasks;
+    const v = checkDown(topic, payload, {
+      robotId: this.cfg.robotId,
+      bundles: this.o.source,
+      signerId: t.signerSpiffeId,
+      // The clock, the window, and what the id store can vouch for.
+      ...this.tasks.timeRules(),
+      cache: this.chains,
+    });
+    if (!v.ok && v.kind === "malformed") {
       this.counters.malformed++;
-      this.o.log("mqtt.malformed", { topic, reason: d.reason, error: d.error });
+      this.o.log("mqtt.malformed", { topic, reason: v.reason, error: v.error });
       return;
     }
-    if (d.robotId !== this.cfg.robotId) {
-      this.counters.malformed++;
-      this.o.log("mqtt.malformed", { topic, reason: "robot-id-mismatch" });
+    if (!v.ok) {
+      if (v.type === "cancel") {
+        this.counters.refusedCancels[v.reason]++;
+        this.o.log("cancel.refused", { task: v.taskId, reason: v.reason, error: v.error });
+        return;
+      }
+      this.counters.refused[v.reason]++;
+      this.o.log("task.refused", { task: v.taskId, reason: v.reason, error: v.error });
+      if (v.taskId !== undefined) this.refusalReport(v.taskId, v.reason, v.error);
       return;
     }
-    const m = d.message;
+    const m = v.message;
     if (m.type === "cancel") {
-      const ok = this.tasks.cancel(m.taskId, m.reason ? `cancelled: ${m.reason}` : "cancelled");
-      this.o.log("task.cancel", { task: m.taskId, running: ok });
+      this.counters.cancels++;
+      const why = `cancelled by the fleet server${m.reason ? `: ${m.reason}` : ""}`;
+      const p = this.tasks.cancel(
+        m.taskId,
+        why,
+        (r) => this.report(r),
+        m.ts,
+      ).then((outcome) => {
+        if (outcome === "not-running") this.counters.cancelNotRunning++;
+        this.o.log("task.cancel", { task: m.taskId, outcome });
+      });
+      this.track(p);
       return;
     }
     this.counters.tasks++;
@@ -338,30 +490,66 @@ export class RobotAgent {
         env: m.env,
         cwd: m.cwd,
         timeoutSeconds: m.timeoutSeconds,
-        expiresAt: m.expiresAt,
+        createdAt: m.createdAt,
       },
       (r) => this.report(r),
     ).then((how) => {
       if (how === "duplicate") this.counters.duplicateTasks++;
+      if (how === "replay") {
+        this.counters.refused.replay++;
+        const error = "replay: task id seen before; it never runs twice";
+        this.o.log("task.refused", { task: m.id, reason: "replay", error });
+        this.refusalReport(m.id, "replay", error);
+      }
     });
     this.track(p);
   }
 
   /**
-   * Queues a task-status durably; resolves once it is on disk (sent in the background): true,
-   * or false when it could not be queued (the agent is stopping).
+   * A refusal of a task that could not be trusted: published once (QoS 1) when connected and
+   * within the rate limit, never queued on disk; otherwise only counted.
    */
-  private report(r: TaskReport): Promise<boolean> {
+  private refusalReport(taskId: string, reason: RefusalReason, error: string): void {
+    const nowMs = Date.now();
+    const refill = Math.floor((nowMs - this.reportRefilledAt) / REPORT_REFILL_MS);
+    if (refill > 0) {
+      this.reportTokens = Math.min(REPORT_BURST, this.reportTokens + refill);
+      this.reportRefilledAt += refill * REPORT_REFILL_MS;
+    }
+    if (this.reportTokens < 1 || !this.session.connected) {
+      this.counters.refusalReportsSuppressed++;
+      return;
+    }
+    this.reportTokens--;
+    this.counters.refusalReportsSent++;
+    const payload = encodeTaskStatus(this.cfg.robotId, {
+      taskId,
+      state: "refused",
+      reason,
+      error,
+    });
+    this.track(this.session.publish(upTopic(this.cfg.robotId, "task"), payload));
+  }
+
+  /**
+   * Queues a task-status durably; resolves once it is on disk (sent in the background): true;
+   * `{ durable }` when its write failed (kept in memory, sent, written again: the runner keeps
+   * the task in its journal until it is on disk); false when it could not be queued (the agent
+   * is stopping). See `Reporter` in task_runner.ts.
+   */
+  private report(r: TaskReport): Promise<ReturnType<typeof resultTaken>> {
     this.o.log("task.report", { task: r.taskId, state: r.state, exit: r.exitCode, error: r.error });
     const payload = encodeTaskStatus(this.cfg.robotId, r);
     return this.enqueue("result", upTopic(this.cfg.robotId, "task"), payload).queued.then(
-      (e) => e !== undefined,
+      resultTaken,
     );
   }
 
   /** Stops tasks (their results queued), says "offline", waits (bounded) for acks, disconnects. */
   async stop(reason = "agent stopped"): Promise<void> {
     this.stopped = true;
+    // From now on a delivered task is refused (and its id claimed), never started.
+    this.tasks.refuseNew("agent stopping");
     if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
     this.unsubscribe?.();
     // A start still recovering interrupted tasks finishes first: their reports must be queued.
@@ -378,6 +566,7 @@ export class RobotAgent {
     await this.session.close(5000);
     await Promise.allSettled([...this.running]);
     await this.outbox?.close();
+    await this.tasks.ids.close().catch(() => {});
     const s = this.stats;
     this.o.log("agent.stopped", {
       connects: s.connects,
@@ -388,7 +577,24 @@ export class RobotAgent {
       denied: s.denied,
       buffered: s.buffered,
       malformed: s.malformed,
+      refused: s.refused,
+      refusedCancels: s.refusedCancels,
+      refusalReports: s.refusalReportsSent,
+      refusalReportsSuppressed: s.refusalReportsSuppressed,
       queued: s.queue?.entries,
+      unwritten: s.queue?.unwritten,
     });
   }
+}
+
+function zeroReasons(): Record<RefusalReason, number> {
+  return Object.fromEntries(REFUSAL_REASONS.map((r) => [r, 0])) as Record<RefusalReason, number>;
+}
+
+/** Where tasks of the task user run when they name no cwd: its home when it exists, else /. */
+function taskUserCwd(u: TaskUser): string {
+  try {
+    if (u.home && Deno.statSync(u.home).isDirectory) return u.home;
+  } catch { /* no home */ }
+  return "/";
 }

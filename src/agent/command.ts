@@ -17,6 +17,14 @@ import { findSpireBinaries } from "../spire/binaries.ts";
 import { type AgentConfig, loadAgentConfig } from "./config.ts";
 import { lineLogger, RobotAgent } from "./agent.ts";
 import type { Logger } from "./mqtt_session.ts";
+import {
+  DEFAULT_TASK_USER,
+  ensureTaskUser,
+  requireTaskUser,
+  resolveTaskUser,
+  type TaskUser,
+} from "./task_user.ts";
+import { secureSocketDir } from "../spire/socket_dir.ts";
 import { enrollRobot } from "./enroll.ts";
 import { robotCsr } from "./x509pop.ts";
 import { renderAgentUnit, selfExec } from "./service.ts";
@@ -31,6 +39,8 @@ import { AGENT_UNIT_PATH, dataDirFromEnv, robotHostPaths } from "../fleet/paths.
 import { isRobotId } from "../fleet/topics.ts";
 import { decodePem } from "../spiffe/pem.ts";
 import { formatDuration } from "../fleet/duration.ts";
+import { formatHostPort } from "../fleet/addresses.ts";
+import { type MetricsServer, serveMetrics } from "../metrics/mod.ts";
 
 const csrCommand: CommandSpec = {
   name: "csr",
@@ -196,6 +206,18 @@ the control host, writes agent.yaml and the state (default /etc/k8s4r, /var/lib/
       valueName: "DURATION",
       description: "The managed spire-agent's sync_interval (default: SPIRE's, 5s)",
     },
+    {
+      name: "metrics-listen",
+      type: "string",
+      valueName: "HOST:PORT",
+      description: "Serve Prometheus metrics on this loopback address (metrics.listen)",
+    },
+    {
+      name: "spire-telemetry",
+      type: "string",
+      valueName: "HOST:PORT",
+      description: "The managed spire-agent's Prometheus telemetry, on loopback (default: none)",
+    },
   ],
   run: (args, io) => runAgentCommand(args, io),
 };
@@ -221,11 +243,28 @@ async function runAgentCommand(args: Args, io: Io): Promise<number> {
       }
     }
     const dd = dataDirFromEnv(args.string("data-dir"), io.env);
+    // As root, tasks run as k8s4r-task (the agent refuses to run them as root): named in
+    // agent.yaml and created now, so that allowing a task later is all it takes.
+    const root = Deno.uid() === 0;
     const r = await enrollRobot({
       file: resolve(io.cwd, enroll),
       paths: robotHostPaths(dd !== undefined ? resolve(io.cwd, dd) : undefined),
       cwd: io.cwd,
+      taskUser: root ? DEFAULT_TASK_USER : undefined,
     });
+    if (root) {
+      const written = (await loadAgentConfig({
+        cwd: io.cwd,
+        env: {},
+        flags: { config: r.paths.agentConfig },
+      }).catch(() => undefined))?.tasks.user;
+      if (written === DEFAULT_TASK_USER) {
+        const u = await ensureTaskUser(io.runner, DEFAULT_TASK_USER);
+        io.stderr.write(
+          `task user ${u.name} (uid ${u.uid}${u.created ? ", created" : ""}): tasks run as it\n`,
+        );
+      }
+    }
     io.stderr.write(
       `enrolled ${r.enrollment.robotId} (${r.enrollment.attestation.type}): ${
         r.updatedConfig ? "updated" : "wrote"
@@ -251,6 +290,8 @@ async function runAgentCommand(args: Args, io: Io): Promise<number> {
       noManageSpire: args.bool("no-manage-spire"),
       spireSyncInterval: args.string("spire-sync-interval"),
       spireAgentBin: args.string("spire-agent-bin"),
+      metricsListen: args.string("metrics-listen"),
+      spireTelemetry: args.string("spire-telemetry"),
     },
   });
   // The token must not reach the environment of anything we start (spire-agent, tasks):
@@ -289,8 +330,22 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
   let spire: SpireAgentSupervisor | undefined;
   let source: X509Source | undefined;
   let agent: RobotAgent | undefined;
+  // As root with tasks to run: only as tasks.user. With tasks.user set, the agent must be able
+  // to start tasks as that user, or not start; with no task allowed it is not needed (an
+  // enrolled robot's agent.yaml names k8s4r-task before anyone creates it).
+  requireTaskUser(config.tasks, config.file);
+  let taskUser: TaskUser | undefined;
+  if (config.tasks.user !== undefined && config.tasks.allow.length > 0) {
+    taskUser = await resolveTaskUser(io.runner, config.tasks.user, config.tasks.group);
+    log("tasks.user", { user: taskUser.name, uid: taskUser.uid, gid: taskUser.gid });
+  } else if (config.tasks.user !== undefined) {
+    log("tasks.user", { user: config.tasks.user, checked: false, why: "tasks.allow is empty" });
+  }
+  let metrics: MetricsServer | undefined;
   try {
     if (config.spire.manage) spire = await startSpire(config, io, log);
+    // Someone else's SPIRE agent: its socket directory must still be its user's (or root's).
+    else await secureSocketDir(config.spire.socketPath, { create: false });
     try {
       source = await X509Source.create({
         address: `unix://${config.spire.socketPath}`,
@@ -314,7 +369,7 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
       throw new CliError(`the SPIRE agent gave ${svid.id}, expected ${config.spiffeId}`);
     }
     log("svid.ready", { spiffeId: svid.id.toString(), expires: svid.notAfter.toISOString() });
-    agent = new RobotAgent({ config, source, log, cwd: io.cwd });
+    agent = new RobotAgent({ config, source, log, cwd: io.cwd, taskUser });
     try {
       await agent.start();
     } catch (err) {
@@ -324,6 +379,19 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
         `the agent keeps its task ids, running tasks and outbound queue in ${config.stateDir}: it must be a writable directory`,
       );
     }
+    const ml = config.metrics.listen;
+    if (ml) {
+      try {
+        metrics = serveMetrics(agent.metrics, ml);
+      } catch (err) {
+        throw new CliError(
+          `cannot serve metrics on ${formatHostPort(ml.hostname, ml.port)}: ${errorMessage(err)}`,
+          1,
+          "choose a free loopback port (metrics.listen in plugins.yaml, or --metrics-listen)",
+        );
+      }
+      log("metrics.listening", { url: metrics.url });
+    }
     if (!io.signal.aborted) {
       await new Promise<void>((resolve) =>
         io.signal.addEventListener("abort", () => resolve(), { once: true })
@@ -331,6 +399,7 @@ export async function runAgent(config: AgentConfig, io: Io, log: Logger): Promis
     }
     log("agent.stopping", { reason: "signal" });
   } finally {
+    await metrics?.close().catch(() => {});
     await agent?.stop("agent stopped").catch((err) =>
       log("agent.stop_error", { error: errorMessage(err) })
     );
@@ -409,6 +478,7 @@ async function startSpire(
     serverPort: s.serverPort,
     logLevel: s.logLevel,
     syncInterval: s.syncInterval,
+    telemetry: s.telemetry,
     nodeAttestor: s.nodeAttestor,
     onEvent: (e: AgentEvent) => {
       const { type, ...rest } = e;

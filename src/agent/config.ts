@@ -16,8 +16,14 @@ import { isMap, isScalar, isSeq, LineCounter, parseDocument, type Scalar } from 
 import type { Node, Pair, YAMLMap } from "yaml";
 import { ConfigError, UsageError } from "../cli/errors.ts";
 import { isRobotId } from "../fleet/topics.ts";
-import { brokerSpiffeId, robotSpiffeId } from "../fleet/mod.ts";
+import {
+  brokerSpiffeId,
+  DEFAULT_AGENT_SOCKET,
+  fleetServerSpiffeId,
+  robotSpiffeId,
+} from "../fleet/mod.ts";
 import { GO_DURATION } from "../spire/agent.ts";
+import { isLoopbackHost } from "../metrics/mod.ts";
 import { PRODUCTION_AGENT_CONFIG } from "../fleet/paths.ts";
 import type { NodeAttestorConfig } from "../spire/node_attestor.ts";
 import {
@@ -26,6 +32,8 @@ import {
   parseBrokerUrl,
   parseHostPort,
 } from "../fleet/addresses.ts";
+import { DEFAULT_CLOCK_SKEW_SECONDS, MAX_TASK_TTL_SECONDS } from "../mqtt/signed.ts";
+import { allowEnvEntryError, DEFAULT_ALLOW_ENV } from "./task_sandbox.ts";
 
 export { type BrokerUrl, parseBrokerUrl };
 
@@ -55,6 +63,8 @@ export interface AgentSpireConfig {
   agentBin?: string;
   /** How the node attests: a join token (default) or x509pop with a key and certificate. */
   nodeAttestor: NodeAttestorConfig;
+  /** The managed spire-agent's Prometheus telemetry exporter (loopback); undefined = none. */
+  telemetry?: { host: string; port: number };
 }
 
 export interface AgentMqttConfig {
@@ -77,12 +87,7 @@ export interface AgentConfig {
   spiffeId: string;
   spire: AgentSpireConfig;
   mqtt: AgentMqttConfig;
-  tasks: {
-    /** `["*"]` allows every executable; otherwise exact names or absolute paths. */
-    allow: string[];
-    /** Grace between SIGTERM and SIGKILL when a task times out. */
-    killGraceSeconds: number;
-  };
+  tasks: AgentTasksConfig;
   rotation: {
     /** Reconnect with a fresh SVID at the latest this long before the current one expires. */
     marginSeconds: number;
@@ -101,6 +106,44 @@ export interface AgentConfig {
    * queue, a transient token file.
    */
   stateDir: string;
+  /**
+   * The agent's own Prometheus page (docs/METRICS.md): `metrics.listen` (or `--metrics-listen`),
+   * a loopback `HOST:PORT`; undefined = not served (the heartbeat still carries the telemetry).
+   */
+  metrics: { listen?: { hostname: string; port: number } };
+}
+
+export interface AgentTasksConfig {
+  /**
+   * `["*"]` allows every executable; otherwise names (allowing the file the name resolves to
+   * with the agent's PATH) or absolute paths.
+   */
+  allow: string[];
+  /**
+   * Environment variables a task may set: names, or prefixes ending in `*` (default
+   * `DEFAULT_ALLOW_ENV`: LANG, LANGUAGE, LC_*, TZ). A task setting any other is refused.
+   */
+  allowEnv: string[];
+  /** Grace between SIGTERM and SIGKILL when a task times out or is cancelled. */
+  killGraceSeconds: number;
+  /** Run tasks as this unprivileged user (name or uid); unset: as the agent's own uid. */
+  user?: string;
+  /** Their group (default: the user's primary group). */
+  group?: string;
+  /** The fleet server's SPIFFE ID: the only signer accepted. */
+  signerSpiffeId: string;
+  /** Allowed difference between the robot's and the server's clocks. */
+  clockSkewSeconds: number;
+  /** Tasks created longer ago than this (plus the skew) are refused as replays. */
+  maxAgeSeconds: number;
+  /** Tasks running at once; more are refused (`busy`). */
+  maxConcurrent: number;
+  /** rlimits of each task. */
+  cpuSeconds: number;
+  memoryBytes: number;
+  openFiles: number;
+  /** RLIMIT_NPROC of the task user (only with `user`). */
+  maxProcesses: number;
 }
 
 /** Command-line overrides (flags win over env and file). */
@@ -117,6 +160,10 @@ export interface AgentFlags {
   spireSyncInterval?: string;
   /** `--spire-agent-bin`: the spire-agent to run (the dev stack passes the one it checked). */
   spireAgentBin?: string;
+  /** `--metrics-listen HOST:PORT` (loopback), or "" to serve no metrics page. */
+  metricsListen?: string;
+  /** `--spire-telemetry HOST:PORT`: the managed spire-agent's Prometheus exporter (loopback). */
+  spireTelemetry?: string;
 }
 
 export const DEFAULT_CONFIG_PATH = "config/agent/plugins.yaml";
@@ -205,7 +252,18 @@ const SCHEMA: Record<string, Record<string, Kind>> = {
   },
   tasks: {
     allow: { t: "list" },
+    allowEnv: { t: "list" },
     killGraceSeconds: { t: "int", min: 1, max: 600 },
+    user: { t: "string" },
+    group: { t: "string" },
+    signerSpiffeId: { t: "string" },
+    clockSkewSeconds: { t: "int", min: 0, max: 3600 },
+    maxAgeSeconds: { t: "int", min: 60, max: 30 * 24 * 3600 },
+    maxConcurrent: { t: "int", min: 1, max: 256 },
+    cpuSeconds: { t: "int", min: 1, max: 7 * 24 * 3600 },
+    memoryBytes: { t: "int", min: 16 * 1024 * 1024, max: 2 ** 50 },
+    openFiles: { t: "int", min: 16, max: 1 << 20 },
+    maxProcesses: { t: "int", min: 1, max: 1 << 22 },
   },
   rotation: {
     marginSeconds: { t: "int", min: 1, max: 24 * 3600 },
@@ -217,7 +275,19 @@ const SCHEMA: Record<string, Record<string, Kind>> = {
   robot: {
     id: { t: "string", nonEmpty: true },
   },
+  metrics: {
+    listen: { t: "string" },
+  },
 };
+
+/** Defaults of the task sandbox (docs/PROTOCOL.md, "Task sandbox"). */
+export const DEFAULT_TASK_LIMITS = {
+  maxConcurrent: 4,
+  cpuSeconds: 3600,
+  memoryBytes: 1024 * 1024 * 1024,
+  openFiles: 1024,
+  maxProcesses: 256,
+} as const;
 
 /** Defaults of the outbound queue: ~27 h of heartbeats at 10 s, or 128 full-size results. */
 export const DEFAULT_QUEUE_MAX_MESSAGES = 10_000;
@@ -480,6 +550,67 @@ export function agentConfigFromText(
   return { config: buildConfig(values, opts), values };
 }
 
+function tasksConfig(
+  get: <T extends Value>(key: string, d: T) => T,
+  lineOf: (key: string) => number | undefined,
+  display: string,
+  trustDomain: string,
+): AgentTasksConfig {
+  // No allow-list: the agent runs no task at all (every task is refused).
+  const allow = get("tasks.allow", [] as string[]);
+  for (const e of allow) {
+    if (e !== "*" && e.includes("/") && !isAbsolute(e)) {
+      throw new ConfigError(
+        display,
+        lineOf("tasks.allow"),
+        "tasks.allow",
+        `expected "*", program names or absolute paths, got ${JSON.stringify(e)}`,
+      );
+    }
+  }
+  const allowEnv = get("tasks.allowEnv", [...DEFAULT_ALLOW_ENV] as string[]);
+  for (const e of allowEnv) {
+    const error = allowEnvEntryError(e);
+    if (error) throw new ConfigError(display, lineOf("tasks.allowEnv"), "tasks.allowEnv", error);
+  }
+  const signer = get("tasks.signerSpiffeId", "") || fleetServerSpiffeId(trustDomain);
+  if (!/^spiffe:\/\/[a-z0-9._-]+\/\S+$/.test(signer)) {
+    throw new ConfigError(
+      display,
+      lineOf("tasks.signerSpiffeId"),
+      "tasks.signerSpiffeId",
+      `expected a SPIFFE ID like ${fleetServerSpiffeId(trustDomain)}, got ${
+        JSON.stringify(signer)
+      }`,
+    );
+  }
+  const user = get("tasks.user", "") || undefined;
+  const group = get("tasks.group", "") || undefined;
+  if (group !== undefined && user === undefined) {
+    throw new ConfigError(
+      display,
+      lineOf("tasks.group"),
+      "tasks.group",
+      "expected tasks.user too (the group of the user tasks run as)",
+    );
+  }
+  return {
+    allow,
+    allowEnv,
+    killGraceSeconds: get("tasks.killGraceSeconds", 5),
+    user,
+    group,
+    signerSpiffeId: signer,
+    clockSkewSeconds: get("tasks.clockSkewSeconds", DEFAULT_CLOCK_SKEW_SECONDS),
+    maxAgeSeconds: get("tasks.maxAgeSeconds", MAX_TASK_TTL_SECONDS),
+    maxConcurrent: get("tasks.maxConcurrent", DEFAULT_TASK_LIMITS.maxConcurrent),
+    cpuSeconds: get("tasks.cpuSeconds", DEFAULT_TASK_LIMITS.cpuSeconds),
+    memoryBytes: get("tasks.memoryBytes", DEFAULT_TASK_LIMITS.memoryBytes),
+    openFiles: get("tasks.openFiles", DEFAULT_TASK_LIMITS.openFiles),
+    maxProcesses: get("tasks.maxProcesses", DEFAULT_TASK_LIMITS.maxProcesses),
+  };
+}
+
 function buildConfig(
   values: FileValues,
   o: LoadOptions & { file?: string; display: string },
@@ -604,12 +735,51 @@ function buildConfig(
     nodeAttestor = { type: "x509pop", privateKeyPath: abs(key), certificatePath: abs(cert) };
   }
 
+  // The loopback metrics page: flag, then the file. Only a loopback address: robots must not open
+  // a port to their network (the fleet sees the same values through the heartbeat).
+  let metricsListen: { hostname: string; port: number } | undefined;
+  const ml = flags.metricsListen ?? get("metrics.listen", "");
+  if (ml !== "") {
+    const where = flags.metricsListen !== undefined
+      ? (m: string) => new UsageError(`agent: --metrics-listen: ${m}`)
+      : (m: string) => new ConfigError(display, lineOf("metrics.listen"), "metrics.listen", m);
+    let hp: HostPort;
+    try {
+      hp = parseHostPort(ml, "127.0.0.1:9803");
+    } catch (err) {
+      throw where((err as Error).message);
+    }
+    if (!isLoopbackHost(hp.host)) {
+      throw where(
+        `expected a loopback address (127.0.0.1, [::1], localhost), got ${JSON.stringify(ml)}`,
+      );
+    }
+    metricsListen = { hostname: hp.host, port: hp.port };
+  }
+  let telemetry: { host: string; port: number } | undefined;
+  if (flags.spireTelemetry !== undefined && flags.spireTelemetry !== "") {
+    let hp: HostPort;
+    try {
+      hp = parseHostPort(flags.spireTelemetry, "127.0.0.1:9802");
+    } catch (err) {
+      throw new UsageError(`agent: --spire-telemetry: ${(err as Error).message}`);
+    }
+    if (!isLoopbackHost(hp.host)) {
+      throw new UsageError(
+        `agent: --spire-telemetry: expected a loopback address, got ${
+          JSON.stringify(flags.spireTelemetry)
+        }`,
+      );
+    }
+    telemetry = hp;
+  }
+
   return {
     file: o.file,
     robotId,
     spiffeId: robotSpiffeId(trustDomain, robotId),
     spire: {
-      socketPath: abs(flags.socket ?? get("spire.socketPath", "/tmp/spire-agent/agent.sock")),
+      socketPath: abs(flags.socket ?? get("spire.socketPath", DEFAULT_AGENT_SOCKET)),
       trustDomain,
       serverHost: sa.host,
       serverPort: sa.port,
@@ -624,6 +794,7 @@ function buildConfig(
       syncInterval: flags.spireSyncInterval,
       agentBin: flags.spireAgentBin !== undefined ? abs(flags.spireAgentBin) : undefined,
       nodeAttestor,
+      telemetry,
     },
     mqtt: {
       brokerUrl: broker.url,
@@ -634,16 +805,13 @@ function buildConfig(
       keepaliveSeconds: get("mqtt.keepaliveSeconds", 30),
       sessionExpirySeconds: get("mqtt.sessionExpirySeconds", 3600),
     },
-    tasks: {
-      // No allow-list: the agent runs no task at all (every task is refused).
-      allow: get("tasks.allow", [] as string[]),
-      killGraceSeconds: get("tasks.killGraceSeconds", 5),
-    },
+    tasks: tasksConfig(get, lineOf, display, trustDomain),
     rotation: { marginSeconds: get("rotation.marginSeconds", 300) },
     queue: {
       maxMessages: get("queue.maxMessages", DEFAULT_QUEUE_MAX_MESSAGES),
       maxBytes: get("queue.maxBytes", DEFAULT_QUEUE_MAX_BYTES),
     },
     stateDir: resolve(dataDir, "k8s4r-agent"),
+    metrics: { listen: metricsListen },
   };
 }

@@ -45,6 +45,40 @@ Deno.test("the committed plugins.yaml gives the guide's defaults", async () => {
   assert.deepEqual(c.tasks.allow, ["*"]);
 });
 
+Deno.test("task defaults: signatures required, the fleet server signs, the window, the limits", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const c = await loadAgentConfig({ cwd: dir, env: { ROBOT_ID: "robot-001" }, flags: {} });
+    assert.equal(c.spire.socketPath, "/run/k8s4r/agent.sock");
+    assert.deepEqual(c.tasks, {
+      allow: [],
+      allowEnv: ["LANG", "LANGUAGE", "LC_*", "TZ"],
+      killGraceSeconds: 5,
+      user: undefined,
+      group: undefined,
+      signerSpiffeId: "spiffe://k8s4r.example.org/fleet-server",
+      clockSkewSeconds: 300,
+      maxAgeSeconds: 7 * 24 * 3600,
+      maxConcurrent: 4,
+      cpuSeconds: 3600,
+      memoryBytes: 1024 ** 3,
+      openFiles: 1024,
+      maxProcesses: 256,
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+  const set = await load(
+    "spire:\n  trustDomain: td.test\ntasks:\n  user: k8s4r-task\n  group: k8s4r-task\n" +
+      "  maxConcurrent: 2\n  openFiles: 64\n",
+  );
+  assert.equal(set.tasks.user, "k8s4r-task");
+  assert.equal(set.tasks.group, "k8s4r-task");
+  assert.equal(set.tasks.signerSpiffeId, "spiffe://td.test/fleet-server");
+  assert.equal(set.tasks.maxConcurrent, 2);
+  assert.equal(set.tasks.openFiles, 64);
+});
+
 Deno.test("env overrides the file, flags override env", async () => {
   const yaml = 'spire:\n  joinToken: "${SPIRE_JOIN_TOKEN:-}"\nmqtt:\n  brokerUrl: ssl://file:1\n' +
     "  heartbeatSeconds: 7\n";
@@ -124,11 +158,11 @@ const BAD: [string, string][] = [
   ],
   [
     "foo: 1\n",
-    "p.yaml:1: foo: unknown section; expected one of spire, mqtt, tasks, rotation, queue, robot",
+    "p.yaml:1: foo: unknown section; expected one of spire, mqtt, tasks, rotation, queue, robot, metrics",
   ],
   [
     "- a\n",
-    "p.yaml:1: expected a mapping with sections spire, mqtt, tasks, rotation, queue, robot, got a list",
+    "p.yaml:1: expected a mapping with sections spire, mqtt, tasks, rotation, queue, robot, metrics, got a list",
   ],
   [
     "queue:\n  maxMessages: 5\n",
@@ -156,6 +190,34 @@ const BAD: [string, string][] = [
   [
     "mqtt:\n  brokerSpiffeId: mqtt-broker\n",
     'p.yaml:2: mqtt.brokerSpiffeId: expected a SPIFFE ID like spiffe://k8s4r.example.org/mqtt-broker, got "mqtt-broker"',
+  ],
+  [
+    "tasks:\n  allow: [./run.sh]\n",
+    'p.yaml:2: tasks.allow: expected "*", program names or absolute paths, got "./run.sh"',
+  ],
+  [
+    "tasks:\n  allowEnv: [LANG, LD_PRELOAD]\n",
+    'p.yaml:2: tasks.allowEnv: "LD_PRELOAD" can never be allowed (LD_PRELOAD: LD_* variables are loader or shell hooks of the start chain)',
+  ],
+  [
+    'tasks:\n  allowEnv: ["*"]\n',
+    'p.yaml:2: tasks.allowEnv: "*" would allow PATH, which can never be allowed (PATH: the agent resolves the executable with its own PATH and gives tasks that one)',
+  ],
+  [
+    "tasks:\n  allowEnv: [my-var]\n",
+    'p.yaml:2: tasks.allowEnv: expected variable names or prefixes ending in * (LC_*), got "my-var"',
+  ],
+  [
+    "tasks:\n  group: g\n",
+    "p.yaml:2: tasks.group: expected tasks.user too (the group of the user tasks run as)",
+  ],
+  [
+    "tasks:\n  signerSpiffeId: fleet-server\n",
+    'p.yaml:2: tasks.signerSpiffeId: expected a SPIFFE ID like spiffe://k8s4r.example.org/fleet-server, got "fleet-server"',
+  ],
+  [
+    "tasks:\n  maxConcurrent: 0\n",
+    "p.yaml:2: tasks.maxConcurrent: expected an integer in 1..256, got 0",
   ],
 ];
 
@@ -320,6 +382,46 @@ Deno.test("config lookup: --data-dir's agent.yaml, then the project's plugins.ya
     assert.equal(
       (await loadAgentConfig(opts({ config: "x.yaml", dataDir: `${dir}/robot` }))).robotId,
       "from-flag",
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("metrics.listen: a loopback HOST:PORT (file or flag); anything else names the key", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = `${dir}/p.yaml`;
+    const load = (text: string, flags: Record<string, string> = {}) =>
+      Deno.writeTextFile(file, text).then(() =>
+        loadAgentConfig({
+          cwd: dir,
+          env: {},
+          flags: { robotId: "robot-001", config: file, ...flags },
+        })
+      );
+    assert.deepEqual((await load("metrics:\n  listen: 127.0.0.1:9803\n")).metrics, {
+      listen: { hostname: "127.0.0.1", port: 9803 },
+    });
+    assert.deepEqual((await load("mqtt:\n  heartbeatSeconds: 5\n")).metrics, { listen: undefined });
+    await assert.rejects(
+      () => load("metrics:\n  listen: 0.0.0.0:9803\n"),
+      (e: Error) =>
+        e.message ===
+          `${file}:2: metrics.listen: expected a loopback address (127.0.0.1, [::1], localhost), got "0.0.0.0:9803"`,
+    );
+    await assert.rejects(
+      () => load("metrics:\n  listen: nine\n"),
+      /p\.yaml:2: metrics\.listen: expected host:port like 127\.0\.0\.1:9803, got "nine"/,
+    );
+    // The flag wins over the file.
+    assert.deepEqual(
+      (await load("metrics:\n  listen: 127.0.0.1:9803\n", { metricsListen: "[::1]:9900" })).metrics,
+      { listen: { hostname: "::1", port: 9900 } },
+    );
+    await assert.rejects(
+      () => load("", { metricsListen: "10.0.0.1:9900" }),
+      /--metrics-listen: expected a loopback address/,
     );
   } finally {
     await Deno.remove(dir, { recursive: true });

@@ -15,7 +15,7 @@
  */
 import { X509Certificate } from "node:crypto";
 import { dirname } from "node:path";
-import { Document, isMap, parseDocument } from "yaml";
+import { Document, isMap, parseDocument, type Scalar, type YAMLMap } from "yaml";
 import { CliError, ConfigError } from "../cli/errors.ts";
 import {
   checkEnrollmentUsable,
@@ -37,6 +37,8 @@ export interface EnrollOptions {
   paths: RobotHostPaths;
   cwd: string;
   now?: number;
+  /** `tasks.user` to write when agent.yaml names none (the caller enrolls as root). */
+  taskUser?: string;
 }
 
 export interface EnrollResult {
@@ -52,6 +54,8 @@ export function renderAgentYaml(
   e: Enrollment,
   p: RobotHostPaths,
   existingName = p.agentConfig,
+  /** Written as `tasks.user` when the file names none (enrolling as root: `k8s4r-task`). */
+  taskUser?: string,
 ): string {
   let doc: Document;
   if (existing !== undefined && existing.trim() !== "") {
@@ -67,8 +71,8 @@ export function renderAgentYaml(
   } else {
     doc = new Document({});
     doc.commentBefore = ` The k8s4r agent of ${e.robotId}, written by \`k8s4r agent --enroll\`.\n` +
-      " Enrolling again rewrites robot.id, spire.* and mqtt.brokerUrl/brokerSpiffeId; keep your\n" +
-      " own settings (tasks, rotation, heartbeats) in the other keys.";
+      " Enrolling again rewrites robot.id, spire.*, mqtt.brokerUrl/brokerSpiffeId and\n" +
+      " tasks.signerSpiffeId; keep your own settings (tasks, rotation, heartbeats) in the other keys.";
   }
   const set = (path: string[], v: unknown) => doc.setIn(path, v);
   set(["robot", "id"], e.robotId);
@@ -90,13 +94,24 @@ export function renderAgentYaml(
   }
   set(["mqtt", "brokerUrl"], e.brokerUrl);
   set(["mqtt", "brokerSpiffeId"], e.brokerSpiffeId);
+  // The only signer whose tasks and cancels this robot acts on.
+  set(["tasks", "signerSpiffeId"], e.fleetServerSpiffeId);
   if (!doc.hasIn(["tasks", "allow"])) {
     set(["tasks", "allow"], []);
     const tasks = doc.getIn(["tasks"], true) as { commentBefore?: string } | undefined;
     if (tasks) {
       tasks.commentBefore =
-        " Executables the fleet server may run here: exact names or absolute paths. [] runs none.";
+        " Executables the fleet server may run here: exact names or absolute paths. [] runs none." +
+        "\n An allowed program takes any argv: allowing tar, find, git, env, awk, sed or a shell" +
+        "\n allows everything. Allow fixed scripts.";
     }
+  }
+  // A root agent runs tasks only as an unprivileged user (it refuses to start otherwise).
+  if (taskUser !== undefined && !doc.hasIn(["tasks", "user"])) {
+    const pair = doc.createPair("user", taskUser);
+    (pair.key as Scalar).commentBefore =
+      " Tasks run as this user (created by --enroll), with no capability; never as root.";
+    (doc.getIn(["tasks"], true) as YAMLMap).items.push(pair);
   }
   return doc.toString({ lineWidth: 0 });
 }
@@ -189,7 +204,7 @@ export async function enrollRobot(opts: EnrollOptions): Promise<EnrollResult> {
   );
 
   const existing = await readIfExists(p.agentConfig);
-  const yaml = renderAgentYaml(existing, e, p);
+  const yaml = renderAgentYaml(existing, e, p, p.agentConfig, opts.taskUser);
   // The agent must read back exactly what was meant: judge it with the agent's own loader.
   const { config } = agentConfigFromText(yaml, {
     cwd: opts.cwd,

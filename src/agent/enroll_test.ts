@@ -50,6 +50,7 @@ Deno.test("renderAgentYaml: a new agent.yaml the agent reads back exactly; no to
   assert.deepEqual(c.spire.nodeAttestor, { type: "join_token" });
   assert.equal(c.mqtt.brokerUrl, "mqtts://10.203.0.1:8883");
   assert.deepEqual(c.tasks.allow, []);
+  assert.equal(c.tasks.signerSpiffeId, `spiffe://${TD}/fleet-server`, "the enrollment's signer");
   assert.match(yaml, /# Executables the fleet server may run here/);
 });
 
@@ -75,4 +76,16 @@ Deno.test("renderAgentYaml: enrolling again keeps the operator's keys and commen
     () => renderAgentYaml("- a list\n", enrollment("join_token"), P),
     /expected the agent's YAML config to update/,
   );
+});
+
+Deno.test("renderAgentYaml: enrolling as root names the task user; an operator's own is kept", () => {
+  const yaml = renderAgentYaml(undefined, enrollment("join_token"), P, P.agentConfig, "k8s4r-task");
+  assert.equal(load(yaml).tasks.user, "k8s4r-task");
+  assert.match(yaml, /# Tasks run as this user/);
+  assert.match(yaml, /An allowed program takes any argv/);
+  const mine = yaml.replace("user: k8s4r-task", "user: robot-tasks");
+  const again = renderAgentYaml(mine, enrollment("x509pop"), P, P.agentConfig, "k8s4r-task");
+  assert.equal(load(again).tasks.user, "robot-tasks");
+  // Not as root: no user written (a non-root agent cannot switch to one).
+  assert.equal(load(renderAgentYaml(undefined, enrollment("join_token"), P)).tasks.user, undefined);
 });

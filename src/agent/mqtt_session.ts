@@ -8,10 +8,16 @@
  *
  * How mqtt.js 5.16 behaves (read in node_modules/.deno/mqtt@5.16.0, build/lib/client.js and
  * connect/):
- * - The stream builder reads `client.options` (host, port, key, cert, ca, checkServerIdentity)
- *   on EVERY connection attempt: `connect()` calls `streamBuilder(this)` -> `tls.connect(opts)`
- *   with the very same options object. So updating `client.options.key/cert/ca` takes effect
- *   on the next (re)connect; the current TLS connection keeps its old certificate.
+ * - `MqttClient` calls its stream builder on EVERY connection attempt (`connect()` ->
+ *   `streamBuilder(this)`). Ours (`openTls`) reads `client.options` (key, cert, ca,
+ *   checkServerIdentity) each time, so updating `client.options.key/cert/ca` takes effect on the
+ *   next (re)connect; the current TLS connection keeps its old certificate.
+ * - The client is made with `new MqttClient(openTls, options)`, not `mqtt.connect(url)`:
+ *   `connect()` loads the transports of every scheme on its first call (WebSocket through `ws`,
+ *   SOCKS proxies through `socks` and `ip-address`, plain TCP), ~0.5 MB of JavaScript the agent
+ *   never runs; the agent speaks MQTT over TLS only. `openTls` is what mqtt.js's own TLS
+ *   builder (build/lib/connect/tls.js) does without a SOCKS proxy: `tls.connect`, SNI for a
+ *   host name, and a TLS error reported on the client and the socket ended.
  * - A QoS 1 publish is put in `outgoingStore` before it is written, and stays there until its
  *   PUBACK. While disconnected, publishes also go to `outgoingStore`. On CONNACK, `_onConnect`
  *   replays the whole store before emitting `connect`. So an automatic reconnect (after the
@@ -32,9 +38,16 @@
  * error reason code (e.g. not authorized) is final: counted as denied, not retried.
  */
 import { waitFor } from "../process/mod.ts";
-import mqtt from "mqtt";
-import type { IClientOptions, IPublishPacket, MqttClient } from "mqtt";
-import type { ConnectionOptions, PeerCertificate } from "node:tls";
+import { MqttClient } from "mqtt";
+import type { IClientOptions, IPublishPacket } from "mqtt";
+import { isIP } from "node:net";
+import {
+  connect as tlsConnect,
+  type ConnectionOptions,
+  type PeerCertificate,
+  type TLSSocket,
+} from "node:tls";
+import { parseBrokerUrl } from "../fleet/addresses.ts";
 
 /** What the TLS layer gives us: a snapshot of key, chain, bundle and the peer check. */
 export interface TlsSnapshot {
@@ -118,6 +131,35 @@ interface Pending {
   resolve: (o: PublishOutcome) => void;
 }
 
+/**
+ * A TLS connection to the broker with the client's current key, chain, bundle and peer check
+ * (mqtt.js's TLS stream builder without its SOCKS branch). A TLS error (refused certificate,
+ * wrong broker identity) is emitted on the client, and the socket ended, so mqtt.js reconnects.
+ */
+function openTls(client: MqttClient, host: string, port: number): TLSSocket {
+  const o = client.options as IClientOptions & Pick<ConnectionOptions, "checkServerIdentity">;
+  const socket = tlsConnect({
+    host,
+    port,
+    servername: isIP(host) === 0 ? host : undefined,
+    key: o.key as string,
+    cert: o.cert as string,
+    ca: o.ca as string,
+    rejectUnauthorized: true,
+    checkServerIdentity: o.checkServerIdentity,
+  });
+  const onError = (err: Error) => {
+    client.emit("error", err);
+    socket.end();
+  };
+  socket.on("error", onError);
+  socket.on("secureConnect", () => {
+    if (!socket.authorized) socket.emit("error", new Error("TLS not authorized"));
+    else socket.removeListener("error", onError);
+  });
+  return socket;
+}
+
 /** MQTT DISCONNECT, reason "normal disconnection" (0): the broker then discards the will. */
 const DISCONNECT_NORMAL = Uint8Array.of(0xe0, 0x00);
 
@@ -195,6 +237,13 @@ export class MqttSession {
       // We re-subscribe ourselves after every connect (even when the session is present).
       resubscribe: false,
       queueQoSZero: true,
+      // mqtt-packet otherwise builds, on the first packet, a cache of all 65,536 two-byte
+      // numbers (one Buffer each, ~5 MB of the agent's heap) to save one 2-byte allocation per
+      // packet id, topic length and keepalive: pointless at a few packets per second. The bytes
+      // on the wire are the same (mqtt_session_test.ts). The switch is process-wide in
+      // mqtt-packet (`writeToStream.cacheNumbers`), set by mqtt.js when a client has
+      // `writeCache: false`; nothing else in mqtt.js reads it.
+      writeCache: false,
       will: this.willFor(1),
       key: tls.key,
       cert: tls.cert,
@@ -203,7 +252,8 @@ export class MqttSession {
       // The broker is authenticated by its SPIFFE ID (chain to the SPIRE bundle), not its name.
       checkServerIdentity: tls.checkServerIdentity,
     };
-    const client = mqtt.connect(this.o.url, opts);
+    const { host, port } = parseBrokerUrl(this.o.url);
+    const client: MqttClient = new MqttClient((c) => openTls(c, host, port), opts);
     this.client = client;
     client.on("connect", (connack) => this.onConnect(connack.sessionPresent === true));
     client.on("reconnect", () => {

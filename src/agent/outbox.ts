@@ -13,7 +13,10 @@
  * A crash or a full disk can leave a torn or corrupt line: at open, unreadable lines (bad JSON,
  * bad record, a message the server's validator would drop) are counted, logged and skipped;
  * everything readable is kept. A failed append is cut off again (ftruncate), and the entry stays
- * in memory and is still sent; it is written again with the next append.
+ * in memory (`written` false, counted as `unwritten`) and is still sent; its write is retried with
+ * the next append and on a timer (1 s, doubling to 30 s) until it is on disk. Only then does a
+ * result count as durably queued (`safe`, `resultTaken`): until then the task stays in the
+ * running journal, so a crash before the retry succeeds still reports it at the next start.
  *
  * Bounds: `maxMessages` entries and `maxBytes` bytes of messages. When an entry does not fit,
  * the OLDEST HEARTBEATS are dropped first. Results are never dropped: when results alone fill
@@ -33,6 +36,13 @@ export interface OutboxEntry {
   payload: Uint8Array;
   /** Aborted when the entry is dropped to make room (a heartbeat): do not send it any more. */
   dropped: AbortSignal;
+  /** On disk (written and fsync'd). False after a failed write, until a retry succeeds. */
+  readonly written?: boolean;
+  /**
+   * Resolves true once the entry is on disk or left the queue acknowledged (it can no longer be
+   * lost); false when it was dropped (a heartbeat) or the queue closed before either happened.
+   */
+  safe?: Promise<boolean>;
 }
 
 /** An entry left by a previous run, with its decoded message. */
@@ -62,6 +72,8 @@ export interface OutboxStats {
   corrupt: number;
   /** Appends that failed (the entry was then only in memory). */
   writeErrors: number;
+  /** Entries only in memory now (their write failed; it is being retried). */
+  unwritten: number;
   recovered: number;
 }
 
@@ -69,11 +81,16 @@ interface Live extends OutboxEntry {
   ctl: AbortController;
   line: string;
   written: boolean;
+  safe: Promise<boolean>;
+  settle: (safe: boolean) => void;
 }
 
 export const OUTBOX_FILE = "outbox.log";
 /** Rewrite the file once it has this many dead records and is twice its live size. */
 const COMPACT_DEAD_RECORDS = 512;
+/** A failed write is retried after this long, doubling up to RETRY_MAX_MS. */
+const RETRY_MIN_MS = 1000;
+const RETRY_MAX_MS = 30_000;
 
 const utf8 = new TextEncoder();
 const decoder = new TextDecoder();
@@ -82,6 +99,19 @@ function recordLine(seq: number, kind: OutboxKind, topic: string, payload: Uint8
   return `{"seq":${seq},"kind":"${kind}","topic":${JSON.stringify(topic)},"msg":${
     decoder.decode(payload)
   }}\n`;
+}
+
+/**
+ * What a queued result is to the task runner (its `Reporter` answer, see task_runner.ts): true
+ * when it is on disk; `{ durable }` when its write failed and is being retried (the task stays in
+ * the running journal until `durable` resolves true); false when it was not queued.
+ */
+export function resultTaken(
+  e: OutboxEntry | undefined,
+): boolean | { durable: Promise<boolean> } {
+  if (e === undefined) return false;
+  if (e.written !== false) return true;
+  return { durable: e.safe ?? Promise.resolve(false) };
 }
 
 export class Outbox {
@@ -101,6 +131,8 @@ export class Outbox {
   private closed = false;
   private overLimitLogged = false;
   private droppedLogged = false;
+  private retryTimer?: ReturnType<typeof setTimeout>;
+  private retryMs = RETRY_MIN_MS;
   private readonly counters = {
     droppedHeartbeats: 0,
     overLimit: 0,
@@ -177,6 +209,8 @@ export class Outbox {
       topic: l.topic,
       payload: l.payload,
       dropped: l.dropped,
+      written: true,
+      safe: l.safe,
       message: found.get(l.seq)!.message,
     }));
     this.counters.recovered = this.recovered.length;
@@ -216,7 +250,10 @@ export class Outbox {
   }
 
   private insert(e: OutboxEntry, line: string, ctl: AbortController, written: boolean): Live {
-    const l: Live = { ...e, dropped: ctl.signal, ctl, line, written };
+    let settle!: (safe: boolean) => void;
+    const safe = new Promise<boolean>((resolve) => (settle = resolve));
+    const l: Live = { ...e, dropped: ctl.signal, ctl, line, written, safe, settle };
+    if (written) settle(true);
     this.live.set(e.seq, l);
     this.bytes += e.payload.byteLength;
     if (e.kind === "heartbeat") this.heartbeatSeqs.add(e.seq);
@@ -246,6 +283,7 @@ export class Outbox {
     const seq = this.heartbeatSeqs.values().next().value!;
     const l = this.delete(seq)!;
     l.ctl.abort();
+    l.settle(false);
     this.counters.droppedHeartbeats++;
     if (!this.droppedLogged) {
       this.droppedLogged = true;
@@ -264,6 +302,7 @@ export class Outbox {
       bytes: this.bytes,
       heartbeats: this.heartbeatSeqs.size,
       results: this.live.size - this.heartbeatSeqs.size,
+      unwritten: this.unwritten().length,
       ...this.counters,
     };
   }
@@ -275,9 +314,10 @@ export class Outbox {
   }
 
   /**
-   * Queues a message; resolves once it is on disk (or the write failed: then it is logged and
-   * the entry is kept in memory). Resolves undefined when it was not queued: a heartbeat with no
-   * room left, or the outbox is closed.
+   * Queues a message; resolves once it is on disk, or once its write failed: then it is logged,
+   * kept in memory (`written` false) and written again later (`safe` resolves when it is).
+   * Resolves undefined when it was not queued: a heartbeat with no room left, or the outbox is
+   * closed.
    */
   async add(
     kind: OutboxKind,
@@ -323,7 +363,14 @@ export class Outbox {
   /** The broker acknowledged (or refused for good) this entry: forget it. */
   remove(seq: number): void {
     if (this.closed) return;
-    if (this.delete(seq)) this.kick();
+    const l = this.delete(seq);
+    if (!l) return;
+    l.settle(true); // acknowledged: the broker has it
+    this.kick();
+  }
+
+  private unwritten(): Live[] {
+    return [...this.live.values()].filter((l) => !l.written);
   }
 
   /** Resolves when everything pending so far has been handed to the file. */
@@ -340,7 +387,7 @@ export class Outbox {
       while (this.pending.length > 0 || this.waiters.length > 0) {
         const batch = this.pending.splice(0);
         const waiters = this.waiters.splice(0);
-        if (batch.length > 0) await this.append(batch);
+        if (batch.length > 0 || this.unwritten().length > 0) await this.append(batch);
         if (this.deadRecords >= COMPACT_DEAD_RECORDS && this.fileSize > 2 * this.liveSize()) {
           await this.rewrite().catch((err) => this.writeFailed(err, "compact"));
         }
@@ -358,12 +405,32 @@ export class Outbox {
 
   private writeFailed(err: unknown, what: string) {
     this.counters.writeErrors++;
+    const unwritten = this.unwritten().length;
     this.o.log?.("outbox.write_failed", {
       file: this.file,
       what,
       error: (err as Error).message,
-      note: "kept in memory and still sent; written again with the next append",
+      unwritten,
+      note: unwritten > 0
+        ? `kept in memory and still sent; the write is retried with the next append and in ${this.retryMs} ms; until then a result's task stays in the running journal`
+        : undefined,
     });
+    this.scheduleRetry();
+  }
+
+  /** Writes the entries only in memory again later (backing off), until they are on disk. */
+  private scheduleRetry() {
+    if (this.closed || this.retryTimer !== undefined || this.unwritten().length === 0) return;
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = undefined;
+      this.flush();
+    }, this.retryMs);
+    this.retryMs = Math.min(2 * this.retryMs, RETRY_MAX_MS);
+  }
+
+  private written(l: Live) {
+    l.written = true;
+    l.settle(true);
   }
 
   private async append(batch: { line: string; entry?: Live }[]) {
@@ -375,15 +442,28 @@ export class Outbox {
       .filter((b) => !b.entry || this.live.get(b.entry.seq) === b.entry);
     if (items.length === 0) return;
     const data = utf8.encode(items.map((b) => b.line).join(""));
+    if (!this.fh) {
+      // The open at start failed: try again (the disk may be back).
+      try {
+        this.fh = await Deno.open(this.file, { append: true, create: true, mode: 0o600 });
+        this.fileSize = (await this.fh.stat()).size;
+      } catch (err) {
+        return this.writeFailed(err, "open");
+      }
+    }
     const fh = this.fh;
-    if (!fh) return this.writeFailed(new Error("the outbox file is not open"), "append");
     try {
       let off = 0;
       while (off < data.byteLength) off += await fh.write(data.subarray(off));
       // Only new entries need to be durable; a lost `del` just re-sends an acknowledged message.
       if (items.some((b) => b.entry)) await fh.syncData();
       this.fileSize += data.byteLength;
-      for (const b of items) if (b.entry) b.entry.written = true;
+      for (const b of items) if (b.entry) this.written(b.entry);
+      if (this.unwritten().length === 0) {
+        this.retryMs = RETRY_MIN_MS;
+        clearTimeout(this.retryTimer);
+        this.retryTimer = undefined;
+      }
     } catch (err) {
       this.writeFailed(err, "append");
       // Cut a torn tail off, so the next append starts on a line of its own.
@@ -402,15 +482,18 @@ export class Outbox {
     this.fh = await Deno.open(this.file, { append: true, read: false });
     this.fileSize = utf8.encode(lines).byteLength;
     this.deadRecords = 0;
-    for (const l of this.live.values()) l.written = true;
+    for (const l of this.live.values()) this.written(l);
   }
 
   /** Writes what is pending and closes the file. Entries not acknowledged stay for next time. */
   async close(): Promise<void> {
     if (this.closed) return;
-    await this.flush();
+    await this.flush(); // the last try for entries only in memory
     this.closed = true;
+    clearTimeout(this.retryTimer);
+    this.retryTimer = undefined;
     await this.writer;
+    for (const l of this.unwritten()) l.settle(false);
     this.fh?.close();
     this.fh = undefined;
   }

@@ -4,20 +4,27 @@
  * Hardening, and what was left out because it would break the agent:
  * - kept: NoNewPrivileges, ProtectSystem=strict (only the state and runtime directories, and
  *   the data dir when one is given, are writable), PrivateTmp, ProtectHome, ProtectKernel*,
- *   ProtectControlGroups, ProtectClock, ProtectHostname, RestrictSUIDSGID, RestrictRealtime,
+ *   ProtectClock, ProtectHostname, RestrictSUIDSGID, RestrictRealtime,
  *   RestrictNamespaces, LockPersonality, RestrictAddressFamilies (unix, IPv4/6, netlink for the
  *   interface list), SystemCallArchitectures=native, UMask=0077.
  * - left out: MemoryDenyWriteExecute (V8 writes and then runs machine code), PrivateDevices (a
  *   task may drive the robot's hardware), PrivateNetwork and IPAddressDeny (the agent dials the
- *   SPIRE server and the broker), a capability bounding set and DynamicUser (tasks run as the
- *   agent's user and may need root). A task that must write elsewhere gets a drop-in:
+ *   SPIRE server and the broker), a capability bounding set and DynamicUser (the agent switches
+ *   tasks to `tasks.user`, which needs root's CAP_SETUID/CAP_SETGID/CAP_SETPCAP), and
+ *   ProtectControlGroups (it makes /sys/fs/cgroup read-only: the agent needs to write its
+ *   delegated subtree). A task that must write elsewhere gets a drop-in:
  *   `systemctl edit k8s4r-agent` with `[Service]` `ReadWritePaths=/the/path`.
+ * - added: Delegate=yes, so that the agent may make one cgroup per task below its own
+ *   (task_cgroup.ts) and kill each task whole. The agent runs as root (no User=): it refuses to
+ *   start when tasks are allowed and no `tasks.user` is set, so tasks never run as root.
  *
  * KillMode=mixed: systemd sends SIGTERM to the agent only; the agent says offline, disconnects and
- * stops its spire-agent itself, and whatever is left gets SIGKILL after TimeoutStopSec.
+ * stops its spire-agent itself, and whatever is left gets SIGKILL after TimeoutStopSec. The
+ * tasks' cgroups are below the unit's: when the agent dies (kill -9, a crash), systemd kills
+ * what its tasks left before it restarts it.
  */
 import { basename, dirname, isAbsolute, join } from "node:path";
-import { agentV8FlagsEnv } from "./runtime_flags.ts";
+import { agentRunArgs, agentV8FlagsEnv } from "./runtime_flags.ts";
 import {
   AGENT_UNIT_NAME,
   PRODUCTION_CONFIG_DIR,
@@ -63,7 +70,9 @@ export function renderAgentUnit(o: UnitOptions): string {
   const fromSource = o.exec.length > 1;
   // Running from a source tree in /root or /home: the tree must stay readable.
   const underHome = o.exec.some((a) => /^\/(root|home)(\/|$)/.test(a));
-  const args = [...o.exec, "agent", ...(o.dataDir ? ["--data-dir", o.dataDir] : [])];
+  // From source, the agent's own `deno run` flags (runtime_flags.ts) go after `run`.
+  const exec = [o.exec[0], ...agentRunArgs(o.exec.slice(1))];
+  const args = [...exec, "agent", ...(o.dataDir ? ["--data-dir", o.dataDir] : [])];
   const lines = [
     "# Written by `k8s4r agent service`. Runs the robot enrolled with `k8s4r agent --enroll`.",
     "[Unit]",
@@ -84,6 +93,8 @@ export function renderAgentUnit(o: UnitOptions): string {
     "RestartSec=5",
     "KillMode=mixed",
     "TimeoutStopSec=30",
+    // One cgroup per task below the unit's own (the agent kills each task whole).
+    "Delegate=yes",
     `ConfigurationDirectory=${basename(PRODUCTION_CONFIG_DIR)}`,
     "ConfigurationDirectoryMode=0755",
     `StateDirectory=${basename(PRODUCTION_STATE_DIR)}`,
@@ -99,7 +110,6 @@ export function renderAgentUnit(o: UnitOptions): string {
     "ProtectKernelTunables=yes",
     "ProtectKernelModules=yes",
     "ProtectKernelLogs=yes",
-    "ProtectControlGroups=yes",
     "ProtectClock=yes",
     "ProtectHostname=yes",
     "RestrictSUIDSGID=yes",

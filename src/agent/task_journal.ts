@@ -1,25 +1,36 @@
 /**
  * The durable record of the tasks this agent is running, so that a crash of the agent leaves
- * no task behind: `<stateDir>/running/<taskId>.json`, written when a task is claimed, updated
- * with the process (pid, kernel start time, process group) once it is spawned, and removed once
- * its final report is in the durable outbound queue.
+ * no task behind, and no claimed task without a report: `<stateDir>/running/<taskId>.json`,
+ * written BEFORE a task's id is claimed (task_ids.ts), updated with the process (pid, kernel start
+ * time, process group) once it is spawned, and removed once its final report (a refusal too) is
+ * on disk in the durable outbound queue. A cancel that comes before its task is journaled the
+ * same way (`cancel`).
  *
- * On the next start, `interrupted()` lists what a crash left. `killInterrupted` stops each
- * record's process group, but only after checking that the pid still is the process that was
- * started (its start time in /proc), so a reused pid is never signalled.
+ * On the next start, `interrupted()` lists what a crash left. `killInterrupted` kills each
+ * record's cgroup (task_cgroup.ts: everything the task started, in whatever session), or,
+ * for a task that ran without one, stops its process group, but only after checking that the
+ * pid still is the process that was started (its start time in /proc), so a reused pid is never
+ * signalled.
  */
 import { join } from "node:path";
 import { parseProcStat, processStartTime, waitFor } from "../process/mod.ts";
 import { isDurableTemp, removeDurable, writeFileDurable } from "./durable.ts";
+import { isTaskCgroupPath, TaskCgroup } from "./task_cgroup.ts";
 
 export interface RunningTask {
   taskId: string;
   claimedAt: string;
+  /** The task's `createdAt` (a cancel's `ts`): its id is claimed again from it by `recover`. */
+  createdAt?: string;
+  /** Set for a cancel that came before its task: `recover` reports it `cancelled` with this. */
+  cancel?: string;
   /** Set once spawned. The task leads its own process group and session: pgid = pid. */
   pid?: number;
   /** Clock ticks since boot (field 22 of /proc/PID/stat). */
   startTime?: number;
   pgid?: number;
+  /** The task's cgroup (task_cgroup.ts), written before it is made: it may not exist. */
+  cgroup?: string;
 }
 
 export type Logger = (event: string, fields: Record<string, unknown>) => void;
@@ -114,6 +125,11 @@ export function taskProcesses(rec: RunningTask): number[] {
  * Returns how many processes were found.
  */
 export async function killInterrupted(rec: RunningTask, graceMs: number): Promise<number> {
+  if (rec.cgroup !== undefined && isTaskCgroupPath(rec.cgroup)) {
+    // Its cgroup holds all of it, whatever session or group it moved to: SIGKILL at once (the
+    // agent that could have given it a grace is gone).
+    return await new TaskCgroup(rec.cgroup).destroy(Math.max(graceMs, 5000));
+  }
   const found = taskProcesses(rec);
   if (found.length === 0) return 0;
   const pgid = rec.pgid ?? rec.pid!;

@@ -2,6 +2,8 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { processStartTime, waitFor } from "../process/mod.ts";
 import { TaskJournal } from "./task_journal.ts";
+import { detectContainment, TaskCgroup } from "./task_cgroup.ts";
+import { sandboxArgv } from "./task_sandbox.ts";
 import { type TaskReport, TaskRunner } from "./task_runner.ts";
 
 /** A `sleep 600` in its own process group and session, as the runner starts tasks. */
@@ -69,13 +71,18 @@ Deno.test("recover: a group whose leader died is still found and stopped", async
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-journal-" });
   let orphan: number | undefined;
   try {
-    // The leader starts a grandchild in its group, prints its pid and exits.
+    // The leader starts a grandchild in its group, prints its pid and exits once its stdin
+    // closes: its start time is read while it surely runs (a leader that had exited already
+    // had none, and the journal record then named no process: the test failed now and then).
     const leader = new Deno.Command("sh", {
-      args: ["-c", "sleep 600 >/dev/null 2>&1 & echo $!"],
+      args: ["-c", "sleep 600 >/dev/null 2>&1 & echo $!; read _"],
       detached: true,
+      stdin: "piped",
       stdout: "piped",
     }).spawn();
-    const leaderStart = processStartTime(leader.pid)!;
+    const leaderStart = processStartTime(leader.pid);
+    assert.ok(leaderStart !== undefined, "the leader's start time, read while it runs");
+    await leader.stdin.close();
     const out = await leader.output();
     orphan = Number(new TextDecoder().decode(out.stdout).trim());
     const orphanStart = processStartTime(orphan)!;
@@ -135,11 +142,91 @@ Deno.test("a running task is journaled with its process, and forgotten after its
     assert.equal(rec.startTime, processStartTime(rec.pid!));
     assert.equal(rec.pgid, rec.pid);
     // setpriv (PR_SET_PDEATHSIG) exec'd the task itself: the pid is the task's own.
-    assert.match(Deno.readTextFileSync(`/proc/${rec.pid}/cmdline`), /^sleep\0/);
+    assert.match(Deno.readTextFileSync(`/proc/${rec.pid}/cmdline`), /^\/\S*\/sleep\0/); // the resolved path
     await r.stopAll();
     await p;
     assert.deepEqual(await r.journal.interrupted(), []);
   } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("recover: a crash's task is killed with its whole cgroup, setsid'd descendants included (root)", async () => {
+  assert.equal(Deno.uid(), 0, "containment needs root here (cgroup v2): run it as root (CI does)");
+  const c = detectContainment();
+  assert.equal(c.kind, "cgroup", c.kind === "none" ? `${c.reason}; ${c.hint}` : "");
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-journal-" });
+  const marker = `k8s4r-marker-${crypto.randomUUID()}`;
+  /** Live processes whose argv carries the marker, and their descendants. */
+  const withMarker = () => {
+    const parent = new Map<number, number>();
+    const found = new Set<number>();
+    for (const e of Deno.readDirSync("/proc")) {
+      if (!/^\d+$/.test(e.name)) continue;
+      try {
+        const stat = Deno.readTextFileSync(`/proc/${e.name}/stat`);
+        const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+        if (rest[0] === "Z" || rest[0] === "X") continue;
+        parent.set(Number(e.name), Number(rest[1]));
+        if (Deno.readTextFileSync(`/proc/${e.name}/cmdline`).includes(marker)) {
+          found.add(Number(e.name));
+        }
+      } catch { /* gone */ }
+    }
+    for (let grew = true; grew;) {
+      grew = false;
+      for (const [pid, ppid] of parent) {
+        if (!found.has(pid) && found.has(ppid)) grew = found.add(pid) !== undefined;
+      }
+    }
+    return [...found];
+  };
+  const atRuntime = (m: string) => `"$(echo ${m.replaceAll("-", "_")} | tr _ -)"`;
+  const cg = await TaskCgroup.create(
+    TaskCgroup.pathFor(c.kind === "cgroup" ? c.parent : "", "crashed"),
+  );
+  let leader: Deno.ChildProcess | undefined;
+  try {
+    // What a crash leaves: the leader (PR_SET_PDEATHSIG killed it with the agent) and what it
+    // moved to another session, still running, in the task's cgroup.
+    const argv = sandboxArgv({
+      exe: "/bin/sh",
+      args: [
+        "-c",
+        `setsid sh -c 'sleep 4545; :' ${atRuntime(marker)} </dev/null >/dev/null 2>&1 & sleep 600`,
+      ],
+      limits: { cpuSeconds: 60, memoryBytes: 1 << 30, openFiles: 64 },
+      cgroupProcs: cg.procsFile,
+    });
+    leader = new Deno.Command(argv.cmd, { args: argv.args, detached: true, stdout: "null" })
+      .spawn();
+    await waitFor(() => withMarker().length > 0, { timeoutMs: 10_000, what: "the descendant" });
+    const state = join(dir, "state");
+    await new TaskJournal(state).write({
+      taskId: "crashed",
+      claimedAt: new Date().toISOString(),
+      pid: leader.pid,
+      startTime: processStartTime(leader.pid)!,
+      pgid: leader.pid,
+      cgroup: cg.path,
+    });
+    leader.kill("SIGKILL");
+    await leader.status;
+    assert.ok(withMarker().length > 0, "positive control: the descendant outlived the leader");
+    const reports: TaskReport[] = [];
+    await runner(state, dir).recover((r) => reports.push(r));
+    assert.deepEqual(withMarker(), [], "nothing of the task is left");
+    assert.equal(cg.exists(), false, "its cgroup is removed");
+    assert.deepEqual(reports.map((r) => `${r.taskId}:${r.state}:${r.error}`), [
+      "crashed:failed:agent restarted",
+    ]);
+  } finally {
+    for (const pid of withMarker()) {
+      try {
+        Deno.kill(pid, "SIGKILL");
+      } catch { /* gone */ }
+    }
+    await cg.destroy().catch(() => {});
     await Deno.remove(dir, { recursive: true });
   }
 });

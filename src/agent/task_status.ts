@@ -141,6 +141,7 @@ export function taskStatusMessage(robotId: string, r: TaskReport, ts = now()): T
   if (r.stdoutTruncatedBytes !== undefined) msg.stdoutTruncatedBytes = r.stdoutTruncatedBytes;
   if (r.stderrTruncatedBytes !== undefined) msg.stderrTruncatedBytes = r.stderrTruncatedBytes;
   if (r.error !== undefined) msg.error = boundError(r.error);
+  if (r.reason !== undefined) msg.reason = r.reason;
   return msg;
 }
 

@@ -22,6 +22,7 @@ Deno.test("only the command on argv's path is loaded", async () => {
     "robots",
     "tasks",
     "task",
+    "dashboard",
     "ca",
     "backup",
   ]);

@@ -42,6 +42,8 @@ export async function runBrokerIdentity(
     trustBundlePath: layout.caBundleFile,
     logLevel: "INFO",
     syncInterval: opts.syncInterval,
+    // Prometheus telemetry on loopback (scraped by `devenv start --monitoring`).
+    telemetry: { host: "127.0.0.1", port: files.brokerAgentTelemetryPort },
     readyTimeoutMs: 60_000,
     onEvent: (e) => {
       if (e.type !== "starting" || e.attempt > 0) log(`spire-agent: ${JSON.stringify(e)}`);

@@ -18,6 +18,8 @@ import {
 } from "./context.ts";
 import { devenvLogs } from "./logs.ts";
 import { devenvStart } from "./start.ts";
+import { runPrometheus } from "./monitoring.ts";
+import { TELEMETRY_PORT_SPAN } from "../fleet/ports.ts";
 import { devenvStatus } from "./status.ts";
 import { devenvClean, devenvStop } from "./stop.ts";
 
@@ -106,6 +108,18 @@ function goDuration(args: Args, flag: string): string | undefined {
     throw new UsageError(`--${flag}: expected a Go duration like 500ms or 5s, got '${v}'`);
   }
   return v;
+}
+
+/** The telemetry ports (SPIRE exporters, agents' /metrics) must fit below 65536. */
+function checkTelemetryPorts(ctx: DevenvContext): void {
+  const base = ctx.layout.ports.telemetry;
+  if (base < 1 || base + TELEMETRY_PORT_SPAN > 65535) {
+    throw new UsageError(
+      `telemetry port ${base}: expected a port in [1, ${
+        65535 - TELEMETRY_PORT_SPAN
+      }] (it and the ${TELEMETRY_PORT_SPAN} above it are the stack's telemetry ports)`,
+    );
+  }
 }
 
 function serverIndex(args: Args): 1 | 2 {
@@ -203,6 +217,12 @@ export const devenvCommand: CommandSpec = {
           description: "How long to wait for the robots to come online (default 120)",
         },
         {
+          name: "monitoring",
+          type: "boolean",
+          description: "Also run Prometheus (Debian's) on 127.0.0.1:9090 (--prometheus-port), " +
+            "scraping the fleet servers, SPIRE and every agent with config/prometheus/alerts.yaml",
+        },
+        {
           name: "ha",
           type: "boolean",
           description: "Scale-out stack: PostgreSQL (under .dev-env), two SPIRE servers sharing " +
@@ -250,6 +270,7 @@ export const devenvCommand: CommandSpec = {
         const x509pop = att === "x509pop" || (att === undefined && prev?.attestation === "x509pop");
         const ctx = withAdvertise(ctx0, advertise);
         const mode = args.string("broker") ?? "auto";
+        checkTelemetryPorts(ctx);
         if (!["native", "docker", "auto"].includes(mode)) {
           throw new UsageError(
             `devenv start: --broker expects native, docker or auto, got '${mode}'`,
@@ -266,6 +287,7 @@ export const devenvCommand: CommandSpec = {
           brokerUrl: ctx.env["MQTT_BROKER_URL"] || undefined,
           onlineTimeoutMs: timeout !== undefined ? timeout * 1000 : undefined,
           spireDefaults: args.bool("spire-defaults"),
+          monitoring: args.bool("monitoring"),
           ha: args.bool("ha"),
           rootCa: args.bool("root-ca"),
           agentTtl: positiveSeconds(args, "agent-ttl"),
@@ -340,6 +362,15 @@ export const devenvCommand: CommandSpec = {
           eventsBasedCache: args.bool("events-based-cache") ? true : undefined,
           x509popCaBundle: args.string("x509pop-ca"),
         })
+      ),
+    },
+    {
+      name: "prometheus",
+      summary: "Run Prometheus and keep its scrape credential fresh (run by start --monitoring)",
+      hidden: true,
+      flags: [...LAYOUT_FLAGS, ...HIDDEN_SPIRE_FLAGS],
+      run: withContext((ctx, args) =>
+        runPrometheus(ctx, { spireServerBin: args.string("spire-server-bin") })
       ),
     },
     {

@@ -15,7 +15,8 @@ import { X509Certificate } from "node:crypto";
 import { hostname } from "node:os";
 import { basename, join } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
-import { agentV8FlagsEnv } from "../agent/runtime_flags.ts";
+import { agentRunArgs, agentV8FlagsEnv } from "../agent/runtime_flags.ts";
+import { DEFAULT_TASK_USER, ensureTaskUser, switchUserMissing } from "../agent/task_user.ts";
 import {
   brokerSpiffeId,
   defaultServerUrl,
@@ -72,11 +73,26 @@ import {
   spireDatabaseStep,
 } from "./components_ha.ts";
 import { spireServerPlace } from "./spire_server_run.ts";
-import { brokerTlsBinds, type RobotLayout, spireServerHost } from "./layout.ts";
+import {
+  brokerTlsBinds,
+  type DevenvFiles,
+  type Layout,
+  type RobotLayout,
+  spireServerHost,
+} from "./layout.ts";
 import { ensureFactoryCa, factoryCaFiles } from "../control/factory_ca.ts";
 import { renderControlConfig } from "../control/config.ts";
 import { httpGetJson, type ProbeResult } from "./probes.ts";
 import type { ComponentStatus } from "./render.ts";
+import {
+  awaitPrometheusRules,
+  monitoringOn,
+  probePrometheus,
+  PROMETHEUS_OPERATOR,
+  prometheusSummary,
+  prometheusUrl,
+  writePrometheusConfig,
+} from "./monitoring.ts";
 
 /**
  * SPIRE's timing in the dev stack; production keeps SPIRE's defaults, and
@@ -119,6 +135,8 @@ export interface StartOptions {
   onlineTimeoutMs?: number;
   /** Run SPIRE with its own default intervals instead of `DEV_SPIRE_TIMING`. */
   spireDefaults?: boolean;
+  /** Also run Prometheus (monitoring.ts), scraping everything with the alert rules. */
+  monitoring?: boolean;
   /** `--ha`: PostgreSQL, two SPIRE servers behind haproxy (implies `rootCa`). */
   ha?: boolean;
   /** `--root-ca`: SPIRE's CA under the root CA of `.spire-data/ca` (made if missing). */
@@ -170,6 +188,8 @@ export class StackView {
     readonly ctx: DevenvContext,
     readonly robots: readonly RobotLayout[],
     mode?: StackMode,
+    /** Prometheus is a row of this table (`--monitoring`, or the last start had it). */
+    readonly monitoring: boolean = monitoringOn(ctx),
   ) {
     // `localhost`: the name the server's certificate carries (it listens on 127.0.0.1).
     this.api = defaultServerUrl(ctx.layout.ports.http);
@@ -216,7 +236,7 @@ export class StackView {
 
   /** The same stack with other robots; what was looked up already is shared. */
   withRobots(robots: readonly RobotLayout[]): StackView {
-    const v = new StackView(this.ctx, robots, this.mode);
+    const v = new StackView(this.ctx, robots, this.mode, this.monitoring);
     v.#memo = this.#memo;
     return v;
   }
@@ -297,6 +317,8 @@ export class StartRun extends StackView {
   spire: SpireBinaries | undefined;
   /** Set by the `broker-runtime` step. */
   brokerRuntime: BrokerRuntime | undefined;
+  /** Set by the `task-user` step: the user the robots' tasks run as (`tasks.user`), if any. */
+  taskUser: string | undefined;
   #memo = new Map<string, Promise<unknown>>();
 
   constructor(
@@ -304,7 +326,7 @@ export class StartRun extends StackView {
     robots: readonly RobotLayout[],
     readonly opts: StartOptions,
   ) {
-    super(ctx, robots, opts.mode);
+    super(ctx, robots, opts.mode, opts.monitoring ?? false);
     this.childEnv = { ...ctx.layoutEnv, NO_COLOR: "1" };
   }
 
@@ -406,6 +428,7 @@ export function devenvComponents(view: StackView): Component[] {
     controlHostStep(view),
     serverComponent(view, 1),
     ...(ha ? [serverComponent(view, 2), serverComponent(view, 3)] : []),
+    taskUserStep(),
     ...agents,
     {
       name: "robots online",
@@ -413,6 +436,7 @@ export function devenvComponents(view: StackView): Component[] {
       needs: agents.map((a) => a.name),
       run: () => Promise.resolve(`${agents.length} online`),
     },
+    ...(view.monitoring ? [prometheusComponent(view)] : []),
   ];
 }
 
@@ -500,6 +524,37 @@ function brokerRuntimeStep(view: StackView): Component {
       const mode: BrokerModeFlag = alive && saved ? saved.mode : run.opts.broker;
       run.brokerRuntime = await resolveBrokerRuntime(run.ctx.io, mode);
       return run.brokerRuntime.description;
+    },
+  };
+}
+
+/**
+ * The user the robots' tasks run as (`tasks.user`, through K8S4R_TASK_USER in plugins.yaml): a
+ * system user whose uid no registration entry selects, so a task asking the Workload API for an
+ * identity gets PermissionDenied. Created when missing (`useradd --system`, idempotent); kept by
+ * `stop` and `clean` (other stacks on this host may use it). Needs root: without it, tasks run as
+ * the agent's own uid, which the robots' entries select, and the step says so.
+ */
+function taskUserStep(): Component {
+  return {
+    name: "task-user",
+    kind: "step",
+    needs: [],
+    async run(run) {
+      const missing = switchUserMissing();
+      if (run.uid !== 0 || missing.length > 0) {
+        run.taskUser = undefined;
+        const why = run.uid !== 0 ? `not root (uid ${run.uid})` : `lacks ${missing.join(", ")}`;
+        const text =
+          `${why}: tasks run as uid ${run.uid}, the agents' own, which the robots' registration entries select: a task can fetch its robot's SVID and private key from the Workload API. Run devenv start as root for a separate task user (${DEFAULT_TASK_USER})`;
+        run.ctx.io.stderr.write(`warning: task-user: ${text}\n`);
+        return text;
+      }
+      const u = await ensureTaskUser(run.ctx.io.runner, DEFAULT_TASK_USER);
+      run.taskUser = u.name;
+      return `${u.name} (uid ${u.uid}${
+        u.created ? ", created" : ""
+      }): tasks run as it; no entry selects it, so the Workload API refuses it`;
     },
   };
 }
@@ -966,7 +1021,9 @@ function controlHostStep(view: StackView): Component {
 
 export async function probeServer(view: StackView, port?: number): Promise<ProbeResult> {
   const r = await view.healthz(2000, port);
-  return { ok: r.ok, detail: `GET /healthz: ${r.detail}` };
+  const problems = (r.body as { problems?: unknown } | undefined)?.problems;
+  const why = Array.isArray(problems) && problems.length ? `: ${problems.join("; ")}` : "";
+  return { ok: r.ok, detail: `GET /healthz: ${r.detail}${why}` };
 }
 
 /**
@@ -981,19 +1038,19 @@ function operatorsStep(view: StackView): Component {
     kind: "step",
     needs: ["spire-binaries", "spire-server"],
     async run(run) {
-      return await ensureOperator(
-        {
-          env: run.ctx.io.env,
-          runner: run.ctx.io.runner,
-          spireServerBin: run.spire!.server,
-          spireSocket: layout.spireServerSocket,
-          rolesFile: layout.serverRolesFile,
-          trustDomain: layout.trustDomain,
-          serverUrl: run.api,
-        },
-        DEVENV_OPERATOR,
-        "operator",
-      );
+      const ctl = {
+        env: run.ctx.io.env,
+        runner: run.ctx.io.runner,
+        spireServerBin: run.spire!.server,
+        spireSocket: layout.spireServerSocket,
+        rolesFile: layout.serverRolesFile,
+        trustDomain: layout.trustDomain,
+        serverUrl: run.api,
+      };
+      const admin = await ensureOperator(ctl, DEVENV_OPERATOR, "operator");
+      // Prometheus scrapes /metrics as a viewer (the API's own authorization).
+      if (!run.monitoring) return admin;
+      return `${admin}; ${await ensureOperator(ctl, PROMETHEUS_OPERATOR, "viewer")}`;
     },
   };
 }
@@ -1047,36 +1104,18 @@ function serverComponent(view: StackView, n: 1 | 2 | 3 = 1): Component {
         ? "PostgreSQL, the fleet servers' registry, is down: `k8s4r devenv start` starts it again"
         : `see \`k8s4r devenv logs ${place.name}\`; \`k8s4r devenv start\` restarts it`,
     spawn(run) {
-      const db = fleetTarget(layout);
       return run.ctx.io.runner.spawn({
         name: place.name,
         cmd: run.self.cmd,
         args: [
           ...run.self.args,
           "server",
-          "--mqtt-credentials",
-          layout.serverCredentialsFile,
-          "--http-addr",
-          `127.0.0.1:${place.port}`,
-          // The SQLite registry's directory; on the HA stack the registry is PostgreSQL.
-          ...(ha ? [] : ["--data-dir", place.dataDir]),
-          "--broker-url",
-          `mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
-          "--socket-path",
-          files.brokerAgentSocket,
-          "--roles",
-          layout.serverRolesFile,
-          ...(ha
-            ? [
-              "--database",
-              `postgres://${db.user}@${db.host}:${db.port}/${db.database}`,
-              "--database-password-file",
-              layout.ha.fleetPasswordFile,
-              "--shared-subscription",
-              "--client-id",
-              place.clientId,
-            ]
-            : []),
+          ...serverArgs(layout, files, {
+            ha,
+            port: place.port,
+            dataDir: place.dataDir,
+            clientId: place.clientId,
+          }),
         ],
         cwd: layout.root,
         env: run.childEnv,
@@ -1104,6 +1143,43 @@ function serverComponent(view: StackView, n: 1 | 2 | 3 = 1): Component {
       };
     },
   };
+}
+
+/**
+ * The flags of the dev stack's `k8s4r server` (after `server`): fleet server 1 by default; on the
+ * HA stack each replica's port, client id and the PostgreSQL registry (see `serverComponent`).
+ */
+export function serverArgs(
+  layout: Layout,
+  files: DevenvFiles,
+  opts: { ha?: boolean; port?: number; dataDir?: string; clientId?: string } = {},
+): string[] {
+  const db = fleetTarget(layout);
+  return [
+    "--mqtt-credentials",
+    layout.serverCredentialsFile,
+    "--http-addr",
+    `127.0.0.1:${opts.port ?? layout.ports.http}`,
+    // The SQLite registry's directory; on the HA stack the registry is PostgreSQL.
+    ...(opts.ha ? [] : ["--data-dir", opts.dataDir ?? layout.serverDataDir]),
+    "--broker-url",
+    `mqtt://127.0.0.1:${layout.ports.mqttPlain}`,
+    "--socket-path",
+    files.brokerAgentSocket,
+    "--roles",
+    layout.serverRolesFile,
+    ...(opts.ha
+      ? [
+        "--database",
+        `postgres://${db.user}@${db.host}:${db.port}/${db.database}`,
+        "--database-password-file",
+        layout.ha.fleetPasswordFile,
+        "--shared-subscription",
+        "--client-id",
+        opts.clientId ?? "k8s4r-server",
+      ]
+      : []),
+  ];
 }
 
 export function agentComponentName(robotId: string): string {
@@ -1134,6 +1210,11 @@ export function agentArgs(
     brokerUrl,
     ...(spire.syncInterval ? ["--spire-sync-interval", spire.syncInterval] : []),
     ...(spire.agentBin ? ["--spire-agent-bin", spire.agentBin] : []),
+    // Loopback telemetry: the agent's own /metrics and its spire-agent's exporter.
+    "--metrics-listen",
+    `127.0.0.1:${r.metricsPort}`,
+    "--spire-telemetry",
+    `127.0.0.1:${r.spireTelemetryPort}`,
   ];
 }
 
@@ -1208,6 +1289,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
       { on: "identities", unless: attested },
       { on: "ca-bundle", unless: attested },
       "server",
+      "task-user",
     ],
     stopRank: 10,
     pidFile: r.pidFile,
@@ -1226,7 +1308,7 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
         name: `agent ${r.robotId}`,
         cmd: run.self.cmd,
         args: agentArgs(
-          run.self.args,
+          agentRunArgs(run.self.args),
           r,
           layout.agentPluginsYaml,
           run.brokerUrl,
@@ -1237,6 +1319,8 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
         env: {
           ...run.childEnv,
           DENO_V8_FLAGS: agentV8FlagsEnv(run.ctx.io.env.DENO_V8_FLAGS),
+          // plugins.yaml: tasks.user "${K8S4R_TASK_USER:-}" (empty: tasks run as the agent).
+          K8S4R_TASK_USER: run.taskUser ?? "",
         },
         logFile: r.logFile,
         pidFile: r.pidFile,
@@ -1264,6 +1348,64 @@ function agentComponent(view: StackView, r: RobotLayout): Component {
         healthy: p.running && online,
         endpoint: r.agentSocket,
         detail,
+      };
+    },
+  };
+}
+
+/** `--monitoring`: Prometheus, scraping every endpoint with the alert rules (monitoring.ts). */
+function prometheusComponent(view: StackView): Component {
+  const { ctx } = view;
+  const { ha } = view.mode;
+  const { layout, files } = ctx;
+  const url = prometheusUrl(ctx);
+  return {
+    name: "prometheus",
+    kind: "daemon",
+    // Its scrape credential (operators) and the exported bundle (ca-bundle) must exist; its
+    // targets may come up later (Prometheus says so in `up`).
+    needs: ["spire-binaries", "operators", "ca-bundle", "server"],
+    // First to stop: no alert about the rest of the stack going down on purpose.
+    stopRank: 5,
+    pidFile: files.prometheusPid,
+    logs: [{ name: "prometheus", file: files.prometheusLog }],
+    probe: () => probePrometheus(ctx, ha),
+    async spawn(run) {
+      await writePrometheusConfig(ctx, ha);
+      const d = await run.ctx.io.runner.spawn({
+        name: "prometheus",
+        cmd: run.self.cmd,
+        args: [
+          ...run.self.args,
+          "devenv",
+          "prometheus",
+          "--project-dir",
+          layout.root,
+          "--spire-server-bin",
+          run.spire!.server,
+        ],
+        cwd: layout.root,
+        env: run.childEnv,
+        logFile: files.prometheusLog,
+        pidFile: files.prometheusPid,
+        detached: true,
+        ready: async () => (await probePrometheus(ctx, ha)).ok,
+        readyTimeoutMs: 60_000,
+        readyIntervalMs: PROBE_INTERVAL_MS * 5,
+      });
+      await awaitPrometheusRules(ctx);
+      return d;
+    },
+    summary: async () => `${url} (${await prometheusSummary(ctx)})`,
+    async status() {
+      const p = pidInfo(files.prometheusPid);
+      const probe = p.running ? await probePrometheus(ctx, ha) : { ok: false, detail: "" };
+      return {
+        name: "prometheus",
+        ...p,
+        healthy: p.running && probe.ok,
+        endpoint: url,
+        detail: p.running ? (probe.ok ? await prometheusSummary(ctx) : probe.detail) : "",
       };
     },
   };

@@ -188,6 +188,41 @@ Deno.test("spire-binaries: version-checked once, again only when a binary change
   }
 });
 
+Deno.test("task-user step: as root, ensures k8s4r-task for the robots' tasks; otherwise says what a task can reach", async () => {
+  const passwd = "k8s4r-task:x:998:998::/nonexistent:/usr/sbin/nologin\n";
+  const runner = new RecordingRunner((cmd, args) =>
+    cmd === "getent" && args[1] === "k8s4r-task" ? { stdout: passwd } : { code: 2 }
+  );
+  const ctx = ctxFor("/p", {}, runner);
+  const step = (run: StartRun) => devenvComponents(run).find((c) => c.name === "task-user")!;
+  const agent = (run: StartRun) => devenvComponents(run).find((c) => c.name === "agent")!;
+  const robots = robotLayouts(ctx, ["robot-001"]);
+  assert.ok(
+    agent(new StartRun(ctx, robots, { robots: ["robot-001"], broker: "native" })).needs
+      .map(needName).includes("task-user"),
+  );
+
+  // Not root: no task user, and the line says what that means.
+  const user = new StartRun(ctx, robots, { robots: ["robot-001"], broker: "native" });
+  Object.defineProperty(user, "uid", { value: 1000 });
+  const text = await step(user).run!(user);
+  assert.equal(user.taskUser, undefined);
+  assert.match(text, /^not root \(uid 1000\): tasks run as uid 1000, the agents' own/);
+  assert.match(text, /a task can fetch its robot's SVID and private key from the Workload API/);
+  assert.match((ctx.io as unknown as { err(): string }).err(), /warning: task-user: not root/);
+  assert.equal(runner.calls.length, 0, "nothing created without root");
+
+  // Root (with CAP_SETUID/CAP_SETGID/CAP_KILL, as devenv's tests run): the user is looked up,
+  // created only when missing, and handed to the agents.
+  const root = new StartRun(ctx, robots, { robots: ["robot-001"], broker: "native" });
+  Object.defineProperty(root, "uid", { value: 0 });
+  assert.equal(Deno.uid(), 0, "run as root (CI does): the step needs the capabilities of root");
+  const made = await step(root).run!(root);
+  assert.equal(root.taskUser, "k8s4r-task");
+  assert.match(made, /^k8s4r-task \(uid 998\): tasks run as it/);
+  assert.deepEqual(runner.calls.map((c) => c.cmd), ["getent"], "it existed: no useradd");
+});
+
 Deno.test("HA table: postgres, spire-database, root-ca, two SPIRE servers and haproxy; the rest waits for them", () => {
   const ctx = ctxFor("/p");
   const rows = devenvComponents(
@@ -304,7 +339,14 @@ Deno.test("--ha with --advertise and --attestation x509pop: haproxy binds ADDR, 
     assert.equal(o2.port, ctx.layout.ha.spireServerPorts[1]);
     assert.equal(o2.x509popCaBundle, "/f/ca.crt");
     assert.equal(o2.datastore?.type, "postgres");
+    // Each server has its own loopback telemetry port (what --monitoring scrapes).
+    assert.deepEqual(o2.telemetry, {
+      host: "127.0.0.1",
+      port: ctx.files.spireServer2TelemetryPort,
+    });
     const o1 = await spireServerOptions(ctx, "/b/spire-server", { x509popCaBundle: "/f/ca.crt" });
+    assert.deepEqual(o1.telemetry, { host: "127.0.0.1", port: ctx.files.spireServerTelemetryPort });
+    assert.notEqual(o1.telemetry?.port, o2.telemetry?.port);
     assert.equal(o1.bindAddress, addr);
     assert.equal(o1.port, ctx.layout.ports.spireServer);
     assert.equal(o1.x509popCaBundle, "/f/ca.crt");

@@ -64,6 +64,19 @@ export const LAYOUT_FLAGS: FlagSpec[] = [
     description: "k8s4r server HTTP API (env K8S4R_HTTP_PORT, default 8090)",
   },
   {
+    name: "telemetry-port",
+    type: "number",
+    valueName: "PORT",
+    description:
+      "First loopback telemetry port: SPIRE and agent metrics (env K8S4R_TELEMETRY_PORT, default 9800)",
+  },
+  {
+    name: "prometheus-port",
+    type: "number",
+    valueName: "PORT",
+    description: "Prometheus of --monitoring, loopback (env K8S4R_PROMETHEUS_PORT, default 9090)",
+  },
+  {
     name: "agent-socket-dir",
     type: "string",
     valueName: "DIR",
@@ -86,6 +99,8 @@ export interface StackMode {
 /** What `start` records in `.dev-env/devenv.json`. */
 export interface DevenvState {
   robots: string[];
+  /** The last start had `--monitoring` (status, logs and stop then cover Prometheus). */
+  monitoring?: boolean;
   mode?: StackMode;
   /** `--advertise ADDR` of the start that launched the stack (sticky: later starts keep it). */
   advertise?: string;
@@ -124,6 +139,8 @@ export function resolveContext(args: Args, io: Io): DevenvContext {
     K8S4R_MQTT_PORT: portFlag(args, "mqtt-port"),
     K8S4R_MQTT_TLS_PORT: portFlag(args, "mqtt-tls-port"),
     K8S4R_HTTP_PORT: portFlag(args, "http-port"),
+    K8S4R_TELEMETRY_PORT: portFlag(args, "telemetry-port"),
+    K8S4R_PROMETHEUS_PORT: portFlag(args, "prometheus-port"),
     K8S4R_AGENT_SOCKET_DIR: args.string("agent-socket-dir") !== undefined
       ? resolve(io.cwd, args.string("agent-socket-dir")!)
       : undefined,
@@ -134,6 +151,8 @@ export function resolveContext(args: Args, io: Io): DevenvContext {
       "K8S4R_MQTT_PORT",
       "K8S4R_MQTT_TLS_PORT",
       "K8S4R_HTTP_PORT",
+      "K8S4R_TELEMETRY_PORT",
+      "K8S4R_PROMETHEUS_PORT",
       "K8S4R_POSTGRES_PORT",
     ]
   ) {
@@ -233,6 +252,7 @@ export function readState(ctx: DevenvContext): DevenvState | undefined {
     if (!Array.isArray(s?.robots)) return undefined;
     return {
       robots: s.robots.filter(isRobotId),
+      monitoring: s.monitoring === true,
       mode: s.mode && typeof s.mode === "object"
         ? { ha: s.mode.ha === true, rootCa: s.mode.rootCa === true }
         : undefined,

@@ -22,17 +22,31 @@ Deno.test("robot ids: --robots N (0: a control host only), else ROBOT_ID, else r
 Deno.test("layout: flags override env, env overrides defaults; children get the result", () => {
   const io = bufferIo({
     cwd: "/proj",
-    env: { K8S4R_MQTT_PORT: "2883", K8S4R_HTTP_PORT: "9999", K8S4R_AGENT_SOCKET_DIR: "/tmp/s" },
+    env: {
+      K8S4R_MQTT_PORT: "2883",
+      K8S4R_HTTP_PORT: "9999",
+      K8S4R_AGENT_SOCKET_DIR: "/tmp/s",
+      K8S4R_TELEMETRY_PORT: "20000",
+    },
   });
-  const ctx = resolveContext(args({ "http-port": 18090, "project-dir": "sub" }), io);
+  const ctx = resolveContext(
+    args({ "http-port": 18090, "project-dir": "sub", "prometheus-port": 19090 }),
+    io,
+  );
   assert.equal(ctx.layout.root, "/proj/sub");
   assert.deepEqual(ctx.layout.ports, {
     spireServer: 8081,
     mqttPlain: 2883,
     mqttTls: 8883,
     http: 18090,
+    telemetry: 20000,
+    prometheus: 19090,
   });
   assert.equal(ctx.layoutEnv.K8S4R_HTTP_PORT, "18090");
+  assert.equal(ctx.layoutEnv.K8S4R_TELEMETRY_PORT, "20000");
+  assert.equal(ctx.layoutEnv.K8S4R_PROMETHEUS_PORT, "19090");
+  assert.equal(ctx.files.spireServerTelemetryPort, 20000);
+  assert.equal(ctx.files.brokerAgentTelemetryPort, 20001);
   assert.equal(ctx.layoutEnv.K8S4R_AGENT_SOCKET_DIR, "/tmp/s");
   assert.equal(ctx.files.brokerAgentSocket, "/tmp/s/broker/agent.sock");
   assert.equal(ctx.files.spireServerLog, "/proj/sub/.dev-env/spire-server.log");
@@ -45,6 +59,10 @@ Deno.test("layout: flags override env, env overrides defaults; children get the 
     /K8S4R_MQTT_TLS_PORT/,
   );
   assert.throws(() => resolveContext(args({ "mqtt-port": 70000 }), bufferIo()), UsageError);
+  assert.throws(
+    () => resolveContext(args({}), bufferIo({ env: { K8S4R_TELEMETRY_PORT: "x" } })),
+    /K8S4R_TELEMETRY_PORT/,
+  );
 });
 
 Deno.test("self command runs main.ts from source under deno", () => {

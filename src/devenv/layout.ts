@@ -13,6 +13,8 @@ import {
   nodeSpiffeId,
   type Ports,
   robotSpiffeId,
+  spireServer2TelemetryPort,
+  telemetryPorts,
   TRUST_DOMAIN,
 } from "../fleet/mod.ts";
 
@@ -121,6 +123,8 @@ export function defaultLayout(root: string, env: Record<string, string | undefin
       mqttPlain: num("K8S4R_MQTT_PORT", DEFAULT_PORTS.mqttPlain),
       mqttTls: num("K8S4R_MQTT_TLS_PORT", DEFAULT_PORTS.mqttTls),
       http: num("K8S4R_HTTP_PORT", DEFAULT_PORTS.http),
+      telemetry: num("K8S4R_TELEMETRY_PORT", DEFAULT_PORTS.telemetry),
+      prometheus: num("K8S4R_PROMETHEUS_PORT", DEFAULT_PORTS.prometheus),
     },
     devEnvDir,
     spireDataDir,
@@ -176,6 +180,8 @@ export function layoutEnv(
     K8S4R_MQTT_PORT: String(ports.mqttPlain),
     K8S4R_MQTT_TLS_PORT: String(ports.mqttTls),
     K8S4R_HTTP_PORT: String(ports.http),
+    K8S4R_TELEMETRY_PORT: String(ports.telemetry),
+    K8S4R_PROMETHEUS_PORT: String(ports.prometheus),
   };
   if (opts.trustDomain) env.K8S4R_TRUST_DOMAIN = opts.trustDomain;
   if (opts.advertise) {
@@ -204,6 +210,10 @@ export interface RobotLayout {
   joinTokenFile: string;
   logFile: string;
   pidFile: string;
+  /** Loopback port of the robot's spire-agent Prometheus exporter. */
+  spireTelemetryPort: number;
+  /** Loopback port of the robot's k8s4r agent `/metrics`. */
+  metricsPort: number;
 }
 
 export function robotLayout(
@@ -228,6 +238,8 @@ export function robotLayout(
     joinTokenFile: join(layout.devEnvDir, "tokens", `${robotId}.token`),
     logFile: join(layout.devEnvDir, first ? "agent.log" : `agent-${robotId}.log`),
     pidFile: join(layout.devEnvDir, first ? "agent.pid" : `agent-${robotId}.pid`),
+    spireTelemetryPort: telemetryPorts(layout.ports.telemetry, robotId).spire,
+    metricsPort: telemetryPorts(layout.ports.telemetry, robotId).k8s4r,
   };
 }
 
@@ -258,6 +270,17 @@ export interface DevenvFiles {
   timingsFile: string;
   /** The SPIRE binaries `start` checked last, with their file stamps. */
   spireBinariesFile: string;
+  /** Loopback telemetry of the SPIRE server, and of the control host's (broker's) SPIRE agent. */
+  spireServerTelemetryPort: number;
+  brokerAgentTelemetryPort: number;
+  /** `--ha`: loopback telemetry of the second SPIRE server. */
+  spireServer2TelemetryPort: number;
+  /** `devenv start --monitoring`: the supervisor's pid and log, and Prometheus' own dir. */
+  prometheusPid: string;
+  prometheusLog: string;
+  /** prometheus.yml, the TSDB (`data/`). */
+  prometheusDir: string;
+  prometheusConfig: string;
   /** `--ha`: PostgreSQL, the second SPIRE server, haproxy. */
   postgresPid: string;
   postgresLog: string;
@@ -302,6 +325,13 @@ export function devenvFiles(
     tokensDir: join(d, "tokens"),
     timingsFile: join(d, "start-timings.json"),
     spireBinariesFile: join(d, "spire-binaries.json"),
+    spireServerTelemetryPort: telemetryPorts(layout.ports.telemetry).spire,
+    brokerAgentTelemetryPort: telemetryPorts(layout.ports.telemetry).k8s4r,
+    spireServer2TelemetryPort: spireServer2TelemetryPort(layout.ports.telemetry),
+    prometheusPid: join(d, "prometheus.pid"),
+    prometheusLog: join(d, "prometheus.log"),
+    prometheusDir: join(d, "prometheus"),
+    prometheusConfig: join(d, "prometheus", "prometheus.yml"),
     postgresPid: join(d, "postgres.pid"),
     postgresLog: join(d, "postgres.log"),
     spireServer2Pid: join(d, "spire-server-2.pid"),

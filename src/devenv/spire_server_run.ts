@@ -44,7 +44,10 @@ export interface SpireServerRunOptions {
   x509popCaBundle?: string;
 }
 
-/** Where server `n` of this stack keeps its socket, data and log, and on which port it serves. */
+/**
+ * Where server `n` of this stack keeps its socket, data and log, on which port it serves, and
+ * where its telemetry is (on loopback, scraped by `devenv start --monitoring`).
+ */
 export function spireServerPlace(ctx: DevenvContext, n: 1 | 2, ha: boolean) {
   const { layout, files } = ctx;
   return n === 1
@@ -54,6 +57,7 @@ export function spireServerPlace(ctx: DevenvContext, n: 1 | 2, ha: boolean) {
       socket: layout.spireServerSocket,
       log: files.spireServerLog,
       pid: files.spireServerPid,
+      telemetryPort: files.spireServerTelemetryPort,
     }
     : {
       port: layout.ha.spireServerPorts[1],
@@ -61,6 +65,7 @@ export function spireServerPlace(ctx: DevenvContext, n: 1 | 2, ha: boolean) {
       socket: layout.ha.spireServer2Socket,
       log: files.spireServer2Log,
       pid: files.spireServer2Pid,
+      telemetryPort: files.spireServer2TelemetryPort,
     };
 }
 
@@ -94,6 +99,8 @@ export async function spireServerOptions(
     eventsBasedCache: opts.eventsBasedCache,
     agentTtl: opts.agentTtl,
     x509popCaBundle: opts.x509popCaBundle,
+    // Prometheus telemetry on loopback (scraped by `devenv start --monitoring`).
+    telemetry: { host: "127.0.0.1", port: place.telemetryPort },
     readyTimeoutMs: 60_000,
   };
   if (opts.ha) {

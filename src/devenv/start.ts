@@ -181,6 +181,9 @@ export async function devenvStart(ctx: DevenvContext, opts: StartOptions): Promi
   const allRobots = [...new Set([...(prev?.robots ?? []), ...opts.robots])];
   await writeState(ctx, {
     robots: allRobots,
+    // Prometheus stays part of the stack (status, logs, stop) while it runs.
+    monitoring: opts.monitoring === true ||
+      (prev?.monitoring === true && isRecordAlive(readPidFile(files.prometheusPid))),
     mode,
     advertise: opts.advertise,
     attestation: opts.x509pop ? "x509pop" : undefined,

@@ -93,6 +93,7 @@ export function realFs(env: Record<string, string | undefined>): DoctorFs {
       await Deno.chmod(p, mode);
     },
     removeAll: (p) => Deno.remove(p, { recursive: true }).catch(() => {}),
+    realPath: (p) => Deno.realPath(p),
     async which(name) {
       for (const dir of (env["PATH"] ?? "").split(delimiter)) {
         if (!dir.startsWith("/")) continue;

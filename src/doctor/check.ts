@@ -42,6 +42,7 @@ export type GroupId =
   | "broker"
   | "docker"
   | "server"
+  | "tasks"
   | "stack";
 
 export const GROUPS: readonly GroupId[] = [
@@ -53,11 +54,17 @@ export const GROUPS: readonly GroupId[] = [
   "broker",
   "docker",
   "server",
+  "tasks",
   "stack",
 ];
 
 /** The groups of a robot host's checks (`checks/robot.ts`). */
-export const ROBOT_GROUPS: readonly GroupId[] = ["enrollment", "reachability", "identity"];
+export const ROBOT_GROUPS: readonly GroupId[] = [
+  "enrollment",
+  "reachability",
+  "identity",
+  "tasks",
+];
 
 export interface Check {
   /** `group.name`, e.g. `tools.spire-server`. */
@@ -118,6 +125,8 @@ export interface DoctorFs {
   removeAll(path: string): Promise<void>;
   /** Absolute path of an executable found on PATH, or undefined. */
   which(name: string): Promise<string | undefined>;
+  /** The path with every symbolic link resolved. */
+  realPath(path: string): Promise<string>;
 }
 
 export interface PortOwner {

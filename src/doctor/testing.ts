@@ -19,7 +19,14 @@ export const ROOT = "/proj";
 export const LAYOUT: ControlHostPaths = {
   root: ROOT,
   trustDomain: "k8s4r.example.org",
-  ports: { spireServer: 8081, mqttPlain: 1883, mqttTls: 8883, http: 8090 },
+  ports: {
+    spireServer: 8081,
+    mqttPlain: 1883,
+    mqttTls: 8883,
+    http: 8090,
+    telemetry: 9800,
+    prometheus: 9090,
+  },
   spireServerSocket: `${ROOT}/.spire-data/server/api.sock`,
   spireServerConfig: `${ROOT}/config/spire/server.conf`,
   agentPluginsYaml: `${ROOT}/config/agent/plugins.yaml`,
@@ -42,6 +49,8 @@ export interface FakeOptions {
   /** Extra entries (sockets, dirs, modes); files in `files` are regular 0644 files. */
   stats?: Record<string, Partial<FileInfo>>;
   which?: Record<string, string>;
+  /** Symbolic links: path -> what realPath gives. */
+  links?: Record<string, string>;
   net?: Partial<DoctorNet>;
   /** Default: no process is visible. */
   proc?: Partial<DoctorProc>;
@@ -63,6 +72,26 @@ const fileInfo = (p: Partial<FileInfo>): FileInfo => ({
   size: 0,
   ...p,
 });
+
+/**
+ * lstat entries for `dir` and every directory above it: root-owned 0755 (`/tmp` 1777), the last
+ * one as `last` says. What a socket-directory check needs to see.
+ */
+export function dirChain(
+  dir: string,
+  last: Partial<FileInfo> = {},
+): Record<string, Partial<FileInfo>> {
+  const out: Record<string, Partial<FileInfo>> = {
+    "/": { isDirectory: true, mode: 0o755, uid: 0 },
+  };
+  let cur = "";
+  for (const part of dir.split("/").filter((p) => p)) {
+    cur = `${cur}/${part}`;
+    out[cur] = { isDirectory: true, mode: cur === "/tmp" ? 0o1777 : 0o755, uid: 0 };
+  }
+  out[cur || "/"] = { ...out[cur || "/"], ...last };
+  return out;
+}
 
 export function fakeContext(
   o: FakeOptions = {},
@@ -120,6 +149,7 @@ export function fakeContext(
         return Promise.resolve();
       },
       which: (n) => Promise.resolve(o.which?.[n]),
+      realPath: (p) => Promise.resolve(o.links?.[p] ?? p),
     },
     net: {
       listeningOwner: () => Promise.resolve(undefined),

@@ -16,6 +16,10 @@
  *
  * With `--data-dir DIR` everything lives under DIR: DIR/agent.yaml, DIR/enrollment.json, DIR as
  * the SPIRE data_dir, and DIR/run/agent.sock.
+ *
+ * /run/k8s4r is a tmpfs directory owned by root (systemd's `RuntimeDirectory=k8s4r`). devenv uses
+ * the guide's /tmp/spire-agent/ instead. Either way a socket directory must belong to its user (or
+ * root) and be writable by nobody else (src/spire/socket_dir.ts).
  */
 import { join } from "node:path";
 
@@ -23,6 +27,8 @@ export const PRODUCTION_CONFIG_DIR = "/etc/k8s4r";
 export const PRODUCTION_STATE_DIR = "/var/lib/k8s4r";
 export const PRODUCTION_RUNTIME_DIR = "/run/k8s4r";
 export const PRODUCTION_AGENT_CONFIG = join(PRODUCTION_CONFIG_DIR, "agent.yaml");
+/** The robot's SPIRE agent Workload API socket (the k8s4r agent's default `spire.socketPath`). */
+export const DEFAULT_AGENT_SOCKET = join(PRODUCTION_RUNTIME_DIR, "agent.sock");
 /** The systemd unit `k8s4r agent service --install` writes. */
 export const AGENT_UNIT_NAME = "k8s4r-agent.service";
 export const AGENT_UNIT_PATH = `/etc/systemd/system/${AGENT_UNIT_NAME}`;
@@ -67,7 +73,7 @@ export function robotHostPaths(dataDir?: string): RobotHostPaths {
     x509popKey: join(data, "x509pop", "agent.key"),
     x509popCert: join(data, "x509pop", "agent.crt"),
     runtimeDir,
-    socketPath: join(runtimeDir, "agent.sock"),
+    socketPath: dataDir ? join(runtimeDir, "agent.sock") : DEFAULT_AGENT_SOCKET,
   };
 }
 

@@ -22,6 +22,8 @@ export type Direction = "up" | "down";
 
 /** What the server subscribes to (QoS 1). */
 export const SERVER_SUBSCRIPTION = `${TOPIC_ROOT}/+/up/#`;
+/** Every robot's retained status (what a new subscriber of the plain filter is sent first). */
+export const ROBOT_STATUS_FILTER = `${TOPIC_ROOT}/+/up/status`;
 /** The shared-subscription group name used with `--shared-subscription` (MQTT 5). */
 export const SHARED_GROUP = "k8s4r";
 export const SHARED_SERVER_SUBSCRIPTION = `$share/${SHARED_GROUP}/${SERVER_SUBSCRIPTION}`;
@@ -34,6 +36,19 @@ export const SHARED_SERVER_SUBSCRIPTION = `$share/${SHARED_GROUP}/${SERVER_SUBSC
 export function serverProbeTopic(clientId: string): string {
   return `k8s4r/server/${clientId.replace(/[^A-Za-z0-9._-]/g, "_")}/probe`;
 }
+
+/**
+ * A fleet-server replica's last will (`--shared-subscription`): published by the broker the
+ * moment that replica's connection dies without a DISCONNECT (a crash, `kill -9`), so the
+ * others adopt its session at once instead of waiting for its lease to expire. The payload is
+ * the dead process's instance name.
+ */
+export function serverGoneTopic(clientId: string): string {
+  return `k8s4r/server/${clientId.replace(/[^A-Za-z0-9._-]/g, "_")}/gone`;
+}
+
+/** Every replica's last will (see `serverGoneTopic`). */
+export const SERVER_GONE_FILTER = "k8s4r/server/+/gone";
 
 export function isRobotId(id: unknown): id is string {
   return typeof id === "string" && ROBOT_ID_RE.test(id);

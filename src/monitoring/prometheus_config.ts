@@ -1,6 +1,6 @@
 /**
  * The Prometheus configuration for `devenv start --monitoring`: a prometheus.yml that scrapes
- * the fleet server's `/metrics`, the SPIRE server's and SPIRE agents' telemetry exporters
+ * the fleet servers' `/metrics`, the SPIRE servers' and SPIRE agents' telemetry exporters
  * (`renderSpireTelemetry`, src/spire/telemetry.ts) and, optionally, the k8s4r agents' loopback
  * `/metrics`, with the alert rules of config/prometheus/alerts.yaml. Every target is on
  * loopback, and so is Prometheus (`prometheusArgs`).
@@ -35,10 +35,18 @@ export interface PrometheusConfigInput {
   scrapeIntervalSeconds?: number;
   /** Default: the scrape interval. */
   evaluationIntervalSeconds?: number;
-  /** `host:port` of the fleet server's HTTP API (it serves `/metrics`). */
-  fleetServer?: string;
-  /** `host:port` of the SPIRE server's telemetry exporter. */
-  spireServer?: string;
+  /** `host:port` of each fleet server's HTTPS API (it serves `/metrics`); the HA stack has 3. */
+  fleetServers?: string[];
+  /**
+   * How Prometheus authenticates to the fleet server's `/metrics` (the API's own rules: an
+   * operator certificate with a role that reads): a viewer operator's certificate and key, the
+   * SPIRE bundle the server's certificate chains to, and the name it carries (`localhost`).
+   * Prometheus reads the files again when they change (the credential is renewed). Without it
+   * the job scrapes plain HTTP (tests with a bare metrics server).
+   */
+  fleetServerTls?: { caFile: string; certFile: string; keyFile: string; serverName: string };
+  /** `host:port` of each SPIRE server's telemetry exporter; the HA stack has 2. */
+  spireServers?: string[];
   /** SPIRE agents' telemetry exporters (label `node`). */
   spireAgents?: NodeTarget[];
   /** k8s4r agents' loopback `/metrics` (label `robot`). */
@@ -75,25 +83,54 @@ export function renderPrometheusConfig(c: PrometheusConfigInput): string {
     if (!f.startsWith("/")) throw new Error(`ruleFiles: expected an absolute path, got ${f}`);
   }
   const jobs: Record<string, unknown>[] = [];
-  const job = (name: string, targets: { address: string; labels?: Record<string, string> }[]) => {
+  const job = (
+    name: string,
+    targets: { address: string; labels?: Record<string, string> }[],
+    extra: Record<string, unknown> = {},
+  ) => {
     if (targets.length === 0) return;
     jobs.push({
       job_name: name,
       metrics_path: "/metrics",
+      ...extra,
       static_configs: targets.map((t) => ({
         targets: [t.address],
         ...(t.labels ? { labels: t.labels } : {}),
       })),
     });
   };
-  if (c.fleetServer !== undefined) {
-    checkLoopbackAddress(c.fleetServer, "fleetServer");
-    job(JOBS.server, [{ address: c.fleetServer }]);
+  const addresses = (list: string[] | undefined, key: string) =>
+    (list ?? []).map((address, i) => {
+      checkLoopbackAddress(address, `${key}[${i}]`);
+      return { address };
+    });
+  const fleet = addresses(c.fleetServers, "fleetServers");
+  if (fleet.length > 0) {
+    const tls = c.fleetServerTls;
+    if (tls) {
+      for (const [k, v] of Object.entries({ ...tls, serverName: undefined })) {
+        if (v !== undefined && !v.startsWith("/")) {
+          throw new Error(`fleetServerTls.${k}: expected an absolute path, got ${v}`);
+        }
+      }
+    }
+    job(
+      JOBS.server,
+      fleet,
+      tls
+        ? {
+          scheme: "https",
+          tls_config: {
+            ca_file: tls.caFile,
+            cert_file: tls.certFile,
+            key_file: tls.keyFile,
+            server_name: tls.serverName,
+          },
+        }
+        : {},
+    );
   }
-  if (c.spireServer !== undefined) {
-    checkLoopbackAddress(c.spireServer, "spireServer");
-    job(JOBS.spireServer, [{ address: c.spireServer }]);
-  }
+  job(JOBS.spireServer, addresses(c.spireServers, "spireServers"));
   const nodes = (list: NodeTarget[] | undefined, key: string, label: string) =>
     (list ?? []).map((t, i) => {
       checkLoopbackAddress(t.address, `${key}[${i}].address`);

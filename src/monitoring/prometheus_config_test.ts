@@ -15,8 +15,8 @@ const ROOT = new URL("../../", import.meta.url).pathname;
 const input = {
   ruleFiles: [`${ROOT}${ALERTS_FILE}`],
   scrapeIntervalSeconds: 5,
-  fleetServer: "127.0.0.1:8090",
-  spireServer: "127.0.0.1:9988",
+  fleetServers: ["127.0.0.1:8090"],
+  spireServers: ["127.0.0.1:9988"],
   spireAgents: [{ node: "broker", address: "127.0.0.1:9989" }, {
     node: "robot-001",
     address: "127.0.0.1:9990",
@@ -63,7 +63,7 @@ Deno.test("prometheus.yml: every job on loopback, the rules file, accepted by pr
 });
 
 Deno.test("prometheus.yml: empty jobs are left out; the scrape timeout never exceeds the interval", () => {
-  const doc = parse(renderPrometheusConfig({ ruleFiles: [], fleetServer: "127.0.0.1:1" }));
+  const doc = parse(renderPrometheusConfig({ ruleFiles: [], fleetServers: ["127.0.0.1:1"] }));
   assert.deepEqual(doc.scrape_configs.map((j: { job_name: string }) => j.job_name), [
     "k8s4r-server",
   ]);
@@ -73,8 +73,8 @@ Deno.test("prometheus.yml: empty jobs are left out; the scrape timeout never exc
 
 Deno.test("prometheus.yml: refuses non-loopback targets and bad values, naming the key", () => {
   assert.throws(
-    () => renderPrometheusConfig({ ...input, fleetServer: "10.0.0.5:8090" }),
-    /^Error: fleetServer: expected a loopback address .*got "10\.0\.0\.5:8090"$/,
+    () => renderPrometheusConfig({ ...input, fleetServers: ["127.0.0.1:8090", "10.0.0.5:8090"] }),
+    /^Error: fleetServers\[1\]: expected a loopback address .*got "10\.0\.0\.5:8090"$/,
   );
   assert.throws(
     () =>
@@ -119,4 +119,47 @@ Deno.test("prometheus argv: loopback listen address, data dir, config file", () 
     () => prometheusArgs({ configFile: "c", dataDir: "d", listen: "0.0.0.0:9090" }),
     /listen: expected a loopback address/,
   );
+});
+
+Deno.test("prometheus.yml: the fleet server over HTTPS with an operator certificate (tls_config)", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const tls = {
+      caFile: `${dir}/ca.pem`,
+      certFile: `${dir}/cert.pem`,
+      keyFile: `${dir}/key.pem`,
+      serverName: "localhost",
+    };
+    const text = renderPrometheusConfig({ ...input, fleetServerTls: tls });
+    const job = parse(text).scrape_configs.find((j: { job_name: string }) =>
+      j.job_name === JOBS.server
+    );
+    assert.equal(job.scheme, "https");
+    assert.deepEqual(job.tls_config, {
+      ca_file: tls.caFile,
+      cert_file: tls.certFile,
+      key_file: tls.keyFile,
+      server_name: "localhost",
+    });
+    // The other jobs stay plain HTTP on loopback.
+    const spire = parse(text).scrape_configs.find((j: { job_name: string }) =>
+      j.job_name === JOBS.spireServer
+    );
+    assert.equal(spire.scheme, undefined);
+    // promtool accepts it (it checks that the files exist).
+    for (const f of [tls.caFile, tls.certFile, tls.keyFile]) await Deno.writeTextFile(f, "");
+    await Deno.writeTextFile(`${dir}/prometheus.yml`, text);
+    const r = await checkConfig(
+      realRunner,
+      `${dir}/prometheus.yml`,
+      promtoolBin(Deno.env.toObject()),
+    );
+    assert.ok(r.ok, r.output);
+    assert.throws(
+      () => renderPrometheusConfig({ ...input, fleetServerTls: { ...tls, certFile: "cert.pem" } }),
+      /fleetServerTls\.certFile: expected an absolute path, got cert\.pem/,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

@@ -33,12 +33,37 @@
  *   tests/broker_clientid_test.ts. So a client on the TLS listener can only ever take over its
  *   own session, and two connections with one certificate (two fleet servers sharing one SVID
  *   over mqtts://) take turns kicking each other: give each its own CN.
+ *
+ * Limits (man mosquitto.conf, 2.0.11, and src/database.c `db__ready_for_queue`):
+ * - `max_queued_messages` and `max_queued_bytes` bound, PER CLIENT, the QoS 1/2 messages queued
+ *   beyond those in flight (while it is offline or slow); the first limit reached wins, and
+ *   further messages for that client are dropped. The fleet server is one client that receives
+ *   every robot's messages, so these bound what a flooding robot can pile into its session.
+ * - `max_packet_size`: a client sending a larger packet is disconnected (DISCONNECT 0x95; MQTT 5
+ *   clients are told the limit in CONNACK). It exists in 2.0.11 and is the current way: Mosquitto
+ *   2.1 asks to replace `message_size_limit` with it. We do not write `message_size_limit`: in
+ *   2.0.11 it answers a too-large QoS 1 PUBLISH with PUBACK 0x95, a reason code MQTT 5 does not
+ *   allow in PUBACK; mqtt.js 5.16 rejects that PUBACK ("Invalid puback reason code") and drops
+ *   the connection, so a durable queue would resend the same message forever (tested in
+ *   tests/broker_limits_test.ts). A payload between 256 KiB and the packet limit still reaches
+ *   the receiver, which drops and counts it (`too-large`).
+ * - There is no per-client publish rate limit in Mosquitto 2.0 (nor a message count per time in
+ *   2.1; 2.1 enforces the MQTT 5 receive maximum, which bounds QoS 1 messages in flight, not a
+ *   rate). A rate limit needs a plugin or the fleet server's own accounting.
  */
 import { pbkdf2Sync, randomBytes, timingSafeEqual } from "node:crypto";
 import { join } from "node:path";
 import { TOPIC_ROOT, UP_KINDS } from "../fleet/topics.ts";
 import { writeFileAtomic } from "../fs/atomic.ts";
 import { DYNSEC_CONTROL_TOPICS, ensureDynsecFile } from "./dynsec.ts";
+import { MAX_PAYLOAD_BYTES } from "./messages.ts";
+
+/** Default `max_queued_messages`: per client (the fleet server's session above all). */
+export const DEFAULT_MAX_QUEUED_MESSAGES = 100_000;
+/** Default `max_queued_bytes` (payload bytes): 512 full-size results, ~20 min of 1000 robots. */
+export const DEFAULT_MAX_QUEUED_BYTES = 128 * 1024 * 1024;
+/** `max_packet_size`: the payload limit plus room for the fixed header, topic and properties. */
+export const MAX_PACKET_SIZE = MAX_PAYLOAD_BYTES + 4096;
 
 /** mosquitto_passwd's defaults for `-H sha512-pbkdf2` (2.0.x): 12-byte salt, 101 iterations. */
 export const PBKDF2_ITERATIONS = 101;
@@ -119,6 +144,8 @@ export interface BrokerConfigOptions {
   autosaveIntervalSeconds?: number;
   /** Per-client queue of QoS 1/2 messages while offline or in flight. Default 100000. */
   maxQueuedMessages?: number;
+  /** Per-client queue of QoS 1/2 messages, in payload bytes. Default 128 MiB. */
+  maxQueuedBytes?: number;
   /** Persistent sessions not seen for this long are dropped (mosquitto syntax). Default 30d. */
   persistentClientExpiration?: string;
   /**
@@ -217,6 +244,12 @@ export function renderMosquittoConf(
     }
     return n;
   };
+  const positive = (label: string, n: number) => {
+    if (!Number.isInteger(n) || n < 1) {
+      throw new Error(`${label}: expected a positive integer, got ${n}`);
+    }
+    return n;
+  };
   const binds = [opts.tlsBind ?? "127.0.0.1"].flat();
   for (const b of binds) {
     if (!/^[0-9A-Za-z.:-]+$/.test(b)) throw new Error(`tlsBind: invalid address ${b}`);
@@ -239,13 +272,20 @@ export function renderMosquittoConf(
     `autosave_interval ${opts.autosaveIntervalSeconds ?? 1}`,
     "autosave_on_changes false",
     `persistent_client_expiration ${opts.persistentClientExpiration ?? "30d"}`,
-    `max_queued_messages ${opts.maxQueuedMessages ?? 100000}`,
-    "max_queued_bytes 0",
+    "# Per-client queues (the fleet server's session receives every robot's messages): a",
+    "# flooding robot fills them up to these bounds, then further messages are dropped.",
+    `max_queued_messages ${
+      positive("maxQueuedMessages", opts.maxQueuedMessages ?? DEFAULT_MAX_QUEUED_MESSAGES)
+    }`,
+    `max_queued_bytes ${
+      positive("maxQueuedBytes", opts.maxQueuedBytes ?? DEFAULT_MAX_QUEUED_BYTES)
+    }`,
     // QoS 1 messages in flight to one client. The server is a single subscriber for the whole
     // fleet: Mosquitto's default of 20 would cap its ingest at 20 per round trip.
     "max_inflight_messages 1000",
-    // Must exceed messages.ts MAX_PAYLOAD_BYTES plus headers; larger packets are dropped early.
-    "max_packet_size 1048576",
+    "# A packet above the protocol's 256 KiB payload (plus headers) cuts the connection.",
+    "# Mosquitto 2.0 has no per-client rate limit.",
+    `max_packet_size ${MAX_PACKET_SIZE}`,
     "set_tcp_nodelay true",
     "",
     `log_dest file ${files.logFile}`,

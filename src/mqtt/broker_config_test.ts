@@ -153,6 +153,8 @@ Deno.test("writeBrokerFiles: config, 0600 password file, loopback plain listener
         `persistence_location ${files.persistenceDir}/`,
         "autosave_interval 1",
         "max_queued_messages 100000",
+        `max_queued_bytes ${128 * 1024 * 1024}`,
+        "max_packet_size 266240",
         `log_dest file ${files.logFile}`,
         "listener 18883 127.0.0.1",
         "cafile /ca.pem",
@@ -165,6 +167,8 @@ Deno.test("writeBrokerFiles: config, 0600 password file, loopback plain listener
         `plugin_opt_config_file ${files.dynsecFile}`,
       ]
     ) assert.ok(conf.split("\n").includes(line), `missing line: ${line}`);
+    // Its PUBACK 0x95 breaks MQTT 5 clients (tests/broker_limits_test.ts): not written.
+    assert.ok(!conf.includes("message_size_limit"));
     assert.equal(conf.split("\n").filter((l) => l === "allow_anonymous false").length, 1);
     // The plaintext passwords are nowhere but in the caller's memory.
     assert.ok(!conf.includes("pw-123") && !conf.includes("adm-456"));
@@ -203,6 +207,20 @@ Deno.test("writeBrokerFiles: config, 0600 password file, loopback plain listener
           server: { username: "u", password: "p" },
         }),
       /tlsPort: expected a port in \[1, 65535\], got 70000/,
+    );
+    // 0 would mean "no limit" to mosquitto: refused.
+    await assert.rejects(
+      () =>
+        writeBrokerFiles(join(dir, "m3"), {
+          tlsPort: 1,
+          plainPort: 2,
+          cafile: "/ca",
+          certfile: "/c",
+          keyfile: "/k",
+          server: { username: "u", password: "p" },
+          maxQueuedBytes: 0,
+        }),
+      /maxQueuedBytes: expected a positive integer, got 0/,
     );
   } finally {
     await Deno.remove(dir, { recursive: true });

@@ -45,6 +45,8 @@ export interface RegisterMessage extends Envelope {
   /** How often the agent sends heartbeats; the server declares it offline after 3 misses. */
   heartbeatIntervalSeconds?: number;
   svidExpiresAt: string;
+  /** The SVID's notBefore (optional, additive): with `svidExpiresAt`, its lifetime. */
+  svidIssuedAt?: string;
   device: DeviceInfo;
   /** The agent process (same as the heartbeat's `bootId`). */
   bootId?: string;
@@ -60,7 +62,17 @@ export interface HeartbeatMessage extends Envelope {
   bootId?: string;
   svidExpiresAt: string;
   load?: [number, number, number];
+  /** The SVID's notBefore (optional, additive; docs/METRICS.md). */
+  svidIssuedAt?: string;
+  /** The agent's view of its SPIFFE Workload API stream. */
+  workloadApi?: "up" | "down";
+  /** Messages in the agent's outbound queue, this heartbeat excluded. */
+  outboundQueueDepth?: number;
 }
+
+/** Bound of `heartbeat.outboundQueueDepth`. */
+export const MAX_OUTBOUND_QUEUE_DEPTH = 10_000_000;
+export const WORKLOAD_API_STATES = ["up", "down"] as const;
 
 export type RobotStatus = "online" | "offline";
 
@@ -88,6 +100,19 @@ export const TASK_REPORT_STATES = [
 ] as const;
 export type TaskReportState = typeof TASK_REPORT_STATES[number];
 
+/**
+ * Why a robot refused a task it could not trust (`task-status.reason`, state `refused`):
+ * - `bad-signature`: unsigned, malformed JWS, chain not under the robot's bundle, or signed by
+ *   anyone but the configured fleet server;
+ * - `wrong-robot`: correctly signed, but addressed to another robot;
+ * - `expired`: correctly signed, arrived after its `expiresAt`;
+ * - `replay`: correctly signed, but its id was seen before or its `createdAt` is outside the
+ *   robot's window.
+ * A task refused for an ordinary reason (allow-list, environment, limits) carries no `reason`.
+ */
+export const REFUSAL_REASONS = ["bad-signature", "wrong-robot", "expired", "replay"] as const;
+export type RefusalReason = typeof REFUSAL_REASONS[number];
+
 /** Robot -> server, on `up/task`. */
 export interface TaskStatusMessage extends Envelope {
   type: "task-status";
@@ -103,6 +128,8 @@ export interface TaskStatusMessage extends Envelope {
   stderrTruncatedBytes?: number;
   /** Required when state is "refused" or "failed". */
   error?: string;
+  /** Only with state "refused": the task could not be trusted (see REFUSAL_REASONS). */
+  reason?: RefusalReason;
 }
 
 /** Server -> robot, on `down/task`. */
@@ -155,7 +182,7 @@ class Check {
     return new Check(value as Record<string, unknown>, path);
   }
 
-  private fail(key: string, expected: string, got: unknown): never {
+  fail(key: string, expected: string, got: unknown): never {
     throw new Invalid(`${this.path}.${key}: expected ${expected}, got ${describe(got)}`);
   }
 
@@ -345,6 +372,7 @@ export function validateRegister(value: unknown): Result<RegisterMessage> {
     if (c.has("heartbeatIntervalSeconds")) {
       msg.heartbeatIntervalSeconds = c.int("heartbeatIntervalSeconds", 1, 3600);
     }
+    issuedAt(c, msg);
     connectionFields(c, msg);
     return msg;
   });
@@ -362,8 +390,23 @@ export function validateHeartbeat(value: unknown): Result<HeartbeatMessage> {
     const bootId = c.optString("bootId", { max: 64 });
     if (bootId !== undefined) msg.bootId = bootId;
     if (c.has("load")) msg.load = c.load("load");
+    issuedAt(c, msg);
+    if (c.has("workloadApi")) msg.workloadApi = c.oneOf("workloadApi", WORKLOAD_API_STATES);
+    if (c.has("outboundQueueDepth")) {
+      msg.outboundQueueDepth = c.int("outboundQueueDepth", 0, MAX_OUTBOUND_QUEUE_DEPTH);
+    }
     return msg;
   });
+}
+
+/** The optional `svidIssuedAt` of register and heartbeat: a timestamp, not after the expiry. */
+function issuedAt(c: Check, msg: { svidExpiresAt: string; svidIssuedAt?: string }): void {
+  if (!c.has("svidIssuedAt")) return;
+  const v = c.timestamp("svidIssuedAt");
+  if (Date.parse(v) > Date.parse(msg.svidExpiresAt)) {
+    c.fail("svidIssuedAt", `a time not after svidExpiresAt (${msg.svidExpiresAt})`, v);
+  }
+  msg.svidIssuedAt = v;
 }
 
 export function validateStatus(value: unknown): Result<StatusMessage> {
@@ -418,6 +461,14 @@ export function validateTaskStatus(value: unknown): Result<TaskStatusMessage> {
     }
     const error = c.optString("error", { max: 4096 });
     if (error !== undefined) msg.error = error;
+    if (c.has("reason")) {
+      msg.reason = c.oneOf("reason", REFUSAL_REASONS);
+      if (msg.state !== "refused") {
+        throw new Invalid(
+          `task-status.reason: expected only with state "refused", got state "${msg.state}"`,
+        );
+      }
+    }
     if ((msg.state === "refused" || msg.state === "failed") && !msg.error) {
       throw new Invalid(
         `task-status.error: expected non-empty string when state is "${msg.state}", got ${

@@ -66,6 +66,15 @@ Deno.test("valid messages pass, and unknown extra fields are tolerated", () => {
   assert.ok(validateTaskStatus({ ...goodTaskStatus, ...extra }).ok);
   assert.ok(validateTask({ ...goodTask, ...extra }).ok);
   assert.ok(validateCancel({ ...goodCancel, ...extra }).ok);
+  const cancelled = validateTaskStatus({ ...goodTaskStatus, state: "cancelled", exitCode: null });
+  assert.ok(cancelled.ok);
+  const replay = validateTaskStatus({
+    ...goodTaskStatus,
+    state: "refused",
+    error: "replay: task id seen before",
+    reason: "replay",
+  });
+  assert.ok(replay.ok && replay.value.reason === "replay");
   const hb = validateHeartbeat({ ...goodHeartbeat, load: undefined });
   assert.ok(hb.ok);
   if (hb.ok) assert.equal(hb.value.load, undefined);
@@ -195,6 +204,18 @@ const BAD: [string, V, unknown, string][] = [
     validateTaskStatus as V,
     { ...goodTaskStatus, state: "finished" },
     'task-status.state: expected one of accepted|running|done|refused|failed|cancelled, got "finished"',
+  ],
+  [
+    "refusal reason unknown",
+    validateTaskStatus as V,
+    { ...goodTaskStatus, state: "refused", error: "x", reason: "nope" },
+    'task-status.reason: expected one of bad-signature|wrong-robot|expired|replay, got "nope"',
+  ],
+  [
+    "refusal reason on another state",
+    validateTaskStatus as V,
+    { ...goodTaskStatus, reason: "replay" },
+    'task-status.reason: expected only with state "refused", got state "done"',
   ],
   [
     "done without exit code",
@@ -351,4 +372,73 @@ Deno.test("decodeDown: round trip through encode, and up topics are refused", ()
 Deno.test("tail keeps the end of the output", () => {
   assert.equal(tail("abcdef", 3), "def");
   assert.equal(tail("ab", 3), "ab");
+});
+
+Deno.test("heartbeat and register telemetry fields (optional, additive): valid ones are kept", () => {
+  const issued = "2025-01-31T11:00:00.000Z";
+  const hb = validateHeartbeat({
+    ...goodHeartbeat,
+    svidIssuedAt: issued,
+    workloadApi: "down",
+    outboundQueueDepth: 12,
+  });
+  assert.ok(hb.ok);
+  if (hb.ok) {
+    assert.equal(hb.value.svidIssuedAt, issued);
+    assert.equal(hb.value.workloadApi, "down");
+    assert.equal(hb.value.outboundQueueDepth, 12);
+  }
+  const reg = validateRegister({ ...goodRegister, svidIssuedAt: issued });
+  assert.ok(reg.ok);
+  if (reg.ok) assert.equal(reg.value.svidIssuedAt, issued);
+  // Without them (older agents): nothing is made up.
+  const old = validateHeartbeat(goodHeartbeat);
+  assert.ok(old.ok);
+  if (old.ok) {
+    assert.equal(old.value.svidIssuedAt, undefined);
+    assert.equal(old.value.workloadApi, undefined);
+    assert.equal(old.value.outboundQueueDepth, undefined);
+  }
+});
+
+Deno.test("heartbeat and register telemetry fields: bad values are bad-schema naming the field", () => {
+  const cases: [V, unknown, string][] = [
+    [
+      validateHeartbeat as V,
+      { ...goodHeartbeat, workloadApi: "maybe" },
+      'heartbeat.workloadApi: expected one of up|down, got "maybe"',
+    ],
+    [
+      validateHeartbeat as V,
+      { ...goodHeartbeat, outboundQueueDepth: -1 },
+      "heartbeat.outboundQueueDepth: expected integer in [0, 10000000], got -1",
+    ],
+    [
+      validateHeartbeat as V,
+      { ...goodHeartbeat, outboundQueueDepth: 1.5 },
+      "heartbeat.outboundQueueDepth: expected integer in [0, 10000000], got 1.5",
+    ],
+    [
+      validateHeartbeat as V,
+      { ...goodHeartbeat, svidIssuedAt: "2025-01-31T13:00:00.000Z" },
+      `heartbeat.svidIssuedAt: expected a time not after svidExpiresAt (${TS}), got "2025-01-31T13:00:00.000Z"`,
+    ],
+    [
+      validateRegister as V,
+      { ...goodRegister, svidIssuedAt: 5 },
+      "register.svidIssuedAt: expected RFC 3339 UTC timestamp like 2025-01-31T12:00:00.000Z, got 5",
+    ],
+  ];
+  for (const [fn, input, msg] of cases) {
+    const r = fn(input);
+    assert.equal(r.ok, false, msg);
+    assert.equal(r.error, msg);
+  }
+  // Through the decoder: counted as bad-schema.
+  const d = decodeUp(
+    "k8s4r/robots/robot-001/up/heartbeat",
+    new TextEncoder().encode(JSON.stringify({ ...goodHeartbeat, workloadApi: "maybe" })),
+  );
+  assert.equal(d.ok, false);
+  if (!d.ok) assert.equal(d.reason, "bad-schema");
 });

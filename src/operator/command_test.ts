@@ -79,7 +79,7 @@ Deno.test("operator add/login/remove: argv carries no key, files 0600, roles edi
     assert.equal(c.expired, false);
     // The roles file revokes every older certificate of alice: issuedAfter = this one's notBefore.
     const issuedAfter = async () =>
-      (await readRolesFile(ctl.rolesFile)).issuedAfter.get("alice")?.toISOString();
+      (await readRolesFile(ctl.rolesFile)).issuedAfter?.get("alice")?.toISOString();
     assert.equal(await issuedAfter(), c.svid.notBefore.toISOString());
     // A valid certificate is left alone; one with less than a third of its life is renewed.
     const same = await loginOperator(ctl, "alice");

@@ -20,7 +20,7 @@
  */
 import type { X509Certificate } from "node:crypto";
 import type { X509BundleSource } from "../spiffe/bundle.ts";
-import { verifyX509SvidChain } from "../spiffe/verify.ts";
+import { type FailedChainCache, verifyX509SvidChain } from "../spiffe/verify.ts";
 import { certInfo } from "../spiffe/x509.ts";
 import { operatorNameOf } from "../fleet/ids.ts";
 import { allows, type Permission, type Role, type RolesSource } from "./roles.ts";
@@ -48,6 +48,8 @@ export interface Caller {
   spiffeId: string;
   operator: string;
   role: Role;
+  /** The notBefore of the certificate it authenticated with (a session: the one it began with). */
+  issuedAt?: Date;
 }
 
 export interface AuthPolicy {
@@ -57,6 +59,8 @@ export interface AuthPolicy {
   bundles: X509BundleSource;
   roles: RolesSource;
   now?: () => Date;
+  /** Client chains that failed verification, answered again without a signature check. */
+  failures?: FailedChainCache;
 }
 
 const refuse = (status: number, code: RefusalCode, error: string): Refusal => ({
@@ -111,7 +115,7 @@ export function identify(
       spiffeId = v.spiffeId;
       issuedAt = v.issuedAt;
     } else {
-      const r = verifyX509SvidChain(chain, policy.bundles, now);
+      const r = verifyX509SvidChain(chain, policy.bundles, now, { failures: policy.failures });
       spiffeId = r.id.toString();
       const infos = r.chain.map((c) => certInfo(c));
       issuedAt = infos[0].notBefore.getTime();
@@ -210,7 +214,10 @@ export function authorize(
       ),
     };
   }
-  return { ok: true, caller: { spiffeId: who.spiffeId, operator: who.operator, role } };
+  return {
+    ok: true,
+    caller: { spiffeId: who.spiffeId, operator: who.operator, role, issuedAt: who.issuedAt },
+  };
 }
 
 // ---------------------------------------------------------------------------------------------

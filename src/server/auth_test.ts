@@ -12,7 +12,7 @@ import { allowedHostNames, identify, parseAuthority, type VerifiedConnection } f
 import { createHandler, decodeCursor, encodeCursor } from "./http_api.ts";
 import { openSqliteFile } from "./registry_sqlite.ts";
 import { type Role, type RolesSource, type RolesState, staticRoles } from "./roles.ts";
-import { TestHttps } from "./testing.ts";
+import { TestHttps, UNSIGNED } from "./testing.ts";
 import { exposureWarning } from "./command.ts";
 
 class Pub implements Publisher {
@@ -32,7 +32,7 @@ async function setup(roleMap: Record<string, Role> = { admin: "operator", vera: 
   const registry = openSqliteFile(":memory:");
   const pub = new Pub();
   let n = 0;
-  const fleet = new FleetService(registry, pub, { newId: () => `t${++n}` });
+  const fleet = new FleetService(registry, pub, { newId: () => `t${++n}`, signer: UNSIGNED });
   await registry.touchRobot("robot-001", new Date().toISOString());
   await registry.setOnline("robot-001", false, "test"); // tasks stay pending: cancel withdraws them
   const web = new TestHttps();
@@ -158,6 +158,7 @@ Deno.test("auth: a viewer reads but cannot create or cancel; an operator can", a
     spiffeId: `spiffe://${web.trustDomain}/operator/vera`,
     operator: "vera",
     role: "viewer",
+    via: "certificate",
   });
   const create = await req("POST", CREATE, { chain: vera.certificates });
   assert.equal(create.status, 403);
@@ -375,7 +376,7 @@ Deno.test("a connection's verification is reused only while the bundle and valid
 
 Deno.test("refusals are logged once per reason per 10 s, and all counted", async () => {
   const registry = openSqliteFile(":memory:");
-  const fleet = new FleetService(registry, new Pub());
+  const fleet = new FleetService(registry, new Pub(), { signer: UNSIGNED });
   const web = new TestHttps();
   const lines: string[] = [];
   const handler = createHandler({

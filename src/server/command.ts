@@ -19,6 +19,7 @@ import { type ApiClient, apiClient } from "../operator/client.ts";
 import { VERSION } from "../version.ts";
 import { isLoopbackHost, isWildcardHost } from "./auth.ts";
 import type { DownSigner, Logger } from "./fleet.ts";
+import { TaskSigner } from "../mqtt/signed.ts";
 import {
   FleetServer,
   loadMqttCredentials,
@@ -129,11 +130,13 @@ function machineAddresses(): string[] {
 }
 
 /**
- * Signs tasks and cancels with the server's SVID. JOIN (i11-robot): return
- * `new TaskSigner(source)` from src/mqtt/signed.ts; its `sign(msg)` is this interface.
+ * Signs tasks and cancels with the server's SVID: at every publish, with the SVID current then
+ * (a task may wait up to 7 days; an SVID lives about an hour). The server has no unsigned mode:
+ * without an SVID it does not start (`serverIdentity`), and while its SVID is expired nothing is
+ * sent (tasks stay pending, counted in `signErrors`, and go out once a new SVID arrives).
  */
-function serverSigner(_source: X509Source): DownSigner | undefined {
-  return undefined;
+function serverSigner(source: X509Source): DownSigner {
+  return new TaskSigner(source);
 }
 
 /**
@@ -168,9 +171,24 @@ async function databaseConfig(args: Args, io: Io): Promise<PostgresConfig | unde
   return config;
 }
 
-async function runServer(args: Args, io: Io): Promise<number> {
+/**
+ * `k8s4r server`. `makeSigner` is a parameter only so that the benchmark can measure the path
+ * before signing side by side (bench/unsigned_server.ts); the CLI always signs with the SVID
+ * (`serverSigner`), and no flag, setting or environment variable selects anything else.
+ */
+export async function runServer(
+  args: Args,
+  io: Io,
+  makeSigner: (source: X509Source) => DownSigner = serverSigner,
+): Promise<number> {
   const layout = defaultLayout(io.cwd, io.env);
   const postgres = await databaseConfig(args, io);
+  if (args.bool("shared-subscription") && !postgres) {
+    throw new UsageError(
+      "--shared-subscription: replicas share one registry, which needs --database postgres://...; " +
+        "on SQLite each server would keep its own and mark the others' robots offline (run one server)",
+    );
+  }
   const log = ioLogger(io, () => [postgres?.password]);
   const brokerUrl = args.string("broker-url") ?? `mqtt://127.0.0.1:${layout.ports.mqttPlain}`;
   let url: URL;
@@ -204,6 +222,13 @@ async function runServer(args: Args, io: Io): Promise<number> {
   if (!(svidTimeout > 0)) {
     throw new UsageError(
       `--svid-timeout: expected a positive number of seconds, got ${svidTimeout}`,
+    );
+  }
+  const loginTtlRaw = args.number("dashboard-login-ttl") ??
+    (io.env["K8S4R_DASHBOARD_LOGIN_TTL"] ? Number(io.env["K8S4R_DASHBOARD_LOGIN_TTL"]) : 120);
+  if (!Number.isInteger(loginTtlRaw) || loginTtlRaw < 1 || loginTtlRaw > 900) {
+    throw new UsageError(
+      `--dashboard-login-ttl: expected whole seconds in [1, 900], got ${loginTtlRaw}`,
     );
   }
   const rolesPath = args.string("roles") ?? io.env["K8S4R_ROLES_FILE"] ?? DEFAULT_ROLES_FILE;
@@ -264,11 +289,19 @@ async function runServer(args: Args, io: Io): Promise<number> {
   const spiffeId = args.string("spiffe-id") ?? fleetServerSpiffeId(layout.trustDomain);
   const source = await serverIdentity(io, address, spiffeId, svidTimeout * 1000);
   const closeSource = () => source.close();
+  let server: FleetServer | undefined;
+  let signErrorsSeen = 0;
   source.onUpdate(() => {
     const s = source.getX509Svid();
     log.info(
       `SVID ${s.id} rotated: serial ${s.serialNumber}, valid until ${s.notAfter.toISOString()}`,
     );
+    // Something could not be signed with the old one (it had expired): send it now.
+    const errors = server?.fleet.stats.signErrors ?? 0;
+    if (server && errors > signErrorsSeen) {
+      signErrorsSeen = errors;
+      void server.fleet.dispatchAllOnline();
+    }
   });
   if (url.protocol === "mqtts:") {
     tls = svidTlsProvider(
@@ -285,7 +318,6 @@ async function runServer(args: Args, io: Io): Promise<number> {
   let fatal: ((err: Error) => void) | undefined;
   const fatalP = new Promise<never>((_, reject) => (fatal = reject));
   fatalP.catch(() => {});
-  let server: FleetServer;
   try {
     server = await FleetServer.start({
       brokerUrl,
@@ -309,9 +341,16 @@ async function runServer(args: Args, io: Io): Promise<number> {
         interfaceAddresses: isWildcardHost(http.hostname) ? machineAddresses() : [],
         maxConnections,
       },
-      fleet: { heartbeatIntervalSeconds: hb, signer: serverSigner(source) },
+      fleet: { heartbeatIntervalSeconds: hb, signer: makeSigner(source) },
+      // The CAs of the server's own trust domain (the metrics' trust bundle series).
+      trustBundle: () =>
+        source.getX509BundleForTrustDomain(svid.id.trustDomain)?.authorities.map((c) => ({
+          notBefore: new Date(c.validFrom),
+          notAfter: new Date(c.validTo),
+        })),
       logger: log,
       version: VERSION,
+      dashboard: { loginTtlMs: loginTtlRaw * 1000 },
       onFatal: (err) =>
         fatal?.(
           new CliError(
@@ -417,7 +456,8 @@ operator SVID; roles from --roles, re-read on change), and signs every task and 
     {
       name: "shared-subscription",
       type: "boolean",
-      description: "Subscribe via $share/k8s4r/... so several servers split the load (MQTT 5)",
+      description:
+        "Run as one of several replicas on the --database registry: split the robots' messages via $share/k8s4r/... (MQTT 5)",
     },
     {
       name: "client-id",
@@ -465,8 +505,15 @@ operator SVID; roles from --roles, re-read on change), and signs every task and 
       valueName: "S",
       description: "How long to wait for the server's SVID at start (default 30)",
     },
+    {
+      name: "dashboard-login-ttl",
+      type: "number",
+      valueName: "S",
+      description:
+        "How long a one-time dashboard login URL stays valid (default 120, env K8S4R_DASHBOARD_LOGIN_TTL)",
+    },
   ],
-  run: runServer,
+  run: (args, io) => runServer(args, io),
 };
 
 // ---------------------------------------------------------------- robots
@@ -857,4 +904,66 @@ Example: k8s4r task cancel 6f1c...   (ids: k8s4r tasks)`,
     ],
     run: runCancel,
   }],
+};
+
+// ---------------------------------------------------------------- dashboard
+
+/** True when a desktop session can show a browser (X11 or Wayland). */
+export function hasDisplay(env: Record<string, string | undefined>): boolean {
+  return !!(env["DISPLAY"] || env["WAYLAND_DISPLAY"]);
+}
+
+async function runDashboard(args: Args, io: Io): Promise<number> {
+  return await withApi(args, io, async (api) => {
+    const r = await api.request<
+      { path: string; expiresAt: string; operator: string; role: string }
+    >(
+      "POST",
+      "/api/dashboard/login",
+      { body: {}, signal: io.signal },
+    );
+    if (r.status !== 201) throw apiError("POST /api/dashboard/login", r);
+    const url = `${api.baseUrl}${r.body.path}`;
+    io.stdout.write(`${url}\n`);
+    const left = Math.round((Date.parse(r.body.expiresAt) - Date.now()) / 1000);
+    io.stderr.write(
+      `k8s4r: a one-time login for ${r.body.operator} (${r.body.role}): it works once, within ${left}s; the browser then keeps a session cookie\n`,
+    );
+    if (args.bool("print-url")) return 0;
+    if (!hasDisplay(io.env)) {
+      io.stderr.write("k8s4r: no display (DISPLAY, WAYLAND_DISPLAY): open the URL in a browser\n");
+      return 0;
+    }
+    // The URL (its token works once and expires within minutes) is on xdg-open's command line
+    // for the moment it runs; a browser that takes it uses it up.
+    const opened = await io.runner.output("xdg-open", [url], { check: false, timeoutMs: 15_000 })
+      .catch((err) => ({ code: -1, stdout: "", stderr: errorMessage(err) }));
+    if (opened.code !== 0) {
+      io.stderr.write(
+        `k8s4r: could not open a browser (xdg-open: ${
+          opened.stderr.trim().split("\n").pop() || `exit ${opened.code}`
+        }): open the URL yourself\n`,
+      );
+    }
+    return 0;
+  });
+}
+
+export const dashboardCommand: CommandSpec = {
+  name: "dashboard",
+  summary: "Open the fleet dashboard in a browser (a one-time login URL)",
+  description: `Asks the fleet server, over this operator's client certificate, for a one-time
+login URL, prints it, and opens it with xdg-open when a display exists. The URL works once and
+expires within minutes; the browser then holds a session cookie (HttpOnly, Secure,
+SameSite=Strict) that acts as this operator, with the role the server's roles config gives it.
+The server's certificate is a SPIRE SVID: a browser trusts it once the fleet's CA is imported
+(README, "Dashboard").
+
+Example: k8s4r dashboard --print-url`,
+  flags: [
+    { name: "print-url", type: "boolean", description: "Only print the URL, do not open it" },
+    SERVER_FLAG,
+    OPERATOR_FLAG,
+  ],
+  run: runDashboard,
 };

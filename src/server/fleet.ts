@@ -8,8 +8,9 @@ import {
   decodeUp,
   type DownMessage,
   type DropReason,
-  encode,
   PROTOCOL_VERSION,
+  REFUSAL_REASONS,
+  type RefusalReason,
   type StatusMessage,
   type TaskMessage,
   type UpMessage,
@@ -17,25 +18,29 @@ import {
 import { downTopic, isRobotId } from "../fleet/topics.ts";
 import {
   compareStatusOrder,
+  isTransientConflict,
   type Registry,
   type RegistryTx,
   type RobotRecord,
   type StatusOrder,
   type TaskRecord,
 } from "./registry.ts";
-import { isFinal, needsCancel, needsDispatch } from "./tasks.ts";
+import { isFinal, needsCancel, needsDispatch, reportEvent, UNTRUSTED_REFUSALS } from "./tasks.ts";
 
 /**
  * Turns a server -> robot message into the exact MQTT payload. The fleet server signs tasks and
- * cancels with its own X.509 SVID (docs/PROTOCOL.md, "Signed tasks and cancels"); `sign` may
- * throw (no SVID, a payload over the limit), and the message is then not sent.
+ * cancels with its own X.509 SVID (`TaskSigner`, src/mqtt/signed.ts; docs/PROTOCOL.md, "Signed
+ * tasks and cancels"), once per publish, so every copy carries a signature of the SVID current
+ * then. `sign` may throw (the SVID expired, a payload over the limit): the message is then not
+ * sent, the task stays where it was and is sent when it next can be (its TTL still applies).
+ * There is no unsigned signer in production code: a server without an SVID does not start.
  */
 export interface DownSigner {
   sign(msg: DownMessage): Uint8Array;
 }
 
-/** Plain JSON, no signature: unit tests, and robots that do not require signatures. */
-export const UNSIGNED: DownSigner = { sign: (msg) => encode(msg) };
+/** Refusal reports by reason; `task` counts ordinary refusals (no reason: allow-list, env...). */
+export type RefusalCount = RefusalReason | "task";
 
 /** What the fleet needs from an MQTT client. */
 export interface Publisher {
@@ -65,8 +70,8 @@ export interface FleetOptions {
   newId?: () => string;
   /** Start with the broker link down (`FleetServer`: robots are unknown until subscribed). */
   startDisconnected?: boolean;
-  /** Signs every task and cancel. Default UNSIGNED. */
-  signer?: DownSigner;
+  /** Signs every task and cancel (required: nothing is ever sent unsigned). */
+  signer: DownSigner;
   /**
    * The server's own probe topic (`serverProbeTopic`): `FleetServer` publishes the time to it
    * every half second and subscribes to it, so each echo proves that the broker delivered
@@ -75,6 +80,30 @@ export interface FleetOptions {
   probeTopic?: string;
   /** No echo for this long: the broker is not delivering (frozen, overloaded). Default 2000. */
   probeStallMs?: number;
+  /**
+   * This server process, as the owner of its task claims (each task is published by the one
+   * server that claimed it, until the claim's lease ends). Default `server-<uuid>`.
+   */
+  instance?: string;
+  /** How long a claim lasts: a server that dies mid-publish holds a task no longer. Default 30. */
+  claimLeaseSeconds?: number;
+  /**
+   * Replicas (`--shared-subscription` on PostgreSQL): the fleet's probe clock, from the shared
+   * state (replicas.ts). Robots are judged silent, and shown `unknown`, by it rather than by
+   * this process's own link: a message the broker queued for any replica's session before that
+   * time has been applied.
+   */
+  sharedClock?: SharedClock;
+  /** Shared clock not advanced for this long: every replica shows `unknown`. Default 3000. */
+  sharedStallMs?: number;
+  /** Batches retried after a deadlock or a serialization failure before giving up. Default 5. */
+  conflictRetries?: number;
+}
+
+/** The fleet's probe clock across replicas (see `FleetOptions.sharedClock`). */
+export interface SharedClock {
+  /** The oldest of the replicas' confirmed times (ms), or undefined before the first read. */
+  confirmedAt(): number | undefined;
 }
 
 export interface TaskRequest {
@@ -109,6 +138,11 @@ export interface FleetStats {
   cancelsSent: number;
   /** Tasks or cancels that could not be signed, hence not sent. */
   signErrors: number;
+  /**
+   * `refused` task reports by reason. `bad-signature`, `wrong-robot` and `replay` never change
+   * a task (docs/PROTOCOL.md, "Refusals"); `expired` and `task` (no reason) are answers.
+   */
+  refusals: Record<RefusalCount, number>;
   publishErrors: number;
   staleTaskReports: number;
   unknownTaskReports: number;
@@ -122,12 +156,18 @@ export interface FleetStats {
   applyErrors: number;
   /** Registry commits for received messages (messages / batches = messages per fsync). */
   batches: number;
+  /** Batches tried again after losing a race with another replica (deadlock, serialization). */
+  conflictRetries: number;
 }
 
 /** One received MQTT message. */
 export interface Incoming {
   topic: string;
   payload: Uint8Array;
+  /** A server's own probe echo (of this session's probe topic), not a robot's message. */
+  probe?: boolean;
+  /** A message between servers (a replica's last will), handled on arrival: nothing to write. */
+  control?: boolean;
 }
 
 export type Outcome = { ok: true } | { ok: false; reason: DropReason };
@@ -179,6 +219,10 @@ export class FleetService {
     tasksDispatched: 0,
     cancelsSent: 0,
     signErrors: 0,
+    refusals: {
+      ...Object.fromEntries(REFUSAL_REASONS.map((r) => [r, 0])) as Record<RefusalReason, number>,
+      task: 0,
+    },
     publishErrors: 0,
     staleTaskReports: 0,
     unknownTaskReports: 0,
@@ -187,20 +231,25 @@ export class FleetService {
     staleRegisters: 0,
     applyErrors: 0,
     batches: 0,
+    conflictRetries: 0,
   };
   private readonly hbDefault: number;
   private readonly missed: number;
   private readonly ttlDefault: number;
   private readonly grace: number;
-  private readonly now: () => Date;
+  /** The clock everything is stamped with (the database's, on replicas). */
+  readonly now: () => Date;
   private readonly log: Logger;
   private readonly newId: () => string;
-  /**
-   * Dispatches in flight, so that a burst of triggers publishes each task once; also held by a
-   * withdraw while it is written, so that no publish of that task starts meanwhile.
-   */
-  private readonly inFlight = new Set<string>();
-  /** Cancels in flight, likewise. */
+  /** The owner of this process's task claims. */
+  readonly instance: string;
+  private readonly claimLeaseMs: number;
+  private readonly shared?: SharedClock;
+  private readonly sharedStallMs: number;
+  private readonly conflictRetries: number;
+  /** Shared mode: since when the fleet's clock has been moving (silence is counted from it). */
+  private sharedGraceFrom?: number;
+  /** Cancels in flight, so that a burst of triggers publishes each cancel once. */
   private readonly cancelsInFlight = new Set<string>();
   private readonly signer: DownSigner;
   private readonly pending = new Set<Promise<void>>();
@@ -214,7 +263,7 @@ export class FleetService {
   constructor(
     readonly registry: Registry,
     private readonly publisher: Publisher,
-    opts: FleetOptions = {},
+    opts: FleetOptions,
   ) {
     this.hbDefault = opts.heartbeatIntervalSeconds ?? 10;
     this.missed = opts.missedHeartbeats ?? 3;
@@ -224,10 +273,29 @@ export class FleetService {
     this.log = opts.logger ?? silentLogger;
     this.newId = opts.newId ?? (() => crypto.randomUUID());
     this.link = { up: !opts.startDisconnected, since: this.now().getTime() };
-    this.signer = opts.signer ?? UNSIGNED;
+    this.signer = opts.signer;
     this.probeTopic = opts.probeTopic;
     this.probeStallMs = opts.probeStallMs ?? 2000;
     this.confirmed = this.link.since;
+    this.instance = opts.instance ?? `server-${crypto.randomUUID()}`;
+    this.claimLeaseMs = (opts.claimLeaseSeconds ?? 30) * 1000;
+    this.shared = opts.sharedClock;
+    this.sharedStallMs = opts.sharedStallMs ?? 3000;
+    this.conflictRetries = opts.conflictRetries ?? 5;
+  }
+
+  /** Replicas: the fleet's clock has not moved for `sharedStallMs` (or was never read). */
+  private sharedStalled(now: number): boolean {
+    const c = this.shared?.confirmedAt();
+    return c === undefined || now - c > this.sharedStallMs;
+  }
+
+  /**
+   * Silence is counted afresh (a full grace) from the next sweep: a server that becomes the
+   * fleet's sweeper (replicas.ts) calls it.
+   */
+  resetSweepGrace(): void {
+    this.sharedGraceFrom = undefined;
   }
 
   /**
@@ -237,6 +305,7 @@ export class FleetService {
    * turns its own silence into "missed heartbeats".
    */
   private heardUntil(now: number): number {
+    if (this.shared) return Math.min(now, this.shared.confirmedAt() ?? -Infinity);
     return this.probeTopic === undefined ? now : Math.min(now, this.confirmed);
   }
 
@@ -311,25 +380,67 @@ export class FleetService {
    */
   async handleBatch(items: Incoming[]): Promise<BatchResult> {
     if (items.length === 0) return { acked: 0, results: [] };
-    this.stats.batches++;
     const decoded = items.map((m) =>
-      m.topic === this.probeTopic ? PROBE : decodeUp(m.topic, m.payload)
+      m.probe || m.control || m.topic === this.probeTopic ? PROBE : decodeUp(m.topic, m.payload)
     );
+    const results: Outcome[] = [];
+    let done = 0;
+    for (let attempt = 0;; attempt++) {
+      const r = await this.applyBatch(items.slice(done), decoded.slice(done));
+      results.push(...r.results);
+      done += r.acked;
+      if (r.error === undefined) return { acked: done, results };
+      // Lost a race with another replica (PostgreSQL deadlock or serialization failure): what
+      // was committed stays, the rest is tried again. Ordered row locks make this rare.
+      if (r.conflict && attempt < this.conflictRetries) {
+        this.stats.conflictRetries++;
+        await new Promise((res) => setTimeout(res, 5 + Math.random() * 20 * (attempt + 1)));
+        continue;
+      }
+      this.stats.applyErrors++;
+      const d = decoded[done];
+      const what = d !== PROBE && d?.ok
+        ? `${d.message.type} from ${d.robotId}`
+        : `message on ${items[done]?.topic}`;
+      this.log.warn(
+        `failed to apply ${what}: ${r.error}; not acknowledged (the broker will redeliver it)`,
+      );
+      return { acked: done, results, error: r.error };
+    }
+  }
+
+  /** One attempt: one transaction, the robots' rows locked first, in id order. */
+  private async applyBatch(
+    items: Incoming[],
+    decoded: (typeof PROBE | ReturnType<typeof decodeUp>)[],
+  ): Promise<{ acked: number; results: Outcome[]; error?: string; conflict?: boolean }> {
+    this.stats.batches++;
     const effects: Effect[][] = decoded.map(() => []);
+    const robots = decoded.flatMap((d) => d !== PROBE && d.ok ? [d.robotId] : []);
     let r: { applied: number; error?: Error };
-    try {
-      r = await this.registry.batch(decoded.map((d, i) => async (tx) => {
-        if (d !== PROBE && d.ok) await this.apply(tx, d.robotId, d.message, effects[i]);
-      }));
-    } catch (err) {
-      r = { applied: 0, error: err as Error };
+    if (robots.length === 0) {
+      // Only probe echoes and malformed messages: nothing to write. A probe then proves what it
+      // proves (everything before it is committed) without the database: the broker's delivery
+      // is judged apart from the registry's health.
+      r = { applied: items.length };
+    } else {
+      try {
+        r = await this.registry.batch(
+          decoded.map((d, i) => async (tx) => {
+            if (d !== PROBE && d.ok) await this.apply(tx, d.robotId, d.message, effects[i]);
+          }),
+          (tx) => tx.lockRobots(robots, this.nowIso()),
+        );
+      } catch (err) {
+        r = { applied: 0, error: err as Error };
+      }
     }
     const results: Outcome[] = [];
     for (let i = 0; i < r.applied; i++) {
       const d = decoded[i];
       if (d === PROBE) {
         // After the commit of everything received before it, in order.
-        this.probeEchoed(items[i].payload);
+        if (items[i].topic === this.probeTopic) this.probeEchoed(items[i].payload);
         results.push({ ok: true });
         continue;
       }
@@ -351,15 +462,12 @@ export class FleetService {
       results.push({ ok: true });
     }
     if (r.error) {
-      this.stats.applyErrors++;
-      const d = decoded[r.applied];
-      const what = d !== PROBE && d?.ok
-        ? `${d.message.type} from ${d.robotId}`
-        : `message on ${items[r.applied]?.topic}`;
-      this.log.warn(
-        `failed to apply ${what}: ${r.error.message}; not acknowledged (the broker will redeliver it)`,
-      );
-      return { acked: r.applied, results, error: r.error.message };
+      return {
+        acked: r.applied,
+        results,
+        error: r.error.message,
+        conflict: isTransientConflict(r.error),
+      };
     }
     return { acked: r.applied, results };
   }
@@ -388,14 +496,16 @@ export class FleetService {
           fx.push(() => this.stats.staleRegisters++);
           return;
         }
+        const resend = opensConnection(prev, msg.bootId, order);
         // A register counts as the online of its connection: the will of an older connection
         // arriving after it is stale.
         await reg.setStatusOrder(robotId, msg.bootId ?? null, order);
         await reg.setOnline(robotId, true, null);
         fx.push(() => {
           this.log.info(`robot ${robotId} registered (agent ${msg.agentVersion})`);
-          // The agent (re)started: anything not yet accepted is sent again (it dedupes by id).
-          this.dispatchFor(robotId);
+          // A new connection (its session may be gone): anything not yet accepted is sent again
+          // (the robot dedupes by id). A repeated register of the same connection is a replay.
+          this.dispatchFor(robotId, { resend });
         });
         return;
       }
@@ -433,6 +543,13 @@ export class FleetService {
         }
         await reg.touchRobot(robotId, at);
         await reg.setLastStatusTs(robotId, msg.ts);
+        // The online of a new connection applied before its register (another replica has it).
+        const resend = msg.status === "online" &&
+          opensConnection(
+            prev,
+            msg.bootId,
+            msg.connection !== undefined ? { connection: msg.connection, rank: 0 } : null,
+          );
         if (msg.bootId !== undefined && msg.connection !== undefined) {
           await reg.setStatusOrder(robotId, msg.bootId, {
             connection: msg.connection,
@@ -450,12 +567,26 @@ export class FleetService {
               `robot ${robotId} is ${msg.status}${msg.reason ? ` (${msg.reason})` : ""}`,
             );
           }
-          if (msg.status === "online") this.dispatchFor(robotId);
+          if (msg.status === "online") this.dispatchFor(robotId, { resend });
         });
         return;
       }
       case "task-status": {
         await reg.touchRobot(robotId, at);
+        if (msg.state === "refused") {
+          const why: RefusalCount = msg.reason ?? "task";
+          fx.push(() => this.stats.refusals[why]++);
+          if (msg.reason !== undefined && UNTRUSTED_REFUSALS.includes(msg.reason)) {
+            // The robot could not trust that message: its task id may be forged, or it was a
+            // copy of a task the robot runs or ran. Counted; the task is never touched.
+            fx.push(() =>
+              this.log.info(
+                `robot ${robotId} refused a task message (${msg.reason}): ${msg.error ?? ""}`,
+              )
+            );
+            return;
+          }
+        }
         const task = await reg.getTask(msg.taskId);
         if (!task || task.robotId !== robotId) {
           // Unknown, or another robot's task id: a robot may only report on its own tasks.
@@ -465,7 +596,13 @@ export class FleetService {
           });
           return;
         }
-        const r = await reg.applyTaskEvent(msg.taskId, msg.state, at, {
+        const event = reportEvent(msg, task);
+        if (event === undefined) {
+          // An `expired` refusal of a late copy of a task the robot took up: not about it.
+          fx.push(() => this.stats.staleTaskReports++);
+          return;
+        }
+        const r = await reg.applyTaskEvent(msg.taskId, event, at, {
           exitCode: msg.exitCode,
           stdout: msg.stdout,
           stderr: msg.stderr,
@@ -478,8 +615,9 @@ export class FleetService {
   }
 
   /**
-   * Validates and stores a new task; dispatches it at once if the robot is online. `createdBy`
-   * is the SPIFFE ID of the operator who asked for it.
+   * Validates and stores a new task; dispatches it at once if the robot is online (the task is
+   * stored already claimed by this server, so no other replica publishes it meanwhile).
+   * `createdBy` is the SPIFFE ID of the operator who asked for it.
    */
   async createTask(robotId: string, req: TaskRequest, createdBy?: string): Promise<TaskRecord> {
     if (!isRobotId(robotId)) throw new NotFoundError(`unknown robot ${robotId}`);
@@ -487,19 +625,32 @@ export class FleetService {
     if (!robot) throw new NotFoundError(`unknown robot ${robotId}`);
     const now = this.now();
     const ttl = req.ttlSeconds ?? this.ttlDefault;
-    const task = await this.registry.createTask({
-      id: this.newId(),
-      robotId,
-      command: req.command,
-      env: req.env,
-      cwd: req.cwd,
-      timeoutSeconds: req.timeoutSeconds,
-      createdAt: now.toISOString(),
-      expiresAt: new Date(now.getTime() + ttl * 1000).toISOString(),
-      createdBy,
-    });
-    if (robot.online) this.dispatchTask(task);
+    const send = robot.online && this.publisher.connected();
+    const task = await this.registry.transaction((tx) =>
+      tx.createTask({
+        id: this.newId(),
+        robotId,
+        command: req.command,
+        env: req.env,
+        cwd: req.cwd,
+        timeoutSeconds: req.timeoutSeconds,
+        createdAt: now.toISOString(),
+        expiresAt: new Date(now.getTime() + ttl * 1000).toISOString(),
+        createdBy,
+      }, send ? this.claimFor(now.getTime()) : undefined)
+    );
+    if (send) this.publishClaimed(task);
     return task;
+  }
+
+  private claimFor(now: number): { owner: string; leaseUntil: string } {
+    return { owner: this.instance, leaseUntil: new Date(now + this.claimLeaseMs).toISOString() };
+  }
+
+  /** A claim by another server that has not expired: it may be publishing the task right now. */
+  private claimedByOther(t: TaskRecord, now: number): boolean {
+    return t.dispatchOwner !== null && t.dispatchLeaseUntil !== null &&
+      Date.parse(t.dispatchLeaseUntil) >= now;
   }
 
   /**
@@ -508,68 +659,84 @@ export class FleetService {
    * robot gets a signed `cancel` (now if it is online, else when it comes back); the robot's
    * `cancelled` report ends it. Throws NotFoundError, or ConflictError for a finished task.
    *
-   * "Nobody is publishing it" is decided in this process, across awaits: a withdraw holds the
-   * task's `inFlight` slot while it is written, and a dispatch holds it from before it reads
-   * the task's current state until its PUBACK is recorded, so either the dispatch sees the
-   * withdraw committed (and sends nothing) or the cancel sees the dispatch (and cancels).
+   * "Nobody is publishing it" is decided in the database, in one transaction with the task's
+   * row locked: a server publishes a task only while it holds a claim on it (`claimTasks`, taken
+   * in one statement with the state check), so either the claim committed first (the task may
+   * be on its way: it is cancelled on the robot) or the withdraw did (no claim can take it).
    */
   async cancelTask(id: string, by: string): Promise<CancelResult> {
-    const task = await this.registry.getTask(id);
-    if (!task) throw new NotFoundError(`unknown task ${JSON.stringify(id)}`);
-    if (isFinal(task.state)) {
-      throw new ConflictError(`task ${id} is already ${task.state}: nothing to cancel`);
-    }
-    if (task.state === "cancelling") {
-      this.sendCancel(task);
-      return { task, outcome: "already" };
-    }
-    const cancel = (event: "withdraw" | "cancel") =>
-      this.registry.applyTaskEvent(id, event, this.nowIso(), {
-        cancelRequestedBy: by,
-        ...(event === "withdraw" ? { error: `cancelled by ${by} before it was sent` } : {}),
-      });
-    let withdrawn = false;
-    let r: Awaited<ReturnType<typeof cancel>>;
-    if (task.state === "pending" && !this.inFlight.has(id)) {
-      this.inFlight.add(id);
-      try {
-        r = await cancel("withdraw");
-      } finally {
-        this.inFlight.delete(id);
+    const now = this.now().getTime();
+    const at = this.nowIso();
+    const out = await this.registry.transaction(async (tx) => {
+      const task = await tx.getTaskForUpdate(id);
+      if (!task) throw new NotFoundError(`unknown task ${JSON.stringify(id)}`);
+      if (isFinal(task.state)) {
+        throw new ConflictError(`task ${id} is already ${task.state}: nothing to cancel`);
       }
-      withdrawn = r !== undefined && !r.ignored;
-      // No longer pending (dispatched since it was read): it may have reached the robot.
-      if (r && r.ignored && !isFinal(r.task.state)) r = await cancel("cancel");
-    } else {
-      r = await cancel("cancel");
-    }
-    if (!r || r.ignored) {
-      if (r && isFinal(r.task.state)) {
-        throw new ConflictError(`task ${id} is already ${r.task.state}: nothing to cancel`);
+      if (task.state === "cancelling") return { task, outcome: "already" as const };
+      const withdraw = task.state === "pending" && !this.claimedByOther(task, now);
+      const r = await tx.applyTaskEvent(
+        id,
+        withdraw ? "withdraw" : "cancel",
+        at,
+        {
+          cancelRequestedBy: by,
+          ...(withdraw ? { error: `cancelled by ${by} before it was sent` } : {}),
+        },
+      );
+      if (!r || r.ignored) {
+        throw new ConflictError(`task ${id} is ${r?.task.state ?? "gone"}: cannot cancel it`);
       }
-      throw new ConflictError(`task ${id} is ${r?.task.state ?? "gone"}: cannot cancel it`);
+      return { task: r.task, outcome: withdraw ? "withdrawn" as const : "cancelling" as const };
+    });
+    if (out.outcome !== "already") {
+      this.log.info(
+        `task ${id} on ${out.task.robotId}: cancel requested by ${by} (${out.task.state})`,
+      );
     }
-    this.log.info(`task ${id} on ${task.robotId}: cancel requested by ${by} (${r.task.state})`);
-    // Withdrawn: never sent by this process. A publish of an earlier process whose PUBACK was
-    // lost may still have reached the broker, so the robot is told too (it ignores cancels of
-    // tasks it does not know).
-    this.sendCancel(r.task);
-    return { task: r.task, outcome: withdrawn ? "withdrawn" : "cancelling" };
+    // Withdrawn: never sent by a server that claimed it. A publish of an earlier process whose
+    // PUBACK was lost may still have reached the broker, so the robot is told too (it ignores
+    // cancels of tasks it does not know).
+    this.sendCancel(out.task);
+    return out;
   }
 
   /**
-   * Sends every undelivered task of one robot, and the cancels it is owed (`settled()` waits
-   * for it). Never rejects.
+   * Sends the pending tasks of one robot (those no other server holds a claim on), with
+   * `resend` also the dispatched ones it has not taken up (a new connection of the robot),
+   * and the cancels it is owed (`settled()` waits for it). Never rejects.
    */
-  dispatchFor(robotId: string): Promise<void> {
+  dispatchFor(robotId: string, opts: { resend?: boolean } = {}): Promise<void> {
     return this.track(async () => {
-      for (const t of await this.registry.tasksInStates(["pending", "dispatched"], robotId)) {
-        this.dispatchTask(t);
-      }
+      await this.claimAndPublish({
+        robotId,
+        states: opts.resend ? ["pending", "dispatched"] : ["pending"],
+      });
       for (const t of await this.registry.tasksInStates(["cancelling"], robotId)) {
         this.sendCancel(t);
       }
     }, `dispatch to ${robotId}`);
+  }
+
+  /** Claims tasks (pages of 200) and publishes each; resolves when all are claimed. */
+  private async claimAndPublish(
+    q: { robotId?: string; onlineOnly?: boolean; states?: ("pending" | "dispatched")[] },
+  ): Promise<void> {
+    if (!this.publisher.connected()) return; // sent again on reconnect
+    for (;;) {
+      const now = this.now().getTime();
+      const claimed = await this.registry.transaction((tx) =>
+        tx.claimTasks({
+          ...q,
+          owner: this.instance,
+          now: new Date(now).toISOString(),
+          leaseUntil: this.claimFor(now).leaseUntil,
+          limit: 200,
+        })
+      );
+      for (const t of claimed) this.publishClaimed(t);
+      if (claimed.length < 200) return;
+    }
   }
 
   /** Publishes a signed cancel of `task` (cancelling, or withdrawn) to its robot if online. */
@@ -614,10 +781,17 @@ export class FleetService {
     }, `cancel of task ${task.id}`);
   }
 
-  /** After (re)connecting to the broker: send what online robots are owed. Never rejects. */
+  /**
+   * After (re)connecting to the broker: send what online robots are owed (pending tasks: a
+   * dispatched one reached the broker, which delivers it). Never rejects.
+   */
   dispatchAllOnline(): Promise<void> {
     return this.track(async () => {
-      for (const r of await this.registry.onlineRobots()) await this.dispatchFor(r.id);
+      await this.claimAndPublish({ onlineOnly: true, states: ["pending"] });
+      const online = new Set((await this.registry.onlineRobots()).map((r) => r.id));
+      for (const t of await this.registry.tasksInStates(["cancelling"])) {
+        if (online.has(t.robotId)) this.sendCancel(t);
+      }
     }, "dispatch to online robots");
   }
 
@@ -631,56 +805,60 @@ export class FleetService {
   }
 
   /**
-   * Publishes `task` unless it is in flight already. `task` may be stale (read before an
-   * await): its current state is read again, with the task's `inFlight` slot held, so that a
-   * task withdrawn meanwhile is never sent.
+   * Publishes `task`, which this server has claimed (its state was checked by the claim, and
+   * no withdraw can happen while the claim holds). On PUBACK the dispatch is recorded and the
+   * claim released in one transaction; on failure the claim is released (tried again on the
+   * next trigger, or by the sweeper). A task cancelled while it was on its way gets its cancel
+   * again after the task's PUBACK, so the robot hears of it after the task whichever replica
+   * sent the first cancel.
    */
-  private dispatchTask(task: TaskRecord): void {
-    if (!needsDispatch(task.state) || this.inFlight.has(task.id)) return;
-    if (Date.parse(task.expiresAt) <= this.now().getTime()) return; // the sweeper expires it
-    if (!this.publisher.connected()) return; // sent again on reconnect
-    this.inFlight.add(task.id);
-    const p: Promise<void> = (async () => {
-      const current = await this.registry.getTask(task.id);
-      if (!current || !needsDispatch(current.state)) return; // withdrawn or cancelled meanwhile
-      const msg: TaskMessage = {
-        v: PROTOCOL_VERSION,
-        type: "task",
-        robotId: current.robotId,
-        ts: this.nowIso(),
-        id: current.id,
-        command: current.command,
-        env: current.env,
-        timeoutSeconds: current.timeoutSeconds,
-        createdAt: current.createdAt,
-        expiresAt: current.expiresAt,
-      };
-      if (current.cwd) msg.cwd = current.cwd;
-      let payload: Uint8Array;
+  private publishClaimed(task: TaskRecord): void {
+    this.track(async () => {
+      let published = false;
       try {
-        payload = this.signer.sign(msg);
-      } catch (err) {
-        // Left pending: tried again on the next trigger, expired by the sweeper at its TTL.
-        this.stats.signErrors++;
-        this.log.warn(`cannot sign task ${task.id}: ${(err as Error).message}`);
-        return;
+        const msg: TaskMessage = {
+          v: PROTOCOL_VERSION,
+          type: "task",
+          robotId: task.robotId,
+          ts: this.nowIso(),
+          id: task.id,
+          command: task.command,
+          env: task.env,
+          timeoutSeconds: task.timeoutSeconds,
+          createdAt: task.createdAt,
+          expiresAt: task.expiresAt,
+        };
+        if (task.cwd) msg.cwd = task.cwd;
+        let payload: Uint8Array;
+        try {
+          payload = this.signer.sign(msg);
+        } catch (err) {
+          // Left pending: tried again on the next trigger, expired by the sweeper at its TTL.
+          this.stats.signErrors++;
+          this.log.warn(`cannot sign task ${task.id}: ${(err as Error).message}`);
+          return;
+        }
+        try {
+          await this.publisher.publish(downTopic(task.robotId, "task"), payload);
+        } catch (err) {
+          this.stats.publishErrors++;
+          this.log.warn(`could not publish task ${task.id}: ${(err as Error).message}`);
+          return;
+        }
+        published = true;
+        this.stats.tasksDispatched++;
+        const r = await this.registry.transaction(async (tx) => {
+          const r = await tx.applyTaskEvent(task.id, "dispatch", this.nowIso());
+          await tx.releaseClaim(task.id, this.instance);
+          return r;
+        });
+        if (r?.task.state === "cancelling") this.sendCancel(r.task);
+      } finally {
+        if (!published) {
+          await this.registry.transaction((tx) => tx.releaseClaim(task.id, this.instance));
+        }
       }
-      try {
-        await this.publisher.publish(downTopic(current.robotId, "task"), payload);
-      } catch (err) {
-        this.stats.publishErrors++;
-        this.log.warn(`could not publish task ${task.id}: ${(err as Error).message}`);
-        return;
-      }
-      this.stats.tasksDispatched++;
-      await this.registry.applyTaskEvent(task.id, "dispatch", this.nowIso());
-    })().catch((err) => {
-      this.log.warn(`task ${task.id}: ${(err as Error).message}`);
-    }).finally(() => {
-      this.inFlight.delete(task.id);
-      this.pending.delete(p);
-    });
-    this.pending.add(p);
+    }, `task ${task.id}`);
   }
 
   /** Resolves when all dispatches in flight have settled (tests, shutdown). */
@@ -691,76 +869,144 @@ export class FleetService {
   /**
    * Periodic housekeeping: robots silent for `missed` heartbeat intervals go offline; tasks
    * never delivered before their TTL expire; accepted/running tasks with no result long after
-   * their timeout fail.
+   * their timeout fail; pending tasks of online robots that nobody holds a claim on (a publish
+   * that failed, a replica that died mid-publish) are sent.
    *
    * While the broker link is down nothing is heard from anyone, so silence proves nothing: no
    * robot is marked offline and no running task is declared lost. Once the link is back, both
    * clocks restart from the reconnect (a full grace), so the queued messages and retained
-   * statuses can arrive first.
+   * statuses can arrive first. With replicas the same holds for the fleet's clock (the oldest
+   * of the replicas' probe clocks): one replica that cannot hear the broker stops everyone from
+   * judging silence, since part of the robots' messages is queued for its session. Replicas run
+   * the sweep on one of them only (replicas.ts).
    */
   async sweep(): Promise<{ offline: string[]; expired: string[]; lost: string[] }> {
     const now = this.now().getTime();
     const at = this.nowIso();
     const link = this.link;
+    let judge: boolean;
+    let graceFrom: number;
+    let stalled: boolean;
+    if (this.shared) {
+      stalled = this.sharedStalled(now);
+      if (stalled) this.sharedGraceFrom = undefined;
+      else this.sharedGraceFrom ??= now;
+      judge = !stalled;
+      graceFrom = this.sharedGraceFrom ?? now;
+    } else {
+      stalled = this.stalled(now);
+      judge = link.up;
+      graceFrom = link.since;
+    }
     // One transaction: what is judged silent is marked offline before any message of this
-    // process can be applied in between (a heartbeat that arrives meanwhile waits its turn).
+    // process can be applied in between (a heartbeat that arrives meanwhile waits its turn;
+    // on PostgreSQL the robots' rows are locked in id order, as a batch locks them).
     const until = this.heardUntil(now);
-    const out = await this.registry.transaction(async (tx) => {
-      const offline: string[] = [];
-      if (link.up) {
-        for (const r of await tx.onlineRobots()) {
-          const interval = r.heartbeatIntervalSeconds ?? this.hbDefault;
-          const heard = Math.max(Date.parse(r.lastSeen), link.since);
-          if (until - heard > this.missed * interval * 1000) {
-            if (await tx.setOnline(r.id, false, `missed ${this.missed} heartbeats`)) {
-              offline.push(r.id);
-            }
-          }
+    const offline = !judge ? [] : await this.registry.transaction(async (tx) => {
+      const out: string[] = [];
+      for (const r of await tx.onlineRobots()) {
+        const interval = r.heartbeatIntervalSeconds ?? this.hbDefault;
+        const heard = Math.max(Date.parse(r.lastSeen), graceFrom);
+        if (until - heard > this.missed * interval * 1000) {
+          if (await tx.setOnline(r.id, false, `missed ${this.missed} heartbeats`)) out.push(r.id);
         }
       }
-      const expired: string[] = [];
-      for (const t of await tx.tasksInStates(["pending", "dispatched"])) {
-        if (Date.parse(t.expiresAt) <= now && !this.inFlight.has(t.id)) {
-          const r = await tx.applyTaskEvent(t.id, "expire", at, {
-            error: "not delivered to the robot before its TTL",
-          });
-          if (r?.changed) expired.push(t.id);
+      return out;
+    }, "sweep");
+    // Tasks one by one, each in its own transaction with its row locked: nothing here waits on
+    // a lock while holding another.
+    const settle = async (
+      t: TaskRecord,
+      event: "expire" | "lost",
+      error: string,
+      check: (cur: TaskRecord) => boolean,
+    ): Promise<boolean> => {
+      const r = await this.registry.transaction(async (tx) => {
+        const cur = await tx.getTaskForUpdate(t.id);
+        if (!cur || !check(cur)) return undefined;
+        return await tx.applyTaskEvent(t.id, event, at, { error });
+      }, "sweep");
+      return r?.changed === true;
+    };
+    const expired: string[] = [];
+    const due = (cur: TaskRecord) =>
+      Date.parse(cur.expiresAt) <= now && !this.claimedByOther(cur, now);
+    for (const t of await this.registry.tasksInStates(["pending", "dispatched"])) {
+      if (!due(t)) continue;
+      const ok = await settle(
+        t,
+        "expire",
+        "not delivered to the robot before its TTL",
+        (c) => needsDispatch(c.state) && due(c),
+      );
+      if (ok) expired.push(t.id);
+    }
+    // Cancelled before the robot took it up, and now past its expiresAt: the robot refuses it
+    // if it ever arrives, so the cancel is complete.
+    const untaken = (c: TaskRecord) =>
+      c.state === "cancelling" && c.acceptedAt === null && c.startedAt === null && due(c);
+    for (const t of await this.registry.tasksInStates(["cancelling"])) {
+      if (!untaken(t)) continue;
+      const ok = await settle(
+        t,
+        "expire",
+        "cancelled before the robot took it up (expired since)",
+        untaken,
+      );
+      if (ok) expired.push(t.id);
+    }
+    const lost: string[] = [];
+    if (judge && !stalled && now - graceFrom > this.grace * 1000) {
+      const late = (c: TaskRecord) => {
+        if (!["accepted", "running", "cancelling"].includes(c.state)) return false;
+        if (c.state === "cancelling" && c.acceptedAt === null && c.startedAt === null) {
+          return false;
         }
+        const since = Date.parse(c.startedAt ?? c.acceptedAt ?? c.updatedAt);
+        return now - since > (c.timeoutSeconds + this.grace) * 1000;
+      };
+      for (const t of await this.registry.tasksInStates(["accepted", "running", "cancelling"])) {
+        if (!late(t)) continue;
+        const ok = await settle(
+          t,
+          "lost",
+          `no result from robot ${t.robotId} within timeout + ${this.grace}s`,
+          late,
+        );
+        if (ok) lost.push(t.id);
       }
-      // Cancelled before the robot took it up, and now past its expiresAt: the robot refuses it
-      // if it ever arrives, so the cancel is complete.
-      for (const t of await tx.tasksInStates(["cancelling"])) {
-        if (t.acceptedAt !== null || t.startedAt !== null) continue;
-        if (Date.parse(t.expiresAt) <= now && !this.inFlight.has(t.id)) {
-          const r = await tx.applyTaskEvent(t.id, "expire", at, {
-            error: "cancelled before the robot took it up (expired since)",
-          });
-          if (r?.changed) expired.push(t.id);
-        }
-      }
-      const lost: string[] = [];
-      if (link.up && !this.stalled(now) && now - link.since > this.grace * 1000) {
-        for (const t of await tx.tasksInStates(["accepted", "running", "cancelling"])) {
-          if (t.state === "cancelling" && t.acceptedAt === null && t.startedAt === null) continue;
-          const since = Date.parse(t.startedAt ?? t.acceptedAt ?? t.updatedAt);
-          if (now - since > (t.timeoutSeconds + this.grace) * 1000) {
-            const r = await tx.applyTaskEvent(t.id, "lost", at, {
-              error: `no result from robot ${t.robotId} within timeout + ${this.grace}s`,
-            });
-            if (r?.changed) lost.push(t.id);
-          }
-        }
-      }
-      return { offline, expired, lost };
-    });
-    for (const id of out.offline) {
+    }
+    // Pending tasks of online robots nobody is publishing (a publish that failed, a replica
+    // that died holding a claim): claimed and sent. Dispatched ones wait for their robot (and
+    // are sent again when it registers).
+    if (this.publisher.connected()) {
+      await this.track(
+        () => this.claimAndPublish({ onlineOnly: true, states: ["pending"] }),
+        "re-dispatch",
+      );
+    }
+    for (const id of offline) {
       this.log.info(`robot ${id} is offline (missed ${this.missed} heartbeats)`);
     }
-    return out;
+    return { offline, expired, lost };
   }
 
-  /** online/offline from the registry, or `unknown` while the broker link is down. */
+  /**
+   * online/offline from the registry, or `unknown` while the broker link is down. With replicas,
+   * from the shared state only (the same on every replica): `unknown` while the fleet's clock
+   * is stalled.
+   */
   robotState(r: RobotRecord): { state: RobotState; unknownSince: string | null } {
+    if (this.shared) {
+      if (this.sharedStalled(this.now().getTime())) {
+        const c = this.shared.confirmedAt();
+        return {
+          state: "unknown",
+          unknownSince: new Date(c ?? this.link.since).toISOString(),
+        };
+      }
+      return { state: r.online ? "online" : "offline", unknownSince: null };
+    }
     if (!this.link.up) {
       return { state: "unknown", unknownSince: new Date(this.link.since).toISOString() };
     }
@@ -768,6 +1014,11 @@ export class FleetService {
       return { state: "unknown", unknownSince: new Date(this.confirmed).toISOString() };
     }
     return { state: r.online ? "online" : "offline", unknownSince: null };
+  }
+
+  /** Replicas: whether the fleet's clock is moving (false: every robot is `unknown`). */
+  fleetDelivering(): boolean {
+    return this.shared ? !this.sharedStalled(this.now().getTime()) : this.linkState().delivering;
   }
 
   robotView(r: RobotRecord) {
@@ -816,4 +1067,20 @@ export function statusVerdict(
   if (lastStatusTs === null) return "apply";
   const d = Date.parse(msg.ts) - Date.parse(lastStatusTs);
   return d > 0 ? "apply" : d === 0 ? "replay" : "stale";
+}
+
+/**
+ * Whether a register (or the online of `order`) opens a connection the server has not seen yet
+ * (another boot, or a later connection of this one): the robot's session may be gone, so what
+ * was dispatched and not taken up is sent again. Without `bootId` and `connection` (older
+ * agents): always.
+ */
+export function opensConnection(
+  prev: RobotRecord | undefined | null,
+  bootId: string | undefined,
+  order: StatusOrder | null,
+): boolean {
+  if (!prev || bootId === undefined || order === null) return true;
+  if (prev.bootId !== bootId || !prev.statusOrder) return true;
+  return order.connection > prev.statusOrder.connection;
 }

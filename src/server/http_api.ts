@@ -4,7 +4,8 @@
  * server's, every endpoint but /healthz needs an operator X.509 SVID with a role that allows
  * it (viewer: read; operator: also create and cancel), and mutating requests must be JSON.
  *
- *   GET  /healthz                      200 when MQTT is connected, else 503; counters (no auth)
+ *   GET  /healthz                      200 when MQTT is connected and the registry answers, else
+ *                                      503 with `problems` (why); counters (no auth)
  *   GET  /api/whoami                   {spiffeId, operator, role} of the caller
  *   GET  /api/stats                    counters
  *   GET  /api/robots                   {robots: [...]}
@@ -17,6 +18,18 @@
  *   GET  /api/tasks                    ?robot=R&state=S&limit=N&cursor=C -> {tasks, nextCursor}
  *   GET  /api/tasks/{id}               task with state, exitCode, stdout, stderr, createdBy
  *   POST /api/tasks/{id}/cancel        {} -> 202 {"id", "state", "outcome"} (409 if finished)
+ *   GET  /api/robots/{id}/heartbeats   {received, missing, recent: [{at, seq, missing}]}
+ *   GET  /api/events                   {events: [...]} the newest fleet events (events.ts)
+ *   GET  /api/events/stream            the same, live: Server-Sent Events (Last-Event-ID resumes)
+ *   POST /api/dashboard/login          {} -> 201 {path, expiresAt}: a one-time dashboard login
+ *                                      (client certificate only, not a browser session)
+ *   GET  /metrics                      Prometheus text format (read permission: viewer, operator)
+ *   GET  /dashboard/...                the dashboard (dashboard.ts): its assets need no identity,
+ *                                      its data comes from the API above
+ *
+ * A browser authenticates with the session cookie of a dashboard login (sessions.ts) instead of
+ * a certificate; its role is read from the roles config at each request, like a certificate's,
+ * and its mutating requests must carry an Origin (checked as above).
  *
  * Paging: newest first; `limit` 1..1000 (default 100); `nextCursor` (null on the last page) is
  * passed back as `cursor`. Cursors are keyset positions, so a page never repeats or skips a
@@ -28,6 +41,7 @@
  * request that is not application/json), 503 (roles config unusable) or 500.
  */
 import type { X509Certificate } from "node:crypto";
+import { FailedChainCache } from "../spiffe/verify.ts";
 import {
   isTimestamp,
   MAX_COMMAND_ARGS,
@@ -44,6 +58,7 @@ import {
   checkOrigin,
   type HostPolicy,
   identify,
+  MUTATING_METHODS,
   type Refusal,
   type RefusalCode,
   type VerifiedConnection,
@@ -59,9 +74,15 @@ import {
 import type { TaskCursor, TaskQuery, TaskRecord } from "./registry.ts";
 import type { Permission } from "./roles.ts";
 import { isTaskState, TASK_STATES } from "./tasks.ts";
+import { MAX_TASK_TTL_SECONDS } from "../fleet/task_limits.ts";
+import { type MetricsRenderer, metricsResponse } from "../metrics/mod.ts";
+import { type FleetEvents, sseFrame } from "./events.ts";
+import { type DashboardSessions, sessionCookie } from "./sessions.ts";
+import { dashboardRoute } from "./dashboard.ts";
 
 export const MAX_BODY_BYTES = 64 * 1024;
-export const MAX_TTL_SECONDS = 7 * 24 * 3600;
+/** The robots' replay window is as long (src/fleet/task_limits.ts): a task never outlives it. */
+export const MAX_TTL_SECONDS = MAX_TASK_TTL_SECONDS;
 
 class HttpError extends Error {
   constructor(readonly status: number, message: string, readonly headers: HeadersInit = {}) {
@@ -279,24 +300,47 @@ export interface ConnInfo extends VerifiedConnection {
   peerChain?: X509Certificate[];
 }
 
+/** How long /healthz waits for the registry's counts before it says the registry is down. */
+export const HEALTH_REGISTRY_TIMEOUT_MS = 1500;
+
 /** Refusals by rule since the start, for /api/stats (attacks are counted, not only refused). */
 export type RefusalCounters = Record<RefusalCode, number>;
 
 export interface ApiContext {
   fleet: FleetService;
   mqttConnected: () => boolean;
+  /** Replicas (PostgreSQL, shared subscription): their shared state, for /api/stats. */
+  replicas?: () => unknown;
+  /**
+   * Why the registry is not usable (a replica that cannot renew its lease), for /healthz;
+   * undefined while it is fine. /healthz also reads the registry itself, bounded.
+   */
+  registryProblem?: () => string | undefined;
   version?: string;
   /** Who the caller is and what it may do (auth.ts). */
   auth: AuthPolicy;
   /** Which Host and Origin are this server's. */
   hosts: HostPolicy;
   logger?: Logger;
+  /** `GET /metrics` (observe.ts); absent: 404. */
+  metrics?: MetricsRenderer;
+  /** The events timeline (observe.ts); absent: empty. */
+  events?: FleetEvents;
+  /** Dashboard logins and browser sessions; absent: no dashboard login. */
+  sessions?: DashboardSessions;
+  /** Most SSE streams open at once (each holds a connection). Default 64. */
+  maxStreams?: number;
 }
+
+/** How the caller proved who it is. */
+export type AuthMethod = "certificate" | "session";
 
 interface Route {
   perm: Permission;
   allowed: string[];
-  run: (caller: Caller) => Promise<Response> | Response;
+  /** Only with a client certificate (minting a dashboard login). */
+  certificateOnly?: boolean;
+  run: (caller: Caller & { via: AuthMethod; until?: number }) => Promise<Response> | Response;
 }
 
 /** The request handler, separate from the listener so tests can call it directly. */
@@ -305,6 +349,8 @@ export function createHandler(
 ): ((req: Request, conn?: ConnInfo) => Promise<Response>) & { refusals: RefusalCounters } {
   const { fleet } = ctx;
   const log = ctx.logger ?? silentLogger;
+  // Refused client chains are remembered across connections (a connection keeps its success).
+  const authPolicy: AuthPolicy = { failures: new FailedChainCache(), ...ctx.auth };
   const refusals: RefusalCounters = {
     "bad-host": 0,
     "bad-origin": 0,
@@ -322,29 +368,69 @@ export function createHandler(
     if (!r) throw new HttpError(404, `unknown robot ${JSON.stringify(id)}`);
     return r;
   };
-  const stats = async () => {
+  // since: when the link went up (subscribed) or down; robots are unknown while it is down.
+  // delivering: the broker echoed the server's probe lately (false while it is frozen).
+  const mqttView = () => {
     const link = fleet.linkState();
+    return {
+      connected: ctx.mqttConnected(),
+      since: link.since,
+      delivering: link.delivering,
+      confirmedAt: link.confirmedAt,
+    };
+  };
+  const stats = async () => {
     const all = await fleet.registry.listRobots();
     const tasks = await fleet.registry.countTasksByState();
     return {
-      // since: when the link went up (subscribed) or down; robots are unknown while it is down.
-      // delivering: the broker echoed the server's probe lately (false while it is frozen).
-      mqtt: {
-        connected: ctx.mqttConnected(),
-        since: link.since,
-        delivering: link.delivering,
-        confirmedAt: link.confirmedAt,
-      },
+      mqtt: mqttView(),
       messages: fleet.stats,
       tasks,
       robots: {
         total: all.length,
         /** Last known: while the link is down these are also counted as unknown. */
         online: all.filter((r) => r.online).length,
-        unknown: link.delivering ? 0 : all.length,
+        unknown: fleet.fleetDelivering() ? 0 : all.length,
       },
       http: { refused: refusals },
+      ...(ctx.replicas ? { replicas: ctx.replicas() } : {}),
     };
+  };
+  /**
+   * /healthz: 200 only when the broker link is up and the registry answers (within
+   * HEALTH_REGISTRY_TIMEOUT_MS: a probe never waits on a database that does not answer); else
+   * 503 with `problems`, one line each, saying why.
+   */
+  const health = async (): Promise<[number, Record<string, unknown>]> => {
+    const problems: string[] = [];
+    let s: Awaited<ReturnType<typeof stats>> | undefined;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    try {
+      s = await Promise.race([
+        stats(),
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(
+            () => reject(new Error(`no answer within ${HEALTH_REGISTRY_TIMEOUT_MS / 1000} s`)),
+            HEALTH_REGISTRY_TIMEOUT_MS,
+          );
+        }),
+      ]);
+    } catch (err) {
+      problems.push(`registry: ${(err as Error).message}`);
+    } finally {
+      clearTimeout(timer);
+    }
+    const rp = ctx.registryProblem?.();
+    if (rp) problems.push(`registry: ${rp}`);
+    const mqtt = s?.mqtt ?? mqttView();
+    if (!mqtt.connected) problems.push("mqtt: not connected to the broker");
+    const ok = problems.length === 0;
+    return [ok ? 200 : 503, {
+      ok,
+      version: ctx.version,
+      ...(ok ? {} : { problems }),
+      ...(s ?? { mqtt, messages: fleet.stats }),
+    }];
   };
   const page = async (q: TaskQuery) => {
     const rows = await fleet.registry.listTasksPage({ ...q, limit: q.limit + 1 });
@@ -361,14 +447,125 @@ export function createHandler(
     allowed: ["GET", "HEAD"],
     run: async () => json(200, await run()),
   });
+  let streams = 0;
+  const maxStreams = ctx.maxStreams ?? 64;
+  /** Server-Sent Events: what happened since Last-Event-ID, then live, with a ping every 15 s. */
+  const eventStream = (req: Request, url: URL): Response => {
+    const events = ctx.events;
+    if (!events) throw new HttpError(404, "no event stream on this server");
+    if (streams >= maxStreams) {
+      throw new HttpError(503, `too many event streams open (${maxStreams}); try again later`);
+    }
+    const last = Number(req.headers.get("last-event-id") ?? url.searchParams.get("since") ?? "");
+    const enc = new TextEncoder();
+    let unsubscribe = () => {};
+    let ping: ReturnType<typeof setInterval> | undefined;
+    const stop = () => {
+      unsubscribe();
+      clearInterval(ping);
+    };
+    streams++;
+    let counted = true;
+    const release = () => {
+      if (counted) streams--;
+      counted = false;
+      stop();
+    };
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        const send = (text: string) => {
+          try {
+            controller.enqueue(enc.encode(text));
+          } catch {
+            release();
+          }
+        };
+        send(`retry: 2000\n: k8s4r events\n\n`);
+        const backlog = Number.isInteger(last) && last > 0 ? events.since(last) : [];
+        for (const e of backlog) send(sseFrame(e));
+        unsubscribe = events.subscribe((e) => send(sseFrame(e)));
+        ping = setInterval(() => send(`: ping\n\n`), 15_000);
+      },
+      cancel() {
+        release();
+      },
+    });
+    req.signal?.addEventListener("abort", release, { once: true });
+    return new Response(body, {
+      status: 200,
+      headers: {
+        "content-type": "text/event-stream; charset=utf-8",
+        "cache-control": "no-store",
+        "x-accel-buffering": "no",
+      },
+    });
+  };
 
   /** Which endpoint, what it needs, and what it does; undefined = 404. */
   const route = (req: Request, url: URL, parts: string[]): Route | undefined => {
+    if (url.pathname === "/metrics" && ctx.metrics) {
+      const m = ctx.metrics;
+      return { perm: "read", allowed: ["GET", "HEAD"], run: () => metricsResponse(req, m) };
+    }
     if (parts[0] !== "api") return undefined;
     if (parts.length === 2 && parts[1] === "whoami") {
-      return { perm: "read", allowed: ["GET", "HEAD"], run: (c) => json(200, c) };
+      return {
+        perm: "read",
+        allowed: ["GET", "HEAD"],
+        run: (c) =>
+          json(200, { spiffeId: c.spiffeId, operator: c.operator, role: c.role, via: c.via }),
+      };
     }
     if (parts.length === 2 && parts[1] === "stats") return read(stats);
+    if (parts[1] === "events") {
+      if (parts.length === 2) {
+        return read(() => {
+          const limit = Number(url.searchParams.get("limit") ?? "100");
+          if (!Number.isInteger(limit) || limit < 1 || limit > 1000) {
+            throw new HttpError(400, `limit: expected an integer in [1, 1000]`);
+          }
+          return Promise.resolve({ events: ctx.events?.recent(limit) ?? [] });
+        });
+      }
+      if (parts.length === 3 && parts[2] === "stream") {
+        return { perm: "read", allowed: ["GET"], run: () => eventStream(req, url) };
+      }
+      return undefined;
+    }
+    if (parts[1] === "dashboard" && parts.length === 3 && parts[2] === "login") {
+      const sessions = ctx.sessions;
+      if (!sessions) return undefined;
+      return {
+        perm: "read",
+        allowed: ["POST"],
+        certificateOnly: true,
+        run: async (caller) => {
+          const body = await readBody(req, { allowEmpty: true });
+          if (
+            body !== undefined &&
+            (typeof body !== "object" || body === null || Array.isArray(body) ||
+              Object.keys(body).length > 0)
+          ) {
+            throw new HttpError(400, "body: expected {} or nothing");
+          }
+          const t = sessions.issueLogin(
+            { ...caller, issuedAt: caller.issuedAt?.getTime() },
+            caller.until,
+          );
+          log.info(
+            `dashboard login issued for ${caller.spiffeId} (one use, until ${
+              new Date(t.expiresAt).toISOString()
+            })`,
+          );
+          return json(201, {
+            path: `/dashboard/login?token=${t.token}`,
+            expiresAt: new Date(t.expiresAt).toISOString(),
+            operator: caller.operator,
+            role: caller.role,
+          }, { "cache-control": "no-store" });
+        },
+      };
+    }
     if (parts[1] === "robots") {
       if (parts.length === 2) {
         return read(async () => ({
@@ -376,6 +573,18 @@ export function createHandler(
         }));
       }
       if (parts.length === 3) return read(async () => fleet.robotView(await robotOr404(parts[2])));
+      if (parts.length === 4 && parts[3] === "heartbeats") {
+        return read(async () => {
+          const robot = await robotOr404(parts[2]);
+          return {
+            robotId: robot.id,
+            received: robot.heartbeatsReceived,
+            missing: robot.heartbeatsMissing,
+            intervalSeconds: robot.heartbeatIntervalSeconds ?? null,
+            recent: ctx.events?.heartbeats(robot.id) ?? [],
+          };
+        });
+      }
       if (parts.length === 4 && parts[3] === "tasks") {
         if (req.method === "POST") {
           return {
@@ -472,18 +681,62 @@ export function createHandler(
             allow: "GET, HEAD",
           });
         }
-        const s = await stats();
-        return json(s.mqtt.connected ? 200 : 503, {
-          ok: s.mqtt.connected,
-          version: ctx.version,
-          ...s,
-        });
+        return json(...(await health()));
       }
-      // 3. Who is calling: an operator, by a certificate that chains to the bundle.
-      const who = identify(conn.peerChain, ctx.auth, conn);
+      // The dashboard's pages and its one-time login (the token is the credential).
+      if (parts[0] === "dashboard") {
+        return await dashboardRoute(req, url, { sessions: ctx.sessions, logger: log });
+      }
+      // 3. Who is calling: an operator, by a certificate that chains to the bundle, or by the
+      // session cookie of a dashboard login (a browser has no certificate).
+      let via: AuthMethod = "certificate";
+      let who = identify(conn.peerChain, authPolicy, conn);
+      let until = conn.verified?.until;
+      if (!who.ok && who.refusal.code === "no-certificate" && ctx.sessions) {
+        const s = ctx.sessions.lookup(sessionCookie(req));
+        if (s) {
+          // A session carries the notBefore of the certificate it began with (0: unknown, so
+          // refused once the operator has an issuedAfter).
+          who = {
+            ok: true,
+            spiffeId: s.spiffeId,
+            operator: s.operator,
+            issuedAt: new Date(s.issuedAt ?? 0),
+          };
+          via = "session";
+          until = s.expiresAt;
+        }
+      }
       if (!who.ok) return refused(who.refusal, req, url);
       const r = route(req, url, parts);
       if (!r) throw new HttpError(404, `no such endpoint ${url.pathname}`);
+      if (r.certificateOnly && via !== "certificate") {
+        return refused(
+          {
+            status: 403,
+            code: "forbidden",
+            error:
+              `${url.pathname} needs a client certificate (k8s4r dashboard), not a browser session`,
+          },
+          req,
+          url,
+          who.spiffeId,
+        );
+      }
+      // A browser's cookie rides along with any request to us: a mutating one must say where it
+      // comes from (its Origin was checked above when present; here it must be present).
+      if (via === "session" && MUTATING_METHODS.has(req.method) && !req.headers.get("origin")) {
+        return refused(
+          {
+            status: 403,
+            code: "bad-origin",
+            error: `${req.method} with a session cookie needs an Origin header (this server's)`,
+          },
+          req,
+          url,
+          who.spiffeId,
+        );
+      }
       if (!r.allowed.includes(req.method)) {
         throw new HttpError(
           405,
@@ -497,7 +750,7 @@ export function createHandler(
       // 5. Mutating requests carry JSON, nothing a cross-origin form can send.
       const ct = checkContentType(req);
       if (ct) return refused(ct, req, url, who.spiffeId);
-      return await r.run(auth.caller);
+      return await r.run({ ...auth.caller, via, until });
     } catch (err) {
       if (err instanceof HttpError) return json(err.status, { error: err.message }, err.headers);
       if (err instanceof NotFoundError) return json(404, { error: err.message });

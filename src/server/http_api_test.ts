@@ -8,7 +8,7 @@ import { serveHttps, svidServerTls } from "./https.ts";
 import { openSqliteFile } from "./registry_sqlite.ts";
 import { staticRoles } from "./roles.ts";
 import { robotsCommand, taskCommand, tasksCommand } from "./command.ts";
-import { TestHttps, writeTestCredentials } from "./testing.ts";
+import { TestHttps, UNSIGNED, writeTestCredentials } from "./testing.ts";
 
 class FakePublisher implements Publisher {
   sent: { topic: string; msg: TaskMessage }[] = [];
@@ -34,6 +34,7 @@ function setup(now = { t: Date.parse("2025-01-01T00:00:00Z") }) {
     now: () => new Date(now.t),
     newId: () => `task-${++n}`,
     heartbeatIntervalSeconds: 10,
+    signer: UNSIGNED,
   });
   const web = new TestHttps();
   const roles = staticRoles({ admin: "operator" });
@@ -394,4 +395,30 @@ Deno.test("k8s4r robots, tasks and task run against a served HTTPS API", async (
     /cannot reach the fleet server at https:\/\/localhost:\d+/,
   );
   await Deno.remove(home, { recursive: true });
+});
+
+Deno.test("/healthz: 503 with the registry's error when it fails or does not answer; 200 again after", async () => {
+  const { call, registry } = setup();
+  try {
+    // Control: a healthy server.
+    const ok = await call("GET", "/healthz");
+    assert.equal(ok.status, 200);
+    assert.equal(ok.json.problems, undefined);
+    const real = registry.listRobots.bind(registry);
+    registry.listRobots = () => Promise.reject(new Error("connect ECONNREFUSED 127.0.0.1:5432"));
+    const down = await call("GET", "/healthz");
+    assert.equal(down.status, 503);
+    assert.equal(down.json.ok, false);
+    assert.deepEqual(down.json.problems, ["registry: connect ECONNREFUSED 127.0.0.1:5432"]);
+    assert.equal(down.json.mqtt.connected, true, "the link is reported without the registry");
+    // A registry that does not answer at all: /healthz answers anyway, bounded.
+    registry.listRobots = () => new Promise(() => {});
+    const hung = await call("GET", "/healthz");
+    assert.equal(hung.status, 503);
+    assert.match(hung.json.problems[0], /^registry: no answer within 1\.5 s$/);
+    registry.listRobots = real;
+    assert.equal((await call("GET", "/healthz")).status, 200);
+  } finally {
+    await registry.close();
+  }
 });

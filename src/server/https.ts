@@ -100,9 +100,28 @@ function clientChain(socket: TLSSocket): X509Certificate[] | undefined {
 }
 
 async function respond(res: ServerResponse, response: Response): Promise<void> {
-  const body = new Uint8Array(await response.arrayBuffer());
-  const headers: Record<string, string> = {};
+  const headers: Record<string, string | string[]> = {};
   response.headers.forEach((v, k) => (headers[k] = v));
+  // Headers joins several Set-Cookie values; each goes on its own line.
+  const cookies = response.headers.getSetCookie();
+  if (cookies.length) headers["set-cookie"] = cookies;
+  if (response.headers.get("content-type")?.startsWith("text/event-stream") && response.body) {
+    // A stream (Server-Sent Events): chunks as they come, until either side ends it.
+    res.writeHead(response.status, headers);
+    res.flushHeaders();
+    const reader = response.body.getReader();
+    res.on("close", () => void reader.cancel().catch(() => {}));
+    try {
+      while (true) {
+        const { done, value } = await reader.read();
+        if (done || res.destroyed) break;
+        res.write(value);
+      }
+    } catch { /* the client went away */ }
+    res.end();
+    return;
+  }
+  const body = new Uint8Array(await response.arrayBuffer());
   headers["content-length"] = String(body.byteLength);
   res.writeHead(response.status, headers);
   res.end(body);

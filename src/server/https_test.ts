@@ -6,7 +6,9 @@
 import assert from "node:assert/strict";
 import net from "node:net";
 import tls from "node:tls";
-import { TestCa } from "../spiffe/testing/test_ca.ts";
+import type { X509Certificate } from "node:crypto";
+import { encodePem } from "../spiffe/pem.ts";
+import { mutuallyIssuingChain, TestCa, watchSignatureChecks } from "../spiffe/testing/test_ca.ts";
 import { FleetService, type Publisher } from "./fleet.ts";
 import { allowedHostNames } from "./auth.ts";
 import { createHandler } from "./http_api.ts";
@@ -14,7 +16,7 @@ import { DEFAULT_MAX_CONNECTIONS, serveHttps, svidServerTls } from "./https.ts";
 import { waitFor } from "../process/mod.ts";
 import { openSqliteFile } from "./registry_sqlite.ts";
 import { RolesFile, type RolesSource, setOperatorRole, staticRoles } from "./roles.ts";
-import { TestHttps } from "./testing.ts";
+import { TestHttps, UNSIGNED } from "./testing.ts";
 
 const pub: Publisher = { publish: () => Promise.resolve(), connected: () => true };
 
@@ -23,7 +25,7 @@ async function serve(
   extra: { maxConnections?: number; roles?: RolesSource } = {},
 ) {
   const registry = openSqliteFile(":memory:");
-  const fleet = new FleetService(registry, pub);
+  const fleet = new FleetService(registry, pub, { signer: UNSIGNED });
   let port = 0;
   const handler = createHandler({
     fleet,
@@ -235,5 +237,121 @@ Deno.test("HTTPS: an operator's certificate issued before the one of its last ad
   } finally {
     await s.close();
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+/** One GET over raw TLS presenting `chainPem` (leaf first, in the order given) and `keyPem`. */
+function getWithChain(
+  port: number,
+  caPem: string,
+  path: string,
+  chainPem: string,
+  keyPem: string,
+): Promise<{ status: number; body: { code?: string; error?: string; operator?: string } }> {
+  return new Promise((resolve, reject) => {
+    const c = tls.connect(
+      {
+        host: "127.0.0.1",
+        port,
+        servername: "localhost",
+        ca: caPem,
+        cert: chainPem,
+        key: keyPem,
+      },
+      () => c.write(`GET ${path} HTTP/1.1\r\nHost: localhost:${port}\r\nConnection: close\r\n\r\n`),
+    );
+    let out = "";
+    c.on("data", (d) => (out += d));
+    c.on("end", () => {
+      const m = /^HTTP\/1\.1 (\d{3})/.exec(out);
+      const body = out.slice(out.indexOf("\r\n\r\n") + 4);
+      if (!m) {
+        return reject(new Error(`not an HTTP response: ${JSON.stringify(out.slice(0, 200))}`));
+      }
+      try {
+        resolve({ status: Number(m[1]), body: JSON.parse(body) });
+      } catch {
+        reject(new Error(`not JSON: ${JSON.stringify(body.slice(0, 200))}`));
+      }
+    });
+    c.on("error", reject);
+  });
+}
+
+const pemOf = (certs: X509Certificate[]) =>
+  certs.map((c) => encodePem("CERTIFICATE", new Uint8Array(c.raw))).join("");
+
+Deno.test("HTTPS: a client chain of 7 CAs that all issue each other is refused within 64 signature checks", async () => {
+  const web = new TestHttps();
+  const s = await serve(web);
+  try {
+    const port = s.api.addr.port;
+    const id = `spiffe://${web.trustDomain}/operator/admin`;
+    const hostile = mutuallyIssuingChain({ spiffeId: id, count: 7 });
+    const watch = watchSignatureChecks();
+    let r;
+    try {
+      r = await getWithChain(port, web.ca.rootPem, "/api/whoami", hostile.chainPem, hostile.keyPem);
+    } finally {
+      watch.stop();
+    }
+    assert.equal(r.status, 401, JSON.stringify(r.body));
+    assert.equal(r.body.code, "untrusted-certificate");
+    assert.match(r.body.error ?? "", /is not issued under the X\.509 bundle for "k8s4r\.test"/);
+    assert.ok(watch.checks <= 64, `${watch.checks} signature checks`);
+    // The same chain on a new connection: the same refusal, remembered (no signature check).
+    const again = watchSignatureChecks();
+    let r2;
+    try {
+      r2 = await getWithChain(
+        port,
+        web.ca.rootPem,
+        "/api/whoami",
+        hostile.chainPem,
+        hostile.keyPem,
+      );
+    } finally {
+      again.stop();
+    }
+    assert.equal(r2.status, 401);
+    assert.equal(r2.body.error, r.body.error);
+    assert.equal(again.checks, 0);
+
+    // More certificates than any SVID chain has: refused before any signature check.
+    const many = mutuallyIssuingChain({ spiffeId: id, count: 19 });
+    const watch2 = watchSignatureChecks();
+    try {
+      r = await getWithChain(port, web.ca.rootPem, "/api/whoami", many.chainPem, many.keyPem);
+    } finally {
+      watch2.stop();
+    }
+    assert.equal(r.status, 401, JSON.stringify(r.body));
+    assert.equal(r.body.code, "untrusted-certificate");
+    assert.match(
+      r.body.error ?? "",
+      /^client certificate refused: a chain of more than 8 certificates \(the leaf and its intermediates\) is refused$/,
+    );
+    assert.equal(watch2.checks, 0);
+
+    // Control: an operator's chain through 2 intermediates, sent in either order, is accepted;
+    // so is the admin's certificate directly under the root.
+    const op = web.ca.intermediate({ commonName: "i1" }).intermediate({ commonName: "i2" })
+      .issue({ spiffeId: id });
+    const [leaf, i2, i1] = op.certificates;
+    for (const order of [[leaf, i2, i1], [leaf, i1, i2]]) {
+      const ok = await getWithChain(port, web.ca.rootPem, "/api/whoami", pemOf(order), op.keyPem);
+      assert.equal(ok.status, 200, JSON.stringify(ok.body));
+      assert.equal(ok.body.operator, "admin");
+    }
+    const direct = await getWithChain(
+      port,
+      web.ca.rootPem,
+      "/api/whoami",
+      web.admin.chainPem,
+      web.admin.keyPem,
+    );
+    assert.equal(direct.status, 200, JSON.stringify(direct.body));
+  } finally {
+    await s.close();
   }
 });

@@ -58,6 +58,10 @@ export interface MessageStats {
   staleTaskReports?: number;
   /** Task reports for a task that is not this robot's. */
   unknownTaskReports?: number;
+  /** `refused` task reports by reason (`task`: no reason, an ordinary refusal). */
+  refusals?: Readonly<Record<string, number>>;
+  /** Tasks or cancels that could not be signed (the server's SVID), hence not sent. */
+  signErrors?: number;
 }
 
 export interface MqttState {
@@ -73,11 +77,13 @@ export interface CaValidity {
   notAfter: Date;
 }
 
+type MaybePromise<T> = T | Promise<T>;
+
 export interface FleetMetricsSources {
-  robots(): Iterable<RobotSample>;
+  robots(): MaybePromise<Iterable<RobotSample>>;
   stats(): MessageStats;
   /** Tasks by state (`Registry.countTasksByState`). */
-  taskCounts(): Readonly<Record<string, number>>;
+  taskCounts(): MaybePromise<Readonly<Record<string, number>>>;
   mqtt(): MqttState;
   /** The CAs the fleet trusts; omit when the server does not know the bundle. */
   trustBundle?(): readonly CaValidity[] | undefined;
@@ -86,10 +92,18 @@ export interface FleetMetricsSources {
 export interface FleetMetricsOptions {
   version?: string;
   now?: () => Date;
+  /**
+   * Time the scrape's own source reads as `op="read"` (default true). False when the sources
+   * are a registry whose timer (`Registry.setTimer`) times every read already.
+   */
+  timeSourceReads?: boolean;
+  /** A scrape waits this long for its source reads; then those series are absent. Default 5000. */
+  readTimeoutMs?: number;
 }
 
 /** What a registry operation was for; a closed set, so the label stays bounded. */
-export type StorageOp = "message" | "task" | "sweep" | "read";
+export type { StorageOp } from "./registry.ts";
+import type { StorageOp } from "./registry.ts";
 export const STORAGE_OPS: readonly StorageOp[] = ["message", "task", "sweep", "read"];
 
 /** Every reason a message is dropped, initialized to 0 so each series exists from the start. */
@@ -102,6 +116,15 @@ export const DROP_REASONS = [
   "robot-id-mismatch",
   "unknown-task",
   "stale-task-report",
+] as const;
+
+/** Every reason a robot gives for refusing a task (`task`: none, an ordinary refusal). */
+export const REFUSAL_LABELS = [
+  "bad-signature",
+  "wrong-robot",
+  "expired",
+  "replay",
+  "task",
 ] as const;
 
 export const MESSAGE_TYPES = ["register", "heartbeat", "status", "task-status"] as const;
@@ -157,6 +180,7 @@ export interface RobotTelemetry {
 
 interface Snapshot {
   robots: RobotSample[] | undefined;
+  taskCounts: Readonly<Record<string, number>> | undefined;
 }
 
 export class FleetMetrics implements MetricsRenderer {
@@ -167,14 +191,18 @@ export class FleetMetrics implements MetricsRenderer {
   readonly #serial = new Serial();
   readonly #telemetry = new Map<string, RobotTelemetry>();
   readonly #taskLatency: Histogram<"state">;
+  readonly #timeReads: boolean;
+  readonly #readTimeoutMs: number;
   #snap: Snapshot | undefined;
+  #reading: Promise<Snapshot> | undefined;
 
   constructor(private readonly src: FleetMetricsSources, opts: FleetMetricsOptions = {}) {
     this.#now = opts.now ?? (() => new Date());
+    this.#timeReads = opts.timeSourceReads ?? true;
+    this.#readTimeoutMs = opts.readTimeoutMs ?? 5000;
     const registers = [this.registry];
     // collect() runs with `this` bound to the metric: reach this object through closures.
-    const storage = () => this.storage;
-    const snap = () => this.#snapshot();
+    const snap = () => this.#snap ?? { robots: undefined, taskCounts: undefined };
 
     new Gauge({
       name: "k8s4r_server_info",
@@ -334,12 +362,8 @@ export class FleetMetrics implements MetricsRenderer {
       registers,
       collect() {
         this.reset();
-        let counts: Readonly<Record<string, number>>;
-        try {
-          counts = storage().time("read", () => src.taskCounts());
-        } catch {
-          return; // counted in k8s4r_storage_errors_total{op="read"}
-        }
+        const counts = snap().taskCounts;
+        if (!counts) return; // a failed read: counted in k8s4r_storage_errors_total{op="read"}
         const states = new Set<string>([...TASK_STATES, ...Object.keys(counts)]);
         for (const s of states) this.set({ state: s }, counts[s] ?? 0);
       },
@@ -360,6 +384,28 @@ export class FleetMetrics implements MetricsRenderer {
       collect() {
         this.reset();
         this.inc(src.stats().publishErrors);
+      },
+    });
+    new Counter({
+      name: "k8s4r_task_refusals_total",
+      help:
+        "Task reports of state refused, by reason; bad-signature, wrong-robot and replay never change a task.",
+      labelNames: ["reason"],
+      registers,
+      collect() {
+        this.reset();
+        const counts = src.stats().refusals ?? {};
+        const reasons = new Set<string>([...REFUSAL_LABELS, ...Object.keys(counts)]);
+        for (const r of reasons) this.inc({ reason: r }, counts[r] ?? 0);
+      },
+    });
+    new Counter({
+      name: "k8s4r_task_sign_errors_total",
+      help: "Tasks and cancels that could not be signed with the server's SVID, hence not sent.",
+      registers,
+      collect() {
+        this.reset();
+        this.inc(src.stats().signErrors ?? 0);
       },
     });
     this.#taskLatency = new Histogram({
@@ -459,7 +505,7 @@ export class FleetMetrics implements MetricsRenderer {
   /** The text format, from one snapshot of the sources. */
   render(): Promise<string> {
     return this.#serial.run(async () => {
-      this.#snap = this.#take();
+      this.#snap = await this.#take();
       try {
         return await this.registry.metrics();
       } finally {
@@ -468,18 +514,34 @@ export class FleetMetrics implements MetricsRenderer {
     });
   }
 
-  #snapshot(): Snapshot {
-    return this.#snap ?? this.#take();
+  /** One read of the sources, bounded; a read still running from a timed-out scrape is reused. */
+  async #take(): Promise<Snapshot> {
+    this.#reading ??= this.#read().finally(() => (this.#reading = undefined));
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<Snapshot>((resolve) => {
+      timer = setTimeout(
+        () => resolve({ robots: undefined, taskCounts: undefined }),
+        this.#readTimeoutMs,
+      );
+    });
+    try {
+      return await Promise.race([this.#reading, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
-  #take(): Snapshot {
-    let robots: RobotSample[] | undefined;
-    try {
-      robots = this.storage.time("read", () => Array.from(this.src.robots()));
-    } catch {
-      robots = undefined; // counted in k8s4r_storage_errors_total{op="read"}
-    }
-    return { robots };
+  async #read(): Promise<Snapshot> {
+    const one = async <T>(fn: () => MaybePromise<T>): Promise<T | undefined> => {
+      try {
+        return this.#timeReads ? await this.storage.timeAsync("read", fn) : await fn();
+      } catch {
+        return undefined; // counted in k8s4r_storage_errors_total{op="read"}
+      }
+    };
+    const robots = await one(async () => Array.from(await this.src.robots()));
+    const taskCounts = await one(() => this.src.taskCounts());
+    return { robots, taskCounts };
   }
 }
 
@@ -508,6 +570,19 @@ export class StorageTimer {
     let failed = true;
     try {
       const r = fn();
+      failed = false;
+      return r;
+    } finally {
+      this.observe(op, (performance.now() - t0) / 1000, failed);
+    }
+  }
+
+  /** Like `time`, for an async operation (or one that may be). */
+  async timeAsync<T>(op: StorageOp, fn: () => T | Promise<T>): Promise<T> {
+    const t0 = performance.now();
+    let failed = true;
+    try {
+      const r = await fn();
       failed = false;
       return r;
     } finally {

@@ -62,6 +62,8 @@ function stats(): MessageStats {
     publishErrors: 1,
     staleTaskReports: 2,
     unknownTaskReports: 1,
+    refusals: { "bad-signature": 7, "wrong-robot": 0, expired: 1, replay: 2, task: 3 },
+    signErrors: 1,
   };
 }
 
@@ -158,6 +160,10 @@ Deno.test("fleet metrics: realistic data renders every catalogue series and pass
   assert.equal(sample(text, 'k8s4r_messages_dropped_total{reason="bad-schema"}'), 5);
   assert.equal(sample(text, 'k8s4r_messages_dropped_total{reason="too-large"}'), 0);
   assert.equal(sample(text, 'k8s4r_messages_dropped_total{reason="unknown-task"}'), 1);
+  assert.equal(sample(text, 'k8s4r_task_refusals_total{reason="bad-signature"}'), 7);
+  assert.equal(sample(text, 'k8s4r_task_refusals_total{reason="wrong-robot"}'), 0);
+  assert.equal(sample(text, 'k8s4r_task_refusals_total{reason="task"}'), 3);
+  assert.equal(sample(text, "k8s4r_task_sign_errors_total"), 1);
   assert.equal(sample(text, 'k8s4r_messages_dropped_total{reason="stale-task-report"}'), 2);
   assert.equal(lines(text, "k8s4r_messages_dropped_total").length, 8);
 

@@ -20,6 +20,7 @@
  * writes are never interleaved with another transaction of this process.
  */
 import type { DeviceInfo } from "../mqtt/messages.ts";
+import { applyHeartbeat, firstHeartbeat, openGaps } from "./heartbeat_window.ts";
 import { isFinal, isTaskState, type TaskEvent, type TaskState, transition } from "./tasks.ts";
 
 export { SCHEMA_VERSION } from "./schema.ts";
@@ -57,7 +58,25 @@ export interface SqlBackend {
   schemaVersion(): Promise<number>;
   /** The settings that "committed before PUBACK" rests on, by name. */
   durability(): Promise<Record<string, string>>;
+  /**
+   * A lock held by this process until `release()` or until its connection is lost (PostgreSQL:
+   * `pg_try_advisory_lock` on a connection of its own); undefined when another process holds
+   * it. Absent on SQLite (one server per file: it is always the only one).
+   */
+  tryLock?(key: string): Promise<SessionLock | undefined>;
   close(): Promise<void>;
+}
+
+export interface SessionLock {
+  /** False once the connection holding it is gone (the lock went with it). */
+  held(): boolean;
+  release(): Promise<void>;
+}
+
+/** A write that lost a race with another replica's (deadlock, serialization failure): retry. */
+export function isTransientConflict(err: unknown): boolean {
+  const code = (err as { code?: unknown } | undefined)?.code;
+  return code === "40P01" || code === "40001";
 }
 
 /**
@@ -81,10 +100,14 @@ export interface RobotRecord {
   svidExpiresAt: string | null;
   agentVersion: string | null;
   heartbeatIntervalSeconds: number | null;
+  /** The highest heartbeat seq received from the current boot. */
   lastHeartbeatSeq: number | null;
-  /** Heartbeats received since the robot was first seen. */
+  /** Heartbeats received since the robot was first seen (each seq of a boot once). */
   heartbeatsReceived: number;
-  /** Heartbeats that never arrived: gaps in `seq` within one agent process (bootId). */
+  /**
+   * Heartbeats that never arrived: gaps in `seq` within one agent process (bootId), whatever
+   * order they came in (heartbeat_window.ts): a late one fills its gap.
+   */
   heartbeatsMissing: number;
   device: DeviceInfo | null;
   /** The agent process of the last `register` (null: none yet, or an agent without bootId). */
@@ -129,6 +152,40 @@ export interface TaskRecord {
   cancelRequestedAt: string | null;
   /** The SPIFFE ID of the operator who asked to cancel it. */
   cancelRequestedBy: string | null;
+  /** Who is publishing it (a server instance), until `dispatchLeaseUntil`; null when nobody. */
+  dispatchOwner: string | null;
+  dispatchLeaseUntil: string | null;
+}
+
+/** Claims tasks to publish: each task is claimed by one server at a time, until the lease ends. */
+export interface ClaimQuery {
+  owner: string;
+  /** The claimer's clock (the database's, on PostgreSQL replicas). */
+  now: string;
+  leaseUntil: string;
+  robotId?: string;
+  taskId?: string;
+  /** Only tasks of robots that are online. */
+  onlineOnly?: boolean;
+  /** Default both: a dispatched task is sent again on a trigger (the robot registered again). */
+  states?: ("pending" | "dispatched")[];
+  limit: number;
+}
+
+/** One fleet-server replica's row (PostgreSQL, `--shared-subscription`). */
+export interface ReplicaRow {
+  clientId: string;
+  instance: string;
+  startedAt: string;
+  leaseUntil: string;
+  /** Everything the broker queued for this client id before this time has been applied. */
+  confirmedAt: string;
+  linkUp: boolean;
+  adoptedBy: string | null;
+  /** lease_until < the database's now(). */
+  expired: boolean;
+  /** How long ago the lease expired (ms, database time; 0 while valid). */
+  expiredForMs: number;
 }
 
 /** Where a page of the task list starts: after this task (newest first). */
@@ -173,6 +230,8 @@ export interface RegisterInfo {
   svidExpiresAt: string;
   device: DeviceInfo;
   heartbeatIntervalSeconds?: number;
+  /** Telemetry (optional register field): reported to `onCommit` listeners, not stored. */
+  svidIssuedAt?: string;
 }
 
 export interface HeartbeatInfo {
@@ -180,7 +239,36 @@ export interface HeartbeatInfo {
   bootId?: string;
   svidExpiresAt: string;
   load?: [number, number, number];
+  /** Telemetry (optional heartbeat fields): reported to `onCommit` listeners, not stored. */
+  svidIssuedAt?: string;
+  workloadApi?: "up" | "down";
+  outboundQueueDepth?: number;
 }
+
+/**
+ * What a committed transaction changed, for observers (metrics, the dashboard's events): given
+ * to `Registry.onCommit` listeners after the COMMIT, never for what was rolled back.
+ */
+export type RegistryChange =
+  | { kind: "online"; robotId: string; online: boolean; reason: string | null; at: string }
+  | {
+    kind: "heartbeat";
+    robotId: string;
+    at: string;
+    seq: number;
+    bootId: string | null;
+    /** Heartbeats missing before this one (a gap in seq of the same boot). */
+    missing: number;
+    info: HeartbeatInfo;
+  }
+  | { kind: "register"; robotId: string; at: string; info: RegisterInfo }
+  | { kind: "task"; task: TaskRecord; from: TaskState };
+
+/** What a registry operation was for (the storage metrics' `op` label). */
+export type StorageOp = "message" | "task" | "sweep" | "read";
+
+/** Times each registry operation: its purpose, seconds, and whether it failed. */
+export type StorageTimer = (op: StorageOp, seconds: number, failed: boolean) => void;
 
 export interface TaskEventResult {
   task: TaskRecord;
@@ -213,6 +301,8 @@ const ROBOT_COLUMNS = [
   "last_heartbeat_seq",
   "heartbeats_received",
   "heartbeats_missing",
+  "heartbeat_window",
+  "heartbeat_low_seq",
   "device",
   "boot_id",
   "status_connection",
@@ -242,6 +332,8 @@ const TASK_COLUMNS = [
   "created_by",
   "cancel_requested_at",
   "cancel_requested_by",
+  "dispatch_owner",
+  "dispatch_lease_until",
 ].join(", ");
 
 function str(v: unknown): string | null {
@@ -278,7 +370,10 @@ function robotFromRow(r: Row): RobotRecord {
     heartbeatIntervalSeconds: num(r.heartbeat_interval_seconds),
     lastHeartbeatSeq: num(r.last_heartbeat_seq),
     heartbeatsReceived: num(r.heartbeats_received) ?? 0,
-    heartbeatsMissing: num(r.heartbeats_missing) ?? 0,
+    heartbeatsMissing: (num(r.heartbeats_missing) ?? 0) +
+      (num(r.last_heartbeat_seq) !== null
+        ? openGaps(num(r.last_heartbeat_seq)!, str(r.heartbeat_window), num(r.heartbeat_low_seq))
+        : 0),
     device,
     bootId: str(r.boot_id),
     statusOrder: num(r.status_connection) !== null
@@ -312,8 +407,28 @@ function taskFromRow(r: Row): TaskRecord {
     createdBy: str(r.created_by),
     cancelRequestedAt: str(r.cancel_requested_at),
     cancelRequestedBy: str(r.cancel_requested_by),
+    dispatchOwner: str(r.dispatch_owner),
+    dispatchLeaseUntil: str(r.dispatch_lease_until),
   };
 }
+
+function replicaFromRow(r: Row): ReplicaRow {
+  return {
+    clientId: String(r.client_id),
+    instance: String(r.instance),
+    startedAt: String(r.started_at),
+    leaseUntil: String(r.lease_until),
+    confirmedAt: String(r.confirmed_at),
+    linkUp: bool(r.link_up),
+    adoptedBy: str(r.adopted_by),
+    expired: bool(r.expired),
+    expiredForMs: Math.max(0, num(r.expired_for_ms) ?? 0),
+  };
+}
+
+const REPLICA_COLUMNS = `client_id, instance, started_at, lease_until, confirmed_at, link_up,
+  adopted_by, lease_until < now() AS expired,
+  CAST(EXTRACT(EPOCH FROM (now() - lease_until)) * 1000 AS BIGINT) AS expired_for_ms`;
 
 /**
  * Text without NUL: SQLite (node:sqlite) cuts a string at its first NUL, and PostgreSQL refuses
@@ -344,7 +459,12 @@ export type StatementHook = (sql: string) => void;
  * auto-committed reads. Written once, for both dialects.
  */
 export class RegistryTx {
-  constructor(private readonly c: SqlConn, private readonly hook?: StatementHook) {}
+  constructor(
+    private readonly c: SqlConn,
+    private readonly hook?: StatementHook,
+    /** Where writes note what they changed (for `Registry.onCommit`); none on reads. */
+    readonly changes?: RegistryChange[],
+  ) {}
 
   get dialect(): Dialect {
     return this.c.dialect;
@@ -387,6 +507,7 @@ export class RegistryTx {
   }
 
   async recordRegister(id: string, at: string, info: RegisterInfo): Promise<void> {
+    this.changes?.push({ kind: "register", robotId: id, at, info });
     await this.touchRobot(id, at);
     await this.run(
       `UPDATE robots SET spiffe_id = ?, agent_version = ?, svid_expires_at = ?, device = ?,
@@ -405,7 +526,12 @@ export class RegistryTx {
 
   /**
    * Counts a heartbeat (creating the robot on first contact) and returns the boot of the
-   * robot's last register. Two statements: this runs for every heartbeat of the fleet.
+   * robot's last register. Two statements: this runs for every heartbeat of the fleet. The
+   * first (INSERT ... ON CONFLICT DO UPDATE) also locks the row until the commit, so the
+   * accounting below cannot race another replica's.
+   *
+   * Each seq of a boot counts once, in whatever order they arrive (heartbeat_window.ts): a
+   * duplicate is ignored, a late one fills its gap.
    */
   async recordHeartbeat(
     id: string,
@@ -415,15 +541,31 @@ export class RegistryTx {
     const prev = await this.get(
       `INSERT INTO robots (id, first_seen, last_seen) VALUES (?, ?, ?)
        ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen
-       RETURNING last_heartbeat_seq AS seq, heartbeat_boot_id AS boot, device, boot_id`,
+       RETURNING last_heartbeat_seq AS seq, heartbeat_boot_id AS boot, device, boot_id,
+         heartbeat_window AS hb_window, heartbeat_low_seq AS hb_low,
+         heartbeats_missing AS hb_missing`,
       [id, at, at],
     );
     const bootId = str(prev?.boot_id);
     const prevSeq = num(prev?.seq);
+    const lost = num(prev?.hb_missing) ?? 0;
     const sameBoot = hb.bootId !== undefined && str(prev?.boot) === hb.bootId && prevSeq !== null;
-    // QoS 1 may deliver a heartbeat twice: an old seq is a duplicate, not news.
-    if (sameBoot && hb.seq <= prevSeq!) return { bootId };
-    const missing = sameBoot ? hb.seq - prevSeq! - 1 : 0;
+    let next;
+    if (sameBoot) {
+      const v = applyHeartbeat(
+        { max: prevSeq!, window: str(prev?.hb_window), low: num(prev?.hb_low), lost },
+        hb.seq,
+      );
+      // QoS 1 may deliver a heartbeat twice: a seq already counted is a duplicate, not news.
+      if (v.kind !== "new") return { bootId };
+      next = v.state;
+    } else {
+      // A new boot (or an agent without bootId): the old boot's open gaps are final now.
+      const closed = prevSeq !== null
+        ? openGaps(prevSeq, str(prev?.hb_window), num(prev?.hb_low))
+        : 0;
+      next = { ...firstHeartbeat(hb.seq), lost: lost + closed };
+    }
     let device: string | null = null;
     if (hb.load && typeof prev?.device === "string") {
       try {
@@ -433,11 +575,52 @@ export class RegistryTx {
     }
     await this.run(
       `UPDATE robots SET last_heartbeat_seq = ?, heartbeat_boot_id = ?, svid_expires_at = ?,
-         heartbeats_received = heartbeats_received + 1,
-         heartbeats_missing = heartbeats_missing + ?, device = COALESCE(?, device) WHERE id = ?`,
-      [hb.seq, hb.bootId ?? null, hb.svidExpiresAt, missing, device, id],
+         heartbeats_received = heartbeats_received + 1, heartbeat_window = ?,
+         heartbeat_low_seq = ?, heartbeats_missing = ?, device = COALESCE(?, device) WHERE id = ?`,
+      [
+        next.max,
+        hb.bootId ?? null,
+        hb.svidExpiresAt,
+        next.window,
+        next.low,
+        next.lost,
+        device,
+        id,
+      ],
     );
+    this.changes?.push({
+      kind: "heartbeat",
+      robotId: id,
+      at,
+      seq: hb.seq,
+      bootId: hb.bootId ?? null,
+      // The gap just before this one (seqs skipped since the newest of its boot); a late one
+      // that fills a gap counts 0 here.
+      missing: sameBoot && hb.seq > prevSeq! ? hb.seq - prevSeq! - 1 : 0,
+      info: hb,
+    });
     return { bootId };
+  }
+
+  /**
+   * Locks the rows of `ids` (creating the missing ones) in id order, first thing in a batch's
+   * transaction: replicas applying batches that share robots then take the row locks in the
+   * same order and cannot deadlock (PostgreSQL). Nothing on SQLite, where a write transaction
+   * excludes every other writer.
+   */
+  async lockRobots(ids: string[], at: string): Promise<void> {
+    if (this.dialect !== "postgres" || ids.length === 0) return;
+    const list = [...new Set(ids)].join(",");
+    await this.run(
+      `INSERT INTO robots (id, first_seen, last_seen)
+       SELECT t.id, ?, ? FROM unnest(string_to_array(?, ',')) AS t(id) ORDER BY t.id COLLATE "C"
+       ON CONFLICT (id) DO NOTHING`,
+      [at, at, list],
+    );
+    await this.all(
+      `SELECT id FROM robots WHERE id = ANY (string_to_array(?, ',')) ORDER BY id FOR UPDATE`,
+      [list],
+    );
   }
 
   /**
@@ -450,7 +633,16 @@ export class RegistryTx {
       "UPDATE robots SET online = ?, offline_reason = ? WHERE id = ? AND online <> ?",
       [v, online ? null : reason, id, v],
     );
-    if (flipped > 0) return true;
+    if (flipped > 0) {
+      this.changes?.push({
+        kind: "online",
+        robotId: id,
+        online,
+        reason: online ? null : reason,
+        at: new Date().toISOString(),
+      });
+      return true;
+    }
     if (!online) {
       await this.run("UPDATE robots SET offline_reason = ? WHERE id = ? AND online = ?", [
         reason,
@@ -490,11 +682,15 @@ export class RegistryTx {
 
   // ---- tasks ----
 
-  async createTask(t: NewTask): Promise<TaskRecord> {
+  /** Inserts a pending task; with `claim`, claimed by its creator (who publishes it next). */
+  async createTask(
+    t: NewTask,
+    claim?: { owner: string; leaseUntil: string },
+  ): Promise<TaskRecord> {
     await this.run(
       `INSERT INTO tasks (id, robot_id, command, env, cwd, timeout_seconds, state, created_at,
-         expires_at, updated_at, created_by)
-       VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)`,
+         expires_at, updated_at, created_by, dispatch_owner, dispatch_lease_until)
+       VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)`,
       [
         t.id,
         t.robotId,
@@ -506,9 +702,237 @@ export class RegistryTx {
         t.expiresAt,
         t.createdAt,
         t.createdBy ?? null,
+        claim?.owner ?? null,
+        claim?.leaseUntil ?? null,
       ],
     );
     return (await this.getTask(t.id))!;
+  }
+
+  /** The task, locked until the transaction ends (PostgreSQL). */
+  async getTaskForUpdate(id: string): Promise<TaskRecord | undefined> {
+    const r = await this.get(
+      `SELECT ${TASK_COLUMNS} FROM tasks WHERE id = ?${forUpdate(this.dialect)}`,
+      [id],
+    );
+    return r ? taskFromRow(r) : undefined;
+  }
+
+  /**
+   * Claims up to `limit` undelivered tasks (pending or dispatched, not expired) that nobody has
+   * claimed, or whose claim has expired (its holder died mid-publish), oldest first. One
+   * statement: rows another transaction is claiming are skipped (SKIP LOCKED), and the outer
+   * WHERE is checked again on the row it locked, so a task is claimed by one server at a time.
+   */
+  async claimTasks(q: ClaimQuery): Promise<TaskRecord[]> {
+    const free = "(dispatch_lease_until IS NULL OR dispatch_lease_until < ?)";
+    const states = (q.states ?? ["pending", "dispatched"]).map((x) =>
+      x === "pending" ? "'pending'" : "'dispatched'"
+    ).join(", ");
+    const where = [`state IN (${states})`, free, "expires_at > ?"];
+    const params: SqlValue[] = [q.now, q.now];
+    if (q.robotId !== undefined) {
+      where.push("robot_id = ?");
+      params.push(q.robotId);
+    }
+    if (q.taskId !== undefined) {
+      where.push("id = ?");
+      params.push(q.taskId);
+    }
+    if (q.onlineOnly) {
+      where.push("robot_id IN (SELECT id FROM robots WHERE online = ?)");
+      params.push(1);
+    }
+    const rows = await this.all(
+      `UPDATE tasks SET dispatch_owner = ?, dispatch_lease_until = ?
+       WHERE id IN (SELECT id FROM tasks WHERE ${where.join(" AND ")}
+                    ORDER BY created_at, id LIMIT ?${forUpdate(this.dialect, { skipLocked: true })})
+         AND state IN (${states}) AND ${free}
+       RETURNING ${TASK_COLUMNS}`,
+      [q.owner, q.leaseUntil, ...params, q.limit, q.now],
+    );
+    return rows.map(taskFromRow).sort((a, b) =>
+      a.createdAt < b.createdAt ? -1 : a.createdAt > b.createdAt ? 1 : a.id < b.id ? -1 : 1
+    );
+  }
+
+  /** Ends `owner`'s claim on a task (published, or given up). */
+  async releaseClaim(id: string, owner: string): Promise<void> {
+    await this.run(
+      "UPDATE tasks SET dispatch_owner = NULL, dispatch_lease_until = NULL WHERE id = ? AND dispatch_owner = ?",
+      [id, owner],
+    );
+  }
+
+  /**
+   * Ends the claims of every instance whose name starts with `prefix` but `except`: earlier
+   * processes of this client id (one process per client id: they are dead), and this one's
+   * own on a clean stop.
+   */
+  async releaseClaimsOf(prefix: string, except?: string): Promise<number> {
+    return await this.run(
+      `UPDATE tasks SET dispatch_owner = NULL, dispatch_lease_until = NULL
+       WHERE dispatch_owner IS NOT NULL AND substr(dispatch_owner, 1, ?) = ?
+         AND dispatch_owner <> ?`,
+      [prefix.length, prefix, except ?? ""],
+    );
+  }
+
+  // ---- replicas (PostgreSQL only: `--shared-subscription`) ----
+
+  private pgOnly(what: string): void {
+    if (this.dialect !== "postgres") throw new Error(`${what}: replicas need PostgreSQL`);
+  }
+
+  /**
+   * Takes client id `clientId` for `instance` (this process), with a lease of `leaseMs`. A row
+   * of an earlier process with that client id is taken over (its session on the broker is
+   * ours now); its confirmed time is kept: what the broker queued for that session before it is
+   * still to come. Returns the row and the database's clock.
+   */
+  async replicaJoin(
+    clientId: string,
+    instance: string,
+    leaseMs: number,
+  ): Promise<{ row: ReplicaRow; dbNow: string; previous: string | null }> {
+    this.pgOnly("replicaJoin");
+    const before = await this.get(
+      "SELECT instance FROM replicas WHERE client_id = ? FOR UPDATE",
+      [clientId],
+    );
+    const r = await this.get(
+      `INSERT INTO replicas (client_id, instance, started_at, lease_until, confirmed_at, link_up,
+         adopted_by, updated_at)
+       VALUES (?, ?, now(), now() + CAST(? AS INTEGER) * interval '1 millisecond', now(), FALSE,
+         NULL, now())
+       ON CONFLICT (client_id) DO UPDATE SET instance = excluded.instance,
+         started_at = excluded.started_at, lease_until = excluded.lease_until, link_up = FALSE,
+         adopted_by = NULL, updated_at = excluded.updated_at
+       RETURNING ${REPLICA_COLUMNS}, now() AS db_now`,
+      [clientId, instance, leaseMs],
+    );
+    return {
+      row: replicaFromRow(r!),
+      dbNow: String(r!.db_now),
+      previous: before ? String(before.instance) : null,
+    };
+  }
+
+  /**
+   * Renews `instance`'s lease on `clientId` and records its probe clock. False when the row is
+   * no longer this instance's (another process took the client id over).
+   */
+  async replicaRenew(
+    clientId: string,
+    instance: string,
+    leaseMs: number,
+    confirmedAt: string | null,
+    linkUp: boolean,
+  ): Promise<{ ok: boolean; dbNow: string }> {
+    this.pgOnly("replicaRenew");
+    const r = await this.get(
+      `UPDATE replicas SET lease_until = now() + CAST(? AS INTEGER) * interval '1 millisecond',
+         confirmed_at = GREATEST(confirmed_at, COALESCE(?, confirmed_at)), link_up = ?,
+         updated_at = now()
+       WHERE client_id = ? AND instance = ? RETURNING now() AS db_now`,
+      [leaseMs, confirmedAt, linkUp ? 1 : 0, clientId, instance],
+    );
+    if (r) return { ok: true, dbNow: String(r.db_now) };
+    const now = await this.get("SELECT now() AS db_now");
+    return { ok: false, dbNow: String(now!.db_now) };
+  }
+
+  /**
+   * Records an adopted session's probe clock (its `link_up` stays the owner's); false when the
+   * adoption is over (the owner joined again).
+   */
+  async replicaAdoptedTick(
+    clientId: string,
+    adopter: string,
+    confirmedAt: string | null,
+  ): Promise<boolean> {
+    this.pgOnly("replicaAdoptedTick");
+    return await this.run(
+      `UPDATE replicas SET confirmed_at = GREATEST(confirmed_at, COALESCE(?, confirmed_at)),
+         updated_at = now()
+       WHERE client_id = ? AND adopted_by = ?`,
+      [confirmedAt, clientId, adopter],
+    ) > 0;
+  }
+
+  /** Every replica, with the database's clock. */
+  async replicaList(): Promise<{ rows: ReplicaRow[]; dbNow: string }> {
+    this.pgOnly("replicaList");
+    const rows = await this.all(
+      `SELECT ${REPLICA_COLUMNS}, now() AS db_now FROM replicas ORDER BY client_id`,
+    );
+    const now = rows.length
+      ? String(rows[0].db_now)
+      : String((await this.get("SELECT now() AS db_now"))!.db_now);
+    return { rows: rows.map(replicaFromRow), dbNow: now };
+  }
+
+  /**
+   * `adopter` takes over the broker session of `clientId`, unless another live instance
+   * adopted it already: its owner has not renewed its lease for `expiredForMs`; or (with
+   * `stalledForMs`) its owner is cut from the broker and its clock has not moved for that long;
+   * or (with `deadInstance`) the broker published the last will of that process, which owned
+   * the session or had adopted it.
+   */
+  async replicaAdopt(
+    clientId: string,
+    adopter: string,
+    why: { expiredForMs: number } | { stalledForMs: number } | { deadInstance: string },
+  ): Promise<boolean> {
+    this.pgOnly("replicaAdopt");
+    let cond: string;
+    let arg: SqlValue[];
+    if ("expiredForMs" in why) {
+      cond = "lease_until < now() - CAST(? AS INTEGER) * interval '1 millisecond'";
+      arg = [why.expiredForMs];
+    } else if ("stalledForMs" in why) {
+      cond =
+        "link_up = FALSE AND confirmed_at < now() - CAST(? AS INTEGER) * interval '1 millisecond'";
+      arg = [why.stalledForMs];
+    } else {
+      cond = "(instance = ? OR adopted_by = ?)";
+      arg = [why.deadInstance, why.deadInstance];
+    }
+    const dead = "deadInstance" in why ? why.deadInstance : "";
+    return await this.run(
+      `UPDATE replicas SET adopted_by = ?, updated_at = now()
+       WHERE client_id = ? AND instance <> ? AND ${cond}
+         AND (adopted_by IS NULL OR adopted_by = ? OR adopted_by = ? OR NOT EXISTS (
+           SELECT 1 FROM replicas a WHERE a.instance = replicas.adopted_by
+             AND a.lease_until >= now()))`,
+      [adopter, clientId, adopter, ...arg, adopter, dead],
+    ) > 0;
+  }
+
+  /** The owner, alive, ends an adoption of its session (it connects again: the broker's). */
+  async replicaReclaim(clientId: string, instance: string): Promise<boolean> {
+    this.pgOnly("replicaReclaim");
+    return await this.run(
+      "UPDATE replicas SET adopted_by = NULL WHERE client_id = ? AND instance = ? AND adopted_by IS NOT NULL",
+      [clientId, instance],
+    ) > 0;
+  }
+
+  async replicaReleaseAdoption(clientId: string, adopter: string): Promise<void> {
+    this.pgOnly("replicaReleaseAdoption");
+    await this.run("UPDATE replicas SET adopted_by = NULL WHERE client_id = ? AND adopted_by = ?", [
+      clientId,
+      adopter,
+    ]);
+  }
+
+  /** A clean stop: the lease ends now, so that the session is adopted without waiting. */
+  async replicaLeave(clientId: string, instance: string): Promise<void> {
+    this.pgOnly("replicaLeave");
+    await this.run(
+      "UPDATE replicas SET lease_until = now(), link_up = FALSE, updated_at = now() WHERE client_id = ? AND instance = ?",
+      [clientId, instance],
+    );
   }
 
   async getTask(id: string): Promise<TaskRecord | undefined> {
@@ -623,15 +1047,62 @@ export class RegistryTx {
     }
     params.push(id);
     await this.run(`UPDATE tasks SET ${sets.join(", ")} WHERE id = ?`, params);
-    return { task: (await this.getTask(id))!, changed: t.changed, ignored: false };
+    const after = (await this.getTask(id))!;
+    if (t.changed) this.changes?.push({ kind: "task", task: after, from: task.state });
+    return { task: after, changed: t.changed, ignored: false };
   }
 }
 
 /** The registry handle the server holds. */
 export class Registry {
   #hook?: StatementHook;
+  #timer?: StorageTimer;
+  readonly #listeners = new Set<(changes: readonly RegistryChange[]) => void>();
 
   constructor(private readonly backend: SqlBackend) {}
+
+  /**
+   * Times every operation (`read`, `transaction` by its `op`, `batch` as `message`); the
+   * storage metrics. The timer must not throw.
+   */
+  setTimer(timer: StorageTimer | undefined): void {
+    this.#timer = timer;
+  }
+
+  /**
+   * Calls `listener` after each COMMIT with what it changed (robots online/offline, heartbeats,
+   * registers, task transitions). Nothing of a rolled-back transaction or savepoint is reported.
+   * Listeners run synchronously and must not throw (a throw is swallowed). Returns unsubscribe.
+   */
+  onCommit(listener: (changes: readonly RegistryChange[]) => void): () => void {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+
+  #committed(changes: RegistryChange[]): void {
+    if (changes.length === 0) return;
+    for (const l of this.#listeners) {
+      try {
+        l(changes);
+      } catch { /* an observer never breaks a write */ }
+    }
+  }
+
+  async #timed<T>(op: StorageOp, fn: () => Promise<T>, failedIf?: (r: T) => boolean): Promise<T> {
+    const timer = this.#timer;
+    if (!timer) return await fn();
+    const t0 = performance.now();
+    let failed = true;
+    try {
+      const r = await fn();
+      failed = failedIf?.(r) ?? false;
+      return r;
+    } finally {
+      try {
+        timer(op, (performance.now() - t0) / 1000, failed);
+      } catch { /* metrics never break a write */ }
+    }
+  }
 
   get dialect(): Dialect {
     return this.backend.dialect;
@@ -650,39 +1121,71 @@ export class Registry {
     this.#hook = hook;
   }
 
-  private tx(c: SqlConn, hooked: boolean): RegistryTx {
-    return new RegistryTx(c, hooked ? this.#hook : undefined);
+  private tx(c: SqlConn, hooked: boolean, changes?: RegistryChange[]): RegistryTx {
+    return new RegistryTx(c, hooked ? this.#hook : undefined, changes);
   }
 
   /** Reads, outside a transaction. */
   read<T>(fn: (tx: RegistryTx) => Promise<T>): Promise<T> {
-    return this.backend.read((c) => fn(this.tx(c, false)));
+    return this.#timed("read", () => this.backend.read((c) => fn(this.tx(c, false))));
   }
 
-  /** One transaction: all of `fn`'s writes or none. */
-  transaction<T>(fn: (tx: RegistryTx) => Promise<T>): Promise<T> {
-    return this.backend.transaction((c) => fn(this.tx(c, true)));
+  /**
+   * One transaction: all of `fn`'s writes or none. `op` is what it is for, in the storage
+   * metrics (default `task`; the sweeper's is `sweep`).
+   */
+  transaction<T>(fn: (tx: RegistryTx) => Promise<T>, op: StorageOp = "task"): Promise<T> {
+    return this.#timed(op, async () => {
+      let changes: RegistryChange[] = [];
+      const r = await this.backend.transaction((c) => {
+        changes = []; // a backend that retries the transaction starts it afresh
+        return fn(this.tx(c, true, changes));
+      });
+      this.#committed(changes);
+      return r;
+    });
   }
 
   /**
    * Runs each step in ONE transaction, each in its own savepoint, in order, and stops at the
    * first step that throws: that step's writes are rolled back, the earlier ones are committed.
    * `applied` counts the committed steps; when COMMIT itself fails nothing is committed
-   * (`applied` 0). One commit (one fsync) for the whole batch.
+   * (`applied` 0). One commit (one fsync) for the whole batch. `before` runs first, in the same
+   * transaction (the batch's row locks).
    */
-  async batch(steps: ((tx: RegistryTx) => Promise<void>)[]): Promise<BatchOutcome> {
-    if (steps.length === 0) return { applied: 0 };
+  batch(
+    steps: ((tx: RegistryTx) => Promise<void>)[],
+    before?: (tx: RegistryTx) => Promise<void>,
+  ): Promise<BatchOutcome> {
+    if (steps.length === 0) return Promise.resolve({ applied: 0 });
+    return this.#timed(
+      "message",
+      () => this.#batch(steps, before),
+      (r) => r.error !== undefined,
+    );
+  }
+
+  async #batch(
+    steps: ((tx: RegistryTx) => Promise<void>)[],
+    before?: (tx: RegistryTx) => Promise<void>,
+  ): Promise<BatchOutcome> {
     let applied = 0;
     let error: Error | undefined;
+    let changes: RegistryChange[] = [];
     try {
       await this.backend.transaction(async (c) => {
-        const tx = this.tx(c, true);
+        changes = [];
+        const tx = this.tx(c, true, changes);
+        // Outside the savepoints: if it fails, nothing of the batch is committed.
+        if (before) await before(tx);
         for (const step of steps) {
           await c.exec("SAVEPOINT step");
+          const mark = changes.length;
           try {
             await step(tx);
             await c.exec("RELEASE step");
           } catch (err) {
+            changes.length = mark; // rolled back: never reported
             await c.exec("ROLLBACK TO step");
             await c.exec("RELEASE step");
             error = err instanceof Error ? err : new Error(String(err));
@@ -694,11 +1197,17 @@ export class Registry {
     } catch (err) {
       return { applied: 0, error: err instanceof Error ? err : new Error(String(err)) };
     }
+    this.#committed(changes);
     return error ? { applied, error } : { applied };
   }
 
   schemaVersion(): Promise<number> {
     return this.backend.schemaVersion();
+  }
+
+  /** See `SqlBackend.tryLock`; undefined when the backend has none (SQLite). */
+  tryLock(key: string): Promise<SessionLock | undefined> {
+    return this.backend.tryLock ? this.backend.tryLock(key) : Promise.resolve(undefined);
   }
 
   /** The settings "written before PUBACK" rests on (journal mode, sync level...). */

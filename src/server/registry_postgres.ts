@@ -24,7 +24,14 @@
  */
 // @ts-types="@types/pg"
 import pg from "pg";
-import { Registry, type Row, type SqlBackend, type SqlConn, type SqlValue } from "./registry.ts";
+import {
+  Registry,
+  type Row,
+  type SessionLock,
+  type SqlBackend,
+  type SqlConn,
+  type SqlValue,
+} from "./registry.ts";
 import { MIGRATIONS, newerSchemaError } from "./schema.ts";
 import { Turns } from "./turns.ts";
 import { VERSION } from "../version.ts";
@@ -236,13 +243,19 @@ export interface PostgresOptions {
 class PostgresBackend implements SqlBackend {
   readonly dialect = "postgres" as const;
   readonly location: string;
+  readonly #config: PostgresConfig;
+  readonly #locks = new Set<pg.Client>();
   readonly #pool: pg.Pool;
   readonly #writes = new Turns();
   readonly #statements = new Map<string, Prepared>();
   readonly #secrets: (string | undefined)[];
 
+  private readonly onError?: (message: string) => void;
+
   constructor(config: PostgresConfig, opts: PostgresOptions) {
+    this.onError = opts.onError;
     this.location = describePostgres(config);
+    this.#config = config;
     this.#secrets = [config.password];
     this.#pool = new pg.Pool({
       host: config.host,
@@ -288,9 +301,22 @@ class PostgresBackend implements SqlBackend {
     );
   }
 
+  /**
+   * A pooled client for a transaction. While it is checked out the pool does not listen for
+   * its errors: a connection that drops between two statements (the server stopped) would
+   * throw an uncaught 'error'; it is logged here, and the next statement fails with it.
+   */
   async connect(): Promise<pg.PoolClient> {
     try {
-      return await this.#pool.connect();
+      const client = await this.#pool.connect();
+      const onError = (err: Error) => this.onError?.(`${this.location}: ${this.wrap(err).message}`);
+      client.on("error", onError);
+      const release = client.release.bind(client);
+      client.release = (e?: Error | boolean) => {
+        client.off("error", onError);
+        return release(e);
+      };
+      return client;
     } catch (err) {
       const w = this.wrap(err);
       throw new PostgresError(
@@ -311,10 +337,19 @@ class PostgresBackend implements SqlBackend {
   private async inTransaction<T>(fn: (c: SqlConn) => Promise<T>): Promise<T> {
     const client = await this.connect();
     let broken: Error | undefined;
+    // The driver's own errors (BEGIN, COMMIT) are wrapped here; statements are wrapped by
+    // PgConn; anything else `fn` throws (ConflictError...) is the caller's and passes as is.
+    const q = async (sql: string) => {
+      try {
+        await client.query(sql);
+      } catch (err) {
+        throw this.wrap(err);
+      }
+    };
     try {
-      await client.query("BEGIN");
+      await q("BEGIN");
       const r = await fn(new PgConn(client, this));
-      await client.query("COMMIT");
+      await q("COMMIT");
       return r;
     } catch (err) {
       try {
@@ -322,7 +357,7 @@ class PostgresBackend implements SqlBackend {
       } catch (e) {
         broken = e as Error; // the connection is gone: the pool must not reuse it
       }
-      throw this.wrap(err);
+      throw err;
     } finally {
       client.release(broken);
     }
@@ -395,7 +430,56 @@ class PostgresBackend implements SqlBackend {
     return out;
   }
 
+  /**
+   * `pg_try_advisory_lock(key)` on a connection of its own, outside the pool: the lock lives as
+   * long as that session, so a process that dies (or loses the database) loses it, and another
+   * process can take it at once. Undefined when another session holds it.
+   */
+  async tryLock(key: string): Promise<SessionLock | undefined> {
+    const c = this.#config;
+    const client = new pg.Client({
+      host: c.host,
+      port: c.port,
+      user: c.user,
+      database: c.database,
+      password: c.password,
+      ssl: false,
+      connectionTimeoutMillis: 5_000,
+      keepAlive: true,
+      application_name: "k8s4r-server-lock",
+      types: TYPES,
+    });
+    let alive = true;
+    client.on("error", () => (alive = false));
+    client.on("end", () => (alive = false));
+    try {
+      await client.connect();
+      const r = await client.query<{ ok: boolean }>(
+        "SELECT pg_try_advisory_lock($1::bigint) AS ok",
+        [key],
+      );
+      if (r.rows[0]?.ok !== true) {
+        await client.end().catch(() => {});
+        return undefined;
+      }
+    } catch (err) {
+      await client.end().catch(() => {});
+      throw this.wrap(err);
+    }
+    this.#locks.add(client);
+    return {
+      held: () => alive,
+      release: async () => {
+        alive = false;
+        this.#locks.delete(client);
+        await client.end().catch(() => {});
+      },
+    };
+  }
+
   async close(): Promise<void> {
+    for (const c of this.#locks) await c.end().catch(() => {});
+    this.#locks.clear();
     await this.#pool.end();
   }
 }

@@ -63,8 +63,8 @@ export const ROLES_FILE_HEADER =
 export interface RolesConfig {
   file: string;
   operators: Map<string, Role>;
-  /** Certificates of an operator issued (notBefore) before this are refused. */
-  issuedAfter: Map<string, Date>;
+  /** Certificates of an operator issued (notBefore) before this are refused (none: no limit). */
+  issuedAfter?: Map<string, Date>;
 }
 
 function describeNode(node: unknown): string {
@@ -313,7 +313,7 @@ export async function setOperatorRole(
       doc = parse(`${text}${text === "" || text.endsWith("\n") ? "" : "\n"}operators:\n`, path)
         .doc;
     }
-    const after = opts.issuedAfter ?? config.issuedAfter.get(name);
+    const after = opts.issuedAfter ?? config.issuedAfter?.get(name);
     const value = after ? { role, issuedAfter: after.toISOString() } : role;
     if (isMap(doc.get("operators"))) doc.setIn(["operators", name], doc.createNode(value));
     else doc.set("operators", doc.createNode({ [name]: value }));

@@ -27,8 +27,8 @@ Deno.test("roles YAML: valid files, and errors that name file:line: key", () => 
     "r.yaml",
   );
   assert.equal(long.operators.get("alice"), "viewer");
-  assert.equal(long.issuedAfter.get("alice")?.toISOString(), "2026-12-01T10:00:00.000Z");
-  assert.equal(ok.issuedAfter.size, 0);
+  assert.equal(long.issuedAfter?.get("alice")?.toISOString(), "2026-12-01T10:00:00.000Z");
+  assert.equal(ok.issuedAfter?.size, 0);
   const cases: [string, string][] = [
     [
       "operators:\n  alice:\n    role: viewer\n    issuedAfter: yesterday\n",

@@ -139,6 +139,42 @@ export const MIGRATIONS: Migration[] = [
      CREATE INDEX tasks_robot_created ON tasks (robot_id, created_at, id);
      CREATE INDEX tasks_state_created ON tasks (state, created_at, id);`,
   },
+  // 5: replicas (issue 13). Heartbeats of one robot may be applied out of order (a shared
+  // subscription splits them across replicas): a window of the seqs received below the highest
+  // (hex bitmap, bit i = seq max - i) and the lowest seq of the boot, so that a late one fills
+  // its gap instead of being taken for a duplicate. Task dispatch claims (which replica is
+  // publishing a task, until when). The replicas' leases and probe clocks (PostgreSQL only in
+  // use; the table exists in both so the schemas stay one list).
+  {
+    sqlite: `ALTER TABLE robots ADD COLUMN heartbeat_window TEXT;
+     ALTER TABLE robots ADD COLUMN heartbeat_low_seq INTEGER;
+     ALTER TABLE tasks ADD COLUMN dispatch_owner TEXT;
+     ALTER TABLE tasks ADD COLUMN dispatch_lease_until TEXT;
+     CREATE TABLE replicas (
+       client_id TEXT PRIMARY KEY,
+       instance TEXT NOT NULL,
+       started_at TEXT NOT NULL,
+       lease_until TEXT NOT NULL,
+       confirmed_at TEXT NOT NULL,
+       link_up INTEGER NOT NULL DEFAULT 0,
+       adopted_by TEXT,
+       updated_at TEXT NOT NULL
+     );`,
+    postgres: `ALTER TABLE robots ADD COLUMN heartbeat_window TEXT;
+     ALTER TABLE robots ADD COLUMN heartbeat_low_seq BIGINT;
+     ALTER TABLE tasks ADD COLUMN dispatch_owner TEXT;
+     ALTER TABLE tasks ADD COLUMN dispatch_lease_until TIMESTAMPTZ;
+     CREATE TABLE replicas (
+       client_id TEXT COLLATE "C" PRIMARY KEY,
+       instance TEXT NOT NULL,
+       started_at TIMESTAMPTZ NOT NULL,
+       lease_until TIMESTAMPTZ NOT NULL,
+       confirmed_at TIMESTAMPTZ NOT NULL,
+       link_up BOOLEAN NOT NULL DEFAULT FALSE,
+       adopted_by TEXT,
+       updated_at TIMESTAMPTZ NOT NULL
+     );`,
+  },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

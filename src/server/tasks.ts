@@ -1,15 +1,22 @@
 /**
- * The task life cycle as a table-driven state machine. Every input (the server dispatching, a
- * robot's report, the TTL sweeper, an operator's cancel) is an event; a (state, event) pair
- * missing from the table is ignored, so duplicate and out-of-order MQTT deliveries (QoS 1 is
- * at-least-once) are harmless.
+ * The task life cycle as a table-driven state machine: the ONE place that decides what a
+ * dispatch, a robot's report, the sweeper or an operator's cancel does to a task
+ * (docs/PROTOCOL.md, "Task states"). Every input is an event; a (state, event) pair missing from
+ * the table is ignored, so duplicate and out-of-order MQTT deliveries (QoS 1 is at-least-once)
+ * are harmless.
  *
  *   pending --dispatch--> dispatched --accepted--> accepted --running--> running --done--> done
  *      \________________________\__________________\__________________\--failed--> failed
  *   pending/dispatched --refused--> refused        pending/dispatched --expire--> expired
  *   accepted/running --lost--> failed (no result within timeout + grace)
  *
- * Cancel (an operator's request, `k8s4r task cancel ID`):
+ * A robot's report becomes an event through `reportEvent`: a `refused` report whose `reason` is
+ * `bad-signature`, `wrong-robot` or `replay` is about a message the robot could not trust (its
+ * task id may be unverified, or the task may be running or done) and is never an event; one
+ * with `expired` (the robot verified it and it came after its expiresAt) is the `expire` event,
+ * for a task that was not taken up; a refusal without a reason is `refused`.
+ *
+ * Cancel (an operator's request, `k8s4r task cancel ID`), joined with the robot's half:
  *
  *   pending --withdraw--> cancelled     never sent: cancelled at once, and never sent afterwards
  *   pending/dispatched/accepted/running --cancel--> cancelling --cancelled--> cancelled
@@ -20,12 +27,17 @@
  * `withdraw` is for a pending task that is not being published: it cannot have reached the
  * robot from this process. `cancel` is for everything else: the server sends a signed `cancel`
  * and the task stays `cancelling` until the robot reports (or the sweeper decides). While
- * `cancelling` the task is never sent again; the cancel is, whenever the robot comes back.
+ * `cancelling` the task is never sent again; the cancel is, whenever the robot comes back. The
+ * robot answers a verified cancel of a task it is running or has not started with `cancelled`;
+ * of a task it never saw, it claims the id (the task, if it comes later, is refused as a
+ * `replay` and never runs) and reports `cancelled` too; of a task it finished, it does nothing
+ * (the task's own final report is already on its way, and ends `cancelling` as done/failed).
+ * The server also sends a cancel for a withdrawn task; the robot's `cancelled` is then a no-op.
  *
  * `expired` only means "not delivered in time": a robot that ran the task anyway (it arrived
  * late) may still report, and its report wins, because it is what really happened.
  */
-import type { TaskReportState } from "../mqtt/messages.ts";
+import type { RefusalReason, TaskReportState } from "../mqtt/messages.ts";
 
 export const TASK_STATES = [
   "pending",
@@ -145,4 +157,31 @@ export function isFinal(state: TaskState): boolean {
 
 export function isTaskState(s: string): s is TaskState {
   return (TASK_STATES as readonly string[]).includes(s);
+}
+
+/**
+ * Refusal reasons that say nothing about the task itself: the robot could not trust the message
+ * (`bad-signature`: possibly not even its task id), or it was another copy of a task it handles
+ * or handled (`wrong-robot`, `replay`). Reports with them are counted, never applied.
+ */
+export const UNTRUSTED_REFUSALS: readonly RefusalReason[] = [
+  "bad-signature",
+  "wrong-robot",
+  "replay",
+];
+
+/**
+ * The event a robot's `task-status` is for `task`, or undefined when it must not change the
+ * task (an untrusted refusal, or an `expired` refusal of a task the robot already took up: a late
+ * copy of it, while the original runs or ran).
+ */
+export function reportEvent(
+  report: { state: TaskReportState; reason?: RefusalReason },
+  task: { acceptedAt: string | null; startedAt: string | null },
+): TaskEvent | undefined {
+  if (report.state !== "refused" || report.reason === undefined) return report.state;
+  if (UNTRUSTED_REFUSALS.includes(report.reason)) return undefined;
+  // expired: the robot verified the task and refused it for arriving after its expiresAt.
+  if (task.acceptedAt !== null || task.startedAt !== null) return undefined;
+  return "expire";
 }

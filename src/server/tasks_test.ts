@@ -4,6 +4,7 @@ import {
   isFinal,
   needsCancel,
   needsDispatch,
+  reportEvent,
   TASK_STATES,
   type TaskEvent,
   type TaskState,
@@ -120,4 +121,23 @@ Deno.test("final states: only the robot's own report of that state is accepted",
     if (needsDispatch(s) || needsCancel(s)) assert.ok(!isFinal(s), s);
   }
   assert.ok(!isFinal("cancelling"), "a cancel is not done until the robot reports");
+});
+
+Deno.test("reportEvent: untrusted refusals are no event; expired only for a task not taken up", () => {
+  const fresh = { acceptedAt: null, startedAt: null };
+  const took = { acceptedAt: "2026-01-01T00:00:00.000Z", startedAt: null };
+  for (const reason of ["bad-signature", "wrong-robot", "replay"] as const) {
+    assert.equal(reportEvent({ state: "refused", reason }, fresh), undefined, reason);
+    assert.equal(reportEvent({ state: "refused", reason }, took), undefined, reason);
+  }
+  assert.equal(reportEvent({ state: "refused", reason: "expired" }, fresh), "expire");
+  assert.equal(reportEvent({ state: "refused", reason: "expired" }, took), undefined);
+  // Controls: a refusal without a reason and every other report are their own event.
+  assert.equal(reportEvent({ state: "refused" }, took), "refused");
+  for (const s of ["accepted", "running", "done", "failed", "cancelled"] as const) {
+    assert.equal(reportEvent({ state: s }, took), s);
+  }
+  // What the expired refusal then does: a queued task expires, a cancel of one completes.
+  assert.equal(transition("dispatched", "expire").to, "expired");
+  assert.equal(transition("cancelling", "expire").to, "cancelled");
 });

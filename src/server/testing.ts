@@ -11,9 +11,17 @@ import { type IssuedCert, TestCa } from "../spiffe/testing/test_ca.ts";
 import { fleetServerSpiffeId, operatorSpiffeId } from "../fleet/ids.ts";
 import type { HttpsOptions } from "./fleet_server.ts";
 import { svidServerTls } from "./https.ts";
+import type { DownSigner } from "./fleet.ts";
+import { encode } from "../mqtt/messages.ts";
 import { type Role, type RolesSource, staticRoles } from "./roles.ts";
 
 export const TEST_TD = "k8s4r.test";
+
+/**
+ * Plain JSON, no signature: for unit tests of the server's logic that read what it publishes.
+ * Production code has no unsigned signer (the server signs with its SVID, `TaskSigner`).
+ */
+export const UNSIGNED: DownSigner = { sign: (msg) => encode(msg) };
 
 export class TestHttps {
   readonly ca: TestCa;

@@ -2,8 +2,11 @@
  * A simulated robot fleet: one mqtt.js mTLS connection per robot, each presenting that robot's
  * own X.509 SVID (CN = robot id) to the real broker and authenticating the broker by its SPIFFE
  * ID, exactly like `k8s4r agent`. The robots speak the k8s4r protocol (register, heartbeats,
- * task status) with the encoders of `src/mqtt/messages.ts`, and answer every task at once with
- * `done` (exit 0) without running anything.
+ * task status) with the encoders of `src/mqtt/messages.ts`, check every task as a robot does
+ * (`checkDown`: the fleet server's signature and chain against the bundle, addressed to this
+ * robot, not expired, inside the window; each robot with its own chain cache, like one agent
+ * process), and answer every task it accepts at once with `done` (exit 0) without running
+ * anything.
  *
  * Load shapes: `startHeartbeats(ms)` (every robot once per interval, phases spread evenly) and
  * `burst(ms)` (every robot publishes QoS 1 heartbeats back to back, `window` unacknowledged at
@@ -23,7 +26,8 @@ import {
 import { robotSubscription, upTopic } from "../fleet/topics.ts";
 import type { X509BundleSet } from "../spiffe/bundle.ts";
 import { parseSpiffeId } from "../spiffe/id.ts";
-import { robotSpiffeId } from "../fleet/mod.ts";
+import { fleetServerSpiffeId, robotSpiffeId } from "../fleet/mod.ts";
+import { checkDown, X5cChainCache } from "../mqtt/signed.ts";
 import { StaticX509Source } from "../spiffe/source.ts";
 import type { X509Svid } from "../spiffe/svid.ts";
 import { authorizeId, mtlsClientOptions } from "../spiffe/tls.ts";
@@ -44,6 +48,8 @@ export interface SimFleetOptions {
   /** Called when the broker acknowledged a robot's `done` report. */
   onTaskDone?: (robotId: string, taskId: string, atMs: number) => void;
   connectTimeoutMs?: number;
+  /** The only signer accepted. Default spiffe://<the broker's trust domain>/fleet-server. */
+  signerSpiffeId?: string;
 }
 
 export interface SimFleetStats {
@@ -58,6 +64,10 @@ export interface SimFleetStats {
   tasksReceived: number;
   tasksAnswered: number;
   malformed: number;
+  /** Tasks `checkDown` refused (bad signature, wrong robot, expired, replay): not answered. */
+  refused: number;
+  /** The error of the last refusal. */
+  lastRefusal?: string;
   /** Connect (TLS + MQTT CONNECT/CONNACK) times, ms. */
   connectMs: number[];
   lastError?: string;
@@ -66,6 +76,8 @@ export interface SimFleetStats {
 interface SimRobot {
   id: string;
   client: MqttClient;
+  /** Verified signer chains, per robot as in one agent process. */
+  chains: X5cChainCache;
   seq: number;
   svidExpiresAt: string;
 }
@@ -85,8 +97,15 @@ export class SimFleet {
     tasksReceived: 0,
     tasksAnswered: 0,
     malformed: 0,
+    refused: 0,
     connectMs: [],
   };
+  /**
+   * The benchmark's baseline only (bench/fleet.ts, against bench/unsigned_server.ts): decode
+   * tasks as unsigned JSON (`decodeDown`, the path before signing). Robots have no such mode:
+   * they run only what `checkDown` accepts. Default false.
+   */
+  unsignedBaseline = false;
   private hbTimers: ReturnType<typeof setTimeout>[] = [];
   private closed = false;
 
@@ -153,6 +172,7 @@ export class SimFleet {
     const robot: SimRobot = {
       id: robotId,
       client,
+      chains: new X5cChainCache(),
       seq: 0,
       svidExpiresAt: svid.notAfter.toISOString(),
     };
@@ -247,9 +267,21 @@ export class SimFleet {
   }
 
   private onMessage(robot: SimRobot, topic: string, payload: Uint8Array) {
-    const d = decodeDown(topic, new Uint8Array(payload));
+    const d = this.unsignedBaseline
+      ? decodeDown(topic, new Uint8Array(payload))
+      : checkDown(topic, new Uint8Array(payload), {
+        robotId: robot.id,
+        bundles: this.o.bundles,
+        signerId: this.o.signerSpiffeId ?? fleetServerSpiffeId(this.trustDomain),
+        cache: robot.chains,
+      });
     if (!d.ok || d.message.type !== "task") {
-      if (!d.ok) this.stats.malformed++;
+      if (!d.ok) {
+        const refusal = "kind" in d && (d as { kind: string }).kind === "refused";
+        if (refusal) this.stats.refused++;
+        else this.stats.malformed++;
+        if (refusal) this.stats.lastRefusal = d.error;
+      }
       return;
     }
     const task = d.message;

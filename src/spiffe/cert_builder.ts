@@ -50,6 +50,13 @@ export interface CertParams {
   extKeyUsage?: Array<"serverAuth" | "clientAuth">;
   notBefore: Date;
   notAfter: Date;
+  /**
+   * Subject and authority key identifiers; default SHA-1 of the subject's and the issuer's
+   * SubjectPublicKeyInfo. Only tests set them (to build hostile chains whose certificates all
+   * name each other as issuer).
+   */
+  subjectKeyId?: Uint8Array;
+  authorityKeyId?: Uint8Array;
 }
 
 const KU_BITS = { digitalSignature: 0, keyEncipherment: 2, keyCertSign: 5, cRLSign: 6 } as const;
@@ -114,9 +121,13 @@ export function buildCertificate(
       ),
     );
   }
-  exts.push(ext("2.5.29.14", false, octets(keyId(spki))));
+  exts.push(ext("2.5.29.14", false, octets(params.subjectKeyId ?? keyId(spki))));
   exts.push(
-    ext("2.5.29.35", false, seq(implicit(0, keyId(issuer ? issuer.spki : spki)))),
+    ext(
+      "2.5.29.35",
+      false,
+      seq(implicit(0, params.authorityKeyId ?? keyId(issuer ? issuer.spki : spki))),
+    ),
   );
   const enc = new TextEncoder();
   const sans = [

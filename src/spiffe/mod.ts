@@ -6,6 +6,7 @@
  * - `svid.ts`: X509Svid, parseX509Svid, parseX509SvidPem
  * - `bundle.ts`: X509Bundle, X509BundleSet
  * - `verify.ts`: verifyX509Svid
+ * - `jws.ts`: JWS signatures with an X.509 SVID key and the chain in `x5c` (signJws, verifyJws)
  * - `tls.ts`: authorizers and node:tls mTLS options
  * - `workload/`: WorkloadApiClient, X509Source
  * - `source.ts`: the X509SvidSource interface other code depends on
@@ -40,6 +41,21 @@ export {
   verifyX509Svid,
   verifyX509SvidChain,
 } from "./verify.ts";
+export {
+  type FlattenedJws,
+  isFlattenedJws,
+  JWS_ALGORITHMS,
+  type JwsAlgorithm,
+  JwsError,
+  type JwsHeader,
+  MAX_X5C_CERTS,
+  type ParsedJws,
+  parseJws,
+  signJws,
+  type VerifiedJws,
+  verifyJws,
+  X5cChainCache,
+} from "./jws.ts";
 export { StaticX509Source, type X509SvidSource } from "./source.ts";
 export {
   AuthorizationError,

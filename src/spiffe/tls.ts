@@ -12,7 +12,7 @@ import { X509Certificate } from "node:crypto";
 import type { PeerCertificate, TLSSocket } from "node:tls";
 import { parseTrustDomain, type SpiffeId, type TrustDomain } from "./id.ts";
 import type { X509SvidSource } from "./source.ts";
-import { verifyX509SvidChain } from "./verify.ts";
+import { MAX_CHAIN_CERTS, verifyX509SvidChain } from "./verify.ts";
 
 /** Decides whether a verified peer SPIFFE ID may talk to us: undefined = yes, an Error = no. */
 export type Authorizer = (id: SpiffeId) => Error | undefined;
@@ -63,14 +63,19 @@ export function authorizeIf(what: string, ok: (id: SpiffeId) => boolean): Author
   ) => (ok(id) ? undefined : new AuthorizationError(`unexpected peer ID ${id}: expected ${what}`));
 }
 
-/** Leaf then intermediates from a node:tls peer certificate (detailed form when available). */
+/**
+ * Leaf then intermediates from a node:tls peer certificate (detailed form when available). A
+ * peer chooses how many certificates it sends: at most MAX_CHAIN_CERTS + 1 are taken, one more
+ * than the verifier accepts, so that an over-long chain is refused by it (with its message)
+ * rather than cut to a prefix that might verify.
+ */
 export function peerChain(cert: PeerCertificate): X509Certificate[] {
   if (!cert || !cert.raw) throw new AuthorizationError("peer presented no certificate");
   const chain = [new X509Certificate(cert.raw)];
   const seen = new Set<string>([Buffer.from(cert.raw).toString("base64")]);
   // deno-lint-ignore no-explicit-any -- issuerCertificate exists only on the detailed form.
   let cur = (cert as any).issuerCertificate as PeerCertificate | undefined;
-  while (cur && cur.raw) {
+  while (cur && cur.raw && chain.length <= MAX_CHAIN_CERTS) {
     const key = Buffer.from(cur.raw).toString("base64");
     if (seen.has(key)) break; // the self-signed root points to itself
     seen.add(key);

@@ -5,7 +5,8 @@ import { X509Bundle, X509BundleSet } from "./bundle.ts";
 import { parseSpiffeId } from "./id.ts";
 import { StaticX509Source } from "./source.ts";
 import { parseX509Svid } from "./svid.ts";
-import { TestCa } from "./testing/test_ca.ts";
+import { mutuallyIssuingChain, TestCa } from "./testing/test_ca.ts";
+import { MAX_CHAIN_CERTS, verifyX509Svid } from "./verify.ts";
 import {
   authorizeAny,
   authorizeId,
@@ -14,6 +15,7 @@ import {
   authorizeOneOf,
   mtlsClientOptions,
   mtlsServerOptions,
+  peerChain,
 } from "./tls.ts";
 
 const ca = TestCa.create({ trustDomain: "td" });
@@ -146,4 +148,31 @@ Deno.test("mTLS rejects a peer certificate from an untrusted CA", async () => {
   const r = await handshake(broker, authorizeAny(), robot, authorizeAny());
   assert.ok(r.clientError, "the handshake must fail");
   assert.equal(r.serverSawId, undefined);
+});
+
+Deno.test("peerChain takes at most one certificate more than the verifier accepts", () => {
+  // node:tls's detailed form: each certificate links to its issuer; the root to itself.
+  type Linked = { raw: Uint8Array; issuerCertificate?: Linked };
+  const link = (ders: Uint8Array[]): Linked => {
+    const nodes: Linked[] = ders.map((raw) => ({ raw }));
+    nodes.forEach((n, i) => (n.issuerCertificate = nodes[i + 1] ?? n));
+    return nodes[0];
+  };
+  const hostile = mutuallyIssuingChain({ spiffeId: "spiffe://td/attacker", count: 19 });
+  const ders = hostile.certificates.map((c) => new Uint8Array(c.raw));
+  const long = peerChain(link(ders) as unknown as tls.PeerCertificate);
+  assert.equal(long.length, MAX_CHAIN_CERTS + 1);
+  assert.deepEqual(
+    long.map((c) => c.fingerprint256),
+    hostile.certificates.slice(0, MAX_CHAIN_CERTS + 1).map((c) => c.fingerprint256),
+  );
+  // Control: a real chain (leaf, intermediate, root) comes through whole.
+  const s = ca.intermediate().issue({ spiffeId: "spiffe://td/a" });
+  const real = peerChain(
+    link(
+      [...s.certificates, ca.root].map((c) => new Uint8Array(c.raw)),
+    ) as unknown as tls.PeerCertificate,
+  );
+  assert.equal(real.length, 3);
+  assert.equal(verifyX509Svid(real, bundles).toString(), "spiffe://td/a");
 });

@@ -8,6 +8,7 @@
  * holds its own SVID in `<data_dir>/agent-data.json` and needs no token to restart.
  */
 import { redactJoinTokens } from "./redact.ts";
+import { renderSpireTelemetry, type SpireTelemetry } from "./telemetry.ts";
 import { dirname } from "node:path";
 import { CliError } from "../cli/errors.ts";
 import {
@@ -22,6 +23,7 @@ import {
 import { grpcHealthCheck } from "./health.ts";
 import { agentSvidExpired, readAgentData } from "./agent_state.ts";
 import { type NodeAttestorConfig, renderNodeAttestor } from "./node_attestor.ts";
+import { MAX_SOCKET_PATH, secureSocketDir } from "./socket_dir.ts";
 
 export type SpireLogLevel = "DEBUG" | "INFO" | "WARN" | "ERROR";
 
@@ -43,13 +45,14 @@ export interface AgentConfigValues {
   syncInterval?: string;
   /** How the agent proves its node identity. Default: a join token (`joinTokenFile`). */
   nodeAttestor?: NodeAttestorConfig;
+  /** Serve SPIRE's Prometheus telemetry on this loopback address (`renderSpireTelemetry`). */
+  telemetry?: SpireTelemetry;
 }
 
 /** A Go duration as SPIRE parses it: "500ms", "5s", "1m30s". */
 export const GO_DURATION = /^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$/;
 
-/** Longest unix socket path Linux accepts (sun_path is 108 bytes including the NUL). */
-export const MAX_SOCKET_PATH = 107;
+export { MAX_SOCKET_PATH };
 
 const q = (s: string) => JSON.stringify(s);
 
@@ -88,7 +91,7 @@ ${renderNodeAttestor(v.nodeAttestor)}
     plugin_data {}
   }
 }
-`;
+${v.telemetry ? renderSpireTelemetry(v.telemetry) : ""}`;
 }
 
 /**
@@ -129,33 +132,12 @@ export interface SupervisorOptions extends AgentConfigValues {
   backoff?: { initialMs?: number; maxMs?: number; resetAfterMs?: number };
 }
 
-/** Makes sure the socket's directory exists and is not world-writable. */
+/**
+ * Makes sure the socket's directory exists, belongs to this user (or root) and is writable by
+ * nobody else (src/spire/socket_dir.ts, the one check of socket directories).
+ */
 export async function prepareSocketDir(socketPath: string): Promise<void> {
-  if (new TextEncoder().encode(socketPath).length > MAX_SOCKET_PATH) {
-    throw new CliError(
-      `SPIRE agent socket path is too long (${socketPath.length} > ${MAX_SOCKET_PATH} bytes): ${socketPath}`,
-      2,
-      "use a shorter directory, e.g. /tmp/spire-agent/",
-    );
-  }
-  const dir = dirname(socketPath);
-  // 0755: workloads of other users must reach the socket, but must not replace it.
-  await Deno.mkdir(dir, { recursive: true, mode: 0o755 });
-  const st = await Deno.stat(dir);
-  const mode = st.mode ?? 0o755;
-  if ((mode & 0o002) !== 0) {
-    if (st.uid === Deno.uid()) {
-      await Deno.chmod(dir, mode & 0o755);
-    } else {
-      throw new CliError(
-        `SPIRE agent socket directory ${dir} is world-writable and not ours (mode ${
-          (mode & 0o7777).toString(8)
-        })`,
-        2,
-        "put the socket in a dedicated directory, e.g. /tmp/spire-agent/agent.sock",
-      );
-    }
-  }
+  await secureSocketDir(socketPath, { create: true });
 }
 
 /**

@@ -14,15 +14,20 @@
 import { createHash } from "node:crypto";
 import { delimiter, dirname, join } from "node:path";
 import { CliError } from "../cli/errors.ts";
+import { importLater } from "../cli/import_later.ts";
 import type { Io } from "../cli/io.ts";
 import { SPIRE_VERSION } from "../version.ts";
 
 /**
  * The embedded tools module and release checksums (~0.5 MB of strings), loaded only when SPIRE
  * is provisioned: `k8s4r agent` imports this file for `findSpireBinaries` and keeps them out
- * of its memory (docs/BENCHMARKS.md, agent memory).
+ * of its memory (docs/BENCHMARKS.md, agent memory). `importLater`: a literal `import()` would
+ * have Deno read and keep the module anyway.
  */
-const embeddedTools = () => import("./embedded_tools.ts");
+const embeddedTools = () =>
+  importLater<typeof import("./embedded_tools.ts")>(
+    new URL("./embedded_tools.ts", import.meta.url),
+  );
 
 export interface SpireBinaries {
   server: string;

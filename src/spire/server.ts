@@ -7,6 +7,7 @@
  * -logLevel`); values without a flag (datastore and key paths under another data dir, SVID and
  * CA TTLs) are handled by rendering a complete config with `renderServerConfig` instead.
  */
+import { renderSpireTelemetry, type SpireTelemetry } from "./telemetry.ts";
 import { redactJoinTokens } from "./redact.ts";
 import { isAbsolute, join, resolve } from "node:path";
 import { CliError } from "../cli/errors.ts";
@@ -254,6 +255,8 @@ export interface StartServerOptions {
   attestationRateLimit?: boolean;
   /** `experimental.events_based_cache`; undefined = the config file's, else SPIRE's (false). */
   eventsBasedCache?: boolean;
+  /** Serve SPIRE's Prometheus telemetry on this loopback address (`renderSpireTelemetry`). */
+  telemetry?: SpireTelemetry;
   /** The sql DataStore; undefined = sqlite3 under the data dir. */
   datastore?: ServerDatastore;
   /** `UpstreamAuthority "disk"`; undefined = SPIRE's own self-signed CA. */
@@ -315,7 +318,7 @@ export async function planSpireServer(
     opts.dataDir || opts.defaultX509SvidTtl || opts.caTtl || opts.cacheReloadInterval ||
     opts.attestationRateLimit !== undefined || opts.eventsBasedCache !== undefined ||
     opts.datastore || opts.upstreamAuthority || opts.agentTtl || opts.healthChecks ||
-    opts.x509popCaBundle !== undefined
+    opts.x509popCaBundle !== undefined || opts.telemetry !== undefined
   ) {
     const dataDir = resolve(opts.cwd, opts.dataDir ?? readConfigValue(text, "data_dir") ?? ".");
     const port = readConfigValue(text, "bind_port");
@@ -342,6 +345,7 @@ export async function planSpireServer(
       healthChecks: opts.healthChecks,
       x509popCaBundlePath: opts.x509popCaBundle,
     } as Partial<ServerConfigValues>); // undefined values fall back to the defaults
+    if (opts.telemetry) rendered += renderSpireTelemetry(opts.telemetry);
     configFile = join(dataDir, "server.generated.conf");
   }
   const args = ["run", "-config", configFile];

@@ -115,6 +115,9 @@ export class Campaign {
   /** Writes the task script, allows only it, starts the stack, starts observing and tasks. */
   async start(): Promise<void> {
     await Deno.mkdir(this.runDir, { recursive: true });
+    // Tasks run as devenv's task user (k8s4r-task): it appends to its run logs here. Sticky, so
+    // it cannot replace the script.
+    await Deno.chmod(this.runDir, 0o1777);
     await Deno.writeTextFile(this.script, TASK_SCRIPT, { mode: 0o755 });
     await Deno.chmod(this.script, 0o755);
     await this.stack.setTaskAllow([this.script]);

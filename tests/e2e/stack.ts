@@ -31,7 +31,7 @@ import {
 import { SpireServerCli } from "../../src/spire/server.ts";
 import { fetchClient, loadCredentials } from "../../src/operator/credentials.ts";
 import { probeMqtt } from "../../src/mqtt/probe.ts";
-import { freePorts } from "../helpers/ports.ts";
+import { freeMonitoringPorts, freePorts } from "../helpers/ports.ts";
 
 export const REPO = fileURLToPath(new URL("../..", import.meta.url));
 export const MAIN = `${REPO}main.ts`;
@@ -84,6 +84,10 @@ export interface Stats {
     received: Record<string, number>;
     dropped: Record<string, number>;
     droppedTotal: number;
+    /** `refused` task reports by reason (`task`: no reason). */
+    refusals: Record<string, number>;
+    staleTaskReports: number;
+    unknownTaskReports: number;
   };
   robots: { total: number; online: number };
 }
@@ -217,6 +221,9 @@ export class E2eStack {
       plain: number;
       tls: number;
       http: number;
+      /** The first telemetry port (SPIRE exporters, agents' /metrics) and Prometheus'. */
+      telemetry: number;
+      prometheus: number;
       /** `--ha`: PostgreSQL and the two SPIRE servers' own ports. */
       postgres?: number;
       spire1?: number;
@@ -235,7 +242,14 @@ export class E2eStack {
       ...Deno.env.toObject(),
       NO_COLOR: "1",
       ...layoutEnv(
-        { spireServer: ports.spire, mqttPlain: ports.plain, mqttTls: ports.tls, http: ports.http },
+        {
+          spireServer: ports.spire,
+          mqttPlain: ports.plain,
+          mqttTls: ports.tls,
+          http: ports.http,
+          telemetry: ports.telemetry,
+          prometheus: ports.prometheus,
+        },
         {
           agentSocketDir: sockDir,
           ha: ha
@@ -272,8 +286,14 @@ export class E2eStack {
   ): Promise<E2eStack> {
     // Short paths: unix socket paths are limited to 107 bytes.
     const dir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8s4r-e2e-" });
+    // As a checkout: the task user (devenv's k8s4r-task) may pass through to what a test hands
+    // it; devenv's own state (.dev-env, .spire-data, xdg) is 0700 below it.
+    await Deno.chmod(dir, 0o755);
     const sockDir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8e" });
-    for (const sub of ["spire", "agent"]) {
+    // As devenv's /tmp/spire-agent: other users (the task user) reach the sockets, and get
+    // PermissionDenied from the Workload API, but cannot replace them.
+    await Deno.chmod(sockDir, 0o755);
+    for (const sub of ["spire", "agent", "prometheus"]) {
       await Deno.mkdir(`${dir}/config/${sub}`, { recursive: true });
       for (const e of Deno.readDirSync(`${REPO}config/${sub}`)) {
         if (e.isFile) {
@@ -288,10 +308,11 @@ export class E2eStack {
     assert.notEqual(patched, yaml, `${yamlPath}: no mqtt.heartbeatSeconds to set`);
     await Deno.writeTextFile(yamlPath, patched);
     const [spire, plain, tls, http, postgres, spire1, spire2, http2, http3] = freePorts(9);
-    const ports = opts.ha
-      ? { spire, plain, tls, http, postgres, spire1, spire2, http2, http3 }
-      : { spire, plain, tls, http };
     const n = opts.robots ?? ROBOTS.length;
+    const monitoring = freeMonitoringPorts(n, opts.ha ?? false);
+    const ports = opts.ha
+      ? { spire, plain, tls, http, postgres, spire1, spire2, http2, http3, ...monitoring }
+      : { spire, plain, tls, http, ...monitoring };
     const ids = Array.from({ length: n }, (_, i) => `robot-${String(i + 1).padStart(3, "0")}`);
     const s = new E2eStack(dir, sockDir, ports, ids, opts.ha ?? false, opts.startArgs);
     everyStack.add(s);
@@ -474,11 +495,16 @@ export class E2eStack {
     return r.body;
   }
 
-  async createTask(robotId: string, command: string[], timeoutSeconds = 30): Promise<string> {
+  async createTask(
+    robotId: string,
+    command: string[],
+    timeoutSeconds = 30,
+    more: { env?: Record<string, string>; ttlSeconds?: number } = {},
+  ): Promise<string> {
     const r = await this.http<{ id: string }>(`/api/robots/${robotId}/tasks`, {
       method: "POST",
       headers: { "content-type": "application/json" },
-      body: JSON.stringify({ command, timeoutSeconds }),
+      body: JSON.stringify({ command, timeoutSeconds, ...more }),
     });
     assert.equal(r.status, 201, `POST task: ${r.status} ${JSON.stringify(r.body)}`);
     assert.equal(typeof r.body.id, "string");

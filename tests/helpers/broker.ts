@@ -54,6 +54,8 @@ export interface TestBroker {
   start(): Promise<void>;
   stop(): Promise<void>;
   running(): boolean;
+  /** The running mosquitto's pid (benchmarks sample its CPU), undefined while stopped. */
+  pid(): number | undefined;
   logTail(): Promise<string>;
 }
 
@@ -110,6 +112,10 @@ export async function startTestBroker(
     pki?: BrokerPki;
     /** Bind the mTLS listener here (default 127.0.0.1), e.g. a test network's address. */
     tlsBind?: string | string[];
+    maxQueuedBytes?: number;
+    maxQueuedMessages?: number;
+    /** Lines appended to the generated mosquitto.conf (to test options k8s4r does not write). */
+    extraConfig?: string[];
   } = {},
 ): Promise<TestBroker> {
   const runner = opts.runner ?? realRunner;
@@ -141,7 +147,12 @@ export async function startTestBroker(
     dynsecPlugin,
     tlsAdminUsers: opts.tlsAdminUsers,
     tlsBind: opts.tlsBind,
+    maxQueuedBytes: opts.maxQueuedBytes,
+    maxQueuedMessages: opts.maxQueuedMessages,
   });
+  if (opts.extraConfig?.length) {
+    await Deno.writeTextFile(files.config, opts.extraConfig.join("\n") + "\n", { append: true });
+  }
   const stdoutLog = join(dir, "mosquitto.stdout.log");
   let daemon: Daemon | undefined;
   let exited = true;
@@ -213,6 +224,7 @@ export async function startTestBroker(
       await Deno.remove(dir, { recursive: true }).catch(() => {});
     },
     running: () => !exited,
+    pid: () => (daemon && !exited ? daemon.pid : undefined),
     logTail,
   };
 }

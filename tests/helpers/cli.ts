@@ -2,9 +2,12 @@
  * The real k8s4r CLI (`deno run -A main.ts ...`) as a child of the test, with its output
  * collected as it comes. `prefix` runs it through another command first (`ip netns exec NS`).
  * The environment is the test's, less anything that could point the child at a developer's
- * stack or hand it a secret (SPIRE_JOIN_TOKEN, ROBOT_ID, MQTT_BROKER_URL).
+ * stack or hand it a secret (SPIRE_JOIN_TOKEN, ROBOT_ID, MQTT_BROKER_URL). `k8s4r agent ...`
+ * runs with the agent's runtime flags (src/agent/runtime_flags.ts), as devenv and the unit of
+ * `agent service` run it.
  */
 import { fileURLToPath } from "node:url";
+import { agentRunArgs, agentV8FlagsEnv } from "../../src/agent/runtime_flags.ts";
 import { childrenOf } from "../e2e/stack.ts";
 
 export const MAIN = fileURLToPath(new URL("../../main.ts", import.meta.url));
@@ -31,19 +34,18 @@ export function startCli(
   args: string[],
   opts: { env?: Record<string, string>; cwd?: string; prefix?: string[] } = {},
 ): CliProcess {
+  const agent = args[0] === "agent";
+  const run = ["run", "-A", "--config", CONFIG, MAIN];
   const argv = [
     ...(opts.prefix ?? []),
     Deno.execPath(),
-    "run",
-    "-A",
-    "--config",
-    CONFIG,
-    MAIN,
+    ...(agent ? agentRunArgs(run) : run),
     ...args,
   ];
+  const env = opts.env ?? cliEnv();
   const child = new Deno.Command(argv[0], {
     args: argv.slice(1),
-    env: opts.env ?? cliEnv(),
+    env: agent ? { ...env, DENO_V8_FLAGS: agentV8FlagsEnv(env.DENO_V8_FLAGS) } : env,
     clearEnv: true,
     cwd: opts.cwd,
     stdin: "null",

@@ -19,6 +19,9 @@
  * namespace answers ARP for any of its addresses). Pulling one robot's cable then cuts that robot
  * only.
  *
+ * A command runs in a host through `exec` (`ip netns exec NS`, which remounts /sys, then a mount
+ * of cgroup2 at /sys/fs/cgroup as a robot host has it).
+ *
  * Needs root (`ip netns` works as root on our machines and in CI). Nothing here listens.
  */
 import { realRunner, waitFor } from "../../src/process/mod.ts";
@@ -160,7 +163,19 @@ export class TestNetwork {
       address: `10.203.${n}.2`,
       hostLink,
       nsLink,
-      exec: ["ip", "netns", "exec", ns],
+      // `ip netns exec` gives the command a fresh sysfs without the cgroup mounts a real host has:
+      // mount cgroup2 there again (its own mount namespace), so an agent inside contains its tasks
+      // as on a robot. Then exec: the pid stays the command's.
+      exec: [
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "sh",
+        "-c",
+        'mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null; exec "$@"',
+        "sh",
+      ],
     };
     this.hosts.push(host);
     await ip(["netns", "add", ns]);

@@ -4,6 +4,8 @@ import type { MqttProbeResult } from "../../mqtt/probe.ts";
 import type { CheckContext, DoctorContext, FetchedSvid } from "../check.ts";
 import { derToPem } from "../pki.ts";
 import { rel } from "../check.ts";
+import { CliError } from "../../cli/errors.ts";
+import { secureSocketDir } from "../../spire/socket_dir.ts";
 
 /** The Workload API answer for the doctor's own uid, fetched once per run. */
 export function fetchSvids(ctx: CheckContext): Promise<FetchedSvid[]> {
@@ -48,6 +50,28 @@ export function robotMtls(ctx: CheckContext): Promise<MqttProbeResult> {
       tls: { ca: pem.ca, cert: pem.cert, key: pem.key, servername: "localhost", verify: false },
     });
   });
+}
+
+/**
+ * What is wrong with a Workload API socket's directory, by the one rule the agent applies
+ * (`secureSocketDir`, src/spire/socket_dir.ts: owned by this user or root, nobody else may
+ * write, the same for every directory above it, symbolic links followed), or undefined.
+ */
+export async function socketDirProblem(
+  ctx: CheckContext,
+  socketPath: string,
+): Promise<{ detail: string; hint: string } | undefined> {
+  try {
+    await secureSocketDir(socketPath, {
+      create: false,
+      uid: ctx.uid,
+      fs: { lstat: (p) => ctx.fs.stat(p), realPath: (p) => ctx.fs.realPath(p) },
+    });
+    return undefined;
+  } catch (err) {
+    if (!(err instanceof CliError)) throw err;
+    return { detail: err.message, hint: err.hint ?? "fix the socket directory" };
+  }
 }
 
 export function files(ctx: DoctorContext) {

@@ -6,6 +6,7 @@ import { configChecks } from "./config.ts";
 import { dockerChecks } from "./docker.ts";
 import { serverChecks } from "./server.ts";
 import { spireAgentChecks, spireServerChecks } from "./spire.ts";
+import { taskChecks } from "./tasks.ts";
 import { toolChecks } from "./tools.ts";
 
 export function allChecks(broker: BrokerMode): Check[] {
@@ -18,5 +19,6 @@ export function allChecks(broker: BrokerMode): Check[] {
     ...brokerChecks,
     ...(broker === "docker" ? dockerChecks : []),
     ...serverChecks,
+    ...taskChecks,
   ];
 }

@@ -313,6 +313,17 @@ Deno.test("server.healthz and server.robot", async () => {
     down.detail,
     "GET https://localhost:8090/healthz answered 503: not connected to the broker",
   );
+  const noRegistry = await byId("server.healthz").run(
+    fakeContext({
+      net: http(503, {
+        mqtt: { connected: true },
+        problems: ["registry: postgres://k8s4r@127.0.0.1:5432/fleet: connect ECONNREFUSED"],
+      }),
+    }),
+  );
+  assert.equal(noRegistry.status, "fail");
+  assert.match(noRegistry.detail, /answered 503: registry: .*ECONNREFUSED$/);
+  assert.match(noRegistry.hint ?? "", /registry does not answer: start its database/);
   assert.equal(
     (await byId("server.robot").run(
       fakeContext({ net: http(200, { id: "robot-001", online: true }) }),

@@ -26,7 +26,9 @@ import {
   robotAddCommand,
 } from "../../fleet/enrollment.ts";
 import { formatHostPort } from "../../fleet/addresses.ts";
-import { PRODUCTION_CONFIG_DIR } from "../../fleet/paths.ts";
+import { AGENT_UNIT_PATH, PRODUCTION_CONFIG_DIR } from "../../fleet/paths.ts";
+import { DEFAULT_TASK_USER } from "../../agent/task_user.ts";
+import { robotTaskChecks } from "./tasks.ts";
 import { samePublicKey } from "../../spiffe/csr.ts";
 import { judgeAgentSvid } from "../../spire/agent_state.ts";
 import {
@@ -43,7 +45,7 @@ import {
   warn,
 } from "../check.ts";
 import { certFacts, derToPem, pemCertificates } from "../pki.ts";
-import { svidPem } from "./common.ts";
+import { socketDirProblem, svidPem } from "./common.ts";
 
 /** A clock this far behind a certificate's notBefore is "behind" (SPIRE backdates by 10 s). */
 const CLOCK_TOLERANCE_MS = 60_000;
@@ -223,11 +225,14 @@ const dataDir: Check = {
         fixes.push(`chown ${ctx.uid} ${f}`);
       }
     }
-    const sockDir = p.runtimeDir;
-    const sd = await ctx.fs.stat(sockDir);
-    if (sd && (sd.mode & 0o002)) {
-      problems.push(`socket dir ${sockDir} is world-writable (mode ${sd.mode.toString(8)})`);
-      fixes.push(`chmod 755 ${sockDir}`);
+    // The socket directory (made by the service manager when the agent runs), by the rule the
+    // agent applies itself.
+    if (await ctx.fs.stat(p.runtimeDir)) {
+      const bad = await socketDirProblem(ctx, p.socketPath);
+      if (bad) {
+        problems.push(bad.detail);
+        fixes.push(bad.hint);
+      }
     }
     if (problems.length) return fail(problems.join("; "), fixes.join("; "));
     return ok(`${dir} (0700, uid ${st.uid ?? "?"}), secrets 0600`);
@@ -744,6 +749,35 @@ const agentRunning: Check = {
   },
 };
 
+const taskUser: Check = {
+  id: "enrollment.task-user",
+  group: "enrollment",
+  title: "tasks never run as root",
+  dependsOn: ["enrollment.config"],
+  timeout: fsTimeout((ctx) => paths(ctx).agentConfig),
+  async run(ctx): Promise<CheckResult> {
+    const c = (await loadRobot(ctx)).config;
+    const file = paths(ctx).agentConfig;
+    if (c.tasks.allow.length === 0) return ok("tasks.allow is empty: no task runs");
+    // The unit runs the agent as root; so does root running it by hand.
+    const asRoot = ctx.uid === 0 || (await ctx.fs.stat(AGENT_UNIT_PATH)) !== undefined;
+    if (c.tasks.user === undefined) {
+      return asRoot
+        ? fail(
+          `${file}: tasks.allow is set and tasks.user is not: the agent (root) refuses to start`,
+          `add "  user: ${DEFAULT_TASK_USER}" under tasks: in ${file} (as root: useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin --user-group ${DEFAULT_TASK_USER})`,
+        )
+        : warn(
+          `${file}: tasks run as the agent's own uid ${ctx.uid}, which the robot's registration entry selects: a task can fetch its SVID`,
+          `run the agent as root with tasks.user: ${DEFAULT_TASK_USER}`,
+        );
+    }
+    return ok(
+      `tasks run as ${c.tasks.user}, with no capability (tasks.allow: ${c.tasks.allow.join(", ")})`,
+    );
+  },
+};
+
 export const robotChecks: Check[] = [
   config,
   record,
@@ -757,4 +791,6 @@ export const robotChecks: Check[] = [
   agentSvid,
   x509pop,
   agentRunning,
+  taskUser,
+  ...robotTaskChecks,
 ];

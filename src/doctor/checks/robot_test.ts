@@ -6,7 +6,7 @@ import { TestCa } from "../../spiffe/testing/test_ca.ts";
 import type { AgentDataState } from "../../spire/agent_state.ts";
 import type { CheckResult, FileInfo, TcpResult, TlsHandshakeResult } from "../check.ts";
 import { runChecks } from "../runner.ts";
-import { fakeContext, type FakeOptions, NOW } from "../testing.ts";
+import { dirChain, fakeContext, type FakeOptions, NOW } from "../testing.ts";
 import { detectHost } from "../command.ts";
 import { formatSkew, robotChecks } from "./robot.ts";
 
@@ -71,9 +71,9 @@ function robot(o: FakeOptions & { e?: Enrollment; state?: AgentDataState } = {})
     ...o,
     files,
     stats: {
+      ...dirChain(P.runtimeDir),
       [DIR]: { isDirectory: true, mode: 0o700, uid: 0 },
       [P.enrollmentRecord]: secret(),
-      [P.runtimeDir]: { isDirectory: true, mode: 0o755 },
       ...o.stats,
     },
     spire: { agentData: () => Promise.resolve(o.state), ...o.spire },
@@ -305,6 +305,17 @@ Deno.test("robot doctor: join token unused, expired before use, missing; data di
     `chmod 700 ${DIR}; chmod 600 ${P.joinTokenFile}; chown 0 ${P.joinTokenFile}`,
   );
   assert.equal((await byId("enrollment.data-dir").run(robot({}))).status, "ok");
+  // The socket directory by the agent's own rule: another user's (squatted) or group-writable.
+  const squat = await byId("enrollment.data-dir").run(
+    robot({ stats: { [P.runtimeDir]: { isDirectory: true, mode: 0o755, uid: 1000 } } }),
+  );
+  assert.equal(squat.status, "fail");
+  assert.match(squat.detail, /directory \/srv\/robot\/run belongs to uid 1000, not to this user/);
+  const gw = await byId("enrollment.data-dir").run(
+    robot({ stats: { [P.runtimeDir]: { isDirectory: true, mode: 0o775, uid: 0 } } }),
+  );
+  assert.match(gw.detail, /\/srv\/robot\/run is writable by its group \(mode 0775\)/);
+  assert.equal(gw.hint, "chmod go-w /srv/robot/run");
 });
 
 Deno.test("robot doctor: the control host unreachable, refused, or not who it says", async () => {
@@ -357,4 +368,32 @@ Deno.test("robot doctor: not enrolled says what to run on both hosts", async () 
     [...new Set(report.checks.filter((c) => c.id !== "enrollment.config").map((c) => c.status))],
     ["skip"],
   );
+});
+
+Deno.test("robot doctor: tasks allowed without tasks.user as root fail (the agent refuses to start)", async () => {
+  const yaml = renderAgentYaml(undefined, enrollment(), P);
+  const run = (text: string, uid = 0) =>
+    byId("enrollment.task-user").run({ ...robot({ files: { [P.agentConfig]: text } }), uid });
+  const none = await run(yaml);
+  assert.equal(none.status, "ok");
+  assert.equal(none.detail, "tasks.allow is empty: no task runs");
+  const allowed = yaml.replace("allow: []", 'allow: ["echo"]');
+  const bad = await run(allowed);
+  assert.equal(bad.status, "fail");
+  assert.equal(
+    bad.detail,
+    `${P.agentConfig}: tasks.allow is set and tasks.user is not: the agent (root) refuses to start`,
+  );
+  assert.match(bad.hint!, /user: k8s4r-task/);
+  // Positive control: with the user enroll writes as root.
+  const good = await run(
+    renderAgentYaml(undefined, enrollment(), P, P.agentConfig, "k8s4r-task")
+      .replace("allow: []", 'allow: ["echo"]'),
+  );
+  assert.equal(good.status, "ok", good.detail);
+  assert.equal(good.detail, "tasks run as k8s4r-task, with no capability (tasks.allow: echo)");
+  // Not root and no unit: tasks run as the agent's own uid, said as a warning.
+  const user = await run(allowed, 1000);
+  assert.equal(user.status, "warn");
+  assert.match(user.detail, /tasks run as the agent's own uid 1000/);
 });

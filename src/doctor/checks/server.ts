@@ -38,13 +38,21 @@ const healthz: Check = {
     }
     if (r.status !== 200) {
       let why = "";
+      let registry = false;
       try {
         const b = JSON.parse(r.body);
-        if (b?.mqtt?.connected === false) why = ": not connected to the broker";
+        const problems: unknown = b?.problems;
+        if (Array.isArray(problems) && problems.length) {
+          why = `: ${problems.join("; ")}`;
+          registry = problems.some((p) => String(p).startsWith("registry:"));
+        } else if (b?.mqtt?.connected === false) why = ": not connected to the broker";
       } catch { /* not JSON */ }
       return fail(
         `GET ${url} answered ${r.status}${why}`,
-        `tail -n 50 ${log}   # then: k8s4r doctor --only broker`,
+        registry
+          ? "the fleet server's registry does not answer: start its database (PostgreSQL: " +
+            `\`k8s4r devenv status\`, then \`k8s4r devenv start\`); its log: tail -n 50 ${log}`
+          : `tail -n 50 ${log}   # then: k8s4r doctor --only broker`,
       );
     }
     return ok(`GET ${url} answered 200`);

@@ -12,7 +12,7 @@ import {
   warn,
 } from "../check.ts";
 import { certFacts } from "../pki.ts";
-import { files, fsHangHint, mutePeerHint, robotSvid, tail } from "./common.ts";
+import { files, fsHangHint, mutePeerHint, robotSvid, socketDirProblem, tail } from "./common.ts";
 
 const START = "k8s4r devenv start";
 
@@ -159,14 +159,15 @@ const agentSocket: Check = {
       );
     }
     if (!st.isSocket) return fail(`${sock} exists but is not a socket`, `rm ${sock} && ${START}`);
+    // The agent's own rule: owned by this user or root, writable by nobody else, all the way up.
+    const bad = await socketDirProblem(ctx, sock);
+    if (bad) return fail(bad.detail, bad.hint);
     const d = await ctx.fs.stat(dir);
-    if (d && (d.mode & 0o002)) {
-      return fail(
-        `${dir} is world-writable (mode ${d.mode.toString(8)}): anyone could replace the socket`,
-        `chmod o-w ${dir}`,
-      );
-    }
-    return ok(`${sock} is a socket (dir mode ${d ? d.mode.toString(8).padStart(3, "0") : "?"})`);
+    return ok(
+      `${sock} is a socket (dir mode ${d ? d.mode.toString(8).padStart(3, "0") : "?"}, uid ${
+        d?.uid ?? "?"
+      }: only its owner can replace it)`,
+    );
   },
 };
 

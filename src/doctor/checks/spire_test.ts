@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { TestCa } from "../../spiffe/testing/test_ca.ts";
 import type { FetchedSvid } from "../check.ts";
 import { splitDer } from "../pki.ts";
-import { fakeContext, ROOT } from "../testing.ts";
+import { dirChain, fakeContext, ROOT } from "../testing.ts";
 import { spireAgentChecks, spireServerChecks } from "./spire.ts";
 
 const all = [...spireServerChecks, ...spireAgentChecks];
@@ -64,20 +64,33 @@ Deno.test("spire-server.log: recent errors warn and are shown; old ones do not",
   assert.deepEqual([old.status, old.detail], ["ok", "no recent errors (1 older)"]);
 });
 
-Deno.test("spire-agent.socket: a socket passes; a world-writable dir or a missing socket fails", async () => {
-  const ok = await byId("spire-agent.socket").run(
-    fakeContext({
-      stats: { [SOCK]: { isSocket: true }, "/tmp/spire-agent": { isDirectory: true, mode: 0o755 } },
-    }),
-  );
-  assert.equal(ok.status, "ok");
-  const ww = await byId("spire-agent.socket").run(
-    fakeContext({
-      stats: { [SOCK]: { isSocket: true }, "/tmp/spire-agent": { isDirectory: true, mode: 0o777 } },
-    }),
-  );
+Deno.test("spire-agent.socket: the agent's rule: ours or root's, nobody else writes; a missing socket fails", async () => {
+  const dir = (last: Record<string, unknown>) =>
+    fakeContext({ stats: { ...dirChain("/tmp/spire-agent", last), [SOCK]: { isSocket: true } } });
+  const ok = await byId("spire-agent.socket").run(dir({ mode: 0o755 }));
+  assert.equal(ok.status, "ok", ok.detail);
+  const ww = await byId("spire-agent.socket").run(dir({ mode: 0o777 }));
   assert.equal(ww.status, "fail");
-  assert.equal(ww.hint, "chmod o-w /tmp/spire-agent");
+  assert.match(ww.detail, /writable by group and others \(mode 0777\)/);
+  assert.equal(ww.hint, "chmod go-w /tmp/spire-agent");
+  // Squatted: made first by another user, not world-writable (what the old check accepted).
+  const squat = await byId("spire-agent.socket").run(dir({ mode: 0o755, uid: 1234 }));
+  assert.equal(squat.status, "fail");
+  assert.match(squat.detail, /\/tmp\/spire-agent belongs to uid 1234, not to this user/);
+  // A symbolic link is followed, and where it leads is checked the same way.
+  const linked = await byId("spire-agent.socket").run(
+    fakeContext({
+      stats: {
+        ...dirChain("/tmp"),
+        "/tmp/spire-agent": { isSymlink: true, uid: 0 },
+        ...dirChain("/home/eve/s", { uid: 1234 }),
+        [SOCK]: { isSocket: true },
+      },
+      links: { "/tmp/spire-agent": "/home/eve/s" },
+    }),
+  );
+  assert.equal(linked.status, "fail");
+  assert.match(linked.detail, /belongs to uid 1234/);
   const gone = await byId("spire-agent.socket").run(fakeContext());
   assert.equal(gone.detail, `${SOCK} does not exist`);
 });

@@ -18,6 +18,12 @@ import {
   type Publisher,
 } from "../fleet.ts";
 import { type Dialect, type Registry, SCHEMA_VERSION } from "../registry.ts";
+import { TestHttps, UNSIGNED } from "../testing.ts";
+import { checkDown, TaskSigner } from "../../mqtt/signed.ts";
+import { parseJws } from "../../spiffe/jws.ts";
+import { fleetServerSpiffeId } from "../../fleet/ids.ts";
+import { Buffer } from "node:buffer";
+import { X509Certificate } from "node:crypto";
 import { renderRobotsTable, robotStateText } from "../command.ts";
 
 export interface RegistryStore {
@@ -256,6 +262,46 @@ export const registryCases: ContractCase[] = [
         const r2 = (await reg.getRobot("robot-001"))!;
         assert.equal(r2.lastHeartbeatSeq, big);
         assert.deepEqual(r2.statusOrder, { connection: big, rank: 1 });
+      }),
+  },
+  {
+    name: "heartbeats in any order (replicas): each seq counts once, a late one fills its gap",
+    fn: (f) =>
+      withRegistry(f, async (reg) => {
+        const hb = (seq: number, bootId = "a") =>
+          reg.recordHeartbeat("robot-001", "2025-01-01T00:00:05.000Z", {
+            seq,
+            bootId,
+            svidExpiresAt: "2025-01-01T01:30:00.000Z",
+          });
+        const robot = async () => (await reg.getRobot("robot-001"))!;
+        // What a shared subscription does to one robot's heartbeats: 1..9, shuffled across
+        // three replicas, with duplicates (redelivery after a failed write).
+        for (const seq of [1, 4, 7, 2, 5, 8, 8, 3, 6, 9, 4]) await hb(seq);
+        let r = await robot();
+        assert.equal(r.heartbeatsReceived, 9);
+        assert.equal(r.heartbeatsMissing, 0);
+        assert.equal(r.lastHeartbeatSeq, 9);
+        // A gap is missing while it is open, and no longer once its heartbeat arrives.
+        await hb(12);
+        r = await robot();
+        assert.equal(r.heartbeatsMissing, 2);
+        await hb(11);
+        await hb(11);
+        r = await robot();
+        assert.equal(r.heartbeatsMissing, 1);
+        assert.equal(r.heartbeatsReceived, 11);
+        // Far behind the window: cannot be told from a duplicate, ignored (10 stays missing).
+        await hb(12 + 2000);
+        await hb(10);
+        r = await robot();
+        assert.equal(r.heartbeatsReceived, 12);
+        assert.equal(r.heartbeatsMissing, 1 + 2000 - 1);
+        // A new boot closes the old one's gaps for good; the new boot starts with none.
+        await hb(1, "b");
+        r = await robot();
+        assert.equal(r.heartbeatsMissing, 2000);
+        assert.equal(r.lastHeartbeatSeq, 1);
       }),
   },
   {
@@ -537,6 +583,7 @@ async function withFleet(
       now: () => new Date(clock.t),
       heartbeatIntervalSeconds: 10,
       logger: { info: (m) => logs.push(m), warn: (m) => logs.push(m) },
+      signer: UNSIGNED,
       ...(opts.probe ? { probeTopic: PROBE_TOPIC, probeStallMs: 2000 } : {}),
     });
     try {
@@ -805,7 +852,12 @@ const cancelCases: ContractCase[] = [
           "the late PUBACK does not undo it",
         );
         assert.equal((await registry.getTask(t.id))!.dispatchCount, 1);
-        assert.equal(cancels(pub).length, 1);
+        // The cancel went out when it was asked for, and again after the task's PUBACK: the
+        // robot hears of it after the task, whichever server sent the first one.
+        assert.deepEqual(
+          pub.sent.map((s) => s.msg.type),
+          ["task", "cancel", "cancel"],
+        );
         // The robot ran it to completion before the cancel arrived: its report wins.
         await report("robot-001", t.id, "done", { exitCode: 0 });
         assert.equal((await registry.getTask(t.id))!.state, "done");
@@ -813,45 +865,142 @@ const cancelCases: ContractCase[] = [
       }),
   },
   {
-    name: "cancel: a dispatch working from a read made before the withdraw does not send it",
+    name:
+      "cancel: withdraw and claim race in the database: a withdrawn task is never sent, a claimed one is cancelled",
     fn: (f) =>
-      withCancelFleet(f, async ({ fleet, registry, pub, online }) => {
-        // The robot comes back and a dispatch reads its pending tasks; the operator's withdraw
-        // commits before that read's answer is acted on (another connection, on PostgreSQL).
-        await online("robot-001", false);
+      withCancelFleet(f, async ({ fleet, registry, pub, online, clock }) => {
         const mk = () =>
           fleet.createTask("robot-001", { command: ["true"], env: {}, timeoutSeconds: 5 }, ADMIN);
+        // 1. The withdraw commits first: no claim can take the task afterwards.
+        await online("robot-001", false);
         const t = await mk();
+        assert.equal((await registry.getTask(t.id))!.dispatchOwner, null, "offline: unclaimed");
         await online("robot-001", true);
-        const read = registry.tasksInStates.bind(registry);
-        let release = () => {};
-        const gate = new Promise<void>((r) => (release = r));
-        registry.tasksInStates = async (...a) => {
-          const rows = await read(...a);
-          await gate;
-          return rows;
+        assert.equal((await fleet.cancelTask(t.id, ADMIN)).outcome, "withdrawn");
+        await fleet.dispatchFor("robot-001");
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(tasksSent(pub).length, 0, "a withdrawn task was published");
+        // 2. Another server (a replica, same registry) holds a claim on a task: this one does
+        // not publish it, and a cancel is not a withdraw (the task may be on its way).
+        await online("robot-001", false);
+        const u = await mk();
+        await online("robot-001", true);
+        const other = new FleetService(registry, pub, {
+          now: () => new Date(clock.t),
+          instance: "other-replica",
+          signer: UNSIGNED,
+        });
+        pub.hold = true;
+        await other.dispatchFor("robot-001");
+        await pub.sentCount(1);
+        assert.equal((await registry.getTask(u.id))!.dispatchOwner, "other-replica");
+        await fleet.dispatchFor("robot-001");
+        await fleet.sweep();
+        assert.equal(tasksSent(pub).length, 1, "a task claimed by another server was sent again");
+        const r = await fleet.cancelTask(u.id, ADMIN);
+        assert.equal(r.outcome, "cancelling");
+        pub.hold = false;
+        pub.ack();
+        await other.settled();
+        await fleet.settled();
+        const after = (await registry.getTask(u.id))!;
+        assert.equal(after.state, "cancelling");
+        assert.equal(after.dispatchOwner, null, "the claim is released after the PUBACK");
+        assert.deepEqual(
+          pub.sent.filter((s) => (s.msg.type === "task" ? s.msg.id : s.msg.taskId) === u.id)
+            .map((s) => s.msg.type),
+          ["task", "cancel", "cancel"],
+          "the task once, the cancel after it",
+        );
+        // 3. Positive control: an unclaimed task of an online robot is sent by the sweeper.
+        await online("robot-001", false);
+        const v = await mk();
+        await online("robot-001", true);
+        await fleet.sweep();
+        await fleet.settled();
+        assert.deepEqual(tasksSent(pub).map((s) => s.msg.type === "task" && s.msg.id), [
+          u.id,
+          v.id,
+        ]);
+        assert.equal((await registry.getTask(v.id))!.state, "dispatched");
+      }),
+  },
+  {
+    name: "dispatch claims: a claim whose holder died expires, and the task is sent by another",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online, clock }) => {
+        await online("robot-001", true);
+        // A replica claimed the task and died before its PUBACK (nothing released the claim).
+        const dead = new FleetService(registry, {
+          publish: () => new Promise(() => {}),
+          connected: () => true,
+        }, {
+          now: () => new Date(clock.t),
+          instance: "dead-replica",
+          claimLeaseSeconds: 30,
+          signer: UNSIGNED,
+        });
+        const t = await dead.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 5,
+        }, ADMIN);
+        assert.equal((await registry.getTask(t.id))!.dispatchOwner, "dead-replica");
+        await fleet.dispatchFor("robot-001");
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(tasksSent(pub).length, 0, "sent while another server held its claim");
+        // A cancel meanwhile would not be a withdraw; past the lease the task is free again.
+        clock.t += 31_000;
+        await online("robot-001", true); // heard from meanwhile
+        await fleet.sweep();
+        await fleet.settled();
+        assert.deepEqual(tasksSent(pub).map((s) => s.msg.type === "task" && s.msg.id), [t.id]);
+        const done = (await registry.getTask(t.id))!;
+        assert.equal(done.state, "dispatched");
+        assert.equal(done.dispatchCount, 1);
+        assert.equal(done.dispatchOwner, null);
+      }),
+  },
+  {
+    name:
+      "dispatched tasks are sent again once per new connection (register or online first), never on a replay",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, pub }) => {
+        const h = async (m: { topic: string; payload: Uint8Array }) => {
+          const r = await fleet.handleMessage(m.topic, m.payload);
+          assert.equal(r.ok, true, JSON.stringify(r));
+          await fleet.settled();
         };
-        try {
-          const dispatching = fleet.dispatchFor("robot-001");
-          const r = await fleet.cancelTask(t.id, ADMIN);
-          assert.equal(r.outcome, "withdrawn");
-          release();
-          await dispatching;
-          await fleet.settled();
-          assert.equal(tasksSent(pub).length, 0, "a withdrawn task was published");
-          assert.equal((await registry.getTask(t.id))!.state, "cancelled");
-          // Positive control: the same late answer without a cancel sends the task.
-          await online("robot-001", false);
-          const u = await mk();
-          await online("robot-001", true);
-          await fleet.dispatchFor("robot-001");
-          await fleet.settled();
-          assert.deepEqual(tasksSent(pub).map((s) => s.msg.type === "task" && s.msg.id), [u.id]);
-          assert.equal((await registry.getTask(u.id))!.state, "dispatched");
-        } finally {
-          release();
-          registry.tasksInStates = read;
-        }
+        const sent = () => tasksSent(pub).length;
+        await h(register("robot-001", T0, "boot-a", 1));
+        const t = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 5,
+        }, ADMIN);
+        await fleet.settled();
+        assert.equal(sent(), 1, "the task is dispatched");
+        // The same connection's register again (a redelivery, another replica's copy): a
+        // replay, the broker holds the task for the robot's session.
+        await h(register("robot-001", T0 + 1, "boot-a", 1));
+        await h(status("robot-001", "online", T0 + 2, "boot-a", 1));
+        assert.equal(sent(), 1, "sent again on a replay of the same connection");
+        // Connection 2 (its session may be gone): sent again, once.
+        await h(register("robot-001", T0 + 3, "boot-a", 2));
+        assert.equal(sent(), 2);
+        await h(status("robot-001", "online", T0 + 4, "boot-a", 2));
+        await h(register("robot-001", T0 + 5, "boot-a", 2));
+        assert.equal(sent(), 2, "one connection, one resend");
+        // Connection 3's online applied before its register (two replicas): once as well.
+        await h(status("robot-001", "online", T0 + 6, "boot-a", 3));
+        await h(register("robot-001", T0 + 7, "boot-a", 3));
+        assert.equal(sent(), 3);
+        // A new boot (the agent restarted): sent again.
+        await h(register("robot-001", T0 + 8, "boot-b", 1));
+        assert.equal(sent(), 4);
+        assert.ok(tasksSent(pub).every((s) => s.msg.type === "task" && s.msg.id === t.id));
       }),
   },
   {
@@ -934,6 +1083,155 @@ const cancelCases: ContractCase[] = [
         await fleet.dispatchFor("robot-001");
         await fleet.settled();
         assert.equal((await registry.getTask(t.id))!.state, "dispatched");
+      }),
+  },
+  {
+    name:
+      "signing: every publish is signed afresh with the SVID current then (a re-dispatch after a rotation carries the new one)",
+    fn: (f) =>
+      withRegistry(f, async (registry) => {
+        const web = new TestHttps("k8s4r.test");
+        const raw: { topic: string; payload: Uint8Array }[] = [];
+        const pub: Publisher = {
+          publish: (topic, payload) => {
+            raw.push({ topic, payload });
+            return Promise.resolve();
+          },
+          connected: () => true,
+        };
+        const fleet = new FleetService(registry, pub, { signer: new TaskSigner(web.source) });
+        try {
+          await registry.touchRobot("robot-001", new Date().toISOString());
+          await registry.setOnline("robot-001", true, null);
+          const t = await fleet.createTask("robot-001", {
+            command: ["true"],
+            env: {},
+            timeoutSeconds: 5,
+          }, ADMIN);
+          await fleet.settled();
+          const first = web.source.getX509Svid().serialNumber;
+          web.rotate(); // SPIRE renewed the server's SVID; the task was not acknowledged yet
+          const second = web.source.getX509Svid().serialNumber;
+          assert.notEqual(first, second);
+          await fleet.dispatchFor("robot-001", { resend: true }); // the robot's new connection
+          await fleet.cancelTask(t.id, ADMIN);
+          await fleet.settled();
+          const check = (p: { topic: string; payload: Uint8Array }) => {
+            const v = checkDown(p.topic, p.payload, {
+              robotId: "robot-001",
+              bundles: web.source,
+              signerId: fleetServerSpiffeId("k8s4r.test"),
+            });
+            assert.ok(v.ok, JSON.stringify(v));
+            const jws = parseJws(JSON.parse(new TextDecoder().decode(p.payload)));
+            return new X509Certificate(Buffer.from(jws.header.x5c[0], "base64")).serialNumber;
+          };
+          assert.deepEqual(raw.map((p) => p.topic), [
+            "k8s4r/robots/robot-001/down/task",
+            "k8s4r/robots/robot-001/down/task",
+            "k8s4r/robots/robot-001/down/cancel",
+          ]);
+          assert.deepEqual(raw.map(check), [first, second, second]);
+        } finally {
+          await fleet.settled();
+          web.close();
+        }
+      }),
+  },
+  {
+    name:
+      "refusal reasons: bad-signature, wrong-robot and replay never change a task, and are counted",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, online, report }) => {
+        await online("robot-001", true);
+        const mk = () =>
+          fleet.createTask("robot-001", { command: ["true"], env: {}, timeoutSeconds: 30 }, ADMIN);
+        const dispatched = await mk();
+        const running = await mk();
+        const done = await mk();
+        await fleet.settled();
+        await report("robot-001", running.id, "running");
+        await report("robot-001", done.id, "done", { exitCode: 0 });
+        const states = () =>
+          Promise.all(
+            [dispatched, running, done].map(async (t) => (await registry.getTask(t.id))!.state),
+          );
+        const before = await states();
+        assert.deepEqual(before, ["dispatched", "running", "done"]);
+        const unknown = fleet.stats.unknownTaskReports;
+        for (const reason of ["bad-signature", "wrong-robot", "replay"]) {
+          for (const id of [dispatched.id, running.id, done.id, "forged-id"]) {
+            await report("robot-001", id, "refused", { reason, error: `${reason}: test` });
+          }
+        }
+        assert.deepEqual(await states(), before, "an untrusted refusal moved a task");
+        assert.equal(fleet.stats.unknownTaskReports, unknown, "a forged id was looked up");
+        assert.equal(fleet.stats.refusals["bad-signature"], 4);
+        assert.equal(fleet.stats.refusals["wrong-robot"], 4);
+        assert.equal(fleet.stats.refusals.replay, 4);
+        // expired: an answer about a task the robot did not take up; a late copy of a running one
+        // is not.
+        await report("robot-001", running.id, "refused", {
+          reason: "expired",
+          error: "expired: x",
+        });
+        assert.equal((await registry.getTask(running.id))!.state, "running");
+        await report("robot-001", dispatched.id, "refused", {
+          reason: "expired",
+          error: "expired: arrived after its expiresAt",
+        });
+        const exp = (await registry.getTask(dispatched.id))!;
+        assert.equal(exp.state, "expired");
+        assert.match(exp.error ?? "", /arrived after its expiresAt/);
+        assert.equal(fleet.stats.refusals.expired, 2);
+        // Positive control: an ordinary refusal (no reason) is the robot's answer.
+        const plain = await mk();
+        await fleet.settled();
+        await report("robot-001", plain.id, "refused", { error: "not in tasks.allow" });
+        assert.equal((await registry.getTask(plain.id))!.state, "refused");
+        assert.equal(fleet.stats.refusals.task, 1);
+      }),
+  },
+  {
+    name:
+      "cancel with the robot's half: a cancel before the task arrived ends cancelled, the late copy's replay refusal changes nothing",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online, report }) => {
+        await online("robot-001", true);
+        pub.hold = true;
+        const t = await fleet.createTask("robot-001", {
+          command: ["sleep", "600"],
+          env: {},
+          timeoutSeconds: 600,
+        }, ADMIN);
+        await pub.sentCount(1); // in flight: the cancel cannot withdraw it
+        assert.equal((await fleet.cancelTask(t.id, ADMIN)).outcome, "cancelling");
+        pub.hold = false;
+        pub.ack();
+        await fleet.settled();
+        // The cancel reached the robot first: it claims the id and reports cancelled.
+        await report("robot-001", t.id, "cancelled", {
+          error: "cancelled by the fleet server (before the task arrived; it will not run)",
+        });
+        assert.equal((await registry.getTask(t.id))!.state, "cancelled");
+        // The task's copy arrives after: refused as a replay, which is not about the task.
+        await report("robot-001", t.id, "refused", { reason: "replay", error: "replay: seen" });
+        const after = (await registry.getTask(t.id))!;
+        assert.equal(after.state, "cancelled");
+        assert.match(after.error ?? "", /before the task arrived/);
+        // A cancel of a never-delivered task the robot then refuses as expired: cancelled.
+        await online("robot-001", false);
+        const late = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 5,
+        }, ADMIN);
+        await online("robot-001", true);
+        await fleet.dispatchFor("robot-001");
+        await fleet.settled();
+        assert.equal((await fleet.cancelTask(late.id, ADMIN)).outcome, "cancelling");
+        await report("robot-001", late.id, "refused", { reason: "expired", error: "expired: y" });
+        assert.equal((await registry.getTask(late.id))!.state, "cancelled");
       }),
   },
 ];

@@ -229,3 +229,125 @@ export class TestCa {
     });
   }
 }
+
+export interface MutualIssuersOptions {
+  /** The leaf's SPIFFE ID. */
+  spiffeId: string;
+  /** How many CA certificates follow the leaf (default 7). */
+  count?: number;
+  /**
+   * true (default): every CA certificate has the same key, so each one's signature verifies
+   * under every other's key. false: each has its own key and is signed by the next one's (a
+   * cycle), so only one candidate issuer per certificate verifies, and every other must be
+   * tried and fail.
+   */
+  sharedKey?: boolean;
+  /**
+   * The one subject (CN, O "SPIFFE") and key identifier; default "mutual issuer" and a fixed id.
+   * Give a bundle root's to make a verifier also try the root's key on every certificate.
+   */
+  commonName?: string;
+  keyId?: Uint8Array;
+}
+
+/**
+ * A hostile chain for tests of path building's cost: a leaf and `count` CA certificates with
+ * one subject and one key identifier, so that each names every other (and the leaf names each)
+ * as its issuer. No bundle anchors it. A verifier that tries every ordering of the
+ * intermediates makes `count!`-many signature checks before it gives up.
+ */
+export function mutuallyIssuingChain(
+  opts: MutualIssuersOptions,
+): Pick<IssuedCert, "certificate" | "certificates" | "chainPem" | "key" | "keyPem"> {
+  const count = opts.count ?? 7;
+  const commonName = opts.commonName ?? "mutual issuer";
+  const keyId = opts.keyId ?? KEY_ID;
+  const now = Date.now();
+  const shared = newKey().privateKey;
+  const keys = Array.from(
+    { length: count },
+    () => opts.sharedKey === false ? newKey().privateKey : shared,
+  );
+  const ca = (i: number) =>
+    buildCertificate(
+      {
+        commonName,
+        organization: "SPIFFE",
+        isCa: true,
+        notBefore: new Date(now - 60_000),
+        notAfter: new Date(now + 3_600_000),
+        subjectKeyId: keyId,
+        authorityKeyId: keyId,
+      },
+      keys[i],
+      issuerOf(keys[(i + 1) % count]),
+    );
+  const issuerOf = (key: KeyObject): CertIssuer => {
+    const self = buildCertificate({
+      commonName,
+      organization: "SPIFFE",
+      notBefore: new Date(now),
+      notAfter: new Date(now + 1000),
+    }, key);
+    return { key, subjectName: self.subjectName, spki: self.spki };
+  };
+  const leafKey = newKey().privateKey;
+  const leaf = buildCertificate(
+    {
+      uris: [opts.spiffeId],
+      notBefore: new Date(now - 10_000),
+      notAfter: new Date(now + 3_600_000),
+      authorityKeyId: keyId,
+    },
+    leafKey,
+    issuerOf(keys[0]),
+  );
+  const ders = [leaf.der, ...keys.map((_, i) => ca(i).der)];
+  const certificates = ders.map((d) => new X509Certificate(Buffer.from(d)));
+  return {
+    certificate: certificates[0],
+    certificates,
+    chainPem: ders.map((d) => encodePem("CERTIFICATE", d)).join(""),
+    key: leafKey,
+    keyPem: leafKey.export({ format: "pem", type: "pkcs8" }).toString(),
+  };
+}
+
+const KEY_ID = new Uint8Array(20).fill(0x4b);
+
+/**
+ * Counts the signature checks (X509Certificate.prototype.verify) made anywhere in this process
+ * until `stop()`: what path building spends its time on. A count, not a time: the bound is
+ * exact. One watcher at a time.
+ */
+export function watchSignatureChecks(): { readonly checks: number; stop(): void } {
+  const original = X509Certificate.prototype.verify;
+  let checks = 0;
+  X509Certificate.prototype.verify = function (this: X509Certificate, key) {
+    checks++;
+    return original.call(this, key);
+  };
+  return {
+    get checks() {
+      return checks;
+    },
+    stop() {
+      X509Certificate.prototype.verify = original;
+    },
+  };
+}
+
+/** Runs `fn` and counts the signature checks it makes (`watchSignatureChecks`). */
+export function countSignatureChecks<T>(
+  fn: () => T,
+): { checks: number; result?: T; error?: unknown } {
+  const watch = watchSignatureChecks();
+  try {
+    const result = fn();
+    return { checks: watch.checks, result };
+  } catch (error) {
+    return { checks: watch.checks, error };
+  } finally {
+    watch.stop();
+  }
+}

@@ -1,0 +1,324 @@
+/**
+ * Containment of a task and of everything it starts: one cgroup v2 per task, a child of the
+ * agent's own cgroup (`<agent's cgroup>/k8s4r-task-<agent pid>-<task id>`). The task enters it
+ * before it runs (its first process writes itself into `cgroup.procs`, then execs prlimit,
+ * setpriv and the task: children inherit the cgroup, and neither `setsid` nor a double fork
+ * leaves it), and `cgroup.kill` (Linux 5.14) SIGKILLs every process in it at once, forks racing
+ * the kill included. `cgroup.events` tells when it is empty; then it is removed.
+ *
+ * Needs a writable cgroup v2 hierarchy: the agent runs as root (the unit `k8s4r agent service`
+ * writes has `Delegate=yes`), or as a user its cgroup is delegated to. A task running as
+ * `tasks.user` cannot leave its cgroup: the cgroup files belong to the agent's uid. A task
+ * running as the agent's own uid could (it owns them): that is one more reason for `tasks.user`.
+ *
+ * Where none of this is available (cgroup v1 only, a read-only /sys/fs/cgroup, a non-root agent
+ * without delegation, Linux < 5.14), `detectContainment` says why, the agent logs it, the doctor
+ * warns, and tasks are stopped through their process group only: what a task moves to another
+ * session (`setsid`) then outlives it.
+ */
+import { basename, isAbsolute, join } from "node:path";
+import { waitFor } from "../process/mod.ts";
+
+/** Every per-task cgroup's name starts with this (recovery touches nothing else). */
+export const TASK_CGROUP_PREFIX = "k8s4r-task-";
+
+export type Containment =
+  | { kind: "cgroup"; parent: string }
+  | { kind: "none"; reason: string; hint: string };
+
+export const HINT_SYSTEMD =
+  "run the agent from the unit of `k8s4r agent service` (root, Delegate=yes), or as root";
+
+/** The first cgroup2 mount of a /proc/PID/mountinfo text. */
+export function cgroup2Mount(
+  mountinfo: string,
+): { mountPoint: string; root: string; readOnly: boolean } | undefined {
+  const unescape = (s: string) =>
+    s.replace(/\\([0-7]{3})/g, (_, o) => String.fromCharCode(parseInt(o, 8)));
+  for (const line of mountinfo.split("\n")) {
+    const sep = line.indexOf(" - ");
+    if (sep < 0) continue;
+    const [fstype] = line.slice(sep + 3).split(" ");
+    if (fstype !== "cgroup2") continue;
+    const f = line.slice(0, sep).split(" ");
+    if (f.length < 6) continue;
+    return {
+      root: unescape(f[3]),
+      mountPoint: unescape(f[4]),
+      readOnly: f[5].split(",").includes("ro"),
+    };
+  }
+  return undefined;
+}
+
+/** The cgroup v2 path of a /proc/PID/cgroup text (`0::/path`). */
+export function cgroup2Path(procCgroup: string): string | undefined {
+  const line = procCgroup.split("\n").find((l) => l.startsWith("0::"));
+  return line === undefined ? undefined : line.slice(3);
+}
+
+/** Where the agent's cgroup v2 directory is, from its mountinfo and /proc/self/cgroup. */
+export type CgroupLocation =
+  | { ok: true; parent: string; own: string; readOnly: boolean }
+  | { ok: false; reason: string; hint: string };
+
+export function locateCgroup(mountinfo: string, procCgroup: string): CgroupLocation {
+  const m = cgroup2Mount(mountinfo);
+  if (!m) {
+    return {
+      ok: false,
+      reason: "no cgroup v2 hierarchy is mounted (cgroup v1 only)",
+      hint:
+        "boot with cgroup v2 (systemd.unified_cgroup_hierarchy=1; the default since Debian 11 and Ubuntu 21.10)",
+    };
+  }
+  const own = cgroup2Path(procCgroup);
+  if (own === undefined) {
+    return {
+      ok: false,
+      reason: "this process is in no cgroup v2 (/proc/self/cgroup has no 0:: line)",
+      hint: HINT_SYSTEMD,
+    };
+  }
+  const rootPrefix = m.root === "/" ? "" : m.root;
+  if (rootPrefix && own !== rootPrefix && !own.startsWith(rootPrefix + "/")) {
+    return {
+      ok: false,
+      reason: `the agent's cgroup ${own} is outside the cgroup2 mount at ${m.mountPoint}`,
+      hint: HINT_SYSTEMD,
+    };
+  }
+  return {
+    ok: true,
+    parent: join(m.mountPoint, own.slice(rootPrefix.length)).replace(/(.)\/+$/, "$1"),
+    own,
+    readOnly: m.readOnly,
+  };
+}
+
+/** What the containment judgement needs to know of the host. */
+export interface ContainmentFacts {
+  uid: number;
+  mountinfo: string;
+  procCgroup: string;
+  /** Owner uid of a path, undefined when it does not exist. */
+  owner(path: string): number | undefined;
+}
+
+/**
+ * Whether tasks can each get a cgroup in a located cgroup directory, or why not and what to do.
+ * `parentOwner`: owner uid of the directory (undefined: not there); `hasKill`: whether it has
+ * `cgroup.kill` (the root cgroup never has: then the probe of `detectContainment` tells).
+ */
+export function judgeCgroup(
+  loc: CgroupLocation,
+  uid: number,
+  parentOwner: number | undefined,
+  hasKill: boolean,
+): Containment {
+  if (!loc.ok) return { kind: "none", reason: loc.reason, hint: loc.hint };
+  const { parent } = loc;
+  if (loc.readOnly) {
+    return {
+      kind: "none",
+      reason: `cgroup2 is mounted read-only (${parent})`,
+      hint: `${HINT_SYSTEMD}; in a container, give it a writable cgroup namespace`,
+    };
+  }
+  if (parentOwner === undefined) {
+    return {
+      kind: "none",
+      reason: `the agent's cgroup ${parent} is not there`,
+      hint: HINT_SYSTEMD,
+    };
+  }
+  if (uid !== 0 && parentOwner !== uid) {
+    return {
+      kind: "none",
+      reason:
+        `the agent's cgroup ${parent} belongs to uid ${parentOwner}, not to the agent (uid ${uid})`,
+      hint: `${HINT_SYSTEMD}; or delegate it (systemd: Delegate=yes)`,
+    };
+  }
+  if (!hasKill && loc.own !== "/") {
+    return {
+      kind: "none",
+      reason: `no cgroup.kill in ${parent}: the kernel is older than Linux 5.14`,
+      hint: "run a Linux 5.14 or newer kernel",
+    };
+  }
+  return { kind: "cgroup", parent };
+}
+
+/** `locateCgroup` + `judgeCgroup` on the facts (synchronous). */
+export function judgeContainment(f: ContainmentFacts): Containment {
+  const loc = locateCgroup(f.mountinfo, f.procCgroup);
+  if (!loc.ok) return judgeCgroup(loc, f.uid, undefined, false);
+  return judgeCgroup(
+    loc,
+    f.uid,
+    f.owner(loc.parent),
+    f.owner(join(loc.parent, "cgroup.kill")) !== undefined,
+  );
+}
+
+function ownerOf(path: string): number | undefined {
+  try {
+    return Deno.statSync(path).uid ?? undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** This host's facts for `judgeContainment`, read from /proc. */
+export function hostContainmentFacts(): ContainmentFacts {
+  const read = (p: string) => {
+    try {
+      return Deno.readTextFileSync(p);
+    } catch {
+      return "";
+    }
+  };
+  return {
+    uid: Deno.uid() ?? -1,
+    mountinfo: read("/proc/self/mountinfo"),
+    procCgroup: read("/proc/self/cgroup"),
+    owner: ownerOf,
+  };
+}
+
+/**
+ * Whether this process can contain tasks: the judgement, then a real probe (a child cgroup
+ * made and removed, with `cgroup.kill` in it).
+ */
+export function detectContainment(facts = hostContainmentFacts()): Containment {
+  const j = judgeContainment(facts);
+  if (j.kind !== "cgroup") return j;
+  const probe = join(j.parent, `k8s4r-probe-${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`);
+  try {
+    Deno.mkdirSync(probe);
+  } catch (err) {
+    return {
+      kind: "none",
+      reason: `cannot create a cgroup in ${j.parent}: ${(err as Error).message}`,
+      hint: HINT_SYSTEMD,
+    };
+  }
+  try {
+    if (ownerOf(join(probe, "cgroup.kill")) === undefined) {
+      return {
+        kind: "none",
+        reason: `no cgroup.kill in ${probe}: the kernel is older than Linux 5.14`,
+        hint: "run a Linux 5.14 or newer kernel",
+      };
+    }
+  } finally {
+    try {
+      Deno.removeSync(probe);
+    } catch { /* an empty cgroup (no process ever entered it): harmless */ }
+  }
+  return j;
+}
+
+/** True for a path `TaskCgroup` could have made (recovery refuses to touch anything else). */
+export function isTaskCgroupPath(path: string): boolean {
+  return isAbsolute(path) && basename(path).startsWith(TASK_CGROUP_PREFIX) &&
+    !path.split("/").includes("..");
+}
+
+/** One task's cgroup. */
+export class TaskCgroup {
+  constructor(readonly path: string) {
+    if (!isTaskCgroupPath(path)) throw new Error(`not a task cgroup: ${path}`);
+  }
+
+  /** The name a task's cgroup gets under `parent` (unique per agent process and task id). */
+  static pathFor(parent: string, taskId: string): string {
+    return join(parent, `${TASK_CGROUP_PREFIX}${Deno.pid}-${taskId}`);
+  }
+
+  /** Makes the cgroup; fails when it exists (another task's) or cannot be made. */
+  static async create(path: string): Promise<TaskCgroup> {
+    const cg = new TaskCgroup(path);
+    await Deno.mkdir(path);
+    return cg;
+  }
+
+  get procsFile(): string {
+    return join(this.path, "cgroup.procs");
+  }
+
+  exists(): boolean {
+    return ownerOf(this.path) !== undefined;
+  }
+
+  /** The pids in it (not in its children). */
+  async pids(): Promise<number[]> {
+    try {
+      return (await Deno.readTextFile(this.procsFile)).split("\n").filter((l) => l !== "").map(
+        Number,
+      );
+    } catch {
+      return [];
+    }
+  }
+
+  /** Whether any process is in it or in a child cgroup. */
+  async populated(): Promise<boolean> {
+    try {
+      const ev = await Deno.readTextFile(join(this.path, "cgroup.events"));
+      return /^populated 1$/m.test(ev);
+    } catch (err) {
+      if (err instanceof Deno.errors.NotFound) return false;
+      throw err;
+    }
+  }
+
+  /** SIGKILL to every process in it and its children, at once. */
+  async kill(): Promise<void> {
+    try {
+      await Deno.writeTextFile(join(this.path, "cgroup.kill"), "1");
+    } catch (err) {
+      if (!(err instanceof Deno.errors.NotFound)) throw err;
+    }
+  }
+
+  /**
+   * Kills everything in it, waits (up to `timeoutMs`) until it is empty, and removes it with
+   * any child cgroups a task made. Returns how many processes it held. Throws when it cannot
+   * be emptied or removed.
+   */
+  async destroy(timeoutMs = 5000): Promise<number> {
+    if (!this.exists()) return 0;
+    const held = (await this.pids()).length;
+    if (await this.populated()) {
+      await this.kill();
+      await waitFor(async () => !(await this.populated()), {
+        timeoutMs,
+        intervalMs: 10,
+        what: `the processes of ${this.path} to die`,
+      });
+    }
+    await removeTree(this.path);
+    return held;
+  }
+}
+
+/** rmdir of a cgroup and its children, deepest first (cgroups are removed with rmdir). */
+async function removeTree(dir: string): Promise<void> {
+  let entries: Deno.DirEntry[];
+  try {
+    entries = await Array.fromAsync(Deno.readDir(dir));
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) return;
+    throw err;
+  }
+  for (const e of entries) {
+    if (e.isDirectory) await removeTree(join(dir, e.name));
+  }
+  try {
+    await Deno.remove(dir);
+  } catch (err) {
+    if (!(err instanceof Deno.errors.NotFound)) throw err;
+  }
+}

@@ -1,0 +1,139 @@
+import assert from "node:assert/strict";
+import { waitFor } from "../process/mod.ts";
+import {
+  cgroup2Mount,
+  detectContainment,
+  isTaskCgroupPath,
+  judgeCgroup,
+  judgeContainment,
+  locateCgroup,
+  TaskCgroup,
+} from "./task_cgroup.ts";
+
+const UNIFIED =
+  "29 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+const HYBRID = [
+  "31 25 0:27 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755",
+  "40 31 0:37 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory",
+  "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw",
+  "",
+].join("\n");
+const V1_ONLY = "40 31 0:37 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n";
+const UNIT = "0::/system.slice/k8s4r-agent.service\n";
+
+Deno.test("cgroup2Mount / locateCgroup: unified, hybrid, v1 only, read-only, a container's root", () => {
+  assert.deepEqual(cgroup2Mount(HYBRID), {
+    root: "/",
+    mountPoint: "/sys/fs/cgroup/unified",
+    readOnly: false,
+  });
+  assert.deepEqual(locateCgroup(UNIFIED, `12:pids:/x\n${UNIT}`), {
+    ok: true,
+    parent: "/sys/fs/cgroup/system.slice/k8s4r-agent.service",
+    own: "/system.slice/k8s4r-agent.service",
+    readOnly: false,
+  });
+  const hybrid = locateCgroup(HYBRID, "0::/\n");
+  assert.ok(hybrid.ok && hybrid.parent === "/sys/fs/cgroup/unified");
+  const v1 = locateCgroup(V1_ONLY, "4:memory:/x\n");
+  assert.ok(!v1.ok && /no cgroup v2 hierarchy/.test(v1.reason));
+  const ro = locateCgroup(UNIFIED.replace(" rw,nosuid", " ro,nosuid"), UNIT);
+  assert.ok(ro.ok && ro.readOnly);
+  // A container whose cgroup2 mount is a subtree: paths are relative to its root.
+  const sub = "50 40 0:26 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+  const inside = locateCgroup(sub, "0::/kubepods/pod1/app\n");
+  assert.ok(inside.ok && inside.parent === "/sys/fs/cgroup/app");
+  const outside = locateCgroup(sub, "0::/other\n");
+  assert.ok(!outside.ok && /outside the cgroup2 mount/.test(outside.reason));
+  // Escaped mount points (\040 is a space).
+  assert.equal(
+    cgroup2Mount("1 2 0:1 / /mnt/my\\040cg rw - cgroup2 none rw\n")?.mountPoint,
+    "/mnt/my cg",
+  );
+});
+
+Deno.test("judgeCgroup: root or the owner may; read-only, another owner, no cgroup.kill may not", () => {
+  const loc = locateCgroup(UNIFIED, UNIT);
+  const parent = "/sys/fs/cgroup/system.slice/k8s4r-agent.service";
+  assert.deepEqual(judgeCgroup(loc, 0, 0, true), { kind: "cgroup", parent });
+  assert.deepEqual(judgeCgroup(loc, 1000, 1000, true), { kind: "cgroup", parent });
+  const cases: [ReturnType<typeof judgeCgroup>, RegExp][] = [
+    [judgeCgroup(loc, 1000, 0, true), /belongs to uid 0, not to the agent \(uid 1000\)/],
+    [judgeCgroup(loc, 0, undefined, true), /is not there/],
+    [judgeCgroup(loc, 0, 0, false), /older than Linux 5\.14/],
+    [
+      judgeCgroup(locateCgroup(UNIFIED.replace(" rw,nosuid", " ro,nosuid"), UNIT), 0, 0, true),
+      /mounted read-only/,
+    ],
+    [judgeCgroup(locateCgroup(V1_ONLY, ""), 0, 0, true), /cgroup v1 only/],
+  ];
+  for (const [j, why] of cases) {
+    assert.equal(j.kind, "none");
+    if (j.kind === "none") {
+      assert.match(j.reason, why);
+      assert.ok(j.hint.length > 0, "every refusal has a hint");
+    }
+  }
+  // The root cgroup has no cgroup.kill of its own: the probe decides.
+  assert.equal(judgeCgroup(locateCgroup(HYBRID, "0::/\n"), 0, 0, false).kind, "cgroup");
+});
+
+Deno.test("detectContainment on this machine: a cgroup each (root, cgroup v2)", () => {
+  assert.equal(Deno.uid(), 0, "containment needs root here (cgroup v2): run it as root (CI does)");
+  const c = detectContainment();
+  assert.equal(c.kind, "cgroup", c.kind === "none" ? `${c.reason}; ${c.hint}` : "");
+  // The same facts, judged without the probe, agree.
+  assert.equal(
+    judgeContainment({
+      uid: 0,
+      mountinfo: Deno.readTextFileSync("/proc/self/mountinfo"),
+      procCgroup: Deno.readTextFileSync("/proc/self/cgroup"),
+      owner: (p) => {
+        try {
+          return Deno.statSync(p).uid ?? undefined;
+        } catch {
+          return undefined;
+        }
+      },
+    }).kind,
+    "cgroup",
+  );
+});
+
+Deno.test("TaskCgroup: only k8s4r-task-* paths; destroy kills what is in it and removes it (root)", async () => {
+  assert.equal(Deno.uid(), 0, "containment needs root here (cgroup v2): run it as root (CI does)");
+  assert.equal(isTaskCgroupPath("/sys/fs/cgroup/k8s4r-task-1-t"), true);
+  assert.equal(isTaskCgroupPath("/sys/fs/cgroup/system.slice"), false);
+  assert.equal(isTaskCgroupPath("k8s4r-task-1-t"), false);
+  assert.equal(isTaskCgroupPath("/sys/fs/cgroup/k8s4r-task-1/../x"), false);
+  assert.throws(() => new TaskCgroup("/sys/fs/cgroup/system.slice"), /not a task cgroup/);
+  const c = detectContainment();
+  assert.ok(c.kind === "cgroup", c.kind === "none" ? c.reason : "");
+  const cg = await TaskCgroup.create(TaskCgroup.pathFor(c.parent, "cgtest"));
+  let child: Deno.ChildProcess | undefined;
+  try {
+    await assert.rejects(TaskCgroup.create(cg.path), Deno.errors.AlreadyExists);
+    child = new Deno.Command("sh", {
+      args: ["-c", 'echo 0 > "$0" && exec sleep 600', cg.procsFile],
+      stdout: "null",
+    }).spawn();
+    const pid = child.pid;
+    await waitFor(async () => (await cg.pids()).includes(pid), {
+      timeoutMs: 5000,
+      what: "the process to enter the cgroup",
+    });
+    assert.deepEqual(await cg.pids(), [pid], "positive control: the process entered the cgroup");
+    assert.equal(await cg.populated(), true);
+    assert.equal(await cg.destroy(), 1);
+    const st = await child.status;
+    assert.equal(st.signal, "SIGKILL");
+    assert.equal(cg.exists(), false);
+    assert.equal(await cg.destroy(), 0, "destroying it again finds nothing");
+  } finally {
+    try {
+      child?.kill("SIGKILL");
+    } catch { /* gone */ }
+    await child?.status;
+    await cg.destroy().catch(() => {});
+  }
+});
