@@ -435,14 +435,21 @@ export const realRunner: ProcessRunner = {
     });
     if (spec.detached) child.unref();
     let startTime: number | undefined;
+    let exe: string | undefined;
     // The shell execs within microseconds; wait until /proc shows the real binary so the pid
-    // file records the daemon's own start time and command.
+    // file records the daemon's own start time and executable. An empty command line is an
+    // exec in progress (the new memory is mapped, its arguments not yet): not done either, and
+    // the executable is read only once the command line is the daemon's.
     await waitFor(() => {
       startTime = processStartTime(pid);
       if (startTime === undefined) return true; // already exited; reported below
       try {
         const argv0 = Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0")[0];
-        return !argv0.endsWith("sh") && argv0 !== "setpriv";
+        if (argv0 === "" || argv0.endsWith("sh") || argv0 === "setpriv") return false;
+        const e = procExe(pid);
+        if (e === undefined || /(^|\/)(setpriv|sh|dash|bash)$/.test(e)) return false;
+        exe = e;
+        return true;
       } catch {
         return true;
       }
@@ -456,7 +463,6 @@ export const realRunner: ProcessRunner = {
     });
     if (spec.pidFile && startTime !== undefined) {
       const bootId = currentBootId();
-      const exe = procExe(pid);
       const rec: PidRecord = {
         pid,
         startTime,

@@ -189,6 +189,31 @@ Deno.test("stopPidFile stops what spawn started: its pid file records the boot a
   }
 });
 
+Deno.test("spawn records the daemon's own executable, never the shell or setpriv it execs through (50 spawns)", async () => {
+  // /proc/PID/cmdline is empty in the middle of an exec: taken for the daemon, it left the
+  // shell's executable in about half of the pid files, which then matched nothing.
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
+  try {
+    const wrong: string[] = [];
+    for (let i = 0; i < 50; i++) {
+      const pidFile = join(dir, `s${i}.pid`);
+      const d = await realRunner.spawn({
+        name: "sleeper",
+        cmd: "sleep",
+        args: ["60"],
+        logFile: join(dir, "s.log"),
+        pidFile,
+      });
+      const rec = readPidFile(pidFile)!;
+      if (!isRecordAlive(rec)) wrong.push(`#${i}: ${rec.exe}`);
+      await d.stop(2000);
+    }
+    assert.deepEqual(wrong, [], "pid files that do not match their own daemon");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a non-detached daemon dies with its parent, even on kill -9 (no orphan)", async () => {
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
   try {
