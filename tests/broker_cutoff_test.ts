@@ -23,6 +23,7 @@ import {
 } from "../src/mqtt/dynsec.ts";
 import { waitFor } from "../src/process/mod.ts";
 import { type PemCert, startTestBroker, type TestBroker } from "./helpers/broker.ts";
+import { pubackCode, subackCode } from "./helpers/mqtt_codes.ts";
 
 const opts = { sanitizeOps: false, sanitizeResources: false };
 
@@ -43,30 +44,6 @@ function connect(b: TestBroker, id: string, cert: PemCert): Promise<MqttClient> 
       retain: false,
     },
   });
-}
-
-/** PUBACK's reason code of one QoS 1 publish (below 0x80: accepted; 0x87: not authorized). */
-async function pubackCode(c: MqttClient, topic: string): Promise<number> {
-  try {
-    const p = await c.publishAsync(topic, "x", { qos: 1 });
-    return (p as { reasonCode?: number } | undefined)?.reasonCode ?? 0;
-  } catch (err) {
-    const code = (err as { code?: number }).code;
-    if (typeof code === "number") return code;
-    throw err;
-  }
-}
-
-/** SUBACK's code for one topic (0..2: granted QoS; 0x87: not authorized). */
-async function subackCode(c: MqttClient, topic: string): Promise<number> {
-  try {
-    const [g] = await c.subscribeAsync(topic, { qos: 1 });
-    return Number(g.qos);
-  } catch (err) {
-    const granted = (err as { packet?: { granted?: number[] } }).packet?.granted;
-    if (granted?.length) return granted[0];
-    throw err;
-  }
 }
 
 /** Ends with DISCONNECT 0x04 "disconnect with will", and waits for the broker to close. */

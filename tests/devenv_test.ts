@@ -11,11 +11,18 @@ import { fileURLToPath } from "node:url";
 import { freeMonitoringPorts, freePorts } from "./helpers/ports.ts";
 import { spireBinaries } from "./helpers/spire.ts";
 import mqtt from "mqtt";
-import { isRecordAlive, processStartTime, readPidFile, waitFor } from "../src/process/mod.ts";
+import {
+  isRecordAlive,
+  processStartTime,
+  readPidFile,
+  realRunner,
+  waitFor,
+} from "../src/process/mod.ts";
 import { descendants } from "../src/devenv/stop.ts";
 import { AGENT_DENO_RUN_FLAGS } from "../src/agent/runtime_flags.ts";
 import { probeMqttTls } from "../src/devenv/probes.ts";
 import { layoutEnv } from "../src/devenv/layout.ts";
+import { SpireServerCli } from "../src/spire/server.ts";
 
 const REPO = fileURLToPath(new URL("..", import.meta.url));
 const MAIN = `${REPO}main.ts`;
@@ -173,7 +180,10 @@ Deno.test({
           const admin = `${dir}/xdg/k8s4r/operators/admin`;
           assert.equal((await Deno.stat(admin)).mode! & 0o777, 0o700);
           assert.equal((await Deno.stat(`${admin}/key.pem`)).mode! & 0o777, 0o600);
-          assert.match(await Deno.readTextFile(`${dir}/.dev-env/roles.yaml`), /admin: operator/);
+          assert.match(
+            await Deno.readTextFile(`${dir}/.dev-env/roles.yaml`),
+            /admin:\n\s+role: operator\n\s+issuedAfter: /,
+          );
           assert.match(r.stdout, /server: started .*https:\/\/localhost:\d+/);
           const tok = await Deno.stat(`${dir}/.dev-env/tokens/robot-001.token`);
           assert.equal(tok.mode! & 0o777, 0o600);
@@ -260,12 +270,24 @@ Deno.test({
           password: creds.password,
           clientId: "devenv-test-server",
         });
+        // A robot certificate of the stack's SPIRE for an id no agent runs as: the broker makes
+        // a certificate's CN its client id, so robot-001's own SVID would take the running
+        // agent's session over.
+        const spare = await new SpireServerCli(
+          realRunner,
+          (await spireBinaries()).server,
+          `${dir}/.spire-data/server/api.sock`,
+        ).mintX509({
+          spiffeId: "spiffe://k8s4r.example.org/robot/robot-099",
+          dnsNames: ["robot-099"],
+          ttlSeconds: 600,
+        });
         const r1 = await connect(`mqtts://127.0.0.1:${ports.tls}`, {
           ca: robot.ca,
-          cert: robot.cert,
-          key: robot.key,
+          cert: spare.certPem,
+          key: spare.keyPem,
           servername: "localhost",
-          clientId: "devenv-test-robot-001",
+          clientId: "devenv-test-robot-099",
         });
         try {
           const robotGot: string[] = [];
@@ -273,17 +295,17 @@ Deno.test({
           r1.on("message", (topic) => robotGot.push(topic));
           server.on("message", (topic) => serverGot.push(topic));
           await server.subscribeAsync("k8s4r/robots/+/up/#", { qos: 1 });
-          await r1.subscribeAsync("k8s4r/robots/robot-001/down/#", { qos: 1 }).catch(() => {});
+          await r1.subscribeAsync("k8s4r/robots/robot-099/down/#", { qos: 1 }).catch(() => {});
           await r1.subscribeAsync("k8s4r/robots/robot-002/down/#", { qos: 1 }).catch(() => {});
           await server.publishAsync("k8s4r/robots/robot-002/down/task", "x", { qos: 1 });
           await r1.publishAsync("k8s4r/robots/robot-002/up/status", "spoof", { qos: 1 });
           // Positive controls, sent last: once they arrive, the denied ones would have too.
-          await server.publishAsync("k8s4r/robots/robot-001/down/task", "ok", { qos: 1 });
-          await r1.publishAsync("k8s4r/robots/robot-001/up/x-devenv-test", "ok", { qos: 1 });
+          await server.publishAsync("k8s4r/robots/robot-099/down/task", "ok", { qos: 1 });
+          await r1.publishAsync("k8s4r/robots/robot-099/up/heartbeat", "ok", { qos: 1 });
           await waitFor(
             () =>
-              robotGot.includes("k8s4r/robots/robot-001/down/task") &&
-              serverGot.includes("k8s4r/robots/robot-001/up/x-devenv-test"),
+              robotGot.includes("k8s4r/robots/robot-099/down/task") &&
+              serverGot.includes("k8s4r/robots/robot-099/up/heartbeat"),
             { timeoutMs: 10_000, what: "the allowed messages" },
           );
           assert.ok(

@@ -100,7 +100,23 @@ Deno.test({
           for (const [id, c] of Object.entries(byId)) {
             assert.ok(["ok", "skip"].includes(c.status), `${id}: ${c.status}: ${c.detail}`);
           }
-          assert.match(byId["reachability.broker-tls"].detail, /logged in \(CONNACK 0\)/);
+          assert.match(
+            byId["reachability.broker-tls"].detail,
+            /identified by the broker \(CONNACK 0x8c .*the agent's session is not touched\)/,
+          );
+          // The broker makes a certificate's CN its client id: the doctor's probe with the
+          // robot's own SVID reached the broker and did not take the running agent's session.
+          const brokerLog = await Deno.readTextFile(ch.broker.files.logFile);
+          assert.match(
+            brokerLog,
+            /bad AUTH method/,
+            "the doctor's CONNECT never reached the broker",
+          );
+          assert.doesNotMatch(
+            brokerLog,
+            new RegExp(`Client ${ROBOT} already connected, closing old connection`),
+            "k8s4r doctor took the running agent's session over",
+          );
           assert.match(
             byId["reachability.spire-server-tls"].detail,
             /TLS verified, spiffe:\/\/k8s4r\.example\.org\/spire\/server/,

@@ -360,7 +360,10 @@ Deno.test({
           );
           const life = Date.parse(cert.validTo) - Date.parse(cert.validFrom);
           assert.ok(life > 3500_000 && life < 3700_000, `--ttl 1h gave ${life} ms`);
-          assert.match(await Deno.readTextFile(roles), /admin: operator/);
+          assert.match(
+            await Deno.readTextFile(roles),
+            /admin:\n\s+role: operator\n\s+issuedAfter: \S+Z\n/,
+          );
           assert.doesNotMatch(await Deno.readTextFile(`${tmp}/spire-server.log`), /PRIVATE KEY/);
           const c = await k8s4r(["operator", "creds", "--json"]);
           assert.equal(c.code, 0, c.stderr);
@@ -502,8 +505,34 @@ Deno.test({
         assert.equal(login.code, 0, login.stderr);
         assert.match(login.stdout, /renewed \(expired at/);
         assert.equal((await k8s4r(["robots"])).code, 0);
+        // A copy of these credentials kept elsewhere (a leaked key): still valid, and works...
+        const mintedAt = Date.now();
+        const kept = { cert: `${tmp}/kept-cert.pem`, key: `${tmp}/kept-key.pem` };
+        await Deno.copyFile(admin.cert, kept.cert);
+        await Deno.copyFile(admin.key, kept.key);
+        const viaKept = () =>
+          curl([
+            "--cert",
+            kept.cert,
+            "--key",
+            kept.key,
+            "--cacert",
+            admin.bundle,
+            `${url}/api/whoami`,
+          ]);
+        assert.equal(answer(await viaKept()).status, 200, "the control: the copy works");
+        // ...until the next login mints a new SVID (certificates carry whole seconds: the new
+        // one must be of a later second to be told apart).
+        await waitFor(() => Math.floor(Date.now() / 1000) > Math.floor(mintedAt / 1000), {
+          timeoutMs: 2000,
+          intervalMs: 20,
+          what: "the next second",
+        });
         const forced = await k8s4r(["operator", "login", "admin", "--force"]);
         assert.match(forced.stdout, /renewed \(renewal forced\)/);
+        const revoked = answer(await viaKept());
+        assert.equal(revoked.status, 403, JSON.stringify(revoked));
+        assert.equal(revoked.body.code, "superseded-certificate");
         const ok = await curl([
           "--cert",
           admin.cert,

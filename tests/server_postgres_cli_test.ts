@@ -66,6 +66,53 @@ Deno.test("server --database: a password in the URL or a readable password file 
   }
 });
 
+Deno.test("server: a K8S4R_MQTT_PASSWORD_FILE others can read, or another user's, is refused; control: our 0600 file is taken", async () => {
+  if (Deno.uid() !== 0) throw new Error("chowns a file to another user: run as root");
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-mqttpw-" });
+  try {
+    const pw = join(dir, "mqtt.pw");
+    await Deno.writeTextFile(pw, "mqtt-secret\n");
+    const run = () =>
+      cli([
+        "server",
+        "--http-addr",
+        `127.0.0.1:${freePort()}`,
+        "--socket-path",
+        join(dir, "no-agent.sock"),
+        "--svid-timeout",
+        "1",
+      ], {
+        K8S4R_MQTT_USERNAME: "k8s4r-server",
+        K8S4R_MQTT_PASSWORD_FILE: pw,
+        K8S4R_ROLES_FILE: join(dir, "roles.yaml"),
+      });
+    await Deno.chmod(pw, 0o644);
+    const open = await run();
+    assert.equal(open.code, 1, open.stderr);
+    assert.match(
+      open.stderr,
+      new RegExp(
+        `${pw}: MQTT password file is readable by group or others \\(mode 644, expected 600\\); run chmod 600`,
+      ),
+    );
+    await Deno.chmod(pw, 0o600);
+    await Deno.chown(pw, 65534, 65534);
+    const foreign = await run();
+    assert.equal(foreign.code, 1, foreign.stderr);
+    assert.match(foreign.stderr, /MQTT password file belongs to uid 65534, not to this user/);
+    assert.ok(!open.stderr.includes("mqtt-secret") && !foreign.stderr.includes("mqtt-secret"));
+    // The control: our own 0600 file is accepted; the server goes on to its identity (there
+    // is no Workload API here, so that is where it stops).
+    await Deno.chown(pw, 0, 0);
+    const ok = await run();
+    assert.equal(ok.code, 1, ok.stderr);
+    assert.doesNotMatch(ok.stderr, /password file/);
+    assert.match(ok.stderr, /no-agent\.sock/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 class ServerProcess {
   /** Its stderr, line by line, as it comes. */
   readonly log: string[] = [];

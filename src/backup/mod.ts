@@ -20,7 +20,9 @@
  *   prepare a CA with again, never as a CA it cannot sign with.
  *
  * Restore writes every file back with mode 0600 (the directories 0700) onto a clean control
- * host (nothing of it may exist, and nothing may run, unless `force`). A PostgreSQL dump is put
+ * host (nothing of it may exist, and nothing may run, unless `force`), and only where this host
+ * keeps that state: each item must match one of its sources by name, kind and path; the
+ * manifest's paths are never trusted on their own. A PostgreSQL dump is put
  * where the component that creates the database on the next start restores it from
  * (`pg_restore`), since restoring needs a running PostgreSQL.
  */
@@ -60,6 +62,12 @@ export interface BackupSources {
   /** The command that starts a control host of `mode` after a restore. */
   startCommand(mode: string): string;
   sources: BackupSource[];
+  /**
+   * The sources of a control host of `mode` (a restore checks a manifest against those of its
+   * own mode: the clean host it goes onto has none yet). Throws a CliError for a mode it does
+   * not know.
+   */
+  sourcesOf(mode: string): BackupSource[];
   /** Names of the components running now: restore refuses to write under them. */
   running(): string[];
 }
@@ -158,6 +166,45 @@ async function pgDump(
   await Deno.chmod(out, 0o600);
 }
 
+/**
+ * The backup's directory: made here (0700), or an existing one that is this user's, 0700, a
+ * real directory (not a link) and empty. A directory someone else made in advance (or may
+ * enter) would give them the secrets, or the chance to swap files while they are written.
+ */
+async function backupDir(out: string): Promise<void> {
+  await Deno.mkdir(dirname(out), { recursive: true, mode: 0o700 });
+  try {
+    await Deno.mkdir(out, { mode: 0o700 }); // not recursive: an existing one is checked below
+  } catch (err) {
+    if (!(err instanceof Deno.errors.AlreadyExists)) throw err;
+  }
+  const st = await Deno.lstat(out);
+  const fix = "give a new directory (backup create makes it 0700)";
+  if (st.isSymlink) throw new CliError(`${out}: is a symbolic link, expected a directory`, 1, fix);
+  if (!st.isDirectory) throw new CliError(`${out}: exists and is not a directory`, 1, fix);
+  const uid = Deno.uid();
+  if (uid !== null && st.uid !== uid) {
+    throw new CliError(
+      `${out}: belongs to uid ${st.uid}, not to this user (uid ${uid}): whoever owns it could read or swap the backup's secrets`,
+      1,
+      fix,
+    );
+  }
+  const m = (st.mode ?? 0) & 0o7777;
+  if (m !== 0o700) {
+    throw new CliError(
+      `${out}: mode ${
+        m.toString(8).padStart(4, "0")
+      }, expected 0700: the backup holds keys and passwords`,
+      1,
+      `chmod 700 ${out}, or ${fix}`,
+    );
+  }
+  if ([...Deno.readDirSync(out)].length > 0) {
+    throw new CliError(`${out}: exists and is not empty`, 1, "give a new directory");
+  }
+}
+
 /** Makes a backup of `src` in the new directory `out`. Returns its manifest. */
 export async function createBackup(
   src: BackupSources,
@@ -165,15 +212,7 @@ export async function createBackup(
   io: { runner: ProcessRunner; env: Record<string, string | undefined> },
   now = new Date(),
 ): Promise<Manifest> {
-  try {
-    if ([...Deno.readDirSync(out)].length > 0) {
-      throw new CliError(`${out}: exists and is not empty`, 1, "give a new directory");
-    }
-  } catch (err) {
-    if (!(err instanceof Deno.errors.NotFound)) throw err;
-  }
-  await Deno.mkdir(out, { recursive: true, mode: 0o700 });
-  await Deno.chmod(out, 0o700);
+  await backupDir(out);
   const manifest: Manifest = {
     format: FORMAT,
     version: FORMAT_VERSION,
@@ -207,7 +246,7 @@ export async function createBackup(
       name: s.name,
       kind: s.kind,
       file,
-      restoreTo: relative(src.root, s.kind === "postgres" ? s.restoreTo : s.path),
+      restoreTo: restorePath(src, s),
       bytes: bytes.length,
       sha256: sha256(bytes),
       ...(s.kind === "postgres"
@@ -261,6 +300,46 @@ export async function readBackup(dir: string): Promise<Manifest> {
   return m;
 }
 
+/** Where a source is restored to, relative to the project directory (as in the manifest). */
+function restorePath(src: BackupSources, s: BackupSource): string {
+  return relative(src.root, s.kind === "postgres" ? s.restoreTo : s.path);
+}
+
+/**
+ * Every item must be one of this control host's sources: same name, same kind, same place. The
+ * manifest is not trusted with paths: restore writes only where this host keeps that state.
+ */
+function checkItemsAgainstSources(m: Manifest, src: BackupSources, path: string): void {
+  const seen = new Set<string>();
+  const sources = src.sourcesOf(m.mode);
+  for (const [i, it] of m.items.entries()) {
+    const where = `${path}: items[${i}] (${it.name})`;
+    const s = sources.find((x) => x.name === it.name);
+    if (!s) {
+      throw new CliError(
+        `${where}: name: not a source of this control host (expected one of ${
+          sources.map((x) => x.name).join(", ")
+        })`,
+        1,
+        "restore a backup made by k8s4r backup create of this kind of control host",
+      );
+    }
+    if (seen.has(it.name)) throw new CliError(`${where}: listed twice`);
+    seen.add(it.name);
+    if (it.kind !== s.kind) {
+      throw new CliError(`${where}: kind: expected ${s.kind}, got ${it.kind}`);
+    }
+    const want = restorePath(src, s);
+    if (it.restoreTo !== want) {
+      throw new CliError(
+        `${where}: restoreTo: expected ${want} (where this control host keeps ${s.name}), got ${it.restoreTo}`,
+        1,
+        "a backup restores onto the same layout it was made from (same project layout and mode)",
+      );
+    }
+  }
+}
+
 export interface RestoreReport {
   restored: { name: string; to: string }[];
   /** What to run next. */
@@ -277,6 +356,7 @@ export async function restoreBackup(
   opts: { force?: boolean } = {},
 ): Promise<RestoreReport> {
   const m = await readBackup(dir);
+  checkItemsAgainstSources(m, src, join(dir, MANIFEST));
   const running = src.running();
   if (running.length) {
     throw new CliError(

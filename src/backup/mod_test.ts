@@ -15,15 +15,20 @@ async function withDirs(fn: (project: string, out: string) => Promise<void>) {
 }
 
 function sources(root: string, running: string[] = []): BackupSources {
+  const list: BackupSources["sources"] = [
+    { kind: "sqlite", name: "datastore", path: `${root}/data/ds.sqlite3`, required: true },
+    { kind: "file", name: "keys", path: `${root}/data/keys.json`, required: true },
+    { kind: "file", name: "root-ca.key", path: `${root}/ca/root.key` },
+  ];
   return {
     root,
     mode: "plain",
     startCommand: () => "k8s4r devenv start",
-    sources: [
-      { kind: "sqlite", name: "datastore", path: `${root}/data/ds.sqlite3`, required: true },
-      { kind: "file", name: "keys", path: `${root}/data/keys.json`, required: true },
-      { kind: "file", name: "root-ca.key", path: `${root}/ca/root.key` },
-    ],
+    sources: list,
+    sourcesOf: (mode) => {
+      if (mode !== "plain") throw new CliError(`unknown mode ${mode}`);
+      return list;
+    },
     running: () => running,
   };
 }
@@ -107,5 +112,86 @@ Deno.test("a damaged or foreign backup is refused before anything is written", a
       () => createBackup(sources(p), `${out}-2`, io),
       /datastore is missing/,
     );
+  });
+});
+
+Deno.test("restore writes only the configured sources: an item under another name, kind or restoreTo is refused before anything is written", async () => {
+  await withDirs(async (p, out) => {
+    new DatabaseSync(`${p}/data/ds.sqlite3`).exec("CREATE TABLE t (x)");
+    await Deno.writeTextFile(`${p}/data/keys.json`, "{}");
+    await createBackup(sources(p), out, io);
+    await Deno.remove(`${p}/data`, { recursive: true });
+    const original = await Deno.readTextFile(`${out}/manifest.json`);
+    const tampered = async (edit: (m: { items: Record<string, unknown>[] }) => void) => {
+      const m = JSON.parse(original);
+      edit(m);
+      await Deno.writeTextFile(`${out}/manifest.json`, JSON.stringify(m));
+    };
+    // Inside the project, but not where "keys" belongs (a hash-valid file, a path the old check
+    // let through): e.g. the project's code or another component's secret.
+    await tampered((m) => (m.items[1].restoreTo = "main.ts"));
+    await assert.rejects(
+      () => restoreBackup(out, sources(p)),
+      /items\[1\] \(keys\): restoreTo: expected data\/keys\.json \(where this control host keeps keys\), got main\.ts/,
+    );
+    assert.throws(() => Deno.statSync(`${p}/main.ts`), Deno.errors.NotFound);
+    assert.throws(() => Deno.statSync(`${p}/data/ds.sqlite3`), Deno.errors.NotFound);
+    // An item this control host has no source for.
+    await Deno.copyFile(`${out}/keys`, `${out}/evil`);
+    await tampered((m) => m.items.push({ ...m.items[1], name: "evil", file: "evil" }));
+    await assert.rejects(
+      () => restoreBackup(out, sources(p)),
+      /items\[2\] \(evil\): name: not a source of this control host \(expected one of datastore, keys, root-ca\.key\)/,
+    );
+    // The right name and path, another kind.
+    await tampered((m) => (m.items[1].kind = "sqlite"));
+    await assert.rejects(
+      () => restoreBackup(out, sources(p)),
+      /items\[1\] \(keys\): kind: expected file, got sqlite/,
+    );
+    // Twice the same source.
+    await tampered((m) => m.items.push(m.items[1]));
+    await assert.rejects(() => restoreBackup(out, sources(p)), /items\[2\] \(keys\): listed twice/);
+    assert.throws(() => Deno.statSync(`${p}/data`), Deno.errors.NotFound, "something was written");
+    // The control: the manifest as made restores.
+    await Deno.writeTextFile(`${out}/manifest.json`, original);
+    assert.equal((await restoreBackup(out, sources(p))).restored.length, 2);
+  });
+});
+
+Deno.test("backup create: an existing out dir must be this user's, 0700, a real directory, and empty", async () => {
+  if (Deno.uid() !== 0) {
+    throw new Error("this test chowns a directory to another user: run it as root (CI does)");
+  }
+  await withDirs(async (p, out) => {
+    new DatabaseSync(`${p}/data/ds.sqlite3`).exec("CREATE TABLE t (x)");
+    await Deno.writeTextFile(`${p}/data/keys.json`, "{}");
+    // Someone else's empty directory (made in advance where the backup is expected).
+    await Deno.mkdir(out, { mode: 0o700 });
+    await Deno.chown(out, 65534, 65534);
+    await assert.rejects(
+      () => createBackup(sources(p), out, io),
+      new RegExp(`${out}: belongs to uid 65534, not to this user \\(uid 0\\)`),
+    );
+    assert.deepEqual([...Deno.readDirSync(out)], [], "something was written into it");
+    await Deno.chown(out, 0, 0);
+    // Ours, but others may enter it.
+    await Deno.chmod(out, 0o755);
+    await assert.rejects(
+      () => createBackup(sources(p), out, io),
+      new RegExp(`${out}: mode 0755, expected 0700`),
+    );
+    assert.deepEqual([...Deno.readDirSync(out)], []);
+    // A symbolic link to a directory that would pass.
+    await Deno.chmod(out, 0o700);
+    await Deno.symlink(out, `${out}-link`);
+    await assert.rejects(
+      () => createBackup(sources(p), `${out}-link`, io),
+      /-link: is a symbolic link, expected a directory/,
+    );
+    // The controls: our own empty 0700 directory, and one that does not exist yet.
+    assert.equal((await createBackup(sources(p), out, io)).items.length, 2);
+    assert.equal((await createBackup(sources(p), `${out}-new`, io)).items.length, 2);
+    assert.equal(mode(`${out}-new`), 0o700);
   });
 });

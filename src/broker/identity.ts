@@ -4,8 +4,10 @@
  * broker host; devenv's broker-identity component runs the same code with its own agent).
  *
  * On every update of the X509 source:
- *  - when the SVID differs from the certificate and key on disk, writes them (0600) atomically
- *    and sends Mosquitto SIGHUP (it reloads certificate and key on SIGHUP, so a rotated SVID is
+ *  - when the SVID differs from the certificate and key on disk, writes them (0600) as one
+ *    pair (`writeFilePairAtomic`: the paths are links into a versioned directory whose pointer
+ *    is switched once both files are written, so the pair on disk always matches) and sends
+ *    Mosquitto SIGHUP (it reloads certificate and key on SIGHUP, so a rotated SVID is
  *    served without a restart). Nothing else sends SIGHUP: the same SVID again, a restart of
  *    this process with the files already current and the broker already told (the status
  *    file's `reloadedSerial`), or a bundle-only update change nothing. Mosquitto 2.0.11 and
@@ -22,7 +24,7 @@
 import { createHash, X509Certificate } from "node:crypto";
 import { errorMessage } from "../cli/errors.ts";
 import type { X509SvidSource } from "../spiffe/source.ts";
-import { writeFileAtomic } from "../fs/atomic.ts";
+import { writeFileAtomic, writeFilePairAtomic } from "../fs/atomic.ts";
 
 export interface BrokerIdentityStatus {
   pid: number;
@@ -127,9 +129,12 @@ export class BrokerIdentity {
     ]);
     const written = diskCert !== certPem || diskKey !== keyPem;
     if (written) {
-      // Key first: a broker (re)started in between finds a key that matches the next cert.
-      await writeFileAtomic(this.paths.keyFile, keyPem, 0o600);
-      await writeFileAtomic(this.paths.certFile, certPem, 0o600);
+      // Both at once (a new version, then one pointer switched): a broker (re)started or
+      // SIGHUPed at any moment, even after a crash in between, finds a matching pair.
+      await writeFilePairAtomic(
+        { path: this.paths.keyFile, data: keyPem, mode: 0o600 },
+        { path: this.paths.certFile, data: certPem, mode: 0o600 },
+      );
       this.log(
         `wrote SVID ${svid.id.toString()} serial ${serial}, expires ${svid.notAfter.toISOString()}`,
       );

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { createPrivateKey, X509Certificate } from "node:crypto";
 import { X509Bundle, X509BundleSet } from "../spiffe/bundle.ts";
 import { StaticX509Source } from "../spiffe/source.ts";
 import { parseX509SvidPem } from "../spiffe/svid.ts";
@@ -160,6 +161,59 @@ Deno.test("broker-identity: a failing broker action is recorded, not thrown", as
     await bi.update(); // must not reject
     assert.ok(logs.some((l) => l.includes("port in use")));
   } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("broker-identity: when the certificate file cannot be replaced, broker.key and broker.crt still match", async () => {
+  if (Deno.uid() !== 0) throw new Error("uses chattr +i (an immutable file): run as root");
+  const dir = await Deno.makeTempDir();
+  const paths = {
+    certFile: `${dir}/m/broker.crt`,
+    keyFile: `${dir}/m/broker.key`,
+    caBundleFile: `${dir}/certs/spire-ca.crt`,
+    statusFile: `${dir}/broker-identity.json`,
+    trustDomain: TD,
+  };
+  try {
+    const ca = TestCa.create({ trustDomain: TD });
+    let svid = svidFrom(ca);
+    const source = {
+      getX509Svid: () => svid,
+      getX509BundleForTrustDomain: () => new X509Bundle(TD, [ca.certificate]),
+    };
+    const bi = new BrokerIdentity(source as unknown as StaticX509Source, paths, {
+      reload: () => Promise.resolve("reloaded"),
+      restart: () => Promise.resolve("restarted"),
+    }, () => {});
+    await bi.update();
+    const matches = () =>
+      new X509Certificate(Deno.readTextFileSync(paths.certFile)).checkPrivateKey(
+        createPrivateKey(Deno.readTextFileSync(paths.keyFile)),
+      );
+    assert.equal(matches(), true);
+    // A renewal while the file broker.crt leads to cannot be replaced (an immutable file; a
+    // crash between the two writes is the same): Mosquitto, restarted or SIGHUPed, must find a
+    // matching pair. Written separately, the new key landed next to the old certificate.
+    svid = svidFrom(ca);
+    await new Deno.Command("chattr", { args: ["+i", paths.certFile] }).output();
+    try {
+      await bi.update(); // logs a failure, if any; never throws
+      assert.equal(matches(), true, "broker.key no longer matches broker.crt");
+    } finally {
+      await new Deno.Command("chattr", { args: ["-i", paths.certFile] }).output();
+    }
+    // The control: the next update writes the new pair.
+    await bi.update();
+    assert.equal(matches(), true);
+    assert.equal(
+      new X509Certificate(Deno.readTextFileSync(paths.certFile)).serialNumber,
+      svid.serialNumber,
+    );
+    assert.equal((await Deno.stat(paths.keyFile)).mode! & 0o777, 0o600);
+    assert.equal((await Deno.stat(paths.certFile)).mode! & 0o777, 0o600);
+  } finally {
+    await new Deno.Command("chattr", { args: ["-i", paths.certFile] }).output().catch(() => {});
     await Deno.remove(dir, { recursive: true });
   }
 });

@@ -13,7 +13,9 @@
  * without a restart.
  *
  * Files of a CA directory: `root.crt` (0644), `root.key` (0600; move it offline after init),
- * `upstream.crt` (0644), `upstream.key` (0600). EC P-256 keys, PKCS#8 PEM.
+ * `upstream.crt` (0644), `upstream.key` (0600). EC P-256 keys, PKCS#8 PEM. The upstream pair
+ * is written as one (`writeFilePairAtomic`: both are links into `.upstream.key.pair/current/`),
+ * since SPIRE reads the two files separately at any of its rotations.
  */
 import { Buffer } from "node:buffer";
 import {
@@ -25,7 +27,7 @@ import {
 } from "node:crypto";
 import { join } from "node:path";
 import { CliError } from "../cli/errors.ts";
-import { fileMode, writeFileAtomic } from "../fs/atomic.ts";
+import { fileMode, writeFileAtomic, writeFilePairAtomic } from "../fs/atomic.ts";
 import { buildCertificate, issuerFromCert } from "../spiffe/cert_builder.ts";
 import { encodePem } from "../spiffe/pem.ts";
 import type { DiskUpstreamAuthority } from "../spire/server.ts";
@@ -141,9 +143,12 @@ async function writeUpstream(
     key,
     issuerFromCert(new Uint8Array(root.raw), rootKey),
   );
-  // Key first: a new certificate must never sit next to the old key.
-  await writeFileAtomic(f.upstreamKey, keyPem(key), 0o600);
-  await writeFileAtomic(f.upstreamCert, certPem(built.der), 0o644);
+  // One pair: SPIRE's disk plugin, reading both at any moment (even after a crash between the
+  // two writes), finds a key that matches the certificate.
+  await writeFilePairAtomic(
+    { path: f.upstreamKey, data: keyPem(key), mode: 0o600 },
+    { path: f.upstreamCert, data: certPem(built.der), mode: 0o644 },
+  );
   return new X509Certificate(Buffer.from(built.der));
 }
 

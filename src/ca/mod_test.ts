@@ -158,3 +158,34 @@ Deno.test("k8s4r ca init|show through the CLI: usage errors exit 2, show exits 1
     );
   });
 });
+
+Deno.test("ca issue: when the certificate file cannot be replaced, upstream.key and upstream.crt still match", async () => {
+  if (Deno.uid() !== 0) throw new Error("uses chattr +i (an immutable file): run as root");
+  await withDir(async (dir) => {
+    await initCa(dir, { trustDomain: TD });
+    const f = caFiles(dir);
+    const matches = () => {
+      const cert = new X509Certificate(Deno.readTextFileSync(f.upstreamCert));
+      const key = createPrivateKey(Deno.readTextFileSync(f.upstreamKey));
+      return cert.checkPrivateKey(key);
+    };
+    const before = Deno.readTextFileSync(f.upstreamCert);
+    // The file upstream.crt leads to is immutable (a crash between two writes is the same):
+    // written separately, the new key landed next to the old certificate.
+    await new Deno.Command("chattr", { args: ["+i", f.upstreamCert] }).output();
+    try {
+      await issueUpstream(dir, { trustDomain: TD }).catch(() => {});
+      // SPIRE's disk plugin reads both files at its next rotation: they must still be a pair.
+      assert.equal(matches(), true, "upstream.key no longer matches upstream.crt");
+    } finally {
+      await new Deno.Command("chattr", { args: ["-i", f.upstreamCert] }).output();
+    }
+    // The control: once it can be written, issue renews both, still a pair.
+    await issueUpstream(dir, { trustDomain: TD });
+    assert.notEqual(Deno.readTextFileSync(f.upstreamCert), before);
+    assert.equal(matches(), true);
+    assert.equal(mode(f.upstreamKey), 0o600);
+    assert.equal(mode(f.upstreamCert), 0o644);
+    assert.deepEqual((await readCa(dir)).problems, []);
+  });
+});

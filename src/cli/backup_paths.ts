@@ -16,6 +16,10 @@ import { resolveContext } from "../devenv/context.ts";
 import type { Io } from "./io.ts";
 import { isRecordAlive, readPidFile } from "../process/mod.ts";
 import { Args } from "./mod.ts";
+import { CliError } from "./errors.ts";
+
+/** The modes a dev-layout control host runs in (the manifest's `mode`). */
+const BACKUP_MODES = ["plain", "root-ca", "ha"];
 
 export function devStackBackupSources(io: Io, projectDir: string): BackupSources {
   const ctx = resolveContext(new Args([], new Map([["project-dir", projectDir]]), [], []), io);
@@ -25,8 +29,8 @@ export function devStackBackupSources(io: Io, projectDir: string): BackupSources
   const factory = factoryCaFiles(L.factoryCaDir);
   const broker = brokerFiles(L.mosquittoDir);
   const pendingDump = (db: string) => pendingRestore(L, db);
-  const sources: BackupSource[] = [
-    mode.ha
+  const sourcesOf = (ha: boolean): BackupSource[] => [
+    ha
       ? {
         kind: "postgres",
         name: "spire-datastore",
@@ -48,7 +52,7 @@ export function devStackBackupSources(io: Io, projectDir: string): BackupSources
       path: join(L.spireServerDataDir, "keys.json"),
       required: true,
     },
-    ...(mode.ha
+    ...(ha
       ? [{
         kind: "file",
         name: "spire-2-keys",
@@ -65,7 +69,7 @@ export function devStackBackupSources(io: Io, projectDir: string): BackupSources
     { kind: "file", name: "factory-ca.key", path: factory.key },
     { kind: "file", name: "control-host.json", path: L.controlHostConfig },
     { kind: "file", name: "robots.json", path: L.robotRecords },
-    mode.ha
+    ha
       ? {
         kind: "postgres",
         name: "fleet-registry",
@@ -87,11 +91,19 @@ export function devStackBackupSources(io: Io, projectDir: string): BackupSources
   return {
     root: L.root,
     mode: mode.ha ? "ha" : mode.rootCa ? "root-ca" : "plain",
+    sources: sourcesOf(mode.ha),
+    sourcesOf: (m) => {
+      if (!BACKUP_MODES.includes(m)) {
+        throw new CliError(
+          `the backup is of a "${m}" control host; expected one of ${BACKUP_MODES.join(", ")}`,
+        );
+      }
+      return sourcesOf(m === "ha");
+    },
     startCommand: (m) =>
       `k8s4r devenv start${m === "ha" ? " --ha" : m === "root-ca" ? " --root-ca" : ""}${
         restoredControlFlags(L.controlHostConfig, factory.cert)
       }`,
-    sources,
     running: () =>
       devenvComponents(stackView(ctx)).filter((c) =>
         c.kind === "daemon" && c.pidFile && isRecordAlive(readPidFile(c.pidFile))

@@ -28,6 +28,18 @@ Deno.test("backup sources: the control host's files at the layout's paths (the o
     assert.equal(path("mosquitto-passwd"), broker.passwordFile);
     assert.equal(path("mosquitto-dynsec.json"), broker.dynsecFile);
 
+    // A restore checks a manifest against the sources of the manifest's mode: a clean host
+    // (this one: no state, so "plain") takes an HA backup's PostgreSQL dumps where devenv start
+    // loads them from.
+    assert.equal(src.mode, "plain");
+    const kinds = (mode: string) =>
+      Object.fromEntries(src.sourcesOf(mode).map((s) => [s.name, s.kind]));
+    assert.equal(kinds("plain")["spire-datastore"], "sqlite");
+    assert.equal(kinds("ha")["spire-datastore"], "postgres");
+    assert.equal(kinds("ha")["spire-2-keys"], "file");
+    assert.equal(kinds("root-ca")["spire-2-keys"], undefined);
+    assert.throws(() => src.sourcesOf("cluster"), /a "cluster" control host; expected one of/);
+
     // The start a restore suggests: the plain stack's, then what the restored files need.
     assert.equal(src.startCommand("plain"), "k8s4r devenv start");
     assert.equal(src.startCommand("ha"), "k8s4r devenv start --ha");

@@ -12,7 +12,7 @@ import { formatDuration, parseDuration } from "../fleet/duration.ts";
 import { parseHostPort } from "../fleet/addresses.ts";
 import { DynsecAdmin } from "../mqtt/dynsec.ts";
 import { findSpireBinaries } from "../spire/binaries.ts";
-import { SpireServerCli } from "../spire/server.ts";
+import { spireAdminCli } from "../spire/server.ts";
 import {
   type ControlHostConfig,
   findControlConfig,
@@ -54,7 +54,7 @@ async function deps(args: Args, io: Io, dev: DevControlConfig): Promise<ControlD
   }
   return {
     config,
-    spire: new SpireServerCli(io.runner, bin, config.spireServer.adminSocket),
+    spire: await spireAdminCli(io.runner, bin, config.spireServer.adminSocket),
     broker: () => brokerAdmin(config),
   };
 }
@@ -95,8 +95,12 @@ expires after --ttl (default ${
 key itself (k8s4r agent csr); the factory CA signs its CSR, valid for --ttl (default
 ${formatDuration(DEFAULT_CERT_TTL_MS)}). Writes one 0600 enrollment file (trust bundle, SPIRE
 server address, broker URL, broker and fleet-server SPIFFE IDs, the token or certificate) and
-prints the command to run on the robot. Adding a robot that was removed lifts its cut-off.`,
-    positionals: [{ name: "ID", description: "The robot id (not k8s4r-*, not broker)" }],
+prints the command to run on the robot. Adding a robot that was removed lifts its cut-off, last,
+once everything else succeeded, and only after every SVID it got before its removal has expired
+(robot remove records until when: the removal plus the longest SVID lifetime,
+spireServer.defaultX509SvidTtl or 1h, plus a minute): the broker tells an old SVID from a new one
+by nothing but the CN. Before then robot add refuses, unless --force.`,
+    positionals: [{ name: "ID", description: "The robot id (not k8s4r-*, broker or localhost)" }],
     flags: [
       {
         name: "attestation",
@@ -122,6 +126,12 @@ prints the command to run on the robot. Adding a robot that was removed lifts it
         valueName: "FILE",
         description: "The enrollment file (default ID.enroll.json)",
       },
+      {
+        name: "force",
+        type: "boolean",
+        description:
+          "Re-add a removed robot before its old SVIDs expired (they reach the broker again; a warning says until when)",
+      },
       CONFIG_FLAG,
     ],
     async run(args, io) {
@@ -143,7 +153,15 @@ prints the command to run on the robot. Adding a robot that was removed lifts it
       const out = resolve(io.cwd, args.string("out") ?? `${id}.enroll.json`);
       const d = await deps(args, io, dev);
       const t0 = performance.now();
-      const r = await addRobot(d, { robotId: id, attestation, csrPem, ttlMs, out });
+      const r = await addRobot(d, {
+        robotId: id,
+        attestation,
+        csrPem,
+        ttlMs,
+        out,
+        force: args.bool("force"),
+      });
+      for (const w of r.warnings) io.stderr.write(`warning: ${w}\n`);
       const e = r.enrollment;
       io.stdout.write(
         `${id}: wrote ${out} (0600; ${

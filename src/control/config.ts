@@ -11,7 +11,8 @@
  *     "spireServer": {
  *       "adminSocket": "/run/spire/server/api.sock",   the SPIRE server's admin API
  *       "address": "10.0.0.1:8081",                    what robots dial (its bind_address)
- *       "bin": "/usr/local/bin/spire-server"           optional: found like devenv's otherwise
+ *       "bin": "/usr/local/bin/spire-server",          optional: found like devenv's otherwise
+ *       "defaultX509SvidTtl": "1h"                     optional: the server's default_x509_svid_ttl
  *     },
  *     "broker": {
  *       "url": "ssl://10.0.0.1:8883",                  what robots dial (an mTLS listener)
@@ -29,6 +30,7 @@
 import { dirname, isAbsolute, join, resolve } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
 import { parseBrokerUrl, parseHostPort } from "../fleet/addresses.ts";
+import { parseDuration } from "../fleet/duration.ts";
 import { lineOfKey } from "../fleet/enrollment.ts";
 import { PRODUCTION_CONFIG_DIR } from "../fleet/paths.ts";
 import type { FactoryCaFiles } from "./factory_ca.ts";
@@ -41,7 +43,16 @@ export interface ControlHostConfig {
   /** The file it was read from (absolute). */
   file: string;
   trustDomain: string;
-  spireServer: { adminSocket: string; address: string; bin?: string };
+  spireServer: {
+    adminSocket: string;
+    address: string;
+    bin?: string;
+    /**
+     * The SPIRE server's `default_x509_svid_ttl` (a duration: 1h, 90m), default 1h as SPIRE's:
+     * how long a removed robot's SVIDs can stay valid, so how long `robot add` keeps it cut off.
+     */
+    defaultX509SvidTtl?: string;
+  };
   broker: { url: string; adminAddress: string; adminCredentials: string };
   robotSelectors: string[];
   factoryCa?: FactoryCaFiles;
@@ -112,7 +123,7 @@ export function parseControlConfig(text: string, file: string): ControlHostConfi
       "factoryCa",
       "records",
     ],
-    spireServer: ["adminSocket", "address", "bin"],
+    spireServer: ["adminSocket", "address", "bin", "defaultX509SvidTtl"],
     broker: ["url", "adminAddress", "adminCredentials"],
     factoryCa: ["cert", "key"],
   };
@@ -134,6 +145,18 @@ export function parseControlConfig(text: string, file: string): ControlHostConfi
     parseHostPort(address, "10.0.0.1:8081");
   } catch (err) {
     bad("spireServer.address", errorMessage(err));
+  }
+  const svidTtl = str(
+    "spireServer.defaultX509SvidTtl",
+    "the SPIRE server's default_x509_svid_ttl, like 1h",
+    true,
+  );
+  if (svidTtl !== undefined) {
+    try {
+      if (parseDuration(svidTtl) < 1000) throw new Error(`expected at least 1s, got '${svidTtl}'`);
+    } catch (err) {
+      bad("spireServer.defaultX509SvidTtl", errorMessage(err));
+    }
   }
   const url = str("broker.url", "the broker URL robots dial, like ssl://10.0.0.1:8883")!;
   try {
@@ -165,6 +188,7 @@ export function parseControlConfig(text: string, file: string): ControlHostConfi
       adminSocket: path("spireServer.adminSocket", "the SPIRE server's admin socket")!,
       address,
       bin: path("spireServer.bin", "the spire-server binary", true),
+      ...(svidTtl !== undefined ? { defaultX509SvidTtl: svidTtl } : {}),
     },
     broker: {
       url,
@@ -188,6 +212,9 @@ export function renderControlConfig(c: Omit<ControlHostConfig, "file">): string 
         adminSocket: c.spireServer.adminSocket,
         address: c.spireServer.address,
         ...(c.spireServer.bin ? { bin: c.spireServer.bin } : {}),
+        ...(c.spireServer.defaultX509SvidTtl
+          ? { defaultX509SvidTtl: c.spireServer.defaultX509SvidTtl }
+          : {}),
       },
       broker: c.broker,
       robotSelectors: c.robotSelectors,

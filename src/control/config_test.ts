@@ -26,6 +26,15 @@ Deno.test("control-host config: renders and reads back; relative paths resolve n
     "/x.json",
   );
   assert.equal(noCa.factoryCa, undefined);
+  assert.equal(c.spireServer.defaultX509SvidTtl, undefined, "SPIRE's default (1h) applies");
+  const ttl = parseControlConfig(
+    renderControlConfig({
+      ...GOOD,
+      spireServer: { ...GOOD.spireServer, defaultX509SvidTtl: "4h" },
+    }),
+    "/x.json",
+  );
+  assert.equal(ttl.spireServer.defaultX509SvidTtl, "4h");
 });
 
 Deno.test("control-host config: bad input is one line naming file, line, key and what was expected", () => {
@@ -47,6 +56,10 @@ Deno.test("control-host config: bad input is one line naming file, line, key and
     /robotSelectors: expected a non-empty list of selectors/,
   );
   assert.throws(bad((o) => (o.extra = 1)), /control-host\.json:\d+: extra: unknown key/);
+  assert.throws(
+    bad((o) => ((o.spireServer as Record<string, unknown>).defaultX509SvidTtl = "an hour")),
+    /control-host\.json:\d+: spireServer\.defaultX509SvidTtl: expected a duration like 600, 10m/,
+  );
   assert.throws(bad((o) => (o.version = 2)), /version: expected 1, got 2/);
   assert.throws(
     () => parseControlConfig('{\n  "format": ', "/c.json"),

@@ -5,11 +5,12 @@
  * the token.
  *
  *   { "robots": { "robot-007": { "attestation": "join_token", "addedAt": "...",
- *                                "expiresAt": "...", "removedAt": "..." } } }
+ *                                "expiresAt": "...", "removedAt": "...",
+ *                                "svidsValidUntil": "..." } } }
  */
-import { dirname } from "node:path";
 import { CliError, errorMessage } from "../cli/errors.ts";
 import { writeFileAtomic } from "../fs/atomic.ts";
+import { withFileLock } from "../fs/lock.ts";
 import type { AttestationType } from "../fleet/enrollment.ts";
 
 export interface RobotRecord {
@@ -22,6 +23,12 @@ export interface RobotRecord {
   certSerial?: string;
   /** Set by `robot remove`; cleared by the next `robot add`. */
   removedAt?: string;
+  /**
+   * Set by `robot remove`: until when an SVID the robot got before its removal can still be
+   * valid (removal + the longest X.509 SVID lifetime + a margin). The broker tells those from a
+   * new SVID by nothing but the CN, so `robot add` keeps the robot cut off until then.
+   */
+  svidsValidUntil?: string;
 }
 
 export type Records = Record<string, RobotRecord>;
@@ -47,14 +54,9 @@ export async function readRecords(file: string): Promise<Records> {
 
 /** Read-modify-write under an exclusive lock (concurrent `robot add`s); written atomically. */
 export async function updateRecords(file: string, fn: (r: Records) => void): Promise<void> {
-  await Deno.mkdir(dirname(file), { recursive: true, mode: 0o700 });
-  const lock = await Deno.open(`${file}.lock`, { create: true, write: true, mode: 0o600 });
-  try {
-    await lock.lock(true);
+  await withFileLock(file, async () => {
     const records = await readRecords(file);
     fn(records);
     await writeFileAtomic(file, JSON.stringify({ robots: records }, null, 2) + "\n", 0o600);
-  } finally {
-    lock.close();
-  }
+  });
 }

@@ -13,7 +13,8 @@
  * The broker knows a robot only when it was removed: the dynamic-security plugin's deny list
  * (src/mqtt/dynsec.ts).
  */
-import { CliError, UsageError } from "../cli/errors.ts";
+import { CliError, errorMessage, UsageError } from "../cli/errors.ts";
+import { parseDuration } from "../fleet/duration.ts";
 import {
   type AttestationType,
   enrollCommand,
@@ -43,6 +44,31 @@ import { readRecords, type Records, type RobotRecord, updateRecords } from "./re
 
 export const DEFAULT_TOKEN_TTL_MS = 600_000;
 export const DEFAULT_CERT_TTL_MS = 365 * 86_400_000;
+/** SPIRE's own `default_x509_svid_ttl`, when the control-host config does not say. */
+export const DEFAULT_X509_SVID_TTL_MS = 3_600_000;
+/**
+ * Added to a removed robot's SVID lifetime: SPIRE's entry cache may still serve the deleted
+ * entry for a few seconds (5 s by default), and the robot's clock may be ahead of ours.
+ */
+export const REMOVAL_MARGIN_MS = 60_000;
+
+/** The longest lifetime of an X.509 SVID issued under `entry` (its own TTL, or the default). */
+export function svidLifetimeMs(cfg: ControlHostConfig, entries: Entry[]): number {
+  const dflt = cfg.spireServer.defaultX509SvidTtl
+    ? parseDuration(cfg.spireServer.defaultX509SvidTtl)
+    : DEFAULT_X509_SVID_TTL_MS;
+  return Math.max(dflt, ...entries.map((e) => e.x509SvidTtl * 1000));
+}
+
+/**
+ * Until when a removed robot's old SVIDs can be valid: the record's `svidsValidUntil`, or (a
+ * removal recorded by an older k8s4r) its `removedAt` plus the default lifetime and margin.
+ */
+export function svidsValidUntil(rec: RobotRecord, cfg: ControlHostConfig): number | undefined {
+  if (rec.svidsValidUntil) return Date.parse(rec.svidsValidUntil);
+  if (!rec.removedAt) return undefined;
+  return Date.parse(rec.removedAt) + svidLifetimeMs(cfg, []) + REMOVAL_MARGIN_MS;
+}
 
 export interface ControlDeps {
   config: ControlHostConfig;
@@ -60,7 +86,7 @@ export function checkRobotIdArg(id: string | undefined, cmd: string): string {
   }
   if (isReservedRobotId(id)) {
     throw new UsageError(
-      `robot ${cmd}: '${id}' is reserved (k8s4r-* and broker are the fleet's own names; a robot's id is its MQTT username)`,
+      `robot ${cmd}: '${id}' is reserved (k8s4r-*, broker and localhost are the fleet's own names; a robot's id is its MQTT username and client id)`,
     );
   }
   return id;
@@ -99,6 +125,11 @@ export interface AddOptions {
   ttlMs?: number;
   /** Where the enrollment file goes. */
   out: string;
+  /**
+   * Lift the cut-off of a removed robot although SVIDs it got before its removal may still be
+   * valid (they can then reach the broker again until they expire).
+   */
+  force?: boolean;
 }
 
 export interface AddResult {
@@ -108,8 +139,17 @@ export interface AddResult {
   command: string;
   /** What was done, one line each. */
   steps: string[];
+  /** What `force` let through, one line each. */
+  warnings: string[];
 }
 
+/**
+ * Enrolls a robot. Everything is checked before anything changes (the CSR, the factory CA, the
+ * broker's answer, a removed robot's old SVIDs); then SPIRE, the enrollment file, and last the
+ * broker: a removed robot's cut-off is lifted only once all else succeeded, and only after every
+ * SVID it got before its removal has expired (the broker tells them from new ones by nothing but
+ * the CN), unless `force`.
+ */
 export async function addRobot(deps: ControlDeps, o: AddOptions): Promise<AddResult> {
   const { config: cfg, spire } = deps;
   const now = deps.now?.() ?? Date.now();
@@ -117,6 +157,7 @@ export async function addRobot(deps: ControlDeps, o: AddOptions): Promise<AddRes
   const id = o.robotId;
   const nodeId = nodeSpiffeId(td, id);
   const steps: string[] = [];
+  const warnings: string[] = [];
   if (o.attestation === "x509pop" && !o.csrPem) {
     throw new UsageError(
       `robot add: --attestation x509pop needs --csr FILE (on the robot: k8s4r agent csr --robot-id ${id} > ${id}.csr)`,
@@ -125,107 +166,149 @@ export async function addRobot(deps: ControlDeps, o: AddOptions): Promise<AddRes
   if (o.attestation === "join_token" && o.csrPem) {
     throw new UsageError("robot add: --csr is for --attestation x509pop");
   }
-  const factory = o.attestation === "x509pop" ? await loadFactory(cfg) : undefined;
+  // Signing is local and changes nothing: a CSR for another CN is refused here.
+  const cert = o.attestation === "x509pop"
+    ? (await loadFactory(cfg)).signCsr(o.csrPem!, id, o.ttlMs ?? DEFAULT_CERT_TTL_MS, now)
+    : undefined;
 
-  // The broker first: a robot removed before must not stay cut off once added again.
+  const records = await readRecords(cfg.records);
   const admin = await deps.broker();
   try {
-    if (await restoreUsername(admin, id)) steps.push(`broker: lifted the cut-off of ${id}`);
+    const cutOff = (await removedUsernames(admin)).includes(id);
+    const rec = records[id];
+    const until = rec ? svidsValidUntil(rec, cfg) : undefined;
+    if (cutOff) {
+      const why = until === undefined
+        ? `${id} is cut off on the broker, and k8s4r's records (${cfg.records}) do not say when it was removed: SVIDs it got before may still be valid`
+        : until > now
+        ? `${id} was removed at ${rec!.removedAt}; SVIDs it got before that stay valid until ${
+          new Date(until).toISOString()
+        } (${Math.ceil((until - now) / 60_000)} min from now)`
+        : undefined;
+      if (why && !o.force) {
+        throw new CliError(
+          `robot add: ${why}, and the broker cannot tell them from a new one (same CN): it stays cut off until then`,
+          1,
+          `add it again after that time, or pass --force to lift the cut-off now (anyone holding an old SVID of ${id} can then use the broker as ${id} until it expires)`,
+        );
+      }
+      if (why) {
+        warnings.push(
+          `--force: ${why}; whoever holds one can publish and subscribe as ${id}${
+            until !== undefined ? ` until ${new Date(until).toISOString()}` : ""
+          }`,
+        );
+      }
+    }
+
+    const [entries, agents] = await Promise.all([spire.listEntries(), spire.listAgents()]);
+    const aliases = entries.filter((e) => e.spiffeId === nodeId);
+    let attestation: Enrollment["attestation"];
+    let keep: Entry | undefined;
+    let record: RobotRecord;
+    if (!cert) {
+      const ttlS = Math.max(1, Math.round((o.ttlMs ?? DEFAULT_TOKEN_TTL_MS) / 1000));
+      // SPIRE makes the node alias entry for the token (parent = the token's agent).
+      const token = await spire.generateJoinToken(nodeId, ttlS);
+      attestation = { type: "join_token", token: token.value, expiresAt: token.expiresAt };
+      steps.push(
+        `SPIRE: join token for ${nodeId}, single use, expires ${token.expiresAt.toISOString()}`,
+      );
+      record = {
+        attestation: "join_token",
+        addedAt: new Date(now).toISOString(),
+        expiresAt: token.expiresAt.toISOString(),
+      };
+    } else {
+      attestation = { type: "x509pop", certificate: cert.chainPem, expiresAt: cert.notAfter };
+      const desired = {
+        node: true,
+        spiffeId: nodeId,
+        parentId: serverId(td),
+        selectors: [`x509pop:subject:cn:${id}`, `x509pop:serialnumber:${cert.serialHex}`],
+        dnsNames: [],
+      };
+      keep = aliases.find((e) => e.parentId === serverId(td));
+      if (keep) {
+        await spire.updateEntry(keep.id, desired);
+        steps.push(
+          `SPIRE: node alias ${nodeId} now matches the new certificate (serial ${cert.serialHex})`,
+        );
+      } else {
+        keep = await spire.createEntry(desired);
+        steps.push(`SPIRE: node alias ${nodeId} for x509pop CN=${id}, serial ${cert.serialHex}`);
+      }
+      steps.push(`factory CA: signed CN=${id}, valid until ${cert.notAfter.toISOString()}`);
+      record = {
+        attestation: "x509pop",
+        addedAt: new Date(now).toISOString(),
+        expiresAt: cert.notAfter.toISOString(),
+        certSerial: cert.serialHex,
+      };
+    }
+
+    // Older credentials of this robot stop counting: their alias entries go, their agents are
+    // evicted (a re-enrolled robot attests anew with the file written below).
+    const stale = aliases.filter((e) => e.id !== keep?.id);
+    const staleAgents = new Map<string, AgentRecord>();
+    for (const e of stale) for (const a of agentsOfAlias(e, agents, td)) staleAgents.set(a.id, a);
+    if (cert) {
+      for (const a of x509popAgentsOf(id, agents)) {
+        if (!a.selectors.includes(`x509pop:serialnumber:${record.certSerial}`)) {
+          staleAgents.set(a.id, a);
+        }
+      }
+    }
+    await Promise.all(stale.map((e) => spire.deleteEntry(e.id)));
+    if (stale.length) steps.push(`SPIRE: deleted ${stale.length} older node alias entr(ies)`);
+    for (const a of staleAgents.values()) {
+      if (!a.banned && (await spire.evictAgent(a.id)) === "done") {
+        steps.push(`SPIRE: evicted the older agent ${redactJoinTokens(a.id)}`);
+      }
+    }
+
+    // The workload entry, with the CN rule.
+    const r = await spire.reconcileEntry({
+      spiffeId: robotSpiffeId(td, id),
+      parentId: nodeId,
+      selectors: cfg.robotSelectors,
+      dnsNames: robotDnsNames(id),
+    });
+    steps.push(`SPIRE: workload entry ${robotSpiffeId(td, id)} -dns ${id} (${r})`);
+
+    const enrollment: Enrollment = {
+      version: 1,
+      robotId: id,
+      trustDomain: td,
+      spireServerAddress: cfg.spireServer.address,
+      brokerUrl: cfg.broker.url,
+      brokerSpiffeId: brokerSpiffeId(td),
+      fleetServerSpiffeId: fleetServerSpiffeId(td),
+      trustBundle: await spire.bundlePem(),
+      createdAt: new Date(now),
+      attestation,
+    };
+    await writeEnrollmentFile(o.out, enrollment);
+
+    // The broker last: everything else is in place.
+    if (cutOff) {
+      try {
+        if (await restoreUsername(admin, id)) steps.push(`broker: lifted the cut-off of ${id}`);
+      } catch (err) {
+        throw new CliError(
+          `robot add: ${id} is enrolled in SPIRE (${o.out} written), but the broker still cuts it off: ${
+            errorMessage(err)
+          }`,
+          1,
+          `run the same robot add again once the broker answers (it writes a new ${o.out})`,
+        );
+      }
+    }
+    await updateRecords(cfg.records, (rs) => void (rs[id] = record));
+    return { enrollment, out: o.out, command: enrollCommand(id), steps, warnings };
   } finally {
     await admin.close();
   }
-
-  const [entries, agents] = await Promise.all([spire.listEntries(), spire.listAgents()]);
-  const aliases = entries.filter((e) => e.spiffeId === nodeId);
-  let attestation: Enrollment["attestation"];
-  let keep: Entry | undefined;
-  let record: RobotRecord;
-  if (o.attestation === "join_token") {
-    const ttlS = Math.max(1, Math.round((o.ttlMs ?? DEFAULT_TOKEN_TTL_MS) / 1000));
-    // SPIRE makes the node alias entry for the token (parent = the token's agent).
-    const token = await spire.generateJoinToken(nodeId, ttlS);
-    attestation = { type: "join_token", token: token.value, expiresAt: token.expiresAt };
-    steps.push(
-      `SPIRE: join token for ${nodeId}, single use, expires ${token.expiresAt.toISOString()}`,
-    );
-    record = {
-      attestation: "join_token",
-      addedAt: new Date(now).toISOString(),
-      expiresAt: token.expiresAt.toISOString(),
-    };
-  } else {
-    const cert = factory!.signCsr(o.csrPem!, id, o.ttlMs ?? DEFAULT_CERT_TTL_MS, now);
-    attestation = { type: "x509pop", certificate: cert.chainPem, expiresAt: cert.notAfter };
-    const desired = {
-      node: true,
-      spiffeId: nodeId,
-      parentId: serverId(td),
-      selectors: [`x509pop:subject:cn:${id}`, `x509pop:serialnumber:${cert.serialHex}`],
-      dnsNames: [],
-    };
-    keep = aliases.find((e) => e.parentId === serverId(td));
-    if (keep) {
-      await spire.updateEntry(keep.id, desired);
-      steps.push(
-        `SPIRE: node alias ${nodeId} now matches the new certificate (serial ${cert.serialHex})`,
-      );
-    } else {
-      keep = await spire.createEntry(desired);
-      steps.push(`SPIRE: node alias ${nodeId} for x509pop CN=${id}, serial ${cert.serialHex}`);
-    }
-    steps.push(`factory CA: signed CN=${id}, valid until ${cert.notAfter.toISOString()}`);
-    record = {
-      attestation: "x509pop",
-      addedAt: new Date(now).toISOString(),
-      expiresAt: cert.notAfter.toISOString(),
-      certSerial: cert.serialHex,
-    };
-  }
-
-  // Older credentials of this robot stop counting: their alias entries go, their agents are
-  // evicted (a re-enrolled robot attests anew with the file written below).
-  const stale = aliases.filter((e) => e.id !== keep?.id);
-  const staleAgents = new Map<string, AgentRecord>();
-  for (const e of stale) for (const a of agentsOfAlias(e, agents, td)) staleAgents.set(a.id, a);
-  if (o.attestation === "x509pop") {
-    for (const a of x509popAgentsOf(id, agents)) {
-      if (!a.selectors.includes(`x509pop:serialnumber:${record.certSerial}`)) {
-        staleAgents.set(a.id, a);
-      }
-    }
-  }
-  await Promise.all(stale.map((e) => spire.deleteEntry(e.id)));
-  if (stale.length) steps.push(`SPIRE: deleted ${stale.length} older node alias entr(ies)`);
-  for (const a of staleAgents.values()) {
-    if (!a.banned && (await spire.evictAgent(a.id)) === "done") {
-      steps.push(`SPIRE: evicted the older agent ${redactJoinTokens(a.id)}`);
-    }
-  }
-
-  // The workload entry, with the CN rule.
-  const r = await spire.reconcileEntry({
-    spiffeId: robotSpiffeId(td, id),
-    parentId: nodeId,
-    selectors: cfg.robotSelectors,
-    dnsNames: robotDnsNames(id),
-  });
-  steps.push(`SPIRE: workload entry ${robotSpiffeId(td, id)} -dns ${id} (${r})`);
-
-  const enrollment: Enrollment = {
-    version: 1,
-    robotId: id,
-    trustDomain: td,
-    spireServerAddress: cfg.spireServer.address,
-    brokerUrl: cfg.broker.url,
-    brokerSpiffeId: brokerSpiffeId(td),
-    fleetServerSpiffeId: fleetServerSpiffeId(td),
-    trustBundle: await spire.bundlePem(),
-    createdAt: new Date(now),
-    attestation,
-  };
-  await writeEnrollmentFile(o.out, enrollment);
-  await updateRecords(cfg.records, (rs) => void (rs[id] = record));
-  return { enrollment, out: o.out, command: enrollCommand(id), steps };
 }
 
 async function loadFactory(cfg: ControlHostConfig): Promise<FactoryCa> {
@@ -321,7 +404,11 @@ export function robotRows(
     if (!alias && !workload) {
       row.state = "removed";
       row.detail = rec?.removedAt
-        ? `removed at ${rec.removedAt}`
+        ? `removed at ${rec.removedAt}${
+          rec.svidsValidUntil && Date.parse(rec.svidsValidUntil) > now
+            ? `; its old SVIDs may be valid until ${rec.svidsValidUntil}: robot add waits until then (or --force)`
+            : ""
+        }`
         : "no SPIRE entries (only on the broker's deny list)";
     } else if (!alias || !workload) {
       row.detail = !alias
@@ -452,8 +539,19 @@ export async function removeRobot(deps: ControlDeps, id: string): Promise<Remove
       steps.push(`SPIRE: ${ban ? "banned" : "evicted"} its agent ${redactJoinTokens(agent.id)}`);
     }
   }
+  // Until when an SVID it got before now can be valid: robot add keeps it cut off until then.
+  const removedAt = deps.now?.() ?? Date.now();
+  const validUntil = new Date(
+    removedAt + svidLifetimeMs(cfg, mine.filter((e) => e.spiffeId === robotSpiffeId(td, id))) +
+      REMOVAL_MARGIN_MS,
+  ).toISOString();
   await updateRecords(cfg.records, (rs) => {
-    rs[id] = { ...rs[id], removedAt: new Date(deps.now?.() ?? Date.now()).toISOString() };
+    rs[id] = {
+      ...rs[id],
+      removedAt: new Date(removedAt).toISOString(),
+      svidsValidUntil: validUntil,
+    };
   });
+  steps.push(`records: SVIDs it got before stay valid until ${validUntil} at most`);
   return { steps, brokerCutOffMs };
 }

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import type { AgentRecord, Entry } from "../spire/server.ts";
 import { renderRows } from "./command.ts";
-import { checkRobotIdArg, robotRows } from "./robots.ts";
+import { checkRobotIdArg, robotRows, svidLifetimeMs, svidsValidUntil } from "./robots.ts";
 
 const TD = "k8s4r.example.org";
 const NOW = Date.parse("2026-12-01T10:00:00Z");
@@ -90,8 +90,9 @@ Deno.test("robot list: each state from SPIRE's entries and agents plus k8s4r's r
       certSerial: "abc1",
     },
     "robot-009": { removedAt: "2026-12-01T09:30:00Z" },
+    "robot-010": { removedAt: "2026-12-01T09:50:00Z", svidsValidUntil: "2026-12-01T10:51:00Z" },
   };
-  const rows = robotRows(TD, entries, agents, records, ["robot-009"], NOW);
+  const rows = robotRows(TD, entries, agents, records, ["robot-009", "robot-010"], NOW);
   const by = Object.fromEntries(rows.map((r) => [r.robotId, r]));
   assert.deepEqual(rows.map((r) => r.robotId), [
     "robot-001",
@@ -101,6 +102,7 @@ Deno.test("robot list: each state from SPIRE's entries and agents plus k8s4r's r
     "robot-005",
     "robot-006",
     "robot-009",
+    "robot-010",
   ], "the broker's own node alias is not a robot");
   assert.equal(by["robot-001"].state, "enrolled");
   assert.equal(by["robot-001"].attestation, "join_token");
@@ -118,6 +120,11 @@ Deno.test("robot list: each state from SPIRE's entries and agents plus k8s4r's r
   assert.equal(by["robot-006"].state, "incomplete");
   assert.equal(by["robot-009"].state, "removed");
   assert.equal(by["robot-009"].brokerCutOff, true);
+  assert.equal(by["robot-009"].detail, "removed at 2026-12-01T09:30:00Z");
+  assert.equal(
+    by["robot-010"].detail,
+    "removed at 2026-12-01T09:50:00Z; its old SVIDs may be valid until 2026-12-01T10:51:00Z: robot add waits until then (or --force)",
+  );
   assert.equal(by["robot-001"].brokerCutOff, false);
 
   const text = renderRows(rows, NOW);
@@ -132,7 +139,8 @@ Deno.test("robot list: each state from SPIRE's entries and agents plus k8s4r's r
 });
 
 Deno.test("robot add/remove: reserved and malformed ids are usage errors", () => {
-  for (const id of ["k8s4r-server", "k8s4r-admin", "k8s4r-anything", "broker"]) {
+  // localhost: the CN of the fleet server's and the broker's own SVIDs (their -dns localhost).
+  for (const id of ["k8s4r-server", "k8s4r-admin", "k8s4r-anything", "broker", "localhost"]) {
     assert.throws(() => checkRobotIdArg(id, "add"), (e: Error & { exitCode?: number }) => {
       assert.equal(e.exitCode, 2);
       assert.match(e.message, /is reserved/);
@@ -142,4 +150,29 @@ Deno.test("robot add/remove: reserved and malformed ids are usage errors", () =>
   assert.throws(() => checkRobotIdArg("Robot 7", "add"), /expected a robot id/);
   assert.throws(() => checkRobotIdArg(undefined, "remove"), /robot remove ID/);
   assert.equal(checkRobotIdArg("robot-007", "add"), "robot-007");
+});
+
+Deno.test("robot remove records how long the old SVIDs live: the default, or a longer entry TTL", () => {
+  const cfg = (ttl?: string) => ({
+    file: "/x.json",
+    trustDomain: TD,
+    spireServer: { adminSocket: "/s", address: "h:1", ...(ttl ? { defaultX509SvidTtl: ttl } : {}) },
+    broker: { url: "ssl://h:2", adminAddress: "127.0.0.1:1", adminCredentials: "/a" },
+    robotSelectors: ["unix:uid:0"],
+    records: "/r.json",
+  });
+  assert.equal(svidLifetimeMs(cfg(), []), 3_600_000, "SPIRE's own default");
+  assert.equal(svidLifetimeMs(cfg("20m"), []), 1_200_000);
+  const long = { ...workload("robot-001"), x509SvidTtl: 7200 };
+  assert.equal(svidLifetimeMs(cfg("20m"), [long]), 7_200_000, "an entry's longer TTL wins");
+  // A removal recorded by an older k8s4r (no svidsValidUntil): removedAt + default + margin.
+  assert.equal(
+    svidsValidUntil({ removedAt: "2026-12-01T09:00:00Z" }, cfg()),
+    Date.parse("2026-12-01T10:01:00Z"),
+  );
+  assert.equal(
+    svidsValidUntil({ svidsValidUntil: "2026-12-01T09:30:00Z" }, cfg()),
+    Date.parse("2026-12-01T09:30:00Z"),
+  );
+  assert.equal(svidsValidUntil({ addedAt: "2026-12-01T09:00:00Z" }, cfg()), undefined);
 });

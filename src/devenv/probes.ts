@@ -39,11 +39,14 @@ export interface MtlsProbeOptions {
 /**
  * A TLS handshake on the mTLS listener followed by an MQTT CONNECT: only a CONNACK proves that
  * the broker accepted the client certificate (with TLS 1.3 a refused certificate shows only
- * after the client's side of the handshake has finished).
+ * after the client's side of the handshake has finished). With a certificate, the CONNECT is
+ * identify-only (src/mqtt/probe.ts): the broker makes the CN the client id, and a probe must
+ * not take over the session of whoever holds that CN.
  */
 export async function probeMqttTls(o: MtlsProbeOptions): Promise<ProbeResult> {
   const r = await probeMqtt({
     port: o.port,
+    identifyOnly: o.cert !== undefined,
     timeoutMs: o.timeoutMs ?? 3000,
     tls: { ca: o.ca, cert: o.cert, key: o.key, servername: o.servername },
   });

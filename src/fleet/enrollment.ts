@@ -26,6 +26,7 @@
  */
 import { X509Certificate } from "node:crypto";
 import { CliError } from "../cli/errors.ts";
+import { writeFileAtomic } from "../fs/atomic.ts";
 import { parseSpiffeId } from "../spiffe/id.ts";
 import { decodePem } from "../spiffe/pem.ts";
 import { parseCertDer } from "../spiffe/x509.ts";
@@ -433,13 +434,12 @@ export function renderEnrollment(e: Enrollment): string {
 
 /**
  * Writes an enrollment file with mode 0600 (it holds a join token, or at least the robot's
- * credentials' public half): created 0600, and chmod'ed in case it existed. Used by
- * `k8s4r robot add` on the control host.
+ * credentials' public half) by the project's atomic writer: a new file, 0600 from its creation,
+ * renamed over the path. Never written in place: a file someone made (0644) and keeps open would
+ * otherwise show them the token, whatever its mode becomes. Used by `k8s4r robot add`.
  */
 export async function writeEnrollmentFile(path: string, e: Enrollment): Promise<void> {
-  const text = renderEnrollment(e);
-  await Deno.writeTextFile(path, text, { mode: 0o600 });
-  await Deno.chmod(path, 0o600);
+  await writeFileAtomic(path, renderEnrollment(e), 0o600);
 }
 
 /** The text of an enrollment file; a missing or unreadable file is an EnrollmentError. */

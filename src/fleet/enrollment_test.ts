@@ -82,6 +82,43 @@ Deno.test("enrollment: writeEnrollmentFile is 0600 (also over an existing 0644 f
   }
 });
 
+Deno.test("enrollment: the token never lands in a file someone opened before (written to a new 0600 file, renamed)", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-enroll-" });
+  try {
+    // Someone made the output file in advance, 0644, and keeps it open to read.
+    const f = `${dir}/robot-007.enroll.json`;
+    await Deno.writeTextFile(f, "", { mode: 0o644 });
+    const spy = await Deno.open(f, { read: true });
+    try {
+      await writeEnrollmentFile(f, joinToken());
+      const seen = new TextDecoder().decode(await readAll(spy));
+      assert.ok(!seen.includes(TOKEN), "the join token was written into the pre-opened file");
+    } finally {
+      spy.close();
+    }
+    // The control: the file at that path holds the token, and was 0600 from its creation.
+    assert.ok((await Deno.readTextFile(f)).includes(TOKEN));
+    assert.equal((await Deno.stat(f)).mode! & 0o777, 0o600);
+    assert.deepEqual(
+      [...Deno.readDirSync(dir)].map((e) => e.name),
+      ["robot-007.enroll.json"],
+      "a temp file was left behind",
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+async function readAll(f: Deno.FsFile): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  const buf = new Uint8Array(64 * 1024);
+  for (let n = await f.read(buf); n !== null; n = await f.read(buf)) chunks.push(buf.slice(0, n));
+  const out = new Uint8Array(chunks.reduce((a, c) => a + c.length, 0));
+  let off = 0;
+  for (const c of chunks) (out.set(c, off), off += c.length);
+  return out;
+}
+
 Deno.test("enrollment: each bad key is one line naming the file, line, key, expectation and the control-host command", () => {
   const good = joinToken();
   const cases: [string, RegExp][] = [
@@ -261,4 +298,9 @@ Deno.test("enrollment: the robot's record has no token and parses as a record", 
     /expected no token/,
   );
   assert.throws(() => parseEnrollment(text, "f.json"), /enrolledAt: unknown key/);
+});
+
+Deno.test("enrollment: a robot id the fleet reserves (localhost, the CN of its own SVIDs) is refused", () => {
+  const text = edited(joinToken(), (o) => (o.robotId = "localhost"));
+  assert.throws(() => parseEnrollment(text, "e.json"), /robotId.*reserved/);
 });

@@ -82,10 +82,17 @@ export function robotDnsNames(robotId: string): string[] {
  * robot must never be called like the fleet server's broker login (`k8s4r-server`); with
  * global auth settings (Mosquitto 2.0.21) a certificate CN equal to it would skip password
  * auth. `broker` is the node alias of the broker's own SPIRE agent (`nodeSpiffeId(td, "broker")`).
- * Every id starting with `k8s4r-` is reserved, for names like these to come.
+ * `localhost` is the CN of the fleet server's and the broker's own SVIDs (`fleetServerDnsNames`,
+ * the broker's `-dns localhost`): a fleet server on `mqtts://` is a TLS admin user by that CN,
+ * and the broker makes a CN the client id, so no robot may have it. Every id starting with
+ * `k8s4r-` is reserved, for names like these to come.
  */
 export const RESERVED_ROBOT_ID_PREFIX = "k8s4r-";
-export const RESERVED_ROBOT_IDS: readonly string[] = [SERVER_MQTT_USERNAME, "broker"];
+export const RESERVED_ROBOT_IDS: readonly string[] = [
+  SERVER_MQTT_USERNAME,
+  "broker",
+  ...fleetServerDnsNames(),
+];
 
 export function isReservedRobotId(id: string): boolean {
   return id.startsWith(RESERVED_ROBOT_ID_PREFIX) || RESERVED_ROBOT_IDS.includes(id);

@@ -4,8 +4,9 @@
  *   k8s4r/robots/<robotId>/up/<kind>     robot -> server   (register, heartbeat, status, task)
  *   k8s4r/robots/<robotId>/down/<kind>   server -> robot   (task, cancel)
  *
- * The broker ACL lets a robot (username = certificate CN = robot id) write only its own `up/#`
- * and read only its own `down/#`, so the `<robotId>` segment of an up topic is authenticated.
+ * The broker ACL lets a robot (username = certificate CN = robot id) write only its own
+ * `up/<kind>` for each of UP_KINDS (no wildcard: no made-up retained sub-topics) and read only its
+ * own `down/#`, so the `<robotId>` segment of an up topic is authenticated.
  */
 
 export const TOPIC_ROOT = "k8s4r/robots";

@@ -25,6 +25,14 @@
  *   tests/server_broker_test.ts asserts that a TLS 1.1 handshake is refused.
  * - A `read` ACL grants both SUBSCRIBE and receiving; mosquitto checks it again on delivery, so a
  *   wildcard subscription never leaks another robot's messages.
+ * - `use_username_as_clientid true` in each TLS listener block: a certificate client's MQTT
+ *   client id is its CN, whatever its CONNECT says. Without it any robot certificate (a removed
+ *   one too: Mosquitto checks nothing of a certificate client at CONNECT) could connect as
+ *   `k8s4r-server` or as another robot and take that session over (the victim is disconnected;
+ *   with a clean start its persistent session and queued messages are deleted):
+ *   tests/broker_clientid_test.ts. So a client on the TLS listener can only ever take over its
+ *   own session, and two connections with one certificate (two fleet servers sharing one SVID
+ *   over mqtts://) take turns kicking each other: give each its own CN.
  *
  * Limits (man mosquitto.conf, 2.0.11, and src/database.c `db__ready_for_queue`):
  * - `max_queued_messages` and `max_queued_bytes` bound, PER CLIENT, the QoS 1/2 messages queued
@@ -45,7 +53,7 @@
  */
 import { pbkdf2Sync, randomBytes, timingSafeEqual } from "node:crypto";
 import { join } from "node:path";
-import { TOPIC_ROOT } from "../fleet/topics.ts";
+import { TOPIC_ROOT, UP_KINDS } from "../fleet/topics.ts";
 import { writeFileAtomic } from "../fs/atomic.ts";
 import { DYNSEC_CONTROL_TOPICS, ensureDynsecFile } from "./dynsec.ts";
 import { MAX_PAYLOAD_BYTES } from "./messages.ts";
@@ -196,8 +204,10 @@ export function renderAcl(users: AclUsers): string {
   }
   lines.push(
     "",
-    "# Robots: username = certificate CN = robot id (use_identity_as_username).",
-    `pattern write ${TOPIC_ROOT}/%u/up/#`,
+    "# Robots: username = certificate CN = robot id (use_identity_as_username). One write",
+    "# pattern per up kind of the protocol: with up/# a robot could retain any number of",
+    "# made-up sub-topics, each replayed to the fleet server on every subscribe.",
+    ...UP_KINDS.map((kind) => `pattern write ${TOPIC_ROOT}/%u/up/${kind}`),
     `pattern read ${TOPIC_ROOT}/%u/down/#`,
   );
   return lines.join("\n") + "\n";
@@ -307,6 +317,10 @@ export function renderMosquittoConf(
       `keyfile ${opts.keyfile}`,
       "require_certificate true",
       "use_identity_as_username true",
+      "# The client id is the username (the CN) too: a certificate can never choose another",
+      "# client's id (k8s4r-server, another robot) and take its session over. Per listener: a",
+      "# global use_username_as_clientid has no effect on a listener block (2.0.21).",
+      "use_username_as_clientid true",
       "# Minimum TLS version (1.2 and 1.3 are accepted).",
       "tls_version tlsv1.2",
       "",

@@ -9,6 +9,7 @@ import {
   writeBrokerFiles,
 } from "./broker_config.ts";
 import { REMOVED_ROLE } from "./dynsec.ts";
+import { parseMosquittoConf } from "./mosquitto_conf.ts";
 
 Deno.test("hashPassword writes mosquitto's $7$ PBKDF2-SHA512 format", () => {
   const h = hashPassword("s3cret");
@@ -50,9 +51,17 @@ Deno.test("ACL: robots confined to their own subtree; the server and the admin b
     "topic readwrite k8s4r/#",
     "user k8s4r-admin",
     "topic readwrite $CONTROL/dynamic-security/#",
-    "pattern write k8s4r/robots/%u/up/#",
+    // One pattern per up kind: `up/#` let a robot retain any number of made-up sub-topics.
+    "pattern write k8s4r/robots/%u/up/register",
+    "pattern write k8s4r/robots/%u/up/heartbeat",
+    "pattern write k8s4r/robots/%u/up/status",
+    "pattern write k8s4r/robots/%u/up/task",
     "pattern read k8s4r/robots/%u/down/#",
   ]);
+  assert.ok(
+    !lines.some((l) => l.startsWith("pattern write") && /[#+]/.test(l)),
+    "a wildcard in a robot's write pattern",
+  );
   assert.match(
     renderAcl({ server: "k8s4r-server", tlsAdminUsers: ["fleet-a"] }),
     /^user fleet-a\ntopic readwrite k8s4r\/#$/m,
@@ -107,6 +116,14 @@ Deno.test("mosquitto.conf: global auth (no per_listener_settings), one TLS liste
   ]);
   assert.equal(lines.filter((l) => l === "require_certificate true").length, 2);
   assert.equal(lines.filter((l) => l === "use_identity_as_username true").length, 2);
+  // The client id is the CN, set in each TLS listener block (globally it has no effect).
+  const parsed = parseMosquittoConf(conf);
+  const tls = parsed.listeners.filter((l) => l.port === 18883);
+  assert.equal(tls.length, 2);
+  for (const l of tls) assert.equal(l.options.get("use_username_as_clientid")?.value, "true");
+  assert.equal(parsed.global.get("use_username_as_clientid"), undefined);
+  const plain = parsed.listeners.find((l) => l.port === 11883)!;
+  assert.equal(plain.options.get("use_username_as_clientid"), undefined, "the server keeps its id");
   assert.doesNotMatch(renderMosquittoConf(base, files), /^plugin/m);
   assert.throws(
     () => renderMosquittoConf({ ...base, tlsBind: ["127.0.0.1", "127.0.0.1"] }, files),

@@ -5,8 +5,18 @@
  * CONNACK, says DISCONNECT and closes: no mqtt.js reconnect timers, never a second socket.
  * Credentials only ever travel in-process.
  *
+ * `identifyOnly` (certificate clients): instead of a session, it asks the broker only to identify
+ * the client: an MQTT 5 CONNECT with an authentication method no plugin supports
+ * (wire.ts `encodeConnect5`). Mosquitto takes the certificate's CN as the username (and the
+ * client id), then answers CONNACK 0x8C and closes, before it would look at, create or take
+ * over a session. So it can run with a robot's own certificate while that robot's agent is
+ * connected (the broker sets the client id from the CN: a normal CONNECT would kick the agent
+ * and, with a clean start, delete its persistent session): tests/mqtt_probe_test.ts.
+ *
  * It never throws: it resolves within `timeoutMs` with what happened, precisely:
  * - `accepted`, `refused`: a CONNACK arrived (`returnCode` 0, or 4 bad login, 5 not authorized);
+ * - `identified` (`identifyOnly`): CONNACK 0x8C, the certificate's identity was taken and the
+ *   connection ended before any session; a certificate without a CN is `refused` (0x86);
  * - `connection-refused`: nothing listens (ECONNREFUSED);
  * - `tls-error`: the TLS handshake failed or an alert came (the broker refused our certificate
  *   with TLS 1.3), or the broker's certificate did not verify (then no CONNECT is sent);
@@ -17,10 +27,18 @@
 import { Buffer } from "node:buffer";
 import * as net from "node:net";
 import * as tls from "node:tls";
-import { CONNACK_CODES, DISCONNECT, encodeConnect, parseConnack } from "./wire.ts";
+import {
+  CONNACK_CODES,
+  DISCONNECT,
+  encodeConnect,
+  encodeConnect5,
+  parseConnack,
+  PROBE_AUTH_METHOD,
+} from "./wire.ts";
 
 export type MqttProbeOutcome =
   | "accepted"
+  | "identified"
   | "refused"
   | "connection-refused"
   | "tls-error"
@@ -60,6 +78,11 @@ export interface MqttProbeOptions {
   signal?: AbortSignal;
   /** Speak TLS (mTLS with `cert` and `key`). Plain TCP without it. */
   tls?: MqttProbeTls;
+  /**
+   * Identify, do not log in (see above): needs `tls` with a client certificate; `ok` means
+   * `identified`. Touches no session, whatever client id the broker gives the certificate.
+   */
+  identifyOnly?: boolean;
 }
 
 export interface MqttProbeTlsResult {
@@ -75,7 +98,7 @@ export interface MqttProbeTlsResult {
 }
 
 export interface MqttProbeResult {
-  /** A CONNACK with return code 0 arrived. */
+  /** A CONNACK with return code 0 arrived (`identifyOnly`: CONNACK 0x8C, `identified`). */
   ok: boolean;
   outcome: MqttProbeOutcome;
   /** The CONNACK return code, when one arrived. */
@@ -101,11 +124,18 @@ export function probeMqtt(o: MqttProbeOptions): Promise<MqttProbeResult> {
     o.tls ? (o.tls.cert ? " (mTLS)" : " (TLS)") : ""
   }`;
   const servername = o.tls?.servername ?? "localhost";
-  const packet = encodeConnect({
-    clientId: o.clientId ?? `k8s4r-probe-${crypto.randomUUID().slice(0, 8)}`,
-    username: o.username,
-    password: o.password,
-  });
+  const clientId = o.clientId ?? `k8s4r-probe-${crypto.randomUUID().slice(0, 8)}`;
+  if (o.identifyOnly && (!o.tls?.cert || o.username !== undefined || o.password !== undefined)) {
+    // On a password listener this CONNECT skips the password check: it would prove nothing.
+    return Promise.resolve({
+      ok: false,
+      outcome: "error",
+      detail: `${where}: identifyOnly needs a client certificate and no username or password`,
+    });
+  }
+  const packet = o.identifyOnly
+    ? encodeConnect5({ clientId, authMethod: PROBE_AUTH_METHOD })
+    : encodeConnect({ clientId, username: o.username, password: o.password });
   const tlsInfo: MqttProbeTlsResult | undefined = o.tls
     ? { handshake: false, authorized: false, peerChain: [] }
     : undefined;
@@ -154,7 +184,7 @@ export function probeMqtt(o: MqttProbeOptions): Promise<MqttProbeResult> {
       o.signal?.removeEventListener("abort", onAbort);
       const code = (r.err as { code?: string } | undefined)?.code;
       const result: MqttProbeResult = {
-        ok: r.outcome === "accepted",
+        ok: o.identifyOnly ? r.outcome === "identified" : r.outcome === "accepted",
         outcome: r.outcome,
         ...(r.returnCode !== undefined ? { returnCode: r.returnCode } : {}),
         detail: `${where}: ${r.detail}`,
@@ -164,13 +194,15 @@ export function probeMqtt(o: MqttProbeOptions): Promise<MqttProbeResult> {
       };
       if (result.ok) {
         // A clean goodbye (DISCONNECT, then TLS close_notify and FIN) keeps the broker's log
-        // quiet; resolve once the socket is closed, so nothing is left running.
+        // quiet; resolve once the socket is closed, so nothing is left running. After 0x8C
+        // there is no connection to DISCONNECT: the broker closes it.
         const cap = setTimeout(() => socket.destroy(), 1000);
         socket.once("close", () => {
           clearTimeout(cap);
           resolve(result);
         });
-        socket.end(DISCONNECT);
+        if (r.outcome === "identified") socket.end();
+        else socket.end(DISCONNECT);
       } else {
         socket.destroy();
         resolve(result);
@@ -242,11 +274,17 @@ export function probeMqtt(o: MqttProbeOptions): Promise<MqttProbeResult> {
         return finish({ outcome: "protocol-error", detail: (err as Error).message });
       }
       if (rc === undefined) return;
-      finish({
-        outcome: rc === 0 ? "accepted" : "refused",
-        returnCode: rc,
-        detail: `CONNACK ${rc} (${CONNACK_CODES[rc] ?? "unknown code"})`,
-      });
+      const what = `CONNACK ${rc > 5 ? `0x${rc.toString(16)}` : rc} (${
+        CONNACK_CODES[rc] ?? "unknown code"
+      })`;
+      if (o.identifyOnly && rc === 0x8c) {
+        return finish({
+          outcome: "identified",
+          returnCode: rc,
+          detail: `${what}: certificate identity taken, no session touched`,
+        });
+      }
+      finish({ outcome: rc === 0 ? "accepted" : "refused", returnCode: rc, detail: what });
     });
 
     socket.on("error", (err: Error & { code?: string }) => {

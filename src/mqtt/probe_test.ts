@@ -6,6 +6,7 @@ import * as net from "node:net";
 import * as tls from "node:tls";
 import { TestCa } from "../spiffe/testing/test_ca.ts";
 import { probeMqtt } from "./probe.ts";
+import { PROBE_AUTH_METHOD } from "./wire.ts";
 
 interface Fake {
   port: number;
@@ -250,5 +251,33 @@ Deno.test("probe (TLS): a plain MQTT listener answering a TLS hello is a tls-err
     assert.equal(r.tls?.handshake, false);
   } finally {
     await plain.close();
+  }
+});
+
+Deno.test("probe (TLS, identifyOnly): an MQTT 5 CONNECT with the probe's auth method; CONNACK 0x8c is identified, and no DISCONNECT follows", async () => {
+  // What Mosquitto does (tests/mqtt_probe_test.ts): 0x8c "bad authentication method" to a
+  // certificate with a CN, after taking its identity, and closes; 0x86 without a CN.
+  const b = await fakeBroker((s, d) => {
+    if (d[0] !== 0x10) return;
+    s.end(Buffer.from([0x20, 3, 0, d.includes(Buffer.from(PROBE_AUTH_METHOD)) ? 0x8c : 0, 0]));
+  }, { tls: serverTls });
+  try {
+    const r = await probeMqtt({
+      port: b.port,
+      identifyOnly: true,
+      tls: { ca: ca.rootPem, cert: client.chainPem, key: client.keyPem },
+    });
+    assert.deepEqual([r.ok, r.outcome, r.returnCode], [true, "identified", 0x8c], r.detail);
+    assert.match(r.detail, /CONNACK 0x8c \(bad authentication method\)/);
+    const sent = Buffer.concat(b.received);
+    assert.equal(sent[0], 0x10, "a CONNECT");
+    assert.equal(sent.indexOf(Buffer.from([0x00, 0x04, 77, 81, 84, 84, 0x05])), 2, "MQTT 5");
+    assert.ok(!sent.includes(0xe0), "no DISCONNECT after 0x8c: there is no connection to end");
+    // Without a certificate, or with a password, identifyOnly proves nothing: refused up front.
+    const anon = await probeMqtt({ port: b.port, identifyOnly: true, tls: { ca: ca.rootPem } });
+    assert.deepEqual([anon.ok, anon.outcome], [false, "error"]);
+    assert.match(anon.detail, /identifyOnly needs a client certificate/);
+  } finally {
+    await b.close();
   }
 });

@@ -23,7 +23,7 @@ import {
 } from "../fleet/mod.ts";
 import type { ProcessRunner } from "../process/mod.ts";
 import { findSpireBinaries } from "../spire/binaries.ts";
-import { SpireServerCli } from "../spire/server.ts";
+import { spireAdminCli } from "../spire/server.ts";
 import { X509Bundle, X509BundleSet } from "../spiffe/bundle.ts";
 import { verifyX509SvidChain } from "../spiffe/verify.ts";
 import {
@@ -32,6 +32,7 @@ import {
   removeOperatorRole,
   type Role,
   ROLES,
+  setOperatorIssuedAfter,
   setOperatorRole,
 } from "../server/roles.ts";
 import {
@@ -106,7 +107,7 @@ async function mintCredentials(
   try {
     await Deno.chmod(stage, 0o700);
     const spiffeId = operatorSpiffeId(ctl.trustDomain, name);
-    const cli = new SpireServerCli(ctl.runner, ctl.spireServerBin, ctl.spireSocket);
+    const cli = await spireAdminCli(ctl.runner, ctl.spireServerBin, ctl.spireSocket);
     const files = await cli.mintX509Files({ spiffeId, dnsNames: [], ttlSeconds, dir: stage });
     // SPIRE writes the certificates 0644: every file of the directory is 0600.
     await Deno.rename(files.certFile, join(stage, CERT_FILE));
@@ -178,7 +179,8 @@ export async function addOperator(
   await readRolesFile(ctl.rolesFile);
   const meta = await mintCredentials(ctl, name, role, ttlSeconds);
   try {
-    await setOperatorRole(ctl.rolesFile, name, role);
+    // Certificates of `name` issued before this one are refused from now on (revoked).
+    await setOperatorRole(ctl.rolesFile, name, role, { issuedAfter: new Date(meta.issuedAt) });
   } catch (err) {
     await Deno.remove(paths.dir, { recursive: true }).catch(() => {});
     throw err;
@@ -206,7 +208,7 @@ export async function loginOperator(
   let ttl = opts.ttlSeconds;
   // What the SPIRE server trusts now: credentials of an older CA (a rotation, a new dev stack)
   // are renewed even when they have not expired.
-  const cli = new SpireServerCli(ctl.runner, ctl.spireServerBin, ctl.spireSocket);
+  const cli = await spireAdminCli(ctl.runner, ctl.spireServerBin, ctl.spireSocket);
   const current = X509Bundle.fromPem(ctl.trustDomain, await cli.bundlePem());
   try {
     const c = await loadCredentials(ctl.env, name, now);
@@ -242,6 +244,8 @@ export async function loginOperator(
     }
   }
   const meta = await mintCredentials(ctl, name, role, ttl ?? DEFAULT_OPERATOR_TTL_SECONDS);
+  // The older certificates of `name` stop working (a leaked one too): only this one and later.
+  await setOperatorIssuedAfter(ctl.rolesFile, name, new Date(meta.issuedAt));
   return { renewed: true, meta, role, why };
 }
 
@@ -440,7 +444,12 @@ const loginCommand: CommandSpec = {
       valueName: "DUR",
       description: "New lifetime (default: as before)",
     },
-    { name: "force", type: "boolean", description: "Renew even if still valid" },
+    {
+      name: "force",
+      type: "boolean",
+      description:
+        "Renew even if still valid (older certificates of the operator are refused from then on)",
+    },
     ...CONTROL_FLAGS,
   ],
   async run(args, io) {

@@ -39,6 +39,10 @@ Deno.test("operator add/login/remove: argv carries no key, files 0600, roles edi
     assert.equal((await readRolesFile(ctl.rolesFile)).operators.get("alice"), "viewer");
     const c = await loadCredentials(env, "alice");
     assert.equal(c.expired, false);
+    // The roles file revokes every older certificate of alice: issuedAfter = this one's notBefore.
+    const issuedAfter = async () =>
+      (await readRolesFile(ctl.rolesFile)).issuedAfter?.get("alice")?.toISOString();
+    assert.equal(await issuedAfter(), c.svid.notBefore.toISOString());
     // A valid certificate is left alone; one with less than a third of its life is renewed.
     const same = await loginOperator(ctl, "alice");
     assert.equal(same.renewed, false);
@@ -47,6 +51,10 @@ Deno.test("operator add/login/remove: argv carries no key, files 0600, roles edi
     });
     assert.equal(late.renewed, true);
     assert.match(late.why, /less than a third of its lifetime left/);
+    // A renewal moves issuedAfter to the new certificate (the old one is refused from now on);
+    // a login that renews nothing leaves it.
+    assert.equal(await issuedAfter(), late.meta.issuedAt);
+    assert.equal((await readRolesFile(ctl.rolesFile)).operators.get("alice"), "viewer");
     // A new SPIRE CA (a rotation, a cleaned dev stack): valid but stale credentials renewed.
     spire.ca = TestCa.create({ trustDomain: TD });
     const moved = await loginOperator(ctl, "alice");
@@ -108,6 +116,26 @@ Deno.test("which operator: --operator, K8S4R_OPERATOR, admin, the only one; else
       assert.match(e.hint!, /chmod 600/);
       return true;
     });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("operator add: an admin socket in a directory someone else owns is refused; nothing minted", async () => {
+  if (Deno.uid() !== 0) throw new Error("chowns a directory to another user: run as root");
+  const dir = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8s4r-op-" });
+  try {
+    const { runner, ctl } = control(dir);
+    await Deno.mkdir(`${dir}/spire`, { mode: 0o700 });
+    await Deno.chown(`${dir}/spire`, 65534, 65534);
+    await assert.rejects(
+      addOperator({ ...ctl, spireSocket: `${dir}/spire/api.sock` }, "mallory", "viewer", 3600),
+      /SPIRE server admin socket directory .*belongs to uid 65534/,
+    );
+    assert.deepEqual(runner.calls, [], "spire-server was asked through a squatted socket");
+    assert.equal((await readRolesFile(ctl.rolesFile)).operators.has("mallory"), false);
+    // The control: the same add through the test's own socket directory.
+    assert.equal((await addOperator(ctl, "mallory", "viewer", 3600)).meta.name, "mallory");
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

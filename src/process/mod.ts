@@ -147,13 +147,63 @@ export function delay(ms: number, signal?: AbortSignal): Promise<void> {
   });
 }
 
-/** What a pid file holds. `startTime` (from /proc/PID/stat) tells a reused pid apart. */
+/**
+ * What a pid file holds. `startTime` (from /proc/PID/stat) tells a reused pid apart; start times
+ * count from boot, so `bootId` tells a file from before a reboot apart; `exe` (/proc/PID/exe when
+ * it was written) and `cmd` tell apart a process that only happens to have both.
+ */
 export interface PidRecord {
   pid: number;
   startTime: number;
   cmd: string;
   args: string[];
   startedAt: string;
+  /** /proc/sys/kernel/random/boot_id when the record was written (absent in older files). */
+  bootId?: string;
+  /** The executable the process ran when the record was written (absent in older files). */
+  exe?: string;
+}
+
+let bootIdCache: string | undefined;
+/** This boot's id (/proc/sys/kernel/random/boot_id), or undefined where there is none. */
+export function currentBootId(): string | undefined {
+  if (bootIdCache === undefined) {
+    try {
+      bootIdCache = Deno.readTextFileSync("/proc/sys/kernel/random/boot_id").trim();
+    } catch {
+      return undefined;
+    }
+  }
+  return bootIdCache;
+}
+
+/** The executable of a process (/proc/PID/exe; a replaced binary keeps its path). */
+function procExe(pid: number): string | undefined {
+  try {
+    return Deno.readLinkSync(`/proc/${pid}/exe`).replace(/ \(deleted\)$/, "");
+  } catch {
+    return undefined;
+  }
+}
+
+const base = (p: string) => p.slice(p.lastIndexOf("/") + 1);
+
+/**
+ * Whether the process of a record runs what the record says: the executable it recorded, or
+ * (an older record, or /proc/PID/exe unreadable) a command line whose program, or script for an
+ * interpreter, or executable has the base name of the record's `cmd`.
+ */
+export function runsRecordedCommand(rec: PidRecord): boolean {
+  const exe = procExe(rec.pid);
+  if (rec.exe && exe !== undefined) return exe === rec.exe;
+  let argv: string[];
+  try {
+    argv = Deno.readTextFileSync(`/proc/${rec.pid}/cmdline`).split("\0");
+  } catch {
+    return false;
+  }
+  const want = base(rec.cmd);
+  return [argv[0], argv[1], exe].some((a) => a !== undefined && a !== "" && base(a) === want);
 }
 
 /** The fields of /proc/PID/stat that k8s4r reads. */
@@ -209,11 +259,15 @@ export function readPidFile(path: string): PidRecord | undefined {
   }
 }
 
-/** True when the pid in the record is alive and is the same process that wrote the record. */
+/**
+ * True when the pid in the record is alive and is the very process the record was written for:
+ * same boot, same start time, same command (runsRecordedCommand).
+ */
 export function isRecordAlive(rec: PidRecord | undefined): boolean {
   if (!rec) return false;
+  if (rec.bootId !== undefined && rec.bootId !== currentBootId()) return false;
   const st = processStartTime(rec.pid);
-  return st !== undefined && st === rec.startTime;
+  return st !== undefined && st === rec.startTime && runsRecordedCommand(rec);
 }
 
 /**
@@ -381,14 +435,21 @@ export const realRunner: ProcessRunner = {
     });
     if (spec.detached) child.unref();
     let startTime: number | undefined;
+    let exe: string | undefined;
     // The shell execs within microseconds; wait until /proc shows the real binary so the pid
-    // file records the daemon's own start time and command.
+    // file records the daemon's own start time and executable. An empty command line is an
+    // exec in progress (the new memory is mapped, its arguments not yet): not done either, and
+    // the executable is read only once the command line is the daemon's.
     await waitFor(() => {
       startTime = processStartTime(pid);
       if (startTime === undefined) return true; // already exited; reported below
       try {
         const argv0 = Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0")[0];
-        return !argv0.endsWith("sh") && argv0 !== "setpriv";
+        if (argv0 === "" || argv0.endsWith("sh") || argv0 === "setpriv") return false;
+        const e = procExe(pid);
+        if (e === undefined || /(^|\/)(setpriv|sh|dash|bash)$/.test(e)) return false;
+        exe = e;
+        return true;
       } catch {
         return true;
       }
@@ -401,12 +462,15 @@ export const realRunner: ProcessRunner = {
       exitCode = c;
     });
     if (spec.pidFile && startTime !== undefined) {
+      const bootId = currentBootId();
       const rec: PidRecord = {
         pid,
         startTime,
         cmd: spec.cmd,
         args: spec.args,
         startedAt: new Date().toISOString(),
+        ...(bootId ? { bootId } : {}),
+        ...(exe ? { exe } : {}),
       };
       await writePrivate(spec.pidFile, JSON.stringify(rec) + "\n");
     }

@@ -153,6 +153,87 @@ Deno.test("stopPidFile leaves alone a pid that now belongs to another process", 
   }
 });
 
+Deno.test("stopPidFile leaves alone a live pid with the right start time that runs another command, or a record of another boot", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
+  const other = new Deno.Command("sleep", { args: ["60"] }).spawn();
+  try {
+    const pidFile = join(dir, "x.pid");
+    const rec = (over: Record<string, unknown>) =>
+      JSON.stringify({
+        pid: other.pid,
+        startTime: processStartTime(other.pid)!,
+        cmd: "sleep",
+        args: ["60"],
+        startedAt: new Date().toISOString(),
+        ...over,
+      });
+    // Pid and start time match, but the record says it started mosquitto: not ours.
+    await Deno.writeTextFile(pidFile, rec({ cmd: "mosquitto", args: ["-c", "/x.conf"] }));
+    assert.equal(await stopPidFile(pidFile, 500), "not-running");
+    assert.ok(processStartTime(other.pid) !== undefined, "a sleep named mosquitto was stopped");
+    // Right command, but the executable the record saw is another one.
+    await Deno.writeTextFile(pidFile, rec({ exe: "/usr/sbin/mosquitto" }));
+    assert.equal(await stopPidFile(pidFile, 500), "not-running");
+    assert.ok(processStartTime(other.pid) !== undefined);
+    // Right command, written before a reboot (another boot id): start times count from boot.
+    await Deno.writeTextFile(pidFile, rec({ bootId: "00000000-0000-0000-0000-000000000000" }));
+    assert.equal(await stopPidFile(pidFile, 500), "not-running");
+    assert.ok(processStartTime(other.pid) !== undefined, "a record of another boot matched");
+  } finally {
+    other.kill("SIGKILL");
+    await other.status;
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("stopPidFile stops what spawn started: its pid file records the boot and the executable (control)", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
+  try {
+    const pidFile = join(dir, "s.pid");
+    const d = await realRunner.spawn({
+      name: "sleeper",
+      cmd: "sleep",
+      args: ["60"],
+      logFile: join(dir, "s.log"),
+      pidFile,
+    });
+    const rec = readPidFile(pidFile)!;
+    assert.equal(rec.bootId, Deno.readTextFileSync("/proc/sys/kernel/random/boot_id").trim());
+    assert.equal(rec.exe, Deno.readLinkSync(`/proc/${d.pid}/exe`));
+    assert.equal(isRecordAlive(rec), true);
+    assert.equal(await stopPidFile(pidFile, 2000), "stopped");
+    assert.equal(processStartTime(d.pid), undefined);
+    await d.exited;
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("spawn records the daemon's own executable, never the shell or setpriv it execs through (50 spawns)", async () => {
+  // /proc/PID/cmdline is empty in the middle of an exec: taken for the daemon, it left the
+  // shell's executable in about half of the pid files, which then matched nothing.
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
+  try {
+    const wrong: string[] = [];
+    for (let i = 0; i < 50; i++) {
+      const pidFile = join(dir, `s${i}.pid`);
+      const d = await realRunner.spawn({
+        name: "sleeper",
+        cmd: "sleep",
+        args: ["60"],
+        logFile: join(dir, "s.log"),
+        pidFile,
+      });
+      const rec = readPidFile(pidFile)!;
+      if (!isRecordAlive(rec)) wrong.push(`#${i}: ${rec.exe}`);
+      await d.stop(2000);
+    }
+    assert.deepEqual(wrong, [], "pid files that do not match their own daemon");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a non-detached daemon dies with its parent, even on kill -9 (no orphan)", async () => {
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
   try {

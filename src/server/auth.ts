@@ -34,6 +34,7 @@ export type RefusalCode =
   | "no-role"
   | "forbidden"
   | "roles-unavailable"
+  | "superseded-certificate"
   | "unsupported-media-type";
 
 export interface Refusal {
@@ -47,6 +48,8 @@ export interface Caller {
   spiffeId: string;
   operator: string;
   role: Role;
+  /** The notBefore of the certificate it authenticated with (a session: the one it began with). */
+  issuedAt?: Date;
 }
 
 export interface AuthPolicy {
@@ -73,7 +76,14 @@ const refuse = (status: number, code: RefusalCode, error: string): Refusal => ({
  * ECDSA verification costs ~0.44 ms in Deno 2.9; a keep-alive client pays it once.
  */
 export interface VerifiedConnection {
-  verified?: { bundle: unknown; spiffeId: string; from: number; until: number };
+  verified?: {
+    bundle: unknown;
+    spiffeId: string;
+    from: number;
+    until: number;
+    /** The leaf's notBefore (ms). */
+    issuedAt: number;
+  };
 }
 
 /** Who the client certificate says the caller is, verified against the bundle. */
@@ -81,7 +91,9 @@ export function identify(
   chain: X509Certificate[] | undefined,
   policy: AuthPolicy,
   conn?: VerifiedConnection,
-): { ok: true; spiffeId: string; operator: string } | { ok: false; refusal: Refusal } {
+):
+  | { ok: true; spiffeId: string; operator: string; issuedAt: Date }
+  | { ok: false; refusal: Refusal } {
   if (!chain || chain.length === 0) {
     return {
       ok: false,
@@ -93,6 +105,7 @@ export function identify(
     };
   }
   let spiffeId: string;
+  let issuedAt: number;
   const now = policy.now?.() ?? new Date();
   const td = policy.trustDomain;
   const bundle = policy.bundles.getX509BundleForTrustDomain(td);
@@ -100,16 +113,19 @@ export function identify(
   try {
     if (v && v.bundle === bundle && now.getTime() >= v.from && now.getTime() <= v.until) {
       spiffeId = v.spiffeId;
+      issuedAt = v.issuedAt;
     } else {
       const r = verifyX509SvidChain(chain, policy.bundles, now, { failures: policy.failures });
       spiffeId = r.id.toString();
+      const infos = r.chain.map((c) => certInfo(c));
+      issuedAt = infos[0].notBefore.getTime();
       if (conn && r.id.trustDomain.name === td) {
-        const infos = r.chain.map((c) => certInfo(c));
         conn.verified = {
           bundle,
           spiffeId,
           from: Math.max(...infos.map((i) => i.notBefore.getTime())),
           until: Math.min(...infos.map((i) => i.notAfter.getTime())),
+          issuedAt,
         };
       }
     }
@@ -134,7 +150,7 @@ export function identify(
       ),
     };
   }
-  return { ok: true, spiffeId, operator };
+  return { ok: true, spiffeId, operator, issuedAt: new Date(issuedAt) };
 }
 
 const WHAT: Record<Permission, string> = {
@@ -156,9 +172,12 @@ const NEEDS: Record<Permission, string> = {
   write: "the operator role",
 };
 
-/** The operator's role, if it grants `perm`. Deny by default. */
+/**
+ * The operator's role, if it grants `perm`, for a certificate not older than the operator's
+ * `issuedAfter` (its last `operator add|login`). Deny by default.
+ */
 export function authorize(
-  who: { spiffeId: string; operator: string },
+  who: { spiffeId: string; operator: string; issuedAt?: Date },
   perm: Permission,
   roles: RolesSource,
 ): { ok: true; caller: Caller } | { ok: false; refusal: Refusal } {
@@ -186,6 +205,19 @@ export function authorize(
       ),
     };
   }
+  const after = state.config.issuedAfter?.get(who.operator);
+  if (after && (who.issuedAt === undefined || who.issuedAt.getTime() < after.getTime())) {
+    return {
+      ok: false,
+      refusal: refuse(
+        403,
+        "superseded-certificate",
+        `operator ${who.operator}'s certificate was issued at ${
+          who.issuedAt?.toISOString() ?? "an unknown time"
+        }, before ${after.toISOString()} (issuedAfter in ${state.config.file}): use the credentials of the last 'k8s4r operator add|login ${who.operator}'`,
+      ),
+    };
+  }
   if (!allows(role, perm)) {
     return {
       ok: false,
@@ -196,7 +228,10 @@ export function authorize(
       ),
     };
   }
-  return { ok: true, caller: { spiffeId: who.spiffeId, operator: who.operator, role } };
+  return {
+    ok: true,
+    caller: { spiffeId: who.spiffeId, operator: who.operator, role, issuedAt: who.issuedAt },
+  };
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import type { X509Certificate } from "node:crypto";
 import { decodeDown } from "../mqtt/messages.ts";
 import { TestCa } from "../spiffe/testing/test_ca.ts";
 import { FleetService, type Publisher } from "./fleet.ts";
-import { allowedHostNames, identify, parseAuthority } from "./auth.ts";
+import { allowedHostNames, identify, parseAuthority, type VerifiedConnection } from "./auth.ts";
 import { createHandler, decodeCursor, encodeCursor } from "./http_api.ts";
 import { openSqliteFile } from "./registry_sqlite.ts";
 import { type Role, type RolesSource, type RolesState, staticRoles } from "./roles.ts";
@@ -354,8 +354,7 @@ Deno.test("a connection's verification is reused only while the bundle and valid
     now: () => now,
   };
   const short = web.operator("admin", { ttlSeconds: 60 });
-  const conn: { verified?: { bundle: unknown; spiffeId: string; from: number; until: number } } =
-    {};
+  const conn: VerifiedConnection = {};
   const first = identify(short.certificates, policy, conn);
   assert.ok(first.ok);
   assert.ok(conn.verified, "nothing kept for the connection");

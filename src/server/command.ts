@@ -27,7 +27,7 @@ import {
   SERVER_CLIENT_ID,
 } from "./fleet_server.ts";
 import { parseHostPort } from "./http_api.ts";
-import { svidServerTls } from "./https.ts";
+import { DEFAULT_MAX_CONNECTIONS, svidServerTls } from "./https.ts";
 import { type LoginState, openLogin } from "./dashboard_open.ts";
 import {
   describePostgres,
@@ -39,6 +39,7 @@ import {
 import { RolesFile } from "./roles.ts";
 import { svidTlsProvider } from "./svid_tls.ts";
 import { FINAL_STATES, isTaskState, TASK_STATES } from "./tasks.ts";
+import { readSecretFile } from "../fs/secret.ts";
 
 /** Log lines on stderr. A connection string's password never reaches one (`redactSecrets`). */
 function ioLogger(io: Io, secrets: () => (string | undefined)[] = () => []): Logger {
@@ -208,6 +209,12 @@ export async function runServer(
   } catch (err) {
     throw new UsageError(errorMessage(err));
   }
+  const maxConnections = args.number("http-max-connections");
+  if (maxConnections !== undefined && (!Number.isInteger(maxConnections) || maxConnections < 1)) {
+    throw new UsageError(
+      `--http-max-connections: expected a positive integer, got ${maxConnections}`,
+    );
+  }
   const hb = args.number("heartbeat-interval");
   if (hb !== undefined && (!Number.isInteger(hb) || hb < 1)) {
     throw new UsageError(`--heartbeat-interval: expected a positive integer, got ${hb}`);
@@ -264,8 +271,8 @@ export async function runServer(
     try {
       if (!credFile && envUser && envPwFile) {
         username = envUser;
-        password = (await Deno.readTextFile(envPwFile)).replace(/\r?\n$/, "");
-        if (!password) throw new Error(`${envPwFile}: password file is empty`);
+        password = (await readSecretFile(envPwFile, "MQTT password file")).replace(/\r?\n$/, "");
+        if (!password) throw new Error(`${envPwFile}: MQTT password file is empty`);
       } else {
         const c = await loadMqttCredentials(credFile ?? layout.serverCredentialsFile);
         username = c.username;
@@ -333,6 +340,7 @@ export async function runServer(
         trustDomain: svid.id.trustDomain.name,
         dnsNames: () => source.getX509Svid().dnsNames,
         interfaceAddresses: isWildcardHost(http.hostname) ? machineAddresses() : [],
+        maxConnections,
       },
       fleet: { heartbeatIntervalSeconds: hb, signer: makeSigner(source) },
       // The CAs of the server's own trust domain (the metrics' trust bundle series).
@@ -394,7 +402,8 @@ K8S4R_DATABASE_PASSWORD, or PGPASSWORD.
 
 MQTT credentials for mqtt:// come from --mqtt-credentials FILE (JSON {"username","password"},
 mode 0600; default .dev-env/server-mqtt.json), or K8S4R_MQTT_USERNAME plus
-K8S4R_MQTT_PASSWORD_FILE. With mqtts:// the server logs in with its own SVID.
+K8S4R_MQTT_PASSWORD_FILE (mode 0600). Each secret file must be this user's (or root's) and
+readable by nobody else. With mqtts:// the server logs in with its own SVID.
 
 Its identity: the X.509 SVID spiffe://<td>/fleet-server from the control host's SPIRE agent
 (--socket-path), followed across rotations. It serves the HTTPS API (clients must present an
@@ -418,6 +427,13 @@ operator SVID; roles from --roles, re-read on change), and signs every task and 
       valueName: "HOST:PORT",
       description:
         "HTTPS API address (default 127.0.0.1:8090; anything but loopback prints a warning)",
+    },
+    {
+      name: "http-max-connections",
+      type: "number",
+      valueName: "N",
+      description:
+        `Open HTTPS connections at most; one more is closed at once (default ${DEFAULT_MAX_CONNECTIONS})`,
     },
     {
       name: "data-dir",
@@ -448,7 +464,8 @@ operator SVID; roles from --roles, re-read on change), and signs every task and 
       name: "client-id",
       type: "string",
       valueName: "ID",
-      description: "MQTT client id of the persistent session (default k8s4r-server)",
+      description:
+        "MQTT client id of the persistent session (default k8s4r-server; over mqtts:// the broker uses the SVID's CN)",
     },
     {
       name: "heartbeat-interval",

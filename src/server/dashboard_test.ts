@@ -30,10 +30,15 @@ class Pub implements Publisher {
 
 function mutableRoles(entries: Record<string, Role>) {
   const ops = new Map(Object.entries(entries));
+  const issuedAfter = new Map<string, Date>();
   const src: RolesSource = {
-    current: () => ({ ok: true, config: { file: "roles.yaml", operators: ops }, missing: false }),
+    current: () => ({
+      ok: true,
+      config: { file: "roles.yaml", operators: ops, issuedAfter },
+      missing: false,
+    }),
   };
-  return { src, ops };
+  return { src, ops, issuedAfter };
 }
 
 function setup(api: Partial<ApiContext> = {}, events?: FleetEvents) {
@@ -776,6 +781,31 @@ Deno.test("/metrics: the scrape role reads the metrics page and nothing else (no
     const v = await t.call("GET", `/api/tasks/${task.id}`, { cert: t.viewer });
     assert.equal(v.status, 200);
     assert.equal((await v.json()).env.API_TOKEN, "s3cret");
+  } finally {
+    t.obs.close();
+    await t.registry.close();
+  }
+});
+
+Deno.test("dashboard: a session begun with a certificate that was re-issued since (issuedAfter) is refused; a new login works", async () => {
+  const t = setup();
+  try {
+    const old = await t.login(t.viewer);
+    // The control: the session reads as vera.
+    assert.equal((await t.call("GET", "/api/robots", { cookie: old.id })).status, 200);
+    // `operator login vera` re-issued her certificate: the old one, and what it began, stop.
+    const notBefore = t.viewer.certificate.validFromDate.getTime();
+    t.roles.issuedAfter.set("vera", new Date(notBefore + 1000));
+    const r = await t.call("GET", "/api/robots", { cookie: old.id });
+    assert.equal(r.status, 403);
+    assert.equal((await r.json()).code, "superseded-certificate");
+    const fresh = t.web.ca.issue({
+      spiffeId: `spiffe://${t.web.trustDomain}/operator/vera`,
+      notBefore: new Date(notBefore + 1000),
+      notAfter: new Date(notBefore + 3_600_000),
+    });
+    const again = await t.login(fresh);
+    assert.equal((await t.call("GET", "/api/robots", { cookie: again.id })).status, 200);
   } finally {
     t.obs.close();
     await t.registry.close();

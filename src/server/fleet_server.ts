@@ -50,6 +50,7 @@ import type { PostgresConfig } from "./registry_postgres.ts";
 import { ReplicaSet } from "./replicas.ts";
 import type { RolesSource } from "./roles.ts";
 import { openRegistry } from "./storage.ts";
+import { readSecretFile } from "../fs/secret.ts";
 import type { CaValidity } from "./metrics.ts";
 import { type FleetObservers, observeFleet } from "./observe.ts";
 import { DashboardSessions, type SessionsOptions } from "./sessions.ts";
@@ -77,6 +78,8 @@ export interface HttpsOptions {
   dnsNames: () => readonly string[];
   /** Every address of this machine (allowed in Host when bound to all of them). */
   interfaceAddresses?: readonly string[];
+  /** Open connections at most (default DEFAULT_MAX_CONNECTIONS of https.ts). */
+  maxConnections?: number;
 }
 
 export interface FleetServerOptions {
@@ -274,6 +277,7 @@ export class FleetServer {
           port: h.port,
           tls: h.tls,
           urlHost: h.dnsNames()[0],
+          maxConnections: h.maxConnections,
         });
         port = http.addr.port;
       }
@@ -696,20 +700,12 @@ export async function loadMqttCredentials(
 ): Promise<{ username: string; password: string }> {
   let text: string;
   try {
-    text = await Deno.readTextFile(path);
+    text = await readSecretFile(path, "MQTT credentials file");
   } catch (err) {
-    if (err instanceof Deno.errors.NotFound) {
+    if ((err as Error).message === `${path}: MQTT credentials file not found`) {
       throw new Error(`${path}: MQTT credentials file not found (run 'k8s4r devenv start' first)`);
     }
-    throw new Error(`${path}: cannot read MQTT credentials: ${(err as Error).message}`);
-  }
-  const st = await Deno.stat(path);
-  if (st.mode !== null && (st.mode & 0o077) !== 0) {
-    throw new Error(
-      `${path}: MQTT credentials file must not be readable by others (mode ${
-        (st.mode & 0o777).toString(8)
-      }, expected 600)`,
-    );
+    throw err;
   }
   let v: unknown;
   try {

@@ -387,6 +387,7 @@ export function createHandler(
     "bad-origin": 0,
     "no-certificate": 0,
     "untrusted-certificate": 0,
+    "superseded-certificate": 0,
     "not-an-operator": 0,
     "no-role": 0,
     "forbidden": 0,
@@ -616,7 +617,10 @@ export function createHandler(
           ) {
             throw new HttpError(400, "body: expected {} or nothing");
           }
-          const t = sessions.issueLogin(caller, caller.until);
+          const t = sessions.issueLogin(
+            { ...caller, issuedAt: caller.issuedAt?.getTime() },
+            caller.until,
+          );
           log.info(
             `dashboard login issued for ${caller.spiffeId} (one use, until ${
               new Date(t.expiresAt).toISOString()
@@ -772,7 +776,14 @@ export function createHandler(
       if (!who.ok && who.refusal.code === "no-certificate" && ctx.sessions) {
         const s = ctx.sessions.lookup(cookie);
         if (s) {
-          who = { ok: true, spiffeId: s.spiffeId, operator: s.operator };
+          // A session carries the notBefore of the certificate it began with (0: unknown, so
+          // refused once the operator has an issuedAfter).
+          who = {
+            ok: true,
+            spiffeId: s.spiffeId,
+            operator: s.operator,
+            issuedAt: new Date(s.issuedAt ?? 0),
+          };
           via = "session";
           until = s.expiresAt;
         }

@@ -63,6 +63,14 @@ export interface HttpsApi {
 
 export type FetchHandler = (req: Request, conn?: ConnInfo) => Promise<Response>;
 
+/**
+ * Open connections the API keeps at most (`maxConnections`: one more is closed at once). Each
+ * costs a file descriptor and a TLS session; without a cap, clients that connect and never
+ * finish (or never start) a request would exhaust the server's descriptors (the default soft
+ * limit is 1024). Operators and probes need a handful.
+ */
+export const DEFAULT_MAX_CONNECTIONS = 512;
+
 function toRequest(req: IncomingMessage): Request {
   const headers = new Headers();
   for (const [k, v] of Object.entries(req.headers)) {
@@ -121,7 +129,14 @@ async function respond(res: ServerResponse, response: Response): Promise<void> {
 
 export async function serveHttps(
   handler: FetchHandler,
-  opts: { hostname: string; port: number; tls: ServerTlsProvider; urlHost?: string },
+  opts: {
+    hostname: string;
+    port: number;
+    tls: ServerTlsProvider;
+    urlHost?: string;
+    /** Default DEFAULT_MAX_CONNECTIONS. */
+    maxConnections?: number;
+  },
 ): Promise<HttpsApi> {
   const stats: HttpsApi["stats"] = { contextUpdates: 0, tlsErrors: 0 };
   const connections = new WeakMap<TLSSocket, ConnInfo>();
@@ -156,6 +171,7 @@ export async function serveHttps(
   });
   server.requestTimeout = 30_000;
   server.headersTimeout = 10_000;
+  server.maxConnections = opts.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
   server.on("tlsClientError", (err: Error) => {
     stats.tlsErrors++;
     stats.lastTlsError = err.message;

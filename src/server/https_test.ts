@@ -4,6 +4,7 @@
  * certificate and the trusted bundle follow rotation without a restart.
  */
 import assert from "node:assert/strict";
+import net from "node:net";
 import tls from "node:tls";
 import type { X509Certificate } from "node:crypto";
 import { encodePem } from "../spiffe/pem.ts";
@@ -11,14 +12,18 @@ import { mutuallyIssuingChain, TestCa, watchSignatureChecks } from "../spiffe/te
 import { FleetService, type Publisher } from "./fleet.ts";
 import { allowedHostNames } from "./auth.ts";
 import { createHandler } from "./http_api.ts";
-import { serveHttps, svidServerTls } from "./https.ts";
+import { DEFAULT_MAX_CONNECTIONS, serveHttps, svidServerTls } from "./https.ts";
+import { waitFor } from "../process/mod.ts";
 import { openSqliteFile } from "./registry_sqlite.ts";
-import { staticRoles } from "./roles.ts";
+import { RolesFile, type RolesSource, setOperatorRole, staticRoles } from "./roles.ts";
 import { TestHttps, UNSIGNED } from "./testing.ts";
 
 const pub: Publisher = { publish: () => Promise.resolve(), connected: () => true };
 
-async function serve(web: TestHttps) {
+async function serve(
+  web: TestHttps,
+  extra: { maxConnections?: number; roles?: RolesSource } = {},
+) {
   const registry = openSqliteFile(":memory:");
   const fleet = new FleetService(registry, pub, { signer: UNSIGNED });
   let port = 0;
@@ -28,7 +33,7 @@ async function serve(web: TestHttps) {
     auth: {
       trustDomain: web.trustDomain,
       bundles: web.source,
-      roles: staticRoles({ admin: "operator" }),
+      roles: extra.roles ?? staticRoles({ admin: "operator" }),
     },
     hosts: {
       get port() {
@@ -42,6 +47,7 @@ async function serve(web: TestHttps) {
     port: 0,
     tls: svidServerTls(web.source),
     urlHost: "localhost",
+    maxConnections: extra.maxConnections,
   });
   port = api.addr.port;
   return {
@@ -160,6 +166,77 @@ Deno.test("HTTPS: a request with a foreign Host over TLS is refused (DNS rebindi
     assert.match(evil, /"code": "bad-host"/);
   } finally {
     await s.close();
+  }
+});
+
+Deno.test("HTTPS: connections are capped (idle TCP connections cannot exhaust the server); below the cap it serves (control)", async () => {
+  assert.equal(DEFAULT_MAX_CONNECTIONS, 512);
+  const web = new TestHttps();
+  const s = await serve(web, { maxConnections: 3 });
+  const idle: net.Socket[] = [];
+  try {
+    const closed = new Set<number>();
+    // Connections that never even start TLS (a slow or hostile client), up to the cap and one more.
+    for (let i = 0; i < 4; i++) {
+      const c = net.connect(s.api.addr.port, "127.0.0.1");
+      c.on("error", () => {});
+      c.on("close", () => closed.add(i));
+      await new Promise((r) => c.once("connect", r));
+      idle.push(c);
+    }
+    await waitFor(() => closed.size > 0, {
+      timeoutMs: 5000,
+      intervalMs: 10,
+      what: "the server to close the connection over its cap",
+    });
+    assert.deepEqual([...closed], [3], "not the one over the cap was closed");
+    // The control: once one of them goes, a real request gets through.
+    idle[0].destroy();
+    await waitFor(() => closed.has(0), { timeoutMs: 5000, intervalMs: 10, what: "close" });
+    assert.equal((await web.json(`${s.api.url}/healthz`, {}, null)).status, 200);
+  } finally {
+    for (const c of idle) c.destroy();
+    await s.close();
+  }
+});
+
+Deno.test("HTTPS: an operator's certificate issued before the one of its last add/login (issuedAfter) is refused (403); the new one works", async () => {
+  const web = new TestHttps();
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-issued-after-" });
+  const rolesFile = `${dir}/roles.yaml`;
+  const s = await serve(web, { roles: new RolesFile(rolesFile) });
+  try {
+    const now = Date.now();
+    const old = web.ca.issue({
+      spiffeId: `spiffe://${web.trustDomain}/operator/alice`,
+      notBefore: new Date(now - 3_600_000),
+      notAfter: new Date(now + 3_600_000),
+    });
+    await setOperatorRole(rolesFile, "alice", "viewer");
+    // The control: without an issuedAfter, the old certificate is alice's.
+    assert.equal((await web.json(`${s.api.url}/api/robots`, {}, old)).status, 200);
+    // `operator login alice` re-issued her SVID (say, the old key leaked): from now on only
+    // certificates issued at or after the new one's notBefore are hers.
+    const fresh = web.ca.issue({
+      spiffeId: `spiffe://${web.trustDomain}/operator/alice`,
+      notBefore: new Date(now - 1000),
+      notAfter: new Date(now + 3_600_000),
+    });
+    await setOperatorRole(rolesFile, "alice", "viewer", {
+      issuedAfter: new Date(fresh.certificate.validFromDate),
+    });
+    assert.match(await Deno.readTextFile(rolesFile), /alice:\n\s+role: viewer\n\s+issuedAfter: /);
+    const refused = await web.json(`${s.api.url}/api/robots`, {}, old);
+    assert.equal(refused.status, 403);
+    assert.equal(refused.body.code, "superseded-certificate");
+    assert.match(
+      refused.body.error,
+      /alice's certificate was issued at .*, before .*: use the credentials of the last 'k8s4r operator add\|login alice'/,
+    );
+    assert.equal((await web.json(`${s.api.url}/api/robots`, {}, fresh)).status, 200);
+  } finally {
+    await s.close();
+    await Deno.remove(dir, { recursive: true });
   }
 });
 

@@ -44,6 +44,7 @@ import {
   SSL_MODES,
   type SslMode,
 } from "./postgres_connect.ts";
+import { readSecretFile } from "../fs/secret.ts";
 
 /**
  * Where the registry lives (postgres_connect.ts `PgEndpoint`): host (or socket directory),
@@ -190,24 +191,7 @@ export async function loadDatabasePassword(
   if (file === undefined) {
     return env["K8S4R_DATABASE_PASSWORD"] || env["PGPASSWORD"] || undefined;
   }
-  let st: Deno.FileInfo;
-  try {
-    st = await Deno.stat(file);
-  } catch (err) {
-    if (err instanceof Deno.errors.NotFound) {
-      throw new Error(`${file}: database password file not found`);
-    }
-    throw new Error(`${file}: cannot read the database password file: ${(err as Error).message}`);
-  }
-  if (!st.isFile) throw new Error(`${file}: database password file is not a regular file`);
-  if (st.mode !== null && (st.mode & 0o077) !== 0) {
-    throw new Error(
-      `${file}: database password file is readable by group or others (mode ${
-        (st.mode & 0o777).toString(8).padStart(3, "0")
-      }, expected 600); run chmod 600 ${file}`,
-    );
-  }
-  const text = (await Deno.readTextFile(file)).replace(/\r?\n$/, "");
+  const text = (await readSecretFile(file, "database password file")).replace(/\r?\n$/, "");
   if (text === "") throw new Error(`${file}: database password file is empty`);
   return text;
 }

@@ -6,8 +6,16 @@
  *   # metrics: only /metrics. viewer: read robots and tasks. operator: also create and cancel.
  *   operators:
  *     admin: operator
- *     alice: viewer
+ *     alice:
+ *       role: viewer
+ *       issuedAfter: 2026-12-01T10:00:00.000Z
  *     prometheus: metrics
+ *
+ * `issuedAfter` (written by `k8s4r operator add|login`: the notBefore of the certificate they
+ * minted) is how an operator's older certificates are revoked: a certificate of alice issued
+ * before it is refused (403 `superseded-certificate`), although it chains to the bundle and
+ * has not expired. (Certificates carry whole seconds: one minted in the same second as the
+ * new one is not told apart.)
  *
  * Keys are operator names: the caller `spiffe://<td>/operator/<name>` has the role listed under
  * its name. An operator that is not listed, any other SPIFFE ID (a robot, the broker), and
@@ -18,17 +26,20 @@
  * a restart. Errors name `file:line: key: what was expected`. `k8s4r operator add|remove` edit it
  * through the same YAML library (comments and order are kept) and replace it atomically.
  */
-import { dirname } from "node:path";
 import { isMap, isScalar, LineCounter, parseDocument, type Scalar, type YAMLMap } from "yaml";
 import type { Document, Node } from "yaml";
 import { ConfigError } from "../cli/errors.ts";
 import { isOperatorName } from "../fleet/ids.ts";
+import { writeFileAtomic } from "../fs/atomic.ts";
+import { withFileLock } from "../fs/lock.ts";
 
 /**
  * `metrics` is for a scraper (Prometheus): its key sits in a monitoring system's config, so it
  * reads `/metrics` (counts, states, timings) and nothing of the tasks (their env, their output).
  */
 export const ROLES = ["metrics", "viewer", "operator"] as const;
+
+const RFC3339 = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$/;
 export type Role = typeof ROLES[number];
 
 /** What a request needs: `metrics` (/metrics), `read` (GET, HEAD) or `write` (create, cancel). */
@@ -59,6 +70,8 @@ export const ROLES_FILE_HEADER =
 export interface RolesConfig {
   file: string;
   operators: Map<string, Role>;
+  /** Certificates of an operator issued (notBefore) before this are refused (none: no limit). */
+  issuedAfter?: Map<string, Date>;
 }
 
 function describeNode(node: unknown): string {
@@ -84,7 +97,8 @@ function parse(text: string, file: string): { doc: Document; config: RolesConfig
     throw new ConfigError(file, line, undefined, `invalid YAML: ${e.message.split("\n")[0]}`);
   }
   const operators = new Map<string, Role>();
-  const config = { file, operators };
+  const issuedAfter = new Map<string, Date>();
+  const config = { file, operators, issuedAfter };
   const root = doc.contents;
   if (root === null || (isScalar(root) && root.value === null)) return { doc, config };
   if (!isMap(root)) {
@@ -125,7 +139,41 @@ function parse(text: string, file: string): { doc: Document; config: RolesConfig
           "expected an operator name matching [a-z0-9][a-z0-9._-]{0,62}",
         );
       }
-      const v = item.value as Node | null;
+      let v = item.value as Node | null;
+      if (isMap(v)) {
+        // The long form: { role, issuedAfter }.
+        let roleNode: Node | null = null;
+        for (const f of (v as YAMLMap<unknown, unknown>).items) {
+          const fk = f.key as Scalar | null;
+          const field = String(isScalar(fk) ? fk.value : fk);
+          const fv = f.value as Node | null;
+          if (field === "role") roleNode = fv;
+          else if (field === "issuedAfter") {
+            const t = isScalar(fv) ? fv.value : undefined;
+            const ms = typeof t === "string" && RFC3339.test(t) ? Date.parse(t) : NaN;
+            if (!Number.isFinite(ms)) {
+              throw new ConfigError(
+                file,
+                lineOf(fv) ?? lineOf(fk),
+                `operators.${name}.issuedAfter`,
+                `expected an RFC 3339 time like 2026-12-01T10:00:00Z, got ${describeNode(fv)}`,
+              );
+            }
+            issuedAfter.set(name, new Date(ms));
+          } else {
+            throw new ConfigError(
+              file,
+              lineOf(fk),
+              `operators.${name}.${field}`,
+              "unknown key; expected role, issuedAfter",
+            );
+          }
+        }
+        if (roleNode === null) {
+          throw new ConfigError(file, lineOf(v) ?? line, `operators.${name}.role`, "missing");
+        }
+        v = roleNode;
+      }
       const role = isScalar(v) ? v.value : undefined;
       if (!isRole(role)) {
         throw new ConfigError(
@@ -158,7 +206,11 @@ export interface RolesSource {
 
 /** A fixed set of roles (tests, and `--roles` of nothing). */
 export function staticRoles(entries: Record<string, Role>): RolesSource {
-  const config: RolesConfig = { file: "<static>", operators: new Map(Object.entries(entries)) };
+  const config: RolesConfig = {
+    file: "<static>",
+    operators: new Map(Object.entries(entries)),
+    issuedAfter: new Map(),
+  };
   return { current: () => ({ ok: true, config, missing: false }) };
 }
 
@@ -194,7 +246,7 @@ export class RolesFile implements RolesSource {
     if (stamp === "missing") {
       return this.set(stamp, {
         ok: true,
-        config: { file: this.path, operators: new Map() },
+        config: { file: this.path, operators: new Map(), issuedAfter: new Map() },
         missing: true,
       });
     }
@@ -241,65 +293,89 @@ async function readOrEmpty(path: string): Promise<{ text: string; mode?: number 
   }
 }
 
-let tmpCounter = 0;
-
-/** Replaces `path` atomically (temp file, fsync, rename), keeping `mode` (default 0644). */
-async function replaceFile(path: string, text: string, mode = 0o644): Promise<void> {
-  const dir = dirname(path);
-  await Deno.mkdir(dir, { recursive: true, mode: 0o755 });
-  const tmp = `${path}.tmp-${Deno.pid}-${++tmpCounter}`;
-  try {
-    const f = await Deno.open(tmp, { write: true, createNew: true, mode });
-    try {
-      const bytes = new TextEncoder().encode(text);
-      let off = 0;
-      while (off < bytes.byteLength) off += await f.write(bytes.subarray(off));
-      await f.sync();
-    } finally {
-      f.close();
-    }
-    await Deno.chmod(tmp, mode);
-    await Deno.rename(tmp, path);
-  } catch (err) {
-    await Deno.remove(tmp).catch(() => {});
-    throw err;
-  }
+/** Replaces `path` atomically (the project's writer: fsync, rename, fsync of the directory). */
+function replaceFile(path: string, text: string, mode = 0o644): Promise<void> {
+  return writeFileAtomic(path, text, mode, 0o755);
 }
 
 /**
- * Sets `name`'s role in the roles file (creating it with a header when missing). A file that
- * does not parse is left alone: the ConfigError says where it is broken.
+ * Sets `name`'s role in the roles file (creating it with a header when missing), and with
+ * `issuedAfter` the time before which its certificates are refused (an existing one is kept
+ * when none is given). A file that does not parse is left alone: the ConfigError says where it
+ * is broken.
  */
-export async function setOperatorRole(path: string, name: string, role: Role): Promise<void> {
+export async function setOperatorRole(
+  path: string,
+  name: string,
+  role: Role,
+  opts: { issuedAfter?: Date } = {},
+): Promise<void> {
   if (!isOperatorName(name)) throw new Error(`invalid operator name ${JSON.stringify(name)}`);
-  const { text, mode } = await readOrEmpty(path);
-  let { doc } = parse(text, path);
-  if (doc.contents === null || (isScalar(doc.contents) && doc.contents.value === null)) {
-    // Empty, or comments only: keep them, add the key.
-    doc = parse(`${text}${text === "" || text.endsWith("\n") ? "" : "\n"}operators:\n`, path).doc;
-  }
-  if (isMap(doc.get("operators"))) doc.setIn(["operators", name], role);
-  else doc.set("operators", doc.createNode({ [name]: role }));
-  await replaceFile(path, String(doc), mode);
+  // Read, edit and replace under one lock: two operators' commands at once lose nothing.
+  await withFileLock(path, async () => {
+    const { text, mode } = await readOrEmpty(path);
+    let { doc, config } = parse(text, path);
+    if (doc.contents === null || (isScalar(doc.contents) && doc.contents.value === null)) {
+      // Empty, or comments only: keep them, add the key.
+      doc = parse(`${text}${text === "" || text.endsWith("\n") ? "" : "\n"}operators:\n`, path)
+        .doc;
+    }
+    const after = opts.issuedAfter ?? config.issuedAfter?.get(name);
+    const value = after ? { role, issuedAfter: after.toISOString() } : role;
+    if (isMap(doc.get("operators"))) doc.setIn(["operators", name], doc.createNode(value));
+    else doc.set("operators", doc.createNode({ [name]: value }));
+    await replaceFile(path, String(doc), mode);
+  }, { dirMode: 0o755 });
+}
+
+/**
+ * Sets the time before which `name`'s certificates are refused (`operator login` after it
+ * minted a new one), keeping its role. Returns false when it is not listed (or no file).
+ */
+export async function setOperatorIssuedAfter(
+  path: string,
+  name: string,
+  issuedAfter: Date,
+): Promise<boolean> {
+  return await withFileLock(path, async () => {
+    const { text, mode } = await readOrEmpty(path);
+    const { doc, config } = parse(text, path);
+    const role = config.operators.get(name);
+    if (!role) return false;
+    doc.setIn(
+      ["operators", name],
+      doc.createNode({ role, issuedAfter: issuedAfter.toISOString() }),
+    );
+    await replaceFile(path, String(doc), mode);
+    return true;
+  }, { dirMode: 0o755 });
 }
 
 /** Removes `name` from the roles file. Returns false when it was not listed (or no file). */
 export async function removeOperatorRole(path: string, name: string): Promise<boolean> {
-  let text: string;
-  let mode: number | undefined;
   try {
-    text = await Deno.readTextFile(path);
-    const st = await Deno.stat(path);
-    mode = st.mode !== null ? st.mode & 0o777 : undefined;
+    await Deno.stat(path);
   } catch (err) {
     if (err instanceof Deno.errors.NotFound) return false;
     throw new ConfigError(path, undefined, undefined, `cannot read: ${(err as Error).message}`);
   }
-  const { doc, config } = parse(text, path);
-  if (!config.operators.has(name)) return false;
-  doc.deleteIn(["operators", name]);
-  await replaceFile(path, String(doc), mode);
-  return true;
+  return await withFileLock(path, async () => {
+    let text: string;
+    let mode: number | undefined;
+    try {
+      text = await Deno.readTextFile(path);
+      const st = await Deno.stat(path);
+      mode = st.mode !== null ? st.mode & 0o777 : undefined;
+    } catch (err) {
+      if (err instanceof Deno.errors.NotFound) return false;
+      throw new ConfigError(path, undefined, undefined, `cannot read: ${(err as Error).message}`);
+    }
+    const { doc, config } = parse(text, path);
+    if (!config.operators.has(name)) return false;
+    doc.deleteIn(["operators", name]);
+    await replaceFile(path, String(doc), mode);
+    return true;
+  }, { dirMode: 0o755 });
 }
 
 /** The roles of the file, for `operator list` (empty when there is no file). */
@@ -307,7 +383,9 @@ export async function readRolesFile(path: string): Promise<RolesConfig> {
   try {
     return parseRolesYaml(await Deno.readTextFile(path), path);
   } catch (err) {
-    if (err instanceof Deno.errors.NotFound) return { file: path, operators: new Map() };
+    if (err instanceof Deno.errors.NotFound) {
+      return { file: path, operators: new Map(), issuedAfter: new Map() };
+    }
     if (err instanceof ConfigError) throw err;
     throw new ConfigError(path, undefined, undefined, `cannot read: ${(err as Error).message}`);
   }

@@ -27,7 +27,27 @@ Deno.test("roles YAML: valid files, and errors that name file:line: key", () => 
   assert.deepEqual([...ok.operators], [["admin", "operator"], ["alice", "viewer"]]);
   assert.equal(parseRolesYaml("", "r.yaml").operators.size, 0);
   assert.equal(parseRolesYaml("operators:\n", "r.yaml").operators.size, 0);
+  // The long form, with the time before which the operator's certificates are refused.
+  const long = parseRolesYaml(
+    "operators:\n  alice:\n    role: viewer\n    issuedAfter: 2026-12-01T10:00:00.000Z\n",
+    "r.yaml",
+  );
+  assert.equal(long.operators.get("alice"), "viewer");
+  assert.equal(long.issuedAfter?.get("alice")?.toISOString(), "2026-12-01T10:00:00.000Z");
+  assert.equal(ok.issuedAfter?.size, 0);
   const cases: [string, string][] = [
+    [
+      "operators:\n  alice:\n    role: viewer\n    issuedAfter: yesterday\n",
+      'r.yaml:4: operators.alice.issuedAfter: expected an RFC 3339 time like 2026-12-01T10:00:00Z, got "yesterday"',
+    ],
+    [
+      "operators:\n  alice:\n    issuedAfter: 2026-12-01T10:00:00Z\n",
+      "r.yaml:3: operators.alice.role: missing",
+    ],
+    [
+      "operators:\n  alice:\n    role: viewer\n    until: 2026-12-01T10:00:00Z\n",
+      "r.yaml:4: operators.alice.until: unknown key; expected role, issuedAfter",
+    ],
     [
       "operators:\n  admin: root\n",
       'r.yaml:2: operators.admin: expected a role, one of metrics, viewer, operator, got "root"',
@@ -107,6 +127,36 @@ Deno.test("RolesFile: missing, then edited (no restart), invalid = nobody, fixed
     assert.equal((await readRolesFile(path)).operators.get("admin"), "viewer");
     assert.equal((await readRolesFile(`${dir}/none.yaml`)).operators.size, 0);
     assert.deepEqual(changes, ["ok 0", "ok 1", "ok 3", "ok 2", "error", "ok 1"]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("roles file edits do not lose updates: remove bob and add carolN at once, 20 rounds", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-roles-race-" });
+  try {
+    const path = `${dir}/roles.yaml`;
+    await setOperatorRole(path, "admin", "operator");
+    const lost: string[] = [];
+    for (let i = 0; i < 20; i++) {
+      await setOperatorRole(path, "bob", "operator");
+      // Two operators' commands at the same moment: `operator remove bob`, `operator add carolN`.
+      await Promise.all([
+        removeOperatorRole(path, "bob"),
+        setOperatorRole(path, `carol${i}`, "viewer"),
+      ]);
+      const ops = (await readRolesFile(path)).operators;
+      if (ops.has("bob")) lost.push(`round ${i}: bob's removal was undone`);
+      for (let j = 0; j <= i; j++) {
+        if (!ops.has(`carol${j}`)) lost.push(`round ${i}: carol${j} is missing`);
+      }
+    }
+    assert.deepEqual(lost, [], "an edit of roles.yaml was lost");
+    // The control: the edits themselves work (sequentially they always did).
+    const ops = (await readRolesFile(path)).operators;
+    assert.equal(ops.get("admin"), "operator");
+    assert.equal(ops.get("carol19"), "viewer");
+    assert.equal(ops.size, 21);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

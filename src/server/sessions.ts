@@ -32,6 +32,11 @@ export const DEFAULT_SESSION_TTL_MS = 8 * 3600_000;
 export interface SessionIdentity {
   spiffeId: string;
   operator: string;
+  /**
+   * The notBefore (ms) of the certificate the login was asked with: once the operator's
+   * certificate is re-issued (roles.yaml `issuedAfter`), its sessions are refused too.
+   */
+  issuedAt?: number;
 }
 
 export interface Session extends SessionIdentity {
@@ -120,6 +125,7 @@ export class DashboardSessions {
       id,
       spiffeId: who.spiffeId,
       operator: who.operator,
+      ...(who.issuedAt !== undefined ? { issuedAt: who.issuedAt } : {}),
       expiresAt,
       until,
       used: false,
@@ -166,6 +172,7 @@ export class DashboardSessions {
     const session: Session = {
       spiffeId: p.spiffeId,
       operator: p.operator,
+      ...(p.issuedAt !== undefined ? { issuedAt: p.issuedAt } : {}),
       createdAt: now,
       expiresAt: Math.min(now + this.sessionTtlMs, p.until),
     };

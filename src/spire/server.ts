@@ -15,6 +15,7 @@ import type { Io } from "../cli/io.ts";
 import type { Daemon, ProcessRunner } from "../process/mod.ts";
 import { grpcHealthCheck } from "./health.ts";
 import { attrString, block, type HclBody, HclError, parseHcl } from "./hcl.ts";
+import { secureSocketDir, SocketDirError } from "./socket_dir.ts";
 
 export interface ServerConfigValues {
   trustDomain: string;
@@ -372,9 +373,12 @@ export async function startSpireServer(
     await Deno.chmod(tmp, 0o600);
     await Deno.rename(tmp, plan.configFile);
   }
-  // The admin socket grants full control of the server: keep its directory private.
+  // The admin socket grants full control of the server: keep its directory private. mkdir is a
+  // no-op on a directory that exists: one someone else made (a squatted /tmp/spire-server) is
+  // refused by the check, not used.
   const socketDir = plan.socketPath.slice(0, plan.socketPath.lastIndexOf("/"));
   await Deno.mkdir(socketDir, { recursive: true, mode: 0o700 });
+  await secureSocketDir(plan.socketPath, { create: false, what: ADMIN_SOCKET });
   const daemon = await io.runner.spawn({
     name: "spire-server",
     cmd: opts.bin,
@@ -396,6 +400,35 @@ export async function startSpireServer(
 
 // ---------------------------------------------------------------------------------------------
 // The CLI wrapper.
+
+const ADMIN_SOCKET = "SPIRE server admin socket";
+
+/**
+ * The CLI wrapper for a command that talks to the server through its admin socket (operator
+ * add/login, robot add/list/remove), after checking the socket's directory (socket_dir.ts:
+ * this user's or root's, no group or other write, the same for every directory above it unless
+ * sticky): whoever can replace that socket answers every admin call, e.g. mints the operator's
+ * SVID or hands out the bundle it trusts.
+ */
+export async function spireAdminCli(
+  runner: ProcessRunner,
+  bin: string,
+  socketPath: string,
+): Promise<SpireServerCli> {
+  try {
+    await secureSocketDir(socketPath, { create: false, what: ADMIN_SOCKET });
+  } catch (err) {
+    if (err instanceof SocketDirError && / does not exist/.test(err.message)) {
+      throw new CliError(
+        `${ADMIN_SOCKET} ${socketPath}: ${err.message.replace(`${ADMIN_SOCKET} `, "")}`,
+        1,
+        "is the SPIRE server running on this host, with this socket_path? (on a dev stack: .spire-data/server/api.sock of the project)",
+      );
+    }
+    throw err;
+  }
+  return new SpireServerCli(runner, bin, socketPath);
+}
 
 export interface JoinToken {
   /** The secret. Never log it, never put it in an error message or on a command line. */

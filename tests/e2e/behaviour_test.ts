@@ -27,6 +27,7 @@ import {
   mqttConnect,
   refused,
   ROBOTS,
+  SPARE_ROBOT,
   type Svid,
   TRUST_DOMAIN,
   walkFiles,
@@ -42,6 +43,17 @@ let robot001: Svid | undefined;
 async function robot1Svid(): Promise<Svid> {
   return robot001 ??= await stack.fetchSvid("robot-001");
 }
+
+/**
+ * An SVID of the stack's SPIRE for SPARE_ROBOT, which no agent runs as: the broker makes a
+ * certificate's CN the client id, so connecting with robot-001's own SVID would take its
+ * running agent's session over.
+ */
+let spare: Svid | undefined;
+async function spareSvid(): Promise<Svid> {
+  return spare ??= await stack.spareRobotSvid();
+}
+const R = SPARE_ROBOT;
 
 /** Collects (topic, payload) pairs a client receives. */
 function collect(c: mqtt.MqttClient): { topic: string; payload: string }[] {
@@ -163,8 +175,8 @@ e2e("security: a client without a certificate is refused on the mTLS port", asyn
   });
   console.log(`refused: ${why}`);
   assert.ok(why, "a client without a certificate was accepted");
-  // Control: the same client with robot-001's real SVID gets in.
-  const c = await stack.tlsClient(svid, `e2e-ok-${nonce()}`);
+  // Control: the same client with a real SVID of the fleet's SPIRE gets in.
+  const c = await stack.tlsClient(await spareSvid(), `e2e-ok-${nonce()}`);
   await c.endAsync(true);
 });
 
@@ -221,8 +233,8 @@ e2e("security: an expired certificate from the real SPIRE CA is refused", async 
   assert.ok(why, "an expired certificate was accepted");
 });
 
-e2e("security: robot-001 can neither write nor read robot-002's topics", async () => {
-  const svid = await robot1Svid();
+e2e(`security: a robot (${R}) can neither write nor read robot-002's topics`, async () => {
+  const svid = await spareSvid();
   const n = nonce();
   const server = await stack.serverClient(`e2e-srv-${n}`);
   const r1 = await stack.tlsClient(svid, `e2e-r1-${n}`);
@@ -241,32 +253,32 @@ e2e("security: robot-001 can neither write nor read robot-002's topics", async (
     ) {
       await r1.subscribeAsync(t, { qos: 1 }).catch(() => {});
     }
-    // Attacks: robot-001 writes robot-002's up and down topics, at QoS 0 and 1.
+    // Attacks: it writes robot-002's up and down topics, at QoS 0 and 1.
     for (const qos of [0, 1] as const) {
       for (const kind of ["up/heartbeat", "up/status", "up/task", "down/task"]) {
         await r1.publishAsync(`k8s4r/robots/robot-002/${kind}`, `attack-${n}`, { qos })
           .catch(() => {});
       }
     }
-    // robot-002's own down messages (sent by the server) must not reach robot-001's client.
+    // robot-002's own down messages (sent by the server) must not reach its client.
     await server.publishAsync("k8s4r/robots/robot-002/down/x-e2e", `for-002-${n}`, { qos: 1 });
     // Positive controls, sent last on the same connections: once they arrive, the denied
     // messages would have too.
-    await r1.publishAsync("k8s4r/robots/robot-001/up/x-e2e", `ctl-up-${n}`, { qos: 1 });
-    await server.publishAsync("k8s4r/robots/robot-001/down/x-e2e", `ctl-down-${n}`, { qos: 1 });
+    await r1.publishAsync(`k8s4r/robots/${R}/up/heartbeat`, `ctl-up-${n}`, { qos: 1 });
+    await server.publishAsync(`k8s4r/robots/${R}/down/x-e2e`, `ctl-down-${n}`, { qos: 1 });
     await waitFor(
       () =>
         serverGot.some((m) => m.payload === `ctl-up-${n}`) &&
         r1Got.some((m) => m.payload === `ctl-down-${n}`) &&
-        // robot-002's real heartbeats flow to the server meanwhile (and never to robot-001).
+        // robot-002's real heartbeats flow to the server meanwhile (and never to the client).
         serverGot.filter((m) => m.topic === "k8s4r/robots/robot-002/up/heartbeat").length >= 2,
       { timeoutMs: 15_000, intervalMs: 50, what: "the positive controls" },
     );
     const leakedUp = serverGot.filter((m) => m.payload === `attack-${n}`);
-    assert.deepEqual(leakedUp, [], "robot-001 wrote robot-002's topics");
-    const r1Foreign = r1Got.filter((m) => !m.topic.startsWith("k8s4r/robots/robot-001/"));
-    assert.deepEqual(r1Foreign, [], "robot-001 read another robot's messages");
-    assert.ok(!r1Got.some((m) => m.payload === `for-002-${n}`), "robot-001 read robot-002's down");
+    assert.deepEqual(leakedUp, [], `${R} wrote robot-002's topics`);
+    const r1Foreign = r1Got.filter((m) => !m.topic.startsWith(`k8s4r/robots/${R}/`));
+    assert.deepEqual(r1Foreign, [], `${R} read another robot's messages`);
+    assert.ok(!r1Got.some((m) => m.payload === `for-002-${n}`), `${R} read robot-002's down`);
     metric("security.cross_robot_leaks", leakedUp.length + r1Foreign.length);
   } finally {
     await r1.endAsync(true);
@@ -277,7 +289,7 @@ e2e("security: robot-001 can neither write nor read robot-002's topics", async (
 e2e(
   "security: a robot publishing on a down topic (own or another's) delivers nothing",
   async () => {
-    const svid = await robot1Svid();
+    const svid = await spareSvid();
     const n = nonce();
     const markers = `${stack.dir}/markers-${n}`;
     await Deno.mkdir(markers);
@@ -313,9 +325,12 @@ e2e(
       const serverGot = collect(server);
       const r1Got = collect(r1);
       await server.subscribeAsync("k8s4r/robots/+/down/#", { qos: 1 });
-      await r1.subscribeAsync("k8s4r/robots/robot-001/down/#", { qos: 1 });
-      // Attacks: valid task messages that, if delivered, the real agents would run.
+      await r1.subscribeAsync(`k8s4r/robots/${R}/down/#`, { qos: 1 });
+      // Attacks: valid task messages that, if delivered, the real agents would run (and its
+      // own down topic, which its own subscription must not get back).
       for (const qos of [0, 1] as const) {
+        await r1.publishAsync(`k8s4r/robots/${R}/down/task`, task(R, "pwned-own"), { qos })
+          .catch(() => {});
         await r1.publishAsync("k8s4r/robots/robot-001/down/task", task("robot-001", "pwned-001"), {
           qos,
         }).catch(() => {});
@@ -351,9 +366,9 @@ e2e(
         serverGot.some((m) => /ok-001/.test(inner(m.payload))),
         "control not seen by subscriber",
       );
-      assert.ok(!r1Got.some((m) => /pwned/.test(m.payload)), "robot-001 got its own injected task");
+      assert.ok(!r1Got.some((m) => /pwned/.test(m.payload)), `${R} got its own injected task`);
       assert.ok(!exists("pwned-001"), "robot-001 ran a task injected by a robot");
-      assert.ok(!exists("pwned-002"), "robot-002 ran a task injected by robot-001");
+      assert.ok(!exists("pwned-002"), "robot-002 ran a task injected by a robot");
     } finally {
       await r1.endAsync(true);
       await server.endAsync(true);
@@ -389,7 +404,7 @@ e2e("security: 1883 refuses a missing or wrong password and listens on loopback 
 e2e(
   "security: a payload whose robotId differs from the topic's is dropped and counted",
   async () => {
-    const svid = await robot1Svid();
+    const svid = await spareSvid();
     const n = nonce();
     const stable = (r: Awaited<ReturnType<typeof stack.robot>>) => ({
       id: r.id,
@@ -425,7 +440,7 @@ e2e(
           uptimeSeconds: 1,
         },
       };
-      await r1.publishAsync("k8s4r/robots/robot-001/up/register", Buffer.from(encode(forged)), {
+      await r1.publishAsync(`k8s4r/robots/${R}/up/register`, Buffer.from(encode(forged)), {
         qos: 1,
       });
       const key = "robot-id-mismatch";
@@ -437,12 +452,14 @@ e2e(
           what: `the server to count a ${key} drop`,
         },
       );
-      // A later message on the same connection (a bad topic) proves the first was fully handled.
-      await r1.publishAsync("k8s4r/robots/robot-001/up/x-e2e-sync", `sync-${n}`, { qos: 1 });
+      // A later message on the same connection (not JSON) proves the first was fully handled.
+      // (A made-up topic would not do: the broker's ACL refuses every up kind but the
+      // protocol's, so the server would never see it.)
+      await r1.publishAsync(`k8s4r/robots/${R}/up/heartbeat`, `sync-${n}`, { qos: 1 });
       await waitFor(
         async () =>
-          (await stack.stats()).messages.dropped["bad-topic"] >
-            before.messages.dropped["bad-topic"],
+          ((await stack.stats()).messages.dropped["bad-json"] ?? 0) >
+            (before.messages.dropped["bad-json"] ?? 0),
         { timeoutMs: 10_000, intervalMs: 100, what: "the sync message to be counted" },
       );
       const after = await stack.stats();

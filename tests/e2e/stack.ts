@@ -39,6 +39,8 @@ export const SPIRE_BIN_DIR = `${Deno.env.get("HOME")}/.cache/k8s4r/spire/1.13.3/
 export const SPIRE_SERVER = `${SPIRE_BIN_DIR}/spire-server`;
 export const TRUST_DOMAIN = "k8s4r.example.org";
 export const ROBOTS = ["robot-001", "robot-002"];
+/** A robot id of the trust domain that no agent of the stack uses (`spareRobotSvid`). */
+export const SPARE_ROBOT = "robot-099";
 
 /** One measured value, in a greppable line the closing note can quote. */
 export function metric(name: string, value: number | string): void {
@@ -659,6 +661,22 @@ export class E2eStack {
     } finally {
       await Deno.remove(dir, { recursive: true }).catch(() => {});
     }
+  }
+
+  /**
+   * An SVID of this stack's SPIRE (`x509 mint`, CN = `robotId`) for a robot id no agent runs
+   * as. The broker makes a certificate's CN its MQTT client id, so a test client holding a
+   * RUNNING robot's SVID would take that agent's session over (and be kicked back by the
+   * agent's reconnect): probes of the broker's rules use a spare identity instead.
+   */
+  async spareRobotSvid(robotId = SPARE_ROBOT): Promise<Svid> {
+    if (ROBOTS.includes(robotId)) throw new Error(`${robotId} has an agent: not a spare id`);
+    const m = await this.spireCli().mintX509({
+      spiffeId: `spiffe://${TRUST_DOMAIN}/robot/${robotId}`,
+      dnsNames: [robotId],
+      ttlSeconds: 3600,
+    });
+    return { cert: m.certPem, key: m.keyPem, ca: m.bundlePem };
   }
 
   async serverCreds(): Promise<{ username: string; password: string }> {

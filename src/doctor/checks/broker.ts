@@ -139,17 +139,17 @@ const mtlsNative: Check = {
         await brokerLogLines(ctx),
       );
     }
-    if (r.returnCode !== 0) {
+    if (!r.ok) {
       return fail(
-        `broker refused the robot: CONNACK ${r.returnCode} (${
-          CONNACK_CODES[r.returnCode] ?? "unknown"
-        })`,
+        `broker refused the robot: ${r.detail}`,
         `${
           logHint(ctx)
         }   # use_identity_as_username needs a CN: the entry must have -dns ${ctx.options.robotId}`,
       );
     }
-    return ok(`127.0.0.1:${port} accepted ${ctx.robot.spiffeId} (CONNACK 0)`);
+    return ok(
+      `127.0.0.1:${port} took ${ctx.robot.spiffeId}'s certificate identity (CONNACK 0x8c to an identify-only CONNECT: the robot's own session is not touched)`,
+    );
   },
 };
 

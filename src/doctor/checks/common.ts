@@ -31,7 +31,12 @@ export function svidPem(svid: FetchedSvid): { cert: string; key: string; ca: str
   };
 }
 
-/** One mTLS handshake with the robot's SVID + MQTT CONNECT, shared by the broker checks. */
+/**
+ * One mTLS handshake with the robot's SVID + an identify-only MQTT CONNECT (src/mqtt/probe.ts),
+ * shared by the broker checks. Identify-only because the broker makes the certificate's CN the
+ * client id: a normal CONNECT with robot-001's SVID would take the running agent's session over
+ * (kick it, and with a clean start delete what is queued for it).
+ */
 export function robotMtls(ctx: CheckContext): Promise<MqttProbeResult> {
   return ctx.memo("mtls", async () => {
     const svid = await robotSvid(ctx);
@@ -39,6 +44,7 @@ export function robotMtls(ctx: CheckContext): Promise<MqttProbeResult> {
     return ctx.net.mqttProbe({
       port: ctx.layout.ports.mqttTls,
       clientId: `k8s4r-doctor-${ctx.options.robotId}-${Date.now().toString(36)}`,
+      identifyOnly: true,
       timeoutMs: ctx.timeoutMs,
       // The checks verify the broker themselves (bundle, SPIFFE ID, DNS name) and say which fails.
       tls: { ca: pem.ca, cert: pem.cert, key: pem.key, servername: "localhost", verify: false },

@@ -364,6 +364,13 @@ const mosquittoConfCheck: Check = {
         "k8s4r devenv stop && k8s4r devenv start   # regenerates it",
       );
     }
+    // Per listener only: a global use_username_as_clientid does not reach a listener block.
+    if (tlsL.options.get("use_username_as_clientid")?.value !== "true") {
+      return fail(
+        `${file}:${tlsL.line}: listener ${mqttTls} does not set use_username_as_clientid true: any robot certificate can connect with the fleet server's client id (or another robot's) and take its session over`,
+        "k8s4r devenv stop && k8s4r devenv start   # regenerates it",
+      );
+    }
     const cafile = opt("cafile");
     if (cafile && resolve(ctx.layout.root, cafile) !== ctx.layout.caBundleFile) {
       return fail(

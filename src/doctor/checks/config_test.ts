@@ -41,6 +41,7 @@ certfile ${ROOT}/.dev-env/mosquitto/broker.crt
 keyfile ${ROOT}/.dev-env/mosquitto/broker.key
 require_certificate true
 use_identity_as_username true
+use_username_as_clientid true
 `;
 const files = (over: Record<string, string> = {}) => ({
   [`${ROOT}/config/spire/server.conf`]: SERVER_CONF,
@@ -153,7 +154,7 @@ Deno.test("config.mosquitto: per_listener_settings and a missing plugin are hard
   assert.ok(!(good.info ?? []).some((l) => /plugin|per_listener/.test(l)), String(good.info));
 });
 
-Deno.test("config.mosquitto: missing, or 8883 without require_certificate, fails", async () => {
+Deno.test("config.mosquitto: missing, or 8883 without require_certificate or use_username_as_clientid, fails", async () => {
   const missing = await byId("config.mosquitto").run(fakeContext({ files: {} }));
   assert.equal(missing.status, "fail");
   assert.match(missing.hint!, /k8s4r devenv start/);
@@ -163,6 +164,18 @@ Deno.test("config.mosquitto: missing, or 8883 without require_certificate, fails
   );
   assert.equal(r.status, "fail");
   assert.match(r.detail, /listener 8883 does not set require_certificate true/);
+  // A certificate could choose any client id (k8s4r-server's) without it; set globally, it
+  // does not count (Mosquitto reads it per listener).
+  const global = "use_username_as_clientid true\n" +
+    MOSQ.replace("use_username_as_clientid true\n", "");
+  const takeover = await byId("config.mosquitto").run(
+    fakeContext({ files: files({ [`${ROOT}/.dev-env/mosquitto/mosquitto.conf`]: global }) }),
+  );
+  assert.equal(takeover.status, "fail");
+  assert.match(
+    takeover.detail,
+    /listener 8883 does not set use_username_as_clientid true: any robot certificate can connect with the fleet server's client id/,
+  );
 });
 
 // --- the doctor judges plugins.yaml with the agent's own loader (src/agent/config.ts) ---------

@@ -119,14 +119,15 @@ const plainResult = (rc: number): MqttProbeResult => ({
   detail: `127.0.0.1:1883: CONNACK ${rc}`,
 });
 
-/** What probeMqtt reports for a robot accepted over mTLS, with `over` changed. */
+/** What probeMqtt reports for a robot identified over mTLS (identifyOnly), with `over` changed. */
 const handshake = (
   { peerChain, ...over }: Partial<MqttProbeResult> & { peerChain?: Uint8Array[] } = {},
 ): MqttProbeResult => ({
   ok: true,
-  outcome: "accepted",
-  returnCode: 0,
-  detail: "127.0.0.1:8883 (mTLS): CONNACK 0 (accepted)",
+  outcome: "identified",
+  returnCode: 0x8c,
+  detail:
+    "127.0.0.1:8883 (mTLS): CONNACK 0x8c (bad authentication method): certificate identity taken, no session touched",
   tls: {
     handshake: true,
     authorized: true,
@@ -136,7 +137,7 @@ const handshake = (
   ...over,
 });
 
-Deno.test("broker.mtls-native: CONNACK 0 passes; a dropped connection fails", async () => {
+Deno.test("broker.mtls-native: identified (CONNACK 0x8c) passes; refused and dropped fail", async () => {
   let opts: MqttProbeOptions | undefined;
   const ok = await byId("broker.mtls-native").run(fakeContext({
     spire: fetchOk,
@@ -146,6 +147,23 @@ Deno.test("broker.mtls-native: CONNACK 0 passes; a dropped connection fails", as
   assert.equal(opts?.port, 8883);
   assert.match(opts!.tls!.cert!, /BEGIN CERTIFICATE/);
   assert.equal(opts!.tls!.verify, false, "the check verifies the broker's SPIFFE ID itself");
+  assert.equal(opts!.identifyOnly, true, "a normal CONNECT would take the robot's session over");
+  assert.match(ok.detail, /robot's own session is not touched/);
+  const noCn = await byId("broker.mtls-native").run(fakeContext({
+    spire: fetchOk,
+    net: {
+      mqttProbe: () =>
+        Promise.resolve(handshake({
+          ok: false,
+          outcome: "refused",
+          returnCode: 0x86,
+          detail: "127.0.0.1:8883 (mTLS): CONNACK 0x86 (bad user name or password)",
+        })),
+    },
+  }));
+  assert.equal(noCn.status, "fail");
+  assert.match(noCn.detail, /refused the robot: .*0x86/);
+  assert.match(noCn.hint ?? "", /needs a CN/);
   const dropped = await byId("broker.mtls-native").run(fakeContext({
     spire: fetchOk,
     net: {
@@ -205,8 +223,14 @@ Deno.test("broker.no-cert: refusal passes; a client let in without a certificate
     "ok",
     "refused: received fatal alert: CertificateRequired",
   ]);
+  // No certificate: a plain CONNECT (identify-only needs one), which a broker must refuse.
   const open = await byId("broker.no-cert").run(
-    fakeContext({ net: { mqttProbe: () => Promise.resolve(handshake()) } }),
+    fakeContext({
+      net: {
+        mqttProbe: () =>
+          Promise.resolve(handshake({ outcome: "accepted", returnCode: 0, detail: "CONNACK 0" })),
+      },
+    }),
   );
   assert.equal(open.status, "fail");
   assert.match(open.hint!, /require_certificate true/);

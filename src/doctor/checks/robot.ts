@@ -454,10 +454,13 @@ const brokerTls: Check = {
     }
     const svid = await robotSvidIfAny(ctx);
     const pem = svid ? svidPem(svid) : undefined;
+    // Identify-only: the broker makes the certificate's CN (the robot id) the client id, so a
+    // normal CONNECT with the robot's SVID would take the running agent's session over.
     const r = await ctx.net.mqttProbe({
       host: c.mqtt.host,
       port: c.mqtt.port,
       clientId: `k8s4r-doctor-${c.robotId}-${ctx.clock.now().toString(36)}`,
+      identifyOnly: pem !== undefined,
       timeoutMs: ctx.timeoutMs,
       tls: {
         ca: pem ? pem.ca : ca,
@@ -498,7 +501,11 @@ const brokerTls: Check = {
         `${where}: TLS verified, ${c.mqtt.brokerSpiffeId} (no MQTT login tried: the robot's agent serves no SVID)`,
       );
     }
-    if (r.ok) return ok(`${where}: TLS verified, ${c.spiffeId} logged in (CONNACK 0)`);
+    if (r.ok) {
+      return ok(
+        `${where}: TLS verified, ${c.spiffeId} identified by the broker (CONNACK 0x8c to an identify-only CONNECT: the agent's session is not touched)`,
+      );
+    }
     return fail(
       `${where}: TLS verified, but the broker refused ${c.spiffeId}: ${r.detail}`,
       `on the control host: is ${c.robotId} registered with -dns ${c.robotId} (the CN rule)? k8s4r doctor --only broker`,
