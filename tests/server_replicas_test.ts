@@ -694,6 +694,7 @@ Deno.test({
         () =>
           FleetServer.start({
             brokerUrl: "mqtt://127.0.0.1:1",
+            password: "unused",
             dataDir: dir,
             sharedSubscription: true,
             http: false,

@@ -1,31 +1,22 @@
 /**
- * KNOWN FAILING (review finding 11, HIGH in HA mode): a robot can join the fleet servers' shared
- * subscription and make the broker drop robots' messages. Not fixed on this branch: the shared
- * subscription is being reworked on branch i13-replicas; this test is meant to be merged with
- * that fix (until then the attack case fails, honestly, and the control passes).
+ * Review finding 11 (HIGH in HA mode): a robot that joins the fleet servers' shared subscription
+ * makes the broker drop robots' messages. Mosquitto 2.0 grants any client's SUBSCRIBE and checks
+ * `read` only on delivery; for a shared subscription it picks ONE member of the group per message,
+ * and when that member is a robot (no read right on other robots' up topics) the message is
+ * dropped, not given to another member: three robots in a public group `$share/k8s4r/...` left
+ * the server 10 of 40 heartbeats.
  *
- * With `--shared-subscription` (devenv --ha starts its servers so) the fleet servers subscribe
- * to `$share/k8s4r/k8s4r/robots/+/up/#` (src/fleet/topics.ts). Mosquitto 2.0 grants any
- * client's SUBSCRIBE and checks `read` only on delivery; for a shared subscription it picks ONE
- * member of the group per message, and when that member is a robot (no read right on other
- * robots' up topics) the message is dropped, not given to another member. So a robot that
- * subscribes to the same group takes its turns and throws them away (the review saw 10 of 40
- * reach the server). Here three robot certificates join the group (three: one session per
- * certificate, the client id being the CN), robot-001 publishes 40 heartbeats at QoS 1, and
- * the servers' side must get all 40.
- *
- * Fix options (for the lead and i13-replicas): a per-deployment secret group name in the
- * server's config (the reviewer's proposal: a robot cannot join a group it cannot name; the
- * name must be kept like a password, it is visible to nobody but the servers and the broker's
- * own persistence); or deny robots `$share/#` subscriptions (Mosquitto's acl_file cannot refuse
- * a SUBSCRIBE; the dynamic-security plugin can, with a default role for certificate clients
- * that denies `subscribePattern $share/#`, if every robot were a known client); or no shared
- * subscription (one active server and standbys).
+ * The fix: the group's name is a secret derived from the servers' broker password
+ * (src/fleet/topics.ts `sharedGroup`), so a robot cannot name it. Here three robot certificates
+ * subscribe to every name a robot could know or guess (the old public `k8s4r`, the topic tree's
+ * root), robot-001 publishes 40 heartbeats at QoS 1, and the servers' side must get all 40. The
+ * controls: two real servers in the group share all 40; and a robot that does know the name
+ * (were the password to leak) still takes heartbeats away, so the test can see the harm.
  */
 import assert from "node:assert/strict";
 import mqtt from "mqtt";
 import type { MqttClient } from "mqtt";
-import { SHARED_SERVER_SUBSCRIPTION, upTopic } from "../src/fleet/topics.ts";
+import { SERVER_SUBSCRIPTION, sharedServerSubscription, upTopic } from "../src/fleet/topics.ts";
 import { waitFor } from "../src/process/mod.ts";
 import { startTestBroker, type TestBroker } from "./helpers/broker.ts";
 
@@ -40,7 +31,7 @@ function serverMember(b: TestBroker, clientId: string, got: string[]): Promise<M
     reconnectPeriod: 0,
   }).then(async (c) => {
     c.on("message", (t, p) => got.push(`${t} ${p}`));
-    await c.subscribeAsync(SHARED_SERVER_SUBSCRIPTION, { qos: 1 });
+    await c.subscribeAsync(sharedServerSubscription(b.server.password), { qos: 1 });
     return c;
   });
 }
@@ -59,7 +50,16 @@ async function robotClient(b: TestBroker, id: string): Promise<MqttClient> {
 }
 
 /** robot-001's heartbeats the servers' side received, with `attackers` robots in the group. */
-async function run(attackers: string[], servers: string[]): Promise<number> {
+/** What a robot could know or guess of the group's name. */
+const GUESSES = ["k8s4r", "k8s4r-server", "k8s4r-replicas"].map((g) =>
+  `$share/${g}/${SERVER_SUBSCRIPTION}`
+);
+
+async function run(
+  attackers: string[],
+  servers: string[],
+  names: (b: TestBroker) => string[] = () => GUESSES,
+): Promise<number> {
   const b = await startTestBroker();
   const clients: MqttClient[] = [];
   try {
@@ -68,9 +68,11 @@ async function run(attackers: string[], servers: string[]): Promise<number> {
     for (const id of attackers) {
       const a = await robotClient(b, id);
       clients.push(a);
-      // Granted (Mosquitto's acl_file cannot refuse a SUBSCRIBE): it is now in the group.
-      const [g] = await a.subscribeAsync(SHARED_SERVER_SUBSCRIPTION, { qos: 1 });
-      assert.ok(Number(g.qos) <= 2, `${id}'s SUBSCRIBE was refused (${g.qos})`);
+      // Granted (Mosquitto's acl_file cannot refuse a SUBSCRIBE): it is in each group it names.
+      for (const name of names(b)) {
+        const [g] = await a.subscribeAsync(name, { qos: 1 });
+        assert.ok(Number(g.qos) <= 2, `${id}'s SUBSCRIBE to ${name} was refused (${g.qos})`);
+      }
     }
     const r1 = await robotClient(b, "robot-001");
     clients.push(r1);
@@ -103,10 +105,24 @@ Deno.test({
 
 Deno.test({
   name:
-    "shared subscription (KNOWN FAILING until i13-replicas): robots that join $share/k8s4r/... take no heartbeat away from the servers",
+    "shared subscription: robots that join every group they can name take no heartbeat away from the servers",
   ...opts,
   async fn() {
     const n = await run(["robot-666", "robot-667", "robot-668"], ["k8s4r-server-1"]);
     assert.equal(n, HEARTBEATS, `the server got ${n} of ${HEARTBEATS} heartbeats`);
+  },
+});
+
+Deno.test({
+  name:
+    "shared subscription, control: a robot that knew the group's name would take heartbeats away (the harm the secret name keeps out)",
+  ...opts,
+  async fn() {
+    const n = await run(
+      ["robot-666", "robot-667", "robot-668"],
+      ["k8s4r-server-1"],
+      (b) => [sharedServerSubscription(b.server.password)],
+    );
+    assert.ok(n < HEARTBEATS, `the server got all ${n} heartbeats: the attack did no harm here`);
   },
 });

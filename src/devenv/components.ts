@@ -1084,7 +1084,7 @@ export function fleetServerPlace(view: StackView, n: 1 | 2 | 3) {
 /**
  * Fleet server `n`. On the HA stack three of them share the PostgreSQL registry (`--database`,
  * its password in a 0600 file) and split the robots' messages with a shared subscription
- * (`$share/k8s4r/...`), each with its own MQTT session and HTTP API. What replicas still lack
+ * (`$share/<secret group>/...`), each with its own MQTT session and HTTP API. What replicas still lack
  * (issue 13, item 2: online status from the shared state, each task dispatched by exactly one
  * replica, retained statuses under shared subscriptions) is the fleet server's, not devenv's.
  */

@@ -9,6 +9,8 @@
  * own `down/#`, so the `<robotId>` segment of an up topic is authenticated.
  */
 
+import { createHmac } from "node:crypto";
+
 export const TOPIC_ROOT = "k8s4r/robots";
 
 /** Robot ids are DNS-label-like so that they fit a certificate CN, a topic level and a path. */
@@ -24,9 +26,26 @@ export type Direction = "up" | "down";
 export const SERVER_SUBSCRIPTION = `${TOPIC_ROOT}/+/up/#`;
 /** Every robot's retained status (what a new subscriber of the plain filter is sent first). */
 export const ROBOT_STATUS_FILTER = `${TOPIC_ROOT}/+/up/status`;
-/** The shared-subscription group name used with `--shared-subscription` (MQTT 5). */
-export const SHARED_GROUP = "k8s4r";
-export const SHARED_SERVER_SUBSCRIPTION = `$share/${SHARED_GROUP}/${SERVER_SUBSCRIPTION}`;
+/**
+ * The fleet servers' shared-subscription group (`--shared-subscription`, MQTT 5). Not a public
+ * name: a robot that names the group joins it (Mosquitto's ACL file cannot refuse a SUBSCRIBE),
+ * and the broker then hands it its turns and drops them at delivery (the robot may not read other
+ * robots' topics), so the servers lose those messages. The name is derived from the servers'
+ * broker password (HMAC-SHA256, 96 bits): every replica has it, no robot does, and nobody has to
+ * keep a second secret in step.
+ */
+export function sharedGroup(serverPassword: string): string {
+  if (serverPassword.length === 0) {
+    throw new Error("the shared-subscription group needs a password");
+  }
+  const mac = createHmac("sha256", serverPassword).update("k8s4r shared subscription group v1");
+  return `k8s4r-${mac.digest("hex").slice(0, 24)}`;
+}
+
+/** What each replica subscribes to: `$share/<sharedGroup(password)>/k8s4r/robots/+/up/#`. */
+export function sharedServerSubscription(serverPassword: string): string {
+  return `$share/${sharedGroup(serverPassword)}/${SERVER_SUBSCRIPTION}`;
+}
 
 /**
  * The fleet server's liveness probe: it publishes its clock there and subscribes to it, so each

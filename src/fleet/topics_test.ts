@@ -5,7 +5,8 @@ import {
   parseTopic,
   robotSubscription,
   SERVER_SUBSCRIPTION,
-  SHARED_SERVER_SUBSCRIPTION,
+  sharedGroup,
+  sharedServerSubscription,
   upTopic,
 } from "./topics.ts";
 
@@ -23,7 +24,17 @@ Deno.test("topics are built only from valid robot ids", () => {
   assert.throws(() => upTopic("+", "status"), /invalid robot id "\+"/);
   assert.throws(() => downTopic("a/b", "task"), /invalid robot id/);
   assert.equal(SERVER_SUBSCRIPTION, "k8s4r/robots/+/up/#");
-  assert.equal(SHARED_SERVER_SUBSCRIPTION, "$share/k8s4r/k8s4r/robots/+/up/#");
+});
+
+Deno.test("the shared-subscription group is a secret name derived from the server's password", () => {
+  const a = sharedServerSubscription("s3cret-a");
+  assert.match(a, /^\$share\/k8s4r-[0-9a-f]{24}\/k8s4r\/robots\/\+\/up\/#$/);
+  // The same password gives the same group (every replica), another password another one.
+  assert.equal(sharedServerSubscription("s3cret-a"), a);
+  assert.notEqual(sharedServerSubscription("s3cret-b"), a);
+  assert.doesNotMatch(a, /s3cret/);
+  assert.notEqual(sharedGroup("s3cret-a"), "k8s4r");
+  assert.throws(() => sharedGroup(""), /needs a password/);
 });
 
 Deno.test("parseTopic accepts the protocol's topics and explains the rest", () => {

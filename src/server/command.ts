@@ -458,7 +458,7 @@ operator SVID; roles from --roles, re-read on change), and signs every task and 
       name: "shared-subscription",
       type: "boolean",
       description:
-        "Run as one of several replicas on the --database registry: split the robots' messages via $share/k8s4r/... (MQTT 5)",
+        "Run as one of several replicas on the --database registry: split the robots' messages via $share/<group>/... (MQTT 5; the group name is derived from the broker password)",
     },
     {
       name: "client-id",

@@ -5,7 +5,7 @@
  *
  * - Plain `mqtt://127.0.0.1:1883` with a username/password (the loopback listener), or
  *   `mqtts://` with an X.509 SVID (an `MqttTlsProvider`, e.g. built from an `X509Source`).
- * - Subscribes QoS 1 to `k8s4r/robots/+/up/#` (or `$share/k8s4r/...` with shared
+ * - Subscribes QoS 1 to `k8s4r/robots/+/up/#` (or `$share/<secret group>/...` with shared
  *   subscriptions) on EVERY connect, not only the first.
  * - While disconnected, robots' states are "unknown" and the sweeper marks nobody offline
  *   (FleetService.linkDown/linkUp).
@@ -24,7 +24,7 @@ import {
   SERVER_SUBSCRIPTION,
   serverGoneTopic,
   serverProbeTopic,
-  SHARED_SERVER_SUBSCRIPTION,
+  sharedServerSubscription,
 } from "../fleet/topics.ts";
 import {
   type FleetOptions,
@@ -89,7 +89,7 @@ export interface FleetServerOptions {
   tls?: MqttTlsProvider;
   clientId?: string;
   /**
-   * Replicas: `$share/k8s4r/...` and the shared state of replicas.ts. Needs `postgres` (one
+   * Replicas: `$share/<secret group>/...` (topics.ts `sharedGroup`) and the shared state of replicas.ts. Needs `postgres` (one
    * SQLite file per server would be one registry per server: refused).
    */
   sharedSubscription?: boolean;
@@ -187,6 +187,12 @@ export class FleetServer {
     const instance = `${clientId}/${crypto.randomUUID().slice(0, 8)}`;
     let replicas: ReplicaSet | undefined;
     try {
+      if (shared && !opts.password) {
+        throw new Error(
+          "--shared-subscription needs the broker password (--mqtt-password-file): the replicas' " +
+            "group name is derived from it, so that no robot can name the group and join it",
+        );
+      }
       if (shared && registry.dialect !== "postgres") {
         throw new Error(
           "--shared-subscription needs the PostgreSQL registry (--database postgres://...): " +
@@ -347,7 +353,9 @@ export class FleetServer {
       username: o.username,
       password: o.password,
       tls: o.tls,
-      subscriptions: [o.sharedSubscription ? SHARED_SERVER_SUBSCRIPTION : SERVER_SUBSCRIPTION],
+      subscriptions: [
+        o.sharedSubscription ? sharedServerSubscription(o.password ?? "") : SERVER_SUBSCRIPTION,
+      ],
       probeTopic: serverProbeTopic(clientId),
       probeIntervalMs: o.probeIntervalMs ?? 500,
       reconnectPeriodMs: hooks.reconnectPeriodMs ?? o.reconnectPeriodMs ?? 1000,
