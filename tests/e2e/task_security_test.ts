@@ -37,7 +37,7 @@ import { parseX509SvidPem } from "../../src/spiffe/svid.ts";
 import { TaskJournal } from "../../src/agent/task_journal.ts";
 import { DEFAULT_TASK_USER, lookupUser } from "../../src/agent/task_user.ts";
 import { processStartTime, realRunner, stopPidFile, waitFor } from "../../src/process/mod.ts";
-import { E2eStack, metric, SPIRE_BIN_DIR, TRUST_DOMAIN } from "./stack.ts";
+import { E2eStack, metric, SPARE_ROBOT, SPIRE_BIN_DIR, TRUST_DOMAIN } from "./stack.ts";
 
 const stack = await E2eStack.create({ heartbeatSeconds: 1 });
 const e2e = stack.caseRegistrar("e2e task security: ");
@@ -362,24 +362,28 @@ e2e(
 );
 
 /**
- * With the fleet server stopped (its persistent session stays at the broker), robot-001 (its real
- * SVID, another client id) publishes `count` payloads of `size` bytes; then the server comes back,
- * robot-001 sends one `{not json` to sync on, and what the server's session had kept is read
- * from the new server process's counters (each flood message is dropped as bad-schema).
+ * With the fleet server stopped (its persistent session stays at the broker), a robot (the spare
+ * robot-099's real SVID: the broker makes a certificate's CN its client id, so robot-001's own
+ * certificate would take over its agent's session) publishes `count` payloads of `size` bytes; then
+ * the server comes back, the flooder sends one `{not json` to sync on, and what the server's
+ * session had kept is read from the new server process's counters (each flood message is dropped
+ * as bad-schema).
  */
 async function floodWhileServerAway(count: number, size: number): Promise<number> {
-  const svid = await stack.fetchSvid(ROBOT);
+  const svid = await stack.spareRobotSvid();
   assert.equal(await stopPidFile(stack.files.serverPid, 15_000), "stopped");
-  const flood = await stack.tlsClient(svid, `robot-001-flood-${nonce()}`);
+  const flood = await stack.tlsClient(svid, SPARE_ROBOT);
   try {
     const payload = Buffer.from(JSON.stringify({ pad: "a".repeat(size - 10) }));
     assert.equal(payload.byteLength, size);
     for (let i = 0; i < count; i++) {
-      await flood.publishAsync(upTopic(ROBOT, "heartbeat"), payload, { qos: 1 });
+      await flood.publishAsync(upTopic(SPARE_ROBOT, "heartbeat"), payload, { qos: 1 });
     }
     await stack.mustDevenv(...stack.startArgs());
     stack.remember();
-    await flood.publishAsync(upTopic(ROBOT, "heartbeat"), Buffer.from("{not json"), { qos: 1 });
+    await flood.publishAsync(upTopic(SPARE_ROBOT, "heartbeat"), Buffer.from("{not json"), {
+      qos: 1,
+    });
     let now: Record<string, number> = {};
     // A new server process: its counters start at 0.
     await waitFor(async () => {
