@@ -21,6 +21,7 @@ import {
   isTransientConflict,
   type Registry,
   type RegistryTx,
+  resendRequestedSinceClaim,
   type RobotRecord,
   type StatusOrder,
   type TaskRecord,
@@ -955,10 +956,11 @@ export class FleetService {
         const { r, again } = await this.registry.transaction(async (tx) => {
           const r = await tx.applyTaskEvent(task.id, "dispatch", this.nowIso());
           await tx.releaseClaim(task.id, this.instance);
+          await tx.clearClaimMark(task.id);
           // The robot's new connection asked for it while it was on its way (the mark is
-          // newer than this claim, which cleared it): claimed again at once, published again.
+          // newer than this claim's own): claimed again at once, published again.
           const now = this.now().getTime();
-          const again = r?.task.resendRequestedAt != null
+          const again = resendRequestedSinceClaim(r?.task.resendRequestedAt ?? null)
             ? await tx.claimTasks({
               taskId: task.id,
               states: ["dispatched"],

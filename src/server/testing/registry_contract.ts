@@ -17,7 +17,13 @@ import {
   NotFoundError,
   type Publisher,
 } from "../fleet.ts";
-import { type Dialect, type Registry, SCHEMA_VERSION } from "../registry.ts";
+import {
+  type Dialect,
+  type Registry,
+  RESEND_CLAIMED,
+  resendRequestedSinceClaim,
+  SCHEMA_VERSION,
+} from "../registry.ts";
 import { MAX_HEARTBEAT_GAP } from "../heartbeat_bounds.ts";
 import { TestHttps, UNSIGNED } from "../testing.ts";
 import { checkDown, TaskSigner } from "../../mqtt/signed.ts";
@@ -1090,7 +1096,10 @@ const cancelCases: ContractCase[] = [
         // The robot's new connection registers meanwhile (its subscription came after the
         // publish): what that register asks for, awaited so that its transaction is done.
         await fleet.dispatchFor("robot-001", { resend: true });
-        assert.ok((await registry.getTask(t.id))!.resendRequestedAt, "marked while claimed");
+        assert.ok(
+          resendRequestedSinceClaim((await registry.getTask(t.id))!.resendRequestedAt),
+          "marked while claimed",
+        );
         assert.equal(sentOf(t.id), 1, "not sent twice at once");
         pub.hold = false;
         pub.ack();
@@ -1121,9 +1130,12 @@ const cancelCases: ContractCase[] = [
         assert.equal((await registry.getTask(v.id))!.dispatchOwner, "other-replica");
         // Control: a register that opens no new connection (a redelivery) asks for nothing.
         await fleet.dispatchFor("robot-001");
-        assert.equal((await registry.getTask(v.id))!.resendRequestedAt, null);
+        assert.equal((await registry.getTask(v.id))!.resendRequestedAt, RESEND_CLAIMED);
         await fleet.dispatchFor("robot-001", { resend: true });
-        assert.ok((await registry.getTask(v.id))!.resendRequestedAt, "marked under its claim");
+        assert.ok(
+          resendRequestedSinceClaim((await registry.getTask(v.id))!.resendRequestedAt),
+          "marked under its claim",
+        );
         assert.equal(sentOf(v.id), 1, "this server does not publish what another one holds");
         pub.hold = false;
         pub.ack();
@@ -1195,6 +1207,80 @@ const cancelCases: ContractCase[] = [
         await fleet.sweep();
         await fleet.settled();
         assert.equal(sentOf(t.id), 2, "sent again once");
+      }),
+  },
+  {
+    // Fault injection: the server that claimed a dispatched task for a robot's new connection
+    // dies before its publish (or between the PUBACK and the transaction that records it), or
+    // its publish fails. The robot's subscription is new: nothing else will ever send the task
+    // to it, so the resend must survive the claim (the sweep sends it once the claim is free).
+    name:
+      "dispatch claims: a new connection's resend survives its claimer dying before the PUBACK is recorded, or a failed publish",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online, clock }) => {
+        const sentOf = (id: string) =>
+          tasksSent(pub).filter((s) => s.msg.type === "task" && s.msg.id === id).length;
+        await online("robot-001", true);
+        const mk = () =>
+          fleet.createTask("robot-001", { command: ["true"], env: {}, timeoutSeconds: 600 }, ADMIN);
+        const t = await mk();
+        await fleet.settled();
+        assert.equal((await registry.getTask(t.id))!.state, "dispatched");
+        // 1. A replica handles the robot's new connection (register): claims t to send it
+        // again, and dies with its publish in flight (no PUBACK is ever recorded).
+        let onWire!: () => void;
+        const published = new Promise<void>((resolve) => onWire = resolve);
+        const dead = new FleetService(registry, {
+          publish: () => {
+            onWire();
+            return new Promise(() => {});
+          },
+          connected: () => true,
+        }, {
+          now: () => new Date(clock.t),
+          instance: "dead-replica",
+          claimLeaseSeconds: 30,
+          signer: UNSIGNED,
+        });
+        void dead.dispatchFor("robot-001", { resend: true });
+        await published; // claimed, on its way; its PUBACK never comes
+        assert.equal((await registry.getTask(t.id))!.dispatchOwner, "dead-replica");
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 1, "sent while the dead replica's claim held");
+        clock.t += 31_000;
+        await online("robot-001", true); // heard from meanwhile
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 2, "the resend died with its claimer: the robot never gets t");
+        let after = (await registry.getTask(t.id))!;
+        assert.equal(after.dispatchOwner, null);
+        assert.equal(after.resendRequestedAt, null, "the recorded PUBACK took the request up");
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 2, "sent again once, not on every sweep");
+        // 2. The publish of the resend fails (the broker link broke under it): the claim is
+        // released; the next sweep sends it.
+        const failing = new FleetService(registry, {
+          publish: () => Promise.reject(new Error("connection closed (injected)")),
+          connected: () => true,
+        }, { now: () => new Date(clock.t), instance: "failing-replica", signer: UNSIGNED });
+        await failing.dispatchFor("robot-001", { resend: true });
+        await failing.settled();
+        assert.equal(failing.stats.publishErrors, 1);
+        assert.equal((await registry.getTask(t.id))!.dispatchOwner, null, "released on failure");
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 3, "a failed resend is not tried again");
+        after = (await registry.getTask(t.id))!;
+        assert.equal(after.resendRequestedAt, null);
+        assert.equal(after.dispatchCount, 3);
+        // Control: a dispatched task nobody asked again for is not re-sent by the sweep.
+        const u = await mk();
+        await fleet.settled();
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(sentOf(u.id), 1);
       }),
   },
   {
