@@ -800,7 +800,9 @@ export class FleetService {
    * holds a claim on are first marked in the same transaction (`requestResend`): that publish
    * may have reached the broker before the robot subscribed (it keeps no session while away),
    * so the broker acknowledged it and delivered it to nobody; its holder publishes it again
-   * after the PUBACK (`publishClaimed`).
+   * after the PUBACK (`publishClaimed`). With the broker link down nothing is published, but
+   * a new connection's request is still recorded, on all its undelivered tasks: the reconnect
+   * (`dispatchAllOnline`) or another replica's sweep sends them.
    */
   private async claimAndPublish(
     q: {
@@ -811,7 +813,15 @@ export class FleetService {
     },
     resend = false,
   ): Promise<void> {
-    if (!this.publisher.connected()) return; // sent again on reconnect
+    if (!this.publisher.connected()) {
+      // Pending ones are sent on reconnect anyway; a dispatched one only if marked.
+      if (resend && q.robotId !== undefined) {
+        const robotId = q.robotId;
+        const at = this.nowIso();
+        await this.registry.transaction((tx) => tx.requestResend(robotId, at, { all: true }));
+      }
+      return;
+    }
     for (let page = 0;; page++) {
       const now = this.now().getTime();
       const at = new Date(now).toISOString();

@@ -800,15 +800,18 @@ export class RegistryTx {
    * claim released meanwhile is left to the caller's `claimTasks`, which comes after this in
    * the same transaction. The robot's row is locked first: batches lock it before its tasks, so
    * the task rows are never waited for in another order (PostgreSQL; SQLite serializes anyway).
-   * Returns how many were marked.
+   * Returns how many were marked. With `all`, the unclaimed ones too (a server that cannot
+   * publish now: whoever can takes them up, `claimTasks` with `resendRequested`).
    */
-  async requestResend(robotId: string, now: string): Promise<number> {
+  async requestResend(robotId: string, now: string, opts: { all?: boolean } = {}): Promise<number> {
     await this.get(`SELECT id FROM robots WHERE id = ?${forUpdate(this.dialect)}`, [robotId]);
+    const claimed = opts.all ? [] : [now];
     return await this.run(
       `UPDATE tasks SET resend_requested_at = ?
-       WHERE robot_id = ? AND state IN ('pending', 'dispatched') AND expires_at > ?
-         AND dispatch_owner IS NOT NULL AND dispatch_lease_until >= ?`,
-      [now, robotId, now, now],
+       WHERE robot_id = ? AND state IN ('pending', 'dispatched') AND expires_at > ?${
+        opts.all ? "" : " AND dispatch_owner IS NOT NULL AND dispatch_lease_until >= ?"
+      }`,
+      [now, robotId, now, ...claimed],
     );
   }
 

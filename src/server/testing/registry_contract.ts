@@ -1284,6 +1284,44 @@ const cancelCases: ContractCase[] = [
       }),
   },
   {
+    // Fault injection: the register of a new connection is handled while this server's broker
+    // link is down (it dropped after the register came in). Nothing can be published now; the
+    // robot's request must not be dropped: sent once the link is back (dispatchAllOnline).
+    name:
+      "dispatch: a new connection's register while the broker link is down: its resend goes out after the reconnect",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online }) => {
+        const sentOf = (id: string) =>
+          tasksSent(pub).filter((s) => s.msg.type === "task" && s.msg.id === id).length;
+        await online("robot-001", true);
+        const t = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 600,
+        }, ADMIN);
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 1);
+        // Control: with the link up, a new connection gets t again at once.
+        await fleet.dispatchFor("robot-001", { resend: true });
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 2);
+        // The link is down while the next new connection's register is handled.
+        pub.online = false;
+        await fleet.dispatchFor("robot-001", { resend: true });
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 2, "published with the link down");
+        pub.online = true;
+        await fleet.dispatchAllOnline();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 3, "the register's resend was dropped with the link down");
+        assert.equal((await registry.getTask(t.id))!.resendRequestedAt, null);
+        // Once: a second reconnect sends nothing more.
+        await fleet.dispatchAllOnline();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 3);
+      }),
+  },
+  {
     name: "cancel: a register while the cancel's publish is in flight sends it again after it",
     fn: (f) =>
       withCancelFleet(f, async ({ fleet, registry, pub, online }) => {
