@@ -89,6 +89,65 @@ const injected = () => new Error("disk I/O error (injected)");
 
 export const registryCases: ContractCase[] = [
   {
+    // Migration 6 on a store an earlier k8s4r (schema 5) wrote, with a dispatched task in it,
+    // and a migration 6 that fails half-way (the column exists already: a hand edit, a crash of
+    // a non-transactional migrator): nothing of it is kept, the store stays at 5, the next open
+    // after the cause is removed migrates it.
+    name: "migration 6 on a schema-5 store: tasks kept and resent; a failed migration keeps 5",
+    fn: async (f) => {
+      const store = await f.create();
+      try {
+        // A schema-5 store: this k8s4r's tables (as its own user) without migration 6.
+        await (await store.open()).close();
+        await store.exec(
+          f.name === "postgres"
+            ? `ALTER TABLE tasks DROP COLUMN resend_requested_at;
+               DELETE FROM k8s4r_schema_migrations WHERE version > 5;`
+            : `ALTER TABLE tasks DROP COLUMN resend_requested_at; PRAGMA user_version = 5;`,
+        );
+        const online = f.name === "postgres" ? "TRUE" : "1";
+        await store.exec(
+          `INSERT INTO robots (id, first_seen, last_seen, online)
+             VALUES ('robot-001', '2025-01-01T00:00:00.000Z', '2025-01-01T00:00:00.000Z', ${online});
+           INSERT INTO tasks (id, robot_id, command, env, timeout_seconds, state, dispatch_count,
+               created_at, expires_at, updated_at)
+             VALUES ('t-old', 'robot-001', '["true"]', '{}', 5, 'dispatched', 1,
+               '2025-01-01T00:00:00.000Z', '2025-01-01T01:00:00.000Z', '2025-01-01T00:00:00.000Z');
+           ALTER TABLE tasks ADD COLUMN resend_requested_at TEXT;`,
+        );
+        // Migration 6 fails (its column is there already): the open is refused, naming it.
+        await assert.rejects(() => store.open(), /migration 6/);
+        await store.exec("ALTER TABLE tasks DROP COLUMN resend_requested_at");
+        // Control: the same store, the cause removed: it opens, at 6, with its task.
+        const reg = await store.open();
+        try {
+          assert.equal(await reg.schemaVersion(), SCHEMA_VERSION);
+          const t = (await reg.getTask("t-old"))!;
+          assert.equal(t.state, "dispatched");
+          assert.equal(t.resendRequestedAt, null);
+          // The robot's new connection gets the old task again (marks and claims work on it).
+          const pub = new HeldPublisher();
+          const fleet = new FleetService(reg, pub, {
+            now: () => new Date(T0 + 60_000),
+            signer: UNSIGNED,
+          });
+          await fleet.dispatchFor("robot-001", { resend: true });
+          await fleet.settled();
+          assert.deepEqual(tasksSent(pub).map((s) => s.msg.type === "task" && s.msg.id), [
+            "t-old",
+          ]);
+          const after = (await reg.getTask("t-old"))!;
+          assert.equal(after.dispatchCount, 2);
+          assert.equal(after.resendRequestedAt, null);
+        } finally {
+          await reg.close();
+        }
+      } finally {
+        await store.dispose();
+      }
+    },
+  },
+  {
     name: "survives close and reopen (robots and tasks)",
     fn: async (f) => {
       const store = await f.create();
