@@ -1343,6 +1343,51 @@ const cancelCases: ContractCase[] = [
       }),
   },
   {
+    // Fault injection: an operator's cancel races the resend of a dispatched task to the
+    // robot's new connection. The copy on its way may reach the robot after the cancel: the
+    // cancel goes out again after its PUBACK, and nothing sends the task after that.
+    name: "cancel racing a resend: the cancel follows the resent copy; the task is not sent again",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online, clock }) => {
+        await online("robot-001", true);
+        const t = await fleet.createTask("robot-001", {
+          command: ["sleep", "600"],
+          env: {},
+          timeoutSeconds: 600,
+        }, ADMIN);
+        await fleet.settled();
+        pub.hold = true;
+        const resend = fleet.dispatchFor("robot-001", { resend: true });
+        await pub.sentCount(2); // the resent copy is on its way
+        await resend;
+        assert.equal((await fleet.cancelTask(t.id, ADMIN)).outcome, "cancelling");
+        // Another new connection while both are in flight: it must not bring the task back.
+        await fleet.dispatchFor("robot-001", { resend: true });
+        pub.hold = false;
+        pub.ack();
+        await fleet.settled();
+        const of = pub.sent.filter((s) =>
+          (s.msg.type === "task" ? s.msg.id : s.msg.taskId) === t.id
+        )
+          .map((s) => s.msg.type);
+        assert.deepEqual(of.slice(0, 2), ["task", "task"]);
+        assert.equal(of.at(-1), "cancel", "the last word to the robot is the cancel");
+        assert.equal(of.filter((x) => x === "task").length, 2, "the cancelled task was sent again");
+        const after = (await registry.getTask(t.id))!;
+        assert.equal(after.state, "cancelling");
+        assert.equal(after.dispatchOwner, null);
+        // The sweep (and a lapsed lease) never send it again either.
+        clock.t += 31_000;
+        await online("robot-001", true);
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(
+          tasksSent(pub).filter((s) => s.msg.type === "task" && s.msg.id === t.id).length,
+          2,
+        );
+      }),
+  },
+  {
     // Fault injection: the register of a new connection is handled while this server's broker
     // link is down (it dropped after the register came in). Nothing can be published now; the
     // robot's request must not be dropped: sent once the link is back (dispatchAllOnline).
