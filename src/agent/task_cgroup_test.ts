@@ -190,3 +190,15 @@ Deno.test("TaskCgroup: a task that makes sub-cgroups and moves processes into th
     await cg.destroy().catch(() => {});
   }
 });
+
+Deno.test("TaskCgroup.pathFor: an id that would name a cgroup elsewhere is refused", () => {
+  const parent = "/sys/fs/cgroup/system.slice/k8s4r-agent.service";
+  // Control: a task id names a child of the agent's cgroup.
+  assert.equal(
+    TaskCgroup.pathFor(parent, "t-1_A"),
+    `${parent}/k8s4r-task-${Deno.pid}-t-1_A`,
+  );
+  for (const id of ["a/../../../k8s4r-task-x", "../x", "a/b", "", "a\nb", ".."]) {
+    assert.throws(() => TaskCgroup.pathFor(parent, id), /not a task id/, JSON.stringify(id));
+  }
+});
