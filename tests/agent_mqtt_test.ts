@@ -15,6 +15,7 @@ import { X509Bundle, X509BundleSet } from "../src/spiffe/bundle.ts";
 import { loadAgentConfig } from "../src/agent/config.ts";
 import { RobotAgent } from "../src/agent/agent.ts";
 import { waitFor } from "../src/process/mod.ts";
+import { TcpProxy } from "./helpers/tcp_proxy.ts";
 import {
   decodeUp,
   type HeartbeatMessage,
@@ -78,7 +79,11 @@ async function subscriber(broker: TestBroker, got: UpMessage[]): Promise<MqttCli
   return sub;
 }
 
-async function harness(brokerSpiffeId?: string): Promise<Harness> {
+async function harness(
+  brokerSpiffeId?: string,
+  /** The port the agent dials instead of the broker's TLS port (a proxy in front of it). */
+  via?: (broker: TestBroker) => number,
+): Promise<Harness> {
   const broker = await startTestBroker();
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-agent-it-" });
   const logs: string[] = [];
@@ -96,7 +101,7 @@ async function harness(brokerSpiffeId?: string): Promise<Harness> {
         `  dataDir: ${join(dir, "data")}`,
         "  manage: false",
         "mqtt:",
-        `  brokerUrl: ssl://127.0.0.1:${broker.tlsPort}`,
+        `  brokerUrl: ssl://127.0.0.1:${via ? via(broker) : broker.tlsPort}`,
         "  heartbeatSeconds: 3600", // the test publishes heartbeats itself
         ...(brokerSpiffeId ? [`  brokerSpiffeId: ${brokerSpiffeId}`] : []),
         "tasks:",
@@ -427,6 +432,88 @@ Deno.test(
     } finally {
       await fake.close();
       await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+);
+
+Deno.test(
+  "half-open connection: the agent's new connection takes over its own session (client id = CN); the old will comes before it, no heartbeat lost, online retained",
+  opts,
+  async () => {
+    let proxy: TcpProxy | undefined;
+    const h = await harness(undefined, (b) => {
+      proxy = TcpProxy.start({ hostname: "127.0.0.1", port: b.tlsPort });
+      return proxy.port;
+    });
+    const p = proxy!;
+    try {
+      h.agent.start();
+      const isStatus = (m: UpMessage, s: "online" | "offline", c: number) =>
+        m.type === "status" && m.status === s && m.connection === c;
+      await waitFor(() => h.got.some((m) => isStatus(m, "online", 1)), {
+        timeoutMs: 15_000,
+        what: `online of connection 1 (logs: ${h.logs.join(" | ")})`,
+      });
+      for (let i = 0; i < 50; i++) h.agent.heartbeat();
+      await waitFor(() => new Set(heartbeats(h.got)).size >= 50, { timeoutMs: 10_000 });
+      // The agent's side of the connection ends; the broker still holds it (no FIN reaches it).
+      p.severClients();
+      for (let i = 0; i < 50; i++) h.agent.heartbeat(); // published while it reconnects
+      await waitFor(() => h.agent.stats.connects >= 2 && h.agent.session.connected, {
+        timeoutMs: 15_000,
+        what: "the agent's reconnect",
+      });
+      // Control: this was a takeover: the broker ended the old connection at the new CONNECT
+      // (its keepalive, 1.5 x 30 s, is far off), not because it timed out.
+      await waitFor(() => p.orphansClosedByServer >= 1, {
+        timeoutMs: 10_000,
+        what: "the broker to end the half-open connection (session takeover)",
+      });
+      assert.equal(p.accepted, 2);
+      for (let i = 0; i < 50; i++) h.agent.heartbeat();
+      await waitFor(() => new Set(heartbeats(h.got)).size >= 150, {
+        timeoutMs: 20_000,
+        what: `150 heartbeats (have ${new Set(heartbeats(h.got)).size})`,
+      });
+      assertAllSeqs(h.got, 150);
+      // Mosquitto publishes the taken-over connection's will, before anything of the new one:
+      // the server sees connection 1 go offline, then connection 2 register and go online.
+      const will = h.got.findIndex((m) => isStatus(m, "offline", 1));
+      const reg2 = h.got.findIndex((m) => m.type === "register" && m.connection === 2);
+      const online2 = h.got.findIndex((m) => isStatus(m, "online", 2));
+      assert.ok(reg2 >= 0 && online2 >= 0, "connection 2 registered and went online");
+      assert.ok(will >= 0, "Mosquitto 2.0.21 publishes the taken-over connection's will");
+      assert.ok(
+        will < reg2 && will < online2,
+        "the old will came after the new connection's messages",
+      );
+      assert.ok(
+        !h.got.some((m) => m.type === "status" && m.status === "offline" && m.connection !== 1),
+        "a will of the live connection was published",
+      );
+      // What a server subscribing now is told: connection 2 is online.
+      const late: UpMessage[] = [];
+      const peek = await mqtt.connectAsync(h.broker.plainUrl, {
+        username: h.broker.server.username,
+        password: h.broker.server.password,
+        clientId: `peek-${crypto.randomUUID().slice(0, 8)}`,
+        protocolVersion: 5,
+        reconnectPeriod: 0,
+      });
+      try {
+        peek.on("message", (topic, payload) => {
+          const d = decodeUp(topic, new Uint8Array(payload));
+          if (d.ok) late.push(d.message);
+        });
+        await peek.subscribeAsync(`k8s4r/robots/${ROBOT}/up/status`, { qos: 1 });
+        await waitFor(() => late.length >= 1, { timeoutMs: 10_000, what: "the retained status" });
+      } finally {
+        await peek.endAsync(true);
+      }
+      assert.ok(isStatus(late[0], "online", 2), `retained: ${JSON.stringify(late[0])}`);
+    } finally {
+      await h.close();
+      p.close();
     }
   },
 );

@@ -18,6 +18,7 @@
  */
 import { basename, isAbsolute, join } from "node:path";
 import { waitFor } from "../process/mod.ts";
+import { TASK_ID_RE } from "../mqtt/messages.ts";
 
 /** Every per-task cgroup's name starts with this (recovery touches nothing else). */
 export const TASK_CGROUP_PREFIX = "k8s4r-task-";
@@ -232,8 +233,13 @@ export class TaskCgroup {
     if (!isTaskCgroupPath(path)) throw new Error(`not a task cgroup: ${path}`);
   }
 
-  /** The name a task's cgroup gets under `parent` (unique per agent process and task id). */
+  /**
+   * The name a task's cgroup gets under `parent` (unique per agent process and task id). The
+   * id is checked again here (messages.ts checks it on arrival): one with `/` or `..` would
+   * name a cgroup elsewhere in the hierarchy, which `destroy` would then kill.
+   */
   static pathFor(parent: string, taskId: string): string {
+    if (!TASK_ID_RE.test(taskId)) throw new Error(`not a task id: ${JSON.stringify(taskId)}`);
     return join(parent, `${TASK_CGROUP_PREFIX}${Deno.pid}-${taskId}`);
   }
 

@@ -137,3 +137,68 @@ Deno.test("TaskCgroup: only k8s4r-task-* paths; destroy kills what is in it and 
     await cg.destroy().catch(() => {});
   }
 });
+
+Deno.test("TaskCgroup: a task that makes sub-cgroups and moves processes into them is killed and removed whole (root)", async () => {
+  assert.equal(Deno.uid(), 0, "containment needs root here (cgroup v2): run it as root (CI does)");
+  const c = detectContainment();
+  assert.ok(c.kind === "cgroup", c.kind === "none" ? c.reason : "");
+  const cg = await TaskCgroup.create(TaskCgroup.pathFor(c.parent, "cgsub"));
+  let child: Deno.ChildProcess | undefined;
+  const deeper = `${cg.path}/a/b`;
+  try {
+    // The task (running as the agent's uid: it owns its cgroup) makes a/b, moves a setsid'd
+    // sleep there, and leaves itself in a (not in the task's cgroup itself any more).
+    const script = [
+      'echo 0 > "$0/cgroup.procs"',
+      'mkdir -p "$0/a/b"',
+      `setsid sh -c 'echo 0 > "$0/a/b/cgroup.procs"; exec sleep 600' "$0" &`,
+      'echo 0 > "$0/a/cgroup.procs"',
+      "exec sleep 600",
+    ].join("\n");
+    child = new Deno.Command("sh", { args: ["-c", script, cg.path], stdout: "null" }).spawn();
+    const readPids = async (p: string) =>
+      (await Deno.readTextFile(`${p}/cgroup.procs`).catch(() => "")).split("\n").filter(Boolean);
+    await waitFor(async () => (await readPids(deeper)).length === 1, {
+      timeoutMs: 5000,
+      what: "the setsid'd process to enter a/b",
+    });
+    await waitFor(async () => (await readPids(`${cg.path}/a`)).length === 1, {
+      timeoutMs: 5000,
+      what: "the task to enter a",
+    });
+    const inner = Number((await readPids(deeper))[0]);
+    assert.deepEqual(await cg.pids(), [], "nothing is left in the task's own cgroup");
+    assert.equal(await cg.populated(), true, "control: its subtree is populated");
+    await cg.destroy();
+    const st = await child.status;
+    assert.equal(st.signal, "SIGKILL");
+    assert.equal(cg.exists(), false, "the task's cgroup and its sub-cgroups are removed");
+    // Gone, or a zombie its new parent has not reaped yet: either way no longer running.
+    const state = (() => {
+      try {
+        return Deno.readTextFileSync(`/proc/${inner}/stat`).replace(/^.*\) /s, "")[0];
+      } catch {
+        return "gone";
+      }
+    })();
+    assert.ok(state === "gone" || state === "Z", `the setsid'd process survived (${state})`);
+  } finally {
+    try {
+      child?.kill("SIGKILL");
+    } catch { /* gone */ }
+    await child?.status;
+    await cg.destroy().catch(() => {});
+  }
+});
+
+Deno.test("TaskCgroup.pathFor: an id that would name a cgroup elsewhere is refused", () => {
+  const parent = "/sys/fs/cgroup/system.slice/k8s4r-agent.service";
+  // Control: a task id names a child of the agent's cgroup.
+  assert.equal(
+    TaskCgroup.pathFor(parent, "t-1_A"),
+    `${parent}/k8s4r-task-${Deno.pid}-t-1_A`,
+  );
+  for (const id of ["a/../../../k8s4r-task-x", "../x", "a/b", "", "a\nb", ".."]) {
+    assert.throws(() => TaskCgroup.pathFor(parent, id), /not a task id/, JSON.stringify(id));
+  }
+});

@@ -163,7 +163,20 @@ export class TaskIdStore {
     this.dead = records - this.ids.size;
     this.prune();
     // At start the rewrite is cheap next to what it saves: compact once a third is dead.
-    if (v1 || imported || this.dead * 2 > this.ids.size || this.corrupt > 0) await this.compact();
+    if (v1 || imported) {
+      // Needed: the file is in the old format, or the imported ids are not in it yet.
+      await this.compact();
+    } else if (this.dead * 2 > this.ids.size || this.corrupt > 0) {
+      // Housekeeping only: the file holds every live record as it is, and appends to it stay
+      // valid. A rewrite that cannot be made (a full disk: it needs a whole new file, an
+      // append only the rest of the file's last page) must not stop the claims.
+      await this.compact().catch((err) =>
+        this.o.log?.("task_ids.compact_failed", {
+          file: this.file,
+          error: (err as Error).message,
+        })
+      );
+    }
     if (imported) await removeDurable(this.legacy);
   }
 
@@ -264,7 +277,15 @@ export class TaskIdStore {
         throw err;
       }
       this.prune();
-      if (this.dead > 1024 && this.dead > this.ids.size) await this.compact();
+      if (this.dead > 1024 && this.dead > this.ids.size) {
+        // The claim is on disk already: a rewrite that fails (full disk) does not undo it.
+        await this.compact().catch((err) =>
+          this.o.log?.("task_ids.compact_failed", {
+            file: this.file,
+            error: (err as Error).message,
+          })
+        );
+      }
     });
     this.writing = p.catch(() => {});
     return p;

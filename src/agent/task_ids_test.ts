@@ -262,3 +262,47 @@ Deno.test("task ids: a torn tail the cut could not remove is ended before the ne
     await again.close();
   });
 });
+
+Deno.test("task ids: a start on a full disk whose compaction cannot be written still claims (appends fit), and keeps every id", async () => {
+  await withTmpfs(8 * PAGE, async (mnt) => {
+    const dir = join(mnt, "state");
+    const t0 = Date.now();
+    const s = store(dir, () => t0);
+    // Two pages of ids created an hour apart: the older half expires by the next start.
+    for (let i = 0; i < 120; i++) {
+      assert.equal(await s.claim(`old-${String(i).padStart(3, "0")}`, t0 - WINDOW + 1000), true);
+    }
+    for (let i = 0; i < 60; i++) {
+      assert.equal(await s.claim(`live-${String(i).padStart(3, "0")}`, t0), true);
+    }
+    await s.close();
+    const file = join(dir, TASK_IDS_FILE);
+    const size = (await Deno.stat(file)).size;
+    assert.ok(
+      size > PAGE && size % PAGE < PAGE - 200,
+      `room for a few records in the last page (${size})`,
+    );
+    const disk = await fillDisk(mnt);
+    try {
+      assert.ok(disk.bytes > 0, "the filler took the rest of the tmpfs");
+      // Control: the rewrite cannot be made on this disk (a new file needs a page).
+      await assert.rejects(
+        Deno.writeTextFile(join(dir, "probe"), "x".repeat(PAGE)),
+        /No space left|os error 28/,
+      );
+      await Deno.remove(join(dir, "probe")).catch(() => {});
+      // The next start: 120 of 180 records are dead, so it compacts; that write fails.
+      const later = store(dir, () => t0 + 2000);
+      assert.equal(await later.claim("new-task", t0 + 2000), true, "refused while appends fit");
+      assert.equal(await later.claim("live-000", t0), false, "a live id is still seen");
+      assert.equal(await later.claim("old-000", t0 - WINDOW + 1000), false, "a forgotten id");
+      await later.close();
+    } finally {
+      await disk.free();
+    }
+    const again = store(dir, () => t0 + 3000);
+    assert.ok(await again.lookup("new-task"), "the claim made on the full disk survives");
+    assert.ok(await again.lookup("live-059"));
+    await again.close();
+  });
+});

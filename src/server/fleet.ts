@@ -21,6 +21,7 @@ import {
   isTransientConflict,
   type Registry,
   type RegistryTx,
+  resendRequestedSinceClaim,
   type RobotRecord,
   type StatusOrder,
   type TaskRecord,
@@ -799,7 +800,9 @@ export class FleetService {
    * holds a claim on are first marked in the same transaction (`requestResend`): that publish
    * may have reached the broker before the robot subscribed (it keeps no session while away),
    * so the broker acknowledged it and delivered it to nobody; its holder publishes it again
-   * after the PUBACK (`publishClaimed`).
+   * after the PUBACK (`publishClaimed`). With the broker link down nothing is published, but
+   * a new connection's request is still recorded, on all its undelivered tasks: the reconnect
+   * (`dispatchAllOnline`) or another replica's sweep sends them.
    */
   private async claimAndPublish(
     q: {
@@ -810,7 +813,15 @@ export class FleetService {
     },
     resend = false,
   ): Promise<void> {
-    if (!this.publisher.connected()) return; // sent again on reconnect
+    if (!this.publisher.connected()) {
+      // Pending ones are sent on reconnect anyway; a dispatched one only if marked.
+      if (resend && q.robotId !== undefined) {
+        const robotId = q.robotId;
+        const at = this.nowIso();
+        await this.registry.transaction((tx) => tx.requestResend(robotId, at, { all: true }));
+      }
+      return;
+    }
     for (let page = 0;; page++) {
       const now = this.now().getTime();
       const at = new Date(now).toISOString();
@@ -955,10 +966,11 @@ export class FleetService {
         const { r, again } = await this.registry.transaction(async (tx) => {
           const r = await tx.applyTaskEvent(task.id, "dispatch", this.nowIso());
           await tx.releaseClaim(task.id, this.instance);
+          await tx.clearClaimMark(task.id);
           // The robot's new connection asked for it while it was on its way (the mark is
-          // newer than this claim, which cleared it): claimed again at once, published again.
+          // newer than this claim's own): claimed again at once, published again.
           const now = this.now().getTime();
-          const again = r?.task.resendRequestedAt != null
+          const again = resendRequestedSinceClaim(r?.task.resendRequestedAt ?? null)
             ? await tx.claimTasks({
               taskId: task.id,
               states: ["dispatched"],

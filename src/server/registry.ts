@@ -158,9 +158,24 @@ export interface TaskRecord {
   dispatchLeaseUntil: string | null;
   /**
    * When the robot's new connection asked for it again while it was claimed (its publish may
-   * have reached the broker before the robot subscribed); null once a claim took it up.
+   * have reached the broker before the robot subscribed); `RESEND_CLAIMED` while a claim that
+   * took the request up holds it (so that the request outlives a claimer that dies before its
+   * PUBACK is recorded: the sweep sends a dispatched task with either); null once a recorded
+   * PUBACK took it up.
    */
   resendRequestedAt: string | null;
+}
+
+/**
+ * The mark a claim leaves (`claimTasks`): the task is wanted and a claim took the request up.
+ * Not a time any `requestResend` writes (the epoch), so a request that came while the claim
+ * held is told apart from it whatever the clocks of the replicas say.
+ */
+export const RESEND_CLAIMED = "1970-01-01T00:00:00.000Z";
+
+/** True if `mark` (a task's `resendRequestedAt`) is a request no claim has taken up yet. */
+export function resendRequestedSinceClaim(mark: string | null): boolean {
+  return mark !== null && Date.parse(mark) !== Date.parse(RESEND_CLAIMED);
 }
 
 /** Claims tasks to publish: each task is claimed by one server at a time, until the lease ends. */
@@ -738,6 +753,9 @@ export class RegistryTx {
    * claimed, or whose claim has expired (its holder died mid-publish), oldest first. One
    * statement: rows another transaction is claiming are skipped (SKIP LOCKED), and the outer
    * WHERE is checked again on the row it locked, so a task is claimed by one server at a time.
+   * The claim marks each task `RESEND_CLAIMED`: a dispatched one claimed to be sent again stays
+   * wanted if the claimer dies before its PUBACK is recorded, or its publish fails (the sweep
+   * takes marked dispatched tasks); `recordedDispatch` clears that mark, not a newer request.
    */
   async claimTasks(q: ClaimQuery): Promise<TaskRecord[]> {
     const free = "(dispatch_lease_until IS NULL OR dispatch_lease_until < ?)";
@@ -762,12 +780,12 @@ export class RegistryTx {
       params.push(1);
     }
     const rows = await this.all(
-      `UPDATE tasks SET dispatch_owner = ?, dispatch_lease_until = ?, resend_requested_at = NULL
+      `UPDATE tasks SET dispatch_owner = ?, dispatch_lease_until = ?, resend_requested_at = ?
        WHERE id IN (SELECT id FROM tasks WHERE ${where.join(" AND ")}
                     ORDER BY created_at, id LIMIT ?${forUpdate(this.dialect, { skipLocked: true })})
          AND ${states} AND ${free}
        RETURNING ${TASK_COLUMNS}`,
-      [q.owner, q.leaseUntil, ...params, q.limit, q.now],
+      [q.owner, q.leaseUntil, RESEND_CLAIMED, ...params, q.limit, q.now],
     );
     return rows.map(taskFromRow).sort((a, b) =>
       a.createdAt < b.createdAt ? -1 : a.createdAt > b.createdAt ? 1 : a.id < b.id ? -1 : 1
@@ -782,15 +800,30 @@ export class RegistryTx {
    * claim released meanwhile is left to the caller's `claimTasks`, which comes after this in
    * the same transaction. The robot's row is locked first: batches lock it before its tasks, so
    * the task rows are never waited for in another order (PostgreSQL; SQLite serializes anyway).
-   * Returns how many were marked.
+   * Returns how many were marked. With `all`, the unclaimed ones too (a server that cannot
+   * publish now: whoever can takes them up, `claimTasks` with `resendRequested`).
    */
-  async requestResend(robotId: string, now: string): Promise<number> {
+  async requestResend(robotId: string, now: string, opts: { all?: boolean } = {}): Promise<number> {
     await this.get(`SELECT id FROM robots WHERE id = ?${forUpdate(this.dialect)}`, [robotId]);
+    const claimed = opts.all ? [] : [now];
     return await this.run(
       `UPDATE tasks SET resend_requested_at = ?
-       WHERE robot_id = ? AND state IN ('pending', 'dispatched') AND expires_at > ?
-         AND dispatch_owner IS NOT NULL AND dispatch_lease_until >= ?`,
-      [now, robotId, now, now],
+       WHERE robot_id = ? AND state IN ('pending', 'dispatched') AND expires_at > ?${
+        opts.all ? "" : " AND dispatch_owner IS NOT NULL AND dispatch_lease_until >= ?"
+      }`,
+      [now, robotId, now, ...claimed],
+    );
+  }
+
+  /**
+   * After a recorded PUBACK: the task's mark is cleared if it is the one its claim left
+   * (`RESEND_CLAIMED`); a newer request (`requestResend` while the publish was on its way)
+   * stays, for the caller to claim and publish again.
+   */
+  async clearClaimMark(id: string): Promise<void> {
+    await this.run(
+      "UPDATE tasks SET resend_requested_at = NULL WHERE id = ? AND resend_requested_at = ?",
+      [id, RESEND_CLAIMED],
     );
   }
 

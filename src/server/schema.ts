@@ -178,7 +178,8 @@ export const MIGRATIONS: Migration[] = [
   // 6: robots keep no broker session while away (docs/PROTOCOL.md, "Robot side"): a robot's new
   // connection asks for its undelivered tasks again; one whose publish is in flight under a
   // claim (that publish may have reached the broker before the robot subscribed) is marked, and
-  // its claim holder publishes it again after the PUBACK (a claim clears the mark).
+  // its claim holder publishes it again after the PUBACK (a claim replaces the mark with
+  // RESEND_CLAIMED, which the recorded PUBACK clears: registry.ts `claimTasks`).
   {
     sqlite: `ALTER TABLE tasks ADD COLUMN resend_requested_at TEXT;`,
     postgres: `ALTER TABLE tasks ADD COLUMN resend_requested_at TIMESTAMPTZ;`,

@@ -11,7 +11,15 @@ export class TcpProxy {
   private frozen = false;
   private waiters: (() => void)[] = [];
   private readonly conns = new Set<Deno.Conn>();
+  /** Client side of each open pair, to its server side (`severClients`). */
+  private readonly pairs = new Map<Deno.Conn, Deno.Conn>();
+  /** Server sides left open by `severClients`, until the server closes them. */
+  private readonly orphans = new Set<Deno.Conn>();
   private closed = false;
+  /** Connections accepted so far (each is one client connection). */
+  accepted = 0;
+  /** Server-side closes of severed connections seen so far (the server ended them). */
+  orphansClosedByServer = 0;
 
   private constructor(private readonly target: { hostname: string; port: number }) {
     [this.port] = freePorts(1);
@@ -49,6 +57,8 @@ export class TcpProxy {
     }
     this.conns.add(client);
     this.conns.add(server);
+    this.accepted++;
+    this.pairs.set(client, server);
     const pump = async (from: Deno.Conn, to: Deno.Conn) => {
       const buf = new Uint8Array(64 * 1024);
       try {
@@ -57,10 +67,30 @@ export class TcpProxy {
           const n = await from.read(buf);
           if (n === null) break;
           await this.gate(); // frozen meanwhile: hold what was read
+          if (this.orphans.has(from)) continue; // severed: the server's bytes go nowhere
           let off = 0;
           while (off < n) off += await to.write(buf.subarray(off, n));
         }
-      } catch { /* one side closed */ }
+      } catch {
+        // One side closed; a write to a client severed meanwhile: the server side is read on.
+        if (this.orphans.has(from)) {
+          try {
+            while ((await from.read(buf)) !== null) { /* discarded */ }
+          } catch { /* reset by the server */ }
+        }
+      }
+      if (this.orphans.has(from)) {
+        // The server ended a severed connection.
+        this.orphans.delete(from);
+        this.conns.delete(from);
+        if (!this.closed) this.orphansClosedByServer++;
+        try {
+          from.close();
+        } catch { /* closed already */ }
+        return;
+      }
+      if (this.orphans.has(to)) return; // the severed client's side: its server side stays
+      this.pairs.delete(from);
       for (const c of [from, to]) {
         if (this.conns.delete(c)) {
           try {
@@ -75,6 +105,22 @@ export class TcpProxy {
   private gate(): Promise<void> {
     if (!this.frozen) return Promise.resolve();
     return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  /**
+   * Closes the client side of every open connection and keeps its server side open, silent: the
+   * client sees its connection end, the server still holds it (a half-open TCP connection, as a
+   * NAT or Wi-Fi drop leaves). A new connection of the client passes as usual.
+   */
+  severClients(): void {
+    for (const [client, server] of this.pairs) {
+      this.orphans.add(server);
+      this.conns.delete(client);
+      try {
+        client.close();
+      } catch { /* closed already */ }
+    }
+    this.pairs.clear();
   }
 
   freeze(): void {

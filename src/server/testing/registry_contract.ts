@@ -17,7 +17,13 @@ import {
   NotFoundError,
   type Publisher,
 } from "../fleet.ts";
-import { type Dialect, type Registry, SCHEMA_VERSION } from "../registry.ts";
+import {
+  type Dialect,
+  type Registry,
+  RESEND_CLAIMED,
+  resendRequestedSinceClaim,
+  SCHEMA_VERSION,
+} from "../registry.ts";
 import { MAX_HEARTBEAT_GAP } from "../heartbeat_bounds.ts";
 import { TestHttps, UNSIGNED } from "../testing.ts";
 import { checkDown, TaskSigner } from "../../mqtt/signed.ts";
@@ -82,6 +88,65 @@ const injected = () => new Error("disk I/O error (injected)");
 // ------------------------------------------------------------------------------- registry
 
 export const registryCases: ContractCase[] = [
+  {
+    // Migration 6 on a store an earlier k8s4r (schema 5) wrote, with a dispatched task in it,
+    // and a migration 6 that fails half-way (the column exists already: a hand edit, a crash of
+    // a non-transactional migrator): nothing of it is kept, the store stays at 5, the next open
+    // after the cause is removed migrates it.
+    name: "migration 6 on a schema-5 store: tasks kept and resent; a failed migration keeps 5",
+    fn: async (f) => {
+      const store = await f.create();
+      try {
+        // A schema-5 store: this k8s4r's tables (as its own user) without migration 6.
+        await (await store.open()).close();
+        await store.exec(
+          f.name === "postgres"
+            ? `ALTER TABLE tasks DROP COLUMN resend_requested_at;
+               DELETE FROM k8s4r_schema_migrations WHERE version > 5;`
+            : `ALTER TABLE tasks DROP COLUMN resend_requested_at; PRAGMA user_version = 5;`,
+        );
+        const online = f.name === "postgres" ? "TRUE" : "1";
+        await store.exec(
+          `INSERT INTO robots (id, first_seen, last_seen, online)
+             VALUES ('robot-001', '2025-01-01T00:00:00.000Z', '2025-01-01T00:00:00.000Z', ${online});
+           INSERT INTO tasks (id, robot_id, command, env, timeout_seconds, state, dispatch_count,
+               created_at, expires_at, updated_at)
+             VALUES ('t-old', 'robot-001', '["true"]', '{}', 5, 'dispatched', 1,
+               '2025-01-01T00:00:00.000Z', '2025-01-01T01:00:00.000Z', '2025-01-01T00:00:00.000Z');
+           ALTER TABLE tasks ADD COLUMN resend_requested_at TEXT;`,
+        );
+        // Migration 6 fails (its column is there already): the open is refused, naming it.
+        await assert.rejects(() => store.open(), /migration 6/);
+        await store.exec("ALTER TABLE tasks DROP COLUMN resend_requested_at");
+        // Control: the same store, the cause removed: it opens, at 6, with its task.
+        const reg = await store.open();
+        try {
+          assert.equal(await reg.schemaVersion(), SCHEMA_VERSION);
+          const t = (await reg.getTask("t-old"))!;
+          assert.equal(t.state, "dispatched");
+          assert.equal(t.resendRequestedAt, null);
+          // The robot's new connection gets the old task again (marks and claims work on it).
+          const pub = new HeldPublisher();
+          const fleet = new FleetService(reg, pub, {
+            now: () => new Date(T0 + 60_000),
+            signer: UNSIGNED,
+          });
+          await fleet.dispatchFor("robot-001", { resend: true });
+          await fleet.settled();
+          assert.deepEqual(tasksSent(pub).map((s) => s.msg.type === "task" && s.msg.id), [
+            "t-old",
+          ]);
+          const after = (await reg.getTask("t-old"))!;
+          assert.equal(after.dispatchCount, 2);
+          assert.equal(after.resendRequestedAt, null);
+        } finally {
+          await reg.close();
+        }
+      } finally {
+        await store.dispose();
+      }
+    },
+  },
   {
     name: "survives close and reopen (robots and tasks)",
     fn: async (f) => {
@@ -1090,7 +1155,10 @@ const cancelCases: ContractCase[] = [
         // The robot's new connection registers meanwhile (its subscription came after the
         // publish): what that register asks for, awaited so that its transaction is done.
         await fleet.dispatchFor("robot-001", { resend: true });
-        assert.ok((await registry.getTask(t.id))!.resendRequestedAt, "marked while claimed");
+        assert.ok(
+          resendRequestedSinceClaim((await registry.getTask(t.id))!.resendRequestedAt),
+          "marked while claimed",
+        );
         assert.equal(sentOf(t.id), 1, "not sent twice at once");
         pub.hold = false;
         pub.ack();
@@ -1121,9 +1189,12 @@ const cancelCases: ContractCase[] = [
         assert.equal((await registry.getTask(v.id))!.dispatchOwner, "other-replica");
         // Control: a register that opens no new connection (a redelivery) asks for nothing.
         await fleet.dispatchFor("robot-001");
-        assert.equal((await registry.getTask(v.id))!.resendRequestedAt, null);
+        assert.equal((await registry.getTask(v.id))!.resendRequestedAt, RESEND_CLAIMED);
         await fleet.dispatchFor("robot-001", { resend: true });
-        assert.ok((await registry.getTask(v.id))!.resendRequestedAt, "marked under its claim");
+        assert.ok(
+          resendRequestedSinceClaim((await registry.getTask(v.id))!.resendRequestedAt),
+          "marked under its claim",
+        );
         assert.equal(sentOf(v.id), 1, "this server does not publish what another one holds");
         pub.hold = false;
         pub.ack();
@@ -1195,6 +1266,163 @@ const cancelCases: ContractCase[] = [
         await fleet.sweep();
         await fleet.settled();
         assert.equal(sentOf(t.id), 2, "sent again once");
+      }),
+  },
+  {
+    // Fault injection: the server that claimed a dispatched task for a robot's new connection
+    // dies before its publish (or between the PUBACK and the transaction that records it), or
+    // its publish fails. The robot's subscription is new: nothing else will ever send the task
+    // to it, so the resend must survive the claim (the sweep sends it once the claim is free).
+    name:
+      "dispatch claims: a new connection's resend survives its claimer dying before the PUBACK is recorded, or a failed publish",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online, clock }) => {
+        const sentOf = (id: string) =>
+          tasksSent(pub).filter((s) => s.msg.type === "task" && s.msg.id === id).length;
+        await online("robot-001", true);
+        const mk = () =>
+          fleet.createTask("robot-001", { command: ["true"], env: {}, timeoutSeconds: 600 }, ADMIN);
+        const t = await mk();
+        await fleet.settled();
+        assert.equal((await registry.getTask(t.id))!.state, "dispatched");
+        // 1. A replica handles the robot's new connection (register): claims t to send it
+        // again, and dies with its publish in flight (no PUBACK is ever recorded).
+        let onWire!: () => void;
+        const published = new Promise<void>((resolve) => onWire = resolve);
+        const dead = new FleetService(registry, {
+          publish: () => {
+            onWire();
+            return new Promise(() => {});
+          },
+          connected: () => true,
+        }, {
+          now: () => new Date(clock.t),
+          instance: "dead-replica",
+          claimLeaseSeconds: 30,
+          signer: UNSIGNED,
+        });
+        void dead.dispatchFor("robot-001", { resend: true });
+        await published; // claimed, on its way; its PUBACK never comes
+        assert.equal((await registry.getTask(t.id))!.dispatchOwner, "dead-replica");
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 1, "sent while the dead replica's claim held");
+        clock.t += 31_000;
+        await online("robot-001", true); // heard from meanwhile
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 2, "the resend died with its claimer: the robot never gets t");
+        let after = (await registry.getTask(t.id))!;
+        assert.equal(after.dispatchOwner, null);
+        assert.equal(after.resendRequestedAt, null, "the recorded PUBACK took the request up");
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 2, "sent again once, not on every sweep");
+        // 2. The publish of the resend fails (the broker link broke under it): the claim is
+        // released; the next sweep sends it.
+        const failing = new FleetService(registry, {
+          publish: () => Promise.reject(new Error("connection closed (injected)")),
+          connected: () => true,
+        }, { now: () => new Date(clock.t), instance: "failing-replica", signer: UNSIGNED });
+        await failing.dispatchFor("robot-001", { resend: true });
+        await failing.settled();
+        assert.equal(failing.stats.publishErrors, 1);
+        assert.equal((await registry.getTask(t.id))!.dispatchOwner, null, "released on failure");
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 3, "a failed resend is not tried again");
+        after = (await registry.getTask(t.id))!;
+        assert.equal(after.resendRequestedAt, null);
+        assert.equal(after.dispatchCount, 3);
+        // Control: a dispatched task nobody asked again for is not re-sent by the sweep.
+        const u = await mk();
+        await fleet.settled();
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(sentOf(u.id), 1);
+      }),
+  },
+  {
+    // Fault injection: an operator's cancel races the resend of a dispatched task to the
+    // robot's new connection. The copy on its way may reach the robot after the cancel: the
+    // cancel goes out again after its PUBACK, and nothing sends the task after that.
+    name: "cancel racing a resend: the cancel follows the resent copy; the task is not sent again",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online, clock }) => {
+        await online("robot-001", true);
+        const t = await fleet.createTask("robot-001", {
+          command: ["sleep", "600"],
+          env: {},
+          timeoutSeconds: 600,
+        }, ADMIN);
+        await fleet.settled();
+        pub.hold = true;
+        const resend = fleet.dispatchFor("robot-001", { resend: true });
+        await pub.sentCount(2); // the resent copy is on its way
+        await resend;
+        assert.equal((await fleet.cancelTask(t.id, ADMIN)).outcome, "cancelling");
+        // Another new connection while both are in flight: it must not bring the task back.
+        await fleet.dispatchFor("robot-001", { resend: true });
+        pub.hold = false;
+        pub.ack();
+        await fleet.settled();
+        const of = pub.sent.filter((s) =>
+          (s.msg.type === "task" ? s.msg.id : s.msg.taskId) === t.id
+        )
+          .map((s) => s.msg.type);
+        assert.deepEqual(of.slice(0, 2), ["task", "task"]);
+        assert.equal(of.at(-1), "cancel", "the last word to the robot is the cancel");
+        assert.equal(of.filter((x) => x === "task").length, 2, "the cancelled task was sent again");
+        const after = (await registry.getTask(t.id))!;
+        assert.equal(after.state, "cancelling");
+        assert.equal(after.dispatchOwner, null);
+        // The sweep (and a lapsed lease) never send it again either.
+        clock.t += 31_000;
+        await online("robot-001", true);
+        await fleet.sweep();
+        await fleet.settled();
+        assert.equal(
+          tasksSent(pub).filter((s) => s.msg.type === "task" && s.msg.id === t.id).length,
+          2,
+        );
+      }),
+  },
+  {
+    // Fault injection: the register of a new connection is handled while this server's broker
+    // link is down (it dropped after the register came in). Nothing can be published now; the
+    // robot's request must not be dropped: sent once the link is back (dispatchAllOnline).
+    name:
+      "dispatch: a new connection's register while the broker link is down: its resend goes out after the reconnect",
+    fn: (f) =>
+      withCancelFleet(f, async ({ fleet, registry, pub, online }) => {
+        const sentOf = (id: string) =>
+          tasksSent(pub).filter((s) => s.msg.type === "task" && s.msg.id === id).length;
+        await online("robot-001", true);
+        const t = await fleet.createTask("robot-001", {
+          command: ["true"],
+          env: {},
+          timeoutSeconds: 600,
+        }, ADMIN);
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 1);
+        // Control: with the link up, a new connection gets t again at once.
+        await fleet.dispatchFor("robot-001", { resend: true });
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 2);
+        // The link is down while the next new connection's register is handled.
+        pub.online = false;
+        await fleet.dispatchFor("robot-001", { resend: true });
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 2, "published with the link down");
+        pub.online = true;
+        await fleet.dispatchAllOnline();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 3, "the register's resend was dropped with the link down");
+        assert.equal((await registry.getTask(t.id))!.resendRequestedAt, null);
+        // Once: a second reconnect sends nothing more.
+        await fleet.dispatchAllOnline();
+        await fleet.settled();
+        assert.equal(sentOf(t.id), 3);
       }),
   },
   {
