@@ -503,7 +503,11 @@ export const realRunner: ProcessRunner = {
               }`,
             );
           }
-          throw new CliError(`${err.message} (log: ${spec.logFile})`);
+          // Still running, not ready: what it said last is the first clue (a lock, a port).
+          const said = lastLine(await tailFile(spec.logFile, 5).catch(() => ""));
+          throw new CliError(
+            `${err.message} (log: ${spec.logFile}${said ? `; its last line: ${said}` : ""})`,
+          );
         });
       } catch (err) {
         await daemon.stop(1000);
