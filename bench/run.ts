@@ -97,8 +97,8 @@ export async function main(argv: string[]): Promise<number> {
     }
   }
   const robots = v.robots !== undefined ? Number(v.robots) : v.quick ? 200 : 1000;
-  if (!Number.isInteger(robots) || robots < 1 || robots > 5000) {
-    console.error(`bench: --robots expects an integer in [1, 5000], got '${v.robots}'`);
+  if (!Number.isInteger(robots) || robots < 1 || robots > 10_000) {
+    console.error(`bench: --robots expects an integer in [1, 10000], got '${v.robots}'`);
     return 2;
   }
   const t0 = performance.now();
