@@ -263,6 +263,14 @@ export function readPidFile(path: string): PidRecord | undefined {
  * True when the pid in the record is alive and is the very process the record was written for:
  * same boot, same start time, same command (runsRecordedCommand).
  */
+/**
+ * Programs that set something up and exec the daemon under the same pid (`setpriv` for the
+ * death signal, `unshare` for PostgreSQL's user namespace as root): a pid file must record the
+ * program they exec, not them. Recording `unshare` (caught before its exec) made every later
+ * check of the running PostgreSQL say "not running", so its start never saw it ready.
+ */
+const EXEC_WRAPPERS = /(^|\/)(setpriv|unshare)$/;
+
 export function isRecordAlive(rec: PidRecord | undefined): boolean {
   if (!rec) return false;
   if (rec.bootId !== undefined && rec.bootId !== currentBootId()) return false;
@@ -445,9 +453,11 @@ export const realRunner: ProcessRunner = {
       if (startTime === undefined) return true; // already exited; reported below
       try {
         const argv0 = Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0")[0];
-        if (argv0 === "" || argv0.endsWith("sh") || argv0 === "setpriv") return false;
+        if (argv0 === "" || argv0.endsWith("sh") || EXEC_WRAPPERS.test(argv0)) return false;
         const e = procExe(pid);
-        if (e === undefined || /(^|\/)(setpriv|sh|dash|bash)$/.test(e)) return false;
+        if (e === undefined || /(^|\/)(sh|dash|bash)$/.test(e) || EXEC_WRAPPERS.test(e)) {
+          return false;
+        }
         exe = e;
         return true;
       } catch {

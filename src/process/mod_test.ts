@@ -234,6 +234,35 @@ Deno.test("spawn records the daemon's own executable, never the shell or setpriv
   }
 });
 
+Deno.test("spawn through unshare (PostgreSQL as root) records the program unshare execs (30 spawns, detached)", async () => {
+  // CI saw it: a pid file that recorded `unshare`, caught before its exec, said "not running"
+  // about the running PostgreSQL forever after, so its start timed out waiting for it.
+  if (Deno.uid() !== 0) throw new Error("this test needs root (unshare --user as devenv runs it)");
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
+  try {
+    const wrong: string[] = [];
+    for (let i = 0; i < 30; i++) {
+      const pidFile = join(dir, `u${i}.pid`);
+      const d = await realRunner.spawn({
+        name: "sleeper",
+        cmd: "unshare",
+        args: ["--user", "--", "sleep", "60"],
+        logFile: join(dir, "u.log"),
+        pidFile,
+        detached: true,
+      });
+      const rec = readPidFile(pidFile)!;
+      if (!isRecordAlive(rec) || !rec.exe?.endsWith("/sleep")) wrong.push(`#${i}: ${rec.exe}`);
+      // Positive control: the file stops what it names.
+      assert.equal(await stopPidFile(pidFile, 2000), "stopped");
+      await d.stop(1000);
+    }
+    assert.deepEqual(wrong, [], "pid files that do not match their own daemon");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a non-detached daemon dies with its parent, even on kill -9 (no orphan)", async () => {
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
   try {
