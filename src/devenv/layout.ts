@@ -15,8 +15,8 @@ import {
   robotSpiffeId,
   spireServer2TelemetryPort,
   telemetryPorts,
-  TRUST_DOMAIN,
 } from "../fleet/mod.ts";
+import { portFromEnv, serverDefaults } from "../fleet/paths.ts";
 
 export type { Ports };
 
@@ -110,19 +110,17 @@ export function defaultLayout(root: string, env: Record<string, string | undefin
   const devEnvDir = join(root, ".dev-env");
   const spireDataDir = join(root, ".spire-data");
   const spireServerDataDir = join(spireDataDir, "server");
-  const num = (name: string, d: number) => {
-    const v = env[name];
-    return v !== undefined && /^\d+$/.test(v) ? Number(v) : d;
-  };
+  const num = (name: string, d: number) => portFromEnv(env, name, d);
+  const server = serverDefaults(root, env);
   return {
     root,
-    trustDomain: env["K8S4R_TRUST_DOMAIN"] ?? TRUST_DOMAIN,
+    trustDomain: server.trustDomain,
     advertise: env["K8S4R_ADVERTISE"] || undefined,
     ports: {
       spireServer: num("K8S4R_SPIRE_SERVER_PORT", DEFAULT_PORTS.spireServer),
-      mqttPlain: num("K8S4R_MQTT_PORT", DEFAULT_PORTS.mqttPlain),
+      mqttPlain: server.mqttPlainPort,
       mqttTls: num("K8S4R_MQTT_TLS_PORT", DEFAULT_PORTS.mqttTls),
-      http: num("K8S4R_HTTP_PORT", DEFAULT_PORTS.http),
+      http: server.httpPort,
       telemetry: num("K8S4R_TELEMETRY_PORT", DEFAULT_PORTS.telemetry),
       prometheus: num("K8S4R_PROMETHEUS_PORT", DEFAULT_PORTS.prometheus),
     },
@@ -134,8 +132,8 @@ export function defaultLayout(root: string, env: Record<string, string | undefin
     agentPluginsYaml: join(root, "config", "agent", "plugins.yaml"),
     caBundleFile: join(root, "config", "mosquitto", "certs", "spire-ca.crt"),
     mosquittoDir: join(devEnvDir, "mosquitto"),
-    serverCredentialsFile: join(devEnvDir, "server-mqtt.json"),
-    serverDataDir: join(devEnvDir, "server-data"),
+    serverCredentialsFile: server.credentialsFile,
+    serverDataDir: server.dataDir,
     brokerAdminCredentialsFile: join(devEnvDir, "broker-admin.json"),
     controlHostConfig: join(devEnvDir, "control-host.json"),
     factoryCaDir: join(devEnvDir, "factory-ca"),

@@ -21,7 +21,9 @@
  * the guide's /tmp/spire-agent/ instead. Either way a socket directory must belong to its user (or
  * root) and be writable by nobody else (src/spire/socket_dir.ts).
  */
-import { join } from "node:path";
+import { join, resolve } from "node:path";
+import { TRUST_DOMAIN } from "./ids.ts";
+import { DEFAULT_PORTS } from "./ports.ts";
 
 export const PRODUCTION_CONFIG_DIR = "/etc/k8s4r";
 export const PRODUCTION_STATE_DIR = "/var/lib/k8s4r";
@@ -111,4 +113,38 @@ export function operatorsDir(env: Record<string, string | undefined>): string {
 /** The fleet server's URL for a port: `localhost`, the name its certificate carries. */
 export function defaultServerUrl(port: number): string {
   return `https://localhost:${port}`;
+}
+
+/**
+ * What `k8s4r server` uses when its flags do not say, run from `root` (the project directory):
+ * the control host's conventions, which `devenv` lays out the same way (src/devenv/layout.ts uses
+ * this). `K8S4R_*` variables move the ports and the trust domain, as for every command.
+ */
+export function serverDefaults(root: string, env: Record<string, string | undefined> = {}): {
+  trustDomain: string;
+  mqttPlainPort: number;
+  httpPort: number;
+  /** The fleet server's broker login (written by devenv). */
+  credentialsFile: string;
+  /** The SQLite registry's directory. */
+  dataDir: string;
+} {
+  const devEnvDir = join(resolve(root), ".dev-env");
+  return {
+    trustDomain: env["K8S4R_TRUST_DOMAIN"] ?? TRUST_DOMAIN,
+    mqttPlainPort: portFromEnv(env, "K8S4R_MQTT_PORT", DEFAULT_PORTS.mqttPlain),
+    httpPort: portFromEnv(env, "K8S4R_HTTP_PORT", DEFAULT_PORTS.http),
+    credentialsFile: join(devEnvDir, "server-mqtt.json"),
+    dataDir: join(devEnvDir, "server-data"),
+  };
+}
+
+/** A port from `env[name]` when it is all digits, else `fallback`. */
+export function portFromEnv(
+  env: Record<string, string | undefined>,
+  name: string,
+  fallback: number,
+): number {
+  const v = env[name];
+  return v !== undefined && /^\d+$/.test(v) ? Number(v) : fallback;
 }

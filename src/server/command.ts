@@ -6,7 +6,7 @@ import { X509Source } from "../spiffe/mod.ts";
 import type { Args, CommandSpec } from "../cli/mod.ts";
 import { CliError, ConfigError, errorMessage, UsageError } from "../cli/errors.ts";
 import type { Io } from "../cli/io.ts";
-import { defaultLayout } from "../devenv/layout.ts";
+import { serverDefaults } from "../fleet/paths.ts";
 import {
   brokerSpiffeId,
   CONTROL_AGENT_SOCKET,
@@ -182,7 +182,7 @@ export async function runServer(
   io: Io,
   makeSigner: (source: X509Source) => DownSigner = serverSigner,
 ): Promise<number> {
-  const layout = defaultLayout(io.cwd, io.env);
+  const defaults = serverDefaults(io.cwd, io.env);
   const postgres = await databaseConfig(args, io);
   if (args.bool("shared-subscription") && !postgres) {
     throw new UsageError(
@@ -191,7 +191,7 @@ export async function runServer(
     );
   }
   const log = ioLogger(io, () => [postgres?.password]);
-  const brokerUrl = args.string("broker-url") ?? `mqtt://127.0.0.1:${layout.ports.mqttPlain}`;
+  const brokerUrl = args.string("broker-url") ?? `mqtt://127.0.0.1:${defaults.mqttPlainPort}`;
   let url: URL;
   try {
     url = new URL(brokerUrl);
@@ -205,7 +205,7 @@ export async function runServer(
   }
   let http: { hostname: string; port: number };
   try {
-    http = parseHostPort(args.string("http-addr") ?? `127.0.0.1:${layout.ports.http}`);
+    http = parseHostPort(args.string("http-addr") ?? `127.0.0.1:${defaults.httpPort}`);
   } catch (err) {
     throw new UsageError(errorMessage(err));
   }
@@ -274,7 +274,7 @@ export async function runServer(
         password = (await readSecretFile(envPwFile, "MQTT password file")).replace(/\r?\n$/, "");
         if (!password) throw new Error(`${envPwFile}: MQTT password file is empty`);
       } else {
-        const c = await loadMqttCredentials(credFile ?? layout.serverCredentialsFile);
+        const c = await loadMqttCredentials(credFile ?? defaults.credentialsFile);
         username = c.username;
         password = c.password;
       }
@@ -287,7 +287,7 @@ export async function runServer(
   // in to the broker with it.
   const address = args.string("socket-path") ?? io.env["SPIFFE_ENDPOINT_SOCKET"] ??
     CONTROL_AGENT_SOCKET;
-  const spiffeId = args.string("spiffe-id") ?? fleetServerSpiffeId(layout.trustDomain);
+  const spiffeId = args.string("spiffe-id") ?? fleetServerSpiffeId(defaults.trustDomain);
   const source = await serverIdentity(io, address, spiffeId, svidTimeout * 1000);
   const closeSource = () => source.close();
   let server: FleetServer | undefined;
@@ -307,7 +307,7 @@ export async function runServer(
   if (url.protocol === "mqtts:") {
     tls = svidTlsProvider(
       source,
-      args.string("broker-spiffe-id") ?? brokerSpiffeId(layout.trustDomain),
+      args.string("broker-spiffe-id") ?? brokerSpiffeId(defaults.trustDomain),
     );
   }
   const svid = source.getX509Svid();
@@ -315,7 +315,7 @@ export async function runServer(
     `identity ${svid.id} (serial ${svid.serialNumber}, valid until ${svid.notAfter.toISOString()}) from ${address}`,
   );
 
-  const dataDir = args.string("data-dir") ?? layout.serverDataDir;
+  const dataDir = args.string("data-dir") ?? defaults.dataDir;
   let fatal: ((err: Error) => void) | undefined;
   const fatalP = new Promise<never>((_, reject) => (fatal = reject));
   fatalP.catch(() => {});
