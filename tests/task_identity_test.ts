@@ -13,7 +13,12 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { freePort } from "./helpers/ports.ts";
-import { spireBinaries } from "./helpers/spire.ts";
+import {
+  bootstrapFiles,
+  spireBinaries,
+  startTmpSpireServer,
+  tmpSpireAgent,
+} from "./helpers/spire.ts";
 import { bufferIo } from "../src/cli/io.ts";
 import { processStartTime, realRunner } from "../src/process/mod.ts";
 import { X509Source } from "../src/spiffe/mod.ts";
@@ -23,7 +28,6 @@ import { type TaskReport, TaskRunner } from "../src/agent/task_runner.ts";
 import { ensureTaskUser, removeTaskUser, resolveTaskUser } from "../src/agent/task_user.ts";
 
 const TD = "k8s4r.example.org";
-const REPO = new URL("..", import.meta.url).pathname;
 
 Deno.test({
   name:
@@ -46,20 +50,10 @@ Deno.test({
     const pids: number[] = [];
     const runners: TaskRunner[] = [];
     try {
-      server = await startSpireServer(io, {
-        bin: bins.server,
-        configFile: `${REPO}config/spire/server.conf`,
-        cwd: tmp,
-        port,
-        socketPath: `${tmp}/s/api.sock`,
-        logFile: `${tmp}/spire-server.log`,
-        pidFile: `${tmp}/spire-server.pid`,
-      });
+      let cli: SpireServerCli;
+      ({ server, cli } = await startTmpSpireServer(io, bins, tmp, port));
       pids.push(server.pid);
-      const cli = new SpireServerCli(realRunner, bins.server, server.socketPath);
-      await Deno.writeTextFile(`${tmp}/bundle.pem`, await cli.bundlePem());
-      const token = await cli.generateJoinToken(nodeId, 600);
-      await Deno.writeTextFile(`${tmp}/join.token`, token.value, { mode: 0o600 });
+      await bootstrapFiles(cli, tmp, nodeId);
       // The robot's entry selects the agent's uid, as devenv's does.
       await cli.reconcileEntry({
         spiffeId: robotId,
@@ -69,21 +63,7 @@ Deno.test({
         x509SvidTtl: 3600,
       });
       const socketPath = `${tmp}/a/agent.sock`;
-      agent = new SpireAgentSupervisor({
-        runner: realRunner,
-        bin: bins.agent,
-        configPath: `${tmp}/agent/agent.conf`,
-        dataDir: `${tmp}/agent/data`,
-        socketPath,
-        logFile: `${tmp}/spire-agent.log`,
-        pidFile: `${tmp}/spire-agent.pid`,
-        trustBundlePath: `${tmp}/bundle.pem`,
-        joinTokenFile: `${tmp}/join.token`,
-        trustDomain: TD,
-        serverAddress: "127.0.0.1",
-        serverPort: port,
-        logLevel: "INFO",
-      });
+      agent = tmpSpireAgent(bins, tmp, { trustDomain: TD, serverPort: port });
       await agent.start();
       pids.push(agent.pid!);
       // The entry is live once the agent's own uid gets the SVID.

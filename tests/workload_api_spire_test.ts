@@ -7,7 +7,12 @@
  */
 import assert from "node:assert/strict";
 import { freePort } from "./helpers/ports.ts";
-import { spireBinaries } from "./helpers/spire.ts";
+import {
+  bootstrapFiles,
+  spireBinaries,
+  startTmpSpireServer,
+  tmpSpireAgent,
+} from "./helpers/spire.ts";
 import { bufferIo } from "../src/cli/io.ts";
 import { processStartTime, realRunner } from "../src/process/mod.ts";
 import { WorkloadApiClient, WorkloadApiError, X509Source } from "../src/spiffe/mod.ts";
@@ -18,7 +23,6 @@ import { SpireAgentSupervisor } from "../src/spire/agent.ts";
 import { SpireServerCli, startSpireServer } from "../src/spire/server.ts";
 
 const TD = "k8s4r.example.org";
-const REPO = new URL("..", import.meta.url).pathname;
 
 async function rejectsKind(p: Promise<unknown>, kind: string, message: RegExp): Promise<void> {
   await assert.rejects(p, (err: unknown) => {
@@ -49,20 +53,10 @@ Deno.test({
     let source: X509Source | undefined;
     const pids: number[] = [];
     try {
-      server = await startSpireServer(io, {
-        bin: bins.server,
-        configFile: `${REPO}config/spire/server.conf`,
-        cwd: tmp,
-        port,
-        socketPath: `${tmp}/s/api.sock`,
-        logFile: `${tmp}/spire-server.log`,
-        pidFile: `${tmp}/spire-server.pid`,
-      });
+      let cli: SpireServerCli;
+      ({ server, cli } = await startTmpSpireServer(io, bins, tmp, port));
       pids.push(server.pid);
-      const cli = new SpireServerCli(realRunner, bins.server, server.socketPath);
-      await Deno.writeTextFile(`${tmp}/bundle.pem`, await cli.bundlePem());
-      const token = await cli.generateJoinToken(nodeId, 600);
-      await Deno.writeTextFile(`${tmp}/join.token`, token.value, { mode: 0o600 });
+      await bootstrapFiles(cli, tmp, nodeId);
       // An entry under this node that does not match this process (another uid).
       await cli.reconcileEntry({
         spiffeId: `spiffe://${TD}/robot/someone-else`,
@@ -70,21 +64,7 @@ Deno.test({
         selectors: [`unix:uid:${(Deno.uid() ?? 0) + 4242}`],
         dnsNames: ["someone-else"],
       });
-      agent = new SpireAgentSupervisor({
-        runner: realRunner,
-        bin: bins.agent,
-        configPath: `${tmp}/agent/agent.conf`,
-        dataDir: `${tmp}/agent/data`,
-        socketPath,
-        logFile: `${tmp}/spire-agent.log`,
-        pidFile: `${tmp}/spire-agent.pid`,
-        trustBundlePath: `${tmp}/bundle.pem`,
-        joinTokenFile: `${tmp}/join.token`,
-        trustDomain: TD,
-        serverAddress: "127.0.0.1",
-        serverPort: port,
-        logLevel: "INFO",
-      });
+      agent = tmpSpireAgent(bins, tmp, { trustDomain: TD, serverPort: port });
       await agent.start();
       pids.push(agent.pid!);
       client = new WorkloadApiClient({ address });

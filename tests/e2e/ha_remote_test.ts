@@ -16,10 +16,15 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { parseEnrollment } from "../../src/fleet/enrollment.ts";
 import { brokerFiles } from "../../src/mqtt/broker_config.ts";
-import { processStartTime, realRunner, waitFor } from "../../src/process/mod.ts";
+import { realRunner, waitFor } from "../../src/process/mod.ts";
 import { SpireServerCli } from "../../src/spire/server.ts";
 import { cliEnv, type CliProcess, startCli } from "../helpers/cli.ts";
-import { type RobotHost, TestNetwork } from "../helpers/netns.ts";
+import {
+  type RemoteRobot,
+  removeHomesOnUnload,
+  teardownRemoteRobots,
+} from "../helpers/remote_robot.ts";
+import { TestNetwork } from "../helpers/netns.ts";
 import { E2eStack, listeningSockets, metric, SPIRE_SERVER } from "./stack.ts";
 
 const ROBOTS = ["robot-007", "robot-008"] as const;
@@ -29,14 +34,7 @@ const stack = await E2eStack.create({ ha: true, robots: 0 });
 const test = stack.caseRegistrar("ha remote: ");
 stack.env.K8S4R_SERVER_URL = stack.api;
 
-interface Robot {
-  id: RobotId;
-  host: RobotHost;
-  home: string;
-  data: string;
-  agent?: CliProcess;
-  pids: number[];
-}
+type Robot = RemoteRobot & { id: RobotId };
 
 let net: TestNetwork | undefined;
 let addr = "";
@@ -209,28 +207,7 @@ test("robot remove on the HA stack: robot-007 cut off, robot-008 (the control) k
 });
 
 test("teardown: robots, stack and test network gone", async () => {
-  for (const r of robots.values()) {
-    if (r.agent) {
-      r.pids.push(...r.agent.children());
-      const code = await r.agent.stop();
-      assert.ok(code === 0 || r.id === "robot-007", `${r.id} agent exited ${code}`);
-    }
-  }
-  await stack.teardown();
-  await net?.close();
-  for (const r of robots.values()) {
-    for (const pid of r.pids) {
-      assert.equal(processStartTime(pid), undefined, `process ${pid} of ${r.id} survived`);
-    }
-    await Deno.remove(join(r.home, ".."), { recursive: true }).catch(() => {});
-  }
-  assert.deepEqual(await TestNetwork.leftovers(), []);
+  await teardownRemoteRobots(robots.values(), stack, net, "robot-007");
 });
 
-globalThis.addEventListener("unload", () => {
-  for (const r of robots.values()) {
-    try {
-      Deno.removeSync(join(r.home, ".."), { recursive: true });
-    } catch { /* gone */ }
-  }
-});
+removeHomesOnUnload(robots);

@@ -26,10 +26,15 @@ import type { MqttClient } from "mqtt";
 import { decodeAddress } from "../../src/doctor/proc_net.ts";
 import { downTopic, upTopic } from "../../src/fleet/topics.ts";
 import { parseEnrollment } from "../../src/fleet/enrollment.ts";
-import { delay, processStartTime, waitFor } from "../../src/process/mod.ts";
+import { delay, waitFor } from "../../src/process/mod.ts";
 import { parseCertDer } from "../../src/spiffe/x509.ts";
 import { cliEnv, type CliProcess, startCli } from "../helpers/cli.ts";
-import { type RobotHost, TEST_RANGE, TestNetwork } from "../helpers/netns.ts";
+import {
+  type RemoteRobot,
+  removeHomesOnUnload,
+  teardownRemoteRobots,
+} from "../helpers/remote_robot.ts";
+import { TEST_RANGE, TestNetwork } from "../helpers/netns.ts";
 import { type ReadmeStep, readmeSteps } from "../helpers/readme_commands.ts";
 import {
   type CmdResult,
@@ -52,16 +57,7 @@ const stack = await E2eStack.create({ robots: 0 });
 const e2e = stack.caseRegistrar("e2e remote: ");
 stack.env.K8S4R_SERVER_URL = stack.api; // `k8s4r task run` talks to this stack's server
 
-interface Robot {
-  id: RobotId;
-  host: RobotHost;
-  /** Where its commands run (the enrollment file is copied here). */
-  home: string;
-  /** K8S4R_DATA_DIR: agent.yaml, the SPIRE agent's data, the Workload API socket. */
-  data: string;
-  agent?: CliProcess;
-  pids: number[];
-}
+type Robot = RemoteRobot & { id: RobotId };
 
 let net: TestNetwork | undefined;
 let addr = "";
@@ -520,28 +516,7 @@ e2e(
 );
 
 e2e("teardown: robots, stack and test network gone", async () => {
-  for (const r of robots.values()) {
-    if (r.agent) {
-      r.pids.push(...r.agent.children());
-      const code = await r.agent.stop();
-      assert.ok(code === 0 || r.id === "robot-007", `${r.id} agent exited ${code}`);
-    }
-  }
-  await stack.teardown();
-  await net?.close();
-  for (const r of robots.values()) {
-    for (const pid of r.pids) {
-      assert.equal(processStartTime(pid), undefined, `process ${pid} of ${r.id} survived`);
-    }
-    await Deno.remove(join(r.home, ".."), { recursive: true }).catch(() => {});
-  }
-  assert.deepEqual(await TestNetwork.leftovers(), []);
+  await teardownRemoteRobots(robots.values(), stack, net, "robot-007");
 });
 
-globalThis.addEventListener("unload", () => {
-  for (const r of robots.values()) {
-    try {
-      Deno.removeSync(join(r.home, ".."), { recursive: true });
-    } catch { /* gone */ }
-  }
-});
+removeHomesOnUnload(robots);
