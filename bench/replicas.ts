@@ -255,7 +255,15 @@ export async function benchReplicas(opts: BenchOptions, result: BenchResult): Pr
         brokerUrl: `mqtts://localhost:${b.tlsPort}`,
         brokerSpiffeId: b.brokerSpiffeId,
         svids: svids.map(({ robotId, svid }) => ({ robotId, svid })),
-        bundles: new X509BundleSet([X509Bundle.fromDer(TEST_TRUST_DOMAIN, svids[0].bundleDer)]),
+        // The robots' bundle holds both test CAs of the trust domain: the broker's (its
+        // certificate) and the one that issued the servers' SVID (which signs every task), as
+        // SPIRE's bundle holds every authority of the trust domain.
+        bundles: new X509BundleSet([
+          new X509Bundle(TEST_TRUST_DOMAIN, [
+            ...X509Bundle.fromDer(TEST_TRUST_DOMAIN, svids[0].bundleDer).authorities,
+            ...X509Bundle.fromDer(TEST_TD, id.web.ca.rootDer).authorities,
+          ]),
+        ]),
         heartbeatIntervalSeconds: 10,
         onTask: (_r, tid) => void taskSeen.set(tid, (taskSeen.get(tid) ?? 0) + 1),
       });
@@ -435,14 +443,30 @@ export async function benchReplicas(opts: BenchOptions, result: BenchResult): Pr
         }
       }));
       const twice = [...taskSeen.values()].filter((k) => k > 1).length;
+      const states: Record<string, number> = {};
+      for (const nd of notDone) {
+        const st = nd.slice(nd.lastIndexOf(": ") + 2);
+        states[st] = (states[st] ?? 0) + 1;
+      }
+      const fs = fleet.stats;
       log(
-        `replicas: ${c.label}: ${posted.length} tasks, round trip p50 ${
-          round(percentile(rtt, 50))
-        } ms p99 ${
-          round(percentile(rtt, 99))
-        } ms; ${notDone.length} not done, ${twice} delivered twice`,
+        `replicas: ${c.label}: ${posted.length} tasks posted (${postErrors.length} POST errors${
+          postErrors[0] ? `, e.g. ${postErrors[0]}` : ""
+        }), round trip p50 ${rtt.length ? round(percentile(rtt, 50)) : "-"} ms p99 ${
+          rtt.length ? round(percentile(rtt, 99)) : "-"
+        } ms; ${notDone.length} not done ${JSON.stringify(states)}, ${twice} delivered twice; ` +
+          `robots: ${fs.tasksReceived} received, ${fs.tasksAnswered} answered, ${fs.refused} refused${
+            fs.lastRefusal ? ` (${fs.lastRefusal})` : ""
+          }, ${fs.malformed} malformed, ${fs.disconnects} disconnects`,
       );
-      if (rtt.length) {
+      if (rtt.length === 0) {
+        throw new Error(
+          `${c.label}: no task round trip (${posted.length} posted, ${fs.refused} refused by the robots${
+            fs.lastRefusal ? `: ${fs.lastRefusal}` : ""
+          })`,
+        );
+      }
+      {
         result.figures.push(
           figure(
             `replicas.${c.id}.task_rtt`,
@@ -479,7 +503,9 @@ export async function benchReplicas(opts: BenchOptions, result: BenchResult): Pr
         tasks: { posted: posted.length, postErrors, notDone, twice },
       };
     };
-    for (const c of CONFIGS) {
+    for (
+      const c of CONFIGS.filter((c) => !Deno.env.get("DBG_CFG") || Deno.env.get("DBG_CFG") === c.id)
+    ) {
       const phase = new Cleanup();
       try {
         await runConfig(c, phase);
