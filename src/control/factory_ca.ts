@@ -22,10 +22,19 @@ import { writeFileAtomic } from "../fs/atomic.ts";
 import { parseCsrPem } from "../spiffe/csr.ts";
 import { encodePem } from "../spiffe/pem.ts";
 import { buildCertificate, type CertIssuer, issuerFromCert } from "../spiffe/cert_builder.ts";
+import { x509popSerialHex } from "../spire/node_attestor.ts";
 
 export interface FactoryCaFiles {
   cert: string;
   key: string;
+}
+
+/** 16 random bytes, positive and without a leading zero byte: the DER integer's own bytes. */
+function randomSerial(): Uint8Array {
+  const serial = crypto.getRandomValues(new Uint8Array(16));
+  serial[0] &= 0x7f;
+  if (serial[0] === 0) serial[0] = 1;
+  return serial;
 }
 
 export function factoryCaFiles(dir: string): FactoryCaFiles {
@@ -66,7 +75,7 @@ export interface SignedRobotCert {
   /** PEM, leaf first (then nothing: the factory CA is the root SPIRE trusts). */
   chainPem: string;
   notAfter: Date;
-  /** Lowercase hex without leading zeros: how SPIRE's `x509pop:serialnumber:` selector says it. */
+  /** How SPIRE's `x509pop:serialnumber:` selector says the serial (`x509popSerialHex`). */
   serialHex: string;
 }
 
@@ -126,8 +135,15 @@ export class FactoryCa {
   /**
    * Signs the robot's CSR (its self-signature checked, its CN must be `robotId`): CN=robotId,
    * keyUsage digitalSignature (x509pop signs a challenge with it), extKeyUsage clientAuth.
+   * `serial` (big-endian bytes) is for tests; by default 16 random bytes, positive.
    */
-  signCsr(csrPem: string, robotId: string, ttlMs: number, now = Date.now()): SignedRobotCert {
+  signCsr(
+    csrPem: string,
+    robotId: string,
+    ttlMs: number,
+    now = Date.now(),
+    serial: Uint8Array = randomSerial(),
+  ): SignedRobotCert {
     const csr = parseCsrPem(csrPem);
     if (csr.commonName !== robotId) {
       throw new CliError(
@@ -137,9 +153,6 @@ export class FactoryCa {
       );
     }
     const notAfter = new Date(Math.min(now + ttlMs, this.notAfter.getTime()));
-    const serial = crypto.getRandomValues(new Uint8Array(16));
-    serial[0] &= 0x7f;
-    if (serial[0] === 0) serial[0] = 1; // no leading zero byte: the hex is the DER integer's
     const built = buildCertificate(
       {
         commonName: robotId,
@@ -156,7 +169,7 @@ export class FactoryCa {
     return {
       chainPem: encodePem("CERTIFICATE", built.der),
       notAfter: new Date(leaf.validTo),
-      serialHex: BigInt(`0x${leaf.serialNumber}`).toString(16),
+      serialHex: x509popSerialHex(BigInt(`0x${leaf.serialNumber}`)),
     };
   }
 }

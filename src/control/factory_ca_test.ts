@@ -32,9 +32,9 @@ Deno.test("factory CA: created once (key 0600), signs a robot's CSR into an x509
     assert.equal(info.isCa, false);
     assert.equal(info.keyUsage?.digitalSignature, true);
     assert.ok(Math.abs(signed.notAfter.getTime() - (now + 86_400_000)) < 1000);
-    // SPIRE's x509pop:serialnumber selector: lowercase hex, no leading zeros.
-    assert.equal(signed.serialHex, BigInt(`0x${leaf.serialNumber}`).toString(16));
-    assert.match(signed.serialHex, /^[1-9a-f][0-9a-f]*$/);
+    // SPIRE's x509pop:serialnumber selector: the serial's bytes in lowercase hex.
+    assert.equal(BigInt(`0x${signed.serialHex}`), BigInt(`0x${leaf.serialNumber}`));
+    assert.match(signed.serialHex, /^(?:[0-9a-f]{2})+$/);
     // What the enrollment parser wants of an x509pop certificate, it has.
     const e = parseEnrollment(
       renderEnrollment({
@@ -52,6 +52,33 @@ Deno.test("factory CA: created once (key 0600), signs a robot's CSR into an x509
       "x.json",
     );
     assert.equal(e.attestation.type, "x509pop");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("factory CA: a serial whose first byte is below 0x10 keeps its leading 0 in serialHex (SPIRE's selector)", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const files = factoryCaFiles(`${dir}/fca`);
+    await ensureFactoryCa(files);
+    const ca = await FactoryCa.load(files);
+    const { privateKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
+    const csr = csrToPem(createCsr({ commonName: "robot-008", key: privateKey }));
+    const serial = Uint8Array.from([0x0a, 0x19, 0xc2, 0xcf, 0xe7, 0xee, 0x79, 0x1a]);
+    const low = ca.signCsr(csr, "robot-008", 60_000, Date.now(), serial);
+    // (node:crypto's serialNumber drops that 0: "A19C2CFE7EE791A".)
+    assert.equal(
+      BigInt(`0x${new X509Certificate(low.chainPem).serialNumber}`),
+      0x0a19c2cfe7ee791an,
+    );
+    assert.equal(low.serialHex, "0a19c2cfe7ee791a");
+    // The control: a first byte of 0x10 or more reads the same either way.
+    serial[0] = 0x4b;
+    assert.equal(
+      ca.signCsr(csr, "robot-008", 60_000, Date.now(), serial).serialHex,
+      "4b19c2cfe7ee791a",
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -36,3 +36,15 @@ export function renderNodeAttestor(a: NodeAttestorConfig = { type: "join_token" 
     plugin_data {}
   }`;
 }
+
+/**
+ * The value of SPIRE's `x509pop:serialnumber:` selector for a certificate serial: lowercase
+ * hex padded to an even number of digits (SPIRE's `x509pop.SerialNumberHex`), so a serial whose
+ * first byte is below 0x10 reads `0a…`, not `a…`. A node alias must say it the same way: one
+ * digit short and it matches no agent.
+ */
+export function x509popSerialHex(serial: bigint): string {
+  if (serial < 0n) throw new RangeError(`a certificate serial is positive, got ${serial}`);
+  const hex = serial.toString(16);
+  return hex.length % 2 ? `0${hex}` : hex;
+}
