@@ -23,7 +23,7 @@ import {
   robotSpiffeId,
 } from "../fleet/mod.ts";
 import { GO_DURATION } from "../spire/agent.ts";
-import { isLoopbackHost } from "../metrics/mod.ts";
+import { isLoopbackHost } from "../fleet/addresses.ts";
 import { PRODUCTION_AGENT_CONFIG } from "../fleet/paths.ts";
 import type { NodeAttestorConfig } from "../spire/node_attestor.ts";
 import {

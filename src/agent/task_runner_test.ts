@@ -97,7 +97,7 @@ Deno.test("a missing executable is refused, a missing cwd fails, with a clear er
     assert.deepEqual(a.map((x) => x.state), ["refused"]);
     assert.equal(
       a[0].error,
-      `executable not found: no-such-program-k8s4r (searched the agent's PATH ${PATH})`,
+      "executable not found in the agent's PATH: no-such-program-k8s4r",
     );
     const b = await run(r, task("t2", ["/nonexistent/bin/x"]));
     assert.equal(b[0].error, "executable not found: /nonexistent/bin/x");

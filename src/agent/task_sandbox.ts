@@ -202,7 +202,8 @@ export function resolveExecutable(exe: string, path: string): Resolved {
     ok: false,
     error: denied
       ? `executable not runnable (permission denied): ${exe}`
-      : `executable not found: ${exe} (searched the agent's PATH ${path})`,
+      // The agent's PATH stays on the robot: the error goes to everyone who may view the task.
+      : `executable not found in the agent's PATH: ${exe}`,
   };
 }
 

@@ -88,3 +88,12 @@ export function parseHostPort(raw: string, example = "localhost:8081"): HostPort
 export function formatHostPort(host: string, port: number): string {
   return `${host.includes(":") ? `[${host}]` : host}:${port}`;
 }
+
+/**
+ * Whether a host (name or address, IPv6 with or without brackets) is this machine's loopback:
+ * `localhost`, `::1` or 127.0.0.0/8.
+ */
+export function isLoopbackHost(host: string): boolean {
+  const h = host.replace(/^\[(.*)\]$/, "$1").toLowerCase();
+  return h === "localhost" || h === "::1" || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h);
+}

@@ -12,6 +12,7 @@
  * updated per message that a scrape can compute from the sources.
  */
 import { Registry } from "prom-client";
+import { isLoopbackHost } from "../fleet/addresses.ts";
 
 export { Counter, Gauge, Histogram, Registry } from "prom-client";
 
@@ -77,12 +78,6 @@ export async function metricsResponse(req: Request, m: MetricsRenderer): Promise
   });
 }
 
-/** True for 127.0.0.0/8, ::1 and `localhost`. */
-export function isLoopbackHost(host: string): boolean {
-  const h = host.replace(/^\[|\]$/g, "").toLowerCase();
-  return h === "localhost" || h === "::1" || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h);
-}
-
 export interface MetricsServer {
   addr: { hostname: string; port: number };
   /** `http://127.0.0.1:PORT/metrics` */
@@ -113,13 +108,17 @@ export function serveMetrics(
     signal: ac.signal,
     onListen: () => {},
   }, (req) => {
+    // DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 reaches this
+    // port from the robot's browser with `Host: evil.example:PORT`; only loopback names pass.
+    const hostRefusal = checkLoopbackHostHeader(req.headers.get("host"), server.addr.port);
+    if (hostRefusal) return new Response(`${hostRefusal}\n`, { status: 403 });
     const path = new URL(req.url).pathname;
     if (path !== METRICS_PATH) {
       return new Response(`no such endpoint ${path} (try ${METRICS_PATH})\n`, { status: 404 });
     }
     return metricsResponse(req, m);
   });
-  const a = server.addr as Deno.NetAddr;
+  const a = server.addr;
   const host = a.hostname.includes(":") ? `[${a.hostname}]` : a.hostname;
   return {
     addr: { hostname: a.hostname, port: a.port },
@@ -129,4 +128,19 @@ export function serveMetrics(
       await server.finished;
     },
   };
+}
+
+/**
+ * Why a Host header does not name this loopback listener (undefined when it does): a loopback
+ * name (`localhost`, 127.0.0.0/8, `[::1]`) with no port or the listener's.
+ */
+export function checkLoopbackHostHeader(host: string | null, port: number): string | undefined {
+  if (!host) return "Host header missing";
+  const m = /^(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(?::(\d{1,5}))?$/.exec(host.trim());
+  if (!m || !isLoopbackHost(m[1]) || (m[2] !== undefined && Number(m[2]) !== port)) {
+    return `Host ${
+      JSON.stringify(host)
+    } is not this loopback listener (expected 127.0.0.1:${port}, localhost:${port} or [::1]:${port})`;
+  }
+  return undefined;
 }

@@ -1,5 +1,11 @@
 import assert from "node:assert/strict";
-import { epochSeconds, isLoopbackHost, metricsResponse, Serial, serveMetrics } from "./mod.ts";
+import {
+  checkLoopbackHostHeader,
+  epochSeconds,
+  metricsResponse,
+  Serial,
+  serveMetrics,
+} from "./mod.ts";
 
 const page = { render: () => Promise.resolve("up 1\n") };
 
@@ -15,12 +21,24 @@ Deno.test("epochSeconds: RFC 3339, Date and ms; undefined for missing or bad val
   assert.equal(epochSeconds("yesterday"), undefined);
 });
 
-Deno.test("isLoopbackHost", () => {
-  for (const h of ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"]) {
-    assert.equal(isLoopbackHost(h), true, h);
+Deno.test("checkLoopbackHostHeader: loopback names with this port or none; anything else refused", () => {
+  for (const h of ["127.0.0.1:9464", "localhost:9464", "[::1]:9464", "127.0.0.1", "LOCALHOST"]) {
+    assert.equal(checkLoopbackHostHeader(h, 9464), undefined, h);
   }
-  for (const h of ["0.0.0.0", "::", "10.0.0.1", "example.org", "128.0.0.1"]) {
-    assert.equal(isLoopbackHost(h), false, h);
+  for (
+    const h of [
+      null,
+      "",
+      "evil.example:9464",
+      "evil.example",
+      "127.0.0.1:80",
+      "10.0.0.1:9464",
+      "127.0.0.1:9464:1",
+      "[::1",
+      "localhost.evil.example:9464",
+    ]
+  ) {
+    assert.match(checkLoopbackHostHeader(h, 9464) ?? "accepted", /^Host/, String(h));
   }
 });
 
@@ -72,6 +90,21 @@ Deno.test("serveMetrics: loopback only, /metrics only", async () => {
     const other = await fetch(srv.url.replace("/metrics", "/"));
     assert.equal(other.status, 404);
     await other.body?.cancel();
+    // DNS rebinding: the same request with a foreign Host is refused; the positive control is
+    // the same raw request with the listener's own Host.
+    const raw = async (host: string) => {
+      const c = await Deno.connect({ hostname: "127.0.0.1", port: srv.addr.port });
+      await c.write(new TextEncoder().encode(
+        `GET /metrics HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`,
+      ));
+      return new TextDecoder().decode(await new Response(c.readable).arrayBuffer());
+    };
+    const own = await raw(`127.0.0.1:${srv.addr.port}`);
+    assert.match(own, /^HTTP\/1\.1 200/);
+    assert.match(own, /up 1/);
+    const rebound = await raw(`evil.example:${srv.addr.port}`);
+    assert.match(rebound, /^HTTP\/1\.1 403/);
+    assert.doesNotMatch(rebound, /up 1/);
   } finally {
     await srv.close();
   }

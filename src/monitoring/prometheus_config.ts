@@ -8,7 +8,7 @@
  * The YAML is written with npm `yaml`, the project's one YAML library.
  */
 import { stringify } from "yaml";
-import { isLoopbackHost } from "../metrics/mod.ts";
+import { isLoopbackHost } from "../fleet/addresses.ts";
 
 /** Job names; alerts.yaml selects `up{job=...}` by these. */
 export const JOBS = {

@@ -22,6 +22,7 @@ import type { X509Certificate } from "node:crypto";
 import type { X509BundleSource } from "../spiffe/bundle.ts";
 import { type FailedChainCache, verifyX509SvidChain } from "../spiffe/verify.ts";
 import { certInfo } from "../spiffe/x509.ts";
+import { isLoopbackHost } from "../fleet/addresses.ts";
 import { operatorNameOf } from "../fleet/ids.ts";
 import { allows, type Permission, type Role, type RolesSource } from "./roles.ts";
 
@@ -245,11 +246,6 @@ export interface HostPolicy {
 }
 
 const LOOPBACK_NAMES = ["localhost", "127.0.0.1", "[::1]"];
-
-export function isLoopbackHost(host: string): boolean {
-  const h = host.replace(/^\[(.*)\]$/, "$1").toLowerCase();
-  return h === "localhost" || h === "::1" || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h);
-}
 
 export function isWildcardHost(host: string): boolean {
   const h = host.replace(/^\[(.*)\]$/, "$1");

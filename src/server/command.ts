@@ -17,7 +17,8 @@ import { delay } from "../process/mod.ts";
 import { isRobotId } from "../fleet/topics.ts";
 import { type ApiClient, apiClient } from "../operator/client.ts";
 import { VERSION } from "../version.ts";
-import { isLoopbackHost, isWildcardHost } from "./auth.ts";
+import { isWildcardHost } from "./auth.ts";
+import { isLoopbackHost } from "../fleet/addresses.ts";
 import type { DownSigner, Logger } from "./fleet.ts";
 import { TaskSigner } from "../mqtt/signed.ts";
 import {

@@ -16,7 +16,7 @@
  * Only loopback hosts are accepted: the exporter has no authentication here, and a robot's
  * SPIRE agent must not open a port to its network.
  */
-import { isLoopbackHost } from "../metrics/mod.ts";
+import { isLoopbackHost } from "../fleet/addresses.ts";
 
 export interface SpireTelemetry {
   /** A loopback address (127.0.0.1, ::1, localhost). */
