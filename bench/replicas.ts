@@ -24,15 +24,15 @@
  * real SVIDs).
  */
 import { join } from "node:path";
-import { fleetServerSpiffeId, robotSpiffeId } from "../src/fleet/ids.ts";
+import { robotSpiffeId } from "../src/fleet/ids.ts";
 import { type Daemon, realRunner, waitFor } from "../src/process/mod.ts";
 import { TEST_TD, TestHttps } from "../src/server/testing.ts";
 import { SimFleet } from "../src/sim/mod.ts";
 import { X509Bundle, X509BundleSet } from "../src/spiffe/bundle.ts";
 import { parseX509Svid } from "../src/spiffe/svid.ts";
-import { FakeWorkloadApi } from "../src/spiffe/testing/fake_workload_api.ts";
 import { startTestBroker, TEST_TRUST_DOMAIN, type TestBroker } from "../tests/helpers/broker.ts";
 import { freePort } from "../tests/helpers/ports.ts";
+import { fleetServerIdentity } from "../tests/helpers/server_identity.ts";
 import { startTestPostgres, type TestPostgres } from "../tests/helpers/postgres.ts";
 import { type BenchResult, figure } from "./report.ts";
 import {
@@ -67,31 +67,9 @@ interface Server {
 
 /** The servers' HTTPS identity: a test Workload API and the roles file naming `web.admin`. */
 async function serverIdentity(dir: string, cleanup: Cleanup) {
-  const web = new TestHttps(TEST_TD);
-  const fake = await FakeWorkloadApi.start();
-  cleanup.add("workload api", async () => {
-    web.close();
-    await fake.close();
-  });
-  const svid = web.ca.issue({
-    spiffeId: fleetServerSpiffeId(TEST_TD),
-    dnsNames: ["localhost"],
-    ttlSeconds: 24 * 3600,
-  });
-  fake.setX509Svids([svid], { [TEST_TD]: svid.bundleDer });
-  const roles = join(dir, "roles.yaml");
-  await Deno.writeTextFile(roles, "operators:\n  admin: operator\n");
-  return {
-    web,
-    args: [
-      "--socket-path",
-      fake.socketPath,
-      "--spiffe-id",
-      fleetServerSpiffeId(TEST_TD),
-      "--roles",
-      roles,
-    ],
-  };
+  const id = await fleetServerIdentity(dir, { ttlSeconds: 24 * 3600 });
+  cleanup.add("workload api", id.close);
+  return id;
 }
 
 async function startServers(

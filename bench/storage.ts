@@ -10,7 +10,7 @@
  */
 import { join } from "node:path";
 import { FleetService } from "../src/server/fleet.ts";
-import { UNSIGNED } from "../src/server/testing.ts";
+import { heartbeatMessage, UNSIGNED } from "../src/server/testing.ts";
 import type { Registry } from "../src/server/registry.ts";
 import { openSqliteRegistry } from "../src/server/registry_sqlite.ts";
 import { openPostgresRegistry } from "../src/server/registry_postgres.ts";
@@ -22,21 +22,8 @@ import { round } from "./stats.ts";
 const ROBOTS = 200;
 const enc = new TextEncoder();
 
-function heartbeat(robotId: string, seq: number) {
-  return {
-    topic: `k8s4r/robots/${robotId}/up/heartbeat`,
-    payload: enc.encode(JSON.stringify({
-      v: 1,
-      type: "heartbeat",
-      robotId,
-      ts: new Date().toISOString(),
-      seq,
-      bootId: `boot-${robotId}`,
-      svidExpiresAt: new Date(Date.now() + 3600_000).toISOString(),
-      load: [0.1, 0.2, 0.3],
-    })),
-  };
-}
+const heartbeat = (robotId: string, seq: number) =>
+  heartbeatMessage(robotId, seq, { bootId: `boot-${robotId}`, load: [0.1, 0.2, 0.3] });
 
 function register(robotId: string) {
   return {

@@ -11,14 +11,19 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import mqtt from "mqtt";
 import type { MqttClient } from "mqtt";
 import { startTestBroker, TEST_TRUST_DOMAIN, type TestBroker } from "./helpers/broker.ts";
 import { AgentProcess } from "./helpers/agent_process.ts";
+import {
+  connectUpListener,
+  issueRobotSvid,
+  killJournalTasks,
+  testSigner,
+  writeAgentPlugins,
+} from "./helpers/agent_rig.ts";
 import { FakeWorkloadApi } from "../src/spiffe/testing/fake_workload_api.ts";
 import { processStartTime, realRunner, waitFor } from "../src/process/mod.ts";
 import {
-  decodeUp,
   type HeartbeatMessage,
   now,
   PROTOCOL_VERSION,
@@ -31,11 +36,7 @@ import {
 import { downTopic } from "../src/fleet/topics.ts";
 import { fleetServerSpiffeId } from "../src/fleet/ids.ts";
 import { TaskSigner } from "../src/mqtt/signed.ts";
-import { StaticX509Source } from "../src/spiffe/source.ts";
-import { parseX509SvidPem } from "../src/spiffe/svid.ts";
-import { X509BundleSet } from "../src/spiffe/bundle.ts";
 import { Outbox, OUTBOX_FILE } from "../src/agent/outbox.ts";
-import { killInterrupted, TaskJournal } from "../src/agent/task_journal.ts";
 import { DEFAULT_TASK_USER, ensureTaskUser } from "../src/agent/task_user.ts";
 
 const ROBOT = "robot-001";
@@ -48,38 +49,16 @@ const opts = { sanitizeOps: false, sanitizeResources: false };
 class Server {
   readonly got: { at: number; m: UpMessage }[] = [];
   private readonly signer: TaskSigner;
-  private constructor(readonly client: MqttClient, broker: TestBroker) {
-    const c = broker.ca.ca.issue({ spiffeId: fleetServerSpiffeId(TEST_TRUST_DOMAIN) });
-    const svid = parseX509SvidPem(c.chainPem, c.keyPem);
-    this.signer = new TaskSigner(new StaticX509Source(svid, new X509BundleSet()));
+  private client!: MqttClient;
+  private constructor(broker: TestBroker) {
+    this.signer = testSigner(broker, fleetServerSpiffeId(TEST_TRUST_DOMAIN));
   }
 
   static async connect(broker: TestBroker): Promise<Server> {
-    const client = mqtt.connect(broker.plainUrl, {
-      username: broker.server.username,
-      password: broker.server.password,
-      clientId: `test-server-${crypto.randomUUID().slice(0, 8)}`,
-      protocolVersion: 5,
-      reconnectPeriod: 100,
-    });
-    const s = new Server(client, broker);
-    client.on("message", (topic, payload) => {
-      const d = decodeUp(topic, new Uint8Array(payload));
-      // Every message the agent sends must pass the server's own validator.
-      if (!d.ok) throw new Error(`${topic}: ${d.reason}: ${d.error}`);
-      s.got.push({ at: performance.now(), m: d.message });
-    });
-    await new Promise<void>((resolve, reject) => {
-      client.once(
-        "connect",
-        () =>
-          client.subscribe(
-            `k8s4r/robots/${ROBOT}/up/#`,
-            { qos: 1 },
-            (err) => err ? reject(err) : resolve(),
-          ),
-      );
-      client.once("error", reject);
+    const s = new Server(broker);
+    // Every message the agent sends must pass the server's own validator.
+    s.client = await connectUpListener(broker, ROBOT, "test-server", (m) => {
+      s.got.push({ at: performance.now(), m });
     });
     return s;
   }
@@ -143,35 +122,18 @@ async function withStack(fn: (s: Stack) => Promise<void>) {
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-agent-crash-" });
   await Deno.chmod(dir, 0o755); // the task user writes pid files here
   try {
-    const issue = (ttlSeconds: number) => {
-      const c = broker.ca.ca.issue({
-        spiffeId: `spiffe://${TEST_TRUST_DOMAIN}/robot/${ROBOT}`,
-        dnsNames: [ROBOT],
-        ttlSeconds,
-      });
-      fake.setX509Svids([c], { [TEST_TRUST_DOMAIN]: c.bundleDer });
-    };
+    const issue = (ttlSeconds: number) => issueRobotSvid(broker, fake, ROBOT, ttlSeconds);
     issue(3600);
-    await Deno.writeTextFile(
-      join(dir, "plugins.yaml"),
-      [
-        "spire:",
-        `  trustDomain: ${TEST_TRUST_DOMAIN}`,
-        `  dataDir: ${join(dir, "data")}`,
-        "tasks:",
+    await writeAgentPlugins(dir, {
+      tasks: [
         '  allow: ["sleep", "sh"]',
         "  killGraceSeconds: 1",
         `  user: ${DEFAULT_TASK_USER}`,
-        "",
-      ].join("\n"),
-    );
+      ],
+    });
     await fn({ broker, fake, dir, stateDir: join(dir, "data", "k8s4r-agent"), issue });
   } finally {
-    // Whatever a test got to, no task it started survives it (each checked by its start time).
-    const journal = new TaskJournal(join(dir, "data", "k8s4r-agent"));
-    for (const rec of await journal.interrupted().catch(() => [])) {
-      await killInterrupted(rec, 200).catch(() => {});
-    }
+    await killJournalTasks(join(dir, "data", "k8s4r-agent"));
     await fake.close();
     await broker.stop();
     await Deno.remove(dir, { recursive: true }).catch(() => {});

@@ -10,12 +10,12 @@ import type { MqttClient } from "mqtt";
 import mqttPacket from "mqtt-packet";
 import { startTestBroker, TEST_TRUST_DOMAIN, type TestBroker } from "./helpers/broker.ts";
 import { StaticX509Source } from "../src/spiffe/source.ts";
-import { parseX509SvidPem } from "../src/spiffe/svid.ts";
-import { X509Bundle, X509BundleSet } from "../src/spiffe/bundle.ts";
 import { loadAgentConfig } from "../src/agent/config.ts";
 import { RobotAgent } from "../src/agent/agent.ts";
 import { waitFor } from "../src/process/mod.ts";
 import { TcpProxy } from "./helpers/tcp_proxy.ts";
+import { robotSvid } from "./helpers/agent_fleet.ts";
+import { connectUpListener, writeAgentPlugins } from "./helpers/agent_rig.ts";
 import {
   decodeUp,
   type HeartbeatMessage,
@@ -38,45 +38,15 @@ interface Harness {
   close(): Promise<void>;
 }
 
-function svidFor(broker: TestBroker, ttlSeconds = 3600) {
-  // Issued by the broker's CA (the SPIRE CA stand-in), with CN = robot id as SPIRE's -dns gives.
-  const c = broker.ca.ca.issue({
-    spiffeId: `spiffe://${TEST_TRUST_DOMAIN}/robot/${ROBOT}`,
-    dnsNames: [ROBOT],
-    ttlSeconds,
-  });
-  return {
-    svid: parseX509SvidPem(c.chainPem, c.keyPem),
-    bundles: new X509BundleSet([X509Bundle.fromPem(TEST_TRUST_DOMAIN, c.bundlePem)]),
-  };
-}
+/** Issued by the broker's CA (the SPIRE CA stand-in), with CN = robot id as SPIRE's -dns gives. */
+const svidFor = (broker: TestBroker, ttlSeconds = 3600) => robotSvid(broker, ROBOT, ttlSeconds);
 
-async function subscriber(broker: TestBroker, got: UpMessage[]): Promise<MqttClient> {
-  const sub = mqtt.connect(broker.plainUrl, {
-    username: broker.server.username,
-    password: broker.server.password,
-    clientId: `test-server-${crypto.randomUUID().slice(0, 8)}`,
+/** The fleet server's stand-in: every message must decode; `got` collects them. */
+function subscriber(broker: TestBroker, got: UpMessage[]): Promise<MqttClient> {
+  return connectUpListener(broker, ROBOT, "test-server", (m) => got.push(m), {
     clean: false, // keeps its queue across the broker restart (mosquitto persistence is on)
-    protocolVersion: 5,
     properties: { sessionExpiryInterval: 600 },
-    reconnectPeriod: 100,
   });
-  sub.on("message", (topic, payload) => {
-    const d = decodeUp(topic, new Uint8Array(payload));
-    assert.ok(d.ok, d.ok ? "" : `${topic}: ${d.error}`);
-    got.push(d.message);
-  });
-  await new Promise<void>((resolve, reject) => {
-    sub.once("connect", () => {
-      sub.subscribe(
-        `k8s4r/robots/${ROBOT}/up/#`,
-        { qos: 1 },
-        (err) => err ? reject(err) : resolve(),
-      );
-    });
-    sub.once("error", reject);
-  });
-  return sub;
 }
 
 async function harness(
@@ -93,22 +63,15 @@ async function harness(
   try {
     const first = svidFor(broker);
     const source = new StaticX509Source(first.svid, first.bundles);
-    await Deno.writeTextFile(
-      join(dir, "plugins.yaml"),
-      [
-        "spire:",
-        `  trustDomain: ${TEST_TRUST_DOMAIN}`,
-        `  dataDir: ${join(dir, "data")}`,
-        "  manage: false",
-        "mqtt:",
+    await writeAgentPlugins(dir, {
+      spire: ["  manage: false"],
+      mqtt: [
         `  brokerUrl: ssl://127.0.0.1:${via ? via(broker) : broker.tlsPort}`,
         "  heartbeatSeconds: 3600", // the test publishes heartbeats itself
         ...(brokerSpiffeId ? [`  brokerSpiffeId: ${brokerSpiffeId}`] : []),
-        "tasks:",
-        '  allow: ["echo"]',
-        "",
-      ].join("\n"),
-    );
+      ],
+      tasks: ['  allow: ["echo"]'],
+    });
     const config = await loadAgentConfig({
       cwd: dir,
       env: { ROBOT_ID: ROBOT },

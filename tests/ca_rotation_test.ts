@@ -23,7 +23,8 @@ import assert from "node:assert/strict";
 import { X509Certificate } from "node:crypto";
 import { bundleFingerprint, parsePemCerts } from "../src/broker/identity.ts";
 import { isRecordAlive, readPidFile, waitFor } from "../src/process/mod.ts";
-import { E2eStack, ROBOTS } from "./e2e/stack.ts";
+import { ROBOTS } from "./e2e/stack.ts";
+import { rotationBaseline, startRotatingStack, withRotationStack } from "./helpers/ca_rotation.ts";
 
 const CA_TTL = 120;
 const SVID_TTL = 20;
@@ -55,38 +56,14 @@ Deno.test({
   // the finally below stops everything by pid files and asserts nothing of ours survives.
   sanitizeOps: false,
   sanitizeResources: false,
-  fn: async () => {
-    const stack = await E2eStack.create({ heartbeatSeconds: 1 });
-    const seen: string[] = [];
-    const note = (s: string) => {
-      const line = `${new Date().toISOString()} ${s}`;
-      seen.push(line);
-      console.log(`  ${line}`);
-    };
-    let failed = false;
-    try {
-      const start = await stack.devenv(
-        "start",
-        "--robots",
-        String(ROBOTS.length),
-        "--broker",
-        "native",
-        "--ca-ttl",
-        String(CA_TTL),
-        "--svid-ttl",
-        String(SVID_TTL),
-        ...(BROKER_SVID_TTL ? ["--broker-svid-ttl", BROKER_SVID_TTL] : []),
-      );
-      stack.remember();
-      assert.equal(start.code, 0, `devenv start failed:\n${start.stdout}\n${start.stderr}`);
-      stack.started = true;
-      const t0 = Date.now();
-
-      // The rendered config really carries the CA TTL.
-      const conf = await Deno.readTextFile(
-        `${stack.layout.spireServerDataDir}/server.generated.conf`,
-      );
-      assert.match(conf, new RegExp(`ca_ttl = "${CA_TTL}s"`), conf);
+  fn: () =>
+    withRotationStack("ca rotation", async ({ stack, note, seen }) => {
+      // The rendered config really carries the CA TTL (asserted by startRotatingStack).
+      const { t0 } = await startRotatingStack(stack, {
+        caTtl: CA_TTL,
+        svidTtl: SVID_TTL,
+        extra: BROKER_SVID_TTL ? ["--broker-svid-ttl", BROKER_SVID_TTL] : [],
+      });
 
       // Before: one CA, exported as is; every robot's SVID signed by it.
       const bundle0 = parsePemCerts(await stack.spireCli().bundlePem());
@@ -104,11 +81,8 @@ Deno.test({
         const svid = new X509Certificate((await stack.fetchSvid(id)).cert);
         assert.ok(signedBy(svid, ca0), `${id}'s SVID is not signed by the initial CA`);
       }
-      const mosq0 = readPidFile(stack.files.mosquittoPid);
-      assert.ok(mosq0 && isRecordAlive(mosq0), "mosquitto is not running");
+      const { mosquitto: mosq0, heartbeats: hb0 } = await rotationBaseline(stack);
       const mosquittoPids = [mosq0.pid];
-      const hb0 = new Map<string, number>();
-      for (const id of ROBOTS) hb0.set(id, (await stack.robot(id)).heartbeats.received);
 
       // During: poll the export, the broker pid, the robots' state and (once the new CA is in
       // the bundle) the robots' SVIDs, until every step of the rotation was observed.
@@ -268,18 +242,5 @@ Deno.test({
         `broker-identity saw no bundle change: ${JSON.stringify(bi)}`,
       );
       assert.equal(lost, 0, `heartbeats lost through the CA rotation: ${detail.join("; ")}`);
-    } catch (err) {
-      failed = true;
-      throw err;
-    } finally {
-      if (failed) stack.failures.push("ca rotation");
-      // Stops (pid-checked), keeps the logs on failure, cleans, and asserts that no process and
-      // no port of ours survived.
-      // On failure a teardown error is printed, not thrown: the first failure is the story.
-      await stack.teardown().catch((err) => {
-        if (!failed) throw err;
-        console.log(`teardown after the failure: ${(err as Error).message}`);
-      });
-    }
-  },
+    }),
 });

@@ -17,7 +17,8 @@ import assert from "node:assert/strict";
 import { X509Certificate } from "node:crypto";
 import { parsePemCerts } from "../src/broker/identity.ts";
 import { isRecordAlive, readPidFile, waitFor } from "../src/process/mod.ts";
-import { E2eStack, metric, ROBOTS } from "./e2e/stack.ts";
+import { metric, ROBOTS } from "./e2e/stack.ts";
+import { rotationBaseline, startRotatingStack, withRotationStack } from "./helpers/ca_rotation.ts";
 
 const CA_TTL = 120;
 /**
@@ -34,16 +35,8 @@ Deno.test({
     "root CA: SPIRE's CA rotates, the bundle stays the root, Mosquitto is not restarted, robots stay connected",
   sanitizeOps: false,
   sanitizeResources: false,
-  fn: async () => {
-    const stack = await E2eStack.create({ heartbeatSeconds: 1 });
-    const seen: string[] = [];
-    const note = (s: string) => {
-      const line = `${new Date().toISOString()} ${s}`;
-      seen.push(line);
-      console.log(`  ${line}`);
-    };
-    let failed = false;
-    try {
+  fn: () =>
+    withRotationStack("upstream ca rotation", async ({ stack, note, seen }) => {
       // The operator's step: the root CA, created once (then the root key goes offline).
       const init = await stack.k8s4r(["ca", "init"]);
       assert.equal(init.code, 0, `ca init: ${init.stdout}\n${init.stderr}`);
@@ -52,28 +45,14 @@ Deno.test({
       );
       // Offline: devenv (SPIRE) needs only the upstream CA.
       await Deno.rename(`${stack.layout.caDir}/root.key`, `${stack.dir}/offline-root.key`);
-      const start = await stack.devenv(
-        "start",
-        "--root-ca",
-        "--robots",
-        String(ROBOTS.length),
-        "--broker",
-        "native",
-        "--ca-ttl",
-        String(CA_TTL),
-        "--svid-ttl",
-        String(SVID_TTL),
-      );
-      stack.remember();
-      assert.equal(start.code, 0, `devenv start failed:\n${start.stdout}\n${start.stderr}`);
+      const start = await startRotatingStack(stack, {
+        caTtl: CA_TTL,
+        svidTtl: SVID_TTL,
+        extra: ["--root-ca"],
+      });
+      const t0 = start.t0;
       assert.match(start.stdout, /root-ca: root SHA-256 .*\(root key offline\)/);
-      stack.started = true;
-      const t0 = Date.now();
-      const conf = await Deno.readTextFile(
-        `${stack.layout.spireServerDataDir}/server.generated.conf`,
-      );
-      assert.match(conf, /UpstreamAuthority "disk"/);
-      assert.match(conf, new RegExp(`ca_ttl = "${CA_TTL}s"`));
+      assert.match(start.conf, /UpstreamAuthority "disk"/);
 
       const bundle = async () => parsePemCerts(await stack.spireCli().bundlePem()).map(fp);
       assert.deepEqual(await bundle(), [fp(root)], "the bundle is not the root alone");
@@ -90,10 +69,7 @@ Deno.test({
       const ca0 = new Map<string, string>();
       for (const id of ROBOTS) ca0.set(id, await spireCaOf(id));
       note(`initial SPIRE CA ${[...ca0.values()][0].slice(0, 17)}`);
-      const mosq0 = readPidFile(stack.files.mosquittoPid);
-      assert.ok(mosq0 && isRecordAlive(mosq0), "mosquitto is not running");
-      const hb0 = new Map<string, number>();
-      for (const id of ROBOTS) hb0.set(id, (await stack.robot(id)).heartbeats.received);
+      const { mosquitto: mosq0, heartbeats: hb0 } = await rotationBaseline(stack);
 
       const rotated = new Map<string, number>();
       const offline = new Set<string>();
@@ -176,15 +152,5 @@ Deno.test({
       }
       assert.equal(lost, 0, "heartbeats were lost");
       assert.equal(readPidFile(stack.files.mosquittoPid)?.pid, mosq0.pid);
-    } catch (err) {
-      failed = true;
-      throw err;
-    } finally {
-      if (failed) stack.failures.push("upstream ca rotation");
-      await stack.teardown().catch((err) => {
-        if (!failed) throw err;
-        console.log(`teardown after the failure: ${(err as Error).message}`);
-      });
-    }
-  },
+    }),
 });

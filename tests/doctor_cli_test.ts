@@ -7,9 +7,14 @@ import { defaultLayout, layoutEnv, robotLayout } from "../src/devenv/layout.ts";
 import { fetchX509Svids } from "../src/doctor/adapters.ts";
 import { processStartTime, realRunner, waitFor } from "../src/process/mod.ts";
 import { SpireAgentSupervisor } from "../src/spire/agent.ts";
-import { SpireServerCli, startSpireServer } from "../src/spire/server.ts";
+import type { SpireServerDaemon } from "../src/spire/server.ts";
 import { freeMonitoringPorts, freePorts } from "./helpers/ports.ts";
-import { spireBinaries } from "./helpers/spire.ts";
+import {
+  bootstrapFiles,
+  spireBinaries,
+  startTmpSpireServer,
+  tmpSpireAgent,
+} from "./helpers/spire.ts";
 
 const MAIN = fromFileUrl(new URL("../main.ts", import.meta.url));
 const CONFIG = fromFileUrl(new URL("../deno.json", import.meta.url));
@@ -106,8 +111,7 @@ Deno.test({
     const layout = defaultLayout(tmp, env);
     const robot = robotLayout(layout, "robot-001", env);
     const io = bufferIo({ env: Deno.env.toObject(), runner: realRunner, cwd: tmp });
-    const REPO = fromFileUrl(new URL("..", import.meta.url));
-    let server: Awaited<ReturnType<typeof startSpireServer>> | undefined;
+    let server: SpireServerDaemon | undefined;
     let agent: SpireAgentSupervisor | undefined;
     let frozen: number | undefined;
     const pids: number[] = [];
@@ -137,22 +141,18 @@ Deno.test({
       return { code: out.code, text, byId: Object.fromEntries(j.checks.map((c) => [c.id, c])) };
     };
     try {
-      server = await startSpireServer(io, {
-        bin: bins.server,
-        configFile: `${REPO}config/spire/server.conf`,
-        cwd: tmp,
-        port: spireServer,
+      const started = await startTmpSpireServer(io, bins, tmp, spireServer, {
         socketPath: layout.spireServerSocket,
-        logFile: `${tmp}/spire-server.log`,
-        pidFile: `${tmp}/spire-server.pid`,
       });
+      server = started.server;
+      const cli = started.cli;
       pids.push(server.pid);
-      const cli = new SpireServerCli(realRunner, bins.server, server.socketPath);
       await Deno.mkdir(`${tmp}/config/mosquitto/certs`, { recursive: true });
-      await Deno.writeTextFile(layout.caBundleFile, await cli.bundlePem());
-      const token = await cli.generateJoinToken(robot.nodeSpiffeId, 600);
       await Deno.mkdir(`${tmp}/.dev-env/tokens`, { recursive: true, mode: 0o700 });
-      await Deno.writeTextFile(robot.joinTokenFile, token.value, { mode: 0o600 });
+      await bootstrapFiles(cli, tmp, robot.nodeSpiffeId, {
+        bundleFile: layout.caBundleFile,
+        tokenFile: robot.joinTokenFile,
+      });
       await cli.reconcileEntry({
         spiffeId: robot.spiffeId,
         parentId: robot.nodeSpiffeId,
@@ -160,20 +160,15 @@ Deno.test({
         dnsNames: ["robot-001"],
         x509SvidTtl: 3600,
       });
-      agent = new SpireAgentSupervisor({
-        runner: realRunner,
-        bin: bins.agent,
-        configPath: `${tmp}/agent/agent.conf`,
+      // The agent on the devenv layout's paths, where doctor looks.
+      agent = tmpSpireAgent(bins, tmp, {
+        trustDomain: layout.trustDomain,
+        serverPort: spireServer,
         dataDir: robot.agentDataDir,
         socketPath: robot.agentSocket,
         logFile: robot.logFile,
-        pidFile: `${tmp}/spire-agent.pid`,
         trustBundlePath: layout.caBundleFile,
         joinTokenFile: robot.joinTokenFile,
-        trustDomain: layout.trustDomain,
-        serverAddress: "127.0.0.1",
-        serverPort: spireServer,
-        logLevel: "INFO",
       });
       await agent.start();
       const pid = agent.pid!;

@@ -8,25 +8,17 @@
  */
 import assert from "node:assert/strict";
 import { freePorts } from "./helpers/ports.ts";
-import { type Daemon, processStartTime, realRunner, waitFor } from "../src/process/mod.ts";
+import { PROMETHEUS, startTestPrometheus } from "./helpers/prometheus.ts";
+import { type Daemon, processStartTime, waitFor } from "../src/process/mod.ts";
 import { metricsResponse } from "../src/metrics/mod.ts";
 import { FleetMetrics, type RobotSample } from "../src/server/metrics.ts";
-import {
-  ALERTS_FILE,
-  JOBS,
-  prometheusArgs,
-  renderPrometheusConfig,
-} from "../src/monitoring/prometheus_config.ts";
+import { JOBS } from "../src/monitoring/prometheus_config.ts";
 import {
   type Alert,
   prometheusAlerts,
-  prometheusReady,
   prometheusRuleGroups,
   prometheusTargets,
 } from "../src/monitoring/prometheus_api.ts";
-
-const ROOT = new URL("..", import.meta.url).pathname;
-const PROMETHEUS = Deno.env.get("K8S4R_PROMETHEUS") || "/usr/bin/prometheus";
 
 Deno.test({
   name: "real Prometheus scrapes FleetMetrics with the k8s4r rules and raises robot alerts",
@@ -74,29 +66,11 @@ Deno.test({
     const base = `http://127.0.0.1:${promPort}`;
     let prom: Daemon | undefined;
     try {
-      const configFile = `${tmp}/prometheus.yml`;
-      await Deno.writeTextFile(
-        configFile,
-        renderPrometheusConfig({
-          ruleFiles: [`${ROOT}${ALERTS_FILE}`],
-          scrapeIntervalSeconds: 1,
-          evaluationIntervalSeconds: 1,
-          fleetServers: [`127.0.0.1:${metricsPort}`],
-        }),
-      );
-      prom = await realRunner.spawn({
-        name: "prometheus",
-        cmd: PROMETHEUS,
-        args: prometheusArgs({
-          configFile,
-          dataDir: `${tmp}/data`,
-          listen: `127.0.0.1:${promPort}`,
-        }),
-        logFile: `${tmp}/prometheus.log`,
-        ready: () => prometheusReady(base),
-        readyTimeoutMs: 30_000,
-        readyIntervalMs: 100,
-      });
+      ({ prom } = await startTestPrometheus(tmp, promPort, `${tmp}/data`, {
+        scrapeIntervalSeconds: 1,
+        evaluationIntervalSeconds: 1,
+        fleetServers: [`127.0.0.1:${metricsPort}`],
+      }));
 
       // The target is up: Prometheus scraped our page and parsed it.
       await waitFor(async () => {

@@ -16,27 +16,11 @@ import { createHandler } from "../src/server/http_api.ts";
 import { HealthView } from "../src/server/health.ts";
 import { openPostgresRegistry } from "../src/server/registry_postgres.ts";
 import { staticRoles } from "../src/server/roles.ts";
-import { TestHttps, UNSIGNED } from "../src/server/testing.ts";
+import { heartbeatMessage, TestHttps, UNSIGNED } from "../src/server/testing.ts";
 import { waitFor } from "../src/process/mod.ts";
 import { startTestPostgres } from "./helpers/postgres.ts";
 
 const pub: Publisher = { publish: () => Promise.resolve(), connected: () => true };
-const enc = new TextEncoder();
-
-function heartbeat(robotId: string, seq: number) {
-  return {
-    topic: `k8s4r/robots/${robotId}/up/heartbeat`,
-    payload: enc.encode(JSON.stringify({
-      v: 1,
-      type: "heartbeat",
-      robotId,
-      ts: new Date().toISOString(),
-      seq,
-      bootId: "b",
-      svidExpiresAt: new Date(Date.now() + 3600_000).toISOString(),
-    })),
-  };
-}
 
 Deno.test({
   name:
@@ -79,7 +63,7 @@ Deno.test({
             intervalMs: 50,
             what: "the reads to wait on the lock",
           });
-          const r = await fleet.handleBatch([heartbeat("robot-001", 1)]);
+          const r = await fleet.handleBatch([heartbeatMessage("robot-001", 1)]);
           assert.equal(r.error, undefined, String(r.error));
           assert.equal(r.acked, 1);
           // Control: the flood was real: no read got through while the write committed.
@@ -125,7 +109,7 @@ Deno.test({
               );
               return { status: res.status, body: await res.json() };
             });
-            const write = fleet.handleBatch([heartbeat("robot-7", 1)]);
+            const write = fleet.handleBatch([heartbeatMessage("robot-7", 1)]);
             const answers = await Promise.all(flood);
             const r = await write;
             assert.equal(r.error, undefined, String(r.error));
@@ -155,7 +139,7 @@ Deno.test({
             const fleet = new FleetService(reg, pub, { signer: UNSIGNED });
             // Control: before the stop, a read answers and a write commits (each pool now holds
             // an idle connection to the server that is about to freeze).
-            assert.equal((await fleet.handleBatch([heartbeat("robot-001", 1)])).acked, 1);
+            assert.equal((await fleet.handleBatch([heartbeatMessage("robot-001", 1)])).acked, 1);
             assert.equal((await reg.listRobots()).length, 1);
             const health = new HealthView({ fleet, mqttConnected: () => true, refreshMs: 0 });
             assert.equal((await health.answer())[0], 200);
@@ -168,7 +152,7 @@ Deno.test({
             });
             try {
               const read = reg.listRobots().then(() => "answered", (e) => e as Error);
-              const write = fleet.handleBatch([heartbeat("robot-001", 2)]);
+              const write = fleet.handleBatch([heartbeatMessage("robot-001", 2)]);
               // /healthz does not wait for the registry (its own deadline).
               const [status, body] = await Promise.race([
                 health.answer(true),
@@ -192,7 +176,7 @@ Deno.test({
               timeoutMs: 30_000,
               what: "a read after SIGCONT",
             });
-            const again = await fleet.handleBatch([heartbeat("robot-001", 2)]);
+            const again = await fleet.handleBatch([heartbeatMessage("robot-001", 2)]);
             assert.equal(again.acked, 1, String(again.error));
             assert.equal((await reg.getRobot("robot-001"))?.heartbeatsReceived, 2);
           } finally {

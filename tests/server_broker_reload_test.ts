@@ -29,31 +29,10 @@ import { StaticX509Source } from "../src/spiffe/source.ts";
 import { parseX509SvidPem } from "../src/spiffe/svid.ts";
 import { X509Bundle, X509BundleSet } from "../src/spiffe/bundle.ts";
 import { startTestBroker, TEST_TRUST_DOMAIN, type TestBroker } from "./helpers/broker.ts";
+import { registerMsg as register } from "./helpers/proto_robot.ts";
 
 const opts = { sanitizeOps: false, sanitizeResources: false };
 const TLS_SERVER = "k8s4r-server-tls";
-
-function register(id: string) {
-  return JSON.stringify({
-    v: 1,
-    type: "register",
-    robotId: id,
-    ts: new Date().toISOString(),
-    spiffeId: `spiffe://${TEST_TRUST_DOMAIN}/robot/${id}`,
-    agentVersion: "test",
-    heartbeatIntervalSeconds: 30,
-    svidExpiresAt: new Date(Date.now() + 3600_000).toISOString(),
-    device: {
-      hostname: id,
-      os: "linux",
-      arch: "x86_64",
-      cpus: 1,
-      memoryBytes: 1,
-      load: [0, 0, 0],
-      uptimeSeconds: 1,
-    },
-  });
-}
 
 /** A robot's connection without a session (as the agent's default), registered. */
 async function robot(b: TestBroker, id: string) {

@@ -15,12 +15,17 @@ import { X509Certificate } from "node:crypto";
 import tls from "node:tls";
 import { fileURLToPath } from "node:url";
 import { freePort } from "./helpers/ports.ts";
-import { spireBinaries } from "./helpers/spire.ts";
+import {
+  bootstrapFiles,
+  spireBinaries,
+  startTmpSpireServer,
+  tmpSpireAgent,
+} from "./helpers/spire.ts";
 import { startTestBroker, type TestBroker } from "./helpers/broker.ts";
 import { bufferIo } from "../src/cli/io.ts";
 import { type Daemon, processStartTime, realRunner, waitFor } from "../src/process/mod.ts";
 import { SpireAgentSupervisor } from "../src/spire/agent.ts";
-import { SpireServerCli, startSpireServer } from "../src/spire/server.ts";
+import type { SpireServerCli, SpireServerDaemon } from "../src/spire/server.ts";
 import { fleetServerDnsNames, fleetServerSpiffeId } from "../src/fleet/mod.ts";
 import { TestCa } from "../src/spiffe/testing/test_ca.ts";
 
@@ -134,27 +139,19 @@ Deno.test({
       );
     const curl = (args: string[]) =>
       run("curl", ["-sS", "-w", "\n%{http_code}", ...args], env, tmp);
-    let spire: Awaited<ReturnType<typeof startSpireServer>> | undefined;
+    let spire: SpireServerDaemon | undefined;
     let agent: SpireAgentSupervisor | undefined;
     let broker: TestBroker | undefined;
     let server: Daemon | undefined;
     const pids: number[] = [];
     try {
-      spire = await startSpireServer(io, {
-        bin: bins.server,
-        configFile: `${REPO}config/spire/server.conf`,
-        cwd: tmp,
-        port: spirePort,
+      let cli: SpireServerCli;
+      ({ server: spire, cli } = await startTmpSpireServer(io, bins, tmp, spirePort, {
         dataDir: `${tmp}/srv`,
         socketPath: adminSock,
-        logFile: `${tmp}/spire-server.log`,
-        pidFile: `${tmp}/spire-server.pid`,
-      });
+      }));
       pids.push(spire.pid);
-      const cli = new SpireServerCli(realRunner, bins.server, adminSock);
-      await Deno.writeTextFile(`${tmp}/bundle.pem`, await cli.bundlePem());
-      const token = await cli.generateJoinToken(controlNode, 600);
-      await Deno.writeTextFile(`${tmp}/join.token`, token.value, { mode: 0o600 });
+      await bootstrapFiles(cli, tmp, controlNode);
       assert.equal(
         await cli.reconcileEntry({
           spiffeId: serverId,
@@ -165,20 +162,10 @@ Deno.test({
         }),
         "created",
       );
-      agent = new SpireAgentSupervisor({
-        runner: realRunner,
-        bin: bins.agent,
-        configPath: `${tmp}/agent/agent.conf`,
-        dataDir: `${tmp}/agent/data`,
-        socketPath: sock,
-        logFile: `${tmp}/spire-agent.log`,
-        pidFile: `${tmp}/spire-agent.pid`,
-        trustBundlePath: `${tmp}/bundle.pem`,
-        joinTokenFile: `${tmp}/join.token`,
+      agent = tmpSpireAgent(bins, tmp, {
         trustDomain: TD,
-        serverAddress: "127.0.0.1",
         serverPort: spirePort,
-        logLevel: "INFO",
+        socketPath: sock,
       });
       await agent.start();
       pids.push(agent.pid!);

@@ -13,11 +13,9 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { waitFor } from "../src/process/mod.ts";
-import { fleetServerSpiffeId } from "../src/fleet/ids.ts";
-import { FakeWorkloadApi } from "../src/spiffe/testing/fake_workload_api.ts";
-import { TEST_TD, TestHttps } from "../src/server/testing.ts";
 import { startTestBroker, type TestBroker } from "./helpers/broker.ts";
 import { freePort } from "./helpers/ports.ts";
+import { fleetServerIdentity } from "./helpers/server_identity.ts";
 import { startTestPostgres, type TestPostgres } from "./helpers/postgres.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
@@ -155,40 +153,6 @@ class ServerProcess {
   }
 }
 
-/**
- * The fleet server's identity from a Workload API (`--socket-path`) and a roles file that
- * makes `web.admin` an operator: what `k8s4r server` needs to serve its HTTPS API.
- */
-async function serverIdentity(dir: string) {
-  const web = new TestHttps(TEST_TD);
-  const fake = await FakeWorkloadApi.start();
-  const svid = web.ca.issue({
-    spiffeId: fleetServerSpiffeId(TEST_TD),
-    dnsNames: ["localhost"],
-    ttlSeconds: 3600,
-  });
-  fake.setX509Svids([svid], { [TEST_TD]: svid.bundleDer });
-  const roles = join(dir, "roles.yaml");
-  await Deno.writeTextFile(roles, "operators:\n  admin: operator\n");
-  return {
-    web,
-    args: [
-      "--socket-path",
-      fake.socketPath,
-      "--spiffe-id",
-      fleetServerSpiffeId(TEST_TD),
-      "--roles",
-      roles,
-      "--svid-timeout",
-      "20",
-    ],
-    async close() {
-      web.close();
-      await fake.close();
-    },
-  };
-}
-
 async function mqttCredentials(b: TestBroker, dir: string): Promise<string> {
   const f = join(dir, "server-mqtt.json");
   await Deno.writeTextFile(
@@ -208,7 +172,7 @@ Deno.test({
     let pgs: TestPostgres | undefined;
     const dir = await Deno.makeTempDir({ prefix: "k8s4r-pgcli-" });
     const running: ServerProcess[] = [];
-    const id = await serverIdentity(dir);
+    const id = await fleetServerIdentity(dir, { ttlSeconds: 3600, svidTimeoutSeconds: 20 });
     const { web } = id;
     try {
       pgs = await startTestPostgres();

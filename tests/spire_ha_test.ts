@@ -12,21 +12,65 @@
  */
 import assert from "node:assert/strict";
 import { X509Certificate } from "node:crypto";
-import { bufferIo } from "../src/cli/io.ts";
+import { bufferIo, type Io } from "../src/cli/io.ts";
 import { keywordValue } from "../src/postgres/local_cluster.ts";
 import { type Daemon, realRunner, waitFor } from "../src/process/mod.ts";
 import { findHaproxy, haproxyServers, renderHaproxyConfig } from "../src/devenv/haproxy.ts";
 import { X509Source } from "../src/spiffe/mod.ts";
 import { SpireAgentSupervisor } from "../src/spire/agent.ts";
-import { SpireServerCli, type SpireServerDaemon, startSpireServer } from "../src/spire/server.ts";
+import type { SpireServerCli, SpireServerDaemon } from "../src/spire/server.ts";
 import { parsePemCerts } from "../src/broker/identity.ts";
 import { startTestPostgres, type TestPostgres } from "./helpers/postgres.ts";
 import { freePorts } from "./helpers/ports.ts";
-import { spireBinaries } from "./helpers/spire.ts";
+import {
+  bootstrapFiles,
+  spireBinaries,
+  startTmpSpireServer,
+  tmpSpireAgent,
+} from "./helpers/spire.ts";
 import { cmdlinesContaining, filesContaining } from "./helpers/secrets.ts";
 
 const TD = "k8s4r.example.org";
-const REPO = new URL("..", import.meta.url).pathname;
+
+/**
+ * One of the HA pair, as `devenv start --ha` runs it: its own data dir, socket and log under
+ * `tmp/<name>`, the shared PostgreSQL datastore, a fast cache reload. B after A: the first
+ * server creates the schema.
+ */
+async function startHaServer(
+  io: Io,
+  bins: { server: string },
+  tmp: string,
+  name: string,
+  port: number,
+  pg: { conn: string; password: string },
+): Promise<{ server: SpireServerDaemon; cli: SpireServerCli }> {
+  return await startTmpSpireServer(io, bins, tmp, port, {
+    dataDir: `${tmp}/${name}`,
+    socketPath: `${tmp}/${name}/api.sock`,
+    logFile: `${tmp}/${name}.log`,
+    pidFile: undefined,
+    datastore: { type: "postgres", connectionString: pg.conn },
+    secrets: [pg.password],
+    cacheReloadInterval: "200ms",
+    eventsBasedCache: true,
+    readyTimeoutMs: 60_000,
+  });
+}
+
+/**
+ * The agent of both tests: its socket at tmp/ag/ (tmp/a/ is server A's), a 500 ms sync, the
+ * server (or haproxy) at `serverPort`.
+ */
+function haAgent(bins: { agent: string }, tmp: string, serverPort: number) {
+  return tmpSpireAgent(bins, tmp, {
+    trustDomain: TD,
+    serverPort,
+    socketPath: `${tmp}/ag/agent.sock`,
+    pidFile: undefined,
+    syncInterval: "500ms",
+  });
+}
 
 Deno.test({
   name: "SPIRE HA: two servers on one PostgreSQL share tokens, entries and the bundle",
@@ -53,25 +97,17 @@ Deno.test({
       const password = pg.password;
       const conn = keywordValue(target, password);
       const [portA, portB] = freePorts(2);
-      const start = (name: string, port: number) =>
-        startSpireServer(io, {
-          bin: bins.server,
-          configFile: `${REPO}config/spire/server.conf`,
-          cwd: tmp,
-          port,
-          dataDir: `${tmp}/${name}`,
-          socketPath: `${tmp}/${name}/api.sock`,
-          logFile: `${tmp}/${name}.log`,
-          datastore: { type: "postgres", connectionString: conn },
-          secrets: [password],
-          cacheReloadInterval: "200ms",
-          eventsBasedCache: true,
-          readyTimeoutMs: 60_000,
-        });
       // B after A: the first server creates the schema.
-      servers.push(await start("a", portA));
-      servers.push(await start("b", portB));
-      const [a, b] = servers.map((s) => new SpireServerCli(realRunner, bins.server, s.socketPath));
+      const { server: srvA, cli: a } = await startHaServer(io, bins, tmp, "a", portA, {
+        conn,
+        password,
+      });
+      servers.push(srvA);
+      const { server: srvB, cli: b } = await startHaServer(io, bins, tmp, "b", portB, {
+        conn,
+        password,
+      });
+      servers.push(srvB);
       assert.equal(await a.healthy(), true);
       assert.equal(await b.healthy(), true);
 
@@ -100,29 +136,13 @@ Deno.test({
       const caA = bundleA.find((c) => new X509Certificate(mintedByA.certPem).checkIssued(c));
       assert.ok(caA, "the SVID A minted chains to no CA of the bundle");
       const caB = bundleA.find((c) => c.fingerprint256 !== caA.fingerprint256)!;
-      await Deno.writeTextFile(`${tmp}/bundle.pem`, await a.bundlePem());
 
       // A token from A, an agent that only knows B.
       const nodeId = `spiffe://${TD}/k8s4r/node/ha-robot`;
       const workloadId = `spiffe://${TD}/robot/ha-robot`;
-      const token = await a.generateJoinToken(nodeId, 600);
-      await Deno.writeTextFile(`${tmp}/join.token`, token.value, { mode: 0o600 });
-      const socketPath = `${tmp}/ag/agent.sock`;
-      agent = new SpireAgentSupervisor({
-        runner: realRunner,
-        bin: bins.agent,
-        configPath: `${tmp}/agent/agent.conf`,
-        dataDir: `${tmp}/agent/data`,
-        socketPath,
-        logFile: `${tmp}/spire-agent.log`,
-        trustBundlePath: `${tmp}/bundle.pem`,
-        joinTokenFile: `${tmp}/join.token`,
-        trustDomain: TD,
-        serverAddress: "127.0.0.1",
-        serverPort: portB,
-        logLevel: "INFO",
-        syncInterval: "500ms",
-      });
+      await bootstrapFiles(a, tmp, nodeId);
+      agent = haAgent(bins, tmp, portB);
+      const socketPath = agent.socketPath;
       await agent.start();
       assert.equal(await agent.healthy(), true, "the agent did not attest through B");
       const agents = await b.listAgents();
@@ -210,23 +230,16 @@ Deno.test({
         database: await pg.createDatabase("spire"),
       }, pg.password);
       const [portA, portB, front] = freePorts(3);
-      const start = (name: string, port: number) =>
-        startSpireServer(io, {
-          bin: bins.server,
-          configFile: `${REPO}config/spire/server.conf`,
-          cwd: tmp,
-          port,
-          dataDir: `${tmp}/${name}`,
-          socketPath: `${tmp}/${name}/api.sock`,
-          logFile: `${tmp}/${name}.log`,
-          datastore: { type: "postgres", connectionString: conn },
-          secrets: [pg!.password],
-          cacheReloadInterval: "200ms",
-          eventsBasedCache: true,
-          readyTimeoutMs: 60_000,
-        });
-      servers.push(await start("a", portA));
-      servers.push(await start("b", portB));
+      const { server: srvA, cli: a } = await startHaServer(io, bins, tmp, "a", portA, {
+        conn,
+        password: pg.password,
+      });
+      servers.push(srvA);
+      const { server: srvB, cli: b } = await startHaServer(io, bins, tmp, "b", portB, {
+        conn,
+        password: pg.password,
+      });
+      servers.push(srvB);
       const names = ["spire-server", "spire-server-2"];
       const stats = `${tmp}/haproxy.sock`;
       await Deno.writeTextFile(
@@ -259,12 +272,9 @@ Deno.test({
         what: "both SPIRE servers UP in haproxy",
       });
 
-      const [a, b] = servers.map((s) => new SpireServerCli(realRunner, bins.server, s.socketPath));
-      await Deno.writeTextFile(`${tmp}/bundle.pem`, await a.bundlePem());
       const nodeId = `spiffe://${TD}/k8s4r/node/hap-robot`;
       const workloadId = `spiffe://${TD}/robot/hap-robot`;
-      const token = await a.generateJoinToken(nodeId, 600);
-      await Deno.writeTextFile(`${tmp}/join.token`, token.value, { mode: 0o600 });
+      await bootstrapFiles(a, tmp, nodeId);
       await a.createEntry({
         spiffeId: workloadId,
         parentId: nodeId,
@@ -272,22 +282,8 @@ Deno.test({
         dnsNames: ["hap-robot"],
         x509SvidTtl: 12,
       });
-      const socketPath = `${tmp}/ag/agent.sock`;
-      agent = new SpireAgentSupervisor({
-        runner: realRunner,
-        bin: bins.agent,
-        configPath: `${tmp}/agent/agent.conf`,
-        dataDir: `${tmp}/agent/data`,
-        socketPath,
-        logFile: `${tmp}/spire-agent.log`,
-        trustBundlePath: `${tmp}/bundle.pem`,
-        joinTokenFile: `${tmp}/join.token`,
-        trustDomain: TD,
-        serverAddress: "127.0.0.1",
-        serverPort: front, // through haproxy
-        logLevel: "INFO",
-        syncInterval: "500ms",
-      });
+      agent = haAgent(bins, tmp, front); // through haproxy
+      const socketPath = agent.socketPath;
       await agent.start();
       source = await X509Source.create({
         address: `unix://${socketPath}`,

@@ -12,16 +12,20 @@
 import assert from "node:assert/strict";
 import { X509Certificate } from "node:crypto";
 import { freePort } from "./helpers/ports.ts";
-import { spireBinaries } from "./helpers/spire.ts";
+import {
+  bootstrapFiles,
+  spireBinaries,
+  startTmpSpireServer,
+  tmpSpireAgent,
+} from "./helpers/spire.ts";
 import { bufferIo } from "../src/cli/io.ts";
 import { processStartTime, realRunner, waitFor } from "../src/process/mod.ts";
 import { X509Source } from "../src/spiffe/mod.ts";
 import { type AgentEvent, isAttested, SpireAgentSupervisor } from "../src/spire/agent.ts";
 import { grpcHealthCheck } from "../src/spire/health.ts";
-import { SpireServerCli, startSpireServer } from "../src/spire/server.ts";
+import type { SpireServerCli, SpireServerDaemon } from "../src/spire/server.ts";
 
 const TD = "k8s4r.example.org";
-const REPO = new URL("..", import.meta.url).pathname;
 
 Deno.test({
   name: "real SPIRE: join-token agent, X509Source SVID + rotation, supervisor restart and stop",
@@ -38,29 +42,18 @@ Deno.test({
     const nodeId = `spiffe://${TD}/k8s4r/node/test-robot`;
     const workloadId = `spiffe://${TD}/robot/test-robot`;
     const events: AgentEvent[] = [];
-    let server: Awaited<ReturnType<typeof startSpireServer>> | undefined;
+    let server: SpireServerDaemon | undefined;
     let agent: SpireAgentSupervisor | undefined;
     let source: X509Source | undefined;
     const pids: number[] = [];
     try {
       // The committed config, run from the temp dir: its ./.spire-data paths land in tmp.
-      server = await startSpireServer(io, {
-        bin: bins.server,
-        configFile: `${REPO}config/spire/server.conf`,
-        cwd: tmp,
-        port,
-        socketPath: `${tmp}/s/api.sock`,
-        logFile: `${tmp}/spire-server.log`,
-        pidFile: `${tmp}/spire-server.pid`,
-      });
+      let cli: SpireServerCli;
+      ({ server, cli } = await startTmpSpireServer(io, bins, tmp, port));
       pids.push(server.pid);
-      const cli = new SpireServerCli(realRunner, bins.server, server.socketPath);
       assert.equal(await cli.healthy(), true);
-      await Deno.writeTextFile(`${tmp}/bundle.pem`, await cli.bundlePem());
-
-      const token = await cli.generateJoinToken(nodeId, 600);
+      const token = await bootstrapFiles(cli, tmp, nodeId);
       assert.ok(token.expiresAt.getTime() > Date.now());
-      await Deno.writeTextFile(`${tmp}/join.token`, token.value, { mode: 0o600 });
 
       const desired = {
         spiffeId: workloadId,
@@ -74,20 +67,10 @@ Deno.test({
       assert.equal((await cli.listEntries({ spiffeId: workloadId })).length, 1);
 
       const socketPath = `${tmp}/a/agent.sock`;
-      agent = new SpireAgentSupervisor({
-        runner: realRunner,
-        bin: bins.agent,
-        configPath: `${tmp}/agent/agent.conf`,
-        dataDir: `${tmp}/agent/data`,
-        socketPath,
-        logFile: `${tmp}/spire-agent.log`,
-        pidFile: `${tmp}/spire-agent.pid`,
-        trustBundlePath: `${tmp}/bundle.pem`,
-        joinTokenFile: `${tmp}/join.token`,
+      agent = tmpSpireAgent(bins, tmp, {
         trustDomain: TD,
-        serverAddress: "127.0.0.1",
         serverPort: port,
-        logLevel: "INFO",
+        socketPath,
         onEvent: (e) => events.push(e),
       });
       const t0 = performance.now();
@@ -195,19 +178,14 @@ Deno.test({
     const tmp = await Deno.makeTempDir({ dir: "/tmp", prefix: "k8s4r-" });
     const io = bufferIo({ env: Deno.env.toObject(), runner: realRunner, cwd: tmp });
     const port = freePort();
-    let server: Awaited<ReturnType<typeof startSpireServer>> | undefined;
+    let server: SpireServerDaemon | undefined;
     try {
-      server = await startSpireServer(io, {
-        bin: bins.server,
-        configFile: `${REPO}config/spire/server.conf`,
-        cwd: tmp,
-        port,
+      let cli: SpireServerCli;
+      ({ server, cli } = await startTmpSpireServer(io, bins, tmp, port, {
         dataDir: `${tmp}/srv`,
         defaultX509SvidTtl: "10m",
-        socketPath: `${tmp}/s/api.sock`,
-        logFile: `${tmp}/spire-server.log`,
-      });
-      const cli = new SpireServerCli(realRunner, bins.server, server.socketPath);
+        pidFile: undefined,
+      }));
       const minted = await cli.mintX509({
         spiffeId: `spiffe://${TD}/mqtt-broker`,
         dnsNames: ["localhost"],
@@ -223,19 +201,11 @@ Deno.test({
       // A bogus token: spire-agent retries forever, start() says why instead of timing out.
       await Deno.writeTextFile(`${tmp}/bundle.pem`, await cli.bundlePem());
       await Deno.writeTextFile(`${tmp}/bad.token`, "not-a-real-token", { mode: 0o600 });
-      const agent = new SpireAgentSupervisor({
-        runner: realRunner,
-        bin: bins.agent,
-        configPath: `${tmp}/agent/agent.conf`,
-        dataDir: `${tmp}/agent/data`,
-        socketPath: `${tmp}/a/agent.sock`,
-        logFile: `${tmp}/spire-agent.log`,
-        trustBundlePath: `${tmp}/bundle.pem`,
-        joinTokenFile: `${tmp}/bad.token`,
+      const agent = tmpSpireAgent(bins, tmp, {
         trustDomain: TD,
-        serverAddress: "127.0.0.1",
         serverPort: port,
-        logLevel: "INFO",
+        pidFile: undefined,
+        joinTokenFile: `${tmp}/bad.token`,
         readyTimeoutMs: 30_000,
       });
       try {

@@ -10,6 +10,7 @@
 import assert from "node:assert/strict";
 import { freePorts } from "./helpers/ports.ts";
 import { spireBinaries } from "./helpers/spire.ts";
+import { startTestPrometheus } from "./helpers/prometheus.ts";
 import { bufferIo } from "../src/cli/io.ts";
 import { type Daemon, processStartTime, realRunner, waitFor } from "../src/process/mod.ts";
 import { renderAgentConfig } from "../src/spire/agent.ts";
@@ -17,21 +18,10 @@ import { redactJoinTokens } from "../src/spire/redact.ts";
 import { renderServerConfig, SpireServerCli, startSpireServer } from "../src/spire/server.ts";
 import { renderSpireTelemetry, spireTelemetryUrl } from "../src/spire/telemetry.ts";
 import { assertEndpointParses } from "../src/monitoring/testing.ts";
-import {
-  ALERTS_FILE,
-  JOBS,
-  prometheusArgs,
-  renderPrometheusConfig,
-} from "../src/monitoring/prometheus_config.ts";
-import {
-  prometheusAlerts,
-  prometheusReady,
-  prometheusTargets,
-} from "../src/monitoring/prometheus_api.ts";
+import { JOBS } from "../src/monitoring/prometheus_config.ts";
+import { prometheusAlerts, prometheusTargets } from "../src/monitoring/prometheus_api.ts";
 
 const TD = "k8s4r.example.org";
-const ROOT = new URL("..", import.meta.url).pathname;
-const PROMETHEUS = Deno.env.get("K8S4R_PROMETHEUS") || "/usr/bin/prometheus";
 
 async function servesMetrics(url: string, prefix: string): Promise<boolean> {
   try {
@@ -121,29 +111,10 @@ Deno.test({
       assert.match(page, /^spire_server_manager_x509_ca_rotate_expiration\{/m);
 
       // A real Prometheus scrapes both exporters with the k8s4r rules.
-      const configFile = `${tmp}/prometheus.yml`;
-      await Deno.writeTextFile(
-        configFile,
-        renderPrometheusConfig({
-          ruleFiles: [`${ROOT}${ALERTS_FILE}`],
-          scrapeIntervalSeconds: 1,
-          spireServers: [`127.0.0.1:${serverTel}`],
-          spireAgents: [{ node: "tel-robot", address: `127.0.0.1:${agentTel}` }],
-        }),
-      );
-      const base = `http://127.0.0.1:${promPort}`;
-      const prom = await realRunner.spawn({
-        name: "prometheus",
-        cmd: PROMETHEUS,
-        args: prometheusArgs({
-          configFile,
-          dataDir: `${tmp}/prom`,
-          listen: `127.0.0.1:${promPort}`,
-        }),
-        logFile: `${tmp}/prometheus.log`,
-        ready: () => prometheusReady(base),
-        readyTimeoutMs: 30_000,
-        readyIntervalMs: 100,
+      const { prom, base } = await startTestPrometheus(tmp, promPort, `${tmp}/prom`, {
+        scrapeIntervalSeconds: 1,
+        spireServers: [`127.0.0.1:${serverTel}`],
+        spireAgents: [{ node: "tel-robot", address: `127.0.0.1:${agentTel}` }],
       });
       daemons.push(prom);
       const health = async (job: string) =>

@@ -11,20 +11,22 @@
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { join } from "node:path";
-import mqtt from "mqtt";
 import type { MqttClient } from "mqtt";
 import { startTestBroker, TEST_TRUST_DOMAIN, type TestBroker } from "./helpers/broker.ts";
 import { AgentProcess } from "./helpers/agent_process.ts";
+import {
+  connectUpListener,
+  issueRobotSvid,
+  killJournalTasks,
+  testSigner,
+  writeAgentPlugins,
+} from "./helpers/agent_rig.ts";
 import { FakeWorkloadApi } from "../src/spiffe/testing/fake_workload_api.ts";
-import { StaticX509Source } from "../src/spiffe/source.ts";
-import { parseX509SvidPem } from "../src/spiffe/svid.ts";
-import { X509BundleSet } from "../src/spiffe/bundle.ts";
 import { processStartTime, realRunner, waitFor } from "../src/process/mod.ts";
 import { downTopic } from "../src/fleet/topics.ts";
 import { fleetServerSpiffeId, robotSpiffeId } from "../src/fleet/ids.ts";
 import {
   type CancelMessage,
-  decodeUp,
   encode,
   now,
   PROTOCOL_VERSION,
@@ -32,7 +34,7 @@ import {
   type TaskStatusMessage,
 } from "../src/mqtt/messages.ts";
 import { TaskSigner } from "../src/mqtt/signed.ts";
-import { killInterrupted, TaskJournal } from "../src/agent/task_journal.ts";
+import { TaskJournal } from "../src/agent/task_journal.ts";
 import { DEFAULT_TASK_USER, ensureTaskUser, removeTaskUser } from "../src/agent/task_user.ts";
 
 const ROBOT = "robot-001";
@@ -41,33 +43,12 @@ const opts = { sanitizeOps: false, sanitizeResources: false };
 /** The password-listener client: the fleet server's stand-in, and the attacker. */
 class Fleet {
   readonly got: TaskStatusMessage[] = [];
-  private constructor(readonly client: MqttClient) {}
+  private client!: MqttClient;
 
   static async connect(broker: TestBroker): Promise<Fleet> {
-    const client = mqtt.connect(broker.plainUrl, {
-      username: broker.server.username,
-      password: broker.server.password,
-      clientId: `test-fleet-${crypto.randomUUID().slice(0, 8)}`,
-      protocolVersion: 5,
-      reconnectPeriod: 100,
-    });
-    const f = new Fleet(client);
-    client.on("message", (topic, payload) => {
-      const d = decodeUp(topic, new Uint8Array(payload));
-      if (!d.ok) throw new Error(`${topic}: ${d.reason}: ${d.error}`);
-      if (d.message.type === "task-status") f.got.push(d.message);
-    });
-    await new Promise<void>((resolve, reject) => {
-      client.once(
-        "connect",
-        () =>
-          client.subscribe(
-            `k8s4r/robots/${ROBOT}/up/#`,
-            { qos: 1 },
-            (e) => e ? reject(e) : resolve(),
-          ),
-      );
-      client.once("error", reject);
+    const f = new Fleet();
+    f.client = await connectUpListener(broker, ROBOT, "test-fleet", (m) => {
+      if (m.type === "task-status") f.got.push(m);
     });
     return f;
   }
@@ -135,13 +116,6 @@ interface Rig {
   ran(): Promise<string[]>;
 }
 
-function signer(broker: TestBroker, spiffeId: string, dns?: string): TaskSigner {
-  const c = broker.ca.ca.issue({ spiffeId, dnsNames: dns ? [dns] : undefined });
-  return new TaskSigner(
-    new StaticX509Source(parseX509SvidPem(c.chainPem, c.keyPem), new X509BundleSet()),
-  );
-}
-
 /**
  * The agent CLI with its `tasks:` keys: allow sh, sleep, id, touch; FOO may be set; tasks run as
  * k8s4r-task (created when missing, kept like devenv keeps it) unless `tasksYaml` names a user
@@ -165,25 +139,15 @@ async function withRig(
   let agent: AgentProcess | undefined;
   const stateDir = join(dir, "data", "k8s4r-agent");
   try {
-    const c = broker.ca.ca.issue({
-      spiffeId: robotSpiffeId(TEST_TRUST_DOMAIN, ROBOT),
-      dnsNames: [ROBOT],
-    });
-    fake.setX509Svids([c], { [TEST_TRUST_DOMAIN]: c.bundleDer });
-    await Deno.writeTextFile(
-      join(dir, "plugins.yaml"),
-      [
-        "spire:",
-        `  trustDomain: ${TEST_TRUST_DOMAIN}`,
-        `  dataDir: ${join(dir, "data")}`,
-        "tasks:",
+    issueRobotSvid(broker, fake, ROBOT);
+    await writeAgentPlugins(dir, {
+      tasks: [
         '  allow: ["sh", "sleep", "id", "touch"]',
         '  allowEnv: ["FOO", "LANG"]',
         "  killGraceSeconds: 1",
         ...tasksYaml,
-        "",
-      ].join("\n"),
-    );
+      ],
+    });
     // Tasks append to it as the task user.
     await Deno.writeTextFile(join(dir, "ran.log"), "");
     await Deno.chmod(join(dir, "ran.log"), 0o666);
@@ -197,8 +161,8 @@ async function withRig(
       stateDir,
       fleet,
       agent,
-      server: signer(broker, fleetServerSpiffeId(TEST_TRUST_DOMAIN)),
-      robot2: signer(broker, robotSpiffeId(TEST_TRUST_DOMAIN, "robot-002"), "robot-002"),
+      server: testSigner(broker, fleetServerSpiffeId(TEST_TRUST_DOMAIN)),
+      robot2: testSigner(broker, robotSpiffeId(TEST_TRUST_DOMAIN, "robot-002"), "robot-002"),
       ranLog,
       ran: async () => {
         try {
@@ -211,10 +175,7 @@ async function withRig(
     });
   } finally {
     if (agent) await agent.stop();
-    // Whatever a test got to, no task it started survives it (each checked by its start time).
-    for (const rec of await new TaskJournal(stateDir).interrupted().catch(() => [])) {
-      await killInterrupted(rec, 200).catch(() => {});
-    }
+    await killJournalTasks(stateDir);
     await fleet?.close();
     await fake.close();
     await broker.stop();

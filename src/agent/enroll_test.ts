@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import type { Enrollment } from "../fleet/enrollment.ts";
 import { robotHostPaths } from "../fleet/paths.ts";
+import { testEnrollment } from "../fleet/testing/enrollment.ts";
 import { TestCa } from "../spiffe/testing/test_ca.ts";
 import { agentConfigFromText } from "./config.ts";
 import { renderAgentYaml } from "./enroll.ts";
@@ -10,20 +11,14 @@ const P = robotHostPaths("/srv/robot");
 const ca = TestCa.create({ trustDomain: TD });
 
 function enrollment(type: "join_token" | "x509pop"): Enrollment {
-  return {
-    version: 1,
-    robotId: "robot-007",
+  return testEnrollment({
     trustDomain: TD,
-    spireServerAddress: "10.203.0.1:8081",
-    brokerUrl: "ssl://10.203.0.1:8883",
-    brokerSpiffeId: `spiffe://${TD}/mqtt-broker`,
-    fleetServerSpiffeId: `spiffe://${TD}/fleet-server`,
     trustBundle: ca.rootPem,
     createdAt: new Date(),
     attestation: type === "join_token"
       ? { type, token: "the-token-0001", expiresAt: new Date(Date.now() + 600_000) }
       : { type, certificate: "x", expiresAt: new Date(Date.now() + 600_000) },
-  };
+  });
 }
 
 const load = (yaml: string) =>

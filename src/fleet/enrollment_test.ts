@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { TestCa } from "../spiffe/testing/test_ca.ts";
+import { testEnrollment } from "./testing/enrollment.ts";
 import {
   checkEnrollmentUsable,
   type Enrollment,
@@ -17,19 +18,13 @@ const spire = TestCa.create({ trustDomain: TD });
 const factory = TestCa.create({ trustDomain: "factory.invalid", commonName: "k8s4r factory CA" });
 
 function joinToken(over: Partial<Enrollment> = {}): Enrollment {
-  return {
-    version: 1,
-    robotId: "robot-007",
+  return testEnrollment({
     trustDomain: TD,
-    spireServerAddress: "10.203.0.1:8081",
-    brokerUrl: "ssl://10.203.0.1:8883",
-    brokerSpiffeId: `spiffe://${TD}/mqtt-broker`,
-    fleetServerSpiffeId: `spiffe://${TD}/fleet-server`,
     trustBundle: spire.rootPem,
     createdAt: new Date("2026-12-01T10:00:00.000Z"),
     attestation: { type: "join_token", token: TOKEN, expiresAt: new Date("2026-12-01T10:10:00Z") },
     ...over,
-  };
+  });
 }
 
 function x509pop(): Enrollment {

@@ -8,6 +8,19 @@
  */
 import { basename, dirname, join } from "node:path";
 
+/** A temp file's name beside `path` that no other writer uses: `<path>.tmp-<pid>-<hex>`. */
+function tempName(path: string): string {
+  return `${path}.tmp-${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
+}
+
+/**
+ * True for a name `writeFileAtomic` gives its temp files (what a crash in the middle leaves
+ * behind), so that whoever owns the directory can remove them at start.
+ */
+export function isAtomicTemp(name: string): boolean {
+  return /\.tmp-\d+-[0-9a-f]+$/.test(name);
+}
+
 export async function writeFileAtomic(
   path: string,
   data: string | Uint8Array,
@@ -16,7 +29,7 @@ export async function writeFileAtomic(
 ): Promise<void> {
   const dir = dirname(path);
   await Deno.mkdir(dir, { recursive: true, mode: dirMode });
-  const tmp = `${path}.tmp-${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
+  const tmp = tempName(path);
   try {
     const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
     const f = await Deno.open(tmp, { write: true, createNew: true, mode });
@@ -108,7 +121,7 @@ export async function writeFilePairAtomic(
     return v;
   };
   const linkAtomic = async (target: string, at: string) => {
-    const tmp = `${at}.tmp-${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
+    const tmp = tempName(at);
     await Deno.symlink(target, tmp);
     try {
       await Deno.rename(tmp, at);

@@ -1,6 +1,11 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { type PairFileWriter, writeFileAtomic, writeFilePairAtomic } from "./atomic.ts";
+import {
+  isAtomicTemp,
+  type PairFileWriter,
+  writeFileAtomic,
+  writeFilePairAtomic,
+} from "./atomic.ts";
 
 async function withDir(fn: (dir: string) => Promise<void>) {
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-atomic-" });
@@ -112,5 +117,30 @@ Deno.test("writeFileAtomic: the new file is fsynced before the rename, and its d
     // The control: the file is there, whole, with its mode.
     assert.equal(await Deno.readTextFile(path), '{"v":1}\n');
     assert.equal(Deno.statSync(path).mode! & 0o777, 0o600);
+  });
+});
+
+Deno.test("isAtomicTemp: knows the temp files writeFileAtomic makes (and the agent's older names), not the files", async () => {
+  await withDir(async (dir) => {
+    const path = join(dir, "outbox.jsonl");
+    const temps: string[] = [];
+    const open = Deno.open;
+    // deno-lint-ignore no-explicit-any
+    const D = Deno as any;
+    D.open = (p: string | URL, o?: Deno.OpenOptions) => {
+      if (o?.createNew) temps.push(String(p).slice(dir.length + 1));
+      return open(p, o);
+    };
+    try {
+      await writeFileAtomic(path, "x\n", 0o600);
+    } finally {
+      D.open = open;
+    }
+    assert.equal(temps.length, 1, `temp files: ${temps}`);
+    assert.ok(isAtomicTemp(temps[0]), temps[0]);
+    assert.ok(isAtomicTemp("outbox.jsonl.tmp-4242-17"), "the agent's older counter names");
+    assert.equal(isAtomicTemp("outbox.jsonl"), false);
+    assert.equal(isAtomicTemp("t-1.json"), false);
+    assert.deepEqual([...Deno.readDirSync(dir)].map((e) => e.name), ["outbox.jsonl"]);
   });
 });

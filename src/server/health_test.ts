@@ -2,26 +2,16 @@ import assert from "node:assert/strict";
 import { FleetService, type Publisher } from "./fleet.ts";
 import { HealthView } from "./health.ts";
 import { openSqliteFile } from "./registry_sqlite.ts";
-import { UNSIGNED } from "./testing.ts";
+import { heartbeatMessage, UNSIGNED } from "./testing.ts";
 import type { Registry } from "./registry.ts";
 
 const pub: Publisher = { publish: () => Promise.resolve(), connected: () => true };
-const enc = new TextEncoder();
 
-function heartbeat(robotId: string, seq: number) {
-  return {
-    topic: `k8s4r/robots/${robotId}/up/heartbeat`,
-    payload: enc.encode(JSON.stringify({
-      v: 1,
-      type: "heartbeat",
-      robotId,
-      ts: "2025-01-01T00:00:00.000Z",
-      seq,
-      bootId: "b",
-      svidExpiresAt: "2025-01-01T01:00:00.000Z",
-    })),
-  };
-}
+const heartbeat = (robotId: string, seq: number) =>
+  heartbeatMessage(robotId, seq, {
+    ts: "2025-01-01T00:00:00.000Z",
+    svidExpiresAt: "2025-01-01T01:00:00.000Z",
+  });
 
 function setup() {
   const registry = openSqliteFile(":memory:");

@@ -11,7 +11,7 @@ import { type IssuedCert, TestCa } from "../spiffe/testing/test_ca.ts";
 import { fleetServerSpiffeId, operatorSpiffeId } from "../fleet/ids.ts";
 import type { HttpsOptions } from "./fleet_server.ts";
 import { svidServerTls } from "./https.ts";
-import type { DownSigner } from "./fleet.ts";
+import type { DownSigner, Incoming } from "./fleet.ts";
 import { encode } from "../mqtt/messages.ts";
 import { type Role, type RolesSource, staticRoles } from "./roles.ts";
 
@@ -22,6 +22,30 @@ export const TEST_TD = "k8s4r.test";
  * Production code has no unsigned signer (the server signs with its SVID, `TaskSigner`).
  */
 export const UNSIGNED: DownSigner = { sign: (msg) => encode(msg) };
+
+/**
+ * A robot's `up/heartbeat` as the broker hands it to `FleetService.handleBatch`. Defaults: sent
+ * now, boot "b", an SVID valid for an hour, no load.
+ */
+export function heartbeatMessage(
+  robotId: string,
+  seq: number,
+  o: { ts?: string; bootId?: string; svidExpiresAt?: string; load?: number[] } = {},
+): Incoming {
+  return {
+    topic: `k8s4r/robots/${robotId}/up/heartbeat`,
+    payload: new TextEncoder().encode(JSON.stringify({
+      v: 1,
+      type: "heartbeat",
+      robotId,
+      ts: o.ts ?? new Date().toISOString(),
+      seq,
+      bootId: o.bootId ?? "b",
+      svidExpiresAt: o.svidExpiresAt ?? new Date(Date.now() + 3600_000).toISOString(),
+      load: o.load,
+    })),
+  };
+}
 
 export class TestHttps {
   readonly ca: TestCa;

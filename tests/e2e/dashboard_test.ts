@@ -31,22 +31,12 @@ let artifacts = "";
 let browser: TestBrowser | undefined;
 let page: Page | undefined;
 
-const control = {
-  K8S4R_ROLES_FILE: stack.layout.serverRolesFile,
-  K8S4R_SPIRE_SERVER_SOCKET: stack.layout.spireServerSocket,
-  K8S4R_SERVER_URL: stack.api,
-};
+/** The CLI on the control host: devenv's roles file and SPIRE admin socket. */
+const control = stack.controlEnv();
 
-async function cli(args: string[], extra: Record<string, string> = {}) {
-  const saved = { ...stack.env };
-  Object.assign(stack.env, extra);
-  try {
-    return await stack.k8s4r(args);
-  } finally {
-    for (const k of Object.keys(stack.env)) if (!(k in saved)) delete stack.env[k];
-    Object.assign(stack.env, saved);
-  }
-}
+/** The CLI with `extra` in its env for this call. */
+const cli = (args: string[], extra: Record<string, string> = {}) =>
+  stack.k8s4r(args, { env: extra });
 
 /** A one-time login URL, as a person gets it: `k8s4r dashboard --print-url`. */
 async function loginUrl(operator = "admin"): Promise<string> {

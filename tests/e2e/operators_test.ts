@@ -22,22 +22,11 @@ const stack = await E2eStack.create({ heartbeatSeconds: 1, robots: 1 });
 const e2e = stack.caseRegistrar("e2e operators: ");
 
 /** The CLI on the control host: devenv's roles file and SPIRE admin socket. */
-const control = () => ({
-  K8S4R_ROLES_FILE: stack.layout.serverRolesFile,
-  K8S4R_SPIRE_SERVER_SOCKET: stack.layout.spireServerSocket,
-  K8S4R_SERVER_URL: stack.api,
-});
+const control = stack.controlEnv();
 
-async function cli(args: string[], extra: Record<string, string> = {}) {
-  const saved = { ...stack.env };
-  Object.assign(stack.env, extra);
-  try {
-    return await stack.k8s4r(args);
-  } finally {
-    for (const k of Object.keys(stack.env)) if (!(k in saved)) delete stack.env[k];
-    Object.assign(stack.env, saved);
-  }
-}
+/** The CLI with `extra` in its env for this call. */
+const cli = (args: string[], extra: Record<string, string> = {}) =>
+  stack.k8s4r(args, { env: extra });
 
 /** A fetch client with this certificate (or none), trusting SPIRE's bundle. */
 function clientWith(cert: Svid | null, ca: string): Deno.HttpClient {
@@ -171,9 +160,9 @@ e2e("security: a robot's real SVID is not an operator (403)", async () => {
 });
 
 e2e("security: a viewer reads (200) but cannot create a task (403)", async () => {
-  const add = await cli(["operator", "add", "vera", "--role", "viewer"], control());
+  const add = await cli(["operator", "add", "vera", "--role", "viewer"], control);
   assert.equal(add.code, 0, add.stderr);
-  const asVera = { ...control(), K8S4R_OPERATOR: "vera" };
+  const asVera = { ...control, K8S4R_OPERATOR: "vera" };
   const robots = await cli(["robots"], asVera);
   assert.equal(robots.code, 0, robots.stderr);
   const run = await cli(["task", "run", "robot-001", "--", "echo", "from-vera"], asVera);
@@ -345,7 +334,7 @@ e2e("operator remove: the next request with a kept copy of the certificate is 40
     ca: "",
   };
   assert.equal((await asJson(`${stack.api}/api/robots`, clientWith(copy, bundle))).status, 200);
-  const rm = await cli(["operator", "remove", "vera"], control());
+  const rm = await cli(["operator", "remove", "vera"], control);
   assert.equal(rm.code, 0, rm.stderr);
   const after = await asJson(`${stack.api}/api/robots`, clientWith(copy, bundle));
   assert.equal(after.status, 403);

@@ -321,11 +321,15 @@ export class E2eStack {
 
   // ---- running the CLI
 
-  async k8s4r(args: string[], opts: { timeoutMs?: number } = {}): Promise<CmdResult> {
+  /** The real CLI in the project dir, with the stack's env (plus `opts.env` for this call). */
+  async k8s4r(
+    args: string[],
+    opts: { timeoutMs?: number; env?: Record<string, string> } = {},
+  ): Promise<CmdResult> {
     const out = await new Deno.Command(Deno.execPath(), {
       args: ["run", "-A", "--quiet", "--config", `${REPO}deno.json`, MAIN, ...args],
       cwd: this.dir,
-      env: this.env,
+      env: { ...this.env, ...opts.env },
       clearEnv: true,
       stdin: "null",
       stdout: "piped",
@@ -338,6 +342,15 @@ export class E2eStack {
 
   devenv(...args: string[]): Promise<CmdResult> {
     return this.k8s4r(["devenv", ...args, "--project-dir", this.dir]);
+  }
+
+  /** The CLI's env on the control host: devenv's roles file, SPIRE admin socket, server URL. */
+  controlEnv(): Record<string, string> {
+    return {
+      K8S4R_ROLES_FILE: this.layout.serverRolesFile,
+      K8S4R_SPIRE_SERVER_SOCKET: this.layout.spireServerSocket,
+      K8S4R_SERVER_URL: this.api,
+    };
   }
 
   async mustDevenv(...args: string[]): Promise<CmdResult> {

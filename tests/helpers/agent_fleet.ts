@@ -3,7 +3,6 @@
  * REAL Mosquitto (tests/helpers/broker.ts), and a stand-in for the fleet server on the password
  * listener that records every robot's up/ messages in arrival order.
  */
-import { join } from "node:path";
 import mqtt from "mqtt";
 import type { MqttClient } from "mqtt";
 import { BrokerDied, startTestBroker, TEST_TRUST_DOMAIN, type TestBroker } from "./broker.ts";
@@ -15,6 +14,7 @@ import { X509Bundle, X509BundleSet } from "../../src/spiffe/bundle.ts";
 import { loadAgentConfig } from "../../src/agent/config.ts";
 import { RobotAgent } from "../../src/agent/agent.ts";
 import { waitFor } from "../../src/process/mod.ts";
+import { writeAgentPlugins } from "./agent_rig.ts";
 import {
   decodeUp,
   type HeartbeatMessage,
@@ -94,22 +94,16 @@ export class AgentFleet {
     const dir = old?.dir ?? await Deno.makeTempDir({ prefix: `k8s4r-fleet-${id}-` });
     const first = o.svid ?? robotSvid(this.broker, id);
     const source = new StaticX509Source(first.svid, first.bundles);
-    await Deno.writeTextFile(
-      join(dir, "plugins.yaml"),
-      [
-        "spire:",
-        `  trustDomain: ${TEST_TRUST_DOMAIN}`,
-        `  dataDir: ${join(dir, "data")}`,
-        "  manage: false",
-        "mqtt:",
+    await writeAgentPlugins(dir, {
+      spire: ["  manage: false"],
+      mqtt: [
         `  brokerUrl: ssl://127.0.0.1:${this.broker.tlsPort}`,
         "  heartbeatSeconds: 1",
         ...(this.o.sessionExpiry !== undefined
           ? [`  sessionExpirySeconds: ${this.o.sessionExpiry}`]
           : []),
-        "",
-      ].join("\n"),
-    );
+      ],
+    });
     const config = await loadAgentConfig({
       cwd: dir,
       env: { ROBOT_ID: id },

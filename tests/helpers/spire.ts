@@ -5,6 +5,7 @@ import { SpireAgentSupervisor, type SupervisorOptions } from "../../src/spire/ag
 import {
   SpireServerCli,
   type SpireServerDaemon,
+  type StartServerOptions,
   startSpireServer,
 } from "../../src/spire/server.ts";
 
@@ -27,13 +28,15 @@ const REPO = new URL("../..", import.meta.url).pathname;
 
 /**
  * A SPIRE server from the committed config, run from `tmp` (its ./.spire-data paths land there),
- * its admin socket, log and pid file under `tmp`, and the CLI over that socket.
+ * its admin socket, log and pid file under `tmp`, and the CLI over that socket. `o` overrides
+ * any of these (a data dir, a datastore, another socket; `pidFile: undefined` for none).
  */
 export async function startTmpSpireServer(
   io: Io,
   bins: { server: string },
   tmp: string,
   port: number,
+  o: Partial<StartServerOptions> = {},
 ): Promise<{ server: SpireServerDaemon; cli: SpireServerCli }> {
   const server = await startSpireServer(io, {
     bin: bins.server,
@@ -43,23 +46,31 @@ export async function startTmpSpireServer(
     socketPath: `${tmp}/s/api.sock`,
     logFile: `${tmp}/spire-server.log`,
     pidFile: `${tmp}/spire-server.pid`,
+    ...o,
   });
   return { server, cli: new SpireServerCli(realRunner, bins.server, server.socketPath) };
 }
 
-/** Writes `tmp/bundle.pem` and a join token (0600) for `nodeId` in `tmp/join.token`. */
+/**
+ * Writes the bundle (`tmp/bundle.pem`) and a 600 s join token (0600) for `nodeId`
+ * (`tmp/join.token`); `o` puts them elsewhere. Returns the token (a test checks where it leaks).
+ */
 export async function bootstrapFiles(
   cli: SpireServerCli,
   tmp: string,
   nodeId: string,
-): Promise<{ expiresAt: Date }> {
-  await Deno.writeTextFile(`${tmp}/bundle.pem`, await cli.bundlePem());
+  o: { bundleFile?: string; tokenFile?: string } = {},
+): Promise<{ expiresAt: Date; value: string }> {
+  await Deno.writeTextFile(o.bundleFile ?? `${tmp}/bundle.pem`, await cli.bundlePem());
   const token = await cli.generateJoinToken(nodeId, 600);
-  await Deno.writeTextFile(`${tmp}/join.token`, token.value, { mode: 0o600 });
-  return { expiresAt: token.expiresAt };
+  await Deno.writeTextFile(o.tokenFile ?? `${tmp}/join.token`, token.value, { mode: 0o600 });
+  return { expiresAt: token.expiresAt, value: token.value };
 }
 
-/** A spire-agent supervisor over `tmp`'s files (`bootstrapFiles`), Workload API at tmp/a/. */
+/**
+ * A spire-agent supervisor over `tmp`'s files (`bootstrapFiles`), Workload API at tmp/a/; `o`
+ * overrides any option (`pidFile: undefined` for none).
+ */
 export function tmpSpireAgent(
   bins: { agent: string },
   tmp: string,

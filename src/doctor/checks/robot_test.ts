@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { renderAgentYaml } from "../../agent/enroll.ts";
 import { type Enrollment, enrollmentRecord } from "../../fleet/enrollment.ts";
 import { robotHostPaths } from "../../fleet/paths.ts";
+import { testEnrollment } from "../../fleet/testing/enrollment.ts";
 import { TestCa } from "../../spiffe/testing/test_ca.ts";
 import type { AgentDataState } from "../../spire/agent_state.ts";
 import type { CheckResult, FileInfo, TcpResult, TlsHandshakeResult } from "../check.ts";
@@ -22,20 +23,14 @@ const spire = TestCa.create({
 const byId = (id: string) => robotChecks.find((c) => c.id === id)!;
 
 function enrollment(type: "join_token" | "x509pop" = "join_token"): Enrollment {
-  return {
-    version: 1,
-    robotId: "robot-007",
+  return testEnrollment({
     trustDomain: TD,
-    spireServerAddress: "10.203.0.1:8081",
-    brokerUrl: "ssl://10.203.0.1:8883",
-    brokerSpiffeId: `spiffe://${TD}/mqtt-broker`,
-    fleetServerSpiffeId: `spiffe://${TD}/fleet-server`,
     trustBundle: spire.rootPem,
     createdAt: new Date(NOW - 2 * H),
     attestation: type === "join_token"
       ? { type, token: "secret-token-value", expiresAt: new Date(NOW - 2 * H + 600_000) }
       : { type, certificate: "", expiresAt: new Date(NOW + 24 * H) },
-  };
+  });
 }
 
 function agentData(
