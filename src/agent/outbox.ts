@@ -159,6 +159,7 @@ export class Outbox {
     await box.load();
     try {
       await box.rewrite();
+      box.pending = []; // deletions made while loading are in the rewritten file already
     } catch (err) {
       box.writeFailed(err, "rewrite at open");
       // Go on appending to the file as it is (unreadable lines are skipped again next time).
@@ -166,8 +167,11 @@ export class Outbox {
         (e) => (box.writeFailed(e, "open"), undefined),
       );
       box.fileSize = (await Deno.stat(box.file).catch(() => undefined))?.size ?? 0;
+      // The deletions made while loading (heartbeats over today's bounds) go into that file, or
+      // the heartbeats dropped now would come back at the next start. A small append often
+      // fits where a rewrite does not (a full disk keeps the rest of the file's last page).
+      if (box.pending.length > 0) await box.flush();
     }
-    box.pending = []; // deletions made while loading are in the rewritten file already
     return box;
   }
 

@@ -3,6 +3,7 @@ import { join } from "node:path";
 import { upTopic } from "../fleet/topics.ts";
 import { encode, now, PROTOCOL_VERSION } from "../mqtt/messages.ts";
 import { Outbox, OUTBOX_FILE, type OutboxOptions } from "./outbox.ts";
+import { fillDisk, PAGE, withTmpfs } from "./testing/tmpfs.ts";
 
 const ROBOT = "robot-001";
 
@@ -192,5 +193,44 @@ Deno.test("outbox: acknowledgements are compacted away", async () => {
     const again = await open(dir);
     assert.deepEqual(describe(again), ["r:kept"]);
     await again.close();
+  });
+});
+
+Deno.test("outbox: heartbeats dropped at a start whose rewrite fails (full disk) do not come back at the next start", async () => {
+  await withTmpfs(8 * PAGE, async (mnt) => {
+    const dir = join(mnt, "state");
+    const first = await open(dir);
+    for (let i = 1; i <= 10; i++) await first.add("heartbeat", ...heartbeat(i));
+    await first.close();
+    const size = (await Deno.stat(join(dir, OUTBOX_FILE))).size;
+    assert.ok(size < PAGE - 400, `room for the deletions in the file's last page (${size})`);
+    const disk = await fillDisk(mnt);
+    try {
+      assert.ok(disk.bytes > 0, "the filler took the rest of the tmpfs");
+      // Control: a new file (the rewrite) cannot be made on this disk.
+      await assert.rejects(
+        Deno.writeTextFile(join(dir, "probe"), "x"),
+        /No space left|os error 28/,
+      );
+      await Deno.remove(join(dir, "probe")).catch(() => {});
+      // Today's bound is 4: the start drops h1..h6, and its rewrite fails.
+      const logs: { event: string; what?: unknown }[] = [];
+      const second = await open(dir, {
+        maxMessages: 4,
+        log: (event, f) => logs.push({ event, what: (f as { what?: unknown })?.what }),
+      });
+      assert.ok(
+        logs.some((l) => l.event === "outbox.write_failed" && l.what === "rewrite at open"),
+        JSON.stringify(logs),
+      );
+      assert.deepEqual(describe(second), ["h:7", "h:8", "h:9", "h:10"]);
+      for (const e of second.recovered) second.remove(e.seq); // sent and acknowledged
+      await second.close();
+    } finally {
+      await disk.free();
+    }
+    const third = await open(dir);
+    assert.deepEqual(describe(third), [], "nothing is left to send: h1..h6 were dropped");
+    await third.close();
   });
 });
