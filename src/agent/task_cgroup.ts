@@ -310,6 +310,45 @@ export class TaskCgroup {
   }
 }
 
+/**
+ * The task cgroups under `parent` that an agent which is no longer running left behind: a
+ * removal that failed (a process stuck in uninterruptible sleep past `destroy`'s wait), or a
+ * crash whose journal was lost. Their name carries the agent's pid (`pathFor`); a cgroup whose
+ * pid `isAlive` says runs (by default: this process, or any live process: another agent sharing
+ * the parent, or the pid reused) is left alone, so a sweep never kills a task a running agent
+ * owns.
+ */
+export async function leftoverTaskCgroups(
+  parent: string,
+  isAlive: (pid: number) => boolean = (pid) => pid === Deno.pid || processExists(pid),
+): Promise<TaskCgroup[]> {
+  const found: TaskCgroup[] = [];
+  let entries: Deno.DirEntry[];
+  try {
+    entries = await Array.fromAsync(Deno.readDir(parent));
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) return [];
+    throw err;
+  }
+  for (const e of entries) {
+    const m = /^k8s4r-task-(\d+)-(.+)$/.exec(e.name);
+    if (!e.isDirectory || !m || !TASK_ID_RE.test(m[2])) continue;
+    if (isAlive(Number(m[1]))) continue;
+    found.push(new TaskCgroup(join(parent, e.name)));
+  }
+  return found;
+}
+
+/** Whether a process with this pid exists now (any user's, zombies too). */
+export function processExists(pid: number): boolean {
+  try {
+    Deno.statSync(`/proc/${pid}`);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** rmdir of a cgroup and its children, deepest first (cgroups are removed with rmdir). */
 async function removeTree(dir: string): Promise<void> {
   let entries: Deno.DirEntry[];

@@ -1,5 +1,7 @@
 import assert from "node:assert/strict";
+import { join } from "node:path";
 import { waitFor } from "../process/mod.ts";
+import { TaskRunner } from "./task_runner.ts";
 import {
   cgroup2Mount,
   detectContainment,
@@ -200,5 +202,75 @@ Deno.test("TaskCgroup.pathFor: an id that would name a cgroup elsewhere is refus
   );
   for (const id of ["a/../../../k8s4r-task-x", "../x", "a/b", "", "a\nb", ".."]) {
     assert.throws(() => TaskCgroup.pathFor(parent, id), /not a task id/, JSON.stringify(id));
+  }
+});
+
+Deno.test("recover: the task cgroups a dead agent left are killed and removed; a live agent's and other cgroups are not (root)", async () => {
+  assert.equal(Deno.uid(), 0, "containment needs root here (cgroup v2): run it as root (CI does)");
+  const c = detectContainment();
+  assert.ok(c.kind === "cgroup", c.kind === "none" ? c.reason : "");
+  const parent = join(c.parent, `k8s4r-sweep-test-${crypto.randomUUID().slice(0, 8)}`);
+  await Deno.mkdir(parent);
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-sweep-" });
+  const procs: Deno.ChildProcess[] = [];
+  const inCgroup = async (cg: TaskCgroup) => {
+    const p = new Deno.Command("sh", {
+      args: ["-c", 'echo 0 > "$0" && exec sleep 600', cg.procsFile],
+      stdout: "null",
+    }).spawn();
+    procs.push(p);
+    await waitFor(async () => (await cg.pids()).includes(p.pid), {
+      timeoutMs: 5000,
+      what: `a process in ${cg.path}`,
+    });
+    return p;
+  };
+  const cgs: TaskCgroup[] = [];
+  const logs: string[] = [];
+  const runner = new TaskRunner({
+    allow: ["*"],
+    stateDir: join(dir, "state"),
+    defaultCwd: dir,
+    killGraceMs: 200,
+    path: "/usr/bin:/bin",
+    containment: { kind: "cgroup", parent },
+    log: (event, f) => logs.push(`${event} ${String(f.cgroup ?? "")}`),
+  });
+  try {
+    // A dead agent's pid (a process that has exited), a live "agent" (a process that runs).
+    const exited = new Deno.Command("true").spawn();
+    const deadPid = exited.pid;
+    await exited.status;
+    const otherAgent = new Deno.Command("sleep", { args: ["600"], stdout: "null" }).spawn();
+    procs.push(otherAgent);
+    const left = await TaskCgroup.create(join(parent, `k8s4r-task-${deadPid}-left-1`));
+    const emptyLeft = await TaskCgroup.create(join(parent, `k8s4r-task-${deadPid}-left-2`));
+    const live = await TaskCgroup.create(join(parent, `k8s4r-task-${otherAgent.pid}-live-1`));
+    const notTask = join(parent, "not-a-task-cgroup");
+    await Deno.mkdir(notTask);
+    cgs.push(left, emptyLeft, live);
+    const leftProc = await inCgroup(left);
+    const liveProc = await inCgroup(live);
+    await runner.recover(() => true);
+    assert.equal(left.exists(), false, `the leftover is removed: ${logs.join("; ")}`);
+    assert.equal((await leftProc.status).signal, "SIGKILL", "what was in it is killed");
+    assert.equal(emptyLeft.exists(), false, "an empty leftover is removed too");
+    assert.ok(logs.includes(`task.cgroup_left_removed ${left.path}`), logs.join("; "));
+    // Positive control of "left alone": the live agent's task runs on, in its cgroup.
+    assert.equal(live.exists(), true, "a live agent's task cgroup stays");
+    assert.deepEqual(await live.pids(), [liveProc.pid]);
+    assert.ok((await Deno.stat(notTask)).isDirectory, "a cgroup not named k8s4r-task-* stays");
+  } finally {
+    for (const p of procs) {
+      try {
+        p.kill("SIGKILL");
+      } catch { /* gone */ }
+      await p.status;
+    }
+    for (const cg of cgs) await cg.destroy().catch(() => {});
+    await Deno.remove(join(parent, "not-a-task-cgroup")).catch(() => {});
+    await Deno.remove(parent).catch(() => {});
+    await runner.ids.close();
+    await Deno.remove(dir, { recursive: true });
   }
 });

@@ -52,7 +52,12 @@ import {
   SH,
   type TaskLimits,
 } from "./task_sandbox.ts";
-import { type Containment, detectContainment, TaskCgroup } from "./task_cgroup.ts";
+import {
+  type Containment,
+  detectContainment,
+  leftoverTaskCgroups,
+  TaskCgroup,
+} from "./task_cgroup.ts";
 import { canDropBoundingSet, type TaskUser } from "./task_user.ts";
 import { boundError, type RawOutput, type TaskReport, withOutput } from "./task_status.ts";
 
@@ -560,7 +565,41 @@ export class TaskRunner {
         );
       }
     }));
+    await this.sweepCgroups();
     return recs.map((r) => r.taskId);
+  }
+
+  /**
+   * Removes the task cgroups a previous agent left (see `leftoverTaskCgroups`): what the journal
+   * no longer lists, e.g. a cgroup whose removal failed when its task ended. One that still
+   * cannot be removed is logged and tried again at the next start.
+   */
+  private async sweepCgroups(): Promise<void> {
+    if (this.containment.kind !== "cgroup") return;
+    let left: TaskCgroup[];
+    try {
+      // This process's own pid counts as alive: a test harness runs several agents in one
+      // process, and a container's restarted agent gets a fresh cgroup from its runtime.
+      left = await leftoverTaskCgroups(this.containment.parent);
+    } catch (err) {
+      this.opts.log?.("task.cgroup_sweep_failed", {
+        parent: this.containment.parent,
+        error: (err as Error).message,
+      });
+      return;
+    }
+    await Promise.all(left.map(async (cg) => {
+      try {
+        const killed = await cg.destroy();
+        this.opts.log?.("task.cgroup_left_removed", { cgroup: cg.path, killed });
+      } catch (err) {
+        this.opts.log?.("task.cgroup_remove_failed", {
+          cgroup: cg.path,
+          error: (err as Error).message,
+          note: "tried again at the next start",
+        });
+      }
+    }));
   }
 
   private async execute(
