@@ -481,9 +481,7 @@ export async function benchReplicas(opts: BenchOptions, result: BenchResult): Pr
         tasks: { posted: posted.length, postErrors, notDone, twice },
       };
     };
-    for (
-      const c of CONFIGS.filter((c) => !Deno.env.get("DBG_CFG") || Deno.env.get("DBG_CFG") === c.id)
-    ) {
+    for (const c of CONFIGS) {
       const phase = new Cleanup();
       try {
         await runConfig(c, phase);
