@@ -124,6 +124,12 @@ export class Outbox {
   private nextSeq = 1;
   private fh?: Deno.FsFile;
   private fileSize = 0;
+  /**
+   * The file ends in the middle of a line (a crash or a failed cut-off left it so): the next
+   * append starts with a newline, or its first record would be glued to the torn one and be
+   * unreadable at the next start.
+   */
+  private tornTail = false;
   private deadRecords = 0;
   private pending: { line: string; entry?: Live }[] = [];
   private waiters: (() => void)[] = [];
@@ -185,6 +191,7 @@ export class Outbox {
     }
     const found = new Map<number, RecoveredEntry>();
     const bad: string[] = [];
+    this.tornTail = bytes.byteLength > 0 && bytes[bytes.byteLength - 1] !== 0x0a;
     const lines = decoder.decode(bytes).split("\n");
     lines.forEach((line, i) => {
       if (line.trim() === "") return;
@@ -445,7 +452,7 @@ export class Outbox {
     const items = [...retry.map((l) => ({ line: l.line, entry: l })), ...batch]
       .filter((b) => !b.entry || this.live.get(b.entry.seq) === b.entry);
     if (items.length === 0) return;
-    const data = utf8.encode(items.map((b) => b.line).join(""));
+    const data = utf8.encode((this.tornTail ? "\n" : "") + items.map((b) => b.line).join(""));
     if (!this.fh) {
       // The open at start failed: try again (the disk may be back).
       try {
@@ -462,6 +469,7 @@ export class Outbox {
       // Only new entries need to be durable; a lost `del` just re-sends an acknowledged message.
       if (items.some((b) => b.entry)) await fh.syncData();
       this.fileSize += data.byteLength;
+      this.tornTail = false;
       for (const b of items) if (b.entry) this.written(b.entry);
       if (this.unwritten().length === 0) {
         this.retryMs = RETRY_MIN_MS;
@@ -470,10 +478,9 @@ export class Outbox {
       }
     } catch (err) {
       this.writeFailed(err, "append");
-      // Cut a torn tail off, so the next append starts on a line of its own.
-      await fh.truncate(this.fileSize).catch(async () => {
-        await fh.write(utf8.encode("\n")).catch(() => {});
-      });
+      // Cut a torn tail off, so the next append starts on a line of its own; when that fails
+      // too, the next append starts with a newline.
+      await fh.truncate(this.fileSize).catch(() => (this.tornTail = true));
     }
   }
 
@@ -485,6 +492,7 @@ export class Outbox {
     this.fh = undefined;
     this.fh = await Deno.open(this.file, { append: true, read: false });
     this.fileSize = utf8.encode(lines).byteLength;
+    this.tornTail = false;
     this.deadRecords = 0;
     for (const l of this.live.values()) this.written(l);
   }

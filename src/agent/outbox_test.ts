@@ -234,3 +234,39 @@ Deno.test("outbox: heartbeats dropped at a start whose rewrite fails (full disk)
     await third.close();
   });
 });
+
+Deno.test("outbox: a result queued after a start whose rewrite fails (full disk) survives a torn last line the previous run left", async () => {
+  for (const torn of [false, true]) {
+    await withTmpfs(8 * PAGE, async (mnt) => {
+      const dir = join(mnt, "state");
+      const file = join(dir, OUTBOX_FILE);
+      const first = await open(dir);
+      await first.add("result", ...result("a"));
+      await first.add("result", ...result("b"));
+      await first.close();
+      // A crash in the middle of an append: half a record, no newline (control: none).
+      if (torn) {
+        const line = (await Deno.readTextFile(file)).split("\n")[0];
+        await Deno.writeTextFile(file, line.slice(0, 40), { append: true });
+      }
+      const disk = await fillDisk(mnt);
+      try {
+        assert.ok(disk.bytes > 0, "the filler took the rest of the tmpfs");
+        const logs: string[] = [];
+        const second = await open(dir, {
+          log: (event, f) => logs.push(`${event} ${(f as { what?: unknown }).what}`),
+        });
+        assert.ok(logs.includes("outbox.write_failed rewrite at open"), JSON.stringify(logs));
+        assert.deepEqual(describe(second), ["r:a", "r:b"]);
+        const c = await second.add("result", ...result("c"));
+        assert.equal(c?.written, true, `torn=${torn}: r:c is on disk (it fits the last page)`);
+        await second.close();
+      } finally {
+        await disk.free();
+      }
+      const third = await open(dir);
+      assert.deepEqual(describe(third), ["r:a", "r:b", "r:c"], `torn=${torn}`);
+      await third.close();
+    });
+  }
+});
