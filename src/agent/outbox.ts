@@ -486,7 +486,9 @@ export class Outbox {
 
   /** Writes the live entries to a fresh file and appends to that from now on. */
   private async rewrite() {
-    const lines = [...this.live.values()].map((l) => l.line).join("");
+    // Entries queued while it runs are not in it: they are on disk once their own append is.
+    const entries = [...this.live.values()];
+    const lines = entries.map((l) => l.line).join("");
     await writeFileDurable(this.file, lines);
     this.fh?.close();
     this.fh = undefined;
@@ -494,7 +496,7 @@ export class Outbox {
     this.fileSize = utf8.encode(lines).byteLength;
     this.tornTail = false;
     this.deadRecords = 0;
-    for (const l of this.live.values()) this.written(l);
+    for (const l of entries) if (this.live.get(l.seq) === l) this.written(l);
   }
 
   /** Writes what is pending and closes the file. Entries not acknowledged stay for next time. */
