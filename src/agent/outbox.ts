@@ -12,11 +12,13 @@
  *
  * A crash or a full disk can leave a torn or corrupt line: at open, unreadable lines (bad JSON,
  * bad record, a message the server's validator would drop) are counted, logged and skipped;
- * everything readable is kept. A failed append is cut off again (ftruncate), and the entry stays
- * in memory (`written` false, counted as `unwritten`) and is still sent; its write is retried with
- * the next append and on a timer (1 s, doubling to 30 s) until it is on disk. Only then does a
- * result count as durably queued (`safe`, `resultTaken`): until then the task stays in the
- * running journal, so a crash before the retry succeeds still reports it at the next start.
+ * everything readable is kept; when the file ends in a torn line (and cannot be rewritten, a full
+ * disk), the next append starts with a newline. A failed append is cut off again (ftruncate), and
+ * the entry stays in memory (`written` false, counted as `unwritten`) and is still sent; its write
+ * is retried with the next append and on a timer (1 s, doubling to 30 s) until it is on disk.
+ * Only then does a result count as durably queued (`safe`, `resultTaken`): until then the task
+ * stays in the running journal, so a crash before the retry succeeds still reports it at the next
+ * start.
  *
  * Bounds: `maxMessages` entries and `maxBytes` bytes of messages. When an entry does not fit,
  * the OLDEST HEARTBEATS are dropped first. Results are never dropped: when results alone fill
