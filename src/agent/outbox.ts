@@ -12,11 +12,13 @@
  *
  * A crash or a full disk can leave a torn or corrupt line: at open, unreadable lines (bad JSON,
  * bad record, a message the server's validator would drop) are counted, logged and skipped;
- * everything readable is kept. A failed append is cut off again (ftruncate), and the entry stays
- * in memory (`written` false, counted as `unwritten`) and is still sent; its write is retried with
- * the next append and on a timer (1 s, doubling to 30 s) until it is on disk. Only then does a
- * result count as durably queued (`safe`, `resultTaken`): until then the task stays in the
- * running journal, so a crash before the retry succeeds still reports it at the next start.
+ * everything readable is kept; when the file ends in a torn line (and cannot be rewritten, a full
+ * disk), the next append starts with a newline. A failed append is cut off again (ftruncate), and
+ * the entry stays in memory (`written` false, counted as `unwritten`) and is still sent; its write
+ * is retried with the next append and on a timer (1 s, doubling to 30 s) until it is on disk.
+ * Only then does a result count as durably queued (`safe`, `resultTaken`): until then the task
+ * stays in the running journal, so a crash before the retry succeeds still reports it at the next
+ * start.
  *
  * Bounds: `maxMessages` entries and `maxBytes` bytes of messages. When an entry does not fit,
  * the OLDEST HEARTBEATS are dropped first. Results are never dropped: when results alone fill
@@ -124,6 +126,12 @@ export class Outbox {
   private nextSeq = 1;
   private fh?: Deno.FsFile;
   private fileSize = 0;
+  /**
+   * The file ends in the middle of a line (a crash or a failed cut-off left it so): the next
+   * append starts with a newline, or its first record would be glued to the torn one and be
+   * unreadable at the next start.
+   */
+  private tornTail = false;
   private deadRecords = 0;
   private pending: { line: string; entry?: Live }[] = [];
   private waiters: (() => void)[] = [];
@@ -185,6 +193,7 @@ export class Outbox {
     }
     const found = new Map<number, RecoveredEntry>();
     const bad: string[] = [];
+    this.tornTail = bytes.byteLength > 0 && bytes[bytes.byteLength - 1] !== 0x0a;
     const lines = decoder.decode(bytes).split("\n");
     lines.forEach((line, i) => {
       if (line.trim() === "") return;
@@ -445,7 +454,7 @@ export class Outbox {
     const items = [...retry.map((l) => ({ line: l.line, entry: l })), ...batch]
       .filter((b) => !b.entry || this.live.get(b.entry.seq) === b.entry);
     if (items.length === 0) return;
-    const data = utf8.encode(items.map((b) => b.line).join(""));
+    const data = utf8.encode((this.tornTail ? "\n" : "") + items.map((b) => b.line).join(""));
     if (!this.fh) {
       // The open at start failed: try again (the disk may be back).
       try {
@@ -462,6 +471,7 @@ export class Outbox {
       // Only new entries need to be durable; a lost `del` just re-sends an acknowledged message.
       if (items.some((b) => b.entry)) await fh.syncData();
       this.fileSize += data.byteLength;
+      this.tornTail = false;
       for (const b of items) if (b.entry) this.written(b.entry);
       if (this.unwritten().length === 0) {
         this.retryMs = RETRY_MIN_MS;
@@ -470,23 +480,25 @@ export class Outbox {
       }
     } catch (err) {
       this.writeFailed(err, "append");
-      // Cut a torn tail off, so the next append starts on a line of its own.
-      await fh.truncate(this.fileSize).catch(async () => {
-        await fh.write(utf8.encode("\n")).catch(() => {});
-      });
+      // Cut a torn tail off, so the next append starts on a line of its own; when that fails
+      // too, the next append starts with a newline.
+      await fh.truncate(this.fileSize).catch(() => (this.tornTail = true));
     }
   }
 
   /** Writes the live entries to a fresh file and appends to that from now on. */
   private async rewrite() {
-    const lines = [...this.live.values()].map((l) => l.line).join("");
+    // Entries queued while it runs are not in it: they are on disk once their own append is.
+    const entries = [...this.live.values()];
+    const lines = entries.map((l) => l.line).join("");
     await writeFileDurable(this.file, lines);
     this.fh?.close();
     this.fh = undefined;
     this.fh = await Deno.open(this.file, { append: true, read: false });
     this.fileSize = utf8.encode(lines).byteLength;
+    this.tornTail = false;
     this.deadRecords = 0;
-    for (const l of this.live.values()) this.written(l);
+    for (const l of entries) if (this.live.get(l.seq) === l) this.written(l);
   }
 
   /** Writes what is pending and closes the file. Entries not acknowledged stay for next time. */

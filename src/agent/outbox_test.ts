@@ -234,3 +234,89 @@ Deno.test("outbox: heartbeats dropped at a start whose rewrite fails (full disk)
     await third.close();
   });
 });
+
+Deno.test("outbox: a result queued after a start whose rewrite fails (full disk) survives a torn last line the previous run left", async () => {
+  for (const torn of [false, true]) {
+    await withTmpfs(8 * PAGE, async (mnt) => {
+      const dir = join(mnt, "state");
+      const file = join(dir, OUTBOX_FILE);
+      const first = await open(dir);
+      await first.add("result", ...result("a"));
+      await first.add("result", ...result("b"));
+      await first.close();
+      // A crash in the middle of an append: half a record, no newline (control: none).
+      if (torn) {
+        const line = (await Deno.readTextFile(file)).split("\n")[0];
+        await Deno.writeTextFile(file, line.slice(0, 40), { append: true });
+      }
+      const disk = await fillDisk(mnt);
+      try {
+        assert.ok(disk.bytes > 0, "the filler took the rest of the tmpfs");
+        const logs: string[] = [];
+        const second = await open(dir, {
+          log: (event, f) => logs.push(`${event} ${(f as { what?: unknown }).what}`),
+        });
+        assert.ok(logs.includes("outbox.write_failed rewrite at open"), JSON.stringify(logs));
+        assert.deepEqual(describe(second), ["r:a", "r:b"]);
+        const c = await second.add("result", ...result("c"));
+        assert.equal(c?.written, true, `torn=${torn}: r:c is on disk (it fits the last page)`);
+        await second.close();
+      } finally {
+        await disk.free();
+      }
+      const third = await open(dir);
+      assert.deepEqual(describe(third), ["r:a", "r:b", "r:c"], `torn=${torn}`);
+      await third.close();
+    });
+  }
+});
+
+Deno.test("outbox: a result queued while the file is compacted counts as on disk only once its own append succeeded", async () => {
+  // Fault injection in-process: the compaction's rename waits for the test (so that a result is
+  // queued while it runs), and the append after it fails like a full disk. Control: the same
+  // without the failure.
+  for (const fail of [false, true]) {
+    await withDir(async (dir) => {
+      const box = await open(dir);
+      const entries = await Promise.all(
+        Array.from({ length: 300 }, (_, i) => box.add("heartbeat", ...heartbeat(i + 1))),
+      );
+      let release!: () => void;
+      const gate = new Promise<void>((r) => (release = r));
+      let atRename!: () => void;
+      const renaming = new Promise<void>((r) => (atRename = r));
+      let failWrites = false;
+      const rename = Deno.rename;
+      const write = Deno.FsFile.prototype.write;
+      Deno.rename = async (from: string | URL, to: string | URL) => {
+        if (String(to).endsWith(OUTBOX_FILE)) {
+          atRename();
+          await gate;
+        }
+        return rename(from, to);
+      };
+      Deno.FsFile.prototype.write = function (this: Deno.FsFile, p: Uint8Array) {
+        if (failWrites) return Promise.reject(new Error("No space left on device (os error 28)"));
+        return write.call(this, p);
+      };
+      try {
+        for (const e of entries) box.remove(e!.seq); // acknowledged: the file is mostly dead now
+        await renaming;
+        const queued = box.add("result", ...result("x"));
+        failWrites = fail;
+        release();
+        const x = await queued;
+        failWrites = false;
+        assert.equal(x?.written, !fail, `fail=${fail}: written says whether r:x is on disk`);
+      } finally {
+        Deno.rename = rename;
+        Deno.FsFile.prototype.write = write;
+        release();
+      }
+      await box.close(); // the last try writes r:x
+      const again = await open(dir);
+      assert.deepEqual(describe(again), ["r:x"], `fail=${fail}`);
+      await again.close();
+    });
+  }
+});

@@ -425,12 +425,18 @@ export class TaskRunner {
       return "run";
     }
     if (!isAllowed(this.opts.allow, resolved.path, this.path)) {
+      // Where the agent's PATH found the programs stays on the robot (its log): the refusal
+      // goes to everyone who may view the task.
+      this.opts.log?.("task.refused_not_allowed", {
+        task: task.id,
+        executable: exe,
+        resolved: resolved.path,
+        allow: describeAllowList(this.opts.allow, this.path),
+      });
       await refuse(
-        `executable ${
-          JSON.stringify(exe)
-        } is ${resolved.path}, which tasks.allow does not permit (${
-          describeAllowList(this.opts.allow, this.path)
-        })`,
+        `executable ${JSON.stringify(exe)} is not one tasks.allow permits (${
+          this.opts.allow.join(", ")
+        }; a name there permits only the program the agent's PATH finds for it)`,
       );
       return "run";
     }

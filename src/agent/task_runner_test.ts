@@ -75,7 +75,7 @@ Deno.test("a refused executable is reported, not dropped; empty list refuses all
       taskId: "t1",
       state: "refused",
       error:
-        'executable "/bin/echo" is /bin/echo, which tasks.allow does not permit (echo (/usr/bin/echo))',
+        `executable "/bin/echo" is not one tasks.allow permits (echo; a name there permits only the program the agent's PATH finds for it)`,
     }]);
     // Positive control: the name itself runs.
     assert.deepEqual((await run(r, task("t2", ["echo", "x"]))).map((x) => x.state), [
@@ -89,6 +89,46 @@ Deno.test("a refused executable is reported, not dropped; empty list refuses all
     assert.equal(reports[0].state, "refused");
     assert.equal(reports[0].error, "no task may run: tasks.allow is empty in the agent config");
   });
+});
+
+Deno.test("a refusal by tasks.allow does not show task viewers where the agent's PATH found a program", async () => {
+  const bin = await Deno.makeTempDir({ prefix: "k8s4r-private-bin-" });
+  try {
+    await Deno.writeTextFile(join(bin, "vendor-tool"), "#!/bin/sh\necho tool\n", { mode: 0o755 });
+    const path = `${bin}:${PATH}`;
+    const logs: { event: string; fields: Record<string, unknown> }[] = [];
+    const extra = {
+      path,
+      baseEnv: { PATH: path },
+      log: (event: string, fields: Record<string, unknown>) => logs.push({ event, fields }),
+    };
+    // Control: allowed by name, the program in the private directory runs.
+    await withRunner(["vendor-tool"], async (r) => {
+      const ok = await run(r, task("t1", ["vendor-tool"]));
+      assert.equal(ok.at(-1)?.state, "done", JSON.stringify(ok));
+      assert.equal(ok.at(-1)?.stdout, "tool\n");
+    }, extra);
+    await withRunner(["echo", "vendor-tool"], async (r) => {
+      // Not allowed: /bin/echo is not the echo of the PATH; sh is not in the list at all.
+      for (const [id, exe] of [["t2", "/bin/echo"], ["t3", "sh"]]) {
+        const refused = await run(r, task(id, [exe]));
+        assert.equal(refused[0].state, "refused", JSON.stringify(refused));
+        const error = refused[0].error ?? "";
+        assert.match(error, new RegExp(`"${exe}" .*tasks\\.allow`), error);
+        assert.ok(!error.includes(bin), `the refusal shows the private directory: ${error}`);
+        assert.ok(
+          !error.includes("/usr/bin"),
+          `the refusal shows where PATH found a program: ${error}`,
+        );
+      }
+    }, extra);
+    // The robot's own log keeps the detail.
+    const local = logs.filter((l) => l.event === "task.refused_not_allowed");
+    assert.equal(local.length, 2, JSON.stringify(logs));
+    assert.match(JSON.stringify(local[1].fields), new RegExp(`${bin}/vendor-tool`));
+  } finally {
+    await Deno.remove(bin, { recursive: true });
+  }
 });
 
 Deno.test("a missing executable is refused, a missing cwd fails, with a clear error", async () => {

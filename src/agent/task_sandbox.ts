@@ -221,7 +221,7 @@ export function isAllowed(allow: readonly string[], resolved: string, path: stri
   });
 }
 
-/** What `tasks.allow` permits, for refusal messages: each entry and the file it resolves to. */
+/** What `tasks.allow` permits, for the agent's own log: each entry and the file it resolves to. */
 export function describeAllowList(allow: readonly string[], path: string): string {
   return allow.map((e) => {
     if (e === "*" || isAbsolute(e)) return e;
