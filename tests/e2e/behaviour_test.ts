@@ -207,7 +207,9 @@ e2e("security: an expired certificate from the real SPIRE CA is refused", async 
   const minted = await stack.spireCli().mintX509({
     spiffeId: `spiffe://${TRUST_DOMAIN}/robot/robot-001`,
     dnsNames: ["robot-001"],
-    ttlSeconds: 1,
+    // Not 1 s: SPIRE checks the new SVID after signing it, with notAfter cut to the second, so
+    // under load a 1 s SVID can be "already expired" before the mint returns (seen in CI).
+    ttlSeconds: 3,
   });
   const leaf = new X509Certificate(minted.certPem);
   const notAfter = Date.parse(leaf.validTo);
