@@ -22,7 +22,7 @@ import { writeFileAtomic } from "../fs/atomic.ts";
 import { parseCsrPem } from "../spiffe/csr.ts";
 import { encodePem } from "../spiffe/pem.ts";
 import { buildCertificate, type CertIssuer, issuerFromCert } from "../spiffe/cert_builder.ts";
-import { x509popSerialHex } from "../spire/node_attestor.ts";
+import { x509popCaFingerprint, x509popSerialHex } from "../spire/node_attestor.ts";
 
 export interface FactoryCaFiles {
   cert: string;
@@ -77,6 +77,8 @@ export interface SignedRobotCert {
   notAfter: Date;
   /** How SPIRE's `x509pop:serialnumber:` selector says the serial (`x509popSerialHex`). */
   serialHex: string;
+  /** The factory CA's `x509pop:ca:fingerprint:` value (`x509popCaFingerprint`). */
+  caFingerprint: string;
 }
 
 export class FactoryCa {
@@ -85,6 +87,8 @@ export class FactoryCa {
     readonly certPem: string,
     /** The CA certificate's notAfter: no robot certificate outlives it. */
     readonly notAfter: Date,
+    /** SPIRE's `x509pop:ca:fingerprint:` value of this CA (`x509popCaFingerprint`). */
+    readonly fingerprint: string,
   ) {}
 
   /** Loads the CA; refuses a key file that others can read. */
@@ -129,6 +133,7 @@ export class FactoryCa {
       issuerFromCert(new Uint8Array(cert.raw), key),
       certPem,
       new Date(cert.validTo),
+      x509popCaFingerprint(new Uint8Array(cert.raw)),
     );
   }
 
@@ -170,6 +175,7 @@ export class FactoryCa {
       chainPem: encodePem("CERTIFICATE", built.der),
       notAfter: new Date(leaf.validTo),
       serialHex: x509popSerialHex(BigInt(`0x${leaf.serialNumber}`)),
+      caFingerprint: this.fingerprint,
     };
   }
 }

@@ -4,9 +4,11 @@
  * What a robot is made of in SPIRE (src/fleet/ids.ts):
  *   - its node alias `spiffe://<td>/k8s4r/node/<id>`: for a join token, the entry SPIRE creates
  *     with the token (parent = the join-token agent, `.../spire/agent/join_token/<token>`); for
- *     x509pop, a node entry whose selectors are the certificate's CN and serial
- *     (`x509pop:subject:cn:<id>`, `x509pop:serialnumber:<hex>`), so an older certificate of the
- *     same robot no longer gets the alias once a new one is issued;
+ *     x509pop, a node entry whose selectors are the certificate's CN, its factory CA and its
+ *     serial (`x509pop:subject:cn:<id>`, `x509pop:ca:fingerprint:<sha1>`,
+ *     `x509pop:serialnumber:<hex>`: `x509popAliasSelectors`), so an older certificate of the
+ *     same robot no longer gets the alias once a new one is issued, nor does a certificate with
+ *     the same CN and serial from another CA of the x509pop bundle;
  *   - its workload entry `spiffe://<td>/robot/<id>` under that alias, with `-dns <id>`: the CN
  *     rule that makes the robot id its MQTT username;
  *   - its attested agent (`spire-server agent list`).
@@ -40,6 +42,7 @@ import {
 } from "../mqtt/dynsec.ts";
 import type { ControlHostConfig } from "./config.ts";
 import { FactoryCa } from "./factory_ca.ts";
+import { x509popAliasSelectors } from "../spire/node_attestor.ts";
 import { readRecords, type Records, type RobotRecord, updateRecords } from "./records.ts";
 
 export const DEFAULT_TOKEN_TTL_MS = 600_000;
@@ -225,7 +228,11 @@ export async function addRobot(deps: ControlDeps, o: AddOptions): Promise<AddRes
         node: true,
         spiffeId: nodeId,
         parentId: serverId(td),
-        selectors: [`x509pop:subject:cn:${id}`, `x509pop:serialnumber:${cert.serialHex}`],
+        selectors: x509popAliasSelectors({
+          commonName: id,
+          serialHex: cert.serialHex,
+          caFingerprint: cert.caFingerprint,
+        }),
         dnsNames: [],
       };
       keep = aliases.find((e) => e.parentId === serverId(td));

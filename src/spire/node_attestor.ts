@@ -20,6 +20,8 @@ export type NodeAttestorConfig =
     certificatePath: string;
   };
 
+import { createHash } from "node:crypto";
+
 const q = (s: string) => JSON.stringify(s);
 
 /** The `NodeAttestor "..." {...}` block, indented for the `plugins` section. */
@@ -47,4 +49,29 @@ export function x509popSerialHex(serial: bigint): string {
   if (serial < 0n) throw new RangeError(`a certificate serial is positive, got ${serial}`);
   const hex = serial.toString(16);
   return hex.length % 2 ? `0${hex}` : hex;
+}
+
+/**
+ * The value of SPIRE's `x509pop:ca:fingerprint:` selector for a CA certificate of the verified
+ * chain (every certificate but the leaf, the bundle's root included): the lowercase hex SHA-1 of
+ * its DER (SPIRE's `x509pop.Fingerprint`).
+ */
+export function x509popCaFingerprint(der: Uint8Array): string {
+  return createHash("sha1").update(der).digest("hex");
+}
+
+/**
+ * The selectors of a robot's x509pop node alias: its certificate's CN and serial, and the
+ * factory CA it was issued under. The CA's fingerprint keeps a certificate from any other CA
+ * of the x509pop bundle (an old factory CA, another vendor's) with the same CN and serial from
+ * getting the alias: the serial is not secret (`robot add` prints it).
+ */
+export function x509popAliasSelectors(
+  a: { commonName: string; serialHex: string; caFingerprint: string },
+): string[] {
+  return [
+    `x509pop:subject:cn:${a.commonName}`,
+    `x509pop:ca:fingerprint:${a.caFingerprint}`,
+    `x509pop:serialnumber:${a.serialHex}`,
+  ];
 }
