@@ -25,18 +25,19 @@ import { dirname, join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { encode, type HeartbeatMessage, PROTOCOL_VERSION } from "../src/mqtt/messages.ts";
 import { upTopic } from "../src/fleet/topics.ts";
-import { robotLayout } from "../src/devenv/layout.ts";
-import { agentArgs } from "../src/devenv/components.ts";
-import { agentRunArgs, agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
-import { type Daemon, realRunner, stopPidFile, waitFor } from "../src/process/mod.ts";
+import { agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
+import { realRunner } from "../src/process/mod.ts";
 import {
+  type AgentRuntime,
   type BenchOptions,
   BenchStack,
   Cleanup,
   cpuSeconds,
   MAIN_TS,
+  restartAgent,
   spawnSubscriber,
   tcpBytes,
+  thisTreeRuntime,
 } from "./lib.ts";
 import { type BenchResult, figure } from "./report.ts";
 import { median, round } from "./stats.ts";
@@ -93,12 +94,6 @@ async function agentLocalPort(agentPid: number, brokerPort: number): Promise<num
   return undefined;
 }
 
-/** How a tree runs its agent: its own `deno run` flags and V8 flags (its runtime_flags.ts). */
-interface AgentRuntime {
-  runArgs: string[];
-  v8Flags: string;
-}
-
 /**
  * The runtime flags of the tree whose entry point is `main`, from that tree's
  * src/agent/runtime_flags.ts, so that a baseline runs as its own devenv would run it (a tree
@@ -106,9 +101,7 @@ interface AgentRuntime {
  */
 async function treeRuntime(main: string): Promise<AgentRuntime> {
   const base = ["run", "-A", main];
-  if (main === MAIN_TS) {
-    return { runArgs: agentRunArgs(base), v8Flags: agentV8FlagsEnv(Deno.env.get("DENO_V8_FLAGS")) };
-  }
+  if (main === MAIN_TS) return thisTreeRuntime();
   const rf = await import(pathToFileURL(join(dirname(main), "src/agent/runtime_flags.ts")).href)
     .catch(() => ({})) as {
       agentRunArgs?: (a: string[]) => string[];
@@ -120,35 +113,9 @@ async function treeRuntime(main: string): Promise<AgentRuntime> {
   };
 }
 
-/**
- * Replaces robot-001's agent with `deno run ... MAIN agent ...` (this tree's or a baseline's),
- * with that tree's runtime flags, on the same pid file (so `devenv clean` stops it too).
- */
-async function startAgent(
-  stack: BenchStack,
-  rt: AgentRuntime,
-  extra: string[],
-): Promise<{ daemon: Daemon; logFile: string }> {
-  const r = robotLayout(stack.layout, "robot-001", stack.env);
-  await stopPidFile(r.pidFile, 10_000);
-  const logFile = join(stack.dir, `bench-agent-${crypto.randomUUID().slice(0, 8)}.log`);
-  const daemon = await realRunner.spawn({
-    name: "agent robot-001",
-    cmd: "deno",
-    args: [
-      ...agentArgs(rt.runArgs, r, stack.layout.agentPluginsYaml, stack.env.MQTT_BROKER_URL),
-      ...extra,
-    ],
-    cwd: stack.dir,
-    env: { ...stack.env, DENO_V8_FLAGS: rt.v8Flags },
-    logFile,
-    pidFile: r.pidFile,
-  });
-  await waitFor(
-    async () => (await Deno.readTextFile(logFile).catch(() => "")).includes("mqtt.connected"),
-    { timeoutMs: 60_000, intervalMs: 50, what: `agent robot-001 to connect (log: ${logFile})` },
-  );
-  return { daemon, logFile };
+/** Replaces robot-001's agent with this tree's or a baseline's (`restartAgent`). */
+function startAgent(stack: BenchStack, rt: AgentRuntime, extra: string[]) {
+  return restartAgent(stack, "robot-001", extra, rt);
 }
 
 interface Phase {

@@ -11,6 +11,7 @@ import { freeMonitoringPorts, freePorts } from "../tests/helpers/ports.ts";
 import { fetchClient, loadCredentials } from "../src/operator/credentials.ts";
 import { agentArgs, DEV_SPIRE_TIMING } from "../src/devenv/components.ts";
 import { agentRunArgs, agentV8FlagsEnv } from "../src/agent/runtime_flags.ts";
+import { DEFAULT_TASK_USER } from "../src/agent/task_user.ts";
 import {
   defaultLayout,
   devenvFiles,
@@ -367,25 +368,42 @@ export async function spawnSubscriberAt(
   return { daemon, out };
 }
 
+/** How an agent is run: `deno` arguments before `agent ...`, and DENO_V8_FLAGS. */
+export interface AgentRuntime {
+  runArgs: string[];
+  v8Flags: string;
+}
+
+/** This tree's agent runtime, as `devenv start` runs it. */
+export function thisTreeRuntime(): AgentRuntime {
+  return {
+    runArgs: agentRunArgs(["run", "-A", MAIN_TS]),
+    v8Flags: agentV8FlagsEnv(Deno.env.get("DENO_V8_FLAGS")),
+  };
+}
+
 /**
  * Replaces the agent devenv started for `robotId` with one started here with extra flags (e.g.
- * `--heartbeat-seconds 1`). It uses the same pid file, so `devenv stop/clean` stop it too; it is
- * not detached, so it also dies with this process.
+ * `--heartbeat-seconds 1`), as devenv runs it (`rt`: this tree's by default, or a baseline
+ * tree's). It uses the same pid file, so `devenv stop/clean` stop it too; it is not detached,
+ * so it also dies with this process. Ready once its own log says `mqtt.connected`; an agent
+ * that exits first fails at once with its last log line.
  */
 export async function restartAgent(
   stack: BenchStack,
   robotId: string,
   extra: string[],
+  rt: AgentRuntime = thisTreeRuntime(),
 ): Promise<{ daemon: Daemon; logFile: string }> {
   const r = robotLayout(stack.layout, robotId, stack.env);
   await stopPidFile(r.pidFile, 10_000);
-  const logFile = join(stack.dir, `bench-agent-${robotId}.log`);
+  const logFile = join(stack.dir, `bench-agent-${robotId}-${crypto.randomUUID().slice(0, 8)}.log`);
   const daemon = await realRunner.spawn({
     name: `agent ${robotId}`,
     cmd: "deno",
     args: [
       ...agentArgs(
-        agentRunArgs(["run", "-A", MAIN_TS]),
+        rt.runArgs,
         r,
         stack.layout.agentPluginsYaml,
         stack.env.MQTT_BROKER_URL,
@@ -394,18 +412,19 @@ export async function restartAgent(
       ...extra,
     ],
     cwd: stack.dir,
-    // The same V8 memory flags as an agent that `devenv start` runs.
-    env: { ...stack.env, DENO_V8_FLAGS: agentV8FlagsEnv(Deno.env.get("DENO_V8_FLAGS")) },
+    env: {
+      ...stack.env,
+      // As devenv runs it: the same V8 memory flags, and (as root) tasks as devenv's task user:
+      // an agent that may run tasks as root refuses to start.
+      DENO_V8_FLAGS: rt.v8Flags,
+      K8S4R_TASK_USER: Deno.uid() === 0 ? DEFAULT_TASK_USER : "",
+    },
     logFile,
     pidFile: r.pidFile,
+    ready: async () =>
+      (await Deno.readTextFile(logFile).catch(() => "")).includes("mqtt.connected"),
+    readyTimeoutMs: 60_000,
+    readyIntervalMs: 50,
   });
-  await waitFor(
-    async () => (await Deno.readTextFile(logFile).catch(() => "")).includes("mqtt.connected"),
-    {
-      timeoutMs: 60_000,
-      intervalMs: 50,
-      what: `agent ${robotId} to connect (log: ${logFile})`,
-    },
-  );
   return { daemon, logFile };
 }
