@@ -252,6 +252,7 @@ Deno.test("recover: the task cgroups a dead agent left are killed and removed; a
     const leftProc = await inCgroup(left);
     const liveProc = await inCgroup(live);
     await runner.recover(() => true);
+    await runner.stopAll(); // the sweep runs in the background: this waits for it
     assert.equal(left.exists(), false, `the leftover is removed: ${logs.join("; ")}`);
     assert.equal((await leftProc.status).signal, "SIGKILL", "what was in it is killed");
     assert.equal(emptyLeft.exists(), false, "an empty leftover is removed too");
@@ -270,6 +271,69 @@ Deno.test("recover: the task cgroups a dead agent left are killed and removed; a
     for (const cg of cgs) await cg.destroy().catch(() => {});
     await Deno.remove(join(parent, "not-a-task-cgroup")).catch(() => {});
     await Deno.remove(parent).catch(() => {});
+    await runner.ids.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("recover: a leftover cgroup that cannot be emptied yet (D state) neither holds up recover nor is tried twice in one start", async () => {
+  // A fake of a task cgroup whose process is stuck in uninterruptible sleep: `cgroup.kill` is
+  // taken, `cgroup.events` stays `populated 1`. "Its process finally dies" = its interface
+  // files go (a real cgroup's go with its rmdir), so the empty directory can be removed.
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-sweep-stuck-" });
+  const parent = join(dir, "cg");
+  await Deno.mkdir(parent);
+  const exited = new Deno.Command("true").spawn();
+  const deadPid = exited.pid;
+  await exited.status;
+  const stuck = async (id: string) => {
+    const p = join(parent, `k8s4r-task-${deadPid}-${id}`);
+    await Deno.mkdir(p);
+    await Deno.writeTextFile(join(p, "cgroup.events"), "populated 1\nfrozen 0\n");
+    await Deno.writeTextFile(join(p, "cgroup.procs"), "4242\n");
+    await Deno.writeTextFile(join(p, "cgroup.kill"), "");
+    return p;
+  };
+  const dies = async (p: string) => {
+    for (const f of ["cgroup.events", "cgroup.procs", "cgroup.kill"]) await Deno.remove(join(p, f));
+  };
+  const left = await stuck("left-1"); // no journal record: the sweep's
+  const listed = await stuck("listed-1"); // in the journal: recover's own destroy tries it
+  const logs: string[] = [];
+  const runner = new TaskRunner({
+    allow: ["*"],
+    stateDir: join(dir, "state"),
+    defaultCwd: dir,
+    killGraceMs: 200,
+    path: "/usr/bin:/bin",
+    containment: { kind: "cgroup", parent },
+    log: (event, f) => logs.push(`${event} ${String(f.cgroup ?? f.task ?? "")}`),
+  });
+  try {
+    await runner.journal.write({
+      taskId: "listed-1",
+      claimedAt: new Date().toISOString(),
+      createdAt: new Date().toISOString(),
+      cgroup: listed,
+    });
+    await runner.recover(() => true);
+    // recover tried the journal's cgroup (and could not empty it): that is its own wait.
+    assert.ok(logs.includes("task.interrupted_kill_failed listed-1"), logs.join("; "));
+    // The sweep runs on after recover returned (the agent connects meanwhile): the stuck
+    // leftover's process dies now, and the sweep that is still waiting for it removes it.
+    assert.ok(
+      !logs.some((l) => l.startsWith("task.cgroup_remove_failed")),
+      `the sweep has not given up on a cgroup before recover returned: ${logs.join("; ")}`,
+    );
+    await dies(left);
+    await runner.stopAll(); // waits for the sweep
+    assert.ok(logs.includes(`task.cgroup_left_removed ${left}`), logs.join("; "));
+    assert.equal(await Deno.stat(left).then(() => true, () => false), false, "removed");
+    // What recover's destroy just tried is not waited for a second time in this start.
+    assert.ok(!logs.some((l) => l.endsWith(` ${listed}`)), logs.join("; "));
+    assert.ok((await Deno.stat(listed)).isDirectory, "left for the next start");
+  } finally {
+    await runner.stopAll();
     await runner.ids.close();
     await Deno.remove(dir, { recursive: true });
   }

@@ -218,6 +218,8 @@ export class TaskRunner {
   private readonly dropBoundingSet: boolean;
   /** Set by `stopAll`: every task that comes after it is refused. */
   private stopping?: string;
+  /** The leftover cgroups' sweep that `recover` started (`stopAll` waits for it). */
+  private sweeping?: Promise<void>;
 
   constructor(private readonly opts: TaskRunnerOptions) {
     this.ids = new TaskIdStore({
@@ -525,7 +527,7 @@ export class TaskRunner {
     this.refuseNew(why);
     const all = [...this.active.values()];
     for (const a of all) stopActive(a, why, false);
-    await Promise.all(all.map((a) => a.handling));
+    await Promise.all([...all.map((a) => a.handling), this.sweeping]);
   }
 
   /**
@@ -571,7 +573,11 @@ export class TaskRunner {
         );
       }
     }));
-    await this.sweepCgroups();
+    // In the background: a leftover that cannot be emptied (a process in uninterruptible
+    // sleep) would otherwise hold the agent's start (and its connection) for destroy's whole
+    // wait; the cgroups recover just tried are not waited for again in this start.
+    const tried = new Set(recs.flatMap((r) => r.cgroup !== undefined ? [r.cgroup] : []));
+    this.sweeping = this.sweepCgroups(tried);
     return recs.map((r) => r.taskId);
   }
 
@@ -580,7 +586,7 @@ export class TaskRunner {
    * no longer lists, e.g. a cgroup whose removal failed when its task ended. One that still
    * cannot be removed is logged and tried again at the next start.
    */
-  private async sweepCgroups(): Promise<void> {
+  private async sweepCgroups(skip: ReadonlySet<string>): Promise<void> {
     if (this.containment.kind !== "cgroup") return;
     let left: TaskCgroup[];
     try {
@@ -594,18 +600,20 @@ export class TaskRunner {
       });
       return;
     }
-    await Promise.all(left.map(async (cg) => {
-      try {
-        const killed = await cg.destroy();
-        this.opts.log?.("task.cgroup_left_removed", { cgroup: cg.path, killed });
-      } catch (err) {
-        this.opts.log?.("task.cgroup_remove_failed", {
-          cgroup: cg.path,
-          error: (err as Error).message,
-          note: "tried again at the next start",
-        });
-      }
-    }));
+    await Promise.all(
+      left.filter((cg) => !skip.has(cg.path)).map(async (cg) => {
+        try {
+          const killed = await cg.destroy();
+          this.opts.log?.("task.cgroup_left_removed", { cgroup: cg.path, killed });
+        } catch (err) {
+          this.opts.log?.("task.cgroup_remove_failed", {
+            cgroup: cg.path,
+            error: (err as Error).message,
+            note: "tried again at the next start",
+          });
+        }
+      }),
+    );
   }
 
   private async execute(
