@@ -463,7 +463,15 @@ export const realRunner: ProcessRunner = {
       } catch {
         return true;
       }
-    }, { timeoutMs: 5000, intervalMs: 2, what: `${spec.name} to exec` });
+    }, { timeoutMs: 5000, intervalMs: 2, what: `${spec.name} to exec` }).catch(async (err) => {
+      // Never exec'd: no pid file was written, so nothing else could stop it. It is our own
+      // child (the handle says so, whatever its pid means by now): kill it before giving up.
+      try {
+        child.kill("SIGKILL");
+      } catch { /* gone */ }
+      await exited.catch(() => {});
+      throw err;
+    });
     startTime = processStartTime(pid);
     let done = false;
     let exitCode = -1;

@@ -90,6 +90,49 @@ Deno.test("spawn fails with the log's last line when the daemon dies before it i
   }
 });
 
+/** Pids whose command line mentions `needle` (any user's). */
+function pidsWith(needle: string): number[] {
+  const out: number[] = [];
+  for (const e of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(e.name)) continue;
+    try {
+      if (Deno.readTextFileSync(`/proc/${e.name}/cmdline`).includes(needle)) {
+        out.push(Number(e.name));
+      }
+    } catch { /* gone */ }
+  }
+  return out;
+}
+
+Deno.test("spawn kills a daemon that never execs (no pid file, so nothing else could stop it)", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
+  const fifo = join(dir, "never-opened.fifo");
+  await realRunner.output("mkfifo", [fifo]);
+  try {
+    // `sh` blocks opening a FIFO nobody writes: it stays the shell, so it never execs.
+    await assert.rejects(
+      () =>
+        realRunner.spawn({
+          name: "stuck",
+          cmd: "sh",
+          args: ["-c", 'read x < "$0"', fifo],
+          logFile: join(dir, "stuck.log"),
+          pidFile: join(dir, "stuck.pid"),
+        }),
+      /stuck to exec/,
+    );
+    assert.deepEqual(pidsWith(fifo), [], "the shell that never exec'd is gone");
+    assert.equal(readPidFile(join(dir, "stuck.pid")), undefined, "no pid file was written");
+  } finally {
+    for (const pid of pidsWith(fifo)) {
+      try {
+        Deno.kill(pid, "SIGKILL");
+      } catch { /* gone */ }
+    }
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a log filter rewrites every line before it reaches the log", async () => {
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
   try {
