@@ -334,9 +334,50 @@ export async function leftoverTaskCgroups(
     const m = /^k8s4r-task-(\d+)-(.+)$/.exec(e.name);
     if (!e.isDirectory || !m || !TASK_ID_RE.test(m[2])) continue;
     if (isAlive(Number(m[1]))) continue;
-    found.push(new TaskCgroup(join(parent, e.name)));
+    const cg = new TaskCgroup(join(parent, e.name));
+    // The pid in the name means something only in the namespace of the agent that made it: a
+    // cgroup holding a process of another pid namespace (a container's agent sharing the parent)
+    // may belong to a live agent this one cannot see, so it is left alone.
+    if (await holdsForeignPidNamespace(cg)) continue;
+    found.push(cg);
   }
   return found;
+}
+
+/**
+ * Whether a process in the cgroup lives in another pid namespace than this process: cgroup.procs
+ * lists such a process as 0 when it is outside ours, and /proc shows a different ns/pid link when
+ * it is in a namespace below ours.
+ */
+async function holdsForeignPidNamespace(cg: TaskCgroup): Promise<boolean> {
+  let own: string;
+  try {
+    own = await Deno.readLink("/proc/self/ns/pid");
+  } catch {
+    return false; // no namespaces to compare (not Linux /proc): nothing to tell apart
+  }
+  const walk = async (dir: string): Promise<boolean> => {
+    let procs: number[] = [];
+    try {
+      procs = (await Deno.readTextFile(join(dir, "cgroup.procs"))).split("\n").filter((l) =>
+        l !== ""
+      ).map(Number);
+    } catch { /* gone meanwhile */ }
+    for (const pid of procs) {
+      if (pid === 0) return true;
+      try {
+        if (await Deno.readLink(`/proc/${pid}/ns/pid`) !== own) return true;
+      } catch { /* gone meanwhile */ }
+    }
+    // Sub-cgroups a task made: `destroy` would kill what is in them too.
+    try {
+      for await (const e of Deno.readDir(dir)) {
+        if (e.isDirectory && await walk(join(dir, e.name))) return true;
+      }
+    } catch { /* gone meanwhile */ }
+    return false;
+  };
+  return await walk(cg.path);
 }
 
 /** Whether a process with this pid exists now (any user's, zombies too). */

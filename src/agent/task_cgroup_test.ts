@@ -338,3 +338,74 @@ Deno.test("recover: a leftover cgroup that cannot be emptied yet (D state) neith
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("recover: a leftover-looking cgroup holding a process of another pid namespace is left alone (its agent may live there) (root)", async () => {
+  assert.equal(Deno.uid(), 0, "containment needs root here (cgroup v2): run it as root (CI does)");
+  const c = detectContainment();
+  assert.ok(c.kind === "cgroup", c.kind === "none" ? c.reason : "");
+  const parent = join(c.parent, `k8s4r-sweep-ns-${crypto.randomUUID().slice(0, 8)}`);
+  await Deno.mkdir(parent);
+  const dir = await Deno.makeTempDir({ prefix: "k8s4r-sweep-ns-" });
+  const procs: Deno.ChildProcess[] = [];
+  const cgs: TaskCgroup[] = [];
+  const runner = new TaskRunner({
+    allow: ["*"],
+    stateDir: join(dir, "state"),
+    defaultCwd: dir,
+    killGraceMs: 200,
+    path: "/usr/bin:/bin",
+    containment: { kind: "cgroup", parent },
+  });
+  try {
+    const exited = new Deno.Command("true").spawn();
+    const deadPid = exited.pid;
+    await exited.status;
+    // In a pid namespace of its own (a container's agent and its task, as this host sees them).
+    const ns = new Deno.Command("unshare", {
+      args: ["--pid", "--fork", "sleep", "600"],
+      stdout: "null",
+    }).spawn();
+    procs.push(ns);
+    let inner = 0;
+    await waitFor(async () => {
+      const kids = (await Deno.readTextFile(`/proc/${ns.pid}/task/${ns.pid}/children`)).trim();
+      inner = Number(kids.split(/\s+/)[0] || 0);
+      return inner > 0;
+    }, { timeoutMs: 5000, what: "the namespaced sleep" });
+    assert.notEqual(
+      await Deno.readLink(`/proc/${inner}/ns/pid`),
+      await Deno.readLink("/proc/self/ns/pid"),
+      "control: the sleep is in another pid namespace",
+    );
+    const foreign = await TaskCgroup.create(join(parent, `k8s4r-task-${deadPid}-foreign-1`));
+    const ours = await TaskCgroup.create(join(parent, `k8s4r-task-${deadPid}-ours-1`));
+    cgs.push(foreign, ours);
+    await Deno.writeTextFile(foreign.procsFile, String(inner));
+    const local = new Deno.Command("sh", {
+      args: ["-c", 'echo 0 > "$0" && exec sleep 600', ours.procsFile],
+      stdout: "null",
+    }).spawn();
+    procs.push(local);
+    await waitFor(async () => (await ours.pids()).includes(local.pid), {
+      timeoutMs: 5000,
+      what: "the local process in its cgroup",
+    });
+    await runner.recover(() => true);
+    await runner.stopAll(); // waits for the sweep
+    assert.equal(ours.exists(), false, "positive control: a leftover of this namespace is removed");
+    assert.equal((await local.status).signal, "SIGKILL");
+    assert.equal(foreign.exists(), true, "the other namespace's cgroup stays");
+    assert.deepEqual(await foreign.pids(), [inner], "and its process runs on");
+  } finally {
+    for (const p of procs) {
+      try {
+        p.kill("SIGKILL");
+      } catch { /* gone */ }
+      await p.status;
+    }
+    for (const cg of cgs) await cg.destroy().catch(() => {});
+    await Deno.remove(parent).catch(() => {});
+    await runner.ids.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
