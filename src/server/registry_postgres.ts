@@ -399,7 +399,6 @@ class PostgresBackend implements SqlBackend {
 
   private async inTransaction<T>(fn: (c: SqlConn) => Promise<T>): Promise<T> {
     const client = await this.connect();
-    let broken: Error | undefined;
     // The driver's own errors (BEGIN, COMMIT) are wrapped here; statements are wrapped by
     // PgConn; anything else `fn` throws (ConflictError...) is the caller's and passes as is.
     const q = async (sql: string) => {
@@ -409,80 +408,48 @@ class PostgresBackend implements SqlBackend {
         throw this.wrap(err);
       }
     };
-    try {
-      await q("BEGIN");
-      const r = await fn(new PgConn(client, this));
-      await q("COMMIT");
-      return r;
-    } catch (err) {
-      if (queryTimedOut(err)) {
-        // No answer: the connection may still get it later, so it is never used again (and a
-        // ROLLBACK on it would wait as long).
-        broken = err as Error;
-      } else {
-        try {
-          await client.query("ROLLBACK");
-        } catch (e) {
-          broken = e as Error; // the connection is gone: the pool must not reuse it
-        }
-      }
-      throw err;
-    } finally {
-      client.release(broken);
-    }
+    return await withTransaction(client, () => fn(new PgConn(client, this)), q);
   }
 
   async migrate(): Promise<void> {
     const client = await this.connect();
-    let broken: Error | undefined;
     let refused: Error | undefined;
     let v = 0;
     try {
-      await client.query("BEGIN");
-      // Replicas starting at once: the first migrates, the others wait here and find nothing
-      // to do. The lock ends with the transaction.
-      await client.query("SELECT pg_advisory_xact_lock($1::bigint)", [MIGRATION_LOCK_KEY]);
-      await client.query(
-        `CREATE TABLE IF NOT EXISTS k8s4r_schema_migrations (
-           version INTEGER PRIMARY KEY,
-           applied_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-           k8s4r_version TEXT
-         )`,
-      );
-      const r = await client.query<{ v: number }>(
-        "SELECT CAST(COALESCE(MAX(version), 0) AS INTEGER) AS v FROM k8s4r_schema_migrations",
-      );
-      const current = r.rows[0].v;
-      if (current > MIGRATIONS.length) {
-        refused = newerSchemaError(this.location, current);
-        throw refused;
-      }
-      for (v = current; v < MIGRATIONS.length; v++) {
-        await client.query(MIGRATIONS[v].postgres);
+      await withTransaction(client, async () => {
+        // Replicas starting at once: the first migrates, the others wait here and find nothing
+        // to do. The lock ends with the transaction.
+        await client.query("SELECT pg_advisory_xact_lock($1::bigint)", [MIGRATION_LOCK_KEY]);
         await client.query(
-          "INSERT INTO k8s4r_schema_migrations (version, k8s4r_version) VALUES ($1, $2)",
-          [v + 1, VERSION],
+          `CREATE TABLE IF NOT EXISTS k8s4r_schema_migrations (
+             version INTEGER PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+             k8s4r_version TEXT
+           )`,
         );
-      }
-      await client.query("COMMIT");
-    } catch (err) {
-      if (queryTimedOut(err)) {
-        broken = err as Error;
-      } else {
-        try {
-          await client.query("ROLLBACK");
-        } catch (e) {
-          broken = e as Error;
+        const r = await client.query<{ v: number }>(
+          "SELECT CAST(COALESCE(MAX(version), 0) AS INTEGER) AS v FROM k8s4r_schema_migrations",
+        );
+        const current = r.rows[0].v;
+        if (current > MIGRATIONS.length) {
+          refused = newerSchemaError(this.location, current);
+          throw refused;
         }
-      }
+        for (v = current; v < MIGRATIONS.length; v++) {
+          await client.query(MIGRATIONS[v].postgres);
+          await client.query(
+            "INSERT INTO k8s4r_schema_migrations (version, k8s4r_version) VALUES ($1, $2)",
+            [v + 1, VERSION],
+          );
+        }
+      });
+    } catch (err) {
       if (err === refused) throw err;
       const w = this.wrap(err);
       throw new PostgresError(
         w.message.replace(`${this.location}: `, `${this.location}: migration ${v + 1} failed: `),
         w.code,
       );
-    } finally {
-      client.release(broken);
     }
   }
 
@@ -566,4 +533,36 @@ export async function openPostgresRegistry(
     throw err;
   }
   return new Registry(backend);
+}
+
+/**
+ * BEGIN, `body`, COMMIT on one pooled connection, then its release. On an error it rolls back,
+ * except after a query timeout: the connection may still get its answer later (and a ROLLBACK
+ * would wait as long). A connection that timed out or could not roll back is released broken,
+ * so the pool never reuses it. `run` sends BEGIN and COMMIT (a caller may wrap their errors).
+ */
+async function withTransaction<T>(
+  client: pg.PoolClient,
+  body: () => Promise<T>,
+  run: (sql: string) => Promise<unknown> = (sql) => client.query(sql),
+): Promise<T> {
+  let broken: Error | undefined;
+  try {
+    await run("BEGIN");
+    const r = await body();
+    await run("COMMIT");
+    return r;
+  } catch (err) {
+    if (queryTimedOut(err)) broken = err as Error;
+    else {
+      try {
+        await client.query("ROLLBACK");
+      } catch (e) {
+        broken = e as Error; // the connection is gone
+      }
+    }
+    throw err;
+  } finally {
+    client.release(broken);
+  }
 }
