@@ -17,7 +17,7 @@
  * session (`setsid`) then outlives it.
  */
 import { basename, isAbsolute, join } from "node:path";
-import { waitFor } from "../process/mod.ts";
+import { processStartTime, waitFor } from "../process/mod.ts";
 import { TASK_ID_RE } from "../mqtt/messages.ts";
 
 /** Every per-task cgroup's name starts with this (recovery touches nothing else). */
@@ -259,14 +259,8 @@ export class TaskCgroup {
   }
 
   /** The pids in it (not in its children). */
-  async pids(): Promise<number[]> {
-    try {
-      return (await Deno.readTextFile(this.procsFile)).split("\n").filter((l) => l !== "").map(
-        Number,
-      );
-    } catch {
-      return [];
-    }
+  pids(): Promise<number[]> {
+    return cgroupProcs(this.path);
   }
 
   /** Whether any process is in it or in a child cgroup. */
@@ -320,7 +314,8 @@ export class TaskCgroup {
  */
 export async function leftoverTaskCgroups(
   parent: string,
-  isAlive: (pid: number) => boolean = (pid) => pid === Deno.pid || processExists(pid),
+  isAlive: (pid: number) => boolean = (pid) =>
+    pid === Deno.pid || processStartTime(pid) !== undefined,
 ): Promise<TaskCgroup[]> {
   const found: TaskCgroup[] = [];
   let entries: Deno.DirEntry[];
@@ -357,13 +352,7 @@ async function holdsForeignPidNamespace(cg: TaskCgroup): Promise<boolean> {
     return false; // no namespaces to compare (not Linux /proc): nothing to tell apart
   }
   const walk = async (dir: string): Promise<boolean> => {
-    let procs: number[] = [];
-    try {
-      procs = (await Deno.readTextFile(join(dir, "cgroup.procs"))).split("\n").filter((l) =>
-        l !== ""
-      ).map(Number);
-    } catch { /* gone meanwhile */ }
-    for (const pid of procs) {
+    for (const pid of await cgroupProcs(dir)) {
       if (pid === 0) return true;
       try {
         if (await Deno.readLink(`/proc/${pid}/ns/pid`) !== own) return true;
@@ -380,13 +369,13 @@ async function holdsForeignPidNamespace(cg: TaskCgroup): Promise<boolean> {
   return await walk(cg.path);
 }
 
-/** Whether a process with this pid exists now (any user's, zombies too). */
-export function processExists(pid: number): boolean {
+/** The pids in one cgroup (not in its children); none when it is gone. */
+async function cgroupProcs(dir: string): Promise<number[]> {
   try {
-    Deno.statSync(`/proc/${pid}`);
-    return true;
+    return (await Deno.readTextFile(join(dir, "cgroup.procs"))).split("\n").filter((l) => l !== "")
+      .map(Number);
   } catch {
-    return false;
+    return [];
   }
 }
 

@@ -205,7 +205,43 @@ Deno.test("TaskCgroup.pathFor: an id that would name a cgroup elsewhere is refus
   }
 });
 
-Deno.test("recover: the task cgroups a dead agent left are killed and removed; a live agent's and other cgroups are not (root)", async () => {
+// ---------------------------------------------------------------------------------------------
+// The start's sweep of leftover task cgroups (`recover`)
+
+/** The pid of a process that has exited (and been reaped): a gone agent's. */
+async function deadPid(): Promise<number> {
+  const p = new Deno.Command("true").spawn();
+  await p.status;
+  return p.pid;
+}
+
+/** A task runner over `parent`, its log as `event cgroup-or-task` lines in `logs`. */
+function sweepRunner(dir: string, parent: string, logs: string[] = []): TaskRunner {
+  return new TaskRunner({
+    allow: ["*"],
+    stateDir: join(dir, "state"),
+    defaultCwd: dir,
+    killGraceMs: 200,
+    path: "/usr/bin:/bin",
+    containment: { kind: "cgroup", parent },
+    log: (event, f) => logs.push(`${event} ${String(f.cgroup ?? f.task ?? "")}`),
+  });
+}
+
+interface SweepRig {
+  parent: string;
+  runner: TaskRunner;
+  logs: string[];
+  /** A process to kill afterwards. */
+  track(p: Deno.ChildProcess): Deno.ChildProcess;
+  /** A task-named cgroup under the parent, destroyed afterwards. */
+  cgroup(name: string): Promise<TaskCgroup>;
+  /** A `sleep 600` moved into `cg`, once it is there. */
+  inCgroup(cg: TaskCgroup): Promise<Deno.ChildProcess>;
+}
+
+/** A real parent cgroup of its own (root, cgroup v2) and a runner over it; all cleaned up. */
+async function withSweepRig(fn: (rig: SweepRig) => Promise<void>): Promise<void> {
   assert.equal(Deno.uid(), 0, "containment needs root here (cgroup v2): run it as root (CI does)");
   const c = detectContainment();
   assert.ok(c.kind === "cgroup", c.kind === "none" ? c.reason : "");
@@ -213,42 +249,65 @@ Deno.test("recover: the task cgroups a dead agent left are killed and removed; a
   await Deno.mkdir(parent);
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-sweep-" });
   const procs: Deno.ChildProcess[] = [];
-  const inCgroup = async (cg: TaskCgroup) => {
-    const p = new Deno.Command("sh", {
-      args: ["-c", 'echo 0 > "$0" && exec sleep 600', cg.procsFile],
-      stdout: "null",
-    }).spawn();
-    procs.push(p);
-    await waitFor(async () => (await cg.pids()).includes(p.pid), {
-      timeoutMs: 5000,
-      what: `a process in ${cg.path}`,
-    });
-    return p;
-  };
   const cgs: TaskCgroup[] = [];
   const logs: string[] = [];
-  const runner = new TaskRunner({
-    allow: ["*"],
-    stateDir: join(dir, "state"),
-    defaultCwd: dir,
-    killGraceMs: 200,
-    path: "/usr/bin:/bin",
-    containment: { kind: "cgroup", parent },
-    log: (event, f) => logs.push(`${event} ${String(f.cgroup ?? "")}`),
-  });
+  const runner = sweepRunner(dir, parent, logs);
+  const track = (p: Deno.ChildProcess) => (procs.push(p), p);
   try {
+    await fn({
+      parent,
+      runner,
+      logs,
+      track,
+      cgroup: async (name) => {
+        const cg = await TaskCgroup.create(join(parent, name));
+        cgs.push(cg);
+        return cg;
+      },
+      inCgroup: async (cg) => {
+        const p = track(
+          new Deno.Command("sh", {
+            args: ["-c", 'echo 0 > "$0" && exec sleep 600', cg.procsFile],
+            stdout: "null",
+          }).spawn(),
+        );
+        await waitFor(async () => (await cg.pids()).includes(p.pid), {
+          timeoutMs: 5000,
+          what: `a process in ${cg.path}`,
+        });
+        return p;
+      },
+    });
+  } finally {
+    for (const p of procs) {
+      try {
+        p.kill("SIGKILL");
+      } catch { /* gone */ }
+      await p.status;
+    }
+    for (const cg of cgs) await cg.destroy().catch(() => {});
+    for await (const e of Deno.readDir(parent)) {
+      await Deno.remove(join(parent, e.name)).catch(() => {});
+    }
+    await Deno.remove(parent).catch(() => {});
+    await runner.stopAll();
+    await runner.ids.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+Deno.test("recover: the task cgroups a dead agent left are killed and removed; a live agent's and other cgroups are not (root)", async () => {
+  await withSweepRig(async ({ parent, runner, logs, track, cgroup, inCgroup }) => {
     // A dead agent's pid (a process that has exited), a live "agent" (a process that runs).
-    const exited = new Deno.Command("true").spawn();
-    const deadPid = exited.pid;
-    await exited.status;
-    const otherAgent = new Deno.Command("sleep", { args: ["600"], stdout: "null" }).spawn();
-    procs.push(otherAgent);
-    const left = await TaskCgroup.create(join(parent, `k8s4r-task-${deadPid}-left-1`));
-    const emptyLeft = await TaskCgroup.create(join(parent, `k8s4r-task-${deadPid}-left-2`));
-    const live = await TaskCgroup.create(join(parent, `k8s4r-task-${otherAgent.pid}-live-1`));
+    const dead = await deadPid();
+    const otherAgent = track(
+      new Deno.Command("sleep", { args: ["600"], stdout: "null" }).spawn(),
+    );
+    const left = await cgroup(`k8s4r-task-${dead}-left-1`);
+    const emptyLeft = await cgroup(`k8s4r-task-${dead}-left-2`);
+    const live = await cgroup(`k8s4r-task-${otherAgent.pid}-live-1`);
     const notTask = join(parent, "not-a-task-cgroup");
     await Deno.mkdir(notTask);
-    cgs.push(left, emptyLeft, live);
     const leftProc = await inCgroup(left);
     const liveProc = await inCgroup(live);
     await runner.recover(() => true);
@@ -261,19 +320,7 @@ Deno.test("recover: the task cgroups a dead agent left are killed and removed; a
     assert.equal(live.exists(), true, "a live agent's task cgroup stays");
     assert.deepEqual(await live.pids(), [liveProc.pid]);
     assert.ok((await Deno.stat(notTask)).isDirectory, "a cgroup not named k8s4r-task-* stays");
-  } finally {
-    for (const p of procs) {
-      try {
-        p.kill("SIGKILL");
-      } catch { /* gone */ }
-      await p.status;
-    }
-    for (const cg of cgs) await cg.destroy().catch(() => {});
-    await Deno.remove(join(parent, "not-a-task-cgroup")).catch(() => {});
-    await Deno.remove(parent).catch(() => {});
-    await runner.ids.close();
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
 
 Deno.test("recover: a leftover cgroup that cannot be emptied yet (D state) neither holds up recover nor is tried twice in one start", async () => {
@@ -283,11 +330,9 @@ Deno.test("recover: a leftover cgroup that cannot be emptied yet (D state) neith
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-sweep-stuck-" });
   const parent = join(dir, "cg");
   await Deno.mkdir(parent);
-  const exited = new Deno.Command("true").spawn();
-  const deadPid = exited.pid;
-  await exited.status;
+  const dead = await deadPid();
   const stuck = async (id: string) => {
-    const p = join(parent, `k8s4r-task-${deadPid}-${id}`);
+    const p = join(parent, `k8s4r-task-${dead}-${id}`);
     await Deno.mkdir(p);
     await Deno.writeTextFile(join(p, "cgroup.events"), "populated 1\nfrozen 0\n");
     await Deno.writeTextFile(join(p, "cgroup.procs"), "4242\n");
@@ -300,15 +345,7 @@ Deno.test("recover: a leftover cgroup that cannot be emptied yet (D state) neith
   const left = await stuck("left-1"); // no journal record: the sweep's
   const listed = await stuck("listed-1"); // in the journal: recover's own destroy tries it
   const logs: string[] = [];
-  const runner = new TaskRunner({
-    allow: ["*"],
-    stateDir: join(dir, "state"),
-    defaultCwd: dir,
-    killGraceMs: 200,
-    path: "/usr/bin:/bin",
-    containment: { kind: "cgroup", parent },
-    log: (event, f) => logs.push(`${event} ${String(f.cgroup ?? f.task ?? "")}`),
-  });
+  const runner = sweepRunner(dir, parent, logs);
   try {
     await runner.journal.write({
       taskId: "listed-1",
@@ -340,32 +377,13 @@ Deno.test("recover: a leftover cgroup that cannot be emptied yet (D state) neith
 });
 
 Deno.test("recover: a leftover-looking cgroup holding a process of another pid namespace is left alone (its agent may live there) (root)", async () => {
-  assert.equal(Deno.uid(), 0, "containment needs root here (cgroup v2): run it as root (CI does)");
-  const c = detectContainment();
-  assert.ok(c.kind === "cgroup", c.kind === "none" ? c.reason : "");
-  const parent = join(c.parent, `k8s4r-sweep-ns-${crypto.randomUUID().slice(0, 8)}`);
-  await Deno.mkdir(parent);
-  const dir = await Deno.makeTempDir({ prefix: "k8s4r-sweep-ns-" });
-  const procs: Deno.ChildProcess[] = [];
-  const cgs: TaskCgroup[] = [];
-  const runner = new TaskRunner({
-    allow: ["*"],
-    stateDir: join(dir, "state"),
-    defaultCwd: dir,
-    killGraceMs: 200,
-    path: "/usr/bin:/bin",
-    containment: { kind: "cgroup", parent },
-  });
-  try {
-    const exited = new Deno.Command("true").spawn();
-    const deadPid = exited.pid;
-    await exited.status;
+  await withSweepRig(async ({ runner, track, cgroup, inCgroup }) => {
+    const dead = await deadPid();
     // In a pid namespace of its own (a container's agent and its task, as this host sees them).
-    const ns = new Deno.Command("unshare", {
-      args: ["--pid", "--fork", "sleep", "600"],
-      stdout: "null",
-    }).spawn();
-    procs.push(ns);
+    const ns = track(
+      new Deno.Command("unshare", { args: ["--pid", "--fork", "sleep", "600"], stdout: "null" })
+        .spawn(),
+    );
     let inner = 0;
     await waitFor(async () => {
       const kids = (await Deno.readTextFile(`/proc/${ns.pid}/task/${ns.pid}/children`)).trim();
@@ -377,35 +395,15 @@ Deno.test("recover: a leftover-looking cgroup holding a process of another pid n
       await Deno.readLink("/proc/self/ns/pid"),
       "control: the sleep is in another pid namespace",
     );
-    const foreign = await TaskCgroup.create(join(parent, `k8s4r-task-${deadPid}-foreign-1`));
-    const ours = await TaskCgroup.create(join(parent, `k8s4r-task-${deadPid}-ours-1`));
-    cgs.push(foreign, ours);
+    const foreign = await cgroup(`k8s4r-task-${dead}-foreign-1`);
+    const ours = await cgroup(`k8s4r-task-${dead}-ours-1`);
     await Deno.writeTextFile(foreign.procsFile, String(inner));
-    const local = new Deno.Command("sh", {
-      args: ["-c", 'echo 0 > "$0" && exec sleep 600', ours.procsFile],
-      stdout: "null",
-    }).spawn();
-    procs.push(local);
-    await waitFor(async () => (await ours.pids()).includes(local.pid), {
-      timeoutMs: 5000,
-      what: "the local process in its cgroup",
-    });
+    const local = await inCgroup(ours);
     await runner.recover(() => true);
     await runner.stopAll(); // waits for the sweep
     assert.equal(ours.exists(), false, "positive control: a leftover of this namespace is removed");
     assert.equal((await local.status).signal, "SIGKILL");
     assert.equal(foreign.exists(), true, "the other namespace's cgroup stays");
     assert.deepEqual(await foreign.pids(), [inner], "and its process runs on");
-  } finally {
-    for (const p of procs) {
-      try {
-        p.kill("SIGKILL");
-      } catch { /* gone */ }
-      await p.status;
-    }
-    for (const cg of cgs) await cg.destroy().catch(() => {});
-    await Deno.remove(parent).catch(() => {});
-    await runner.ids.close();
-    await Deno.remove(dir, { recursive: true });
-  }
+  });
 });
