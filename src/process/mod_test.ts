@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
+import { cmdlinesContaining } from "../../tests/helpers/secrets.ts";
 import {
   isRecordAlive,
   parseProcStat,
@@ -90,20 +91,6 @@ Deno.test("spawn fails with the log's last line when the daemon dies before it i
   }
 });
 
-/** Pids whose command line mentions `needle` (any user's). */
-function pidsWith(needle: string): number[] {
-  const out: number[] = [];
-  for (const e of Deno.readDirSync("/proc")) {
-    if (!/^\d+$/.test(e.name)) continue;
-    try {
-      if (Deno.readTextFileSync(`/proc/${e.name}/cmdline`).includes(needle)) {
-        out.push(Number(e.name));
-      }
-    } catch { /* gone */ }
-  }
-  return out;
-}
-
 Deno.test("spawn kills a daemon that never execs (no pid file, so nothing else could stop it)", async () => {
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-proc-" });
   const fifo = join(dir, "never-opened.fifo");
@@ -121,10 +108,10 @@ Deno.test("spawn kills a daemon that never execs (no pid file, so nothing else c
         }),
       /stuck to exec/,
     );
-    assert.deepEqual(pidsWith(fifo), [], "the shell that never exec'd is gone");
+    assert.deepEqual(cmdlinesContaining(fifo), [], "the shell that never exec'd is gone");
     assert.equal(readPidFile(join(dir, "stuck.pid")), undefined, "no pid file was written");
   } finally {
-    for (const pid of pidsWith(fifo)) {
+    for (const pid of cmdlinesContaining(fifo)) {
       try {
         Deno.kill(pid, "SIGKILL");
       } catch { /* gone */ }
