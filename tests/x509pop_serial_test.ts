@@ -22,13 +22,11 @@ import { processStartTime, realRunner, waitFor } from "../src/process/mod.ts";
 import { createCsr, csrToPem } from "../src/spiffe/csr.ts";
 import { X509Source } from "../src/spiffe/mod.ts";
 import type { SpireAgentSupervisor } from "../src/spire/agent.ts";
-import { type SpireServerDaemon, startSpireServer } from "../src/spire/server.ts";
-import { SpireServerCli } from "../src/spire/server.ts";
+import type { SpireServerCli, SpireServerDaemon } from "../src/spire/server.ts";
 import { freePort } from "./helpers/ports.ts";
-import { spireBinaries, tmpSpireAgent } from "./helpers/spire.ts";
+import { spireBinaries, startTmpSpireServer, tmpSpireAgent } from "./helpers/spire.ts";
 
 const TD = "k8s4r.example.org";
-const REPO = new URL("..", import.meta.url).pathname;
 
 Deno.test({
   name:
@@ -53,20 +51,13 @@ Deno.test({
       const other = await FactoryCa.load(otherFiles);
       assert.notEqual(other.fingerprint, ca.fingerprint);
       await Deno.writeTextFile(`${tmp}/x509pop-bundle.pem`, ca.certPem + other.certPem);
-      server = await startSpireServer(io, {
-        bin: bins.server,
-        configFile: `${REPO}config/spire/server.conf`,
-        cwd: tmp,
-        port,
-        socketPath: `${tmp}/s/api.sock`,
-        logFile: `${tmp}/spire-server.log`,
-        pidFile: `${tmp}/spire-server.pid`,
+      let cli: SpireServerCli;
+      ({ server, cli } = await startTmpSpireServer(io, bins, tmp, port, {
         x509popCaBundle: `${tmp}/x509pop-bundle.pem`,
         cacheReloadInterval: "500ms",
         attestationRateLimit: false,
-      });
+      }));
       pids.push(server.pid);
-      const cli = new SpireServerCli(realRunner, bins.server, server.socketPath);
       await Deno.writeTextFile(`${tmp}/bundle.pem`, await cli.bundlePem());
 
       const serialOf = (first: number) =>
