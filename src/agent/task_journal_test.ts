@@ -5,6 +5,7 @@ import { TaskJournal } from "./task_journal.ts";
 import { detectContainment, TaskCgroup } from "./task_cgroup.ts";
 import { sandboxArgv } from "./task_sandbox.ts";
 import { type TaskReport, TaskRunner } from "./task_runner.ts";
+import { processesWith } from "./testing/processes.ts";
 
 /** A `sleep 600` in its own process group and session, as the runner starts tasks. */
 function sleeper(): { pid: number; startTime: number; child: Deno.ChildProcess } {
@@ -167,29 +168,7 @@ Deno.test("recover: a crash's task is killed with its whole cgroup, setsid'd des
   const dir = await Deno.makeTempDir({ prefix: "k8s4r-journal-" });
   const marker = `k8s4r-marker-${crypto.randomUUID()}`;
   /** Live processes whose argv carries the marker, and their descendants. */
-  const withMarker = () => {
-    const parent = new Map<number, number>();
-    const found = new Set<number>();
-    for (const e of Deno.readDirSync("/proc")) {
-      if (!/^\d+$/.test(e.name)) continue;
-      try {
-        const stat = Deno.readTextFileSync(`/proc/${e.name}/stat`);
-        const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-        if (rest[0] === "Z" || rest[0] === "X") continue;
-        parent.set(Number(e.name), Number(rest[1]));
-        if (Deno.readTextFileSync(`/proc/${e.name}/cmdline`).includes(marker)) {
-          found.add(Number(e.name));
-        }
-      } catch { /* gone */ }
-    }
-    for (let grew = true; grew;) {
-      grew = false;
-      for (const [pid, ppid] of parent) {
-        if (!found.has(pid) && found.has(ppid)) grew = found.add(pid) !== undefined;
-      }
-    }
-    return [...found];
-  };
+  const withMarker = () => processesWith(marker);
   const atRuntime = (m: string) => `"$(echo ${m.replaceAll("-", "_")} | tr _ -)"`;
   const cg = await TaskCgroup.create(
     TaskCgroup.pathFor(c.kind === "cgroup" ? c.parent : "", "crashed"),

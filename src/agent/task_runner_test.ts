@@ -8,6 +8,7 @@ import {
   type TaskSpec,
 } from "./task_runner.ts";
 import { isAllowed } from "./task_sandbox.ts";
+import { processesWith } from "./testing/processes.ts";
 
 const PATH = "/usr/local/bin:/usr/bin:/bin";
 
@@ -585,38 +586,6 @@ Deno.test("task user: a task runs with the user's uid and gid, no groups (root o
 
 // ---------------------------------------------------------------------------------------------
 // Containment: nothing a task starts outlives it (security review, finding A)
-
-/**
- * The pids of live processes whose argv carries `marker`, and of all their descendants (a
- * /proc scan; zombies are gone).
- */
-function processesWith(marker: string): number[] {
-  const parent = new Map<number, number>();
-  const marked: number[] = [];
-  for (const e of Deno.readDirSync("/proc")) {
-    if (!/^\d+$/.test(e.name)) continue;
-    try {
-      const stat = Deno.readTextFileSync(`/proc/${e.name}/stat`);
-      const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-      if (rest[0] === "Z" || rest[0] === "X") continue;
-      parent.set(Number(e.name), Number(rest[1]));
-      if (Deno.readTextFileSync(`/proc/${e.name}/cmdline`).includes(marker)) {
-        marked.push(Number(e.name));
-      }
-    } catch { /* gone */ }
-  }
-  const found = new Set(marked);
-  for (let grew = true; grew;) {
-    grew = false;
-    for (const [pid, ppid] of parent) {
-      if (!found.has(pid) && found.has(ppid)) {
-        found.add(pid);
-        grew = true;
-      }
-    }
-  }
-  return [...found].sort((a, b) => a - b);
-}
 
 /**
  * Runs `fn` with a fresh argv marker; afterwards kills whatever still carries it (only this

@@ -212,6 +212,8 @@ export interface ProcStat {
   comm: string;
   /** Field 3: R running, S sleeping, D disk wait, T stopped (SIGSTOP), t traced, Z zombie... */
   state: string;
+  /** Field 4: parent pid. */
+  ppid: number;
   /** Field 5: process group id. */
   pgrp: number;
   /** Field 6: session id. */
@@ -232,6 +234,7 @@ export function parseProcStat(text: string): ProcStat | undefined {
   return {
     comm: text.slice(open + 1, close),
     state: rest[0],
+    ppid: Number(rest[1]),
     pgrp: Number(rest[2]),
     session: Number(rest[3]),
     startTime,

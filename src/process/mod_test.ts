@@ -339,7 +339,7 @@ Deno.test("RecordingRunner records argv and fails like the real runner", async (
 Deno.test("parseProcStat: a command name with spaces and parentheses; the T state of a SIGSTOPped child", async () => {
   assert.deepEqual(
     parseProcStat("42 (a (b) c) S 1 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 777 0 0"),
-    { comm: "a (b) c", state: "S", pgrp: 42, session: 42, startTime: 777 },
+    { comm: "a (b) c", state: "S", ppid: 1, pgrp: 42, session: 42, startTime: 777 },
   );
   assert.equal(parseProcStat("garbage"), undefined);
   const child = new Deno.Command("sleep", { args: ["30"] }).spawn();
