@@ -97,3 +97,15 @@ export function isLoopbackHost(host: string): boolean {
   const h = host.replace(/^\[(.*)\]$/, "$1").toLowerCase();
   return h === "localhost" || h === "::1" || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h);
 }
+
+/** `host[:port]` of a Host header or an origin's authority; undefined when malformed. */
+export function parseAuthority(
+  s: string,
+  defaultPort: number,
+): { name: string; port: number } | undefined {
+  const m = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?$/.exec(s);
+  if (!m) return undefined;
+  const port = m[2] !== undefined ? Number(m[2]) : defaultPort;
+  if (port < 1 || port > 65535) return undefined;
+  return { name: m[1].toLowerCase().replace(/\.$/, ""), port };
+}

@@ -12,7 +12,7 @@
  * updated per message that a scrape can compute from the sources.
  */
 import { Registry } from "prom-client";
-import { isLoopbackHost } from "../fleet/addresses.ts";
+import { isLoopbackHost, parseAuthority } from "../fleet/addresses.ts";
 
 export { Counter, Gauge, Histogram, Registry } from "prom-client";
 
@@ -136,8 +136,8 @@ export function serveMetrics(
  */
 export function checkLoopbackHostHeader(host: string | null, port: number): string | undefined {
   if (!host) return "Host header missing";
-  const m = /^(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(?::(\d{1,5}))?$/.exec(host.trim());
-  if (!m || !isLoopbackHost(m[1]) || (m[2] !== undefined && Number(m[2]) !== port)) {
+  const a = parseAuthority(host.trim(), port);
+  if (!a || !isLoopbackHost(a.name) || a.port !== port) {
     return `Host ${
       JSON.stringify(host)
     } is not this loopback listener (expected 127.0.0.1:${port}, localhost:${port} or [::1]:${port})`;

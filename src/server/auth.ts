@@ -22,7 +22,7 @@ import type { X509Certificate } from "node:crypto";
 import type { X509BundleSource } from "../spiffe/bundle.ts";
 import { type FailedChainCache, verifyX509SvidChain } from "../spiffe/verify.ts";
 import { certInfo } from "../spiffe/x509.ts";
-import { isLoopbackHost } from "../fleet/addresses.ts";
+import { isLoopbackHost, parseAuthority } from "../fleet/addresses.ts";
 import { operatorNameOf } from "../fleet/ids.ts";
 import { allows, type Permission, type Role, type RolesSource } from "./roles.ts";
 
@@ -275,18 +275,6 @@ export function allowedHostNames(
   } else out.add(bracket(bind).toLowerCase());
   for (const d of dnsNames) out.add(d.toLowerCase());
   return out;
-}
-
-/** `host[:port]` of a Host header or an origin's authority; undefined when malformed. */
-export function parseAuthority(
-  s: string,
-  defaultPort: number,
-): { name: string; port: number } | undefined {
-  const m = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?$/.exec(s);
-  if (!m) return undefined;
-  const port = m[2] !== undefined ? Number(m[2]) : defaultPort;
-  if (port < 1 || port > 65535) return undefined;
-  return { name: m[1].toLowerCase().replace(/\.$/, ""), port };
 }
 
 export function checkHost(req: Request, policy: HostPolicy): Refusal | undefined {
