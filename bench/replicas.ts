@@ -410,6 +410,7 @@ export async function benchReplicas(opts: BenchOptions, result: BenchResult): Pr
       fleet.stopHeartbeats();
       const rtt: number[] = [];
       const notDone: string[] = [];
+      const states: Record<string, number> = {}; // of the tasks not done
       const q = [...posted];
       await Promise.all(Array.from({ length: 8 }, async () => {
         while (q.length) {
@@ -417,15 +418,13 @@ export async function benchReplicas(opts: BenchOptions, result: BenchResult): Pr
           const t = (await id.web.json(`${servers[0].api}/api/tasks/${p.id}`)).body;
           if (t.state === "done" && t.finishedAt) {
             rtt.push(Date.parse(t.finishedAt) - Date.parse(t.createdAt));
-          } else notDone.push(`${p.id}: ${t.state}`);
+          } else {
+            notDone.push(`${p.id}: ${t.state}`);
+            states[t.state] = (states[t.state] ?? 0) + 1;
+          }
         }
       }));
       const twice = [...taskSeen.values()].filter((k) => k > 1).length;
-      const states: Record<string, number> = {};
-      for (const nd of notDone) {
-        const st = nd.slice(nd.lastIndexOf(": ") + 2);
-        states[st] = (states[st] ?? 0) + 1;
-      }
       const fs = fleet.stats;
       log(
         `replicas: ${c.label}: ${posted.length} tasks posted (${postErrors.length} POST errors${
