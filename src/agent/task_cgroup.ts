@@ -227,6 +227,15 @@ export function isTaskCgroupPath(path: string): boolean {
     !path.split("/").includes("..");
 }
 
+/** The agent pid and task id in a task cgroup's name (`TaskCgroup.pathFor`), if it is one. */
+export function parseTaskCgroupName(
+  name: string,
+): { agentPid: number; taskId: string } | undefined {
+  const m = /^k8s4r-task-(\d+)-(.+)$/.exec(name);
+  if (!m || !TASK_ID_RE.test(m[2])) return undefined;
+  return { agentPid: Number(m[1]), taskId: m[2] };
+}
+
 /** One task's cgroup. */
 export class TaskCgroup {
   constructor(readonly path: string) {
@@ -326,9 +335,9 @@ export async function leftoverTaskCgroups(
     throw err;
   }
   for (const e of entries) {
-    const m = /^k8s4r-task-(\d+)-(.+)$/.exec(e.name);
-    if (!e.isDirectory || !m || !TASK_ID_RE.test(m[2])) continue;
-    if (isAlive(Number(m[1]))) continue;
+    const n = parseTaskCgroupName(e.name);
+    if (!e.isDirectory || !n) continue;
+    if (isAlive(n.agentPid)) continue;
     const cg = new TaskCgroup(join(parent, e.name));
     // The pid in the name means something only in the namespace of the agent that made it: a
     // cgroup holding a process of another pid namespace (a container's agent sharing the parent)

@@ -296,7 +296,7 @@ async function withSweepRig(fn: (rig: SweepRig) => Promise<void>): Promise<void>
   }
 }
 
-Deno.test("recover: the task cgroups a dead agent left are killed and removed; a live agent's and other cgroups are not (root)", async () => {
+Deno.test("recover: the task cgroups a dead run of this agent left are killed and removed; a live agent's, another agent's and other cgroups are not (root)", async () => {
   await withSweepRig(async ({ parent, runner, logs, track, cgroup, inCgroup }) => {
     // A dead agent's pid (a process that has exited), a live "agent" (a process that runs).
     const dead = await deadPid();
@@ -306,6 +306,9 @@ Deno.test("recover: the task cgroups a dead agent left are killed and removed; a
     const left = await cgroup(`k8s4r-task-${dead}-left-1`);
     const emptyLeft = await cgroup(`k8s4r-task-${dead}-left-2`);
     const live = await cgroup(`k8s4r-task-${otherAgent.pid}-live-1`);
+    // Another agent's (sharing the parent): a task id this one never claimed.
+    const notOurs = await cgroup(`k8s4r-task-${dead}-not-ours-1`);
+    for (const id of ["left-1", "left-2", "live-1"]) await runner.ids.claim(id, Date.now());
     const notTask = join(parent, "not-a-task-cgroup");
     await Deno.mkdir(notTask);
     const leftProc = await inCgroup(left);
@@ -320,6 +323,7 @@ Deno.test("recover: the task cgroups a dead agent left are killed and removed; a
     assert.equal(live.exists(), true, "a live agent's task cgroup stays");
     assert.deepEqual(await live.pids(), [liveProc.pid]);
     assert.ok((await Deno.stat(notTask)).isDirectory, "a cgroup not named k8s4r-task-* stays");
+    assert.equal(notOurs.exists(), true, "a task this agent never claimed is its agent's to clean");
   });
 });
 
@@ -347,6 +351,7 @@ Deno.test("recover: a leftover cgroup that cannot be emptied yet (D state) neith
   const logs: string[] = [];
   const runner = sweepRunner(dir, parent, logs);
   try {
+    await runner.ids.claim("left-1", Date.now()); // this agent's task, its journal record gone
     await runner.journal.write({
       taskId: "listed-1",
       claimedAt: new Date().toISOString(),
@@ -361,6 +366,11 @@ Deno.test("recover: a leftover cgroup that cannot be emptied yet (D state) neith
     assert.ok(
       !logs.some((l) => l.startsWith("task.cgroup_remove_failed")),
       `the sweep has not given up on a cgroup before recover returned: ${logs.join("; ")}`,
+    );
+    // The sweep has killed it and waits for it to empty (`cgroup.kill` written).
+    await waitFor(
+      async () => (await Deno.readTextFile(join(left, "cgroup.kill")).catch(() => "")) === "1",
+      { timeoutMs: 5000, what: "the sweep's kill of the leftover" },
     );
     await dies(left);
     await runner.stopAll(); // waits for the sweep
@@ -397,6 +407,7 @@ Deno.test("recover: a leftover-looking cgroup holding a process of another pid n
     );
     const foreign = await cgroup(`k8s4r-task-${dead}-foreign-1`);
     const ours = await cgroup(`k8s4r-task-${dead}-ours-1`);
+    for (const id of ["foreign-1", "ours-1"]) await runner.ids.claim(id, Date.now());
     await Deno.writeTextFile(foreign.procsFile, String(inner));
     const local = await inCgroup(ours);
     await runner.recover(() => true);

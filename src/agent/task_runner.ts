@@ -27,6 +27,7 @@
  * Authenticity (signature, signer, robot, expiry, window) is checked before a task reaches the
  * runner (src/mqtt/signed.ts `checkDown`, in agent.ts).
  */
+import { basename } from "node:path";
 import type { TaskMessage } from "../mqtt/messages.ts";
 import {
   DEFAULT_CLOCK_SKEW_SECONDS,
@@ -56,6 +57,7 @@ import {
   type Containment,
   detectContainment,
   leftoverTaskCgroups,
+  parseTaskCgroupName,
   TaskCgroup,
 } from "./task_cgroup.ts";
 import { canDropBoundingSet, type TaskUser } from "./task_user.ts";
@@ -582,9 +584,11 @@ export class TaskRunner {
   }
 
   /**
-   * Removes the task cgroups a previous agent left (see `leftoverTaskCgroups`): what the journal
-   * no longer lists, e.g. a cgroup whose removal failed when its task ended. One that still
-   * cannot be removed is logged and tried again at the next start.
+   * Removes the task cgroups a previous run of this agent left (see `leftoverTaskCgroups`):
+   * what the journal no longer lists, e.g. a cgroup whose removal failed when its task ended.
+   * Only tasks this agent claimed (its task-id store knows them): another agent sharing the
+   * parent cleans up its own at its own restart, and reports them. One that still cannot be
+   * removed is logged and tried again at the next start.
    */
   private async sweepCgroups(skip: ReadonlySet<string>): Promise<void> {
     if (this.containment.kind !== "cgroup") return;
@@ -602,6 +606,8 @@ export class TaskRunner {
     }
     await Promise.all(
       left.filter((cg) => !skip.has(cg.path)).map(async (cg) => {
+        const name = parseTaskCgroupName(basename(cg.path));
+        if (!name || !(await this.ids.lookup(name.taskId).catch(() => undefined))) return;
         try {
           const killed = await cg.destroy();
           this.opts.log?.("task.cgroup_left_removed", { cgroup: cg.path, killed });
